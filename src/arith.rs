@@ -1,0 +1,149 @@
+//! The element-wise arithmetic of chat vectors, as pure functions over byte
+//! slices of any of the three float dtypes.
+//!
+//! Each function decodes a block of every operand to f32 (exact), applies the
+//! formula in f32 in the documented order, and encodes the block once
+//! (round-to-nearest-even). Rust never contracts `a * b + c` into a fused
+//! multiply-add unless asked to (`mul_add`), so the result is the same on
+//! every CPU, and the CUDA kernels reproduce it with `__fmul_rn` / `__fadd_rn`.
+//! Blocks are independent, so the result does not depend on how a tensor is
+//! chunked or on how many threads run.
+
+use crate::dtype::{FloatType, decode, encode};
+
+/// Elements per block: small enough for the stack and L1, large enough to
+/// amortize the dtype dispatch.
+const BLOCK: usize = 1024;
+
+/// A little-endian input slice and its dtype.
+#[derive(Clone, Copy, Debug)]
+pub struct Operand<'a> {
+    pub ty: FloatType,
+    pub bytes: &'a [u8],
+}
+
+impl<'a> Operand<'a> {
+    /// Elements `start..start+len` of this operand.
+    pub fn slice(self, start: usize, len: usize) -> Operand<'a> {
+        let s = self.ty.size();
+        Operand {
+            ty: self.ty,
+            bytes: &self.bytes[start * s..(start + len) * s],
+        }
+    }
+}
+
+/// Runs `f` element-wise over `N` operands into `out` (dtype `out_ty`).
+#[inline(always)]
+fn map<const N: usize>(
+    out_ty: FloatType,
+    out: &mut [u8],
+    ins: [Operand<'_>; N],
+    f: impl Fn([f32; N]) -> f32,
+) {
+    let n = out.len() / out_ty.size();
+    let mut bufs = [[0f32; BLOCK]; N];
+    let mut res = [0f32; BLOCK];
+    let mut i = 0;
+    while i < n {
+        let m = BLOCK.min(n - i);
+        for (buf, op) in bufs.iter_mut().zip(ins.iter()) {
+            decode(
+                op.ty,
+                &op.bytes[i * op.ty.size()..(i + m) * op.ty.size()],
+                &mut buf[..m],
+            );
+        }
+        for (j, r) in res[..m].iter_mut().enumerate() {
+            *r = f(std::array::from_fn(|k| bufs[k][j]));
+        }
+        encode(
+            out_ty,
+            &res[..m],
+            &mut out[i * out_ty.size()..(i + m) * out_ty.size()],
+        );
+        i += m;
+    }
+}
+
+/// `out = src`, re-encoded in `out_ty`.
+pub fn convert(out_ty: FloatType, out: &mut [u8], src: Operand<'_>) {
+    map(out_ty, out, [src], |[x]| x);
+}
+
+/// `out = chat - pre`.
+pub fn diff(out_ty: FloatType, out: &mut [u8], chat: Operand<'_>, pre: Operand<'_>) {
+    map(out_ty, out, [chat, pre], |[c, p]| c - p);
+}
+
+/// `out = base + scale * (chat - pre)`: `d = chat - pre`, `m = scale * d`,
+/// `out = base + m`, each rounded to f32.
+pub fn add_diff(
+    out_ty: FloatType,
+    out: &mut [u8],
+    base: Operand<'_>,
+    chat: Operand<'_>,
+    pre: Operand<'_>,
+    scale: f32,
+) {
+    map(out_ty, out, [base, chat, pre], |[b, c, p]| {
+        let d = c - p;
+        let m = scale * d;
+        b + m
+    });
+}
+
+/// `out = base + scale * vector`: `m = scale * vector`, `out = base + m`.
+/// With an f32 vector from `diff`, this equals `add_diff` bit for bit.
+pub fn add_scaled(
+    out_ty: FloatType,
+    out: &mut [u8],
+    base: Operand<'_>,
+    vector: Operand<'_>,
+    scale: f32,
+) {
+    map(out_ty, out, [base, vector], |[b, v]| {
+        let m = scale * v;
+        b + m
+    });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn bf16_bytes(v: &[f32]) -> Vec<u8> {
+        let mut b = vec![0u8; v.len() * 2];
+        encode(FloatType::BF16, v, &mut b);
+        b
+    }
+
+    #[test]
+    fn stored_f32_vector_equals_streaming() {
+        let n = 3000;
+        let base: Vec<f32> = (0..n).map(|i| (i as f32 * 0.37).sin()).collect();
+        let chat: Vec<f32> = (0..n).map(|i| (i as f32 * 0.11).cos()).collect();
+        let pre: Vec<f32> = (0..n).map(|i| (i as f32 * 0.05).sin() * 0.9).collect();
+        let (b, c, p) = (bf16_bytes(&base), bf16_bytes(&chat), bf16_bytes(&pre));
+        let op = |x: &[u8]| Operand {
+            ty: FloatType::BF16,
+            bytes: x,
+        };
+        let mut v = vec![0u8; n * 4];
+        diff(FloatType::F32, &mut v, op(&c), op(&p));
+        let mut a = vec![0u8; n * 2];
+        add_diff(FloatType::BF16, &mut a, op(&b), op(&c), op(&p), 0.7);
+        let mut s = vec![0u8; n * 2];
+        add_scaled(
+            FloatType::BF16,
+            &mut s,
+            op(&b),
+            Operand {
+                ty: FloatType::F32,
+                bytes: &v,
+            },
+            0.7,
+        );
+        assert_eq!(a, s);
+    }
+}

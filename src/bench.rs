@@ -1,0 +1,341 @@
+//! `chatvec bench`: times `apply` (streaming form) on generated Llama-shaped
+//! bf16 checkpoints and sets it against the machine's floor, measured in the
+//! same run: the slower of durably writing the output's bytes and streaming
+//! the inputs from memory. Peak anonymous memory (RssAnon) of the apply
+//! process is sampled from /proc; mapped input pages are page cache, not
+//! process memory. Optionally runs mergekit on the same inputs.
+
+use std::fs::File;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use clap::Args;
+use memmap2::Mmap;
+use serde::Serialize;
+
+use crate::checkpoint::Checkpoint;
+use crate::dtype::FloatType;
+use crate::error::{Error, Result};
+use crate::synth::{Component, LlamaShape, ModelFiles, tokens, write_model};
+
+#[derive(Args, Debug)]
+pub struct BenchArgs {
+    /// Model shape: tiny, 1b (TinyLlama-1.1B) or 7b (Llama-2-7B).
+    #[arg(long, default_value = "1b")]
+    pub shape: String,
+
+    /// Directory for generated checkpoints (kept and reused between runs).
+    #[arg(long, default_value = "bench-data")]
+    pub dir: PathBuf,
+
+    /// Threads for apply (default: all cores).
+    #[arg(long)]
+    pub threads: Option<usize>,
+
+    /// Also run mergekit's task_arithmetic (the chat-vector merge) on the same
+    /// inputs; needs `mergekit-yaml` on PATH.
+    #[arg(long)]
+    pub mergekit: bool,
+}
+
+/// A measured child process.
+#[derive(Serialize)]
+pub struct Measured {
+    pub seconds: f64,
+    pub peak_rss_anon_mib: f64,
+    pub peak_rss_mib: f64,
+}
+
+#[derive(Serialize)]
+pub struct BenchReport {
+    pub shape: String,
+    pub parameters: u64,
+    pub input_bytes: u64,
+    pub output_bytes: u64,
+    pub threads: usize,
+    /// Durable write of the output's byte count (write + fdatasync).
+    pub floor_write_seconds: f64,
+    /// Reading all inputs from the (warm) page cache.
+    pub floor_read_seconds: f64,
+    pub floor_seconds: f64,
+    pub apply: Measured,
+    pub apply_output_gb_per_s: f64,
+    pub apply_input_gb_per_s: f64,
+    pub ratio_to_floor: f64,
+    pub mergekit: Option<Measured>,
+}
+
+fn shape_of(name: &str) -> Result<LlamaShape> {
+    match name {
+        "tiny" => Ok(LlamaShape::tiny(512)),
+        "1b" => Ok(LlamaShape::b1()),
+        "7b" => Ok(LlamaShape::b7()),
+        _ => Err(Error::Usage(format!(
+            "--shape '{name}': use tiny, 1b or 7b"
+        ))),
+    }
+}
+
+/// Generates the three inputs unless a complete set is already there.
+fn ensure_inputs(root: &Path, shape: &LlamaShape) -> Result<(PathBuf, PathBuf, PathBuf)> {
+    let p = Component {
+        seed: 11,
+        amplitude: 0.05,
+    };
+    let c = Component {
+        seed: 12,
+        amplitude: 0.004,
+    };
+    let k = Component {
+        seed: 13,
+        amplitude: 0.01,
+    };
+    let toks = tokens(shape.vocab, 0);
+    let mut dirs = Vec::new();
+    for (name, parts, chat) in [
+        ("pretrained", vec![p], false),
+        ("chat", vec![p, c], true),
+        ("base", vec![p, k], false),
+    ] {
+        let d = root.join(name);
+        let marker = d.join(".complete");
+        if !marker.is_file() {
+            eprintln!("generating {} ...", d.display());
+            let _ = std::fs::remove_dir_all(&d);
+            write_model(
+                &d,
+                shape,
+                FloatType::BF16,
+                &parts,
+                2_000_000_000,
+                &ModelFiles {
+                    tokens: Some(&toks),
+                    chat,
+                },
+            )?;
+            std::fs::write(&marker, b"").map_err(|e| Error::io("writing", &marker, e))?;
+        }
+        dirs.push(d);
+    }
+    Ok((dirs.remove(0), dirs.remove(0), dirs.remove(0)))
+}
+
+/// Seconds to read every input shard from memory (after one warming pass).
+fn read_floor(dirs: &[&Path]) -> Result<f64> {
+    let mut maps: Vec<Mmap> = Vec::new();
+    for d in dirs {
+        let ck = Checkpoint::open(d)?;
+        for s in &ck.shards {
+            let f = File::open(&s.path).map_err(|e| Error::io("opening", &s.path, e))?;
+            // SAFETY: read-only map of a file this benchmark generated and
+            // nobody else modifies.
+            maps.push(unsafe { Mmap::map(&f) }.map_err(|e| Error::io("mapping", &s.path, e))?);
+        }
+    }
+    let touch = |maps: &[Mmap]| -> u64 {
+        maps.iter()
+            .map(|m| {
+                m.chunks(4096)
+                    .map(|c| c[0] as u64 + c[c.len() - 1] as u64)
+                    .sum::<u64>()
+            })
+            .sum()
+    };
+    let warm = touch(&maps);
+    let start = Instant::now();
+    let sum: u64 = maps
+        .iter()
+        .map(|m| {
+            m.chunks(8)
+                .map(|c| c[0] as u64)
+                .fold(0u64, |a, b| a.wrapping_add(b))
+        })
+        .sum();
+    let t = start.elapsed().as_secs_f64();
+    std::hint::black_box((warm, sum));
+    Ok(t)
+}
+
+/// Seconds to write `bytes` to a new file in `dir` and fdatasync it.
+fn write_floor(dir: &Path, bytes: u64) -> Result<f64> {
+    let path = dir.join(".floor-write.tmp");
+    let buf: Vec<u8> = (0..(8usize << 20)).map(|i| (i * 31 + 7) as u8).collect();
+    let start = Instant::now();
+    let mut f = File::create(&path).map_err(|e| Error::io("creating", &path, e))?;
+    let mut left = bytes;
+    while left > 0 {
+        let n = left.min(buf.len() as u64) as usize;
+        f.write_all(&buf[..n])
+            .map_err(|e| Error::io("writing", &path, e))?;
+        left -= n as u64;
+    }
+    f.sync_data().map_err(|e| Error::io("syncing", &path, e))?;
+    let t = start.elapsed().as_secs_f64();
+    drop(f);
+    let _ = std::fs::remove_file(&path);
+    Ok(t)
+}
+
+fn status_kib(pid: u32, key: &str) -> Option<u64> {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    s.lines()
+        .find(|l| l.starts_with(key))?
+        .split_whitespace()
+        .nth(1)?
+        .parse()
+        .ok()
+}
+
+/// Runs `cmd`, sampling its RssAnon every 2 ms and reading VmHWM at the end.
+fn measure(cmd: &mut Command) -> Result<Measured> {
+    let start = Instant::now();
+    let mut child = cmd
+        .spawn()
+        .map_err(|e| Error::io("starting", Path::new(cmd.get_program()), e))?;
+    let pid = child.id();
+    let (mut anon, mut hwm) = (0u64, 0u64);
+    let status = loop {
+        anon = anon.max(status_kib(pid, "RssAnon:").unwrap_or(0));
+        hwm = hwm.max(status_kib(pid, "VmHWM:").unwrap_or(0));
+        if let Some(st) = child
+            .try_wait()
+            .map_err(|e| Error::io("waiting for", Path::new(cmd.get_program()), e))?
+        {
+            break st;
+        }
+        std::thread::sleep(Duration::from_millis(2));
+    };
+    let seconds = start.elapsed().as_secs_f64();
+    if !status.success() {
+        return Err(Error::Internal(format!(
+            "{:?} failed with {status}",
+            cmd.get_program()
+        )));
+    }
+    Ok(Measured {
+        seconds,
+        peak_rss_anon_mib: anon as f64 / 1024.0,
+        peak_rss_mib: hwm as f64 / 1024.0,
+    })
+}
+
+pub fn run(a: &BenchArgs, json: bool) -> Result<()> {
+    let shape = shape_of(&a.shape)?;
+    let root = a.dir.join(&a.shape);
+    std::fs::create_dir_all(&root).map_err(|e| Error::io("creating", &root, e))?;
+    let (pre, chat, base) = ensure_inputs(&root, &shape)?;
+    let input_bytes: u64 = [&pre, &chat, &base]
+        .iter()
+        .map(|d| {
+            Checkpoint::open(d).map(|c| c.shards.iter().map(|s| s.map.len() as u64).sum::<u64>())
+        })
+        .sum::<Result<u64>>()?;
+    let output_bytes: u64 = Checkpoint::open(&base)?
+        .shards
+        .iter()
+        .map(|s| s.map.len() as u64)
+        .sum();
+    let threads = a
+        .threads
+        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+
+    let floor_read = read_floor(&[&pre, &chat, &base])?;
+    let floor_write = write_floor(&root, output_bytes)?;
+    let floor = floor_read.max(floor_write);
+
+    let out = root.join("out-chatvec");
+    let exe =
+        std::env::current_exe().map_err(|e| Error::io("locating", Path::new("chatvec"), e))?;
+    let mut cmd = Command::new(exe);
+    cmd.arg("-q")
+        .arg("apply")
+        .arg("--base")
+        .arg(&base)
+        .arg("--chat")
+        .arg(&chat)
+        .arg("--pretrained")
+        .arg(&pre);
+    cmd.arg("-o")
+        .arg(&out)
+        .arg("--force")
+        .arg("--threads")
+        .arg(threads.to_string());
+    let apply = measure(&mut cmd)?;
+    let _ = std::fs::remove_dir_all(&out);
+
+    let mergekit = if a.mergekit {
+        let cfg = root.join("mergekit-task-arithmetic.yml");
+        let yaml = format!(
+            "merge_method: task_arithmetic\nbase_model: {}\nmodels:\n  - model: {}\n    parameters:\n      weight: 1.0\n  - model: {}\n    parameters:\n      weight: 1.0\ndtype: bfloat16\n",
+            pre.display(),
+            chat.display(),
+            base.display()
+        );
+        std::fs::write(&cfg, yaml).map_err(|e| Error::io("writing", &cfg, e))?;
+        let mout = root.join("out-mergekit");
+        let _ = std::fs::remove_dir_all(&mout);
+        let mut m = Command::new("mergekit-yaml");
+        m.arg(&cfg).arg(&mout).arg("--copy-tokenizer");
+        let r = measure(&mut m)?;
+        let _ = std::fs::remove_dir_all(&mout);
+        Some(r)
+    } else {
+        None
+    };
+
+    let gb = |b: u64, s: f64| b as f64 / 1e9 / s;
+    let rep = BenchReport {
+        shape: a.shape.clone(),
+        parameters: shape.parameters(),
+        input_bytes,
+        output_bytes,
+        threads,
+        floor_write_seconds: floor_write,
+        floor_read_seconds: floor_read,
+        floor_seconds: floor,
+        apply_output_gb_per_s: gb(output_bytes, apply.seconds),
+        apply_input_gb_per_s: gb(input_bytes, apply.seconds),
+        ratio_to_floor: apply.seconds / floor,
+        apply,
+        mergekit,
+    };
+    if json {
+        return crate::cli::out(&format!(
+            "{}\n",
+            serde_json::to_string_pretty(&rep).unwrap()
+        ));
+    }
+    let mut t = format!(
+        "shape {} ({} parameters, bf16), inputs {:.2} GB, output {:.2} GB, {} threads\n",
+        rep.shape,
+        crate::inspect::human_count(rep.parameters),
+        input_bytes as f64 / 1e9,
+        output_bytes as f64 / 1e9,
+        threads
+    );
+    t += &format!(
+        "floor: durable write {:.2} s, input read from memory {:.2} s -> {:.2} s\n",
+        floor_write, floor_read, floor
+    );
+    t += &format!(
+        "chatvec apply: {:.2} s ({:.2}x floor), {:.2} GB/s out, {:.2} GB/s in, peak RssAnon {:.0} MiB, peak RSS {:.0} MiB\n",
+        rep.apply.seconds,
+        rep.ratio_to_floor,
+        rep.apply_output_gb_per_s,
+        rep.apply_input_gb_per_s,
+        rep.apply.peak_rss_anon_mib,
+        rep.apply.peak_rss_mib
+    );
+    if let Some(m) = &rep.mergekit {
+        t += &format!(
+            "mergekit task_arithmetic: {:.2} s ({:.2}x floor), peak RssAnon {:.0} MiB, peak RSS {:.0} MiB\n",
+            m.seconds,
+            m.seconds / floor,
+            m.peak_rss_anon_mib,
+            m.peak_rss_mib
+        );
+    }
+    crate::cli::out(&t)
+}

@@ -1,0 +1,337 @@
+//! One model on disk: its safetensors shards memory-mapped and validated, and
+//! one table `name -> (shard, dtype, shape, byte range)` over all of them.
+//!
+//! Inputs are only ever mapped, never read whole (contract 3), so a 140 GB
+//! checkpoint costs page cache, not process memory.
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::path::{Path, PathBuf};
+
+use memmap2::Mmap;
+
+use crate::config::ModelConfig;
+use crate::dtype::DType;
+use crate::error::{Error, Result};
+use crate::format::parse_header;
+use crate::json::{Entries, read_capped};
+
+/// The single-file weights name transformers uses.
+pub const SINGLE_FILE: &str = "model.safetensors";
+/// The sharded-checkpoint index name transformers uses.
+pub const INDEX_FILE: &str = "model.safetensors.index.json";
+/// Largest index file accepted (a 70B index is about 70 KB).
+const MAX_INDEX_BYTES: u64 = 64 << 20;
+
+/// A memory-mapped shard.
+pub struct Shard {
+    pub path: PathBuf,
+    /// File name inside the checkpoint directory.
+    pub file_name: String,
+    pub map: Mmap,
+}
+
+/// A tensor of a checkpoint; `start..start+len` is its absolute byte range
+/// inside `shards[shard]`.
+#[derive(Clone, Debug)]
+pub struct Tensor {
+    pub name: String,
+    pub dtype: DType,
+    pub shape: Vec<u64>,
+    pub shard: usize,
+    pub start: u64,
+    pub len: u64,
+}
+
+impl Tensor {
+    pub fn numel(&self) -> u64 {
+        self.shape.iter().product()
+    }
+}
+
+/// A model directory opened for reading.
+pub struct Checkpoint {
+    pub dir: PathBuf,
+    pub shards: Vec<Shard>,
+    /// All tensors in shard order, then data-offset order within a shard.
+    pub tensors: Vec<Tensor>,
+    by_name: HashMap<String, usize>,
+    pub config: Option<ModelConfig>,
+    /// The index file, when the checkpoint is sharded.
+    pub index: Option<PathBuf>,
+}
+
+/// Names the input embedding matrix goes by in common architectures.
+const EMBED_NAMES: [&str; 4] = [
+    "model.embed_tokens.weight",
+    "transformer.wte.weight",
+    "gpt_neox.embed_in.weight",
+    "transformer.word_embeddings.weight",
+];
+/// Names of the output projection that may be tied to the embeddings.
+const LM_HEAD_NAMES: [&str; 2] = ["lm_head.weight", "embed_out.weight"];
+
+/// Whether `name` is a vocabulary-indexed matrix (rows are tokens), so that
+/// vocabulary expansion changes its row count.
+pub fn is_vocab_matrix(name: &str) -> bool {
+    EMBED_NAMES.contains(&name) || LM_HEAD_NAMES.contains(&name)
+}
+
+/// Whether `name` is an output projection that a tied model omits.
+pub fn is_lm_head(name: &str) -> bool {
+    LM_HEAD_NAMES.contains(&name)
+}
+
+impl Checkpoint {
+    /// Opens a model directory: `model.safetensors`, or the shards named by
+    /// `model.safetensors.index.json`, plus `config.json` when present.
+    pub fn open(dir: &Path) -> Result<Checkpoint> {
+        if !dir.is_dir() {
+            return Err(Error::Usage(format!(
+                "{} is not a directory",
+                dir.display()
+            )));
+        }
+        let index_path = dir.join(INDEX_FILE);
+        let single = dir.join(SINGLE_FILE);
+        let (files, weight_map) = if index_path.is_file() {
+            let (files, map) = read_index(&index_path)?;
+            (files, Some(map))
+        } else if single.is_file() {
+            (vec![SINGLE_FILE.to_string()], None)
+        } else {
+            return Err(no_weights_error(dir));
+        };
+
+        let mut shards = Vec::with_capacity(files.len());
+        let mut tensors = Vec::new();
+        let mut by_name: HashMap<String, usize> = HashMap::new();
+        for (si, file_name) in files.iter().enumerate() {
+            let path = dir.join(file_name);
+            if !path.is_file() {
+                return Err(Error::bad_file(
+                    &index_path,
+                    format!(
+                        "names shard '{file_name}', which is not in {}",
+                        dir.display()
+                    ),
+                ));
+            }
+            let map = map_file(&path)?;
+            let header = parse_header(&map, &path)?;
+            for t in header.tensors {
+                if let Some(&prev) = by_name.get(&t.name) {
+                    let other: &Tensor = &tensors[prev];
+                    return Err(Error::format(
+                        &path,
+                        format!(
+                            "tensor '{}' is also in {}; a name may appear in one shard only",
+                            t.name, files[other.shard]
+                        ),
+                    ));
+                }
+                if let Some(map) = &weight_map {
+                    match map.get(&t.name) {
+                        Some(f) if f == file_name => {}
+                        Some(f) => {
+                            return Err(Error::bad_file(
+                                &index_path,
+                                format!(
+                                    "maps tensor '{}' to {f}, but it is stored in {file_name}",
+                                    t.name
+                                ),
+                            ));
+                        }
+                        None => {
+                            return Err(Error::bad_file(
+                                &index_path,
+                                format!(
+                                    "does not list tensor '{}', which is stored in {file_name}",
+                                    t.name
+                                ),
+                            ));
+                        }
+                    }
+                }
+                by_name.insert(t.name.clone(), tensors.len());
+                tensors.push(Tensor {
+                    name: t.name,
+                    dtype: t.dtype,
+                    shape: t.shape,
+                    shard: si,
+                    start: header.data_start + t.begin,
+                    len: t.end - t.begin,
+                });
+            }
+            shards.push(Shard {
+                path,
+                file_name: file_name.clone(),
+                map,
+            });
+        }
+        if let Some(map) = &weight_map {
+            let mut missing: Vec<_> = map.keys().filter(|k| !by_name.contains_key(*k)).collect();
+            missing.sort();
+            if let Some(name) = missing.first() {
+                return Err(Error::bad_file(
+                    &index_path,
+                    format!(
+                        "lists tensor '{name}' in {}, but that shard does not hold it ({} such tensors)",
+                        map[*name],
+                        missing.len()
+                    ),
+                ));
+            }
+        }
+        let config_path = dir.join("config.json");
+        let config = if config_path.is_file() {
+            Some(ModelConfig::read(&config_path)?)
+        } else {
+            None
+        };
+        Ok(Checkpoint {
+            dir: dir.to_path_buf(),
+            shards,
+            tensors,
+            by_name,
+            config,
+            index: weight_map.map(|_| index_path),
+        })
+    }
+
+    /// The tensor called `name`, if stored.
+    pub fn get(&self, name: &str) -> Option<&Tensor> {
+        self.by_name.get(name).map(|&i| &self.tensors[i])
+    }
+
+    /// Index into `tensors` of the tensor that plays the role of `name`: the
+    /// stored one, or for the output projection of a tied model, the
+    /// embedding matrix it shares.
+    pub fn logical_index(&self, name: &str) -> Option<usize> {
+        self.by_name.get(name).copied().or_else(|| {
+            if is_lm_head(name) && self.is_tied() {
+                EMBED_NAMES
+                    .iter()
+                    .find_map(|n| self.by_name.get(*n).copied())
+            } else {
+                None
+            }
+        })
+    }
+
+    /// The tensor that plays the role of `name` (see `logical_index`).
+    pub fn logical(&self, name: &str) -> Option<&Tensor> {
+        self.logical_index(name).map(|i| &self.tensors[i])
+    }
+
+    /// The input embedding matrix, if the model has one under a known name.
+    pub fn embedding(&self) -> Option<&Tensor> {
+        EMBED_NAMES.iter().find_map(|n| self.get(n))
+    }
+
+    /// Whether the output projection is tied to the embeddings: there is an
+    /// embedding matrix and no separate lm_head tensor. (The stored tensors
+    /// decide, not `tie_word_embeddings`, whose default differs between
+    /// architectures.)
+    pub fn is_tied(&self) -> bool {
+        self.embedding().is_some() && !LM_HEAD_NAMES.iter().any(|n| self.get(n).is_some())
+    }
+
+    /// The bytes of tensor `t`.
+    pub fn bytes(&self, t: &Tensor) -> &[u8] {
+        &self.shards[t.shard].map[t.start as usize..(t.start + t.len) as usize]
+    }
+
+    /// The file a tensor lives in, for messages.
+    pub fn file_of(&self, t: &Tensor) -> &Path {
+        &self.shards[t.shard].path
+    }
+
+    /// Total bytes of tensor data.
+    pub fn total_bytes(&self) -> u64 {
+        self.tensors.iter().map(|t| t.len).sum()
+    }
+
+    /// Total parameter count.
+    pub fn parameters(&self) -> u64 {
+        self.tensors.iter().map(|t| t.numel()).sum()
+    }
+}
+
+fn no_weights_error(dir: &Path) -> Error {
+    let has_bin = std::fs::read_dir(dir)
+        .map(|rd| {
+            rd.flatten()
+                .any(|e| e.file_name().to_string_lossy().ends_with(".bin"))
+        })
+        .unwrap_or(false);
+    let err = Error::Usage(format!(
+        "{} holds no {SINGLE_FILE} and no {INDEX_FILE}",
+        dir.display()
+    ));
+    if has_bin {
+        err.with_hint("this looks like a PyTorch .bin checkpoint; convert it to safetensors first")
+    } else {
+        err.with_hint("point at a Hugging Face model directory (config.json + safetensors weights)")
+    }
+}
+
+/// Maps a file read-only.
+fn map_file(path: &Path) -> Result<Mmap> {
+    let f = File::open(path).map_err(|e| Error::io("opening", path, e))?;
+    // SAFETY: the map is read-only and never outlives the program's use of
+    // the checkpoint. What can still go wrong is outside our control: if
+    // another process truncates the file while it is mapped, touching the
+    // lost pages raises SIGBUS, and if it rewrites the file in place we read
+    // the new bytes. Model files are written once and not modified in place
+    // (our writer and transformers both write a new file and rename).
+    let map = unsafe { Mmap::map(&f) }.map_err(|e| Error::io("mapping", path, e))?;
+    Ok(map)
+}
+
+/// The parts of `model.safetensors.index.json` chatvec reads; `Entries`
+/// makes a tensor named twice an error.
+#[derive(serde::Deserialize)]
+struct IndexFile {
+    weight_map: Entries,
+}
+
+/// Reads `model.safetensors.index.json`: returns the shard files in order
+/// and the tensor -> file map. Shard names must be plain file names.
+fn read_index(path: &Path) -> Result<(Vec<String>, HashMap<String, String>)> {
+    let bytes = read_capped(path, MAX_INDEX_BYTES)?;
+    let index: IndexFile = serde_json::from_slice(&bytes)
+        .map_err(|e| Error::bad_file(path, format!("invalid index: {e}")))?;
+    let mut map = HashMap::with_capacity(index.weight_map.0.len());
+    let mut files: Vec<String> = Vec::new();
+    for (name, v) in index.weight_map.0 {
+        let f = v.as_str().ok_or_else(|| {
+            Error::bad_file(
+                path,
+                format!("weight_map entry for '{name}' is not a file name"),
+            )
+        })?;
+        if f.is_empty()
+            || f.contains(['/', '\\', '\0'])
+            || f == "."
+            || f == ".."
+            || !f.ends_with(".safetensors")
+        {
+            return Err(Error::bad_file(
+                path,
+                format!(
+                    "weight_map maps '{name}' to '{f}', which is not a plain .safetensors file name"
+                ),
+            ));
+        }
+        if !files.iter().any(|x| x == f) {
+            files.push(f.to_string());
+        }
+        map.insert(name, f.to_string());
+    }
+    if files.is_empty() {
+        return Err(Error::bad_file(path, "weight_map is empty"));
+    }
+    files.sort();
+    Ok((files, map))
+}

@@ -1,0 +1,373 @@
+//! The command line: clap definitions (doc comments are the help text) and
+//! the glue that turns parsed arguments into jobs and prints their results.
+//! stdout carries data only (reports, `--json`); progress, notes and
+//! warnings go to stderr.
+
+use std::io::{IsTerminal, Write};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use clap::{Args, Parser, Subcommand};
+
+use crate::checkpoint::Checkpoint;
+use crate::dtype::FloatType;
+use crate::embeddings::EmbeddingPolicy;
+use crate::error::{Error, Result};
+use crate::execute::{DEFAULT_CHUNK_ELEMS, ExecOptions};
+use crate::job::{self, OutputSettings, SelectionArgs, Summary, VectorArgs};
+use crate::resolve::resolve_model;
+
+/// chatvec: give continued-pretrained LLMs chat ability by weight arithmetic.
+///
+/// A chat vector is `chat - pretrained` (e.g. Llama-3-8B-Instruct minus
+/// Llama-3-8B); `apply` adds it, scaled, to a model continued-pretrained from
+/// the same base (e.g. Llama-3-Swallow-8B). Exit codes: 0 ok, 1 bad input or
+/// usage, 2 I/O or internal error, 130 interrupted.
+#[derive(Parser, Debug)]
+#[command(name = "chatvec", version, max_term_width = 100)]
+pub struct Cli {
+    /// No progress bars or notes on stderr (errors and warnings still print).
+    #[arg(short, long, global = true)]
+    pub quiet: bool,
+
+    /// Print a machine-readable JSON summary on stdout.
+    #[arg(long, global = true)]
+    pub json: bool,
+
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Write the chat vector `chat - pretrained` as a safetensors checkpoint.
+    Extract(ExtractArgs),
+    /// Add a scaled chat vector to a model: `base + scale * (chat - pretrained)`.
+    Apply(ApplyArgs),
+    /// Show a checkpoint's shards, tensors, parameter count and config.
+    Inspect(InspectArgs),
+    /// Run extract, apply and inspect on tiny built-in models (no download).
+    Demo(DemoArgs),
+    /// Measure apply on generated Llama-shaped checkpoints against the disk and memory floor.
+    Bench(crate::bench::BenchArgs),
+}
+
+/// Options shared by the commands that write a checkpoint.
+#[derive(Args, Debug)]
+pub struct WriteArgs {
+    /// Output directory (created; must not exist unless --force).
+    #[arg(short, long)]
+    pub output: PathBuf,
+
+    /// Replace an existing output directory.
+    #[arg(long)]
+    pub force: bool,
+
+    /// Only operate on tensors matching this regex (repeatable; default: all).
+    #[arg(long, value_name = "REGEX")]
+    pub include: Vec<String>,
+
+    /// Leave tensors matching this regex untouched (repeatable).
+    #[arg(long, value_name = "REGEX")]
+    pub exclude: Vec<String>,
+
+    /// Maximum data bytes per output shard, e.g. 5GB, 500MB, 2GiB.
+    #[arg(long, default_value = "5GB", value_parser = parse_size)]
+    pub shard_size: u64,
+
+    /// Downgrade config.json architecture differences to warnings (shapes must still match).
+    #[arg(long)]
+    pub allow_mismatch: bool,
+
+    /// Print the plan (every output tensor, its formula and shard) and write nothing.
+    #[arg(long)]
+    pub dry_run: bool,
+
+    /// Worker threads (default: all cores). Output bytes do not depend on it.
+    #[arg(long)]
+    pub threads: Option<usize>,
+
+    /// Elements per work chunk (for testing; output bytes do not depend on it).
+    #[arg(long, hide = true, default_value_t = DEFAULT_CHUNK_ELEMS)]
+    pub chunk_elems: u64,
+}
+
+#[derive(Args, Debug)]
+pub struct ExtractArgs {
+    /// The chat / instruct model (directory).
+    #[arg(long, value_name = "MODEL")]
+    pub chat: String,
+
+    /// The pretrained model the chat model was tuned from (directory).
+    #[arg(long, value_name = "MODEL")]
+    pub pretrained: String,
+
+    /// Vector dtype: bf16, f16 or f32 (default: the chat model's). f32 is exact.
+    #[arg(long, value_parser = parse_dtype)]
+    pub dtype: Option<FloatType>,
+
+    #[command(flatten)]
+    pub write: WriteArgs,
+}
+
+#[derive(Args, Debug)]
+#[command(group(clap::ArgGroup::new("vector_source").required(true).args(["vector", "chat"])))]
+pub struct ApplyArgs {
+    /// The model to give chat ability to, e.g. a continued-pretrained model (directory).
+    #[arg(long, value_name = "MODEL")]
+    pub base: String,
+
+    /// A chat vector written by `chatvec extract`.
+    #[arg(long, value_name = "DIR", conflicts_with_all = ["chat", "pretrained"])]
+    pub vector: Option<String>,
+
+    /// The chat model (with --pretrained: stream the vector without writing it).
+    #[arg(long, value_name = "MODEL", requires = "pretrained")]
+    pub chat: Option<String>,
+
+    /// The pretrained model the chat model was tuned from.
+    #[arg(long, value_name = "MODEL", requires = "chat")]
+    pub pretrained: Option<String>,
+
+    /// Scale of the vector.
+    #[arg(long, default_value_t = 1.0, allow_negative_numbers = true)]
+    pub scale: f32,
+
+    /// Scale for tensors matching REGEX, e.g. 'mlp\.=0.5' (repeatable; first match wins).
+    #[arg(long, value_name = "REGEX=S")]
+    pub scale_for: Vec<String>,
+
+    /// Embedding rows when vocabularies differ: auto, full, skip, prefix or align.
+    #[arg(long, value_enum, default_value_t = EmbeddingPolicy::Auto)]
+    pub embeddings: EmbeddingPolicy,
+
+    /// Output dtype for float tensors (default: the base's, tensor by tensor).
+    #[arg(long, value_parser = parse_dtype)]
+    pub out_dtype: Option<FloatType>,
+
+    /// Keep the base's chat template and eos ids instead of the chat model's.
+    #[arg(long)]
+    pub keep_base_template: bool,
+
+    #[command(flatten)]
+    pub write: WriteArgs,
+}
+
+#[derive(Args, Debug)]
+pub struct InspectArgs {
+    /// The model (directory).
+    pub model: String,
+}
+
+#[derive(Args, Debug)]
+pub struct DemoArgs {
+    /// Directory for the demo models (default: a temporary one, removed afterwards).
+    #[arg(long)]
+    pub dir: Option<PathBuf>,
+
+    /// Keep the temporary directory.
+    #[arg(long)]
+    pub keep: bool,
+}
+
+/// Parses sizes the way transformers' `max_shard_size` does: decimal units
+/// (KB, MB, GB) are powers of 10, binary ones (KiB, MiB, GiB) powers of 2.
+pub fn parse_size(s: &str) -> std::result::Result<u64, String> {
+    let t = s.trim();
+    let split = t
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let n: f64 = num
+        .parse()
+        .map_err(|_| format!("'{s}' is not a size like 5GB or 500MB"))?;
+    let mult: f64 = match unit.trim().to_ascii_uppercase().as_str() {
+        "" | "B" => 1.0,
+        "KB" => 1e3,
+        "MB" => 1e6,
+        "GB" => 1e9,
+        "TB" => 1e12,
+        "KIB" => 1024.0,
+        "MIB" => 1048576.0,
+        "GIB" => 1073741824.0,
+        _ => {
+            return Err(format!(
+                "'{s}': unknown unit '{unit}' (use B, KB, MB, GB, KiB, MiB, GiB)"
+            ));
+        }
+    };
+    let v = n * mult;
+    if !(v >= 1.0 && v < 1e18) {
+        return Err(format!("'{s}' is out of range"));
+    }
+    Ok(v as u64)
+}
+
+fn parse_dtype(s: &str) -> std::result::Result<FloatType, String> {
+    FloatType::parse_cli(s)
+        .ok_or_else(|| format!("'{s}' is not a dtype chatvec writes (bf16, f16, f32)"))
+}
+
+static QUIET: AtomicBool = AtomicBool::new(false);
+
+/// Prints a warning on stderr.
+pub fn warn(msg: &str) {
+    eprintln!("warning: {msg}");
+}
+
+/// Prints a note on stderr unless `-q`.
+pub fn note(msg: &str) {
+    if !QUIET.load(Ordering::Relaxed) {
+        eprintln!("{msg}");
+    }
+}
+
+/// Writes to stdout; a closed pipe (`chatvec inspect M | head`) is not an error.
+pub fn out(text: &str) -> Result<()> {
+    let mut so = std::io::stdout().lock();
+    match so.write_all(text.as_bytes()).and_then(|_| so.flush()) {
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(()),
+        r => r.map_err(|e| Error::io("writing", std::path::Path::new("<stdout>"), e)),
+    }
+}
+
+fn json_out(v: &impl serde::Serialize) -> Result<()> {
+    out(&format!(
+        "{}\n",
+        serde_json::to_string_pretty(v).expect("summaries serialize")
+    ))
+}
+
+fn threads(t: Option<usize>) -> usize {
+    t.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
+}
+
+fn settings(w: &WriteArgs, quiet: bool) -> OutputSettings {
+    OutputSettings {
+        out: w.output.clone(),
+        force: w.force,
+        dry_run: w.dry_run,
+        exec: ExecOptions {
+            threads: threads(w.threads),
+            chunk_elems: w.chunk_elems,
+            progress: !quiet && std::io::stderr().is_terminal(),
+        },
+    }
+}
+
+fn selection(w: &WriteArgs, scale: f32, scale_for: &[String]) -> SelectionArgs {
+    SelectionArgs {
+        include: w.include.clone(),
+        exclude: w.exclude.clone(),
+        scale,
+        scale_for: scale_for.to_vec(),
+        shard_size: w.shard_size,
+        allow_mismatch: w.allow_mismatch,
+    }
+}
+
+fn report(s: &Summary, json: bool) -> Result<()> {
+    for w in &s.warnings {
+        warn(w);
+    }
+    if let Some(p) = &s.plan_text {
+        out(p)?;
+    }
+    for n in &s.notes {
+        note(n);
+    }
+    if json {
+        return json_out(s);
+    }
+    if let Some(o) = &s.output {
+        note(&format!(
+            "wrote {o}: {} tensors ({} computed), {} bytes in {} shard(s), {:.1} s",
+            s.tensors,
+            s.computed_tensors,
+            s.bytes,
+            s.shards.len(),
+            s.seconds
+        ));
+    }
+    Ok(())
+}
+
+/// Runs a parsed command line.
+pub fn run(cli: Cli) -> Result<()> {
+    QUIET.store(cli.quiet, Ordering::Relaxed);
+    crate::interrupt::install();
+    match cli.command {
+        Command::Extract(a) => {
+            let sel = selection(&a.write, 1.0, &[]);
+            let s = job::extract(
+                &a.chat,
+                &a.pretrained,
+                a.dtype,
+                &sel,
+                &settings(&a.write, cli.quiet),
+            )?;
+            report(&s, cli.json)
+        }
+        Command::Apply(a) => {
+            let sel = selection(&a.write, a.scale, &a.scale_for);
+            let vector = match (&a.vector, &a.chat, &a.pretrained) {
+                (Some(v), _, _) => VectorArgs::Stored(v),
+                (None, Some(c), Some(p)) => VectorArgs::Streaming {
+                    chat: c,
+                    pretrained: p,
+                },
+                _ => {
+                    return Err(Error::Usage(
+                        "give --vector DIR, or --chat and --pretrained".into(),
+                    ));
+                }
+            };
+            let s = job::apply(
+                &a.base,
+                vector,
+                a.embeddings,
+                a.out_dtype,
+                a.keep_base_template,
+                &sel,
+                &settings(&a.write, cli.quiet),
+            )?;
+            report(&s, cli.json)
+        }
+        Command::Inspect(a) => {
+            let ck = Checkpoint::open(&resolve_model(&a.model)?)?;
+            let r = crate::inspect::report(&ck);
+            if cli.json {
+                json_out(&r)
+            } else {
+                out(&crate::inspect::render(&r))
+            }
+        }
+        Command::Demo(a) => {
+            let text = crate::demo::run(a.dir.as_deref(), a.keep, threads(None))?;
+            out(&text)
+        }
+        Command::Bench(a) => crate::bench::run(&a, cli.json),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn cli_definition_is_valid() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn sizes_parse_like_transformers() {
+        assert_eq!(parse_size("5GB").unwrap(), 5_000_000_000);
+        assert_eq!(parse_size("2GiB").unwrap(), 2 << 30);
+        assert_eq!(parse_size("1.5MB").unwrap(), 1_500_000);
+        assert_eq!(parse_size("4096").unwrap(), 4096);
+        assert!(parse_size("5XB").is_err());
+        assert!(parse_size("0").is_err());
+        assert!(parse_size("GB").is_err());
+    }
+}

@@ -1,0 +1,368 @@
+//! Streams a plan to disk on the CPU.
+//!
+//! The output is cut into jobs (a shard header, a byte range to copy, or an
+//! element range to compute). Batches of jobs are computed in parallel on a
+//! rayon pool while a writer thread appends the previous batch to the shard
+//! files in order, hashing as it writes; a third thread hashes the input
+//! shards for the manifest. Buffers are recycled, so anonymous memory stays
+//! near `3 x batch x chunk` whatever the model size (contract 3), and every
+//! job is a pure function of the plan, so the bytes do not depend on thread
+//! count or chunk size (contract 1).
+
+use std::ops::Range;
+use std::path::Path;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::mpsc::{Receiver, Sender, channel, sync_channel};
+
+use indicatif::{ProgressBar, ProgressStyle};
+use rayon::prelude::*;
+use sha2::{Digest, Sha256};
+
+use crate::arith::{self, Operand};
+use crate::dtype::FloatType;
+use crate::error::{Error, Result};
+use crate::interrupt;
+use crate::plan::{Formula, Op, OutTensor, Plan, Source};
+use crate::writer::{HashingFile, WrittenFile, hex};
+
+/// Default elements per compute job: 4 MiB of f32 output at most.
+pub const DEFAULT_CHUNK_ELEMS: u64 = 1 << 20;
+/// Bytes per plain copy job.
+const COPY_CHUNK_BYTES: u64 = 16 << 20;
+/// Bytes hashed between interrupt checks.
+const HASH_PIECE: usize = 64 << 20;
+
+/// How to run.
+#[derive(Clone, Debug)]
+pub struct ExecOptions {
+    pub threads: usize,
+    pub chunk_elems: u64,
+    pub progress: bool,
+}
+
+/// What was written and read.
+pub struct ExecResult {
+    /// Output shards, in order.
+    pub shards: Vec<WrittenFile>,
+    /// Per input, per shard: file name, size, sha256.
+    pub inputs: Vec<Vec<WrittenFile>>,
+}
+
+enum Job {
+    /// Start shard `n`: its header bytes.
+    Header(usize),
+    /// Copy `bytes` of an input tensor.
+    Copy { src: Source, bytes: Range<u64> },
+    /// Compute elements `elems` of output tensor `tensor`.
+    Compute { tensor: usize, elems: Range<u64> },
+}
+
+enum Piece<'a> {
+    Borrowed(&'a [u8]),
+    Owned(Vec<u8>),
+}
+
+impl Piece<'_> {
+    fn bytes(&self) -> &[u8] {
+        match self {
+            Piece::Borrowed(b) => b,
+            Piece::Owned(v) => v,
+        }
+    }
+}
+
+fn jobs(plan: &Plan, chunk_elems: u64) -> Vec<Job> {
+    let mut jobs = Vec::new();
+    for (si, sh) in plan.shards.iter().enumerate() {
+        jobs.push(Job::Header(si));
+        for ti in sh.tensors.clone() {
+            let t = &plan.tensors[ti];
+            match &t.op {
+                Op::Copy(src) => {
+                    let len = t.bytes();
+                    let mut a = 0;
+                    while a < len {
+                        let b = (a + COPY_CHUNK_BYTES).min(len);
+                        jobs.push(Job::Copy {
+                            src: *src,
+                            bytes: a..b,
+                        });
+                        a = b;
+                    }
+                }
+                Op::Convert(_) | Op::Arith { .. } => {
+                    let n = t.numel();
+                    let mut a = 0;
+                    while a < n {
+                        let b = (a + chunk_elems).min(n);
+                        jobs.push(Job::Compute {
+                            tensor: ti,
+                            elems: a..b,
+                        });
+                        a = b;
+                    }
+                }
+            }
+        }
+    }
+    jobs
+}
+
+fn operand(plan: &Plan, s: Source) -> Operand<'_> {
+    let ty = plan
+        .input_tensor(s)
+        .dtype
+        .float()
+        .expect("plan checked float dtypes");
+    Operand {
+        ty,
+        bytes: plan.input_bytes(s),
+    }
+}
+
+/// Computes elements `elems` of tensor `t` into `out`.
+fn compute(plan: &Plan, t: &OutTensor, elems: Range<u64>, out: &mut [u8]) {
+    let out_ty: FloatType = t.dtype.float().expect("plan checked float dtypes");
+    let os = out_ty.size();
+    let at = |p: u64| ((p - elems.start) as usize) * os;
+    match &t.op {
+        Op::Copy(_) => unreachable!("copies are not computed"),
+        Op::Convert(src) => {
+            let s =
+                operand(plan, *src).slice(elems.start as usize, (elems.end - elems.start) as usize);
+            arith::convert(out_ty, out, s);
+        }
+        Op::Arith {
+            formula,
+            runs,
+            row_len,
+        } => {
+            let l = *row_len;
+            let base = operand(plan, formula.base());
+            let mut p = elems.start;
+            let mut ri = runs.partition_point(|r| (r.base_row + r.rows) * l <= p);
+            while p < elems.end {
+                let in_run = ri < runs.len() && runs[ri].base_row * l <= p;
+                if !in_run {
+                    let next = if ri < runs.len() {
+                        (runs[ri].base_row * l).min(elems.end)
+                    } else {
+                        elems.end
+                    };
+                    let n = (next - p) as usize;
+                    arith::convert(out_ty, &mut out[at(p)..at(next)], base.slice(p as usize, n));
+                    p = next;
+                    continue;
+                }
+                let r = runs[ri];
+                let run_end = (r.base_row + r.rows) * l;
+                let end = run_end.min(elems.end);
+                let n = (end - p) as usize;
+                let v = (r.vector_row * l + (p - r.base_row * l)) as usize;
+                let o = &mut out[at(p)..at(end)];
+                let b = base.slice(p as usize, n);
+                match *formula {
+                    Formula::Diff { chat, pre } => arith::diff(
+                        out_ty,
+                        o,
+                        operand(plan, chat).slice(v, n),
+                        operand(plan, pre).slice(v, n),
+                    ),
+                    Formula::AddDiff {
+                        chat, pre, scale, ..
+                    } => arith::add_diff(
+                        out_ty,
+                        o,
+                        b,
+                        operand(plan, chat).slice(v, n),
+                        operand(plan, pre).slice(v, n),
+                        scale,
+                    ),
+                    Formula::AddScaled { vector, scale, .. } => {
+                        arith::add_scaled(out_ty, o, b, operand(plan, vector).slice(v, n), scale)
+                    }
+                }
+                p = end;
+                if end == run_end {
+                    ri += 1;
+                }
+            }
+        }
+    }
+}
+
+fn run_job<'a>(plan: &'a Plan, job: &Job, mut buf: Vec<u8>) -> Piece<'a> {
+    match job {
+        Job::Header(si) => Piece::Borrowed(&plan.shards[*si].header),
+        Job::Copy { src, bytes } => {
+            Piece::Borrowed(&plan.input_bytes(*src)[bytes.start as usize..bytes.end as usize])
+        }
+        Job::Compute { tensor, elems } => {
+            let t = &plan.tensors[*tensor];
+            let len = (elems.end - elems.start) as usize * t.dtype.float().unwrap().size();
+            buf.clear();
+            buf.resize(len, 0);
+            compute(plan, t, elems.clone(), &mut buf);
+            Piece::Owned(buf)
+        }
+    }
+}
+
+/// Writes the shards of `plan` into `dir` and hashes the inputs.
+pub fn execute(plan: &Plan, dir: &Path, opts: &ExecOptions) -> Result<ExecResult> {
+    let threads = opts.threads.max(1);
+    let pool = rayon::ThreadPoolBuilder::new()
+        .num_threads(threads)
+        .build()
+        .map_err(|e| Error::Internal(format!("starting {threads} threads: {e}")))?;
+    let jobs = jobs(plan, opts.chunk_elems.max(1));
+    let batch = threads * 2;
+    let bar = progress_bar(opts.progress, plan.output_bytes());
+
+    std::thread::scope(|s| {
+        let input_hashes = s.spawn(|| hash_inputs(plan, threads.div_ceil(2)));
+        let (tx, rx) = sync_channel::<Vec<(usize, Piece)>>(1);
+        let (free_tx, free_rx) = channel::<Vec<u8>>();
+        let writer = s.spawn(|| write_pieces(plan, dir, &jobs, rx, free_tx, &bar));
+        let mut outcome = Ok(());
+        for (bi, group) in jobs.chunks(batch).enumerate() {
+            if let Err(e) = interrupt::check() {
+                outcome = Err(e);
+                break;
+            }
+            let bufs: Vec<Vec<u8>> = group
+                .iter()
+                .map(|_| free_rx.try_recv().unwrap_or_default())
+                .collect();
+            let pieces: Vec<(usize, Piece)> = pool.install(|| {
+                group
+                    .par_iter()
+                    .zip(bufs)
+                    .enumerate()
+                    .map(|(i, (job, buf))| (bi * batch + i, run_job(plan, job, buf)))
+                    .collect()
+            });
+            if tx.send(pieces).is_err() {
+                break; // the writer failed; its error is reported below
+            }
+        }
+        drop(tx);
+        let written = writer
+            .join()
+            .map_err(|_| Error::Internal("writer thread panicked".into()))?;
+        let hashes = input_hashes
+            .join()
+            .map_err(|_| Error::Internal("hash thread panicked".into()))?;
+        outcome?;
+        let shards = written?;
+        interrupt::check()?;
+        bar.finish_and_clear();
+        Ok(ExecResult {
+            shards,
+            inputs: hashes?,
+        })
+    })
+}
+
+fn progress_bar(show: bool, total: u64) -> ProgressBar {
+    if !show {
+        return ProgressBar::hidden();
+    }
+    let bar = ProgressBar::new(total);
+    bar.set_style(
+        ProgressStyle::with_template("{spinner} writing [{bar:40}] {binary_bytes}/{binary_total_bytes} {binary_bytes_per_sec} eta {eta}")
+            .unwrap()
+            .progress_chars("=> "),
+    );
+    bar
+}
+
+/// The writer thread: appends pieces in job order, switching shard files at
+/// each header, and returns buffers for reuse.
+fn write_pieces(
+    plan: &Plan,
+    dir: &Path,
+    jobs: &[Job],
+    rx: Receiver<Vec<(usize, Piece)>>,
+    free: Sender<Vec<u8>>,
+    bar: &ProgressBar,
+) -> Result<Vec<WrittenFile>> {
+    let mut done = Vec::with_capacity(plan.shards.len());
+    let mut current: Option<HashingFile> = None;
+    for pieces in rx {
+        for (ji, piece) in pieces {
+            if let Job::Header(si) = jobs[ji] {
+                if let Some(f) = current.take() {
+                    done.push(f.finish()?);
+                }
+                current = Some(HashingFile::create(&dir.join(&plan.shards[si].file_name))?);
+            }
+            let f = current.as_mut().expect("a header job starts every shard");
+            f.write(piece.bytes())?;
+            bar.inc(piece.bytes().len() as u64);
+            if let Piece::Owned(v) = piece {
+                let _ = free.send(v);
+            }
+        }
+    }
+    if let Some(f) = current.take() {
+        done.push(f.finish()?);
+    }
+    // Fewer shards than planned means the producer stopped early; the caller
+    // reports why.
+    Ok(done)
+}
+
+/// Sha256 of every input shard, read through the existing maps by `n`
+/// threads (for the manifest; also warms the page cache ahead of compute).
+fn hash_inputs(plan: &Plan, n: usize) -> Result<Vec<Vec<WrittenFile>>> {
+    let work: Vec<(usize, usize)> = plan
+        .inputs
+        .iter()
+        .enumerate()
+        .flat_map(|(i, inp)| (0..inp.ckpt.shards.len()).map(move |s| (i, s)))
+        .collect();
+    let results: Mutex<Vec<Option<WrittenFile>>> = Mutex::new(vec![None; work.len()]);
+    let next = AtomicUsize::new(0);
+    std::thread::scope(|s| {
+        let mut handles = Vec::new();
+        for _ in 0..n.max(1) {
+            handles.push(s.spawn(|| -> Result<()> {
+                loop {
+                    let k = next.fetch_add(1, Ordering::Relaxed);
+                    let Some(&(i, si)) = work.get(k) else {
+                        return Ok(());
+                    };
+                    let shard = &plan.inputs[i].ckpt.shards[si];
+                    let mut h = Sha256::new();
+                    for piece in shard.map.chunks(HASH_PIECE) {
+                        interrupt::check()?;
+                        h.update(piece);
+                    }
+                    results.lock().unwrap()[k] = Some(WrittenFile {
+                        file: shard.file_name.clone(),
+                        bytes: shard.map.len() as u64,
+                        sha256: hex(&h.finalize()),
+                    });
+                }
+            }));
+        }
+        for h in handles {
+            h.join()
+                .map_err(|_| Error::Internal("hash thread panicked".into()))??;
+        }
+        Ok::<(), Error>(())
+    })?;
+    let mut flat = results.into_inner().unwrap().into_iter();
+    Ok(plan
+        .inputs
+        .iter()
+        .map(|inp| {
+            flat.by_ref()
+                .take(inp.ckpt.shards.len())
+                .map(Option::unwrap)
+                .collect()
+        })
+        .collect())
+}

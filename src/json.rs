@@ -1,0 +1,82 @@
+//! Reading untrusted JSON files: a size cap, and objects whose duplicate keys
+//! are an error instead of silently keeping the last value (serde_json's
+//! default), because a header or index that names a tensor twice is corrupt.
+
+use std::collections::HashSet;
+use std::fmt;
+use std::path::Path;
+
+use serde::de::{self, Deserializer, MapAccess, Visitor};
+use serde_json::Value;
+
+use crate::error::{Error, Result};
+
+/// The entries of a JSON object in file order, keys checked to be unique.
+#[derive(Debug, Default)]
+pub struct Entries(pub Vec<(String, Value)>);
+
+impl<'de> de::Deserialize<'de> for Entries {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = Entries;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("a JSON object")
+            }
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Entries, A::Error> {
+                let mut seen = HashSet::new();
+                let mut out = Vec::new();
+                while let Some(key) = map.next_key::<String>()? {
+                    if !seen.insert(key.clone()) {
+                        return Err(de::Error::custom(format!("duplicate key '{key}'")));
+                    }
+                    out.push((key, map.next_value::<Value>()?));
+                }
+                Ok(Entries(out))
+            }
+        }
+        d.deserialize_map(V)
+    }
+}
+
+/// Parses `bytes` as a JSON object with unique top-level keys.
+pub fn parse_entries(bytes: &[u8], file: &Path) -> Result<Entries> {
+    serde_json::from_slice::<Entries>(bytes)
+        .map_err(|e| Error::bad_file(file, format!("invalid JSON: {e}")))
+}
+
+/// Parses a nested object value with unique keys (serde_json `Value`s have
+/// already collapsed duplicates, so nested objects that must be unique are
+/// re-checked from their raw text by the caller when it matters).
+pub fn object_entries(v: &Value) -> Option<Vec<(&String, &Value)>> {
+    v.as_object().map(|m| m.iter().collect())
+}
+
+/// Reads a whole (small) file, refusing anything larger than `cap` bytes.
+pub fn read_capped(path: &Path, cap: u64) -> Result<Vec<u8>> {
+    let meta = std::fs::metadata(path).map_err(|e| Error::io("reading", path, e))?;
+    if meta.len() > cap {
+        return Err(Error::bad_file(
+            path,
+            format!(
+                "file is {} bytes; the limit for this kind of file is {cap}",
+                meta.len()
+            ),
+        ));
+    }
+    std::fs::read(path).map_err(|e| Error::io("reading", path, e))
+}
+
+/// Reads and parses a JSON file of at most `cap` bytes into a `Value`.
+pub fn read_value(path: &Path, cap: u64) -> Result<Value> {
+    let bytes = read_capped(path, cap)?;
+    serde_json::from_slice(&bytes).map_err(|e| Error::bad_file(path, format!("invalid JSON: {e}")))
+}
+
+/// Writes `v` as pretty JSON with a trailing newline (the way transformers
+/// writes its side files, so diffs against Python-written files stay small).
+pub fn to_pretty(v: &impl serde::Serialize) -> Vec<u8> {
+    let mut s = serde_json::to_vec_pretty(v).expect("JSON values always serialize");
+    s.push(b'\n');
+    s
+}

@@ -1,0 +1,246 @@
+//! The non-weight files of an output: config, generation config and
+//! tokenizer from the base, and, when the chat model is known, its chat
+//! template and generation eos ids (Llama-3 base models have no chat
+//! template and leave `<|eot_id|>` untrained, so a chat-vector model without
+//! them does not stop where it should).
+
+use std::path::Path;
+
+use serde_json::Value;
+
+use crate::dtype::FloatType;
+use crate::error::{Error, Result};
+use crate::json::{read_capped, read_value, to_pretty};
+use crate::tokenizer::Vocab;
+use crate::writer::{WrittenFile, write_file};
+
+/// Files copied beside the weights, as transformers saves them.
+pub const SIDE_FILES: [&str; 11] = [
+    "config.json",
+    "generation_config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "tokenizer.model",
+    "added_tokens.json",
+    "vocab.json",
+    "merges.txt",
+    "chat_template.jinja",
+    "chat_template.json",
+];
+
+/// Largest side file copied (tokenizer.json of large vocabularies is ~35 MB).
+const MAX_SIDE_BYTES: u64 = 256 << 20;
+
+/// What the side files became.
+#[derive(Default, serde::Serialize)]
+pub struct SidecarReport {
+    pub files: Vec<WrittenFile>,
+    /// Human-readable notes, also printed.
+    pub notes: Vec<String>,
+    pub warnings: Vec<String>,
+}
+
+fn read_json_object(path: &Path) -> Result<serde_json::Map<String, Value>> {
+    match read_value(path, MAX_SIDE_BYTES)? {
+        Value::Object(m) => Ok(m),
+        _ => Err(Error::bad_file(path, "expected a JSON object")),
+    }
+}
+
+/// A chat template found in a model directory.
+enum Template {
+    /// From `chat_template.jinja`.
+    File(String),
+    /// The `chat_template` value of tokenizer_config.json or chat_template.json
+    /// (a string, or a list of named templates).
+    Value(Value),
+}
+
+fn find_template(dir: &Path) -> Result<Option<Template>> {
+    let jinja = dir.join("chat_template.jinja");
+    if jinja.is_file() {
+        let bytes = read_capped(&jinja, MAX_SIDE_BYTES)?;
+        let s = String::from_utf8(bytes).map_err(|_| Error::bad_file(&jinja, "is not UTF-8"))?;
+        return Ok(Some(Template::File(s)));
+    }
+    for name in ["tokenizer_config.json", "chat_template.json"] {
+        let p = dir.join(name);
+        if p.is_file()
+            && let Some(v) = read_json_object(&p)?.remove("chat_template")
+            && !v.is_null()
+        {
+            return Ok(Some(Template::Value(v)));
+        }
+    }
+    Ok(None)
+}
+
+/// Copies the side files of `from` that exist into `out`.
+pub fn copy_side_files(out: &Path, from: &Path) -> Result<Vec<WrittenFile>> {
+    let mut files = Vec::new();
+    for name in SIDE_FILES {
+        let p = from.join(name);
+        if p.is_file() {
+            files.push(write_file(out, name, &read_capped(&p, MAX_SIDE_BYTES)?)?);
+        }
+    }
+    Ok(files)
+}
+
+/// What the output of `apply` takes from the chat model.
+pub struct ChatSide<'a> {
+    /// Directory holding the chat model's tokenizer/template/generation files
+    /// (the chat model itself, or a vector made by `extract`).
+    pub dir: &'a Path,
+    pub keep_base_template: bool,
+}
+
+/// Writes the side files of an applied model: the base's, with `torch_dtype`
+/// following `--out-dtype`, and the chat model's template and eos ids.
+pub fn write_model_side_files(
+    out: &Path,
+    base: &Path,
+    chat: Option<ChatSide<'_>>,
+    out_dtype: Option<FloatType>,
+) -> Result<SidecarReport> {
+    let mut rep = SidecarReport::default();
+    let mut pending: Vec<(String, Vec<u8>)> = Vec::new();
+    for name in SIDE_FILES {
+        let p = base.join(name);
+        if p.is_file() {
+            pending.push((name.to_string(), read_capped(&p, MAX_SIDE_BYTES)?));
+        }
+    }
+    if let Some(ty) = out_dtype
+        && let Some(entry) = pending.iter_mut().find(|(n, _)| n == "config.json")
+    {
+        let mut cfg = read_json_object(&base.join("config.json"))?;
+        let key = if cfg.contains_key("dtype") {
+            "dtype"
+        } else {
+            "torch_dtype"
+        };
+        cfg.insert(key.into(), ty.torch_name().into());
+        entry.1 = to_pretty(&cfg);
+    }
+    if let Some(chat) = chat.filter(|c| !c.keep_base_template) {
+        take_chat_template(base, chat.dir, &mut pending, &mut rep)?;
+        take_eos_ids(base, chat.dir, &mut pending, &mut rep)?;
+    }
+    for (name, bytes) in pending {
+        rep.files.push(write_file(out, &name, &bytes)?);
+    }
+    Ok(rep)
+}
+
+fn set_pending(pending: &mut Vec<(String, Vec<u8>)>, name: &str, bytes: Vec<u8>) {
+    match pending.iter_mut().find(|(n, _)| n == name) {
+        Some(e) => e.1 = bytes,
+        None => pending.push((name.to_string(), bytes)),
+    }
+}
+
+fn take_chat_template(
+    base: &Path,
+    chat: &Path,
+    pending: &mut Vec<(String, Vec<u8>)>,
+    rep: &mut SidecarReport,
+) -> Result<()> {
+    let Some(tpl) = find_template(chat)? else {
+        return Ok(());
+    };
+    let had = if find_template(base)?.is_some() {
+        "replacing the base's"
+    } else {
+        "the base had none"
+    };
+    let as_value = match &tpl {
+        Template::File(s) => Value::String(s.clone()),
+        Template::Value(v) => v.clone(),
+    };
+    let tc = base.join("tokenizer_config.json");
+    if tc.is_file() {
+        let mut cfg = read_json_object(&tc)?;
+        cfg.insert("chat_template".into(), as_value.clone());
+        set_pending(pending, "tokenizer_config.json", to_pretty(&cfg));
+    }
+    // transformers prefers chat_template.jinja over tokenizer_config.json, so
+    // a base's own .jinja must not survive beside the chat model's template.
+    if let Value::String(s) = &as_value
+        && (matches!(tpl, Template::File(_))
+            || base.join("chat_template.jinja").is_file()
+            || !tc.is_file())
+    {
+        set_pending(pending, "chat_template.jinja", s.clone().into_bytes());
+    }
+    pending.retain(|(n, _)| n != "chat_template.json");
+    rep.notes.push(format!(
+        "chat template: taken from {} ({had})",
+        chat.display()
+    ));
+    Ok(())
+}
+
+fn take_eos_ids(
+    base: &Path,
+    chat: &Path,
+    pending: &mut Vec<(String, Vec<u8>)>,
+    rep: &mut SidecarReport,
+) -> Result<()> {
+    let gp = chat.join("generation_config.json");
+    if !gp.is_file() {
+        return Ok(());
+    }
+    let Some(eos) = read_json_object(&gp)?
+        .remove("eos_token_id")
+        .filter(|v| !v.is_null())
+    else {
+        return Ok(());
+    };
+    let ids: Vec<u64> = match &eos {
+        Value::Number(n) => n.as_u64().into_iter().collect(),
+        Value::Array(a) => a.iter().filter_map(Value::as_u64).collect(),
+        _ => Vec::new(),
+    };
+    // Ids are only meaningful in the chat model's vocabulary: carry them over
+    // by token string when both tokenizers are known.
+    let (bt, ct) = (base.join("tokenizer.json"), chat.join("tokenizer.json"));
+    let mapped: Option<Vec<u64>> = if bt.is_file() && ct.is_file() {
+        let (bv, cv) = (Vocab::read(&bt)?, Vocab::read(&ct)?);
+        ids.iter()
+            .map(|&i| cv.token(i).and_then(|t| bv.id(t)).map(u64::from))
+            .collect()
+    } else {
+        rep.warnings.push(format!(
+            "tokenizer.json missing for the base or the chat model; eos ids {ids:?} copied as numbers, unchecked"
+        ));
+        Some(ids.clone())
+    };
+    let Some(mapped) = mapped else {
+        rep.warnings.push(format!(
+            "the chat model's eos ids {ids:?} are not all tokens of the base vocabulary; generation_config.json left as in the base"
+        ));
+        return Ok(());
+    };
+    let bp = base.join("generation_config.json");
+    let mut gen_cfg = if bp.is_file() {
+        read_json_object(&bp)?
+    } else {
+        serde_json::Map::new()
+    };
+    let before = gen_cfg.get("eos_token_id").cloned().unwrap_or(Value::Null);
+    let new: Value = if mapped.len() == 1 && eos.is_number() {
+        mapped[0].into()
+    } else {
+        mapped.into()
+    };
+    if before != new {
+        rep.notes.push(format!(
+            "generation eos_token_id: {new} from the chat model (base had {before})"
+        ));
+    }
+    gen_cfg.insert("eos_token_id".into(), new);
+    set_pending(pending, "generation_config.json", to_pretty(&gen_cfg));
+    Ok(())
+}
