@@ -125,10 +125,12 @@ mod tests {
         let chat: Vec<f32> = (0..n).map(|i| (i as f32 * 0.11).cos()).collect();
         let pre: Vec<f32> = (0..n).map(|i| (i as f32 * 0.05).sin() * 0.9).collect();
         let (b, c, p) = (bf16_bytes(&base), bf16_bytes(&chat), bf16_bytes(&pre));
-        let op = |x: &[u8]| Operand {
-            ty: FloatType::BF16,
-            bytes: x,
-        };
+        fn op(x: &[u8]) -> Operand<'_> {
+            Operand {
+                ty: FloatType::BF16,
+                bytes: x,
+            }
+        }
         let mut v = vec![0u8; n * 4];
         diff(FloatType::F32, &mut v, op(&c), op(&p));
         let mut a = vec![0u8; n * 2];

@@ -197,7 +197,7 @@ pub fn parse_size(s: &str) -> std::result::Result<u64, String> {
         }
     };
     let v = n * mult;
-    if !(v >= 1.0 && v < 1e18) {
+    if !(1.0..1e18).contains(&v) {
         return Err(format!("'{s}' is out of range"));
     }
     Ok(v as u64)

@@ -300,7 +300,7 @@ mod tests {
     #[test]
     fn slices_decode_unaligned() {
         let vals = [1.5f32, -2.25, 0.0, 1e-3];
-        let mut bytes = vec![0u8; 1 + 16];
+        let mut bytes = [0u8; 1 + 16];
         encode(FloatType::F32, &vals, &mut bytes[1..]);
         let mut out = [0f32; 4];
         decode(FloatType::F32, &bytes[1..], &mut out);

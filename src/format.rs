@@ -248,7 +248,7 @@ pub fn build_header(tensors: &[OutTensorSpec<'_>]) -> (Vec<u8>, u64) {
         offset += bytes;
     }
     let mut json = serde_json::to_vec(&obj).expect("JSON values always serialize");
-    while json.len() % 8 != 0 {
+    while !json.len().is_multiple_of(8) {
         json.push(b' ');
     }
     let mut out = Vec::with_capacity(8 + json.len());

@@ -1,0 +1,301 @@
+//! Test fixtures written independently of chatvec's own writer: tiny
+//! Llama-shaped checkpoints with values from closed-form functions, a
+//! safetensors writer of our own, the `safetensors` crate as an independent
+//! reader, and a helper that runs the real binary.
+#![allow(dead_code)]
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use serde_json::{Value, json};
+use sha2::{Digest, Sha256};
+
+pub const HIDDEN: u64 = 8;
+pub const INTER: u64 = 12;
+pub const LAYERS: u64 = 2;
+
+/// Element type of a fixture tensor.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Ty {
+    BF16,
+    F16,
+    F32,
+    I64,
+}
+
+impl Ty {
+    pub fn name(self) -> &'static str {
+        match self {
+            Ty::BF16 => "BF16",
+            Ty::F16 => "F16",
+            Ty::F32 => "F32",
+            Ty::I64 => "I64",
+        }
+    }
+    pub fn size(self) -> usize {
+        match self {
+            Ty::BF16 | Ty::F16 => 2,
+            Ty::F32 => 4,
+            Ty::I64 => 8,
+        }
+    }
+    /// Encodes with the `half` crate's conversions (round to nearest even).
+    pub fn encode(self, v: f32) -> Vec<u8> {
+        match self {
+            Ty::BF16 => half::bf16::from_f32(v).to_le_bytes().to_vec(),
+            Ty::F16 => half::f16::from_f32(v).to_le_bytes().to_vec(),
+            Ty::F32 => v.to_le_bytes().to_vec(),
+            Ty::I64 => (v as i64).to_le_bytes().to_vec(),
+        }
+    }
+    pub fn decode(self, b: &[u8]) -> f32 {
+        match self {
+            Ty::BF16 => half::bf16::from_le_bytes([b[0], b[1]]).to_f32(),
+            Ty::F16 => half::f16::from_le_bytes([b[0], b[1]]).to_f32(),
+            Ty::F32 => f32::from_le_bytes(b.try_into().unwrap()),
+            Ty::I64 => i64::from_le_bytes(b.try_into().unwrap()) as f32,
+        }
+    }
+    pub fn from_name(n: &str) -> Ty {
+        match n {
+            "BF16" => Ty::BF16,
+            "F16" => Ty::F16,
+            "F32" => Ty::F32,
+            "I64" => Ty::I64,
+            _ => panic!("{n}"),
+        }
+    }
+}
+
+/// A fixture tensor: name, dtype, shape, raw little-endian bytes.
+#[derive(Clone, Debug)]
+pub struct T {
+    pub name: String,
+    pub ty: Ty,
+    pub shape: Vec<u64>,
+    pub data: Vec<u8>,
+}
+
+impl T {
+    pub fn numel(&self) -> usize {
+        self.shape.iter().product::<u64>() as usize
+    }
+    /// Element i decoded to f32.
+    pub fn get(&self, i: usize) -> f32 {
+        let s = self.ty.size();
+        self.ty.decode(&self.data[i * s..(i + 1) * s])
+    }
+}
+
+/// A value that differs per model (`seed`), tensor and element, of varied
+/// magnitude so rounding is exercised.
+pub fn val(seed: u32, name: &str, i: usize) -> f32 {
+    let h = name.bytes().fold(seed.wrapping_mul(2654435761), |h, b| h.wrapping_mul(31).wrapping_add(b as u32));
+    let x = ((h as usize).wrapping_add(i * 7919)) % 10007;
+    let scale = [0.01f32, 0.1, 1.0, 3.0][(i + seed as usize) % 4];
+    ((x as f32) / 10007.0 - 0.5) * scale
+}
+
+/// Names and shapes of a tiny Llama, in transformers' order.
+pub fn llama_shapes(vocab: u64, tied: bool) -> Vec<(String, Vec<u64>)> {
+    let mut v = vec![("model.embed_tokens.weight".to_string(), vec![vocab, HIDDEN])];
+    for l in 0..LAYERS {
+        let p = format!("model.layers.{l}");
+        v.push((format!("{p}.input_layernorm.weight"), vec![HIDDEN]));
+        v.push((format!("{p}.mlp.down_proj.weight"), vec![HIDDEN, INTER]));
+        v.push((format!("{p}.mlp.gate_proj.weight"), vec![INTER, HIDDEN]));
+        v.push((format!("{p}.mlp.up_proj.weight"), vec![INTER, HIDDEN]));
+        v.push((format!("{p}.self_attn.q_proj.weight"), vec![HIDDEN, HIDDEN]));
+        v.push((format!("{p}.self_attn.k_proj.weight"), vec![HIDDEN / 2, HIDDEN]));
+        v.push((format!("{p}.self_attn.v_proj.weight"), vec![HIDDEN / 2, HIDDEN]));
+        v.push((format!("{p}.self_attn.o_proj.weight"), vec![HIDDEN, HIDDEN]));
+    }
+    v.push(("model.norm.weight".to_string(), vec![HIDDEN]));
+    if !tied {
+        v.push(("lm_head.weight".to_string(), vec![vocab, HIDDEN]));
+    }
+    v
+}
+
+/// A tiny Llama's tensors with values `val(seed, ..)` in dtype `ty`.
+pub fn llama(seed: u32, vocab: u64, tied: bool, ty: Ty) -> Vec<T> {
+    llama_shapes(vocab, tied)
+        .into_iter()
+        .map(|(name, shape)| {
+            let n: u64 = shape.iter().product();
+            let data = (0..n as usize).flat_map(|i| ty.encode(val(seed, &name, i))).collect();
+            T { name, ty, shape, data }
+        })
+        .collect()
+}
+
+/// Writes one safetensors file (header built here with serde_json, not by chatvec).
+pub fn write_safetensors(path: &Path, tensors: &[T]) {
+    let mut header = serde_json::Map::new();
+    header.insert("__metadata__".into(), json!({"format": "pt"}));
+    let mut off = 0usize;
+    for t in tensors {
+        header.insert(
+            t.name.clone(),
+            json!({"dtype": t.ty.name(), "shape": t.shape, "data_offsets": [off, off + t.data.len()]}),
+        );
+        off += t.data.len();
+    }
+    let h = serde_json::to_vec(&Value::Object(header)).unwrap();
+    let mut bytes = (h.len() as u64).to_le_bytes().to_vec();
+    bytes.extend_from_slice(&h);
+    for t in tensors {
+        bytes.extend_from_slice(&t.data);
+    }
+    std::fs::write(path, bytes).unwrap();
+}
+
+pub fn config(vocab: u64, tied: bool, layers: u64) -> Value {
+    json!({
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama",
+        "hidden_size": HIDDEN, "intermediate_size": INTER, "num_hidden_layers": layers,
+        "num_attention_heads": 2, "num_key_value_heads": 1, "rope_theta": 500000.0,
+        "vocab_size": vocab, "tie_word_embeddings": tied, "torch_dtype": "bfloat16"
+    })
+}
+
+/// Writes a model directory: `shards` files (tensors split evenly, with an
+/// index when more than one), config.json, and optional tokenizer.json.
+pub fn write_model(dir: &Path, tensors: &[T], shards: usize, config: &Value, tokens: Option<&[String]>) {
+    std::fs::create_dir_all(dir).unwrap();
+    if shards == 1 {
+        write_safetensors(&dir.join("model.safetensors"), tensors);
+    } else {
+        let per = tensors.len().div_ceil(shards);
+        let mut wm = BTreeMap::new();
+        for (i, chunk) in tensors.chunks(per).enumerate() {
+            let f = format!("model-{:05}-of-{:05}.safetensors", i + 1, shards);
+            write_safetensors(&dir.join(&f), chunk);
+            for t in chunk {
+                wm.insert(t.name.clone(), f.clone());
+            }
+        }
+        let total: usize = tensors.iter().map(|t| t.data.len()).sum();
+        let idx = json!({"metadata": {"total_size": total}, "weight_map": wm});
+        std::fs::write(dir.join("model.safetensors.index.json"), idx.to_string()).unwrap();
+    }
+    std::fs::write(dir.join("config.json"), config.to_string()).unwrap();
+    if let Some(toks) = tokens {
+        write_tokenizer(dir, toks);
+    }
+}
+
+pub fn write_tokenizer(dir: &Path, toks: &[String]) {
+    let vocab: serde_json::Map<String, Value> = toks.iter().enumerate().map(|(i, t)| (t.clone(), json!(i))).collect();
+    let tj = json!({"version": "1.0", "added_tokens": [], "model": {"type": "BPE", "vocab": vocab, "merges": []}});
+    std::fs::write(dir.join("tokenizer.json"), tj.to_string()).unwrap();
+}
+
+pub fn tokens(n: usize) -> Vec<String> {
+    (0..n).map(|i| format!("t{i}")).collect()
+}
+
+/// Reads every tensor of an output directory with the `safetensors` crate.
+pub fn read_model(dir: &Path) -> BTreeMap<String, T> {
+    let mut out = BTreeMap::new();
+    for e in std::fs::read_dir(dir).unwrap() {
+        let p = e.unwrap().path();
+        if p.extension().is_some_and(|x| x == "safetensors") {
+            let bytes = std::fs::read(&p).unwrap();
+            let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+            for (name, view) in st.tensors() {
+                let ty = Ty::from_name(&format!("{:?}", view.dtype()));
+                out.insert(
+                    name.clone(),
+                    T { name, ty, shape: view.shape().iter().map(|&d| d as u64).collect(), data: view.data().to_vec() },
+                );
+            }
+        }
+    }
+    out
+}
+
+/// Tensor names in file order across the output's shards (sorted file names).
+pub fn names_in_order(dir: &Path) -> Vec<String> {
+    let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|x| x == "safetensors"))
+        .collect();
+    files.sort();
+    let mut names = Vec::new();
+    for f in files {
+        let bytes = std::fs::read(&f).unwrap();
+        let n = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+        let h: serde_json::Map<String, Value> = serde_json::from_slice(&bytes[8..8 + n]).unwrap();
+        let mut v: Vec<(u64, String)> = h
+            .iter()
+            .filter(|(k, _)| *k != "__metadata__")
+            .map(|(k, x)| (x["data_offsets"][0].as_u64().unwrap(), k.clone()))
+            .collect();
+        v.sort();
+        names.extend(v.into_iter().map(|(_, k)| k));
+    }
+    names
+}
+
+pub fn sha256_file(p: &Path) -> String {
+    Sha256::digest(std::fs::read(p).unwrap()).iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// sha256 of every safetensors file of a directory, by file name.
+pub fn shard_hashes(dir: &Path) -> BTreeMap<String, String> {
+    std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|x| x == "safetensors"))
+        .map(|p| (p.file_name().unwrap().to_string_lossy().into_owned(), sha256_file(&p)))
+        .collect()
+}
+
+/// Runs the chatvec binary.
+pub fn chatvec(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_chatvec")).args(args).output().unwrap()
+}
+
+pub fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+pub fn stdout(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+/// Asserts success, printing stderr otherwise.
+pub fn ok(o: &Output) {
+    assert!(o.status.success(), "chatvec failed ({:?}):\n{}", o.status.code(), stderr(o));
+}
+
+/// The entries of a directory, for "nothing was left behind" checks.
+pub fn entries(dir: &Path) -> Vec<String> {
+    let mut v: Vec<String> =
+        std::fs::read_dir(dir).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
+    v.sort();
+    v
+}
+
+pub fn s(p: &Path) -> &str {
+    p.to_str().unwrap()
+}
+
+/// A standard trio in `root`: pretrained (seed 1), chat (seed 2), base (seed 3).
+pub struct Trio {
+    pub pre: PathBuf,
+    pub chat: PathBuf,
+    pub base: PathBuf,
+}
+
+pub fn trio(root: &Path, ty: Ty, base_shards: usize) -> Trio {
+    let vocab = 16;
+    let t = Trio { pre: root.join("pre"), chat: root.join("chat"), base: root.join("base") };
+    write_model(&t.pre, &llama(1, vocab, false, ty), 1, &config(vocab, false, LAYERS), Some(&tokens(16)));
+    write_model(&t.chat, &llama(2, vocab, false, ty), 2, &config(vocab, false, LAYERS), Some(&tokens(16)));
+    write_model(&t.base, &llama(3, vocab, false, ty), base_shards, &config(vocab, false, LAYERS), Some(&tokens(16)));
+    t
+}
