@@ -91,7 +91,9 @@ impl T {
 /// A value that differs per model (`seed`), tensor and element, of varied
 /// magnitude so rounding is exercised.
 pub fn val(seed: u32, name: &str, i: usize) -> f32 {
-    let h = name.bytes().fold(seed.wrapping_mul(2654435761), |h, b| h.wrapping_mul(31).wrapping_add(b as u32));
+    let h = name.bytes().fold(seed.wrapping_mul(2654435761), |h, b| {
+        h.wrapping_mul(31).wrapping_add(b as u32)
+    });
     let x = ((h as usize).wrapping_add(i * 7919)) % 10007;
     let scale = [0.01f32, 0.1, 1.0, 3.0][(i + seed as usize) % 4];
     ((x as f32) / 10007.0 - 0.5) * scale
@@ -107,8 +109,14 @@ pub fn llama_shapes(vocab: u64, tied: bool) -> Vec<(String, Vec<u64>)> {
         v.push((format!("{p}.mlp.gate_proj.weight"), vec![INTER, HIDDEN]));
         v.push((format!("{p}.mlp.up_proj.weight"), vec![INTER, HIDDEN]));
         v.push((format!("{p}.self_attn.q_proj.weight"), vec![HIDDEN, HIDDEN]));
-        v.push((format!("{p}.self_attn.k_proj.weight"), vec![HIDDEN / 2, HIDDEN]));
-        v.push((format!("{p}.self_attn.v_proj.weight"), vec![HIDDEN / 2, HIDDEN]));
+        v.push((
+            format!("{p}.self_attn.k_proj.weight"),
+            vec![HIDDEN / 2, HIDDEN],
+        ));
+        v.push((
+            format!("{p}.self_attn.v_proj.weight"),
+            vec![HIDDEN / 2, HIDDEN],
+        ));
         v.push((format!("{p}.self_attn.o_proj.weight"), vec![HIDDEN, HIDDEN]));
     }
     v.push(("model.norm.weight".to_string(), vec![HIDDEN]));
@@ -124,8 +132,15 @@ pub fn llama(seed: u32, vocab: u64, tied: bool, ty: Ty) -> Vec<T> {
         .into_iter()
         .map(|(name, shape)| {
             let n: u64 = shape.iter().product();
-            let data = (0..n as usize).flat_map(|i| ty.encode(val(seed, &name, i))).collect();
-            T { name, ty, shape, data }
+            let data = (0..n as usize)
+                .flat_map(|i| ty.encode(val(seed, &name, i)))
+                .collect();
+            T {
+                name,
+                ty,
+                shape,
+                data,
+            }
         })
         .collect()
 }
@@ -162,7 +177,14 @@ pub fn config(vocab: u64, tied: bool, layers: u64) -> Value {
 
 /// Writes a model directory: `shards` files (tensors split evenly, with an
 /// index when more than one), config.json, and optional tokenizer.json.
-pub fn write_model(dir: &Path, tensors: &[T], shards: usize, config: &Value, tokens: Option<&[String]>) {
+pub fn write_model(
+    dir: &Path,
+    tensors: &[T],
+    shards: usize,
+    config: &Value,
+    tokens: Option<&[String]>,
+) {
+    let _ = std::fs::remove_dir_all(dir);
     std::fs::create_dir_all(dir).unwrap();
     if shards == 1 {
         write_safetensors(&dir.join("model.safetensors"), tensors);
@@ -187,7 +209,11 @@ pub fn write_model(dir: &Path, tensors: &[T], shards: usize, config: &Value, tok
 }
 
 pub fn write_tokenizer(dir: &Path, toks: &[String]) {
-    let vocab: serde_json::Map<String, Value> = toks.iter().enumerate().map(|(i, t)| (t.clone(), json!(i))).collect();
+    let vocab: serde_json::Map<String, Value> = toks
+        .iter()
+        .enumerate()
+        .map(|(i, t)| (t.clone(), json!(i)))
+        .collect();
     let tj = json!({"version": "1.0", "added_tokens": [], "model": {"type": "BPE", "vocab": vocab, "merges": []}});
     std::fs::write(dir.join("tokenizer.json"), tj.to_string()).unwrap();
 }
@@ -208,7 +234,12 @@ pub fn read_model(dir: &Path) -> BTreeMap<String, T> {
                 let ty = Ty::from_name(&format!("{:?}", view.dtype()));
                 out.insert(
                     name.clone(),
-                    T { name, ty, shape: view.shape().iter().map(|&d| d as u64).collect(), data: view.data().to_vec() },
+                    T {
+                        name,
+                        ty,
+                        shape: view.shape().iter().map(|&d| d as u64).collect(),
+                        data: view.data().to_vec(),
+                    },
                 );
             }
         }
@@ -241,7 +272,10 @@ pub fn names_in_order(dir: &Path) -> Vec<String> {
 }
 
 pub fn sha256_file(p: &Path) -> String {
-    Sha256::digest(std::fs::read(p).unwrap()).iter().map(|b| format!("{b:02x}")).collect()
+    Sha256::digest(std::fs::read(p).unwrap())
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
 }
 
 /// sha256 of every safetensors file of a directory, by file name.
@@ -250,13 +284,21 @@ pub fn shard_hashes(dir: &Path) -> BTreeMap<String, String> {
         .unwrap()
         .map(|e| e.unwrap().path())
         .filter(|p| p.extension().is_some_and(|x| x == "safetensors"))
-        .map(|p| (p.file_name().unwrap().to_string_lossy().into_owned(), sha256_file(&p)))
+        .map(|p| {
+            (
+                p.file_name().unwrap().to_string_lossy().into_owned(),
+                sha256_file(&p),
+            )
+        })
         .collect()
 }
 
 /// Runs the chatvec binary.
 pub fn chatvec(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_chatvec")).args(args).output().unwrap()
+    Command::new(env!("CARGO_BIN_EXE_chatvec"))
+        .args(args)
+        .output()
+        .unwrap()
 }
 
 pub fn stderr(o: &Output) -> String {
@@ -269,13 +311,20 @@ pub fn stdout(o: &Output) -> String {
 
 /// Asserts success, printing stderr otherwise.
 pub fn ok(o: &Output) {
-    assert!(o.status.success(), "chatvec failed ({:?}):\n{}", o.status.code(), stderr(o));
+    assert!(
+        o.status.success(),
+        "chatvec failed ({:?}):\n{}",
+        o.status.code(),
+        stderr(o)
+    );
 }
 
 /// The entries of a directory, for "nothing was left behind" checks.
 pub fn entries(dir: &Path) -> Vec<String> {
-    let mut v: Vec<String> =
-        std::fs::read_dir(dir).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
+    let mut v: Vec<String> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
     v.sort();
     v
 }
@@ -293,9 +342,31 @@ pub struct Trio {
 
 pub fn trio(root: &Path, ty: Ty, base_shards: usize) -> Trio {
     let vocab = 16;
-    let t = Trio { pre: root.join("pre"), chat: root.join("chat"), base: root.join("base") };
-    write_model(&t.pre, &llama(1, vocab, false, ty), 1, &config(vocab, false, LAYERS), Some(&tokens(16)));
-    write_model(&t.chat, &llama(2, vocab, false, ty), 2, &config(vocab, false, LAYERS), Some(&tokens(16)));
-    write_model(&t.base, &llama(3, vocab, false, ty), base_shards, &config(vocab, false, LAYERS), Some(&tokens(16)));
+    let t = Trio {
+        pre: root.join("pre"),
+        chat: root.join("chat"),
+        base: root.join("base"),
+    };
+    write_model(
+        &t.pre,
+        &llama(1, vocab, false, ty),
+        1,
+        &config(vocab, false, LAYERS),
+        Some(&tokens(16)),
+    );
+    write_model(
+        &t.chat,
+        &llama(2, vocab, false, ty),
+        2,
+        &config(vocab, false, LAYERS),
+        Some(&tokens(16)),
+    );
+    write_model(
+        &t.base,
+        &llama(3, vocab, false, ty),
+        base_shards,
+        &config(vocab, false, LAYERS),
+        Some(&tokens(16)),
+    );
     t
 }

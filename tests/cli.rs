@@ -1,0 +1,601 @@
+//! The real binary on bad input: one clear error naming the file, tensor or
+//! key, the documented exit code, and nothing left behind.
+
+mod common;
+
+use std::path::Path;
+
+use common::*;
+
+/// Runs an apply that must fail with exit code `code` and a message
+/// containing every string of `needles`; checks nothing was written next to
+/// the output.
+fn apply_fails(t: &Trio, extra: &[&str], code: i32, needles: &[&str]) {
+    let root = t.base.parent().unwrap();
+    let before = entries(root);
+    let out = root.join("out");
+    let mut args = vec![
+        "apply",
+        "--base",
+        s(&t.base),
+        "--chat",
+        s(&t.chat),
+        "--pretrained",
+        s(&t.pre),
+        "-o",
+        s(&out),
+    ];
+    args.extend(extra);
+    let o = chatvec(&args);
+    let err = stderr(&o);
+    assert_eq!(o.status.code(), Some(code), "{err}");
+    assert!(err.starts_with("error: "), "{err}");
+    for n in needles {
+        assert!(err.contains(n), "expected {n:?} in:\n{err}");
+    }
+    assert_eq!(
+        entries(root),
+        before,
+        "a failed run must leave nothing behind"
+    );
+}
+
+fn shard_path(dir: &Path) -> std::path::PathBuf {
+    dir.join("model.safetensors")
+}
+
+#[test]
+fn truncated_shard_is_named() {
+    let d = tempfile::tempdir().unwrap();
+    let t = trio(d.path(), Ty::BF16, 1);
+    let p = shard_path(&t.pre);
+    let bytes = std::fs::read(&p).unwrap();
+    std::fs::write(&p, &bytes[..bytes.len() - 10]).unwrap();
+    apply_fails(&t, &[], 1, &["pre/model.safetensors", "truncated"]);
+}
+
+#[test]
+fn corrupt_header_is_named() {
+    let d = tempfile::tempdir().unwrap();
+    let t = trio(d.path(), Ty::BF16, 1);
+    let p = shard_path(&t.base);
+    let mut bytes = std::fs::read(&p).unwrap();
+    bytes[8] = b'[';
+    std::fs::write(&p, &bytes).unwrap();
+    apply_fails(&t, &[], 1, &["base/model.safetensors", "header"]);
+    std::fs::write(&p, b"1234").unwrap();
+    apply_fails(&t, &[], 1, &["base/model.safetensors", "too short"]);
+}
+
+#[test]
+fn mismatched_shape_names_the_tensor() {
+    let d = tempfile::tempdir().unwrap();
+    let t = trio(d.path(), Ty::BF16, 1);
+    let mut ts = llama(2, 16, false, Ty::BF16);
+    let q = ts
+        .iter_mut()
+        .find(|x| x.name == "model.layers.1.self_attn.q_proj.weight")
+        .unwrap();
+    q.shape = vec![4, 16];
+    write_model(&t.chat, &ts, 1, &config(16, false, LAYERS), None);
+    apply_fails(
+        &t,
+        &[],
+        1,
+        &[
+            "model.layers.1.self_attn.q_proj.weight",
+            "[4, 16]",
+            "[8, 8]",
+        ],
+    );
+    // --allow-mismatch never excuses shapes
+    apply_fails(&t, &["--allow-mismatch"], 1, &["q_proj"]);
+}
+
+#[test]
+fn unsupported_dtype_names_tensor_and_dtype() {
+    let d = tempfile::tempdir().unwrap();
+    let t = trio(d.path(), Ty::BF16, 1);
+    let mut ts = llama(3, 16, false, Ty::BF16);
+    ts.push(T {
+        name: "model.rotary.positions".into(),
+        ty: Ty::I64,
+        shape: vec![4],
+        data: vec![0; 32],
+    });
+    write_model(&t.base, &ts, 1, &config(16, false, LAYERS), None);
+    apply_fails(
+        &t,
+        &[],
+        1,
+        &[
+            "model.rotary.positions",
+            "I64",
+            "hint: leave it out with --exclude",
+        ],
+    );
+    // Excluded, it is copied as is.
+    let out = d.path().join("ok");
+    ok(&chatvec(&[
+        "-q",
+        "apply",
+        "--base",
+        s(&t.base),
+        "--chat",
+        s(&t.chat),
+        "--pretrained",
+        s(&t.pre),
+        "--exclude",
+        "rotary",
+        "-o",
+        s(&out),
+    ]));
+    assert_eq!(read_model(&out)["model.rotary.positions"].data, vec![0; 32]);
+}
+
+#[test]
+fn architecture_differences_fail_unless_allowed() {
+    let d = tempfile::tempdir().unwrap();
+    let t = trio(d.path(), Ty::BF16, 1);
+    let mut cfg = config(16, false, LAYERS);
+    cfg["rope_theta"] = 10000.0.into();
+    std::fs::write(t.base.join("config.json"), cfg.to_string()).unwrap();
+    apply_fails(
+        &t,
+        &[],
+        1,
+        &[
+            "rope_theta",
+            "10000",
+            "500000",
+            "hint: pass --allow-mismatch",
+        ],
+    );
+    let out = d.path().join("out");
+    let o = chatvec(&[
+        "apply",
+        "--base",
+        s(&t.base),
+        "--chat",
+        s(&t.chat),
+        "--pretrained",
+        s(&t.pre),
+        "--allow-mismatch",
+        "-o",
+        s(&out),
+    ]);
+    ok(&o);
+    assert!(stderr(&o).contains("warning: --allow-mismatch") && stderr(&o).contains("rope_theta"));
+}
+
+#[test]
+fn missing_and_extra_tensors_are_listed() {
+    let d = tempfile::tempdir().unwrap();
+    let t = trio(d.path(), Ty::BF16, 1);
+    let mut ts = llama(2, 16, false, Ty::BF16);
+    ts.retain(|x| !x.name.contains("layers.1.mlp"));
+    ts.push(T {
+        name: "model.extra.weight".into(),
+        ty: Ty::BF16,
+        shape: vec![2],
+        data: vec![0; 4],
+    });
+    write_model(&t.chat, &ts, 1, &config(16, false, LAYERS), None);
+    apply_fails(
+        &t,
+        &[],
+        1,
+        &["model.layers.1.mlp.down_proj.weight", "model.extra.weight"],
+    );
+}
+
+#[test]
+fn index_problems_are_named() {
+    let d = tempfile::tempdir().unwrap();
+    let t = trio(d.path(), Ty::BF16, 3);
+    let idx = t.base.join("model.safetensors.index.json");
+    let good = std::fs::read_to_string(&idx).unwrap();
+
+    std::fs::remove_file(t.base.join("model-00002-of-00003.safetensors")).unwrap();
+    apply_fails(
+        &t,
+        &[],
+        1,
+        &[
+            "model.safetensors.index.json",
+            "model-00002-of-00003.safetensors",
+        ],
+    );
+    let t = trio(d.path(), Ty::BF16, 3);
+
+    let moved = good.replacen(
+        "\"model-00001-of-00003.safetensors\"",
+        "\"model-00002-of-00003.safetensors\"",
+        1,
+    );
+    std::fs::write(&idx, moved).unwrap();
+    apply_fails(
+        &t,
+        &[],
+        1,
+        &[
+            "index.json",
+            "model.embed_tokens.weight",
+            "stored in model-00001-of-00003.safetensors",
+        ],
+    );
+
+    std::fs::write(
+        &idx,
+        good.replacen("model-00001-of-00003.safetensors", "../evil.safetensors", 1),
+    )
+    .unwrap();
+    apply_fails(
+        &t,
+        &[],
+        1,
+        &["index.json", "not a plain .safetensors file name"],
+    );
+
+    let dup = good.replacen(
+        "\"weight_map\": {",
+        "\"weight_map\": {\"lm_head.weight\": \"model-00003-of-00003.safetensors\",",
+        1,
+    );
+    let dup = if dup == good {
+        good.replacen(
+            "\"weight_map\":{",
+            "\"weight_map\":{\"lm_head.weight\":\"model-00003-of-00003.safetensors\",",
+            1,
+        )
+    } else {
+        dup
+    };
+    std::fs::write(&idx, dup).unwrap();
+    apply_fails(
+        &t,
+        &[],
+        1,
+        &["index.json", "duplicate key 'lm_head.weight'"],
+    );
+
+    std::fs::write(&idx, "{\"metadata\": {}}").unwrap();
+    apply_fails(&t, &[], 1, &["index.json", "weight_map"]);
+}
+
+#[test]
+fn a_tensor_in_two_shards_is_rejected() {
+    let d = tempfile::tempdir().unwrap();
+    let t = trio(d.path(), Ty::BF16, 1);
+    let ts = llama(3, 16, false, Ty::BF16);
+    std::fs::remove_file(t.base.join("model.safetensors")).unwrap();
+    write_safetensors(&t.base.join("a.safetensors"), &ts[..3]);
+    write_safetensors(&t.base.join("b.safetensors"), &ts[2..]);
+    let mut wm = serde_json::Map::new();
+    for x in &ts[..3] {
+        wm.insert(x.name.clone(), "a.safetensors".into());
+    }
+    for x in &ts[3..] {
+        wm.insert(x.name.clone(), "b.safetensors".into());
+    }
+    std::fs::write(
+        t.base.join("model.safetensors.index.json"),
+        serde_json::json!({"weight_map": wm}).to_string(),
+    )
+    .unwrap();
+    apply_fails(
+        &t,
+        &[],
+        1,
+        &[
+            "b.safetensors",
+            ts[2].name.as_str(),
+            "also in a.safetensors",
+        ],
+    );
+}
+
+#[test]
+fn existing_output_needs_force_and_force_replaces() {
+    let d = tempfile::tempdir().unwrap();
+    let t = trio(d.path(), Ty::BF16, 1);
+    let out = d.path().join("out");
+    std::fs::create_dir(&out).unwrap();
+    std::fs::write(out.join("old-file"), b"x").unwrap();
+    let args = [
+        "-q",
+        "apply",
+        "--base",
+        s(&t.base),
+        "--chat",
+        s(&t.chat),
+        "--pretrained",
+        s(&t.pre),
+        "-o",
+        s(&out),
+    ];
+    let o = chatvec(&args);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(stderr(&o).contains("already exists") && stderr(&o).contains("hint: pass --force"));
+    assert!(out.join("old-file").exists());
+    let mut a = args.to_vec();
+    a.push("--force");
+    ok(&chatvec(&a));
+    assert!(!out.join("old-file").exists());
+    assert!(out.join("model.safetensors").exists());
+    assert!(
+        entries(d.path()).iter().all(|e| !e.contains("chatvec-")),
+        "{:?}",
+        entries(d.path())
+    );
+}
+
+#[test]
+fn an_input_is_never_an_output() {
+    let d = tempfile::tempdir().unwrap();
+    let t = trio(d.path(), Ty::BF16, 1);
+    for target in [&t.base, &t.pre, &d.path().to_path_buf()] {
+        let o = chatvec(&[
+            "apply",
+            "--base",
+            s(&t.base),
+            "--chat",
+            s(&t.chat),
+            "--pretrained",
+            s(&t.pre),
+            "--force",
+            "-o",
+            s(target),
+        ]);
+        assert_eq!(o.status.code(), Some(1));
+        assert!(
+            stderr(&o).contains("an input is never an output"),
+            "{}",
+            stderr(&o)
+        );
+    }
+    assert!(t.base.join("model.safetensors").exists());
+}
+
+#[test]
+fn usage_errors_exit_1() {
+    let d = tempfile::tempdir().unwrap();
+    let t = trio(d.path(), Ty::BF16, 1);
+    let out = d.path().join("out");
+    let base = [
+        "apply",
+        "--base",
+        s(&t.base),
+        "--chat",
+        s(&t.chat),
+        "--pretrained",
+        s(&t.pre),
+        "-o",
+        s(&out),
+    ];
+    for (extra, needle) in [
+        (vec!["--include", "("], "--include '('"),
+        (vec!["--scale-for", "mlp"], "REGEX=VALUE"),
+        (vec!["--shard-size", "5XB"], "unknown unit"),
+        (vec!["--out-dtype", "int8"], "not a dtype"),
+        (vec!["--embeddings", "sideways"], "invalid value"),
+    ] {
+        let mut a = base.to_vec();
+        a.extend(extra);
+        let o = chatvec(&a);
+        assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
+        assert!(stderr(&o).contains(needle), "{needle}: {}", stderr(&o));
+    }
+    let o = chatvec(&["apply", "--base", s(&t.base), "-o", s(&out)]);
+    assert_eq!(o.status.code(), Some(1));
+    let o = chatvec(&[
+        "apply",
+        "--base",
+        "no/such/model",
+        "--vector",
+        s(&t.chat),
+        "-o",
+        s(&out),
+    ]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(stderr(&o).contains("'no/such/model' is not a local directory"));
+    assert!(!out.exists());
+    assert_eq!(chatvec(&["--help"]).status.code(), Some(0));
+}
+
+#[test]
+fn a_directory_without_weights_gets_a_hint() {
+    let d = tempfile::tempdir().unwrap();
+    std::fs::write(d.path().join("pytorch_model.bin"), b"x").unwrap();
+    let o = chatvec(&["inspect", s(d.path())]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(
+        stderr(&o).contains("holds no model.safetensors")
+            && stderr(&o).contains("hint: this looks like a PyTorch .bin")
+    );
+}
+
+#[test]
+fn bad_vector_directory_is_refused() {
+    let d = tempfile::tempdir().unwrap();
+    let t = trio(d.path(), Ty::BF16, 1);
+    let merged = d.path().join("merged");
+    ok(&chatvec(&[
+        "-q",
+        "apply",
+        "--base",
+        s(&t.base),
+        "--chat",
+        s(&t.chat),
+        "--pretrained",
+        s(&t.pre),
+        "-o",
+        s(&merged),
+    ]));
+    let o = chatvec(&[
+        "apply",
+        "--base",
+        s(&t.base),
+        "--vector",
+        s(&merged),
+        "-o",
+        s(&d.path().join("x")),
+    ]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(stderr(&o).contains("not a chat vector"), "{}", stderr(&o));
+    std::fs::write(merged.join("chatvec-manifest.json"), "{").unwrap();
+    let o = chatvec(&[
+        "apply",
+        "--base",
+        s(&t.base),
+        "--vector",
+        s(&merged),
+        "-o",
+        s(&d.path().join("x")),
+    ]);
+    assert!(
+        stderr(&o).contains("chatvec-manifest.json") && stderr(&o).contains("invalid JSON"),
+        "{}",
+        stderr(&o)
+    );
+}
+
+#[test]
+fn dry_run_prints_the_plan_and_writes_nothing() {
+    let d = tempfile::tempdir().unwrap();
+    let t = trio(d.path(), Ty::BF16, 1);
+    let out = d.path().join("out");
+    let o = chatvec(&[
+        "apply",
+        "--base",
+        s(&t.base),
+        "--chat",
+        s(&t.chat),
+        "--pretrained",
+        s(&t.pre),
+        "--scale-for",
+        "mlp=0.5",
+        "--dry-run",
+        "-o",
+        s(&out),
+    ]);
+    ok(&o);
+    let text = stdout(&o);
+    assert!(text.contains("model.layers.0.mlp.up_proj.weight BF16 [12, 8]: base:model.layers.0.mlp.up_proj.weight + 0.5 * (chat:"), "{text}");
+    assert!(!out.exists());
+}
+
+#[test]
+fn json_summary_and_inspect() {
+    let d = tempfile::tempdir().unwrap();
+    let t = trio(d.path(), Ty::BF16, 3);
+    let o = chatvec(&["inspect", "--json", s(&t.base)]);
+    ok(&o);
+    let v: serde_json::Value = serde_json::from_str(&stdout(&o)).unwrap();
+    let params: u64 = llama_shapes(16, false)
+        .iter()
+        .map(|(_, s)| s.iter().product::<u64>())
+        .sum();
+    assert_eq!(v["parameters"], params);
+    assert_eq!(v["shards"].as_array().unwrap().len(), 3);
+    assert_eq!(v["config"]["num_hidden_layers"], LAYERS);
+    assert_eq!(v["tied_embeddings"], false);
+    let h = chatvec(&["inspect", s(&t.base)]);
+    ok(&h);
+    assert!(
+        stdout(&h).contains("model.layers.1.self_attn.o_proj.weight")
+            && stdout(&h).contains("LlamaForCausalLM")
+    );
+
+    let out = d.path().join("out");
+    let o = chatvec(&[
+        "--json",
+        "apply",
+        "--base",
+        s(&t.base),
+        "--chat",
+        s(&t.chat),
+        "--pretrained",
+        s(&t.pre),
+        "-o",
+        s(&out),
+    ]);
+    ok(&o);
+    let v: serde_json::Value = serde_json::from_str(&stdout(&o)).unwrap();
+    assert_eq!(v["kind"], "apply");
+    assert_eq!(v["tensors"], llama_shapes(16, false).len());
+    assert_eq!(
+        v["shards"][0]["sha256"],
+        sha256_file(&out.join("model.safetensors"))
+    );
+}
+
+#[test]
+fn demo_runs() {
+    let d = tempfile::tempdir().unwrap();
+    let o = chatvec(&["demo", "--dir", s(&d.path().join("demo"))]);
+    ok(&o);
+    assert!(stdout(&o).contains("byte-identical"));
+    assert!(stdout(&o).contains("256 of 320 rows got the vector (align)"));
+}
+
+#[test]
+fn sigint_leaves_nothing_behind() {
+    use std::process::{Command, Stdio};
+    let d = tempfile::tempdir().unwrap();
+    // Big enough, with tiny chunks, that the run is still going when the signal lands.
+    let (pre, chat, base) = (
+        d.path().join("pre"),
+        d.path().join("chat"),
+        d.path().join("base"),
+    );
+    for (dir, seed) in [(&pre, 1), (&chat, 2), (&base, 3)] {
+        let data: Vec<u8> = (0..4_000_000usize)
+            .flat_map(|i| Ty::BF16.encode(val(seed, "w", i)))
+            .collect();
+        write_model(
+            dir,
+            &[T {
+                name: "w".into(),
+                ty: Ty::BF16,
+                shape: vec![4_000_000],
+                data,
+            }],
+            1,
+            &config(16, false, LAYERS),
+            None,
+        );
+    }
+    let out = d.path().join("out");
+    let before = entries(d.path());
+    let mut child = Command::new(env!("CARGO_BIN_EXE_chatvec"))
+        .args([
+            "-q",
+            "apply",
+            "--base",
+            s(&base),
+            "--chat",
+            s(&chat),
+            "--pretrained",
+            s(&pre),
+            "--threads",
+            "1",
+            "--chunk-elems",
+            "4",
+        ])
+        .args(["-o", s(&out)])
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    unsafe {
+        libc::kill(child.id() as i32, libc::SIGINT);
+    }
+    let status = child.wait().unwrap();
+    assert_eq!(
+        status.code(),
+        Some(130),
+        "the run should have been interrupted"
+    );
+    assert_eq!(entries(d.path()), before);
+}
