@@ -3,35 +3,32 @@
 //! The output is cut into jobs (a shard header, a byte range to copy, or an
 //! element range to compute). Batches of jobs are computed in parallel on a
 //! rayon pool while a writer thread appends the previous batch to the shard
-//! files in order, hashing as it writes; a third thread hashes the input
-//! shards for the manifest. Buffers are recycled, so anonymous memory stays
+//! files in order, hashing as it writes; one thread per input hashes its
+//! shards right behind the compute (see `input_hash`). Buffers are recycled, so anonymous memory stays
 //! near `3 x batch x chunk` whatever the model size (contract 3), and every
 //! job is a pure function of the plan, so the bytes do not depend on thread
 //! count or chunk size (contract 1).
 
 use std::ops::Range;
 use std::path::Path;
-use std::sync::Mutex;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{Receiver, Sender, channel, sync_channel};
 
 use indicatif::{ProgressBar, ProgressStyle};
 use rayon::prelude::*;
-use sha2::{Digest, Sha256};
 
 use crate::arith::{self, Operand};
 use crate::dtype::FloatType;
 use crate::error::{Error, Result};
+use crate::input_hash::{Touch, hash_following};
 use crate::interrupt;
 use crate::plan::{Formula, Op, OutTensor, Plan, Source};
-use crate::writer::{HashingFile, WrittenFile, hex};
+use crate::writer::{HashingFile, WrittenFile};
 
 /// Default elements per compute job: 4 MiB of f32 output at most.
 pub const DEFAULT_CHUNK_ELEMS: u64 = 1 << 20;
 /// Bytes per plain copy job.
 const COPY_CHUNK_BYTES: u64 = 16 << 20;
-/// Bytes hashed between interrupt checks.
-const HASH_PIECE: usize = 64 << 20;
 
 /// How to run.
 #[derive(Clone, Debug)]
@@ -192,6 +189,65 @@ fn compute(plan: &Plan, t: &OutTensor, elems: Range<u64>, out: &mut [u8]) {
     }
 }
 
+/// The end of the input bytes `job` reads, per source: `(input, touch)`.
+fn touches(plan: &Plan, job: &Job, mut f: impl FnMut(usize, Touch)) {
+    let mut report = |src: Source, end_elem: u64, size: u64| {
+        let t = plan.input_tensor(src);
+        f(
+            src.input,
+            Touch {
+                shard: t.shard,
+                end: t.start + end_elem * size,
+            },
+        );
+    };
+    match job {
+        Job::Header(_) => {}
+        Job::Copy { src, bytes } => report(*src, bytes.end, 1),
+        Job::Compute { tensor, elems } => {
+            let size = |s: Source| {
+                plan.input_tensor(s)
+                    .dtype
+                    .float()
+                    .map_or(1, |t| t.size() as u64)
+            };
+            match &plan.tensors[*tensor].op {
+                Op::Copy(_) => {}
+                Op::Convert(src) => report(*src, elems.end, size(*src)),
+                Op::Arith {
+                    formula,
+                    runs,
+                    row_len,
+                } => {
+                    let base = formula.base();
+                    report(base, elems.end, size(base));
+                    // The furthest vector element this chunk reads.
+                    let l = *row_len;
+                    let first = runs.partition_point(|r| (r.base_row + r.rows) * l <= elems.start);
+                    let v_end = runs[first..]
+                        .iter()
+                        .take_while(|r| r.base_row * l < elems.end)
+                        .map(|r| {
+                            r.vector_row * l + ((r.base_row + r.rows) * l).min(elems.end)
+                                - r.base_row * l
+                        })
+                        .max();
+                    if let Some(v_end) = v_end {
+                        let vector_sources: &[Source] = match formula {
+                            Formula::Diff { pre, .. } => &[*pre],
+                            Formula::AddDiff { chat, pre, .. } => &[*chat, *pre],
+                            Formula::AddScaled { vector, .. } => &[*vector],
+                        };
+                        for &vs in vector_sources {
+                            report(vs, v_end, size(vs));
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
 fn run_job<'a>(plan: &'a Plan, job: &Job, mut buf: Vec<u8>) -> Piece<'a> {
     match job {
         Job::Header(si) => Piece::Borrowed(&plan.shards[*si].header),
@@ -220,8 +276,18 @@ pub fn execute(plan: &Plan, dir: &Path, opts: &ExecOptions) -> Result<ExecResult
     let batch = threads * 2;
     let bar = progress_bar(opts.progress, plan.output_bytes());
 
+    let stop = AtomicBool::new(false);
     std::thread::scope(|s| {
-        let input_hashes = s.spawn(|| hash_inputs(plan, threads.div_ceil(2)));
+        // One hasher per input, fed the ranges each batch read (bounded, so
+        // it trails the compute by a few chunks and reads from cache).
+        let mut touch_tx = Vec::new();
+        let mut hashers = Vec::new();
+        for input in &plan.inputs {
+            let (ttx, trx) = sync_channel::<Touch>(256);
+            touch_tx.push(ttx);
+            let stop = &stop;
+            hashers.push(s.spawn(move || hash_following(&input.ckpt, trx, stop)));
+        }
         let (tx, rx) = sync_channel::<Vec<(usize, Piece)>>(1);
         let (free_tx, free_rx) = channel::<Vec<u8>>();
         let writer = s.spawn(|| write_pieces(plan, dir, &jobs, rx, free_tx, &bar));
@@ -246,21 +312,34 @@ pub fn execute(plan: &Plan, dir: &Path, opts: &ExecOptions) -> Result<ExecResult
             if tx.send(pieces).is_err() {
                 break; // the writer failed; its error is reported below
             }
+            for job in group {
+                touches(plan, job, |input, t| {
+                    let _ = touch_tx[input].send(t);
+                });
+            }
         }
         drop(tx);
         let written = writer
             .join()
-            .map_err(|_| Error::Internal("writer thread panicked".into()))?;
-        let hashes = input_hashes
-            .join()
-            .map_err(|_| Error::Internal("hash thread panicked".into()))?;
+            .map_err(|_| Error::Internal("writer thread panicked".into()));
+        if outcome.is_err() || !matches!(written, Ok(Ok(_))) {
+            stop.store(true, Ordering::Relaxed);
+        }
+        drop(touch_tx);
+        let hashes: Vec<Result<Vec<WrittenFile>>> = hashers
+            .into_iter()
+            .map(|h| {
+                h.join()
+                    .unwrap_or_else(|_| Err(Error::Internal("hash thread panicked".into())))
+            })
+            .collect();
         outcome?;
-        let shards = written?;
+        let shards = written??;
         interrupt::check()?;
         bar.finish_and_clear();
         Ok(ExecResult {
             shards,
-            inputs: hashes?,
+            inputs: hashes.into_iter().collect::<Result<_>>()?,
         })
     })
 }
@@ -312,57 +391,4 @@ fn write_pieces(
     // Fewer shards than planned means the producer stopped early; the caller
     // reports why.
     Ok(done)
-}
-
-/// Sha256 of every input shard, read through the existing maps by `n`
-/// threads (for the manifest; also warms the page cache ahead of compute).
-fn hash_inputs(plan: &Plan, n: usize) -> Result<Vec<Vec<WrittenFile>>> {
-    let work: Vec<(usize, usize)> = plan
-        .inputs
-        .iter()
-        .enumerate()
-        .flat_map(|(i, inp)| (0..inp.ckpt.shards.len()).map(move |s| (i, s)))
-        .collect();
-    let results: Mutex<Vec<Option<WrittenFile>>> = Mutex::new(vec![None; work.len()]);
-    let next = AtomicUsize::new(0);
-    std::thread::scope(|s| {
-        let mut handles = Vec::new();
-        for _ in 0..n.max(1) {
-            handles.push(s.spawn(|| -> Result<()> {
-                loop {
-                    let k = next.fetch_add(1, Ordering::Relaxed);
-                    let Some(&(i, si)) = work.get(k) else {
-                        return Ok(());
-                    };
-                    let shard = &plan.inputs[i].ckpt.shards[si];
-                    let mut h = Sha256::new();
-                    for piece in shard.map.chunks(HASH_PIECE) {
-                        interrupt::check()?;
-                        h.update(piece);
-                    }
-                    results.lock().unwrap()[k] = Some(WrittenFile {
-                        file: shard.file_name.clone(),
-                        bytes: shard.map.len() as u64,
-                        sha256: hex(&h.finalize()),
-                    });
-                }
-            }));
-        }
-        for h in handles {
-            h.join()
-                .map_err(|_| Error::Internal("hash thread panicked".into()))??;
-        }
-        Ok::<(), Error>(())
-    })?;
-    let mut flat = results.into_inner().unwrap().into_iter();
-    Ok(plan
-        .inputs
-        .iter()
-        .map(|inp| {
-            flat.by_ref()
-                .take(inp.ckpt.shards.len())
-                .map(Option::unwrap)
-                .collect()
-        })
-        .collect())
 }

@@ -410,6 +410,58 @@ mod tests {
         assert!(err(&file(h, 0)).contains("must be a string"));
     }
 
+    /// Round trip over many generated layouts: whatever `build_header`
+    /// lays out, `parse_header` accepts and reads back unchanged.
+    #[test]
+    fn random_layouts_round_trip() {
+        let dtypes = [
+            DType::BF16,
+            DType::F16,
+            DType::F32,
+            DType::I64,
+            DType::U8,
+            DType::F64,
+        ];
+        let mut seed = 0x9e37_79b9u64;
+        let mut next = |m: u64| {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed % m
+        };
+        for _ in 0..300 {
+            let n = next(6) as usize;
+            let names: Vec<String> = (0..n).map(|i| format!("t{i}.{}", next(1000))).collect();
+            let shapes: Vec<Vec<u64>> = (0..n)
+                .map(|_| (0..next(4)).map(|_| next(5) * 2).collect())
+                .collect();
+            let specs: Vec<OutTensorSpec> = (0..n)
+                .map(|i| OutTensorSpec {
+                    name: &names[i],
+                    dtype: dtypes[next(6) as usize],
+                    shape: &shapes[i],
+                })
+                .collect();
+            let (head, data_len) = build_header(&specs);
+            let mut f = head.clone();
+            f.extend(std::iter::repeat_n(7u8, data_len as usize));
+            let h = parse_header(&f, Path::new("x")).unwrap();
+            // Zero-sized tensors share offsets, so compare as sets.
+            let mut got: Vec<_> = h
+                .tensors
+                .iter()
+                .map(|t| (t.name.clone(), t.dtype, t.shape.clone()))
+                .collect();
+            let mut want: Vec<_> = specs
+                .iter()
+                .map(|s| (s.name.to_string(), s.dtype, s.shape.to_vec()))
+                .collect();
+            got.sort_by(|a, b| a.0.cmp(&b.0));
+            want.sort_by(|a, b| a.0.cmp(&b.0));
+            assert_eq!(got, want);
+        }
+    }
+
     #[test]
     fn built_headers_parse_back() {
         let specs = [

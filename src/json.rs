@@ -39,19 +39,6 @@ impl<'de> de::Deserialize<'de> for Entries {
     }
 }
 
-/// Parses `bytes` as a JSON object with unique top-level keys.
-pub fn parse_entries(bytes: &[u8], file: &Path) -> Result<Entries> {
-    serde_json::from_slice::<Entries>(bytes)
-        .map_err(|e| Error::bad_file(file, format!("invalid JSON: {e}")))
-}
-
-/// Parses a nested object value with unique keys (serde_json `Value`s have
-/// already collapsed duplicates, so nested objects that must be unique are
-/// re-checked from their raw text by the caller when it matters).
-pub fn object_entries(v: &Value) -> Option<Vec<(&String, &Value)>> {
-    v.as_object().map(|m| m.iter().collect())
-}
-
 /// Reads a whole (small) file, refusing anything larger than `cap` bytes.
 pub fn read_capped(path: &Path, cap: u64) -> Result<Vec<u8>> {
     let meta = std::fs::metadata(path).map_err(|e| Error::io("reading", path, e))?;

@@ -587,7 +587,16 @@ fn sigint_leaves_nothing_behind() {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    std::thread::sleep(std::time::Duration::from_millis(300));
+    // Wait until the run is writing (its temporary directory exists).
+    let started = std::time::Instant::now();
+    while !entries(d.path()).iter().any(|e| e.contains("chatvec-tmp")) {
+        assert!(
+            started.elapsed().as_secs() < 60,
+            "the run never started writing"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    // SAFETY: sending a signal to our own child process.
     unsafe {
         libc::kill(child.id() as i32, libc::SIGINT);
     }

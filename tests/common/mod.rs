@@ -370,3 +370,32 @@ pub fn trio(root: &Path, ty: Ty, base_shards: usize) -> Trio {
     );
     t
 }
+
+/// Checks every sha256 the output's manifest records, inputs and outputs,
+/// against the files themselves.
+pub fn check_manifest_hashes(out: &Path) {
+    let m: Value =
+        serde_json::from_slice(&std::fs::read(out.join("chatvec-manifest.json")).unwrap()).unwrap();
+    for inp in m["inputs"].as_array().unwrap() {
+        let dir = Path::new(inp["path"].as_str().unwrap());
+        for sh in inp["shards"].as_array().unwrap() {
+            assert_eq!(
+                sh["sha256"],
+                sha256_file(&dir.join(sh["file"].as_str().unwrap())),
+                "{sh}"
+            );
+        }
+    }
+    for o in m["outputs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .chain(m["files"].as_array().unwrap())
+    {
+        assert_eq!(
+            o["sha256"],
+            sha256_file(&out.join(o["file"].as_str().unwrap())),
+            "{o}"
+        );
+    }
+}
