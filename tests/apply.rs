@@ -296,6 +296,8 @@ fn extract_is_exact_and_f32_vector_apply_equals_streaming() {
     args.extend(common);
     ok(&chatvec(&args));
     assert_eq!(shard_hashes(&a), shard_hashes(&b));
+    check_manifest_hashes(&a);
+    check_manifest_hashes(&vec32);
     check_apply(&b, &t, |n| if n.contains("mlp.") { 0.25 } else { 0.8 });
 
     // The default vector dtype is the chat model's.
@@ -480,6 +482,8 @@ fn expanded_vocabulary_align_matches_rows_by_token_string() {
         r if r < 16 => Some(r),
         _ => None,
     });
+    // Aligned rows are read out of file order; the input hashes still hold.
+    check_manifest_hashes(&out);
     let summary: Value = serde_json::from_str(&stdout(&o)).unwrap();
     let e = &summary["embeddings"][0];
     assert_eq!(e["rows"], 24);
@@ -814,24 +818,7 @@ fn manifest_records_inputs_and_outputs_with_correct_hashes() {
             .iter()
             .any(|a| a == "--scale")
     );
-    let inputs = m["inputs"].as_array().unwrap();
-    assert_eq!(inputs.len(), 3);
-    for inp in inputs {
-        let dir = std::path::Path::new(inp["path"].as_str().unwrap());
-        for sh in inp["shards"].as_array().unwrap() {
-            assert_eq!(
-                sh["sha256"],
-                sha256_file(&dir.join(sh["file"].as_str().unwrap()))
-            );
-        }
-    }
-    let outs = m["outputs"].as_array().unwrap();
-    assert!(outs.len() > 2);
-    for o in outs.iter().chain(m["files"].as_array().unwrap()) {
-        assert_eq!(
-            o["sha256"],
-            sha256_file(&out.join(o["file"].as_str().unwrap())),
-            "{o}"
-        );
-    }
+    assert_eq!(m["inputs"].as_array().unwrap().len(), 3);
+    assert!(m["outputs"].as_array().unwrap().len() > 2);
+    check_manifest_hashes(&out);
 }
