@@ -14,6 +14,7 @@ use crate::config::ModelConfig;
 use crate::dtype::DType;
 use crate::error::{Error, Result};
 use crate::format::parse_header;
+use crate::hash_cache::FileStamp;
 use crate::json::{Entries, read_capped};
 
 /// The single-file weights name transformers uses.
@@ -29,6 +30,8 @@ pub struct Shard {
     /// File name inside the checkpoint directory.
     pub file_name: String,
     pub map: Mmap,
+    /// The mapped file's identity and state, for the hash cache.
+    pub stamp: FileStamp,
 }
 
 /// A tensor of a checkpoint; `start..start+len` is its absolute byte range
@@ -117,7 +120,7 @@ impl Checkpoint {
                     ),
                 ));
             }
-            let map = map_file(&path)?;
+            let (map, stamp) = map_file(&path)?;
             let header = parse_header(&map, &path)?;
             for t in header.tensors {
                 if let Some(&prev) = by_name.get(&t.name) {
@@ -167,6 +170,7 @@ impl Checkpoint {
                 path,
                 file_name: file_name.clone(),
                 map,
+                stamp,
             });
         }
         if let Some(map) = &weight_map {
@@ -276,9 +280,13 @@ fn no_weights_error(dir: &Path) -> Error {
     }
 }
 
-/// Maps a file read-only.
-fn map_file(path: &Path) -> Result<Mmap> {
+/// Maps a file read-only, with the stamp of the file that was mapped.
+fn map_file(path: &Path) -> Result<(Mmap, FileStamp)> {
     let f = File::open(path).map_err(|e| Error::io("opening", path, e))?;
+    let stamp = FileStamp::of(
+        &f.metadata()
+            .map_err(|e| Error::io("reading metadata of", path, e))?,
+    );
     // SAFETY: the map is read-only and never outlives the program's use of
     // the checkpoint. What can still go wrong is outside our control: if
     // another process truncates the file while it is mapped, touching the
@@ -286,7 +294,7 @@ fn map_file(path: &Path) -> Result<Mmap> {
     // the new bytes. Model files are written once and not modified in place
     // (our writer and transformers both write a new file and rename).
     let map = unsafe { Mmap::map(&f) }.map_err(|e| Error::io("mapping", path, e))?;
-    Ok(map)
+    Ok((map, stamp))
 }
 
 /// The parts of `model.safetensors.index.json` chatvec reads; `Entries`

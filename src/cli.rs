@@ -14,6 +14,7 @@ use crate::dtype::FloatType;
 use crate::embeddings::EmbeddingPolicy;
 use crate::error::{Error, Result};
 use crate::execute::{DEFAULT_CHUNK_ELEMS, ExecOptions};
+use crate::hash_cache::HashCache;
 use crate::job::{self, OutputSettings, SelectionArgs, Summary, VectorArgs};
 use crate::resolve::resolve_model;
 
@@ -86,6 +87,11 @@ pub struct WriteArgs {
     /// Worker threads (default: all cores). Output bytes do not depend on it.
     #[arg(long)]
     pub threads: Option<usize>,
+
+    /// Hash every input shard again instead of trusting the hash cache
+    /// (~/.cache/chatvec, or $CHATVEC_CACHE_DIR).
+    #[arg(long)]
+    pub rehash: bool,
 
     /// Elements per work chunk (for testing; output bytes do not depend on it).
     #[arg(long, hide = true, default_value_t = DEFAULT_CHUNK_ELEMS)]
@@ -251,6 +257,7 @@ fn settings(w: &WriteArgs, quiet: bool) -> OutputSettings {
             threads: threads(w.threads),
             chunk_elems: w.chunk_elems,
             progress: !quiet && std::io::stderr().is_terminal(),
+            hash_cache: HashCache::from_env(w.rehash),
         },
     }
 }
@@ -270,14 +277,14 @@ fn report(s: &Summary, json: bool) -> Result<()> {
     for w in &s.warnings {
         warn(w);
     }
-    if let Some(p) = &s.plan_text {
-        out(p)?;
-    }
     for n in &s.notes {
         note(n);
     }
     if json {
         return json_out(s);
+    }
+    if let Some(p) = &s.plan_text {
+        out(p)?;
     }
     if let Some(o) = &s.output {
         note(&format!(

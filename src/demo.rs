@@ -132,6 +132,9 @@ fn steps(root: &Path, threads: usize) -> Result<String> {
             threads,
             chunk_elems: crate::execute::DEFAULT_CHUNK_ELEMS,
             progress: false,
+            // Demo models are new every run; caching their hashes would only
+            // leave entries behind.
+            hash_cache: crate::hash_cache::HashCache::disabled(),
         },
     };
     let s = |p: &Path| p.display().to_string();

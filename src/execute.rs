@@ -20,6 +20,7 @@ use rayon::prelude::*;
 use crate::arith::{self, Operand};
 use crate::dtype::FloatType;
 use crate::error::{Error, Result};
+use crate::hash_cache::HashCache;
 use crate::input_hash::{Touch, hash_following};
 use crate::interrupt;
 use crate::plan::{Formula, Op, OutTensor, Plan, Source};
@@ -36,6 +37,8 @@ pub struct ExecOptions {
     pub threads: usize,
     pub chunk_elems: u64,
     pub progress: bool,
+    /// Known input hashes (see `hash_cache`).
+    pub hash_cache: HashCache,
 }
 
 /// What was written and read.
@@ -286,7 +289,7 @@ pub fn execute(plan: &Plan, dir: &Path, opts: &ExecOptions) -> Result<ExecResult
             let (ttx, trx) = sync_channel::<Touch>(256);
             touch_tx.push(ttx);
             let stop = &stop;
-            hashers.push(s.spawn(move || hash_following(&input.ckpt, trx, stop)));
+            hashers.push(s.spawn(move || hash_following(&input.ckpt, &opts.hash_cache, trx, stop)));
         }
         let (tx, rx) = sync_channel::<Vec<(usize, Piece)>>(1);
         let (free_tx, free_rx) = channel::<Vec<u8>>();

@@ -17,6 +17,7 @@ use sha2::{Digest, Sha256};
 
 use crate::checkpoint::Checkpoint;
 use crate::error::{Error, Result};
+use crate::hash_cache::HashCache;
 use crate::interrupt;
 use crate::writer::{WrittenFile, hex};
 
@@ -31,13 +32,31 @@ pub struct Touch {
 }
 
 /// Hashes the shards of `ck` as `touches` arrive; stops early with an error
-/// when `stop` is set (the job failed or was interrupted).
+/// when `stop` is set (the job failed or was interrupted). Shards whose hash
+/// `cache` knows are not read; new hashes are added to it.
 pub fn hash_following(
     ck: &Checkpoint,
+    cache: &HashCache,
     touches: Receiver<Touch>,
     stop: &AtomicBool,
 ) -> Result<Vec<WrittenFile>> {
-    let mut states: Vec<(Sha256, u64)> = ck.shards.iter().map(|_| (Sha256::new(), 0)).collect();
+    let known: Vec<Option<String>> = ck
+        .shards
+        .iter()
+        .map(|s| cache.get(&s.path, &s.stamp))
+        .collect();
+    // A known shard counts as already hashed to its end.
+    let mut states: Vec<(Sha256, u64)> = ck
+        .shards
+        .iter()
+        .zip(&known)
+        .map(|(s, k)| {
+            (
+                Sha256::new(),
+                if k.is_some() { s.map.len() as u64 } else { 0 },
+            )
+        })
+        .collect();
     let advance = |state: &mut (Sha256, u64), map: &[u8], end: u64| -> Result<()> {
         while state.1 < end {
             if stop.load(Ordering::Relaxed) {
@@ -54,12 +73,20 @@ pub fn hash_following(
         advance(&mut states[t.shard], &ck.shards[t.shard].map, t.end)?;
     }
     let mut out = Vec::with_capacity(states.len());
-    for (state, shard) in states.iter_mut().zip(&ck.shards) {
-        advance(state, &shard.map, shard.map.len() as u64)?;
+    for ((state, shard), known) in states.iter_mut().zip(&ck.shards).zip(known) {
+        let sha256 = match known {
+            Some(h) => h,
+            None => {
+                advance(state, &shard.map, shard.map.len() as u64)?;
+                let h = hex(&std::mem::take(&mut state.0).finalize());
+                cache.put(&shard.path, &shard.stamp, &h);
+                h
+            }
+        };
         out.push(WrittenFile {
             file: shard.file_name.clone(),
             bytes: shard.map.len() as u64,
-            sha256: hex(&std::mem::take(&mut state.0).finalize()),
+            sha256,
         });
     }
     Ok(out)

@@ -89,7 +89,8 @@ pub struct Summary {
     pub embeddings: Vec<EmbeddingReport>,
     pub notes: Vec<String>,
     pub warnings: Vec<String>,
-    #[serde(skip)]
+    /// The plan listing, on `--dry-run`.
+    #[serde(rename = "plan", skip_serializing_if = "Option::is_none")]
     pub plan_text: Option<String>,
 }
 
@@ -149,19 +150,16 @@ pub fn apply(
 ) -> Result<Summary> {
     let base_dir = resolve_model(base)?;
     let base_ck = Checkpoint::open(&base_dir)?;
+    let mut early_warnings = Vec::new();
     let (side, chat_dir) = match vector {
         VectorArgs::Stored(v) => {
             let dir = resolve_model(v)?;
             let info = read_vector_info(&dir)?;
-            let mut warnings = Vec::new();
             if info.is_none() {
-                warnings.push(format!(
+                early_warnings.push(format!(
                     "{} has no {MANIFEST_FILE}; treating its tensors as a raw delta",
                     dir.display()
                 ));
-            }
-            for w in warnings {
-                crate::cli::warn(&w);
             }
             let omitted = info.map(|i| i.omitted).unwrap_or_default();
             (
@@ -189,7 +187,8 @@ pub fn apply(
         embeddings,
         out_dtype,
     };
-    let plan = plan_apply(base_ck, side, &opts)?;
+    let mut plan = plan_apply(base_ck, side, &opts)?;
+    plan.warnings.splice(0..0, early_warnings);
     let params = sel.parameters(Some(embeddings), out_dtype, keep_base_template);
     run("apply", plan, params, out, |dir, _plan, _manifest| {
         let chat = ChatSide {

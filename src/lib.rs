@@ -13,6 +13,7 @@ pub mod embeddings;
 pub mod error;
 pub mod execute;
 pub mod format;
+pub mod hash_cache;
 pub mod input_hash;
 pub mod inspect;
 pub mod interrupt;

@@ -541,7 +541,7 @@ fn demo_runs() {
 
 #[test]
 fn sigint_leaves_nothing_behind() {
-    use std::process::{Command, Stdio};
+    use std::process::Stdio;
     let d = tempfile::tempdir().unwrap();
     // Big enough, with tiny chunks, that the run is still going when the signal lands.
     let (pre, chat, base) = (
@@ -568,7 +568,7 @@ fn sigint_leaves_nothing_behind() {
     }
     let out = d.path().join("out");
     let before = entries(d.path());
-    let mut child = Command::new(env!("CARGO_BIN_EXE_chatvec"))
+    let mut child = command()
         .args([
             "-q",
             "apply",
@@ -607,4 +607,89 @@ fn sigint_leaves_nothing_behind() {
         "the run should have been interrupted"
     );
     assert_eq!(entries(d.path()), before);
+}
+
+#[test]
+fn input_hashes_come_from_the_cache_unless_rehash() {
+    let d = tempfile::tempdir().unwrap();
+    let t = trio(d.path(), Ty::BF16, 1);
+    let cache = d.path().join("cache");
+    let run = |out: &str, extra: &[&str]| {
+        let o = command()
+            .env("CHATVEC_CACHE_DIR", &cache)
+            .args([
+                "-q",
+                "apply",
+                "--base",
+                s(&t.base),
+                "--chat",
+                s(&t.chat),
+                "--pretrained",
+                s(&t.pre),
+            ])
+            .args(["-o", s(&d.path().join(out))])
+            .args(extra)
+            .output()
+            .unwrap();
+        ok(&o);
+        let m: serde_json::Value = serde_json::from_slice(
+            &std::fs::read(d.path().join(out).join("chatvec-manifest.json")).unwrap(),
+        )
+        .unwrap();
+        m["inputs"][0]["shards"][0]["sha256"]
+            .as_str()
+            .unwrap()
+            .to_string()
+    };
+    let real = run("first", &[]);
+    assert_eq!(real, sha256_file(&t.base.join("model.safetensors")));
+    // Poison every entry: a run that trusts the cache reports the poison,
+    // which proves the cache was read; --rehash does not.
+    let entries: Vec<_> = std::fs::read_dir(cache.join("sha256"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    assert_eq!(entries.len(), 4, "one entry per input shard");
+    for e in &entries {
+        std::fs::write(e, format!("{}\n", "0".repeat(64))).unwrap();
+    }
+    assert_eq!(run("cached", &[]), "0".repeat(64));
+    assert_eq!(run("rehashed", &["--rehash"]), real);
+    // Rewriting an input invalidates its entry.
+    write_model(
+        &t.base,
+        &llama(9, 16, false, Ty::BF16),
+        1,
+        &config(16, false, LAYERS),
+        Some(&tokens(16)),
+    );
+    assert_eq!(
+        run("rewritten", &[]),
+        sha256_file(&t.base.join("model.safetensors"))
+    );
+}
+
+#[test]
+fn dry_run_json_is_valid_json_with_the_plan() {
+    let d = tempfile::tempdir().unwrap();
+    let t = trio(d.path(), Ty::BF16, 1);
+    let out = d.path().join("out");
+    let o = chatvec(&[
+        "--json",
+        "apply",
+        "--base",
+        s(&t.base),
+        "--chat",
+        s(&t.chat),
+        "--pretrained",
+        s(&t.pre),
+        "--dry-run",
+        "-o",
+        s(&out),
+    ]);
+    ok(&o);
+    let v: serde_json::Value = serde_json::from_str(&stdout(&o)).unwrap();
+    assert_eq!(v["dry_run"], true);
+    assert!(v["plan"].as_str().unwrap().contains("lm_head.weight"));
+    assert!(!out.exists());
 }

@@ -295,10 +295,17 @@ pub fn shard_hashes(dir: &Path) -> BTreeMap<String, String> {
 
 /// Runs the chatvec binary.
 pub fn chatvec(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_chatvec"))
-        .args(args)
-        .output()
-        .unwrap()
+    command().args(args).output().unwrap()
+}
+
+/// The chatvec binary with its hash cache kept inside the build tree.
+pub fn command() -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_chatvec"));
+    c.env(
+        "CHATVEC_CACHE_DIR",
+        Path::new(env!("CARGO_TARGET_TMPDIR")).join("hash-cache"),
+    );
+    c
 }
 
 pub fn stderr(o: &Output) -> String {

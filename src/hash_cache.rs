@@ -1,0 +1,142 @@
+//! A cache of input shard sha256s, so applying several scales or methods to
+//! the same inputs does not re-hash 140 GB each time (hashing is most of the
+//! CPU work of an apply: sha256 runs at ~2 GB/s a core).
+//!
+//! An entry is keyed by the file's identity and state as the kernel reports
+//! them for the open file: device, inode, size, and modification and change
+//! times in nanoseconds, plus the path. Rewriting a file changes its ctime
+//! (which no user can set), so a stale entry is never used. `--rehash`
+//! ignores the cache; `chatvec verify` never uses it.
+
+use std::fs;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+
+use crate::writer::sha256_hex;
+
+/// Identity and state of an opened file.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct FileStamp {
+    pub dev: u64,
+    pub ino: u64,
+    pub size: u64,
+    pub mtime_ns: i128,
+    pub ctime_ns: i128,
+}
+
+impl FileStamp {
+    pub fn of(meta: &fs::Metadata) -> FileStamp {
+        FileStamp {
+            dev: meta.dev(),
+            ino: meta.ino(),
+            size: meta.size(),
+            mtime_ns: meta.mtime() as i128 * 1_000_000_000 + meta.mtime_nsec() as i128,
+            ctime_ns: meta.ctime() as i128 * 1_000_000_000 + meta.ctime_nsec() as i128,
+        }
+    }
+}
+
+/// The cache directory, or none when caching is off.
+#[derive(Clone, Debug)]
+pub struct HashCache {
+    dir: Option<PathBuf>,
+    read: bool,
+}
+
+impl HashCache {
+    /// `$CHATVEC_CACHE_DIR`, else `$XDG_CACHE_HOME/chatvec`, else
+    /// `~/.cache/chatvec`; entries live in its `sha256/` folder. With
+    /// `rehash`, entries are written but not read.
+    pub fn from_env(rehash: bool) -> HashCache {
+        let base = std::env::var_os("CHATVEC_CACHE_DIR")
+            .map(PathBuf::from)
+            .or_else(|| {
+                std::env::var_os("XDG_CACHE_HOME").map(|x| PathBuf::from(x).join("chatvec"))
+            })
+            .or_else(|| {
+                std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache").join("chatvec"))
+            });
+        HashCache {
+            dir: base.map(|b| b.join("sha256")),
+            read: !rehash,
+        }
+    }
+
+    /// A cache that neither reads nor writes.
+    pub fn disabled() -> HashCache {
+        HashCache {
+            dir: None,
+            read: false,
+        }
+    }
+
+    fn entry(&self, path: &Path, stamp: &FileStamp) -> Option<PathBuf> {
+        let key = format!(
+            "{}\0{}\0{}\0{}\0{}\0{}",
+            path.display(),
+            stamp.dev,
+            stamp.ino,
+            stamp.size,
+            stamp.mtime_ns,
+            stamp.ctime_ns
+        );
+        self.dir
+            .as_ref()
+            .map(|d| d.join(sha256_hex(key.as_bytes())))
+    }
+
+    /// The cached sha256 of the file at `path` in state `stamp`, if any.
+    pub fn get(&self, path: &Path, stamp: &FileStamp) -> Option<String> {
+        if !self.read {
+            return None;
+        }
+        let text = fs::read_to_string(self.entry(path, stamp)?).ok()?;
+        let h = text.trim();
+        (h.len() == 64 && h.bytes().all(|b| b.is_ascii_hexdigit())).then(|| h.to_string())
+    }
+
+    /// Records a hash. Failures are ignored: the cache is an optimization.
+    pub fn put(&self, path: &Path, stamp: &FileStamp, sha256: &str) {
+        let Some(entry) = self.entry(path, stamp) else {
+            return;
+        };
+        let Some(dir) = entry.parent() else { return };
+        if fs::create_dir_all(dir).is_err() {
+            return;
+        }
+        let tmp = entry.with_extension(format!("tmp{}", std::process::id()));
+        if fs::write(&tmp, format!("{sha256}\n")).is_ok() && fs::rename(&tmp, &entry).is_err() {
+            let _ = fs::remove_file(&tmp);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn entries_follow_the_file_state() {
+        let d = tempfile::tempdir().unwrap();
+        let cache = HashCache {
+            dir: Some(d.path().join("c")),
+            read: true,
+        };
+        let f = d.path().join("x");
+        fs::write(&f, b"abc").unwrap();
+        let st = FileStamp::of(&fs::metadata(&f).unwrap());
+        assert_eq!(cache.get(&f, &st), None);
+        cache.put(&f, &st, &"a".repeat(64));
+        assert_eq!(cache.get(&f, &st), Some("a".repeat(64)));
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        fs::write(&f, b"abd").unwrap();
+        let st2 = FileStamp::of(&fs::metadata(&f).unwrap());
+        assert_ne!(st, st2);
+        assert_eq!(cache.get(&f, &st2), None);
+        let rehash = HashCache {
+            read: false,
+            ..cache.clone()
+        };
+        assert_eq!(rehash.get(&f, &st), None);
+    }
+}
