@@ -2,20 +2,22 @@
 //!
 //! The output is cut into jobs (a shard header, a byte range to copy, or an
 //! element range to compute). Batches of jobs are computed in parallel on a
-//! rayon pool while a writer thread appends the previous batch to the shard
-//! files in order, hashing as it writes; one thread per input hashes its
-//! shards right behind the compute (see `input_hash`). Buffers are recycled, so anonymous memory stays
-//! near `3 x batch x chunk` whatever the model size (contract 3), and every
-//! job is a pure function of the plan, so the bytes do not depend on thread
+//! rayon pool; a writer thread appends each finished batch to the shard
+//! files in order, an output hasher thread hashes it right after, and one
+//! thread per input hashes that input's shards right behind the compute (see
+//! `input_hash`). Buffers are recycled, so anonymous memory stays near
+//! `4 x batch x chunk` whatever the model size (contract 3), and every job
+//! is a pure function of the plan, so the bytes do not depend on thread
 //! count or chunk size (contract 1).
 
 use std::ops::Range;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::mpsc::{Receiver, Sender, channel, sync_channel};
+use std::sync::mpsc::{Receiver, Sender, SyncSender, channel, sync_channel};
 
 use indicatif::{ProgressBar, ProgressStyle};
 use rayon::prelude::*;
+use sha2::{Digest, Sha256};
 
 use crate::arith::{self, Operand};
 use crate::dtype::FloatType;
@@ -24,7 +26,7 @@ use crate::hash_cache::HashCache;
 use crate::input_hash::{Touch, hash_following};
 use crate::interrupt;
 use crate::plan::{Formula, Op, OutTensor, Plan, Source};
-use crate::writer::{HashingFile, WrittenFile};
+use crate::writer::{SyncedFile, WrittenFile, hex};
 
 /// Default elements per compute job: 4 MiB of f32 output at most.
 pub const DEFAULT_CHUNK_ELEMS: u64 = 1 << 20;
@@ -293,7 +295,9 @@ pub fn execute(plan: &Plan, dir: &Path, opts: &ExecOptions) -> Result<ExecResult
         }
         let (tx, rx) = sync_channel::<Vec<(usize, Piece)>>(1);
         let (free_tx, free_rx) = channel::<Vec<u8>>();
-        let writer = s.spawn(|| write_pieces(plan, dir, &jobs, rx, free_tx, &bar));
+        let (htx, hrx) = sync_channel::<Vec<(usize, Piece)>>(2);
+        let writer = s.spawn(|| write_pieces(plan, dir, &jobs, rx, htx, &bar));
+        let out_hasher = s.spawn(|| hash_pieces(&jobs, hrx, free_tx));
         let mut outcome = Ok(());
         for (bi, group) in jobs.chunks(batch).enumerate() {
             if let Err(e) = interrupt::check() {
@@ -325,6 +329,9 @@ pub fn execute(plan: &Plan, dir: &Path, opts: &ExecOptions) -> Result<ExecResult
         let written = writer
             .join()
             .map_err(|_| Error::Internal("writer thread panicked".into()));
+        let out_hashes = out_hasher
+            .join()
+            .map_err(|_| Error::Internal("hash thread panicked".into()))?;
         if outcome.is_err() || !matches!(written, Ok(Ok(_))) {
             stop.store(true, Ordering::Relaxed);
         }
@@ -337,7 +344,15 @@ pub fn execute(plan: &Plan, dir: &Path, opts: &ExecOptions) -> Result<ExecResult
             })
             .collect();
         outcome?;
-        let shards = written??;
+        let shards = written??
+            .into_iter()
+            .zip(out_hashes)
+            .map(|((file, bytes), sha256)| WrittenFile {
+                file,
+                bytes,
+                sha256,
+            })
+            .collect();
         interrupt::check()?;
         bar.finish_and_clear();
         Ok(ExecResult {
@@ -361,31 +376,32 @@ fn progress_bar(show: bool, total: u64) -> ProgressBar {
 }
 
 /// The writer thread: appends pieces in job order, switching shard files at
-/// each header, and returns buffers for reuse.
-fn write_pieces(
+/// each header, then passes each batch on to the output hasher. Returns each
+/// shard's file name and size.
+fn write_pieces<'a>(
     plan: &Plan,
     dir: &Path,
     jobs: &[Job],
-    rx: Receiver<Vec<(usize, Piece)>>,
-    free: Sender<Vec<u8>>,
+    rx: Receiver<Vec<(usize, Piece<'a>)>>,
+    to_hasher: SyncSender<Vec<(usize, Piece<'a>)>>,
     bar: &ProgressBar,
-) -> Result<Vec<WrittenFile>> {
+) -> Result<Vec<(String, u64)>> {
     let mut done = Vec::with_capacity(plan.shards.len());
-    let mut current: Option<HashingFile> = None;
+    let mut current: Option<SyncedFile> = None;
     for pieces in rx {
-        for (ji, piece) in pieces {
-            if let Job::Header(si) = jobs[ji] {
+        for (ji, piece) in &pieces {
+            if let Job::Header(si) = jobs[*ji] {
                 if let Some(f) = current.take() {
                     done.push(f.finish()?);
                 }
-                current = Some(HashingFile::create(&dir.join(&plan.shards[si].file_name))?);
+                current = Some(SyncedFile::create(&dir.join(&plan.shards[si].file_name))?);
             }
             let f = current.as_mut().expect("a header job starts every shard");
             f.write(piece.bytes())?;
             bar.inc(piece.bytes().len() as u64);
-            if let Piece::Owned(v) = piece {
-                let _ = free.send(v);
-            }
+        }
+        if to_hasher.send(pieces).is_err() {
+            break;
         }
     }
     if let Some(f) = current.take() {
@@ -394,4 +410,33 @@ fn write_pieces(
     // Fewer shards than planned means the producer stopped early; the caller
     // reports why.
     Ok(done)
+}
+
+/// The output hasher: sha256 of each shard from the pieces the writer has
+/// written (in a thread of its own, so hashing overlaps writing), then the
+/// buffers go back for reuse.
+fn hash_pieces(
+    jobs: &[Job],
+    rx: Receiver<Vec<(usize, Piece)>>,
+    free: Sender<Vec<u8>>,
+) -> Vec<String> {
+    let mut done = Vec::new();
+    let mut current: Option<Sha256> = None;
+    for pieces in rx {
+        for (ji, piece) in pieces {
+            if matches!(jobs[ji], Job::Header(_))
+                && let Some(h) = current.replace(Sha256::new())
+            {
+                done.push(hex(&h.finalize()));
+            }
+            current
+                .get_or_insert_with(Sha256::new)
+                .update(piece.bytes());
+            if let Piece::Owned(v) = piece {
+                let _ = free.send(v);
+            }
+        }
+    }
+    done.extend(current.map(|h| hex(&h.finalize())));
+    done
 }

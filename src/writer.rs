@@ -167,15 +167,6 @@ pub fn free_space(dir: &Path) -> Result<u64> {
     Ok((st.f_bavail as u64).saturating_mul(st.f_frsize as u64))
 }
 
-/// A file being written sequentially, hashed as it goes.
-pub struct HashingFile {
-    path: PathBuf,
-    file: File,
-    hasher: Sha256,
-    written: u64,
-    flushed: u64,
-}
-
 /// What was written: file name, byte count and sha256.
 #[derive(Clone, Debug, serde::Serialize)]
 pub struct WrittenFile {
@@ -184,20 +175,27 @@ pub struct WrittenFile {
     pub sha256: String,
 }
 
-impl HashingFile {
-    pub fn create(path: &Path) -> Result<HashingFile> {
+/// A file written sequentially and fsynced at the end, with writeback
+/// started as it goes.
+pub struct SyncedFile {
+    path: PathBuf,
+    file: File,
+    written: u64,
+    flushed: u64,
+}
+
+impl SyncedFile {
+    pub fn create(path: &Path) -> Result<SyncedFile> {
         let file = File::create(path).map_err(|e| Error::io("creating", path, e))?;
-        Ok(HashingFile {
+        Ok(SyncedFile {
             path: path.to_path_buf(),
             file,
-            hasher: Sha256::new(),
             written: 0,
             flushed: 0,
         })
     }
 
     pub fn write(&mut self, bytes: &[u8]) -> Result<()> {
-        self.hasher.update(bytes);
         self.file
             .write_all(bytes)
             .map_err(|e| Error::io("writing", &self.path, e))?;
@@ -209,19 +207,47 @@ impl HashingFile {
         Ok(())
     }
 
-    /// Fsyncs and returns the file's record.
-    pub fn finish(self) -> Result<WrittenFile> {
+    /// Fsyncs; returns the file name and byte count.
+    pub fn finish(self) -> Result<(String, u64)> {
         self.file
             .sync_all()
             .map_err(|e| Error::io("syncing", &self.path, e))?;
-        Ok(WrittenFile {
-            file: self
-                .path
+        Ok((
+            self.path
                 .file_name()
                 .unwrap()
                 .to_string_lossy()
                 .into_owned(),
-            bytes: self.written,
+            self.written,
+        ))
+    }
+}
+
+/// A `SyncedFile` hashed as it is written.
+pub struct HashingFile {
+    file: SyncedFile,
+    hasher: Sha256,
+}
+
+impl HashingFile {
+    pub fn create(path: &Path) -> Result<HashingFile> {
+        Ok(HashingFile {
+            file: SyncedFile::create(path)?,
+            hasher: Sha256::new(),
+        })
+    }
+
+    pub fn write(&mut self, bytes: &[u8]) -> Result<()> {
+        self.hasher.update(bytes);
+        self.file.write(bytes)
+    }
+
+    /// Fsyncs and returns the file's record.
+    pub fn finish(self) -> Result<WrittenFile> {
+        let (file, bytes) = self.file.finish()?;
+        Ok(WrittenFile {
+            file,
+            bytes,
             sha256: hex(&self.hasher.finalize()),
         })
     }
