@@ -4,13 +4,13 @@
 //!
 //! An entry is keyed by the file's identity and state as the kernel reports
 //! them for the open file: device, inode, size, and modification and change
-//! times in nanoseconds, plus the path. Rewriting a file changes its ctime
+//! times in nanoseconds. Rewriting a file changes its ctime
 //! (which no user can set), so a stale entry is never used. `--rehash`
 //! ignores the cache; `chatvec verify` never uses it.
 
 use std::fs;
 use std::os::unix::fs::MetadataExt;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use crate::writer::sha256_hex;
 
@@ -70,34 +70,31 @@ impl HashCache {
         }
     }
 
-    fn entry(&self, path: &Path, stamp: &FileStamp) -> Option<PathBuf> {
+    /// The entry file for a stamp. The path is not part of the key: device
+    /// and inode already name the file, however it is reached.
+    fn entry(&self, stamp: &FileStamp) -> Option<PathBuf> {
         let key = format!(
-            "{}\0{}\0{}\0{}\0{}\0{}",
-            path.display(),
-            stamp.dev,
-            stamp.ino,
-            stamp.size,
-            stamp.mtime_ns,
-            stamp.ctime_ns
+            "{}\0{}\0{}\0{}\0{}",
+            stamp.dev, stamp.ino, stamp.size, stamp.mtime_ns, stamp.ctime_ns
         );
         self.dir
             .as_ref()
             .map(|d| d.join(sha256_hex(key.as_bytes())))
     }
 
-    /// The cached sha256 of the file at `path` in state `stamp`, if any.
-    pub fn get(&self, path: &Path, stamp: &FileStamp) -> Option<String> {
+    /// The cached sha256 of the file in state `stamp`, if any.
+    pub fn get(&self, stamp: &FileStamp) -> Option<String> {
         if !self.read {
             return None;
         }
-        let text = fs::read_to_string(self.entry(path, stamp)?).ok()?;
+        let text = fs::read_to_string(self.entry(stamp)?).ok()?;
         let h = text.trim();
         (h.len() == 64 && h.bytes().all(|b| b.is_ascii_hexdigit())).then(|| h.to_string())
     }
 
     /// Records a hash. Failures are ignored: the cache is an optimization.
-    pub fn put(&self, path: &Path, stamp: &FileStamp, sha256: &str) {
-        let Some(entry) = self.entry(path, stamp) else {
+    pub fn put(&self, stamp: &FileStamp, sha256: &str) {
+        let Some(entry) = self.entry(stamp) else {
             return;
         };
         let Some(dir) = entry.parent() else { return };
@@ -125,18 +122,18 @@ mod tests {
         let f = d.path().join("x");
         fs::write(&f, b"abc").unwrap();
         let st = FileStamp::of(&fs::metadata(&f).unwrap());
-        assert_eq!(cache.get(&f, &st), None);
-        cache.put(&f, &st, &"a".repeat(64));
-        assert_eq!(cache.get(&f, &st), Some("a".repeat(64)));
+        assert_eq!(cache.get(&st), None);
+        cache.put(&st, &"a".repeat(64));
+        assert_eq!(cache.get(&st), Some("a".repeat(64)));
         std::thread::sleep(std::time::Duration::from_millis(20));
         fs::write(&f, b"abd").unwrap();
         let st2 = FileStamp::of(&fs::metadata(&f).unwrap());
         assert_ne!(st, st2);
-        assert_eq!(cache.get(&f, &st2), None);
+        assert_eq!(cache.get(&st2), None);
         let rehash = HashCache {
             read: false,
             ..cache.clone()
         };
-        assert_eq!(rehash.get(&f, &st), None);
+        assert_eq!(rehash.get(&st), None);
     }
 }

@@ -43,7 +43,7 @@ pub fn hash_following(
     let known: Vec<Option<String>> = ck
         .shards
         .iter()
-        .map(|s| cache.get(&s.path, &s.stamp))
+        .map(|s| cache.get(&s.stamp))
         .collect();
     // A known shard counts as already hashed to its end.
     let mut states: Vec<(Sha256, u64)> = ck
@@ -79,7 +79,7 @@ pub fn hash_following(
             None => {
                 advance(state, &shard.map, shard.map.len() as u64)?;
                 let h = hex(&std::mem::take(&mut state.0).finalize());
-                cache.put(&shard.path, &shard.stamp, &h);
+                cache.put(&shard.stamp, &h);
                 h
             }
         };
