@@ -243,9 +243,7 @@ pub fn run(a: &BenchArgs, json: bool) -> Result<()> {
         .iter()
         .map(|s| s.map.len() as u64)
         .sum();
-    let threads = a
-        .threads
-        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+    let threads = crate::cli::threads(a.threads);
 
     let floor_read = read_floor(&[&pre, &chat, &base])?;
     let floor_write_before = write_floor(&root, output_bytes)?;

@@ -40,11 +40,7 @@ pub fn hash_following(
     touches: Receiver<Touch>,
     stop: &AtomicBool,
 ) -> Result<Vec<WrittenFile>> {
-    let known: Vec<Option<String>> = ck
-        .shards
-        .iter()
-        .map(|s| cache.get(&s.stamp))
-        .collect();
+    let known: Vec<Option<String>> = ck.shards.iter().map(|s| cache.get(&s.stamp)).collect();
     // A known shard counts as already hashed to its end.
     let mut states: Vec<(Sha256, u64)> = ck
         .shards
