@@ -421,8 +421,7 @@ pub fn plan_extract(
         });
     }
     for t in &pre.tensors {
-        let counterpart = chat.get(&t.name).is_some() || (is_lm_head(&t.name) && chat.is_tied());
-        if !counterpart && sel.selects(&t.name) {
+        if chat.logical(&t.name).is_none() && sel.selects(&t.name) {
             problems.push(format!(
                 "'{}' is in {} but not in {}",
                 t.name,
@@ -637,8 +636,7 @@ pub fn plan_apply(base: Checkpoint, side: VectorSide, opts: &ApplyOptions) -> Re
     // architectures differ.
     for (_, ck) in &vector_cks {
         for t in &ck.tensors {
-            let handled = base.get(&t.name).is_some() || (is_lm_head(&t.name) && base.is_tied());
-            if !handled && sel.selects(&t.name) {
+            if base.logical(&t.name).is_none() && sel.selects(&t.name) {
                 problems.push(format!(
                     "'{}' is in {} but not in the base {}",
                     t.name,
