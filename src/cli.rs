@@ -84,8 +84,7 @@ pub struct WriteArgs {
     #[arg(long)]
     pub dry_run: bool,
 
-    /// Compute threads (default: cores - 1, leaving one for writing and
-    /// hashing). Output bytes do not depend on it.
+    /// Compute threads (default: one per core). Output bytes do not depend on it.
     #[arg(long)]
     pub threads: Option<usize>,
 
@@ -245,13 +244,11 @@ fn json_out(v: &impl serde::Serialize) -> Result<()> {
     ))
 }
 
-/// Compute threads: as given, else one per core but one, which the writer
-/// and the hashers need (on a 2-core machine two compute threads made
-/// apply 1.2-2x slower: the write copy into the page cache starved).
+/// Compute threads: as given, else one per core. (On the 2-core machine one
+/// thread was faster when the inputs sat in the page cache, two when they
+/// streamed from disk, the case that matters at 8B-70B; see BENCHMARKS.md.)
 pub fn threads(t: Option<usize>) -> usize {
-    t.unwrap_or_else(|| {
-        std::thread::available_parallelism().map_or(1, |n| n.get().saturating_sub(1).max(1))
-    })
+    t.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
 }
 
 fn settings(w: &WriteArgs, quiet: bool) -> OutputSettings {
