@@ -12,10 +12,6 @@ fn main() {
         let t = std::time::Instant::now();
         add_diff(FloatType::BF16, &mut out, op(&a), op(&a[..]), op(&a), 0.5);
         let s = t.elapsed().as_secs_f64();
-        println!(
-            "add_diff bf16: {:.2} ns/elem, {:.2} G elem/s",
-            s * 1e9 / n as f64,
-            n as f64 / s / 1e9
-        );
+        println!("add_diff bf16: {:.2} ns/elem, {:.2} G elem/s", s * 1e9 / n as f64, n as f64 / s / 1e9);
     }
 }

@@ -26,10 +26,7 @@ impl<'a> Operand<'a> {
     /// Elements `start..start+len` of this operand.
     pub fn slice(self, start: usize, len: usize) -> Operand<'a> {
         let s = self.ty.size();
-        Operand {
-            ty: self.ty,
-            bytes: &self.bytes[start * s..(start + len) * s],
-        }
+        Operand { ty: self.ty, bytes: &self.bytes[start * s..(start + len) * s] }
     }
 }
 
@@ -48,20 +45,12 @@ fn map<const N: usize>(
     while i < n {
         let m = BLOCK.min(n - i);
         for (buf, op) in bufs.iter_mut().zip(ins.iter()) {
-            decode(
-                op.ty,
-                &op.bytes[i * op.ty.size()..(i + m) * op.ty.size()],
-                &mut buf[..m],
-            );
+            decode(op.ty, &op.bytes[i * op.ty.size()..(i + m) * op.ty.size()], &mut buf[..m]);
         }
         for (j, r) in res[..m].iter_mut().enumerate() {
             *r = f(std::array::from_fn(|k| bufs[k][j]));
         }
-        encode(
-            out_ty,
-            &res[..m],
-            &mut out[i * out_ty.size()..(i + m) * out_ty.size()],
-        );
+        encode(out_ty, &res[..m], &mut out[i * out_ty.size()..(i + m) * out_ty.size()]);
         i += m;
     }
 }
@@ -95,13 +84,7 @@ pub fn add_diff(
 
 /// `out = base + scale * vector`: `m = scale * vector`, `out = base + m`.
 /// With an f32 vector from `diff`, this equals `add_diff` bit for bit.
-pub fn add_scaled(
-    out_ty: FloatType,
-    out: &mut [u8],
-    base: Operand<'_>,
-    vector: Operand<'_>,
-    scale: f32,
-) {
+pub fn add_scaled(out_ty: FloatType, out: &mut [u8], base: Operand<'_>, vector: Operand<'_>, scale: f32) {
     map(out_ty, out, [base, vector], |[b, v]| {
         let m = scale * v;
         b + m
@@ -126,26 +109,14 @@ mod tests {
         let pre: Vec<f32> = (0..n).map(|i| (i as f32 * 0.05).sin() * 0.9).collect();
         let (b, c, p) = (bf16_bytes(&base), bf16_bytes(&chat), bf16_bytes(&pre));
         fn op(x: &[u8]) -> Operand<'_> {
-            Operand {
-                ty: FloatType::BF16,
-                bytes: x,
-            }
+            Operand { ty: FloatType::BF16, bytes: x }
         }
         let mut v = vec![0u8; n * 4];
         diff(FloatType::F32, &mut v, op(&c), op(&p));
         let mut a = vec![0u8; n * 2];
         add_diff(FloatType::BF16, &mut a, op(&b), op(&c), op(&p), 0.7);
         let mut s = vec![0u8; n * 2];
-        add_scaled(
-            FloatType::BF16,
-            &mut s,
-            op(&b),
-            Operand {
-                ty: FloatType::F32,
-                bytes: &v,
-            },
-            0.7,
-        );
+        add_scaled(FloatType::BF16, &mut s, op(&b), Operand { ty: FloatType::F32, bytes: &v }, 0.7);
         assert_eq!(a, s);
     }
 }

@@ -78,33 +78,20 @@ fn shape_of(name: &str) -> Result<LlamaShape> {
         "tiny" => Ok(LlamaShape::tiny(512)),
         "1b" => Ok(LlamaShape::b1()),
         "7b" => Ok(LlamaShape::b7()),
-        _ => Err(Error::Usage(format!(
-            "--shape '{name}': use tiny, 1b or 7b"
-        ))),
+        _ => Err(Error::Usage(format!("--shape '{name}': use tiny, 1b or 7b"))),
     }
 }
 
 /// Generates the three inputs unless a complete set is already there.
 fn ensure_inputs(root: &Path, shape: &LlamaShape) -> Result<(PathBuf, PathBuf, PathBuf)> {
-    let p = Component {
-        seed: 11,
-        amplitude: 0.05,
-    };
-    let c = Component {
-        seed: 12,
-        amplitude: 0.004,
-    };
-    let k = Component {
-        seed: 13,
-        amplitude: 0.01,
-    };
+    let p = Component { seed: 11, amplitude: 0.05 };
+    let c = Component { seed: 12, amplitude: 0.004 };
+    let k = Component { seed: 13, amplitude: 0.01 };
     let toks = tokens(shape.vocab, 0);
     let mut dirs = Vec::new();
-    for (name, parts, chat) in [
-        ("pretrained", vec![p], false),
-        ("chat", vec![p, c], true),
-        ("base", vec![p, k], false),
-    ] {
+    for (name, parts, chat) in
+        [("pretrained", vec![p], false), ("chat", vec![p, c], true), ("base", vec![p, k], false)]
+    {
         let d = root.join(name);
         let marker = d.join(".complete");
         if !marker.is_file() {
@@ -116,10 +103,7 @@ fn ensure_inputs(root: &Path, shape: &LlamaShape) -> Result<(PathBuf, PathBuf, P
                 FloatType::BF16,
                 &parts,
                 2_000_000_000,
-                &ModelFiles {
-                    tokens: Some(&toks),
-                    chat,
-                },
+                &ModelFiles { tokens: Some(&toks), chat },
             )?;
             std::fs::write(&marker, b"").map_err(|e| Error::io("writing", &marker, e))?;
         }
@@ -141,24 +125,12 @@ fn read_floor(dirs: &[&Path]) -> Result<f64> {
         }
     }
     let touch = |maps: &[Mmap]| -> u64 {
-        maps.iter()
-            .map(|m| {
-                m.chunks(4096)
-                    .map(|c| c[0] as u64 + c[c.len() - 1] as u64)
-                    .sum::<u64>()
-            })
-            .sum()
+        maps.iter().map(|m| m.chunks(4096).map(|c| c[0] as u64 + c[c.len() - 1] as u64).sum::<u64>()).sum()
     };
     let warm = touch(&maps);
     let start = Instant::now();
-    let sum: u64 = maps
-        .iter()
-        .map(|m| {
-            m.chunks(8)
-                .map(|c| c[0] as u64)
-                .fold(0u64, |a, b| a.wrapping_add(b))
-        })
-        .sum();
+    let sum: u64 =
+        maps.iter().map(|m| m.chunks(8).map(|c| c[0] as u64).fold(0u64, |a, b| a.wrapping_add(b))).sum();
     let t = start.elapsed().as_secs_f64();
     std::hint::black_box((warm, sum));
     Ok(t)
@@ -173,8 +145,7 @@ fn write_floor(dir: &Path, bytes: u64) -> Result<f64> {
     let mut left = bytes;
     while left > 0 {
         let n = left.min(buf.len() as u64) as usize;
-        f.write_all(&buf[..n])
-            .map_err(|e| Error::io("writing", &path, e))?;
+        f.write_all(&buf[..n]).map_err(|e| Error::io("writing", &path, e))?;
         left -= n as u64;
     }
     f.sync_data().map_err(|e| Error::io("syncing", &path, e))?;
@@ -186,28 +157,20 @@ fn write_floor(dir: &Path, bytes: u64) -> Result<f64> {
 
 fn status_kib(pid: u32, key: &str) -> Option<u64> {
     let s = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    s.lines()
-        .find(|l| l.starts_with(key))?
-        .split_whitespace()
-        .nth(1)?
-        .parse()
-        .ok()
+    s.lines().find(|l| l.starts_with(key))?.split_whitespace().nth(1)?.parse().ok()
 }
 
 /// Runs `cmd`, sampling its RssAnon every 2 ms and reading VmHWM at the end.
 fn measure(cmd: &mut Command) -> Result<Measured> {
     let start = Instant::now();
-    let mut child = cmd
-        .spawn()
-        .map_err(|e| Error::io("starting", Path::new(cmd.get_program()), e))?;
+    let mut child = cmd.spawn().map_err(|e| Error::io("starting", Path::new(cmd.get_program()), e))?;
     let pid = child.id();
     let (mut anon, mut hwm) = (0u64, 0u64);
     let status = loop {
         anon = anon.max(status_kib(pid, "RssAnon:").unwrap_or(0));
         hwm = hwm.max(status_kib(pid, "VmHWM:").unwrap_or(0));
-        if let Some(st) = child
-            .try_wait()
-            .map_err(|e| Error::io("waiting for", Path::new(cmd.get_program()), e))?
+        if let Some(st) =
+            child.try_wait().map_err(|e| Error::io("waiting for", Path::new(cmd.get_program()), e))?
         {
             break st;
         }
@@ -215,16 +178,9 @@ fn measure(cmd: &mut Command) -> Result<Measured> {
     };
     let seconds = start.elapsed().as_secs_f64();
     if !status.success() {
-        return Err(Error::Internal(format!(
-            "{:?} failed with {status}",
-            cmd.get_program()
-        )));
+        return Err(Error::Internal(format!("{:?} failed with {status}", cmd.get_program())));
     }
-    Ok(Measured {
-        seconds,
-        peak_rss_anon_mib: anon as f64 / 1024.0,
-        peak_rss_mib: hwm as f64 / 1024.0,
-    })
+    Ok(Measured { seconds, peak_rss_anon_mib: anon as f64 / 1024.0, peak_rss_mib: hwm as f64 / 1024.0 })
 }
 
 pub fn run(a: &BenchArgs, json: bool) -> Result<()> {
@@ -234,23 +190,16 @@ pub fn run(a: &BenchArgs, json: bool) -> Result<()> {
     let (pre, chat, base) = ensure_inputs(&root, &shape)?;
     let input_bytes: u64 = [&pre, &chat, &base]
         .iter()
-        .map(|d| {
-            Checkpoint::open(d).map(|c| c.shards.iter().map(|s| s.map.len() as u64).sum::<u64>())
-        })
+        .map(|d| Checkpoint::open(d).map(|c| c.shards.iter().map(|s| s.map.len() as u64).sum::<u64>()))
         .sum::<Result<u64>>()?;
-    let output_bytes: u64 = Checkpoint::open(&base)?
-        .shards
-        .iter()
-        .map(|s| s.map.len() as u64)
-        .sum();
+    let output_bytes: u64 = Checkpoint::open(&base)?.shards.iter().map(|s| s.map.len() as u64).sum();
     let threads = crate::cli::threads(a.threads);
 
     let floor_read = read_floor(&[&pre, &chat, &base])?;
     let floor_write_before = write_floor(&root, output_bytes)?;
 
     let out = root.join("out-chatvec");
-    let exe =
-        std::env::current_exe().map_err(|e| Error::io("locating", Path::new("chatvec"), e))?;
+    let exe = std::env::current_exe().map_err(|e| Error::io("locating", Path::new("chatvec"), e))?;
     let mut cmd = Command::new(exe);
     cmd.arg("-q")
         .arg("apply")
@@ -260,11 +209,7 @@ pub fn run(a: &BenchArgs, json: bool) -> Result<()> {
         .arg(&chat)
         .arg("--pretrained")
         .arg(&pre);
-    cmd.arg("-o")
-        .arg(&out)
-        .arg("--force")
-        .arg("--threads")
-        .arg(threads.to_string());
+    cmd.arg("-o").arg(&out).arg("--force").arg("--threads").arg(threads.to_string());
     // First with every input hashed (a first run on new inputs), then with
     // the input hashes cached by that run (any later run on the same inputs).
     cmd.env("CHATVEC_CACHE_DIR", root.join("hash-cache"));
@@ -322,10 +267,7 @@ pub fn run(a: &BenchArgs, json: bool) -> Result<()> {
         mergekit,
     };
     if json {
-        return crate::cli::out(&format!(
-            "{}\n",
-            serde_json::to_string_pretty(&rep).unwrap()
-        ));
+        return crate::cli::out(&format!("{}\n", serde_json::to_string_pretty(&rep).unwrap()));
     }
     let mut t = format!(
         "shape {} ({} parameters, bf16), inputs {:.2} GB, output {:.2} GB, {} threads\n",

@@ -90,10 +90,7 @@ impl Checkpoint {
     /// `model.safetensors.index.json`, plus `config.json` when present.
     pub fn open(dir: &Path) -> Result<Checkpoint> {
         if !dir.is_dir() {
-            return Err(Error::Usage(format!(
-                "{} is not a directory",
-                dir.display()
-            )));
+            return Err(Error::Usage(format!("{} is not a directory", dir.display())));
         }
         let index_path = dir.join(INDEX_FILE);
         let single = dir.join(SINGLE_FILE);
@@ -114,10 +111,7 @@ impl Checkpoint {
             if !path.is_file() {
                 return Err(Error::bad_file(
                     &index_path,
-                    format!(
-                        "names shard '{file_name}', which is not in {}",
-                        dir.display()
-                    ),
+                    format!("names shard '{file_name}', which is not in {}", dir.display()),
                 ));
             }
             let (map, stamp) = map_file(&path)?;
@@ -139,19 +133,13 @@ impl Checkpoint {
                         Some(f) => {
                             return Err(Error::bad_file(
                                 &index_path,
-                                format!(
-                                    "maps tensor '{}' to {f}, but it is stored in {file_name}",
-                                    t.name
-                                ),
+                                format!("maps tensor '{}' to {f}, but it is stored in {file_name}", t.name),
                             ));
                         }
                         None => {
                             return Err(Error::bad_file(
                                 &index_path,
-                                format!(
-                                    "does not list tensor '{}', which is stored in {file_name}",
-                                    t.name
-                                ),
+                                format!("does not list tensor '{}', which is stored in {file_name}", t.name),
                             ));
                         }
                     }
@@ -166,12 +154,7 @@ impl Checkpoint {
                     len: t.end - t.begin,
                 });
             }
-            shards.push(Shard {
-                path,
-                file_name: file_name.clone(),
-                map,
-                stamp,
-            });
+            shards.push(Shard { path, file_name: file_name.clone(), map, stamp });
         }
         if let Some(map) = &weight_map {
             let mut missing: Vec<_> = map.keys().filter(|k| !by_name.contains_key(*k)).collect();
@@ -188,11 +171,7 @@ impl Checkpoint {
             }
         }
         let config_path = dir.join("config.json");
-        let config = if config_path.is_file() {
-            Some(ModelConfig::read(&config_path)?)
-        } else {
-            None
-        };
+        let config = if config_path.is_file() { Some(ModelConfig::read(&config_path)?) } else { None };
         Ok(Checkpoint {
             dir: dir.to_path_buf(),
             shards,
@@ -214,9 +193,7 @@ impl Checkpoint {
     pub fn logical_index(&self, name: &str) -> Option<usize> {
         self.by_name.get(name).copied().or_else(|| {
             if is_lm_head(name) && self.is_tied() {
-                EMBED_NAMES
-                    .iter()
-                    .find_map(|n| self.by_name.get(*n).copied())
+                EMBED_NAMES.iter().find_map(|n| self.by_name.get(*n).copied())
             } else {
                 None
             }
@@ -264,15 +241,9 @@ impl Checkpoint {
 
 fn no_weights_error(dir: &Path) -> Error {
     let has_bin = std::fs::read_dir(dir)
-        .map(|rd| {
-            rd.flatten()
-                .any(|e| e.file_name().to_string_lossy().ends_with(".bin"))
-        })
+        .map(|rd| rd.flatten().any(|e| e.file_name().to_string_lossy().ends_with(".bin")))
         .unwrap_or(false);
-    let err = Error::Usage(format!(
-        "{} holds no {SINGLE_FILE} and no {INDEX_FILE}",
-        dir.display()
-    ));
+    let err = Error::Usage(format!("{} holds no {SINGLE_FILE} and no {INDEX_FILE}", dir.display()));
     if has_bin {
         err.with_hint("this looks like a PyTorch .bin checkpoint; convert it to safetensors first")
     } else {
@@ -283,10 +254,7 @@ fn no_weights_error(dir: &Path) -> Error {
 /// Maps a file read-only, with the stamp of the file that was mapped.
 fn map_file(path: &Path) -> Result<(Mmap, FileStamp)> {
     let f = File::open(path).map_err(|e| Error::io("opening", path, e))?;
-    let stamp = FileStamp::of(
-        &f.metadata()
-            .map_err(|e| Error::io("reading metadata of", path, e))?,
-    );
+    let stamp = FileStamp::of(&f.metadata().map_err(|e| Error::io("reading metadata of", path, e))?);
     // SAFETY: the map is read-only and never outlives the program's use of
     // the checkpoint. What can still go wrong is outside our control: if
     // another process truncates the file while it is mapped, touching the
@@ -308,16 +276,13 @@ struct IndexFile {
 /// and the tensor -> file map. Shard names must be plain file names.
 fn read_index(path: &Path) -> Result<(Vec<String>, HashMap<String, String>)> {
     let bytes = read_capped(path, MAX_INDEX_BYTES)?;
-    let index: IndexFile = serde_json::from_slice(&bytes)
-        .map_err(|e| Error::bad_file(path, format!("invalid index: {e}")))?;
+    let index: IndexFile =
+        serde_json::from_slice(&bytes).map_err(|e| Error::bad_file(path, format!("invalid index: {e}")))?;
     let mut map = HashMap::with_capacity(index.weight_map.0.len());
     let mut files: Vec<String> = Vec::new();
     for (name, v) in index.weight_map.0 {
         let f = v.as_str().ok_or_else(|| {
-            Error::bad_file(
-                path,
-                format!("weight_map entry for '{name}' is not a file name"),
-            )
+            Error::bad_file(path, format!("weight_map entry for '{name}' is not a file name"))
         })?;
         if f.is_empty()
             || f.contains(['/', '\\', '\0'])
@@ -327,9 +292,7 @@ fn read_index(path: &Path) -> Result<(Vec<String>, HashMap<String, String>)> {
         {
             return Err(Error::bad_file(
                 path,
-                format!(
-                    "weight_map maps '{name}' to '{f}', which is not a plain .safetensors file name"
-                ),
+                format!("weight_map maps '{name}' to '{f}', which is not a plain .safetensors file name"),
             ));
         }
         if !files.iter().any(|x| x == f) {

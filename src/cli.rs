@@ -180,13 +180,9 @@ pub struct DemoArgs {
 /// (KB, MB, GB) are powers of 10, binary ones (KiB, MiB, GiB) powers of 2.
 pub fn parse_size(s: &str) -> std::result::Result<u64, String> {
     let t = s.trim();
-    let split = t
-        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
-        .unwrap_or(t.len());
+    let split = t.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(t.len());
     let (num, unit) = t.split_at(split);
-    let n: f64 = num
-        .parse()
-        .map_err(|_| format!("'{s}' is not a size like 5GB or 500MB"))?;
+    let n: f64 = num.parse().map_err(|_| format!("'{s}' is not a size like 5GB or 500MB"))?;
     let mult: f64 = match unit.trim().to_ascii_uppercase().as_str() {
         "" | "B" => 1.0,
         "KB" => 1e3,
@@ -197,9 +193,7 @@ pub fn parse_size(s: &str) -> std::result::Result<u64, String> {
         "MIB" => 1048576.0,
         "GIB" => 1073741824.0,
         _ => {
-            return Err(format!(
-                "'{s}': unknown unit '{unit}' (use B, KB, MB, GB, KiB, MiB, GiB)"
-            ));
+            return Err(format!("'{s}': unknown unit '{unit}' (use B, KB, MB, GB, KiB, MiB, GiB)"));
         }
     };
     let v = n * mult;
@@ -210,8 +204,7 @@ pub fn parse_size(s: &str) -> std::result::Result<u64, String> {
 }
 
 fn parse_dtype(s: &str) -> std::result::Result<FloatType, String> {
-    FloatType::parse_cli(s)
-        .ok_or_else(|| format!("'{s}' is not a dtype chatvec writes (bf16, f16, f32)"))
+    FloatType::parse_cli(s).ok_or_else(|| format!("'{s}' is not a dtype chatvec writes (bf16, f16, f32)"))
 }
 
 static QUIET: AtomicBool = AtomicBool::new(false);
@@ -238,10 +231,7 @@ pub fn out(text: &str) -> Result<()> {
 }
 
 fn json_out(v: &impl serde::Serialize) -> Result<()> {
-    out(&format!(
-        "{}\n",
-        serde_json::to_string_pretty(v).expect("summaries serialize")
-    ))
+    out(&format!("{}\n", serde_json::to_string_pretty(v).expect("summaries serialize")))
 }
 
 /// Compute threads: as given, else one per core. (On the 2-core machine one
@@ -309,27 +299,16 @@ pub fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Extract(a) => {
             let sel = selection(&a.write, 1.0, &[]);
-            let s = job::extract(
-                &a.chat,
-                &a.pretrained,
-                a.dtype,
-                &sel,
-                &settings(&a.write, cli.quiet),
-            )?;
+            let s = job::extract(&a.chat, &a.pretrained, a.dtype, &sel, &settings(&a.write, cli.quiet))?;
             report(&s, cli.json)
         }
         Command::Apply(a) => {
             let sel = selection(&a.write, a.scale, &a.scale_for);
             let vector = match (&a.vector, &a.chat, &a.pretrained) {
                 (Some(v), _, _) => VectorArgs::Stored(v),
-                (None, Some(c), Some(p)) => VectorArgs::Streaming {
-                    chat: c,
-                    pretrained: p,
-                },
+                (None, Some(c), Some(p)) => VectorArgs::Streaming { chat: c, pretrained: p },
                 _ => {
-                    return Err(Error::Usage(
-                        "give --vector DIR, or --chat and --pretrained".into(),
-                    ));
+                    return Err(Error::Usage("give --vector DIR, or --chat and --pretrained".into()));
                 }
             };
             let s = job::apply(
@@ -346,11 +325,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Inspect(a) => {
             let ck = Checkpoint::open(&resolve_model(&a.model)?)?;
             let r = crate::inspect::report(&ck);
-            if cli.json {
-                json_out(&r)
-            } else {
-                out(&crate::inspect::render(&r))
-            }
+            if cli.json { json_out(&r) } else { out(&crate::inspect::render(&r)) }
         }
         Command::Demo(a) => {
             let text = crate::demo::run(a.dir.as_deref(), a.keep, threads(None))?;

@@ -55,10 +55,7 @@ pub struct ConfigSummary {
 impl ModelConfig {
     pub fn read(path: &Path) -> Result<ModelConfig> {
         match read_value(path, MAX_CONFIG_BYTES)? {
-            Value::Object(raw) => Ok(ModelConfig {
-                path: path.to_path_buf(),
-                raw,
-            }),
+            Value::Object(raw) => Ok(ModelConfig { path: path.to_path_buf(), raw }),
             _ => Err(Error::bad_file(path, "config must be a JSON object")),
         }
     }
@@ -122,17 +119,13 @@ mod tests {
     use super::*;
 
     fn cfg(v: Value) -> ModelConfig {
-        ModelConfig {
-            path: "c.json".into(),
-            raw: v.as_object().unwrap().clone(),
-        }
+        ModelConfig { path: "c.json".into(), raw: v.as_object().unwrap().clone() }
     }
 
     #[test]
     fn numbers_compare_by_value_and_vocab_is_ignored() {
         let a = cfg(serde_json::json!({"rope_theta": 500000, "hidden_size": 64, "vocab_size": 10}));
-        let b =
-            cfg(serde_json::json!({"rope_theta": 500000.0, "hidden_size": 64, "vocab_size": 12}));
+        let b = cfg(serde_json::json!({"rope_theta": 500000.0, "hidden_size": 64, "vocab_size": 12}));
         assert!(architecture_differences(&a, &b).is_empty());
     }
 

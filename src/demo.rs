@@ -26,15 +26,8 @@ pub fn run(dir: Option<&Path>, keep: bool, threads: usize) -> Result<String> {
         Some(d) => d.to_path_buf(),
         None => std::env::temp_dir().join(format!("chatvec-demo-{}", std::process::id())),
     };
-    if root.exists()
-        && std::fs::read_dir(&root)
-            .map(|mut r| r.next().is_some())
-            .unwrap_or(true)
-    {
-        return Err(Error::Usage(format!(
-            "demo directory {} is not empty",
-            root.display()
-        )));
+    if root.exists() && std::fs::read_dir(&root).map(|mut r| r.next().is_some()).unwrap_or(true) {
+        return Err(Error::Usage(format!("demo directory {} is not empty", root.display())));
     }
     let result = steps(&root, threads);
     if dir.is_none() && !keep {
@@ -45,25 +38,13 @@ pub fn run(dir: Option<&Path>, keep: bool, threads: usize) -> Result<String> {
 
 fn steps(root: &Path, threads: usize) -> Result<String> {
     let mut out = String::new();
-    let p = Component {
-        seed: 1,
-        amplitude: 0.05,
-    };
-    let c = Component {
-        seed: 2,
-        amplitude: 0.004,
-    };
-    let k = Component {
-        seed: 3,
-        amplitude: 0.01,
-    };
+    let p = Component { seed: 1, amplitude: 0.05 };
+    let c = Component { seed: 2, amplitude: 0.004 };
+    let k = Component { seed: 3, amplitude: 0.01 };
     let small = LlamaShape::tiny(VOCAB);
     let grown = LlamaShape::tiny(VOCAB + EXTRA);
-    let (pre, chat, base) = (
-        root.join("llama-pretrained"),
-        root.join("llama-chat"),
-        root.join("swallow-like"),
-    );
+    let (pre, chat, base) =
+        (root.join("llama-pretrained"), root.join("llama-chat"), root.join("swallow-like"));
     let toks = tokens(VOCAB, 0);
     let grown_toks = tokens(VOCAB, EXTRA);
     write_model(
@@ -72,10 +53,7 @@ fn steps(root: &Path, threads: usize) -> Result<String> {
         FloatType::BF16,
         &[p],
         u64::MAX,
-        &ModelFiles {
-            tokens: Some(&toks),
-            chat: false,
-        },
+        &ModelFiles { tokens: Some(&toks), chat: false },
     )?;
     write_model(
         &chat,
@@ -83,10 +61,7 @@ fn steps(root: &Path, threads: usize) -> Result<String> {
         FloatType::BF16,
         &[p, c],
         u64::MAX,
-        &ModelFiles {
-            tokens: Some(&toks),
-            chat: true,
-        },
+        &ModelFiles { tokens: Some(&toks), chat: true },
     )?;
     // Small shards so the demo exercises sharded checkpoints.
     write_model(
@@ -95,25 +70,18 @@ fn steps(root: &Path, threads: usize) -> Result<String> {
         FloatType::BF16,
         &[p, k],
         200_000,
-        &ModelFiles {
-            tokens: Some(&grown_toks),
-            chat: false,
-        },
+        &ModelFiles { tokens: Some(&grown_toks), chat: false },
     )?;
     out.push_str(&format!("demo models in {}:\n", root.display()));
     out.push_str("  llama-pretrained  the English base (vocab 256)\n");
     out.push_str("  llama-chat        its chat model\n");
-    out.push_str("  swallow-like      continued pretraining of the base, vocabulary grown to 320, sharded\n\n");
+    out.push_str(
+        "  swallow-like      continued pretraining of the base, vocabulary grown to 320, sharded\n\n",
+    );
 
     out.push_str("$ chatvec inspect swallow-like\n");
     let report = inspect::render(&inspect::report(&Checkpoint::open(&base)?));
-    out.push_str(
-        &report
-            .lines()
-            .take_while(|l| !l.starts_with("  tensors:"))
-            .collect::<Vec<_>>()
-            .join("\n"),
-    );
+    out.push_str(&report.lines().take_while(|l| !l.starts_with("  tensors:")).collect::<Vec<_>>().join("\n"));
     out.push_str("\n  ...\n\n");
 
     let sel = SelectionArgs {
@@ -139,14 +107,10 @@ fn steps(root: &Path, threads: usize) -> Result<String> {
     };
     let s = |p: &Path| p.display().to_string();
     let vector = root.join("chat-vector");
-    out.push_str("$ chatvec extract --chat llama-chat --pretrained llama-pretrained --dtype f32 -o chat-vector\n");
-    let sx = extract(
-        &s(&chat),
-        &s(&pre),
-        Some(FloatType::F32),
-        &sel,
-        &settings(&vector),
-    )?;
+    out.push_str(
+        "$ chatvec extract --chat llama-chat --pretrained llama-pretrained --dtype f32 -o chat-vector\n",
+    );
+    let sx = extract(&s(&chat), &s(&pre), Some(FloatType::F32), &sel, &settings(&vector))?;
     out.push_str(&describe(&sx));
 
     let a = root.join("swallow-like-cv");
@@ -166,10 +130,7 @@ fn steps(root: &Path, threads: usize) -> Result<String> {
     out.push_str("$ chatvec apply --base swallow-like --chat llama-chat --pretrained llama-pretrained -o swallow-like-cv-streamed\n");
     let sb = apply(
         &s(&base),
-        VectorArgs::Streaming {
-            chat: &s(&chat),
-            pretrained: &s(&pre),
-        },
+        VectorArgs::Streaming { chat: &s(&chat), pretrained: &s(&pre) },
         EmbeddingPolicy::Auto,
         None,
         false,
@@ -178,16 +139,10 @@ fn steps(root: &Path, threads: usize) -> Result<String> {
     )?;
     out.push_str(&describe(&sb));
 
-    let same = sa
-        .shards
-        .iter()
-        .zip(&sb.shards)
-        .all(|(x, y)| x.sha256 == y.sha256)
+    let same = sa.shards.iter().zip(&sb.shards).all(|(x, y)| x.sha256 == y.sha256)
         && sa.shards.len() == sb.shards.len();
     if !same {
-        return Err(Error::Internal(
-            "the stored-vector and streaming outputs differ".into(),
-        ));
+        return Err(Error::Internal("the stored-vector and streaming outputs differ".into()));
     }
     out.push_str("the stored f32 vector and the streaming form gave byte-identical shards:\n");
     for sh in &sa.shards {

@@ -65,18 +65,12 @@ impl DType {
 
     /// The header spelling.
     pub fn name(self) -> &'static str {
-        ALL.iter()
-            .find(|(d, _, _)| *d == self)
-            .map(|e| e.1)
-            .unwrap()
+        ALL.iter().find(|(d, _, _)| *d == self).map(|e| e.1).unwrap()
     }
 
     /// Width of one element in bits (sub-byte float formats exist).
     pub fn bits(self) -> u64 {
-        ALL.iter()
-            .find(|(d, _, _)| *d == self)
-            .map(|e| e.2)
-            .unwrap()
+        ALL.iter().find(|(d, _, _)| *d == self).map(|e| e.2).unwrap()
     }
 
     /// The float type chatvec computes with, if this is one.
@@ -239,9 +233,7 @@ mod tests {
     fn bf16_rounding_is_nearest_even() {
         let mut seed = 0x1234_5678_9abc_def0u64;
         for _ in 0..200_000 {
-            seed = seed
-                .wrapping_mul(6364136223846793005)
-                .wrapping_add(1442695040888963407);
+            seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
             let x = f32::from_bits((seed >> 32) as u32);
             if !x.is_finite() {
                 continue;

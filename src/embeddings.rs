@@ -82,9 +82,7 @@ pub fn match_rows(
 ) -> Result<RowMap> {
     let policy_used = match policy {
         EmbeddingPolicy::Auto if base_rows == vector_rows => EmbeddingPolicy::Full,
-        EmbeddingPolicy::Auto if vocabs.base.is_some() && vocabs.vector.is_some() => {
-            EmbeddingPolicy::Align
-        }
+        EmbeddingPolicy::Auto if vocabs.base.is_some() && vocabs.vector.is_some() => EmbeddingPolicy::Align,
         EmbeddingPolicy::Auto => EmbeddingPolicy::Prefix,
         p => p,
     };
@@ -99,25 +97,15 @@ pub fn match_rows(
             if base_rows != vector_rows {
                 return Err(Error::Mismatch {
                     what: "--embeddings full needs the same vocabulary size".into(),
-                    problems: vec![format!(
-                        "{tensor}: base has {base_rows} rows, vector {vector_rows}"
-                    )],
+                    problems: vec![format!("{tensor}: base has {base_rows} rows, vector {vector_rows}")],
                 }
                 .with_hint("use --embeddings align (or prefix, or skip)"));
             }
-            vec![RowRun {
-                base_row: 0,
-                vector_row: 0,
-                rows: base_rows,
-            }]
+            vec![RowRun { base_row: 0, vector_row: 0, rows: base_rows }]
         }
         EmbeddingPolicy::Skip => Vec::new(),
         EmbeddingPolicy::Prefix => {
-            vec![RowRun {
-                base_row: 0,
-                vector_row: 0,
-                rows: base_rows.min(vector_rows),
-            }]
+            vec![RowRun { base_row: 0, vector_row: 0, rows: base_rows.min(vector_rows) }]
         }
         EmbeddingPolicy::Align => {
             let (Some(bv), Some(vv)) = (vocabs.base, vocabs.vector) else {
@@ -130,11 +118,7 @@ pub fn match_rows(
         }
         EmbeddingPolicy::Auto => unreachable!("auto is resolved above"),
     };
-    Ok(RowMap {
-        runs: runs.into_iter().filter(|r| r.rows > 0).collect(),
-        how: policy_used,
-        warning,
-    })
+    Ok(RowMap { runs: runs.into_iter().filter(|r| r.rows > 0).collect(), how: policy_used, warning })
 }
 
 /// Base row r takes vector row v when base token r's string is vector token
@@ -153,11 +137,7 @@ fn align_runs(base_rows: u64, vector_rows: u64, base: &Vocab, vector: &Vocab) ->
             Some(last) if last.base_row + last.rows == r && last.vector_row + last.rows == v => {
                 last.rows += 1
             }
-            _ => runs.push(RowRun {
-                base_row: r,
-                vector_row: v,
-                rows: 1,
-            }),
+            _ => runs.push(RowRun { base_row: r, vector_row: v, rows: 1 }),
         }
     }
     runs
@@ -182,43 +162,16 @@ mod tests {
 
     #[test]
     fn auto_is_full_when_shapes_match() {
-        let m = match_rows(
-            "e",
-            EmbeddingPolicy::Auto,
-            5,
-            5,
-            &Vocabs {
-                base: None,
-                vector: None,
-            },
-        )
-        .unwrap();
+        let m = match_rows("e", EmbeddingPolicy::Auto, 5, 5, &Vocabs { base: None, vector: None }).unwrap();
         assert_eq!(m.how, EmbeddingPolicy::Full);
         assert_eq!(m.matched(), 5);
     }
 
     #[test]
     fn auto_falls_back_to_prefix_with_a_warning() {
-        let m = match_rows(
-            "e",
-            EmbeddingPolicy::Auto,
-            7,
-            5,
-            &Vocabs {
-                base: None,
-                vector: None,
-            },
-        )
-        .unwrap();
+        let m = match_rows("e", EmbeddingPolicy::Auto, 7, 5, &Vocabs { base: None, vector: None }).unwrap();
         assert_eq!(m.how, EmbeddingPolicy::Prefix);
-        assert_eq!(
-            m.runs,
-            vec![RowRun {
-                base_row: 0,
-                vector_row: 0,
-                rows: 5
-            }]
-        );
+        assert_eq!(m.runs, vec![RowRun { base_row: 0, vector_row: 0, rows: 5 }]);
         assert!(m.warning.is_some());
     }
 
@@ -226,31 +179,14 @@ mod tests {
     fn align_matches_by_string_and_merges_runs() {
         let b = vocab(&["a", "b", "new1", "c", "d", "new2"]);
         let v = vocab(&["a", "b", "c", "d", "e"]);
-        let m = match_rows(
-            "e",
-            EmbeddingPolicy::Auto,
-            6,
-            5,
-            &Vocabs {
-                base: Some(&b),
-                vector: Some(&v),
-            },
-        )
-        .unwrap();
+        let m = match_rows("e", EmbeddingPolicy::Auto, 6, 5, &Vocabs { base: Some(&b), vector: Some(&v) })
+            .unwrap();
         assert_eq!(m.how, EmbeddingPolicy::Align);
         assert_eq!(
             m.runs,
             vec![
-                RowRun {
-                    base_row: 0,
-                    vector_row: 0,
-                    rows: 2
-                },
-                RowRun {
-                    base_row: 3,
-                    vector_row: 2,
-                    rows: 2
-                }
+                RowRun { base_row: 0, vector_row: 0, rows: 2 },
+                RowRun { base_row: 3, vector_row: 2, rows: 2 }
             ]
         );
         assert_eq!(m.matched(), 4);
@@ -260,40 +196,16 @@ mod tests {
     fn align_ignores_tokens_beyond_the_vector_rows() {
         let b = vocab(&["a", "b"]);
         let v = vocab(&["x", "b", "a"]);
-        let m = match_rows(
-            "e",
-            EmbeddingPolicy::Align,
-            2,
-            2,
-            &Vocabs {
-                base: Some(&b),
-                vector: Some(&v),
-            },
-        )
-        .unwrap();
-        assert_eq!(
-            m.runs,
-            vec![RowRun {
-                base_row: 1,
-                vector_row: 1,
-                rows: 1
-            }]
-        );
+        let m = match_rows("e", EmbeddingPolicy::Align, 2, 2, &Vocabs { base: Some(&b), vector: Some(&v) })
+            .unwrap();
+        assert_eq!(m.runs, vec![RowRun { base_row: 1, vector_row: 1, rows: 1 }]);
     }
 
     #[test]
     fn full_refuses_different_sizes_and_align_needs_tokenizers() {
-        let none = Vocabs {
-            base: None,
-            vector: None,
-        };
+        let none = Vocabs { base: None, vector: None };
         assert!(match_rows("e", EmbeddingPolicy::Full, 6, 5, &none).is_err());
         assert!(match_rows("e", EmbeddingPolicy::Align, 6, 5, &none).is_err());
-        assert!(
-            match_rows("e", EmbeddingPolicy::Skip, 6, 5, &none)
-                .unwrap()
-                .runs
-                .is_empty()
-        );
+        assert!(match_rows("e", EmbeddingPolicy::Skip, 6, 5, &none).unwrap().runs.is_empty());
     }
 }

@@ -28,11 +28,7 @@ pub enum Error {
         "{}: tensor '{tensor}' has dtype {dtype}; chatvec computes with BF16, F16 and F32 only",
         file.display()
     )]
-    UnsupportedDtype {
-        file: PathBuf,
-        tensor: String,
-        dtype: String,
-    },
+    UnsupportedDtype { file: PathBuf, tensor: String, dtype: String },
 
     /// The inputs do not fit together (names, shapes, configs, vocabularies).
     /// `problems` lists the first offending tensors or keys.
@@ -53,11 +49,7 @@ pub enum Error {
 
     /// An operating-system I/O error, with what was being done to which path.
     #[error("{op} {}: {source}", path.display())]
-    Io {
-        op: &'static str,
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    Io { op: &'static str, path: PathBuf, source: std::io::Error },
 
     /// The user pressed Ctrl-C or the process got SIGTERM.
     #[error("interrupted; no output was written")]
@@ -77,33 +69,20 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 impl Error {
     /// Builds an `Io` error; use as `.map_err(|e| Error::io("reading", path, e))`.
     pub fn io(op: &'static str, path: &Path, source: std::io::Error) -> Error {
-        Error::Io {
-            op,
-            path: path.to_path_buf(),
-            source,
-        }
+        Error::Io { op, path: path.to_path_buf(), source }
     }
 
     pub fn format(file: &Path, msg: impl Into<String>) -> Error {
-        Error::Format {
-            file: file.to_path_buf(),
-            msg: msg.into(),
-        }
+        Error::Format { file: file.to_path_buf(), msg: msg.into() }
     }
 
     pub fn bad_file(file: &Path, msg: impl Into<String>) -> Error {
-        Error::BadFile {
-            file: file.to_path_buf(),
-            msg: msg.into(),
-        }
+        Error::BadFile { file: file.to_path_buf(), msg: msg.into() }
     }
 
     /// Attaches a `hint:` line.
     pub fn with_hint(self, hint: impl Into<String>) -> Error {
-        Error::Hinted {
-            inner: Box::new(self),
-            hint: hint.into(),
-        }
+        Error::Hinted { inner: Box::new(self), hint: hint.into() }
     }
 
     /// The hint to print after the error, if any.

@@ -86,10 +86,7 @@ fn jobs(plan: &Plan, chunk_elems: u64) -> Vec<Job> {
                     let mut a = 0;
                     while a < len {
                         let b = (a + COPY_CHUNK_BYTES).min(len);
-                        jobs.push(Job::Copy {
-                            src: *src,
-                            bytes: a..b,
-                        });
+                        jobs.push(Job::Copy { src: *src, bytes: a..b });
                         a = b;
                     }
                 }
@@ -98,10 +95,7 @@ fn jobs(plan: &Plan, chunk_elems: u64) -> Vec<Job> {
                     let mut a = 0;
                     while a < n {
                         let b = (a + chunk_elems).min(n);
-                        jobs.push(Job::Compute {
-                            tensor: ti,
-                            elems: a..b,
-                        });
+                        jobs.push(Job::Compute { tensor: ti, elems: a..b });
                         a = b;
                     }
                 }
@@ -112,15 +106,8 @@ fn jobs(plan: &Plan, chunk_elems: u64) -> Vec<Job> {
 }
 
 fn operand(plan: &Plan, s: Source) -> Operand<'_> {
-    let ty = plan
-        .input_tensor(s)
-        .dtype
-        .float()
-        .expect("plan checked float dtypes");
-    Operand {
-        ty,
-        bytes: plan.input_bytes(s),
-    }
+    let ty = plan.input_tensor(s).dtype.float().expect("plan checked float dtypes");
+    Operand { ty, bytes: plan.input_bytes(s) }
 }
 
 /// Computes elements `elems` of tensor `t` into `out`.
@@ -131,15 +118,10 @@ fn compute(plan: &Plan, t: &OutTensor, elems: Range<u64>, out: &mut [u8]) {
     match &t.op {
         Op::Copy(_) => unreachable!("copies are not computed"),
         Op::Convert(src) => {
-            let s =
-                operand(plan, *src).slice(elems.start as usize, (elems.end - elems.start) as usize);
+            let s = operand(plan, *src).slice(elems.start as usize, (elems.end - elems.start) as usize);
             arith::convert(out_ty, out, s);
         }
-        Op::Arith {
-            formula,
-            runs,
-            row_len,
-        } => {
+        Op::Arith { formula, runs, row_len } => {
             let l = *row_len;
             let base = operand(plan, formula.base());
             let mut p = elems.start;
@@ -147,11 +129,8 @@ fn compute(plan: &Plan, t: &OutTensor, elems: Range<u64>, out: &mut [u8]) {
             while p < elems.end {
                 let in_run = ri < runs.len() && runs[ri].base_row * l <= p;
                 if !in_run {
-                    let next = if ri < runs.len() {
-                        (runs[ri].base_row * l).min(elems.end)
-                    } else {
-                        elems.end
-                    };
+                    let next =
+                        if ri < runs.len() { (runs[ri].base_row * l).min(elems.end) } else { elems.end };
                     let n = (next - p) as usize;
                     arith::convert(out_ty, &mut out[at(p)..at(next)], base.slice(p as usize, n));
                     p = next;
@@ -171,9 +150,7 @@ fn compute(plan: &Plan, t: &OutTensor, elems: Range<u64>, out: &mut [u8]) {
                         operand(plan, chat).slice(v, n),
                         operand(plan, pre).slice(v, n),
                     ),
-                    Formula::AddDiff {
-                        chat, pre, scale, ..
-                    } => arith::add_diff(
+                    Formula::AddDiff { chat, pre, scale, .. } => arith::add_diff(
                         out_ty,
                         o,
                         b,
@@ -198,32 +175,17 @@ fn compute(plan: &Plan, t: &OutTensor, elems: Range<u64>, out: &mut [u8]) {
 fn touches(plan: &Plan, job: &Job, mut f: impl FnMut(usize, Touch)) {
     let mut report = |src: Source, end_elem: u64, size: u64| {
         let t = plan.input_tensor(src);
-        f(
-            src.input,
-            Touch {
-                shard: t.shard,
-                end: t.start + end_elem * size,
-            },
-        );
+        f(src.input, Touch { shard: t.shard, end: t.start + end_elem * size });
     };
     match job {
         Job::Header(_) => {}
         Job::Copy { src, bytes } => report(*src, bytes.end, 1),
         Job::Compute { tensor, elems } => {
-            let size = |s: Source| {
-                plan.input_tensor(s)
-                    .dtype
-                    .float()
-                    .map_or(1, |t| t.size() as u64)
-            };
+            let size = |s: Source| plan.input_tensor(s).dtype.float().map_or(1, |t| t.size() as u64);
             match &plan.tensors[*tensor].op {
                 Op::Copy(_) => {}
                 Op::Convert(src) => report(*src, elems.end, size(*src)),
-                Op::Arith {
-                    formula,
-                    runs,
-                    row_len,
-                } => {
+                Op::Arith { formula, runs, row_len } => {
                     let base = formula.base();
                     report(base, elems.end, size(base));
                     // The furthest vector element this chunk reads.
@@ -233,8 +195,7 @@ fn touches(plan: &Plan, job: &Job, mut f: impl FnMut(usize, Touch)) {
                         .iter()
                         .take_while(|r| r.base_row * l < elems.end)
                         .map(|r| {
-                            r.vector_row * l + ((r.base_row + r.rows) * l).min(elems.end)
-                                - r.base_row * l
+                            r.vector_row * l + ((r.base_row + r.rows) * l).min(elems.end) - r.base_row * l
                         })
                         .max();
                     if let Some(v_end) = v_end {
@@ -304,10 +265,7 @@ pub fn execute(plan: &Plan, dir: &Path, opts: &ExecOptions) -> Result<ExecResult
                 outcome = Err(e);
                 break;
             }
-            let bufs: Vec<Vec<u8>> = group
-                .iter()
-                .map(|_| free_rx.try_recv().unwrap_or_default())
-                .collect();
+            let bufs: Vec<Vec<u8>> = group.iter().map(|_| free_rx.try_recv().unwrap_or_default()).collect();
             let pieces: Vec<(usize, Piece)> = pool.install(|| {
                 group
                     .par_iter()
@@ -326,39 +284,25 @@ pub fn execute(plan: &Plan, dir: &Path, opts: &ExecOptions) -> Result<ExecResult
             }
         }
         drop(tx);
-        let written = writer
-            .join()
-            .map_err(|_| Error::Internal("writer thread panicked".into()));
-        let out_hashes = out_hasher
-            .join()
-            .map_err(|_| Error::Internal("hash thread panicked".into()))?;
+        let written = writer.join().map_err(|_| Error::Internal("writer thread panicked".into()));
+        let out_hashes = out_hasher.join().map_err(|_| Error::Internal("hash thread panicked".into()))?;
         if outcome.is_err() || !matches!(written, Ok(Ok(_))) {
             stop.store(true, Ordering::Relaxed);
         }
         drop(touch_tx);
         let hashes: Vec<Result<Vec<WrittenFile>>> = hashers
             .into_iter()
-            .map(|h| {
-                h.join()
-                    .unwrap_or_else(|_| Err(Error::Internal("hash thread panicked".into())))
-            })
+            .map(|h| h.join().unwrap_or_else(|_| Err(Error::Internal("hash thread panicked".into()))))
             .collect();
         outcome?;
         let shards = written??
             .into_iter()
             .zip(out_hashes)
-            .map(|((file, bytes), sha256)| WrittenFile {
-                file,
-                bytes,
-                sha256,
-            })
+            .map(|((file, bytes), sha256)| WrittenFile { file, bytes, sha256 })
             .collect();
         interrupt::check()?;
         bar.finish_and_clear();
-        Ok(ExecResult {
-            shards,
-            inputs: hashes.into_iter().collect::<Result<_>>()?,
-        })
+        Ok(ExecResult { shards, inputs: hashes.into_iter().collect::<Result<_>>()? })
     })
 }
 
@@ -415,11 +359,7 @@ fn write_pieces<'a>(
 /// The output hasher: sha256 of each shard from the pieces the writer has
 /// written (in a thread of its own, so hashing overlaps writing), then the
 /// buffers go back for reuse.
-fn hash_pieces(
-    jobs: &[Job],
-    rx: Receiver<Vec<(usize, Piece)>>,
-    free: Sender<Vec<u8>>,
-) -> Vec<String> {
+fn hash_pieces(jobs: &[Job], rx: Receiver<Vec<(usize, Piece)>>, free: Sender<Vec<u8>>) -> Vec<String> {
     let mut done = Vec::new();
     let mut current: Option<Sha256> = None;
     for pieces in rx {
@@ -429,9 +369,7 @@ fn hash_pieces(
             {
                 done.push(hex(&h.finalize()));
             }
-            current
-                .get_or_insert_with(Sha256::new)
-                .update(piece.bytes());
+            current.get_or_insert_with(Sha256::new).update(piece.bytes());
             if let Piece::Owned(v) = piece {
                 let _ = free.send(v);
             }

@@ -90,13 +90,10 @@ pub fn parse_header(bytes: &[u8], file: &Path) -> Result<Header> {
         ));
     }
     let raw = &bytes[8..data_start as usize];
-    let text = std::str::from_utf8(raw)
-        .map_err(|e| Error::format(file, format!("header is not UTF-8: {e}")))?;
+    let text =
+        std::str::from_utf8(raw).map_err(|e| Error::format(file, format!("header is not UTF-8: {e}")))?;
     if !text.starts_with('{') {
-        return Err(Error::format(
-            file,
-            "header does not start with '{' (not a safetensors file?)",
-        ));
+        return Err(Error::format(file, "header does not start with '{' (not a safetensors file?)"));
     }
     let Entries(entries) = serde_json::from_str(text)
         .map_err(|e| Error::format(file, format!("header is not valid JSON: {e}")))?;
@@ -122,12 +119,8 @@ pub fn parse_header(bytes: &[u8], file: &Path) -> Result<Header> {
         }
         let t: RawTensor = serde_json::from_value(value)
             .map_err(|e| Error::format(file, format!("tensor '{name}': bad header entry: {e}")))?;
-        let dtype = DType::parse(&t.dtype).ok_or_else(|| {
-            Error::format(
-                file,
-                format!("tensor '{name}': unknown dtype '{}'", t.dtype),
-            )
-        })?;
+        let dtype = DType::parse(&t.dtype)
+            .ok_or_else(|| Error::format(file, format!("tensor '{name}': unknown dtype '{}'", t.dtype)))?;
         let (begin, end) = t.data_offsets;
         if begin > end {
             return Err(Error::format(
@@ -135,26 +128,13 @@ pub fn parse_header(bytes: &[u8], file: &Path) -> Result<Header> {
                 format!("tensor '{name}': data_offsets [{begin}, {end}] end before they begin"),
             ));
         }
-        let bits = t
-            .shape
-            .iter()
-            .try_fold(dtype.bits(), |acc, &d| acc.checked_mul(d))
-            .ok_or_else(|| {
-                Error::format(
-                    file,
-                    format!(
-                        "tensor '{name}': shape {:?} x {dtype} overflows 64 bits",
-                        t.shape
-                    ),
-                )
-            })?;
+        let bits = t.shape.iter().try_fold(dtype.bits(), |acc, &d| acc.checked_mul(d)).ok_or_else(|| {
+            Error::format(file, format!("tensor '{name}': shape {:?} x {dtype} overflows 64 bits", t.shape))
+        })?;
         if bits % 8 != 0 {
             return Err(Error::format(
                 file,
-                format!(
-                    "tensor '{name}': {dtype} shape {:?} is not a whole number of bytes",
-                    t.shape
-                ),
+                format!("tensor '{name}': {dtype} shape {:?} is not a whole number of bytes", t.shape),
             ));
         }
         let expected = bits / 8;
@@ -168,13 +148,7 @@ pub fn parse_header(bytes: &[u8], file: &Path) -> Result<Header> {
                 ),
             ));
         }
-        tensors.push(TensorInfo {
-            name,
-            dtype,
-            shape: t.shape,
-            begin,
-            end,
-        });
+        tensors.push(TensorInfo { name, dtype, shape: t.shape, begin, end });
     }
 
     tensors.sort_by_key(|t| (t.begin, t.end));
@@ -209,11 +183,7 @@ pub fn parse_header(bytes: &[u8], file: &Path) -> Result<Header> {
         };
         return Err(Error::format(file, msg));
     }
-    Ok(Header {
-        tensors,
-        metadata,
-        data_start,
-    })
+    Ok(Header { tensors, metadata, data_start })
 }
 
 /// What the writer needs to know about one tensor to lay out a file.
@@ -269,9 +239,7 @@ mod tests {
     }
 
     fn err(bytes: &[u8]) -> String {
-        parse_header(bytes, Path::new("x.safetensors"))
-            .unwrap_err()
-            .to_string()
+        parse_header(bytes, Path::new("x.safetensors")).unwrap_err().to_string()
     }
 
     #[test]
@@ -288,13 +256,7 @@ mod tests {
     #[test]
     fn accepts_scalars_and_empty_tensors() {
         let h = r#"{"s":{"dtype":"F32","shape":[],"data_offsets":[0,4]},"e":{"dtype":"BF16","shape":[0,5],"data_offsets":[4,4]}}"#;
-        assert_eq!(
-            parse_header(&file(h, 4), Path::new("x"))
-                .unwrap()
-                .tensors
-                .len(),
-            2
-        );
+        assert_eq!(parse_header(&file(h, 4), Path::new("x")).unwrap().tensors.len(), 2);
     }
 
     #[test]
@@ -414,14 +376,7 @@ mod tests {
     /// lays out, `parse_header` accepts and reads back unchanged.
     #[test]
     fn random_layouts_round_trip() {
-        let dtypes = [
-            DType::BF16,
-            DType::F16,
-            DType::F32,
-            DType::I64,
-            DType::U8,
-            DType::F64,
-        ];
+        let dtypes = [DType::BF16, DType::F16, DType::F32, DType::I64, DType::U8, DType::F64];
         let mut seed = 0x9e37_79b9u64;
         let mut next = |m: u64| {
             seed ^= seed << 13;
@@ -432,9 +387,7 @@ mod tests {
         for _ in 0..300 {
             let n = next(6) as usize;
             let names: Vec<String> = (0..n).map(|i| format!("t{i}.{}", next(1000))).collect();
-            let shapes: Vec<Vec<u64>> = (0..n)
-                .map(|_| (0..next(4)).map(|_| next(5) * 2).collect())
-                .collect();
+            let shapes: Vec<Vec<u64>> = (0..n).map(|_| (0..next(4)).map(|_| next(5) * 2).collect()).collect();
             let specs: Vec<OutTensorSpec> = (0..n)
                 .map(|i| OutTensorSpec {
                     name: &names[i],
@@ -447,15 +400,10 @@ mod tests {
             f.extend(std::iter::repeat_n(7u8, data_len as usize));
             let h = parse_header(&f, Path::new("x")).unwrap();
             // Zero-sized tensors share offsets, so compare as sets.
-            let mut got: Vec<_> = h
-                .tensors
-                .iter()
-                .map(|t| (t.name.clone(), t.dtype, t.shape.clone()))
-                .collect();
-            let mut want: Vec<_> = specs
-                .iter()
-                .map(|s| (s.name.to_string(), s.dtype, s.shape.to_vec()))
-                .collect();
+            let mut got: Vec<_> =
+                h.tensors.iter().map(|t| (t.name.clone(), t.dtype, t.shape.clone())).collect();
+            let mut want: Vec<_> =
+                specs.iter().map(|s| (s.name.to_string(), s.dtype, s.shape.to_vec())).collect();
             got.sort_by(|a, b| a.0.cmp(&b.0));
             want.sort_by(|a, b| a.0.cmp(&b.0));
             assert_eq!(got, want);
@@ -465,16 +413,8 @@ mod tests {
     #[test]
     fn built_headers_parse_back() {
         let specs = [
-            OutTensorSpec {
-                name: "w",
-                dtype: DType::BF16,
-                shape: &[3, 5],
-            },
-            OutTensorSpec {
-                name: "b",
-                dtype: DType::F32,
-                shape: &[7],
-            },
+            OutTensorSpec { name: "w", dtype: DType::BF16, shape: &[3, 5] },
+            OutTensorSpec { name: "b", dtype: DType::F32, shape: &[7] },
         ];
         let (head, data_len) = build_header(&specs);
         assert_eq!(data_len, 30 + 28);

@@ -50,36 +50,22 @@ impl HashCache {
     pub fn from_env(rehash: bool) -> HashCache {
         let base = std::env::var_os("CHATVEC_CACHE_DIR")
             .map(PathBuf::from)
-            .or_else(|| {
-                std::env::var_os("XDG_CACHE_HOME").map(|x| PathBuf::from(x).join("chatvec"))
-            })
-            .or_else(|| {
-                std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache").join("chatvec"))
-            });
-        HashCache {
-            dir: base.map(|b| b.join("sha256")),
-            read: !rehash,
-        }
+            .or_else(|| std::env::var_os("XDG_CACHE_HOME").map(|x| PathBuf::from(x).join("chatvec")))
+            .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache").join("chatvec")));
+        HashCache { dir: base.map(|b| b.join("sha256")), read: !rehash }
     }
 
     /// A cache that neither reads nor writes.
     pub fn disabled() -> HashCache {
-        HashCache {
-            dir: None,
-            read: false,
-        }
+        HashCache { dir: None, read: false }
     }
 
     /// The entry file for a stamp. The path is not part of the key: device
     /// and inode already name the file, however it is reached.
     fn entry(&self, stamp: &FileStamp) -> Option<PathBuf> {
-        let key = format!(
-            "{}\0{}\0{}\0{}\0{}",
-            stamp.dev, stamp.ino, stamp.size, stamp.mtime_ns, stamp.ctime_ns
-        );
-        self.dir
-            .as_ref()
-            .map(|d| d.join(sha256_hex(key.as_bytes())))
+        let key =
+            format!("{}\0{}\0{}\0{}\0{}", stamp.dev, stamp.ino, stamp.size, stamp.mtime_ns, stamp.ctime_ns);
+        self.dir.as_ref().map(|d| d.join(sha256_hex(key.as_bytes())))
     }
 
     /// The cached sha256 of the file in state `stamp`, if any.
@@ -115,10 +101,7 @@ mod tests {
     #[test]
     fn entries_follow_the_file_state() {
         let d = tempfile::tempdir().unwrap();
-        let cache = HashCache {
-            dir: Some(d.path().join("c")),
-            read: true,
-        };
+        let cache = HashCache { dir: Some(d.path().join("c")), read: true };
         let f = d.path().join("x");
         fs::write(&f, b"abc").unwrap();
         let st = FileStamp::of(&fs::metadata(&f).unwrap());
@@ -130,10 +113,7 @@ mod tests {
         let st2 = FileStamp::of(&fs::metadata(&f).unwrap());
         assert_ne!(st, st2);
         assert_eq!(cache.get(&st2), None);
-        let rehash = HashCache {
-            read: false,
-            ..cache.clone()
-        };
+        let rehash = HashCache { read: false, ..cache.clone() };
         assert_eq!(rehash.get(&st), None);
     }
 }

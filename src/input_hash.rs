@@ -46,12 +46,7 @@ pub fn hash_following(
         .shards
         .iter()
         .zip(&known)
-        .map(|(s, k)| {
-            (
-                Sha256::new(),
-                if k.is_some() { s.map.len() as u64 } else { 0 },
-            )
-        })
+        .map(|(s, k)| (Sha256::new(), if k.is_some() { s.map.len() as u64 } else { 0 }))
         .collect();
     let advance = |state: &mut (Sha256, u64), map: &[u8], end: u64| -> Result<()> {
         while state.1 < end {
@@ -79,11 +74,7 @@ pub fn hash_following(
                 h
             }
         };
-        out.push(WrittenFile {
-            file: shard.file_name.clone(),
-            bytes: shard.map.len() as u64,
-            sha256,
-        });
+        out.push(WrittenFile { file: shard.file_name.clone(), bytes: shard.map.len() as u64, sha256 });
     }
     Ok(out)
 }

@@ -112,17 +112,9 @@ pub fn render(r: &Report) -> String {
         r.tensor_count,
         human_bytes(r.tensor_bytes)
     );
-    let dt: Vec<String> = r
-        .dtypes
-        .iter()
-        .map(|(d, n)| format!("{d} {}", human_count(*n)))
-        .collect();
+    let dt: Vec<String> = r.dtypes.iter().map(|(d, n)| format!("{d} {}", human_count(*n))).collect();
     let _ = writeln!(s, "  dtypes: {}", dt.join(", "));
-    let _ = writeln!(
-        s,
-        "  tied embeddings: {}",
-        if r.tied_embeddings { "yes" } else { "no" }
-    );
+    let _ = writeln!(s, "  tied embeddings: {}", if r.tied_embeddings { "yes" } else { "no" });
     match &r.config {
         Some(c) => {
             let o = |v: Option<u64>| v.map_or("-".to_string(), |x| x.to_string());
@@ -146,13 +138,7 @@ pub fn render(r: &Report) -> String {
     }
     let _ = writeln!(s, "  shards:");
     for sh in &r.shards {
-        let _ = writeln!(
-            s,
-            "    {}  {}  {} tensors",
-            sh.file,
-            human_bytes(sh.bytes),
-            sh.tensors
-        );
+        let _ = writeln!(s, "    {}  {}  {} tensors", sh.file, human_bytes(sh.bytes), sh.tensors);
     }
     let _ = writeln!(s, "  tensors:");
     let w = r.tensors.iter().map(|t| t.name.len()).max().unwrap_or(0);

@@ -19,9 +19,5 @@ pub fn install() {
 
 /// Fails with `Error::Interrupted` once a signal has arrived.
 pub fn check() -> Result<()> {
-    if INTERRUPTED.load(Ordering::Relaxed) {
-        Err(Error::Interrupted)
-    } else {
-        Ok(())
-    }
+    if INTERRUPTED.load(Ordering::Relaxed) { Err(Error::Interrupted) } else { Ok(()) }
 }

@@ -13,12 +13,8 @@ use crate::embeddings::EmbeddingPolicy;
 use crate::error::Result;
 use crate::execute::{ExecOptions, execute};
 use crate::json::to_pretty;
-use crate::manifest::{
-    MANIFEST_FILE, Manifest, Parameters, TensorRecord, VectorRecord, read_vector_info,
-};
-use crate::plan::{
-    ApplyOptions, Common, EmbeddingReport, Plan, VectorSide, plan_apply, plan_extract,
-};
+use crate::manifest::{MANIFEST_FILE, Manifest, Parameters, TensorRecord, VectorRecord, read_vector_info};
+use crate::plan::{ApplyOptions, Common, EmbeddingReport, Plan, VectorSide, plan_apply, plan_extract};
 use crate::resolve::resolve_model;
 use crate::select::Selection;
 use crate::sidecars::{ChatSide, copy_side_files, write_model_side_files};
@@ -162,39 +158,20 @@ pub fn apply(
                 ));
             }
             let omitted = info.map(|i| i.omitted).unwrap_or_default();
-            (
-                VectorSide::Stored {
-                    vector: Checkpoint::open(&dir)?,
-                    omitted,
-                },
-                dir,
-            )
+            (VectorSide::Stored { vector: Checkpoint::open(&dir)?, omitted }, dir)
         }
         VectorArgs::Streaming { chat, pretrained } => {
             let c = resolve_model(chat)?;
             let p = resolve_model(pretrained)?;
-            (
-                VectorSide::Streaming {
-                    chat: Checkpoint::open(&c)?,
-                    pretrained: Checkpoint::open(&p)?,
-                },
-                c,
-            )
+            (VectorSide::Streaming { chat: Checkpoint::open(&c)?, pretrained: Checkpoint::open(&p)? }, c)
         }
     };
-    let opts = ApplyOptions {
-        common: sel.common()?,
-        embeddings,
-        out_dtype,
-    };
+    let opts = ApplyOptions { common: sel.common()?, embeddings, out_dtype };
     let mut plan = plan_apply(base_ck, side, &opts)?;
     plan.warnings.splice(0..0, early_warnings);
     let params = sel.parameters(Some(embeddings), out_dtype, keep_base_template);
     run("apply", plan, params, out, |dir, _plan, _manifest| {
-        let chat = ChatSide {
-            dir: &chat_dir,
-            keep_base_template,
-        };
+        let chat = ChatSide { dir: &chat_dir, keep_base_template };
         let rep = write_model_side_files(dir, &base_dir, Some(chat), out_dtype)?;
         Ok((rep.files, rep.notes, rep.warnings))
     })
@@ -211,11 +188,7 @@ fn run(
     out: &OutputSettings,
     side: impl FnOnce(&Path, &Plan, &mut Manifest) -> Result<SideFiles>,
 ) -> Result<Summary> {
-    let computed = plan
-        .tensors
-        .iter()
-        .filter(|t| !matches!(t.op, crate::plan::Op::Copy(_)))
-        .count();
+    let computed = plan.tensors.iter().filter(|t| !matches!(t.op, crate::plan::Op::Copy(_))).count();
     let mut summary = Summary {
         kind,
         output: None,
@@ -242,12 +215,7 @@ fn run(
     }
     let start = Instant::now();
     let input_dirs: Vec<&Path> = plan.inputs.iter().map(|i| i.ckpt.dir.as_path()).collect();
-    let dir = OutputDir::create(
-        &out.out,
-        &input_dirs,
-        out.force,
-        plan.output_bytes() + SIDE_FILE_RESERVE,
-    )?;
+    let dir = OutputDir::create(&out.out, &input_dirs, out.force, plan.output_bytes() + SIDE_FILE_RESERVE)?;
     let res = execute(&plan, dir.path(), &out.exec)?;
     let mut outputs = res.shards.clone();
     if plan.shards.len() > 1 {

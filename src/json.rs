@@ -45,10 +45,7 @@ pub fn read_capped(path: &Path, cap: u64) -> Result<Vec<u8>> {
     if meta.len() > cap {
         return Err(Error::bad_file(
             path,
-            format!(
-                "file is {} bytes; the limit for this kind of file is {cap}",
-                meta.len()
-            ),
+            format!("file is {} bytes; the limit for this kind of file is {cap}", meta.len()),
         ));
     }
     std::fs::read(path).map_err(|e| Error::io("reading", path, e))

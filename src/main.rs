@@ -13,11 +13,7 @@ fn main() -> ExitCode {
         Err(e) => {
             let _ = e.print();
             // --help and --version are not errors; usage errors are bad input.
-            return ExitCode::from(if e.use_stderr() {
-                EXIT_INPUT as u8
-            } else {
-                EXIT_OK as u8
-            });
+            return ExitCode::from(if e.use_stderr() { EXIT_INPUT as u8 } else { EXIT_OK as u8 });
         }
     };
     match run(cli) {

@@ -129,18 +129,18 @@ pub fn read_vector_info(dir: &Path) -> Result<Option<VectorInfo>> {
         return Err(Error::bad_file(&p, format!("is not a {FORMAT} manifest")));
     }
     if v.get("kind").and_then(Value::as_str) != Some("extract") {
-        return Err(Error::Usage(format!("{} is a merged model, not a chat vector made by `chatvec extract`", dir.display()))
-            .with_hint("use --chat/--pretrained for the streaming form, or point --vector at an extract output"));
+        return Err(Error::Usage(format!(
+            "{} is a merged model, not a chat vector made by `chatvec extract`",
+            dir.display()
+        ))
+        .with_hint(
+            "use --chat/--pretrained for the streaming form, or point --vector at an extract output",
+        ));
     }
     let omitted = v
         .pointer("/vector/omitted")
         .and_then(Value::as_array)
-        .map(|a| {
-            a.iter()
-                .filter_map(Value::as_str)
-                .map(str::to_string)
-                .collect()
-        })
+        .map(|a| a.iter().filter_map(Value::as_str).map(str::to_string).collect())
         .unwrap_or_default();
     Ok(Some(VectorInfo { omitted }))
 }

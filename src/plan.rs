@@ -50,18 +50,9 @@ pub enum Formula {
     /// `chat - pre` (extract).
     Diff { chat: Source, pre: Source },
     /// `base + scale * (chat - pre)` (apply, streaming form).
-    AddDiff {
-        base: Source,
-        chat: Source,
-        pre: Source,
-        scale: f32,
-    },
+    AddDiff { base: Source, chat: Source, pre: Source, scale: f32 },
     /// `base + scale * vector` (apply, stored vector).
-    AddScaled {
-        base: Source,
-        vector: Source,
-        scale: f32,
-    },
+    AddScaled { base: Source, vector: Source, scale: f32 },
 }
 
 impl Formula {
@@ -84,11 +75,7 @@ pub enum Op {
     /// Arithmetic. Output rows inside `runs` (units of `row_len` elements)
     /// take the formula with the vector rows the run names; rows outside any
     /// run are converted from `formula.base()` unchanged.
-    Arith {
-        formula: Formula,
-        runs: Vec<RowRun>,
-        row_len: u64,
-    },
+    Arith { formula: Formula, runs: Vec<RowRun>, row_len: u64 },
 }
 
 /// One tensor of the output.
@@ -170,14 +157,7 @@ impl Plan {
         for sh in &self.shards {
             let _ = writeln!(out, "shard {} ({} bytes)", sh.file_name, sh.size);
             for t in &self.tensors[sh.tensors.clone()] {
-                let _ = writeln!(
-                    out,
-                    "  {} {} {:?}: {}",
-                    t.name,
-                    t.dtype,
-                    t.shape,
-                    self.describe_op(&t.op)
-                );
+                let _ = writeln!(out, "  {} {} {:?}: {}", t.name, t.dtype, t.shape, self.describe_op(&t.op));
             }
         }
         out
@@ -185,41 +165,20 @@ impl Plan {
 
     fn describe_op(&self, op: &Op) -> String {
         let name = |s: Source| {
-            format!(
-                "{:?}:{}",
-                self.inputs[s.input].role,
-                self.input_tensor(s).name
-            )
-            .to_lowercase()
+            format!("{:?}:{}", self.inputs[s.input].role, self.input_tensor(s).name).to_lowercase()
         };
         match op {
             Op::Copy(s) => format!("copy {}", name(*s)),
             Op::Convert(s) => format!("convert {}", name(*s)),
-            Op::Arith {
-                formula,
-                runs,
-                row_len,
-            } => {
+            Op::Arith { formula, runs, row_len } => {
                 let f = match *formula {
                     Formula::Diff { chat, pre } => format!("{} - {}", name(chat), name(pre)),
-                    Formula::AddDiff {
-                        base,
-                        chat,
-                        pre,
-                        scale,
-                    } => {
-                        format!(
-                            "{} + {scale} * ({} - {})",
-                            name(base),
-                            name(chat),
-                            name(pre)
-                        )
+                    Formula::AddDiff { base, chat, pre, scale } => {
+                        format!("{} + {scale} * ({} - {})", name(base), name(chat), name(pre))
                     }
-                    Formula::AddScaled {
-                        base,
-                        vector,
-                        scale,
-                    } => format!("{} + {scale} * {}", name(base), name(vector)),
+                    Formula::AddScaled { base, vector, scale } => {
+                        format!("{} + {scale} * {}", name(base), name(vector))
+                    }
                 };
                 if *row_len > 1 {
                     let rows: u64 = runs.iter().map(|r| r.rows).sum();
@@ -240,10 +199,7 @@ struct Problems {
 
 impl Problems {
     fn new(what: &'static str) -> Problems {
-        Problems {
-            what,
-            list: Vec::new(),
-        }
+        Problems { what, list: Vec::new() }
     }
     fn push(&mut self, p: String) {
         self.list.push(p);
@@ -257,10 +213,7 @@ impl Problems {
         if n > MAX_LISTED {
             problems.push(format!("... and {} more", n - MAX_LISTED));
         }
-        Err(Error::Mismatch {
-            what: self.what.to_string(),
-            problems,
-        })
+        Err(Error::Mismatch { what: self.what.to_string(), problems })
     }
 }
 
@@ -282,15 +235,9 @@ pub struct ApplyOptions {
 pub enum VectorSide {
     /// `--vector DIR`: a stored vector; `omitted` lists tensors its extract
     /// left out on purpose (they are copied from the base).
-    Stored {
-        vector: Checkpoint,
-        omitted: HashSet<String>,
-    },
+    Stored { vector: Checkpoint, omitted: HashSet<String> },
     /// `--chat M --pretrained M`: computed on the fly.
-    Streaming {
-        chat: Checkpoint,
-        pretrained: Checkpoint,
-    },
+    Streaming { chat: Checkpoint, pretrained: Checkpoint },
 }
 
 fn float_of(ck: &Checkpoint, t: &Tensor, hint_flag: &str) -> Result<FloatType> {
@@ -300,20 +247,12 @@ fn float_of(ck: &Checkpoint, t: &Tensor, hint_flag: &str) -> Result<FloatType> {
             tensor: t.name.clone(),
             dtype: t.dtype.name().to_string(),
         }
-        .with_hint(format!(
-            "leave it out with {hint_flag} '^{}$'",
-            regex::escape(&t.name)
-        ))
+        .with_hint(format!("leave it out with {hint_flag} '^{}$'", regex::escape(&t.name)))
     })
 }
 
 /// Compares architectures; differences are errors unless `allow`.
-fn check_configs(
-    a: &Checkpoint,
-    b: &Checkpoint,
-    allow: bool,
-    warnings: &mut Vec<String>,
-) -> Result<()> {
+fn check_configs(a: &Checkpoint, b: &Checkpoint, allow: bool, warnings: &mut Vec<String>) -> Result<()> {
     let (Some(ca), Some(cb)) = (&a.config, &b.config) else {
         for ck in [a, b] {
             if ck.config.is_none() {
@@ -335,17 +274,12 @@ fn check_configs(
     }
     let mut p = Problems::new("the models' architectures differ");
     diffs.into_iter().for_each(|d| p.push(d));
-    p.into_result()
-        .map_err(|e| e.with_hint("pass --allow-mismatch if you are sure the weights line up"))
+    p.into_result().map_err(|e| e.with_hint("pass --allow-mismatch if you are sure the weights line up"))
 }
 
 fn read_vocab(ck: &Checkpoint) -> Result<Option<Vocab>> {
     let p = ck.dir.join("tokenizer.json");
-    if p.is_file() {
-        Vocab::read(&p).map(Some)
-    } else {
-        Ok(None)
-    }
+    if p.is_file() { Vocab::read(&p).map(Some) } else { Ok(None) }
 }
 
 /// Plans `extract`: `chat - pretrained` for every selected tensor of the
@@ -362,12 +296,8 @@ pub fn plan_extract(
     let mut tensors = Vec::new();
     let mut omitted = Vec::new();
     let sel = &common.selection;
-    let mut names: Vec<(String, Option<usize>)> = chat
-        .tensors
-        .iter()
-        .enumerate()
-        .map(|(i, t)| (t.name.clone(), Some(i)))
-        .collect();
+    let mut names: Vec<(String, Option<usize>)> =
+        chat.tensors.iter().enumerate().map(|(i, t)| (t.name.clone(), Some(i))).collect();
     // A tied chat model paired with an untied pretrained one: the vector
     // still needs the output projection's difference.
     if chat.is_tied()
@@ -381,20 +311,13 @@ pub fn plan_extract(
             continue;
         }
         let (Some(c), Some(p)) = (chat.logical(name), pre.logical(name)) else {
-            problems.push(format!(
-                "'{name}' is in {} but not in {}",
-                chat.dir.display(),
-                pre.dir.display()
-            ));
+            problems.push(format!("'{name}' is in {} but not in {}", chat.dir.display(), pre.dir.display()));
             continue;
         };
         let cf = float_of(&chat, c, "--exclude")?;
         float_of(&pre, p, "--exclude")?;
         if c.shape != p.shape {
-            problems.push(format!(
-                "'{name}': chat shape {:?} vs pretrained {:?}",
-                c.shape, p.shape
-            ));
+            problems.push(format!("'{name}': chat shape {:?} vs pretrained {:?}", c.shape, p.shape));
             continue;
         }
         let src = |ck: &Checkpoint, input: usize, t: &Tensor| Source {
@@ -407,15 +330,8 @@ pub fn plan_extract(
             dtype: out_ty.dtype(),
             shape: c.shape.clone(),
             op: Op::Arith {
-                formula: Formula::Diff {
-                    chat: src(&chat, 0, c),
-                    pre: src(&pre, 1, p),
-                },
-                runs: vec![RowRun {
-                    base_row: 0,
-                    vector_row: 0,
-                    rows: c.numel(),
-                }],
+                formula: Formula::Diff { chat: src(&chat, 0, c), pre: src(&pre, 1, p) },
+                runs: vec![RowRun { base_row: 0, vector_row: 0, rows: c.numel() }],
                 row_len: 1,
             },
         });
@@ -432,22 +348,11 @@ pub fn plan_extract(
     }
     problems.into_result()?;
     if tensors.is_empty() {
-        return Err(Error::Usage(
-            "no tensor is selected; check --include / --exclude".into(),
-        ));
+        return Err(Error::Usage("no tensor is selected; check --include / --exclude".into()));
     }
     let shards = assign_shards(&tensors, common.shard_size);
     Ok(Plan {
-        inputs: vec![
-            Input {
-                role: Role::Chat,
-                ckpt: chat,
-            },
-            Input {
-                role: Role::Pretrained,
-                ckpt: pre,
-            },
-        ],
+        inputs: vec![Input { role: Role::Chat, ckpt: chat }, Input { role: Role::Pretrained, ckpt: pre }],
         tensors,
         shards,
         embeddings: Vec::new(),
@@ -471,25 +376,17 @@ pub fn plan_apply(base: Checkpoint, side: VectorSide, opts: &ApplyOptions) -> Re
         VectorSide::Streaming { chat, pretrained } => {
             check_configs(&chat, &pretrained, common.allow_mismatch, &mut warnings)?;
             check_configs(&base, &chat, common.allow_mismatch, &mut warnings)?;
-            (
-                vec![(Role::Chat, chat), (Role::Pretrained, pretrained)],
-                HashSet::new(),
-            )
+            (vec![(Role::Chat, chat), (Role::Pretrained, pretrained)], HashSet::new())
         }
     };
     let base_vocab = read_vocab(&base)?;
     let vector_vocab = read_vocab(&vector_cks[0].1)?;
-    let vocabs = Vocabs {
-        base: base_vocab.as_ref(),
-        vector: vector_vocab.as_ref(),
-    };
+    let vocabs = Vocabs { base: base_vocab.as_ref(), vector: vector_vocab.as_ref() };
     let mut problems = Problems::new("the base model and the chat vector do not line up");
 
     // A tied base has one matrix for input and output; a vector that changes
     // them differently cannot be applied to it faithfully.
-    let vector_has_head = vector_cks
-        .iter()
-        .any(|(_, ck)| ck.tensors.iter().any(|t| is_lm_head(&t.name)));
+    let vector_has_head = vector_cks.iter().any(|(_, ck)| ck.tensors.iter().any(|t| is_lm_head(&t.name)));
     if base.is_tied()
         && vector_has_head
         && opts.embeddings != EmbeddingPolicy::Skip
@@ -505,10 +402,7 @@ pub fn plan_apply(base: Checkpoint, side: VectorSide, opts: &ApplyOptions) -> Re
     let mut tensors = Vec::with_capacity(base.tensors.len());
     let mut embeddings = Vec::new();
     for (bi, bt) in base.tensors.iter().enumerate() {
-        let base_src = Source {
-            input: 0,
-            tensor: bi,
-        };
+        let base_src = Source { input: 0, tensor: bi };
         let copy_op = |out: DType| -> Result<Op> {
             if out == bt.dtype {
                 Ok(Op::Copy(base_src))
@@ -531,10 +425,8 @@ pub fn plan_apply(base: Checkpoint, side: VectorSide, opts: &ApplyOptions) -> Re
             continue;
         }
         float_of(&base, bt, "--exclude")?;
-        let lookup: Vec<Option<usize>> = vector_cks
-            .iter()
-            .map(|(_, ck)| ck.logical_index(&bt.name))
-            .collect();
+        let lookup: Vec<Option<usize>> =
+            vector_cks.iter().map(|(_, ck)| ck.logical_index(&bt.name)).collect();
         if let Some(k) = lookup.iter().position(Option::is_none) {
             if omitted_ok.contains(&bt.name) {
                 tensors.push(OutTensor {
@@ -553,14 +445,8 @@ pub fn plan_apply(base: Checkpoint, side: VectorSide, opts: &ApplyOptions) -> Re
             continue;
         }
         // Sources on the vector side, inputs 1.. in order.
-        let found: Vec<Source> = lookup
-            .iter()
-            .enumerate()
-            .map(|(k, i)| Source {
-                input: k + 1,
-                tensor: i.unwrap(),
-            })
-            .collect();
+        let found: Vec<Source> =
+            lookup.iter().enumerate().map(|(k, i)| Source { input: k + 1, tensor: i.unwrap() }).collect();
         for (k, s) in found.iter().enumerate() {
             let ck = &vector_cks[k].1;
             float_of(ck, &ck.tensors[s.tensor], "--exclude")?;
@@ -578,8 +464,7 @@ pub fn plan_apply(base: Checkpoint, side: VectorSide, opts: &ApplyOptions) -> Re
         }
         let same_row_shape = vshape.len() == bt.shape.len() && vshape.get(1..) == bt.shape.get(1..);
         let (runs, row_len) = if vocab_matrix && same_row_shape && !bt.shape.is_empty() {
-            let rm: RowMap =
-                match_rows(&bt.name, opts.embeddings, bt.shape[0], vshape[0], &vocabs)?;
+            let rm: RowMap = match_rows(&bt.name, opts.embeddings, bt.shape[0], vshape[0], &vocabs)?;
             if let Some(w) = &rm.warning {
                 warnings.push(w.clone());
             }
@@ -591,45 +476,22 @@ pub fn plan_apply(base: Checkpoint, side: VectorSide, opts: &ApplyOptions) -> Re
             });
             (rm.runs, bt.shape[1..].iter().product())
         } else if *vshape == bt.shape {
-            (
-                vec![RowRun {
-                    base_row: 0,
-                    vector_row: 0,
-                    rows: bt.numel(),
-                }],
-                1,
-            )
+            (vec![RowRun { base_row: 0, vector_row: 0, rows: bt.numel() }], 1)
         } else {
-            problems.push(format!(
-                "'{}': base shape {:?} vs vector {:?}",
-                bt.name, bt.shape, vshape
-            ));
+            problems.push(format!("'{}': base shape {:?} vs vector {:?}", bt.name, bt.shape, vshape));
             continue;
         };
         let scale = sel.scale(&bt.name);
         let formula = match found[..] {
-            [chat, pre] => Formula::AddDiff {
-                base: base_src,
-                chat,
-                pre,
-                scale,
-            },
-            [vector] => Formula::AddScaled {
-                base: base_src,
-                vector,
-                scale,
-            },
+            [chat, pre] => Formula::AddDiff { base: base_src, chat, pre, scale },
+            [vector] => Formula::AddScaled { base: base_src, vector, scale },
             _ => unreachable!("one or two vector-side inputs"),
         };
         tensors.push(OutTensor {
             name: bt.name.clone(),
             dtype: out_dtype,
             shape: bt.shape.clone(),
-            op: Op::Arith {
-                formula,
-                runs,
-                row_len,
-            },
+            op: Op::Arith { formula, runs, row_len },
         });
     }
     // Tensors of the vector side the base does not have mean the
@@ -648,36 +510,16 @@ pub fn plan_apply(base: Checkpoint, side: VectorSide, opts: &ApplyOptions) -> Re
     }
     problems.into_result()?;
     let shards = assign_shards(&tensors, common.shard_size);
-    let mut inputs = vec![Input {
-        role: Role::Base,
-        ckpt: base,
-    }];
-    inputs.extend(
-        vector_cks
-            .into_iter()
-            .map(|(role, ckpt)| Input { role, ckpt }),
-    );
-    Ok(Plan {
-        inputs,
-        tensors,
-        shards,
-        embeddings,
-        omitted: Vec::new(),
-        warnings,
-    })
+    let mut inputs = vec![Input { role: Role::Base, ckpt: base }];
+    inputs.extend(vector_cks.into_iter().map(|(role, ckpt)| Input { role, ckpt }));
+    Ok(Plan { inputs, tensors, shards, embeddings, omitted: Vec::new(), warnings })
 }
 
 /// Splits tensors into shards of at most `max` bytes of data each (a tensor
 /// larger than `max` gets a shard of its own), as transformers does.
 pub fn assign_shards(tensors: &[OutTensor], max: u64) -> Vec<OutShard> {
-    let specs: Vec<OutTensorSpec> = tensors
-        .iter()
-        .map(|t| OutTensorSpec {
-            name: &t.name,
-            dtype: t.dtype,
-            shape: &t.shape,
-        })
-        .collect();
+    let specs: Vec<OutTensorSpec> =
+        tensors.iter().map(|t| OutTensorSpec { name: &t.name, dtype: t.dtype, shape: &t.shape }).collect();
     layout_shards(&specs, max)
 }
 
@@ -709,12 +551,7 @@ pub fn layout_shards(specs: &[OutTensorSpec<'_>], max: u64) -> Vec<OutShard> {
                 format!("model-{:05}-of-{:05}.safetensors", i + 1, n)
             };
             let size = header.len() as u64 + data;
-            OutShard {
-                file_name,
-                tensors: r,
-                header,
-                size,
-            }
+            OutShard { file_name, tensors: r, header, size }
         })
         .collect()
 }

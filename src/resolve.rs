@@ -15,9 +15,9 @@ pub fn resolve_model(reference: &str) -> Result<PathBuf> {
     }
     let err = Error::Usage(format!("model '{reference}' is not a local directory"));
     if p.exists() {
-        return Err(
-            err.with_hint("a model is a directory holding config.json and safetensors weights")
-        );
+        return Err(err.with_hint("a model is a directory holding config.json and safetensors weights"));
     }
-    Err(err.with_hint("download the model first (e.g. `huggingface-cli download ORG/NAME --local-dir DIR`) and pass DIR"))
+    Err(err.with_hint(
+        "download the model first (e.g. `huggingface-cli download ORG/NAME --local-dir DIR`) and pass DIR",
+    ))
 }

@@ -15,11 +15,8 @@ pub struct Selection {
 }
 
 fn compile(flag: &str, pattern: &str) -> Result<Regex> {
-    Regex::new(pattern).map_err(|e| {
-        Error::Usage(format!(
-            "{flag} '{pattern}' is not a valid regular expression: {e}"
-        ))
-    })
+    Regex::new(pattern)
+        .map_err(|e| Error::Usage(format!("{flag} '{pattern}' is not a valid regular expression: {e}")))
 }
 
 impl Selection {
@@ -32,9 +29,7 @@ impl Selection {
         scale_for: &[String],
     ) -> Result<Selection> {
         if !scale.is_finite() {
-            return Err(Error::Usage(format!(
-                "--scale {scale} is not a finite number"
-            )));
+            return Err(Error::Usage(format!("--scale {scale} is not a finite number")));
         }
         let mut sf = Vec::new();
         for item in scale_for {
@@ -43,27 +38,14 @@ impl Selection {
                     "--scale-for '{item}' must look like REGEX=VALUE, e.g. 'mlp\\.=0.5'"
                 )));
             };
-            let v: f32 = val
-                .trim()
-                .parse()
-                .ok()
-                .filter(|v: &f32| v.is_finite())
-                .ok_or_else(|| {
-                    Error::Usage(format!(
-                        "--scale-for '{item}': '{val}' is not a finite number"
-                    ))
-                })?;
+            let v: f32 = val.trim().parse().ok().filter(|v: &f32| v.is_finite()).ok_or_else(|| {
+                Error::Usage(format!("--scale-for '{item}': '{val}' is not a finite number"))
+            })?;
             sf.push((compile("--scale-for", pat)?, v));
         }
         Ok(Selection {
-            include: include
-                .iter()
-                .map(|p| compile("--include", p))
-                .collect::<Result<_>>()?,
-            exclude: exclude
-                .iter()
-                .map(|p| compile("--exclude", p))
-                .collect::<Result<_>>()?,
+            include: include.iter().map(|p| compile("--include", p)).collect::<Result<_>>()?,
+            exclude: exclude.iter().map(|p| compile("--exclude", p)).collect::<Result<_>>()?,
             scale,
             scale_for: sf,
         })
@@ -71,12 +53,7 @@ impl Selection {
 
     /// Selects everything with scale 1.
     pub fn all() -> Selection {
-        Selection {
-            include: vec![],
-            exclude: vec![],
-            scale: 1.0,
-            scale_for: vec![],
-        }
+        Selection { include: vec![], exclude: vec![], scale: 1.0, scale_for: vec![] }
     }
 
     /// Whether the tensor named `name` is operated on (else it is copied).
@@ -89,10 +66,7 @@ impl Selection {
 
     /// The scale for `name`: the first matching `--scale-for`, else `--scale`.
     pub fn scale(&self, name: &str) -> f32 {
-        self.scale_for
-            .iter()
-            .find(|(r, _)| r.is_match(name))
-            .map_or(self.scale, |(_, s)| *s)
+        self.scale_for.iter().find(|(r, _)| r.is_match(name)).map_or(self.scale, |(_, s)| *s)
     }
 }
 
@@ -106,13 +80,8 @@ mod tests {
 
     #[test]
     fn include_exclude_and_first_scale_wins() {
-        let sel = Selection::new(
-            &s(&["layers"]),
-            &s(&["norm"]),
-            0.8,
-            &s(&["mlp\\.=0.5", "layers=0.25"]),
-        )
-        .unwrap();
+        let sel =
+            Selection::new(&s(&["layers"]), &s(&["norm"]), 0.8, &s(&["mlp\\.=0.5", "layers=0.25"])).unwrap();
         assert!(sel.selects("model.layers.0.mlp.up_proj.weight"));
         assert!(!sel.selects("model.layers.0.input_layernorm.weight"));
         assert!(!sel.selects("model.embed_tokens.weight"));
@@ -123,18 +92,8 @@ mod tests {
 
     #[test]
     fn bad_patterns_and_values_are_usage_errors() {
-        assert!(
-            Selection::new(&s(&["("]), &[], 1.0, &[])
-                .unwrap_err()
-                .to_string()
-                .contains("--include '('")
-        );
-        assert!(
-            Selection::new(&[], &[], 1.0, &s(&["mlp"]))
-                .unwrap_err()
-                .to_string()
-                .contains("REGEX=VALUE")
-        );
+        assert!(Selection::new(&s(&["("]), &[], 1.0, &[]).unwrap_err().to_string().contains("--include '('"));
+        assert!(Selection::new(&[], &[], 1.0, &s(&["mlp"])).unwrap_err().to_string().contains("REGEX=VALUE"));
         assert!(Selection::new(&[], &[], 1.0, &s(&["mlp=x"])).is_err());
         assert!(Selection::new(&[], &[], f32::NAN, &[]).is_err());
     }

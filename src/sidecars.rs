@@ -116,11 +116,7 @@ pub fn write_model_side_files(
         && let Some(entry) = pending.iter_mut().find(|(n, _)| n == "config.json")
     {
         let mut cfg = read_json_object(&base.join("config.json"))?;
-        let key = if cfg.contains_key("dtype") {
-            "dtype"
-        } else {
-            "torch_dtype"
-        };
+        let key = if cfg.contains_key("dtype") { "dtype" } else { "torch_dtype" };
         cfg.insert(key.into(), ty.torch_name().into());
         entry.1 = to_pretty(&cfg);
     }
@@ -150,11 +146,7 @@ fn take_chat_template(
     let Some(tpl) = find_template(chat)? else {
         return Ok(());
     };
-    let had = if find_template(base)?.is_some() {
-        "replacing the base's"
-    } else {
-        "the base had none"
-    };
+    let had = if find_template(base)?.is_some() { "replacing the base's" } else { "the base had none" };
     let as_value = match &tpl {
         Template::File(s) => Value::String(s.clone()),
         Template::Value(v) => v.clone(),
@@ -168,17 +160,12 @@ fn take_chat_template(
     // transformers prefers chat_template.jinja over tokenizer_config.json, so
     // a base's own .jinja must not survive beside the chat model's template.
     if let Value::String(s) = &as_value
-        && (matches!(tpl, Template::File(_))
-            || base.join("chat_template.jinja").is_file()
-            || !tc.is_file())
+        && (matches!(tpl, Template::File(_)) || base.join("chat_template.jinja").is_file() || !tc.is_file())
     {
         set_pending(pending, "chat_template.jinja", s.clone().into_bytes());
     }
     pending.retain(|(n, _)| n != "chat_template.json");
-    rep.notes.push(format!(
-        "chat template: taken from {} ({had})",
-        chat.display()
-    ));
+    rep.notes.push(format!("chat template: taken from {} ({had})", chat.display()));
     Ok(())
 }
 
@@ -192,10 +179,7 @@ fn take_eos_ids(
     if !gp.is_file() {
         return Ok(());
     }
-    let Some(eos) = read_json_object(&gp)?
-        .remove("eos_token_id")
-        .filter(|v| !v.is_null())
-    else {
+    let Some(eos) = read_json_object(&gp)?.remove("eos_token_id").filter(|v| !v.is_null()) else {
         return Ok(());
     };
     let ids: Vec<u64> = match &eos {
@@ -208,9 +192,7 @@ fn take_eos_ids(
     let (bt, ct) = (base.join("tokenizer.json"), chat.join("tokenizer.json"));
     let mapped: Option<Vec<u64>> = if bt.is_file() && ct.is_file() {
         let (bv, cv) = (Vocab::read(&bt)?, Vocab::read(&ct)?);
-        ids.iter()
-            .map(|&i| cv.token(i).and_then(|t| bv.id(t)).map(u64::from))
-            .collect()
+        ids.iter().map(|&i| cv.token(i).and_then(|t| bv.id(t)).map(u64::from)).collect()
     } else {
         rep.warnings.push(format!(
             "tokenizer.json missing for the base or the chat model; eos ids {ids:?} copied as numbers, unchecked"
@@ -224,21 +206,11 @@ fn take_eos_ids(
         return Ok(());
     };
     let bp = base.join("generation_config.json");
-    let mut gen_cfg = if bp.is_file() {
-        read_json_object(&bp)?
-    } else {
-        serde_json::Map::new()
-    };
+    let mut gen_cfg = if bp.is_file() { read_json_object(&bp)? } else { serde_json::Map::new() };
     let before = gen_cfg.get("eos_token_id").cloned().unwrap_or(Value::Null);
-    let new: Value = if mapped.len() == 1 && eos.is_number() {
-        mapped[0].into()
-    } else {
-        mapped.into()
-    };
+    let new: Value = if mapped.len() == 1 && eos.is_number() { mapped[0].into() } else { mapped.into() };
     if before != new {
-        rep.notes.push(format!(
-            "generation eos_token_id: {new} from the chat model (base had {before})"
-        ));
+        rep.notes.push(format!("generation eos_token_id: {new} from the chat model (base had {before})"));
     }
     gen_cfg.insert("eos_token_id".into(), new);
     set_pending(pending, "generation_config.json", to_pretty(&gen_cfg));

@@ -35,15 +35,7 @@ pub struct LlamaShape {
 impl LlamaShape {
     /// A model small enough to build in milliseconds.
     pub fn tiny(vocab: u64) -> LlamaShape {
-        LlamaShape {
-            vocab,
-            hidden: 64,
-            intermediate: 176,
-            layers: 2,
-            heads: 4,
-            kv_heads: 2,
-            tied: false,
-        }
+        LlamaShape { vocab, hidden: 64, intermediate: 176, layers: 2, heads: 4, kv_heads: 2, tied: false }
     }
 
     /// TinyLlama-1.1B's shape (1.10B parameters, 2.2 GB in bf16).
@@ -97,10 +89,7 @@ impl LlamaShape {
     }
 
     pub fn parameters(&self) -> u64 {
-        self.tensors()
-            .iter()
-            .map(|(_, s)| s.iter().product::<u64>())
-            .sum()
+        self.tensors().iter().map(|(_, s)| s.iter().product::<u64>()).sum()
     }
 
     fn config(&self, dtype: FloatType) -> serde_json::Value {
@@ -140,9 +129,7 @@ fn splitmix(mut x: u64) -> u64 {
 }
 
 fn name_key(name: &str) -> u64 {
-    name.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
-        (h ^ b as u64).wrapping_mul(0x100_0000_01b3)
-    })
+    name.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ b as u64).wrapping_mul(0x100_0000_01b3))
 }
 
 /// Element `i` of tensor `name` for a model made of `parts`: a uniform value
@@ -159,10 +146,7 @@ pub fn value(parts: &[Component], name: &str, i: u64) -> f32 {
 /// Vocabulary of a synthetic model: three specials, `<|eot_id|>`, then
 /// plain tokens; `extra` tokens are appended, as a vocabulary expansion does.
 pub fn tokens(vocab: u64, extra: u64) -> Vec<String> {
-    let mut t: Vec<String> = ["<unk>", "<s>", "</s>", "<|eot_id|>"]
-        .iter()
-        .map(|s| s.to_string())
-        .collect();
+    let mut t: Vec<String> = ["<unk>", "<s>", "</s>", "<|eot_id|>"].iter().map(|s| s.to_string()).collect();
     t.extend((4..vocab).map(|i| format!("tok{i}")));
     t.extend((0..extra).map(|i| format!("ja{i}")));
     t
@@ -190,14 +174,8 @@ pub fn write_model(
 ) -> Result<()> {
     std::fs::create_dir_all(dir).map_err(|e| Error::io("creating", dir, e))?;
     let tensors = shape.tensors();
-    let specs: Vec<OutTensorSpec> = tensors
-        .iter()
-        .map(|(n, s)| OutTensorSpec {
-            name: n,
-            dtype: dtype.dtype(),
-            shape: s,
-        })
-        .collect();
+    let specs: Vec<OutTensorSpec> =
+        tensors.iter().map(|(n, s)| OutTensorSpec { name: n, dtype: dtype.dtype(), shape: s }).collect();
     let shards = layout_shards(&specs, shard_size);
     let chunk = 1usize << 20;
     let mut weight_map = serde_json::Map::new();
@@ -210,10 +188,7 @@ pub fn write_model(
             let mut start = 0u64;
             while start < n {
                 let end = (start + (chunk as u64) * 8).min(n);
-                let vals: Vec<f32> = (start..end)
-                    .into_par_iter()
-                    .map(|i| value(parts, name, i))
-                    .collect();
+                let vals: Vec<f32> = (start..end).into_par_iter().map(|i| value(parts, name, i)).collect();
                 let mut bytes = vec![0u8; vals.len() * dtype.size()];
                 encode(dtype, &vals, &mut bytes);
                 f.write(&bytes)?;
@@ -232,17 +207,10 @@ pub fn write_model(
     }
     write_file(dir, "config.json", &to_pretty(&shape.config(dtype)))?;
     let eos = if files.chat { json!([2, 3]) } else { json!(2) };
-    write_file(
-        dir,
-        "generation_config.json",
-        &to_pretty(&json!({"bos_token_id": 1, "eos_token_id": eos})),
-    )?;
+    write_file(dir, "generation_config.json", &to_pretty(&json!({"bos_token_id": 1, "eos_token_id": eos})))?;
     if let Some(toks) = files.tokens {
-        let vocab: serde_json::Map<String, serde_json::Value> = toks
-            .iter()
-            .enumerate()
-            .map(|(i, t)| (t.clone(), json!(i)))
-            .collect();
+        let vocab: serde_json::Map<String, serde_json::Value> =
+            toks.iter().enumerate().map(|(i, t)| (t.clone(), json!(i))).collect();
         let added: Vec<_> = toks
             .iter()
             .take(4)
@@ -251,7 +219,8 @@ pub fn write_model(
             .collect();
         let tj = json!({"version": "1.0", "added_tokens": added, "model": {"type": "WordLevel", "vocab": vocab, "unk_token": "<unk>"}});
         write_file(dir, "tokenizer.json", &to_pretty(&tj))?;
-        let mut tc = json!({"bos_token": "<s>", "eos_token": "</s>", "tokenizer_class": "PreTrainedTokenizerFast"});
+        let mut tc =
+            json!({"bos_token": "<s>", "eos_token": "</s>", "tokenizer_class": "PreTrainedTokenizerFast"});
         if files.chat {
             tc["chat_template"] = CHAT_TEMPLATE.into();
             tc["eos_token"] = "<|eot_id|>".into();

@@ -32,20 +32,15 @@ impl Vocab {
         let bytes = read_capped(path, MAX_TOKENIZER_BYTES)?;
         let v: Value = serde_json::from_slice(&bytes)
             .map_err(|e| Error::bad_file(path, format!("invalid JSON: {e}")))?;
-        let mut vocab = Vocab {
-            path: path.to_path_buf(),
-            id_to_token: Vec::new(),
-            token_to_id: HashMap::new(),
-        };
+        let mut vocab =
+            Vocab { path: path.to_path_buf(), id_to_token: Vec::new(), token_to_id: HashMap::new() };
         match v.pointer("/model/vocab") {
             Some(Value::Object(m)) => {
                 for (tok, id) in m {
                     let id = id.as_u64().ok_or_else(|| {
                         Error::bad_file(
                             path,
-                            format!(
-                                "model.vocab: id of token {tok:?} is not a non-negative integer"
-                            ),
+                            format!("model.vocab: id of token {tok:?} is not a non-negative integer"),
                         )
                     })?;
                     vocab.add(id, tok)?;
@@ -55,10 +50,7 @@ impl Vocab {
             Some(Value::Array(a)) => {
                 for (id, entry) in a.iter().enumerate() {
                     let tok = entry.get(0).and_then(Value::as_str).ok_or_else(|| {
-                        Error::bad_file(
-                            path,
-                            format!("model.vocab[{id}] is not a [token, score] pair"),
-                        )
+                        Error::bad_file(path, format!("model.vocab[{id}] is not a [token, score] pair"))
                     })?;
                     vocab.add(id as u64, tok)?;
                 }
@@ -66,9 +58,7 @@ impl Vocab {
             _ => return Err(Error::bad_file(path, "has no model.vocab object or list")),
         }
         if let Some(added) = v.get("added_tokens") {
-            let list = added
-                .as_array()
-                .ok_or_else(|| Error::bad_file(path, "added_tokens is not a list"))?;
+            let list = added.as_array().ok_or_else(|| Error::bad_file(path, "added_tokens is not a list"))?;
             for (i, t) in list.iter().enumerate() {
                 let id = t.get("id").and_then(Value::as_u64);
                 let content = t.get("content").and_then(Value::as_str);
@@ -77,9 +67,7 @@ impl Vocab {
                     _ => {
                         return Err(Error::bad_file(
                             path,
-                            format!(
-                                "added_tokens[{i}] needs an integer 'id' and a string 'content'"
-                            ),
+                            format!("added_tokens[{i}] needs an integer 'id' and a string 'content'"),
                         ));
                     }
                 }
@@ -109,9 +97,7 @@ impl Vocab {
             _ => self.id_to_token[i] = Some(token.to_string()),
         }
         // The first id listed for a string wins: model.vocab before added_tokens.
-        self.token_to_id
-            .entry(token.to_string())
-            .or_insert(id as u32);
+        self.token_to_id.entry(token.to_string()).or_insert(id as u32);
         Ok(())
     }
 
@@ -168,26 +154,15 @@ mod tests {
             serde_json::json!({"model": {"vocab": {"a": 0}}, "added_tokens": [{"id": 0, "content": "z"}]}),
         );
         let e = Vocab::read(&p).unwrap_err().to_string();
-        assert!(
-            e.contains("token id 0") && e.contains("tokenizer.json"),
-            "{e}"
-        );
+        assert!(e.contains("token id 0") && e.contains("tokenizer.json"), "{e}");
     }
 
     #[test]
     fn rejects_missing_vocab_and_huge_ids() {
         let d = tempfile::tempdir().unwrap();
         let p = write(d.path(), serde_json::json!({"model": {}}));
-        assert!(
-            Vocab::read(&p)
-                .unwrap_err()
-                .to_string()
-                .contains("no model.vocab")
-        );
-        let p = write(
-            d.path(),
-            serde_json::json!({"model": {"vocab": {"a": 99999999999u64}}}),
-        );
+        assert!(Vocab::read(&p).unwrap_err().to_string().contains("no model.vocab"));
+        let p = write(d.path(), serde_json::json!({"model": {"vocab": {"a": 99999999999u64}}}));
         assert!(Vocab::read(&p).unwrap_err().to_string().contains("limit"));
     }
 }

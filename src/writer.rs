@@ -42,8 +42,8 @@ fn absolute(p: &Path) -> Result<PathBuf> {
         Some(x) if !x.as_os_str().is_empty() => x.to_path_buf(),
         _ => PathBuf::from("."),
     };
-    let parent = fs::canonicalize(&parent)
-        .map_err(|e| Error::io("resolving the output's parent", &parent, e))?;
+    let parent =
+        fs::canonicalize(&parent).map_err(|e| Error::io("resolving the output's parent", &parent, e))?;
     Ok(parent.join(name))
 }
 
@@ -70,11 +70,7 @@ impl OutputDir {
         let parent = abs.parent().unwrap().to_path_buf();
         let have = free_space(&parent)?;
         if have < need {
-            return Err(Error::NoSpace {
-                path: parent,
-                need,
-                have,
-            });
+            return Err(Error::NoSpace { path: parent, need, have });
         }
         let name = abs.file_name().unwrap().to_string_lossy().into_owned();
         let tmp = parent.join(format!(".{name}.chatvec-tmp-{}", std::process::id()));
@@ -82,12 +78,7 @@ impl OutputDir {
             fs::remove_dir_all(&tmp).map_err(|e| Error::io("removing stale", &tmp, e))?;
         }
         fs::create_dir(&tmp).map_err(|e| Error::io("creating", &tmp, e))?;
-        Ok(OutputDir {
-            target: abs,
-            tmp,
-            force,
-            done: false,
-        })
+        Ok(OutputDir { target: abs, tmp, force, done: false })
     }
 
     /// The temporary directory to write into.
@@ -115,15 +106,10 @@ impl OutputDir {
                 self.target.file_name().unwrap().to_string_lossy(),
                 std::process::id()
             ));
-            fs::rename(&self.target, &old)
-                .map_err(|e| Error::io("moving aside", &self.target, e))?;
+            fs::rename(&self.target, &old).map_err(|e| Error::io("moving aside", &self.target, e))?;
             fs::rename(&self.tmp, &self.target)
                 .map_err(|e| Error::io("renaming into place", &self.target, e))?;
-            let removed = if old.is_dir() {
-                fs::remove_dir_all(&old)
-            } else {
-                fs::remove_file(&old)
-            };
+            let removed = if old.is_dir() { fs::remove_dir_all(&old) } else { fs::remove_file(&old) };
             removed.map_err(|e| Error::io("removing the replaced output", &old, e))?;
         } else {
             fs::rename(&self.tmp, &self.target)
@@ -144,9 +130,7 @@ impl Drop for OutputDir {
 }
 
 fn sync_dir(dir: &Path) -> Result<()> {
-    File::open(dir)
-        .and_then(|d| d.sync_all())
-        .map_err(|e| Error::io("syncing directory", dir, e))
+    File::open(dir).and_then(|d| d.sync_all()).map_err(|e| Error::io("syncing directory", dir, e))
 }
 
 /// Bytes available to this user on the file system holding `dir`.
@@ -158,11 +142,7 @@ pub fn free_space(dir: &Path) -> Result<u64> {
     // SAFETY: `c` is a valid NUL-terminated path and `st` a writable struct.
     let rc = unsafe { libc::statvfs(c.as_ptr(), &mut st) };
     if rc != 0 {
-        return Err(Error::io(
-            "checking free space on",
-            dir,
-            std::io::Error::last_os_error(),
-        ));
+        return Err(Error::io("checking free space on", dir, std::io::Error::last_os_error()));
     }
     Ok((st.f_bavail as u64).saturating_mul(st.f_frsize as u64))
 }
@@ -187,18 +167,11 @@ pub struct SyncedFile {
 impl SyncedFile {
     pub fn create(path: &Path) -> Result<SyncedFile> {
         let file = File::create(path).map_err(|e| Error::io("creating", path, e))?;
-        Ok(SyncedFile {
-            path: path.to_path_buf(),
-            file,
-            written: 0,
-            flushed: 0,
-        })
+        Ok(SyncedFile { path: path.to_path_buf(), file, written: 0, flushed: 0 })
     }
 
     pub fn write(&mut self, bytes: &[u8]) -> Result<()> {
-        self.file
-            .write_all(bytes)
-            .map_err(|e| Error::io("writing", &self.path, e))?;
+        self.file.write_all(bytes).map_err(|e| Error::io("writing", &self.path, e))?;
         self.written += bytes.len() as u64;
         if self.written - self.flushed >= WRITEBACK_EVERY {
             start_writeback(&self.file, self.flushed, self.written - self.flushed);
@@ -209,17 +182,8 @@ impl SyncedFile {
 
     /// Fsyncs; returns the file name and byte count.
     pub fn finish(self) -> Result<(String, u64)> {
-        self.file
-            .sync_all()
-            .map_err(|e| Error::io("syncing", &self.path, e))?;
-        Ok((
-            self.path
-                .file_name()
-                .unwrap()
-                .to_string_lossy()
-                .into_owned(),
-            self.written,
-        ))
+        self.file.sync_all().map_err(|e| Error::io("syncing", &self.path, e))?;
+        Ok((self.path.file_name().unwrap().to_string_lossy().into_owned(), self.written))
     }
 }
 
@@ -231,10 +195,7 @@ pub struct HashingFile {
 
 impl HashingFile {
     pub fn create(path: &Path) -> Result<HashingFile> {
-        Ok(HashingFile {
-            file: SyncedFile::create(path)?,
-            hasher: Sha256::new(),
-        })
+        Ok(HashingFile { file: SyncedFile::create(path)?, hasher: Sha256::new() })
     }
 
     pub fn write(&mut self, bytes: &[u8]) -> Result<()> {
@@ -245,11 +206,7 @@ impl HashingFile {
     /// Fsyncs and returns the file's record.
     pub fn finish(self) -> Result<WrittenFile> {
         let (file, bytes) = self.file.finish()?;
-        Ok(WrittenFile {
-            file,
-            bytes,
-            sha256: hex(&self.hasher.finalize()),
-        })
+        Ok(WrittenFile { file, bytes, sha256: hex(&self.hasher.finalize()) })
     }
 }
 
@@ -268,12 +225,7 @@ fn start_writeback(f: &File, offset: u64, len: u64) {
     use std::os::fd::AsRawFd;
     // SAFETY: plain syscall on an open descriptor; failure only loses the hint.
     unsafe {
-        libc::sync_file_range(
-            f.as_raw_fd(),
-            offset as i64,
-            len as i64,
-            libc::SYNC_FILE_RANGE_WRITE,
-        );
+        libc::sync_file_range(f.as_raw_fd(), offset as i64, len as i64, libc::SYNC_FILE_RANGE_WRITE);
     }
 }
 

@@ -56,20 +56,7 @@ fn apply_streaming_bf16_matches_reference_bit_for_bit() {
     let d = tempfile::tempdir().unwrap();
     let t = trio(d.path(), Ty::BF16, 1);
     let out = d.path().join("out");
-    ok(&chatvec(&[
-        "-q",
-        "apply",
-        "--base",
-        s(&t.base),
-        "--chat",
-        s(&t.chat),
-        "--pretrained",
-        s(&t.pre),
-        "--scale",
-        "0.7",
-        "-o",
-        s(&out),
-    ]));
+    ok(&apply_streaming(&t, &out, &["-q", "--scale", "0.7"]));
     check_apply(&out, &t, |_| 0.7);
 }
 
@@ -79,20 +66,7 @@ fn apply_f16_and_f32_match_reference() {
         let d = tempfile::tempdir().unwrap();
         let t = trio(d.path(), ty, 3);
         let out = d.path().join("out");
-        ok(&chatvec(&[
-            "-q",
-            "apply",
-            "--base",
-            s(&t.base),
-            "--chat",
-            s(&t.chat),
-            "--pretrained",
-            s(&t.pre),
-            "--scale",
-            "1.3",
-            "-o",
-            s(&out),
-        ]));
+        ok(&apply_streaming(&t, &out, &["-q", "--scale", "1.3"]));
         check_apply(&out, &t, |_| 1.3);
     }
 }
@@ -102,47 +76,16 @@ fn mixed_input_dtypes_keep_the_base_dtype_and_out_dtype_changes_it() {
     let d = tempfile::tempdir().unwrap();
     let t = trio(d.path(), Ty::BF16, 1);
     // Rewrite the base in f16: the output follows the base's dtypes.
-    write_model(
-        &t.base,
-        &llama(3, 16, false, Ty::F16),
-        1,
-        &config(16, false, LAYERS),
-        Some(&tokens(16)),
-    );
+    write_model(&t.base, &llama(3, 16, false, Ty::F16), 1, &config(16, false, LAYERS), Some(&tokens(16)));
     let out = d.path().join("out");
-    ok(&chatvec(&[
-        "-q",
-        "apply",
-        "--base",
-        s(&t.base),
-        "--chat",
-        s(&t.chat),
-        "--pretrained",
-        s(&t.pre),
-        "-o",
-        s(&out),
-    ]));
+    ok(&apply_streaming(&t, &out, &["-q"]));
     assert!(read_model(&out).values().all(|t| t.ty == Ty::F16));
     check_apply(&out, &t, |_| 1.0);
     let out32 = d.path().join("out32");
-    ok(&chatvec(&[
-        "-q",
-        "apply",
-        "--base",
-        s(&t.base),
-        "--chat",
-        s(&t.chat),
-        "--pretrained",
-        s(&t.pre),
-        "--out-dtype",
-        "f32",
-        "-o",
-        s(&out32),
-    ]));
+    ok(&apply_streaming(&t, &out32, &["-q", "--out-dtype", "f32"]));
     let o = read_model(&out32);
     assert!(o.values().all(|t| t.ty == Ty::F32));
-    let cfg: Value =
-        serde_json::from_slice(&std::fs::read(out32.join("config.json")).unwrap()).unwrap();
+    let cfg: Value = serde_json::from_slice(&std::fs::read(out32.join("config.json")).unwrap()).unwrap();
     assert_eq!(cfg["torch_dtype"], "float32");
     check_apply(&out32, &t, |_| 1.0);
 }
@@ -154,32 +97,14 @@ fn output_bytes_do_not_depend_on_threads_or_chunk_size() {
     let mut hashes = Vec::new();
     for (threads, chunk) in [("1", "7"), ("4", "100000"), ("3", "64")] {
         let out = d.path().join(format!("out-{threads}-{chunk}"));
-        ok(&chatvec(&[
-            "-q",
-            "apply",
-            "--base",
-            s(&t.base),
-            "--chat",
-            s(&t.chat),
-            "--pretrained",
-            s(&t.pre),
-            "--scale",
-            "0.5",
-            "--threads",
-            threads,
-            "--chunk-elems",
-            chunk,
-            "--shard-size",
-            "1000",
-            "-o",
-            s(&out),
-        ]));
+        ok(&apply_streaming(
+            &t,
+            &out,
+            &["-q", "--scale", "0.5", "--threads", threads, "--chunk-elems", chunk, "--shard-size", "1000"],
+        ));
         hashes.push(shard_hashes(&out));
     }
-    assert!(
-        hashes[0].len() > 1,
-        "small --shard-size should give several shards"
-    );
+    assert!(hashes[0].len() > 1, "small --shard-size should give several shards");
     assert_eq!(hashes[0], hashes[1]);
     assert_eq!(hashes[0], hashes[2]);
 }
@@ -189,51 +114,22 @@ fn sharded_output_keeps_base_names_and_order_with_a_valid_index() {
     let d = tempfile::tempdir().unwrap();
     let t = trio(d.path(), Ty::BF16, 3);
     let out = d.path().join("out");
-    ok(&chatvec(&[
-        "-q",
-        "apply",
-        "--base",
-        s(&t.base),
-        "--chat",
-        s(&t.chat),
-        "--pretrained",
-        s(&t.pre),
-        "--shard-size",
-        "600B",
-        "-o",
-        s(&out),
-    ]));
+    ok(&apply_streaming(&t, &out, &["-q", "--shard-size", "600B"]));
     assert_eq!(names_in_order(&out), names_in_order(&t.base));
     let idx: Value =
-        serde_json::from_slice(&std::fs::read(out.join("model.safetensors.index.json")).unwrap())
-            .unwrap();
+        serde_json::from_slice(&std::fs::read(out.join("model.safetensors.index.json")).unwrap()).unwrap();
     let total: usize = read_model(&out).values().map(|t| t.data.len()).sum();
-    assert_eq!(
-        idx["metadata"]["total_size"].as_u64().unwrap() as usize,
-        total
-    );
+    assert_eq!(idx["metadata"]["total_size"].as_u64().unwrap() as usize, total);
     let wm = idx["weight_map"].as_object().unwrap();
     assert_eq!(wm.len(), read_model(&out).len());
     for (name, file) in wm {
         let st = std::fs::read(out.join(file.as_str().unwrap())).unwrap();
-        assert!(
-            safetensors::SafeTensors::deserialize(&st)
-                .unwrap()
-                .tensor(name)
-                .is_ok()
-        );
+        assert!(safetensors::SafeTensors::deserialize(&st).unwrap().tensor(name).is_ok());
     }
     // transformers loads only shards with {"format": "pt"} metadata.
     let first = std::fs::read(out.join(wm.values().next().unwrap().as_str().unwrap())).unwrap();
     let (_, meta) = safetensors::SafeTensors::read_metadata(&first).unwrap();
-    assert_eq!(
-        meta.metadata()
-            .as_ref()
-            .unwrap()
-            .get("format")
-            .map(String::as_str),
-        Some("pt")
-    );
+    assert_eq!(meta.metadata().as_ref().unwrap().get("format").map(String::as_str), Some("pt"));
 }
 
 #[test]
@@ -241,44 +137,20 @@ fn extract_is_exact_and_f32_vector_apply_equals_streaming() {
     let d = tempfile::tempdir().unwrap();
     let t = trio(d.path(), Ty::BF16, 1);
     let vec32 = d.path().join("vec32");
-    ok(&chatvec(&[
-        "-q",
-        "extract",
-        "--chat",
-        s(&t.chat),
-        "--pretrained",
-        s(&t.pre),
-        "--dtype",
-        "f32",
-        "-o",
-        s(&vec32),
-    ]));
+    ok(&extract(&t, &vec32, &["-q", "--dtype", "f32"]));
     let v = read_model(&vec32);
     let (c, p) = (read_model(&t.chat), read_model(&t.pre));
     for (name, vt) in &v {
         assert_eq!(vt.ty, Ty::F32);
         for i in 0..vt.numel() {
             // bf16 - bf16 is exact in f32 here; check against f64.
-            assert_eq!(
-                vt.get(i) as f64,
-                c[name].get(i) as f64 - p[name].get(i) as f64,
-                "{name}[{i}]"
-            );
+            assert_eq!(vt.get(i) as f64, c[name].get(i) as f64 - p[name].get(i) as f64, "{name}[{i}]");
         }
     }
     let a = d.path().join("a");
     let b = d.path().join("b");
     let common = ["--scale", "0.8", "--scale-for", "mlp\\.=0.25"];
-    let mut args = vec![
-        "-q",
-        "apply",
-        "--base",
-        s(&t.base),
-        "--vector",
-        s(&vec32),
-        "-o",
-        s(&a),
-    ];
+    let mut args = vec!["-q", "apply", "--base", s(&t.base), "--vector", s(&vec32), "-o", s(&a)];
     args.extend(common);
     ok(&chatvec(&args));
     let mut args = vec![
@@ -302,16 +174,7 @@ fn extract_is_exact_and_f32_vector_apply_equals_streaming() {
 
     // The default vector dtype is the chat model's.
     let vec16 = d.path().join("vec16");
-    ok(&chatvec(&[
-        "-q",
-        "extract",
-        "--chat",
-        s(&t.chat),
-        "--pretrained",
-        s(&t.pre),
-        "-o",
-        s(&vec16),
-    ]));
+    ok(&extract(&t, &vec16, &["-q"]));
     assert!(read_model(&vec16).values().all(|t| t.ty == Ty::BF16));
 }
 
@@ -320,22 +183,7 @@ fn include_and_exclude_copy_unselected_tensors_byte_for_byte() {
     let d = tempfile::tempdir().unwrap();
     let t = trio(d.path(), Ty::BF16, 1);
     let out = d.path().join("out");
-    ok(&chatvec(&[
-        "-q",
-        "apply",
-        "--base",
-        s(&t.base),
-        "--chat",
-        s(&t.chat),
-        "--pretrained",
-        s(&t.pre),
-        "--include",
-        "layers\\.",
-        "--exclude",
-        "layernorm",
-        "-o",
-        s(&out),
-    ]));
+    ok(&apply_streaming(&t, &out, &["-q", "--include", "layers\\.", "--exclude", "layernorm"]));
     let (o, b) = (read_model(&out), read_model(&t.base));
     let selected = |n: &str| n.contains("layers.") && !n.contains("layernorm");
     for (name, bt) in &b {
@@ -352,75 +200,28 @@ fn extract_exclude_is_recorded_and_apply_copies_those_tensors() {
     let d = tempfile::tempdir().unwrap();
     let t = trio(d.path(), Ty::BF16, 1);
     let v = d.path().join("vec");
-    ok(&chatvec(&[
-        "-q",
-        "extract",
-        "--chat",
-        s(&t.chat),
-        "--pretrained",
-        s(&t.pre),
-        "--exclude",
-        "norm",
-        "-o",
-        s(&v),
-    ]));
+    ok(&extract(&t, &v, &["-q", "--exclude", "norm"]));
     assert!(read_model(&v).keys().all(|k| !k.contains("norm")));
     let out = d.path().join("out");
-    ok(&chatvec(&[
-        "-q",
-        "apply",
-        "--base",
-        s(&t.base),
-        "--vector",
-        s(&v),
-        "-o",
-        s(&out),
-    ]));
+    ok(&chatvec(&["-q", "apply", "--base", s(&t.base), "--vector", s(&v), "-o", s(&out)]));
     let (o, b) = (read_model(&out), read_model(&t.base));
     assert_eq!(o["model.norm.weight"].data, b["model.norm.weight"].data);
     assert_ne!(o["lm_head.weight"].data, b["lm_head.weight"].data);
 }
 
 fn expanded_setup(root: &std::path::Path, base_tokens: &[String]) -> Trio {
-    let t = Trio {
-        pre: root.join("pre"),
-        chat: root.join("chat"),
-        base: root.join("base"),
-    };
+    let t = Trio { pre: root.join("pre"), chat: root.join("chat"), base: root.join("base") };
     let n = base_tokens.len() as u64;
-    write_model(
-        &t.pre,
-        &llama(1, 16, false, Ty::BF16),
-        1,
-        &config(16, false, LAYERS),
-        Some(&tokens(16)),
-    );
-    write_model(
-        &t.chat,
-        &llama(2, 16, false, Ty::BF16),
-        1,
-        &config(16, false, LAYERS),
-        Some(&tokens(16)),
-    );
-    write_model(
-        &t.base,
-        &llama(3, n, false, Ty::BF16),
-        1,
-        &config(n, false, LAYERS),
-        Some(base_tokens),
-    );
+    write_model(&t.pre, &llama(1, 16, false, Ty::BF16), 1, &config(16, false, LAYERS), Some(&tokens(16)));
+    write_model(&t.chat, &llama(2, 16, false, Ty::BF16), 1, &config(16, false, LAYERS), Some(&tokens(16)));
+    write_model(&t.base, &llama(3, n, false, Ty::BF16), 1, &config(n, false, LAYERS), Some(base_tokens));
     t
 }
 
 /// Checks vocabulary-indexed rows: base row r takes vector row map(r) or
 /// stays as in the base.
 fn check_rows(out: &std::path::Path, t: &Trio, map: impl Fn(usize) -> Option<usize>) {
-    let (o, b, c, p) = (
-        read_model(out),
-        read_model(&t.base),
-        read_model(&t.chat),
-        read_model(&t.pre),
-    );
+    let (o, b, c, p) = (read_model(out), read_model(&t.base), read_model(&t.chat), read_model(&t.pre));
     for name in ["model.embed_tokens.weight", "lm_head.weight"] {
         let rows = b[name].shape[0] as usize;
         let w = HIDDEN as usize;
@@ -433,13 +234,7 @@ fn check_rows(out: &std::path::Path, t: &Trio, map: impl Fn(usize) -> Option<usi
                         let k = v * w + j;
                         assert_eq!(
                             got,
-                            &reference(
-                                b[name].get(i),
-                                c[name].get(k),
-                                p[name].get(k),
-                                1.0,
-                                Ty::BF16
-                            )[..],
+                            &reference(b[name].get(i), c[name].get(k), p[name].get(k), 1.0, Ty::BF16)[..],
                             "{name} row {r}"
                         );
                     }
@@ -463,18 +258,7 @@ fn expanded_vocabulary_align_matches_rows_by_token_string() {
     toks.extend((0..8).map(|i| format!("ja{i}")));
     let t = expanded_setup(d.path(), &toks);
     let out = d.path().join("out");
-    let o = chatvec(&[
-        "--json",
-        "apply",
-        "--base",
-        s(&t.base),
-        "--chat",
-        s(&t.chat),
-        "--pretrained",
-        s(&t.pre),
-        "-o",
-        s(&out),
-    ]);
+    let o = apply_streaming(&t, &out, &["--json"]);
     ok(&o);
     check_rows(&out, &t, |r| match r {
         3 => Some(5),
@@ -500,22 +284,8 @@ fn expanded_vocabulary_prefix_skip_and_full() {
     let mut toks = tokens(16);
     toks.extend((0..8).map(|i| format!("ja{i}")));
     let t = expanded_setup(d.path(), &toks);
-    let run = |policy: &str, out: &str| {
-        chatvec(&[
-            "-q",
-            "apply",
-            "--base",
-            s(&t.base),
-            "--chat",
-            s(&t.chat),
-            "--pretrained",
-            s(&t.pre),
-            "--embeddings",
-            policy,
-            "-o",
-            s(&d.path().join(out)),
-        ])
-    };
+    let run =
+        |policy: &str, out: &str| apply_streaming(&t, &d.path().join(out), &["-q", "--embeddings", policy]);
     ok(&run("prefix", "prefix"));
     check_rows(&d.path().join("prefix"), &t, |r| (r < 16).then_some(r));
     ok(&run("skip", "skip"));
@@ -533,71 +303,20 @@ fn expanded_vocabulary_prefix_skip_and_full() {
     std::fs::remove_file(t.base.join("tokenizer.json")).unwrap();
     let o = run("auto", "auto");
     ok(&o);
-    assert!(
-        stderr(&o).contains("warning:") && stderr(&o).contains("prefix"),
-        "{}",
-        stderr(&o)
-    );
+    assert!(stderr(&o).contains("warning:") && stderr(&o).contains("prefix"), "{}", stderr(&o));
     check_rows(&d.path().join("auto"), &t, |r| (r < 16).then_some(r));
 }
 
 #[test]
 fn tied_vector_gives_an_untied_base_its_lm_head_delta() {
     let d = tempfile::tempdir().unwrap();
-    let (pre, chat, base) = (
-        d.path().join("pre"),
-        d.path().join("chat"),
-        d.path().join("base"),
-    );
-    write_model(
-        &pre,
-        &llama(1, 16, true, Ty::BF16),
-        1,
-        &config(16, true, LAYERS),
-        None,
-    );
-    write_model(
-        &chat,
-        &llama(2, 16, true, Ty::BF16),
-        1,
-        &config(16, true, LAYERS),
-        None,
-    );
-    write_model(
-        &base,
-        &llama(3, 16, false, Ty::BF16),
-        1,
-        &config(16, false, LAYERS),
-        None,
-    );
+    let t = tied_trio(d.path(), true, true, false);
     let out = d.path().join("out");
-    ok(&chatvec(&[
-        "-q",
-        "apply",
-        "--base",
-        s(&base),
-        "--chat",
-        s(&chat),
-        "--pretrained",
-        s(&pre),
-        "-o",
-        s(&out),
-    ]));
-    let (o, b, c, p) = (
-        read_model(&out),
-        read_model(&base),
-        read_model(&chat),
-        read_model(&pre),
-    );
+    ok(&apply_streaming(&t, &out, &["-q"]));
+    let (o, b, c, p) = (read_model(&out), read_model(&t.base), read_model(&t.chat), read_model(&t.pre));
     let e = "model.embed_tokens.weight";
     for i in 0..b["lm_head.weight"].numel() {
-        let want = reference(
-            b["lm_head.weight"].get(i),
-            c[e].get(i),
-            p[e].get(i),
-            1.0,
-            Ty::BF16,
-        );
+        let want = reference(b["lm_head.weight"].get(i), c[e].get(i), p[e].get(i), 1.0, Ty::BF16);
         assert_eq!(&o["lm_head.weight"].data[i * 2..i * 2 + 2], &want[..]);
     }
 }
@@ -605,62 +324,17 @@ fn tied_vector_gives_an_untied_base_its_lm_head_delta() {
 #[test]
 fn tied_base_with_untied_vector_is_refused_unless_embeddings_are_skipped() {
     let d = tempfile::tempdir().unwrap();
-    let (pre, chat, base) = (
-        d.path().join("pre"),
-        d.path().join("chat"),
-        d.path().join("base"),
-    );
-    write_model(
-        &pre,
-        &llama(1, 16, false, Ty::BF16),
-        1,
-        &config(16, false, LAYERS),
-        None,
-    );
-    write_model(
-        &chat,
-        &llama(2, 16, false, Ty::BF16),
-        1,
-        &config(16, false, LAYERS),
-        None,
-    );
-    write_model(
-        &base,
-        &llama(3, 16, true, Ty::BF16),
-        1,
-        &config(16, true, LAYERS),
-        None,
-    );
+    let t = tied_trio(d.path(), false, false, true);
     let out = d.path().join("out");
-    let args = [
-        "-q",
-        "apply",
-        "--base",
-        s(&base),
-        "--chat",
-        s(&chat),
-        "--pretrained",
-        s(&pre),
-        "-o",
-        s(&out),
-    ];
-    let o = chatvec(&args);
+    let o = apply_streaming(&t, &out, &[]);
     assert_eq!(o.status.code(), Some(1));
-    assert!(
-        stderr(&o).contains("ties lm_head") && stderr(&o).contains("hint: pass --embeddings skip"),
-        "{}",
-        stderr(&o)
-    );
+    let err = stderr(&o);
+    assert!(err.contains("ties lm_head") && err.contains("hint: pass --embeddings skip"), "{err}");
     assert!(!out.exists());
-    let mut args = args.to_vec();
-    args.extend(["--embeddings", "skip"]);
-    ok(&chatvec(&args));
-    let (ob, bb) = (read_model(&out), read_model(&base));
+    ok(&apply_streaming(&t, &out, &["--embeddings", "skip"]));
+    let (ob, bb) = (read_model(&out), read_model(&t.base));
     assert!(!ob.contains_key("lm_head.weight"));
-    assert_eq!(
-        ob["model.embed_tokens.weight"].data,
-        bb["model.embed_tokens.weight"].data
-    );
+    assert_eq!(ob["model.embed_tokens.weight"].data, bb["model.embed_tokens.weight"].data);
 }
 
 #[test]
@@ -679,54 +353,22 @@ fn chat_template_and_eos_ids_come_from_the_chat_model() {
         r#"{"chat_template": "{{ messages }}<|eot_id|>", "eos_token": "<|eot_id|>"}"#,
     )
     .unwrap();
-    std::fs::write(
-        t.chat.join("generation_config.json"),
-        r#"{"eos_token_id": [2, 9]}"#,
-    )
-    .unwrap();
-    std::fs::write(
-        t.base.join("tokenizer_config.json"),
-        r#"{"eos_token": "t2", "model_max_length": 8192}"#,
-    )
-    .unwrap();
-    std::fs::write(
-        t.base.join("generation_config.json"),
-        r#"{"bos_token_id": 1, "eos_token_id": 2}"#,
-    )
-    .unwrap();
+    std::fs::write(t.chat.join("generation_config.json"), r#"{"eos_token_id": [2, 9]}"#).unwrap();
+    std::fs::write(t.base.join("tokenizer_config.json"), r#"{"eos_token": "t2", "model_max_length": 8192}"#)
+        .unwrap();
+    std::fs::write(t.base.join("generation_config.json"), r#"{"bos_token_id": 1, "eos_token_id": 2}"#)
+        .unwrap();
     let out = d.path().join("out");
-    let o = chatvec(&[
-        "apply",
-        "--base",
-        s(&t.base),
-        "--chat",
-        s(&t.chat),
-        "--pretrained",
-        s(&t.pre),
-        "-o",
-        s(&out),
-    ]);
+    let o = apply_streaming(&t, &out, &[]);
     ok(&o);
-    assert!(
-        stderr(&o).contains("chat template: taken from"),
-        "{}",
-        stderr(&o)
-    );
+    assert!(stderr(&o).contains("chat template: taken from"), "{}", stderr(&o));
     let tc: Value =
         serde_json::from_slice(&std::fs::read(out.join("tokenizer_config.json")).unwrap()).unwrap();
     assert_eq!(tc["chat_template"], "{{ messages }}<|eot_id|>");
-    assert_eq!(
-        tc["model_max_length"], 8192,
-        "the rest of the base's config stays"
-    );
+    assert_eq!(tc["model_max_length"], 8192, "the rest of the base's config stays");
     let gc: Value =
-        serde_json::from_slice(&std::fs::read(out.join("generation_config.json")).unwrap())
-            .unwrap();
-    assert_eq!(
-        gc["eos_token_id"],
-        serde_json::json!([2, 10]),
-        "ids are mapped by token string"
-    );
+        serde_json::from_slice(&std::fs::read(out.join("generation_config.json")).unwrap()).unwrap();
+    assert_eq!(gc["eos_token_id"], serde_json::json!([2, 10]), "ids are mapped by token string");
     assert_eq!(gc["bos_token_id"], 1);
     assert_eq!(
         std::fs::read(out.join("config.json")).unwrap(),
@@ -734,19 +376,7 @@ fn chat_template_and_eos_ids_come_from_the_chat_model() {
     );
 
     let keep = d.path().join("keep");
-    ok(&chatvec(&[
-        "-q",
-        "apply",
-        "--base",
-        s(&t.base),
-        "--chat",
-        s(&t.chat),
-        "--pretrained",
-        s(&t.pre),
-        "--keep-base-template",
-        "-o",
-        s(&keep),
-    ]));
+    ok(&apply_streaming(&t, &keep, &["-q", "--keep-base-template"]));
     assert_eq!(
         std::fs::read(keep.join("tokenizer_config.json")).unwrap(),
         std::fs::read(t.base.join("tokenizer_config.json")).unwrap()
@@ -758,30 +388,11 @@ fn chat_template_and_eos_ids_come_from_the_chat_model() {
 
     // Through a stored vector the template travels in the vector directory.
     let v = d.path().join("vec");
-    ok(&chatvec(&[
-        "-q",
-        "extract",
-        "--chat",
-        s(&t.chat),
-        "--pretrained",
-        s(&t.pre),
-        "-o",
-        s(&v),
-    ]));
+    ok(&extract(&t, &v, &["-q"]));
     let viav = d.path().join("viav");
-    ok(&chatvec(&[
-        "-q",
-        "apply",
-        "--base",
-        s(&t.base),
-        "--vector",
-        s(&v),
-        "-o",
-        s(&viav),
-    ]));
+    ok(&chatvec(&["-q", "apply", "--base", s(&t.base), "--vector", s(&v), "-o", s(&viav)]));
     let tc2: Value =
-        serde_json::from_slice(&std::fs::read(viav.join("tokenizer_config.json")).unwrap())
-            .unwrap();
+        serde_json::from_slice(&std::fs::read(viav.join("tokenizer_config.json")).unwrap()).unwrap();
     assert_eq!(tc2["chat_template"], "{{ messages }}<|eot_id|>");
 }
 
@@ -790,34 +401,13 @@ fn manifest_records_inputs_and_outputs_with_correct_hashes() {
     let d = tempfile::tempdir().unwrap();
     let t = trio(d.path(), Ty::BF16, 2);
     let out = d.path().join("out");
-    ok(&chatvec(&[
-        "-q",
-        "apply",
-        "--base",
-        s(&t.base),
-        "--chat",
-        s(&t.chat),
-        "--pretrained",
-        s(&t.pre),
-        "--scale",
-        "0.9",
-        "--shard-size",
-        "1KB",
-        "-o",
-        s(&out),
-    ]));
+    ok(&apply_streaming(&t, &out, &["-q", "--scale", "0.9", "--shard-size", "1KB"]));
     let m: Value =
         serde_json::from_slice(&std::fs::read(out.join("chatvec-manifest.json")).unwrap()).unwrap();
     assert_eq!(m["kind"], "apply");
     assert_eq!(m["version"], env!("CARGO_PKG_VERSION"));
     assert_eq!(m["parameters"]["scale"], 0.9);
-    assert!(
-        m["command"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .any(|a| a == "--scale")
-    );
+    assert!(m["command"].as_array().unwrap().iter().any(|a| a == "--scale"));
     assert_eq!(m["inputs"].as_array().unwrap().len(), 3);
     assert!(m["outputs"].as_array().unwrap().len() > 2);
     check_manifest_hashes(&out);

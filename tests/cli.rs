@@ -14,17 +14,8 @@ fn apply_fails(t: &Trio, extra: &[&str], code: i32, needles: &[&str]) {
     let root = t.base.parent().unwrap();
     let before = entries(root);
     let out = root.join("out");
-    let mut args = vec![
-        "apply",
-        "--base",
-        s(&t.base),
-        "--chat",
-        s(&t.chat),
-        "--pretrained",
-        s(&t.pre),
-        "-o",
-        s(&out),
-    ];
+    let mut args =
+        vec!["apply", "--base", s(&t.base), "--chat", s(&t.chat), "--pretrained", s(&t.pre), "-o", s(&out)];
     args.extend(extra);
     let o = chatvec(&args);
     let err = stderr(&o);
@@ -33,11 +24,7 @@ fn apply_fails(t: &Trio, extra: &[&str], code: i32, needles: &[&str]) {
     for n in needles {
         assert!(err.contains(n), "expected {n:?} in:\n{err}");
     }
-    assert_eq!(
-        entries(root),
-        before,
-        "a failed run must leave nothing behind"
-    );
+    assert_eq!(entries(root), before, "a failed run must leave nothing behind");
 }
 
 fn shard_path(dir: &Path) -> std::path::PathBuf {
@@ -72,22 +59,10 @@ fn mismatched_shape_names_the_tensor() {
     let d = tempfile::tempdir().unwrap();
     let t = trio(d.path(), Ty::BF16, 1);
     let mut ts = llama(2, 16, false, Ty::BF16);
-    let q = ts
-        .iter_mut()
-        .find(|x| x.name == "model.layers.1.self_attn.q_proj.weight")
-        .unwrap();
+    let q = ts.iter_mut().find(|x| x.name == "model.layers.1.self_attn.q_proj.weight").unwrap();
     q.shape = vec![4, 16];
     write_model(&t.chat, &ts, 1, &config(16, false, LAYERS), None);
-    apply_fails(
-        &t,
-        &[],
-        1,
-        &[
-            "model.layers.1.self_attn.q_proj.weight",
-            "[4, 16]",
-            "[8, 8]",
-        ],
-    );
+    apply_fails(&t, &[], 1, &["model.layers.1.self_attn.q_proj.weight", "[4, 16]", "[8, 8]"]);
     // --allow-mismatch never excuses shapes
     apply_fails(&t, &["--allow-mismatch"], 1, &["q_proj"]);
 }
@@ -97,39 +72,12 @@ fn unsupported_dtype_names_tensor_and_dtype() {
     let d = tempfile::tempdir().unwrap();
     let t = trio(d.path(), Ty::BF16, 1);
     let mut ts = llama(3, 16, false, Ty::BF16);
-    ts.push(T {
-        name: "model.rotary.positions".into(),
-        ty: Ty::I64,
-        shape: vec![4],
-        data: vec![0; 32],
-    });
+    ts.push(T { name: "model.rotary.positions".into(), ty: Ty::I64, shape: vec![4], data: vec![0; 32] });
     write_model(&t.base, &ts, 1, &config(16, false, LAYERS), None);
-    apply_fails(
-        &t,
-        &[],
-        1,
-        &[
-            "model.rotary.positions",
-            "I64",
-            "hint: leave it out with --exclude",
-        ],
-    );
+    apply_fails(&t, &[], 1, &["model.rotary.positions", "I64", "hint: leave it out with --exclude"]);
     // Excluded, it is copied as is.
     let out = d.path().join("ok");
-    ok(&chatvec(&[
-        "-q",
-        "apply",
-        "--base",
-        s(&t.base),
-        "--chat",
-        s(&t.chat),
-        "--pretrained",
-        s(&t.pre),
-        "--exclude",
-        "rotary",
-        "-o",
-        s(&out),
-    ]));
+    ok(&apply_streaming(&t, &out, &["-q", "--exclude", "rotary"]));
     assert_eq!(read_model(&out)["model.rotary.positions"].data, vec![0; 32]);
 }
 
@@ -140,30 +88,9 @@ fn architecture_differences_fail_unless_allowed() {
     let mut cfg = config(16, false, LAYERS);
     cfg["rope_theta"] = 10000.0.into();
     std::fs::write(t.base.join("config.json"), cfg.to_string()).unwrap();
-    apply_fails(
-        &t,
-        &[],
-        1,
-        &[
-            "rope_theta",
-            "10000",
-            "500000",
-            "hint: pass --allow-mismatch",
-        ],
-    );
+    apply_fails(&t, &[], 1, &["rope_theta", "10000", "500000", "hint: pass --allow-mismatch"]);
     let out = d.path().join("out");
-    let o = chatvec(&[
-        "apply",
-        "--base",
-        s(&t.base),
-        "--chat",
-        s(&t.chat),
-        "--pretrained",
-        s(&t.pre),
-        "--allow-mismatch",
-        "-o",
-        s(&out),
-    ]);
+    let o = apply_streaming(&t, &out, &["--allow-mismatch"]);
     ok(&o);
     assert!(stderr(&o).contains("warning: --allow-mismatch") && stderr(&o).contains("rope_theta"));
 }
@@ -174,19 +101,9 @@ fn missing_and_extra_tensors_are_listed() {
     let t = trio(d.path(), Ty::BF16, 1);
     let mut ts = llama(2, 16, false, Ty::BF16);
     ts.retain(|x| !x.name.contains("layers.1.mlp"));
-    ts.push(T {
-        name: "model.extra.weight".into(),
-        ty: Ty::BF16,
-        shape: vec![2],
-        data: vec![0; 4],
-    });
+    ts.push(T { name: "model.extra.weight".into(), ty: Ty::BF16, shape: vec![2], data: vec![0; 4] });
     write_model(&t.chat, &ts, 1, &config(16, false, LAYERS), None);
-    apply_fails(
-        &t,
-        &[],
-        1,
-        &["model.layers.1.mlp.down_proj.weight", "model.extra.weight"],
-    );
+    apply_fails(&t, &[], 1, &["model.layers.1.mlp.down_proj.weight", "model.extra.weight"]);
 }
 
 #[test]
@@ -197,45 +114,22 @@ fn index_problems_are_named() {
     let good = std::fs::read_to_string(&idx).unwrap();
 
     std::fs::remove_file(t.base.join("model-00002-of-00003.safetensors")).unwrap();
-    apply_fails(
-        &t,
-        &[],
-        1,
-        &[
-            "model.safetensors.index.json",
-            "model-00002-of-00003.safetensors",
-        ],
-    );
+    apply_fails(&t, &[], 1, &["model.safetensors.index.json", "model-00002-of-00003.safetensors"]);
     let t = trio(d.path(), Ty::BF16, 3);
 
-    let moved = good.replacen(
-        "\"model-00001-of-00003.safetensors\"",
-        "\"model-00002-of-00003.safetensors\"",
-        1,
-    );
+    let moved =
+        good.replacen("\"model-00001-of-00003.safetensors\"", "\"model-00002-of-00003.safetensors\"", 1);
     std::fs::write(&idx, moved).unwrap();
     apply_fails(
         &t,
         &[],
         1,
-        &[
-            "index.json",
-            "model.embed_tokens.weight",
-            "stored in model-00001-of-00003.safetensors",
-        ],
+        &["index.json", "model.embed_tokens.weight", "stored in model-00001-of-00003.safetensors"],
     );
 
-    std::fs::write(
-        &idx,
-        good.replacen("model-00001-of-00003.safetensors", "../evil.safetensors", 1),
-    )
-    .unwrap();
-    apply_fails(
-        &t,
-        &[],
-        1,
-        &["index.json", "not a plain .safetensors file name"],
-    );
+    std::fs::write(&idx, good.replacen("model-00001-of-00003.safetensors", "../evil.safetensors", 1))
+        .unwrap();
+    apply_fails(&t, &[], 1, &["index.json", "not a plain .safetensors file name"]);
 
     let dup = good.replacen(
         "\"weight_map\": {",
@@ -252,12 +146,7 @@ fn index_problems_are_named() {
         dup
     };
     std::fs::write(&idx, dup).unwrap();
-    apply_fails(
-        &t,
-        &[],
-        1,
-        &["index.json", "duplicate key 'lm_head.weight'"],
-    );
+    apply_fails(&t, &[], 1, &["index.json", "duplicate key 'lm_head.weight'"]);
 
     std::fs::write(&idx, "{\"metadata\": {}}").unwrap();
     apply_fails(&t, &[], 1, &["index.json", "weight_map"]);
@@ -283,16 +172,7 @@ fn a_tensor_in_two_shards_is_rejected() {
         serde_json::json!({"weight_map": wm}).to_string(),
     )
     .unwrap();
-    apply_fails(
-        &t,
-        &[],
-        1,
-        &[
-            "b.safetensors",
-            ts[2].name.as_str(),
-            "also in a.safetensors",
-        ],
-    );
+    apply_fails(&t, &[], 1, &["b.safetensors", ts[2].name.as_str(), "also in a.safetensors"]);
 }
 
 #[test]
@@ -302,18 +182,8 @@ fn existing_output_needs_force_and_force_replaces() {
     let out = d.path().join("out");
     std::fs::create_dir(&out).unwrap();
     std::fs::write(out.join("old-file"), b"x").unwrap();
-    let args = [
-        "-q",
-        "apply",
-        "--base",
-        s(&t.base),
-        "--chat",
-        s(&t.chat),
-        "--pretrained",
-        s(&t.pre),
-        "-o",
-        s(&out),
-    ];
+    let args =
+        ["-q", "apply", "--base", s(&t.base), "--chat", s(&t.chat), "--pretrained", s(&t.pre), "-o", s(&out)];
     let o = chatvec(&args);
     assert_eq!(o.status.code(), Some(1));
     assert!(stderr(&o).contains("already exists") && stderr(&o).contains("hint: pass --force"));
@@ -323,11 +193,7 @@ fn existing_output_needs_force_and_force_replaces() {
     ok(&chatvec(&a));
     assert!(!out.join("old-file").exists());
     assert!(out.join("model.safetensors").exists());
-    assert!(
-        entries(d.path()).iter().all(|e| !e.contains("chatvec-")),
-        "{:?}",
-        entries(d.path())
-    );
+    assert!(entries(d.path()).iter().all(|e| !e.contains("chatvec-")), "{:?}", entries(d.path()));
 }
 
 #[test]
@@ -335,24 +201,9 @@ fn an_input_is_never_an_output() {
     let d = tempfile::tempdir().unwrap();
     let t = trio(d.path(), Ty::BF16, 1);
     for target in [&t.base, &t.pre, &d.path().to_path_buf()] {
-        let o = chatvec(&[
-            "apply",
-            "--base",
-            s(&t.base),
-            "--chat",
-            s(&t.chat),
-            "--pretrained",
-            s(&t.pre),
-            "--force",
-            "-o",
-            s(target),
-        ]);
+        let o = apply_streaming(&t, target, &["--force"]);
         assert_eq!(o.status.code(), Some(1));
-        assert!(
-            stderr(&o).contains("an input is never an output"),
-            "{}",
-            stderr(&o)
-        );
+        assert!(stderr(&o).contains("an input is never an output"), "{}", stderr(&o));
     }
     assert!(t.base.join("model.safetensors").exists());
 }
@@ -362,17 +213,8 @@ fn usage_errors_exit_1() {
     let d = tempfile::tempdir().unwrap();
     let t = trio(d.path(), Ty::BF16, 1);
     let out = d.path().join("out");
-    let base = [
-        "apply",
-        "--base",
-        s(&t.base),
-        "--chat",
-        s(&t.chat),
-        "--pretrained",
-        s(&t.pre),
-        "-o",
-        s(&out),
-    ];
+    let base =
+        ["apply", "--base", s(&t.base), "--chat", s(&t.chat), "--pretrained", s(&t.pre), "-o", s(&out)];
     for (extra, needle) in [
         (vec!["--include", "("], "--include '('"),
         (vec!["--scale-for", "mlp"], "REGEX=VALUE"),
@@ -388,15 +230,7 @@ fn usage_errors_exit_1() {
     }
     let o = chatvec(&["apply", "--base", s(&t.base), "-o", s(&out)]);
     assert_eq!(o.status.code(), Some(1));
-    let o = chatvec(&[
-        "apply",
-        "--base",
-        "no/such/model",
-        "--vector",
-        s(&t.chat),
-        "-o",
-        s(&out),
-    ]);
+    let o = chatvec(&["apply", "--base", "no/such/model", "--vector", s(&t.chat), "-o", s(&out)]);
     assert_eq!(o.status.code(), Some(1));
     assert!(stderr(&o).contains("'no/such/model' is not a local directory"));
     assert!(!out.exists());
@@ -420,39 +254,12 @@ fn bad_vector_directory_is_refused() {
     let d = tempfile::tempdir().unwrap();
     let t = trio(d.path(), Ty::BF16, 1);
     let merged = d.path().join("merged");
-    ok(&chatvec(&[
-        "-q",
-        "apply",
-        "--base",
-        s(&t.base),
-        "--chat",
-        s(&t.chat),
-        "--pretrained",
-        s(&t.pre),
-        "-o",
-        s(&merged),
-    ]));
-    let o = chatvec(&[
-        "apply",
-        "--base",
-        s(&t.base),
-        "--vector",
-        s(&merged),
-        "-o",
-        s(&d.path().join("x")),
-    ]);
+    ok(&apply_streaming(&t, &merged, &["-q"]));
+    let o = chatvec(&["apply", "--base", s(&t.base), "--vector", s(&merged), "-o", s(&d.path().join("x"))]);
     assert_eq!(o.status.code(), Some(1));
     assert!(stderr(&o).contains("not a chat vector"), "{}", stderr(&o));
     std::fs::write(merged.join("chatvec-manifest.json"), "{").unwrap();
-    let o = chatvec(&[
-        "apply",
-        "--base",
-        s(&t.base),
-        "--vector",
-        s(&merged),
-        "-o",
-        s(&d.path().join("x")),
-    ]);
+    let o = chatvec(&["apply", "--base", s(&t.base), "--vector", s(&merged), "-o", s(&d.path().join("x"))]);
     assert!(
         stderr(&o).contains("chatvec-manifest.json") && stderr(&o).contains("invalid JSON"),
         "{}",
@@ -465,20 +272,7 @@ fn dry_run_prints_the_plan_and_writes_nothing() {
     let d = tempfile::tempdir().unwrap();
     let t = trio(d.path(), Ty::BF16, 1);
     let out = d.path().join("out");
-    let o = chatvec(&[
-        "apply",
-        "--base",
-        s(&t.base),
-        "--chat",
-        s(&t.chat),
-        "--pretrained",
-        s(&t.pre),
-        "--scale-for",
-        "mlp=0.5",
-        "--dry-run",
-        "-o",
-        s(&out),
-    ]);
+    let o = apply_streaming(&t, &out, &["--scale-for", "mlp=0.5", "--dry-run"]);
     ok(&o);
     let text = stdout(&o);
     assert!(text.contains("model.layers.0.mlp.up_proj.weight BF16 [12, 8]: base:model.layers.0.mlp.up_proj.weight + 0.5 * (chat:"), "{text}");
@@ -492,10 +286,7 @@ fn json_summary_and_inspect() {
     let o = chatvec(&["inspect", "--json", s(&t.base)]);
     ok(&o);
     let v: serde_json::Value = serde_json::from_str(&stdout(&o)).unwrap();
-    let params: u64 = llama_shapes(16, false)
-        .iter()
-        .map(|(_, s)| s.iter().product::<u64>())
-        .sum();
+    let params: u64 = llama_shapes(16, false).iter().map(|(_, s)| s.iter().product::<u64>()).sum();
     assert_eq!(v["parameters"], params);
     assert_eq!(v["shards"].as_array().unwrap().len(), 3);
     assert_eq!(v["config"]["num_hidden_layers"], LAYERS);
@@ -508,26 +299,12 @@ fn json_summary_and_inspect() {
     );
 
     let out = d.path().join("out");
-    let o = chatvec(&[
-        "--json",
-        "apply",
-        "--base",
-        s(&t.base),
-        "--chat",
-        s(&t.chat),
-        "--pretrained",
-        s(&t.pre),
-        "-o",
-        s(&out),
-    ]);
+    let o = apply_streaming(&t, &out, &["--json"]);
     ok(&o);
     let v: serde_json::Value = serde_json::from_str(&stdout(&o)).unwrap();
     assert_eq!(v["kind"], "apply");
     assert_eq!(v["tensors"], llama_shapes(16, false).len());
-    assert_eq!(
-        v["shards"][0]["sha256"],
-        sha256_file(&out.join("model.safetensors"))
-    );
+    assert_eq!(v["shards"][0]["sha256"], sha256_file(&out.join("model.safetensors")));
 }
 
 #[test]
@@ -544,23 +321,12 @@ fn sigint_leaves_nothing_behind() {
     use std::process::Stdio;
     let d = tempfile::tempdir().unwrap();
     // Big enough, with tiny chunks, that the run is still going when the signal lands.
-    let (pre, chat, base) = (
-        d.path().join("pre"),
-        d.path().join("chat"),
-        d.path().join("base"),
-    );
+    let (pre, chat, base) = (d.path().join("pre"), d.path().join("chat"), d.path().join("base"));
     for (dir, seed) in [(&pre, 1), (&chat, 2), (&base, 3)] {
-        let data: Vec<u8> = (0..4_000_000usize)
-            .flat_map(|i| Ty::BF16.encode(val(seed, "w", i)))
-            .collect();
+        let data: Vec<u8> = (0..4_000_000usize).flat_map(|i| Ty::BF16.encode(val(seed, "w", i))).collect();
         write_model(
             dir,
-            &[T {
-                name: "w".into(),
-                ty: Ty::BF16,
-                shape: vec![4_000_000],
-                data,
-            }],
+            &[T { name: "w".into(), ty: Ty::BF16, shape: vec![4_000_000], data }],
             1,
             &config(16, false, LAYERS),
             None,
@@ -590,10 +356,7 @@ fn sigint_leaves_nothing_behind() {
     // Wait until the run is writing (its temporary directory exists).
     let started = std::time::Instant::now();
     while !entries(d.path()).iter().any(|e| e.contains("chatvec-tmp")) {
-        assert!(
-            started.elapsed().as_secs() < 60,
-            "the run never started writing"
-        );
+        assert!(started.elapsed().as_secs() < 60, "the run never started writing");
         std::thread::sleep(std::time::Duration::from_millis(5));
     }
     // SAFETY: sending a signal to our own child process.
@@ -601,11 +364,7 @@ fn sigint_leaves_nothing_behind() {
         libc::kill(child.id() as i32, libc::SIGINT);
     }
     let status = child.wait().unwrap();
-    assert_eq!(
-        status.code(),
-        Some(130),
-        "the run should have been interrupted"
-    );
+    assert_eq!(status.code(), Some(130), "the run should have been interrupted");
     assert_eq!(entries(d.path()), before);
 }
 
@@ -617,38 +376,23 @@ fn input_hashes_come_from_the_cache_unless_rehash() {
     let run = |out: &str, extra: &[&str]| {
         let o = command()
             .env("CHATVEC_CACHE_DIR", &cache)
-            .args([
-                "-q",
-                "apply",
-                "--base",
-                s(&t.base),
-                "--chat",
-                s(&t.chat),
-                "--pretrained",
-                s(&t.pre),
-            ])
+            .args(["-q", "apply", "--base", s(&t.base), "--chat", s(&t.chat), "--pretrained", s(&t.pre)])
             .args(["-o", s(&d.path().join(out))])
             .args(extra)
             .output()
             .unwrap();
         ok(&o);
-        let m: serde_json::Value = serde_json::from_slice(
-            &std::fs::read(d.path().join(out).join("chatvec-manifest.json")).unwrap(),
-        )
-        .unwrap();
-        m["inputs"][0]["shards"][0]["sha256"]
-            .as_str()
-            .unwrap()
-            .to_string()
+        let m: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(d.path().join(out).join("chatvec-manifest.json")).unwrap())
+                .unwrap();
+        m["inputs"][0]["shards"][0]["sha256"].as_str().unwrap().to_string()
     };
     let real = run("first", &[]);
     assert_eq!(real, sha256_file(&t.base.join("model.safetensors")));
     // Poison every entry: a run that trusts the cache reports the poison,
     // which proves the cache was read; --rehash does not.
-    let entries: Vec<_> = std::fs::read_dir(cache.join("sha256"))
-        .unwrap()
-        .map(|e| e.unwrap().path())
-        .collect();
+    let entries: Vec<_> =
+        std::fs::read_dir(cache.join("sha256")).unwrap().map(|e| e.unwrap().path()).collect();
     assert_eq!(entries.len(), 4, "one entry per input shard");
     for e in &entries {
         std::fs::write(e, format!("{}\n", "0".repeat(64))).unwrap();
@@ -656,17 +400,8 @@ fn input_hashes_come_from_the_cache_unless_rehash() {
     assert_eq!(run("cached", &[]), "0".repeat(64));
     assert_eq!(run("rehashed", &["--rehash"]), real);
     // Rewriting an input invalidates its entry.
-    write_model(
-        &t.base,
-        &llama(9, 16, false, Ty::BF16),
-        1,
-        &config(16, false, LAYERS),
-        Some(&tokens(16)),
-    );
-    assert_eq!(
-        run("rewritten", &[]),
-        sha256_file(&t.base.join("model.safetensors"))
-    );
+    write_model(&t.base, &llama(9, 16, false, Ty::BF16), 1, &config(16, false, LAYERS), Some(&tokens(16)));
+    assert_eq!(run("rewritten", &[]), sha256_file(&t.base.join("model.safetensors")));
 }
 
 #[test]
@@ -674,19 +409,7 @@ fn dry_run_json_is_valid_json_with_the_plan() {
     let d = tempfile::tempdir().unwrap();
     let t = trio(d.path(), Ty::BF16, 1);
     let out = d.path().join("out");
-    let o = chatvec(&[
-        "--json",
-        "apply",
-        "--base",
-        s(&t.base),
-        "--chat",
-        s(&t.chat),
-        "--pretrained",
-        s(&t.pre),
-        "--dry-run",
-        "-o",
-        s(&out),
-    ]);
+    let o = apply_streaming(&t, &out, &["--json", "--dry-run"]);
     ok(&o);
     let v: serde_json::Value = serde_json::from_str(&stdout(&o)).unwrap();
     assert_eq!(v["dry_run"], true);

@@ -91,9 +91,8 @@ impl T {
 /// A value that differs per model (`seed`), tensor and element, of varied
 /// magnitude so rounding is exercised.
 pub fn val(seed: u32, name: &str, i: usize) -> f32 {
-    let h = name.bytes().fold(seed.wrapping_mul(2654435761), |h, b| {
-        h.wrapping_mul(31).wrapping_add(b as u32)
-    });
+    let h =
+        name.bytes().fold(seed.wrapping_mul(2654435761), |h, b| h.wrapping_mul(31).wrapping_add(b as u32));
     let x = ((h as usize).wrapping_add(i * 7919)) % 10007;
     let scale = [0.01f32, 0.1, 1.0, 3.0][(i + seed as usize) % 4];
     ((x as f32) / 10007.0 - 0.5) * scale
@@ -109,14 +108,8 @@ pub fn llama_shapes(vocab: u64, tied: bool) -> Vec<(String, Vec<u64>)> {
         v.push((format!("{p}.mlp.gate_proj.weight"), vec![INTER, HIDDEN]));
         v.push((format!("{p}.mlp.up_proj.weight"), vec![INTER, HIDDEN]));
         v.push((format!("{p}.self_attn.q_proj.weight"), vec![HIDDEN, HIDDEN]));
-        v.push((
-            format!("{p}.self_attn.k_proj.weight"),
-            vec![HIDDEN / 2, HIDDEN],
-        ));
-        v.push((
-            format!("{p}.self_attn.v_proj.weight"),
-            vec![HIDDEN / 2, HIDDEN],
-        ));
+        v.push((format!("{p}.self_attn.k_proj.weight"), vec![HIDDEN / 2, HIDDEN]));
+        v.push((format!("{p}.self_attn.v_proj.weight"), vec![HIDDEN / 2, HIDDEN]));
         v.push((format!("{p}.self_attn.o_proj.weight"), vec![HIDDEN, HIDDEN]));
     }
     v.push(("model.norm.weight".to_string(), vec![HIDDEN]));
@@ -132,15 +125,8 @@ pub fn llama(seed: u32, vocab: u64, tied: bool, ty: Ty) -> Vec<T> {
         .into_iter()
         .map(|(name, shape)| {
             let n: u64 = shape.iter().product();
-            let data = (0..n as usize)
-                .flat_map(|i| ty.encode(val(seed, &name, i)))
-                .collect();
-            T {
-                name,
-                ty,
-                shape,
-                data,
-            }
+            let data = (0..n as usize).flat_map(|i| ty.encode(val(seed, &name, i))).collect();
+            T { name, ty, shape, data }
         })
         .collect()
 }
@@ -177,13 +163,7 @@ pub fn config(vocab: u64, tied: bool, layers: u64) -> Value {
 
 /// Writes a model directory: `shards` files (tensors split evenly, with an
 /// index when more than one), config.json, and optional tokenizer.json.
-pub fn write_model(
-    dir: &Path,
-    tensors: &[T],
-    shards: usize,
-    config: &Value,
-    tokens: Option<&[String]>,
-) {
+pub fn write_model(dir: &Path, tensors: &[T], shards: usize, config: &Value, tokens: Option<&[String]>) {
     let _ = std::fs::remove_dir_all(dir);
     std::fs::create_dir_all(dir).unwrap();
     if shards == 1 {
@@ -209,12 +189,10 @@ pub fn write_model(
 }
 
 pub fn write_tokenizer(dir: &Path, toks: &[String]) {
-    let vocab: serde_json::Map<String, Value> = toks
-        .iter()
-        .enumerate()
-        .map(|(i, t)| (t.clone(), json!(i)))
-        .collect();
-    let tj = json!({"version": "1.0", "added_tokens": [], "model": {"type": "BPE", "vocab": vocab, "merges": []}});
+    let vocab: serde_json::Map<String, Value> =
+        toks.iter().enumerate().map(|(i, t)| (t.clone(), json!(i))).collect();
+    let tj =
+        json!({"version": "1.0", "added_tokens": [], "model": {"type": "BPE", "vocab": vocab, "merges": []}});
     std::fs::write(dir.join("tokenizer.json"), tj.to_string()).unwrap();
 }
 
@@ -272,10 +250,7 @@ pub fn names_in_order(dir: &Path) -> Vec<String> {
 }
 
 pub fn sha256_file(p: &Path) -> String {
-    Sha256::digest(std::fs::read(p).unwrap())
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
+    Sha256::digest(std::fs::read(p).unwrap()).iter().map(|b| format!("{b:02x}")).collect()
 }
 
 /// sha256 of every safetensors file of a directory, by file name.
@@ -284,12 +259,7 @@ pub fn shard_hashes(dir: &Path) -> BTreeMap<String, String> {
         .unwrap()
         .map(|e| e.unwrap().path())
         .filter(|p| p.extension().is_some_and(|x| x == "safetensors"))
-        .map(|p| {
-            (
-                p.file_name().unwrap().to_string_lossy().into_owned(),
-                sha256_file(&p),
-            )
-        })
+        .map(|p| (p.file_name().unwrap().to_string_lossy().into_owned(), sha256_file(&p)))
         .collect()
 }
 
@@ -301,10 +271,7 @@ pub fn chatvec(args: &[&str]) -> Output {
 /// The chatvec binary with its hash cache kept inside the build tree.
 pub fn command() -> Command {
     let mut c = Command::new(env!("CARGO_BIN_EXE_chatvec"));
-    c.env(
-        "CHATVEC_CACHE_DIR",
-        Path::new(env!("CARGO_TARGET_TMPDIR")).join("hash-cache"),
-    );
+    c.env("CHATVEC_CACHE_DIR", Path::new(env!("CARGO_TARGET_TMPDIR")).join("hash-cache"));
     c
 }
 
@@ -318,12 +285,7 @@ pub fn stdout(o: &Output) -> String {
 
 /// Asserts success, printing stderr otherwise.
 pub fn ok(o: &Output) {
-    assert!(
-        o.status.success(),
-        "chatvec failed ({:?}):\n{}",
-        o.status.code(),
-        stderr(o)
-    );
+    assert!(o.status.success(), "chatvec failed ({:?}):\n{}", o.status.code(), stderr(o));
 }
 
 /// The entries of a directory, for "nothing was left behind" checks.
@@ -349,25 +311,9 @@ pub struct Trio {
 
 pub fn trio(root: &Path, ty: Ty, base_shards: usize) -> Trio {
     let vocab = 16;
-    let t = Trio {
-        pre: root.join("pre"),
-        chat: root.join("chat"),
-        base: root.join("base"),
-    };
-    write_model(
-        &t.pre,
-        &llama(1, vocab, false, ty),
-        1,
-        &config(vocab, false, LAYERS),
-        Some(&tokens(16)),
-    );
-    write_model(
-        &t.chat,
-        &llama(2, vocab, false, ty),
-        2,
-        &config(vocab, false, LAYERS),
-        Some(&tokens(16)),
-    );
+    let t = Trio { pre: root.join("pre"), chat: root.join("chat"), base: root.join("base") };
+    write_model(&t.pre, &llama(1, vocab, false, ty), 1, &config(vocab, false, LAYERS), Some(&tokens(16)));
+    write_model(&t.chat, &llama(2, vocab, false, ty), 2, &config(vocab, false, LAYERS), Some(&tokens(16)));
     write_model(
         &t.base,
         &llama(3, vocab, false, ty),
@@ -386,23 +332,36 @@ pub fn check_manifest_hashes(out: &Path) {
     for inp in m["inputs"].as_array().unwrap() {
         let dir = Path::new(inp["path"].as_str().unwrap());
         for sh in inp["shards"].as_array().unwrap() {
-            assert_eq!(
-                sh["sha256"],
-                sha256_file(&dir.join(sh["file"].as_str().unwrap())),
-                "{sh}"
-            );
+            assert_eq!(sh["sha256"], sha256_file(&dir.join(sh["file"].as_str().unwrap())), "{sh}");
         }
     }
-    for o in m["outputs"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .chain(m["files"].as_array().unwrap())
-    {
-        assert_eq!(
-            o["sha256"],
-            sha256_file(&out.join(o["file"].as_str().unwrap())),
-            "{o}"
-        );
+    for o in m["outputs"].as_array().unwrap().iter().chain(m["files"].as_array().unwrap()) {
+        assert_eq!(o["sha256"], sha256_file(&out.join(o["file"].as_str().unwrap())), "{o}");
     }
+}
+
+/// A trio whose models tie lm_head to the embeddings as given.
+pub fn tied_trio(root: &Path, pre_tied: bool, chat_tied: bool, base_tied: bool) -> Trio {
+    let t = Trio { pre: root.join("pre"), chat: root.join("chat"), base: root.join("base") };
+    for (dir, seed, tied) in [(&t.pre, 1, pre_tied), (&t.chat, 2, chat_tied), (&t.base, 3, base_tied)] {
+        write_model(dir, &llama(seed, 16, tied, Ty::BF16), 1, &config(16, tied, LAYERS), None);
+    }
+    t
+}
+
+/// `chatvec apply` in its streaming form on a trio, into `out`, with more
+/// arguments after.
+pub fn apply_streaming(t: &Trio, out: &Path, extra: &[&str]) -> Output {
+    let mut args =
+        vec!["apply", "--base", s(&t.base), "--chat", s(&t.chat), "--pretrained", s(&t.pre), "-o", s(out)];
+    args.extend(extra);
+    chatvec(&args)
+}
+
+/// `chatvec extract` from a trio's chat and pretrained models into `out`,
+/// with more arguments after.
+pub fn extract(t: &Trio, out: &Path, extra: &[&str]) -> Output {
+    let mut args = vec!["extract", "--chat", s(&t.chat), "--pretrained", s(&t.pre), "-o", s(out)];
+    args.extend(extra);
+    chatvec(&args)
 }
