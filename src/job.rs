@@ -17,7 +17,7 @@ use crate::manifest::{MANIFEST_FILE, Manifest, Parameters, TensorRecord, VectorR
 use crate::plan::{ApplyOptions, Common, EmbeddingReport, Plan, VectorSide, plan_apply, plan_extract};
 use crate::resolve::resolve_model;
 use crate::select::Selection;
-use crate::sidecars::{ChatSide, copy_side_files, write_model_side_files};
+use crate::sidecars::{ChatSide, SideFiles, model_side_files, read_side_files};
 use crate::writer::{OutputDir, WrittenFile, write_file};
 
 /// Free space kept in reserve beyond the weights, for side files.
@@ -106,26 +106,24 @@ pub fn extract(
         dtype,
     )?;
     let params = sel.parameters(None, dtype, false);
-    run("extract", plan, params, out, |dir, plan, manifest| {
-        // The vector carries the chat model's config, tokenizer and template
-        // so `apply --vector` can compare architectures, align vocabularies
-        // and install the template without the chat model at hand.
-        let files = copy_side_files(dir, &chat_dir)?;
-        manifest.vector = Some(VectorRecord {
-            tensors: plan
-                .tensors
-                .iter()
-                .map(|t| TensorRecord {
-                    name: t.name.clone(),
-                    dtype: t.dtype.name().into(),
-                    shape: t.shape.clone(),
-                })
-                .collect(),
-            omitted: plan.omitted.clone(),
-            tied: plan.inputs[0].ckpt.is_tied(),
-        });
-        Ok((files, Vec::new(), Vec::new()))
-    })
+    // The vector carries the chat model's config, tokenizer and template so
+    // `apply --vector` can compare architectures, align vocabularies and
+    // install the template without the chat model at hand.
+    let side = read_side_files(&chat_dir)?;
+    let vector = VectorRecord {
+        tensors: plan
+            .tensors
+            .iter()
+            .map(|t| TensorRecord {
+                name: t.name.clone(),
+                dtype: t.dtype.name().into(),
+                shape: t.shape.clone(),
+            })
+            .collect(),
+        omitted: plan.omitted.clone(),
+        tied: plan.inputs[0].ckpt.is_tied(),
+    };
+    run("extract", plan, params, out, side, Some(vector))
 }
 
 /// The vector side of `apply`, as references.
@@ -170,23 +168,19 @@ pub fn apply(
     let mut plan = plan_apply(base_ck, side, &opts)?;
     plan.warnings.splice(0..0, early_warnings);
     let params = sel.parameters(Some(embeddings), out_dtype, keep_base_template);
-    run("apply", plan, params, out, |dir, _plan, _manifest| {
-        let chat = ChatSide { dir: &chat_dir, keep_base_template };
-        let rep = write_model_side_files(dir, &base_dir, Some(chat), out_dtype)?;
-        Ok((rep.files, rep.notes, rep.warnings))
-    })
+    let side = model_side_files(&base_dir, Some(ChatSide { dir: &chat_dir, keep_base_template }), out_dtype)?;
+    run("apply", plan, params, out, side, None)
 }
 
-type SideFiles = (Vec<WrittenFile>, Vec<String>, Vec<String>);
-
-/// Executes `plan` into a fresh output directory. `side` writes the
-/// non-weight files and may add to the manifest.
+/// Executes `plan` into a fresh output directory, with the prepared side
+/// files and, for a vector, its descriptor.
 fn run(
     kind: &'static str,
     plan: Plan,
     params: Parameters,
     out: &OutputSettings,
-    side: impl FnOnce(&Path, &Plan, &mut Manifest) -> Result<SideFiles>,
+    side: SideFiles,
+    vector: Option<VectorRecord>,
 ) -> Result<Summary> {
     let computed = plan.tensors.iter().filter(|t| !matches!(t.op, crate::plan::Op::Copy(_))).count();
     let mut summary = Summary {
@@ -222,9 +216,10 @@ fn run(
         outputs.push(write_file(dir.path(), INDEX_FILE, &index_json(&plan))?);
     }
     let mut manifest = Manifest::new(kind, &plan, res.inputs, params);
-    let (files, notes, warnings) = side(dir.path(), &plan, &mut manifest)?;
-    summary.notes.extend(notes);
-    summary.warnings.extend(warnings);
+    manifest.vector = vector;
+    summary.notes.extend(side.notes.iter().cloned());
+    summary.warnings.extend(side.warnings.iter().cloned());
+    let files = side.write(dir.path())?;
     manifest.notes = summary.notes.clone();
     manifest.outputs = outputs;
     manifest.files = files;

@@ -32,13 +32,22 @@ pub const SIDE_FILES: [&str; 11] = [
 /// Largest side file copied (tokenizer.json of large vocabularies is ~35 MB).
 const MAX_SIDE_BYTES: u64 = 256 << 20;
 
-/// What the side files became.
-#[derive(Default, serde::Serialize)]
-pub struct SidecarReport {
-    pub files: Vec<WrittenFile>,
+/// The side files of an output, read, checked and edited before any weight
+/// is written (a broken input side file must fail the run before its long
+/// part), and written at the end.
+#[derive(Default)]
+pub struct SideFiles {
+    pending: Vec<(String, Vec<u8>)>,
     /// Human-readable notes, also printed.
     pub notes: Vec<String>,
     pub warnings: Vec<String>,
+}
+
+impl SideFiles {
+    /// Writes the files into `out`, durably.
+    pub fn write(self, out: &Path) -> Result<Vec<WrittenFile>> {
+        self.pending.iter().map(|(name, bytes)| write_file(out, name, bytes)).collect()
+    }
 }
 
 fn read_json_object(path: &Path) -> Result<serde_json::Map<String, Value>> {
@@ -76,16 +85,22 @@ fn find_template(dir: &Path) -> Result<Option<Template>> {
     Ok(None)
 }
 
-/// Copies the side files of `from` that exist into `out`.
-pub fn copy_side_files(out: &Path, from: &Path) -> Result<Vec<WrittenFile>> {
-    let mut files = Vec::new();
+/// Reads the side files of `from` that exist, to be copied unchanged; JSON
+/// ones must parse.
+pub fn read_side_files(from: &Path) -> Result<SideFiles> {
+    let mut side = SideFiles::default();
     for name in SIDE_FILES {
         let p = from.join(name);
         if p.is_file() {
-            files.push(write_file(out, name, &read_capped(&p, MAX_SIDE_BYTES)?)?);
+            let bytes = read_capped(&p, MAX_SIDE_BYTES)?;
+            if name.ends_with(".json") {
+                serde_json::from_slice::<Value>(&bytes)
+                    .map_err(|e| Error::bad_file(&p, format!("invalid JSON: {e}")))?;
+            }
+            side.pending.push((name.to_string(), bytes));
         }
     }
-    Ok(files)
+    Ok(side)
 }
 
 /// What the output of `apply` takes from the chat model.
@@ -96,24 +111,17 @@ pub struct ChatSide<'a> {
     pub keep_base_template: bool,
 }
 
-/// Writes the side files of an applied model: the base's, with `torch_dtype`
-/// following `--out-dtype`, and the chat model's template and eos ids.
-pub fn write_model_side_files(
-    out: &Path,
+/// Prepares the side files of an applied model: the base's, with
+/// `torch_dtype` following `--out-dtype`, and the chat model's template and
+/// eos ids.
+pub fn model_side_files(
     base: &Path,
     chat: Option<ChatSide<'_>>,
     out_dtype: Option<FloatType>,
-) -> Result<SidecarReport> {
-    let mut rep = SidecarReport::default();
-    let mut pending: Vec<(String, Vec<u8>)> = Vec::new();
-    for name in SIDE_FILES {
-        let p = base.join(name);
-        if p.is_file() {
-            pending.push((name.to_string(), read_capped(&p, MAX_SIDE_BYTES)?));
-        }
-    }
+) -> Result<SideFiles> {
+    let mut side = read_side_files(base)?;
     if let Some(ty) = out_dtype
-        && let Some(entry) = pending.iter_mut().find(|(n, _)| n == "config.json")
+        && let Some(entry) = side.pending.iter_mut().find(|(n, _)| n == "config.json")
     {
         let mut cfg = read_json_object(&base.join("config.json"))?;
         let key = if cfg.contains_key("dtype") { "dtype" } else { "torch_dtype" };
@@ -121,13 +129,10 @@ pub fn write_model_side_files(
         entry.1 = to_pretty(&cfg);
     }
     if let Some(chat) = chat.filter(|c| !c.keep_base_template) {
-        take_chat_template(base, chat.dir, &mut pending, &mut rep)?;
-        take_eos_ids(base, chat.dir, &mut pending, &mut rep)?;
+        take_chat_template(base, chat.dir, &mut side)?;
+        take_eos_ids(base, chat.dir, &mut side)?;
     }
-    for (name, bytes) in pending {
-        rep.files.push(write_file(out, &name, &bytes)?);
-    }
-    Ok(rep)
+    Ok(side)
 }
 
 fn set_pending(pending: &mut Vec<(String, Vec<u8>)>, name: &str, bytes: Vec<u8>) {
@@ -137,12 +142,8 @@ fn set_pending(pending: &mut Vec<(String, Vec<u8>)>, name: &str, bytes: Vec<u8>)
     }
 }
 
-fn take_chat_template(
-    base: &Path,
-    chat: &Path,
-    pending: &mut Vec<(String, Vec<u8>)>,
-    rep: &mut SidecarReport,
-) -> Result<()> {
+fn take_chat_template(base: &Path, chat: &Path, side: &mut SideFiles) -> Result<()> {
+    let pending = &mut side.pending;
     let Some(tpl) = find_template(chat)? else {
         return Ok(());
     };
@@ -165,16 +166,11 @@ fn take_chat_template(
         set_pending(pending, "chat_template.jinja", s.clone().into_bytes());
     }
     pending.retain(|(n, _)| n != "chat_template.json");
-    rep.notes.push(format!("chat template: taken from {} ({had})", chat.display()));
+    side.notes.push(format!("chat template: taken from {} ({had})", chat.display()));
     Ok(())
 }
 
-fn take_eos_ids(
-    base: &Path,
-    chat: &Path,
-    pending: &mut Vec<(String, Vec<u8>)>,
-    rep: &mut SidecarReport,
-) -> Result<()> {
+fn take_eos_ids(base: &Path, chat: &Path, side: &mut SideFiles) -> Result<()> {
     let gp = chat.join("generation_config.json");
     if !gp.is_file() {
         return Ok(());
@@ -194,13 +190,13 @@ fn take_eos_ids(
         let (bv, cv) = (Vocab::read(&bt)?, Vocab::read(&ct)?);
         ids.iter().map(|&i| cv.token(i).and_then(|t| bv.id(t)).map(u64::from)).collect()
     } else {
-        rep.warnings.push(format!(
+        side.warnings.push(format!(
             "tokenizer.json missing for the base or the chat model; eos ids {ids:?} copied as numbers, unchecked"
         ));
         Some(ids.clone())
     };
     let Some(mapped) = mapped else {
-        rep.warnings.push(format!(
+        side.warnings.push(format!(
             "the chat model's eos ids {ids:?} are not all tokens of the base vocabulary; generation_config.json left as in the base"
         ));
         return Ok(());
@@ -210,9 +206,9 @@ fn take_eos_ids(
     let before = gen_cfg.get("eos_token_id").cloned().unwrap_or(Value::Null);
     let new: Value = if mapped.len() == 1 && eos.is_number() { mapped[0].into() } else { mapped.into() };
     if before != new {
-        rep.notes.push(format!("generation eos_token_id: {new} from the chat model (base had {before})"));
+        side.notes.push(format!("generation eos_token_id: {new} from the chat model (base had {before})"));
     }
     gen_cfg.insert("eos_token_id".into(), new);
-    set_pending(pending, "generation_config.json", to_pretty(&gen_cfg));
+    set_pending(&mut side.pending, "generation_config.json", to_pretty(&gen_cfg));
     Ok(())
 }

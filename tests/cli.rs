@@ -416,3 +416,21 @@ fn dry_run_json_is_valid_json_with_the_plan() {
     assert!(v["plan"].as_str().unwrap().contains("lm_head.weight"));
     assert!(!out.exists());
 }
+
+#[test]
+fn bad_side_files_are_named() {
+    let d = tempfile::tempdir().unwrap();
+    let t = trio(d.path(), Ty::BF16, 1);
+    std::fs::write(t.chat.join("config.json"), "{\"hidden_size\": 8,").unwrap();
+    apply_fails(&t, &[], 1, &["chat/config.json", "invalid JSON"]);
+    let t = trio(d.path(), Ty::BF16, 1);
+    std::fs::write(
+        t.base.join("tokenizer.json"),
+        r#"{"model": {"vocab": {"a": 0}}, "added_tokens": [{"id": 0}]}"#,
+    )
+    .unwrap();
+    apply_fails(&t, &[], 1, &["base/tokenizer.json", "added_tokens[0]"]);
+    let t = trio(d.path(), Ty::BF16, 1);
+    std::fs::write(t.chat.join("generation_config.json"), "[1, 2]").unwrap();
+    apply_fails(&t, &[], 1, &["chat/generation_config.json", "expected a JSON object"]);
+}
