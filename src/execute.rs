@@ -30,6 +30,19 @@ use crate::writer::{SyncedFile, WrittenFile, hex};
 
 /// Default elements per compute job: 4 MiB of f32 output at most.
 pub const DEFAULT_CHUNK_ELEMS: u64 = 1 << 20;
+/// Bound on the output buffers in flight (contract 3), whatever the thread
+/// count: at most `IN_FLIGHT_BATCHES` batches exist at once (being computed,
+/// queued for the writer, being written, queued for the hasher, being
+/// hashed), each of `2 x threads` chunks of up to 4 bytes per element.
+const BUFFER_BUDGET: u64 = 256 << 20;
+const IN_FLIGHT_BATCHES: u64 = 5;
+
+/// The chunk size to use: the requested one, made smaller when many threads
+/// would otherwise put more than `BUFFER_BUDGET` in flight.
+fn chunk_elems(requested: u64, batch: usize) -> u64 {
+    let cap = BUFFER_BUDGET / (IN_FLIGHT_BATCHES * batch as u64 * 4);
+    requested.min(cap).max(1)
+}
 /// Bytes per plain copy job.
 const COPY_CHUNK_BYTES: u64 = 16 << 20;
 
@@ -238,8 +251,8 @@ pub fn execute(plan: &Plan, dir: &Path, opts: &ExecOptions) -> Result<ExecResult
         .num_threads(threads)
         .build()
         .map_err(|e| Error::Internal(format!("starting {threads} threads: {e}")))?;
-    let jobs = jobs(plan, opts.chunk_elems.max(1));
     let batch = threads * 2;
+    let jobs = jobs(plan, chunk_elems(opts.chunk_elems, batch));
     let bar = progress_bar(opts.progress, plan.output_bytes());
 
     let stop = AtomicBool::new(false);
@@ -256,7 +269,7 @@ pub fn execute(plan: &Plan, dir: &Path, opts: &ExecOptions) -> Result<ExecResult
         }
         let (tx, rx) = sync_channel::<Vec<(usize, Piece)>>(1);
         let (free_tx, free_rx) = channel::<Vec<u8>>();
-        let (htx, hrx) = sync_channel::<Vec<(usize, Piece)>>(2);
+        let (htx, hrx) = sync_channel::<Vec<(usize, Piece)>>(1);
         let writer = s.spawn(|| write_pieces(plan, dir, &jobs, rx, htx, &bar));
         let out_hasher = s.spawn(|| hash_pieces(&jobs, hrx, free_tx));
         let mut outcome = Ok(());
