@@ -324,7 +324,7 @@ pub fn run(cli: Cli) -> Result<()> {
         }
         Command::Inspect(a) => {
             let ck = Checkpoint::open(&resolve_model(&a.model)?)?;
-            let r = crate::inspect::report(&ck);
+            let r = crate::inspect::report(&ck)?;
             if cli.json { json_out(&r) } else { out(&crate::inspect::render(&r)) }
         }
         Command::Demo(a) => {

@@ -80,7 +80,7 @@ fn steps(root: &Path, threads: usize) -> Result<String> {
     );
 
     out.push_str("$ chatvec inspect swallow-like\n");
-    let report = inspect::render(&inspect::report(&Checkpoint::open(&base)?));
+    let report = inspect::render(&inspect::report(&Checkpoint::open(&base)?)?);
     out.push_str(&report.lines().take_while(|l| !l.starts_with("  tensors:")).collect::<Vec<_>>().join("\n"));
     out.push_str("\n  ...\n\n");
 

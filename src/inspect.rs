@@ -6,6 +6,8 @@ use serde::Serialize;
 
 use crate::checkpoint::Checkpoint;
 use crate::config::ConfigSummary;
+use crate::error::Result;
+use crate::manifest::{Provenance, read_provenance};
 
 #[derive(Serialize)]
 pub struct ShardInfo {
@@ -33,10 +35,12 @@ pub struct Report {
     pub dtypes: Vec<(String, u64)>,
     pub tied_embeddings: bool,
     pub config: Option<ConfigSummary>,
+    /// From chatvec-manifest.json, when chatvec wrote this directory.
+    pub made_by: Option<Provenance>,
     pub tensors: Vec<TensorInfo>,
 }
 
-pub fn report(ck: &Checkpoint) -> Report {
+pub fn report(ck: &Checkpoint) -> Result<Report> {
     let mut dtypes: Vec<(String, u64)> = Vec::new();
     for t in &ck.tensors {
         match dtypes.iter_mut().find(|(d, _)| d == t.dtype.name()) {
@@ -44,7 +48,7 @@ pub fn report(ck: &Checkpoint) -> Report {
             None => dtypes.push((t.dtype.name().to_string(), t.numel())),
         }
     }
-    Report {
+    Ok(Report {
         path: ck.dir.display().to_string(),
         shards: ck
             .shards
@@ -72,7 +76,8 @@ pub fn report(ck: &Checkpoint) -> Report {
                 shard: ck.shards[t.shard].file_name.clone(),
             })
             .collect(),
-    }
+        made_by: read_provenance(&ck.dir)?,
+    })
 }
 
 /// Parameter counts the way model cards write them (8.03B, 1.10M).
@@ -115,6 +120,13 @@ pub fn render(r: &Report) -> String {
     let dt: Vec<String> = r.dtypes.iter().map(|(d, n)| format!("{d} {}", human_count(*n))).collect();
     let _ = writeln!(s, "  dtypes: {}", dt.join(", "));
     let _ = writeln!(s, "  tied embeddings: {}", if r.tied_embeddings { "yes" } else { "no" });
+    if let Some(m) = &r.made_by {
+        let what = if m.kind == "extract" { "a chat vector" } else { "a merged model" };
+        let _ = writeln!(s, "  made by chatvec {} {} ({what}) from:", m.version, m.kind);
+        for (role, path) in &m.inputs {
+            let _ = writeln!(s, "    {role}: {path}");
+        }
+    }
     match &r.config {
         Some(c) => {
             let o = |v: Option<u64>| v.map_or("-".to_string(), |x| x.to_string());

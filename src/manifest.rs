@@ -144,3 +144,32 @@ pub fn read_vector_info(dir: &Path) -> Result<Option<VectorInfo>> {
         .unwrap_or_default();
     Ok(Some(VectorInfo { omitted }))
 }
+
+/// What `inspect` shows of an output's manifest: which job made it, from
+/// which inputs.
+#[derive(Serialize)]
+pub struct Provenance {
+    pub kind: String,
+    pub version: String,
+    /// (role, path) of each input.
+    pub inputs: Vec<(String, String)>,
+}
+
+/// Reads the manifest of `dir`, if there is one.
+pub fn read_provenance(dir: &Path) -> Result<Option<Provenance>> {
+    let p = dir.join(MANIFEST_FILE);
+    if !p.is_file() {
+        return Ok(None);
+    }
+    let v = read_value(&p, MAX_MANIFEST_BYTES)?;
+    if v.get("format").and_then(Value::as_str) != Some(FORMAT) {
+        return Err(Error::bad_file(&p, format!("is not a {FORMAT} manifest")));
+    }
+    let text = |v: &Value, k: &str| v.get(k).and_then(Value::as_str).unwrap_or("?").to_string();
+    let inputs = v
+        .get("inputs")
+        .and_then(Value::as_array)
+        .map(|a| a.iter().map(|i| (text(i, "role"), text(i, "path"))).collect())
+        .unwrap_or_default();
+    Ok(Some(Provenance { kind: text(&v, "kind"), version: text(&v, "version"), inputs }))
+}

@@ -434,3 +434,19 @@ fn bad_side_files_are_named() {
     std::fs::write(t.chat.join("generation_config.json"), "[1, 2]").unwrap();
     apply_fails(&t, &[], 1, &["chat/generation_config.json", "expected a JSON object"]);
 }
+
+#[test]
+fn inspect_shows_what_made_a_vector() {
+    let d = tempfile::tempdir().unwrap();
+    let t = trio(d.path(), Ty::BF16, 1);
+    let v = d.path().join("vec");
+    ok(&extract(&t, &v, &["-q"]));
+    let o = chatvec(&["inspect", s(&v)]);
+    ok(&o);
+    assert!(stdout(&o).contains("(a chat vector) from:"), "{}", stdout(&o));
+    assert!(stdout(&o).contains("pretrained: ") && stdout(&o).contains("/pre"));
+    let j: serde_json::Value =
+        serde_json::from_str(&stdout(&chatvec(&["inspect", "--json", s(&v)]))).unwrap();
+    assert_eq!(j["made_by"]["kind"], "extract");
+    assert_eq!(j["made_by"]["inputs"][0][0], "chat");
+}
