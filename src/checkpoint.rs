@@ -60,8 +60,6 @@ pub struct Checkpoint {
     pub tensors: Vec<Tensor>,
     by_name: HashMap<String, usize>,
     pub config: Option<ModelConfig>,
-    /// The index file, when the checkpoint is sharded.
-    pub index: Option<PathBuf>,
 }
 
 /// Names the input embedding matrix goes by in common architectures.
@@ -178,7 +176,6 @@ impl Checkpoint {
             tensors,
             by_name,
             config,
-            index: weight_map.map(|_| index_path),
         })
     }
 
