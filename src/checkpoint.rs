@@ -170,13 +170,7 @@ impl Checkpoint {
         }
         let config_path = dir.join("config.json");
         let config = if config_path.is_file() { Some(ModelConfig::read(&config_path)?) } else { None };
-        Ok(Checkpoint {
-            dir: dir.to_path_buf(),
-            shards,
-            tensors,
-            by_name,
-            config,
-        })
+        Ok(Checkpoint { dir: dir.to_path_buf(), shards, tensors, by_name, config })
     }
 
     /// The tensor called `name`, if stored.

@@ -14,6 +14,9 @@ use crate::error::{Error, Result};
 /// Start writeback after this many unsynced bytes, so the disk works while
 /// we compute instead of all at the final fsync.
 const WRITEBACK_EVERY: u64 = 32 << 20;
+/// How far behind the writeback front written bytes are dropped from the
+/// page cache.
+const DROP_BEHIND: u64 = 256 << 20;
 
 /// Hex sha256 of `bytes`.
 pub fn sha256_hex(bytes: &[u8]) -> String {
@@ -162,12 +165,13 @@ pub struct SyncedFile {
     file: File,
     written: u64,
     flushed: u64,
+    dropped: u64,
 }
 
 impl SyncedFile {
     pub fn create(path: &Path) -> Result<SyncedFile> {
         let file = File::create(path).map_err(|e| Error::io("creating", path, e))?;
-        Ok(SyncedFile { path: path.to_path_buf(), file, written: 0, flushed: 0 })
+        Ok(SyncedFile { path: path.to_path_buf(), file, written: 0, flushed: 0, dropped: 0 })
     }
 
     pub fn write(&mut self, bytes: &[u8]) -> Result<()> {
@@ -176,6 +180,14 @@ impl SyncedFile {
         if self.written - self.flushed >= WRITEBACK_EVERY {
             start_writeback(&self.file, self.flushed, self.written - self.flushed);
             self.flushed = self.written;
+            // Bytes well behind the writeback front: wait until they are on
+            // disk, then let the page cache drop them, so a 140 GB output
+            // does not push the inputs out of memory.
+            if self.flushed - self.dropped > DROP_BEHIND {
+                let upto = self.flushed - DROP_BEHIND;
+                drop_written(&self.file, self.dropped, upto - self.dropped);
+                self.dropped = upto;
+            }
         }
         Ok(())
     }
@@ -231,3 +243,21 @@ fn start_writeback(f: &File, offset: u64, len: u64) {
 
 #[cfg(not(target_os = "linux"))]
 fn start_writeback(_f: &File, _offset: u64, _len: u64) {}
+
+/// Waits for a written range to reach the disk and drops it from the page
+/// cache (what `dd oflag=nocache` does). Only a hint: errors surface at the
+/// final fsync.
+#[cfg(target_os = "linux")]
+fn drop_written(f: &File, offset: u64, len: u64) {
+    use std::os::fd::AsRawFd;
+    let flags =
+        libc::SYNC_FILE_RANGE_WAIT_BEFORE | libc::SYNC_FILE_RANGE_WRITE | libc::SYNC_FILE_RANGE_WAIT_AFTER;
+    // SAFETY: plain syscalls on an open descriptor.
+    unsafe {
+        libc::sync_file_range(f.as_raw_fd(), offset as i64, len as i64, flags);
+        libc::posix_fadvise(f.as_raw_fd(), offset as i64, len as i64, libc::POSIX_FADV_DONTNEED);
+    }
+}
+
+#[cfg(not(target_os = "linux"))]
+fn drop_written(_f: &File, _offset: u64, _len: u64) {}
