@@ -112,14 +112,8 @@ impl Manifest {
     }
 }
 
-/// What `apply --vector` needs from a vector's manifest.
-pub struct VectorInfo {
-    pub omitted: HashSet<String>,
-}
-
-/// Reads the manifest of a vector directory, if there is one. A directory
-/// with a manifest of another kind is an error: it is a model, not a vector.
-pub fn read_vector_info(dir: &Path) -> Result<Option<VectorInfo>> {
+/// The manifest of `dir` as JSON, if there is one; it must be ours.
+fn read_manifest(dir: &Path) -> Result<Option<Value>> {
     let p = dir.join(MANIFEST_FILE);
     if !p.is_file() {
         return Ok(None);
@@ -128,6 +122,18 @@ pub fn read_vector_info(dir: &Path) -> Result<Option<VectorInfo>> {
     if v.get("format").and_then(Value::as_str) != Some(FORMAT) {
         return Err(Error::bad_file(&p, format!("is not a {FORMAT} manifest")));
     }
+    Ok(Some(v))
+}
+
+/// What `apply --vector` needs from a vector's manifest.
+pub struct VectorInfo {
+    pub omitted: HashSet<String>,
+}
+
+/// Reads the manifest of a vector directory, if there is one. A directory
+/// with a manifest of another kind is an error: it is a model, not a vector.
+pub fn read_vector_info(dir: &Path) -> Result<Option<VectorInfo>> {
+    let Some(v) = read_manifest(dir)? else { return Ok(None) };
     if v.get("kind").and_then(Value::as_str) != Some("extract") {
         return Err(Error::Usage(format!(
             "{} is a merged model, not a chat vector made by `chatvec extract`",
@@ -157,14 +163,7 @@ pub struct Provenance {
 
 /// Reads the manifest of `dir`, if there is one.
 pub fn read_provenance(dir: &Path) -> Result<Option<Provenance>> {
-    let p = dir.join(MANIFEST_FILE);
-    if !p.is_file() {
-        return Ok(None);
-    }
-    let v = read_value(&p, MAX_MANIFEST_BYTES)?;
-    if v.get("format").and_then(Value::as_str) != Some(FORMAT) {
-        return Err(Error::bad_file(&p, format!("is not a {FORMAT} manifest")));
-    }
+    let Some(v) = read_manifest(dir)? else { return Ok(None) };
     let text = |v: &Value, k: &str| v.get(k).and_then(Value::as_str).unwrap_or("?").to_string();
     let inputs = v
         .get("inputs")
