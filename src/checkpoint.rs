@@ -15,6 +15,7 @@ use crate::dtype::DType;
 use crate::error::{Error, Result};
 use crate::format::parse_header;
 use crate::hash_cache::FileStamp;
+use crate::hub_cache::HubOrigin;
 use crate::json::{Entries, read_capped};
 
 /// The single-file weights name transformers uses.
@@ -60,6 +61,8 @@ pub struct Checkpoint {
     pub tensors: Vec<Tensor>,
     by_name: HashMap<String, usize>,
     pub config: Option<ModelConfig>,
+    /// Where the model came from on the Hub, when it was found in the cache.
+    pub origin: Option<HubOrigin>,
 }
 
 /// Names the input embedding matrix goes by in common architectures.
@@ -170,7 +173,7 @@ impl Checkpoint {
         }
         let config_path = dir.join("config.json");
         let config = if config_path.is_file() { Some(ModelConfig::read(&config_path)?) } else { None };
-        Ok(Checkpoint { dir: dir.to_path_buf(), shards, tensors, by_name, config })
+        Ok(Checkpoint { dir: dir.to_path_buf(), shards, tensors, by_name, config, origin: None })
     }
 
     /// The tensor called `name`, if stored.

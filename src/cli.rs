@@ -9,14 +9,13 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use clap::{Args, Parser, Subcommand};
 
-use crate::checkpoint::Checkpoint;
 use crate::dtype::FloatType;
 use crate::embeddings::EmbeddingPolicy;
 use crate::error::{Error, Result};
 use crate::execute::{DEFAULT_CHUNK_ELEMS, ExecOptions};
 use crate::hash_cache::HashCache;
 use crate::job::{self, OutputSettings, SelectionArgs, Summary, VectorArgs};
-use crate::resolve::resolve_model;
+use crate::resolve::open_model;
 
 /// chatvec: give continued-pretrained LLMs chat ability by weight arithmetic.
 ///
@@ -323,7 +322,7 @@ pub fn run(cli: Cli) -> Result<()> {
             report(&s, cli.json)
         }
         Command::Inspect(a) => {
-            let ck = Checkpoint::open(&resolve_model(&a.model)?)?;
+            let ck = open_model(&a.model)?;
             let r = crate::inspect::report(&ck)?;
             if cli.json { json_out(&r) } else { out(&crate::inspect::render(&r)) }
         }

@@ -7,7 +7,7 @@ use std::time::Instant;
 
 use serde::Serialize;
 
-use crate::checkpoint::{Checkpoint, INDEX_FILE};
+use crate::checkpoint::INDEX_FILE;
 use crate::dtype::FloatType;
 use crate::embeddings::EmbeddingPolicy;
 use crate::error::Result;
@@ -15,7 +15,7 @@ use crate::execute::{ExecOptions, execute};
 use crate::json::to_pretty;
 use crate::manifest::{MANIFEST_FILE, Manifest, Parameters, TensorRecord, VectorRecord, read_vector_info};
 use crate::plan::{ApplyOptions, Common, EmbeddingReport, Plan, VectorSide, plan_apply, plan_extract};
-use crate::resolve::resolve_model;
+use crate::resolve::open_model;
 use crate::select::Selection;
 use crate::sidecars::{ChatSide, SideFiles, model_side_files, read_side_files};
 use crate::writer::{OutputDir, WrittenFile, write_file};
@@ -98,13 +98,9 @@ pub fn extract(
     sel: &SelectionArgs,
     out: &OutputSettings,
 ) -> Result<Summary> {
-    let chat_dir = resolve_model(chat)?;
-    let plan = plan_extract(
-        Checkpoint::open(&chat_dir)?,
-        Checkpoint::open(&resolve_model(pretrained)?)?,
-        &sel.common()?,
-        dtype,
-    )?;
+    let chat_ck = open_model(chat)?;
+    let chat_dir = chat_ck.dir.clone();
+    let plan = plan_extract(chat_ck, open_model(pretrained)?, &sel.common()?, dtype)?;
     let params = sel.parameters(None, dtype, false);
     // The vector carries the chat model's config, tokenizer and template so
     // `apply --vector` can compare architectures, align vocabularies and
@@ -142,12 +138,13 @@ pub fn apply(
     sel: &SelectionArgs,
     out: &OutputSettings,
 ) -> Result<Summary> {
-    let base_dir = resolve_model(base)?;
-    let base_ck = Checkpoint::open(&base_dir)?;
+    let base_ck = open_model(base)?;
+    let base_dir = base_ck.dir.clone();
     let mut early_warnings = Vec::new();
     let (side, chat_dir) = match vector {
         VectorArgs::Stored(v) => {
-            let dir = resolve_model(v)?;
+            let vector = open_model(v)?;
+            let dir = vector.dir.clone();
             let info = read_vector_info(&dir)?;
             if info.is_none() {
                 early_warnings.push(format!(
@@ -156,12 +153,15 @@ pub fn apply(
                 ));
             }
             let omitted = info.map(|i| i.omitted).unwrap_or_default();
-            (VectorSide::Stored { vector: Checkpoint::open(&dir)?, omitted }, dir)
+            (VectorSide::Stored { vector: Box::new(vector), omitted }, dir)
         }
         VectorArgs::Streaming { chat, pretrained } => {
-            let c = resolve_model(chat)?;
-            let p = resolve_model(pretrained)?;
-            (VectorSide::Streaming { chat: Checkpoint::open(&c)?, pretrained: Checkpoint::open(&p)? }, c)
+            let chat = open_model(chat)?;
+            let dir = chat.dir.clone();
+            (
+                VectorSide::Streaming { chat: Box::new(chat), pretrained: Box::new(open_model(pretrained)?) },
+                dir,
+            )
         }
     };
     let opts = ApplyOptions { common: sel.common()?, embeddings, out_dtype };

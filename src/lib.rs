@@ -14,6 +14,7 @@ pub mod error;
 pub mod execute;
 pub mod format;
 pub mod hash_cache;
+pub mod hub_cache;
 pub mod input_hash;
 pub mod inspect;
 pub mod interrupt;

@@ -11,6 +11,7 @@ use serde_json::Value;
 
 use crate::embeddings::EmbeddingPolicy;
 use crate::error::{Error, Result};
+use crate::hub_cache::HubOrigin;
 use crate::json::read_value;
 use crate::plan::{EmbeddingReport, Plan, Role};
 use crate::writer::WrittenFile;
@@ -23,6 +24,9 @@ const MAX_MANIFEST_BYTES: u64 = 64 << 20;
 pub struct InputRecord {
     pub role: Role,
     pub path: String,
+    /// Repo, revision and commit, for a model from the Hugging Face cache.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub hub: Option<HubOrigin>,
     pub shards: Vec<WrittenFile>,
 }
 
@@ -99,6 +103,7 @@ impl Manifest {
                         .unwrap_or(i.ckpt.dir.clone())
                         .display()
                         .to_string(),
+                    hub: i.ckpt.origin.clone(),
                     shards,
                 })
                 .collect(),

@@ -235,9 +235,9 @@ pub struct ApplyOptions {
 pub enum VectorSide {
     /// `--vector DIR`: a stored vector; `omitted` lists tensors its extract
     /// left out on purpose (they are copied from the base).
-    Stored { vector: Checkpoint, omitted: HashSet<String> },
+    Stored { vector: Box<Checkpoint>, omitted: HashSet<String> },
     /// `--chat M --pretrained M`: computed on the fly.
-    Streaming { chat: Checkpoint, pretrained: Checkpoint },
+    Streaming { chat: Box<Checkpoint>, pretrained: Box<Checkpoint> },
 }
 
 fn float_of(ck: &Checkpoint, t: &Tensor, hint_flag: &str) -> Result<FloatType> {
@@ -371,12 +371,12 @@ pub fn plan_apply(base: Checkpoint, side: VectorSide, opts: &ApplyOptions) -> Re
     let (vector_cks, omitted_ok): (Vec<(Role, Checkpoint)>, HashSet<String>) = match side {
         VectorSide::Stored { vector, omitted } => {
             check_configs(&base, &vector, common.allow_mismatch, &mut warnings)?;
-            (vec![(Role::Vector, vector)], omitted)
+            (vec![(Role::Vector, *vector)], omitted)
         }
         VectorSide::Streaming { chat, pretrained } => {
             check_configs(&chat, &pretrained, common.allow_mismatch, &mut warnings)?;
             check_configs(&base, &chat, common.allow_mismatch, &mut warnings)?;
-            (vec![(Role::Chat, chat), (Role::Pretrained, pretrained)], HashSet::new())
+            (vec![(Role::Chat, *chat), (Role::Pretrained, *pretrained)], HashSet::new())
         }
     };
     let base_vocab = read_vocab(&base)?;

@@ -232,7 +232,11 @@ fn usage_errors_exit_1() {
     assert_eq!(o.status.code(), Some(1));
     let o = chatvec(&["apply", "--base", "no/such/model", "--vector", s(&t.chat), "-o", s(&out)]);
     assert_eq!(o.status.code(), Some(1));
-    assert!(stderr(&o).contains("'no/such/model' is not a local directory"));
+    assert!(
+        stderr(&o).contains("'no/such/model' is neither a local directory nor a Hub id"),
+        "{}",
+        stderr(&o)
+    );
     assert!(!out.exists());
     assert_eq!(chatvec(&["--help"]).status.code(), Some(0));
 }
