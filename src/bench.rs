@@ -200,25 +200,28 @@ pub fn run(a: &BenchArgs, json: bool) -> Result<()> {
 
     let out = root.join("out-chatvec");
     let exe = std::env::current_exe().map_err(|e| Error::io("locating", Path::new("chatvec"), e))?;
-    let mut cmd = Command::new(exe);
-    cmd.arg("-q")
-        .arg("apply")
-        .arg("--base")
-        .arg(&base)
-        .arg("--chat")
-        .arg(&chat)
-        .arg("--pretrained")
-        .arg(&pre);
-    cmd.arg("-o").arg(&out).arg("--force").arg("--threads").arg(threads.to_string());
+    let apply_cmd = |rehash: bool| {
+        let mut cmd = Command::new(&exe);
+        cmd.arg("-q")
+            .arg("apply")
+            .arg("--base")
+            .arg(&base)
+            .arg("--chat")
+            .arg(&chat)
+            .arg("--pretrained")
+            .arg(&pre);
+        cmd.arg("-o").arg(&out).arg("--force").arg("--threads").arg(threads.to_string());
+        cmd.env("CHATVEC_CACHE_DIR", root.join("hash-cache"));
+        if rehash {
+            cmd.arg("--rehash");
+        }
+        cmd
+    };
     // First with every input hashed (a first run on new inputs), then with
     // the input hashes cached by that run (any later run on the same inputs).
-    cmd.env("CHATVEC_CACHE_DIR", root.join("hash-cache"));
-    let apply = measure(cmd.arg("--rehash"))?;
+    let apply = measure(&mut apply_cmd(true))?;
     let _ = std::fs::remove_dir_all(&out);
-    let mut cmd2 = Command::new(cmd.get_program());
-    cmd2.args(cmd.get_args().filter(|a| *a != "--rehash"));
-    cmd2.env("CHATVEC_CACHE_DIR", root.join("hash-cache"));
-    let apply_cached = measure(&mut cmd2)?;
+    let apply_cached = measure(&mut apply_cmd(false))?;
     let _ = std::fs::remove_dir_all(&out);
 
     // This virtual disk's write speed varies from run to run: measure the
