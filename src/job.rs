@@ -197,6 +197,8 @@ fn run(
         warnings: plan.warnings.clone(),
         plan_text: None,
     };
+    summary.notes.extend(side.notes.iter().cloned());
+    summary.warnings.extend(side.warnings.iter().cloned());
     for e in &plan.embeddings {
         summary.notes.push(format!(
             "{}: {} of {} rows got the vector ({})",
@@ -217,8 +219,6 @@ fn run(
     }
     let mut manifest = Manifest::new(kind, &plan, res.inputs, params);
     manifest.vector = vector;
-    summary.notes.extend(side.notes.iter().cloned());
-    summary.warnings.extend(side.warnings.iter().cloned());
     let files = side.write(dir.path())?;
     manifest.notes = summary.notes.clone();
     manifest.outputs = outputs;
