@@ -13,7 +13,7 @@ use crate::dtype::{FloatType, decode, encode};
 
 /// Elements per block: small enough for the stack and L1, large enough to
 /// amortize the dtype dispatch.
-const BLOCK: usize = 1024;
+pub const BLOCK: usize = 1024;
 
 /// A little-endian input slice and its dtype.
 #[derive(Clone, Copy, Debug)]
@@ -27,6 +27,38 @@ impl<'a> Operand<'a> {
     pub fn slice(self, start: usize, len: usize) -> Operand<'a> {
         let s = self.ty.size();
         Operand { ty: self.ty, bytes: &self.bytes[start * s..(start + len) * s] }
+    }
+
+    /// Decodes elements `start..start + out.len()` into `out`.
+    #[inline]
+    pub fn decode_at(self, start: u64, out: &mut [f32]) {
+        let s = self.ty.size();
+        let a = start as usize * s;
+        decode(self.ty, &self.bytes[a..a + out.len() * s], out);
+    }
+}
+
+/// Calls `f(first_index, deltas)` for consecutive blocks of `x - base`
+/// (f32) over `range`.
+#[inline]
+pub fn for_each_delta(
+    base: Operand<'_>,
+    x: Operand<'_>,
+    range: std::ops::Range<u64>,
+    mut f: impl FnMut(u64, &[f32]),
+) {
+    let mut b = [0f32; BLOCK];
+    let mut d = [0f32; BLOCK];
+    let mut p = range.start;
+    while p < range.end {
+        let m = (BLOCK as u64).min(range.end - p) as usize;
+        base.decode_at(p, &mut b[..m]);
+        x.decode_at(p, &mut d[..m]);
+        for (dj, bj) in d[..m].iter_mut().zip(&b[..m]) {
+            *dj -= *bj;
+        }
+        f(p, &d[..m]);
+        p += m as u64;
     }
 }
 

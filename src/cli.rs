@@ -34,6 +34,10 @@ pub struct Cli {
     #[arg(long, global = true)]
     pub json: bool,
 
+    /// A file of extra model and vector aliases (default: $CHATVEC_ALIASES).
+    #[arg(long, global = true, value_name = "FILE")]
+    pub aliases: Option<PathBuf>,
+
     #[command(subcommand)]
     pub command: Command,
 }
@@ -44,6 +48,10 @@ pub enum Command {
     Extract(ExtractArgs),
     /// Add a scaled chat vector to a model: `base + scale * (chat - pretrained)`.
     Apply(ApplyArgs),
+    /// Run a merge recipe (chatvec TOML or mergekit YAML): chat vector, linear, TIES, DARE, SLERP, ...
+    Merge(MergeArgs),
+    /// Re-hash an output against its manifest; with --recipe, check the recipe and inputs too.
+    Verify(VerifyArgs),
     /// Show a checkpoint's shards, tensors, parameter count and config.
     Inspect(InspectArgs),
     /// Run extract, apply and inspect on tiny built-in models (no download).
@@ -52,9 +60,9 @@ pub enum Command {
     Bench(crate::bench::BenchArgs),
 }
 
-/// Options shared by the commands that write a checkpoint.
+/// Where and how a command writes its output.
 #[derive(Args, Debug)]
-pub struct WriteArgs {
+pub struct OutArgs {
     /// Output directory (created; must not exist unless --force).
     #[arg(short, long)]
     pub output: PathBuf,
@@ -62,22 +70,6 @@ pub struct WriteArgs {
     /// Replace an existing output directory.
     #[arg(long)]
     pub force: bool,
-
-    /// Only operate on tensors matching this regex (repeatable; default: all).
-    #[arg(long, value_name = "REGEX")]
-    pub include: Vec<String>,
-
-    /// Leave tensors matching this regex untouched (repeatable).
-    #[arg(long, value_name = "REGEX")]
-    pub exclude: Vec<String>,
-
-    /// Maximum data bytes per output shard, e.g. 5GB, 500MB, 2GiB.
-    #[arg(long, default_value = "5GB", value_parser = parse_size)]
-    pub shard_size: u64,
-
-    /// Downgrade config.json architecture differences to warnings (shapes must still match).
-    #[arg(long)]
-    pub allow_mismatch: bool,
 
     /// Print the plan (every output tensor, its formula and shard) and write nothing.
     #[arg(long)]
@@ -95,6 +87,52 @@ pub struct WriteArgs {
     /// Elements per work chunk (for testing; output bytes do not depend on it).
     #[arg(long, hide = true, default_value_t = DEFAULT_CHUNK_ELEMS)]
     pub chunk_elems: u64,
+}
+
+/// Options shared by extract and apply.
+#[derive(Args, Debug)]
+pub struct WriteArgs {
+    #[command(flatten)]
+    pub out: OutArgs,
+
+    /// Only operate on tensors matching this regex (repeatable; default: all).
+    #[arg(long, value_name = "REGEX")]
+    pub include: Vec<String>,
+
+    /// Leave tensors matching this regex untouched (repeatable).
+    #[arg(long, value_name = "REGEX")]
+    pub exclude: Vec<String>,
+
+    /// Maximum data bytes per output shard, e.g. 5GB, 500MB, 2GiB.
+    #[arg(long, default_value = "5GB", value_parser = parse_size)]
+    pub shard_size: u64,
+
+    /// Downgrade config.json architecture differences to warnings (shapes must still match).
+    #[arg(long)]
+    pub allow_mismatch: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct MergeArgs {
+    /// A recipe: a chatvec .toml file, a mergekit .yml config, or the name of a shipped recipe.
+    pub recipe: String,
+
+    /// Seed for DARE/DELLA masks (default: the recipe's `seed`, else 0).
+    #[arg(long)]
+    pub seed: Option<u64>,
+
+    #[command(flatten)]
+    pub out: OutArgs,
+}
+
+#[derive(Args, Debug)]
+pub struct VerifyArgs {
+    /// An output directory written by chatvec.
+    pub dir: PathBuf,
+
+    /// Also check that this recipe, and its inputs as they are now, are the ones recorded.
+    #[arg(long)]
+    pub recipe: Option<String>,
 }
 
 #[derive(Args, Debug)]
@@ -240,7 +278,7 @@ pub fn threads(t: Option<usize>) -> usize {
     t.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
 }
 
-fn settings(w: &WriteArgs, quiet: bool) -> OutputSettings {
+fn settings(w: &OutArgs, quiet: bool) -> OutputSettings {
     OutputSettings {
         out: w.output.clone(),
         force: w.force,
@@ -251,6 +289,7 @@ fn settings(w: &WriteArgs, quiet: bool) -> OutputSettings {
             progress: !quiet && std::io::stderr().is_terminal(),
             hash_cache: HashCache::from_env(w.rehash),
         },
+        recipe: None,
     }
 }
 
@@ -295,10 +334,13 @@ fn report(s: &Summary, json: bool) -> Result<()> {
 pub fn run(cli: Cli) -> Result<()> {
     QUIET.store(cli.quiet, Ordering::Relaxed);
     crate::interrupt::install();
+    if let Some(p) = cli.aliases {
+        crate::aliases::set_user_file(p);
+    }
     match cli.command {
         Command::Extract(a) => {
             let sel = selection(&a.write, 1.0, &[]);
-            let s = job::extract(&a.chat, &a.pretrained, a.dtype, &sel, &settings(&a.write, cli.quiet))?;
+            let s = job::extract(&a.chat, &a.pretrained, a.dtype, &sel, &settings(&a.write.out, cli.quiet))?;
             report(&s, cli.json)
         }
         Command::Apply(a) => {
@@ -317,9 +359,23 @@ pub fn run(cli: Cli) -> Result<()> {
                 a.out_dtype,
                 a.keep_base_template,
                 &sel,
-                &settings(&a.write, cli.quiet),
+                &settings(&a.write.out, cli.quiet),
             )?;
             report(&s, cli.json)
+        }
+        Command::Merge(a) => {
+            let recipe = crate::recipe::load_recipe(&a.recipe)?;
+            let s = job::merge(&recipe, a.seed, &settings(&a.out, cli.quiet))?;
+            report(&s, cli.json)
+        }
+        Command::Verify(a) => {
+            let r = crate::verify::verify(&a.dir, a.recipe.as_deref())?;
+            if cli.json {
+                json_out(&r)?;
+            } else {
+                out(&crate::verify::render(&r))?;
+            }
+            r.into_result()
         }
         Command::Inspect(a) => {
             let ck = open_model(&a.model)?;

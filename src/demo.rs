@@ -104,6 +104,7 @@ fn steps(root: &Path, threads: usize) -> Result<String> {
             // leave entries behind.
             hash_cache: crate::hash_cache::HashCache::disabled(),
         },
+        recipe: None,
     };
     let s = |p: &Path| p.display().to_string();
     let vector = root.join("chat-vector");

@@ -10,8 +10,10 @@
 //! is a pure function of the plan, so the bytes do not depend on thread
 //! count or chunk size (contract 1).
 
+use std::collections::HashMap;
 use std::ops::Range;
 use std::path::Path;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{Receiver, Sender, SyncSender, channel, sync_channel};
 
@@ -25,6 +27,8 @@ use crate::error::{Error, Result};
 use crate::hash_cache::HashCache;
 use crate::input_hash::{Touch, hash_following};
 use crate::interrupt;
+use crate::merge_compute;
+use crate::merge_stats::{self, TensorStats};
 use crate::plan::{Formula, Op, OutTensor, Plan, Source};
 use crate::writer::{SyncedFile, WrittenFile, hex};
 
@@ -103,7 +107,7 @@ fn jobs(plan: &Plan, chunk_elems: u64) -> Vec<Job> {
                         a = b;
                     }
                 }
-                Op::Convert(_) | Op::Arith { .. } => {
+                Op::Convert(_) | Op::Arith { .. } | Op::Merge(_) => {
                     let n = t.numel();
                     let mut a = 0;
                     while a < n {
@@ -119,17 +123,27 @@ fn jobs(plan: &Plan, chunk_elems: u64) -> Vec<Job> {
 }
 
 fn operand(plan: &Plan, s: Source) -> Operand<'_> {
-    let ty = plan.input_tensor(s).dtype.float().expect("plan checked float dtypes");
-    Operand { ty, bytes: plan.input_bytes(s) }
+    plan.operand(s)
 }
 
+/// Statistics of the merged tensors being computed, by tensor index.
+type StatsMap = HashMap<usize, Arc<TensorStats>>;
+
 /// Computes elements `elems` of tensor `t` into `out`.
-fn compute(plan: &Plan, t: &OutTensor, elems: Range<u64>, out: &mut [u8]) {
+fn compute(plan: &Plan, t: &OutTensor, stats: Option<&TensorStats>, elems: Range<u64>, out: &mut [u8]) {
     let out_ty: FloatType = t.dtype.float().expect("plan checked float dtypes");
     let os = out_ty.size();
     let at = |p: u64| ((p - elems.start) as usize) * os;
     match &t.op {
         Op::Copy(_) => unreachable!("copies are not computed"),
+        Op::Merge(m) => merge_compute::compute(
+            plan,
+            m,
+            stats.expect("stats computed before the chunk"),
+            out_ty,
+            elems,
+            out,
+        ),
         Op::Convert(src) => {
             let s = operand(plan, *src).slice(elems.start as usize, (elems.end - elems.start) as usize);
             arith::convert(out_ty, out, s);
@@ -198,6 +212,11 @@ fn touches(plan: &Plan, job: &Job, mut f: impl FnMut(usize, Touch)) {
             match &plan.tensors[*tensor].op {
                 Op::Copy(_) => {}
                 Op::Convert(src) => report(*src, elems.end, size(*src)),
+                Op::Merge(m) => {
+                    for &s in m.base.iter().chain(&m.models) {
+                        report(s, elems.end, size(s));
+                    }
+                }
                 Op::Arith { formula, runs, row_len } => {
                     let base = formula.base();
                     report(base, elems.end, size(base));
@@ -227,7 +246,7 @@ fn touches(plan: &Plan, job: &Job, mut f: impl FnMut(usize, Touch)) {
     }
 }
 
-fn run_job<'a>(plan: &'a Plan, job: &Job, mut buf: Vec<u8>) -> Piece<'a> {
+fn run_job<'a>(plan: &'a Plan, stats: &StatsMap, job: &Job, mut buf: Vec<u8>) -> Piece<'a> {
     match job {
         Job::Header(si) => Piece::Borrowed(&plan.shards[*si].header),
         Job::Copy { src, bytes } => {
@@ -238,7 +257,7 @@ fn run_job<'a>(plan: &'a Plan, job: &Job, mut buf: Vec<u8>) -> Piece<'a> {
             let len = (elems.end - elems.start) as usize * t.dtype.float().unwrap().size();
             buf.clear();
             buf.resize(len, 0);
-            compute(plan, t, elems.clone(), &mut buf);
+            compute(plan, t, stats.get(tensor).map(|s| &**s), elems.clone(), &mut buf);
             Piece::Owned(buf)
         }
     }
@@ -273,8 +292,13 @@ pub fn execute(plan: &Plan, dir: &Path, opts: &ExecOptions) -> Result<ExecResult
         let writer = s.spawn(|| write_pieces(plan, dir, &jobs, rx, htx, &bar));
         let out_hasher = s.spawn(|| hash_pieces(&jobs, hrx, free_tx));
         let mut outcome = Ok(());
+        let mut stats = StatsMap::new();
         for (bi, group) in jobs.chunks(batch).enumerate() {
             if let Err(e) = interrupt::check() {
+                outcome = Err(e);
+                break;
+            }
+            if let Err(e) = pool.install(|| prepare_stats(plan, group, &mut stats)) {
                 outcome = Err(e);
                 break;
             }
@@ -284,7 +308,7 @@ pub fn execute(plan: &Plan, dir: &Path, opts: &ExecOptions) -> Result<ExecResult
                     .par_iter()
                     .zip(bufs)
                     .enumerate()
-                    .map(|(i, (job, buf))| (bi * batch + i, run_job(plan, job, buf)))
+                    .map(|(i, (job, buf))| (bi * batch + i, run_job(plan, &stats, job, buf)))
                     .collect()
             });
             if tx.send(pieces).is_err() {
@@ -317,6 +341,30 @@ pub fn execute(plan: &Plan, dir: &Path, opts: &ExecOptions) -> Result<ExecResult
         bar.finish_and_clear();
         Ok(ExecResult { shards, inputs: hashes.into_iter().collect::<Result<_>>()? })
     })
+}
+
+/// Computes the statistics of the merged tensors `group` computes (before
+/// their first chunk) and drops those of tensors already finished.
+fn prepare_stats(plan: &Plan, group: &[Job], stats: &mut StatsMap) -> Result<()> {
+    let Some(first) = group.iter().find_map(|j| match j {
+        Job::Compute { tensor, .. } => Some(*tensor),
+        _ => None,
+    }) else {
+        return Ok(());
+    };
+    stats.retain(|&t, _| t >= first);
+    for job in group {
+        let Job::Compute { tensor, .. } = job else { continue };
+        let t = &plan.tensors[*tensor];
+        if let Op::Merge(m) = &t.op
+            && !stats.contains_key(tensor)
+        {
+            let n = t.numel();
+            let row_len = if t.shape.len() >= 2 { n / t.shape[0].max(1) } else { n.max(1) };
+            stats.insert(*tensor, Arc::new(merge_stats::compute(plan, &t.name, n, row_len, m)?));
+        }
+    }
+    Ok(())
 }
 
 fn progress_bar(show: bool, total: u64) -> ProgressBar {

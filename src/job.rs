@@ -10,12 +10,17 @@ use serde::Serialize;
 use crate::checkpoint::INDEX_FILE;
 use crate::dtype::FloatType;
 use crate::embeddings::EmbeddingPolicy;
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::execute::{ExecOptions, execute};
 use crate::json::to_pretty;
+use crate::manifest::RecipeRecord;
 use crate::manifest::{MANIFEST_FILE, Manifest, Parameters, TensorRecord, VectorRecord, read_vector_info};
+use crate::model_card::{CARD_FILE, model_card};
 use crate::plan::{ApplyOptions, Common, EmbeddingReport, Plan, VectorSide, plan_apply, plan_extract};
-use crate::resolve::open_model;
+use crate::plan::{Input, Role};
+use crate::plan_merge::{MergeSpec, plan_merge};
+use crate::recipe::{MergeRecipe, Recipe, RecipeBody, VectorRef};
+use crate::resolve::{open_model, vector_alias};
 use crate::select::Selection;
 use crate::sidecars::{ChatSide, SideFiles, model_side_files, read_side_files};
 use crate::writer::{OutputDir, WrittenFile, write_file};
@@ -24,11 +29,14 @@ use crate::writer::{OutputDir, WrittenFile, write_file};
 const SIDE_FILE_RESERVE: u64 = 256 << 20;
 
 /// Where and how to write.
+#[derive(Clone)]
 pub struct OutputSettings {
     pub out: PathBuf,
     pub force: bool,
     pub dry_run: bool,
     pub exec: ExecOptions,
+    /// The recipe being run, recorded in the manifest.
+    pub recipe: Option<RecipeRecord>,
 }
 
 /// Tensor selection as given on the command line (kept verbatim for the
@@ -100,7 +108,8 @@ pub fn extract(
 ) -> Result<Summary> {
     let chat_ck = open_model(chat)?;
     let chat_dir = chat_ck.dir.clone();
-    let plan = plan_extract(chat_ck, open_model(pretrained)?, &sel.common()?, dtype)?;
+    let mut plan = plan_extract(chat_ck, open_model(pretrained)?, &sel.common()?, dtype)?;
+    set_labels(&mut plan, &[chat, pretrained]);
     let params = sel.parameters(None, dtype, false);
     // The vector carries the chat model's config, tokenizer and template so
     // `apply --vector` can compare architectures, align vocabularies and
@@ -119,7 +128,7 @@ pub fn extract(
         omitted: plan.omitted.clone(),
         tied: plan.inputs[0].ckpt.is_tied(),
     };
-    run("extract", plan, params, out, side, Some(vector))
+    run("extract", plan, to_value(params), out, side, Some(vector))
 }
 
 /// The vector side of `apply`, as references.
@@ -138,6 +147,22 @@ pub fn apply(
     sel: &SelectionArgs,
     out: &OutputSettings,
 ) -> Result<Summary> {
+    let alias = match vector {
+        VectorArgs::Stored(v) => vector_alias(v)?.map(|a| (v, a)),
+        VectorArgs::Streaming { .. } => None,
+    };
+    let mut early_notes = Vec::new();
+    let vector = match &alias {
+        Some((name, a)) => {
+            early_notes.push(format!("vector {name} = {} - {}, computed on the fly", a.chat, a.pretrained));
+            VectorArgs::Streaming { chat: &a.chat, pretrained: &a.pretrained }
+        }
+        None => vector,
+    };
+    let labels: Vec<&str> = match vector {
+        VectorArgs::Stored(v) => vec![base, v],
+        VectorArgs::Streaming { chat, pretrained } => vec![base, chat, pretrained],
+    };
     let base_ck = open_model(base)?;
     let base_dir = base_ck.dir.clone();
     let mut early_warnings = Vec::new();
@@ -167,9 +192,121 @@ pub fn apply(
     let opts = ApplyOptions { common: sel.common()?, embeddings, out_dtype };
     let mut plan = plan_apply(base_ck, side, &opts)?;
     plan.warnings.splice(0..0, early_warnings);
+    set_labels(&mut plan, &labels);
     let params = sel.parameters(Some(embeddings), out_dtype, keep_base_template);
-    let side = model_side_files(&base_dir, Some(ChatSide { dir: &chat_dir, keep_base_template }), out_dtype)?;
-    run("apply", plan, params, out, side, None)
+    let mut side =
+        model_side_files(&base_dir, Some(ChatSide { dir: &chat_dir, keep_base_template }), out_dtype)?;
+    side.notes.splice(0..0, early_notes);
+    let how = format!("chat vector (scale {})", sel.scale);
+    side.add(CARD_FILE, model_card(&plan, &how, out.recipe.as_ref()));
+    run("apply", plan, to_value(params), out, side, None)
+}
+
+/// Parameters as JSON. Through text, so f32 values keep their shortest
+/// spelling (0.9, not 0.8999999761581421).
+fn to_value(p: Parameters) -> serde_json::Value {
+    let text = serde_json::to_string(&p).expect("parameters serialize");
+    serde_json::from_str(&text).expect("serde_json reads its own output")
+}
+
+/// `merge`: runs a recipe (chatvec TOML or mergekit YAML).
+pub fn merge(recipe: &Recipe, seed: Option<u64>, out: &OutputSettings) -> Result<Summary> {
+    let out = OutputSettings { recipe: Some(recipe.record()), ..out.clone() };
+    match &recipe.body {
+        RecipeBody::ChatVector(c) => {
+            let sel = SelectionArgs {
+                include: c.include.clone(),
+                exclude: c.exclude.clone(),
+                scale: c.scale,
+                scale_for: c.scale_for.clone(),
+                shard_size: recipe.shard_size,
+                allow_mismatch: recipe.allow_mismatch,
+            };
+            let vector = match &c.vector {
+                VectorRef::Vector(v) => VectorArgs::Stored(v),
+                VectorRef::Pair { chat, pretrained } => VectorArgs::Streaming { chat, pretrained },
+            };
+            let mut s =
+                apply(&c.base, vector, c.embeddings, recipe.out_dtype, c.keep_base_template, &sel, &out)?;
+            s.kind = "merge";
+            Ok(s)
+        }
+        RecipeBody::Merge(m) => merge_method(recipe, m, seed.unwrap_or(recipe.seed), &out),
+    }
+}
+
+fn merge_method(recipe: &Recipe, m: &MergeRecipe, seed: u64, out: &OutputSettings) -> Result<Summary> {
+    // Each distinct reference is opened once; the base is input 0.
+    let mut refs: Vec<&str> = Vec::new();
+    fn index<'a>(r: &'a str, refs: &mut Vec<&'a str>) -> usize {
+        refs.iter().position(|x| *x == r).unwrap_or_else(|| {
+            refs.push(r);
+            refs.len() - 1
+        })
+    }
+    let base = m.base.as_deref().map(|b| index(b, &mut refs));
+    let mut models = Vec::new();
+    let mut per_model = Vec::new();
+    for (r, own) in &m.models {
+        let i = index(r, &mut refs);
+        // mergekit: a base listed among the models is the base, except for
+        // linear, where it is merged like the others.
+        if Some(i) == base && m.method.needs_base() {
+            continue;
+        }
+        if models.contains(&i) {
+            return Err(Error::bad_file(&recipe.path, format!("models: '{r}' is listed twice")));
+        }
+        models.push(i);
+        per_model.push(own.clone());
+    }
+    if let (Some(b), false) = (base, m.method.needs_base())
+        && !models.contains(&b)
+    {
+        models.push(b);
+        per_model.push(Vec::new());
+    }
+    let inputs = refs
+        .iter()
+        .enumerate()
+        .map(|(i, r)| {
+            let role = if Some(i) == base { Role::Base } else { Role::Model };
+            Ok(Input { role, label: r.to_string(), ckpt: open_model(r)? })
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let reference_dir = inputs[base.unwrap_or(models[0])].ckpt.dir.clone();
+    let spec = MergeSpec {
+        method: m.method,
+        base,
+        models,
+        global: m.global.clone(),
+        per_model,
+        seed,
+        out_dtype: recipe.out_dtype,
+        shard_size: recipe.shard_size,
+        allow_mismatch: recipe.allow_mismatch,
+    };
+    let plan = plan_merge(inputs, &spec).map_err(|e| match e {
+        Error::Usage(msg) => Error::bad_file(&recipe.path, msg),
+        other => other,
+    })?;
+    let mut side = model_side_files(&reference_dir, None, recipe.out_dtype)?;
+    side.add(CARD_FILE, model_card(&plan, m.method.name(), out.recipe.as_ref()));
+    let params = serde_json::json!({
+        "method": m.method,
+        "seed": seed,
+        "out_dtype": recipe.out_dtype.map(|t| t.dtype().name()),
+        "shard_size": recipe.shard_size,
+        "allow_mismatch": recipe.allow_mismatch,
+    });
+    run("merge", plan, params, out, side, None)
+}
+
+/// Names the plan's inputs as the user did.
+fn set_labels(plan: &mut Plan, labels: &[&str]) {
+    for (i, l) in plan.inputs.iter_mut().zip(labels) {
+        i.label = l.to_string();
+    }
 }
 
 /// Executes `plan` into a fresh output directory, with the prepared side
@@ -177,7 +314,7 @@ pub fn apply(
 fn run(
     kind: &'static str,
     plan: Plan,
-    params: Parameters,
+    params: serde_json::Value,
     out: &OutputSettings,
     side: SideFiles,
     vector: Option<VectorRecord>,
@@ -218,6 +355,7 @@ fn run(
         outputs.push(write_file(dir.path(), INDEX_FILE, &index_json(&plan))?);
     }
     let mut manifest = Manifest::new(kind, &plan, res.inputs, params);
+    manifest.recipe = out.recipe.clone();
     manifest.vector = vector;
     let files = side.write(dir.path())?;
     manifest.notes = summary.notes.clone();

@@ -2,6 +2,7 @@
 //! safetensors, in bounded memory. See DESIGN.md in the shared folder for
 //! the architecture: resolve -> checkpoint -> plan -> execute -> writer.
 
+pub mod aliases;
 pub mod arith;
 pub mod bench;
 pub mod checkpoint;
@@ -21,10 +22,19 @@ pub mod interrupt;
 pub mod job;
 pub mod json;
 pub mod manifest;
+pub mod merge_compute;
+pub mod merge_stats;
+pub mod methods;
+pub mod model_card;
+pub mod params;
 pub mod plan;
+pub mod plan_merge;
+pub mod recipe;
 pub mod resolve;
+pub mod rng;
 pub mod select;
 pub mod sidecars;
 pub mod synth;
 pub mod tokenizer;
+pub mod verify;
 pub mod writer;

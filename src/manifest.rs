@@ -23,6 +23,8 @@ const MAX_MANIFEST_BYTES: u64 = 64 << 20;
 #[derive(Serialize)]
 pub struct InputRecord {
     pub role: Role,
+    /// The reference as the user gave it (path, alias or Hub id).
+    pub reference: String,
     pub path: String,
     /// Repo, revision and commit, for a model from the Hugging Face cache.
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -60,16 +62,28 @@ pub struct Parameters {
     pub keep_base_template: bool,
 }
 
+/// The recipe a `merge` ran, verbatim, so `verify --recipe` can compare.
+#[derive(Serialize, Clone, Debug)]
+pub struct RecipeRecord {
+    pub file: String,
+    pub syntax: crate::recipe::Syntax,
+    pub sha256: String,
+    pub text: String,
+}
+
 #[derive(Serialize)]
 pub struct Manifest {
     pub format: &'static str,
     pub tool: &'static str,
     pub version: &'static str,
-    /// `extract` or `apply`.
+    /// `extract`, `apply` or `merge`.
     pub kind: &'static str,
     pub command: Vec<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub recipe: Option<RecipeRecord>,
     pub inputs: Vec<InputRecord>,
-    pub parameters: Parameters,
+    /// `Parameters` for extract/apply; method and settings for merge.
+    pub parameters: Value,
     pub embeddings: Vec<EmbeddingReport>,
     pub notes: Vec<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -85,7 +99,7 @@ impl Manifest {
         kind: &'static str,
         plan: &Plan,
         inputs: Vec<Vec<WrittenFile>>,
-        parameters: Parameters,
+        parameters: Value,
     ) -> Manifest {
         Manifest {
             format: FORMAT,
@@ -93,12 +107,14 @@ impl Manifest {
             version: env!("CARGO_PKG_VERSION"),
             kind,
             command: std::env::args().collect(),
+            recipe: None,
             inputs: plan
                 .inputs
                 .iter()
                 .zip(inputs)
                 .map(|(i, shards)| InputRecord {
                     role: i.role,
+                    reference: i.label.clone(),
                     path: std::fs::canonicalize(&i.ckpt.dir)
                         .unwrap_or(i.ckpt.dir.clone())
                         .display()

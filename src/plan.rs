@@ -7,12 +7,14 @@ use std::collections::HashSet;
 use std::fmt::Write as _;
 use std::ops::Range;
 
+use crate::arith::Operand;
 use crate::checkpoint::{Checkpoint, Tensor, is_lm_head, is_vocab_matrix};
 use crate::config::architecture_differences;
 use crate::dtype::{DType, FloatType};
 use crate::embeddings::{EmbeddingPolicy, RowMap, RowRun, Vocabs, match_rows};
 use crate::error::{Error, Result};
 use crate::format::{OutTensorSpec, build_header};
+use crate::methods::{Method, TensorParams};
 use crate::select::Selection;
 use crate::tokenizer::Vocab;
 
@@ -27,12 +29,24 @@ pub enum Role {
     Chat,
     Pretrained,
     Vector,
+    /// A model merged by a merge method (other than the base).
+    Model,
 }
 
 /// An input checkpoint and its role.
 pub struct Input {
     pub role: Role,
+    /// How the user named it (path, Hub id or alias).
+    pub label: String,
     pub ckpt: Checkpoint,
+}
+
+impl Input {
+    /// An input labelled by its directory (callers that know the user's
+    /// reference replace the label).
+    pub fn new(role: Role, ckpt: Checkpoint) -> Input {
+        Input { role, label: ckpt.dir.display().to_string(), ckpt }
+    }
 }
 
 /// A tensor of an input: `inputs[input].ckpt.tensors[tensor]`.
@@ -76,6 +90,21 @@ pub enum Op {
     /// take the formula with the vector rows the run names; rows outside any
     /// run are converted from `formula.base()` unchanged.
     Arith { formula: Formula, runs: Vec<RowRun>, row_len: u64 },
+    /// A merge method over aligned inputs.
+    Merge(Box<MergeOp>),
+}
+
+/// One tensor of a merge: the method, its inputs and resolved parameters.
+#[derive(Clone, Debug)]
+pub struct MergeOp {
+    pub method: Method,
+    /// The base model's tensor (all methods but linear).
+    pub base: Option<Source>,
+    /// The merged models' tensors, in `params.models` order.
+    pub models: Vec<Source>,
+    pub params: TensorParams,
+    /// Seed of the random masks (DARE, DELLA).
+    pub seed: u64,
 }
 
 /// One tensor of the output.
@@ -142,17 +171,28 @@ impl Plan {
         ck.bytes(&ck.tensors[s.tensor])
     }
 
+    /// An input tensor as an arithmetic operand; the plan checked its dtype.
+    pub fn operand(&self, s: Source) -> Operand<'_> {
+        let ty = self.input_tensor(s).dtype.float().expect("plan checked float dtypes");
+        Operand { ty, bytes: self.input_bytes(s) }
+    }
+
     /// A readable listing of the plan, for `--dry-run`.
     pub fn describe(&self) -> String {
         let mut out = String::new();
         for i in &self.inputs {
-            let _ = writeln!(
+            let _ = write!(
                 out,
-                "input {:?}: {} ({} shards)",
+                "input {:?} {}: {} ({} shards)",
                 i.role,
+                i.label,
                 i.ckpt.dir.display(),
                 i.ckpt.shards.len()
             );
+            if let Some(o) = &i.ckpt.origin {
+                let _ = write!(out, " {}@{} commit {}", o.repo, o.revision, o.commit);
+            }
+            out.push('\n');
         }
         for sh in &self.shards {
             let _ = writeln!(out, "shard {} ({} bytes)", sh.file_name, sh.size);
@@ -170,6 +210,28 @@ impl Plan {
         match op {
             Op::Copy(s) => format!("copy {}", name(*s)),
             Op::Convert(s) => format!("convert {}", name(*s)),
+            Op::Merge(m) => {
+                let mut parts = Vec::new();
+                if let Some(b) = m.base {
+                    parts.push(format!("base={}", self.inputs[b.input].label));
+                }
+                for (s, mp) in m.models.iter().zip(&m.params.models) {
+                    let mut p = format!("{}(weight={}", self.inputs[s.input].label, mp.weight);
+                    if m.method.sparsify().is_some() {
+                        let _ = write!(p, ", density={}", mp.density);
+                    }
+                    p.push(')');
+                    parts.push(p);
+                }
+                let q = &m.params;
+                let extra = match m.method {
+                    Method::Slerp => format!(" t={}", q.t),
+                    Method::ModelStock => format!(" filter_wise={}", q.filter_wise),
+                    Method::Linear => format!(" normalize={}", q.normalize),
+                    _ => format!(" normalize={} rescale={} lambda={}", q.normalize, q.rescale, q.lambda),
+                };
+                format!("{} {}{extra}", m.method.name(), parts.join(" "))
+            }
             Op::Arith { formula, runs, row_len } => {
                 let f = match *formula {
                     Formula::Diff { chat, pre } => format!("{} - {}", name(chat), name(pre)),
@@ -192,19 +254,19 @@ impl Plan {
 }
 
 /// Collects problems and turns them into one error listing the first few.
-struct Problems {
+pub(crate) struct Problems {
     what: &'static str,
     list: Vec<String>,
 }
 
 impl Problems {
-    fn new(what: &'static str) -> Problems {
+    pub(crate) fn new(what: &'static str) -> Problems {
         Problems { what, list: Vec::new() }
     }
-    fn push(&mut self, p: String) {
+    pub(crate) fn push(&mut self, p: String) {
         self.list.push(p);
     }
-    fn into_result(self) -> Result<()> {
+    pub(crate) fn into_result(self) -> Result<()> {
         if self.list.is_empty() {
             return Ok(());
         }
@@ -240,7 +302,7 @@ pub enum VectorSide {
     Streaming { chat: Box<Checkpoint>, pretrained: Box<Checkpoint> },
 }
 
-fn float_of(ck: &Checkpoint, t: &Tensor, hint_flag: &str) -> Result<FloatType> {
+pub(crate) fn float_of(ck: &Checkpoint, t: &Tensor, hint_flag: &str) -> Result<FloatType> {
     t.dtype.float().ok_or_else(|| {
         Error::UnsupportedDtype {
             file: ck.file_of(t).to_path_buf(),
@@ -252,7 +314,12 @@ fn float_of(ck: &Checkpoint, t: &Tensor, hint_flag: &str) -> Result<FloatType> {
 }
 
 /// Compares architectures; differences are errors unless `allow`.
-fn check_configs(a: &Checkpoint, b: &Checkpoint, allow: bool, warnings: &mut Vec<String>) -> Result<()> {
+pub(crate) fn check_configs(
+    a: &Checkpoint,
+    b: &Checkpoint,
+    allow: bool,
+    warnings: &mut Vec<String>,
+) -> Result<()> {
     let (Some(ca), Some(cb)) = (&a.config, &b.config) else {
         for ck in [a, b] {
             if ck.config.is_none() {
@@ -352,7 +419,7 @@ pub fn plan_extract(
     }
     let shards = assign_shards(&tensors, common.shard_size);
     Ok(Plan {
-        inputs: vec![Input { role: Role::Chat, ckpt: chat }, Input { role: Role::Pretrained, ckpt: pre }],
+        inputs: vec![Input::new(Role::Chat, chat), Input::new(Role::Pretrained, pre)],
         tensors,
         shards,
         embeddings: Vec::new(),
@@ -510,8 +577,8 @@ pub fn plan_apply(base: Checkpoint, side: VectorSide, opts: &ApplyOptions) -> Re
     }
     problems.into_result()?;
     let shards = assign_shards(&tensors, common.shard_size);
-    let mut inputs = vec![Input { role: Role::Base, ckpt: base }];
-    inputs.extend(vector_cks.into_iter().map(|(role, ckpt)| Input { role, ckpt }));
+    let mut inputs = vec![Input::new(Role::Base, base)];
+    inputs.extend(vector_cks.into_iter().map(|(role, ckpt)| Input::new(role, ckpt)));
     Ok(Plan { inputs, tensors, shards, embeddings, omitted: Vec::new(), warnings })
 }
 

@@ -2,11 +2,14 @@
 //! Every command resolves models through `resolve_model`, so new kinds of
 //! reference are added in one place.
 //!
-//! A reference is, in order: an existing local directory; or a Hub id
-//! `org/name[@revision]` found in the Hugging Face cache (see `hub_cache`).
+//! A reference is, in order: an existing local directory; an alias from
+//! `recipes/aliases.toml` (or the user's aliases file), optionally with
+//! `@revision`; or a Hub id `org/name[@revision]` found in the Hugging Face
+//! cache (see `hub_cache`).
 
 use std::path::PathBuf;
 
+use crate::aliases::{Aliases, VectorAlias};
 use crate::checkpoint::Checkpoint;
 use crate::error::{Error, Result};
 use crate::hub_cache::{HubOrigin, cache_dir, find_snapshot, parse_hub_id};
@@ -29,9 +32,24 @@ pub fn resolve_model(reference: &str) -> Result<Resolved> {
         return Err(Error::Usage(format!("model '{reference}' is not a directory"))
             .with_hint("a model is a directory holding config.json and safetensors weights"));
     }
+    let (name, rev) = match reference.split_once('@') {
+        Some((n, r)) => (n, Some(r)),
+        None => (reference, None),
+    };
+    let aliased;
+    let reference = match Aliases::get()?.models.get(name) {
+        Some(a) => {
+            aliased = match rev {
+                Some(r) => format!("{}@{r}", a.repo),
+                None => a.reference(),
+            };
+            aliased.as_str()
+        }
+        None => reference,
+    };
     let Some(id) = parse_hub_id(reference) else {
         return Err(Error::Usage(format!("model '{reference}' is neither a local directory nor a Hub id"))
-            .with_hint("give a model directory, or a Hub id like org/name or org/name@revision"));
+            .with_hint("give a model directory, an alias (see recipes/aliases.toml), or a Hub id like org/name@revision"));
     };
     let Some(cache) = cache_dir(|k| std::env::var(k).ok()) else {
         return Err(Error::Usage(format!(
@@ -48,4 +66,13 @@ pub fn open_model(reference: &str) -> Result<Checkpoint> {
     let mut ck = Checkpoint::open(&r.dir)?;
     ck.origin = r.origin;
     Ok(ck)
+}
+
+/// What `--vector` names: a chat vector alias (a pair of models to
+/// difference on the fly), or a stored vector (any model reference).
+pub fn vector_alias(reference: &str) -> Result<Option<VectorAlias>> {
+    if PathBuf::from(reference).exists() {
+        return Ok(None);
+    }
+    Ok(Aliases::get()?.vectors.get(reference).cloned())
 }

@@ -44,6 +44,12 @@ pub struct SideFiles {
 }
 
 impl SideFiles {
+    /// Adds a generated file (e.g. the model card).
+    pub fn add(&mut self, name: &str, bytes: Vec<u8>) {
+        self.pending.retain(|(n, _)| n != name);
+        self.pending.push((name.to_string(), bytes));
+    }
+
     /// Writes the files into `out`, durably.
     pub fn write(self, out: &Path) -> Result<Vec<WrittenFile>> {
         self.pending.iter().map(|(name, bytes)| write_file(out, name, bytes)).collect()
