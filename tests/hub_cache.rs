@@ -132,3 +132,79 @@ fn missing_models_revisions_and_shards_are_named() {
     let o = with_cache(&cache, &["inspect", "not a model"]);
     assert!(stderr(&o).contains("neither a local directory nor a Hub id"), "{}", stderr(&o));
 }
+
+#[test]
+fn aliases_and_shipped_recipes_run_the_users_words() {
+    let d = tempfile::tempdir().unwrap();
+    let t = trio(d.path(), Ty::BF16, 2);
+    let cache = d.path().join("hub");
+    cache_model(&cache, &t.pre, "meta-llama/Meta-Llama-3-8B", COMMIT_A, &["main"]);
+    cache_model(&cache, &t.chat, "meta-llama/Meta-Llama-3-8B-Instruct", COMMIT_B, &["main"]);
+    cache_model(&cache, &t.base, "tokyotech-llm/Llama-3-Swallow-8B-v0.1", COMMIT_A, &["main"]);
+    let local = d.path().join("local");
+    ok(&apply_streaming(&t, &local, &["-q"]));
+
+    // chatvec apply --base swallow-8b --vector llama3-instruct
+    let out = d.path().join("swallow-8b-cv");
+    let o =
+        with_cache(&cache, &["apply", "--base", "swallow-8b", "--vector", "llama3-instruct", "-o", s(&out)]);
+    ok(&o);
+    assert!(stderr(&o).contains("vector llama3-instruct = llama3-8b-instruct - llama3-8b"), "{}", stderr(&o));
+    assert_eq!(shard_hashes(&out), shard_hashes(&local));
+    let m: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out.join("chatvec-manifest.json")).unwrap()).unwrap();
+    assert_eq!(m["inputs"][0]["reference"], "swallow-8b");
+    assert_eq!(m["inputs"][0]["hub"]["repo"], "tokyotech-llm/Llama-3-Swallow-8B-v0.1");
+    assert_eq!(m["inputs"][1]["hub"]["commit"], COMMIT_B);
+    let card = std::fs::read_to_string(out.join("README.md")).unwrap();
+    assert!(card.contains("- \"tokyotech-llm/Llama-3-Swallow-8B-v0.1\""), "{card}");
+
+    // The shipped recipe does the same, and verify --recipe accepts it.
+    let viar = d.path().join("viar");
+    ok(&with_cache(&cache, &["-q", "merge", "llama3-swallow-8b-chat-vector", "-o", s(&viar)]));
+    assert_eq!(shard_hashes(&viar), shard_hashes(&local));
+    let o = with_cache(&cache, &["verify", s(&viar), "--recipe", "llama3-swallow-8b-chat-vector"]);
+    ok(&o);
+    assert!(stdout(&o).contains("OK:"), "{}", stdout(&o));
+
+    // A user's aliases file adds names and replaces built-in ones.
+    let mine = d.path().join("mine.toml");
+    std::fs::write(
+        &mine,
+        format!(
+            "[models]\nswallow-8b = {{ repo = \"meta-llama/Meta-Llama-3-8B\", revision = \"{COMMIT_A}\" }}\n[vectors]\nmy-vector = {{ chat = \"llama3-8b-instruct\", pretrained = \"llama3-8b\" }}\n"
+        ),
+    )
+    .unwrap();
+    let o = command()
+        .env("HF_HUB_CACHE", &cache)
+        .env("CHATVEC_ALIASES", &mine)
+        .args(["inspect", "--json", "swallow-8b"])
+        .output()
+        .unwrap();
+    ok(&o);
+    assert!(stdout(&o).contains("models--meta-llama--Meta-Llama-3-8B/snapshots"), "{}", stdout(&o));
+    let other = d.path().join("other");
+    let o = with_cache(
+        &cache,
+        &[
+            "-q",
+            "--aliases",
+            s(&mine),
+            "apply",
+            "--base",
+            "llama3-8b",
+            "--vector",
+            "my-vector",
+            "-o",
+            s(&other),
+        ],
+    );
+    ok(&o);
+
+    // A bad aliases file is named.
+    std::fs::write(&mine, "[models]\nx = { repo = \"a/b\", rev = \"main\" }\n").unwrap();
+    let o = with_cache(&cache, &["--aliases", s(&mine), "inspect", "swallow-8b"]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(stderr(&o).contains("mine.toml: models.x: unknown key 'rev'"), "{}", stderr(&o));
+}

@@ -1,0 +1,578 @@
+//! `chatvec merge`: every method against a reference written here from the
+//! definitions (f64 arithmetic over the f32 deltas), run through the real
+//! binary on generated checkpoints.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use common::*;
+use sha2::{Digest, Sha256};
+
+/// Base (seed 1) and three models (seeds 2..4), bf16, a tiny Llama whose
+/// embedding matrix has `vocab` rows.
+struct Models {
+    root: PathBuf,
+}
+
+impl Models {
+    fn new(root: &Path, vocab: u64) -> Models {
+        for (name, seed) in [("base", 1), ("m1", 2), ("m2", 3), ("m3", 4)] {
+            let t = llama(seed, vocab, false, Ty::BF16);
+            write_model(&root.join(name), &t, 1, &config(vocab, false, LAYERS), None);
+        }
+        Models { root: root.to_path_buf() }
+    }
+    fn dir(&self, n: &str) -> String {
+        self.root.join(n).display().to_string()
+    }
+    fn read(&self, n: &str) -> BTreeMap<String, T> {
+        read_model(&self.root.join(n))
+    }
+}
+
+/// Writes `recipe` (TOML, with `{base}`, `{m1}`.. replaced) and merges it.
+fn merge(m: &Models, recipe: &str, out: &Path, extra: &[&str]) -> BTreeMap<String, T> {
+    let text = recipe
+        .replace("{base}", &m.dir("base"))
+        .replace("{m1}", &m.dir("m1"))
+        .replace("{m2}", &m.dir("m2"))
+        .replace("{m3}", &m.dir("m3"));
+    let path = out.with_extension("toml");
+    std::fs::write(&path, text).unwrap();
+    let mut args = vec!["-q", "merge", path.to_str().unwrap(), "-o", out.to_str().unwrap()];
+    args.extend_from_slice(extra);
+    ok(&chatvec(&args));
+    read_model(out)
+}
+
+fn vals(t: &T) -> Vec<f32> {
+    (0..t.numel()).map(|i| t.get(i)).collect()
+}
+
+/// Asserts every tensor equals `reference(name, base, models)` within f32
+/// rounding.
+fn check(
+    got: &BTreeMap<String, T>,
+    base: &BTreeMap<String, T>,
+    models: &[BTreeMap<String, T>],
+    reference: impl Fn(&str, &[f32], &[Vec<f32>]) -> Vec<f64>,
+) {
+    assert_eq!(got.len(), base.len());
+    for (name, bt) in base {
+        let g = &got[name];
+        assert_eq!(g.ty, Ty::F32, "{name}");
+        let xs: Vec<Vec<f32>> = models.iter().map(|m| vals(&m[name])).collect();
+        let want = reference(name, &vals(bt), &xs);
+        for (i, w) in want.iter().enumerate() {
+            let v = g.get(i) as f64;
+            let tol = 2e-6 * (w.abs() + 1.0);
+            assert!((v - w).abs() <= tol, "{name}[{i}]: got {v}, reference {w}");
+        }
+    }
+}
+
+fn deltas(b: &[f32], xs: &[Vec<f32>]) -> Vec<Vec<f32>> {
+    xs.iter().map(|x| x.iter().zip(b).map(|(x, b)| x - b).collect()).collect()
+}
+
+/// Indices sorted by ascending |d| (f32 bits), equal magnitudes by index.
+fn ascending(d: &[f32]) -> Vec<usize> {
+    let mut idx: Vec<usize> = (0..d.len()).collect();
+    idx.sort_by_key(|&i| (d[i].abs().to_bits(), i));
+    idx
+}
+
+/// Keeps ascending ranks lo..hi.
+fn keep_ranks(d: &[f32], lo: usize, hi: usize) -> Vec<bool> {
+    let mut keep = vec![false; d.len()];
+    for &i in &ascending(d)[lo..hi.max(lo)] {
+        keep[i] = true;
+    }
+    keep
+}
+
+/// The documented generator: SplitMix64 at counter index + 1.
+fn uniform(seed: u64, tensor: &str, input: u64, index: u64) -> f32 {
+    fn mix(mut z: u64) -> u64 {
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58476D1CE4E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D049BB133111EB);
+        z ^ (z >> 31)
+    }
+    let key = u64::from_le_bytes(Sha256::digest(tensor.as_bytes())[..8].try_into().unwrap());
+    let stream = mix(mix(seed ^ key) ^ input);
+    let u = mix(stream.wrapping_add((index + 1).wrapping_mul(0x9E3779B97F4A7C15)));
+    (u >> 40) as f32 / (1u64 << 24) as f32
+}
+
+/// The task-arithmetic combination of already sparsified deltas.
+fn combine(b: &[f32], e: &[Vec<f64>], w: &[f64], consensus: bool, normalize: bool, lambda: f64) -> Vec<f64> {
+    (0..b.len())
+        .map(|j| {
+            let (mut mixed, mut div);
+            if consensus {
+                let sum: f64 = e.iter().map(|v| v[j]).sum();
+                let major = if sum >= 0.0 { 1.0 } else { -1.0 };
+                mixed = 0.0;
+                div = 0.0;
+                for (v, wi) in e.iter().zip(w) {
+                    if v[j] != 0.0 && v[j].signum() == major {
+                        mixed += v[j];
+                        div += wi;
+                    }
+                }
+                if div == 0.0 {
+                    div = 1.0;
+                }
+            } else {
+                mixed = e.iter().map(|v| v[j]).sum();
+                div = w.iter().sum();
+                if div.abs() < 1e-8 {
+                    div = 1.0;
+                }
+            }
+            if normalize {
+                mixed /= div;
+            }
+            b[j] as f64 + lambda * mixed
+        })
+        .collect()
+}
+
+/// Masks, rescales (L1) and weights one delta.
+fn sparsified(d: &[f32], keep: &[bool], rescale: bool, w: f64) -> Vec<f64> {
+    let before: f64 = d.iter().map(|v| v.abs() as f64).sum();
+    let after: f64 = d.iter().zip(keep).filter(|(_, k)| **k).map(|(v, _)| v.abs() as f64).sum();
+    let f = if rescale && before >= 1e-7 && after >= 1e-7 { before / after } else { 1.0 };
+    d.iter().zip(keep).map(|(v, k)| if *k { *v as f64 * f * w } else { 0.0 }).collect()
+}
+
+fn all_models(m: &Models) -> Vec<BTreeMap<String, T>> {
+    ["m1", "m2", "m3"].iter().map(|n| m.read(n)).collect()
+}
+
+const THREE: &str = "[[models]]\nmodel = \"{m1}\"\nparameters = { weight = 0.5 }\n[[models]]\nmodel = \"{m2}\"\nparameters = { weight = 0.3 }\n[[models]]\nmodel = \"{m3}\"\nparameters = { weight = 0.2 }\n";
+
+#[test]
+fn linear_with_filters_matches_reference() {
+    let d = tempfile::tempdir().unwrap();
+    let m = Models::new(d.path(), 16);
+    let recipe = format!(
+        "merge_method = \"linear\"\nout_dtype = \"float32\"\n{THREE}[parameters]\nweight = [{{ filter = \"mlp\", value = 1.0 }}]\n"
+    );
+    // Per-model weights win over the global rule; the rule applies to nobody.
+    let got = merge(&m, &recipe, &d.path().join("out"), &[]);
+    check(&got, &m.read("m1"), &all_models(&m), |_, _, xs| {
+        let w = [0.5, 0.3, 0.2];
+        (0..xs[0].len()).map(|j| xs.iter().zip(w).map(|(x, w)| x[j] as f64 * w).sum::<f64>() / 1.0).collect()
+    });
+    // Global weights with a gradient over the two layers, no normalization.
+    let recipe = "merge_method = \"linear\"\nout_dtype = \"float32\"\nmodels = [\"{m1}\", \"{m2}\"]\n[parameters]\nnormalize = false\nweight = [{ filter = \"self_attn\", value = [0.0, 1.0] }, { value = 0.25 }]\n";
+    let got = merge(&m, recipe, &d.path().join("out2"), &[]);
+    check(&got, &m.read("m1"), &all_models(&m)[..2], |name, _, xs| {
+        let w = if name.contains("self_attn") {
+            if name.contains("layers.0.") { 0.0 } else { 1.0 }
+        } else {
+            0.25
+        };
+        (0..xs[0].len()).map(|j| (xs[0][j] as f64 + xs[1][j] as f64) * w).collect()
+    });
+}
+
+#[test]
+fn task_arithmetic_and_ties_match_reference() {
+    let d = tempfile::tempdir().unwrap();
+    let m = Models::new(d.path(), 16);
+    let base = m.read("base");
+    let recipe = format!(
+        "merge_method = \"task_arithmetic\"\nbase_model = \"{{base}}\"\nout_dtype = \"float32\"\n{THREE}[parameters]\nlambda = 0.7\n"
+    );
+    let got = merge(&m, &recipe, &d.path().join("ta"), &[]);
+    let w = [0.5, 0.3, 0.2];
+    check(&got, &base, &all_models(&m), |_, b, xs| {
+        let e: Vec<Vec<f64>> = deltas(b, xs)
+            .iter()
+            .zip(w)
+            .map(|(d, wi)| sparsified(d, &vec![true; d.len()], false, wi))
+            .collect();
+        combine(b, &e, &w, false, false, 0.7)
+    });
+
+    // TIES with a density gradient over the layers (t = 0 outside them).
+    let recipe = format!(
+        "merge_method = \"ties\"\nbase_model = \"{{base}}\"\nout_dtype = \"float32\"\n{THREE}[parameters]\ndensity = [0.3, 0.7]\n"
+    );
+    let got = merge(&m, &recipe, &d.path().join("ties"), &[]);
+    check(&got, &base, &all_models(&m), |name, b, xs| {
+        let density = if name.contains("layers.1.") { 0.7 } else { 0.3 };
+        let e: Vec<Vec<f64>> = deltas(b, xs)
+            .iter()
+            .zip(w)
+            .map(|(d, wi)| {
+                let n = d.len();
+                let k = ((density * n as f64) as usize).max(1);
+                sparsified(d, &keep_ranks(d, n - k, n), false, wi)
+            })
+            .collect();
+        combine(b, &e, &w, true, true, 1.0)
+    });
+}
+
+#[test]
+fn ties_threshold_is_exact_with_many_equal_magnitudes_and_any_chunking() {
+    let d = tempfile::tempdir().unwrap();
+    // 8200 x 8 embeddings: more than one 65536-element statistics block.
+    let m = Models::new(d.path(), 8200);
+    // m1's deltas take only four magnitudes, so the threshold falls inside
+    // a long run of equal values.
+    let base = m.read("base");
+    let mut t1: Vec<T> = llama(2, 8200, false, Ty::BF16);
+    for t in &mut t1 {
+        let b = &base[&t.name];
+        let v: Vec<f32> = (0..b.numel()).map(|i| b.get(i) + [0.5f32, -0.25, 0.125, -0.5][i % 4]).collect();
+        t.data = v.iter().flat_map(|x| Ty::BF16.encode(*x)).collect();
+    }
+    write_model(&d.path().join("m1"), &t1, 1, &config(8200, false, LAYERS), None);
+    let recipe = "merge_method = \"ties\"\nbase_model = \"{base}\"\nout_dtype = \"float32\"\n[[models]]\nmodel = \"{m1}\"\nparameters = { weight = 1.0, density = 0.37 }\n[[models]]\nmodel = \"{m2}\"\nparameters = { weight = 0.6, density = 0.37 }\n";
+    let got = merge(&m, recipe, &d.path().join("a"), &["--threads", "1"]);
+    let models = vec![m.read("m1"), m.read("m2")];
+    check(&got, &base, &models, |_, b, xs| {
+        let e: Vec<Vec<f64>> = deltas(b, xs)
+            .iter()
+            .zip([1.0, 0.6])
+            .map(|(d, wi)| {
+                let n = d.len();
+                let k = ((0.37 * n as f64) as usize).max(1);
+                let keep = keep_ranks(d, n - k, n);
+                assert_eq!(keep.iter().filter(|k| **k).count(), k);
+                sparsified(d, &keep, false, wi)
+            })
+            .collect();
+        combine(b, &e, &[1.0, 0.6], true, true, 1.0)
+    });
+    let a = shard_hashes(&d.path().join("a"));
+    merge(&m, recipe, &d.path().join("b"), &["--threads", "3", "--chunk-elems", "777"]);
+    assert_eq!(a, shard_hashes(&d.path().join("b")), "output depends on threads or chunking");
+}
+
+#[test]
+fn dare_and_della_use_the_documented_generator() {
+    let d = tempfile::tempdir().unwrap();
+    let m = Models::new(d.path(), 16);
+    let base = m.read("base");
+    let w = [0.5, 0.3, 0.2];
+    for method in ["dare_linear", "dare_ties", "della", "della_linear"] {
+        let recipe = format!(
+            "merge_method = \"{method}\"\nbase_model = \"{{base}}\"\nout_dtype = \"float32\"\nseed = 42\n{THREE}[parameters]\ndensity = 0.6\nepsilon = 0.2\n"
+        )
+        .replace("epsilon = 0.2\n", if method.starts_with("della") { "epsilon = 0.2\n" } else { "" });
+        let out = d.path().join(method);
+        let got = merge(&m, &recipe, &out, &[]);
+        let della = method.starts_with("della");
+        let consensus = method == "dare_ties" || method == "della";
+        let normalize = method == "della";
+        check(&got, &base, &all_models(&m), |name, b, xs| {
+            let rows = if base[name].shape.len() >= 2 { base[name].shape[0] as usize } else { 1 };
+            let e: Vec<Vec<f64>> = deltas(b, xs)
+                .iter()
+                .zip(w)
+                .enumerate()
+                .map(|(k, (dl, wi))| {
+                    let len = dl.len() / rows;
+                    let keep: Vec<bool> = (0..dl.len())
+                        .map(|i| {
+                            let p = if della {
+                                let row = &dl[i / len * len..(i / len + 1) * len];
+                                let rank = ascending(row).iter().position(|&j| j == i % len).unwrap();
+                                let rn = if len > 1 { rank as f32 / (len - 1) as f32 } else { 0.0 };
+                                (0.6f64 - 0.2) as f32 + rn * 2.0 * 0.2f32
+                            } else {
+                                0.6
+                            };
+                            uniform(42, name, k as u64, i as u64) < p
+                        })
+                        .collect();
+                    sparsified(dl, &keep, true, wi)
+                })
+                .collect();
+            combine(b, &e, &w, consensus, normalize, 1.0)
+        });
+        // Same seed, same bytes; another seed, other masks.
+        let again = d.path().join(format!("{method}-again"));
+        merge(&m, &recipe, &again, &["--threads", "1", "--chunk-elems", "5"]);
+        assert_eq!(shard_hashes(&out), shard_hashes(&again), "{method}");
+        let other = d.path().join(format!("{method}-seed"));
+        merge(&m, &recipe, &other, &["--seed", "7"]);
+        assert_ne!(shard_hashes(&out), shard_hashes(&other), "{method}");
+    }
+}
+
+#[test]
+fn breadcrumbs_drop_outliers_and_small_values() {
+    let d = tempfile::tempdir().unwrap();
+    let m = Models::new(d.path(), 16);
+    let base = m.read("base");
+    let w = [0.5, 0.3, 0.2];
+    for (method, consensus) in [("breadcrumbs", false), ("breadcrumbs_ties", true)] {
+        let recipe = format!(
+            "merge_method = \"{method}\"\nbase_model = \"{{base}}\"\nout_dtype = \"float32\"\n{THREE}[parameters]\ndensity = 0.6\ngamma = 0.1\n"
+        );
+        let got = merge(&m, &recipe, &d.path().join(method), &[]);
+        check(&got, &base, &all_models(&m), |_, b, xs| {
+            let e: Vec<Vec<f64>> = deltas(b, xs)
+                .iter()
+                .zip(w)
+                .map(|(dl, wi)| {
+                    let n = dl.len();
+                    let target = (0.6 * n as f64) as usize;
+                    let top = (0.1 * n as f64) as usize;
+                    let bot = n.saturating_sub(target + top);
+                    sparsified(dl, &keep_ranks(dl, bot, bot + target), false, wi)
+                })
+                .collect();
+            combine(b, &e, &w, consensus, false, 1.0)
+        });
+    }
+}
+
+#[test]
+fn slerp_and_model_stock_match_reference() {
+    let d = tempfile::tempdir().unwrap();
+    let m = Models::new(d.path(), 16);
+    let base = m.read("base");
+    let recipe = "merge_method = \"slerp\"\nbase_model = \"{base}\"\nout_dtype = \"float32\"\nmodels = [\"{m1}\"]\n[parameters]\nt = [{ filter = \"mlp\", value = [0.2, 0.9] }, { value = 0.4 }]\n";
+    let got = merge(&m, recipe, &d.path().join("slerp"), &[]);
+    check(&got, &base, &[m.read("m1")], |name, a, xs| {
+        let t = if name.contains("mlp") { if name.contains("layers.0.") { 0.2 } else { 0.9 } } else { 0.4 };
+        let b = &xs[0];
+        let na = a.iter().map(|v| (*v as f64).powi(2)).sum::<f64>().sqrt();
+        let nb = b.iter().map(|v| (*v as f64).powi(2)).sum::<f64>().sqrt();
+        let dot: f64 = a.iter().zip(b).map(|(x, y)| *x as f64 * *y as f64).sum::<f64>() / (na * nb);
+        let (ca, cb) = if dot.abs() > 0.9995 {
+            (1.0 - t, t)
+        } else {
+            let th = dot.clamp(-1.0, 1.0).acos();
+            (((1.0 - t) * th).sin() / th.sin(), (t * th).sin() / th.sin())
+        };
+        a.iter().zip(b).map(|(x, y)| ca * *x as f64 + cb * *y as f64).collect()
+    });
+
+    for filter_wise in [false, true] {
+        let recipe = format!(
+            "merge_method = \"model_stock\"\nbase_model = \"{{base}}\"\nout_dtype = \"float32\"\nmodels = [\"{{m1}}\", \"{{m2}}\", \"{{m3}}\"]\n[parameters]\nfilter_wise = {filter_wise}\n"
+        );
+        let got = merge(&m, &recipe, &d.path().join(format!("stock-{filter_wise}")), &[]);
+        check(&got, &base, &all_models(&m), |name, b, xs| {
+            let rows =
+                if filter_wise && base[name].shape.len() >= 2 { base[name].shape[0] as usize } else { 1 };
+            let len = b.len() / rows;
+            let ds = deltas(b, xs);
+            let mut out = Vec::new();
+            for r in 0..rows {
+                let seg =
+                    |v: &Vec<f32>| v[r * len..(r + 1) * len].iter().map(|x| *x as f64).collect::<Vec<_>>();
+                let dd: Vec<Vec<f64>> = ds.iter().map(seg).collect();
+                let norm = |v: &[f64]| v.iter().map(|x| x * x).sum::<f64>().sqrt();
+                let mut cos = Vec::new();
+                for i in 0..3 {
+                    for j in i + 1..3 {
+                        let dot: f64 = dd[i].iter().zip(&dd[j]).map(|(a, b)| a * b).sum();
+                        cos.push((dot / (norm(&dd[i]) * norm(&dd[j])).max(1e-6)).clamp(-1.0, 1.0));
+                    }
+                }
+                let c = cos.iter().sum::<f64>() / cos.len() as f64;
+                let t = 3.0 * c / (1.0 + 2.0 * c);
+                for j in r * len..(r + 1) * len {
+                    let avg = xs.iter().map(|x| x[j] as f64).sum::<f64>() / 3.0;
+                    out.push(t * avg + (1.0 - t) * b[j] as f64);
+                }
+            }
+            out
+        });
+    }
+}
+
+#[test]
+fn recipes_rerun_to_the_same_bytes_and_verify_says_what_differs() {
+    let d = tempfile::tempdir().unwrap();
+    let m = Models::new(d.path(), 16);
+    let recipe = format!(
+        "merge_method = \"dare_ties\"\nbase_model = \"{{base}}\"\nseed = 9\n{THREE}[parameters]\ndensity = 0.5\n"
+    );
+    let a = d.path().join("a");
+    merge(&m, &recipe, &a, &[]);
+    let b = d.path().join("b");
+    merge(&m, &recipe, &b, &["--threads", "1"]);
+    assert_eq!(shard_hashes(&a), shard_hashes(&b));
+    for f in ["README.md", "config.json"] {
+        assert_eq!(std::fs::read(a.join(f)).unwrap(), std::fs::read(b.join(f)).unwrap(), "{f}");
+    }
+    let card = std::fs::read_to_string(a.join("README.md")).unwrap();
+    assert!(card.contains("**dare_ties**") && card.contains("merge_method = \"dare_ties\""), "{card}");
+    let man: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(a.join("chatvec-manifest.json")).unwrap()).unwrap();
+    assert_eq!(man["kind"], "merge");
+    assert_eq!(man["recipe"]["sha256"], sha256_file(&a.with_extension("toml")));
+    assert_eq!(man["parameters"]["method"], "dare_ties");
+    assert_eq!(man["parameters"]["seed"], 9);
+    assert_eq!(man["inputs"].as_array().unwrap().len(), 4);
+    check_manifest_hashes(&a);
+
+    let rec = a.with_extension("toml");
+    let o = chatvec(&["verify", s(&a), "--recipe", s(&rec)]);
+    ok(&o);
+    assert!(stdout(&o).contains("OK:"), "{}", stdout(&o));
+
+    // A changed recipe, a changed input, a tampered shard, a stray file.
+    std::fs::write(&rec, std::fs::read_to_string(&rec).unwrap().replace("seed = 9", "seed = 10")).unwrap();
+    let o = chatvec(&["verify", s(&a), "--recipe", s(&rec)]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(stdout(&o).contains(&format!("DIFFERS  recipe {}", s(&rec))), "{}", stdout(&o));
+    let shard = a.join("model.safetensors");
+    let mut bytes = std::fs::read(&shard).unwrap();
+    let last = bytes.len() - 1;
+    bytes[last] ^= 1;
+    std::fs::write(&shard, bytes).unwrap();
+    std::fs::write(a.join("notes.txt"), "x").unwrap();
+    std::fs::remove_file(a.join("README.md")).unwrap();
+    let o = chatvec(&["verify", s(&a)]);
+    assert_eq!(o.status.code(), Some(1));
+    let text = stdout(&o);
+    assert!(text.contains("DIFFERS  output model.safetensors: sha256"), "{text}");
+    assert!(text.contains("MISSING  output README.md"), "{text}");
+    assert!(text.contains("UNLISTED notes.txt"), "{text}");
+    assert!(stderr(&o).contains("does not match its manifest"), "{}", stderr(&o));
+    let o = chatvec(&["verify", s(d.path())]);
+    assert!(stderr(&o).contains("has no chatvec-manifest.json"), "{}", stderr(&o));
+}
+
+#[test]
+fn mergekit_yaml_configs_run_and_dry_run_prints_the_plan() {
+    let d = tempfile::tempdir().unwrap();
+    let m = Models::new(d.path(), 16);
+    let yaml = format!(
+        "merge_method: ties\nbase_model: {}\nmodels:\n  - model: {}\n    parameters:\n      weight: 0.5\n      density: 0.5\n  - model: {}\n    parameters:\n      weight: 0.5\n      density: 0.5\n  - model: {}\nparameters:\n  normalize: true\ndtype: bfloat16\nout_dtype: float32\n",
+        m.dir("base"),
+        m.dir("m1"),
+        m.dir("m2"),
+        m.dir("base"),
+    );
+    let cfg = d.path().join("config.yml");
+    std::fs::write(&cfg, &yaml).unwrap();
+    let out = d.path().join("out");
+    let o = chatvec(&["merge", s(&cfg), "-o", s(&out), "--dry-run"]);
+    ok(&o);
+    let plan = stdout(&o);
+    assert!(plan.contains("model.layers.1.mlp.up_proj.weight F32 [12, 8]: ties base="), "{plan}");
+    assert!(plan.contains("(weight=0.5, density=0.5)") && plan.contains("normalize=true"), "{plan}");
+    assert!(!out.exists());
+    // The base listed among the models is the base, as in mergekit.
+    let got = {
+        ok(&chatvec(&["-q", "merge", s(&cfg), "-o", s(&out)]));
+        read_model(&out)
+    };
+    let toml = "merge_method = \"ties\"\nbase_model = \"{base}\"\nout_dtype = \"float32\"\n[[models]]\nmodel = \"{m1}\"\nparameters = { weight = 0.5, density = 0.5 }\n[[models]]\nmodel = \"{m2}\"\nparameters = { weight = 0.5, density = 0.5 }\n";
+    let same = merge(&m, toml, &d.path().join("t"), &[]);
+    for (k, v) in &got {
+        assert_eq!(v.data, same[k].data, "{k}");
+    }
+}
+
+#[test]
+fn bad_merges_are_named_and_leave_nothing() {
+    let d = tempfile::tempdir().unwrap();
+    let m = Models::new(d.path(), 16);
+    // A model with other shapes (vocabulary 20) and one missing a tensor.
+    write_model(&d.path().join("wide"), &llama(5, 20, false, Ty::BF16), 1, &config(20, false, LAYERS), None);
+    let mut short = llama(6, 16, false, Ty::BF16);
+    short.retain(|t| t.name != "model.norm.weight");
+    write_model(&d.path().join("short"), &short, 1, &config(16, false, LAYERS), None);
+    let cases: Vec<(String, &str)> = vec![
+        (
+            format!(
+                "merge_method = \"ties\"\nbase_model = \"{}\"\nmodels = [\"{}\"]\nparameters = {{ weight = 1 }}\n",
+                m.dir("base"),
+                d.path().join("wide").display()
+            ),
+            "'model.embed_tokens.weight': ",
+        ),
+        (
+            format!(
+                "merge_method = \"ties\"\nbase_model = \"{}\"\nmodels = [\"{}\"]\nparameters = {{ weight = 1 }}\n",
+                m.dir("base"),
+                d.path().join("short").display()
+            ),
+            "'model.norm.weight' is missing from",
+        ),
+        (
+            format!(
+                "merge_method = \"ties\"\nbase_model = \"{}\"\nmodels = [\"{}\"]\n[parameters]\nweight = 1\ndensty = 0.5\n",
+                m.dir("base"),
+                m.dir("m1")
+            ),
+            "ties takes no parameter 'densty'",
+        ),
+        (
+            format!(
+                "merge_method = \"ties\"\nbase_model = \"{}\"\nmodels = [\"{}\"]\n",
+                m.dir("base"),
+                m.dir("m1")
+            ),
+            "ties needs parameter 'weight' of",
+        ),
+        (
+            format!(
+                "merge_method = \"della\"\nbase_model = \"{}\"\nmodels = [\"{}\"]\n[parameters]\nweight = 1\ndensity = 0.9\nepsilon = 0.2\n",
+                m.dir("base"),
+                m.dir("m1")
+            ),
+            "density 0.9 +/- epsilon 0.2 must stay inside (0, 1)",
+        ),
+        (
+            format!(
+                "merge_method = \"slerp\"\nbase_model = \"{}\"\nmodels = [\"{}\", \"{}\"]\n[parameters]\nt = 0.5\n",
+                m.dir("base"),
+                m.dir("m1"),
+                m.dir("m2")
+            ),
+            "slerp needs exactly 1 model(s) besides the base, got 2",
+        ),
+        (
+            format!("merge_method = \"model_stock\"\nmodels = [\"{}\", \"{}\"]\n", m.dir("m1"), m.dir("m2")),
+            "model_stock needs a base model",
+        ),
+        (
+            format!(
+                "merge_method = \"linear\"\nmodels = [\"{}\", \"{}\"]\n[parameters]\nweight = [{{ filter = \"mlp\", value = 1 }}, {{ value = 0 }}]\n",
+                m.dir("m1"),
+                m.dir("m2")
+            ),
+            "the linear weights sum to 0",
+        ),
+        (
+            format!(
+                "merge_method = \"ties\"\nbase_model = \"{}\"\n[[models]]\nmodel = \"{}\"\nparameters = {{ weight = 1, lambda = 2 }}\n",
+                m.dir("base"),
+                m.dir("m1")
+            ),
+            "'lambda' applies to the whole merge",
+        ),
+    ];
+    for (i, (text, want)) in cases.iter().enumerate() {
+        let rec = d.path().join(format!("bad{i}.toml"));
+        std::fs::write(&rec, text).unwrap();
+        let out = d.path().join(format!("out{i}"));
+        let o = chatvec(&["merge", s(&rec), "-o", s(&out)]);
+        assert_eq!(o.status.code(), Some(1), "{want}: {}", stderr(&o));
+        assert!(stderr(&o).contains(want), "want {want}\n got {}", stderr(&o));
+        assert!(!out.exists(), "{want}");
+    }
+    assert!(!entries(d.path()).iter().any(|e| e.starts_with('.')), "{:?}", entries(d.path()));
+    let o = chatvec(&["merge", "no-such-recipe", "-o", s(&d.path().join("x"))]);
+    assert!(
+        stderr(&o).contains("neither a file nor a shipped recipe (llama3-swallow-8b-chat-vector"),
+        "{}",
+        stderr(&o)
+    );
+}
