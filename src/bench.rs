@@ -38,6 +38,30 @@ pub struct BenchArgs {
     /// inputs; needs `mergekit-yaml` on PATH.
     #[arg(long)]
     pub mergekit: bool,
+
+    /// Also time this merge method (repeatable) through `chatvec merge` on a
+    /// mergekit config over the same inputs; with --mergekit, run mergekit on
+    /// the same config and compare the outputs in bf16 ulps.
+    #[arg(long = "method", value_name = "METHOD")]
+    pub methods: Vec<String>,
+
+    /// The `dtype` (mergekit's compute dtype) of the --method configs: float32
+    /// computes as chatvec does; bfloat16 rounds every intermediate.
+    #[arg(long, default_value = "float32")]
+    pub mergekit_dtype: String,
+}
+
+/// One merge method timed, and compared with mergekit.
+#[derive(Serialize)]
+pub struct MethodBench {
+    pub method: String,
+    pub chatvec: Measured,
+    pub mergekit: Option<Measured>,
+    /// Largest difference from mergekit's output, in bf16 ulps, over all
+    /// elements (deterministic methods only).
+    pub max_ulp: Option<u32>,
+    /// Elements that differ by more than one ulp.
+    pub over_one_ulp: Option<u64>,
 }
 
 /// A measured child process.
@@ -71,6 +95,57 @@ pub struct BenchReport {
     pub apply_input_gb_per_s: f64,
     pub ratio_to_floor: f64,
     pub mergekit: Option<Measured>,
+    pub methods: Vec<MethodBench>,
+}
+
+/// A mergekit config for `method` over the bench inputs: the chat and base
+/// models as task vectors over the pretrained one.
+fn method_config(method: &str, compute: &str, pre: &Path, chat: &Path, base: &Path) -> Result<String> {
+    let m = |p: &Path, params: &str| format!("  - model: {}\n    parameters: {{{params}}}\n", p.display());
+    let body = match method {
+        "linear" => format!("models:\n{}{}", m(chat, "weight: 0.5"), m(base, "weight: 0.5")),
+        "slerp" => format!("base_model: {}\nmodels:\n{}parameters:\n  t: 0.5\n", base.display(), m(chat, "")),
+        "model_stock" => format!("base_model: {}\nmodels:\n{}{}", pre.display(), m(chat, ""), m(base, "")),
+        "task_arithmetic" | "ties" | "dare_linear" | "dare_ties" | "breadcrumbs" | "breadcrumbs_ties"
+        | "della" | "della_linear" => {
+            let p = if method == "task_arithmetic" { "weight: 1.0" } else { "weight: 1.0, density: 0.5" };
+            format!("base_model: {}\nmodels:\n{}{}", pre.display(), m(chat, p), m(base, p))
+        }
+        _ => return Err(Error::Usage(format!("--method '{method}' is not a merge method"))),
+    };
+    // mergekit computes in `dtype`; float32 with bf16 output is the
+    // computation chatvec does (f32, one rounding at the end), so the
+    // outputs are comparable ulp for ulp. With `dtype: bfloat16` mergekit
+    // rounds every intermediate to bf16 as well.
+    Ok(format!("merge_method: {method}\n{body}dtype: {compute}\nout_dtype: bfloat16\n"))
+}
+
+/// bf16 bits as an integer that orders like the value.
+fn ordered(b: u16) -> i32 {
+    if b & 0x8000 != 0 { -((b & 0x7fff) as i32) } else { b as i32 }
+}
+
+/// Largest ulp difference between two bf16 checkpoints, and how many
+/// elements differ by more than one.
+fn compare_bf16(a: &Path, b: &Path) -> Result<(u32, u64)> {
+    let (ca, cb) = (Checkpoint::open(a)?, Checkpoint::open(b)?);
+    let (mut max, mut over) = (0u32, 0u64);
+    for t in &ca.tensors {
+        let Some(u) = cb.get(&t.name) else {
+            return Err(Error::Internal(format!("mergekit output lacks {}", t.name)));
+        };
+        let (x, y) = (ca.bytes(t), cb.bytes(u));
+        if x.len() != y.len() || t.dtype != crate::dtype::DType::BF16 {
+            return Err(Error::Internal(format!("{}: outputs differ in dtype or size", t.name)));
+        }
+        for (p, q) in x.chunks_exact(2).zip(y.chunks_exact(2)) {
+            let d =
+                ordered(u16::from_le_bytes([p[0], p[1]])).abs_diff(ordered(u16::from_le_bytes([q[0], q[1]])));
+            max = max.max(d);
+            over += (d > 1) as u64;
+        }
+    }
+    Ok((max, over))
 }
 
 fn shape_of(name: &str) -> Result<LlamaShape> {
@@ -250,6 +325,34 @@ pub fn run(a: &BenchArgs, json: bool) -> Result<()> {
         None
     };
 
+    let mut methods = Vec::new();
+    for method in &a.methods {
+        let cfg = root.join(format!("method-{method}.yml"));
+        let yaml = method_config(method, &a.mergekit_dtype, &pre, &chat, &base)?;
+        std::fs::write(&cfg, yaml).map_err(|e| Error::io("writing", &cfg, e))?;
+        let cout = root.join(format!("out-{method}-chatvec"));
+        let mut cmd = Command::new(&exe);
+        cmd.arg("-q").arg("merge").arg(&cfg).arg("-o").arg(&cout).arg("--force");
+        cmd.arg("--threads").arg(threads.to_string()).env("CHATVEC_CACHE_DIR", root.join("hash-cache"));
+        let chatvec = measure(&mut cmd)?;
+        let (mut mergekit, mut max_ulp, mut over_one_ulp) = (None, None, None);
+        if a.mergekit {
+            let mout = root.join(format!("out-{method}-mergekit"));
+            let _ = std::fs::remove_dir_all(&mout);
+            let mut m = Command::new("mergekit-yaml");
+            m.arg(&cfg).arg(&mout).arg("--copy-tokenizer");
+            mergekit = Some(measure(&mut m)?);
+            let random = method.starts_with("dare") || method.starts_with("della");
+            if !random {
+                let (mx, over) = compare_bf16(&cout, &mout)?;
+                (max_ulp, over_one_ulp) = (Some(mx), Some(over));
+            }
+            let _ = std::fs::remove_dir_all(&mout);
+        }
+        let _ = std::fs::remove_dir_all(&cout);
+        methods.push(MethodBench { method: method.clone(), chatvec, mergekit, max_ulp, over_one_ulp });
+    }
+
     let gb = |b: u64, s: f64| b as f64 / 1e9 / s;
     let rep = BenchReport {
         shape: a.shape.clone(),
@@ -268,6 +371,7 @@ pub fn run(a: &BenchArgs, json: bool) -> Result<()> {
         apply,
         apply_cached,
         mergekit,
+        methods,
     };
     if json {
         return crate::cli::out(&format!("{}\n", serde_json::to_string_pretty(&rep).unwrap()));
@@ -308,6 +412,19 @@ pub fn run(a: &BenchArgs, json: bool) -> Result<()> {
             m.peak_rss_anon_mib,
             m.peak_rss_mib
         );
+    }
+    for mb in &rep.methods {
+        t += &format!(
+            "merge {}: chatvec {:.2} s, peak RssAnon {:.0} MiB",
+            mb.method, mb.chatvec.seconds, mb.chatvec.peak_rss_anon_mib
+        );
+        if let Some(m) = &mb.mergekit {
+            t += &format!("; mergekit {:.2} s, peak RssAnon {:.0} MiB", m.seconds, m.peak_rss_anon_mib);
+        }
+        if let (Some(u), Some(o)) = (mb.max_ulp, mb.over_one_ulp) {
+            t += &format!("; max difference {u} bf16 ulp, {o} elements over 1 ulp");
+        }
+        t.push('\n');
     }
     crate::cli::out(&t)
 }

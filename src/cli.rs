@@ -38,6 +38,10 @@ pub struct Cli {
     #[arg(long, global = true, value_name = "FILE")]
     pub aliases: Option<PathBuf>,
 
+    /// Never use the network: Hub models must already be in the cache (also HF_HUB_OFFLINE=1).
+    #[arg(long, global = true)]
+    pub offline: bool,
+
     #[command(subcommand)]
     pub command: Command,
 }
@@ -251,6 +255,11 @@ pub fn warn(msg: &str) {
     eprintln!("warning: {msg}");
 }
 
+/// Whether progress bars show: not `-q`, and stderr is a terminal.
+pub fn show_progress() -> bool {
+    !QUIET.load(Ordering::Relaxed) && std::io::stderr().is_terminal()
+}
+
 /// Prints a note on stderr unless `-q`.
 pub fn note(msg: &str) {
     if !QUIET.load(Ordering::Relaxed) {
@@ -286,7 +295,7 @@ fn settings(w: &OutArgs, quiet: bool) -> OutputSettings {
         exec: ExecOptions {
             threads: threads(w.threads),
             chunk_elems: w.chunk_elems,
-            progress: !quiet && std::io::stderr().is_terminal(),
+            progress: !quiet && show_progress(),
             hash_cache: HashCache::from_env(w.rehash),
         },
         recipe: None,
@@ -336,6 +345,9 @@ pub fn run(cli: Cli) -> Result<()> {
     crate::interrupt::install();
     if let Some(p) = cli.aliases {
         crate::aliases::set_user_file(p);
+    }
+    if cli.offline {
+        crate::download::set_offline();
     }
     match cli.command {
         Command::Extract(a) => {

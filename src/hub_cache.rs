@@ -69,7 +69,8 @@ pub fn cache_dir(env: impl Fn(&str) -> Option<String>) -> Option<PathBuf> {
         .or_else(|| set("HOME").map(|h| h.join(".cache").join("huggingface").join("hub")))
 }
 
-fn is_commit(s: &str) -> bool {
+/// Whether `s` is a full 40-hex commit sha.
+pub fn is_commit(s: &str) -> bool {
     s.len() == 40 && s.bytes().all(|b| b.is_ascii_hexdigit())
 }
 

@@ -9,6 +9,7 @@ pub mod checkpoint;
 pub mod cli;
 pub mod config;
 pub mod demo;
+pub mod download;
 pub mod dtype;
 pub mod embeddings;
 pub mod error;

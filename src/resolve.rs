@@ -11,8 +11,9 @@ use std::path::PathBuf;
 
 use crate::aliases::{Aliases, VectorAlias};
 use crate::checkpoint::Checkpoint;
+use crate::download::{self, Outcome, offline};
 use crate::error::{Error, Result};
-use crate::hub_cache::{HubOrigin, cache_dir, find_snapshot, parse_hub_id};
+use crate::hub_cache::{HubOrigin, cache_dir, find_snapshot, is_commit, parse_hub_id};
 
 /// A resolved model reference.
 #[derive(Clone, Debug)]
@@ -56,8 +57,22 @@ pub fn resolve_model(reference: &str) -> Result<Resolved> {
             "model '{reference}' is not a local directory, and no Hugging Face cache is configured (set HF_HOME or HF_HUB_CACHE)"
         )));
     };
-    let (dir, origin) = find_snapshot(&cache, &id)?;
-    Ok(Resolved { dir, origin: Some(origin) })
+    // A commit already in the cache cannot change: no need to ask the Hub.
+    let pinned = id.revision.as_deref().is_some_and(is_commit);
+    if offline() || (pinned && find_snapshot(&cache, &id).is_ok()) {
+        let (dir, origin) = find_snapshot(&cache, &id)?;
+        return Ok(Resolved { dir, origin: Some(origin) });
+    }
+    match download::ensure(&cache, &id, crate::cli::show_progress())? {
+        Outcome::Ready(dir, origin) => Ok(Resolved { dir, origin: Some(origin) }),
+        Outcome::Unreachable(e) => match find_snapshot(&cache, &id) {
+            Ok((dir, origin)) => {
+                crate::cli::warn(&format!("{e}; using the cached snapshot {} of {}", origin.commit, id.repo));
+                Ok(Resolved { dir, origin: Some(origin) })
+            }
+            Err(_) => Err(e),
+        },
+    }
 }
 
 /// Resolves `reference` and opens the checkpoint, keeping where it came from.

@@ -85,6 +85,7 @@ fn hub_ids_resolve_in_the_cache_by_branch_tag_and_commit() {
     std::fs::create_dir(&home).unwrap();
     std::fs::rename(&cache, home.join("hub")).unwrap();
     let o = command()
+        .env("HF_HUB_OFFLINE", "1")
         .env_remove("HF_HUB_CACHE")
         .env_remove("HUGGINGFACE_HUB_CACHE")
         .env("HF_HOME", &home)
@@ -178,6 +179,7 @@ fn aliases_and_shipped_recipes_run_the_users_words() {
     .unwrap();
     let o = command()
         .env("HF_HUB_CACHE", &cache)
+        .env("HF_HUB_OFFLINE", "1")
         .env("CHATVEC_ALIASES", &mine)
         .args(["inspect", "--json", "swallow-8b"])
         .output()

@@ -1,0 +1,307 @@
+//! Downloads from a fake Hub: a small HTTP server on 127.0.0.1 that answers
+//! the two endpoints chatvec uses (revision info, file resolve) from model
+//! directories the test generates. Nothing leaves the machine.
+
+mod common;
+
+use std::collections::HashMap;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use common::*;
+use serde_json::json;
+use sha2::Digest;
+
+const COMMIT: &str = "c0ffee0123456789abcdef0123456789abcdef01";
+
+/// How the server misbehaves for one repo.
+#[derive(Clone, Copy, PartialEq)]
+enum Fault {
+    /// The first download of the largest file stops halfway.
+    BreakOnce,
+    /// The largest file is served with one byte flipped.
+    Corrupt,
+    /// Needs `Authorization: Bearer secret`.
+    Gated,
+}
+
+struct Hub {
+    port: u16,
+    log: Arc<Mutex<Vec<String>>>,
+}
+
+struct Repo {
+    dir: PathBuf,
+    fault: Fault,
+    broke: bool,
+}
+
+fn git_blob_id(bytes: &[u8]) -> String {
+    let mut h = sha1::Sha1::new();
+    h.update(format!("blob {}\0", bytes.len()).as_bytes());
+    h.update(bytes);
+    h.finalize().iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn largest(dir: &Path) -> String {
+    let mut v: Vec<(u64, String)> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| {
+            let e = e.unwrap();
+            (e.metadata().unwrap().len(), e.file_name().to_string_lossy().into_owned())
+        })
+        .collect();
+    v.sort();
+    v.pop().unwrap().1
+}
+
+fn info(dir: &Path) -> String {
+    let mut siblings = Vec::new();
+    for e in std::fs::read_dir(dir).unwrap() {
+        let p = e.unwrap().path();
+        let bytes = std::fs::read(&p).unwrap();
+        let name = p.file_name().unwrap().to_string_lossy().into_owned();
+        let mut s = json!({"rfilename": name, "size": bytes.len(), "blobId": git_blob_id(&bytes)});
+        if name.ends_with(".safetensors") {
+            s["lfs"] = json!({"sha256": sha256_file(&p), "size": bytes.len(), "pointerSize": 134});
+        }
+        siblings.push(s);
+    }
+    json!({"id": "x", "sha": COMMIT, "siblings": siblings}).to_string()
+}
+
+fn respond(s: &mut TcpStream, status: &str, headers: &[String], body: &[u8]) {
+    let mut h = format!("HTTP/1.1 {status}\r\nConnection: close\r\nContent-Length: {}\r\n", body.len());
+    for x in headers {
+        h.push_str(x);
+        h.push_str("\r\n");
+    }
+    h.push_str("\r\n");
+    let _ = s.write_all(h.as_bytes());
+    let _ = s.write_all(body);
+}
+
+fn serve(stream: &mut TcpStream, repos: &Mutex<HashMap<String, Repo>>, log: &Mutex<Vec<String>>) {
+    let mut r = BufReader::new(stream.try_clone().unwrap());
+    let mut line = String::new();
+    r.read_line(&mut line).unwrap();
+    let path = line.split_whitespace().nth(1).unwrap_or("/").to_string();
+    let mut hdrs = HashMap::new();
+    loop {
+        let mut l = String::new();
+        r.read_line(&mut l).unwrap();
+        if l.trim().is_empty() {
+            break;
+        }
+        if let Some((k, v)) = l.split_once(':') {
+            hdrs.insert(k.trim().to_ascii_lowercase(), v.trim().to_string());
+        }
+    }
+    let range = hdrs.get("range").cloned();
+    log.lock().unwrap().push(format!("{path} {}", range.clone().unwrap_or_default()));
+    let mut repos = repos.lock().unwrap();
+    let key = path.trim_start_matches("/api/models/").split('/').take(2).collect::<Vec<_>>().join("/");
+    let key2 = path.trim_start_matches('/').split('/').take(2).collect::<Vec<_>>().join("/");
+    let Some(repo) = repos.get_mut(&key).or(None) else {
+        if let Some(repo) = repos.get_mut(&key2) {
+            return file(stream, repo, &path, range, &hdrs);
+        }
+        return respond(stream, "404 Not Found", &[], b"{}");
+    };
+    if repo.fault == Fault::Gated && hdrs.get("authorization").map(String::as_str) != Some("Bearer secret") {
+        return respond(stream, "401 Unauthorized", &[], b"{}");
+    }
+    respond(stream, "200 OK", &["Content-Type: application/json".into()], info(&repo.dir).as_bytes());
+}
+
+fn file(
+    s: &mut TcpStream,
+    repo: &mut Repo,
+    path: &str,
+    range: Option<String>,
+    hdrs: &HashMap<String, String>,
+) {
+    if repo.fault == Fault::Gated && hdrs.get("authorization").map(String::as_str) != Some("Bearer secret") {
+        return respond(s, "401 Unauthorized", &[], b"");
+    }
+    let name = path.rsplit('/').next().unwrap();
+    let Ok(mut bytes) = std::fs::read(repo.dir.join(name)) else {
+        return respond(s, "404 Not Found", &[], b"");
+    };
+    let big = name == largest(&repo.dir);
+    if big && repo.fault == Fault::Corrupt {
+        bytes[100] ^= 0xff;
+    }
+    let from: usize = range
+        .as_deref()
+        .and_then(|r| r.strip_prefix("bytes="))
+        .and_then(|r| r.trim_end_matches('-').parse().ok())
+        .unwrap_or(0);
+    if big && repo.fault == Fault::BreakOnce && !repo.broke {
+        repo.broke = true;
+        let head = format!("HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Length: {}\r\n\r\n", bytes.len());
+        let _ = s.write_all(head.as_bytes());
+        let _ = s.write_all(&bytes[..bytes.len() / 2]);
+        return;
+    }
+    if from > 0 {
+        let cr = format!("Content-Range: bytes {from}-{}/{}", bytes.len() - 1, bytes.len());
+        return respond(s, "206 Partial Content", &[cr], &bytes[from..]);
+    }
+    respond(s, "200 OK", &[], &bytes);
+}
+
+impl Hub {
+    fn start(repos: Vec<(&str, &Path, Fault)>) -> Hub {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let map: HashMap<String, Repo> = repos
+            .into_iter()
+            .map(|(n, d, f)| (n.to_string(), Repo { dir: d.to_path_buf(), fault: f, broke: false }))
+            .collect();
+        let repos = Arc::new(Mutex::new(map));
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let l2 = log.clone();
+        std::thread::spawn(move || {
+            for s in listener.incoming() {
+                let mut s = s.unwrap();
+                serve(&mut s, &repos, &l2);
+                let mut sink = Vec::new();
+                let _ = s.set_read_timeout(Some(std::time::Duration::from_millis(1)));
+                let _ = s.read_to_end(&mut sink);
+            }
+        });
+        Hub { port, log }
+    }
+
+    fn run(&self, cache: &Path, args: &[&str]) -> std::process::Output {
+        command()
+            .env("HF_ENDPOINT", format!("http://127.0.0.1:{}", self.port))
+            .env("HF_HUB_CACHE", cache)
+            .env_remove("HF_HUB_OFFLINE")
+            .env_remove("HF_TOKEN")
+            .env("HF_HOME", cache.join("no-home"))
+            .args(args)
+            .output()
+            .unwrap()
+    }
+}
+
+#[test]
+fn downloads_resume_verify_and_land_in_the_cache_layout() {
+    let d = tempfile::tempdir().unwrap();
+    let t = trio(d.path(), Ty::BF16, 2);
+    let hub = Hub::start(vec![("org/model", &t.base, Fault::BreakOnce)]);
+    let cache = d.path().join("hub");
+
+    // The first attempt breaks off mid-file: a clear error, a partial blob,
+    // nothing in the snapshot that was not checked.
+    let o = hub.run(&cache, &["inspect", "org/model"]);
+    assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("broke off") && stderr(&o).contains("run the command again to resume"),
+        "{}",
+        stderr(&o)
+    );
+    let repo = cache.join("models--org--model");
+    let partial: Vec<String> =
+        entries(&repo.join("blobs")).into_iter().filter(|e| e.ends_with(".incomplete")).collect();
+    assert_eq!(partial.len(), 1);
+    let big = largest(&t.base);
+    assert!(!repo.join("snapshots").join(COMMIT).join(&big).exists());
+
+    // The second resumes with a Range request and completes.
+    let o = hub.run(&cache, &["inspect", "--json", "org/model"]);
+    ok(&o);
+    let v: serde_json::Value = serde_json::from_str(&stdout(&o)).unwrap();
+    assert!(v["path"].as_str().unwrap().ends_with(&format!("models--org--model/snapshots/{COMMIT}")));
+    let log = hub.log.lock().unwrap().clone();
+    assert!(log.iter().any(|l| l.contains(&big) && l.contains("bytes=")), "{log:?}");
+    assert_eq!(std::fs::read_to_string(repo.join("refs/main")).unwrap(), COMMIT);
+    for f in entries(&t.base) {
+        let link = repo.join("snapshots").join(COMMIT).join(&f);
+        let target = std::fs::read_link(&link).unwrap();
+        assert!(target.starts_with("../../blobs/"), "{target:?}");
+        assert_eq!(std::fs::read(&link).unwrap(), std::fs::read(t.base.join(&f)).unwrap(), "{f}");
+        if f.ends_with(".safetensors") {
+            assert_eq!(target.file_name().unwrap().to_string_lossy(), sha256_file(&t.base.join(&f)));
+        }
+    }
+    assert!(!entries(&repo.join("blobs")).iter().any(|e| e.ends_with(".incomplete")));
+
+    // The merged output equals one made from the local directory, and the
+    // manifest pins the commit.
+    let out = d.path().join("out");
+    let o = hub.run(
+        &cache,
+        &[
+            "-q",
+            "apply",
+            "--base",
+            "org/model",
+            "--chat",
+            s(&t.chat),
+            "--pretrained",
+            s(&t.pre),
+            "-o",
+            s(&out),
+        ],
+    );
+    ok(&o);
+    let local = d.path().join("local");
+    ok(&apply_streaming(&t, &local, &["-q"]));
+    assert_eq!(shard_hashes(&out), shard_hashes(&local));
+    let m: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out.join("chatvec-manifest.json")).unwrap()).unwrap();
+    assert_eq!(m["inputs"][0]["hub"]["commit"], COMMIT);
+
+    // Offline: no request is made, the cache serves.
+    let before = hub.log.lock().unwrap().len();
+    let o = hub.run(&cache, &["--offline", "inspect", "org/model"]);
+    ok(&o);
+    assert_eq!(hub.log.lock().unwrap().len(), before);
+    let o = hub.run(&cache, &["--offline", "inspect", "org/other"]);
+    assert!(stderr(&o).contains("model org/other is not in the Hugging Face cache"), "{}", stderr(&o));
+}
+
+#[test]
+fn corrupt_gated_and_missing_downloads_are_refused() {
+    let d = tempfile::tempdir().unwrap();
+    let t = trio(d.path(), Ty::BF16, 1);
+    let hub = Hub::start(vec![("org/bad", &t.base, Fault::Corrupt), ("org/gated", &t.chat, Fault::Gated)]);
+    let cache = d.path().join("hub");
+
+    let o = hub.run(&cache, &["inspect", "org/bad"]);
+    assert_eq!(o.status.code(), Some(1));
+    let e = stderr(&o);
+    assert!(e.contains("downloaded model.safetensors is corrupt") && e.contains("sha256"), "{e}");
+    let repo = cache.join("models--org--bad");
+    assert!(
+        entries(&repo.join("blobs")).iter().all(|b| !b.ends_with(".incomplete")),
+        "{:?}",
+        entries(&repo.join("blobs"))
+    );
+    assert!(!repo.join("snapshots").join(COMMIT).join("model.safetensors").exists());
+
+    let o = hub.run(&cache, &["inspect", "org/gated"]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(
+        stderr(&o).contains("refused access to org/gated (401)") && stderr(&o).contains("HF_TOKEN"),
+        "{}",
+        stderr(&o)
+    );
+    let o = command()
+        .env("HF_ENDPOINT", format!("http://127.0.0.1:{}", hub.port))
+        .env("HF_HUB_CACHE", &cache)
+        .env_remove("HF_HUB_OFFLINE")
+        .env("HF_TOKEN", "secret")
+        .args(["inspect", "org/gated"])
+        .output()
+        .unwrap();
+    ok(&o);
+
+    let o = hub.run(&cache, &["inspect", "org/none"]);
+    assert!(stderr(&o).contains("the Hub has no model org/none@main"), "{}", stderr(&o));
+}
