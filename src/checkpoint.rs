@@ -17,11 +17,15 @@ use crate::format::parse_header;
 use crate::hash_cache::FileStamp;
 use crate::hub_cache::HubOrigin;
 use crate::json::{Entries, read_capped};
+use crate::torch_bin::read_bin;
 
 /// The single-file weights name transformers uses.
 pub const SINGLE_FILE: &str = "model.safetensors";
 /// The sharded-checkpoint index name transformers uses.
 pub const INDEX_FILE: &str = "model.safetensors.index.json";
+/// PyTorch's names, read when a model has no safetensors.
+pub const BIN_SINGLE_FILE: &str = "pytorch_model.bin";
+pub const BIN_INDEX_FILE: &str = "pytorch_model.bin.index.json";
 /// Largest index file accepted (a 70B index is about 70 KB).
 const MAX_INDEX_BYTES: u64 = 64 << 20;
 
@@ -88,19 +92,27 @@ pub fn is_lm_head(name: &str) -> bool {
 
 impl Checkpoint {
     /// Opens a model directory: `model.safetensors`, or the shards named by
-    /// `model.safetensors.index.json`, plus `config.json` when present.
+    /// `model.safetensors.index.json` (else the `pytorch_model.bin`
+    /// equivalents), plus `config.json` when present.
     pub fn open(dir: &Path) -> Result<Checkpoint> {
         if !dir.is_dir() {
             return Err(Error::Usage(format!("{} is not a directory", dir.display())));
         }
-        let index_path = dir.join(INDEX_FILE);
-        let single = dir.join(SINGLE_FILE);
-        let (files, weight_map) = if index_path.is_file() {
-            let (files, map) = read_index(&index_path)?;
-            (files, Some(map))
-        } else if single.is_file() {
-            (vec![SINGLE_FILE.to_string()], None)
-        } else {
+        // safetensors first; PyTorch .bin only when there is no safetensors.
+        let layouts = [(INDEX_FILE, SINGLE_FILE, false), (BIN_INDEX_FILE, BIN_SINGLE_FILE, true)];
+        let mut found = None;
+        for (index, single, bin) in layouts {
+            if dir.join(index).is_file() {
+                let (files, map) = read_index(&dir.join(index))?;
+                found = Some((dir.join(index), files, Some(map), bin));
+                break;
+            }
+            if dir.join(single).is_file() {
+                found = Some((dir.join(index), vec![single.to_string()], None, bin));
+                break;
+            }
+        }
+        let Some((index_path, files, weight_map, bin)) = found else {
             return Err(no_weights_error(dir));
         };
 
@@ -116,8 +128,34 @@ impl Checkpoint {
                 ));
             }
             let (map, stamp) = map_file(&path)?;
-            let header = parse_header(&map, &path)?;
-            for t in header.tensors {
+            let stored: Vec<Tensor> = if bin {
+                read_bin(&path, map.len() as u64)?
+                    .into_iter()
+                    .map(|t| Tensor {
+                        name: t.name,
+                        dtype: t.dtype,
+                        shape: t.shape,
+                        shard: si,
+                        start: t.start,
+                        len: t.len,
+                    })
+                    .collect()
+            } else {
+                let header = parse_header(&map, &path)?;
+                header
+                    .tensors
+                    .into_iter()
+                    .map(|t| Tensor {
+                        name: t.name,
+                        dtype: t.dtype,
+                        shape: t.shape,
+                        shard: si,
+                        start: header.data_start + t.begin,
+                        len: t.end - t.begin,
+                    })
+                    .collect()
+            };
+            for t in stored {
                 if let Some(&prev) = by_name.get(&t.name) {
                     let other: &Tensor = &tensors[prev];
                     return Err(Error::format(
@@ -146,14 +184,7 @@ impl Checkpoint {
                     }
                 }
                 by_name.insert(t.name.clone(), tensors.len());
-                tensors.push(Tensor {
-                    name: t.name,
-                    dtype: t.dtype,
-                    shape: t.shape,
-                    shard: si,
-                    start: header.data_start + t.begin,
-                    len: t.end - t.begin,
-                });
+                tensors.push(t);
             }
             shards.push(Shard { path, file_name: file_name.clone(), map, stamp });
         }
@@ -234,15 +265,11 @@ impl Checkpoint {
 }
 
 fn no_weights_error(dir: &Path) -> Error {
-    let has_bin = std::fs::read_dir(dir)
-        .map(|rd| rd.flatten().any(|e| e.file_name().to_string_lossy().ends_with(".bin")))
-        .unwrap_or(false);
-    let err = Error::Usage(format!("{} holds no {SINGLE_FILE} and no {INDEX_FILE}", dir.display()));
-    if has_bin {
-        err.with_hint("this looks like a PyTorch .bin checkpoint; convert it to safetensors first")
-    } else {
-        err.with_hint("point at a Hugging Face model directory (config.json + safetensors weights)")
-    }
+    Error::Usage(format!(
+        "{} holds no weights: no {SINGLE_FILE}, {INDEX_FILE}, {BIN_SINGLE_FILE} or {BIN_INDEX_FILE}",
+        dir.display()
+    ))
+    .with_hint("point at a Hugging Face model directory (config.json + safetensors or PyTorch weights)")
 }
 
 /// Maps a file read-only, with the stamp of the file that was mapped.
@@ -269,6 +296,7 @@ struct IndexFile {
 /// Reads `model.safetensors.index.json`: returns the shard files in order
 /// and the tensor -> file map. Shard names must be plain file names.
 fn read_index(path: &Path) -> Result<(Vec<String>, HashMap<String, String>)> {
+    let ext = if path.ends_with(BIN_INDEX_FILE) { ".bin" } else { ".safetensors" };
     let bytes = read_capped(path, MAX_INDEX_BYTES)?;
     let index: IndexFile =
         serde_json::from_slice(&bytes).map_err(|e| Error::bad_file(path, format!("invalid index: {e}")))?;
@@ -278,15 +306,10 @@ fn read_index(path: &Path) -> Result<(Vec<String>, HashMap<String, String>)> {
         let f = v.as_str().ok_or_else(|| {
             Error::bad_file(path, format!("weight_map entry for '{name}' is not a file name"))
         })?;
-        if f.is_empty()
-            || f.contains(['/', '\\', '\0'])
-            || f == "."
-            || f == ".."
-            || !f.ends_with(".safetensors")
-        {
+        if f.is_empty() || f.contains(['/', '\\', '\0']) || f == "." || f == ".." || !f.ends_with(ext) {
             return Err(Error::bad_file(
                 path,
-                format!("weight_map maps '{name}' to '{f}', which is not a plain .safetensors file name"),
+                format!("weight_map maps '{name}' to '{f}', which is not a plain {ext} file name"),
             ));
         }
         if !files.iter().any(|x| x == f) {

@@ -37,5 +37,6 @@ pub mod select;
 pub mod sidecars;
 pub mod synth;
 pub mod tokenizer;
+pub mod torch_bin;
 pub mod verify;
 pub mod writer;

@@ -244,13 +244,83 @@ fn usage_errors_exit_1() {
 #[test]
 fn a_directory_without_weights_gets_a_hint() {
     let d = tempfile::tempdir().unwrap();
-    std::fs::write(d.path().join("pytorch_model.bin"), b"x").unwrap();
+    std::fs::write(d.path().join("config.json"), b"{}").unwrap();
     let o = chatvec(&["inspect", s(d.path())]);
     assert_eq!(o.status.code(), Some(1));
     assert!(
-        stderr(&o).contains("holds no model.safetensors")
-            && stderr(&o).contains("hint: this looks like a PyTorch .bin")
+        stderr(&o).contains("holds no weights: no model.safetensors")
+            && stderr(&o).contains("hint: point at a Hugging Face model directory"),
+        "{}",
+        stderr(&o)
     );
+}
+
+/// Copies a model directory with its weights rewritten as PyTorch `.bin`
+/// (`shards` files, with an index when more than one).
+fn as_torch_bin(from: &Path, to: &Path, shards: usize) {
+    std::fs::create_dir_all(to).unwrap();
+    for f in entries(from) {
+        if !f.contains("safetensors") {
+            std::fs::copy(from.join(&f), to.join(&f)).unwrap();
+        }
+    }
+    let model = read_model(from);
+    let order = names_in_order(from);
+    let tensors: Vec<T> = order.iter().map(|n| model[n].clone()).collect();
+    if shards == 1 {
+        write_torch_bin(&to.join("pytorch_model.bin"), &tensors);
+        return;
+    }
+    let per = tensors.len().div_ceil(shards);
+    let mut map = serde_json::Map::new();
+    for (i, part) in tensors.chunks(per).enumerate() {
+        let name = format!("pytorch_model-{:05}-of-{:05}.bin", i + 1, shards);
+        write_torch_bin(&to.join(&name), part);
+        for t in part {
+            map.insert(t.name.clone(), name.clone().into());
+        }
+    }
+    let index = serde_json::json!({"metadata": {}, "weight_map": map});
+    std::fs::write(to.join("pytorch_model.bin.index.json"), index.to_string()).unwrap();
+}
+
+#[test]
+fn pytorch_bin_checkpoints_are_read_without_pickle_code_or_copies() {
+    let d = tempfile::tempdir().unwrap();
+    let t = trio(d.path(), Ty::BF16, 2);
+    let local = d.path().join("local");
+    ok(&apply_streaming(&t, &local, &["-q"]));
+    for shards in [1, 3] {
+        let bin = d.path().join(format!("base-bin-{shards}"));
+        as_torch_bin(&t.base, &bin, shards);
+        let out = d.path().join(format!("out-{shards}"));
+        ok(&chatvec(&[
+            "-q",
+            "apply",
+            "--base",
+            s(&bin),
+            "--chat",
+            s(&t.chat),
+            "--pretrained",
+            s(&t.pre),
+            "-o",
+            s(&out),
+        ]));
+        assert_eq!(shard_hashes(&out), shard_hashes(&local), "{shards} .bin shard(s)");
+        assert!(entries(&out).iter().all(|e| !e.ends_with(".bin")), "{:?}", entries(&out));
+    }
+    // Broken files are named.
+    let bad = d.path().join("bad");
+    std::fs::create_dir(&bad).unwrap();
+    std::fs::write(bad.join("pytorch_model.bin"), b"not a zip").unwrap();
+    let o = chatvec(&["inspect", s(&bad)]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(stderr(&o).contains("pytorch_model.bin: is not a PyTorch zip checkpoint"), "{}", stderr(&o));
+    let good = std::fs::read(d.path().join("base-bin-1/pytorch_model.bin")).unwrap();
+    std::fs::write(bad.join("pytorch_model.bin"), &good[..good.len() / 2]).unwrap();
+    let o = chatvec(&["inspect", s(&bad)]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(stderr(&o).contains("pytorch_model.bin: "), "{}", stderr(&o));
 }
 
 #[test]

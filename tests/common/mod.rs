@@ -365,3 +365,76 @@ pub fn extract(t: &Trio, out: &Path, extra: &[&str]) -> Output {
     args.extend(extra);
     chatvec(&args)
 }
+
+/// A PyTorch state-dict pickle (protocol 2, the layout `torch.save`
+/// writes), built opcode by opcode; tensor i's storage is entry `i`.
+fn state_dict_pickle(tensors: &[T]) -> Vec<u8> {
+    let mut p = vec![0x80, 2];
+    fn global(p: &mut Vec<u8>, m: &str, n: &str) {
+        p.push(b'c');
+        p.extend_from_slice(format!("{m}\n{n}\n").as_bytes());
+    }
+    fn text(p: &mut Vec<u8>, s: &str) {
+        p.push(b'X');
+        p.extend_from_slice(&(s.len() as u32).to_le_bytes());
+        p.extend_from_slice(s.as_bytes());
+    }
+    fn int(p: &mut Vec<u8>, v: u64) {
+        p.push(b'J');
+        p.extend_from_slice(&(v as i32).to_le_bytes());
+    }
+    global(&mut p, "collections", "OrderedDict");
+    p.extend_from_slice(b")R(");
+    for (i, t) in tensors.iter().enumerate() {
+        text(&mut p, &t.name);
+        global(&mut p, "torch._utils", "_rebuild_tensor_v2");
+        p.extend_from_slice(b"((");
+        text(&mut p, "storage");
+        let class = match t.ty {
+            Ty::BF16 => "BFloat16Storage",
+            Ty::F16 => "HalfStorage",
+            Ty::F32 => "FloatStorage",
+            Ty::I64 => "LongStorage",
+        };
+        global(&mut p, "torch", class);
+        text(&mut p, &i.to_string());
+        text(&mut p, "cpu");
+        int(&mut p, t.numel() as u64);
+        p.extend_from_slice(b"tQ");
+        int(&mut p, 0);
+        p.push(b'(');
+        for d in &t.shape {
+            int(&mut p, *d);
+        }
+        p.push(b't');
+        p.push(b'(');
+        for k in 0..t.shape.len() {
+            int(&mut p, t.shape[k + 1..].iter().product());
+        }
+        p.push(b't');
+        p.push(0x89);
+        global(&mut p, "collections", "OrderedDict");
+        p.extend_from_slice(b")Rt");
+        p.push(b'R');
+    }
+    p.extend_from_slice(b"u.");
+    p
+}
+
+/// Writes `tensors` as a PyTorch zip checkpoint (`torch.save` format, stored
+/// entries), without torch.
+pub fn write_torch_bin(path: &Path, tensors: &[T]) {
+    use std::io::Write;
+    let f = std::fs::File::create(path).unwrap();
+    let mut z = zip::ZipWriter::new(f);
+    let opts = zip::write::SimpleFileOptions::default().compression_method(zip::CompressionMethod::Stored);
+    z.start_file("archive/data.pkl", opts).unwrap();
+    z.write_all(&state_dict_pickle(tensors)).unwrap();
+    for (i, t) in tensors.iter().enumerate() {
+        z.start_file(format!("archive/data/{i}"), opts).unwrap();
+        z.write_all(&t.data).unwrap();
+    }
+    z.start_file("archive/version", opts).unwrap();
+    z.write_all(b"3\n").unwrap();
+    z.finish().unwrap();
+}
