@@ -252,19 +252,33 @@ fn find_rank(hist: &[u64], r: u64) -> (usize, u64) {
     unreachable!("rank {r} beyond the histogram total {before}")
 }
 
-/// The magnitude bits at ascending rank `r`, and how many are smaller.
-fn select(base: Operand, x: Operand, n: u64, high: &[u64], r: u64) -> (u32, u64) {
-    let (hb, before_high) = find_rank(high, r);
-    let hb32 = hb as u32;
-    let low = histogram(base, x, n, 1 << 16, |v| (v >> 16 == hb32).then_some((v & 0xffff) as usize));
-    let (lb, before_low) = find_rank(&low, r - before_high);
-    ((hb32 << 16) | lb as u32, before_high + before_low)
+/// The magnitude bits at ascending ranks `lo` and `hi`, and how many
+/// magnitudes are smaller than each: one pass for the high 16 bits, one
+/// for the low 16 bits inside the one or two bins that hold the ranks.
+fn select2(base: Operand, x: Operand, n: u64, lo: u64, hi: u64) -> [(u32, u64); 2] {
+    let high = histogram(base, x, n, 1 << 15, |v| Some((v >> 16) as usize));
+    let (bins, before) = ([lo, hi].map(|r| find_rank(&high, r).0), [lo, hi].map(|r| find_rank(&high, r).1));
+    let (b0, b1) = (bins[0] as u32, bins[1] as u32);
+    let low = histogram(base, x, n, 2 << 16, |v| {
+        let (h, l) = (v >> 16, (v & 0xffff) as usize);
+        if h == b0 {
+            Some(l)
+        } else if h == b1 {
+            Some((1 << 16) + l)
+        } else {
+            None
+        }
+    });
+    [(0, lo), (1, hi)].map(|(k, r)| {
+        // Ranks in the same bin share the first histogram.
+        let half = if k == 1 && b1 != b0 { &low[1 << 16..] } else { &low[..1 << 16] };
+        let (lb, below) = find_rank(half, r - before[k]);
+        ((bins[k] as u32) << 16 | lb as u32, before[k] + below)
+    })
 }
 
 fn rank_keep(base: Operand, x: Operand, n: u64, lo: u64, hi: u64) -> RankKeep {
-    let high = histogram(base, x, n, 1 << 15, |v| Some((v >> 16) as usize));
-    let (lo_val, less_lo) = select(base, x, n, &high, lo);
-    let (hi_val, less_hi) = select(base, x, n, &high, hi - 1);
+    let [(lo_val, less_lo), (hi_val, less_hi)] = select2(base, x, n, lo, hi - 1);
     // Boundary-equal counts per block, then exclusive prefix sums.
     let counts: Vec<(u64, u64)> = blocks(n, n.max(1))
         .into_par_iter()
