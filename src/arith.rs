@@ -10,6 +10,7 @@
 //! chunked or on how many threads run.
 
 use crate::dtype::{FloatType, decode, encode};
+use crate::embeddings::RowRun;
 
 /// Elements per block: small enough for the stack and L1, large enough to
 /// amortize the dtype dispatch.
@@ -38,12 +39,52 @@ impl<'a> Operand<'a> {
     }
 }
 
+/// A merged model's tensor seen in the base's element positions: directly
+/// when the shapes match, else (a vocabulary matrix) with the model's rows
+/// placed at the base rows `runs` names and the base's own rows elsewhere,
+/// so rows for tokens the model lacks have a zero delta.
+#[derive(Clone, Copy, Debug)]
+pub enum View<'a> {
+    Direct(Operand<'a>),
+    Rows { model: Operand<'a>, fill: Operand<'a>, runs: &'a [RowRun], row_len: u64 },
+}
+
+impl View<'_> {
+    /// Decodes base positions `start..start + out.len()` into `out`.
+    pub fn decode_at(self, start: u64, out: &mut [f32]) {
+        let (model, fill, runs, l) = match self {
+            View::Direct(op) => return op.decode_at(start, out),
+            View::Rows { model, fill, runs, row_len } => (model, fill, runs, row_len),
+        };
+        let end = start + out.len() as u64;
+        let mut p = start;
+        let mut ri = runs.partition_point(|r| (r.base_row + r.rows) * l <= p);
+        while p < end {
+            let at = (p - start) as usize;
+            match runs.get(ri) {
+                Some(r) if r.base_row * l <= p => {
+                    let stop = ((r.base_row + r.rows) * l).min(end);
+                    let from = r.vector_row * l + (p - r.base_row * l);
+                    model.decode_at(from, &mut out[at..at + (stop - p) as usize]);
+                    p = stop;
+                    ri += 1;
+                }
+                next => {
+                    let stop = next.map_or(end, |r| (r.base_row * l).min(end));
+                    fill.decode_at(p, &mut out[at..at + (stop - p) as usize]);
+                    p = stop;
+                }
+            }
+        }
+    }
+}
+
 /// Calls `f(first_index, deltas)` for consecutive blocks of `x - base`
 /// (f32) over `range`.
 #[inline]
 pub fn for_each_delta(
     base: Operand<'_>,
-    x: Operand<'_>,
+    x: View<'_>,
     range: std::ops::Range<u64>,
     mut f: impl FnMut(u64, &[f32]),
 ) {

@@ -5,7 +5,7 @@
 
 use std::ops::Range;
 
-use crate::arith::{BLOCK, Operand, for_each_delta};
+use crate::arith::{BLOCK, Operand, View, for_each_delta};
 use crate::dtype::{FloatType, encode};
 use crate::merge_stats::{Keep, ModelStats, STAT_BLOCK, TensorStats, della_probability, row_ranks};
 use crate::methods::Method;
@@ -30,7 +30,7 @@ enum Cursor {
 
 impl Cursor {
     /// The cursor for a chunk starting at element `start`.
-    fn at(ms: &ModelStats, base: Operand, x: Operand, start: u64) -> Cursor {
+    fn at(ms: &ModelStats, base: Operand, x: View, start: u64) -> Cursor {
         match &ms.keep {
             Keep::Ranks(rk) => {
                 let b0 = start / STAT_BLOCK;
@@ -58,7 +58,7 @@ fn sparsify_block(
     cur: &mut Cursor,
     weight: f32,
     base: Operand,
-    x: Operand,
+    x: View,
     row_len: u64,
     p: u64,
     d: &mut [f32],
@@ -116,7 +116,7 @@ pub fn compute(
 ) {
     let p = &m.params;
     let base = m.base.map(|s| plan.operand(s));
-    let xs: Vec<Operand> = m.models.iter().map(|s| plan.operand(*s)).collect();
+    let xs: Vec<View> = (0..m.models.len()).map(|k| m.view(plan, k)).collect();
     let weights: Vec<f32> = p.models.iter().map(|mp| mp.weight as f32).collect();
     let k = xs.len();
     let mut cursors: Vec<Cursor> = match base {

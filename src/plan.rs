@@ -7,7 +7,7 @@ use std::collections::HashSet;
 use std::fmt::Write as _;
 use std::ops::Range;
 
-use crate::arith::Operand;
+use crate::arith::{Operand, View};
 use crate::checkpoint::{Checkpoint, Tensor, is_lm_head, is_vocab_matrix};
 use crate::config::architecture_differences;
 use crate::dtype::{DType, FloatType};
@@ -105,6 +105,22 @@ pub struct MergeOp {
     pub params: TensorParams,
     /// Seed of the random masks (DARE, DELLA).
     pub seed: u64,
+    /// Per model, for a vocabulary matrix whose rows differ from the base's:
+    /// which base rows its rows go to (row length in elements).
+    pub rows: Vec<Option<(Vec<RowRun>, u64)>>,
+}
+
+impl MergeOp {
+    /// Model `k`'s tensor in the base's element positions.
+    pub fn view<'a>(&'a self, plan: &'a Plan, k: usize) -> View<'a> {
+        let model = plan.operand(self.models[k]);
+        match (&self.rows[k], self.base) {
+            (Some((runs, row_len)), Some(b)) => {
+                View::Rows { model, fill: plan.operand(b), runs, row_len: *row_len }
+            }
+            _ => View::Direct(model),
+        }
+    }
 }
 
 /// One tensor of the output.
@@ -344,7 +360,7 @@ pub(crate) fn check_configs(
     p.into_result().map_err(|e| e.with_hint("pass --allow-mismatch if you are sure the weights line up"))
 }
 
-fn read_vocab(ck: &Checkpoint) -> Result<Option<Vocab>> {
+pub(crate) fn read_vocab(ck: &Checkpoint) -> Result<Option<Vocab>> {
     let p = ck.dir.join("tokenizer.json");
     if p.is_file() { Vocab::read(&p).map(Some) } else { Ok(None) }
 }

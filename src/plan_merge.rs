@@ -4,14 +4,17 @@
 //! tensor. Inputs must line up name for name and shape for shape; anything
 //! else is listed before a byte is written.
 
-use crate::checkpoint::Checkpoint;
+use crate::checkpoint::{Checkpoint, is_vocab_matrix};
 use crate::dtype::FloatType;
+use crate::embeddings::{EmbeddingPolicy, RowMap, Vocabs, match_rows};
 use crate::error::{Error, Result};
 use crate::methods::{self, Method, ParamSources, Scope};
 use crate::params::{Setting, layer_index, layer_position};
 use crate::plan::{
-    Input, MergeOp, Op, OutTensor, Plan, Problems, Source, assign_shards, check_configs, float_of,
+    EmbeddingReport, Input, MergeOp, Op, OutTensor, Plan, Problems, Source, assign_shards, check_configs,
+    float_of, read_vocab,
 };
+use crate::tokenizer::Vocab;
 
 /// A merge, as data.
 pub struct MergeSpec {
@@ -85,6 +88,8 @@ pub fn plan_merge(inputs: Vec<Input>, spec: &MergeSpec) -> Result<Plan> {
     let base_in = if spec.method.needs_base() { spec.base } else { None };
     let involved: Vec<usize> = base_in.into_iter().chain(spec.models.iter().copied()).collect();
     let mut problems = Problems::new("the models to merge do not line up");
+    let mut vocabs: Vec<Option<Option<Vocab>>> = (0..inputs.len()).map(|_| None).collect();
+    let mut embeddings = Vec::new();
     let mut tensors = Vec::with_capacity(rck.tensors.len());
     for (ti, t) in rck.tensors.iter().enumerate() {
         let out_dtype = match (spec.out_dtype, t.dtype.float()) {
@@ -103,24 +108,44 @@ pub fn plan_merge(inputs: Vec<Input>, spec: &MergeSpec) -> Result<Plan> {
             continue;
         }
         let mut srcs = Vec::with_capacity(involved.len());
+        let mut rows = Vec::with_capacity(involved.len());
         for &i in &involved {
             let ck = &inputs[i].ckpt;
-            match ck.logical_index(&t.name) {
-                None => problems.push(format!("'{}' is missing from {}", t.name, inputs[i].label)),
-                Some(j) if ck.tensors[j].shape != t.shape => problems.push(format!(
-                    "'{}': {} has shape {:?}, {} has {:?}",
-                    t.name, inputs[reference].label, t.shape, inputs[i].label, ck.tensors[j].shape
-                )),
-                Some(j) => {
-                    float_of(ck, &ck.tensors[j], "a parameter rule")?;
-                    srcs.push(Source { input: i, tensor: j });
+            let Some(j) = ck.logical_index(&t.name) else {
+                problems.push(format!("'{}' is missing from {}", t.name, inputs[i].label));
+                continue;
+            };
+            let shape = &ck.tensors[j].shape;
+            if *shape == t.shape {
+                rows.push(None);
+            } else if let Some(rm) = align_rows(&inputs, &mut vocabs, base_in, i, &t.name, &t.shape, shape)? {
+                if let Some(w) = &rm.warning {
+                    warnings.push(w.clone());
                 }
+                embeddings.push(EmbeddingReport {
+                    tensor: format!("{} from {}", t.name, inputs[i].label),
+                    rows: t.shape[0],
+                    rows_with_vector: rm.matched(),
+                    policy: rm.how,
+                });
+                rows.push(Some((rm.runs, t.shape[1..].iter().product())));
+            } else {
+                problems.push(format!(
+                    "'{}': {} has shape {:?}, {} has {:?}",
+                    t.name, inputs[reference].label, t.shape, inputs[i].label, shape
+                ));
+                continue;
             }
+            float_of(ck, &ck.tensors[j], "a parameter rule")?;
+            srcs.push(Source { input: i, tensor: j });
         }
         if srcs.len() != involved.len() {
             continue;
         }
-        let base = base_in.map(|_| srcs.remove(0));
+        let base = base_in.map(|_| {
+            rows.remove(0);
+            srcs.remove(0)
+        });
         let params = methods::resolve(spec.method, &sources, &t.name, layer_position(&t.name, layers))?;
         tensors.push(OutTensor {
             name: t.name.clone(),
@@ -132,6 +157,7 @@ pub fn plan_merge(inputs: Vec<Input>, spec: &MergeSpec) -> Result<Plan> {
                 models: srcs,
                 params,
                 seed: spec.seed,
+                rows,
             })),
         });
     }
@@ -147,5 +173,41 @@ pub fn plan_merge(inputs: Vec<Input>, spec: &MergeSpec) -> Result<Plan> {
     }
     problems.into_result()?;
     let shards = assign_shards(&tensors, spec.shard_size);
-    Ok(Plan { inputs, tensors, shards, embeddings: Vec::new(), omitted: Vec::new(), warnings })
+    Ok(Plan { inputs, tensors, shards, embeddings, omitted: Vec::new(), warnings })
+}
+
+/// For a vocabulary matrix of model `i` whose row count differs from the
+/// base's (same row shape), which base rows its rows go to: matched by token
+/// string through both tokenizer.json files (without both, the shapes are
+/// reported as a mismatch). The output keeps the base's vocabulary (`tokenizer_source:
+/// base`); rows the model lacks keep the base's values in its place, i.e. a
+/// zero delta. None when the shapes cannot be aligned.
+fn align_rows(
+    inputs: &[Input],
+    vocabs: &mut [Option<Option<Vocab>>],
+    base: Option<usize>,
+    i: usize,
+    name: &str,
+    base_shape: &[u64],
+    shape: &[u64],
+) -> Result<Option<RowMap>> {
+    let Some(b) = base else { return Ok(None) };
+    if i == b
+        || !is_vocab_matrix(name)
+        || shape.len() != base_shape.len()
+        || shape.get(1..) != base_shape.get(1..)
+    {
+        return Ok(None);
+    }
+    for k in [b, i] {
+        if vocabs[k].is_none() {
+            vocabs[k] = Some(read_vocab(&inputs[k].ckpt)?);
+        }
+    }
+    let (Some(Some(bv)), Some(Some(iv))) = (&vocabs[b], &vocabs[i]) else {
+        // Without both tokenizers, rows cannot be matched safely.
+        return Ok(None);
+    };
+    let v = Vocabs { base: Some(bv), vector: Some(iv) };
+    match_rows(name, EmbeddingPolicy::Align, base_shape[0], shape[0], &v).map(Some)
 }

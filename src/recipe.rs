@@ -218,7 +218,7 @@ pub fn parse_recipe(text: &str, path: &Path) -> Result<Recipe> {
         Some(Value::String(s)) if s == "base" => {}
         Some(v) => {
             return Err(r.err(&format!(
-                "tokenizer_source: {v} is not supported; chatvec keeps the base model's tokenizer (tokenizer_source: base), and merges need equal vocabularies"
+                "tokenizer_source: {v} is not supported; chatvec keeps the base model's tokenizer (tokenizer_source: base) and matches other models' embedding rows to it by token"
             )));
         }
     }

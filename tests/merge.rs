@@ -576,3 +576,68 @@ fn bad_merges_are_named_and_leave_nothing() {
         stderr(&o)
     );
 }
+
+#[test]
+fn models_with_other_vocabularies_are_aligned_to_the_base_by_token() {
+    let d = tempfile::tempdir().unwrap();
+    let base_tokens = tokens(16);
+    let base = llama(1, 16, false, Ty::BF16);
+    write_model(&d.path().join("base"), &base, 1, &config(16, false, LAYERS), Some(&base_tokens));
+    write_model(
+        &d.path().join("m1"),
+        &llama(2, 16, false, Ty::BF16),
+        1,
+        &config(16, false, LAYERS),
+        Some(&base_tokens),
+    );
+    // 20 rows: the base's tokens reversed, minus t5, plus five new ones.
+    let mut wide_tokens: Vec<String> = base_tokens.iter().rev().filter(|t| *t != "t5").cloned().collect();
+    wide_tokens.extend((0..5).map(|i| format!("new{i}")));
+    write_model(
+        &d.path().join("m2"),
+        &llama(3, 20, false, Ty::BF16),
+        1,
+        &config(20, false, LAYERS),
+        Some(&wide_tokens),
+    );
+    let m = Models { root: d.path().to_path_buf() };
+    let recipe = "merge_method = \"task_arithmetic\"\nbase_model = \"{base}\"\nout_dtype = \"float32\"\nmodels = [\"{m1}\", \"{m2}\"]\n[parameters]\nweight = 0.5\n";
+    let out = d.path().join("out");
+    let text =
+        recipe.replace("{base}", &m.dir("base")).replace("{m1}", &m.dir("m1")).replace("{m2}", &m.dir("m2"));
+    std::fs::write(out.with_extension("toml"), text).unwrap();
+    let o = chatvec(&["merge", s(&out.with_extension("toml")), "-o", s(&out)]);
+    ok(&o);
+    assert!(
+        stderr(&o).contains("model.embed_tokens.weight from") && stderr(&o).contains("15 of 16 rows"),
+        "{}",
+        stderr(&o)
+    );
+    let got = read_model(&out);
+    let (b, m1, m2) = (m.read("base"), m.read("m1"), m.read("m2"));
+    for (name, bt) in &b {
+        let bv = vals(bt);
+        let x1 = vals(&m1[name]);
+        let x2 = vals(&m2[name]);
+        let vocab = name.contains("embed_tokens") || name.contains("lm_head");
+        let row = bt.shape.get(1).copied().unwrap_or(1) as usize;
+        let want: Vec<f64> = (0..bv.len())
+            .map(|j| {
+                let d2 = if vocab {
+                    let (r, c) = (j / row, j % row);
+                    match wide_tokens.iter().position(|t| *t == base_tokens[r]) {
+                        Some(wr) => x2[wr * row + c] - bv[j],
+                        None => 0.0,
+                    }
+                } else {
+                    x2[j] - bv[j]
+                };
+                bv[j] as f64 + 0.5 * (x1[j] - bv[j]) as f64 + 0.5 * d2 as f64
+            })
+            .collect();
+        for (j, w) in want.iter().enumerate() {
+            let v = got[name].get(j) as f64;
+            assert!((v - w).abs() <= 2e-6 * (w.abs() + 1.0), "{name}[{j}]: {v} vs {w}");
+        }
+    }
+}
