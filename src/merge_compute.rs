@@ -141,44 +141,48 @@ pub fn compute(
             x.decode_at(pos, &mut buf[..n]);
         }
         let r = &mut res[..n];
+        // Each formula runs as whole-block array passes (which the compiler
+        // vectorizes); per element the operations and their order are those
+        // documented in `methods`, accumulations starting from 0 in model
+        // order.
+        let mut acc = [0f32; BLOCK];
+        let acc = &mut acc[..n];
         match m.method {
             Method::Linear => {
-                for (j, o) in r.iter_mut().enumerate() {
-                    let mut acc = 0f32;
-                    for (x, w) in xv.iter().zip(&weights) {
-                        let prod = x[j] * *w;
-                        acc += prod;
+                for (x, w) in xv.iter().zip(&weights) {
+                    for (a, v) in acc.iter_mut().zip(&x[..n]) {
+                        *a += *v * *w;
                     }
-                    *o = if p.normalize { acc / weight_sum } else { acc };
                 }
+                if p.normalize {
+                    acc.iter_mut().for_each(|a| *a /= weight_sum);
+                }
+                r.copy_from_slice(acc);
             }
             Method::Slerp => {
                 let (ca, cb) = st.slerp;
-                for (j, o) in r.iter_mut().enumerate() {
-                    let u = ca * bv[j];
-                    let v = cb * xv[0][j];
-                    *o = u + v;
+                for ((o, b), x) in r.iter_mut().zip(&bv[..n]).zip(&xv[0][..n]) {
+                    *o = ca * *b + cb * *x;
                 }
             }
             Method::ModelStock => {
                 let kf = k as f32;
+                for x in &xv {
+                    for (a, v) in acc.iter_mut().zip(&x[..n]) {
+                        *a += *v;
+                    }
+                }
                 for (j, o) in r.iter_mut().enumerate() {
                     let t = st.stock_t[((pos + j as u64) / st.row_len) as usize];
-                    let mut sum = 0f32;
-                    for x in &xv {
-                        sum += x[j];
-                    }
-                    let avg = sum / kf;
-                    let u = t * avg;
-                    let v = (1.0 - t) * bv[j];
-                    *o = u + v;
+                    let avg = acc[j] / kf;
+                    *o = t * avg + (1.0 - t) * bv[j];
                 }
             }
             _ => {
                 let b = base.expect("task arithmetic has a base");
                 for (mi, x) in xv.iter_mut().enumerate() {
-                    for j in 0..n {
-                        x[j] -= bv[j];
+                    for (v, bj) in x[..n].iter_mut().zip(&bv[..n]) {
+                        *v -= *bj;
                     }
                     sparsify_block(
                         &st.models[mi],
@@ -191,17 +195,19 @@ pub fn compute(
                         &mut x[..n],
                     );
                 }
-                for (j, o) in r.iter_mut().enumerate() {
-                    let (mut mixed, mut div);
-                    if m.method.consensus() {
-                        let mut sw = 0f32;
-                        for e in &xv {
-                            sw += e[j];
+                let mut div = [0f32; BLOCK];
+                let div = &mut div[..n];
+                if m.method.consensus() {
+                    // Majority sign of the weighted deltas' sum (0 counts as +).
+                    let mut sw = [0f32; BLOCK];
+                    for e in &xv {
+                        for (s, v) in sw[..n].iter_mut().zip(&e[..n]) {
+                            *s += *v;
                         }
-                        let majority = if sw >= 0.0 { 1.0 } else { -1.0 };
-                        mixed = 0f32;
-                        div = 0f32;
-                        for (e, w) in xv.iter().zip(&weights) {
+                    }
+                    for (e, w) in xv.iter().zip(&weights) {
+                        for j in 0..n {
+                            let majority = if sw[j] >= 0.0 { 1.0 } else { -1.0 };
                             let sign = if e[j] > 0.0 {
                                 1.0
                             } else if e[j] < 0.0 {
@@ -210,26 +216,27 @@ pub fn compute(
                                 0.0
                             };
                             let agree = (sign == majority) as u8 as f32;
-                            mixed += e[j] * agree;
-                            div += *w * agree;
+                            acc[j] += e[j] * agree;
+                            div[j] += *w * agree;
                         }
-                        if div == 0.0 {
-                            div = 1.0;
+                    }
+                    div.iter_mut().filter(|d| **d == 0.0).for_each(|d| *d = 1.0);
+                } else {
+                    for e in &xv {
+                        for (a, v) in acc.iter_mut().zip(&e[..n]) {
+                            *a += *v;
                         }
-                    } else {
-                        mixed = 0f32;
-                        for e in &xv {
-                            mixed += e[j];
-                        }
-                        div = if weight_sum.abs() < 1e-8 { 1.0 } else { weight_sum };
                     }
-                    if p.normalize {
-                        mixed /= div;
-                    }
-                    if p.lambda != 1.0 {
-                        mixed *= lambda;
-                    }
-                    *o = bv[j] + mixed;
+                    div.fill(if weight_sum.abs() < 1e-8 { 1.0 } else { weight_sum });
+                }
+                if p.normalize {
+                    acc.iter_mut().zip(div.iter()).for_each(|(a, d)| *a /= *d);
+                }
+                if p.lambda != 1.0 {
+                    acc.iter_mut().for_each(|a| *a *= lambda);
+                }
+                for ((o, b), a) in r.iter_mut().zip(&bv[..n]).zip(acc.iter()) {
+                    *o = *b + *a;
                 }
             }
         }
