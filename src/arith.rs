@@ -11,6 +11,7 @@
 
 use crate::dtype::{FloatType, decode, encode};
 use crate::embeddings::RowRun;
+use crate::plan::{Plan, RowSrc, UnionRows};
 
 /// Elements per block: small enough for the stack and L1, large enough to
 /// amortize the dtype dispatch.
@@ -43,10 +44,21 @@ impl<'a> Operand<'a> {
 /// when the shapes match, else (a vocabulary matrix) with the model's rows
 /// placed at the base rows `runs` names and the base's own rows elsewhere,
 /// so rows for tokens the model lacks have a zero delta.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Copy)]
 pub enum View<'a> {
     Direct(Operand<'a>),
-    Rows { model: Operand<'a>, fill: Operand<'a>, runs: &'a [RowRun], row_len: u64 },
+    Rows {
+        model: Operand<'a>,
+        fill: Operand<'a>,
+        runs: &'a [RowRun],
+        row_len: u64,
+    },
+    /// Input `which` of a union-vocabulary matrix, row by row.
+    Table {
+        plan: &'a Plan,
+        rows: &'a UnionRows,
+        which: usize,
+    },
 }
 
 impl View<'_> {
@@ -55,6 +67,7 @@ impl View<'_> {
         let (model, fill, runs, l) = match self {
             View::Direct(op) => return op.decode_at(start, out),
             View::Rows { model, fill, runs, row_len } => (model, fill, runs, row_len),
+            View::Table { plan, rows, which } => return decode_table(plan, rows, which, start, out),
         };
         let end = start + out.len() as u64;
         let mut p = start;
@@ -79,11 +92,46 @@ impl View<'_> {
     }
 }
 
+/// `View::Table::decode_at`: each output row from its source row, or the
+/// mean of several (summed from 0 in input order, then divided, in f32).
+fn decode_table(plan: &Plan, u: &UnionRows, which: usize, start: u64, out: &mut [f32]) {
+    let l = u.row_len;
+    let table = &u.tables[which];
+    let end = start + out.len() as u64;
+    let mut p = start;
+    while p < end {
+        let row = p / l;
+        let stop = ((row + 1) * l).min(end);
+        let seg = &mut out[(p - start) as usize..(stop - start) as usize];
+        let off = p - row * l;
+        match table[row as usize] {
+            RowSrc::Row { source, row: r } => plan.operand(u.sources[source]).decode_at(r * l + off, seg),
+            RowSrc::Mean(i) => {
+                let donors = &u.means[i];
+                seg.fill(0.0);
+                let mut tmp = [0f32; BLOCK];
+                for piece in (0..seg.len()).step_by(BLOCK) {
+                    let m = BLOCK.min(seg.len() - piece);
+                    for &(source, r) in donors {
+                        plan.operand(u.sources[source]).decode_at(r * l + off + piece as u64, &mut tmp[..m]);
+                        for (o, v) in seg[piece..piece + m].iter_mut().zip(&tmp[..m]) {
+                            *o += *v;
+                        }
+                    }
+                    let count = donors.len() as f32;
+                    seg[piece..piece + m].iter_mut().for_each(|o| *o /= count);
+                }
+            }
+        }
+        p = stop;
+    }
+}
+
 /// Calls `f(first_index, deltas)` for consecutive blocks of `x - base`
 /// (f32) over `range`.
 #[inline]
 pub fn for_each_delta(
-    base: Operand<'_>,
+    base: View<'_>,
     x: View<'_>,
     range: std::ops::Range<u64>,
     mut f: impl FnMut(u64, &[f32]),

@@ -213,8 +213,10 @@ fn touches(plan: &Plan, job: &Job, mut f: impl FnMut(usize, Touch)) {
                 Op::Copy(_) => {}
                 Op::Convert(src) => report(*src, elems.end, size(*src)),
                 Op::Merge(m) => {
+                    // Inputs with other vocabularies have other sizes; the
+                    // hasher reads whatever was not reported at the end.
                     for &s in m.base.iter().chain(&m.models) {
-                        report(s, elems.end, size(s));
+                        report(s, elems.end.min(plan.input_tensor(s).numel()), size(s));
                     }
                 }
                 Op::Arith { formula, runs, row_len } => {

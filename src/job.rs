@@ -17,13 +17,14 @@ use crate::manifest::RecipeRecord;
 use crate::manifest::{MANIFEST_FILE, Manifest, Parameters, TensorRecord, VectorRecord, read_vector_info};
 use crate::model_card::{CARD_FILE, model_card};
 use crate::plan::{ApplyOptions, Common, EmbeddingReport, Plan, VectorSide, plan_apply, plan_extract};
-use crate::plan::{Input, Role};
+use crate::plan::{Input, Role, VocabUnion};
 use crate::plan_merge::{MergeSpec, plan_merge};
 use crate::recipe::{MergeRecipe, Recipe, RecipeBody, VectorRef};
 use crate::resolve::{open_model, vector_alias};
 use crate::select::Selection;
 use crate::sidecars::{ChatSide, SideFiles, model_side_files, read_side_files};
 use crate::writer::{OutputDir, WrittenFile, write_file};
+use std::collections::HashMap;
 
 /// Free space kept in reserve beyond the weights, for side files.
 const SIDE_FILE_RESERVE: u64 = 256 << 20;
@@ -285,12 +286,16 @@ fn merge_method(recipe: &Recipe, m: &MergeRecipe, seed: u64, out: &OutputSetting
         out_dtype: recipe.out_dtype,
         shard_size: recipe.shard_size,
         allow_mismatch: recipe.allow_mismatch,
+        union: recipe.union,
     };
     let plan = plan_merge(inputs, &spec).map_err(|e| match e {
         Error::Usage(msg) => Error::bad_file(&recipe.path, msg),
         other => other,
     })?;
     let mut side = model_side_files(&reference_dir, None, recipe.out_dtype)?;
+    if let Some(u) = &plan.vocab_union {
+        add_union_tokens(&mut side, &plan, u)?;
+    }
     side.add(CARD_FILE, model_card(&plan, m.method.name(), out.recipe.as_ref()));
     let params = serde_json::json!({
         "method": m.method,
@@ -300,6 +305,71 @@ fn merge_method(recipe: &Recipe, m: &MergeRecipe, seed: u64, out: &OutputSetting
         "allow_mismatch": recipe.allow_mismatch,
     });
     run("merge", plan, params, out, side, None)
+}
+
+/// Writes a union vocabulary into the side files: the new tokens as added
+/// tokens of tokenizer.json (flags from the tokenizer that has them) and of
+/// tokenizer_config.json's added_tokens_decoder, and config.json's
+/// vocab_size, as mergekit's union tokenizer does.
+fn add_union_tokens(side: &mut SideFiles, plan: &Plan, u: &VocabUnion) -> Result<()> {
+    if u.added.is_empty() {
+        return Ok(());
+    }
+    let json = |bytes: &[u8], name: &str| -> Result<serde_json::Value> {
+        serde_json::from_slice(bytes).map_err(|e| Error::Internal(format!("{name}: {e}")))
+    };
+    // The added-token flags each source tokenizer gives a token.
+    let mut flags: HashMap<usize, serde_json::Value> = HashMap::new();
+    let flag_of = |flags: &mut HashMap<usize, serde_json::Value>,
+                   input: usize,
+                   tok: &str|
+     -> serde_json::Value {
+        let tj = flags.entry(input).or_insert_with(|| {
+            let p = plan.inputs[input].ckpt.dir.join("tokenizer.json");
+            crate::json::read_value(&p, 1 << 30).unwrap_or_default()
+        });
+        let found = tj.get("added_tokens").and_then(serde_json::Value::as_array).and_then(|a| {
+            a.iter().find(|t| t.get("content").and_then(serde_json::Value::as_str) == Some(tok))
+        });
+        let get =
+            |k: &str, d: bool| found.and_then(|f| f.get(k)).and_then(serde_json::Value::as_bool).unwrap_or(d);
+        serde_json::json!({
+            "content": tok, "single_word": get("single_word", false), "lstrip": get("lstrip", false),
+            "rstrip": get("rstrip", false), "normalized": get("normalized", true), "special": get("special", false),
+        })
+    };
+    let entries: Vec<(u64, serde_json::Value)> =
+        u.added.iter().map(|(id, tok, input)| (*id, flag_of(&mut flags, *input, tok))).collect();
+    if let Some(bytes) = side.get("tokenizer.json") {
+        let mut v = json(bytes, "tokenizer.json")?;
+        let list = v
+            .get_mut("added_tokens")
+            .and_then(serde_json::Value::as_array_mut)
+            .ok_or_else(|| Error::Usage("the base's tokenizer.json has no added_tokens list".into()))?;
+        for (id, e) in &entries {
+            let mut e = e.clone();
+            e.as_object_mut().expect("object").insert("id".into(), (*id).into());
+            list.push(e);
+        }
+        side.add("tokenizer.json", to_pretty(&v));
+    }
+    if let Some(bytes) = side.get("tokenizer_config.json") {
+        let mut v = json(bytes, "tokenizer_config.json")?;
+        if let Some(dec) = v.get_mut("added_tokens_decoder").and_then(serde_json::Value::as_object_mut) {
+            for (id, e) in &entries {
+                dec.insert(id.to_string(), e.clone());
+            }
+            side.add("tokenizer_config.json", to_pretty(&v));
+        }
+    }
+    if let Some(bytes) = side.get("config.json") {
+        let mut v = json(bytes, "config.json")?;
+        if let Some(o) = v.as_object_mut() {
+            o.insert("vocab_size".into(), (u.base_rows + u.added.len() as u64).into());
+        }
+        side.add("config.json", to_pretty(&v));
+    }
+    Ok(())
 }
 
 /// Names the plan's inputs as the user did.

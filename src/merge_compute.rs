@@ -5,7 +5,7 @@
 
 use std::ops::Range;
 
-use crate::arith::{BLOCK, Operand, View, for_each_delta};
+use crate::arith::{BLOCK, View, for_each_delta};
 use crate::dtype::{FloatType, encode};
 use crate::merge_stats::{Keep, ModelStats, STAT_BLOCK, TensorStats, della_probability, row_ranks};
 use crate::methods::Method;
@@ -30,7 +30,7 @@ enum Cursor {
 
 impl Cursor {
     /// The cursor for a chunk starting at element `start`.
-    fn at(ms: &ModelStats, base: Operand, x: View, start: u64) -> Cursor {
+    fn at(ms: &ModelStats, base: View, x: View, start: u64) -> Cursor {
         match &ms.keep {
             Keep::Ranks(rk) => {
                 let b0 = start / STAT_BLOCK;
@@ -57,7 +57,7 @@ fn sparsify_block(
     ms: &ModelStats,
     cur: &mut Cursor,
     weight: f32,
-    base: Operand,
+    base: View,
     x: View,
     row_len: u64,
     p: u64,
@@ -115,7 +115,7 @@ pub fn compute(
     out: &mut [u8],
 ) {
     let p = &m.params;
-    let base = m.base.map(|s| plan.operand(s));
+    let base = m.base_view(plan);
     let xs: Vec<View> = (0..m.models.len()).map(|k| m.view(plan, k)).collect();
     let weights: Vec<f32> = p.models.iter().map(|mp| mp.weight as f32).collect();
     let k = xs.len();

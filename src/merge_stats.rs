@@ -19,7 +19,7 @@ use std::ops::Range;
 
 use rayon::prelude::*;
 
-use crate::arith::{Operand, View, for_each_delta};
+use crate::arith::{View, for_each_delta};
 use crate::error::Result;
 use crate::interrupt;
 use crate::methods::{Method, Sparsify, TensorParams};
@@ -139,18 +139,18 @@ pub fn compute(plan: &Plan, name: &str, n: u64, row_len: u64, m: &MergeOp) -> Re
     match m.method {
         Method::Linear => {}
         Method::Slerp => {
-            let base = plan.operand(m.base.expect("slerp has a base"));
+            let base = m.base_view(plan).expect("slerp has a base");
             st.slerp = slerp_coefficients(base, m.view(plan, 0), n, p.t);
         }
         Method::ModelStock => {
-            let base = plan.operand(m.base.expect("model_stock has a base"));
+            let base = m.base_view(plan).expect("model_stock has a base");
             let xs: Vec<View> = (0..m.models.len()).map(|k| m.view(plan, k)).collect();
             let rl = if p.filter_wise { row_len } else { n.max(1) };
             st.stock_t = stock_t(base, &xs, n, rl);
             st.row_len = rl;
         }
         _ => {
-            let base = plan.operand(m.base.expect("task arithmetic has a base"));
+            let base = m.base_view(plan).expect("task arithmetic has a base");
             for k in 0..m.models.len() {
                 interrupt::check()?;
                 let x = m.view(plan, k);
@@ -169,7 +169,7 @@ fn model_keep(
     method: Method,
     p: &TensorParams,
     k: usize,
-    base: Operand,
+    base: View,
     x: View,
     n: u64,
     row_len: u64,
@@ -210,7 +210,7 @@ fn model_keep(
 
 /// Per-thread histogram over `blocks`, summed.
 fn histogram(
-    base: Operand,
+    base: View,
     x: View,
     n: u64,
     bins: usize,
@@ -255,7 +255,7 @@ fn find_rank(hist: &[u64], r: u64) -> (usize, u64) {
 /// The magnitude bits at ascending ranks `lo` and `hi`, and how many
 /// magnitudes are smaller than each: one pass for the high 16 bits, one
 /// for the low 16 bits inside the one or two bins that hold the ranks.
-fn select2(base: Operand, x: View, n: u64, lo: u64, hi: u64) -> [(u32, u64); 2] {
+fn select2(base: View, x: View, n: u64, lo: u64, hi: u64) -> [(u32, u64); 2] {
     let high = histogram(base, x, n, 1 << 15, |v| Some((v >> 16) as usize));
     let (bins, before) = ([lo, hi].map(|r| find_rank(&high, r).0), [lo, hi].map(|r| find_rank(&high, r).1));
     let (b0, b1) = (bins[0] as u32, bins[1] as u32);
@@ -277,7 +277,7 @@ fn select2(base: Operand, x: View, n: u64, lo: u64, hi: u64) -> [(u32, u64); 2] 
     })
 }
 
-fn rank_keep(base: Operand, x: View, n: u64, lo: u64, hi: u64) -> RankKeep {
+fn rank_keep(base: View, x: View, n: u64, lo: u64, hi: u64) -> RankKeep {
     let [(lo_val, less_lo), (hi_val, less_hi)] = select2(base, x, n, lo, hi - 1);
     // Boundary-equal counts per block, then exclusive prefix sums.
     let counts: Vec<(u64, u64)> = blocks(n, n.max(1))
@@ -330,7 +330,7 @@ pub fn della_probability(density: f64, epsilon: f64, r: u32, len: u64) -> f32 {
 #[allow(clippy::too_many_arguments)]
 fn for_each_random_kept(
     keep: &Keep,
-    base: Operand,
+    base: View,
     x: View,
     row: u64,
     row_len: u64,
@@ -365,7 +365,7 @@ fn for_each_random_kept(
 }
 
 /// `sum |d| / sum |kept d|` when both are at least `RESCALE_EPS`.
-fn l1_factor(keep: &Keep, base: Operand, x: View, n: u64, row_len: u64, stream: u64) -> Option<f32> {
+fn l1_factor(keep: &Keep, base: View, x: View, n: u64, row_len: u64, stream: u64) -> Option<f32> {
     let (before, after) = match keep {
         Keep::All | Keep::Zero => return None,
         Keep::None => return None,
@@ -443,7 +443,7 @@ fn per_row<const K: usize>(n: u64, row_len: u64, f: impl Fn(Range<u64>) -> [f64;
     out
 }
 
-fn slerp_coefficients(a: Operand, b: View, n: u64, t: f64) -> (f32, f32) {
+fn slerp_coefficients(a: View, b: View, n: u64, t: f64) -> (f32, f32) {
     let sums = per_row::<3>(n, n.max(1), |r| {
         let mut s = [0f64; 3];
         let mut xa = [0f32; crate::arith::BLOCK];
@@ -477,7 +477,7 @@ fn slerp_coefficients(a: Operand, b: View, n: u64, t: f64) -> (f32, f32) {
 }
 
 /// model_stock's `t` per row of `row_len` (one row: the whole tensor).
-fn stock_t(base: Operand, xs: &[View], n: u64, row_len: u64) -> Vec<f32> {
+fn stock_t(base: View, xs: &[View], n: u64, row_len: u64) -> Vec<f32> {
     let k = xs.len();
     // Gram matrix of the deltas, upper triangle, row-major.
     let pairs: Vec<(usize, usize)> = (0..k).flat_map(|i| (i..k).map(move |j| (i, j))).collect();

@@ -108,11 +108,16 @@ pub struct MergeOp {
     /// Per model, for a vocabulary matrix whose rows differ from the base's:
     /// which base rows its rows go to (row length in elements).
     pub rows: Vec<Option<(Vec<RowRun>, u64)>>,
+    /// A vocabulary matrix of a `tokenizer_source: union` merge.
+    pub union: Option<Box<UnionRows>>,
 }
 
 impl MergeOp {
-    /// Model `k`'s tensor in the base's element positions.
+    /// Model `k`'s tensor in the output's element positions.
     pub fn view<'a>(&'a self, plan: &'a Plan, k: usize) -> View<'a> {
+        if let Some(u) = &self.union {
+            return View::Table { plan, rows: u, which: k + 1 };
+        }
         let model = plan.operand(self.models[k]);
         match (&self.rows[k], self.base) {
             (Some((runs, row_len)), Some(b)) => {
@@ -121,6 +126,49 @@ impl MergeOp {
             _ => View::Direct(model),
         }
     }
+
+    /// The base's tensor in the output's element positions.
+    pub fn base_view<'a>(&'a self, plan: &'a Plan) -> Option<View<'a>> {
+        let b = self.base?;
+        Some(match &self.union {
+            Some(u) => View::Table { plan, rows: u, which: 0 },
+            None => View::Direct(plan.operand(b)),
+        })
+    }
+}
+
+/// Where one row of a vocabulary matrix in the union vocabulary comes from
+/// for one input.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum RowSrc {
+    /// Row `row` of `UnionRows::sources[source]`.
+    Row { source: usize, row: u64 },
+    /// The mean of the rows `UnionRows::means[i]` lists (a token the input
+    /// lacks that several other inputs have), as mergekit fills it.
+    Mean(usize),
+}
+
+/// A vocabulary matrix under `tokenizer_source: union`: for the base and
+/// each model, which row of which input each output row reads.
+#[derive(Clone, Debug)]
+pub struct UnionRows {
+    pub row_len: u64,
+    /// The tensor in each involved input: the base, then the models.
+    pub sources: Vec<Source>,
+    /// Per involved input (same order), one entry per output row.
+    pub tables: Vec<Vec<RowSrc>>,
+    /// (source, row) lists for `RowSrc::Mean`.
+    pub means: Vec<Vec<(usize, u64)>>,
+}
+
+/// The merged vocabulary of a `tokenizer_source: union` merge: the base's,
+/// then the tokens only other models have.
+#[derive(Clone, Debug, Default)]
+pub struct VocabUnion {
+    /// Rows of the base's vocabulary matrices (new ids start here).
+    pub base_rows: u64,
+    /// New tokens: id, string, and the input whose tokenizer has it.
+    pub added: Vec<(u64, String, usize)>,
 }
 
 /// One tensor of the output.
@@ -170,6 +218,8 @@ pub struct Plan {
     /// Selected-out tensors left out of an extracted vector.
     pub omitted: Vec<String>,
     pub warnings: Vec<String>,
+    /// The merged vocabulary of a `tokenizer_source: union` merge.
+    pub vocab_union: Option<VocabUnion>,
 }
 
 impl Plan {
@@ -441,6 +491,7 @@ pub fn plan_extract(
         embeddings: Vec::new(),
         omitted,
         warnings,
+        vocab_union: None,
     })
 }
 
@@ -595,7 +646,7 @@ pub fn plan_apply(base: Checkpoint, side: VectorSide, opts: &ApplyOptions) -> Re
     let shards = assign_shards(&tensors, common.shard_size);
     let mut inputs = vec![Input::new(Role::Base, base)];
     inputs.extend(vector_cks.into_iter().map(|(role, ckpt)| Input::new(role, ckpt)));
-    Ok(Plan { inputs, tensors, shards, embeddings, omitted: Vec::new(), warnings })
+    Ok(Plan { inputs, tensors, shards, embeddings, omitted: Vec::new(), warnings, vocab_union: None })
 }
 
 /// Splits tensors into shards of at most `max` bytes of data each (a tensor

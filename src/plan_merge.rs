@@ -11,8 +11,8 @@ use crate::error::{Error, Result};
 use crate::methods::{self, Method, ParamSources, Scope};
 use crate::params::{Setting, layer_index, layer_position};
 use crate::plan::{
-    EmbeddingReport, Input, MergeOp, Op, OutTensor, Plan, Problems, Source, assign_shards, check_configs,
-    float_of, read_vocab,
+    EmbeddingReport, Input, MergeOp, Op, OutTensor, Plan, Problems, RowSrc, Source, UnionRows, VocabUnion,
+    assign_shards, check_configs, float_of, read_vocab,
 };
 use crate::tokenizer::Vocab;
 
@@ -32,6 +32,9 @@ pub struct MergeSpec {
     pub out_dtype: Option<FloatType>,
     pub shard_size: u64,
     pub allow_mismatch: bool,
+    /// `tokenizer_source: union`: the output vocabulary is the base's plus
+    /// every other model's tokens.
+    pub union: bool,
 }
 
 /// Checks parameter names and scopes once, before any tensor.
@@ -79,7 +82,7 @@ pub fn plan_merge(inputs: Vec<Input>, spec: &MergeSpec) -> Result<Plan> {
     }
     let layers = layer_count(rck);
     let labels: Vec<String> = spec.models.iter().map(|&i| inputs[i].label.clone()).collect();
-    let sources = ParamSources {
+    let param_sources = ParamSources {
         global: &spec.global,
         models: spec.per_model.iter().map(Vec::as_slice).collect(),
         labels,
@@ -90,6 +93,11 @@ pub fn plan_merge(inputs: Vec<Input>, spec: &MergeSpec) -> Result<Plan> {
     let mut problems = Problems::new("the models to merge do not line up");
     let mut vocabs: Vec<Option<Option<Vocab>>> = (0..inputs.len()).map(|_| None).collect();
     let mut embeddings = Vec::new();
+    let union = if spec.union {
+        Some(union_vocab(&inputs, &involved, reference, spec.base.is_some())?)
+    } else {
+        None
+    };
     let mut tensors = Vec::with_capacity(rck.tensors.len());
     for (ti, t) in rck.tensors.iter().enumerate() {
         let out_dtype = match (spec.out_dtype, t.dtype.float()) {
@@ -105,6 +113,43 @@ pub fn plan_merge(inputs: Vec<Input>, spec: &MergeSpec) -> Result<Plan> {
                 shape: t.shape.clone(),
                 op: Op::Copy(reference_src),
             });
+            continue;
+        }
+        if let Some(u) = &union
+            && is_vocab_matrix(&t.name)
+        {
+            match union_tensor(&inputs, &involved, u, &t.name, &t.shape) {
+                Ok((sources, rows)) => {
+                    let mut shape = t.shape.clone();
+                    shape[0] = u.base_rows + u.added.len() as u64;
+                    let (base, models) = match base_in {
+                        Some(_) => (Some(sources[0]), sources[1..].to_vec()),
+                        None => (None, sources.clone()),
+                    };
+                    let params = methods::resolve(
+                        spec.method,
+                        &param_sources,
+                        &t.name,
+                        layer_position(&t.name, layers),
+                    )?;
+                    let n_models = models.len();
+                    tensors.push(OutTensor {
+                        name: t.name.clone(),
+                        dtype: out_dtype,
+                        shape,
+                        op: Op::Merge(Box::new(MergeOp {
+                            method: spec.method,
+                            base,
+                            models,
+                            params,
+                            seed: spec.seed,
+                            rows: vec![None; n_models],
+                            union: Some(Box::new(rows)),
+                        })),
+                    });
+                }
+                Err(p) => problems.push(p),
+            }
             continue;
         }
         let mut srcs = Vec::with_capacity(involved.len());
@@ -146,7 +191,7 @@ pub fn plan_merge(inputs: Vec<Input>, spec: &MergeSpec) -> Result<Plan> {
             rows.remove(0);
             srcs.remove(0)
         });
-        let params = methods::resolve(spec.method, &sources, &t.name, layer_position(&t.name, layers))?;
+        let params = methods::resolve(spec.method, &param_sources, &t.name, layer_position(&t.name, layers))?;
         tensors.push(OutTensor {
             name: t.name.clone(),
             dtype: out_dtype,
@@ -158,6 +203,7 @@ pub fn plan_merge(inputs: Vec<Input>, spec: &MergeSpec) -> Result<Plan> {
                 params,
                 seed: spec.seed,
                 rows,
+                union: None,
             })),
         });
     }
@@ -173,7 +219,23 @@ pub fn plan_merge(inputs: Vec<Input>, spec: &MergeSpec) -> Result<Plan> {
     }
     problems.into_result()?;
     let shards = assign_shards(&tensors, spec.shard_size);
-    Ok(Plan { inputs, tensors, shards, embeddings, omitted: Vec::new(), warnings })
+    let vocab_union = union.map(|u| VocabUnion {
+        base_rows: u.base_rows,
+        added: u
+            .added
+            .iter()
+            .enumerate()
+            .map(|(n, (t, k))| (u.base_rows + n as u64, t.clone(), involved[*k]))
+            .collect(),
+    });
+    if let Some(v) = vocab_union.as_ref().filter(|v| !v.added.is_empty()) {
+        warnings.push(format!(
+            "tokenizer_source union: {} token(s) added after the base's {} rows",
+            v.added.len(),
+            v.base_rows
+        ));
+    }
+    Ok(Plan { inputs, tensors, shards, embeddings, omitted: Vec::new(), warnings, vocab_union })
 }
 
 /// For a vocabulary matrix of model `i` whose row count differs from the
@@ -210,4 +272,121 @@ fn align_rows(
     };
     let v = Vocabs { base: Some(bv), vector: Some(iv) };
     match_rows(name, EmbeddingPolicy::Align, base_shape[0], shape[0], &v).map(Some)
+}
+
+/// The union vocabulary, in terms of the involved inputs.
+struct Union {
+    /// Position of the reference among the involved inputs.
+    reference: usize,
+    /// Whether the reference is mergekit's base model (fills missing tokens).
+    has_base: bool,
+    base_rows: u64,
+    vocabs: Vec<Vocab>,
+    /// Each involved input's vocabulary-matrix rows.
+    rows: Vec<u64>,
+    /// New tokens and the involved input that first has each.
+    added: Vec<(String, usize)>,
+}
+
+/// Builds the union vocabulary: the reference's tokens, then, input by input
+/// and id by id, every token it lacks (tokens beyond an input's matrix rows
+/// do not count, as in mergekit).
+fn union_vocab(inputs: &[Input], involved: &[usize], reference: usize, has_base: bool) -> Result<Union> {
+    let mut vocabs = Vec::new();
+    let mut rows = Vec::new();
+    for &i in involved {
+        let ck = &inputs[i].ckpt;
+        let v = read_vocab(ck)?.ok_or_else(|| {
+            Error::Usage(format!("tokenizer_source: union needs a tokenizer.json in {}", inputs[i].label))
+        })?;
+        let e = ck.embedding().ok_or_else(|| {
+            Error::Usage(format!("tokenizer_source: union: {} has no embedding matrix", inputs[i].label))
+        })?;
+        vocabs.push(v);
+        rows.push(e.shape[0]);
+    }
+    let r = involved.iter().position(|&i| i == reference).expect("the reference is merged");
+    let mut added: Vec<(String, usize)> = Vec::new();
+    let mut seen = std::collections::HashSet::new();
+    for (k, v) in vocabs.iter().enumerate() {
+        if k == r {
+            continue;
+        }
+        for id in 0..rows[k] {
+            if let Some(tok) = v.token(id)
+                && vocabs[r].id(tok).is_none_or(|rid| rid as u64 >= rows[r])
+                && seen.insert(tok.to_string())
+            {
+                added.push((tok.to_string(), k));
+            }
+        }
+    }
+    Ok(Union { reference: r, has_base, base_rows: rows[r], vocabs, rows, added })
+}
+
+/// The row tables of vocabulary matrix `name` under the union vocabulary:
+/// each input's own row where it has the token; where it lacks it, the one
+/// input that has it, else the base, else the mean of those that have it
+/// (mergekit's rules). Returns the sources (in involved order) and tables.
+fn union_tensor(
+    inputs: &[Input],
+    involved: &[usize],
+    u: &Union,
+    name: &str,
+    shape: &[u64],
+) -> std::result::Result<(Vec<Source>, UnionRows), String> {
+    let mut sources = Vec::new();
+    for (k, &i) in involved.iter().enumerate() {
+        let ck = &inputs[i].ckpt;
+        let j =
+            ck.logical_index(name).ok_or_else(|| format!("'{name}' is missing from {}", inputs[i].label))?;
+        let s = &ck.tensors[j].shape;
+        if s.get(1..) != shape.get(1..) || s.first() != Some(&u.rows[k]) {
+            return Err(format!(
+                "'{name}': {} has shape {s:?}, not {} rows of {:?}",
+                inputs[i].label,
+                u.rows[k],
+                &shape[1..]
+            ));
+        }
+        sources.push(Source { input: i, tensor: j });
+    }
+    let out_rows = u.base_rows + u.added.len() as u64;
+    let r = u.reference;
+    let mut tables = vec![Vec::with_capacity(out_rows as usize); involved.len()];
+    let mut means = Vec::new();
+    for row in 0..out_rows {
+        let token = if row < u.base_rows {
+            u.vocabs[r].token(row)
+        } else {
+            Some(u.added[(row - u.base_rows) as usize].0.as_str())
+        };
+        let has: Vec<Option<u64>> = (0..involved.len())
+            .map(|k| {
+                if k == r {
+                    return (row < u.base_rows).then_some(row);
+                }
+                let id = u.vocabs[k].id(token?)? as u64;
+                (id < u.rows[k]).then_some(id)
+            })
+            .collect();
+        let donors: Vec<(usize, u64)> =
+            has.iter().enumerate().filter_map(|(k, h)| h.map(|row| (k, row))).collect();
+        let fill = if donors.len() == 1 {
+            RowSrc::Row { source: donors[0].0, row: donors[0].1 }
+        } else if let (true, Some(br)) = (u.has_base, has[r]) {
+            RowSrc::Row { source: r, row: br }
+        } else {
+            means.push(donors.clone());
+            RowSrc::Mean(means.len() - 1)
+        };
+        for (k, h) in has.iter().enumerate() {
+            tables[k].push(match h {
+                Some(own) => RowSrc::Row { source: k, row: *own },
+                None => fill,
+            });
+        }
+    }
+    let row_len = shape[1..].iter().product();
+    Ok((sources.clone(), UnionRows { row_len, sources, tables, means }))
 }

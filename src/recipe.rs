@@ -3,7 +3,8 @@
 //!
 //! Both use mergekit's keys - `merge_method`, `base_model`, `models` (each
 //! `{model, parameters}`), `parameters`, `dtype`, `out_dtype`,
-//! `tokenizer_source` - so a config moves between the tools unchanged. A
+//! `tokenizer_source` (`base` or `union`) - so a config moves between the
+//! tools unchanged. A
 //! TOML recipe may also say `name`, `description`, `seed` (for DARE/DELLA
 //! masks), `shard_size`, `allow_mismatch`, and use the `chat_vector` method:
 //!
@@ -101,6 +102,8 @@ pub struct Recipe {
     pub shard_size: u64,
     pub seed: u64,
     pub allow_mismatch: bool,
+    /// `tokenizer_source: union`.
+    pub union: bool,
 }
 
 const MERGEKIT_KEYS: &[&str] =
@@ -213,14 +216,20 @@ pub fn parse_recipe(text: &str, path: &Path) -> Result<Recipe> {
             v.as_u64().ok_or_else(|| r.err(&format!("seed: expected a non-negative integer, not {v}")))?
         }
     };
-    match root.get("tokenizer_source") {
-        None => {}
-        Some(Value::String(s)) if s == "base" => {}
+    let union = match root.get("tokenizer_source") {
+        None => false,
+        Some(Value::String(s)) if s == "base" => false,
+        Some(Value::String(s)) if s == "union" => true,
         Some(v) => {
             return Err(r.err(&format!(
-                "tokenizer_source: {v} is not supported; chatvec keeps the base model's tokenizer (tokenizer_source: base) and matches other models' embedding rows to it by token"
+                "tokenizer_source: {v} is not supported; use base (the base model's tokenizer, other models' rows matched to it by token) or union"
             )));
         }
+    };
+    if union && matches!(body, RecipeBody::ChatVector(_)) {
+        return Err(
+            r.err("tokenizer_source: union is for merge methods; chat_vector keeps the base's vocabulary")
+        );
     }
     Ok(Recipe {
         path: path.to_path_buf(),
@@ -233,6 +242,7 @@ pub fn parse_recipe(text: &str, path: &Path) -> Result<Recipe> {
         shard_size,
         seed,
         allow_mismatch: r.boolean("allow_mismatch")?.unwrap_or(false),
+        union,
     })
 }
 
@@ -485,9 +495,14 @@ mod tests {
                 "models[0]: unknown key 'weight'",
             ),
             (
-                "merge_method: ties\nmodels: [a/b]\ntokenizer_source: union\n",
+                "merge_method = \"chat_vector\"\nbase_model = \"b\"\nvector = \"v\"\ntokenizer_source = \"union\"\n",
+                "c.toml",
+                "tokenizer_source: union is for merge methods",
+            ),
+            (
+                "merge_method: ties\nmodels: [a/b]\ntokenizer_source: a/c\n",
                 "c.yml",
-                "tokenizer_source: \"union\" is not supported",
+                "tokenizer_source: \"a/c\" is not supported",
             ),
             (
                 "merge_method: ties\nmodels: [a/b]\nparameters:\n  weight: [{filter: x, valu: 1}]\n",

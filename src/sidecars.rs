@@ -44,7 +44,12 @@ pub struct SideFiles {
 }
 
 impl SideFiles {
-    /// Adds a generated file (e.g. the model card).
+    /// A prepared file's bytes.
+    pub fn get(&self, name: &str) -> Option<&[u8]> {
+        self.pending.iter().find(|(n, _)| n == name).map(|(_, b)| b.as_slice())
+    }
+
+    /// Adds a generated file (e.g. the model card), replacing one of that name.
     pub fn add(&mut self, name: &str, bytes: Vec<u8>) {
         self.pending.retain(|(n, _)| n != name);
         self.pending.push((name.to_string(), bytes));

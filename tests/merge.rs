@@ -641,3 +641,85 @@ fn models_with_other_vocabularies_are_aligned_to_the_base_by_token() {
         }
     }
 }
+
+#[test]
+fn tokenizer_source_union_adds_every_models_tokens() {
+    let d = tempfile::tempdir().unwrap();
+    let base_tokens = tokens(16);
+    write_model(
+        &d.path().join("base"),
+        &llama(1, 16, false, Ty::BF16),
+        1,
+        &config(16, false, LAYERS),
+        Some(&base_tokens),
+    );
+    let mut m1_tokens = base_tokens.clone();
+    m1_tokens.push("new0".into());
+    write_model(
+        &d.path().join("m1"),
+        &llama(2, 17, false, Ty::BF16),
+        1,
+        &config(17, false, LAYERS),
+        Some(&m1_tokens),
+    );
+    let mut wide_tokens: Vec<String> = base_tokens.iter().rev().filter(|t| *t != "t5").cloned().collect();
+    wide_tokens.extend((0..5).map(|i| format!("new{i}")));
+    write_model(
+        &d.path().join("m2"),
+        &llama(3, 20, false, Ty::BF16),
+        1,
+        &config(20, false, LAYERS),
+        Some(&wide_tokens),
+    );
+    let m = Models { root: d.path().to_path_buf() };
+    let recipe = "merge_method = \"task_arithmetic\"\nbase_model = \"{base}\"\nout_dtype = \"float32\"\ntokenizer_source = \"union\"\nmodels = [\"{m1}\", \"{m2}\"]\n[parameters]\nweight = 0.5\n";
+    let out = d.path().join("out");
+    let got = merge(&m, recipe, &out, &[]);
+    let (b, m1, m2) = (m.read("base"), m.read("m1"), m.read("m2"));
+    let union: Vec<String> = base_tokens.iter().cloned().chain((0..5).map(|i| format!("new{i}"))).collect();
+    for (name, bt) in &b {
+        let vocab = name.contains("embed_tokens") || name.contains("lm_head");
+        let (bv, x1, x2) = (vals(bt), vals(&m1[name]), vals(&m2[name]));
+        if !vocab {
+            continue;
+        }
+        assert_eq!(got[name].shape, vec![21, HIDDEN], "{name}");
+        let row = HIDDEN as usize;
+        for r in 0..21 {
+            let tok = &union[r];
+            let own = |toks: &[String], x: &[f32], c: usize| {
+                toks.iter().position(|t| t == tok).map(|i| x[i * row + c] as f64)
+            };
+            for c in 0..row {
+                let b0 = if r < 16 { Some(bv[r * row + c] as f64) } else { None };
+                let (h1, h2) = (own(&m1_tokens, &x1, c), own(&wide_tokens, &x2, c));
+                let present: Vec<f64> = [b0, h1, h2].into_iter().flatten().collect();
+                let fill = if present.len() == 1 {
+                    present[0]
+                } else {
+                    b0.unwrap_or(present.iter().sum::<f64>() / present.len() as f64)
+                };
+                let (vb, v1, v2) = (b0.unwrap_or(fill), h1.unwrap_or(fill), h2.unwrap_or(fill));
+                let want = vb + 0.5 * (v1 - vb) + 0.5 * (v2 - vb);
+                let v = got[name].get(r * row + c) as f64;
+                assert!(
+                    (v - want).abs() <= 2e-6 * (want.abs() + 1.0),
+                    "{name}[{r},{c}] ({tok}): {v} vs {want}"
+                );
+            }
+        }
+    }
+    let cfg: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out.join("config.json")).unwrap()).unwrap();
+    assert_eq!(cfg["vocab_size"], 21);
+    let tj: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out.join("tokenizer.json")).unwrap()).unwrap();
+    let added: Vec<(u64, String)> = tj["added_tokens"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| (t["id"].as_u64().unwrap(), t["content"].as_str().unwrap().to_string()))
+        .collect();
+    assert_eq!(added, (0..5).map(|i| (16 + i as u64, format!("new{i}"))).collect::<Vec<_>>());
+    check_manifest_hashes(&out);
+}
