@@ -141,11 +141,11 @@ pub struct VerifyArgs {
 
 #[derive(Args, Debug)]
 pub struct ExtractArgs {
-    /// The chat / instruct model (directory).
+    /// The chat / instruct model (directory, Hub id org/name[@rev], or alias).
     #[arg(long, value_name = "MODEL")]
     pub chat: String,
 
-    /// The pretrained model the chat model was tuned from (directory).
+    /// The pretrained model the chat model was tuned from (directory, Hub id or alias).
     #[arg(long, value_name = "MODEL")]
     pub pretrained: String,
 
@@ -160,12 +160,12 @@ pub struct ExtractArgs {
 #[derive(Args, Debug)]
 #[command(group(clap::ArgGroup::new("vector_source").required(true).args(["vector", "chat"])))]
 pub struct ApplyArgs {
-    /// The model to give chat ability to, e.g. a continued-pretrained model (directory).
+    /// The model to give chat ability to, e.g. a continued-pretrained model (directory, Hub id or alias).
     #[arg(long, value_name = "MODEL")]
     pub base: String,
 
-    /// A chat vector written by `chatvec extract`.
-    #[arg(long, value_name = "DIR", conflicts_with_all = ["chat", "pretrained"])]
+    /// A chat vector written by `chatvec extract`, or a vector alias such as llama3-instruct.
+    #[arg(long, value_name = "VECTOR", conflicts_with_all = ["chat", "pretrained"])]
     pub vector: Option<String>,
 
     /// The chat model (with --pretrained: stream the vector without writing it).
@@ -202,7 +202,7 @@ pub struct ApplyArgs {
 
 #[derive(Args, Debug)]
 pub struct InspectArgs {
-    /// The model (directory).
+    /// The model (directory, Hub id or alias).
     pub model: String,
 }
 
