@@ -34,6 +34,8 @@ pub mod recipe;
 pub mod resolve;
 pub mod rng;
 pub mod select;
+pub mod sft_config;
+pub mod sft_data;
 pub mod sidecars;
 pub mod synth;
 pub mod tokenizer;
