@@ -56,6 +56,8 @@ pub enum Command {
     Merge(MergeArgs),
     /// Re-hash an output against its manifest; with --recipe, check the recipe and inputs too.
     Verify(VerifyArgs),
+    /// Supervised fine-tuning of a model with TRL (launched and supervised as a child process).
+    Sft(crate::sft::SftArgs),
     /// Show a checkpoint's shards, tensors, parameter count and config.
     Inspect(InspectArgs),
     /// Run extract, apply and inspect on tiny built-in models (no download).
@@ -389,6 +391,10 @@ pub fn run(cli: Cli) -> Result<()> {
             }
             r.into_result()
         }
+        Command::Sft(a) => match crate::sft::run(&a, cli.quiet)? {
+            0 => Ok(()),
+            code => Err(Error::Trainer(code)),
+        },
         Command::Inspect(a) => {
             let ck = open_model(&a.model)?;
             let r = crate::inspect::report(&ck)?;

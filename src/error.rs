@@ -55,6 +55,11 @@ pub enum Error {
     #[error("interrupted; no output was written")]
     Interrupted,
 
+    /// The supervised trainer (`chatvec sft`) failed; its exit code (128+n
+    /// for signal n) becomes chatvec's.
+    #[error("the trainer exited with code {0}")]
+    Trainer(i32),
+
     /// Anything else that should not happen.
     #[error("internal error: {0}")]
     Internal(String),
@@ -100,6 +105,7 @@ impl Error {
             Error::Hinted { inner, .. } => inner.exit_code(),
             Error::Io { .. } | Error::Internal(_) | Error::NoSpace { .. } => EXIT_IO,
             Error::Interrupted => EXIT_INTERRUPTED,
+            Error::Trainer(code) => *code,
             _ => EXIT_INPUT,
         }
     }

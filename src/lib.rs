@@ -34,6 +34,7 @@ pub mod recipe;
 pub mod resolve;
 pub mod rng;
 pub mod select;
+pub mod sft;
 pub mod sft_config;
 pub mod sft_data;
 pub mod sidecars;

@@ -1,0 +1,228 @@
+//! `chatvec sft` against a stand-in Python: a shell script that answers the
+//! package check and plays a trainer (log lines with a loss, an exit code,
+//! signal handling), so the supervision is tested without torch.
+
+mod common;
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+
+use common::*;
+
+const LLAMA3_TEMPLATE: &str = "{% for message in messages %}{{ '<|start_header_id|>' + message['role'] + '<|end_header_id|>\\n\\n' + message['content'] | trim + '<|eot_id|>' }}{% endfor %}";
+
+/// A model directory with a Llama-3-style chat template, and a data file.
+fn setup(root: &Path) -> (PathBuf, PathBuf) {
+    let t = trio(root, Ty::BF16, 1);
+    let tc = serde_json::json!({"chat_template": LLAMA3_TEMPLATE, "bos_token": "<|begin_of_text|>"});
+    std::fs::write(t.base.join("tokenizer_config.json"), tc.to_string()).unwrap();
+    let data = root.join("data.jsonl");
+    std::fs::write(
+        &data,
+        "{\"conversation\": [{\"role\": \"user\", \"content\": \"こんにちは\"}, {\"role\": \"assistant\", \"content\": \"はい\"}]}\n{\"instruction\": \"Add\", \"input\": \"1+1\", \"output\": \"2\"}\n",
+    )
+    .unwrap();
+    (t.base, data)
+}
+
+/// The stand-in interpreter. `missing` packages report as absent.
+fn fake_python(root: &Path, missing: &str) -> PathBuf {
+    let p = root.join("fake-python");
+    let script = format!(
+        r#"#!/bin/sh
+if [ "$1" = "-c" ] && echo "$2" | grep -q importlib; then
+  if [ -n "{missing}" ]; then
+    echo '{{"python": "3.11.0", "packages": {{"torch": "2.5.0", "transformers": "5.23.0", "trl": null, "accelerate": null, "datasets": "5.2.0"}}, "cuda_devices": 0}}'
+  else
+    echo '{{"python": "3.11.0", "packages": {{"torch": "2.5.0", "transformers": "5.23.0", "trl": "1.16.0", "accelerate": "1.15.0", "datasets": "5.2.0"}}, "cuda_devices": 0}}'
+  fi
+  exit 0
+fi
+echo "$@" > "$FAKE_LOG"
+echo "PYTHONUNBUFFERED=$PYTHONUNBUFFERED" >> "$FAKE_LOG"
+if [ "$FAKE_MODE" = "wait" ]; then
+  trap 'echo got-int >> "$FAKE_LOG"; exit 7' INT
+  trap 'echo got-term >> "$FAKE_LOG"; exit 9' TERM
+  echo ready
+  while true; do sleep 0.05; done
+fi
+echo "{{'loss': 2.5, 'grad_norm': 1.0, 'learning_rate': 1e-05, 'epoch': 0.5}}"
+echo "warming up" >&2
+echo "{{'loss': 1.25, 'grad_norm': 1.0, 'learning_rate': 5e-06, 'epoch': 1.0}}"
+echo "{{'train_runtime': 1.0, 'train_loss': 1.9}}"
+exit ${{FAKE_EXIT:-0}}
+"#
+    );
+    std::fs::write(&p, script).unwrap();
+    std::os::unix::fs::PermissionsExt::set_mode(&mut std::fs::metadata(&p).unwrap().permissions(), 0o755);
+    let mut perm = std::fs::metadata(&p).unwrap().permissions();
+    std::os::unix::fs::PermissionsExt::set_mode(&mut perm, 0o755);
+    std::fs::set_permissions(&p, perm).unwrap();
+    p
+}
+
+#[test]
+fn sft_validates_writes_configs_launches_trl_and_records_the_run() {
+    let d = tempfile::tempdir().unwrap();
+    let (model, data) = setup(d.path());
+    let py = fake_python(d.path(), "");
+    let run = d.path().join("run");
+    let log = d.path().join("trainer.log");
+
+    // Dry run: the exact command and config files, nothing written.
+    let o = chatvec(&[
+        "sft",
+        "--model",
+        s(&model),
+        "--data",
+        s(&data),
+        "-o",
+        s(&run),
+        "--python",
+        s(&py),
+        "--dry-run",
+        "--max-steps",
+        "3",
+    ]);
+    ok(&o);
+    let text = stdout(&o);
+    assert!(text.contains("'import sys; from trl.cli import main; sys.exit(main())' sft --config"), "{text}");
+    assert!(
+        text.contains("sft_config.yaml\n")
+            && text.contains("learning_rate: 0.00001")
+            && text.contains("warmup_steps: 0.03"),
+        "{text}"
+    );
+    assert!(text.contains("assistant_only_loss: true") && text.contains("chat_template_path:"), "{text}");
+    assert!(text.contains("distributed_type: \"NO\"") && text.contains("{%- generation %}"), "{text}");
+    assert!(stderr(&o).contains("2 examples, 4 turns"), "{}", stderr(&o));
+    assert!(!run.exists());
+
+    let o = command()
+        .env("FAKE_LOG", &log)
+        .args([
+            "sft",
+            "--model",
+            s(&model),
+            "--data",
+            s(&data),
+            "-o",
+            s(&run),
+            "--python",
+            s(&py),
+            "--max-steps",
+            "2",
+        ])
+        .output()
+        .unwrap();
+    ok(&o);
+    assert!(stderr(&o).contains("warming up") && stderr(&o).contains("'loss': 1.25"), "{}", stderr(&o));
+    let args = std::fs::read_to_string(&log).unwrap();
+    assert!(
+        args.contains(&format!("sft --config {}/sft_config.yaml --accelerate_config", run.display())),
+        "{args}"
+    );
+    assert!(args.contains("PYTHONUNBUFFERED=1"), "{args}");
+    let train = std::fs::read_to_string(run.join("train.jsonl")).unwrap();
+    assert_eq!(train.lines().count(), 2);
+    assert!(train.contains("{\"messages\":[{\"role\":\"user\",\"content\":\"Add\\n\\n1+1\"}"), "{train}");
+    let rec: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(run.join("chatvec-sft-run.json")).unwrap()).unwrap();
+    assert_eq!(rec["final_loss"], 1.25);
+    assert_eq!(rec["steps_logged"], 2);
+    assert_eq!(rec["exit_code"], 0);
+    assert_eq!(rec["dataset"]["stats"]["sha256"], sha256_file(&data));
+    assert_eq!(rec["python"]["packages"]["trl"], "1.16.0");
+    assert!(rec["model"]["manifest_sha256"].is_null());
+    let files: Vec<&str> =
+        rec["files"].as_array().unwrap().iter().map(|f| f["file"].as_str().unwrap()).collect();
+    assert_eq!(files, ["chat_template.jinja", "sft_config.yaml", "accelerate_config.yaml", "train.jsonl"]);
+
+    // The trainer's exit code is chatvec's; the run dir needs --force.
+    let o = chatvec(&["sft", "--model", s(&model), "--data", s(&data), "-o", s(&run), "--python", s(&py)]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(stderr(&o).contains("already exists"), "{}", stderr(&o));
+    let o = command()
+        .env("FAKE_LOG", &log)
+        .env("FAKE_EXIT", "3")
+        .args(["sft", "--model", s(&model), "--data", s(&data), "-o", s(&run), "--python", s(&py), "--force"])
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(3), "{}", stderr(&o));
+    assert!(stderr(&o).contains("the trainer exited with code 3"), "{}", stderr(&o));
+}
+
+#[test]
+fn signals_are_forwarded_to_the_trainer() {
+    let d = tempfile::tempdir().unwrap();
+    let (model, data) = setup(d.path());
+    let py = fake_python(d.path(), "");
+    for (sig, code, seen) in [(libc::SIGINT, 7, "got-int"), (libc::SIGTERM, 9, "got-term")] {
+        let run = d.path().join(format!("run{sig}"));
+        let log = d.path().join(format!("log{sig}"));
+        let mut child = command()
+            .env("FAKE_LOG", &log)
+            .env("FAKE_MODE", "wait")
+            .args(["sft", "--model", s(&model), "--data", s(&data), "-o", s(&run), "--python", s(&py)])
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut err = BufReader::new(child.stderr.take().unwrap());
+        let mut line = String::new();
+        while err.read_line(&mut line).unwrap() > 0 && !line.contains("ready") {
+            line.clear();
+        }
+        unsafe { libc::kill(child.id() as i32, sig) };
+        let status = child.wait().unwrap();
+        assert_eq!(status.code(), Some(code), "signal {sig}");
+        assert!(std::fs::read_to_string(&log).unwrap().contains(seen), "signal {sig}");
+    }
+}
+
+#[test]
+fn bad_data_and_missing_packages_stop_before_the_trainer() {
+    let d = tempfile::tempdir().unwrap();
+    let (model, data) = setup(d.path());
+    let run = d.path().join("run");
+    let bad = d.path().join("bad.jsonl");
+    std::fs::write(&bad, "{\"messages\": [{\"role\": \"user\", \"content\": \"q\"}, {\"role\": \"assistant\", \"content\": \"a\"}]}\n{\"messages\": [{\"role\": \"narrator\", \"content\": \"x\"}]}\n").unwrap();
+    let py = fake_python(d.path(), "");
+    let o = chatvec(&["sft", "--model", s(&model), "--data", s(&bad), "-o", s(&run), "--python", s(&py)]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(stderr(&o).contains("bad.jsonl: line 2: messages[0]: role 'narrator'"), "{}", stderr(&o));
+    assert!(!run.exists());
+
+    let py2 = d.path().join("py2");
+    std::fs::create_dir(&py2).unwrap();
+    let missing = fake_python(&py2, "yes");
+    let o =
+        chatvec(&["sft", "--model", s(&model), "--data", s(&data), "-o", s(&run), "--python", s(&missing)]);
+    assert_eq!(o.status.code(), Some(1));
+    let e = stderr(&o);
+    assert!(
+        e.contains("lacks the Python package(s) trl, accelerate")
+            && e.contains("-m pip install trl accelerate"),
+        "{e}"
+    );
+    assert!(!e.contains("Traceback"));
+    assert!(!run.exists());
+
+    let o = chatvec(&[
+        "sft",
+        "--model",
+        s(&model),
+        "--data",
+        s(&data),
+        "-o",
+        s(&run),
+        "--python",
+        "/no/such/python",
+    ]);
+    assert!(
+        stderr(&o).contains("cannot run Python interpreter /no/such/python")
+            && stderr(&o).contains("CHATVEC_PYTHON"),
+        "{}",
+        stderr(&o)
+    );
+}
