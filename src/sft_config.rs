@@ -125,16 +125,18 @@ pub fn sft_config(
         "assistant_only_loss": t.assistant_only_loss,
         "seed": t.seed,
         "bf16": gpu,
-        "gradient_checkpointing": gpu,
         "logging_steps": 1,
         "save_strategy": "no",
         "report_to": "none",
     });
     let o = c.as_object_mut().expect("object");
+    // transformers 5 renamed gradient_checkpointing to activation_checkpointing.
     if transformers_major >= 5 {
         o.insert("warmup_steps".into(), json!(t.warmup_ratio));
+        o.insert("activation_checkpointing".into(), json!(gpu));
     } else {
         o.insert("warmup_ratio".into(), json!(t.warmup_ratio));
+        o.insert("gradient_checkpointing".into(), json!(gpu));
     }
     if t.lora {
         o.insert("use_peft".into(), json!(true));
