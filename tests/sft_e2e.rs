@@ -1,0 +1,72 @@
+//! The SFT stage for real: three tiny Llamas built with transformers, a chat
+//! vector applied by chatvec, then a few SFT steps on the CPU through
+//! `chatvec sft` running TRL. It needs the Python environment
+//! `scripts/sft-venv.sh` sets up (torch, transformers, trl, accelerate,
+//! datasets, peft); `.ci/run` sets it up and points CHATVEC_SFT_PYTHON at it.
+//! Without that variable the test says so and does nothing else.
+
+mod common;
+
+use std::path::PathBuf;
+use std::process::Command;
+
+use common::*;
+
+#[test]
+fn apply_then_a_few_real_sft_steps_on_the_cpu() {
+    let Some(py) = std::env::var_os("CHATVEC_SFT_PYTHON").map(PathBuf::from) else {
+        eprintln!(
+            "skipped: set CHATVEC_SFT_PYTHON to the interpreter scripts/sft-venv.sh prints (.ci/run does)"
+        );
+        return;
+    };
+    let d = tempfile::tempdir().unwrap();
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/make_tiny_llama.py");
+    let o = Command::new(&py).arg(script).arg(d.path()).output().unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+
+    let cv = d.path().join("cv");
+    ok(&chatvec(&[
+        "-q",
+        "apply",
+        "--base",
+        s(&d.path().join("base")),
+        "--chat",
+        s(&d.path().join("chat")),
+        "--pretrained",
+        s(&d.path().join("pretrained")),
+        "-o",
+        s(&cv),
+    ]));
+    let data = d.path().join("data.jsonl");
+    std::fs::write(
+        &data,
+        concat!(
+            "{\"messages\": [{\"role\": \"user\", \"content\": \"Hello\"}, {\"role\": \"assistant\", \"content\": \"Hello, how are you?\"}]}\n",
+            "{\"conversation\": [{\"role\": \"user\", \"content\": \"こんにちは\"}, {\"role\": \"assistant\", \"content\": \"今日はいい天気ですね。\"}]}\n",
+            "{\"instruction\": \"Add\", \"input\": \"1 + 1\", \"output\": \"2\"}\n",
+        ),
+    )
+    .unwrap();
+    let run = d.path().join("run");
+    let o = command()
+        .args(["sft", "--model", s(&cv), "--data", s(&data), "-o", s(&run), "--python", s(&py)])
+        .args(["--max-steps", "3", "--grad-accum", "1", "--max-seq-len", "128"])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "chatvec sft failed:\n{}", stderr(&o));
+
+    let rec: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(run.join("chatvec-sft-run.json")).unwrap()).unwrap();
+    let loss = rec["final_loss"].as_f64().expect("a loss was logged");
+    assert!(loss.is_finite(), "final loss {loss}");
+    assert_eq!(rec["steps_logged"], 3);
+    assert_eq!(rec["model"]["manifest_sha256"], sha256_file(&cv.join("chatvec-manifest.json")));
+    assert!(run.join("model/model.safetensors").is_file(), "{:?}", entries(&run.join("model")));
+
+    // The trained checkpoint loads and scores a chat prompt.
+    let check = "import math, sys\nfrom transformers import AutoModelForCausalLM, AutoTokenizer\nm = AutoModelForCausalLM.from_pretrained(sys.argv[1])\nt = AutoTokenizer.from_pretrained(sys.argv[1])\nids = t.apply_chat_template([{'role': 'user', 'content': 'Hello'}], add_generation_prompt=True, return_tensors='pt')\nids = ids['input_ids'] if hasattr(ids, 'keys') else ids\nloss = m(ids, labels=ids).loss.item()\nassert math.isfinite(loss), loss\nprint('ok', loss)\n";
+    let o = Command::new(&py).arg("-c").arg(check).arg(run.join("model")).output().unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(String::from_utf8_lossy(&o.stdout).starts_with("ok "));
+}
