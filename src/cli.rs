@@ -58,6 +58,8 @@ pub enum Command {
     Verify(VerifyArgs),
     /// Supervised fine-tuning of a model with TRL (launched and supervised as a child process).
     Sft(crate::sft::SftArgs),
+    /// Run a recipe with an [sft] section: merge into DIR/merged, verify it, then SFT into DIR/sft.
+    Run(RunArgs),
     /// Show a checkpoint's shards, tensors, parameter count and config.
     Inspect(InspectArgs),
     /// Run extract, apply and inspect on tiny built-in models (no download).
@@ -121,6 +123,19 @@ pub struct WriteArgs {
 #[derive(Args, Debug)]
 pub struct MergeArgs {
     /// A recipe: a chatvec .toml file, a mergekit .yml config, or the name of a shipped recipe.
+    pub recipe: String,
+
+    /// Seed for DARE/DELLA masks (default: the recipe's `seed`, else 0).
+    #[arg(long)]
+    pub seed: Option<u64>,
+
+    #[command(flatten)]
+    pub out: OutArgs,
+}
+
+#[derive(Args, Debug)]
+pub struct RunArgs {
+    /// A chatvec .toml recipe with an [sft] section, or the name of a shipped recipe.
     pub recipe: String,
 
     /// Seed for DARE/DELLA masks (default: the recipe's `seed`, else 0).
@@ -341,6 +356,48 @@ fn report(s: &Summary, json: bool) -> Result<()> {
     Ok(())
 }
 
+/// `chatvec run`: merge, verify, SFT, each step's output under one directory.
+fn run_recipe(a: &RunArgs, quiet: bool, json: bool) -> Result<()> {
+    let recipe = crate::recipe::load_recipe(&a.recipe)?;
+    let Some(section) = recipe.sft.clone() else {
+        return Err(Error::Usage(format!("{} has no [sft] section", recipe.path.display()))
+            .with_hint("add one (data = \"chat.jsonl\", ...), or run just the merge with `chatvec merge`"));
+    };
+    let root = &a.out.output;
+    let (merged, sft_dir) = (root.join("merged"), root.join("sft"));
+    // Check the [sft] options before the long merge.
+    let mut sft = crate::sft::args_from_options(&section, &merged, &sft_dir)?;
+    sft.force = a.out.force;
+    sft.dry_run = a.out.dry_run;
+    if root.exists() && !a.out.force && !a.out.dry_run {
+        return Err(Error::OutputExists(root.clone()).with_hint("pass --force to replace it"));
+    }
+    if !a.out.dry_run {
+        std::fs::create_dir_all(root).map_err(|e| Error::io("creating", root, e))?;
+    }
+    let mut merge_out = settings(&a.out, quiet);
+    merge_out.out = merged.clone();
+    let s = job::merge(&recipe, a.seed, &merge_out)?;
+    report(&s, json)?;
+    if a.out.dry_run {
+        crate::sft_data::process(&sft.data, None)?;
+        let line: Vec<String> = section.iter().map(|x| format!("'{x}'")).collect();
+        return out(&format!(
+            "then: chatvec sft --model {} -o {} {}\n",
+            merged.display(),
+            sft_dir.display(),
+            line.join(" ")
+        ));
+    }
+    let v = crate::verify::verify(&merged, None)?;
+    note(&format!("verified {}: {} files match the manifest", merged.display(), v.checks.len()));
+    v.into_result()?;
+    match crate::sft::run(&sft, quiet)? {
+        0 => Ok(()),
+        code => Err(Error::Trainer(code)),
+    }
+}
+
 /// Runs a parsed command line.
 pub fn run(cli: Cli) -> Result<()> {
     QUIET.store(cli.quiet, Ordering::Relaxed);
@@ -395,6 +452,7 @@ pub fn run(cli: Cli) -> Result<()> {
             0 => Ok(()),
             code => Err(Error::Trainer(code)),
         },
+        Command::Run(a) => run_recipe(&a, cli.quiet, cli.json),
         Command::Inspect(a) => {
             let ck = open_model(&a.model)?;
             let r = crate::inspect::report(&ck)?;

@@ -104,12 +104,14 @@ pub struct Recipe {
     pub allow_mismatch: bool,
     /// `tokenizer_source: union`.
     pub union: bool,
+    /// The `[sft]` section as `chatvec sft` options (`chatvec run`).
+    pub sft: Option<Vec<String>>,
 }
 
 const MERGEKIT_KEYS: &[&str] =
     &["merge_method", "base_model", "models", "parameters", "dtype", "out_dtype", "tokenizer_source"];
 const TOML_ONLY_KEYS: &[&str] =
-    &["name", "description", "seed", "shard_size", "allow_mismatch", "vector", "chat", "pretrained"];
+    &["name", "description", "seed", "shard_size", "allow_mismatch", "vector", "chat", "pretrained", "sft"];
 /// mergekit features chatvec does not implement.
 const UNSUPPORTED: &[(&str, &str)] = &[
     ("slices", "layer slices (passthrough/frankenmerges)"),
@@ -243,6 +245,10 @@ pub fn parse_recipe(text: &str, path: &Path) -> Result<Recipe> {
         seed,
         allow_mismatch: r.boolean("allow_mismatch")?.unwrap_or(false),
         union,
+        sft: match root.get("sft") {
+            None => None,
+            Some(v) => Some(sft_section(v, path).map_err(|m| r.err(&m))?),
+        },
     })
 }
 
@@ -406,6 +412,37 @@ impl Reader<'_> {
     }
 }
 
+/// The `[sft]` table as `chatvec sft` options: `key = value` becomes
+/// `--key value` (`_` spelled `-`), `true` a bare flag; `data` and `python`
+/// paths are relative to the recipe's directory. The options themselves are
+/// checked by `chatvec sft`'s own parser (`sft::args_from_options`).
+fn sft_section(v: &Value, path: &Path) -> std::result::Result<Vec<String>, String> {
+    let Value::Object(m) = v else { return Err("[sft] must be a table".into()) };
+    let dir = path.parent().unwrap_or(Path::new(""));
+    let mut out = Vec::new();
+    for (k, v) in m {
+        if matches!(k.as_str(), "model" | "output") {
+            return Err(format!("sft.{k}: `chatvec run` sets it (the merged model, the run directory)"));
+        }
+        let flag = format!("--{}", k.replace('_', "-"));
+        match v {
+            Value::Bool(true) => out.push(flag),
+            Value::Bool(false) if k == "assistant_only_loss" => out.extend([flag, "false".into()]),
+            Value::Bool(false) => {}
+            Value::Number(n) => out.extend([flag, n.to_string()]),
+            Value::String(s) if matches!(k.as_str(), "data" | "python") && Path::new(s).is_relative() => {
+                out.extend([flag, dir.join(s).display().to_string()])
+            }
+            Value::String(s) => out.extend([flag, s.clone()]),
+            other => return Err(format!("sft.{k}: expected a number, string or true/false, not {other}")),
+        }
+    }
+    if !m.contains_key("data") {
+        return Err("sft.data: required (the chat data, JSONL)".into());
+    }
+    Ok(out)
+}
+
 fn string_at(m: &Map<String, Value>, k: &str, at: &str) -> std::result::Result<Option<String>, String> {
     match m.get(k) {
         None | Some(Value::Null) => Ok(None),
@@ -498,6 +535,21 @@ mod tests {
                 "merge_method = \"chat_vector\"\nbase_model = \"b\"\nvector = \"v\"\ntokenizer_source = \"union\"\n",
                 "c.toml",
                 "tokenizer_source: union is for merge methods",
+            ),
+            (
+                "merge_method = \"ties\"\nmodels = [\"a/b\"]\n[sft]\nepochs = 1\n",
+                "c.toml",
+                "sft.data: required",
+            ),
+            (
+                "merge_method = \"ties\"\nmodels = [\"a/b\"]\n[sft]\ndata = \"d\"\nmodel = \"m\"\n",
+                "c.toml",
+                "sft.model: `chatvec run` sets it",
+            ),
+            (
+                "merge_method = \"ties\"\nmodels = [\"a/b\"]\n[sft]\ndata = [1]\n",
+                "c.toml",
+                "sft.data: expected a number",
             ),
             (
                 "merge_method: ties\nmodels: [a/b]\ntokenizer_source: a/c\n",

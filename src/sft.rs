@@ -116,6 +116,23 @@ pub struct SftArgs {
     pub python: Option<PathBuf>,
 }
 
+/// `chatvec sft` options parsed from a recipe's `[sft]` section, for
+/// `model` into `output`.
+pub fn args_from_options(options: &[String], model: &Path, output: &Path) -> Result<SftArgs> {
+    #[derive(clap::Parser)]
+    #[command(name = "[sft]", no_binary_name = true)]
+    struct Only {
+        #[command(flatten)]
+        args: SftArgs,
+    }
+    let mut argv =
+        vec!["--model".to_string(), model.display().to_string(), "-o".into(), output.display().to_string()];
+    argv.extend(options.iter().cloned());
+    <Only as clap::Parser>::try_parse_from(argv)
+        .map(|o| o.args)
+        .map_err(|e| Error::Usage(format!("the recipe's [sft] section: {}", e.render().to_string().trim())))
+}
+
 /// Prints the versions of the packages the run needs, as JSON, and whether
 /// a GPU is visible; never a traceback.
 const CHECK_SCRIPT: &str = r#"

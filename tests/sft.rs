@@ -226,3 +226,51 @@ fn bad_data_and_missing_packages_stop_before_the_trainer() {
         stderr(&o)
     );
 }
+
+#[test]
+fn run_merges_verifies_then_trains_from_one_recipe() {
+    let d = tempfile::tempdir().unwrap();
+    let t = trio(d.path(), Ty::BF16, 1);
+    let (_, data) = setup(&d.path().join("other"));
+    std::fs::copy(&data, d.path().join("chat.jsonl")).unwrap();
+    let py = fake_python(d.path(), "");
+    let recipe = d.path().join("recipe.toml");
+    let body = format!(
+        "merge_method = \"chat_vector\"\nbase_model = \"{}\"\nchat = \"{}\"\npretrained = \"{}\"\n[sft]\ndata = \"chat.jsonl\"\nmax_steps = 2\nlr = 2e-5\nassistant_only_loss = false\npython = \"{}\"\n",
+        t.base.display(),
+        t.chat.display(),
+        t.pre.display(),
+        py.display()
+    );
+    std::fs::write(&recipe, &body).unwrap();
+    let out = d.path().join("out");
+    let log = d.path().join("log");
+    let o = command().env("FAKE_LOG", &log).args(["run", s(&recipe), "-o", s(&out)]).output().unwrap();
+    ok(&o);
+    assert!(
+        stderr(&o).contains("verified") && stderr(&o).contains("files match the manifest"),
+        "{}",
+        stderr(&o)
+    );
+    let local = d.path().join("local");
+    ok(&apply_streaming(&t, &local, &["-q"]));
+    assert_eq!(shard_hashes(&out.join("merged")), shard_hashes(&local));
+    let rec: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out.join("sft/chatvec-sft-run.json")).unwrap()).unwrap();
+    assert_eq!(rec["model"]["path"], s(&out.join("merged")));
+    assert_eq!(rec["model"]["manifest_sha256"], sha256_file(&out.join("merged/chatvec-manifest.json")));
+    let cfg = std::fs::read_to_string(out.join("sft/sft_config.yaml")).unwrap();
+    assert!(cfg.contains("learning_rate: 0.00002") && cfg.contains("max_steps: 2"), "{cfg}");
+
+    // A bad [sft] option fails before anything is merged; no [sft] at all too.
+    std::fs::write(&recipe, body.replace("lr = 2e-5", "learning_rate = 2e-5")).unwrap();
+    let out2 = d.path().join("out2");
+    let o = chatvec(&["run", s(&recipe), "-o", s(&out2)]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(stderr(&o).contains("[sft] section") && stderr(&o).contains("--learning-rate"), "{}", stderr(&o));
+    assert!(!out2.exists());
+    std::fs::write(&recipe, body.split("[sft]").next().unwrap()).unwrap();
+    let o = chatvec(&["run", s(&recipe), "-o", s(&out2)]);
+    assert!(stderr(&o).contains("has no [sft] section"), "{}", stderr(&o));
+    assert!(!out2.exists());
+}
