@@ -429,6 +429,16 @@ pub fn run(a: &SftArgs, quiet: bool) -> Result<i32> {
         return Ok(0);
     }
     if a.output.exists() {
+        // --force replaces a run directory, never what the run reads or
+        // the directory it was started from.
+        let out = std::fs::canonicalize(&a.output).map_err(|e| Error::io("resolving", &a.output, e))?;
+        let inside = |p: &Path| std::fs::canonicalize(p).is_ok_and(|c| c.starts_with(&out));
+        if inside(&p.model_dir) || inside(&a.data) || std::env::current_dir().is_ok_and(|c| inside(&c)) {
+            return Err(Error::Usage(format!(
+                "{} holds the model, the data or the current directory; choose another run directory",
+                a.output.display()
+            )));
+        }
         std::fs::remove_dir_all(&a.output).map_err(|e| Error::io("removing", &a.output, e))?;
     }
     std::fs::create_dir_all(&a.output).map_err(|e| Error::io("creating", &a.output, e))?;

@@ -151,6 +151,23 @@ fn sft_validates_writes_configs_launches_trl_and_records_the_run() {
         .unwrap();
     assert_eq!(o.status.code(), Some(3), "{}", stderr(&o));
     assert!(stderr(&o).contains("the trainer exited with code 3"), "{}", stderr(&o));
+
+    // --force never deletes what the run reads.
+    let o = chatvec(&[
+        "sft",
+        "--model",
+        s(&model),
+        "--data",
+        s(&data),
+        "-o",
+        s(d.path()),
+        "--python",
+        s(&py),
+        "--force",
+    ]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(stderr(&o).contains("holds the model, the data or the current directory"), "{}", stderr(&o));
+    assert!(model.join("config.json").exists() && data.exists());
 }
 
 #[test]
