@@ -129,17 +129,7 @@ impl Checkpoint {
             }
             let (map, stamp) = map_file(&path)?;
             let stored: Vec<Tensor> = if bin {
-                read_bin(&path, map.len() as u64)?
-                    .into_iter()
-                    .map(|t| Tensor {
-                        name: t.name,
-                        dtype: t.dtype,
-                        shape: t.shape,
-                        shard: si,
-                        start: t.start,
-                        len: t.len,
-                    })
-                    .collect()
+                read_bin(&path, map.len() as u64, si)?
             } else {
                 let header = parse_header(&map, &path)?;
                 header

@@ -21,7 +21,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 use rayon::prelude::*;
 use sha2::{Digest, Sha256};
 
-use crate::arith::{self, Operand};
+use crate::arith;
 use crate::dtype::FloatType;
 use crate::error::{Error, Result};
 use crate::hash_cache::HashCache;
@@ -122,10 +122,6 @@ fn jobs(plan: &Plan, chunk_elems: u64) -> Vec<Job> {
     jobs
 }
 
-fn operand(plan: &Plan, s: Source) -> Operand<'_> {
-    plan.operand(s)
-}
-
 /// Statistics of the merged tensors being computed, by tensor index.
 type StatsMap = HashMap<usize, Arc<TensorStats>>;
 
@@ -145,12 +141,12 @@ fn compute(plan: &Plan, t: &OutTensor, stats: Option<&TensorStats>, elems: Range
             out,
         ),
         Op::Convert(src) => {
-            let s = operand(plan, *src).slice(elems.start as usize, (elems.end - elems.start) as usize);
+            let s = plan.operand(*src).slice(elems.start as usize, (elems.end - elems.start) as usize);
             arith::convert(out_ty, out, s);
         }
         Op::Arith { formula, runs, row_len } => {
             let l = *row_len;
-            let base = operand(plan, formula.base());
+            let base = plan.operand(formula.base());
             let mut p = elems.start;
             let mut ri = runs.partition_point(|r| (r.base_row + r.rows) * l <= p);
             while p < elems.end {
@@ -171,22 +167,19 @@ fn compute(plan: &Plan, t: &OutTensor, stats: Option<&TensorStats>, elems: Range
                 let o = &mut out[at(p)..at(end)];
                 let b = base.slice(p as usize, n);
                 match *formula {
-                    Formula::Diff { chat, pre } => arith::diff(
-                        out_ty,
-                        o,
-                        operand(plan, chat).slice(v, n),
-                        operand(plan, pre).slice(v, n),
-                    ),
+                    Formula::Diff { chat, pre } => {
+                        arith::diff(out_ty, o, plan.operand(chat).slice(v, n), plan.operand(pre).slice(v, n))
+                    }
                     Formula::AddDiff { chat, pre, scale, .. } => arith::add_diff(
                         out_ty,
                         o,
                         b,
-                        operand(plan, chat).slice(v, n),
-                        operand(plan, pre).slice(v, n),
+                        plan.operand(chat).slice(v, n),
+                        plan.operand(pre).slice(v, n),
                         scale,
                     ),
                     Formula::AddScaled { vector, scale, .. } => {
-                        arith::add_scaled(out_ty, o, b, operand(plan, vector).slice(v, n), scale)
+                        arith::add_scaled(out_ty, o, b, plan.operand(vector).slice(v, n), scale)
                     }
                 }
                 p = end;

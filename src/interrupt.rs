@@ -49,8 +49,14 @@ pub fn check() -> Result<()> {
 }
 
 /// While set, signals never exit the process; `signals_seen` reports them.
+/// Ending supervision forgets them: they were forwarded to the trainer, whose
+/// exit code says what came of them, and the run's record still has to be
+/// written.
 pub fn set_supervising(on: bool) {
     SUPERVISING.store(on, Ordering::SeqCst);
+    if !on {
+        COUNT.store(0, Ordering::SeqCst);
+    }
 }
 
 /// How many signals have arrived, and the last one.

@@ -319,16 +319,17 @@ fn add_union_tokens(side: &mut SideFiles, plan: &Plan, u: &VocabUnion) -> Result
         serde_json::from_slice(bytes).map_err(|e| Error::Internal(format!("{name}: {e}")))
     };
     // The added-token flags each source tokenizer gives a token.
-    let mut flags: HashMap<usize, serde_json::Value> = HashMap::new();
-    let flag_of = |flags: &mut HashMap<usize, serde_json::Value>,
-                   input: usize,
-                   tok: &str|
-     -> serde_json::Value {
-        let tj = flags.entry(input).or_insert_with(|| {
-            let p = plan.inputs[input].ckpt.dir.join("tokenizer.json");
-            crate::json::read_value(&p, 1 << 30).unwrap_or_default()
-        });
-        let found = tj.get("added_tokens").and_then(serde_json::Value::as_array).and_then(|a| {
+    // Each source tokenizer once (the plan already parsed it; a read error
+    // now is an error, not default flags).
+    let mut sources: HashMap<usize, serde_json::Value> = HashMap::new();
+    for (_, _, input) in &u.added {
+        if !sources.contains_key(input) {
+            let p = plan.inputs[*input].ckpt.dir.join("tokenizer.json");
+            sources.insert(*input, crate::json::read_value(&p, 1 << 30)?);
+        }
+    }
+    let flag_of = |input: usize, tok: &str| -> serde_json::Value {
+        let found = sources[&input].get("added_tokens").and_then(serde_json::Value::as_array).and_then(|a| {
             a.iter().find(|t| t.get("content").and_then(serde_json::Value::as_str) == Some(tok))
         });
         let get =
@@ -339,7 +340,7 @@ fn add_union_tokens(side: &mut SideFiles, plan: &Plan, u: &VocabUnion) -> Result
         })
     };
     let entries: Vec<(u64, serde_json::Value)> =
-        u.added.iter().map(|(id, tok, input)| (*id, flag_of(&mut flags, *input, tok))).collect();
+        u.added.iter().map(|(id, tok, input)| (*id, flag_of(*input, tok))).collect();
     if let Some(bytes) = side.get("tokenizer.json") {
         let mut v = json(bytes, "tokenizer.json")?;
         let list = v

@@ -257,7 +257,8 @@ fn find_rank(hist: &[u64], r: u64) -> (usize, u64) {
 /// for the low 16 bits inside the one or two bins that hold the ranks.
 fn select2(base: View, x: View, n: u64, lo: u64, hi: u64) -> [(u32, u64); 2] {
     let high = histogram(base, x, n, 1 << 15, |v| Some((v >> 16) as usize));
-    let (bins, before) = ([lo, hi].map(|r| find_rank(&high, r).0), [lo, hi].map(|r| find_rank(&high, r).1));
+    let found = [lo, hi].map(|r| find_rank(&high, r));
+    let (bins, before) = (found.map(|f| f.0), found.map(|f| f.1));
     let (b0, b1) = (bins[0] as u32, bins[1] as u32);
     let low = histogram(base, x, n, 2 << 16, |v| {
         let (h, l) = (v >> 16, (v & 0xffff) as usize);

@@ -15,7 +15,6 @@ use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
 use serde::Serialize;
 use serde_json::{Value, json};
-use sha2::{Digest, Sha256};
 
 use crate::error::{Error, Result};
 use crate::json::to_pretty;
@@ -26,7 +25,8 @@ use crate::sft_config::{
     deepspeed_zero3, has_generation_markers, is_llama3_style, sft_config, to_yaml,
 };
 use crate::sft_data::{DataStats, process};
-use crate::writer::hex;
+use crate::sidecars::chat_template_text;
+use crate::writer::sha256_file;
 
 pub const PYTHON_ENV: &str = "CHATVEC_PYTHON";
 pub const RECORD_FILE: &str = "chatvec-sft-run.json";
@@ -200,20 +200,6 @@ pub fn check_python(python: &Path, needed: &[&str]) -> Result<PythonEnv> {
     })
 }
 
-/// The model's chat template, from tokenizer_config.json or chat_template.jinja.
-fn chat_template(dir: &Path) -> Option<String> {
-    if let Ok(t) = std::fs::read_to_string(dir.join("chat_template.jinja")) {
-        return Some(t);
-    }
-    let v = crate::json::read_value(&dir.join("tokenizer_config.json"), 64 << 20).ok()?;
-    v.get("chat_template").and_then(Value::as_str).map(str::to_string)
-}
-
-fn sha256_file(p: &Path) -> Result<String> {
-    let bytes = std::fs::read(p).map_err(|e| Error::io("reading", p, e))?;
-    Ok(hex(&Sha256::digest(&bytes)))
-}
-
 /// A config file of the run: name and text.
 struct RunFile {
     name: &'static str,
@@ -260,7 +246,7 @@ fn prepare(a: &SftArgs) -> Result<Prepared> {
     let mut files = Vec::new();
     let mut template_path = None;
     if a.assistant_only_loss {
-        let t = chat_template(&model_dir).ok_or_else(|| {
+        let t = chat_template_text(&model_dir)?.ok_or_else(|| {
             Error::Usage(format!("{} has no chat template, so chat data cannot be rendered", model_dir.display()))
                 .with_hint("apply a chat vector with chatvec (it installs the chat model's template), or add one to tokenizer_config.json")
         })?;

@@ -96,6 +96,27 @@ fn find_template(dir: &Path) -> Result<Option<Template>> {
     Ok(None)
 }
 
+/// The text of the chat template in `dir`, if there is one: the
+/// `chat_template.jinja` file, or the `chat_template` string (or, for a list
+/// of named templates, the one named `default`, else the first).
+pub fn chat_template_text(dir: &Path) -> Result<Option<String>> {
+    Ok(match find_template(dir)? {
+        None => None,
+        Some(Template::File(s)) => Some(s),
+        Some(Template::Value(Value::String(s))) => Some(s),
+        Some(Template::Value(Value::Array(list))) => {
+            let named = |n: &Value| n.get("name").and_then(Value::as_str) == Some("default");
+            list.iter()
+                .find(|t| named(t))
+                .or(list.first())
+                .and_then(|t| t.get("template"))
+                .and_then(Value::as_str)
+                .map(str::to_string)
+        }
+        Some(Template::Value(_)) => None,
+    })
+}
+
 /// Reads the side files of `from` that exist, to be copied unchanged; JSON
 /// ones must parse.
 pub fn read_side_files(from: &Path) -> Result<SideFiles> {

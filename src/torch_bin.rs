@@ -11,24 +11,17 @@
 use std::fs::File;
 use std::path::Path;
 
+use crate::checkpoint::Tensor;
 use crate::dtype::DType;
 use crate::error::{Error, Result};
-
-/// One tensor of a `.bin` file: its absolute byte range in the file.
-pub struct BinTensor {
-    pub name: String,
-    pub dtype: DType,
-    pub shape: Vec<u64>,
-    pub start: u64,
-    pub len: u64,
-}
 
 fn dtype_of(d: candle_core::DType) -> Option<DType> {
     DType::parse(&d.as_str().to_ascii_uppercase())
 }
 
-/// Reads the tensor table of the `.bin` file at `path` (of `file_len` bytes).
-pub fn read_bin(path: &Path, file_len: u64) -> Result<Vec<BinTensor>> {
+/// Reads the tensor table of the `.bin` file at `path` (of `file_len`
+/// bytes), shard `shard` of its checkpoint: absolute byte ranges in the file.
+pub fn read_bin(path: &Path, file_len: u64, shard: usize) -> Result<Vec<Tensor>> {
     let bad = |m: String| Error::format(path, m);
     let infos = candle_core::pickle::read_pth_tensor_info(path, false, None).map_err(|e| {
         bad(format!(
@@ -77,7 +70,7 @@ pub fn read_bin(path: &Path, file_len: u64) -> Result<Vec<BinTensor>> {
                 info.path
             )));
         }
-        out.push(BinTensor { name, dtype, shape, start, len });
+        out.push(Tensor { name, dtype, shape, shard, start, len });
     }
     out.sort_by_key(|t| (t.start, t.name.clone()));
     Ok(out)

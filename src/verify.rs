@@ -5,14 +5,12 @@
 //! compared with the recorded ones as well.
 
 use std::fmt::Write as _;
-use std::io::Read;
 use std::path::Path;
 use std::sync::atomic::AtomicBool;
 
 use rayon::prelude::*;
 use serde::Serialize;
 use serde_json::Value;
-use sha2::{Digest, Sha256};
 
 use crate::error::{Error, Result};
 use crate::hash_cache::HashCache;
@@ -21,7 +19,7 @@ use crate::json::read_value;
 use crate::manifest::MANIFEST_FILE;
 use crate::recipe::load_recipe;
 use crate::resolve::open_model;
-use crate::writer::hex;
+use crate::writer::sha256_file;
 
 const MAX_MANIFEST_BYTES: u64 = 64 << 20;
 
@@ -64,23 +62,12 @@ impl VerifyReport {
     }
 }
 
+/// The file's sha256, or None when it is missing.
 fn sha256_of(path: &Path) -> Result<Option<String>> {
-    let mut f = match std::fs::File::open(path) {
-        Ok(f) => f,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-        Err(e) => return Err(Error::io("opening", path, e)),
-    };
-    let mut h = Sha256::new();
-    let mut buf = vec![0u8; 8 << 20];
-    loop {
-        let n = f.read(&mut buf).map_err(|e| Error::io("reading", path, e))?;
-        if n == 0 {
-            break;
-        }
-        h.update(&buf[..n]);
-        crate::interrupt::check()?;
+    if !path.exists() {
+        return Ok(None);
     }
-    Ok(Some(hex(&h.finalize())))
+    sha256_file(path).map(Some)
 }
 
 fn listed(manifest: &Value, key: &str, file: &Path) -> Result<Vec<(String, String)>> {

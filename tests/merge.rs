@@ -577,29 +577,27 @@ fn bad_merges_are_named_and_leave_nothing() {
     );
 }
 
+/// Writes a tiny bf16 Llama (values `seed`) whose vocabulary is `toks`.
+fn vocab_model(dir: &Path, seed: u32, toks: &[String]) {
+    let n = toks.len() as u64;
+    write_model(dir, &llama(seed, n, false, Ty::BF16), 1, &config(n, false, LAYERS), Some(toks));
+}
+
+/// 20 tokens: `base`'s reversed, minus t5, plus new0..new4.
+fn wide_vocab(base: &[String]) -> Vec<String> {
+    let mut v: Vec<String> = base.iter().rev().filter(|t| *t != "t5").cloned().collect();
+    v.extend((0..5).map(|i| format!("new{i}")));
+    v
+}
+
 #[test]
 fn models_with_other_vocabularies_are_aligned_to_the_base_by_token() {
     let d = tempfile::tempdir().unwrap();
     let base_tokens = tokens(16);
-    let base = llama(1, 16, false, Ty::BF16);
-    write_model(&d.path().join("base"), &base, 1, &config(16, false, LAYERS), Some(&base_tokens));
-    write_model(
-        &d.path().join("m1"),
-        &llama(2, 16, false, Ty::BF16),
-        1,
-        &config(16, false, LAYERS),
-        Some(&base_tokens),
-    );
-    // 20 rows: the base's tokens reversed, minus t5, plus five new ones.
-    let mut wide_tokens: Vec<String> = base_tokens.iter().rev().filter(|t| *t != "t5").cloned().collect();
-    wide_tokens.extend((0..5).map(|i| format!("new{i}")));
-    write_model(
-        &d.path().join("m2"),
-        &llama(3, 20, false, Ty::BF16),
-        1,
-        &config(20, false, LAYERS),
-        Some(&wide_tokens),
-    );
+    vocab_model(&d.path().join("base"), 1, &base_tokens);
+    vocab_model(&d.path().join("m1"), 2, &base_tokens);
+    let wide_tokens = wide_vocab(&base_tokens);
+    vocab_model(&d.path().join("m2"), 3, &wide_tokens);
     let m = Models { root: d.path().to_path_buf() };
     let recipe = "merge_method = \"task_arithmetic\"\nbase_model = \"{base}\"\nout_dtype = \"float32\"\nmodels = [\"{m1}\", \"{m2}\"]\n[parameters]\nweight = 0.5\n";
     let out = d.path().join("out");
@@ -646,31 +644,12 @@ fn models_with_other_vocabularies_are_aligned_to_the_base_by_token() {
 fn tokenizer_source_union_adds_every_models_tokens() {
     let d = tempfile::tempdir().unwrap();
     let base_tokens = tokens(16);
-    write_model(
-        &d.path().join("base"),
-        &llama(1, 16, false, Ty::BF16),
-        1,
-        &config(16, false, LAYERS),
-        Some(&base_tokens),
-    );
+    vocab_model(&d.path().join("base"), 1, &base_tokens);
     let mut m1_tokens = base_tokens.clone();
     m1_tokens.push("new0".into());
-    write_model(
-        &d.path().join("m1"),
-        &llama(2, 17, false, Ty::BF16),
-        1,
-        &config(17, false, LAYERS),
-        Some(&m1_tokens),
-    );
-    let mut wide_tokens: Vec<String> = base_tokens.iter().rev().filter(|t| *t != "t5").cloned().collect();
-    wide_tokens.extend((0..5).map(|i| format!("new{i}")));
-    write_model(
-        &d.path().join("m2"),
-        &llama(3, 20, false, Ty::BF16),
-        1,
-        &config(20, false, LAYERS),
-        Some(&wide_tokens),
-    );
+    vocab_model(&d.path().join("m1"), 2, &m1_tokens);
+    let wide_tokens = wide_vocab(&base_tokens);
+    vocab_model(&d.path().join("m2"), 3, &wide_tokens);
     let m = Models { root: d.path().to_path_buf() };
     let recipe = "merge_method = \"task_arithmetic\"\nbase_model = \"{base}\"\nout_dtype = \"float32\"\ntokenizer_source = \"union\"\nmodels = [\"{m1}\", \"{m2}\"]\n[parameters]\nweight = 0.5\n";
     let out = d.path().join("out");

@@ -6,11 +6,18 @@ mod common;
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
-use std::process::Stdio;
+use std::process::{Command, Stdio};
 
 use common::*;
 
 const LLAMA3_TEMPLATE: &str = "{% for message in messages %}{{ '<|start_header_id|>' + message['role'] + '<|end_header_id|>\\n\\n' + message['content'] | trim + '<|eot_id|>' }}{% endfor %}";
+
+/// `chatvec sft` on `model` and `data` into `run` with interpreter `python`.
+fn sft(model: &Path, data: &Path, run: &Path, python: &Path) -> Command {
+    let mut c = command();
+    c.args(["sft", "--model", s(model), "--data", s(data), "-o", s(run), "--python", s(python)]);
+    c
+}
 
 /// A model directory with a Llama-3-style chat template, and a data file.
 fn setup(root: &Path) -> (PathBuf, PathBuf) {
@@ -71,20 +78,7 @@ fn sft_validates_writes_configs_launches_trl_and_records_the_run() {
     let log = d.path().join("trainer.log");
 
     // Dry run: the exact command and config files, nothing written.
-    let o = chatvec(&[
-        "sft",
-        "--model",
-        s(&model),
-        "--data",
-        s(&data),
-        "-o",
-        s(&run),
-        "--python",
-        s(&py),
-        "--dry-run",
-        "--max-steps",
-        "3",
-    ]);
+    let o = sft(&model, &data, &run, &py).args(["--dry-run", "--max-steps", "3"]).output().unwrap();
     ok(&o);
     let text = stdout(&o);
     assert!(text.contains("'import sys; from trl.cli import main; sys.exit(main())' sft --config"), "{text}");
@@ -99,23 +93,7 @@ fn sft_validates_writes_configs_launches_trl_and_records_the_run() {
     assert!(stderr(&o).contains("2 examples, 4 turns"), "{}", stderr(&o));
     assert!(!run.exists());
 
-    let o = command()
-        .env("FAKE_LOG", &log)
-        .args([
-            "sft",
-            "--model",
-            s(&model),
-            "--data",
-            s(&data),
-            "-o",
-            s(&run),
-            "--python",
-            s(&py),
-            "--max-steps",
-            "2",
-        ])
-        .output()
-        .unwrap();
+    let o = sft(&model, &data, &run, &py).env("FAKE_LOG", &log).args(["--max-steps", "2"]).output().unwrap();
     ok(&o);
     assert!(stderr(&o).contains("warming up") && stderr(&o).contains("'loss': 1.25"), "{}", stderr(&o));
     let args = std::fs::read_to_string(&log).unwrap();
@@ -140,13 +118,13 @@ fn sft_validates_writes_configs_launches_trl_and_records_the_run() {
     assert_eq!(files, ["chat_template.jinja", "sft_config.yaml", "accelerate_config.yaml", "train.jsonl"]);
 
     // The trainer's exit code is chatvec's; the run dir needs --force.
-    let o = chatvec(&["sft", "--model", s(&model), "--data", s(&data), "-o", s(&run), "--python", s(&py)]);
+    let o = sft(&model, &data, &run, &py).output().unwrap();
     assert_eq!(o.status.code(), Some(1));
     assert!(stderr(&o).contains("already exists"), "{}", stderr(&o));
-    let o = command()
+    let o = sft(&model, &data, &run, &py)
         .env("FAKE_LOG", &log)
         .env("FAKE_EXIT", "3")
-        .args(["sft", "--model", s(&model), "--data", s(&data), "-o", s(&run), "--python", s(&py), "--force"])
+        .args(["--force"])
         .output()
         .unwrap();
     assert_eq!(o.status.code(), Some(3), "{}", stderr(&o));
@@ -178,10 +156,9 @@ fn signals_are_forwarded_to_the_trainer() {
     for (sig, code, seen) in [(libc::SIGINT, 7, "got-int"), (libc::SIGTERM, 9, "got-term")] {
         let run = d.path().join(format!("run{sig}"));
         let log = d.path().join(format!("log{sig}"));
-        let mut child = command()
+        let mut child = sft(&model, &data, &run, &py)
             .env("FAKE_LOG", &log)
             .env("FAKE_MODE", "wait")
-            .args(["sft", "--model", s(&model), "--data", s(&data), "-o", s(&run), "--python", s(&py)])
             .stderr(Stdio::piped())
             .spawn()
             .unwrap();
@@ -205,7 +182,7 @@ fn bad_data_and_missing_packages_stop_before_the_trainer() {
     let bad = d.path().join("bad.jsonl");
     std::fs::write(&bad, "{\"messages\": [{\"role\": \"user\", \"content\": \"q\"}, {\"role\": \"assistant\", \"content\": \"a\"}]}\n{\"messages\": [{\"role\": \"narrator\", \"content\": \"x\"}]}\n").unwrap();
     let py = fake_python(d.path(), "");
-    let o = chatvec(&["sft", "--model", s(&model), "--data", s(&bad), "-o", s(&run), "--python", s(&py)]);
+    let o = sft(&model, &bad, &run, &py).output().unwrap();
     assert_eq!(o.status.code(), Some(1));
     assert!(stderr(&o).contains("bad.jsonl: line 2: messages[0]: role 'narrator'"), "{}", stderr(&o));
     assert!(!run.exists());
@@ -213,8 +190,7 @@ fn bad_data_and_missing_packages_stop_before_the_trainer() {
     let py2 = d.path().join("py2");
     std::fs::create_dir(&py2).unwrap();
     let missing = fake_python(&py2, "yes");
-    let o =
-        chatvec(&["sft", "--model", s(&model), "--data", s(&data), "-o", s(&run), "--python", s(&missing)]);
+    let o = sft(&model, &data, &run, &missing).output().unwrap();
     assert_eq!(o.status.code(), Some(1));
     let e = stderr(&o);
     assert!(
@@ -225,17 +201,7 @@ fn bad_data_and_missing_packages_stop_before_the_trainer() {
     assert!(!e.contains("Traceback"));
     assert!(!run.exists());
 
-    let o = chatvec(&[
-        "sft",
-        "--model",
-        s(&model),
-        "--data",
-        s(&data),
-        "-o",
-        s(&run),
-        "--python",
-        "/no/such/python",
-    ]);
+    let o = sft(&model, &data, &run, Path::new("/no/such/python")).output().unwrap();
     assert!(
         stderr(&o).contains("cannot run Python interpreter /no/such/python")
             && stderr(&o).contains("CHATVEC_PYTHON"),
