@@ -22,6 +22,7 @@ pub mod inspect;
 pub mod interrupt;
 pub mod job;
 pub mod json;
+pub mod lanes;
 pub mod manifest;
 pub mod merge_compute;
 pub mod merge_stats;

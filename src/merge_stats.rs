@@ -22,6 +22,7 @@ use rayon::prelude::*;
 use crate::arith::{View, for_each_delta};
 use crate::error::Result;
 use crate::interrupt;
+use crate::lanes::Lanes;
 use crate::methods::{Method, Sparsify, TensorParams};
 use crate::plan::{MergeOp, Plan};
 use crate::rng;
@@ -105,13 +106,13 @@ pub struct TensorStats {
     pub row_len: u64,
 }
 
-fn bits(d: f32) -> u32 {
+pub fn bits(d: f32) -> u32 {
     d.to_bits() & 0x7fff_ffff
 }
 
 /// `0..n` cut into blocks of at most `STAT_BLOCK` that do not cross rows of
 /// `row_len`: `(row, range)`.
-fn blocks(n: u64, row_len: u64) -> Vec<(u64, Range<u64>)> {
+pub fn blocks(n: u64, row_len: u64) -> Vec<(u64, Range<u64>)> {
     blocks_of(n, row_len, STAT_BLOCK)
 }
 
@@ -131,31 +132,254 @@ fn blocks_of(n: u64, row_len: u64, max: u64) -> Vec<(u64, Range<u64>)> {
     out
 }
 
+/// The streaming passes behind the statistics of one merged tensor, run
+/// on the CPU (`CpuPasses`) or on a GPU (`cuda::GpuPasses`). Both give the
+/// same numbers: counts are integers, and every f64 sum is a per-block sum
+/// in the fixed lane order of `lanes`, the blocks then added in order here.
+/// `d_k` is model `k`'s delta from the base, `x_k - base`, in f32.
+pub trait Passes {
+    /// Histogram of the high 16 bits of `|d_k|` (`1 << 15` bins).
+    fn hist_high(&self, k: usize) -> Result<Vec<u64>>;
+    /// Histograms of the low 16 bits of `|d_k|` inside high bins `b0`
+    /// (bins `0..1 << 16`) and `b1` (the next `1 << 16`).
+    fn hist_low(&self, k: usize, b0: u32, b1: u32) -> Result<Vec<u64>>;
+    /// Per block of `blocks(n, n)`: how many `|d_k|` bits equal `lo`, `hi`.
+    fn eq_counts(&self, k: usize, lo: u32, hi: u32) -> Result<Vec<(u64, u64)>>;
+    /// Per block of `blocks(n, n)`: sum of `|d_k|`, sum of those with bits
+    /// strictly between `lo` and `hi`, and the counts equal to each.
+    fn l1_ranks(&self, k: usize, lo: u32, hi: u32) -> Result<Vec<L1Ranks>>;
+    /// Per block of `masked_blocks`: sum of `|d_k|` and of the kept ones
+    /// under a random or DELLA mask.
+    fn l1_masked(&self, k: usize, keep: &Keep, stream: u64) -> Result<Vec<[f64; 2]>>;
+    /// Per block of `blocks(n, n)`: sums of `b*b`, `x*x`, `b*x` for the base
+    /// and model 0 (SLERP).
+    fn slerp_sums(&self) -> Result<Vec<[f64; 3]>>;
+    /// Per block of `blocks(n, row_len)`: its row and the Gram matrix of the
+    /// deltas (upper triangle, row-major pairs; model_stock).
+    fn gram(&self, row_len: u64) -> Result<Vec<(u64, Vec<f64>)>>;
+}
+
+/// A block's L1 partials for rank masks: sum of `|d|`, sum strictly inside
+/// the boundary values, and the boundary-equal counts.
+pub type L1Ranks = (f64, f64, u64, u64);
+
+/// The blocks of the random-mask L1 sums: rows for DELLA (its ranks need
+/// whole rows), else `STAT_BLOCK` pieces that do not cross rows.
+pub fn masked_blocks(keep: &Keep, n: u64, row_len: u64) -> Vec<(u64, Range<u64>)> {
+    let max = if matches!(keep, Keep::Della { .. }) { row_len.max(1) } else { STAT_BLOCK };
+    blocks_of(n, row_len.max(1), max)
+}
+
+/// The CPU passes: parallel over blocks, each block sequential.
+pub struct CpuPasses<'a> {
+    pub base: Option<View<'a>>,
+    pub xs: Vec<View<'a>>,
+    pub n: u64,
+    pub row_len: u64,
+}
+
+impl CpuPasses<'_> {
+    fn base(&self) -> View<'_> {
+        self.base.expect("the method has a base")
+    }
+
+    fn histogram(&self, k: usize, bins: usize, bin: impl Fn(u32) -> Option<usize> + Sync) -> Vec<u64> {
+        let (base, x) = (self.base(), self.xs[k]);
+        blocks(self.n, self.n.max(1))
+            .into_par_iter()
+            .fold(
+                || vec![0u64; bins],
+                |mut h, (_, r)| {
+                    for_each_delta(base, x, r, |_, d| {
+                        for &v in d {
+                            if let Some(b) = bin(bits(v)) {
+                                h[b] += 1;
+                            }
+                        }
+                    });
+                    h
+                },
+            )
+            .reduce(
+                || vec![0u64; bins],
+                |mut a, b| {
+                    a.iter_mut().zip(b).for_each(|(x, y)| *x += y);
+                    a
+                },
+            )
+    }
+}
+
+impl Passes for CpuPasses<'_> {
+    fn hist_high(&self, k: usize) -> Result<Vec<u64>> {
+        Ok(self.histogram(k, 1 << 15, |v| Some((v >> 16) as usize)))
+    }
+
+    fn hist_low(&self, k: usize, b0: u32, b1: u32) -> Result<Vec<u64>> {
+        Ok(self.histogram(k, 2 << 16, |v| {
+            let (h, l) = (v >> 16, (v & 0xffff) as usize);
+            if h == b0 {
+                Some(l)
+            } else if h == b1 {
+                Some((1 << 16) + l)
+            } else {
+                None
+            }
+        }))
+    }
+
+    fn eq_counts(&self, k: usize, lo: u32, hi: u32) -> Result<Vec<(u64, u64)>> {
+        let (base, x) = (self.base(), self.xs[k]);
+        Ok(blocks(self.n, self.n.max(1))
+            .into_par_iter()
+            .map(|(_, r)| {
+                let (mut a, mut b) = (0, 0);
+                for_each_delta(base, x, r, |_, d| {
+                    for &v in d {
+                        a += (bits(v) == lo) as u64;
+                        b += (bits(v) == hi) as u64;
+                    }
+                });
+                (a, b)
+            })
+            .collect())
+    }
+
+    fn l1_ranks(&self, k: usize, lo: u32, hi: u32) -> Result<Vec<L1Ranks>> {
+        let (base, x) = (self.base(), self.xs[k]);
+        Ok(blocks(self.n, self.n.max(1))
+            .into_par_iter()
+            .map(|(_, r)| {
+                let (mut eq_lo, mut eq_hi) = (0u64, 0u64);
+                let mut sums = Lanes::new(2);
+                let start = r.start;
+                for_each_delta(base, x, r, |i0, d| {
+                    for (j, &v) in d.iter().enumerate() {
+                        let (b, m, at) = (bits(v), v.abs() as f64, i0 + j as u64 - start);
+                        sums.add(at, 0, m);
+                        if b > lo && b < hi {
+                            sums.add(at, 1, m);
+                        }
+                        eq_lo += (b == lo) as u64;
+                        eq_hi += (b == hi) as u64;
+                    }
+                });
+                let t = sums.total();
+                (t[0], t[1], eq_lo, eq_hi)
+            })
+            .collect())
+    }
+
+    fn l1_masked(&self, k: usize, keep: &Keep, stream: u64) -> Result<Vec<[f64; 2]>> {
+        let (base, x, row_len) = (self.base(), self.xs[k], self.row_len);
+        Ok(masked_blocks(keep, self.n, row_len)
+            .into_par_iter()
+            .map(|(row, r)| {
+                let mut sums = Lanes::new(2);
+                let start = r.start;
+                for_each_random_kept(keep, base, x, row, row_len, r, stream, |i, d, kept| {
+                    sums.add(i - start, 0, d.abs() as f64);
+                    if kept {
+                        sums.add(i - start, 1, d.abs() as f64);
+                    }
+                });
+                let t = sums.total();
+                [t[0], t[1]]
+            })
+            .collect())
+    }
+
+    fn slerp_sums(&self) -> Result<Vec<[f64; 3]>> {
+        let (a, b) = (self.base(), self.xs[0]);
+        Ok(blocks(self.n, self.n.max(1))
+            .into_par_iter()
+            .map(|(_, r)| {
+                let mut sums = Lanes::new(3);
+                let mut xa = [0f32; crate::arith::BLOCK];
+                let mut xb = [0f32; crate::arith::BLOCK];
+                let mut p = r.start;
+                while p < r.end {
+                    let m = (crate::arith::BLOCK as u64).min(r.end - p) as usize;
+                    a.decode_at(p, &mut xa[..m]);
+                    b.decode_at(p, &mut xb[..m]);
+                    for j in 0..m {
+                        let (u, v, at) = (xa[j] as f64, xb[j] as f64, p + j as u64 - r.start);
+                        sums.add(at, 0, u * u);
+                        sums.add(at, 1, v * v);
+                        sums.add(at, 2, u * v);
+                    }
+                    p += m as u64;
+                }
+                let t = sums.total();
+                [t[0], t[1], t[2]]
+            })
+            .collect())
+    }
+
+    fn gram(&self, row_len: u64) -> Result<Vec<(u64, Vec<f64>)>> {
+        let (base, k) = (self.base(), self.xs.len());
+        let pairs = gram_pairs(k);
+        Ok(blocks(self.n, row_len)
+            .into_par_iter()
+            .map(|(row, r)| {
+                let mut d: Vec<Vec<f32>> = vec![Vec::with_capacity((r.end - r.start) as usize); k];
+                for (di, x) in d.iter_mut().zip(&self.xs) {
+                    for_each_delta(base, *x, r.clone(), |_, blk| di.extend_from_slice(blk));
+                }
+                let mut sums = Lanes::new(pairs.len());
+                for (p, &(i, j)) in pairs.iter().enumerate() {
+                    for (at, (a, b)) in d[i].iter().zip(&d[j]).enumerate() {
+                        sums.add(at as u64, p, *a as f64 * *b as f64);
+                    }
+                }
+                (row, sums.total())
+            })
+            .collect())
+    }
+}
+
+/// The Gram matrix's upper-triangle pairs, row-major.
+pub fn gram_pairs(k: usize) -> Vec<(usize, usize)> {
+    (0..k).flat_map(|i| (i..k).map(move |j| (i, j))).collect()
+}
+
 /// Computes the statistics of tensor `name` (`n` elements, rows of
-/// `row_len`) for `m`.
+/// `row_len`) for `m` on the CPU.
 pub fn compute(plan: &Plan, name: &str, n: u64, row_len: u64, m: &MergeOp) -> Result<TensorStats> {
+    let passes = CpuPasses {
+        base: m.base_view(plan),
+        xs: (0..m.models.len()).map(|k| m.view(plan, k)).collect(),
+        n,
+        row_len,
+    };
+    compute_with(&passes, name, n, row_len, m)
+}
+
+/// Computes the statistics of tensor `name` for `m` from `passes`.
+pub fn compute_with(
+    passes: &dyn Passes,
+    name: &str,
+    n: u64,
+    row_len: u64,
+    m: &MergeOp,
+) -> Result<TensorStats> {
     let p = &m.params;
     let mut st = TensorStats { row_len, ..Default::default() };
     match m.method {
         Method::Linear => {}
         Method::Slerp => {
-            let base = m.base_view(plan).expect("slerp has a base");
-            st.slerp = slerp_coefficients(base, m.view(plan, 0), n, p.t);
+            st.slerp = slerp_coefficients(&passes.slerp_sums()?, p.t);
         }
         Method::ModelStock => {
-            let base = m.base_view(plan).expect("model_stock has a base");
-            let xs: Vec<View> = (0..m.models.len()).map(|k| m.view(plan, k)).collect();
             let rl = if p.filter_wise { row_len } else { n.max(1) };
-            st.stock_t = stock_t(base, &xs, n, rl);
+            st.stock_t = stock_t(passes.gram(rl)?, m.models.len(), n, rl);
             st.row_len = rl;
         }
         _ => {
-            let base = m.base_view(plan).expect("task arithmetic has a base");
             for k in 0..m.models.len() {
                 interrupt::check()?;
-                let x = m.view(plan, k);
                 let stream = rng::stream(m.seed, name, k);
-                let (keep, rescale) = model_keep(m.method, p, k, base, x, n, row_len, stream);
+                let (keep, rescale) = model_keep(passes, m.method, p, k, n, stream)?;
                 st.models.push(ModelStats { keep, rescale, stream });
             }
         }
@@ -164,27 +388,24 @@ pub fn compute(plan: &Plan, name: &str, n: u64, row_len: u64, m: &MergeOp) -> Re
 }
 
 /// The mask of model `k` and, with `rescale`, its L1 factor.
-#[allow(clippy::too_many_arguments)]
 fn model_keep(
+    passes: &dyn Passes,
     method: Method,
     p: &TensorParams,
     k: usize,
-    base: View,
-    x: View,
     n: u64,
-    row_len: u64,
     stream: u64,
-) -> (Keep, Option<f32>) {
+) -> Result<(Keep, Option<f32>)> {
     let mp = p.models[k];
     let Some(sp) = method.sparsify() else {
-        return (Keep::All, None);
+        return Ok((Keep::All, None));
     };
     if mp.density >= 1.0 {
-        return (Keep::All, None);
+        return Ok((Keep::All, None));
     }
     let nf = n as f64;
     let interval = match sp {
-        Sparsify::Magnitude if mp.density <= 0.0 || n == 0 => return (Keep::Zero, None),
+        Sparsify::Magnitude if mp.density <= 0.0 || n == 0 => return Ok((Keep::Zero, None)),
         Sparsify::Magnitude => {
             let k = ((mp.density * nf) as u64).max(1);
             Some((n - k, n))
@@ -195,49 +416,17 @@ fn model_keep(
             let bot = n.saturating_sub(target + top);
             Some((bot, bot + target))
         }
-        Sparsify::Della if mp.density <= 0.0 => return (Keep::Zero, None),
+        Sparsify::Della if mp.density <= 0.0 => return Ok((Keep::Zero, None)),
         Sparsify::Random | Sparsify::Della => None,
     };
     let keep = match interval {
         Some((lo, hi)) if lo >= hi => Keep::None,
-        Some((lo, hi)) => Keep::Ranks(rank_keep(base, x, n, lo, hi)),
+        Some((lo, hi)) => Keep::Ranks(rank_keep(passes, k, lo, hi)?),
         None if sp == Sparsify::Random => Keep::Random(mp.density.max(0.0) as f32),
         None => Keep::Della { density: mp.density, epsilon: mp.epsilon },
     };
-    let rescale = if p.rescale { l1_factor(&keep, base, x, n, row_len, stream) } else { None };
-    (keep, rescale)
-}
-
-/// Per-thread histogram over `blocks`, summed.
-fn histogram(
-    base: View,
-    x: View,
-    n: u64,
-    bins: usize,
-    bin: impl Fn(u32) -> Option<usize> + Sync,
-) -> Vec<u64> {
-    blocks(n, n.max(1))
-        .into_par_iter()
-        .fold(
-            || vec![0u64; bins],
-            |mut h, (_, r)| {
-                for_each_delta(base, x, r, |_, d| {
-                    for &v in d {
-                        if let Some(b) = bin(bits(v)) {
-                            h[b] += 1;
-                        }
-                    }
-                });
-                h
-            },
-        )
-        .reduce(
-            || vec![0u64; bins],
-            |mut a, b| {
-                a.iter_mut().zip(b).for_each(|(x, y)| *x += y);
-                a
-            },
-        )
+    let rescale = if p.rescale { l1_factor(passes, k, &keep, stream)? } else { None };
+    Ok((keep, rescale))
 }
 
 /// The bin holding rank `r` of a histogram, and the count before it.
@@ -255,45 +444,24 @@ fn find_rank(hist: &[u64], r: u64) -> (usize, u64) {
 /// The magnitude bits at ascending ranks `lo` and `hi`, and how many
 /// magnitudes are smaller than each: one pass for the high 16 bits, one
 /// for the low 16 bits inside the one or two bins that hold the ranks.
-fn select2(base: View, x: View, n: u64, lo: u64, hi: u64) -> [(u32, u64); 2] {
-    let high = histogram(base, x, n, 1 << 15, |v| Some((v >> 16) as usize));
+fn select2(passes: &dyn Passes, k: usize, lo: u64, hi: u64) -> Result<[(u32, u64); 2]> {
+    let high = passes.hist_high(k)?;
     let found = [lo, hi].map(|r| find_rank(&high, r));
     let (bins, before) = (found.map(|f| f.0), found.map(|f| f.1));
-    let (b0, b1) = (bins[0] as u32, bins[1] as u32);
-    let low = histogram(base, x, n, 2 << 16, |v| {
-        let (h, l) = (v >> 16, (v & 0xffff) as usize);
-        if h == b0 {
-            Some(l)
-        } else if h == b1 {
-            Some((1 << 16) + l)
-        } else {
-            None
-        }
-    });
-    [(0, lo), (1, hi)].map(|(k, r)| {
+    let low = passes.hist_low(k, bins[0] as u32, bins[1] as u32)?;
+    let b_same = bins[0] == bins[1];
+    Ok([(0, lo), (1, hi)].map(|(i, r)| {
         // Ranks in the same bin share the first histogram.
-        let half = if k == 1 && b1 != b0 { &low[1 << 16..] } else { &low[..1 << 16] };
-        let (lb, below) = find_rank(half, r - before[k]);
-        ((bins[k] as u32) << 16 | lb as u32, before[k] + below)
-    })
+        let half = if i == 1 && !b_same { &low[1 << 16..] } else { &low[..1 << 16] };
+        let (lb, below) = find_rank(half, r - before[i]);
+        ((bins[i] as u32) << 16 | lb as u32, before[i] + below)
+    }))
 }
 
-fn rank_keep(base: View, x: View, n: u64, lo: u64, hi: u64) -> RankKeep {
-    let [(lo_val, less_lo), (hi_val, less_hi)] = select2(base, x, n, lo, hi - 1);
+fn rank_keep(passes: &dyn Passes, k: usize, lo: u64, hi: u64) -> Result<RankKeep> {
+    let [(lo_val, less_lo), (hi_val, less_hi)] = select2(passes, k, lo, hi - 1)?;
     // Boundary-equal counts per block, then exclusive prefix sums.
-    let counts: Vec<(u64, u64)> = blocks(n, n.max(1))
-        .into_par_iter()
-        .map(|(_, r)| {
-            let (mut a, mut b) = (0, 0);
-            for_each_delta(base, x, r, |_, d| {
-                for &v in d {
-                    a += (bits(v) == lo_val) as u64;
-                    b += (bits(v) == hi_val) as u64;
-                }
-            });
-            (a, b)
-        })
-        .collect();
+    let counts = passes.eq_counts(k, lo_val, hi_val)?;
     let (mut eq_lo, mut eq_hi) = (Vec::with_capacity(counts.len()), Vec::with_capacity(counts.len()));
     let (mut sa, mut sb) = (0, 0);
     for (a, b) in counts {
@@ -302,7 +470,7 @@ fn rank_keep(base: View, x: View, n: u64, lo: u64, hi: u64) -> RankKeep {
         sa += a;
         sb += b;
     }
-    RankKeep { lo, hi, lo_val, hi_val, less_lo, less_hi, eq_lo, eq_hi }
+    Ok(RankKeep { lo, hi, lo_val, hi_val, less_lo, less_hi, eq_lo, eq_hi })
 }
 
 /// Stable ascending ranks of the magnitudes in `d` (ties by index), by
@@ -337,7 +505,7 @@ fn for_each_random_kept(
     row_len: u64,
     r: Range<u64>,
     stream: u64,
-    mut f: impl FnMut(f32, bool),
+    mut f: impl FnMut(u64, f32, bool),
 ) {
     match keep {
         Keep::Della { density, epsilon } => {
@@ -350,48 +518,30 @@ fn for_each_random_kept(
             for i in r {
                 let j = (i - start) as usize;
                 let p = della_probability(*density, *epsilon, ranks[j], row_len);
-                f(d[j], rng::uniform(stream, i) < p);
+                f(i, d[j], rng::uniform(stream, i) < p);
             }
         }
         _ => for_each_delta(base, x, r, |i0, d| {
             for (j, &v) in d.iter().enumerate() {
+                let i = i0 + j as u64;
                 let kept = match keep {
-                    Keep::Random(p) => rng::uniform(stream, i0 + j as u64) < *p,
+                    Keep::Random(p) => rng::uniform(stream, i) < *p,
                     _ => true,
                 };
-                f(v, kept);
+                f(i, v, kept);
             }
         }),
     }
 }
 
 /// `sum |d| / sum |kept d|` when both are at least `RESCALE_EPS`.
-fn l1_factor(keep: &Keep, base: View, x: View, n: u64, row_len: u64, stream: u64) -> Option<f32> {
+fn l1_factor(passes: &dyn Passes, k: usize, keep: &Keep, stream: u64) -> Result<Option<f32>> {
     let (before, after) = match keep {
-        Keep::All | Keep::Zero => return None,
-        Keep::None => return None,
+        Keep::All | Keep::Zero | Keep::None => return Ok(None),
         Keep::Ranks(rk) => {
             // Kept elements equal to a boundary value all have that value.
-            let parts: Vec<(f64, f64, u64, u64)> = blocks(n, n.max(1))
-                .into_par_iter()
-                .map(|(_, r)| {
-                    let (mut all, mut inner, mut eq_lo, mut eq_hi) = (0f64, 0f64, 0u64, 0u64);
-                    for_each_delta(base, x, r, |_, d| {
-                        for &v in d {
-                            let b = bits(v);
-                            all += v.abs() as f64;
-                            if b > rk.lo_val && b < rk.hi_val {
-                                inner += v.abs() as f64;
-                            }
-                            eq_lo += (b == rk.lo_val) as u64;
-                            eq_hi += (b == rk.hi_val) as u64;
-                        }
-                    });
-                    (all, inner, eq_lo, eq_hi)
-                })
-                .collect();
             let (mut all, mut inner, mut n_lo, mut n_hi) = (0f64, 0f64, 0u64, 0u64);
-            for (a, i, l, h) in parts {
+            for (a, i, l, h) in passes.l1_ranks(k, rk.lo_val, rk.hi_val)? {
                 all += a;
                 inner += i;
                 n_lo += l;
@@ -409,61 +559,17 @@ fn l1_factor(keep: &Keep, base: View, x: View, n: u64, row_len: u64, stream: u64
             (all, after)
         }
         Keep::Random(_) | Keep::Della { .. } => {
-            // DELLA ranks need whole rows, so its blocks are rows.
-            let max = if matches!(keep, Keep::Della { .. }) { row_len.max(1) } else { STAT_BLOCK };
-            let parts: Vec<(f64, f64)> = blocks_of(n, row_len.max(1), max)
-                .into_par_iter()
-                .map(|(row, r)| {
-                    let (mut all, mut kept) = (0f64, 0f64);
-                    for_each_random_kept(keep, base, x, row, row_len, r, stream, |d, k| {
-                        all += d.abs() as f64;
-                        if k {
-                            kept += d.abs() as f64;
-                        }
-                    });
-                    (all, kept)
-                })
-                .collect();
-            parts.into_iter().fold((0.0, 0.0), |(a, k), (x, y)| (a + x, k + y))
+            passes.l1_masked(k, keep, stream)?.into_iter().fold((0.0, 0.0), |(a, k), [x, y]| (a + x, k + y))
         }
     };
-    (before >= RESCALE_EPS && after >= RESCALE_EPS).then(|| (before / after) as f32)
+    Ok((before >= RESCALE_EPS && after >= RESCALE_EPS).then(|| (before / after) as f32))
 }
 
-/// Sums of `f` over blocks of `0..n` in rows of `row_len`, per row, in order.
-fn per_row<const K: usize>(n: u64, row_len: u64, f: impl Fn(Range<u64>) -> [f64; K] + Sync) -> Vec<[f64; K]> {
-    let parts: Vec<(u64, [f64; K])> =
-        blocks(n, row_len.max(1)).into_par_iter().map(|(row, r)| (row, f(r))).collect();
-    let rows = n.div_ceil(row_len.max(1)) as usize;
-    let mut out = vec![[0f64; K]; rows.max(1)];
-    for (row, s) in parts {
-        for (o, v) in out[row as usize].iter_mut().zip(s) {
-            *o += v;
-        }
+fn slerp_coefficients(blocks: &[[f64; 3]], t: f64) -> (f32, f32) {
+    let mut sums = [0f64; 3];
+    for b in blocks {
+        sums.iter_mut().zip(b).for_each(|(s, v)| *s += v);
     }
-    out
-}
-
-fn slerp_coefficients(a: View, b: View, n: u64, t: f64) -> (f32, f32) {
-    let sums = per_row::<3>(n, n.max(1), |r| {
-        let mut s = [0f64; 3];
-        let mut xa = [0f32; crate::arith::BLOCK];
-        let mut xb = [0f32; crate::arith::BLOCK];
-        let mut p = r.start;
-        while p < r.end {
-            let m = (crate::arith::BLOCK as u64).min(r.end - p) as usize;
-            a.decode_at(p, &mut xa[..m]);
-            b.decode_at(p, &mut xb[..m]);
-            for j in 0..m {
-                let (u, v) = (xa[j] as f64, xb[j] as f64);
-                s[0] += u * u;
-                s[1] += v * v;
-                s[2] += u * v;
-            }
-            p += m as u64;
-        }
-        s
-    })[0];
     let norm = |ss: f64| {
         let v = ss.sqrt();
         if v > NORM_EPS { v } else { 1.0 }
@@ -477,33 +583,15 @@ fn slerp_coefficients(a: View, b: View, n: u64, t: f64) -> (f32, f32) {
     (((1.0 - t) * theta).sin() as f32 / s as f32, (t * theta).sin() as f32 / s as f32)
 }
 
-/// model_stock's `t` per row of `row_len` (one row: the whole tensor).
-fn stock_t(base: View, xs: &[View], n: u64, row_len: u64) -> Vec<f32> {
-    let k = xs.len();
-    // Gram matrix of the deltas, upper triangle, row-major.
-    let pairs: Vec<(usize, usize)> = (0..k).flat_map(|i| (i..k).map(move |j| (i, j))).collect();
-    let grams: Vec<Vec<f64>> = {
-        let parts: Vec<(u64, Vec<f64>)> = blocks(n, row_len)
-            .into_par_iter()
-            .map(|(row, r)| {
-                let mut d: Vec<Vec<f32>> = vec![Vec::with_capacity((r.end - r.start) as usize); k];
-                for (di, x) in d.iter_mut().zip(xs) {
-                    for_each_delta(base, *x, r.clone(), |_, blk| di.extend_from_slice(blk));
-                }
-                let g = pairs
-                    .iter()
-                    .map(|&(i, j)| d[i].iter().zip(&d[j]).map(|(a, b)| *a as f64 * *b as f64).sum())
-                    .collect();
-                (row, g)
-            })
-            .collect();
-        let rows = n.div_ceil(row_len).max(1) as usize;
-        let mut g = vec![vec![0f64; pairs.len()]; rows];
-        for (row, part) in parts {
-            g[row as usize].iter_mut().zip(part).for_each(|(a, b)| *a += b);
-        }
-        g
-    };
+/// model_stock's `t` per row of `row_len` (one row: the whole tensor), from
+/// the per-block Gram partials of the `k` deltas.
+fn stock_t(parts: Vec<(u64, Vec<f64>)>, k: usize, n: u64, row_len: u64) -> Vec<f32> {
+    let pairs = gram_pairs(k);
+    let rows = n.div_ceil(row_len).max(1) as usize;
+    let mut grams = vec![vec![0f64; pairs.len()]; rows];
+    for (row, part) in parts {
+        grams[row as usize].iter_mut().zip(part).for_each(|(a, b)| *a += b);
+    }
     let at = |i: usize, j: usize| pairs.iter().position(|&p| p == (i.min(j), i.max(j))).unwrap();
     grams
         .iter()
