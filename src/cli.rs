@@ -92,6 +92,15 @@ pub struct OutArgs {
     #[arg(long)]
     pub rehash: bool,
 
+    /// Where the arithmetic runs: cpu, cuda, cuda:N, or auto (a GPU when one
+    /// works, else the CPU). Output bytes are the same on every device.
+    #[arg(long, default_value = "auto", value_parser = crate::cuda::DeviceChoice::parse)]
+    pub device: crate::cuda::DeviceChoice,
+
+    /// Device memory chatvec may use, e.g. 4GiB (default: half the free memory, at most 8 GiB).
+    #[arg(long, value_parser = parse_size)]
+    pub gpu_memory: Option<u64>,
+
     /// Elements per work chunk (for testing; output bytes do not depend on it).
     #[arg(long, hide = true, default_value_t = DEFAULT_CHUNK_ELEMS)]
     pub chunk_elems: u64,
@@ -232,6 +241,10 @@ pub struct DemoArgs {
     /// Keep the temporary directory.
     #[arg(long)]
     pub keep: bool,
+
+    /// Where the arithmetic runs: cpu, cuda, cuda:N or auto.
+    #[arg(long, default_value = "cpu", value_parser = crate::cuda::DeviceChoice::parse)]
+    pub device: crate::cuda::DeviceChoice,
 }
 
 /// Parses sizes the way transformers' `max_shard_size` does: decimal units
@@ -314,6 +327,9 @@ fn settings(w: &OutArgs, quiet: bool) -> OutputSettings {
             chunk_elems: w.chunk_elems,
             progress: !quiet && show_progress(),
             hash_cache: HashCache::from_env(w.rehash),
+            device: w.device,
+            gpu_memory: w.gpu_memory,
+            quiet,
         },
         recipe: None,
     }
@@ -459,7 +475,7 @@ pub fn run(cli: Cli) -> Result<()> {
             if cli.json { json_out(&r) } else { out(&crate::inspect::render(&r)) }
         }
         Command::Demo(a) => {
-            let text = crate::demo::run(a.dir.as_deref(), a.keep, threads(None))?;
+            let text = crate::demo::run(a.dir.as_deref(), a.keep, threads(None), a.device)?;
             out(&text)
         }
         Command::Bench(a) => crate::bench::run(&a, cli.json),

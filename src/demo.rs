@@ -21,7 +21,7 @@ const EXTRA: u64 = 64;
 
 /// Runs the demo in `dir` (a fresh temporary directory when `None`, removed
 /// afterwards unless `keep`). Returns the text to print.
-pub fn run(dir: Option<&Path>, keep: bool, threads: usize) -> Result<String> {
+pub fn run(dir: Option<&Path>, keep: bool, threads: usize, device: crate::cuda::DeviceChoice) -> Result<String> {
     let root: PathBuf = match dir {
         Some(d) => d.to_path_buf(),
         None => std::env::temp_dir().join(format!("chatvec-demo-{}", std::process::id())),
@@ -29,14 +29,14 @@ pub fn run(dir: Option<&Path>, keep: bool, threads: usize) -> Result<String> {
     if root.exists() && std::fs::read_dir(&root).map(|mut r| r.next().is_some()).unwrap_or(true) {
         return Err(Error::Usage(format!("demo directory {} is not empty", root.display())));
     }
-    let result = steps(&root, threads);
+    let result = steps(&root, threads, device);
     if dir.is_none() && !keep {
         let _ = std::fs::remove_dir_all(&root);
     }
     result
 }
 
-fn steps(root: &Path, threads: usize) -> Result<String> {
+fn steps(root: &Path, threads: usize, device: crate::cuda::DeviceChoice) -> Result<String> {
     let mut out = String::new();
     let p = Component { seed: 1, amplitude: 0.05 };
     let c = Component { seed: 2, amplitude: 0.004 };
@@ -103,6 +103,9 @@ fn steps(root: &Path, threads: usize) -> Result<String> {
             // Demo models are new every run; caching their hashes would only
             // leave entries behind.
             hash_cache: crate::hash_cache::HashCache::disabled(),
+            device,
+            gpu_memory: None,
+            quiet: true,
         },
         recipe: None,
     };

@@ -22,13 +22,14 @@ use rayon::prelude::*;
 use sha2::{Digest, Sha256};
 
 use crate::arith;
+use crate::cuda::{self, DeviceChoice, Gpu, GpuPasses};
 use crate::dtype::FloatType;
 use crate::error::{Error, Result};
 use crate::hash_cache::HashCache;
 use crate::input_hash::{Touch, hash_following};
 use crate::interrupt;
 use crate::merge_compute;
-use crate::merge_stats::{self, TensorStats};
+use crate::merge_stats::{self, STAT_BLOCK, TensorStats};
 use crate::plan::{Formula, Op, OutTensor, Plan, Source};
 use crate::writer::{SyncedFile, WrittenFile, hex};
 
@@ -58,6 +59,12 @@ pub struct ExecOptions {
     pub progress: bool,
     /// Known input hashes (see `hash_cache`).
     pub hash_cache: HashCache,
+    /// Where the arithmetic runs (`--device`).
+    pub device: DeviceChoice,
+    /// Device memory budget in bytes (`--gpu-memory`; default: half the free memory, at most 8 GiB).
+    pub gpu_memory: Option<u64>,
+    /// Print no notes (the device chosen by `auto`).
+    pub quiet: bool,
 }
 
 /// What was written and read.
@@ -265,8 +272,22 @@ pub fn execute(plan: &Plan, dir: &Path, opts: &ExecOptions) -> Result<ExecResult
         .num_threads(threads)
         .build()
         .map_err(|e| Error::Internal(format!("starting {threads} threads: {e}")))?;
-    let batch = threads * 2;
-    let jobs = jobs(plan, chunk_elems(opts.chunk_elems, batch));
+    let gpu = cuda::select(opts.device, opts.gpu_memory, opts.quiet)?;
+    if let (Some(g), DeviceChoice::Cuda(_)) = (&gpu, opts.device)
+        && !opts.quiet
+    {
+        eprintln!("device: {}", g.describe());
+    }
+    let (batch, chunk) = match &gpu {
+        // Whole statistics blocks per job (rank masks scan from a block
+        // start), sized so the engine's slots fit the device budget.
+        Some(g) => {
+            let requested = (opts.chunk_elems / STAT_BLOCK).max(1) * STAT_BLOCK;
+            (2 * cuda::SLOTS, g.chunk_elems(max_models(plan)).min(requested))
+        }
+        None => (threads * 2, chunk_elems(opts.chunk_elems, threads * 2)),
+    };
+    let jobs = jobs(plan, chunk);
     let bar = progress_bar(opts.progress, plan.output_bytes());
 
     let stop = AtomicBool::new(false);
@@ -293,19 +314,32 @@ pub fn execute(plan: &Plan, dir: &Path, opts: &ExecOptions) -> Result<ExecResult
                 outcome = Err(e);
                 break;
             }
-            if let Err(e) = pool.install(|| prepare_stats(plan, group, &mut stats)) {
+            let prepared = match &gpu {
+                Some(g) => prepare_stats(plan, group, &mut stats, Some(g)),
+                None => pool.install(|| prepare_stats(plan, group, &mut stats, None)),
+            };
+            if let Err(e) = prepared {
                 outcome = Err(e);
                 break;
             }
             let bufs: Vec<Vec<u8>> = group.iter().map(|_| free_rx.try_recv().unwrap_or_default()).collect();
-            let pieces: Vec<(usize, Piece)> = pool.install(|| {
-                group
-                    .par_iter()
-                    .zip(bufs)
-                    .enumerate()
-                    .map(|(i, (job, buf))| (bi * batch + i, run_job(plan, &stats, job, buf)))
-                    .collect()
-            });
+            let pieces: Vec<(usize, Piece)> = match &gpu {
+                Some(g) => match run_group_gpu(g, plan, &stats, group, bufs) {
+                    Ok(p) => p.into_iter().enumerate().map(|(i, p)| (bi * batch + i, p)).collect(),
+                    Err(e) => {
+                        outcome = Err(e);
+                        break;
+                    }
+                },
+                None => pool.install(|| {
+                    group
+                        .par_iter()
+                        .zip(bufs)
+                        .enumerate()
+                        .map(|(i, (job, buf))| (bi * batch + i, run_job(plan, &stats, job, buf)))
+                        .collect()
+                }),
+            };
             if tx.send(pieces).is_err() {
                 break; // the writer failed; its error is reported below
             }
@@ -340,7 +374,7 @@ pub fn execute(plan: &Plan, dir: &Path, opts: &ExecOptions) -> Result<ExecResult
 
 /// Computes the statistics of the merged tensors `group` computes (before
 /// their first chunk) and drops those of tensors already finished.
-fn prepare_stats(plan: &Plan, group: &[Job], stats: &mut StatsMap) -> Result<()> {
+fn prepare_stats(plan: &Plan, group: &[Job], stats: &mut StatsMap, gpu: Option<&Gpu>) -> Result<()> {
     let Some(first) = group.iter().find_map(|j| match j {
         Job::Compute { tensor, .. } => Some(*tensor),
         _ => None,
@@ -356,10 +390,76 @@ fn prepare_stats(plan: &Plan, group: &[Job], stats: &mut StatsMap) -> Result<()>
         {
             let n = t.numel();
             let row_len = if t.shape.len() >= 2 { n / t.shape[0].max(1) } else { n.max(1) };
-            stats.insert(*tensor, Arc::new(merge_stats::compute(plan, &t.name, n, row_len, m)?));
+            let st = match gpu {
+                Some(g) => {
+                    let passes = GpuPasses {
+                        gpu: g,
+                        base: m.base_view(plan),
+                        xs: (0..m.models.len()).map(|k| m.view(plan, k)).collect(),
+                        n,
+                        row_len,
+                    };
+                    merge_stats::compute_with(&passes, &t.name, n, row_len, m)?
+                }
+                None => merge_stats::compute(plan, &t.name, n, row_len, m)?,
+            };
+            stats.insert(*tensor, Arc::new(st));
         }
     }
     Ok(())
+}
+
+/// The most models any merged tensor of the plan reads (sizes GPU chunks).
+fn max_models(plan: &Plan) -> usize {
+    plan.tensors
+        .iter()
+        .map(|t| match &t.op {
+            Op::Merge(m) => m.models.len(),
+            _ => 2,
+        })
+        .max()
+        .unwrap_or(2)
+}
+
+/// Runs a batch of jobs on the GPU: compute jobs go through the engine's
+/// slots in rotation (a slot's output is collected just before the slot is
+/// reused, so gathering, transfers and kernels of neighbouring jobs
+/// overlap); headers and copies are borrowed as on the CPU.
+fn run_group_gpu<'a>(
+    gpu: &Gpu,
+    plan: &'a Plan,
+    stats: &StatsMap,
+    group: &[Job],
+    bufs: Vec<Vec<u8>>,
+) -> Result<Vec<Piece<'a>>> {
+    let gpu_err = |e: String| Error::Internal(e);
+    let mut pieces: Vec<Option<Piece>> = (0..group.len()).map(|_| None).collect();
+    let mut owner: [Option<usize>; cuda::SLOTS] = [None; cuda::SLOTS];
+    let mut bufs = bufs.into_iter();
+    let mut slot = 0;
+    for (i, job) in group.iter().enumerate() {
+        let Job::Compute { tensor, elems } = job else {
+            pieces[i] = Some(run_job(plan, stats, job, Vec::new()));
+            continue;
+        };
+        if let Some(j) = owner[slot].take() {
+            let mut b = bufs.next().unwrap_or_default();
+            gpu.collect(slot, &mut b).map_err(gpu_err)?;
+            pieces[j] = Some(Piece::Owned(b));
+        }
+        let t = &plan.tensors[*tensor];
+        gpu.enqueue(slot, plan, t, stats.get(tensor).map(|s| &**s), elems.clone()).map_err(gpu_err)?;
+        owner[slot] = Some(i);
+        slot = (slot + 1) % cuda::SLOTS;
+    }
+    for (s, o) in owner.iter_mut().enumerate() {
+        if let Some(j) = o.take() {
+            let mut b = bufs.next().unwrap_or_default();
+            gpu.collect(s, &mut b).map_err(gpu_err)?;
+            pieces[j] = Some(Piece::Owned(b));
+        }
+    }
+    Ok(pieces.into_iter().map(|p| p.expect("every job ran")).collect())
 }
 
 fn progress_bar(show: bool, total: u64) -> ProgressBar {

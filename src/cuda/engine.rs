@@ -1,0 +1,397 @@
+//! The GPU engine: a context, three streams (upload, compute, download),
+//! the compiled kernels, and buffer slots in rotation.
+//!
+//! A job goes through a slot: its operands are copied from the mapped
+//! shards into the slot's pinned input buffer, uploaded on the upload
+//! stream, computed on the compute stream, downloaded on the download
+//! stream into the slot's pinned output buffer, and only then copied out.
+//! With `SLOTS` slots, the host gathers job i + 2 while job i + 1 uploads
+//! and job i computes or downloads. Events order the streams; cudarc's own
+//! event tracking is switched off, so the only waits are the ones here.
+//! Device memory is bounded by `--gpu-memory`: the chunk size is chosen so
+//! that all slots fit.
+
+use std::borrow::Cow;
+use std::cell::RefCell;
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use cudarc::driver::result as drv;
+use cudarc::driver::sys::{CUdevice_attribute, CUdeviceptr};
+use cudarc::driver::{
+    CudaContext, CudaEvent, CudaFunction, CudaSlice, CudaStream, DevicePtr, LaunchConfig, PinnedHostSlice,
+    PushKernelArg,
+};
+use cudarc::nvrtc::Ptx;
+
+use crate::arith::View;
+use crate::dtype::FloatType;
+use crate::merge_stats::STAT_BLOCK;
+
+/// Buffer slots in rotation.
+pub const SLOTS: usize = 3;
+/// Threads per block (the reduction kernels assume exactly this).
+pub const THREADS: u32 = 256;
+/// Largest chunk: bounds the pinned host memory (`SLOTS` x chunk x bytes
+/// per element) whatever the card.
+const MAX_CHUNK: u64 = 1 << 22;
+/// Operands start on this alignment inside a slot's input buffer.
+const ALIGN: usize = 256;
+
+pub type Result<T> = std::result::Result<T, String>;
+
+fn err(what: &str) -> impl Fn(cudarc::driver::DriverError) -> String + '_ {
+    move |e| format!("CUDA: {what}: {e:?}")
+}
+
+/// The dtype code the kernels use (kernels/common.cuh).
+pub fn ty_code(t: FloatType) -> i32 {
+    match t {
+        FloatType::BF16 => 0,
+        FloatType::F16 => 1,
+        FloatType::F32 => 2,
+    }
+}
+
+/// One operand of a job, as host bytes and their dtype: mapped bytes as
+/// they are, or a vocabulary-aligned view decoded to f32 (exact).
+pub struct Staged<'a> {
+    pub ty: FloatType,
+    pub bytes: Cow<'a, [u8]>,
+}
+
+/// Elements `start..start + n` of `view`.
+pub fn stage<'a>(view: View<'a>, start: u64, n: usize) -> Staged<'a> {
+    match view {
+        View::Direct(op) => Staged { ty: op.ty, bytes: Cow::Borrowed(op.slice(start as usize, n).bytes) },
+        other => {
+            let mut v = vec![0f32; n];
+            other.decode_at(start, &mut v);
+            Staged { ty: FloatType::F32, bytes: Cow::Owned(v.iter().flat_map(|x| x.to_le_bytes()).collect()) }
+        }
+    }
+}
+
+/// A slot's buffers and the events that order their reuse.
+pub struct Slot {
+    pin_in: PinnedHostSlice<u8>,
+    pub dev_in: CudaSlice<u8>,
+    pub work: CudaSlice<u8>,
+    pub dev_out: CudaSlice<u8>,
+    pin_out: PinnedHostSlice<u8>,
+    uploaded: CudaEvent,
+    computed: CudaEvent,
+    downloaded: CudaEvent,
+    /// Bytes of the last download still to be collected.
+    pending: Option<(usize, usize)>,
+}
+
+/// An open GPU.
+pub struct Gpu {
+    ctx: Arc<CudaContext>,
+    up: Arc<CudaStream>,
+    pub compute: Arc<CudaStream>,
+    down: Arc<CudaStream>,
+    funcs: HashMap<String, CudaFunction>,
+    name: String,
+    ordinal: usize,
+    budget: u64,
+    pub multiprocessors: u32,
+    slots: RefCell<Vec<Slot>>,
+}
+
+/// Every kernel the engine launches (kernels/*.cu).
+const KERNELS: &[&str] = &[
+    "convert_bf16", "convert_f16", "convert_f32", "diff_bf16", "diff_f16", "diff_f32", "add_diff_bf16",
+    "add_diff_f16", "add_diff_f32", "add_scaled_bf16", "add_scaled_f16", "add_scaled_f32", "decode_f32",
+    "encode_out", "sub_base", "fill_zero", "mul_scalar", "mask_random", "mask_della", "mask_ranks",
+    "della_keys", "bitonic_step", "della_ranks", "combine_linear", "combine_slerp", "combine_stock",
+    "combine_task", "hist_high", "hist_low", "eq_counts", "l1_ranks", "slerp_sums", "gram_sums", "l1_masked",
+];
+
+impl Gpu {
+    /// Opens device `ordinal` (the libraries must be loaded).
+    pub(super) fn open(ordinal: usize, budget: Option<u64>) -> Result<Gpu> {
+        let count = CudaContext::device_count().map_err(err("counting devices"))?;
+        if count <= 0 {
+            return Err("the CUDA driver sees no GPU".into());
+        }
+        if ordinal >= count as usize {
+            return Err(format!("there is no GPU {ordinal}: the driver sees {count}"));
+        }
+        let ctx = CudaContext::new(ordinal).map_err(err("creating a context"))?;
+        // Streams are ordered by this engine's own events.
+        unsafe { ctx.disable_event_tracking() };
+        let name = ctx.name().map_err(err("reading the device name"))?;
+        let (major, minor) = ctx.compute_capability().map_err(err("reading the compute capability"))?;
+        let multiprocessors = ctx
+            .attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
+            .map_err(err("reading the multiprocessor count"))? as u32;
+        let (free, _) = ctx.mem_get_info().map_err(err("reading free memory"))?;
+        let budget = budget.unwrap_or((free as u64 / 2).min(8 << 30));
+        let cubin = super::kernels::compile_cubin(major, minor)?;
+        let module = ctx.load_module(Ptx::from_binary(cubin)).map_err(err("loading the kernels"))?;
+        let mut funcs = HashMap::new();
+        for k in KERNELS {
+            funcs.insert(k.to_string(), module.load_function(k).map_err(|e| format!("CUDA: kernel {k}: {e:?}"))?);
+        }
+        let up = ctx.new_stream().map_err(err("creating a stream"))?;
+        let compute = ctx.new_stream().map_err(err("creating a stream"))?;
+        let down = ctx.new_stream().map_err(err("creating a stream"))?;
+        Ok(Gpu {
+            ctx,
+            up,
+            compute,
+            down,
+            funcs,
+            name,
+            ordinal,
+            budget,
+            multiprocessors,
+            slots: RefCell::new(Vec::new()),
+        })
+    }
+
+    /// "cuda:0 (NVIDIA H100 80GB HBM3, 8.0 GiB budget)".
+    pub fn describe(&self) -> String {
+        format!("cuda:{} ({}, {:.1} GiB budget)", self.ordinal, self.name, self.budget as f64 / (1u64 << 30) as f64)
+    }
+
+    /// Elements per chunk for jobs with up to `models` inputs besides the
+    /// base: a multiple of `STAT_BLOCK` such that `SLOTS` slots fit the
+    /// budget (inputs up to f32, f32 work buffers for every operand and the
+    /// result, the output, and DELLA's sort keys and ranks).
+    pub fn chunk_elems(&self, models: usize) -> u64 {
+        let per_elem = 8 * models as u64 + 36;
+        let c = self.budget / (SLOTS as u64 * per_elem);
+        (c / STAT_BLOCK * STAT_BLOCK).clamp(STAT_BLOCK, MAX_CHUNK)
+    }
+
+    pub fn func(&self, name: &str) -> &CudaFunction {
+        &self.funcs[name]
+    }
+
+    /// A launch over `n` elements (grid-stride kernels).
+    pub fn grid(&self, n: u64) -> LaunchConfig {
+        let blocks = n.div_ceil(THREADS as u64).clamp(1, self.multiprocessors as u64 * 16);
+        LaunchConfig { grid_dim: (blocks as u32, 1, 1), block_dim: (THREADS, 1, 1), shared_mem_bytes: 0 }
+    }
+
+    /// A launch with one 256-thread block per `blocks` item.
+    pub fn per_block(&self, blocks: u64) -> LaunchConfig {
+        LaunchConfig { grid_dim: (blocks.max(1) as u32, 1, 1), block_dim: (THREADS, 1, 1), shared_mem_bytes: 0 }
+    }
+
+    pub fn ptr<T>(&self, s: &CudaSlice<T>) -> CUdeviceptr {
+        s.device_ptr(&self.compute).0
+    }
+
+    /// A zeroed device buffer of `len` elements, on the compute stream.
+    pub fn zeros<T: cudarc::driver::DeviceRepr + cudarc::driver::ValidAsZeroBits>(
+        &self,
+        len: usize,
+    ) -> Result<CudaSlice<T>> {
+        self.compute.alloc_zeros::<T>(len.max(1)).map_err(err("allocating device memory"))
+    }
+
+    /// A device copy of a small host array, on the compute stream (the
+    /// copy from pageable memory is staged before the call returns).
+    pub fn small<T: cudarc::driver::DeviceRepr + cudarc::driver::ValidAsZeroBits>(
+        &self,
+        data: &[T],
+    ) -> Result<CudaSlice<T>> {
+        let d = self.zeros::<T>(data.len())?;
+        if !data.is_empty() {
+            unsafe { drv::memcpy_htod_async(self.ptr(&d), data, self.compute.cu_stream()) }
+                .map_err(err("uploading parameters"))?;
+        }
+        Ok(d)
+    }
+
+    /// Copies a device buffer back (waits for the compute stream).
+    pub fn fetch<T: cudarc::driver::DeviceRepr + Default + Clone>(&self, s: &CudaSlice<T>, len: usize) -> Result<Vec<T>> {
+        let mut v = vec![T::default(); len];
+        if len > 0 {
+            unsafe { drv::memcpy_dtoh_async(&mut v, self.ptr(s), self.compute.cu_stream()) }
+                .map_err(err("downloading results"))?;
+        }
+        self.compute.synchronize().map_err(err("waiting for the GPU"))?;
+        Ok(v)
+    }
+
+    /// Makes sure slot `i` exists with at least these capacities (waiting
+    /// for its work before reallocating).
+    fn ensure_slot(&self, i: usize, input: usize, work: usize, out: usize) -> Result<()> {
+        let mut slots = self.slots.borrow_mut();
+        let fits = slots.get(i).is_some_and(|s| {
+            s.pin_in.len() >= input && s.work.len() >= work && s.dev_out.len() >= out
+        });
+        if fits {
+            return Ok(());
+        }
+        if let Some(s) = slots.get(i) {
+            s.downloaded.synchronize().map_err(err("waiting for the GPU"))?;
+            s.computed.synchronize().map_err(err("waiting for the GPU"))?;
+        }
+        let old = slots.get(i);
+        let input = input.max(old.map_or(0, |s| s.pin_in.len()));
+        let work = work.max(old.map_or(0, |s| s.work.len()));
+        let out = out.max(old.map_or(0, |s| s.dev_out.len()));
+        let ev = || self.ctx.new_event(None).map_err(err("creating an event"));
+        let slot = Slot {
+            // Write-combined for the host's writes; plain for its reads.
+            pin_in: unsafe { self.ctx.alloc_pinned::<u8>(input.max(1)) }.map_err(err("allocating pinned memory"))?,
+            dev_in: self.zeros::<u8>(input)?,
+            work: self.zeros::<u8>(work)?,
+            dev_out: self.zeros::<u8>(out)?,
+            pin_out: unsafe { self.ctx.alloc_pinned_with_flags::<u8>(out.max(1), 0) }
+                .map_err(err("allocating pinned memory"))?,
+            uploaded: ev()?,
+            computed: ev()?,
+            downloaded: ev()?,
+            pending: None,
+        };
+        // Every event is recorded once, so the first waits return at once.
+        for e in [&slot.uploaded, &slot.computed, &slot.downloaded] {
+            e.record(&self.compute).map_err(err("recording an event"))?;
+        }
+        if i < slots.len() {
+            slots[i] = slot;
+        } else {
+            slots.push(slot);
+        }
+        Ok(())
+    }
+
+    /// Uploads `parts` into slot `i` (growing it to hold `work` and `out`
+    /// bytes too) and returns each part's byte offset in `dev_in`. The
+    /// compute stream is made to wait for the upload and for the slot's
+    /// previous download.
+    pub fn upload(&self, i: usize, parts: &[&[u8]], work: usize, out: usize) -> Result<Vec<usize>> {
+        let mut offsets = Vec::with_capacity(parts.len());
+        let mut total = 0;
+        for p in parts {
+            offsets.push(total);
+            total = (total + p.len()).next_multiple_of(ALIGN);
+        }
+        self.ensure_slot(i, total, work, out)?;
+        let mut slots = self.slots.borrow_mut();
+        let s = &mut slots[i];
+        // The pinned buffer is free once its last upload is done, and the
+        // device input once the slot's last compute is.
+        s.uploaded.synchronize().map_err(err("waiting for an upload"))?;
+        let host = s.pin_in.as_mut_slice().map_err(err("mapping pinned memory"))?;
+        for (p, &o) in parts.iter().zip(&offsets) {
+            host[o..o + p.len()].copy_from_slice(p);
+        }
+        self.up.wait(&s.computed).map_err(err("ordering streams"))?;
+        let dst = s.dev_in.device_ptr(&self.up).0;
+        unsafe { drv::memcpy_htod_async(dst, &host[..total], self.up.cu_stream()) }.map_err(err("uploading"))?;
+        s.uploaded.record(&self.up).map_err(err("recording an event"))?;
+        self.compute.wait(&s.uploaded).map_err(err("ordering streams"))?;
+        self.compute.wait(&s.downloaded).map_err(err("ordering streams"))?;
+        Ok(offsets)
+    }
+
+    /// Device addresses of slot `i`'s input, work and output buffers.
+    pub fn slot_ptrs(&self, i: usize) -> (CUdeviceptr, CUdeviceptr, CUdeviceptr) {
+        let slots = self.slots.borrow();
+        let s = &slots[i];
+        (self.ptr(&s.dev_in), self.ptr(&s.work), self.ptr(&s.dev_out))
+    }
+
+    /// Marks slot `i`'s kernels as enqueued.
+    pub fn computed(&self, i: usize) -> Result<()> {
+        let slots = self.slots.borrow();
+        slots[i].computed.record(&self.compute).map_err(err("recording an event"))
+    }
+
+    /// Downloads `len` bytes from `offset` of slot `i`'s output after its
+    /// kernels; `collect` returns them.
+    pub fn download(&self, i: usize, offset: usize, len: usize) -> Result<()> {
+        let mut slots = self.slots.borrow_mut();
+        let s = &mut slots[i];
+        s.computed.record(&self.compute).map_err(err("recording an event"))?;
+        self.down.wait(&s.computed).map_err(err("ordering streams"))?;
+        let src = s.dev_out.device_ptr(&self.down).0 + offset as u64;
+        let host = s.pin_out.as_mut_slice().map_err(err("mapping pinned memory"))?;
+        unsafe { drv::memcpy_dtoh_async(&mut host[..len], src, self.down.cu_stream()) }
+            .map_err(err("downloading"))?;
+        s.downloaded.record(&self.down).map_err(err("recording an event"))?;
+        s.pending = Some((0, len));
+        Ok(())
+    }
+
+    /// Whether slot `i` holds a download not yet collected.
+    pub fn pending(&self, i: usize) -> bool {
+        self.slots.borrow().get(i).is_some_and(|s| s.pending.is_some())
+    }
+
+    /// Waits for slot `i`'s download and copies it into `out`.
+    pub fn collect(&self, i: usize, out: &mut Vec<u8>) -> Result<()> {
+        let mut slots = self.slots.borrow_mut();
+        let s = &mut slots[i];
+        let (a, len) = s.pending.take().expect("collect follows download");
+        s.downloaded.synchronize().map_err(err("waiting for a download"))?;
+        let host = s.pin_out.as_slice().map_err(err("mapping pinned memory"))?;
+        out.clear();
+        out.extend_from_slice(&host[a..a + len]);
+        Ok(())
+    }
+
+    /// Waits for everything enqueued.
+    pub fn sync(&self) -> Result<()> {
+        for s in [&self.up, &self.compute, &self.down] {
+            s.synchronize().map_err(err("waiting for the GPU"))?;
+        }
+        Ok(())
+    }
+}
+
+/// A kernel argument (every kernel takes device addresses as u64 and
+/// scalars of these types).
+pub enum KArg {
+    U64(u64),
+    U32(u32),
+    I32(i32),
+    F32(f32),
+    F64(f64),
+}
+
+macro_rules! karg_from {
+    ($($t:ty => $v:ident),*) => {$(
+        impl From<$t> for KArg {
+            fn from(x: $t) -> KArg {
+                KArg::$v(x)
+            }
+        }
+    )*};
+}
+karg_from!(u64 => U64, u32 => U32, i32 => I32, f32 => F32, f64 => F64);
+
+impl Gpu {
+    /// Launches kernel `name` on the compute stream. The arguments live in
+    /// `args` until the launch has copied them.
+    pub fn launch(&self, name: &str, cfg: LaunchConfig, args: &[KArg]) -> Result<()> {
+        let mut b = self.compute.launch_builder(self.func(name));
+        for a in args {
+            match a {
+                KArg::U64(x) => b.arg(x),
+                KArg::U32(x) => b.arg(x),
+                KArg::I32(x) => b.arg(x),
+                KArg::F32(x) => b.arg(x),
+                KArg::F64(x) => b.arg(x),
+            };
+        }
+        unsafe { b.launch(cfg) }.map(|_| ()).map_err(|e| format!("CUDA: kernel {name}: {e:?}"))
+    }
+}
+
+/// `launch!(gpu, "name", cfg, [a, b, ...])`: `Gpu::launch` with each
+/// argument converted to a `KArg`.
+#[macro_export]
+macro_rules! launch {
+    ($gpu:expr, $name:expr, $cfg:expr, [$($arg:expr),* $(,)?]) => {
+        $gpu.launch($name, $cfg, &[$($crate::cuda::KArg::from($arg)),*])
+    };
+}

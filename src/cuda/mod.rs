@@ -1,0 +1,117 @@
+//! The CUDA path: device selection, kernel compilation and the streaming
+//! engine that runs plan jobs and merge statistics on a GPU.
+//!
+//! Nothing here needs the CUDA toolkit at build time: the driver and NVRTC
+//! are loaded at run time (`loader`), the kernels in `kernels/` are
+//! embedded as source and compiled by NVRTC for the device found. Every
+//! kernel computes what the CPU code computes, in the same f32/f64
+//! operations in the same order, so the output bytes are the same on both
+//! devices (contract 1); the GPU tests compare them.
+
+mod engine;
+mod jobs;
+mod kernels;
+mod loader;
+mod passes;
+
+use std::fmt;
+
+pub use engine::{Gpu, KArg, SLOTS};
+pub use kernels::{compile_check, compile_cubin, kernel_source};
+pub use passes::GpuPasses;
+
+/// `--device`: where the heavy arithmetic runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum DeviceChoice {
+    Cpu,
+    /// GPU `n` (`cuda` is `cuda:0`).
+    Cuda(usize),
+    /// A GPU when one works, else the CPU.
+    #[default]
+    Auto,
+}
+
+impl DeviceChoice {
+    pub fn parse(s: &str) -> Result<DeviceChoice, String> {
+        match s {
+            "cpu" => Ok(DeviceChoice::Cpu),
+            "cuda" | "gpu" => Ok(DeviceChoice::Cuda(0)),
+            "auto" => Ok(DeviceChoice::Auto),
+            _ => match s.strip_prefix("cuda:").map(str::parse::<usize>) {
+                Some(Ok(n)) => Ok(DeviceChoice::Cuda(n)),
+                _ => Err(format!("'{s}' is not a device: expected cpu, cuda, cuda:N or auto")),
+            },
+        }
+    }
+}
+
+impl fmt::Display for DeviceChoice {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            DeviceChoice::Cpu => write!(f, "cpu"),
+            DeviceChoice::Cuda(n) => write!(f, "cuda:{n}"),
+            DeviceChoice::Auto => write!(f, "auto"),
+        }
+    }
+}
+
+/// Opens GPU `ordinal` with at most `budget` bytes of device memory
+/// (`None`: half of what is free, at most 8 GiB). Any failure (no driver,
+/// no NVRTC, no such device, a driver or compiler error) is an error
+/// message, never a panic: cudarc panics on some of these, so its calls
+/// run under `catch_unwind`.
+pub fn open(ordinal: usize, budget: Option<u64>) -> Result<Gpu, String> {
+    loader::open_driver()?;
+    loader::open_nvrtc()?;
+    match std::panic::catch_unwind(|| Gpu::open(ordinal, budget)) {
+        Ok(r) => r,
+        Err(p) => Err(format!(
+            "the CUDA libraries failed: {}",
+            p.downcast_ref::<String>()
+                .map(String::as_str)
+                .or_else(|| p.downcast_ref::<&str>().copied())
+                .unwrap_or("(no message)")
+        )),
+    }
+}
+
+/// Resolves `--device`: the GPU to use, or `None` for the CPU. `auto`
+/// falls back to the CPU with a note saying why.
+pub fn select(choice: DeviceChoice, budget: Option<u64>, quiet: bool) -> crate::error::Result<Option<Gpu>> {
+    match choice {
+        DeviceChoice::Cpu => Ok(None),
+        DeviceChoice::Cuda(n) => open(n, budget)
+            .map(Some)
+            .map_err(|e| crate::error::Error::Usage(format!("--device cuda:{n}: {e}"))),
+        DeviceChoice::Auto => match open(0, budget) {
+            Ok(g) => {
+                if !quiet {
+                    eprintln!("device: {} (auto)", g.describe());
+                }
+                Ok(Some(g))
+            }
+            Err(e) => {
+                if !quiet {
+                    eprintln!("device: cpu (auto: no usable GPU: {e})");
+                }
+                Ok(None)
+            }
+        },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn device_names() {
+        assert_eq!(DeviceChoice::parse("cpu"), Ok(DeviceChoice::Cpu));
+        assert_eq!(DeviceChoice::parse("cuda"), Ok(DeviceChoice::Cuda(0)));
+        assert_eq!(DeviceChoice::parse("cuda:3"), Ok(DeviceChoice::Cuda(3)));
+        assert_eq!(DeviceChoice::parse("auto"), Ok(DeviceChoice::Auto));
+        assert!(DeviceChoice::parse("cuda:x").unwrap_err().contains("cuda:N"));
+        assert!(DeviceChoice::parse("tpu").is_err());
+        assert_eq!(DeviceChoice::Cuda(2).to_string(), "cuda:2");
+    }
+}

@@ -1,0 +1,226 @@
+//! The merge statistics on the GPU: `merge_stats::Passes` over chunks of
+//! whole statistics blocks streamed through the engine's slots. Histograms
+//! and counts accumulate on the device; per-block partials come back and
+//! are combined on the host by the same code as the CPU's.
+
+use std::ops::Range;
+
+use super::engine::{Gpu, Result as GResult, SLOTS, stage, ty_code};
+use crate::arith::View;
+use crate::error::{Error, Result};
+use crate::launch;
+use crate::merge_stats::{self, Keep, L1Ranks, Passes, STAT_BLOCK, gram_pairs, masked_blocks};
+
+/// The passes of one tensor of a merge.
+pub struct GpuPasses<'a> {
+    pub gpu: &'a Gpu,
+    pub base: Option<View<'a>>,
+    pub xs: Vec<View<'a>>,
+    pub n: u64,
+    pub row_len: u64,
+}
+
+/// A chunk: its element range and the indices of the blocks it holds.
+struct Chunk {
+    range: Range<u64>,
+    blocks: Range<usize>,
+}
+
+/// Groups consecutive `blocks` into chunks of at most `cap` elements.
+fn chunks(blocks: &[(u64, Range<u64>)], cap: u64) -> std::result::Result<Vec<Chunk>, String> {
+    let mut out: Vec<Chunk> = Vec::new();
+    for (i, (_, r)) in blocks.iter().enumerate() {
+        if r.end - r.start > cap {
+            return Err(format!(
+                "a statistics block of {} elements (a whole row) does not fit the GPU chunk of {cap}; \
+                 give --gpu-memory more or use --device cpu",
+                r.end - r.start
+            ));
+        }
+        match out.last_mut() {
+            Some(c) if r.end - c.range.start <= cap => {
+                c.range.end = r.end;
+                c.blocks.end = i + 1;
+            }
+            _ => out.push(Chunk { range: r.clone(), blocks: i..i + 1 }),
+        }
+    }
+    Ok(out)
+}
+
+fn gpu_err(e: String) -> Error {
+    Error::Internal(e)
+}
+
+impl GpuPasses<'_> {
+    /// Streams the chunks of `blocks` with the base and models `models`
+    /// decoded to f32 in the slot's work buffer (base at 0, model j at
+    /// j + 1), as deltas from the base when `delta`, and calls `f(chunk,
+    /// work, elements)` to launch the pass's kernels on them.
+    fn stream(
+        &self,
+        blocks: &[(u64, Range<u64>)],
+        models: &[usize],
+        delta: bool,
+        mut f: impl FnMut(&Chunk, u64, u64) -> GResult<()>,
+    ) -> Result<()> {
+        let g = self.gpu;
+        let cap = g.chunk_elems(models.len());
+        for (ci, c) in chunks(blocks, cap).map_err(Error::Usage)?.iter().enumerate() {
+            let slot = ci % SLOTS;
+            let n = c.range.end - c.range.start;
+            let mut staged = Vec::new();
+            if let Some(b) = self.base {
+                staged.push(stage(b, c.range.start, n as usize));
+            }
+            for &k in models {
+                staged.push(stage(self.xs[k], c.range.start, n as usize));
+            }
+            let parts: Vec<&[u8]> = staged.iter().map(|s| &s.bytes[..]).collect();
+            let fb = 4 * n;
+            let mut run = || -> GResult<()> {
+                let offsets = g.upload(slot, &parts, ((models.len() + 1) as u64 * fb) as usize, 0)?;
+                let (inp, work, _) = g.slot_ptrs(slot);
+                let first = if self.base.is_some() { 0 } else { 1 };
+                for (j, (s, off)) in staged.iter().zip(&offsets).enumerate() {
+                    let dst = work + (first + j) as u64 * fb;
+                    launch!(g, "decode_f32", g.grid(n), [dst, inp + *off as u64, ty_code(s.ty), n])?;
+                }
+                if delta {
+                    for j in 0..models.len() {
+                        launch!(g, "sub_base", g.grid(n), [work + (j as u64 + 1) * fb, work, n])?;
+                    }
+                }
+                f(c, work, n)?;
+                g.computed(slot)
+            };
+            run().map_err(gpu_err)?;
+            crate::interrupt::check()?;
+        }
+        Ok(())
+    }
+
+    fn whole_blocks(&self) -> Vec<(u64, Range<u64>)> {
+        merge_stats::blocks(self.n, self.n.max(1))
+    }
+
+    fn histogram(&self, k: usize, bins: usize, low: Option<(u32, u32)>) -> Result<Vec<u64>> {
+        let g = self.gpu;
+        let hist = g.zeros::<u64>(bins).map_err(gpu_err)?;
+        let h = g.ptr(&hist);
+        self.stream(&self.whole_blocks(), &[k], true, |_, work, n| {
+            let d = work + 4 * n;
+            match low {
+                None => launch!(g, "hist_high", g.grid(n), [d, n, h]),
+                Some((b0, b1)) => launch!(g, "hist_low", g.grid(n), [d, n, b0, b1, h]),
+            }
+        })?;
+        g.fetch(&hist, bins).map_err(gpu_err)
+    }
+}
+
+impl Passes for GpuPasses<'_> {
+    fn hist_high(&self, k: usize) -> Result<Vec<u64>> {
+        self.histogram(k, 1 << 15, None)
+    }
+
+    fn hist_low(&self, k: usize, b0: u32, b1: u32) -> Result<Vec<u64>> {
+        self.histogram(k, 2 << 16, Some((b0, b1)))
+    }
+
+    fn eq_counts(&self, k: usize, lo: u32, hi: u32) -> Result<Vec<(u64, u64)>> {
+        let g = self.gpu;
+        let blocks = self.whole_blocks();
+        let out = g.zeros::<u64>(2 * blocks.len()).map_err(gpu_err)?;
+        let o = g.ptr(&out);
+        self.stream(&blocks, &[k], true, |c, work, n| {
+            let at = o + 16 * c.blocks.start as u64;
+            launch!(g, "eq_counts", g.per_block(n.div_ceil(STAT_BLOCK)), [work + 4 * n, n, lo, hi, at])
+        })?;
+        let v = g.fetch(&out, 2 * blocks.len()).map_err(gpu_err)?;
+        Ok(v.chunks_exact(2).map(|p| (p[0], p[1])).collect())
+    }
+
+    fn l1_ranks(&self, k: usize, lo: u32, hi: u32) -> Result<Vec<L1Ranks>> {
+        let g = self.gpu;
+        let blocks = self.whole_blocks();
+        let sums = g.zeros::<f64>(2 * blocks.len()).map_err(gpu_err)?;
+        let counts = g.zeros::<u64>(2 * blocks.len()).map_err(gpu_err)?;
+        let (s, cn) = (g.ptr(&sums), g.ptr(&counts));
+        self.stream(&blocks, &[k], true, |c, work, n| {
+            let at = 16 * c.blocks.start as u64;
+            launch!(g, "l1_ranks", g.per_block(n.div_ceil(STAT_BLOCK)), [work + 4 * n, n, lo, hi, s + at, cn + at])
+        })?;
+        let s = g.fetch(&sums, 2 * blocks.len()).map_err(gpu_err)?;
+        let c = g.fetch(&counts, 2 * blocks.len()).map_err(gpu_err)?;
+        Ok((0..blocks.len()).map(|b| (s[2 * b], s[2 * b + 1], c[2 * b], c[2 * b + 1])).collect())
+    }
+
+    fn l1_masked(&self, k: usize, keep: &Keep, stream: u64) -> Result<Vec<[f64; 2]>> {
+        let g = self.gpu;
+        let rl = self.row_len.max(1);
+        let blocks = masked_blocks(keep, self.n, rl);
+        let out = g.zeros::<f64>(2 * blocks.len()).map_err(gpu_err)?;
+        let o = g.ptr(&out);
+        self.stream(&blocks, &[k], true, |c, work, n| {
+            let bounds: Vec<u64> = blocks[c.blocks.clone()]
+                .iter()
+                .map(|(_, r)| r.start - c.range.start)
+                .chain([n])
+                .collect();
+            let bd = g.small(&bounds)?;
+            let d = work + 4 * n;
+            let (prob, density, epsilon, ranks) = match keep {
+                Keep::Random(p) => (*p, 0.0, 0.0, None),
+                Keep::Della { density, epsilon } => (0.0, *density, *epsilon, Some(g.della_ranks(d, n, rl)?)),
+                _ => unreachable!("random masks only"),
+            };
+            let r = ranks.as_ref().map_or(0, |r| g.ptr(r));
+            let at = o + 16 * c.blocks.start as u64;
+            let nb = c.blocks.len() as u64;
+            launch!(
+                g,
+                "l1_masked",
+                g.per_block(nb),
+                [d, n, g.ptr(&bd), c.range.start, stream, prob, r, rl, density, epsilon, at]
+            )
+        })?;
+        let v = g.fetch(&out, 2 * blocks.len()).map_err(gpu_err)?;
+        Ok(v.chunks_exact(2).map(|p| [p[0], p[1]]).collect())
+    }
+
+    fn slerp_sums(&self) -> Result<Vec<[f64; 3]>> {
+        let g = self.gpu;
+        let blocks = self.whole_blocks();
+        let out = g.zeros::<f64>(3 * blocks.len()).map_err(gpu_err)?;
+        let o = g.ptr(&out);
+        self.stream(&blocks, &[0], false, |c, work, n| {
+            let at = o + 24 * c.blocks.start as u64;
+            launch!(g, "slerp_sums", g.per_block(n.div_ceil(STAT_BLOCK)), [work, work + 4 * n, n, at])
+        })?;
+        let v = g.fetch(&out, 3 * blocks.len()).map_err(gpu_err)?;
+        Ok(v.chunks_exact(3).map(|p| [p[0], p[1], p[2]]).collect())
+    }
+
+    fn gram(&self, row_len: u64) -> Result<Vec<(u64, Vec<f64>)>> {
+        let g = self.gpu;
+        let k = self.xs.len();
+        let np = gram_pairs(k).len();
+        let blocks = merge_stats::blocks(self.n, row_len);
+        let out = g.zeros::<f64>(np * blocks.len()).map_err(gpu_err)?;
+        let o = g.ptr(&out);
+        let models: Vec<usize> = (0..k).collect();
+        self.stream(&blocks, &models, true, |c, work, n| {
+            let bounds: Vec<u64> = blocks[c.blocks.clone()]
+                .iter()
+                .map(|(_, r)| r.start - c.range.start)
+                .chain([n])
+                .collect();
+            let bd = g.small(&bounds)?;
+            let at = o + 8 * (np * c.blocks.start) as u64;
+            launch!(g, "gram_sums", g.per_block(c.blocks.len() as u64), [work + 4 * n, k as i32, n, g.ptr(&bd), at])
+        })?;
+        let v = g.fetch(&out, np * blocks.len()).map_err(gpu_err)?;
+        Ok(blocks.iter().zip(v.chunks_exact(np.max(1))).map(|((row, _), p)| (*row, p.to_vec())).collect())
+    }
+}
