@@ -21,7 +21,12 @@ const EXTRA: u64 = 64;
 
 /// Runs the demo in `dir` (a fresh temporary directory when `None`, removed
 /// afterwards unless `keep`). Returns the text to print.
-pub fn run(dir: Option<&Path>, keep: bool, threads: usize, device: crate::cuda::DeviceChoice) -> Result<String> {
+pub fn run(
+    dir: Option<&Path>,
+    keep: bool,
+    threads: usize,
+    device: crate::cuda::DeviceChoice,
+) -> Result<String> {
     let root: PathBuf = match dir {
         Some(d) => d.to_path_buf(),
         None => std::env::temp_dir().join(format!("chatvec-demo-{}", std::process::id())),

@@ -102,11 +102,40 @@ pub struct Gpu {
 
 /// Every kernel the engine launches (kernels/*.cu).
 const KERNELS: &[&str] = &[
-    "convert_bf16", "convert_f16", "convert_f32", "diff_bf16", "diff_f16", "diff_f32", "add_diff_bf16",
-    "add_diff_f16", "add_diff_f32", "add_scaled_bf16", "add_scaled_f16", "add_scaled_f32", "decode_f32",
-    "encode_out", "sub_base", "fill_zero", "mul_scalar", "mask_random", "mask_della", "mask_ranks",
-    "della_keys", "bitonic_step", "della_ranks", "combine_linear", "combine_slerp", "combine_stock",
-    "combine_task", "hist_high", "hist_low", "eq_counts", "l1_ranks", "slerp_sums", "gram_sums", "l1_masked",
+    "convert_bf16",
+    "convert_f16",
+    "convert_f32",
+    "diff_bf16",
+    "diff_f16",
+    "diff_f32",
+    "add_diff_bf16",
+    "add_diff_f16",
+    "add_diff_f32",
+    "add_scaled_bf16",
+    "add_scaled_f16",
+    "add_scaled_f32",
+    "decode_f32",
+    "encode_out",
+    "sub_base",
+    "fill_zero",
+    "mul_scalar",
+    "mask_random",
+    "mask_della",
+    "mask_ranks",
+    "della_keys",
+    "bitonic_step",
+    "della_ranks",
+    "combine_linear",
+    "combine_slerp",
+    "combine_stock",
+    "combine_task",
+    "hist_high",
+    "hist_low",
+    "eq_counts",
+    "l1_ranks",
+    "slerp_sums",
+    "gram_sums",
+    "l1_masked",
 ];
 
 impl Gpu {
@@ -133,7 +162,10 @@ impl Gpu {
         let module = ctx.load_module(Ptx::from_binary(cubin)).map_err(err("loading the kernels"))?;
         let mut funcs = HashMap::new();
         for k in KERNELS {
-            funcs.insert(k.to_string(), module.load_function(k).map_err(|e| format!("CUDA: kernel {k}: {e:?}"))?);
+            funcs.insert(
+                k.to_string(),
+                module.load_function(k).map_err(|e| format!("CUDA: kernel {k}: {e:?}"))?,
+            );
         }
         let up = ctx.new_stream().map_err(err("creating a stream"))?;
         let compute = ctx.new_stream().map_err(err("creating a stream"))?;
@@ -154,7 +186,12 @@ impl Gpu {
 
     /// "cuda:0 (NVIDIA H100 80GB HBM3, 8.0 GiB budget)".
     pub fn describe(&self) -> String {
-        format!("cuda:{} ({}, {:.1} GiB budget)", self.ordinal, self.name, self.budget as f64 / (1u64 << 30) as f64)
+        format!(
+            "cuda:{} ({}, {:.1} GiB budget)",
+            self.ordinal,
+            self.name,
+            self.budget as f64 / (1u64 << 30) as f64
+        )
     }
 
     /// Elements per chunk for jobs with up to `models` inputs besides the
@@ -179,7 +216,11 @@ impl Gpu {
 
     /// A launch with one 256-thread block per `blocks` item.
     pub fn per_block(&self, blocks: u64) -> LaunchConfig {
-        LaunchConfig { grid_dim: (blocks.max(1) as u32, 1, 1), block_dim: (THREADS, 1, 1), shared_mem_bytes: 0 }
+        LaunchConfig {
+            grid_dim: (blocks.max(1) as u32, 1, 1),
+            block_dim: (THREADS, 1, 1),
+            shared_mem_bytes: 0,
+        }
     }
 
     pub fn ptr<T>(&self, s: &CudaSlice<T>) -> CUdeviceptr {
@@ -209,7 +250,11 @@ impl Gpu {
     }
 
     /// Copies a device buffer back (waits for the compute stream).
-    pub fn fetch<T: cudarc::driver::DeviceRepr + Default + Clone>(&self, s: &CudaSlice<T>, len: usize) -> Result<Vec<T>> {
+    pub fn fetch<T: cudarc::driver::DeviceRepr + Default + Clone>(
+        &self,
+        s: &CudaSlice<T>,
+        len: usize,
+    ) -> Result<Vec<T>> {
         let mut v = vec![T::default(); len];
         if len > 0 {
             unsafe { drv::memcpy_dtoh_async(&mut v, self.ptr(s), self.compute.cu_stream()) }
@@ -223,9 +268,9 @@ impl Gpu {
     /// for its work before reallocating).
     fn ensure_slot(&self, i: usize, input: usize, work: usize, out: usize) -> Result<()> {
         let mut slots = self.slots.borrow_mut();
-        let fits = slots.get(i).is_some_and(|s| {
-            s.pin_in.len() >= input && s.work.len() >= work && s.dev_out.len() >= out
-        });
+        let fits = slots
+            .get(i)
+            .is_some_and(|s| s.pin_in.len() >= input && s.work.len() >= work && s.dev_out.len() >= out);
         if fits {
             return Ok(());
         }
@@ -240,7 +285,8 @@ impl Gpu {
         let ev = || self.ctx.new_event(None).map_err(err("creating an event"));
         let slot = Slot {
             // Write-combined for the host's writes; plain for its reads.
-            pin_in: unsafe { self.ctx.alloc_pinned::<u8>(input.max(1)) }.map_err(err("allocating pinned memory"))?,
+            pin_in: unsafe { self.ctx.alloc_pinned::<u8>(input.max(1)) }
+                .map_err(err("allocating pinned memory"))?,
             dev_in: self.zeros::<u8>(input)?,
             work: self.zeros::<u8>(work)?,
             dev_out: self.zeros::<u8>(out)?,
@@ -286,7 +332,8 @@ impl Gpu {
         }
         self.up.wait(&s.computed).map_err(err("ordering streams"))?;
         let dst = s.dev_in.device_ptr(&self.up).0;
-        unsafe { drv::memcpy_htod_async(dst, &host[..total], self.up.cu_stream()) }.map_err(err("uploading"))?;
+        unsafe { drv::memcpy_htod_async(dst, &host[..total], self.up.cu_stream()) }
+            .map_err(err("uploading"))?;
         s.uploaded.record(&self.up).map_err(err("recording an event"))?;
         self.compute.wait(&s.uploaded).map_err(err("ordering streams"))?;
         self.compute.wait(&s.downloaded).map_err(err("ordering streams"))?;

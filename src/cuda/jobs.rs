@@ -47,7 +47,11 @@ fn segments<'a>(plan: &'a Plan, op: &'a Op, elems: &Range<u64>) -> Vec<(u64, u64
     match op {
         Op::Convert(src) => {
             let n = (elems.end - elems.start) as usize;
-            out.push((elems.start, elems.end, Seg::Convert(plan.operand(*src).slice(elems.start as usize, n))));
+            out.push((
+                elems.start,
+                elems.end,
+                Seg::Convert(plan.operand(*src).slice(elems.start as usize, n)),
+            ));
         }
         Op::Arith { formula, runs, row_len } => {
             let l = *row_len;
@@ -56,7 +60,8 @@ fn segments<'a>(plan: &'a Plan, op: &'a Op, elems: &Range<u64>) -> Vec<(u64, u64
             let mut ri = runs.partition_point(|r| (r.base_row + r.rows) * l <= p);
             while p < elems.end {
                 if !(ri < runs.len() && runs[ri].base_row * l <= p) {
-                    let next = if ri < runs.len() { (runs[ri].base_row * l).min(elems.end) } else { elems.end };
+                    let next =
+                        if ri < runs.len() { (runs[ri].base_row * l).min(elems.end) } else { elems.end };
                     out.push((p, next, Seg::Convert(base.slice(p as usize, (next - p) as usize))));
                     p = next;
                     continue;
@@ -103,14 +108,27 @@ impl Gpu {
     ) -> Result<()> {
         let out_ty = t.dtype.float().expect("plan checked float dtypes");
         match &t.op {
-            Op::Merge(m) => {
-                self.enqueue_merge(slot, plan, m, stats.expect("stats before chunks"), out_ty, t.numel(), elems)
-            }
+            Op::Merge(m) => self.enqueue_merge(
+                slot,
+                plan,
+                m,
+                stats.expect("stats before chunks"),
+                out_ty,
+                t.numel(),
+                elems,
+            ),
             op => self.enqueue_arith(slot, plan, op, out_ty, elems),
         }
     }
 
-    fn enqueue_arith(&self, slot: usize, plan: &Plan, op: &Op, out_ty: FloatType, elems: Range<u64>) -> Result<()> {
+    fn enqueue_arith(
+        &self,
+        slot: usize,
+        plan: &Plan,
+        op: &Op,
+        out_ty: FloatType,
+        elems: Range<u64>,
+    ) -> Result<()> {
         let segs = segments(plan, op, &elems);
         let ops: Vec<Vec<Operand>> = segs.iter().map(|(_, _, s)| s.operands()).collect();
         let parts: Vec<&[u8]> = ops.iter().flatten().map(|o| o.bytes).collect();
@@ -202,9 +220,12 @@ impl Gpu {
         let ki = k as i32;
         let mut _keep_alive = Vec::new();
         match m.method {
-            Method::Linear => {
-                launch!(self, "combine_linear", cfg, [r_ptr, x_ptr(0), ki, w_ptr, p.normalize as i32, weight_sum, n])?
-            }
+            Method::Linear => launch!(
+                self,
+                "combine_linear",
+                cfg,
+                [r_ptr, x_ptr(0), ki, w_ptr, p.normalize as i32, weight_sum, n]
+            )?,
             Method::Slerp => {
                 let (ca, cb) = st.slerp;
                 launch!(self, "combine_slerp", cfg, [r_ptr, b_ptr, x_ptr(0), ca, cb, n])?
@@ -213,7 +234,12 @@ impl Gpu {
                 let t = self.small(&st.stock_t)?;
                 let t_ptr = self.ptr(&t);
                 _keep_alive.push(t);
-                launch!(self, "combine_stock", cfg, [r_ptr, b_ptr, x_ptr(0), ki, t_ptr, range.start, st.row_len, n])?
+                launch!(
+                    self,
+                    "combine_stock",
+                    cfg,
+                    [r_ptr, b_ptr, x_ptr(0), ki, t_ptr, range.start, st.row_len, n]
+                )?
             }
             _ => {
                 for (i, ms) in st.models.iter().enumerate() {
@@ -242,7 +268,15 @@ impl Gpu {
 
     /// Masks, rescales and weights one model's deltas at `x` (elements
     /// `start..start + n` of the tensor), as `merge_compute::sparsify_block`.
-    pub fn sparsify(&self, ms: &ModelStats, x: u64, weight: f32, start: u64, n: u64, row_len: u64) -> Result<()> {
+    pub fn sparsify(
+        &self,
+        ms: &ModelStats,
+        x: u64,
+        weight: f32,
+        start: u64,
+        n: u64,
+        row_len: u64,
+    ) -> Result<()> {
         let cfg = self.grid(n);
         match &ms.keep {
             Keep::All => {}
@@ -258,7 +292,18 @@ impl Gpu {
                     self,
                     "mask_ranks",
                     self.per_block(nb as u64),
-                    [x, n, self.ptr(&lo), self.ptr(&hi), rk.lo_val, rk.hi_val, rk.less_lo, rk.less_hi, rk.lo, rk.hi]
+                    [
+                        x,
+                        n,
+                        self.ptr(&lo),
+                        self.ptr(&hi),
+                        rk.lo_val,
+                        rk.hi_val,
+                        rk.less_lo,
+                        rk.less_hi,
+                        rk.lo,
+                        rk.hi
+                    ]
                 )?;
             }
             Keep::Random(prob) => launch!(self, "mask_random", cfg, [x, n, start, ms.stream, *prob])?,

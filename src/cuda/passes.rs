@@ -149,7 +149,12 @@ impl Passes for GpuPasses<'_> {
         let (s, cn) = (g.ptr(&sums), g.ptr(&counts));
         self.stream(&blocks, &[k], true, |c, work, n| {
             let at = 16 * c.blocks.start as u64;
-            launch!(g, "l1_ranks", g.per_block(n.div_ceil(STAT_BLOCK)), [work + 4 * n, n, lo, hi, s + at, cn + at])
+            launch!(
+                g,
+                "l1_ranks",
+                g.per_block(n.div_ceil(STAT_BLOCK)),
+                [work + 4 * n, n, lo, hi, s + at, cn + at]
+            )
         })?;
         let s = g.fetch(&sums, 2 * blocks.len()).map_err(gpu_err)?;
         let c = g.fetch(&counts, 2 * blocks.len()).map_err(gpu_err)?;
@@ -163,11 +168,8 @@ impl Passes for GpuPasses<'_> {
         let out = g.zeros::<f64>(2 * blocks.len()).map_err(gpu_err)?;
         let o = g.ptr(&out);
         self.stream(&blocks, &[k], true, |c, work, n| {
-            let bounds: Vec<u64> = blocks[c.blocks.clone()]
-                .iter()
-                .map(|(_, r)| r.start - c.range.start)
-                .chain([n])
-                .collect();
+            let bounds: Vec<u64> =
+                blocks[c.blocks.clone()].iter().map(|(_, r)| r.start - c.range.start).chain([n]).collect();
             let bd = g.small(&bounds)?;
             let d = work + 4 * n;
             let (prob, density, epsilon, ranks) = match keep {
@@ -211,14 +213,16 @@ impl Passes for GpuPasses<'_> {
         let o = g.ptr(&out);
         let models: Vec<usize> = (0..k).collect();
         self.stream(&blocks, &models, true, |c, work, n| {
-            let bounds: Vec<u64> = blocks[c.blocks.clone()]
-                .iter()
-                .map(|(_, r)| r.start - c.range.start)
-                .chain([n])
-                .collect();
+            let bounds: Vec<u64> =
+                blocks[c.blocks.clone()].iter().map(|(_, r)| r.start - c.range.start).chain([n]).collect();
             let bd = g.small(&bounds)?;
             let at = o + 8 * (np * c.blocks.start) as u64;
-            launch!(g, "gram_sums", g.per_block(c.blocks.len() as u64), [work + 4 * n, k as i32, n, g.ptr(&bd), at])
+            launch!(
+                g,
+                "gram_sums",
+                g.per_block(c.blocks.len() as u64),
+                [work + 4 * n, k as i32, n, g.ptr(&bd), at]
+            )
         })?;
         let v = g.fetch(&out, np * blocks.len()).map_err(gpu_err)?;
         Ok(blocks.iter().zip(v.chunks_exact(np.max(1))).map(|((row, _), p)| (*row, p.to_vec())).collect())
