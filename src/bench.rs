@@ -22,7 +22,8 @@ use crate::synth::{Component, LlamaShape, ModelFiles, tokens, write_model};
 
 #[derive(Args, Debug)]
 pub struct BenchArgs {
-    /// Model shape: tiny, 1b (TinyLlama-1.1B) or 7b (Llama-2-7B).
+    /// Model shape: tiny, 1b (TinyLlama-1.1B), 7b (Llama-2-7B) or 70b-layer
+    /// (Llama-3-70B's tensors, one decoder layer).
     #[arg(long, default_value = "1b")]
     pub shape: String,
 
@@ -49,6 +50,10 @@ pub struct BenchArgs {
     /// computes as chatvec does; bfloat16 rounds every intermediate.
     #[arg(long, default_value = "float32")]
     pub mergekit_dtype: String,
+
+    /// Device for chatvec's apply and merges: cpu, cuda, cuda:N or auto.
+    #[arg(long, default_value = "cpu", value_parser = crate::cuda::DeviceChoice::parse)]
+    pub device: crate::cuda::DeviceChoice,
 }
 
 /// One merge method timed, and compared with mergekit.
@@ -79,6 +84,8 @@ pub struct BenchReport {
     pub input_bytes: u64,
     pub output_bytes: u64,
     pub threads: usize,
+    /// `--device` of chatvec's runs.
+    pub device: String,
     /// Durable write of the output's byte count (write + fdatasync), the
     /// faster of a run before and one after the apply runs.
     pub floor_write_seconds: f64,
@@ -153,7 +160,8 @@ fn shape_of(name: &str) -> Result<LlamaShape> {
         "tiny" => Ok(LlamaShape::tiny(512)),
         "1b" => Ok(LlamaShape::b1()),
         "7b" => Ok(LlamaShape::b7()),
-        _ => Err(Error::Usage(format!("--shape '{name}': use tiny, 1b or 7b"))),
+        "70b-layer" => Ok(LlamaShape::l70_layer()),
+        _ => Err(Error::Usage(format!("--shape '{name}': use tiny, 1b, 7b or 70b-layer"))),
     }
 }
 
@@ -286,6 +294,7 @@ pub fn run(a: &BenchArgs, json: bool) -> Result<()> {
             .arg("--pretrained")
             .arg(&pre);
         cmd.arg("-o").arg(&out).arg("--force").arg("--threads").arg(threads.to_string());
+        cmd.arg("--device").arg(a.device.to_string());
         cmd.env("CHATVEC_CACHE_DIR", root.join("hash-cache"));
         if rehash {
             cmd.arg("--rehash");
@@ -333,6 +342,7 @@ pub fn run(a: &BenchArgs, json: bool) -> Result<()> {
         let cout = root.join(format!("out-{method}-chatvec"));
         let mut cmd = Command::new(&exe);
         cmd.arg("-q").arg("merge").arg(&cfg).arg("-o").arg(&cout).arg("--force");
+        cmd.arg("--device").arg(a.device.to_string());
         cmd.arg("--threads").arg(threads.to_string()).env("CHATVEC_CACHE_DIR", root.join("hash-cache"));
         let chatvec = measure(&mut cmd)?;
         let (mut mergekit, mut max_ulp, mut over_one_ulp) = (None, None, None);
@@ -360,6 +370,7 @@ pub fn run(a: &BenchArgs, json: bool) -> Result<()> {
         input_bytes,
         output_bytes,
         threads,
+        device: a.device.to_string(),
         floor_write_seconds: floor_write,
         floor_write_runs: [floor_write_before, floor_write_after],
         floor_read_seconds: floor_read,
@@ -377,12 +388,13 @@ pub fn run(a: &BenchArgs, json: bool) -> Result<()> {
         return crate::cli::out(&format!("{}\n", serde_json::to_string_pretty(&rep).unwrap()));
     }
     let mut t = format!(
-        "shape {} ({} parameters, bf16), inputs {:.2} GB, output {:.2} GB, {} threads\n",
+        "shape {} ({} parameters, bf16), inputs {:.2} GB, output {:.2} GB, {} threads, device {}\n",
         rep.shape,
         crate::inspect::human_count(rep.parameters),
         input_bytes as f64 / 1e9,
         output_bytes as f64 / 1e9,
-        threads
+        threads,
+        rep.device
     );
     t += &format!(
         "floor: durable write {:.2} s (runs: {:.2} s before, {:.2} s after), inputs read {:.2} s -> {:.2} s\n",

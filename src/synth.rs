@@ -52,6 +52,21 @@ impl LlamaShape {
     }
 
     /// Llama-2-7B's shape (6.74B parameters, 13.5 GB in bf16).
+    /// Llama-3-70B's tensor shapes (a 128256 x 8192 embedding, 8192 x
+    /// 28672 MLP matrices, 8 KV heads) with one decoder layer, for GPU
+    /// throughput on 70B-sized tensors in 18 GB of inputs.
+    pub fn l70_layer() -> LlamaShape {
+        LlamaShape {
+            vocab: 128256,
+            hidden: 8192,
+            intermediate: 28672,
+            layers: 1,
+            heads: 64,
+            kv_heads: 8,
+            tied: false,
+        }
+    }
+
     pub fn b7() -> LlamaShape {
         LlamaShape {
             vocab: 32000,
