@@ -275,8 +275,9 @@ impl Gpu {
             return Ok(());
         }
         if let Some(s) = slots.get(i) {
-            s.downloaded.synchronize().map_err(err("waiting for the GPU"))?;
-            s.computed.synchronize().map_err(err("waiting for the GPU"))?;
+            for e in [&s.uploaded, &s.computed, &s.downloaded] {
+                e.synchronize().map_err(err("waiting for the GPU"))?;
+            }
         }
         let old = slots.get(i);
         let input = input.max(old.map_or(0, |s| s.pin_in.len()));
