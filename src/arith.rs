@@ -11,7 +11,9 @@
 
 use crate::dtype::{FloatType, decode, encode};
 use crate::embeddings::RowRun;
-use crate::plan::{Plan, RowSrc, UnionRows};
+use std::ops::Range;
+
+use crate::plan::{Formula, Op, Plan, RowSrc, UnionRows};
 
 /// Elements per block: small enough for the stack and L1, large enough to
 /// amortize the dtype dispatch.
@@ -210,6 +212,92 @@ pub fn add_scaled(out_ty: FloatType, out: &mut [u8], base: Operand<'_>, vector: 
         let m = scale * v;
         b + m
     });
+}
+
+/// One run of a Convert or Arith output's elements and its operands, each
+/// sliced to the run: what one call of the functions above computes.
+pub enum Segment<'a> {
+    Convert(Operand<'a>),
+    Diff(Operand<'a>, Operand<'a>),
+    AddDiff(Operand<'a>, Operand<'a>, Operand<'a>, f32),
+    AddScaled(Operand<'a>, Operand<'a>, f32),
+}
+
+impl<'a> Segment<'a> {
+    /// The operands, in argument order.
+    pub fn operands(&self) -> Vec<Operand<'a>> {
+        match *self {
+            Segment::Convert(a) => vec![a],
+            Segment::Diff(c, p) => vec![c, p],
+            Segment::AddDiff(b, c, p, _) => vec![b, c, p],
+            Segment::AddScaled(b, v, _) => vec![b, v],
+        }
+    }
+
+    /// Computes the segment into `out` (dtype `out_ty`) on the CPU.
+    pub fn compute(&self, out_ty: FloatType, out: &mut [u8]) {
+        match *self {
+            Segment::Convert(x) => convert(out_ty, out, x),
+            Segment::Diff(c, p) => diff(out_ty, out, c, p),
+            Segment::AddDiff(b, c, p, scale) => add_diff(out_ty, out, b, c, p, scale),
+            Segment::AddScaled(b, v, scale) => add_scaled(out_ty, out, b, v, scale),
+        }
+    }
+}
+
+/// Elements `elems` of a Convert or Arith output cut into segments: rows
+/// outside the vector's runs are the base converted, rows inside a run
+/// apply the formula to the vector's rows.
+pub fn segments<'a>(plan: &'a Plan, op: &'a Op, elems: &Range<u64>) -> Vec<(Range<u64>, Segment<'a>)> {
+    let mut out = Vec::new();
+    match op {
+        Op::Convert(src) => {
+            let n = (elems.end - elems.start) as usize;
+            out.push((elems.clone(), Segment::Convert(plan.operand(*src).slice(elems.start as usize, n))));
+        }
+        Op::Arith { formula, runs, row_len } => {
+            let l = *row_len;
+            let base = plan.operand(formula.base());
+            let mut p = elems.start;
+            let mut ri = runs.partition_point(|r| (r.base_row + r.rows) * l <= p);
+            while p < elems.end {
+                if !(ri < runs.len() && runs[ri].base_row * l <= p) {
+                    let next =
+                        if ri < runs.len() { (runs[ri].base_row * l).min(elems.end) } else { elems.end };
+                    out.push((p..next, Segment::Convert(base.slice(p as usize, (next - p) as usize))));
+                    p = next;
+                    continue;
+                }
+                let r = runs[ri];
+                let run_end = (r.base_row + r.rows) * l;
+                let end = run_end.min(elems.end);
+                let n = (end - p) as usize;
+                let v = (r.vector_row * l + (p - r.base_row * l)) as usize;
+                let b = base.slice(p as usize, n);
+                let seg = match *formula {
+                    Formula::Diff { chat, pre } => {
+                        Segment::Diff(plan.operand(chat).slice(v, n), plan.operand(pre).slice(v, n))
+                    }
+                    Formula::AddDiff { chat, pre, scale, .. } => Segment::AddDiff(
+                        b,
+                        plan.operand(chat).slice(v, n),
+                        plan.operand(pre).slice(v, n),
+                        scale,
+                    ),
+                    Formula::AddScaled { vector, scale, .. } => {
+                        Segment::AddScaled(b, plan.operand(vector).slice(v, n), scale)
+                    }
+                };
+                out.push((p..end, seg));
+                p = end;
+                if end == run_end {
+                    ri += 1;
+                }
+            }
+        }
+        Op::Copy(_) | Op::Merge(_) => unreachable!("not an arithmetic op"),
+    }
+    out
 }
 
 #[cfg(test)]

@@ -147,52 +147,9 @@ fn compute(plan: &Plan, t: &OutTensor, stats: Option<&TensorStats>, elems: Range
             elems,
             out,
         ),
-        Op::Convert(src) => {
-            let s = plan.operand(*src).slice(elems.start as usize, (elems.end - elems.start) as usize);
-            arith::convert(out_ty, out, s);
-        }
-        Op::Arith { formula, runs, row_len } => {
-            let l = *row_len;
-            let base = plan.operand(formula.base());
-            let mut p = elems.start;
-            let mut ri = runs.partition_point(|r| (r.base_row + r.rows) * l <= p);
-            while p < elems.end {
-                let in_run = ri < runs.len() && runs[ri].base_row * l <= p;
-                if !in_run {
-                    let next =
-                        if ri < runs.len() { (runs[ri].base_row * l).min(elems.end) } else { elems.end };
-                    let n = (next - p) as usize;
-                    arith::convert(out_ty, &mut out[at(p)..at(next)], base.slice(p as usize, n));
-                    p = next;
-                    continue;
-                }
-                let r = runs[ri];
-                let run_end = (r.base_row + r.rows) * l;
-                let end = run_end.min(elems.end);
-                let n = (end - p) as usize;
-                let v = (r.vector_row * l + (p - r.base_row * l)) as usize;
-                let o = &mut out[at(p)..at(end)];
-                let b = base.slice(p as usize, n);
-                match *formula {
-                    Formula::Diff { chat, pre } => {
-                        arith::diff(out_ty, o, plan.operand(chat).slice(v, n), plan.operand(pre).slice(v, n))
-                    }
-                    Formula::AddDiff { chat, pre, scale, .. } => arith::add_diff(
-                        out_ty,
-                        o,
-                        b,
-                        plan.operand(chat).slice(v, n),
-                        plan.operand(pre).slice(v, n),
-                        scale,
-                    ),
-                    Formula::AddScaled { vector, scale, .. } => {
-                        arith::add_scaled(out_ty, o, b, plan.operand(vector).slice(v, n), scale)
-                    }
-                }
-                p = end;
-                if end == run_end {
-                    ri += 1;
-                }
+        op => {
+            for (r, seg) in arith::segments(plan, op, &elems) {
+                seg.compute(out_ty, &mut out[at(r.start)..at(r.end)]);
             }
         }
     }
@@ -273,11 +230,6 @@ pub fn execute(plan: &Plan, dir: &Path, opts: &ExecOptions) -> Result<ExecResult
         .build()
         .map_err(|e| Error::Internal(format!("starting {threads} threads: {e}")))?;
     let gpu = cuda::select(opts.device, opts.gpu_memory, opts.quiet)?;
-    if let (Some(g), DeviceChoice::Cuda(_)) = (&gpu, opts.device)
-        && !opts.quiet
-    {
-        eprintln!("device: {}", g.describe());
-    }
     let (batch, chunk) = match &gpu {
         // Whole statistics blocks per job (rank masks scan from a block
         // start), sized so the engine's slots fit the device budget.

@@ -106,7 +106,7 @@ pub struct TensorStats {
     pub row_len: u64,
 }
 
-pub fn bits(d: f32) -> u32 {
+fn bits(d: f32) -> u32 {
     d.to_bits() & 0x7fff_ffff
 }
 

@@ -83,7 +83,7 @@ pub struct Slot {
     computed: CudaEvent,
     downloaded: CudaEvent,
     /// Bytes of the last download still to be collected.
-    pending: Option<(usize, usize)>,
+    pending: Option<usize>,
 }
 
 /// An open GPU.
@@ -341,6 +341,35 @@ impl Gpu {
         Ok(offsets)
     }
 
+    /// Uploads elements `start..start + n` of `base` (if any) and `models`
+    /// into slot `i` and decodes them to f32 in its work buffer, which holds
+    /// `arrays` arrays of `n` f32: the base in array 0, model j in array
+    /// j + 1. The slot's output buffer holds at least `out` bytes. Returns
+    /// the work buffer's address.
+    #[allow(clippy::too_many_arguments)]
+    pub fn upload_f32(
+        &self,
+        i: usize,
+        base: Option<View>,
+        models: &[View],
+        start: u64,
+        n: u64,
+        arrays: usize,
+        out: usize,
+    ) -> Result<CUdeviceptr> {
+        let staged: Vec<Staged> = base.iter().chain(models).map(|v| stage(*v, start, n as usize)).collect();
+        let parts: Vec<&[u8]> = staged.iter().map(|s| &s.bytes[..]).collect();
+        let f = 4 * n;
+        let offsets = self.upload(i, &parts, (arrays as u64 * f) as usize, out)?;
+        let (inp, work, _) = self.slot_ptrs(i);
+        let first = if base.is_some() { 0 } else { 1 };
+        for (j, (s, off)) in staged.iter().zip(&offsets).enumerate() {
+            let dst = work + (first + j) as u64 * f;
+            crate::launch!(self, "decode_f32", self.grid(n), [dst, inp + *off as u64, ty_code(s.ty), n])?;
+        }
+        Ok(work)
+    }
+
     /// Device addresses of slot `i`'s input, work and output buffers.
     pub fn slot_ptrs(&self, i: usize) -> (CUdeviceptr, CUdeviceptr, CUdeviceptr) {
         let slots = self.slots.borrow();
@@ -366,7 +395,7 @@ impl Gpu {
         unsafe { drv::memcpy_dtoh_async(&mut host[..len], src, self.down.cu_stream()) }
             .map_err(err("downloading"))?;
         s.downloaded.record(&self.down).map_err(err("recording an event"))?;
-        s.pending = Some((0, len));
+        s.pending = Some(len);
         Ok(())
     }
 
@@ -379,11 +408,11 @@ impl Gpu {
     pub fn collect(&self, i: usize, out: &mut Vec<u8>) -> Result<()> {
         let mut slots = self.slots.borrow_mut();
         let s = &mut slots[i];
-        let (a, len) = s.pending.take().expect("collect follows download");
+        let len = s.pending.take().expect("collect follows download");
         s.downloaded.synchronize().map_err(err("waiting for a download"))?;
         let host = s.pin_out.as_slice().map_err(err("mapping pinned memory"))?;
         out.clear();
-        out.extend_from_slice(&host[a..a + len]);
+        out.extend_from_slice(&host[..len]);
         Ok(())
     }
 

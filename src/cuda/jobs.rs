@@ -4,32 +4,13 @@
 
 use std::ops::Range;
 
-use super::engine::{Gpu, Result, stage, ty_code};
-use crate::arith::Operand;
+use super::engine::{Gpu, Result, ty_code};
+use crate::arith::{Operand, Segment, segments};
 use crate::dtype::FloatType;
 use crate::launch;
 use crate::merge_stats::{Keep, ModelStats, STAT_BLOCK, TensorStats};
 use crate::methods::Method;
-use crate::plan::{Formula, MergeOp, Op, OutTensor, Plan};
-
-/// One run of output elements and what computes it.
-enum Seg<'a> {
-    Convert(Operand<'a>),
-    Diff(Operand<'a>, Operand<'a>),
-    AddDiff(Operand<'a>, Operand<'a>, Operand<'a>, f32),
-    AddScaled(Operand<'a>, Operand<'a>, f32),
-}
-
-impl<'a> Seg<'a> {
-    fn operands(&self) -> Vec<Operand<'a>> {
-        match *self {
-            Seg::Convert(a) => vec![a],
-            Seg::Diff(c, p) => vec![c, p],
-            Seg::AddDiff(b, c, p, _) => vec![b, c, p],
-            Seg::AddScaled(b, v, _) => vec![b, v],
-        }
-    }
-}
+use crate::plan::{MergeOp, Op, OutTensor, Plan};
 
 fn suffix(t: FloatType) -> &'static str {
     match t {
@@ -37,62 +18,6 @@ fn suffix(t: FloatType) -> &'static str {
         FloatType::F16 => "f16",
         FloatType::F32 => "f32",
     }
-}
-
-/// The segments of elements `elems` of an Arith or Convert tensor, the way
-/// `execute::compute` cuts them: rows outside the vector's runs are the
-/// base converted, rows inside run the formula on the vector's rows.
-fn segments<'a>(plan: &'a Plan, op: &'a Op, elems: &Range<u64>) -> Vec<(u64, u64, Seg<'a>)> {
-    let mut out = Vec::new();
-    match op {
-        Op::Convert(src) => {
-            let n = (elems.end - elems.start) as usize;
-            out.push((
-                elems.start,
-                elems.end,
-                Seg::Convert(plan.operand(*src).slice(elems.start as usize, n)),
-            ));
-        }
-        Op::Arith { formula, runs, row_len } => {
-            let l = *row_len;
-            let base = plan.operand(formula.base());
-            let mut p = elems.start;
-            let mut ri = runs.partition_point(|r| (r.base_row + r.rows) * l <= p);
-            while p < elems.end {
-                if !(ri < runs.len() && runs[ri].base_row * l <= p) {
-                    let next =
-                        if ri < runs.len() { (runs[ri].base_row * l).min(elems.end) } else { elems.end };
-                    out.push((p, next, Seg::Convert(base.slice(p as usize, (next - p) as usize))));
-                    p = next;
-                    continue;
-                }
-                let r = runs[ri];
-                let run_end = (r.base_row + r.rows) * l;
-                let end = run_end.min(elems.end);
-                let n = (end - p) as usize;
-                let v = (r.vector_row * l + (p - r.base_row * l)) as usize;
-                let b = base.slice(p as usize, n);
-                let seg = match *formula {
-                    Formula::Diff { chat, pre } => {
-                        Seg::Diff(plan.operand(chat).slice(v, n), plan.operand(pre).slice(v, n))
-                    }
-                    Formula::AddDiff { chat, pre, scale, .. } => {
-                        Seg::AddDiff(b, plan.operand(chat).slice(v, n), plan.operand(pre).slice(v, n), scale)
-                    }
-                    Formula::AddScaled { vector, scale, .. } => {
-                        Seg::AddScaled(b, plan.operand(vector).slice(v, n), scale)
-                    }
-                };
-                out.push((p, end, seg));
-                p = end;
-                if end == run_end {
-                    ri += 1;
-                }
-            }
-        }
-        Op::Copy(_) | Op::Merge(_) => unreachable!("not an arithmetic op"),
-    }
-    out
 }
 
 impl Gpu {
@@ -130,39 +55,36 @@ impl Gpu {
         elems: Range<u64>,
     ) -> Result<()> {
         let segs = segments(plan, op, &elems);
-        let ops: Vec<Vec<Operand>> = segs.iter().map(|(_, _, s)| s.operands()).collect();
+        let ops: Vec<Vec<Operand>> = segs.iter().map(|(_, seg)| seg.operands()).collect();
         let parts: Vec<&[u8]> = ops.iter().flatten().map(|o| o.bytes).collect();
         let os = out_ty.size();
         let len = (elems.end - elems.start) as usize * os;
         let offsets = self.upload(slot, &parts, 0, len)?;
         let (inp, _, out) = self.slot_ptrs(slot);
-        let mut at = offsets.iter().map(|o| inp + *o as u64);
+        // Each operand as (device address, dtype code), in upload order.
+        let mut args = ops.iter().flatten().zip(&offsets).map(|(o, off)| (inp + *off as u64, ty_code(o.ty)));
+        let mut arg = || args.next().expect("one offset per operand");
         let sfx = suffix(out_ty);
-        for ((a, b, seg), o) in segs.iter().zip(&ops) {
-            let n = b - a;
-            let dst = out + (a - elems.start) * os as u64;
+        for (r, seg) in &segs {
+            let n = r.end - r.start;
+            let dst = out + (r.start - elems.start) * os as u64;
             let cfg = self.grid(n);
-            let mut next = || (at.next().expect("one offset per operand"), 0);
-            let mut operand = |k: usize| {
-                let (p, _) = next();
-                (p, ty_code(o[k].ty))
-            };
             match *seg {
-                Seg::Convert(_) => {
-                    let (x, tx) = operand(0);
+                Segment::Convert(_) => {
+                    let (x, tx) = arg();
                     launch!(self, &format!("convert_{sfx}"), cfg, [dst, x, tx, n])?
                 }
-                Seg::Diff(..) => {
-                    let ((c, tc), (p, tp)) = (operand(0), operand(1));
+                Segment::Diff(..) => {
+                    let ((c, tc), (p, tp)) = (arg(), arg());
                     launch!(self, &format!("diff_{sfx}"), cfg, [dst, c, tc, p, tp, n])?
                 }
-                Seg::AddDiff(_, _, _, scale) => {
-                    let ((bb, tb), (c, tc), (p, tp)) = (operand(0), operand(1), operand(2));
-                    launch!(self, &format!("add_diff_{sfx}"), cfg, [dst, bb, tb, c, tc, p, tp, scale, n])?
+                Segment::AddDiff(_, _, _, scale) => {
+                    let ((b, tb), (c, tc), (p, tp)) = (arg(), arg(), arg());
+                    launch!(self, &format!("add_diff_{sfx}"), cfg, [dst, b, tb, c, tc, p, tp, scale, n])?
                 }
-                Seg::AddScaled(_, _, scale) => {
-                    let ((bb, tb), (v, tv)) = (operand(0), operand(1));
-                    launch!(self, &format!("add_scaled_{sfx}"), cfg, [dst, bb, tb, v, tv, scale, n])?
+                Segment::AddScaled(_, _, scale) => {
+                    let ((b, tb), (v, tv)) = (arg(), arg());
+                    launch!(self, &format!("add_scaled_{sfx}"), cfg, [dst, b, tb, v, tv, scale, n])?
                 }
             }
         }
@@ -192,33 +114,22 @@ impl Gpu {
             elems.clone()
         };
         let n = range.end - range.start;
-        let base = m.base_view(plan);
-        let mut staged = Vec::new();
-        if let Some(b) = base {
-            staged.push(stage(b, range.start, n as usize));
-        }
-        for i in 0..k {
-            staged.push(stage(m.view(plan, i), range.start, n as usize));
-        }
-        let parts: Vec<&[u8]> = staged.iter().map(|s| &s.bytes[..]).collect();
+        let xs: Vec<_> = (0..k).map(|i| m.view(plan, i)).collect();
         let os = out_ty.size();
         let f = 4 * n;
-        let offsets = self.upload(slot, &parts, ((k + 2) as u64 * f) as usize, n as usize * os)?;
-        let (inp, work, out) = self.slot_ptrs(slot);
+        let work = self.upload_f32(slot, m.base_view(plan), &xs, range.start, n, k + 2, n as usize * os)?;
+        let (_, _, out) = self.slot_ptrs(slot);
         let (b_ptr, x_ptr, r_ptr) = (work, |i: usize| work + (1 + i as u64) * f, work + (k as u64 + 1) * f);
         let cfg = self.grid(n);
-        // Operand j goes to f32 slot j (base first) or j + 1 (no base).
-        let first = if base.is_some() { 0 } else { 1 };
-        for (j, (s, off)) in staged.iter().zip(&offsets).enumerate() {
-            let dst = work + (first + j) as u64 * f;
-            launch!(self, "decode_f32", cfg, [dst, inp + *off as u64, ty_code(s.ty), n])?;
-        }
         let weights: Vec<f32> = p.models.iter().map(|mp| mp.weight as f32).collect();
         let weight_sum = weights.iter().fold(0f32, |a, w| a + w);
         let w_dev = self.small(&weights)?;
         let w_ptr = self.ptr(&w_dev);
         let ki = k as i32;
-        let mut _keep_alive = Vec::new();
+        // Parameter buffers (weights, model_stock's t) live until the end of
+        // this function; their memory is freed in stream order, after the
+        // kernels that read it.
+        let stock_t = self.small(&st.stock_t)?;
         match m.method {
             Method::Linear => launch!(
                 self,
@@ -231,9 +142,7 @@ impl Gpu {
                 launch!(self, "combine_slerp", cfg, [r_ptr, b_ptr, x_ptr(0), ca, cb, n])?
             }
             Method::ModelStock => {
-                let t = self.small(&st.stock_t)?;
-                let t_ptr = self.ptr(&t);
-                _keep_alive.push(t);
+                let t_ptr = self.ptr(&stock_t);
                 launch!(
                     self,
                     "combine_stock",
@@ -260,10 +169,7 @@ impl Gpu {
         let skip = elems.start - range.start;
         let len = elems.end - elems.start;
         launch!(self, "encode_out", self.grid(len), [out, ty_code(out_ty), r_ptr + 4 * skip, len])?;
-        self.download(slot, 0, len as usize * os)?;
-        // Parameter buffers are freed in stream order after the kernels.
-        drop(w_dev);
-        Ok(())
+        self.download(slot, 0, len as usize * os)
     }
 
     /// Masks, rescales and weights one model's deltas at `x` (elements

@@ -51,11 +51,9 @@ pub fn compile_cubin(major: i32, minor: i32) -> Result<Vec<u8>, String> {
     out
 }
 
-/// Opens NVRTC and compiles for `major.minor`: for tests and `chatvec
-/// bench`, where no GPU is needed to check that kernels/ compiles.
+/// Opens NVRTC and compiles for `major.minor`, returning the CUBIN's size:
+/// checks that kernels/ compiles where there is no GPU (the tests).
 pub fn compile_check(major: i32, minor: i32) -> Result<usize, String> {
     super::loader::open_nvrtc()?;
-    std::panic::catch_unwind(|| compile_cubin(major, minor))
-        .map_err(|_| "NVRTC failed (panic in cudarc)".to_string())?
-        .map(|c| c.len())
+    super::without_panic(|| compile_cubin(major, minor)).map(|c| c.len())
 }

@@ -63,26 +63,37 @@ impl fmt::Display for DeviceChoice {
 pub fn open(ordinal: usize, budget: Option<u64>) -> Result<Gpu, String> {
     loader::open_driver()?;
     loader::open_nvrtc()?;
-    match std::panic::catch_unwind(|| Gpu::open(ordinal, budget)) {
-        Ok(r) => r,
-        Err(p) => Err(format!(
+    without_panic(|| Gpu::open(ordinal, budget))
+}
+
+/// Runs `f`, turning a panic inside cudarc into an error message.
+fn without_panic<T>(f: impl FnOnce() -> Result<T, String> + std::panic::UnwindSafe) -> Result<T, String> {
+    std::panic::catch_unwind(f).unwrap_or_else(|p| {
+        Err(format!(
             "the CUDA libraries failed: {}",
             p.downcast_ref::<String>()
                 .map(String::as_str)
                 .or_else(|| p.downcast_ref::<&str>().copied())
                 .unwrap_or("(no message)")
-        )),
-    }
+        ))
+    })
 }
 
-/// Resolves `--device`: the GPU to use, or `None` for the CPU. `auto`
-/// falls back to the CPU with a note saying why.
+/// Resolves `--device`: the GPU to use, or `None` for the CPU, with a note
+/// naming the device unless `quiet`; `auto` falls back to the CPU and says
+/// why.
 pub fn select(choice: DeviceChoice, budget: Option<u64>, quiet: bool) -> crate::error::Result<Option<Gpu>> {
     match choice {
         DeviceChoice::Cpu => Ok(None),
-        DeviceChoice::Cuda(n) => open(n, budget)
-            .map(Some)
-            .map_err(|e| crate::error::Error::Usage(format!("--device cuda:{n}: {e}"))),
+        DeviceChoice::Cuda(n) => match open(n, budget) {
+            Ok(g) => {
+                if !quiet {
+                    eprintln!("device: {}", g.describe());
+                }
+                Ok(Some(g))
+            }
+            Err(e) => Err(crate::error::Error::Usage(format!("--device cuda:{n}: {e}"))),
+        },
         DeviceChoice::Auto => match open(0, budget) {
             Ok(g) => {
                 if !quiet {

@@ -5,7 +5,7 @@
 
 use std::ops::Range;
 
-use super::engine::{Gpu, Result as GResult, SLOTS, stage, ty_code};
+use super::engine::{Gpu, Result as GResult, SLOTS};
 use crate::arith::View;
 use crate::error::{Error, Result};
 use crate::launch;
@@ -66,26 +66,13 @@ impl GpuPasses<'_> {
     ) -> Result<()> {
         let g = self.gpu;
         let cap = g.chunk_elems(models.len());
+        let xs: Vec<View> = models.iter().map(|&k| self.xs[k]).collect();
         for (ci, c) in chunks(blocks, cap).map_err(Error::Usage)?.iter().enumerate() {
             let slot = ci % SLOTS;
             let n = c.range.end - c.range.start;
-            let mut staged = Vec::new();
-            if let Some(b) = self.base {
-                staged.push(stage(b, c.range.start, n as usize));
-            }
-            for &k in models {
-                staged.push(stage(self.xs[k], c.range.start, n as usize));
-            }
-            let parts: Vec<&[u8]> = staged.iter().map(|s| &s.bytes[..]).collect();
             let fb = 4 * n;
             let mut run = || -> GResult<()> {
-                let offsets = g.upload(slot, &parts, ((models.len() + 1) as u64 * fb) as usize, 0)?;
-                let (inp, work, _) = g.slot_ptrs(slot);
-                let first = if self.base.is_some() { 0 } else { 1 };
-                for (j, (s, off)) in staged.iter().zip(&offsets).enumerate() {
-                    let dst = work + (first + j) as u64 * fb;
-                    launch!(g, "decode_f32", g.grid(n), [dst, inp + *off as u64, ty_code(s.ty), n])?;
-                }
+                let work = g.upload_f32(slot, self.base, &xs, c.range.start, n, models.len() + 1, 0)?;
                 if delta {
                     for j in 0..models.len() {
                         launch!(g, "sub_base", g.grid(n), [work + (j as u64 + 1) * fb, work, n])?;
