@@ -1,6 +1,6 @@
 //! One error type for the whole tool, grouped by topic, each variant naming
 //! the file, tensor or line involved so a user can act on it without a
-//! debugger. The variant decides the exit code.
+//! debugger. The variant, never the message text, decides the exit code.
 
 use std::path::{Path, PathBuf};
 
@@ -8,34 +8,57 @@ use std::path::{Path, PathBuf};
 pub const EXIT_OK: i32 = 0;
 /// Exit code for bad input or bad usage: the user can fix the command or files.
 pub const EXIT_INPUT: i32 = 1;
-/// Exit code for I/O failures and internal errors.
+/// Exit code for I/O, network and internal errors.
 pub const EXIT_IO: i32 = 2;
 /// Exit code after Ctrl-C / SIGTERM (128 + SIGINT), as shells expect.
 pub const EXIT_INTERRUPTED: i32 = 130;
 
+/// Everything that can go wrong, by topic.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    /// A safetensors shard whose header or layout is invalid.
+    /// A safetensors or PyTorch shard whose header or layout is invalid.
     #[error("{}: {msg}", file.display())]
-    Format { file: PathBuf, msg: String },
+    Format {
+        /// The shard.
+        file: PathBuf,
+        /// What is wrong, naming the tensor.
+        msg: String,
+    },
 
-    /// A JSON side file (index, config, tokenizer, manifest) that is invalid.
+    /// A JSON, TOML or YAML file (index, config, tokenizer, manifest, recipe,
+    /// dataset) that is invalid.
     #[error("{}: {msg}", file.display())]
-    BadFile { file: PathBuf, msg: String },
+    BadFile {
+        /// The file.
+        file: PathBuf,
+        /// What is wrong, naming the key or line.
+        msg: String,
+    },
 
     /// A tensor chatvec must compute with has a dtype it does not handle.
     #[error(
         "{}: tensor '{tensor}' has dtype {dtype}; chatvec computes with BF16, F16 and F32 only",
         file.display()
     )]
-    UnsupportedDtype { file: PathBuf, tensor: String, dtype: String },
+    UnsupportedDtype {
+        /// The shard holding the tensor.
+        file: PathBuf,
+        /// The tensor.
+        tensor: String,
+        /// Its dtype.
+        dtype: String,
+    },
 
     /// The inputs do not fit together (names, shapes, configs, vocabularies).
-    /// `problems` lists the first offending tensors or keys.
     #[error("{what}:\n{}", problems.iter().map(|p| format!("  - {p}")).collect::<Vec<_>>().join("\n"))]
-    Mismatch { what: String, problems: Vec<String> },
+    Mismatch {
+        /// What was being matched.
+        what: String,
+        /// The first offending tensors or keys.
+        problems: Vec<String>,
+    },
 
-    /// A bad command line that clap could not catch.
+    /// A bad command line or option value that clap could not catch.
     #[error("{0}")]
     Usage(String),
 
@@ -45,11 +68,48 @@ pub enum Error {
 
     /// Not enough free disk space for the output.
     #[error("not enough free space for {}: need {need} bytes, {have} available", path.display())]
-    NoSpace { path: PathBuf, need: u64, have: u64 },
+    NoSpace {
+        /// The directory the output goes to.
+        path: PathBuf,
+        /// Bytes needed.
+        need: u64,
+        /// Bytes available.
+        have: u64,
+    },
 
     /// An operating-system I/O error, with what was being done to which path.
     #[error("{op} {}: {source}", path.display())]
-    Io { op: &'static str, path: PathBuf, source: std::io::Error },
+    Io {
+        /// What was being done ("reading", "renaming into place", ...).
+        op: &'static str,
+        /// The path it was done to.
+        path: PathBuf,
+        /// The OS error.
+        source: std::io::Error,
+    },
+
+    /// The Hugging Face Hub could not be reached, or a transfer broke off.
+    /// Nothing the user typed is wrong; running again may work.
+    #[error("{0}")]
+    Network(String),
+
+    /// The Hub answered, but not with what was asked for (a gated, private
+    /// or missing repository, a corrupt file).
+    #[error("{0}")]
+    Hub(String),
+
+    /// A `--device` that cannot be used here (no driver, no such GPU).
+    #[error("--device {device}: {reason}")]
+    Device {
+        /// The device asked for (`cuda:0`).
+        device: String,
+        /// Why it cannot be used.
+        reason: String,
+    },
+
+    /// A CUDA call failed while a job ran on the GPU.
+    #[error("CUDA: {0}")]
+    Gpu(String),
 
     /// The user pressed Ctrl-C or the process got SIGTERM.
     #[error("interrupted; no output was written")]
@@ -66,26 +126,32 @@ pub enum Error {
 
     /// Another error, with a suggestion for the obvious next step.
     #[error("{inner}")]
-    Hinted { inner: Box<Error>, hint: String },
+    Hinted {
+        /// The error.
+        inner: Box<Error>,
+        /// The suggestion, printed on a `hint:` line.
+        hint: String,
+    },
 }
 
+/// `Result` with chatvec's error.
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
 impl Error {
     /// Builds an `Io` error; use as `.map_err(|e| Error::io("reading", path, e))`.
-    pub fn io(op: &'static str, path: &Path, source: std::io::Error) -> Error {
+    pub(crate) fn io(op: &'static str, path: &Path, source: std::io::Error) -> Error {
         Error::Io { op, path: path.to_path_buf(), source }
     }
 
-    pub fn format(file: &Path, msg: impl Into<String>) -> Error {
+    pub(crate) fn format(file: &Path, msg: impl Into<String>) -> Error {
         Error::Format { file: file.to_path_buf(), msg: msg.into() }
     }
 
-    pub fn bad_file(file: &Path, msg: impl Into<String>) -> Error {
+    pub(crate) fn bad_file(file: &Path, msg: impl Into<String>) -> Error {
         Error::BadFile { file: file.to_path_buf(), msg: msg.into() }
     }
 
-    /// Attaches a `hint:` line.
+    /// Attaches a `hint:` line: the obvious next step.
     pub fn with_hint(self, hint: impl Into<String>) -> Error {
         Error::Hinted { inner: Box::new(self), hint: hint.into() }
     }
@@ -99,14 +165,45 @@ impl Error {
         }
     }
 
+    /// The error without its hint.
+    pub fn kind(&self) -> &Error {
+        match self {
+            Error::Hinted { inner, .. } => inner.kind(),
+            e => e,
+        }
+    }
+
     /// The process exit code this error maps to (see the README).
     pub fn exit_code(&self) -> i32 {
-        match self {
-            Error::Hinted { inner, .. } => inner.exit_code(),
-            Error::Io { .. } | Error::Internal(_) | Error::NoSpace { .. } => EXIT_IO,
+        match self.kind() {
+            Error::Io { .. }
+            | Error::Internal(_)
+            | Error::NoSpace { .. }
+            | Error::Network(_)
+            | Error::Gpu(_) => EXIT_IO,
             Error::Interrupted => EXIT_INTERRUPTED,
             Error::Trainer(code) => *code,
             _ => EXIT_INPUT,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn exit_codes_follow_the_variant_through_hints() {
+        let net = Error::Network("cannot reach the Hub".into()).with_hint("retry");
+        assert_eq!(net.exit_code(), EXIT_IO);
+        assert!(matches!(net.kind(), Error::Network(_)));
+        assert_eq!(Error::Hub("gated".into()).exit_code(), EXIT_INPUT);
+        assert_eq!(
+            Error::Device { device: "cuda:0".into(), reason: "no driver".into() }.exit_code(),
+            EXIT_INPUT
+        );
+        assert_eq!(Error::Gpu("launch failed".into()).exit_code(), EXIT_IO);
+        assert_eq!(Error::Trainer(137).exit_code(), 137);
+        assert_eq!(Error::Interrupted.exit_code(), EXIT_INTERRUPTED);
     }
 }

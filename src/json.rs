@@ -13,7 +13,7 @@ use crate::error::{Error, Result};
 
 /// The entries of a JSON object in file order, keys checked to be unique.
 #[derive(Debug, Default)]
-pub struct Entries(pub Vec<(String, Value)>);
+pub(crate) struct Entries(pub(crate) Vec<(String, Value)>);
 
 impl<'de> de::Deserialize<'de> for Entries {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
@@ -40,7 +40,7 @@ impl<'de> de::Deserialize<'de> for Entries {
 }
 
 /// Reads a whole (small) file, refusing anything larger than `cap` bytes.
-pub fn read_capped(path: &Path, cap: u64) -> Result<Vec<u8>> {
+pub(crate) fn read_capped(path: &Path, cap: u64) -> Result<Vec<u8>> {
     let meta = std::fs::metadata(path).map_err(|e| Error::io("reading", path, e))?;
     if meta.len() > cap {
         return Err(Error::bad_file(
@@ -52,14 +52,21 @@ pub fn read_capped(path: &Path, cap: u64) -> Result<Vec<u8>> {
 }
 
 /// Reads and parses a JSON file of at most `cap` bytes into a `Value`.
-pub fn read_value(path: &Path, cap: u64) -> Result<Value> {
+pub(crate) fn read_value(path: &Path, cap: u64) -> Result<Value> {
     let bytes = read_capped(path, cap)?;
     serde_json::from_slice(&bytes).map_err(|e| Error::bad_file(path, format!("invalid JSON: {e}")))
 }
 
+/// Parses TOML text into a JSON value (the form the recipe and alias
+/// readers work on); `file` is only used in messages.
+pub(crate) fn toml_to_json(text: &str, file: &Path) -> Result<Value> {
+    let table: toml::Table = toml::from_str(text).map_err(|e| Error::bad_file(file, e.to_string()))?;
+    serde_json::to_value(table).map_err(|e| Error::bad_file(file, e.to_string()))
+}
+
 /// Writes `v` as pretty JSON with a trailing newline (the way transformers
 /// writes its side files, so diffs against Python-written files stay small).
-pub fn to_pretty(v: &impl serde::Serialize) -> Vec<u8> {
+pub(crate) fn to_pretty(v: &impl serde::Serialize) -> Vec<u8> {
     let mut s = serde_json::to_vec_pretty(v).expect("JSON values always serialize");
     s.push(b'\n');
     s

@@ -1,47 +1,90 @@
-//! chatvec: chat vectors and weight arithmetic over memory-mapped
-//! safetensors, in bounded memory. See DESIGN.md in the shared folder for
-//! the architecture: resolve -> checkpoint -> plan -> execute -> writer.
+//! chatvec: chat vectors and model merges over memory-mapped safetensors,
+//! in bounded memory, byte-for-byte reproducible.
+//!
+//! A chat vector is `chat - pretrained` (e.g. Llama-3-8B-Instruct minus
+//! Llama-3-8B); adding it, scaled, to a model continued-pretrained from
+//! the same base (e.g. Llama-3-Swallow-8B) gives that model the chat
+//! model's behaviour before any SFT. The entry points take a spec and
+//! [`WriteOptions`] and return a [`Summary`]:
+//!
+//! ```no_run
+//! use chatvec::{ApplySpec, VectorSource, WriteOptions, apply};
+//!
+//! // Llama-3-Swallow-8B + (Llama-3-8B-Instruct - Llama-3-8B), by alias;
+//! // models come from the Hugging Face cache, downloaded if missing.
+//! let mut spec = ApplySpec::new("swallow-8b", VectorSource::Stored("llama3-instruct".into()));
+//! spec.scale = 0.8;
+//! let summary = apply(&spec, &WriteOptions::new("swallow-8b-cv"))?;
+//! for shard in &summary.shards {
+//!     println!("{} {}", shard.file, shard.sha256);
+//! }
+//! # Ok::<(), chatvec::Error>(())
+//! ```
+//!
+//! The crate is laid out as the design's boxes (see ARCHITECTURE in the
+//! README); imports only run downward, from `job` (these entry points) to
+//! `model` and the leaf modules.
 
-pub mod aliases;
-pub mod arith;
-pub mod bench;
-pub mod checkpoint;
-pub mod cli;
-pub mod config;
-pub mod cuda;
-pub mod demo;
-pub mod download;
-pub mod dtype;
-pub mod embeddings;
-pub mod error;
-pub mod execute;
-pub mod format;
-pub mod hash_cache;
-pub mod hub_cache;
-pub mod input_hash;
-pub mod inspect;
-pub mod interrupt;
-pub mod job;
-pub mod json;
-pub mod lanes;
-pub mod manifest;
-pub mod merge_compute;
-pub mod merge_stats;
-pub mod methods;
-pub mod model_card;
-pub mod params;
-pub mod plan;
-pub mod plan_merge;
-pub mod recipe;
-pub mod resolve;
-pub mod rng;
-pub mod select;
-pub mod sft;
-pub mod sft_config;
-pub mod sft_data;
-pub mod sidecars;
-pub mod synth;
-pub mod tokenizer;
-pub mod torch_bin;
-pub mod verify;
-pub mod writer;
+#![deny(missing_docs)]
+
+mod arith;
+mod cuda;
+mod error;
+mod exec;
+mod hash;
+mod interrupt;
+mod job;
+mod json;
+mod merge;
+mod model;
+mod output;
+mod plan;
+mod recipe;
+mod resolve;
+mod sft;
+pub mod ui;
+mod units;
+
+pub use cuda::DeviceChoice;
+pub use error::{EXIT_INPUT, EXIT_INTERRUPTED, EXIT_IO, EXIT_OK, Error, Result};
+pub use interrupt::install as catch_signals;
+pub use job::catalog::{Catalog, ModelAliasEntry, RecipeEntry, VectorAliasEntry, catalog};
+pub use job::chat_vector::{ApplySpec, ExtractSpec, VectorSource, apply, extract};
+pub use job::inspect::{InspectReport, ShardInfo, TensorInfo, inspect};
+pub use job::merge::merge;
+pub use job::verify::{Check, VerifyReport, verify};
+pub use job::{InputHashes, Summary, WriteOptions, default_threads};
+pub use model::config::ConfigSummary;
+pub use model::{Checkpoint, DType, FloatType, Tensor};
+pub use output::WrittenFile;
+pub use output::manifest::Provenance;
+pub use plan::{EmbeddingPolicy, EmbeddingReport};
+pub use recipe::Recipe;
+pub use resolve::{set_aliases_file, set_offline};
+pub use sft::{SftJob, SftOptions, SftReport, sft};
+pub use units::{human_bytes, human_count, parse_size};
+
+/// Entry points for the fuzz targets in `fuzz/` (built with `--cfg
+/// fuzzing`): the parsers of untrusted model files, over bytes.
+#[cfg(fuzzing)]
+pub mod fuzzing {
+    use std::path::Path;
+
+    /// Parses a safetensors file's bytes (header and layout checks).
+    pub fn safetensors(bytes: &[u8]) {
+        let _ = crate::model::safetensors::parse_header(bytes, Path::new("fuzz.safetensors"));
+    }
+
+    /// Parses a `model.safetensors.index.json`'s bytes.
+    pub fn index(bytes: &[u8]) {
+        let _ = crate::model::checkpoint::parse_index(bytes, false, Path::new("fuzz.index.json"));
+    }
+
+    /// Parses a `config.json`'s bytes and compares it with itself.
+    pub fn config(bytes: &[u8]) {
+        if let Ok(c) = crate::model::config::ModelConfig::parse(bytes, Path::new("config.json")) {
+            let _ = crate::model::config::architecture_differences(&c, &c);
+            let _ = c.summary();
+        }
+    }
+}

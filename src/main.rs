@@ -1,11 +1,15 @@
-//! The `chatvec` binary: parse, run, and turn errors into an exit code.
+//! The `chatvec` binary: the command line (`cli`), the demo, the benchmark
+//! and its synthetic checkpoints, over the library's entry points. `main`
+//! parses, runs, and turns an error into its exit code and a hint.
+
+mod cli;
 
 use std::process::ExitCode;
 
 use clap::Parser;
 
-use chatvec::cli::{Cli, run};
-use chatvec::error::{EXIT_INPUT, EXIT_OK};
+use chatvec::{EXIT_INPUT, EXIT_OK};
+use cli::Cli;
 
 fn main() -> ExitCode {
     let cli = match Cli::try_parse() {
@@ -16,7 +20,7 @@ fn main() -> ExitCode {
             return ExitCode::from(if e.use_stderr() { EXIT_INPUT as u8 } else { EXIT_OK as u8 });
         }
     };
-    match run(cli) {
+    match cli::run(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             // The message already carries its cause (e.g. the OS error).

@@ -100,7 +100,7 @@ fn output_bytes_do_not_depend_on_threads_or_chunk_size() {
         ok(&apply_streaming(
             &t,
             &out,
-            &["-q", "--scale", "0.5", "--threads", threads, "--chunk-elems", chunk, "--shard-size", "1000"],
+            &["-q", "--scale", "0.5", "--threads", threads, "--chunk-elems", chunk, "--shard-size", "1000B"],
         ));
         hashes.push(shard_hashes(&out));
     }

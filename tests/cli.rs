@@ -219,6 +219,8 @@ fn usage_errors_exit_1() {
         (vec!["--include", "("], "--include '('"),
         (vec!["--scale-for", "mlp"], "REGEX=VALUE"),
         (vec!["--shard-size", "5XB"], "unknown unit"),
+        (vec!["--shard-size", "5"], "'5' has no unit"),
+        (vec!["--scale", "1e40"], "'1e40' is not a finite number an f32 can hold"),
         (vec!["--out-dtype", "int8"], "not a dtype"),
         (vec!["--embeddings", "sideways"], "invalid value"),
     ] {
@@ -230,13 +232,20 @@ fn usage_errors_exit_1() {
     }
     let o = chatvec(&["apply", "--base", s(&t.base), "-o", s(&out)]);
     assert_eq!(o.status.code(), Some(1));
+    // A MODEL written as a path is a directory that does not exist, not a
+    // Hub lookup; a typo of an alias gets the alias meant.
     let o = chatvec(&["apply", "--base", "no/such/model", "--vector", s(&t.chat), "-o", s(&out)]);
     assert_eq!(o.status.code(), Some(1));
-    assert!(
-        stderr(&o).contains("'no/such/model' is neither a local directory nor a Hub id"),
-        "{}",
-        stderr(&o)
-    );
+    assert!(stderr(&o).contains("error: model 'no/such/model': no such directory"), "{}", stderr(&o));
+    let o = chatvec(&["--offline", "apply", "--base", "swalow-8b", "--vector", s(&t.chat), "-o", s(&out)]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(stderr(&o).contains("hint: did you mean swallow-8b?"), "{}", stderr(&o));
+    let o =
+        chatvec(&["--offline", "apply", "--base", s(&t.base), "--vector", "llama3-instrct", "-o", s(&out)]);
+    assert!(stderr(&o).contains("did you mean llama3-instruct?"), "{}", stderr(&o));
+    let o =
+        chatvec(&["--offline", "apply", "--base", "llama3-instruct", "--vector", s(&t.chat), "-o", s(&out)]);
+    assert!(stderr(&o).contains("is a vector alias"), "{}", stderr(&o));
     assert!(!out.exists());
     assert_eq!(chatvec(&["--help"]).status.code(), Some(0));
 }

@@ -198,8 +198,9 @@ fn downloads_resume_verify_and_land_in_the_cache_layout() {
 
     // The first attempt breaks off mid-file: a clear error, a partial blob,
     // nothing in the snapshot that was not checked.
+    // A transfer that breaks off is an I/O error (exit 2), not bad input.
     let o = hub.run(&cache, &["inspect", "org/model"]);
-    assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
+    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
     assert!(
         stderr(&o).contains("broke off") && stderr(&o).contains("run the command again to resume"),
         "{}",
@@ -274,7 +275,7 @@ fn corrupt_gated_and_missing_downloads_are_refused() {
     let cache = d.path().join("hub");
 
     let o = hub.run(&cache, &["inspect", "org/bad"]);
-    assert_eq!(o.status.code(), Some(1));
+    assert_eq!(o.status.code(), Some(2), "a corrupt transfer is an I/O error");
     let e = stderr(&o);
     assert!(e.contains("downloaded model.safetensors is corrupt") && e.contains("sha256"), "{e}");
     let repo = cache.join("models--org--bad");

@@ -1,9 +1,10 @@
-//! The CUDA path. Without a GPU: the kernels still compile under NVRTC
-//! (when NVRTC is found), `--device cuda` is one clear error, and `auto`
-//! falls back to the CPU and says so. With a GPU: every method and dtype,
-//! and apply/extract, give the same bytes on `--device cuda` as on
-//! `--device cpu` (contract 1), also with small chunks that send jobs
-//! through every slot and statistics over several chunks.
+//! The CUDA path. On any machine: `auto` says which device it chose and
+//! gives the CPU's bytes, and a device that is not there is one clear
+//! error. With a GPU (ignored elsewhere): every method and dtype, and
+//! apply/extract, give the same bytes on `--device cuda` as on `--device
+//! cpu` (contract 1), also with small chunks that send jobs through every
+//! slot and statistics over several chunks. (The kernels' NVRTC compile
+//! check is a unit test of src/cuda/kernels.rs.)
 
 mod common;
 
@@ -11,59 +12,38 @@ use std::path::Path;
 
 use common::*;
 
-/// Whether a GPU can be opened; prints why not.
-fn gpu() -> bool {
-    match chatvec::cuda::open(0, None) {
-        Ok(g) => {
-            eprintln!("GPU: {}", g.describe());
-            true
-        }
-        Err(e) => {
-            eprintln!("skipping: no usable GPU ({e})");
-            false
-        }
-    }
-}
-
+/// `--device auto` picks the GPU when one works, else the CPU, and says
+/// which; either way the bytes are the CPU's. A device that does not exist
+/// is one clear error (exit 1, no panic, nothing written), on any machine.
 #[test]
-fn kernels_compile_under_nvrtc() {
-    // Hopper and Ampere targets; a compile error prints NVRTC's log.
-    for (major, minor) in [(9, 0), (8, 0)] {
-        match chatvec::cuda::compile_check(major, minor) {
-            Ok(bytes) => assert!(bytes > 1000, "a CUBIN of {bytes} bytes"),
-            Err(e) if e.contains("could not be loaded") => {
-                eprintln!("skipping: {e}");
-                return;
-            }
-            Err(e) => panic!("{e}"),
-        }
-    }
-}
-
-#[test]
-fn device_cuda_without_a_gpu_is_one_clear_error_and_auto_falls_back() {
-    if gpu() {
-        eprintln!("skipping: a GPU is present");
-        return;
-    }
+fn auto_says_which_device_and_a_missing_device_is_one_clear_error() {
     let d = tempfile::tempdir().unwrap();
     let t = trio(d.path(), Ty::BF16, 1);
     let out = d.path().join("out");
-    for dev in ["cuda", "cuda:1"] {
-        let o = apply_streaming(&t, &out, &["--device", dev]);
-        assert_eq!(o.status.code(), Some(chatvec::error::EXIT_INPUT), "{}", stderr(&o));
-        let e = stderr(&o);
-        assert!(e.contains(&format!("--device {}", if dev == "cuda" { "cuda:0" } else { dev })), "{e}");
-        assert!(!e.contains("panicked"), "{e}");
-        assert!(!out.exists());
-    }
     let o = apply_streaming(&t, &out, &["--device", "auto"]);
     ok(&o);
-    assert!(stderr(&o).contains("device: cpu (auto: no usable GPU"), "{}", stderr(&o));
+    let e = stderr(&o);
+    let gpu = e.contains("device: cuda:");
+    assert!(gpu || e.lines().any(|l| l == "device: cpu"), "{e}");
     let cpu = d.path().join("cpu");
     ok(&apply_streaming(&t, &cpu, &["--device", "cpu"]));
     assert_eq!(shard_hashes(&out), shard_hashes(&cpu));
-    let o = apply_streaming(&t, &d.path().join("bad"), &["--device", "tpu"]);
+
+    let mut missing = vec!["cuda:99"];
+    if !gpu {
+        missing.push("cuda");
+    }
+    for dev in missing {
+        let bad = d.path().join(format!("bad-{dev}"));
+        let o = apply_streaming(&t, &bad, &["--device", dev]);
+        assert_eq!(o.status.code(), Some(chatvec::EXIT_INPUT), "{}", stderr(&o));
+        let e = stderr(&o);
+        let named = if dev == "cuda" { "cuda:0" } else { dev };
+        assert!(e.contains(&format!("error: --device {named}: ")), "{e}");
+        assert!(!e.contains("panicked"), "{e}");
+        assert!(!bad.exists());
+    }
+    let o = apply_streaming(&t, &d.path().join("tpu"), &["--device", "tpu"]);
     assert!(stderr(&o).contains("expected cpu, cuda, cuda:N or auto"), "{}", stderr(&o));
 }
 
@@ -108,10 +88,8 @@ fn recipe(root: &Path, method: &str, params: &str, out_dtype: &str) -> String {
 }
 
 #[test]
+#[ignore = "needs an NVIDIA GPU: run `cargo test --test gpu -- --ignored` on a GPU machine"]
 fn cuda_output_equals_cpu_output_for_every_method_and_dtype() {
-    if !gpu() {
-        return;
-    }
     let d = tempfile::tempdir().unwrap();
     for (ty, out_dtype) in [(Ty::BF16, "bfloat16"), (Ty::F16, "float16"), (Ty::F32, "float32")] {
         let root = d.path().join(ty.name());

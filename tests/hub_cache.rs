@@ -157,8 +157,19 @@ fn aliases_and_shipped_recipes_run_the_users_words() {
     assert_eq!(m["inputs"][0]["reference"], "swallow-8b");
     assert_eq!(m["inputs"][0]["hub"]["repo"], "tokyotech-llm/Llama-3-Swallow-8B-v0.1");
     assert_eq!(m["inputs"][1]["hub"]["commit"], COMMIT_B);
+    // The card's front matter is YAML the Hub reads: every input is a base_model.
     let card = std::fs::read_to_string(out.join("README.md")).unwrap();
-    assert!(card.contains("- \"tokyotech-llm/Llama-3-Swallow-8B-v0.1\""), "{card}");
+    let front = card.strip_prefix("---\n").and_then(|c| c.split_once("---\n")).expect("front matter").0;
+    let meta: serde_json::Value = serde_yaml_ng::from_str(front).unwrap();
+    assert_eq!(
+        meta["base_model"],
+        serde_json::json!([
+            "tokyotech-llm/Llama-3-Swallow-8B-v0.1",
+            "meta-llama/Meta-Llama-3-8B-Instruct",
+            "meta-llama/Meta-Llama-3-8B"
+        ]),
+        "{card}"
+    );
 
     // The shipped recipe does the same, and verify --recipe accepts it.
     let viar = d.path().join("viar");

@@ -25,8 +25,9 @@ use cudarc::driver::{
 use cudarc::nvrtc::Ptx;
 
 use crate::arith::View;
-use crate::dtype::FloatType;
-use crate::merge_stats::STAT_BLOCK;
+use crate::error::{Error, Result};
+use crate::merge::stats::STAT_BLOCK;
+use crate::model::dtype::FloatType;
 
 /// Buffer slots in rotation.
 pub const SLOTS: usize = 3;
@@ -38,10 +39,9 @@ const MAX_CHUNK: u64 = 1 << 22;
 /// Operands start on this alignment inside a slot's input buffer.
 const ALIGN: usize = 256;
 
-pub type Result<T> = std::result::Result<T, String>;
-
-fn err(what: &str) -> impl Fn(cudarc::driver::DriverError) -> String + '_ {
-    move |e| format!("CUDA: {what}: {e:?}")
+/// A driver call's failure as chatvec's error, naming what was being done.
+fn err(what: &str) -> impl Fn(cudarc::driver::DriverError) -> Error + '_ {
+    move |e| Error::Gpu(format!("{what}: {e:?}"))
 }
 
 /// The dtype code the kernels use (kernels/common.cuh).
@@ -143,13 +143,16 @@ impl Gpu {
     pub(super) fn open(ordinal: usize, budget: Option<u64>) -> Result<Gpu> {
         let count = CudaContext::device_count().map_err(err("counting devices"))?;
         if count <= 0 {
-            return Err("the CUDA driver sees no GPU".into());
+            return Err(Error::Gpu("the CUDA driver sees no GPU".into()));
         }
         if ordinal >= count as usize {
-            return Err(format!("there is no GPU {ordinal}: the driver sees {count}"));
+            return Err(Error::Gpu(format!("there is no GPU {ordinal}: the driver sees {count}")));
         }
         let ctx = CudaContext::new(ordinal).map_err(err("creating a context"))?;
         // Streams are ordered by this engine's own events.
+        // SAFETY: cudarc's tracking only adds waits; with it off, every
+        // buffer's reuse is ordered by the per-slot events below, and
+        // nothing is freed while a stream may use it (`Drop` syncs).
         unsafe { ctx.disable_event_tracking() };
         let name = ctx.name().map_err(err("reading the device name"))?;
         let (major, minor) = ctx.compute_capability().map_err(err("reading the compute capability"))?;
@@ -164,7 +167,7 @@ impl Gpu {
         for k in KERNELS {
             funcs.insert(
                 k.to_string(),
-                module.load_function(k).map_err(|e| format!("CUDA: kernel {k}: {e:?}"))?,
+                module.load_function(k).map_err(|e| Error::Gpu(format!("kernel {k}: {e:?}")))?,
             );
         }
         let up = ctx.new_stream().map_err(err("creating a stream"))?;
@@ -204,8 +207,8 @@ impl Gpu {
         (c / STAT_BLOCK * STAT_BLOCK).clamp(STAT_BLOCK, MAX_CHUNK)
     }
 
-    pub fn func(&self, name: &str) -> &CudaFunction {
-        &self.funcs[name]
+    fn func(&self, name: &str) -> Result<&CudaFunction> {
+        self.funcs.get(name).ok_or_else(|| Error::Internal(format!("no kernel named {name}")))
     }
 
     /// A launch over `n` elements (grid-stride kernels).
@@ -243,6 +246,9 @@ impl Gpu {
     ) -> Result<CudaSlice<T>> {
         let d = self.zeros::<T>(data.len())?;
         if !data.is_empty() {
+            // SAFETY: `d` holds `data.len()` elements; the copy from
+            // pageable memory is staged by the driver before the call
+            // returns, so `data` may go away at once.
             unsafe { drv::memcpy_htod_async(self.ptr(&d), data, self.compute.cu_stream()) }
                 .map_err(err("uploading parameters"))?;
         }
@@ -257,6 +263,8 @@ impl Gpu {
     ) -> Result<Vec<T>> {
         let mut v = vec![T::default(); len];
         if len > 0 {
+            // SAFETY: `s` holds at least `len` elements, and the stream is
+            // synchronized below before `v` is read or dropped.
             unsafe { drv::memcpy_dtoh_async(&mut v, self.ptr(s), self.compute.cu_stream()) }
                 .map_err(err("downloading results"))?;
         }
@@ -286,11 +294,14 @@ impl Gpu {
         let ev = || self.ctx.new_event(None).map_err(err("creating an event"));
         let slot = Slot {
             // Write-combined for the host's writes; plain for its reads.
+            // SAFETY: pinned buffers hold plain bytes, written before they
+            // are read, and freed only after their slot's events completed.
             pin_in: unsafe { self.ctx.alloc_pinned::<u8>(input.max(1)) }
                 .map_err(err("allocating pinned memory"))?,
             dev_in: self.zeros::<u8>(input)?,
             work: self.zeros::<u8>(work)?,
             dev_out: self.zeros::<u8>(out)?,
+            // SAFETY: as for `pin_in`.
             pin_out: unsafe { self.ctx.alloc_pinned_with_flags::<u8>(out.max(1), 0) }
                 .map_err(err("allocating pinned memory"))?,
             uploaded: ev()?,
@@ -333,6 +344,9 @@ impl Gpu {
         }
         self.up.wait(&s.computed).map_err(err("ordering streams"))?;
         let dst = s.dev_in.device_ptr(&self.up).0;
+        // SAFETY: `dev_in` and the pinned `host` hold at least `total`
+        // bytes; the pinned buffer is not written again before `uploaded`
+        // completes (waited for above), nor freed before (`ensure_slot`).
         unsafe { drv::memcpy_htod_async(dst, &host[..total], self.up.cu_stream()) }
             .map_err(err("uploading"))?;
         s.uploaded.record(&self.up).map_err(err("recording an event"))?;
@@ -392,6 +406,9 @@ impl Gpu {
         self.down.wait(&s.computed).map_err(err("ordering streams"))?;
         let src = s.dev_out.device_ptr(&self.down).0 + offset as u64;
         let host = s.pin_out.as_mut_slice().map_err(err("mapping pinned memory"))?;
+        // SAFETY: `dev_out` holds the `offset + len` bytes the kernels
+        // wrote; the pinned `host` is read only after `downloaded`
+        // completes (`collect`), and not freed before.
         unsafe { drv::memcpy_dtoh_async(&mut host[..len], src, self.down.cu_stream()) }
             .map_err(err("downloading"))?;
         s.downloaded.record(&self.down).map_err(err("recording an event"))?;
@@ -399,16 +416,14 @@ impl Gpu {
         Ok(())
     }
 
-    /// Whether slot `i` holds a download not yet collected.
-    pub fn pending(&self, i: usize) -> bool {
-        self.slots.borrow().get(i).is_some_and(|s| s.pending.is_some())
-    }
-
     /// Waits for slot `i`'s download and copies it into `out`.
     pub fn collect(&self, i: usize, out: &mut Vec<u8>) -> Result<()> {
         let mut slots = self.slots.borrow_mut();
         let s = &mut slots[i];
-        let len = s.pending.take().expect("collect follows download");
+        let len = s
+            .pending
+            .take()
+            .ok_or_else(|| Error::Internal(format!("slot {i} collected without a download")))?;
         s.downloaded.synchronize().map_err(err("waiting for a download"))?;
         let host = s.pin_out.as_slice().map_err(err("mapping pinned memory"))?;
         out.clear();
@@ -422,6 +437,14 @@ impl Gpu {
             s.synchronize().map_err(err("waiting for the GPU"))?;
         }
         Ok(())
+    }
+}
+
+impl Drop for Gpu {
+    /// Waits for every stream before the slots' buffers are freed, so an
+    /// error path never frees pinned memory under a running copy.
+    fn drop(&mut self) {
+        let _ = self.sync();
     }
 }
 
@@ -450,7 +473,7 @@ impl Gpu {
     /// Launches kernel `name` on the compute stream. The arguments live in
     /// `args` until the launch has copied them.
     pub fn launch(&self, name: &str, cfg: LaunchConfig, args: &[KArg]) -> Result<()> {
-        let mut b = self.compute.launch_builder(self.func(name));
+        let mut b = self.compute.launch_builder(self.func(name)?);
         for a in args {
             match a {
                 KArg::U64(x) => b.arg(x),
@@ -460,7 +483,10 @@ impl Gpu {
                 KArg::F64(x) => b.arg(x),
             };
         }
-        unsafe { b.launch(cfg) }.map(|_| ()).map_err(|e| format!("CUDA: kernel {name}: {e:?}"))
+        // SAFETY: every kernel takes device addresses (u64) and scalars of
+        // the types pushed here, in this order (kernels/*.cu), and the
+        // addresses point into buffers of this engine sized for `n`.
+        unsafe { b.launch(cfg) }.map(|_| ()).map_err(|e| Error::Gpu(format!("kernel {name}: {e:?}")))
     }
 }
 

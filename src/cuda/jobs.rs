@@ -4,13 +4,16 @@
 
 use std::ops::Range;
 
-use super::engine::{Gpu, Result, ty_code};
-use crate::arith::{Operand, Segment, segments};
-use crate::dtype::FloatType;
+use super::engine::{Gpu, ty_code};
+use crate::arith::Operand;
+use crate::arith::formulas::Segment;
+use crate::error::{Error, Result};
 use crate::launch;
-use crate::merge_stats::{Keep, ModelStats, STAT_BLOCK, TensorStats};
-use crate::methods::Method;
-use crate::plan::{MergeOp, Op, OutTensor, Plan};
+use crate::merge::methods::Method;
+use crate::merge::stats::{Keep, ModelStats, STAT_BLOCK, TensorStats};
+use crate::merge::{Inputs, TensorMerge};
+use crate::model::dtype::FloatType;
+use crate::plan::{Op, OutTensor, Plan};
 
 fn suffix(t: FloatType) -> &'static str {
     match t {
@@ -31,17 +34,22 @@ impl Gpu {
         stats: Option<&TensorStats>,
         elems: Range<u64>,
     ) -> Result<()> {
-        let out_ty = t.dtype.float().expect("plan checked float dtypes");
+        let out_ty = t
+            .dtype
+            .float()
+            .ok_or_else(|| Error::Internal(format!("tensor '{}' is computed but is {}", t.name, t.dtype)))?;
         match &t.op {
-            Op::Merge(m) => self.enqueue_merge(
-                slot,
-                plan,
-                m,
-                stats.expect("stats before chunks"),
-                out_ty,
-                t.numel(),
-                elems,
-            ),
+            Op::Merge(m) => {
+                let st = stats.ok_or_else(|| {
+                    Error::Internal(format!(
+                        "merged tensor '{}' reached the GPU without its statistics",
+                        t.name
+                    ))
+                })?;
+                m.with_inputs(plan, |inputs| {
+                    self.enqueue_merge(slot, inputs, &m.merge, st, out_ty, t.numel(), elems)
+                })
+            }
             op => self.enqueue_arith(slot, plan, op, out_ty, elems),
         }
     }
@@ -54,7 +62,7 @@ impl Gpu {
         out_ty: FloatType,
         elems: Range<u64>,
     ) -> Result<()> {
-        let segs = segments(plan, op, &elems);
+        let segs = plan.segments(op, &elems);
         let ops: Vec<Vec<Operand>> = segs.iter().map(|(_, seg)| seg.operands()).collect();
         let parts: Vec<&[u8]> = ops.iter().flatten().map(|o| o.bytes).collect();
         let os = out_ty.size();
@@ -62,8 +70,9 @@ impl Gpu {
         let offsets = self.upload(slot, &parts, 0, len)?;
         let (inp, _, out) = self.slot_ptrs(slot);
         // Each operand as (device address, dtype code), in upload order.
+        // `upload` returns one offset per part, in order.
         let mut args = ops.iter().flatten().zip(&offsets).map(|(o, off)| (inp + *off as u64, ty_code(o.ty)));
-        let mut arg = || args.next().expect("one offset per operand");
+        let mut arg = || args.next().unwrap_or((0, 0));
         let sfx = suffix(out_ty);
         for (r, seg) in &segs {
             let n = r.end - r.start;
@@ -95,15 +104,15 @@ impl Gpu {
     fn enqueue_merge(
         &self,
         slot: usize,
-        plan: &Plan,
-        m: &MergeOp,
+        inputs: &Inputs,
+        tm: &TensorMerge,
         st: &TensorStats,
         out_ty: FloatType,
         numel: u64,
         elems: Range<u64>,
     ) -> Result<()> {
-        let p = &m.params;
-        let k = m.models.len();
+        let p = &tm.params;
+        let k = inputs.models.len();
         // DELLA ranks need whole rows: compute over the rows the chunk
         // touches, keep the chunk's part.
         let della = st.models.iter().any(|ms| matches!(ms.keep, Keep::Della { .. }));
@@ -114,10 +123,10 @@ impl Gpu {
             elems.clone()
         };
         let n = range.end - range.start;
-        let xs: Vec<_> = (0..k).map(|i| m.view(plan, i)).collect();
         let os = out_ty.size();
         let f = 4 * n;
-        let work = self.upload_f32(slot, m.base_view(plan), &xs, range.start, n, k + 2, n as usize * os)?;
+        let work =
+            self.upload_f32(slot, inputs.base, &inputs.models, range.start, n, k + 2, n as usize * os)?;
         let (_, _, out) = self.slot_ptrs(slot);
         let (b_ptr, x_ptr, r_ptr) = (work, |i: usize| work + (1 + i as u64) * f, work + (k as u64 + 1) * f);
         let cfg = self.grid(n);
@@ -130,7 +139,7 @@ impl Gpu {
         // this function; their memory is freed in stream order, after the
         // kernels that read it.
         let stock_t = self.small(&st.stock_t)?;
-        match m.method {
+        match tm.method {
             Method::Linear => launch!(
                 self,
                 "combine_linear",
@@ -156,7 +165,7 @@ impl Gpu {
                     self.sparsify(ms, x_ptr(i), weights[i], range.start, n, st.row_len)?;
                 }
                 let div_all = if weight_sum.abs() < 1e-8 { 1.0f32 } else { weight_sum };
-                let (consensus, normalize) = (m.method.consensus() as i32, p.normalize as i32);
+                let (consensus, normalize) = (tm.method.consensus() as i32, p.normalize as i32);
                 let (use_lambda, lambda) = ((p.lambda != 1.0) as i32, p.lambda as f32);
                 launch!(
                     self,
@@ -189,7 +198,11 @@ impl Gpu {
             Keep::Zero => launch!(self, "fill_zero", cfg, [x, n])?,
             Keep::None => launch!(self, "mul_scalar", cfg, [x, 0.0f32, n])?,
             Keep::Ranks(rk) => {
-                assert_eq!(start % STAT_BLOCK, 0, "rank masks start on a stats block");
+                if !start.is_multiple_of(STAT_BLOCK) {
+                    return Err(Error::Internal(format!(
+                        "a rank mask chunk starts at {start}, not on a statistics block"
+                    )));
+                }
                 let b0 = (start / STAT_BLOCK) as usize;
                 let nb = n.div_ceil(STAT_BLOCK) as usize;
                 let lo = self.small(&rk.eq_lo[b0..b0 + nb])?;

@@ -12,24 +12,30 @@
 use std::ffi::CString;
 use std::path::{Path, PathBuf};
 
+use crate::error::{Error, Result};
+
 /// The names cudarc (built for CUDA 13) tries, in its order.
 const DRIVER_NAMES: &[&str] = &["libcuda.so", "libcuda.so.1"];
 const NVRTC_NAMES: &[&str] = &["libnvrtc.so", "libnvrtc.so.13", "libnvrtc.so.12"];
 
 fn try_open(name: &str) -> bool {
     let Ok(c) = CString::new(name) else { return false };
-    // SAFETY: dlopen with a valid C string; the handle is kept for the
-    // process's lifetime on purpose.
+    // SAFETY: dlopen with a valid NUL-terminated name; loading runs the
+    // library's initializers, which for libcuda and libnvrtc only set up
+    // their own state. The handle is kept for the process's lifetime on
+    // purpose, so the library is never unloaded under cudarc.
     let h = unsafe { libc::dlopen(c.as_ptr(), libc::RTLD_NOW | libc::RTLD_GLOBAL) };
     !h.is_null()
 }
 
 /// Opens the CUDA driver library, or says why not.
-pub fn open_driver() -> Result<(), String> {
+pub(crate) fn open_driver() -> Result<()> {
     if DRIVER_NAMES.iter().any(|n| try_open(n)) {
         Ok(())
     } else {
-        Err("no CUDA driver (libcuda.so.1) could be loaded: is an NVIDIA driver installed?".into())
+        Err(Error::Gpu(
+            "no CUDA driver (libcuda.so.1) could be loaded: is an NVIDIA driver installed?".into(),
+        ))
     }
 }
 
@@ -64,13 +70,13 @@ fn nvrtc_dirs() -> Vec<PathBuf> {
 }
 
 /// Opens NVRTC, or says where it looked.
-pub fn open_nvrtc() -> Result<(), String> {
+pub(crate) fn open_nvrtc() -> Result<()> {
     if let Some(p) = std::env::var_os("CHATVEC_NVRTC") {
         let p = PathBuf::from(p);
         return if try_open(&p.to_string_lossy()) {
             Ok(())
         } else {
-            Err(format!("CHATVEC_NVRTC={} could not be loaded", p.display()))
+            Err(Error::Gpu(format!("CHATVEC_NVRTC={} could not be loaded", p.display())))
         };
     }
     if NVRTC_NAMES.iter().any(|n| try_open(n)) {
@@ -85,9 +91,9 @@ pub fn open_nvrtc() -> Result<(), String> {
             }
         }
     }
-    Err(format!(
+    Err(Error::Gpu(format!(
         "NVRTC (libnvrtc.so.13 or .12) could not be loaded from the library path or {}; set \
          CHATVEC_NVRTC to its path (it ships with the CUDA toolkit and the nvidia-cuda-nvrtc wheel)",
         dirs.iter().map(|d| d.display().to_string()).collect::<Vec<_>>().join(", ")
-    ))
+    )))
 }

@@ -16,13 +16,16 @@ mod passes;
 
 use std::fmt;
 
-pub use engine::{Gpu, KArg, SLOTS};
-pub use kernels::{compile_check, compile_cubin, kernel_source};
-pub use passes::GpuPasses;
+use crate::error::{Error, Result};
+use crate::ui;
+pub(crate) use engine::{Gpu, KArg, SLOTS};
+pub(crate) use passes::GpuPasses;
 
-/// `--device`: where the heavy arithmetic runs.
+/// `--device`: where the heavy arithmetic runs. The output bytes are the
+/// same on every device.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub enum DeviceChoice {
+    /// The CPU's cores.
     Cpu,
     /// GPU `n` (`cuda` is `cuda:0`).
     Cuda(usize),
@@ -32,7 +35,8 @@ pub enum DeviceChoice {
 }
 
 impl DeviceChoice {
-    pub fn parse(s: &str) -> Result<DeviceChoice, String> {
+    /// Parses `cpu`, `cuda` (= `cuda:0`, also `gpu`), `cuda:N` or `auto`.
+    pub fn parse(s: &str) -> std::result::Result<DeviceChoice, String> {
         match s {
             "cpu" => Ok(DeviceChoice::Cpu),
             "cuda" | "gpu" => Ok(DeviceChoice::Cuda(0)),
@@ -57,57 +61,67 @@ impl fmt::Display for DeviceChoice {
 
 /// Opens GPU `ordinal` with at most `budget` bytes of device memory
 /// (`None`: half of what is free, at most 8 GiB). Any failure (no driver,
-/// no NVRTC, no such device, a driver or compiler error) is an error
-/// message, never a panic: cudarc panics on some of these, so its calls
-/// run under `catch_unwind`.
-pub fn open(ordinal: usize, budget: Option<u64>) -> Result<Gpu, String> {
+/// no NVRTC, no such device, a driver or compiler error) is an error,
+/// never a panic: cudarc panics on some of these, so its calls run under
+/// `catch_unwind`.
+pub(crate) fn open(ordinal: usize, budget: Option<u64>) -> Result<Gpu> {
     loader::open_driver()?;
     loader::open_nvrtc()?;
     without_panic(|| Gpu::open(ordinal, budget))
 }
 
-/// Runs `f`, turning a panic inside cudarc into an error message.
-fn without_panic<T>(f: impl FnOnce() -> Result<T, String> + std::panic::UnwindSafe) -> Result<T, String> {
+/// Runs `f`, turning a panic inside cudarc into an error.
+fn without_panic<T>(f: impl FnOnce() -> Result<T> + std::panic::UnwindSafe) -> Result<T> {
     std::panic::catch_unwind(f).unwrap_or_else(|p| {
-        Err(format!(
+        Err(Error::Gpu(format!(
             "the CUDA libraries failed: {}",
             p.downcast_ref::<String>()
                 .map(String::as_str)
                 .or_else(|| p.downcast_ref::<&str>().copied())
                 .unwrap_or("(no message)")
-        ))
+        )))
     })
 }
 
+/// Why a device cannot be used, as the `--device` error.
+fn unusable(device: DeviceChoice, e: Error) -> Error {
+    match e {
+        Error::Gpu(reason) => Error::Device { device: device.to_string(), reason },
+        other => other,
+    }
+}
+
 /// Resolves `--device`: the GPU to use, or `None` for the CPU, with a note
-/// naming the device unless `quiet`; `auto` falls back to the CPU and says
-/// why.
-pub fn select(choice: DeviceChoice, budget: Option<u64>, quiet: bool) -> crate::error::Result<Option<Gpu>> {
+/// naming the device. `auto` runs on the CPU when there is no GPU driver
+/// (the usual machine: said plainly), and warns with the reason when a
+/// driver is there but the GPU cannot be used.
+pub(crate) fn select(choice: DeviceChoice, budget: Option<u64>) -> Result<Option<Gpu>> {
     match choice {
         DeviceChoice::Cpu => Ok(None),
-        DeviceChoice::Cuda(n) => match open(n, budget) {
-            Ok(g) => {
-                if !quiet {
-                    eprintln!("device: {}", g.describe());
-                }
-                Ok(Some(g))
+        DeviceChoice::Cuda(n) => {
+            let g = open(n, budget).map_err(|e| unusable(choice, e))?;
+            ui::note(&format!("device: {}", g.describe()));
+            Ok(Some(g))
+        }
+        DeviceChoice::Auto => {
+            if loader::open_driver().is_err() {
+                ui::note("device: cpu");
+                return Ok(None);
             }
-            Err(e) => Err(crate::error::Error::Usage(format!("--device cuda:{n}: {e}"))),
-        },
-        DeviceChoice::Auto => match open(0, budget) {
-            Ok(g) => {
-                if !quiet {
-                    eprintln!("device: {} (auto)", g.describe());
+            match open(0, budget) {
+                Ok(g) => {
+                    ui::note(&format!("device: {} (auto)", g.describe()));
+                    Ok(Some(g))
                 }
-                Ok(Some(g))
-            }
-            Err(e) => {
-                if !quiet {
-                    eprintln!("device: cpu (auto: no usable GPU: {e})");
+                Err(e) => {
+                    ui::warn(&format!(
+                        "a GPU driver is installed but the GPU cannot be used ({e}); running on the CPU"
+                    ));
+                    ui::note("device: cpu");
+                    Ok(None)
                 }
-                Ok(None)
             }
-        },
+        }
     }
 }
 

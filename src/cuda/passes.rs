@@ -5,17 +5,17 @@
 
 use std::ops::Range;
 
-use super::engine::{Gpu, Result as GResult, SLOTS};
+use super::engine::{Gpu, SLOTS};
 use crate::arith::View;
 use crate::error::{Error, Result};
 use crate::launch;
-use crate::merge_stats::{self, Keep, L1Ranks, Passes, STAT_BLOCK, gram_pairs, masked_blocks};
+use crate::merge::Inputs;
+use crate::merge::stats::{self, Keep, L1Ranks, Passes, STAT_BLOCK, gram_pairs, masked_blocks};
 
 /// The passes of one tensor of a merge.
-pub struct GpuPasses<'a> {
+pub(crate) struct GpuPasses<'a> {
     pub gpu: &'a Gpu,
-    pub base: Option<View<'a>>,
-    pub xs: Vec<View<'a>>,
+    pub inputs: &'a Inputs<'a>,
     pub n: u64,
     pub row_len: u64,
 }
@@ -27,15 +27,15 @@ struct Chunk {
 }
 
 /// Groups consecutive `blocks` into chunks of at most `cap` elements.
-fn chunks(blocks: &[(u64, Range<u64>)], cap: u64) -> std::result::Result<Vec<Chunk>, String> {
+fn chunks(blocks: &[(u64, Range<u64>)], cap: u64) -> Result<Vec<Chunk>> {
     let mut out: Vec<Chunk> = Vec::new();
     for (i, (_, r)) in blocks.iter().enumerate() {
         if r.end - r.start > cap {
-            return Err(format!(
+            return Err(Error::Usage(format!(
                 "a statistics block of {} elements (a whole row) does not fit the GPU chunk of {cap}; \
                  give --gpu-memory more or use --device cpu",
                 r.end - r.start
-            ));
+            )));
         }
         match out.last_mut() {
             Some(c) if r.end - c.range.start <= cap => {
@@ -48,10 +48,6 @@ fn chunks(blocks: &[(u64, Range<u64>)], cap: u64) -> std::result::Result<Vec<Chu
     Ok(out)
 }
 
-fn gpu_err(e: String) -> Error {
-    Error::Internal(e)
-}
-
 impl GpuPasses<'_> {
     /// Streams the chunks of `blocks` with the base and models `models`
     /// decoded to f32 in the slot's work buffer (base at 0, model j at
@@ -62,17 +58,18 @@ impl GpuPasses<'_> {
         blocks: &[(u64, Range<u64>)],
         models: &[usize],
         delta: bool,
-        mut f: impl FnMut(&Chunk, u64, u64) -> GResult<()>,
+        mut f: impl FnMut(&Chunk, u64, u64) -> Result<()>,
     ) -> Result<()> {
         let g = self.gpu;
         let cap = g.chunk_elems(models.len());
-        let xs: Vec<View> = models.iter().map(|&k| self.xs[k]).collect();
-        for (ci, c) in chunks(blocks, cap).map_err(Error::Usage)?.iter().enumerate() {
+        let xs: Vec<View> = models.iter().map(|&k| self.inputs.models[k]).collect();
+        for (ci, c) in chunks(blocks, cap)?.iter().enumerate() {
             let slot = ci % SLOTS;
             let n = c.range.end - c.range.start;
             let fb = 4 * n;
-            let mut run = || -> GResult<()> {
-                let work = g.upload_f32(slot, self.base, &xs, c.range.start, n, models.len() + 1, 0)?;
+            let mut run = || -> Result<()> {
+                let work =
+                    g.upload_f32(slot, self.inputs.base, &xs, c.range.start, n, models.len() + 1, 0)?;
                 if delta {
                     for j in 0..models.len() {
                         launch!(g, "sub_base", g.grid(n), [work + (j as u64 + 1) * fb, work, n])?;
@@ -81,19 +78,19 @@ impl GpuPasses<'_> {
                 f(c, work, n)?;
                 g.computed(slot)
             };
-            run().map_err(gpu_err)?;
+            run()?;
             crate::interrupt::check()?;
         }
         Ok(())
     }
 
     fn whole_blocks(&self) -> Vec<(u64, Range<u64>)> {
-        merge_stats::blocks(self.n, self.n.max(1))
+        stats::blocks(self.n, self.n.max(1))
     }
 
     fn histogram(&self, k: usize, bins: usize, low: Option<(u32, u32)>) -> Result<Vec<u64>> {
         let g = self.gpu;
-        let hist = g.zeros::<u64>(bins).map_err(gpu_err)?;
+        let hist = g.zeros::<u64>(bins)?;
         let h = g.ptr(&hist);
         self.stream(&self.whole_blocks(), &[k], true, |_, work, n| {
             let d = work + 4 * n;
@@ -102,7 +99,7 @@ impl GpuPasses<'_> {
                 Some((b0, b1)) => launch!(g, "hist_low", g.grid(n), [d, n, b0, b1, h]),
             }
         })?;
-        g.fetch(&hist, bins).map_err(gpu_err)
+        g.fetch(&hist, bins)
     }
 }
 
@@ -118,21 +115,21 @@ impl Passes for GpuPasses<'_> {
     fn eq_counts(&self, k: usize, lo: u32, hi: u32) -> Result<Vec<(u64, u64)>> {
         let g = self.gpu;
         let blocks = self.whole_blocks();
-        let out = g.zeros::<u64>(2 * blocks.len()).map_err(gpu_err)?;
+        let out = g.zeros::<u64>(2 * blocks.len())?;
         let o = g.ptr(&out);
         self.stream(&blocks, &[k], true, |c, work, n| {
             let at = o + 16 * c.blocks.start as u64;
             launch!(g, "eq_counts", g.per_block(n.div_ceil(STAT_BLOCK)), [work + 4 * n, n, lo, hi, at])
         })?;
-        let v = g.fetch(&out, 2 * blocks.len()).map_err(gpu_err)?;
+        let v = g.fetch(&out, 2 * blocks.len())?;
         Ok(v.chunks_exact(2).map(|p| (p[0], p[1])).collect())
     }
 
     fn l1_ranks(&self, k: usize, lo: u32, hi: u32) -> Result<Vec<L1Ranks>> {
         let g = self.gpu;
         let blocks = self.whole_blocks();
-        let sums = g.zeros::<f64>(2 * blocks.len()).map_err(gpu_err)?;
-        let counts = g.zeros::<u64>(2 * blocks.len()).map_err(gpu_err)?;
+        let sums = g.zeros::<f64>(2 * blocks.len())?;
+        let counts = g.zeros::<u64>(2 * blocks.len())?;
         let (s, cn) = (g.ptr(&sums), g.ptr(&counts));
         self.stream(&blocks, &[k], true, |c, work, n| {
             let at = 16 * c.blocks.start as u64;
@@ -143,8 +140,8 @@ impl Passes for GpuPasses<'_> {
                 [work + 4 * n, n, lo, hi, s + at, cn + at]
             )
         })?;
-        let s = g.fetch(&sums, 2 * blocks.len()).map_err(gpu_err)?;
-        let c = g.fetch(&counts, 2 * blocks.len()).map_err(gpu_err)?;
+        let s = g.fetch(&sums, 2 * blocks.len())?;
+        let c = g.fetch(&counts, 2 * blocks.len())?;
         Ok((0..blocks.len()).map(|b| (s[2 * b], s[2 * b + 1], c[2 * b], c[2 * b + 1])).collect())
     }
 
@@ -152,7 +149,7 @@ impl Passes for GpuPasses<'_> {
         let g = self.gpu;
         let rl = self.row_len.max(1);
         let blocks = masked_blocks(keep, self.n, rl);
-        let out = g.zeros::<f64>(2 * blocks.len()).map_err(gpu_err)?;
+        let out = g.zeros::<f64>(2 * blocks.len())?;
         let o = g.ptr(&out);
         self.stream(&blocks, &[k], true, |c, work, n| {
             let bounds: Vec<u64> =
@@ -162,7 +159,9 @@ impl Passes for GpuPasses<'_> {
             let (prob, density, epsilon, ranks) = match keep {
                 Keep::Random(p) => (*p, 0.0, 0.0, None),
                 Keep::Della { density, epsilon } => (0.0, *density, *epsilon, Some(g.della_ranks(d, n, rl)?)),
-                _ => unreachable!("random masks only"),
+                other => {
+                    return Err(Error::Internal(format!("l1_masked called for a {other:?} mask")));
+                }
             };
             let r = ranks.as_ref().map_or(0, |r| g.ptr(r));
             let at = o + 16 * c.blocks.start as u64;
@@ -174,29 +173,29 @@ impl Passes for GpuPasses<'_> {
                 [d, n, g.ptr(&bd), c.range.start, stream, prob, r, rl, density, epsilon, at]
             )
         })?;
-        let v = g.fetch(&out, 2 * blocks.len()).map_err(gpu_err)?;
+        let v = g.fetch(&out, 2 * blocks.len())?;
         Ok(v.chunks_exact(2).map(|p| [p[0], p[1]]).collect())
     }
 
     fn slerp_sums(&self) -> Result<Vec<[f64; 3]>> {
         let g = self.gpu;
         let blocks = self.whole_blocks();
-        let out = g.zeros::<f64>(3 * blocks.len()).map_err(gpu_err)?;
+        let out = g.zeros::<f64>(3 * blocks.len())?;
         let o = g.ptr(&out);
         self.stream(&blocks, &[0], false, |c, work, n| {
             let at = o + 24 * c.blocks.start as u64;
             launch!(g, "slerp_sums", g.per_block(n.div_ceil(STAT_BLOCK)), [work, work + 4 * n, n, at])
         })?;
-        let v = g.fetch(&out, 3 * blocks.len()).map_err(gpu_err)?;
+        let v = g.fetch(&out, 3 * blocks.len())?;
         Ok(v.chunks_exact(3).map(|p| [p[0], p[1], p[2]]).collect())
     }
 
     fn gram(&self, row_len: u64) -> Result<Vec<(u64, Vec<f64>)>> {
         let g = self.gpu;
-        let k = self.xs.len();
+        let k = self.inputs.models.len();
         let np = gram_pairs(k).len();
-        let blocks = merge_stats::blocks(self.n, row_len);
-        let out = g.zeros::<f64>(np * blocks.len()).map_err(gpu_err)?;
+        let blocks = stats::blocks(self.n, row_len);
+        let out = g.zeros::<f64>(np * blocks.len())?;
         let o = g.ptr(&out);
         let models: Vec<usize> = (0..k).collect();
         self.stream(&blocks, &models, true, |c, work, n| {
@@ -211,7 +210,7 @@ impl Passes for GpuPasses<'_> {
                 [work + 4 * n, k as i32, n, g.ptr(&bd), at]
             )
         })?;
-        let v = g.fetch(&out, np * blocks.len()).map_err(gpu_err)?;
+        let v = g.fetch(&out, np * blocks.len())?;
         Ok(blocks.iter().zip(v.chunks_exact(np.max(1))).map(|((row, _), p)| (*row, p.to_vec())).collect())
     }
 }

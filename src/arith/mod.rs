@@ -1,0 +1,138 @@
+//! Element arithmetic over memory-mapped bytes: operands of any of the
+//! three float dtypes, views that line a model's rows up with the base's,
+//! and the chat-vector formulas.
+//!
+//! Every computation decodes a block of each operand to f32 (exact),
+//! applies its formula in f32 in the documented order, and encodes once
+//! (round-to-nearest-even). Rust never contracts `a * b + c` into a fused
+//! multiply-add unless asked to (`mul_add`), so results are the same on
+//! every CPU, and the CUDA kernels reproduce them with `__fmul_rn` /
+//! `__fadd_rn`. Blocks are independent, so nothing depends on chunking or
+//! thread count (contract 1).
+//!
+//! This room imports only `model::dtype`; it knows nothing of plans.
+
+pub(crate) mod formulas;
+pub(crate) mod rows;
+
+use crate::model::dtype::{FloatType, decode};
+use rows::{RowRun, RowSrc, RowTable, stretches};
+
+/// Elements per block: small enough for the stack and L1, large enough to
+/// amortize the dtype dispatch.
+pub(crate) const BLOCK: usize = 1024;
+
+/// A little-endian input slice and its dtype.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Operand<'a> {
+    pub ty: FloatType,
+    pub bytes: &'a [u8],
+}
+
+impl<'a> Operand<'a> {
+    /// Elements `start..start+len` of this operand.
+    pub fn slice(self, start: usize, len: usize) -> Operand<'a> {
+        let s = self.ty.size();
+        Operand { ty: self.ty, bytes: &self.bytes[start * s..(start + len) * s] }
+    }
+
+    /// Decodes elements `start..start + out.len()` into `out`.
+    #[inline]
+    pub fn decode_at(self, start: u64, out: &mut [f32]) {
+        let s = self.ty.size();
+        let a = start as usize * s;
+        decode(self.ty, &self.bytes[a..a + out.len() * s], out);
+    }
+}
+
+/// A merged model's tensor seen in the base's element positions.
+#[derive(Clone, Copy)]
+pub(crate) enum View<'a> {
+    /// The shapes match: element for element.
+    Direct(Operand<'a>),
+    /// A vocabulary matrix with other rows: the model's rows placed at the
+    /// base rows `runs` names, the base's own rows (`fill`) elsewhere, so
+    /// rows for tokens the model lacks have a zero delta.
+    Rows { model: Operand<'a>, fill: Operand<'a>, runs: &'a [RowRun], row_len: u64 },
+    /// Input `which` of a union-vocabulary matrix, row by row from
+    /// `sources`.
+    Table { sources: &'a [Operand<'a>], table: &'a RowTable, which: usize },
+}
+
+impl View<'_> {
+    /// Decodes base positions `start..start + out.len()` into `out`.
+    pub fn decode_at(self, start: u64, out: &mut [f32]) {
+        match self {
+            View::Direct(op) => op.decode_at(start, out),
+            View::Rows { model, fill, runs, row_len } => {
+                for s in stretches(runs, row_len, start..start + out.len() as u64) {
+                    let seg = &mut out[(s.range.start - start) as usize..(s.range.end - start) as usize];
+                    match s.vector {
+                        Some(from) => model.decode_at(from, seg),
+                        None => fill.decode_at(s.range.start, seg),
+                    }
+                }
+            }
+            View::Table { sources, table, which } => decode_table(sources, table, which, start, out),
+        }
+    }
+}
+
+/// `View::Table::decode_at`: each output row from its source row, or the
+/// mean of several (summed from 0 in input order, then divided, in f32).
+fn decode_table(sources: &[Operand], u: &RowTable, which: usize, start: u64, out: &mut [f32]) {
+    let l = u.row_len;
+    let table = &u.tables[which];
+    let end = start + out.len() as u64;
+    let mut p = start;
+    while p < end {
+        let row = p / l;
+        let stop = ((row + 1) * l).min(end);
+        let seg = &mut out[(p - start) as usize..(stop - start) as usize];
+        let off = p - row * l;
+        match table[row as usize] {
+            RowSrc::Row { source, row: r } => sources[source].decode_at(r * l + off, seg),
+            RowSrc::Mean(i) => {
+                let donors = &u.means[i];
+                seg.fill(0.0);
+                let mut tmp = [0f32; BLOCK];
+                for piece in (0..seg.len()).step_by(BLOCK) {
+                    let m = BLOCK.min(seg.len() - piece);
+                    for &(source, r) in donors {
+                        sources[source].decode_at(r * l + off + piece as u64, &mut tmp[..m]);
+                        for (o, v) in seg[piece..piece + m].iter_mut().zip(&tmp[..m]) {
+                            *o += *v;
+                        }
+                    }
+                    let count = donors.len() as f32;
+                    seg[piece..piece + m].iter_mut().for_each(|o| *o /= count);
+                }
+            }
+        }
+        p = stop;
+    }
+}
+
+/// Calls `f(first_index, deltas)` for consecutive blocks of `x - base`
+/// (f32) over `range`.
+#[inline]
+pub(crate) fn for_each_delta(
+    base: View<'_>,
+    x: View<'_>,
+    range: std::ops::Range<u64>,
+    mut f: impl FnMut(u64, &[f32]),
+) {
+    let mut b = [0f32; BLOCK];
+    let mut d = [0f32; BLOCK];
+    let mut p = range.start;
+    while p < range.end {
+        let m = (BLOCK as u64).min(range.end - p) as usize;
+        base.decode_at(p, &mut b[..m]);
+        x.decode_at(p, &mut d[..m]);
+        for (dj, bj) in d[..m].iter_mut().zip(&b[..m]) {
+            *dj -= *bj;
+        }
+        f(p, &d[..m]);
+        p += m as u64;
+    }
+}

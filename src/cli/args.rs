@@ -1,0 +1,491 @@
+//! The command line's arguments (clap derive: the doc comments are the
+//! help text) and their conversion into the library's specs.
+
+use std::path::PathBuf;
+
+use clap::builder::{PossibleValuesParser, TypedValueParser};
+use clap::{Args, Parser, Subcommand};
+
+use chatvec::{
+    ApplySpec, DeviceChoice, EmbeddingPolicy, ExtractSpec, FloatType, InputHashes, SftOptions, VectorSource,
+    WriteOptions, parse_size,
+};
+
+const EXAMPLES: &str = "\
+Examples:
+  chatvec demo                                            the main job on tiny built-in models
+  chatvec apply --base swallow-8b --vector llama3-instruct -o swallow-8b-cv
+  chatvec merge llama3-swallow-8b-ties -o swallow-8b-ties  a shipped recipe
+  chatvec list                                            aliases and shipped recipes
+  chatvec inspect swallow-8b-cv";
+
+/// chatvec: give continued-pretrained LLMs chat ability by weight arithmetic.
+///
+/// A chat vector is `chat - pretrained` (e.g. Llama-3-8B-Instruct minus
+/// Llama-3-8B); `apply` adds it, scaled, to a model continued-pretrained from
+/// the same base (e.g. Llama-3-Swallow-8B). A MODEL is a local directory, an
+/// alias (`chatvec list`) or a Hub id org/name[@revision]. Exit codes: 0 ok,
+/// 1 bad input or usage, 2 I/O, network or internal error, 130 interrupted.
+#[derive(Parser, Debug)]
+#[command(name = "chatvec", version, max_term_width = 100, after_help = EXAMPLES)]
+pub struct Cli {
+    /// No progress bars or notes on stderr (errors and warnings still print).
+    #[arg(short, long, global = true)]
+    pub quiet: bool,
+
+    /// Print one JSON document on stdout instead of text (notes and warnings stay on stderr).
+    #[arg(long, global = true)]
+    pub json: bool,
+
+    /// A file of extra model and vector aliases (default: $CHATVEC_ALIASES).
+    #[arg(long, global = true, value_name = "FILE")]
+    pub aliases: Option<PathBuf>,
+
+    /// Never use the network: Hub models must already be in the cache (also HF_HUB_OFFLINE=1).
+    #[arg(long, global = true)]
+    pub offline: bool,
+
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Write the chat vector `chat - pretrained` as a safetensors checkpoint.
+    #[command(
+        after_help = "Example:\n  chatvec extract --chat llama3-8b-instruct --pretrained llama3-8b --dtype f32 -o llama3-cv"
+    )]
+    Extract(ExtractArgs),
+    /// Add a scaled chat vector to a model: `base + scale * (chat - pretrained)`.
+    #[command(
+        after_help = "Examples:\n  chatvec apply --base swallow-8b --vector llama3-instruct -o swallow-8b-cv\n  chatvec apply --base swallow-8b --chat llama3-8b-instruct --pretrained llama3-8b --scale 0.8 -o out\n  chatvec apply --base swallow-8b --vector llama3-cv --scale-for 'mlp\\.=0.5' -o out --dry-run"
+    )]
+    Apply(ApplyArgs),
+    /// Run a merge recipe (chatvec TOML or mergekit YAML): chat vector, linear, TIES, DARE, SLERP, ...
+    #[command(
+        after_help = "Examples:\n  chatvec merge llama3-swallow-8b-chat-vector -o swallow-8b-cv\n  chatvec merge mergekit-config.yml -o out --dry-run"
+    )]
+    Merge(MergeArgs),
+    /// Re-hash an output against its manifest; with --recipe, check the recipe and inputs too.
+    #[command(after_help = "Example:\n  chatvec verify swallow-8b-cv --recipe llama3-swallow-8b-chat-vector")]
+    Verify(VerifyArgs),
+    /// Supervised fine-tuning of a model with TRL (launched and supervised as a child process).
+    #[command(
+        after_help = "Examples:\n  chatvec sft --model swallow-8b-cv --data chat.jsonl -o run-sft --dry-run\n  chatvec sft --model swallow-8b-cv --data chat.jsonl -o run-sft --nproc 8 --fsdp"
+    )]
+    Sft(SftArgs),
+    /// Run a recipe with an [sft] section: merge into DIR/merged, verify it, then SFT into DIR/sft.
+    Run(RunArgs),
+    /// Show a checkpoint's shards, tensors, parameter count and config.
+    #[command(after_help = "Example:\n  chatvec inspect swallow-8b")]
+    Inspect(InspectArgs),
+    /// List the model and vector aliases and the shipped recipes.
+    List,
+    /// Run extract, apply and inspect on tiny built-in models (no download).
+    Demo(DemoArgs),
+    /// Measure apply and merges on generated Llama-shaped checkpoints against the disk and memory floor.
+    Bench(super::bench::BenchArgs),
+}
+
+/// Where and how a command writes its output.
+#[derive(Args, Debug)]
+pub struct OutArgs {
+    /// Output directory (created; must not exist unless --force).
+    #[arg(short, long)]
+    pub output: PathBuf,
+
+    /// Replace an existing output directory.
+    #[arg(long)]
+    pub force: bool,
+
+    /// Print the plan (every output tensor, its formula and shard) and write nothing.
+    #[arg(long)]
+    pub dry_run: bool,
+
+    /// Compute threads (default: one per core). Output bytes do not depend on it.
+    #[arg(long)]
+    pub threads: Option<usize>,
+
+    /// Hash every input shard again instead of trusting the hash cache
+    /// (~/.cache/chatvec, or $CHATVEC_CACHE_DIR).
+    #[arg(long)]
+    pub rehash: bool,
+
+    /// Where the arithmetic runs: cpu, cuda, cuda:N, or auto (a GPU when one
+    /// works, else the CPU). Output bytes are the same on every device.
+    #[arg(long, default_value = "auto", value_parser = DeviceChoice::parse)]
+    pub device: DeviceChoice,
+
+    /// Device memory chatvec may use, e.g. 4GiB (default: half the free memory, at most 8 GiB).
+    #[arg(long, value_parser = parse_size)]
+    pub gpu_memory: Option<u64>,
+
+    /// Elements per work chunk (for testing; output bytes do not depend on it).
+    #[arg(long, hide = true)]
+    pub chunk_elems: Option<u64>,
+}
+
+impl OutArgs {
+    pub fn options(&self) -> WriteOptions {
+        let defaults = WriteOptions::new(&self.output);
+        WriteOptions {
+            force: self.force,
+            dry_run: self.dry_run,
+            threads: self.threads,
+            chunk_elems: self.chunk_elems.unwrap_or(defaults.chunk_elems),
+            input_hashes: if self.rehash { InputHashes::Rehash } else { InputHashes::Cached },
+            device: self.device,
+            gpu_memory: self.gpu_memory,
+            ..defaults
+        }
+    }
+}
+
+/// Options shared by extract and apply.
+#[derive(Args, Debug)]
+pub struct WriteArgs {
+    #[command(flatten)]
+    pub out: OutArgs,
+
+    /// Only operate on tensors matching this regex (repeatable; default: all).
+    #[arg(long, value_name = "REGEX")]
+    pub include: Vec<String>,
+
+    /// Leave tensors matching this regex untouched (repeatable).
+    #[arg(long, value_name = "REGEX")]
+    pub exclude: Vec<String>,
+
+    /// Maximum data bytes per output shard, with a unit: 5GB, 500MB, 2GiB.
+    #[arg(long, default_value = "5GB", value_parser = parse_size)]
+    pub shard_size: u64,
+
+    /// Downgrade config.json architecture differences to warnings (shapes must still match).
+    #[arg(long)]
+    pub allow_mismatch: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct MergeArgs {
+    /// A recipe: a chatvec .toml file, a mergekit .yml config, or the name of a shipped recipe.
+    pub recipe: String,
+
+    /// Seed for DARE/DELLA masks (default: the recipe's `seed`, else 0).
+    #[arg(long)]
+    pub seed: Option<u64>,
+
+    #[command(flatten)]
+    pub out: OutArgs,
+}
+
+#[derive(Args, Debug)]
+pub struct RunArgs {
+    /// A chatvec .toml recipe with an [sft] section, or the name of a shipped recipe.
+    pub recipe: String,
+
+    /// Seed for DARE/DELLA masks (default: the recipe's `seed`, else 0).
+    #[arg(long)]
+    pub seed: Option<u64>,
+
+    #[command(flatten)]
+    pub out: OutArgs,
+}
+
+#[derive(Args, Debug)]
+pub struct VerifyArgs {
+    /// An output directory written by chatvec.
+    pub dir: PathBuf,
+
+    /// Also check that this recipe, and its inputs as they are now, are the ones recorded.
+    #[arg(long)]
+    pub recipe: Option<String>,
+}
+
+#[derive(Args, Debug)]
+pub struct ExtractArgs {
+    /// The chat / instruct model (directory, Hub id org/name[@rev], or alias).
+    #[arg(long, value_name = "MODEL")]
+    pub chat: String,
+
+    /// The pretrained model the chat model was tuned from (directory, Hub id or alias).
+    #[arg(long, value_name = "MODEL")]
+    pub pretrained: String,
+
+    /// Vector dtype: bf16, f16 or f32 (default: the chat model's). f32 is exact.
+    #[arg(long, value_parser = parse_dtype)]
+    pub dtype: Option<FloatType>,
+
+    #[command(flatten)]
+    pub write: WriteArgs,
+}
+
+impl ExtractArgs {
+    pub fn spec(&self) -> ExtractSpec {
+        ExtractSpec {
+            dtype: self.dtype,
+            include: self.write.include.clone(),
+            exclude: self.write.exclude.clone(),
+            shard_size: self.write.shard_size,
+            allow_mismatch: self.write.allow_mismatch,
+            ..ExtractSpec::new(self.chat.clone(), self.pretrained.clone())
+        }
+    }
+}
+
+#[derive(Args, Debug)]
+#[command(group(clap::ArgGroup::new("vector_source").required(true).args(["vector", "chat"])))]
+pub struct ApplyArgs {
+    /// The model to give chat ability to, e.g. a continued-pretrained model (directory, Hub id or alias).
+    #[arg(long, value_name = "MODEL")]
+    pub base: String,
+
+    /// A chat vector written by `chatvec extract`, or a vector alias such as llama3-instruct.
+    #[arg(long, value_name = "VECTOR", conflicts_with_all = ["chat", "pretrained"])]
+    pub vector: Option<String>,
+
+    /// The chat model (with --pretrained: stream the vector without writing it).
+    #[arg(long, value_name = "MODEL", requires = "pretrained")]
+    pub chat: Option<String>,
+
+    /// The pretrained model the chat model was tuned from.
+    #[arg(long, value_name = "MODEL", requires = "chat")]
+    pub pretrained: Option<String>,
+
+    /// Scale of the vector.
+    #[arg(long, default_value = "1", value_parser = parse_scale, allow_negative_numbers = true)]
+    pub scale: f32,
+
+    /// Scale for tensors matching REGEX, e.g. 'mlp\.=0.5' (repeatable; first match wins).
+    #[arg(long, value_name = "REGEX=S")]
+    pub scale_for: Vec<String>,
+
+    /// Embedding rows when vocabularies differ: auto, full, skip, prefix or align.
+    #[arg(long, default_value = "auto", value_parser = embedding_policy())]
+    pub embeddings: EmbeddingPolicy,
+
+    /// Output dtype for float tensors (default: the base's, tensor by tensor).
+    #[arg(long, value_parser = parse_dtype)]
+    pub out_dtype: Option<FloatType>,
+
+    /// Keep the base's chat template and eos ids instead of the chat model's.
+    #[arg(long)]
+    pub keep_base_template: bool,
+
+    #[command(flatten)]
+    pub write: WriteArgs,
+}
+
+impl ApplyArgs {
+    pub fn spec(&self) -> ApplySpec {
+        let vector = match (&self.vector, &self.chat, &self.pretrained) {
+            (Some(v), _, _) => VectorSource::Stored(v.clone()),
+            // clap requires --vector, or --chat with --pretrained.
+            (None, chat, pretrained) => VectorSource::Pair {
+                chat: chat.clone().unwrap_or_default(),
+                pretrained: pretrained.clone().unwrap_or_default(),
+            },
+        };
+        ApplySpec {
+            scale: self.scale,
+            scale_for: self.scale_for.clone(),
+            include: self.write.include.clone(),
+            exclude: self.write.exclude.clone(),
+            embeddings: self.embeddings,
+            out_dtype: self.out_dtype,
+            keep_base_template: self.keep_base_template,
+            shard_size: self.write.shard_size,
+            allow_mismatch: self.write.allow_mismatch,
+            ..ApplySpec::new(self.base.clone(), vector)
+        }
+    }
+}
+
+#[derive(Args, Debug)]
+pub struct InspectArgs {
+    /// The model (directory, Hub id or alias).
+    pub model: String,
+}
+
+#[derive(Args, Debug)]
+pub struct DemoArgs {
+    /// Directory for the demo models (default: a temporary one, removed afterwards).
+    #[arg(long)]
+    pub dir: Option<PathBuf>,
+
+    /// Keep the temporary directory.
+    #[arg(long)]
+    pub keep: bool,
+
+    /// Where the arithmetic runs: cpu, cuda, cuda:N or auto.
+    #[arg(long, default_value = "cpu", value_parser = DeviceChoice::parse)]
+    pub device: DeviceChoice,
+}
+
+/// `chatvec sft`'s options; defaults come from `SftOptions::default()`, so
+/// the command line and a recipe's `[sft]` table agree.
+#[derive(Args, Debug, Clone)]
+pub struct SftArgs {
+    /// The model to train (directory, Hub id or alias), e.g. the output of `chatvec apply`.
+    #[arg(long, value_name = "MODEL")]
+    pub model: String,
+    /// Chat data, JSONL: {"messages": [...]}, {"conversation": [...]} or Alpaca records.
+    #[arg(long, value_name = "FILE.jsonl")]
+    pub data: PathBuf,
+    /// Run directory: configs, converted data, the trained model, the run record.
+    #[arg(short, long)]
+    pub output: PathBuf,
+    /// Replace an existing run directory.
+    #[arg(long)]
+    pub force: bool,
+    /// Print the command, environment and config files, and run nothing.
+    #[arg(long)]
+    pub dry_run: bool,
+    /// Epochs (TRL num_train_epochs).
+    #[arg(long, default_value_t = SftOptions::default().epochs)]
+    pub epochs: f64,
+    /// Stop after this many optimizer steps (TRL max_steps; overrides --epochs).
+    #[arg(long)]
+    pub max_steps: Option<u64>,
+    /// Peak learning rate (PLaMo-13B-Instruct used 1e-5).
+    #[arg(long, default_value_t = SftOptions::default().lr)]
+    pub lr: f64,
+    /// Warmup as a fraction of the steps (PLaMo-13B-Instruct: 0.03).
+    #[arg(long, default_value_t = SftOptions::default().warmup_ratio)]
+    pub warmup_ratio: f64,
+    /// Learning-rate schedule (transformers lr_scheduler_type).
+    #[arg(long, default_value_t = SftOptions::default().scheduler)]
+    pub scheduler: String,
+    /// Longest tokenized example; longer ones are truncated (TRL max_length).
+    #[arg(long, default_value_t = SftOptions::default().max_seq_len)]
+    pub max_seq_len: u64,
+    /// Examples per device per step.
+    #[arg(long, default_value_t = SftOptions::default().batch_size)]
+    pub batch_size: u64,
+    /// Gradient accumulation steps.
+    #[arg(long, default_value_t = SftOptions::default().grad_accum)]
+    pub grad_accum: u64,
+    /// Pack several examples into each sequence.
+    #[arg(long)]
+    pub packing: bool,
+    /// Train on the assistant turns only (as the Swallow instruct card recommends).
+    #[arg(long, default_value_t = SftOptions::default().assistant_only_loss, action = clap::ArgAction::Set, value_name = "BOOL")]
+    pub assistant_only_loss: bool,
+    /// Train LoRA adapters (peft) instead of all weights.
+    #[arg(long)]
+    pub lora: bool,
+    /// LoRA rank.
+    #[arg(long, default_value_t = SftOptions::default().lora_r)]
+    pub lora_r: u64,
+    /// LoRA alpha.
+    #[arg(long, default_value_t = SftOptions::default().lora_alpha)]
+    pub lora_alpha: u64,
+    /// Random seed.
+    #[arg(long, default_value_t = SftOptions::default().seed)]
+    pub seed: u64,
+    /// Processes (GPUs) per node.
+    #[arg(long, default_value_t = SftOptions::default().nproc)]
+    pub nproc: u64,
+    /// Nodes.
+    #[arg(long, default_value_t = SftOptions::default().nnodes)]
+    pub nnodes: u64,
+    /// This node's rank.
+    #[arg(long, default_value_t = SftOptions::default().node_rank)]
+    pub node_rank: u64,
+    /// Address of rank 0 (multi-node).
+    #[arg(long, default_value_t = SftOptions::default().master_addr)]
+    pub master_addr: String,
+    /// Port of rank 0 (multi-node).
+    #[arg(long, default_value_t = SftOptions::default().master_port)]
+    pub master_port: u16,
+    /// Shard the model with FSDP2 (full shard, auto-wrap of the decoder layer, bf16).
+    #[arg(long, conflicts_with = "deepspeed")]
+    pub fsdp: bool,
+    /// DeepSpeed instead: zero3.
+    #[arg(long, value_parser = ["zero3"])]
+    pub deepspeed: Option<String>,
+    /// The Python interpreter with torch, transformers, trl and accelerate (default: $CHATVEC_PYTHON, else python3).
+    #[arg(long)]
+    pub python: Option<PathBuf>,
+}
+
+impl SftArgs {
+    pub fn options(&self) -> SftOptions {
+        SftOptions {
+            data: self.data.clone(),
+            epochs: self.epochs,
+            max_steps: self.max_steps,
+            lr: self.lr,
+            warmup_ratio: self.warmup_ratio,
+            scheduler: self.scheduler.clone(),
+            max_seq_len: self.max_seq_len,
+            batch_size: self.batch_size,
+            grad_accum: self.grad_accum,
+            packing: self.packing,
+            assistant_only_loss: self.assistant_only_loss,
+            lora: self.lora,
+            lora_r: self.lora_r,
+            lora_alpha: self.lora_alpha,
+            seed: self.seed,
+            nproc: self.nproc,
+            nnodes: self.nnodes,
+            node_rank: self.node_rank,
+            master_addr: self.master_addr.clone(),
+            master_port: self.master_port,
+            fsdp: self.fsdp,
+            deepspeed: self.deepspeed.clone(),
+            python: self.python.clone(),
+        }
+    }
+}
+
+fn parse_dtype(s: &str) -> Result<FloatType, String> {
+    FloatType::parse_cli(s).ok_or_else(|| format!("'{s}' is not a dtype chatvec writes (bf16, f16, f32)"))
+}
+
+/// A scale as an f32, refused as typed when it is not a finite f32 (1e40
+/// is out of range, not "inf").
+fn parse_scale(s: &str) -> Result<f32, String> {
+    let v: f64 = s.trim().parse().map_err(|_| format!("'{s}' is not a number"))?;
+    if !v.is_finite() || v.abs() > f32::MAX as f64 {
+        return Err(format!("'{s}' is not a finite number an f32 can hold (|scale| <= 3.4e38)"));
+    }
+    Ok(v as f32)
+}
+
+fn embedding_policy() -> impl TypedValueParser<Value = EmbeddingPolicy> {
+    PossibleValuesParser::new(EmbeddingPolicy::ALL.map(|p| p.name()))
+        .map(|s| s.parse::<EmbeddingPolicy>().unwrap_or(EmbeddingPolicy::Auto))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn cli_definition_is_valid() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn scales_are_refused_as_typed() {
+        assert_eq!(parse_scale("0.5"), Ok(0.5));
+        assert_eq!(parse_scale("-1"), Ok(-1.0));
+        let e = parse_scale("1e40").unwrap_err();
+        assert!(e.contains("'1e40'") && !e.contains("inf"), "{e}");
+        assert!(parse_scale("nan").is_err());
+        assert!(parse_scale("x").unwrap_err().contains("not a number"));
+    }
+
+    #[test]
+    fn sft_defaults_are_the_librarys() {
+        let c =
+            Cli::try_parse_from(["chatvec", "sft", "--model", "m", "--data", "d.jsonl", "-o", "r"]).unwrap();
+        let Command::Sft(a) = c.command else { panic!("not sft") };
+        let (got, want) = (a.options(), SftOptions::default());
+        assert_eq!(
+            (got.lr, got.warmup_ratio, got.epochs, got.grad_accum),
+            (want.lr, want.warmup_ratio, want.epochs, want.grad_accum)
+        );
+        assert_eq!((got.scheduler, got.assistant_only_loss), (want.scheduler, want.assistant_only_loss));
+    }
+}

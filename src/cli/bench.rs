@@ -1,0 +1,446 @@
+//! `chatvec bench`: times `apply` (streaming form) on generated Llama-shaped
+//! bf16 checkpoints and sets it against the machine's floor, measured in the
+//! same run: the slower of durably writing the output's bytes and streaming
+//! the inputs from memory. Peak anonymous memory (RssAnon) of the apply
+//! process is sampled from /proc; mapped input pages are page cache, not
+//! process memory. Optionally runs mergekit on the same inputs.
+
+use std::fs::File;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use chatvec::{Checkpoint, DType, DeviceChoice, Error, FloatType, Result, default_threads, human_count};
+use clap::Args;
+use memmap2::Mmap;
+use serde::Serialize;
+
+use super::synth::{Component, LlamaShape, ModelFiles, tokens, write_model};
+
+fn io(op: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> Error {
+    let path = path.to_path_buf();
+    move |source| Error::Io { op, path, source }
+}
+
+#[derive(Args, Debug)]
+pub struct BenchArgs {
+    /// Model shape: tiny, 1b (TinyLlama-1.1B), 7b (Llama-2-7B) or 70b-layer
+    /// (Llama-3-70B's tensors, one decoder layer).
+    #[arg(long, default_value = "1b")]
+    pub shape: String,
+
+    /// Directory for generated checkpoints (kept and reused between runs).
+    #[arg(long, default_value = "bench-data")]
+    pub dir: PathBuf,
+
+    /// Threads for apply (default: all cores).
+    #[arg(long)]
+    pub threads: Option<usize>,
+
+    /// Also run mergekit's task_arithmetic (the chat-vector merge) on the same
+    /// inputs; needs `mergekit-yaml` on PATH.
+    #[arg(long)]
+    pub mergekit: bool,
+
+    /// Also time this merge method (repeatable) through `chatvec merge` on a
+    /// mergekit config over the same inputs; with --mergekit, run mergekit on
+    /// the same config and compare the outputs in bf16 ulps.
+    #[arg(long = "method", value_name = "METHOD")]
+    pub methods: Vec<String>,
+
+    /// The `dtype` (mergekit's compute dtype) of the --method configs: float32
+    /// computes as chatvec does; bfloat16 rounds every intermediate.
+    #[arg(long, default_value = "float32")]
+    pub mergekit_dtype: String,
+
+    /// Device for chatvec's apply and merges: cpu, cuda, cuda:N or auto.
+    #[arg(long, default_value = "cpu", value_parser = DeviceChoice::parse)]
+    pub device: DeviceChoice,
+}
+
+/// One merge method timed, and compared with mergekit.
+#[derive(Serialize)]
+pub struct MethodBench {
+    pub method: String,
+    pub chatvec: Measured,
+    pub mergekit: Option<Measured>,
+    /// Largest difference from mergekit's output, in bf16 ulps, over all
+    /// elements (deterministic methods only).
+    pub max_ulp: Option<u32>,
+    /// Elements that differ by more than one ulp.
+    pub over_one_ulp: Option<u64>,
+}
+
+/// A measured child process.
+#[derive(Serialize)]
+pub struct Measured {
+    pub seconds: f64,
+    pub peak_rss_anon_mib: f64,
+    pub peak_rss_mib: f64,
+}
+
+#[derive(Serialize)]
+pub struct BenchReport {
+    pub shape: String,
+    pub parameters: u64,
+    pub input_bytes: u64,
+    pub output_bytes: u64,
+    pub threads: usize,
+    /// `--device` of chatvec's runs.
+    pub device: String,
+    /// Durable write of the output's byte count (write + fdatasync), the
+    /// faster of a run before and one after the apply runs.
+    pub floor_write_seconds: f64,
+    pub floor_write_runs: [f64; 2],
+    /// Reading all inputs from the (warm) page cache.
+    pub floor_read_seconds: f64,
+    pub floor_seconds: f64,
+    /// Apply hashing every input shard (`--rehash`).
+    pub apply: Measured,
+    /// Apply with input hashes from the cache.
+    pub apply_cached: Measured,
+    pub apply_cached_ratio_to_floor: f64,
+    pub apply_output_gb_per_s: f64,
+    pub apply_input_gb_per_s: f64,
+    pub ratio_to_floor: f64,
+    pub mergekit: Option<Measured>,
+    pub methods: Vec<MethodBench>,
+}
+
+/// A mergekit config for `method` over the bench inputs: the chat and base
+/// models as task vectors over the pretrained one.
+fn method_config(method: &str, compute: &str, pre: &Path, chat: &Path, base: &Path) -> Result<String> {
+    let m = |p: &Path, params: &str| format!("  - model: {}\n    parameters: {{{params}}}\n", p.display());
+    let body = match method {
+        "linear" => format!("models:\n{}{}", m(chat, "weight: 0.5"), m(base, "weight: 0.5")),
+        "slerp" => format!("base_model: {}\nmodels:\n{}parameters:\n  t: 0.5\n", base.display(), m(chat, "")),
+        "model_stock" => format!("base_model: {}\nmodels:\n{}{}", pre.display(), m(chat, ""), m(base, "")),
+        "task_arithmetic" | "ties" | "dare_linear" | "dare_ties" | "breadcrumbs" | "breadcrumbs_ties"
+        | "della" | "della_linear" => {
+            let p = if method == "task_arithmetic" { "weight: 1.0" } else { "weight: 1.0, density: 0.5" };
+            format!("base_model: {}\nmodels:\n{}{}", pre.display(), m(chat, p), m(base, p))
+        }
+        _ => return Err(Error::Usage(format!("--method '{method}' is not a merge method"))),
+    };
+    // mergekit computes in `dtype`; float32 with bf16 output is the
+    // computation chatvec does (f32, one rounding at the end), so the
+    // outputs are comparable ulp for ulp. With `dtype: bfloat16` mergekit
+    // rounds every intermediate to bf16 as well.
+    Ok(format!("merge_method: {method}\n{body}dtype: {compute}\nout_dtype: bfloat16\n"))
+}
+
+/// bf16 bits as an integer that orders like the value.
+fn ordered(b: u16) -> i32 {
+    if b & 0x8000 != 0 { -((b & 0x7fff) as i32) } else { b as i32 }
+}
+
+/// Largest ulp difference between two bf16 checkpoints, and how many
+/// elements differ by more than one.
+fn compare_bf16(a: &Path, b: &Path) -> Result<(u32, u64)> {
+    let (ca, cb) = (Checkpoint::open(a)?, Checkpoint::open(b)?);
+    let (mut max, mut over) = (0u32, 0u64);
+    for t in ca.tensors() {
+        let Some(u) = cb.get(&t.name) else {
+            return Err(Error::Internal(format!("mergekit output lacks {}", t.name)));
+        };
+        let (x, y) = (ca.bytes(t), cb.bytes(u));
+        if x.len() != y.len() || t.dtype != DType::BF16 {
+            return Err(Error::Internal(format!("{}: outputs differ in dtype or size", t.name)));
+        }
+        for (p, q) in x.chunks_exact(2).zip(y.chunks_exact(2)) {
+            let d =
+                ordered(u16::from_le_bytes([p[0], p[1]])).abs_diff(ordered(u16::from_le_bytes([q[0], q[1]])));
+            max = max.max(d);
+            over += (d > 1) as u64;
+        }
+    }
+    Ok((max, over))
+}
+
+fn shape_of(name: &str) -> Result<LlamaShape> {
+    match name {
+        "tiny" => Ok(LlamaShape::tiny(512)),
+        "1b" => Ok(LlamaShape::b1()),
+        "7b" => Ok(LlamaShape::b7()),
+        "70b-layer" => Ok(LlamaShape::l70_layer()),
+        _ => Err(Error::Usage(format!("--shape '{name}': use tiny, 1b, 7b or 70b-layer"))),
+    }
+}
+
+/// Generates the three inputs unless a complete set is already there.
+fn ensure_inputs(root: &Path, shape: &LlamaShape) -> Result<(PathBuf, PathBuf, PathBuf)> {
+    let p = Component { seed: 11, amplitude: 0.05 };
+    let c = Component { seed: 12, amplitude: 0.004 };
+    let k = Component { seed: 13, amplitude: 0.01 };
+    let toks = tokens(shape.vocab, 0);
+    let mut dirs = Vec::new();
+    for (name, parts, chat) in
+        [("pretrained", vec![p], false), ("chat", vec![p, c], true), ("base", vec![p, k], false)]
+    {
+        let d = root.join(name);
+        let marker = d.join(".complete");
+        if !marker.is_file() {
+            eprintln!("generating {} ...", d.display());
+            let _ = std::fs::remove_dir_all(&d);
+            write_model(
+                &d,
+                shape,
+                FloatType::BF16,
+                &parts,
+                2_000_000_000,
+                &ModelFiles { tokens: Some(&toks), chat },
+            )?;
+            std::fs::write(&marker, b"").map_err(io("writing", &marker))?;
+        }
+        dirs.push(d);
+    }
+    Ok((dirs.remove(0), dirs.remove(0), dirs.remove(0)))
+}
+
+/// Seconds to read every input shard from memory (after one warming pass).
+fn read_floor(dirs: &[&Path]) -> Result<f64> {
+    let mut maps: Vec<Mmap> = Vec::new();
+    for d in dirs {
+        for e in std::fs::read_dir(d).map_err(io("listing", d))? {
+            let path = e.map_err(io("listing", d))?.path();
+            if path.extension().is_none_or(|x| x != "safetensors") {
+                continue;
+            }
+            let f = File::open(&path).map_err(io("opening", &path))?;
+            // SAFETY: read-only map of a file this benchmark generated and
+            // nobody else modifies, so it is never truncated under the map.
+            maps.push(unsafe { Mmap::map(&f) }.map_err(io("mapping", &path))?);
+        }
+    }
+    let touch = |maps: &[Mmap]| -> u64 {
+        maps.iter().map(|m| m.chunks(4096).map(|c| c[0] as u64 + c[c.len() - 1] as u64).sum::<u64>()).sum()
+    };
+    let warm = touch(&maps);
+    let start = Instant::now();
+    let sum: u64 =
+        maps.iter().map(|m| m.chunks(8).map(|c| c[0] as u64).fold(0u64, |a, b| a.wrapping_add(b))).sum();
+    let t = start.elapsed().as_secs_f64();
+    std::hint::black_box((warm, sum));
+    Ok(t)
+}
+
+/// Seconds to write `bytes` to a new file in `dir` and fdatasync it.
+fn write_floor(dir: &Path, bytes: u64) -> Result<f64> {
+    let path = dir.join(".floor-write.tmp");
+    let buf: Vec<u8> = (0..(8usize << 20)).map(|i| (i * 31 + 7) as u8).collect();
+    let start = Instant::now();
+    let mut f = File::create(&path).map_err(io("creating", &path))?;
+    let mut left = bytes;
+    while left > 0 {
+        let n = left.min(buf.len() as u64) as usize;
+        f.write_all(&buf[..n]).map_err(io("writing", &path))?;
+        left -= n as u64;
+    }
+    f.sync_data().map_err(io("syncing", &path))?;
+    let t = start.elapsed().as_secs_f64();
+    drop(f);
+    let _ = std::fs::remove_file(&path);
+    Ok(t)
+}
+
+fn status_kib(pid: u32, key: &str) -> Option<u64> {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    s.lines().find(|l| l.starts_with(key))?.split_whitespace().nth(1)?.parse().ok()
+}
+
+/// Runs `cmd`, sampling its RssAnon every 2 ms and reading VmHWM at the end.
+fn measure(cmd: &mut Command) -> Result<Measured> {
+    let start = Instant::now();
+    let mut child = cmd.spawn().map_err(io("starting", Path::new(cmd.get_program())))?;
+    let pid = child.id();
+    let (mut anon, mut hwm) = (0u64, 0u64);
+    let status = loop {
+        anon = anon.max(status_kib(pid, "RssAnon:").unwrap_or(0));
+        hwm = hwm.max(status_kib(pid, "VmHWM:").unwrap_or(0));
+        if let Some(st) = child.try_wait().map_err(io("waiting for", Path::new(cmd.get_program())))? {
+            break st;
+        }
+        std::thread::sleep(Duration::from_millis(2));
+    };
+    let seconds = start.elapsed().as_secs_f64();
+    if !status.success() {
+        return Err(Error::Internal(format!("{:?} failed with {status}", cmd.get_program())));
+    }
+    Ok(Measured { seconds, peak_rss_anon_mib: anon as f64 / 1024.0, peak_rss_mib: hwm as f64 / 1024.0 })
+}
+
+pub fn run(a: &BenchArgs, json: bool) -> Result<()> {
+    let shape = shape_of(&a.shape)?;
+    let root = a.dir.join(&a.shape);
+    std::fs::create_dir_all(&root).map_err(io("creating", &root))?;
+    let (pre, chat, base) = ensure_inputs(&root, &shape)?;
+    let input_bytes: u64 = [&pre, &chat, &base]
+        .iter()
+        .map(|d| Checkpoint::open(d).map(|c| c.file_bytes()))
+        .sum::<Result<u64>>()?;
+    let output_bytes: u64 = Checkpoint::open(&base)?.file_bytes();
+    let threads = default_threads(a.threads);
+
+    let floor_read = read_floor(&[&pre, &chat, &base])?;
+    let floor_write_before = write_floor(&root, output_bytes)?;
+
+    let out = root.join("out-chatvec");
+    let exe = std::env::current_exe().map_err(io("locating", Path::new("chatvec")))?;
+    let apply_cmd = |rehash: bool| {
+        let mut cmd = Command::new(&exe);
+        cmd.arg("-q")
+            .arg("apply")
+            .arg("--base")
+            .arg(&base)
+            .arg("--chat")
+            .arg(&chat)
+            .arg("--pretrained")
+            .arg(&pre);
+        cmd.arg("-o").arg(&out).arg("--force").arg("--threads").arg(threads.to_string());
+        cmd.arg("--device").arg(a.device.to_string());
+        cmd.env("CHATVEC_CACHE_DIR", root.join("hash-cache"));
+        if rehash {
+            cmd.arg("--rehash");
+        }
+        cmd
+    };
+    // First with every input hashed (a first run on new inputs), then with
+    // the input hashes cached by that run (any later run on the same inputs).
+    let apply = measure(&mut apply_cmd(true))?;
+    let _ = std::fs::remove_dir_all(&out);
+    let apply_cached = measure(&mut apply_cmd(false))?;
+    let _ = std::fs::remove_dir_all(&out);
+
+    // This virtual disk's write speed varies from run to run: measure the
+    // floor on both sides of the apply runs and hold them to the faster.
+    let floor_write_after = write_floor(&root, output_bytes)?;
+    let floor_write = floor_write_before.min(floor_write_after);
+    let floor = floor_read.max(floor_write);
+
+    let mergekit = if a.mergekit {
+        let cfg = root.join("mergekit-task-arithmetic.yml");
+        let yaml = format!(
+            "merge_method: task_arithmetic\nbase_model: {}\nmodels:\n  - model: {}\n    parameters:\n      weight: 1.0\n  - model: {}\n    parameters:\n      weight: 1.0\ndtype: bfloat16\n",
+            pre.display(),
+            chat.display(),
+            base.display()
+        );
+        std::fs::write(&cfg, yaml).map_err(io("writing", &cfg))?;
+        let mout = root.join("out-mergekit");
+        let _ = std::fs::remove_dir_all(&mout);
+        let mut m = Command::new("mergekit-yaml");
+        m.arg(&cfg).arg(&mout).arg("--copy-tokenizer");
+        let r = measure(&mut m)?;
+        let _ = std::fs::remove_dir_all(&mout);
+        Some(r)
+    } else {
+        None
+    };
+
+    let mut methods = Vec::new();
+    for method in &a.methods {
+        let cfg = root.join(format!("method-{method}.yml"));
+        let yaml = method_config(method, &a.mergekit_dtype, &pre, &chat, &base)?;
+        std::fs::write(&cfg, yaml).map_err(io("writing", &cfg))?;
+        let cout = root.join(format!("out-{method}-chatvec"));
+        let mut cmd = Command::new(&exe);
+        cmd.arg("-q").arg("merge").arg(&cfg).arg("-o").arg(&cout).arg("--force");
+        cmd.arg("--device").arg(a.device.to_string());
+        cmd.arg("--threads").arg(threads.to_string()).env("CHATVEC_CACHE_DIR", root.join("hash-cache"));
+        let chatvec = measure(&mut cmd)?;
+        let (mut mergekit, mut max_ulp, mut over_one_ulp) = (None, None, None);
+        if a.mergekit {
+            let mout = root.join(format!("out-{method}-mergekit"));
+            let _ = std::fs::remove_dir_all(&mout);
+            let mut m = Command::new("mergekit-yaml");
+            m.arg(&cfg).arg(&mout).arg("--copy-tokenizer");
+            mergekit = Some(measure(&mut m)?);
+            let random = method.starts_with("dare") || method.starts_with("della");
+            if !random {
+                let (mx, over) = compare_bf16(&cout, &mout)?;
+                (max_ulp, over_one_ulp) = (Some(mx), Some(over));
+            }
+            let _ = std::fs::remove_dir_all(&mout);
+        }
+        let _ = std::fs::remove_dir_all(&cout);
+        methods.push(MethodBench { method: method.clone(), chatvec, mergekit, max_ulp, over_one_ulp });
+    }
+
+    let gb = |b: u64, s: f64| b as f64 / 1e9 / s;
+    let rep = BenchReport {
+        shape: a.shape.clone(),
+        parameters: shape.parameters(),
+        input_bytes,
+        output_bytes,
+        threads,
+        device: a.device.to_string(),
+        floor_write_seconds: floor_write,
+        floor_write_runs: [floor_write_before, floor_write_after],
+        floor_read_seconds: floor_read,
+        floor_seconds: floor,
+        apply_output_gb_per_s: gb(output_bytes, apply.seconds),
+        apply_input_gb_per_s: gb(input_bytes, apply.seconds),
+        ratio_to_floor: apply.seconds / floor,
+        apply_cached_ratio_to_floor: apply_cached.seconds / floor,
+        apply,
+        apply_cached,
+        mergekit,
+        methods,
+    };
+    if json {
+        return super::json_out(&rep);
+    }
+    let mut t = format!(
+        "shape {} ({} parameters, bf16), inputs {:.2} GB, output {:.2} GB, {} threads, device {}\n",
+        rep.shape,
+        human_count(rep.parameters),
+        input_bytes as f64 / 1e9,
+        output_bytes as f64 / 1e9,
+        threads,
+        rep.device
+    );
+    t += &format!(
+        "floor: durable write {:.2} s (runs: {:.2} s before, {:.2} s after), inputs read {:.2} s -> {:.2} s\n",
+        floor_write, floor_write_before, floor_write_after, floor_read, floor
+    );
+    t += &format!(
+        "chatvec apply, hashing all inputs: {:.2} s ({:.2}x floor), {:.2} GB/s out, {:.2} GB/s in, peak RssAnon {:.0} MiB, peak RSS {:.0} MiB\n",
+        rep.apply.seconds,
+        rep.ratio_to_floor,
+        rep.apply_output_gb_per_s,
+        rep.apply_input_gb_per_s,
+        rep.apply.peak_rss_anon_mib,
+        rep.apply.peak_rss_mib
+    );
+    t += &format!(
+        "chatvec apply, input hashes cached: {:.2} s ({:.2}x floor), {:.2} GB/s out, peak RssAnon {:.0} MiB\n",
+        rep.apply_cached.seconds,
+        rep.apply_cached_ratio_to_floor,
+        gb(output_bytes, rep.apply_cached.seconds),
+        rep.apply_cached.peak_rss_anon_mib
+    );
+    if let Some(m) = &rep.mergekit {
+        t += &format!(
+            "mergekit task_arithmetic: {:.2} s ({:.2}x floor), peak RssAnon {:.0} MiB, peak RSS {:.0} MiB\n",
+            m.seconds,
+            m.seconds / floor,
+            m.peak_rss_anon_mib,
+            m.peak_rss_mib
+        );
+    }
+    for mb in &rep.methods {
+        t += &format!(
+            "merge {}: chatvec {:.2} s, peak RssAnon {:.0} MiB",
+            mb.method, mb.chatvec.seconds, mb.chatvec.peak_rss_anon_mib
+        );
+        if let Some(m) = &mb.mergekit {
+            t += &format!("; mergekit {:.2} s, peak RssAnon {:.0} MiB", m.seconds, m.peak_rss_anon_mib);
+        }
+        if let (Some(u), Some(o)) = (mb.max_ulp, mb.over_one_ulp) {
+            t += &format!("; max difference {u} bf16 ulp, {o} elements over 1 ulp");
+        }
+        t.push('\n');
+    }
+    super::out(&t)
+}

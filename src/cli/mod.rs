@@ -1,0 +1,122 @@
+//! The command line: argument definitions (`args`), and the glue that runs
+//! the library's entry points and prints their results. stdout carries
+//! data only (reports, one JSON document with `--json`); progress, notes
+//! and warnings go to stderr. The demo, the benchmark and the synthetic
+//! checkpoints they generate live here too: they belong to the binary, not
+//! the library.
+
+mod args;
+pub mod bench;
+mod demo;
+mod pipeline;
+pub mod synth;
+
+use std::io::Write;
+
+pub use args::Cli;
+use args::Command;
+use chatvec::{Error, Result, Summary, ui};
+
+/// Writes to stdout; a closed pipe (`chatvec inspect M | head`) is not an error.
+pub fn out(text: &str) -> Result<()> {
+    let mut so = std::io::stdout().lock();
+    match so.write_all(text.as_bytes()).and_then(|_| so.flush()) {
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(()),
+        Err(e) => Err(Error::Io { op: "writing", path: "<stdout>".into(), source: e }),
+        Ok(()) => Ok(()),
+    }
+}
+
+/// Writes `v` as one pretty JSON document on stdout.
+pub fn json_out(v: &impl serde::Serialize) -> Result<()> {
+    let text = serde_json::to_string_pretty(v).map_err(|e| Error::Internal(format!("writing JSON: {e}")))?;
+    out(&format!("{text}\n"))
+}
+
+/// Prints a job's summary: warnings and notes on stderr, then the plan
+/// (dry run) or a one-line report; or the summary as JSON.
+fn report(s: &Summary, json: bool) -> Result<()> {
+    for w in &s.warnings {
+        ui::warn(w);
+    }
+    for n in &s.notes {
+        ui::note(n);
+    }
+    if json {
+        return json_out(s);
+    }
+    if let Some(p) = &s.plan_text {
+        out(p)?;
+    }
+    if let Some(o) = &s.output {
+        ui::note(&format!(
+            "wrote {o}: {} tensors ({} computed), {} bytes in {} shard(s), {:.1} s",
+            s.tensors,
+            s.computed_tensors,
+            s.bytes,
+            s.shards.len(),
+            s.seconds
+        ));
+    }
+    Ok(())
+}
+
+/// Runs a parsed command line.
+pub fn run(cli: Cli) -> Result<()> {
+    ui::set_quiet(cli.quiet);
+    chatvec::catch_signals();
+    if let Some(p) = cli.aliases {
+        chatvec::set_aliases_file(p);
+    }
+    if cli.offline {
+        chatvec::set_offline();
+    }
+    let json = cli.json;
+    match cli.command {
+        Command::Extract(a) => report(&chatvec::extract(&a.spec(), &a.write.out.options())?, json),
+        Command::Apply(a) => report(&chatvec::apply(&a.spec(), &a.write.out.options())?, json),
+        Command::Merge(a) => {
+            let recipe = chatvec::Recipe::load(&a.recipe)?;
+            report(&chatvec::merge(&recipe, a.seed, &a.out.options())?, json)
+        }
+        Command::Verify(a) => {
+            let r = chatvec::verify(&a.dir, a.recipe.as_deref())?;
+            if json {
+                json_out(&r)?
+            } else {
+                out(&r.to_string())?
+            }
+            r.into_result()
+        }
+        Command::Sft(a) => {
+            let job = chatvec::SftJob {
+                model: a.model.clone(),
+                output: a.output.clone(),
+                force: a.force,
+                dry_run: a.dry_run,
+                options: a.options(),
+            };
+            let r = chatvec::sft(&job)?;
+            if json {
+                json_out(&r)?;
+            } else if r.dry_run {
+                out(&r.to_string())?;
+            }
+            match r.exit_code {
+                0 => Ok(()),
+                code => Err(Error::Trainer(code)),
+            }
+        }
+        Command::Run(a) => pipeline::run(&a, json),
+        Command::Inspect(a) => {
+            let r = chatvec::inspect(&a.model)?;
+            if json { json_out(&r) } else { out(&r.to_string()) }
+        }
+        Command::List => {
+            let c = chatvec::catalog()?;
+            if json { json_out(&c) } else { out(&c.to_string()) }
+        }
+        Command::Demo(a) => demo::run(a.dir.as_deref(), a.keep, a.device, json),
+        Command::Bench(a) => bench::run(&a, json),
+    }
+}

@@ -1,0 +1,242 @@
+//! A plan cut into jobs, and what one job does: a shard header to write,
+//! a byte range of an input to copy, or an element range of an output
+//! tensor to compute (on the CPU here, or through the GPU's slots). Every
+//! job is a pure function of the plan, so the bytes never depend on how
+//! many run at once or where.
+
+use std::collections::HashMap;
+use std::ops::Range;
+use std::sync::Arc;
+
+use crate::arith::rows::stretches;
+use crate::cuda::{self, Gpu, GpuPasses};
+use crate::error::{Error, Result};
+use crate::exec::input_hash::Touch;
+use crate::merge::{
+    element,
+    stats::{self, TensorStats},
+};
+use crate::plan::{Op, OutTensor, Plan, Source};
+
+/// Bytes per plain copy job.
+const COPY_CHUNK_BYTES: u64 = 16 << 20;
+
+pub(crate) enum Job {
+    /// Start shard `n`: its header bytes.
+    Header(usize),
+    /// Copy `bytes` of an input tensor.
+    Copy { src: Source, bytes: Range<u64> },
+    /// Compute elements `elems` of output tensor `tensor`.
+    Compute { tensor: usize, elems: Range<u64> },
+}
+
+/// A job's output bytes: borrowed from the plan or an input map, or
+/// computed into a buffer that is recycled after writing.
+pub(crate) enum Piece<'a> {
+    Borrowed(&'a [u8]),
+    Owned(Vec<u8>),
+}
+
+impl Piece<'_> {
+    pub fn bytes(&self) -> &[u8] {
+        match self {
+            Piece::Borrowed(b) => b,
+            Piece::Owned(v) => v,
+        }
+    }
+}
+
+/// The plan's jobs in output order: per shard its header, then per tensor
+/// copies of `COPY_CHUNK_BYTES` or computations of `chunk_elems`.
+pub(crate) fn cut(plan: &Plan, chunk_elems: u64) -> Vec<Job> {
+    let pieces = |len: u64, step: u64| {
+        (0..len.div_ceil(step.max(1))).map(move |i| i * step..((i + 1) * step).min(len))
+    };
+    let mut jobs = Vec::new();
+    for (si, sh) in plan.shards.iter().enumerate() {
+        jobs.push(Job::Header(si));
+        for ti in sh.tensors.clone() {
+            let t = &plan.tensors[ti];
+            match &t.op {
+                Op::Copy(src) => jobs
+                    .extend(pieces(t.bytes(), COPY_CHUNK_BYTES).map(|bytes| Job::Copy { src: *src, bytes })),
+                Op::Convert(_) | Op::Arith { .. } | Op::Merge(_) => jobs
+                    .extend(pieces(t.numel(), chunk_elems).map(|elems| Job::Compute { tensor: ti, elems })),
+            }
+        }
+    }
+    jobs
+}
+
+/// Statistics of the merged tensors being computed, by tensor index.
+pub(crate) type StatsMap = HashMap<usize, Arc<TensorStats>>;
+
+/// Runs `job` on the CPU; a computed job fills `buf` (recycled).
+pub(crate) fn run<'a>(plan: &'a Plan, stats: &StatsMap, job: &Job, mut buf: Vec<u8>) -> Result<Piece<'a>> {
+    match job {
+        Job::Header(si) => Ok(Piece::Borrowed(&plan.shards[*si].header)),
+        Job::Copy { src, bytes } => {
+            Ok(Piece::Borrowed(&plan.input_bytes(*src)[bytes.start as usize..bytes.end as usize]))
+        }
+        Job::Compute { tensor, elems } => {
+            let t = &plan.tensors[*tensor];
+            let out_ty = float_out(t)?;
+            buf.clear();
+            buf.resize((elems.end - elems.start) as usize * out_ty.size(), 0);
+            let at = |p: u64| ((p - elems.start) as usize) * out_ty.size();
+            match &t.op {
+                Op::Merge(m) => {
+                    let st = stats.get(tensor).ok_or_else(|| missing_stats(t))?;
+                    m.with_inputs(plan, |inputs| {
+                        element::compute(inputs, &m.merge, st, out_ty, elems.clone(), &mut buf)
+                    });
+                }
+                op => {
+                    for (r, seg) in plan.segments(op, elems) {
+                        seg.compute(out_ty, &mut buf[at(r.start)..at(r.end)]);
+                    }
+                }
+            }
+            Ok(Piece::Owned(buf))
+        }
+    }
+}
+
+/// The float dtype of a computed output (planning only computes floats).
+fn float_out(t: &OutTensor) -> Result<crate::model::dtype::FloatType> {
+    t.dtype
+        .float()
+        .ok_or_else(|| Error::Internal(format!("tensor '{}' is computed but is {}", t.name, t.dtype)))
+}
+
+fn missing_stats(t: &OutTensor) -> Error {
+    Error::Internal(format!("merged tensor '{}' reached the element pass without its statistics", t.name))
+}
+
+/// The end of the input bytes `job` reads, per source: `(input, touch)`.
+pub(crate) fn touches(plan: &Plan, job: &Job, mut f: impl FnMut(usize, Touch)) {
+    let mut report = |src: Source, end_elem: u64, size: u64| {
+        let t = plan.input_tensor(src);
+        f(src.input, Touch { shard: t.shard, end: t.start + end_elem * size });
+    };
+    let size = |s: Source| plan.input_tensor(s).dtype.float().map_or(1, |t| t.size() as u64);
+    match job {
+        Job::Header(_) => {}
+        Job::Copy { src, bytes } => report(*src, bytes.end, 1),
+        Job::Compute { tensor, elems } => match &plan.tensors[*tensor].op {
+            Op::Copy(_) => {}
+            Op::Convert(src) => report(*src, elems.end, size(*src)),
+            Op::Merge(m) => {
+                // Inputs with other vocabularies have other sizes; the
+                // hasher reads whatever was not reported at the end.
+                for &s in m.base.iter().chain(&m.models) {
+                    report(s, elems.end.min(plan.input_tensor(s).numel()), size(s));
+                }
+            }
+            Op::Arith { formula, runs, row_len } => {
+                let base = formula.base();
+                report(base, elems.end, size(base));
+                // The furthest vector element this chunk reads.
+                let v_end = stretches(runs, *row_len, elems.clone())
+                    .filter_map(|s| s.vector.map(|v| v + (s.range.end - s.range.start)))
+                    .max();
+                if let Some(v_end) = v_end {
+                    for vs in formula.vector_sources() {
+                        report(vs, v_end, size(vs));
+                    }
+                }
+            }
+        },
+    }
+}
+
+/// Computes the statistics of the merged tensors `group` computes (before
+/// their first chunk) and drops those of tensors already finished.
+pub(crate) fn prepare_stats(
+    plan: &Plan,
+    group: &[Job],
+    stats: &mut StatsMap,
+    gpu: Option<&Gpu>,
+) -> Result<()> {
+    let Some(first) = group.iter().find_map(|j| match j {
+        Job::Compute { tensor, .. } => Some(*tensor),
+        _ => None,
+    }) else {
+        return Ok(());
+    };
+    stats.retain(|&t, _| t >= first);
+    for job in group {
+        let Job::Compute { tensor, .. } = job else { continue };
+        let t = &plan.tensors[*tensor];
+        if let Op::Merge(m) = &t.op
+            && !stats.contains_key(tensor)
+        {
+            let n = t.numel();
+            let row_len = if t.shape.len() >= 2 { n / t.shape[0].max(1) } else { n.max(1) };
+            let st = m.with_inputs(plan, |inputs| match gpu {
+                Some(gpu) => {
+                    let passes = GpuPasses { gpu, inputs, n, row_len };
+                    stats::compute_with(&passes, &t.name, n, row_len, &m.merge)
+                }
+                None => stats::compute(inputs, &t.name, n, row_len, &m.merge),
+            })?;
+            stats.insert(*tensor, Arc::new(st));
+        }
+    }
+    Ok(())
+}
+
+/// The most models any merged tensor of the plan reads (sizes GPU chunks).
+pub(crate) fn max_models(plan: &Plan) -> usize {
+    plan.tensors
+        .iter()
+        .map(|t| match &t.op {
+            Op::Merge(m) => m.models.len(),
+            _ => 2,
+        })
+        .max()
+        .unwrap_or(2)
+}
+
+/// Runs a batch of jobs on the GPU: compute jobs go through the engine's
+/// slots in rotation (a slot's output is collected just before the slot is
+/// reused, so gathering, transfers and kernels of neighbouring jobs
+/// overlap); headers and copies are borrowed as on the CPU.
+pub(crate) fn run_on_gpu<'a>(
+    gpu: &Gpu,
+    plan: &'a Plan,
+    stats: &StatsMap,
+    group: &[Job],
+    bufs: Vec<Vec<u8>>,
+) -> Result<Vec<Piece<'a>>> {
+    let mut pieces: Vec<Option<Piece>> = (0..group.len()).map(|_| None).collect();
+    let mut owner: [Option<usize>; cuda::SLOTS] = [None; cuda::SLOTS];
+    let mut bufs = bufs.into_iter();
+    let mut slot = 0;
+    for (i, job) in group.iter().enumerate() {
+        let Job::Compute { tensor, elems } = job else {
+            pieces[i] = Some(run(plan, stats, job, Vec::new())?);
+            continue;
+        };
+        if let Some(j) = owner[slot].take() {
+            let mut b = bufs.next().unwrap_or_default();
+            gpu.collect(slot, &mut b)?;
+            pieces[j] = Some(Piece::Owned(b));
+        }
+        let t = &plan.tensors[*tensor];
+        gpu.enqueue(slot, plan, t, stats.get(tensor).map(|s| &**s), elems.clone())?;
+        owner[slot] = Some(i);
+        slot = (slot + 1) % cuda::SLOTS;
+    }
+    for (s, o) in owner.iter_mut().enumerate() {
+        if let Some(j) = o.take() {
+            let mut b = bufs.next().unwrap_or_default();
+            gpu.collect(s, &mut b)?;
+            pieces[j] = Some(Piece::Owned(b));
+        }
+    }
+    pieces
+        .into_iter()
+        .map(|p| p.ok_or_else(|| Error::Internal("a GPU job produced no output".into())))
+        .collect()
+}

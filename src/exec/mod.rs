@@ -1,0 +1,253 @@
+//! The executor: streams a plan to disk, computing on the CPU or, through
+//! `cuda`, on a GPU.
+//!
+//! The output is cut into jobs (`jobs`: a shard header, a byte range to
+//! copy, or an element range to compute). Batches of jobs are computed in
+//! parallel on a rayon pool (or through the GPU's slots); a writer thread appends each finished batch to the shard
+//! files in order, an output hasher thread hashes it right after, and one
+//! thread per input hashes that input's shards right behind the compute (see
+//! `input_hash`). Buffers are recycled, so anonymous memory stays near
+//! `4 x batch x chunk` whatever the model size (contract 3), and every job
+//! is a pure function of the plan, so the bytes do not depend on thread
+//! count or chunk size (contract 1).
+
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::{Receiver, Sender, SyncSender, channel, sync_channel};
+
+use indicatif::ProgressBar;
+use rayon::prelude::*;
+use sha2::{Digest, Sha256};
+
+use crate::cuda::{self, DeviceChoice, Gpu};
+use crate::error::{Error, Result};
+use crate::hash::hex;
+use crate::interrupt;
+use crate::merge::stats::STAT_BLOCK;
+use crate::output::files::{SyncedFile, WrittenFile};
+use crate::plan::Plan;
+use hash_cache::HashCache;
+use input_hash::{Touch, hash_following};
+use jobs::{Job, Piece, StatsMap};
+
+pub(crate) mod hash_cache;
+pub(crate) mod input_hash;
+pub(crate) mod jobs;
+
+/// Default elements per compute job: 4 MiB of f32 output at most.
+pub const DEFAULT_CHUNK_ELEMS: u64 = 1 << 20;
+/// Bound on the output buffers in flight (contract 3), whatever the thread
+/// count: at most `IN_FLIGHT_BATCHES` batches exist at once (being computed,
+/// queued for the writer, being written, queued for the hasher, being
+/// hashed), each of `2 x threads` chunks of up to 4 bytes per element.
+const BUFFER_BUDGET: u64 = 256 << 20;
+const IN_FLIGHT_BATCHES: u64 = 5;
+
+/// The chunk size to use: the requested one, made smaller when many threads
+/// would otherwise put more than `BUFFER_BUDGET` in flight.
+fn chunk_elems(requested: u64, batch: usize) -> u64 {
+    let cap = BUFFER_BUDGET / (IN_FLIGHT_BATCHES * batch as u64 * 4);
+    requested.min(cap).max(1)
+}
+
+/// How to run.
+#[derive(Clone, Debug)]
+pub(crate) struct ExecOptions {
+    pub threads: usize,
+    pub chunk_elems: u64,
+    /// Known input hashes (see `hash_cache`).
+    pub hash_cache: HashCache,
+    /// Where the arithmetic runs (`--device`).
+    pub device: DeviceChoice,
+    /// Device memory budget in bytes (`--gpu-memory`; default: half the free memory, at most 8 GiB).
+    pub gpu_memory: Option<u64>,
+}
+
+/// What was written and read.
+pub(crate) struct ExecResult {
+    /// Output shards, in order.
+    pub shards: Vec<WrittenFile>,
+    /// Per input, per shard: file name, size, sha256.
+    pub inputs: Vec<Vec<WrittenFile>>,
+}
+
+/// Where the batches run.
+enum Engine<'a> {
+    Cpu(&'a rayon::ThreadPool),
+    Gpu(&'a Gpu),
+}
+
+impl Engine<'_> {
+    /// Computes the statistics `group` needs, then runs its jobs; returns
+    /// each job's piece with its index in the whole job list.
+    fn run_batch<'p>(
+        &self,
+        plan: &'p Plan,
+        stats: &mut StatsMap,
+        group: &[Job],
+        first: usize,
+        bufs: Vec<Vec<u8>>,
+    ) -> Result<Vec<(usize, Piece<'p>)>> {
+        let pieces = match self {
+            Engine::Gpu(g) => {
+                jobs::prepare_stats(plan, group, stats, Some(g))?;
+                jobs::run_on_gpu(g, plan, stats, group, bufs)?
+            }
+            Engine::Cpu(pool) => pool.install(|| {
+                jobs::prepare_stats(plan, group, stats, None)?;
+                let stats = &*stats;
+                group
+                    .par_iter()
+                    .zip(bufs)
+                    .map(|(job, buf)| jobs::run(plan, stats, job, buf))
+                    .collect::<Result<Vec<_>>>()
+            })?,
+        };
+        Ok(pieces.into_iter().enumerate().map(|(i, p)| (first + i, p)).collect())
+    }
+}
+
+/// Writes the shards of `plan` into `dir` and hashes the inputs.
+pub(crate) fn execute(plan: &Plan, dir: &Path, opts: &ExecOptions) -> Result<ExecResult> {
+    let threads = opts.threads.max(1);
+    let pool = rayon::ThreadPoolBuilder::new()
+        .num_threads(threads)
+        .build()
+        .map_err(|e| Error::Internal(format!("starting {threads} threads: {e}")))?;
+    let gpu = cuda::select(opts.device, opts.gpu_memory)?;
+    let (engine, batch, chunk) = match &gpu {
+        // Whole statistics blocks per job (rank masks scan from a block
+        // start), sized so the engine's slots fit the device budget.
+        Some(g) => {
+            let requested = (opts.chunk_elems / STAT_BLOCK).max(1) * STAT_BLOCK;
+            (Engine::Gpu(g), 2 * cuda::SLOTS, g.chunk_elems(jobs::max_models(plan)).min(requested))
+        }
+        None => (Engine::Cpu(&pool), threads * 2, chunk_elems(opts.chunk_elems, threads * 2)),
+    };
+    let jobs = jobs::cut(plan, chunk);
+    let bar = crate::ui::bytes_bar("writing", plan.output_bytes());
+
+    let stop = AtomicBool::new(false);
+    std::thread::scope(|s| {
+        // One hasher per input, fed the ranges each batch read (bounded, so
+        // it trails the compute by a few chunks and reads from cache).
+        let mut touch_tx = Vec::new();
+        let mut hashers = Vec::new();
+        for input in &plan.inputs {
+            let (ttx, trx) = sync_channel::<Touch>(256);
+            touch_tx.push(ttx);
+            let stop = &stop;
+            hashers.push(s.spawn(move || hash_following(&input.ckpt, &opts.hash_cache, trx, stop)));
+        }
+        let (tx, rx) = sync_channel::<Vec<(usize, Piece)>>(1);
+        let (free_tx, free_rx) = channel::<Vec<u8>>();
+        let (htx, hrx) = sync_channel::<Vec<(usize, Piece)>>(1);
+        let writer = s.spawn(|| write_pieces(plan, dir, &jobs, rx, htx, &bar));
+        let out_hasher = s.spawn(|| hash_pieces(&jobs, hrx, free_tx));
+        let mut outcome = Ok(());
+        let mut stats = StatsMap::new();
+        for (bi, group) in jobs.chunks(batch).enumerate() {
+            let bufs: Vec<Vec<u8>> = group.iter().map(|_| free_rx.try_recv().unwrap_or_default()).collect();
+            let pieces =
+                interrupt::check().and_then(|()| engine.run_batch(plan, &mut stats, group, bi * batch, bufs));
+            match pieces {
+                Ok(p) => {
+                    if tx.send(p).is_err() {
+                        break; // the writer failed; its error is reported below
+                    }
+                }
+                Err(e) => {
+                    outcome = Err(e);
+                    break;
+                }
+            }
+            for job in group {
+                jobs::touches(plan, job, |input, t| {
+                    let _ = touch_tx[input].send(t);
+                });
+            }
+        }
+        drop(tx);
+        let written = writer.join().map_err(|_| Error::Internal("writer thread panicked".into()));
+        let out_hashes = out_hasher.join().map_err(|_| Error::Internal("hash thread panicked".into()))?;
+        if outcome.is_err() || !matches!(written, Ok(Ok(_))) {
+            stop.store(true, Ordering::Relaxed);
+        }
+        drop(touch_tx);
+        let hashes: Vec<Result<Vec<WrittenFile>>> = hashers
+            .into_iter()
+            .map(|h| h.join().unwrap_or_else(|_| Err(Error::Internal("hash thread panicked".into()))))
+            .collect();
+        outcome?;
+        let shards = written??
+            .into_iter()
+            .zip(out_hashes)
+            .map(|((file, bytes), sha256)| WrittenFile { file, bytes, sha256 })
+            .collect();
+        interrupt::check()?;
+        bar.finish_and_clear();
+        Ok(ExecResult { shards, inputs: hashes.into_iter().collect::<Result<_>>()? })
+    })
+}
+
+/// The writer thread: appends pieces in job order, switching shard files at
+/// each header, then passes each batch on to the output hasher. Returns each
+/// shard's file name and size.
+fn write_pieces<'a>(
+    plan: &Plan,
+    dir: &Path,
+    jobs: &[Job],
+    rx: Receiver<Vec<(usize, Piece<'a>)>>,
+    to_hasher: SyncSender<Vec<(usize, Piece<'a>)>>,
+    bar: &ProgressBar,
+) -> Result<Vec<(String, u64)>> {
+    let mut done = Vec::with_capacity(plan.shards.len());
+    let mut current: Option<SyncedFile> = None;
+    for pieces in rx {
+        for (ji, piece) in &pieces {
+            if let Job::Header(si) = jobs[*ji] {
+                if let Some(f) = current.take() {
+                    done.push(f.finish()?);
+                }
+                current = Some(SyncedFile::create(&dir.join(&plan.shards[si].file_name))?);
+            }
+            let Some(f) = current.as_mut() else {
+                return Err(Error::Internal("a shard's bytes came before its header".into()));
+            };
+            f.write(piece.bytes())?;
+            bar.inc(piece.bytes().len() as u64);
+        }
+        if to_hasher.send(pieces).is_err() {
+            break;
+        }
+    }
+    if let Some(f) = current.take() {
+        done.push(f.finish()?);
+    }
+    // Fewer shards than planned means the producer stopped early; the caller
+    // reports why.
+    Ok(done)
+}
+
+/// The output hasher: sha256 of each shard from the pieces the writer has
+/// written (in a thread of its own, so hashing overlaps writing), then the
+/// buffers go back for reuse.
+fn hash_pieces(jobs: &[Job], rx: Receiver<Vec<(usize, Piece)>>, free: Sender<Vec<u8>>) -> Vec<String> {
+    let mut done = Vec::new();
+    let mut current: Option<Sha256> = None;
+    for pieces in rx {
+        for (ji, piece) in pieces {
+            if matches!(jobs[ji], Job::Header(_))
+                && let Some(h) = current.replace(Sha256::new())
+            {
+                done.push(hex(&h.finalize()));
+            }
+            current.get_or_insert_with(Sha256::new).update(piece.bytes());
+            if let Piece::Owned(v) = piece {
+                let _ = free.send(v);
+            }
+        }
+    }
+    done.extend(current.map(|h| hex(&h.finalize())));
+    done
+}

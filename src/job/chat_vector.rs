@@ -1,0 +1,268 @@
+//! `extract` and `apply`: the chat vector `chat - pretrained`, written as
+//! a checkpoint or added, scaled, to a base model.
+
+use crate::error::Result;
+use crate::job::{Records, Summary, WriteOptions, set_labels, write_output};
+use crate::model::dtype::FloatType;
+use crate::output::card::{CARD_FILE, model_card};
+use crate::output::manifest::{
+    MANIFEST_FILE, Parameters, RecipeRecord, TensorRecord, VectorRecord, read_vector_info,
+};
+use crate::output::sidecars::{ChatSide, model_side_files, read_side_files};
+use crate::plan::EmbeddingPolicy;
+use crate::plan::chat_vector::{ApplyOptions, Common, VectorSide, plan_apply, plan_extract};
+use crate::plan::select::Selection;
+use crate::resolve::{open_model, vector_alias};
+use crate::units::parse_size;
+
+/// The default output shard size, as transformers' `max_shard_size`.
+pub(crate) const DEFAULT_SHARD_SIZE: &str = "5GB";
+
+fn default_shard_size() -> u64 {
+    parse_size(DEFAULT_SHARD_SIZE).unwrap_or(5_000_000_000)
+}
+
+/// `extract`: what to subtract and how to write it.
+#[derive(Clone, Debug)]
+pub struct ExtractSpec {
+    /// The chat / instruct model (directory, Hub id or alias).
+    pub chat: String,
+    /// The pretrained model it was tuned from.
+    pub pretrained: String,
+    /// The vector's dtype (`None`: the chat model's). F32 is exact.
+    pub dtype: Option<FloatType>,
+    /// Regexes of the tensors to take (empty: all).
+    pub include: Vec<String>,
+    /// Regexes of the tensors to leave out.
+    pub exclude: Vec<String>,
+    /// Largest shard, in data bytes.
+    pub shard_size: u64,
+    /// Turn config.json architecture differences into warnings.
+    pub allow_mismatch: bool,
+}
+
+impl ExtractSpec {
+    /// `chat - pretrained` of every tensor, in the chat model's dtype.
+    pub fn new(chat: impl Into<String>, pretrained: impl Into<String>) -> ExtractSpec {
+        ExtractSpec {
+            chat: chat.into(),
+            pretrained: pretrained.into(),
+            dtype: None,
+            include: Vec::new(),
+            exclude: Vec::new(),
+            shard_size: default_shard_size(),
+            allow_mismatch: false,
+        }
+    }
+}
+
+/// The vector `apply` adds.
+#[derive(Clone, Debug)]
+pub enum VectorSource {
+    /// A vector written by `extract`, or a vector alias (`llama3-instruct`),
+    /// which names a (chat, pretrained) pair.
+    Stored(String),
+    /// `chat - pretrained`, computed on the fly and never written.
+    Pair {
+        /// The chat model.
+        chat: String,
+        /// The pretrained model it was tuned from.
+        pretrained: String,
+    },
+}
+
+/// `apply`: what to add to which model, and how to write the result.
+#[derive(Clone, Debug)]
+pub struct ApplySpec {
+    /// The model to give chat ability to (directory, Hub id or alias).
+    pub base: String,
+    /// The vector.
+    pub vector: VectorSource,
+    /// Scale of the vector.
+    pub scale: f32,
+    /// `REGEX=S` scales for matching tensors; the first match wins.
+    pub scale_for: Vec<String>,
+    /// Regexes of the tensors that get the vector (empty: all).
+    pub include: Vec<String>,
+    /// Regexes of the tensors left as in the base.
+    pub exclude: Vec<String>,
+    /// Embedding rows when vocabularies differ.
+    pub embeddings: EmbeddingPolicy,
+    /// Output dtype of float tensors (`None`: the base's, tensor by tensor).
+    pub out_dtype: Option<FloatType>,
+    /// Keep the base's chat template and eos ids.
+    pub keep_base_template: bool,
+    /// Largest shard, in data bytes.
+    pub shard_size: u64,
+    /// Turn config.json architecture differences into warnings.
+    pub allow_mismatch: bool,
+}
+
+impl ApplySpec {
+    /// `base + vector` over every tensor, with the base's dtypes.
+    pub fn new(base: impl Into<String>, vector: VectorSource) -> ApplySpec {
+        ApplySpec {
+            base: base.into(),
+            vector,
+            scale: 1.0,
+            scale_for: Vec::new(),
+            include: Vec::new(),
+            exclude: Vec::new(),
+            embeddings: EmbeddingPolicy::Auto,
+            out_dtype: None,
+            keep_base_template: false,
+            shard_size: default_shard_size(),
+            allow_mismatch: false,
+        }
+    }
+
+    fn common(&self) -> Result<Common> {
+        Ok(Common {
+            selection: Selection::new(&self.include, &self.exclude, self.scale, &self.scale_for)?,
+            shard_size: self.shard_size,
+            allow_mismatch: self.allow_mismatch,
+        })
+    }
+
+    /// The parameters as the manifest records them, verbatim.
+    fn parameters(&self) -> Parameters {
+        Parameters {
+            scale: self.scale,
+            scale_for: self.scale_for.clone(),
+            include: self.include.clone(),
+            exclude: self.exclude.clone(),
+            embeddings: Some(self.embeddings),
+            out_dtype: self.out_dtype.map(|t| t.dtype().name().to_string()),
+            shard_size: self.shard_size,
+            allow_mismatch: self.allow_mismatch,
+            keep_base_template: self.keep_base_template,
+        }
+    }
+}
+
+/// Parameters as JSON. Through text, so f32 values keep their shortest
+/// spelling (0.9, not 0.8999999761581421).
+fn to_value(p: &Parameters) -> Result<serde_json::Value> {
+    let text = serde_json::to_string(p).map_err(|e| crate::error::Error::Internal(e.to_string()))?;
+    serde_json::from_str(&text).map_err(|e| crate::error::Error::Internal(e.to_string()))
+}
+
+/// Writes the chat vector `chat - pretrained` as a checkpoint, with the
+/// chat model's config, tokenizer and template beside it.
+pub fn extract(spec: &ExtractSpec, out: &WriteOptions) -> Result<Summary> {
+    let chat_ck = open_model(&spec.chat)?;
+    let chat_dir = chat_ck.dir.clone();
+    let common = Common {
+        selection: Selection::new(&spec.include, &spec.exclude, 1.0, &[])?,
+        shard_size: spec.shard_size,
+        allow_mismatch: spec.allow_mismatch,
+    };
+    let mut plan = plan_extract(chat_ck, open_model(&spec.pretrained)?, &common, spec.dtype)?;
+    set_labels(&mut plan, &[&spec.chat, &spec.pretrained]);
+    let params = Parameters {
+        scale: 1.0,
+        scale_for: Vec::new(),
+        include: spec.include.clone(),
+        exclude: spec.exclude.clone(),
+        embeddings: None,
+        out_dtype: spec.dtype.map(|t| t.dtype().name().to_string()),
+        shard_size: spec.shard_size,
+        allow_mismatch: spec.allow_mismatch,
+        keep_base_template: false,
+    };
+    // The vector carries the chat model's config, tokenizer and template so
+    // `apply --vector` can compare architectures, align vocabularies and
+    // install the template without the chat model at hand.
+    let side = read_side_files(&chat_dir)?;
+    let vector = VectorRecord {
+        tensors: plan
+            .tensors
+            .iter()
+            .map(|t| TensorRecord {
+                name: t.name.clone(),
+                dtype: t.dtype.name().into(),
+                shape: t.shape.clone(),
+            })
+            .collect(),
+        omitted: plan.omitted.clone(),
+        tied: plan.inputs[0].ckpt.is_tied(),
+    };
+    let rec = Records { kind: "extract", params: to_value(&params)?, recipe: None, vector: Some(vector) };
+    write_output(plan, rec, out, side)
+}
+
+/// Writes `base + scale * vector`: the base's tensors, names, order and
+/// dtypes, with the chat model's template and eos ids.
+pub fn apply(spec: &ApplySpec, out: &WriteOptions) -> Result<Summary> {
+    apply_recorded(spec, out, None)
+}
+
+/// `apply`, recording the recipe it came from.
+pub(crate) fn apply_recorded(
+    spec: &ApplySpec,
+    out: &WriteOptions,
+    recipe: Option<RecipeRecord>,
+) -> Result<Summary> {
+    let mut early_notes = Vec::new();
+    let (chat, pretrained) = match &spec.vector {
+        VectorSource::Stored(v) => match vector_alias(v)? {
+            Some(a) => {
+                early_notes.push(format!("vector {v} = {} - {}, computed on the fly", a.chat, a.pretrained));
+                (Some(a.chat), Some(a.pretrained))
+            }
+            None => (None, None),
+        },
+        VectorSource::Pair { chat, pretrained } => (Some(chat.clone()), Some(pretrained.clone())),
+    };
+    let common = spec.common()?;
+    let base_ck = open_model(&spec.base)?;
+    let base_dir = base_ck.dir.clone();
+    let mut early_warnings = Vec::new();
+    let (side, chat_dir, labels) = match (&spec.vector, chat, pretrained) {
+        (_, Some(chat), Some(pretrained)) => {
+            let chat_ck = open_model(&chat)?;
+            let dir = chat_ck.dir.clone();
+            let side = VectorSide::Streaming {
+                chat: Box::new(chat_ck),
+                pretrained: Box::new(open_model(&pretrained)?),
+            };
+            (side, dir, vec![spec.base.clone(), chat, pretrained])
+        }
+        (VectorSource::Stored(v), _, _) | (VectorSource::Pair { chat: v, .. }, _, _) => {
+            let vector = open_model(v)?;
+            let dir = vector.dir.clone();
+            let info = read_vector_info(&dir)?;
+            if info.is_none() {
+                early_warnings.push(format!(
+                    "{} has no {MANIFEST_FILE}; treating its tensors as a raw delta",
+                    dir.display()
+                ));
+            }
+            let omitted = info.map(|i| i.omitted).unwrap_or_default();
+            (
+                VectorSide::Stored { vector: Box::new(vector), omitted },
+                dir,
+                vec![spec.base.clone(), v.clone()],
+            )
+        }
+    };
+    let opts = ApplyOptions { common, embeddings: spec.embeddings, out_dtype: spec.out_dtype };
+    let mut plan = plan_apply(base_ck, side, &opts)?;
+    plan.warnings.splice(0..0, early_warnings);
+    let labels: Vec<&str> = labels.iter().map(String::as_str).collect();
+    set_labels(&mut plan, &labels);
+    let chat_side = ChatSide { dir: &chat_dir, keep_base_template: spec.keep_base_template };
+    let mut side = model_side_files(&base_dir, Some(chat_side), spec.out_dtype)?;
+    side.notes.splice(0..0, early_notes);
+    let how = format!("chat vector (scale {})", spec.scale);
+    side.add(CARD_FILE, model_card(&plan, &how, recipe.as_ref())?);
+    // The manifest says what ran (apply); the summary says what was asked
+    // for (a merge, when from a recipe).
+    let from_recipe = recipe.is_some();
+    let rec = Records { kind: "apply", params: to_value(&spec.parameters())?, recipe, vector: None };
+    let mut summary = write_output(plan, rec, out, side)?;
+    if from_recipe {
+        summary.kind = "merge";
+    }
+    Ok(summary)
+}

@@ -1,0 +1,124 @@
+//! `merge`: a recipe (chatvec TOML or mergekit YAML) run end to end, by a
+//! merge method or as a chat vector written down.
+
+use crate::error::{Error, Result};
+use crate::job::chat_vector::{ApplySpec, VectorSource, apply_recorded};
+use crate::job::{Records, Summary, WriteOptions, write_output};
+use crate::output::card::{CARD_FILE, model_card};
+use crate::output::manifest::RecipeRecord;
+use crate::output::sidecars::{add_union_tokens, model_side_files};
+use crate::plan::merge::{MergeSpec, plan_merge};
+use crate::plan::{Input, Role};
+use crate::recipe::{MergeRecipe, Recipe, RecipeBody, VectorRef};
+use crate::resolve::open_model;
+
+/// Runs `recipe` into `out`. `seed` overrides the recipe's seed of the
+/// DARE/DELLA masks.
+pub fn merge(recipe: &Recipe, seed: Option<u64>, out: &WriteOptions) -> Result<Summary> {
+    let record = RecipeRecord::of(recipe);
+    match &recipe.body {
+        RecipeBody::ChatVector(c) => {
+            let vector = match &c.vector {
+                VectorRef::Vector(v) => VectorSource::Stored(v.clone()),
+                VectorRef::Pair { chat, pretrained } => {
+                    VectorSource::Pair { chat: chat.clone(), pretrained: pretrained.clone() }
+                }
+            };
+            let spec = ApplySpec {
+                scale: c.scale,
+                scale_for: c.scale_for.clone(),
+                include: c.include.clone(),
+                exclude: c.exclude.clone(),
+                embeddings: c.embeddings,
+                out_dtype: recipe.out_dtype,
+                keep_base_template: c.keep_base_template,
+                shard_size: recipe.shard_size,
+                allow_mismatch: recipe.allow_mismatch,
+                ..ApplySpec::new(c.base.clone(), vector)
+            };
+            apply_recorded(&spec, out, Some(record))
+        }
+        RecipeBody::Merge(m) => merge_method(recipe, m, seed.unwrap_or(recipe.seed), out, record),
+    }
+}
+
+fn merge_method(
+    recipe: &Recipe,
+    m: &MergeRecipe,
+    seed: u64,
+    out: &WriteOptions,
+    record: RecipeRecord,
+) -> Result<Summary> {
+    // Each distinct reference is opened once; the base is input 0.
+    let mut refs: Vec<&str> = Vec::new();
+    fn index<'a>(r: &'a str, refs: &mut Vec<&'a str>) -> usize {
+        refs.iter().position(|x| *x == r).unwrap_or_else(|| {
+            refs.push(r);
+            refs.len() - 1
+        })
+    }
+    let base = m.base.as_deref().map(|b| index(b, &mut refs));
+    let mut models = Vec::new();
+    let mut per_model = Vec::new();
+    for (r, own) in &m.models {
+        let i = index(r, &mut refs);
+        // mergekit: a base listed among the models is the base, except for
+        // linear, where it is merged like the others.
+        if Some(i) == base && m.method.needs_base() {
+            continue;
+        }
+        if models.contains(&i) {
+            return Err(Error::bad_file(&recipe.path, format!("models: '{r}' is listed twice")));
+        }
+        models.push(i);
+        per_model.push(own.clone());
+    }
+    if let (Some(b), false) = (base, m.method.needs_base())
+        && !models.contains(&b)
+    {
+        models.push(b);
+        per_model.push(Vec::new());
+    }
+    let Some(&reference) = base.as_ref().or(models.first()) else {
+        return Err(Error::bad_file(&recipe.path, "models: the list is empty"));
+    };
+    let inputs = refs
+        .iter()
+        .enumerate()
+        .map(|(i, r)| {
+            let role = if Some(i) == base { Role::Base } else { Role::Model };
+            Ok(Input { role, label: r.to_string(), ckpt: open_model(r)? })
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let reference_dir = inputs[reference].ckpt.dir.clone();
+    let spec = MergeSpec {
+        method: m.method,
+        base,
+        models,
+        global: m.global.clone(),
+        per_model,
+        seed,
+        out_dtype: recipe.out_dtype,
+        shard_size: recipe.shard_size,
+        allow_mismatch: recipe.allow_mismatch,
+        union: recipe.union,
+    };
+    // Parameter problems are the recipe's: name its file.
+    let plan = plan_merge(inputs, &spec).map_err(|e| match e {
+        Error::Usage(msg) => Error::bad_file(&recipe.path, msg),
+        other => other,
+    })?;
+    let mut side = model_side_files(&reference_dir, None, recipe.out_dtype)?;
+    if let Some(u) = &plan.vocab_union {
+        add_union_tokens(&mut side, &plan, u)?;
+    }
+    side.add(CARD_FILE, model_card(&plan, m.method.name(), Some(&record))?);
+    let params = serde_json::json!({
+        "method": m.method,
+        "seed": seed,
+        "out_dtype": recipe.out_dtype.map(|t| t.dtype().name()),
+        "shard_size": recipe.shard_size,
+        "allow_mismatch": recipe.allow_mismatch,
+    });
+    write_output(plan, Records { kind: "merge", params, recipe: Some(record), vector: None }, out, side)
+}

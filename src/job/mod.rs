@@ -1,0 +1,227 @@
+//! The jobs a user runs, end to end, and the library's entry points:
+//! resolve the models, open them, plan, execute into a temporary
+//! directory, add the index, side files and manifest, and commit.
+//!
+//! - `chat_vector`: `extract` and `apply`;
+//! - `merge`: recipes (merge methods, or a chat vector written down);
+//! - `verify`: an output against its manifest and recipe;
+//! - `inspect`: what a checkpoint holds;
+//! - `catalog`: the aliases and shipped recipes.
+//!
+//! This is the top room: it may import every other, and none imports it.
+
+pub(crate) mod catalog;
+pub(crate) mod chat_vector;
+pub(crate) mod inspect;
+pub(crate) mod merge;
+pub(crate) mod verify;
+
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use serde::Serialize;
+
+use crate::cuda::DeviceChoice;
+use crate::error::Result;
+use crate::exec::hash_cache::HashCache;
+use crate::exec::{DEFAULT_CHUNK_ELEMS, ExecOptions, execute};
+use crate::json::to_pretty;
+use crate::model::checkpoint::INDEX_FILE;
+use crate::output::dir::OutputDir;
+use crate::output::files::{WrittenFile, write_file};
+use crate::output::manifest::{MANIFEST_FILE, Manifest, RecipeRecord, VectorRecord};
+use crate::output::sidecars::SideFiles;
+use crate::plan::{EmbeddingReport, Op, Plan};
+
+/// Free space kept in reserve beyond the weights, for side files.
+const SIDE_FILE_RESERVE: u64 = 256 << 20;
+
+/// Which input hashes a run may take from the hash cache
+/// (`~/.cache/chatvec`, or `$CHATVEC_CACHE_DIR`), which is keyed by each
+/// file's device, inode, size, mtime and ctime.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum InputHashes {
+    /// Use cached hashes of unchanged files; record new ones.
+    #[default]
+    Cached,
+    /// Hash every input again (`--rehash`); record the new hashes.
+    Rehash,
+    /// Hash every input and record nothing (throwaway inputs, e.g. the demo).
+    Uncached,
+}
+
+/// Where and how a job writes its output.
+#[derive(Clone, Debug)]
+pub struct WriteOptions {
+    /// The output directory (created; must not exist unless `force`).
+    pub output: PathBuf,
+    /// Replace an existing output directory.
+    pub force: bool,
+    /// Plan and report, write nothing.
+    pub dry_run: bool,
+    /// Compute threads (`None`: one per core). Output bytes do not depend on it.
+    pub threads: Option<usize>,
+    /// Elements per work chunk (for tests; output bytes do not depend on it).
+    pub chunk_elems: u64,
+    /// Input hashes from the cache, or computed afresh.
+    pub input_hashes: InputHashes,
+    /// Where the arithmetic runs. Output bytes are the same on every device.
+    pub device: DeviceChoice,
+    /// Device memory chatvec may use, in bytes (`None`: half the free
+    /// memory, at most 8 GiB).
+    pub gpu_memory: Option<u64>,
+}
+
+impl WriteOptions {
+    /// Writes into `output` with the defaults: no replacing, every core,
+    /// cached input hashes, a GPU when one works.
+    pub fn new(output: impl Into<PathBuf>) -> WriteOptions {
+        WriteOptions {
+            output: output.into(),
+            force: false,
+            dry_run: false,
+            threads: None,
+            chunk_elems: DEFAULT_CHUNK_ELEMS,
+            input_hashes: InputHashes::Cached,
+            device: DeviceChoice::Auto,
+            gpu_memory: None,
+        }
+    }
+
+    fn exec(&self) -> ExecOptions {
+        let hash_cache = match self.input_hashes {
+            InputHashes::Cached => HashCache::from_env(false),
+            InputHashes::Rehash => HashCache::from_env(true),
+            InputHashes::Uncached => HashCache::disabled(),
+        };
+        ExecOptions {
+            threads: default_threads(self.threads),
+            chunk_elems: self.chunk_elems,
+            hash_cache,
+            device: self.device,
+            gpu_memory: self.gpu_memory,
+        }
+    }
+}
+
+/// Compute threads: as given, else one per core. (On a 2-core machine one
+/// thread was faster when the inputs sat in the page cache, two when they
+/// streamed from disk, the case that matters at 8B-70B; see BENCHMARKS.md.)
+pub fn default_threads(threads: Option<usize>) -> usize {
+    threads.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
+}
+
+/// What a finished (or dry) run reports; `--json` prints it as is.
+#[derive(Clone, Debug, Serialize)]
+pub struct Summary {
+    /// `extract`, `apply` or `merge`.
+    pub kind: &'static str,
+    /// The output directory, once written.
+    pub output: Option<String>,
+    /// Whether this was a dry run (nothing written).
+    pub dry_run: bool,
+    /// Output tensors.
+    pub tensors: usize,
+    /// Output tensors computed (the rest are byte copies).
+    pub computed_tensors: usize,
+    /// Bytes of the weight shards.
+    pub bytes: u64,
+    /// Wall time of the write, in seconds.
+    pub seconds: f64,
+    /// The weight shards written, with their sha256.
+    pub shards: Vec<WrittenFile>,
+    /// How embedding rows were matched where vocabularies differ.
+    pub embeddings: Vec<EmbeddingReport>,
+    /// What chatvec did that the user should know (templates taken, rows
+    /// matched).
+    pub notes: Vec<String>,
+    /// What looks wrong but did not stop the run.
+    pub warnings: Vec<String>,
+    /// The plan listing, on a dry run.
+    #[serde(rename = "plan", skip_serializing_if = "Option::is_none")]
+    pub plan_text: Option<String>,
+}
+
+/// The manifest's extra records for one job.
+pub(crate) struct Records {
+    pub kind: &'static str,
+    pub params: serde_json::Value,
+    pub recipe: Option<RecipeRecord>,
+    pub vector: Option<VectorRecord>,
+}
+
+/// Executes `plan` into a fresh output directory, with the prepared side
+/// files and manifest records, and commits it.
+pub(crate) fn write_output(plan: Plan, rec: Records, out: &WriteOptions, side: SideFiles) -> Result<Summary> {
+    let computed = plan.tensors.iter().filter(|t| !matches!(t.op, Op::Copy(_))).count();
+    let mut summary = Summary {
+        kind: rec.kind,
+        output: None,
+        dry_run: out.dry_run,
+        tensors: plan.tensors.len(),
+        computed_tensors: computed,
+        bytes: plan.output_bytes(),
+        seconds: 0.0,
+        shards: Vec::new(),
+        embeddings: plan.embeddings.clone(),
+        notes: side.notes.clone(),
+        warnings: plan.warnings.iter().chain(&side.warnings).cloned().collect(),
+        plan_text: None,
+    };
+    for e in &plan.embeddings {
+        summary.notes.push(format!(
+            "{}: {} of {} rows got the vector ({})",
+            e.tensor, e.rows_with_vector, e.rows, e.policy
+        ));
+    }
+    if out.dry_run {
+        summary.plan_text = Some(plan.describe());
+        return Ok(summary);
+    }
+    let start = Instant::now();
+    let input_dirs: Vec<&Path> = plan.inputs.iter().map(|i| i.ckpt.dir.as_path()).collect();
+    let dir =
+        OutputDir::create(&out.output, &input_dirs, out.force, plan.output_bytes() + SIDE_FILE_RESERVE)?;
+    let res = execute(&plan, dir.path(), &out.exec())?;
+    let mut outputs = res.shards.clone();
+    if plan.shards.len() > 1 {
+        outputs.push(write_file(dir.path(), INDEX_FILE, &index_json(&plan))?);
+    }
+    let mut manifest = Manifest::new(rec.kind, &plan, res.inputs, rec.params);
+    manifest.recipe = rec.recipe;
+    manifest.vector = rec.vector;
+    manifest.notes = summary.notes.clone();
+    manifest.files = side.write(dir.path())?;
+    manifest.outputs = outputs;
+    write_file(dir.path(), MANIFEST_FILE, &to_pretty(&manifest))?;
+    let target = dir.commit()?;
+    summary.output = Some(target.display().to_string());
+    summary.shards = res.shards;
+    summary.seconds = start.elapsed().as_secs_f64();
+    Ok(summary)
+}
+
+/// `model.safetensors.index.json` as transformers writes it: total tensor
+/// bytes and a name-sorted weight map.
+fn index_json(plan: &Plan) -> Vec<u8> {
+    let mut names: Vec<(&str, &str)> = Vec::new();
+    for sh in &plan.shards {
+        for t in &plan.tensors[sh.tensors.clone()] {
+            names.push((&t.name, &sh.file_name));
+        }
+    }
+    names.sort();
+    let mut wm = serde_json::Map::new();
+    for (n, f) in names {
+        wm.insert(n.to_string(), f.into());
+    }
+    let total: u64 = plan.tensors.iter().map(|t| t.bytes()).sum();
+    to_pretty(&serde_json::json!({ "metadata": { "total_size": total }, "weight_map": wm }))
+}
+
+/// Names the plan's inputs as the user did.
+fn set_labels(plan: &mut Plan, labels: &[&str]) {
+    for (i, l) in plan.inputs.iter_mut().zip(labels) {
+        i.label = l.to_string();
+    }
+}

@@ -1,0 +1,365 @@
+//! The merge methods: their names, parameters and defaults, in one place.
+//! Definitions and defaults are mergekit's (checked against mergekit 0.1.5),
+//! so a mergekit config means the same thing here; where chatvec differs it
+//! is said below. Every formula runs in f32 over decoded inputs with no
+//! fused multiply-add and rounds once to the output dtype (contract 1).
+//!
+//! Notation: `b` the base model's element, `x_i` model i's, `w_i` its
+//! weight, `d_i = x_i - b` its delta (task vector).
+//!
+//! - **linear**: `sum_i w_i x_i`, divided by `sum_i w_i` when `normalize`
+//!   (default true). The base model is one of the inputs when given.
+//! - **task_arithmetic**, **ties**, **dare_linear**, **dare_ties**,
+//!   **breadcrumbs**, **breadcrumbs_ties**, **della**, **della_linear** (the
+//!   generalized task arithmetic family): each `d_i` is sparsified
+//!   (below), optionally rescaled to keep its L1 norm (`rescale`), and
+//!   weighted: `e_i = w_i * d_i`. With sign consensus (the `ties` variants
+//!   and della) the majority sign is that of `sum_i e_i` (zero counts as
+//!   positive) and only the `e_i` of that sign count: `m = sum_i e_i [sign
+//!   agrees]`, `div = sum_i w_i [sign agrees]` (1 where 0); otherwise `m =
+//!   sum_i e_i`, `div = sum_i w_i` (1 where below 1e-8). Then `m /= div`
+//!   when `normalize`, `m *= lambda`, and `out = b + m`.
+//!   - sparsification by magnitude (`ties`): keep the `max(1, floor(density
+//!     * n))` largest `|d_i|` of the tensor.
+//!   - random (`dare_*`): keep each element with probability `density`.
+//!   - magnitude outliers (`breadcrumbs*`): drop the `floor(gamma * n)`
+//!     largest `|d_i|`, keep the next `floor(density * n)`.
+//!   - `della*`: within each row (dim 0), keep an element with probability
+//!     `density - epsilon + 2 epsilon r / (len - 1)`, `r` its magnitude rank
+//!     in the row (0 = smallest).
+//!   - equal magnitudes are ranked by element index, so the kept set is
+//!     exact and reproducible (mergekit's sort leaves that order open).
+//!   - `density >= 1` leaves `d_i` as it is; `rescale` multiplies the kept
+//!     elements by `sum |d_i| / sum |kept|` (skipped when either is below
+//!     1e-7), both sums taken in f64.
+//!   - Defaults: `lambda` 1, `density` 1, `gamma` 0.01, `epsilon` 0.15;
+//!     `normalize` true for ties and della, false otherwise; `rescale` true
+//!     for dare_* and della*, false otherwise.
+//! - **slerp**: spherical interpolation from the base (`t = 0`) to the one
+//!   other model (`t = 1`) over the whole tensor: with `a`, `b` the two
+//!   tensors, `cos = (a . b) / (|a| |b|)` (norms below 1e-8 count as 1,
+//!   clamped to [-1, 1]); when `|cos| > 0.9995` the coefficients are `1 - t`
+//!   and `t`, else `sin((1 - t) theta) / sin theta` and `sin(t theta) / sin
+//!   theta`. `out = ca * a + cb * b`.
+//! - **model_stock**: base plus at least two models; `cos` is the mean over
+//!   model pairs of the cosine between their deltas (per row when
+//!   `filter_wise`), `t = n cos / (1 + (n - 1) cos)` (0 where the
+//!   denominator is below 1e-6), `out = t * mean_i x_i + (1 - t) * b`.
+//!
+//! Norms, dot products and sums are accumulated in f64 by streaming passes
+//! over the inputs (see `stats`), so statistics never hold a tensor.
+//! Random masks come from `rng` (contract 2): the same seed gives the same
+//! model on any machine, but not mergekit's torch-generated masks.
+
+use serde::Serialize;
+
+use crate::error::{Error, Result};
+use crate::merge::params::{Scalar, Setting, boolean, number};
+
+/// A merge method.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Method {
+    Linear,
+    TaskArithmetic,
+    Ties,
+    DareLinear,
+    DareTies,
+    Breadcrumbs,
+    BreadcrumbsTies,
+    Della,
+    DellaLinear,
+    Slerp,
+    ModelStock,
+}
+
+/// How a task arithmetic method thins out each delta.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Sparsify {
+    Magnitude,
+    Random,
+    Outliers,
+    Della,
+}
+
+/// Which inputs a parameter is given for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Scope {
+    /// One value for the tensor.
+    Shared,
+    /// One value per input, the base included.
+    Input,
+    /// One value per input other than the base.
+    NonBase,
+}
+
+/// A parameter a method takes.
+#[derive(Clone, Copy, Debug)]
+pub struct ParamSpec {
+    pub name: &'static str,
+    pub scope: Scope,
+    pub boolean: bool,
+    /// None: required.
+    pub default: Option<Scalar>,
+}
+
+const fn num(name: &'static str, scope: Scope, default: Option<f64>) -> ParamSpec {
+    ParamSpec {
+        name,
+        scope,
+        boolean: false,
+        default: match default {
+            Some(v) => Some(Scalar::Num(v)),
+            None => None,
+        },
+    }
+}
+
+const fn flag(name: &'static str, default: bool) -> ParamSpec {
+    ParamSpec { name, scope: Scope::Shared, boolean: true, default: Some(Scalar::Bool(default)) }
+}
+
+pub const ALL_METHODS: [Method; 11] = [
+    Method::Linear,
+    Method::TaskArithmetic,
+    Method::Ties,
+    Method::DareLinear,
+    Method::DareTies,
+    Method::Breadcrumbs,
+    Method::BreadcrumbsTies,
+    Method::Della,
+    Method::DellaLinear,
+    Method::Slerp,
+    Method::ModelStock,
+];
+
+impl Method {
+    pub fn name(self) -> &'static str {
+        match self {
+            Method::Linear => "linear",
+            Method::TaskArithmetic => "task_arithmetic",
+            Method::Ties => "ties",
+            Method::DareLinear => "dare_linear",
+            Method::DareTies => "dare_ties",
+            Method::Breadcrumbs => "breadcrumbs",
+            Method::BreadcrumbsTies => "breadcrumbs_ties",
+            Method::Della => "della",
+            Method::DellaLinear => "della_linear",
+            Method::Slerp => "slerp",
+            Method::ModelStock => "model_stock",
+        }
+    }
+
+    pub fn from_name(s: &str) -> Result<Method> {
+        ALL_METHODS.into_iter().find(|m| m.name() == s).ok_or_else(|| {
+            let names: Vec<&str> = ALL_METHODS.iter().map(|m| m.name()).collect();
+            Error::Usage(format!(
+                "unknown merge method '{s}' (chatvec knows chat_vector, {})",
+                names.join(", ")
+            ))
+        })
+    }
+
+    /// Whether this is one of the task arithmetic family.
+    pub fn is_task_arithmetic(self) -> bool {
+        !matches!(self, Method::Linear | Method::Slerp | Method::ModelStock)
+    }
+
+    pub fn sparsify(self) -> Option<Sparsify> {
+        match self {
+            Method::Ties => Some(Sparsify::Magnitude),
+            Method::DareLinear | Method::DareTies => Some(Sparsify::Random),
+            Method::Breadcrumbs | Method::BreadcrumbsTies => Some(Sparsify::Outliers),
+            Method::Della | Method::DellaLinear => Some(Sparsify::Della),
+            _ => None,
+        }
+    }
+
+    /// Sign election (TIES) before summing the deltas.
+    pub fn consensus(self) -> bool {
+        matches!(self, Method::Ties | Method::DareTies | Method::BreadcrumbsTies | Method::Della)
+    }
+
+    /// Whether a base model is required.
+    pub fn needs_base(self) -> bool {
+        self != Method::Linear
+    }
+
+    /// The fewest and most models besides the base.
+    pub fn model_count(self) -> (usize, usize) {
+        match self {
+            Method::Slerp => (1, 1),
+            Method::ModelStock => (2, usize::MAX),
+            _ => (1, usize::MAX),
+        }
+    }
+
+    pub fn params(self) -> Vec<ParamSpec> {
+        match self {
+            Method::Linear => vec![num("weight", Scope::Input, None), flag("normalize", true)],
+            Method::Slerp => vec![num("t", Scope::Shared, None)],
+            Method::ModelStock => vec![flag("filter_wise", false)],
+            m => {
+                let normalize = matches!(m, Method::Ties | Method::Della);
+                let rescale = matches!(m.sparsify(), Some(Sparsify::Random | Sparsify::Della));
+                let mut p = vec![
+                    flag("int8_mask", false),
+                    flag("normalize", normalize),
+                    flag("rescale", rescale),
+                    num("lambda", Scope::Shared, Some(1.0)),
+                    num("weight", Scope::NonBase, None),
+                    num("density", Scope::NonBase, Some(1.0)),
+                ];
+                match m.sparsify() {
+                    Some(Sparsify::Outliers) => p.push(num("gamma", Scope::NonBase, Some(0.01))),
+                    Some(Sparsify::Della) => p.push(num("epsilon", Scope::NonBase, Some(0.15))),
+                    _ => {}
+                }
+                p
+            }
+        }
+    }
+}
+
+/// Parameters of one model for one tensor.
+#[derive(Clone, Copy, Debug, Serialize)]
+pub struct ModelParams {
+    pub weight: f64,
+    pub density: f64,
+    pub gamma: f64,
+    pub epsilon: f64,
+}
+
+/// All parameters of one tensor, resolved.
+#[derive(Clone, Debug, Serialize)]
+pub struct TensorParams {
+    pub normalize: bool,
+    pub rescale: bool,
+    pub lambda: f64,
+    pub t: f64,
+    pub filter_wise: bool,
+    /// One per merged input (for linear, the base too when it is an input).
+    pub models: Vec<ModelParams>,
+}
+
+/// Where a method's parameters come from: the global settings, and per
+/// model its own settings (which take precedence).
+pub struct ParamSources<'a> {
+    pub global: &'a [(String, Setting)],
+    /// One per merged input, in `TensorParams::models` order.
+    pub models: Vec<&'a [(String, Setting)]>,
+    /// Model labels for error messages.
+    pub labels: Vec<String>,
+}
+
+fn lookup<'a>(settings: &[&'a [(String, Setting)]], name: &str) -> Vec<&'a Setting> {
+    settings.iter().flat_map(|s| s.iter().filter(|(k, _)| k == name).map(|(_, v)| v)).collect()
+}
+
+/// Checks that every parameter named in `settings` is one `method` takes.
+pub fn check_names(method: Method, settings: &[(String, Setting)], at: &str) -> Result<()> {
+    let specs = method.params();
+    for (k, _) in settings {
+        if !specs.iter().any(|p| p.name == k) {
+            let names: Vec<&str> = specs.iter().map(|p| p.name).collect();
+            return Err(Error::Usage(format!(
+                "{at}: {} takes no parameter '{k}' (it takes {})",
+                method.name(),
+                names.join(", ")
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// Resolves the parameters of tensor `name` at layer position `t`.
+pub fn resolve(method: Method, src: &ParamSources<'_>, name: &str, t: f64) -> Result<TensorParams> {
+    let specs = method.params();
+    let value = |spec: &ParamSpec, settings: &[&[(String, Setting)]], who: &str| -> Result<Scalar> {
+        let what = format!("{}{}", spec.name, who);
+        for s in lookup(settings, spec.name) {
+            let v = if spec.boolean {
+                boolean(s, name, t, &what)?.map(Scalar::Bool)
+            } else {
+                number(s, name, t, &what)?.map(Scalar::Num)
+            };
+            if let Some(v) = v {
+                return Ok(v);
+            }
+        }
+        spec.default.ok_or_else(|| {
+            Error::Usage(format!(
+                "{} needs parameter '{}'{who} for tensor '{name}'",
+                method.name(),
+                spec.name
+            ))
+        })
+    };
+    let as_num = |s: Scalar| match s {
+        Scalar::Num(v) => v,
+        Scalar::Bool(b) => b as u8 as f64,
+    };
+    let shared = |n: &str, dflt: Scalar| -> Result<Scalar> {
+        match specs.iter().find(|p| p.name == n) {
+            Some(p) => value(p, &[src.global], ""),
+            None => Ok(dflt),
+        }
+    };
+    let truth = |s: Scalar| matches!(s, Scalar::Bool(true));
+    let mut models = Vec::with_capacity(src.models.len());
+    for (own, label) in src.models.iter().zip(&src.labels) {
+        let per = |n: &str, dflt: f64| -> Result<f64> {
+            match specs.iter().find(|p| p.name == n) {
+                Some(p) => value(p, &[own, src.global], &format!(" of {label}")).map(as_num),
+                None => Ok(dflt),
+            }
+        };
+        models.push(ModelParams {
+            weight: per("weight", 1.0)?,
+            density: per("density", 1.0)?,
+            gamma: per("gamma", 0.0)?,
+            epsilon: per("epsilon", 0.0)?,
+        });
+    }
+    let p = TensorParams {
+        normalize: truth(shared("normalize", Scalar::Bool(false))?),
+        rescale: truth(shared("rescale", Scalar::Bool(false))?),
+        lambda: as_num(shared("lambda", Scalar::Num(1.0))?),
+        t: as_num(shared("t", Scalar::Num(0.0))?),
+        filter_wise: truth(shared("filter_wise", Scalar::Bool(false))?),
+        models,
+    };
+    validate(method, &p, name, &src.labels)?;
+    Ok(p)
+}
+
+/// Rejects values a method cannot use, naming the tensor.
+fn validate(method: Method, p: &TensorParams, name: &str, labels: &[String]) -> Result<()> {
+    let bad = |msg: String| Err(Error::Usage(format!("tensor '{name}': {msg}")));
+    for (m, label) in p.models.iter().zip(labels) {
+        if method.sparsify() == Some(Sparsify::Della) && m.density > 0.0 && m.density < 1.0 {
+            let (lo, hi) = (m.density - m.epsilon, m.density + m.epsilon);
+            if lo <= 0.0 || hi >= 1.0 {
+                return bad(format!(
+                    "{label}: density {} +/- epsilon {} must stay inside (0, 1)",
+                    m.density, m.epsilon
+                ));
+            }
+        }
+        if !(0.0..=1.0).contains(&m.gamma) {
+            return bad(format!("{label}: gamma {} must be in [0, 1]", m.gamma));
+        }
+    }
+    if method == Method::Linear && p.normalize {
+        let sum: f32 = p.models.iter().map(|m| m.weight as f32).sum();
+        if sum == 0.0 {
+            return bad(
+                "the linear weights sum to 0, so they cannot be normalized; set normalize = false".into()
+            );
+        }
+    }
+    if method == Method::Slerp && !(p.t.is_finite()) {
+        return bad(format!("t = {} is not a number", p.t));
+    }
+    Ok(())
+}

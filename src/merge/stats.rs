@@ -1,0 +1,616 @@
+//! Per-tensor statistics the merge methods need before the element-wise
+//! pass: magnitude thresholds (TIES, breadcrumbs), L1 sums for rescaling
+//! (DARE, DELLA), norms and dot products (SLERP, model_stock).
+//!
+//! Each is a streaming pass over the mapped inputs in blocks of
+//! `STAT_BLOCK` elements, run in parallel; partial sums are combined in
+//! block order, so results do not depend on the thread count. Memory is
+//! bounded by a few histograms and one count per block (contract 3).
+//!
+//! Magnitude thresholds are found by radix selection over the f32 bit
+//! patterns of `|d|` (for non-negative floats, bit order is value order):
+//! a histogram of the high 16 bits finds the bin holding the wanted rank, a
+//! histogram of the low 16 bits within that bin finds the value. Elements
+//! equal to a boundary value are ranked by index, so the kept set has
+//! exactly the wanted size; for that, a third pass counts boundary-equal
+//! elements per block.
+
+use std::ops::Range;
+
+use rayon::prelude::*;
+
+use crate::arith::{BLOCK, View, for_each_delta};
+use crate::error::Result;
+use crate::interrupt;
+use crate::merge::lanes::Lanes;
+use crate::merge::methods::{Method, Sparsify, TensorParams};
+use crate::merge::{Inputs, TensorMerge, rng};
+
+/// Elements per statistics block.
+pub const STAT_BLOCK: u64 = 1 << 16;
+/// Norms below this count as 1 (SLERP), as in mergekit.
+const NORM_EPS: f64 = 1e-8;
+/// Rescaling is skipped when either L1 sum is below this.
+const RESCALE_EPS: f64 = 1e-7;
+const DOT_THRESHOLD: f64 = 0.9995;
+
+/// Keeps the elements whose stable ascending rank of `|d|` lies in
+/// `lo..hi`, equal magnitudes ranked by index.
+#[derive(Clone, Debug)]
+pub struct RankKeep {
+    pub lo: u64,
+    pub hi: u64,
+    /// Bits of the magnitudes at ranks `lo` and `hi - 1`.
+    pub lo_val: u32,
+    pub hi_val: u32,
+    /// How many magnitudes are smaller than each.
+    pub less_lo: u64,
+    pub less_hi: u64,
+    /// Per block: how many elements before the block equal each value.
+    pub eq_lo: Vec<u64>,
+    pub eq_hi: Vec<u64>,
+}
+
+impl RankKeep {
+    /// Whether magnitude bits `v` are kept, `seen_*` elements equal to the
+    /// boundary values having come before it.
+    #[inline(always)]
+    pub fn keeps(&self, v: u32, seen_lo: u64, seen_hi: u64) -> bool {
+        if v < self.lo_val || v > self.hi_val {
+            return false;
+        }
+        (v != self.lo_val || self.less_lo + seen_lo >= self.lo)
+            && (v != self.hi_val || self.less_hi + seen_hi < self.hi)
+    }
+}
+
+/// Which elements of one model's delta are kept.
+#[derive(Clone, Debug)]
+pub enum Keep {
+    /// All, untouched (density >= 1 or no sparsification).
+    All,
+    /// Replaced by zeros (density <= 0).
+    Zero,
+    /// Multiplied by a mask that keeps nothing.
+    None,
+    Ranks(RankKeep),
+    /// With probability `p` each.
+    Random(f32),
+    /// With a probability from the element's rank in its row.
+    Della {
+        density: f64,
+        epsilon: f64,
+    },
+}
+
+/// One merged model's statistics for a tensor.
+#[derive(Clone, Debug)]
+pub struct ModelStats {
+    pub keep: Keep,
+    /// L1-preserving factor for the kept elements, when rescaling applies.
+    pub rescale: Option<f32>,
+    /// Random stream (DARE, DELLA).
+    pub stream: u64,
+}
+
+/// Everything the element-wise pass needs for one tensor.
+#[derive(Clone, Debug, Default)]
+pub struct TensorStats {
+    pub models: Vec<ModelStats>,
+    /// SLERP coefficients for the base and the other model.
+    pub slerp: (f32, f32),
+    /// model_stock's `t`, one per row (or one for the tensor).
+    pub stock_t: Vec<f32>,
+    /// Row length for per-row statistics (DELLA ranks, filter-wise stock).
+    pub row_len: u64,
+}
+
+fn bits(d: f32) -> u32 {
+    d.to_bits() & 0x7fff_ffff
+}
+
+/// `0..n` cut into blocks of at most `STAT_BLOCK` that do not cross rows of
+/// `row_len`: `(row, range)`.
+pub fn blocks(n: u64, row_len: u64) -> Vec<(u64, Range<u64>)> {
+    blocks_of(n, row_len, STAT_BLOCK)
+}
+
+fn blocks_of(n: u64, row_len: u64, max: u64) -> Vec<(u64, Range<u64>)> {
+    let mut out = Vec::new();
+    let mut row_start = 0;
+    while row_start < n {
+        let row_end = (row_start + row_len).min(n);
+        let mut a = row_start;
+        while a < row_end {
+            let b = (a + max).min(row_end);
+            out.push((row_start / row_len, a..b));
+            a = b;
+        }
+        row_start = row_end;
+    }
+    out
+}
+
+/// The streaming passes behind the statistics of one merged tensor, run
+/// on the CPU (`CpuPasses`) or on a GPU (`cuda::GpuPasses`). Both give the
+/// same numbers: counts are integers, and every f64 sum is a per-block sum
+/// in the fixed lane order of `lanes`, the blocks then added in order here.
+/// `d_k` is model `k`'s delta from the base, `x_k - base`, in f32.
+pub trait Passes {
+    /// Histogram of the high 16 bits of `|d_k|` (`1 << 15` bins).
+    fn hist_high(&self, k: usize) -> Result<Vec<u64>>;
+    /// Histograms of the low 16 bits of `|d_k|` inside high bins `b0`
+    /// (bins `0..1 << 16`) and `b1` (the next `1 << 16`).
+    fn hist_low(&self, k: usize, b0: u32, b1: u32) -> Result<Vec<u64>>;
+    /// Per block of `blocks(n, n)`: how many `|d_k|` bits equal `lo`, `hi`.
+    fn eq_counts(&self, k: usize, lo: u32, hi: u32) -> Result<Vec<(u64, u64)>>;
+    /// Per block of `blocks(n, n)`: sum of `|d_k|`, sum of those with bits
+    /// strictly between `lo` and `hi`, and the counts equal to each.
+    fn l1_ranks(&self, k: usize, lo: u32, hi: u32) -> Result<Vec<L1Ranks>>;
+    /// Per block of `masked_blocks`: sum of `|d_k|` and of the kept ones
+    /// under a random or DELLA mask.
+    fn l1_masked(&self, k: usize, keep: &Keep, stream: u64) -> Result<Vec<[f64; 2]>>;
+    /// Per block of `blocks(n, n)`: sums of `b*b`, `x*x`, `b*x` for the base
+    /// and model 0 (SLERP).
+    fn slerp_sums(&self) -> Result<Vec<[f64; 3]>>;
+    /// Per block of `blocks(n, row_len)`: its row and the Gram matrix of the
+    /// deltas (upper triangle, row-major pairs; model_stock).
+    fn gram(&self, row_len: u64) -> Result<Vec<(u64, Vec<f64>)>>;
+}
+
+/// A block's L1 partials for rank masks: sum of `|d|`, sum strictly inside
+/// the boundary values, and the boundary-equal counts.
+pub type L1Ranks = (f64, f64, u64, u64);
+
+/// The blocks of the random-mask L1 sums: rows for DELLA (its ranks need
+/// whole rows), else `STAT_BLOCK` pieces that do not cross rows.
+pub fn masked_blocks(keep: &Keep, n: u64, row_len: u64) -> Vec<(u64, Range<u64>)> {
+    let max = if matches!(keep, Keep::Della { .. }) { row_len.max(1) } else { STAT_BLOCK };
+    blocks_of(n, row_len.max(1), max)
+}
+
+/// The CPU passes: parallel over blocks, each block sequential.
+pub struct CpuPasses<'a> {
+    pub inputs: &'a Inputs<'a>,
+    pub n: u64,
+    pub row_len: u64,
+}
+
+impl CpuPasses<'_> {
+    /// The base's view; the methods that make statistics passes all have
+    /// a base (planning checked it).
+    fn base(&self) -> Result<View<'_>> {
+        self.inputs.base.ok_or_else(|| {
+            crate::error::Error::Internal("a statistics pass over a merge without a base".into())
+        })
+    }
+
+    fn histogram(
+        &self,
+        k: usize,
+        bins: usize,
+        bin: impl Fn(u32) -> Option<usize> + Sync,
+    ) -> Result<Vec<u64>> {
+        let (base, x) = (self.base()?, self.inputs.models[k]);
+        Ok(blocks(self.n, self.n.max(1))
+            .into_par_iter()
+            .fold(
+                || vec![0u64; bins],
+                |mut h, (_, r)| {
+                    for_each_delta(base, x, r, |_, d| {
+                        for &v in d {
+                            if let Some(b) = bin(bits(v)) {
+                                h[b] += 1;
+                            }
+                        }
+                    });
+                    h
+                },
+            )
+            .reduce(
+                || vec![0u64; bins],
+                |mut a, b| {
+                    a.iter_mut().zip(b).for_each(|(x, y)| *x += y);
+                    a
+                },
+            ))
+    }
+}
+
+impl Passes for CpuPasses<'_> {
+    fn hist_high(&self, k: usize) -> Result<Vec<u64>> {
+        self.histogram(k, 1 << 15, |v| Some((v >> 16) as usize))
+    }
+
+    fn hist_low(&self, k: usize, b0: u32, b1: u32) -> Result<Vec<u64>> {
+        self.histogram(k, 2 << 16, |v| {
+            let (h, l) = (v >> 16, (v & 0xffff) as usize);
+            if h == b0 {
+                Some(l)
+            } else if h == b1 {
+                Some((1 << 16) + l)
+            } else {
+                None
+            }
+        })
+    }
+
+    fn eq_counts(&self, k: usize, lo: u32, hi: u32) -> Result<Vec<(u64, u64)>> {
+        let (base, x) = (self.base()?, self.inputs.models[k]);
+        Ok(blocks(self.n, self.n.max(1))
+            .into_par_iter()
+            .map(|(_, r)| {
+                let (mut a, mut b) = (0, 0);
+                for_each_delta(base, x, r, |_, d| {
+                    for &v in d {
+                        a += (bits(v) == lo) as u64;
+                        b += (bits(v) == hi) as u64;
+                    }
+                });
+                (a, b)
+            })
+            .collect())
+    }
+
+    fn l1_ranks(&self, k: usize, lo: u32, hi: u32) -> Result<Vec<L1Ranks>> {
+        let (base, x) = (self.base()?, self.inputs.models[k]);
+        Ok(blocks(self.n, self.n.max(1))
+            .into_par_iter()
+            .map(|(_, r)| {
+                let (mut eq_lo, mut eq_hi) = (0u64, 0u64);
+                let mut sums = Lanes::new(2);
+                let start = r.start;
+                for_each_delta(base, x, r, |i0, d| {
+                    for (j, &v) in d.iter().enumerate() {
+                        let (b, m, at) = (bits(v), v.abs() as f64, i0 + j as u64 - start);
+                        sums.add(at, 0, m);
+                        if b > lo && b < hi {
+                            sums.add(at, 1, m);
+                        }
+                        eq_lo += (b == lo) as u64;
+                        eq_hi += (b == hi) as u64;
+                    }
+                });
+                let t = sums.total();
+                (t[0], t[1], eq_lo, eq_hi)
+            })
+            .collect())
+    }
+
+    fn l1_masked(&self, k: usize, keep: &Keep, stream: u64) -> Result<Vec<[f64; 2]>> {
+        let (base, x, row_len) = (self.base()?, self.inputs.models[k], self.row_len);
+        Ok(masked_blocks(keep, self.n, row_len)
+            .into_par_iter()
+            .map(|(row, r)| {
+                let mut sums = Lanes::new(2);
+                let start = r.start;
+                for_each_random_kept(keep, base, x, row, row_len, r, stream, |i, d, kept| {
+                    sums.add(i - start, 0, d.abs() as f64);
+                    if kept {
+                        sums.add(i - start, 1, d.abs() as f64);
+                    }
+                });
+                let t = sums.total();
+                [t[0], t[1]]
+            })
+            .collect())
+    }
+
+    fn slerp_sums(&self) -> Result<Vec<[f64; 3]>> {
+        let (a, b) = (self.base()?, self.inputs.models[0]);
+        Ok(blocks(self.n, self.n.max(1))
+            .into_par_iter()
+            .map(|(_, r)| {
+                let mut sums = Lanes::new(3);
+                let mut xa = [0f32; BLOCK];
+                let mut xb = [0f32; BLOCK];
+                let mut p = r.start;
+                while p < r.end {
+                    let m = (BLOCK as u64).min(r.end - p) as usize;
+                    a.decode_at(p, &mut xa[..m]);
+                    b.decode_at(p, &mut xb[..m]);
+                    for j in 0..m {
+                        let (u, v, at) = (xa[j] as f64, xb[j] as f64, p + j as u64 - r.start);
+                        sums.add(at, 0, u * u);
+                        sums.add(at, 1, v * v);
+                        sums.add(at, 2, u * v);
+                    }
+                    p += m as u64;
+                }
+                let t = sums.total();
+                [t[0], t[1], t[2]]
+            })
+            .collect())
+    }
+
+    fn gram(&self, row_len: u64) -> Result<Vec<(u64, Vec<f64>)>> {
+        let (base, k) = (self.base()?, self.inputs.models.len());
+        let pairs = gram_pairs(k);
+        Ok(blocks(self.n, row_len)
+            .into_par_iter()
+            .map(|(row, r)| {
+                let mut d: Vec<Vec<f32>> = vec![Vec::with_capacity((r.end - r.start) as usize); k];
+                for (di, x) in d.iter_mut().zip(&self.inputs.models) {
+                    for_each_delta(base, *x, r.clone(), |_, blk| di.extend_from_slice(blk));
+                }
+                let mut sums = Lanes::new(pairs.len());
+                for (p, &(i, j)) in pairs.iter().enumerate() {
+                    for (at, (a, b)) in d[i].iter().zip(&d[j]).enumerate() {
+                        sums.add(at as u64, p, *a as f64 * *b as f64);
+                    }
+                }
+                (row, sums.total())
+            })
+            .collect())
+    }
+}
+
+/// The Gram matrix's upper-triangle pairs, row-major.
+pub fn gram_pairs(k: usize) -> Vec<(usize, usize)> {
+    (0..k).flat_map(|i| (i..k).map(move |j| (i, j))).collect()
+}
+
+/// Computes the statistics of tensor `name` (`n` elements, rows of
+/// `row_len`) for `tm` on the CPU.
+pub fn compute(inputs: &Inputs, name: &str, n: u64, row_len: u64, tm: &TensorMerge) -> Result<TensorStats> {
+    compute_with(&CpuPasses { inputs, n, row_len }, name, n, row_len, tm)
+}
+
+/// Computes the statistics of tensor `name` for `tm` from `passes`.
+pub fn compute_with(
+    passes: &dyn Passes,
+    name: &str,
+    n: u64,
+    row_len: u64,
+    tm: &TensorMerge,
+) -> Result<TensorStats> {
+    let p = &tm.params;
+    let models = p.models.len();
+    let mut st = TensorStats { row_len, ..Default::default() };
+    match tm.method {
+        Method::Linear => {}
+        Method::Slerp => {
+            st.slerp = slerp_coefficients(&passes.slerp_sums()?, p.t);
+        }
+        Method::ModelStock => {
+            let rl = if p.filter_wise { row_len } else { n.max(1) };
+            st.stock_t = stock_t(passes.gram(rl)?, models, n, rl);
+            st.row_len = rl;
+        }
+        _ => {
+            for k in 0..models {
+                interrupt::check()?;
+                let stream = rng::stream(tm.seed, name, k);
+                let (keep, rescale) = model_keep(passes, tm.method, p, k, n, stream)?;
+                st.models.push(ModelStats { keep, rescale, stream });
+            }
+        }
+    }
+    Ok(st)
+}
+
+/// The mask of model `k` and, with `rescale`, its L1 factor.
+fn model_keep(
+    passes: &dyn Passes,
+    method: Method,
+    p: &TensorParams,
+    k: usize,
+    n: u64,
+    stream: u64,
+) -> Result<(Keep, Option<f32>)> {
+    let mp = p.models[k];
+    let Some(sp) = method.sparsify() else {
+        return Ok((Keep::All, None));
+    };
+    if mp.density >= 1.0 {
+        return Ok((Keep::All, None));
+    }
+    let nf = n as f64;
+    let interval = match sp {
+        Sparsify::Magnitude if mp.density <= 0.0 || n == 0 => return Ok((Keep::Zero, None)),
+        Sparsify::Magnitude => {
+            let k = ((mp.density * nf) as u64).max(1);
+            Some((n - k, n))
+        }
+        Sparsify::Outliers => {
+            let target = (mp.density.max(0.0) * nf) as u64;
+            let top = (mp.gamma * nf) as u64;
+            let bot = n.saturating_sub(target + top);
+            Some((bot, bot + target))
+        }
+        Sparsify::Della if mp.density <= 0.0 => return Ok((Keep::Zero, None)),
+        Sparsify::Random | Sparsify::Della => None,
+    };
+    let keep = match interval {
+        Some((lo, hi)) if lo >= hi => Keep::None,
+        Some((lo, hi)) => Keep::Ranks(rank_keep(passes, k, lo, hi)?),
+        None if sp == Sparsify::Random => Keep::Random(mp.density.max(0.0) as f32),
+        None => Keep::Della { density: mp.density, epsilon: mp.epsilon },
+    };
+    let rescale = if p.rescale { l1_factor(passes, k, &keep, stream)? } else { None };
+    Ok((keep, rescale))
+}
+
+/// The bin holding rank `r` of a histogram, and the count before it. A
+/// rank beyond the total means the passes disagree with each other (a
+/// device fault): an internal error, never a wrong mask.
+fn find_rank(hist: &[u64], r: u64) -> Result<(usize, u64)> {
+    let mut before = 0;
+    for (i, &c) in hist.iter().enumerate() {
+        if before + c > r {
+            return Ok((i, before));
+        }
+        before += c;
+    }
+    Err(crate::error::Error::Internal(format!("rank {r} beyond the histogram total {before}")))
+}
+
+/// The magnitude bits at ascending ranks `lo` and `hi`, and how many
+/// magnitudes are smaller than each: one pass for the high 16 bits, one
+/// for the low 16 bits inside the one or two bins that hold the ranks.
+fn select2(passes: &dyn Passes, k: usize, lo: u64, hi: u64) -> Result<[(u32, u64); 2]> {
+    let high = passes.hist_high(k)?;
+    let (b0, before0) = find_rank(&high, lo)?;
+    let (b1, before1) = find_rank(&high, hi)?;
+    let low = passes.hist_low(k, b0 as u32, b1 as u32)?;
+    // Ranks in the same bin share the first low histogram.
+    let second = if b0 == b1 { &low[..1 << 16] } else { &low[1 << 16..] };
+    let (l0, below0) = find_rank(&low[..1 << 16], lo - before0)?;
+    let (l1, below1) = find_rank(second, hi - before1)?;
+    Ok([((b0 as u32) << 16 | l0 as u32, before0 + below0), ((b1 as u32) << 16 | l1 as u32, before1 + below1)])
+}
+
+fn rank_keep(passes: &dyn Passes, k: usize, lo: u64, hi: u64) -> Result<RankKeep> {
+    let [(lo_val, less_lo), (hi_val, less_hi)] = select2(passes, k, lo, hi - 1)?;
+    // Boundary-equal counts per block, then exclusive prefix sums.
+    let counts = passes.eq_counts(k, lo_val, hi_val)?;
+    let (mut eq_lo, mut eq_hi) = (Vec::with_capacity(counts.len()), Vec::with_capacity(counts.len()));
+    let (mut sa, mut sb) = (0, 0);
+    for (a, b) in counts {
+        eq_lo.push(sa);
+        eq_hi.push(sb);
+        sa += a;
+        sb += b;
+    }
+    Ok(RankKeep { lo, hi, lo_val, hi_val, less_lo, less_hi, eq_lo, eq_hi })
+}
+
+/// Stable ascending ranks of the magnitudes in `d` (ties by index), by
+/// sorting `bits << 32 | index` keys (plain u64 sorts are several times
+/// faster than sorting by a tuple key).
+pub fn row_ranks(d: &[f32], ranks: &mut Vec<u32>) {
+    let mut keys: Vec<u64> = d.iter().enumerate().map(|(i, v)| (bits(*v) as u64) << 32 | i as u64).collect();
+    keys.sort_unstable();
+    ranks.clear();
+    ranks.resize(d.len(), 0);
+    for (r, k) in keys.iter().enumerate() {
+        ranks[(k & 0xffff_ffff) as usize] = r as u32;
+    }
+}
+
+/// DELLA's keep probability for rank `r` in a row of `len`.
+#[inline]
+pub fn della_probability(density: f64, epsilon: f64, r: u32, len: u64) -> f32 {
+    let rank_norm = if len > 1 { r as f32 / (len - 1) as f32 } else { 0.0 };
+    let lo = (density - epsilon) as f32;
+    lo + (rank_norm * 2.0) * epsilon as f32
+}
+
+/// Calls `f(index, delta, kept)` over a row-aligned block `r` (of row
+/// `row`) for masks that need no cursor (random, DELLA, all).
+#[allow(clippy::too_many_arguments)]
+fn for_each_random_kept(
+    keep: &Keep,
+    base: View,
+    x: View,
+    row: u64,
+    row_len: u64,
+    r: Range<u64>,
+    stream: u64,
+    mut f: impl FnMut(u64, f32, bool),
+) {
+    match keep {
+        Keep::Della { density, epsilon } => {
+            // Ranks need the whole row.
+            let start = row * row_len;
+            let mut d = Vec::with_capacity(row_len as usize);
+            for_each_delta(base, x, start..start + row_len, |_, blk| d.extend_from_slice(blk));
+            let mut ranks = Vec::new();
+            row_ranks(&d, &mut ranks);
+            for i in r {
+                let j = (i - start) as usize;
+                let p = della_probability(*density, *epsilon, ranks[j], row_len);
+                f(i, d[j], rng::uniform(stream, i) < p);
+            }
+        }
+        _ => for_each_delta(base, x, r, |i0, d| {
+            for (j, &v) in d.iter().enumerate() {
+                let i = i0 + j as u64;
+                let kept = match keep {
+                    Keep::Random(p) => rng::uniform(stream, i) < *p,
+                    _ => true,
+                };
+                f(i, v, kept);
+            }
+        }),
+    }
+}
+
+/// `sum |d| / sum |kept d|` when both are at least `RESCALE_EPS`.
+fn l1_factor(passes: &dyn Passes, k: usize, keep: &Keep, stream: u64) -> Result<Option<f32>> {
+    let (before, after) = match keep {
+        Keep::All | Keep::Zero | Keep::None => return Ok(None),
+        Keep::Ranks(rk) => {
+            // Kept elements equal to a boundary value all have that value.
+            let (mut all, mut inner, mut n_lo, mut n_hi) = (0f64, 0f64, 0u64, 0u64);
+            for (a, i, l, h) in passes.l1_ranks(k, rk.lo_val, rk.hi_val)? {
+                all += a;
+                inner += i;
+                n_lo += l;
+                n_hi += h;
+            }
+            let lo_mag = f32::from_bits(rk.lo_val) as f64;
+            let hi_mag = f32::from_bits(rk.hi_val) as f64;
+            // Equal elements kept: ranks less..less+count intersected with lo..hi.
+            let kept = |less: u64, count: u64| (less + count).min(rk.hi).saturating_sub(less.max(rk.lo));
+            let after = if rk.lo_val == rk.hi_val {
+                kept(rk.less_lo, n_lo) as f64 * lo_mag
+            } else {
+                inner + kept(rk.less_lo, n_lo) as f64 * lo_mag + kept(rk.less_hi, n_hi) as f64 * hi_mag
+            };
+            (all, after)
+        }
+        Keep::Random(_) | Keep::Della { .. } => {
+            passes.l1_masked(k, keep, stream)?.into_iter().fold((0.0, 0.0), |(a, k), [x, y]| (a + x, k + y))
+        }
+    };
+    Ok((before >= RESCALE_EPS && after >= RESCALE_EPS).then(|| (before / after) as f32))
+}
+
+fn slerp_coefficients(blocks: &[[f64; 3]], t: f64) -> (f32, f32) {
+    let mut sums = [0f64; 3];
+    for b in blocks {
+        sums.iter_mut().zip(b).for_each(|(s, v)| *s += v);
+    }
+    let norm = |ss: f64| {
+        let v = ss.sqrt();
+        if v > NORM_EPS { v } else { 1.0 }
+    };
+    let dot = (sums[2] / (norm(sums[0]) * norm(sums[1]))).clamp(-1.0, 1.0);
+    if dot.abs() > DOT_THRESHOLD {
+        return ((1.0 - t) as f32, t as f32);
+    }
+    let theta = dot.acos();
+    let s = theta.sin();
+    (((1.0 - t) * theta).sin() as f32 / s as f32, (t * theta).sin() as f32 / s as f32)
+}
+
+/// model_stock's `t` per row of `row_len` (one row: the whole tensor), from
+/// the per-block Gram partials of the `k` deltas.
+fn stock_t(parts: Vec<(u64, Vec<f64>)>, k: usize, n: u64, row_len: u64) -> Vec<f32> {
+    let pairs = gram_pairs(k);
+    let rows = n.div_ceil(row_len).max(1) as usize;
+    let mut grams = vec![vec![0f64; pairs.len()]; rows];
+    for (row, part) in parts {
+        grams[row as usize].iter_mut().zip(part).for_each(|(a, b)| *a += b);
+    }
+    // Position of pair (i, j), i <= j, in the row-major upper triangle.
+    let at = |i: usize, j: usize| i * k - i * (i.saturating_sub(1)) / 2 - i + j;
+    grams
+        .iter()
+        .map(|g| {
+            let mut cos_sum = 0.0;
+            let mut count = 0.0;
+            for i in 0..k {
+                for j in i + 1..k {
+                    let norms = g[at(i, i)].sqrt() * g[at(j, j)].sqrt();
+                    cos_sum += (g[at(i, j)] / norms.max(1e-6)).clamp(-1.0, 1.0);
+                    count += 1.0;
+                }
+            }
+            let cos: f64 = cos_sum / count;
+            let den: f64 = 1.0 + (k as f64 - 1.0) * cos;
+            if den.abs() < 1e-6 { 0.0 } else { (k as f64 * cos / den) as f32 }
+        })
+        .collect()
+}

@@ -1,0 +1,394 @@
+//! One model on disk: its safetensors shards memory-mapped and validated, and
+//! one table `name -> (shard, dtype, shape, byte range)` over all of them.
+//!
+//! Inputs are only ever mapped, never read whole (contract 3), so a 140 GB
+//! checkpoint costs page cache, not process memory.
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::path::{Path, PathBuf};
+
+use memmap2::Mmap;
+
+use crate::error::{Error, Result};
+use crate::json::{Entries, read_capped};
+use crate::model::config::ModelConfig;
+use crate::model::dtype::DType;
+use crate::model::safetensors::parse_header;
+use crate::model::torch_bin::read_bin;
+
+/// The single-file weights name transformers uses.
+pub const SINGLE_FILE: &str = "model.safetensors";
+/// The sharded-checkpoint index name transformers uses.
+pub const INDEX_FILE: &str = "model.safetensors.index.json";
+/// PyTorch's single-file name, read when a model has no safetensors.
+pub const BIN_SINGLE_FILE: &str = "pytorch_model.bin";
+/// PyTorch's sharded-checkpoint index name.
+pub const BIN_INDEX_FILE: &str = "pytorch_model.bin.index.json";
+/// Largest index file accepted (a 70B index is about 70 KB).
+const MAX_INDEX_BYTES: u64 = 64 << 20;
+
+/// Where a model came from on the Hugging Face Hub.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub(crate) struct HubOrigin {
+    /// `org/name`.
+    pub repo: String,
+    /// The revision asked for (`main` when none was).
+    pub revision: String,
+    /// The commit sha it resolved to.
+    pub commit: String,
+}
+
+/// Identity and state of an opened file, as the kernel reports them:
+/// device, inode, size, and modification and change times in nanoseconds.
+/// Rewriting a file changes its ctime, which no user can set, so a hash
+/// recorded for one stamp never describes other bytes.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) struct FileStamp {
+    pub dev: u64,
+    pub ino: u64,
+    pub size: u64,
+    pub mtime_ns: i128,
+    pub ctime_ns: i128,
+}
+
+impl FileStamp {
+    pub(crate) fn of(meta: &std::fs::Metadata) -> FileStamp {
+        use std::os::unix::fs::MetadataExt;
+        FileStamp {
+            dev: meta.dev(),
+            ino: meta.ino(),
+            size: meta.size(),
+            mtime_ns: meta.mtime() as i128 * 1_000_000_000 + meta.mtime_nsec() as i128,
+            ctime_ns: meta.ctime() as i128 * 1_000_000_000 + meta.ctime_nsec() as i128,
+        }
+    }
+}
+
+/// A memory-mapped shard.
+pub(crate) struct Shard {
+    pub path: PathBuf,
+    /// File name inside the checkpoint directory.
+    pub file_name: String,
+    pub map: Mmap,
+    /// The mapped file's identity and state, for the hash cache.
+    pub stamp: FileStamp,
+}
+
+/// One tensor of a checkpoint.
+#[derive(Clone, Debug)]
+pub struct Tensor {
+    /// Its name, e.g. `model.layers.0.mlp.up_proj.weight`.
+    pub name: String,
+    /// Its element type.
+    pub dtype: DType,
+    /// Its shape (checked against its byte length when the shard was opened).
+    pub shape: Vec<u64>,
+    /// Index of its shard in the checkpoint.
+    pub(crate) shard: usize,
+    /// Absolute byte offset of its data in the shard.
+    pub(crate) start: u64,
+    /// Byte length of its data.
+    pub(crate) len: u64,
+}
+
+impl Tensor {
+    /// Element count.
+    pub fn numel(&self) -> u64 {
+        self.shape.iter().product()
+    }
+}
+
+/// A model directory opened for reading: its shards memory-mapped and
+/// validated, and one table of every tensor. Nothing is read until asked
+/// for, so opening a 140 GB model costs page cache, not memory.
+pub struct Checkpoint {
+    pub(crate) dir: PathBuf,
+    pub(crate) shards: Vec<Shard>,
+    /// All tensors in shard order, then data-offset order within a shard.
+    pub(crate) tensors: Vec<Tensor>,
+    by_name: HashMap<String, usize>,
+    pub(crate) config: Option<ModelConfig>,
+    /// Where the model came from on the Hub, when it was found in the cache.
+    pub(crate) origin: Option<HubOrigin>,
+}
+
+/// Names the input embedding matrix goes by in common architectures.
+const EMBED_NAMES: [&str; 4] = [
+    "model.embed_tokens.weight",
+    "transformer.wte.weight",
+    "gpt_neox.embed_in.weight",
+    "transformer.word_embeddings.weight",
+];
+/// Names of the output projection that may be tied to the embeddings.
+const LM_HEAD_NAMES: [&str; 2] = ["lm_head.weight", "embed_out.weight"];
+
+/// Whether `name` is a vocabulary-indexed matrix (rows are tokens), so that
+/// vocabulary expansion changes its row count.
+pub(crate) fn is_vocab_matrix(name: &str) -> bool {
+    EMBED_NAMES.contains(&name) || LM_HEAD_NAMES.contains(&name)
+}
+
+/// Whether `name` is an output projection that a tied model omits.
+pub(crate) fn is_lm_head(name: &str) -> bool {
+    LM_HEAD_NAMES.contains(&name)
+}
+
+impl Checkpoint {
+    /// The model directory.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Every tensor, in shard order, then data order within a shard.
+    pub fn tensors(&self) -> &[Tensor] {
+        &self.tensors
+    }
+
+    /// Total bytes of the weight files (headers included).
+    pub fn file_bytes(&self) -> u64 {
+        self.shards.iter().map(|s| s.map.len() as u64).sum()
+    }
+
+    /// Opens a model directory: `model.safetensors`, or the shards named by
+    /// `model.safetensors.index.json` (else the `pytorch_model.bin`
+    /// equivalents), plus `config.json` when present.
+    pub fn open(dir: &Path) -> Result<Checkpoint> {
+        if !dir.is_dir() {
+            return Err(Error::Usage(format!("{} is not a directory", dir.display())));
+        }
+        // safetensors first; PyTorch .bin only when there is no safetensors.
+        let layouts = [(INDEX_FILE, SINGLE_FILE, false), (BIN_INDEX_FILE, BIN_SINGLE_FILE, true)];
+        let mut found = None;
+        for (index, single, bin) in layouts {
+            if dir.join(index).is_file() {
+                let (files, map) = read_index(&dir.join(index))?;
+                found = Some((dir.join(index), files, Some(map), bin));
+                break;
+            }
+            if dir.join(single).is_file() {
+                found = Some((dir.join(index), vec![single.to_string()], None, bin));
+                break;
+            }
+        }
+        let Some((index_path, files, weight_map, bin)) = found else {
+            return Err(no_weights_error(dir));
+        };
+
+        let mut shards = Vec::with_capacity(files.len());
+        let mut tensors = Vec::new();
+        let mut by_name: HashMap<String, usize> = HashMap::new();
+        for (si, file_name) in files.iter().enumerate() {
+            let path = dir.join(file_name);
+            if !path.is_file() {
+                return Err(Error::bad_file(
+                    &index_path,
+                    format!("names shard '{file_name}', which is not in {}", dir.display()),
+                ));
+            }
+            let (map, stamp) = map_file(&path)?;
+            let stored: Vec<Tensor> = if bin {
+                read_bin(&path, map.len() as u64)?
+                    .into_iter()
+                    .map(|t| Tensor {
+                        name: t.name,
+                        dtype: t.dtype,
+                        shape: t.shape,
+                        shard: si,
+                        start: t.start,
+                        len: t.len,
+                    })
+                    .collect()
+            } else {
+                let header = parse_header(&map, &path)?;
+                header
+                    .tensors
+                    .into_iter()
+                    .map(|t| Tensor {
+                        name: t.name,
+                        dtype: t.dtype,
+                        shape: t.shape,
+                        shard: si,
+                        start: header.data_start + t.begin,
+                        len: t.end - t.begin,
+                    })
+                    .collect()
+            };
+            for t in stored {
+                if let Some(&prev) = by_name.get(&t.name) {
+                    let other: &Tensor = &tensors[prev];
+                    return Err(Error::format(
+                        &path,
+                        format!(
+                            "tensor '{}' is also in {}; a name may appear in one shard only",
+                            t.name, files[other.shard]
+                        ),
+                    ));
+                }
+                if let Some(map) = &weight_map {
+                    match map.get(&t.name) {
+                        Some(f) if f == file_name => {}
+                        Some(f) => {
+                            return Err(Error::bad_file(
+                                &index_path,
+                                format!("maps tensor '{}' to {f}, but it is stored in {file_name}", t.name),
+                            ));
+                        }
+                        None => {
+                            return Err(Error::bad_file(
+                                &index_path,
+                                format!("does not list tensor '{}', which is stored in {file_name}", t.name),
+                            ));
+                        }
+                    }
+                }
+                by_name.insert(t.name.clone(), tensors.len());
+                tensors.push(t);
+            }
+            shards.push(Shard { path, file_name: file_name.clone(), map, stamp });
+        }
+        if let Some(map) = &weight_map {
+            let mut missing: Vec<_> = map.keys().filter(|k| !by_name.contains_key(*k)).collect();
+            missing.sort();
+            if let Some(name) = missing.first() {
+                return Err(Error::bad_file(
+                    &index_path,
+                    format!(
+                        "lists tensor '{name}' in {}, but that shard does not hold it ({} such tensors)",
+                        map[*name],
+                        missing.len()
+                    ),
+                ));
+            }
+        }
+        let config_path = dir.join("config.json");
+        let config = if config_path.is_file() { Some(ModelConfig::read(&config_path)?) } else { None };
+        Ok(Checkpoint { dir: dir.to_path_buf(), shards, tensors, by_name, config, origin: None })
+    }
+
+    /// The tensor called `name`, if stored.
+    pub fn get(&self, name: &str) -> Option<&Tensor> {
+        self.by_name.get(name).map(|&i| &self.tensors[i])
+    }
+
+    /// Index into `tensors` of the tensor that plays the role of `name`: the
+    /// stored one, or for the output projection of a tied model, the
+    /// embedding matrix it shares.
+    pub(crate) fn logical_index(&self, name: &str) -> Option<usize> {
+        self.by_name.get(name).copied().or_else(|| {
+            if is_lm_head(name) && self.is_tied() {
+                EMBED_NAMES.iter().find_map(|n| self.by_name.get(*n).copied())
+            } else {
+                None
+            }
+        })
+    }
+
+    /// The tensor that plays the role of `name` (see `logical_index`).
+    pub(crate) fn logical(&self, name: &str) -> Option<&Tensor> {
+        self.logical_index(name).map(|i| &self.tensors[i])
+    }
+
+    /// The input embedding matrix, if the model has one under a known name.
+    pub(crate) fn embedding(&self) -> Option<&Tensor> {
+        EMBED_NAMES.iter().find_map(|n| self.get(n))
+    }
+
+    /// Whether the output projection is tied to the embeddings: there is an
+    /// embedding matrix and no separate lm_head tensor. (The stored tensors
+    /// decide, not `tie_word_embeddings`, whose default differs between
+    /// architectures.)
+    pub(crate) fn is_tied(&self) -> bool {
+        self.embedding().is_some() && !LM_HEAD_NAMES.iter().any(|n| self.get(n).is_some())
+    }
+
+    /// The little-endian bytes of tensor `t` (a tensor of this checkpoint).
+    pub fn bytes(&self, t: &Tensor) -> &[u8] {
+        &self.shards[t.shard].map[t.start as usize..(t.start + t.len) as usize]
+    }
+
+    /// The file a tensor lives in, for messages.
+    pub(crate) fn file_of(&self, t: &Tensor) -> &Path {
+        &self.shards[t.shard].path
+    }
+
+    /// Total bytes of tensor data.
+    pub(crate) fn total_bytes(&self) -> u64 {
+        self.tensors.iter().map(|t| t.len).sum()
+    }
+
+    /// Total parameter count.
+    pub(crate) fn parameters(&self) -> u64 {
+        self.tensors.iter().map(|t| t.numel()).sum()
+    }
+}
+
+fn no_weights_error(dir: &Path) -> Error {
+    Error::Usage(format!(
+        "{} holds no weights: no {SINGLE_FILE}, {INDEX_FILE}, {BIN_SINGLE_FILE} or {BIN_INDEX_FILE}",
+        dir.display()
+    ))
+    .with_hint("point at a Hugging Face model directory (config.json + safetensors or PyTorch weights)")
+}
+
+/// Maps a file read-only, with the stamp of the file that was mapped.
+fn map_file(path: &Path) -> Result<(Mmap, FileStamp)> {
+    let f = File::open(path).map_err(|e| Error::io("opening", path, e))?;
+    let stamp = FileStamp::of(&f.metadata().map_err(|e| Error::io("reading metadata of", path, e))?);
+    // SAFETY: the map is read-only and never outlives the program's use of
+    // the checkpoint. What can still go wrong is outside our control: if
+    // another process truncates the file while it is mapped, touching the
+    // lost pages raises SIGBUS, and if it rewrites the file in place we read
+    // the new bytes. Model files are written once and not modified in place
+    // (our writer and transformers both write a new file and rename).
+    let map = unsafe { Mmap::map(&f) }.map_err(|e| Error::io("mapping", path, e))?;
+    Ok((map, stamp))
+}
+
+/// The parts of `model.safetensors.index.json` chatvec reads; `Entries`
+/// makes a tensor named twice an error.
+#[derive(serde::Deserialize)]
+struct IndexFile {
+    weight_map: Entries,
+}
+
+/// Reads `model.safetensors.index.json` (or the `.bin` one).
+fn read_index(path: &Path) -> Result<(Vec<String>, HashMap<String, String>)> {
+    let bin = path.ends_with(BIN_INDEX_FILE);
+    parse_index(&read_capped(path, MAX_INDEX_BYTES)?, bin, path)
+}
+
+/// Parses an index file's bytes: returns the shard files in order and the
+/// tensor -> file map. Shard names must be plain file names ending in
+/// `.safetensors` (`.bin` when `bin`). `path` is only used in messages.
+pub(crate) fn parse_index(
+    bytes: &[u8],
+    bin: bool,
+    path: &Path,
+) -> Result<(Vec<String>, HashMap<String, String>)> {
+    let ext = if bin { ".bin" } else { ".safetensors" };
+    let index: IndexFile =
+        serde_json::from_slice(bytes).map_err(|e| Error::bad_file(path, format!("invalid index: {e}")))?;
+    let mut map = HashMap::with_capacity(index.weight_map.0.len());
+    let mut files: Vec<String> = Vec::new();
+    for (name, v) in index.weight_map.0 {
+        let f = v.as_str().ok_or_else(|| {
+            Error::bad_file(path, format!("weight_map entry for '{name}' is not a file name"))
+        })?;
+        if f.is_empty() || f.contains(['/', '\\', '\0']) || f == "." || f == ".." || !f.ends_with(ext) {
+            return Err(Error::bad_file(
+                path,
+                format!("weight_map maps '{name}' to '{f}', which is not a plain {ext} file name"),
+            ));
+        }
+        if !files.iter().any(|x| x == f) {
+            files.push(f.to_string());
+        }
+        map.insert(name, f.to_string());
+    }
+    if files.is_empty() {
+        return Err(Error::bad_file(path, "weight_map is empty"));
+    }
+    files.sort();
+    Ok((files, map))
+}

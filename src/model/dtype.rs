@@ -1,0 +1,325 @@
+//! Element types of safetensors files, and the f32 decode/encode that
+//! contract 1 (numerics) rests on.
+//!
+//! Every safetensors dtype is known by name and width so that headers can be
+//! validated (`dtype x shape = bytes`) whatever they hold; arithmetic is only
+//! done on the three float types LLM checkpoints use: BF16, F16 and F32.
+//! Decoding to f32 is exact for all three; encoding rounds once,
+//! round-to-nearest-even, with NaN kept a (quiet) NaN.
+
+use std::fmt;
+
+/// A safetensors element type, spelled as in the format's JSON header.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum DType {
+    /// Booleans, one byte each.
+    Bool,
+    /// Unsigned 8-bit integers.
+    U8,
+    /// Signed 8-bit integers.
+    I8,
+    /// 8-bit float, 5 exponent and 2 mantissa bits.
+    F8E5M2,
+    /// 8-bit float, 4 exponent and 3 mantissa bits.
+    F8E4M3,
+    /// 8-bit scale factor (exponent only).
+    F8E8M0,
+    /// 4-bit float.
+    F4,
+    /// 6-bit float, 2 exponent and 3 mantissa bits.
+    F6E2M3,
+    /// 6-bit float, 3 exponent and 2 mantissa bits.
+    F6E3M2,
+    /// Signed 16-bit integers.
+    I16,
+    /// Unsigned 16-bit integers.
+    U16,
+    /// IEEE half precision.
+    F16,
+    /// bfloat16: the top half of an f32.
+    BF16,
+    /// Signed 32-bit integers.
+    I32,
+    /// Unsigned 32-bit integers.
+    U32,
+    /// IEEE single precision.
+    F32,
+    /// IEEE double precision.
+    F64,
+    /// Signed 64-bit integers.
+    I64,
+    /// Unsigned 64-bit integers.
+    U64,
+    /// Complex numbers of two f32.
+    C64,
+}
+
+const ALL: [(DType, &str, u64); 20] = [
+    (DType::Bool, "BOOL", 8),
+    (DType::U8, "U8", 8),
+    (DType::I8, "I8", 8),
+    (DType::F8E5M2, "F8_E5M2", 8),
+    (DType::F8E4M3, "F8_E4M3", 8),
+    (DType::F8E8M0, "F8_E8M0", 8),
+    (DType::F4, "F4", 4),
+    (DType::F6E2M3, "F6_E2M3", 6),
+    (DType::F6E3M2, "F6_E3M2", 6),
+    (DType::I16, "I16", 16),
+    (DType::U16, "U16", 16),
+    (DType::F16, "F16", 16),
+    (DType::BF16, "BF16", 16),
+    (DType::I32, "I32", 32),
+    (DType::U32, "U32", 32),
+    (DType::F32, "F32", 32),
+    (DType::F64, "F64", 64),
+    (DType::I64, "I64", 64),
+    (DType::U64, "U64", 64),
+    (DType::C64, "C64", 64),
+];
+
+impl DType {
+    /// Parses a header dtype string (`"BF16"`, `"F8_E4M3"`, ...).
+    pub fn parse(name: &str) -> Option<DType> {
+        ALL.iter().find(|(_, n, _)| *n == name).map(|(d, _, _)| *d)
+    }
+
+    /// The header spelling.
+    pub fn name(self) -> &'static str {
+        ALL.iter().find(|(d, _, _)| *d == self).map(|e| e.1).unwrap()
+    }
+
+    /// Width of one element in bits (sub-byte float formats exist).
+    pub fn bits(self) -> u64 {
+        ALL.iter().find(|(d, _, _)| *d == self).map(|e| e.2).unwrap()
+    }
+
+    /// The float type chatvec computes with, if this is one.
+    pub fn float(self) -> Option<FloatType> {
+        match self {
+            DType::BF16 => Some(FloatType::BF16),
+            DType::F16 => Some(FloatType::F16),
+            DType::F32 => Some(FloatType::F32),
+            _ => None,
+        }
+    }
+}
+
+impl fmt::Display for DType {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// The dtypes chatvec does arithmetic on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum FloatType {
+    /// bfloat16.
+    BF16,
+    /// IEEE half precision.
+    F16,
+    /// IEEE single precision.
+    F32,
+}
+
+impl FloatType {
+    /// Bytes per element.
+    pub fn size(self) -> usize {
+        match self {
+            FloatType::BF16 | FloatType::F16 => 2,
+            FloatType::F32 => 4,
+        }
+    }
+
+    /// The safetensors dtype of this float type.
+    pub fn dtype(self) -> DType {
+        match self {
+            FloatType::BF16 => DType::BF16,
+            FloatType::F16 => DType::F16,
+            FloatType::F32 => DType::F32,
+        }
+    }
+
+    /// Parses the command-line spelling (`bf16`, `f16`, `f32`, also the
+    /// torch names `bfloat16`, `float16`, `float32`).
+    pub fn parse_cli(s: &str) -> Option<FloatType> {
+        match s.to_ascii_lowercase().as_str() {
+            "bf16" | "bfloat16" => Some(FloatType::BF16),
+            "f16" | "fp16" | "float16" | "half" => Some(FloatType::F16),
+            "f32" | "fp32" | "float32" | "float" => Some(FloatType::F32),
+            _ => None,
+        }
+    }
+
+    /// The name transformers writes as `torch_dtype` in config.json.
+    pub fn torch_name(self) -> &'static str {
+        match self {
+            FloatType::BF16 => "bfloat16",
+            FloatType::F16 => "float16",
+            FloatType::F32 => "float32",
+        }
+    }
+}
+
+/// bf16 bits to f32: exact (bf16 is the top half of an f32).
+#[inline(always)]
+pub(crate) fn bf16_to_f32(bits: u16) -> f32 {
+    f32::from_bits((bits as u32) << 16)
+}
+
+/// f32 to bf16 bits, round-to-nearest-even. NaN stays NaN (quieted, sign
+/// kept); overflow rounds to infinity as IEEE requires. Written out by hand
+/// (rather than through a library) because the CUDA kernels must do exactly
+/// the same thing on the same bits.
+#[inline(always)]
+pub(crate) fn f32_to_bf16(x: f32) -> u16 {
+    let b = x.to_bits();
+    if (b & 0x7fff_ffff) > 0x7f80_0000 {
+        return ((b >> 16) | 0x0040) as u16;
+    }
+    let lsb = (b >> 16) & 1;
+    ((b + 0x7fff + lsb) >> 16) as u16
+}
+
+/// f16 bits to f32: exact.
+#[inline(always)]
+pub(crate) fn f16_to_f32(bits: u16) -> f32 {
+    half::f16::from_bits(bits).to_f32()
+}
+
+/// f32 to f16 bits, round-to-nearest-even (IEEE conversion as implemented by
+/// `half`, which matches the hardware F16C instruction and CUDA's `__float2half_rn`).
+#[inline(always)]
+pub(crate) fn f32_to_f16(x: f32) -> u16 {
+    half::f16::from_f32(x).to_bits()
+}
+
+/// Decodes little-endian `src` of type `ty` into `dst` (one f32 per element).
+/// `src` must hold exactly `dst.len()` elements; no alignment is assumed.
+pub(crate) fn decode(ty: FloatType, src: &[u8], dst: &mut [f32]) {
+    debug_assert_eq!(src.len(), dst.len() * ty.size());
+    match ty {
+        FloatType::BF16 => {
+            for (d, c) in dst.iter_mut().zip(src.chunks_exact(2)) {
+                *d = bf16_to_f32(u16::from_le_bytes([c[0], c[1]]));
+            }
+        }
+        FloatType::F16 => {
+            for (d, c) in dst.iter_mut().zip(src.chunks_exact(2)) {
+                *d = f16_to_f32(u16::from_le_bytes([c[0], c[1]]));
+            }
+        }
+        FloatType::F32 => {
+            for (d, c) in dst.iter_mut().zip(src.chunks_exact(4)) {
+                *d = f32::from_le_bytes([c[0], c[1], c[2], c[3]]);
+            }
+        }
+    }
+}
+
+/// Encodes `src` into little-endian `dst` of type `ty`, rounding once.
+pub(crate) fn encode(ty: FloatType, src: &[f32], dst: &mut [u8]) {
+    debug_assert_eq!(dst.len(), src.len() * ty.size());
+    match ty {
+        FloatType::BF16 => {
+            for (s, c) in src.iter().zip(dst.chunks_exact_mut(2)) {
+                c.copy_from_slice(&f32_to_bf16(*s).to_le_bytes());
+            }
+        }
+        FloatType::F16 => {
+            for (s, c) in src.iter().zip(dst.chunks_exact_mut(2)) {
+                c.copy_from_slice(&f32_to_f16(*s).to_le_bytes());
+            }
+        }
+        FloatType::F32 => {
+            for (s, c) in src.iter().zip(dst.chunks_exact_mut(4)) {
+                c.copy_from_slice(&s.to_le_bytes());
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_round_trip() {
+        for (d, n, _) in ALL {
+            assert_eq!(DType::parse(n), Some(d));
+            assert_eq!(d.name(), n);
+        }
+        assert_eq!(DType::parse("bf16"), None);
+    }
+
+    /// bf16 rounding checked against an f64 reference: the chosen bf16 is
+    /// the nearest, ties to even mantissa.
+    #[test]
+    fn bf16_rounding_is_nearest_even() {
+        let mut seed = 0x1234_5678_9abc_def0u64;
+        for _ in 0..200_000 {
+            seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            let x = f32::from_bits((seed >> 32) as u32);
+            if !x.is_finite() {
+                continue;
+            }
+            let r = f32_to_bf16(x);
+            let got = bf16_to_f32(r) as f64;
+            let lo = bf16_to_f32(r.wrapping_sub(1)) as f64;
+            let hi = bf16_to_f32(r.wrapping_add(1)) as f64;
+            let xe = x as f64;
+            if got.is_infinite() {
+                continue;
+            }
+            let d = (got - xe).abs();
+            assert!(d <= (lo - xe).abs() || lo.is_nan(), "{x} -> {got}");
+            assert!(d <= (hi - xe).abs() || hi.is_nan(), "{x} -> {got}");
+            if d == (hi - xe).abs().min((lo - xe).abs()) && d != 0.0 {
+                // a tie: even mantissa wins
+                let alt = if (hi - xe).abs() == d { hi } else { lo };
+                if alt != got && (alt - xe).abs() == d {
+                    assert_eq!(r & 1, 0, "tie for {x} must go to even");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn bf16_special_values() {
+        assert_eq!(f32_to_bf16(f32::INFINITY), 0x7f80);
+        assert_eq!(f32_to_bf16(f32::NEG_INFINITY), 0xff80);
+        assert_eq!(f32_to_bf16(-0.0), 0x8000);
+        assert!(bf16_to_f32(f32_to_bf16(f32::NAN)).is_nan());
+        // a NaN whose payload sits only in the low bits must not become inf
+        assert!(bf16_to_f32(f32_to_bf16(f32::from_bits(0x7f80_0001))).is_nan());
+        // largest finite f32 rounds up to infinity
+        assert_eq!(f32_to_bf16(f32::MAX), 0x7f80);
+        // exact tie 1 + 2^-8 goes to even (1.0)
+        assert_eq!(f32_to_bf16(1.0 + 1.0 / 256.0), 0x3f80);
+        // tie 1 + 3*2^-8 goes up to even
+        assert_eq!(f32_to_bf16(1.0 + 3.0 / 256.0), 0x3f82);
+    }
+
+    #[test]
+    fn decode_encode_round_trip_every_bf16_and_f16() {
+        for bits in 0..=u16::MAX {
+            let x = bf16_to_f32(bits);
+            if !x.is_nan() {
+                assert_eq!(f32_to_bf16(x), bits);
+            }
+            let y = f16_to_f32(bits);
+            if !y.is_nan() {
+                assert_eq!(f32_to_f16(y), bits);
+            }
+        }
+    }
+
+    #[test]
+    fn slices_decode_unaligned() {
+        let vals = [1.5f32, -2.25, 0.0, 1e-3];
+        let mut bytes = [0u8; 1 + 16];
+        encode(FloatType::F32, &vals, &mut bytes[1..]);
+        let mut out = [0f32; 4];
+        decode(FloatType::F32, &bytes[1..], &mut out);
+        assert_eq!(out, vals);
+    }
+}

@@ -1,0 +1,210 @@
+//! Provenance (contract 5): `chatvec-manifest.json` in every output records
+//! the tool version, the command, each input's per-shard sha256, the
+//! parameters, and each output file's sha256. For an extracted vector it is
+//! also the vector's descriptor: its sources, tensors and what was left out.
+
+use std::collections::HashSet;
+use std::path::Path;
+
+use serde::Serialize;
+use serde_json::Value;
+
+use crate::error::{Error, Result};
+use crate::json::read_value;
+use crate::model::checkpoint::HubOrigin;
+use crate::output::files::WrittenFile;
+use crate::plan::{EmbeddingPolicy, EmbeddingReport, Plan, Role};
+use crate::recipe::{Recipe, Syntax};
+
+pub const MANIFEST_FILE: &str = "chatvec-manifest.json";
+const FORMAT: &str = "chatvec-manifest/1";
+/// Largest manifest read (one of a 70B model is about 100 KB).
+pub(crate) const MAX_MANIFEST_BYTES: u64 = 64 << 20;
+
+#[derive(Serialize)]
+pub struct InputRecord {
+    pub role: Role,
+    /// The reference as the user gave it (path, alias or Hub id).
+    pub reference: String,
+    pub path: String,
+    /// Repo, revision and commit, for a model from the Hugging Face cache.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub hub: Option<HubOrigin>,
+    pub shards: Vec<WrittenFile>,
+}
+
+#[derive(Serialize)]
+pub struct TensorRecord {
+    pub name: String,
+    pub dtype: String,
+    pub shape: Vec<u64>,
+}
+
+/// The descriptor part of a vector's manifest.
+#[derive(Serialize)]
+pub struct VectorRecord {
+    pub tensors: Vec<TensorRecord>,
+    /// Tensors deselected at extract time; `apply` copies them from the base.
+    pub omitted: Vec<String>,
+    pub tied: bool,
+}
+
+/// Parameters of the run, as given.
+#[derive(Serialize)]
+pub struct Parameters {
+    pub scale: f32,
+    pub scale_for: Vec<String>,
+    pub include: Vec<String>,
+    pub exclude: Vec<String>,
+    pub embeddings: Option<EmbeddingPolicy>,
+    pub out_dtype: Option<String>,
+    pub shard_size: u64,
+    pub allow_mismatch: bool,
+    pub keep_base_template: bool,
+}
+
+/// The recipe a `merge` ran, verbatim, so `verify --recipe` can compare.
+#[derive(Serialize, Clone, Debug)]
+pub struct RecipeRecord {
+    pub file: String,
+    pub syntax: Syntax,
+    pub sha256: String,
+    pub text: String,
+}
+
+impl RecipeRecord {
+    /// What the manifest keeps of `recipe`.
+    pub fn of(recipe: &Recipe) -> RecipeRecord {
+        RecipeRecord {
+            file: recipe.path.display().to_string(),
+            syntax: recipe.syntax,
+            sha256: recipe.sha256.clone(),
+            text: recipe.text.clone(),
+        }
+    }
+}
+
+#[derive(Serialize)]
+pub struct Manifest {
+    pub format: &'static str,
+    pub tool: &'static str,
+    pub version: &'static str,
+    /// `extract`, `apply` or `merge`.
+    pub kind: &'static str,
+    pub command: Vec<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub recipe: Option<RecipeRecord>,
+    pub inputs: Vec<InputRecord>,
+    /// `Parameters` for extract/apply; method and settings for merge.
+    pub parameters: Value,
+    pub embeddings: Vec<EmbeddingReport>,
+    pub notes: Vec<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub vector: Option<VectorRecord>,
+    /// Weight shards and index.
+    pub outputs: Vec<WrittenFile>,
+    /// Config, tokenizer and template files.
+    pub files: Vec<WrittenFile>,
+}
+
+impl Manifest {
+    pub fn new(
+        kind: &'static str,
+        plan: &Plan,
+        inputs: Vec<Vec<WrittenFile>>,
+        parameters: Value,
+    ) -> Manifest {
+        Manifest {
+            format: FORMAT,
+            tool: "chatvec",
+            version: env!("CARGO_PKG_VERSION"),
+            kind,
+            command: std::env::args().collect(),
+            recipe: None,
+            inputs: plan
+                .inputs
+                .iter()
+                .zip(inputs)
+                .map(|(i, shards)| InputRecord {
+                    role: i.role,
+                    reference: i.label.clone(),
+                    path: std::fs::canonicalize(&i.ckpt.dir)
+                        .unwrap_or(i.ckpt.dir.clone())
+                        .display()
+                        .to_string(),
+                    hub: i.ckpt.origin.clone(),
+                    shards,
+                })
+                .collect(),
+            parameters,
+            embeddings: plan.embeddings.clone(),
+            notes: Vec::new(),
+            vector: None,
+            outputs: Vec::new(),
+            files: Vec::new(),
+        }
+    }
+}
+
+/// The manifest of `dir` as JSON, if there is one; it must be ours.
+fn read_manifest(dir: &Path) -> Result<Option<Value>> {
+    let p = dir.join(MANIFEST_FILE);
+    if !p.is_file() {
+        return Ok(None);
+    }
+    let v = read_value(&p, MAX_MANIFEST_BYTES)?;
+    if v.get("format").and_then(Value::as_str) != Some(FORMAT) {
+        return Err(Error::bad_file(&p, format!("is not a {FORMAT} manifest")));
+    }
+    Ok(Some(v))
+}
+
+/// What `apply --vector` needs from a vector's manifest.
+pub struct VectorInfo {
+    pub omitted: HashSet<String>,
+}
+
+/// Reads the manifest of a vector directory, if there is one. A directory
+/// with a manifest of another kind is an error: it is a model, not a vector.
+pub fn read_vector_info(dir: &Path) -> Result<Option<VectorInfo>> {
+    let Some(v) = read_manifest(dir)? else { return Ok(None) };
+    if v.get("kind").and_then(Value::as_str) != Some("extract") {
+        return Err(Error::Usage(format!(
+            "{} is a merged model, not a chat vector made by `chatvec extract`",
+            dir.display()
+        ))
+        .with_hint(
+            "use --chat/--pretrained for the streaming form, or point --vector at an extract output",
+        ));
+    }
+    let omitted = v
+        .pointer("/vector/omitted")
+        .and_then(Value::as_array)
+        .map(|a| a.iter().filter_map(Value::as_str).map(str::to_string).collect())
+        .unwrap_or_default();
+    Ok(Some(VectorInfo { omitted }))
+}
+
+/// What `inspect` shows of an output's manifest: which job made it, from
+/// which inputs.
+#[derive(Serialize)]
+pub struct Provenance {
+    /// The job: `extract`, `apply` or `merge`.
+    pub kind: String,
+    /// The chatvec version that wrote it.
+    pub version: String,
+    /// (role, path) of each input.
+    pub inputs: Vec<(String, String)>,
+}
+
+/// Reads the manifest of `dir`, if there is one.
+pub fn read_provenance(dir: &Path) -> Result<Option<Provenance>> {
+    let Some(v) = read_manifest(dir)? else { return Ok(None) };
+    let text = |v: &Value, k: &str| v.get(k).and_then(Value::as_str).unwrap_or("?").to_string();
+    let inputs = v
+        .get("inputs")
+        .and_then(Value::as_array)
+        .map(|a| a.iter().map(|i| (text(i, "role"), text(i, "path"))).collect())
+        .unwrap_or_default();
+    Ok(Some(Provenance { kind: text(&v, "kind"), version: text(&v, "version"), inputs }))
+}

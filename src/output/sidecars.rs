@@ -1,0 +1,299 @@
+//! The non-weight files of an output: config, generation config and
+//! tokenizer from the base, and, when the chat model is known, its chat
+//! template and generation eos ids (Llama-3 base models have no chat
+//! template and leave `<|eot_id|>` untrained, so a chat-vector model without
+//! them does not stop where it should).
+
+use std::path::Path;
+
+use serde_json::Value;
+
+use crate::error::{Error, Result};
+use crate::json::{read_capped, read_value, to_pretty};
+use crate::model::SIDE_FILES;
+use crate::model::dtype::FloatType;
+use crate::model::tokenizer::Vocab;
+use crate::output::files::{WrittenFile, write_file};
+use crate::plan::{Plan, VocabUnion};
+
+/// Largest side file copied (tokenizer.json of large vocabularies is ~35 MB).
+const MAX_SIDE_BYTES: u64 = 256 << 20;
+
+/// The side files of an output, read, checked and edited before any weight
+/// is written (a broken input side file must fail the run before its long
+/// part), and written at the end.
+#[derive(Default)]
+pub struct SideFiles {
+    pending: Vec<(String, Vec<u8>)>,
+    /// Human-readable notes, also printed.
+    pub notes: Vec<String>,
+    pub warnings: Vec<String>,
+}
+
+impl SideFiles {
+    /// A prepared file's bytes.
+    pub fn get(&self, name: &str) -> Option<&[u8]> {
+        self.pending.iter().find(|(n, _)| n == name).map(|(_, b)| b.as_slice())
+    }
+
+    /// Adds a generated file (e.g. the model card), replacing one of that name.
+    pub fn add(&mut self, name: &str, bytes: Vec<u8>) {
+        self.pending.retain(|(n, _)| n != name);
+        self.pending.push((name.to_string(), bytes));
+    }
+
+    /// Writes the files into `out`, durably.
+    pub fn write(self, out: &Path) -> Result<Vec<WrittenFile>> {
+        self.pending.iter().map(|(name, bytes)| write_file(out, name, bytes)).collect()
+    }
+}
+
+fn read_json_object(path: &Path) -> Result<serde_json::Map<String, Value>> {
+    match read_value(path, MAX_SIDE_BYTES)? {
+        Value::Object(m) => Ok(m),
+        _ => Err(Error::bad_file(path, "expected a JSON object")),
+    }
+}
+
+/// A chat template found in a model directory.
+enum Template {
+    /// From `chat_template.jinja`.
+    File(String),
+    /// The `chat_template` value of tokenizer_config.json or chat_template.json
+    /// (a string, or a list of named templates).
+    Value(Value),
+}
+
+fn find_template(dir: &Path) -> Result<Option<Template>> {
+    let jinja = dir.join("chat_template.jinja");
+    if jinja.is_file() {
+        let bytes = read_capped(&jinja, MAX_SIDE_BYTES)?;
+        let s = String::from_utf8(bytes).map_err(|_| Error::bad_file(&jinja, "is not UTF-8"))?;
+        return Ok(Some(Template::File(s)));
+    }
+    for name in ["tokenizer_config.json", "chat_template.json"] {
+        let p = dir.join(name);
+        if p.is_file()
+            && let Some(v) = read_json_object(&p)?.remove("chat_template")
+            && !v.is_null()
+        {
+            return Ok(Some(Template::Value(v)));
+        }
+    }
+    Ok(None)
+}
+
+/// The text of the chat template in `dir`, if there is one: the
+/// `chat_template.jinja` file, or the `chat_template` string (or, for a list
+/// of named templates, the one named `default`, else the first).
+pub fn chat_template_text(dir: &Path) -> Result<Option<String>> {
+    Ok(match find_template(dir)? {
+        None => None,
+        Some(Template::File(s)) => Some(s),
+        Some(Template::Value(Value::String(s))) => Some(s),
+        Some(Template::Value(Value::Array(list))) => {
+            let named = |n: &Value| n.get("name").and_then(Value::as_str) == Some("default");
+            list.iter()
+                .find(|t| named(t))
+                .or(list.first())
+                .and_then(|t| t.get("template"))
+                .and_then(Value::as_str)
+                .map(str::to_string)
+        }
+        Some(Template::Value(_)) => None,
+    })
+}
+
+/// Reads the side files of `from` that exist, to be copied unchanged; JSON
+/// ones must parse.
+pub fn read_side_files(from: &Path) -> Result<SideFiles> {
+    let mut side = SideFiles::default();
+    for name in SIDE_FILES {
+        let p = from.join(name);
+        if p.is_file() {
+            let bytes = read_capped(&p, MAX_SIDE_BYTES)?;
+            if name.ends_with(".json") {
+                serde_json::from_slice::<Value>(&bytes)
+                    .map_err(|e| Error::bad_file(&p, format!("invalid JSON: {e}")))?;
+            }
+            side.pending.push((name.to_string(), bytes));
+        }
+    }
+    Ok(side)
+}
+
+/// What the output of `apply` takes from the chat model.
+pub struct ChatSide<'a> {
+    /// Directory holding the chat model's tokenizer/template/generation files
+    /// (the chat model itself, or a vector made by `extract`).
+    pub dir: &'a Path,
+    pub keep_base_template: bool,
+}
+
+/// Prepares the side files of an applied model: the base's, with
+/// `torch_dtype` following `--out-dtype`, and the chat model's template and
+/// eos ids.
+pub fn model_side_files(
+    base: &Path,
+    chat: Option<ChatSide<'_>>,
+    out_dtype: Option<FloatType>,
+) -> Result<SideFiles> {
+    let mut side = read_side_files(base)?;
+    if let Some(ty) = out_dtype
+        && let Some(entry) = side.pending.iter_mut().find(|(n, _)| n == "config.json")
+    {
+        let mut cfg = read_json_object(&base.join("config.json"))?;
+        let key = if cfg.contains_key("dtype") { "dtype" } else { "torch_dtype" };
+        cfg.insert(key.into(), ty.torch_name().into());
+        entry.1 = to_pretty(&cfg);
+    }
+    if let Some(chat) = chat.filter(|c| !c.keep_base_template) {
+        take_chat_template(base, chat.dir, &mut side)?;
+        take_eos_ids(base, chat.dir, &mut side)?;
+    }
+    Ok(side)
+}
+
+fn set_pending(pending: &mut Vec<(String, Vec<u8>)>, name: &str, bytes: Vec<u8>) {
+    match pending.iter_mut().find(|(n, _)| n == name) {
+        Some(e) => e.1 = bytes,
+        None => pending.push((name.to_string(), bytes)),
+    }
+}
+
+fn take_chat_template(base: &Path, chat: &Path, side: &mut SideFiles) -> Result<()> {
+    let pending = &mut side.pending;
+    let Some(tpl) = find_template(chat)? else {
+        return Ok(());
+    };
+    let had = if find_template(base)?.is_some() { "replacing the base's" } else { "the base had none" };
+    let as_value = match &tpl {
+        Template::File(s) => Value::String(s.clone()),
+        Template::Value(v) => v.clone(),
+    };
+    let tc = base.join("tokenizer_config.json");
+    if tc.is_file() {
+        let mut cfg = read_json_object(&tc)?;
+        cfg.insert("chat_template".into(), as_value.clone());
+        set_pending(pending, "tokenizer_config.json", to_pretty(&cfg));
+    }
+    // transformers prefers chat_template.jinja over tokenizer_config.json, so
+    // a base's own .jinja must not survive beside the chat model's template.
+    if let Value::String(s) = &as_value
+        && (matches!(tpl, Template::File(_)) || base.join("chat_template.jinja").is_file() || !tc.is_file())
+    {
+        set_pending(pending, "chat_template.jinja", s.clone().into_bytes());
+    }
+    pending.retain(|(n, _)| n != "chat_template.json");
+    side.notes.push(format!("chat template: taken from {} ({had})", chat.display()));
+    Ok(())
+}
+
+fn take_eos_ids(base: &Path, chat: &Path, side: &mut SideFiles) -> Result<()> {
+    let gp = chat.join("generation_config.json");
+    if !gp.is_file() {
+        return Ok(());
+    }
+    let Some(eos) = read_json_object(&gp)?.remove("eos_token_id").filter(|v| !v.is_null()) else {
+        return Ok(());
+    };
+    let ids: Vec<u64> = match &eos {
+        Value::Number(n) => n.as_u64().into_iter().collect(),
+        Value::Array(a) => a.iter().filter_map(Value::as_u64).collect(),
+        _ => Vec::new(),
+    };
+    // Ids are only meaningful in the chat model's vocabulary: carry them over
+    // by token string when both tokenizers are known.
+    let (bt, ct) = (base.join("tokenizer.json"), chat.join("tokenizer.json"));
+    let mapped: Option<Vec<u64>> = if bt.is_file() && ct.is_file() {
+        let (bv, cv) = (Vocab::read(&bt)?, Vocab::read(&ct)?);
+        ids.iter().map(|&i| cv.token(i).and_then(|t| bv.id(t)).map(u64::from)).collect()
+    } else {
+        side.warnings.push(format!(
+            "tokenizer.json missing for the base or the chat model; eos ids {ids:?} copied as numbers, unchecked"
+        ));
+        Some(ids.clone())
+    };
+    let Some(mapped) = mapped else {
+        side.warnings.push(format!(
+            "the chat model's eos ids {ids:?} are not all tokens of the base vocabulary; generation_config.json left as in the base"
+        ));
+        return Ok(());
+    };
+    let bp = base.join("generation_config.json");
+    let mut gen_cfg = if bp.is_file() { read_json_object(&bp)? } else { serde_json::Map::new() };
+    let before = gen_cfg.get("eos_token_id").cloned().unwrap_or(Value::Null);
+    let new: Value = if mapped.len() == 1 && eos.is_number() { mapped[0].into() } else { mapped.into() };
+    if before != new {
+        side.notes.push(format!("generation eos_token_id: {new} from the chat model (base had {before})"));
+    }
+    gen_cfg.insert("eos_token_id".into(), new);
+    set_pending(&mut side.pending, "generation_config.json", to_pretty(&gen_cfg));
+    Ok(())
+}
+
+/// Writes a union vocabulary into the side files: the new tokens as added
+/// tokens of tokenizer.json (flags from the tokenizer that has them) and of
+/// tokenizer_config.json's added_tokens_decoder, and config.json's
+/// vocab_size, as mergekit's union tokenizer does.
+pub fn add_union_tokens(side: &mut SideFiles, plan: &Plan, u: &VocabUnion) -> Result<()> {
+    if u.added.is_empty() {
+        return Ok(());
+    }
+    let json = |bytes: &[u8], name: &str| -> Result<serde_json::Value> {
+        serde_json::from_slice(bytes).map_err(|e| Error::Internal(format!("{name}: {e}")))
+    };
+    // The added-token flags each source tokenizer gives a token.
+    // Each source tokenizer once (the plan already parsed it; a read error
+    // now is an error, not default flags).
+    let mut sources: std::collections::HashMap<usize, serde_json::Value> = std::collections::HashMap::new();
+    for (_, _, input) in &u.added {
+        if !sources.contains_key(input) {
+            let p = plan.inputs[*input].ckpt.dir.join("tokenizer.json");
+            sources.insert(*input, crate::json::read_value(&p, 1 << 30)?);
+        }
+    }
+    let flag_of = |input: usize, tok: &str| -> serde_json::Value {
+        let found = sources[&input].get("added_tokens").and_then(serde_json::Value::as_array).and_then(|a| {
+            a.iter().find(|t| t.get("content").and_then(serde_json::Value::as_str) == Some(tok))
+        });
+        let get =
+            |k: &str, d: bool| found.and_then(|f| f.get(k)).and_then(serde_json::Value::as_bool).unwrap_or(d);
+        serde_json::json!({
+            "content": tok, "single_word": get("single_word", false), "lstrip": get("lstrip", false),
+            "rstrip": get("rstrip", false), "normalized": get("normalized", true), "special": get("special", false),
+        })
+    };
+    let entries: Vec<(u64, serde_json::Value)> =
+        u.added.iter().map(|(id, tok, input)| (*id, flag_of(*input, tok))).collect();
+    if let Some(bytes) = side.get("tokenizer.json") {
+        let mut v = json(bytes, "tokenizer.json")?;
+        let list = v
+            .get_mut("added_tokens")
+            .and_then(serde_json::Value::as_array_mut)
+            .ok_or_else(|| Error::Usage("the base's tokenizer.json has no added_tokens list".into()))?;
+        for (id, e) in &entries {
+            let mut e = e.clone();
+            e["id"] = (*id).into();
+            list.push(e);
+        }
+        side.add("tokenizer.json", to_pretty(&v));
+    }
+    if let Some(bytes) = side.get("tokenizer_config.json") {
+        let mut v = json(bytes, "tokenizer_config.json")?;
+        if let Some(dec) = v.get_mut("added_tokens_decoder").and_then(serde_json::Value::as_object_mut) {
+            for (id, e) in &entries {
+                dec.insert(id.to_string(), e.clone());
+            }
+            side.add("tokenizer_config.json", to_pretty(&v));
+        }
+    }
+    if let Some(bytes) = side.get("config.json") {
+        let mut v = json(bytes, "config.json")?;
+        if let Some(o) = v.as_object_mut() {
+            o.insert("vocab_size".into(), (u.base_rows + u.added.len() as u64).into());
+        }
+        side.add("config.json", to_pretty(&v));
+    }
+    Ok(())
+}

@@ -1,0 +1,273 @@
+//! Plans of the chat-vector jobs: `extract` writes `chat - pretrained`,
+//! `apply` writes `base + scale * vector` over the base's tensors, names,
+//! order and dtypes.
+
+use std::collections::HashSet;
+
+use crate::arith::rows::RowRun;
+use crate::error::{Error, Result};
+use crate::model::checkpoint::{Checkpoint, Tensor, is_lm_head, is_vocab_matrix};
+use crate::model::dtype::{DType, FloatType};
+use crate::plan::checks::{Problems, check_configs, float_of, read_vocab};
+use crate::plan::select::Selection;
+use crate::plan::shards::assign_shards;
+use crate::plan::vocab::{EmbeddingPolicy, EmbeddingReport, RowMap, Vocabs, match_rows};
+use crate::plan::{Formula, Input, Op, OutTensor, Plan, Role, Source};
+
+/// Settings shared by extract and apply.
+pub struct Common {
+    pub selection: Selection,
+    pub shard_size: u64,
+    pub allow_mismatch: bool,
+}
+
+/// Options of `apply`.
+pub struct ApplyOptions {
+    pub common: Common,
+    pub embeddings: EmbeddingPolicy,
+    pub out_dtype: Option<FloatType>,
+}
+
+/// The vector side of `apply`.
+pub enum VectorSide {
+    /// `--vector DIR`: a stored vector; `omitted` lists tensors its extract
+    /// left out on purpose (they are copied from the base).
+    Stored { vector: Box<Checkpoint>, omitted: HashSet<String> },
+    /// `--chat M --pretrained M`: computed on the fly.
+    Streaming { chat: Box<Checkpoint>, pretrained: Box<Checkpoint> },
+}
+
+/// Plans `extract`: `chat - pretrained` for every selected tensor of the
+/// chat model, in the chat model's order.
+pub fn plan_extract(
+    chat: Checkpoint,
+    pre: Checkpoint,
+    common: &Common,
+    dtype: Option<FloatType>,
+) -> Result<Plan> {
+    let mut warnings = Vec::new();
+    check_configs(&chat, &pre, common.allow_mismatch, &mut warnings)?;
+    let mut problems = Problems::new("the chat and pretrained models do not line up");
+    let mut tensors = Vec::new();
+    let mut omitted = Vec::new();
+    let sel = &common.selection;
+    let mut names: Vec<(String, Option<usize>)> =
+        chat.tensors.iter().enumerate().map(|(i, t)| (t.name.clone(), Some(i))).collect();
+    // A tied chat model paired with an untied pretrained one: the vector
+    // still needs the output projection's difference.
+    if chat.is_tied()
+        && let Some(h) = pre.tensors.iter().find(|t| is_lm_head(&t.name))
+    {
+        names.push((h.name.clone(), None));
+    }
+    for (name, _) in &names {
+        if !sel.selects(name) {
+            omitted.push(name.clone());
+            continue;
+        }
+        let (Some(c), Some(p)) = (chat.logical(name), pre.logical(name)) else {
+            problems.push(format!("'{name}' is in {} but not in {}", chat.dir.display(), pre.dir.display()));
+            continue;
+        };
+        let cf = float_of(&chat, c, "--exclude")?;
+        float_of(&pre, p, "--exclude")?;
+        if c.shape != p.shape {
+            problems.push(format!("'{name}': chat shape {:?} vs pretrained {:?}", c.shape, p.shape));
+            continue;
+        }
+        let src = |ck: &Checkpoint, input: usize, t: &Tensor| Source {
+            input,
+            tensor: ck.logical_index(&t.name).unwrap(),
+        };
+        let out_ty = dtype.unwrap_or(cf);
+        tensors.push(OutTensor {
+            name: name.clone(),
+            dtype: out_ty.dtype(),
+            shape: c.shape.clone(),
+            op: Op::Arith {
+                formula: Formula::Diff { chat: src(&chat, 0, c), pre: src(&pre, 1, p) },
+                runs: vec![RowRun { base_row: 0, vector_row: 0, rows: c.numel() }],
+                row_len: 1,
+            },
+        });
+    }
+    for t in &pre.tensors {
+        if chat.logical(&t.name).is_none() && sel.selects(&t.name) {
+            problems.push(format!(
+                "'{}' is in {} but not in {}",
+                t.name,
+                pre.dir.display(),
+                chat.dir.display()
+            ));
+        }
+    }
+    problems.into_result()?;
+    if tensors.is_empty() {
+        return Err(Error::Usage("no tensor is selected; check --include / --exclude".into()));
+    }
+    let shards = assign_shards(&tensors, common.shard_size);
+    Ok(Plan {
+        inputs: vec![Input::new(Role::Chat, chat), Input::new(Role::Pretrained, pre)],
+        tensors,
+        shards,
+        embeddings: Vec::new(),
+        omitted,
+        warnings,
+        vocab_union: None,
+    })
+}
+
+/// Plans `apply`: the base model's tensors, names, order and dtypes (or
+/// `--out-dtype`), with the scaled vector added to the selected ones.
+pub fn plan_apply(base: Checkpoint, side: VectorSide, opts: &ApplyOptions) -> Result<Plan> {
+    let common = &opts.common;
+    let sel = &common.selection;
+    let mut warnings = Vec::new();
+    // Index 0 is the base; the vector side follows.
+    let (vector_cks, omitted_ok): (Vec<(Role, Checkpoint)>, HashSet<String>) = match side {
+        VectorSide::Stored { vector, omitted } => {
+            check_configs(&base, &vector, common.allow_mismatch, &mut warnings)?;
+            (vec![(Role::Vector, *vector)], omitted)
+        }
+        VectorSide::Streaming { chat, pretrained } => {
+            check_configs(&chat, &pretrained, common.allow_mismatch, &mut warnings)?;
+            check_configs(&base, &chat, common.allow_mismatch, &mut warnings)?;
+            (vec![(Role::Chat, *chat), (Role::Pretrained, *pretrained)], HashSet::new())
+        }
+    };
+    let base_vocab = read_vocab(&base)?;
+    let vector_vocab = read_vocab(&vector_cks[0].1)?;
+    let vocabs = Vocabs { base: base_vocab.as_ref(), vector: vector_vocab.as_ref() };
+    let mut problems = Problems::new("the base model and the chat vector do not line up");
+
+    // A tied base has one matrix for input and output; a vector that changes
+    // them differently cannot be applied to it faithfully.
+    let vector_has_head = vector_cks.iter().any(|(_, ck)| ck.tensors.iter().any(|t| is_lm_head(&t.name)));
+    if base.is_tied()
+        && vector_has_head
+        && opts.embeddings != EmbeddingPolicy::Skip
+        && base.embedding().is_some_and(|e| sel.selects(&e.name))
+    {
+        return Err(Error::Usage(format!(
+            "{} ties lm_head to its embeddings, but the chat vector has a separate lm_head; one matrix cannot take both changes",
+            base.dir.display()
+        ))
+        .with_hint("pass --embeddings skip to leave the embeddings as in the base"));
+    }
+
+    let mut tensors = Vec::with_capacity(base.tensors.len());
+    let mut embeddings = Vec::new();
+    for (bi, bt) in base.tensors.iter().enumerate() {
+        let base_src = Source { input: 0, tensor: bi };
+        let copy_op = |out: DType| -> Result<Op> {
+            if out == bt.dtype {
+                Ok(Op::Copy(base_src))
+            } else {
+                float_of(&base, bt, "--exclude").map(|_| Op::Convert(base_src))
+            }
+        };
+        let out_dtype = match (opts.out_dtype, bt.dtype.float()) {
+            (Some(o), Some(_)) => o.dtype(),
+            _ => bt.dtype,
+        };
+        let vocab_matrix = is_vocab_matrix(&bt.name);
+        if !sel.selects(&bt.name) || (vocab_matrix && opts.embeddings == EmbeddingPolicy::Skip) {
+            tensors.push(OutTensor {
+                name: bt.name.clone(),
+                dtype: out_dtype,
+                shape: bt.shape.clone(),
+                op: copy_op(out_dtype)?,
+            });
+            continue;
+        }
+        float_of(&base, bt, "--exclude")?;
+        let lookup: Vec<Option<usize>> =
+            vector_cks.iter().map(|(_, ck)| ck.logical_index(&bt.name)).collect();
+        if let Some(k) = lookup.iter().position(Option::is_none) {
+            if omitted_ok.contains(&bt.name) {
+                tensors.push(OutTensor {
+                    name: bt.name.clone(),
+                    dtype: out_dtype,
+                    shape: bt.shape.clone(),
+                    op: copy_op(out_dtype)?,
+                });
+            } else {
+                problems.push(format!(
+                    "'{}' is in the base but not in {}",
+                    bt.name,
+                    vector_cks[k].1.dir.display()
+                ));
+            }
+            continue;
+        }
+        // Sources on the vector side, inputs 1.. in order.
+        let found: Vec<Source> =
+            lookup.iter().enumerate().map(|(k, i)| Source { input: k + 1, tensor: i.unwrap() }).collect();
+        for (k, s) in found.iter().enumerate() {
+            let ck = &vector_cks[k].1;
+            float_of(ck, &ck.tensors[s.tensor], "--exclude")?;
+        }
+        let shape_of = |s: &Source| &vector_cks[s.input - 1].1.tensors[s.tensor].shape;
+        let vshape = shape_of(&found[0]);
+        if found.len() == 2 && shape_of(&found[1]) != vshape {
+            problems.push(format!(
+                "'{}': chat shape {:?} vs pretrained {:?}",
+                bt.name,
+                vshape,
+                shape_of(&found[1])
+            ));
+            continue;
+        }
+        let same_row_shape = vshape.len() == bt.shape.len() && vshape.get(1..) == bt.shape.get(1..);
+        let (runs, row_len) = if vocab_matrix && same_row_shape && !bt.shape.is_empty() {
+            let rm: RowMap = match_rows(&bt.name, opts.embeddings, bt.shape[0], vshape[0], &vocabs)?;
+            if let Some(w) = &rm.warning {
+                warnings.push(w.clone());
+            }
+            embeddings.push(EmbeddingReport {
+                tensor: bt.name.clone(),
+                rows: bt.shape[0],
+                rows_with_vector: rm.matched(),
+                policy: rm.how,
+            });
+            (rm.runs, bt.shape[1..].iter().product())
+        } else if *vshape == bt.shape {
+            (vec![RowRun { base_row: 0, vector_row: 0, rows: bt.numel() }], 1)
+        } else {
+            problems.push(format!("'{}': base shape {:?} vs vector {:?}", bt.name, bt.shape, vshape));
+            continue;
+        };
+        let scale = sel.scale(&bt.name);
+        // The vector side is a stored vector, or a chat and a pretrained model.
+        let formula = match found[..] {
+            [chat, pre] => Formula::AddDiff { base: base_src, chat, pre, scale },
+            [vector, ..] => Formula::AddScaled { base: base_src, vector, scale },
+            [] => continue,
+        };
+        tensors.push(OutTensor {
+            name: bt.name.clone(),
+            dtype: out_dtype,
+            shape: bt.shape.clone(),
+            op: Op::Arith { formula, runs, row_len },
+        });
+    }
+    // Tensors of the vector side the base does not have mean the
+    // architectures differ.
+    for (_, ck) in &vector_cks {
+        for t in &ck.tensors {
+            if base.logical(&t.name).is_none() && sel.selects(&t.name) {
+                problems.push(format!(
+                    "'{}' is in {} but not in the base {}",
+                    t.name,
+                    ck.dir.display(),
+                    base.dir.display()
+                ));
+            }
+        }
+    }
+    problems.into_result()?;
+    let shards = assign_shards(&tensors, common.shard_size);
+    let mut inputs = vec![Input::new(Role::Base, base)];
+    inputs.extend(vector_cks.into_iter().map(|(role, ckpt)| Input::new(role, ckpt)));
+    Ok(Plan { inputs, tensors, shards, embeddings, omitted: Vec::new(), warnings, vocab_union: None })
+}

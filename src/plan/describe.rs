@@ -1,0 +1,93 @@
+//! The `--dry-run` listing: every input, and per shard every output tensor
+//! with its formula or merge method and parameters.
+
+use std::fmt::Write as _;
+
+use crate::merge::methods::Method;
+use crate::plan::{Formula, Op, Plan, Source};
+use crate::units::human_bytes;
+
+impl Plan {
+    /// A readable listing of the plan, for `--dry-run`.
+    pub fn describe(&self) -> String {
+        let mut out = String::new();
+        for i in &self.inputs {
+            let _ = write!(
+                out,
+                "input {:?} {}: {} ({} shards)",
+                i.role,
+                i.label,
+                i.ckpt.dir.display(),
+                i.ckpt.shards.len()
+            );
+            if let Some(o) = &i.ckpt.origin {
+                let _ = write!(out, " {}@{} commit {}", o.repo, o.revision, o.commit);
+            }
+            out.push('\n');
+        }
+        for sh in &self.shards {
+            let _ = writeln!(out, "shard {} ({} bytes)", sh.file_name, sh.size);
+            for t in &self.tensors[sh.tensors.clone()] {
+                let _ = writeln!(out, "  {} {} {:?}: {}", t.name, t.dtype, t.shape, self.describe_op(&t.op));
+            }
+        }
+        let computed = self.tensors.iter().filter(|t| !matches!(t.op, Op::Copy(_))).count();
+        let _ = writeln!(
+            out,
+            "total: {} tensors ({computed} computed), {} in {} shard(s); dry run, nothing written",
+            self.tensors.len(),
+            human_bytes(self.output_bytes()),
+            self.shards.len()
+        );
+        out
+    }
+
+    fn describe_op(&self, op: &Op) -> String {
+        let name = |s: Source| {
+            format!("{:?}:{}", self.inputs[s.input].role, self.input_tensor(s).name).to_lowercase()
+        };
+        match op {
+            Op::Copy(s) => format!("copy {}", name(*s)),
+            Op::Convert(s) => format!("convert {}", name(*s)),
+            Op::Merge(m) => {
+                let mut parts = Vec::new();
+                if let Some(b) = m.base {
+                    parts.push(format!("base={}", self.inputs[b.input].label));
+                }
+                for (s, mp) in m.models.iter().zip(&m.merge.params.models) {
+                    let mut p = format!("{}(weight={}", self.inputs[s.input].label, mp.weight);
+                    if m.merge.method.sparsify().is_some() {
+                        let _ = write!(p, ", density={}", mp.density);
+                    }
+                    p.push(')');
+                    parts.push(p);
+                }
+                let q = &m.merge.params;
+                let extra = match m.merge.method {
+                    Method::Slerp => format!(" t={}", q.t),
+                    Method::ModelStock => format!(" filter_wise={}", q.filter_wise),
+                    Method::Linear => format!(" normalize={}", q.normalize),
+                    _ => format!(" normalize={} rescale={} lambda={}", q.normalize, q.rescale, q.lambda),
+                };
+                format!("{} {}{extra}", m.merge.method.name(), parts.join(" "))
+            }
+            Op::Arith { formula, runs, row_len } => {
+                let f = match *formula {
+                    Formula::Diff { chat, pre } => format!("{} - {}", name(chat), name(pre)),
+                    Formula::AddDiff { base, chat, pre, scale } => {
+                        format!("{} + {scale} * ({} - {})", name(base), name(chat), name(pre))
+                    }
+                    Formula::AddScaled { base, vector, scale } => {
+                        format!("{} + {scale} * {}", name(base), name(vector))
+                    }
+                };
+                if *row_len > 1 {
+                    let rows: u64 = runs.iter().map(|r| r.rows).sum();
+                    format!("{f} on {rows} rows")
+                } else {
+                    f
+                }
+            }
+        }
+    }
+}

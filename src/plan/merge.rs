@@ -1,0 +1,391 @@
+//! Plans a merge (a recipe's or a mergekit config's): every tensor of the
+//! base (or, without one, of the first model) computed by the method from
+//! the same tensor of each input, with its parameters resolved for that
+//! tensor. Inputs must line up name for name and shape for shape; anything
+//! else is listed before a byte is written.
+
+use crate::arith::rows::{RowSrc, RowTable};
+use crate::error::{Error, Result};
+use crate::merge::TensorMerge;
+use crate::merge::methods::{self, Method, ParamSources, Scope};
+use crate::merge::params::{Setting, layer_index, layer_position};
+use crate::model::checkpoint::{Checkpoint, is_vocab_matrix};
+use crate::model::dtype::FloatType;
+use crate::model::tokenizer::Vocab;
+use crate::plan::checks::{Problems, check_configs, float_of, read_vocab};
+use crate::plan::shards::assign_shards;
+use crate::plan::vocab::{EmbeddingPolicy, EmbeddingReport, RowMap, Vocabs, match_rows};
+use crate::plan::{Input, MergeOp, Op, OutTensor, Plan, Source, UnionRows, VocabUnion};
+
+/// A merge, as data.
+pub struct MergeSpec {
+    pub method: Method,
+    /// Index of the base model in the inputs.
+    pub base: Option<usize>,
+    /// Indices of the merged inputs, in parameter order. For linear the base
+    /// is one of them.
+    pub models: Vec<usize>,
+    /// Settings for all models.
+    pub global: Vec<(String, Setting)>,
+    /// Each merged input's own settings, parallel to `models`.
+    pub per_model: Vec<Vec<(String, Setting)>>,
+    pub seed: u64,
+    pub out_dtype: Option<FloatType>,
+    pub shard_size: u64,
+    pub allow_mismatch: bool,
+    /// `tokenizer_source: union`: the output vocabulary is the base's plus
+    /// every other model's tokens.
+    pub union: bool,
+}
+
+/// Checks parameter names and scopes once, before any tensor.
+fn check_settings(spec: &MergeSpec, inputs: &[Input]) -> Result<()> {
+    let m = spec.method;
+    methods::check_names(m, &spec.global, "parameters")?;
+    for (own, &i) in spec.per_model.iter().zip(&spec.models) {
+        let at = format!("parameters of {}", inputs[i].label);
+        methods::check_names(m, own, &at)?;
+        for (k, _) in own {
+            let shared = m.params().into_iter().any(|p| p.name == k && p.scope == Scope::Shared);
+            if shared {
+                return Err(Error::Usage(format!(
+                    "{at}: '{k}' applies to the whole merge; set it under the global parameters"
+                )));
+            }
+        }
+    }
+    let (lo, hi) = m.model_count();
+    let n = spec.models.len() - usize::from(m == Method::Linear && spec.base.is_some());
+    if n < lo || n > hi {
+        let want = if lo == hi { format!("exactly {lo}") } else { format!("at least {lo}") };
+        return Err(Error::Usage(format!("{} needs {want} model(s) besides the base, got {n}", m.name())));
+    }
+    if m.needs_base() && spec.base.is_none() {
+        return Err(Error::Usage(format!("{} needs a base model (base_model)", m.name())));
+    }
+    Ok(())
+}
+
+/// Layers of the reference model, counted from its tensor names.
+fn layer_count(ck: &Checkpoint) -> u64 {
+    ck.tensors.iter().filter_map(|t| layer_index(&t.name)).max().map_or(0, |i| i + 1)
+}
+
+/// Plans a merge of `inputs` as `spec` says.
+pub(crate) fn plan_merge(inputs: Vec<Input>, spec: &MergeSpec) -> Result<Plan> {
+    check_settings(spec, &inputs)?;
+    let reference = spec.base.unwrap_or(spec.models[0]);
+    let rck = &inputs[reference].ckpt;
+    let mut warnings = Vec::new();
+    for (i, inp) in inputs.iter().enumerate() {
+        if i != reference {
+            check_configs(rck, &inp.ckpt, spec.allow_mismatch, &mut warnings)?;
+        }
+    }
+    let layers = layer_count(rck);
+    let labels: Vec<String> = spec.models.iter().map(|&i| inputs[i].label.clone()).collect();
+    let param_sources = ParamSources {
+        global: &spec.global,
+        models: spec.per_model.iter().map(Vec::as_slice).collect(),
+        labels,
+    };
+    // Linear has no base role: a base it merges is one of the models.
+    let base_in = if spec.method.needs_base() { spec.base } else { None };
+    let involved: Vec<usize> = base_in.into_iter().chain(spec.models.iter().copied()).collect();
+    let mut problems = Problems::new("the models to merge do not line up");
+    let mut vocabs: Vec<Option<Option<Vocab>>> = (0..inputs.len()).map(|_| None).collect();
+    let mut embeddings = Vec::new();
+    let union = if spec.union {
+        Some(union_vocab(&inputs, &involved, reference, spec.base.is_some())?)
+    } else {
+        None
+    };
+    let mut tensors = Vec::with_capacity(rck.tensors.len());
+    for (ti, t) in rck.tensors.iter().enumerate() {
+        let out_dtype = match (spec.out_dtype, t.dtype.float()) {
+            (Some(o), Some(_)) => o.dtype(),
+            _ => t.dtype,
+        };
+        let reference_src = Source { input: reference, tensor: ti };
+        if t.dtype.float().is_none() {
+            // Integer buffers (e.g. position ids) are not merged.
+            tensors.push(OutTensor {
+                name: t.name.clone(),
+                dtype: t.dtype,
+                shape: t.shape.clone(),
+                op: Op::Copy(reference_src),
+            });
+            continue;
+        }
+        if let Some(u) = &union
+            && is_vocab_matrix(&t.name)
+        {
+            match union_tensor(&inputs, &involved, u, &t.name, &t.shape) {
+                Ok(rows) => {
+                    let mut shape = t.shape.clone();
+                    shape[0] = u.base_rows + u.added.len() as u64;
+                    let (base, models) = match base_in {
+                        Some(_) => (Some(rows.sources[0]), rows.sources[1..].to_vec()),
+                        None => (None, rows.sources.clone()),
+                    };
+                    let params = methods::resolve(
+                        spec.method,
+                        &param_sources,
+                        &t.name,
+                        layer_position(&t.name, layers),
+                    )?;
+                    let n_models = models.len();
+                    tensors.push(OutTensor {
+                        name: t.name.clone(),
+                        dtype: out_dtype,
+                        shape,
+                        op: Op::Merge(Box::new(MergeOp {
+                            merge: TensorMerge { method: spec.method, params, seed: spec.seed },
+                            base,
+                            models,
+                            rows: vec![None; n_models],
+                            union: Some(Box::new(rows)),
+                        })),
+                    });
+                }
+                Err(p) => problems.push(p),
+            }
+            continue;
+        }
+        let mut srcs = Vec::with_capacity(involved.len());
+        let mut rows = Vec::with_capacity(involved.len());
+        for &i in &involved {
+            let ck = &inputs[i].ckpt;
+            let Some(j) = ck.logical_index(&t.name) else {
+                problems.push(format!("'{}' is missing from {}", t.name, inputs[i].label));
+                continue;
+            };
+            let shape = &ck.tensors[j].shape;
+            if *shape == t.shape {
+                rows.push(None);
+            } else if let Some(rm) = align_rows(&inputs, &mut vocabs, base_in, i, &t.name, &t.shape, shape)? {
+                if let Some(w) = &rm.warning {
+                    warnings.push(w.clone());
+                }
+                embeddings.push(EmbeddingReport {
+                    tensor: format!("{} from {}", t.name, inputs[i].label),
+                    rows: t.shape[0],
+                    rows_with_vector: rm.matched(),
+                    policy: rm.how,
+                });
+                rows.push(Some((rm.runs, t.shape[1..].iter().product())));
+            } else {
+                problems.push(format!(
+                    "'{}': {} has shape {:?}, {} has {:?}",
+                    t.name, inputs[reference].label, t.shape, inputs[i].label, shape
+                ));
+                continue;
+            }
+            float_of(ck, &ck.tensors[j], "a parameter rule")?;
+            srcs.push(Source { input: i, tensor: j });
+        }
+        if srcs.len() != involved.len() {
+            continue;
+        }
+        let base = base_in.map(|_| {
+            rows.remove(0);
+            srcs.remove(0)
+        });
+        let params = methods::resolve(spec.method, &param_sources, &t.name, layer_position(&t.name, layers))?;
+        tensors.push(OutTensor {
+            name: t.name.clone(),
+            dtype: out_dtype,
+            shape: t.shape.clone(),
+            op: Op::Merge(Box::new(MergeOp {
+                merge: TensorMerge { method: spec.method, params, seed: spec.seed },
+                base,
+                models: srcs,
+                rows,
+                union: None,
+            })),
+        });
+    }
+    for &i in &involved {
+        for t in &inputs[i].ckpt.tensors {
+            if rck.logical(&t.name).is_none() {
+                problems.push(format!(
+                    "'{}' is in {} but not in {}",
+                    t.name, inputs[i].label, inputs[reference].label
+                ));
+            }
+        }
+    }
+    problems.into_result()?;
+    let shards = assign_shards(&tensors, spec.shard_size);
+    let vocab_union = union.map(|u| VocabUnion {
+        base_rows: u.base_rows,
+        added: u
+            .added
+            .iter()
+            .enumerate()
+            .map(|(n, (t, k))| (u.base_rows + n as u64, t.clone(), involved[*k]))
+            .collect(),
+    });
+    if let Some(v) = vocab_union.as_ref().filter(|v| !v.added.is_empty()) {
+        warnings.push(format!(
+            "tokenizer_source union: {} token(s) added after the base's {} rows",
+            v.added.len(),
+            v.base_rows
+        ));
+    }
+    Ok(Plan { inputs, tensors, shards, embeddings, omitted: Vec::new(), warnings, vocab_union })
+}
+
+/// For a vocabulary matrix of model `i` whose row count differs from the
+/// base's (same row shape), which base rows its rows go to: matched by token
+/// string through both tokenizer.json files (without both, the shapes are
+/// reported as a mismatch). The output keeps the base's vocabulary (`tokenizer_source:
+/// base`); rows the model lacks keep the base's values in its place, i.e. a
+/// zero delta. None when the shapes cannot be aligned.
+fn align_rows(
+    inputs: &[Input],
+    vocabs: &mut [Option<Option<Vocab>>],
+    base: Option<usize>,
+    i: usize,
+    name: &str,
+    base_shape: &[u64],
+    shape: &[u64],
+) -> Result<Option<RowMap>> {
+    let Some(b) = base else { return Ok(None) };
+    if i == b
+        || !is_vocab_matrix(name)
+        || shape.len() != base_shape.len()
+        || shape.get(1..) != base_shape.get(1..)
+    {
+        return Ok(None);
+    }
+    for k in [b, i] {
+        if vocabs[k].is_none() {
+            vocabs[k] = Some(read_vocab(&inputs[k].ckpt)?);
+        }
+    }
+    let (Some(Some(bv)), Some(Some(iv))) = (&vocabs[b], &vocabs[i]) else {
+        // Without both tokenizers, rows cannot be matched safely.
+        return Ok(None);
+    };
+    let v = Vocabs { base: Some(bv), vector: Some(iv) };
+    match_rows(name, EmbeddingPolicy::Align, base_shape[0], shape[0], &v).map(Some)
+}
+
+/// The union vocabulary, in terms of the involved inputs.
+struct Union {
+    /// Position of the reference among the involved inputs.
+    reference: usize,
+    /// Whether the reference is mergekit's base model (fills missing tokens).
+    has_base: bool,
+    base_rows: u64,
+    vocabs: Vec<Vocab>,
+    /// Each involved input's vocabulary-matrix rows.
+    rows: Vec<u64>,
+    /// New tokens and the involved input that first has each.
+    added: Vec<(String, usize)>,
+}
+
+/// Builds the union vocabulary: the reference's tokens, then, input by input
+/// and id by id, every token it lacks (tokens beyond an input's matrix rows
+/// do not count, as in mergekit).
+fn union_vocab(inputs: &[Input], involved: &[usize], reference: usize, has_base: bool) -> Result<Union> {
+    let mut vocabs = Vec::new();
+    let mut rows = Vec::new();
+    for &i in involved {
+        let ck = &inputs[i].ckpt;
+        let v = read_vocab(ck)?.ok_or_else(|| {
+            Error::Usage(format!("tokenizer_source: union needs a tokenizer.json in {}", inputs[i].label))
+        })?;
+        let e = ck.embedding().ok_or_else(|| {
+            Error::Usage(format!("tokenizer_source: union: {} has no embedding matrix", inputs[i].label))
+        })?;
+        vocabs.push(v);
+        rows.push(e.shape[0]);
+    }
+    // The reference (the base, or the first model) is always merged.
+    let r = involved.iter().position(|&i| i == reference).unwrap_or(0);
+    let mut added: Vec<(String, usize)> = Vec::new();
+    let mut seen = std::collections::HashSet::new();
+    for (k, v) in vocabs.iter().enumerate() {
+        if k == r {
+            continue;
+        }
+        for id in 0..rows[k] {
+            if let Some(tok) = v.token(id)
+                && vocabs[r].id(tok).is_none_or(|rid| rid as u64 >= rows[r])
+                && seen.insert(tok.to_string())
+            {
+                added.push((tok.to_string(), k));
+            }
+        }
+    }
+    Ok(Union { reference: r, has_base, base_rows: rows[r], vocabs, rows, added })
+}
+
+/// The row tables of vocabulary matrix `name` under the union vocabulary:
+/// each input's own row where it has the token; where it lacks it, the one
+/// input that has it, else the base, else the mean of those that have it
+/// (mergekit's rules). Sources and tables are in involved order.
+fn union_tensor(
+    inputs: &[Input],
+    involved: &[usize],
+    u: &Union,
+    name: &str,
+    shape: &[u64],
+) -> std::result::Result<UnionRows, String> {
+    let mut sources = Vec::new();
+    for (k, &i) in involved.iter().enumerate() {
+        let ck = &inputs[i].ckpt;
+        let j =
+            ck.logical_index(name).ok_or_else(|| format!("'{name}' is missing from {}", inputs[i].label))?;
+        let s = &ck.tensors[j].shape;
+        if s.get(1..) != shape.get(1..) || s.first() != Some(&u.rows[k]) {
+            return Err(format!(
+                "'{name}': {} has shape {s:?}, not {} rows of {:?}",
+                inputs[i].label,
+                u.rows[k],
+                &shape[1..]
+            ));
+        }
+        sources.push(Source { input: i, tensor: j });
+    }
+    let out_rows = u.base_rows + u.added.len() as u64;
+    let r = u.reference;
+    let mut tables = vec![Vec::with_capacity(out_rows as usize); involved.len()];
+    let mut means = Vec::new();
+    for row in 0..out_rows {
+        let token = if row < u.base_rows {
+            u.vocabs[r].token(row)
+        } else {
+            Some(u.added[(row - u.base_rows) as usize].0.as_str())
+        };
+        let has: Vec<Option<u64>> = (0..involved.len())
+            .map(|k| {
+                if k == r {
+                    return (row < u.base_rows).then_some(row);
+                }
+                let id = u.vocabs[k].id(token?)? as u64;
+                (id < u.rows[k]).then_some(id)
+            })
+            .collect();
+        let donors: Vec<(usize, u64)> =
+            has.iter().enumerate().filter_map(|(k, h)| h.map(|row| (k, row))).collect();
+        let fill = if donors.len() == 1 {
+            RowSrc::Row { source: donors[0].0, row: donors[0].1 }
+        } else if let (true, Some(br)) = (u.has_base, has[r]) {
+            RowSrc::Row { source: r, row: br }
+        } else {
+            means.push(donors.clone());
+            RowSrc::Mean(means.len() - 1)
+        };
+        for (k, h) in has.iter().enumerate() {
+            tables[k].push(match h {
+                Some(own) => RowSrc::Row { source: k, row: *own },
+                None => fill,
+            });
+        }
+    }
+    let row_len = shape[1..].iter().product();
+    Ok(UnionRows { sources, table: RowTable { row_len, tables, means } })
+}

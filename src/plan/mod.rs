@@ -1,0 +1,285 @@
+//! The whole job as data, built and checked before a byte is written: for
+//! every output tensor, what it is computed from, its dtype and its shard.
+//! Name, shape, dtype, architecture and vocabulary conflicts fail here, with
+//! the first offending tensors listed (`checks`).
+//!
+//! - `chat_vector`: plans of `extract` and `apply`;
+//! - `merge`: plans of the merge methods, parameters resolved per tensor;
+//! - `vocab`: which embedding rows line up when vocabularies differ;
+//! - `select`: `--include`, `--exclude`, `--scale-for`;
+//! - `shards`: output shard files, as transformers lays them out;
+//! - `describe`: the `--dry-run` listing.
+//!
+//! This room reads checkpoints (`model`) and speaks the vocabulary of
+//! `arith` and `merge`; it never touches the file system for writing, and
+//! nothing below it imports it.
+
+pub(crate) mod chat_vector;
+pub(crate) mod checks;
+pub(crate) mod describe;
+pub(crate) mod merge;
+pub(crate) mod select;
+pub(crate) mod shards;
+pub(crate) mod vocab;
+
+use std::ops::Range;
+
+use crate::arith::formulas::Segment;
+use crate::arith::rows::{RowRun, RowTable, stretches};
+use crate::arith::{Operand, View};
+use crate::merge::{Inputs, TensorMerge};
+use crate::model::checkpoint::{Checkpoint, Tensor};
+use crate::model::dtype::DType;
+pub use vocab::{EmbeddingPolicy, EmbeddingReport};
+
+/// What an input checkpoint is to the job.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub(crate) enum Role {
+    Base,
+    Chat,
+    Pretrained,
+    Vector,
+    /// A model merged by a merge method (other than the base).
+    Model,
+}
+
+/// An input checkpoint and its role.
+pub(crate) struct Input {
+    pub role: Role,
+    /// How the user named it (path, Hub id or alias).
+    pub label: String,
+    pub ckpt: Checkpoint,
+}
+
+impl Input {
+    /// An input labelled by its directory (callers that know the user's
+    /// reference replace the label).
+    pub fn new(role: Role, ckpt: Checkpoint) -> Input {
+        Input { role, label: ckpt.dir.display().to_string(), ckpt }
+    }
+}
+
+/// A tensor of an input: `inputs[input].ckpt.tensors[tensor]`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct Source {
+    pub input: usize,
+    pub tensor: usize,
+}
+
+/// The arithmetic for one output tensor. Operation order is part of the
+/// numeric contract: `d = chat - pre; m = scale * d; out = base + m`, each
+/// step an f32 operation rounded on its own (no fused multiply-add).
+#[derive(Clone, Copy, Debug)]
+pub(crate) enum Formula {
+    /// `chat - pre` (extract).
+    Diff { chat: Source, pre: Source },
+    /// `base + scale * (chat - pre)` (apply, streaming form).
+    AddDiff { base: Source, chat: Source, pre: Source, scale: f32 },
+    /// `base + scale * vector` (apply, stored vector).
+    AddScaled { base: Source, vector: Source, scale: f32 },
+}
+
+impl Formula {
+    /// The input whose elements line up with the output's.
+    pub fn base(&self) -> Source {
+        match *self {
+            Formula::Diff { chat, .. } => chat,
+            Formula::AddDiff { base, .. } | Formula::AddScaled { base, .. } => base,
+        }
+    }
+
+    /// The inputs read at the vector's (possibly other) row positions.
+    pub fn vector_sources(&self) -> Vec<Source> {
+        match *self {
+            Formula::Diff { pre, .. } => vec![pre],
+            Formula::AddDiff { chat, pre, .. } => vec![chat, pre],
+            Formula::AddScaled { vector, .. } => vec![vector],
+        }
+    }
+}
+
+/// How one output tensor is produced.
+#[derive(Clone, Debug)]
+pub(crate) enum Op {
+    /// Byte copy of an input tensor of the same dtype.
+    Copy(Source),
+    /// An input tensor decoded and re-encoded in another float dtype.
+    Convert(Source),
+    /// Arithmetic. Output rows inside `runs` (units of `row_len` elements)
+    /// take the formula with the vector rows the run names; rows outside any
+    /// run are converted from `formula.base()` unchanged.
+    Arith { formula: Formula, runs: Vec<RowRun>, row_len: u64 },
+    /// A merge method over aligned inputs.
+    Merge(Box<MergeOp>),
+}
+
+/// One tensor of a merge: the method and parameters, and its inputs.
+#[derive(Clone, Debug)]
+pub(crate) struct MergeOp {
+    pub merge: TensorMerge,
+    /// The base model's tensor (all methods but linear).
+    pub base: Option<Source>,
+    /// The merged models' tensors, in `merge.params.models` order.
+    pub models: Vec<Source>,
+    /// Per model, for a vocabulary matrix whose rows differ from the base's:
+    /// which base rows its rows go to (row length in elements).
+    pub rows: Vec<Option<(Vec<RowRun>, u64)>>,
+    /// A vocabulary matrix of a `tokenizer_source: union` merge.
+    pub union: Option<Box<UnionRows>>,
+}
+
+impl MergeOp {
+    /// Calls `f` with the base's and models' tensors seen in the output's
+    /// element positions (aligned or union rows where vocabularies differ).
+    pub fn with_inputs<R>(&self, plan: &Plan, f: impl FnOnce(&Inputs) -> R) -> R {
+        let union_sources: Vec<Operand> =
+            self.union.iter().flat_map(|u| u.sources.iter().map(|s| plan.operand(*s))).collect();
+        let inputs = match &self.union {
+            Some(u) => {
+                let table = |which| View::Table { sources: &union_sources, table: &u.table, which };
+                let first = usize::from(self.base.is_some());
+                Inputs {
+                    base: self.base.map(|_| table(0)),
+                    models: (0..self.models.len()).map(|k| table(first + k)).collect(),
+                }
+            }
+            None => Inputs {
+                base: self.base.map(|b| View::Direct(plan.operand(b))),
+                models: self
+                    .models
+                    .iter()
+                    .zip(&self.rows)
+                    .map(|(m, rows)| {
+                        let model = plan.operand(*m);
+                        match (rows, self.base) {
+                            (Some((runs, row_len)), Some(b)) => {
+                                View::Rows { model, fill: plan.operand(b), runs, row_len: *row_len }
+                            }
+                            _ => View::Direct(model),
+                        }
+                    })
+                    .collect(),
+            },
+        };
+        f(&inputs)
+    }
+}
+
+/// A vocabulary matrix under `tokenizer_source: union`: the tensor in each
+/// involved input (the base, then the models) and which of their rows each
+/// output row reads.
+#[derive(Clone, Debug)]
+pub(crate) struct UnionRows {
+    pub sources: Vec<Source>,
+    pub table: RowTable,
+}
+
+/// The merged vocabulary of a `tokenizer_source: union` merge: the base's,
+/// then the tokens only other models have.
+#[derive(Clone, Debug, Default)]
+pub(crate) struct VocabUnion {
+    /// Rows of the base's vocabulary matrices (new ids start here).
+    pub base_rows: u64,
+    /// New tokens: id, string, and the input whose tokenizer has it.
+    pub added: Vec<(u64, String, usize)>,
+}
+
+/// One tensor of the output.
+#[derive(Clone, Debug)]
+pub(crate) struct OutTensor {
+    pub name: String,
+    pub dtype: DType,
+    pub shape: Vec<u64>,
+    pub op: Op,
+}
+
+impl OutTensor {
+    pub fn numel(&self) -> u64 {
+        self.shape.iter().product()
+    }
+
+    pub fn bytes(&self) -> u64 {
+        self.numel() * self.dtype.bits() / 8
+    }
+}
+
+/// One output shard file.
+#[derive(Clone, Debug)]
+pub(crate) struct OutShard {
+    pub file_name: String,
+    pub tensors: Range<usize>,
+    /// The file's first bytes: length prefix and JSON header.
+    pub header: Vec<u8>,
+    /// Total file size.
+    pub size: u64,
+}
+
+/// The whole job.
+pub(crate) struct Plan {
+    pub inputs: Vec<Input>,
+    pub tensors: Vec<OutTensor>,
+    pub shards: Vec<OutShard>,
+    pub embeddings: Vec<EmbeddingReport>,
+    /// Selected-out tensors left out of an extracted vector.
+    pub omitted: Vec<String>,
+    pub warnings: Vec<String>,
+    /// The merged vocabulary of a `tokenizer_source: union` merge.
+    pub vocab_union: Option<VocabUnion>,
+}
+
+impl Plan {
+    /// Bytes of all output shard files.
+    pub fn output_bytes(&self) -> u64 {
+        self.shards.iter().map(|s| s.size).sum()
+    }
+
+    pub fn input_tensor(&self, s: Source) -> &Tensor {
+        &self.inputs[s.input].ckpt.tensors[s.tensor]
+    }
+
+    pub fn input_bytes(&self, s: Source) -> &[u8] {
+        let ck = &self.inputs[s.input].ckpt;
+        ck.bytes(&ck.tensors[s.tensor])
+    }
+
+    /// An input tensor as an arithmetic operand. Planning refused every
+    /// computed tensor whose inputs are not BF16, F16 or F32.
+    pub fn operand(&self, s: Source) -> Operand<'_> {
+        let ty = self.input_tensor(s).dtype.float().expect("planning checked float dtypes");
+        Operand { ty, bytes: self.input_bytes(s) }
+    }
+
+    /// Elements `elems` of a Convert or Arith output cut into segments along
+    /// the vector's row runs: rows outside every run are the base
+    /// converted, rows inside one apply the formula to the vector's rows.
+    /// Empty for other ops.
+    pub fn segments(&self, op: &Op, elems: &Range<u64>) -> Vec<(Range<u64>, Segment<'_>)> {
+        let slice = |s: Source, at: u64, n: u64| self.operand(s).slice(at as usize, n as usize);
+        match op {
+            Op::Convert(src) => {
+                vec![(elems.clone(), Segment::Convert(slice(*src, elems.start, elems.end - elems.start)))]
+            }
+            Op::Arith { formula, runs, row_len } => stretches(runs, *row_len, elems.clone())
+                .map(|st| {
+                    let (p, n) = (st.range.start, st.range.end - st.range.start);
+                    let base = slice(formula.base(), p, n);
+                    let seg = match (st.vector, *formula) {
+                        (None, _) => Segment::Convert(base),
+                        (Some(v), Formula::Diff { chat, pre }) => {
+                            Segment::Diff(slice(chat, v, n), slice(pre, v, n))
+                        }
+                        (Some(v), Formula::AddDiff { chat, pre, scale, .. }) => {
+                            Segment::AddDiff(base, slice(chat, v, n), slice(pre, v, n), scale)
+                        }
+                        (Some(v), Formula::AddScaled { vector, scale, .. }) => {
+                            Segment::AddScaled(base, slice(vector, v, n), scale)
+                        }
+                    };
+                    (st.range, seg)
+                })
+                .collect(),
+            Op::Copy(_) | Op::Merge(_) => Vec::new(),
+        }
+    }
+}

@@ -1,0 +1,734 @@
+//! Recipes: a merge written down as data, read from a chatvec TOML recipe
+//! or a mergekit YAML config (`.yml` / `.yaml`).
+//!
+//! Both use mergekit's keys - `merge_method`, `base_model`, `models` (each
+//! `{model, parameters}`), `parameters`, `dtype`, `out_dtype`,
+//! `tokenizer_source` (`base` or `union`) - so a config moves between the
+//! tools unchanged. A
+//! TOML recipe may also say `name`, `description`, `seed` (for DARE/DELLA
+//! masks), `shard_size`, `allow_mismatch`, and use the `chat_vector` method:
+//!
+//! ```toml
+//! merge_method = "chat_vector"
+//! base_model = "swallow-8b"
+//! vector = "llama3-instruct"      # a vector alias or directory; or chat + pretrained
+//! [parameters]
+//! scale = 1.0                     # or rules: [{ pattern = "mlp", value = 0.5 }, { value = 1.0 }]
+//! embeddings = "align"
+//! exclude = ["^lm_head"]
+//! ```
+//!
+//! Unknown or unsupported keys are errors naming the key; nothing is
+//! silently ignored. `dtype` is mergekit's compute dtype; chatvec always
+//! computes in f32, so it only sets the output dtype (unless `out_dtype`).
+
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+use serde_json::{Map, Value};
+
+use crate::error::{Error, Result};
+use crate::hash::sha256_hex;
+use crate::json::{read_capped, toml_to_json};
+use crate::merge::methods::Method;
+use crate::merge::params::{Filter, Scalar, Setting};
+use crate::model::dtype::FloatType;
+use crate::plan::EmbeddingPolicy;
+use crate::sft::SftOptions;
+use crate::units::parse_size;
+
+const MAX_RECIPE_BYTES: u64 = 4 << 20;
+const DEFAULT_SHARD_SIZE: u64 = 5_000_000_000;
+
+/// Which syntax a recipe was written in.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub(crate) enum Syntax {
+    Toml,
+    Mergekit,
+}
+
+/// The vector side of a chat vector recipe.
+#[derive(Clone, Debug)]
+pub(crate) enum VectorRef {
+    /// A vector directory or a vector alias.
+    Vector(String),
+    Pair {
+        chat: String,
+        pretrained: String,
+    },
+}
+
+/// A chat vector recipe: `apply` as data.
+#[derive(Clone, Debug)]
+pub(crate) struct ChatVectorRecipe {
+    pub base: String,
+    pub vector: VectorRef,
+    pub scale: f32,
+    /// `REGEX=VALUE` overrides, first match wins (from scale rules).
+    pub scale_for: Vec<String>,
+    pub include: Vec<String>,
+    pub exclude: Vec<String>,
+    pub embeddings: EmbeddingPolicy,
+    pub keep_base_template: bool,
+}
+
+/// A merge method recipe.
+#[derive(Clone, Debug)]
+pub(crate) struct MergeRecipe {
+    pub method: Method,
+    pub base: Option<String>,
+    /// Each model and its own parameter settings.
+    pub models: Vec<(String, Vec<(String, Setting)>)>,
+    pub global: Vec<(String, Setting)>,
+}
+
+#[derive(Clone, Debug)]
+pub(crate) enum RecipeBody {
+    ChatVector(ChatVectorRecipe),
+    Merge(MergeRecipe),
+}
+
+/// A merge written down as data: a chatvec TOML recipe or a mergekit YAML
+/// config, parsed and checked, with the file's text and sha256 for the
+/// manifest.
+#[derive(Clone, Debug)]
+pub struct Recipe {
+    pub(crate) path: PathBuf,
+    pub(crate) syntax: Syntax,
+    /// The file's text, as recorded in the manifest.
+    pub(crate) text: String,
+    pub(crate) sha256: String,
+    pub(crate) name: Option<String>,
+    pub(crate) description: Option<String>,
+    pub(crate) body: RecipeBody,
+    pub(crate) out_dtype: Option<FloatType>,
+    pub(crate) shard_size: u64,
+    pub(crate) seed: u64,
+    pub(crate) allow_mismatch: bool,
+    /// `tokenizer_source: union`.
+    pub(crate) union: bool,
+    /// The `[sft]` section (`chatvec run`), paths made relative to the
+    /// recipe's directory.
+    pub(crate) sft: Option<SftOptions>,
+}
+
+/// The recipes shipped in `recipes/`, by name.
+pub(crate) const SHIPPED: &[(&str, &str)] = &[
+    ("llama3-swallow-8b-chat-vector", include_str!("../../recipes/llama3-swallow-8b-chat-vector.toml")),
+    ("llama3-swallow-70b-chat-vector", include_str!("../../recipes/llama3-swallow-70b-chat-vector.toml")),
+    ("elyza-llama2-70b-chat-vector", include_str!("../../recipes/elyza-llama2-70b-chat-vector.toml")),
+    ("swallow-7b-chat-vector", include_str!("../../recipes/swallow-7b-chat-vector.toml")),
+    ("llama3-swallow-8b-ties", include_str!("../../recipes/llama3-swallow-8b-ties.toml")),
+];
+
+impl Recipe {
+    /// A recipe file (`.toml` or mergekit `.yml`/`.yaml`), or else the
+    /// shipped recipe of that name.
+    pub fn load(name_or_path: &str) -> Result<Recipe> {
+        let p = Path::new(name_or_path);
+        if p.exists() {
+            let bytes = read_capped(p, MAX_RECIPE_BYTES)?;
+            let text = String::from_utf8(bytes).map_err(|_| Error::bad_file(p, "is not UTF-8 text"))?;
+            return parse_recipe(&text, p);
+        }
+        match SHIPPED.iter().find(|(n, _)| *n == name_or_path) {
+            Some((n, text)) => parse_recipe(text, Path::new(&format!("recipes/{n}.toml"))),
+            None => {
+                let names: Vec<&str> = SHIPPED.iter().map(|(n, _)| *n).collect();
+                Err(Error::Usage(format!(
+                    "recipe '{name_or_path}' is neither a file nor a shipped recipe ({})",
+                    names.join(", ")
+                ))
+                .with_hint("`chatvec list` shows the shipped recipes"))
+            }
+        }
+    }
+
+    /// The file it was read from (`recipes/NAME.toml` for a shipped one).
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Its `[sft]` section: how `chatvec run` trains the merged model.
+    pub fn sft(&self) -> Option<&SftOptions> {
+        self.sft.as_ref()
+    }
+}
+
+const MERGEKIT_KEYS: &[&str] =
+    &["merge_method", "base_model", "models", "parameters", "dtype", "out_dtype", "tokenizer_source"];
+const TOML_ONLY_KEYS: &[&str] =
+    &["name", "description", "seed", "shard_size", "allow_mismatch", "vector", "chat", "pretrained", "sft"];
+/// mergekit features chatvec does not implement.
+const UNSUPPORTED: &[(&str, &str)] = &[
+    ("slices", "layer slices (passthrough/frankenmerges)"),
+    ("modules", "per-module merges"),
+    ("tokenizer", "tokenizer building"),
+    ("chat_template", "chat template selection"),
+];
+const CHAT_VECTOR_PARAMS: &[&str] = &["scale", "include", "exclude", "embeddings", "keep_base_template"];
+
+/// A recipe as its file types it; every key chatvec knows, nothing else.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRecipe {
+    merge_method: String,
+    #[serde(default)]
+    base_model: Option<String>,
+    /// Each a reference or `{model, parameters}` (`RawModelEntry`).
+    #[serde(default)]
+    models: Option<Vec<Value>>,
+    #[serde(default)]
+    parameters: Option<Map<String, Value>>,
+    #[serde(default)]
+    dtype: Option<String>,
+    #[serde(default)]
+    out_dtype: Option<String>,
+    #[serde(default)]
+    tokenizer_source: Option<Value>,
+    #[serde(default)]
+    name: Option<String>,
+    #[serde(default)]
+    description: Option<String>,
+    #[serde(default)]
+    seed: Option<u64>,
+    /// Bytes, or a size like `"5GB"`.
+    #[serde(default)]
+    shard_size: Option<Value>,
+    #[serde(default)]
+    allow_mismatch: Option<bool>,
+    #[serde(default)]
+    vector: Option<String>,
+    #[serde(default)]
+    chat: Option<String>,
+    #[serde(default)]
+    pretrained: Option<String>,
+    #[serde(default)]
+    sft: Option<SftOptions>,
+}
+
+/// A `models` entry written as `{model, parameters}`.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawModelEntry {
+    model: String,
+    #[serde(default)]
+    parameters: Option<Map<String, Value>>,
+}
+
+/// `chat_vector`'s parameters.
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawChatVectorParams {
+    #[serde(default)]
+    scale: Option<Value>,
+    #[serde(default)]
+    include: Option<Vec<String>>,
+    #[serde(default)]
+    exclude: Option<Vec<String>>,
+    #[serde(default)]
+    embeddings: Option<String>,
+    #[serde(default)]
+    keep_base_template: Option<bool>,
+}
+
+/// Parses recipe text; `path` decides the syntax (`.yml`/`.yaml` is
+/// mergekit) and names the file in errors.
+pub(crate) fn parse_recipe(text: &str, path: &Path) -> Result<Recipe> {
+    let ext = path.extension().and_then(|e| e.to_str()).unwrap_or("").to_ascii_lowercase();
+    let (syntax, doc) = match ext.as_str() {
+        "yml" | "yaml" => {
+            let v: Value = serde_yaml_ng::from_str(text).map_err(|e| Error::bad_file(path, e.to_string()))?;
+            (Syntax::Mergekit, v)
+        }
+        "toml" => (Syntax::Toml, toml_to_json(text, path)?),
+        _ => {
+            return Err(Error::bad_file(
+                path,
+                "a recipe is a .toml file (chatvec) or a .yml/.yaml file (mergekit config)",
+            ));
+        }
+    };
+    let err = |msg: &str| Error::bad_file(path, msg.to_string());
+    let Value::Object(root) = &doc else {
+        return Err(err("expected a mapping of keys at the top level"));
+    };
+    // The friendly checks first: a key chatvec does not support, or one of
+    // chatvec's own in a mergekit file, is named with what to do instead.
+    check_keys(root, syntax).map_err(|m| err(&m))?;
+    if !root.contains_key("merge_method") {
+        return Err(err("merge_method: required"));
+    }
+    if let Some(Value::Array(list)) = root.get("models") {
+        check_models(list).map_err(|m| err(&m))?;
+    }
+    if let Some(Value::Object(section)) = root.get("sft") {
+        for k in ["model", "output"] {
+            if section.contains_key(k) {
+                return Err(err(&format!(
+                    "sft.{k}: `chatvec run` sets it (the merged model, the run directory)"
+                )));
+            }
+        }
+    }
+    let raw: RawRecipe = typed(doc.clone(), "").map_err(|m| err(&m))?;
+    let r = Reader { file: path };
+    let method_name = nonempty(Some(raw.merge_method.clone()), "merge_method").map_err(|m| err(&m))?;
+    let body = match method_name.as_deref() {
+        Some("chat_vector") => {
+            if syntax == Syntax::Mergekit {
+                return Err(err("merge_method: chat_vector is a chatvec method; write it as a .toml recipe"));
+            }
+            RecipeBody::ChatVector(r.chat_vector(&raw)?)
+        }
+        Some(name) => {
+            let method = Method::from_name(name).map_err(|e| r.wrap(e, "merge_method: "))?;
+            for (k, v) in [("vector", &raw.vector), ("chat", &raw.chat), ("pretrained", &raw.pretrained)] {
+                if v.is_some() {
+                    return Err(err(&format!("{k}: only for merge_method = \"chat_vector\"")));
+                }
+            }
+            RecipeBody::Merge(r.merge(method, &raw)?)
+        }
+        None => return Err(err("merge_method: required")),
+    };
+    let dtype = |k: &str, v: &Option<String>| -> Result<Option<FloatType>> {
+        match v {
+            None => Ok(None),
+            Some(s) => FloatType::parse_cli(s)
+                .map(Some)
+                .ok_or_else(|| err(&format!("{k}: '{s}' is not bfloat16, float16 or float32"))),
+        }
+    };
+    let out_dtype = match dtype("out_dtype", &raw.out_dtype)? {
+        Some(t) => Some(t),
+        None => dtype("dtype", &raw.dtype)?,
+    };
+    let shard_size = match &raw.shard_size {
+        None => DEFAULT_SHARD_SIZE,
+        Some(Value::String(s)) => parse_size(s).map_err(|e| err(&format!("shard_size: {e}")))?,
+        Some(Value::Number(n)) => n
+            .as_u64()
+            .filter(|&v| v > 0)
+            .ok_or_else(|| err(&format!("shard_size: expected bytes, not {n}")))?,
+        Some(v) => return Err(err(&format!("shard_size: expected a size like \"5GB\", not {v}"))),
+    };
+    let union = match &raw.tokenizer_source {
+        None => false,
+        Some(Value::String(s)) if s == "base" => false,
+        Some(Value::String(s)) if s == "union" => true,
+        Some(v) => {
+            return Err(err(&format!(
+                "tokenizer_source: {v} is not supported; use base (the base model's tokenizer, other models' rows matched to it by token) or union"
+            )));
+        }
+    };
+    if union && matches!(body, RecipeBody::ChatVector(_)) {
+        return Err(err(
+            "tokenizer_source: union is for merge methods; chat_vector keeps the base's vocabulary",
+        ));
+    }
+    let sft = match (&raw.sft, root.get("sft")) {
+        (Some(opts), Some(Value::Object(section))) => {
+            Some(sft_section(opts, section, path).map_err(|m| err(&m))?)
+        }
+        _ => None,
+    };
+    Ok(Recipe {
+        path: path.to_path_buf(),
+        syntax,
+        text: text.to_string(),
+        sha256: sha256_hex(text.as_bytes()),
+        name: nonempty(raw.name.clone(), "name").map_err(|m| err(&m))?,
+        description: raw.description.clone(),
+        body,
+        out_dtype,
+        shard_size,
+        seed: raw.seed.unwrap_or(0),
+        allow_mismatch: raw.allow_mismatch.unwrap_or(false),
+        union,
+        sft,
+    })
+}
+
+/// Deserializes `v` into `T`, an error naming where (`models[1].model:
+/// invalid type: integer, expected a string`), under `at`.
+fn typed<T: serde::de::DeserializeOwned>(v: Value, at: &str) -> std::result::Result<T, String> {
+    serde_path_to_error::deserialize(v).map_err(|e| {
+        let path = e.path().to_string();
+        let inner = e.into_inner();
+        match (at.is_empty(), path.as_str()) {
+            (true, ".") => inner.to_string(),
+            (true, p) => format!("{p}: {inner}"),
+            (false, ".") => format!("{at}: {inner}"),
+            (false, p) => format!("{at}.{p}: {inner}"),
+        }
+    })
+}
+
+fn check_keys(root: &Map<String, Value>, syntax: Syntax) -> std::result::Result<(), String> {
+    for k in root.keys() {
+        if let Some((_, what)) = UNSUPPORTED.iter().find(|(u, _)| u == k) {
+            return Err(format!("{k}: mergekit's {what} is not supported by chatvec"));
+        }
+        let known = MERGEKIT_KEYS.contains(&k.as_str())
+            || (syntax == Syntax::Toml && TOML_ONLY_KEYS.contains(&k.as_str()));
+        if !known {
+            let extra = if syntax == Syntax::Mergekit && TOML_ONLY_KEYS.contains(&k.as_str()) {
+                " (it is a chatvec key: use a .toml recipe)"
+            } else {
+                ""
+            };
+            return Err(format!("unknown key '{k}'{extra}"));
+        }
+    }
+    Ok(())
+}
+
+/// Each `models` entry is a reference or `{model, parameters}`.
+fn check_models(list: &[Value]) -> std::result::Result<(), String> {
+    for (i, item) in list.iter().enumerate() {
+        let at = format!("models[{i}]");
+        let m = match item {
+            Value::String(_) => continue,
+            Value::Object(m) => m,
+            v => return Err(format!("{at}: expected {{model, parameters}}, not {v}")),
+        };
+        if let Some(k) = m.keys().find(|k| !matches!(k.as_str(), "model" | "parameters")) {
+            return Err(format!("{at}: unknown key '{k}' (expected model, parameters)"));
+        }
+        if !m.contains_key("model") {
+            return Err(format!("{at}.model: required"));
+        }
+    }
+    Ok(())
+}
+
+/// A string setting that must not be blank when given.
+fn nonempty(v: Option<String>, at: &str) -> std::result::Result<Option<String>, String> {
+    match v {
+        Some(s) if s.trim().is_empty() => Err(format!("{at}: expected a non-empty string")),
+        other => Ok(other),
+    }
+}
+
+struct Reader<'a> {
+    file: &'a Path,
+}
+
+impl Reader<'_> {
+    fn err(&self, msg: &str) -> Error {
+        Error::bad_file(self.file, msg.to_string())
+    }
+
+    /// Moves a setting or method error onto the recipe file.
+    fn wrap(&self, e: Error, prefix: &str) -> Error {
+        match e {
+            Error::Usage(m) => self.err(&format!("{prefix}{m}")),
+            other => other,
+        }
+    }
+
+    fn settings(&self, v: Option<&Map<String, Value>>, at: &str) -> Result<Vec<(String, Setting)>> {
+        let Some(m) = v else { return Ok(Vec::new()) };
+        m.iter()
+            .map(|(k, v)| {
+                Ok((k.clone(), Setting::parse(v, &format!("{at}.{k}")).map_err(|e| self.wrap(e, ""))?))
+            })
+            .collect()
+    }
+
+    fn merge(&self, method: Method, raw: &RawRecipe) -> Result<MergeRecipe> {
+        let global = self.settings(raw.parameters.as_ref(), "parameters")?;
+        let Some(list) = &raw.models else {
+            return Err(self.err("models: required, a list of {model, parameters}"));
+        };
+        let mut models = Vec::new();
+        for (i, item) in list.iter().enumerate() {
+            let at = format!("models[{i}]");
+            let (name, params) = match item {
+                Value::String(s) => (s.clone(), None),
+                other => {
+                    let e: RawModelEntry = typed(other.clone(), &at).map_err(|m| self.err(&m))?;
+                    (e.model, e.parameters)
+                }
+            };
+            let name =
+                nonempty(Some(name), &format!("{at}.model")).map_err(|m| self.err(&m))?.unwrap_or_default();
+            models.push((name, self.settings(params.as_ref(), &format!("{at}.parameters"))?));
+        }
+        if models.is_empty() {
+            return Err(self.err("models: the list is empty"));
+        }
+        let base = nonempty(raw.base_model.clone(), "base_model").map_err(|m| self.err(&m))?;
+        Ok(MergeRecipe { method, base, models, global })
+    }
+
+    fn chat_vector(&self, raw: &RawRecipe) -> Result<ChatVectorRecipe> {
+        if raw.models.is_some() {
+            return Err(self.err("models: chat_vector takes base_model and vector (or chat and pretrained)"));
+        }
+        let text = |v: &Option<String>, at: &str| nonempty(v.clone(), at).map_err(|m| self.err(&m));
+        let base = text(&raw.base_model, "base_model")?.ok_or_else(|| self.err("base_model: required"))?;
+        let vector = match (
+            text(&raw.vector, "vector")?,
+            text(&raw.chat, "chat")?,
+            text(&raw.pretrained, "pretrained")?,
+        ) {
+            (Some(v), None, None) => VectorRef::Vector(v),
+            (None, Some(chat), Some(pretrained)) => VectorRef::Pair { chat, pretrained },
+            _ => return Err(self.err("give either vector, or both chat and pretrained")),
+        };
+        if let Some(p) = &raw.parameters
+            && let Some(k) = p.keys().find(|k| !CHAT_VECTOR_PARAMS.contains(&k.as_str()))
+        {
+            return Err(self.err(&format!(
+                "parameters.{k}: chat_vector takes no parameter '{k}' (it takes {})",
+                CHAT_VECTOR_PARAMS.join(", ")
+            )));
+        }
+        let params: RawChatVectorParams = match &raw.parameters {
+            Some(p) => typed(Value::Object(p.clone()), "parameters").map_err(|m| self.err(&m))?,
+            None => RawChatVectorParams::default(),
+        };
+        let (scale, scale_for) = match &params.scale {
+            Some(v) => scale_rules(v, "parameters.scale").map_err(|e| self.wrap(e, ""))?,
+            None => (1.0, Vec::new()),
+        };
+        let embeddings = match &params.embeddings {
+            None => EmbeddingPolicy::Auto,
+            Some(s) => s.parse().map_err(|e: String| self.err(&format!("parameters.embeddings: {e}")))?,
+        };
+        Ok(ChatVectorRecipe {
+            base,
+            vector,
+            scale,
+            scale_for,
+            include: params.include.unwrap_or_default(),
+            exclude: params.exclude.unwrap_or_default(),
+            embeddings,
+            keep_base_template: params.keep_base_template.unwrap_or(false),
+        })
+    }
+}
+
+/// The `[sft]` table as `SftOptions` (`model` and `output` are `chatvec
+/// run`'s to set, checked before): `data` is required, and the `data` and
+/// `python` paths are relative to the recipe's directory.
+fn sft_section(
+    opts: &SftOptions,
+    section: &Map<String, Value>,
+    path: &Path,
+) -> std::result::Result<SftOptions, String> {
+    if !section.contains_key("data") {
+        return Err("sft.data: required (the chat data, JSONL)".into());
+    }
+    let dir = path.parent().unwrap_or(Path::new(""));
+    let mut opts = opts.clone();
+    if opts.data.is_relative() {
+        opts.data = dir.join(&opts.data);
+    }
+    if let Some(p) = opts.python.as_mut().filter(|p| p.is_relative() && p.components().count() > 1) {
+        *p = dir.join(&*p);
+    }
+    Ok(opts)
+}
+
+/// A chat vector's `scale`: a number, or rules turned into `--scale-for`
+/// overrides (first match wins) with a final default.
+fn scale_rules(v: &Value, at: &str) -> Result<(f32, Vec<String>)> {
+    let bad = |m: String| Error::Usage(format!("{at}: {m}"));
+    let finite = |x: f64| -> Result<f32> {
+        let f = x as f32;
+        if f.is_finite() { Ok(f) } else { Err(bad(format!("{x} is not a finite number"))) }
+    };
+    match Setting::parse(v, at)? {
+        Setting::Scalar(Scalar::Num(x)) => Ok((finite(x)?, Vec::new())),
+        Setting::Rules(rules) => {
+            let mut default = 1.0;
+            let mut out = Vec::new();
+            for (filter, s) in rules {
+                let Setting::Scalar(Scalar::Num(x)) = s else {
+                    return Err(bad(
+                        "each rule's value must be a number (no gradients for chat_vector)".into()
+                    ));
+                };
+                match filter {
+                    Filter::All => {
+                        default = finite(x)?;
+                        break;
+                    }
+                    Filter::Substring(s) => out.push(format!("{}={x}", regex::escape(&s))),
+                    Filter::Regex(r) => out.push(format!("{}={x}", r.as_str())),
+                }
+            }
+            Ok((default, out))
+        }
+        _ => Err(bad("expected a number or rules".into())),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str, name: &str) -> Result<Recipe> {
+        parse_recipe(text, Path::new(name))
+    }
+
+    #[test]
+    fn mergekit_yaml_and_toml_mean_the_same() {
+        let y = parse(
+            "merge_method: ties\nbase_model: a/base\nmodels:\n  - model: a/one\n    parameters:\n      weight: 0.5\n      density: [0.2, 0.8]\n  - model: a/two\n    parameters: {weight: 0.5}\nparameters:\n  normalize: true\n  density: 0.4\ndtype: bfloat16\n",
+            "c.yml",
+        )
+        .unwrap();
+        let t = parse(
+            "merge_method = \"ties\"\nbase_model = \"a/base\"\ndtype = \"bfloat16\"\nseed = 3\n[[models]]\nmodel = \"a/one\"\nparameters = { weight = 0.5, density = [0.2, 0.8] }\n[[models]]\nmodel = \"a/two\"\nparameters = { weight = 0.5 }\n[parameters]\nnormalize = true\ndensity = 0.4\n",
+            "c.toml",
+        )
+        .unwrap();
+        for r in [&y, &t] {
+            let RecipeBody::Merge(m) = &r.body else { panic!() };
+            assert_eq!(m.method, Method::Ties);
+            assert_eq!(m.base.as_deref(), Some("a/base"));
+            assert_eq!(m.models.len(), 2);
+            assert_eq!(m.models[0].1.len(), 2);
+            assert_eq!(r.out_dtype, Some(FloatType::BF16));
+        }
+        assert_eq!((y.syntax, t.syntax, t.seed), (Syntax::Mergekit, Syntax::Toml, 3));
+    }
+
+    #[test]
+    fn bad_recipes_name_the_key() {
+        let cases = [
+            ("merge_method: ties\nmodels: [a/b]\nslices: []\n", "c.yml", "slices: mergekit's layer slices"),
+            (
+                "merge_method: ties\nmodels: [a/b]\nseed: 1\n",
+                "c.yml",
+                "unknown key 'seed' (it is a chatvec key",
+            ),
+            ("merge_method: nope\nmodels: [a/b]\n", "c.yml", "unknown merge method 'nope'"),
+            (
+                "merge_method: ties\nmodels:\n  - model: a/b\n    weight: 1\n",
+                "c.yml",
+                "models[0]: unknown key 'weight'",
+            ),
+            (
+                "merge_method = \"chat_vector\"\nbase_model = \"b\"\nvector = \"v\"\ntokenizer_source = \"union\"\n",
+                "c.toml",
+                "tokenizer_source: union is for merge methods",
+            ),
+            (
+                "merge_method = \"ties\"\nmodels = [\"a/b\"]\n[sft]\nepochs = 1\n",
+                "c.toml",
+                "sft.data: required",
+            ),
+            (
+                "merge_method = \"ties\"\nmodels = [\"a/b\"]\n[sft]\ndata = \"d\"\nmodel = \"m\"\n",
+                "c.toml",
+                "sft.model: `chatvec run` sets it",
+            ),
+            (
+                "merge_method = \"ties\"\nmodels = [\"a/b\"]\n[sft]\ndata = [1]\n",
+                "c.toml",
+                "sft.data: invalid type: sequence",
+            ),
+            (
+                "merge_method = \"ties\"\nmodels = [\"a/b\"]\n[sft]\ndata = \"d\"\nepocs = 1\n",
+                "c.toml",
+                "sft.epocs: unknown field `epocs`, expected one of `data`, `epochs`",
+            ),
+            (
+                "merge_method = \"ties\"\nmodels = [\"a/b\"]\nseed = \"x\"\n",
+                "c.toml",
+                "seed: invalid type: string \"x\", expected u64",
+            ),
+            (
+                "merge_method: ties\nmodels:\n  - model: 3\n",
+                "c.yml",
+                "models[0].model: invalid type: integer `3`",
+            ),
+            (
+                "merge_method: ties\nmodels: [a/b]\ntokenizer_source: a/c\n",
+                "c.yml",
+                "tokenizer_source: \"a/c\" is not supported",
+            ),
+            (
+                "merge_method: ties\nmodels: [a/b]\nparameters:\n  weight: [{filter: x, valu: 1}]\n",
+                "c.yml",
+                "parameters.weight[0]: unknown key 'valu'",
+            ),
+            ("merge_method: ties\nmodels: [a/b]\nout_dtype: int8\n", "c.yml", "out_dtype: 'int8' is not"),
+            (
+                "merge_method = \"chat_vector\"\nbase_model = \"a/b\"\n",
+                "c.toml",
+                "give either vector, or both",
+            ),
+            (
+                "merge_method = \"chat_vector\"\nbase_model = \"a/b\"\nvector = \"v\"\n[parameters]\nweight = 1\n",
+                "c.toml",
+                "chat_vector takes no parameter 'weight'",
+            ),
+            (
+                "merge_method = \"ties\"\nmodels = [\"a/b\"]\nvector = \"v\"\n",
+                "c.toml",
+                "vector: only for merge_method",
+            ),
+            ("merge_method = \"ties\"\nmodels = []\n", "c.toml", "models: the list is empty"),
+            (
+                "merge_method = \"ties\"\nmodels = [\"a/b\"]\nshard_size = \"5XB\"\n",
+                "c.toml",
+                "shard_size: '5XB': unknown unit",
+            ),
+            ("merge_method = \"ties\"\nmodels = [\"a/b\"\n", "c.toml", "c.toml: "),
+            ("merge_method: ties\n  bad indent: [\n", "c.yml", "c.yml: "),
+            ("x", "c.json", "a recipe is a .toml file"),
+        ];
+        for (text, name, want) in cases {
+            let e = parse(text, name).unwrap_err().to_string();
+            assert!(e.contains(want), "{name}: {text:?}\n  got: {e}\n  want: {want}");
+            assert!(e.starts_with(name), "{e}");
+        }
+    }
+
+    #[test]
+    fn shipped_recipes_parse_and_use_known_aliases() {
+        let aliases = crate::resolve::aliases::Aliases::parse(
+            include_str!("../../recipes/aliases.toml"),
+            Path::new("aliases.toml"),
+        )
+        .unwrap();
+        for (name, _) in SHIPPED {
+            let r = Recipe::load(name).unwrap();
+            assert!(r.description.as_deref().is_some_and(|d| !d.is_empty()), "{name}");
+            assert_eq!(r.name.as_deref(), Some(*name));
+            match r.body {
+                RecipeBody::ChatVector(c) => {
+                    assert!(aliases.models.contains_key(&c.base), "{name}");
+                    let VectorRef::Vector(v) = c.vector else { panic!("{name}") };
+                    assert!(aliases.vectors.contains_key(&v), "{name}");
+                }
+                RecipeBody::Merge(m) => {
+                    for (model, _) in &m.models {
+                        assert!(aliases.models.contains_key(model), "{name}");
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn chat_vector_scale_rules_become_scale_for() {
+        let r = parse(
+            "merge_method = \"chat_vector\"\nbase_model = \"b\"\nchat = \"c\"\npretrained = \"p\"\n[parameters]\nscale = [{ filter = \"mlp.\", value = 0.5 }, { pattern = \"^lm_head\", value = 0.0 }, { value = 0.8 }]\nembeddings = \"align\"\n",
+            "r.toml",
+        )
+        .unwrap();
+        let RecipeBody::ChatVector(c) = r.body else { panic!() };
+        assert_eq!(c.scale, 0.8);
+        assert_eq!(c.scale_for, vec!["mlp\\.=0.5".to_string(), "^lm_head=0".to_string()]);
+        assert_eq!(c.embeddings, EmbeddingPolicy::Align);
+    }
+}

@@ -1,0 +1,461 @@
+//! Downloads a model from the Hugging Face Hub into the standard cache
+//! layout (`models--org--name/{blobs,snapshots,refs}`), so Python tools
+//! and chatvec share one copy.
+//!
+//! Only what chatvec reads is fetched: the weights (the safetensors index
+//! and the shards it names, else `model.safetensors`, else the PyTorch
+//! `.bin` equivalents) and the config/tokenizer side files. Each file goes
+//! to `blobs/<id>.incomplete`, is resumed from where it stopped with an HTTP
+//! Range request, and is checked before it is renamed into place: large
+//! (LFS) files against the sha256 the Hub lists for them, small files
+//! against their git blob id. Nothing unchecked ever appears in a snapshot.
+//!
+//! `--offline` or `HF_HUB_OFFLINE=1` never touches the network; `HF_TOKEN`
+//! (or the token file `huggingface-cli login` writes) authenticates;
+//! `HF_ENDPOINT` points at a mirror.
+
+use std::fs::{File, OpenOptions};
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use indicatif::ProgressBar;
+use serde_json::Value;
+use sha2::{Digest, Sha256};
+
+use crate::error::{Error, Result};
+use crate::hash::hex;
+use crate::model::SIDE_FILES;
+use crate::model::checkpoint::HubOrigin;
+use crate::resolve::hub_cache::{HubId, is_commit};
+
+static OFFLINE: AtomicBool = AtomicBool::new(false);
+const DEFAULT_ENDPOINT: &str = "https://huggingface.co";
+const MAX_INFO_BYTES: u64 = 64 << 20;
+
+/// Never use the network (`--offline`): Hub models must already be in the
+/// cache. `HF_HUB_OFFLINE=1` does the same.
+pub fn set_offline() {
+    OFFLINE.store(true, Ordering::Relaxed);
+}
+
+/// Whether the network is off (`--offline` or `HF_HUB_OFFLINE`).
+pub(crate) fn offline() -> bool {
+    OFFLINE.load(Ordering::Relaxed)
+        || std::env::var("HF_HUB_OFFLINE")
+            .is_ok_and(|v| matches!(v.to_ascii_lowercase().as_str(), "1" | "true" | "yes" | "on"))
+}
+
+fn endpoint() -> String {
+    std::env::var("HF_ENDPOINT")
+        .ok()
+        .filter(|e| !e.is_empty())
+        .unwrap_or(DEFAULT_ENDPOINT.into())
+        .trim_end_matches('/')
+        .to_string()
+}
+
+/// The user's token: `HF_TOKEN`, else the file `HF_TOKEN_PATH` or
+/// `$HF_HOME/token` (default `~/.cache/huggingface/token`).
+fn token() -> Option<String> {
+    if let Ok(t) = std::env::var("HF_TOKEN")
+        && !t.trim().is_empty()
+    {
+        return Some(t.trim().to_string());
+    }
+    let path = std::env::var_os("HF_TOKEN_PATH").map(PathBuf::from).or_else(|| {
+        let home = std::env::var_os("HF_HOME").map(PathBuf::from).or_else(|| {
+            std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache").join("huggingface"))
+        })?;
+        Some(home.join("token"))
+    })?;
+    std::fs::read_to_string(path).ok().map(|t| t.trim().to_string()).filter(|t| !t.is_empty())
+}
+
+/// One file of a revision, as the Hub lists it.
+#[derive(Clone, Debug)]
+struct RemoteFile {
+    name: String,
+    size: u64,
+    /// sha256 of an LFS file.
+    sha256: Option<String>,
+    /// The git blob id (sha1 of `blob <len>\0<bytes>`).
+    blob_id: Option<String>,
+}
+
+impl RemoteFile {
+    /// The blob's name in the cache: the sha256 for LFS files, else the git
+    /// blob id, as huggingface_hub names them.
+    fn blob_name(&self) -> Option<&str> {
+        self.sha256.as_deref().or(self.blob_id.as_deref())
+    }
+}
+
+struct Client {
+    agent: ureq::Agent,
+    endpoint: String,
+    token: Option<String>,
+}
+
+fn encode_path_part(s: &str) -> String {
+    s.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => (b as char).to_string(),
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}
+
+impl Client {
+    fn new() -> Client {
+        let agent: ureq::Agent = ureq::Agent::config_builder()
+            .http_status_as_error(false)
+            .timeout_connect(Some(Duration::from_secs(20)))
+            .timeout_recv_response(Some(Duration::from_secs(60)))
+            .user_agent(concat!("chatvec/", env!("CARGO_PKG_VERSION")))
+            .build()
+            .into();
+        Client { agent, endpoint: endpoint(), token: token() }
+    }
+
+    fn get(&self, url: &str, range_from: u64) -> Result<ureq::http::Response<ureq::Body>> {
+        let mut req = self.agent.get(url);
+        if let Some(t) = &self.token {
+            req = req.header("Authorization", &format!("Bearer {t}"));
+        }
+        if range_from > 0 {
+            req = req.header("Range", &format!("bytes={range_from}-"));
+        }
+        req.call().map_err(|e| {
+            Error::Network(format!("cannot reach the Hugging Face Hub at {url}: {e}")).with_hint(
+                "check the network, or pass --offline (HF_HUB_OFFLINE=1) to use only the local cache",
+            )
+        })
+    }
+
+    /// Maps an HTTP error status to a clear error about `id`.
+    fn status_error(&self, status: u16, id: &HubId, what: &str) -> Error {
+        let rev = id.revision.as_deref().unwrap_or("main");
+        match status {
+            401 | 403 => Error::Hub(format!(
+                "the Hub refused access to {} ({status}); it may be gated or private",
+                id.repo
+            ))
+            .with_hint(format!(
+                "accept its license at {}/{} and set HF_TOKEN (or run `huggingface-cli login`)",
+                self.endpoint, id.repo
+            )),
+            404 => Error::Hub(format!("the Hub has no {what} {}@{rev}", id.repo)),
+            s if s >= 500 => {
+                Error::Network(format!("the Hub answered {status} for {what} {}@{rev}", id.repo))
+            }
+            _ => Error::Hub(format!("the Hub answered {status} for {what} {}@{rev}", id.repo)),
+        }
+    }
+
+    /// The commit and files of a revision.
+    fn revision_info(&self, id: &HubId) -> Result<(String, Vec<RemoteFile>)> {
+        let rev = id.revision.as_deref().unwrap_or("main");
+        let url =
+            format!("{}/api/models/{}/revision/{}?blobs=true", self.endpoint, id.repo, encode_path_part(rev));
+        let mut resp = self.get(&url, 0)?;
+        let status = resp.status().as_u16();
+        if status != 200 {
+            return Err(self.status_error(status, id, "model"));
+        }
+        let text = resp
+            .body_mut()
+            .with_config()
+            .limit(MAX_INFO_BYTES)
+            .read_to_string()
+            .map_err(|e| Error::Network(format!("reading {url}: {e}")))?;
+        let bad = |m: &str| Error::Hub(format!("{url}: unexpected answer: {m}"));
+        let v: Value = serde_json::from_str(&text).map_err(|e| bad(&e.to_string()))?;
+        let commit = v
+            .get("sha")
+            .and_then(Value::as_str)
+            .filter(|s| is_commit(s))
+            .ok_or_else(|| bad("no commit sha"))?;
+        let files = v
+            .get("siblings")
+            .and_then(Value::as_array)
+            .ok_or_else(|| bad("no file list"))?
+            .iter()
+            .filter_map(|s| {
+                let name = s.get("rfilename")?.as_str()?.to_string();
+                let sha256 = s.pointer("/lfs/sha256").and_then(Value::as_str).map(str::to_string);
+                let size =
+                    s.pointer("/lfs/size").or_else(|| s.get("size")).and_then(Value::as_u64).unwrap_or(0);
+                let blob_id = s.get("blobId").and_then(Value::as_str).map(str::to_string);
+                Some(RemoteFile { name, size, sha256, blob_id })
+            })
+            .collect();
+        Ok((commit.to_string(), files))
+    }
+}
+
+/// Which of `files` chatvec needs; `index` reads a downloaded index file's
+/// shard names.
+fn wanted(
+    files: &[RemoteFile],
+    index: &mut dyn FnMut(&RemoteFile) -> Result<Vec<String>>,
+) -> Result<Vec<RemoteFile>> {
+    let find = |n: &str| files.iter().find(|f| f.name == n);
+    let mut out: Vec<RemoteFile> = Vec::new();
+    let weights = [
+        ("model.safetensors.index.json", "model.safetensors"),
+        ("pytorch_model.bin.index.json", "pytorch_model.bin"),
+    ];
+    for (idx, single) in weights {
+        if let Some(i) = find(idx) {
+            for shard in index(i)? {
+                let f = find(&shard).ok_or_else(|| {
+                    Error::Hub(format!("the Hub's {idx} names {shard}, which the repository does not have"))
+                })?;
+                if !out.iter().any(|o| o.name == f.name) {
+                    out.push(f.clone());
+                }
+            }
+            out.push(i.clone());
+            break;
+        }
+        if let Some(s) = find(single) {
+            out.push(s.clone());
+            break;
+        }
+    }
+    if out.is_empty() {
+        return Err(Error::Hub(
+            "the repository has no model.safetensors, safetensors index or pytorch_model.bin".into(),
+        ));
+    }
+    out.extend(SIDE_FILES.iter().filter_map(|n| find(n).cloned()));
+    Ok(out)
+}
+
+/// What `ensure` found.
+pub(crate) enum Outcome {
+    /// The snapshot holds every file chatvec needs.
+    Ready(PathBuf, HubOrigin),
+    /// The Hub could not be reached (the caller may fall back to the cache).
+    Unreachable(Error),
+}
+
+/// Makes sure the snapshot of `id` in `cache` holds every file chatvec
+/// needs, downloading what is missing.
+pub(crate) fn ensure(cache: &Path, id: &HubId) -> Result<Outcome> {
+    let client = Client::new();
+    let (commit, files) = match client.revision_info(id) {
+        Err(e) if matches!(e.kind(), Error::Network(_)) => return Ok(Outcome::Unreachable(e)),
+        r => r?,
+    };
+    let repo_dir = cache.join(format!("models--{}", id.repo.replace('/', "--")));
+    let snap = repo_dir.join("snapshots").join(&commit);
+    let mut index = |f: &RemoteFile| -> Result<Vec<String>> {
+        let path = fetch(&client, id, &commit, &repo_dir, f, None)?;
+        let v = crate::json::read_value(&path, MAX_INFO_BYTES)?;
+        let map = v
+            .get("weight_map")
+            .and_then(Value::as_object)
+            .ok_or_else(|| Error::bad_file(&path, "has no weight_map"))?;
+        let mut shards: Vec<String> = map.values().filter_map(Value::as_str).map(str::to_string).collect();
+        shards.sort();
+        shards.dedup();
+        Ok(shards)
+    };
+    let need = wanted(&files, &mut index)?;
+    let missing: Vec<&RemoteFile> = need.iter().filter(|f| !snap.join(&f.name).exists()).collect();
+    if !missing.is_empty() {
+        let total: u64 = missing.iter().map(|f| f.size).sum();
+        crate::ui::note(&format!(
+            "downloading {} file(s), {:.2} GB, of {}@{} ({commit}) into {}",
+            missing.len(),
+            total as f64 / 1e9,
+            id.repo,
+            id.revision.as_deref().unwrap_or("main"),
+            cache.display()
+        ));
+        let bar = crate::ui::bytes_bar("downloading", total);
+        for f in missing {
+            fetch(&client, id, &commit, &repo_dir, f, Some(&bar))?;
+        }
+        bar.finish_and_clear();
+    }
+    // Point the branch or tag at this commit, as huggingface_hub does.
+    let revision = id.revision.clone().unwrap_or_else(|| "main".into());
+    if revision != commit {
+        let r = repo_dir.join("refs").join(&revision);
+        if let Some(p) = r.parent() {
+            std::fs::create_dir_all(p).map_err(|e| Error::io("creating", p, e))?;
+        }
+        std::fs::write(&r, &commit).map_err(|e| Error::io("writing", &r, e))?;
+    }
+    Ok(Outcome::Ready(snap, HubOrigin { repo: id.repo.clone(), revision, commit }))
+}
+
+/// Downloads one file into `blobs/`, checks it, and links it into the
+/// snapshot; returns the snapshot path. Resumes a `.incomplete` blob.
+fn fetch(
+    client: &Client,
+    id: &HubId,
+    commit: &str,
+    repo_dir: &Path,
+    f: &RemoteFile,
+    bar: Option<&ProgressBar>,
+) -> Result<PathBuf> {
+    let link = repo_dir.join("snapshots").join(commit).join(&f.name);
+    if link.exists() {
+        return Ok(link);
+    }
+    let blob_name = f.blob_name().ok_or_else(|| {
+        Error::Hub(format!("the Hub lists {} of {} without a hash to check it against", f.name, id.repo))
+    })?;
+    if !blob_name.bytes().all(|b| b.is_ascii_hexdigit())
+        || f.name.split('/').any(|p| p.is_empty() || p == "..")
+    {
+        return Err(Error::Hub(format!("the Hub's entry for {} of {} is malformed", f.name, id.repo)));
+    }
+    let blobs = repo_dir.join("blobs");
+    std::fs::create_dir_all(&blobs).map_err(|e| Error::io("creating", &blobs, e))?;
+    let blob = blobs.join(blob_name);
+    if !blob.is_file() {
+        let part = blobs.join(format!("{blob_name}.incomplete"));
+        download(client, id, commit, f, &part, bar)?;
+        check(f, &part)?;
+        std::fs::rename(&part, &blob).map_err(|e| Error::io("renaming", &part, e))?;
+    } else if let Some(b) = bar {
+        b.inc(f.size);
+    }
+    if let Some(p) = link.parent() {
+        std::fs::create_dir_all(p).map_err(|e| Error::io("creating", p, e))?;
+    }
+    let depth = f.name.matches('/').count();
+    let target = format!("{}../../blobs/{blob_name}", "../".repeat(depth));
+    std::os::unix::fs::symlink(&target, &link).map_err(|e| Error::io("linking", &link, e))?;
+    Ok(link)
+}
+
+/// Streams `f` into `part`, continuing after the bytes already there.
+fn download(
+    client: &Client,
+    id: &HubId,
+    commit: &str,
+    f: &RemoteFile,
+    part: &Path,
+    bar: Option<&ProgressBar>,
+) -> Result<()> {
+    let have = std::fs::metadata(part).map(|m| m.len()).unwrap_or(0);
+    let url = format!("{}/{}/resolve/{commit}/{}", client.endpoint, id.repo, f.name);
+    let mut resp = client.get(&url, have)?;
+    let status = resp.status().as_u16();
+    let (mut out, start) = match status {
+        206 => (OpenOptions::new().append(true).open(part).map_err(|e| Error::io("opening", part, e))?, have),
+        200 => (File::create(part).map_err(|e| Error::io("creating", part, e))?, 0),
+        // Asked to resume a file that is already whole.
+        416 if have == f.size => return Ok(()),
+        s => return Err(client.status_error(s, id, &format!("file {} of", f.name))),
+    };
+    if let Some(b) = bar {
+        b.inc(start);
+    }
+    let mut reader = resp.body_mut().with_config().limit(u64::MAX).reader();
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        crate::interrupt::check()?;
+        let n = reader.read(&mut buf).map_err(|e| {
+            Error::Network(format!("download of {} from {url} broke off: {e}", f.name))
+                .with_hint("run the command again to resume where it stopped")
+        })?;
+        if n == 0 {
+            break;
+        }
+        out.write_all(&buf[..n]).map_err(|e| Error::io("writing", part, e))?;
+        if let Some(b) = bar {
+            b.inc(n as u64);
+        }
+    }
+    out.sync_all().map_err(|e| Error::io("syncing", part, e))
+}
+
+/// Checks a downloaded file against the Hub's size and hash; a mismatch
+/// deletes it (it cannot be resumed into a good file).
+fn check(f: &RemoteFile, part: &Path) -> Result<()> {
+    let mut file = File::open(part).map_err(|e| Error::io("opening", part, e))?;
+    let len = file.metadata().map_err(|e| Error::io("reading", part, e))?.len();
+    let mut sha256 = Sha256::new();
+    let mut sha1 = sha1::Sha1::new();
+    sha1.update(format!("blob {len}\0").as_bytes());
+    let mut buf = vec![0u8; 8 << 20];
+    loop {
+        let n = file.read(&mut buf).map_err(|e| Error::io("reading", part, e))?;
+        if n == 0 {
+            break;
+        }
+        sha256.update(&buf[..n]);
+        if f.sha256.is_none() {
+            sha1.update(&buf[..n]);
+        }
+    }
+    let (what, want, got) = match &f.sha256 {
+        Some(want) => ("sha256", want.clone(), hex(&sha256.finalize())),
+        None => ("git blob id", f.blob_id.clone().unwrap_or_default(), hex(&sha1.finalize())),
+    };
+    if (f.size != 0 && len != f.size) || !want.eq_ignore_ascii_case(&got) {
+        let _ = std::fs::remove_file(part);
+        return Err(Error::Network(format!(
+            "downloaded {} is corrupt: {len} bytes with {what} {got}, the Hub lists {} bytes with {what} {want}; it was deleted",
+            f.name, f.size
+        ))
+        .with_hint("run the command again to download it afresh"));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rf(name: &str) -> RemoteFile {
+        RemoteFile { name: name.into(), size: 1, sha256: None, blob_id: Some("ab".into()) }
+    }
+
+    #[test]
+    fn picks_the_index_shards_and_side_files_only() {
+        let files: Vec<RemoteFile> = [
+            "model.safetensors.index.json",
+            "model-00001-of-00002.safetensors",
+            "model-00002-of-00002.safetensors",
+            "consolidated.safetensors",
+            "config.json",
+            "tokenizer.json",
+            "README.md",
+            "original/params.json",
+        ]
+        .iter()
+        .map(|n| rf(n))
+        .collect();
+        let mut index = |_: &RemoteFile| {
+            Ok(vec![
+                "model-00001-of-00002.safetensors".to_string(),
+                "model-00002-of-00002.safetensors".into(),
+            ])
+        };
+        let got: Vec<String> = wanted(&files, &mut index).unwrap().into_iter().map(|f| f.name).collect();
+        assert_eq!(
+            got,
+            [
+                "model-00001-of-00002.safetensors",
+                "model-00002-of-00002.safetensors",
+                "model.safetensors.index.json",
+                "config.json",
+                "tokenizer.json"
+            ]
+        );
+        let bin = vec![rf("pytorch_model.bin"), rf("config.json")];
+        let got: Vec<String> = wanted(&bin, &mut index).unwrap().into_iter().map(|f| f.name).collect();
+        assert_eq!(got, ["pytorch_model.bin", "config.json"]);
+        assert!(wanted(&[rf("README.md")], &mut index).is_err());
+        assert_eq!(encode_path_part("refs/pr/1"), "refs%2Fpr%2F1");
+    }
+}

@@ -1,0 +1,186 @@
+//! Turning a model reference from the command line into a local directory.
+//! Every command resolves models through `resolve_model`, so new kinds of
+//! reference are added in one place.
+//!
+//! A reference is, in order: an existing local directory; an alias from
+//! `recipes/aliases.toml` (or the user's aliases file), optionally with
+//! `@revision`; or a Hub id `org/name[@revision]` found in the Hugging Face
+//! cache (`hub_cache`) and downloaded into it when missing (`download`).
+//!
+//! This room imports the model room and the leaf modules only.
+
+pub(crate) mod aliases;
+pub(crate) mod download;
+pub(crate) mod hub_cache;
+
+use std::path::{Path, PathBuf};
+
+pub use aliases::set_user_file as set_aliases_file;
+pub use download::set_offline;
+
+use crate::error::{Error, Result};
+use crate::model::checkpoint::{Checkpoint, HubOrigin};
+use crate::resolve::aliases::{Aliases, VectorAlias};
+use crate::resolve::download::{Outcome, offline};
+use crate::resolve::hub_cache::{cache_dir, find_snapshot, is_commit, parse_hub_id};
+
+/// A resolved model reference.
+#[derive(Clone, Debug)]
+pub(crate) struct Resolved {
+    pub dir: PathBuf,
+    /// Set when the model came from the Hugging Face cache.
+    pub origin: Option<HubOrigin>,
+}
+
+/// Whether `reference` (without its `@revision`) is written as a path, not
+/// as a Hub id: absolute, relative with `./` or `../`, from `~`, with a
+/// trailing slash, or with more parts than `org/name`.
+fn looks_like_path(reference: &str) -> bool {
+    let name = reference.split_once('@').map_or(reference, |(n, _)| n);
+    name.starts_with(['/', '.', '~'])
+        || name.ends_with('/')
+        || name.contains('\\')
+        || name.matches('/').count() > 1
+}
+
+/// The hint for a bare name that is neither a directory nor an alias but
+/// close to one (`swalow-8b`), if it is.
+fn did_you_mean(name: &str, aliases: &Aliases) -> Option<String> {
+    let close = aliases.closest(name);
+    (!close.is_empty()).then(|| {
+        format!("did you mean {}? (`chatvec list` shows every alias and shipped recipe)", close.join(" or "))
+    })
+}
+
+/// Resolves `reference` to a model directory.
+pub(crate) fn resolve_model(reference: &str) -> Result<Resolved> {
+    let p = Path::new(reference);
+    if p.is_dir() {
+        return Ok(Resolved { dir: p.to_path_buf(), origin: None });
+    }
+    if p.exists() {
+        return Err(Error::Usage(format!("model '{reference}' is not a directory"))
+            .with_hint("a model is a directory holding config.json and safetensors weights"));
+    }
+    if looks_like_path(reference) {
+        return Err(Error::Usage(format!("model '{reference}': no such directory")));
+    }
+    let (name, rev) = match reference.split_once('@') {
+        Some((n, r)) => (n, Some(r)),
+        None => (reference, None),
+    };
+    let aliases = Aliases::get()?;
+    let aliased;
+    let reference = match aliases.models.get(name) {
+        Some(a) => {
+            aliased = match rev {
+                Some(r) => format!("{}@{r}", a.repo),
+                None => a.reference(),
+            };
+            aliased.as_str()
+        }
+        None if aliases.vectors.contains_key(name) => {
+            return Err(Error::Usage(format!(
+                "'{name}' is a vector alias (a chat model minus its pretrained model), not a model"
+            ))
+            .with_hint(format!("use it as --vector {name}")));
+        }
+        None if !name.contains('/') => {
+            if let Some(hint) = did_you_mean(name, aliases) {
+                return Err(Error::Usage(format!(
+                    "model '{name}' is neither a local directory nor an alias"
+                ))
+                .with_hint(hint));
+            }
+            reference
+        }
+        None => reference,
+    };
+    let Some(id) = parse_hub_id(reference) else {
+        return Err(Error::Usage(format!("model '{reference}' is neither a local directory nor a Hub id"))
+            .with_hint(
+                "give a model directory, an alias (`chatvec list`), or a Hub id like org/name@revision",
+            ));
+    };
+    let Some(cache) = cache_dir(|k| std::env::var(k).ok()) else {
+        return Err(Error::Usage(format!(
+            "model '{reference}' is not a local directory, and no Hugging Face cache is configured (set HF_HOME or HF_HUB_CACHE)"
+        )));
+    };
+    // A commit already in the cache cannot change: no need to ask the Hub.
+    let pinned = id.revision.as_deref().is_some_and(is_commit);
+    if offline() || (pinned && find_snapshot(&cache, &id).is_ok()) {
+        let (dir, origin) = find_snapshot(&cache, &id)?;
+        return Ok(Resolved { dir, origin: Some(origin) });
+    }
+    match download::ensure(&cache, &id)? {
+        Outcome::Ready(dir, origin) => Ok(Resolved { dir, origin: Some(origin) }),
+        Outcome::Unreachable(e) => match find_snapshot(&cache, &id) {
+            Ok((dir, origin)) => {
+                crate::ui::warn(&format!("{e}; using the cached snapshot {} of {}", origin.commit, id.repo));
+                Ok(Resolved { dir, origin: Some(origin) })
+            }
+            Err(_) => Err(e),
+        },
+    }
+}
+
+/// Resolves `reference` and opens the checkpoint, keeping where it came from.
+pub(crate) fn open_model(reference: &str) -> Result<Checkpoint> {
+    let r = resolve_model(reference)?;
+    let mut ck = Checkpoint::open(&r.dir)?;
+    ck.origin = r.origin;
+    Ok(ck)
+}
+
+/// What `--vector` names: a chat vector alias (a pair of models to
+/// difference on the fly), or else `None` for a stored vector (any model
+/// reference).
+pub(crate) fn vector_alias(reference: &str) -> Result<Option<VectorAlias>> {
+    if Path::new(reference).exists() {
+        return Ok(None);
+    }
+    let aliases = Aliases::get()?;
+    if let Some(v) = aliases.vectors.get(reference) {
+        return Ok(Some(v.clone()));
+    }
+    if !reference.contains('/')
+        && !looks_like_path(reference)
+        && !aliases.models.contains_key(reference)
+        && let Some(hint) = did_you_mean(reference, aliases)
+    {
+        return Err(Error::Usage(format!(
+            "vector '{reference}' is neither a local directory nor a vector alias"
+        ))
+        .with_hint(hint));
+    }
+    Ok(None)
+}
+
+/// The aliases in effect: `(name, Hub reference)` for models and
+/// `(name, chat, pretrained)` for vectors, sorted by name.
+pub(crate) type AliasList = (Vec<(String, String)>, Vec<(String, String, String)>);
+
+/// Lists the aliases in effect (built in, then the user's file over them).
+pub(crate) fn alias_list() -> Result<AliasList> {
+    let a = Aliases::get()?;
+    Ok((
+        a.models.iter().map(|(n, m)| (n.clone(), m.reference())).collect(),
+        a.vectors.iter().map(|(n, v)| (n.clone(), v.chat.clone(), v.pretrained.clone())).collect(),
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn paths_are_told_from_hub_ids() {
+        for p in ["/abs/model", "./m", "../m", ".", "~/m", "m/", "a/b/c", "a\\b"] {
+            assert!(looks_like_path(p), "{p}");
+        }
+        for h in ["org/name", "gpt2", "swallow-8b", "org/name@refs/pr/1", "org/name@v1.0"] {
+            assert!(!looks_like_path(h), "{h}");
+        }
+    }
+}

@@ -1,0 +1,379 @@
+//! The files `chatvec sft` writes for the trainer: TRL's SFT config, an
+//! accelerate config for the chosen scale-out (one process, several GPUs,
+//! several nodes, FSDP2 or DeepSpeed ZeRO-3), the DeepSpeed config, and a
+//! training chat template when the model's lacks generation markers. Pure
+//! functions of the options, so `--dry-run` shows exactly what would run.
+
+use serde_json::{Value, json};
+
+use crate::error::{Error, Result};
+
+/// Training options, each mapped to the trainer's own setting.
+#[derive(Clone, Debug)]
+pub struct TrainOptions {
+    pub epochs: f64,
+    pub max_steps: Option<u64>,
+    pub lr: f64,
+    pub warmup_ratio: f64,
+    pub scheduler: String,
+    pub max_seq_len: u64,
+    pub batch_size: u64,
+    pub grad_accum: u64,
+    pub packing: bool,
+    pub assistant_only_loss: bool,
+    pub lora: bool,
+    pub lora_r: u64,
+    pub lora_alpha: u64,
+    pub seed: u64,
+}
+
+/// How the run is spread over processes and machines.
+#[derive(Clone, Debug)]
+pub struct ScaleOptions {
+    /// Processes (GPUs) per node.
+    pub nproc: u64,
+    pub nnodes: u64,
+    pub node_rank: u64,
+    pub master_addr: String,
+    pub master_port: u16,
+    pub fsdp: bool,
+    /// `zero3`.
+    pub deepspeed: Option<String>,
+    /// Whether the run uses GPUs (bf16) or the CPU (fp32).
+    pub gpu: bool,
+}
+
+/// `v` as YAML, written by the YAML crate. The crate quotes strings that
+/// YAML 1.2 would read as another type (`true`, `1e-5`, `null`); accelerate
+/// reads its config with PyYAML, a YAML 1.1 reader, for which `no`, `NO`,
+/// `on` or `1_000` are not strings either (`mixed_precision: no` would be
+/// `False`). Those few scalars go through the crate as unique placeholders
+/// and come out single-quoted.
+pub fn to_yaml(v: &Value) -> Result<String> {
+    let mut quoted = Vec::new();
+    let safe = mark_yaml11_strings(v, &mut quoted);
+    let mut text =
+        serde_yaml_ng::to_string(&safe).map_err(|e| Error::Internal(format!("writing YAML: {e}")))?;
+    for (i, s) in quoted.iter().enumerate() {
+        text = text.replace(&placeholder(i), &format!("'{}'", s.replace('\'', "''")));
+    }
+    Ok(text)
+}
+
+fn placeholder(i: usize) -> String {
+    format!("chatvec-yaml11-string-{i}-4f1c")
+}
+
+/// `v` with each string YAML 1.1 would misread replaced by a placeholder
+/// (its text kept in `quoted`, in placeholder order).
+fn mark_yaml11_strings(v: &Value, quoted: &mut Vec<String>) -> Value {
+    match v {
+        Value::String(s) if yaml11_not_a_string(s) => {
+            quoted.push(s.clone());
+            Value::String(placeholder(quoted.len() - 1))
+        }
+        Value::Array(a) => Value::Array(a.iter().map(|x| mark_yaml11_strings(x, quoted)).collect()),
+        Value::Object(m) => {
+            Value::Object(m.iter().map(|(k, x)| (k.clone(), mark_yaml11_strings(x, quoted))).collect())
+        }
+        other => other.clone(),
+    }
+}
+
+/// Whether YAML 1.1 reads the plain scalar `s` as a boolean or a number
+/// where YAML 1.2 reads a string (its booleans `y`, `no`, `On`...,
+/// numbers with `_`, base-60 numbers like `1:20`, `0b` binaries).
+fn yaml11_not_a_string(s: &str) -> bool {
+    const BOOLS: [&str; 16] =
+        ["y", "Y", "yes", "Yes", "YES", "n", "N", "no", "No", "NO", "on", "On", "ON", "off", "Off", "OFF"];
+    let t = s.strip_prefix(['-', '+']).unwrap_or(s);
+    let digits = |x: &str| !x.is_empty() && x.bytes().all(|b| b.is_ascii_digit() || b == b'_');
+    BOOLS.contains(&s)
+        || (s.contains('_') && s.replace('_', "").parse::<f64>().is_ok())
+        || (t.contains(':') && t.split(':').all(digits))
+        || t.strip_prefix("0b")
+            .is_some_and(|b| !b.is_empty() && b.bytes().all(|c| matches!(c, b'0' | b'1' | b'_')))
+}
+
+/// TRL's `trl sft --config` file. transformers 5 dropped `warmup_ratio`:
+/// there a `warmup_steps` below 1 is the ratio.
+#[allow(clippy::too_many_arguments)]
+pub fn sft_config(
+    model_dir: &str,
+    data_file: &str,
+    output_dir: &str,
+    t: &TrainOptions,
+    gpu: bool,
+    transformers_major: u64,
+    chat_template_path: Option<&str>,
+) -> Value {
+    let mut c = json!({
+        "model_name_or_path": model_dir,
+        "dtype": if gpu { "bfloat16" } else { "float32" },
+        "datasets": [{"path": "json", "data_files": data_file, "split": "train"}],
+        "output_dir": output_dir,
+        "num_train_epochs": t.epochs,
+        "max_steps": t.max_steps.map_or(-1, |s| s as i64),
+        "learning_rate": t.lr,
+        "lr_scheduler_type": t.scheduler,
+        "max_length": t.max_seq_len,
+        "per_device_train_batch_size": t.batch_size,
+        "gradient_accumulation_steps": t.grad_accum,
+        "packing": t.packing,
+        "assistant_only_loss": t.assistant_only_loss,
+        "seed": t.seed,
+        "bf16": gpu,
+        "logging_steps": 1,
+        "save_strategy": "no",
+        "report_to": "none",
+    });
+    let Value::Object(o) = &mut c else { return c };
+    // transformers 5 renamed gradient_checkpointing to activation_checkpointing.
+    if transformers_major >= 5 {
+        o.insert("warmup_steps".into(), json!(t.warmup_ratio));
+        o.insert("activation_checkpointing".into(), json!(gpu));
+    } else {
+        o.insert("warmup_ratio".into(), json!(t.warmup_ratio));
+        o.insert("gradient_checkpointing".into(), json!(gpu));
+    }
+    if t.lora {
+        o.insert("use_peft".into(), json!(true));
+        o.insert("lora_r".into(), json!(t.lora_r));
+        o.insert("lora_alpha".into(), json!(t.lora_alpha));
+        o.insert("lora_target_modules".into(), json!("all-linear"));
+    }
+    if let Some(p) = chat_template_path {
+        o.insert("chat_template_path".into(), json!(p));
+    }
+    c
+}
+
+/// The decoder layer class FSDP wraps, from config.json's architecture
+/// (`LlamaForCausalLM` -> `LlamaDecoderLayer`).
+pub fn decoder_layer_class(architecture: &str) -> String {
+    let stem = architecture.strip_suffix("ForCausalLM").unwrap_or(architecture);
+    format!("{stem}DecoderLayer")
+}
+
+/// The accelerate config for `s`; `deepspeed_file` is where the DeepSpeed
+/// config is written when ZeRO-3 is asked for.
+pub fn accelerate_config(s: &ScaleOptions, layer_class: &str, deepspeed_file: &str) -> Value {
+    let procs = s.nproc * s.nnodes;
+    let distributed = if s.fsdp {
+        "FSDP"
+    } else if s.deepspeed.is_some() {
+        "DEEPSPEED"
+    } else if procs > 1 && s.gpu {
+        "MULTI_GPU"
+    } else if procs > 1 {
+        "MULTI_CPU"
+    } else {
+        "NO"
+    };
+    let mut c = json!({
+        "compute_environment": "LOCAL_MACHINE",
+        "distributed_type": distributed,
+        "mixed_precision": if s.gpu { "bf16" } else { "no" },
+        "num_machines": s.nnodes,
+        "num_processes": procs,
+        "machine_rank": s.node_rank,
+        "main_training_function": "main",
+        "rdzv_backend": "static",
+        "same_network": true,
+        "use_cpu": !s.gpu,
+    });
+    let Value::Object(o) = &mut c else { return c };
+    if s.nnodes > 1 {
+        o.insert("main_process_ip".into(), json!(s.master_addr));
+        o.insert("main_process_port".into(), json!(s.master_port));
+    }
+    if s.fsdp {
+        o.insert(
+            "fsdp_config".into(),
+            json!({
+                "fsdp_version": 2,
+                "fsdp_reshard_after_forward": true,
+                "fsdp_auto_wrap_policy": "TRANSFORMER_BASED_WRAP",
+                "fsdp_transformer_layer_cls_to_wrap": layer_class,
+                "fsdp_state_dict_type": "FULL_STATE_DICT",
+                "fsdp_cpu_ram_efficient_loading": true,
+                "fsdp_offload_params": false,
+                "fsdp_activation_checkpointing": false,
+            }),
+        );
+    }
+    if s.deepspeed.is_some() {
+        o.insert(
+            "deepspeed_config".into(),
+            json!({"deepspeed_config_file": deepspeed_file, "zero3_init_flag": true}),
+        );
+    }
+    c
+}
+
+/// DeepSpeed ZeRO-3 with bf16; batch sizes left to the trainer ("auto").
+pub fn deepspeed_zero3(gpu: bool) -> Value {
+    json!({
+        "bf16": {"enabled": if gpu { "auto" } else { "false" }},
+        "zero_optimization": {
+            "stage": 3,
+            "overlap_comm": true,
+            "contiguous_gradients": true,
+            "reduce_bucket_size": "auto",
+            "stage3_prefetch_bucket_size": "auto",
+            "stage3_param_persistence_threshold": "auto",
+            "stage3_gather_16bit_weights_on_model_save": true,
+        },
+        "gradient_accumulation_steps": "auto",
+        "gradient_clipping": "auto",
+        "train_batch_size": "auto",
+        "train_micro_batch_size_per_gpu": "auto",
+    })
+}
+
+/// Whether a chat template marks assistant turns for assistant-only loss.
+pub fn has_generation_markers(template: &str) -> bool {
+    regex::Regex::new(r"\{%-?\s*generation\s*-?%\}").is_ok_and(|r| r.is_match(template))
+}
+
+/// Whether a template is Llama-3 style (header ids and eot markers).
+pub fn is_llama3_style(template: &str) -> bool {
+    template.contains("<|start_header_id|>") && template.contains("<|eot_id|>")
+}
+
+/// A Llama-3 chat template whose assistant replies sit inside
+/// `{% generation %}` markers, so TRL can train on them alone. It renders
+/// the same text as Meta's template without tools: the bos token, then per
+/// message a role header, the trimmed content and `<|eot_id|>`, and the
+/// assistant header when a generation prompt is asked for.
+pub const LLAMA3_TRAINING_TEMPLATE: &str = concat!(
+    "{{- bos_token }}",
+    "{%- for message in messages %}",
+    "{{- '<|start_header_id|>' + message['role'] + '<|end_header_id|>\\n\\n' }}",
+    "{%- if message['role'] == 'assistant' %}",
+    "{%- generation %}{{- message['content'] | trim + '<|eot_id|>' }}{%- endgeneration %}",
+    "{%- else %}",
+    "{{- message['content'] | trim + '<|eot_id|>' }}",
+    "{%- endif %}",
+    "{%- endfor %}",
+    "{%- if add_generation_prompt %}",
+    "{{- '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}",
+    "{%- endif %}",
+);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn train() -> TrainOptions {
+        TrainOptions {
+            epochs: 2.0,
+            max_steps: None,
+            lr: 1e-5,
+            warmup_ratio: 0.03,
+            scheduler: "cosine".into(),
+            max_seq_len: 4096,
+            batch_size: 1,
+            grad_accum: 16,
+            packing: false,
+            assistant_only_loss: true,
+            lora: false,
+            lora_r: 16,
+            lora_alpha: 32,
+            seed: 42,
+        }
+    }
+
+    fn scale() -> ScaleOptions {
+        ScaleOptions {
+            nproc: 1,
+            nnodes: 1,
+            node_rank: 0,
+            master_addr: "127.0.0.1".into(),
+            master_port: 29500,
+            fsdp: false,
+            deepspeed: None,
+            gpu: true,
+        }
+    }
+
+    #[test]
+    fn sft_config_maps_each_option_and_follows_transformers_5() {
+        let c = sft_config("/m", "/r/train.jsonl", "/r/out", &train(), true, 5, None);
+        assert_eq!(c["learning_rate"], 1e-5);
+        assert_eq!(c["warmup_steps"], 0.03);
+        assert!(c.get("warmup_ratio").is_none());
+        assert_eq!(c["max_steps"], -1);
+        assert_eq!(c["assistant_only_loss"], true);
+        assert_eq!(c["datasets"][0]["data_files"], "/r/train.jsonl");
+        let old = sft_config("/m", "/d", "/o", &train(), false, 4, Some("/r/t.jinja"));
+        assert_eq!(old["warmup_ratio"], 0.03);
+        assert_eq!((old["bf16"].clone(), old["dtype"].clone()), (json!(false), json!("float32")));
+        assert_eq!(old["chat_template_path"], "/r/t.jinja");
+        let mut t = train();
+        t.lora = true;
+        t.max_steps = Some(5);
+        let l = sft_config("/m", "/d", "/o", &t, true, 5, None);
+        assert_eq!(
+            (l["use_peft"].clone(), l["lora_r"].clone(), l["max_steps"].clone()),
+            (json!(true), json!(16), json!(5))
+        );
+    }
+
+    #[test]
+    fn accelerate_configs_for_each_scale_out() {
+        let one = accelerate_config(&scale(), "LlamaDecoderLayer", "/r/ds.json");
+        assert_eq!((one["distributed_type"].clone(), one["num_processes"].clone()), (json!("NO"), json!(1)));
+        let mut s = scale();
+        s.nproc = 8;
+        s.nnodes = 2;
+        s.node_rank = 1;
+        s.master_addr = "10.0.0.1".into();
+        let multi = accelerate_config(&s, "LlamaDecoderLayer", "/r/ds.json");
+        assert_eq!(multi["distributed_type"], "MULTI_GPU");
+        assert_eq!((multi["num_processes"].clone(), multi["machine_rank"].clone()), (json!(16), json!(1)));
+        assert_eq!(multi["main_process_ip"], "10.0.0.1");
+        s.fsdp = true;
+        let fsdp = accelerate_config(&s, &decoder_layer_class("LlamaForCausalLM"), "/r/ds.json");
+        assert_eq!(fsdp["distributed_type"], "FSDP");
+        assert_eq!(fsdp["fsdp_config"]["fsdp_version"], 2);
+        assert_eq!(fsdp["fsdp_config"]["fsdp_transformer_layer_cls_to_wrap"], "LlamaDecoderLayer");
+        s.fsdp = false;
+        s.deepspeed = Some("zero3".into());
+        let ds = accelerate_config(&s, "LlamaDecoderLayer", "/r/ds.json");
+        assert_eq!(ds["distributed_type"], "DEEPSPEED");
+        assert_eq!(ds["deepspeed_config"]["deepspeed_config_file"], "/r/ds.json");
+        assert_eq!(deepspeed_zero3(true)["zero_optimization"]["stage"], 3);
+        let yaml = to_yaml(&fsdp).unwrap();
+        assert!(yaml.contains("fsdp_config:\n  fsdp_version: 2\n"), "{yaml}");
+        assert!(yaml.contains("distributed_type: FSDP\n"), "{yaml}");
+        let sft = to_yaml(&sft_config("/m", "/d", "/o", &train(), true, 5, None)).unwrap();
+        assert!(sft.contains("datasets:\n- path: json\n  data_files: /d\n  split: train\n"), "{sft}");
+        // Strings a YAML 1.1 reader (PyYAML, which accelerate uses) would
+        // take for booleans or numbers stay strings.
+        let cpu = to_yaml(&accelerate_config(&ScaleOptions { gpu: false, ..scale() }, "L", "/d")).unwrap();
+        assert!(cpu.contains("mixed_precision: 'no'\n"), "{cpu}");
+        assert!(cpu.contains("distributed_type: 'NO'\n"), "{cpu}");
+        for (s, tagged) in [
+            ("no", true),
+            ("On", true),
+            ("1_000", true),
+            ("1:20", true),
+            ("0b101", true),
+            ("bf16", false),
+            ("cosine", false),
+            ("a:b", false),
+        ] {
+            assert_eq!(yaml11_not_a_string(s), tagged, "{s}");
+        }
+    }
+
+    #[test]
+    fn llama3_templates_get_generation_markers() {
+        let meta = "{% set loop_messages = messages %}{% for message in loop_messages %}{% set content = '<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n'+ message['content'] | trim + '<|eot_id|>' %}{{ content }}{% endfor %}";
+        assert!(is_llama3_style(meta) && !has_generation_markers(meta));
+        assert!(has_generation_markers(LLAMA3_TRAINING_TEMPLATE));
+        assert!(has_generation_markers("{%- generation -%}x{% endgeneration %}"));
+        assert_eq!(decoder_layer_class("MistralForCausalLM"), "MistralDecoderLayer");
+    }
+}
