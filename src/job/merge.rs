@@ -15,7 +15,7 @@ use crate::resolve::open_model;
 /// Runs `recipe` into `out`. `seed` overrides the recipe's seed of the
 /// DARE/DELLA masks.
 pub fn merge(recipe: &Recipe, seed: Option<u64>, out: &WriteOptions) -> Result<Summary> {
-    let record = RecipeRecord::of(recipe);
+    let record = recipe.record();
     match &recipe.body {
         RecipeBody::ChatVector(c) => {
             let vector = match &c.vector {

@@ -10,7 +10,6 @@ use serde::Serialize;
 use crate::error::{Error, Result};
 use crate::output::manifest::{MANIFEST_FILE, RecipeRecord};
 use crate::plan::Plan;
-use crate::recipe::Syntax;
 
 pub const CARD_FILE: &str = "README.md";
 
@@ -54,10 +53,7 @@ pub fn model_card(plan: &Plan, method: &str, recipe: Option<&RecipeRecord>) -> R
         }
     }
     if let Some(r) = recipe {
-        let lang = match r.syntax {
-            Syntax::Toml => "toml",
-            Syntax::Mergekit => "yaml",
-        };
+        let lang = if r.syntax == "mergekit" { "yaml" } else { "toml" };
         let _ = write!(s, "\n## Recipe\n\n```{lang}\n{}", r.text);
         if !r.text.ends_with('\n') {
             s.push('\n');

@@ -14,7 +14,6 @@ use crate::json::read_value;
 use crate::model::checkpoint::HubOrigin;
 use crate::output::files::WrittenFile;
 use crate::plan::{EmbeddingPolicy, EmbeddingReport, Plan, Role};
-use crate::recipe::{Recipe, Syntax};
 
 pub const MANIFEST_FILE: &str = "chatvec-manifest.json";
 const FORMAT: &str = "chatvec-manifest/1";
@@ -67,21 +66,10 @@ pub struct Parameters {
 #[derive(Serialize, Clone, Debug)]
 pub struct RecipeRecord {
     pub file: String,
-    pub syntax: Syntax,
+    /// `toml` (a chatvec recipe) or `mergekit` (a mergekit YAML config).
+    pub syntax: &'static str,
     pub sha256: String,
     pub text: String,
-}
-
-impl RecipeRecord {
-    /// What the manifest keeps of `recipe`.
-    pub fn of(recipe: &Recipe) -> RecipeRecord {
-        RecipeRecord {
-            file: recipe.path.display().to_string(),
-            syntax: recipe.syntax,
-            sha256: recipe.sha256.clone(),
-            text: recipe.text.clone(),
-        }
-    }
 }
 
 #[derive(Serialize)]

@@ -33,6 +33,7 @@ use crate::json::{read_capped, toml_to_json};
 use crate::merge::methods::Method;
 use crate::merge::params::{Filter, Scalar, Setting};
 use crate::model::dtype::FloatType;
+use crate::output::manifest::RecipeRecord;
 use crate::plan::EmbeddingPolicy;
 use crate::sft::SftOptions;
 use crate::units::parse_size;
@@ -41,8 +42,7 @@ const MAX_RECIPE_BYTES: u64 = 4 << 20;
 const DEFAULT_SHARD_SIZE: u64 = 5_000_000_000;
 
 /// Which syntax a recipe was written in.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
-#[serde(rename_all = "lowercase")]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum Syntax {
     Toml,
     Mergekit,
@@ -153,6 +153,19 @@ impl Recipe {
     /// Its `[sft]` section: how `chatvec run` trains the merged model.
     pub fn sft(&self) -> Option<&SftOptions> {
         self.sft.as_ref()
+    }
+
+    /// What the manifest keeps of this recipe.
+    pub(crate) fn record(&self) -> RecipeRecord {
+        RecipeRecord {
+            file: self.path.display().to_string(),
+            syntax: match self.syntax {
+                Syntax::Toml => "toml",
+                Syntax::Mergekit => "mergekit",
+            },
+            sha256: self.sha256.clone(),
+            text: self.text.clone(),
+        }
     }
 }
 

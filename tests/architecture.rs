@@ -1,0 +1,189 @@
+//! The layout keeps the design's promise: imports only run downward. Each
+//! room of the library (a top-level module of src/, a folder per design
+//! box) may import only rooms listed below it in `LAYERS`, and no module
+//! (file) imports itself back through others. The binary (src/main.rs,
+//! src/cli/) sees only the library's public API, so it is not checked here.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
+
+/// The library's rooms, lowest first; a room may import rooms of lower
+/// layers only. Rooms in one layer do not import each other.
+const LAYERS: &[&[&str]] = &[
+    &["error", "ui", "units"],
+    &["interrupt", "json"],
+    &["hash"],
+    &["model"],
+    &["resolve", "arith"],
+    &["merge"],
+    &["plan"],
+    &["output"],
+    &["cuda"],
+    &["exec"],
+    &["sft"],
+    &["recipe"],
+    &["job"],
+];
+
+/// Crate-root names that are not rooms: macros exported at the root.
+const ROOT_MACROS: &[(&str, &str)] = &[("launch", "cuda")];
+
+fn layer_of(room: &str) -> Option<usize> {
+    LAYERS.iter().position(|l| l.contains(&room))
+}
+
+/// Every library source file, as (module path, file).
+fn modules() -> Vec<(Vec<String>, PathBuf)> {
+    fn walk(dir: &Path, prefix: &[String], out: &mut Vec<(Vec<String>, PathBuf)>) {
+        for e in std::fs::read_dir(dir).unwrap() {
+            let p = e.unwrap().path();
+            let name = p.file_stem().unwrap().to_string_lossy().into_owned();
+            if p.is_dir() {
+                if prefix.is_empty() && name == "cli" {
+                    continue;
+                }
+                let mut next = prefix.to_vec();
+                next.push(name);
+                walk(&p, &next, out);
+            } else if p.extension().is_some_and(|x| x == "rs") {
+                if prefix.is_empty() && (name == "main" || name == "lib") {
+                    continue;
+                }
+                let mut m = prefix.to_vec();
+                if name != "mod" {
+                    m.push(name);
+                }
+                out.push((m, p));
+            }
+        }
+    }
+    let mut out = Vec::new();
+    walk(&Path::new(env!("CARGO_MANIFEST_DIR")).join("src"), &[], &mut out);
+    out
+}
+
+/// The module paths `text` (the source of module `me`) refers to through
+/// `crate::` and `super::`, without its tests.
+fn references(me: &[String], text: &str) -> Vec<Vec<String>> {
+    let code = text.split("#[cfg(test)]").next().unwrap_or(text);
+    let mut out = Vec::new();
+    let word = |s: &str| s.chars().take_while(|c| c.is_ascii_alphanumeric() || *c == '_').count();
+    for (i, _) in code.match_indices("crate::") {
+        let mut path = Vec::new();
+        let mut rest = &code[i + "crate::".len()..];
+        loop {
+            let n = word(rest);
+            if n == 0 {
+                break;
+            }
+            path.push(rest[..n].to_string());
+            match rest[n..].strip_prefix("::") {
+                Some(r) => rest = r,
+                None => break,
+            }
+        }
+        out.push(path);
+    }
+    for (i, _) in code.match_indices("super::") {
+        if code[..i].ends_with("super::") {
+            continue; // counted with the first `super::` of the run
+        }
+        // Each `super` goes one module up (a folder's mod.rs is the folder).
+        let mut base: Vec<String> = me.to_vec();
+        let mut rest = &code[i..];
+        while let Some(r) = rest.strip_prefix("super::") {
+            base.pop();
+            rest = r;
+        }
+        let n = word(rest);
+        if n > 0 {
+            base.push(rest[..n].to_string());
+        }
+        out.push(base);
+    }
+    out
+}
+
+#[test]
+fn rooms_import_only_rooms_below_them() {
+    let mut bad = BTreeSet::new();
+    for (m, file) in modules() {
+        let room = &m[0];
+        let Some(mine) = layer_of(room) else {
+            panic!("{} is in room '{room}', which LAYERS does not place", file.display());
+        };
+        let text = std::fs::read_to_string(&file).unwrap();
+        for r in references(&m, &text) {
+            let Some(target) = r.first() else { continue };
+            let target =
+                ROOT_MACROS.iter().find(|(mac, _)| mac == target).map_or(target.as_str(), |(_, room)| room);
+            if target == room {
+                continue;
+            }
+            match layer_of(target) {
+                Some(l) if l < mine => {}
+                _ => {
+                    bad.insert(format!("{} ({room}) imports crate::{}", file.display(), r.join("::")));
+                }
+            }
+        }
+    }
+    assert!(
+        bad.is_empty(),
+        "imports that run upward or sideways:\n{}",
+        bad.into_iter().collect::<Vec<_>>().join("\n")
+    );
+}
+
+#[test]
+fn no_module_imports_itself_back() {
+    let mods = modules();
+    let known: BTreeSet<Vec<String>> = mods.iter().map(|(m, _)| m.clone()).collect();
+    // Module -> the longest known module prefix of each path it refers to.
+    let mut graph: BTreeMap<Vec<String>, BTreeSet<Vec<String>>> = BTreeMap::new();
+    for (m, file) in &mods {
+        let text = std::fs::read_to_string(file).unwrap();
+        let edges = graph.entry(m.clone()).or_default();
+        for r in references(m, &text) {
+            let target = (1..=r.len()).rev().map(|n| r[..n].to_vec()).find(|p| known.contains(p));
+            if let Some(t) = target.filter(|t| t != m) {
+                edges.insert(t);
+            }
+        }
+    }
+    // Depth-first search for a cycle.
+    fn visit(
+        n: &Vec<String>,
+        graph: &BTreeMap<Vec<String>, BTreeSet<Vec<String>>>,
+        state: &mut BTreeMap<Vec<String>, u8>,
+        stack: &mut Vec<Vec<String>>,
+    ) -> Option<Vec<Vec<String>>> {
+        match state.get(n) {
+            Some(2) => return None,
+            Some(1) => {
+                let at = stack.iter().position(|s| s == n).unwrap_or(0);
+                let mut cycle = stack[at..].to_vec();
+                cycle.push(n.clone());
+                return Some(cycle);
+            }
+            _ => {}
+        }
+        state.insert(n.clone(), 1);
+        stack.push(n.clone());
+        for next in graph.get(n).into_iter().flatten() {
+            if let Some(c) = visit(next, graph, state, stack) {
+                return Some(c);
+            }
+        }
+        stack.pop();
+        state.insert(n.clone(), 2);
+        None
+    }
+    let mut state = BTreeMap::new();
+    for n in graph.keys() {
+        if let Some(c) = visit(n, &graph, &mut state, &mut Vec::new()) {
+            let names: Vec<String> = c.iter().map(|m| m.join("::")).collect();
+            panic!("import circle: {}", names.join(" -> "));
+        }
+    }
+}
