@@ -7,6 +7,8 @@
 //! kernel computes what the CPU code computes, in the same f32/f64
 //! operations in the same order, so the output bytes are the same on both
 //! devices (contract 1); the GPU tests compare them.
+//!
+//! This room reads plans and merge statistics; only the executor imports it.
 
 mod engine;
 mod jobs;

@@ -10,6 +10,8 @@
 //! `4 x batch x chunk` whatever the model size (contract 3), and every job
 //! is a pure function of the plan, so the bytes do not depend on thread
 //! count or chunk size (contract 1).
+//!
+//! This room runs plans; only the job room above imports it.
 
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};

@@ -354,41 +354,45 @@ mod tests {
         assert!(err(&file(h, 0)).contains("must be a string"));
     }
 
-    /// Round trip over many generated layouts: whatever `build_header`
-    /// lays out, `parse_header` accepts and reads back unchanged.
-    #[test]
-    fn random_layouts_round_trip() {
-        let dtypes = [DType::BF16, DType::F16, DType::F32, DType::I64, DType::U8, DType::F64];
-        let mut seed = 0x9e37_79b9u64;
-        let mut next = |m: u64| {
-            seed ^= seed << 13;
-            seed ^= seed >> 7;
-            seed ^= seed << 17;
-            seed % m
-        };
-        for _ in 0..300 {
-            let n = next(6) as usize;
-            let names: Vec<String> = (0..n).map(|i| format!("t{i}.{}", next(1000))).collect();
-            let shapes: Vec<Vec<u64>> = (0..n).map(|_| (0..next(4)).map(|_| next(5) * 2).collect()).collect();
-            let specs: Vec<OutTensorSpec> = (0..n)
-                .map(|i| OutTensorSpec {
-                    name: &names[i],
-                    dtype: dtypes[next(6) as usize],
-                    shape: &shapes[i],
-                })
+    const WHOLE_BYTE: [DType; 8] =
+        [DType::BF16, DType::F16, DType::F32, DType::I64, DType::U8, DType::F64, DType::Bool, DType::I32];
+
+    proptest::proptest! {
+        /// Whatever `build_header` lays out, `parse_header` accepts and
+        /// reads back: the same names (any Unicode), dtypes and shapes, in
+        /// order, each tensor's bytes where the layout put them.
+        #[test]
+        fn built_headers_parse_back_to_the_same_tensors(
+            tensors in proptest::collection::btree_map(
+                "\\PC{1,12}",
+                (0..WHOLE_BYTE.len(), proptest::collection::vec(0u64..6, 0..4)),
+                0..10,
+            )
+        ) {
+            let specs: Vec<OutTensorSpec> = tensors
+                .iter()
+                .filter(|(name, _)| name.as_str() != "__metadata__")
+                .map(|(name, (d, shape))| OutTensorSpec { name, dtype: WHOLE_BYTE[*d], shape })
                 .collect();
             let (head, data_len) = build_header(&specs);
             let mut f = head.clone();
-            f.extend(std::iter::repeat_n(7u8, data_len as usize));
+            f.extend((0..data_len).map(|i| i as u8));
             let h = parse_header(&f, Path::new("x")).unwrap();
-            // Zero-sized tensors share offsets, so compare as sets.
-            let mut got: Vec<_> =
-                h.tensors.iter().map(|t| (t.name.clone(), t.dtype, t.shape.clone())).collect();
-            let mut want: Vec<_> =
-                specs.iter().map(|s| (s.name.to_string(), s.dtype, s.shape.to_vec())).collect();
+            // Zero-sized tensors share offsets, so compare as sets; then
+            // check each tensor's byte range against the layout's order.
+            let mut got: Vec<_> = h.tensors.iter().map(|t| (t.name.clone(), t.dtype, t.shape.clone())).collect();
+            let mut want: Vec<_> = specs.iter().map(|s| (s.name.to_string(), s.dtype, s.shape.to_vec())).collect();
             got.sort_by(|a, b| a.0.cmp(&b.0));
             want.sort_by(|a, b| a.0.cmp(&b.0));
-            assert_eq!(got, want);
+            proptest::prop_assert_eq!(got, want);
+            let mut offset = 0;
+            for s in &specs {
+                let bytes = s.shape.iter().product::<u64>() * s.dtype.bits() / 8;
+                let t = h.tensors.iter().find(|t| t.name == s.name).unwrap();
+                proptest::prop_assert_eq!((t.begin, t.end), (offset, offset + bytes));
+                offset += bytes;
+            }
+            proptest::prop_assert_eq!(h.data_start as usize, head.len());
         }
     }
 

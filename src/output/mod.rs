@@ -4,7 +4,8 @@
 //! tokenizer and chat-template files beside the weights (`sidecars`).
 //!
 //! Output shards themselves are streamed by the executor through `files`.
-//! This room reads plans and recipes; it never computes.
+//! This room reads plans and checkpoints; it never computes, and nothing
+//! below it (plan, merge, arith, resolve, model) imports it.
 
 pub(crate) mod card;
 pub(crate) mod dir;

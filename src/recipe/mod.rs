@@ -21,6 +21,9 @@
 //! Unknown or unsupported keys are errors naming the key; nothing is
 //! silently ignored. `dtype` is mergekit's compute dtype; chatvec always
 //! computes in f32, so it only sets the output dtype (unless `out_dtype`).
+//!
+//! This room turns text into checked specs for the job room; it imports the
+//! vocabulary of merges, plans and SFT options, and runs nothing.
 
 use std::path::{Path, PathBuf};
 

@@ -4,6 +4,10 @@
 //! writes every config file into the run directory, streams the trainer's
 //! output with a loss/learning-rate progress bar, forwards SIGINT/SIGTERM,
 //! passes the exit code back (128+n for a signal), and records the run.
+//!
+//! `config` writes the trainer's files, `data` validates and converts the
+//! chat data. This room resolves models and reads their side files; it
+//! never touches weights.
 
 use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
