@@ -187,33 +187,25 @@ impl Checkpoint {
                 ));
             }
             let (map, stamp) = map_file(&path)?;
-            let stored: Vec<Tensor> = if bin {
-                read_bin(&path, map.len() as u64)?
-                    .into_iter()
-                    .map(|t| Tensor {
-                        name: t.name,
-                        dtype: t.dtype,
-                        shape: t.shape,
-                        shard: si,
-                        start: t.start,
-                        len: t.len,
-                    })
-                    .collect()
+            // (name, dtype, shape, absolute start, length) of each stored tensor.
+            let rows: Vec<(String, DType, Vec<u64>, u64, u64)> = if bin {
+                let bin = read_bin(&path, map.len() as u64)?;
+                bin.into_iter().map(|t| (t.name, t.dtype, t.shape, t.start, t.len)).collect()
             } else {
-                let header = parse_header(&map, &path)?;
-                header
-                    .tensors
+                let h = parse_header(&map, &path)?;
+                h.tensors
                     .into_iter()
-                    .map(|t| Tensor {
-                        name: t.name,
-                        dtype: t.dtype,
-                        shape: t.shape,
-                        shard: si,
-                        start: header.data_start + t.begin,
-                        len: t.end - t.begin,
-                    })
+                    .map(|t| (t.name, t.dtype, t.shape, h.data_start + t.begin, t.end - t.begin))
                     .collect()
             };
+            let stored = rows.into_iter().map(|(name, dtype, shape, start, len)| Tensor {
+                name,
+                dtype,
+                shape,
+                shard: si,
+                start,
+                len,
+            });
             for t in stored {
                 if let Some(&prev) = by_name.get(&t.name) {
                     let other: &Tensor = &tensors[prev];

@@ -7,41 +7,7 @@
 use serde_json::{Value, json};
 
 use crate::error::{Error, Result};
-
-/// Training options, each mapped to the trainer's own setting.
-#[derive(Clone, Debug)]
-pub struct TrainOptions {
-    pub epochs: f64,
-    pub max_steps: Option<u64>,
-    pub lr: f64,
-    pub warmup_ratio: f64,
-    pub scheduler: String,
-    pub max_seq_len: u64,
-    pub batch_size: u64,
-    pub grad_accum: u64,
-    pub packing: bool,
-    pub assistant_only_loss: bool,
-    pub lora: bool,
-    pub lora_r: u64,
-    pub lora_alpha: u64,
-    pub seed: u64,
-}
-
-/// How the run is spread over processes and machines.
-#[derive(Clone, Debug)]
-pub struct ScaleOptions {
-    /// Processes (GPUs) per node.
-    pub nproc: u64,
-    pub nnodes: u64,
-    pub node_rank: u64,
-    pub master_addr: String,
-    pub master_port: u16,
-    pub fsdp: bool,
-    /// `zero3`.
-    pub deepspeed: Option<String>,
-    /// Whether the run uses GPUs (bf16) or the CPU (fp32).
-    pub gpu: bool,
-}
+use crate::sft::options::SftOptions;
 
 /// `v` as YAML, written by the YAML crate. The crate quotes strings that
 /// YAML 1.2 would read as another type (`true`, `1e-5`, `null`); accelerate
@@ -102,7 +68,7 @@ pub fn sft_config(
     model_dir: &str,
     data_file: &str,
     output_dir: &str,
-    t: &TrainOptions,
+    t: &SftOptions,
     gpu: bool,
     transformers_major: u64,
     chat_template_path: Option<&str>,
@@ -157,13 +123,13 @@ pub fn decoder_layer_class(architecture: &str) -> String {
 
 /// The accelerate config for `s`; `deepspeed_file` is where the DeepSpeed
 /// config is written when ZeRO-3 is asked for.
-pub fn accelerate_config(s: &ScaleOptions, layer_class: &str, deepspeed_file: &str) -> Value {
+pub fn accelerate_config(s: &SftOptions, gpu: bool, layer_class: &str, deepspeed_file: &str) -> Value {
     let procs = s.nproc * s.nnodes;
     let distributed = if s.fsdp {
         "FSDP"
     } else if s.deepspeed.is_some() {
         "DEEPSPEED"
-    } else if procs > 1 && s.gpu {
+    } else if procs > 1 && gpu {
         "MULTI_GPU"
     } else if procs > 1 {
         "MULTI_CPU"
@@ -173,14 +139,14 @@ pub fn accelerate_config(s: &ScaleOptions, layer_class: &str, deepspeed_file: &s
     let mut c = json!({
         "compute_environment": "LOCAL_MACHINE",
         "distributed_type": distributed,
-        "mixed_precision": if s.gpu { "bf16" } else { "no" },
+        "mixed_precision": if gpu { "bf16" } else { "no" },
         "num_machines": s.nnodes,
         "num_processes": procs,
         "machine_rank": s.node_rank,
         "main_training_function": "main",
         "rdzv_backend": "static",
         "same_network": true,
-        "use_cpu": !s.gpu,
+        "use_cpu": !gpu,
     });
     let Value::Object(o) = &mut c else { return c };
     if s.nnodes > 1 {
@@ -265,36 +231,12 @@ pub const LLAMA3_TRAINING_TEMPLATE: &str = concat!(
 mod tests {
     use super::*;
 
-    fn train() -> TrainOptions {
-        TrainOptions {
-            epochs: 2.0,
-            max_steps: None,
-            lr: 1e-5,
-            warmup_ratio: 0.03,
-            scheduler: "cosine".into(),
-            max_seq_len: 4096,
-            batch_size: 1,
-            grad_accum: 16,
-            packing: false,
-            assistant_only_loss: true,
-            lora: false,
-            lora_r: 16,
-            lora_alpha: 32,
-            seed: 42,
-        }
+    fn train() -> SftOptions {
+        SftOptions::default()
     }
 
-    fn scale() -> ScaleOptions {
-        ScaleOptions {
-            nproc: 1,
-            nnodes: 1,
-            node_rank: 0,
-            master_addr: "127.0.0.1".into(),
-            master_port: 29500,
-            fsdp: false,
-            deepspeed: None,
-            gpu: true,
-        }
+    fn scale() -> SftOptions {
+        SftOptions::default()
     }
 
     #[test]
@@ -322,25 +264,25 @@ mod tests {
 
     #[test]
     fn accelerate_configs_for_each_scale_out() {
-        let one = accelerate_config(&scale(), "LlamaDecoderLayer", "/r/ds.json");
+        let one = accelerate_config(&scale(), true, "LlamaDecoderLayer", "/r/ds.json");
         assert_eq!((one["distributed_type"].clone(), one["num_processes"].clone()), (json!("NO"), json!(1)));
         let mut s = scale();
         s.nproc = 8;
         s.nnodes = 2;
         s.node_rank = 1;
         s.master_addr = "10.0.0.1".into();
-        let multi = accelerate_config(&s, "LlamaDecoderLayer", "/r/ds.json");
+        let multi = accelerate_config(&s, true, "LlamaDecoderLayer", "/r/ds.json");
         assert_eq!(multi["distributed_type"], "MULTI_GPU");
         assert_eq!((multi["num_processes"].clone(), multi["machine_rank"].clone()), (json!(16), json!(1)));
         assert_eq!(multi["main_process_ip"], "10.0.0.1");
         s.fsdp = true;
-        let fsdp = accelerate_config(&s, &decoder_layer_class("LlamaForCausalLM"), "/r/ds.json");
+        let fsdp = accelerate_config(&s, true, &decoder_layer_class("LlamaForCausalLM"), "/r/ds.json");
         assert_eq!(fsdp["distributed_type"], "FSDP");
         assert_eq!(fsdp["fsdp_config"]["fsdp_version"], 2);
         assert_eq!(fsdp["fsdp_config"]["fsdp_transformer_layer_cls_to_wrap"], "LlamaDecoderLayer");
         s.fsdp = false;
         s.deepspeed = Some("zero3".into());
-        let ds = accelerate_config(&s, "LlamaDecoderLayer", "/r/ds.json");
+        let ds = accelerate_config(&s, true, "LlamaDecoderLayer", "/r/ds.json");
         assert_eq!(ds["distributed_type"], "DEEPSPEED");
         assert_eq!(ds["deepspeed_config"]["deepspeed_config_file"], "/r/ds.json");
         assert_eq!(deepspeed_zero3(true)["zero_optimization"]["stage"], 3);
@@ -351,7 +293,7 @@ mod tests {
         assert!(sft.contains("datasets:\n- path: json\n  data_files: /d\n  split: train\n"), "{sft}");
         // Strings a YAML 1.1 reader (PyYAML, which accelerate uses) would
         // take for booleans or numbers stay strings.
-        let cpu = to_yaml(&accelerate_config(&ScaleOptions { gpu: false, ..scale() }, "L", "/d")).unwrap();
+        let cpu = to_yaml(&accelerate_config(&scale(), false, "L", "/d")).unwrap();
         assert!(cpu.contains("mixed_precision: 'no'\n"), "{cpu}");
         assert!(cpu.contains("distributed_type: 'NO'\n"), "{cpu}");
         for (s, tagged) in [

@@ -16,7 +16,7 @@ use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use indicatif::{ProgressBar, ProgressStyle};
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
 use serde_json::{Value, json};
 
 use crate::error::{Error, Result};
@@ -26,121 +26,20 @@ use crate::output::manifest::MANIFEST_FILE;
 use crate::output::sidecars::chat_template_text;
 use crate::resolve::open_model;
 use crate::sft::config::{
-    LLAMA3_TRAINING_TEMPLATE, ScaleOptions, TrainOptions, accelerate_config, decoder_layer_class,
-    deepspeed_zero3, has_generation_markers, is_llama3_style, sft_config, to_yaml,
+    LLAMA3_TRAINING_TEMPLATE, accelerate_config, decoder_layer_class, deepspeed_zero3,
+    has_generation_markers, is_llama3_style, sft_config, to_yaml,
 };
 use crate::sft::data::{DataStats, process};
 use crate::ui;
 
 pub(crate) mod config;
 pub(crate) mod data;
+pub(crate) mod options;
+
+pub use options::SftOptions;
 
 pub(crate) const PYTHON_ENV: &str = "CHATVEC_PYTHON";
 pub(crate) const RECORD_FILE: &str = "chatvec-sft-run.json";
-
-/// How to train: every option maps to a TRL / transformers / accelerate
-/// setting. Defaults follow PLaMo-13B-Instruct's SFT (lr 1e-5, warmup
-/// ratio 0.03, cosine). A recipe's `[sft]` table holds the same keys.
-#[derive(Clone, Debug, Deserialize, Serialize)]
-#[serde(default, deny_unknown_fields)]
-pub struct SftOptions {
-    /// Chat data, JSONL: `{"messages": [...]}`, `{"conversation": [...]}` or
-    /// Alpaca records.
-    pub data: PathBuf,
-    /// Epochs (TRL `num_train_epochs`).
-    pub epochs: f64,
-    /// Stop after this many optimizer steps (TRL `max_steps`; overrides epochs).
-    pub max_steps: Option<u64>,
-    /// Peak learning rate.
-    pub lr: f64,
-    /// Warmup as a fraction of the steps.
-    pub warmup_ratio: f64,
-    /// Learning-rate schedule (transformers `lr_scheduler_type`).
-    pub scheduler: String,
-    /// Longest tokenized example; longer ones are truncated (TRL `max_length`).
-    pub max_seq_len: u64,
-    /// Examples per device per step.
-    pub batch_size: u64,
-    /// Gradient accumulation steps.
-    pub grad_accum: u64,
-    /// Pack several examples into each sequence.
-    pub packing: bool,
-    /// Train on the assistant turns only.
-    pub assistant_only_loss: bool,
-    /// Train LoRA adapters (peft) instead of all weights.
-    pub lora: bool,
-    /// LoRA rank.
-    pub lora_r: u64,
-    /// LoRA alpha.
-    pub lora_alpha: u64,
-    /// Random seed.
-    pub seed: u64,
-    /// Processes (GPUs) per node.
-    pub nproc: u64,
-    /// Nodes.
-    pub nnodes: u64,
-    /// This node's rank.
-    pub node_rank: u64,
-    /// Address of rank 0 (multi-node).
-    pub master_addr: String,
-    /// Port of rank 0 (multi-node).
-    pub master_port: u16,
-    /// Shard the model with FSDP2 (full shard, auto-wrap of the decoder
-    /// layer, bf16).
-    pub fsdp: bool,
-    /// DeepSpeed instead of FSDP: `zero3`.
-    pub deepspeed: Option<String>,
-    /// The Python interpreter with torch, transformers, trl and accelerate
-    /// (default: `$CHATVEC_PYTHON`, else `python3`).
-    pub python: Option<PathBuf>,
-}
-
-impl Default for SftOptions {
-    fn default() -> SftOptions {
-        SftOptions {
-            data: PathBuf::new(),
-            epochs: 2.0,
-            max_steps: None,
-            lr: 1e-5,
-            warmup_ratio: 0.03,
-            scheduler: "cosine".into(),
-            max_seq_len: 4096,
-            batch_size: 1,
-            grad_accum: 16,
-            packing: false,
-            assistant_only_loss: true,
-            lora: false,
-            lora_r: 16,
-            lora_alpha: 32,
-            seed: 42,
-            nproc: 1,
-            nnodes: 1,
-            node_rank: 0,
-            master_addr: "127.0.0.1".into(),
-            master_port: 29500,
-            fsdp: false,
-            deepspeed: None,
-            python: None,
-        }
-    }
-}
-
-impl SftOptions {
-    /// Checks what the types cannot: one of FSDP and DeepSpeed, a DeepSpeed
-    /// stage chatvec configures, a data file named.
-    pub(crate) fn check(&self) -> Result<()> {
-        if self.data.as_os_str().is_empty() {
-            return Err(Error::Usage("no chat data: give the JSONL file (--data, or data in [sft])".into()));
-        }
-        if self.fsdp && self.deepspeed.is_some() {
-            return Err(Error::Usage("--fsdp and --deepspeed exclude each other: choose one".into()));
-        }
-        if let Some(d) = self.deepspeed.as_deref().filter(|d| *d != "zero3") {
-            return Err(Error::Usage(format!("--deepspeed '{d}': chatvec configures zero3 only")));
-        }
-        Ok(())
-    }
-}
 
 /// One SFT run: which model, into which run directory, with what options.
 #[derive(Clone, Debug)]
@@ -289,32 +188,6 @@ fn prepare(job: &SftJob) -> Result<Prepared> {
             template_path = Some(format!("{run}/chat_template.jinja"));
         }
     }
-    let train = TrainOptions {
-        epochs: a.epochs,
-        max_steps: a.max_steps,
-        lr: a.lr,
-        warmup_ratio: a.warmup_ratio,
-        scheduler: a.scheduler.clone(),
-        max_seq_len: a.max_seq_len,
-        batch_size: a.batch_size,
-        grad_accum: a.grad_accum,
-        packing: a.packing,
-        assistant_only_loss: a.assistant_only_loss,
-        lora: a.lora,
-        lora_r: a.lora_r,
-        lora_alpha: a.lora_alpha,
-        seed: a.seed,
-    };
-    let scale = ScaleOptions {
-        nproc: a.nproc,
-        nnodes: a.nnodes,
-        node_rank: a.node_rank,
-        master_addr: a.master_addr.clone(),
-        master_port: a.master_port,
-        fsdp: a.fsdp,
-        deepspeed: a.deepspeed.clone(),
-        gpu,
-    };
     if (a.fsdp || a.deepspeed.is_some()) && !gpu {
         return Err(Error::Usage("--fsdp and --deepspeed need GPUs, and torch sees none".into()));
     }
@@ -328,13 +201,13 @@ fn prepare(job: &SftJob) -> Result<Prepared> {
         &abs(&model_dir),
         &format!("{run}/train.jsonl"),
         &format!("{run}/model"),
-        &train,
+        a,
         gpu,
         tf_major,
         template_path.as_deref(),
     );
     files.push(RunFile { name: "sft_config.yaml", text: to_yaml(&sft)? });
-    let accel = accelerate_config(&scale, &decoder_layer_class(&architecture), &ds_file);
+    let accel = accelerate_config(a, gpu, &decoder_layer_class(&architecture), &ds_file);
     files.push(RunFile { name: "accelerate_config.yaml", text: to_yaml(&accel)? });
     if a.deepspeed.is_some() {
         files.push(RunFile {
