@@ -332,6 +332,27 @@ fn pytorch_bin_checkpoints_are_read_without_pickle_code_or_copies() {
     assert!(stderr(&o).contains("pytorch_model.bin: "), "{}", stderr(&o));
 }
 
+/// A `.bin` whose pickle claims shapes its storage cannot hold (or that
+/// overflow 64 bits) is one clear error naming the tensor, never a panic or
+/// a read past the storage.
+#[test]
+fn pytorch_bin_shapes_beyond_their_storage_are_refused() {
+    let d = tempfile::tempdir().unwrap();
+    for (shape, needle) in
+        [(vec![1u64 << 30, 1 << 30, 1 << 30], "tensor 'w'"), (vec![1000, 1000], "runs past its storage")]
+    {
+        let dir = d.path().join(format!("m{}", shape.len()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let t = T { name: "w".into(), ty: Ty::F32, shape, data: vec![0u8; 16] };
+        write_torch_bin(&dir.join("pytorch_model.bin"), &[t]);
+        let o = chatvec(&["inspect", s(&dir)]);
+        let e = stderr(&o);
+        assert_eq!(o.status.code(), Some(1), "{e}");
+        assert!(e.contains("pytorch_model.bin: ") && e.contains(needle), "{e}");
+        assert!(!e.contains("panicked"), "{e}");
+    }
+}
+
 #[test]
 fn bad_vector_directory_is_refused() {
     let d = tempfile::tempdir().unwrap();

@@ -399,7 +399,9 @@ fn state_dict_pickle(tensors: &[T]) -> Vec<u8> {
         global(&mut p, "torch", class);
         text(&mut p, &i.to_string());
         text(&mut p, "cpu");
-        int(&mut p, t.numel() as u64);
+        // Wrapping, so tests can write hostile shapes whose size overflows.
+        let elems = |dims: &[u64]| dims.iter().fold(1u64, |a, &d| a.wrapping_mul(d));
+        int(&mut p, elems(&t.shape));
         p.extend_from_slice(b"tQ");
         int(&mut p, 0);
         p.push(b'(');
@@ -409,7 +411,7 @@ fn state_dict_pickle(tensors: &[T]) -> Vec<u8> {
         p.push(b't');
         p.push(b'(');
         for k in 0..t.shape.len() {
-            int(&mut p, t.shape[k + 1..].iter().product());
+            int(&mut p, elems(&t.shape[k + 1..]));
         }
         p.push(b't');
         p.push(0x89);
