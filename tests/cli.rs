@@ -380,6 +380,11 @@ fn dry_run_prints_the_plan_and_writes_nothing() {
     ok(&o);
     let text = stdout(&o);
     assert!(text.contains("model.layers.0.mlp.up_proj.weight BF16 [12, 8]: base:model.layers.0.mlp.up_proj.weight + 0.5 * (chat:"), "{text}");
+    let last = text.lines().last().unwrap_or_default();
+    assert!(
+        last.starts_with("total: 19 tensors (19 computed)") && last.ends_with("dry run, nothing written"),
+        "{last}"
+    );
     assert!(!out.exists());
 }
 
@@ -418,6 +423,68 @@ fn demo_runs() {
     ok(&o);
     assert!(stdout(&o).contains("byte-identical"));
     assert!(stdout(&o).contains("256 of 320 rows got the vector (align)"));
+}
+
+/// `--json` puts exactly one JSON document on stdout, for every command
+/// that reports something; notes and warnings stay on stderr.
+#[test]
+fn json_means_one_json_document_on_stdout() {
+    let d = tempfile::tempdir().unwrap();
+    let t = trio(d.path(), Ty::BF16, 1);
+    let out = d.path().join("out");
+    let json = |args: &[&str]| -> serde_json::Value {
+        let o = chatvec(args);
+        ok(&o);
+        serde_json::from_str(&stdout(&o)).unwrap_or_else(|e| panic!("{args:?}: {e}\n{}", stdout(&o)))
+    };
+    let demo = json(&["--json", "demo", "--dir", s(&d.path().join("demo"))]);
+    assert_eq!(demo["identical"], true);
+    assert_eq!(demo["apply_stored"]["shards"], demo["apply_streaming"]["shards"]);
+    let list = json(&["--json", "list"]);
+    assert!(list["models"].as_array().unwrap().iter().any(|m| m["name"] == "swallow-8b"), "{list}");
+    assert!(
+        list["recipes"].as_array().unwrap().iter().any(|r| r["name"] == "llama3-swallow-8b-ties"),
+        "{list}"
+    );
+    let dry = json(&[
+        "--json",
+        "apply",
+        "--base",
+        s(&t.base),
+        "--chat",
+        s(&t.chat),
+        "--pretrained",
+        s(&t.pre),
+        "-o",
+        s(&out),
+        "--dry-run",
+    ]);
+    assert!(dry["plan"].as_str().unwrap().contains("nothing written"), "{dry}");
+    let applied = json(&[
+        "--json",
+        "apply",
+        "--base",
+        s(&t.base),
+        "--chat",
+        s(&t.chat),
+        "--pretrained",
+        s(&t.pre),
+        "-o",
+        s(&out),
+    ]);
+    assert_eq!(applied["kind"], "apply");
+    assert_eq!(json(&["--json", "verify", s(&out)])["ok"], true);
+    assert_eq!(json(&["--json", "inspect", s(&out)])["made_by"]["kind"], "apply");
+}
+
+#[test]
+fn list_shows_aliases_and_shipped_recipes() {
+    let o = chatvec(&["list"]);
+    ok(&o);
+    let text = stdout(&o);
+    assert!(text.contains("swallow-8b") && text.contains("tokyotech-llm/Llama-3-Swallow-8B-v0.1"), "{text}");
+    assert!(text.contains("llama3-instruct") && text.contains("llama3-8b-instruct - llama3-8b"), "{text}");
+    assert!(text.contains("llama3-swallow-8b-chat-vector") && text.contains("TIES of"), "{text}");
 }
 
 #[test]

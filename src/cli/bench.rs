@@ -15,6 +15,7 @@ use chatvec::{Checkpoint, DType, DeviceChoice, Error, FloatType, Result, default
 use clap::Args;
 use memmap2::Mmap;
 use serde::Serialize;
+use serde_json::json;
 
 use super::synth::{Component, LlamaShape, ModelFiles, tokens, write_model};
 
@@ -111,15 +112,29 @@ pub struct BenchReport {
 /// A mergekit config for `method` over the bench inputs: the chat and base
 /// models as task vectors over the pretrained one.
 fn method_config(method: &str, compute: &str, pre: &Path, chat: &Path, base: &Path) -> Result<String> {
-    let m = |p: &Path, params: &str| format!("  - model: {}\n    parameters: {{{params}}}\n", p.display());
-    let body = match method {
-        "linear" => format!("models:\n{}{}", m(chat, "weight: 0.5"), m(base, "weight: 0.5")),
-        "slerp" => format!("base_model: {}\nmodels:\n{}parameters:\n  t: 0.5\n", base.display(), m(chat, "")),
-        "model_stock" => format!("base_model: {}\nmodels:\n{}{}", pre.display(), m(chat, ""), m(base, "")),
+    let model =
+        |p: &Path, params: serde_json::Value| json!({"model": p.display().to_string(), "parameters": params});
+    let mut cfg = match method {
+        "linear" => {
+            json!({"models": [model(chat, json!({"weight": 0.5})), model(base, json!({"weight": 0.5}))]})
+        }
+        "slerp" => json!({
+            "base_model": base.display().to_string(),
+            "models": [model(chat, json!({}))],
+            "parameters": {"t": 0.5},
+        }),
+        "model_stock" => json!({
+            "base_model": pre.display().to_string(),
+            "models": [model(chat, json!({})), model(base, json!({}))],
+        }),
         "task_arithmetic" | "ties" | "dare_linear" | "dare_ties" | "breadcrumbs" | "breadcrumbs_ties"
         | "della" | "della_linear" => {
-            let p = if method == "task_arithmetic" { "weight: 1.0" } else { "weight: 1.0, density: 0.5" };
-            format!("base_model: {}\nmodels:\n{}{}", pre.display(), m(chat, p), m(base, p))
+            let p = if method == "task_arithmetic" {
+                json!({"weight": 1.0})
+            } else {
+                json!({"weight": 1.0, "density": 0.5})
+            };
+            json!({"base_model": pre.display().to_string(), "models": [model(chat, p.clone()), model(base, p)]})
         }
         _ => return Err(Error::Usage(format!("--method '{method}' is not a merge method"))),
     };
@@ -127,7 +142,15 @@ fn method_config(method: &str, compute: &str, pre: &Path, chat: &Path, base: &Pa
     // computation chatvec does (f32, one rounding at the end), so the
     // outputs are comparable ulp for ulp. With `dtype: bfloat16` mergekit
     // rounds every intermediate to bf16 as well.
-    Ok(format!("merge_method: {method}\n{body}dtype: {compute}\nout_dtype: bfloat16\n"))
+    cfg["merge_method"] = method.into();
+    cfg["dtype"] = compute.into();
+    cfg["out_dtype"] = "bfloat16".into();
+    yaml(&cfg)
+}
+
+/// A config as YAML (mergekit reads YAML).
+fn yaml(v: &serde_json::Value) -> Result<String> {
+    serde_yaml_ng::to_string(v).map_err(|e| Error::Internal(format!("writing YAML: {e}")))
 }
 
 /// bf16 bits as an integer that orders like the value.
@@ -320,13 +343,16 @@ pub fn run(a: &BenchArgs, json: bool) -> Result<()> {
 
     let mergekit = if a.mergekit {
         let cfg = root.join("mergekit-task-arithmetic.yml");
-        let yaml = format!(
-            "merge_method: task_arithmetic\nbase_model: {}\nmodels:\n  - model: {}\n    parameters:\n      weight: 1.0\n  - model: {}\n    parameters:\n      weight: 1.0\ndtype: bfloat16\n",
-            pre.display(),
-            chat.display(),
-            base.display()
-        );
-        std::fs::write(&cfg, yaml).map_err(io("writing", &cfg))?;
+        let text = yaml(&json!({
+            "merge_method": "task_arithmetic",
+            "base_model": pre.display().to_string(),
+            "models": [
+                {"model": chat.display().to_string(), "parameters": {"weight": 1.0}},
+                {"model": base.display().to_string(), "parameters": {"weight": 1.0}},
+            ],
+            "dtype": "bfloat16",
+        }))?;
+        std::fs::write(&cfg, text).map_err(io("writing", &cfg))?;
         let mout = root.join("out-mergekit");
         let _ = std::fs::remove_dir_all(&mout);
         let mut m = Command::new("mergekit-yaml");
