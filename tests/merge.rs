@@ -702,3 +702,41 @@ fn tokenizer_source_union_adds_every_models_tokens() {
     assert_eq!(added, (0..5).map(|i| (16 + i as u64, format!("new{i}"))).collect::<Vec<_>>());
     check_manifest_hashes(&out);
 }
+
+/// Linear has no base role: under `tokenizer_source: union` each model reads
+/// its own rows of the union table (a token only one model has is that
+/// model's row for both, so the weighted mean keeps it).
+#[test]
+fn linear_merge_with_a_union_vocabulary_reads_each_models_own_rows() {
+    let d = tempfile::tempdir().unwrap();
+    let m1_tokens = tokens(16);
+    vocab_model(&d.path().join("m1"), 2, &m1_tokens);
+    let wide_tokens = wide_vocab(&m1_tokens);
+    vocab_model(&d.path().join("m2"), 3, &wide_tokens);
+    let m = Models { root: d.path().to_path_buf() };
+    let recipe = "merge_method = \"linear\"\nout_dtype = \"float32\"\ntokenizer_source = \"union\"\n[[models]]\nmodel = \"{m1}\"\nparameters = { weight = 0.25 }\n[[models]]\nmodel = \"{m2}\"\nparameters = { weight = 0.75 }\n";
+    let out = d.path().join("out");
+    let got = merge(&m, recipe, &out, &[]);
+    let (x1, x2) = (m.read("m1"), m.read("m2"));
+    let union: Vec<String> = m1_tokens.iter().cloned().chain((0..5).map(|i| format!("new{i}"))).collect();
+    let row = HIDDEN as usize;
+    for name in ["model.embed_tokens.weight", "lm_head.weight"] {
+        let (a, b) = (vals(&x1[name]), vals(&x2[name]));
+        assert_eq!(got[name].shape, vec![21, HIDDEN], "{name}");
+        for (r, tok) in union.iter().enumerate() {
+            let own = |toks: &[String], x: &[f32], c: usize| {
+                toks.iter().position(|t| t == tok).map(|i| x[i * row + c] as f64)
+            };
+            for c in 0..row {
+                let (h1, h2) = (own(&m1_tokens, &a, c), own(&wide_tokens, &b, c));
+                let (v1, v2) = (h1.or(h2).unwrap(), h2.or(h1).unwrap());
+                let want = (0.25 * v1 + 0.75 * v2) / (0.25 + 0.75);
+                let v = got[name].get(r * row + c) as f64;
+                assert!(
+                    (v - want).abs() <= 2e-6 * (want.abs() + 1.0),
+                    "{name}[{r},{c}] ({tok}): {v} vs {want}"
+                );
+            }
+        }
+    }
+}
