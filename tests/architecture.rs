@@ -25,9 +25,6 @@ const LAYERS: &[&[&str]] = &[
     &["job"],
 ];
 
-/// Crate-root names that are not rooms: macros exported at the root.
-const ROOT_MACROS: &[(&str, &str)] = &[("launch", "cuda")];
-
 fn layer_of(room: &str) -> Option<usize> {
     LAYERS.iter().position(|l| l.contains(&room))
 }
@@ -115,8 +112,6 @@ fn rooms_import_only_rooms_below_them() {
         let text = std::fs::read_to_string(&file).unwrap();
         for r in references(&m, &text) {
             let Some(target) = r.first() else { continue };
-            let target =
-                ROOT_MACROS.iter().find(|(mac, _)| mac == target).map_or(target.as_str(), |(_, room)| room);
             if target == room {
                 continue;
             }

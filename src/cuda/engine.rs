@@ -379,7 +379,7 @@ impl Gpu {
         let first = if base.is_some() { 0 } else { 1 };
         for (j, (s, off)) in staged.iter().zip(&offsets).enumerate() {
             let dst = work + (first + j) as u64 * f;
-            crate::launch!(self, "decode_f32", self.grid(n), [dst, inp + *off as u64, ty_code(s.ty), n])?;
+            launch!(self, "decode_f32", self.grid(n), [dst, inp + *off as u64, ty_code(s.ty), n])?;
         }
         Ok(work)
     }
@@ -492,9 +492,9 @@ impl Gpu {
 
 /// `launch!(gpu, "name", cfg, [a, b, ...])`: `Gpu::launch` with each
 /// argument converted to a `KArg`.
-#[macro_export]
 macro_rules! launch {
     ($gpu:expr, $name:expr, $cfg:expr, [$($arg:expr),* $(,)?]) => {
         $gpu.launch($name, $cfg, &[$($crate::cuda::KArg::from($arg)),*])
     };
 }
+pub(crate) use launch;

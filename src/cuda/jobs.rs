@@ -4,11 +4,10 @@
 
 use std::ops::Range;
 
-use super::engine::{Gpu, ty_code};
+use super::engine::{Gpu, launch, ty_code};
 use crate::arith::Operand;
 use crate::arith::formulas::Segment;
 use crate::error::{Error, Result};
-use crate::launch;
 use crate::merge::methods::Method;
 use crate::merge::stats::{Keep, ModelStats, STAT_BLOCK, TensorStats};
 use crate::merge::{Inputs, TensorMerge};

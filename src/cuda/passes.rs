@@ -5,10 +5,9 @@
 
 use std::ops::Range;
 
-use super::engine::{Gpu, SLOTS};
+use super::engine::{Gpu, SLOTS, launch};
 use crate::arith::View;
 use crate::error::{Error, Result};
-use crate::launch;
 use crate::merge::Inputs;
 use crate::merge::stats::{self, Keep, L1Ranks, Passes, STAT_BLOCK, gram_pairs, masked_blocks};
 
