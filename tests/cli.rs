@@ -446,32 +446,15 @@ fn json_means_one_json_document_on_stdout() {
         list["recipes"].as_array().unwrap().iter().any(|r| r["name"] == "llama3-swallow-8b-ties"),
         "{list}"
     );
-    let dry = json(&[
-        "--json",
-        "apply",
-        "--base",
-        s(&t.base),
-        "--chat",
-        s(&t.chat),
-        "--pretrained",
-        s(&t.pre),
-        "-o",
-        s(&out),
-        "--dry-run",
-    ]);
+    let apply = |extra: &[&str]| {
+        let mut a = vec!["--json", "apply", "--base", s(&t.base), "--chat", s(&t.chat)];
+        a.extend(["--pretrained", s(&t.pre), "-o", s(&out)]);
+        a.extend(extra);
+        json(&a)
+    };
+    let dry = apply(&["--dry-run"]);
     assert!(dry["plan"].as_str().unwrap().contains("nothing written"), "{dry}");
-    let applied = json(&[
-        "--json",
-        "apply",
-        "--base",
-        s(&t.base),
-        "--chat",
-        s(&t.chat),
-        "--pretrained",
-        s(&t.pre),
-        "-o",
-        s(&out),
-    ]);
+    let applied = apply(&[]);
     assert_eq!(applied["kind"], "apply");
     assert_eq!(json(&["--json", "verify", s(&out)])["ok"], true);
     assert_eq!(json(&["--json", "inspect", s(&out)])["made_by"]["kind"], "apply");
