@@ -74,8 +74,8 @@ pub enum Command {
         after_help = "Examples:\n  chatvec sft --model swallow-8b-cv --data chat.jsonl -o run-sft --dry-run\n  chatvec sft --model swallow-8b-cv --data chat.jsonl -o run-sft --nproc 8 --fsdp"
     )]
     Sft(SftArgs),
-    /// Run a recipe with an [sft] section: merge into DIR/merged, verify it, then SFT into DIR/sft.
-    Run(RunArgs),
+    /// Run a TOML recipe with an [sft] section: merge into DIR/merged, verify it, then SFT into DIR/sft.
+    Run(MergeArgs),
     /// Show a checkpoint's shards, tensors, parameter count and config.
     #[command(after_help = "Example:\n  chatvec inspect swallow-8b")]
     Inspect(InspectArgs),
@@ -167,19 +167,6 @@ pub struct WriteArgs {
 #[derive(Args, Debug)]
 pub struct MergeArgs {
     /// A recipe: a chatvec .toml file, a mergekit .yml config, or the name of a shipped recipe.
-    pub recipe: String,
-
-    /// Seed for DARE/DELLA masks (default: the recipe's `seed`, else 0).
-    #[arg(long)]
-    pub seed: Option<u64>,
-
-    #[command(flatten)]
-    pub out: OutArgs,
-}
-
-#[derive(Args, Debug)]
-pub struct RunArgs {
-    /// A chatvec .toml recipe with an [sft] section, or the name of a shipped recipe.
     pub recipe: String,
 
     /// Seed for DARE/DELLA masks (default: the recipe's `seed`, else 0).

@@ -5,10 +5,10 @@
 
 use chatvec::{Error, Recipe, Result, SftJob, ui};
 
-use super::args::RunArgs;
+use super::args::MergeArgs;
 use super::{json_out, out, report};
 
-pub fn run(a: &RunArgs, json: bool) -> Result<()> {
+pub fn run(a: &MergeArgs, json: bool) -> Result<()> {
     let recipe = Recipe::load(&a.recipe)?;
     let Some(options) = recipe.sft().cloned() else {
         return Err(Error::Usage(format!("{} has no [sft] section", recipe.path().display()))
