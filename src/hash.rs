@@ -2,7 +2,6 @@
 //! provenance checks): lowercase hex, of bytes or of a whole file read in
 //! pieces.
 
-use std::fs::File;
 use std::io::Read;
 use std::path::Path;
 
@@ -23,7 +22,7 @@ pub(crate) fn sha256_hex(bytes: &[u8]) -> String {
 /// Hex sha256 of the file at `path`, read in 8 MiB pieces; stops with
 /// `Error::Interrupted` after Ctrl-C.
 pub(crate) fn sha256_file(path: &Path) -> Result<String> {
-    let mut f = File::open(path).map_err(|e| Error::io("opening", path, e))?;
+    let mut f = crate::json::open_regular(path)?;
     let mut h = Sha256::new();
     let mut buf = vec![0u8; 8 << 20];
     loop {

@@ -1,9 +1,13 @@
-//! Reading untrusted JSON files: a size cap, and objects whose duplicate keys
-//! are an error instead of silently keeping the last value (serde_json's
-//! default), because a header or index that names a tensor twice is corrupt.
+//! Reading untrusted files: regular files only (a FIFO would block
+//! forever), a size cap, and JSON objects whose duplicate keys are an error
+//! instead of silently keeping the last value (serde_json's default),
+//! because a header or index that names a tensor twice is corrupt.
 
 use std::collections::HashSet;
 use std::fmt;
+use std::fs::{File, OpenOptions};
+use std::io::Read;
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
 
 use serde::de::{self, Deserializer, MapAccess, Visitor};
@@ -39,16 +43,38 @@ impl<'de> de::Deserialize<'de> for Entries {
     }
 }
 
-/// Reads a whole (small) file, refusing anything larger than `cap` bytes.
-pub(crate) fn read_capped(path: &Path, cap: u64) -> Result<Vec<u8>> {
-    let meta = std::fs::metadata(path).map_err(|e| Error::io("reading", path, e))?;
-    if meta.len() > cap {
+/// Opens `path` for reading if it is a regular file (after symlinks). It is
+/// opened non-blocking, so a FIFO is refused instead of waiting forever for
+/// a writer; reads from a regular file never block either way.
+pub(crate) fn open_regular(path: &Path) -> Result<File> {
+    let f = OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open(path)
+        .map_err(|e| Error::io("opening", path, e))?;
+    let meta = f.metadata().map_err(|e| Error::io("reading metadata of", path, e))?;
+    if !meta.is_file() {
         return Err(Error::bad_file(
             path,
-            format!("file is {} bytes; the limit for this kind of file is {cap}", meta.len()),
+            "is not a regular file (a FIFO, socket, device or directory); chatvec reads regular files only",
         ));
     }
-    std::fs::read(path).map_err(|e| Error::io("reading", path, e))
+    Ok(f)
+}
+
+/// Reads a whole (small) regular file, refusing anything larger than `cap`
+/// bytes.
+pub(crate) fn read_capped(path: &Path, cap: u64) -> Result<Vec<u8>> {
+    let f = open_regular(path)?;
+    let mut bytes = Vec::new();
+    f.take(cap + 1).read_to_end(&mut bytes).map_err(|e| Error::io("reading", path, e))?;
+    if bytes.len() as u64 > cap {
+        return Err(Error::bad_file(
+            path,
+            format!("file is over {cap} bytes, the limit for this kind of file"),
+        ));
+    }
+    Ok(bytes)
 }
 
 /// Reads and parses a JSON file of at most `cap` bytes into a `Value`.
@@ -70,4 +96,90 @@ pub(crate) fn to_pretty(v: &impl serde::Serialize) -> Vec<u8> {
     let mut s = serde_json::to_vec_pretty(v).expect("JSON values always serialize");
     s.push(b'\n');
     s
+}
+
+/// A JSON object whose values keep their text exactly as written, so an
+/// edit of one key leaves every other value, and every number in it, as it
+/// was (serde_json's `Value` would turn a `model_max_length` of
+/// 1000000000000000019884624838656 into `1e+30`). Keys stay in file order.
+pub(crate) struct RawObject(Vec<(String, Box<serde_json::value::RawValue>)>);
+
+impl RawObject {
+    /// Parses a JSON object; `file` names it in errors.
+    pub(crate) fn parse(bytes: &[u8], file: &Path) -> Result<RawObject> {
+        let raw: raw_entries::RawEntries = serde_json::from_slice(bytes)
+            .map_err(|e| Error::bad_file(file, format!("expected a JSON object: {e}")))?;
+        Ok(RawObject(raw.0))
+    }
+
+    /// The value of `key`, parsed.
+    pub(crate) fn get(&self, key: &str) -> Option<Value> {
+        let (_, v) = self.0.iter().find(|(k, _)| k == key)?;
+        serde_json::from_str(v.get()).ok()
+    }
+
+    /// Sets `key` to `value` (in place, or appended).
+    pub(crate) fn set(&mut self, key: &str, value: &impl serde::Serialize) -> Result<()> {
+        let raw = serde_json::value::to_raw_value(value).map_err(|e| Error::Internal(e.to_string()))?;
+        match self.0.iter_mut().find(|(k, _)| k == key) {
+            Some(entry) => entry.1 = raw,
+            None => self.0.push((key.to_string(), raw)),
+        }
+        Ok(())
+    }
+
+    /// Whether `key` is present.
+    pub(crate) fn contains(&self, key: &str) -> bool {
+        self.0.iter().any(|(k, _)| k == key)
+    }
+
+    /// The object as JSON: one key per line, each value as it was written
+    /// (or as set), and a trailing newline.
+    pub(crate) fn to_bytes(&self) -> Vec<u8> {
+        let mut out = b"{".to_vec();
+        for (i, (k, v)) in self.0.iter().enumerate() {
+            out.extend_from_slice(if i == 0 { b"\n  " } else { b",\n  " });
+            out.extend_from_slice(serde_json::to_string(k).unwrap_or_default().as_bytes());
+            out.extend_from_slice(b": ");
+            out.extend_from_slice(v.get().as_bytes());
+        }
+        out.extend_from_slice(if self.0.is_empty() { b"}\n" } else { b"\n}\n" });
+        out
+    }
+}
+
+mod raw_entries {
+    //! The entries of a JSON object as raw text, in order.
+    use std::fmt;
+
+    use serde::de::{self, Deserializer, MapAccess, Visitor};
+    use serde_json::value::RawValue;
+
+    pub(crate) struct RawEntries(pub Vec<(String, Box<RawValue>)>);
+
+    impl<'de> de::Deserialize<'de> for RawEntries {
+        fn deserialize<D: Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+            struct V;
+            impl<'de> Visitor<'de> for V {
+                type Value = RawEntries;
+                fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                    f.write_str("a JSON object")
+                }
+                fn visit_map<A: MapAccess<'de>>(
+                    self,
+                    mut map: A,
+                ) -> std::result::Result<RawEntries, A::Error> {
+                    let mut out: Vec<(String, Box<RawValue>)> = Vec::new();
+                    while let Some(key) = map.next_key::<String>()? {
+                        if out.iter().any(|(k, _)| *k == key) {
+                            return Err(de::Error::custom(format!("duplicate key '{key}'")));
+                        }
+                        out.push((key, map.next_value()?));
+                    }
+                    Ok(RawEntries(out))
+                }
+            }
+            d.deserialize_map(V)
+        }
+    }
 }

@@ -180,10 +180,10 @@ fn existing_output_needs_force_and_force_replaces() {
     let d = tempfile::tempdir().unwrap();
     let t = trio(d.path(), Ty::BF16, 1);
     let out = d.path().join("out");
-    std::fs::create_dir(&out).unwrap();
-    std::fs::write(out.join("old-file"), b"x").unwrap();
     let args =
         ["-q", "apply", "--base", s(&t.base), "--chat", s(&t.chat), "--pretrained", s(&t.pre), "-o", s(&out)];
+    ok(&chatvec(&args));
+    std::fs::write(out.join("old-file"), b"x").unwrap();
     let o = chatvec(&args);
     assert_eq!(o.status.code(), Some(1));
     assert!(stderr(&o).contains("already exists") && stderr(&o).contains("hint: pass --force"));

@@ -7,8 +7,8 @@ use clap::builder::{PossibleValuesParser, TypedValueParser};
 use clap::{Args, Parser, Subcommand};
 
 use chatvec::{
-    ApplySpec, DeviceChoice, EmbeddingPolicy, ExtractSpec, FloatType, InputHashes, SftOptions, VectorSource,
-    WriteOptions, parse_size,
+    ApplySpec, DeviceChoice, EmbeddingPolicy, ExtractSpec, FloatType, InputHashes, Recipe, SftOptions,
+    VectorSource, WriteOptions, parse_size,
 };
 
 const EXAMPLES: &str = "\
@@ -173,8 +173,37 @@ pub struct MergeArgs {
     #[arg(long)]
     pub seed: Option<u64>,
 
+    /// Maximum data bytes per output shard, with a unit: 5GB, 500MB, 2GiB
+    /// (default: the recipe's shard_size, else 5GB).
+    #[arg(long, value_parser = parse_size)]
+    pub shard_size: Option<u64>,
+
+    /// mergekit's spelling of --shard-size: a count of bytes with K, M or B
+    /// for thousands, millions, billions (5B is 5 GB).
+    #[arg(long, value_parser = parse_kmb, conflicts_with = "shard_size")]
+    pub out_shard_size: Option<u64>,
+
+    /// Downgrade config.json architecture differences to warnings (shapes
+    /// must still match); mergekit's spelling --allow-crimes works too.
+    #[arg(long, visible_alias = "allow-crimes")]
+    pub allow_mismatch: bool,
+
     #[command(flatten)]
     pub out: OutArgs,
+}
+
+impl MergeArgs {
+    /// The recipe, with the command line's overrides.
+    pub fn recipe(&self) -> chatvec::Result<Recipe> {
+        let mut r = Recipe::load(&self.recipe)?;
+        if let Some(bytes) = self.shard_size.or(self.out_shard_size) {
+            r.set_shard_size(bytes);
+        }
+        if self.allow_mismatch {
+            r.allow_mismatch();
+        }
+        Ok(r)
+    }
 }
 
 #[derive(Args, Debug)]
@@ -424,6 +453,24 @@ impl SftArgs {
     }
 }
 
+/// mergekit's sizes: a number of bytes, optionally followed by K, M or B
+/// (thousand, million, billion).
+fn parse_kmb(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let (num, mult) = match t.chars().last().map(|c| c.to_ascii_uppercase()) {
+        Some('K') => (&t[..t.len() - 1], 1e3),
+        Some('M') => (&t[..t.len() - 1], 1e6),
+        Some('B') => (&t[..t.len() - 1], 1e9),
+        _ => (t, 1.0),
+    };
+    let v = num.trim().parse::<f64>().map_err(|_| format!("'{s}' is not a size like 5B, 500M or 1000000"))?
+        * mult;
+    if !(1.0..1e18).contains(&v) {
+        return Err(format!("'{s}' is out of range"));
+    }
+    Ok(v as u64)
+}
+
 fn parse_dtype(s: &str) -> Result<FloatType, String> {
     FloatType::parse_cli(s).ok_or_else(|| format!("'{s}' is not a dtype chatvec writes (bf16, f16, f32)"))
 }
@@ -451,6 +498,14 @@ mod tests {
     #[test]
     fn cli_definition_is_valid() {
         Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn mergekit_sizes_count_thousands_millions_billions() {
+        assert_eq!(parse_kmb("5B"), Ok(5_000_000_000));
+        assert_eq!(parse_kmb("500m"), Ok(500_000_000));
+        assert_eq!(parse_kmb("1000"), Ok(1000));
+        assert!(parse_kmb("x").is_err());
     }
 
     #[test]

@@ -76,7 +76,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Extract(a) => report(&chatvec::extract(&a.spec(), &a.write.out.options())?, json),
         Command::Apply(a) => report(&chatvec::apply(&a.spec(), &a.write.out.options())?, json),
         Command::Merge(a) => {
-            let recipe = chatvec::Recipe::load(&a.recipe)?;
+            let recipe = a.recipe()?;
             report(&chatvec::merge(&recipe, a.seed, &a.out.options())?, json)
         }
         Command::Verify(a) => {

@@ -3,13 +3,13 @@
 //! under one directory. Its `[sft]` options and data are checked before
 //! the merge starts.
 
-use chatvec::{Error, Recipe, Result, SftJob, ui};
+use chatvec::{Error, Result, SftJob, ui};
 
 use super::args::MergeArgs;
 use super::{json_out, out, report};
 
 pub fn run(a: &MergeArgs, json: bool) -> Result<()> {
-    let recipe = Recipe::load(&a.recipe)?;
+    let recipe = a.recipe()?;
     let Some(options) = recipe.sft().cloned() else {
         return Err(Error::Usage(format!("{} has no [sft] section", recipe.path().display()))
             .with_hint("add one (data = \"chat.jsonl\", ...), or run just the merge with `chatvec merge`"));

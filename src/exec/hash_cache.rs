@@ -51,7 +51,8 @@ impl HashCache {
         if !self.read {
             return None;
         }
-        let text = fs::read_to_string(self.entry(stamp)?).ok()?;
+        let bytes = crate::json::read_capped(&self.entry(stamp)?, 1024).ok()?;
+        let text = String::from_utf8(bytes).ok()?;
         let h = text.trim();
         (h.len() == 64 && h.bytes().all(|b| b.is_ascii_hexdigit())).then(|| h.to_string())
     }

@@ -11,7 +11,7 @@ use crate::output::manifest::{
 use crate::output::sidecars::{ChatSide, model_side_files, read_side_files};
 use crate::plan::EmbeddingPolicy;
 use crate::plan::chat_vector::{ApplyOptions, Common, VectorSide, plan_apply, plan_extract};
-use crate::plan::select::Selection;
+use crate::plan::select::{Selection, Spelling};
 use crate::resolve::{open_model, vector_alias};
 use crate::units::parse_size;
 
@@ -116,9 +116,9 @@ impl ApplySpec {
         }
     }
 
-    fn common(&self) -> Result<Common> {
+    fn common(&self, spelling: Spelling) -> Result<Common> {
         Ok(Common {
-            selection: Selection::new(&self.include, &self.exclude, self.scale, &self.scale_for)?,
+            selection: Selection::new(&self.include, &self.exclude, self.scale, &self.scale_for, spelling)?,
             shard_size: self.shard_size,
             allow_mismatch: self.allow_mismatch,
         })
@@ -153,7 +153,7 @@ pub fn extract(spec: &ExtractSpec, out: &WriteOptions) -> Result<Summary> {
     let chat_ck = open_model(&spec.chat)?;
     let chat_dir = chat_ck.dir.clone();
     let common = Common {
-        selection: Selection::new(&spec.include, &spec.exclude, 1.0, &[])?,
+        selection: Selection::new(&spec.include, &spec.exclude, 1.0, &[], Spelling::Cli)?,
         shard_size: spec.shard_size,
         allow_mismatch: spec.allow_mismatch,
     };
@@ -214,7 +214,7 @@ pub(crate) fn apply_recorded(
         },
         VectorSource::Pair { chat, pretrained } => (Some(chat.clone()), Some(pretrained.clone())),
     };
-    let common = spec.common()?;
+    let common = spec.common(if recipe.is_some() { Spelling::Recipe } else { Spelling::Cli })?;
     let base_ck = open_model(&spec.base)?;
     let base_dir = base_ck.dir.clone();
     let mut early_warnings = Vec::new();

@@ -16,7 +16,7 @@ pub(crate) mod inspect;
 pub(crate) mod merge;
 pub(crate) mod verify;
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::Instant;
 
 use serde::Serialize;
@@ -179,9 +179,14 @@ pub(crate) fn write_output(plan: Plan, rec: Records, out: &WriteOptions, side: S
         return Ok(summary);
     }
     let start = Instant::now();
-    let input_dirs: Vec<&Path> = plan.inputs.iter().map(|i| i.ckpt.dir.as_path()).collect();
-    let dir =
-        OutputDir::create(&out.output, &input_dirs, out.force, plan.output_bytes() + SIDE_FILE_RESERVE)?;
+    // Every directory and weight file read, so that no -o (an HF cache's
+    // blobs/ included) can overwrite or delete one.
+    let read: Vec<PathBuf> = plan
+        .inputs
+        .iter()
+        .flat_map(|i| std::iter::once(i.ckpt.dir.clone()).chain(i.ckpt.shards.iter().map(|s| s.path.clone())))
+        .collect();
+    let dir = OutputDir::create(&out.output, &read, out.force, plan.output_bytes() + SIDE_FILE_RESERVE)?;
     let res = execute(&plan, dir.path(), &out.exec())?;
     let mut outputs = res.shards.clone();
     if plan.shards.len() > 1 {

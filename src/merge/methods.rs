@@ -256,20 +256,29 @@ fn lookup<'a>(settings: &[&'a [(String, Setting)]], name: &str) -> Vec<&'a Setti
     settings.iter().flat_map(|s| s.iter().filter(|(k, _)| k == name).map(|(_, v)| v)).collect()
 }
 
-/// Checks that every parameter named in `settings` is one `method` takes.
-pub fn check_names(method: Method, settings: &[(String, Setting)], at: &str) -> Result<()> {
+/// Checks the parameter names in `settings` against `method`. A parameter
+/// of another method (a `weight` on slerp) is ignored, as mergekit ignores
+/// it, with a warning returned; a name no method takes (a misspelling) is
+/// an error.
+pub fn check_names(method: Method, settings: &[(String, Setting)], at: &str) -> Result<Vec<String>> {
     let specs = method.params();
+    let mut warnings = Vec::new();
     for (k, _) in settings {
-        if !specs.iter().any(|p| p.name == k) {
-            let names: Vec<&str> = specs.iter().map(|p| p.name).collect();
+        if specs.iter().any(|p| p.name == k) {
+            continue;
+        }
+        let names: Vec<&str> = specs.iter().map(|p| p.name).collect();
+        let known = ALL_METHODS.iter().any(|m| m.params().iter().any(|p| p.name == k));
+        if !known {
             return Err(Error::Usage(format!(
                 "{at}: {} takes no parameter '{k}' (it takes {})",
                 method.name(),
                 names.join(", ")
             )));
         }
+        warnings.push(format!("{at}: {} does not use '{k}'; ignored, as mergekit does", method.name()));
     }
-    Ok(())
+    Ok(warnings)
 }
 
 /// Resolves the parameters of tensor `name` at layer position `t`.

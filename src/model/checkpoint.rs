@@ -5,7 +5,6 @@
 //! checkpoint costs page cache, not process memory.
 
 use std::collections::HashMap;
-use std::fs::File;
 use std::path::{Path, PathBuf};
 
 use memmap2::Mmap;
@@ -253,8 +252,10 @@ impl Checkpoint {
                 ));
             }
         }
-        let config_path = dir.join("config.json");
-        let config = if config_path.is_file() { Some(ModelConfig::read(&config_path)?) } else { None };
+        let config = match crate::model::side_file(dir, "config.json")? {
+            Some(p) => Some(ModelConfig::read(&p)?),
+            None => None,
+        };
         Ok(Checkpoint { dir: dir.to_path_buf(), shards, tensors, by_name, config, origin: None })
     }
 
@@ -325,7 +326,7 @@ fn no_weights_error(dir: &Path) -> Error {
 
 /// Maps a file read-only, with the stamp of the file that was mapped.
 fn map_file(path: &Path) -> Result<(Mmap, FileStamp)> {
-    let f = File::open(path).map_err(|e| Error::io("opening", path, e))?;
+    let f = crate::json::open_regular(path)?;
     let stamp = FileStamp::of(&f.metadata().map_err(|e| Error::io("reading metadata of", path, e))?);
     // SAFETY: the map is read-only and never outlives the program's use of
     // the checkpoint. What can still go wrong is outside our control: if

@@ -31,3 +31,48 @@ pub(crate) const SIDE_FILES: [&str; 11] = [
     "chat_template.jinja",
     "chat_template.json",
 ];
+
+/// The file `name` of model directory `dir`, if it is there and may be read
+/// and copied: a regular file (after symlinks) that resolves inside `dir`,
+/// or, for a snapshot of the Hugging Face cache, inside its repository's
+/// `blobs/`. A link that leads elsewhere (`tokenizer.model ->
+/// /proc/self/environ` would copy the environment, tokens included, into
+/// an output users upload) is skipped with a warning, as is a dangling
+/// one; a FIFO, socket or device is an error (reading it would block or
+/// never end).
+pub(crate) fn side_file(
+    dir: &std::path::Path,
+    name: &str,
+) -> crate::error::Result<Option<std::path::PathBuf>> {
+    use crate::error::Error;
+    let p = dir.join(name);
+    let Ok(link) = std::fs::symlink_metadata(&p) else { return Ok(None) };
+    let Ok(meta) = std::fs::metadata(&p) else {
+        crate::ui::warn(&format!("{} is a link to a missing file; ignored", p.display()));
+        return Ok(None);
+    };
+    if !meta.is_file() {
+        return Err(Error::bad_file(&p, "is not a regular file (a FIFO, socket, device or directory)"));
+    }
+    if !link.file_type().is_symlink() {
+        return Ok(Some(p));
+    }
+    let real = std::fs::canonicalize(&p).map_err(|e| Error::io("resolving", &p, e))?;
+    let canon_dir = std::fs::canonicalize(dir).map_err(|e| Error::io("resolving", dir, e))?;
+    // A snapshot `models--org--name/snapshots/<commit>` links into
+    // `models--org--name/blobs`.
+    let blobs = canon_dir
+        .parent()
+        .filter(|s| s.ends_with("snapshots"))
+        .and_then(|s| s.parent())
+        .map(|r| r.join("blobs"));
+    if real.starts_with(&canon_dir) || blobs.is_some_and(|b| real.starts_with(b)) {
+        return Ok(Some(p));
+    }
+    crate::ui::warn(&format!(
+        "{} links outside the model directory (to {}); not read or copied",
+        p.display(),
+        real.display()
+    ));
+    Ok(None)
+}

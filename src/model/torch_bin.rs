@@ -8,7 +8,6 @@
 //! a fixed offset of the file: chatvec maps the file and points at them,
 //! exactly as for safetensors. Outputs are always safetensors.
 
-use std::fs::File;
 use std::path::Path;
 
 use crate::error::{Error, Result};
@@ -40,7 +39,7 @@ pub(crate) fn read_bin(path: &Path, file_len: u64) -> Result<Vec<BinTensor>> {
     if infos.is_empty() {
         return Err(bad("holds no tensors (data.pkl is not a state dict)".into()));
     }
-    let file = File::open(path).map_err(|e| Error::io("opening", path, e))?;
+    let file = crate::json::open_regular(path)?;
     let mut zip = zip::ZipArchive::new(std::io::BufReader::new(file))
         .map_err(|e| bad(format!("is not a valid zip archive: {e}")))?;
     let mut out = Vec::with_capacity(infos.len());

@@ -20,50 +20,165 @@ pub(crate) struct OutputDir {
     done: bool,
 }
 
-/// Splits `p` into its resolved (absolute) parent directory, which must
-/// exist, and its final name, so outputs can be compared with inputs.
+/// Splits `p` into its resolved (absolute) parent directory, created when
+/// missing (as `save_pretrained` and mergekit do), and its final name, so
+/// outputs can be compared with inputs.
 fn absolute(p: &Path) -> Result<(PathBuf, String)> {
     let name = p
         .file_name()
+        .filter(|n| *n != "." && *n != "..")
         .ok_or_else(|| Error::Usage(format!("output path {} has no final name", p.display())))?;
     let parent = match p.parent() {
         Some(x) if !x.as_os_str().is_empty() => x.to_path_buf(),
         _ => PathBuf::from("."),
     };
+    fs::create_dir_all(&parent).map_err(|e| Error::io("creating the output's parent", &parent, e))?;
     let parent =
         fs::canonicalize(&parent).map_err(|e| Error::io("resolving the output's parent", &parent, e))?;
     Ok((parent, name.to_string_lossy().into_owned()))
 }
 
+/// The manifest every chatvec output holds; `--force` replaces only a
+/// directory that has one (or an empty directory).
+const MANIFEST: &str = crate::output::manifest::MANIFEST_FILE;
+
+/// Why `--force` may not replace `path`, if it may not: it must be an
+/// earlier chatvec output (a directory with a manifest) or an empty
+/// directory; a symlink, a file, a device or a directory of other files is
+/// never deleted.
+pub(crate) fn refuse_replacing(path: &Path, marker: &str) -> Option<String> {
+    let meta = fs::symlink_metadata(path).ok()?;
+    if meta.file_type().is_symlink() {
+        return Some("it is a symbolic link".into());
+    }
+    if !meta.is_dir() {
+        return Some("it is not a directory".into());
+    }
+    let entries: Vec<String> = match fs::read_dir(path) {
+        Ok(rd) => rd.flatten().map(|e| e.file_name().to_string_lossy().into_owned()).collect(),
+        Err(e) => return Some(format!("it cannot be listed ({e})")),
+    };
+    if entries.is_empty() || entries.iter().any(|e| e == marker) {
+        return None;
+    }
+    let mut shown: Vec<&str> = entries.iter().map(String::as_str).take(5).collect();
+    shown.sort();
+    let more = if entries.len() > 5 { format!(" and {} more", entries.len() - 5) } else { String::new() };
+    Some(format!("it holds {}{more}, and no {marker}", shown.join(", ")))
+}
+
+/// Whether process `pid` is running (or exists under another user).
+fn alive(pid: u32) -> bool {
+    // SAFETY: kill(2) with signal 0 only checks the process; it takes
+    // plain integers and sends nothing.
+    let rc = unsafe { libc::kill(pid as libc::pid_t, 0) };
+    rc == 0 || std::io::Error::last_os_error().raw_os_error() == Some(libc::EPERM)
+}
+
+/// Bytes of the files under `path`.
+fn tree_bytes(path: &Path) -> u64 {
+    match fs::symlink_metadata(path) {
+        Ok(m) if m.is_dir() => {
+            fs::read_dir(path).map(|rd| rd.flatten().map(|e| tree_bytes(&e.path())).sum()).unwrap_or(0)
+        }
+        Ok(m) => m.len(),
+        Err(_) => 0,
+    }
+}
+
+/// The temporary and moved-aside directories of chatvec runs in `parent`
+/// (`.NAME.chatvec-tmp-PID`, `.NAME.chatvec-old-PID`), with the pid.
+fn leftovers(parent: &Path) -> Vec<(PathBuf, u32)> {
+    let Ok(rd) = fs::read_dir(parent) else { return Vec::new() };
+    rd.flatten()
+        .filter_map(|e| {
+            let name = e.file_name().to_string_lossy().into_owned();
+            let rest = name.strip_prefix('.')?;
+            let pid = [".chatvec-tmp-", ".chatvec-old-"].iter().find_map(|m| rest.rsplit_once(m))?.1;
+            Some((e.path(), pid.parse().ok()?))
+        })
+        .collect()
+}
+
+/// Removes the leftovers in `parent` of chatvec runs that were killed
+/// (their process is gone), saying what went and how much; returns what is
+/// left of running ones, for the free-space message.
+fn clear_leftovers(parent: &Path) -> Vec<(PathBuf, u64)> {
+    let mut running = Vec::new();
+    for (path, pid) in leftovers(parent) {
+        let bytes = tree_bytes(&path);
+        if pid != std::process::id() && alive(pid) {
+            running.push((path, bytes));
+            continue;
+        }
+        let removed = if path.is_dir() { fs::remove_dir_all(&path) } else { fs::remove_file(&path) };
+        match removed {
+            Ok(()) => crate::ui::warn(&format!(
+                "removed {} ({}), left by a chatvec run that was killed (process {pid} is gone)",
+                path.display(),
+                crate::units::human_bytes(bytes)
+            )),
+            Err(e) => crate::ui::warn(&format!(
+                "could not remove {}, left by a killed chatvec run: {e}",
+                path.display()
+            )),
+        }
+    }
+    running
+}
+
 impl OutputDir {
-    /// Checks that `target` may be written (not an input, not inside or
-    /// around one, not existing unless `force`, enough free space for
-    /// `need` bytes) and creates the temporary sibling directory.
-    pub fn create(target: &Path, inputs: &[&Path], force: bool, need: u64) -> Result<OutputDir> {
+    /// Checks that `target` may be written and creates the temporary
+    /// sibling directory. `inputs` are every file and directory the job
+    /// reads (weights and side files, resolved): none may be the output,
+    /// lie inside it, or contain it. An existing `target` is replaced only
+    /// with `force`, and only when it is an earlier chatvec output or an
+    /// empty directory. Leftovers of killed runs beside it are removed
+    /// first, and `need` bytes must be free.
+    pub fn create(target: &Path, inputs: &[PathBuf], force: bool, need: u64) -> Result<OutputDir> {
         let (parent, name) = absolute(target)?;
         let abs = parent.join(&name);
         let resolved = fs::canonicalize(&abs).unwrap_or_else(|_| abs.clone());
-        for input in inputs {
-            let inp = fs::canonicalize(input).map_err(|e| Error::io("resolving", input, e))?;
-            if resolved == inp || inp.starts_with(&resolved) || resolved.starts_with(&inp) {
+        for inp in inputs {
+            let inp = fs::canonicalize(inp).unwrap_or_else(|_| inp.clone());
+            if resolved == inp || inp.starts_with(&resolved) || (inp.is_dir() && resolved.starts_with(&inp)) {
                 return Err(Error::Usage(format!(
-                    "output {} would overwrite or sit inside input {}; an input is never an output",
+                    "output {} would overwrite, hold or sit inside the input {}; an input is never an output",
                     target.display(),
-                    input.display()
+                    inp.display()
                 )));
             }
         }
-        if fs::symlink_metadata(&abs).is_ok() && !force {
-            return Err(Error::OutputExists(target.to_path_buf()));
+        if fs::symlink_metadata(&abs).is_ok() {
+            if !force {
+                return Err(Error::OutputExists(target.to_path_buf()));
+            }
+            if let Some(why) = refuse_replacing(&abs, MANIFEST) {
+                return Err(Error::Usage(format!(
+                    "--force replaces only an earlier chatvec output or an empty directory, and {} is neither: {why}",
+                    target.display()
+                ))
+                .with_hint("remove it yourself, or choose another output directory"));
+            }
         }
+        let running = clear_leftovers(&parent);
         let have = free_space(&parent)?;
         if have < need {
-            return Err(Error::NoSpace { path: parent, need, have });
+            let e = Error::NoSpace { path: parent, need, have };
+            if running.is_empty() {
+                return Err(e);
+            }
+            let list: Vec<String> = running
+                .iter()
+                .map(|(p, b)| format!("{} ({})", p.display(), crate::units::human_bytes(*b)))
+                .collect();
+            return Err(e.with_hint(format!(
+                "chatvec runs still in progress hold {} here: {}",
+                crate::units::human_bytes(running.iter().map(|r| r.1).sum()),
+                list.join(", ")
+            )));
         }
         let tmp = parent.join(format!(".{name}.chatvec-tmp-{}", std::process::id()));
-        if tmp.exists() {
-            fs::remove_dir_all(&tmp).map_err(|e| Error::io("removing stale", &tmp, e))?;
-        }
         fs::create_dir(&tmp).map_err(|e| Error::io("creating", &tmp, e))?;
         Ok(OutputDir { parent, name, target: abs, tmp, force, done: false })
     }

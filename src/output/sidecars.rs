@@ -9,10 +9,10 @@ use std::path::Path;
 use serde_json::Value;
 
 use crate::error::{Error, Result};
-use crate::json::{read_capped, read_value, to_pretty};
-use crate::model::SIDE_FILES;
+use crate::json::{RawObject, read_capped, read_value};
 use crate::model::dtype::FloatType;
 use crate::model::tokenizer::Vocab;
+use crate::model::{SIDE_FILES, side_file};
 use crate::output::files::{WrittenFile, write_file};
 use crate::plan::{Plan, VocabUnion};
 
@@ -34,6 +34,12 @@ impl SideFiles {
     /// A prepared file's bytes.
     pub fn get(&self, name: &str) -> Option<&[u8]> {
         self.pending.iter().find(|(n, _)| n == name).map(|(_, b)| b.as_slice())
+    }
+
+    /// A prepared JSON file as an object whose values keep their text, so
+    /// an edit changes only the key it sets.
+    pub fn json(&self, name: &str) -> Result<Option<RawObject>> {
+        self.get(name).map(|bytes| RawObject::parse(bytes, Path::new(name))).transpose()
     }
 
     /// Adds a generated file (e.g. the model card), replacing one of that name.
@@ -65,15 +71,13 @@ enum Template {
 }
 
 fn find_template(dir: &Path) -> Result<Option<Template>> {
-    let jinja = dir.join("chat_template.jinja");
-    if jinja.is_file() {
+    if let Some(jinja) = side_file(dir, "chat_template.jinja")? {
         let bytes = read_capped(&jinja, MAX_SIDE_BYTES)?;
         let s = String::from_utf8(bytes).map_err(|_| Error::bad_file(&jinja, "is not UTF-8"))?;
         return Ok(Some(Template::File(s)));
     }
     for name in ["tokenizer_config.json", "chat_template.json"] {
-        let p = dir.join(name);
-        if p.is_file()
+        if let Some(p) = side_file(dir, name)?
             && let Some(v) = read_json_object(&p)?.remove("chat_template")
             && !v.is_null()
         {
@@ -104,13 +108,13 @@ pub fn chat_template_text(dir: &Path) -> Result<Option<String>> {
     })
 }
 
-/// Reads the side files of `from` that exist, to be copied unchanged; JSON
-/// ones must parse.
+/// Reads the side files of `from` that exist, to be copied byte for byte;
+/// JSON ones must parse. Links that lead out of the model are skipped
+/// (`model::side_file`).
 pub fn read_side_files(from: &Path) -> Result<SideFiles> {
     let mut side = SideFiles::default();
     for name in SIDE_FILES {
-        let p = from.join(name);
-        if p.is_file() {
+        if let Some(p) = side_file(from, name)? {
             let bytes = read_capped(&p, MAX_SIDE_BYTES)?;
             if name.ends_with(".json") {
                 serde_json::from_slice::<Value>(&bytes)
@@ -140,12 +144,11 @@ pub fn model_side_files(
 ) -> Result<SideFiles> {
     let mut side = read_side_files(base)?;
     if let Some(ty) = out_dtype
-        && let Some(entry) = side.pending.iter_mut().find(|(n, _)| n == "config.json")
+        && let Some(mut cfg) = side.json("config.json")?
     {
-        let mut cfg = read_json_object(&base.join("config.json"))?;
-        let key = if cfg.contains_key("dtype") { "dtype" } else { "torch_dtype" };
-        cfg.insert(key.into(), ty.torch_name().into());
-        entry.1 = to_pretty(&cfg);
+        let key = if cfg.contains("dtype") { "dtype" } else { "torch_dtype" };
+        cfg.set(key, &ty.torch_name())?;
+        side.add("config.json", cfg.to_bytes());
     }
     if let Some(chat) = chat.filter(|c| !c.keep_base_template) {
         take_chat_template(base, chat.dir, &mut side)?;
@@ -162,7 +165,6 @@ fn set_pending(pending: &mut Vec<(String, Vec<u8>)>, name: &str, bytes: Vec<u8>)
 }
 
 fn take_chat_template(base: &Path, chat: &Path, side: &mut SideFiles) -> Result<()> {
-    let pending = &mut side.pending;
     let Some(tpl) = find_template(chat)? else {
         return Ok(());
     };
@@ -171,16 +173,18 @@ fn take_chat_template(base: &Path, chat: &Path, side: &mut SideFiles) -> Result<
         Template::File(s) => Value::String(s.clone()),
         Template::Value(v) => v.clone(),
     };
-    let tc = base.join("tokenizer_config.json");
-    if tc.is_file() {
-        let mut cfg = read_json_object(&tc)?;
-        cfg.insert("chat_template".into(), as_value.clone());
-        set_pending(pending, "tokenizer_config.json", to_pretty(&cfg));
+    let base_config = side.json("tokenizer_config.json")?;
+    let has_config = base_config.is_some();
+    let had_jinja = side.get("chat_template.jinja").is_some();
+    let pending = &mut side.pending;
+    if let Some(mut cfg) = base_config {
+        cfg.set("chat_template", &as_value)?;
+        set_pending(pending, "tokenizer_config.json", cfg.to_bytes());
     }
     // transformers prefers chat_template.jinja over tokenizer_config.json, so
     // a base's own .jinja must not survive beside the chat model's template.
     if let Value::String(s) = &as_value
-        && (matches!(tpl, Template::File(_)) || base.join("chat_template.jinja").is_file() || !tc.is_file())
+        && (matches!(tpl, Template::File(_)) || had_jinja || !has_config)
     {
         set_pending(pending, "chat_template.jinja", s.clone().into_bytes());
     }
@@ -190,10 +194,9 @@ fn take_chat_template(base: &Path, chat: &Path, side: &mut SideFiles) -> Result<
 }
 
 fn take_eos_ids(base: &Path, chat: &Path, side: &mut SideFiles) -> Result<()> {
-    let gp = chat.join("generation_config.json");
-    if !gp.is_file() {
+    let Some(gp) = side_file(chat, "generation_config.json")? else {
         return Ok(());
-    }
+    };
     let Some(eos) = read_json_object(&gp)?.remove("eos_token_id").filter(|v| !v.is_null()) else {
         return Ok(());
     };
@@ -204,8 +207,8 @@ fn take_eos_ids(base: &Path, chat: &Path, side: &mut SideFiles) -> Result<()> {
     };
     // Ids are only meaningful in the chat model's vocabulary: carry them over
     // by token string when both tokenizers are known.
-    let (bt, ct) = (base.join("tokenizer.json"), chat.join("tokenizer.json"));
-    let mapped: Option<Vec<u64>> = if bt.is_file() && ct.is_file() {
+    let (bt, ct) = (side_file(base, "tokenizer.json")?, side_file(chat, "tokenizer.json")?);
+    let mapped: Option<Vec<u64>> = if let (Some(bt), Some(ct)) = (bt, ct) {
         let (bv, cv) = (Vocab::read(&bt)?, Vocab::read(&ct)?);
         ids.iter().map(|&i| cv.token(i).and_then(|t| bv.id(t)).map(u64::from)).collect()
     } else {
@@ -220,15 +223,17 @@ fn take_eos_ids(base: &Path, chat: &Path, side: &mut SideFiles) -> Result<()> {
         ));
         return Ok(());
     };
-    let bp = base.join("generation_config.json");
-    let mut gen_cfg = if bp.is_file() { read_json_object(&bp)? } else { serde_json::Map::new() };
-    let before = gen_cfg.get("eos_token_id").cloned().unwrap_or(Value::Null);
+    let mut gen_cfg = match side.json("generation_config.json")? {
+        Some(c) => c,
+        None => RawObject::parse(b"{}", Path::new("generation_config.json"))?,
+    };
+    let before = gen_cfg.get("eos_token_id").unwrap_or(Value::Null);
     let new: Value = if mapped.len() == 1 && eos.is_number() { mapped[0].into() } else { mapped.into() };
     if before != new {
         side.notes.push(format!("generation eos_token_id: {new} from the chat model (base had {before})"));
     }
-    gen_cfg.insert("eos_token_id".into(), new);
-    set_pending(&mut side.pending, "generation_config.json", to_pretty(&gen_cfg));
+    gen_cfg.set("eos_token_id", &new)?;
+    set_pending(&mut side.pending, "generation_config.json", gen_cfg.to_bytes());
     Ok(())
 }
 
@@ -240,9 +245,6 @@ pub fn add_union_tokens(side: &mut SideFiles, plan: &Plan, u: &VocabUnion) -> Re
     if u.added.is_empty() {
         return Ok(());
     }
-    let json = |bytes: &[u8], name: &str| -> Result<serde_json::Value> {
-        serde_json::from_slice(bytes).map_err(|e| Error::Internal(format!("{name}: {e}")))
-    };
     // The added-token flags each source tokenizer gives a token.
     // Each source tokenizer once (the plan already parsed it; a read error
     // now is an error, not default flags).
@@ -266,34 +268,31 @@ pub fn add_union_tokens(side: &mut SideFiles, plan: &Plan, u: &VocabUnion) -> Re
     };
     let entries: Vec<(u64, serde_json::Value)> =
         u.added.iter().map(|(id, tok, input)| (*id, flag_of(*input, tok))).collect();
-    if let Some(bytes) = side.get("tokenizer.json") {
-        let mut v = json(bytes, "tokenizer.json")?;
-        let list = v
-            .get_mut("added_tokens")
-            .and_then(serde_json::Value::as_array_mut)
+    if let Some(mut v) = side.json("tokenizer.json")? {
+        let mut list = v
+            .get("added_tokens")
+            .and_then(|l| l.as_array().cloned())
             .ok_or_else(|| Error::Usage("the base's tokenizer.json has no added_tokens list".into()))?;
         for (id, e) in &entries {
             let mut e = e.clone();
             e["id"] = (*id).into();
             list.push(e);
         }
-        side.add("tokenizer.json", to_pretty(&v));
+        v.set("added_tokens", &list)?;
+        side.add("tokenizer.json", v.to_bytes());
     }
-    if let Some(bytes) = side.get("tokenizer_config.json") {
-        let mut v = json(bytes, "tokenizer_config.json")?;
-        if let Some(dec) = v.get_mut("added_tokens_decoder").and_then(serde_json::Value::as_object_mut) {
-            for (id, e) in &entries {
-                dec.insert(id.to_string(), e.clone());
-            }
-            side.add("tokenizer_config.json", to_pretty(&v));
+    if let Some(mut v) = side.json("tokenizer_config.json")?
+        && let Some(mut dec) = v.get("added_tokens_decoder").and_then(|d| d.as_object().cloned())
+    {
+        for (id, e) in &entries {
+            dec.insert(id.to_string(), e.clone());
         }
+        v.set("added_tokens_decoder", &dec)?;
+        side.add("tokenizer_config.json", v.to_bytes());
     }
-    if let Some(bytes) = side.get("config.json") {
-        let mut v = json(bytes, "config.json")?;
-        if let Some(o) = v.as_object_mut() {
-            o.insert("vocab_size".into(), (u.base_rows + u.added.len() as u64).into());
-        }
-        side.add("config.json", to_pretty(&v));
+    if let Some(mut v) = side.json("config.json")? {
+        v.set("vocab_size", &(u.base_rows + u.added.len() as u64))?;
+        side.add("config.json", v.to_bytes());
     }
     Ok(())
 }

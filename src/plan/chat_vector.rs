@@ -60,6 +60,8 @@ pub fn plan_extract(
     {
         names.push((h.name.clone(), None));
     }
+    let all = chat.tensors.iter().chain(&pre.tensors).map(|t| t.name.as_str());
+    sel.check_all_match(all)?;
     for (name, _) in &names {
         if !sel.selects(name) {
             omitted.push(name.clone());
@@ -135,6 +137,9 @@ pub fn plan_apply(base: Checkpoint, side: VectorSide, opts: &ApplyOptions) -> Re
             (vec![(Role::Chat, *chat), (Role::Pretrained, *pretrained)], HashSet::new())
         }
     };
+    let all =
+        base.tensors.iter().chain(vector_cks.iter().flat_map(|(_, ck)| &ck.tensors)).map(|t| t.name.as_str());
+    sel.check_all_match(all)?;
     let base_vocab = read_vocab(&base)?;
     let vector_vocab = read_vocab(&vector_cks[0].1)?;
     let vocabs = Vocabs { base: base_vocab.as_ref(), vector: vector_vocab.as_ref() };

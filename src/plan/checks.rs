@@ -79,6 +79,8 @@ pub(crate) fn check_configs(
 }
 
 pub(crate) fn read_vocab(ck: &Checkpoint) -> Result<Option<Vocab>> {
-    let p = ck.dir.join("tokenizer.json");
-    if p.is_file() { Vocab::read(&p).map(Some) } else { Ok(None) }
+    match crate::model::side_file(&ck.dir, "tokenizer.json")? {
+        Some(p) => Vocab::read(&p).map(Some),
+        None => Ok(None),
+    }
 }

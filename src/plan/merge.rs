@@ -39,12 +39,13 @@ pub struct MergeSpec {
 }
 
 /// Checks parameter names and scopes once, before any tensor.
-fn check_settings(spec: &MergeSpec, inputs: &[Input]) -> Result<()> {
+/// Returns warnings about parameters the method ignores.
+fn check_settings(spec: &MergeSpec, inputs: &[Input]) -> Result<Vec<String>> {
     let m = spec.method;
-    methods::check_names(m, &spec.global, "parameters")?;
+    let mut warnings = methods::check_names(m, &spec.global, "parameters")?;
     for (own, &i) in spec.per_model.iter().zip(&spec.models) {
         let at = format!("parameters of {}", inputs[i].label);
-        methods::check_names(m, own, &at)?;
+        warnings.extend(methods::check_names(m, own, &at)?);
         for (k, _) in own {
             let shared = m.params().into_iter().any(|p| p.name == k && p.scope == Scope::Shared);
             if shared {
@@ -63,7 +64,7 @@ fn check_settings(spec: &MergeSpec, inputs: &[Input]) -> Result<()> {
     if m.needs_base() && spec.base.is_none() {
         return Err(Error::Usage(format!("{} needs a base model (base_model)", m.name())));
     }
-    Ok(())
+    Ok(warnings)
 }
 
 /// Layers of the reference model, counted from its tensor names.
@@ -73,10 +74,9 @@ fn layer_count(ck: &Checkpoint) -> u64 {
 
 /// Plans a merge of `inputs` as `spec` says.
 pub(crate) fn plan_merge(inputs: Vec<Input>, spec: &MergeSpec) -> Result<Plan> {
-    check_settings(spec, &inputs)?;
+    let mut warnings = check_settings(spec, &inputs)?;
     let reference = spec.base.unwrap_or(spec.models[0]);
     let rck = &inputs[reference].ckpt;
-    let mut warnings = Vec::new();
     for (i, inp) in inputs.iter().enumerate() {
         if i != reference {
             check_configs(rck, &inp.ckpt, spec.allow_mismatch, &mut warnings)?;

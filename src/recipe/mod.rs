@@ -158,6 +158,18 @@ impl Recipe {
         self.sft.as_ref()
     }
 
+    /// Writes shards of at most `bytes` data bytes, whatever the recipe
+    /// says (`merge --shard-size`).
+    pub fn set_shard_size(&mut self, bytes: u64) {
+        self.shard_size = bytes;
+    }
+
+    /// Turns config.json architecture differences into warnings
+    /// (`merge --allow-mismatch`).
+    pub fn allow_mismatch(&mut self) {
+        self.allow_mismatch = true;
+    }
+
     /// What the manifest keeps of this recipe.
     pub(crate) fn record(&self) -> RecipeRecord {
         RecipeRecord {

@@ -70,7 +70,8 @@ fn token() -> Option<String> {
         })?;
         Some(home.join("token"))
     })?;
-    std::fs::read_to_string(path).ok().map(|t| t.trim().to_string()).filter(|t| !t.is_empty())
+    let bytes = crate::json::read_capped(&path, 4096).ok()?;
+    Some(String::from_utf8_lossy(&bytes).trim().to_string()).filter(|t| !t.is_empty())
 }
 
 /// One file of a revision, as the Hub lists it.

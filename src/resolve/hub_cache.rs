@@ -82,8 +82,11 @@ pub fn find_snapshot(cache: &Path, id: &HubId) -> Result<(PathBuf, HubOrigin)> {
         revision.clone()
     } else {
         let ref_file = repo_dir.join("refs").join(&revision);
-        let text = std::fs::read_to_string(&ref_file)
-            .map_err(|_| not_cached(format!("revision '{revision}' of {} is not", id.repo)))?;
+        if !ref_file.exists() {
+            return Err(not_cached(format!("revision '{revision}' of {} is not", id.repo)));
+        }
+        let bytes = crate::json::read_capped(&ref_file, 1024)?;
+        let text = String::from_utf8_lossy(&bytes);
         let c = text.trim().to_string();
         if !is_commit(&c) {
             return Err(Error::bad_file(&ref_file, format!("should hold a 40-hex commit sha, holds {c:?}")));

@@ -13,8 +13,7 @@
 //! record shape or role, empty content, no assistant turn. Nothing reaches
 //! the trainer until the whole file has passed.
 
-use std::fs::File;
-use std::io::{BufRead, BufReader, Write};
+use std::io::{BufRead, BufReader, Read, Write};
 use std::path::Path;
 
 use serde::Serialize;
@@ -143,24 +142,28 @@ pub fn convert(v: &Value) -> std::result::Result<(Format, Vec<Message>), String>
 /// Validates the JSONL file at `path`; with `out`, writes each example in
 /// the messages format there. Fails at the first bad line, naming it.
 pub fn process(path: &Path, mut out: Option<&mut dyn Write>) -> Result<DataStats> {
-    let f = File::open(path).map_err(|e| Error::io("opening", path, e))?;
-    let mut r = BufReader::new(f);
+    let mut r = BufReader::new(crate::json::open_regular(path)?);
     let mut stats = DataStats::default();
     let mut hash = Sha256::new();
     let mut line = Vec::new();
     let mut n = 0u64;
     loop {
         line.clear();
-        let got = r.read_until(b'\n', &mut line).map_err(|e| Error::io("reading", path, e))?;
+        // At most one byte past the limit is read into memory, however
+        // long the line (a one-line 1.5 GB file, /dev/zero behind a link).
+        let got = (&mut r)
+            .take(MAX_LINE_BYTES as u64 + 1)
+            .read_until(b'\n', &mut line)
+            .map_err(|e| Error::io("reading", path, e))?;
         if got == 0 {
             break;
         }
         n += 1;
-        hash.update(&line);
         let bad = |msg: String| Error::bad_file(path, format!("line {n}: {msg}"));
         if line.len() > MAX_LINE_BYTES {
             return Err(bad(format!("longer than {MAX_LINE_BYTES} bytes")));
         }
+        hash.update(&line);
         let text = std::str::from_utf8(&line).map_err(|_| bad("is not UTF-8".into()))?;
         if text.trim().is_empty() {
             continue;

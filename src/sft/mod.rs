@@ -151,8 +151,10 @@ fn prepare(job: &SftJob) -> Result<Prepared> {
     a.check()?;
     let ck = open_model(&job.model)?;
     let model_dir = ck.dir.clone();
-    let manifest = model_dir.join(MANIFEST_FILE);
-    let model_manifest_sha256 = if manifest.is_file() { Some(sha256_file(&manifest)?) } else { None };
+    let model_manifest_sha256 = match crate::model::side_file(&model_dir, MANIFEST_FILE)? {
+        Some(manifest) => Some(sha256_file(&manifest)?),
+        None => None,
+    };
     let stats = process(&a.data, None)?;
     let mut needed = vec!["torch", "transformers", "trl", "accelerate", "datasets"];
     if a.lora {
@@ -353,8 +355,16 @@ pub fn sft(job: &SftJob) -> Result<SftReport> {
         return Ok(report);
     }
     if job.output.exists() {
-        // --force replaces a run directory, never what the run reads or
-        // the directory it was started from.
+        // --force replaces an earlier run directory (it holds the trainer's
+        // config) or an empty one, never other files, what the run reads,
+        // or the directory it was started from.
+        if let Some(why) = crate::output::dir::refuse_replacing(&job.output, "sft_config.yaml") {
+            return Err(Error::Usage(format!(
+                "--force replaces only an earlier `chatvec sft` run directory or an empty directory, and {} is neither: {why}",
+                job.output.display()
+            ))
+            .with_hint("remove it yourself, or choose another run directory"));
+        }
         let out = std::fs::canonicalize(&job.output).map_err(|e| Error::io("resolving", &job.output, e))?;
         let inside = |p: &Path| std::fs::canonicalize(p).is_ok_and(|c| c.starts_with(&out));
         if inside(&p.model_dir) || inside(&a.data) || std::env::current_dir().is_ok_and(|c| inside(&c)) {

@@ -1,0 +1,299 @@
+//! No silent wrong model, no harm to the user's files: each test pins one
+//! way a careless command or a hostile input could give a broken model with
+//! exit 0, destroy or leak a file, or hang.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use common::*;
+
+/// Runs `cmd`, killing it after `secs` seconds (a hang fails the test).
+fn within(mut cmd: Command, secs: u64) -> std::process::Output {
+    let mut child =
+        cmd.stdout(std::process::Stdio::piped()).stderr(std::process::Stdio::piped()).spawn().unwrap();
+    let start = Instant::now();
+    while child.try_wait().unwrap().is_none() {
+        if start.elapsed() > Duration::from_secs(secs) {
+            let _ = child.kill();
+            panic!("chatvec did not finish within {secs} s");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    child.wait_with_output().unwrap()
+}
+
+fn mkfifo(p: &Path) {
+    let c = std::ffi::CString::new(p.to_str().unwrap()).unwrap();
+    // SAFETY: a valid NUL-terminated path.
+    assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o644) }, 0);
+}
+
+#[test]
+fn a_pattern_that_selects_no_tensor_is_an_error_naming_it() {
+    let d = tempfile::tempdir().unwrap();
+    let t = trio(d.path(), Ty::BF16, 1);
+    let out = d.path().join("out");
+    for (flag, pattern) in [("--include", "mpl"), ("--exclude", "^lm_haed"), ("--scale-for", "atention=0.5")]
+    {
+        let o = apply_streaming(&t, &out, &[flag, pattern]);
+        assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
+        let shown = pattern.split('=').next().unwrap();
+        assert!(stderr(&o).contains(&format!("{flag} '{shown}' matches no tensor")), "{}", stderr(&o));
+        assert!(!out.exists());
+    }
+    // In a recipe, the key is named, not a flag.
+    let recipe = d.path().join("r.toml");
+    std::fs::write(
+        &recipe,
+        format!(
+            "merge_method = \"chat_vector\"\nbase_model = \"{}\"\nchat = \"{}\"\npretrained = \"{}\"\n[parameters]\nexclude = [\"^lm_haed\"]\n",
+            t.base.display(),
+            t.chat.display(),
+            t.pre.display()
+        ),
+    )
+    .unwrap();
+    let o = chatvec(&["merge", s(&recipe), "-o", s(&out)]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(stderr(&o).contains("parameters.exclude '^lm_haed' matches no tensor"), "{}", stderr(&o));
+}
+
+/// A Hugging Face cache snapshot of `model`: files in blobs/, linked from
+/// snapshots/<commit>/. Returns (snapshot dir, blobs dir).
+fn snapshot(cache: &Path, model: &Path) -> (PathBuf, PathBuf) {
+    let repo = cache.join("models--org--m");
+    let (blobs, snap) = (repo.join("blobs"), repo.join("snapshots").join("a".repeat(40)));
+    std::fs::create_dir_all(&blobs).unwrap();
+    std::fs::create_dir_all(&snap).unwrap();
+    for (i, f) in entries(model).into_iter().enumerate() {
+        std::fs::copy(model.join(&f), blobs.join(format!("blob{i}"))).unwrap();
+        std::os::unix::fs::symlink(format!("../../blobs/blob{i}"), snap.join(&f)).unwrap();
+    }
+    (snap, blobs)
+}
+
+#[test]
+fn an_output_over_the_files_an_input_reads_is_refused_even_with_force() {
+    let d = tempfile::tempdir().unwrap();
+    let t = trio(d.path(), Ty::BF16, 1);
+    let (snap, blobs) = snapshot(&d.path().join("hub"), &t.base);
+    let before = entries(&blobs);
+    let args = [
+        "apply",
+        "--base",
+        s(&snap),
+        "--chat",
+        s(&t.chat),
+        "--pretrained",
+        s(&t.pre),
+        "-o",
+        s(&blobs),
+        "--force",
+    ];
+    let o = chatvec(&args);
+    assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
+    assert!(stderr(&o).contains("an input is never an output"), "{}", stderr(&o));
+    assert_eq!(entries(&blobs), before);
+}
+
+#[test]
+fn force_replaces_only_an_earlier_output_or_an_empty_directory() {
+    let d = tempfile::tempdir().unwrap();
+    let t = trio(d.path(), Ty::BF16, 1);
+    let theirs = d.path().join("theirs");
+    std::fs::create_dir(&theirs).unwrap();
+    std::fs::write(theirs.join("thesis.tex"), b"years of work").unwrap();
+    let o = apply_streaming(&t, &theirs, &["--force"]);
+    assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
+    assert!(stderr(&o).contains("it holds thesis.tex, and no chatvec-manifest.json"), "{}", stderr(&o));
+    assert_eq!(std::fs::read(theirs.join("thesis.tex")).unwrap(), b"years of work");
+    let file = d.path().join("a-file");
+    std::fs::write(&file, b"keep").unwrap();
+    let o = apply_streaming(&t, &file, &["--force"]);
+    assert!(stderr(&o).contains("it is not a directory"), "{}", stderr(&o));
+    assert_eq!(std::fs::read(&file).unwrap(), b"keep");
+    let empty = d.path().join("empty");
+    std::fs::create_dir(&empty).unwrap();
+    ok(&apply_streaming(&t, &empty, &["-q", "--force"]));
+    assert!(empty.join("model.safetensors").exists());
+}
+
+#[test]
+fn side_files_linking_out_of_the_model_are_not_copied() {
+    let d = tempfile::tempdir().unwrap();
+    let t = trio(d.path(), Ty::BF16, 1);
+    let secret = d.path().join("environ");
+    std::fs::write(&secret, b"HF_TOKEN=hf_secret").unwrap();
+    std::os::unix::fs::symlink(&secret, t.base.join("tokenizer.model")).unwrap();
+    let out = d.path().join("out");
+    let o = apply_streaming(&t, &out, &[]);
+    ok(&o);
+    assert!(stderr(&o).contains("tokenizer.model links outside the model directory"), "{}", stderr(&o));
+    assert!(!out.join("tokenizer.model").exists());
+    for f in entries(&out) {
+        let bytes = std::fs::read(out.join(&f)).unwrap();
+        assert!(!bytes.windows(9).any(|w| w == b"hf_secret"), "{f} holds the secret");
+    }
+}
+
+#[test]
+fn leftovers_of_killed_runs_are_removed_and_reported() {
+    let d = tempfile::tempdir().unwrap();
+    let t = trio(d.path(), Ty::BF16, 1);
+    // A process that has ended: its pid names the leftovers.
+    let mut gone = Command::new("true").spawn().unwrap();
+    let pid = gone.id();
+    gone.wait().unwrap();
+    let tmp = d.path().join(format!(".out.chatvec-tmp-{pid}"));
+    let old = d.path().join(format!(".other.chatvec-old-{pid}"));
+    for l in [&tmp, &old] {
+        std::fs::create_dir(l).unwrap();
+        std::fs::write(l.join("model.safetensors"), vec![0u8; 4096]).unwrap();
+    }
+    let o = apply_streaming(&t, &d.path().join("out"), &[]);
+    ok(&o);
+    assert!(!tmp.exists() && !old.exists(), "{:?}", entries(d.path()));
+    assert!(
+        stderr(&o).contains(&format!("left by a chatvec run that was killed (process {pid} is gone)")),
+        "{}",
+        stderr(&o)
+    );
+}
+
+#[test]
+fn fifos_are_refused_not_waited_for() {
+    let d = tempfile::tempdir().unwrap();
+    let t = trio(d.path(), Ty::BF16, 1);
+    // As a side file of a model.
+    mkfifo(&t.base.join("tokenizer_config.json"));
+    let mut cmd = command();
+    cmd.args(["apply", "--base", s(&t.base), "--chat", s(&t.chat), "--pretrained", s(&t.pre), "-o"]);
+    cmd.arg(d.path().join("out"));
+    let o = within(cmd, 30);
+    assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
+    assert!(stderr(&o).contains("tokenizer_config.json: is not a regular file"), "{}", stderr(&o));
+    // As SFT data.
+    let data = d.path().join("data.jsonl");
+    mkfifo(&data);
+    let mut cmd = command();
+    cmd.args(["sft", "--model", s(&t.chat), "--data", s(&data), "-o"]).arg(d.path().join("run"));
+    cmd.args(["--python", "/bin/false", "--dry-run"]);
+    let o = within(cmd, 30);
+    assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
+    assert!(stderr(&o).contains("data.jsonl: is not a regular file"), "{}", stderr(&o));
+    // As a branch of the Hugging Face cache.
+    let (snap, _) = snapshot(&d.path().join("hub"), &t.pre);
+    let refs = snap.parent().unwrap().parent().unwrap().join("refs");
+    std::fs::create_dir_all(&refs).unwrap();
+    mkfifo(&refs.join("main"));
+    let mut cmd = command();
+    cmd.env("HF_HUB_CACHE", d.path().join("hub")).args(["--offline", "inspect", "org/m"]);
+    let o = within(cmd, 30);
+    assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
+    assert!(stderr(&o).contains("main: is not a regular file"), "{}", stderr(&o));
+}
+
+/// The largest resident set of this test process's finished children, in KiB.
+fn children_max_rss_kib() -> i64 {
+    // SAFETY: getrusage fills a plain struct.
+    let mut u: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: a valid pointer to the struct above.
+    unsafe { libc::getrusage(libc::RUSAGE_CHILDREN, &mut u) };
+    u.ru_maxrss
+}
+
+#[test]
+fn sft_data_is_read_with_bounded_memory_however_long_a_line() {
+    let d = tempfile::tempdir().unwrap();
+    let t = trio(d.path(), Ty::BF16, 1);
+    let data = d.path().join("one-line.jsonl");
+    // 200 MB without a newline: three times the 64 MB line limit.
+    let mut f = std::fs::File::create(&data).unwrap();
+    let chunk = vec![b'x'; 1 << 20];
+    for _ in 0..200 {
+        std::io::Write::write_all(&mut f, &chunk).unwrap();
+    }
+    drop(f);
+    let o = chatvec(&[
+        "sft",
+        "--model",
+        s(&t.chat),
+        "--data",
+        s(&data),
+        "-o",
+        s(&d.path().join("run")),
+        "--dry-run",
+    ]);
+    assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
+    assert!(stderr(&o).contains("line 1: longer than 67108864 bytes"), "{}", stderr(&o));
+    let rss = children_max_rss_kib();
+    assert!(rss < 160 * 1024, "a child used {rss} KiB");
+}
+
+#[test]
+fn parameters_a_method_does_not_use_are_ignored_with_a_warning() {
+    let d = tempfile::tempdir().unwrap();
+    let t = trio(d.path(), Ty::BF16, 1);
+    let recipe = d.path().join("slerp.yml");
+    std::fs::write(
+        &recipe,
+        format!(
+            "merge_method: slerp\nbase_model: {}\nmodels:\n  - model: {}\n    parameters:\n      weight: 0.5\nparameters:\n  t: 0.5\n",
+            t.base.display(),
+            t.chat.display()
+        ),
+    )
+    .unwrap();
+    let o = chatvec(&["merge", s(&recipe), "-o", s(&d.path().join("out"))]);
+    ok(&o);
+    assert!(stderr(&o).contains("slerp does not use 'weight'; ignored, as mergekit does"), "{}", stderr(&o));
+}
+
+#[test]
+fn merge_takes_the_shard_size_and_allow_mismatch_in_both_spellings() {
+    let d = tempfile::tempdir().unwrap();
+    let t = trio(d.path(), Ty::BF16, 1);
+    let recipe = d.path().join("ta.yml");
+    std::fs::write(
+        &recipe,
+        format!(
+            "merge_method: task_arithmetic\nbase_model: {}\nmodels:\n  - model: {}\n    parameters:\n      weight: 1.0\n",
+            t.pre.display(),
+            t.chat.display()
+        ),
+    )
+    .unwrap();
+    let shards = |dir: &Path| entries(dir).into_iter().filter(|e| e.ends_with(".safetensors")).count();
+    let a = d.path().join("a");
+    ok(&chatvec(&["-q", "merge", s(&recipe), "-o", s(&a), "--shard-size", "1000B", "--allow-mismatch"]));
+    let b = d.path().join("b");
+    ok(&chatvec(&["-q", "merge", s(&recipe), "-o", s(&b), "--out-shard-size", "1K", "--allow-crimes"]));
+    assert!(shards(&a) > 1);
+    assert_eq!(shard_hashes(&a), shard_hashes(&b));
+}
+
+#[test]
+fn side_files_keep_every_byte_and_number_as_written() {
+    let d = tempfile::tempdir().unwrap();
+    let t = trio(d.path(), Ty::BF16, 1);
+    // The base's tokenizer config with a huge integer, edited to take the
+    // chat model's template; an untouched file with odd formatting.
+    std::fs::write(
+        t.base.join("tokenizer_config.json"),
+        "{\"model_max_length\": 1000000000000000019884624838656, \"eos_token\": \"</s>\"}",
+    )
+    .unwrap();
+    let odd = "{ \"bos_token\" :\"<s>\",\n\n  \"pad\": 1.50 }";
+    std::fs::write(t.base.join("special_tokens_map.json"), odd).unwrap();
+    std::fs::write(t.chat.join("chat_template.jinja"), "{{ messages }}").unwrap();
+    // An output whose parent directories do not exist yet.
+    let out = d.path().join("runs/2026/out");
+    ok(&apply_streaming(&t, &out, &["-q"]));
+    assert_eq!(std::fs::read_to_string(out.join("special_tokens_map.json")).unwrap(), odd);
+    let tc = std::fs::read_to_string(out.join("tokenizer_config.json")).unwrap();
+    assert!(tc.contains("\"model_max_length\": 1000000000000000019884624838656"), "{tc}");
+    assert!(tc.contains("\"chat_template\": \"{{ messages }}\""), "{tc}");
+}
