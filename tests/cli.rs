@@ -88,11 +88,11 @@ fn architecture_differences_fail_unless_allowed() {
     let mut cfg = config(16, false, LAYERS);
     cfg["rope_theta"] = 10000.0.into();
     std::fs::write(t.base.join("config.json"), cfg.to_string()).unwrap();
-    apply_fails(&t, &[], 1, &["rope_theta", "10000", "500000", "hint: pass --allow-mismatch"]);
+    apply_fails(&t, &[], 1, &["RoPE: theta 10000", "theta 500000", "hint: pass --allow-mismatch"]);
     let out = d.path().join("out");
     let o = apply_streaming(&t, &out, &["--allow-mismatch"]);
     ok(&o);
-    assert!(stderr(&o).contains("warning: --allow-mismatch") && stderr(&o).contains("rope_theta"));
+    assert!(stderr(&o).contains("warning: --allow-mismatch") && stderr(&o).contains("RoPE"));
 }
 
 #[test]

@@ -297,3 +297,52 @@ fn side_files_keep_every_byte_and_number_as_written() {
     assert!(tc.contains("\"model_max_length\": 1000000000000000019884624838656"), "{tc}");
     assert!(tc.contains("\"chat_template\": \"{{ messages }}\""), "{tc}");
 }
+
+#[test]
+fn rope_settings_are_compared_in_either_config_layout() {
+    let d = tempfile::tempdir().unwrap();
+    let t = trio(d.path(), Ty::BF16, 1);
+    // The chat model in transformers 5's layout, the same settings: fine.
+    let mut cfg = config(16, false, LAYERS);
+    cfg.as_object_mut().unwrap().remove("rope_theta");
+    cfg["rope_parameters"] = serde_json::json!({"rope_type": "default", "rope_theta": 500000});
+    std::fs::write(t.chat.join("config.json"), cfg.to_string()).unwrap();
+    ok(&apply_streaming(&t, &d.path().join("same"), &["-q"]));
+    let o = chatvec(&["inspect", s(&t.chat)]);
+    assert!(stdout(&o).contains("rope theta 500000, default"), "{}", stdout(&o));
+    // Another theta in the new layout is a different model.
+    cfg["rope_parameters"]["rope_theta"] = 10000.into();
+    std::fs::write(t.chat.join("config.json"), cfg.to_string()).unwrap();
+    let o = apply_streaming(&t, &d.path().join("other"), &[]);
+    assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("RoPE: theta 10000, default") && stderr(&o).contains("theta 500000, default"),
+        "{}",
+        stderr(&o)
+    );
+}
+
+#[test]
+fn a_config_that_does_not_describe_its_weights_is_refused() {
+    let d = tempfile::tempdir().unwrap();
+    let t = trio(d.path(), Ty::BF16, 1);
+    let mut cfg = config(16, false, LAYERS);
+    cfg["vocab_size"] = 32000.into();
+    std::fs::write(t.base.join("config.json"), cfg.to_string()).unwrap();
+    let out = d.path().join("out");
+    let o = apply_streaming(&t, &out, &[]);
+    assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("'vocab_size' is 32000, but the embedding matrix has rows: 16"),
+        "{}",
+        stderr(&o)
+    );
+    assert!(!out.exists());
+    let o = apply_streaming(&t, &out, &["--allow-mismatch"]);
+    ok(&o);
+    assert!(
+        stderr(&o).contains("warning: --allow-mismatch") && stderr(&o).contains("vocab_size"),
+        "{}",
+        stderr(&o)
+    );
+}

@@ -2,7 +2,7 @@
 //! a checkpoint or added, scaled, to a base model.
 
 use crate::error::Result;
-use crate::job::{Records, Summary, WriteOptions, set_labels, write_output};
+use crate::job::{Records, Summary, WriteOptions, check_written_config, set_labels, write_output};
 use crate::model::dtype::FloatType;
 use crate::output::card::{CARD_FILE, model_card};
 use crate::output::manifest::{
@@ -254,6 +254,7 @@ pub(crate) fn apply_recorded(
     let chat_side = ChatSide { dir: &chat_dir, keep_base_template: spec.keep_base_template };
     let mut side = model_side_files(&base_dir, Some(chat_side), spec.out_dtype)?;
     side.notes.splice(0..0, early_notes);
+    check_written_config(&mut plan, &side, spec.allow_mismatch)?;
     let how = format!("chat vector (scale {})", spec.scale);
     side.add(CARD_FILE, model_card(&plan, &how, recipe.as_ref())?);
     // The manifest says what ran (apply); the summary says what was asked

@@ -138,7 +138,7 @@ fn render(r: &InspectReport) -> String {
             let o = |v: Option<u64>| v.map_or("-".to_string(), |x| x.to_string());
             let _ = writeln!(
                 s,
-                "  config: {} ({}), vocab {}, hidden {}, layers {}, heads {}/{} kv, intermediate {}, rope_theta {}",
+                "  config: {} ({}), vocab {}, hidden {}, layers {}, heads {}/{} kv, intermediate {}, rope {}",
                 c.architecture.as_deref().unwrap_or("-"),
                 c.model_type.as_deref().unwrap_or("-"),
                 o(c.vocab_size),
@@ -147,7 +147,7 @@ fn render(r: &InspectReport) -> String {
                 o(c.num_attention_heads),
                 o(c.num_key_value_heads),
                 o(c.intermediate_size),
-                c.rope_theta.map_or("-".to_string(), |x| x.to_string()),
+                c.rope,
             );
         }
         None => {

@@ -3,7 +3,7 @@
 
 use crate::error::{Error, Result};
 use crate::job::chat_vector::{ApplySpec, VectorSource, apply_recorded};
-use crate::job::{Records, Summary, WriteOptions, write_output};
+use crate::job::{Records, Summary, WriteOptions, check_written_config, write_output};
 use crate::output::card::{CARD_FILE, model_card};
 use crate::output::manifest::RecipeRecord;
 use crate::output::sidecars::{add_union_tokens, model_side_files};
@@ -104,7 +104,7 @@ fn merge_method(
         union: recipe.union,
     };
     // Parameter problems are the recipe's: name its file.
-    let plan = plan_merge(inputs, &spec).map_err(|e| match e {
+    let mut plan = plan_merge(inputs, &spec).map_err(|e| match e {
         Error::Usage(msg) => Error::bad_file(&recipe.path, msg),
         other => other,
     })?;
@@ -112,6 +112,7 @@ fn merge_method(
     if let Some(u) = &plan.vocab_union {
         add_union_tokens(&mut side, &plan, u)?;
     }
+    check_written_config(&mut plan, &side, recipe.allow_mismatch)?;
     side.add(CARD_FILE, model_card(&plan, m.method.name(), Some(&record))?);
     let params = serde_json::json!({
         "method": m.method,

@@ -224,6 +224,14 @@ fn index_json(plan: &Plan) -> Vec<u8> {
     to_pretty(&serde_json::json!({ "metadata": { "total_size": total }, "weight_map": wm }))
 }
 
+/// Checks the config.json the output will carry against the output's
+/// tensors (vocab rows, hidden size, layers).
+fn check_written_config(plan: &mut Plan, side: &SideFiles, allow_mismatch: bool) -> Result<()> {
+    let Some(cfg) = side.json("config.json")? else { return Ok(()) };
+    let tensors = plan.tensors.iter().map(|t| (t.name.as_str(), t.shape.as_slice()));
+    crate::plan::checks::check_output_fits(|k| cfg.get(k), tensors, allow_mismatch, &mut plan.warnings)
+}
+
 /// Names the plan's inputs as the user did.
 fn set_labels(plan: &mut Plan, labels: &[&str]) {
     for (i, l) in plan.inputs.iter_mut().zip(labels) {

@@ -128,6 +128,11 @@ pub(crate) fn is_vocab_matrix(name: &str) -> bool {
     EMBED_NAMES.contains(&name) || LM_HEAD_NAMES.contains(&name)
 }
 
+/// Whether `name` is the input embedding matrix.
+pub(crate) fn is_embedding(name: &str) -> bool {
+    EMBED_NAMES.contains(&name)
+}
+
 /// Whether `name` is an output projection that a tied model omits.
 pub(crate) fn is_lm_head(name: &str) -> bool {
     LM_HEAD_NAMES.contains(&name)

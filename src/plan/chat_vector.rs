@@ -8,7 +8,7 @@ use crate::arith::rows::RowRun;
 use crate::error::{Error, Result};
 use crate::model::checkpoint::{Checkpoint, Tensor, is_lm_head, is_vocab_matrix};
 use crate::model::dtype::{DType, FloatType};
-use crate::plan::checks::{Problems, check_configs, float_of, read_vocab};
+use crate::plan::checks::{Problems, check_configs, check_fits, float_of, read_vocab};
 use crate::plan::select::Selection;
 use crate::plan::shards::assign_shards;
 use crate::plan::vocab::{EmbeddingPolicy, EmbeddingReport, RowMap, Vocabs, match_rows};
@@ -47,6 +47,9 @@ pub fn plan_extract(
 ) -> Result<Plan> {
     let mut warnings = Vec::new();
     check_configs(&chat, &pre, common.allow_mismatch, &mut warnings)?;
+    for ck in [&chat, &pre] {
+        check_fits(ck, common.allow_mismatch, &mut warnings)?;
+    }
     let mut problems = Problems::new("the chat and pretrained models do not line up");
     let mut tensors = Vec::new();
     let mut omitted = Vec::new();

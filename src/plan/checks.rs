@@ -2,8 +2,10 @@
 //! architectures compared through config.json, and tokenizer vocabularies.
 
 use crate::error::{Error, Result};
+use crate::merge::params::layer_index;
+use crate::model::checkpoint::is_embedding;
 use crate::model::checkpoint::{Checkpoint, Tensor};
-use crate::model::config::architecture_differences;
+use crate::model::config::{architecture_differences, shape_problems};
 use crate::model::dtype::FloatType;
 use crate::model::tokenizer::Vocab;
 
@@ -83,4 +85,51 @@ pub(crate) fn read_vocab(ck: &Checkpoint) -> Result<Option<Vocab>> {
         Some(p) => Vocab::read(&p).map(Some),
         None => Ok(None),
     }
+}
+
+/// Layers numbered by `names` (`model.layers.N.`): the highest N plus one.
+fn layers_of<'a>(names: impl Iterator<Item = &'a str>) -> u64 {
+    names.filter_map(layer_index).max().map_or(0, |i| i + 1)
+}
+
+/// Fails (or, with `allow`, warns) when `problems` is not empty: a
+/// config.json that does not describe its weights makes a model
+/// transformers cannot load.
+fn config_verdict(problems: Vec<String>, allow: bool, warnings: &mut Vec<String>) -> Result<()> {
+    if problems.is_empty() {
+        return Ok(());
+    }
+    if allow {
+        warnings.extend(problems.into_iter().map(|p| format!("--allow-mismatch: {p}")));
+        return Ok(());
+    }
+    let mut p = Problems::new("config.json does not describe the weights beside it");
+    problems.into_iter().for_each(|x| p.push(x));
+    p.into_result().map_err(|e| {
+        e.with_hint(
+            "transformers could not load this; fix config.json, or pass --allow-mismatch if you are sure",
+        )
+    })
+}
+
+/// Checks an input's config.json against its weights (see `shape_problems`).
+pub(crate) fn check_fits(ck: &Checkpoint, allow: bool, warnings: &mut Vec<String>) -> Result<()> {
+    let Some(cfg) = &ck.config else { return Ok(()) };
+    let embedding = ck.embedding().map(|t| t.shape.as_slice());
+    let layers = layers_of(ck.tensors.iter().map(|t| t.name.as_str()));
+    config_verdict(shape_problems(|k| cfg.raw.get(k).cloned(), embedding, layers, &cfg.path), allow, warnings)
+}
+
+/// Checks the config.json an output will carry (`get` reads its keys)
+/// against the output's tensors, as (name, shape).
+pub(crate) fn check_output_fits<'a>(
+    get: impl Fn(&str) -> Option<serde_json::Value>,
+    tensors: impl Iterator<Item = (&'a str, &'a [u64])> + Clone,
+    allow: bool,
+    warnings: &mut Vec<String>,
+) -> Result<()> {
+    let embedding = tensors.clone().find(|(n, _)| is_embedding(n)).map(|(_, s)| s);
+    let layers = layers_of(tensors.map(|(n, _)| n));
+    let file = std::path::Path::new("config.json (of the output)");
+    config_verdict(shape_problems(get, embedding, layers, file), allow, warnings)
 }

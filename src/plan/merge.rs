@@ -12,7 +12,7 @@ use crate::merge::params::{Setting, layer_index, layer_position};
 use crate::model::checkpoint::{Checkpoint, is_vocab_matrix};
 use crate::model::dtype::FloatType;
 use crate::model::tokenizer::Vocab;
-use crate::plan::checks::{Problems, check_configs, float_of, read_vocab};
+use crate::plan::checks::{Problems, check_configs, check_fits, float_of, read_vocab};
 use crate::plan::shards::assign_shards;
 use crate::plan::vocab::{EmbeddingPolicy, EmbeddingReport, RowMap, Vocabs, match_rows};
 use crate::plan::{Input, MergeOp, Op, OutTensor, Plan, Source, UnionRows, VocabUnion};
@@ -81,6 +81,7 @@ pub(crate) fn plan_merge(inputs: Vec<Input>, spec: &MergeSpec) -> Result<Plan> {
         if i != reference {
             check_configs(rck, &inp.ckpt, spec.allow_mismatch, &mut warnings)?;
         }
+        check_fits(&inp.ckpt, spec.allow_mismatch, &mut warnings)?;
     }
     let layers = layer_count(rck);
     let labels: Vec<String> = spec.models.iter().map(|&i| inputs[i].label.clone()).collect();
