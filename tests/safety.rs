@@ -346,3 +346,121 @@ fn a_config_that_does_not_describe_its_weights_is_refused() {
         stderr(&o)
     );
 }
+
+#[test]
+fn a_whole_model_given_as_a_vector_is_refused() {
+    let d = tempfile::tempdir().unwrap();
+    let t = trio(d.path(), Ty::BF16, 1);
+    let out = d.path().join("out");
+    let stored = |vector: &Path, extra: &[&str]| {
+        let mut a = vec!["apply", "--base", s(&t.base), "--vector", s(vector), "-o", s(&out)];
+        a.extend(extra);
+        chatvec(&a)
+    };
+    let o = stored(&t.chat, &[]);
+    assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("has no chatvec-manifest.json") && stderr(&o).contains("--raw-delta"),
+        "{}",
+        stderr(&o)
+    );
+    let o = stored(&t.chat, &["--raw-delta"]);
+    assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
+    assert!(stderr(&o).contains("looks like a whole model, not a delta"), "{}", stderr(&o));
+    assert!(!out.exists());
+    // A real delta (a hundredth of the base's size) passes with the flag.
+    let delta = d.path().join("delta");
+    let tensors: Vec<T> = read_model(&t.base)
+        .into_values()
+        .map(|b| {
+            let data = (0..b.numel()).flat_map(|i| b.ty.encode(b.get(i) * 0.01)).collect();
+            T { data, ..b }
+        })
+        .collect();
+    write_model(&delta, &tensors, 1, &config(16, false, LAYERS), None);
+    let o = stored(&delta, &["--raw-delta"]);
+    ok(&o);
+    assert!(stderr(&o).contains("applying its tensors as a raw delta"), "{}", stderr(&o));
+}
+
+#[test]
+fn merge_parameters_must_be_finite_f32_numbers_in_range() {
+    let d = tempfile::tempdir().unwrap();
+    let t = trio(d.path(), Ty::BF16, 1);
+    let recipe = d.path().join("r.yml");
+    let run = |method: &str, params: &str| {
+        std::fs::write(
+            &recipe,
+            format!(
+                "merge_method: {method}\nbase_model: {}\nmodels:\n  - model: {}\n    parameters: {{{params}}}\n",
+                t.pre.display(),
+                t.chat.display()
+            ),
+        )
+        .unwrap();
+        chatvec(&["merge", s(&recipe), "-o", s(&d.path().join("out"))])
+    };
+    for (method, params, needle) in [
+        ("task_arithmetic", "weight: 1e308", "weight 1e308 is not a finite f32 number"),
+        ("ties", "weight: 1.0, density: 1.5", "density 1.5 must be in [0, 1]"),
+        ("della", "weight: 1.0, density: 0.5, epsilon: -0.1", "epsilon -0.1 must be a number >= 0"),
+    ] {
+        let o = run(method, params);
+        assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
+        assert!(stderr(&o).contains(needle), "{needle}: {}", stderr(&o));
+    }
+    // Finite weights whose products overflow: caught in the output.
+    let o = run("task_arithmetic", "weight: 3.0e38");
+    assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("NaN or infinite value(s)") && stderr(&o).contains("its inputs have none"),
+        "{}",
+        stderr(&o)
+    );
+    assert!(!d.path().join("out").exists());
+}
+
+#[test]
+fn a_zero_vector_or_an_odd_scale_is_said() {
+    let d = tempfile::tempdir().unwrap();
+    let t = trio(d.path(), Ty::BF16, 1);
+    let out = d.path().join("out");
+    let o = chatvec(&[
+        "apply",
+        "--base",
+        s(&t.base),
+        "--chat",
+        s(&t.pre),
+        "--pretrained",
+        s(&t.pre),
+        "-o",
+        s(&out),
+    ]);
+    assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
+    assert!(stderr(&o).contains("the chat and pretrained models are the same files"), "{}", stderr(&o));
+    assert!(!out.exists());
+    // A copy under another name: the hashes tell after the run.
+    let copy = d.path().join("pre-copy");
+    std::fs::create_dir(&copy).unwrap();
+    for f in entries(&t.pre) {
+        std::fs::copy(t.pre.join(&f), copy.join(&f)).unwrap();
+    }
+    let o = chatvec(&[
+        "apply",
+        "--base",
+        s(&t.base),
+        "--chat",
+        s(&copy),
+        "--pretrained",
+        s(&t.pre),
+        "-o",
+        s(&out),
+    ]);
+    ok(&o);
+    assert!(stderr(&o).contains("are the same bytes: the vector is zero"), "{}", stderr(&o));
+    for (scale, needle) in [("0", "a scale of 0 adds nothing"), ("5", "a scale of 5 is far outside")] {
+        let o = apply_streaming(&t, &d.path().join(format!("s{scale}")), &["--scale", scale]);
+        ok(&o);
+        assert!(stderr(&o).contains(needle), "{}", stderr(&o));
+    }
+}

@@ -145,7 +145,11 @@ fn sft_validates_writes_configs_launches_trl_and_records_the_run() {
         "--force",
     ]);
     assert_eq!(o.status.code(), Some(1));
-    assert!(stderr(&o).contains("--force replaces only an earlier `chatvec sft` run directory"), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("--force replaces only an earlier `chatvec sft` run directory"),
+        "{}",
+        stderr(&o)
+    );
     assert!(model.join("config.json").exists() && data.exists());
 }
 

@@ -286,6 +286,11 @@ pub struct ApplyArgs {
     #[arg(long)]
     pub keep_base_template: bool,
 
+    /// The --vector directory holds a raw delta (chat - pretrained from another
+    /// tool, without chatvec's manifest), not a whole model.
+    #[arg(long, requires = "vector")]
+    pub raw_delta: bool,
+
     #[command(flatten)]
     pub write: WriteArgs,
 }
@@ -310,6 +315,7 @@ impl ApplyArgs {
             keep_base_template: self.keep_base_template,
             shard_size: self.write.shard_size,
             allow_mismatch: self.write.allow_mismatch,
+            raw_delta: self.raw_delta,
             ..ApplySpec::new(self.base.clone(), vector)
         }
     }

@@ -16,6 +16,7 @@ use crate::merge::{
     element,
     stats::{self, TensorStats},
 };
+use crate::model::dtype::FloatType;
 use crate::plan::{Op, OutTensor, Plan, Source};
 
 /// Bytes per plain copy job.
@@ -97,13 +98,87 @@ pub(crate) fn run<'a>(plan: &'a Plan, stats: &StatsMap, job: &Job, mut buf: Vec<
                     }
                 }
             }
+            check_finite(plan, t, &buf)?;
             Ok(Piece::Owned(buf))
         }
     }
 }
 
+/// Whether any value of the little-endian `bytes` of `ty` is NaN or
+/// infinite, eight bytes at a time: with `t = (x & E) ^ E` (`E` the
+/// exponent bits of each lane), a lane is non-finite exactly when it is 0,
+/// and `(t - 1s) & !t & high bits` is non-zero exactly when some lane is.
+/// A pass over every output chunk, so it must cost next to nothing.
+fn any_nonfinite(ty: FloatType, bytes: &[u8]) -> bool {
+    let (e, ones, high): (u64, u64, u64) = match ty {
+        FloatType::BF16 => (0x7f80_7f80_7f80_7f80, 0x0001_0001_0001_0001, 0x8000_8000_8000_8000),
+        FloatType::F16 => (0x7c00_7c00_7c00_7c00, 0x0001_0001_0001_0001, 0x8000_8000_8000_8000),
+        FloatType::F32 => (0x7f80_0000_7f80_0000, 0x0000_0001_0000_0001, 0x8000_0000_8000_0000),
+    };
+    let words = bytes.chunks_exact(8);
+    let tail = words.remainder();
+    let found = words.fold(0u64, |acc, w| {
+        let x = u64::from_le_bytes([w[0], w[1], w[2], w[3], w[4], w[5], w[6], w[7]]);
+        let t = (x & e) ^ e;
+        acc | (t.wrapping_sub(ones) & !t & high)
+    });
+    found != 0 || nonfinite(ty, tail) > 0
+}
+
+/// How many values of the little-endian `bytes` of `ty` are NaN or
+/// infinite (every exponent bit set).
+fn nonfinite(ty: FloatType, bytes: &[u8]) -> usize {
+    match ty {
+        FloatType::BF16 => {
+            bytes.chunks_exact(2).filter(|c| c[1] & 0x7f == 0x7f && c[0] & 0x80 == 0x80).count()
+        }
+        FloatType::F16 => bytes.chunks_exact(2).filter(|c| c[1] & 0x7c == 0x7c).count(),
+        FloatType::F32 => {
+            bytes.chunks_exact(4).filter(|c| c[3] & 0x7f == 0x7f && c[2] & 0x80 == 0x80).count()
+        }
+    }
+}
+
+/// The input tensors an op reads.
+fn sources(op: &Op) -> Vec<Source> {
+    match op {
+        Op::Copy(s) | Op::Convert(s) => vec![*s],
+        Op::Arith { formula, .. } => {
+            std::iter::once(formula.base()).chain(formula.vector_sources()).collect()
+        }
+        Op::Merge(m) => {
+            m.base.iter().chain(&m.models).chain(m.union.iter().flat_map(|u| &u.sources)).copied().collect()
+        }
+    }
+}
+
+/// Fails when the computed `out` (elements of tensor `t`) holds NaN or
+/// infinity although no input of `t` holds any: an overflow (a weight,
+/// scale or lambda too large for f32) would otherwise write a broken model
+/// with exit 0. Inputs are only scanned when the output has such values.
+pub(crate) fn check_finite(plan: &Plan, t: &OutTensor, out: &[u8]) -> Result<()> {
+    let ty = float_out(t)?;
+    if !any_nonfinite(ty, out) {
+        return Ok(());
+    }
+    let bad = nonfinite(ty, out);
+    let inputs_clean = sources(&t.op).iter().all(|&s| match plan.input_tensor(s).dtype.float() {
+        Some(ity) => !any_nonfinite(ity, plan.input_bytes(s)),
+        None => true,
+    });
+    if !inputs_clean {
+        return Ok(());
+    }
+    Err(Error::Usage(format!(
+        "tensor '{}': the output has {bad} NaN or infinite value(s) in one chunk, and its inputs have none: \
+         a weight, scale or lambda overflows f32",
+        t.name
+    ))
+    .with_hint("use smaller parameters; nothing was written"))
+}
+
 /// The float dtype of a computed output (planning only computes floats).
-fn float_out(t: &OutTensor) -> Result<crate::model::dtype::FloatType> {
+fn float_out(t: &OutTensor) -> Result<FloatType> {
     t.dtype
         .float()
         .ok_or_else(|| Error::Internal(format!("tensor '{}' is computed but is {}", t.name, t.dtype)))
@@ -186,6 +261,14 @@ pub(crate) fn prepare_stats(
     Ok(())
 }
 
+/// `check_finite` for a compute job's output.
+fn check_computed(plan: &Plan, job: &Job, out: &[u8]) -> Result<()> {
+    match job {
+        Job::Compute { tensor, .. } => check_finite(plan, &plan.tensors[*tensor], out),
+        _ => Ok(()),
+    }
+}
+
 /// The most models any merged tensor of the plan reads (sizes GPU chunks).
 pub(crate) fn max_models(plan: &Plan) -> usize {
     plan.tensors
@@ -221,6 +304,7 @@ pub(crate) fn run_on_gpu<'a>(
         if let Some(j) = owner[slot].take() {
             let mut b = bufs.next().unwrap_or_default();
             gpu.collect(slot, &mut b)?;
+            check_computed(plan, &group[j], &b)?;
             pieces[j] = Some(Piece::Owned(b));
         }
         let t = &plan.tensors[*tensor];
@@ -232,6 +316,7 @@ pub(crate) fn run_on_gpu<'a>(
         if let Some(j) = o.take() {
             let mut b = bufs.next().unwrap_or_default();
             gpu.collect(s, &mut b)?;
+            check_computed(plan, &group[j], &b)?;
             pieces[j] = Some(Piece::Owned(b));
         }
     }
@@ -239,4 +324,35 @@ pub(crate) fn run_on_gpu<'a>(
         .into_iter()
         .map(|p| p.ok_or_else(|| Error::Internal("a GPU job produced no output".into())))
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The word-at-a-time test against a value-by-value reference, for
+    /// every bf16 and f16 bit pattern in every lane, and f32 specials.
+    #[test]
+    fn nonfinite_values_are_found_in_any_lane() {
+        for ty in [FloatType::BF16, FloatType::F16] {
+            for bits in 0..=u16::MAX {
+                let v = match ty {
+                    FloatType::BF16 => f32::from_bits((bits as u32) << 16),
+                    _ => half::f16::from_bits(bits).to_f32(),
+                };
+                for lane in 0..5 {
+                    let mut bytes = vec![0u8; 10];
+                    bytes[lane * 2..lane * 2 + 2].copy_from_slice(&bits.to_le_bytes());
+                    assert_eq!(any_nonfinite(ty, &bytes), !v.is_finite(), "{ty:?} {bits:#x} lane {lane}");
+                }
+            }
+        }
+        for v in [f32::NAN, f32::INFINITY, f32::NEG_INFINITY, f32::MAX, f32::MIN_POSITIVE, -0.0, 1.0] {
+            for lane in 0..3 {
+                let mut bytes = vec![0u8; 12];
+                bytes[lane * 4..lane * 4 + 4].copy_from_slice(&v.to_le_bytes());
+                assert_eq!(any_nonfinite(FloatType::F32, &bytes), !v.is_finite(), "{v} lane {lane}");
+            }
+        }
+    }
 }

@@ -1,8 +1,9 @@
 //! `extract` and `apply`: the chat vector `chat - pretrained`, written as
 //! a checkpoint or added, scaled, to a base model.
 
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::job::{Records, Summary, WriteOptions, check_written_config, set_labels, write_output};
+use crate::model::checkpoint::Checkpoint;
 use crate::model::dtype::FloatType;
 use crate::output::card::{CARD_FILE, model_card};
 use crate::output::manifest::{
@@ -11,6 +12,7 @@ use crate::output::manifest::{
 use crate::output::sidecars::{ChatSide, model_side_files, read_side_files};
 use crate::plan::EmbeddingPolicy;
 use crate::plan::chat_vector::{ApplyOptions, Common, VectorSide, plan_apply, plan_extract};
+use crate::plan::checks::delta_ratio;
 use crate::plan::select::{Selection, Spelling};
 use crate::resolve::{open_model, vector_alias};
 use crate::units::parse_size;
@@ -96,6 +98,9 @@ pub struct ApplySpec {
     pub shard_size: u64,
     /// Turn config.json architecture differences into warnings.
     pub allow_mismatch: bool,
+    /// A stored vector without a chatvec manifest is a raw delta (from
+    /// another tool), not a mistake (a whole model given as a vector).
+    pub raw_delta: bool,
 }
 
 impl ApplySpec {
@@ -113,6 +118,7 @@ impl ApplySpec {
             keep_base_template: false,
             shard_size: default_shard_size(),
             allow_mismatch: false,
+            raw_delta: false,
         }
     }
 
@@ -143,8 +149,8 @@ impl ApplySpec {
 /// Parameters as JSON. Through text, so f32 values keep their shortest
 /// spelling (0.9, not 0.8999999761581421).
 fn to_value(p: &Parameters) -> Result<serde_json::Value> {
-    let text = serde_json::to_string(p).map_err(|e| crate::error::Error::Internal(e.to_string()))?;
-    serde_json::from_str(&text).map_err(|e| crate::error::Error::Internal(e.to_string()))
+    let text = serde_json::to_string(p).map_err(|e| Error::Internal(e.to_string()))?;
+    serde_json::from_str(&text).map_err(|e| Error::Internal(e.to_string()))
 }
 
 /// Writes the chat vector `chat - pretrained` as a checkpoint, with the
@@ -197,6 +203,81 @@ pub fn apply(spec: &ApplySpec, out: &WriteOptions) -> Result<Summary> {
     apply_recorded(spec, out, None)
 }
 
+/// Above this ratio of norms, a "vector" is taken for a whole model: a
+/// chat vector (instruct minus its base) changes a weight matrix by about
+/// 0.1% to 5% of its norm, a whole model is about 100% of it, and two
+/// unrelated models differ by about 140% (the sum of two independent
+/// matrices of the same norm). 0.5 sits between, with room either side.
+const WHOLE_MODEL_RATIO: f64 = 0.5;
+
+/// A `--vector` directory without a chatvec manifest: refused, as the likely
+/// mistake is a whole model given as a vector (the output would be base +
+/// chat, a broken model), unless `raw_delta` says it is a delta; and then
+/// still refused when its norms look like a whole model's. Returns the note
+/// for a delta that passes.
+fn raw_delta(spec: &ApplySpec, base: &Checkpoint, vector: &Checkpoint) -> Result<String> {
+    let dir = vector.dir.display();
+    if !spec.raw_delta {
+        return Err(Error::Usage(format!(
+            "{dir} has no {MANIFEST_FILE}: it is not a vector written by `chatvec extract`, and adding a whole model would make a broken one"
+        ))
+        .with_hint("to subtract two models give --chat and --pretrained; if the directory holds a raw delta from another tool, pass --raw-delta"));
+    }
+    let Some((ratio, tensor)) = delta_ratio(base, vector) else {
+        return Ok(format!(
+            "{dir} has no {MANIFEST_FILE}; applying its tensors as a raw delta (--raw-delta)"
+        ));
+    };
+    if ratio > WHOLE_MODEL_RATIO {
+        return Err(Error::Usage(format!(
+            "{dir} looks like a whole model, not a delta: ||vector|| / ||base|| is {ratio:.2} on '{tensor}' (a chat vector's is a few percent)"
+        ))
+        .with_hint("give the chat and pretrained models as --chat and --pretrained"));
+    }
+    Ok(format!(
+        "{dir} has no {MANIFEST_FILE}; applying its tensors as a raw delta (--raw-delta; ||vector|| / ||base|| at most {ratio:.3})"
+    ))
+}
+
+/// `chat - pretrained` of the same files is zero: the output would be the
+/// base. Refused, naming the directory.
+fn refuse_zero_vector(chat: &Checkpoint, pretrained: &Checkpoint) -> Result<()> {
+    let canon = |ck: &Checkpoint| std::fs::canonicalize(&ck.dir).unwrap_or_else(|_| ck.dir.clone());
+    let same_files = chat.shards.len() == pretrained.shards.len()
+        && chat
+            .shards
+            .iter()
+            .zip(&pretrained.shards)
+            .all(|(a, b)| a.stamp.dev == b.stamp.dev && a.stamp.ino == b.stamp.ino);
+    if canon(chat) == canon(pretrained) || same_files {
+        return Err(Error::Usage(format!(
+            "the chat and pretrained models are the same files ({}): the vector is zero and the output would be the base",
+            chat.dir.display()
+        ))
+        .with_hint("--chat is the instruct model, --pretrained the base it was tuned from (e.g. llama3-8b-instruct and llama3-8b)"));
+    }
+    Ok(())
+}
+
+/// Warnings about scales a chat vector is rarely used with.
+fn scale_warnings(spec: &ApplySpec) -> Vec<String> {
+    let scales = std::iter::once(spec.scale).chain(
+        spec.scale_for.iter().filter_map(|s| s.rsplit_once('=').and_then(|(_, v)| v.trim().parse().ok())),
+    );
+    let mut out = Vec::new();
+    for s in scales {
+        if s == 0.0 {
+            out.push("a scale of 0 adds nothing: those tensors stay as in the base".to_string());
+        } else if s.abs() > 3.0 {
+            out.push(format!(
+                "a scale of {s} is far outside what chat vectors use (0.5 to 1.0); check the output before using it"
+            ));
+        }
+    }
+    out.dedup();
+    out
+}
+
 /// `apply`, recording the recipe it came from.
 pub(crate) fn apply_recorded(
     spec: &ApplySpec,
@@ -221,11 +302,10 @@ pub(crate) fn apply_recorded(
     let (side, chat_dir, labels) = match (&spec.vector, chat, pretrained) {
         (_, Some(chat), Some(pretrained)) => {
             let chat_ck = open_model(&chat)?;
+            let pre_ck = open_model(&pretrained)?;
+            refuse_zero_vector(&chat_ck, &pre_ck)?;
             let dir = chat_ck.dir.clone();
-            let side = VectorSide::Streaming {
-                chat: Box::new(chat_ck),
-                pretrained: Box::new(open_model(&pretrained)?),
-            };
+            let side = VectorSide::Streaming { chat: Box::new(chat_ck), pretrained: Box::new(pre_ck) };
             (side, dir, vec![spec.base.clone(), chat, pretrained])
         }
         (VectorSource::Stored(v), _, _) | (VectorSource::Pair { chat: v, .. }, _, _) => {
@@ -233,10 +313,7 @@ pub(crate) fn apply_recorded(
             let dir = vector.dir.clone();
             let info = read_vector_info(&dir)?;
             if info.is_none() {
-                early_warnings.push(format!(
-                    "{} has no {MANIFEST_FILE}; treating its tensors as a raw delta",
-                    dir.display()
-                ));
+                early_warnings.push(raw_delta(spec, &base_ck, &vector)?);
             }
             let omitted = info.map(|i| i.omitted).unwrap_or_default();
             (
@@ -246,6 +323,7 @@ pub(crate) fn apply_recorded(
             )
         }
     };
+    early_warnings.extend(scale_warnings(spec));
     let opts = ApplyOptions { common, embeddings: spec.embeddings, out_dtype: spec.out_dtype };
     let mut plan = plan_apply(base_ck, side, &opts)?;
     plan.warnings.splice(0..0, early_warnings);

@@ -34,6 +34,7 @@ pub fn merge(recipe: &Recipe, seed: Option<u64>, out: &WriteOptions) -> Result<S
                 keep_base_template: c.keep_base_template,
                 shard_size: recipe.shard_size,
                 allow_mismatch: recipe.allow_mismatch,
+                raw_delta: c.raw_delta,
                 ..ApplySpec::new(c.base.clone(), vector)
             };
             apply_recorded(&spec, out, Some(record))

@@ -31,7 +31,7 @@ use crate::output::dir::OutputDir;
 use crate::output::files::{WrittenFile, write_file};
 use crate::output::manifest::{MANIFEST_FILE, Manifest, RecipeRecord, VectorRecord};
 use crate::output::sidecars::SideFiles;
-use crate::plan::{EmbeddingReport, Op, Plan};
+use crate::plan::{EmbeddingReport, Op, Plan, Role};
 
 /// Free space kept in reserve beyond the weights, for side files.
 const SIDE_FILE_RESERVE: u64 = 256 << 20;
@@ -188,6 +188,23 @@ pub(crate) fn write_output(plan: Plan, rec: Records, out: &WriteOptions, side: S
         .collect();
     let dir = OutputDir::create(&out.output, &read, out.force, plan.output_bytes() + SIDE_FILE_RESERVE)?;
     let res = execute(&plan, dir.path(), &out.exec())?;
+    // Copies of one model under two names give a zero vector: only the
+    // hashes tell, and they are known now.
+    let role_hashes = |role: Role| {
+        plan.inputs
+            .iter()
+            .zip(&res.inputs)
+            .find(|(i, _)| i.role == role)
+            .map(|(_, files)| files.iter().map(|f| f.sha256.as_str()).collect::<Vec<_>>())
+    };
+    if let (Some(c), Some(p)) = (role_hashes(Role::Chat), role_hashes(Role::Pretrained))
+        && c == p
+    {
+        summary.warnings.push(
+            "the chat and pretrained models are the same bytes: the vector is zero, and the weights equal the base's"
+                .into(),
+        );
+    }
     let mut outputs = res.shards.clone();
     if plan.shards.len() > 1 {
         outputs.push(write_file(dir.path(), INDEX_FILE, &index_json(&plan))?);

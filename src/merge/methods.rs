@@ -343,9 +343,27 @@ pub fn resolve(method: Method, src: &ParamSources<'_>, name: &str, t: f64) -> Re
 }
 
 /// Rejects values a method cannot use, naming the tensor.
+/// A number as a person would write it: 1e308, not 308 digits.
+fn shown(x: f64) -> String {
+    if x != 0.0 && (x.abs() >= 1e16 || x.abs() < 1e-5) { format!("{x:e}") } else { x.to_string() }
+}
+
 fn validate(method: Method, p: &TensorParams, name: &str, labels: &[String]) -> Result<()> {
     let bad = |msg: String| Err(Error::Usage(format!("tensor '{name}': {msg}")));
+    // Every value is used as an f32: 1e308 is finite in f64 but inf in f32,
+    // and would write a model of NaNs.
+    let f32_finite = |x: f64| x.is_finite() && (x as f32).is_finite();
+    let in_unit = |x: f64| (0.0..=1.0).contains(&x);
     for (m, label) in p.models.iter().zip(labels) {
+        if !f32_finite(m.weight) {
+            return bad(format!("{label}: weight {} is not a finite f32 number", shown(m.weight)));
+        }
+        if method.sparsify().is_some() && !in_unit(m.density) {
+            return bad(format!("{label}: density {} must be in [0, 1]", m.density));
+        }
+        if method.sparsify() == Some(Sparsify::Della) && !(m.epsilon.is_finite() && m.epsilon >= 0.0) {
+            return bad(format!("{label}: epsilon {} must be a number >= 0", m.epsilon));
+        }
         if method.sparsify() == Some(Sparsify::Della) && m.density > 0.0 && m.density < 1.0 {
             let (lo, hi) = (m.density - m.epsilon, m.density + m.epsilon);
             if lo <= 0.0 || hi >= 1.0 {
@@ -355,9 +373,16 @@ fn validate(method: Method, p: &TensorParams, name: &str, labels: &[String]) -> 
                 ));
             }
         }
-        if !(0.0..=1.0).contains(&m.gamma) {
+        if !in_unit(m.gamma) {
             return bad(format!("{label}: gamma {} must be in [0, 1]", m.gamma));
         }
+    }
+    if !f32_finite(p.lambda) {
+        return bad(format!("lambda {} is not a finite f32 number", shown(p.lambda)));
+    }
+    let sum: f64 = p.models.iter().map(|m| m.weight).sum();
+    if !f32_finite(sum) {
+        return bad(format!("the weights sum to {}, beyond what f32 holds", shown(sum)));
     }
     if method == Method::Linear && p.normalize {
         let sum: f32 = p.models.iter().map(|m| m.weight as f32).sum();
@@ -367,8 +392,8 @@ fn validate(method: Method, p: &TensorParams, name: &str, labels: &[String]) -> 
             );
         }
     }
-    if method == Method::Slerp && !(p.t.is_finite()) {
-        return bad(format!("t = {} is not a number", p.t));
+    if method == Method::Slerp && !in_unit(p.t) {
+        return bad(format!("t = {} must be in [0, 1] (0: the base, 1: the other model)", p.t));
     }
     Ok(())
 }

@@ -133,3 +133,33 @@ pub(crate) fn check_output_fits<'a>(
     let file = std::path::Path::new("config.json (of the output)");
     config_verdict(shape_problems(get, embedding, layers, file), allow, warnings)
 }
+
+/// `||v|| / ||b||` (f64 sums) over up to four matrices that `vector` and
+/// `base` share by name and shape, in the vector's file order: the largest
+/// ratio, and its tensor. `None` when they share no matrix.
+pub(crate) fn delta_ratio(base: &Checkpoint, vector: &Checkpoint) -> Option<(f64, String)> {
+    use crate::arith::Operand;
+    let norm = |ck: &Checkpoint, t: &Tensor| -> Option<f64> {
+        let op = Operand { ty: t.dtype.float()?, bytes: ck.bytes(t) };
+        let (mut sum, mut at, mut buf) = (0f64, 0u64, vec![0f32; 1 << 16]);
+        let n = t.numel();
+        while at < n {
+            let m = (n - at).min(buf.len() as u64) as usize;
+            op.decode_at(at, &mut buf[..m]);
+            sum += buf[..m].iter().map(|&x| x as f64 * x as f64).sum::<f64>();
+            at += m as u64;
+        }
+        Some(sum.sqrt())
+    };
+    vector
+        .tensors
+        .iter()
+        .filter(|t| t.shape.len() == 2)
+        .filter_map(|t| base.get(&t.name).filter(|b| b.shape == t.shape).map(|b| (t, b)))
+        .take(4)
+        .filter_map(|(v, b)| {
+            let (nv, nb) = (norm(vector, v)?, norm(base, b)?);
+            (nb > 0.0).then(|| (nv / nb, v.name.clone()))
+        })
+        .max_by(|a, b| a.0.total_cmp(&b.0))
+}

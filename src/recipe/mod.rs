@@ -74,6 +74,8 @@ pub(crate) struct ChatVectorRecipe {
     pub exclude: Vec<String>,
     pub embeddings: EmbeddingPolicy,
     pub keep_base_template: bool,
+    /// The vector is a raw delta without a chatvec manifest.
+    pub raw_delta: bool,
 }
 
 /// A merge method recipe.
@@ -195,7 +197,8 @@ const UNSUPPORTED: &[(&str, &str)] = &[
     ("tokenizer", "tokenizer building"),
     ("chat_template", "chat template selection"),
 ];
-const CHAT_VECTOR_PARAMS: &[&str] = &["scale", "include", "exclude", "embeddings", "keep_base_template"];
+const CHAT_VECTOR_PARAMS: &[&str] =
+    &["scale", "include", "exclude", "embeddings", "keep_base_template", "raw_delta"];
 
 /// A recipe as its file types it; every key chatvec knows, nothing else.
 #[derive(Deserialize)]
@@ -259,6 +262,8 @@ struct RawChatVectorParams {
     embeddings: Option<String>,
     #[serde(default)]
     keep_base_template: Option<bool>,
+    #[serde(default)]
+    raw_delta: Option<bool>,
 }
 
 /// Parses recipe text; `path` decides the syntax (`.yml`/`.yaml` is
@@ -537,6 +542,7 @@ impl Reader<'_> {
             exclude: params.exclude.unwrap_or_default(),
             embeddings,
             keep_base_template: params.keep_base_template.unwrap_or(false),
+            raw_delta: params.raw_delta.unwrap_or(false),
         })
     }
 }
