@@ -151,9 +151,14 @@ impl Error {
         Error::BadFile { file: file.to_path_buf(), msg: msg.into() }
     }
 
-    /// Attaches a `hint:` line: the obvious next step.
+    /// Attaches a `hint:` line: the obvious next step. A hint the error
+    /// already carries is kept after the new one.
     pub fn with_hint(self, hint: impl Into<String>) -> Error {
-        Error::Hinted { inner: Box::new(self), hint: hint.into() }
+        let hint = match self.hint() {
+            Some(old) => format!("{}; {old}", hint.into()),
+            None => hint.into(),
+        };
+        Error::Hinted { inner: Box::new(self), hint }
     }
 
     /// The hint to print after the error, if any.

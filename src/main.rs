@@ -8,6 +8,7 @@ use std::process::ExitCode;
 
 use clap::Parser;
 
+use chatvec::ui::printable;
 use chatvec::{EXIT_INPUT, EXIT_OK};
 use cli::Cli;
 
@@ -24,9 +25,10 @@ fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             // The message already carries its cause (e.g. the OS error).
-            eprintln!("error: {e}");
+            // Escaped and cut: messages quote names from untrusted inputs.
+            eprintln!("error: {}", printable(&e.to_string()));
             if let Some(h) = e.hint() {
-                eprintln!("hint: {h}");
+                eprintln!("hint: {}", printable(h));
             }
             ExitCode::from(e.exit_code() as u8)
         }

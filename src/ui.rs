@@ -24,13 +24,63 @@ pub fn quiet() -> bool {
 /// Prints a note on stderr, unless quiet.
 pub fn note(msg: &str) {
     if !quiet() {
-        eprintln!("{msg}");
+        eprintln!("{}", printable(msg));
     }
 }
 
 /// Prints `warning: msg` on stderr, quiet or not.
 pub fn warn(msg: &str) {
-    eprintln!("warning: {msg}");
+    eprintln!("warning: {}", printable(msg));
+}
+
+/// The longest run of non-blank characters shown whole; longer ones (a
+/// 100 KB tensor name from a hostile header) keep their head and tail.
+/// Long enough for any real path or tensor name.
+const MAX_WORD: usize = 240;
+
+/// The longest message shown whole.
+const MAX_MESSAGE: usize = 16 * 1024;
+
+/// `msg` made safe for a terminal. Messages quote strings from the inputs
+/// (tensor names, `refs/main`, dataset lines) which may hold control
+/// characters, right-to-left overrides or NUL that would hide or forge text:
+/// every character Rust's `escape_debug` would escape is shown escaped
+/// (`\u{202e}`), except the line breaks and tabs of chatvec's own layout, and
+/// over-long words and messages are cut, saying how much.
+pub fn printable(msg: &str) -> String {
+    let mut out = String::with_capacity(msg.len().min(MAX_MESSAGE) + 16);
+    let mut word: Vec<char> = Vec::new();
+    let flush = |word: &mut Vec<char>, out: &mut String| {
+        if word.len() > MAX_WORD {
+            let head: String = word[..MAX_WORD / 2].iter().collect();
+            let tail: String = word[word.len() - MAX_WORD / 4..].iter().collect();
+            let cut = word.len() - MAX_WORD / 2 - MAX_WORD / 4;
+            out.push_str(&format!("{head}...[{cut} characters cut]...{tail}"));
+        } else {
+            out.extend(word.iter());
+        }
+        word.clear();
+    };
+    for (i, c) in msg.chars().enumerate() {
+        if out.len() > MAX_MESSAGE {
+            let rest = msg.chars().count() - i;
+            out.push_str(&format!(" ...[{rest} more characters cut]"));
+            return out;
+        }
+        if c == '\n' || c == '\t' || c == ' ' {
+            flush(&mut word, &mut out);
+            out.push(c);
+        } else if matches!(c, '"' | '\'' | '\\') {
+            word.push(c);
+        } else {
+            // A character after another: combining marks (Japanese dakuten,
+            // accents in NFD paths) stay as they are, as they would mid-string.
+            let pair: String = ['a', c].iter().collect();
+            word.extend(pair.escape_debug().skip(1));
+        }
+    }
+    flush(&mut word, &mut out);
+    out
 }
 
 /// Whether progress bars show: not quiet, and stderr is a terminal.
@@ -52,4 +102,36 @@ pub(crate) fn bytes_bar(what: &str, total: u64) -> ProgressBar {
         bar.set_style(style.progress_chars("=> "));
     }
     bar
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn printable_keeps_layout_and_text_and_escapes_controls() {
+        let msg = "tensor 'model.\u{202e}x' in \"日本語\" cafe\u{301}:\n  - a\tb \\ \r\u{7f}";
+        assert_eq!(
+            printable(msg),
+            "tensor 'model.\\u{202e}x' in \"日本語\" cafe\u{301}:\n  - a\tb \\ \\r\\u{7f}"
+        );
+    }
+
+    #[test]
+    fn printable_cuts_long_words_and_long_messages() {
+        let word = "x".repeat(1000);
+        let shown = printable(&format!("name {word} end"));
+        assert_eq!(
+            shown.len(),
+            "name  end".len() + MAX_WORD / 2 + MAX_WORD / 4 + "...[820 characters cut]...".len()
+        );
+        assert!(shown.ends_with(" end"));
+        let many = "word ".repeat(10_000);
+        let shown = printable(&many);
+        assert!(
+            shown.len() < MAX_MESSAGE + 100 && shown.ends_with("more characters cut]"),
+            "{}",
+            shown.len()
+        );
+    }
 }

@@ -464,3 +464,74 @@ fn a_zero_vector_or_an_odd_scale_is_said() {
         assert!(stderr(&o).contains(needle), "{}", stderr(&o));
     }
 }
+
+#[test]
+fn recipe_errors_name_the_recipe_key_and_yaml_refuses_duplicate_keys() {
+    let d = tempfile::tempdir().unwrap();
+    let t = trio(d.path(), Ty::BF16, 1);
+    let recipe = d.path().join("r.yml");
+    let run = |text: String| {
+        std::fs::write(&recipe, text).unwrap();
+        chatvec(&["merge", s(&recipe), "-o", s(&d.path().join("out"))])
+    };
+    // A key given twice: TOML and JSON refuse it, so YAML does too.
+    let o = run(format!(
+        "merge_method: task_arithmetic\nbase_model: {}\nbase_model: {}\nmodels:\n  - model: {}\n",
+        t.pre.display(),
+        t.base.display(),
+        t.chat.display()
+    ));
+    assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("r.yml") && stderr(&o).contains("duplicate entry with key \"base_model\""),
+        "{}",
+        stderr(&o)
+    );
+    // A model that is not there: the hint names where the recipe says it.
+    let missing = d.path().join("no-such-model");
+    let o = run(format!(
+        "merge_method: task_arithmetic\nbase_model: {}\nmodels:\n  - model: {}\n  - model: {}\n",
+        t.pre.display(),
+        t.chat.display(),
+        missing.display()
+    ));
+    assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
+    assert!(stderr(&o).contains("is models[1].model in"), "{}", stderr(&o));
+    // A bad regex in a recipe is the recipe's key, not a flag.
+    let cv = d.path().join("cv.toml");
+    std::fs::write(
+        &cv,
+        format!(
+            "merge_method = \"chat_vector\"\nbase_model = \"{}\"\nchat = \"{}\"\npretrained = \"{}\"\n[parameters]\ninclude = [\"re:(\"]\n",
+            t.base.display(),
+            t.chat.display(),
+            t.pre.display()
+        ),
+    )
+    .unwrap();
+    let o = chatvec(&["merge", s(&cv), "-o", s(&d.path().join("out"))]);
+    assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
+    assert!(stderr(&o).contains("parameters.include") && !stderr(&o).contains("--include"), "{}", stderr(&o));
+    assert!(!d.path().join("out").exists());
+}
+
+#[test]
+fn hostile_names_in_errors_are_escaped_and_cut() {
+    let d = tempfile::tempdir().unwrap();
+    let name = format!("{}\u{202e}\0\x1b[2Jevil", "a".repeat(100_000));
+    let header = serde_json::json!({ name: { "dtype": "BF16", "shape": [2], "data_offsets": [0, 999] } });
+    let header = serde_json::to_vec(&header).unwrap();
+    let mut bytes = (header.len() as u64).to_le_bytes().to_vec();
+    bytes.extend(&header);
+    bytes.extend([0u8; 4]);
+    let model = d.path().join("m");
+    write_model(&model, &llama(1, 16, false, Ty::BF16), 1, &config(16, false, LAYERS), None);
+    std::fs::write(model.join("model.safetensors"), bytes).unwrap();
+    let o = chatvec(&["inspect", s(&model)]);
+    assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
+    let err = stderr(&o);
+    assert!(err.len() < 2000, "{} bytes of error", err.len());
+    assert!(!err.contains('\u{202e}') && !err.contains('\0') && !err.contains('\x1b'), "{err:?}");
+    assert!(err.contains("\\u{202e}\\0\\u{1b}[2Jevil") && err.contains("characters cut"), "{err}");
+    assert!(err.contains("model.safetensors"), "{err}");
+}

@@ -88,7 +88,8 @@ fn merge_method(
         .enumerate()
         .map(|(i, r)| {
             let role = if Some(i) == base { Role::Base } else { Role::Model };
-            Ok(Input { role, label: r.to_string(), ckpt: open_model(r)? })
+            let ckpt = open_model(r).map_err(|e| e.with_hint(recipe_place(recipe, m, r)))?;
+            Ok(Input { role, label: r.to_string(), ckpt })
         })
         .collect::<Result<Vec<_>>>()?;
     let reference_dir = inputs[reference].ckpt.dir.clone();
@@ -123,4 +124,19 @@ fn merge_method(
         "allow_mismatch": recipe.allow_mismatch,
     });
     write_output(plan, Records { kind: "merge", params, recipe: Some(record), vector: None }, out, side)
+}
+
+/// Where the recipe names the model `r` (`base_model`, `models[2].model`),
+/// so an error opening it points at the line to fix.
+fn recipe_place(recipe: &Recipe, m: &MergeRecipe, r: &str) -> String {
+    let mut keys: Vec<String> = Vec::new();
+    if m.base.as_deref() == Some(r) {
+        keys.push("base_model".into());
+    }
+    for (i, (name, _)) in m.models.iter().enumerate() {
+        if name == r {
+            keys.push(format!("models[{i}].model"));
+        }
+    }
+    format!("'{r}' is {} in {}", keys.join(" and "), recipe.path.display())
 }

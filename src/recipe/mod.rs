@@ -272,7 +272,12 @@ pub(crate) fn parse_recipe(text: &str, path: &Path) -> Result<Recipe> {
     let ext = path.extension().and_then(|e| e.to_str()).unwrap_or("").to_ascii_lowercase();
     let (syntax, doc) = match ext.as_str() {
         "yml" | "yaml" => {
-            let v: Value = serde_yaml_ng::from_str(text).map_err(|e| Error::bad_file(path, e.to_string()))?;
+            // Through serde_yaml_ng's own Value, which refuses a key given
+            // twice (a serde_json::Value would keep the last silently, where
+            // TOML and JSON recipes refuse it).
+            let yaml: serde_yaml_ng::Value =
+                serde_yaml_ng::from_str(text).map_err(|e| Error::bad_file(path, e.to_string()))?;
+            let v = serde_json::to_value(yaml).map_err(|e| Error::bad_file(path, e.to_string()))?;
             (Syntax::Mergekit, v)
         }
         "toml" => (Syntax::Toml, toml_to_json(text, path)?),
