@@ -329,12 +329,38 @@ fn tied_base_with_untied_vector_is_refused_unless_embeddings_are_skipped() {
     let o = apply_streaming(&t, &out, &[]);
     assert_eq!(o.status.code(), Some(1));
     let err = stderr(&o);
-    assert!(err.contains("ties lm_head") && err.contains("hint: pass --embeddings skip"), "{err}");
+    assert!(
+        err.contains("ties lm_head")
+            && err.contains("--embeddings skip")
+            && err.contains("--exclude lm_head"),
+        "{err}"
+    );
     assert!(!out.exists());
     ok(&apply_streaming(&t, &out, &["--embeddings", "skip"]));
     let (ob, bb) = (read_model(&out), read_model(&t.base));
     assert!(!ob.contains_key("lm_head.weight"));
     assert_eq!(ob["model.embed_tokens.weight"].data, bb["model.embed_tokens.weight"].data);
+}
+
+#[test]
+fn tied_base_takes_the_embedding_delta_when_the_vector_lm_head_is_excluded() {
+    let d = tempfile::tempdir().unwrap();
+    let t = tied_trio(d.path(), false, false, true);
+    let out = d.path().join("out");
+    let o = apply_streaming(&t, &out, &["--exclude", "lm_head"]);
+    ok(&o);
+    assert!(
+        stderr(&o).contains("the delta of 'model.embed_tokens.weight' goes to the tied matrix"),
+        "{}",
+        stderr(&o)
+    );
+    let (ob, b, c, p) = (read_model(&out), read_model(&t.base), read_model(&t.chat), read_model(&t.pre));
+    assert!(!ob.contains_key("lm_head.weight"));
+    let e = "model.embed_tokens.weight";
+    for i in 0..b[e].numel() {
+        let want = reference(b[e].get(i), c[e].get(i), p[e].get(i), 1.0, Ty::BF16);
+        assert_eq!(&ob[e].data[i * 2..i * 2 + 2], &want[..], "element {i}");
+    }
 }
 
 #[test]

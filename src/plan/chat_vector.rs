@@ -149,18 +149,32 @@ pub fn plan_apply(base: Checkpoint, side: VectorSide, opts: &ApplyOptions) -> Re
     let mut problems = Problems::new("the base model and the chat vector do not line up");
 
     // A tied base has one matrix for input and output; a vector that changes
-    // them differently cannot be applied to it faithfully.
-    let vector_has_head = vector_cks.iter().any(|(_, ck)| ck.tensors.iter().any(|t| is_lm_head(&t.name)));
+    // them differently cannot be applied to it faithfully. With the vector's
+    // lm_head excluded the conflict is gone: the embedding delta alone goes
+    // to the tied matrix, which then also moves the output side; say so.
+    let vector_head = |selected: bool| {
+        vector_cks
+            .iter()
+            .any(|(_, ck)| ck.tensors.iter().any(|t| is_lm_head(&t.name) && sel.selects(&t.name) == selected))
+    };
     if base.is_tied()
-        && vector_has_head
         && opts.embeddings != EmbeddingPolicy::Skip
-        && base.embedding().is_some_and(|e| sel.selects(&e.name))
+        && let Some(e) = base.embedding().filter(|e| sel.selects(&e.name))
     {
-        return Err(Error::Usage(format!(
-            "{} ties lm_head to its embeddings, but the chat vector has a separate lm_head; one matrix cannot take both changes",
-            base.dir.display()
-        ))
-        .with_hint("pass --embeddings skip to leave the embeddings as in the base"));
+        if vector_head(true) {
+            return Err(Error::Usage(format!(
+                "{} ties lm_head to its embeddings, but the chat vector has a separate lm_head; one matrix cannot take both changes",
+                base.dir.display()
+            ))
+            .with_hint("pass --exclude lm_head to apply only the embedding delta to the tied matrix, or --embeddings skip to leave it as in the base"));
+        }
+        if vector_head(false) {
+            warnings.push(format!(
+                "{} ties lm_head to its embeddings and the vector's lm_head is excluded: the delta of '{}' goes to the tied matrix, so it changes the output projection too",
+                base.dir.display(),
+                e.name
+            ));
+        }
     }
 
     let mut tensors = Vec::with_capacity(base.tensors.len());
