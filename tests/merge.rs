@@ -740,3 +740,52 @@ fn linear_merge_with_a_union_vocabulary_reads_each_models_own_rows() {
         }
     }
 }
+
+/// Linear with `tokenizer_source: base` and a model of another vocabulary:
+/// the output has the base's rows; the model's rows are matched by token,
+/// and a token it lacks takes the base's row (mergekit's fill).
+#[test]
+fn linear_merge_aligns_another_vocabulary_to_the_base_by_token() {
+    let d = tempfile::tempdir().unwrap();
+    let base_tokens = tokens(16);
+    vocab_model(&d.path().join("base"), 1, &base_tokens);
+    let wide_tokens = wide_vocab(&base_tokens);
+    vocab_model(&d.path().join("m2"), 3, &wide_tokens);
+    let m = Models { root: d.path().to_path_buf() };
+    let yaml = format!(
+        "merge_method: linear\nbase_model: {b}\ntokenizer_source: base\nout_dtype: float32\nmodels:\n  - model: {b}\n    parameters:\n      weight: 0.25\n  - model: {m2}\n    parameters:\n      weight: 0.75\n",
+        b = m.dir("base"),
+        m2 = m.dir("m2")
+    );
+    let cfg = d.path().join("linear.yml");
+    std::fs::write(&cfg, yaml).unwrap();
+    let out = d.path().join("out");
+    let o = chatvec(&["merge", s(&cfg), "-o", s(&out)]);
+    ok(&o);
+    assert!(stderr(&o).contains("15 of 16 rows"), "{}", stderr(&o));
+    let got = read_model(&out);
+    let (b, x2) = (m.read("base"), m.read("m2"));
+    for (name, bt) in &b {
+        let (bv, mv) = (vals(bt), vals(&x2[name]));
+        let vocab = name.contains("embed_tokens") || name.contains("lm_head");
+        assert_eq!(got[name].shape, bt.shape, "{name}");
+        let row = bt.shape.get(1).copied().unwrap_or(1) as usize;
+        for j in 0..bv.len() {
+            let other = if vocab {
+                let (r, c) = (j / row, j % row);
+                match wide_tokens.iter().position(|t| *t == base_tokens[r]) {
+                    Some(wr) => mv[wr * row + c] as f64,
+                    None => bv[j] as f64,
+                }
+            } else {
+                mv[j] as f64
+            };
+            let want = 0.25 * bv[j] as f64 + 0.75 * other;
+            let v = got[name].get(j) as f64;
+            assert!((v - want).abs() <= 2e-6 * (want.abs() + 1.0), "{name}[{j}]: {v} vs {want}");
+        }
+    }
+    let cfg: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out.join("config.json")).unwrap()).unwrap();
+    assert_eq!(cfg["vocab_size"], 16);
+}

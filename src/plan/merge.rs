@@ -97,10 +97,13 @@ pub(crate) fn plan_merge(inputs: Vec<Input>, spec: &MergeSpec) -> Result<Plan> {
     let mut vocabs: Vec<Option<Option<Vocab>>> = (0..inputs.len()).map(|_| None).collect();
     let mut embeddings = Vec::new();
     let union = if spec.union {
-        Some(union_vocab(&inputs, &involved, reference, spec.base.is_some())?)
+        let why = "tokenizer_source: union";
+        Some(shared_vocab(&inputs, &involved, reference, spec.base.is_some(), true, why)?)
     } else {
         None
     };
+    // The reference's vocabulary, for linear's vocabulary matrices that differ.
+    let mut aligned: Option<Union> = None;
     let mut tensors = Vec::with_capacity(rck.tensors.len());
     for (ti, t) in rck.tensors.iter().enumerate() {
         let out_dtype = match (spec.out_dtype, t.dtype.float()) {
@@ -118,11 +121,33 @@ pub(crate) fn plan_merge(inputs: Vec<Input>, spec: &MergeSpec) -> Result<Plan> {
             });
             continue;
         }
-        if let Some(u) = &union
+        // Linear has no base to take a delta against, so a model whose
+        // vocabulary matrix has other rows is aligned as mergekit does: by
+        // token, onto the reference's vocabulary, a missing row filled from
+        // the base (or the one model, or the mean, that has the token).
+        if union.is_none()
+            && base_in.is_none()
+            && aligned.is_none()
+            && is_vocab_matrix(&t.name)
+            && involved.iter().any(|&i| inputs[i].ckpt.logical(&t.name).is_some_and(|x| x.shape != t.shape))
+        {
+            let why = format!("'{}' has other rows in some models; aligning them by token", t.name);
+            aligned = Some(shared_vocab(&inputs, &involved, reference, spec.base.is_some(), false, &why)?);
+        }
+        if let Some(u) = union.as_ref().or(aligned.as_ref())
             && is_vocab_matrix(&t.name)
         {
             match union_tensor(&inputs, &involved, u, &t.name, &t.shape) {
                 Ok(rows) => {
+                    if union.is_none() {
+                        embeddings.extend(aligned_reports(
+                            &inputs,
+                            &involved,
+                            u,
+                            &t.name,
+                            &rows.table.tables,
+                        ));
+                    }
                     let mut shape = t.shape.clone();
                     shape[0] = u.base_rows + u.added.len() as u64;
                     let (base, models) = match base_in {
@@ -287,20 +312,27 @@ struct Union {
     added: Vec<(String, usize)>,
 }
 
-/// Builds the union vocabulary: the reference's tokens, then, input by input
-/// and id by id, every token it lacks (tokens beyond an input's matrix rows
-/// do not count, as in mergekit).
-fn union_vocab(inputs: &[Input], involved: &[usize], reference: usize, has_base: bool) -> Result<Union> {
+/// Builds the output vocabulary in terms of the involved inputs: the
+/// reference's tokens, then, if `add` (`tokenizer_source: union`), input by
+/// input and id by id, every token it lacks (tokens beyond an input's matrix
+/// rows do not count, as in mergekit). `why` starts the errors.
+fn shared_vocab(
+    inputs: &[Input],
+    involved: &[usize],
+    reference: usize,
+    has_base: bool,
+    add: bool,
+    why: &str,
+) -> Result<Union> {
     let mut vocabs = Vec::new();
     let mut rows = Vec::new();
     for &i in involved {
         let ck = &inputs[i].ckpt;
-        let v = read_vocab(ck)?.ok_or_else(|| {
-            Error::Usage(format!("tokenizer_source: union needs a tokenizer.json in {}", inputs[i].label))
-        })?;
-        let e = ck.embedding().ok_or_else(|| {
-            Error::Usage(format!("tokenizer_source: union: {} has no embedding matrix", inputs[i].label))
-        })?;
+        let v = read_vocab(ck)?
+            .ok_or_else(|| Error::Usage(format!("{why} needs a tokenizer.json in {}", inputs[i].label)))?;
+        let e = ck
+            .embedding()
+            .ok_or_else(|| Error::Usage(format!("{why}: {} has no embedding matrix", inputs[i].label)))?;
         vocabs.push(v);
         rows.push(e.shape[0]);
     }
@@ -309,7 +341,7 @@ fn union_vocab(inputs: &[Input], involved: &[usize], reference: usize, has_base:
     let mut added: Vec<(String, usize)> = Vec::new();
     let mut seen = std::collections::HashSet::new();
     for (k, v) in vocabs.iter().enumerate() {
-        if k == r {
+        if k == r || !add {
             continue;
         }
         for id in 0..rows[k] {
@@ -389,4 +421,28 @@ fn union_tensor(
     }
     let row_len = shape[1..].iter().product();
     Ok(UnionRows { sources, table: RowTable { row_len, tables, means } })
+}
+
+/// What a vocabulary matrix aligned by token took from each model: the rows
+/// that are its own, out of the output's.
+fn aligned_reports(
+    inputs: &[Input],
+    involved: &[usize],
+    u: &Union,
+    name: &str,
+    tables: &[Vec<RowSrc>],
+) -> Vec<EmbeddingReport> {
+    let mut out = Vec::new();
+    for (k, table) in tables.iter().enumerate() {
+        let own = table.iter().filter(|r| matches!(r, RowSrc::Row { source, .. } if *source == k)).count();
+        if k != u.reference && u.rows[k] != u.base_rows {
+            out.push(EmbeddingReport {
+                tensor: format!("{name} from {}", inputs[involved[k]].label),
+                rows: u.base_rows,
+                rows_with_vector: own as u64,
+                policy: EmbeddingPolicy::Align,
+            });
+        }
+    }
+    out
 }
