@@ -535,3 +535,76 @@ fn hostile_names_in_errors_are_escaped_and_cut() {
     assert!(err.contains("\\u{202e}\\0\\u{1b}[2Jevil") && err.contains("characters cut"), "{err}");
     assert!(err.contains("model.safetensors"), "{err}");
 }
+
+/// Writes the model of `dir` again with a tensor `extra.weight` of `bytes`
+/// bytes of zeros, left sparse on disk; returns its shard and full length.
+fn add_sparse_tensor(dir: &Path, seed: u32, bytes: u64) -> (PathBuf, u64) {
+    let shard = dir.join("model.safetensors");
+    let mut tensors = llama(seed, 16, false, Ty::BF16);
+    // A 4-byte stand-in, grown to `bytes` in the header and the file.
+    tensors.push(T { name: "extra.weight".into(), ty: Ty::F32, shape: vec![1], data: vec![0; 4] });
+    write_safetensors(&shard, &tensors);
+    let file = std::fs::read(&shard).unwrap();
+    let header_len = u64::from_le_bytes(file[..8].try_into().unwrap()) as usize;
+    let data = &file[8 + header_len..];
+    let end = data.len() as u64;
+    let header = String::from_utf8(file[8..8 + header_len].to_vec()).unwrap().replace(
+        &format!("\"shape\":[1],\"data_offsets\":[{},{end}]", end - 4),
+        &format!("\"shape\":[{}],\"data_offsets\":[{},{}]", bytes / 4, end - 4, end - 4 + bytes),
+    );
+    assert!(header.contains(&format!("[{}]", bytes / 4)), "{header}");
+    let mut head = (header.len() as u64).to_le_bytes().to_vec();
+    head.extend(header.as_bytes());
+    head.extend(data);
+    std::fs::write(&shard, &head).unwrap();
+    let len = head.len() as u64 - 4 + bytes;
+    std::fs::OpenOptions::new().write(true).open(&shard).unwrap().set_len(len).unwrap();
+    (shard, len)
+}
+
+#[test]
+fn an_input_truncated_during_the_run_is_an_error_not_a_crash() {
+    let d = tempfile::tempdir().unwrap();
+    let t = trio(d.path(), Ty::BF16, 1);
+    // A 1 GiB tensor nobody extracts: hashing the inputs for the manifest
+    // keeps the run reading them for a while after the output is written.
+    add_sparse_tensor(&t.chat, 2, 1 << 30);
+    let (shard, _) = add_sparse_tensor(&t.pre, 1, 1 << 30);
+    let out = d.path().join("out");
+    let mut cmd = command();
+    cmd.args([
+        "extract",
+        "--chat",
+        s(&t.chat),
+        "--pretrained",
+        s(&t.pre),
+        "--exclude",
+        "extra",
+        "-o",
+        s(&out),
+    ]);
+    let mut child =
+        cmd.stdout(std::process::Stdio::piped()).stderr(std::process::Stdio::piped()).spawn().unwrap();
+    // Once the run writes (its temporary directory is there), cut the shard.
+    let start = Instant::now();
+    while !entries(d.path()).iter().any(|e| e.contains("chatvec-tmp")) {
+        if child.try_wait().unwrap().is_some() {
+            panic!(
+                "the run ended before the shard could be cut: {}",
+                stderr(&child.wait_with_output().unwrap())
+            );
+        }
+        assert!(start.elapsed() < Duration::from_secs(30), "no temporary output appeared");
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    std::fs::OpenOptions::new().write(true).open(&shard).unwrap().set_len(4096).unwrap();
+    let o = child.wait_with_output().unwrap();
+    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+    let err = stderr(&o);
+    assert!(
+        err.contains("pre/model.safetensors") && err.contains("shrank while chatvec was reading it"),
+        "{err}"
+    );
+    assert!(!out.exists());
+    assert!(!entries(d.path()).iter().any(|e| e.contains("chatvec-tmp")), "{:?}", entries(d.path()));
+}

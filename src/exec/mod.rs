@@ -150,8 +150,9 @@ pub(crate) fn execute(plan: &Plan, dir: &Path, opts: &ExecOptions) -> Result<Exe
         let mut stats = StatsMap::new();
         for (bi, group) in jobs.chunks(batch).enumerate() {
             let bufs: Vec<Vec<u8>> = group.iter().map(|_| free_rx.try_recv().unwrap_or_default()).collect();
-            let pieces =
-                interrupt::check().and_then(|()| engine.run_batch(plan, &mut stats, group, bi * batch, bufs));
+            let pieces = interrupt::check()
+                .and_then(|()| inputs_intact(plan))
+                .and_then(|()| engine.run_batch(plan, &mut stats, group, bi * batch, bufs));
             match pieces {
                 Ok(p) => {
                     if tx.send(p).is_err() {
@@ -187,9 +188,16 @@ pub(crate) fn execute(plan: &Plan, dir: &Path, opts: &ExecOptions) -> Result<Exe
             .map(|((file, bytes), sha256)| WrittenFile { file, bytes, sha256 })
             .collect();
         interrupt::check()?;
+        // Every byte was read and hashed: a truncated input shows now.
+        inputs_intact(plan)?;
         bar.finish_and_clear();
         Ok(ExecResult { shards, inputs: hashes.into_iter().collect::<Result<_>>()? })
     })
+}
+
+/// Fails if an input shard was truncated while mapped (see `model::mapped`).
+fn inputs_intact(plan: &Plan) -> Result<()> {
+    plan.inputs.iter().try_for_each(|i| i.ckpt.check_intact())
 }
 
 /// The writer thread: appends pieces in job order, switching shard files at

@@ -7,12 +7,11 @@
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
-use memmap2::Mmap;
-
 use crate::error::{Error, Result};
 use crate::json::{Entries, read_capped};
 use crate::model::config::ModelConfig;
 use crate::model::dtype::DType;
+use crate::model::mapped::GuardedMap;
 use crate::model::safetensors::parse_header;
 use crate::model::torch_bin::read_bin;
 
@@ -69,7 +68,7 @@ pub(crate) struct Shard {
     pub path: PathBuf,
     /// File name inside the checkpoint directory.
     pub file_name: String,
-    pub map: Mmap,
+    pub map: GuardedMap,
     /// The mapped file's identity and state, for the hash cache.
     pub stamp: FileStamp,
 }
@@ -305,6 +304,16 @@ impl Checkpoint {
         &self.shards[t.shard].map[t.start as usize..(t.start + t.len) as usize]
     }
 
+    /// Fails, naming the file, once a shard was truncated while mapped (its
+    /// lost pages read as zeros): called at every chunk boundary and before
+    /// an output is committed, so such zeros never reach a finished model.
+    pub(crate) fn check_intact(&self) -> Result<()> {
+        match self.shards.iter().find(|s| !s.map.intact()) {
+            Some(s) => Err(GuardedMap::lost_error(&s.path)),
+            None => Ok(()),
+        }
+    }
+
     /// The file a tensor lives in, for messages.
     pub(crate) fn file_of(&self, t: &Tensor) -> &Path {
         &self.shards[t.shard].path
@@ -329,18 +338,12 @@ fn no_weights_error(dir: &Path) -> Error {
     .with_hint("point at a Hugging Face model directory (config.json + safetensors or PyTorch weights)")
 }
 
-/// Maps a file read-only, with the stamp of the file that was mapped.
-fn map_file(path: &Path) -> Result<(Mmap, FileStamp)> {
+/// Maps a file read-only (guarded against truncation, see `mapped`), with
+/// the stamp of the file that was mapped.
+fn map_file(path: &Path) -> Result<(GuardedMap, FileStamp)> {
     let f = crate::json::open_regular(path)?;
     let stamp = FileStamp::of(&f.metadata().map_err(|e| Error::io("reading metadata of", path, e))?);
-    // SAFETY: the map is read-only and never outlives the program's use of
-    // the checkpoint. What can still go wrong is outside our control: if
-    // another process truncates the file while it is mapped, touching the
-    // lost pages raises SIGBUS, and if it rewrites the file in place we read
-    // the new bytes. Model files are written once and not modified in place
-    // (our writer and transformers both write a new file and rename).
-    let map = unsafe { Mmap::map(&f) }.map_err(|e| Error::io("mapping", path, e))?;
-    Ok((map, stamp))
+    Ok((GuardedMap::new(&f, path)?, stamp))
 }
 
 /// The parts of `model.safetensors.index.json` chatvec reads; `Entries`

@@ -9,6 +9,7 @@
 pub(crate) mod checkpoint;
 pub(crate) mod config;
 pub(crate) mod dtype;
+pub(crate) mod mapped;
 pub(crate) mod safetensors;
 pub(crate) mod tokenizer;
 pub(crate) mod torch_bin;
