@@ -48,7 +48,15 @@ const MAX_MESSAGE: usize = 16 * 1024;
 /// (`\u{202e}`), except the line breaks and tabs of chatvec's own layout, and
 /// over-long words and messages are cut, saying how much.
 pub fn printable(msg: &str) -> String {
-    let mut out = String::with_capacity(msg.len().min(MAX_MESSAGE) + 16);
+    escaped(msg, MAX_MESSAGE)
+}
+
+/// `msg` escaped and its long words cut as by [`printable`], and cut after
+/// `max` bytes. A report on stdout passes `usize::MAX`: it is shown whole
+/// (no real tensor name comes near the word limit), but no escape sequence
+/// of a hostile name reaches the terminal.
+pub fn escaped(msg: &str, max: usize) -> String {
+    let mut out = String::with_capacity(msg.len().min(max) + 16);
     let mut word: Vec<char> = Vec::new();
     let flush = |word: &mut Vec<char>, out: &mut String| {
         if word.len() > MAX_WORD {
@@ -62,7 +70,7 @@ pub fn printable(msg: &str) -> String {
         word.clear();
     };
     for (i, c) in msg.chars().enumerate() {
-        if out.len() > MAX_MESSAGE {
+        if out.len() > max {
             let rest = msg.chars().count() - i;
             out.push_str(&format!(" ...[{rest} more characters cut]"));
             return out;

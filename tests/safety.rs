@@ -608,3 +608,22 @@ fn an_input_truncated_during_the_run_is_an_error_not_a_crash() {
     assert!(!out.exists());
     assert!(!entries(d.path()).iter().any(|e| e.contains("chatvec-tmp")), "{:?}", entries(d.path()));
 }
+
+#[test]
+fn inspect_shows_hostile_tensor_names_escaped() {
+    let d = tempfile::tempdir().unwrap();
+    let model = d.path().join("m");
+    let mut tensors = llama(1, 16, false, Ty::BF16);
+    tensors.push(T {
+        name: "evil\u{1b}[2J\u{202e}.weight".into(),
+        ty: Ty::F32,
+        shape: vec![1],
+        data: vec![0; 4],
+    });
+    write_model(&model, &tensors, 1, &config(16, false, LAYERS), None);
+    let o = chatvec(&["inspect", s(&model)]);
+    ok(&o);
+    let out = stdout(&o);
+    assert!(!out.contains('\u{1b}') && !out.contains('\u{202e}'), "{out:?}");
+    assert!(out.contains("evil\\u{1b}[2J\\u{202e}.weight"), "{out}");
+}

@@ -94,7 +94,7 @@ pub struct OutArgs {
     #[arg(short, long)]
     pub output: PathBuf,
 
-    /// Replace an existing output directory.
+    /// Replace an earlier chatvec output (one with a manifest) or an empty directory.
     #[arg(long)]
     pub force: bool,
 
@@ -355,7 +355,7 @@ pub struct SftArgs {
     /// Run directory: configs, converted data, the trained model, the run record.
     #[arg(short, long)]
     pub output: PathBuf,
-    /// Replace an existing run directory.
+    /// Replace an earlier run directory of chatvec sft (or an empty directory).
     #[arg(long)]
     pub force: bool,
     /// Print the command, environment and config files, and run nothing.

@@ -108,7 +108,8 @@ fn report(ck: &Checkpoint) -> Result<InspectReport> {
 impl fmt::Display for InspectReport {
     /// The human-readable form.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&render(self))
+        // Tensor names and config values come from the model's files.
+        f.write_str(&crate::ui::escaped(&render(self), usize::MAX))
     }
 }
 
