@@ -1,17 +1,25 @@
 //! SFT datasets: JSONL chat data validated line by line and converted to
-//! the one form TRL reads natively, `{"messages": [{"role", "content"}]}`.
+//! the one form TRL reads natively, `{"messages": [{"role", "content"}]}`,
+//! and several files mixed by weight into the run's train (and eval) files.
 //!
 //! Accepted records:
 //! - `{"messages": [...]}` (TRL / OpenAI chat format);
 //! - `{"conversation": [...]}` (Swallow-Instruct-v0.1) and
 //!   `{"conversations": [...]}`, with `role`/`content` or ShareGPT's
 //!   `from`/`value` (`human` -> user, `gpt` -> assistant);
-//! - Alpaca `{"instruction", "input"?, "output"}`: one user turn
-//!   (instruction, then the input after a blank line) and one assistant turn.
+//! - Alpaca `{"instruction", "input"?, "output", "system"?}`: an optional
+//!   system turn, one user turn (instruction, then the input after a blank
+//!   line) and one assistant turn;
+//! - ichikara-instruction `{"text", "output"}` (with its `ID`): one user
+//!   and one assistant turn;
+//! - TRL's prompt/completion `{"prompt", "completion"}`, as strings (a user
+//!   and an assistant turn) or as message lists (the prompt's turns, then the
+//!   completion's).
 //!
 //! Every problem is an error naming the file and line: bad JSON, an unknown
-//! record shape or role, empty content, no assistant turn. Nothing reaches
-//! the trainer until the whole file has passed.
+//! record shape or role, empty content, no assistant turn, or tool calls,
+//! which the converted records cannot carry. Nothing reaches the trainer
+//! until every file has passed.
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::path::Path;
@@ -39,6 +47,8 @@ pub struct DataStats {
     pub messages_format: u64,
     pub conversation_format: u64,
     pub alpaca_format: u64,
+    pub ichikara_format: u64,
+    pub prompt_completion_format: u64,
     pub sha256: String,
 }
 
@@ -86,11 +96,27 @@ fn turns(list: &Value, key: &str) -> std::result::Result<Vec<Message>, String> {
         .map(|(i, m)| {
             let at = format!("{key}[{i}]");
             let m = m.as_object().ok_or_else(|| format!("{at} is not an object"))?;
+            no_tools(m, &at)?;
             let role = role_of(m, &at)?;
             let content = text_of(m, if m.contains_key("content") { "content" } else { "value" }, &at)?;
             Ok(Message { role, content })
         })
         .collect()
+}
+
+/// Tool calls and tool results need a template and records that carry
+/// them; the converted records hold role and content only, so dropping them
+/// would train a different conversation. Refused, naming where.
+fn no_tools(m: &Map<String, Value>, at: &str) -> std::result::Result<(), String> {
+    for key in ["tool_calls", "tools", "function_call"] {
+        if m.get(key).is_some_and(|v| !v.is_null()) {
+            return Err(format!("{at}: '{key}' cannot be carried: chatvec trains on role/content turns only"));
+        }
+    }
+    if m.get("role").and_then(Value::as_str).is_some_and(|r| r == "tool" || r == "function") {
+        return Err(format!("{at}: tool results cannot be carried: chatvec trains on role/content turns only"));
+    }
+    Ok(())
 }
 
 /// Which input format a record was in.
@@ -99,11 +125,24 @@ pub enum Format {
     Messages,
     Conversation,
     Alpaca,
+    Ichikara,
+    PromptCompletion,
+}
+
+/// A prompt or completion of TRL's prompt/completion records: a string
+/// (one turn of `role`) or a list of messages.
+fn side(o: &Map<String, Value>, key: &str, role: &str) -> std::result::Result<Vec<Message>, String> {
+    match o.get(key) {
+        Some(Value::Array(_)) => turns(&o[key], key),
+        Some(_) => Ok(vec![Message { role: role.into(), content: text_of(o, key, "prompt/completion record")? }]),
+        None => Err(format!("prompt/completion record: no '{key}'")),
+    }
 }
 
 /// Converts one parsed record; errors are messages without the location.
 pub fn convert(v: &Value) -> std::result::Result<(Format, Vec<Message>), String> {
     let o = v.as_object().ok_or("not a JSON object")?;
+    no_tools(o, "record")?;
     let (format, msgs) = if let Some(l) = o.get("messages") {
         (Format::Messages, turns(l, "messages")?)
     } else if let Some((k, l)) =
@@ -119,17 +158,34 @@ pub fn convert(v: &Value) -> std::result::Result<(Format, Vec<Message>), String>
         };
         let output = text_of(o, "output", "alpaca record")?;
         let user = if input.trim().is_empty() { instruction } else { format!("{instruction}\n\n{input}") };
+        let mut msgs = Vec::new();
+        match o.get("system") {
+            None | Some(Value::Null) => {}
+            Some(Value::String(s)) if s.trim().is_empty() => {}
+            Some(Value::String(s)) => msgs.push(Message { role: "system".into(), content: s.clone() }),
+            Some(v) => return Err(format!("alpaca record: 'system' is not a string: {v}")),
+        }
+        msgs.push(Message { role: "user".into(), content: user });
+        msgs.push(Message { role: "assistant".into(), content: output });
+        (Format::Alpaca, msgs)
+    } else if o.contains_key("text") && o.contains_key("output") {
+        let text = text_of(o, "text", "ichikara record")?;
+        let output = text_of(o, "output", "ichikara record")?;
         (
-            Format::Alpaca,
+            Format::Ichikara,
             vec![
-                Message { role: "user".into(), content: user },
+                Message { role: "user".into(), content: text },
                 Message { role: "assistant".into(), content: output },
             ],
         )
+    } else if o.contains_key("prompt") || o.contains_key("completion") {
+        let mut msgs = side(o, "prompt", "user")?;
+        msgs.extend(side(o, "completion", "assistant")?);
+        (Format::PromptCompletion, msgs)
     } else {
         let keys: Vec<&str> = o.keys().map(String::as_str).collect();
         return Err(format!(
-            "no 'messages', 'conversation' or Alpaca 'instruction'/'output' key (keys: {})",
+            "no 'messages', 'conversation', Alpaca 'instruction'/'output', ichikara 'text'/'output' or 'prompt'/'completion' key (keys: {})",
             keys.join(", ")
         ));
     };
@@ -139,9 +195,13 @@ pub fn convert(v: &Value) -> std::result::Result<(Format, Vec<Message>), String>
     Ok((format, msgs))
 }
 
-/// Validates the JSONL file at `path`; with `out`, writes each example in
-/// the messages format there. Fails at the first bad line, naming it.
-pub fn process(path: &Path, mut out: Option<&mut dyn Write>) -> Result<DataStats> {
+/// Validates the JSONL file at `path`, calling `each(line, messages)` for
+/// every example. Fails at the first bad line, naming it; reads at most one
+/// line (64 MB) into memory at a time.
+fn each_example(
+    path: &Path,
+    mut each: impl FnMut(u64, &[Message]) -> Result<()>,
+) -> Result<DataStats> {
     let mut r = BufReader::new(crate::json::open_regular(path)?);
     let mut stats = DataStats::default();
     let mut hash = Sha256::new();
@@ -177,18 +237,92 @@ pub fn process(path: &Path, mut out: Option<&mut dyn Write>) -> Result<DataStats
             Format::Messages => stats.messages_format += 1,
             Format::Conversation => stats.conversation_format += 1,
             Format::Alpaca => stats.alpaca_format += 1,
+            Format::Ichikara => stats.ichikara_format += 1,
+            Format::PromptCompletion => stats.prompt_completion_format += 1,
         }
-        if let Some(w) = out.as_deref_mut() {
-            let rec = json!({ "messages": msgs });
-            serde_json::to_writer(&mut *w, &rec).map_err(|e| Error::Internal(e.to_string()))?;
-            w.write_all(b"\n").map_err(|e| Error::io("writing", Path::new("train.jsonl"), e))?;
-        }
+        each(n, &msgs)?;
     }
     if stats.examples == 0 {
         return Err(Error::bad_file(path, "holds no examples"));
     }
     stats.sha256 = hex(&hash.finalize());
     Ok(stats)
+}
+
+/// Validates the JSONL file at `path` and counts what it holds.
+pub fn process(path: &Path) -> Result<DataStats> {
+    each_example(path, |_, _| Ok(()))
+}
+
+/// What one file gave the mixture.
+#[derive(Clone, Debug, Serialize)]
+pub struct MixedFile {
+    pub file: String,
+    pub weight: f64,
+    pub stats: DataStats,
+    /// Examples written to the train file (repeats counted).
+    pub train_examples: u64,
+    /// Examples held out for evaluation.
+    pub eval_examples: u64,
+}
+
+/// Where the mixture goes: the train file, and the eval file with the
+/// fraction of examples held out for it (`split`, when the eval data is not
+/// a file of its own).
+pub struct MixOut<'a> {
+    pub train: &'a mut dyn Write,
+    pub eval: Option<(&'a mut dyn Write, Option<f64>)>,
+}
+
+fn write_example(w: &mut dyn Write, msgs: &[Message]) -> Result<()> {
+    serde_json::to_writer(&mut *w, &json!({ "messages": msgs })).map_err(|e| Error::Internal(e.to_string()))?;
+    w.write_all(b"\n").map_err(|e| Error::io("writing", Path::new("train.jsonl"), e))
+}
+
+/// Writes the mixture of `files` (each `(path, weight)`) as messages
+/// records, streaming. Each example is first held out for evaluation with
+/// probability `split`, else written `weight` times: the whole part always,
+/// the fractional part with that probability. Every draw is a pure function
+/// of (seed, file, line), so a run is reproducible and a held-out example
+/// never reaches the train file, even repeated.
+pub fn write_mixture(files: &[(&Path, f64)], seed: u64, out: MixOut<'_>) -> Result<Vec<MixedFile>> {
+    let MixOut { train, mut eval } = out;
+    let mut report = Vec::new();
+    for (k, &(path, weight)) in files.iter().enumerate() {
+        let draw = crate::merge::rng::mix(seed ^ 0x5f7d_c4a1_0e1b_2c3d ^ (k as u64).wrapping_mul(0x9e37));
+        let (mut taken, mut held) = (0u64, 0u64);
+        let stats = each_example(path, |line, msgs| {
+            if let Some((w, Some(split))) = eval.as_mut()
+                && (crate::merge::rng::uniform(draw, 2 * line) as f64) < *split
+            {
+                held += 1;
+                return write_example(&mut **w, msgs);
+            }
+            let whole = weight.trunc() as u64;
+            let extra = (crate::merge::rng::uniform(draw, 2 * line + 1) as f64) < weight.fract();
+            for _ in 0..whole + u64::from(extra) {
+                write_example(&mut *train, msgs)?;
+                taken += 1;
+            }
+            Ok(())
+        })?;
+        report.push(MixedFile {
+            file: path.display().to_string(),
+            weight,
+            stats,
+            train_examples: taken,
+            eval_examples: held,
+        });
+    }
+    if report.iter().map(|f| f.train_examples).sum::<u64>() == 0 {
+        return Err(Error::Usage("the weights leave no training example; raise them".into()));
+    }
+    Ok(report)
+}
+
+/// Converts the eval file `path` into `out` as messages records.
+pub fn write_eval(path: &Path, out: &mut dyn Write) -> Result<DataStats> {
+    each_example(path, |_, msgs| write_example(out, msgs))
 }
 
 #[cfg(test)]
@@ -199,7 +333,7 @@ mod tests {
         let d = tempfile::tempdir().unwrap();
         let p = d.path().join("data.jsonl");
         std::fs::write(&p, lines).unwrap();
-        process(&p, None)
+        process(&p)
     }
 
     #[test]
@@ -222,6 +356,62 @@ mod tests {
         assert_eq!(msgs[1], Message { role: "assistant".into(), content: "猫".into() });
         let (_, msgs) = m(json!({"instruction": "Say hi", "input": "", "output": "hi"}));
         assert_eq!(msgs[0].content, "Say hi");
+    }
+
+    #[test]
+    fn ichikara_prompt_completion_and_alpaca_system_convert() {
+        let m = |v: Value| convert(&v).unwrap();
+        let (f, msgs) = m(json!({"ID": "ichikara-instruction-003-001-1.1", "text": "日本の首都は?", "output": "東京です。"}));
+        assert_eq!((f, msgs.len(), msgs[1].content.as_str()), (Format::Ichikara, 2, "東京です。"));
+        let (f, msgs) = m(json!({"prompt": "The sky is", "completion": " blue."}));
+        assert_eq!((f, msgs[0].role.as_str(), msgs[1].role.as_str()), (Format::PromptCompletion, "user", "assistant"));
+        let (_, msgs) = m(json!({
+            "prompt": [{"role": "system", "content": "s"}, {"role": "user", "content": "q"}],
+            "completion": [{"role": "assistant", "content": "a"}]
+        }));
+        assert_eq!(msgs.iter().map(|m| m.role.as_str()).collect::<Vec<_>>(), ["system", "user", "assistant"]);
+        let (_, msgs) = m(json!({"system": "Be brief.", "instruction": "Say hi", "output": "hi"}));
+        assert_eq!(msgs[0], Message { role: "system".into(), content: "Be brief.".into() });
+        for bad in [
+            json!({"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a", "tool_calls": [{"id": 1}]}]}),
+            json!({"messages": [{"role": "user", "content": "q"}, {"role": "tool", "content": "42"}, {"role": "assistant", "content": "a"}]}),
+            json!({"instruction": "q", "output": "a", "tool_calls": []}),
+        ] {
+            let e = convert(&bad).unwrap_err();
+            assert!(e.contains("cannot be carried"), "{e}");
+        }
+    }
+
+    #[test]
+    fn mixtures_take_each_file_by_its_weight_and_hold_out_an_eval_split() {
+        let d = tempfile::tempdir().unwrap();
+        let line = |i: usize| format!("{{\"instruction\": \"q{i}\", \"output\": \"a{i}\"}}\n");
+        let a = d.path().join("a.jsonl");
+        let b = d.path().join("b.jsonl");
+        std::fs::write(&a, (0..100).map(line).collect::<String>()).unwrap();
+        std::fs::write(&b, (100..300).map(line).collect::<String>()).unwrap();
+        let run = |split: Option<f64>, seed: u64| {
+            let (mut train, mut eval) = (Vec::new(), Vec::new());
+            let out = MixOut { train: &mut train, eval: split.map(|s| (&mut eval as &mut dyn Write, Some(s))) };
+            let r = write_mixture(&[(a.as_path(), 2.0), (b.as_path(), 0.5)], seed, out).unwrap();
+            (r, String::from_utf8(train).unwrap(), String::from_utf8(eval).unwrap())
+        };
+        let (r, train, _) = run(None, 1);
+        assert_eq!(r[0].train_examples, 200);
+        assert_eq!(train.matches("\"q7\"").count(), 2);
+        // A seeded half of b: near 100, and the same on every run.
+        assert!((70..130).contains(&r[1].train_examples), "{}", r[1].train_examples);
+        assert_eq!(run(None, 1).1, train);
+        assert_ne!(run(None, 2).1, train);
+        let (r, train, eval) = run(Some(0.1), 1);
+        let held = r[0].eval_examples + r[1].eval_examples;
+        assert_eq!(eval.lines().count() as u64, held);
+        assert!((10..50).contains(&held), "{held}");
+        // No held-out example is trained on.
+        for l in eval.lines() {
+            let q = &l[l.find("\"q").unwrap()..][..5];
+            assert!(!train.contains(q), "{q} in both");
+        }
     }
 
     #[test]
@@ -267,6 +457,6 @@ mod tests {
         let d = tempfile::tempdir().unwrap();
         let p = d.path().join("data.jsonl");
         std::fs::write(&p, invalid).unwrap();
-        assert!(process(&p, None).unwrap_err().to_string().contains("line 2: is not UTF-8"));
+        assert!(process(&p).unwrap_err().to_string().contains("line 2: is not UTF-8"));
     }
 }
