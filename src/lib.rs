@@ -61,7 +61,7 @@ pub use output::manifest::Provenance;
 pub use plan::{EmbeddingPolicy, EmbeddingReport};
 pub use recipe::Recipe;
 pub use resolve::{set_aliases_file, set_offline};
-pub use sft::{SftJob, SftOptions, SftReport, sft};
+pub use sft::{DataFile, SftJob, SftOptions, SftReport, parse_train_arg, sft};
 pub use units::{human_bytes, human_count, parse_size};
 
 /// Entry points for the fuzz targets in `fuzz/` (built with `--cfg

@@ -42,7 +42,7 @@ if [ "$1" = "-c" ] && echo "$2" | grep -q importlib; then
   if [ -n "{missing}" ]; then
     echo '{{"python": "3.11.0", "packages": {{"torch": "2.5.0", "transformers": "5.23.0", "trl": null, "accelerate": null, "datasets": "5.2.0"}}, "cuda_devices": 0}}'
   else
-    echo '{{"python": "3.11.0", "packages": {{"torch": "2.5.0", "transformers": "5.23.0", "trl": "1.16.0", "accelerate": "1.15.0", "datasets": "5.2.0"}}, "cuda_devices": 0}}'
+    echo '{{"python": "3.11.0", "packages": {{"torch": "2.5.0", "transformers": "5.23.0", "trl": "1.16.0", "accelerate": "1.15.0", "datasets": "5.2.0", "deepspeed": "0.18.0"}}, "cuda_devices": 0, "settings": ["weight_decay", "optim", "neftune_noise_alpha", "attn_implementation"]}}'
   fi
   exit 0
 fi
@@ -58,6 +58,8 @@ echo "{{'loss': 2.5, 'grad_norm': 1.0, 'learning_rate': 1e-05, 'epoch': 0.5}}"
 echo "warming up" >&2
 echo "{{'loss': 1.25, 'grad_norm': 1.0, 'learning_rate': 5e-06, 'epoch': 1.0}}"
 echo "{{'train_runtime': 1.0, 'train_loss': 1.9}}"
+out=$(sed -n 's/^output_dir: //p' "$5")
+if [ -z "$FAKE_NO_MODEL" ] && [ "${{FAKE_EXIT:-0}}" = 0 ]; then mkdir -p "$out" && echo weights > "$out/model.safetensors"; fi
 exit ${{FAKE_EXIT:-0}}
 "#
     );
@@ -103,7 +105,7 @@ fn sft_validates_writes_configs_launches_trl_and_records_the_run() {
         "{args}"
     );
     assert!(args.contains("PYTHONUNBUFFERED=1"), "{args}");
-    let train = std::fs::read_to_string(run.join("train.jsonl")).unwrap();
+    let train = std::fs::read_to_string(run.join("data/train.jsonl")).unwrap();
     assert_eq!(train.lines().count(), 2);
     assert!(train.contains("{\"messages\":[{\"role\":\"user\",\"content\":\"Add\\n\\n1+1\"}"), "{train}");
     let rec: serde_json::Value =
@@ -111,12 +113,20 @@ fn sft_validates_writes_configs_launches_trl_and_records_the_run() {
     assert_eq!(rec["final_loss"], 1.25);
     assert_eq!(rec["steps_logged"], 2);
     assert_eq!(rec["exit_code"], 0);
-    assert_eq!(rec["dataset"]["stats"]["sha256"], sha256_file(&data));
+    assert_eq!(rec["dataset"]["files"][0]["stats"]["sha256"], sha256_file(&data));
+    assert_eq!(rec["world_size"], 1);
+    assert_eq!(rec["interrupted"], false);
+    assert!(rec["started"].as_str().unwrap().ends_with('Z') && rec["host"].is_string(), "{rec}");
+    assert_eq!(rec["trained_model"]["files"][0]["file"], "model.safetensors");
+    assert_eq!(rec["run_dir"], s(&run));
     assert_eq!(rec["python"]["packages"]["trl"], "1.16.0");
     assert!(rec["model"]["manifest_sha256"].is_null());
     let files: Vec<&str> =
         rec["files"].as_array().unwrap().iter().map(|f| f["file"].as_str().unwrap()).collect();
-    assert_eq!(files, ["chat_template.jinja", "sft_config.yaml", "accelerate_config.yaml", "train.jsonl"]);
+    assert_eq!(
+        files,
+        ["chat_template.jinja", "sft_config.yaml", "accelerate_config.yaml", "data/train.jsonl"]
+    );
 
     // The trainer's exit code is chatvec's; the run dir needs --force.
     let o = sft(&model, &data, &run, &py).output().unwrap();
@@ -224,13 +234,14 @@ fn run_merges_verifies_then_trains_from_one_recipe() {
     let py = fake_python(d.path(), "");
     let recipe = d.path().join("recipe.toml");
     let body = format!(
-        "merge_method = \"chat_vector\"\nbase_model = \"{}\"\nchat = \"{}\"\npretrained = \"{}\"\n[sft]\ndata = \"chat.jsonl\"\nmax_steps = 2\nlr = 2e-5\nassistant_only_loss = false\npython = \"{}\"\n",
+        "merge_method = \"chat_vector\"\nbase_model = \"{}\"\nchat = \"{}\"\npretrained = \"{}\"\n[sft]\ndata = \"chat.jsonl\"\nmax_steps = 2\nlr = 2e-5\nassistant_only_loss = false\nchat_template = \"tmpl.jinja\"\npython = \"{}\"\n",
         t.base.display(),
         t.chat.display(),
         t.pre.display(),
         py.display()
     );
     std::fs::write(&recipe, &body).unwrap();
+    std::fs::write(d.path().join("tmpl.jinja"), LLAMA3_TEMPLATE).unwrap();
     let out = d.path().join("out");
     let log = d.path().join("log");
     let o = command().env("FAKE_LOG", &log).args(["run", s(&recipe), "-o", s(&out)]).output().unwrap();
@@ -262,4 +273,135 @@ fn run_merges_verifies_then_trains_from_one_recipe() {
     let o = chatvec(&["run", s(&recipe), "-o", s(&out2)]);
     assert!(stderr(&o).contains("has no [sft] section"), "{}", stderr(&o));
     assert!(!out2.exists());
+}
+
+#[test]
+fn scale_out_options_are_checked_and_cluster_configs_prepare_without_gpus() {
+    let d = tempfile::tempdir().unwrap();
+    let (model, data) = setup(d.path());
+    let py = fake_python(d.path(), "");
+    let run = d.path().join("run");
+    let fails = |args: &[&str], needle: &str| {
+        let o = sft(&model, &data, &run, &py).args(args).output().unwrap();
+        assert_eq!(o.status.code(), Some(1), "{args:?}: {}", stderr(&o));
+        assert!(stderr(&o).contains(needle), "{args:?}: {}", stderr(&o));
+        assert!(!run.exists());
+    };
+    fails(&["--nnodes", "2"], "--nnodes 2 needs --master-addr");
+    fails(&["--nnodes", "2", "--node-rank", "5", "--master-addr", "10.0.0.1"], "--node-rank 5 of --nnodes 2");
+    fails(&["--nproc", "0"], "--nproc 0");
+    fails(&["--scheduler", "cosin"], "did you mean cosine?");
+    // The fake torch sees no GPU: several processes cannot run here...
+    fails(&["--nproc", "2"], "2 processes need GPUs, and torch sees none here");
+    fails(&["--fsdp"], "with FSDP need GPUs");
+    fails(&["--train-arg", "weight_decy=0.1"], "did you mean weight_decay?");
+    fails(&["--train-arg", "learning_rate=1e-4"], "chatvec sets it; use --lr");
+    // ...but their configs can be prepared, as for GPUs.
+    let o = sft(&model, &data, &run, &py)
+        .args(["--dry-run", "--deepspeed", "zero3", "--nproc", "8", "--nnodes", "2", "--node-rank", "1"])
+        .args(["--master-addr", "10.0.0.1", "--train-arg", "weight_decay=0.1"])
+        .output()
+        .unwrap();
+    ok(&o);
+    let text = stdout(&o);
+    assert!(text.contains(&format!("--- {}/node-1/accelerate_config.yaml", run.display())), "{text}");
+    assert!(
+        text.contains("distributed_type: DEEPSPEED")
+            && text.contains("deepspeed_multinode_launcher: standard"),
+        "{text}"
+    );
+    assert!(!text.contains("mixed_precision"), "accelerate refuses it beside a DeepSpeed file: {text}");
+    assert!(text.contains("bf16: true") && text.contains("dtype: float32"), "{text}");
+    assert!(text.contains("weight_decay: 0.1") && text.contains("num_processes: 16"), "{text}");
+    assert!(text.contains(&format!("output_dir: {}/model", run.display())), "{text}");
+    assert!(!run.exists());
+}
+
+#[test]
+fn data_files_mix_by_weight_hold_out_an_eval_split_and_runs_resume() {
+    let d = tempfile::tempdir().unwrap();
+    let (model, data) = setup(d.path());
+    let py = fake_python(d.path(), "");
+    let more = d.path().join("ichikara.jsonl");
+    std::fs::write(&more, "{\"ID\": \"i-1\", \"text\": \"日本の首都は?\", \"output\": \"東京です。\"}\n")
+        .unwrap();
+    let run = d.path().join("run");
+    let log = d.path().join("log");
+    let data2 = format!("{}:3", more.display());
+    let o = command()
+        .args([
+            "sft",
+            "--model",
+            s(&model),
+            "--data",
+            s(&data),
+            "--data",
+            &data2,
+            "-o",
+            s(&run),
+            "--python",
+            s(&py),
+        ])
+        .args(["--eval-split", "0.5", "--save-steps", "2", "--seed", "2"])
+        .env("FAKE_LOG", &log)
+        .output()
+        .unwrap();
+    ok(&o);
+    let train = std::fs::read_to_string(run.join("data/train.jsonl")).unwrap();
+    let test = std::fs::read_to_string(run.join("data/test.jsonl")).unwrap();
+    // 2 + 1 examples, each held out or taken (the ichikara one 3 times).
+    let rec: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(run.join("chatvec-sft-run.json")).unwrap()).unwrap();
+    let files = rec["dataset"]["files"].as_array().unwrap();
+    let took = |i: usize, k: &str| files[i][k].as_u64().unwrap();
+    assert_eq!(took(0, "train_examples") + took(0, "eval_examples"), 2);
+    assert!(took(1, "train_examples") == 3 || took(1, "eval_examples") == 1, "{rec}");
+    assert_eq!(train.lines().count() as u64, took(0, "train_examples") + took(1, "train_examples"));
+    assert_eq!(test.lines().count() as u64, took(0, "eval_examples") + took(1, "eval_examples"));
+    let cfg = std::fs::read_to_string(run.join("sft_config.yaml")).unwrap();
+    assert!(cfg.contains("eval_strategy: steps") && cfg.contains("save_steps: 2"), "{cfg}");
+
+    // Resume: nothing to resume from yet, then the latest checkpoint.
+    let resume = || {
+        command()
+            .args([
+                "sft",
+                "--model",
+                s(&model),
+                "--data",
+                s(&data),
+                "-o",
+                s(&run),
+                "--python",
+                s(&py),
+                "--resume",
+            ])
+            .env("FAKE_LOG", &log)
+            .output()
+            .unwrap()
+    };
+    let o = resume();
+    assert_eq!(o.status.code(), Some(1));
+    assert!(stderr(&o).contains("holds no checkpoint-N to resume from"), "{}", stderr(&o));
+    for n in [2, 10] {
+        let c = run.join(format!("model/checkpoint-{n}"));
+        std::fs::create_dir_all(&c).unwrap();
+        std::fs::write(c.join("trainer_state.json"), "{}").unwrap();
+    }
+    let o = resume();
+    ok(&o);
+    let cfg = std::fs::read_to_string(run.join("sft_config.yaml")).unwrap();
+    assert!(cfg.contains(&format!("resume_from_checkpoint: {}/model/checkpoint-10", run.display())), "{cfg}");
+    let rec: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(run.join("chatvec-sft-run.json")).unwrap()).unwrap();
+    assert!(rec["resumed_from"].as_str().unwrap().ends_with("model/checkpoint-10"), "{rec}");
+
+    // A trainer that exits 0 without saving a model is not a success.
+    let o = sft(&model, &data, &d.path().join("run2"), &py)
+        .env("FAKE_NO_MODEL", "1")
+        .env("FAKE_LOG", &log)
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+    assert!(stderr(&o).contains("the trainer exited 0 but saved no model weights there"), "{}", stderr(&o));
 }

@@ -50,10 +50,13 @@ fn apply_then_a_few_real_sft_steps_on_the_cpu() {
     let run = d.path().join("run");
     let o = command()
         .args(["sft", "--model", s(&cv), "--data", s(&data), "-o", s(&run), "--python", s(&py)])
-        .args(["--max-steps", "3", "--grad-accum", "1", "--max-seq-len", "128"])
+        .args(["--max-steps", "3", "--grad-accum", "1", "--max-seq-len", "128", "--save-steps", "2"])
+        .args(["--eval-data", s(&data), "--eval-steps", "1"])
         .output()
         .unwrap();
     assert!(o.status.success(), "chatvec sft failed:\n{}", stderr(&o));
+    // The held-out examples give an eval loss.
+    assert!(stderr(&o).contains("eval_loss"), "{}", stderr(&o));
 
     let rec: serde_json::Value =
         serde_json::from_slice(&std::fs::read(run.join("chatvec-sft-run.json")).unwrap()).unwrap();
@@ -68,4 +71,25 @@ fn apply_then_a_few_real_sft_steps_on_the_cpu() {
     let o = Command::new(&py).arg("-c").arg(check).arg(run.join("model")).output().unwrap();
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     assert!(String::from_utf8_lossy(&o.stdout).starts_with("ok "));
+
+    // Resume from the last checkpoint: the step count goes on from 3.
+    let last = run.join("model/checkpoint-3");
+    assert!(last.join("trainer_state.json").is_file(), "{:?}", entries(&run.join("model")));
+    // (The resumed run's own checkpoints then push it out: 2 are kept.)
+    let last = std::fs::canonicalize(&last).unwrap();
+    let o = command()
+        .args(["sft", "--model", s(&cv), "--data", s(&data), "-o", s(&run), "--python", s(&py)])
+        .args(["--max-steps", "5", "--grad-accum", "1", "--max-seq-len", "128", "--save-steps", "2"])
+        .args(["--eval-data", s(&data), "--eval-steps", "1", "--resume"])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "chatvec sft --resume failed:\n{}", stderr(&o));
+    let rec: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(run.join("chatvec-sft-run.json")).unwrap()).unwrap();
+    assert_eq!(rec["steps_logged"], 2, "steps 4 and 5 only");
+    assert_eq!(rec["resumed_from"], s(&last));
+    let state: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(run.join("model/checkpoint-5/trainer_state.json")).unwrap())
+            .unwrap();
+    assert_eq!(state["global_step"], 5);
 }

@@ -7,8 +7,8 @@ use clap::builder::{PossibleValuesParser, TypedValueParser};
 use clap::{Args, Parser, Subcommand};
 
 use chatvec::{
-    ApplySpec, DeviceChoice, EmbeddingPolicy, ExtractSpec, FloatType, InputHashes, Recipe, SftOptions,
-    VectorSource, WriteOptions, parse_size,
+    ApplySpec, DataFile, DeviceChoice, EmbeddingPolicy, ExtractSpec, FloatType, InputHashes, Recipe,
+    SftOptions, VectorSource, WriteOptions, parse_size, parse_train_arg,
 };
 
 const EXAMPLES: &str = "\
@@ -349,9 +349,18 @@ pub struct SftArgs {
     /// The model to train (directory, Hub id or alias), e.g. the output of `chatvec apply`.
     #[arg(long, value_name = "MODEL")]
     pub model: String,
-    /// Chat data, JSONL: {"messages": [...]}, {"conversation": [...]} or Alpaca records.
-    #[arg(long, value_name = "FILE.jsonl")]
-    pub data: PathBuf,
+    /// Chat data, JSONL: messages, conversation, Alpaca, ichikara-instruction or prompt/completion records. Repeat to mix files; FILE:WEIGHT takes a file's examples WEIGHT times (2 = twice, 0.5 = a seeded half).
+    #[arg(long, value_name = "FILE.jsonl[:WEIGHT]", required = true, value_parser = parse_data_file)]
+    pub data: Vec<DataFile>,
+    /// Held-out chat data: an eval loss is logged every --eval-steps.
+    #[arg(long, value_name = "FILE.jsonl", conflicts_with = "eval_split")]
+    pub eval_data: Option<PathBuf>,
+    /// Hold out this fraction of the examples (seeded) for an eval loss.
+    #[arg(long, value_name = "FRACTION")]
+    pub eval_split: Option<f64>,
+    /// Evaluate every N steps (default: every --save-steps).
+    #[arg(long, value_name = "N")]
+    pub eval_steps: Option<u64>,
     /// Run directory: configs, converted data, the trained model, the run record.
     #[arg(short, long)]
     pub output: PathBuf,
@@ -391,6 +400,9 @@ pub struct SftArgs {
     /// Train on the assistant turns only (as the Swallow instruct card recommends).
     #[arg(long, default_value_t = SftOptions::default().assistant_only_loss, action = clap::ArgAction::Set, value_name = "BOOL")]
     pub assistant_only_loss: bool,
+    /// The chat template to train with: a Jinja file, or a model whose template to take (default: the model's own).
+    #[arg(long, value_name = "FILE|MODEL")]
+    pub chat_template: Option<String>,
     /// Train LoRA adapters (peft) instead of all weights.
     #[arg(long)]
     pub lora: bool,
@@ -403,6 +415,24 @@ pub struct SftArgs {
     /// Random seed.
     #[arg(long, default_value_t = SftOptions::default().seed)]
     pub seed: u64,
+    /// Save a checkpoint every N steps (0: only the final model).
+    #[arg(long, value_name = "N", default_value_t = SftOptions::default().save_steps)]
+    pub save_steps: u64,
+    /// Checkpoints kept; older ones are removed.
+    #[arg(long, value_name = "N", default_value_t = SftOptions::default().save_total_limit)]
+    pub save_total_limit: u64,
+    /// Continue the run in -o from its latest checkpoint, or from the checkpoint directory given.
+    #[arg(long, value_name = "latest|CHECKPOINT", num_args = 0..=1, default_missing_value = "latest")]
+    pub resume: Option<String>,
+    /// Where metrics go (transformers report_to): none, tensorboard, wandb, ...
+    #[arg(long, default_value_t = SftOptions::default().report_to)]
+    pub report_to: String,
+    /// Keep parameters and optimizer state in CPU memory (FSDP or DeepSpeed), for 70B on few GPUs.
+    #[arg(long)]
+    pub cpu_offload: bool,
+    /// Any other TRL SFTConfig / TrainingArguments / ModelConfig setting, KEY=VALUE (the value read as YAML); repeatable, checked against the installed TRL before launch.
+    #[arg(long = "train-arg", value_name = "KEY=VALUE", value_parser = parse_train_arg_flag)]
+    pub train_args: Vec<(String, serde_json::Value)>,
     /// Processes (GPUs) per node.
     #[arg(long, default_value_t = SftOptions::default().nproc)]
     pub nproc: u64,
@@ -412,9 +442,9 @@ pub struct SftArgs {
     /// This node's rank.
     #[arg(long, default_value_t = SftOptions::default().node_rank)]
     pub node_rank: u64,
-    /// Address of rank 0 (multi-node).
-    #[arg(long, default_value_t = SftOptions::default().master_addr)]
-    pub master_addr: String,
+    /// Address of the node with rank 0 (required with --nnodes above 1).
+    #[arg(long)]
+    pub master_addr: Option<String>,
     /// Port of rank 0 (multi-node).
     #[arg(long, default_value_t = SftOptions::default().master_port)]
     pub master_port: u16,
@@ -429,10 +459,28 @@ pub struct SftArgs {
     pub python: Option<PathBuf>,
 }
 
+fn parse_data_file(s: &str) -> Result<DataFile, String> {
+    DataFile::parse(s).map_err(|e| e.to_string())
+}
+
+fn parse_train_arg_flag(s: &str) -> Result<(String, serde_json::Value), String> {
+    parse_train_arg(s).map_err(|e| e.to_string())
+}
+
 impl SftArgs {
     pub fn options(&self) -> SftOptions {
         SftOptions {
             data: self.data.clone(),
+            eval_data: self.eval_data.clone(),
+            eval_split: self.eval_split,
+            eval_steps: self.eval_steps,
+            chat_template: self.chat_template.clone(),
+            save_steps: self.save_steps,
+            save_total_limit: self.save_total_limit,
+            resume: self.resume.clone(),
+            report_to: self.report_to.clone(),
+            cpu_offload: self.cpu_offload,
+            train_args: self.train_args.iter().cloned().collect(),
             epochs: self.epochs,
             max_steps: self.max_steps,
             lr: self.lr,

@@ -553,8 +553,9 @@ impl Reader<'_> {
 }
 
 /// The `[sft]` table as `SftOptions` (`model` and `output` are `chatvec
-/// run`'s to set, checked before): `data` is required, and the `data` and
-/// `python` paths are relative to the recipe's directory.
+/// run`'s to set, checked before): `data` is required, and the data,
+/// eval data, chat template and `python` paths are relative to the recipe's
+/// directory.
 fn sft_section(
     opts: &SftOptions,
     section: &Map<String, Value>,
@@ -565,8 +566,16 @@ fn sft_section(
     }
     let dir = path.parent().unwrap_or(Path::new(""));
     let mut opts = opts.clone();
-    if opts.data.is_relative() {
-        opts.data = dir.join(&opts.data);
+    for f in &mut opts.data {
+        if f.path.is_relative() {
+            f.path = dir.join(&f.path);
+        }
+    }
+    if let Some(e) = opts.eval_data.as_mut().filter(|e| e.is_relative()) {
+        *e = dir.join(&*e);
+    }
+    if let Some(t) = opts.chat_template.as_mut().filter(|t| dir.join(t.as_str()).is_file()) {
+        *t = dir.join(t.as_str()).display().to_string();
     }
     if let Some(p) = opts.python.as_mut().filter(|p| p.is_relative() && p.components().count() > 1) {
         *p = dir.join(&*p);
@@ -672,12 +681,12 @@ mod tests {
             (
                 "merge_method = \"ties\"\nmodels = [\"a/b\"]\n[sft]\ndata = [1]\n",
                 "c.toml",
-                "sft.data: invalid type: sequence",
+                "sft.data: expected a file name",
             ),
             (
                 "merge_method = \"ties\"\nmodels = [\"a/b\"]\n[sft]\ndata = \"d\"\nepocs = 1\n",
                 "c.toml",
-                "sft.epocs: unknown field `epocs`, expected one of `data`, `epochs`",
+                "sft.epocs: unknown field `epocs`, expected one of `data`, `eval_data`",
             ),
             (
                 "merge_method = \"ties\"\nmodels = [\"a/b\"]\nseed = \"x\"\n",

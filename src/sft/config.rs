@@ -61,23 +61,39 @@ fn yaml11_not_a_string(s: &str) -> bool {
             .is_some_and(|b| !b.is_empty() && b.bytes().all(|c| matches!(c, b'0' | b'1' | b'_')))
 }
 
+/// Where the run's files are, for the trainer's config.
+pub struct RunPaths<'a> {
+    /// The model to train.
+    pub model_dir: &'a str,
+    /// The directory holding `train.jsonl` (and `test.jsonl` with an eval
+    /// set), loaded as one dataset whose splits are named by the files.
+    pub data_dir: &'a str,
+    /// Whether `test.jsonl` is there.
+    pub has_eval: bool,
+    /// Where the trainer writes checkpoints and the final model.
+    pub output_dir: &'a str,
+    /// A chat template file to train with, if not the model's own.
+    pub chat_template: Option<&'a str>,
+    /// The checkpoint to resume from.
+    pub resume_from: Option<&'a str>,
+}
+
 /// TRL's `trl sft --config` file. transformers 5 dropped `warmup_ratio`:
 /// there a `warmup_steps` below 1 is the ratio.
-#[allow(clippy::too_many_arguments)]
-pub fn sft_config(
-    model_dir: &str,
-    data_file: &str,
-    output_dir: &str,
-    t: &SftOptions,
-    gpu: bool,
-    transformers_major: u64,
-    chat_template_path: Option<&str>,
-) -> Value {
+///
+/// The weights load in f32 in every launch mode, with bf16 autocast on a
+/// GPU: the optimizer then always steps f32 master weights, as FSDP2 and
+/// DeepSpeed do with their own mixed precision. (Loading bf16 weights would
+/// make single-GPU and DDP runs update bf16 directly, where most updates at
+/// lr 1e-5 round away.)
+pub fn sft_config(p: &RunPaths<'_>, t: &SftOptions, gpu: bool, transformers_major: u64) -> Value {
     let mut c = json!({
-        "model_name_or_path": model_dir,
-        "dtype": if gpu { "bfloat16" } else { "float32" },
-        "datasets": [{"path": "json", "data_files": data_file, "split": "train"}],
-        "output_dir": output_dir,
+        "model_name_or_path": p.model_dir,
+        "dtype": "float32",
+        "dataset_name": p.data_dir,
+        "dataset_train_split": "train",
+        "dataset_test_split": "test",
+        "output_dir": p.output_dir,
         "num_train_epochs": t.epochs,
         "max_steps": t.max_steps.map_or(-1, |s| s as i64),
         "learning_rate": t.lr,
@@ -90,10 +106,20 @@ pub fn sft_config(
         "seed": t.seed,
         "bf16": gpu,
         "logging_steps": 1,
-        "save_strategy": "no",
-        "report_to": "none",
+        "save_strategy": if t.save_steps > 0 { "steps" } else { "no" },
+        "report_to": t.report_to,
     });
     let Value::Object(o) = &mut c else { return c };
+    if t.save_steps > 0 {
+        o.insert("save_steps".into(), json!(t.save_steps));
+        o.insert("save_total_limit".into(), json!(t.save_total_limit));
+    }
+    if p.has_eval {
+        let every = t.eval_steps.unwrap_or(if t.save_steps > 0 { t.save_steps } else { 500 });
+        o.insert("eval_strategy".into(), json!("steps"));
+        o.insert("eval_steps".into(), json!(every));
+        o.insert("per_device_eval_batch_size".into(), json!(t.batch_size));
+    }
     // transformers 5 renamed gradient_checkpointing to activation_checkpointing.
     if transformers_major >= 5 {
         o.insert("warmup_steps".into(), json!(t.warmup_ratio));
@@ -108,8 +134,14 @@ pub fn sft_config(
         o.insert("lora_alpha".into(), json!(t.lora_alpha));
         o.insert("lora_target_modules".into(), json!("all-linear"));
     }
-    if let Some(p) = chat_template_path {
-        o.insert("chat_template_path".into(), json!(p));
+    if let Some(path) = p.chat_template {
+        o.insert("chat_template_path".into(), json!(path));
+    }
+    if let Some(r) = p.resume_from {
+        o.insert("resume_from_checkpoint".into(), json!(r));
+    }
+    for (k, v) in &t.train_args {
+        o.insert(k.clone(), v.clone());
     }
     c
 }
@@ -139,7 +171,6 @@ pub fn accelerate_config(s: &SftOptions, gpu: bool, layer_class: &str, deepspeed
     let mut c = json!({
         "compute_environment": "LOCAL_MACHINE",
         "distributed_type": distributed,
-        "mixed_precision": if gpu { "bf16" } else { "no" },
         "num_machines": s.nnodes,
         "num_processes": procs,
         "machine_rank": s.node_rank,
@@ -149,8 +180,13 @@ pub fn accelerate_config(s: &SftOptions, gpu: bool, layer_class: &str, deepspeed
         "use_cpu": !gpu,
     });
     let Value::Object(o) = &mut c else { return c };
+    // accelerate refuses mixed_precision beside a DeepSpeed config file
+    // (the file's bf16 section decides).
+    if s.deepspeed.is_none() {
+        o.insert("mixed_precision".into(), json!(if gpu { "bf16" } else { "no" }));
+    }
     if s.nnodes > 1 {
-        o.insert("main_process_ip".into(), json!(s.master_addr));
+        o.insert("main_process_ip".into(), json!(s.master_addr.as_deref().unwrap_or_default()));
         o.insert("main_process_port".into(), json!(s.master_port));
     }
     if s.fsdp {
@@ -163,23 +199,27 @@ pub fn accelerate_config(s: &SftOptions, gpu: bool, layer_class: &str, deepspeed
                 "fsdp_transformer_layer_cls_to_wrap": layer_class,
                 "fsdp_state_dict_type": "FULL_STATE_DICT",
                 "fsdp_cpu_ram_efficient_loading": true,
-                "fsdp_offload_params": false,
+                "fsdp_offload_params": s.cpu_offload,
                 "fsdp_activation_checkpointing": false,
             }),
         );
     }
     if s.deepspeed.is_some() {
-        o.insert(
-            "deepspeed_config".into(),
-            json!({"deepspeed_config_file": deepspeed_file, "zero3_init_flag": true}),
-        );
+        let mut ds = json!({"deepspeed_config_file": deepspeed_file, "zero3_init_flag": true});
+        // Several nodes: torchrun-style launch on each node (the job
+        // scheduler starts chatvec on every node), not pdsh from one.
+        if s.nnodes > 1 {
+            ds["deepspeed_multinode_launcher"] = json!("standard");
+        }
+        o.insert("deepspeed_config".into(), ds);
     }
     c
 }
 
-/// DeepSpeed ZeRO-3 with bf16; batch sizes left to the trainer ("auto").
-pub fn deepspeed_zero3(gpu: bool) -> Value {
-    json!({
+/// DeepSpeed ZeRO-3 with bf16; batch sizes left to the trainer ("auto");
+/// with `cpu_offload`, parameters and optimizer state in CPU memory.
+pub fn deepspeed_zero3(gpu: bool, cpu_offload: bool) -> Value {
+    let mut c = json!({
         "bf16": {"enabled": if gpu { "auto" } else { "false" }},
         "zero_optimization": {
             "stage": 3,
@@ -194,7 +234,12 @@ pub fn deepspeed_zero3(gpu: bool) -> Value {
         "gradient_clipping": "auto",
         "train_batch_size": "auto",
         "train_micro_batch_size_per_gpu": "auto",
-    })
+    });
+    if cpu_offload {
+        c["zero_optimization"]["offload_param"] = json!({"device": "cpu", "pin_memory": true});
+        c["zero_optimization"]["offload_optimizer"] = json!({"device": "cpu", "pin_memory": true});
+    }
+    c
 }
 
 /// Whether a chat template marks assistant turns for assistant-only loss.
@@ -239,23 +284,51 @@ mod tests {
         SftOptions::default()
     }
 
+    fn paths() -> RunPaths<'static> {
+        RunPaths {
+            model_dir: "/m",
+            data_dir: "/r/data",
+            has_eval: false,
+            output_dir: "/r/out",
+            chat_template: None,
+            resume_from: None,
+        }
+    }
+
     #[test]
     fn sft_config_maps_each_option_and_follows_transformers_5() {
-        let c = sft_config("/m", "/r/train.jsonl", "/r/out", &train(), true, 5, None);
+        let c = sft_config(&paths(), &train(), true, 5);
         assert_eq!(c["learning_rate"], 1e-5);
         assert_eq!(c["warmup_steps"], 0.03);
         assert!(c.get("warmup_ratio").is_none());
         assert_eq!(c["max_steps"], -1);
         assert_eq!(c["assistant_only_loss"], true);
-        assert_eq!(c["datasets"][0]["data_files"], "/r/train.jsonl");
-        let old = sft_config("/m", "/d", "/o", &train(), false, 4, Some("/r/t.jinja"));
+        assert_eq!(c["dataset_name"], "/r/data");
+        // f32 master weights on every device, bf16 autocast on a GPU.
+        assert_eq!((c["dtype"].clone(), c["bf16"].clone()), (json!("float32"), json!(true)));
+        assert_eq!((c["save_strategy"].clone(), c["save_steps"].clone()), (json!("steps"), json!(500)));
+        assert!(c.get("eval_strategy").is_none());
+        let p = RunPaths {
+            chat_template: Some("/r/t.jinja"),
+            has_eval: true,
+            resume_from: Some("/r/out/checkpoint-4"),
+            ..paths()
+        };
+        let mut t = train();
+        t.train_args.insert("weight_decay".into(), json!(0.1));
+        let old = sft_config(&p, &t, false, 4);
         assert_eq!(old["warmup_ratio"], 0.03);
         assert_eq!((old["bf16"].clone(), old["dtype"].clone()), (json!(false), json!("float32")));
         assert_eq!(old["chat_template_path"], "/r/t.jinja");
+        assert_eq!((old["eval_strategy"].clone(), old["eval_steps"].clone()), (json!("steps"), json!(500)));
+        assert_eq!(old["resume_from_checkpoint"], "/r/out/checkpoint-4");
+        assert_eq!(old["weight_decay"], 0.1);
         let mut t = train();
         t.lora = true;
         t.max_steps = Some(5);
-        let l = sft_config("/m", "/d", "/o", &t, true, 5, None);
+        t.save_steps = 0;
+        let l = sft_config(&paths(), &t, true, 5);
+        assert_eq!(l["save_strategy"], "no");
         assert_eq!(
             (l["use_peft"].clone(), l["lora_r"].clone(), l["max_steps"].clone()),
             (json!(true), json!(16), json!(5))
@@ -270,7 +343,7 @@ mod tests {
         s.nproc = 8;
         s.nnodes = 2;
         s.node_rank = 1;
-        s.master_addr = "10.0.0.1".into();
+        s.master_addr = Some("10.0.0.1".into());
         let multi = accelerate_config(&s, true, "LlamaDecoderLayer", "/r/ds.json");
         assert_eq!(multi["distributed_type"], "MULTI_GPU");
         assert_eq!((multi["num_processes"].clone(), multi["machine_rank"].clone()), (json!(16), json!(1)));
@@ -285,12 +358,16 @@ mod tests {
         let ds = accelerate_config(&s, true, "LlamaDecoderLayer", "/r/ds.json");
         assert_eq!(ds["distributed_type"], "DEEPSPEED");
         assert_eq!(ds["deepspeed_config"]["deepspeed_config_file"], "/r/ds.json");
-        assert_eq!(deepspeed_zero3(true)["zero_optimization"]["stage"], 3);
+        // accelerate refuses both; pdsh needs a hostfile chatvec does not write.
+        assert!(ds.get("mixed_precision").is_none(), "{ds}");
+        assert_eq!(ds["deepspeed_config"]["deepspeed_multinode_launcher"], "standard");
+        assert_eq!(deepspeed_zero3(true, false)["zero_optimization"]["stage"], 3);
+        assert_eq!(deepspeed_zero3(true, true)["zero_optimization"]["offload_param"]["device"], "cpu");
         let yaml = to_yaml(&fsdp).unwrap();
         assert!(yaml.contains("fsdp_config:\n  fsdp_version: 2\n"), "{yaml}");
         assert!(yaml.contains("distributed_type: FSDP\n"), "{yaml}");
-        let sft = to_yaml(&sft_config("/m", "/d", "/o", &train(), true, 5, None)).unwrap();
-        assert!(sft.contains("datasets:\n- path: json\n  data_files: /d\n  split: train\n"), "{sft}");
+        let sft = to_yaml(&sft_config(&paths(), &train(), true, 5)).unwrap();
+        assert!(sft.contains("dataset_name: /r/data\n"), "{sft}");
         // Strings a YAML 1.1 reader (PyYAML, which accelerate uses) would
         // take for booleans or numbers stay strings.
         let cpu = to_yaml(&accelerate_config(&scale(), false, "L", "/d")).unwrap();

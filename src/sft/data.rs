@@ -110,11 +110,15 @@ fn turns(list: &Value, key: &str) -> std::result::Result<Vec<Message>, String> {
 fn no_tools(m: &Map<String, Value>, at: &str) -> std::result::Result<(), String> {
     for key in ["tool_calls", "tools", "function_call"] {
         if m.get(key).is_some_and(|v| !v.is_null()) {
-            return Err(format!("{at}: '{key}' cannot be carried: chatvec trains on role/content turns only"));
+            return Err(format!(
+                "{at}: '{key}' cannot be carried: chatvec trains on role/content turns only"
+            ));
         }
     }
     if m.get("role").and_then(Value::as_str).is_some_and(|r| r == "tool" || r == "function") {
-        return Err(format!("{at}: tool results cannot be carried: chatvec trains on role/content turns only"));
+        return Err(format!(
+            "{at}: tool results cannot be carried: chatvec trains on role/content turns only"
+        ));
     }
     Ok(())
 }
@@ -134,7 +138,9 @@ pub enum Format {
 fn side(o: &Map<String, Value>, key: &str, role: &str) -> std::result::Result<Vec<Message>, String> {
     match o.get(key) {
         Some(Value::Array(_)) => turns(&o[key], key),
-        Some(_) => Ok(vec![Message { role: role.into(), content: text_of(o, key, "prompt/completion record")? }]),
+        Some(_) => {
+            Ok(vec![Message { role: role.into(), content: text_of(o, key, "prompt/completion record")? }])
+        }
         None => Err(format!("prompt/completion record: no '{key}'")),
     }
 }
@@ -149,6 +155,17 @@ pub fn convert(v: &Value) -> std::result::Result<(Format, Vec<Message>), String>
         ["conversation", "conversations"].iter().find_map(|k| o.get(*k).map(|l| (*k, l)))
     {
         (Format::Conversation, turns(l, k)?)
+    } else if o.contains_key("text") && o.contains_key("output") && !o.contains_key("instruction") {
+        // (tatsu-lab/alpaca also has a "text" column: the whole prompt.)
+        let text = text_of(o, "text", "ichikara record")?;
+        let output = text_of(o, "output", "ichikara record")?;
+        (
+            Format::Ichikara,
+            vec![
+                Message { role: "user".into(), content: text },
+                Message { role: "assistant".into(), content: output },
+            ],
+        )
     } else if o.contains_key("instruction") || o.contains_key("output") {
         let instruction = text_of(o, "instruction", "alpaca record")?;
         let input = match o.get("input") {
@@ -168,16 +185,6 @@ pub fn convert(v: &Value) -> std::result::Result<(Format, Vec<Message>), String>
         msgs.push(Message { role: "user".into(), content: user });
         msgs.push(Message { role: "assistant".into(), content: output });
         (Format::Alpaca, msgs)
-    } else if o.contains_key("text") && o.contains_key("output") {
-        let text = text_of(o, "text", "ichikara record")?;
-        let output = text_of(o, "output", "ichikara record")?;
-        (
-            Format::Ichikara,
-            vec![
-                Message { role: "user".into(), content: text },
-                Message { role: "assistant".into(), content: output },
-            ],
-        )
     } else if o.contains_key("prompt") || o.contains_key("completion") {
         let mut msgs = side(o, "prompt", "user")?;
         msgs.extend(side(o, "completion", "assistant")?);
@@ -198,10 +205,7 @@ pub fn convert(v: &Value) -> std::result::Result<(Format, Vec<Message>), String>
 /// Validates the JSONL file at `path`, calling `each(line, messages)` for
 /// every example. Fails at the first bad line, naming it; reads at most one
 /// line (64 MB) into memory at a time.
-fn each_example(
-    path: &Path,
-    mut each: impl FnMut(u64, &[Message]) -> Result<()>,
-) -> Result<DataStats> {
+fn each_example(path: &Path, mut each: impl FnMut(u64, &[Message]) -> Result<()>) -> Result<DataStats> {
     let mut r = BufReader::new(crate::json::open_regular(path)?);
     let mut stats = DataStats::default();
     let mut hash = Sha256::new();
@@ -275,7 +279,8 @@ pub struct MixOut<'a> {
 }
 
 fn write_example(w: &mut dyn Write, msgs: &[Message]) -> Result<()> {
-    serde_json::to_writer(&mut *w, &json!({ "messages": msgs })).map_err(|e| Error::Internal(e.to_string()))?;
+    serde_json::to_writer(&mut *w, &json!({ "messages": msgs }))
+        .map_err(|e| Error::Internal(e.to_string()))?;
     w.write_all(b"\n").map_err(|e| Error::io("writing", Path::new("train.jsonl"), e))
 }
 
@@ -315,7 +320,14 @@ pub fn write_mixture(files: &[(&Path, f64)], seed: u64, out: MixOut<'_>) -> Resu
         });
     }
     if report.iter().map(|f| f.train_examples).sum::<u64>() == 0 {
-        return Err(Error::Usage("the weights leave no training example; raise them".into()));
+        return Err(Error::Usage("the weights and the eval split leave no training example".into()));
+    }
+    if let Some((_, Some(split))) = eval
+        && report.iter().all(|f| f.eval_examples == 0)
+    {
+        return Err(Error::Usage(format!(
+            "--eval-split {split} held out no example of this data; raise it, or give --eval-data"
+        )));
     }
     Ok(report)
 }
@@ -361,10 +373,15 @@ mod tests {
     #[test]
     fn ichikara_prompt_completion_and_alpaca_system_convert() {
         let m = |v: Value| convert(&v).unwrap();
-        let (f, msgs) = m(json!({"ID": "ichikara-instruction-003-001-1.1", "text": "日本の首都は?", "output": "東京です。"}));
+        let (f, msgs) = m(
+            json!({"ID": "ichikara-instruction-003-001-1.1", "text": "日本の首都は?", "output": "東京です。"}),
+        );
         assert_eq!((f, msgs.len(), msgs[1].content.as_str()), (Format::Ichikara, 2, "東京です。"));
         let (f, msgs) = m(json!({"prompt": "The sky is", "completion": " blue."}));
-        assert_eq!((f, msgs[0].role.as_str(), msgs[1].role.as_str()), (Format::PromptCompletion, "user", "assistant"));
+        assert_eq!(
+            (f, msgs[0].role.as_str(), msgs[1].role.as_str()),
+            (Format::PromptCompletion, "user", "assistant")
+        );
         let (_, msgs) = m(json!({
             "prompt": [{"role": "system", "content": "s"}, {"role": "user", "content": "q"}],
             "completion": [{"role": "assistant", "content": "a"}]
@@ -392,7 +409,8 @@ mod tests {
         std::fs::write(&b, (100..300).map(line).collect::<String>()).unwrap();
         let run = |split: Option<f64>, seed: u64| {
             let (mut train, mut eval) = (Vec::new(), Vec::new());
-            let out = MixOut { train: &mut train, eval: split.map(|s| (&mut eval as &mut dyn Write, Some(s))) };
+            let out =
+                MixOut { train: &mut train, eval: split.map(|s| (&mut eval as &mut dyn Write, Some(s))) };
             let r = write_mixture(&[(a.as_path(), 2.0), (b.as_path(), 0.5)], seed, out).unwrap();
             (r, String::from_utf8(train).unwrap(), String::from_utf8(eval).unwrap())
         };
@@ -429,7 +447,7 @@ mod tests {
         let cases = [
             ("{\"messages\": [", "line 2: bad JSON"),
             ("[1, 2]", "line 2: not a JSON object"),
-            ("{\"text\": \"x\"}", "line 2: no 'messages', 'conversation' or Alpaca"),
+            ("{\"txt\": \"x\"}", "line 2: no 'messages', 'conversation', Alpaca"),
             (
                 "{\"messages\": [{\"role\": \"bot\", \"content\": \"x\"}]}",
                 "line 2: messages[0]: role 'bot' is not one of",

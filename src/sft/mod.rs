@@ -26,17 +26,17 @@ use crate::output::manifest::MANIFEST_FILE;
 use crate::output::sidecars::chat_template_text;
 use crate::resolve::open_model;
 use crate::sft::config::{
-    LLAMA3_TRAINING_TEMPLATE, accelerate_config, decoder_layer_class, deepspeed_zero3,
+    LLAMA3_TRAINING_TEMPLATE, RunPaths, accelerate_config, decoder_layer_class, deepspeed_zero3,
     has_generation_markers, is_llama3_style, sft_config, to_yaml,
 };
-use crate::sft::data::{DataStats, process};
+use crate::sft::data::{DataStats, MixOut, MixedFile, process, write_eval, write_mixture};
 use crate::ui;
 
 pub(crate) mod config;
 pub(crate) mod data;
 pub(crate) mod options;
 
-pub use options::SftOptions;
+pub use options::{DataFile, SftOptions, parse_train_arg};
 
 pub(crate) const PYTHON_ENV: &str = "CHATVEC_PYTHON";
 pub(crate) const RECORD_FILE: &str = "chatvec-sft-run.json";
@@ -73,6 +73,12 @@ try:
     out["cuda_devices"] = torch.cuda.device_count() if torch.cuda.is_available() else 0
 except Exception:
     pass
+try:
+    import dataclasses
+    from trl import ModelConfig, ScriptArguments, SFTConfig
+    out["settings"] = sorted({f.name for c in (SFTConfig, ModelConfig, ScriptArguments) for f in dataclasses.fields(c)})
+except Exception:
+    pass
 print(json.dumps(out))
 "#;
 
@@ -86,6 +92,10 @@ pub(crate) struct PythonEnv {
     pub version: String,
     pub packages: serde_json::Map<String, Value>,
     pub cuda_devices: u64,
+    /// The setting names `trl sft --config` takes (SFTConfig, ModelConfig,
+    /// ScriptArguments), when TRL could list them.
+    #[serde(skip)]
+    pub settings: Option<Vec<String>>,
 }
 
 fn python_path(a: &SftOptions) -> PathBuf {
@@ -122,6 +132,10 @@ pub(crate) fn check_python(python: &Path, needed: &[&str]) -> Result<PythonEnv> 
         version: v.get("python").and_then(Value::as_str).unwrap_or("?").to_string(),
         packages,
         cuda_devices: v.get("cuda_devices").and_then(Value::as_u64).unwrap_or(0),
+        settings: v
+            .get("settings")
+            .and_then(Value::as_array)
+            .map(|a| a.iter().filter_map(Value::as_str).map(str::to_string).collect()),
     })
 }
 
@@ -131,31 +145,128 @@ struct RunFile {
     text: String,
 }
 
+/// Where a run's files go. With one node everything is in the run
+/// directory. With several, each node writes only its own `node-RANK/`
+/// (configs, data, record), so nodes sharing a filesystem never write or
+/// remove each other's files; the trained model is the one shared
+/// directory, written by the trainer (global rank 0, and every rank for
+/// sharded checkpoints).
+struct Layout {
+    /// This node's files.
+    own: PathBuf,
+    /// The trainer's output: checkpoints and the final model.
+    model: PathBuf,
+}
+
+impl Layout {
+    fn of(job: &SftJob) -> Layout {
+        let a = &job.options;
+        let own =
+            if a.nnodes > 1 { job.output.join(format!("node-{}", a.node_rank)) } else { job.output.clone() };
+        Layout { own, model: job.output.join("model") }
+    }
+}
+
 /// Everything the run is, before it starts.
 struct Prepared {
     command: Vec<String>,
     env: Vec<(String, String)>,
     files: Vec<RunFile>,
-    stats: DataStats,
+    stats: Vec<DataStats>,
+    eval_stats: Option<DataStats>,
     python: PythonEnv,
     model_dir: PathBuf,
     model_manifest_sha256: Option<String>,
+    template: Value,
+    resume_from: Option<PathBuf>,
+    layout: Layout,
 }
 
 fn abs(p: &Path) -> String {
     std::path::absolute(p).unwrap_or_else(|_| p.to_path_buf()).display().to_string()
 }
 
+/// The latest `checkpoint-N` the trainer wrote in `dir`.
+fn latest_checkpoint(dir: &Path) -> Option<PathBuf> {
+    std::fs::read_dir(dir)
+        .ok()?
+        .filter_map(|e| {
+            let e = e.ok()?;
+            let n: u64 = e.file_name().to_str()?.strip_prefix("checkpoint-")?.parse().ok()?;
+            e.path().join("trainer_state.json").is_file().then_some((n, e.path()))
+        })
+        .max_by_key(|(n, _)| *n)
+        .map(|(_, p)| p)
+}
+
+/// The checkpoint `--resume` names: `latest` in the run's model directory,
+/// or a checkpoint directory.
+fn resume_point(resume: &str, layout: &Layout) -> Result<PathBuf> {
+    if resume == "latest" {
+        return latest_checkpoint(&layout.model).ok_or_else(|| {
+            Error::Usage(format!(
+                "--resume latest: {} holds no checkpoint-N to resume from",
+                layout.model.display()
+            ))
+            .with_hint("checkpoints are saved every --save-steps steps; without one, start the run again")
+        });
+    }
+    let p = PathBuf::from(resume);
+    if !p.join("trainer_state.json").is_file() {
+        return Err(Error::Usage(format!(
+            "--resume {resume}: not a trainer checkpoint (no trainer_state.json in it)"
+        )));
+    }
+    Ok(std::fs::canonicalize(&p).unwrap_or(p))
+}
+
+/// The chat template to train with and where it came from: `--chat-template`
+/// (a Jinja file, or a model whose template to take), else the model's own.
+fn chosen_template(a: &SftOptions, model_dir: &Path) -> Result<Option<(String, String)>> {
+    match a.chat_template.as_deref() {
+        Some(t) if Path::new(t).is_file() => {
+            let text = crate::json::read_capped(Path::new(t), 1 << 20)?;
+            let text = String::from_utf8(text)
+                .map_err(|_| Error::bad_file(Path::new(t), "a chat template must be UTF-8 text"))?;
+            Ok(Some((text, format!("file {}", abs(Path::new(t))))))
+        }
+        Some(m) => {
+            let ck = open_model(m)?;
+            let text = chat_template_text(&ck.dir)?.ok_or_else(|| {
+                Error::Usage(format!("--chat-template {m}: neither a file nor a model with a chat template"))
+            })?;
+            Ok(Some((text, format!("model {}", ck.dir.display()))))
+        }
+        None => Ok(chat_template_text(model_dir)?.map(|t| (t, format!("model {}", model_dir.display())))),
+    }
+}
+
 fn prepare(job: &SftJob) -> Result<Prepared> {
     let a = &job.options;
     a.check()?;
+    let layout = Layout::of(job);
     let ck = open_model(&job.model)?;
     let model_dir = ck.dir.clone();
+    // What the trainer would fail on a minute after launch, said now.
+    let has_tokenizer = ["tokenizer.json", "tokenizer.model"]
+        .iter()
+        .map(|f| crate::model::side_file(&model_dir, f))
+        .collect::<Result<Vec<_>>>()?
+        .iter()
+        .any(Option::is_some);
+    if !has_tokenizer {
+        return Err(Error::Usage(format!(
+            "{} has no tokenizer (tokenizer.json or tokenizer.model), so the data cannot be tokenized",
+            model_dir.display()
+        )));
+    }
     let model_manifest_sha256 = match crate::model::side_file(&model_dir, MANIFEST_FILE)? {
         Some(manifest) => Some(sha256_file(&manifest)?),
         None => None,
     };
-    let stats = process(&a.data, None)?;
+    let stats = a.data.iter().map(|f| process(&f.path)).collect::<Result<Vec<_>>>()?;
+    let eval_stats = a.eval_data.as_deref().map(process).transpose()?;
+    let resume_from = a.resume.as_deref().map(|r| resume_point(r, &layout)).transpose()?;
     let mut needed = vec!["torch", "transformers", "trl", "accelerate", "datasets"];
     if a.lora {
         needed.push("peft");
@@ -164,57 +275,118 @@ fn prepare(job: &SftJob) -> Result<Prepared> {
         needed.push("deepspeed");
     }
     let python = check_python(&python_path(a), &needed)?;
-    let gpu = python.cuda_devices > 0;
+    if let Some(known) = &python.settings {
+        for key in a.train_args.keys() {
+            if !known.contains(key) {
+                let near = known
+                    .iter()
+                    .map(|k| (strsim::jaro_winkler(key, k), k))
+                    .filter(|(x, _)| *x > 0.85)
+                    .max_by(|x, y| x.0.total_cmp(&y.0));
+                let e = Error::Usage(format!(
+                    "--train-arg {key}: not a setting of TRL's SFTConfig, ModelConfig or ScriptArguments in {}",
+                    python.python
+                ));
+                return Err(match near {
+                    Some((_, k)) => e.with_hint(format!("did you mean {k}?")),
+                    None => e,
+                });
+            }
+        }
+    }
+    // Scale-out runs on GPUs. A dry run writes their configs anyway, so a
+    // cluster job can be prepared on a login node without GPUs.
+    let wants_gpu = a.fsdp || a.deepspeed.is_some() || a.world_size() > 1;
+    let gpu = python.cuda_devices > 0 || (job.dry_run && wants_gpu);
+    if !job.dry_run {
+        if wants_gpu && python.cuda_devices == 0 {
+            return Err(Error::Usage(format!(
+                "{} processes{} need GPUs, and torch sees none here (a CPU run is one process)",
+                a.world_size(),
+                if a.fsdp {
+                    " with FSDP"
+                } else if a.deepspeed.is_some() {
+                    " with DeepSpeed"
+                } else {
+                    ""
+                }
+            ))
+            .with_hint("--dry-run prepares the configs on a machine without GPUs"));
+        }
+        if python.cuda_devices > 0 && a.nproc > python.cuda_devices {
+            return Err(Error::Usage(format!(
+                "--nproc {}: torch sees {} GPU(s) on this node",
+                a.nproc, python.cuda_devices
+            )));
+        }
+    }
     let tf_major = python
         .packages
         .get("transformers")
         .and_then(Value::as_str)
         .and_then(|v| v.split('.').next()?.parse().ok())
         .unwrap_or(5);
-    let run = abs(&job.output);
+    let own = abs(&layout.own);
     let mut files = Vec::new();
     let mut template_path = None;
-    if a.assistant_only_loss {
-        let t = chat_template_text(&model_dir)?.ok_or_else(|| {
-            Error::Usage(format!("{} has no chat template, so chat data cannot be rendered", model_dir.display()))
-                .with_hint("apply a chat vector with chatvec (it installs the chat model's template), or add one to tokenizer_config.json")
-        })?;
-        if !has_generation_markers(&t) {
-            if !is_llama3_style(&t) {
-                return Err(Error::Usage(
-                    "the model's chat template has no {% generation %} markers, which assistant-only loss needs, and it is not Llama-3 style (for which chatvec supplies one)".into(),
-                )
-                .with_hint("pass --assistant-only-loss false to train on whole conversations"));
-            }
-            files.push(RunFile { name: "chat_template.jinja", text: LLAMA3_TRAINING_TEMPLATE.to_string() });
-            template_path = Some(format!("{run}/chat_template.jinja"));
+    let Some((template, source)) = chosen_template(a, &model_dir)? else {
+        return Err(Error::Usage(format!("{} has no chat template, so chat data cannot be rendered", model_dir.display()))
+            .with_hint("pass --chat-template FILE|MODEL, or apply a chat vector with chatvec (it installs the chat model's template)"));
+    };
+    let mut used = template.clone();
+    let mut how = "as it is";
+    if a.assistant_only_loss && !has_generation_markers(&template) {
+        if !is_llama3_style(&template) {
+            return Err(Error::Usage(format!(
+                "the chat template ({source}) has no {{% generation %}} markers, which assistant-only loss needs, and it is not Llama-3 style (for which chatvec supplies one)"
+            ))
+            .with_hint("pass --chat-template with a template that has them, or --assistant-only-loss false to train on whole conversations"));
         }
+        if template.contains("tools") || template.contains("Cutting Knowledge") {
+            // Llama 3.1 / 3.3: the plain Llama 3 training template would
+            // drop their system block and tools, and be saved with the model.
+            return Err(Error::Usage(format!(
+                "the chat template ({source}) is Llama 3.1/3.3 style (system block, tools) without {{% generation %}} markers; chatvec's Llama 3 training template would change how it renders"
+            ))
+            .with_hint("pass --chat-template with a copy that wraps the assistant content in {% generation %}...{% endgeneration %}, or --assistant-only-loss false"));
+        }
+        used = LLAMA3_TRAINING_TEMPLATE.to_string();
+        how = "replaced by chatvec's Llama 3 training template (same rendering, with generation markers)";
     }
-    if (a.fsdp || a.deepspeed.is_some()) && !gpu {
-        return Err(Error::Usage("--fsdp and --deepspeed need GPUs, and torch sees none".into()));
+    if used != template || a.chat_template.is_some() {
+        files.push(RunFile { name: "chat_template.jinja", text: used.clone() });
+        template_path = Some(format!("{own}/chat_template.jinja"));
     }
+    let template_record = json!({
+        "source": source,
+        "used": how,
+        "sha256": crate::hash::hex(&<sha2::Sha256 as sha2::Digest>::digest(used.as_bytes())),
+    });
     let architecture = ck
         .config
         .as_ref()
         .and_then(|c| c.raw.get("architectures")?.as_array()?.first()?.as_str().map(str::to_string))
         .unwrap_or_else(|| "LlamaForCausalLM".into());
-    let ds_file = format!("{run}/deepspeed_zero3.json");
-    let sft = sft_config(
-        &abs(&model_dir),
-        &format!("{run}/train.jsonl"),
-        &format!("{run}/model"),
-        a,
-        gpu,
-        tf_major,
-        template_path.as_deref(),
-    );
+    let ds_file = format!("{own}/deepspeed_zero3.json");
+    let data_dir = format!("{own}/data");
+    let model_out = abs(&layout.model);
+    let resume_str = resume_from.as_ref().map(|p| p.display().to_string());
+    let paths = RunPaths {
+        model_dir: &abs(&model_dir),
+        data_dir: &data_dir,
+        has_eval: a.eval_data.is_some() || a.eval_split.is_some(),
+        output_dir: &model_out,
+        chat_template: template_path.as_deref(),
+        resume_from: resume_str.as_deref(),
+    };
+    let sft = sft_config(&paths, a, gpu, tf_major);
     files.push(RunFile { name: "sft_config.yaml", text: to_yaml(&sft)? });
     let accel = accelerate_config(a, gpu, &decoder_layer_class(&architecture), &ds_file);
     files.push(RunFile { name: "accelerate_config.yaml", text: to_yaml(&accel)? });
     if a.deepspeed.is_some() {
         files.push(RunFile {
             name: "deepspeed_zero3.json",
-            text: String::from_utf8_lossy(&to_pretty(&deepspeed_zero3(gpu))).into_owned(),
+            text: String::from_utf8_lossy(&to_pretty(&deepspeed_zero3(gpu, a.cpu_offload))).into_owned(),
         });
     }
     let command = vec![
@@ -223,16 +395,28 @@ fn prepare(job: &SftJob) -> Result<Prepared> {
         LAUNCH_SCRIPT.into(),
         "sft".into(),
         "--config".into(),
-        format!("{run}/sft_config.yaml"),
+        format!("{own}/sft_config.yaml"),
         "--accelerate_config".into(),
-        format!("{run}/accelerate_config.yaml"),
+        format!("{own}/accelerate_config.yaml"),
     ];
     // Unbuffered, so the loss streams as it is logged.
     let env = vec![
         ("PYTHONUNBUFFERED".to_string(), "1".to_string()),
         ("TOKENIZERS_PARALLELISM".to_string(), "false".to_string()),
     ];
-    Ok(Prepared { command, env, files, stats, python, model_dir, model_manifest_sha256 })
+    Ok(Prepared {
+        command,
+        env,
+        files,
+        stats,
+        eval_stats,
+        python,
+        model_dir,
+        model_manifest_sha256,
+        template: template_record,
+        resume_from,
+        layout,
+    })
 }
 
 /// A shell-quoted command line, for display.
@@ -265,14 +449,65 @@ struct Record<'a> {
     version: &'static str,
     command: &'a [String],
     env: &'a [(String, String)],
+    run_dir: String,
+    host: String,
+    node_rank: u64,
+    world_size: u64,
+    started: String,
+    ended: String,
     files: Vec<Value>,
     python: &'a PythonEnv,
     model: Value,
     dataset: Value,
+    chat_template: &'a Value,
+    resumed_from: Option<String>,
     steps_logged: u64,
     final_loss: Option<f64>,
     exit_code: i32,
+    interrupted: bool,
     seconds: f64,
+    trained_model: Value,
+}
+
+/// This machine's host name.
+fn host_name() -> String {
+    let mut buf = [0u8; 256];
+    // SAFETY: gethostname writes at most buf.len() bytes into buf.
+    let r = unsafe { libc::gethostname(buf.as_mut_ptr().cast(), buf.len()) };
+    if r != 0 {
+        return String::new();
+    }
+    let end = buf.iter().position(|&b| b == 0).unwrap_or(buf.len());
+    String::from_utf8_lossy(&buf[..end]).into_owned()
+}
+
+/// `t` as an RFC 3339 UTC timestamp (`2026-11-30T18:21:08Z`).
+fn rfc3339(t: std::time::SystemTime) -> String {
+    let secs = t.duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs()) as i64;
+    let (days, rem) = (secs.div_euclid(86_400), secs.rem_euclid(86_400));
+    // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!("{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}Z", rem / 3600, rem % 3600 / 60, rem % 60)
+}
+
+/// The weight files of the trained model in `dir` with their sha256; empty
+/// when the trainer saved none.
+fn model_files(dir: &Path) -> Result<Vec<Value>> {
+    let Ok(entries) = std::fs::read_dir(dir) else { return Ok(Vec::new()) };
+    let mut names: Vec<String> = entries
+        .filter_map(|e| e.ok()?.file_name().into_string().ok())
+        .filter(|n| n.ends_with(".safetensors") || n.ends_with(".bin"))
+        .collect();
+    names.sort();
+    names.iter().map(|n| Ok(json!({"file": n, "sha256": sha256_file(&dir.join(n))?}))).collect()
 }
 
 /// What `sft` did, or on a dry run what it would do. `--json` prints it as
@@ -320,18 +555,27 @@ impl std::fmt::Display for SftReport {
 /// records the run. The report's `exit_code` is the trainer's.
 pub fn sft(job: &SftJob) -> Result<SftReport> {
     let a = &job.options;
-    if job.output.exists() && !job.force && !job.dry_run {
-        return Err(Error::OutputExists(job.output.clone()));
+    let own = Layout::of(job).own;
+    if a.resume.is_none() && own.exists() && !job.force && !job.dry_run {
+        return Err(Error::OutputExists(own));
+    }
+    if a.resume.is_some() && job.force {
+        return Err(Error::Usage(
+            "--resume continues the run in its directory; --force would delete it".into(),
+        ));
     }
     let p = prepare(job)?;
-    ui::note(&format!(
-        "data {}: {} examples, {} turns, {} characters, sha256 {}",
-        a.data.display(),
-        p.stats.examples,
-        p.stats.turns,
-        p.stats.characters,
-        p.stats.sha256
-    ));
+    for (f, st) in a.data.iter().zip(&p.stats) {
+        ui::note(&format!(
+            "data {} (weight {}): {} examples, {} turns, {} characters, sha256 {}",
+            f.path.display(),
+            f.weight,
+            st.examples,
+            st.turns,
+            st.characters,
+            st.sha256
+        ));
+    }
     let pkgs: Vec<String> =
         p.python.packages.iter().map(|(k, v)| format!("{k} {}", v.as_str().unwrap_or("?"))).collect();
     ui::note(&format!(
@@ -341,12 +585,28 @@ pub fn sft(job: &SftJob) -> Result<SftReport> {
         pkgs.join(", "),
         p.python.cuda_devices
     ));
+    ui::note(&format!(
+        "chat template: {}, {}",
+        p.template["source"].as_str().unwrap_or("?"),
+        p.template["used"].as_str().unwrap_or("?")
+    ));
+    if let Some(r) = &p.resume_from {
+        ui::note(&format!("resuming from {}", r.display()));
+    }
     let mut report = SftReport {
         output: abs(&job.output),
         dry_run: job.dry_run,
         command: p.command.clone(),
         env: p.env.clone(),
-        files: p.files.iter().map(|f| (f.name.to_string(), f.text.clone())).collect(),
+        files: p
+            .files
+            .iter()
+            .map(|f| {
+                let at = own.join(f.name);
+                let name = at.strip_prefix(&job.output).unwrap_or(&at).display().to_string();
+                (name, f.text.clone())
+            })
+            .collect(),
         exit_code: 0,
         steps_logged: 0,
         final_loss: None,
@@ -354,73 +614,120 @@ pub fn sft(job: &SftJob) -> Result<SftReport> {
     if job.dry_run {
         return Ok(report);
     }
-    if job.output.exists() {
+    if own.exists() && a.resume.is_none() {
         // --force replaces an earlier run directory (it holds the trainer's
         // config) or an empty one, never other files, what the run reads,
         // or the directory it was started from.
-        if let Some(why) = crate::output::dir::refuse_replacing(&job.output, "sft_config.yaml") {
+        if let Some(why) = crate::output::dir::refuse_replacing(&own, "sft_config.yaml") {
             return Err(Error::Usage(format!(
                 "--force replaces only an earlier `chatvec sft` run directory or an empty directory, and {} is neither: {why}",
-                job.output.display()
+                own.display()
             ))
             .with_hint("remove it yourself, or choose another run directory"));
         }
-        let out = std::fs::canonicalize(&job.output).map_err(|e| Error::io("resolving", &job.output, e))?;
+        let out = std::fs::canonicalize(&own).map_err(|e| Error::io("resolving", &own, e))?;
         let inside = |p: &Path| std::fs::canonicalize(p).is_ok_and(|c| c.starts_with(&out));
-        if inside(&p.model_dir) || inside(&a.data) || std::env::current_dir().is_ok_and(|c| inside(&c)) {
+        let reads_inside =
+            a.data.iter().any(|f| inside(&f.path)) || a.eval_data.as_deref().is_some_and(inside);
+        if inside(&p.model_dir) || reads_inside || std::env::current_dir().is_ok_and(|c| inside(&c)) {
             return Err(Error::Usage(format!(
                 "{} holds the model, the data or the current directory; choose another run directory",
-                job.output.display()
+                own.display()
             )));
         }
-        std::fs::remove_dir_all(&job.output).map_err(|e| Error::io("removing", &job.output, e))?;
+        std::fs::remove_dir_all(&own).map_err(|e| Error::io("removing", &own, e))?;
     }
-    std::fs::create_dir_all(&job.output).map_err(|e| Error::io("creating", &job.output, e))?;
-    let train = job.output.join("train.jsonl");
-    {
-        let mut w = std::io::BufWriter::new(
-            std::fs::File::create(&train).map_err(|e| Error::io("creating", &train, e))?,
-        );
-        process(&a.data, Some(&mut w))?;
-        w.flush().map_err(|e| Error::io("writing", &train, e))?;
-    }
+    let data_dir = own.join("data");
+    std::fs::create_dir_all(&data_dir).map_err(|e| Error::io("creating", &data_dir, e))?;
+    let mixed = write_data(a, &data_dir)?;
     for f in &p.files {
-        let path = job.output.join(f.name);
+        let path = own.join(f.name);
         std::fs::write(&path, &f.text).map_err(|e| Error::io("writing", &path, e))?;
     }
+    let started = std::time::SystemTime::now();
     let start = Instant::now();
-    let (code, steps, last_loss) = supervise(&p, a.max_steps)?;
+    let (code, steps, last_loss, signals) = supervise(&p, a.max_steps)?;
     let mut files = Vec::new();
-    for name in p.files.iter().map(|f| f.name).chain(["train.jsonl"]) {
-        files.push(json!({"file": name, "sha256": sha256_file(&job.output.join(name))?}));
+    let data_files = ["data/train.jsonl", "data/test.jsonl"].into_iter().filter(|f| own.join(f).is_file());
+    for name in p.files.iter().map(|f| f.name).chain(data_files) {
+        files.push(json!({"file": name, "sha256": sha256_file(&own.join(name))?}));
     }
+    let trained = if code == 0 { model_files(&p.layout.model)? } else { Vec::new() };
     let record = Record {
         tool: "chatvec",
         version: env!("CARGO_PKG_VERSION"),
         command: &p.command,
         env: &p.env,
+        run_dir: abs(&job.output),
+        host: host_name(),
+        node_rank: a.node_rank,
+        world_size: a.world_size(),
+        started: rfc3339(started),
+        ended: rfc3339(std::time::SystemTime::now()),
         files,
         python: &p.python,
-        model: json!({"reference": job.model, "path": p.model_dir.display().to_string(), "manifest_sha256": p.model_manifest_sha256}),
-        dataset: json!({"file": a.data.display().to_string(), "stats": p.stats}),
+        model: json!({"reference": job.model, "path": abs(&p.model_dir), "manifest_sha256": p.model_manifest_sha256}),
+        dataset: json!({"files": mixed, "eval": a.eval_data.as_deref().map(abs), "eval_stats": p.eval_stats, "eval_split": a.eval_split}),
+        chat_template: &p.template,
+        resumed_from: p.resume_from.as_deref().map(abs),
         steps_logged: steps,
         final_loss: last_loss,
         exit_code: code,
+        interrupted: signals > 0,
         seconds: start.elapsed().as_secs_f64(),
+        trained_model: json!({"dir": abs(&p.layout.model), "files": trained}),
     };
-    let rec = job.output.join(RECORD_FILE);
+    let rec = own.join(RECORD_FILE);
     std::fs::write(&rec, to_pretty(&record)).map_err(|e| Error::io("writing", &rec, e))?;
-    if code == 0 {
-        ui::note(&format!(
-            "trained model in {}, run record {}",
-            job.output.join("model").display(),
-            rec.display()
-        ));
-    }
     report.exit_code = code;
     report.steps_logged = steps;
     report.final_loss = last_loss;
+    if code == 0 {
+        // Only global rank 0 saves the model: other nodes have nothing to check.
+        if a.node_rank == 0 && trained.is_empty() {
+            return Err(Error::io(
+                "reading",
+                &p.layout.model,
+                std::io::Error::other("the trainer exited 0 but saved no model weights there"),
+            ));
+        }
+        ui::note(&format!("trained model in {}, run record {}", p.layout.model.display(), rec.display()));
+    }
     Ok(report)
+}
+
+/// Writes `data/train.jsonl` (the weighted mixture) and, with an eval set,
+/// `data/test.jsonl` into `dir`; the file names are the split names the
+/// trainer loads them under.
+fn write_data(a: &SftOptions, dir: &Path) -> Result<Vec<MixedFile>> {
+    let create = |name: &str| -> Result<(PathBuf, std::io::BufWriter<std::fs::File>)> {
+        let path = dir.join(name);
+        let f = std::fs::File::create(&path).map_err(|e| Error::io("creating", &path, e))?;
+        Ok((path, std::io::BufWriter::new(f)))
+    };
+    let (train_path, mut train) = create("train.jsonl")?;
+    let mut eval =
+        if a.eval_data.is_some() || a.eval_split.is_some() { Some(create("test.jsonl")?) } else { None };
+    let inputs: Vec<(&Path, f64)> = a.data.iter().map(|f| (f.path.as_path(), f.weight)).collect();
+    let mixed = write_mixture(
+        &inputs,
+        a.seed,
+        MixOut {
+            train: &mut train,
+            eval: match (&mut eval, a.eval_split) {
+                (Some((_, w)), Some(split)) => Some((w as &mut dyn Write, Some(split))),
+                _ => None,
+            },
+        },
+    )?;
+    if let (Some(path), Some((_, w))) = (a.eval_data.as_deref(), eval.as_mut()) {
+        write_eval(path, w)?;
+    }
+    train.flush().map_err(|e| Error::io("writing", &train_path, e))?;
+    if let Some((p, mut w)) = eval {
+        w.flush().map_err(|e| Error::io("writing", &p, e))?;
+    }
+    Ok(mixed)
 }
 
 impl SftJob {
@@ -428,23 +735,27 @@ impl SftJob {
     /// anything else (`chatvec run` does it before its merge).
     pub fn check_data(&self) -> Result<()> {
         self.options.check()?;
-        process(&self.options.data, None).map(|_| ())
+        for f in &self.options.data {
+            process(&f.path)?;
+        }
+        if let Some(e) = &self.options.eval_data {
+            process(e)?;
+        }
+        Ok(())
     }
 
     /// The `chatvec sft` command line that runs this job.
     pub fn command_line(&self) -> String {
         let o = &self.options;
         let d = SftOptions::default();
-        let mut args: Vec<String> = vec![
-            "chatvec".into(),
-            "sft".into(),
-            "--model".into(),
-            self.model.clone(),
-            "--data".into(),
-            o.data.display().to_string(),
-            "-o".into(),
-            self.output.display().to_string(),
-        ];
+        let mut args: Vec<String> =
+            vec!["chatvec".into(), "sft".into(), "--model".into(), self.model.clone()];
+        for f in &o.data {
+            args.push("--data".into());
+            args.push(f.spelled());
+        }
+        args.push("-o".into());
+        args.push(self.output.display().to_string());
         let mut opt = |flag: &str, value: String, default: String| {
             if value != default {
                 args.push(format!("--{flag}"));
@@ -465,7 +776,24 @@ impl SftJob {
         opt("nproc", o.nproc.to_string(), d.nproc.to_string());
         opt("nnodes", o.nnodes.to_string(), d.nnodes.to_string());
         opt("node-rank", o.node_rank.to_string(), d.node_rank.to_string());
-        opt("master-addr", o.master_addr.clone(), d.master_addr.clone());
+        opt("save-steps", o.save_steps.to_string(), d.save_steps.to_string());
+        opt("save-total-limit", o.save_total_limit.to_string(), d.save_total_limit.to_string());
+        opt("report-to", o.report_to.clone(), d.report_to.clone());
+        for (flag, v) in [
+            ("master-addr", o.master_addr.clone()),
+            ("eval-data", o.eval_data.as_ref().map(|p| p.display().to_string())),
+            ("eval-split", o.eval_split.map(|f| f.to_string())),
+            ("eval-steps", o.eval_steps.map(|n| n.to_string())),
+            ("resume", o.resume.clone()),
+            ("chat-template", o.chat_template.clone()),
+        ] {
+            if let Some(v) = v {
+                opt(flag, v, String::new());
+            }
+        }
+        for (k, v) in &o.train_args {
+            opt("train-arg", format!("{k}={v}"), String::new());
+        }
         opt("master-port", o.master_port.to_string(), d.master_port.to_string());
         if let Some(s) = o.max_steps {
             opt("max-steps", s.to_string(), String::new());
@@ -476,8 +804,13 @@ impl SftJob {
         if let Some(p) = &o.python {
             opt("python", p.display().to_string(), String::new());
         }
-        for (flag, on) in [("packing", o.packing), ("lora", o.lora), ("fsdp", o.fsdp), ("force", self.force)]
-        {
+        for (flag, on) in [
+            ("packing", o.packing),
+            ("lora", o.lora),
+            ("fsdp", o.fsdp),
+            ("cpu-offload", o.cpu_offload),
+            ("force", self.force),
+        ] {
             if on {
                 args.push(format!("--{flag}"));
             }
@@ -487,8 +820,9 @@ impl SftJob {
 }
 
 /// Runs the trainer in its own process group, streams its output, forwards
-/// signals, and returns (exit code, loss lines seen, last loss).
-fn supervise(p: &Prepared, max_steps: Option<u64>) -> Result<(i32, u64, Option<f64>)> {
+/// signals, and returns (exit code, loss lines seen, last loss, signals
+/// forwarded).
+fn supervise(p: &Prepared, max_steps: Option<u64>) -> Result<(i32, u64, Option<f64>, usize)> {
     use std::os::unix::process::{CommandExt, ExitStatusExt};
     let mut cmd = Command::new(&p.command[0]);
     cmd.args(&p.command[1..]).stdout(Stdio::piped()).stderr(Stdio::piped()).process_group(0);
@@ -582,12 +916,20 @@ fn supervise(p: &Prepared, max_steps: Option<u64>) -> Result<(i32, u64, Option<f
     bar.finish_and_clear();
     crate::interrupt::set_supervising(false);
     let code = status.code().unwrap_or_else(|| 128 + status.signal().unwrap_or(0));
-    Ok((code, steps, last))
+    Ok((code, steps, last, forwarded))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn timestamps_are_rfc3339_utc() {
+        let t = |s: u64| rfc3339(std::time::UNIX_EPOCH + Duration::from_secs(s));
+        assert_eq!(t(0), "1970-01-01T00:00:00Z");
+        assert_eq!(t(951_782_400), "2000-02-29T00:00:00Z");
+        assert_eq!(t(1_796_063_468), "2026-11-30T18:31:08Z");
+    }
 
     #[test]
     fn loss_lines_of_transformers_4_and_5_parse() {

@@ -57,7 +57,9 @@ fn de_data<'de, D: Deserializer<'de>>(d: D) -> std::result::Result<Vec<DataFile>
         Many(Vec<String>),
     }
     let list = match OneOrMany::deserialize(d).map_err(|_| {
-        serde::de::Error::custom("expected a file name (\"chat.jsonl\" or \"chat.jsonl:2\") or a list of them")
+        serde::de::Error::custom(
+            "expected a file name (\"chat.jsonl\" or \"chat.jsonl:2\") or a list of them",
+        )
     })? {
         OneOrMany::One(s) => vec![s],
         OneOrMany::Many(v) => v,
@@ -83,9 +85,6 @@ pub const SCHEDULERS: [&str; 11] = [
     "cosine_warmup_with_min_lr",
     "warmup_stable_decay",
 ];
-
-/// The batch systems chatvec writes a job script for.
-pub const LAUNCHERS: [&str; 2] = ["slurm", "pbs"];
 
 /// How to train: every option maps to a TRL / transformers / accelerate
 /// setting. Defaults follow PLaMo-13B-Instruct's SFT (lr 1e-5, warmup
@@ -170,9 +169,6 @@ pub struct SftOptions {
     pub fsdp: bool,
     /// DeepSpeed instead of FSDP: `zero3`.
     pub deepspeed: Option<String>,
-    /// Write a batch script for this scheduler (`slurm`, `pbs`) that runs
-    /// the job on every node, instead of running it here.
-    pub launcher: Option<String>,
     /// The Python interpreter with torch, transformers, trl and accelerate
     /// (default: `$CHATVEC_PYTHON`, else `python3`).
     pub python: Option<PathBuf>,
@@ -213,7 +209,6 @@ impl Default for SftOptions {
             master_port: 29500,
             fsdp: false,
             deepspeed: None,
-            launcher: None,
             python: None,
         }
     }
@@ -279,10 +274,9 @@ impl SftOptions {
                 None => e,
             });
         }
-        if let Some(l) = self.launcher.as_deref().filter(|l| !LAUNCHERS.contains(l)) {
-            return usage(format!("--launcher '{l}': one of {}", LAUNCHERS.join(", ")));
-        }
-        for (name, v) in [("--nproc", self.nproc), ("--nnodes", self.nnodes), ("--batch-size", self.batch_size)] {
+        for (name, v) in
+            [("--nproc", self.nproc), ("--nnodes", self.nnodes), ("--batch-size", self.batch_size)]
+        {
             if v == 0 {
                 return usage(format!("{name} 0: it must be at least 1"));
             }
@@ -298,12 +292,11 @@ impl SftOptions {
                 self.nnodes - 1
             ));
         }
-        if self.nnodes > 1 && self.master_addr.is_none() && self.launcher.is_none() {
-            return Err(Error::Usage(format!(
+        if self.nnodes > 1 && self.master_addr.is_none() {
+            return usage(format!(
                 "--nnodes {} needs --master-addr: the address of the node with rank 0, which every node connects to",
                 self.nnodes
-            ))
-            .with_hint("or pass --launcher slurm|pbs to write a job script that finds it"));
+            ));
         }
         if let Some(a) = &self.master_addr
             && (a.is_empty() || a.chars().any(|c| c.is_whitespace() || c.is_control()))
@@ -331,7 +324,9 @@ impl SftOptions {
             return usage("--cpu-offload needs --fsdp or --deepspeed zero3".into());
         }
         if self.save_steps > 0 && self.save_total_limit == 0 {
-            return usage("--save-total-limit 0 would delete every checkpoint; use --save-steps 0 for none".into());
+            return usage(
+                "--save-total-limit 0 would delete every checkpoint; use --save-steps 0 for none".into(),
+            );
         }
         for key in self.train_args.keys() {
             if let Some((_, flag)) = OWN_KEYS.iter().find(|(k, _)| k == key) {
@@ -356,9 +351,9 @@ fn strsim_nearest<'a>(s: &str, candidates: &[&'a str]) -> Option<&'a str> {
 /// (`true`, `0.1`, `[a, b]`, `{k: v}`), so it comes out in the trainer's
 /// config as the type the key expects.
 pub fn parse_train_arg(s: &str) -> Result<(String, Value)> {
-    let (k, v) = s
-        .split_once('=')
-        .ok_or_else(|| Error::Usage(format!("--train-arg '{s}': expected KEY=VALUE, e.g. weight_decay=0.1")))?;
+    let (k, v) = s.split_once('=').ok_or_else(|| {
+        Error::Usage(format!("--train-arg '{s}': expected KEY=VALUE, e.g. weight_decay=0.1"))
+    })?;
     let k = k.trim();
     if k.is_empty() || !k.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
         return Err(Error::Usage(format!("--train-arg '{s}': '{k}' is not a setting name")));
@@ -386,9 +381,15 @@ mod tests {
 
     #[test]
     fn train_args_are_typed_as_yaml_reads_them() {
-        assert_eq!(parse_train_arg("weight_decay=0.1").unwrap(), ("weight_decay".into(), serde_json::json!(0.1)));
+        assert_eq!(
+            parse_train_arg("weight_decay=0.1").unwrap(),
+            ("weight_decay".into(), serde_json::json!(0.1))
+        );
         assert_eq!(parse_train_arg("bf16=true").unwrap().1, serde_json::json!(true));
-        assert_eq!(parse_train_arg("optim=adamw_torch_fused").unwrap().1, serde_json::json!("adamw_torch_fused"));
+        assert_eq!(
+            parse_train_arg("optim=adamw_torch_fused").unwrap().1,
+            serde_json::json!("adamw_torch_fused")
+        );
         assert_eq!(parse_train_arg("report_to=[a, b]").unwrap().1, serde_json::json!(["a", "b"]));
         assert!(parse_train_arg("no_equals").is_err());
         assert!(parse_train_arg("bad key=1").is_err());
@@ -398,12 +399,12 @@ mod tests {
     fn scale_out_settings_are_checked_before_anything_runs() {
         let base = || SftOptions { data: vec![DataFile::parse("d.jsonl").unwrap()], ..SftOptions::default() };
         assert!(base().check().is_ok());
-        let cases: [(fn(&mut SftOptions), &str); 9] = [
+        type Edit = fn(&mut SftOptions);
+        let cases: [(Edit, &str); 8] = [
             (|o| o.nnodes = 2, "needs --master-addr"),
             (|o| o.node_rank = 5, "--node-rank 5 of --nnodes 1"),
             (|o| o.nproc = 0, "--nproc 0"),
             (|o| o.scheduler = "cosin".into(), "'cosin' is not a transformers schedule"),
-            (|o| o.launcher = Some("lsf".into()), "--launcher 'lsf'"),
             (|o| o.warmup_ratio = 1.5, "--warmup-ratio 1.5"),
             (|o| o.cpu_offload = true, "--cpu-offload needs --fsdp"),
             (|o| drop(o.train_args.insert("learning_rate".into(), 1.into())), "use --lr"),
