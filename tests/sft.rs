@@ -405,3 +405,41 @@ fn data_files_mix_by_weight_hold_out_an_eval_split_and_runs_resume() {
     assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
     assert!(stderr(&o).contains("the trainer exited 0 but saved no model weights there"), "{}", stderr(&o));
 }
+
+#[test]
+fn launcher_writes_a_batch_script_that_runs_every_node() {
+    let d = tempfile::tempdir().unwrap();
+    let (model, data) = setup(d.path());
+    let py = fake_python(d.path(), "");
+    let run = d.path().join("run");
+    for (launcher, rank) in [("slurm", "SLURM_NODEID"), ("pbs", "OMPI_COMM_WORLD_RANK")] {
+        let o = sft(&model, &data, &run, &py)
+            .args(["--launcher", launcher, "--nnodes", "2", "--nproc", "8", "--fsdp"])
+            .output()
+            .unwrap();
+        ok(&o);
+        let script = d.path().join(format!("run.{launcher}"));
+        let text = std::fs::read_to_string(&script).unwrap();
+        assert!(text.contains(rank), "{text}");
+        assert!(
+            text.contains("--nnodes 2") && text.contains("--nproc 8") && text.contains("--fsdp"),
+            "{text}"
+        );
+        assert!(!text.contains("--launcher"), "{text}");
+        assert!(text.contains("--node-rank \"$RANK\" --master-addr \"$MASTER_ADDR\""), "{text}");
+        // Valid bash, executable, and nothing run or created here.
+        let syntax = Command::new("bash").arg("-n").arg(&script).output().unwrap();
+        assert!(syntax.status.success(), "{}", String::from_utf8_lossy(&syntax.stderr));
+        let mode =
+            std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(&script).unwrap().permissions());
+        assert_eq!(mode & 0o111, 0o111);
+        assert!(!run.exists());
+        assert!(stderr(&o).contains(if launcher == "pbs" { "qsub" } else { "sbatch" }), "{}", stderr(&o));
+    }
+    let o = sft(&model, &data, &run, &py)
+        .args(["--launcher", "slurm", "--node-rank", "1", "--nnodes", "2"])
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(1));
+    assert!(stderr(&o).contains("leave them out"), "{}", stderr(&o));
+}

@@ -454,6 +454,9 @@ pub struct SftArgs {
     /// DeepSpeed instead: zero3.
     #[arg(long, value_parser = ["zero3"])]
     pub deepspeed: Option<String>,
+    /// Write a batch script (RUN.slurm or RUN.pbs beside -o) that runs this job on every node with its rank and the master address, instead of training here.
+    #[arg(long, value_parser = ["slurm", "pbs"])]
+    pub launcher: Option<String>,
     /// The Python interpreter with torch, transformers, trl and accelerate (default: $CHATVEC_PYTHON, else python3).
     #[arg(long)]
     pub python: Option<PathBuf>,
@@ -502,6 +505,7 @@ impl SftArgs {
             master_port: self.master_port,
             fsdp: self.fsdp,
             deepspeed: self.deepspeed.clone(),
+            launcher: self.launcher.clone(),
             python: self.python.clone(),
         }
     }

@@ -34,6 +34,7 @@ use crate::ui;
 
 pub(crate) mod config;
 pub(crate) mod data;
+pub(crate) mod launcher;
 pub(crate) mod options;
 
 pub use options::{DataFile, SftOptions, parse_train_arg};
@@ -420,7 +421,7 @@ fn prepare(job: &SftJob) -> Result<Prepared> {
 }
 
 /// A shell-quoted command line, for display.
-fn shell_line(cmd: &[String]) -> String {
+pub(crate) fn shell_line(cmd: &[String]) -> String {
     cmd.iter()
         .map(|a| {
             if a.chars().all(|c| c.is_ascii_alphanumeric() || "-_./=:@".contains(c)) {
@@ -555,6 +556,9 @@ impl std::fmt::Display for SftReport {
 /// records the run. The report's `exit_code` is the trainer's.
 pub fn sft(job: &SftJob) -> Result<SftReport> {
     let a = &job.options;
+    if let Some(l) = &a.launcher {
+        return write_job_script(job, l);
+    }
     let own = Layout::of(job).own;
     if a.resume.is_none() && own.exists() && !job.force && !job.dry_run {
         return Err(Error::OutputExists(own));
@@ -696,6 +700,52 @@ pub fn sft(job: &SftJob) -> Result<SftReport> {
     Ok(report)
 }
 
+/// `--launcher`: checks the options and the data, then writes the batch
+/// script beside the run directory (`RUN.slurm`, `RUN.pbs`); each node's
+/// run then checks its own Python environment and GPUs.
+fn write_job_script(job: &SftJob, launcher: &str) -> Result<SftReport> {
+    job.check_data()?;
+    let a = &job.options;
+    let out = std::path::absolute(&job.output).map_err(|e| Error::io("resolving", &job.output, e))?;
+    let script = out.with_extension(launcher);
+    let cwd = std::env::current_dir().map_err(|e| Error::io("reading", Path::new("."), e))?;
+    let exe = std::env::current_exe().map_err(|e| Error::io("locating", Path::new("chatvec"), e))?;
+    let mut node = job.clone();
+    node.options.launcher = None;
+    node.dry_run = false;
+    let text = launcher::job_script(launcher, &exe, &node.command_args(), a.nnodes, a.nproc, &script, &cwd);
+    let submit = if launcher == "pbs" { "qsub" } else { "sbatch" };
+    let report = SftReport {
+        // The script sits beside the run directory.
+        output: out.parent().unwrap_or(&out).display().to_string(),
+        dry_run: job.dry_run,
+        command: vec![submit.into(), script.display().to_string()],
+        env: Vec::new(),
+        files: vec![(
+            script.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default(),
+            text.clone(),
+        )],
+        exit_code: 0,
+        steps_logged: 0,
+        final_loss: None,
+    };
+    if job.dry_run {
+        return Ok(report);
+    }
+    if script.exists() && !job.force {
+        return Err(Error::OutputExists(script));
+    }
+    if let Some(parent) = script.parent() {
+        std::fs::create_dir_all(parent).map_err(|e| Error::io("creating", parent, e))?;
+    }
+    std::fs::write(&script, &text).map_err(|e| Error::io("writing", &script, e))?;
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755))
+        .map_err(|e| Error::io("writing", &script, e))?;
+    ui::note(&format!("wrote {}: submit it with {submit} {}", script.display(), script.display()));
+    Ok(report)
+}
+
 /// Writes `data/train.jsonl` (the weighted mixture) and, with an eval set,
 /// `data/test.jsonl` into `dir`; the file names are the split names the
 /// trainer loads them under.
@@ -746,10 +796,16 @@ impl SftJob {
 
     /// The `chatvec sft` command line that runs this job.
     pub fn command_line(&self) -> String {
+        let mut args = vec!["chatvec".to_string()];
+        args.extend(self.command_args());
+        shell_line(&args)
+    }
+
+    /// The arguments after `chatvec` that run this job.
+    fn command_args(&self) -> Vec<String> {
         let o = &self.options;
         let d = SftOptions::default();
-        let mut args: Vec<String> =
-            vec!["chatvec".into(), "sft".into(), "--model".into(), self.model.clone()];
+        let mut args: Vec<String> = vec!["sft".into(), "--model".into(), self.model.clone()];
         for f in &o.data {
             args.push("--data".into());
             args.push(f.spelled());
@@ -801,6 +857,9 @@ impl SftJob {
         if let Some(z) = &o.deepspeed {
             opt("deepspeed", z.clone(), String::new());
         }
+        if let Some(l) = &o.launcher {
+            opt("launcher", l.clone(), String::new());
+        }
         if let Some(p) = &o.python {
             opt("python", p.display().to_string(), String::new());
         }
@@ -815,7 +874,7 @@ impl SftJob {
                 args.push(format!("--{flag}"));
             }
         }
-        shell_line(&args)
+        args
     }
 }
 

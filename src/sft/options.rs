@@ -86,6 +86,9 @@ pub const SCHEDULERS: [&str; 11] = [
     "warmup_stable_decay",
 ];
 
+/// The batch systems chatvec writes a job script for.
+pub const LAUNCHERS: [&str; 2] = ["slurm", "pbs"];
+
 /// How to train: every option maps to a TRL / transformers / accelerate
 /// setting. Defaults follow PLaMo-13B-Instruct's SFT (lr 1e-5, warmup
 /// ratio 0.03, cosine). A recipe's `[sft]` table holds the same keys.
@@ -169,6 +172,10 @@ pub struct SftOptions {
     pub fsdp: bool,
     /// DeepSpeed instead of FSDP: `zero3`.
     pub deepspeed: Option<String>,
+    /// Write a batch script for this scheduler (`slurm`, `pbs`) that runs
+    /// the job on every node, with each node's rank and the master
+    /// address, instead of running it here.
+    pub launcher: Option<String>,
     /// The Python interpreter with torch, transformers, trl and accelerate
     /// (default: `$CHATVEC_PYTHON`, else `python3`).
     pub python: Option<PathBuf>,
@@ -209,6 +216,7 @@ impl Default for SftOptions {
             master_port: 29500,
             fsdp: false,
             deepspeed: None,
+            launcher: None,
             python: None,
         }
     }
@@ -292,11 +300,21 @@ impl SftOptions {
                 self.nnodes - 1
             ));
         }
-        if self.nnodes > 1 && self.master_addr.is_none() {
-            return usage(format!(
+        if let Some(l) = &self.launcher {
+            if !LAUNCHERS.contains(&l.as_str()) {
+                return usage(format!("--launcher '{l}': one of {}", LAUNCHERS.join(", ")));
+            }
+            if self.node_rank != 0 || self.master_addr.is_some() {
+                return usage(format!(
+                    "--launcher {l} sets each node's --node-rank and --master-addr itself; leave them out"
+                ));
+            }
+        } else if self.nnodes > 1 && self.master_addr.is_none() {
+            return Err(Error::Usage(format!(
                 "--nnodes {} needs --master-addr: the address of the node with rank 0, which every node connects to",
                 self.nnodes
-            ));
+            ))
+            .with_hint("or pass --launcher slurm|pbs to write a job script that finds it"));
         }
         if let Some(a) = &self.master_addr
             && (a.is_empty() || a.chars().any(|c| c.is_whitespace() || c.is_control()))
@@ -400,12 +418,14 @@ mod tests {
         let base = || SftOptions { data: vec![DataFile::parse("d.jsonl").unwrap()], ..SftOptions::default() };
         assert!(base().check().is_ok());
         type Edit = fn(&mut SftOptions);
-        let cases: [(Edit, &str); 8] = [
+        let cases: [(Edit, &str); 10] = [
             (|o| o.nnodes = 2, "needs --master-addr"),
             (|o| o.node_rank = 5, "--node-rank 5 of --nnodes 1"),
             (|o| o.nproc = 0, "--nproc 0"),
             (|o| o.scheduler = "cosin".into(), "'cosin' is not a transformers schedule"),
             (|o| o.warmup_ratio = 1.5, "--warmup-ratio 1.5"),
+            (|o| o.launcher = Some("lsf".into()), "--launcher 'lsf'"),
+            (|o| (o.launcher, o.node_rank, o.nnodes) = (Some("slurm".into()), 1, 2), "leave them out"),
             (|o| o.cpu_offload = true, "--cpu-offload needs --fsdp"),
             (|o| drop(o.train_args.insert("learning_rate".into(), 1.into())), "use --lr"),
             (|o| o.eval_split = Some(1.0), "--eval-split 1"),
