@@ -252,6 +252,29 @@ pub fn is_llama3_style(template: &str) -> bool {
     template.contains("<|start_header_id|>") && template.contains("<|eot_id|>")
 }
 
+/// Meta's Llama 3.1 / 3.2 / 3.3 templates (system block, tools) render
+/// each plain message with one expression; wrapping the assistant's
+/// content in `{% generation %}` markers there gives the training template
+/// TRL needs while every rendered text stays the same (the markers render
+/// nothing), so the system block and tools are kept. None when the
+/// template has no such expression.
+pub fn insert_llama3x_markers(template: &str) -> Option<String> {
+    let re = regex::Regex::new(
+        r"\{\{-?\s*'<\|start_header_id\|>'\s*\+\s*message\['role'\]\s*\+\s*'<\|end_header_id\|>\\n\\n'\s*\+\s*message\['content'\]\s*\|\s*trim\s*\+\s*'<\|eot_id\|>'\s*-?\}\}",
+    )
+    .ok()?;
+    if re.find_iter(template).count() != 1 {
+        return None;
+    }
+    let marked = concat!(
+        "{{- '<|start_header_id|>' + message['role'] + '<|end_header_id|>\\n\\n' }}",
+        "{%- if message['role'] == 'assistant' %}",
+        "{%- generation %}{{- message['content'] | trim + '<|eot_id|>' }}{%- endgeneration %}",
+        "{%- else %}{{- message['content'] | trim + '<|eot_id|>' }}{%- endif %}",
+    );
+    Some(re.replace(template, regex::NoExpand(marked)).into_owned())
+}
+
 /// A Llama-3 chat template whose assistant replies sit inside
 /// `{% generation %}` markers, so TRL can train on them alone. It renders
 /// the same text as Meta's template without tools: the bos token, then per
@@ -385,6 +408,17 @@ mod tests {
         ] {
             assert_eq!(yaml11_not_a_string(s), tagged, "{s}");
         }
+    }
+
+    #[test]
+    fn llama3_1_templates_get_markers_in_place() {
+        // The message loop of Meta's Llama 3.1 template (as TRL ships it).
+        let t = "{%- for message in messages %}\n    {%- if not (message.role == 'ipython' or message.role == 'tool' or 'tool_calls' in message) %}\n        {{- '<|start_header_id|>' + message['role'] + '<|end_header_id|>\\n\\n'+ message['content'] | trim + '<|eot_id|>' }}\n    {%- elif 'tool_calls' in message %}x{%- endif %}{%- endfor %}";
+        let m = insert_llama3x_markers(t).unwrap();
+        assert!(has_generation_markers(&m), "{m}");
+        assert!(m.contains("{%- elif 'tool_calls' in message %}x"), "the rest is kept: {m}");
+        assert!(m.contains("'<|end_header_id|>\\n\\n' }}{%- if message['role'] == 'assistant' %}"), "{m}");
+        assert!(insert_llama3x_markers("{{ messages }}").is_none());
     }
 
     #[test]

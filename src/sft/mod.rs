@@ -27,7 +27,7 @@ use crate::output::sidecars::chat_template_text;
 use crate::resolve::open_model;
 use crate::sft::config::{
     LLAMA3_TRAINING_TEMPLATE, RunPaths, accelerate_config, decoder_layer_class, deepspeed_zero3,
-    has_generation_markers, is_llama3_style, sft_config, to_yaml,
+    has_generation_markers, insert_llama3x_markers, is_llama3_style, sft_config, to_yaml,
 };
 use crate::sft::data::{DataStats, MixOut, MixedFile, process, write_eval, write_mixture};
 use crate::ui;
@@ -345,14 +345,18 @@ fn prepare(job: &SftJob) -> Result<Prepared> {
         }
         if template.contains("tools") || template.contains("Cutting Knowledge") {
             // Llama 3.1 / 3.3: the plain Llama 3 training template would
-            // drop their system block and tools, and be saved with the model.
-            return Err(Error::Usage(format!(
-                "the chat template ({source}) is Llama 3.1/3.3 style (system block, tools) without {{% generation %}} markers; chatvec's Llama 3 training template would change how it renders"
-            ))
-            .with_hint("pass --chat-template with a copy that wraps the assistant content in {% generation %}...{% endgeneration %}, or --assistant-only-loss false"));
+            // drop their system block and tools, so markers go in place.
+            used = insert_llama3x_markers(&template).ok_or_else(|| {
+                Error::Usage(format!(
+                    "the chat template ({source}) is Llama 3.1/3.3 style (system block, tools) without {{% generation %}} markers, and chatvec does not recognise its message expression to add them"
+                ))
+                .with_hint("pass --chat-template with a copy that wraps the assistant content in {% generation %}...{% endgeneration %}, or --assistant-only-loss false")
+            })?;
+            how = "with {% generation %} markers inserted around the assistant content (same rendering)";
+        } else {
+            used = LLAMA3_TRAINING_TEMPLATE.to_string();
+            how = "replaced by chatvec's Llama 3 training template (same rendering, with generation markers)";
         }
-        used = LLAMA3_TRAINING_TEMPLATE.to_string();
-        how = "replaced by chatvec's Llama 3 training template (same rendering, with generation markers)";
     }
     if used != template || a.chat_template.is_some() {
         files.push(RunFile { name: "chat_template.jinja", text: used.clone() });
