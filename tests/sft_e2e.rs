@@ -93,3 +93,66 @@ fn apply_then_a_few_real_sft_steps_on_the_cpu() {
             .unwrap();
     assert_eq!(state["global_step"], 5);
 }
+
+/// Loads each generated accelerate config with accelerate's own loader and
+/// the SFT config with TRL's parser, with every Python warning an error.
+const PARSE_CONFIGS: &str = r#"
+import json, os, sys, warnings
+warnings.simplefilter("error")
+out = sys.argv[2]
+with open(sys.argv[1]) as f:
+    report = json.load(f)
+for name, text in report["files"]:
+    with open(os.path.join(out, os.path.basename(name)), "w") as f:
+        f.write(text)
+from accelerate.commands.config.config_args import load_config_from_file
+c = load_config_from_file(os.path.join(out, "accelerate_config.yaml"))
+import yaml
+from trl import DatasetMixtureConfig, ModelConfig, ScriptArguments, SFTConfig, TrlParser
+with open(os.path.join(out, "sft_config.yaml")) as f:
+    cfg = yaml.safe_load(f)
+cfg["bf16"] = False  # the configs are for GPUs; this machine has none
+with open(os.path.join(out, "sft_cpu.yaml"), "w") as f:
+    yaml.safe_dump(cfg, f)
+TrlParser((ScriptArguments, SFTConfig, ModelConfig, DatasetMixtureConfig)).parse_args_and_config(
+    ["--config", os.path.join(out, "sft_cpu.yaml")]
+)
+print("parsed", c.distributed_type, c.num_processes)
+"#;
+
+#[test]
+#[ignore = "needs torch/transformers/trl/accelerate: CHATVEC_SFT_PYTHON=$(scripts/sft-venv.sh) cargo test --test sft_e2e -- --ignored"]
+fn cluster_configs_parse_in_accelerate_and_trl_without_warnings() {
+    let py = std::env::var_os("CHATVEC_SFT_PYTHON")
+        .map(PathBuf::from)
+        .expect("CHATVEC_SFT_PYTHON: the interpreter scripts/sft-venv.sh prints");
+    let d = tempfile::tempdir().unwrap();
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/make_tiny_llama.py");
+    let o = Command::new(&py).arg(script).arg(d.path()).output().unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let data = d.path().join("data.jsonl");
+    std::fs::write(&data, "{\"instruction\": \"Add\", \"input\": \"1 + 1\", \"output\": \"2\"}\n").unwrap();
+    let model = d.path().join("chat");
+    for (extra, kind) in [
+        (&["--fsdp", "--nproc", "8"][..], "FSDP 8"),
+        (
+            &["--nproc", "4", "--nnodes", "2", "--node-rank", "1", "--master-addr", "10.0.0.1"][..],
+            "MULTI_GPU 8",
+        ),
+    ] {
+        let o = command()
+            .args(["--json", "sft", "--model", s(&model), "--data", s(&data), "-o", s(&d.path().join("run"))])
+            .args(["--python", s(&py), "--dry-run", "--assistant-only-loss", "false"])
+            .args(extra)
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{}", stderr(&o));
+        let report = d.path().join("report.json");
+        std::fs::write(&report, &o.stdout).unwrap();
+        let out = tempfile::tempdir().unwrap();
+        let o = Command::new(&py).arg("-c").arg(PARSE_CONFIGS).arg(&report).arg(out.path()).output().unwrap();
+        assert!(o.status.success(), "{kind}: {}", String::from_utf8_lossy(&o.stderr));
+        let said = String::from_utf8_lossy(&o.stdout).replace("DistributedType.", "");
+        assert!(said.contains(&format!("parsed {kind}")), "{said}");
+    }
+}
