@@ -155,4 +155,28 @@ fn cluster_configs_parse_in_accelerate_and_trl_without_warnings() {
         let said = String::from_utf8_lossy(&o.stdout).replace("DistributedType.", "");
         assert!(said.contains(&format!("parsed {kind}")), "{said}");
     }
+
+    // Assistant-only loss on a template chatvec does not mark: TRL is asked
+    // before launch whether it patches it (Qwen2.5: yes; an odd one: no).
+    let o = Command::new(&py)
+        .arg("-c")
+        .arg("import os, trl; print(os.path.dirname(trl.__file__))")
+        .output()
+        .unwrap();
+    let qwen = PathBuf::from(String::from_utf8_lossy(&o.stdout).trim()).join("chat_templates/qwen2_5.jinja");
+    let odd = d.path().join("odd.jinja");
+    std::fs::write(&odd, "{% for m in messages %}{{ m.content }}{% endfor %}").unwrap();
+    let dry = |t: &PathBuf| {
+        command()
+            .args(["sft", "--model", s(&model), "--data", s(&data), "-o", s(&d.path().join("run"))])
+            .args(["--python", s(&py), "--dry-run", "--chat-template", s(t)])
+            .output()
+            .unwrap()
+    };
+    let o = dry(&qwen);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(stderr(&o).contains("TRL adds generation markers for its family"), "{}", stderr(&o));
+    let o = dry(&odd);
+    assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
+    assert!(stderr(&o).contains("neither chatvec nor TRL can add them (TRL:"), "{}", stderr(&o));
 }

@@ -74,6 +74,19 @@ try:
     out["cuda_devices"] = torch.cuda.device_count() if torch.cuda.is_available() else 0
 except Exception:
     pass
+spec = json.loads(sys.stdin.read() or "null")
+if spec:
+    # Would TRL patch this chat template for assistant-only loss itself?
+    try:
+        from transformers import AutoTokenizer
+        from trl.chat_template_utils import get_training_chat_template
+        tok = AutoTokenizer.from_pretrained(spec["model"])
+        tok.chat_template = spec["template"]
+        get_training_chat_template(tok)
+        out["trl_patches_template"] = True
+    except Exception as e:
+        out["trl_patches_template"] = False
+        out["template_error"] = str(e)[:400]
 try:
     import dataclasses
     from trl import ModelConfig, ScriptArguments, SFTConfig
@@ -97,6 +110,11 @@ pub(crate) struct PythonEnv {
     /// ScriptArguments), when TRL could list them.
     #[serde(skip)]
     pub settings: Option<Vec<String>>,
+    /// Whether TRL would patch the chat template asked about for
+    /// assistant-only loss (None: not asked, or TRL could not say), and why
+    /// not.
+    #[serde(skip)]
+    pub trl_patches_template: Option<(bool, String)>,
 }
 
 fn python_path(a: &SftOptions) -> PathBuf {
@@ -107,12 +125,33 @@ fn python_path(a: &SftOptions) -> PathBuf {
 }
 
 /// Checks that `python` imports every package in `needed`.
-pub(crate) fn check_python(python: &Path, needed: &[&str]) -> Result<PythonEnv> {
-    let out = Command::new(python).arg("-c").arg(CHECK_SCRIPT).args(needed).output().map_err(|e| {
+/// With `template` (model directory, template text), also asks whether
+/// TRL would patch that template for assistant-only loss.
+pub(crate) fn check_python(
+    python: &Path,
+    needed: &[&str],
+    template: Option<(&Path, &str)>,
+) -> Result<PythonEnv> {
+    let cannot = |e: std::io::Error| {
         Error::Usage(format!("cannot run Python interpreter {}: {e}", python.display())).with_hint(format!(
             "pass --python PATH or set {PYTHON_ENV} to a Python with torch, transformers, trl, accelerate"
         ))
-    })?;
+    };
+    let mut child = Command::new(python)
+        .arg("-c")
+        .arg(CHECK_SCRIPT)
+        .args(needed)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(cannot)?;
+    let spec = template.map(|(dir, t)| json!({"model": dir.display().to_string(), "template": t}));
+    if let Some(mut stdin) = child.stdin.take() {
+        // An interpreter that exits without reading is reported below.
+        let _ = stdin.write_all(spec.map(|v| v.to_string()).unwrap_or_default().as_bytes());
+    }
+    let out = child.wait_with_output().map_err(cannot)?;
     let text = String::from_utf8_lossy(&out.stdout);
     let v: Value = text.lines().rev().find_map(|l| serde_json::from_str(l).ok()).ok_or_else(|| {
         Error::Usage(format!("{} could not check its packages (exit {})", python.display(), out.status))
@@ -137,6 +176,10 @@ pub(crate) fn check_python(python: &Path, needed: &[&str]) -> Result<PythonEnv> 
             .get("settings")
             .and_then(Value::as_array)
             .map(|a| a.iter().filter_map(Value::as_str).map(str::to_string).collect()),
+        trl_patches_template: v
+            .get("trl_patches_template")
+            .and_then(Value::as_bool)
+            .map(|b| (b, v.get("template_error").and_then(Value::as_str).unwrap_or_default().to_string())),
     })
 }
 
@@ -275,7 +318,15 @@ fn prepare(job: &SftJob) -> Result<Prepared> {
     if a.deepspeed.is_some() {
         needed.push("deepspeed");
     }
-    let python = check_python(&python_path(a), &needed)?;
+    let Some((template, source)) = chosen_template(a, &model_dir)? else {
+        return Err(Error::Usage(format!("{} has no chat template, so chat data cannot be rendered", model_dir.display()))
+            .with_hint("pass --chat-template FILE|MODEL, or apply a chat vector with chatvec (it installs the chat model's template)"));
+    };
+    // A template without markers that chatvec does not mark itself: ask
+    // TRL, before launch, whether it patches it.
+    let ask = a.assistant_only_loss && !has_generation_markers(&template) && !is_llama3_style(&template);
+    let python =
+        check_python(&python_path(a), &needed, ask.then_some((model_dir.as_path(), template.as_str())))?;
     if let Some(known) = &python.settings {
         for key in a.train_args.keys() {
             if !known.contains(key) {
@@ -330,20 +381,25 @@ fn prepare(job: &SftJob) -> Result<Prepared> {
     let own = abs(&layout.own);
     let mut files = Vec::new();
     let mut template_path = None;
-    let Some((template, source)) = chosen_template(a, &model_dir)? else {
-        return Err(Error::Usage(format!("{} has no chat template, so chat data cannot be rendered", model_dir.display()))
-            .with_hint("pass --chat-template FILE|MODEL, or apply a chat vector with chatvec (it installs the chat model's template)"));
-    };
     let mut used = template.clone();
     let mut how = "as it is";
     if a.assistant_only_loss && !has_generation_markers(&template) {
         if !is_llama3_style(&template) {
-            return Err(Error::Usage(format!(
-                "the chat template ({source}) has no {{% generation %}} markers, which assistant-only loss needs, and it is not Llama-3 style (for which chatvec supplies one)"
-            ))
-            .with_hint("pass --chat-template with a template that has them, or --assistant-only-loss false to train on whole conversations"));
-        }
-        if template.contains("tools") || template.contains("Cutting Knowledge") {
+            match &python.trl_patches_template {
+                // TRL swaps in its training copy while encoding; the model
+                // is saved with the template as it is.
+                Some((true, _)) => {
+                    how = "as it is; TRL adds generation markers for its family while training"
+                }
+                other => {
+                    let why = other.as_ref().map(|(_, e)| format!(" (TRL: {e})")).unwrap_or_default();
+                    return Err(Error::Usage(format!(
+                        "the chat template ({source}) has no {{% generation %}} markers, which assistant-only loss needs, and neither chatvec nor TRL can add them{why}"
+                    ))
+                    .with_hint("pass --chat-template with a template that has them, or --assistant-only-loss false to train on whole conversations"));
+                }
+            }
+        } else if template.contains("tools") || template.contains("Cutting Knowledge") {
             // Llama 3.1 / 3.3: the plain Llama 3 training template would
             // drop their system block and tools, so markers go in place.
             used = insert_llama3x_markers(&template).ok_or_else(|| {
