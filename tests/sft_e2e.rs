@@ -13,9 +13,9 @@ use std::process::Command;
 
 use common::*;
 
-#[test]
-#[ignore = "needs torch/transformers/trl/accelerate: CHATVEC_SFT_PYTHON=$(scripts/sft-venv.sh) cargo test --test sft_e2e -- --ignored"]
-fn apply_then_a_few_real_sft_steps_on_the_cpu() {
+/// The interpreter of the SFT environment, and a directory with three tiny
+/// Llamas (base, chat, pretrained) built by transformers.
+fn tiny_llamas() -> (PathBuf, tempfile::TempDir) {
     let py = std::env::var_os("CHATVEC_SFT_PYTHON")
         .map(PathBuf::from)
         .expect("CHATVEC_SFT_PYTHON: the interpreter scripts/sft-venv.sh prints");
@@ -23,6 +23,13 @@ fn apply_then_a_few_real_sft_steps_on_the_cpu() {
     let script = concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/make_tiny_llama.py");
     let o = Command::new(&py).arg(script).arg(d.path()).output().unwrap();
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    (py, d)
+}
+
+#[test]
+#[ignore = "needs torch/transformers/trl/accelerate: CHATVEC_SFT_PYTHON=$(scripts/sft-venv.sh) cargo test --test sft_e2e -- --ignored"]
+fn apply_then_a_few_real_sft_steps_on_the_cpu() {
+    let (py, d) = tiny_llamas();
 
     let cv = d.path().join("cv");
     ok(&chatvec(&[
@@ -123,13 +130,7 @@ print("parsed", c.distributed_type, c.num_processes)
 #[test]
 #[ignore = "needs torch/transformers/trl/accelerate: CHATVEC_SFT_PYTHON=$(scripts/sft-venv.sh) cargo test --test sft_e2e -- --ignored"]
 fn cluster_configs_parse_in_accelerate_and_trl_without_warnings() {
-    let py = std::env::var_os("CHATVEC_SFT_PYTHON")
-        .map(PathBuf::from)
-        .expect("CHATVEC_SFT_PYTHON: the interpreter scripts/sft-venv.sh prints");
-    let d = tempfile::tempdir().unwrap();
-    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/make_tiny_llama.py");
-    let o = Command::new(&py).arg(script).arg(d.path()).output().unwrap();
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let (py, d) = tiny_llamas();
     let data = d.path().join("data.jsonl");
     std::fs::write(&data, "{\"instruction\": \"Add\", \"input\": \"1 + 1\", \"output\": \"2\"}\n").unwrap();
     let model = d.path().join("chat");
