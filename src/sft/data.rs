@@ -270,12 +270,11 @@ pub struct MixedFile {
     pub eval_examples: u64,
 }
 
-/// Where the mixture goes: the train file, and the eval file with the
-/// fraction of examples held out for it (`split`, when the eval data is not
-/// a file of its own).
+/// Where the mixture goes: the train file, and with `--eval-split` the eval
+/// file with the fraction of examples held out for it.
 pub struct MixOut<'a> {
     pub train: &'a mut dyn Write,
-    pub eval: Option<(&'a mut dyn Write, Option<f64>)>,
+    pub eval: Option<(&'a mut dyn Write, f64)>,
 }
 
 fn write_example(w: &mut dyn Write, msgs: &[Message]) -> Result<()> {
@@ -297,7 +296,7 @@ pub fn write_mixture(files: &[(&Path, f64)], seed: u64, out: MixOut<'_>) -> Resu
         let draw = crate::merge::rng::mix(seed ^ 0x5f7d_c4a1_0e1b_2c3d ^ (k as u64).wrapping_mul(0x9e37));
         let (mut taken, mut held) = (0u64, 0u64);
         let stats = each_example(path, |line, msgs| {
-            if let Some((w, Some(split))) = eval.as_mut()
+            if let Some((w, split)) = eval.as_mut()
                 && (crate::merge::rng::uniform(draw, 2 * line) as f64) < *split
             {
                 held += 1;
@@ -322,7 +321,7 @@ pub fn write_mixture(files: &[(&Path, f64)], seed: u64, out: MixOut<'_>) -> Resu
     if report.iter().map(|f| f.train_examples).sum::<u64>() == 0 {
         return Err(Error::Usage("the weights and the eval split leave no training example".into()));
     }
-    if let Some((_, Some(split))) = eval
+    if let Some((_, split)) = eval
         && report.iter().all(|f| f.eval_examples == 0)
     {
         return Err(Error::Usage(format!(
@@ -409,8 +408,7 @@ mod tests {
         std::fs::write(&b, (100..300).map(line).collect::<String>()).unwrap();
         let run = |split: Option<f64>, seed: u64| {
             let (mut train, mut eval) = (Vec::new(), Vec::new());
-            let out =
-                MixOut { train: &mut train, eval: split.map(|s| (&mut eval as &mut dyn Write, Some(s))) };
+            let out = MixOut { train: &mut train, eval: split.map(|s| (&mut eval as &mut dyn Write, s)) };
             let r = write_mixture(&[(a.as_path(), 2.0), (b.as_path(), 0.5)], seed, out).unwrap();
             (r, String::from_utf8(train).unwrap(), String::from_utf8(eval).unwrap())
         };

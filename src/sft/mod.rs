@@ -37,6 +37,7 @@ pub(crate) mod data;
 pub(crate) mod launcher;
 pub(crate) mod options;
 
+use options::nearest;
 pub use options::{DataFile, SftOptions, parse_train_arg};
 
 pub(crate) const PYTHON_ENV: &str = "CHATVEC_PYTHON";
@@ -330,17 +331,13 @@ fn prepare(job: &SftJob) -> Result<Prepared> {
     if let Some(known) = &python.settings {
         for key in a.train_args.keys() {
             if !known.contains(key) {
-                let near = known
-                    .iter()
-                    .map(|k| (strsim::jaro_winkler(key, k), k))
-                    .filter(|(x, _)| *x > 0.85)
-                    .max_by(|x, y| x.0.total_cmp(&y.0));
+                let near = nearest(key, known.iter().map(String::as_str));
                 let e = Error::Usage(format!(
                     "--train-arg {key}: not a setting of TRL's SFTConfig, ModelConfig or ScriptArguments in {}",
                     python.python
                 ));
                 return Err(match near {
-                    Some((_, k)) => e.with_hint(format!("did you mean {k}?")),
+                    Some(k) => e.with_hint(format!("did you mean {k}?")),
                     None => e,
                 });
             }
@@ -825,7 +822,7 @@ fn write_data(a: &SftOptions, dir: &Path) -> Result<Vec<MixedFile>> {
         MixOut {
             train: &mut train,
             eval: match (&mut eval, a.eval_split) {
-                (Some((_, w)), Some(split)) => Some((w as &mut dyn Write, Some(split))),
+                (Some((_, w)), Some(split)) => Some((w as &mut dyn Write, split)),
                 _ => None,
             },
         },

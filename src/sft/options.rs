@@ -277,7 +277,7 @@ impl SftOptions {
                 self.scheduler,
                 SCHEDULERS.join(", ")
             ));
-            return Err(match strsim_nearest(&self.scheduler, &SCHEDULERS) {
+            return Err(match nearest(&self.scheduler, SCHEDULERS) {
                 Some(n) => e.with_hint(format!("did you mean {n}?")),
                 None => e,
             });
@@ -355,11 +355,12 @@ impl SftOptions {
     }
 }
 
-/// The candidate closest to `s`, if close enough to be a typo.
-fn strsim_nearest<'a>(s: &str, candidates: &[&'a str]) -> Option<&'a str> {
+/// The candidate closest to `s`, if close enough to be a typo (a
+/// schedule, a trainer setting).
+pub(crate) fn nearest<'a>(s: &str, candidates: impl IntoIterator<Item = &'a str>) -> Option<&'a str> {
     candidates
-        .iter()
-        .map(|c| (strsim::jaro_winkler(s, c), *c))
+        .into_iter()
+        .map(|c| (strsim::jaro_winkler(s, c), c))
         .filter(|(score, _)| *score > 0.85)
         .max_by(|a, b| a.0.total_cmp(&b.0))
         .map(|(_, c)| c)
