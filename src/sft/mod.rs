@@ -309,8 +309,7 @@ fn prepare(job: &SftJob) -> Result<Prepared> {
         Some(manifest) => Some(sha256_file(&manifest)?),
         None => None,
     };
-    let stats = a.data.iter().map(|f| process(&f.path)).collect::<Result<Vec<_>>>()?;
-    let eval_stats = a.eval_data.as_deref().map(process).transpose()?;
+    let (stats, eval_stats) = data_stats(a)?;
     let resume_from = a.resume.as_deref().map(|r| resume_point(r, &layout)).transpose()?;
     let mut needed = vec!["torch", "transformers", "trl", "accelerate", "datasets"];
     if a.lora {
@@ -837,18 +836,19 @@ fn write_data(a: &SftOptions, dir: &Path) -> Result<Vec<MixedFile>> {
     Ok(mixed)
 }
 
+/// Validates every line of each data file and of the eval file, and counts
+/// what they hold.
+fn data_stats(a: &SftOptions) -> Result<(Vec<DataStats>, Option<DataStats>)> {
+    let stats = a.data.iter().map(|f| process(&f.path)).collect::<Result<Vec<_>>>()?;
+    Ok((stats, a.eval_data.as_deref().map(process).transpose()?))
+}
+
 impl SftJob {
     /// Checks the options and every line of the data, as `sft` does before
     /// anything else (`chatvec run` does it before its merge).
     pub fn check_data(&self) -> Result<()> {
         self.options.check()?;
-        for f in &self.options.data {
-            process(&f.path)?;
-        }
-        if let Some(e) = &self.options.eval_data {
-            process(e)?;
-        }
-        Ok(())
+        data_stats(&self.options).map(|_| ())
     }
 
     /// The `chatvec sft` command line that runs this job.
