@@ -52,6 +52,7 @@ pub use job::catalog::{Catalog, ModelAliasEntry, RecipeEntry, VectorAliasEntry, 
 pub use job::chat_vector::{ApplySpec, ExtractSpec, VectorSource, apply, extract};
 pub use job::inspect::{InspectReport, ShardInfo, TensorInfo, inspect};
 pub use job::merge::merge;
+pub use job::sft::sft;
 pub use job::verify::{Check, VerifyReport, verify};
 pub use job::{InputHashes, Summary, WriteOptions, default_threads};
 pub use model::config::ConfigSummary;
@@ -61,7 +62,7 @@ pub use output::manifest::Provenance;
 pub use plan::{EmbeddingPolicy, EmbeddingReport};
 pub use recipe::Recipe;
 pub use resolve::{set_aliases_file, set_offline};
-pub use sft::{DataFile, SftJob, SftOptions, SftReport, parse_train_arg, sft};
+pub use sft::{DataFile, SftJob, SftOptions, SftReport, parse_train_arg};
 pub use units::{human_bytes, human_count, parse_size};
 
 /// Entry points for the fuzz targets in `fuzz/` (built with `--cfg

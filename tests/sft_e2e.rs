@@ -181,3 +181,111 @@ fn cluster_configs_parse_in_accelerate_and_trl_without_warnings() {
     assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
     assert!(stderr(&o).contains("neither chatvec nor TRL can add them (TRL:"), "{}", stderr(&o));
 }
+
+/// Compares chatvec's merge (argv[3], one safetensors file) with PEFT's own
+/// `merge_and_unload` of the adapter (argv[2]) on the base (argv[1]) in
+/// f32: every element within half a bf16 ulp (the output's one rounding),
+/// then generates from the merged model with transformers.
+const MATCHES_PEFT: &str = r#"
+import sys, torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+from peft import PeftModel
+from safetensors.torch import load_file
+base, adapter, merged = sys.argv[1:4]
+m = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+ref = PeftModel.from_pretrained(m, adapter).merge_and_unload().state_dict()
+ours = load_file(merged + "/model.safetensors")
+before = load_file(base + "/model.safetensors")
+changed = 0
+for k, v in ours.items():
+    r, o = ref[k].double(), v.double()
+    bad = ((o - r).abs() > r.abs() * 2**-8 + 1e-6).sum().item()
+    assert bad == 0, (k, bad, (o - r).abs().max().item())
+    changed += int(not torch.equal(v, before[k]))
+model = AutoModelForCausalLM.from_pretrained(merged)
+tok = AutoTokenizer.from_pretrained(merged)
+ids = tok.apply_chat_template([{"role": "user", "content": "Hello"}], add_generation_prompt=True, return_tensors="pt")
+ids = ids["input_ids"] if hasattr(ids, "keys") else ids
+out = model.generate(ids, max_new_tokens=4, do_sample=False)
+assert out.shape[1] > ids.shape[1], out.shape
+print("ok", changed)
+"#;
+
+/// An adapter PEFT builds with every scaling rule at once (rsLoRA, rank
+/// and alpha patterns, an embedding target, lm_head saved whole), with
+/// nonzero B so the merge moves the weights.
+const MAKE_ADAPTER: &str = r#"
+import sys, torch
+from transformers import AutoModelForCausalLM
+from peft import LoraConfig, get_peft_model
+torch.manual_seed(0)
+m = AutoModelForCausalLM.from_pretrained(sys.argv[1], dtype=torch.float32)
+cfg = LoraConfig(r=4, lora_alpha=8, use_rslora=True, init_lora_weights=False,
+                 target_modules=["q_proj", "down_proj", "embed_tokens"],
+                 rank_pattern={"down_proj": 2}, alpha_pattern={"layers.0.self_attn.q_proj": 3},
+                 modules_to_save=["lm_head"])
+p = get_peft_model(m, cfg)
+with torch.no_grad():
+    p.base_model.model.lm_head.modules_to_save["default"].weight.mul_(1.5)
+p.save_pretrained(sys.argv[2])
+"#;
+
+#[test]
+#[ignore = "needs torch/transformers/trl/accelerate/peft: CHATVEC_SFT_PYTHON=$(scripts/sft-venv.sh) cargo test --test sft_e2e -- --ignored"]
+fn lora_runs_end_in_a_merged_model_that_matches_peft_and_generates() {
+    let (py, d) = tiny_llamas();
+    let cv = d.path().join("cv");
+    ok(&chatvec(&[
+        "-q",
+        "apply",
+        "--base",
+        s(&d.path().join("base")),
+        "--chat",
+        s(&d.path().join("chat")),
+        "--pretrained",
+        s(&d.path().join("pretrained")),
+        "-o",
+        s(&cv),
+    ]));
+    let matches_peft = |adapter: &std::path::Path, merged: &std::path::Path| {
+        let o =
+            Command::new(&py).arg("-c").arg(MATCHES_PEFT).arg(&cv).arg(adapter).arg(merged).output().unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        let said = String::from_utf8_lossy(&o.stdout).to_string();
+        said.trim().strip_prefix("ok ").unwrap_or_else(|| panic!("{said}")).parse::<usize>().unwrap()
+    };
+
+    // A LoRA SFT run: the trainer saves the adapter, chatvec merges it.
+    let data = d.path().join("data.jsonl");
+    std::fs::write(
+        &data,
+        "{\"messages\": [{\"role\": \"user\", \"content\": \"Hello\"}, {\"role\": \"assistant\", \"content\": \"Hello, how are you?\"}]}\n",
+    )
+    .unwrap();
+    let run = d.path().join("run");
+    let o = command()
+        .args(["sft", "--model", s(&cv), "--data", s(&data), "-o", s(&run), "--python", s(&py)])
+        .args(["--max-steps", "3", "--grad-accum", "1", "--max-seq-len", "64", "--lora", "--lora-r", "4"])
+        .args(["--lr", "0.01", "--warmup-ratio", "0"])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "chatvec sft --lora failed:\n{}", stderr(&o));
+    assert!(run.join("adapter/adapter_model.safetensors").is_file(), "{:?}", entries(&run.join("adapter")));
+    let rec: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(run.join("chatvec-sft-run.json")).unwrap()).unwrap();
+    assert_eq!(rec["trained_model"]["lora"], true);
+    let merged_files = rec["merged_model"]["files"].as_array().unwrap();
+    assert_eq!(merged_files[0]["sha256"], sha256_file(&run.join("model/model.safetensors")));
+    // all-linear on two layers: 7 projections each moved.
+    assert_eq!(matches_peft(&run.join("adapter"), &run.join("model")), 2 * 7);
+    ok(&chatvec(&["verify", s(&run.join("model"))]));
+
+    // An adapter from elsewhere with every scaling rule, merged by `apply --lora`.
+    let adapter = d.path().join("adapter");
+    let o = Command::new(&py).arg("-c").arg(MAKE_ADAPTER).arg(&cv).arg(&adapter).output().unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let merged = d.path().join("merged");
+    ok(&chatvec(&["-q", "apply", "--base", s(&cv), "--lora", s(&adapter), "-o", s(&merged)]));
+    // q_proj and down_proj of two layers, the embeddings, lm_head.
+    assert_eq!(matches_peft(&adapter, &merged), 2 * 2 + 2);
+}

@@ -1,8 +1,10 @@
 //! The chat-vector formulas, as pure functions over byte slices: convert,
-//! `chat - pre`, `base + scale * (chat - pre)`, `base + scale * vector`.
+//! `chat - pre`, `base + scale * (chat - pre)`, `base + scale * vector`,
+//! and the LoRA merge `base + scale * (B @ A)` (see `lowrank`).
 //! Operation order is part of the numeric contract: `d = chat - pre;
 //! m = scale * d; out = base + m`, each step one f32 operation.
 
+use super::lowrank::{LowRank, add_low_rank};
 use super::{BLOCK, Operand};
 use crate::model::dtype::{FloatType, decode, encode};
 
@@ -44,6 +46,9 @@ pub(crate) enum Segment<'a> {
     /// `out = base + scale * vector` (apply, stored vector). With an f32
     /// vector from `Diff`, this equals `AddDiff` bit for bit.
     AddScaled(Operand<'a>, Operand<'a>, f32),
+    /// `out = base + scale * (P @ Q)` (a LoRA merge): `base` sliced to the
+    /// run, the factors whole, `first` the run's first element.
+    AddLowRank { base: Operand<'a>, factors: LowRank<'a>, first: u64, scale: f32 },
 }
 
 impl<'a> Segment<'a> {
@@ -54,6 +59,7 @@ impl<'a> Segment<'a> {
             Segment::Diff(c, p) => vec![c, p],
             Segment::AddDiff(b, c, p, _) => vec![b, c, p],
             Segment::AddScaled(b, v, _) => vec![b, v],
+            Segment::AddLowRank { base, factors, .. } => vec![base, factors.a, factors.b],
         }
     }
 
@@ -71,6 +77,9 @@ impl<'a> Segment<'a> {
                 let m = scale * v;
                 b + m
             }),
+            Segment::AddLowRank { base, factors, first, scale } => {
+                add_low_rank(out_ty, out, base, &factors, first, scale)
+            }
         }
     }
 }

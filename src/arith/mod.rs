@@ -13,6 +13,7 @@
 //! This room imports only `model::dtype`; it knows nothing of plans.
 
 pub(crate) mod formulas;
+pub(crate) mod lowrank;
 pub(crate) mod rows;
 
 use crate::model::dtype::{FloatType, decode};

@@ -248,7 +248,7 @@ impl ExtractArgs {
 }
 
 #[derive(Args, Debug)]
-#[command(group(clap::ArgGroup::new("vector_source").required(true).args(["vector", "chat"])))]
+#[command(group(clap::ArgGroup::new("vector_source").required(true).args(["vector", "chat", "lora"])))]
 pub struct ApplyArgs {
     /// The model to give chat ability to, e.g. a continued-pretrained model (directory, Hub id or alias).
     #[arg(long, value_name = "MODEL")]
@@ -265,6 +265,11 @@ pub struct ApplyArgs {
     /// The pretrained model the chat model was tuned from.
     #[arg(long, value_name = "MODEL", requires = "chat")]
     pub pretrained: Option<String>,
+
+    /// A PEFT LoRA adapter (adapter_config.json + adapter_model.safetensors; directory or Hub id)
+    /// to merge into --base, the model it was trained on; --scale multiplies its alpha / r.
+    #[arg(long, value_name = "ADAPTER", conflicts_with_all = ["vector", "chat", "pretrained", "raw_delta", "embeddings"])]
+    pub lora: Option<String>,
 
     /// Scale of the vector.
     #[arg(long, default_value = "1", value_parser = parse_scale, allow_negative_numbers = true)]
@@ -298,6 +303,7 @@ pub struct ApplyArgs {
 impl ApplyArgs {
     pub fn spec(&self) -> ApplySpec {
         let vector = match (&self.vector, &self.chat, &self.pretrained) {
+            _ if self.lora.is_some() => VectorSource::Lora(self.lora.clone().unwrap_or_default()),
             (Some(v), _, _) => VectorSource::Stored(v.clone()),
             // clap requires --vector, or --chat with --pretrained.
             (None, chat, pretrained) => VectorSource::Pair {

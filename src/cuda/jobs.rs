@@ -94,6 +94,11 @@ impl Gpu {
                     let ((b, tb), (v, tv)) = (arg(), arg());
                     launch!(self, &format!("add_scaled_{sfx}"), cfg, [dst, b, tb, v, tv, scale, n])?
                 }
+                Segment::AddLowRank { .. } => {
+                    return Err(Error::Internal(
+                        "a low-rank update reached the GPU; the executor runs them on the CPU".into(),
+                    ));
+                }
             }
         }
         self.download(slot, 0, len)

@@ -17,7 +17,7 @@ use crate::merge::{
     stats::{self, TensorStats},
 };
 use crate::model::dtype::FloatType;
-use crate::plan::{Op, OutTensor, Plan, Source};
+use crate::plan::{Formula, Op, OutTensor, Plan, Source};
 
 /// Bytes per plain copy job.
 const COPY_CHUNK_BYTES: u64 = 16 << 20;
@@ -206,6 +206,13 @@ pub(crate) fn touches(plan: &Plan, job: &Job, mut f: impl FnMut(usize, Touch)) {
                 // hasher reads whatever was not reported at the end.
                 for &s in m.base.iter().chain(&m.models) {
                     report(s, elems.end.min(plan.input_tensor(s).numel()), size(s));
+                }
+            }
+            Op::Arith { formula: Formula::AddLowRank { base, a, b, .. }, .. } => {
+                report(*base, elems.end, size(*base));
+                // Every chunk reads the factors whole.
+                for f in [*a, *b] {
+                    report(f, plan.input_tensor(f).numel(), size(f));
                 }
             }
             Op::Arith { formula, runs, row_len } => {

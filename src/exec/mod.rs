@@ -116,7 +116,21 @@ pub(crate) fn execute(plan: &Plan, dir: &Path, opts: &ExecOptions) -> Result<Exe
         .num_threads(threads)
         .build()
         .map_err(|e| Error::Internal(format!("starting {threads} threads: {e}")))?;
-    let gpu = cuda::select(opts.device, opts.gpu_memory)?;
+    // LoRA merges (a rank-r product per element) have no kernel yet: they
+    // run on the CPU, which keeps up with the disk at ranks users train.
+    let gpu = if plan.has_low_rank() {
+        if let DeviceChoice::Cuda(_) = opts.device {
+            return Err(Error::Usage(
+                "a LoRA merge runs on the CPU (no CUDA kernel for low-rank updates yet); --device cuda cannot be used"
+                    .into(),
+            )
+            .with_hint("leave out --device, or pass --device cpu"));
+        }
+        crate::ui::note("device: cpu (LoRA merges run on the CPU)");
+        None
+    } else {
+        cuda::select(opts.device, opts.gpu_memory)?
+    };
     let (engine, batch, chunk) = match &gpu {
         // Whole statistics blocks per job (rank masks scan from a block
         // start), sized so the engine's slots fit the device budget.

@@ -13,8 +13,9 @@ use crate::output::sidecars::{ChatSide, model_side_files, read_side_files};
 use crate::plan::EmbeddingPolicy;
 use crate::plan::chat_vector::{ApplyOptions, Common, VectorSide, plan_apply, plan_extract};
 use crate::plan::checks::delta_ratio;
+use crate::plan::lora::plan_lora;
 use crate::plan::select::{Selection, Spelling};
-use crate::resolve::{open_model, vector_alias};
+use crate::resolve::{open_adapter, open_model, vector_alias};
 use crate::units::parse_size;
 
 /// The default output shard size, as transformers' `max_shard_size`.
@@ -71,6 +72,9 @@ pub enum VectorSource {
         /// The pretrained model it was tuned from.
         pretrained: String,
     },
+    /// A PEFT LoRA adapter (directory or Hub id), merged as
+    /// `W + scale * scaling * (B @ A)`.
+    Lora(String),
 }
 
 /// `apply`: what to add to which model, and how to write the result.
@@ -294,6 +298,7 @@ pub(crate) fn apply_recorded(
             None => (None, None),
         },
         VectorSource::Pair { chat, pretrained } => (Some(chat.clone()), Some(pretrained.clone())),
+        VectorSource::Lora(adapter) => return apply_lora(spec, adapter, out, recipe),
     };
     let common = spec.common(if recipe.is_some() { Spelling::Recipe } else { Spelling::Cli })?;
     let base_ck = open_model(&spec.base)?;
@@ -308,7 +313,8 @@ pub(crate) fn apply_recorded(
             let side = VectorSide::Streaming { chat: Box::new(chat_ck), pretrained: Box::new(pre_ck) };
             (side, dir, vec![spec.base.clone(), chat, pretrained])
         }
-        (VectorSource::Stored(v), _, _) | (VectorSource::Pair { chat: v, .. }, _, _) => {
+        (VectorSource::Stored(v) | VectorSource::Lora(v), _, _)
+        | (VectorSource::Pair { chat: v, .. }, _, _) => {
             let vector = open_model(v)?;
             let dir = vector.dir.clone();
             let info = read_vector_info(&dir)?;
@@ -344,4 +350,50 @@ pub(crate) fn apply_recorded(
         summary.kind = "merge";
     }
     Ok(summary)
+}
+
+/// `apply --lora`: the adapter merged into the base with the streaming
+/// engine, the base's side files with the adapter's chat template and eos
+/// ids when it carries a tokenizer (TRL saves one beside the adapter).
+fn apply_lora(
+    spec: &ApplySpec,
+    reference: &str,
+    out: &WriteOptions,
+    recipe: Option<RecipeRecord>,
+) -> Result<Summary> {
+    let common = spec.common(if recipe.is_some() { Spelling::Recipe } else { Spelling::Cli })?;
+    let adapter = open_adapter(reference)?;
+    let base_ck = open_model(&spec.base)?;
+    let base_dir = base_ck.dir.clone();
+    let adapter_dir = adapter.dir().to_path_buf();
+    let mut notes = vec![format!(
+        "LoRA adapter {}: {} tensor(s) changed{}",
+        adapter.weights_path().display(),
+        adapter.changes.len(),
+        if adapter.use_rslora { " (rsLoRA scaling alpha / sqrt(r))" } else { "" }
+    )];
+    if let Some(trained_on) = &adapter.base_model {
+        notes.push(format!("the adapter was trained on {trained_on}"));
+    }
+    let lora = serde_json::json!({
+        "adapter": reference,
+        "base_model_name_or_path": adapter.base_model,
+        "use_rslora": adapter.use_rslora,
+    });
+    let mut plan = plan_lora(base_ck, adapter, &common, spec.out_dtype)?;
+    plan.warnings.splice(0..0, scale_warnings(spec));
+    set_labels(&mut plan, &[spec.base.as_str(), reference]);
+    let has_template = crate::model::side_file(&adapter_dir, "tokenizer_config.json")?.is_some()
+        || crate::model::side_file(&adapter_dir, "chat_template.jinja")?.is_some();
+    let chat_side =
+        has_template.then_some(ChatSide { dir: &adapter_dir, keep_base_template: spec.keep_base_template });
+    let mut side = model_side_files(&base_dir, chat_side, spec.out_dtype)?;
+    side.notes.splice(0..0, notes);
+    check_written_config(&mut plan, &side, spec.allow_mismatch)?;
+    let how = format!("LoRA adapter merged (scale {})", spec.scale);
+    side.add(CARD_FILE, model_card(&plan, &how, recipe.as_ref())?);
+    let mut params = to_value(&spec.parameters())?;
+    params["lora"] = lora;
+    let rec = Records { kind: "apply", params, recipe, vector: None };
+    write_output(plan, rec, out, side)
 }

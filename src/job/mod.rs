@@ -6,7 +6,8 @@
 //! - `merge`: recipes (merge methods, or a chat vector written down);
 //! - `verify`: an output against its manifest and recipe;
 //! - `inspect`: what a checkpoint holds;
-//! - `catalog`: the aliases and shipped recipes.
+//! - `catalog`: the aliases and shipped recipes;
+//! - `sft`: the trainer run, then a LoRA adapter merged into a full model.
 //!
 //! This is the top room: it may import every other, and none imports it.
 
@@ -14,6 +15,7 @@ pub(crate) mod catalog;
 pub(crate) mod chat_vector;
 pub(crate) mod inspect;
 pub(crate) mod merge;
+pub(crate) mod sft;
 pub(crate) mod verify;
 
 use std::path::PathBuf;

@@ -177,90 +177,21 @@ impl Checkpoint {
         let Some((index_path, files, weight_map, bin)) = found else {
             return Err(no_weights_error(dir));
         };
-
-        let mut shards = Vec::with_capacity(files.len());
-        let mut tensors = Vec::new();
-        let mut by_name: HashMap<String, usize> = HashMap::new();
-        for (si, file_name) in files.iter().enumerate() {
-            let path = dir.join(file_name);
-            if !path.is_file() {
-                return Err(Error::bad_file(
-                    &index_path,
-                    format!("names shard '{file_name}', which is not in {}", dir.display()),
-                ));
-            }
-            let (map, stamp) = map_file(&path)?;
-            // (name, dtype, shape, absolute start, length) of each stored tensor.
-            let rows: Vec<(String, DType, Vec<u64>, u64, u64)> = if bin {
-                let bin = read_bin(&path, map.len() as u64)?;
-                bin.into_iter().map(|t| (t.name, t.dtype, t.shape, t.start, t.len)).collect()
-            } else {
-                let h = parse_header(&map, &path)?;
-                h.tensors
-                    .into_iter()
-                    .map(|t| (t.name, t.dtype, t.shape, h.data_start + t.begin, t.end - t.begin))
-                    .collect()
-            };
-            let stored = rows.into_iter().map(|(name, dtype, shape, start, len)| Tensor {
-                name,
-                dtype,
-                shape,
-                shard: si,
-                start,
-                len,
-            });
-            for t in stored {
-                if let Some(&prev) = by_name.get(&t.name) {
-                    let other: &Tensor = &tensors[prev];
-                    return Err(Error::format(
-                        &path,
-                        format!(
-                            "tensor '{}' is also in {}; a name may appear in one shard only",
-                            t.name, files[other.shard]
-                        ),
-                    ));
-                }
-                if let Some(map) = &weight_map {
-                    match map.get(&t.name) {
-                        Some(f) if f == file_name => {}
-                        Some(f) => {
-                            return Err(Error::bad_file(
-                                &index_path,
-                                format!("maps tensor '{}' to {f}, but it is stored in {file_name}", t.name),
-                            ));
-                        }
-                        None => {
-                            return Err(Error::bad_file(
-                                &index_path,
-                                format!("does not list tensor '{}', which is stored in {file_name}", t.name),
-                            ));
-                        }
-                    }
-                }
-                by_name.insert(t.name.clone(), tensors.len());
-                tensors.push(t);
-            }
-            shards.push(Shard { path, file_name: file_name.clone(), map, stamp });
-        }
-        if let Some(map) = &weight_map {
-            let mut missing: Vec<_> = map.keys().filter(|k| !by_name.contains_key(*k)).collect();
-            missing.sort();
-            if let Some(name) = missing.first() {
-                return Err(Error::bad_file(
-                    &index_path,
-                    format!(
-                        "lists tensor '{name}' in {}, but that shard does not hold it ({} such tensors)",
-                        map[*name],
-                        missing.len()
-                    ),
-                ));
-            }
-        }
+        let (shards, tensors, by_name) = open_shards(dir, &index_path, &files, weight_map.as_ref(), bin)?;
         let config = match crate::model::side_file(dir, "config.json")? {
             Some(p) => Some(ModelConfig::read(&p)?),
             None => None,
         };
         Ok(Checkpoint { dir: dir.to_path_buf(), shards, tensors, by_name, config, origin: None })
+    }
+
+    /// Opens one weight file of `dir` on its own (a LoRA adapter's
+    /// `adapter_model.safetensors`, or a PyTorch file when `bin`); no
+    /// config.json is read, since an adapter's config is its own.
+    pub(crate) fn open_file(dir: &Path, file: &str, bin: bool) -> Result<Checkpoint> {
+        let files = [file.to_string()];
+        let (shards, tensors, by_name) = open_shards(dir, &dir.join(file), &files, None, bin)?;
+        Ok(Checkpoint { dir: dir.to_path_buf(), shards, tensors, by_name, config: None, origin: None })
     }
 
     /// The tensor called `name`, if stored.
@@ -328,6 +259,98 @@ impl Checkpoint {
     pub(crate) fn parameters(&self) -> u64 {
         self.tensors.iter().map(|t| t.numel()).sum()
     }
+}
+
+/// Maps and validates the weight `files` of `dir` (safetensors, or
+/// PyTorch `.bin` when `bin`), checking them against the index's
+/// `weight_map` when there is one (`index_path` names it in messages).
+#[allow(clippy::type_complexity)]
+fn open_shards(
+    dir: &Path,
+    index_path: &Path,
+    files: &[String],
+    weight_map: Option<&HashMap<String, String>>,
+    bin: bool,
+) -> Result<(Vec<Shard>, Vec<Tensor>, HashMap<String, usize>)> {
+    let mut shards = Vec::with_capacity(files.len());
+    let mut tensors = Vec::new();
+    let mut by_name: HashMap<String, usize> = HashMap::new();
+    for (si, file_name) in files.iter().enumerate() {
+        let path = dir.join(file_name);
+        if !path.is_file() {
+            return Err(Error::bad_file(
+                index_path,
+                format!("names shard '{file_name}', which is not in {}", dir.display()),
+            ));
+        }
+        let (map, stamp) = map_file(&path)?;
+        // (name, dtype, shape, absolute start, length) of each stored tensor.
+        let rows: Vec<(String, DType, Vec<u64>, u64, u64)> = if bin {
+            let bin = read_bin(&path, map.len() as u64)?;
+            bin.into_iter().map(|t| (t.name, t.dtype, t.shape, t.start, t.len)).collect()
+        } else {
+            let h = parse_header(&map, &path)?;
+            h.tensors
+                .into_iter()
+                .map(|t| (t.name, t.dtype, t.shape, h.data_start + t.begin, t.end - t.begin))
+                .collect()
+        };
+        let stored = rows.into_iter().map(|(name, dtype, shape, start, len)| Tensor {
+            name,
+            dtype,
+            shape,
+            shard: si,
+            start,
+            len,
+        });
+        for t in stored {
+            if let Some(&prev) = by_name.get(&t.name) {
+                let other: &Tensor = &tensors[prev];
+                return Err(Error::format(
+                    &path,
+                    format!(
+                        "tensor '{}' is also in {}; a name may appear in one shard only",
+                        t.name, files[other.shard]
+                    ),
+                ));
+            }
+            if let Some(map) = weight_map {
+                match map.get(&t.name) {
+                    Some(f) if f == file_name => {}
+                    Some(f) => {
+                        return Err(Error::bad_file(
+                            index_path,
+                            format!("maps tensor '{}' to {f}, but it is stored in {file_name}", t.name),
+                        ));
+                    }
+                    None => {
+                        return Err(Error::bad_file(
+                            index_path,
+                            format!("does not list tensor '{}', which is stored in {file_name}", t.name),
+                        ));
+                    }
+                }
+            }
+            by_name.insert(t.name.clone(), tensors.len());
+            tensors.push(t);
+        }
+        shards.push(Shard { path, file_name: file_name.clone(), map, stamp });
+    }
+    if let Some(map) = weight_map {
+        let mut missing: Vec<_> = map.keys().filter(|k| !by_name.contains_key(*k)).collect();
+        missing.sort();
+        if let Some(name) = missing.first() {
+            return Err(Error::bad_file(
+                index_path,
+                format!(
+                    "lists tensor '{name}' in {}, but that shard does not hold it ({} such tensors)",
+                    map[*name],
+                    missing.len()
+                ),
+            ));
+        }
+    }
+    Ok((shards, tensors, by_name))
 }
 
 fn no_weights_error(dir: &Path) -> Error {

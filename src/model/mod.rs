@@ -6,6 +6,7 @@
 //! This room imports only the leaf modules (error, json, hash); it knows
 //! nothing of plans, jobs or outputs.
 
+pub(crate) mod adapter;
 pub(crate) mod checkpoint;
 pub(crate) mod config;
 pub(crate) mod dtype;

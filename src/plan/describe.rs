@@ -80,6 +80,11 @@ impl Plan {
                     Formula::AddScaled { base, vector, scale } => {
                         format!("{} + {scale} * {}", name(base), name(vector))
                     }
+                    Formula::AddLowRank { base, a, b, transposed, scale, .. } => {
+                        let t = if transposed { "^T" } else { "" };
+                        let rank = self.input_tensor(a).shape[0];
+                        format!("{} + {scale} * ({} @ {}){t} (rank {rank})", name(base), name(b), name(a))
+                    }
                 };
                 if *row_len > 1 {
                     let rows: u64 = runs.iter().map(|r| r.rows).sum();

@@ -4,6 +4,7 @@
 //! the first offending tensors listed (`checks`).
 //!
 //! - `chat_vector`: plans of `extract` and `apply`;
+//! - `lora`: plans of `apply --lora` (a LoRA adapter merged into its base);
 //! - `merge`: plans of the merge methods, parameters resolved per tensor;
 //! - `vocab`: which embedding rows line up when vocabularies differ;
 //! - `select`: `--include`, `--exclude`, `--scale-for`;
@@ -17,6 +18,7 @@
 pub(crate) mod chat_vector;
 pub(crate) mod checks;
 pub(crate) mod describe;
+pub(crate) mod lora;
 pub(crate) mod merge;
 pub(crate) mod select;
 pub(crate) mod shards;
@@ -25,6 +27,7 @@ pub(crate) mod vocab;
 use std::ops::Range;
 
 use crate::arith::formulas::Segment;
+use crate::arith::lowrank::LowRank;
 use crate::arith::rows::{RowRun, RowTable, stretches};
 use crate::arith::{Operand, View};
 use crate::merge::{Inputs, TensorMerge};
@@ -42,6 +45,8 @@ pub(crate) enum Role {
     Vector,
     /// A model merged by a merge method (other than the base).
     Model,
+    /// A LoRA adapter merged into the base.
+    Adapter,
 }
 
 /// An input checkpoint and its role.
@@ -78,6 +83,10 @@ pub(crate) enum Formula {
     AddDiff { base: Source, chat: Source, pre: Source, scale: f32 },
     /// `base + scale * vector` (apply, stored vector).
     AddScaled { base: Source, vector: Source, scale: f32 },
+    /// `base + scale * (B @ A)` (a LoRA merge; transposed for embeddings and
+    /// `fan_in_fan_out` layers) over a `rows x cols` weight; `scale` is the
+    /// adapter's scaling times the user's.
+    AddLowRank { base: Source, a: Source, b: Source, transposed: bool, rows: u64, cols: u64, scale: f32 },
 }
 
 impl Formula {
@@ -85,7 +94,9 @@ impl Formula {
     pub fn base(&self) -> Source {
         match *self {
             Formula::Diff { chat, .. } => chat,
-            Formula::AddDiff { base, .. } | Formula::AddScaled { base, .. } => base,
+            Formula::AddDiff { base, .. }
+            | Formula::AddScaled { base, .. }
+            | Formula::AddLowRank { base, .. } => base,
         }
     }
 
@@ -95,6 +106,7 @@ impl Formula {
             Formula::Diff { pre, .. } => vec![pre],
             Formula::AddDiff { chat, pre, .. } => vec![chat, pre],
             Formula::AddScaled { vector, .. } => vec![vector],
+            Formula::AddLowRank { a, b, .. } => vec![a, b],
         }
     }
 }
@@ -243,6 +255,12 @@ impl Plan {
         ck.bytes(&ck.tensors[s.tensor])
     }
 
+    /// Whether any tensor is a low-rank (LoRA) update, which only the CPU
+    /// computes.
+    pub fn has_low_rank(&self) -> bool {
+        self.tensors.iter().any(|t| matches!(t.op, Op::Arith { formula: Formula::AddLowRank { .. }, .. }))
+    }
+
     /// An input tensor as an arithmetic operand. Planning refused every
     /// computed tensor whose inputs are not BF16, F16 or F32.
     pub fn operand(&self, s: Source) -> Operand<'_> {
@@ -274,6 +292,17 @@ impl Plan {
                         }
                         (Some(v), Formula::AddScaled { vector, scale, .. }) => {
                             Segment::AddScaled(base, slice(vector, v, n), scale)
+                        }
+                        (Some(_), Formula::AddLowRank { a, b, transposed, rows, cols, scale, .. }) => {
+                            let factors = LowRank {
+                                a: self.operand(a),
+                                b: self.operand(b),
+                                rank: self.input_tensor(a).shape[0] as usize,
+                                transposed,
+                                rows,
+                                cols,
+                            };
+                            Segment::AddLowRank { base, factors, first: p, scale }
                         }
                     };
                     (st.range, seg)

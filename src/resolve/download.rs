@@ -27,6 +27,7 @@ use sha2::{Digest, Sha256};
 use crate::error::{Error, Result};
 use crate::hash::hex;
 use crate::model::SIDE_FILES;
+use crate::model::adapter::{ADAPTER_BIN, ADAPTER_CONFIG, ADAPTER_WEIGHTS};
 use crate::model::checkpoint::HubOrigin;
 use crate::resolve::hub_cache::{HubId, is_commit};
 
@@ -226,9 +227,18 @@ fn wanted(
             break;
         }
     }
+    // A PEFT adapter repository (for `apply --lora`): its config and weights.
+    if out.is_empty()
+        && let Some(cfg) = find(ADAPTER_CONFIG)
+        && let Some(w) = find(ADAPTER_WEIGHTS).or_else(|| find(ADAPTER_BIN))
+    {
+        out.push(cfg.clone());
+        out.push(w.clone());
+    }
     if out.is_empty() {
         return Err(Error::Hub(
-            "the repository has no model.safetensors, safetensors index or pytorch_model.bin".into(),
+            "the repository has no model.safetensors, safetensors index, pytorch_model.bin or LoRA adapter"
+                .into(),
         ));
     }
     out.extend(SIDE_FILES.iter().filter_map(|n| find(n).cloned()));

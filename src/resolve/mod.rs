@@ -19,6 +19,7 @@ pub use aliases::set_user_file as set_aliases_file;
 pub use download::set_offline;
 
 use crate::error::{Error, Result};
+use crate::model::adapter::Adapter;
 use crate::model::checkpoint::{Checkpoint, HubOrigin};
 use crate::resolve::aliases::{Aliases, VectorAlias};
 use crate::resolve::download::{Outcome, offline};
@@ -131,6 +132,13 @@ pub(crate) fn open_model(reference: &str) -> Result<Checkpoint> {
     let mut ck = Checkpoint::open(&r.dir)?;
     ck.origin = r.origin;
     Ok(ck)
+}
+
+/// Resolves `reference` (a directory or Hub id) and opens the LoRA
+/// adapter there.
+pub(crate) fn open_adapter(reference: &str) -> Result<Adapter> {
+    let r = resolve_model(reference)?;
+    Adapter::open(&r.dir)
 }
 
 /// What `--vector` names: a chat vector alias (a pair of models to

@@ -199,8 +199,10 @@ struct RunFile {
 struct Layout {
     /// This node's files.
     own: PathBuf,
-    /// The trainer's output: checkpoints and the final model.
-    model: PathBuf,
+    /// The trainer's output, shared by all nodes: checkpoints and the final
+    /// model (RUN/model), or with LoRA the final adapter (RUN/adapter),
+    /// which chatvec then merges into RUN/model.
+    trainer: PathBuf,
 }
 
 impl Layout {
@@ -208,8 +210,15 @@ impl Layout {
         let a = &job.options;
         let own =
             if a.nnodes > 1 { job.output.join(format!("node-{}", a.node_rank)) } else { job.output.clone() };
-        Layout { own, model: job.output.join("model") }
+        let trainer = if a.lora { job.output.join("adapter") } else { model_dir(job) };
+        Layout { own, trainer }
     }
+}
+
+/// Where the run's final full model goes: the trainer saves it there, or
+/// with LoRA chatvec merges the adapter into it.
+pub(crate) fn model_dir(job: &SftJob) -> PathBuf {
+    job.output.join("model")
 }
 
 /// Everything the run is, before it starts.
@@ -248,10 +257,10 @@ fn latest_checkpoint(dir: &Path) -> Option<PathBuf> {
 /// or a checkpoint directory.
 fn resume_point(resume: &str, layout: &Layout) -> Result<PathBuf> {
     if resume == "latest" {
-        return latest_checkpoint(&layout.model).ok_or_else(|| {
+        return latest_checkpoint(&layout.trainer).ok_or_else(|| {
             Error::Usage(format!(
                 "--resume latest: {} holds no checkpoint-N to resume from",
-                layout.model.display()
+                layout.trainer.display()
             ))
             .with_hint("checkpoints are saved every --save-steps steps; without one, start the run again")
         });
@@ -426,7 +435,7 @@ fn prepare(job: &SftJob) -> Result<Prepared> {
         .unwrap_or_else(|| "LlamaForCausalLM".into());
     let ds_file = format!("{own}/deepspeed_zero3.json");
     let data_dir = format!("{own}/data");
-    let model_out = abs(&layout.model);
+    let model_out = abs(&layout.trainer);
     let resume_str = resume_from.as_ref().map(|p| p.display().to_string());
     let paths = RunPaths {
         model_dir: &abs(&model_dir),
@@ -587,6 +596,9 @@ pub struct SftReport {
     pub steps_logged: u64,
     /// The last logged loss.
     pub final_loss: Option<f64>,
+    /// With LoRA, the adapter the trainer saved (to be merged into the
+    /// run's model directory).
+    pub adapter: Option<String>,
 }
 
 impl std::fmt::Display for SftReport {
@@ -609,8 +621,9 @@ impl std::fmt::Display for SftReport {
 /// Supervised fine-tuning: validates the data and the Python environment,
 /// writes every config file into the run directory, launches TRL as a
 /// supervised child (its output streamed, SIGINT/SIGTERM forwarded) and
-/// records the run. The report's `exit_code` is the trainer's.
-pub fn sft(job: &SftJob) -> Result<SftReport> {
+/// records the run. The report's `exit_code` is the trainer's. (The job
+/// room's `sft` then merges a LoRA adapter.)
+pub(crate) fn train(job: &SftJob) -> Result<SftReport> {
     let a = &job.options;
     if let Some(l) = &a.launcher {
         return write_job_script(job, l);
@@ -670,6 +683,7 @@ pub fn sft(job: &SftJob) -> Result<SftReport> {
         exit_code: 0,
         steps_logged: 0,
         final_loss: None,
+        adapter: None,
     };
     if job.dry_run {
         return Ok(report);
@@ -712,7 +726,7 @@ pub fn sft(job: &SftJob) -> Result<SftReport> {
     for name in p.files.iter().map(|f| f.name).chain(data_files) {
         files.push(json!({"file": name, "sha256": sha256_file(&own.join(name))?}));
     }
-    let trained = if code == 0 { model_files(&p.layout.model)? } else { Vec::new() };
+    let trained = if code == 0 { model_files(&p.layout.trainer)? } else { Vec::new() };
     let record = Record {
         tool: "chatvec",
         version: env!("CARGO_PKG_VERSION"),
@@ -735,7 +749,7 @@ pub fn sft(job: &SftJob) -> Result<SftReport> {
         exit_code: code,
         interrupted: signals > 0,
         seconds: start.elapsed().as_secs_f64(),
-        trained_model: json!({"dir": abs(&p.layout.model), "files": trained}),
+        trained_model: json!({"dir": abs(&p.layout.trainer), "files": trained, "lora": a.lora}),
     };
     let rec = own.join(RECORD_FILE);
     std::fs::write(&rec, to_pretty(&record)).map_err(|e| Error::io("writing", &rec, e))?;
@@ -747,11 +761,15 @@ pub fn sft(job: &SftJob) -> Result<SftReport> {
         if a.node_rank == 0 && trained.is_empty() {
             return Err(Error::io(
                 "reading",
-                &p.layout.model,
+                &p.layout.trainer,
                 std::io::Error::other("the trainer exited 0 but saved no model weights there"),
             ));
         }
-        ui::note(&format!("trained model in {}, run record {}", p.layout.model.display(), rec.display()));
+        let what = if a.lora { "LoRA adapter" } else { "trained model" };
+        ui::note(&format!("{what} in {}, run record {}", p.layout.trainer.display(), rec.display()));
+        if a.lora && a.node_rank == 0 {
+            report.adapter = Some(abs(&p.layout.trainer));
+        }
     }
     Ok(report)
 }
@@ -784,6 +802,7 @@ fn write_job_script(job: &SftJob, launcher: &str) -> Result<SftReport> {
         exit_code: 0,
         steps_logged: 0,
         final_loss: None,
+        adapter: None,
     };
     if job.dry_run {
         return Ok(report);
@@ -1033,6 +1052,18 @@ fn supervise(p: &Prepared, max_steps: Option<u64>) -> Result<(i32, u64, Option<f
     crate::interrupt::set_supervising(false);
     let code = status.code().unwrap_or_else(|| 128 + status.signal().unwrap_or(0));
     Ok((code, steps, last, forwarded))
+}
+
+/// Adds `key: value` to this node's run record (the job room records the
+/// merged model there after a LoRA run).
+pub(crate) fn add_to_record(job: &SftJob, key: &str, value: Value) -> Result<()> {
+    let path = Layout::of(job).own.join(RECORD_FILE);
+    let mut rec = crate::json::read_value(&path, 64 << 20)?;
+    let Some(obj) = rec.as_object_mut() else {
+        return Err(Error::bad_file(&path, "is not a JSON object"));
+    };
+    obj.insert(key.to_string(), value);
+    std::fs::write(&path, to_pretty(&rec)).map_err(|e| Error::io("writing", &path, e))
 }
 
 #[cfg(test)]

@@ -1,0 +1,165 @@
+//! The plan of `apply --lora`: a PEFT LoRA adapter merged into the model it
+//! was trained on, over the base's tensors, names, order and dtypes.
+//!
+//! Each adapted weight becomes `W + scale * scaling * (B @ A)` (see
+//! `arith::lowrank`), streamed like every other formula, so a merge of a
+//! 70B model stays in bounded memory and its bytes do not depend on
+//! threads or chunking. Tensors the adapter stores whole
+//! (`modules_to_save`, biases) replace the base's; with a scale other than
+//! 1 they move the base that fraction of the way, `W + s * (new - W)`.
+
+use std::collections::HashMap;
+
+use crate::arith::rows::RowRun;
+use crate::error::{Error, Result};
+use crate::model::adapter::{Adapter, Change, LowRankKind};
+use crate::model::checkpoint::{Checkpoint, is_lm_head};
+use crate::model::dtype::{DType, FloatType};
+use crate::plan::chat_vector::Common;
+use crate::plan::checks::{Problems, float_of};
+use crate::plan::shards::assign_shards;
+use crate::plan::{Formula, Input, Op, OutTensor, Plan, Role, Source};
+
+/// Plans `base + adapter`: every tensor of the base, the adapted ones
+/// computed.
+pub fn plan_lora(
+    base: Checkpoint,
+    adapter: Adapter,
+    common: &Common,
+    out_dtype: Option<FloatType>,
+) -> Result<Plan> {
+    let sel = &common.selection;
+    let ack = &adapter.ckpt;
+    let targets = adapter.changes.iter().map(|(n, _)| n.as_str());
+    sel.check_all_match(base.tensors.iter().map(|t| t.name.as_str()).chain(targets))?;
+    let changes: HashMap<&str, &Change> = adapter.changes.iter().map(|(n, c)| (n.as_str(), c)).collect();
+    let mut problems = Problems::new("the adapter does not fit the base model");
+    let mut warnings = Vec::new();
+    for (name, _) in &adapter.changes {
+        if base.get(name).is_none() {
+            problems.push(if is_lm_head(name) && base.is_tied() {
+                format!(
+                    "the adapter changes '{name}', which {} ties to its embeddings (one matrix cannot take a change meant for the output side only)",
+                    base.dir.display()
+                )
+            } else {
+                format!("the adapter changes '{name}', which is not in the base {}", base.dir.display())
+            });
+        }
+    }
+    let mut tensors = Vec::with_capacity(base.tensors.len());
+    let mut left_out = 0usize;
+    for (bi, bt) in base.tensors.iter().enumerate() {
+        let base_src = Source { input: 0, tensor: bi };
+        let out_ty = match (out_dtype, bt.dtype.float()) {
+            (Some(o), Some(_)) => o.dtype(),
+            _ => bt.dtype,
+        };
+        let copy = |src: Source, from: DType| -> Op {
+            if from == out_ty { Op::Copy(src) } else { Op::Convert(src) }
+        };
+        let change = changes.get(bt.name.as_str()).copied();
+        if change.is_some() && !sel.selects(&bt.name) {
+            left_out += 1;
+        }
+        let op = match change.filter(|_| sel.selects(&bt.name)) {
+            None => {
+                if out_ty != bt.dtype {
+                    float_of(&base, bt, "--exclude")?;
+                }
+                copy(base_src, bt.dtype)
+            }
+            Some(Change::Replace(ai)) => {
+                let at = &ack.tensors[*ai];
+                float_of(&base, bt, "--exclude")?;
+                if at.shape != bt.shape {
+                    problems.push(format!(
+                        "'{}': the adapter stores it whole as {:?}, the base's is {:?}{}",
+                        bt.name,
+                        at.shape,
+                        bt.shape,
+                        if at.shape.first() != bt.shape.first() { " (a resized vocabulary?)" } else { "" }
+                    ));
+                    continue;
+                }
+                let new = Source { input: 1, tensor: *ai };
+                let scale = sel.scale(&bt.name);
+                if scale == 1.0 {
+                    copy(new, at.dtype)
+                } else {
+                    Op::Arith {
+                        formula: Formula::AddDiff { base: base_src, chat: new, pre: base_src, scale },
+                        runs: vec![RowRun { base_row: 0, vector_row: 0, rows: bt.numel() }],
+                        row_len: 1,
+                    }
+                }
+            }
+            Some(Change::LowRank { a, b, rank, scaling, kind, base_layer }) => {
+                float_of(&base, bt, "--exclude")?;
+                let (ta, tb) = (&ack.tensors[*a], &ack.tensors[*b]);
+                // The weight the update goes onto: the base's, or the
+                // adapter's saved copy of it.
+                let onto = match base_layer {
+                    Some(i) if ack.tensors[*i].shape != bt.shape => {
+                        problems.push(format!(
+                            "'{}': the adapter saves its base layer as {:?}, the base's is {:?} (a resized vocabulary?)",
+                            bt.name, ack.tensors[*i].shape, bt.shape
+                        ));
+                        continue;
+                    }
+                    Some(i) => Source { input: 1, tensor: *i },
+                    None => base_src,
+                };
+                // The update's shape: B @ A is [B rows, A cols].
+                let update = match kind {
+                    LowRankKind::Linear => vec![tb.shape[0], ta.shape[1]],
+                    LowRankKind::Transposed => vec![ta.shape[1], tb.shape[0]],
+                };
+                if bt.shape != update {
+                    problems.push(format!(
+                        "'{}': the base's is {:?}, the adapter's rank-{rank} update is {:?}",
+                        bt.name, bt.shape, update
+                    ));
+                    continue;
+                }
+                let scale = (f64::from(sel.scale(&bt.name)) * scaling) as f32;
+                if !scale.is_finite() {
+                    return Err(Error::Usage(format!(
+                        "'{}': the adapter's scaling {scaling} times the scale does not fit in f32",
+                        bt.name
+                    )));
+                }
+                Op::Arith {
+                    formula: Formula::AddLowRank {
+                        base: onto,
+                        a: Source { input: 1, tensor: *a },
+                        b: Source { input: 1, tensor: *b },
+                        transposed: *kind == LowRankKind::Transposed,
+                        rows: update[0],
+                        cols: update[1],
+                        scale,
+                    },
+                    runs: vec![RowRun { base_row: 0, vector_row: 0, rows: bt.numel() }],
+                    row_len: 1,
+                }
+            }
+        };
+        tensors.push(OutTensor { name: bt.name.clone(), dtype: out_ty, shape: bt.shape.clone(), op });
+    }
+    problems.into_result()?;
+    if left_out > 0 {
+        warnings
+            .push(format!("{left_out} tensor(s) the adapter changes are excluded and stay as in the base"));
+    }
+    let shards = assign_shards(&tensors, common.shard_size);
+    let inputs = vec![Input::new(Role::Base, base), Input::new(Role::Adapter, adapter.ckpt)];
+    Ok(Plan {
+        inputs,
+        tensors,
+        shards,
+        embeddings: Vec::new(),
+        omitted: Vec::new(),
+        warnings,
+        vocab_union: None,
+    })
+}
