@@ -291,9 +291,22 @@ fn scale_out_options_are_checked_and_cluster_configs_prepare_without_gpus() {
     fails(&["--nnodes", "2", "--node-rank", "5", "--master-addr", "10.0.0.1"], "--node-rank 5 of --nnodes 2");
     fails(&["--nproc", "0"], "--nproc 0");
     fails(&["--scheduler", "cosin"], "did you mean cosine?");
-    // The fake torch sees no GPU: several processes cannot run here...
-    fails(&["--nproc", "2"], "2 processes need GPUs, and torch sees none here");
-    fails(&["--fsdp"], "with FSDP need GPUs");
+    // The fake torch sees no GPU: FSDP and DeepSpeed cannot run here...
+    fails(&["--fsdp"], "--fsdp needs GPUs, and torch sees none here");
+    fails(&["--deepspeed", "zero3"], "--deepspeed needs GPUs");
+    // ...plain data parallelism can: torchrun starts every process (accelerate's
+    // MULTI_CPU type would start one), and the trainer keeps them on the CPU.
+    let o = sft(&model, &data, &run, &py).args(["--dry-run", "--nproc", "2"]).output().unwrap();
+    ok(&o);
+    let text = stdout(&o);
+    assert!(
+        text.contains("distributed_type: MULTI_GPU")
+            && text.contains("num_processes: 2")
+            && text.contains("use_cpu: false")
+            && text.contains("use_cpu: true")
+            && text.contains("bf16: false"),
+        "{text}"
+    );
     fails(&["--train-arg", "weight_decy=0.1"], "did you mean weight_decay?");
     fails(&["--train-arg", "learning_rate=1e-4"], "chatvec sets it; use --lr");
     // ...but their configs can be prepared, as for GPUs.

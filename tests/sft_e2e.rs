@@ -114,6 +114,12 @@ for name, text in report["files"]:
         f.write(text)
 from accelerate.commands.config.config_args import load_config_from_file
 c = load_config_from_file(os.path.join(out, "accelerate_config.yaml"))
+if c.deepspeed_config:
+    # The ZeRO-3 file the accelerate config names is valid JSON with a stage 3 section.
+    with open(os.path.join(out, os.path.basename(c.deepspeed_config["deepspeed_config_file"]))) as f:
+        assert json.load(f)["zero_optimization"]["stage"] == 3
+    assert c.deepspeed_config["deepspeed_multinode_launcher"] == "standard", c.deepspeed_config
+    assert c.mixed_precision in (None, "no"), c.mixed_precision
 import yaml
 from trl import DatasetMixtureConfig, ModelConfig, ScriptArguments, SFTConfig, TrlParser
 with open(os.path.join(out, "sft_config.yaml")) as f:
@@ -136,6 +142,10 @@ fn cluster_configs_parse_in_accelerate_and_trl_without_warnings() {
     let model = d.path().join("chat");
     for (extra, kind) in [
         (&["--fsdp", "--nproc", "8"][..], "FSDP 8"),
+        (
+            &["--deepspeed", "zero3", "--nproc", "8", "--nnodes", "2", "--master-addr", "10.0.0.1"][..],
+            "DEEPSPEED 16",
+        ),
         (
             &["--nproc", "4", "--nnodes", "2", "--node-rank", "1", "--master-addr", "10.0.0.1"][..],
             "MULTI_GPU 8",
@@ -288,4 +298,41 @@ fn lora_runs_end_in_a_merged_model_that_matches_peft_and_generates() {
     ok(&chatvec(&["-q", "apply", "--base", s(&cv), "--lora", s(&adapter), "-o", s(&merged)]));
     // q_proj and down_proj of two layers, the embeddings, lm_head.
     assert_eq!(matches_peft(&adapter, &merged), 2 * 2 + 2);
+}
+
+#[test]
+#[ignore = "needs torch/transformers/trl/accelerate: CHATVEC_SFT_PYTHON=$(scripts/sft-venv.sh) cargo test --test sft_e2e -- --ignored"]
+fn two_cpu_processes_share_the_data_through_accelerates_launcher() {
+    let (py, d) = tiny_llamas();
+    let data = d.path().join("data.jsonl");
+    let lines: String = (0..8)
+        .map(|i| format!("{{\"messages\": [{{\"role\": \"user\", \"content\": \"Hello {i}\"}}, {{\"role\": \"assistant\", \"content\": \"Hi {i}, how are you?\"}}]}}\n"))
+        .collect();
+    std::fs::write(&data, lines).unwrap();
+    let run = d.path().join("run");
+    let o = command()
+        .args(["sft", "--model", s(&d.path().join("chat")), "--data", s(&data), "-o", s(&run)])
+        .args([
+            "--python",
+            s(&py),
+            "--nproc",
+            "2",
+            "--epochs",
+            "1",
+            "--grad-accum",
+            "1",
+            "--max-seq-len",
+            "64",
+        ])
+        .args(["--save-steps", "0"])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "chatvec sft --nproc 2 failed:\n{}", stderr(&o));
+    let rec: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(run.join("chatvec-sft-run.json")).unwrap()).unwrap();
+    assert_eq!(rec["world_size"], 2);
+    // 8 examples, one per process per step: 4 steps when two processes
+    // split the data (one process alone would take 8).
+    assert_eq!(rec["steps_logged"], 4, "{}", stderr(&o));
+    assert!(run.join("model/model.safetensors").is_file(), "{:?}", entries(&run.join("model")));
 }

@@ -105,6 +105,7 @@ pub fn sft_config(p: &RunPaths<'_>, t: &SftOptions, gpu: bool, transformers_majo
         "assistant_only_loss": t.assistant_only_loss,
         "seed": t.seed,
         "bf16": gpu,
+        "use_cpu": !gpu,
         "logging_steps": 1,
         "save_strategy": if t.save_steps > 0 { "steps" } else { "no" },
         "report_to": t.report_to,
@@ -161,10 +162,11 @@ pub fn accelerate_config(s: &SftOptions, gpu: bool, layer_class: &str, deepspeed
         "FSDP"
     } else if s.deepspeed.is_some() {
         "DEEPSPEED"
-    } else if procs > 1 && gpu {
-        "MULTI_GPU"
     } else if procs > 1 {
-        "MULTI_CPU"
+        // accelerate's torchrun launcher. On CPUs too: its MULTI_CPU type
+        // starts one process unless MPI does the launching, whereas torchrun
+        // starts them all and each joins a gloo group (TRL's `use_cpu`).
+        "MULTI_GPU"
     } else {
         "NO"
     };
@@ -177,7 +179,10 @@ pub fn accelerate_config(s: &SftOptions, gpu: bool, layer_class: &str, deepspeed
         "main_training_function": "main",
         "rdzv_backend": "static",
         "same_network": true,
-        "use_cpu": !gpu,
+        // With `use_cpu` accelerate launches a single process; several CPU
+        // processes are asked of torchrun, and the trainer's own `use_cpu`
+        // keeps them on the CPU.
+        "use_cpu": !gpu && procs == 1,
     });
     let Value::Object(o) = &mut c else { return c };
     // accelerate refuses mixed_precision beside a DeepSpeed config file

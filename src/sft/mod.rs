@@ -125,12 +125,17 @@ fn python_path(a: &SftOptions) -> PathBuf {
         .unwrap_or_else(|| "python3".into())
 }
 
-/// Checks that `python` imports every package in `needed`.
-/// With `template` (model directory, template text), also asks whether
-/// TRL would patch that template for assistant-only loss.
+/// Checks that `python` imports every package in `needed`; one missing
+/// from `launch_only` (what only the launch mode needs, e.g. deepspeed) is
+/// a warning when `dry_run`, since a job prepared on a login node runs
+/// where the trainer's environment is complete. With `template` (model
+/// directory, template text), also asks whether TRL would patch that
+/// template for assistant-only loss.
 pub(crate) fn check_python(
     python: &Path,
     needed: &[&str],
+    launch_only: &[&str],
+    dry_run: bool,
     template: Option<(&Path, &str)>,
 ) -> Result<PythonEnv> {
     let cannot = |e: std::io::Error| {
@@ -141,7 +146,7 @@ pub(crate) fn check_python(
     let mut child = Command::new(python)
         .arg("-c")
         .arg(CHECK_SCRIPT)
-        .args(needed)
+        .args(needed.iter().chain(launch_only))
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -158,8 +163,18 @@ pub(crate) fn check_python(
         Error::Usage(format!("{} could not check its packages (exit {})", python.display(), out.status))
     })?;
     let packages = v.get("packages").and_then(Value::as_object).cloned().unwrap_or_default();
-    let missing: Vec<&str> =
-        needed.iter().copied().filter(|p| packages.get(*p).is_none_or(Value::is_null)).collect();
+    let lacks = |p: &&str| packages.get(*p).is_none_or(Value::is_null);
+    let mut missing: Vec<&str> = needed.iter().copied().filter(lacks).collect();
+    let extras: Vec<&str> = launch_only.iter().copied().filter(lacks).collect();
+    if dry_run && !extras.is_empty() {
+        crate::ui::warn(&format!(
+            "{} lacks {}, which the run will need (a dry run only prepares it)",
+            python.display(),
+            extras.join(", ")
+        ));
+    } else {
+        missing.extend(extras);
+    }
     if !missing.is_empty() {
         return Err(Error::Usage(format!(
             "{} lacks the Python package(s) {} that SFT needs",
@@ -320,12 +335,13 @@ fn prepare(job: &SftJob) -> Result<Prepared> {
     };
     let (stats, eval_stats) = data_stats(a)?;
     let resume_from = a.resume.as_deref().map(|r| resume_point(r, &layout)).transpose()?;
-    let mut needed = vec!["torch", "transformers", "trl", "accelerate", "datasets"];
+    let needed = ["torch", "transformers", "trl", "accelerate", "datasets"];
+    let mut launch_only = Vec::new();
     if a.lora {
-        needed.push("peft");
+        launch_only.push("peft");
     }
     if a.deepspeed.is_some() {
-        needed.push("deepspeed");
+        launch_only.push("deepspeed");
     }
     let Some((template, source)) = chosen_template(a, &model_dir)? else {
         return Err(Error::Usage(format!("{} has no chat template, so chat data cannot be rendered", model_dir.display()))
@@ -334,8 +350,13 @@ fn prepare(job: &SftJob) -> Result<Prepared> {
     // A template without markers that chatvec does not mark itself: ask
     // TRL, before launch, whether it patches it.
     let ask = a.assistant_only_loss && !has_generation_markers(&template) && !is_llama3_style(&template);
-    let python =
-        check_python(&python_path(a), &needed, ask.then_some((model_dir.as_path(), template.as_str())))?;
+    let python = check_python(
+        &python_path(a),
+        &needed,
+        &launch_only,
+        job.dry_run,
+        ask.then_some((model_dir.as_path(), template.as_str())),
+    )?;
     if let Some(known) = &python.settings {
         for key in a.train_args.keys() {
             if !known.contains(key) {
@@ -351,24 +372,19 @@ fn prepare(job: &SftJob) -> Result<Prepared> {
             }
         }
     }
-    // Scale-out runs on GPUs. A dry run writes their configs anyway, so a
-    // cluster job can be prepared on a login node without GPUs.
-    let wants_gpu = a.fsdp || a.deepspeed.is_some() || a.world_size() > 1;
+    // FSDP and DeepSpeed run on GPUs (accelerate turns an FSDP config on
+    // CPU processes into plain DDP). A dry run writes their configs anyway,
+    // so a cluster job can be prepared on a login node without GPUs. Plain
+    // data parallelism also runs on CPUs, over gloo.
+    let wants_gpu = a.fsdp || a.deepspeed.is_some();
     let gpu = python.cuda_devices > 0 || (job.dry_run && wants_gpu);
     if !job.dry_run {
         if wants_gpu && python.cuda_devices == 0 {
             return Err(Error::Usage(format!(
-                "{} processes{} need GPUs, and torch sees none here (a CPU run is one process)",
-                a.world_size(),
-                if a.fsdp {
-                    " with FSDP"
-                } else if a.deepspeed.is_some() {
-                    " with DeepSpeed"
-                } else {
-                    ""
-                }
+                "{} needs GPUs, and torch sees none here",
+                if a.fsdp { "--fsdp" } else { "--deepspeed" }
             ))
-            .with_hint("--dry-run prepares the configs on a machine without GPUs"));
+            .with_hint("--dry-run prepares the configs on a machine without GPUs; --nproc N without them trains N CPU processes (DDP over gloo)"));
         }
         if python.cuda_devices > 0 && a.nproc > python.cuda_devices {
             return Err(Error::Usage(format!(
