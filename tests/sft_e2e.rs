@@ -101,6 +101,9 @@ fn apply_then_a_few_real_sft_steps_on_the_cpu() {
     assert_eq!(state["global_step"], 5);
 }
 
+/// Mistral-7B-Instruct-v0.2's chat template.
+const MISTRAL_TEMPLATE: &str = "{{ bos_token }}{% for message in messages %}{% if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}{% endif %}{% if message['role'] == 'user' %}{{ '[INST] ' + message['content'] + ' [/INST]' }}{% elif message['role'] == 'assistant' %}{{ message['content'] + eos_token}}{% else %}{{ raise_exception('Only user and assistant roles are supported!') }}{% endif %}{% endfor %}";
+
 /// Loads each generated accelerate config with accelerate's own loader and
 /// the SFT config with TRL's parser, with every Python warning an error.
 const PARSE_CONFIGS: &str = r#"
@@ -187,6 +190,14 @@ fn cluster_configs_parse_in_accelerate_and_trl_without_warnings() {
     let o = dry(&qwen);
     assert!(o.status.success(), "{}", stderr(&o));
     assert!(stderr(&o).contains("TRL adds generation markers for its family"), "{}", stderr(&o));
+    // Mistral's: TRL has no training copy, chatvec marks its assistant
+    // branch, and transformers renders both the same.
+    let mistral = d.path().join("mistral.jinja");
+    std::fs::write(&mistral, MISTRAL_TEMPLATE).unwrap();
+    let o = dry(&mistral);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(stderr(&o).contains("markers inserted around the assistant reply (checked"), "{}", stderr(&o));
+    assert!(stdout(&o).contains("{% generation %}{{ message['content'] + eos_token}}{% endgeneration %}"));
     let o = dry(&odd);
     assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
     assert!(stderr(&o).contains("neither chatvec nor TRL can add them (TRL:"), "{}", stderr(&o));

@@ -280,6 +280,31 @@ pub fn insert_llama3x_markers(template: &str) -> Option<String> {
     Some(re.replace(template, regex::NoExpand(marked)).into_owned())
 }
 
+/// Wraps the output of a template's one assistant branch (`{% elif
+/// message['role'] == 'assistant' %}` followed by `{{ ... }}` expressions,
+/// as in Mistral's and many fine-tunes' templates) in `{% generation %}`
+/// markers. The markers render nothing, and the insertion keeps every
+/// whitespace-control sign, so the text is unchanged; the environment check
+/// proves it by rendering conversations with both before the copy is used.
+/// None when there is not exactly one such branch.
+pub fn insert_assistant_markers(template: &str) -> Option<String> {
+    let branch = regex::Regex::new(
+        r#"\{%-?\s*(?:el)?if\s+message(?:\[\s*['"]role['"]\s*\]|\.role)\s*==\s*['"]assistant['"]\s*-?%\}"#,
+    )
+    .ok()?;
+    let mut found = branch.find_iter(template);
+    let (tag, None) = (found.next()?, found.next()) else { return None };
+    let exprs = regex::Regex::new(r"^(?:\s*\{\{(?:[^}]|\}[^}])*\}\})+").ok()?;
+    let run = exprs.find(&template[tag.end()..])?;
+    let (start, end) = (tag.end() + run.start(), tag.end() + run.end());
+    Some(format!(
+        "{}{{% generation %}}{}{{% endgeneration %}}{}",
+        &template[..start],
+        &template[start..end],
+        &template[end..]
+    ))
+}
+
 /// A Llama-3 chat template whose assistant replies sit inside
 /// `{% generation %}` markers, so TRL can train on them alone. It renders
 /// the same text as Meta's template without tools: the bos token, then per
@@ -433,5 +458,26 @@ mod tests {
         assert!(has_generation_markers(LLAMA3_TRAINING_TEMPLATE));
         assert!(has_generation_markers("{%- generation -%}x{% endgeneration %}"));
         assert_eq!(decoder_layer_class("MistralForCausalLM"), "MistralDecoderLayer");
+    }
+
+    /// Mistral-7B-Instruct-v0.2's template, as its tokenizer_config.json has it.
+    const MISTRAL: &str = "{{ bos_token }}{% for message in messages %}{% if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}{% endif %}{% if message['role'] == 'user' %}{{ '[INST] ' + message['content'] + ' [/INST]' }}{% elif message['role'] == 'assistant' %}{{ message['content'] + eos_token}}{% else %}{{ raise_exception('Only user and assistant roles are supported!') }}{% endif %}{% endfor %}";
+
+    #[test]
+    fn the_one_assistant_branch_gets_markers_around_its_output_only() {
+        let m = insert_assistant_markers(MISTRAL).expect("Mistral's branch is found");
+        assert!(m.contains(
+            "{% elif message['role'] == 'assistant' %}{% generation %}{{ message['content'] + eos_token}}{% endgeneration %}{% else %}"
+        ));
+        assert_eq!(m.replace("{% generation %}", "").replace("{% endgeneration %}", ""), MISTRAL);
+        // Two assistant branches, or none: nothing to mark safely.
+        let twice = format!("{MISTRAL}{{% if message.role == \"assistant\" %}}{{{{ x }}}}{{% endif %}}");
+        assert_eq!(insert_assistant_markers(&twice), None);
+        assert_eq!(insert_assistant_markers("{{ messages[0].content }}"), None);
+        // A branch that opens with a control tag is left alone.
+        assert_eq!(
+            insert_assistant_markers("{% if message['role'] == 'assistant' %}{% set x = 1 %}{% endif %}"),
+            None
+        );
     }
 }

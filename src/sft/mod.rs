@@ -27,7 +27,8 @@ use crate::output::sidecars::chat_template_text;
 use crate::resolve::open_model;
 use crate::sft::config::{
     LLAMA3_TRAINING_TEMPLATE, RunPaths, accelerate_config, decoder_layer_class, deepspeed_zero3,
-    has_generation_markers, insert_llama3x_markers, is_llama3_style, sft_config, to_yaml,
+    has_generation_markers, insert_assistant_markers, insert_llama3x_markers, is_llama3_style, sft_config,
+    to_yaml,
 };
 use crate::sft::data::{DataStats, MixOut, MixedFile, process, write_eval, write_mixture};
 use crate::ui;
@@ -78,6 +79,7 @@ except Exception:
 spec = json.loads(sys.stdin.read() or "null")
 if spec:
     # Would TRL patch this chat template for assistant-only loss itself?
+    tok = None
     try:
         from transformers import AutoTokenizer
         from trl.chat_template_utils import get_training_chat_template
@@ -88,6 +90,32 @@ if spec:
     except Exception as e:
         out["trl_patches_template"] = False
         out["template_error"] = str(e)[:400]
+    # chatvec's copy with markers: the same text for every conversation,
+    # and the assistant's reply inside the mask.
+    marked = spec.get("marked")
+    if marked and tok is not None:
+        def render(t, conv, prompt):
+            try:
+                return tok.apply_chat_template(conv, chat_template=t, tokenize=False, add_generation_prompt=prompt)
+            except Exception as e:
+                return "raises " + type(e).__name__
+        u = lambda c: {"role": "user", "content": c}
+        a = lambda c: {"role": "assistant", "content": c}
+        convs = [[u("Hi"), a("Hello there.")], [u("A?"), a("B."), u("C?"), a("D.")],
+                 [{"role": "system", "content": "Be brief."}, u("A?"), a("B.")], [u("Hi")]]
+        try:
+            same = all(render(spec["template"], c, p) == render(marked, c, p) for c in convs for p in (False, True))
+            enc = tok.apply_chat_template(convs[0], chat_template=marked, tokenize=True, return_dict=True,
+                                          return_assistant_tokens_mask=True)
+            covered = tok.decode([i for i, m in zip(enc["input_ids"], enc["assistant_masks"]) if m])
+            out["marked_ok"] = same and "Hello there." in covered
+            if not same:
+                out["marked_error"] = "the marked copy renders other text"
+            elif not out["marked_ok"]:
+                out["marked_error"] = "the marked copy masks %r, not the reply" % covered
+        except Exception as e:
+            out["marked_ok"] = False
+            out["marked_error"] = str(e)[:400]
 try:
     import dataclasses
     from trl import ModelConfig, ScriptArguments, SFTConfig
@@ -116,6 +144,10 @@ pub(crate) struct PythonEnv {
     /// not.
     #[serde(skip)]
     pub trl_patches_template: Option<(bool, String)>,
+    /// Whether chatvec's marked copy of the template renders the same text
+    /// and masks the reply (None: not asked), and why not.
+    #[serde(skip)]
+    pub marked_ok: Option<(bool, String)>,
 }
 
 fn python_path(a: &SftOptions) -> PathBuf {
@@ -129,14 +161,15 @@ fn python_path(a: &SftOptions) -> PathBuf {
 /// from `launch_only` (what only the launch mode needs, e.g. deepspeed) is
 /// a warning when `dry_run`, since a job prepared on a login node runs
 /// where the trainer's environment is complete. With `template` (model
-/// directory, template text), also asks whether TRL would patch that
-/// template for assistant-only loss.
+/// directory, template text, chatvec's marked copy), also asks whether TRL
+/// would patch that template for assistant-only loss, and whether the
+/// marked copy renders the same text with the reply masked.
 pub(crate) fn check_python(
     python: &Path,
     needed: &[&str],
     launch_only: &[&str],
     dry_run: bool,
-    template: Option<(&Path, &str)>,
+    template: Option<(&Path, &str, Option<&str>)>,
 ) -> Result<PythonEnv> {
     let cannot = |e: std::io::Error| {
         Error::Usage(format!("cannot run Python interpreter {}: {e}", python.display())).with_hint(format!(
@@ -152,7 +185,8 @@ pub(crate) fn check_python(
         .stderr(Stdio::piped())
         .spawn()
         .map_err(cannot)?;
-    let spec = template.map(|(dir, t)| json!({"model": dir.display().to_string(), "template": t}));
+    let spec = template
+        .map(|(dir, t, marked)| json!({"model": dir.display().to_string(), "template": t, "marked": marked}));
     if let Some(mut stdin) = child.stdin.take() {
         // An interpreter that exits without reading is reported below.
         let _ = stdin.write_all(spec.map(|v| v.to_string()).unwrap_or_default().as_bytes());
@@ -196,6 +230,10 @@ pub(crate) fn check_python(
             .get("trl_patches_template")
             .and_then(Value::as_bool)
             .map(|b| (b, v.get("template_error").and_then(Value::as_str).unwrap_or_default().to_string())),
+        marked_ok: v
+            .get("marked_ok")
+            .and_then(Value::as_bool)
+            .map(|b| (b, v.get("marked_error").and_then(Value::as_str).unwrap_or_default().to_string())),
     })
 }
 
@@ -350,12 +388,13 @@ fn prepare(job: &SftJob) -> Result<Prepared> {
     // A template without markers that chatvec does not mark itself: ask
     // TRL, before launch, whether it patches it.
     let ask = a.assistant_only_loss && !has_generation_markers(&template) && !is_llama3_style(&template);
+    let marked = if ask { insert_assistant_markers(&template) } else { None };
     let python = check_python(
         &python_path(a),
         &needed,
         &launch_only,
         job.dry_run,
-        ask.then_some((model_dir.as_path(), template.as_str())),
+        ask.then_some((model_dir.as_path(), template.as_str(), marked.as_deref())),
     )?;
     if let Some(known) = &python.settings {
         for key in a.train_args.keys() {
@@ -406,14 +445,25 @@ fn prepare(job: &SftJob) -> Result<Prepared> {
     let mut how = "as it is";
     if a.assistant_only_loss && !has_generation_markers(&template) {
         if !is_llama3_style(&template) {
-            match &python.trl_patches_template {
+            match (&python.trl_patches_template, &python.marked_ok, &marked) {
                 // TRL swaps in its training copy while encoding; the model
                 // is saved with the template as it is.
-                Some((true, _)) => {
+                (Some((true, _)), _, _) => {
                     how = "as it is; TRL adds generation markers for its family while training"
                 }
-                other => {
-                    let why = other.as_ref().map(|(_, e)| format!(" (TRL: {e})")).unwrap_or_default();
+                // chatvec's copy, proven to render the same text.
+                (_, Some((true, _)), Some(m)) => {
+                    used = m.clone();
+                    how = "with {% generation %} markers inserted around the assistant reply (checked: same rendering, reply masked)";
+                }
+                (other, checked, _) => {
+                    let mut why = other.as_ref().map(|(_, e)| format!(" (TRL: {e}")).unwrap_or_default();
+                    if let Some((_, e)) = checked {
+                        why.push_str(&format!("; chatvec's marked copy: {e}"));
+                    }
+                    if !why.is_empty() {
+                        why.push(')');
+                    }
                     return Err(Error::Usage(format!(
                         "the chat template ({source}) has no {{% generation %}} markers, which assistant-only loss needs, and neither chatvec nor TRL can add them{why}"
                     ))
