@@ -17,7 +17,7 @@ use memmap2::Mmap;
 use serde::Serialize;
 use serde_json::json;
 
-use super::synth::{Component, LlamaShape, ModelFiles, tokens, write_model};
+use super::synth::{Component, LlamaShape, ModelFiles, tokens, write_lora_adapter, write_model};
 
 fn io(op: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> Error {
     let path = path.to_path_buf();
@@ -55,6 +55,18 @@ pub struct BenchArgs {
     #[arg(long, default_value = "float32")]
     pub mergekit_dtype: String,
 
+    /// Also time merging a LoRA adapter of this rank (repeatable) over every
+    /// projection of the base with `chatvec apply --lora` (the adapter is
+    /// generated and kept beside the inputs).
+    #[arg(long = "lora", value_name = "RANK")]
+    pub lora_ranks: Vec<u64>,
+
+    /// With --lora: also merge each adapter with PEFT's merge_and_unload and
+    /// save_pretrained in this Python (torch, transformers, peft), timed the
+    /// same way, and compare the outputs in bf16 ulps.
+    #[arg(long, value_name = "PYTHON")]
+    pub peft: Option<PathBuf>,
+
     /// Device for chatvec's apply and merges: cpu, cuda, cuda:N or auto.
     #[arg(long, default_value = "cpu", value_parser = DeviceChoice::parse)]
     pub device: DeviceChoice,
@@ -72,6 +84,23 @@ pub struct MethodBench {
     /// Elements that differ by more than one ulp.
     pub over_one_ulp: Option<u64>,
 }
+
+/// One LoRA merge timed, and compared with PEFT's.
+#[derive(Serialize)]
+pub struct LoraBench {
+    pub rank: u64,
+    pub adapter_bytes: u64,
+    pub chatvec: Measured,
+    pub peft: Option<Measured>,
+    /// Largest difference from PEFT's output, in bf16 ulps.
+    pub max_ulp: Option<u32>,
+    /// Elements that differ by more than one ulp.
+    pub over_one_ulp: Option<u64>,
+}
+
+/// PEFT's merge as its users write it: the base in bf16, the adapter on
+/// top, merge_and_unload, save_pretrained.
+const PEFT_MERGE: &str = "import sys, torch\nfrom transformers import AutoModelForCausalLM\nfrom peft import PeftModel\nm = AutoModelForCausalLM.from_pretrained(sys.argv[1], dtype=torch.bfloat16)\nPeftModel.from_pretrained(m, sys.argv[2]).merge_and_unload().save_pretrained(sys.argv[3])\n";
 
 /// A measured child process.
 #[derive(Serialize)]
@@ -107,6 +136,7 @@ pub struct BenchReport {
     pub ratio_to_floor: f64,
     pub mergekit: Option<Measured>,
     pub methods: Vec<MethodBench>,
+    pub lora: Vec<LoraBench>,
 }
 
 /// A mergekit config for `method` over the bench inputs: the chat and base
@@ -165,7 +195,7 @@ fn compare_bf16(a: &Path, b: &Path) -> Result<(u32, u64)> {
     let (mut max, mut over) = (0u32, 0u64);
     for t in ca.tensors() {
         let Some(u) = cb.get(&t.name) else {
-            return Err(Error::Internal(format!("mergekit output lacks {}", t.name)));
+            return Err(Error::Internal(format!("{} lacks {}", b.display(), t.name)));
         };
         let (x, y) = (ca.bytes(t), cb.bytes(u));
         if x.len() != y.len() || t.dtype != DType::BF16 {
@@ -393,6 +423,39 @@ pub fn run(a: &BenchArgs, json: bool) -> Result<()> {
         methods.push(MethodBench { method: method.clone(), chatvec, mergekit, max_ulp, over_one_ulp });
     }
 
+    let mut lora = Vec::new();
+    for &rank in &a.lora_ranks {
+        let adapter = root.join(format!("lora-r{rank}"));
+        if !adapter.join(".complete").is_file() {
+            eprintln!("generating {} ...", adapter.display());
+            let _ = std::fs::remove_dir_all(&adapter);
+            write_lora_adapter(&adapter, &shape, rank, &[Component { seed: 14, amplitude: 0.01 }])?;
+            File::create(adapter.join(".complete")).map_err(io("writing", &adapter))?;
+        }
+        let adapter_bytes = std::fs::metadata(adapter.join("adapter_model.safetensors"))
+            .map_err(io("reading", &adapter))?
+            .len();
+        let cout = root.join(format!("out-lora-r{rank}-chatvec"));
+        let mut cmd = Command::new(&exe);
+        cmd.arg("-q").arg("apply").arg("--base").arg(&base).arg("--lora").arg(&adapter);
+        cmd.arg("-o").arg(&cout).arg("--force").arg("--threads").arg(threads.to_string());
+        cmd.env("CHATVEC_CACHE_DIR", root.join("hash-cache"));
+        let chatvec = measure(&mut cmd)?;
+        let (mut peft, mut max_ulp, mut over_one_ulp) = (None, None, None);
+        if let Some(py) = &a.peft {
+            let pout = root.join(format!("out-lora-r{rank}-peft"));
+            let _ = std::fs::remove_dir_all(&pout);
+            let mut m = Command::new(py);
+            m.arg("-c").arg(PEFT_MERGE).arg(&base).arg(&adapter).arg(&pout);
+            peft = Some(measure(&mut m)?);
+            let (mx, over) = compare_bf16(&cout, &pout)?;
+            (max_ulp, over_one_ulp) = (Some(mx), Some(over));
+            let _ = std::fs::remove_dir_all(&pout);
+        }
+        let _ = std::fs::remove_dir_all(&cout);
+        lora.push(LoraBench { rank, adapter_bytes, chatvec, peft, max_ulp, over_one_ulp });
+    }
+
     let gb = |b: u64, s: f64| b as f64 / 1e9 / s;
     let rep = BenchReport {
         shape: a.shape.clone(),
@@ -413,6 +476,7 @@ pub fn run(a: &BenchArgs, json: bool) -> Result<()> {
         apply_cached,
         mergekit,
         methods,
+        lora,
     };
     if json {
         return super::json_out(&rep);
@@ -464,6 +528,25 @@ pub fn run(a: &BenchArgs, json: bool) -> Result<()> {
             t += &format!("; mergekit {:.2} s, peak RssAnon {:.0} MiB", m.seconds, m.peak_rss_anon_mib);
         }
         if let (Some(u), Some(o)) = (mb.max_ulp, mb.over_one_ulp) {
+            t += &format!("; max difference {u} bf16 ulp, {o} elements over 1 ulp");
+        }
+        t.push('\n');
+    }
+    for lb in &rep.lora {
+        t += &format!(
+            "apply --lora (rank {}, adapter {:.0} MB): chatvec {:.2} s, peak RssAnon {:.0} MiB",
+            lb.rank,
+            lb.adapter_bytes as f64 / 1e6,
+            lb.chatvec.seconds,
+            lb.chatvec.peak_rss_anon_mib
+        );
+        if let Some(m) = &lb.peft {
+            t += &format!(
+                "; PEFT merge_and_unload + save_pretrained {:.2} s, peak RssAnon {:.0} MiB",
+                m.seconds, m.peak_rss_anon_mib
+            );
+        }
+        if let (Some(u), Some(o)) = (lb.max_ulp, lb.over_one_ulp) {
             t += &format!("; max difference {u} bf16 ulp, {o} elements over 1 ulp");
         }
         t.push('\n');

@@ -302,3 +302,42 @@ pub fn write_model(
     }
     Ok(())
 }
+
+/// Writes a PEFT LoRA adapter of rank `rank` over every projection of
+/// `shape` into `dir`, as `PeftModel.save_pretrained` lays it out:
+/// `adapter_config.json` and `adapter_model.safetensors` with
+/// `base_model.model.M.lora_A.weight` (`r x in`) and `lora_B.weight`
+/// (`out x r`), values from `parts`.
+pub fn write_lora_adapter(dir: &Path, shape: &LlamaShape, rank: u64, parts: &[Component]) -> Result<()> {
+    let io = |op: &'static str, path: &Path| {
+        let path = path.to_path_buf();
+        move |e| Error::Io { op, path, source: e }
+    };
+    std::fs::create_dir_all(dir).map_err(io("creating", dir))?;
+    let dtype = FloatType::BF16;
+    let mut tensors = Vec::new();
+    for (name, s) in shape.tensors() {
+        if let Some(module) = name.strip_suffix("_proj.weight") {
+            let m = format!("base_model.model.{module}_proj");
+            tensors.push((format!("{m}.lora_A.weight"), vec![rank, s[1]]));
+            tensors.push((format!("{m}.lora_B.weight"), vec![s[0], rank]));
+        }
+    }
+    let path = dir.join("adapter_model.safetensors");
+    let mut f = std::io::BufWriter::new(std::fs::File::create(&path).map_err(io("creating", &path))?);
+    f.write_all(&header(&tensors, dtype)).map_err(io("writing", &path))?;
+    for (tname, shp) in &tensors {
+        let count: u64 = shp.iter().product();
+        let vals: Vec<f32> = (0..count).into_par_iter().map(|i| value(parts, tname, i)).collect();
+        f.write_all(&encode(dtype, &vals)).map_err(io("writing", &path))?;
+    }
+    f.flush().map_err(io("writing", &path))?;
+    let targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"];
+    write_json(
+        dir,
+        "adapter_config.json",
+        &json!({"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": rank, "lora_alpha": 2 * rank,
+                "target_modules": targets, "lora_dropout": 0.0, "bias": "none", "use_rslora": false,
+                "fan_in_fan_out": false, "use_dora": false}),
+    )
+}
