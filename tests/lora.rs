@@ -60,6 +60,17 @@ fn write_adapter(dir: &Path, config: &Value, tensors: &[T]) {
     write_safetensors(&dir.join("adapter_model.safetensors"), tensors);
 }
 
+/// A rank-R adapter of layer 0's q_proj in `root/adapter`.
+fn q_proj_adapter(root: &Path) -> PathBuf {
+    let adapter = root.join("adapter");
+    write_adapter(
+        &adapter,
+        &lora_config(json!({})),
+        &linear_factors("model.layers.0.self_attn.q_proj", R, Ty::F32),
+    );
+    adapter
+}
+
 fn merge(base: &Path, adapter: &Path, out: &Path, extra: &[&str]) -> std::process::Output {
     let mut args = vec!["apply", "--base", s(base), "--lora", s(adapter), "-o", s(out), "-q"];
     args.extend(extra);
@@ -292,12 +303,7 @@ fn whole_tensors_in_the_adapter_replace_the_base_and_a_scale_moves_part_way() {
 fn lora_apply_takes_the_adapters_chat_template_when_it_carries_a_tokenizer() {
     let d = tempfile::tempdir().unwrap();
     let base_dir = base(d.path(), Ty::BF16);
-    let adapter = d.path().join("adapter");
-    write_adapter(
-        &adapter,
-        &lora_config(json!({})),
-        &linear_factors("model.layers.0.self_attn.q_proj", R, Ty::F32),
-    );
+    let adapter = q_proj_adapter(d.path());
     std::fs::write(
         adapter.join("tokenizer_config.json"),
         serde_json::to_vec(&json!({"chat_template": "{{ messages[0]['content'] }}"})).unwrap(),
@@ -445,12 +451,7 @@ fn lora_changes_to_the_head_of_a_tied_base_are_refused() {
 fn lora_with_a_chat_vector_flag_or_cuda_is_a_usage_error() {
     let d = tempfile::tempdir().unwrap();
     let base_dir = base(d.path(), Ty::BF16);
-    let adapter = d.path().join("adapter");
-    write_adapter(
-        &adapter,
-        &lora_config(json!({})),
-        &linear_factors("model.layers.0.self_attn.q_proj", R, Ty::F32),
-    );
+    let adapter = q_proj_adapter(d.path());
     let out = d.path().join("out");
     let o = chatvec(&[
         "apply",

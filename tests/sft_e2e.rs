@@ -26,24 +26,32 @@ fn tiny_llamas() -> (PathBuf, tempfile::TempDir) {
     (py, d)
 }
 
+/// `base + (chat - pretrained)` of the tiny Llamas in `dir`, written by
+/// chatvec into `dir/cv`.
+fn chat_vector_applied(dir: &std::path::Path) -> PathBuf {
+    let cv = dir.join("cv");
+    let (base, chat, pre) = (dir.join("base"), dir.join("chat"), dir.join("pretrained"));
+    ok(&chatvec(&[
+        "-q",
+        "apply",
+        "--base",
+        s(&base),
+        "--chat",
+        s(&chat),
+        "--pretrained",
+        s(&pre),
+        "-o",
+        s(&cv),
+    ]));
+    cv
+}
+
 #[test]
 #[ignore = "needs torch/transformers/trl/accelerate: CHATVEC_SFT_PYTHON=$(scripts/sft-venv.sh) cargo test --test sft_e2e -- --ignored"]
 fn apply_then_a_few_real_sft_steps_on_the_cpu() {
     let (py, d) = tiny_llamas();
 
-    let cv = d.path().join("cv");
-    ok(&chatvec(&[
-        "-q",
-        "apply",
-        "--base",
-        s(&d.path().join("base")),
-        "--chat",
-        s(&d.path().join("chat")),
-        "--pretrained",
-        s(&d.path().join("pretrained")),
-        "-o",
-        s(&cv),
-    ]));
+    let cv = chat_vector_applied(d.path());
     let data = d.path().join("data.jsonl");
     std::fs::write(
         &data,
@@ -255,19 +263,7 @@ p.save_pretrained(sys.argv[2])
 #[ignore = "needs torch/transformers/trl/accelerate/peft: CHATVEC_SFT_PYTHON=$(scripts/sft-venv.sh) cargo test --test sft_e2e -- --ignored"]
 fn lora_runs_end_in_a_merged_model_that_matches_peft_and_generates() {
     let (py, d) = tiny_llamas();
-    let cv = d.path().join("cv");
-    ok(&chatvec(&[
-        "-q",
-        "apply",
-        "--base",
-        s(&d.path().join("base")),
-        "--chat",
-        s(&d.path().join("chat")),
-        "--pretrained",
-        s(&d.path().join("pretrained")),
-        "-o",
-        s(&cv),
-    ]));
+    let cv = chat_vector_applied(d.path());
     let matches_peft = |adapter: &std::path::Path, merged: &std::path::Path| {
         let o =
             Command::new(&py).arg("-c").arg(MATCHES_PEFT).arg(&cv).arg(adapter).arg(merged).output().unwrap();
