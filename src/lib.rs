@@ -27,6 +27,7 @@
 
 #![deny(missing_docs)]
 
+mod analyze;
 mod arith;
 mod cuda;
 mod error;
@@ -45,9 +46,13 @@ mod sft;
 pub mod ui;
 mod units;
 
+pub use analyze::figures::Figures;
+pub use analyze::findings::Finding;
+pub use analyze::report::{AnalyzeReport, GroupFigures, Skipped, TensorFigures};
 pub use cuda::DeviceChoice;
 pub use error::{EXIT_INPUT, EXIT_INTERRUPTED, EXIT_IO, EXIT_OK, Error, Result};
 pub use interrupt::install as catch_signals;
+pub use job::analyze::{AnalyzeSpec, analyze};
 pub use job::catalog::{Catalog, ModelAliasEntry, RecipeEntry, VectorAliasEntry, catalog};
 pub use job::chat_vector::{ApplySpec, ExtractSpec, VectorSource, apply, extract};
 pub use job::inspect::{InspectReport, ShardInfo, TensorInfo, inspect};

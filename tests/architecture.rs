@@ -20,7 +20,7 @@ const LAYERS: &[&[&str]] = &[
     &["output"],
     &["cuda"],
     &["exec"],
-    &["sft"],
+    &["sft", "analyze"],
     &["recipe"],
     &["job"],
 ];

@@ -7,8 +7,8 @@ use clap::builder::{PossibleValuesParser, TypedValueParser};
 use clap::{Args, Parser, Subcommand};
 
 use chatvec::{
-    ApplySpec, DataFile, DeviceChoice, EmbeddingPolicy, ExtractSpec, FloatType, InputHashes, Recipe,
-    SftOptions, VectorSource, WriteOptions, parse_size, parse_train_arg,
+    AnalyzeSpec, ApplySpec, DataFile, DeviceChoice, EmbeddingPolicy, ExtractSpec, FloatType, InputHashes,
+    Recipe, SftOptions, VectorSource, WriteOptions, parse_size, parse_train_arg,
 };
 
 const EXAMPLES: &str = "\
@@ -61,6 +61,12 @@ pub enum Command {
         after_help = "Examples:\n  chatvec apply --base swallow-8b --vector llama3-instruct -o swallow-8b-cv\n  chatvec apply --base swallow-8b --chat llama3-8b-instruct --pretrained llama3-8b --scale 0.8 -o out\n  chatvec apply --base swallow-8b --vector llama3-cv --scale-for 'mlp\\.=0.5' -o out --dry-run"
     )]
     Apply(ApplyArgs),
+    /// Report what a chat vector is: per-layer and per-module norms, relative norms, cosines
+    /// with another vector, the effective scale of an applied output, and pair checks.
+    #[command(
+        after_help = "Examples:\n  chatvec analyze --vector llama3-instruct --base swallow-8b --plot cv.svg\n  chatvec analyze --chat swallow-8b-instruct --pretrained swallow-8b --against llama3-instruct\n  chatvec analyze --vector llama3-cv --base swallow-8b --applied swallow-8b-cv"
+    )]
+    Analyze(AnalyzeArgs),
     /// Run a merge recipe (chatvec TOML or mergekit YAML): chat vector, linear, TIES, DARE, SLERP, ...
     #[command(
         after_help = "Examples:\n  chatvec merge llama3-swallow-8b-chat-vector -o swallow-8b-cv\n  chatvec merge mergekit-config.yml -o out --dry-run"
@@ -85,6 +91,80 @@ pub enum Command {
     Demo(DemoArgs),
     /// Measure apply and merges on generated Llama-shaped checkpoints against the disk and memory floor.
     Bench(super::bench::BenchArgs),
+}
+
+#[derive(Args, Debug)]
+#[command(group(clap::ArgGroup::new("vector_source").required(true).args(["vector", "chat"])))]
+pub struct AnalyzeArgs {
+    /// A chat vector written by `chatvec extract` (or a raw delta), or a vector alias.
+    #[arg(long, value_name = "VECTOR", conflicts_with_all = ["chat", "pretrained"])]
+    pub vector: Option<String>,
+
+    /// The chat model (with --pretrained: the vector is chat - pretrained).
+    #[arg(long, value_name = "MODEL", requires = "pretrained")]
+    pub chat: Option<String>,
+
+    /// The pretrained model the chat model was tuned from.
+    #[arg(long, value_name = "MODEL", requires = "chat")]
+    pub pretrained: Option<String>,
+
+    /// Compare with this vector (stored or alias): cosine and sign agreement.
+    #[arg(long, value_name = "VECTOR", conflicts_with_all = ["against_chat", "against_pretrained"])]
+    pub against: Option<String>,
+
+    /// Compare with this chat model minus --against-pretrained.
+    #[arg(long, value_name = "MODEL", requires = "against_pretrained")]
+    pub against_chat: Option<String>,
+
+    /// The pretrained model of --against-chat.
+    #[arg(long, value_name = "MODEL", requires = "against_chat")]
+    pub against_pretrained: Option<String>,
+
+    /// The model the vector would be applied to: norms relative to it, config checks.
+    #[arg(long, value_name = "MODEL")]
+    pub base: Option<String>,
+
+    /// An output of `apply` on --base: the scale each tensor actually got.
+    #[arg(long, value_name = "DIR", requires = "base")]
+    pub applied: Option<String>,
+
+    /// Write a picture (self-contained SVG): per-layer norms, and with --against a cosine heatmap.
+    #[arg(long, value_name = "FILE")]
+    pub plot: Option<PathBuf>,
+
+    /// Replace an existing --plot file.
+    #[arg(long)]
+    pub force: bool,
+
+    /// Threads (default: one per core). The figures do not depend on it.
+    #[arg(long)]
+    pub threads: Option<usize>,
+}
+
+impl AnalyzeArgs {
+    pub fn spec(&self) -> AnalyzeSpec {
+        let vector = match (&self.vector, &self.chat, &self.pretrained) {
+            (Some(v), _, _) => VectorSource::Stored(v.clone()),
+            (None, c, p) => VectorSource::Pair {
+                chat: c.clone().unwrap_or_default(),
+                pretrained: p.clone().unwrap_or_default(),
+            },
+        };
+        let against = match (&self.against, &self.against_chat, &self.against_pretrained) {
+            (Some(v), _, _) => Some(VectorSource::Stored(v.clone())),
+            (None, Some(c), Some(p)) => Some(VectorSource::Pair { chat: c.clone(), pretrained: p.clone() }),
+            _ => None,
+        };
+        AnalyzeSpec {
+            vector,
+            against,
+            base: self.base.clone(),
+            applied: self.applied.clone(),
+            plot: self.plot.clone(),
+            force: self.force,
+            threads: self.threads,
+        }
+    }
 }
 
 /// Where and how a command writes its output.

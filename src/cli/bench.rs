@@ -131,6 +131,10 @@ pub struct BenchReport {
     /// Apply with input hashes from the cache.
     pub apply_cached: Measured,
     pub apply_cached_ratio_to_floor: f64,
+    /// `analyze --chat --pretrained --base` over the same inputs.
+    pub analyze: Measured,
+    /// Its time over the cached apply's.
+    pub analyze_ratio_to_apply: f64,
     pub apply_output_gb_per_s: f64,
     pub apply_input_gb_per_s: f64,
     pub ratio_to_floor: f64,
@@ -364,6 +368,18 @@ pub fn run(a: &BenchArgs, json: bool) -> Result<()> {
     let _ = std::fs::remove_dir_all(&out);
     let apply_cached = measure(&mut apply_cmd(false))?;
     let _ = std::fs::remove_dir_all(&out);
+    // The report over the same inputs: one read of each, nothing written.
+    let mut an = Command::new(&exe);
+    an.arg("-q")
+        .arg("analyze")
+        .arg("--chat")
+        .arg(&chat)
+        .arg("--pretrained")
+        .arg(&pre)
+        .arg("--base")
+        .arg(&base);
+    an.arg("--threads").arg(threads.to_string()).stdout(std::process::Stdio::null());
+    let analyze = measure(&mut an)?;
 
     // This virtual disk's write speed varies from run to run: measure the
     // floor on both sides of the apply runs and hold them to the faster.
@@ -472,6 +488,8 @@ pub fn run(a: &BenchArgs, json: bool) -> Result<()> {
         apply_input_gb_per_s: gb(input_bytes, apply.seconds),
         ratio_to_floor: apply.seconds / floor,
         apply_cached_ratio_to_floor: apply_cached.seconds / floor,
+        analyze_ratio_to_apply: analyze.seconds / apply_cached.seconds,
+        analyze,
         apply,
         apply_cached,
         mergekit,
@@ -509,6 +527,10 @@ pub fn run(a: &BenchArgs, json: bool) -> Result<()> {
         rep.apply_cached_ratio_to_floor,
         gb(output_bytes, rep.apply_cached.seconds),
         rep.apply_cached.peak_rss_anon_mib
+    );
+    t += &format!(
+        "chatvec analyze (same inputs, with --base): {:.2} s ({:.2}x the cached apply), peak RssAnon {:.0} MiB\n",
+        rep.analyze.seconds, rep.analyze_ratio_to_apply, rep.analyze.peak_rss_anon_mib
     );
     if let Some(m) = &rep.mergekit {
         t += &format!(

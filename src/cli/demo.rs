@@ -8,8 +8,8 @@
 use std::path::{Path, PathBuf};
 
 use chatvec::{
-    ApplySpec, DeviceChoice, Error, ExtractSpec, FloatType, InputHashes, Result, Summary, VectorSource,
-    WriteOptions, human_bytes,
+    AnalyzeReport, AnalyzeSpec, ApplySpec, DeviceChoice, Error, ExtractSpec, FloatType, InputHashes, Result,
+    Summary, VectorSource, WriteOptions, human_bytes,
 };
 use serde::Serialize;
 
@@ -27,6 +27,7 @@ struct DemoReport {
     apply_stored: Summary,
     apply_streaming: Summary,
     identical: bool,
+    analyze: AnalyzeReport,
 }
 
 /// Runs the demo in `dir` (a fresh temporary directory when `None`, removed
@@ -112,8 +113,34 @@ fn steps(root: &Path, device: DeviceChoice) -> Result<(String, DemoReport)> {
     for sh in &sa.shards {
         out.push_str(&format!("  {}  sha256 {}\n", sh.file, sh.sha256));
     }
-    let report =
-        DemoReport { dir: s(root), extract: sx, apply_stored: sa, apply_streaming: sb, identical: same };
+
+    out.push_str("\n$ chatvec analyze --vector chat-vector --base swallow-like --applied swallow-like-cv\n");
+    let spec = AnalyzeSpec {
+        vector: VectorSource::Stored(s(&vector)),
+        against: None,
+        base: Some(s(&base)),
+        applied: Some(s(&a)),
+        plot: None,
+        force: false,
+        threads: None,
+    };
+    let analysis = chatvec::analyze(&spec)?;
+    // The per-layer table and the findings; the per-kind table is in
+    // `chatvec analyze` itself.
+    let text = analysis.to_string();
+    let mut parts = text.split("\n\n");
+    let layers = parts.nth(1).unwrap_or_default();
+    out.push_str(layers);
+    out.push_str("\n\n");
+    out.push_str(text.rsplit("\n\n").next().unwrap_or_default());
+    let report = DemoReport {
+        dir: s(root),
+        extract: sx,
+        apply_stored: sa,
+        apply_streaming: sb,
+        identical: same,
+        analyze: analysis,
+    };
     Ok((out, report))
 }
 

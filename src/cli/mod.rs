@@ -61,6 +61,23 @@ fn report(s: &Summary, json: bool) -> Result<()> {
     Ok(())
 }
 
+/// Prints an analysis (table or JSON); failed pair checks make it exit 1
+/// after the report is shown.
+fn analyzed(r: &chatvec::AnalyzeReport, json: bool) -> Result<()> {
+    if json {
+        json_out(r)?;
+    } else {
+        out(&r.to_string())?;
+    }
+    let errors = r.findings.iter().filter(|f| f.severity == "error").count();
+    if errors > 0 {
+        return Err(Error::Usage(format!(
+            "the vector fails {errors} pair check(s); see the findings (it is not a chat model minus its own base)"
+        )));
+    }
+    Ok(())
+}
+
 /// Runs a parsed command line.
 pub fn run(cli: Cli) -> Result<()> {
     ui::set_quiet(cli.quiet);
@@ -75,6 +92,7 @@ pub fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Extract(a) => report(&chatvec::extract(&a.spec(), &a.write.out.options())?, json),
         Command::Apply(a) => report(&chatvec::apply(&a.spec(), &a.write.out.options())?, json),
+        Command::Analyze(a) => analyzed(&chatvec::analyze(&a.spec())?, json),
         Command::Merge(a) => {
             let recipe = a.recipe()?;
             report(&chatvec::merge(&recipe, a.seed, &a.out.options())?, json)

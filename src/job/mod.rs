@@ -2,6 +2,7 @@
 //! resolve the models, open them, plan, execute into a temporary
 //! directory, add the index, side files and manifest, and commit.
 //!
+//! - `analyze`: what a chat vector is, per layer, with pair checks;
 //! - `chat_vector`: `extract` and `apply`;
 //! - `merge`: recipes (merge methods, or a chat vector written down);
 //! - `verify`: an output against its manifest and recipe;
@@ -11,6 +12,7 @@
 //!
 //! This is the top room: it may import every other, and none imports it.
 
+pub(crate) mod analyze;
 pub(crate) mod catalog;
 pub(crate) mod chat_vector;
 pub(crate) mod inspect;

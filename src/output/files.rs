@@ -101,6 +101,27 @@ pub fn write_file(dir: &Path, name: &str, bytes: &[u8]) -> Result<WrittenFile> {
     f.finish()
 }
 
+/// Writes a standalone file (a report's picture) whole: into a temporary
+/// sibling, fsynced, then renamed over `path`, so a reader never sees half
+/// of it and a link at `path` is replaced, never followed.
+pub fn write_atomically(path: &Path, bytes: &[u8]) -> Result<()> {
+    if path.is_dir() {
+        return Err(Error::Usage(format!("{} is a directory; give a file name", path.display())));
+    }
+    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let tmp = path.with_file_name(format!(".{name}.chatvec-{}.tmp", std::process::id()));
+    let written = (|| {
+        let mut f = SyncedFile::create(&tmp)?;
+        f.write(bytes)?;
+        f.finish()?;
+        std::fs::rename(&tmp, path).map_err(|e| Error::io("renaming", &tmp, e))
+    })();
+    if written.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    written
+}
+
 /// Asks the kernel to start writing back a byte range now, without waiting.
 /// Without this, Linux holds dirty pages until a memory threshold and the
 /// final fsync pays for the whole file at once.
