@@ -64,6 +64,7 @@ pub use model::config::ConfigSummary;
 pub use model::{Checkpoint, DType, FloatType, Tensor};
 pub use output::WrittenFile;
 pub use output::manifest::Provenance;
+pub use plan::select::Scale;
 pub use plan::{EmbeddingPolicy, EmbeddingReport};
 pub use recipe::Recipe;
 pub use resolve::{set_aliases_file, set_offline};

@@ -426,3 +426,43 @@ fn the_picture_is_a_well_formed_svg_with_lines_and_a_cosine_heatmap() {
     assert_eq!(o.status.code(), Some(1));
     assert_eq!(std::fs::read_to_string(&svg).unwrap(), text);
 }
+
+#[test]
+fn the_effective_scale_of_a_layer_gradient_apply_reads_back_per_layer() {
+    let d = tempfile::tempdir().unwrap();
+    let m = models(d.path(), Ty::F32, 16, false);
+    let out = d.path().join("applied");
+    ok(&chatvec(&[
+        "-q",
+        "apply",
+        "--base",
+        s(&m.base),
+        "--chat",
+        s(&m.chat),
+        "--pretrained",
+        s(&m.pre),
+        "--scale",
+        "[0.3, 1.0]",
+        "-o",
+        s(&out),
+    ]));
+    let (rep, o) = analyze(&[
+        "--chat",
+        s(&m.chat),
+        "--pretrained",
+        s(&m.pre),
+        "--base",
+        s(&m.base),
+        "--applied",
+        s(&out),
+    ]);
+    ok(&o);
+    let layer = |g: &str| {
+        rep["layers"].as_array().unwrap().iter().find(|x| x["group"] == g).unwrap()["effective_scale"]
+            .as_f64()
+            .unwrap()
+    };
+    for (g, want) in [("embed", 0.3), ("0", 0.3), ("1", 1.0), ("head", 1.0)] {
+        assert!((layer(g) - want).abs() < 1e-4, "layer {g}: {} vs {want}", layer(g));
+    }
+}

@@ -438,3 +438,42 @@ fn manifest_records_inputs_and_outputs_with_correct_hashes() {
     assert!(m["outputs"].as_array().unwrap().len() > 2);
     check_manifest_hashes(&out);
 }
+
+#[test]
+fn a_layer_gradient_scales_each_layer_and_the_manifest_records_every_tensors_scale() {
+    let d = tempfile::tempdir().unwrap();
+    let t = trio(d.path(), Ty::BF16, 1);
+    let out = d.path().join("out");
+    // Two layers: layer 0 gets 0.3, layer 1 gets 1.0; the embeddings the
+    // first value, the final norm and lm_head the last; mlp follows its own
+    // gradient [0, 0.5].
+    ok(&apply_streaming(&t, &out, &["-q", "--scale", "[0.3, 1.0]", "--scale-for", "mlp=[0, 0.5]"]));
+    let want = |name: &str| -> f32 {
+        let layer1 = name.contains("layers.1.");
+        match name {
+            n if n.contains("mlp") => {
+                if layer1 {
+                    0.5
+                } else {
+                    0.0
+                }
+            }
+            n if n.contains("layers.0.") || n == "model.embed_tokens.weight" => 0.3,
+            _ => 1.0,
+        }
+    };
+    check_apply(&out, &t, want);
+    let m: Value =
+        serde_json::from_slice(&std::fs::read(out.join("chatvec-manifest.json")).unwrap()).unwrap();
+    let p = &m["parameters"];
+    assert_eq!(p["scale"], serde_json::json!([0.3, 1.0]));
+    for (name, s) in p["tensor_scales"].as_object().unwrap() {
+        assert_eq!(s.as_f64().unwrap() as f32, want(name), "{name}");
+    }
+    assert_eq!(p["tensor_scales"].as_object().unwrap().len(), read_model(&t.base).len());
+    // A bad gradient is one clear error.
+    let o = apply_streaming(&t, &d.path().join("bad"), &["--scale", "[0.3, x]"]);
+    assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
+    assert!(stderr(&o).contains("expected a finite number an f32 can hold"), "{}", stderr(&o));
+    assert!(!d.path().join("bad").exists());
+}

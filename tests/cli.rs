@@ -220,7 +220,10 @@ fn usage_errors_exit_1() {
         (vec!["--scale-for", "mlp"], "REGEX=VALUE"),
         (vec!["--shard-size", "5XB"], "unknown unit"),
         (vec!["--shard-size", "5"], "'5' has no unit"),
-        (vec!["--scale", "1e40"], "'1e40' is not a finite number an f32 can hold"),
+        (
+            vec!["--scale", "1e40"],
+            "invalid value '1e40' for '--scale <SCALE>': expected a finite number an f32 can hold",
+        ),
         (vec!["--out-dtype", "int8"], "not a dtype"),
         (vec!["--embeddings", "sideways"], "invalid value"),
     ] {

@@ -8,7 +8,7 @@ use clap::{Args, Parser, Subcommand};
 
 use chatvec::{
     AnalyzeSpec, ApplySpec, DataFile, DeviceChoice, EmbeddingPolicy, ExtractSpec, FloatType, InputHashes,
-    Recipe, SftOptions, VectorSource, WriteOptions, parse_size, parse_train_arg,
+    Recipe, Scale, SftOptions, VectorSource, WriteOptions, parse_size, parse_train_arg,
 };
 
 const EXAMPLES: &str = "\
@@ -351,11 +351,13 @@ pub struct ApplyArgs {
     #[arg(long, value_name = "ADAPTER", conflicts_with_all = ["vector", "chat", "pretrained", "raw_delta", "embeddings"])]
     pub lora: Option<String>,
 
-    /// Scale of the vector.
+    /// Scale of the vector: a number, or a gradient over the layers, e.g. '[0.3, 1.0]'
+    /// (interpolated from the first layer to the last; embeddings take the first value, lm_head the last).
     #[arg(long, default_value = "1", value_parser = parse_scale, allow_negative_numbers = true)]
-    pub scale: f32,
+    pub scale: Scale,
 
-    /// Scale for tensors matching REGEX, e.g. 'mlp\.=0.5' (repeatable; first match wins).
+    /// Scale for tensors matching REGEX, a number or a gradient, e.g. 'mlp\.=0.5' or
+    /// 'self_attn=[0.3, 1.0]' (repeatable; first match wins).
     #[arg(long, value_name = "REGEX=S")]
     pub scale_for: Vec<String>,
 
@@ -392,7 +394,7 @@ impl ApplyArgs {
             },
         };
         ApplySpec {
-            scale: self.scale,
+            scale: self.scale.clone(),
             scale_for: self.scale_for.clone(),
             include: self.write.include.clone(),
             exclude: self.write.exclude.clone(),
@@ -621,12 +623,9 @@ fn parse_dtype(s: &str) -> Result<FloatType, String> {
 
 /// A scale as an f32, refused as typed when it is not a finite f32 (1e40
 /// is out of range, not "inf").
-fn parse_scale(s: &str) -> Result<f32, String> {
-    let v: f64 = s.trim().parse().map_err(|_| format!("'{s}' is not a number"))?;
-    if !v.is_finite() || v.abs() > f32::MAX as f64 {
-        return Err(format!("'{s}' is not a finite number an f32 can hold (|scale| <= 3.4e38)"));
-    }
-    Ok(v as f32)
+fn parse_scale(s: &str) -> Result<Scale, String> {
+    Scale::parse(s, "--scale")
+        .map_err(|_| "expected a finite number an f32 can hold (|x| <= 3.4e38) or a list of them, e.g. 0.5 or [0.3, 1.0]".into())
 }
 
 fn embedding_policy() -> impl TypedValueParser<Value = EmbeddingPolicy> {
@@ -654,12 +653,14 @@ mod tests {
 
     #[test]
     fn scales_are_refused_as_typed() {
-        assert_eq!(parse_scale("0.5"), Ok(0.5));
-        assert_eq!(parse_scale("-1"), Ok(-1.0));
-        let e = parse_scale("1e40").unwrap_err();
-        assert!(e.contains("'1e40'") && !e.contains("inf"), "{e}");
-        assert!(parse_scale("nan").is_err());
-        assert!(parse_scale("x").unwrap_err().contains("not a number"));
+        assert_eq!(parse_scale("0.5"), Ok(Scale::Constant(0.5)));
+        assert_eq!(parse_scale("-1"), Ok(Scale::Constant(-1.0)));
+        assert_eq!(parse_scale("[0.3, 1.0]"), Ok(Scale::Layers(vec![0.3, 1.0])));
+        assert_eq!(parse_scale("0,1,0.5"), Ok(Scale::Layers(vec![0.0, 1.0, 0.5])));
+        for bad in ["1e40", "nan", "x", "[]", "[0.3,]", "inf"] {
+            let e = parse_scale(bad).unwrap_err();
+            assert!(e.contains("expected a finite number"), "{bad}: {e}");
+        }
     }
 
     #[test]

@@ -10,11 +10,11 @@ use crate::output::manifest::{
     MANIFEST_FILE, Parameters, RecipeRecord, TensorRecord, VectorRecord, read_vector_info,
 };
 use crate::output::sidecars::{ChatSide, model_side_files, read_side_files};
-use crate::plan::EmbeddingPolicy;
 use crate::plan::chat_vector::{ApplyOptions, Common, VectorSide, plan_apply, plan_extract};
 use crate::plan::checks::delta_ratio;
 use crate::plan::lora::plan_lora;
-use crate::plan::select::{Selection, Spelling};
+use crate::plan::select::{Scale, Selection, Spelling};
+use crate::plan::{EmbeddingPolicy, Formula, Op, Plan};
 use crate::resolve::{open_adapter, open_model, vector_alias};
 use crate::units::parse_size;
 
@@ -84,8 +84,8 @@ pub struct ApplySpec {
     pub base: String,
     /// The vector.
     pub vector: VectorSource,
-    /// Scale of the vector.
-    pub scale: f32,
+    /// Scale of the vector: one value, or a gradient over the layers.
+    pub scale: Scale,
     /// `REGEX=S` scales for matching tensors; the first match wins.
     pub scale_for: Vec<String>,
     /// Regexes of the tensors that get the vector (empty: all).
@@ -113,7 +113,7 @@ impl ApplySpec {
         ApplySpec {
             base: base.into(),
             vector,
-            scale: 1.0,
+            scale: Scale::Constant(1.0),
             scale_for: Vec::new(),
             include: Vec::new(),
             exclude: Vec::new(),
@@ -128,7 +128,7 @@ impl ApplySpec {
 
     fn common(&self, spelling: Spelling) -> Result<Common> {
         Ok(Common {
-            selection: Selection::new(&self.include, &self.exclude, self.scale, &self.scale_for, spelling)?,
+            selection: Selection::new(&self.include, &self.exclude, &self.scale, &self.scale_for, spelling)?,
             shard_size: self.shard_size,
             allow_mismatch: self.allow_mismatch,
         })
@@ -137,7 +137,7 @@ impl ApplySpec {
     /// The parameters as the manifest records them, verbatim.
     fn parameters(&self) -> Parameters {
         Parameters {
-            scale: self.scale,
+            scale: self.scale.clone(),
             scale_for: self.scale_for.clone(),
             include: self.include.clone(),
             exclude: self.exclude.clone(),
@@ -157,20 +157,41 @@ fn to_value(p: &Parameters) -> Result<serde_json::Value> {
     serde_json::from_str(&text).map_err(|e| Error::Internal(e.to_string()))
 }
 
+/// The factor each computed tensor's vector was multiplied by (for a LoRA
+/// merge, on `B @ A`: the scale times alpha / r), by tensor name, for the
+/// manifest: what a layer gradient or a `--scale-for` rule gave each one.
+fn tensor_scales(plan: &Plan) -> serde_json::Value {
+    let mut m = serde_json::Map::new();
+    for t in &plan.tensors {
+        if let Op::Arith { formula, .. } = &t.op {
+            let s = match *formula {
+                Formula::AddDiff { scale, .. }
+                | Formula::AddScaled { scale, .. }
+                | Formula::AddLowRank { scale, .. } => scale,
+                Formula::Diff { .. } => continue,
+            };
+            // Through text, so an f32 keeps its shortest spelling.
+            let v = serde_json::from_str(&serde_json::to_string(&s).unwrap_or_default()).unwrap_or_default();
+            m.insert(t.name.clone(), v);
+        }
+    }
+    serde_json::Value::Object(m)
+}
+
 /// Writes the chat vector `chat - pretrained` as a checkpoint, with the
 /// chat model's config, tokenizer and template beside it.
 pub fn extract(spec: &ExtractSpec, out: &WriteOptions) -> Result<Summary> {
     let chat_ck = open_model(&spec.chat)?;
     let chat_dir = chat_ck.dir.clone();
     let common = Common {
-        selection: Selection::new(&spec.include, &spec.exclude, 1.0, &[], Spelling::Cli)?,
+        selection: Selection::new(&spec.include, &spec.exclude, &Scale::Constant(1.0), &[], Spelling::Cli)?,
         shard_size: spec.shard_size,
         allow_mismatch: spec.allow_mismatch,
     };
     let mut plan = plan_extract(chat_ck, open_model(&spec.pretrained)?, &common, spec.dtype)?;
     set_labels(&mut plan, &[&spec.chat, &spec.pretrained]);
     let params = Parameters {
-        scale: 1.0,
+        scale: Scale::Constant(1.0),
         scale_for: Vec::new(),
         include: spec.include.clone(),
         exclude: spec.exclude.clone(),
@@ -265,9 +286,9 @@ fn refuse_zero_vector(chat: &Checkpoint, pretrained: &Checkpoint) -> Result<()> 
 
 /// Warnings about scales a chat vector is rarely used with.
 fn scale_warnings(spec: &ApplySpec) -> Vec<String> {
-    let scales = std::iter::once(spec.scale).chain(
-        spec.scale_for.iter().filter_map(|s| s.rsplit_once('=').and_then(|(_, v)| v.trim().parse().ok())),
-    );
+    let scales = spec.scale.values().into_iter().chain(spec.scale_for.iter().flat_map(|s| {
+        s.rsplit_once('=').and_then(|(_, v)| Scale::parse(v, "").ok()).map(|x| x.values()).unwrap_or_default()
+    }));
     let mut out = Vec::new();
     for s in scales {
         if s == 0.0 {
@@ -344,7 +365,9 @@ pub(crate) fn apply_recorded(
     // The manifest says what ran (apply); the summary says what was asked
     // for (a merge, when from a recipe).
     let from_recipe = recipe.is_some();
-    let rec = Records { kind: "apply", params: to_value(&spec.parameters())?, recipe, vector: None };
+    let mut params = to_value(&spec.parameters())?;
+    params["tensor_scales"] = tensor_scales(&plan);
+    let rec = Records { kind: "apply", params, recipe, vector: None };
     let mut summary = write_output(plan, rec, out, side)?;
     if from_recipe {
         summary.kind = "merge";
@@ -394,6 +417,7 @@ fn apply_lora(
     side.add(CARD_FILE, model_card(&plan, &how, recipe.as_ref())?);
     let mut params = to_value(&spec.parameters())?;
     params["lora"] = lora;
+    params["tensor_scales"] = tensor_scales(&plan);
     let rec = Records { kind: "apply", params, recipe, vector: None };
     write_output(plan, rec, out, side)
 }

@@ -25,7 +25,7 @@ pub fn merge(recipe: &Recipe, seed: Option<u64>, out: &WriteOptions) -> Result<S
                 }
             };
             let spec = ApplySpec {
-                scale: c.scale,
+                scale: c.scale.clone(),
                 scale_for: c.scale_for.clone(),
                 include: c.include.clone(),
                 exclude: c.exclude.clone(),

@@ -162,9 +162,20 @@ fn gradient(vals: &[Scalar], t: f64) -> Scalar {
     let Some(nums) = nums else {
         return vals[i0];
     };
+    Scalar::Num(interpolate(&nums, t))
+}
+
+/// Piecewise-linear interpolation of `vals` (evenly spread over `[0, 1]`)
+/// at `t`, in f64, as mergekit's gradients.
+pub fn interpolate(vals: &[f64], t: f64) -> f64 {
+    if vals.is_empty() {
+        return 0.0;
+    }
+    let scaled = t.clamp(0.0, 1.0) * (vals.len() - 1) as f64;
+    let i0 = (scaled as usize).min(vals.len() - 1);
     let i1 = (i0 + 1).min(vals.len() - 1);
     let frac = scaled - i0 as f64;
-    Scalar::Num((1.0 - frac) * nums[i0] + frac * nums[i1])
+    (1.0 - frac) * vals[i0] + frac * vals[i1]
 }
 
 /// Where a tensor sits among the layers, for gradients: `t = i / (L - 1)`

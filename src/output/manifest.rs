@@ -13,6 +13,7 @@ use crate::error::{Error, Result};
 use crate::json::read_value;
 use crate::model::checkpoint::HubOrigin;
 use crate::output::files::WrittenFile;
+use crate::plan::select::Scale;
 use crate::plan::{EmbeddingPolicy, EmbeddingReport, Plan, Role};
 
 pub const MANIFEST_FILE: &str = "chatvec-manifest.json";
@@ -51,7 +52,7 @@ pub struct VectorRecord {
 /// Parameters of the run, as given.
 #[derive(Serialize)]
 pub struct Parameters {
-    pub scale: f32,
+    pub scale: Scale,
     pub scale_for: Vec<String>,
     pub include: Vec<String>,
     pub exclude: Vec<String>,

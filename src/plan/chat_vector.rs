@@ -8,7 +8,7 @@ use crate::arith::rows::RowRun;
 use crate::error::{Error, Result};
 use crate::model::checkpoint::{Checkpoint, Tensor, is_lm_head, is_vocab_matrix};
 use crate::model::dtype::{DType, FloatType};
-use crate::plan::checks::{Problems, check_configs, check_fits, float_of, read_vocab};
+use crate::plan::checks::{Problems, check_configs, check_fits, float_of, layers_of, read_vocab};
 use crate::plan::select::Selection;
 use crate::plan::shards::assign_shards;
 use crate::plan::vocab::{EmbeddingPolicy, EmbeddingReport, RowMap, Vocabs, match_rows};
@@ -126,7 +126,10 @@ pub fn plan_extract(
 /// `--out-dtype`), with the scaled vector added to the selected ones.
 pub fn plan_apply(base: Checkpoint, side: VectorSide, opts: &ApplyOptions) -> Result<Plan> {
     let common = &opts.common;
-    let sel = &common.selection;
+    // Scale gradients spread over the base's layers.
+    let mut sel = common.selection.clone();
+    sel.set_layers(layers_of(base.tensors.iter().map(|t| t.name.as_str())));
+    let sel = &sel;
     let mut warnings = Vec::new();
     // Index 0 is the base; the vector side follows.
     let (vector_cks, omitted_ok): (Vec<(Role, Checkpoint)>, HashSet<String>) = match side {

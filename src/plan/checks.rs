@@ -88,7 +88,7 @@ pub(crate) fn read_vocab(ck: &Checkpoint) -> Result<Option<Vocab>> {
 }
 
 /// Layers numbered by `names` (`model.layers.N.`): the highest N plus one.
-fn layers_of<'a>(names: impl Iterator<Item = &'a str>) -> u64 {
+pub(crate) fn layers_of<'a>(names: impl Iterator<Item = &'a str>) -> u64 {
     names.filter_map(layer_index).max().map_or(0, |i| i + 1)
 }
 

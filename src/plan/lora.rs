@@ -16,7 +16,7 @@ use crate::model::adapter::{Adapter, Change, LowRankKind};
 use crate::model::checkpoint::{Checkpoint, is_lm_head};
 use crate::model::dtype::{DType, FloatType};
 use crate::plan::chat_vector::Common;
-use crate::plan::checks::{Problems, float_of};
+use crate::plan::checks::{Problems, float_of, layers_of};
 use crate::plan::shards::assign_shards;
 use crate::plan::{Formula, Input, Op, OutTensor, Plan, Role, Source};
 
@@ -28,7 +28,9 @@ pub fn plan_lora(
     common: &Common,
     out_dtype: Option<FloatType>,
 ) -> Result<Plan> {
-    let sel = &common.selection;
+    let mut sel = common.selection.clone();
+    sel.set_layers(layers_of(base.tensors.iter().map(|t| t.name.as_str())));
+    let sel = &sel;
     let ack = &adapter.ckpt;
     let targets = adapter.changes.iter().map(|(n, _)| n.as_str());
     sel.check_all_match(base.tensors.iter().map(|t| t.name.as_str()).chain(targets))?;

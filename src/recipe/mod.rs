@@ -38,6 +38,7 @@ use crate::merge::params::{Filter, Scalar, Setting};
 use crate::model::dtype::FloatType;
 use crate::output::manifest::RecipeRecord;
 use crate::plan::EmbeddingPolicy;
+use crate::plan::select::Scale;
 use crate::sft::SftOptions;
 use crate::units::parse_size;
 
@@ -67,7 +68,7 @@ pub(crate) enum VectorRef {
 pub(crate) struct ChatVectorRecipe {
     pub base: String,
     pub vector: VectorRef,
-    pub scale: f32,
+    pub scale: Scale,
     /// `REGEX=VALUE` overrides, first match wins (from scale rules).
     pub scale_for: Vec<String>,
     pub include: Vec<String>,
@@ -532,7 +533,7 @@ impl Reader<'_> {
         };
         let (scale, scale_for) = match &params.scale {
             Some(v) => scale_rules(v, "parameters.scale").map_err(|e| self.wrap(e, ""))?,
-            None => (1.0, Vec::new()),
+            None => (Scale::Constant(1.0), Vec::new()),
         };
         let embeddings = match &params.embeddings {
             None => EmbeddingPolicy::Auto,
@@ -583,28 +584,34 @@ fn sft_section(
     Ok(opts)
 }
 
-/// A chat vector's `scale`: a number, or rules turned into `--scale-for`
-/// overrides (first match wins) with a final default.
-fn scale_rules(v: &Value, at: &str) -> Result<(f32, Vec<String>)> {
+/// A chat vector's `scale`: a number, a gradient over the layers
+/// (`[0.3, 1.0]`), or rules turned into `--scale-for` overrides (first
+/// match wins; each value a number or a gradient) with a final default.
+fn scale_rules(v: &Value, at: &str) -> Result<(Scale, Vec<String>)> {
     let bad = |m: String| Error::Usage(format!("{at}: {m}"));
-    let finite = |x: f64| -> Result<f32> {
-        let f = x as f32;
-        if f.is_finite() { Ok(f) } else { Err(bad(format!("{x} is not a finite number"))) }
+    let value = |s: &Setting| -> Result<Scale> {
+        let nums = match s {
+            Setting::Scalar(Scalar::Num(x)) => vec![*x],
+            Setting::Gradient(g) => g
+                .iter()
+                .map(|x| match x {
+                    Scalar::Num(n) => Ok(*n),
+                    Scalar::Bool(_) => Err(bad("a scale gradient holds numbers".into())),
+                })
+                .collect::<Result<_>>()?,
+            _ => return Err(bad("a scale is a number or a list of numbers".into())),
+        };
+        Scale::from_values(nums.into_iter().map(|x| x as f32).collect(), at)
     };
     match Setting::parse(v, at)? {
-        Setting::Scalar(Scalar::Num(x)) => Ok((finite(x)?, Vec::new())),
         Setting::Rules(rules) => {
-            let mut default = 1.0;
+            let mut default = Scale::Constant(1.0);
             let mut out = Vec::new();
             for (filter, s) in rules {
-                let Setting::Scalar(Scalar::Num(x)) = s else {
-                    return Err(bad(
-                        "each rule's value must be a number (no gradients for chat_vector)".into()
-                    ));
-                };
+                let x = value(&s)?;
                 match filter {
                     Filter::All => {
-                        default = finite(x)?;
+                        default = x;
                         break;
                     }
                     Filter::Substring(s) => out.push(format!("{}={x}", regex::escape(&s))),
@@ -613,7 +620,7 @@ fn scale_rules(v: &Value, at: &str) -> Result<(f32, Vec<String>)> {
             }
             Ok((default, out))
         }
-        _ => Err(bad("expected a number or rules".into())),
+        s => Ok((value(&s)?, Vec::new())),
     }
 }
 
@@ -768,6 +775,25 @@ mod tests {
     }
 
     #[test]
+    fn chat_vector_scale_takes_a_layer_gradient_at_the_top_and_in_rules() {
+        let r = parse(
+            "merge_method = \"chat_vector\"\nbase_model = \"b\"\nchat = \"c\"\npretrained = \"p\"\n[parameters]\nscale = [{ filter = \"mlp.\", value = [0.0, 0.5] }, { value = [0.3, 1.0] }]\n",
+            "r.toml",
+        )
+        .unwrap();
+        let RecipeBody::ChatVector(c) = r.body else { panic!("not a chat vector") };
+        assert_eq!(c.scale, Scale::Layers(vec![0.3, 1.0]));
+        assert_eq!(c.scale_for, vec!["mlp\\.=[0, 0.5]".to_string()]);
+        let e = parse(
+            "merge_method = \"chat_vector\"\nbase_model = \"b\"\nchat = \"c\"\npretrained = \"p\"\n[parameters]\nscale = [true, 1.0]\n",
+            "r.toml",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("parameters.scale"), "{e}");
+    }
+
+    #[test]
     fn chat_vector_scale_rules_become_scale_for() {
         let r = parse(
             "merge_method = \"chat_vector\"\nbase_model = \"b\"\nchat = \"c\"\npretrained = \"p\"\n[parameters]\nscale = [{ filter = \"mlp.\", value = 0.5 }, { pattern = \"^lm_head\", value = 0.0 }, { value = 0.8 }]\nembeddings = \"align\"\n",
@@ -775,7 +801,7 @@ mod tests {
         )
         .unwrap();
         let RecipeBody::ChatVector(c) = r.body else { panic!() };
-        assert_eq!(c.scale, 0.8);
+        assert_eq!(c.scale, Scale::Constant(0.8));
         assert_eq!(c.scale_for, vec!["mlp\\.=0.5".to_string(), "^lm_head=0".to_string()]);
         assert_eq!(c.embeddings, EmbeddingPolicy::Align);
     }
