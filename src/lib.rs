@@ -13,7 +13,7 @@
 //! // Llama-3-Swallow-8B + (Llama-3-8B-Instruct - Llama-3-8B), by alias;
 //! // models come from the Hugging Face cache, downloaded if missing.
 //! let mut spec = ApplySpec::new("swallow-8b", VectorSource::Stored("llama3-instruct".into()));
-//! spec.scale = 0.8;
+//! spec.scale = 0.8.into(); // or a gradient over the layers: Scale::Layers(vec![0.3, 1.0])
 //! let summary = apply(&spec, &WriteOptions::new("swallow-8b-cv"))?;
 //! for shard in &summary.shards {
 //!     println!("{} {}", shard.file, shard.sha256);
