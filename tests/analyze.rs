@@ -466,3 +466,41 @@ fn the_effective_scale_of_a_layer_gradient_apply_reads_back_per_layer() {
         assert!((layer(g) - want).abs() < 1e-4, "layer {g}: {} vs {want}", layer(g));
     }
 }
+
+#[test]
+fn vocabulary_rows_changed_alone_or_most_are_named_by_token() {
+    let d = tempfile::tempdir().unwrap();
+    let m = models(d.path(), Ty::F32, 16, false);
+    let row = HIDDEN as usize * 4;
+    let pre = read_model(&m.pre);
+    let ordered = |mut ts: Vec<T>| {
+        ts.sort_by_key(|t| llama_shapes(16, false).iter().position(|(n, _)| *n == t.name));
+        ts
+    };
+    // The chat model differs from the pretrained one in row 5 of the
+    // embeddings (an added token) and nowhere else in that matrix...
+    let mut only = ordered(pre.values().cloned().collect());
+    for t in only.iter_mut().filter(|t| t.name == "model.embed_tokens.weight") {
+        for b in &mut t.data[5 * row..6 * row] {
+            *b ^= 0x01;
+        }
+    }
+    // ...and lm_head changes a little everywhere and a lot in row 3.
+    for t in only.iter_mut().filter(|t| t.name == "lm_head.weight") {
+        for i in 0..t.numel() {
+            let big = if i / HIDDEN as usize == 3 { 1.0 } else { 0.001 };
+            let v = t.get(i) + big * val(8, &t.name, i).signum();
+            t.data[i * 4..i * 4 + 4].copy_from_slice(&v.to_le_bytes());
+        }
+    }
+    let chat = d.path().join("chat-rows");
+    write_model(&chat, &only, 1, &config(16, false, LAYERS), Some(&tokens(16)));
+    let (rep, o) = analyze(&["--chat", s(&chat), "--pretrained", s(&m.pre)]);
+    ok(&o);
+    let text = rep["findings"].to_string();
+    assert!(text.contains("'model.embed_tokens.weight': only 1 of 16 rows differ: t5 (5)"), "{text}");
+    assert!(
+        text.contains("'lm_head.weight':") && text.contains("of the change is in 1 rows (1% of 16): t3 (3)"),
+        "{text}"
+    );
+}
