@@ -58,6 +58,7 @@ pub use job::chat_vector::{ApplySpec, ExtractSpec, VectorSource, apply, extract}
 pub use job::inspect::{InspectReport, ShardInfo, TensorInfo, inspect};
 pub use job::merge::merge;
 pub use job::sft::sft;
+pub use job::sweep::{Candidate, SweepReport, sweep};
 pub use job::verify::{Check, VerifyReport, verify};
 pub use job::{InputHashes, Summary, WriteOptions, default_threads};
 pub use model::config::ConfigSummary;

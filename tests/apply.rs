@@ -477,3 +477,27 @@ fn a_layer_gradient_scales_each_layer_and_the_manifest_records_every_tensors_sca
     assert!(stderr(&o).contains("expected a finite number an f32 can hold"), "{}", stderr(&o));
     assert!(!d.path().join("bad").exists());
 }
+
+#[test]
+fn each_sweep_candidate_is_byte_identical_to_a_separate_apply() {
+    let d = tempfile::tempdir().unwrap();
+    let t = trio(d.path(), Ty::BF16, 2);
+    let sweep = d.path().join("sweep");
+    let args = ["sweep", "--base", s(&t.base), "--chat", s(&t.chat), "--pretrained", s(&t.pre)];
+    let o = chatvec(&[&args[..], &["-q", "--scales", "0.5,1,[0.3, 1.0]", "-o", s(&sweep)]].concat());
+    ok(&o);
+    for (name, scale) in [("scale-0.5", "0.5"), ("scale-1", "1"), ("scale-0.3-1", "[0.3, 1.0]")] {
+        let one = d.path().join(format!("one-{name}"));
+        ok(&apply_streaming(&t, &one, &["-q", "--scale", scale]));
+        assert_eq!(shard_hashes(&sweep.join(name)), shard_hashes(&one), "{name}");
+        ok(&chatvec(&["verify", s(&sweep.join(name))]));
+    }
+    let rec: Value = serde_json::from_slice(&std::fs::read(sweep.join("sweep.json")).unwrap()).unwrap();
+    assert_eq!(rec["candidates"].as_array().unwrap().len(), 3);
+    // An existing sweep is not replaced without --force; --scale is refused.
+    let o = chatvec(&[&args[..], &["--scales", "0.5", "-o", s(&sweep)]].concat());
+    assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
+    let o = chatvec(&[&args[..], &["--scales", "0.5", "--scale", "2", "-o", s(&d.path().join("x"))]].concat());
+    assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
+    assert!(stderr(&o).contains("--scales"), "{}", stderr(&o));
+}

@@ -67,6 +67,11 @@ pub enum Command {
         after_help = "Examples:\n  chatvec analyze --vector llama3-instruct --base swallow-8b --plot cv.svg\n  chatvec analyze --chat swallow-8b-instruct --pretrained swallow-8b --against llama3-instruct\n  chatvec analyze --vector llama3-cv --base swallow-8b --applied swallow-8b-cv"
     )]
     Analyze(AnalyzeArgs),
+    /// Apply a chat vector at several scales: one complete model per candidate under -o DIR.
+    #[command(
+        after_help = "Example:\n  chatvec sweep --base swallow-8b --vector llama3-instruct --scales 0.5,0.75,1 -o swallow-8b-sweep\n  chatvec eval swallow-8b-sweep/scale-*"
+    )]
+    Sweep(SweepArgs),
     /// Run a merge recipe (chatvec TOML or mergekit YAML): chat vector, linear, TIES, DARE, SLERP, ...
     #[command(
         after_help = "Examples:\n  chatvec merge llama3-swallow-8b-chat-vector -o swallow-8b-cv\n  chatvec merge mergekit-config.yml -o out --dry-run"
@@ -91,6 +96,44 @@ pub enum Command {
     Demo(DemoArgs),
     /// Measure apply and merges on generated Llama-shaped checkpoints against the disk and memory floor.
     Bench(super::bench::BenchArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct SweepArgs {
+    /// The candidate scales, comma-separated; a bracketed list is a gradient over the layers:
+    /// '0.5,0.75,1' or '0.5,1,[0.3, 1.0]'.
+    #[arg(long, value_parser = parse_scales, allow_negative_numbers = true)]
+    pub scales: ScaleList,
+
+    #[command(flatten)]
+    pub apply: ApplyArgs,
+}
+
+/// `--scales`: the candidates, in order.
+#[derive(Clone, Debug)]
+pub struct ScaleList(pub Vec<Scale>);
+
+/// Splits `0.5,0.75,[0.3, 1.0]` at the commas outside brackets.
+fn parse_scales(s: &str) -> Result<ScaleList, String> {
+    let (mut parts, mut depth, mut cur) = (Vec::new(), 0i32, String::new());
+    for c in s.chars() {
+        match c {
+            '[' => depth += 1,
+            ']' => depth -= 1,
+            ',' if depth == 0 => {
+                parts.push(std::mem::take(&mut cur));
+                continue;
+            }
+            _ => {}
+        }
+        cur.push(c);
+    }
+    parts.push(cur);
+    parts
+        .iter()
+        .map(|p| parse_scale(p).map_err(|e| format!("'{}': {e}", p.trim())))
+        .collect::<Result<Vec<_>, _>>()
+        .map(ScaleList)
 }
 
 #[derive(Args, Debug)]

@@ -93,6 +93,27 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Extract(a) => report(&chatvec::extract(&a.spec(), &a.write.out.options())?, json),
         Command::Apply(a) => report(&chatvec::apply(&a.spec(), &a.write.out.options())?, json),
         Command::Analyze(a) => analyzed(&chatvec::analyze(&a.spec())?, json),
+        Command::Sweep(a) => {
+            if a.apply.scale != chatvec::Scale::Constant(1.0) || a.apply.lora.is_some() {
+                return Err(Error::Usage(
+                    "sweep takes its scales from --scales, and chat vectors only (no --scale, no --lora)"
+                        .into(),
+                ));
+            }
+            let r = chatvec::sweep(&a.apply.spec(), &a.scales.0, &a.apply.write.out.options())?;
+            if json {
+                return json_out(&r);
+            }
+            for c in &r.candidates {
+                report(&c.summary, false)?;
+            }
+            out(&format!(
+                "{} candidate(s) in {}: {}\n",
+                r.candidates.len(),
+                r.output,
+                r.candidates.iter().map(|c| c.name.as_str()).collect::<Vec<_>>().join(", ")
+            ))
+        }
         Command::Merge(a) => {
             let recipe = a.recipe()?;
             report(&chatvec::merge(&recipe, a.seed, &a.out.options())?, json)

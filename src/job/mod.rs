@@ -8,6 +8,7 @@
 //! - `verify`: an output against its manifest and recipe;
 //! - `inspect`: what a checkpoint holds;
 //! - `catalog`: the aliases and shipped recipes;
+//! - `sweep`: one apply per candidate scale;
 //! - `sft`: the trainer run, then a LoRA adapter merged into a full model.
 //!
 //! This is the top room: it may import every other, and none imports it.
@@ -18,6 +19,7 @@ pub(crate) mod chat_vector;
 pub(crate) mod inspect;
 pub(crate) mod merge;
 pub(crate) mod sft;
+pub(crate) mod sweep;
 pub(crate) mod verify;
 
 use std::path::PathBuf;

@@ -1,0 +1,77 @@
+//! `chatvec sweep`: one `apply` per candidate scale, each a complete model
+//! directory with its own manifest under one parent, byte-identical to a
+//! plain `apply` with that scale (it is one). The first candidate hashes
+//! the inputs into the hash cache, so the others only read them, from the
+//! page cache when the inputs fit in memory.
+
+use std::path::PathBuf;
+
+use serde::Serialize;
+
+use crate::error::{Error, Result};
+use crate::job::chat_vector::{ApplySpec, apply};
+use crate::job::{Summary, WriteOptions};
+use crate::json::to_pretty;
+use crate::plan::select::Scale;
+
+/// The record of a sweep, written as `sweep.json` in its directory.
+#[derive(Debug, Serialize)]
+pub struct SweepReport {
+    /// The parent directory.
+    pub output: String,
+    /// Each candidate: its scale, directory and summary.
+    pub candidates: Vec<Candidate>,
+}
+
+/// One candidate of a sweep.
+#[derive(Debug, Serialize)]
+pub struct Candidate {
+    /// The scale it was applied with.
+    pub scale: Scale,
+    /// Its directory name under the sweep's.
+    pub name: String,
+    /// What its apply wrote.
+    pub summary: Summary,
+}
+
+/// The directory name of a candidate: `scale-0.5`, `scale-0.3-1` for a
+/// gradient.
+pub fn candidate_name(s: &Scale) -> String {
+    let vals: Vec<String> = s.values().iter().map(|v| v.to_string()).collect();
+    format!("scale-{}", vals.join("-"))
+}
+
+/// Writes `base + scale * vector` for every scale in `scales` into
+/// `out.output/scale-S/`.
+pub fn sweep(spec: &ApplySpec, scales: &[Scale], out: &WriteOptions) -> Result<SweepReport> {
+    if scales.is_empty() {
+        return Err(Error::Usage("--scales gives no candidate".into()));
+    }
+    let mut names: Vec<String> = scales.iter().map(candidate_name).collect();
+    names.sort();
+    if names.windows(2).any(|w| w[0] == w[1]) {
+        return Err(Error::Usage("--scales lists a scale twice".into()));
+    }
+    let root: PathBuf = out.output.clone();
+    if root.exists() && !out.force && !out.dry_run {
+        return Err(Error::OutputExists(root));
+    }
+    if !out.dry_run {
+        std::fs::create_dir_all(&root).map_err(|e| Error::io("creating", &root, e))?;
+    }
+    let mut candidates = Vec::new();
+    for s in scales {
+        let name = candidate_name(s);
+        crate::ui::note(&format!("candidate {name}: scale {s}"));
+        let one = ApplySpec { scale: s.clone(), ..spec.clone() };
+        let opts = WriteOptions { output: root.join(&name), ..out.clone() };
+        let summary = apply(&one, &opts)?;
+        candidates.push(Candidate { scale: s.clone(), name, summary });
+    }
+    let report = SweepReport { output: root.display().to_string(), candidates };
+    if !out.dry_run {
+        let path = root.join("sweep.json");
+        crate::output::files::write_atomically(&path, &to_pretty(&report))?;
+    }
+    Ok(report)
+}
