@@ -21,6 +21,7 @@ const LAYERS: &[&[&str]] = &[
     &["cuda"],
     &["exec"],
     &["sft", "analyze"],
+    &["eval"],
     &["recipe"],
     &["job"],
 ];

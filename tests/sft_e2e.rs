@@ -343,3 +343,155 @@ fn two_cpu_processes_share_the_data_through_accelerates_launcher() {
     assert_eq!(rec["steps_logged"], 4, "{}", stderr(&o));
     assert!(run.join("model/model.safetensors").is_file(), "{:?}", entries(&run.join("model")));
 }
+
+/// Teaches the pretrained tiny Llama (argv[1]) the conversations in
+/// argv[2] by heart (plain torch, whole sequences) and saves it to argv[3]
+/// with the tokenizer and an eos of `<|eot_id|>`: a "chat model" whose
+/// vector really does something.
+const TEACH: &str = r#"
+import json, sys, torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+torch.manual_seed(0)
+tok = AutoTokenizer.from_pretrained(sys.argv[1])
+m = AutoModelForCausalLM.from_pretrained(sys.argv[1], dtype=torch.float32)
+convs = [json.loads(l)["messages"] for l in open(sys.argv[2])]
+batch = [torch.tensor([tok.apply_chat_template(c, tokenize=True, return_dict=True)["input_ids"]]) for c in convs]
+opt = torch.optim.Adam(m.parameters(), lr=1e-2)
+for step in range(300):
+    loss = sum(m(ids, labels=ids).loss for ids in batch) / len(batch)
+    opt.zero_grad(); loss.backward(); opt.step()
+assert loss.item() < 0.05, loss.item()
+m.generation_config.eos_token_id = tok.convert_tokens_to_ids("<|eot_id|>")
+m.to(torch.bfloat16).save_pretrained(sys.argv[3])
+tok.save_pretrained(sys.argv[3])
+print("taught", loss.item())
+"#;
+
+/// The assistant-token loss of model argv[1] on argv[2], computed apart
+/// from chatvec's worker: assistant spans found in the token ids by the
+/// template's own markers (after `<|start_header_id|>assistant
+/// <|end_header_id|>\n\n`, through the next `<|eot_id|>`), and
+/// transformers' own shifted cross-entropy over them.
+const INDEPENDENT_LOSS: &str = r#"
+import json, sys, torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+tok = AutoTokenizer.from_pretrained(sys.argv[1])
+m = AutoModelForCausalLM.from_pretrained(sys.argv[1], dtype=torch.float32)
+head = tok.encode("<|start_header_id|>assistant<|end_header_id|>\n\n", add_special_tokens=False)
+eot = tok.convert_tokens_to_ids("<|eot_id|>")
+total, count = 0.0, 0
+for line in open(sys.argv[2]):
+    ids = tok.apply_chat_template(json.loads(line)["messages"], tokenize=True, return_dict=True)["input_ids"]
+    labels = [-100] * len(ids)
+    i = 0
+    while i + len(head) <= len(ids):
+        if ids[i:i + len(head)] == head:
+            j = i + len(head)
+            while j < len(ids):
+                labels[j] = ids[j]
+                if ids[j] == eot:
+                    break
+                j += 1
+            i = j
+        i += 1
+    n = sum(1 for x in labels[1:] if x != -100)
+    with torch.no_grad():
+        loss = m(torch.tensor([ids]), labels=torch.tensor([labels])).loss.item()
+    total += loss * n
+    count += n
+print(total / count)
+"#;
+
+#[test]
+#[ignore = "needs torch/transformers: CHATVEC_SFT_PYTHON=$(scripts/sft-venv.sh) cargo test --test sft_e2e -- --ignored"]
+fn eval_ranks_a_sweep_and_broken_candidates_last_with_an_independently_checked_loss() {
+    let (py, d) = tiny_llamas();
+    let data = d.path().join("held-out.jsonl");
+    let prompts = d.path().join("prompts.jsonl");
+    let convs =
+        [("Hello", "Hello, how are you?"), ("1 + 1 = ?", "Two."), ("こんにちは", "今日はいい天気ですね。")];
+    let mut text = String::new();
+    let mut ptext = String::new();
+    for (q, a) in convs {
+        text.push_str(&serde_json::json!({"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]}).to_string());
+        text.push('\n');
+        ptext.push_str(&serde_json::json!({"prompt": q}).to_string());
+        ptext.push('\n');
+    }
+    std::fs::write(&data, text).unwrap();
+    std::fs::write(&prompts, ptext).unwrap();
+    let taught = d.path().join("taught");
+    let o = Command::new(&py)
+        .arg("-c")
+        .arg(TEACH)
+        .arg(d.path().join("pretrained"))
+        .arg(&data)
+        .arg(&taught)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+
+    // Candidates: the vector at scale 1 and 3, and scale 1 with its eos
+    // removed from generation_config.json.
+    let sweep = d.path().join("sweep");
+    let pre = d.path().join("pretrained");
+    ok(&chatvec(&[
+        "-q",
+        "sweep",
+        "--base",
+        s(&pre),
+        "--chat",
+        s(&taught),
+        "--pretrained",
+        s(&pre),
+        "--scales",
+        "1,3",
+        "-o",
+        s(&sweep),
+    ]));
+    let noeos = d.path().join("noeos");
+    std::fs::create_dir_all(&noeos).unwrap();
+    for e in std::fs::read_dir(sweep.join("scale-1")).unwrap() {
+        let p = e.unwrap().path();
+        std::fs::copy(&p, noeos.join(p.file_name().unwrap())).unwrap();
+    }
+    let gc = noeos.join("generation_config.json");
+    let mut g: serde_json::Value = serde_json::from_slice(&std::fs::read(&gc).unwrap()).unwrap();
+    g["eos_token_id"] = serde_json::Value::Null;
+    std::fs::write(&gc, g.to_string()).unwrap();
+
+    let o = command()
+        .args(["--json", "eval", s(&sweep.join("scale-3")), s(&noeos), s(&sweep.join("scale-1"))])
+        .args(["--data", s(&data), "--prompts", s(&prompts), "--max-new-tokens", "24", "--python", s(&py)])
+        .args(["--plot", s(&d.path().join("eval.svg"))])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
+    let rep: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    let models = rep["models"].as_array().unwrap();
+    let name = |i: usize| models[i]["model"].as_str().unwrap().to_string();
+    assert!(name(0).ends_with("scale-1"), "best: {}", rep);
+    let last_two = [name(1), name(2)];
+    assert!(
+        last_two.iter().any(|n| n.ends_with("scale-3")) && last_two.iter().any(|n| n.ends_with("noeos")),
+        "{rep}"
+    );
+    assert_eq!(models[0]["stop_with_answer_rate"], 1.0, "{rep}");
+    let noeos_row = models.iter().find(|m| m["model"].as_str().unwrap().ends_with("noeos")).unwrap();
+    assert_eq!(noeos_row["stop_rate"], 0.0, "{rep}");
+    assert_eq!(models[0]["scale"], 1.0);
+    // The loss, computed apart.
+    let o = Command::new(&py)
+        .arg("-c")
+        .arg(INDEPENDENT_LOSS)
+        .arg(sweep.join("scale-1"))
+        .arg(&data)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let want: f64 = String::from_utf8_lossy(&o.stdout).trim().parse().unwrap();
+    let got = models[0]["assistant_loss"].as_f64().unwrap();
+    assert!((got - want).abs() <= 1e-4 * want.abs().max(1e-3), "assistant loss {got} vs independent {want}");
+    let svg = std::fs::read_to_string(d.path().join("eval.svg")).unwrap();
+    assert!(svg.starts_with("<svg") && svg.contains("polyline"));
+}

@@ -93,6 +93,10 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Extract(a) => report(&chatvec::extract(&a.spec(), &a.write.out.options())?, json),
         Command::Apply(a) => report(&chatvec::apply(&a.spec(), &a.write.out.options())?, json),
         Command::Analyze(a) => analyzed(&chatvec::analyze(&a.spec())?, json),
+        Command::Eval(a) => {
+            let r = chatvec::eval(&a.spec())?;
+            if json { json_out(&r) } else { out(&r.to_string()) }
+        }
         Command::Sweep(a) => {
             if a.apply.scale != chatvec::Scale::Constant(1.0) || a.apply.lora.is_some() {
                 return Err(Error::Usage(

@@ -202,6 +202,28 @@ pub fn convert(v: &Value) -> std::result::Result<(Format, Vec<Message>), String>
     Ok((format, msgs))
 }
 
+/// A prompt record for `eval`: a chat record (`messages` / `conversation`,
+/// with or without replies) cut before its first assistant turn, which must
+/// leave a user turn.
+pub fn convert_prompt(v: &Value) -> std::result::Result<(Format, Vec<Message>), String> {
+    let o = v.as_object().ok_or("not a JSON object")?;
+    no_tools(o, "record")?;
+    let (format, msgs) = if let Some(l) = o.get("messages") {
+        (Format::Messages, turns(l, "messages")?)
+    } else if let Some((k, l)) =
+        ["conversation", "conversations"].iter().find_map(|k| o.get(*k).map(|l| (*k, l)))
+    {
+        (Format::Conversation, turns(l, k)?)
+    } else {
+        return Err("expected {\"prompt\": \"...\"} or a 'messages' / 'conversation' list".into());
+    };
+    let cut: Vec<Message> = msgs.into_iter().take_while(|m| m.role != "assistant").collect();
+    if !cut.iter().any(|m| m.role == "user") {
+        return Err("no user turn before the first assistant turn".into());
+    }
+    Ok((format, cut))
+}
+
 /// Validates the JSONL file at `path`, calling `each(line, messages)` for
 /// every example. Fails at the first bad line, naming it; reads at most one
 /// line (64 MB) into memory at a time.

@@ -150,9 +150,10 @@ pub(crate) struct PythonEnv {
     pub marked_ok: Option<(bool, String)>,
 }
 
-fn python_path(a: &SftOptions) -> PathBuf {
-    a.python
-        .clone()
+/// The interpreter: as given, else `CHATVEC_PYTHON`, else `python3`.
+pub(crate) fn python_path(given: Option<&Path>) -> PathBuf {
+    given
+        .map(Path::to_path_buf)
         .or_else(|| std::env::var_os(PYTHON_ENV).map(PathBuf::from))
         .unwrap_or_else(|| "python3".into())
 }
@@ -390,7 +391,7 @@ fn prepare(job: &SftJob) -> Result<Prepared> {
     let ask = a.assistant_only_loss && !has_generation_markers(&template) && !is_llama3_style(&template);
     let marked = if ask { insert_assistant_markers(&template) } else { None };
     let python = check_python(
-        &python_path(a),
+        &python_path(a.python.as_deref()),
         &needed,
         &launch_only,
         job.dry_run,

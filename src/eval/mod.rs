@@ -1,0 +1,475 @@
+//! `chatvec eval`: did the merge work? Each model is scored through an
+//! existing engine (transformers, or vLLM when it is installed and a GPU is
+//! there), run as a supervised child in the interpreter `sft` uses:
+//!
+//! - assistant-token loss: mean NLL over the assistant tokens of held-out
+//!   conversations, rendered with the model's own chat template (the tokens
+//!   TRL's assistant-only loss trains on);
+//! - stop rate: the share of greedy answers that end with the model's own
+//!   eos / end-of-turn within `--max-new-tokens`, beside the answer length
+//!   (an empty answer "stops" but does not chat);
+//! - answer language: the share of answers in the prompt's language (for
+//!   Japanese by script: kana and kanji against Latin letters);
+//! - a few answers side by side.
+//!
+//! Models are ranked by a stated rule (`RULE`). This room reads the data
+//! with `sft`'s converter and finds the interpreter as `sft` does.
+
+pub(crate) mod plot;
+pub(crate) mod prompts;
+
+use std::io::{BufRead, BufReader, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+
+use indicatif::{ProgressBar, ProgressStyle};
+use serde::Serialize;
+use serde_json::{Value, json};
+
+use crate::error::{Error, Result};
+use crate::resolve::resolve_model;
+use crate::sft::data::write_eval;
+use crate::sft::{check_python, python_path};
+use crate::ui;
+
+/// The worker the interpreter runs.
+const SCRIPT: &str = include_str!("script.py");
+
+/// How models are ranked, as reported.
+pub const RULE: &str = "answers that stop with a non-empty reply (more is better), then answers in the prompt's language (more is better), then assistant-token loss (lower is better)";
+
+/// Largest prompts file accepted.
+const MAX_PROMPTS_BYTES: u64 = 64 << 20;
+
+/// What to evaluate, and how.
+#[derive(Clone, Debug)]
+pub struct EvalSpec {
+    /// The models (directories, Hub ids or aliases), e.g. a sweep's candidates.
+    pub models: Vec<String>,
+    /// Held-out chat data (any format `sft` reads); default: the built-in set.
+    pub data: Option<PathBuf>,
+    /// Prompts to generate from: JSONL of `{"prompt": "...", "lang": "ja"}` or
+    /// chat records (cut before the first assistant turn); default: built in.
+    pub prompts: Option<PathBuf>,
+    /// Longest answer, in tokens.
+    pub max_new_tokens: u64,
+    /// Answers shown per model.
+    pub samples: usize,
+    /// The Python interpreter (else `CHATVEC_PYTHON`, else `python3`).
+    pub python: Option<PathBuf>,
+    /// `auto`, `transformers` or `vllm`.
+    pub engine: String,
+    /// Write a picture (SVG) of loss and stop rate per model.
+    pub plot: Option<PathBuf>,
+    /// Replace an existing picture.
+    pub force: bool,
+}
+
+impl EvalSpec {
+    /// Evaluates `models` on the built-in set with transformers or vLLM.
+    pub fn new(models: Vec<String>) -> EvalSpec {
+        EvalSpec {
+            models,
+            data: None,
+            prompts: None,
+            max_new_tokens: 128,
+            samples: 3,
+            python: None,
+            engine: "auto".into(),
+            plot: None,
+            force: false,
+        }
+    }
+}
+
+/// One answer.
+#[derive(Clone, Debug, Serialize)]
+pub struct Answer {
+    /// The prompt's last user message.
+    pub prompt: String,
+    /// The answer, decoded, special tokens removed.
+    pub answer: String,
+    /// Whether it ended with the model's eos within the token limit.
+    pub stopped: bool,
+    /// Its length in tokens.
+    pub tokens: u64,
+    /// Its language by script (`ja`, `en`, or none).
+    pub lang: Option<String>,
+    /// The prompt's language.
+    pub want: Option<String>,
+}
+
+/// One model's figures.
+#[derive(Clone, Debug, Serialize)]
+pub struct ModelEval {
+    /// The model as given.
+    pub model: String,
+    /// Its directory.
+    pub path: String,
+    /// The scale its chatvec manifest records, when it is an apply output.
+    pub scale: Option<Value>,
+    /// The engine that generated.
+    pub engine: String,
+    /// Mean NLL over assistant tokens.
+    pub assistant_loss: Option<f64>,
+    /// Assistant tokens it was measured on.
+    pub assistant_tokens: u64,
+    /// Share of answers that ended with eos.
+    pub stop_rate: f64,
+    /// Share that ended with eos after a non-empty reply.
+    pub stop_with_answer_rate: f64,
+    /// Mean answer length, in tokens.
+    pub mean_answer_tokens: f64,
+    /// Share of answers in the prompt's language (among prompts whose
+    /// language is known).
+    pub language_match: Option<f64>,
+    /// Every answer.
+    pub answers: Vec<Answer>,
+    /// Its place under `RULE` (1 = best).
+    pub rank: usize,
+}
+
+/// What `chatvec eval` found; `--json` prints it as is.
+#[derive(Clone, Debug, Serialize)]
+pub struct EvalReport {
+    /// The ranking rule.
+    pub rule: &'static str,
+    /// The models, best first.
+    pub models: Vec<ModelEval>,
+    /// Held-out conversations and prompts used.
+    pub conversations: usize,
+    /// Prompts generated from.
+    pub prompts: usize,
+    /// Where they came from.
+    pub data: String,
+    /// Answers shown per model in the table.
+    pub samples: usize,
+}
+
+/// The prompts: from a file, or built in.
+fn read_prompts(path: &Path) -> Result<Vec<Value>> {
+    let text = String::from_utf8(crate::json::read_capped(path, MAX_PROMPTS_BYTES)?)
+        .map_err(|_| Error::bad_file(path, "is not UTF-8 text"))?;
+    let mut out = Vec::new();
+    for (i, line) in text.lines().enumerate() {
+        let at = i + 1;
+        if line.trim().is_empty() {
+            continue;
+        }
+        let bad = |why: String| Error::bad_file(path, format!("line {at}: {why}"));
+        let v: Value = serde_json::from_str(line).map_err(|e| bad(format!("invalid JSON: {e}")))?;
+        let lang = v.get("lang").and_then(Value::as_str).map(str::to_string);
+        if let Some(l) = &lang
+            && l != "ja"
+            && l != "en"
+        {
+            return Err(bad(format!("lang '{l}': expected ja or en")));
+        }
+        let messages: Vec<Value> = match v.get("prompt") {
+            Some(Value::String(p)) if !p.trim().is_empty() => vec![json!({"role": "user", "content": p})],
+            Some(_) => return Err(bad("'prompt' must be a non-empty string".into())),
+            None => {
+                let (_, msgs) = crate::sft::data::convert_prompt(&v).map_err(bad)?;
+                msgs.into_iter().map(|m| json!({"role": m.role, "content": m.content})).collect()
+            }
+        };
+        out.push(json!({"messages": messages, "lang": lang}));
+    }
+    if out.is_empty() {
+        return Err(Error::bad_file(path, "holds no prompts"));
+    }
+    Ok(out)
+}
+
+/// The held-out conversations, as messages lists.
+fn read_conversations(path: &Path) -> Result<Vec<Value>> {
+    let mut buf = Vec::new();
+    write_eval(path, &mut buf)?;
+    buf.split(|b| *b == b'\n')
+        .filter(|l| !l.is_empty())
+        .map(|l| {
+            let v: Value = serde_json::from_slice(l).map_err(|e| Error::Internal(e.to_string()))?;
+            Ok(v["messages"].clone())
+        })
+        .collect()
+}
+
+/// The scale a chatvec output's manifest records.
+fn manifest_scale(dir: &Path) -> Option<Value> {
+    let p = crate::model::side_file(dir, crate::output::manifest::MANIFEST_FILE).ok()??;
+    let v = crate::json::read_value(&p, 64 << 20).ok()?;
+    v.pointer("/parameters/scale").cloned()
+}
+
+/// Runs the worker; returns its results, showing its progress.
+fn run_worker(python: &Path, spec: &Value, models: usize, per_model: u64) -> Result<Value> {
+    let mut child = Command::new(python)
+        .arg("-c")
+        .arg(SCRIPT)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(|e| Error::io("starting", python, e))?;
+    crate::interrupt::set_supervising(true);
+    if let Some(mut stdin) = child.stdin.take() {
+        let _ = stdin.write_all(spec.to_string().as_bytes());
+    }
+    let bar = if ui::show_progress() {
+        let b = ProgressBar::new(models as u64 * per_model);
+        b.set_style(
+            ProgressStyle::with_template("{spinner} evaluating [{bar:30}] {pos}/{len} {msg}")
+                .unwrap_or_else(|_| ProgressStyle::default_bar())
+                .progress_chars("=> "),
+        );
+        b
+    } else {
+        ProgressBar::hidden()
+    };
+    let stderr = child.stderr.take();
+    let reader = std::thread::spawn(move || -> String {
+        let mut tail = String::new();
+        for line in
+            stderr.into_iter().flat_map(|s| BufReader::new(s).lines().map_while(std::result::Result::ok))
+        {
+            if let Some(p) = line.strip_prefix("chatvec-eval: ") {
+                if let Ok(v) = serde_json::from_str::<Value>(p) {
+                    let (m, stage) = (v["model"].as_u64().unwrap_or(0), v["stage"].as_str().unwrap_or(""));
+                    let (done, total) = (v["done"].as_u64().unwrap_or(0), v["total"].as_u64().unwrap_or(0));
+                    bar.set_message(format!("model {} {stage} {done}/{total}", m + 1));
+                    bar.inc(1);
+                }
+                continue;
+            }
+            if !ui::quiet() {
+                bar.suspend(|| eprintln!("{line}"));
+            }
+            tail.push_str(&line);
+            tail.push('\n');
+            if tail.len() > 8000 {
+                tail.drain(..tail.len() - 4000);
+            }
+        }
+        bar.finish_and_clear();
+        tail
+    });
+    let out = child.wait_with_output().map_err(|e| Error::io("waiting for", python, e))?;
+    let tail = reader.join().unwrap_or_default();
+    let (signals, _) = crate::interrupt::signals_seen();
+    crate::interrupt::set_supervising(false);
+    if signals > 0 {
+        return Err(Error::Interrupted);
+    }
+    if !out.status.success() {
+        let last = tail.lines().rev().find(|l| !l.trim().is_empty()).unwrap_or("(no output)");
+        return Err(Error::Usage(format!("the evaluation failed ({}): {last}", out.status)));
+    }
+    let text = String::from_utf8_lossy(&out.stdout);
+    text.lines()
+        .rev()
+        .find_map(|l| serde_json::from_str::<Value>(l).ok())
+        .ok_or_else(|| Error::Usage(format!("{} printed no results", python.display())))
+}
+
+/// Orders models by `RULE` and sets their ranks.
+fn rank(models: &mut [ModelEval]) {
+    let key = |m: &ModelEval| {
+        (
+            -(m.stop_with_answer_rate * 1e6).round() as i64,
+            -(m.language_match.unwrap_or(0.0) * 1e6).round() as i64,
+            m.assistant_loss.unwrap_or(f64::INFINITY),
+        )
+    };
+    models.sort_by(|a, b| {
+        let (ka, kb) = (key(a), key(b));
+        ka.0.cmp(&kb.0).then(ka.1.cmp(&kb.1)).then(ka.2.total_cmp(&kb.2))
+    });
+    for (i, m) in models.iter_mut().enumerate() {
+        m.rank = i + 1;
+    }
+}
+
+/// Scores every model of `spec`.
+pub fn eval(spec: &EvalSpec) -> Result<EvalReport> {
+    if spec.models.is_empty() {
+        return Err(Error::Usage("give at least one model to evaluate".into()));
+    }
+    if !matches!(spec.engine.as_str(), "auto" | "transformers" | "vllm") {
+        return Err(Error::Usage(format!("--engine {}: use auto, transformers or vllm", spec.engine)));
+    }
+    if spec.max_new_tokens == 0 {
+        return Err(Error::Usage("--max-new-tokens must be at least 1".into()));
+    }
+    if let Some(p) = &spec.plot
+        && p.exists()
+        && !spec.force
+    {
+        return Err(Error::OutputExists(p.clone()));
+    }
+    // Everything the worker would trip on, before it starts.
+    let (conversations, prompts, source) = match (&spec.data, &spec.prompts) {
+        (None, None) => {
+            let convs = prompts::BUILT_IN
+                .iter()
+                .map(|(_, q, a)| json!([{"role": "user", "content": q}, {"role": "assistant", "content": a}]))
+                .collect();
+            let ps = prompts::BUILT_IN
+                .iter()
+                .map(|(l, q, _)| json!({"messages": [{"role": "user", "content": q}], "lang": l}))
+                .collect();
+            (convs, ps, "built-in prompt set".to_string())
+        }
+        (data, prompts) => {
+            let convs = match data {
+                Some(d) => read_conversations(d)?,
+                None => Vec::new(),
+            };
+            let ps = match prompts {
+                Some(p) => read_prompts(p)?,
+                None => prompts::BUILT_IN
+                    .iter()
+                    .map(|(l, q, _)| json!({"messages": [{"role": "user", "content": q}], "lang": l}))
+                    .collect(),
+            };
+            let src = format!(
+                "{} / {}",
+                data.as_deref().map_or("no held-out data".into(), |d| d.display().to_string()),
+                prompts.as_deref().map_or("built-in prompts".into(), |p| p.display().to_string())
+            );
+            (convs, ps, src)
+        }
+    };
+    let mut dirs = Vec::new();
+    for m in &spec.models {
+        let dir = resolve_model(m)?.dir;
+        let has_template = ["tokenizer_config.json", "chat_template.jinja"]
+            .iter()
+            .map(|f| crate::model::side_file(&dir, f))
+            .collect::<Result<Vec<_>>>()?
+            .into_iter()
+            .any(|x| x.is_some());
+        if !has_template {
+            return Err(Error::Usage(format!(
+                "{m}: {} has no tokenizer_config.json or chat_template.jinja, so it cannot be prompted as a chat model",
+                dir.display()
+            )));
+        }
+        dirs.push(dir);
+    }
+    let python = python_path(spec.python.as_deref());
+    let extra: &[&str] = if spec.engine == "vllm" { &["vllm"] } else { &[] };
+    check_python(&python, &["torch", "transformers"], extra, false, None)?;
+    let worker = json!({
+        "models": dirs.iter().map(|d| json!({"path": d.display().to_string()})).collect::<Vec<_>>(),
+        "conversations": conversations,
+        "prompts": prompts,
+        "max_new_tokens": spec.max_new_tokens,
+        "engine": spec.engine,
+    });
+    let per_model = (conversations.len() + prompts.len()) as u64;
+    let res = run_worker(&python, &worker, dirs.len(), per_model)?;
+    let results = res["results"].as_array().cloned().unwrap_or_default();
+    if results.len() != dirs.len() {
+        return Err(Error::Internal(format!("the worker scored {} of {} models", results.len(), dirs.len())));
+    }
+    let mut models = Vec::new();
+    for ((given, dir), r) in spec.models.iter().zip(&dirs).zip(&results) {
+        let rows = r["answers"].as_array().cloned().unwrap_or_default();
+        let n = rows.len().max(1) as f64;
+        let answers: Vec<Answer> = rows
+            .iter()
+            .zip(&prompts)
+            .map(|(a, p)| Answer {
+                prompt: p["messages"]
+                    .as_array()
+                    .and_then(|m| m.iter().rev().find(|x| x["role"] == "user"))
+                    .and_then(|x| x["content"].as_str())
+                    .unwrap_or_default()
+                    .to_string(),
+                answer: a["answer"].as_str().unwrap_or_default().to_string(),
+                stopped: a["stopped"].as_bool().unwrap_or(false),
+                tokens: a["tokens"].as_u64().unwrap_or(0),
+                lang: a["lang"].as_str().map(str::to_string),
+                want: a["want"].as_str().map(str::to_string),
+            })
+            .collect();
+        let stops = answers.iter().filter(|a| a.stopped).count() as f64;
+        let good = answers.iter().filter(|a| a.stopped && !a.answer.is_empty()).count() as f64;
+        let judged: Vec<&Answer> = answers.iter().filter(|a| a.want.is_some()).collect();
+        let language_match = (!judged.is_empty())
+            .then(|| judged.iter().filter(|a| a.lang == a.want).count() as f64 / judged.len() as f64);
+        models.push(ModelEval {
+            model: given.clone(),
+            path: dir.display().to_string(),
+            scale: manifest_scale(dir),
+            engine: r["engine"].as_str().unwrap_or("?").to_string(),
+            assistant_loss: r["assistant_loss"].as_f64(),
+            assistant_tokens: r["assistant_tokens"].as_u64().unwrap_or(0),
+            stop_rate: stops / n,
+            stop_with_answer_rate: good / n,
+            mean_answer_tokens: answers.iter().map(|a| a.tokens as f64).sum::<f64>() / n,
+            language_match,
+            answers,
+            rank: 0,
+        });
+    }
+    rank(&mut models);
+    let report = EvalReport {
+        rule: RULE,
+        conversations: conversations.len(),
+        prompts: prompts.len(),
+        data: source,
+        models,
+        samples: spec.samples,
+    };
+    if let Some(p) = &spec.plot {
+        crate::output::files::write_atomically(p, plot::svg(&report).as_bytes())?;
+    }
+    Ok(report)
+}
+
+fn cut(s: &str, n: usize) -> String {
+    let one_line = s.replace('\n', " ");
+    let mut out: String = one_line.chars().take(n).collect();
+    if one_line.chars().count() > n {
+        out.push('…');
+    }
+    ui::escaped(&out, usize::MAX)
+}
+
+impl std::fmt::Display for EvalReport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        writeln!(f, "data: {} ({} conversations, {} prompts)", self.data, self.conversations, self.prompts)?;
+        writeln!(f, "ranked by: {}\n", self.rule)?;
+        writeln!(
+            f,
+            "{:>4}  {:<40} {:>8} {:>11} {:>6} {:>8} {:>9} {:>8}",
+            "rank", "model", "scale", "asst.loss", "stops", "stop+ans", "mean tok", "language"
+        )?;
+        for m in &self.models {
+            let name = cut(&m.model, 40);
+            writeln!(
+                f,
+                "{:>4}  {:<40} {:>8} {:>11} {:>5.0}% {:>7.0}% {:>9.1} {:>8}",
+                m.rank,
+                name,
+                m.scale.as_ref().map_or("-".into(), |s| s.to_string()),
+                m.assistant_loss.map_or("-".into(), |l| format!("{l:.4}")),
+                100.0 * m.stop_rate,
+                100.0 * m.stop_with_answer_rate,
+                m.mean_answer_tokens,
+                m.language_match.map_or("-".into(), |x| format!("{:.0}%", 100.0 * x))
+            )?;
+        }
+        let shown = self.models.first().map_or(0, |m| m.answers.len().min(self.samples));
+        for i in 0..shown {
+            writeln!(f, "\nprompt: {}", cut(&self.models[0].answers[i].prompt, 100))?;
+            for m in &self.models {
+                let a = &m.answers[i];
+                let end = if a.stopped { "" } else { " [no eos]" };
+                writeln!(f, "  #{} {}: {}{end}", m.rank, cut(&m.model, 30), cut(&a.answer, 100))?;
+            }
+        }
+        Ok(())
+    }
+}

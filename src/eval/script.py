@@ -1,0 +1,137 @@
+# chatvec eval's worker: run by `chatvec eval` in the interpreter it was
+# given (--python / CHATVEC_PYTHON), the spec as JSON on stdin, progress as
+# "chatvec-eval: " lines on stderr, the results as one JSON line on stdout.
+import json
+import sys
+
+
+def progress(**kw):
+    print("chatvec-eval: " + json.dumps(kw), file=sys.stderr, flush=True)
+
+
+def lang_of(text):
+    """'ja' when kana/kanji outnumber Latin letters, 'en' the other way."""
+    ja = sum(
+        1
+        for ch in text
+        if "\u3040" <= ch <= "\u30ff" or "\u3400" <= ch <= "\u4dbf" or "\u4e00" <= ch <= "\u9fff" or "\uff66" <= ch <= "\uff9f"
+    )
+    latin = sum(1 for ch in text if "a" <= ch.lower() <= "z")
+    if ja == 0 and latin == 0:
+        return None
+    return "ja" if ja >= latin else "en"
+
+
+def ids_of(tok, msgs, prompt):
+    out = tok.apply_chat_template(msgs, tokenize=True, add_generation_prompt=prompt, return_dict=True)
+    return list(out["input_ids"])
+
+
+def assistant_labels(tok, conv):
+    """Token ids of the whole conversation, and labels that keep only the
+    assistant turns: for each, the tokens between the conversation up to it
+    with the generation prompt and the conversation through it (its reply
+    and end-of-turn), as TRL's assistant-only masks cover."""
+    full = ids_of(tok, conv, False)
+    labels = [-100] * len(full)
+    for i, m in enumerate(conv):
+        if m["role"] != "assistant":
+            continue
+        before, upto = ids_of(tok, conv[:i], True), ids_of(tok, conv[: i + 1], False)
+        if upto[: len(before)] != before or full[: len(upto)] != upto:
+            raise ValueError("the chat template does not render a conversation as a prefix of its continuation")
+        for j in range(len(before), len(upto)):
+            labels[j] = full[j]
+    return full, labels
+
+
+def main():
+    spec = json.loads(sys.stdin.read())
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    torch.manual_seed(0)
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    engine = spec["engine"]
+    if engine == "auto":
+        try:
+            import vllm  # noqa: F401
+
+            engine = "vllm" if gpus > 0 else "transformers"
+        except ImportError:
+            engine = "transformers"
+    k = spec["max_new_tokens"]
+    results = []
+    for mi, m in enumerate(spec["models"]):
+        tok = AutoTokenizer.from_pretrained(m["path"])
+        kwargs = {"dtype": torch.bfloat16 if gpus else torch.float32}
+        if gpus > 1:
+            kwargs["device_map"] = "auto"
+        model = AutoModelForCausalLM.from_pretrained(m["path"], **kwargs)
+        if gpus == 1:
+            model = model.to("cuda")
+        model.eval()
+        dev = next(model.parameters()).device
+        # Assistant-token loss: summed NLL over every assistant token, then
+        # one mean (token-weighted).
+        nll, count = 0.0, 0
+        convs = spec["conversations"]
+        for ci, conv in enumerate(convs):
+            full, labels = assistant_labels(tok, conv)
+            with torch.no_grad():
+                logits = model(torch.tensor([full], device=dev)).logits[0].float()
+            logp = torch.log_softmax(logits[:-1], dim=-1)
+            target = torch.tensor(labels[1:], device=logp.device)
+            keep = (target != -100).nonzero().squeeze(-1)
+            nll += -logp[keep, target[keep]].double().sum().item()
+            count += int(keep.numel())
+            progress(model=mi, stage="loss", done=ci + 1, total=len(convs))
+        # Generations: greedy, stopping where the model's own generation
+        # config says (a missing eos there is the bug this catches).
+        eos = model.generation_config.eos_token_id
+        eos = set(eos if isinstance(eos, list) else ([] if eos is None else [eos]))
+        answers = []
+        prompts = spec["prompts"]
+        if engine == "vllm":
+            from vllm import LLM, SamplingParams
+
+            del model
+            llm = LLM(model=m["path"], tensor_parallel_size=max(gpus, 1), dtype="bfloat16")
+            outs = llm.chat([p["messages"] for p in prompts], SamplingParams(temperature=0.0, max_tokens=k))
+            for o in outs:
+                c = o.outputs[0]
+                answers.append((c.text.strip(), c.finish_reason == "stop", len(c.token_ids)))
+            progress(model=mi, stage="generate", done=len(prompts), total=len(prompts))
+        else:
+            pad = tok.pad_token_id if tok.pad_token_id is not None else (min(eos) if eos else 0)
+            for pi, p in enumerate(prompts):
+                ids = ids_of(tok, p["messages"], True)
+                with torch.no_grad():
+                    out = model.generate(
+                        torch.tensor([ids], device=dev), max_new_tokens=k, do_sample=False, pad_token_id=pad
+                    )
+                new = out[0][len(ids):].tolist()
+                cut = next((i for i, t in enumerate(new) if t in eos), None)
+                stopped = cut is not None
+                if stopped:
+                    new = new[:cut]
+                answers.append((tok.decode(new, skip_special_tokens=True).strip(), stopped, len(new)))
+                progress(model=mi, stage="generate", done=pi + 1, total=len(prompts))
+        rows = []
+        for p, (text, stopped, n) in zip(prompts, answers):
+            want = p.get("lang") or lang_of(" ".join(x["content"] for x in p["messages"] if x["role"] == "user"))
+            rows.append({"answer": text, "stopped": stopped, "tokens": n, "lang": lang_of(text), "want": want})
+        results.append(
+            {
+                "model": m["path"],
+                "engine": engine,
+                "assistant_loss": nll / count if count else None,
+                "assistant_tokens": count,
+                "answers": rows,
+            }
+        )
+    print(json.dumps({"results": results}))
+
+
+if __name__ == "__main__":
+    main()
