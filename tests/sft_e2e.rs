@@ -494,4 +494,33 @@ fn eval_ranks_a_sweep_and_broken_candidates_last_with_an_independently_checked_l
     assert!((got - want).abs() <= 1e-4 * want.abs().max(1e-3), "assistant loss {got} vs independent {want}");
     let svg = std::fs::read_to_string(d.path().join("eval.svg")).unwrap();
     assert!(svg.starts_with("<svg") && svg.contains("polyline"));
+
+    // The same as one recipe: sweep, eval, choose, then SFT from the choice.
+    let recipe = d.path().join("recipe.toml");
+    std::fs::write(
+        &recipe,
+        format!(
+            "merge_method = \"chat_vector\"\nbase_model = \"{pre}\"\nchat = \"{taught}\"\npretrained = \"{pre}\"\n\
+             [sweep]\nscales = [3.0, 1.0]\n\
+             [eval]\ndata = \"held-out.jsonl\"\nprompts = \"prompts.jsonl\"\nmax_new_tokens = 24\npython = \"{py}\"\n\
+             [sft]\ndata = \"held-out.jsonl\"\nmax_steps = 1\ngrad_accum = 1\nmax_seq_len = 64\npython = \"{py}\"\n",
+            pre = s(&pre),
+            taught = s(&taught),
+            py = s(&py)
+        ),
+    )
+    .unwrap();
+    let run = d.path().join("run");
+    let o = command().args(["-q", "run", s(&recipe), "-o", s(&run)]).output().unwrap();
+    assert!(o.status.success(), "chatvec run failed:\n{}", stderr(&o));
+    let chosen = run.join("sweep/scale-1");
+    let m: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(chosen.join("chatvec-manifest.json")).unwrap()).unwrap();
+    assert_eq!(m["selection"]["chosen"], s(&chosen), "{}", m["selection"]);
+    assert_eq!(m["selection"]["candidates"].as_array().unwrap().len(), 2);
+    ok(&chatvec(&["verify", s(&chosen)]));
+    let rec: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(run.join("sft/chatvec-sft-run.json")).unwrap()).unwrap();
+    assert_eq!(rec["model"]["reference"], s(&chosen));
+    assert!(run.join("eval.json").is_file());
 }

@@ -1,7 +1,17 @@
-//! `chatvec run`: a recipe with an `[sft]` section as one command: merge
-//! into DIR/merged, verify it, then SFT into DIR/sft, each step's output
-//! under one directory. Its `[sft]` options and data are checked before
-//! the merge starts.
+//! `chatvec run`: a recipe with an `[sft]` section as one command, each
+//! step's output under one directory:
+//!
+//! - without `[sweep]`: merge into DIR/merged and verify it;
+//! - with `[sweep]` (chat_vector recipes): one candidate per scale under
+//!   DIR/sweep, each verified;
+//! - with `[eval]`: score the candidates (or the merged model), choose the
+//!   best by the stated rule, record the choice and every figure in the
+//!   chosen model's manifest and in DIR/eval.json;
+//! - SFT from the chosen model into DIR/sft.
+//!
+//! The `[sft]` options and data are checked before anything is merged.
+
+use std::path::PathBuf;
 
 use chatvec::{Error, Result, SftJob, ui};
 
@@ -15,9 +25,8 @@ pub fn run(a: &MergeArgs, json: bool) -> Result<()> {
             .with_hint("add one (data = \"chat.jsonl\", ...), or run just the merge with `chatvec merge`"));
     };
     let root = &a.out.output;
-    let merged = root.join("merged");
-    let job = SftJob {
-        model: merged.display().to_string(),
+    let mut job = SftJob {
+        model: root.join("merged").display().to_string(),
         output: root.join("sft"),
         force: a.out.force,
         dry_run: a.out.dry_run,
@@ -35,29 +44,85 @@ pub fn run(a: &MergeArgs, json: bool) -> Result<()> {
             source: e,
         })?;
     }
-    let mut merge_out = a.out.options();
-    merge_out.output = merged.clone();
-    let merge = chatvec::merge(&recipe, a.seed, &merge_out)?;
-    if a.out.dry_run {
-        // The merged model does not exist yet, so the trainer's command is
-        // what a dry run can show of the SFT step.
-        if json {
-            return json_out(&serde_json::json!({ "merge": merge, "then": job.command_line() }));
+    // The merged model(s).
+    let mut done = serde_json::Map::new();
+    let candidates: Vec<PathBuf> = if recipe.sweep().is_some() {
+        let mut o = a.out.options();
+        o.output = root.join("sweep");
+        let sw = chatvec::merge_sweep(&recipe, &o)?;
+        if !json && !a.out.dry_run {
+            for c in &sw.candidates {
+                report(&c.summary, false)?;
+            }
         }
-        report(&merge, false)?;
-        return out(&format!("then: {}\n", job.command_line()));
+        let dirs = sw.candidates.iter().map(|c| o.output.join(&c.name)).collect();
+        done.insert("sweep".into(), serde_json::to_value(&sw).unwrap_or_default());
+        dirs
+    } else {
+        let mut o = a.out.options();
+        o.output = root.join("merged");
+        let merge = chatvec::merge(&recipe, a.seed, &o)?;
+        if !json {
+            report(&merge, false)?;
+        }
+        done.insert("merge".into(), serde_json::to_value(&merge).unwrap_or_default());
+        vec![o.output]
+    };
+    if a.out.dry_run {
+        // The models do not exist yet, so the later steps' commands are
+        // what a dry run can show.
+        let then = format!(
+            "{}then: {}",
+            if recipe.eval().is_some() {
+                "then: chatvec eval (the candidates), choose the best\n"
+            } else {
+                ""
+            },
+            job.command_line()
+        );
+        if json {
+            done.insert("then".into(), then.into());
+            return json_out(&done);
+        }
+        return out(&format!("{then}\n"));
     }
-    if !json {
-        report(&merge, false)?;
+    for c in &candidates {
+        let verified = chatvec::verify(c, None)?;
+        ui::note(&format!("verified {}: {} files match the manifest", c.display(), verified.checks.len()));
+        if !verified.ok {
+            return verified.into_result();
+        }
     }
-    let verified = chatvec::verify(&merged, None)?;
-    ui::note(&format!("verified {}: {} files match the manifest", merged.display(), verified.checks.len()));
-    if !verified.ok {
-        return verified.into_result();
-    }
+    let chosen = match recipe.eval() {
+        Some(e) => {
+            let spec = chatvec::EvalSpec {
+                models: candidates.iter().map(|c| c.display().to_string()).collect(),
+                ..e.clone()
+            };
+            let r = chatvec::eval(&spec)?;
+            if !json {
+                out(&r.to_string())?;
+            }
+            let best = PathBuf::from(&r.models[0].path);
+            chatvec::record_selection(&best, &r)?;
+            let path = root.join("eval.json");
+            let text = serde_json::to_string_pretty(&r).map_err(|e| Error::Internal(e.to_string()))?;
+            std::fs::write(&path, text).map_err(|e| Error::Io {
+                op: "writing",
+                path: path.clone(),
+                source: e,
+            })?;
+            ui::note(&format!("chose {} ({})", best.display(), chatvec::EVAL_RULE));
+            done.insert("eval".into(), serde_json::to_value(&r).unwrap_or_default());
+            best
+        }
+        None => candidates[0].clone(),
+    };
+    job.model = chosen.display().to_string();
     let trained = chatvec::sft(&job)?;
     if json {
-        json_out(&serde_json::json!({ "merge": merge, "verify": verified, "sft": trained }))?;
+        done.insert("sft".into(), serde_json::to_value(&trained).unwrap_or_default());
+        json_out(&done)?;
     }
     match trained.exit_code {
         0 => Ok(()),

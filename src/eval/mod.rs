@@ -473,3 +473,31 @@ impl std::fmt::Display for EvalReport {
         Ok(())
     }
 }
+
+/// Records in the chosen model's manifest that an evaluation chose it: the
+/// rule, every model's figures, and which one won. (The manifest's output
+/// hashes are untouched, so `verify` still passes.)
+pub fn record_selection(chosen: &Path, report: &EvalReport) -> Result<()> {
+    let path = chosen.join(crate::output::manifest::MANIFEST_FILE);
+    let bytes = crate::json::read_capped(&path, 64 << 20)?;
+    let mut m = crate::json::RawObject::parse(&bytes, &path)?;
+    let figures: Vec<Value> = report
+        .models
+        .iter()
+        .map(|x| {
+            json!({
+                "model": x.model, "rank": x.rank, "scale": x.scale, "assistant_loss": x.assistant_loss,
+                "stop_rate": x.stop_rate, "stop_with_answer_rate": x.stop_with_answer_rate,
+                "mean_answer_tokens": x.mean_answer_tokens, "language_match": x.language_match,
+            })
+        })
+        .collect();
+    let selection = json!({
+        "rule": report.rule,
+        "chosen": chosen.display().to_string(),
+        "data": report.data,
+        "candidates": figures,
+    });
+    m.set("selection", &selection)?;
+    crate::output::files::write_atomically(&path, &m.to_bytes())
+}

@@ -3,13 +3,14 @@
 
 use crate::error::{Error, Result};
 use crate::job::chat_vector::{ApplySpec, VectorSource, apply_recorded};
+use crate::job::sweep::{SweepReport, sweep_recorded};
 use crate::job::{Records, Summary, WriteOptions, check_written_config, write_output};
 use crate::output::card::{CARD_FILE, model_card};
 use crate::output::manifest::RecipeRecord;
 use crate::output::sidecars::{add_union_tokens, model_side_files};
 use crate::plan::merge::{MergeSpec, plan_merge};
 use crate::plan::{Input, Role};
-use crate::recipe::{MergeRecipe, Recipe, RecipeBody, VectorRef};
+use crate::recipe::{ChatVectorRecipe, MergeRecipe, Recipe, RecipeBody, VectorRef};
 use crate::resolve::open_model;
 
 /// Runs `recipe` into `out`. `seed` overrides the recipe's seed of the
@@ -17,30 +18,41 @@ use crate::resolve::open_model;
 pub fn merge(recipe: &Recipe, seed: Option<u64>, out: &WriteOptions) -> Result<Summary> {
     let record = recipe.record();
     match &recipe.body {
-        RecipeBody::ChatVector(c) => {
-            let vector = match &c.vector {
-                VectorRef::Vector(v) => VectorSource::Stored(v.clone()),
-                VectorRef::Pair { chat, pretrained } => {
-                    VectorSource::Pair { chat: chat.clone(), pretrained: pretrained.clone() }
-                }
-            };
-            let spec = ApplySpec {
-                scale: c.scale.clone(),
-                scale_for: c.scale_for.clone(),
-                include: c.include.clone(),
-                exclude: c.exclude.clone(),
-                embeddings: c.embeddings,
-                out_dtype: recipe.out_dtype,
-                keep_base_template: c.keep_base_template,
-                shard_size: recipe.shard_size,
-                allow_mismatch: recipe.allow_mismatch,
-                raw_delta: c.raw_delta,
-                ..ApplySpec::new(c.base.clone(), vector)
-            };
-            apply_recorded(&spec, out, Some(record))
-        }
+        RecipeBody::ChatVector(c) => apply_recorded(&chat_vector_spec(recipe, c), out, Some(record)),
         RecipeBody::Merge(m) => merge_method(recipe, m, seed.unwrap_or(recipe.seed), out, record),
     }
+}
+
+/// A chat_vector recipe as the `apply` it describes.
+fn chat_vector_spec(recipe: &Recipe, c: &ChatVectorRecipe) -> ApplySpec {
+    let vector = match &c.vector {
+        VectorRef::Vector(v) => VectorSource::Stored(v.clone()),
+        VectorRef::Pair { chat, pretrained } => {
+            VectorSource::Pair { chat: chat.clone(), pretrained: pretrained.clone() }
+        }
+    };
+    ApplySpec {
+        scale: c.scale.clone(),
+        scale_for: c.scale_for.clone(),
+        include: c.include.clone(),
+        exclude: c.exclude.clone(),
+        embeddings: c.embeddings,
+        out_dtype: recipe.out_dtype,
+        keep_base_template: c.keep_base_template,
+        shard_size: recipe.shard_size,
+        allow_mismatch: recipe.allow_mismatch,
+        raw_delta: c.raw_delta,
+        ..ApplySpec::new(c.base.clone(), vector)
+    }
+}
+
+/// A chat_vector recipe's `[sweep]`: its apply at each of the sweep's
+/// scales, each candidate recording the recipe.
+pub fn merge_sweep(recipe: &Recipe, out: &WriteOptions) -> Result<SweepReport> {
+    let (RecipeBody::ChatVector(c), Some(scales)) = (&recipe.body, recipe.sweep()) else {
+        return Err(Error::Usage(format!("{} has no [sweep] over a chat vector", recipe.path().display())));
+    };
+    sweep_recorded(&chat_vector_spec(recipe, c), scales, out, Some(recipe.record()))
 }
 
 fn merge_method(

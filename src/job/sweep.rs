@@ -9,9 +9,10 @@ use std::path::PathBuf;
 use serde::Serialize;
 
 use crate::error::{Error, Result};
-use crate::job::chat_vector::{ApplySpec, apply};
+use crate::job::chat_vector::{ApplySpec, apply_recorded};
 use crate::job::{Summary, WriteOptions};
 use crate::json::to_pretty;
+use crate::output::manifest::RecipeRecord;
 use crate::plan::select::Scale;
 
 /// The record of a sweep, written as `sweep.json` in its directory.
@@ -44,6 +45,16 @@ pub fn candidate_name(s: &Scale) -> String {
 /// Writes `base + scale * vector` for every scale in `scales` into
 /// `out.output/scale-S/`.
 pub fn sweep(spec: &ApplySpec, scales: &[Scale], out: &WriteOptions) -> Result<SweepReport> {
+    sweep_recorded(spec, scales, out, None)
+}
+
+/// `sweep`, each candidate's manifest recording the recipe it came from.
+pub(crate) fn sweep_recorded(
+    spec: &ApplySpec,
+    scales: &[Scale],
+    out: &WriteOptions,
+    recipe: Option<RecipeRecord>,
+) -> Result<SweepReport> {
     if scales.is_empty() {
         return Err(Error::Usage("--scales gives no candidate".into()));
     }
@@ -65,7 +76,7 @@ pub fn sweep(spec: &ApplySpec, scales: &[Scale], out: &WriteOptions) -> Result<S
         crate::ui::note(&format!("candidate {name}: scale {s}"));
         let one = ApplySpec { scale: s.clone(), ..spec.clone() };
         let opts = WriteOptions { output: root.join(&name), ..out.clone() };
-        let summary = apply(&one, &opts)?;
+        let summary = apply_recorded(&one, &opts, recipe.clone())?;
         candidates.push(Candidate { scale: s.clone(), name, summary });
     }
     let report = SweepReport { output: root.display().to_string(), candidates };

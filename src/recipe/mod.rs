@@ -31,6 +31,7 @@ use serde::Deserialize;
 use serde_json::{Map, Value};
 
 use crate::error::{Error, Result};
+use crate::eval::EvalSpec;
 use crate::hash::sha256_hex;
 use crate::json::{read_capped, toml_to_json};
 use crate::merge::methods::Method;
@@ -117,6 +118,10 @@ pub struct Recipe {
     /// The `[sft]` section (`chatvec run`), paths made relative to the
     /// recipe's directory.
     pub(crate) sft: Option<SftOptions>,
+    /// `[sweep]`: the candidate scales (`chatvec run`).
+    pub(crate) sweep: Option<Vec<Scale>>,
+    /// `[eval]`: how the candidates are scored (models left empty).
+    pub(crate) eval: Option<EvalSpec>,
 }
 
 /// The recipes shipped in `recipes/`, by name.
@@ -161,6 +166,17 @@ impl Recipe {
         self.sft.as_ref()
     }
 
+    /// Its `[sweep]` scales: the candidates `chatvec run` writes.
+    pub fn sweep(&self) -> Option<&[Scale]> {
+        self.sweep.as_deref()
+    }
+
+    /// Its `[eval]` section: how `chatvec run` scores the candidates (the
+    /// models are left for the caller to fill in).
+    pub fn eval(&self) -> Option<&EvalSpec> {
+        self.eval.as_ref()
+    }
+
     /// Writes shards of at most `bytes` data bytes, whatever the recipe
     /// says (`merge --shard-size`).
     pub fn set_shard_size(&mut self, bytes: u64) {
@@ -189,8 +205,19 @@ impl Recipe {
 
 const MERGEKIT_KEYS: &[&str] =
     &["merge_method", "base_model", "models", "parameters", "dtype", "out_dtype", "tokenizer_source"];
-const TOML_ONLY_KEYS: &[&str] =
-    &["name", "description", "seed", "shard_size", "allow_mismatch", "vector", "chat", "pretrained", "sft"];
+const TOML_ONLY_KEYS: &[&str] = &[
+    "name",
+    "description",
+    "seed",
+    "shard_size",
+    "allow_mismatch",
+    "vector",
+    "chat",
+    "pretrained",
+    "sft",
+    "sweep",
+    "eval",
+];
 /// mergekit features chatvec does not implement.
 const UNSUPPORTED: &[(&str, &str)] = &[
     ("slices", "layer slices (passthrough/frankenmerges)"),
@@ -238,6 +265,36 @@ struct RawRecipe {
     pretrained: Option<String>,
     #[serde(default)]
     sft: Option<SftOptions>,
+    #[serde(default)]
+    sweep: Option<RawSweep>,
+    #[serde(default)]
+    eval: Option<RawEval>,
+}
+
+/// `[sweep]`: the candidate scales of a chat_vector recipe.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawSweep {
+    /// Each a number or a gradient (a list of numbers).
+    scales: Vec<Value>,
+}
+
+/// `[eval]`: how `chatvec run` scores the candidates (or the merged model).
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawEval {
+    #[serde(default)]
+    data: Option<PathBuf>,
+    #[serde(default)]
+    prompts: Option<PathBuf>,
+    #[serde(default)]
+    max_new_tokens: Option<u64>,
+    #[serde(default)]
+    samples: Option<usize>,
+    #[serde(default)]
+    python: Option<PathBuf>,
+    #[serde(default)]
+    engine: Option<String>,
 }
 
 /// A `models` entry written as `{model, parameters}`.
@@ -374,6 +431,39 @@ pub(crate) fn parse_recipe(text: &str, path: &Path) -> Result<Recipe> {
         }
         _ => None,
     };
+    let dir = path.parent().unwrap_or(Path::new(""));
+    let near = |p: &PathBuf| if p.is_relative() { dir.join(p) } else { p.clone() };
+    let sweep = match &raw.sweep {
+        None => None,
+        Some(sw) => {
+            if !matches!(body, RecipeBody::ChatVector(_)) {
+                return Err(err("sweep: only for merge_method = \"chat_vector\" (it sweeps the scale)"));
+            }
+            if raw.eval.is_none() {
+                return Err(err("sweep: needs an [eval] section to choose among the candidates"));
+            }
+            if sw.scales.is_empty() {
+                return Err(err("sweep.scales: give at least one scale"));
+            }
+            let scales = sw
+                .scales
+                .iter()
+                .enumerate()
+                .map(|(i, v)| scale_rules(v, &format!("sweep.scales[{i}]")).map(|(s, _)| s))
+                .collect::<Result<Vec<_>>>()
+                .map_err(|e| err(&e.to_string()))?;
+            Some(scales)
+        }
+    };
+    let eval = raw.eval.as_ref().map(|e| EvalSpec {
+        data: e.data.as_ref().map(near),
+        prompts: e.prompts.as_ref().map(near),
+        max_new_tokens: e.max_new_tokens.unwrap_or(128),
+        samples: e.samples.unwrap_or(3),
+        python: e.python.as_ref().map(|p| if p.components().count() > 1 { near(p) } else { p.clone() }),
+        engine: e.engine.clone().unwrap_or_else(|| "auto".into()),
+        ..EvalSpec::new(Vec::new())
+    });
     Ok(Recipe {
         path: path.to_path_buf(),
         syntax,
@@ -388,6 +478,8 @@ pub(crate) fn parse_recipe(text: &str, path: &Path) -> Result<Recipe> {
         allow_mismatch: raw.allow_mismatch.unwrap_or(false),
         union,
         sft,
+        sweep,
+        eval,
     })
 }
 
@@ -771,6 +863,32 @@ mod tests {
                     }
                 }
             }
+        }
+    }
+
+    #[test]
+    fn sweep_and_eval_sections_are_checked() {
+        let cv = "merge_method = \"chat_vector\"\nbase_model = \"b\"\nchat = \"c\"\npretrained = \"p\"\n";
+        let r = parse(&format!("{cv}[sweep]\nscales = [0.5, 1.0, [0.3, 1.0]]\n[eval]\ndata = \"held.jsonl\"\nmax_new_tokens = 32\n"), "/x/r.toml").unwrap();
+        assert_eq!(
+            r.sweep().unwrap(),
+            &[Scale::Constant(0.5), Scale::Constant(1.0), Scale::Layers(vec![0.3, 1.0])]
+        );
+        let e = r.eval().unwrap();
+        assert_eq!((e.data.as_deref(), e.max_new_tokens), (Some(Path::new("/x/held.jsonl")), 32));
+        for (text, needle) in [
+            (format!("{cv}[sweep]\nscales = [1.0]\n"), "sweep: needs an [eval] section"),
+            (format!("{cv}[sweep]\nscales = []\n[eval]\n"), "sweep.scales: give at least one"),
+            (format!("{cv}[sweep]\nscales = [\"x\"]\n[eval]\n"), "sweep.scales[0]"),
+            (format!("{cv}[sweep]\nscale = [1.0]\n[eval]\n"), "sweep.scale: unknown field"),
+            (format!("{cv}[eval]\nmax_tokens = 3\n"), "eval.max_tokens: unknown field"),
+            (
+                "merge_method = \"ties\"\nmodels = [\"a/b\"]\n[sweep]\nscales = [1.0]\n[eval]\n".to_string(),
+                "sweep: only for merge_method",
+            ),
+        ] {
+            let e = parse(&text, "r.toml").unwrap_err().to_string();
+            assert!(e.contains(needle), "{needle}: {e}");
         }
     }
 
