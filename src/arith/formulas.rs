@@ -84,6 +84,64 @@ impl<'a> Segment<'a> {
     }
 }
 
+impl<'a> Segment<'a> {
+    /// The same segment with another scale (a sweep's candidate); segments
+    /// without a scale are returned as they are.
+    pub fn with_scale(self, s: f32) -> Segment<'a> {
+        match self {
+            Segment::AddDiff(b, c, p, _) => Segment::AddDiff(b, c, p, s),
+            Segment::AddScaled(b, v, _) => Segment::AddScaled(b, v, s),
+            Segment::AddLowRank { base, factors, first, .. } => {
+                Segment::AddLowRank { base, factors, first, scale: s }
+            }
+            other => other,
+        }
+    }
+
+    /// Computes the segment once per scale in `scales`, into `outs[k]`,
+    /// decoding the operands once: each output's bytes equal `compute` with
+    /// that scale (the same f32 steps in the same order).
+    pub fn compute_scales(&self, out_ty: FloatType, outs: &mut [&mut [u8]], scales: &[f32]) {
+        let os = out_ty.size();
+        let n = outs.first().map_or(0, |o| o.len() / os);
+        let (base, vector) = match *self {
+            Segment::AddDiff(b, c, p, _) => (b, Some((c, Some(p)))),
+            Segment::AddScaled(b, v, _) => (b, Some((v, None))),
+            _ => (self.operands()[0], None),
+        };
+        let Some((x, pre)) = vector else {
+            for (o, s) in outs.iter_mut().zip(scales) {
+                self.with_scale(*s).compute(out_ty, o);
+            }
+            return;
+        };
+        let (mut b, mut d, mut q, mut res) = ([0f32; BLOCK], [0f32; BLOCK], [0f32; BLOCK], [0f32; BLOCK]);
+        let mut i = 0;
+        while i < n {
+            let m = BLOCK.min(n - i);
+            let dec = |op: Operand<'_>, buf: &mut [f32]| {
+                decode(op.ty, &op.bytes[i * op.ty.size()..(i + m) * op.ty.size()], buf)
+            };
+            dec(base, &mut b[..m]);
+            dec(x, &mut d[..m]);
+            if let Some(p) = pre {
+                dec(p, &mut q[..m]);
+                for (dj, pj) in d[..m].iter_mut().zip(&q[..m]) {
+                    *dj -= *pj;
+                }
+            }
+            for (o, &s) in outs.iter_mut().zip(scales) {
+                for j in 0..m {
+                    let mj = s * d[j];
+                    res[j] = b[j] + mj;
+                }
+                encode(out_ty, &res[..m], &mut o[i * os..(i + m) * os]);
+            }
+            i += m;
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -113,6 +171,29 @@ mod tests {
         let mut s = vec![0u8; n * 2];
         Segment::AddScaled(op(bf, &b), op(FloatType::F32, &v), 0.7).compute(bf, &mut s);
         assert_eq!(a, s);
+    }
+
+    #[test]
+    fn several_scales_in_one_pass_equal_one_compute_each() {
+        let n = 2500;
+        let mk = |k: f32| bf16_bytes(&(0..n).map(|i| (i as f32 * k).sin()).collect::<Vec<_>>());
+        let (b, c, p) = (mk(0.37), mk(0.11), mk(0.05));
+        let bf = FloatType::BF16;
+        let scales = [0.5f32, 1.0, -0.25];
+        for seg in [
+            Segment::AddDiff(op(bf, &b), op(bf, &c), op(bf, &p), 0.0),
+            Segment::AddScaled(op(bf, &b), op(bf, &c), 0.0),
+            Segment::Convert(op(bf, &b)),
+        ] {
+            let mut bufs = vec![vec![0u8; n * 2]; 3];
+            let mut outs: Vec<&mut [u8]> = bufs.iter_mut().map(|v| v.as_mut_slice()).collect();
+            seg.compute_scales(bf, &mut outs, &scales);
+            for (k, s) in scales.iter().enumerate() {
+                let mut one = vec![0u8; n * 2];
+                seg.with_scale(*s).compute(bf, &mut one);
+                assert_eq!(bufs[k], one, "scale {s}");
+            }
+        }
     }
 
     #[test]

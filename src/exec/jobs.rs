@@ -38,7 +38,16 @@ pub(crate) enum Piece<'a> {
     Owned(Vec<u8>),
 }
 
-impl Piece<'_> {
+impl<'a> Piece<'a> {
+    /// A borrowed piece again (a header or copy shared by several outputs);
+    /// an owned one's bytes are copied.
+    pub fn borrowed(&self) -> Piece<'a> {
+        match self {
+            Piece::Borrowed(b) => Piece::Borrowed(b),
+            Piece::Owned(v) => Piece::Owned(v.clone()),
+        }
+    }
+
     pub fn bytes(&self) -> &[u8] {
         match self {
             Piece::Borrowed(b) => b,
@@ -102,6 +111,60 @@ pub(crate) fn run<'a>(plan: &'a Plan, stats: &StatsMap, job: &Job, mut buf: Vec<
             Ok(Piece::Owned(buf))
         }
     }
+}
+
+/// Per output tensor, the scale a sweep's candidate uses instead of the
+/// plan's (`None`: the plan's).
+pub(crate) type ScaleOverride = Vec<Option<f32>>;
+
+/// Runs `job` once per variant (a sweep's candidates), one piece each: the
+/// operands of an arithmetic job are decoded once for all of them; other
+/// jobs are the same for every variant. Each piece equals what `run` gives
+/// on the plan with that variant's scales.
+pub(crate) fn run_many<'a>(
+    plan: &'a Plan,
+    stats: &StatsMap,
+    job: &Job,
+    mut bufs: Vec<Vec<u8>>,
+    variants: &[Option<&ScaleOverride>],
+) -> Result<Vec<Piece<'a>>> {
+    let n = variants.len();
+    let Job::Compute { tensor, elems } = job else {
+        let one = run(plan, stats, job, Vec::new())?;
+        return Ok((0..n).map(|_| one.borrowed()).collect());
+    };
+    let t = &plan.tensors[*tensor];
+    let Op::Arith { formula, .. } = &t.op else {
+        // No scale: computed once, the same bytes for every variant.
+        let one = run(plan, stats, job, bufs.pop().unwrap_or_default())?;
+        let bytes = one.bytes().to_vec();
+        let mut out = vec![one];
+        for mut b in bufs.into_iter().take(n - 1) {
+            b.clear();
+            b.extend_from_slice(&bytes);
+            out.push(Piece::Owned(b));
+        }
+        return Ok(out);
+    };
+    let own = formula.scale().unwrap_or(1.0);
+    let scales: Vec<f32> =
+        variants.iter().map(|v| v.and_then(|o| o.get(*tensor).copied().flatten()).unwrap_or(own)).collect();
+    let out_ty = float_out(t)?;
+    let len = (elems.end - elems.start) as usize * out_ty.size();
+    bufs.resize_with(n, Vec::new);
+    for b in &mut bufs {
+        b.clear();
+        b.resize(len, 0);
+    }
+    let at = |p: u64| ((p - elems.start) as usize) * out_ty.size();
+    for (r, seg) in plan.segments(&t.op, elems) {
+        let mut outs: Vec<&mut [u8]> = bufs.iter_mut().map(|b| &mut b[at(r.start)..at(r.end)]).collect();
+        seg.compute_scales(out_ty, &mut outs, &scales);
+    }
+    for b in &bufs {
+        check_finite(plan, t, b)?;
+    }
+    Ok(bufs.into_iter().map(Piece::Owned).collect())
 }
 
 /// Whether any value of the little-endian `bytes` of `ty` is NaN or

@@ -30,7 +30,7 @@ use crate::output::files::{SyncedFile, WrittenFile};
 use crate::plan::Plan;
 use hash_cache::HashCache;
 use input_hash::{Touch, hash_following};
-use jobs::{Job, Piece, StatsMap};
+use jobs::{Job, Piece, ScaleOverride, StatsMap};
 
 pub(crate) mod hash_cache;
 pub(crate) mod input_hash;
@@ -81,19 +81,22 @@ enum Engine<'a> {
 
 impl Engine<'_> {
     /// Computes the statistics `group` needs, then runs its jobs; returns
-    /// each job's piece with its index in the whole job list.
+    /// each job's pieces (one per variant) with its index in the whole job
+    /// list.
     fn run_batch<'p>(
         &self,
         plan: &'p Plan,
         stats: &mut StatsMap,
         group: &[Job],
         first: usize,
-        bufs: Vec<Vec<u8>>,
-    ) -> Result<Vec<(usize, Piece<'p>)>> {
-        let pieces = match self {
+        bufs: Vec<Vec<Vec<u8>>>,
+        variants: &[Option<&ScaleOverride>],
+    ) -> Result<Vec<(usize, Vec<Piece<'p>>)>> {
+        let pieces: Vec<Vec<Piece>> = match self {
             Engine::Gpu(g) => {
                 jobs::prepare_stats(plan, group, stats, Some(g))?;
-                jobs::run_on_gpu(g, plan, stats, group, bufs)?
+                let flat = bufs.into_iter().map(|mut b| b.pop().unwrap_or_default()).collect();
+                jobs::run_on_gpu(g, plan, stats, group, flat)?.into_iter().map(|p| vec![p]).collect()
             }
             Engine::Cpu(pool) => pool.install(|| {
                 jobs::prepare_stats(plan, group, stats, None)?;
@@ -101,7 +104,7 @@ impl Engine<'_> {
                 group
                     .par_iter()
                     .zip(bufs)
-                    .map(|(job, buf)| jobs::run(plan, stats, job, buf))
+                    .map(|(job, buf)| jobs::run_many(plan, stats, job, buf, variants))
                     .collect::<Result<Vec<_>>>()
             })?,
         };
@@ -109,8 +112,21 @@ impl Engine<'_> {
     }
 }
 
-/// Writes the shards of `plan` into `dir` and hashes the inputs.
-pub(crate) fn execute(plan: &Plan, dir: &Path, opts: &ExecOptions) -> Result<ExecResult> {
+/// Writes the shards of `plan` once per variant (a sweep's candidates:
+/// per-tensor scales instead of the plan's, `None` for the plan's own) into
+/// `dirs[k]`, reading and decoding every input once for all of them, and
+/// hashes the inputs. Variant `k`'s bytes equal `execute` on the plan with
+/// its scales.
+pub(crate) fn execute_many(
+    plan: &Plan,
+    variants: &[Option<&ScaleOverride>],
+    dirs: &[&Path],
+    opts: &ExecOptions,
+) -> Result<Vec<ExecResult>> {
+    let n = variants.len().max(1);
+    if dirs.len() != n {
+        return Err(Error::Internal(format!("{n} variants for {} directories", dirs.len())));
+    }
     let threads = opts.threads.max(1);
     let pool = rayon::ThreadPoolBuilder::new()
         .num_threads(threads)
@@ -118,7 +134,17 @@ pub(crate) fn execute(plan: &Plan, dir: &Path, opts: &ExecOptions) -> Result<Exe
         .map_err(|e| Error::Internal(format!("starting {threads} threads: {e}")))?;
     // LoRA merges (a rank-r product per element) have no kernel yet: they
     // run on the CPU, which keeps up with the disk at ranks users train.
-    let gpu = if plan.has_low_rank() {
+    let gpu = if n > 1 {
+        // The GPU engine computes one output per job.
+        if let DeviceChoice::Cuda(_) = opts.device {
+            return Err(Error::Usage(
+                "a sweep writes its candidates from one pass on the CPU; --device cuda cannot be used".into(),
+            )
+            .with_hint("leave out --device, or pass --device cpu"));
+        }
+        crate::ui::note("device: cpu (a sweep computes its candidates in one pass on the CPU)");
+        None
+    } else if plan.has_low_rank() {
         if let DeviceChoice::Cuda(_) = opts.device {
             return Err(Error::Usage(
                 "a LoRA merge runs on the CPU (no CUDA kernel for low-rank updates yet); --device cuda cannot be used"
@@ -138,10 +164,11 @@ pub(crate) fn execute(plan: &Plan, dir: &Path, opts: &ExecOptions) -> Result<Exe
             let requested = (opts.chunk_elems / STAT_BLOCK).max(1) * STAT_BLOCK;
             (Engine::Gpu(g), 2 * cuda::SLOTS, g.chunk_elems(jobs::max_models(plan)).min(requested))
         }
-        None => (Engine::Cpu(&pool), threads * 2, chunk_elems(opts.chunk_elems, threads * 2)),
+        // Each job holds one buffer per variant.
+        None => (Engine::Cpu(&pool), threads * 2, chunk_elems(opts.chunk_elems, threads * 2 * n)),
     };
     let jobs = jobs::cut(plan, chunk);
-    let bar = crate::ui::bytes_bar("writing", plan.output_bytes());
+    let bar = crate::ui::bytes_bar("writing", plan.output_bytes() * n as u64);
 
     let stop = AtomicBool::new(false);
     std::thread::scope(|s| {
@@ -155,18 +182,21 @@ pub(crate) fn execute(plan: &Plan, dir: &Path, opts: &ExecOptions) -> Result<Exe
             let stop = &stop;
             hashers.push(s.spawn(move || hash_following(&input.ckpt, &opts.hash_cache, trx, stop)));
         }
-        let (tx, rx) = sync_channel::<Vec<(usize, Piece)>>(1);
+        let (tx, rx) = sync_channel::<Batch>(1);
         let (free_tx, free_rx) = channel::<Vec<u8>>();
-        let (htx, hrx) = sync_channel::<Vec<(usize, Piece)>>(1);
-        let writer = s.spawn(|| write_pieces(plan, dir, &jobs, rx, htx, &bar));
-        let out_hasher = s.spawn(|| hash_pieces(&jobs, hrx, free_tx));
+        let (htx, hrx) = sync_channel::<Batch>(1);
+        let writer = s.spawn(|| write_pieces(plan, dirs, &jobs, rx, htx, &bar));
+        let out_hasher = s.spawn(|| hash_pieces(&jobs, n, hrx, free_tx));
         let mut outcome = Ok(());
         let mut stats = StatsMap::new();
         for (bi, group) in jobs.chunks(batch).enumerate() {
-            let bufs: Vec<Vec<u8>> = group.iter().map(|_| free_rx.try_recv().unwrap_or_default()).collect();
+            let bufs: Vec<Vec<Vec<u8>>> = group
+                .iter()
+                .map(|_| (0..n).map(|_| free_rx.try_recv().unwrap_or_default()).collect())
+                .collect();
             let pieces = interrupt::check()
                 .and_then(|()| inputs_intact(plan))
-                .and_then(|()| engine.run_batch(plan, &mut stats, group, bi * batch, bufs));
+                .and_then(|()| engine.run_batch(plan, &mut stats, group, bi * batch, bufs, variants));
             match pieces {
                 Ok(p) => {
                     if tx.send(p).is_err() {
@@ -196,82 +226,104 @@ pub(crate) fn execute(plan: &Plan, dir: &Path, opts: &ExecOptions) -> Result<Exe
             .map(|h| h.join().unwrap_or_else(|_| Err(Error::Internal("hash thread panicked".into()))))
             .collect();
         outcome?;
-        let shards = written??
-            .into_iter()
-            .zip(out_hashes)
-            .map(|((file, bytes), sha256)| WrittenFile { file, bytes, sha256 })
-            .collect();
+        let written = written??;
         interrupt::check()?;
         // Every byte was read and hashed: a truncated input shows now.
         inputs_intact(plan)?;
         bar.finish_and_clear();
-        Ok(ExecResult { shards, inputs: hashes.into_iter().collect::<Result<_>>()? })
+        let inputs: Vec<Vec<WrittenFile>> = hashes.into_iter().collect::<Result<_>>()?;
+        Ok(written
+            .into_iter()
+            .zip(out_hashes)
+            .map(|(files, sums)| ExecResult {
+                shards: files
+                    .into_iter()
+                    .zip(sums)
+                    .map(|((file, bytes), sha256)| WrittenFile { file, bytes, sha256 })
+                    .collect(),
+                inputs: inputs.clone(),
+            })
+            .collect())
     })
 }
+
+/// A batch of jobs' pieces, one per variant, by job index.
+type Batch<'a> = Vec<(usize, Vec<Piece<'a>>)>;
 
 /// Fails if an input shard was truncated while mapped (see `model::mapped`).
 fn inputs_intact(plan: &Plan) -> Result<()> {
     plan.inputs.iter().try_for_each(|i| i.ckpt.check_intact())
 }
 
-/// The writer thread: appends pieces in job order, switching shard files at
-/// each header, then passes each batch on to the output hasher. Returns each
-/// shard's file name and size.
+/// The writer thread: appends each variant's pieces in job order to its
+/// own directory, switching shard files at each header, then passes each
+/// batch on to the output hasher. Returns, per variant, each shard's file
+/// name and size.
 fn write_pieces<'a>(
     plan: &Plan,
-    dir: &Path,
+    dirs: &[&Path],
     jobs: &[Job],
-    rx: Receiver<Vec<(usize, Piece<'a>)>>,
-    to_hasher: SyncSender<Vec<(usize, Piece<'a>)>>,
+    rx: Receiver<Batch<'a>>,
+    to_hasher: SyncSender<Batch<'a>>,
     bar: &ProgressBar,
-) -> Result<Vec<(String, u64)>> {
-    let mut done = Vec::with_capacity(plan.shards.len());
-    let mut current: Option<SyncedFile> = None;
-    for pieces in rx {
-        for (ji, piece) in &pieces {
+) -> Result<Vec<Vec<(String, u64)>>> {
+    let mut done: Vec<Vec<(String, u64)>> = dirs.iter().map(|_| Vec::with_capacity(plan.shards.len())).collect();
+    let mut current: Vec<Option<SyncedFile>> = dirs.iter().map(|_| None).collect();
+    for batch in rx {
+        for (ji, pieces) in &batch {
             if let Job::Header(si) = jobs[*ji] {
-                if let Some(f) = current.take() {
-                    done.push(f.finish()?);
+                for (k, dir) in dirs.iter().enumerate() {
+                    if let Some(f) = current[k].take() {
+                        done[k].push(f.finish()?);
+                    }
+                    current[k] = Some(SyncedFile::create(&dir.join(&plan.shards[si].file_name))?);
                 }
-                current = Some(SyncedFile::create(&dir.join(&plan.shards[si].file_name))?);
             }
-            let Some(f) = current.as_mut() else {
-                return Err(Error::Internal("a shard's bytes came before its header".into()));
-            };
-            f.write(piece.bytes())?;
-            bar.inc(piece.bytes().len() as u64);
+            for (f, piece) in current.iter_mut().zip(pieces) {
+                let Some(f) = f.as_mut() else {
+                    return Err(Error::Internal("a shard's bytes came before its header".into()));
+                };
+                f.write(piece.bytes())?;
+                bar.inc(piece.bytes().len() as u64);
+            }
         }
-        if to_hasher.send(pieces).is_err() {
+        if to_hasher.send(batch).is_err() {
             break;
         }
     }
-    if let Some(f) = current.take() {
-        done.push(f.finish()?);
+    for (k, f) in current.into_iter().enumerate() {
+        if let Some(f) = f {
+            done[k].push(f.finish()?);
+        }
     }
     // Fewer shards than planned means the producer stopped early; the caller
     // reports why.
     Ok(done)
 }
 
-/// The output hasher: sha256 of each shard from the pieces the writer has
-/// written (in a thread of its own, so hashing overlaps writing), then the
-/// buffers go back for reuse.
-fn hash_pieces(jobs: &[Job], rx: Receiver<Vec<(usize, Piece)>>, free: Sender<Vec<u8>>) -> Vec<String> {
-    let mut done = Vec::new();
-    let mut current: Option<Sha256> = None;
-    for pieces in rx {
-        for (ji, piece) in pieces {
-            if matches!(jobs[ji], Job::Header(_))
-                && let Some(h) = current.replace(Sha256::new())
-            {
-                done.push(hex(&h.finalize()));
-            }
-            current.get_or_insert_with(Sha256::new).update(piece.bytes());
-            if let Piece::Owned(v) = piece {
-                let _ = free.send(v);
+/// The output hasher: sha256 of each variant's shards from the pieces the
+/// writer has written (in a thread of its own, so hashing overlaps
+/// writing), then the buffers go back for reuse.
+fn hash_pieces(jobs: &[Job], n: usize, rx: Receiver<Batch>, free: Sender<Vec<u8>>) -> Vec<Vec<String>> {
+    let mut done: Vec<Vec<String>> = vec![Vec::new(); n];
+    let mut current: Vec<Option<Sha256>> = vec![None; n];
+    for batch in rx {
+        for (ji, pieces) in batch {
+            let header = matches!(jobs[ji], Job::Header(_));
+            for (k, piece) in pieces.into_iter().enumerate().take(n) {
+                if header && let Some(h) = current[k].replace(Sha256::new()) {
+                    done[k].push(hex(&h.finalize()));
+                }
+                current[k].get_or_insert_with(Sha256::new).update(piece.bytes());
+                if let Piece::Owned(v) = piece {
+                    let _ = free.send(v);
+                }
             }
         }
     }
-    done.extend(current.map(|h| hex(&h.finalize())));
+    for (k, h) in current.into_iter().enumerate() {
+        done[k].extend(h.map(|h| hex(&h.finalize())));
+    }
     done
 }
+

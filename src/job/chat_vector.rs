@@ -2,7 +2,7 @@
 //! a checkpoint or added, scaled, to a base model.
 
 use crate::error::{Error, Result};
-use crate::job::{Records, Summary, WriteOptions, check_written_config, set_labels, write_output};
+use crate::job::{Records, Summary, Variant, WriteOptions, check_written_config, set_labels, write_output, write_outputs};
 use crate::model::checkpoint::Checkpoint;
 use crate::model::dtype::FloatType;
 use crate::output::card::{CARD_FILE, model_card};
@@ -11,6 +11,7 @@ use crate::output::manifest::{
 };
 use crate::output::sidecars::{ChatSide, model_side_files, read_side_files};
 use crate::plan::chat_vector::{ApplyOptions, Common, VectorSide, plan_apply, plan_extract};
+use crate::plan::checks::layers_of;
 use crate::plan::checks::delta_ratio;
 use crate::plan::lora::plan_lora;
 use crate::plan::select::{Scale, Selection, Spelling};
@@ -178,6 +179,18 @@ fn tensor_scales(plan: &Plan) -> serde_json::Value {
     serde_json::Value::Object(m)
 }
 
+/// `tensor_scales` for a candidate: its per-tensor scales, by name.
+fn scales_json(plan: &Plan, scales: &[Option<f32>]) -> serde_json::Value {
+    let mut m = serde_json::Map::new();
+    for (t, s) in plan.tensors.iter().zip(scales) {
+        if let Some(s) = s {
+            let v = serde_json::from_str(&serde_json::to_string(s).unwrap_or_default()).unwrap_or_default();
+            m.insert(t.name.clone(), v);
+        }
+    }
+    serde_json::Value::Object(m)
+}
+
 /// Writes the chat vector `chat - pretrained` as a checkpoint, with the
 /// chat model's config, tokenizer and template beside it.
 pub fn extract(spec: &ExtractSpec, out: &WriteOptions) -> Result<Summary> {
@@ -309,6 +322,21 @@ pub(crate) fn apply_recorded(
     out: &WriteOptions,
     recipe: Option<RecipeRecord>,
 ) -> Result<Summary> {
+    if let VectorSource::Lora(adapter) = &spec.vector {
+        return apply_lora(spec, adapter, out, recipe);
+    }
+    let mut all = apply_many(spec, &[(spec.scale.clone(), out.clone())], recipe)?;
+    all.pop().ok_or_else(|| Error::Internal("no output was written".into()))
+}
+
+/// `apply` at several scales from one read of the inputs (a sweep): one
+/// complete output per `(scale, where)`, each byte-identical to a plain
+/// `apply` with that scale, each with its own manifest and model card.
+pub(crate) fn apply_many(
+    spec: &ApplySpec,
+    outs: &[(Scale, WriteOptions)],
+    recipe: Option<RecipeRecord>,
+) -> Result<Vec<Summary>> {
     let mut early_notes = Vec::new();
     let (chat, pretrained) = match &spec.vector {
         VectorSource::Stored(v) => match vector_alias(v)? {
@@ -319,7 +347,9 @@ pub(crate) fn apply_recorded(
             None => (None, None),
         },
         VectorSource::Pair { chat, pretrained } => (Some(chat.clone()), Some(pretrained.clone())),
-        VectorSource::Lora(adapter) => return apply_lora(spec, adapter, out, recipe),
+        VectorSource::Lora(_) => {
+            return Err(Error::Usage("a LoRA adapter is merged at one scale at a time".into()));
+        }
     };
     let common = spec.common(if recipe.is_some() { Spelling::Recipe } else { Spelling::Cli })?;
     let base_ck = open_model(&spec.base)?;
@@ -350,29 +380,52 @@ pub(crate) fn apply_recorded(
             )
         }
     };
-    early_warnings.extend(scale_warnings(spec));
+    for (s, _) in outs {
+        early_warnings.extend(scale_warnings(&ApplySpec { scale: s.clone(), ..spec.clone() }));
+    }
+    early_warnings.dedup();
+    let spelling = if recipe.is_some() { Spelling::Recipe } else { Spelling::Cli };
     let opts = ApplyOptions { common, embeddings: spec.embeddings, out_dtype: spec.out_dtype };
     let mut plan = plan_apply(base_ck, side, &opts)?;
     plan.warnings.splice(0..0, early_warnings);
     let labels: Vec<&str> = labels.iter().map(String::as_str).collect();
     set_labels(&mut plan, &labels);
-    let chat_side = ChatSide { dir: &chat_dir, keep_base_template: spec.keep_base_template };
-    let mut side = model_side_files(&base_dir, Some(chat_side), spec.out_dtype)?;
-    side.notes.splice(0..0, early_notes);
-    check_written_config(&mut plan, &side, spec.allow_mismatch)?;
-    let how = format!("chat vector (scale {})", spec.scale);
-    side.add(CARD_FILE, model_card(&plan, &how, recipe.as_ref())?);
+    let chat_side = || ChatSide { dir: &chat_dir, keep_base_template: spec.keep_base_template };
+    let first_side = model_side_files(&base_dir, Some(chat_side()), spec.out_dtype)?;
+    check_written_config(&mut plan, &first_side, spec.allow_mismatch)?;
+    let layers = layers_of(plan.inputs[0].ckpt.tensors.iter().map(|t| t.name.as_str()));
+    let mut variants = Vec::with_capacity(outs.len());
+    for (scale, out) in outs {
+        let one = ApplySpec { scale: scale.clone(), ..spec.clone() };
+        // Each tensor's scale for this candidate, as its own plan would
+        // have it.
+        let mut sel = one.common(spelling)?.selection;
+        sel.set_layers(layers);
+        let scales: Vec<Option<f32>> = plan
+            .tensors
+            .iter()
+            .map(|t| match &t.op {
+                Op::Arith { formula, .. } if formula.scale().is_some() => Some(sel.scale(&t.name)),
+                _ => None,
+            })
+            .collect();
+        let mut side = model_side_files(&base_dir, Some(chat_side()), spec.out_dtype)?;
+        side.notes.splice(0..0, early_notes.clone());
+        let how = format!("chat vector (scale {scale})");
+        side.add(CARD_FILE, model_card(&plan, &how, recipe.as_ref())?);
+        let mut params = to_value(&one.parameters())?;
+        params["tensor_scales"] = scales_json(&plan, &scales);
+        let rec = Records { kind: "apply", params, recipe: recipe.clone(), vector: None };
+        variants.push(Variant { rec, out: out.clone(), side, scales: Some(scales) });
+    }
     // The manifest says what ran (apply); the summary says what was asked
     // for (a merge, when from a recipe).
     let from_recipe = recipe.is_some();
-    let mut params = to_value(&spec.parameters())?;
-    params["tensor_scales"] = tensor_scales(&plan);
-    let rec = Records { kind: "apply", params, recipe, vector: None };
-    let mut summary = write_output(plan, rec, out, side)?;
+    let mut summaries = write_outputs(plan, variants)?;
     if from_recipe {
-        summary.kind = "merge";
+        summaries.iter_mut().for_each(|s| s.kind = "merge");
     }
-    Ok(summary)
+    Ok(summaries)
 }
 
 /// `apply --lora`: the adapter merged into the base with the streaming

@@ -30,7 +30,7 @@ use serde::Serialize;
 use crate::cuda::DeviceChoice;
 use crate::error::Result;
 use crate::exec::hash_cache::HashCache;
-use crate::exec::{DEFAULT_CHUNK_ELEMS, ExecOptions, execute};
+use crate::exec::{DEFAULT_CHUNK_ELEMS, ExecOptions, execute_many};
 use crate::json::to_pretty;
 use crate::model::checkpoint::INDEX_FILE;
 use crate::output::dir::OutputDir;
@@ -159,30 +159,56 @@ pub(crate) struct Records {
 /// Executes `plan` into a fresh output directory, with the prepared side
 /// files and manifest records, and commits it.
 pub(crate) fn write_output(plan: Plan, rec: Records, out: &WriteOptions, side: SideFiles) -> Result<Summary> {
+    let mut all = write_outputs(plan, vec![Variant { rec, out: out.clone(), side, scales: None }])?;
+    all.pop().ok_or_else(|| crate::error::Error::Internal("no output was written".into()))
+}
+
+/// One output of a plan: where it goes, its records and side files, and
+/// per tensor the scale it uses instead of the plan's (`None`: the plan's).
+pub(crate) struct Variant {
+    pub rec: Records,
+    pub out: WriteOptions,
+    pub side: SideFiles,
+    pub scales: Option<Vec<Option<f32>>>,
+}
+
+/// Executes `plan` once for all `variants` (the inputs read once), each
+/// into its own fresh output directory with its side files and manifest,
+/// and commits each. A failure commits none.
+pub(crate) fn write_outputs(plan: Plan, variants: Vec<Variant>) -> Result<Vec<Summary>> {
     let computed = plan.tensors.iter().filter(|t| !matches!(t.op, Op::Copy(_))).count();
-    let mut summary = Summary {
-        kind: rec.kind,
-        output: None,
-        dry_run: out.dry_run,
-        tensors: plan.tensors.len(),
-        computed_tensors: computed,
-        bytes: plan.output_bytes(),
-        seconds: 0.0,
-        shards: Vec::new(),
-        embeddings: plan.embeddings.clone(),
-        notes: side.notes.clone(),
-        warnings: plan.warnings.iter().chain(&side.warnings).cloned().collect(),
-        plan_text: None,
-    };
-    for e in &plan.embeddings {
-        summary.notes.push(format!(
-            "{}: {} of {} rows got the vector ({})",
-            e.tensor, e.rows_with_vector, e.rows, e.policy
-        ));
-    }
-    if out.dry_run {
-        summary.plan_text = Some(plan.describe());
-        return Ok(summary);
+    let mut summaries: Vec<Summary> = variants
+        .iter()
+        .map(|v| {
+            let mut summary = Summary {
+                kind: v.rec.kind,
+                output: None,
+                dry_run: v.out.dry_run,
+                tensors: plan.tensors.len(),
+                computed_tensors: computed,
+                bytes: plan.output_bytes(),
+                seconds: 0.0,
+                shards: Vec::new(),
+                embeddings: plan.embeddings.clone(),
+                notes: v.side.notes.clone(),
+                warnings: plan.warnings.iter().chain(&v.side.warnings).cloned().collect(),
+                plan_text: None,
+            };
+            for e in &plan.embeddings {
+                summary.notes.push(format!(
+                    "{}: {} of {} rows got the vector ({})",
+                    e.tensor, e.rows_with_vector, e.rows, e.policy
+                ));
+            }
+            summary
+        })
+        .collect();
+    let Some(first) = variants.first() else { return Ok(summaries) };
+    if first.out.dry_run {
+        for s in &mut summaries {
+            s.plan_text = Some(plan.describe());
+        }
+        return Ok(summaries);
     }
     let start = Instant::now();
     // Every directory and weight file read, so that no -o (an HF cache's
@@ -192,41 +218,57 @@ pub(crate) fn write_output(plan: Plan, rec: Records, out: &WriteOptions, side: S
         .iter()
         .flat_map(|i| std::iter::once(i.ckpt.dir.clone()).chain(i.ckpt.shards.iter().map(|s| s.path.clone())))
         .collect();
-    let dir = OutputDir::create(&out.output, &read, out.force, plan.output_bytes() + SIDE_FILE_RESERVE)?;
-    let res = execute(&plan, dir.path(), &out.exec())?;
+    // The first directory's check asks for room for every output.
+    let n = variants.len() as u64;
+    let dirs: Vec<OutputDir> = variants
+        .iter()
+        .enumerate()
+        .map(|(k, v)| {
+            let need = (n - k as u64) * (plan.output_bytes() + SIDE_FILE_RESERVE);
+            OutputDir::create(&v.out.output, &read, v.out.force, need)
+        })
+        .collect::<Result<_>>()?;
+    let paths: Vec<&std::path::Path> = dirs.iter().map(|d| d.path()).collect();
+    let overrides: Vec<Option<&Vec<Option<f32>>>> = variants.iter().map(|v| v.scales.as_ref()).collect();
+    let results = execute_many(&plan, &overrides, &paths, &first.out.exec())?;
     // Copies of one model under two names give a zero vector: only the
     // hashes tell, and they are known now.
     let role_hashes = |role: Role| {
         plan.inputs
             .iter()
-            .zip(&res.inputs)
+            .zip(&results[0].inputs)
             .find(|(i, _)| i.role == role)
             .map(|(_, files)| files.iter().map(|f| f.sha256.as_str()).collect::<Vec<_>>())
     };
-    if let (Some(c), Some(p)) = (role_hashes(Role::Chat), role_hashes(Role::Pretrained))
-        && c == p
-    {
-        summary.warnings.push(
-            "the chat and pretrained models are the same bytes: the vector is zero, and the weights equal the base's"
-                .into(),
-        );
+    let same_pair = matches!((role_hashes(Role::Chat), role_hashes(Role::Pretrained)), (Some(c), Some(p)) if c == p);
+    let mut committed = Vec::new();
+    for (((v, dir), res), summary) in variants.into_iter().zip(dirs).zip(results).zip(&mut summaries) {
+        if same_pair {
+            summary.warnings.push(
+                "the chat and pretrained models are the same bytes: the vector is zero, and the weights equal the base's"
+                    .into(),
+            );
+        }
+        let mut outputs = res.shards.clone();
+        if plan.shards.len() > 1 {
+            outputs.push(write_file(dir.path(), INDEX_FILE, &index_json(&plan))?);
+        }
+        let mut manifest = Manifest::new(v.rec.kind, &plan, res.inputs, v.rec.params);
+        manifest.recipe = v.rec.recipe;
+        manifest.vector = v.rec.vector;
+        manifest.notes = summary.notes.clone();
+        manifest.files = v.side.write(dir.path())?;
+        manifest.outputs = outputs;
+        write_file(dir.path(), MANIFEST_FILE, &to_pretty(&manifest))?;
+        committed.push((dir, res.shards));
     }
-    let mut outputs = res.shards.clone();
-    if plan.shards.len() > 1 {
-        outputs.push(write_file(dir.path(), INDEX_FILE, &index_json(&plan))?);
+    for ((dir, shards), summary) in committed.into_iter().zip(&mut summaries) {
+        let target = dir.commit()?;
+        summary.output = Some(target.display().to_string());
+        summary.shards = shards;
+        summary.seconds = start.elapsed().as_secs_f64();
     }
-    let mut manifest = Manifest::new(rec.kind, &plan, res.inputs, rec.params);
-    manifest.recipe = rec.recipe;
-    manifest.vector = rec.vector;
-    manifest.notes = summary.notes.clone();
-    manifest.files = side.write(dir.path())?;
-    manifest.outputs = outputs;
-    write_file(dir.path(), MANIFEST_FILE, &to_pretty(&manifest))?;
-    let target = dir.commit()?;
-    summary.output = Some(target.display().to_string());
-    summary.shards = res.shards;
-    summary.seconds = start.elapsed().as_secs_f64();
-    Ok(summary)
+    Ok(summaries)
 }
 
 /// `model.safetensors.index.json` as transformers writes it: total tensor

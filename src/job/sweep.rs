@@ -1,15 +1,15 @@
-//! `chatvec sweep`: one `apply` per candidate scale, each a complete model
-//! directory with its own manifest under one parent, byte-identical to a
-//! plain `apply` with that scale (it is one). The first candidate hashes
-//! the inputs into the hash cache, so the others only read them, from the
-//! page cache when the inputs fit in memory.
+//! `chatvec sweep`: `apply` at several scales from one read of the inputs:
+//! every input chunk is decoded once and each candidate's output computed
+//! from it (`exec::execute_many`), each a complete model directory with its
+//! own manifest under one parent, byte-identical to a plain `apply` with
+//! that scale.
 
 use std::path::PathBuf;
 
 use serde::Serialize;
 
 use crate::error::{Error, Result};
-use crate::job::chat_vector::{ApplySpec, apply_recorded};
+use crate::job::chat_vector::{ApplySpec, apply_many};
 use crate::job::{Summary, WriteOptions};
 use crate::json::to_pretty;
 use crate::output::manifest::RecipeRecord;
@@ -67,18 +67,30 @@ pub(crate) fn sweep_recorded(
     if root.exists() && !out.force && !out.dry_run {
         return Err(Error::OutputExists(root));
     }
+    let created = !root.exists() && !out.dry_run;
     if !out.dry_run {
         std::fs::create_dir_all(&root).map_err(|e| Error::io("creating", &root, e))?;
     }
-    let mut candidates = Vec::new();
-    for s in scales {
-        let name = candidate_name(s);
-        crate::ui::note(&format!("candidate {name}: scale {s}"));
-        let one = ApplySpec { scale: s.clone(), ..spec.clone() };
-        let opts = WriteOptions { output: root.join(&name), ..out.clone() };
-        let summary = apply_recorded(&one, &opts, recipe.clone())?;
-        candidates.push(Candidate { scale: s.clone(), name, summary });
-    }
+    let outs: Vec<(Scale, WriteOptions)> = scales
+        .iter()
+        .map(|s| (s.clone(), WriteOptions { output: root.join(candidate_name(s)), ..out.clone() }))
+        .collect();
+    // One read of the inputs for every candidate.
+    let summaries = match apply_many(spec, &outs, recipe) {
+        Ok(s) => s,
+        Err(e) => {
+            if created {
+                // Nothing was committed: leave no empty sweep behind.
+                let _ = std::fs::remove_dir(&root);
+            }
+            return Err(e);
+        }
+    };
+    let candidates = scales
+        .iter()
+        .zip(summaries)
+        .map(|(s, summary)| Candidate { scale: s.clone(), name: candidate_name(s), summary })
+        .collect();
     let report = SweepReport { output: root.display().to_string(), candidates };
     if !out.dry_run {
         let path = root.join("sweep.json");

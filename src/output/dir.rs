@@ -100,6 +100,23 @@ fn leftovers(parent: &Path) -> Vec<(PathBuf, u32)> {
         .collect()
 }
 
+/// Temporary directories this process is writing now (a sweep holds one
+/// per candidate): never a killed run's leftovers, whatever their pid says.
+static LIVE: std::sync::Mutex<Vec<PathBuf>> = std::sync::Mutex::new(Vec::new());
+
+fn live(path: &Path) -> bool {
+    LIVE.lock().map(|l| l.iter().any(|p| p == path)).unwrap_or(false)
+}
+
+fn set_live(path: &Path, on: bool) {
+    if let Ok(mut l) = LIVE.lock() {
+        l.retain(|p| p != path);
+        if on {
+            l.push(path.to_path_buf());
+        }
+    }
+}
+
 /// Removes the leftovers in `parent` of chatvec runs that were killed
 /// (their process is gone), saying what went and how much; returns what is
 /// left of running ones, for the free-space message.
@@ -107,7 +124,7 @@ fn clear_leftovers(parent: &Path) -> Vec<(PathBuf, u64)> {
     let mut running = Vec::new();
     for (path, pid) in leftovers(parent) {
         let bytes = tree_bytes(&path);
-        if pid != std::process::id() && alive(pid) {
+        if live(&path) || (pid != std::process::id() && alive(pid)) {
             running.push((path, bytes));
             continue;
         }
@@ -180,6 +197,7 @@ impl OutputDir {
         }
         let tmp = parent.join(format!(".{name}.chatvec-tmp-{}", std::process::id()));
         fs::create_dir(&tmp).map_err(|e| Error::io("creating", &tmp, e))?;
+        set_live(&tmp, true);
         Ok(OutputDir { parent, name, target: abs, tmp, force, done: false })
     }
 
@@ -218,6 +236,7 @@ impl Drop for OutputDir {
         if !self.done {
             let _ = fs::remove_dir_all(&self.tmp);
         }
+        set_live(&self.tmp, false);
     }
 }
 

@@ -100,6 +100,16 @@ impl Formula {
         }
     }
 
+    /// The scale the vector is multiplied by, if the formula has one.
+    pub fn scale(&self) -> Option<f32> {
+        match *self {
+            Formula::Diff { .. } => None,
+            Formula::AddDiff { scale, .. } | Formula::AddScaled { scale, .. } | Formula::AddLowRank { scale, .. } => {
+                Some(scale)
+            }
+        }
+    }
+
     /// The inputs read at the vector's (possibly other) row positions.
     pub fn vector_sources(&self) -> Vec<Source> {
         match *self {
