@@ -131,6 +131,10 @@ pub struct BenchReport {
     /// Apply with input hashes from the cache.
     pub apply_cached: Measured,
     pub apply_cached_ratio_to_floor: f64,
+    /// `sweep --scales 0.5,0.75,1` over the same inputs.
+    pub sweep3: Measured,
+    /// Its time over the cached apply's.
+    pub sweep3_ratio_to_apply: f64,
     /// `analyze --chat --pretrained --base` over the same inputs.
     pub analyze: Measured,
     /// Its time over the cached apply's.
@@ -368,6 +372,16 @@ pub fn run(a: &BenchArgs, json: bool) -> Result<()> {
     let _ = std::fs::remove_dir_all(&out);
     let apply_cached = measure(&mut apply_cmd(false))?;
     let _ = std::fs::remove_dir_all(&out);
+    // Three candidates from one read of the inputs, against the cached
+    // apply (the hashes are cached by now).
+    let sweep_out = root.join("out-sweep");
+    let _ = std::fs::remove_dir_all(&sweep_out);
+    let mut sw = Command::new(&exe);
+    sw.arg("-q").arg("sweep").arg("--base").arg(&base).arg("--chat").arg(&chat).arg("--pretrained").arg(&pre);
+    sw.arg("--scales").arg("0.5,0.75,1").arg("-o").arg(&sweep_out).arg("--threads").arg(threads.to_string());
+    sw.env("CHATVEC_CACHE_DIR", root.join("hash-cache")).stdout(std::process::Stdio::null());
+    let sweep3 = measure(&mut sw)?;
+    let _ = std::fs::remove_dir_all(&sweep_out);
     // The report over the same inputs: one read of each, nothing written.
     let mut an = Command::new(&exe);
     an.arg("-q")
@@ -489,6 +503,8 @@ pub fn run(a: &BenchArgs, json: bool) -> Result<()> {
         ratio_to_floor: apply.seconds / floor,
         apply_cached_ratio_to_floor: apply_cached.seconds / floor,
         analyze_ratio_to_apply: analyze.seconds / apply_cached.seconds,
+        sweep3_ratio_to_apply: sweep3.seconds / apply_cached.seconds,
+        sweep3,
         analyze,
         apply,
         apply_cached,
@@ -527,6 +543,10 @@ pub fn run(a: &BenchArgs, json: bool) -> Result<()> {
         rep.apply_cached_ratio_to_floor,
         gb(output_bytes, rep.apply_cached.seconds),
         rep.apply_cached.peak_rss_anon_mib
+    );
+    t += &format!(
+        "chatvec sweep of 3 scales (one read): {:.2} s ({:.2}x the cached apply; 3 applies would be 3x), peak RssAnon {:.0} MiB\n",
+        rep.sweep3.seconds, rep.sweep3_ratio_to_apply, rep.sweep3.peak_rss_anon_mib
     );
     t += &format!(
         "chatvec analyze (same inputs, with --base): {:.2} s ({:.2}x the cached apply), peak RssAnon {:.0} MiB\n",

@@ -184,9 +184,18 @@ pub(crate) fn execute_many(
         }
         let (tx, rx) = sync_channel::<Batch>(1);
         let (free_tx, free_rx) = channel::<Vec<u8>>();
-        let (htx, hrx) = sync_channel::<Batch>(1);
+        // One output hasher per candidate, so a sweep's hashing spreads
+        // over the cores.
+        let mut htx = Vec::new();
+        let mut out_hashers = Vec::new();
+        for _ in 0..n {
+            let (t, r) = sync_channel::<Vec<(bool, Piece)>>(1);
+            htx.push(t);
+            let free = free_tx.clone();
+            out_hashers.push(s.spawn(move || hash_pieces(r, free)));
+        }
+        drop(free_tx);
         let writer = s.spawn(|| write_pieces(plan, dirs, &jobs, rx, htx, &bar));
-        let out_hasher = s.spawn(|| hash_pieces(&jobs, n, hrx, free_tx));
         let mut outcome = Ok(());
         let mut stats = StatsMap::new();
         for (bi, group) in jobs.chunks(batch).enumerate() {
@@ -216,7 +225,10 @@ pub(crate) fn execute_many(
         }
         drop(tx);
         let written = writer.join().map_err(|_| Error::Internal("writer thread panicked".into()));
-        let out_hashes = out_hasher.join().map_err(|_| Error::Internal("hash thread panicked".into()))?;
+        let out_hashes: Vec<Vec<String>> = out_hashers
+            .into_iter()
+            .map(|h| h.join().map_err(|_| Error::Internal("hash thread panicked".into())))
+            .collect::<Result<_>>()?;
         if outcome.is_err() || !matches!(written, Ok(Ok(_))) {
             stop.store(true, Ordering::Relaxed);
         }
@@ -257,21 +269,23 @@ fn inputs_intact(plan: &Plan) -> Result<()> {
 
 /// The writer thread: appends each variant's pieces in job order to its
 /// own directory, switching shard files at each header, then passes each
-/// batch on to the output hasher. Returns, per variant, each shard's file
-/// name and size.
+/// variant's pieces on to its output hasher. Returns, per variant, each
+/// shard's file name and size.
 fn write_pieces<'a>(
     plan: &Plan,
     dirs: &[&Path],
     jobs: &[Job],
     rx: Receiver<Batch<'a>>,
-    to_hasher: SyncSender<Batch<'a>>,
+    to_hashers: Vec<SyncSender<Vec<(bool, Piece<'a>)>>>,
     bar: &ProgressBar,
 ) -> Result<Vec<Vec<(String, u64)>>> {
     let mut done: Vec<Vec<(String, u64)>> = dirs.iter().map(|_| Vec::with_capacity(plan.shards.len())).collect();
     let mut current: Vec<Option<SyncedFile>> = dirs.iter().map(|_| None).collect();
     for batch in rx {
-        for (ji, pieces) in &batch {
-            if let Job::Header(si) = jobs[*ji] {
+        let mut per: Vec<Vec<(bool, Piece)>> = dirs.iter().map(|_| Vec::with_capacity(batch.len())).collect();
+        for (ji, pieces) in batch {
+            let header = matches!(jobs[ji], Job::Header(_));
+            if let Job::Header(si) = jobs[ji] {
                 for (k, dir) in dirs.iter().enumerate() {
                     if let Some(f) = current[k].take() {
                         done[k].push(f.finish()?);
@@ -279,16 +293,19 @@ fn write_pieces<'a>(
                     current[k] = Some(SyncedFile::create(&dir.join(&plan.shards[si].file_name))?);
                 }
             }
-            for (f, piece) in current.iter_mut().zip(pieces) {
-                let Some(f) = f.as_mut() else {
+            for (k, piece) in pieces.into_iter().enumerate().take(dirs.len()) {
+                let Some(f) = current[k].as_mut() else {
                     return Err(Error::Internal("a shard's bytes came before its header".into()));
                 };
                 f.write(piece.bytes())?;
                 bar.inc(piece.bytes().len() as u64);
+                per[k].push((header, piece));
             }
         }
-        if to_hasher.send(batch).is_err() {
-            break;
+        for (t, p) in to_hashers.iter().zip(per) {
+            if t.send(p).is_err() {
+                return Err(Error::Internal("an output hasher stopped".into()));
+            }
         }
     }
     for (k, f) in current.into_iter().enumerate() {
@@ -301,29 +318,25 @@ fn write_pieces<'a>(
     Ok(done)
 }
 
-/// The output hasher: sha256 of each variant's shards from the pieces the
-/// writer has written (in a thread of its own, so hashing overlaps
-/// writing), then the buffers go back for reuse.
-fn hash_pieces(jobs: &[Job], n: usize, rx: Receiver<Batch>, free: Sender<Vec<u8>>) -> Vec<Vec<String>> {
-    let mut done: Vec<Vec<String>> = vec![Vec::new(); n];
-    let mut current: Vec<Option<Sha256>> = vec![None; n];
-    for batch in rx {
-        for (ji, pieces) in batch {
-            let header = matches!(jobs[ji], Job::Header(_));
-            for (k, piece) in pieces.into_iter().enumerate().take(n) {
-                if header && let Some(h) = current[k].replace(Sha256::new()) {
-                    done[k].push(hex(&h.finalize()));
-                }
-                current[k].get_or_insert_with(Sha256::new).update(piece.bytes());
-                if let Piece::Owned(v) = piece {
-                    let _ = free.send(v);
-                }
+/// An output hasher: the sha256 of each shard of one output, from the
+/// pieces the writer has written (in a thread of its own, so hashing
+/// overlaps writing), marked where a shard starts; then the buffers go back
+/// for reuse.
+fn hash_pieces(rx: Receiver<Vec<(bool, Piece)>>, free: Sender<Vec<u8>>) -> Vec<String> {
+    let mut done = Vec::new();
+    let mut current: Option<Sha256> = None;
+    for pieces in rx {
+        for (header, piece) in pieces {
+            if header && let Some(h) = current.replace(Sha256::new()) {
+                done.push(hex(&h.finalize()));
+            }
+            current.get_or_insert_with(Sha256::new).update(piece.bytes());
+            if let Piece::Owned(v) = piece {
+                let _ = free.send(v);
             }
         }
     }
-    for (k, h) in current.into_iter().enumerate() {
-        done[k].extend(h.map(|h| hex(&h.finalize())));
-    }
+    done.extend(current.map(|h| hex(&h.finalize())));
     done
 }
 
