@@ -69,6 +69,25 @@ fn models(root: &Path, ty: Ty, base_vocab: u64, tied: bool) -> Models {
     m
 }
 
+/// `chatvec apply` of `chat - pre` onto the base at `scale`, into `out`.
+fn apply_at(m: &Models, scale: &str, out: &Path) {
+    let (b, c, p) = (s(&m.base), s(&m.chat), s(&m.pre));
+    ok(&chatvec(&[
+        "-q",
+        "apply",
+        "--base",
+        b,
+        "--chat",
+        c,
+        "--pretrained",
+        p,
+        "--scale",
+        scale,
+        "-o",
+        s(out),
+    ]));
+}
+
 fn analyze(args: &[&str]) -> (Value, std::process::Output) {
     let mut a = vec!["--json", "-q", "analyze"];
     a.extend(args);
@@ -229,20 +248,7 @@ fn figures_of_a_bf16_pair_with_base_against_and_applied_match_an_f64_reference()
     let d = tempfile::tempdir().unwrap();
     let m = models(d.path(), Ty::BF16, 16, false);
     let out = d.path().join("applied");
-    ok(&chatvec(&[
-        "-q",
-        "apply",
-        "--base",
-        s(&m.base),
-        "--chat",
-        s(&m.chat),
-        "--pretrained",
-        s(&m.pre),
-        "--scale",
-        "0.7",
-        "-o",
-        s(&out),
-    ]));
+    apply_at(&m, "0.7", &out);
     let (rep, o) = analyze(&[
         "--chat",
         s(&m.chat),
@@ -432,20 +438,7 @@ fn the_effective_scale_of_a_layer_gradient_apply_reads_back_per_layer() {
     let d = tempfile::tempdir().unwrap();
     let m = models(d.path(), Ty::F32, 16, false);
     let out = d.path().join("applied");
-    ok(&chatvec(&[
-        "-q",
-        "apply",
-        "--base",
-        s(&m.base),
-        "--chat",
-        s(&m.chat),
-        "--pretrained",
-        s(&m.pre),
-        "--scale",
-        "[0.3, 1.0]",
-        "-o",
-        s(&out),
-    ]));
+    apply_at(&m, "[0.3, 1.0]", &out);
     let (rep, o) = analyze(&[
         "--chat",
         s(&m.chat),

@@ -279,7 +279,8 @@ fn write_pieces<'a>(
     to_hashers: Vec<SyncSender<Vec<(bool, Piece<'a>)>>>,
     bar: &ProgressBar,
 ) -> Result<Vec<Vec<(String, u64)>>> {
-    let mut done: Vec<Vec<(String, u64)>> = dirs.iter().map(|_| Vec::with_capacity(plan.shards.len())).collect();
+    let mut done: Vec<Vec<(String, u64)>> =
+        dirs.iter().map(|_| Vec::with_capacity(plan.shards.len())).collect();
     let mut current: Vec<Option<SyncedFile>> = dirs.iter().map(|_| None).collect();
     for batch in rx {
         let mut per: Vec<Vec<(bool, Piece)>> = dirs.iter().map(|_| Vec::with_capacity(batch.len())).collect();
@@ -339,4 +340,3 @@ fn hash_pieces(rx: Receiver<Vec<(bool, Piece)>>, free: Sender<Vec<u8>>) -> Vec<S
     done.extend(current.map(|h| hex(&h.finalize())));
     done
 }
-

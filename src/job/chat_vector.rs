@@ -2,7 +2,9 @@
 //! a checkpoint or added, scaled, to a base model.
 
 use crate::error::{Error, Result};
-use crate::job::{Records, Summary, Variant, WriteOptions, check_written_config, set_labels, write_output, write_outputs};
+use crate::job::{
+    Records, Summary, Variant, WriteOptions, check_written_config, set_labels, write_output, write_outputs,
+};
 use crate::model::checkpoint::Checkpoint;
 use crate::model::dtype::FloatType;
 use crate::output::card::{CARD_FILE, model_card};
@@ -11,8 +13,8 @@ use crate::output::manifest::{
 };
 use crate::output::sidecars::{ChatSide, model_side_files, read_side_files};
 use crate::plan::chat_vector::{ApplyOptions, Common, VectorSide, plan_apply, plan_extract};
-use crate::plan::checks::layers_of;
 use crate::plan::checks::delta_ratio;
+use crate::plan::checks::layers_of;
 use crate::plan::lora::plan_lora;
 use crate::plan::select::{Scale, Selection, Spelling};
 use crate::plan::{EmbeddingPolicy, Formula, Op, Plan};

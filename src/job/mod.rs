@@ -240,7 +240,8 @@ pub(crate) fn write_outputs(plan: Plan, variants: Vec<Variant>) -> Result<Vec<Su
             .find(|(i, _)| i.role == role)
             .map(|(_, files)| files.iter().map(|f| f.sha256.as_str()).collect::<Vec<_>>())
     };
-    let same_pair = matches!((role_hashes(Role::Chat), role_hashes(Role::Pretrained)), (Some(c), Some(p)) if c == p);
+    let same_pair =
+        matches!((role_hashes(Role::Chat), role_hashes(Role::Pretrained)), (Some(c), Some(p)) if c == p);
     let mut committed = Vec::new();
     for (((v, dir), res), summary) in variants.into_iter().zip(dirs).zip(results).zip(&mut summaries) {
         if same_pair {

@@ -104,9 +104,9 @@ impl Formula {
     pub fn scale(&self) -> Option<f32> {
         match *self {
             Formula::Diff { .. } => None,
-            Formula::AddDiff { scale, .. } | Formula::AddScaled { scale, .. } | Formula::AddLowRank { scale, .. } => {
-                Some(scale)
-            }
+            Formula::AddDiff { scale, .. }
+            | Formula::AddScaled { scale, .. }
+            | Formula::AddLowRank { scale, .. } => Some(scale),
         }
     }
 

@@ -145,16 +145,21 @@ fn side(o: &Map<String, Value>, key: &str, role: &str) -> std::result::Result<Ve
     }
 }
 
+/// The turns of a `messages` or `conversation(s)` record, if it is one.
+fn chat_turns(o: &Map<String, Value>) -> Option<std::result::Result<(Format, Vec<Message>), String>> {
+    if let Some(l) = o.get("messages") {
+        return Some(turns(l, "messages").map(|t| (Format::Messages, t)));
+    }
+    let (k, l) = ["conversation", "conversations"].iter().find_map(|k| o.get(*k).map(|l| (*k, l)))?;
+    Some(turns(l, k).map(|t| (Format::Conversation, t)))
+}
+
 /// Converts one parsed record; errors are messages without the location.
 pub fn convert(v: &Value) -> std::result::Result<(Format, Vec<Message>), String> {
     let o = v.as_object().ok_or("not a JSON object")?;
     no_tools(o, "record")?;
-    let (format, msgs) = if let Some(l) = o.get("messages") {
-        (Format::Messages, turns(l, "messages")?)
-    } else if let Some((k, l)) =
-        ["conversation", "conversations"].iter().find_map(|k| o.get(*k).map(|l| (*k, l)))
-    {
-        (Format::Conversation, turns(l, k)?)
+    let (format, msgs) = if let Some(chat) = chat_turns(o) {
+        chat?
     } else if o.contains_key("text") && o.contains_key("output") && !o.contains_key("instruction") {
         // (tatsu-lab/alpaca also has a "text" column: the whole prompt.)
         let text = text_of(o, "text", "ichikara record")?;
@@ -208,15 +213,8 @@ pub fn convert(v: &Value) -> std::result::Result<(Format, Vec<Message>), String>
 pub fn convert_prompt(v: &Value) -> std::result::Result<(Format, Vec<Message>), String> {
     let o = v.as_object().ok_or("not a JSON object")?;
     no_tools(o, "record")?;
-    let (format, msgs) = if let Some(l) = o.get("messages") {
-        (Format::Messages, turns(l, "messages")?)
-    } else if let Some((k, l)) =
-        ["conversation", "conversations"].iter().find_map(|k| o.get(*k).map(|l| (*k, l)))
-    {
-        (Format::Conversation, turns(l, k)?)
-    } else {
-        return Err("expected {\"prompt\": \"...\"} or a 'messages' / 'conversation' list".into());
-    };
+    let (format, msgs) =
+        chat_turns(o).ok_or("expected {\"prompt\": \"...\"} or a 'messages' / 'conversation' list")??;
     let cut: Vec<Message> = msgs.into_iter().take_while(|m| m.role != "assistant").collect();
     if !cut.iter().any(|m| m.role == "user") {
         return Err("no user turn before the first assistant turn".into());
