@@ -170,6 +170,8 @@ fn aliases_and_shipped_recipes_run_the_users_words() {
         ]),
         "{card}"
     );
+    assert_eq!(meta["base_model_relation"], "merge", "{card}");
+    assert_eq!(meta["tags"], serde_json::json!(["chatvec", "merge", "chat-vector"]), "{card}");
 
     // The shipped recipe does the same, and verify --recipe accepts it.
     let viar = d.path().join("viar");

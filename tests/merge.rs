@@ -472,6 +472,19 @@ fn mergekit_yaml_configs_run_and_dry_run_prints_the_plan() {
         ok(&chatvec(&["-q", "merge", s(&cfg), "-o", s(&out)]));
         read_model(&out)
     };
+    // The config travels with the model as mergekit writes it, listed in
+    // the manifest; the card says it is a merge (local paths are not Hub
+    // ids, so no base_model).
+    assert_eq!(std::fs::read_to_string(out.join("mergekit_config.yml")).unwrap(), yaml);
+    let man: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out.join("chatvec-manifest.json")).unwrap()).unwrap();
+    assert!(man["files"].as_array().unwrap().iter().any(|f| f["file"] == "mergekit_config.yml"), "{man}");
+    ok(&chatvec(&["verify", s(&out)]));
+    let card = std::fs::read_to_string(out.join("README.md")).unwrap();
+    let front = card.strip_prefix("---\n").and_then(|c| c.split_once("---\n")).expect("front matter").0;
+    let meta: serde_json::Value = serde_yaml_ng::from_str(front).unwrap();
+    assert_eq!(meta["base_model_relation"], "merge", "{card}");
+    assert_eq!(meta["base_model"], serde_json::Value::Null, "{card}");
     let toml = "merge_method = \"ties\"\nbase_model = \"{base}\"\nout_dtype = \"float32\"\n[[models]]\nmodel = \"{m1}\"\nparameters = { weight = 0.5, density = 0.5 }\n[[models]]\nmodel = \"{m2}\"\nparameters = { weight = 0.5, density = 0.5 }\n";
     let same = merge(&m, toml, &d.path().join("t"), &[]);
     for (k, v) in &got {

@@ -39,6 +39,9 @@ use crate::output::manifest::{MANIFEST_FILE, Manifest, RecipeRecord, VectorRecor
 use crate::output::sidecars::SideFiles;
 use crate::plan::{EmbeddingReport, Op, Plan, Role};
 
+/// The name mergekit gives the config it ran, beside the weights.
+const MERGEKIT_CONFIG: &str = "mergekit_config.yml";
+
 /// Free space kept in reserve beyond the weights, for side files.
 const SIDE_FILE_RESERVE: u64 = 256 << 20;
 
@@ -243,7 +246,12 @@ pub(crate) fn write_outputs(plan: Plan, variants: Vec<Variant>) -> Result<Vec<Su
     let same_pair =
         matches!((role_hashes(Role::Chat), role_hashes(Role::Pretrained)), (Some(c), Some(p)) if c == p);
     let mut committed = Vec::new();
-    for (((v, dir), res), summary) in variants.into_iter().zip(dirs).zip(results).zip(&mut summaries) {
+    for (((mut v, dir), res), summary) in variants.into_iter().zip(dirs).zip(results).zip(&mut summaries) {
+        // A mergekit config travels with the model as mergekit writes it,
+        // so the Hub and mergekit users find the recipe where they look.
+        if let Some(r) = v.rec.recipe.as_ref().filter(|r| r.syntax == "mergekit") {
+            v.side.add(MERGEKIT_CONFIG, r.text.clone().into_bytes());
+        }
         if same_pair {
             summary.warnings.push(
                 "the chat and pretrained models are the same bytes: the vector is zero, and the weights equal the base's"
