@@ -21,16 +21,31 @@ pub fn quiet() -> bool {
     QUIET.load(Ordering::Relaxed)
 }
 
+static SILENT: AtomicBool = AtomicBool::new(false);
+
+/// Holds back notes, warnings and progress bars entirely while set: a
+/// rehearsal whose output the real run repeats (planning on headers
+/// before a download) must not print everything twice.
+pub fn set_silent(silent: bool) {
+    SILENT.store(silent, Ordering::Relaxed);
+}
+
+fn silent() -> bool {
+    SILENT.load(Ordering::Relaxed)
+}
+
 /// Prints a note on stderr, unless quiet.
 pub fn note(msg: &str) {
-    if !quiet() {
+    if !quiet() && !silent() {
         eprintln!("{}", printable(msg));
     }
 }
 
 /// Prints `warning: msg` on stderr, quiet or not.
 pub fn warn(msg: &str) {
-    eprintln!("warning: {}", printable(msg));
+    if !silent() {
+        eprintln!("warning: {}", printable(msg));
+    }
 }
 
 /// The longest run of non-blank characters shown whole; longer ones (a

@@ -19,6 +19,8 @@ const COMMIT: &str = "c0ffee0123456789abcdef0123456789abcdef01";
 /// How the server misbehaves for one repo.
 #[derive(Clone, Copy, PartialEq)]
 enum Fault {
+    /// None: every request is answered.
+    Healthy,
     /// The first download of the largest file stops halfway.
     BreakOnce,
     /// The largest file is served with one byte flipped.
@@ -134,11 +136,13 @@ fn file(
     if big && repo.fault == Fault::Corrupt {
         bytes[100] ^= 0xff;
     }
-    let from: usize = range
+    // `bytes=FROM-` or `bytes=FROM-TO` (TO inclusive).
+    let (from, to): (usize, Option<usize>) = range
         .as_deref()
         .and_then(|r| r.strip_prefix("bytes="))
-        .and_then(|r| r.trim_end_matches('-').parse().ok())
-        .unwrap_or(0);
+        .and_then(|r| r.split_once('-'))
+        .map(|(a, b)| (a.parse().unwrap_or(0), b.parse().ok()))
+        .unwrap_or((0, None));
     if big && repo.fault == Fault::BreakOnce && !repo.broke {
         repo.broke = true;
         let head = format!("HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Length: {}\r\n\r\n", bytes.len());
@@ -146,9 +150,10 @@ fn file(
         let _ = s.write_all(&bytes[..bytes.len() / 2]);
         return;
     }
-    if from > 0 {
-        let cr = format!("Content-Range: bytes {from}-{}/{}", bytes.len() - 1, bytes.len());
-        return respond(s, "206 Partial Content", &[cr], &bytes[from..]);
+    if from > 0 || to.is_some() {
+        let end = to.map_or(bytes.len() - 1, |t| t.min(bytes.len() - 1));
+        let cr = format!("Content-Range: bytes {from}-{end}/{}", bytes.len());
+        return respond(s, "206 Partial Content", &[cr], &bytes[from..=end]);
     }
     respond(s, "200 OK", &[], &bytes);
 }
@@ -305,4 +310,83 @@ fn corrupt_gated_and_missing_downloads_are_refused() {
 
     let o = hub.run(&cache, &["inspect", "org/none"]);
     assert!(stderr(&o).contains("the Hub has no model org/none@main"), "{}", stderr(&o));
+}
+
+#[test]
+fn a_mismatched_pair_is_refused_and_a_dry_run_planned_with_only_headers_fetched() {
+    let d = tempfile::tempdir().unwrap();
+    let t = trio(d.path(), Ty::BF16, 2);
+    // A "chat model" of another vocabulary: the subtraction cannot line up.
+    let other = d.path().join("other");
+    write_model(&other, &llama(2, 20, false, Ty::BF16), 1, &config(20, false, LAYERS), Some(&tokens(20)));
+    let hub = Hub::start(vec![
+        ("org/base", &t.base, Fault::Healthy),
+        ("org/chat", &t.chat, Fault::Healthy),
+        ("org/pre", &t.pre, Fault::Healthy),
+        ("org/other", &other, Fault::Healthy),
+    ]);
+    let cache = d.path().join("hub");
+    let weight_requests = |log: &[String]| -> Vec<String> {
+        log.iter().filter(|l| l.contains(".safetensors ") && !l.contains(".index.json")).cloned().collect()
+    };
+    let out = d.path().join("out");
+    let o = hub.run(
+        &cache,
+        &["apply", "--base", "org/base", "--chat", "org/other", "--pretrained", "org/pre", "-o", s(&out)],
+    );
+    assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
+    assert!(stderr(&o).contains("lm_head.weight") || stderr(&o).contains("vocab"), "{}", stderr(&o));
+    let log = hub.log.lock().unwrap().clone();
+    let w = weight_requests(&log);
+    assert!(!w.is_empty() && w.iter().all(|l| l.contains("bytes=0-7") || l.contains("bytes=8-")), "{w:?}");
+    // No weight was stored: the cache holds the small files only.
+    for repo in ["models--org--base", "models--org--other", "models--org--pre"] {
+        let snap = cache.join(repo).join("snapshots").join(COMMIT);
+        assert!(entries(&snap).iter().all(|f| !f.ends_with(".safetensors")), "{repo}: {:?}", entries(&snap));
+    }
+    assert!(!out.exists());
+
+    // A dry run of a good pair plans on headers only.
+    let before = hub.log.lock().unwrap().len();
+    let o = hub.run(
+        &cache,
+        &[
+            "apply",
+            "--base",
+            "org/base",
+            "--chat",
+            "org/chat",
+            "--pretrained",
+            "org/pre",
+            "-o",
+            s(&out),
+            "--dry-run",
+        ],
+    );
+    ok(&o);
+    assert!(stdout(&o).contains("model.layers.0.mlp.up_proj.weight"), "{}", stdout(&o));
+    assert!(stderr(&o).contains("no weights were downloaded"), "{}", stderr(&o));
+    let log = hub.log.lock().unwrap().clone();
+    let w = weight_requests(&log[before..]);
+    assert!(w.iter().all(|l| l.contains("bytes=0-7") || l.contains("bytes=8-")), "{w:?}");
+    // Then for real: the same bytes as from the local directories.
+    let o = hub.run(
+        &cache,
+        &[
+            "-q",
+            "apply",
+            "--base",
+            "org/base",
+            "--chat",
+            "org/chat",
+            "--pretrained",
+            "org/pre",
+            "-o",
+            s(&out),
+        ],
+    );
+    ok(&o);
+    let local = d.path().join("local");
+    ok(&apply_streaming(&t, &local, &["-q"]));
+    assert_eq!(shard_hashes(&out), shard_hashes(&local));
 }

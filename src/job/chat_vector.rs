@@ -2,6 +2,7 @@
 //! a checkpoint or added, scaled, to a base model.
 
 use crate::error::{Error, Result};
+use crate::job::preflight;
 use crate::job::{
     Records, Summary, Variant, WriteOptions, check_written_config, set_labels, write_output, write_outputs,
 };
@@ -196,6 +197,10 @@ fn scales_json(plan: &Plan, scales: &[Option<f32>]) -> serde_json::Value {
 /// Writes the chat vector `chat - pretrained` as a checkpoint, with the
 /// chat model's config, tokenizer and template beside it.
 pub fn extract(spec: &ExtractSpec, out: &WriteOptions) -> Result<Summary> {
+    preflight(out, |o| extract_now(spec, o))
+}
+
+fn extract_now(spec: &ExtractSpec, out: &WriteOptions) -> Result<Summary> {
     let chat_ck = open_model(&spec.chat)?;
     let chat_dir = chat_ck.dir.clone();
     let common = Common {
@@ -240,7 +245,7 @@ pub fn extract(spec: &ExtractSpec, out: &WriteOptions) -> Result<Summary> {
 /// Writes `base + scale * vector`: the base's tensors, names, order and
 /// dtypes, with the chat model's template and eos ids.
 pub fn apply(spec: &ApplySpec, out: &WriteOptions) -> Result<Summary> {
-    apply_recorded(spec, out, None)
+    preflight(out, |o| apply_recorded(spec, o, None))
 }
 
 /// Above this ratio of norms, a "vector" is taken for a whole model: a

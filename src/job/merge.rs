@@ -4,7 +4,7 @@
 use crate::error::{Error, Result};
 use crate::job::chat_vector::{ApplySpec, VectorSource, apply_recorded};
 use crate::job::sweep::{SweepReport, sweep_recorded};
-use crate::job::{Records, Summary, WriteOptions, check_written_config, write_output};
+use crate::job::{Records, Summary, WriteOptions, check_written_config, preflight, write_output};
 use crate::output::card::{CARD_FILE, model_card};
 use crate::output::manifest::RecipeRecord;
 use crate::output::sidecars::{add_union_tokens, model_side_files};
@@ -16,6 +16,10 @@ use crate::resolve::open_model;
 /// Runs `recipe` into `out`. `seed` overrides the recipe's seed of the
 /// DARE/DELLA masks.
 pub fn merge(recipe: &Recipe, seed: Option<u64>, out: &WriteOptions) -> Result<Summary> {
+    preflight(out, |o| merge_now(recipe, seed, o))
+}
+
+fn merge_now(recipe: &Recipe, seed: Option<u64>, out: &WriteOptions) -> Result<Summary> {
     let record = recipe.record();
     match &recipe.body {
         RecipeBody::ChatVector(c) => apply_recorded(&chat_vector_spec(recipe, c), out, Some(record)),

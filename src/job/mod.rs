@@ -280,6 +280,34 @@ pub(crate) fn write_outputs(plan: Plan, variants: Vec<Variant>) -> Result<Vec<Su
     Ok(summaries)
 }
 
+/// Runs a job whose Hub inputs are not all cached twice: first as a dry
+/// run on probes (config, tokenizer, index and each shard's header; see
+/// `resolve::with_probes`), so a mismatch is reported before a weight byte
+/// is fetched and `--dry-run` never downloads weights; then for real. When
+/// nothing needed a probe, the job just runs.
+pub(crate) fn preflight(
+    out: &WriteOptions,
+    run: impl Fn(&WriteOptions) -> Result<Summary>,
+) -> Result<Summary> {
+    if crate::resolve::download::offline() {
+        return run(out);
+    }
+    let dry = WriteOptions { dry_run: true, ..out.clone() };
+    let (rehearsal, probed) = crate::resolve::with_probes(|| run(&dry));
+    if !probed {
+        return run(out);
+    }
+    let mut summary = rehearsal?;
+    if out.dry_run {
+        summary.notes.push(
+            "planned on the Hub models' headers only (config, tokenizer, index, shard headers); no weights were downloaded"
+                .into(),
+        );
+        return Ok(summary);
+    }
+    run(out)
+}
+
 /// `model.safetensors.index.json` as transformers writes it: total tensor
 /// bytes and a name-sorted weight map.
 fn index_json(plan: &Plan) -> Vec<u8> {

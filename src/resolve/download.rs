@@ -136,6 +136,29 @@ impl Client {
         })
     }
 
+    /// Bytes `from..=to` of `url` (a Range request the server must honour).
+    fn get_bytes(&self, url: &str, from: u64, to: u64, cap: u64) -> Result<(u16, Vec<u8>)> {
+        let mut req = self.agent.get(url);
+        if let Some(t) = &self.token {
+            req = req.header("Authorization", &format!("Bearer {t}"));
+        }
+        let mut resp = req.header("Range", &format!("bytes={from}-{to}")).call().map_err(|e| {
+            Error::Network(format!("cannot reach the Hugging Face Hub at {url}: {e}")).with_hint(
+                "check the network, or pass --offline (HF_HUB_OFFLINE=1) to use only the local cache",
+            )
+        })?;
+        let status = resp.status().as_u16();
+        let mut body = Vec::new();
+        resp.body_mut()
+            .with_config()
+            .limit(cap)
+            .reader()
+            .take(cap)
+            .read_to_end(&mut body)
+            .map_err(|e| Error::Network(format!("reading {url}: {e}")))?;
+        Ok((status, body))
+    }
+
     /// Maps an HTTP error status to a clear error about `id`.
     fn status_error(&self, status: u16, id: &HubId, what: &str) -> Error {
         let rev = id.revision.as_deref().unwrap_or("main");
@@ -303,6 +326,98 @@ pub(crate) fn ensure(cache: &Path, id: &HubId) -> Result<Outcome> {
         std::fs::write(&r, &commit).map_err(|e| Error::io("writing", &r, e))?;
     }
     Ok(Outcome::Ready(snap, HubOrigin { repo: id.repo.clone(), revision, commit }))
+}
+
+/// Largest safetensors header a probe fetches (real ones are well under
+/// 1 MB; chatvec's own reader caps them at 100 MB).
+const MAX_PROBE_HEADER: u64 = 100 << 20;
+
+/// The directory probes of this process go under (removed by
+/// `remove_probes`).
+pub(crate) fn probe_root() -> PathBuf {
+    std::env::temp_dir().join(format!("chatvec-probe-{}", std::process::id()))
+}
+
+/// Removes this process's probes.
+pub(crate) fn remove_probes() {
+    let _ = std::fs::remove_dir_all(probe_root());
+}
+
+/// A model directory to plan with before any weight is fetched: the small
+/// files (config, tokenizer, index) downloaded into the cache as usual and
+/// copied here, and each missing safetensors shard as a sparse file of its
+/// real size holding only its header, fetched with two Range requests.
+/// `Ok(None)` when the snapshot already has every file (the real one
+/// serves), or the weights are PyTorch `.bin` files (a pickle cannot be
+/// read in part).
+pub(crate) fn probe(cache: &Path, id: &HubId) -> Result<Option<Outcome>> {
+    let client = Client::new();
+    let (commit, files) = match client.revision_info(id) {
+        Err(e) if matches!(e.kind(), Error::Network(_)) => return Ok(Some(Outcome::Unreachable(e))),
+        r => r?,
+    };
+    let repo_dir = cache.join(format!("models--{}", id.repo.replace('/', "--")));
+    let snap = repo_dir.join("snapshots").join(&commit);
+    let mut index = |f: &RemoteFile| -> Result<Vec<String>> {
+        let path = fetch(&client, id, &commit, &repo_dir, f, None)?;
+        let v = crate::json::read_value(&path, MAX_INFO_BYTES)?;
+        let map = v
+            .get("weight_map")
+            .and_then(Value::as_object)
+            .ok_or_else(|| Error::bad_file(&path, "has no weight_map"))?;
+        let mut shards: Vec<String> = map.values().filter_map(Value::as_str).map(str::to_string).collect();
+        shards.sort();
+        shards.dedup();
+        Ok(shards)
+    };
+    let need = wanted(&files, &mut index)?;
+    let missing: Vec<&RemoteFile> = need.iter().filter(|f| !snap.join(&f.name).exists()).collect();
+    let weights = |f: &RemoteFile| f.name.ends_with(".safetensors") || f.name.ends_with(".bin");
+    if missing.is_empty() || missing.iter().any(|f| f.name.ends_with(".bin")) {
+        return Ok(None);
+    }
+    let dir = probe_root().join(id.repo.replace('/', "--")).join(&commit);
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).map_err(|e| Error::io("creating", &dir, e))?;
+    for f in &need {
+        if f.name.contains('/') {
+            continue;
+        }
+        let at = dir.join(&f.name);
+        if !weights(f) {
+            let cached = fetch(&client, id, &commit, &repo_dir, f, None)?;
+            std::fs::copy(&cached, &at).map_err(|e| Error::io("copying", &cached, e))?;
+            continue;
+        }
+        let url = format!("{}/{}/resolve/{commit}/{}", client.endpoint, id.repo, f.name);
+        let bad = |m: String| Error::Hub(format!("{} of {}: {m}", f.name, id.repo));
+        let (status, head) = client.get_bytes(&url, 0, 7, 8)?;
+        if status != 206 && status != 200 {
+            return Err(client.status_error(status, id, &format!("file {} of", f.name)));
+        }
+        if status != 206 || head.len() != 8 {
+            return Err(bad(format!("the server did not answer a Range request ({status})")));
+        }
+        let n = u64::from_le_bytes(head[..8].try_into().unwrap_or([0; 8]));
+        if n == 0 || n > MAX_PROBE_HEADER || 8 + n > f.size {
+            return Err(bad(format!("a {n}-byte header does not fit a {}-byte file", f.size)));
+        }
+        let (status, header) = client.get_bytes(&url, 8, 8 + n - 1, n)?;
+        if status != 206 || header.len() as u64 != n {
+            return Err(bad(format!(
+                "the header's Range request returned {} bytes ({status})",
+                header.len()
+            )));
+        }
+        let mut out = File::create(&at).map_err(|e| Error::io("creating", &at, e))?;
+        out.write_all(&head)
+            .and_then(|()| out.write_all(&header))
+            .map_err(|e| Error::io("writing", &at, e))?;
+        // The rest of the file, holes that read as zeros and take no disk.
+        out.set_len(f.size).map_err(|e| Error::io("sizing", &at, e))?;
+    }
+    let revision = id.revision.clone().unwrap_or_else(|| "main".into());
+    Ok(Some(Outcome::Ready(dir, HubOrigin { repo: id.repo.clone(), revision, commit })))
 }
 
 /// Downloads one file into `blobs/`, checks it, and links it into the

@@ -14,6 +14,7 @@ pub(crate) mod download;
 pub(crate) mod hub_cache;
 
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 
 pub use aliases::set_user_file as set_aliases_file;
 pub use download::set_offline;
@@ -51,6 +52,28 @@ fn did_you_mean(name: &str, aliases: &Aliases) -> Option<String> {
     (!close.is_empty()).then(|| {
         format!("did you mean {}? (`chatvec list` shows every alias and shipped recipe)", close.join(" or "))
     })
+}
+
+static PROBING: AtomicBool = AtomicBool::new(false);
+static PROBED: AtomicBool = AtomicBool::new(false);
+
+fn probing() -> bool {
+    PROBING.load(Ordering::Relaxed)
+}
+
+/// Runs `f` with Hub models that are not fully cached resolved to probes
+/// (headers only; see `download::probe`), silently, and says whether any
+/// was: a job rehearsed this way is checked whole before a weight byte is
+/// fetched. The probes are removed afterwards.
+pub(crate) fn with_probes<T>(f: impl FnOnce() -> T) -> (T, bool) {
+    PROBING.store(true, Ordering::Relaxed);
+    PROBED.store(false, Ordering::Relaxed);
+    crate::ui::set_silent(true);
+    let out = f();
+    crate::ui::set_silent(false);
+    PROBING.store(false, Ordering::Relaxed);
+    download::remove_probes();
+    (out, PROBED.swap(false, Ordering::Relaxed))
 }
 
 /// Resolves `reference` to a model directory.
@@ -113,6 +136,22 @@ pub(crate) fn resolve_model(reference: &str) -> Result<Resolved> {
     if offline() || (pinned && find_snapshot(&cache, &id).is_ok()) {
         let (dir, origin) = find_snapshot(&cache, &id)?;
         return Ok(Resolved { dir, origin: Some(origin) });
+    }
+    if probing() {
+        match download::probe(&cache, &id)? {
+            Some(Outcome::Ready(dir, origin)) => {
+                PROBED.store(true, Ordering::Relaxed);
+                return Ok(Resolved { dir, origin: Some(origin) });
+            }
+            Some(Outcome::Unreachable(e)) => {
+                if let Ok((dir, origin)) = find_snapshot(&cache, &id) {
+                    return Ok(Resolved { dir, origin: Some(origin) });
+                }
+                return Err(e);
+            }
+            // Nothing to fetch, or `.bin` weights: the full path below.
+            None => {}
+        }
     }
     match download::ensure(&cache, &id)? {
         Outcome::Ready(dir, origin) => Ok(Resolved { dir, origin: Some(origin) }),
