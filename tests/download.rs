@@ -390,3 +390,43 @@ fn a_mismatched_pair_is_refused_and_a_dry_run_planned_with_only_headers_fetched(
     ok(&apply_streaming(&t, &local, &["-q"]));
     assert_eq!(shard_hashes(&out), shard_hashes(&local));
 }
+
+#[test]
+fn two_processes_downloading_one_repo_at_once_leave_a_correct_shared_cache() {
+    let d = tempfile::tempdir().unwrap();
+    let t = trio(d.path(), Ty::BF16, 3);
+    let hub = Hub::start(vec![("org/model", &t.base, Fault::Healthy)]);
+    let cache = d.path().join("hub");
+    let spawn = || {
+        command()
+            .env("HF_ENDPOINT", format!("http://127.0.0.1:{}", hub.port))
+            .env("HF_HUB_CACHE", &cache)
+            .env_remove("HF_HUB_OFFLINE")
+            .env_remove("HF_TOKEN")
+            .env("HF_HOME", cache.join("no-home"))
+            .args(["-q", "inspect", "org/model"])
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap()
+    };
+    let (a, b) = (spawn(), spawn());
+    for child in [a, b] {
+        let o = child.wait_with_output().unwrap();
+        ok(&o);
+    }
+    let repo = cache.join("models--org--model");
+    // Every file is linked to a whole, checked blob; nothing half-written.
+    for f in entries(&t.base) {
+        let link = repo.join("snapshots").join(COMMIT).join(&f);
+        assert_eq!(std::fs::read(&link).unwrap(), std::fs::read(t.base.join(&f)).unwrap(), "{f}");
+    }
+    let blobs = entries(&repo.join("blobs"));
+    assert!(blobs.iter().all(|b| !b.ends_with(".incomplete")), "{blobs:?}");
+    assert_eq!(blobs.len(), entries(&t.base).len(), "one blob per file: {blobs:?}");
+    // huggingface_hub's conventions: a lock per blob, absent side files marked.
+    let locks = entries(&cache.join(".locks").join("models--org--model"));
+    assert!(locks.iter().all(|l| l.ends_with(".lock")) && !locks.is_empty(), "{locks:?}");
+    assert!(repo.join(".no_exist").join(COMMIT).join("generation_config.json").is_file());
+    assert_eq!(std::fs::read_to_string(repo.join("refs/main")).unwrap(), COMMIT);
+}

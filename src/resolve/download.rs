@@ -9,6 +9,10 @@
 //! Range request, and is checked before it is renamed into place: large
 //! (LFS) files against the sha256 the Hub lists for them, small files
 //! against their git blob id. Nothing unchecked ever appears in a snapshot.
+//! Up to four files download at once into one progress bar; a blob is
+//! written under its `.locks/` file lock, refs are renamed into place, and
+//! side files the repository lacks are marked in `.no_exist/`, as
+//! huggingface_hub does, so Python tools can share the cache at once.
 //!
 //! `--offline` or `HF_HUB_OFFLINE=1` never touches the network; `HF_TOKEN`
 //! (or the token file `huggingface-cli login` writes) authenticates;
@@ -311,21 +315,110 @@ pub(crate) fn ensure(cache: &Path, id: &HubId) -> Result<Outcome> {
             cache.display()
         ));
         let bar = crate::ui::bytes_bar("downloading", total);
-        for f in missing {
-            fetch(&client, id, &commit, &repo_dir, f, Some(&bar))?;
-        }
+        fetch_all(&client, id, &commit, &repo_dir, &missing, &bar)?;
         bar.finish_and_clear();
     }
-    // Point the branch or tag at this commit, as huggingface_hub does.
+    // The side files the repository does not have, marked as huggingface_hub
+    // marks a 404, so Python tools sharing the cache do not ask again.
+    let no_exist = repo_dir.join(".no_exist").join(&commit);
+    for name in SIDE_FILES.iter().filter(|n| !files.iter().any(|f| f.name == **n)) {
+        let _ = std::fs::create_dir_all(&no_exist);
+        let _ = OpenOptions::new().create(true).truncate(false).write(true).open(no_exist.join(name));
+    }
+    // Point the branch or tag at this commit, as huggingface_hub does, in one
+    // rename so a reader never sees half a ref.
     let revision = id.revision.clone().unwrap_or_else(|| "main".into());
     if revision != commit {
         let r = repo_dir.join("refs").join(&revision);
         if let Some(p) = r.parent() {
             std::fs::create_dir_all(p).map_err(|e| Error::io("creating", p, e))?;
         }
-        std::fs::write(&r, &commit).map_err(|e| Error::io("writing", &r, e))?;
+        let tmp = r.with_file_name(format!(
+            ".{}.chatvec-{}",
+            r.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default(),
+            std::process::id()
+        ));
+        std::fs::write(&tmp, &commit).map_err(|e| Error::io("writing", &tmp, e))?;
+        std::fs::rename(&tmp, &r).map_err(|e| Error::io("renaming", &tmp, e))?;
     }
     Ok(Outcome::Ready(snap, HubOrigin { repo: id.repo.clone(), revision, commit }))
+}
+
+/// Files downloaded at once: enough to fill a link whose single streams are
+/// slow, few enough to stay polite to the Hub. Each holds a 1 MiB buffer.
+const PARALLEL_FILES: usize = 4;
+
+/// Downloads `files` with up to `PARALLEL_FILES` at once, largest first
+/// (they dominate the time), into one progress bar; the first error stops
+/// the others.
+fn fetch_all(
+    client: &Client,
+    id: &HubId,
+    commit: &str,
+    repo_dir: &Path,
+    files: &[&RemoteFile],
+    bar: &ProgressBar,
+) -> Result<()> {
+    let mut order: Vec<&RemoteFile> = files.to_vec();
+    order.sort_by(|a, b| b.size.cmp(&a.size).then(a.name.cmp(&b.name)));
+    let next = std::sync::atomic::AtomicUsize::new(0);
+    let failed = AtomicBool::new(false);
+    let errors: std::sync::Mutex<Vec<Error>> = std::sync::Mutex::new(Vec::new());
+    std::thread::scope(|s| {
+        for _ in 0..PARALLEL_FILES.min(order.len()) {
+            s.spawn(|| {
+                loop {
+                    let i = next.fetch_add(1, Ordering::SeqCst);
+                    if i >= order.len() || failed.load(Ordering::SeqCst) {
+                        break;
+                    }
+                    if let Err(e) = fetch(client, id, commit, repo_dir, order[i], Some(bar)) {
+                        failed.store(true, Ordering::SeqCst);
+                        if let Ok(mut v) = errors.lock() {
+                            v.push(e);
+                        }
+                        break;
+                    }
+                }
+            });
+        }
+    });
+    match errors.into_inner().ok().and_then(|mut v| (!v.is_empty()).then(|| v.remove(0))) {
+        Some(e) => Err(e),
+        None => Ok(()),
+    }
+}
+
+/// Holds `cache/.locks/models--org--name/<blob>.lock` exclusively while a
+/// blob is written, as huggingface_hub does, so chatvec and Python tools
+/// sharing the cache never write one blob at once. Released on drop.
+struct BlobLock {
+    /// Closing it releases the lock.
+    _file: File,
+}
+
+impl BlobLock {
+    fn take(repo_dir: &Path, blob_name: &str) -> Result<BlobLock> {
+        let cache = repo_dir.parent().unwrap_or(repo_dir);
+        let folder = repo_dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+        let dir = cache.join(".locks").join(folder);
+        std::fs::create_dir_all(&dir).map_err(|e| Error::io("creating", &dir, e))?;
+        let path = dir.join(format!("{blob_name}.lock"));
+        let f = OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&path)
+            .map_err(|e| Error::io("opening", &path, e))?;
+        use std::os::fd::AsRawFd;
+        // SAFETY: flock on a descriptor this function owns; it blocks until
+        // the lock is ours and touches no memory.
+        let rc = unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX) };
+        if rc != 0 {
+            return Err(Error::io("locking", &path, std::io::Error::last_os_error()));
+        }
+        Ok(BlobLock { _file: f })
+    }
 }
 
 /// Largest safetensors header a probe fetches (real ones are well under
@@ -446,10 +539,17 @@ fn fetch(
     std::fs::create_dir_all(&blobs).map_err(|e| Error::io("creating", &blobs, e))?;
     let blob = blobs.join(blob_name);
     if !blob.is_file() {
-        let part = blobs.join(format!("{blob_name}.incomplete"));
-        download(client, id, commit, f, &part, bar)?;
-        check(f, &part)?;
-        std::fs::rename(&part, &blob).map_err(|e| Error::io("renaming", &part, e))?;
+        // Another process may be writing this blob: wait for it, then look
+        // again before downloading.
+        let _lock = BlobLock::take(repo_dir, blob_name)?;
+        if !blob.is_file() {
+            let part = blobs.join(format!("{blob_name}.incomplete"));
+            download(client, id, commit, f, &part, bar)?;
+            check(f, &part)?;
+            std::fs::rename(&part, &blob).map_err(|e| Error::io("renaming", &part, e))?;
+        } else if let Some(b) = bar {
+            b.inc(f.size);
+        }
     } else if let Some(b) = bar {
         b.inc(f.size);
     }
@@ -458,7 +558,11 @@ fn fetch(
     }
     let depth = f.name.matches('/').count();
     let target = format!("{}../../blobs/{blob_name}", "../".repeat(depth));
-    std::os::unix::fs::symlink(&target, &link).map_err(|e| Error::io("linking", &link, e))?;
+    match std::os::unix::fs::symlink(&target, &link) {
+        // Another process linked it first: the same blob.
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+        r => r.map_err(|e| Error::io("linking", &link, e))?,
+    }
     Ok(link)
 }
 
