@@ -108,8 +108,14 @@ pub fn run(cli: Cli) -> Result<()> {
             if json {
                 return json_out(&r);
             }
-            for c in &r.candidates {
-                report(&c.summary, false)?;
+            // A dry run's plan is the same for every candidate but the
+            // scales: shown once.
+            for (i, c) in r.candidates.iter().enumerate() {
+                let mut s = c.summary.clone();
+                if i > 0 {
+                    s.plan_text = None;
+                }
+                report(&s, false)?;
             }
             out(&format!(
                 "{} candidate(s) in {}: {}\n",
