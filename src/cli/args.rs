@@ -56,7 +56,7 @@ pub enum Command {
         after_help = "Example:\n  chatvec extract --chat llama3-8b-instruct --pretrained llama3-8b --dtype f32 -o llama3-cv"
     )]
     Extract(ExtractArgs),
-    /// Add a scaled chat vector to a model: `base + scale * (chat - pretrained)`.
+    /// Add a scaled chat vector to a model, `base + scale * (chat - pretrained)`, or merge a LoRA adapter (--lora).
     #[command(
         after_help = "Examples:\n  chatvec apply --base swallow-8b --vector llama3-instruct -o swallow-8b-cv\n  chatvec apply --base swallow-8b --chat llama3-8b-instruct --pretrained llama3-8b --scale 0.8 -o out\n  chatvec apply --base swallow-8b --vector llama3-cv --scale-for 'mlp\\.=0.5' -o out --dry-run"
     )]
@@ -91,14 +91,14 @@ pub enum Command {
         after_help = "Examples:\n  chatvec sft --model swallow-8b-cv --data chat.jsonl -o run-sft --dry-run\n  chatvec sft --model swallow-8b-cv --data chat.jsonl -o run-sft --nproc 8 --fsdp"
     )]
     Sft(SftArgs),
-    /// Run a TOML recipe with an [sft] section: merge into DIR/merged, verify it, then SFT into DIR/sft.
+    /// Run a TOML recipe with an [sft] section: merge (or [sweep] and [eval] to choose a scale), verify, then SFT.
     Run(MergeArgs),
     /// Show a checkpoint's shards, tensors, parameter count and config.
     #[command(after_help = "Example:\n  chatvec inspect swallow-8b")]
     Inspect(InspectArgs),
     /// List the model and vector aliases and the shipped recipes.
     List,
-    /// Run extract, apply and inspect on tiny built-in models (no download).
+    /// Run inspect, extract, apply and analyze on tiny built-in models (no download).
     Demo(DemoArgs),
     /// Measure apply and merges on generated Llama-shaped checkpoints against the disk and memory floor.
     Bench(super::bench::BenchArgs),
