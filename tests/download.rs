@@ -430,3 +430,44 @@ fn two_processes_downloading_one_repo_at_once_leave_a_correct_shared_cache() {
     assert!(repo.join(".no_exist").join(COMMIT).join("generation_config.json").is_file());
     assert_eq!(std::fs::read_to_string(repo.join("refs/main")).unwrap(), COMMIT);
 }
+
+#[test]
+fn large_files_download_as_parallel_ranges_that_resume_and_verify() {
+    let d = tempfile::tempdir().unwrap();
+    let t = trio(d.path(), Ty::BF16, 2);
+    let hub = Hub::start(vec![("org/model", &t.base, Fault::BreakOnce)]);
+    let cache = d.path().join("hub");
+    let run = || {
+        command()
+            .env("HF_ENDPOINT", format!("http://127.0.0.1:{}", hub.port))
+            .env("HF_HUB_CACHE", &cache)
+            .env_remove("HF_HUB_OFFLINE")
+            .env_remove("HF_TOKEN")
+            .env("HF_HOME", cache.join("no-home"))
+            // Every weight file counts as large here.
+            .env("CHATVEC_RANGE_MIN", "1")
+            .args(["-q", "inspect", "org/model"])
+            .output()
+            .unwrap()
+    };
+    // The first request for the largest file breaks off: an I/O error, the
+    // finished ranges kept.
+    let o = run();
+    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+    let repo = cache.join("models--org--model");
+    let blobs = entries(&repo.join("blobs"));
+    assert!(blobs.iter().any(|b| b.contains(".incomplete.range")), "{blobs:?}");
+    // The second run fetches only what is missing, joins and checks.
+    let o = run();
+    ok(&o);
+    for f in entries(&t.base) {
+        let link = repo.join("snapshots").join(COMMIT).join(&f);
+        assert_eq!(std::fs::read(&link).unwrap(), std::fs::read(t.base.join(&f)).unwrap(), "{f}");
+    }
+    let blobs = entries(&repo.join("blobs"));
+    assert!(blobs.iter().all(|b| !b.contains(".incomplete")), "{blobs:?}");
+    let log = hub.log.lock().unwrap().clone();
+    let big = largest(&t.base);
+    let ranged = log.iter().filter(|l| l.contains(&big) && l.contains("bytes=")).count();
+    assert!(ranged >= 4, "{log:?}");
+}

@@ -544,7 +544,11 @@ fn fetch(
         let _lock = BlobLock::take(repo_dir, blob_name)?;
         if !blob.is_file() {
             let part = blobs.join(format!("{blob_name}.incomplete"));
-            download(client, id, commit, f, &part, bar)?;
+            if f.size >= range_min() && !part.exists() {
+                download_ranges(client, id, commit, f, &part, bar)?;
+            } else {
+                download(client, id, commit, f, &part, bar)?;
+            }
             check(f, &part)?;
             std::fs::rename(&part, &blob).map_err(|e| Error::io("renaming", &part, e))?;
         } else if let Some(b) = bar {
@@ -564,6 +568,133 @@ fn fetch(
         r => r.map_err(|e| Error::io("linking", &link, e))?,
     }
     Ok(link)
+}
+
+/// Files at least this large download as `RANGES` parallel ranges
+/// (`CHATVEC_RANGE_MIN` bytes overrides it, for tests).
+fn range_min() -> u64 {
+    std::env::var("CHATVEC_RANGE_MIN").ok().and_then(|v| v.parse().ok()).unwrap_or(64 << 20)
+}
+
+/// Parallel ranges per large file.
+const RANGES: u64 = 4;
+
+/// Downloads a large file as `RANGES` byte ranges at once, each into its
+/// own `<part>.rangeK` file (resumed from its own length, so a broken
+/// transfer loses nothing), then joins them into `part` (a kernel-side
+/// copy). The range files' names are chatvec's own, so a Python tool
+/// sharing the cache never takes one for its `.incomplete`.
+fn download_ranges(
+    client: &Client,
+    id: &HubId,
+    commit: &str,
+    f: &RemoteFile,
+    part: &Path,
+    bar: Option<&ProgressBar>,
+) -> Result<()> {
+    let url = format!("{}/{}/resolve/{commit}/{}", client.endpoint, id.repo, f.name);
+    let step = f.size.div_ceil(RANGES);
+    let ranges: Vec<(PathBuf, u64, u64)> = (0..RANGES)
+        .map(|k| (k * step, ((k + 1) * step).min(f.size)))
+        .filter(|(a, b)| a < b)
+        .enumerate()
+        .map(|(k, (a, b))| (part.with_extension(format!("incomplete.range{k}")), a, b))
+        .collect();
+    let errors: std::sync::Mutex<Vec<Error>> = std::sync::Mutex::new(Vec::new());
+    std::thread::scope(|s| {
+        for (path, from, to) in &ranges {
+            let (errors, url) = (&errors, url.as_str());
+            s.spawn(move || {
+                if let Err(e) = download_range(client, id, f, url, path, *from, *to, bar)
+                    && let Ok(mut v) = errors.lock()
+                {
+                    v.push(e);
+                }
+            });
+        }
+    });
+    if let Some(e) = errors.into_inner().ok().and_then(|mut v| (!v.is_empty()).then(|| v.remove(0))) {
+        return Err(e);
+    }
+    let mut out = File::create(part).map_err(|e| Error::io("creating", part, e))?;
+    for (path, _, _) in &ranges {
+        let mut r = File::open(path).map_err(|e| Error::io("opening", path, e))?;
+        std::io::copy(&mut r, &mut out).map_err(|e| Error::io("joining", path, e))?;
+    }
+    out.sync_all().map_err(|e| Error::io("syncing", part, e))?;
+    for (path, _, _) in &ranges {
+        let _ = std::fs::remove_file(path);
+    }
+    Ok(())
+}
+
+/// Bytes `from..to` of `f` into `path`, continuing after what `path` holds.
+#[allow(clippy::too_many_arguments)]
+fn download_range(
+    client: &Client,
+    id: &HubId,
+    f: &RemoteFile,
+    url: &str,
+    path: &Path,
+    from: u64,
+    to: u64,
+    bar: Option<&ProgressBar>,
+) -> Result<()> {
+    let have = std::fs::metadata(path).map(|m| m.len()).unwrap_or(0).min(to - from);
+    if let Some(b) = bar {
+        b.inc(have);
+    }
+    if from + have >= to {
+        return Ok(());
+    }
+    let mut req = client.agent.get(url);
+    if let Some(t) = &client.token {
+        req = req.header("Authorization", &format!("Bearer {t}"));
+    }
+    let mut resp = req.header("Range", &format!("bytes={}-{}", from + have, to - 1)).call().map_err(|e| {
+        Error::Network(format!("cannot reach the Hugging Face Hub at {url}: {e}"))
+            .with_hint("check the network, or pass --offline (HF_HUB_OFFLINE=1) to use only the local cache")
+    })?;
+    match resp.status().as_u16() {
+        206 => {}
+        s if s >= 400 => return Err(client.status_error(s, id, &format!("file {} of", f.name))),
+        s => {
+            return Err(Error::Network(format!(
+                "download of {} from {url}: the server answered a range request with {s}",
+                f.name
+            ))
+            .with_hint("run the command again to resume where it stopped"));
+        }
+    }
+    let mut out =
+        OpenOptions::new().create(true).append(true).open(path).map_err(|e| Error::io("opening", path, e))?;
+    let mut reader = resp.body_mut().with_config().limit(u64::MAX).reader().take(to - from - have);
+    let mut buf = vec![0u8; 1 << 20];
+    let mut got = have;
+    loop {
+        crate::interrupt::check()?;
+        let n = reader.read(&mut buf).map_err(|e| {
+            Error::Network(format!("download of {} from {url} broke off: {e}", f.name))
+                .with_hint("run the command again to resume where it stopped")
+        })?;
+        if n == 0 {
+            break;
+        }
+        out.write_all(&buf[..n]).map_err(|e| Error::io("writing", path, e))?;
+        got += n as u64;
+        if let Some(b) = bar {
+            b.inc(n as u64);
+        }
+    }
+    if got != to - from {
+        return Err(Error::Network(format!(
+            "download of {} from {url} broke off after {got} of {} bytes of a range",
+            f.name,
+            to - from
+        ))
+        .with_hint("run the command again to resume where it stopped"));
+    }
+    out.sync_all().map_err(|e| Error::io("syncing", path, e))
 }
 
 /// Streams `f` into `part`, continuing after the bytes already there.
