@@ -67,6 +67,11 @@ pub struct BenchArgs {
     #[arg(long, value_name = "PYTHON")]
     pub peft: Option<PathBuf>,
 
+    /// Also time downloading the base model from a Hub stand-in on 127.0.0.1
+    /// into a fresh cache (four files at once, large files as parallel ranges).
+    #[arg(long)]
+    pub download: bool,
+
     /// Device for chatvec's apply and merges: cpu, cuda, cuda:N or auto.
     #[arg(long, default_value = "cpu", value_parser = DeviceChoice::parse)]
     pub device: DeviceChoice,
@@ -145,6 +150,8 @@ pub struct BenchReport {
     pub mergekit: Option<Measured>,
     pub methods: Vec<MethodBench>,
     pub lora: Vec<LoraBench>,
+    /// `inspect` of the base from the loopback Hub into a fresh cache.
+    pub download: Option<Measured>,
 }
 
 /// A mergekit config for `method` over the bench inputs: the chat and base
@@ -486,6 +493,21 @@ pub fn run(a: &BenchArgs, json: bool) -> Result<()> {
         lora.push(LoraBench { rank, adapter_bytes, chatvec, peft, max_ulp, over_one_ulp });
     }
 
+    let download = if a.download {
+        let port = super::loopback_hub::start(&base)?;
+        let cache = root.join("dl-cache");
+        let _ = std::fs::remove_dir_all(&cache);
+        let mut cmd = Command::new(&exe);
+        cmd.arg("-q").arg("inspect").arg("bench/model").stdout(std::process::Stdio::null());
+        cmd.env("HF_ENDPOINT", format!("http://127.0.0.1:{port}")).env("HF_HUB_CACHE", &cache);
+        cmd.env("HF_HOME", cache.join("no-home")).env_remove("HF_HUB_OFFLINE").env_remove("HF_TOKEN");
+        let m = measure(&mut cmd)?;
+        let _ = std::fs::remove_dir_all(&cache);
+        Some(m)
+    } else {
+        None
+    };
+
     let gb = |b: u64, s: f64| b as f64 / 1e9 / s;
     let rep = BenchReport {
         shape: a.shape.clone(),
@@ -511,6 +533,7 @@ pub fn run(a: &BenchArgs, json: bool) -> Result<()> {
         mergekit,
         methods,
         lora,
+        download,
     };
     if json {
         return super::json_out(&rep);
@@ -573,6 +596,15 @@ pub fn run(a: &BenchArgs, json: bool) -> Result<()> {
             t += &format!("; max difference {u} bf16 ulp, {o} elements over 1 ulp");
         }
         t.push('\n');
+    }
+    if let Some(m) = &rep.download {
+        t += &format!(
+            "download of the base ({:.2} GB) from a loopback Hub into a fresh cache: {:.2} s, {:.2} GB/s, peak RssAnon {:.0} MiB\n",
+            output_bytes as f64 / 1e9,
+            m.seconds,
+            gb(output_bytes, m.seconds),
+            m.peak_rss_anon_mib
+        );
     }
     for lb in &rep.lora {
         t += &format!(

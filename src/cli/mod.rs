@@ -8,6 +8,7 @@
 mod args;
 pub mod bench;
 mod demo;
+mod loopback_hub;
 mod pipeline;
 pub mod synth;
 

@@ -1,0 +1,136 @@
+//! A Hugging Face Hub stand-in on 127.0.0.1 for `bench --download`: it
+//! serves one model directory through the two endpoints chatvec uses
+//! (revision info, file resolve with Range requests), a thread per
+//! connection so parallel files and ranges really run in parallel. The
+//! bench times chatvec's download from it: the network is loopback, so the
+//! figure is chatvec's own overhead (hashing, writing, joining ranges).
+
+use std::collections::HashMap;
+use std::io::{BufRead, BufReader, Read, Seek, SeekFrom, Write};
+use std::net::{TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use chatvec::{Error, Result};
+use sha2::Digest;
+
+/// The commit every file is served at.
+pub const COMMIT: &str = "b0b0b0b0b0b0b0b0b0b0b0b0b0b0b0b0b0b0b0b0";
+
+fn hex(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+/// The revision-info JSON of `dir`: every file with its size, git blob id,
+/// and for safetensors files the sha256 the Hub lists for LFS files.
+fn info(dir: &Path) -> Result<String> {
+    let mut siblings = Vec::new();
+    let rd = std::fs::read_dir(dir).map_err(|e| Error::Io {
+        op: "listing",
+        path: dir.to_path_buf(),
+        source: e,
+    })?;
+    for e in rd.flatten() {
+        let p = e.path();
+        let name = e.file_name().to_string_lossy().into_owned();
+        if !p.is_file() || name.starts_with('.') {
+            continue;
+        }
+        let mut f =
+            std::fs::File::open(&p).map_err(|e| Error::Io { op: "opening", path: p.clone(), source: e })?;
+        let len = f.metadata().map(|m| m.len()).unwrap_or(0);
+        let (mut s1, mut s2) = (sha1::Sha1::new(), sha2::Sha256::new());
+        s1.update(format!("blob {len}\0").as_bytes());
+        let mut buf = vec![0u8; 8 << 20];
+        loop {
+            let n = f.read(&mut buf).map_err(|e| Error::Io { op: "reading", path: p.clone(), source: e })?;
+            if n == 0 {
+                break;
+            }
+            s1.update(&buf[..n]);
+            s2.update(&buf[..n]);
+        }
+        let mut s = serde_json::json!({"rfilename": name, "size": len, "blobId": hex(&s1.finalize())});
+        if name.ends_with(".safetensors") {
+            s["lfs"] = serde_json::json!({"sha256": hex(&s2.finalize()), "size": len});
+        }
+        siblings.push(s);
+    }
+    Ok(serde_json::json!({"id": "bench/model", "sha": COMMIT, "siblings": siblings}).to_string())
+}
+
+fn head(s: &mut TcpStream, status: &str, len: u64, extra: &str) {
+    let _ = write!(s, "HTTP/1.1 {status}\r\nConnection: close\r\nContent-Length: {len}\r\n{extra}\r\n");
+}
+
+fn serve(mut s: TcpStream, dir: &Path, info: &str) {
+    let mut r = BufReader::new(match s.try_clone() {
+        Ok(c) => c,
+        Err(_) => return,
+    });
+    let mut line = String::new();
+    if r.read_line(&mut line).is_err() {
+        return;
+    }
+    let path = line.split_whitespace().nth(1).unwrap_or("/").to_string();
+    let mut hdrs = HashMap::new();
+    loop {
+        let mut l = String::new();
+        if r.read_line(&mut l).is_err() || l.trim().is_empty() {
+            break;
+        }
+        if let Some((k, v)) = l.split_once(':') {
+            hdrs.insert(k.trim().to_ascii_lowercase(), v.trim().to_string());
+        }
+    }
+    if path.starts_with("/api/models/") {
+        head(&mut s, "200 OK", info.len() as u64, "Content-Type: application/json\r\n");
+        let _ = s.write_all(info.as_bytes());
+        return;
+    }
+    let name = path.rsplit('/').next().unwrap_or("");
+    let file = dir.join(name);
+    let Ok(mut f) = std::fs::File::open(&file) else {
+        head(&mut s, "404 Not Found", 0, "");
+        return;
+    };
+    let len = f.metadata().map(|m| m.len()).unwrap_or(0);
+    let range = hdrs.get("range").and_then(|r| r.strip_prefix("bytes=")).and_then(|r| r.split_once('-'));
+    let (from, to) = match range {
+        Some((a, b)) => {
+            (a.parse().unwrap_or(0), b.parse().unwrap_or(len.saturating_sub(1)).min(len.saturating_sub(1)))
+        }
+        None => (0, len.saturating_sub(1)),
+    };
+    let n = if len == 0 { 0 } else { to + 1 - from };
+    if range.is_some() {
+        head(&mut s, "206 Partial Content", n, &format!("Content-Range: bytes {from}-{to}/{len}\r\n"));
+    } else {
+        head(&mut s, "200 OK", n, "");
+    }
+    if f.seek(SeekFrom::Start(from)).is_ok() {
+        let _ = std::io::copy(&mut f.take(n), &mut s);
+    }
+}
+
+/// A running stand-in serving `dir`; its port.
+pub fn start(dir: &Path) -> Result<u16> {
+    let listener = TcpListener::bind("127.0.0.1:0").map_err(|e| Error::Io {
+        op: "listening on",
+        path: PathBuf::from("127.0.0.1"),
+        source: e,
+    })?;
+    let port = listener
+        .local_addr()
+        .map_err(|e| Error::Io { op: "listening on", path: PathBuf::from("127.0.0.1"), source: e })?
+        .port();
+    let info = Arc::new(info(dir)?);
+    let dir = Arc::new(dir.to_path_buf());
+    std::thread::spawn(move || {
+        for s in listener.incoming().flatten() {
+            let (dir, info) = (dir.clone(), info.clone());
+            std::thread::spawn(move || serve(s, &dir, &info));
+        }
+    });
+    Ok(port)
+}
