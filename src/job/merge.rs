@@ -4,7 +4,10 @@
 use crate::error::{Error, Result};
 use crate::job::chat_vector::{ApplySpec, VectorSource, apply_recorded};
 use crate::job::sweep::{SweepReport, sweep_recorded};
-use crate::job::{Records, Summary, WriteOptions, check_written_config, preflight, write_output};
+use crate::job::{
+    HEADERS_ONLY, Records, Summary, WriteOptions, check_written_config, preflight, preflight_with,
+    write_output,
+};
 use crate::output::card::{CARD_FILE, model_card};
 use crate::output::manifest::RecipeRecord;
 use crate::output::sidecars::{add_union_tokens, model_side_files};
@@ -56,7 +59,12 @@ pub fn merge_sweep(recipe: &Recipe, out: &WriteOptions) -> Result<SweepReport> {
     let (RecipeBody::ChatVector(c), Some(scales)) = (&recipe.body, recipe.sweep()) else {
         return Err(Error::Usage(format!("{} has no [sweep] over a chat vector", recipe.path().display())));
     };
-    sweep_recorded(&chat_vector_spec(recipe, c), scales, out, Some(recipe.record()))
+    let spec = chat_vector_spec(recipe, c);
+    preflight_with(
+        out,
+        |o| sweep_recorded(&spec, scales, o, Some(recipe.record())),
+        |r: &mut SweepReport| r.candidates.iter_mut().for_each(|c| c.summary.notes.push(HEADERS_ONLY.into())),
+    )
 }
 
 fn merge_method(

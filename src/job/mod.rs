@@ -289,6 +289,19 @@ pub(crate) fn preflight(
     out: &WriteOptions,
     run: impl Fn(&WriteOptions) -> Result<Summary>,
 ) -> Result<Summary> {
+    preflight_with(out, run, |s: &mut Summary| s.notes.push(HEADERS_ONLY.into()))
+}
+
+/// What a dry run planned on probes says.
+pub(crate) const HEADERS_ONLY: &str = "planned on the Hub models' headers only (config, tokenizer, index, shard headers); no weights were downloaded";
+
+/// `preflight` for any job; `dry_note` marks a dry run's result as planned
+/// on probes.
+pub(crate) fn preflight_with<T>(
+    out: &WriteOptions,
+    run: impl Fn(&WriteOptions) -> Result<T>,
+    dry_note: impl FnOnce(&mut T),
+) -> Result<T> {
     if crate::resolve::download::offline() {
         return run(out);
     }
@@ -297,13 +310,10 @@ pub(crate) fn preflight(
     if !probed {
         return run(out);
     }
-    let mut summary = rehearsal?;
+    let mut result = rehearsal?;
     if out.dry_run {
-        summary.notes.push(
-            "planned on the Hub models' headers only (config, tokenizer, index, shard headers); no weights were downloaded"
-                .into(),
-        );
-        return Ok(summary);
+        dry_note(&mut result);
+        return Ok(result);
     }
     run(out)
 }

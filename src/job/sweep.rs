@@ -10,7 +10,7 @@ use serde::Serialize;
 
 use crate::error::{Error, Result};
 use crate::job::chat_vector::{ApplySpec, apply_many};
-use crate::job::{Summary, WriteOptions};
+use crate::job::{HEADERS_ONLY, Summary, WriteOptions, preflight_with};
 use crate::json::to_pretty;
 use crate::output::manifest::RecipeRecord;
 use crate::plan::select::Scale;
@@ -45,7 +45,11 @@ pub fn candidate_name(s: &Scale) -> String {
 /// Writes `base + scale * vector` for every scale in `scales` into
 /// `out.output/scale-S/`.
 pub fn sweep(spec: &ApplySpec, scales: &[Scale], out: &WriteOptions) -> Result<SweepReport> {
-    sweep_recorded(spec, scales, out, None)
+    preflight_with(
+        out,
+        |o| sweep_recorded(spec, scales, o, None),
+        |r: &mut SweepReport| r.candidates.iter_mut().for_each(|c| c.summary.notes.push(HEADERS_ONLY.into())),
+    )
 }
 
 /// `sweep`, each candidate's manifest recording the recipe it came from.
