@@ -89,6 +89,7 @@ fn serve(stream: &mut TcpStream, repos: &Mutex<HashMap<String, Repo>>, log: &Mut
     let mut r = BufReader::new(stream.try_clone().unwrap());
     let mut line = String::new();
     r.read_line(&mut line).unwrap();
+    let head_only = line.starts_with("HEAD ");
     let path = line.split_whitespace().nth(1).unwrap_or("/").to_string();
     let mut hdrs = HashMap::new();
     loop {
@@ -108,6 +109,9 @@ fn serve(stream: &mut TcpStream, repos: &Mutex<HashMap<String, Repo>>, log: &Mut
     let key2 = path.trim_start_matches('/').split('/').take(2).collect::<Vec<_>>().join("/");
     let Some(repo) = repos.get_mut(&key).or(None) else {
         if let Some(repo) = repos.get_mut(&key2) {
+            if head_only {
+                return file_head(stream, repo, &path);
+            }
             return file(stream, repo, &path, range, &hdrs);
         }
         return respond(stream, "404 Not Found", &[], b"{}");
@@ -115,7 +119,52 @@ fn serve(stream: &mut TcpStream, repos: &Mutex<HashMap<String, Repo>>, log: &Mut
     if repo.fault == Fault::Gated && hdrs.get("authorization").map(String::as_str) != Some("Bearer secret") {
         return respond(stream, "401 Unauthorized", &[], b"{}");
     }
+    if path.contains("/tree/") {
+        return respond(
+            stream,
+            "200 OK",
+            &["Content-Type: application/json".into()],
+            tree(&repo.dir).as_bytes(),
+        );
+    }
     respond(stream, "200 OK", &["Content-Type: application/json".into()], info(&repo.dir).as_bytes());
+}
+
+/// The file list `/api/models/REPO/tree/REV` gives (huggingface_hub's
+/// snapshot_download asks for it).
+fn tree(dir: &Path) -> String {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(dir).unwrap() {
+        let p = e.unwrap().path();
+        let bytes = std::fs::read(&p).unwrap();
+        let name = p.file_name().unwrap().to_string_lossy().into_owned();
+        let mut f = json!({"type": "file", "path": name, "size": bytes.len(), "oid": git_blob_id(&bytes)});
+        if name.ends_with(".safetensors") {
+            f["lfs"] = json!({"oid": sha256_file(&p), "size": bytes.len(), "pointerSize": 134});
+        }
+        out.push(f);
+    }
+    serde_json::Value::Array(out).to_string()
+}
+
+/// What huggingface_hub's client asks before a download: the commit, the
+/// file's etag (its sha256 for LFS files, else its git blob id) and size.
+fn file_head(s: &mut TcpStream, repo: &mut Repo, path: &str) {
+    let name = path.split('?').next().unwrap_or(path).rsplit('/').next().unwrap();
+    let Ok(bytes) = std::fs::read(repo.dir.join(name)) else {
+        return respond(s, "404 Not Found", &[], b"");
+    };
+    let etag = if name.ends_with(".safetensors") {
+        sha2::Sha256::digest(&bytes).iter().map(|b| format!("{b:02x}")).collect()
+    } else {
+        git_blob_id(&bytes)
+    };
+    let h = format!(
+        "HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Length: {}\r\nX-Repo-Commit: {COMMIT}\r\nETag: \"{etag}\"\r\nX-Linked-Etag: \"{etag}\"\r\nX-Linked-Size: {}\r\n\r\n",
+        bytes.len(),
+        bytes.len()
+    );
+    let _ = s.write_all(h.as_bytes());
 }
 
 fn file(
@@ -470,4 +519,60 @@ fn large_files_download_as_parallel_ranges_that_resume_and_verify() {
     let big = largest(&t.base);
     let ranged = log.iter().filter(|l| l.contains(&big) && l.contains("bytes=")).count();
     assert!(ranged >= 4, "{log:?}");
+}
+
+/// huggingface_hub's `snapshot_download` into the cache at argv[1] from
+/// the endpoint argv[2], then its own cache scan: the warnings it reports
+/// (corrupted or unknown files), one per line.
+const HF_SNAPSHOT_AND_SCAN: &str = r#"
+import sys
+from huggingface_hub import scan_cache_dir, snapshot_download
+snapshot_download("org/model", cache_dir=sys.argv[1], endpoint=sys.argv[2])
+report = scan_cache_dir(sys.argv[1])
+for w in report.warnings:
+    print("WARNING", w)
+print("repos", len(report.repos))
+"#;
+
+#[test]
+#[ignore = "needs huggingface_hub: CHATVEC_SFT_PYTHON=$(scripts/sft-venv.sh) cargo test --test download -- --ignored"]
+fn chatvec_and_huggingface_hub_fill_one_cache_at_once() {
+    let py = std::env::var_os("CHATVEC_SFT_PYTHON").map(PathBuf::from).expect("CHATVEC_SFT_PYTHON");
+    let d = tempfile::tempdir().unwrap();
+    let t = trio(d.path(), Ty::BF16, 3);
+    let hub = Hub::start(vec![("org/model", &t.base, Fault::Healthy)]);
+    let cache = d.path().join("hub");
+    let endpoint = format!("http://127.0.0.1:{}", hub.port);
+    let python = std::process::Command::new(&py)
+        .arg("-c")
+        .arg(HF_SNAPSHOT_AND_SCAN)
+        .arg(&cache)
+        .arg(&endpoint)
+        .env_remove("HF_HUB_OFFLINE")
+        .env("HF_HUB_DISABLE_TELEMETRY", "1")
+        .env("HF_HUB_DISABLE_XET", "1")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let o = hub.run(&cache, &["-q", "inspect", "org/model"]);
+    ok(&o);
+    let p = python.wait_with_output().unwrap();
+    assert!(p.status.success(), "{}", String::from_utf8_lossy(&p.stderr));
+    let said = String::from_utf8_lossy(&p.stdout).to_string();
+    assert!(!said.contains("WARNING"), "{said}");
+    assert!(said.contains("repos 1"), "{said}");
+    // A second scan after chatvec: the cache is still whole.
+    let o = std::process::Command::new(&py)
+        .arg("-c")
+        .arg("import sys\nfrom huggingface_hub import scan_cache_dir\nr = scan_cache_dir(sys.argv[1])\nprint(len(r.warnings), len(r.repos))")
+        .arg(&cache)
+        .output()
+        .unwrap();
+    assert_eq!(String::from_utf8_lossy(&o.stdout).trim(), "0 1", "{}", String::from_utf8_lossy(&o.stderr));
+    let repo = cache.join("models--org--model");
+    for f in entries(&t.base) {
+        let link = repo.join("snapshots").join(COMMIT).join(&f);
+        assert_eq!(std::fs::read(&link).unwrap(), std::fs::read(t.base.join(&f)).unwrap(), "{f}");
+    }
 }
