@@ -3,10 +3,13 @@
 //!
 //! The output is cut into jobs (`jobs`: a shard header, a byte range to
 //! copy, or an element range to compute). Batches of jobs are computed in
-//! parallel on a rayon pool (or through the GPU's slots); a writer thread appends each finished batch to the shard
-//! files in order, an output hasher thread hashes it right after, and one
-//! thread per input hashes that input's shards right behind the compute (see
-//! `input_hash`). Buffers are recycled, so anonymous memory stays near
+//! parallel on a rayon pool (or through the GPU's slots); a writer thread
+//! appends each finished batch to the shard files in order, an output
+//! hasher thread hashes it right after, and one thread per input hashes that
+//! input's shards right behind the compute (see `input_hash`). A sweep runs
+//! one plan for several outputs (`execute_many`): every input chunk is
+//! decoded once, each job yields one piece per output, and each output has
+//! its own shard files and hasher. Buffers are recycled, so anonymous memory stays near
 //! `4 x batch x chunk` whatever the model size (contract 3), and every job
 //! is a pure function of the plan, so the bytes do not depend on thread
 //! count or chunk size (contract 1).

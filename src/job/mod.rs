@@ -1,5 +1,6 @@
 //! The jobs a user runs, end to end, and the library's entry points:
-//! resolve the models, open them, plan, execute into a temporary
+//! resolve the models (Hub models not yet cached are planned on their
+//! headers first, `preflight`), open them, plan, execute into a temporary
 //! directory, add the index, side files and manifest, and commit.
 //!
 //! - `analyze`: what a chat vector is, per layer, with pair checks;
@@ -8,7 +9,7 @@
 //! - `verify`: an output against its manifest and recipe;
 //! - `inspect`: what a checkpoint holds;
 //! - `catalog`: the aliases and shipped recipes;
-//! - `sweep`: one apply per candidate scale;
+//! - `sweep`: apply at several scales from one read of the inputs;
 //! - `sft`: the trainer run, then a LoRA adapter merged into a full model.
 //!
 //! This is the top room: it may import every other, and none imports it.
