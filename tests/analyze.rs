@@ -431,6 +431,15 @@ fn the_picture_is_a_well_formed_svg_with_lines_and_a_cosine_heatmap() {
     let (_, o) = analyze(&["--chat", s(&m.chat), "--pretrained", s(&m.pre), "--plot", s(&svg)]);
     assert_eq!(o.status.code(), Some(1));
     assert_eq!(std::fs::read_to_string(&svg).unwrap(), text);
+    // --force replaces a picture, never another file (here an input's config).
+    let cfg = m.chat.join("config.json");
+    let before = std::fs::read(&cfg).unwrap();
+    let (_, o) = analyze(&["--chat", s(&m.chat), "--pretrained", s(&m.pre), "--plot", s(&cfg), "--force"]);
+    assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
+    assert!(stderr(&o).contains("is not one"), "{}", stderr(&o));
+    assert_eq!(std::fs::read(&cfg).unwrap(), before);
+    let (_, o) = analyze(&["--chat", s(&m.chat), "--pretrained", s(&m.pre), "--plot", s(&svg), "--force"]);
+    ok(&o);
 }
 
 #[test]

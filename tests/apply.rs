@@ -497,6 +497,11 @@ fn each_sweep_candidate_is_byte_identical_to_a_separate_apply() {
     // An existing sweep is not replaced without --force; --scale is refused.
     let o = chatvec(&[&args[..], &["--scales", "0.5", "-o", s(&sweep)]].concat());
     assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
+    // --force reuses a sweep's directory, never another one.
+    ok(&chatvec(&[&args[..], &["-q", "--scales", "0.5", "-o", s(&sweep), "--force"]].concat()));
+    let o = chatvec(&[&args[..], &["--scales", "0.5", "-o", s(&t.base), "--force"]].concat());
+    assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
+    assert!(stderr(&o).contains("replaces only an earlier `chatvec sweep` directory"), "{}", stderr(&o));
     let o =
         chatvec(&[&args[..], &["--scales", "0.5", "--scale", "2", "-o", s(&d.path().join("x"))]].concat());
     assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));

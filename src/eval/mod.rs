@@ -300,11 +300,8 @@ pub fn eval(spec: &EvalSpec) -> Result<EvalReport> {
     if spec.max_new_tokens == 0 {
         return Err(Error::Usage("--max-new-tokens must be at least 1".into()));
     }
-    if let Some(p) = &spec.plot
-        && p.exists()
-        && !spec.force
-    {
-        return Err(Error::OutputExists(p.clone()));
+    if let Some(p) = &spec.plot {
+        crate::output::files::check_picture_target(p, spec.force)?;
     }
     // Everything the worker would trip on, before it starts.
     let (conversations, prompts, source) = match (&spec.data, &spec.prompts) {

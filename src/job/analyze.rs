@@ -72,11 +72,8 @@ pub fn analyze(spec: &AnalyzeSpec) -> Result<AnalyzeReport> {
             "--applied needs --base: the effective scale is ((out - base) . v) / ||v||^2".into(),
         ));
     }
-    if let Some(p) = &spec.plot
-        && p.exists()
-        && !spec.force
-    {
-        return Err(Error::OutputExists(p.clone()));
+    if let Some(p) = &spec.plot {
+        crate::output::files::check_picture_target(p, spec.force)?;
     }
     let (vector, vector_label) = Opened::open(&spec.vector)?;
     let against = spec.against.as_ref().map(Opened::open).transpose()?;

@@ -71,6 +71,17 @@ pub(crate) fn sweep_recorded(
     if root.exists() && !out.force && !out.dry_run {
         return Err(Error::OutputExists(root));
     }
+    // --force reuses only an earlier sweep's directory or an empty one.
+    if root.exists()
+        && !out.dry_run
+        && let Some(why) = crate::output::dir::refuse_replacing(&root, "sweep.json")
+    {
+        return Err(Error::Usage(format!(
+            "--force replaces only an earlier `chatvec sweep` directory or an empty directory, and {} is neither: {why}",
+            root.display()
+        ))
+        .with_hint("remove it yourself, or choose another output directory"));
+    }
     let created = !root.exists() && !out.dry_run;
     if !out.dry_run {
         std::fs::create_dir_all(&root).map_err(|e| Error::io("creating", &root, e))?;

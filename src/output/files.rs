@@ -101,6 +101,28 @@ pub fn write_file(dir: &Path, name: &str, bytes: &[u8]) -> Result<WrittenFile> {
     f.finish()
 }
 
+/// Checks that the picture at `path` may be written: a new file, or with
+/// `force` an earlier picture (an SVG document), never a directory or any
+/// other file (a shard, a config, an input).
+pub fn check_picture_target(path: &Path, force: bool) -> Result<()> {
+    let Ok(meta) = std::fs::symlink_metadata(path) else { return Ok(()) };
+    if !force {
+        return Err(Error::OutputExists(path.to_path_buf()));
+    }
+    let mut head = [0u8; 5];
+    let is_svg = meta.is_file()
+        && std::fs::File::open(path).and_then(|mut f| std::io::Read::read_exact(&mut f, &mut head)).is_ok()
+        && &head == b"<svg ";
+    if !is_svg {
+        return Err(Error::Usage(format!(
+            "--force replaces only an earlier picture (an SVG file), and {} is not one",
+            path.display()
+        ))
+        .with_hint("choose another --plot file"));
+    }
+    Ok(())
+}
+
 /// Writes a standalone file (a report's picture) whole: into a temporary
 /// sibling, fsynced, then renamed over `path`, so a reader never sees half
 /// of it and a link at `path` is replaced, never followed.
