@@ -576,3 +576,39 @@ fn chatvec_and_huggingface_hub_fill_one_cache_at_once() {
         assert_eq!(std::fs::read(&link).unwrap(), std::fs::read(t.base.join(&f)).unwrap(), "{f}");
     }
 }
+
+#[test]
+fn sft_checks_a_hub_model_on_its_probe_and_a_dry_run_downloads_no_weights() {
+    let d = tempfile::tempdir().unwrap();
+    let t = trio(d.path(), Ty::BF16, 2);
+    let template = "{% for message in messages %}{{ '<|start_header_id|>' + message['role'] + '<|end_header_id|>\\n\\n' + message['content'] | trim + '<|eot_id|>' }}{% endfor %}";
+    std::fs::write(t.base.join("tokenizer_config.json"), json!({"chat_template": template}).to_string())
+        .unwrap();
+    let hub = Hub::start(vec![("org/model", &t.base, Fault::Healthy)]);
+    let cache = d.path().join("hub");
+    let data = d.path().join("data.jsonl");
+    std::fs::write(&data, "{\"messages\": [{\"role\": \"user\", \"content\": \"q\"}, {\"role\": \"assistant\", \"content\": \"a\"}]}\n").unwrap();
+    let py = d.path().join("fake-python");
+    std::fs::write(
+        &py,
+        "#!/bin/sh\necho '{\"python\": \"3.11.0\", \"packages\": {\"torch\": \"2.5.0\", \"transformers\": \"5.23.0\", \"trl\": \"1.16.0\", \"accelerate\": \"1.15.0\", \"datasets\": \"5.2.0\"}, \"cuda_devices\": 0}'\n",
+    )
+    .unwrap();
+    let mut perm = std::fs::metadata(&py).unwrap().permissions();
+    std::os::unix::fs::PermissionsExt::set_mode(&mut perm, 0o755);
+    std::fs::set_permissions(&py, perm).unwrap();
+    let run = d.path().join("run");
+    let o = hub.run(
+        &cache,
+        &["sft", "--model", "org/model", "--data", s(&data), "-o", s(&run), "--python", s(&py), "--dry-run"],
+    );
+    ok(&o);
+    // The trainer is pointed at where the model will be, and no weight was fetched.
+    let snap = cache.join("models--org--model").join("snapshots").join(COMMIT);
+    assert!(stdout(&o).contains(&format!("model_name_or_path: {}", snap.display())), "{}", stdout(&o));
+    assert!(entries(&snap).iter().all(|f| !f.ends_with(".safetensors")), "{:?}", entries(&snap));
+    let log = hub.log.lock().unwrap().clone();
+    let weights: Vec<&String> =
+        log.iter().filter(|l| l.contains(".safetensors ") && !l.contains("index")).collect();
+    assert!(weights.iter().all(|l| l.contains("bytes=0-7") || l.contains("bytes=8-")), "{weights:?}");
+}

@@ -76,6 +76,35 @@ pub(crate) fn with_probes<T>(f: impl FnOnce() -> T) -> (T, bool) {
     (out, PROBED.swap(false, Ordering::Relaxed))
 }
 
+/// Probes made by `open_probed`, removed when dropped.
+pub(crate) struct Probes;
+
+impl Drop for Probes {
+    fn drop(&mut self) {
+        download::remove_probes();
+    }
+}
+
+/// Opens `reference` for checks before its weights are fetched: a Hub
+/// model not fully cached opens as a probe (headers only). Returns the
+/// checkpoint, and for a probe its guard and the snapshot directory the
+/// model will have once downloaded.
+pub(crate) fn open_probed(reference: &str) -> Result<(Checkpoint, Option<(Probes, PathBuf)>)> {
+    PROBING.store(true, Ordering::Relaxed);
+    PROBED.store(false, Ordering::Relaxed);
+    let r = open_model(reference);
+    PROBING.store(false, Ordering::Relaxed);
+    let ck = r?;
+    if !PROBED.swap(false, Ordering::Relaxed) {
+        return Ok((ck, None));
+    }
+    let Some(cache) = cache_dir(|k| std::env::var(k).ok()) else { return Ok((ck, None)) };
+    let snap = ck.origin.as_ref().map(|o| {
+        cache.join(format!("models--{}", o.repo.replace('/', "--"))).join("snapshots").join(&o.commit)
+    });
+    Ok((ck, snap.map(|s| (Probes, s))))
+}
+
 /// Resolves `reference` to a model directory.
 pub(crate) fn resolve_model(reference: &str) -> Result<Resolved> {
     let p = Path::new(reference);

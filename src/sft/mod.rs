@@ -24,7 +24,7 @@ use crate::hash::sha256_file;
 use crate::json::to_pretty;
 use crate::output::manifest::MANIFEST_FILE;
 use crate::output::sidecars::chat_template_text;
-use crate::resolve::open_model;
+use crate::resolve::{open_model, open_probed};
 use crate::sft::config::{
     LLAMA3_TRAINING_TEMPLATE, RunPaths, accelerate_config, decoder_layer_class, deepspeed_zero3,
     has_generation_markers, insert_assistant_markers, insert_llama3x_markers, is_llama3_style, sft_config,
@@ -353,22 +353,24 @@ fn prepare(job: &SftJob) -> Result<Prepared> {
     let a = &job.options;
     a.check()?;
     let layout = Layout::of(job);
-    let ck = open_model(&job.model)?;
-    let model_dir = ck.dir.clone();
+    // A Hub model not yet cached is checked on its probe (tokenizer,
+    // template, config) before its weights are fetched.
+    let (ck, probe) = open_probed(&job.model)?;
+    let check_dir = ck.dir.clone();
     // What the trainer would fail on a minute after launch, said now.
     let has_tokenizer = ["tokenizer.json", "tokenizer.model"]
         .iter()
-        .map(|f| crate::model::side_file(&model_dir, f))
+        .map(|f| crate::model::side_file(&check_dir, f))
         .collect::<Result<Vec<_>>>()?
         .iter()
         .any(Option::is_some);
     if !has_tokenizer {
         return Err(Error::Usage(format!(
             "{} has no tokenizer (tokenizer.json or tokenizer.model), so the data cannot be tokenized",
-            model_dir.display()
+            check_dir.display()
         )));
     }
-    let model_manifest_sha256 = match crate::model::side_file(&model_dir, MANIFEST_FILE)? {
+    let model_manifest_sha256 = match crate::model::side_file(&check_dir, MANIFEST_FILE)? {
         Some(manifest) => Some(sha256_file(&manifest)?),
         None => None,
     };
@@ -382,8 +384,8 @@ fn prepare(job: &SftJob) -> Result<Prepared> {
     if a.deepspeed.is_some() {
         launch_only.push("deepspeed");
     }
-    let Some((template, source)) = chosen_template(a, &model_dir)? else {
-        return Err(Error::Usage(format!("{} has no chat template, so chat data cannot be rendered", model_dir.display()))
+    let Some((template, source)) = chosen_template(a, &check_dir)? else {
+        return Err(Error::Usage(format!("{} has no chat template, so chat data cannot be rendered", check_dir.display()))
             .with_hint("pass --chat-template FILE|MODEL, or apply a chat vector with chatvec (it installs the chat model's template)"));
     };
     // A template without markers that chatvec does not mark itself: ask
@@ -395,7 +397,7 @@ fn prepare(job: &SftJob) -> Result<Prepared> {
         &needed,
         &launch_only,
         job.dry_run,
-        ask.then_some((model_dir.as_path(), template.as_str(), marked.as_deref())),
+        ask.then_some((check_dir.as_path(), template.as_str(), marked.as_deref())),
     )?;
     if let Some(known) = &python.settings {
         for key in a.train_args.keys() {
@@ -433,6 +435,13 @@ fn prepare(job: &SftJob) -> Result<Prepared> {
             )));
         }
     }
+    // Where the trainer finds the model: a probe's snapshot, downloaded
+    // now that every check passed (a dry run only names it).
+    let model_dir = match probe {
+        None => check_dir,
+        Some((_probes, snapshot)) if job.dry_run => snapshot,
+        Some(_) => open_model(&job.model)?.dir,
+    };
     let tf_major = python
         .packages
         .get("transformers")
