@@ -230,16 +230,19 @@ impl Hub {
         Hub { port, log }
     }
 
-    fn run(&self, cache: &Path, args: &[&str]) -> std::process::Output {
-        command()
-            .env("HF_ENDPOINT", format!("http://127.0.0.1:{}", self.port))
+    /// chatvec with this Hub as its endpoint and `cache` as its cache.
+    fn command(&self, cache: &Path) -> std::process::Command {
+        let mut c = command();
+        c.env("HF_ENDPOINT", format!("http://127.0.0.1:{}", self.port))
             .env("HF_HUB_CACHE", cache)
             .env_remove("HF_HUB_OFFLINE")
             .env_remove("HF_TOKEN")
-            .env("HF_HOME", cache.join("no-home"))
-            .args(args)
-            .output()
-            .unwrap()
+            .env("HF_HOME", cache.join("no-home"));
+        c
+    }
+
+    fn run(&self, cache: &Path, args: &[&str]) -> std::process::Output {
+        self.command(cache).args(args).output().unwrap()
     }
 }
 
@@ -396,10 +399,8 @@ fn a_mismatched_pair_is_refused_and_a_dry_run_planned_with_only_headers_fetched(
     assert!(!out.exists());
 
     // A dry run of a good pair plans on headers only.
-    let before = hub.log.lock().unwrap().len();
-    let o = hub.run(
-        &cache,
-        &[
+    let apply = |extra: &[&str]| {
+        let mut a = vec![
             "apply",
             "--base",
             "org/base",
@@ -409,9 +410,12 @@ fn a_mismatched_pair_is_refused_and_a_dry_run_planned_with_only_headers_fetched(
             "org/pre",
             "-o",
             s(&out),
-            "--dry-run",
-        ],
-    );
+        ];
+        a.extend(extra);
+        hub.run(&cache, &a)
+    };
+    let before = hub.log.lock().unwrap().len();
+    let o = apply(&["--dry-run"]);
     ok(&o);
     assert!(stdout(&o).contains("model.layers.0.mlp.up_proj.weight"), "{}", stdout(&o));
     assert!(stderr(&o).contains("no weights were downloaded"), "{}", stderr(&o));
@@ -419,21 +423,7 @@ fn a_mismatched_pair_is_refused_and_a_dry_run_planned_with_only_headers_fetched(
     let w = weight_requests(&log[before..]);
     assert!(w.iter().all(|l| l.contains("bytes=0-7") || l.contains("bytes=8-")), "{w:?}");
     // Then for real: the same bytes as from the local directories.
-    let o = hub.run(
-        &cache,
-        &[
-            "-q",
-            "apply",
-            "--base",
-            "org/base",
-            "--chat",
-            "org/chat",
-            "--pretrained",
-            "org/pre",
-            "-o",
-            s(&out),
-        ],
-    );
+    let o = apply(&["-q"]);
     ok(&o);
     let local = d.path().join("local");
     ok(&apply_streaming(&t, &local, &["-q"]));
@@ -447,12 +437,7 @@ fn two_processes_downloading_one_repo_at_once_leave_a_correct_shared_cache() {
     let hub = Hub::start(vec![("org/model", &t.base, Fault::Healthy)]);
     let cache = d.path().join("hub");
     let spawn = || {
-        command()
-            .env("HF_ENDPOINT", format!("http://127.0.0.1:{}", hub.port))
-            .env("HF_HUB_CACHE", &cache)
-            .env_remove("HF_HUB_OFFLINE")
-            .env_remove("HF_TOKEN")
-            .env("HF_HOME", cache.join("no-home"))
+        hub.command(&cache)
             .args(["-q", "inspect", "org/model"])
             .stdout(std::process::Stdio::piped())
             .stderr(std::process::Stdio::piped())
@@ -487,12 +472,7 @@ fn large_files_download_as_parallel_ranges_that_resume_and_verify() {
     let hub = Hub::start(vec![("org/model", &t.base, Fault::BreakOnce)]);
     let cache = d.path().join("hub");
     let run = || {
-        command()
-            .env("HF_ENDPOINT", format!("http://127.0.0.1:{}", hub.port))
-            .env("HF_HUB_CACHE", &cache)
-            .env_remove("HF_HUB_OFFLINE")
-            .env_remove("HF_TOKEN")
-            .env("HF_HOME", cache.join("no-home"))
+        hub.command(&cache)
             // Every weight file counts as large here.
             .env("CHATVEC_RANGE_MIN", "1")
             .args(["-q", "inspect", "org/model"])

@@ -272,6 +272,30 @@ fn wanted(
     Ok(out)
 }
 
+/// The files of `files` chatvec needs (`wanted`), the index read after
+/// fetching it into the cache.
+fn needed(
+    client: &Client,
+    id: &HubId,
+    commit: &str,
+    repo_dir: &Path,
+    files: &[RemoteFile],
+) -> Result<Vec<RemoteFile>> {
+    let mut index = |f: &RemoteFile| -> Result<Vec<String>> {
+        let path = fetch(client, id, commit, repo_dir, f, None)?;
+        let v = crate::json::read_value(&path, MAX_INFO_BYTES)?;
+        let map = v
+            .get("weight_map")
+            .and_then(Value::as_object)
+            .ok_or_else(|| Error::bad_file(&path, "has no weight_map"))?;
+        let mut shards: Vec<String> = map.values().filter_map(Value::as_str).map(str::to_string).collect();
+        shards.sort();
+        shards.dedup();
+        Ok(shards)
+    };
+    wanted(files, &mut index)
+}
+
 /// What `ensure` found.
 pub(crate) enum Outcome {
     /// The snapshot holds every file chatvec needs.
@@ -290,19 +314,7 @@ pub(crate) fn ensure(cache: &Path, id: &HubId) -> Result<Outcome> {
     };
     let repo_dir = cache.join(format!("models--{}", id.repo.replace('/', "--")));
     let snap = repo_dir.join("snapshots").join(&commit);
-    let mut index = |f: &RemoteFile| -> Result<Vec<String>> {
-        let path = fetch(&client, id, &commit, &repo_dir, f, None)?;
-        let v = crate::json::read_value(&path, MAX_INFO_BYTES)?;
-        let map = v
-            .get("weight_map")
-            .and_then(Value::as_object)
-            .ok_or_else(|| Error::bad_file(&path, "has no weight_map"))?;
-        let mut shards: Vec<String> = map.values().filter_map(Value::as_str).map(str::to_string).collect();
-        shards.sort();
-        shards.dedup();
-        Ok(shards)
-    };
-    let need = wanted(&files, &mut index)?;
+    let need = needed(&client, id, &commit, &repo_dir, &files)?;
     let missing: Vec<&RemoteFile> = need.iter().filter(|f| !snap.join(&f.name).exists()).collect();
     if !missing.is_empty() {
         let total: u64 = missing.iter().map(|f| f.size).sum();
@@ -451,19 +463,7 @@ pub(crate) fn probe(cache: &Path, id: &HubId) -> Result<Option<Outcome>> {
     };
     let repo_dir = cache.join(format!("models--{}", id.repo.replace('/', "--")));
     let snap = repo_dir.join("snapshots").join(&commit);
-    let mut index = |f: &RemoteFile| -> Result<Vec<String>> {
-        let path = fetch(&client, id, &commit, &repo_dir, f, None)?;
-        let v = crate::json::read_value(&path, MAX_INFO_BYTES)?;
-        let map = v
-            .get("weight_map")
-            .and_then(Value::as_object)
-            .ok_or_else(|| Error::bad_file(&path, "has no weight_map"))?;
-        let mut shards: Vec<String> = map.values().filter_map(Value::as_str).map(str::to_string).collect();
-        shards.sort();
-        shards.dedup();
-        Ok(shards)
-    };
-    let need = wanted(&files, &mut index)?;
+    let need = needed(&client, id, &commit, &repo_dir, &files)?;
     let missing: Vec<&RemoteFile> = need.iter().filter(|f| !snap.join(&f.name).exists()).collect();
     let weights = |f: &RemoteFile| f.name.ends_with(".safetensors") || f.name.ends_with(".bin");
     if missing.is_empty() || missing.iter().any(|f| f.name.ends_with(".bin")) {
