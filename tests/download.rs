@@ -592,3 +592,18 @@ fn sft_checks_a_hub_model_on_its_probe_and_a_dry_run_downloads_no_weights() {
         log.iter().filter(|l| l.contains(".safetensors ") && !l.contains("index")).collect();
     assert!(weights.iter().all(|l| l.contains("bytes=0-7") || l.contains("bytes=8-")), "{weights:?}");
 }
+
+#[test]
+fn a_corrupt_ranged_download_is_deleted_and_never_linked() {
+    let d = tempfile::tempdir().unwrap();
+    let t = trio(d.path(), Ty::BF16, 1);
+    let hub = Hub::start(vec![("org/bad", &t.base, Fault::Corrupt)]);
+    let cache = d.path().join("hub");
+    let o = hub.command(&cache).env("CHATVEC_RANGE_MIN", "1").args(["inspect", "org/bad"]).output().unwrap();
+    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+    assert!(stderr(&o).contains("is corrupt") && stderr(&o).contains("sha256"), "{}", stderr(&o));
+    let repo = cache.join("models--org--bad");
+    let blobs = entries(&repo.join("blobs"));
+    assert!(blobs.iter().all(|b| !b.contains(".incomplete")), "{blobs:?}");
+    assert!(!repo.join("snapshots").join(COMMIT).join("model.safetensors").exists());
+}
