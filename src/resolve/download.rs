@@ -126,12 +126,17 @@ impl Client {
     }
 
     fn get(&self, url: &str, range_from: u64) -> Result<ureq::http::Response<ureq::Body>> {
+        self.get_range(url, (range_from > 0).then(|| format!("bytes={range_from}-")))
+    }
+
+    /// GET `url`, authenticated, with an optional `Range` header value.
+    fn get_range(&self, url: &str, range: Option<String>) -> Result<ureq::http::Response<ureq::Body>> {
         let mut req = self.agent.get(url);
         if let Some(t) = &self.token {
             req = req.header("Authorization", &format!("Bearer {t}"));
         }
-        if range_from > 0 {
-            req = req.header("Range", &format!("bytes={range_from}-"));
+        if let Some(r) = &range {
+            req = req.header("Range", r);
         }
         req.call().map_err(|e| {
             Error::Network(format!("cannot reach the Hugging Face Hub at {url}: {e}")).with_hint(
@@ -142,15 +147,7 @@ impl Client {
 
     /// Bytes `from..=to` of `url` (a Range request the server must honour).
     fn get_bytes(&self, url: &str, from: u64, to: u64, cap: u64) -> Result<(u16, Vec<u8>)> {
-        let mut req = self.agent.get(url);
-        if let Some(t) = &self.token {
-            req = req.header("Authorization", &format!("Bearer {t}"));
-        }
-        let mut resp = req.header("Range", &format!("bytes={from}-{to}")).call().map_err(|e| {
-            Error::Network(format!("cannot reach the Hugging Face Hub at {url}: {e}")).with_hint(
-                "check the network, or pass --offline (HF_HUB_OFFLINE=1) to use only the local cache",
-            )
-        })?;
+        let mut resp = self.get_range(url, Some(format!("bytes={from}-{to}")))?;
         let status = resp.status().as_u16();
         let mut body = Vec::new();
         resp.body_mut()
@@ -647,14 +644,7 @@ fn download_range(
     if from + have >= to {
         return Ok(());
     }
-    let mut req = client.agent.get(url);
-    if let Some(t) = &client.token {
-        req = req.header("Authorization", &format!("Bearer {t}"));
-    }
-    let mut resp = req.header("Range", &format!("bytes={}-{}", from + have, to - 1)).call().map_err(|e| {
-        Error::Network(format!("cannot reach the Hugging Face Hub at {url}: {e}"))
-            .with_hint("check the network, or pass --offline (HF_HUB_OFFLINE=1) to use only the local cache")
-    })?;
+    let mut resp = client.get_range(url, Some(format!("bytes={}-{}", from + have, to - 1)))?;
     match resp.status().as_u16() {
         206 => {}
         s if s >= 400 => return Err(client.status_error(s, id, &format!("file {} of", f.name))),
@@ -668,24 +658,8 @@ fn download_range(
     }
     let mut out =
         OpenOptions::new().create(true).append(true).open(path).map_err(|e| Error::io("opening", path, e))?;
-    let mut reader = resp.body_mut().with_config().limit(u64::MAX).reader().take(to - from - have);
-    let mut buf = vec![0u8; 1 << 20];
-    let mut got = have;
-    loop {
-        crate::interrupt::check()?;
-        let n = reader.read(&mut buf).map_err(|e| {
-            Error::Network(format!("download of {} from {url} broke off: {e}", f.name))
-                .with_hint("run the command again to resume where it stopped")
-        })?;
-        if n == 0 {
-            break;
-        }
-        out.write_all(&buf[..n]).map_err(|e| Error::io("writing", path, e))?;
-        got += n as u64;
-        if let Some(b) = bar {
-            b.inc(n as u64);
-        }
-    }
+    let reader = resp.body_mut().with_config().limit(u64::MAX).reader().take(to - from - have);
+    let got = have + stream(reader, &mut out, path, &f.name, url, bar)?;
     if got != to - from {
         return Err(Error::Network(format!(
             "download of {} from {url} broke off after {got} of {} bytes of a range",
@@ -720,23 +694,39 @@ fn download(
     if let Some(b) = bar {
         b.inc(start);
     }
-    let mut reader = resp.body_mut().with_config().limit(u64::MAX).reader();
+    let reader = resp.body_mut().with_config().limit(u64::MAX).reader();
+    stream(reader, &mut out, part, &f.name, &url, bar)?;
+    out.sync_all().map_err(|e| Error::io("syncing", part, e))
+}
+
+/// Copies a response body into `out` (the file at `path`) through a 1 MiB
+/// buffer, counting it on `bar` and stopping at an interrupt; returns the
+/// bytes copied. A broken transfer is a network error saying it resumes.
+fn stream(
+    mut reader: impl Read,
+    out: &mut File,
+    path: &Path,
+    name: &str,
+    url: &str,
+    bar: Option<&ProgressBar>,
+) -> Result<u64> {
     let mut buf = vec![0u8; 1 << 20];
+    let mut got = 0u64;
     loop {
         crate::interrupt::check()?;
         let n = reader.read(&mut buf).map_err(|e| {
-            Error::Network(format!("download of {} from {url} broke off: {e}", f.name))
+            Error::Network(format!("download of {name} from {url} broke off: {e}"))
                 .with_hint("run the command again to resume where it stopped")
         })?;
         if n == 0 {
-            break;
+            return Ok(got);
         }
-        out.write_all(&buf[..n]).map_err(|e| Error::io("writing", part, e))?;
+        out.write_all(&buf[..n]).map_err(|e| Error::io("writing", path, e))?;
+        got += n as u64;
         if let Some(b) = bar {
             b.inc(n as u64);
         }
     }
-    out.sync_all().map_err(|e| Error::io("syncing", part, e))
 }
 
 /// Checks a downloaded file against the Hub's size and hash; a mismatch
