@@ -18,7 +18,7 @@ use crate::plan::checks::delta_ratio;
 use crate::plan::checks::layers_of;
 use crate::plan::lora::plan_lora;
 use crate::plan::select::{Scale, Selection, Spelling};
-use crate::plan::{EmbeddingPolicy, Formula, Op, Plan};
+use crate::plan::{EmbeddingPolicy, Op, Plan};
 use crate::resolve::{open_adapter, open_model, vector_alias};
 use crate::units::parse_size;
 
@@ -165,28 +165,23 @@ fn to_value(p: &Parameters) -> Result<serde_json::Value> {
 /// merge, on `B @ A`: the scale times alpha / r), by tensor name, for the
 /// manifest: what a layer gradient or a `--scale-for` rule gave each one.
 fn tensor_scales(plan: &Plan) -> serde_json::Value {
-    let mut m = serde_json::Map::new();
-    for t in &plan.tensors {
-        if let Op::Arith { formula, .. } = &t.op {
-            let s = match *formula {
-                Formula::AddDiff { scale, .. }
-                | Formula::AddScaled { scale, .. }
-                | Formula::AddLowRank { scale, .. } => scale,
-                Formula::Diff { .. } => continue,
-            };
-            // Through text, so an f32 keeps its shortest spelling.
-            let v = serde_json::from_str(&serde_json::to_string(&s).unwrap_or_default()).unwrap_or_default();
-            m.insert(t.name.clone(), v);
-        }
-    }
-    serde_json::Value::Object(m)
+    let scales: Vec<Option<f32>> = plan
+        .tensors
+        .iter()
+        .map(|t| match &t.op {
+            Op::Arith { formula, .. } => formula.scale(),
+            _ => None,
+        })
+        .collect();
+    scales_json(plan, &scales)
 }
 
-/// `tensor_scales` for a candidate: its per-tensor scales, by name.
+/// `tensor_scales` from per-tensor scales (a sweep candidate's), by name.
 fn scales_json(plan: &Plan, scales: &[Option<f32>]) -> serde_json::Value {
     let mut m = serde_json::Map::new();
     for (t, s) in plan.tensors.iter().zip(scales) {
         if let Some(s) = s {
+            // Through text, so an f32 keeps its shortest spelling.
             let v = serde_json::from_str(&serde_json::to_string(s).unwrap_or_default()).unwrap_or_default();
             m.insert(t.name.clone(), v);
         }
@@ -400,6 +395,8 @@ pub(crate) fn apply_many(
     let chat_side = || ChatSide { dir: &chat_dir, keep_base_template: spec.keep_base_template };
     let first_side = model_side_files(&base_dir, Some(chat_side()), spec.out_dtype)?;
     check_written_config(&mut plan, &first_side, spec.allow_mismatch)?;
+    // The first candidate takes these; later ones read their own.
+    let mut first_side = Some(first_side);
     let layers = layers_of(plan.inputs[0].ckpt.tensors.iter().map(|t| t.name.as_str()));
     let mut variants = Vec::with_capacity(outs.len());
     for (scale, out) in outs {
@@ -416,7 +413,10 @@ pub(crate) fn apply_many(
                 _ => None,
             })
             .collect();
-        let mut side = model_side_files(&base_dir, Some(chat_side()), spec.out_dtype)?;
+        let mut side = match first_side.take() {
+            Some(s) => s,
+            None => model_side_files(&base_dir, Some(chat_side()), spec.out_dtype)?,
+        };
         side.notes.splice(0..0, early_notes.clone());
         let how = format!("chat vector (scale {scale})");
         side.add(CARD_FILE, model_card(&plan, &how, recipe.as_ref())?);
