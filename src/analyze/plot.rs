@@ -7,8 +7,8 @@
 use std::fmt::Write as _;
 
 use super::TensorResult;
-use super::figures::{Figures, Present, Sums};
-use super::report::module_kind;
+use super::figures::Figures;
+use super::report::{Group, module_kind};
 use crate::merge::params::layer_index;
 
 /// The kinds drawn per layer.
@@ -16,32 +16,24 @@ const LAYER_KINDS: [&str; 7] = ["q", "k", "v", "o", "gate", "up", "down"];
 /// A color per kind (Tableau 10).
 const COLORS: [&str; 7] = ["#4e79a7", "#f28e2b", "#e15759", "#76b7b2", "#59a14f", "#edc948", "#b07aa1"];
 
-fn xml(s: &str) -> String {
+/// `s` escaped for SVG text and attributes.
+pub(crate) fn xml(s: &str) -> String {
     s.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;").replace('"', "&quot;")
 }
 
 /// Figures per (layer, kind), for the layers the vector has.
 fn grid(results: &[TensorResult]) -> (u64, Vec<Vec<Option<Figures>>>) {
     let layers = results.iter().filter_map(|r| layer_index(&r.name)).max().map_or(0, |m| m + 1);
-    let mut sums =
-        vec![vec![(Sums::default(), Present::default(), 0usize); LAYER_KINDS.len()]; layers as usize];
+    let mut cells = vec![vec![Group::default(); LAYER_KINDS.len()]; layers as usize];
     for r in results {
         let (Some(l), Some(k)) =
             (layer_index(&r.name), LAYER_KINDS.iter().position(|k| *k == module_kind(&r.name)))
         else {
             continue;
         };
-        let cell = &mut sums[l as usize][k];
-        cell.0.add(&r.sums);
-        cell.1.pre |= r.present.pre;
-        cell.1.base |= r.present.base;
-        cell.1.against |= r.present.against;
-        cell.2 += 1;
+        cells[l as usize][k].add(r);
     }
-    let figs = sums
-        .iter()
-        .map(|row| row.iter().map(|(s, p, n)| (*n > 0).then(|| Figures::from_sums(s, *p))).collect())
-        .collect();
+    let figs = cells.iter().map(|row| row.iter().map(Group::sum_figures).collect()).collect();
     (layers, figs)
 }
 

@@ -121,16 +121,16 @@ fn layer_group(name: &str) -> String {
     }
 }
 
-/// Sums of a group, and whether every tensor had each comparison.
-#[derive(Default)]
-struct Group {
+/// Sums of a group, and which comparisons any of its tensors had.
+#[derive(Clone, Default)]
+pub(crate) struct Group {
     sums: Sums,
     present: Option<Present>,
     tensors: usize,
 }
 
 impl Group {
-    fn add(&mut self, r: &TensorResult) {
+    pub(crate) fn add(&mut self, r: &TensorResult) {
         self.sums.add(&r.sums);
         let p = self.present.get_or_insert(r.present);
         // A figure is shown for the group when any of its tensors had it.
@@ -139,6 +139,11 @@ impl Group {
         p.against |= r.present.against;
         p.applied |= r.present.applied;
         self.tensors += 1;
+    }
+
+    /// The group's figures, if it has a tensor.
+    pub(crate) fn sum_figures(&self) -> Option<Figures> {
+        (self.tensors > 0).then(|| Figures::from_sums(&self.sums, self.present.unwrap_or_default()))
     }
 
     fn figures(&self, group: String) -> GroupFigures {

@@ -6,10 +6,7 @@
 use std::fmt::Write as _;
 
 use super::EvalReport;
-
-fn xml(s: &str) -> String {
-    s.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;").replace('"', "&quot;")
-}
+use crate::analyze::plot::xml;
 
 /// The SVG document.
 pub(crate) fn svg(r: &EvalReport) -> String {
