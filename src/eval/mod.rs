@@ -305,17 +305,7 @@ pub fn eval(spec: &EvalSpec) -> Result<EvalReport> {
     }
     // Everything the worker would trip on, before it starts.
     let (conversations, prompts, source) = match (&spec.data, &spec.prompts) {
-        (None, None) => {
-            let convs = prompts::BUILT_IN
-                .iter()
-                .map(|(_, q, a)| json!([{"role": "user", "content": q}, {"role": "assistant", "content": a}]))
-                .collect();
-            let ps = prompts::BUILT_IN
-                .iter()
-                .map(|(l, q, _)| json!({"messages": [{"role": "user", "content": q}], "lang": l}))
-                .collect();
-            (convs, ps, "built-in prompt set".to_string())
-        }
+        (None, None) => (prompts::conversations(), prompts::prompts(), "built-in prompt set".to_string()),
         (data, prompts) => {
             let convs = match data {
                 Some(d) => read_conversations(d)?,
@@ -323,10 +313,7 @@ pub fn eval(spec: &EvalSpec) -> Result<EvalReport> {
             };
             let ps = match prompts {
                 Some(p) => read_prompts(p)?,
-                None => prompts::BUILT_IN
-                    .iter()
-                    .map(|(l, q, _)| json!({"messages": [{"role": "user", "content": q}], "lang": l}))
-                    .collect(),
+                None => prompts::prompts(),
             };
             let src = format!(
                 "{} / {}",

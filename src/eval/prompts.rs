@@ -5,7 +5,7 @@
 //! is given. Japanese first, since the tool exists for Japanese models.
 
 /// (language, prompt, reference reply).
-pub(crate) const BUILT_IN: [(&str, &str, &str); 12] = [
+const BUILT_IN: [(&str, &str, &str); 12] = [
     ("ja", "日本の首都はどこですか?", "日本の首都は東京です。"),
     (
         "ja",
@@ -39,3 +39,19 @@ pub(crate) const BUILT_IN: [(&str, &str, &str); 12] = [
     ("en", "How many days are in a leap year?", "A leap year has 366 days."),
     ("en", "Say hello in Japanese.", "In Japanese, hello is \"konnichiwa\" (こんにちは)."),
 ];
+
+/// The prompts, as the worker takes them: one user turn and its language.
+pub(crate) fn prompts() -> Vec<serde_json::Value> {
+    BUILT_IN
+        .iter()
+        .map(|(l, q, _)| serde_json::json!({"messages": [{"role": "user", "content": q}], "lang": l}))
+        .collect()
+}
+
+/// The (prompt, reference reply) conversations the loss is measured on.
+pub(crate) fn conversations() -> Vec<serde_json::Value> {
+    BUILT_IN
+        .iter()
+        .map(|(_, q, a)| serde_json::json!([{"role": "user", "content": q}, {"role": "assistant", "content": a}]))
+        .collect()
+}
