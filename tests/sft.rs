@@ -291,6 +291,8 @@ fn scale_out_options_are_checked_and_cluster_configs_prepare_without_gpus() {
     fails(&["--nnodes", "2", "--node-rank", "5", "--master-addr", "10.0.0.1"], "--node-rank 5 of --nnodes 2");
     fails(&["--nproc", "0"], "--nproc 0");
     fails(&["--scheduler", "cosin"], "did you mean cosine?");
+    fails(&["--train-arg", "weight_decy=0.1"], "did you mean weight_decay?");
+    fails(&["--train-arg", "learning_rate=1e-4"], "chatvec sets it; use --lr");
     // The fake torch sees no GPU: FSDP and DeepSpeed cannot run here...
     fails(&["--fsdp"], "--fsdp needs GPUs, and torch sees none here");
     fails(&["--deepspeed", "zero3"], "--deepspeed needs GPUs");
@@ -307,9 +309,7 @@ fn scale_out_options_are_checked_and_cluster_configs_prepare_without_gpus() {
             && text.contains("bf16: false"),
         "{text}"
     );
-    fails(&["--train-arg", "weight_decy=0.1"], "did you mean weight_decay?");
-    fails(&["--train-arg", "learning_rate=1e-4"], "chatvec sets it; use --lr");
-    // ...but their configs can be prepared, as for GPUs.
+    // FSDP and DeepSpeed configs can still be prepared, as for GPUs.
     let o = sft(&model, &data, &run, &py)
         .args(["--dry-run", "--deepspeed", "zero3", "--nproc", "8", "--nnodes", "2", "--node-rank", "1"])
         .args(["--master-addr", "10.0.0.1", "--train-arg", "weight_decay=0.1"])
