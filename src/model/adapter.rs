@@ -100,8 +100,7 @@ fn find<'a, T>(pats: &'a [Pattern<T>], module: &str) -> Option<&'a Pattern<T>> {
 }
 
 /// How the product of the factors lines up with the weight.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
-#[serde(rename_all = "snake_case")]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum LowRankKind {
     /// A linear layer `[out, in]`: `delta = B @ A`.
     Linear,
