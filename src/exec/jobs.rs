@@ -137,14 +137,14 @@ pub(crate) fn run_many<'a>(
     let Op::Arith { formula, .. } = &t.op else {
         // No scale: computed once, the same bytes for every variant.
         let one = run(plan, stats, job, bufs.pop().unwrap_or_default())?;
-        let bytes = one.bytes().to_vec();
-        let mut out = vec![one];
+        let mut copies: Vec<Piece> = Vec::with_capacity(n);
         for mut b in bufs.into_iter().take(n - 1) {
             b.clear();
-            b.extend_from_slice(&bytes);
-            out.push(Piece::Owned(b));
+            b.extend_from_slice(one.bytes());
+            copies.push(Piece::Owned(b));
         }
-        return Ok(out);
+        copies.insert(0, one);
+        return Ok(copies);
     };
     let own = formula.scale().unwrap_or(1.0);
     let scales: Vec<f32> =
