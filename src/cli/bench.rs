@@ -125,9 +125,12 @@ pub struct BenchReport {
     /// `--device` of chatvec's runs.
     pub device: String,
     /// Durable write of the output's byte count (write + fdatasync), the
-    /// faster of a run before and one after the apply runs.
+    /// fastest of the runs below.
     pub floor_write_seconds: f64,
+    /// Through the page cache, before and after the apply runs.
     pub floor_write_runs: [f64; 2],
+    /// With `O_DIRECT`, before and after the apply runs.
+    pub floor_write_direct_runs: [f64; 2],
     /// Reading all inputs from the (warm) page cache.
     pub floor_read_seconds: f64,
     pub floor_seconds: f64,
@@ -136,6 +139,9 @@ pub struct BenchReport {
     /// Apply with input hashes from the cache.
     pub apply_cached: Measured,
     pub apply_cached_ratio_to_floor: f64,
+    /// The cached apply with `CHATVEC_WRITE=buffered` (through the page
+    /// cache, as where direct I/O is refused).
+    pub apply_buffered: Measured,
     /// `sweep --scales 0.5,0.75,1` over the same inputs.
     pub sweep3: Measured,
     /// Its time over the cached apply's.
@@ -293,18 +299,31 @@ fn read_floor(dirs: &[&Path]) -> Result<f64> {
     Ok(t)
 }
 
-/// Seconds to write `bytes` to a new file in `dir` and fdatasync it.
-fn write_floor(dir: &Path, bytes: u64) -> Result<f64> {
+/// Seconds to write `bytes` to a new file in `dir` and fdatasync it:
+/// through the page cache, or with `direct` around it (`O_DIRECT`, aligned
+/// 8 MiB writes, then cut to size), as `dd oflag=direct` would.
+fn write_floor(dir: &Path, bytes: u64, direct: bool) -> Result<f64> {
+    use std::os::unix::fs::OpenOptionsExt;
     let path = dir.join(".floor-write.tmp");
-    let buf: Vec<u8> = (0..(8usize << 20)).map(|i| (i * 31 + 7) as u8).collect();
+    const BLOCK: usize = 8 << 20;
+    let mut raw: Vec<u8> = (0..BLOCK + 4096).map(|i| (i * 31 + 7) as u8).collect();
+    let at = raw.as_ptr().align_offset(4096);
+    let buf = &mut raw[at..at + BLOCK];
     let start = Instant::now();
-    let mut f = File::create(&path).map_err(io("creating", &path))?;
+    let mut open = std::fs::OpenOptions::new();
+    open.write(true).create(true).truncate(true);
+    if direct {
+        open.custom_flags(libc::O_DIRECT);
+    }
+    let mut f = open.open(&path).map_err(io("creating", &path))?;
     let mut left = bytes;
     while left > 0 {
-        let n = left.min(buf.len() as u64) as usize;
+        let n = left.min(BLOCK as u64) as usize;
+        let n = if direct { n.div_ceil(4096) * 4096 } else { n };
         f.write_all(&buf[..n]).map_err(io("writing", &path))?;
-        left -= n as u64;
+        left = left.saturating_sub(n as u64);
     }
+    f.set_len(bytes).map_err(io("writing", &path))?;
     f.sync_data().map_err(io("syncing", &path))?;
     let t = start.elapsed().as_secs_f64();
     drop(f);
@@ -351,7 +370,8 @@ pub fn run(a: &BenchArgs, json: bool) -> Result<()> {
     let threads = default_threads(a.threads);
 
     let floor_read = read_floor(&[&pre, &chat, &base])?;
-    let floor_write_before = write_floor(&root, output_bytes)?;
+    let floor_write_before = write_floor(&root, output_bytes, false)?;
+    let floor_direct_before = write_floor(&root, output_bytes, true)?;
 
     let out = root.join("out-chatvec");
     let exe = std::env::current_exe().map_err(io("locating", Path::new("chatvec")))?;
@@ -379,6 +399,10 @@ pub fn run(a: &BenchArgs, json: bool) -> Result<()> {
     let _ = std::fs::remove_dir_all(&out);
     let apply_cached = measure(&mut apply_cmd(false))?;
     let _ = std::fs::remove_dir_all(&out);
+    // The same through the page cache, the write path used where the
+    // filesystem refuses direct I/O.
+    let apply_buffered = measure(apply_cmd(false).env("CHATVEC_WRITE", "buffered"))?;
+    let _ = std::fs::remove_dir_all(&out);
     // Three candidates from one read of the inputs, against the cached
     // apply (the hashes are cached by now).
     let sweep_out = root.join("out-sweep");
@@ -404,8 +428,10 @@ pub fn run(a: &BenchArgs, json: bool) -> Result<()> {
 
     // This virtual disk's write speed varies from run to run: measure the
     // floor on both sides of the apply runs and hold them to the faster.
-    let floor_write_after = write_floor(&root, output_bytes)?;
-    let floor_write = floor_write_before.min(floor_write_after);
+    let floor_write_after = write_floor(&root, output_bytes, false)?;
+    let floor_direct_after = write_floor(&root, output_bytes, true)?;
+    let floor_write =
+        floor_write_before.min(floor_write_after).min(floor_direct_before).min(floor_direct_after);
     let floor = floor_read.max(floor_write);
 
     let mergekit = if a.mergekit {
@@ -518,6 +544,7 @@ pub fn run(a: &BenchArgs, json: bool) -> Result<()> {
         device: a.device.to_string(),
         floor_write_seconds: floor_write,
         floor_write_runs: [floor_write_before, floor_write_after],
+        floor_write_direct_runs: [floor_direct_before, floor_direct_after],
         floor_read_seconds: floor_read,
         floor_seconds: floor,
         apply_output_gb_per_s: gb(output_bytes, apply.seconds),
@@ -530,6 +557,7 @@ pub fn run(a: &BenchArgs, json: bool) -> Result<()> {
         analyze,
         apply,
         apply_cached,
+        apply_buffered,
         mergekit,
         methods,
         lora,
@@ -548,8 +576,14 @@ pub fn run(a: &BenchArgs, json: bool) -> Result<()> {
         rep.device
     );
     t += &format!(
-        "floor: durable write {:.2} s (runs: {:.2} s before, {:.2} s after), inputs read {:.2} s -> {:.2} s\n",
-        floor_write, floor_write_before, floor_write_after, floor_read, floor
+        "floor: durable write {:.2} s (buffered {:.2} s before, {:.2} s after; direct {:.2} s before, {:.2} s after), inputs read {:.2} s -> {:.2} s\n",
+        floor_write,
+        floor_write_before,
+        floor_write_after,
+        floor_direct_before,
+        floor_direct_after,
+        floor_read,
+        floor
     );
     t += &format!(
         "chatvec apply, hashing all inputs: {:.2} s ({:.2}x floor), {:.2} GB/s out, {:.2} GB/s in, peak RssAnon {:.0} MiB, peak RSS {:.0} MiB\n",
@@ -566,6 +600,12 @@ pub fn run(a: &BenchArgs, json: bool) -> Result<()> {
         rep.apply_cached_ratio_to_floor,
         gb(output_bytes, rep.apply_cached.seconds),
         rep.apply_cached.peak_rss_anon_mib
+    );
+    t += &format!(
+        "chatvec apply, input hashes cached, CHATVEC_WRITE=buffered: {:.2} s ({:.2}x floor), peak RssAnon {:.0} MiB\n",
+        rep.apply_buffered.seconds,
+        rep.apply_buffered.seconds / floor,
+        rep.apply_buffered.peak_rss_anon_mib
     );
     t += &format!(
         "chatvec sweep of 3 scales (one read): {:.2} s ({:.2}x the cached apply; 3 applies would be 3x), peak RssAnon {:.0} MiB\n",
