@@ -21,10 +21,14 @@ const COMMIT: &str = "c0ffee0123456789abcdef0123456789abcdef01";
 enum Fault {
     /// None: every request is answered.
     Healthy,
-    /// The first download of the largest file stops halfway.
-    BreakOnce,
-    /// The largest file is served with one byte flipped.
-    Corrupt,
+    /// The first N requests for the largest file stop halfway through
+    /// the bytes they promise (a dropped connection).
+    Break(usize),
+    /// The first N requests for the largest file answer 503.
+    Unavailable(usize),
+    /// The first N requests for the largest file that cover its byte 100
+    /// serve it flipped (`usize::MAX`: always).
+    Corrupt(usize),
     /// Needs `Authorization: Bearer secret`.
     Gated,
 }
@@ -32,12 +36,14 @@ enum Fault {
 struct Hub {
     port: u16,
     log: Arc<Mutex<Vec<String>>>,
+    repos: Arc<Mutex<HashMap<String, Repo>>>,
 }
 
 struct Repo {
     dir: PathBuf,
     fault: Fault,
-    broke: bool,
+    /// Requests the fault has spoiled so far.
+    spoiled: usize,
 }
 
 fn git_blob_id(bytes: &[u8]) -> String {
@@ -182,9 +188,6 @@ fn file(
         return respond(s, "404 Not Found", &[], b"");
     };
     let big = name == largest(&repo.dir);
-    if big && repo.fault == Fault::Corrupt {
-        bytes[100] ^= 0xff;
-    }
     // `bytes=FROM-` or `bytes=FROM-TO` (TO inclusive).
     let (from, to): (usize, Option<usize>) = range
         .as_deref()
@@ -192,19 +195,41 @@ fn file(
         .and_then(|r| r.split_once('-'))
         .map(|(a, b)| (a.parse().unwrap_or(0), b.parse().ok()))
         .unwrap_or((0, None));
-    if big && repo.fault == Fault::BreakOnce && !repo.broke {
-        repo.broke = true;
-        let head = format!("HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Length: {}\r\n\r\n", bytes.len());
-        let _ = s.write_all(head.as_bytes());
-        let _ = s.write_all(&bytes[..bytes.len() / 2]);
+    let end = to.map_or(bytes.len() - 1, |t| t.min(bytes.len() - 1));
+    let mut spoil = |limit: usize, applies: bool| {
+        let hit = big && applies && repo.spoiled < limit;
+        repo.spoiled += usize::from(hit);
+        hit
+    };
+    let (mut cut, mut flip) = (false, false);
+    match repo.fault {
+        Fault::Unavailable(n) if spoil(n, true) => return respond(s, "503 Service Unavailable", &[], b""),
+        Fault::Break(n) => cut = spoil(n, true),
+        Fault::Corrupt(n) => flip = spoil(n, from <= 100 && 100 <= end),
+        _ => {}
+    }
+    if flip {
+        bytes[100] ^= 0xff;
+    }
+    let (status, headers) = if range.is_some() {
+        ("206 Partial Content", vec![format!("Content-Range: bytes {from}-{end}/{}", bytes.len())])
+    } else {
+        ("200 OK", vec![])
+    };
+    let body = &bytes[from..=end];
+    if cut {
+        // Promise the whole body, send half, hang up.
+        let mut h = format!("HTTP/1.1 {status}\r\nConnection: close\r\nContent-Length: {}\r\n", body.len());
+        for x in &headers {
+            h.push_str(x);
+            h.push_str("\r\n");
+        }
+        h.push_str("\r\n");
+        let _ = s.write_all(h.as_bytes());
+        let _ = s.write_all(&body[..body.len() / 2]);
         return;
     }
-    if from > 0 || to.is_some() {
-        let end = to.map_or(bytes.len() - 1, |t| t.min(bytes.len() - 1));
-        let cr = format!("Content-Range: bytes {from}-{end}/{}", bytes.len());
-        return respond(s, "206 Partial Content", &[cr], &bytes[from..=end]);
-    }
-    respond(s, "200 OK", &[], &bytes);
+    respond(s, status, &headers, body);
 }
 
 impl Hub {
@@ -213,21 +238,44 @@ impl Hub {
         let port = listener.local_addr().unwrap().port();
         let map: HashMap<String, Repo> = repos
             .into_iter()
-            .map(|(n, d, f)| (n.to_string(), Repo { dir: d.to_path_buf(), fault: f, broke: false }))
+            .map(|(n, d, f)| (n.to_string(), Repo { dir: d.to_path_buf(), fault: f, spoiled: 0 }))
             .collect();
         let repos = Arc::new(Mutex::new(map));
         let log = Arc::new(Mutex::new(Vec::new()));
         let l2 = log.clone();
+        let r2 = repos.clone();
         std::thread::spawn(move || {
             for s in listener.incoming() {
                 let mut s = s.unwrap();
-                serve(&mut s, &repos, &l2);
+                serve(&mut s, &r2, &l2);
                 let mut sink = Vec::new();
                 let _ = s.set_read_timeout(Some(std::time::Duration::from_millis(1)));
                 let _ = s.read_to_end(&mut sink);
             }
         });
-        Hub { port, log }
+        Hub { port, log, repos }
+    }
+
+    /// From now on `repo` misbehaves as `fault` says, counted afresh.
+    fn set_fault(&self, repo: &str, fault: Fault) {
+        let mut repos = self.repos.lock().unwrap();
+        let r = repos.get_mut(repo).unwrap();
+        r.fault = fault;
+        r.spoiled = 0;
+    }
+
+    /// The bytes served for `name`, by the Range requests logged from
+    /// `since` on (each `bytes=A-B` counts B - A + 1).
+    fn ranged_bytes(&self, name: &str, since: usize) -> u64 {
+        let log = self.log.lock().unwrap();
+        log[since..]
+            .iter()
+            .filter(|l| l.contains(name))
+            .filter_map(|l| {
+                l.split("bytes=").nth(1)?.trim().split_once('-').map(|(a, b)| (a.to_string(), b.to_string()))
+            })
+            .map(|(a, b)| b.parse::<u64>().unwrap() + 1 - a.parse::<u64>().unwrap())
+            .sum()
     }
 
     /// chatvec with this Hub as its endpoint and `cache` as its cache.
@@ -237,7 +285,9 @@ impl Hub {
             .env("HF_HUB_CACHE", cache)
             .env_remove("HF_HUB_OFFLINE")
             .env_remove("HF_TOKEN")
-            .env("HF_HOME", cache.join("no-home"));
+            .env("HF_HOME", cache.join("no-home"))
+            // Retries wait 1 ms, 2 ms, ... instead of half a second and up.
+            .env("CHATVEC_RETRY_WAIT_MS", "1");
         c
     }
 
@@ -250,14 +300,15 @@ impl Hub {
 fn downloads_resume_verify_and_land_in_the_cache_layout() {
     let d = tempfile::tempdir().unwrap();
     let t = trio(d.path(), Ty::BF16, 2);
-    let hub = Hub::start(vec![("org/model", &t.base, Fault::BreakOnce)]);
+    let hub = Hub::start(vec![("org/model", &t.base, Fault::Break(usize::MAX))]);
     let cache = d.path().join("hub");
 
-    // The first attempt breaks off mid-file: a clear error, a partial blob,
-    // nothing in the snapshot that was not checked.
+    // Every attempt breaks off mid-file: five retries, then a clear error,
+    // a partial blob, nothing in the snapshot that was not checked.
     // A transfer that breaks off is an I/O error (exit 2), not bad input.
     let o = hub.run(&cache, &["inspect", "org/model"]);
     assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+    assert_eq!(stderr(&o).matches("retrying in").count(), 5, "{}", stderr(&o));
     assert!(
         stderr(&o).contains("broke off") && stderr(&o).contains("run the command again to resume"),
         "{}",
@@ -270,7 +321,9 @@ fn downloads_resume_verify_and_land_in_the_cache_layout() {
     let big = largest(&t.base);
     assert!(!repo.join("snapshots").join(COMMIT).join(&big).exists());
 
-    // The second resumes with a Range request and completes.
+    // The second (the server healthy again) resumes with a Range request
+    // and completes.
+    hub.set_fault("org/model", Fault::Healthy);
     let o = hub.run(&cache, &["inspect", "--json", "org/model"]);
     ok(&o);
     let v: serde_json::Value = serde_json::from_str(&stdout(&o)).unwrap();
@@ -328,13 +381,17 @@ fn downloads_resume_verify_and_land_in_the_cache_layout() {
 fn corrupt_gated_and_missing_downloads_are_refused() {
     let d = tempfile::tempdir().unwrap();
     let t = trio(d.path(), Ty::BF16, 1);
-    let hub = Hub::start(vec![("org/bad", &t.base, Fault::Corrupt), ("org/gated", &t.chat, Fault::Gated)]);
+    let hub = Hub::start(vec![
+        ("org/bad", &t.base, Fault::Corrupt(usize::MAX)),
+        ("org/gated", &t.chat, Fault::Gated),
+    ]);
     let cache = d.path().join("hub");
 
     let o = hub.run(&cache, &["inspect", "org/bad"]);
     assert_eq!(o.status.code(), Some(2), "a corrupt transfer is an I/O error");
     let e = stderr(&o);
     assert!(e.contains("downloaded model.safetensors is corrupt") && e.contains("sha256"), "{e}");
+    assert!(e.contains("downloading it once more"), "one more try before the error: {e}");
     let repo = cache.join("models--org--bad");
     assert!(
         entries(&repo.join("blobs")).iter().all(|b| !b.ends_with(".incomplete")),
@@ -469,36 +526,112 @@ fn two_processes_downloading_one_repo_at_once_leave_a_correct_shared_cache() {
 fn large_files_download_as_parallel_ranges_that_resume_and_verify() {
     let d = tempfile::tempdir().unwrap();
     let t = trio(d.path(), Ty::BF16, 2);
-    let hub = Hub::start(vec![("org/model", &t.base, Fault::BreakOnce)]);
+    let hub = Hub::start(vec![
+        ("org/model", &t.base, Fault::Break(usize::MAX)),
+        ("org/fresh", &t.chat, Fault::Healthy),
+    ]);
     let cache = d.path().join("hub");
-    let run = || {
+    let run = |repo: &str| {
         hub.command(&cache)
             // Every weight file counts as large here.
             .env("CHATVEC_RANGE_MIN", "1")
-            .args(["-q", "inspect", "org/model"])
+            .args(["-q", "inspect", repo])
             .output()
             .unwrap()
     };
-    // The first request for the largest file breaks off: an I/O error, the
-    // finished ranges kept.
-    let o = run();
+    // A healthy ranged download asks for each byte exactly once and hashes
+    // as it goes: no range file, join or record is left.
+    let big = largest(&t.chat);
+    let before = hub.log.lock().unwrap().len();
+    ok(&run("org/fresh"));
+    let size = std::fs::metadata(t.chat.join(&big)).unwrap().len();
+    assert_eq!(hub.ranged_bytes(&format!("/org/fresh/resolve/{COMMIT}/{big}"), before), size);
+    let fresh = cache.join("models--org--fresh");
+    let blobs = entries(&fresh.join("blobs"));
+    assert!(blobs.iter().all(|b| !b.contains(".incomplete") && !b.contains(".chatvec-")), "{blobs:?}");
+    let link = fresh.join("snapshots").join(COMMIT).join(&big);
+    assert_eq!(std::fs::read(&link).unwrap(), std::fs::read(t.chat.join(&big)).unwrap());
+
+    // Every request for the largest file breaks off: after the retries an
+    // I/O error, with what arrived kept in place and each range's progress
+    // recorded; nothing linked.
+    let o = run("org/model");
     assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+    assert!(stderr(&o).contains("broke off") && stderr(&o).contains("resume"), "{}", stderr(&o));
     let repo = cache.join("models--org--model");
     let blobs = entries(&repo.join("blobs"));
-    assert!(blobs.iter().any(|b| b.contains(".incomplete.range")), "{blobs:?}");
-    // The second run fetches only what is missing, joins and checks.
-    let o = run();
-    ok(&o);
+    let record = blobs.iter().find(|b| b.ends_with(".chatvec-ranges.json")).expect("a progress record");
+    assert!(blobs.iter().any(|b| b.ends_with(".chatvec-ranges")), "{blobs:?}");
+    assert!(
+        blobs.iter().all(|b| !b.ends_with(".incomplete")),
+        "huggingface_hub must not resume it: {blobs:?}"
+    );
+    let big = largest(&t.base);
+    assert!(!repo.join("snapshots").join(COMMIT).join(&big).exists());
+    let rec: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(repo.join("blobs").join(record)).unwrap()).unwrap();
+    let kept: u64 = rec["ranges"].as_array().unwrap().iter().map(|r| r[2].as_u64().unwrap()).sum();
+    let size = std::fs::metadata(t.base.join(&big)).unwrap().len();
+    assert!(kept > 0 && kept < size, "{rec}");
+
+    // The server heals: the next run asks only for the missing bytes of
+    // each range, and the file checks out.
+    hub.set_fault("org/model", Fault::Healthy);
+    let before = hub.log.lock().unwrap().len();
+    ok(&run("org/model"));
+    assert_eq!(hub.ranged_bytes(&format!("/org/model/resolve/{COMMIT}/{big}"), before), size - kept);
     for f in entries(&t.base) {
         let link = repo.join("snapshots").join(COMMIT).join(&f);
         assert_eq!(std::fs::read(&link).unwrap(), std::fs::read(t.base.join(&f)).unwrap(), "{f}");
     }
     let blobs = entries(&repo.join("blobs"));
-    assert!(blobs.iter().all(|b| !b.contains(".incomplete")), "{blobs:?}");
-    let log = hub.log.lock().unwrap().clone();
-    let big = largest(&t.base);
-    let ranged = log.iter().filter(|l| l.contains(&big) && l.contains("bytes=")).count();
-    assert!(ranged >= 4, "{log:?}");
+    assert!(blobs.iter().all(|b| !b.contains(".incomplete") && !b.contains(".chatvec-")), "{blobs:?}");
+}
+
+/// Faults a long download meets (a dropped connection, a 503, a range
+/// served corrupt once) are ridden out within one run, with a warning for
+/// each, and end with the right bytes.
+#[test]
+fn dropped_connections_503s_and_a_corrupt_range_are_retried_within_one_run() {
+    let d = tempfile::tempdir().unwrap();
+    let t = trio(d.path(), Ty::BF16, 2);
+    let hub = Hub::start(vec![
+        ("org/drop", &t.base, Fault::Break(3)),
+        ("org/busy", &t.chat, Fault::Unavailable(2)),
+        ("org/flip", &t.pre, Fault::Corrupt(1)),
+    ]);
+    let cache = d.path().join("hub");
+    for (repo, dir, ranged, said) in [
+        ("org/drop", &t.base, false, "broke off"),
+        ("org/busy", &t.chat, false, "503"),
+        ("org/flip", &t.pre, true, "is corrupt"),
+        ("org/drop", &t.base, true, "broke off"),
+    ] {
+        let folder = cache.join(format!("models--{}", repo.replace('/', "--")));
+        let _ = std::fs::remove_dir_all(&folder);
+        hub.set_fault(
+            repo,
+            match repo {
+                "org/drop" => Fault::Break(3),
+                "org/busy" => Fault::Unavailable(2),
+                _ => Fault::Corrupt(1),
+            },
+        );
+        let mut c = hub.command(&cache);
+        if ranged {
+            c.env("CHATVEC_RANGE_MIN", "1");
+        }
+        let o = c.args(["inspect", repo]).output().unwrap();
+        ok(&o);
+        let e = stderr(&o);
+        assert!(e.contains(said), "{repo} (ranged {ranged}): {e}");
+        let again = if said == "is corrupt" { "downloading it once more" } else { "retrying in" };
+        assert!(e.contains(again), "{repo}: {e}");
+        for f in entries(dir) {
+            let link = folder.join("snapshots").join(COMMIT).join(&f);
+            assert_eq!(std::fs::read(&link).unwrap(), std::fs::read(dir.join(&f)).unwrap(), "{repo}: {f}");
+        }
+    }
 }
 
 /// huggingface_hub's `snapshot_download` into the cache at argv[1] from
@@ -597,13 +730,13 @@ fn sft_checks_a_hub_model_on_its_probe_and_a_dry_run_downloads_no_weights() {
 fn a_corrupt_ranged_download_is_deleted_and_never_linked() {
     let d = tempfile::tempdir().unwrap();
     let t = trio(d.path(), Ty::BF16, 1);
-    let hub = Hub::start(vec![("org/bad", &t.base, Fault::Corrupt)]);
+    let hub = Hub::start(vec![("org/bad", &t.base, Fault::Corrupt(usize::MAX))]);
     let cache = d.path().join("hub");
     let o = hub.command(&cache).env("CHATVEC_RANGE_MIN", "1").args(["inspect", "org/bad"]).output().unwrap();
     assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
     assert!(stderr(&o).contains("is corrupt") && stderr(&o).contains("sha256"), "{}", stderr(&o));
     let repo = cache.join("models--org--bad");
     let blobs = entries(&repo.join("blobs"));
-    assert!(blobs.iter().all(|b| !b.contains(".incomplete")), "{blobs:?}");
+    assert!(blobs.iter().all(|b| !b.contains(".incomplete") && !b.contains(".chatvec-")), "{blobs:?}");
     assert!(!repo.join("snapshots").join(COMMIT).join("model.safetensors").exists());
 }

@@ -156,8 +156,56 @@ pub struct BenchReport {
     pub mergekit: Option<Measured>,
     pub methods: Vec<MethodBench>,
     pub lora: Vec<LoraBench>,
-    /// `inspect` of the base from the loopback Hub into a fresh cache.
-    pub download: Option<Measured>,
+    /// `inspect` of the base from the loopback Hub into a fresh cache, per
+    /// condition (healthy, slow, dropping, corrupt once).
+    pub download: Vec<DownloadBench>,
+}
+
+#[derive(Serialize)]
+pub struct DownloadBench {
+    /// What the loopback Hub did, and how chatvec fetched.
+    pub condition: String,
+    pub measured: Measured,
+    /// Retries chatvec said it made (a transfer resumed or a file fetched
+    /// again).
+    pub retries: usize,
+}
+
+/// Times `chatvec inspect` of the base from the loopback Hub into a fresh
+/// cache, healthy and under each fault, and once without ranges on the
+/// slow link to show what parallel ranges give.
+fn download_runs(exe: &Path, root: &Path, base: &Path) -> Result<Vec<DownloadBench>> {
+    use super::loopback_hub::Fault;
+    const SLOW: u64 = 50_000_000;
+    let runs: [(&str, Fault, bool); 5] = [
+        ("healthy", Fault::Healthy, true),
+        ("slow link: 50 MB/s per connection", Fault::Slow(SLOW), true),
+        ("slow link: 50 MB/s per connection, one stream per file", Fault::Slow(SLOW), false),
+        ("every connection dropped after 256 MiB", Fault::DropAfter(256 << 20), true),
+        ("one range served corrupt once", Fault::CorruptOnce, true),
+    ];
+    let mut out = Vec::new();
+    for (condition, fault, ranges) in runs {
+        let port = super::loopback_hub::start(base, fault)?;
+        let cache = root.join("dl-cache");
+        let _ = std::fs::remove_dir_all(&cache);
+        let mut cmd = Command::new(exe);
+        cmd.arg("-q").arg("inspect").arg("bench/model").stdout(std::process::Stdio::null());
+        let said = root.join("dl-stderr.txt");
+        cmd.stderr(File::create(&said).map_err(io("creating", &said))?);
+        cmd.env("HF_ENDPOINT", format!("http://127.0.0.1:{port}")).env("HF_HUB_CACHE", &cache);
+        cmd.env("HF_HOME", cache.join("no-home")).env_remove("HF_HUB_OFFLINE").env_remove("HF_TOKEN");
+        if !ranges {
+            cmd.env("CHATVEC_RANGE_MIN", u64::MAX.to_string());
+        }
+        let measured = measure(&mut cmd)?;
+        let _ = std::fs::remove_dir_all(&cache);
+        let text = std::fs::read_to_string(&said).unwrap_or_default();
+        let _ = std::fs::remove_file(&said);
+        let retries = text.matches("retrying in").count() + text.matches("downloading it once more").count();
+        out.push(DownloadBench { condition: condition.into(), measured, retries });
+    }
+    Ok(out)
 }
 
 /// A mergekit config for `method` over the bench inputs: the chat and base
@@ -519,20 +567,7 @@ pub fn run(a: &BenchArgs, json: bool) -> Result<()> {
         lora.push(LoraBench { rank, adapter_bytes, chatvec, peft, max_ulp, over_one_ulp });
     }
 
-    let download = if a.download {
-        let port = super::loopback_hub::start(&base)?;
-        let cache = root.join("dl-cache");
-        let _ = std::fs::remove_dir_all(&cache);
-        let mut cmd = Command::new(&exe);
-        cmd.arg("-q").arg("inspect").arg("bench/model").stdout(std::process::Stdio::null());
-        cmd.env("HF_ENDPOINT", format!("http://127.0.0.1:{port}")).env("HF_HUB_CACHE", &cache);
-        cmd.env("HF_HOME", cache.join("no-home")).env_remove("HF_HUB_OFFLINE").env_remove("HF_TOKEN");
-        let m = measure(&mut cmd)?;
-        let _ = std::fs::remove_dir_all(&cache);
-        Some(m)
-    } else {
-        None
-    };
+    let download = if a.download { download_runs(&exe, &root, &base)? } else { Vec::new() };
 
     let gb = |b: u64, s: f64| b as f64 / 1e9 / s;
     let rep = BenchReport {
@@ -637,13 +672,16 @@ pub fn run(a: &BenchArgs, json: bool) -> Result<()> {
         }
         t.push('\n');
     }
-    if let Some(m) = &rep.download {
+    for d in &rep.download {
+        let m = &d.measured;
         t += &format!(
-            "download of the base ({:.2} GB) from a loopback Hub into a fresh cache: {:.2} s, {:.2} GB/s, peak RssAnon {:.0} MiB\n",
+            "download of the base ({:.2} GB) from a loopback Hub into a fresh cache, {}: {:.2} s, {:.2} GB/s, peak RssAnon {:.0} MiB, {} retries\n",
             output_bytes as f64 / 1e9,
+            d.condition,
             m.seconds,
             gb(output_bytes, m.seconds),
-            m.peak_rss_anon_mib
+            m.peak_rss_anon_mib,
+            d.retries
         );
     }
     for lb in &rep.lora {

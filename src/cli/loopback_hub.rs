@@ -2,14 +2,18 @@
 //! serves one model directory through the two endpoints chatvec uses
 //! (revision info, file resolve with Range requests), a thread per
 //! connection so parallel files and ranges really run in parallel. The
-//! bench times chatvec's download from it: the network is loopback, so the
-//! figure is chatvec's own overhead (hashing, writing, joining ranges).
+//! bench times chatvec's download from it: the network is loopback, so a
+//! healthy run's figure is chatvec's own overhead (writing, hashing). A
+//! `Fault` makes it behave like a real link that drops connections, is
+//! slow per connection, or serves a corrupt range once.
 
 use std::collections::HashMap;
 use std::io::{BufRead, BufReader, Read, Seek, SeekFrom, Write};
 use std::net::{TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
 
 use chatvec::{Error, Result};
 use sha2::Digest;
@@ -59,11 +63,55 @@ fn info(dir: &Path) -> Result<String> {
     Ok(serde_json::json!({"id": "bench/model", "sha": COMMIT, "siblings": siblings}).to_string())
 }
 
+/// How the stand-in misbehaves while serving weight (`.safetensors`)
+/// files.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Fault {
+    Healthy,
+    /// Each connection is cut after this many body bytes.
+    DropAfter(u64),
+    /// Each connection sends at most this many bytes per second.
+    Slow(u64),
+    /// The first response covering byte 4096 of a shard has it flipped.
+    CorruptOnce,
+}
+
 fn head(s: &mut TcpStream, status: &str, len: u64, extra: &str) {
     let _ = write!(s, "HTTP/1.1 {status}\r\nConnection: close\r\nContent-Length: {len}\r\n{extra}\r\n");
 }
 
-fn serve(mut s: TcpStream, dir: &Path, info: &str) {
+/// Sends `n` bytes of `f` from its position, as `fault` allows; `flip`
+/// (an offset into them) is sent inverted.
+fn send_body(f: &mut std::fs::File, s: &mut TcpStream, n: u64, fault: Fault, flip: Option<u64>) {
+    let mut buf = vec![0u8; 64 << 10];
+    let (start, mut sent) = (Instant::now(), 0u64);
+    let limit = match fault {
+        Fault::DropAfter(after) => n.min(after),
+        _ => n,
+    };
+    while sent < limit {
+        let want = (limit - sent).min(buf.len() as u64) as usize;
+        let Ok(got) = f.read(&mut buf[..want]) else { return };
+        if got == 0 {
+            return;
+        }
+        if let Some(at) = flip.filter(|at| (sent..sent + got as u64).contains(at)) {
+            buf[(at - sent) as usize] ^= 0xff;
+        }
+        if s.write_all(&buf[..got]).is_err() {
+            return;
+        }
+        sent += got as u64;
+        if let Fault::Slow(rate) = fault {
+            let due = Duration::from_secs_f64(sent as f64 / rate as f64);
+            if let Some(wait) = due.checked_sub(start.elapsed()) {
+                std::thread::sleep(wait);
+            }
+        }
+    }
+}
+
+fn serve(mut s: TcpStream, dir: &Path, info: &str, fault: Fault, flipped: &AtomicBool) {
     let mut r = BufReader::new(match s.try_clone() {
         Ok(c) => c,
         Err(_) => return,
@@ -108,13 +156,20 @@ fn serve(mut s: TcpStream, dir: &Path, info: &str) {
     } else {
         head(&mut s, "200 OK", n, "");
     }
+    let weights = name.ends_with(".safetensors");
+    let fault = if weights { fault } else { Fault::Healthy };
+    const FLIP_AT: u64 = 4096;
+    let flip = (fault == Fault::CorruptOnce
+        && (from..=to).contains(&FLIP_AT)
+        && !flipped.swap(true, Ordering::SeqCst))
+    .then_some(FLIP_AT - from);
     if f.seek(SeekFrom::Start(from)).is_ok() {
-        let _ = std::io::copy(&mut f.take(n), &mut s);
+        send_body(&mut f, &mut s, n, fault, flip);
     }
 }
 
-/// A running stand-in serving `dir`; its port.
-pub fn start(dir: &Path) -> Result<u16> {
+/// A running stand-in serving `dir` with `fault`; its port.
+pub fn start(dir: &Path, fault: Fault) -> Result<u16> {
     let listener = TcpListener::bind("127.0.0.1:0").map_err(|e| Error::Io {
         op: "listening on",
         path: PathBuf::from("127.0.0.1"),
@@ -126,10 +181,11 @@ pub fn start(dir: &Path) -> Result<u16> {
         .port();
     let info = Arc::new(info(dir)?);
     let dir = Arc::new(dir.to_path_buf());
+    let flipped = Arc::new(AtomicBool::new(false));
     std::thread::spawn(move || {
         for s in listener.incoming().flatten() {
-            let (dir, info) = (dir.clone(), info.clone());
-            std::thread::spawn(move || serve(s, &dir, &info));
+            let (dir, info, flipped) = (dir.clone(), info.clone(), flipped.clone());
+            std::thread::spawn(move || serve(s, &dir, &info, fault, &flipped));
         }
     });
     Ok(port)

@@ -303,7 +303,7 @@ pub(crate) fn preflight_with<T>(
     run: impl Fn(&WriteOptions) -> Result<T>,
     dry_note: impl FnOnce(&mut T),
 ) -> Result<T> {
-    if crate::resolve::download::offline() {
+    if crate::resolve::hub_api::offline() {
         return run(out);
     }
     let dry = WriteOptions { dry_run: true, ..out.clone() };

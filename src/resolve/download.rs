@@ -19,207 +19,20 @@
 //! `HF_ENDPOINT` points at a mirror.
 
 use std::fs::{File, OpenOptions};
-use std::io::{Read, Write};
+use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::Duration;
 
 use indicatif::ProgressBar;
 use serde_json::Value;
-use sha2::{Digest, Sha256};
 
 use crate::error::{Error, Result};
-use crate::hash::hex;
 use crate::model::SIDE_FILES;
 use crate::model::adapter::{ADAPTER_BIN, ADAPTER_CONFIG, ADAPTER_WEIGHTS};
 use crate::model::checkpoint::HubOrigin;
-use crate::resolve::hub_cache::{HubId, is_commit};
-
-static OFFLINE: AtomicBool = AtomicBool::new(false);
-const DEFAULT_ENDPOINT: &str = "https://huggingface.co";
-const MAX_INFO_BYTES: u64 = 64 << 20;
-
-/// Never use the network (`--offline`): Hub models must already be in the
-/// cache. `HF_HUB_OFFLINE=1` does the same.
-pub fn set_offline() {
-    OFFLINE.store(true, Ordering::Relaxed);
-}
-
-/// Whether the network is off (`--offline` or `HF_HUB_OFFLINE`).
-pub(crate) fn offline() -> bool {
-    OFFLINE.load(Ordering::Relaxed)
-        || std::env::var("HF_HUB_OFFLINE")
-            .is_ok_and(|v| matches!(v.to_ascii_lowercase().as_str(), "1" | "true" | "yes" | "on"))
-}
-
-fn endpoint() -> String {
-    std::env::var("HF_ENDPOINT")
-        .ok()
-        .filter(|e| !e.is_empty())
-        .unwrap_or(DEFAULT_ENDPOINT.into())
-        .trim_end_matches('/')
-        .to_string()
-}
-
-/// The user's token: `HF_TOKEN`, else the file `HF_TOKEN_PATH` or
-/// `$HF_HOME/token` (default `~/.cache/huggingface/token`).
-fn token() -> Option<String> {
-    if let Ok(t) = std::env::var("HF_TOKEN")
-        && !t.trim().is_empty()
-    {
-        return Some(t.trim().to_string());
-    }
-    let path = std::env::var_os("HF_TOKEN_PATH").map(PathBuf::from).or_else(|| {
-        let home = std::env::var_os("HF_HOME").map(PathBuf::from).or_else(|| {
-            std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache").join("huggingface"))
-        })?;
-        Some(home.join("token"))
-    })?;
-    let bytes = crate::json::read_capped(&path, 4096).ok()?;
-    Some(String::from_utf8_lossy(&bytes).trim().to_string()).filter(|t| !t.is_empty())
-}
-
-/// One file of a revision, as the Hub lists it.
-#[derive(Clone, Debug)]
-struct RemoteFile {
-    name: String,
-    size: u64,
-    /// sha256 of an LFS file.
-    sha256: Option<String>,
-    /// The git blob id (sha1 of `blob <len>\0<bytes>`).
-    blob_id: Option<String>,
-}
-
-impl RemoteFile {
-    /// The blob's name in the cache: the sha256 for LFS files, else the git
-    /// blob id, as huggingface_hub names them.
-    fn blob_name(&self) -> Option<&str> {
-        self.sha256.as_deref().or(self.blob_id.as_deref())
-    }
-}
-
-struct Client {
-    agent: ureq::Agent,
-    endpoint: String,
-    token: Option<String>,
-}
-
-fn encode_path_part(s: &str) -> String {
-    s.bytes()
-        .map(|b| match b {
-            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => (b as char).to_string(),
-            _ => format!("%{b:02X}"),
-        })
-        .collect()
-}
-
-impl Client {
-    fn new() -> Client {
-        let agent: ureq::Agent = ureq::Agent::config_builder()
-            .http_status_as_error(false)
-            .timeout_connect(Some(Duration::from_secs(20)))
-            .timeout_recv_response(Some(Duration::from_secs(60)))
-            .user_agent(concat!("chatvec/", env!("CARGO_PKG_VERSION")))
-            .build()
-            .into();
-        Client { agent, endpoint: endpoint(), token: token() }
-    }
-
-    fn get(&self, url: &str, range_from: u64) -> Result<ureq::http::Response<ureq::Body>> {
-        self.get_range(url, (range_from > 0).then(|| format!("bytes={range_from}-")))
-    }
-
-    /// GET `url`, authenticated, with an optional `Range` header value.
-    fn get_range(&self, url: &str, range: Option<String>) -> Result<ureq::http::Response<ureq::Body>> {
-        let mut req = self.agent.get(url);
-        if let Some(t) = &self.token {
-            req = req.header("Authorization", &format!("Bearer {t}"));
-        }
-        if let Some(r) = &range {
-            req = req.header("Range", r);
-        }
-        req.call().map_err(|e| {
-            Error::Network(format!("cannot reach the Hugging Face Hub at {url}: {e}")).with_hint(
-                "check the network, or pass --offline (HF_HUB_OFFLINE=1) to use only the local cache",
-            )
-        })
-    }
-
-    /// Bytes `from..=to` of `url` (a Range request the server must honour).
-    fn get_bytes(&self, url: &str, from: u64, to: u64, cap: u64) -> Result<(u16, Vec<u8>)> {
-        let mut resp = self.get_range(url, Some(format!("bytes={from}-{to}")))?;
-        let status = resp.status().as_u16();
-        let mut body = Vec::new();
-        resp.body_mut()
-            .with_config()
-            .limit(cap)
-            .reader()
-            .take(cap)
-            .read_to_end(&mut body)
-            .map_err(|e| Error::Network(format!("reading {url}: {e}")))?;
-        Ok((status, body))
-    }
-
-    /// Maps an HTTP error status to a clear error about `id`.
-    fn status_error(&self, status: u16, id: &HubId, what: &str) -> Error {
-        let rev = id.revision.as_deref().unwrap_or("main");
-        match status {
-            401 | 403 => Error::Hub(format!(
-                "the Hub refused access to {} ({status}); it may be gated or private",
-                id.repo
-            ))
-            .with_hint(format!(
-                "accept its license at {}/{} and set HF_TOKEN (or run `huggingface-cli login`)",
-                self.endpoint, id.repo
-            )),
-            404 => Error::Hub(format!("the Hub has no {what} {}@{rev}", id.repo)),
-            s if s >= 500 => {
-                Error::Network(format!("the Hub answered {status} for {what} {}@{rev}", id.repo))
-            }
-            _ => Error::Hub(format!("the Hub answered {status} for {what} {}@{rev}", id.repo)),
-        }
-    }
-
-    /// The commit and files of a revision.
-    fn revision_info(&self, id: &HubId) -> Result<(String, Vec<RemoteFile>)> {
-        let rev = id.revision.as_deref().unwrap_or("main");
-        let url =
-            format!("{}/api/models/{}/revision/{}?blobs=true", self.endpoint, id.repo, encode_path_part(rev));
-        let mut resp = self.get(&url, 0)?;
-        let status = resp.status().as_u16();
-        if status != 200 {
-            return Err(self.status_error(status, id, "model"));
-        }
-        let text = resp
-            .body_mut()
-            .with_config()
-            .limit(MAX_INFO_BYTES)
-            .read_to_string()
-            .map_err(|e| Error::Network(format!("reading {url}: {e}")))?;
-        let bad = |m: &str| Error::Hub(format!("{url}: unexpected answer: {m}"));
-        let v: Value = serde_json::from_str(&text).map_err(|e| bad(&e.to_string()))?;
-        let commit = v
-            .get("sha")
-            .and_then(Value::as_str)
-            .filter(|s| is_commit(s))
-            .ok_or_else(|| bad("no commit sha"))?;
-        let files = v
-            .get("siblings")
-            .and_then(Value::as_array)
-            .ok_or_else(|| bad("no file list"))?
-            .iter()
-            .filter_map(|s| {
-                let name = s.get("rfilename")?.as_str()?.to_string();
-                let sha256 = s.pointer("/lfs/sha256").and_then(Value::as_str).map(str::to_string);
-                let size =
-                    s.pointer("/lfs/size").or_else(|| s.get("size")).and_then(Value::as_u64).unwrap_or(0);
-                let blob_id = s.get("blobId").and_then(Value::as_str).map(str::to_string);
-                Some(RemoteFile { name, size, sha256, blob_id })
-            })
-            .collect();
-        Ok((commit.to_string(), files))
-    }
-}
+use crate::resolve::hub_api::{Client, MAX_INFO_BYTES, RemoteFile};
+use crate::resolve::hub_cache::HubId;
+use crate::resolve::transfer::download_verified;
 
 /// Which of `files` chatvec needs; `index` reads a downloaded index file's
 /// shard names.
@@ -511,7 +324,7 @@ pub(crate) fn probe(cache: &Path, id: &HubId) -> Result<Option<Outcome>> {
 }
 
 /// Downloads one file into `blobs/`, checks it, and links it into the
-/// snapshot; returns the snapshot path. Resumes a `.incomplete` blob.
+/// snapshot; returns the snapshot path (see `transfer` for how).
 fn fetch(
     client: &Client,
     id: &HubId,
@@ -540,14 +353,8 @@ fn fetch(
         // again before downloading.
         let _lock = BlobLock::take(repo_dir, blob_name)?;
         if !blob.is_file() {
-            let part = blobs.join(format!("{blob_name}.incomplete"));
-            if f.size >= range_min() && !part.exists() {
-                download_ranges(client, id, commit, f, &part, bar)?;
-            } else {
-                download(client, id, commit, f, &part, bar)?;
-            }
-            check(f, &part)?;
-            std::fs::rename(&part, &blob).map_err(|e| Error::io("renaming", &part, e))?;
+            let checked = download_verified(client, id, commit, f, &blobs, blob_name, bar)?;
+            std::fs::rename(&checked, &blob).map_err(|e| Error::io("renaming", &checked, e))?;
         } else if let Some(b) = bar {
             b.inc(f.size);
         }
@@ -565,202 +372,6 @@ fn fetch(
         r => r.map_err(|e| Error::io("linking", &link, e))?,
     }
     Ok(link)
-}
-
-/// Files at least this large download as `RANGES` parallel ranges
-/// (`CHATVEC_RANGE_MIN` bytes overrides it, for tests).
-fn range_min() -> u64 {
-    std::env::var("CHATVEC_RANGE_MIN").ok().and_then(|v| v.parse().ok()).unwrap_or(64 << 20)
-}
-
-/// Parallel ranges per large file.
-const RANGES: u64 = 4;
-
-/// Downloads a large file as `RANGES` byte ranges at once, each into its
-/// own `<part>.rangeK` file (resumed from its own length, so a broken
-/// transfer loses nothing), then joins them into `part` (a kernel-side
-/// copy). The range files' names are chatvec's own, so a Python tool
-/// sharing the cache never takes one for its `.incomplete`.
-fn download_ranges(
-    client: &Client,
-    id: &HubId,
-    commit: &str,
-    f: &RemoteFile,
-    part: &Path,
-    bar: Option<&ProgressBar>,
-) -> Result<()> {
-    let url = format!("{}/{}/resolve/{commit}/{}", client.endpoint, id.repo, f.name);
-    let step = f.size.div_ceil(RANGES);
-    let ranges: Vec<(PathBuf, u64, u64)> = (0..RANGES)
-        .map(|k| (k * step, ((k + 1) * step).min(f.size)))
-        .filter(|(a, b)| a < b)
-        .enumerate()
-        .map(|(k, (a, b))| (part.with_extension(format!("incomplete.range{k}")), a, b))
-        .collect();
-    let errors: std::sync::Mutex<Vec<Error>> = std::sync::Mutex::new(Vec::new());
-    std::thread::scope(|s| {
-        for (path, from, to) in &ranges {
-            let (errors, url) = (&errors, url.as_str());
-            s.spawn(move || {
-                if let Err(e) = download_range(client, id, f, url, path, *from, *to, bar)
-                    && let Ok(mut v) = errors.lock()
-                {
-                    v.push(e);
-                }
-            });
-        }
-    });
-    if let Some(e) = errors.into_inner().ok().and_then(|mut v| (!v.is_empty()).then(|| v.remove(0))) {
-        return Err(e);
-    }
-    let mut out = File::create(part).map_err(|e| Error::io("creating", part, e))?;
-    for (path, _, _) in &ranges {
-        let mut r = File::open(path).map_err(|e| Error::io("opening", path, e))?;
-        std::io::copy(&mut r, &mut out).map_err(|e| Error::io("joining", path, e))?;
-    }
-    out.sync_all().map_err(|e| Error::io("syncing", part, e))?;
-    for (path, _, _) in &ranges {
-        let _ = std::fs::remove_file(path);
-    }
-    Ok(())
-}
-
-/// Bytes `from..to` of `f` into `path`, continuing after what `path` holds.
-#[allow(clippy::too_many_arguments)]
-fn download_range(
-    client: &Client,
-    id: &HubId,
-    f: &RemoteFile,
-    url: &str,
-    path: &Path,
-    from: u64,
-    to: u64,
-    bar: Option<&ProgressBar>,
-) -> Result<()> {
-    let have = std::fs::metadata(path).map(|m| m.len()).unwrap_or(0).min(to - from);
-    if let Some(b) = bar {
-        b.inc(have);
-    }
-    if from + have >= to {
-        return Ok(());
-    }
-    let mut resp = client.get_range(url, Some(format!("bytes={}-{}", from + have, to - 1)))?;
-    match resp.status().as_u16() {
-        206 => {}
-        s if s >= 400 => return Err(client.status_error(s, id, &format!("file {} of", f.name))),
-        s => {
-            return Err(Error::Network(format!(
-                "download of {} from {url}: the server answered a range request with {s}",
-                f.name
-            ))
-            .with_hint("run the command again to resume where it stopped"));
-        }
-    }
-    let mut out =
-        OpenOptions::new().create(true).append(true).open(path).map_err(|e| Error::io("opening", path, e))?;
-    let reader = resp.body_mut().with_config().limit(u64::MAX).reader().take(to - from - have);
-    let got = have + stream(reader, &mut out, path, &f.name, url, bar)?;
-    if got != to - from {
-        return Err(Error::Network(format!(
-            "download of {} from {url} broke off after {got} of {} bytes of a range",
-            f.name,
-            to - from
-        ))
-        .with_hint("run the command again to resume where it stopped"));
-    }
-    out.sync_all().map_err(|e| Error::io("syncing", path, e))
-}
-
-/// Streams `f` into `part`, continuing after the bytes already there.
-fn download(
-    client: &Client,
-    id: &HubId,
-    commit: &str,
-    f: &RemoteFile,
-    part: &Path,
-    bar: Option<&ProgressBar>,
-) -> Result<()> {
-    let have = std::fs::metadata(part).map(|m| m.len()).unwrap_or(0);
-    let url = format!("{}/{}/resolve/{commit}/{}", client.endpoint, id.repo, f.name);
-    let mut resp = client.get(&url, have)?;
-    let status = resp.status().as_u16();
-    let (mut out, start) = match status {
-        206 => (OpenOptions::new().append(true).open(part).map_err(|e| Error::io("opening", part, e))?, have),
-        200 => (File::create(part).map_err(|e| Error::io("creating", part, e))?, 0),
-        // Asked to resume a file that is already whole.
-        416 if have == f.size => return Ok(()),
-        s => return Err(client.status_error(s, id, &format!("file {} of", f.name))),
-    };
-    if let Some(b) = bar {
-        b.inc(start);
-    }
-    let reader = resp.body_mut().with_config().limit(u64::MAX).reader();
-    stream(reader, &mut out, part, &f.name, &url, bar)?;
-    out.sync_all().map_err(|e| Error::io("syncing", part, e))
-}
-
-/// Copies a response body into `out` (the file at `path`) through a 1 MiB
-/// buffer, counting it on `bar` and stopping at an interrupt; returns the
-/// bytes copied. A broken transfer is a network error saying it resumes.
-fn stream(
-    mut reader: impl Read,
-    out: &mut File,
-    path: &Path,
-    name: &str,
-    url: &str,
-    bar: Option<&ProgressBar>,
-) -> Result<u64> {
-    let mut buf = vec![0u8; 1 << 20];
-    let mut got = 0u64;
-    loop {
-        crate::interrupt::check()?;
-        let n = reader.read(&mut buf).map_err(|e| {
-            Error::Network(format!("download of {name} from {url} broke off: {e}"))
-                .with_hint("run the command again to resume where it stopped")
-        })?;
-        if n == 0 {
-            return Ok(got);
-        }
-        out.write_all(&buf[..n]).map_err(|e| Error::io("writing", path, e))?;
-        got += n as u64;
-        if let Some(b) = bar {
-            b.inc(n as u64);
-        }
-    }
-}
-
-/// Checks a downloaded file against the Hub's size and hash; a mismatch
-/// deletes it (it cannot be resumed into a good file).
-fn check(f: &RemoteFile, part: &Path) -> Result<()> {
-    let mut file = File::open(part).map_err(|e| Error::io("opening", part, e))?;
-    let len = file.metadata().map_err(|e| Error::io("reading", part, e))?.len();
-    let mut sha256 = Sha256::new();
-    let mut sha1 = sha1::Sha1::new();
-    sha1.update(format!("blob {len}\0").as_bytes());
-    let mut buf = vec![0u8; 8 << 20];
-    loop {
-        let n = file.read(&mut buf).map_err(|e| Error::io("reading", part, e))?;
-        if n == 0 {
-            break;
-        }
-        sha256.update(&buf[..n]);
-        if f.sha256.is_none() {
-            sha1.update(&buf[..n]);
-        }
-    }
-    let (what, want, got) = match &f.sha256 {
-        Some(want) => ("sha256", want.clone(), hex(&sha256.finalize())),
-        None => ("git blob id", f.blob_id.clone().unwrap_or_default(), hex(&sha1.finalize())),
-    };
-    if (f.size != 0 && len != f.size) || !want.eq_ignore_ascii_case(&got) {
-        let _ = std::fs::remove_file(part);
-        return Err(Error::Network(format!(
-            "downloaded {} is corrupt: {len} bytes with {what} {got}, the Hub lists {} bytes with {what} {want}; it was deleted",
-            f.name, f.size
-        ))
-        .with_hint("run the command again to download it afresh"));
-    }
-    Ok(())
 }
 
 #[cfg(test)]
@@ -807,6 +418,5 @@ mod tests {
         let got: Vec<String> = wanted(&bin, &mut index).unwrap().into_iter().map(|f| f.name).collect();
         assert_eq!(got, ["pytorch_model.bin", "config.json"]);
         assert!(wanted(&[rf("README.md")], &mut index).is_err());
-        assert_eq!(encode_path_part("refs/pr/1"), "refs%2Fpr%2F1");
     }
 }

@@ -11,19 +11,22 @@
 
 pub(crate) mod aliases;
 pub(crate) mod download;
+pub(crate) mod hub_api;
 pub(crate) mod hub_cache;
+mod transfer;
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 
 pub use aliases::set_user_file as set_aliases_file;
-pub use download::set_offline;
+pub use hub_api::set_offline;
 
 use crate::error::{Error, Result};
 use crate::model::adapter::Adapter;
 use crate::model::checkpoint::{Checkpoint, HubOrigin};
 use crate::resolve::aliases::{Aliases, VectorAlias};
-use crate::resolve::download::{Outcome, offline};
+use crate::resolve::download::Outcome;
+use crate::resolve::hub_api::offline;
 use crate::resolve::hub_cache::{cache_dir, find_snapshot, is_commit, parse_hub_id};
 
 /// A resolved model reference.
