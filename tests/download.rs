@@ -44,6 +44,8 @@ struct Repo {
     fault: Fault,
     /// Requests the fault has spoiled so far.
     spoiled: usize,
+    /// Body bytes served of weight (`.safetensors`) files.
+    weight_bytes: u64,
 }
 
 fn git_blob_id(bytes: &[u8]) -> String {
@@ -227,8 +229,10 @@ fn file(
         h.push_str("\r\n");
         let _ = s.write_all(h.as_bytes());
         let _ = s.write_all(&body[..body.len() / 2]);
+        repo.weight_bytes += (body.len() / 2) as u64 * u64::from(name.ends_with(".safetensors"));
         return;
     }
+    repo.weight_bytes += body.len() as u64 * u64::from(name.ends_with(".safetensors"));
     respond(s, status, &headers, body);
 }
 
@@ -238,7 +242,9 @@ impl Hub {
         let port = listener.local_addr().unwrap().port();
         let map: HashMap<String, Repo> = repos
             .into_iter()
-            .map(|(n, d, f)| (n.to_string(), Repo { dir: d.to_path_buf(), fault: f, spoiled: 0 }))
+            .map(|(n, d, f)| {
+                (n.to_string(), Repo { dir: d.to_path_buf(), fault: f, spoiled: 0, weight_bytes: 0 })
+            })
             .collect();
         let repos = Arc::new(Mutex::new(map));
         let log = Arc::new(Mutex::new(Vec::new()));
@@ -262,6 +268,11 @@ impl Hub {
         let r = repos.get_mut(repo).unwrap();
         r.fault = fault;
         r.spoiled = 0;
+    }
+
+    /// Body bytes of weight files served so far, over every repo.
+    fn weight_bytes(&self) -> u64 {
+        self.repos.lock().unwrap().values().map(|r| r.weight_bytes).sum()
     }
 
     /// The bytes served for `name`, by the Range requests logged from
@@ -445,6 +456,20 @@ fn a_mismatched_pair_is_refused_and_a_dry_run_planned_with_only_headers_fetched(
     );
     assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
     assert!(stderr(&o).contains("lm_head.weight") || stderr(&o).contains("vocab"), "{}", stderr(&o));
+    // The bytes served of weight files are exactly each shard's 8-byte
+    // length and its header, no more.
+    let header_bytes: u64 = [&t.base, &other, &t.pre]
+        .iter()
+        .flat_map(|dir| {
+            entries(dir).into_iter().filter(|f| f.ends_with(".safetensors")).map(move |f| dir.join(f))
+        })
+        .map(|p| {
+            let mut n = [0u8; 8];
+            std::fs::File::open(&p).unwrap().read_exact(&mut n).unwrap();
+            8 + u64::from_le_bytes(n)
+        })
+        .sum();
+    assert_eq!(hub.weight_bytes(), header_bytes);
     let log = hub.log.lock().unwrap().clone();
     let w = weight_requests(&log);
     assert!(!w.is_empty() && w.iter().all(|l| l.contains("bytes=0-7") || l.contains("bytes=8-")), "{w:?}");

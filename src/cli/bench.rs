@@ -31,6 +31,18 @@ pub struct BenchArgs {
     #[arg(long, default_value = "1b")]
     pub shape: String,
 
+    /// Decoder layers instead of the shape's own (inputs go to
+    /// `DIR/SHAPE-Nl`): a 7b with fewer layers has inputs larger than this
+    /// machine's memory on a disk too small for the whole model.
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]
+    pub layers: Option<u64>,
+
+    /// Time only the floors and the applies (no sweep, no analyze): the
+    /// sweep writes three outputs, which a large shape may not have room
+    /// for.
+    #[arg(long)]
+    pub apply_only: bool,
+
     /// Directory for generated checkpoints (kept and reused between runs).
     #[arg(long, default_value = "bench-data")]
     pub dir: PathBuf,
@@ -122,6 +134,10 @@ pub struct BenchReport {
     pub input_bytes: u64,
     pub output_bytes: u64,
     pub threads: usize,
+    /// The inputs are larger than this machine's memory: the read floor is
+    /// a cold read from the disk, and each timed run starts with the inputs
+    /// dropped from the page cache.
+    pub inputs_exceed_memory: bool,
     /// `--device` of chatvec's runs.
     pub device: String,
     /// Durable write of the output's byte count (write + fdatasync), the
@@ -131,7 +147,9 @@ pub struct BenchReport {
     pub floor_write_runs: [f64; 2],
     /// With `O_DIRECT`, before and after the apply runs.
     pub floor_write_direct_runs: [f64; 2],
-    /// Reading all inputs from the (warm) page cache.
+    /// Reading all inputs: from the (warm) page cache, or, when they exceed
+    /// memory, from the disk while the output's bytes are written (see
+    /// `cold_io_floor`).
     pub floor_read_seconds: f64,
     pub floor_seconds: f64,
     /// Apply hashing every input shard (`--rehash`).
@@ -142,14 +160,16 @@ pub struct BenchReport {
     /// The cached apply with `CHATVEC_WRITE=buffered` (through the page
     /// cache, as where direct I/O is refused).
     pub apply_buffered: Measured,
-    /// `sweep --scales 0.5,0.75,1` over the same inputs.
-    pub sweep3: Measured,
+    /// `sweep --scales 0.5,0.75,1` over the same inputs (not with
+    /// `--apply-only`).
+    pub sweep3: Option<Measured>,
     /// Its time over the cached apply's.
-    pub sweep3_ratio_to_apply: f64,
-    /// `analyze --chat --pretrained --base` over the same inputs.
-    pub analyze: Measured,
+    pub sweep3_ratio_to_apply: Option<f64>,
+    /// `analyze --chat --pretrained --base` over the same inputs (not with
+    /// `--apply-only`).
+    pub analyze: Option<Measured>,
     /// Its time over the cached apply's.
-    pub analyze_ratio_to_apply: f64,
+    pub analyze_ratio_to_apply: Option<f64>,
     pub apply_output_gb_per_s: f64,
     pub apply_input_gb_per_s: f64,
     pub ratio_to_floor: f64,
@@ -405,9 +425,107 @@ fn measure(cmd: &mut Command) -> Result<Measured> {
     Ok(Measured { seconds, peak_rss_anon_mib: anon as f64 / 1024.0, peak_rss_mib: hwm as f64 / 1024.0 })
 }
 
+/// Three candidates from one read of the inputs (`sweep --scales
+/// 0.5,0.75,1`), with the input hashes cached.
+fn sweep_run(exe: &Path, root: &Path, [pre, chat, base]: [&Path; 3], threads: usize) -> Result<Measured> {
+    let sweep_out = root.join("out-sweep");
+    let _ = std::fs::remove_dir_all(&sweep_out);
+    let mut sw = Command::new(exe);
+    sw.arg("-q").arg("sweep").arg("--base").arg(base).arg("--chat").arg(chat).arg("--pretrained").arg(pre);
+    sw.arg("--scales").arg("0.5,0.75,1").arg("-o").arg(&sweep_out).arg("--threads").arg(threads.to_string());
+    sw.env("CHATVEC_CACHE_DIR", root.join("hash-cache")).stdout(std::process::Stdio::null());
+    let m = measure(&mut sw)?;
+    let _ = std::fs::remove_dir_all(&sweep_out);
+    Ok(m)
+}
+
+/// The report over the same inputs: one read of each, nothing written.
+fn analyze_run(exe: &Path, [pre, chat, base]: [&Path; 3], threads: usize) -> Result<Measured> {
+    let mut an = Command::new(exe);
+    an.arg("-q").arg("analyze").arg("--chat").arg(chat).arg("--pretrained").arg(pre).arg("--base").arg(base);
+    an.arg("--threads").arg(threads.to_string()).stdout(std::process::Stdio::null());
+    measure(&mut an)
+}
+
+/// This machine's memory in bytes (`MemTotal`).
+fn memory_bytes() -> u64 {
+    let s = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
+    let kib = s.lines().find(|l| l.starts_with("MemTotal:")).and_then(|l| l.split_whitespace().nth(1));
+    kib.and_then(|k| k.parse::<u64>().ok()).map_or(u64::MAX, |k| k * 1024)
+}
+
+/// The safetensors shards of `dirs`.
+fn shard_paths(dirs: &[&Path]) -> Result<Vec<PathBuf>> {
+    let mut out = Vec::new();
+    for d in dirs {
+        for e in std::fs::read_dir(d).map_err(io("listing", d))? {
+            let path = e.map_err(io("listing", d))?.path();
+            if path.extension().is_some_and(|x| x == "safetensors") {
+                out.push(path);
+            }
+        }
+    }
+    out.sort();
+    Ok(out)
+}
+
+/// Drops `paths` from the page cache (clean pages only; nothing is
+/// written), so the next reader starts from the disk.
+fn evict(paths: &[PathBuf]) {
+    use std::os::fd::AsRawFd;
+    for p in paths {
+        if let Ok(f) = File::open(p) {
+            // SAFETY: a hint on a descriptor we own; failure only leaves
+            // pages cached.
+            unsafe {
+                libc::posix_fadvise(f.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED);
+            }
+        }
+    }
+}
+
+/// Seconds for the disk to move a cold apply's bytes: every input shard
+/// read (dropped from the page cache first; one thread per model, each
+/// reading its shards in order in 8 MiB reads, as apply reads the models
+/// side by side) while the output's byte count is written beside them
+/// (direct, then fdatasync). This virtual disk shares its bandwidth between
+/// reads and writes, so neither alone bounds an apply whose inputs do not
+/// fit in memory.
+fn cold_io_floor(dirs: &[&Path], out_dir: &Path, out_bytes: u64) -> Result<f64> {
+    use std::io::Read;
+    let per_model: Vec<Vec<PathBuf>> = dirs.iter().map(|d| shard_paths(&[d])).collect::<Result<_>>()?;
+    per_model.iter().for_each(|p| evict(p));
+    let start = Instant::now();
+    std::thread::scope(|s| {
+        let mut workers: Vec<std::thread::ScopedJoinHandle<'_, Result<()>>> = per_model
+            .iter()
+            .map(|paths| {
+                s.spawn(move || {
+                    let mut buf = vec![0u8; 8 << 20];
+                    for p in paths {
+                        let mut f = File::open(p).map_err(io("opening", p))?;
+                        while f.read(&mut buf).map_err(io("reading", p))? > 0 {}
+                    }
+                    Ok(())
+                })
+            })
+            .collect();
+        workers.push(s.spawn(move || write_floor(out_dir, out_bytes, true).map(|_| ())));
+        workers.into_iter().try_for_each(|w| {
+            w.join().unwrap_or_else(|_| Err(Error::Internal("a floor thread panicked".into())))
+        })
+    })?;
+    Ok(start.elapsed().as_secs_f64())
+}
+
 pub fn run(a: &BenchArgs, json: bool) -> Result<()> {
-    let shape = shape_of(&a.shape)?;
-    let root = a.dir.join(&a.shape);
+    let mut shape = shape_of(&a.shape)?;
+    let mut name = a.shape.clone();
+    if let Some(n) = a.layers {
+        shape.layers = n;
+        name = format!("{}-{n}l", a.shape);
+    }
+    let root = a.dir.join(&name);
     std::fs::create_dir_all(&root).map_err(io("creating", &root))?;
     let (pre, chat, base) = ensure_inputs(&root, &shape)?;
     let input_bytes: u64 = [&pre, &chat, &base]
@@ -417,7 +535,19 @@ pub fn run(a: &BenchArgs, json: bool) -> Result<()> {
     let output_bytes: u64 = Checkpoint::open(&base)?.file_bytes();
     let threads = default_threads(a.threads);
 
-    let floor_read = read_floor(&[&pre, &chat, &base])?;
+    // Inputs larger than memory are read from the disk whatever chatvec
+    // does: then the floor is a cold read, and every timed run starts cold.
+    let shards = shard_paths(&[&pre, &chat, &base])?;
+    let cold = input_bytes > memory_bytes();
+    let cool = || {
+        if cold {
+            evict(&shards);
+        }
+    };
+    let floor_read = match cold {
+        true => cold_io_floor(&[&pre, &chat, &base], &root, output_bytes)?,
+        false => read_floor(&[&pre, &chat, &base])?,
+    };
     let floor_write_before = write_floor(&root, output_bytes, false)?;
     let floor_direct_before = write_floor(&root, output_bytes, true)?;
 
@@ -443,36 +573,26 @@ pub fn run(a: &BenchArgs, json: bool) -> Result<()> {
     };
     // First with every input hashed (a first run on new inputs), then with
     // the input hashes cached by that run (any later run on the same inputs).
+    cool();
     let apply = measure(&mut apply_cmd(true))?;
     let _ = std::fs::remove_dir_all(&out);
+    cool();
     let apply_cached = measure(&mut apply_cmd(false))?;
     let _ = std::fs::remove_dir_all(&out);
     // The same through the page cache, the write path used where the
     // filesystem refuses direct I/O.
+    cool();
     let apply_buffered = measure(apply_cmd(false).env("CHATVEC_WRITE", "buffered"))?;
     let _ = std::fs::remove_dir_all(&out);
-    // Three candidates from one read of the inputs, against the cached
-    // apply (the hashes are cached by now).
-    let sweep_out = root.join("out-sweep");
-    let _ = std::fs::remove_dir_all(&sweep_out);
-    let mut sw = Command::new(&exe);
-    sw.arg("-q").arg("sweep").arg("--base").arg(&base).arg("--chat").arg(&chat).arg("--pretrained").arg(&pre);
-    sw.arg("--scales").arg("0.5,0.75,1").arg("-o").arg(&sweep_out).arg("--threads").arg(threads.to_string());
-    sw.env("CHATVEC_CACHE_DIR", root.join("hash-cache")).stdout(std::process::Stdio::null());
-    let sweep3 = measure(&mut sw)?;
-    let _ = std::fs::remove_dir_all(&sweep_out);
-    // The report over the same inputs: one read of each, nothing written.
-    let mut an = Command::new(&exe);
-    an.arg("-q")
-        .arg("analyze")
-        .arg("--chat")
-        .arg(&chat)
-        .arg("--pretrained")
-        .arg(&pre)
-        .arg("--base")
-        .arg(&base);
-    an.arg("--threads").arg(threads.to_string()).stdout(std::process::Stdio::null());
-    let analyze = measure(&mut an)?;
+    let (sweep3, analyze) = match a.apply_only {
+        true => (None, None),
+        false => {
+            cool();
+            let s = sweep_run(&exe, &root, [&pre, &chat, &base], threads)?;
+            cool();
+            (Some(s), Some(analyze_run(&exe, [&pre, &chat, &base], threads)?))
+        }
+    };
 
     // This virtual disk's write speed varies from run to run: measure the
     // floor on both sides of the apply runs and hold them to the faster.
@@ -571,7 +691,7 @@ pub fn run(a: &BenchArgs, json: bool) -> Result<()> {
 
     let gb = |b: u64, s: f64| b as f64 / 1e9 / s;
     let rep = BenchReport {
-        shape: a.shape.clone(),
+        shape: name.clone(),
         parameters: shape.parameters(),
         input_bytes,
         output_bytes,
@@ -586,8 +706,9 @@ pub fn run(a: &BenchArgs, json: bool) -> Result<()> {
         apply_input_gb_per_s: gb(input_bytes, apply.seconds),
         ratio_to_floor: apply.seconds / floor,
         apply_cached_ratio_to_floor: apply_cached.seconds / floor,
-        analyze_ratio_to_apply: analyze.seconds / apply_cached.seconds,
-        sweep3_ratio_to_apply: sweep3.seconds / apply_cached.seconds,
+        analyze_ratio_to_apply: analyze.as_ref().map(|m| m.seconds / apply_cached.seconds),
+        sweep3_ratio_to_apply: sweep3.as_ref().map(|m| m.seconds / apply_cached.seconds),
+        inputs_exceed_memory: cold,
         sweep3,
         analyze,
         apply,
@@ -611,13 +732,18 @@ pub fn run(a: &BenchArgs, json: bool) -> Result<()> {
         rep.device
     );
     t += &format!(
-        "floor: durable write {:.2} s (buffered {:.2} s before, {:.2} s after; direct {:.2} s before, {:.2} s after), inputs read {:.2} s -> {:.2} s\n",
+        "floor: durable write {:.2} s (buffered {:.2} s before, {:.2} s after; direct {:.2} s before, {:.2} s after), inputs read {:.2} s ({}) -> {:.2} s\n",
         floor_write,
         floor_write_before,
         floor_write_after,
         floor_direct_before,
         floor_direct_after,
         floor_read,
+        if cold {
+            "from the disk while the output's bytes are written: the inputs exceed memory, and every run below starts cold"
+        } else {
+            "from the page cache"
+        },
         floor
     );
     t += &format!(
@@ -642,14 +768,22 @@ pub fn run(a: &BenchArgs, json: bool) -> Result<()> {
         rep.apply_buffered.seconds / floor,
         rep.apply_buffered.peak_rss_anon_mib
     );
-    t += &format!(
-        "chatvec sweep of 3 scales (one read): {:.2} s ({:.2}x the cached apply; 3 applies would be 3x), peak RssAnon {:.0} MiB\n",
-        rep.sweep3.seconds, rep.sweep3_ratio_to_apply, rep.sweep3.peak_rss_anon_mib
-    );
-    t += &format!(
-        "chatvec analyze (same inputs, with --base): {:.2} s ({:.2}x the cached apply), peak RssAnon {:.0} MiB\n",
-        rep.analyze.seconds, rep.analyze_ratio_to_apply, rep.analyze.peak_rss_anon_mib
-    );
+    if let Some(m) = &rep.sweep3 {
+        t += &format!(
+            "chatvec sweep of 3 scales (one read): {:.2} s ({:.2}x the cached apply; 3 applies would be 3x), peak RssAnon {:.0} MiB\n",
+            m.seconds,
+            m.seconds / rep.apply_cached.seconds,
+            m.peak_rss_anon_mib
+        );
+    }
+    if let Some(m) = &rep.analyze {
+        t += &format!(
+            "chatvec analyze (same inputs, with --base): {:.2} s ({:.2}x the cached apply), peak RssAnon {:.0} MiB\n",
+            m.seconds,
+            m.seconds / rep.apply_cached.seconds,
+            m.peak_rss_anon_mib
+        );
+    }
     if let Some(m) = &rep.mergekit {
         t += &format!(
             "mergekit task_arithmetic: {:.2} s ({:.2}x floor), peak RssAnon {:.0} MiB, peak RSS {:.0} MiB\n",
