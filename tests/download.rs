@@ -765,3 +765,92 @@ fn a_corrupt_ranged_download_is_deleted_and_never_linked() {
     assert!(blobs.iter().all(|b| !b.contains(".incomplete") && !b.contains(".chatvec-")), "{blobs:?}");
     assert!(!repo.join("snapshots").join(COMMIT).join("model.safetensors").exists());
 }
+
+/// A weight file chatvec downloaded and verified goes into the input hash
+/// cache under its blob's state, so the first merge after a download does
+/// not hash the model again; the merge's manifest still records the right
+/// sha256 of every input shard.
+#[test]
+fn a_verified_download_seeds_the_input_hash_cache() {
+    let d = tempfile::tempdir().unwrap();
+    let t = trio(d.path(), Ty::BF16, 2);
+    let hub = Hub::start(vec![("org/model", &t.base, Fault::Healthy)]);
+    let cache = d.path().join("hub");
+    let hashes = d.path().join("hash-cache");
+    let o = hub
+        .command(&cache)
+        .env("CHATVEC_CACHE_DIR", &hashes)
+        .args(["-q", "inspect", "org/model"])
+        .output()
+        .unwrap();
+    ok(&o);
+    let shards: Vec<String> = entries(&t.base).into_iter().filter(|f| f.ends_with(".safetensors")).collect();
+    let mut want: Vec<String> = shards.iter().map(|f| sha256_file(&t.base.join(f))).collect();
+    let mut got: Vec<String> = entries(&hashes.join("sha256"))
+        .iter()
+        .map(|e| std::fs::read_to_string(hashes.join("sha256").join(e)).unwrap().trim().to_string())
+        .collect();
+    want.sort();
+    got.sort();
+    assert_eq!(got, want, "one entry per downloaded weight file, holding its sha256");
+    // The merge takes the base's hashes from those entries: one rewritten
+    // by hand shows up in the manifest (`verify` never trusts the cache).
+    let forged = "f".repeat(64);
+    let first = entries(&hashes.join("sha256")).remove(0);
+    let real = std::fs::read_to_string(hashes.join("sha256").join(&first)).unwrap();
+    std::fs::write(hashes.join("sha256").join(&first), format!("{forged}\n")).unwrap();
+    let probe = d.path().join("probe");
+    let o = hub
+        .command(&cache)
+        .env("CHATVEC_CACHE_DIR", &hashes)
+        .args([
+            "-q",
+            "apply",
+            "--base",
+            "org/model",
+            "--chat",
+            s(&t.chat),
+            "--pretrained",
+            s(&t.pre),
+            "-o",
+            s(&probe),
+        ])
+        .output()
+        .unwrap();
+    ok(&o);
+    let manifest = std::fs::read_to_string(probe.join("chatvec-manifest.json")).unwrap();
+    assert!(manifest.contains(&forged), "the base's hash came from the cache");
+    std::fs::write(hashes.join("sha256").join(&first), real).unwrap();
+
+    let out = d.path().join("out");
+    let o = hub
+        .command(&cache)
+        .env("CHATVEC_CACHE_DIR", &hashes)
+        .args([
+            "-q",
+            "apply",
+            "--base",
+            "org/model",
+            "--chat",
+            s(&t.chat),
+            "--pretrained",
+            s(&t.pre),
+            "-o",
+            s(&out),
+        ])
+        .output()
+        .unwrap();
+    ok(&o);
+    let m: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out.join("chatvec-manifest.json")).unwrap()).unwrap();
+    let recorded: Vec<(String, String)> = m["inputs"][0]["shards"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|x| (x["file"].as_str().unwrap().to_string(), x["sha256"].as_str().unwrap().to_string()))
+        .collect();
+    assert_eq!(recorded.len(), shards.len(), "{m}");
+    for (file, sha) in recorded {
+        assert_eq!(sha, sha256_file(&t.base.join(&file)), "{file}");
+    }
+}

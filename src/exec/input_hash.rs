@@ -16,10 +16,10 @@ use std::sync::mpsc::Receiver;
 use sha2::{Digest, Sha256};
 
 use crate::error::{Error, Result};
-use crate::exec::hash_cache::HashCache;
 use crate::hash::hex;
 use crate::interrupt;
 use crate::model::checkpoint::Checkpoint;
+use crate::model::hash_cache::HashCache;
 use crate::output::files::WrittenFile;
 
 /// Bytes hashed between checks for an interrupt or an abandoned job.

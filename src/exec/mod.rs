@@ -29,13 +29,12 @@ use crate::error::{Error, Result};
 use crate::hash::hex;
 use crate::interrupt;
 use crate::merge::stats::STAT_BLOCK;
+use crate::model::hash_cache::HashCache;
 use crate::output::files::{SyncedFile, WrittenFile};
 use crate::plan::Plan;
-use hash_cache::HashCache;
 use input_hash::{Touch, hash_following};
 use jobs::{Job, Piece, ScaleOverride, StatsMap};
 
-pub(crate) mod hash_cache;
 pub(crate) mod input_hash;
 pub(crate) mod jobs;
 

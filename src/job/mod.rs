@@ -30,10 +30,10 @@ use serde::Serialize;
 
 use crate::cuda::DeviceChoice;
 use crate::error::Result;
-use crate::exec::hash_cache::HashCache;
 use crate::exec::{DEFAULT_CHUNK_ELEMS, ExecOptions, execute_many};
 use crate::json::to_pretty;
 use crate::model::checkpoint::INDEX_FILE;
+use crate::model::hash_cache::HashCache;
 use crate::output::dir::OutputDir;
 use crate::output::files::{WrittenFile, write_file};
 use crate::output::manifest::{MANIFEST_FILE, Manifest, RecipeRecord, VectorRecord};

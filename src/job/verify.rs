@@ -13,10 +13,10 @@ use serde::Serialize;
 use serde_json::Value;
 
 use crate::error::{Error, Result};
-use crate::exec::hash_cache::HashCache;
 use crate::exec::input_hash::hash_following;
 use crate::hash::sha256_file;
 use crate::json::read_value;
+use crate::model::hash_cache::HashCache;
 use crate::output::manifest::MANIFEST_FILE;
 use crate::recipe::Recipe;
 use crate::resolve::open_model;

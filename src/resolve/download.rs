@@ -29,7 +29,8 @@ use serde_json::Value;
 use crate::error::{Error, Result};
 use crate::model::SIDE_FILES;
 use crate::model::adapter::{ADAPTER_BIN, ADAPTER_CONFIG, ADAPTER_WEIGHTS};
-use crate::model::checkpoint::HubOrigin;
+use crate::model::checkpoint::{FileStamp, HubOrigin};
+use crate::model::hash_cache::HashCache;
 use crate::resolve::hub_api::{Client, MAX_INFO_BYTES, RemoteFile};
 use crate::resolve::hub_cache::HubId;
 use crate::resolve::transfer::download_verified;
@@ -211,6 +212,17 @@ fn fetch_all(
     }
 }
 
+/// Puts a weight file's sha256, just verified over the bytes this process
+/// wrote, into the input hash cache under the blob's current state, so the
+/// first merge after a download does not hash the model again. The stamp is
+/// taken after the rename (which changes the ctime); any later change to
+/// the blob changes it again, and the entry is no longer used.
+fn remember_hash(blob: &Path, f: &RemoteFile) {
+    if let (Some(sha256), Ok(meta)) = (&f.sha256, std::fs::metadata(blob)) {
+        HashCache::from_env(false).put(&FileStamp::of(&meta), &sha256.to_ascii_lowercase());
+    }
+}
+
 /// Holds `cache/.locks/models--org--name/<blob>.lock` exclusively while a
 /// blob is written, as huggingface_hub does, so chatvec and Python tools
 /// sharing the cache never write one blob at once. Released on drop.
@@ -355,6 +367,7 @@ fn fetch(
         if !blob.is_file() {
             let checked = download_verified(client, id, commit, f, &blobs, blob_name, bar)?;
             std::fs::rename(&checked, &blob).map_err(|e| Error::io("renaming", &checked, e))?;
+            remember_hash(&blob, f);
         } else if let Some(b) = bar {
             b.inc(f.size);
         }
