@@ -799,11 +799,9 @@ fn a_verified_download_seeds_the_input_hash_cache() {
     let first = entries(&hashes.join("sha256")).remove(0);
     let real = std::fs::read_to_string(hashes.join("sha256").join(&first)).unwrap();
     std::fs::write(hashes.join("sha256").join(&first), format!("{forged}\n")).unwrap();
-    let probe = d.path().join("probe");
-    let o = hub
-        .command(&cache)
-        .env("CHATVEC_CACHE_DIR", &hashes)
-        .args([
+    // A merge of the downloaded base into `out`; its manifest.
+    let apply = |out: &Path| -> serde_json::Value {
+        let args = [
             "-q",
             "apply",
             "--base",
@@ -813,36 +811,16 @@ fn a_verified_download_seeds_the_input_hash_cache() {
             "--pretrained",
             s(&t.pre),
             "-o",
-            s(&probe),
-        ])
-        .output()
-        .unwrap();
-    ok(&o);
-    let manifest = std::fs::read_to_string(probe.join("chatvec-manifest.json")).unwrap();
+            s(out),
+        ];
+        ok(&hub.command(&cache).env("CHATVEC_CACHE_DIR", &hashes).args(args).output().unwrap());
+        serde_json::from_slice(&std::fs::read(out.join("chatvec-manifest.json")).unwrap()).unwrap()
+    };
+    let manifest = apply(&d.path().join("probe")).to_string();
     assert!(manifest.contains(&forged), "the base's hash came from the cache");
     std::fs::write(hashes.join("sha256").join(&first), real).unwrap();
 
-    let out = d.path().join("out");
-    let o = hub
-        .command(&cache)
-        .env("CHATVEC_CACHE_DIR", &hashes)
-        .args([
-            "-q",
-            "apply",
-            "--base",
-            "org/model",
-            "--chat",
-            s(&t.chat),
-            "--pretrained",
-            s(&t.pre),
-            "-o",
-            s(&out),
-        ])
-        .output()
-        .unwrap();
-    ok(&o);
-    let m: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(out.join("chatvec-manifest.json")).unwrap()).unwrap();
+    let m = apply(&d.path().join("out"));
     let recorded: Vec<(String, String)> = m["inputs"][0]["shards"]
         .as_array()
         .unwrap()
