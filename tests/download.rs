@@ -24,6 +24,9 @@ enum Fault {
     /// The first N requests for the largest file stop halfway through
     /// the bytes they promise (a dropped connection).
     Break(usize),
+    /// The first N requests for the largest file send half the bytes they
+    /// promise, then hold the connection open for 1.5 s.
+    Stall(usize),
     /// The first N requests for the largest file answer 503.
     Unavailable(usize),
     /// The first N requests for the largest file that cover its byte 100
@@ -203,8 +206,9 @@ fn file(
         repo.spoiled += usize::from(hit);
         hit
     };
-    let (mut cut, mut flip) = (false, false);
+    let (mut cut, mut flip, mut stall) = (false, false, false);
     match repo.fault {
+        Fault::Stall(n) => (cut, stall) = (spoil(n, true), true),
         Fault::Unavailable(n) if spoil(n, true) => return respond(s, "503 Service Unavailable", &[], b""),
         Fault::Break(n) => cut = spoil(n, true),
         Fault::Corrupt(n) => flip = spoil(n, from <= 100 && 100 <= end),
@@ -229,6 +233,10 @@ fn file(
         h.push_str("\r\n");
         let _ = s.write_all(h.as_bytes());
         let _ = s.write_all(&body[..body.len() / 2]);
+        if stall {
+            let _ = s.flush();
+            std::thread::sleep(std::time::Duration::from_millis(1500));
+        }
         repo.weight_bytes += (body.len() / 2) as u64 * u64::from(name.ends_with(".safetensors"));
         return;
     }
@@ -613,9 +621,9 @@ fn large_files_download_as_parallel_ranges_that_resume_and_verify() {
     assert!(blobs.iter().all(|b| !b.contains(".incomplete") && !b.contains(".chatvec-")), "{blobs:?}");
 }
 
-/// Faults a long download meets (a dropped connection, a 503, a range
-/// served corrupt once) are ridden out within one run, with a warning for
-/// each, and end with the right bytes.
+/// Faults a long download meets (a dropped connection, a stalled one, a
+/// 503, a range served corrupt once) are ridden out within one run, with a
+/// warning for each, and end with the right bytes.
 #[test]
 fn dropped_connections_503s_and_a_corrupt_range_are_retried_within_one_run() {
     let d = tempfile::tempdir().unwrap();
@@ -624,6 +632,7 @@ fn dropped_connections_503s_and_a_corrupt_range_are_retried_within_one_run() {
         ("org/drop", &t.base, Fault::Break(3)),
         ("org/busy", &t.chat, Fault::Unavailable(2)),
         ("org/flip", &t.pre, Fault::Corrupt(1)),
+        ("org/stall", &t.pre, Fault::Stall(1)),
     ]);
     let cache = d.path().join("hub");
     for (repo, dir, ranged, said) in [
@@ -631,6 +640,7 @@ fn dropped_connections_503s_and_a_corrupt_range_are_retried_within_one_run() {
         ("org/busy", &t.chat, false, "503"),
         ("org/flip", &t.pre, true, "is corrupt"),
         ("org/drop", &t.base, true, "broke off"),
+        ("org/stall", &t.pre, false, "timeout"),
     ] {
         let folder = cache.join(format!("models--{}", repo.replace('/', "--")));
         let _ = std::fs::remove_dir_all(&folder);
@@ -639,10 +649,13 @@ fn dropped_connections_503s_and_a_corrupt_range_are_retried_within_one_run() {
             match repo {
                 "org/drop" => Fault::Break(3),
                 "org/busy" => Fault::Unavailable(2),
+                "org/stall" => Fault::Stall(1),
                 _ => Fault::Corrupt(1),
             },
         );
         let mut c = hub.command(&cache);
+        // A read that waits 0.3 s for bytes gives up (the stall lasts 1.5 s).
+        c.env("HF_HUB_DOWNLOAD_TIMEOUT", "0.3");
         if ranged {
             c.env("CHATVEC_RANGE_MIN", "1");
         }

@@ -76,6 +76,18 @@ impl RemoteFile {
     }
 }
 
+/// How long one read from the Hub may wait for bytes: a connection that
+/// stalls without closing then fails, and is retried where it stopped.
+/// `HF_HUB_DOWNLOAD_TIMEOUT` (seconds), as for huggingface_hub, whose
+/// default of 10 s this follows.
+fn read_timeout() -> Duration {
+    std::env::var("HF_HUB_DOWNLOAD_TIMEOUT")
+        .ok()
+        .and_then(|v| v.trim().parse::<f64>().ok())
+        .filter(|s| s.is_finite() && *s > 0.0)
+        .map_or(Duration::from_secs(10), Duration::from_secs_f64)
+}
+
 pub(super) struct Client {
     agent: ureq::Agent,
     pub(super) endpoint: String,
@@ -97,6 +109,7 @@ impl Client {
             .http_status_as_error(false)
             .timeout_connect(Some(Duration::from_secs(20)))
             .timeout_recv_response(Some(Duration::from_secs(60)))
+            .timeout_per_read(Some(read_timeout()))
             .user_agent(concat!("chatvec/", env!("CARGO_PKG_VERSION")))
             .build()
             .into();
