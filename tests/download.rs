@@ -845,3 +845,33 @@ fn a_verified_download_seeds_the_input_hash_cache() {
         assert_eq!(sha, sha256_file(&t.base.join(&file)), "{file}");
     }
 }
+
+/// A ranged download that stopped, whose blob another tool then finished,
+/// leaves nothing behind once chatvec next needs that blob.
+#[test]
+fn a_stopped_ranged_download_is_cleared_when_another_tool_finished_the_blob() {
+    let d = tempfile::tempdir().unwrap();
+    let t = trio(d.path(), Ty::BF16, 1);
+    let hub = Hub::start(vec![("org/model", &t.base, Fault::Break(usize::MAX))]);
+    let cache = d.path().join("hub");
+    let run = || {
+        hub.command(&cache)
+            .env("CHATVEC_RANGE_MIN", "1")
+            .args(["-q", "inspect", "org/model"])
+            .output()
+            .unwrap()
+    };
+    assert_eq!(run().status.code(), Some(2));
+    let blobs = cache.join("models--org--model").join("blobs");
+    let big = largest(&t.base);
+    let sha = sha256_file(&t.base.join(&big));
+    assert!(blobs.join(format!("{sha}.chatvec-ranges.json")).is_file(), "{:?}", entries(&blobs));
+    // huggingface_hub (say) completes the blob.
+    std::fs::copy(t.base.join(&big), blobs.join(&sha)).unwrap();
+    hub.set_fault("org/model", Fault::Healthy);
+    ok(&run());
+    let left = entries(&blobs);
+    assert!(left.iter().all(|b| !b.contains(".chatvec-")), "{left:?}");
+    let link = cache.join("models--org--model").join("snapshots").join(COMMIT).join(&big);
+    assert_eq!(std::fs::read(link).unwrap(), std::fs::read(t.base.join(&big)).unwrap());
+}

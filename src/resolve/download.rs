@@ -360,6 +360,7 @@ fn fetch(
     let blobs = repo_dir.join("blobs");
     std::fs::create_dir_all(&blobs).map_err(|e| Error::io("creating", &blobs, e))?;
     let blob = blobs.join(blob_name);
+    let mut fetched = false;
     if !blob.is_file() {
         // Another process may be writing this blob: wait for it, then look
         // again before downloading.
@@ -368,11 +369,19 @@ fn fetch(
             let checked = download_verified(client, id, commit, f, &blobs, blob_name, bar)?;
             std::fs::rename(&checked, &blob).map_err(|e| Error::io("renaming", &checked, e))?;
             remember_hash(&blob, f);
-        } else if let Some(b) = bar {
+            fetched = true;
+        }
+    }
+    if !fetched {
+        // Another process (or tool) made the blob: a ranged download of ours
+        // that stopped earlier is of no use now, and nobody writes ranges of
+        // a blob that exists (they are written under its lock, before it).
+        for leftover in [".chatvec-ranges", ".chatvec-ranges.json"] {
+            let _ = std::fs::remove_file(blobs.join(format!("{blob_name}{leftover}")));
+        }
+        if let Some(b) = bar {
             b.inc(f.size);
         }
-    } else if let Some(b) = bar {
-        b.inc(f.size);
     }
     if let Some(p) = link.parent() {
         std::fs::create_dir_all(p).map_err(|e| Error::io("creating", p, e))?;
