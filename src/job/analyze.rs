@@ -9,10 +9,10 @@ use crate::analyze::findings::findings;
 use crate::analyze::report::{AnalyzeReport, Skipped, aggregate, tensor_figures};
 use crate::analyze::{Inputs, Side, plot, run};
 use crate::error::{Error, Result};
-use crate::job::chat_vector::VectorSource;
+use crate::job::chat_vector::{VectorRefs, VectorSource};
 use crate::model::checkpoint::Checkpoint;
 use crate::plan::checks::read_vocab;
-use crate::resolve::{open_model, vector_alias};
+use crate::resolve::open_model;
 
 /// What to analyze.
 #[derive(Clone, Debug)]
@@ -44,13 +44,13 @@ impl Opened {
         let pair = |c: &str, p: &str| -> Result<(Opened, String)> {
             Ok((Opened::Pair(Box::new(open_model(c)?), Box::new(open_model(p)?)), format!("{c} - {p}")))
         };
-        match v {
-            VectorSource::Pair { chat, pretrained } => pair(chat, pretrained),
-            VectorSource::Stored(s) => match vector_alias(s)? {
-                Some(a) => pair(&a.chat, &a.pretrained).map(|(o, d)| (o, format!("{s} = {d}"))),
-                None => Ok((Opened::Stored(Box::new(open_model(s)?)), s.clone())),
-            },
-            VectorSource::Lora(a) => {
+        match v.resolve()? {
+            VectorRefs::Pair { chat, pretrained, alias: None } => pair(&chat, &pretrained),
+            VectorRefs::Pair { chat, pretrained, alias: Some(s) } => {
+                pair(&chat, &pretrained).map(|(o, d)| (o, format!("{s} = {d}")))
+            }
+            VectorRefs::Stored(s) => Ok((Opened::Stored(Box::new(open_model(&s)?)), s)),
+            VectorRefs::Lora(a) => {
                 Err(Error::Usage(format!("--lora {a}: analyze reads chat vectors, not LoRA adapters")))
             }
         }

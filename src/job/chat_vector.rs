@@ -81,6 +81,36 @@ pub enum VectorSource {
     Lora(String),
 }
 
+/// A `VectorSource` with its vector alias looked up: what to open.
+pub(crate) enum VectorRefs {
+    /// A (chat, pretrained) pair to subtract on the fly; `alias` is the
+    /// vector alias that named it, if any.
+    Pair { chat: String, pretrained: String, alias: Option<String> },
+    /// A stored vector directory or Hub id.
+    Stored(String),
+    /// A LoRA adapter.
+    Lora(String),
+}
+
+impl VectorSource {
+    /// Looks a stored reference up among the vector aliases, which name a
+    /// pair, so every command reads aliases the same way.
+    pub(crate) fn resolve(&self) -> Result<VectorRefs> {
+        Ok(match self {
+            VectorSource::Stored(v) => match vector_alias(v)? {
+                Some(a) => {
+                    VectorRefs::Pair { chat: a.chat, pretrained: a.pretrained, alias: Some(v.clone()) }
+                }
+                None => VectorRefs::Stored(v.clone()),
+            },
+            VectorSource::Pair { chat, pretrained } => {
+                VectorRefs::Pair { chat: chat.clone(), pretrained: pretrained.clone(), alias: None }
+            }
+            VectorSource::Lora(a) => VectorRefs::Lora(a.clone()),
+        })
+    }
+}
+
 /// `apply`: what to add to which model, and how to write the result.
 #[derive(Clone, Debug)]
 pub struct ApplySpec {
@@ -340,16 +370,15 @@ pub(crate) fn apply_many(
     recipe: Option<RecipeRecord>,
 ) -> Result<Vec<Summary>> {
     let mut early_notes = Vec::new();
-    let (chat, pretrained) = match &spec.vector {
-        VectorSource::Stored(v) => match vector_alias(v)? {
-            Some(a) => {
-                early_notes.push(format!("vector {v} = {} - {}, computed on the fly", a.chat, a.pretrained));
-                (Some(a.chat), Some(a.pretrained))
+    let (chat, pretrained) = match spec.vector.resolve()? {
+        VectorRefs::Pair { chat, pretrained, alias } => {
+            if let Some(v) = alias {
+                early_notes.push(format!("vector {v} = {chat} - {pretrained}, computed on the fly"));
             }
-            None => (None, None),
-        },
-        VectorSource::Pair { chat, pretrained } => (Some(chat.clone()), Some(pretrained.clone())),
-        VectorSource::Lora(_) => {
+            (Some(chat), Some(pretrained))
+        }
+        VectorRefs::Stored(_) => (None, None),
+        VectorRefs::Lora(_) => {
             return Err(Error::Usage("a LoRA adapter is merged at one scale at a time".into()));
         }
     };
