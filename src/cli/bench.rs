@@ -84,6 +84,13 @@ pub struct BenchArgs {
     #[arg(long)]
     pub download: bool,
 
+    /// With --download: also run huggingface_hub's `snapshot_download`
+    /// (plain HTTP, Xet off) in this Python against the same stand-in under
+    /// the same conditions, timed the same way, and check its files'
+    /// sha256.
+    #[arg(long, value_name = "PYTHON", requires = "download")]
+    pub hf: Option<PathBuf>,
+
     /// Device for chatvec's apply and merges: cpu, cuda, cuda:N or auto.
     #[arg(long, default_value = "cpu", value_parser = DeviceChoice::parse)]
     pub device: DeviceChoice,
@@ -189,12 +196,25 @@ pub struct DownloadBench {
     /// Retries chatvec said it made (a transfer resumed or a file fetched
     /// again).
     pub retries: usize,
+    /// huggingface_hub under the same condition (with `--hf`).
+    pub huggingface_hub: Option<PeerDownload>,
+}
+
+#[derive(Serialize)]
+pub struct PeerDownload {
+    /// The run, when it exited 0.
+    pub measured: Option<Measured>,
+    /// Why it failed, when it did.
+    pub failed: Option<String>,
+    /// It exited 0 and every weight file in its snapshot has the source's
+    /// sha256.
+    pub intact: bool,
 }
 
 /// Times `chatvec inspect` of the base from the loopback Hub into a fresh
 /// cache, healthy and under each fault, and once without ranges on the
 /// slow link to show what parallel ranges give.
-fn download_runs(exe: &Path, root: &Path, base: &Path) -> Result<Vec<DownloadBench>> {
+fn download_runs(exe: &Path, root: &Path, base: &Path, hf: Option<&Path>) -> Result<Vec<DownloadBench>> {
     use super::loopback_hub::Fault;
     const SLOW: u64 = 50_000_000;
     let runs: [(&str, Fault, bool); 5] = [
@@ -204,16 +224,17 @@ fn download_runs(exe: &Path, root: &Path, base: &Path) -> Result<Vec<DownloadBen
         ("every connection dropped after 256 MiB", Fault::DropAfter(256 << 20), true),
         ("one range served corrupt once", Fault::CorruptOnce, true),
     ];
+    let cache = root.join("dl-cache");
     let mut out = Vec::new();
     for (condition, fault, ranges) in runs {
         let port = super::loopback_hub::start(base, fault)?;
-        let cache = root.join("dl-cache");
+        let endpoint = format!("http://127.0.0.1:{port}");
         let _ = std::fs::remove_dir_all(&cache);
         let mut cmd = Command::new(exe);
         cmd.arg("-q").arg("inspect").arg("bench/model").stdout(std::process::Stdio::null());
         let said = root.join("dl-stderr.txt");
         cmd.stderr(File::create(&said).map_err(io("creating", &said))?);
-        cmd.env("HF_ENDPOINT", format!("http://127.0.0.1:{port}")).env("HF_HUB_CACHE", &cache);
+        cmd.env("HF_ENDPOINT", &endpoint).env("HF_HUB_CACHE", &cache);
         cmd.env("HF_HOME", cache.join("no-home")).env_remove("HF_HUB_OFFLINE").env_remove("HF_TOKEN");
         if !ranges {
             cmd.env("CHATVEC_RANGE_MIN", u64::MAX.to_string());
@@ -223,9 +244,67 @@ fn download_runs(exe: &Path, root: &Path, base: &Path) -> Result<Vec<DownloadBen
         let text = std::fs::read_to_string(&said).unwrap_or_default();
         let _ = std::fs::remove_file(&said);
         let retries = text.matches("retrying in").count() + text.matches("downloading it once more").count();
-        out.push(DownloadBench { condition: condition.into(), measured, retries });
+        // One huggingface_hub run per link condition (it has no ranges to
+        // turn off).
+        let huggingface_hub = match hf {
+            Some(py) if ranges => Some(hf_download(py, base, &cache, &endpoint)?),
+            _ => None,
+        };
+        let _ = std::fs::remove_dir_all(&cache);
+        out.push(DownloadBench { condition: condition.into(), measured, retries, huggingface_hub });
     }
     Ok(out)
+}
+
+/// huggingface_hub's download of the stand-in's repository into `cache`.
+const HF_SNAPSHOT: &str = "import sys\nfrom huggingface_hub import snapshot_download\nsnapshot_download('bench/model', cache_dir=sys.argv[1], endpoint=sys.argv[2])\n";
+
+/// Times huggingface_hub's `snapshot_download` from the stand-in at
+/// `endpoint` into a fresh `cache`; a failed run is recorded, not fatal.
+/// Then checks every weight file it left in the snapshot against the
+/// source's sha256.
+fn hf_download(py: &Path, base: &Path, cache: &Path, endpoint: &str) -> Result<PeerDownload> {
+    let _ = std::fs::remove_dir_all(cache);
+    let mut cmd = Command::new(py);
+    cmd.arg("-c").arg(HF_SNAPSHOT).arg(cache).arg(endpoint);
+    cmd.env("HF_HUB_DISABLE_XET", "1")
+        .env("HF_HUB_DISABLE_TELEMETRY", "1")
+        .env("HF_HUB_DISABLE_PROGRESS_BARS", "1");
+    cmd.env("HF_HOME", cache.join("no-home")).env_remove("HF_HUB_OFFLINE").env_remove("HF_TOKEN");
+    let said = cache.with_extension("hf-stderr.txt");
+    cmd.stdout(std::process::Stdio::null()).stderr(File::create(&said).map_err(io("creating", &said))?);
+    let ran = measure(&mut cmd);
+    let text = std::fs::read_to_string(&said).unwrap_or_default();
+    let _ = std::fs::remove_file(&said);
+    let (measured, failed) = match ran {
+        Ok(m) => (Some(m), None),
+        // Python's last line names the exception.
+        Err(e) => (None, Some(text.lines().rfind(|l| !l.trim().is_empty()).map_or(e.to_string(), str::to_string))),
+    };
+    let snap = cache.join("models--bench--model").join("snapshots").join(super::loopback_hub::COMMIT);
+    let mut intact = measured.is_some();
+    for src in shard_paths(&[base])? {
+        let Some(name) = src.file_name() else { continue };
+        let got = snap.join(name);
+        intact &= got.is_file() && file_sha256(&got)? == file_sha256(&src)?;
+    }
+    Ok(PeerDownload { measured, failed, intact })
+}
+
+fn file_sha256(path: &Path) -> Result<String> {
+    use sha2::Digest;
+    use std::io::Read;
+    let mut f = File::open(path).map_err(io("opening", path))?;
+    let mut h = sha2::Sha256::new();
+    let mut buf = vec![0u8; 8 << 20];
+    loop {
+        let n = f.read(&mut buf).map_err(io("reading", path))?;
+        if n == 0 {
+            break;
+        }
+        h.update(&buf[..n]);
+    }
+    Ok(h.finalize().iter().map(|b| format!("{b:02x}")).collect())
 }
 
 /// A mergekit config for `method` over the bench inputs: the chat and base
@@ -687,7 +766,7 @@ pub fn run(a: &BenchArgs, json: bool) -> Result<()> {
         lora.push(LoraBench { rank, adapter_bytes, chatvec, peft, max_ulp, over_one_ulp });
     }
 
-    let download = if a.download { download_runs(&exe, &root, &base)? } else { Vec::new() };
+    let download = if a.download { download_runs(&exe, &root, &base, a.hf.as_deref())? } else { Vec::new() };
 
     let gb = |b: u64, s: f64| b as f64 / 1e9 / s;
     let rep = BenchReport {
@@ -817,6 +896,21 @@ pub fn run(a: &BenchArgs, json: bool) -> Result<()> {
             m.peak_rss_anon_mib,
             d.retries
         );
+        if let Some(p) = &d.huggingface_hub {
+            t += &match (&p.measured, &p.failed) {
+                (Some(m), _) => format!(
+                    "  huggingface_hub snapshot_download, same condition: {:.2} s, {:.2} GB/s, peak RssAnon {:.0} MiB, files {}\n",
+                    m.seconds,
+                    gb(output_bytes, m.seconds),
+                    m.peak_rss_anon_mib,
+                    if p.intact { "intact" } else { "NOT intact (a weight file's sha256 differs)" }
+                ),
+                (None, e) => format!(
+                    "  huggingface_hub snapshot_download, same condition: failed ({})\n",
+                    e.as_deref().unwrap_or("")
+                ),
+            };
+        }
     }
     for lb in &rep.lora {
         t += &format!(

@@ -1,6 +1,7 @@
 //! A Hugging Face Hub stand-in on 127.0.0.1 for `bench --download`: it
-//! serves one model directory through the two endpoints chatvec uses
-//! (revision info, file resolve with Range requests), a thread per
+//! serves one model directory through the endpoints chatvec and
+//! huggingface_hub use (revision info, tree listing, file HEAD and resolve
+//! with Range requests), a thread per
 //! connection so parallel files and ranges really run in parallel. The
 //! bench times chatvec's download from it: the network is loopback, so a
 //! healthy run's figure is chatvec's own overhead (writing, hashing). A
@@ -25,10 +26,23 @@ fn hex(b: &[u8]) -> String {
     b.iter().map(|x| format!("{x:02x}")).collect()
 }
 
-/// The revision-info JSON of `dir`: every file with its size, git blob id,
-/// and for safetensors files the sha256 the Hub lists for LFS files.
-fn info(dir: &Path) -> Result<String> {
+/// What the stand-in says about `dir`'s files, computed once.
+struct Listing {
+    /// The revision-info JSON: every file with its size, git blob id, and
+    /// for safetensors files the sha256 the Hub lists for LFS files.
+    info: String,
+    /// The same as `/api/models/REPO/tree/REV` lists it (huggingface_hub's
+    /// snapshot_download asks for it).
+    tree: String,
+    /// Per file, the ETag a HEAD request gets (sha256 for LFS files, else
+    /// the git blob id) and the size.
+    etags: HashMap<String, (String, u64)>,
+}
+
+fn list(dir: &Path) -> Result<Listing> {
     let mut siblings = Vec::new();
+    let mut tree = Vec::new();
+    let mut etags = HashMap::new();
     let rd = std::fs::read_dir(dir).map_err(|e| Error::Io {
         op: "listing",
         path: dir.to_path_buf(),
@@ -54,13 +68,23 @@ fn info(dir: &Path) -> Result<String> {
             s1.update(&buf[..n]);
             s2.update(&buf[..n]);
         }
-        let mut s = serde_json::json!({"rfilename": name, "size": len, "blobId": hex(&s1.finalize())});
-        if name.ends_with(".safetensors") {
-            s["lfs"] = serde_json::json!({"sha256": hex(&s2.finalize()), "size": len});
+        let (blob_id, sha256) = (hex(&s1.finalize()), hex(&s2.finalize()));
+        let mut s = serde_json::json!({"rfilename": name, "size": len, "blobId": blob_id});
+        let mut t = serde_json::json!({"type": "file", "path": name, "size": len, "oid": blob_id});
+        let lfs = name.ends_with(".safetensors");
+        if lfs {
+            s["lfs"] = serde_json::json!({"sha256": sha256, "size": len, "pointerSize": 134});
+            t["lfs"] = serde_json::json!({"oid": sha256, "size": len, "pointerSize": 134});
         }
+        etags.insert(name, (if lfs { sha256 } else { blob_id }, len));
         siblings.push(s);
+        tree.push(t);
     }
-    Ok(serde_json::json!({"id": "bench/model", "sha": COMMIT, "siblings": siblings}).to_string())
+    Ok(Listing {
+        info: serde_json::json!({"id": "bench/model", "sha": COMMIT, "siblings": siblings}).to_string(),
+        tree: serde_json::Value::Array(tree).to_string(),
+        etags,
+    })
 }
 
 /// How the stand-in misbehaves while serving weight (`.safetensors`)
@@ -111,7 +135,7 @@ fn send_body(f: &mut std::fs::File, s: &mut TcpStream, n: u64, fault: Fault, fli
     }
 }
 
-fn serve(mut s: TcpStream, dir: &Path, info: &str, fault: Fault, flipped: &AtomicBool) {
+fn serve(mut s: TcpStream, dir: &Path, listing: &Listing, fault: Fault, flipped: &AtomicBool) {
     let mut r = BufReader::new(match s.try_clone() {
         Ok(c) => c,
         Err(_) => return,
@@ -120,7 +144,9 @@ fn serve(mut s: TcpStream, dir: &Path, info: &str, fault: Fault, flipped: &Atomi
     if r.read_line(&mut line).is_err() {
         return;
     }
-    let path = line.split_whitespace().nth(1).unwrap_or("/").to_string();
+    let head_only = line.starts_with("HEAD ");
+    let target = line.split_whitespace().nth(1).unwrap_or("/");
+    let path = target.split('?').next().unwrap_or(target).to_string();
     let mut hdrs = HashMap::new();
     loop {
         let mut l = String::new();
@@ -132,11 +158,27 @@ fn serve(mut s: TcpStream, dir: &Path, info: &str, fault: Fault, flipped: &Atomi
         }
     }
     if path.starts_with("/api/models/") {
-        head(&mut s, "200 OK", info.len() as u64, "Content-Type: application/json\r\n");
-        let _ = s.write_all(info.as_bytes());
+        let body = if path.contains("/tree/") { &listing.tree } else { &listing.info };
+        head(&mut s, "200 OK", body.len() as u64, "Content-Type: application/json\r\n");
+        let _ = s.write_all(body.as_bytes());
         return;
     }
     let name = path.rsplit('/').next().unwrap_or("");
+    if head_only {
+        // What huggingface_hub asks before a download: commit, ETag, size.
+        match listing.etags.get(name) {
+            Some((etag, len)) => head(
+                &mut s,
+                "200 OK",
+                *len,
+                &format!(
+                    "X-Repo-Commit: {COMMIT}\r\nETag: \"{etag}\"\r\nX-Linked-Etag: \"{etag}\"\r\nX-Linked-Size: {len}\r\n"
+                ),
+            ),
+            None => head(&mut s, "404 Not Found", 0, ""),
+        }
+        return;
+    }
     let file = dir.join(name);
     let Ok(mut f) = std::fs::File::open(&file) else {
         head(&mut s, "404 Not Found", 0, "");
@@ -179,13 +221,13 @@ pub fn start(dir: &Path, fault: Fault) -> Result<u16> {
         .local_addr()
         .map_err(|e| Error::Io { op: "listening on", path: PathBuf::from("127.0.0.1"), source: e })?
         .port();
-    let info = Arc::new(info(dir)?);
+    let listing = Arc::new(list(dir)?);
     let dir = Arc::new(dir.to_path_buf());
     let flipped = Arc::new(AtomicBool::new(false));
     std::thread::spawn(move || {
         for s in listener.incoming().flatten() {
-            let (dir, info, flipped) = (dir.clone(), info.clone(), flipped.clone());
-            std::thread::spawn(move || serve(s, &dir, &info, fault, &flipped));
+            let (dir, listing, flipped) = (dir.clone(), listing.clone(), flipped.clone());
+            std::thread::spawn(move || serve(s, &dir, &listing, fault, &flipped));
         }
     });
     Ok(port)
