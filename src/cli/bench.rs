@@ -279,7 +279,9 @@ fn hf_download(py: &Path, base: &Path, cache: &Path, endpoint: &str) -> Result<P
     let (measured, failed) = match ran {
         Ok(m) => (Some(m), None),
         // Python's last line names the exception.
-        Err(e) => (None, Some(text.lines().rfind(|l| !l.trim().is_empty()).map_or(e.to_string(), str::to_string))),
+        Err(e) => {
+            (None, Some(text.lines().rfind(|l| !l.trim().is_empty()).map_or(e.to_string(), str::to_string)))
+        }
     };
     let snap = cache.join("models--bench--model").join("snapshots").join(super::loopback_hub::COMMIT);
     let mut intact = measured.is_some();
