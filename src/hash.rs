@@ -10,7 +10,7 @@ use sha2::{Digest, Sha256};
 use crate::error::{Error, Result};
 
 /// Lowercase hex of `bytes`.
-pub(crate) fn hex(bytes: &[u8]) -> String {
+pub fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
@@ -21,7 +21,7 @@ pub(crate) fn sha256_hex(bytes: &[u8]) -> String {
 
 /// Hex sha256 of the file at `path`, read in 8 MiB pieces; stops with
 /// `Error::Interrupted` after Ctrl-C.
-pub(crate) fn sha256_file(path: &Path) -> Result<String> {
+pub fn sha256_file(path: &Path) -> Result<String> {
     let mut f = crate::json::open_regular(path)?;
     let mut h = Sha256::new();
     let mut buf = vec![0u8; 8 << 20];

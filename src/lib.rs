@@ -53,6 +53,7 @@ pub use analyze::report::{AnalyzeReport, GroupFigures, Skipped, TensorFigures};
 pub use cuda::DeviceChoice;
 pub use error::{EXIT_INPUT, EXIT_INTERRUPTED, EXIT_IO, EXIT_OK, Error, Result};
 pub use eval::{Answer, EvalReport, EvalSpec, ModelEval, RULE as EVAL_RULE, eval, record_selection};
+pub use hash::{hex, sha256_file};
 pub use interrupt::install as catch_signals;
 pub use job::analyze::{AnalyzeSpec, analyze};
 pub use job::catalog::{Catalog, ModelAliasEntry, RecipeEntry, VectorAliasEntry, catalog};

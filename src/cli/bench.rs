@@ -11,7 +11,9 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use chatvec::{Checkpoint, DType, DeviceChoice, Error, FloatType, Result, default_threads, human_count};
+use chatvec::{
+    Checkpoint, DType, DeviceChoice, Error, FloatType, Result, default_threads, human_count, sha256_file,
+};
 use clap::Args;
 use memmap2::Mmap;
 use serde::Serialize;
@@ -288,25 +290,9 @@ fn hf_download(py: &Path, base: &Path, cache: &Path, endpoint: &str) -> Result<P
     for src in shard_paths(&[base])? {
         let Some(name) = src.file_name() else { continue };
         let got = snap.join(name);
-        intact &= got.is_file() && file_sha256(&got)? == file_sha256(&src)?;
+        intact &= got.is_file() && sha256_file(&got)? == sha256_file(&src)?;
     }
     Ok(PeerDownload { measured, failed, intact })
-}
-
-fn file_sha256(path: &Path) -> Result<String> {
-    use sha2::Digest;
-    use std::io::Read;
-    let mut f = File::open(path).map_err(io("opening", path))?;
-    let mut h = sha2::Sha256::new();
-    let mut buf = vec![0u8; 8 << 20];
-    loop {
-        let n = f.read(&mut buf).map_err(io("reading", path))?;
-        if n == 0 {
-            break;
-        }
-        h.update(&buf[..n]);
-    }
-    Ok(h.finalize().iter().map(|b| format!("{b:02x}")).collect())
 }
 
 /// A mergekit config for `method` over the bench inputs: the chat and base
@@ -424,17 +410,11 @@ fn ensure_inputs(root: &Path, shape: &LlamaShape) -> Result<(PathBuf, PathBuf, P
 /// Seconds to read every input shard from memory (after one warming pass).
 fn read_floor(dirs: &[&Path]) -> Result<f64> {
     let mut maps: Vec<Mmap> = Vec::new();
-    for d in dirs {
-        for e in std::fs::read_dir(d).map_err(io("listing", d))? {
-            let path = e.map_err(io("listing", d))?.path();
-            if path.extension().is_none_or(|x| x != "safetensors") {
-                continue;
-            }
-            let f = File::open(&path).map_err(io("opening", &path))?;
-            // SAFETY: read-only map of a file this benchmark generated and
-            // nobody else modifies, so it is never truncated under the map.
-            maps.push(unsafe { Mmap::map(&f) }.map_err(io("mapping", &path))?);
-        }
+    for path in shard_paths(dirs)? {
+        let f = File::open(&path).map_err(io("opening", &path))?;
+        // SAFETY: read-only map of a file this benchmark generated and
+        // nobody else modifies, so it is never truncated under the map.
+        maps.push(unsafe { Mmap::map(&f) }.map_err(io("mapping", &path))?);
     }
     let touch = |maps: &[Mmap]| -> u64 {
         maps.iter().map(|m| m.chunks(4096).map(|c| c[0] as u64 + c[c.len() - 1] as u64).sum::<u64>()).sum()

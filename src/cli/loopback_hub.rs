@@ -16,15 +16,11 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use chatvec::{Error, Result};
+use chatvec::{Error, Result, hex};
 use sha2::Digest;
 
 /// The commit every file is served at.
 pub const COMMIT: &str = "b0b0b0b0b0b0b0b0b0b0b0b0b0b0b0b0b0b0b0b0";
-
-fn hex(b: &[u8]) -> String {
-    b.iter().map(|x| format!("{x:02x}")).collect()
-}
 
 /// What the stand-in says about `dir`'s files, computed once.
 struct Listing {

@@ -179,7 +179,6 @@ struct Direct {
     fill: usize,
     /// File offset of `stage`'s first byte.
     offset: u64,
-    spare: Vec<Stage>,
     disk: Option<DiskThread>,
 }
 
@@ -192,7 +191,7 @@ struct DiskThread {
 
 impl Direct {
     fn new() -> Direct {
-        Direct { stage: Stage::new(), fill: 0, offset: 0, spare: Vec::new(), disk: None }
+        Direct { stage: Stage::new(), fill: 0, offset: 0, disk: None }
     }
 
     fn write(&mut self, file: &File, path: &Path, mut bytes: &[u8]) -> Result<()> {
@@ -215,9 +214,6 @@ impl Direct {
     /// A staging buffer to fill next: a new one while fewer than `STAGES`
     /// exist, else the next one the disk thread is done with.
     fn free_stage(&mut self, file: &File, path: &Path) -> Result<Stage> {
-        if let Some(s) = self.spare.pop() {
-            return Ok(s);
-        }
         let disk = match &mut self.disk {
             Some(d) => d,
             None => self.disk.insert(DiskThread::start(file, path)?),
@@ -242,12 +238,8 @@ impl Direct {
 
     /// The disk thread's error, once it has stopped.
     fn disk_error(&mut self, path: &Path) -> Error {
-        let Some(d) = self.disk.take() else {
-            return Error::Internal(format!("{}: no disk thread", path.display()));
-        };
-        drop(d.to_disk);
-        match d.handle.join() {
-            Ok(Err(e)) => Error::io("writing", path, e),
+        match self.disk.take().map(|d| d.join(path)) {
+            Some(Err(e)) => e,
             _ => Error::Internal(format!("the disk thread writing {} stopped", path.display())),
         }
     }
@@ -268,22 +260,23 @@ impl Direct {
             }
         }
         if let Some(d) = self.disk.take() {
-            drop(d.to_disk);
-            match d.handle.join() {
-                Ok(r) => r.map_err(|e| Error::io("writing", path, e))?,
-                Err(_) => {
-                    return Err(Error::Internal(format!(
-                        "the disk thread writing {} panicked",
-                        path.display()
-                    )));
-                }
-            }
+            d.join(path)?;
         }
         file.set_len(len).map_err(|e| Error::io("setting the size of", path, e))
     }
 }
 
 impl DiskThread {
+    /// Tells the thread no more blocks come and waits for it: its write
+    /// error, if it had one.
+    fn join(self, path: &Path) -> Result<()> {
+        drop(self.to_disk);
+        match self.handle.join() {
+            Ok(r) => r.map_err(|e| Error::io("writing", path, e)),
+            Err(_) => Err(Error::Internal(format!("the disk thread writing {} panicked", path.display()))),
+        }
+    }
+
     fn start(file: &File, path: &Path) -> Result<DiskThread> {
         let file = file.try_clone().map_err(|e| Error::io("opening", path, e))?;
         let (to_disk, rx) = sync_channel::<Block>(STAGES);

@@ -304,7 +304,7 @@ pub(crate) fn probe(cache: &Path, id: &HubId) -> Result<Option<Outcome>> {
             std::fs::copy(&cached, &at).map_err(|e| Error::io("copying", &cached, e))?;
             continue;
         }
-        let url = format!("{}/{}/resolve/{commit}/{}", client.endpoint, id.repo, f.name);
+        let url = client.resolve_url(id, &commit, &f.name);
         let bad = |m: String| Error::Hub(format!("{} of {}: {m}", f.name, id.repo));
         let (status, head) = client.get_bytes(&url, 0, 7, 8)?;
         if status != 206 && status != 200 {

@@ -90,7 +90,7 @@ fn read_timeout() -> Duration {
 
 pub(super) struct Client {
     agent: ureq::Agent,
-    pub(super) endpoint: String,
+    endpoint: String,
     token: Option<String>,
 }
 
@@ -114,6 +114,11 @@ impl Client {
             .build()
             .into();
         Client { agent, endpoint: endpoint(), token: token() }
+    }
+
+    /// Where a file of `id` at `commit` downloads from.
+    pub(super) fn resolve_url(&self, id: &HubId, commit: &str, name: &str) -> String {
+        format!("{}/{}/resolve/{commit}/{name}", self.endpoint, id.repo)
     }
 
     pub(super) fn get(&self, url: &str, range_from: u64) -> Result<ureq::http::Response<ureq::Body>> {

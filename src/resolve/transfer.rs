@@ -72,27 +72,22 @@ pub(super) fn download_verified(
     bar: Option<&ProgressBar>,
 ) -> Result<PathBuf> {
     let part = blobs.join(format!("{blob_name}.incomplete"));
-    let url = format!("{}/{}/resolve/{commit}/{}", client.endpoint, id.repo, f.name);
+    let url = client.resolve_url(id, commit, &f.name);
     // A partial `.incomplete` (from either tool) is resumed as one stream.
     let ranged = f.size >= range_min() && f.sha256.is_some() && !part.exists();
     let t = Transfer { client, id, f, url: &url, bar };
-    for round in 0..2 {
-        let got = match ranged {
-            true => t.ranged(blobs, blob_name)?,
-            false => t.single(&part)?.map(|()| part.clone()),
-        };
-        match got {
-            Ok(path) => return Ok(path),
-            Err(e) if round == 0 => {
-                t.say(&format!("{e}; downloading it once more"));
-                if let Some(b) = bar {
-                    b.set_position(b.position().saturating_sub(f.size));
-                }
-            }
-            Err(e) => return Err(e),
-        }
+    let fetch = || match ranged {
+        true => t.ranged(blobs, blob_name),
+        false => t.single(&part).map(|r| r.map(|()| part.clone())),
+    };
+    match fetch()? {
+        Ok(path) => return Ok(path),
+        Err(e) => t.say(&format!("{e}; downloading it once more")),
     }
-    Err(Error::Internal("unreachable download round".into()))
+    if let Some(b) = bar {
+        b.set_position(b.position().saturating_sub(f.size));
+    }
+    fetch()?
 }
 
 /// One file's transfer: where from, and the bar its bytes count on.
@@ -124,7 +119,9 @@ impl Transfer<'_> {
     /// `ATTEMPTS` tries; `attempt` resumes from what is already on disk.
     fn with_retries<T>(&self, mut attempt: impl FnMut() -> Result<T>) -> Result<T> {
         let mut wait = first_wait();
-        for tries in 1.. {
+        let mut tries = 0;
+        loop {
+            tries += 1;
             match attempt() {
                 Err(e) if tries < ATTEMPTS && matches!(e.kind(), Error::Network(_)) => {
                     self.say(&format!(
@@ -142,7 +139,6 @@ impl Transfer<'_> {
                 r => return r,
             }
         }
-        Err(Error::Internal("unreachable retry".into()))
     }
 
     /// One stream into `part`, resumed from its length, then checked.
