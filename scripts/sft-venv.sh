@@ -3,13 +3,37 @@
 # test runs TRL in, and prints its interpreter's path. The versions are the
 # ones chatvec sft was checked against; the venv is cached (PyPI's torch
 # wheel and its CUDA libraries are about 6 GB) and rebuilt when they change.
+#
+# CHATVEC_SFT_VENV names the directory. A rebuild deletes it, so the script
+# deletes only a directory it made itself (it holds this script's marker,
+# or the requirements stamp earlier versions wrote) or an empty one;
+# anything else is refused and left as it is.
 set -euo pipefail
 dir="${CHATVEC_SFT_VENV:-$HOME/.cache/chatvec/sft-venv}"
 req="torch==2.15.0 transformers==5.23.0 trl==1.16.0 accelerate==1.15.0 datasets==5.2.0 peft==0.21.2"
 stamp="$dir/.chatvec-requirements"
+marker="$dir/.chatvec-sft-venv"
 if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$req" ]; then
+    if [ -L "$dir" ]; then
+        echo "sft-venv.sh: refusing to use $dir: it is a symbolic link" >&2
+        exit 1
+    fi
+    if [ -e "$dir" ]; then
+        if [ ! -d "$dir" ]; then
+            echo "sft-venv.sh: refusing to replace $dir: it is not a directory" >&2
+            exit 1
+        fi
+        if [ -f "$marker" ] || [ -f "$stamp" ]; then
+            rm -rf "$dir"
+        elif [ -n "$(ls -A "$dir")" ]; then
+            echo "sft-venv.sh: refusing to delete $dir: this script did not create it (no $(basename "$marker") inside)" >&2
+            echo "hint: set CHATVEC_SFT_VENV to a new directory, or remove $dir yourself" >&2
+            exit 1
+        fi
+    fi
     echo "setting up $dir ($req) ..." >&2
-    rm -rf "$dir"
+    mkdir -p "$dir"
+    : > "$marker"
     python3 -m venv "$dir"
     "$dir/bin/pip" install --quiet --upgrade pip >&2
     # shellcheck disable=SC2086

@@ -11,8 +11,8 @@ use std::path::{Path, PathBuf};
 /// layers only. Rooms in one layer do not import each other.
 const LAYERS: &[&[&str]] = &[
     &["error", "ui", "units"],
-    &["interrupt", "json"],
-    &["hash"],
+    &["interrupt", "json", "scratch"],
+    &["hash", "python"],
     &["model"],
     &["resolve", "arith"],
     &["merge"],

@@ -17,7 +17,7 @@ fn setup(root: &Path) -> (PathBuf, PathBuf) {
     let py = root.join("fake-python");
     std::fs::write(
         &py,
-        "#!/bin/sh\nif echo \"$2\" | grep -q importlib; then echo '{\"python\": \"3.11.0\", \"packages\": {\"torch\": null, \"transformers\": \"5.23.0\"}, \"cuda_devices\": 0}'; exit 0; fi\necho 'worker ran' >&2\nexit 3\n",
+        "#!/bin/sh\nif [ \"$1 $2\" = \"-I -u\" ] && grep -q importlib \"$3\"; then echo '{\"python\": \"3.11.0\", \"packages\": {\"torch\": null, \"transformers\": \"5.23.0\"}, \"cuda_devices\": 0}'; exit 0; fi\necho 'worker ran' >&2\nexit 3\n",
     )
     .unwrap();
     let mut perm = std::fs::metadata(&py).unwrap().permissions();

@@ -627,3 +627,60 @@ fn inspect_shows_hostile_tensor_names_escaped() {
     assert!(!out.contains('\u{1b}') && !out.contains('\u{202e}'), "{out:?}");
     assert!(out.contains("evil\\u{1b}[2J\\u{202e}.weight"), "{out}");
 }
+
+#[test]
+fn python_helpers_never_import_modules_from_the_working_directory() {
+    let d = tempfile::tempdir().unwrap();
+    let t = trio(d.path(), Ty::BF16, 1);
+    let tc = r#"{"chat_template": "{% for m in messages %}{{ m['content'] }}{% endfor %}"}"#;
+    std::fs::write(t.base.join("tokenizer_config.json"), tc).unwrap();
+    std::fs::write(d.path().join("data.jsonl"), "{\"messages\": [{\"role\": \"user\", \"content\": \"a\"}, {\"role\": \"assistant\", \"content\": \"b\"}]}\n").unwrap();
+    // A repository checkout whose modules share names with the ones the
+    // helpers import.
+    let repo = d.path().join("repo");
+    std::fs::create_dir(&repo).unwrap();
+    let marker = d.path().join("RAN");
+    for m in ["json", "torch", "importlib", "dataclasses", "trl"] {
+        std::fs::write(
+            repo.join(format!("{m}.py")),
+            format!("open({:?}, 'a').write('{m}\\n')\n", s(&marker)),
+        )
+        .unwrap();
+    }
+    let runs: [&[&str]; 2] = [
+        &["eval", s(&t.base), "--python", "python3"],
+        &[
+            "sft",
+            "--model",
+            s(&t.base),
+            "--data",
+            "../data.jsonl",
+            "-o",
+            "../run",
+            "--python",
+            "python3",
+            "--dry-run",
+        ],
+    ];
+    for args in runs {
+        let o = command().current_dir(&repo).args(args).output().unwrap();
+        assert!(
+            !marker.exists(),
+            "{args:?} imported {} from the working directory",
+            std::fs::read_to_string(&marker).unwrap()
+        );
+        // No helper script was left in the working directory either.
+        assert_eq!(entries(&repo).len(), 5, "{}", stderr(&o));
+    }
+}
+
+#[test]
+fn an_empty_chatvec_python_is_named_as_empty() {
+    let d = tempfile::tempdir().unwrap();
+    let t = trio(d.path(), Ty::BF16, 1);
+    std::fs::write(t.base.join("tokenizer_config.json"), r#"{"chat_template": "{{ messages[0].content }}"}"#)
+        .unwrap();
+    let o = command().env("CHATVEC_PYTHON", "").args(["eval", s(&t.base)]).output().unwrap();
+    assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
+    assert!(stderr(&o).contains("CHATVEC_PYTHON is set but empty"), "{}", stderr(&o));
+}

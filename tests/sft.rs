@@ -38,7 +38,7 @@ fn fake_python(root: &Path, missing: &str) -> PathBuf {
     let p = root.join("fake-python");
     let script = format!(
         r#"#!/bin/sh
-if [ "$1" = "-c" ] && echo "$2" | grep -q importlib; then
+if [ "$1 $2" = "-I -u" ] && grep -q importlib "$3"; then
   if [ -n "{missing}" ]; then
     echo '{{"python": "3.11.0", "packages": {{"torch": "2.5.0", "transformers": "5.23.0", "trl": null, "accelerate": null, "datasets": "5.2.0"}}, "cuda_devices": 0}}'
   else
@@ -58,7 +58,7 @@ echo "{{'loss': 2.5, 'grad_norm': 1.0, 'learning_rate': 1e-05, 'epoch': 0.5}}"
 echo "warming up" >&2
 echo "{{'loss': 1.25, 'grad_norm': 1.0, 'learning_rate': 5e-06, 'epoch': 1.0}}"
 echo "{{'train_runtime': 1.0, 'train_loss': 1.9}}"
-out=$(sed -n 's/^output_dir: //p' "$5")
+out=$(sed -n 's/^output_dir: //p' "$6")
 if [ -z "$FAKE_NO_MODEL" ] && [ "${{FAKE_EXIT:-0}}" = 0 ]; then mkdir -p "$out" && echo weights > "$out/model.safetensors"; fi
 exit ${{FAKE_EXIT:-0}}
 "#
@@ -83,7 +83,7 @@ fn sft_validates_writes_configs_launches_trl_and_records_the_run() {
     let o = sft(&model, &data, &run, &py).args(["--dry-run", "--max-steps", "3"]).output().unwrap();
     ok(&o);
     let text = stdout(&o);
-    assert!(text.contains("'import sys; from trl.cli import main; sys.exit(main())' sft --config"), "{text}");
+    assert!(text.contains(&format!(" -I -u {}/trl_launch.py sft --config", run.display())), "{text}");
     assert!(
         text.contains("sft_config.yaml\n")
             && text.contains("learning_rate: 0.00001")
@@ -125,7 +125,13 @@ fn sft_validates_writes_configs_launches_trl_and_records_the_run() {
         rec["files"].as_array().unwrap().iter().map(|f| f["file"].as_str().unwrap()).collect();
     assert_eq!(
         files,
-        ["chat_template.jinja", "sft_config.yaml", "accelerate_config.yaml", "data/train.jsonl"]
+        [
+            "chat_template.jinja",
+            "sft_config.yaml",
+            "accelerate_config.yaml",
+            "trl_launch.py",
+            "data/train.jsonl"
+        ]
     );
 
     // The trainer's exit code is chatvec's; the run dir needs --force.
@@ -455,4 +461,158 @@ fn launcher_writes_a_batch_script_that_runs_every_node() {
         .unwrap();
     assert_eq!(o.status.code(), Some(1));
     assert!(stderr(&o).contains("leave them out"), "{}", stderr(&o));
+}
+
+/// Writes an executable shell script.
+fn script(path: &Path, text: &str) {
+    std::fs::write(path, text).unwrap();
+    let mut perm = std::fs::metadata(path).unwrap().permissions();
+    std::os::unix::fs::PermissionsExt::set_mode(&mut perm, 0o755);
+    std::fs::set_permissions(path, perm).unwrap();
+}
+
+/// Every file and directory name under `dir`.
+fn names_under(dir: &Path) -> Vec<String> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(dir).unwrap() {
+        let e = e.unwrap();
+        out.push(e.file_name().to_string_lossy().into_owned());
+        if e.file_type().unwrap().is_dir() {
+            out.extend(names_under(&e.path()));
+        }
+    }
+    out
+}
+
+#[test]
+fn job_scripts_run_nothing_but_chatvec_whatever_the_names() {
+    let d = tempfile::tempdir().unwrap();
+    // The working directory, the data file and the run directory carry
+    // command substitutions, backticks, quotes and a glob. (A double quote
+    // or backslash in the job log's path is refused, below.)
+    let wd = d.path().join("wd $(touch PWNED-wd) `touch PWNED-tick` 'sq' ;* #c");
+    std::fs::create_dir(&wd).unwrap();
+    let (model, plain_data) = setup(&wd);
+    let data_name = "data $(touch PWNED-data) `id` \"dq\" \\.jsonl";
+    std::fs::rename(&plain_data, wd.join(data_name)).unwrap();
+    let py = fake_python(&wd, "");
+    let run_name = "run $(touch PWNED-run) 'x' %j";
+    // Stand-ins for the schedulers: scontrol lists a huge allocation (its
+    // output outlives any reader that stops at the first line), srun and
+    // mpirun start the node step as rank 0, chatvec records its arguments.
+    let bin = d.path().join("bin");
+    std::fs::create_dir(&bin).unwrap();
+    script(&bin.join("scontrol"), "#!/bin/sh\nseq -f 'node%g' 1 300000\n");
+    script(
+        &bin.join("srun"),
+        "#!/bin/sh\nwhile [ \"${1#--}\" != \"$1\" ]; do shift; done\nSLURM_NODEID=0 exec \"$@\"\n",
+    );
+    script(
+        &bin.join("mpirun"),
+        "#!/bin/sh\nwhile [ \"$1\" != bash ]; do shift; done\nOMPI_COMM_WORLD_RANK=0 exec \"$@\"\n",
+    );
+    let record = d.path().join("record");
+    let recorder = d.path().join("recorder");
+    script(&recorder, "#!/bin/sh\npwd > \"$RECORD\"\nprintf '%s\\n' \"$@\" >> \"$RECORD\"\n");
+    let nodefile = d.path().join("nodefile");
+    std::fs::write(&nodefile, "node1\nnode1\nnode2\n").unwrap();
+    let path = format!("{}:{}", bin.display(), std::env::var("PATH").unwrap());
+
+    for launcher in ["slurm", "pbs"] {
+        let o = command()
+            .current_dir(&wd)
+            .args(["sft", "--model", s(&model), "--data", data_name, "-o", run_name, "--python", s(&py)])
+            .args(["--launcher", launcher, "--nnodes", "2", "--nproc", "1", "--force"])
+            .output()
+            .unwrap();
+        ok(&o);
+        let job = wd.join(format!("{run_name}.{launcher}"));
+        let text = std::fs::read_to_string(&job).unwrap();
+        // Directive lines hold the log path quoted; Slurm's `%` doubled.
+        let directive = if launcher == "slurm" { "#SBATCH --output=\"" } else { "#PBS -o \"" };
+        let log_line = text.lines().find(|l| l.starts_with(directive)).unwrap_or_else(|| panic!("{text}"));
+        if launcher == "slurm" {
+            assert!(log_line.ends_with(" %%j.slurm-%j.out\""), "{log_line}");
+        }
+        for _ in 0..3 {
+            let _ = std::fs::remove_file(&record);
+            let o = Command::new("bash")
+                .arg(&job)
+                .current_dir(d.path())
+                .env("PATH", &path)
+                .env("CHATVEC", &recorder)
+                .env("RECORD", &record)
+                .env("SLURM_JOB_NODELIST", "node[1-300000]")
+                .env("PBS_NODEFILE", &nodefile)
+                .output()
+                .unwrap();
+            assert!(o.status.success(), "{launcher}: {}\n{text}", String::from_utf8_lossy(&o.stderr));
+            let rec = std::fs::read_to_string(&record).unwrap();
+            let lines: Vec<&str> = rec.lines().collect();
+            assert_eq!(Path::new(lines[0]), wd.as_path(), "{rec}");
+            let args = &lines[1..];
+            let at = |flag: &str| args[args.iter().position(|a| *a == flag).unwrap() + 1];
+            assert_eq!(at("--data"), data_name, "{rec}");
+            assert_eq!(at("-o"), run_name, "{rec}");
+            assert_eq!(at("--model"), s(&model), "{rec}");
+            assert_eq!(&args[args.len() - 4..], ["--node-rank", "0", "--master-addr", "node1"], "{rec}");
+        }
+        let pwned: Vec<String> =
+            names_under(d.path()).into_iter().filter(|n| n.starts_with("PWNED")).collect();
+        assert!(pwned.is_empty(), "{launcher}: the script ran {pwned:?}\n{text}");
+    }
+}
+
+#[test]
+fn a_control_character_in_a_path_never_reaches_a_job_script() {
+    let d = tempfile::tempdir().unwrap();
+    let (model, data) = setup(d.path());
+    let py = fake_python(d.path(), "");
+    let run = d.path().join("run\necho PWNED");
+    let o = sft(&model, &data, &run, &py).args(["--launcher", "slurm", "--nnodes", "2"]).output().unwrap();
+    assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("the value of -o") && stderr(&o).contains("control character"),
+        "{}",
+        stderr(&o)
+    );
+    // The working directory's path is checked the same way.
+    let wd = d.path().join("wd\nrm -rf x");
+    std::fs::create_dir(&wd).unwrap();
+    let o = sft(&model, &data, &d.path().join("run"), &py)
+        .current_dir(&wd)
+        .args(["--launcher", "pbs", "--nnodes", "2"])
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
+    assert!(stderr(&o).contains("the working directory"), "{}", stderr(&o));
+    // A double quote in the job log's path: refused, not half-quoted.
+    let o =
+        sft(&model, &data, &d.path().join("run \"q\""), &py).args(["--launcher", "slurm"]).output().unwrap();
+    assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
+    assert!(stderr(&o).contains("double quote or backslash"), "{}", stderr(&o));
+    assert!(!names_under(d.path()).iter().any(|n| n.ends_with(".slurm") || n.ends_with(".pbs")));
+}
+
+#[test]
+fn sft_venv_script_deletes_only_a_directory_it_made() {
+    let d = tempfile::tempdir().unwrap();
+    let venv_script = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/sft-venv.sh");
+    let precious = d.path().join("precious");
+    std::fs::create_dir(&precious).unwrap();
+    std::fs::write(precious.join("thesis.tex"), "years of work").unwrap();
+    let link = d.path().join("link");
+    std::os::unix::fs::symlink(&precious, &link).unwrap();
+    let file = d.path().join("file");
+    std::fs::write(&file, "a file").unwrap();
+    for (target, why) in
+        [(&precious, "this script did not create it"), (&link, "symbolic link"), (&file, "not a directory")]
+    {
+        let o = Command::new("bash").arg(&venv_script).env("CHATVEC_SFT_VENV", target).output().unwrap();
+        assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
+        assert!(stderr(&o).contains(why), "{}", stderr(&o));
+    }
+    assert_eq!(std::fs::read_to_string(precious.join("thesis.tex")).unwrap(), "years of work");
+    assert_eq!(std::fs::read_to_string(&file).unwrap(), "a file");
+    assert!(std::fs::symlink_metadata(&link).unwrap().file_type().is_symlink());
 }

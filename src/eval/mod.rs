@@ -20,7 +20,7 @@ pub(crate) mod prompts;
 
 use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::Stdio;
 
 use indicatif::{ProgressBar, ProgressStyle};
 use serde::Serialize;
@@ -29,7 +29,6 @@ use serde_json::{Value, json};
 use crate::error::{Error, Result};
 use crate::resolve::resolve_model;
 use crate::sft::data::write_eval;
-use crate::sft::{check_python, python_path};
 use crate::ui;
 
 /// The worker the interpreter runs.
@@ -203,9 +202,9 @@ fn manifest_scale(dir: &Path) -> Option<Value> {
 
 /// Runs the worker; returns its results, showing its progress.
 fn run_worker(python: &Path, spec: &Value, models: usize, per_model: u64) -> Result<Value> {
-    let mut child = Command::new(python)
-        .arg("-c")
-        .arg(SCRIPT)
+    let helper = crate::python::Helper::write("eval_worker.py", SCRIPT)?;
+    let mut child = helper
+        .command(python)
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -340,9 +339,9 @@ pub fn eval(spec: &EvalSpec) -> Result<EvalReport> {
         }
         dirs.push(dir);
     }
-    let python = python_path(spec.python.as_deref());
+    let python = crate::python::interpreter(spec.python.as_deref())?;
     let extra: &[&str] = if spec.engine == "vllm" { &["vllm"] } else { &[] };
-    check_python(&python, &["torch", "transformers"], extra, false, None)?;
+    crate::python::check(&python, &["torch", "transformers"], extra, false, None)?;
     let worker = json!({
         "models": dirs.iter().map(|d| json!({"path": d.display().to_string()})).collect::<Vec<_>>(),
         "conversations": conversations,

@@ -67,14 +67,6 @@ pub(crate) fn refuse_replacing(path: &Path, marker: &str) -> Option<String> {
     Some(format!("it holds {}{more}, and no {marker}", shown.join(", ")))
 }
 
-/// Whether process `pid` is running (or exists under another user).
-fn alive(pid: u32) -> bool {
-    // SAFETY: kill(2) with signal 0 only checks the process; it takes
-    // plain integers and sends nothing.
-    let rc = unsafe { libc::kill(pid as libc::pid_t, 0) };
-    rc == 0 || std::io::Error::last_os_error().raw_os_error() == Some(libc::EPERM)
-}
-
 /// Bytes of the files under `path`.
 fn tree_bytes(path: &Path) -> u64 {
     match fs::symlink_metadata(path) {
@@ -124,7 +116,7 @@ fn clear_leftovers(parent: &Path) -> Vec<(PathBuf, u64)> {
     let mut running = Vec::new();
     for (path, pid) in leftovers(parent) {
         let bytes = tree_bytes(&path);
-        if live(&path) || (pid != std::process::id() && alive(pid)) {
+        if live(&path) || (pid != std::process::id() && crate::scratch::process_alive(pid)) {
             running.push((path, bytes));
             continue;
         }

@@ -9,11 +9,50 @@
 
 use std::path::Path;
 
+use crate::error::{Error, Result};
 use crate::sft::shell_line;
+
+/// Refuses a value a job script cannot carry. A control character is the
+/// danger: a newline ends a `#SBATCH` line or a comment, and the rest of
+/// the name then runs as a command on every node. Everything else reaches
+/// the script shell-quoted.
+fn carryable(what: &str, value: &str) -> Result<()> {
+    match value.chars().find(|c| c.is_control()) {
+        None => Ok(()),
+        Some(c) => Err(Error::Usage(format!(
+            "{what} '{}' holds a control character ({}), which a job script cannot carry safely",
+            value.escape_debug(),
+            c.escape_default()
+        ))
+        .with_hint("rename it, or run from a directory whose path has no newline or control character")),
+    }
+}
+
+/// `path` and then chatvec's own `suffix` as a scheduler directive's value
+/// (`#SBATCH --output=`, `#PBS -o`): bare when it is plain, else in double
+/// quotes, which both parse; a quote or backslash there is refused. Slurm
+/// expands `%` patterns in file names, so a `%` of the path is written
+/// `%%` (the suffix's `%j` stays a pattern).
+fn directive_path(path: &str, suffix: &str, slurm: bool) -> Result<String> {
+    carryable("the job log path", path)?;
+    let p = if slurm { path.replace('%', "%%") } else { path.to_string() } + suffix;
+    if p.chars().all(|c| c.is_ascii_alphanumeric() || "-_./+,@=:%".contains(c)) {
+        return Ok(p);
+    }
+    if p.contains(['"', '\\']) {
+        return Err(Error::Usage(format!(
+            "the job log path '{}' holds a double quote or backslash, which a scheduler directive cannot carry",
+            path.escape_debug()
+        ))
+        .with_hint("choose an output directory whose path has neither"));
+    }
+    Ok(format!("\"{p}\""))
+}
 
 /// The job script for `launcher` (`slurm` or `pbs`). `args` run the job on
 /// one node without `--node-rank`/`--master-addr`; `script` is where the
 /// script is written and `cwd` the directory relative paths are from.
+/// Every value is checked (`carryable`) and shell-quoted.
 pub(crate) fn job_script(
     launcher: &str,
     chatvec: &Path,
@@ -22,15 +61,23 @@ pub(crate) fn job_script(
     nproc: u64,
     script: &Path,
     cwd: &Path,
-) -> String {
+) -> Result<String> {
+    for (i, a) in args.iter().enumerate() {
+        let flag = args[..i].iter().rev().find(|p| p.starts_with('-')).map_or("an argument", String::as_str);
+        carryable(&format!("the value of {flag}"), a)?;
+    }
+    carryable("the working directory", &cwd.to_string_lossy())?;
+    carryable("the chatvec binary's path", &chatvec.to_string_lossy())?;
+    carryable("the job script's path", &script.to_string_lossy())?;
     let cmd =
         format!("\"$CHATVEC\" {} --node-rank \"$RANK\" --master-addr \"$MASTER_ADDR\"", shell_line(args));
     let q = |p: &Path| shell_line(&[p.display().to_string()]);
+    let log = script.display().to_string();
     let (head, fan_out, rank) = match launcher {
         "pbs" => (
             format!(
-                "#PBS -N chatvec-sft\n#PBS -l select={nnodes}:ngpus={nproc}\n#PBS -j oe\n#PBS -o {}.out\n",
-                script.display()
+                "#PBS -N chatvec-sft\n#PBS -l select={nnodes}:ngpus={nproc}\n#PBS -j oe\n#PBS -o {}\n",
+                directive_path(&log, ".out", false)?
             ),
             format!(
                 "  MASTER_ADDR=$(head -n 1 \"$PBS_NODEFILE\")\n  export MASTER_ADDR\n  exec mpirun -np {nnodes} -npernode 1 -hostfile <(sort -u \"$PBS_NODEFILE\") -x MASTER_ADDR bash {} --node\n",
@@ -38,26 +85,28 @@ pub(crate) fn job_script(
             ),
             "RANK=${OMPI_COMM_WORLD_RANK:-${PMI_RANK:-}}",
         ),
+        // The first host without a pipe: `scontrol ... | head` dies of
+        // SIGPIPE under pipefail whenever head exits first.
         _ => (
             format!(
-                "#SBATCH --job-name=chatvec-sft\n#SBATCH --nodes={nnodes}\n#SBATCH --ntasks-per-node=1\n#SBATCH --gpus-per-node={nproc}\n#SBATCH --output={}-%j.out\n",
-                script.display()
+                "#SBATCH --job-name=chatvec-sft\n#SBATCH --nodes={nnodes}\n#SBATCH --ntasks-per-node=1\n#SBATCH --gpus-per-node={nproc}\n#SBATCH --output={}\n",
+                directive_path(&log, "-%j.out", true)?
             ),
             format!(
-                "  MASTER_ADDR=$(scontrol show hostnames \"$SLURM_JOB_NODELIST\" | head -n 1)\n  export MASTER_ADDR\n  exec srun --kill-on-bad-exit=1 --ntasks-per-node=1 bash {} --node\n",
+                "  nodes=$(scontrol show hostnames \"$SLURM_JOB_NODELIST\")\n  MASTER_ADDR=${{nodes%%$'\\n'*}}\n  export MASTER_ADDR\n  exec srun --kill-on-bad-exit=1 --ntasks-per-node=1 bash {} --node\n",
                 q(script)
             ),
             "RANK=${SLURM_NODEID:-}",
         ),
     };
-    format!(
-        "#!/bin/bash\n{head}# Written by chatvec {version}. Runs `chatvec sft` on each of the {nnodes} node(s),\n# {nproc} process(es) per node; submit it with {submit} {script}.\nset -euo pipefail\nCHATVEC=${{CHATVEC:-{exe}}}\nexport CHATVEC\ncd {cwd}\nif [ \"${{1:-}}\" != --node ]; then\n{fan_out}fi\n{rank}\nif [ -z \"$RANK\" ]; then echo 'chatvec: no node rank from the launcher' >&2; exit 2; fi\nexec {cmd}\n",
+    Ok(format!(
+        "#!/bin/bash\n{head}# Written by chatvec {version}. Runs `chatvec sft` on each of the {nnodes} node(s),\n# {nproc} process(es) per node; submit it with {submit} {script}\nset -euo pipefail\nCHATVEC=${{CHATVEC:-{exe}}}\nexport CHATVEC\ncd {cwd}\nif [ \"${{1:-}}\" != --node ]; then\n{fan_out}fi\n{rank}\nif [ -z \"$RANK\" ]; then echo 'chatvec: no node rank from the launcher' >&2; exit 2; fi\nexec {cmd}\n",
         version = env!("CARGO_PKG_VERSION"),
         submit = if launcher == "pbs" { "qsub" } else { "sbatch" },
-        script = script.display(),
+        script = q(script),
         exe = q(chatvec),
         cwd = q(cwd),
-    )
+    ))
 }
 
 #[cfg(test)]
@@ -79,7 +128,8 @@ mod tests {
             8,
             Path::new("/r.slurm"),
             Path::new("/w"),
-        );
+        )
+        .unwrap();
         assert!(
             slurm.starts_with("#!/bin/bash\n#SBATCH --job-name=chatvec-sft\n#SBATCH --nodes=4\n"),
             "{slurm}"
@@ -94,7 +144,8 @@ mod tests {
             "{slurm}"
         );
         let pbs =
-            job_script("pbs", Path::new("/bin/chatvec"), &args, 4, 8, Path::new("/r.pbs"), Path::new("/w"));
+            job_script("pbs", Path::new("/bin/chatvec"), &args, 4, 8, Path::new("/r.pbs"), Path::new("/w"))
+                .unwrap();
         assert!(
             pbs.contains("#PBS -l select=4:ngpus=8\n") && pbs.contains("mpirun -np 4 -npernode 1"),
             "{pbs}"

@@ -41,7 +41,6 @@ pub(crate) mod options;
 use options::nearest;
 pub use options::{DataFile, SftOptions, parse_train_arg};
 
-pub(crate) const PYTHON_ENV: &str = "CHATVEC_PYTHON";
 pub(crate) const RECORD_FILE: &str = "chatvec-sft-run.json";
 
 /// One SFT run: which model, into which run directory, with what options.
@@ -61,182 +60,12 @@ pub struct SftJob {
     pub options: SftOptions,
 }
 
-/// Prints the versions of the packages the run needs, as JSON, and whether
-/// a GPU is visible; never a traceback.
-const CHECK_SCRIPT: &str = r#"
-import importlib, json, sys
-out = {"python": sys.version.split()[0], "packages": {}, "cuda_devices": 0}
-for name in sys.argv[1:]:
-    try:
-        out["packages"][name] = getattr(importlib.import_module(name), "__version__", "unknown")
-    except Exception as e:
-        out["packages"][name] = None
-try:
-    import torch
-    out["cuda_devices"] = torch.cuda.device_count() if torch.cuda.is_available() else 0
-except Exception:
-    pass
-spec = json.loads(sys.stdin.read() or "null")
-if spec:
-    # Would TRL patch this chat template for assistant-only loss itself?
-    tok = None
-    try:
-        from transformers import AutoTokenizer
-        from trl.chat_template_utils import get_training_chat_template
-        tok = AutoTokenizer.from_pretrained(spec["model"])
-        tok.chat_template = spec["template"]
-        get_training_chat_template(tok)
-        out["trl_patches_template"] = True
-    except Exception as e:
-        out["trl_patches_template"] = False
-        out["template_error"] = str(e)[:400]
-    # chatvec's copy with markers: the same text for every conversation,
-    # and the assistant's reply inside the mask.
-    marked = spec.get("marked")
-    if marked and tok is not None:
-        def render(t, conv, prompt):
-            try:
-                return tok.apply_chat_template(conv, chat_template=t, tokenize=False, add_generation_prompt=prompt)
-            except Exception as e:
-                return "raises " + type(e).__name__
-        u = lambda c: {"role": "user", "content": c}
-        a = lambda c: {"role": "assistant", "content": c}
-        convs = [[u("Hi"), a("Hello there.")], [u("A?"), a("B."), u("C?"), a("D.")],
-                 [{"role": "system", "content": "Be brief."}, u("A?"), a("B.")], [u("Hi")]]
-        try:
-            same = all(render(spec["template"], c, p) == render(marked, c, p) for c in convs for p in (False, True))
-            enc = tok.apply_chat_template(convs[0], chat_template=marked, tokenize=True, return_dict=True,
-                                          return_assistant_tokens_mask=True)
-            covered = tok.decode([i for i, m in zip(enc["input_ids"], enc["assistant_masks"]) if m])
-            out["marked_ok"] = same and "Hello there." in covered
-            if not same:
-                out["marked_error"] = "the marked copy renders other text"
-            elif not out["marked_ok"]:
-                out["marked_error"] = "the marked copy masks %r, not the reply" % covered
-        except Exception as e:
-            out["marked_ok"] = False
-            out["marked_error"] = str(e)[:400]
-try:
-    import dataclasses
-    from trl import ModelConfig, ScriptArguments, SFTConfig
-    out["settings"] = sorted({f.name for c in (SFTConfig, ModelConfig, ScriptArguments) for f in dataclasses.fields(c)})
-except Exception:
-    pass
-print(json.dumps(out))
-"#;
+/// Runs TRL's command line in the interpreter chatvec was given; written
+/// into the run directory and run isolated (see `python`).
+const LAUNCH_SCRIPT: &str = "# Written by chatvec: runs TRL's command line (`trl sft ...`).\nimport sys\nfrom trl.cli import main\nsys.exit(main())\n";
 
-/// Runs TRL's command line in the interpreter chatvec was given.
-const LAUNCH_SCRIPT: &str = "import sys; from trl.cli import main; sys.exit(main())";
-
-/// What the Python environment has.
-#[derive(Debug, Clone, Serialize)]
-pub(crate) struct PythonEnv {
-    pub python: String,
-    pub version: String,
-    pub packages: serde_json::Map<String, Value>,
-    pub cuda_devices: u64,
-    /// The setting names `trl sft --config` takes (SFTConfig, ModelConfig,
-    /// ScriptArguments), when TRL could list them.
-    #[serde(skip)]
-    pub settings: Option<Vec<String>>,
-    /// Whether TRL would patch the chat template asked about for
-    /// assistant-only loss (None: not asked, or TRL could not say), and why
-    /// not.
-    #[serde(skip)]
-    pub trl_patches_template: Option<(bool, String)>,
-    /// Whether chatvec's marked copy of the template renders the same text
-    /// and masks the reply (None: not asked), and why not.
-    #[serde(skip)]
-    pub marked_ok: Option<(bool, String)>,
-}
-
-/// The interpreter: as given, else `CHATVEC_PYTHON`, else `python3`.
-pub(crate) fn python_path(given: Option<&Path>) -> PathBuf {
-    given
-        .map(Path::to_path_buf)
-        .or_else(|| std::env::var_os(PYTHON_ENV).map(PathBuf::from))
-        .unwrap_or_else(|| "python3".into())
-}
-
-/// Checks that `python` imports every package in `needed`; one missing
-/// from `launch_only` (what only the launch mode needs, e.g. deepspeed) is
-/// a warning when `dry_run`, since a job prepared on a login node runs
-/// where the trainer's environment is complete. With `template` (model
-/// directory, template text, chatvec's marked copy), also asks whether TRL
-/// would patch that template for assistant-only loss, and whether the
-/// marked copy renders the same text with the reply masked.
-pub(crate) fn check_python(
-    python: &Path,
-    needed: &[&str],
-    launch_only: &[&str],
-    dry_run: bool,
-    template: Option<(&Path, &str, Option<&str>)>,
-) -> Result<PythonEnv> {
-    let cannot = |e: std::io::Error| {
-        Error::Usage(format!("cannot run Python interpreter {}: {e}", python.display())).with_hint(format!(
-            "pass --python PATH or set {PYTHON_ENV} to a Python with torch, transformers, trl, accelerate"
-        ))
-    };
-    let mut child = Command::new(python)
-        .arg("-c")
-        .arg(CHECK_SCRIPT)
-        .args(needed.iter().chain(launch_only))
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .map_err(cannot)?;
-    let spec = template
-        .map(|(dir, t, marked)| json!({"model": dir.display().to_string(), "template": t, "marked": marked}));
-    if let Some(mut stdin) = child.stdin.take() {
-        // An interpreter that exits without reading is reported below.
-        let _ = stdin.write_all(spec.map(|v| v.to_string()).unwrap_or_default().as_bytes());
-    }
-    let out = child.wait_with_output().map_err(cannot)?;
-    let text = String::from_utf8_lossy(&out.stdout);
-    let v: Value = text.lines().rev().find_map(|l| serde_json::from_str(l).ok()).ok_or_else(|| {
-        Error::Usage(format!("{} could not check its packages (exit {})", python.display(), out.status))
-    })?;
-    let packages = v.get("packages").and_then(Value::as_object).cloned().unwrap_or_default();
-    let lacks = |p: &&str| packages.get(*p).is_none_or(Value::is_null);
-    let mut missing: Vec<&str> = needed.iter().copied().filter(lacks).collect();
-    let extras: Vec<&str> = launch_only.iter().copied().filter(lacks).collect();
-    if dry_run && !extras.is_empty() {
-        crate::ui::warn(&format!(
-            "{} lacks {}, which the run will need (a dry run only prepares it)",
-            python.display(),
-            extras.join(", ")
-        ));
-    } else {
-        missing.extend(extras);
-    }
-    if !missing.is_empty() {
-        return Err(Error::Usage(format!(
-            "{} lacks the Python package(s) {} that SFT needs",
-            python.display(),
-            missing.join(", ")
-        ))
-        .with_hint(format!("{} -m pip install {}", python.display(), missing.join(" "))));
-    }
-    Ok(PythonEnv {
-        python: python.display().to_string(),
-        version: v.get("python").and_then(Value::as_str).unwrap_or("?").to_string(),
-        packages,
-        cuda_devices: v.get("cuda_devices").and_then(Value::as_u64).unwrap_or(0),
-        settings: v
-            .get("settings")
-            .and_then(Value::as_array)
-            .map(|a| a.iter().filter_map(Value::as_str).map(str::to_string).collect()),
-        trl_patches_template: v
-            .get("trl_patches_template")
-            .and_then(Value::as_bool)
-            .map(|b| (b, v.get("template_error").and_then(Value::as_str).unwrap_or_default().to_string())),
-        marked_ok: v
-            .get("marked_ok")
-            .and_then(Value::as_bool)
-            .map(|b| (b, v.get("marked_error").and_then(Value::as_str).unwrap_or_default().to_string())),
-    })
-}
+/// The launcher's file name in the run directory.
+const LAUNCH_FILE: &str = "trl_launch.py";
 
 /// A config file of the run: name and text.
 struct RunFile {
@@ -282,7 +111,7 @@ struct Prepared {
     files: Vec<RunFile>,
     stats: Vec<DataStats>,
     eval_stats: Option<DataStats>,
-    python: PythonEnv,
+    python: crate::python::PythonEnv,
     model_dir: PathBuf,
     model_manifest_sha256: Option<String>,
     template: Value,
@@ -392,8 +221,8 @@ fn prepare(job: &SftJob) -> Result<Prepared> {
     // TRL, before launch, whether it patches it.
     let ask = a.assistant_only_loss && !has_generation_markers(&template) && !is_llama3_style(&template);
     let marked = if ask { insert_assistant_markers(&template) } else { None };
-    let python = check_python(
-        &python_path(a.python.as_deref()),
+    let python = crate::python::check(
+        &crate::python::interpreter(a.python.as_deref())?,
         &needed,
         &launch_only,
         job.dry_run,
@@ -531,16 +360,17 @@ fn prepare(job: &SftJob) -> Result<Prepared> {
             text: String::from_utf8_lossy(&to_pretty(&deepspeed_zero3(gpu, a.cpu_offload))).into_owned(),
         });
     }
-    let command = vec![
-        python.python.clone(),
-        "-c".into(),
-        LAUNCH_SCRIPT.into(),
+    files.push(RunFile { name: LAUNCH_FILE, text: LAUNCH_SCRIPT.into() });
+    let mut command = vec![python.python.clone()];
+    command.extend(crate::python::ISOLATED.iter().map(|f| f.to_string()));
+    command.extend([
+        format!("{own}/{LAUNCH_FILE}"),
         "sft".into(),
         "--config".into(),
         format!("{own}/sft_config.yaml"),
         "--accelerate_config".into(),
         format!("{own}/accelerate_config.yaml"),
-    ];
+    ]);
     // Unbuffered, so the loss streams as it is logged.
     let env = vec![
         ("PYTHONUNBUFFERED".to_string(), "1".to_string()),
@@ -598,7 +428,7 @@ struct Record<'a> {
     started: String,
     ended: String,
     files: Vec<Value>,
-    python: &'a PythonEnv,
+    python: &'a crate::python::PythonEnv,
     model: Value,
     dataset: Value,
     chat_template: &'a Value,
@@ -863,7 +693,7 @@ fn write_job_script(job: &SftJob, launcher: &str) -> Result<SftReport> {
     let mut node = job.clone();
     node.options.launcher = None;
     node.dry_run = false;
-    let text = launcher::job_script(launcher, &exe, &node.command_args(), a.nnodes, a.nproc, &script, &cwd);
+    let text = launcher::job_script(launcher, &exe, &node.command_args(), a.nnodes, a.nproc, &script, &cwd)?;
     let submit = if launcher == "pbs" { "qsub" } else { "sbatch" };
     let report = SftReport {
         // The script sits beside the run directory.
