@@ -93,10 +93,14 @@ pub enum Error {
     #[error("{0}")]
     Network(String),
 
-    /// The Hub answered, but not with what was asked for (a gated, private
-    /// or missing repository, a corrupt file).
+    /// The Hub answered, but not with what was asked for (a gated or
+    /// private repository, a corrupt file).
     #[error("{0}")]
     Hub(String),
+
+    /// The Hub has no such repository, revision or file (for this caller).
+    #[error("{0}")]
+    NotFound(String),
 
     /// A `--device` that cannot be used here (no driver, no such GPU).
     #[error("--device {device}: {reason}")]

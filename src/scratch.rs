@@ -79,11 +79,11 @@ fn clear_leftovers(tmp: &Path) {
             continue;
         }
         match std::fs::remove_dir_all(&path) {
-            Ok(()) => crate::ui::warn(&format!(
+            Ok(()) => crate::ui::warn_once_done(&format!(
                 "removed {}, left by a chatvec run that was killed (process {pid} is gone)",
                 path.display()
             )),
-            Err(e) => crate::ui::warn(&format!(
+            Err(e) => crate::ui::warn_once_done(&format!(
                 "could not remove {}, left by a killed chatvec run: {e}",
                 path.display()
             )),

@@ -48,6 +48,13 @@ pub fn warn(msg: &str) {
     }
 }
 
+/// Prints `warning: msg` on stderr even during a silent rehearsal: for
+/// something done once that the real run will not repeat or say again
+/// (a killed run's leftovers removed, a planted link cleared).
+pub fn warn_once_done(msg: &str) {
+    eprintln!("warning: {}", printable(msg));
+}
+
 /// The longest run of non-blank characters shown whole; longer ones (a
 /// 100 KB tensor name from a hostile header) keep their head and tail.
 /// Long enough for any real path or tensor name.

@@ -34,6 +34,19 @@ enum Fault {
     Corrupt(usize),
     /// Needs `Authorization: Bearer secret`.
     Gated,
+    /// Any token is refused with 403 and the Hub's `X-Error-Message`.
+    Forbidden,
+    /// The first N revision-info requests answer 503.
+    InfoUnavailable(usize),
+    /// `config.json` comes with 8 MiB more than the size listed for it.
+    Oversize,
+    /// The first N requests for the largest file trickle a byte every
+    /// 50 ms (each read well within the read timeout) until the client
+    /// hangs up.
+    Trickle(usize),
+    /// Range requests for the largest file are never answered (the
+    /// connection is held for 20 s).
+    Hang,
 }
 
 struct Hub {
@@ -125,10 +138,36 @@ fn serve(stream: &mut TcpStream, repos: &Mutex<HashMap<String, Repo>>, log: &Mut
             }
             return file(stream, repo, &path, range, &hdrs);
         }
-        return respond(stream, "404 Not Found", &[], b"{}");
+        // As the real Hub: a repository it will not show is a 401.
+        return respond(
+            stream,
+            "401 Unauthorized",
+            &[
+                "X-Error-Code: RepoNotFound".into(),
+                "X-Error-Message: Repository Not Found for url: x.".into(),
+            ],
+            b"{}",
+        );
     };
     if repo.fault == Fault::Gated && hdrs.get("authorization").map(String::as_str) != Some("Bearer secret") {
         return respond(stream, "401 Unauthorized", &[], b"{}");
+    }
+    if repo.fault == Fault::Forbidden {
+        return respond(
+            stream,
+            "403 Forbidden",
+            &[
+                "X-Error-Code: GatedRepo".into(),
+                "X-Error-Message: Access to model org/forbidden is restricted and you are not in the authorized list.".into(),
+            ],
+            b"{}",
+        );
+    }
+    if let Fault::InfoUnavailable(n) = repo.fault
+        && repo.spoiled < n
+    {
+        repo.spoiled += 1;
+        return respond(stream, "503 Service Unavailable", &[], b"");
     }
     if path.contains("/tree/") {
         return respond(
@@ -207,6 +246,31 @@ fn file(
         hit
     };
     let (mut cut, mut flip, mut stall) = (false, false, false);
+    if repo.fault == Fault::Oversize && name == "config.json" {
+        // The length it promises and sends is far past the listed size.
+        let mut body = bytes.clone();
+        body.resize(bytes.len() + (8 << 20), b' ');
+        return respond(s, "200 OK", &[], &body);
+    }
+    if repo.fault == Fault::Hang && big && range.is_some() {
+        std::thread::sleep(std::time::Duration::from_secs(20));
+        return;
+    }
+    if let Fault::Trickle(n) = repo.fault
+        && spoil(n, true)
+    {
+        let body = &bytes[from..=end];
+        let h = format!("HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Length: {}\r\n\r\n", body.len());
+        let _ = s.write_all(h.as_bytes());
+        let start = std::time::Instant::now();
+        for b in body.iter().take(400) {
+            if s.write_all(&[*b]).is_err() || start.elapsed() > std::time::Duration::from_secs(20) {
+                return;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+        return;
+    }
     match repo.fault {
         Fault::Stall(n) => (cut, stall) = (spoil(n, true), true),
         Fault::Unavailable(n) if spoil(n, true) => return respond(s, "503 Service Unavailable", &[], b""),
@@ -422,7 +486,8 @@ fn corrupt_gated_and_missing_downloads_are_refused() {
     let o = hub.run(&cache, &["inspect", "org/gated"]);
     assert_eq!(o.status.code(), Some(1));
     assert!(
-        stderr(&o).contains("refused access to org/gated (401)") && stderr(&o).contains("HF_TOKEN"),
+        stderr(&o).contains("asks for a token to read org/gated (401)")
+            && stderr(&o).contains("HF_TOKEN or run `hf auth login`"),
         "{}",
         stderr(&o)
     );
@@ -437,7 +502,294 @@ fn corrupt_gated_and_missing_downloads_are_refused() {
     ok(&o);
 
     let o = hub.run(&cache, &["inspect", "org/none"]);
+    assert_eq!(o.status.code(), Some(1));
     assert!(stderr(&o).contains("the Hub has no model org/none@main"), "{}", stderr(&o));
+}
+
+#[test]
+fn a_token_without_access_is_told_with_the_hubs_own_message() {
+    let d = tempfile::tempdir().unwrap();
+    let t = trio(d.path(), Ty::BF16, 1);
+    let hub = Hub::start(vec![("org/forbidden", &t.base, Fault::Forbidden)]);
+    let cache = d.path().join("hub");
+    let o = hub
+        .command(&cache)
+        .env("HF_TOKEN", "hf_valid_but_not_approved")
+        .args(["inspect", "org/forbidden"])
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(1));
+    let e = stderr(&o);
+    assert!(e.contains("refused your token access to org/forbidden (403)"), "{e}");
+    assert!(e.contains("the Hub says \"Access to model org/forbidden is restricted"), "{e}");
+    assert!(!e.contains("set HF_TOKEN"), "a token was given: {e}");
+}
+
+#[test]
+fn a_bare_name_looked_up_on_the_hub_says_so_with_the_nearest_aliases() {
+    let d = tempfile::tempdir().unwrap();
+    let t = trio(d.path(), Ty::BF16, 1);
+    let hub = Hub::start(vec![("org/model", &t.base, Fault::Healthy)]);
+    let cache = d.path().join("hub");
+    let o = hub.run(&cache, &["inspect", "llama-three-swallow"]);
+    assert_eq!(o.status.code(), Some(1));
+    let e = stderr(&o);
+    assert!(
+        e.contains(
+            "'llama-three-swallow' is neither a local directory nor an alias, so it was looked up as a Hub id"
+        ),
+        "{e}"
+    );
+    assert!(e.contains("the Hub has no model llama-three-swallow@main"), "{e}");
+    assert!(e.contains("nearest aliases: ") && e.contains("swallow"), "{e}");
+}
+
+#[test]
+fn temporary_download_files_are_never_written_through_planted_links() {
+    let d = tempfile::tempdir().unwrap();
+    let t = trio(d.path(), Ty::BF16, 1);
+    let hub = Hub::start(vec![("org/model", &t.base, Fault::Healthy)]);
+    let cache = d.path().join("hub");
+    let blobs = cache.join("models--org--model").join("blobs");
+    std::fs::create_dir_all(&blobs).unwrap();
+    let weights = sha256_file(&t.base.join("model.safetensors"));
+    let config = git_blob_id(&std::fs::read(t.base.join("config.json")).unwrap());
+    // Files of the user's that links planted in the cache point at.
+    let victims: Vec<PathBuf> = (0..4).map(|i| d.path().join(format!("victim{i}"))).collect();
+    for v in &victims {
+        std::fs::write(v, "precious").unwrap();
+    }
+    let planted = [
+        format!("{weights}.chatvec-ranges"),
+        format!("{weights}.chatvec-ranges.json"),
+        format!("{weights}.incomplete"),
+        format!("{config}.incomplete"),
+    ];
+    for (name, victim) in planted.iter().zip(&victims) {
+        std::os::unix::fs::symlink(victim, blobs.join(name)).unwrap();
+    }
+    // Ranged (a 1-byte threshold) and single-stream downloads both.
+    for ranged in ["1", "1000000000"] {
+        let o = hub
+            .command(&cache)
+            .env("CHATVEC_RANGE_MIN", ranged)
+            .args(["inspect", "org/model"])
+            .output()
+            .unwrap();
+        ok(&o);
+        assert!(
+            stderr(&o).contains("symbolic link where chatvec keeps a download's temporary file"),
+            "{}",
+            stderr(&o)
+        );
+        for v in &victims {
+            assert_eq!(std::fs::read_to_string(v).unwrap(), "precious", "{}", v.display());
+        }
+        for b in entries(&blobs) {
+            let m = std::fs::symlink_metadata(blobs.join(&b)).unwrap();
+            assert!(m.file_type().is_file(), "{b} is not a regular file: {}", stderr(&o));
+        }
+        assert_eq!(
+            std::fs::read(blobs.join(&weights)).unwrap(),
+            std::fs::read(t.base.join("model.safetensors")).unwrap()
+        );
+        // Plant them again for the other mode.
+        std::fs::remove_dir_all(&cache).unwrap();
+        std::fs::create_dir_all(&blobs).unwrap();
+        for (name, victim) in planted.iter().zip(&victims) {
+            std::os::unix::fs::symlink(victim, blobs.join(name)).unwrap();
+        }
+    }
+}
+
+#[test]
+fn a_download_stops_at_the_listed_size_and_keeps_nothing_past_it() {
+    let d = tempfile::tempdir().unwrap();
+    let t = trio(d.path(), Ty::BF16, 1);
+    let hub = Hub::start(vec![("org/model", &t.base, Fault::Oversize)]);
+    let cache = d.path().join("hub");
+    let listed = std::fs::metadata(t.base.join("config.json")).unwrap().len();
+    let o = hub.run(&cache, &["inspect", "org/model"]);
+    assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
+    assert!(stderr(&o).contains(&format!("more than the {listed} bytes expected")), "{}", stderr(&o));
+    // Nothing of config.json stays, and no file in the cache grew past it.
+    let blobs = cache.join("models--org--model").join("blobs");
+    for b in entries(&blobs) {
+        let len = std::fs::metadata(blobs.join(&b)).unwrap().len();
+        assert!(
+            len <= std::fs::metadata(t.base.join("model.safetensors")).unwrap().len(),
+            "{b}: {len} bytes"
+        );
+        assert!(!b.ends_with(".incomplete"), "{b} was kept");
+    }
+    assert!(!cache.join("models--org--model/snapshots").join(COMMIT).join("config.json").exists());
+}
+
+#[test]
+fn a_trickling_server_counts_as_dropped_and_every_hub_request_is_retried() {
+    let d = tempfile::tempdir().unwrap();
+    let t = trio(d.path(), Ty::BF16, 1);
+    let hub = Hub::start(vec![
+        ("org/trickle", &t.base, Fault::Trickle(1)),
+        ("org/info", &t.chat, Fault::InfoUnavailable(2)),
+    ]);
+    let cache = d.path().join("hub");
+    let start = std::time::Instant::now();
+    let o = hub
+        .command(&cache)
+        .env("HF_HUB_DOWNLOAD_TIMEOUT", "0.2")
+        .args(["inspect", "org/trickle"])
+        .output()
+        .unwrap();
+    ok(&o);
+    assert!(stderr(&o).contains("stalled") && stderr(&o).contains("retrying"), "{}", stderr(&o));
+    assert!(start.elapsed() < std::time::Duration::from_secs(10), "{:?}", start.elapsed());
+    let snap = cache.join("models--org--trickle/snapshots").join(COMMIT);
+    assert_eq!(
+        std::fs::read(snap.join("model.safetensors")).unwrap(),
+        std::fs::read(t.base.join("model.safetensors")).unwrap()
+    );
+    // The revision-info call is retried like the file reads.
+    let o = hub.run(&cache, &["inspect", "org/info"]);
+    ok(&o);
+    assert!(stderr(&o).contains("503") && stderr(&o).contains("retry 2 of 5"), "{}", stderr(&o));
+}
+
+/// Sends SIGINT to `child` once `ready` holds, and returns how long it took
+/// to exit after that, with its output.
+fn interrupt_when(
+    mut child: std::process::Child,
+    ready: impl Fn() -> bool,
+) -> (std::time::Duration, std::process::Output) {
+    let start = std::time::Instant::now();
+    while !ready() {
+        assert!(start.elapsed() < std::time::Duration::from_secs(20), "never got ready");
+        assert!(child.try_wait().unwrap().is_none(), "exited early: {:?}", child.wait_with_output());
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    // SAFETY: kill(2) on our own child's pid.
+    unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
+    let sent = std::time::Instant::now();
+    while child.try_wait().unwrap().is_none() && sent.elapsed() < std::time::Duration::from_secs(15) {
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    let took = sent.elapsed();
+    let _ = child.kill();
+    (took, child.wait_with_output().unwrap())
+}
+
+#[test]
+fn ctrl_c_during_a_header_probe_or_a_lock_wait_stops_within_a_second() {
+    let d = tempfile::tempdir().unwrap();
+    let t = trio(d.path(), Ty::BF16, 1);
+    // Two stand-ins: the hanging one serves nothing else while it hangs.
+    let hub = Hub::start(vec![("org/hang", &t.base, Fault::Hang)]);
+    let other = Hub::start(vec![("org/locked", &t.pre, Fault::Healthy)]);
+    let cache = d.path().join("hub");
+    let out = d.path().join("out");
+    let spawn = |hub: &Hub, args: &[&str]| {
+        hub.command(&cache)
+            .args(args)
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap()
+    };
+    let child = spawn(
+        &hub,
+        &[
+            "apply",
+            "--base",
+            "org/hang",
+            "--chat",
+            s(&t.chat),
+            "--pretrained",
+            s(&t.pre),
+            "-o",
+            s(&out),
+            "--dry-run",
+        ],
+    );
+    let log = hub.log.clone();
+    let (took, o) =
+        interrupt_when(child, || log.lock().unwrap().iter().any(|l| l.contains("model.safetensors bytes=")));
+    assert_eq!(o.status.code(), Some(130), "{}", stderr(&o));
+    assert!(took < std::time::Duration::from_secs(1), "took {took:?}");
+
+    // Another process holds the lock of a blob this one needs.
+    let weights = sha256_file(&t.pre.join("model.safetensors"));
+    let locks = cache.join(".locks").join("models--org--locked");
+    std::fs::create_dir_all(&locks).unwrap();
+    let lock = std::fs::File::create(locks.join(format!("{weights}.lock"))).unwrap();
+    // SAFETY: flock on a descriptor this test owns.
+    assert_eq!(unsafe { libc::flock(std::os::fd::AsRawFd::as_raw_fd(&lock), libc::LOCK_EX) }, 0);
+    let child = spawn(&other, &["inspect", "org/locked"]);
+    let started = std::time::Instant::now();
+    let (took, o) = interrupt_when(child, || started.elapsed() > std::time::Duration::from_millis(1800));
+    assert_eq!(o.status.code(), Some(130), "{}", stderr(&o));
+    assert!(took < std::time::Duration::from_secs(1), "took {took:?}");
+    assert!(stderr(&o).contains("waiting for another process downloading"), "{}", stderr(&o));
+    // And the wait has a bound when the other download makes no progress.
+    let o = other
+        .command(&cache)
+        .env("CHATVEC_LOCK_TIMEOUT", "1")
+        .args(["inspect", "org/locked"])
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("without its download") && stderr(&o).contains("making progress"),
+        "{}",
+        stderr(&o)
+    );
+    drop(lock);
+}
+
+#[test]
+fn probe_directories_left_by_killed_runs_are_removed() {
+    let d = tempfile::tempdir().unwrap();
+    let t = trio(d.path(), Ty::BF16, 1);
+    let hub = Hub::start(vec![("org/base", &t.base, Fault::Healthy)]);
+    let cache = d.path().join("hub");
+    let tmp = d.path().join("tmp");
+    std::fs::create_dir(&tmp).unwrap();
+    // A pid that is gone, and one that is running (this test's).
+    let mut c = std::process::Command::new("true").spawn().unwrap();
+    c.wait().unwrap();
+    let dead = c.id();
+    let killed = tmp.join(format!("chatvec-probe-{dead}-AbC123"));
+    std::fs::create_dir_all(killed.join("org--base")).unwrap();
+    std::fs::write(killed.join("org--base/model.safetensors"), vec![0u8; 4096]).unwrap();
+    let running = tmp.join(format!("chatvec-probe-{}-XyZ789", std::process::id()));
+    std::fs::create_dir(&running).unwrap();
+    let elsewhere = d.path().join("elsewhere");
+    std::fs::create_dir(&elsewhere).unwrap();
+    std::os::unix::fs::symlink(&elsewhere, tmp.join(format!("chatvec-probe-{dead}-Link00"))).unwrap();
+    let out = d.path().join("out");
+    let o = hub
+        .command(&cache)
+        .env("TMPDIR", &tmp)
+        .args([
+            "apply",
+            "--base",
+            "org/base",
+            "--chat",
+            s(&t.chat),
+            "--pretrained",
+            s(&t.pre),
+            "-o",
+            s(&out),
+            "--dry-run",
+        ])
+        .output()
+        .unwrap();
+    ok(&o);
+    assert!(stderr(&o).contains(&format!("process {dead} is gone")), "{}", stderr(&o));
+    assert!(!killed.exists() && running.is_dir() && elsewhere.is_dir());
+    // This run's own probe went with it.
+    let left: Vec<String> =
+        entries(&tmp).into_iter().filter(|e| !e.contains("XyZ789") && !e.contains("Link00")).collect();
+    assert!(left.is_empty(), "{left:?}");
 }
 
 #[test]

@@ -109,7 +109,7 @@ fn missing_models_revisions_and_shards_are_named() {
     let e = stderr(&o);
     assert!(
         e.contains("model org/absent is not in the Hugging Face cache")
-            && e.contains("chatvec downloads it; or run `huggingface-cli download org/absent`"),
+            && e.contains("chatvec downloads it; or run `hf download org/absent`"),
         "{e}"
     );
 

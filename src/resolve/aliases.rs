@@ -154,6 +154,19 @@ impl Aliases {
         scored.into_iter().take_while(|(d, _)| *d == best).map(|(_, k)| k).collect()
     }
 
+    /// The `n` aliases (model or vector) nearest to `name` by edit
+    /// distance, however far.
+    pub fn nearest(&self, name: &str, n: usize) -> Vec<&str> {
+        let mut scored: Vec<(usize, &str)> = self
+            .models
+            .keys()
+            .chain(self.vectors.keys())
+            .map(|k| (strsim::damerau_levenshtein(name, k), k.as_str()))
+            .collect();
+        scored.sort();
+        scored.into_iter().take(n).map(|(_, k)| k).collect()
+    }
+
     /// The aliases in effect (loaded once).
     pub fn get() -> Result<&'static Aliases> {
         if let Some(a) = LOADED.get() {

@@ -15,7 +15,7 @@
 //! huggingface_hub does, so Python tools can share the cache at once.
 //!
 //! `--offline` or `HF_HUB_OFFLINE=1` never touches the network; `HF_TOKEN`
-//! (or the token file `huggingface-cli login` writes) authenticates;
+//! (or the token file `hf auth login` writes) authenticates;
 //! `HF_ENDPOINT` points at a mirror.
 
 use std::fs::{File, OpenOptions};
@@ -33,7 +33,8 @@ use crate::model::checkpoint::{FileStamp, HubOrigin};
 use crate::model::hash_cache::HashCache;
 use crate::resolve::hub_api::{Client, MAX_INFO_BYTES, RemoteFile};
 use crate::resolve::hub_cache::HubId;
-use crate::resolve::transfer::download_verified;
+use crate::resolve::transfer::{download_verified, fresh_file, regular_len};
+use crate::scratch::Scratch;
 
 /// Which of `files` chatvec needs; `index` reads a downloaded index file's
 /// shard names.
@@ -146,7 +147,10 @@ pub(crate) fn ensure(cache: &Path, id: &HubId) -> Result<Outcome> {
     let no_exist = repo_dir.join(".no_exist").join(&commit);
     for name in SIDE_FILES.iter().filter(|n| !files.iter().any(|f| f.name == **n)) {
         let _ = std::fs::create_dir_all(&no_exist);
-        let _ = OpenOptions::new().create(true).truncate(false).write(true).open(no_exist.join(name));
+        let mark = no_exist.join(name);
+        if matches!(regular_len(&mark), Ok(None)) {
+            let _ = fresh_file(&mark);
+        }
     }
     // Point the branch or tag at this commit, as huggingface_hub does, in one
     // rename so a reader never sees half a ref.
@@ -161,7 +165,7 @@ pub(crate) fn ensure(cache: &Path, id: &HubId) -> Result<Outcome> {
             r.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default(),
             std::process::id()
         ));
-        std::fs::write(&tmp, &commit).map_err(|e| Error::io("writing", &tmp, e))?;
+        fresh_file(&tmp)?.write_all(commit.as_bytes()).map_err(|e| Error::io("writing", &tmp, e))?;
         std::fs::rename(&tmp, &r).map_err(|e| Error::io("renaming", &tmp, e))?;
     }
     Ok(Outcome::Ready(snap, HubOrigin { repo: id.repo.clone(), revision, commit }))
@@ -231,27 +235,81 @@ struct BlobLock {
     _file: File,
 }
 
+/// How long to wait for another process's lock on a blob while its
+/// download makes no progress (`CHATVEC_LOCK_TIMEOUT` seconds overrides
+/// the 10 minutes, for tests).
+fn lock_patience() -> std::time::Duration {
+    let secs = std::env::var("CHATVEC_LOCK_TIMEOUT").ok().and_then(|v| v.parse::<f64>().ok());
+    std::time::Duration::from_secs_f64(secs.filter(|s| s.is_finite() && *s > 0.0).unwrap_or(600.0))
+}
+
+/// What shows another process's download of `blob_name` progressing: the
+/// sizes and modification times of its temporary files.
+fn progress_mark(blobs: &Path, blob_name: &str) -> Vec<Option<(u64, std::time::SystemTime)>> {
+    [".incomplete", ".chatvec-ranges"]
+        .iter()
+        .map(|x| {
+            let m = std::fs::symlink_metadata(blobs.join(format!("{blob_name}{x}"))).ok()?;
+            Some((m.len(), m.modified().ok()?))
+        })
+        .collect()
+}
+
 impl BlobLock {
+    /// Takes the lock, waiting while another process holds it: said after
+    /// a second, answering Ctrl-C within a tenth of one, and given up once
+    /// the other download has made no progress for `lock_patience()`.
     fn take(repo_dir: &Path, blob_name: &str) -> Result<BlobLock> {
+        use std::os::fd::AsRawFd;
+        use std::os::unix::fs::OpenOptionsExt;
         let cache = repo_dir.parent().unwrap_or(repo_dir);
         let folder = repo_dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
         let dir = cache.join(".locks").join(folder);
         std::fs::create_dir_all(&dir).map_err(|e| Error::io("creating", &dir, e))?;
         let path = dir.join(format!("{blob_name}.lock"));
+        regular_len(&path)?;
         let f = OpenOptions::new()
             .create(true)
             .truncate(false)
             .write(true)
+            .custom_flags(libc::O_NOFOLLOW)
             .open(&path)
             .map_err(|e| Error::io("opening", &path, e))?;
-        use std::os::fd::AsRawFd;
-        // SAFETY: flock on a descriptor this function owns; it blocks until
-        // the lock is ours and touches no memory.
-        let rc = unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX) };
-        if rc != 0 {
-            return Err(Error::io("locking", &path, std::io::Error::last_os_error()));
+        let blobs = repo_dir.join("blobs");
+        let start = std::time::Instant::now();
+        let (mut said, mut mark, mut since) = (false, progress_mark(&blobs, blob_name), start);
+        loop {
+            // SAFETY: flock on a descriptor this function owns; with
+            // LOCK_NB it never blocks, and it touches no memory.
+            if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } == 0 {
+                return Ok(BlobLock { _file: f });
+            }
+            let e = std::io::Error::last_os_error();
+            if e.raw_os_error() != Some(libc::EWOULDBLOCK) {
+                return Err(Error::io("locking", &path, e));
+            }
+            crate::interrupt::check()?;
+            if !said && start.elapsed() > std::time::Duration::from_secs(1) {
+                crate::ui::note(&format!(
+                    "waiting for another process downloading {blob_name} into {} (it holds {})",
+                    blobs.display(),
+                    path.display()
+                ));
+                said = true;
+            }
+            let now = progress_mark(&blobs, blob_name);
+            if now != mark {
+                (mark, since) = (now, std::time::Instant::now());
+            } else if since.elapsed() > lock_patience() {
+                return Err(Error::Network(format!(
+                    "another process has held {} for {:.0} s without its download of {blob_name} making progress",
+                    path.display(),
+                    since.elapsed().as_secs_f64()
+                ))
+                .with_hint("stop that process (or wait for it), then run the command again"));
+            }
+            std::thread::sleep(std::time::Duration::from_millis(100));
         }
-        Ok(BlobLock { _file: f })
     }
 }
 
@@ -259,15 +317,29 @@ impl BlobLock {
 /// 1 MB; chatvec's own reader caps them at 100 MB).
 const MAX_PROBE_HEADER: u64 = 100 << 20;
 
-/// The directory probes of this process go under (removed by
-/// `remove_probes`).
-pub(crate) fn probe_root() -> PathBuf {
-    std::env::temp_dir().join(format!("chatvec-probe-{}", std::process::id()))
+/// The private directory this process's probes go under, made on first
+/// use (see `scratch`: a killed run's is removed by the next).
+static PROBES: std::sync::Mutex<Option<Scratch>> = std::sync::Mutex::new(None);
+
+/// The directory for the probe of `repo` at `commit`, emptied.
+fn probe_dir(repo: &str, commit: &str) -> Result<PathBuf> {
+    let mut held =
+        PROBES.lock().map_err(|_| Error::Internal("the probe directory's lock is poisoned".into()))?;
+    if held.is_none() {
+        *held = Some(Scratch::create("probe")?);
+    }
+    let root = held.as_ref().map(|s| s.path().to_path_buf()).unwrap_or_default();
+    let dir = root.join(repo.replace('/', "--")).join(commit);
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).map_err(|e| Error::io("creating", &dir, e))?;
+    Ok(dir)
 }
 
 /// Removes this process's probes.
 pub(crate) fn remove_probes() {
-    let _ = std::fs::remove_dir_all(probe_root());
+    if let Ok(mut held) = PROBES.lock() {
+        held.take();
+    }
 }
 
 /// A model directory to plan with before any weight is fetched: the small
@@ -291,9 +363,7 @@ pub(crate) fn probe(cache: &Path, id: &HubId) -> Result<Option<Outcome>> {
     if missing.is_empty() || missing.iter().any(|f| f.name.ends_with(".bin")) {
         return Ok(None);
     }
-    let dir = probe_root().join(id.repo.replace('/', "--")).join(&commit);
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).map_err(|e| Error::io("creating", &dir, e))?;
+    let dir = probe_dir(&id.repo, &commit)?;
     for f in &need {
         if f.name.contains('/') {
             continue;
@@ -305,25 +375,15 @@ pub(crate) fn probe(cache: &Path, id: &HubId) -> Result<Option<Outcome>> {
             continue;
         }
         let url = client.resolve_url(id, &commit, &f.name);
-        let bad = |m: String| Error::Hub(format!("{} of {}: {m}", f.name, id.repo));
-        let (status, head) = client.get_bytes(&url, 0, 7, 8)?;
-        if status != 206 && status != 200 {
-            return Err(client.status_error(status, id, &format!("file {} of", f.name)));
-        }
-        if status != 206 || head.len() != 8 {
-            return Err(bad(format!("the server did not answer a Range request ({status})")));
-        }
+        let head = client.get_bytes(id, &f.name, &url, 0, 7)?;
         let n = u64::from_le_bytes(head[..8].try_into().unwrap_or([0; 8]));
         if n == 0 || n > MAX_PROBE_HEADER || 8 + n > f.size {
-            return Err(bad(format!("a {n}-byte header does not fit a {}-byte file", f.size)));
-        }
-        let (status, header) = client.get_bytes(&url, 8, 8 + n - 1, n)?;
-        if status != 206 || header.len() as u64 != n {
-            return Err(bad(format!(
-                "the header's Range request returned {} bytes ({status})",
-                header.len()
+            return Err(Error::Hub(format!(
+                "{} of {}: a {n}-byte header does not fit a {}-byte file",
+                f.name, id.repo, f.size
             )));
         }
+        let header = client.get_bytes(id, &f.name, &url, 8, 8 + n - 1)?;
         let mut out = File::create(&at).map_err(|e| Error::io("creating", &at, e))?;
         out.write_all(&head)
             .and_then(|()| out.write_all(&header))
@@ -372,16 +432,17 @@ fn fetch(
             fetched = true;
         }
     }
-    if !fetched {
-        // Another process (or tool) made the blob: a ranged download of ours
-        // that stopped earlier is of no use now, and nobody writes ranges of
-        // a blob that exists (they are written under its lock, before it).
-        for leftover in [".chatvec-ranges", ".chatvec-ranges.json"] {
-            let _ = std::fs::remove_file(blobs.join(format!("{blob_name}{leftover}")));
+    // The blob exists: a ranged download of it that stopped earlier (or
+    // another tool finished) is of no use now, and nobody writes ranges of a
+    // blob that exists (they are written under its lock, before it).
+    for leftover in [".chatvec-ranges", ".chatvec-ranges.json"] {
+        let p = blobs.join(format!("{blob_name}{leftover}"));
+        if regular_len(&p)?.is_some() {
+            let _ = std::fs::remove_file(&p);
         }
-        if let Some(b) = bar {
-            b.inc(f.size);
-        }
+    }
+    if !fetched && let Some(b) = bar {
+        b.inc(f.size);
     }
     if let Some(p) = link.parent() {
         std::fs::create_dir_all(p).map_err(|e| Error::io("creating", p, e))?;
@@ -401,7 +462,7 @@ mod tests {
     use super::*;
 
     fn rf(name: &str) -> RemoteFile {
-        RemoteFile { name: name.into(), size: 1, sha256: None, blob_id: Some("ab".into()) }
+        RemoteFile { name: name.into(), size: 1, listed: true, sha256: None, blob_id: Some("ab".into()) }
     }
 
     #[test]

@@ -1,9 +1,8 @@
 //! The Hugging Face Hub's HTTP interface as chatvec uses it: the endpoint
-//! (`HF_ENDPOINT`), the token (`HF_TOKEN` or the file `huggingface-cli
-//! login` writes), offline mode, a revision's file list, and authenticated
+//! (`HF_ENDPOINT`), the token (`HF_TOKEN` or the file `hf auth login`
+//! writes), offline mode, a revision's file list, and authenticated
 //! (Range) GETs with errors that say what the Hub refused.
 
-use std::io::Read;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
@@ -12,10 +11,15 @@ use serde_json::Value;
 
 use crate::error::{Error, Result};
 use crate::resolve::hub_cache::{HubId, is_commit};
+use crate::resolve::stream::{BodyStream, interruptible};
 
 static OFFLINE: AtomicBool = AtomicBool::new(false);
 const DEFAULT_ENDPOINT: &str = "https://huggingface.co";
 pub(super) const MAX_INFO_BYTES: u64 = 64 << 20;
+
+/// The most bytes a file whose size the Hub does not list may bring: the
+/// largest side file chatvec reads (`output::sidecars` caps them alike).
+const UNLISTED_CAP: u64 = 256 << 20;
 
 /// Never use the network (`--offline`): Hub models must already be in the
 /// cache. `HF_HUB_OFFLINE=1` does the same.
@@ -61,7 +65,10 @@ fn token() -> Option<String> {
 #[derive(Clone, Debug)]
 pub(super) struct RemoteFile {
     pub(super) name: String,
+    /// Its size in bytes, as listed (0 when not listed).
     pub(super) size: u64,
+    /// Whether the Hub listed its size.
+    pub(super) listed: bool,
     /// sha256 of an LFS file.
     pub(super) sha256: Option<String>,
     /// The git blob id (sha1 of `blob <len>\0<bytes>`).
@@ -73,6 +80,12 @@ impl RemoteFile {
     /// blob id, as huggingface_hub names them.
     pub(super) fn blob_name(&self) -> Option<&str> {
         self.sha256.as_deref().or(self.blob_id.as_deref())
+    }
+
+    /// The most bytes a download of it may bring: its listed size, else
+    /// `UNLISTED_CAP`.
+    pub(super) fn cap(&self) -> u64 {
+        if self.listed { self.size } else { UNLISTED_CAP }
     }
 }
 
@@ -103,6 +116,27 @@ pub(super) fn encode_path_part(s: &str) -> String {
         .collect()
 }
 
+/// Tries per request: the first and five retries.
+const ATTEMPTS: u32 = 6;
+
+/// The wait before the first retry, doubled for each next one up to
+/// `MAX_WAIT` (`CHATVEC_RETRY_WAIT_MS` overrides it, for tests).
+fn first_wait() -> Duration {
+    let ms = std::env::var("CHATVEC_RETRY_WAIT_MS").ok().and_then(|v| v.parse().ok()).unwrap_or(500);
+    Duration::from_millis(ms)
+}
+
+const MAX_WAIT: Duration = Duration::from_secs(8);
+
+/// The window in which a response body must make progress before it
+/// counts as dropped (see `stream`): three read timeouts, at least 1 s.
+fn stall_window() -> Duration {
+    (read_timeout() * 3).max(Duration::from_secs(1))
+}
+
+/// A response from the Hub.
+pub(super) type Response = ureq::http::Response<ureq::Body>;
+
 impl Client {
     pub(super) fn new() -> Client {
         let agent: ureq::Agent = ureq::Agent::config_builder()
@@ -121,84 +155,160 @@ impl Client {
         format!("{}/{}/resolve/{commit}/{name}", self.endpoint, id.repo)
     }
 
-    pub(super) fn get(&self, url: &str, range_from: u64) -> Result<ureq::http::Response<ureq::Body>> {
+    pub(super) fn get(&self, url: &str, range_from: u64) -> Result<Response> {
         self.get_range(url, (range_from > 0).then(|| format!("bytes={range_from}-")))
     }
 
-    /// GET `url`, authenticated, with an optional `Range` header value.
-    pub(super) fn get_range(
-        &self,
-        url: &str,
-        range: Option<String>,
-    ) -> Result<ureq::http::Response<ureq::Body>> {
-        let mut req = self.agent.get(url);
-        if let Some(t) = &self.token {
-            req = req.header("Authorization", &format!("Bearer {t}"));
-        }
-        if let Some(r) = &range {
-            req = req.header("Range", r);
-        }
-        req.call().map_err(|e| {
+    /// GET `url`, authenticated, with an optional `Range` header value;
+    /// Ctrl-C is answered while it waits.
+    pub(super) fn get_range(&self, url: &str, range: Option<String>) -> Result<Response> {
+        let (agent, token, target) = (self.agent.clone(), self.token.clone(), url.to_string());
+        let answer = interruptible(move || {
+            let mut req = agent.get(&target);
+            if let Some(t) = &token {
+                req = req.header("Authorization", &format!("Bearer {t}"));
+            }
+            if let Some(r) = &range {
+                req = req.header("Range", r);
+            }
+            req.call()
+        })?;
+        answer.map_err(|e| {
             Error::Network(format!("cannot reach the Hugging Face Hub at {url}: {e}")).with_hint(
                 "check the network, or pass --offline (HF_HUB_OFFLINE=1) to use only the local cache",
             )
         })
     }
 
-    /// Bytes `from..=to` of `url` (a Range request the server must honour).
-    pub(super) fn get_bytes(&self, url: &str, from: u64, to: u64, cap: u64) -> Result<(u16, Vec<u8>)> {
-        let mut resp = self.get_range(url, Some(format!("bytes={from}-{to}")))?;
-        let status = resp.status().as_u16();
-        let mut body = Vec::new();
-        resp.body_mut()
-            .with_config()
-            .limit(cap)
-            .reader()
-            .take(cap)
-            .read_to_end(&mut body)
-            .map_err(|e| Error::Network(format!("reading {url}: {e}")))?;
-        Ok((status, body))
+    /// `resp`'s body, read as it arrives: at most `cap` bytes, a stall or
+    /// trickle counting as a dropped connection (see `stream`).
+    pub(super) fn body(&self, resp: Response, cap: u64, what: String) -> Result<BodyStream> {
+        let reader = resp.into_body().into_with_config().limit(u64::MAX).reader();
+        BodyStream::start(reader, cap, stall_window(), what)
     }
 
-    /// Maps an HTTP error status to a clear error about `id`.
-    pub(super) fn status_error(&self, status: u16, id: &HubId, what: &str) -> Error {
-        let rev = id.revision.as_deref().unwrap_or("main");
-        match status {
-            401 | 403 => Error::Hub(format!(
-                "the Hub refused access to {} ({status}); it may be gated or private",
-                id.repo
-            ))
-            .with_hint(format!(
-                "accept its license at {}/{} and set HF_TOKEN (or run `huggingface-cli login`)",
-                self.endpoint, id.repo
-            )),
-            404 => Error::Hub(format!("the Hub has no {what} {}@{rev}", id.repo)),
-            // Overloaded or rate-limited: worth a retry.
-            s if s >= 500 || s == 429 => {
-                Error::Network(format!("the Hub answered {status} for {what} {}@{rev}", id.repo))
+    /// Runs `attempt` until it succeeds or fails for good: network errors
+    /// (a dropped connection, a stall, a 5xx or 429) are retried after a
+    /// wait, up to `ATTEMPTS` tries, said through `say`. Every request to
+    /// the Hub goes through here, so one policy holds for all.
+    pub(super) fn with_retries<T>(
+        &self,
+        say: &dyn Fn(&str),
+        mut attempt: impl FnMut() -> Result<T>,
+    ) -> Result<T> {
+        let mut wait = first_wait();
+        let mut tries = 0;
+        loop {
+            tries += 1;
+            match attempt() {
+                Err(e) if tries < ATTEMPTS && matches!(e.kind(), Error::Network(_)) => {
+                    say(&format!(
+                        "{e}; retrying in {:.1} s (retry {tries} of {})",
+                        wait.as_secs_f64(),
+                        ATTEMPTS - 1
+                    ));
+                    let until = std::time::Instant::now() + wait;
+                    while std::time::Instant::now() < until {
+                        crate::interrupt::check()?;
+                        std::thread::sleep(Duration::from_millis(20).min(wait));
+                    }
+                    wait = (wait * 2).min(MAX_WAIT);
+                }
+                r => return r,
             }
-            _ => Error::Hub(format!("the Hub answered {status} for {what} {}@{rev}", id.repo)),
         }
     }
 
-    /// The commit and files of a revision.
+    /// Bytes `from..=to` of file `name` of `id` at `url`, by a Range
+    /// request the server must honour, retried as any request is.
+    pub(super) fn get_bytes(&self, id: &HubId, name: &str, url: &str, from: u64, to: u64) -> Result<Vec<u8>> {
+        let want = to - from + 1;
+        self.with_retries(&|m| crate::ui::warn(m), || {
+            let resp = self.get_range(url, Some(format!("bytes={from}-{to}")))?;
+            let status = resp.status().as_u16();
+            if status != 206 {
+                return Err(match status {
+                    200 => Error::Hub(format!(
+                        "{name} of {}: the server did not answer a Range request (200)",
+                        id.repo
+                    )),
+                    _ => self.status_error(&resp, id, &format!("file {name} of")),
+                });
+            }
+            let body = self.body(resp, want, format!("reading bytes {from}-{to} of {url}"))?.read_all()?;
+            if body.len() as u64 != want {
+                return Err(Error::Network(format!(
+                    "{name} of {}: a Range request for {want} bytes returned {}",
+                    id.repo,
+                    body.len()
+                )));
+            }
+            Ok(body)
+        })
+    }
+
+    /// Maps an HTTP error answer to a clear error about `id`, with what the
+    /// Hub said about it (its `X-Error-Message`).
+    pub(super) fn status_error(&self, resp: &Response, id: &HubId, what: &str) -> Error {
+        let status = resp.status().as_u16();
+        let header = |k: &str| {
+            resp.headers().get(k).and_then(|v| v.to_str().ok()).map(|v| crate::ui::escaped(v.trim(), 300))
+        };
+        let said = header("x-error-message").map(|m| format!(": the Hub says \"{m}\"")).unwrap_or_default();
+        let missing = header("x-error-code")
+            .is_some_and(|c| c == "RepoNotFound" || c == "RevisionNotFound" || c == "EntryNotFound");
+        let rev = id.revision.as_deref().unwrap_or("main");
+        let page = format!("{}/{}", self.endpoint, id.repo);
+        match status {
+            404 => Error::NotFound(format!("the Hub has no {what} {}@{rev}{said}", id.repo)),
+            // The Hub answers 401 for a repository it will not show to
+            // this caller: missing, or private to someone else.
+            401 if missing => Error::NotFound(format!(
+                "the Hub has no {what} {}@{rev}, or it is private{said}",
+                id.repo
+            ))
+            .with_hint(match self.token {
+                None => "for a private repository, set HF_TOKEN or run `hf auth login`",
+                Some(_) => "for a private repository, use a token of an account that can read it",
+            }),
+            401 => match self.token {
+                None => Error::Hub(format!("the Hub asks for a token to read {} (401){said}", id.repo))
+                    .with_hint(format!(
+                        "accept its terms at {page} while logged in, then set HF_TOKEN or run `hf auth login`"
+                    )),
+                Some(_) => Error::Hub(format!("the Hub did not accept the token for {} (401){said}", id.repo))
+                    .with_hint("check it with `hf auth whoami`; HF_TOKEN overrides the token `hf auth login` stored"),
+            },
+            403 => Error::Hub(format!(
+                "the Hub refused {} access to {} (403){said}",
+                if self.token.is_some() { "your token" } else { "anonymous" },
+                id.repo
+            ))
+            .with_hint(format!(
+                "request access at {page} with the token's account and wait for approval; a fine-grained token also needs read access to gated repositories"
+            )),
+            // Overloaded or rate-limited: worth a retry.
+            s if s >= 500 || s == 429 => {
+                Error::Network(format!("the Hub answered {status} for {what} {}@{rev}{said}", id.repo))
+            }
+            _ => Error::Hub(format!("the Hub answered {status} for {what} {}@{rev}{said}", id.repo)),
+        }
+    }
+
+    /// The commit and files of a revision, retried as any request is.
     pub(super) fn revision_info(&self, id: &HubId) -> Result<(String, Vec<RemoteFile>)> {
         let rev = id.revision.as_deref().unwrap_or("main");
         let url =
             format!("{}/api/models/{}/revision/{}?blobs=true", self.endpoint, id.repo, encode_path_part(rev));
-        let mut resp = self.get(&url, 0)?;
-        let status = resp.status().as_u16();
-        if status != 200 {
-            return Err(self.status_error(status, id, "model"));
-        }
-        let text = resp
-            .body_mut()
-            .with_config()
-            .limit(MAX_INFO_BYTES)
-            .read_to_string()
-            .map_err(|e| Error::Network(format!("reading {url}: {e}")))?;
+        let bytes = self.with_retries(&|m| crate::ui::warn(m), || {
+            let resp = self.get(&url, 0)?;
+            if resp.status().as_u16() != 200 {
+                return Err(self.status_error(&resp, id, "model"));
+            }
+            self.body(resp, MAX_INFO_BYTES, format!("reading {url}"))?.read_all()
+        })?;
         let bad = |m: &str| Error::Hub(format!("{url}: unexpected answer: {m}"));
-        let v: Value = serde_json::from_str(&text).map_err(|e| bad(&e.to_string()))?;
+        let v: Value = serde_json::from_slice(&bytes).map_err(|e| bad(&e.to_string()))?;
         let commit = v
             .get("sha")
             .and_then(Value::as_str)
@@ -212,10 +322,9 @@ impl Client {
             .filter_map(|s| {
                 let name = s.get("rfilename")?.as_str()?.to_string();
                 let sha256 = s.pointer("/lfs/sha256").and_then(Value::as_str).map(str::to_string);
-                let size =
-                    s.pointer("/lfs/size").or_else(|| s.get("size")).and_then(Value::as_u64).unwrap_or(0);
+                let size = s.pointer("/lfs/size").or_else(|| s.get("size")).and_then(Value::as_u64);
                 let blob_id = s.get("blobId").and_then(Value::as_str).map(str::to_string);
-                Some(RemoteFile { name, size, sha256, blob_id })
+                Some(RemoteFile { name, size: size.unwrap_or(0), listed: size.is_some(), sha256, blob_id })
             })
             .collect();
         Ok((commit.to_string(), files))

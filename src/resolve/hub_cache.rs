@@ -69,7 +69,7 @@ pub fn find_snapshot(cache: &Path, id: &HubId) -> Result<(PathBuf, HubOrigin)> {
     let repo_dir = cache.join(format!("models--{}", id.repo.replace('/', "--")));
     let not_cached = |what: String| {
         Error::Usage(format!("{what} in the Hugging Face cache {}", cache.display())).with_hint(format!(
-            "without --offline (and HF_HUB_OFFLINE) chatvec downloads it; or run `huggingface-cli download {}{}`",
+            "without --offline (and HF_HUB_OFFLINE) chatvec downloads it; or run `hf download {}{}`",
             id.repo,
             id.revision.as_deref().map(|r| format!(" --revision {r}")).unwrap_or_default()
         ))

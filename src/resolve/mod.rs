@@ -13,6 +13,7 @@ pub(crate) mod aliases;
 pub(crate) mod download;
 pub(crate) mod hub_api;
 pub(crate) mod hub_cache;
+mod stream;
 mod transfer;
 
 use std::path::{Path, PathBuf};
@@ -127,6 +128,7 @@ pub(crate) fn resolve_model(reference: &str) -> Result<Resolved> {
     };
     let aliases = Aliases::get()?;
     let aliased;
+    let is_alias = aliases.models.contains_key(name);
     let reference = match aliases.models.get(name) {
         Some(a) => {
             aliased = match rev {
@@ -163,20 +165,38 @@ pub(crate) fn resolve_model(reference: &str) -> Result<Resolved> {
             "model '{reference}' is not a local directory, and no Hugging Face cache is configured (set HF_HOME or HF_HUB_CACHE)"
         )));
     };
+    from_hub(&cache, &id).map_err(|e| match e.kind() {
+        // A name the user may have meant as a path or an alias: say how it
+        // was read, and what is near.
+        Error::NotFound(why) if !is_alias => Error::NotFound(format!(
+            "model '{name}' is neither a local directory nor an alias, so it was looked up as a Hub id: {why}"
+        ))
+        .with_hint(format!(
+            "the nearest aliases: {} (`chatvec list` shows them all); a local directory is written as a path, e.g. ./{name}",
+            aliases.nearest(name, 3).join(", ")
+        )),
+        _ => e,
+    })
+}
+
+/// Resolves Hub id `id` in `cache`: the cached snapshot where nothing can
+/// have changed (offline, or a commit already there), else through the
+/// Hub (a probe while rehearsing, else a download of what is missing).
+fn from_hub(cache: &Path, id: &hub_cache::HubId) -> Result<Resolved> {
     // A commit already in the cache cannot change: no need to ask the Hub.
     let pinned = id.revision.as_deref().is_some_and(is_commit);
-    if offline() || (pinned && find_snapshot(&cache, &id).is_ok()) {
-        let (dir, origin) = find_snapshot(&cache, &id)?;
+    if offline() || (pinned && find_snapshot(cache, id).is_ok()) {
+        let (dir, origin) = find_snapshot(cache, id)?;
         return Ok(Resolved { dir, origin: Some(origin) });
     }
     if probing() {
-        match download::probe(&cache, &id)? {
+        match download::probe(cache, id)? {
             Some(Outcome::Ready(dir, origin)) => {
                 PROBED.store(true, Ordering::Relaxed);
                 return Ok(Resolved { dir, origin: Some(origin) });
             }
             Some(Outcome::Unreachable(e)) => {
-                if let Ok((dir, origin)) = find_snapshot(&cache, &id) {
+                if let Ok((dir, origin)) = find_snapshot(cache, id) {
                     return Ok(Resolved { dir, origin: Some(origin) });
                 }
                 return Err(e);
@@ -185,9 +205,9 @@ pub(crate) fn resolve_model(reference: &str) -> Result<Resolved> {
             None => {}
         }
     }
-    match download::ensure(&cache, &id)? {
+    match download::ensure(cache, id)? {
         Outcome::Ready(dir, origin) => Ok(Resolved { dir, origin: Some(origin) }),
-        Outcome::Unreachable(e) => match find_snapshot(&cache, &id) {
+        Outcome::Unreachable(e) => match find_snapshot(cache, id) {
             Ok((dir, origin)) => {
                 crate::ui::warn(&format!("{e}; using the cached snapshot {} of {}", origin.commit, id.repo));
                 Ok(Resolved { dir, origin: Some(origin) })

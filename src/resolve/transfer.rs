@@ -12,16 +12,22 @@
 //!   next continues every range where it stopped.
 //! - While the ranges grow, a thread hashes the file's downloaded prefix,
 //!   so the sha256 check costs no second pass at the end.
-//! - A dropped connection, a 5xx or a 429 is retried, resuming, up to five
-//!   times with growing waits (huggingface_hub retries the same way). A file
-//!   whose hash does not match is deleted and fetched once more before that
-//!   is an error.
+//! - A dropped, stalled or trickling connection, a 5xx or a 429 is retried,
+//!   resuming, up to five times with growing waits (`Client::with_retries`,
+//!   as huggingface_hub retries). A file whose hash does not match is
+//!   deleted and fetched once more before that is an error.
+//! - No download brings more than the size the Hub lists (`stream`): what
+//!   comes past it is an error, and the file is deleted.
+//! - The temporary files are never opened through a link: one planted in
+//!   `blobs/` under their names is removed, said, and the file created
+//!   afresh (`O_EXCL`, `O_NOFOLLOW`), so a download writes nowhere but the
+//!   cache.
 //!
 //! Everything here runs under the blob's `.locks/` lock (see `download`).
 
 use std::fs::{File, OpenOptions};
 use std::io::{Read, Write};
-use std::os::unix::fs::FileExt;
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -33,7 +39,7 @@ use sha2::{Digest, Sha256};
 
 use crate::error::{Error, Result};
 use crate::hash::hex;
-use crate::resolve::hub_api::{Client, RemoteFile};
+use crate::resolve::hub_api::{Client, RemoteFile, Response};
 use crate::resolve::hub_cache::HubId;
 
 /// Files at least this large download as `RANGES` parallel ranges
@@ -44,18 +50,6 @@ fn range_min() -> u64 {
 
 /// Parallel ranges per large file.
 const RANGES: u64 = 4;
-
-/// Tries per transfer: the first and five retries.
-const ATTEMPTS: u32 = 6;
-
-/// The wait before the first retry, doubled for each next one up to
-/// `MAX_WAIT` (`CHATVEC_RETRY_WAIT_MS` overrides it, for tests).
-fn first_wait() -> Duration {
-    let ms = std::env::var("CHATVEC_RETRY_WAIT_MS").ok().and_then(|v| v.parse().ok()).unwrap_or(500);
-    Duration::from_millis(ms)
-}
-
-const MAX_WAIT: Duration = Duration::from_secs(8);
 
 /// A file downloaded whole whose size or hash is not the Hub's (deleted).
 type Mismatch = Error;
@@ -74,7 +68,7 @@ pub(super) fn download_verified(
     let part = blobs.join(format!("{blob_name}.incomplete"));
     let url = client.resolve_url(id, commit, &f.name);
     // A partial `.incomplete` (from either tool) is resumed as one stream.
-    let ranged = f.size >= range_min() && f.sha256.is_some() && !part.exists();
+    let ranged = f.size >= range_min() && f.sha256.is_some() && regular_len(&part)?.is_none();
     let t = Transfer { client, id, f, url: &url, bar };
     let fetch = || match ranged {
         true => t.ranged(blobs, blob_name),
@@ -114,86 +108,59 @@ impl Transfer<'_> {
         }
     }
 
-    /// Runs `attempt` until it succeeds or fails for good: network errors
-    /// (a dropped connection, a 5xx or 429) are retried after a wait, up to
-    /// `ATTEMPTS` tries; `attempt` resumes from what is already on disk.
-    fn with_retries<T>(&self, mut attempt: impl FnMut() -> Result<T>) -> Result<T> {
-        let mut wait = first_wait();
-        let mut tries = 0;
-        loop {
-            tries += 1;
-            match attempt() {
-                Err(e) if tries < ATTEMPTS && matches!(e.kind(), Error::Network(_)) => {
-                    self.say(&format!(
-                        "{e}; retrying in {:.1} s (retry {tries} of {})",
-                        wait.as_secs_f64(),
-                        ATTEMPTS - 1
-                    ));
-                    let until = std::time::Instant::now() + wait;
-                    while std::time::Instant::now() < until {
-                        crate::interrupt::check()?;
-                        std::thread::sleep(Duration::from_millis(20).min(wait));
-                    }
-                    wait = (wait * 2).min(MAX_WAIT);
-                }
-                r => return r,
-            }
-        }
-    }
-
     /// One stream into `part`, resumed from its length, then checked.
     fn single(&self, part: &Path) -> Result<std::result::Result<(), Mismatch>> {
         let mut counted = 0u64;
-        self.with_retries(|| self.stream_into(part, &mut counted))?;
+        self.client.with_retries(&|m| self.say(m), || self.stream_into(part, &mut counted))?;
         check(self.f, part)
     }
 
     /// Streams the file into `part`, continuing after the bytes already
     /// there; `counted` is how many of them the bar has.
     fn stream_into(&self, part: &Path, counted: &mut u64) -> Result<()> {
-        let have = std::fs::metadata(part).map(|m| m.len()).unwrap_or(0);
-        let mut resp = self.client.get(self.url, have)?;
+        let have = regular_len(part)?.unwrap_or(0);
+        let resp = self.client.get(self.url, have)?;
         let (mut out, start) = match resp.status().as_u16() {
-            206 => {
-                (OpenOptions::new().append(true).open(part).map_err(|e| Error::io("opening", part, e))?, have)
-            }
-            200 => (File::create(part).map_err(|e| Error::io("creating", part, e))?, 0),
+            206 => (open_existing(part, true)?, have),
+            200 => (fresh_file(part)?, 0),
             // Asked to resume a file that is already whole.
             416 if have == self.f.size => return Ok(()),
-            s => return Err(self.client.status_error(s, self.id, &format!("file {} of", self.f.name))),
+            _ => return Err(self.client.status_error(&resp, self.id, &format!("file {} of", self.f.name))),
         };
         if let Some(b) = self.bar {
             b.set_position((b.position() + start).saturating_sub(*counted));
         }
         *counted = start;
-        let reader = resp.body_mut().with_config().limit(u64::MAX).reader();
-        self.stream(reader, &mut |bytes| {
+        let cap = self.f.cap().saturating_sub(start);
+        let streamed = self.stream(resp, cap, &mut |bytes| {
             out.write_all(bytes).map_err(|e| Error::io("writing", part, e))?;
             *counted += bytes.len() as u64;
             Ok(())
-        })?;
+        });
+        if let Err(e) = streamed {
+            if matches!(e.kind(), Error::Hub(_)) {
+                // More than the Hub listed: nothing of it is kept.
+                let _ = std::fs::remove_file(part);
+            }
+            return Err(e);
+        }
         out.sync_all().map_err(|e| Error::io("syncing", part, e))
     }
 
-    /// Copies a response body into `sink` through a 1 MiB buffer, counting
-    /// it on the bar and stopping at an interrupt; returns the bytes copied.
-    /// A broken transfer is a network error (retried, then said to resume).
-    fn stream(&self, mut reader: impl Read, sink: &mut dyn FnMut(&[u8]) -> Result<()>) -> Result<u64> {
-        let mut buf = vec![0u8; 1 << 20];
+    /// Copies a response body (at most `cap` bytes) into `sink`, counting
+    /// it on the bar; returns the bytes copied. A broken, stalled or
+    /// trickling transfer is a network error (retried, then said to resume),
+    /// a longer body a Hub error; Ctrl-C stops it within a second.
+    fn stream(&self, resp: Response, cap: u64, sink: &mut dyn FnMut(&[u8]) -> Result<()>) -> Result<u64> {
+        let what = format!("download of {} from {}", self.f.name, self.url);
+        let mut body = self.client.body(resp, cap, what)?;
         let mut got = 0u64;
-        loop {
-            crate::interrupt::check()?;
-            let n = reader.read(&mut buf).map_err(|e| {
-                Error::Network(format!("download of {} from {} broke off: {e}", self.f.name, self.url))
-                    .with_hint("run the command again to resume where it stopped")
-            })?;
-            if n == 0 {
-                return Ok(got);
-            }
-            sink(&buf[..n])?;
-            got += n as u64;
-            self.count(n as u64);
+        while let Some(bytes) = body.next()? {
+            sink(bytes)?;
+            got += bytes.len() as u64;
+            self.count(bytes.len() as u64);
         }
+        Ok(got)
     }
 
     /// Downloads the file as `RANGES` parallel ranges written in place into
@@ -204,12 +171,14 @@ impl Transfer<'_> {
         let data = blobs.join(format!("{blob_name}.chatvec-ranges"));
         let record = blobs.join(format!("{blob_name}.chatvec-ranges.json"));
         let spans = spans(f.size);
-        let resumed = read_record(&record, &data, f, &spans);
+        let resumed = match (regular_len(&data)?, regular_len(&record)?) {
+            (Some(_), Some(_)) => read_record(&record, &data, f, &spans),
+            _ => None,
+        };
         let file = match resumed {
-            Some(_) => OpenOptions::new().read(true).write(true).open(&data),
-            None => OpenOptions::new().read(true).write(true).create(true).truncate(true).open(&data),
-        }
-        .map_err(|e| Error::io("opening", &data, e))?;
+            Some(_) => open_existing(&data, false)?,
+            None => fresh_file(&data)?,
+        };
         if resumed.is_none() {
             // Holes that take no disk until each range fills them.
             file.set_len(f.size).map_err(|e| Error::io("sizing", &data, e))?;
@@ -228,7 +197,9 @@ impl Transfer<'_> {
                 .map(|(&span, got)| {
                     let (file, data, failed, first_error) = (&file, &data, &failed, &first_error);
                     s.spawn(move || {
-                        let r = self.with_retries(|| self.range(file, data, span, got, failed));
+                        let r = self
+                            .client
+                            .with_retries(&|m| self.say(m), || self.range(file, data, span, got, failed));
                         if let Err(e) = r
                             && !failed.swap(true, Ordering::SeqCst)
                             && let Ok(mut slot) = first_error.lock()
@@ -283,11 +254,11 @@ impl Transfer<'_> {
         if at >= to {
             return Ok(());
         }
-        let mut resp = self.client.get_range(self.url, Some(format!("bytes={at}-{}", to - 1)))?;
+        let resp = self.client.get_range(self.url, Some(format!("bytes={at}-{}", to - 1)))?;
         match resp.status().as_u16() {
             206 => {}
             s if s >= 400 => {
-                return Err(self.client.status_error(s, self.id, &format!("file {} of", self.f.name)));
+                return Err(self.client.status_error(&resp, self.id, &format!("file {} of", self.f.name)));
             }
             s => {
                 return Err(Error::Hub(format!(
@@ -296,8 +267,7 @@ impl Transfer<'_> {
                 )));
             }
         }
-        let reader = resp.body_mut().with_config().limit(u64::MAX).reader().take(to - at);
-        self.stream(reader, &mut |bytes| {
+        self.stream(resp, to - at, &mut |bytes| {
             if failed.load(Ordering::Relaxed) {
                 return Err(Error::Internal("stopped: another range failed".into()));
             }
@@ -318,6 +288,56 @@ impl Transfer<'_> {
         }
         Ok(())
     }
+}
+
+/// The length of the regular file at `path`, or `None` when there is none.
+/// Anything else there (a link planted in the cache, a directory) is
+/// removed and said: a temporary download file is never reached through a
+/// link.
+pub(super) fn regular_len(path: &Path) -> Result<Option<u64>> {
+    match std::fs::symlink_metadata(path) {
+        Ok(m) if m.file_type().is_file() => Ok(Some(m.len())),
+        Ok(m) => {
+            let removed = if m.is_dir() { std::fs::remove_dir_all(path) } else { std::fs::remove_file(path) };
+            removed.map_err(|e| Error::io("removing what was planted at", path, e))?;
+            crate::ui::warn_once_done(&format!(
+                "removed {} from the cache: a {} where chatvec keeps a download's temporary file",
+                path.display(),
+                if m.file_type().is_symlink() { "symbolic link" } else { "directory or special file" }
+            ));
+            Ok(None)
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(Error::io("checking", path, e)),
+    }
+}
+
+/// Creates `path` afresh for writing: whatever was there goes first (see
+/// `regular_len`), and the new file is made with `O_EXCL | O_NOFOLLOW`, so
+/// no link can redirect it.
+pub(super) fn fresh_file(path: &Path) -> Result<File> {
+    if regular_len(path)?.is_some() {
+        std::fs::remove_file(path).map_err(|e| Error::io("removing", path, e))?;
+    }
+    OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create_new(true)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(path)
+        .map_err(|e| Error::io("creating", path, e))
+}
+
+/// Opens the existing regular file `path` to continue writing it (at its
+/// end with `append`), never through a link.
+fn open_existing(path: &Path, append: bool) -> Result<File> {
+    let mut o = OpenOptions::new();
+    if append {
+        o.append(true);
+    } else {
+        o.read(true).write(true);
+    }
+    o.custom_flags(libc::O_NOFOLLOW).open(path).map_err(|e| Error::io("opening", path, e))
 }
 
 /// The `RANGES` byte spans `[from, to)` a file of `size` bytes splits into.
@@ -396,7 +416,7 @@ fn write_record(record: &Path, f: &RemoteFile, spans: &[(u64, u64)], got: &[Atom
         spans.iter().zip(got).map(|(&(a, b), g)| json!([a, b, g.load(Ordering::Acquire)])).collect();
     let text = json!({"size": f.size, "sha256": f.sha256, "ranges": ranges}).to_string();
     let tmp = record.with_extension(format!("json.{}", std::process::id()));
-    std::fs::write(&tmp, text).map_err(|e| Error::io("writing", &tmp, e))?;
+    fresh_file(&tmp)?.write_all(text.as_bytes()).map_err(|e| Error::io("writing", &tmp, e))?;
     std::fs::rename(&tmp, record).map_err(|e| Error::io("renaming", &tmp, e))
 }
 
@@ -433,7 +453,7 @@ fn check(f: &RemoteFile, part: &Path) -> Result<std::result::Result<(), Mismatch
         Some(want) => ("sha256", want.clone(), hex(&sha256.finalize())),
         None => ("git blob id", f.blob_id.clone().unwrap_or_default(), hex(&sha1.finalize())),
     };
-    if (f.size != 0 && len != f.size) || !want.eq_ignore_ascii_case(&got) {
+    if (f.listed && len != f.size) || !want.eq_ignore_ascii_case(&got) {
         let _ = std::fs::remove_file(part);
         return Ok(Err(corrupt(f, len, what, &got, &want)));
     }
