@@ -87,7 +87,51 @@ pub(crate) fn read_value(path: &Path, cap: u64) -> Result<Value> {
 /// readers work on); `file` is only used in messages.
 pub(crate) fn toml_to_json(text: &str, file: &Path) -> Result<Value> {
     let table: toml::Table = toml::from_str(text).map_err(|e| Error::bad_file(file, e.to_string()))?;
-    serde_json::to_value(table).map_err(|e| Error::bad_file(file, e.to_string()))
+    let root = toml::Value::Table(table);
+    refuse_non_finite(&root, file, &mut |v| match v {
+        toml::Value::Float(x) => Walk::Number(*x),
+        toml::Value::Table(t) => Walk::Map(t.iter().map(|(k, v)| (k.clone(), v)).collect()),
+        toml::Value::Array(a) => Walk::List(a.iter().collect()),
+        _ => Walk::Other,
+    })?;
+    serde_json::to_value(root).map_err(|e| Error::bad_file(file, e.to_string()))
+}
+
+/// A node of a TOML or YAML document, as `refuse_non_finite` walks it.
+pub(crate) enum Walk<'a, T> {
+    Number(f64),
+    Map(Vec<(String, &'a T)>),
+    List(Vec<&'a T>),
+    Other,
+}
+
+/// Refuses a NaN or infinity anywhere in a document, naming its key path.
+/// JSON has no such numbers: converted, they would become `null`, which a
+/// default then fills (a `scale = nan` became 1.0), so they never get that
+/// far.
+pub(crate) fn refuse_non_finite<'a, T>(
+    root: &'a T,
+    file: &Path,
+    node: &mut dyn FnMut(&'a T) -> Walk<'a, T>,
+) -> Result<()> {
+    let mut stack: Vec<(String, &'a T)> = vec![(String::new(), root)];
+    while let Some((at, v)) = stack.pop() {
+        let join = |k: &str| if at.is_empty() { k.to_string() } else { format!("{at}.{k}") };
+        match node(v) {
+            Walk::Number(x) if !x.is_finite() => {
+                return Err(Error::bad_file(
+                    file,
+                    format!("{at}: {x} is not a finite number (NaN and infinities are refused)"),
+                ));
+            }
+            Walk::Map(entries) => stack.extend(entries.into_iter().rev().map(|(k, v)| (join(&k), v))),
+            Walk::List(items) => {
+                stack.extend(items.into_iter().enumerate().rev().map(|(i, v)| (format!("{at}[{i}]"), v)))
+            }
+            _ => {}
+        }
+    }
+    Ok(())
 }
 
 /// Writes `v` as pretty JSON with a trailing newline (the way transformers

@@ -684,3 +684,123 @@ fn an_empty_chatvec_python_is_named_as_empty() {
     assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
     assert!(stderr(&o).contains("CHATVEC_PYTHON is set but empty"), "{}", stderr(&o));
 }
+
+/// The hash cache's entry for `file` as it is now (the key chatvec's
+/// `model::hash_cache` uses: device, inode, size, mtime and ctime in ns).
+fn plant_cached_hash(cache: &Path, file: &Path, sha256: &str) {
+    use sha2::Digest;
+    use std::os::unix::fs::MetadataExt;
+    let m = std::fs::metadata(file).unwrap();
+    let ns = |s: i64, n: i64| s as i128 * 1_000_000_000 + n as i128;
+    let key = format!(
+        "{}\0{}\0{}\0{}\0{}",
+        m.dev(),
+        m.ino(),
+        m.size(),
+        ns(m.mtime(), m.mtime_nsec()),
+        ns(m.ctime(), m.ctime_nsec())
+    );
+    let name: String = sha2::Sha256::digest(key.as_bytes()).iter().map(|b| format!("{b:02x}")).collect();
+    std::fs::create_dir_all(cache.join("sha256")).unwrap();
+    std::fs::write(cache.join("sha256").join(name), format!("{sha256}\n")).unwrap();
+}
+
+#[test]
+fn verify_rehashes_every_input_whatever_the_hash_cache_says() {
+    let d = tempfile::tempdir().unwrap();
+    let t = trio(d.path(), Ty::BF16, 1);
+    let cache = d.path().join("hash-cache");
+    let recipe = d.path().join("r.toml");
+    std::fs::write(
+        &recipe,
+        format!(
+            "merge_method = \"chat_vector\"\nbase_model = \"{}\"\nchat = \"{}\"\npretrained = \"{}\"\n",
+            t.base.display(),
+            t.chat.display(),
+            t.pre.display()
+        ),
+    )
+    .unwrap();
+    let out = d.path().join("out");
+    let run = |args: &[&str]| command().env("CHATVEC_CACHE_DIR", &cache).args(args).output().unwrap();
+    ok(&run(&["merge", s(&recipe), "-o", s(&out)]));
+    ok(&run(&["verify", s(&out), "--recipe", s(&recipe)]));
+    // The base changes after the merge, and the cache is made to vouch for
+    // the old bytes (a planted entry; a stale one is the same).
+    let shard = t.base.join("model.safetensors");
+    let old = sha256_file(&shard);
+    let mut bytes = std::fs::read(&shard).unwrap();
+    let last = bytes.len() - 1;
+    bytes[last] ^= 1;
+    std::fs::write(&shard, bytes).unwrap();
+    plant_cached_hash(&cache, &shard, &old);
+    // The planted entry does fool a cached run (so the test plants right)...
+    let fooled = d.path().join("fooled");
+    ok(&run(&["merge", s(&recipe), "-o", s(&fooled)]));
+    let man: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(fooled.join("chatvec-manifest.json")).unwrap()).unwrap();
+    assert!(man.to_string().contains(&old), "the planted entry was not used");
+    // ...but never verify.
+    let o = run(&["verify", s(&out), "--recipe", s(&recipe)]);
+    assert_eq!(o.status.code(), Some(1), "{}", stdout(&o));
+    assert!(
+        stdout(&o).contains("DIFFERS  input") && stdout(&o).contains("model.safetensors"),
+        "{}",
+        stdout(&o)
+    );
+}
+
+#[test]
+fn a_nan_or_infinite_number_in_a_recipe_is_refused_not_defaulted() {
+    let d = tempfile::tempdir().unwrap();
+    let t = trio(d.path(), Ty::BF16, 1);
+    let out = d.path().join("out");
+    let cv = format!(
+        "merge_method = \"chat_vector\"\nbase_model = \"{}\"\nchat = \"{}\"\npretrained = \"{}\"\n[parameters]\n",
+        t.base.display(),
+        t.chat.display(),
+        t.pre.display()
+    );
+    for (file, text, needle) in [
+        ("a.toml", format!("{cv}scale = nan\n"), "parameters.scale: NaN is not a finite number"),
+        ("b.toml", format!("{cv}scale = inf\n"), "parameters.scale: inf is not a finite number"),
+        ("c.toml", format!("{cv}scale = -inf\n"), "parameters.scale: -inf is not a finite number"),
+        ("d.toml", format!("{cv}scale = [0.5, nan]\n"), "parameters.scale[1]: NaN"),
+        (
+            "e.yml",
+            format!(
+                "merge_method: task_arithmetic\nbase_model: {}\nmodels:\n  - model: {}\n    parameters:\n      weight: .nan\n",
+                t.pre.display(),
+                t.chat.display()
+            ),
+            "models[0].parameters.weight: NaN is not a finite number",
+        ),
+    ] {
+        let recipe = d.path().join(file);
+        std::fs::write(&recipe, text).unwrap();
+        let o = chatvec(&["merge", s(&recipe), "-o", s(&out)]);
+        assert_eq!(o.status.code(), Some(1), "{file}: {}", stderr(&o));
+        assert!(stderr(&o).contains(needle), "{file}: {}", stderr(&o));
+        assert!(!out.exists());
+    }
+}
+
+#[test]
+fn a_base_without_config_json_is_refused_unless_weights_only_is_asked() {
+    let d = tempfile::tempdir().unwrap();
+    let t = trio(d.path(), Ty::BF16, 1);
+    std::fs::remove_file(t.base.join("config.json")).unwrap();
+    let out = d.path().join("out");
+    let o = apply_streaming(&t, &out, &[]);
+    assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("the output would have no config.json") && stderr(&o).contains("--weights-only"),
+        "{}",
+        stderr(&o)
+    );
+    assert!(!out.exists());
+    let o = apply_streaming(&t, &out, &["--weights-only"]);
+    ok(&o);
+    assert!(stderr(&o).contains("--weights-only: the output has no config.json"), "{}", stderr(&o));
+    assert!(!out.join("config.json").exists() && out.join("model.safetensors").exists());
+}

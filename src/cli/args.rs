@@ -306,6 +306,12 @@ pub struct OutArgs {
     #[arg(long, value_parser = parse_size)]
     pub gpu_memory: Option<u64>,
 
+    /// Write the weights even when no config.json comes with them (the
+    /// base has none); without it such an output is refused, since
+    /// transformers cannot load it.
+    #[arg(long)]
+    pub weights_only: bool,
+
     /// Elements per work chunk (for testing; output bytes do not depend on it).
     #[arg(long, hide = true)]
     pub chunk_elems: Option<u64>,
@@ -322,6 +328,7 @@ impl OutArgs {
             input_hashes: if self.rehash { InputHashes::Rehash } else { InputHashes::Cached },
             device: self.device,
             gpu_memory: self.gpu_memory,
+            weights_only: self.weights_only,
             ..defaults
         }
     }

@@ -423,7 +423,7 @@ pub(crate) fn apply_many(
     set_labels(&mut plan, &labels);
     let chat_side = || ChatSide { dir: &chat_dir, keep_base_template: spec.keep_base_template };
     let first_side = model_side_files(&base_dir, Some(chat_side()), spec.out_dtype)?;
-    check_written_config(&mut plan, &first_side, spec.allow_mismatch)?;
+    check_written_config(&mut plan, &first_side, spec.allow_mismatch, &outs[0].1)?;
     // The first candidate takes these; later ones read their own.
     let mut first_side = Some(first_side);
     let layers = layers_of(plan.inputs[0].ckpt.tensors.iter().map(|t| t.name.as_str()));
@@ -501,7 +501,7 @@ fn apply_lora(
         has_template.then_some(ChatSide { dir: &adapter_dir, keep_base_template: spec.keep_base_template });
     let mut side = model_side_files(&base_dir, chat_side, spec.out_dtype)?;
     side.notes.splice(0..0, notes);
-    check_written_config(&mut plan, &side, spec.allow_mismatch)?;
+    check_written_config(&mut plan, &side, spec.allow_mismatch, out)?;
     let how = format!("LoRA adapter merged (scale {})", spec.scale);
     side.add(CARD_FILE, model_card(&plan, &how, recipe.as_ref())?);
     let mut params = to_value(&spec.parameters())?;

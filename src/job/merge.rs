@@ -138,7 +138,7 @@ fn merge_method(
     if let Some(u) = &plan.vocab_union {
         add_union_tokens(&mut side, &plan, u)?;
     }
-    check_written_config(&mut plan, &side, recipe.allow_mismatch)?;
+    check_written_config(&mut plan, &side, recipe.allow_mismatch, out)?;
     side.add(CARD_FILE, model_card(&plan, m.method.name(), Some(&record))?);
     let params = serde_json::json!({
         "method": m.method,

@@ -80,6 +80,10 @@ pub struct WriteOptions {
     /// Device memory chatvec may use, in bytes (`None`: half the free
     /// memory, at most 8 GiB).
     pub gpu_memory: Option<u64>,
+    /// Write the weights even when no config.json comes with them (the
+    /// input the side files are taken from has none): the output is then
+    /// not a model transformers can load, so it must be asked for.
+    pub weights_only: bool,
 }
 
 impl WriteOptions {
@@ -95,6 +99,7 @@ impl WriteOptions {
             input_hashes: InputHashes::Cached,
             device: DeviceChoice::Auto,
             gpu_memory: None,
+            weights_only: false,
         }
     }
 
@@ -338,9 +343,32 @@ fn index_json(plan: &Plan) -> Vec<u8> {
 }
 
 /// Checks the config.json the output will carry against the output's
-/// tensors (vocab rows, hidden size, layers).
-fn check_written_config(plan: &mut Plan, side: &SideFiles, allow_mismatch: bool) -> Result<()> {
-    let Some(cfg) = side.json("config.json")? else { return Ok(()) };
+/// tensors (vocab rows, hidden size, layers). An output without one is
+/// refused unless `out.weights_only`: a model transformers cannot load
+/// must not come back with exit 0.
+fn check_written_config(
+    plan: &mut Plan,
+    side: &SideFiles,
+    allow_mismatch: bool,
+    out: &WriteOptions,
+) -> Result<()> {
+    let Some(cfg) = side.json("config.json")? else {
+        let from = plan
+            .inputs
+            .iter()
+            .find(|i| matches!(i.role, Role::Base | Role::Chat))
+            .or(plan.inputs.first())
+            .map(|i| format!(" ({} has none)", i.ckpt.dir.display()))
+            .unwrap_or_default();
+        if out.weights_only {
+            plan.warnings.push(format!("--weights-only: the output has no config.json{from}"));
+            return Ok(());
+        }
+        return Err(crate::error::Error::Usage(format!(
+            "the output would have no config.json{from}, so transformers could not load it"
+        ))
+        .with_hint("add the model's config.json, or pass --weights-only if only the weights are wanted"));
+    };
     let tensors = plan.tensors.iter().map(|t| (t.name.as_str(), t.shape.as_slice()));
     crate::plan::checks::check_output_fits(|k| cfg.get(k), tensors, allow_mismatch, &mut plan.warnings)
 }

@@ -153,7 +153,9 @@ fn check_recipe(manifest: &Value, mpath: &Path, recipe: &str) -> Result<Vec<Chec
         .get("inputs")
         .and_then(Value::as_array)
         .ok_or_else(|| Error::bad_file(mpath, "'inputs' is missing"))?;
-    let cache = HashCache::from_env(false);
+    // Re-hashed, never taken from the cache: a stale or planted entry
+    // must not pass a changed input. The fresh hashes are recorded.
+    let cache = HashCache::from_env(true);
     for input in inputs {
         let reference = input
             .get("reference")

@@ -33,6 +33,7 @@ use serde_json::{Map, Value};
 use crate::error::{Error, Result};
 use crate::eval::EvalSpec;
 use crate::hash::sha256_hex;
+use crate::json::Walk;
 use crate::json::{read_capped, toml_to_json};
 use crate::merge::methods::Method;
 use crate::merge::params::{Filter, Scalar, Setting};
@@ -335,6 +336,17 @@ pub(crate) fn parse_recipe(text: &str, path: &Path) -> Result<Recipe> {
             // TOML and JSON recipes refuse it).
             let yaml: serde_yaml_ng::Value =
                 serde_yaml_ng::from_str(text).map_err(|e| Error::bad_file(path, e.to_string()))?;
+            crate::json::refuse_non_finite(&yaml, path, &mut |v| match v {
+                serde_yaml_ng::Value::Number(n) => Walk::Number(n.as_f64().unwrap_or(0.0)),
+                serde_yaml_ng::Value::Mapping(m) => Walk::Map(
+                    m.iter()
+                        .map(|(k, v)| (k.as_str().map_or_else(|| format!("{k:?}"), str::to_string), v))
+                        .collect(),
+                ),
+                serde_yaml_ng::Value::Sequence(a) => Walk::List(a.iter().collect()),
+                serde_yaml_ng::Value::Tagged(t) => Walk::List(vec![&t.value]),
+                _ => Walk::Other,
+            })?;
             let v = serde_json::to_value(yaml).map_err(|e| Error::bad_file(path, e.to_string()))?;
             (Syntax::Mergekit, v)
         }
