@@ -247,29 +247,138 @@ fn embedding_and_fan_in_fan_out_updates_are_the_transposed_product() {
         |t, k| bb.get(k * r + t) as f64,
     );
 
-    // fan_in_fan_out: a weight stored [in, out]; down_proj is [8, 12] here,
-    // so in = 8, out = 12: A is r x 8, B is 12 x r.
-    let m = "model.layers.0.mlp.down_proj";
-    let fif = vec![
+    // GPT-2's Conv1D stores its weight [in, out]: PEFT transposes the
+    // update whatever fan_in_fan_out says (here false), and so does chatvec.
+    let conv_base = d.path().join("gpt2-like");
+    let mut ts = llama(3, 16, false, Ty::F32);
+    let m = "transformer.h.0.mlp.c_fc";
+    let w = tensor(5, &format!("{m}.weight"), vec![HIDDEN, INTER], Ty::F32);
+    ts.push(w.clone());
+    let mut cfg = config(16, false, LAYERS);
+    cfg["model_type"] = json!("gpt2");
+    write_model(&conv_base, &ts, 1, &cfg, Some(&tokens(16)));
+    // in = 8, out = 12: A is r x 8, B is 12 x r; the update is (B @ A)^T.
+    let conv = vec![
         tensor(7, &format!("base_model.model.{m}.lora_A.weight"), vec![R, HIDDEN], Ty::F32),
         tensor(8, &format!("base_model.model.{m}.lora_B.weight"), vec![INTER, R], Ty::F32),
     ];
-    let adapter = d.path().join("fif");
-    write_adapter(&adapter, &lora_config(json!({"fan_in_fan_out": true})), &fif);
-    let out = d.path().join("out-fif");
-    ok(&merge(&base_dir, &adapter, &out, &[]));
-    let o = read_model(&out);
-    let name = format!("{m}.weight");
-    let (a, bb) = (&fif[0], &fif[1]);
+    let adapter = d.path().join("conv1d");
+    write_adapter(&adapter, &lora_config(json!({"fan_in_fan_out": false})), &conv);
+    let out = d.path().join("out-conv1d");
+    let o = merge(&conv_base, &adapter, &out, &[]);
+    ok(&o);
+    assert!(
+        stderr(&o).contains("fan_in_fan_out is false in the adapter's config, but 'transformer.h.0.mlp.c_fc' is a Conv1D layer"),
+        "{}",
+        stderr(&o)
+    );
+    let got = read_model(&out);
+    let (a, bb) = (&conv[0], &conv[1]);
     let rows = HIDDEN as usize;
     check_low_rank(
-        &o[&name],
-        &b[&name],
+        &got[&format!("{m}.weight")],
+        &w,
         2.0,
         r,
         |i, t| a.get(t * rows + i) as f64,
         |t, k| bb.get(k * r + t) as f64,
     );
+
+    // A Linear layer with fan_in_fan_out = true (square, so the shapes
+    // cannot tell): PEFT ignores the flag, and so does chatvec.
+    let q = "model.layers.0.self_attn.q_proj";
+    let adapter = d.path().join("fif-linear");
+    let lin = linear_factors(q, R, Ty::F32);
+    write_adapter(&adapter, &lora_config(json!({"fan_in_fan_out": true})), &lin);
+    let out = d.path().join("out-fif-linear");
+    let o = chatvec(&["apply", "--base", s(&base_dir), "--lora", s(&adapter), "-o", s(&out)]);
+    ok(&o);
+    assert!(
+        stderr(&o).contains("fan_in_fan_out is true in the adapter's config, but 'model.layers.0.self_attn.q_proj' is a Linear layer"),
+        "{}",
+        stderr(&o)
+    );
+    let (got, b) = (read_model(&out), read_model(&base_dir));
+    let name = format!("{q}.weight");
+    let (a, bb) = (&lin[0], &lin[1]);
+    let cols = HIDDEN as usize;
+    // delta[i, k] = sum_t B[i, t] * A[t, k]: not transposed.
+    check_low_rank(
+        &got[&name],
+        &b[&name],
+        2.0,
+        r,
+        |i, t| bb.get(i * r + t) as f64,
+        |t, k| a.get(t * cols + k) as f64,
+    );
+}
+
+#[test]
+fn factors_stored_for_the_wrong_kind_of_layer_are_refused_as_peft_drops_them() {
+    let d = tempfile::tempdir().unwrap();
+    let base_dir = base(d.path(), Ty::F32);
+    let adapter = d.path().join("adapter");
+    let out = d.path().join("out");
+    // lora_embedding_* on a Linear layer, and lora_A/B on an embedding.
+    let cases = [
+        (
+            vec![
+                tensor(
+                    7,
+                    "base_model.model.model.layers.0.self_attn.q_proj.lora_embedding_A",
+                    vec![R, HIDDEN],
+                    Ty::F32,
+                ),
+                tensor(
+                    8,
+                    "base_model.model.model.layers.0.self_attn.q_proj.lora_embedding_B",
+                    vec![HIDDEN, R],
+                    Ty::F32,
+                ),
+            ],
+            "'model.layers.0.self_attn.q_proj' is a Linear layer in the base, but the adapter stores lora_embedding_A/B for it",
+        ),
+        (
+            vec![
+                tensor(7, "base_model.model.model.embed_tokens.lora_A.weight", vec![R, HIDDEN], Ty::F32),
+                tensor(8, "base_model.model.model.embed_tokens.lora_B.weight", vec![16, R], Ty::F32),
+            ],
+            "'model.embed_tokens' is an embedding in the base, but the adapter stores lora_A/lora_B for it",
+        ),
+    ];
+    for (tensors, needle) in cases {
+        write_adapter(&adapter, &lora_config(json!({})), &tensors);
+        let o = merge(&base_dir, &adapter, &out, &[]);
+        assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
+        assert!(stderr(&o).contains(needle) && stderr(&o).contains("PEFT drops"), "{}", stderr(&o));
+        assert!(!out.exists());
+    }
+}
+
+#[test]
+fn nan_in_an_adapter_never_reaches_the_output() {
+    let d = tempfile::tempdir().unwrap();
+    let base_dir = base(d.path(), Ty::BF16);
+    let adapter = d.path().join("adapter");
+    let out = d.path().join("out");
+    // In a factor of a low-rank update, and in a whole saved module.
+    let mut factors = linear_factors("model.layers.0.self_attn.q_proj", R, Ty::F32);
+    factors[1].data[4..8].copy_from_slice(&f32::NAN.to_le_bytes());
+    let mut head = tensor(9, "base_model.model.lm_head.weight", vec![16, HIDDEN], Ty::F32);
+    head.data[0..4].copy_from_slice(&f32::INFINITY.to_le_bytes());
+    for (tensors, needle) in [
+        (
+            factors,
+            "come from the adapter's tensor 'base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight'",
+        ),
+        (vec![head], "come from the adapter's tensor 'base_model.model.lm_head.weight'"),
+    ] {
+        write_adapter(&adapter, &lora_config(json!({"modules_to_save": ["lm_head"]})), &tensors);
+        let o = merge(&base_dir, &adapter, &out, &[]);
+        assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
+        assert!(stderr(&o).contains(needle), "{}", stderr(&o));
+        assert!(!out.exists());
+    }
 }
 
 #[test]
@@ -348,6 +457,16 @@ fn dora_and_other_non_plain_lora_adapters_are_refused_by_name() {
         (json!({"target_parameters": ["mlp.experts.gate_up_proj"]}), "target_parameters"),
         (json!({"r": 0}), "r must be a positive integer"),
         (json!({"rank_pattern": {"q_proj[": 2}}), "rank_pattern"),
+        // PEFT itself refuses to merge these.
+        (json!({"alora_invocation_tokens": [128002, 9]}), "aLoRA does not support merging"),
+        (json!({"arrow_config": {"top_k": 3}}), "arrow_config is set: an Arrow router"),
+        // Variants whose merge is not W + s * B @ A, by name.
+        (json!({"use_bdlora": {"target_modules_bd_a": ["q_proj"], "nblocks": 2}}), "BD-LoRA"),
+        (json!({"kasa_config": {"beta": 0.1, "gamma": 0.01}}), "KaSA"),
+        (json!({"use_qalora": true}), "QALoRA"),
+        (json!({"layer_replication": [[0, 2], [1, 2]]}), "layer_replication"),
+        (json!({"init_lora_weights": "pissa_niter_4"}), "init_lora_weights is \"pissa_niter_4\""),
+        (json!({"init_lora_weights": "olora"}), "init_lora_weights is \"olora\""),
     ] {
         write_adapter(&adapter, &lora_config(cfg), &q);
         refused(&base_dir, &adapter, d.path(), &[], &["adapter_config.json", needle]);
@@ -361,6 +480,121 @@ fn dora_and_other_non_plain_lora_adapters_are_refused_by_name() {
     ));
     write_adapter(&adapter, &lora_config(json!({})), &dora);
     refused(&base_dir, &adapter, d.path(), &[], &["lora_magnitude_vector", "DoRA"]);
+}
+
+#[test]
+fn variants_peft_merges_as_plain_lora_are_merged_as_plain_lora() {
+    let d = tempfile::tempdir().unwrap();
+    let base_dir = base(d.path(), Ty::F32);
+    let adapter = d.path().join("adapter");
+    let q = "model.layers.0.self_attn.q_proj";
+    let factors = linear_factors(q, R, Ty::F32);
+    for (cfg, note) in [
+        (json!({"velora_config": {"num_groups": 2}}), "VeLoRA"),
+        (json!({"monteclora_config": {"num_samples": 4}}), "MonteCLoRA"),
+        (json!({"init_lora_weights": "mica"}), ""),
+        (json!({"alora_invocation_tokens": []}), ""),
+    ] {
+        write_adapter(&adapter, &lora_config(cfg.clone()), &factors);
+        let out = d.path().join("out");
+        let _ = std::fs::remove_dir_all(&out);
+        let o = chatvec(&["apply", "--base", s(&base_dir), "--lora", s(&adapter), "-o", s(&out)]);
+        ok(&o);
+        assert!(stderr(&o).contains(note), "{cfg}: {}", stderr(&o));
+        let (got, b) = (read_model(&out), read_model(&base_dir));
+        let name = format!("{q}.weight");
+        check_linear(&got[&name], &b[&name], &factors[0], &factors[1], 8.0 / R as f64);
+    }
+}
+
+#[test]
+fn rank_and_alpha_patterns_match_each_in_its_own_order_as_peft_does() {
+    let d = tempfile::tempdir().unwrap();
+    let base_dir = base(d.path(), Ty::F32);
+    let q0 = "model.layers.0.self_attn.q_proj";
+    let v1 = "model.layers.1.self_attn.v_proj";
+    let k1 = "model.layers.1.self_attn.k_proj";
+    let mut factors = linear_factors(q0, R, Ty::F32);
+    factors.extend(linear_factors(v1, R, Ty::F32));
+    factors.extend(linear_factors(k1, R, Ty::F32));
+    // Both maps list two keys that match layer 0's q_proj, in opposite
+    // orders: PEFT takes each map's first match, so alpha is 3 (0.75), not
+    // 20 (5.0). A key's `.` matches any character (v.proj is v_proj), and
+    // a key may be a regular expression.
+    let cfg = lora_config(json!({
+        "rank_pattern": {"q_proj": R, "layers.0.self_attn.q_proj": R},
+        "alpha_pattern": {
+            "layers.0.self_attn.q_proj": 3, "q_proj": 20,
+            "layers.1.self_attn.v.proj": 6,
+            "layers\\.[0-9]+\\.self_attn\\.k_proj": 10
+        },
+    }));
+    let adapter = d.path().join("adapter");
+    write_adapter(&adapter, &cfg, &factors);
+    let out = d.path().join("out");
+    ok(&merge(&base_dir, &adapter, &out, &[]));
+    let (o, b) = (read_model(&out), read_model(&base_dir));
+    let f = |n: String| factors.iter().find(|t| t.name == n).unwrap().clone();
+    for (module, alpha) in [(q0, 3.0f64), (v1, 6.0), (k1, 10.0)] {
+        let name = format!("{module}.weight");
+        let (a, bb) = (
+            f(format!("base_model.model.{module}.lora_A.weight")),
+            f(format!("base_model.model.{module}.lora_B.weight")),
+        );
+        check_linear(&o[&name], &b[&name], &a, &bb, alpha / R as f64);
+    }
+}
+
+#[test]
+fn pattern_maps_cost_bounded_work_and_oversized_ones_are_refused() {
+    let d = tempfile::tempdir().unwrap();
+    let base_dir = base(d.path(), Ty::F32);
+    let q = "model.layers.0.self_attn.q_proj";
+    let factors = linear_factors(q, R, Ty::F32);
+    let adapter = d.path().join("adapter");
+    let timed = |cfg: Value| {
+        write_adapter(&adapter, &lora_config(cfg), &factors);
+        let out = d.path().join("out");
+        let _ = std::fs::remove_dir_all(&out);
+        let start = std::time::Instant::now();
+        let o = merge(&base_dir, &adapter, &out, &[]);
+        (o, start.elapsed())
+    };
+    // 20,000 plain keys that match nothing, then the one that does.
+    let mut many = serde_json::Map::new();
+    for i in 0..20_000 {
+        many.insert(format!("model.layers.{i}.self_attn.x_proj"), json!(1.0));
+    }
+    many.insert("q_proj".into(), json!(4.0));
+    let (o, took) = timed(json!({ "alpha_pattern": many }));
+    ok(&o);
+    assert!(took < std::time::Duration::from_secs(5), "took {took:?}");
+    let (got, b) = (read_model(&d.path().join("out")), read_model(&base_dir));
+    let name = format!("{q}.weight");
+    check_linear(&got[&name], &b[&name], &factors[0], &factors[1], 1.0);
+    // A regular expression whose automaton would take gigabytes, too many
+    // regular expressions, too many keys: refused, quickly.
+    let mut regexes = serde_json::Map::new();
+    for i in 0..1100 {
+        regexes.insert(format!("layers\\.{i}\\..*"), json!(2));
+    }
+    let mut huge = serde_json::Map::new();
+    for i in 0..70_000 {
+        huge.insert(format!("k{i}"), json!(2));
+    }
+    for (cfg, needle) in [
+        (
+            json!({"alpha_pattern": {"(?:(?:a{1,100}){1,100}){1,100}": 2.0}}),
+            "cannot take as a regular expression",
+        ),
+        (json!({"alpha_pattern": regexes}), "keys that are regular expressions; chatvec takes at most 1024"),
+        (json!({"rank_pattern": huge}), "chatvec takes at most 65536"),
+    ] {
+        let (o, took) = timed(cfg);
+        assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
+        assert!(stderr(&o).contains(needle), "{}", stderr(&o));
+        assert!(took < std::time::Duration::from_secs(5), "took {took:?}");
+    }
 }
 
 #[test]

@@ -17,7 +17,7 @@ use crate::merge::{
     stats::{self, TensorStats},
 };
 use crate::model::dtype::FloatType;
-use crate::plan::{Formula, Op, OutTensor, Plan, Source};
+use crate::plan::{Formula, Op, OutTensor, Plan, Role, Source};
 
 /// Bytes per plain copy job.
 const COPY_CHUNK_BYTES: u64 = 16 << 20;
@@ -86,7 +86,9 @@ pub(crate) fn run<'a>(plan: &'a Plan, stats: &StatsMap, job: &Job, mut buf: Vec<
     match job {
         Job::Header(si) => Ok(Piece::Borrowed(&plan.shards[*si].header)),
         Job::Copy { src, bytes } => {
-            Ok(Piece::Borrowed(&plan.input_bytes(*src)[bytes.start as usize..bytes.end as usize]))
+            let piece = &plan.input_bytes(*src)[bytes.start as usize..bytes.end as usize];
+            check_adapter_copy(plan, *src, piece)?;
+            Ok(Piece::Borrowed(piece))
         }
         Job::Compute { tensor, elems } => {
             let t = &plan.tensors[*tensor];
@@ -250,11 +252,17 @@ pub(crate) fn check_finite(plan: &Plan, t: &OutTensor, out: &[u8]) -> Result<()>
         return Ok(());
     }
     let bad = nonfinite(ty, out);
-    let inputs_clean = sources(&t.op).iter().all(|&s| match plan.input_tensor(s).dtype.float() {
-        Some(ity) => !any_nonfinite(ity, plan.input_bytes(s)),
-        None => true,
-    });
-    if !inputs_clean {
+    let dirty = |s: Source| match plan.input_tensor(s).dtype.float() {
+        Some(ity) => any_nonfinite(ity, plan.input_bytes(s)),
+        None => false,
+    };
+    let srcs = sources(&t.op);
+    // A base with NaN stays the user's model; an adapter's NaN never
+    // passes into it.
+    if let Some(&s) = srcs.iter().find(|&&s| plan.inputs[s.input].role == Role::Adapter && dirty(s)) {
+        return Err(adapter_nonfinite(plan, s, &t.name, bad));
+    }
+    if srcs.iter().any(|&s| dirty(s)) {
         return Ok(());
     }
     Err(Error::Usage(format!(
@@ -263,6 +271,31 @@ pub(crate) fn check_finite(plan: &Plan, t: &OutTensor, out: &[u8]) -> Result<()>
         t.name
     ))
     .with_hint("use smaller parameters; nothing was written"))
+}
+
+/// The error for NaN or infinity of the adapter's tensor `s` reaching
+/// output tensor `name` (`bad` values in the chunk).
+fn adapter_nonfinite(plan: &Plan, s: Source, name: &str, bad: usize) -> Error {
+    Error::Usage(format!(
+        "tensor '{name}': {bad} NaN or infinite value(s) in one chunk come from the adapter's tensor '{}' ({}), which holds such values",
+        plan.input_tensor(s).name,
+        plan.inputs[s.input].ckpt.dir.display()
+    ))
+    .with_hint("the adapter is broken (a diverged training run?); nothing was written")
+}
+
+/// Fails when a chunk copied whole from an adapter (`modules_to_save`, a
+/// saved layer) holds NaN or infinity.
+fn check_adapter_copy(plan: &Plan, src: Source, bytes: &[u8]) -> Result<()> {
+    if plan.inputs[src.input].role != Role::Adapter {
+        return Ok(());
+    }
+    match plan.input_tensor(src).dtype.float() {
+        Some(ty) if any_nonfinite(ty, bytes) => {
+            Err(adapter_nonfinite(plan, src, &plan.input_tensor(src).name, nonfinite(ty, bytes)))
+        }
+        _ => Ok(()),
+    }
 }
 
 /// The float dtype of a computed output (planning only computes floats).

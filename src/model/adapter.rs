@@ -13,11 +13,23 @@
 //! tensors (`modules_to_save`, trained biases, saved embedding layers)
 //! replace the base's tensor of that name whole.
 //!
-//! Variants whose merge is not `W + s * B @ A` (DoRA, LoRA biases,
-//! trainable tokens, parameter targets, layer replication) are refused by
-//! name rather than merged wrongly.
+//! What chatvec merges is what PEFT's `merge_and_unload()` gives, or it is
+//! refused with the reason:
+//! - variants whose merge is not `W + s * B @ A` (DoRA, LoRA biases, aLoRA,
+//!   Arrow, BD-LoRA, KaSA, QALoRA, trainable tokens, parameter targets,
+//!   layer replication) and initialisations PEFT re-runs on the base when
+//!   it loads the adapter (PiSSA, OLoRA, CorDA, LoftQ) are refused by
+//!   name; VeLoRA, MonteCLoRA and MiCA, which PEFT merges as plain LoRA,
+//!   are merged;
+//! - whether `B @ A` is transposed follows the base layer's type, as in
+//!   PEFT, which ignores `fan_in_fan_out` for a Linear layer and forces it
+//!   for GPT-2's Conv1D (`layer_kind`);
+//! - factors stored for the wrong kind of layer (`lora_embedding_*` on a
+//!   Linear layer), which PEFT silently drops, are refused;
+//! - `rank_pattern` and `alpha_pattern` keys match each in its own map's
+//!   order, bounded in count, length and work (`Patterns`).
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
@@ -38,7 +50,8 @@ const KEY_PREFIX: &str = "base_model.model.";
 const MAX_CONFIG_BYTES: u64 = 4 << 20;
 
 /// The fields of `adapter_config.json` chatvec reads; the others (dropout,
-/// target module lists, task type, ...) do not change the merge.
+/// target module lists, task type, ...) do not change the merge. The
+/// pattern maps are read from the ordered JSON, not through here.
 #[derive(Deserialize)]
 struct RawConfig {
     peft_type: Option<String>,
@@ -48,75 +61,295 @@ struct RawConfig {
     use_rslora: bool,
     #[serde(default)]
     fan_in_fan_out: bool,
-    #[serde(default)]
-    rank_pattern: Option<BTreeMap<String, u64>>,
-    #[serde(default)]
-    alpha_pattern: Option<BTreeMap<String, f64>>,
-    #[serde(default)]
-    use_dora: bool,
-    #[serde(default)]
-    lora_bias: bool,
-    #[serde(default)]
-    target_parameters: Option<Vec<String>>,
-    #[serde(default)]
-    layer_replication: Option<serde_json::Value>,
-    #[serde(default)]
-    trainable_token_indices: Option<serde_json::Value>,
     base_model_name_or_path: Option<String>,
 }
 
-/// A per-module override of `r` or `alpha`: PEFT matches the pattern
-/// against a module's full name as `(.*\.)?(PATTERN)$`, first match wins
-/// in the file's order.
-struct Pattern<T> {
-    text: String,
-    re: regex::Regex,
-    value: T,
+/// Every key of PEFT's `LoraConfig` and `PeftConfig` (PEFT 0.20): one
+/// outside this list may be a variant chatvec does not know, and is said.
+const KNOWN_KEYS: &[&str] = &[
+    "r",
+    "target_modules",
+    "exclude_modules",
+    "lora_alpha",
+    "lora_dropout",
+    "fan_in_fan_out",
+    "bias",
+    "use_rslora",
+    "modules_to_save",
+    "init_lora_weights",
+    "layers_to_transform",
+    "layers_pattern",
+    "rank_pattern",
+    "alpha_pattern",
+    "megatron_config",
+    "megatron_core",
+    "trainable_token_indices",
+    "loftq_config",
+    "eva_config",
+    "corda_config",
+    "lora_ga_config",
+    "use_dora",
+    "velora_config",
+    "alora_invocation_tokens",
+    "use_qalora",
+    "qalora_group_size",
+    "monteclora_config",
+    "layer_replication",
+    "runtime_config",
+    "lora_bias",
+    "target_parameters",
+    "use_bdlora",
+    "arrow_config",
+    "kasa_config",
+    "ensure_weight_tying",
+    "base_model_name_or_path",
+    "revision",
+    "peft_type",
+    "task_type",
+    "inference_mode",
+    "auto_mapping",
+    "peft_version",
+];
+
+/// Whether a config value switches its feature on (PEFT tests them for
+/// truth: `true`, a non-empty list, object or string).
+fn truthy(v: Option<&serde_json::Value>) -> bool {
+    use serde_json::Value;
+    match v {
+        None | Some(Value::Null) => false,
+        Some(Value::Bool(b)) => *b,
+        Some(Value::Number(n)) => n.as_f64() != Some(0.0),
+        Some(Value::String(s)) => !s.is_empty(),
+        Some(Value::Array(a)) => !a.is_empty(),
+        Some(Value::Object(o)) => !o.is_empty(),
+    }
 }
 
-fn patterns<T: Copy>(
-    file: &Path,
-    field: &str,
-    map: Option<BTreeMap<String, T>>,
-    order: &[String],
-) -> Result<Vec<Pattern<T>>> {
-    let Some(map) = map else { return Ok(Vec::new()) };
-    // serde's map loses the file's order; PEFT keeps it (first match wins),
-    // so take the keys in the order the text lists them.
-    let mut keys: Vec<&String> = map.keys().collect();
-    keys.sort_by_key(|k| order.iter().position(|o| o == *k).unwrap_or(usize::MAX));
-    keys.into_iter()
-        .map(|k| {
-            let re = regex::Regex::new(&format!(r"^(?:.*\.)?(?:{k})$")).map_err(|e| {
-                Error::bad_file(file, format!("{field} key '{k}' is not a regular expression: {e}"))
+/// Most keys in `rank_pattern` and `alpha_pattern` together.
+const MAX_PATTERN_KEYS: usize = 65_536;
+/// Longest pattern key.
+const MAX_KEY_LEN: usize = 1024;
+/// Most keys that need a regex engine (holding more than letters, digits,
+/// `_` and `.`).
+const MAX_REGEX_KEYS: usize = 1024;
+/// Compiled size of those keys' automaton.
+const REGEX_SIZE_LIMIT: usize = 32 << 20;
+/// Key comparisons one adapter may cost (modules x keys, for the rare
+/// config that lists keys no module equals).
+const MAX_PATTERN_WORK: u64 = 200_000_000;
+
+/// `rank_pattern` or `alpha_pattern`: keys in the file's order, matched
+/// against a module's name as PEFT does, `re.match(rf"(.*\.)?({key})$",
+/// name)`, the first key in the map's order winning. Keys of letters,
+/// digits, `_` and `.` (nearly all) are matched without a regex engine:
+/// with `.` matching any character, such a key can only match the name's
+/// last `key.len()` characters, preceded by a dot or by nothing. The
+/// others go into one linear-time `RegexSet`.
+struct Patterns<T> {
+    keys: Vec<(String, T)>,
+    /// Each plain key's first index.
+    exact: HashMap<String, usize>,
+    /// Indices of the plain keys with a `.` (which matches any character).
+    dotted: Vec<usize>,
+    regexes: Option<(regex::RegexSet, Vec<usize>)>,
+}
+
+fn plain_key(k: &str) -> bool {
+    k.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'.')
+}
+
+impl<T: Copy> Patterns<T> {
+    fn empty() -> Patterns<T> {
+        Patterns { keys: Vec::new(), exact: HashMap::new(), dotted: Vec::new(), regexes: None }
+    }
+
+    /// The map `field` of the config (in file order), each value read by
+    /// `value`.
+    fn read(
+        file: &Path,
+        field: &str,
+        map: Option<&serde_json::Value>,
+        value: impl Fn(&serde_json::Value) -> Option<T>,
+        expected: &str,
+    ) -> Result<Patterns<T>> {
+        let mut p = Patterns::empty();
+        let Some(map) = map.filter(|m| !m.is_null()) else { return Ok(p) };
+        let map = map
+            .as_object()
+            .ok_or_else(|| Error::bad_file(file, format!("{field} must be an object of module patterns")))?;
+        if map.len() > MAX_PATTERN_KEYS {
+            return Err(Error::bad_file(
+                file,
+                format!("{field} has {} keys; chatvec takes at most {MAX_PATTERN_KEYS}", map.len()),
+            ));
+        }
+        let mut regex_keys: Vec<String> = Vec::new();
+        let mut regex_at: Vec<usize> = Vec::new();
+        for (i, (k, v)) in map.iter().enumerate() {
+            if k.len() > MAX_KEY_LEN {
+                return Err(Error::bad_file(
+                    file,
+                    format!("{field} has a {}-byte key; chatvec takes at most {MAX_KEY_LEN}", k.len()),
+                ));
+            }
+            let v = value(v).ok_or_else(|| {
+                Error::bad_file(file, format!("{field} gives '{k}' {v}; expected {expected}"))
             })?;
-            Ok(Pattern { text: k.clone(), re, value: map[k] })
-        })
-        .collect()
+            p.keys.push((k.clone(), v));
+            if plain_key(k) {
+                p.exact.entry(k.clone()).or_insert(i);
+                if k.contains('.') {
+                    p.dotted.push(i);
+                }
+            } else {
+                regex_keys.push(format!(r"^(?:.*\.)?(?:{k})$"));
+                regex_at.push(i);
+            }
+        }
+        if regex_keys.len() > MAX_REGEX_KEYS {
+            return Err(Error::bad_file(
+                file,
+                format!(
+                    "{field} has {} keys that are regular expressions; chatvec takes at most {MAX_REGEX_KEYS}",
+                    regex_keys.len()
+                ),
+            ));
+        }
+        if !regex_keys.is_empty() {
+            let set = regex::RegexSetBuilder::new(&regex_keys)
+                .size_limit(REGEX_SIZE_LIMIT)
+                .dfa_size_limit(REGEX_SIZE_LIMIT)
+                .build()
+                .map_err(|e| {
+                    Error::bad_file(
+                        file,
+                        format!("{field} has a key chatvec cannot take as a regular expression: {e}"),
+                    )
+                })?;
+            p.regexes = Some((set, regex_at));
+        }
+        Ok(p)
+    }
+
+    /// The first key matching `module`, counting comparisons in `work`.
+    fn find(&self, module: &str, work: &mut u64) -> Option<&(String, T)> {
+        // The exact keys equal to a dot-bounded suffix of the name.
+        let mut best = usize::MAX;
+        let mut start = 0;
+        loop {
+            if let Some(&i) = self.exact.get(&module[start..]) {
+                best = best.min(i);
+            }
+            match module[start..].find('.') {
+                Some(d) => start += d + 1,
+                None => break,
+            }
+        }
+        // A key with a dot can match where its dot meets another character.
+        for &i in self.dotted.iter().take_while(|&&i| i < best) {
+            *work += 1;
+            if dotted_match(&self.keys[i].0, module) {
+                best = i;
+                break;
+            }
+        }
+        if let Some((set, at)) = &self.regexes {
+            *work += 1;
+            if let Some(i) = set.matches(module).iter().map(|m| at[m]).min() {
+                best = best.min(i);
+            }
+        }
+        self.keys.get(best)
+    }
 }
 
-fn find<'a, T>(pats: &'a [Pattern<T>], module: &str) -> Option<&'a Pattern<T>> {
-    pats.iter().find(|p| p.re.is_match(module))
+/// Whether plain `key` (its `.` matching any character) matches `module`
+/// as `(.*\.)?(key)$`.
+fn dotted_match(key: &str, module: &str) -> bool {
+    let (k, m) = (key.as_bytes(), module.as_bytes());
+    if k.len() > m.len() {
+        return false;
+    }
+    let at = m.len() - k.len();
+    (at == 0 || m[at - 1] == b'.') && k.iter().zip(&m[at..]).all(|(a, b)| *a == b'.' || a == b)
 }
 
-/// How the product of the factors lines up with the weight.
+/// The kind of base-model layer a module is, which decides how PEFT lines
+/// `B @ A` up with its weight.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(crate) enum LowRankKind {
-    /// A linear layer `[out, in]`: `delta = B @ A`.
+pub(crate) enum LayerKind {
+    /// `nn.Linear`, weight `[out, in]`: `delta = B @ A`, whatever
+    /// `fan_in_fan_out` says (PEFT turns it off for a Linear layer).
     Linear,
-    /// A layer stored `[in, out]` (`fan_in_fan_out`, GPT-2's Conv1D) or an
-    /// embedding `[vocab, dim]`: `delta = (B @ A)^T`.
-    Transposed,
+    /// transformers' `Conv1D` (GPT-2 and its copies), weight `[in, out]`:
+    /// `delta = (B @ A)^T`, whatever `fan_in_fan_out` says (PEFT turns it
+    /// on).
+    Conv1D,
+    /// `nn.Embedding`, weight `[vocab, dim]`: `delta = (B @ A)^T`, from
+    /// `lora_embedding_A` / `lora_embedding_B`.
+    Embedding,
+}
+
+/// Model types whose attention and MLP projections are transformers'
+/// `Conv1D`, and which of their modules are (transformers 5.24: GPT-2 and
+/// the models copied from it; CLVP's decoder only in its MLP).
+const CONV1D_MODELS: &[(&str, &[&str])] = &[
+    ("gpt2", &["c_attn", "c_proj", "q_attn", "c_fc"]),
+    ("decision_transformer", &["c_attn", "c_proj", "q_attn", "c_fc"]),
+    ("imagegpt", &["c_attn", "c_proj", "q_attn", "c_fc"]),
+    ("openai-gpt", &["c_attn", "c_proj", "c_fc"]),
+    ("clvp_decoder", &["mlp.c_fc", "mlp.c_proj"]),
+];
+
+/// Last parts of the names of `nn.Embedding` modules in transformers'
+/// models.
+const EMBEDDING_MODULES: &[&str] = &[
+    "embed_tokens",
+    "wte",
+    "wpe",
+    "word_embeddings",
+    "position_embeddings",
+    "token_type_embeddings",
+    "embed_in",
+    "embed_positions",
+    "tok_embeddings",
+    "shared",
+];
+
+/// The kind of layer `module` (its name in the base model) is, for a base
+/// of `model_type`; `None` when the model type is not known and the name
+/// does not tell.
+pub(crate) fn layer_kind(model_type: Option<&str>, module: &str) -> Option<LayerKind> {
+    let last = module.rsplit('.').next().unwrap_or(module);
+    if EMBEDDING_MODULES.contains(&last) {
+        return Some(LayerKind::Embedding);
+    }
+    let model_type = model_type?;
+    let conv = CONV1D_MODELS
+        .iter()
+        .find(|(t, _)| *t == model_type)
+        .is_some_and(|(_, mods)| mods.iter().any(|m| module == *m || module.ends_with(&format!(".{m}"))));
+    Some(if conv { LayerKind::Conv1D } else { LayerKind::Linear })
 }
 
 /// What the adapter does to one tensor of the base model.
 #[derive(Clone, Debug)]
 pub(crate) enum Change {
-    /// `W + scaling * delta` with the factors `a` (`lora_A`) and `b`
-    /// (`lora_B`), tensor indices into the adapter's checkpoint. `W` is the
-    /// base's tensor, or the adapter's `base_layer` copy of it when PEFT
-    /// saved one (`save_embedding_layers`, as for a targeted embedding).
-    LowRank { a: usize, b: usize, rank: u64, scaling: f64, kind: LowRankKind, base_layer: Option<usize> },
+    /// `W + scaling * delta` for module `module`, with the factors `a`
+    /// (`lora_A`) and `b` (`lora_B`), tensor indices into the adapter's
+    /// checkpoint; `embedding` when they were stored as `lora_embedding_*`.
+    /// `W` is the base's tensor, or the adapter's `base_layer` copy of it
+    /// when PEFT saved one (`save_embedding_layers`, as for a targeted
+    /// embedding).
+    LowRank {
+        module: String,
+        a: usize,
+        b: usize,
+        rank: u64,
+        scaling: f64,
+        embedding: bool,
+        base_layer: Option<usize>,
+    },
     /// The tensor replaced by the adapter's tensor of that index.
     Replace(usize),
 }
@@ -128,8 +361,13 @@ pub(crate) struct Adapter {
     /// The base model the adapter was trained on, as its config names it.
     pub base_model: Option<String>,
     pub use_rslora: bool,
+    /// `fan_in_fan_out` as the config says (PEFT decides by layer type).
+    pub fan_in_fan_out: bool,
     /// Base tensor name -> change, in the adapter file's order.
     pub changes: Vec<(String, Change)>,
+    /// What the config holds that the user should know (a variant merged
+    /// as plain LoRA, a key chatvec does not know).
+    pub notes: Vec<String>,
 }
 
 impl Adapter {
@@ -149,10 +387,11 @@ impl Adapter {
             ));
         }
         let text = read_capped(&config_path, MAX_CONFIG_BYTES)?;
-        let raw: RawConfig = serde_json::from_slice(&text)
+        // serde_json keeps the file's key order (`preserve_order`), which
+        // decides the pattern maps' first match.
+        let doc: serde_json::Value = serde_json::from_slice(&text)
             .map_err(|e| Error::bad_file(&config_path, format!("invalid adapter config: {e}")))?;
-        let order = key_order(&text);
-        let config = LoraConfig::check(raw, &config_path, &order)?;
+        let config = LoraConfig::check(&doc, &config_path)?;
         let ckpt = if dir.join(ADAPTER_WEIGHTS).is_file() {
             Checkpoint::open_file(dir, ADAPTER_WEIGHTS, false)?
         } else if dir.join(ADAPTER_BIN).is_file() {
@@ -164,7 +403,14 @@ impl Adapter {
             )));
         };
         let changes = read_changes(&ckpt, &config, &ckpt.shards[0].path)?;
-        Ok(Adapter { ckpt, base_model: config.base_model, use_rslora: config.use_rslora, changes })
+        Ok(Adapter {
+            ckpt,
+            base_model: config.base_model,
+            use_rslora: config.use_rslora,
+            fan_in_fan_out: config.fan_in_fan_out,
+            changes,
+            notes: config.notes,
+        })
     }
 
     /// The adapter's directory.
@@ -178,32 +424,22 @@ impl Adapter {
     }
 }
 
-/// Every JSON object key in `text`, in order (for the pattern maps, whose
-/// order decides which pattern wins).
-fn key_order(text: &[u8]) -> Vec<String> {
-    let Ok(v) = serde_json::from_slice::<serde_json::Value>(text) else { return Vec::new() };
-    let mut out = Vec::new();
-    for field in ["rank_pattern", "alpha_pattern"] {
-        if let Some(m) = v.get(field).and_then(|m| m.as_object()) {
-            out.extend(m.keys().cloned());
-        }
-    }
-    out
-}
-
 /// The checked config.
 struct LoraConfig {
     r: u64,
     alpha: f64,
     use_rslora: bool,
     fan_in_fan_out: bool,
-    rank_pattern: Vec<Pattern<u64>>,
-    alpha_pattern: Vec<Pattern<f64>>,
+    rank_pattern: Patterns<u64>,
+    alpha_pattern: Patterns<f64>,
     base_model: Option<String>,
+    notes: Vec<String>,
 }
 
 impl LoraConfig {
-    fn check(raw: RawConfig, file: &Path, order: &[String]) -> Result<LoraConfig> {
+    fn check(doc: &serde_json::Value, file: &Path) -> Result<LoraConfig> {
+        let raw: RawConfig = serde_json::from_value(doc.clone())
+            .map_err(|e| Error::bad_file(file, format!("invalid adapter config: {e}")))?;
         let refuse = |what: &str| {
             Err(Error::bad_file(file, format!("{what}; chatvec merges plain LoRA adapters only"))
                 .with_hint("merge it with peft's merge_and_unload() instead"))
@@ -213,20 +449,60 @@ impl LoraConfig {
             Some(t) => return refuse(&format!("peft_type is {t}, not LORA")),
             None => return Err(Error::bad_file(file, "has no peft_type; expected \"LORA\"")),
         }
-        if raw.use_dora {
-            return refuse("use_dora is true (DoRA rescales each row by a learned magnitude)");
+        let on = |k: &str| truthy(doc.get(k));
+        // PEFT refuses to merge these itself.
+        if on("alora_invocation_tokens") {
+            return Err(Error::bad_file(
+                file,
+                "alora_invocation_tokens is set: an aLoRA adapter, which PEFT refuses to merge (\"aLoRA does not support merging\"): it acts only after its invocation tokens",
+            ));
         }
-        if raw.lora_bias {
-            return refuse("lora_bias is true (the adapter adds a bias of its own)");
+        if on("arrow_config") {
+            return Err(Error::bad_file(
+                file,
+                "arrow_config is set: an Arrow router over several adapters, which PEFT refuses to merge",
+            ));
         }
-        if raw.target_parameters.as_ref().is_some_and(|t| !t.is_empty()) {
-            return refuse("target_parameters is set (LoRA on raw parameters such as MoE experts)");
+        for (key, what) in [
+            ("use_dora", "DoRA, which rescales each row by a learned magnitude"),
+            ("lora_bias", "a LoRA bias, which the adapter adds of its own"),
+            ("use_bdlora", "BD-LoRA, whose factors are block-diagonal"),
+            ("kasa_config", "KaSA, which first truncates the base weight's singular values"),
+            ("use_qalora", "QALoRA, for GPTQ-quantized bases"),
+            ("target_parameters", "LoRA on raw parameters such as MoE experts"),
+            ("layer_replication", "layer replication (the adapted model has more layers than the base)"),
+            ("trainable_token_indices", "trainable tokens, which replace embedding rows"),
+        ] {
+            if on(key) {
+                return refuse(&format!("{key} is set: {what}"));
+            }
         }
-        if raw.layer_replication.as_ref().is_some_and(|v| !v.is_null()) {
-            return refuse("layer_replication is set (the adapted model has more layers than the base)");
+        // Initialisations PEFT runs again on the base when it loads the
+        // adapter (PiSSA and OLoRA subtract the initial factors from it).
+        if let Some(init) = doc.get("init_lora_weights").and_then(|v| v.as_str()) {
+            let lower = init.to_ascii_lowercase();
+            if ["pissa", "olora", "corda", "loftq"].iter().any(|p| lower.starts_with(p)) {
+                return refuse(&format!(
+                    "init_lora_weights is \"{init}\": PEFT changes the base weights again when it loads such an adapter"
+                ));
+            }
         }
-        if raw.trainable_token_indices.as_ref().is_some_and(|v| !v.is_null()) {
-            return refuse("trainable_token_indices is set (trainable tokens)");
+        let mut notes = Vec::new();
+        for (key, what) in [("velora_config", "VeLoRA"), ("monteclora_config", "MonteCLoRA")] {
+            if on(key) {
+                notes.push(format!("{key}: a {what} adapter merges as plain LoRA, as PEFT merges it"));
+            }
+        }
+        if let Some(obj) = doc.as_object() {
+            let unknown: Vec<&str> =
+                obj.keys().map(String::as_str).filter(|k| !KNOWN_KEYS.contains(k)).collect();
+            if !unknown.is_empty() {
+                notes.push(format!(
+                    "{} has key(s) chatvec does not know: {}; if one changes how the adapter merges, the result differs from PEFT's",
+                    file.display(),
+                    unknown.join(", ")
+                ));
+            }
         }
         let r = match raw.r {
             Some(r) if r > 0 => r,
@@ -240,13 +516,25 @@ impl LoraConfig {
             // PEFT's default.
             None => 8.0,
         };
-        let rank_pattern = patterns(file, "rank_pattern", raw.rank_pattern, order)?;
-        if let Some(p) = rank_pattern.iter().find(|p| p.value == 0) {
-            return Err(Error::bad_file(file, format!("rank_pattern gives '{}' rank 0", p.text)));
-        }
-        let alpha_pattern = patterns(file, "alpha_pattern", raw.alpha_pattern, order)?;
-        if let Some(p) = alpha_pattern.iter().find(|p| !p.value.is_finite()) {
-            return Err(Error::bad_file(file, format!("alpha_pattern gives '{}' alpha {}", p.text, p.value)));
+        let rank_pattern = Patterns::read(
+            file,
+            "rank_pattern",
+            doc.get("rank_pattern"),
+            |v| v.as_u64().filter(|r| *r > 0),
+            "a positive integer rank",
+        )?;
+        let alpha_pattern = Patterns::read(
+            file,
+            "alpha_pattern",
+            doc.get("alpha_pattern"),
+            |v| v.as_f64().filter(|a| a.is_finite()),
+            "a finite number",
+        )?;
+        if rank_pattern.keys.len() + alpha_pattern.keys.len() > MAX_PATTERN_KEYS {
+            return Err(Error::bad_file(
+                file,
+                format!("rank_pattern and alpha_pattern have more than {MAX_PATTERN_KEYS} keys together"),
+            ));
         }
         Ok(LoraConfig {
             r,
@@ -256,14 +544,16 @@ impl LoraConfig {
             rank_pattern,
             alpha_pattern,
             base_model: raw.base_model_name_or_path.filter(|s| !s.is_empty()),
+            notes,
         })
     }
 
-    /// `(r, alpha)` of module `module` (its name in the base model).
-    fn rank_alpha(&self, module: &str) -> (u64, f64) {
+    /// `(r, alpha)` of module `module` (its name in the base model), each
+    /// looked up in its own map, as PEFT does; `work` counts comparisons.
+    fn rank_alpha(&self, module: &str, work: &mut u64) -> (u64, f64) {
         (
-            find(&self.rank_pattern, module).map_or(self.r, |p| p.value),
-            find(&self.alpha_pattern, module).map_or(self.alpha, |p| p.value),
+            self.rank_pattern.find(module, work).map_or(self.r, |p| p.1),
+            self.alpha_pattern.find(module, work).map_or(self.alpha, |p| p.1),
         )
     }
 }
@@ -362,6 +652,8 @@ fn read_changes(ck: &Checkpoint, config: &LoraConfig, file: &Path) -> Result<Vec
             }
         }
     }
+    let modules = factors.len();
+    let mut work = 0u64;
     for (module, a, b, embedding) in factors {
         let (Some(a), Some(b)) = (a, b) else {
             let missing = if a.is_none() { "lora_A" } else { "lora_B" };
@@ -378,7 +670,15 @@ fn read_changes(ck: &Checkpoint, config: &LoraConfig, file: &Path) -> Result<Vec
             ));
         }
         let rank = ta.shape[0];
-        let (r, alpha) = config.rank_alpha(&module);
+        let (r, alpha) = config.rank_alpha(&module, &mut work);
+        if work > MAX_PATTERN_WORK {
+            return Err(Error::bad_file(
+                file,
+                format!(
+                    "matching {modules} modules against rank_pattern and alpha_pattern costs over {MAX_PATTERN_WORK} comparisons; chatvec refuses such a config"
+                ),
+            ));
+        }
         if rank != r {
             return Err(Error::format(
                 file,
@@ -388,11 +688,9 @@ fn read_changes(ck: &Checkpoint, config: &LoraConfig, file: &Path) -> Result<Vec
             ));
         }
         let scaling = if config.use_rslora { alpha / (r as f64).sqrt() } else { alpha / r as f64 };
-        let kind =
-            if embedding || config.fan_in_fan_out { LowRankKind::Transposed } else { LowRankKind::Linear };
         let target = format!("{module}.weight");
         let base_layer = base_layers.remove(&target);
-        changes.push((target, Change::LowRank { a, b, rank, scaling, kind, base_layer }));
+        changes.push((target, Change::LowRank { module, a, b, rank, scaling, embedding, base_layer }));
     }
     // A base layer without factors is a plain saved layer (the embeddings
     // of a resized vocabulary): it replaces the base's.

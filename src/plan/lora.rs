@@ -12,7 +12,7 @@ use std::collections::HashMap;
 
 use crate::arith::rows::RowRun;
 use crate::error::{Error, Result};
-use crate::model::adapter::{Adapter, Change, LowRankKind};
+use crate::model::adapter::{Adapter, Change, LayerKind, layer_kind};
 use crate::model::checkpoint::{Checkpoint, is_lm_head};
 use crate::model::dtype::{DType, FloatType};
 use crate::plan::chat_vector::Common;
@@ -36,7 +36,9 @@ pub fn plan_lora(
     sel.check_all_match(base.tensors.iter().map(|t| t.name.as_str()).chain(targets))?;
     let changes: HashMap<&str, &Change> = adapter.changes.iter().map(|(n, c)| (n.as_str(), c)).collect();
     let mut problems = Problems::new("the adapter does not fit the base model");
-    let mut warnings = Vec::new();
+    let mut warnings = adapter.notes.clone();
+    let model_type = base.config.as_ref().and_then(|c| c.raw.get("model_type")?.as_str().map(str::to_string));
+    let mut flag_ignored: Option<String> = None;
     for (name, _) in &adapter.changes {
         if base.get(name).is_none() {
             problems.push(if is_lm_head(name) && base.is_tied() {
@@ -96,7 +98,7 @@ pub fn plan_lora(
                     }
                 }
             }
-            Some(Change::LowRank { a, b, rank, scaling, kind, base_layer }) => {
+            Some(Change::LowRank { module, a, b, rank, scaling, embedding, base_layer }) => {
                 float_of(&base, bt, "--exclude")?;
                 let (ta, tb) = (&ack.tensors[*a], &ack.tensors[*b]);
                 // The weight the update goes onto: the base's, or the
@@ -112,11 +114,49 @@ pub fn plan_lora(
                     Some(i) => Source { input: 1, tensor: *i },
                     None => base_src,
                 };
-                // The update's shape: B @ A is [B rows, A cols].
-                let update = match kind {
-                    LowRankKind::Linear => vec![tb.shape[0], ta.shape[1]],
-                    LowRankKind::Transposed => vec![ta.shape[1], tb.shape[0]],
+                // B @ A is transposed as PEFT lines it up for the base
+                // layer's type, whatever fan_in_fan_out says.
+                let factors = if *embedding { "lora_embedding_A/B" } else { "lora_A/lora_B" };
+                let transposed = match (layer_kind(model_type.as_deref(), module), *embedding) {
+                    (Some(LayerKind::Embedding), true) => true,
+                    (Some(LayerKind::Linear | LayerKind::Conv1D), true)
+                    | (Some(LayerKind::Embedding), false) => {
+                        problems.push(format!(
+                            "'{module}' is {} in the base, but the adapter stores {factors} for it: PEFT drops such factors when it loads the adapter (the layer keeps freshly initialised ones), so the adapter was not made for this model",
+                            match layer_kind(model_type.as_deref(), module) {
+                                Some(LayerKind::Embedding) => "an embedding",
+                                Some(LayerKind::Conv1D) => "a Conv1D layer",
+                                _ => "a Linear layer",
+                            }
+                        ));
+                        continue;
+                    }
+                    (Some(kind), false) => {
+                        let conv = kind == LayerKind::Conv1D;
+                        if conv != adapter.fan_in_fan_out && flag_ignored.is_none() {
+                            flag_ignored = Some(format!(
+                                "fan_in_fan_out is {} in the adapter's config, but '{module}' is a {} layer: PEFT {} the update for it regardless, and so does chatvec",
+                                adapter.fan_in_fan_out,
+                                if conv { "Conv1D" } else { "Linear" },
+                                if conv { "transposes" } else { "does not transpose" }
+                            ));
+                        }
+                        conv
+                    }
+                    // No config.json: the kind of layer is not known.
+                    (None, true) => true,
+                    (None, false) if !adapter.fan_in_fan_out => false,
+                    (None, false) if ta.shape[1] == tb.shape[0] => {
+                        problems.push(format!(
+                            "'{module}': the base has no model_type (no config.json), so whether it is a Linear or a Conv1D layer, which decides how fan_in_fan_out applies, is not known"
+                        ));
+                        continue;
+                    }
+                    (None, false) => true,
                 };
+                // The update's shape: B @ A is [B rows, A cols].
+                let update =
+                    if transposed { vec![ta.shape[1], tb.shape[0]] } else { vec![tb.shape[0], ta.shape[1]] };
                 if bt.shape != update {
                     problems.push(format!(
                         "'{}': the base's is {:?}, the adapter's rank-{rank} update is {:?}",
@@ -136,7 +176,7 @@ pub fn plan_lora(
                         base: onto,
                         a: Source { input: 1, tensor: *a },
                         b: Source { input: 1, tensor: *b },
-                        transposed: *kind == LowRankKind::Transposed,
+                        transposed,
                         rows: update[0],
                         cols: update[1],
                         scale,
@@ -149,6 +189,7 @@ pub fn plan_lora(
         tensors.push(OutTensor { name: bt.name.clone(), dtype: out_ty, shape: bt.shape.clone(), op });
     }
     problems.into_result()?;
+    warnings.extend(flag_ignored);
     if left_out > 0 {
         warnings
             .push(format!("{left_out} tensor(s) the adapter changes are excluded and stay as in the base"));
