@@ -4,6 +4,8 @@
 
 use std::path::{Path, PathBuf};
 
+use crate::units::human_bytes;
+
 /// Exit code for success.
 pub const EXIT_OK: i32 = 0;
 /// Exit code for bad input or bad usage: the user can fix the command or files.
@@ -67,12 +69,22 @@ pub enum Error {
     OutputExists(PathBuf),
 
     /// Not enough free disk space for the output.
-    #[error("not enough free space for {}: need {need} bytes, {have} available", path.display())]
+    #[error(
+        "not enough free space in {}: the output needs {} ({} of weights and {} kept for side files), and {} is available",
+        path.display(),
+        human_bytes(weights.saturating_add(*reserve)),
+        human_bytes(*weights),
+        human_bytes(*reserve),
+        human_bytes(*have)
+    )]
     NoSpace {
         /// The directory the output goes to.
         path: PathBuf,
-        /// Bytes needed.
-        need: u64,
+        /// Bytes of weights to write (every output of a sweep).
+        weights: u64,
+        /// Bytes kept free beyond them, for side files (config, tokenizer,
+        /// manifest), once per job.
+        reserve: u64,
         /// Bytes available.
         have: u64,
     },

@@ -506,3 +506,31 @@ fn vocabulary_rows_changed_alone_or_most_are_named_by_token() {
         "{text}"
     );
 }
+
+#[test]
+fn a_picture_of_models_in_directories_with_control_characters_parses() {
+    let d = tempfile::tempdir().unwrap();
+    let root = d.path().join("runs\u{7}\u{1b}[31m\u{1}<&>");
+    std::fs::create_dir(&root).unwrap();
+    let m = models(&root, Ty::BF16, 16, false);
+    let svg = d.path().join("cv.svg");
+    let (_, o) = analyze(&[
+        "--chat",
+        s(&m.chat),
+        "--pretrained",
+        s(&m.pre),
+        "--against-chat",
+        s(&m.chat2),
+        "--against-pretrained",
+        s(&m.pre),
+        "--plot",
+        s(&svg),
+    ]);
+    ok(&o);
+    let text = std::fs::read_to_string(&svg).unwrap();
+    let doc = roxmltree::Document::parse(&text).expect("well-formed XML");
+    assert!(
+        doc.descendants().any(|n| n.text().is_some_and(|t| t.contains("runs\\u{7}\\u{1b}[31m\\u{1}<&>"))),
+        "{text}"
+    );
+}

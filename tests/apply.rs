@@ -507,3 +507,73 @@ fn each_sweep_candidate_is_byte_identical_to_a_separate_apply() {
     assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
     assert!(stderr(&o).contains("--scales"), "{}", stderr(&o));
 }
+
+#[test]
+fn sweep_candidates_of_long_gradients_get_short_unique_names() {
+    let d = tempfile::tempdir().unwrap();
+    let t = trio(d.path(), Ty::BF16, 1);
+    let sweep = d.path().join("sweep");
+    // One value per layer of an 80-layer model, twice, differing only in
+    // the middle.
+    let grad = |mid: f32| {
+        let v: Vec<String> = (0..80)
+            .map(|i| if i == 40 { mid.to_string() } else { format!("{}", 0.3 + 0.7 * i as f32 / 79.0) })
+            .collect();
+        format!("[{}]", v.join(", "))
+    };
+    let scales = format!("{},{}", grad(0.5), grad(0.6));
+    let o = chatvec(&[
+        "sweep",
+        "--base",
+        s(&t.base),
+        "--chat",
+        s(&t.chat),
+        "--pretrained",
+        s(&t.pre),
+        "-q",
+        "--scales",
+        &scales,
+        "-o",
+        s(&sweep),
+    ]);
+    ok(&o);
+    let names: Vec<String> = entries(&sweep).into_iter().filter(|n| n.starts_with("scale-")).collect();
+    assert_eq!(names.len(), 2, "{names:?}");
+    assert!(names.iter().all(|n| n.len() <= 64 && n.contains("-80pts-")), "{names:?}");
+    assert_ne!(names[0], names[1]);
+}
+
+#[test]
+fn a_sweep_says_each_note_once_and_charges_the_side_file_reserve_once() {
+    let d = tempfile::tempdir().unwrap();
+    let t = trio(d.path(), Ty::BF16, 1);
+    let sweep = d.path().join("sweep");
+    let scales: Vec<String> = (1..=20).map(|i| format!("{}", i as f32 / 10.0)).collect();
+    // Room for the 20 tiny candidates' weights and one 256 MiB reserve,
+    // not for twenty reserves (5 GiB).
+    let o = command()
+        .env("CHATVEC_FREE_SPACE", (300u64 << 20).to_string())
+        .args(["sweep", "--base", s(&t.base), "--chat", s(&t.chat), "--pretrained", s(&t.pre)])
+        .args(["--scales", &scales.join(","), "-o", s(&sweep)])
+        .output()
+        .unwrap();
+    ok(&o);
+    let e = stderr(&o);
+    for line in e.lines().filter(|l| !l.starts_with("wrote ")) {
+        assert_eq!(e.lines().filter(|l| *l == line).count(), 1, "said more than once: {line}\n{e}");
+    }
+    assert_eq!(e.lines().filter(|l| l.starts_with("wrote ")).count(), 20, "{e}");
+    // Short of space: said in human units, the reserve named.
+    let o = command()
+        .env("CHATVEC_FREE_SPACE", "1000")
+        .args(["apply", "--base", s(&t.base), "--chat", s(&t.chat), "--pretrained", s(&t.pre)])
+        .args(["-o", s(&d.path().join("out"))])
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("KiB of weights and 256.0 MiB kept for side files), and 1000 B is available"),
+        "{}",
+        stderr(&o)
+    );
+}

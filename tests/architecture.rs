@@ -10,7 +10,8 @@ use std::path::{Path, PathBuf};
 /// The library's rooms, lowest first; a room may import rooms of lower
 /// layers only. Rooms in one layer do not import each other.
 const LAYERS: &[&[&str]] = &[
-    &["error", "ui", "units"],
+    &["units"],
+    &["error", "ui"],
     &["interrupt", "json", "scratch"],
     &["hash", "python"],
     &["model"],

@@ -804,3 +804,48 @@ fn a_base_without_config_json_is_refused_unless_weights_only_is_asked() {
     assert!(stderr(&o).contains("--weights-only: the output has no config.json"), "{}", stderr(&o));
     assert!(!out.join("config.json").exists() && out.join("model.safetensors").exists());
 }
+
+#[test]
+fn allow_mismatch_is_suggested_only_where_it_can_help() {
+    let d = tempfile::tempdir().unwrap();
+    let t = trio(d.path(), Ty::BF16, 1);
+    let out = d.path().join("out");
+    // A base of twice the hidden size, its config saying so: the tensors
+    // cannot line up, so --allow-mismatch is not the way out.
+    let wide = d.path().join("wide");
+    let tensors: Vec<T> = llama(3, 16, false, Ty::BF16)
+        .into_iter()
+        .map(|mut x| {
+            x.shape = x.shape.iter().map(|&n| if n == HIDDEN { 2 * HIDDEN } else { n }).collect();
+            let n: u64 = x.shape.iter().product();
+            x.data = (0..n as usize).flat_map(|i| Ty::BF16.encode(val(3, &x.name, i))).collect();
+            x
+        })
+        .collect();
+    let mut cfg = config(16, false, LAYERS);
+    cfg["hidden_size"] = serde_json::json!(2 * HIDDEN);
+    write_model(&wide, &tensors, 1, &cfg, Some(&tokens(16)));
+    let o = chatvec(&[
+        "apply",
+        "--base",
+        s(&wide),
+        "--chat",
+        s(&t.chat),
+        "--pretrained",
+        s(&t.pre),
+        "-o",
+        s(&out),
+    ]);
+    assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
+    let e = stderr(&o);
+    assert!(e.contains("'hidden_size'") && e.contains("which --allow-mismatch cannot change"), "{e}");
+    assert!(!e.contains("pass --allow-mismatch"), "{e}");
+    // A config that differs where the weights agree: there it can help.
+    let mut cfg = config(16, false, LAYERS);
+    cfg["intermediate_size"] = serde_json::json!(2 * INTER);
+    std::fs::write(t.base.join("config.json"), cfg.to_string()).unwrap();
+    let o = apply_streaming(&t, &out, &[]);
+    assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
+    assert!(stderr(&o).contains("pass --allow-mismatch if you are sure"), "{}", stderr(&o));
+    ok(&apply_streaming(&t, &out, &["--allow-mismatch"]));
+}

@@ -616,3 +616,36 @@ fn sft_venv_script_deletes_only_a_directory_it_made() {
     assert_eq!(std::fs::read_to_string(&file).unwrap(), "a file");
     assert!(std::fs::symlink_metadata(&link).unwrap().file_type().is_symlink());
 }
+
+#[test]
+fn run_warns_when_the_eval_data_is_the_training_data() {
+    let d = tempfile::tempdir().unwrap();
+    let t = trio(d.path(), Ty::BF16, 1);
+    let (_, data) = setup(&d.path().join("other"));
+    std::fs::copy(&data, d.path().join("chat.jsonl")).unwrap();
+    std::fs::copy(&data, d.path().join("held.jsonl")).unwrap();
+    let py = fake_python(d.path(), "");
+    std::fs::write(d.path().join("tmpl.jinja"), LLAMA3_TEMPLATE).unwrap();
+    let recipe = d.path().join("recipe.toml");
+    let run = |eval_data: &str| {
+        let body = format!(
+            "merge_method = \"chat_vector\"\nbase_model = \"{}\"\nchat = \"{}\"\npretrained = \"{}\"\n[sft]\ndata = \"chat.jsonl\"\nassistant_only_loss = false\nchat_template = \"tmpl.jinja\"\npython = \"{}\"\n[eval]\ndata = \"{eval_data}\"\n",
+            t.base.display(),
+            t.chat.display(),
+            t.pre.display(),
+            py.display()
+        );
+        std::fs::write(&recipe, &body).unwrap();
+        command().args(["run", s(&recipe), "-o", s(&d.path().join("out")), "--dry-run"]).output().unwrap()
+    };
+    let o = run("./chat.jsonl");
+    ok(&o);
+    assert!(
+        stderr(&o).contains("is also [sft] data") && stderr(&o).contains("not held out"),
+        "{}",
+        stderr(&o)
+    );
+    let o = run("held.jsonl");
+    ok(&o);
+    assert!(!stderr(&o).contains("is also [sft] data"), "{}", stderr(&o));
+}

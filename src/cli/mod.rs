@@ -37,15 +37,44 @@ pub fn json_out(v: &impl serde::Serialize) -> Result<()> {
 /// Prints a job's summary: warnings and notes on stderr, then the plan
 /// (dry run) or a one-line report; or the summary as JSON.
 fn report(s: &Summary, json: bool) -> Result<()> {
-    for w in &s.warnings {
-        ui::warn(w);
-    }
-    for n in &s.notes {
-        ui::note(n);
-    }
+    say(&s.warnings, &s.notes);
     if json {
         return json_out(s);
     }
+    report_body(s)
+}
+
+/// Prints a sweep's candidates: the notes and warnings they share said
+/// once, a dry run's plan (the same for every candidate but the scales)
+/// once, and what each wrote.
+fn report_sweep(candidates: &[chatvec::Candidate]) -> Result<()> {
+    let once = |pick: fn(&Summary) -> &Vec<String>| {
+        let mut seen = std::collections::HashSet::new();
+        candidates.iter().flat_map(move |c| pick(&c.summary)).filter(move |m| seen.insert(*m))
+    };
+    say(once(|s| &s.warnings), once(|s| &s.notes));
+    for (i, c) in candidates.iter().enumerate() {
+        let mut s = c.summary.clone();
+        if i > 0 {
+            s.plan_text = None;
+        }
+        report_body(&s)?;
+    }
+    Ok(())
+}
+
+/// Prints warnings, then notes, on stderr.
+fn say<'a>(warnings: impl IntoIterator<Item = &'a String>, notes: impl IntoIterator<Item = &'a String>) {
+    for w in warnings {
+        ui::warn(w);
+    }
+    for n in notes {
+        ui::note(n);
+    }
+}
+
+/// The plan (dry run) or the one-line report of what was written.
+fn report_body(s: &Summary) -> Result<()> {
     if let Some(p) = &s.plan_text {
         out(p)?;
     }
@@ -109,15 +138,7 @@ pub fn run(cli: Cli) -> Result<()> {
             if json {
                 return json_out(&r);
             }
-            // A dry run's plan is the same for every candidate but the
-            // scales: shown once.
-            for (i, c) in r.candidates.iter().enumerate() {
-                let mut s = c.summary.clone();
-                if i > 0 {
-                    s.plan_text = None;
-                }
-                report(&s, false)?;
-            }
+            report_sweep(&r.candidates)?;
             out(&format!(
                 "{} candidate(s) in {}: {}\n",
                 r.candidates.len(),

@@ -16,7 +16,7 @@ use std::path::PathBuf;
 use chatvec::{Error, Result, SftJob, ui};
 
 use super::args::MergeArgs;
-use super::{json_out, out, report};
+use super::{json_out, out, report, report_sweep};
 
 pub fn run(a: &MergeArgs, json: bool) -> Result<()> {
     let recipe = a.recipe()?;
@@ -34,6 +34,7 @@ pub fn run(a: &MergeArgs, json: bool) -> Result<()> {
     };
     // Before the long merge: the options and every line of the data.
     job.check_data()?;
+    warn_if_eval_trains(&recipe, &job);
     if root.exists() && !a.out.force && !a.out.dry_run {
         return Err(Error::OutputExists(root.clone()));
     }
@@ -51,9 +52,7 @@ pub fn run(a: &MergeArgs, json: bool) -> Result<()> {
         o.output = root.join("sweep");
         let sw = chatvec::merge_sweep(&recipe, &o)?;
         if !json && !a.out.dry_run {
-            for c in &sw.candidates {
-                report(&c.summary, false)?;
-            }
+            report_sweep(&sw.candidates)?;
         }
         let dirs = sw.candidates.iter().map(|c| o.output.join(&c.name)).collect();
         done.insert("sweep".into(), serde_json::to_value(&sw).unwrap_or_default());
@@ -127,5 +126,24 @@ pub fn run(a: &MergeArgs, json: bool) -> Result<()> {
     match trained.exit_code {
         0 => Ok(()),
         code => Err(Error::Trainer(code)),
+    }
+}
+
+/// Warns when `[eval] data` is also `[sft]` training data: the candidates
+/// would be chosen, and their loss reported, on the very examples SFT then
+/// trains on, which is no held-out figure.
+fn warn_if_eval_trains(recipe: &chatvec::Recipe, job: &SftJob) {
+    let Some(held) = recipe.eval().and_then(|e| e.data.as_ref()) else { return };
+    let same = |p: &std::path::Path| match (std::fs::canonicalize(p), std::fs::canonicalize(held)) {
+        (Ok(a), Ok(b)) => a == b,
+        _ => p == held,
+    };
+    let training = job.options.data.iter().map(|f| f.path.as_path()).chain(job.options.eval_data.as_deref());
+    for p in training.filter(|p| same(p)) {
+        ui::warn(&format!(
+            "[eval] data {} is also [sft] data ({}): the loss it gives is on examples SFT trains on, not held out",
+            held.display(),
+            p.display()
+        ));
     }
 }

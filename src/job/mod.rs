@@ -43,9 +43,6 @@ use crate::plan::{EmbeddingReport, Op, Plan, Role};
 /// The name mergekit gives the config it ran, beside the weights.
 const MERGEKIT_CONFIG: &str = "mergekit_config.yml";
 
-/// Free space kept in reserve beyond the weights, for side files.
-const SIDE_FILE_RESERVE: u64 = 256 << 20;
-
 /// Which input hashes a run may take from the hash cache
 /// (`~/.cache/chatvec`, or `$CHATVEC_CACHE_DIR`), which is keyed by each
 /// file's device, inode, size, mtime and ctime.
@@ -227,14 +224,19 @@ pub(crate) fn write_outputs(plan: Plan, variants: Vec<Variant>) -> Result<Vec<Su
         .iter()
         .flat_map(|i| std::iter::once(i.ckpt.dir.clone()).chain(i.ckpt.shards.iter().map(|s| s.path.clone())))
         .collect();
-    // The first directory's check asks for room for every output.
+    // The first directory's check asks for room for every output's weights
+    // (the side-file reserve is charged once, in `OutputDir::create`).
     let n = variants.len() as u64;
     let dirs: Vec<OutputDir> = variants
         .iter()
         .enumerate()
         .map(|(k, v)| {
-            let need = (n - k as u64) * (plan.output_bytes() + SIDE_FILE_RESERVE);
-            OutputDir::create(&v.out.output, &read, v.out.force, need)
+            OutputDir::create(
+                &v.out.output,
+                &read,
+                v.out.force,
+                (n - k as u64).saturating_mul(plan.output_bytes()),
+            )
         })
         .collect::<Result<_>>()?;
     let paths: Vec<&std::path::Path> = dirs.iter().map(|d| d.path()).collect();

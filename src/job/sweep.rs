@@ -35,11 +35,27 @@ pub struct Candidate {
     pub summary: Summary,
 }
 
+/// Longest candidate name written out in full.
+const MAX_NAME: usize = 64;
+
 /// The directory name of a candidate: `scale-0.5`, `scale-0.3-1` for a
-/// gradient.
+/// gradient. A gradient too long to spell out (one value per layer of an
+/// 80-layer model) is named by its ends, its length and a hash of every
+/// value: `scale-0.3-to-1-80pts-1a2b3c4d`, short and unique.
 pub fn candidate_name(s: &Scale) -> String {
     let vals: Vec<String> = s.values().iter().map(|v| v.to_string()).collect();
-    format!("scale-{}", vals.join("-"))
+    let full = format!("scale-{}", vals.join("-"));
+    if full.len() <= MAX_NAME {
+        return full;
+    }
+    let digest = crate::hash::sha256_hex(vals.join(",").as_bytes());
+    format!(
+        "scale-{}-to-{}-{}pts-{}",
+        vals.first().map_or("", String::as_str),
+        vals.last().map_or("", String::as_str),
+        vals.len(),
+        &digest[..8]
+    )
 }
 
 /// Writes `base + scale * vector` for every scale in `scales` into

@@ -38,6 +38,11 @@ fn absolute(p: &Path) -> Result<(PathBuf, String)> {
     Ok((parent, name.to_string_lossy().into_owned()))
 }
 
+/// Free space kept in reserve beyond the weights, for side files (config,
+/// tokenizer, manifest, model card): once per job, however many outputs a
+/// sweep writes.
+pub(crate) const SIDE_FILE_RESERVE: u64 = 256 << 20;
+
 /// The manifest every chatvec output holds; `--force` replaces only a
 /// directory that has one (or an empty directory).
 const MANIFEST: &str = crate::output::manifest::MANIFEST_FILE;
@@ -143,8 +148,8 @@ impl OutputDir {
     /// lie inside it, or contain it. An existing `target` is replaced only
     /// with `force`, and only when it is an earlier chatvec output or an
     /// empty directory. Leftovers of killed runs beside it are removed
-    /// first, and `need` bytes must be free.
-    pub fn create(target: &Path, inputs: &[PathBuf], force: bool, need: u64) -> Result<OutputDir> {
+    /// first, and `weights` bytes plus `SIDE_FILE_RESERVE` must be free.
+    pub fn create(target: &Path, inputs: &[PathBuf], force: bool, weights: u64) -> Result<OutputDir> {
         let (parent, name) = absolute(target)?;
         let abs = parent.join(&name);
         let resolved = fs::canonicalize(&abs).unwrap_or_else(|_| abs.clone());
@@ -172,8 +177,8 @@ impl OutputDir {
         }
         let running = clear_leftovers(&parent);
         let have = free_space(&parent)?;
-        if have < need {
-            let e = Error::NoSpace { path: parent, need, have };
+        if have < weights.saturating_add(SIDE_FILE_RESERVE) {
+            let e = Error::NoSpace { path: parent, weights, reserve: SIDE_FILE_RESERVE, have };
             if running.is_empty() {
                 return Err(e);
             }
@@ -236,8 +241,13 @@ fn sync_dir(dir: &Path) -> Result<()> {
     File::open(dir).and_then(|d| d.sync_all()).map_err(|e| Error::io("syncing directory", dir, e))
 }
 
-/// Bytes available to this user on the file system holding `dir`.
+/// Bytes available to this user on the file system holding `dir`
+/// (`CHATVEC_FREE_SPACE` bytes stands in for it, so tests can run short of
+/// space without filling a disk).
 pub(crate) fn free_space(dir: &Path) -> Result<u64> {
+    if let Some(n) = std::env::var("CHATVEC_FREE_SPACE").ok().and_then(|v| v.parse().ok()) {
+        return Ok(n);
+    }
     use std::os::unix::ffi::OsStrExt;
     let c = std::ffi::CString::new(dir.as_os_str().as_bytes())
         .map_err(|_| Error::Usage(format!("{} contains a NUL byte", dir.display())))?;

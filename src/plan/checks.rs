@@ -77,7 +77,30 @@ pub(crate) fn check_configs(
     }
     let mut p = Problems::new("the models' architectures differ");
     diffs.into_iter().for_each(|d| p.push(d));
-    p.into_result().map_err(|e| e.with_hint("pass --allow-mismatch if you are sure the weights line up"))
+    // --allow-mismatch helps only where the weights do line up (a config
+    // that says something else): tensors of other shapes it cannot change.
+    let unlike = a.tensors.iter().find_map(|t| {
+        let u = b.get(&t.name)?;
+        (u.shape != t.shape && !is_vocab_matrix(&t.name)).then_some((t, u))
+    });
+    let hint = match unlike {
+        None => "pass --allow-mismatch if you are sure the weights line up".to_string(),
+        Some((t, u)) => format!(
+            "'{}' is {:?} in {} and {:?} in {}: tensors of other shapes do not line up, which --allow-mismatch cannot change; use models of one architecture",
+            t.name,
+            t.shape,
+            a.dir.display(),
+            u.shape,
+            b.dir.display()
+        ),
+    };
+    p.into_result().map_err(|e| e.with_hint(hint))
+}
+
+/// Whether `name` is an embedding or output matrix, whose row count
+/// differs between vocabularies (matched per row elsewhere).
+fn is_vocab_matrix(name: &str) -> bool {
+    name.contains("embed") || crate::model::checkpoint::is_lm_head(name)
 }
 
 pub(crate) fn read_vocab(ck: &Checkpoint) -> Result<Option<Vocab>> {
