@@ -219,7 +219,7 @@ fn usage_errors_exit_1() {
         (vec!["--include", "("], "--include '('"),
         (vec!["--scale-for", "mlp"], "REGEX=VALUE"),
         (vec!["--shard-size", "5XB"], "unknown unit"),
-        (vec!["--shard-size", "5"], "'5' has no unit"),
+        (vec!["--shard-size", "5Gb"], "'5Gb' could mean bits"),
         (
             vec!["--scale", "1e40"],
             "invalid value '1e40' for '--scale <SCALE>': expected a finite number an f32 can hold",

@@ -268,11 +268,21 @@ fn merge_takes_the_shard_size_and_allow_mismatch_in_both_spellings() {
     .unwrap();
     let shards = |dir: &Path| entries(dir).into_iter().filter(|e| e.ends_with(".safetensors")).count();
     let a = d.path().join("a");
-    ok(&chatvec(&["-q", "merge", s(&recipe), "-o", s(&a), "--shard-size", "1000B", "--allow-mismatch"]));
+    ok(&chatvec(&["-q", "merge", s(&recipe), "-o", s(&a), "--shard-size", "1000", "--allow-mismatch"]));
     let b = d.path().join("b");
     ok(&chatvec(&["-q", "merge", s(&recipe), "-o", s(&b), "--out-shard-size", "1K", "--allow-crimes"]));
     assert!(shards(&a) > 1);
     assert_eq!(shard_hashes(&a), shard_hashes(&b));
+    // One grammar for both: 1B is a billion bytes (one shard here) in
+    // either spelling, and a size that could mean two things is refused.
+    for flag in ["--shard-size", "--out-shard-size"] {
+        let c = d.path().join(format!("c{flag}"));
+        ok(&chatvec(&["-q", "merge", s(&recipe), "-o", s(&c), flag, "1B", "--allow-mismatch"]));
+        assert_eq!(shards(&c), 1, "{flag}");
+        let o = chatvec(&["merge", s(&recipe), "-o", s(&d.path().join("x")), flag, "5Gb"]);
+        assert_eq!(o.status.code(), Some(1), "{flag}: {}", stderr(&o));
+        assert!(stderr(&o).contains("could mean bits"), "{flag}: {}", stderr(&o));
+    }
 }
 
 #[test]

@@ -348,7 +348,8 @@ pub struct WriteArgs {
     #[arg(long, value_name = "REGEX")]
     pub exclude: Vec<String>,
 
-    /// Maximum data bytes per output shard, with a unit: 5GB, 500MB, 2GiB.
+    /// Maximum data bytes per output shard: 5GB (or 5G, 5B: billions of
+    /// bytes), 500MB, 2GiB, or a number of bytes.
     #[arg(long, default_value = "5GB", value_parser = parse_size)]
     pub shard_size: u64,
 
@@ -366,14 +367,15 @@ pub struct MergeArgs {
     #[arg(long)]
     pub seed: Option<u64>,
 
-    /// Maximum data bytes per output shard, with a unit: 5GB, 500MB, 2GiB
-    /// (default: the recipe's shard_size, else 5GB).
+    /// Maximum data bytes per output shard: 5GB (or 5G, 5B: billions of
+    /// bytes), 500MB, 2GiB, or a number of bytes (default: the recipe's
+    /// shard_size, else 5GB).
     #[arg(long, value_parser = parse_size)]
     pub shard_size: Option<u64>,
 
-    /// mergekit's spelling of --shard-size: a count of bytes with K, M or B
-    /// for thousands, millions, billions (5B is 5 GB).
-    #[arg(long, value_parser = parse_kmb, conflicts_with = "shard_size")]
+    /// mergekit's spelling of --shard-size, read the same way (5B is 5
+    /// billion bytes, as in mergekit).
+    #[arg(long, value_parser = parse_size, conflicts_with = "shard_size")]
     pub out_shard_size: Option<u64>,
 
     /// Downgrade config.json architecture differences to warnings (shapes
@@ -712,24 +714,6 @@ impl SftArgs {
     }
 }
 
-/// mergekit's sizes: a number of bytes, optionally followed by K, M or B
-/// (thousand, million, billion).
-fn parse_kmb(s: &str) -> Result<u64, String> {
-    let t = s.trim();
-    let (num, mult) = match t.chars().last().map(|c| c.to_ascii_uppercase()) {
-        Some('K') => (&t[..t.len() - 1], 1e3),
-        Some('M') => (&t[..t.len() - 1], 1e6),
-        Some('B') => (&t[..t.len() - 1], 1e9),
-        _ => (t, 1.0),
-    };
-    let v = num.trim().parse::<f64>().map_err(|_| format!("'{s}' is not a size like 5B, 500M or 1000000"))?
-        * mult;
-    if !(1.0..1e18).contains(&v) {
-        return Err(format!("'{s}' is out of range"));
-    }
-    Ok(v as u64)
-}
-
 fn parse_dtype(s: &str) -> Result<FloatType, String> {
     FloatType::parse_cli(s).ok_or_else(|| format!("'{s}' is not a dtype chatvec writes (bf16, f16, f32)"))
 }
@@ -758,10 +742,10 @@ mod tests {
 
     #[test]
     fn mergekit_sizes_count_thousands_millions_billions() {
-        assert_eq!(parse_kmb("5B"), Ok(5_000_000_000));
-        assert_eq!(parse_kmb("500m"), Ok(500_000_000));
-        assert_eq!(parse_kmb("1000"), Ok(1000));
-        assert!(parse_kmb("x").is_err());
+        assert_eq!(parse_size("5B"), Ok(5_000_000_000));
+        assert_eq!(parse_size("500m"), Ok(500_000_000));
+        assert_eq!(parse_size("1000"), Ok(1000));
+        assert!(parse_size("x").is_err());
     }
 
     #[test]
