@@ -48,7 +48,7 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
     let digits: u128 = format!("{whole}{frac}").parse().map_err(|_| bad())?;
     let scale = 10u128.pow(frac.len() as u32);
     let bytes = digits * mult;
-    if bytes % scale != 0 {
+    if !bytes.is_multiple_of(scale) {
         return Err(format!("'{s}' is not a whole number of bytes"));
     }
     let v = bytes / scale;

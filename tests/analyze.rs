@@ -534,3 +534,20 @@ fn a_picture_of_models_in_directories_with_control_characters_parses() {
         "{text}"
     );
 }
+
+#[test]
+fn a_relative_norm_well_above_fine_tuning_is_flagged_as_unusual() {
+    let d = tempfile::tempdir().unwrap();
+    let cfg = config(16, false, LAYERS);
+    let pre = d.path().join("pre");
+    write_model(&pre, &near(1, 5, 0.0, 16, false, Ty::F32), 1, &cfg, Some(&tokens(16)));
+    for (scale, flagged) in [(0.02f32, false), (0.2, true), (0.35, true)] {
+        let chat = d.path().join(format!("chat-{scale}"));
+        write_model(&chat, &near(1, 5, scale, 16, false, Ty::F32), 1, &cfg, Some(&tokens(16)));
+        let o = chatvec(&["analyze", "--chat", s(&chat), "--pretrained", s(&pre)]);
+        ok(&o);
+        let text = stdout(&o);
+        assert_eq!(text.contains("well above the 0.1% to 5% fine-tuning gives"), flagged, "{scale}: {text}");
+        assert_eq!(text.contains("findings: none"), !flagged, "{scale}: {text}");
+    }
+}

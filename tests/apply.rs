@@ -577,3 +577,43 @@ fn a_sweep_says_each_note_once_and_charges_the_side_file_reserve_once() {
         stderr(&o)
     );
 }
+
+#[test]
+fn apply_says_how_many_changed_elements_rounding_kept_at_the_base() {
+    let d = tempfile::tempdir().unwrap();
+    let t = trio(d.path(), Ty::BF16, 1);
+    let (pre, chat, base) = (read_model(&t.pre), read_model(&t.chat), read_model(&t.base));
+    for (scale, warned) in [("0.05", true), ("1", false)] {
+        let out = d.path().join(format!("out-{scale}"));
+        let o = apply_streaming(&t, &out, &["--scale", scale]);
+        ok(&o);
+        // Counted here from the files: elements the vector changes whose
+        // output is the base's bf16 value.
+        let got = read_model(&out);
+        let (mut moved, mut kept) = (0u64, 0u64);
+        for (name, b) in &base {
+            let (c, p, o) = (&chat[name], &pre[name], &got[name]);
+            for i in 0..b.numel() {
+                if c.get(i) != p.get(i) {
+                    moved += 1;
+                    kept += u64::from(o.data[2 * i..2 * i + 2] == b.data[2 * i..2 * i + 2]);
+                }
+            }
+        }
+        let said = format!("kept the base's value in {kept} of the {moved} elements the vector changes");
+        if kept == 0 {
+            assert!(!stderr(&o).contains("kept the base's value"), "{scale}: {}", stderr(&o));
+            continue;
+        }
+        assert!(stderr(&o).contains(&said), "{scale}: {said}\n{}", stderr(&o));
+        assert_eq!(
+            stderr(&o).contains("warning: rounding to the output dtype"),
+            warned,
+            "{scale}: {}",
+            stderr(&o)
+        );
+        let man: Value =
+            serde_json::from_slice(&std::fs::read(out.join("chatvec-manifest.json")).unwrap()).unwrap();
+        assert!(man.to_string().contains(&said) || warned, "the note is in the manifest");
+    }
+}

@@ -21,6 +21,9 @@ use crate::model::tokenizer::Vocab;
 
 /// Above this `||v|| / ||W||` a vector is not a fine-tune's difference.
 pub(crate) const WHOLE_MODEL_RATIO: f64 = 0.5;
+/// A whole vector's relative norm above this (twice the top of what
+/// fine-tuning gives, 0.1% to 5%) is unusual and said.
+const UNUSUAL_RATIO: f64 = 0.10;
 /// A row is untrained when its squared norm is below this share of the
 /// median row's.
 const UNTRAINED_SHARE: f64 = 1e-6;
@@ -210,6 +213,18 @@ pub(crate) fn findings(
             "fine-tuning changes weights by about 0.1% to 5% of their norm; about 100% is a whole model given as a vector, about 140% two unrelated models",
         ));
     } else {
+        if let Some((r, against)) = rel
+            && r > UNUSUAL_RATIO
+        {
+            out.push(finding(
+                "warning",
+                format!(
+                    "||v|| / ||W|| is {:.0}% over the whole vector, against {against}: well above the 0.1% to 5% fine-tuning gives",
+                    100.0 * r
+                ),
+                "an instruct model differs from its own base by a few percent; this much is a long further training (another language, a merge) or a pair that is not a model and its fine-tune: check the pair, or apply it at a lower --scale",
+            ));
+        }
         let big: Vec<&TensorResult> = results
             .iter()
             .filter(|t| t.shape.len() == 2 && !is_vocab_matrix(&t.name))

@@ -84,7 +84,67 @@ impl<'a> Segment<'a> {
     }
 }
 
+/// Whether a little-endian float's bytes are zero (either sign).
+#[inline(always)]
+fn is_zero(bytes: &[u8]) -> bool {
+    let last = bytes.len() - 1;
+    bytes[..last].iter().all(|b| *b == 0) && bytes[last] & 0x7f == 0
+}
+
+/// What the rounding to the output dtype did to a chat vector's change.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub(crate) struct Rounding {
+    /// Elements the scaled vector changes (a nonzero term).
+    pub moved: u64,
+    /// Of those, elements whose output equals the base's bytes: the change
+    /// was under half a unit of the output's precision, and rounding took
+    /// it away.
+    pub swallowed: u64,
+}
+
+impl std::ops::AddAssign for Rounding {
+    fn add_assign(&mut self, o: Rounding) {
+        self.moved += o.moved;
+        self.swallowed += o.swallowed;
+    }
+}
+
 impl<'a> Segment<'a> {
+    /// Counts, from the computed `out` (dtype `out_ty`), the elements the
+    /// vector changes and those whose change rounding took away. Only a
+    /// chat vector's segments whose output has the base's dtype are
+    /// counted (elsewhere every element is re-encoded anyway).
+    pub fn rounding(&self, out_ty: FloatType, out: &[u8]) -> Rounding {
+        let (base, x, pre, scale) = match *self {
+            Segment::AddDiff(b, c, p, s) => (b, c, Some(p), s),
+            Segment::AddScaled(b, v, s) => (b, v, None, s),
+            _ => return Rounding::default(),
+        };
+        if base.ty != out_ty || scale == 0.0 || pre.is_some_and(|p| p.ty != x.ty) {
+            return Rounding::default();
+        }
+        let (os, xs) = (out_ty.size(), x.ty.size());
+        let mut r = Rounding::default();
+        let outs = out.chunks_exact(os).zip(base.bytes.chunks_exact(os));
+        match pre {
+            Some(p) => {
+                for ((o, b), (c, q)) in outs.zip(x.bytes.chunks_exact(xs).zip(p.bytes.chunks_exact(xs))) {
+                    let moved = c != q && !(is_zero(c) && is_zero(q));
+                    r.moved += u64::from(moved);
+                    r.swallowed += u64::from(moved && o == b);
+                }
+            }
+            None => {
+                for ((o, b), v) in outs.zip(x.bytes.chunks_exact(xs)) {
+                    let moved = !is_zero(v);
+                    r.moved += u64::from(moved);
+                    r.swallowed += u64::from(moved && o == b);
+                }
+            }
+        }
+        r
+    }
+
     /// The same segment with another scale (a sweep's candidate); segments
     /// without a scale are returned as they are.
     pub fn with_scale(self, s: f32) -> Segment<'a> {

@@ -156,7 +156,7 @@ fn read_prompts(path: &Path) -> Result<Vec<Value>> {
             continue;
         }
         let bad = |why: String| Error::bad_file(path, format!("line {at}: {why}"));
-        let v: Value = serde_json::from_str(line).map_err(|e| bad(format!("invalid JSON: {e}")))?;
+        let v = crate::sft::data::parse_line(at as u64, line).map_err(bad)?;
         let lang = v.get("lang").and_then(Value::as_str).map(str::to_string);
         if let Some(l) = &lang
             && l != "ja"

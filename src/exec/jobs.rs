@@ -8,6 +8,7 @@ use std::collections::HashMap;
 use std::ops::Range;
 use std::sync::Arc;
 
+use crate::arith::formulas::Rounding;
 use crate::arith::rows::stretches;
 use crate::cuda::{self, Gpu, GpuPasses};
 use crate::error::{Error, Result};
@@ -173,6 +174,41 @@ pub(crate) fn run_many<'a>(
         check_finite(plan, t, b)?;
     }
     Ok(bufs.into_iter().map(Piece::Owned).collect())
+}
+
+/// Per variant, what rounding did to the vector's change in `job`'s
+/// output `pieces` (one per variant, as `run_many` gives them): counted
+/// from the bytes, so the CPU and GPU paths count alike.
+pub(crate) fn rounding(
+    plan: &Plan,
+    job: &Job,
+    pieces: &[Piece<'_>],
+    variants: &[Option<&ScaleOverride>],
+) -> Vec<Rounding> {
+    let none = || vec![Rounding::default(); pieces.len()];
+    let Job::Compute { tensor, elems } = job else { return none() };
+    let t = &plan.tensors[*tensor];
+    let (Op::Arith { formula, .. }, Some(out_ty)) = (&t.op, t.dtype.float()) else { return none() };
+    let own = formula.scale().unwrap_or(1.0);
+    let at = |p: u64| ((p - elems.start) as usize) * out_ty.size();
+    let segments = plan.segments(&t.op, elems);
+    pieces
+        .iter()
+        .enumerate()
+        .map(|(k, piece)| {
+            let scale = variants
+                .get(k)
+                .copied()
+                .flatten()
+                .and_then(|o| o.get(*tensor).copied().flatten())
+                .unwrap_or(own);
+            let mut total = Rounding::default();
+            for (r, seg) in &segments {
+                total += seg.with_scale(scale).rounding(out_ty, &piece.bytes()[at(r.start)..at(r.end)]);
+            }
+            total
+        })
+        .collect()
 }
 
 /// Whether any value of the little-endian `bytes` of `ty` is NaN or

@@ -35,6 +35,8 @@ use crate::plan::Plan;
 use input_hash::{Touch, hash_following};
 use jobs::{Job, Piece, ScaleOverride, StatsMap};
 
+pub(crate) use crate::arith::formulas::Rounding;
+
 pub(crate) mod input_hash;
 pub(crate) mod jobs;
 
@@ -73,6 +75,8 @@ pub(crate) struct ExecResult {
     pub shards: Vec<WrittenFile>,
     /// Per input, per shard: file name, size, sha256.
     pub inputs: Vec<Vec<WrittenFile>>,
+    /// What rounding to the output dtype did to the vector's change.
+    pub rounding: Rounding,
 }
 
 /// Where the batches run.
@@ -84,7 +88,8 @@ enum Engine<'a> {
 impl Engine<'_> {
     /// Computes the statistics `group` needs, then runs its jobs; returns
     /// each job's pieces (one per variant) with its index in the whole job
-    /// list.
+    /// list, and adds what rounding did to each variant's `rounding`.
+    #[allow(clippy::too_many_arguments)]
     fn run_batch<'p>(
         &self,
         plan: &'p Plan,
@@ -93,12 +98,22 @@ impl Engine<'_> {
         first: usize,
         bufs: Vec<Vec<Vec<u8>>>,
         variants: &[Option<&ScaleOverride>],
+        rounding: &mut [Rounding],
     ) -> Result<Vec<(usize, Vec<Piece<'p>>)>> {
-        let pieces: Vec<Vec<Piece>> = match self {
+        let done: Vec<(Vec<Piece>, Vec<Rounding>)> = match self {
             Engine::Gpu(g) => {
                 jobs::prepare_stats(plan, group, stats, Some(g))?;
                 let flat = bufs.into_iter().map(|mut b| b.pop().unwrap_or_default()).collect();
-                jobs::run_on_gpu(g, plan, stats, group, flat)?.into_iter().map(|p| vec![p]).collect()
+                let pieces = jobs::run_on_gpu(g, plan, stats, group, flat)?;
+                pieces
+                    .into_iter()
+                    .zip(group)
+                    .map(|(p, job)| {
+                        let p = vec![p];
+                        let r = jobs::rounding(plan, job, &p, variants);
+                        (p, r)
+                    })
+                    .collect()
             }
             Engine::Cpu(pool) => pool.install(|| {
                 jobs::prepare_stats(plan, group, stats, None)?;
@@ -106,11 +121,24 @@ impl Engine<'_> {
                 group
                     .par_iter()
                     .zip(bufs)
-                    .map(|(job, buf)| jobs::run_many(plan, stats, job, buf, variants))
+                    .map(|(job, buf)| {
+                        let p = jobs::run_many(plan, stats, job, buf, variants)?;
+                        let r = jobs::rounding(plan, job, &p, variants);
+                        Ok((p, r))
+                    })
                     .collect::<Result<Vec<_>>>()
             })?,
         };
-        Ok(pieces.into_iter().enumerate().map(|(i, p)| (first + i, p)).collect())
+        Ok(done
+            .into_iter()
+            .enumerate()
+            .map(|(i, (p, r))| {
+                for (total, one) in rounding.iter_mut().zip(r) {
+                    *total += one;
+                }
+                (first + i, p)
+            })
+            .collect())
     }
 }
 
@@ -200,14 +228,15 @@ pub(crate) fn execute_many(
         let writer = s.spawn(|| write_pieces(plan, dirs, &jobs, rx, htx, &bar));
         let mut outcome = Ok(());
         let mut stats = StatsMap::new();
+        let mut rounding = vec![Rounding::default(); n];
         for (bi, group) in jobs.chunks(batch).enumerate() {
             let bufs: Vec<Vec<Vec<u8>>> = group
                 .iter()
                 .map(|_| (0..n).map(|_| free_rx.try_recv().unwrap_or_default()).collect())
                 .collect();
-            let pieces = interrupt::check()
-                .and_then(|()| inputs_intact(plan))
-                .and_then(|()| engine.run_batch(plan, &mut stats, group, bi * batch, bufs, variants));
+            let pieces = interrupt::check().and_then(|()| inputs_intact(plan)).and_then(|()| {
+                engine.run_batch(plan, &mut stats, group, bi * batch, bufs, variants, &mut rounding)
+            });
             match pieces {
                 Ok(p) => {
                     if tx.send(p).is_err() {
@@ -249,13 +278,15 @@ pub(crate) fn execute_many(
         Ok(written
             .into_iter()
             .zip(out_hashes)
-            .map(|(files, sums)| ExecResult {
+            .zip(rounding)
+            .map(|((files, sums), rounding)| ExecResult {
                 shards: files
                     .into_iter()
                     .zip(sums)
                     .map(|((file, bytes), sha256)| WrittenFile { file, bytes, sha256 })
                     .collect(),
                 inputs: inputs.clone(),
+                rounding,
             })
             .collect())
     })

@@ -43,6 +43,11 @@ use crate::plan::{EmbeddingReport, Op, Plan, Role};
 /// The name mergekit gives the config it ran, beside the weights.
 const MERGEKIT_CONFIG: &str = "mergekit_config.yml";
 
+/// Share of the vector's changed elements that rounding may take away
+/// before it is a warning, not a note (at scale 1 in bf16 it is a few
+/// percent; at --scale 0.05 about a fifth).
+const ROUNDING_WARN_SHARE: f64 = 0.10;
+
 /// Which input hashes a run may take from the hash cache
 /// (`~/.cache/chatvec`, or `$CHATVEC_CACHE_DIR`), which is keyed by each
 /// file's device, inode, size, mtime and ctime.
@@ -259,6 +264,23 @@ pub(crate) fn write_outputs(plan: Plan, variants: Vec<Variant>) -> Result<Vec<Su
         // so the Hub and mergekit users find the recipe where they look.
         if let Some(r) = v.rec.recipe.as_ref().filter(|r| r.syntax == "mergekit") {
             v.side.add(MERGEKIT_CONFIG, r.text.clone().into_bytes());
+        }
+        let r = res.rounding;
+        if r.swallowed > 0 {
+            let share = r.swallowed as f64 / r.moved as f64;
+            let said = format!(
+                "rounding to the output dtype kept the base's value in {} of the {} elements the vector changes ({:.1}%): their scaled change is under half a unit of that precision",
+                r.swallowed,
+                r.moved,
+                100.0 * share
+            );
+            if share >= ROUNDING_WARN_SHARE {
+                summary
+                    .warnings
+                    .push(format!("{said}; a larger --scale, or --out-dtype f32, keeps more of it"));
+            } else {
+                summary.notes.push(said);
+            }
         }
         if same_pair {
             summary.warnings.push(

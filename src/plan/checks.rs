@@ -81,7 +81,7 @@ pub(crate) fn check_configs(
     // that says something else): tensors of other shapes it cannot change.
     let unlike = a.tensors.iter().find_map(|t| {
         let u = b.get(&t.name)?;
-        (u.shape != t.shape && !is_vocab_matrix(&t.name)).then_some((t, u))
+        (u.shape != t.shape && !crate::model::checkpoint::is_vocab_matrix(&t.name)).then_some((t, u))
     });
     let hint = match unlike {
         None => "pass --allow-mismatch if you are sure the weights line up".to_string(),
@@ -95,12 +95,6 @@ pub(crate) fn check_configs(
         ),
     };
     p.into_result().map_err(|e| e.with_hint(hint))
-}
-
-/// Whether `name` is an embedding or output matrix, whose row count
-/// differs between vocabularies (matched per row elsewhere).
-fn is_vocab_matrix(name: &str) -> bool {
-    name.contains("embed") || crate::model::checkpoint::is_lm_head(name)
 }
 
 pub(crate) fn read_vocab(ck: &Checkpoint) -> Result<Option<Vocab>> {

@@ -222,6 +222,33 @@ pub fn convert_prompt(v: &Value) -> std::result::Result<(Format, Vec<Message>), 
     Ok((format, cut))
 }
 
+/// Line `n` (from 1) of a JSONL file, `text`, as one JSON object. A UTF-8
+/// byte-order mark and a JSON array (a `.json` file, or a JSONL file
+/// wrapped in `[...]`) are named, not left to the parser's "expected value
+/// at line 1 column 1".
+pub(crate) fn parse_line(n: u64, text: &str) -> std::result::Result<Value, String> {
+    const JSONL: &str = "JSONL holds one JSON object per line";
+    if n == 1 && text.starts_with('\u{feff}') {
+        return Err(format!(
+            "starts with a UTF-8 byte-order mark (BOM); save the file as UTF-8 without one ({JSONL})"
+        ));
+    }
+    let array = || {
+        format!(
+            "a JSON array, not an object: {JSONL} (a JSON array file converts with `jq -c '.[]' FILE.json > FILE.jsonl`)"
+        )
+    };
+    match serde_json::from_str::<Value>(text) {
+        Ok(Value::Object(o)) => Ok(Value::Object(o)),
+        Ok(Value::Array(_)) => Err(array()),
+        Ok(other) => {
+            Err(format!("{} is not a JSON object ({JSONL})", crate::ui::escaped(&other.to_string(), 80)))
+        }
+        Err(_) if text.trim_start().starts_with('[') => Err(array()),
+        Err(e) => Err(format!("bad JSON: {e} ({JSONL})")),
+    }
+}
+
 /// Validates the JSONL file at `path`, calling `each(line, messages)` for
 /// every example. Fails at the first bad line, naming it; reads at most one
 /// line (64 MB) into memory at a time.
@@ -252,7 +279,7 @@ fn each_example(path: &Path, mut each: impl FnMut(u64, &[Message]) -> Result<()>
         if text.trim().is_empty() {
             continue;
         }
-        let v: Value = serde_json::from_str(text).map_err(|e| bad(format!("bad JSON: {e}")))?;
+        let v = parse_line(n, text).map_err(bad)?;
         let (format, msgs) = convert(&v).map_err(bad)?;
         stats.examples += 1;
         stats.turns += msgs.len() as u64;
@@ -464,7 +491,7 @@ mod tests {
         let good = "{\"messages\": [{\"role\": \"user\", \"content\": \"q\"}, {\"role\": \"assistant\", \"content\": \"a\"}]}\n";
         let cases = [
             ("{\"messages\": [", "line 2: bad JSON"),
-            ("[1, 2]", "line 2: not a JSON object"),
+            ("[1, 2]", "line 2: a JSON array, not an object: JSONL holds one JSON object per line"),
             ("{\"txt\": \"x\"}", "line 2: no 'messages', 'conversation', Alpaca"),
             (
                 "{\"messages\": [{\"role\": \"bot\", \"content\": \"x\"}]}",
@@ -488,6 +515,21 @@ mod tests {
             assert!(e.contains("data.jsonl: ") && e.contains(want), "{bad}\n  got {e}\n  want {want}");
         }
         assert!(check("\n\n").unwrap_err().to_string().contains("holds no examples"));
+        // A BOM, and a JSON array file (one record per line or pretty).
+        let e = check(&format!("\u{feff}{good}")).unwrap_err().to_string();
+        assert!(e.contains("line 1: starts with a UTF-8 byte-order mark (BOM)"), "{e}");
+        for array in [format!("[{}]\n", good.trim()), format!("[\n  {}\n]\n", good.trim())] {
+            let e = check(&array).unwrap_err().to_string();
+            assert!(
+                e.contains("line 1: a JSON array, not an object: JSONL holds one JSON object per line"),
+                "{e}"
+            );
+        }
+        let e = check("\"text\"\n").unwrap_err().to_string();
+        assert!(
+            e.contains("line 1: \"text\" is not a JSON object (JSONL holds one JSON object per line)"),
+            "{e}"
+        );
         let mut invalid = good.as_bytes().to_vec();
         invalid.extend_from_slice(b"{\"messages\": \"\xff\"}\n");
         let d = tempfile::tempdir().unwrap();
