@@ -607,3 +607,61 @@ fn inspect_shows_what_made_a_vector() {
     assert_eq!(j["made_by"]["kind"], "extract");
     assert_eq!(j["made_by"]["inputs"][0][0], "chat");
 }
+
+/// Every `chatvec ...` command line in `text`, continuation lines joined
+/// and comments cut.
+fn command_lines(text: &str) -> Vec<Vec<String>> {
+    let joined = text.replace("\\\n", " ");
+    joined
+        .lines()
+        .map(|l| l.split(" # ").next().unwrap_or(l).trim())
+        .filter_map(|l| l.strip_prefix("chatvec ").or_else(|| l.strip_prefix("$ chatvec ")))
+        .map(|l| l.split_whitespace().map(str::to_string).collect())
+        .collect()
+}
+
+#[test]
+fn every_model_the_readme_and_help_examples_name_is_an_alias_a_hub_id_or_an_earlier_output() {
+    let readme = std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("README.md")).unwrap();
+    let mut texts = vec![readme];
+    for sub in ["apply", "extract", "analyze", "sweep", "eval", "merge", "run", "sft", "verify", "inspect"] {
+        texts.push(stdout(&chatvec(&[sub, "--help"])));
+    }
+    let list = chatvec(&["--json", "list"]);
+    ok(&list);
+    let list: serde_json::Value = serde_json::from_str(&stdout(&list)).unwrap();
+    let names = |k: &str| -> Vec<String> {
+        list[k].as_array().unwrap().iter().map(|m| m["name"].as_str().unwrap().to_string()).collect()
+    };
+    let (models, vectors, recipes) = (names("models"), names("vectors"), names("recipes"));
+    let lines: Vec<Vec<String>> = texts.iter().flat_map(|t| command_lines(t)).collect();
+    assert!(lines.len() > 20, "{lines:?}");
+    // What the examples write and then use (-o, positional outputs).
+    let outputs: Vec<String> = lines
+        .iter()
+        .flat_map(|l| l.windows(2).filter(|w| w[0] == "-o").map(|w| w[1].clone()).collect::<Vec<_>>())
+        .collect();
+    for l in &lines {
+        for w in l.windows(2) {
+            let value = w[1].split('@').next().unwrap().trim_matches('\'');
+            let known = |list: &[String]| list.iter().any(|n| n == value);
+            let ok = match w[0].as_str() {
+                "--base" | "--chat" | "--pretrained" | "--model" | "--against-chat" | "--against-pretrained"
+                | "--applied" => known(&models) || value.contains('/') || outputs.iter().any(|o| o == value),
+                "--vector" | "--against" => {
+                    known(&vectors) || known(&models) || value.contains('/') || outputs.iter().any(|o| o == value)
+                }
+                _ => true,
+            };
+            assert!(ok, "'{value}' in `chatvec {}` is no alias, Hub id or earlier output", l.join(" "));
+        }
+        if l.first().map(String::as_str) == Some("merge") && l.len() > 1 && !l[1].starts_with('-') {
+            let r = l[1].as_str();
+            assert!(known_recipe(r, &recipes), "recipe '{r}' in `chatvec {}` is not shipped or a file", l.join(" "));
+        }
+    }
+}
+
+fn known_recipe(r: &str, shipped: &[String]) -> bool {
+    shipped.iter().any(|n| n == r) || r.ends_with(".toml") || r.ends_with(".yml") || r.ends_with(".yaml")
+}
