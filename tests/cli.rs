@@ -646,10 +646,18 @@ fn every_model_the_readme_and_help_examples_name_is_an_alias_a_hub_id_or_an_earl
             let value = w[1].split('@').next().unwrap().trim_matches('\'');
             let known = |list: &[String]| list.iter().any(|n| n == value);
             let ok = match w[0].as_str() {
-                "--base" | "--chat" | "--pretrained" | "--model" | "--against-chat" | "--against-pretrained"
+                "--base"
+                | "--chat"
+                | "--pretrained"
+                | "--model"
+                | "--against-chat"
+                | "--against-pretrained"
                 | "--applied" => known(&models) || value.contains('/') || outputs.iter().any(|o| o == value),
                 "--vector" | "--against" => {
-                    known(&vectors) || known(&models) || value.contains('/') || outputs.iter().any(|o| o == value)
+                    known(&vectors)
+                        || known(&models)
+                        || value.contains('/')
+                        || outputs.iter().any(|o| o == value)
                 }
                 _ => true,
             };
@@ -657,7 +665,11 @@ fn every_model_the_readme_and_help_examples_name_is_an_alias_a_hub_id_or_an_earl
         }
         if l.first().map(String::as_str) == Some("merge") && l.len() > 1 && !l[1].starts_with('-') {
             let r = l[1].as_str();
-            assert!(known_recipe(r, &recipes), "recipe '{r}' in `chatvec {}` is not shipped or a file", l.join(" "));
+            assert!(
+                known_recipe(r, &recipes),
+                "recipe '{r}' in `chatvec {}` is not shipped or a file",
+                l.join(" ")
+            );
         }
     }
 }

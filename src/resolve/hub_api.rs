@@ -11,7 +11,7 @@ use serde_json::Value;
 
 use crate::error::{Error, Result};
 use crate::resolve::hub_cache::{HubId, is_commit};
-use crate::resolve::stream::{BodyStream, interruptible};
+use crate::resolve::stream::{BodyStream, Overlong, interruptible};
 
 static OFFLINE: AtomicBool = AtomicBool::new(false);
 const DEFAULT_ENDPOINT: &str = "https://huggingface.co";
@@ -180,11 +180,18 @@ impl Client {
         })
     }
 
-    /// `resp`'s body, read as it arrives: at most `cap` bytes, a stall or
-    /// trickle counting as a dropped connection (see `stream`).
-    pub(super) fn body(&self, resp: Response, cap: u64, what: String) -> Result<BodyStream> {
+    /// `resp`'s body, read as it arrives: at most `cap` bytes (see
+    /// `Overlong` for more), a stall or trickle counting as a dropped
+    /// connection (see `stream`).
+    pub(super) fn body(
+        &self,
+        resp: Response,
+        cap: u64,
+        overlong: Overlong,
+        what: String,
+    ) -> Result<BodyStream> {
         let reader = resp.into_body().into_with_config().limit(u64::MAX).reader();
-        BodyStream::start(reader, cap, stall_window(), what)
+        BodyStream::start(reader, cap, overlong, stall_window(), what)
     }
 
     /// Runs `attempt` until it succeeds or fails for good: network errors
@@ -235,7 +242,9 @@ impl Client {
                     _ => self.status_error(&resp, id, &format!("file {name} of")),
                 });
             }
-            let body = self.body(resp, want, format!("reading bytes {from}-{to} of {url}"))?.read_all()?;
+            let body = self
+                .body(resp, want, Overlong::Cut, format!("reading bytes {from}-{to} of {url}"))?
+                .read_all()?;
             if body.len() as u64 != want {
                 return Err(Error::Network(format!(
                     "{name} of {}: a Range request for {want} bytes returned {}",
@@ -305,7 +314,7 @@ impl Client {
             if resp.status().as_u16() != 200 {
                 return Err(self.status_error(&resp, id, "model"));
             }
-            self.body(resp, MAX_INFO_BYTES, format!("reading {url}"))?.read_all()
+            self.body(resp, MAX_INFO_BYTES, Overlong::Refused, format!("reading {url}"))?.read_all()
         })?;
         let bad = |m: &str| Error::Hub(format!("{url}: unexpected answer: {m}"));
         let v: Value = serde_json::from_slice(&bytes).map_err(|e| bad(&e.to_string()))?;

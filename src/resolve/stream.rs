@@ -49,6 +49,15 @@ pub(super) fn interruptible<T: Send + 'static>(call: impl FnOnce() -> T + Send +
     }
 }
 
+/// What a body longer than its cap is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Overlong {
+    /// An error: a whole file past the size the Hub lists.
+    Refused,
+    /// Left unread: a range answer that runs on past the range asked for.
+    Cut,
+}
+
 /// What the reading thread hands over.
 enum Piece {
     Bytes(Vec<u8>),
@@ -76,18 +85,20 @@ pub(super) struct BodyStream {
 
 impl BodyStream {
     /// Starts reading `reader` (a response body). At most `cap` bytes are
-    /// accepted: a body longer than that is an error once byte `cap + 1`
-    /// arrives, and nothing past `cap` is ever handed over. `stall` is the
-    /// window in which some progress must be made.
+    /// handed over: past them the body is an error (`Overlong::Refused`,
+    /// once byte `cap + 1` arrives) or left unread (`Overlong::Cut`).
+    /// `stall` is the window in which some progress must be made.
     pub(super) fn start(
         reader: impl Read + Send + 'static,
         cap: u64,
+        overlong: Overlong,
         stall: Duration,
         what: String,
     ) -> Result<BodyStream> {
         let (piece_tx, pieces) = sync_channel::<Piece>(1);
         let (spent, spent_rx) = sync_channel::<Vec<u8>>(2);
-        let mut reader = reader.take(cap.saturating_add(1));
+        let extra = u64::from(overlong == Overlong::Refused);
+        let mut reader = reader.take(cap.saturating_add(extra));
         std::thread::Builder::new()
             .name("chatvec-body".into())
             .spawn(move || {

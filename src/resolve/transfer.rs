@@ -41,6 +41,7 @@ use crate::error::{Error, Result};
 use crate::hash::hex;
 use crate::resolve::hub_api::{Client, RemoteFile, Response};
 use crate::resolve::hub_cache::HubId;
+use crate::resolve::stream::Overlong;
 
 /// Files at least this large download as `RANGES` parallel ranges
 /// (`CHATVEC_RANGE_MIN` bytes overrides it, for tests).
@@ -132,7 +133,7 @@ impl Transfer<'_> {
         }
         *counted = start;
         let cap = self.f.cap().saturating_sub(start);
-        let streamed = self.stream(resp, cap, &mut |bytes| {
+        let streamed = self.stream(resp, cap, Overlong::Refused, &mut |bytes| {
             out.write_all(bytes).map_err(|e| Error::io("writing", part, e))?;
             *counted += bytes.len() as u64;
             Ok(())
@@ -147,13 +148,19 @@ impl Transfer<'_> {
         out.sync_all().map_err(|e| Error::io("syncing", part, e))
     }
 
-    /// Copies a response body (at most `cap` bytes) into `sink`, counting
-    /// it on the bar; returns the bytes copied. A broken, stalled or
-    /// trickling transfer is a network error (retried, then said to resume),
-    /// a longer body a Hub error; Ctrl-C stops it within a second.
-    fn stream(&self, resp: Response, cap: u64, sink: &mut dyn FnMut(&[u8]) -> Result<()>) -> Result<u64> {
+    /// Copies a response body (at most `cap` bytes; see `Overlong` for
+    /// more) into `sink`, counting it on the bar; returns the bytes copied.
+    /// A broken, stalled or trickling transfer is a network error (retried,
+    /// then said to resume); Ctrl-C stops it within a second.
+    fn stream(
+        &self,
+        resp: Response,
+        cap: u64,
+        overlong: Overlong,
+        sink: &mut dyn FnMut(&[u8]) -> Result<()>,
+    ) -> Result<u64> {
         let what = format!("download of {} from {}", self.f.name, self.url);
-        let mut body = self.client.body(resp, cap, what)?;
+        let mut body = self.client.body(resp, cap, overlong, what)?;
         let mut got = 0u64;
         while let Some(bytes) = body.next()? {
             sink(bytes)?;
@@ -267,7 +274,7 @@ impl Transfer<'_> {
                 )));
             }
         }
-        self.stream(resp, to - at, &mut |bytes| {
+        self.stream(resp, to - at, Overlong::Cut, &mut |bytes| {
             if failed.load(Ordering::Relaxed) {
                 return Err(Error::Internal("stopped: another range failed".into()));
             }
