@@ -84,17 +84,97 @@ impl<'a> Segment<'a> {
     }
 }
 
-/// Whether a little-endian float's bytes are zero (either sign).
+/// How many elements of the vector `d` (chat - pretrained, or a stored
+/// vector, in f32) are not zero: the elements it moves. (Plain functions
+/// over fixed-size arrays, not closures, in these loops: a closure would
+/// not be compiled with the caller's AVX2, and variable-length bodies are
+/// not turned into vector code.)
 #[inline(always)]
-fn is_zero(bytes: &[u8]) -> bool {
-    let last = bytes.len() - 1;
-    bytes[..last].iter().all(|b| *b == 0) && bytes[last] & 0x7f == 0
+fn count_moved(d: &[f32]) -> u64 {
+    let mut lanes = [0u32; 8];
+    let chunks = d.chunks_exact(8);
+    let tail = chunks.remainder().iter().map(|x| u32::from(*x != 0.0)).sum::<u32>();
+    for w in chunks {
+        for k in 0..8 {
+            lanes[k] += u32::from(w[k] != 0.0);
+        }
+    }
+    u64::from(lanes.iter().sum::<u32>() + tail)
+}
+
+/// Of the elements `d` moves, how many kept the base's value: output `out`
+/// and base `base` (bytes of one dtype of `size` bytes, 2 or 4) hold the
+/// same word.
+#[inline(always)]
+fn count_kept(d: &[f32], base: &[u8], out: &[u8], size: usize) -> u64 {
+    match size {
+        2 => kept_16(d, base, out),
+        _ => kept_32(d, base, out),
+    }
+}
+
+/// `count_kept` for 2-byte words, eight at a time.
+#[inline(always)]
+fn kept_16(d: &[f32], base: &[u8], out: &[u8]) -> u64 {
+    let n = d.len();
+    let mut lanes = [0u32; 8];
+    let mut j = 0;
+    while j + 8 <= n {
+        let (Ok(dw), Ok(bw), Ok(ow)) = (
+            <&[f32; 8]>::try_from(&d[j..j + 8]),
+            <&[u8; 16]>::try_from(&base[2 * j..2 * j + 16]),
+            <&[u8; 16]>::try_from(&out[2 * j..2 * j + 16]),
+        ) else {
+            break;
+        };
+        for k in 0..8 {
+            let same = u16::from_le_bytes([bw[2 * k], bw[2 * k + 1]])
+                == u16::from_le_bytes([ow[2 * k], ow[2 * k + 1]]);
+            lanes[k] += u32::from(dw[k] != 0.0) & u32::from(same);
+        }
+        j += 8;
+    }
+    let mut total = lanes.iter().sum::<u32>();
+    for k in j..n {
+        total += u32::from(d[k] != 0.0) & u32::from(base[2 * k..2 * k + 2] == out[2 * k..2 * k + 2]);
+    }
+    u64::from(total)
+}
+
+/// `count_kept` for 4-byte words.
+#[inline(always)]
+fn kept_32(d: &[f32], base: &[u8], out: &[u8]) -> u64 {
+    let n = d.len();
+    let mut lanes = [0u32; 8];
+    let mut j = 0;
+    while j + 8 <= n {
+        let (Ok(dw), Ok(bw), Ok(ow)) = (
+            <&[f32; 8]>::try_from(&d[j..j + 8]),
+            <&[u8; 32]>::try_from(&base[4 * j..4 * j + 32]),
+            <&[u8; 32]>::try_from(&out[4 * j..4 * j + 32]),
+        ) else {
+            break;
+        };
+        for k in 0..8 {
+            let (b, o) = (&bw[4 * k..4 * k + 4], &ow[4 * k..4 * k + 4]);
+            let same =
+                u32::from_le_bytes([b[0], b[1], b[2], b[3]]) == u32::from_le_bytes([o[0], o[1], o[2], o[3]]);
+            lanes[k] += u32::from(dw[k] != 0.0) & u32::from(same);
+        }
+        j += 8;
+    }
+    let mut total = lanes.iter().sum::<u32>();
+    for k in j..n {
+        total += u32::from(d[k] != 0.0) & u32::from(base[4 * k..4 * k + 4] == out[4 * k..4 * k + 4]);
+    }
+    u64::from(total)
 }
 
 /// What the rounding to the output dtype did to a chat vector's change.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub(crate) struct Rounding {
-    /// Elements the scaled vector changes (a nonzero term).
+    /// Elements the vector changes: chat - pretrained (or the stored
+    /// vector) is not zero in f32.
     pub moved: u64,
     /// Of those, elements whose output equals the base's bytes: the change
     /// was under half a unit of the output's precision, and rounding took
@@ -111,38 +191,45 @@ impl std::ops::AddAssign for Rounding {
 
 impl<'a> Segment<'a> {
     /// Counts, from the computed `out` (dtype `out_ty`), the elements the
-    /// vector changes and those whose change rounding took away. Only a
-    /// chat vector's segments whose output has the base's dtype are
-    /// counted (elsewhere every element is re-encoded anyway).
+    /// vector changes and those whose change rounding took away, block by
+    /// block as `compute_scales` counts while it computes (the GPU path,
+    /// whose outputs come back as bytes, counts here). Only a chat
+    /// vector's segments whose output has the base's dtype are counted
+    /// (elsewhere every element is re-encoded anyway).
     pub fn rounding(&self, out_ty: FloatType, out: &[u8]) -> Rounding {
+        let Some((base, x, pre)) = self.counted(out_ty) else { return Rounding::default() };
+        let os = out_ty.size();
+        let n = out.len() / os;
+        let (mut d, mut q) = ([0f32; BLOCK], [0f32; BLOCK]);
+        let mut r = Rounding::default();
+        let mut i = 0;
+        while i < n {
+            let m = BLOCK.min(n - i);
+            decode_at(x, i, &mut d[..m]);
+            if let Some(p) = pre {
+                decode_at(p, i, &mut q[..m]);
+                for (dj, pj) in d[..m].iter_mut().zip(&q[..m]) {
+                    *dj -= *pj;
+                }
+            }
+            r.moved += count_moved(&d[..m]);
+            let bytes = i * os..(i + m) * os;
+            r.swallowed += count_kept(&d[..m], &base.bytes[bytes.clone()], &out[bytes], os);
+            i += m;
+        }
+        r
+    }
+
+    /// The base, vector (or chat) and pretrained operands of a segment
+    /// whose rounding is counted: a chat vector's, with a nonzero scale,
+    /// whose output has the base's dtype.
+    fn counted(&self, out_ty: FloatType) -> Option<(Operand<'a>, Operand<'a>, Option<Operand<'a>>)> {
         let (base, x, pre, scale) = match *self {
             Segment::AddDiff(b, c, p, s) => (b, c, Some(p), s),
             Segment::AddScaled(b, v, s) => (b, v, None, s),
-            _ => return Rounding::default(),
+            _ => return None,
         };
-        if base.ty != out_ty || scale == 0.0 || pre.is_some_and(|p| p.ty != x.ty) {
-            return Rounding::default();
-        }
-        let (os, xs) = (out_ty.size(), x.ty.size());
-        let mut r = Rounding::default();
-        let outs = out.chunks_exact(os).zip(base.bytes.chunks_exact(os));
-        match pre {
-            Some(p) => {
-                for ((o, b), (c, q)) in outs.zip(x.bytes.chunks_exact(xs).zip(p.bytes.chunks_exact(xs))) {
-                    let moved = c != q && !(is_zero(c) && is_zero(q));
-                    r.moved += u64::from(moved);
-                    r.swallowed += u64::from(moved && o == b);
-                }
-            }
-            None => {
-                for ((o, b), v) in outs.zip(x.bytes.chunks_exact(xs)) {
-                    let moved = !is_zero(v);
-                    r.moved += u64::from(moved);
-                    r.swallowed += u64::from(moved && o == b);
-                }
-            }
-        }
-        r
+        (base.ty == out_ty && scale != 0.0).then_some((base, x, pre))
     }
 
     /// The same segment with another scale (a sweep's candidate); segments
@@ -160,26 +247,46 @@ impl<'a> Segment<'a> {
 
     /// Computes the segment once per scale in `scales`, into `outs[k]`,
     /// decoding the operands once: each output's bytes equal `compute` with
-    /// that scale (the same f32 steps in the same order).
-    pub fn compute_scales(&self, out_ty: FloatType, outs: &mut [&mut [u8]], scales: &[f32]) {
+    /// that scale (the same f32 steps in the same order). Adds to
+    /// `rounding[k]` what rounding did to output `k` (see `rounding`),
+    /// counted on the decoded values at hand.
+    pub fn compute_scales(
+        &self,
+        out_ty: FloatType,
+        outs: &mut [&mut [u8]],
+        scales: &[f32],
+        rounding: &mut [Rounding],
+    ) {
         #[cfg(target_arch = "x86_64")]
         if crate::model::dtype::avx2() {
             // SAFETY: the CPU has AVX2 (checked just above).
-            return unsafe { self.compute_scales_avx2(out_ty, outs, scales) };
+            return unsafe { self.compute_scales_avx2(out_ty, outs, scales, rounding) };
         }
-        self.compute_scales_portable(out_ty, outs, scales)
+        self.compute_scales_portable(out_ty, outs, scales, rounding)
     }
 
     /// `compute_scales` compiled for AVX2.
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx2")]
-    unsafe fn compute_scales_avx2(&self, out_ty: FloatType, outs: &mut [&mut [u8]], scales: &[f32]) {
-        self.compute_scales_portable(out_ty, outs, scales)
+    unsafe fn compute_scales_avx2(
+        &self,
+        out_ty: FloatType,
+        outs: &mut [&mut [u8]],
+        scales: &[f32],
+        rounding: &mut [Rounding],
+    ) {
+        self.compute_scales_portable(out_ty, outs, scales, rounding)
     }
 
     /// `compute_scales` in plain Rust, inlined into each compiled copy.
     #[inline(always)]
-    fn compute_scales_portable(&self, out_ty: FloatType, outs: &mut [&mut [u8]], scales: &[f32]) {
+    fn compute_scales_portable(
+        &self,
+        out_ty: FloatType,
+        outs: &mut [&mut [u8]],
+        scales: &[f32],
+        rounding: &mut [Rounding],
+    ) {
         let os = out_ty.size();
         let n = outs.first().map_or(0, |o| o.len() / os);
         let (base, vector) = match *self {
@@ -194,6 +301,7 @@ impl<'a> Segment<'a> {
             return;
         };
         let (mut b, mut d, mut q, mut res) = ([0f32; BLOCK], [0f32; BLOCK], [0f32; BLOCK], [0f32; BLOCK]);
+        let count = base.ty == out_ty;
         let mut i = 0;
         while i < n {
             let m = BLOCK.min(n - i);
@@ -203,16 +311,24 @@ impl<'a> Segment<'a> {
             decode_at(x, i, &mut d[..m]);
             if let Some(p) = pre {
                 decode_at(p, i, &mut q[..m]);
+            }
+            if pre.is_some() {
                 for (dj, pj) in d[..m].iter_mut().zip(&q[..m]) {
                     *dj -= *pj;
                 }
             }
-            for (o, &s) in outs.iter_mut().zip(scales) {
+            let moved_here = if count { count_moved(&d[..m]) } else { 0 };
+            for ((o, &s), r) in outs.iter_mut().zip(scales).zip(rounding.iter_mut()) {
                 for j in 0..m {
                     let mj = s * d[j];
                     res[j] = b[j] + mj;
                 }
-                encode(out_ty, &res[..m], &mut o[i * os..(i + m) * os]);
+                let block = &mut o[i * os..(i + m) * os];
+                encode(out_ty, &res[..m], block);
+                if count && s != 0.0 {
+                    r.moved += moved_here;
+                    r.swallowed += count_kept(&d[..m], &base.bytes[i * os..(i + m) * os], block, os);
+                }
             }
             i += m;
         }
@@ -271,7 +387,7 @@ mod tests {
         ] {
             let mut bufs = vec![vec![0u8; n * 2]; 3];
             let mut outs: Vec<&mut [u8]> = bufs.iter_mut().map(|v| v.as_mut_slice()).collect();
-            seg.compute_scales(bf, &mut outs, &scales);
+            seg.compute_scales(bf, &mut outs, &scales, &mut [Rounding::default(); 3]);
             for (k, s) in scales.iter().enumerate() {
                 let mut one = vec![0u8; n * 2];
                 seg.with_scale(*s).compute(bf, &mut one);
@@ -310,7 +426,7 @@ mod tests {
             ] {
                 let mut bufs = vec![vec![0u8; n * size]; scales.len()];
                 let mut outs: Vec<&mut [u8]> = bufs.iter_mut().map(|v| v.as_mut_slice()).collect();
-                seg.compute_scales(ty, &mut outs, &scales);
+                seg.compute_scales(ty, &mut outs, &scales, &mut vec![Rounding::default(); scales.len()]);
                 for (k, s) in scales.iter().enumerate() {
                     let mut one = vec![0u8; n * size];
                     seg.with_scale(*s).compute(ty, &mut one);
@@ -331,5 +447,66 @@ mod tests {
         let mut out = vec![0u8; 4];
         Segment::AddDiff(op(f, &bb), op(f, &cb), op(f, &pb), s).compute(f, &mut out);
         assert_eq!(f32::from_le_bytes(out.try_into().unwrap()).to_bits(), want.to_bits());
+    }
+
+    /// The count made while computing (CPU) equals the count made from the
+    /// output bytes afterwards (GPU path), and both equal a plain count
+    /// written here, for bf16 and f16 chat vectors and an f32 stored
+    /// vector, with zeros of both signs among the inputs.
+    #[test]
+    fn rounding_counts_agree_however_they_are_made() {
+        let n = 3000;
+        let val = |seed: u32, i: usize| -> f32 {
+            let h = (i as u32).wrapping_mul(2654435761).wrapping_add(seed.wrapping_mul(40503));
+            match h % 11 {
+                0 => 0.0,
+                1 => -0.0,
+                _ => ((h >> 8) % 2000) as f32 / 1000.0 - 1.0,
+            }
+        };
+        for ty in [FloatType::BF16, FloatType::F16] {
+            let enc = |seed: u32, t: FloatType| {
+                let v: Vec<f32> = (0..n).map(|i| val(seed, i)).collect();
+                let mut b = vec![0u8; n * t.size()];
+                encode(t, &v, &mut b);
+                b
+            };
+            let (base, chat, pre, vector) = (enc(1, ty), enc(2, ty), enc(3, ty), enc(4, FloatType::F32));
+            let segs = [
+                Segment::AddDiff(op(ty, &base), op(ty, &chat), op(ty, &pre), 1.0),
+                Segment::AddScaled(op(ty, &base), op(FloatType::F32, &vector), 1.0),
+            ];
+            for seg in segs {
+                let scales = [0.01f32, 0.5, 0.0];
+                let mut bufs = vec![vec![0u8; n * ty.size()]; 3];
+                let mut outs: Vec<&mut [u8]> = bufs.iter_mut().map(|b| b.as_mut_slice()).collect();
+                let mut fused = [Rounding::default(); 3];
+                seg.compute_scales(ty, &mut outs, &scales, &mut fused);
+                for (k, s) in scales.iter().enumerate() {
+                    let from_bytes = seg.with_scale(*s).rounding(ty, &bufs[k]);
+                    assert_eq!(fused[k], from_bytes, "{ty:?} scale {s}");
+                    // By hand: moved when the stored values differ (not
+                    // both zeros), kept when the output's bytes are the base's.
+                    let size = ty.size();
+                    let mut want = Rounding::default();
+                    for i in 0..n {
+                        let moved = match seg {
+                            Segment::AddDiff(..) => {
+                                let (cb, pb) = (&chat[i * size..][..size], &pre[i * size..][..size]);
+                                cb != pb && !(val(2, i) == 0.0 && val(3, i) == 0.0)
+                            }
+                            _ => val(4, i) != 0.0,
+                        };
+                        if *s != 0.0 && moved {
+                            want.moved += 1;
+                            want.swallowed +=
+                                u64::from(bufs[k][i * size..][..size] == base[i * size..][..size]);
+                        }
+                    }
+                    assert_eq!(fused[k], want, "{ty:?} scale {s}");
+                }
+                assert!(fused[0].swallowed > fused[1].swallowed, "a smaller scale loses more: {fused:?}");
+            }
+        }
     }
 }

@@ -130,18 +130,20 @@ pub(crate) type ScaleOverride = Vec<Option<f32>>;
 /// Runs `job` once per variant (a sweep's candidates), one piece each: the
 /// operands of an arithmetic job are decoded once for all of them; other
 /// jobs are the same for every variant. Each piece equals what `run` gives
-/// on the plan with that variant's scales.
+/// on the plan with that variant's scales; with each, what rounding did to
+/// the vector's change (counted as it is computed).
 pub(crate) fn run_many<'a>(
     plan: &'a Plan,
     stats: &StatsMap,
     job: &Job,
     mut bufs: Vec<Vec<u8>>,
     variants: &[Option<&ScaleOverride>],
-) -> Result<Vec<Piece<'a>>> {
+) -> Result<(Vec<Piece<'a>>, Vec<Rounding>)> {
     let n = variants.len();
+    let none = vec![Rounding::default(); n];
     let Job::Compute { tensor, elems } = job else {
         let one = run(plan, stats, job, Vec::new())?;
-        return Ok((0..n).map(|_| one.borrowed()).collect());
+        return Ok(((0..n).map(|_| one.borrowed()).collect(), none));
     };
     let t = &plan.tensors[*tensor];
     let Op::Arith { formula, .. } = &t.op else {
@@ -154,7 +156,7 @@ pub(crate) fn run_many<'a>(
             copies.push(Piece::Owned(b));
         }
         copies.insert(0, one);
-        return Ok(copies);
+        return Ok((copies, none));
     };
     let own = formula.scale().unwrap_or(1.0);
     let scales: Vec<f32> =
@@ -166,49 +168,30 @@ pub(crate) fn run_many<'a>(
         sized(b, len);
     }
     let at = |p: u64| ((p - elems.start) as usize) * out_ty.size();
+    let mut rounding = none;
     for (r, seg) in plan.segments(&t.op, elems) {
         let mut outs: Vec<&mut [u8]> = bufs.iter_mut().map(|b| &mut b[at(r.start)..at(r.end)]).collect();
-        seg.compute_scales(out_ty, &mut outs, &scales);
+        seg.compute_scales(out_ty, &mut outs, &scales, &mut rounding);
     }
     for b in &bufs {
         check_finite(plan, t, b)?;
     }
-    Ok(bufs.into_iter().map(Piece::Owned).collect())
+    Ok((bufs.into_iter().map(Piece::Owned).collect(), rounding))
 }
 
-/// Per variant, what rounding did to the vector's change in `job`'s
-/// output `pieces` (one per variant, as `run_many` gives them): counted
-/// from the bytes, so the CPU and GPU paths count alike.
-pub(crate) fn rounding(
-    plan: &Plan,
-    job: &Job,
-    pieces: &[Piece<'_>],
-    variants: &[Option<&ScaleOverride>],
-) -> Vec<Rounding> {
-    let none = || vec![Rounding::default(); pieces.len()];
-    let Job::Compute { tensor, elems } = job else { return none() };
+/// What rounding did to the vector's change in `job`'s output `piece`
+/// computed on the GPU, counted from its bytes on the CPU as `run_many`
+/// counts while it computes (see `Segment::rounding`).
+pub(crate) fn gpu_rounding(plan: &Plan, job: &Job, piece: &Piece<'_>) -> Rounding {
+    let Job::Compute { tensor, elems } = job else { return Rounding::default() };
     let t = &plan.tensors[*tensor];
-    let (Op::Arith { formula, .. }, Some(out_ty)) = (&t.op, t.dtype.float()) else { return none() };
-    let own = formula.scale().unwrap_or(1.0);
+    let (Op::Arith { .. }, Some(out_ty)) = (&t.op, t.dtype.float()) else { return Rounding::default() };
     let at = |p: u64| ((p - elems.start) as usize) * out_ty.size();
-    let segments = plan.segments(&t.op, elems);
-    pieces
-        .iter()
-        .enumerate()
-        .map(|(k, piece)| {
-            let scale = variants
-                .get(k)
-                .copied()
-                .flatten()
-                .and_then(|o| o.get(*tensor).copied().flatten())
-                .unwrap_or(own);
-            let mut total = Rounding::default();
-            for (r, seg) in &segments {
-                total += seg.with_scale(scale).rounding(out_ty, &piece.bytes()[at(r.start)..at(r.end)]);
-            }
-            total
-        })
-        .collect()
+    let mut total = Rounding::default();
+    for (r, seg) in plan.segments(&t.op, elems) {
+        total += seg.rounding(out_ty, &piece.bytes()[at(r.start)..at(r.end)]);
+    }
+    total
 }
 
 /// Whether any value of the little-endian `bytes` of `ty` is NaN or

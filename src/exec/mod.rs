@@ -109,9 +109,8 @@ impl Engine<'_> {
                     .into_iter()
                     .zip(group)
                     .map(|(p, job)| {
-                        let p = vec![p];
-                        let r = jobs::rounding(plan, job, &p, variants);
-                        (p, r)
+                        let r = jobs::gpu_rounding(plan, job, &p);
+                        (vec![p], vec![r])
                     })
                     .collect()
             }
@@ -121,11 +120,7 @@ impl Engine<'_> {
                 group
                     .par_iter()
                     .zip(bufs)
-                    .map(|(job, buf)| {
-                        let p = jobs::run_many(plan, stats, job, buf, variants)?;
-                        let r = jobs::rounding(plan, job, &p, variants);
-                        Ok((p, r))
-                    })
+                    .map(|(job, buf)| jobs::run_many(plan, stats, job, buf, variants))
                     .collect::<Result<Vec<_>>>()
             })?,
         };
