@@ -583,28 +583,36 @@ fn apply_says_how_many_changed_elements_rounding_kept_at_the_base() {
     let d = tempfile::tempdir().unwrap();
     let t = trio(d.path(), Ty::BF16, 1);
     let (pre, chat, base) = (read_model(&t.pre), read_model(&t.chat), read_model(&t.base));
-    for (scale, warned) in [("0.05", true), ("1", false)] {
+    for scale in ["0.01", "1"] {
         let out = d.path().join(format!("out-{scale}"));
         let o = apply_streaming(&t, &out, &["--scale", scale]);
         ok(&o);
-        // Counted here from the files: elements the vector changes whose
-        // output is the base's bf16 value.
+        // Counted here from the files: of every 16th element of each
+        // tensor (chatvec's sample), those the vector changes and those
+        // whose output is the base's bf16 value.
         let got = read_model(&out);
         let (mut moved, mut kept) = (0u64, 0u64);
         for (name, b) in &base {
             let (c, p, o) = (&chat[name], &pre[name], &got[name]);
-            for i in 0..b.numel() {
+            for i in (0..b.numel()).step_by(16) {
                 if c.get(i) != p.get(i) {
                     moved += 1;
                     kept += u64::from(o.data[2 * i..2 * i + 2] == b.data[2 * i..2 * i + 2]);
                 }
             }
         }
-        let said = format!("kept the base's value in {kept} of the {moved} elements the vector changes");
+        let said =
+            format!("of the elements the vector changes ({kept} of {moved} counted, every 16th element)");
         if kept == 0 {
             assert!(!stderr(&o).contains("kept the base's value"), "{scale}: {}", stderr(&o));
             continue;
         }
+        let share = kept as f64 / moved as f64;
+        let shown = format!("about {:.1}%", 100.0 * share);
+        assert!(stderr(&o).contains(&shown), "{scale}: {shown}\n{}", stderr(&o));
+        // A warning from a tenth on (the small scale here), else a note.
+        let warned = share >= 0.10;
+        assert_eq!(warned, scale == "0.01", "{scale}: {shown}");
         assert!(stderr(&o).contains(&said), "{scale}: {said}\n{}", stderr(&o));
         assert_eq!(
             stderr(&o).contains("warning: rounding to the output dtype"),
@@ -615,5 +623,11 @@ fn apply_says_how_many_changed_elements_rounding_kept_at_the_base() {
         let man: Value =
             serde_json::from_slice(&std::fs::read(out.join("chatvec-manifest.json")).unwrap()).unwrap();
         assert!(man.to_string().contains(&said) || warned, "the note is in the manifest");
+        // The sample follows the tensors' indices: the same whatever the
+        // chunks and threads.
+        let other = d.path().join(format!("chunked-{scale}"));
+        let o = apply_streaming(&t, &other, &["--scale", scale, "--chunk-elems", "37", "--threads", "1"]);
+        ok(&o);
+        assert!(stderr(&o).contains(&said), "{scale}: {said}\n{}", stderr(&o));
     }
 }

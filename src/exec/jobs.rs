@@ -171,7 +171,7 @@ pub(crate) fn run_many<'a>(
     let mut rounding = none;
     for (r, seg) in plan.segments(&t.op, elems) {
         let mut outs: Vec<&mut [u8]> = bufs.iter_mut().map(|b| &mut b[at(r.start)..at(r.end)]).collect();
-        seg.compute_scales(out_ty, &mut outs, &scales, &mut rounding);
+        seg.compute_scales(out_ty, &mut outs, &scales, &mut rounding, r.start);
     }
     for b in &bufs {
         check_finite(plan, t, b)?;
@@ -189,7 +189,7 @@ pub(crate) fn gpu_rounding(plan: &Plan, job: &Job, piece: &Piece<'_>) -> Roundin
     let at = |p: u64| ((p - elems.start) as usize) * out_ty.size();
     let mut total = Rounding::default();
     for (r, seg) in plan.segments(&t.op, elems) {
-        total += seg.rounding(out_ty, &piece.bytes()[at(r.start)..at(r.end)]);
+        total += seg.rounding(out_ty, &piece.bytes()[at(r.start)..at(r.end)], r.start);
     }
     total
 }

@@ -35,7 +35,7 @@ use crate::plan::Plan;
 use input_hash::{Touch, hash_following};
 use jobs::{Job, Piece, ScaleOverride, StatsMap};
 
-pub(crate) use crate::arith::formulas::Rounding;
+pub(crate) use crate::arith::formulas::{ROUNDING_STRIDE, Rounding};
 
 pub(crate) mod input_hash;
 pub(crate) mod jobs;

@@ -269,10 +269,11 @@ pub(crate) fn write_outputs(plan: Plan, variants: Vec<Variant>) -> Result<Vec<Su
         if r.swallowed > 0 {
             let share = r.swallowed as f64 / r.moved as f64;
             let said = format!(
-                "rounding to the output dtype kept the base's value in {} of the {} elements the vector changes ({:.1}%): their scaled change is under half a unit of that precision",
+                "rounding to the output dtype kept the base's value in about {:.1}% of the elements the vector changes ({} of {} counted, every {}th element): their scaled change is under half a unit of that precision",
+                100.0 * share,
                 r.swallowed,
                 r.moved,
-                100.0 * share
+                crate::exec::ROUNDING_STRIDE
             );
             if share >= ROUNDING_WARN_SHARE {
                 summary
