@@ -432,7 +432,7 @@ mod tests {
                     // both zeros), kept when the output's bytes are the base's.
                     let size = ty.size();
                     let mut want = Rounding::default();
-                    for i in (0..n).filter(|i| (*i as u64 + first) % ROUNDING_STRIDE == 0) {
+                    for i in (0..n).filter(|i| (*i as u64 + first).is_multiple_of(ROUNDING_STRIDE)) {
                         let moved = match seg {
                             Segment::AddDiff(..) => {
                                 let (cb, pb) = (&chat[i * size..][..size], &pre[i * size..][..size]);
