@@ -60,7 +60,8 @@ pub(crate) enum Overlong {
 
 /// What the reading thread hands over.
 enum Piece {
-    Bytes(Vec<u8>),
+    /// A buffer of `CHUNK` bytes, the first `n` of them read.
+    Bytes(Vec<u8>, usize),
     End,
     Failed(std::io::Error),
 }
@@ -103,18 +104,16 @@ impl BodyStream {
             .name("chatvec-body".into())
             .spawn(move || {
                 loop {
-                    let mut buf = spent_rx.try_recv().unwrap_or_else(|_| Vec::with_capacity(CHUNK));
-                    buf.resize(CHUNK, 0);
+                    // Buffers keep their full length, so a recycled one is
+                    // never zeroed again.
+                    let mut buf = spent_rx.try_recv().unwrap_or_else(|_| vec![0u8; CHUNK]);
                     let piece = match reader.read(&mut buf) {
                         Ok(0) => Piece::End,
-                        Ok(n) => {
-                            buf.truncate(n);
-                            Piece::Bytes(buf)
-                        }
+                        Ok(n) => Piece::Bytes(buf, n),
                         Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
                         Err(e) => Piece::Failed(e),
                     };
-                    let last = !matches!(piece, Piece::Bytes(_));
+                    let last = !matches!(piece, Piece::Bytes(..));
                     // The reader has gone (done, failed or interrupted): stop.
                     if piece_tx.send(piece).is_err() || last {
                         return;
@@ -171,8 +170,8 @@ impl BodyStream {
                     return Err(Error::Network(format!("{} broke off: {e}", self.what))
                         .with_hint("run the command again to resume where it stopped"));
                 }
-                Ok(Piece::Bytes(buf)) => {
-                    let n = buf.len() as u64;
+                Ok(Piece::Bytes(buf, len)) => {
+                    let n = len as u64;
                     self.got += n;
                     self.window_bytes += n;
                     if self.got > self.cap {
@@ -182,20 +181,20 @@ impl BodyStream {
                             self.what, self.cap
                         )));
                     }
-                    return Ok(Some(self.hold(buf)));
+                    return Ok(Some(self.hold(buf, len)));
                 }
             }
         }
     }
 
-    /// Hands `buf` to the caller until the next call, then back to the
-    /// reading thread for reuse.
-    fn hold(&mut self, buf: Vec<u8>) -> &[u8] {
+    /// Hands the first `len` bytes of `buf` to the caller until the next
+    /// call, then the buffer back to the reading thread for reuse.
+    fn hold(&mut self, buf: Vec<u8>, len: usize) -> &[u8] {
         let old = std::mem::replace(&mut self.held, buf);
-        if old.capacity() > 0 {
+        if old.len() == CHUNK {
             let _ = self.spent.try_send(old);
         }
-        &self.held
+        &self.held[..len]
     }
 
     /// The whole body (at most `cap` bytes).
