@@ -75,7 +75,10 @@ pub(super) struct BodyStream {
     cap: u64,
     got: u64,
     window: Duration,
-    window_start: Instant,
+    /// Time spent waiting for the server in this window: only waiting
+    /// counts, so a caller slow to take the bytes (a busy disk) is never
+    /// taken for a stalled server.
+    window_waited: Duration,
     window_bytes: u64,
     /// What is being read, for errors ("download of X from URL").
     what: String,
@@ -127,7 +130,7 @@ impl BodyStream {
             cap,
             got: 0,
             window: stall,
-            window_start: Instant::now(),
+            window_waited: Duration::ZERO,
             window_bytes: 0,
             what,
             done: false,
@@ -144,7 +147,7 @@ impl BodyStream {
         }
         loop {
             crate::interrupt::check()?;
-            if self.window_start.elapsed() >= self.window {
+            if self.window_waited >= self.window {
                 if self.window_bytes < MIN_BYTES_PER_WINDOW {
                     return Err(Error::Network(format!(
                         "{} stalled: {} bytes in {:.0} s",
@@ -154,10 +157,13 @@ impl BodyStream {
                     ))
                     .with_hint("run the command again to resume where it stopped"));
                 }
-                self.window_start = Instant::now();
+                self.window_waited = Duration::ZERO;
                 self.window_bytes = 0;
             }
-            match self.pieces.recv_timeout(TICK) {
+            let waiting = Instant::now();
+            let piece = self.pieces.recv_timeout(TICK);
+            self.window_waited += waiting.elapsed();
+            match piece {
                 Err(RecvTimeoutError::Timeout) => continue,
                 Err(RecvTimeoutError::Disconnected) => {
                     return Err(Error::Internal(format!("{}: the reading thread stopped", self.what)));
