@@ -12,7 +12,7 @@ out=${1:?usage: scripts/gpu-check.sh OUTDIR}
 mkdir -p "$out"
 nvidia-smi | tee "$out/nvidia-smi.txt" || true
 test_bin=$(ls -t target/release/deps/gpu-* | grep -v '\.d$' | head -1)
-"$test_bin" --ignored --include-ignored --nocapture 2>&1 | tee "$out/gpu-tests.log"
+"$test_bin" --include-ignored --nocapture 2>&1 | tee "$out/gpu-tests.log"
 target/release/chatvec demo --device cuda 2>&1 | tee "$out/demo.log"
 # The PCIe bound: a pinned 1 GiB host buffer copied to the device, best of 5.
 python3 - <<'PY' 2>&1 | tee "$out/pcie.txt"
