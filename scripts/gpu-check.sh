@@ -3,8 +3,8 @@
 # machine may have no Rust:
 #   cargo build --release && cargo test --release --test gpu --no-run
 # then, on the GPU machine: scripts/gpu-check.sh OUTDIR
-# It runs the GPU tests (CPU vs CUDA bytes for every method and dtype, with
-# --ignored), the demo on CUDA, the 70B-shaped benchmark (chat vector and
+# It runs the GPU tests (CPU vs CUDA bytes for every method and dtype, the
+# ignored ones included), the demo on CUDA, the 70B-shaped benchmark (chat vector and
 # TIES) on CUDA and on all CPU cores, and a pinned host-to-device copy for
 # the PCIe bound, writing logs and JSON reports into OUTDIR.
 set -uo pipefail

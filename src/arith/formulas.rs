@@ -143,13 +143,7 @@ impl<'a> Segment<'a> {
         let mut i = 0;
         while i < n {
             let m = BLOCK.min(n - i);
-            decode_at(x, i, &mut d[..m]);
-            if let Some(p) = pre {
-                decode_at(p, i, &mut q[..m]);
-                for (dj, pj) in d[..m].iter_mut().zip(&q[..m]) {
-                    *dj -= *pj;
-                }
-            }
+            vector_at(x, pre, i, &mut d[..m], &mut q[..m]);
             let bytes = i * os..(i + m) * os;
             r += count_sample(&d[..m], &base.bytes[bytes.clone()], &out[bytes], os, first + i as u64);
             i += m;
@@ -249,15 +243,7 @@ impl<'a> Segment<'a> {
             // Plain calls, not a closure: a closure would not be compiled
             // with the caller's AVX2.
             decode_at(base, i, &mut b[..m]);
-            decode_at(x, i, &mut d[..m]);
-            if let Some(p) = pre {
-                decode_at(p, i, &mut q[..m]);
-            }
-            if pre.is_some() {
-                for (dj, pj) in d[..m].iter_mut().zip(&q[..m]) {
-                    *dj -= *pj;
-                }
-            }
+            vector_at(x, pre, i, &mut d[..m], &mut q[..m]);
             for ((o, &s), r) in outs.iter_mut().zip(scales).zip(rounding.iter_mut()) {
                 for j in 0..m {
                     let mj = s * d[j];
@@ -271,6 +257,20 @@ impl<'a> Segment<'a> {
                 }
             }
             i += m;
+        }
+    }
+}
+
+/// The vector's elements from `i` on into `d`: the stored vector `x`, or
+/// `x - pre` (the chat model minus the pretrained one, `q` holding the
+/// latter), one f32 subtraction each as the formula has it.
+#[inline(always)]
+fn vector_at(x: Operand<'_>, pre: Option<Operand<'_>>, i: usize, d: &mut [f32], q: &mut [f32]) {
+    decode_at(x, i, d);
+    if let Some(p) = pre {
+        decode_at(p, i, q);
+        for (dj, pj) in d.iter_mut().zip(q.iter()) {
+            *dj -= *pj;
         }
     }
 }
