@@ -627,9 +627,9 @@ fn run_warns_when_the_eval_data_is_the_training_data() {
     let py = fake_python(d.path(), "");
     std::fs::write(d.path().join("tmpl.jinja"), LLAMA3_TEMPLATE).unwrap();
     let recipe = d.path().join("recipe.toml");
-    let run = |eval_data: &str| {
+    let run = |eval_data: &str, sft_extra: &str| {
         let body = format!(
-            "merge_method = \"chat_vector\"\nbase_model = \"{}\"\nchat = \"{}\"\npretrained = \"{}\"\n[sft]\ndata = \"chat.jsonl\"\nassistant_only_loss = false\nchat_template = \"tmpl.jinja\"\npython = \"{}\"\n[eval]\ndata = \"{eval_data}\"\n",
+            "merge_method = \"chat_vector\"\nbase_model = \"{}\"\nchat = \"{}\"\npretrained = \"{}\"\n[sft]\ndata = \"chat.jsonl\"\n{sft_extra}assistant_only_loss = false\nchat_template = \"tmpl.jinja\"\npython = \"{}\"\n[eval]\ndata = \"{eval_data}\"\n",
             t.base.display(),
             t.chat.display(),
             t.pre.display(),
@@ -638,14 +638,18 @@ fn run_warns_when_the_eval_data_is_the_training_data() {
         std::fs::write(&recipe, &body).unwrap();
         command().args(["run", s(&recipe), "-o", s(&d.path().join("out")), "--dry-run"]).output().unwrap()
     };
-    let o = run("./chat.jsonl");
+    let o = run("./chat.jsonl", "");
     ok(&o);
     assert!(
         stderr(&o).contains("is also [sft] data") && stderr(&o).contains("not held out"),
         "{}",
         stderr(&o)
     );
-    let o = run("held.jsonl");
+    let o = run("held.jsonl", "");
+    ok(&o);
+    assert!(!stderr(&o).contains("is also [sft] data"), "{}", stderr(&o));
+    // SFT's own held-out set is not trained on either.
+    let o = run("held.jsonl", "eval_data = \"held.jsonl\"\n");
     ok(&o);
     assert!(!stderr(&o).contains("is also [sft] data"), "{}", stderr(&o));
 }

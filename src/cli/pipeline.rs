@@ -138,8 +138,8 @@ fn warn_if_eval_trains(recipe: &chatvec::Recipe, job: &SftJob) {
         (Ok(a), Ok(b)) => a == b,
         _ => p == held,
     };
-    let training = job.options.data.iter().map(|f| f.path.as_path()).chain(job.options.eval_data.as_deref());
-    for p in training.filter(|p| same(p)) {
+    // `[sft] eval_data` is held out from training too: only `data` counts.
+    for p in job.options.data.iter().map(|f| f.path.as_path()).filter(|p| same(p)) {
         ui::warn(&format!(
             "[eval] data {} is also [sft] data ({}): the loss it gives is on examples SFT trains on, not held out",
             held.display(),
