@@ -88,8 +88,7 @@ enum Engine<'a> {
 impl Engine<'_> {
     /// Computes the statistics `group` needs, then runs its jobs; returns
     /// each job's pieces (one per variant) with its index in the whole job
-    /// list, and adds what rounding did to each variant's `rounding`.
-    #[allow(clippy::too_many_arguments)]
+    /// list, and per variant what rounding did in the batch.
     fn run_batch<'p>(
         &self,
         plan: &'p Plan,
@@ -98,8 +97,7 @@ impl Engine<'_> {
         first: usize,
         bufs: Vec<Vec<Vec<u8>>>,
         variants: &[Option<&ScaleOverride>],
-        rounding: &mut [Rounding],
-    ) -> Result<Vec<(usize, Vec<Piece<'p>>)>> {
+    ) -> Result<(Batch<'p>, Vec<Rounding>)> {
         let done: Vec<(Vec<Piece>, Vec<Rounding>)> = match self {
             Engine::Gpu(g) => {
                 jobs::prepare_stats(plan, group, stats, Some(g))?;
@@ -124,16 +122,15 @@ impl Engine<'_> {
                     .collect::<Result<Vec<_>>>()
             })?,
         };
-        Ok(done
-            .into_iter()
-            .enumerate()
-            .map(|(i, (p, r))| {
-                for (total, one) in rounding.iter_mut().zip(r) {
-                    *total += one;
-                }
-                (first + i, p)
-            })
-            .collect())
+        let mut rounding = vec![Rounding::default(); variants.len().max(1)];
+        let mut batch = Vec::with_capacity(done.len());
+        for (i, (pieces, r)) in done.into_iter().enumerate() {
+            for (total, one) in rounding.iter_mut().zip(r) {
+                *total += one;
+            }
+            batch.push((first + i, pieces));
+        }
+        Ok((batch, rounding))
     }
 }
 
@@ -229,11 +226,14 @@ pub(crate) fn execute_many(
                 .iter()
                 .map(|_| (0..n).map(|_| free_rx.try_recv().unwrap_or_default()).collect())
                 .collect();
-            let pieces = interrupt::check().and_then(|()| inputs_intact(plan)).and_then(|()| {
-                engine.run_batch(plan, &mut stats, group, bi * batch, bufs, variants, &mut rounding)
-            });
+            let pieces = interrupt::check()
+                .and_then(|()| inputs_intact(plan))
+                .and_then(|()| engine.run_batch(plan, &mut stats, group, bi * batch, bufs, variants));
             match pieces {
-                Ok(p) => {
+                Ok((p, r)) => {
+                    for (total, one) in rounding.iter_mut().zip(r) {
+                        *total += one;
+                    }
                     if tx.send(p).is_err() {
                         break; // the writer failed; its error is reported below
                     }
