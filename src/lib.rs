@@ -78,26 +78,6 @@ pub use sft::{DataFile, SftJob, SftOptions, SftReport, parse_train_arg};
 pub use units::{human_bytes, human_count, parse_size};
 
 /// Entry points for the fuzz targets in `fuzz/` (built with `--cfg
-/// fuzzing`): the parsers of untrusted model files, over bytes.
+/// fuzzing`): the parsers of untrusted input, over bytes.
 #[cfg(fuzzing)]
-pub mod fuzzing {
-    use std::path::Path;
-
-    /// Parses a safetensors file's bytes (header and layout checks).
-    pub fn safetensors(bytes: &[u8]) {
-        let _ = crate::model::safetensors::parse_header(bytes, Path::new("fuzz.safetensors"));
-    }
-
-    /// Parses a `model.safetensors.index.json`'s bytes.
-    pub fn index(bytes: &[u8]) {
-        let _ = crate::model::checkpoint::parse_index(bytes, false, Path::new("fuzz.index.json"));
-    }
-
-    /// Parses a `config.json`'s bytes and compares it with itself.
-    pub fn config(bytes: &[u8]) {
-        if let Ok(c) = crate::model::config::ModelConfig::parse(bytes, Path::new("config.json")) {
-            let _ = crate::model::config::architecture_differences(&c, &c);
-            let _ = c.summary();
-        }
-    }
-}
+pub mod fuzzing;
