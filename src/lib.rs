@@ -4,16 +4,19 @@
 //! A chat vector is `chat - pretrained` (e.g. Llama-3-8B-Instruct minus
 //! Llama-3-8B); adding it, scaled, to a model continued-pretrained from
 //! the same base (e.g. Llama-3-Swallow-8B) gives that model the chat
-//! model's behaviour before any SFT. The entry points take a spec and
+//! model's behaviour before any SFT. The entry points take a checked spec
+//! (built from the parameters as given, e.g. [`ApplyParams`]) and
 //! [`WriteOptions`] and return a [`Summary`]:
 //!
 //! ```no_run
-//! use chatvec::{ApplySpec, VectorSource, WriteOptions, apply};
+//! use chatvec::{ApplyParams, WriteOptions, apply};
 //!
 //! // Llama-3-Swallow-8B + (Llama-3-8B-Instruct - Llama-3-8B), by alias;
 //! // models come from the Hugging Face cache, downloaded if missing.
-//! let mut spec = ApplySpec::new("swallow-8b", VectorSource::Stored("llama3-instruct".into()));
-//! spec.scale = 0.8.into(); // or a gradient over the layers: Scale::Layers(vec![0.3, 1.0])
+//! let mut params = ApplyParams::new("swallow-8b", "llama3-instruct");
+//! params.scale = Some(0.8.into()); // or a gradient over the layers: Scale::Layers(vec![0.3, 1.0])
+//! // One check of everything given; defaults filled in.
+//! let spec = params.validate()?;
 //! let summary = apply(&spec, &WriteOptions::new("swallow-8b-cv"))?;
 //! for shard in &summary.shards {
 //!     println!("{} {}", shard.file, shard.sha256);
@@ -46,6 +49,7 @@ mod recipe;
 mod resolve;
 mod scratch;
 mod sft;
+mod spec;
 pub mod ui;
 mod units;
 
@@ -59,7 +63,7 @@ pub use hash::{hex, sha256_file};
 pub use interrupt::install as catch_signals;
 pub use job::analyze::{AnalyzeSpec, analyze};
 pub use job::catalog::{Catalog, ModelAliasEntry, RecipeEntry, VectorAliasEntry, catalog};
-pub use job::chat_vector::{ApplySpec, ExtractSpec, VectorSource, apply, extract};
+pub use job::chat_vector::{apply, extract};
 pub use job::inspect::{InspectReport, ShardInfo, TensorInfo, inspect};
 pub use job::merge::{merge, merge_sweep};
 pub use job::sft::sft;
@@ -70,11 +74,15 @@ pub use model::config::ConfigSummary;
 pub use model::{Checkpoint, DType, FloatType, Tensor};
 pub use output::WrittenFile;
 pub use output::manifest::Provenance;
-pub use plan::select::Scale;
-pub use plan::{EmbeddingPolicy, EmbeddingReport};
+pub use plan::EmbeddingReport;
 pub use recipe::Recipe;
 pub use resolve::{set_aliases_file, set_offline};
 pub use sft::{DataFile, SftJob, SftOptions, SftReport, parse_train_arg};
+pub use spec::apply::{
+    ApplyParams, ApplySpec, DEFAULT_SHARD_SIZE, ExtractParams, ExtractSpec, VectorSource, parse_scale,
+};
+pub use spec::embeddings::EmbeddingPolicy;
+pub use spec::select::Scale;
 pub use units::{human_bytes, human_count, parse_size};
 
 /// Entry points for the fuzz targets in `fuzz/` (built with `--cfg

@@ -15,7 +15,7 @@ const LAYERS: &[&[&str]] = &[
     &["interrupt", "json", "scratch"],
     &["hash", "python"],
     &["model"],
-    &["resolve", "arith"],
+    &["spec", "resolve", "arith"],
     &["merge"],
     &["plan"],
     &["output"],
@@ -24,7 +24,7 @@ const LAYERS: &[&[&str]] = &[
     &["sft", "analyze"],
     &["eval"],
     &["recipe"],
-    &["job"],
+    &["job", "fuzzing"],
 ];
 
 fn layer_of(room: &str) -> Option<usize> {

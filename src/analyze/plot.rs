@@ -9,7 +9,7 @@ use std::fmt::Write as _;
 use super::TensorResult;
 use super::figures::Figures;
 use super::report::{Group, module_kind};
-use crate::merge::params::layer_index;
+use crate::model::layers::layer_index;
 
 /// The kinds drawn per layer.
 const LAYER_KINDS: [&str; 7] = ["q", "k", "v", "o", "gate", "up", "down"];

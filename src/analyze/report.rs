@@ -10,8 +10,8 @@ use serde::Serialize;
 use super::TensorResult;
 use super::figures::{Figures, Present, Sums};
 use super::findings::Finding;
-use crate::merge::params::layer_index;
 use crate::model::checkpoint::{is_embedding, is_lm_head};
+use crate::model::layers::layer_index;
 
 /// What a tensor is in a transformer block, by its name.
 pub(crate) fn module_kind(name: &str) -> &'static str {

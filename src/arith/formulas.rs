@@ -163,6 +163,17 @@ impl<'a> Segment<'a> {
         (base.ty == out_ty && scale != 0.0).then_some((base, x, pre))
     }
 
+    /// The scale the segment multiplies the vector by, if it has one.
+    #[cfg(test)]
+    pub fn scale(&self) -> Option<f32> {
+        match *self {
+            Segment::AddDiff(.., s) | Segment::AddScaled(.., s) | Segment::AddLowRank { scale: s, .. } => {
+                Some(s)
+            }
+            Segment::Convert(_) | Segment::Diff(..) => None,
+        }
+    }
+
     /// The same segment with another scale (a sweep's candidate); segments
     /// without a scale are returned as they are.
     pub fn with_scale(self, s: f32) -> Segment<'a> {

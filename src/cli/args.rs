@@ -3,12 +3,11 @@
 
 use std::path::PathBuf;
 
-use clap::builder::{PossibleValuesParser, TypedValueParser};
 use clap::{Args, Parser, Subcommand};
 
 use chatvec::{
-    AnalyzeSpec, ApplySpec, DataFile, DeviceChoice, EmbeddingPolicy, EvalSpec, ExtractSpec, FloatType,
-    InputHashes, Recipe, Scale, SftOptions, VectorSource, WriteOptions, parse_size, parse_train_arg,
+    AnalyzeSpec, ApplyParams, DataFile, DeviceChoice, EvalSpec, ExtractParams, InputHashes, Recipe, Scale,
+    SftOptions, VectorSource, WriteOptions, parse_scale, parse_size, parse_train_arg,
 };
 
 const EXAMPLES: &str = "\
@@ -334,30 +333,6 @@ impl OutArgs {
     }
 }
 
-/// Options shared by extract and apply.
-#[derive(Args, Debug)]
-pub struct WriteArgs {
-    #[command(flatten)]
-    pub out: OutArgs,
-
-    /// Only operate on tensors matching this regex (repeatable; default: all).
-    #[arg(long, value_name = "REGEX")]
-    pub include: Vec<String>,
-
-    /// Leave tensors matching this regex untouched (repeatable).
-    #[arg(long, value_name = "REGEX")]
-    pub exclude: Vec<String>,
-
-    /// Maximum data bytes per output shard: 5GB (or 5G, 5B: billions of
-    /// bytes), 500MB, 2GiB, or a number of bytes.
-    #[arg(long, default_value = "5GB", value_parser = parse_size)]
-    pub shard_size: u64,
-
-    /// Downgrade config.json architecture differences to warnings (shapes must still match).
-    #[arg(long)]
-    pub allow_mismatch: bool,
-}
-
 #[derive(Args, Debug)]
 pub struct MergeArgs {
     /// A recipe: a chatvec .toml file, a mergekit .yml config, or the name of a shipped recipe.
@@ -411,117 +386,26 @@ pub struct VerifyArgs {
     pub recipe: Option<String>,
 }
 
+/// `extract`: its parameters (one home, `chatvec::ExtractParams`) and where
+/// to write.
 #[derive(Args, Debug)]
 pub struct ExtractArgs {
-    /// The chat / instruct model (directory, Hub id org/name[@rev], or alias).
-    #[arg(long, value_name = "MODEL")]
-    pub chat: String,
-
-    /// The pretrained model the chat model was tuned from (directory, Hub id or alias).
-    #[arg(long, value_name = "MODEL")]
-    pub pretrained: String,
-
-    /// Vector dtype: bf16, f16 or f32 (default: the chat model's). f32 is exact.
-    #[arg(long, value_parser = parse_dtype)]
-    pub dtype: Option<FloatType>,
+    #[command(flatten)]
+    pub params: ExtractParams,
 
     #[command(flatten)]
-    pub write: WriteArgs,
+    pub out: OutArgs,
 }
 
-impl ExtractArgs {
-    pub fn spec(&self) -> ExtractSpec {
-        ExtractSpec {
-            dtype: self.dtype,
-            include: self.write.include.clone(),
-            exclude: self.write.exclude.clone(),
-            shard_size: self.write.shard_size,
-            allow_mismatch: self.write.allow_mismatch,
-            ..ExtractSpec::new(self.chat.clone(), self.pretrained.clone())
-        }
-    }
-}
-
+/// `apply`: its parameters (one home, `chatvec::ApplyParams`) and where to
+/// write.
 #[derive(Args, Debug)]
-#[command(group(clap::ArgGroup::new("vector_source").required(true).args(["vector", "chat", "lora"])))]
 pub struct ApplyArgs {
-    /// The model to give chat ability to, e.g. a continued-pretrained model (directory, Hub id or alias).
-    #[arg(long, value_name = "MODEL")]
-    pub base: String,
-
-    /// A chat vector written by `chatvec extract`, or a vector alias such as llama3-instruct.
-    #[arg(long, value_name = "VECTOR", conflicts_with_all = ["chat", "pretrained"])]
-    pub vector: Option<String>,
-
-    /// The chat model (with --pretrained: stream the vector without writing it).
-    #[arg(long, value_name = "MODEL", requires = "pretrained")]
-    pub chat: Option<String>,
-
-    /// The pretrained model the chat model was tuned from.
-    #[arg(long, value_name = "MODEL", requires = "chat")]
-    pub pretrained: Option<String>,
-
-    /// A PEFT LoRA adapter (adapter_config.json + adapter_model.safetensors; directory or Hub id)
-    /// to merge into --base, the model it was trained on; --scale multiplies its alpha / r.
-    #[arg(long, value_name = "ADAPTER", conflicts_with_all = ["vector", "chat", "pretrained", "raw_delta", "embeddings"])]
-    pub lora: Option<String>,
-
-    /// Scale of the vector: a number, or a gradient over the layers, e.g. '[0.3, 1.0]'
-    /// (interpolated from the first layer to the last; embeddings take the first value, lm_head the last).
-    #[arg(long, default_value = "1", value_parser = parse_scale, allow_negative_numbers = true)]
-    pub scale: Scale,
-
-    /// Scale for tensors matching REGEX, a number or a gradient, e.g. 'mlp\.=0.5' or
-    /// 'self_attn=[0.3, 1.0]' (repeatable; first match wins).
-    #[arg(long, value_name = "REGEX=S")]
-    pub scale_for: Vec<String>,
-
-    /// Embedding rows when vocabularies differ: auto, full, skip, prefix or align.
-    #[arg(long, default_value = "auto", value_parser = embedding_policy())]
-    pub embeddings: EmbeddingPolicy,
-
-    /// Output dtype for float tensors (default: the base's, tensor by tensor).
-    #[arg(long, value_parser = parse_dtype)]
-    pub out_dtype: Option<FloatType>,
-
-    /// Keep the base's chat template and eos ids instead of the chat model's.
-    #[arg(long)]
-    pub keep_base_template: bool,
-
-    /// The --vector directory holds a raw delta (chat - pretrained from another
-    /// tool, without chatvec's manifest), not a whole model.
-    #[arg(long, requires = "vector")]
-    pub raw_delta: bool,
+    #[command(flatten)]
+    pub params: ApplyParams,
 
     #[command(flatten)]
-    pub write: WriteArgs,
-}
-
-impl ApplyArgs {
-    pub fn spec(&self) -> ApplySpec {
-        let vector = match (&self.vector, &self.chat, &self.pretrained) {
-            _ if self.lora.is_some() => VectorSource::Lora(self.lora.clone().unwrap_or_default()),
-            (Some(v), _, _) => VectorSource::Stored(v.clone()),
-            // clap requires --vector, or --chat with --pretrained.
-            (None, chat, pretrained) => VectorSource::Pair {
-                chat: chat.clone().unwrap_or_default(),
-                pretrained: pretrained.clone().unwrap_or_default(),
-            },
-        };
-        ApplySpec {
-            scale: self.scale.clone(),
-            scale_for: self.scale_for.clone(),
-            include: self.write.include.clone(),
-            exclude: self.write.exclude.clone(),
-            embeddings: self.embeddings,
-            out_dtype: self.out_dtype,
-            keep_base_template: self.keep_base_template,
-            shard_size: self.write.shard_size,
-            allow_mismatch: self.write.allow_mismatch,
-            raw_delta: self.raw_delta,
-            ..ApplySpec::new(self.base.clone(), vector)
-        }
-    }
+    pub out: OutArgs,
 }
 
 #[derive(Args, Debug)]
@@ -714,22 +598,6 @@ impl SftArgs {
     }
 }
 
-fn parse_dtype(s: &str) -> Result<FloatType, String> {
-    FloatType::parse_cli(s).ok_or_else(|| format!("'{s}' is not a dtype chatvec writes (bf16, f16, f32)"))
-}
-
-/// A scale as an f32, refused as typed when it is not a finite f32 (1e40
-/// is out of range, not "inf").
-fn parse_scale(s: &str) -> Result<Scale, String> {
-    Scale::parse(s, "--scale")
-        .map_err(|_| "expected a finite number an f32 can hold (|x| <= 3.4e38) or a list of them, e.g. 0.5 or [0.3, 1.0]".into())
-}
-
-fn embedding_policy() -> impl TypedValueParser<Value = EmbeddingPolicy> {
-    PossibleValuesParser::new(EmbeddingPolicy::ALL.map(|p| p.name()))
-        .map(|s| s.parse::<EmbeddingPolicy>().unwrap_or(EmbeddingPolicy::Auto))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -758,6 +626,75 @@ mod tests {
             let e = parse_scale(bad).unwrap_err();
             assert!(e.contains("expected a finite number"), "{bad}: {e}");
         }
+    }
+
+    /// Job scripts run `chatvec` with `SftJob::command_args` on each node:
+    /// every option set away from its default must come back through this
+    /// binary's own flags unchanged.
+    #[test]
+    fn sft_job_command_lines_parse_back_to_the_same_job() {
+        let options = SftOptions {
+            data: vec![DataFile::parse("a b.jsonl:2").unwrap(), DataFile::parse("c.jsonl").unwrap()],
+            eval_data: Some(PathBuf::from("held out.jsonl")),
+            eval_steps: Some(7),
+            epochs: 2.5,
+            max_steps: Some(11),
+            lr: 3e-6,
+            warmup_ratio: 0.1,
+            scheduler: "linear".into(),
+            max_seq_len: 512,
+            batch_size: 3,
+            grad_accum: 5,
+            packing: true,
+            assistant_only_loss: !SftOptions::default().assistant_only_loss,
+            chat_template: Some("t.jinja".into()),
+            lora: true,
+            lora_r: 4,
+            lora_alpha: 9,
+            seed: 13,
+            save_steps: 17,
+            save_total_limit: 2,
+            resume: Some("latest".into()),
+            report_to: "tensorboard".into(),
+            cpu_offload: true,
+            train_args: [("gradient_checkpointing".to_string(), serde_json::json!(true))].into(),
+            nproc: 8,
+            nnodes: 2,
+            node_rank: 1,
+            master_addr: Some("10.0.0.1".into()),
+            master_port: 29501,
+            fsdp: true,
+            deepspeed: None,
+            launcher: Some("slurm".into()),
+            python: Some(PathBuf::from("/venv/bin/python")),
+            ..SftOptions::default()
+        };
+        let job = chatvec::SftJob {
+            model: "m".into(),
+            output: PathBuf::from("run dir"),
+            force: true,
+            dry_run: false,
+            options,
+        };
+        let mut argv = vec!["chatvec".to_string()];
+        argv.extend(job.command_args());
+        let c = Cli::try_parse_from(&argv).unwrap_or_else(|e| panic!("{argv:?}: {e}"));
+        let Command::Sft(a) = c.command else { panic!("not sft") };
+        assert_eq!((a.model.as_str(), a.output.as_path(), a.force), ("m", job.output.as_path(), true));
+        assert_eq!(a.options(), job.options);
+        // And with an eval split and DeepSpeed instead.
+        let other = chatvec::SftJob {
+            options: SftOptions {
+                eval_split: Some(0.05),
+                deepspeed: Some("zero3".into()),
+                ..SftOptions { data: job.options.data.clone(), ..SftOptions::default() }
+            },
+            ..job
+        };
+        let mut argv = vec!["chatvec".to_string()];
+        argv.extend(other.command_args());
+        let Command::Sft(a) = Cli::try_parse_from(&argv).unwrap().command else { panic!("not sft") };
+        assert_eq!(a.options(), other.options);
     }
 
     #[test]

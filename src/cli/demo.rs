@@ -8,8 +8,8 @@
 use std::path::{Path, PathBuf};
 
 use chatvec::{
-    AnalyzeReport, AnalyzeSpec, ApplySpec, DeviceChoice, Error, ExtractSpec, FloatType, InputHashes, Result,
-    Summary, VectorSource, WriteOptions, human_bytes,
+    AnalyzeReport, AnalyzeSpec, ApplyParams, DeviceChoice, Error, ExtractParams, FloatType, InputHashes,
+    Result, Summary, VectorSource, WriteOptions, human_bytes,
 };
 use serde::Serialize;
 
@@ -89,19 +89,18 @@ fn steps(root: &Path, device: DeviceChoice) -> Result<(String, DemoReport)> {
     out.push_str(
         "$ chatvec extract --chat llama-chat --pretrained llama-pretrained --dtype f32 -o chat-vector\n",
     );
-    let spec = ExtractSpec { dtype: Some(FloatType::F32), ..ExtractSpec::new(s(&chat), s(&pre)) };
-    let sx = chatvec::extract(&spec, &settings(&vector))?;
+    let spec = ExtractParams { dtype: Some(FloatType::F32), ..ExtractParams::new(s(&chat), s(&pre)) };
+    let sx = chatvec::extract(&spec.validate()?, &settings(&vector))?;
     out.push_str(&describe(&sx));
 
     let a = root.join("swallow-like-cv");
     out.push_str("$ chatvec apply --base swallow-like --vector chat-vector -o swallow-like-cv\n");
-    let sa = chatvec::apply(&ApplySpec::new(s(&base), VectorSource::Stored(s(&vector))), &settings(&a))?;
+    let sa = chatvec::apply(&ApplyParams::new(s(&base), s(&vector)).validate()?, &settings(&a))?;
     out.push_str(&describe(&sa));
 
     let b = root.join("swallow-like-cv-streamed");
     out.push_str("$ chatvec apply --base swallow-like --chat llama-chat --pretrained llama-pretrained -o swallow-like-cv-streamed\n");
-    let pair = VectorSource::Pair { chat: s(&chat), pretrained: s(&pre) };
-    let sb = chatvec::apply(&ApplySpec::new(s(&base), pair), &settings(&b))?;
+    let sb = chatvec::apply(&ApplyParams::pair(s(&base), s(&chat), s(&pre)).validate()?, &settings(&b))?;
     out.push_str(&describe(&sb));
 
     let same = sa.shards.len() == sb.shards.len()

@@ -120,21 +120,21 @@ pub fn run(cli: Cli) -> Result<()> {
     }
     let json = cli.json;
     match cli.command {
-        Command::Extract(a) => report(&chatvec::extract(&a.spec(), &a.write.out.options())?, json),
-        Command::Apply(a) => report(&chatvec::apply(&a.spec(), &a.write.out.options())?, json),
+        Command::Extract(a) => report(&chatvec::extract(&a.params.validate()?, &a.out.options())?, json),
+        Command::Apply(a) => report(&chatvec::apply(&a.params.validate()?, &a.out.options())?, json),
         Command::Analyze(a) => analyzed(&chatvec::analyze(&a.spec())?, json),
         Command::Eval(a) => {
             let r = chatvec::eval(&a.spec())?;
             if json { json_out(&r) } else { out(&r.to_string()) }
         }
         Command::Sweep(a) => {
-            if a.apply.scale != chatvec::Scale::Constant(1.0) || a.apply.lora.is_some() {
+            if a.apply.params.scale.is_some() || a.apply.params.lora.is_some() {
                 return Err(Error::Usage(
                     "sweep takes its scales from --scales, and chat vectors only (no --scale, no --lora)"
                         .into(),
                 ));
             }
-            let r = chatvec::sweep(&a.apply.spec(), &a.scales.0, &a.apply.write.out.options())?;
+            let r = chatvec::sweep(&a.apply.params.validate()?, &a.scales.0, &a.apply.out.options())?;
             if json {
                 return json_out(&r);
             }

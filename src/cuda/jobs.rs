@@ -12,7 +12,7 @@ use crate::merge::methods::Method;
 use crate::merge::stats::{Keep, ModelStats, STAT_BLOCK, TensorStats};
 use crate::merge::{Inputs, TensorMerge};
 use crate::model::dtype::FloatType;
-use crate::plan::{Op, OutTensor, Plan};
+use crate::plan::{Op, Plan};
 
 fn suffix(t: FloatType) -> &'static str {
     match t {
@@ -23,16 +23,18 @@ fn suffix(t: FloatType) -> &'static str {
 }
 
 impl Gpu {
-    /// Enqueues elements `elems` of tensor `t` in slot `slot`; `collect`
-    /// returns the output bytes.
+    /// Enqueues elements `elems` of output tensor `tensor` in slot `slot`;
+    /// `collect` returns the output bytes. Scales come from the plan's
+    /// one variant, as the CPU's do (`Plan::segments`).
     pub fn enqueue(
         &self,
         slot: usize,
         plan: &Plan,
-        t: &OutTensor,
+        tensor: usize,
         stats: Option<&TensorStats>,
         elems: Range<u64>,
     ) -> Result<()> {
+        let t = &plan.tensors[tensor];
         let out_ty = t
             .dtype
             .float()
@@ -49,7 +51,7 @@ impl Gpu {
                     self.enqueue_merge(slot, inputs, &m.merge, st, out_ty, t.numel(), elems)
                 })
             }
-            op => self.enqueue_arith(slot, plan, op, out_ty, elems),
+            _ => self.enqueue_arith(slot, plan, tensor, out_ty, elems),
         }
     }
 
@@ -57,11 +59,17 @@ impl Gpu {
         &self,
         slot: usize,
         plan: &Plan,
-        op: &Op,
+        tensor: usize,
         out_ty: FloatType,
         elems: Range<u64>,
     ) -> Result<()> {
-        let segs = plan.segments(op, &elems);
+        if plan.variants() != 1 {
+            return Err(Error::Internal(format!(
+                "a plan of {} variants reached the GPU, which computes one",
+                plan.variants()
+            )));
+        }
+        let segs = plan.segments(tensor, &elems, 0);
         let ops: Vec<Vec<Operand>> = segs.iter().map(|(_, seg)| seg.operands()).collect();
         let parts: Vec<&[u8]> = ops.iter().flatten().map(|o| o.bytes).collect();
         let os = out_ty.size();

@@ -103,8 +103,8 @@ pub(crate) fn run<'a>(plan: &'a Plan, stats: &StatsMap, job: &Job, mut buf: Vec<
                         element::compute(inputs, &m.merge, st, out_ty, elems.clone(), &mut buf)
                     });
                 }
-                op => {
-                    for (r, seg) in plan.segments(op, elems) {
+                _ => {
+                    for (r, seg) in plan.segments(*tensor, elems, 0) {
                         seg.compute(out_ty, &mut buf[at(r.start)..at(r.end)]);
                     }
                 }
@@ -123,30 +123,25 @@ fn sized(buf: &mut Vec<u8>, len: usize) {
     buf.resize(len, 0);
 }
 
-/// Per output tensor, the scale a sweep's candidate uses instead of the
-/// plan's (`None`: the plan's).
-pub(crate) type ScaleOverride = Vec<Option<f32>>;
-
-/// Runs `job` once per variant (a sweep's candidates), one piece each: the
-/// operands of an arithmetic job are decoded once for all of them; other
-/// jobs are the same for every variant. Each piece equals what `run` gives
-/// on the plan with that variant's scales; with each, what rounding did to
-/// the vector's change (counted as it is computed).
+/// Runs `job` once per variant of the plan (a sweep's candidates), one
+/// piece each: the operands of an arithmetic job are decoded once for all
+/// of them; other jobs are the same for every variant. Each piece equals
+/// what `run` gives on a plan with only that variant's scales; with each,
+/// what rounding did to the vector's change (counted as it is computed).
 pub(crate) fn run_many<'a>(
     plan: &'a Plan,
     stats: &StatsMap,
     job: &Job,
     mut bufs: Vec<Vec<u8>>,
-    variants: &[Option<&ScaleOverride>],
 ) -> Result<(Vec<Piece<'a>>, Vec<Rounding>)> {
-    let n = variants.len();
+    let n = plan.variants();
     let none = vec![Rounding::default(); n];
     let Job::Compute { tensor, elems } = job else {
         let one = run(plan, stats, job, Vec::new())?;
         return Ok(((0..n).map(|_| one.borrowed()).collect(), none));
     };
     let t = &plan.tensors[*tensor];
-    let Op::Arith { formula, .. } = &t.op else {
+    let Op::Arith { .. } = &t.op else {
         // No scale: computed once, the same bytes for every variant.
         let one = run(plan, stats, job, bufs.pop().unwrap_or_default())?;
         let mut copies: Vec<Piece> = Vec::with_capacity(n);
@@ -158,9 +153,7 @@ pub(crate) fn run_many<'a>(
         copies.insert(0, one);
         return Ok((copies, none));
     };
-    let own = formula.scale().unwrap_or(1.0);
-    let scales: Vec<f32> =
-        variants.iter().map(|v| v.and_then(|o| o.get(*tensor).copied().flatten()).unwrap_or(own)).collect();
+    let scales: Vec<f32> = (0..n).map(|k| plan.scale(k, *tensor).unwrap_or(1.0)).collect();
     let out_ty = float_out(t)?;
     let len = (elems.end - elems.start) as usize * out_ty.size();
     bufs.resize_with(n, Vec::new);
@@ -169,7 +162,7 @@ pub(crate) fn run_many<'a>(
     }
     let at = |p: u64| ((p - elems.start) as usize) * out_ty.size();
     let mut rounding = none;
-    for (r, seg) in plan.segments(&t.op, elems) {
+    for (r, seg) in plan.segments(*tensor, elems, 0) {
         let mut outs: Vec<&mut [u8]> = bufs.iter_mut().map(|b| &mut b[at(r.start)..at(r.end)]).collect();
         seg.compute_scales(out_ty, &mut outs, &scales, &mut rounding, r.start);
     }
@@ -188,7 +181,7 @@ pub(crate) fn gpu_rounding(plan: &Plan, job: &Job, piece: &Piece<'_>) -> Roundin
     let (Op::Arith { .. }, Some(out_ty)) = (&t.op, t.dtype.float()) else { return Rounding::default() };
     let at = |p: u64| ((p - elems.start) as usize) * out_ty.size();
     let mut total = Rounding::default();
-    for (r, seg) in plan.segments(&t.op, elems) {
+    for (r, seg) in plan.segments(*tensor, elems, 0) {
         total += seg.rounding(out_ty, &piece.bytes()[at(r.start)..at(r.end)], r.start);
     }
     total
@@ -454,8 +447,7 @@ pub(crate) fn run_on_gpu<'a>(
             check_computed(plan, &group[j], &b)?;
             pieces[j] = Some(Piece::Owned(b));
         }
-        let t = &plan.tensors[*tensor];
-        gpu.enqueue(slot, plan, t, stats.get(tensor).map(|s| &**s), elems.clone())?;
+        gpu.enqueue(slot, plan, *tensor, stats.get(tensor).map(|s| &**s), elems.clone())?;
         owner[slot] = Some(i);
         slot = (slot + 1) % cuda::SLOTS;
     }
@@ -503,5 +495,129 @@ mod tests {
                 assert_eq!(any_nonfinite_portable(FloatType::F32, &bytes), !v.is_finite(), "baseline copy");
             }
         }
+    }
+
+    /// Writes an f32 safetensors model of `names` (each 2 x 4) whose
+    /// values come from `seed`, with a config of `layers` layers.
+    fn write_model(dir: &std::path::Path, names: &[&str], seed: f32, layers: u64) {
+        std::fs::create_dir_all(dir).unwrap();
+        let (mut header, mut data) = (serde_json::Map::new(), Vec::new());
+        for (k, name) in names.iter().enumerate() {
+            let start = data.len();
+            for i in 0..8 {
+                data.extend_from_slice(&(seed * (k as f32 + 1.0) + 0.125 * i as f32).to_le_bytes());
+            }
+            header.insert(
+                name.to_string(),
+                serde_json::json!({"dtype": "F32", "shape": [2, 4], "data_offsets": [start, data.len()]}),
+            );
+        }
+        let text = serde_json::to_vec(&header).unwrap();
+        let mut file = (text.len() as u64).to_le_bytes().to_vec();
+        file.extend_from_slice(&text);
+        file.extend_from_slice(&data);
+        std::fs::write(dir.join("model.safetensors"), file).unwrap();
+        let config = serde_json::json!({"model_type": "llama", "num_hidden_layers": layers});
+        std::fs::write(dir.join("config.json"), config.to_string()).unwrap();
+    }
+
+    /// The GPU is handed `plan.segments(tensor, elems, 0)` of a
+    /// one-variant plan; the CPU computes every variant of a sweep from
+    /// the same plan. Both must take each tensor's scale from the plan's
+    /// one record of it (`Plan::scales`), so per tensor and per candidate:
+    /// the segments' scale is the one an independent reading of the
+    /// candidate, its layer gradient and the `--scale-for` rule gives, and
+    /// the CPU's piece equals those segments computed alone and an f64
+    /// reference of `base + scale * (chat - pre)`.
+    #[test]
+    fn cpu_and_gpu_dispatch_read_each_candidates_scale_from_the_plan() {
+        use crate::model::checkpoint::Checkpoint;
+        use crate::plan::chat_vector::{ApplyOptions, Common, VectorSide, plan_apply};
+        use crate::spec::select::{Scale, Selection, Spelling};
+        let root = tempfile::tempdir().unwrap();
+        let names = [
+            "model.embed_tokens.weight",
+            "model.layers.0.mlp.up_proj.weight",
+            "model.layers.0.self_attn.q_proj.weight",
+            "model.layers.1.mlp.up_proj.weight",
+            "model.layers.1.self_attn.q_proj.weight",
+            "lm_head.weight",
+        ];
+        for (dir, seed) in [("base", 1.0), ("chat", 1.5), ("pre", 0.75)] {
+            write_model(&root.path().join(dir), &names, seed, 2);
+        }
+        let open = |d: &str| Checkpoint::open(&root.path().join(d)).unwrap();
+        let candidates = vec![Scale::Constant(0.5), Scale::Layers(vec![0.2, 1.0]), Scale::Constant(-1.5)];
+        let rule = "self_attn=0.25".to_string();
+        let selection = Selection::new(&[], &[], &Scale::Constant(1.0), &[rule], Spelling::Cli).unwrap();
+        let opts = ApplyOptions {
+            common: Common { selection, shard_size: 1 << 30, allow_mismatch: false },
+            embeddings: crate::spec::embeddings::EmbeddingPolicy::Auto,
+            out_dtype: None,
+            candidates: candidates.clone(),
+        };
+        let side = VectorSide::Streaming { chat: Box::new(open("chat")), pretrained: Box::new(open("pre")) };
+        let plan = plan_apply(open("base"), side, &opts).unwrap();
+        assert_eq!(plan.variants(), 3);
+        // The scale an independent reading gives: the rule for attention,
+        // else the candidate, a gradient read at the layer's position
+        // (embeddings first, lm_head last, layer i of 2 at i).
+        let expected = |k: usize, name: &str| -> f64 {
+            if name.contains("self_attn") {
+                return 0.25;
+            }
+            match &candidates[k] {
+                Scale::Constant(v) => f64::from(*v),
+                Scale::Layers(a) => {
+                    let t = if name.contains("layers.1.") || name.starts_with("lm_head") { 1.0 } else { 0.0 };
+                    f64::from(a[0]) + t * (f64::from(a[1]) - f64::from(a[0]))
+                }
+            }
+        };
+        let stats = StatsMap::new();
+        let mut checked = 0;
+        for (i, t) in plan.tensors.iter().enumerate() {
+            let elems = 0..t.numel();
+            let job = Job::Compute { tensor: i, elems: elems.clone() };
+            let (pieces, _) = run_many(&plan, &stats, &job, Vec::new()).unwrap();
+            for (k, piece) in pieces.iter().enumerate() {
+                let want = expected(k, &t.name);
+                assert_eq!(
+                    plan.scale(k, i).map(f64::from),
+                    Some(want as f32 as f64),
+                    "{} candidate {k}",
+                    t.name
+                );
+                let segs = plan.segments(i, &elems, k);
+                let mut alone = vec![0u8; t.numel() as usize * 4];
+                for (r, seg) in &segs {
+                    assert_eq!(
+                        seg.scale().map(f64::from),
+                        Some(want as f32 as f64),
+                        "{} candidate {k}",
+                        t.name
+                    );
+                    seg.compute(FloatType::F32, &mut alone[r.start as usize * 4..r.end as usize * 4]);
+                }
+                assert!(
+                    piece.bytes() == alone.as_slice(),
+                    "{} candidate {k}: CPU and segments differ",
+                    t.name
+                );
+                let [b, c, p] = [1.0, 1.5, 0.75].map(|seed: f32| seed * (i as f32 + 1.0));
+                for (e, got) in piece.bytes().chunks(4).enumerate() {
+                    let x = |s: f32| f64::from(s + 0.125 * e as f32);
+                    let reference = x(b) + want * (x(c) - x(p));
+                    let got = f64::from(f32::from_le_bytes(got.try_into().unwrap()));
+                    assert!(
+                        (got - reference).abs() <= 1e-5 * reference.abs().max(1.0),
+                        "{} [{e}] candidate {k}: {got} vs {reference}",
+                        t.name
+                    );
+                }
+                checked += 1;
+            }
+        }
+        assert_eq!(checked, names.len() * 3);
     }
 }

@@ -33,7 +33,7 @@ use crate::model::hash_cache::HashCache;
 use crate::output::files::{SyncedFile, WrittenFile};
 use crate::plan::Plan;
 use input_hash::{Touch, hash_following};
-use jobs::{Job, Piece, ScaleOverride, StatsMap};
+use jobs::{Job, Piece, StatsMap};
 
 pub(crate) use crate::arith::formulas::{ROUNDING_STRIDE, Rounding};
 
@@ -96,7 +96,6 @@ impl Engine<'_> {
         group: &[Job],
         first: usize,
         bufs: Vec<Vec<Vec<u8>>>,
-        variants: &[Option<&ScaleOverride>],
     ) -> Result<(Batch<'p>, Vec<Rounding>)> {
         let done: Vec<(Vec<Piece>, Vec<Rounding>)> = match self {
             Engine::Gpu(g) => {
@@ -118,11 +117,11 @@ impl Engine<'_> {
                 group
                     .par_iter()
                     .zip(bufs)
-                    .map(|(job, buf)| jobs::run_many(plan, stats, job, buf, variants))
+                    .map(|(job, buf)| jobs::run_many(plan, stats, job, buf))
                     .collect::<Result<Vec<_>>>()
             })?,
         };
-        let mut rounding = vec![Rounding::default(); variants.len().max(1)];
+        let mut rounding = vec![Rounding::default(); plan.variants()];
         let mut batch = Vec::with_capacity(done.len());
         for (i, (pieces, r)) in done.into_iter().enumerate() {
             for (total, one) in rounding.iter_mut().zip(r) {
@@ -134,18 +133,12 @@ impl Engine<'_> {
     }
 }
 
-/// Writes the shards of `plan` once per variant (a sweep's candidates:
-/// per-tensor scales instead of the plan's, `None` for the plan's own) into
-/// `dirs[k]`, reading and decoding every input once for all of them, and
-/// hashes the inputs. Variant `k`'s bytes equal `execute` on the plan with
-/// its scales.
-pub(crate) fn execute_many(
-    plan: &Plan,
-    variants: &[Option<&ScaleOverride>],
-    dirs: &[&Path],
-    opts: &ExecOptions,
-) -> Result<Vec<ExecResult>> {
-    let n = variants.len().max(1);
+/// Writes the shards of `plan` once per variant (a sweep's candidates,
+/// with the scales `plan.scales` gives each) into `dirs[k]`, reading and
+/// decoding every input once for all of them, and hashes the inputs.
+/// Variant `k`'s bytes equal those of a plan with only its scales.
+pub(crate) fn execute_many(plan: &Plan, dirs: &[&Path], opts: &ExecOptions) -> Result<Vec<ExecResult>> {
+    let n = plan.variants();
     if dirs.len() != n {
         return Err(Error::Internal(format!("{n} variants for {} directories", dirs.len())));
     }
@@ -228,7 +221,7 @@ pub(crate) fn execute_many(
                 .collect();
             let pieces = interrupt::check()
                 .and_then(|()| inputs_intact(plan))
-                .and_then(|()| engine.run_batch(plan, &mut stats, group, bi * batch, bufs, variants));
+                .and_then(|()| engine.run_batch(plan, &mut stats, group, bi * batch, bufs));
             match pieces {
                 Ok((p, r)) => {
                     for (total, one) in rounding.iter_mut().zip(r) {

@@ -9,10 +9,11 @@ use crate::analyze::findings::findings;
 use crate::analyze::report::{AnalyzeReport, Skipped, aggregate, tensor_figures};
 use crate::analyze::{Inputs, Side, plot, run};
 use crate::error::{Error, Result};
-use crate::job::chat_vector::{VectorRefs, VectorSource};
+use crate::job::chat_vector::{VectorRefs, resolve_vector};
 use crate::model::checkpoint::Checkpoint;
 use crate::plan::checks::read_vocab;
 use crate::resolve::open_model;
+use crate::spec::apply::VectorSource;
 
 /// What to analyze.
 #[derive(Clone, Debug)]
@@ -44,7 +45,7 @@ impl Opened {
         let pair = |c: &str, p: &str| -> Result<(Opened, String)> {
             Ok((Opened::Pair(Box::new(open_model(c)?), Box::new(open_model(p)?)), format!("{c} - {p}")))
         };
-        match v.resolve()? {
+        match resolve_vector(v)? {
             VectorRefs::Pair { chat, pretrained, alias: None } => pair(&chat, &pretrained),
             VectorRefs::Pair { chat, pretrained, alias: Some(s) } => {
                 pair(&chat, &pretrained).map(|(o, d)| (o, format!("{s} = {d}")))

@@ -7,79 +7,16 @@ use crate::job::{
     Records, Summary, Variant, WriteOptions, check_written_config, set_labels, write_output, write_outputs,
 };
 use crate::model::checkpoint::Checkpoint;
-use crate::model::dtype::FloatType;
 use crate::output::card::{CARD_FILE, model_card};
-use crate::output::manifest::{
-    MANIFEST_FILE, Parameters, RecipeRecord, TensorRecord, VectorRecord, read_vector_info,
-};
+use crate::output::manifest::{MANIFEST_FILE, RecipeRecord, TensorRecord, VectorRecord, read_vector_info};
 use crate::output::sidecars::{ChatSide, model_side_files, read_side_files};
+use crate::plan::Plan;
 use crate::plan::chat_vector::{ApplyOptions, Common, VectorSide, plan_apply, plan_extract};
 use crate::plan::checks::delta_ratio;
-use crate::plan::checks::layers_of;
 use crate::plan::lora::plan_lora;
-use crate::plan::select::{Scale, Selection, Spelling};
-use crate::plan::{EmbeddingPolicy, Op, Plan};
 use crate::resolve::{open_adapter, open_model, vector_alias};
-use crate::units::parse_size;
-
-/// The default output shard size, as transformers' `max_shard_size`.
-pub(crate) const DEFAULT_SHARD_SIZE: &str = "5GB";
-
-fn default_shard_size() -> u64 {
-    parse_size(DEFAULT_SHARD_SIZE).unwrap_or(5_000_000_000)
-}
-
-/// `extract`: what to subtract and how to write it.
-#[derive(Clone, Debug)]
-pub struct ExtractSpec {
-    /// The chat / instruct model (directory, Hub id or alias).
-    pub chat: String,
-    /// The pretrained model it was tuned from.
-    pub pretrained: String,
-    /// The vector's dtype (`None`: the chat model's). F32 is exact.
-    pub dtype: Option<FloatType>,
-    /// Regexes of the tensors to take (empty: all).
-    pub include: Vec<String>,
-    /// Regexes of the tensors to leave out.
-    pub exclude: Vec<String>,
-    /// Largest shard, in data bytes.
-    pub shard_size: u64,
-    /// Turn config.json architecture differences into warnings.
-    pub allow_mismatch: bool,
-}
-
-impl ExtractSpec {
-    /// `chat - pretrained` of every tensor, in the chat model's dtype.
-    pub fn new(chat: impl Into<String>, pretrained: impl Into<String>) -> ExtractSpec {
-        ExtractSpec {
-            chat: chat.into(),
-            pretrained: pretrained.into(),
-            dtype: None,
-            include: Vec::new(),
-            exclude: Vec::new(),
-            shard_size: default_shard_size(),
-            allow_mismatch: false,
-        }
-    }
-}
-
-/// The vector `apply` adds.
-#[derive(Clone, Debug)]
-pub enum VectorSource {
-    /// A vector written by `extract`, or a vector alias (`llama3-instruct`),
-    /// which names a (chat, pretrained) pair.
-    Stored(String),
-    /// `chat - pretrained`, computed on the fly and never written.
-    Pair {
-        /// The chat model.
-        chat: String,
-        /// The pretrained model it was tuned from.
-        pretrained: String,
-    },
-    /// A PEFT LoRA adapter (directory or Hub id), merged as
-    /// `W + scale * scaling * (B @ A)`.
-    Lora(String),
-}
+use crate::spec::apply::{ApplySpec, ExtractSpec, VectorSource};
+use crate::spec::select::{Scale, Selection};
 
 /// A `VectorSource` with its vector alias looked up: what to open.
 pub(crate) enum VectorRefs {
@@ -92,127 +29,43 @@ pub(crate) enum VectorRefs {
     Lora(String),
 }
 
-impl VectorSource {
-    /// Looks a stored reference up among the vector aliases, which name a
-    /// pair, so every command reads aliases the same way.
-    pub(crate) fn resolve(&self) -> Result<VectorRefs> {
-        Ok(match self {
-            VectorSource::Stored(v) => match vector_alias(v)? {
-                Some(a) => {
-                    VectorRefs::Pair { chat: a.chat, pretrained: a.pretrained, alias: Some(v.clone()) }
-                }
-                None => VectorRefs::Stored(v.clone()),
-            },
-            VectorSource::Pair { chat, pretrained } => {
-                VectorRefs::Pair { chat: chat.clone(), pretrained: pretrained.clone(), alias: None }
-            }
-            VectorSource::Lora(a) => VectorRefs::Lora(a.clone()),
-        })
-    }
+/// Looks a stored reference up among the vector aliases, which name a
+/// pair, so every command reads aliases the same way.
+pub(crate) fn resolve_vector(source: &VectorSource) -> Result<VectorRefs> {
+    Ok(match source {
+        VectorSource::Stored(v) => match vector_alias(v)? {
+            Some(a) => VectorRefs::Pair { chat: a.chat, pretrained: a.pretrained, alias: Some(v.clone()) },
+            None => VectorRefs::Stored(v.clone()),
+        },
+        VectorSource::Pair { chat, pretrained } => {
+            VectorRefs::Pair { chat: chat.clone(), pretrained: pretrained.clone(), alias: None }
+        }
+        VectorSource::Lora(a) => VectorRefs::Lora(a.clone()),
+    })
 }
 
-/// `apply`: what to add to which model, and how to write the result.
-#[derive(Clone, Debug)]
-pub struct ApplySpec {
-    /// The model to give chat ability to (directory, Hub id or alias).
-    pub base: String,
-    /// The vector.
-    pub vector: VectorSource,
-    /// Scale of the vector: one value, or a gradient over the layers.
-    pub scale: Scale,
-    /// `REGEX=S` scales for matching tensors; the first match wins.
-    pub scale_for: Vec<String>,
-    /// Regexes of the tensors that get the vector (empty: all).
-    pub include: Vec<String>,
-    /// Regexes of the tensors left as in the base.
-    pub exclude: Vec<String>,
-    /// Embedding rows when vocabularies differ.
-    pub embeddings: EmbeddingPolicy,
-    /// Output dtype of float tensors (`None`: the base's, tensor by tensor).
-    pub out_dtype: Option<FloatType>,
-    /// Keep the base's chat template and eos ids.
-    pub keep_base_template: bool,
-    /// Largest shard, in data bytes.
-    pub shard_size: u64,
-    /// Turn config.json architecture differences into warnings.
-    pub allow_mismatch: bool,
-    /// A stored vector without a chatvec manifest is a raw delta (from
-    /// another tool), not a mistake (a whole model given as a vector).
-    pub raw_delta: bool,
-}
-
-impl ApplySpec {
-    /// `base + vector` over every tensor, with the base's dtypes.
-    pub fn new(base: impl Into<String>, vector: VectorSource) -> ApplySpec {
-        ApplySpec {
-            base: base.into(),
-            vector,
-            scale: Scale::Constant(1.0),
-            scale_for: Vec::new(),
-            include: Vec::new(),
-            exclude: Vec::new(),
-            embeddings: EmbeddingPolicy::Auto,
-            out_dtype: None,
-            keep_base_template: false,
-            shard_size: default_shard_size(),
-            allow_mismatch: false,
-            raw_delta: false,
-        }
-    }
-
-    fn common(&self, spelling: Spelling) -> Result<Common> {
-        Ok(Common {
-            selection: Selection::new(&self.include, &self.exclude, &self.scale, &self.scale_for, spelling)?,
-            shard_size: self.shard_size,
-            allow_mismatch: self.allow_mismatch,
-        })
-    }
-
-    /// The parameters as the manifest records them, verbatim.
-    fn parameters(&self) -> Parameters {
-        Parameters {
-            scale: self.scale.clone(),
-            scale_for: self.scale_for.clone(),
-            include: self.include.clone(),
-            exclude: self.exclude.clone(),
-            embeddings: Some(self.embeddings),
-            out_dtype: self.out_dtype.map(|t| t.dtype().name().to_string()),
-            shard_size: self.shard_size,
-            allow_mismatch: self.allow_mismatch,
-            keep_base_template: self.keep_base_template,
-        }
-    }
+/// The settings plan_extract and plan_apply share, from a checked spec.
+fn common(selection: &Selection, shard_size: u64, allow_mismatch: bool) -> Common {
+    Common { selection: selection.clone(), shard_size, allow_mismatch }
 }
 
 /// Parameters as JSON. Through text, so f32 values keep their shortest
 /// spelling (0.9, not 0.8999999761581421).
-fn to_value(p: &Parameters) -> Result<serde_json::Value> {
+fn to_value(p: &impl serde::Serialize) -> Result<serde_json::Value> {
     let text = serde_json::to_string(p).map_err(|e| Error::Internal(e.to_string()))?;
     serde_json::from_str(&text).map_err(|e| Error::Internal(e.to_string()))
 }
 
-/// The factor each computed tensor's vector was multiplied by (for a LoRA
-/// merge, on `B @ A`: the scale times alpha / r), by tensor name, for the
-/// manifest: what a layer gradient or a `--scale-for` rule gave each one.
-fn tensor_scales(plan: &Plan) -> serde_json::Value {
-    let scales: Vec<Option<f32>> = plan
-        .tensors
-        .iter()
-        .map(|t| match &t.op {
-            Op::Arith { formula, .. } => formula.scale(),
-            _ => None,
-        })
-        .collect();
-    scales_json(plan, &scales)
-}
-
-/// `tensor_scales` from per-tensor scales (a sweep candidate's), by name.
-fn scales_json(plan: &Plan, scales: &[Option<f32>]) -> serde_json::Value {
+/// The factor each computed tensor's vector was multiplied by in variant
+/// `variant` of the plan (for a LoRA merge, on `B @ A`: the scale times
+/// alpha / r), by tensor name, for the manifest: what a layer gradient or
+/// a `--scale-for` rule gave each one.
+fn tensor_scales(plan: &Plan, variant: usize) -> serde_json::Value {
     let mut m = serde_json::Map::new();
-    for (t, s) in plan.tensors.iter().zip(scales) {
-        if let Some(s) = s {
+    for (i, t) in plan.tensors.iter().enumerate() {
+        if let Some(s) = plan.scale(variant, i) {
             // Through text, so an f32 keeps its shortest spelling.
-            let v = serde_json::from_str(&serde_json::to_string(s).unwrap_or_default()).unwrap_or_default();
+            let v = serde_json::from_str(&serde_json::to_string(&s).unwrap_or_default()).unwrap_or_default();
             m.insert(t.name.clone(), v);
         }
     }
@@ -226,26 +79,11 @@ pub fn extract(spec: &ExtractSpec, out: &WriteOptions) -> Result<Summary> {
 }
 
 fn extract_now(spec: &ExtractSpec, out: &WriteOptions) -> Result<Summary> {
-    let chat_ck = open_model(&spec.chat)?;
+    let chat_ck = open_model(spec.chat())?;
     let chat_dir = chat_ck.dir.clone();
-    let common = Common {
-        selection: Selection::new(&spec.include, &spec.exclude, &Scale::Constant(1.0), &[], Spelling::Cli)?,
-        shard_size: spec.shard_size,
-        allow_mismatch: spec.allow_mismatch,
-    };
-    let mut plan = plan_extract(chat_ck, open_model(&spec.pretrained)?, &common, spec.dtype)?;
-    set_labels(&mut plan, &[&spec.chat, &spec.pretrained]);
-    let params = Parameters {
-        scale: Scale::Constant(1.0),
-        scale_for: Vec::new(),
-        include: spec.include.clone(),
-        exclude: spec.exclude.clone(),
-        embeddings: None,
-        out_dtype: spec.dtype.map(|t| t.dtype().name().to_string()),
-        shard_size: spec.shard_size,
-        allow_mismatch: spec.allow_mismatch,
-        keep_base_template: false,
-    };
+    let common = common(&spec.selection, spec.shard_size, spec.allow_mismatch());
+    let mut plan = plan_extract(chat_ck, open_model(spec.pretrained())?, &common, spec.dtype())?;
+    set_labels(&mut plan, &[spec.chat(), spec.pretrained()]);
     // The vector carries the chat model's config, tokenizer and template so
     // `apply --vector` can compare architectures, align vocabularies and
     // install the template without the chat model at hand.
@@ -263,7 +101,8 @@ fn extract_now(spec: &ExtractSpec, out: &WriteOptions) -> Result<Summary> {
         omitted: plan.omitted.clone(),
         tied: plan.inputs[0].ckpt.is_tied(),
     };
-    let rec = Records { kind: "extract", params: to_value(&params)?, recipe: None, vector: Some(vector) };
+    let rec =
+        Records { kind: "extract", params: to_value(&spec.given())?, recipe: None, vector: Some(vector) };
     write_output(plan, rec, out, side)
 }
 
@@ -329,25 +168,6 @@ fn refuse_zero_vector(chat: &Checkpoint, pretrained: &Checkpoint) -> Result<()> 
     Ok(())
 }
 
-/// Warnings about scales a chat vector is rarely used with.
-fn scale_warnings(spec: &ApplySpec) -> Vec<String> {
-    let scales = spec.scale.values().into_iter().chain(spec.scale_for.iter().flat_map(|s| {
-        s.rsplit_once('=').and_then(|(_, v)| Scale::parse(v, "").ok()).map(|x| x.values()).unwrap_or_default()
-    }));
-    let mut out = Vec::new();
-    for s in scales {
-        if s == 0.0 {
-            out.push("a scale of 0 adds nothing: those tensors stay as in the base".to_string());
-        } else if s.abs() > 3.0 {
-            out.push(format!(
-                "a scale of {s} is far outside what chat vectors use (0.5 to 1.0); check the output before using it"
-            ));
-        }
-    }
-    out.dedup();
-    out
-}
-
 /// `apply`, recording the recipe it came from.
 pub(crate) fn apply_recorded(
     spec: &ApplySpec,
@@ -357,7 +177,7 @@ pub(crate) fn apply_recorded(
     if let VectorSource::Lora(adapter) = &spec.vector {
         return apply_lora(spec, adapter, out, recipe);
     }
-    let mut all = apply_many(spec, &[(spec.scale.clone(), out.clone())], recipe)?;
+    let mut all = apply_many(spec, &[(spec.selection.default_scale().clone(), out.clone())], recipe)?;
     all.pop().ok_or_else(|| Error::Internal("no output was written".into()))
 }
 
@@ -370,7 +190,7 @@ pub(crate) fn apply_many(
     recipe: Option<RecipeRecord>,
 ) -> Result<Vec<Summary>> {
     let mut early_notes = Vec::new();
-    let (chat, pretrained) = match spec.vector.resolve()? {
+    let (chat, pretrained) = match resolve_vector(&spec.vector)? {
         VectorRefs::Pair { chat, pretrained, alias } => {
             if let Some(v) = alias {
                 early_notes.push(format!("vector {v} = {chat} - {pretrained}, computed on the fly"));
@@ -382,7 +202,7 @@ pub(crate) fn apply_many(
             return Err(Error::Usage("a LoRA adapter is merged at one scale at a time".into()));
         }
     };
-    let common = spec.common(if recipe.is_some() { Spelling::Recipe } else { Spelling::Cli })?;
+    let common = common(&spec.selection, spec.shard_size, spec.allow_mismatch);
     let base_ck = open_model(&spec.base)?;
     let base_dir = base_ck.dir.clone();
     let mut early_warnings = Vec::new();
@@ -412,11 +232,11 @@ pub(crate) fn apply_many(
         }
     };
     for (s, _) in outs {
-        early_warnings.extend(scale_warnings(&ApplySpec { scale: s.clone(), ..spec.clone() }));
+        early_warnings.extend(spec.with_scale(s).scale_warnings());
     }
     early_warnings.dedup();
-    let spelling = if recipe.is_some() { Spelling::Recipe } else { Spelling::Cli };
-    let opts = ApplyOptions { common, embeddings: spec.embeddings, out_dtype: spec.out_dtype };
+    let candidates = outs.iter().map(|(s, _)| s.clone()).collect();
+    let opts = ApplyOptions { common, embeddings: spec.embeddings, out_dtype: spec.out_dtype, candidates };
     let mut plan = plan_apply(base_ck, side, &opts)?;
     plan.warnings.splice(0..0, early_warnings);
     let labels: Vec<&str> = labels.iter().map(String::as_str).collect();
@@ -426,22 +246,9 @@ pub(crate) fn apply_many(
     check_written_config(&mut plan, &first_side, spec.allow_mismatch, &outs[0].1)?;
     // The first candidate takes these; later ones read their own.
     let mut first_side = Some(first_side);
-    let layers = layers_of(plan.inputs[0].ckpt.tensors.iter().map(|t| t.name.as_str()));
     let mut variants = Vec::with_capacity(outs.len());
-    for (scale, out) in outs {
-        let one = ApplySpec { scale: scale.clone(), ..spec.clone() };
-        // Each tensor's scale for this candidate, as its own plan would
-        // have it.
-        let mut sel = one.common(spelling)?.selection;
-        sel.set_layers(layers);
-        let scales: Vec<Option<f32>> = plan
-            .tensors
-            .iter()
-            .map(|t| match &t.op {
-                Op::Arith { formula, .. } if formula.scale().is_some() => Some(sel.scale(&t.name)),
-                _ => None,
-            })
-            .collect();
+    for (k, (scale, out)) in outs.iter().enumerate() {
+        let one = spec.with_scale(scale);
         let mut side = match first_side.take() {
             Some(s) => s,
             None => model_side_files(&base_dir, Some(chat_side()), spec.out_dtype)?,
@@ -449,10 +256,10 @@ pub(crate) fn apply_many(
         side.notes.splice(0..0, early_notes.clone());
         let how = format!("chat vector (scale {scale})");
         side.add(CARD_FILE, model_card(&plan, &how, recipe.as_ref())?);
-        let mut params = to_value(&one.parameters())?;
-        params["tensor_scales"] = scales_json(&plan, &scales);
+        let mut params = to_value(&one.given())?;
+        params["tensor_scales"] = tensor_scales(&plan, k);
         let rec = Records { kind: "apply", params, recipe: recipe.clone(), vector: None };
-        variants.push(Variant { rec, out: out.clone(), side, scales: Some(scales) });
+        variants.push(Variant { rec, out: out.clone(), side });
     }
     // The manifest says what ran (apply); the summary says what was asked
     // for (a merge, when from a recipe).
@@ -473,7 +280,7 @@ fn apply_lora(
     out: &WriteOptions,
     recipe: Option<RecipeRecord>,
 ) -> Result<Summary> {
-    let common = spec.common(if recipe.is_some() { Spelling::Recipe } else { Spelling::Cli })?;
+    let common = common(&spec.selection, spec.shard_size, spec.allow_mismatch);
     let adapter = open_adapter(reference)?;
     let base_ck = open_model(&spec.base)?;
     let base_dir = base_ck.dir.clone();
@@ -493,7 +300,7 @@ fn apply_lora(
         "use_rslora": adapter.use_rslora,
     });
     let mut plan = plan_lora(base_ck, adapter, &common, spec.out_dtype)?;
-    plan.warnings.splice(0..0, scale_warnings(spec));
+    plan.warnings.splice(0..0, spec.scale_warnings());
     set_labels(&mut plan, &[spec.base.as_str(), reference]);
     let has_template = crate::model::side_file(&adapter_dir, "tokenizer_config.json")?.is_some()
         || crate::model::side_file(&adapter_dir, "chat_template.jinja")?.is_some();
@@ -502,11 +309,11 @@ fn apply_lora(
     let mut side = model_side_files(&base_dir, chat_side, spec.out_dtype)?;
     side.notes.splice(0..0, notes);
     check_written_config(&mut plan, &side, spec.allow_mismatch, out)?;
-    let how = format!("LoRA adapter merged (scale {})", spec.scale);
+    let how = format!("LoRA adapter merged (scale {})", spec.selection.default_scale());
     side.add(CARD_FILE, model_card(&plan, &how, recipe.as_ref())?);
-    let mut params = to_value(&spec.parameters())?;
+    let mut params = to_value(&spec.given())?;
     params["lora"] = lora;
-    params["tensor_scales"] = tensor_scales(&plan);
+    params["tensor_scales"] = tensor_scales(&plan, 0);
     let rec = Records { kind: "apply", params, recipe, vector: None };
     write_output(plan, rec, out, side)
 }

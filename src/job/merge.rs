@@ -2,7 +2,7 @@
 //! merge method or as a chat vector written down.
 
 use crate::error::{Error, Result};
-use crate::job::chat_vector::{ApplySpec, VectorSource, apply_recorded};
+use crate::job::chat_vector::apply_recorded;
 use crate::job::sweep::{SweepReport, sweep_recorded};
 use crate::job::{
     HEADERS_ONLY, Records, Summary, WriteOptions, check_written_config, preflight, preflight_with,
@@ -13,8 +13,10 @@ use crate::output::manifest::RecipeRecord;
 use crate::output::sidecars::{add_union_tokens, model_side_files};
 use crate::plan::merge::{MergeSpec, plan_merge};
 use crate::plan::{Input, Role};
-use crate::recipe::{ChatVectorRecipe, MergeRecipe, Recipe, RecipeBody, VectorRef};
+use crate::recipe::{MergeRecipe, Recipe, RecipeBody};
 use crate::resolve::open_model;
+use crate::spec::apply::{ApplyParams, ApplySpec};
+use crate::spec::select::Spelling;
 
 /// Runs `recipe` into `out`. `seed` overrides the recipe's seed of the
 /// DARE/DELLA masks.
@@ -25,32 +27,21 @@ pub fn merge(recipe: &Recipe, seed: Option<u64>, out: &WriteOptions) -> Result<S
 fn merge_now(recipe: &Recipe, seed: Option<u64>, out: &WriteOptions) -> Result<Summary> {
     let record = recipe.record();
     match &recipe.body {
-        RecipeBody::ChatVector(c) => apply_recorded(&chat_vector_spec(recipe, c), out, Some(record)),
+        RecipeBody::ChatVector(c) => apply_recorded(&chat_vector_spec(recipe, c)?, out, Some(record)),
         RecipeBody::Merge(m) => merge_method(recipe, m, seed.unwrap_or(recipe.seed), out, record),
     }
 }
 
-/// A chat_vector recipe as the `apply` it describes.
-fn chat_vector_spec(recipe: &Recipe, c: &ChatVectorRecipe) -> ApplySpec {
-    let vector = match &c.vector {
-        VectorRef::Vector(v) => VectorSource::Stored(v.clone()),
-        VectorRef::Pair { chat, pretrained } => {
-            VectorSource::Pair { chat: chat.clone(), pretrained: pretrained.clone() }
-        }
-    };
-    ApplySpec {
-        scale: c.scale.clone(),
-        scale_for: c.scale_for.clone(),
-        include: c.include.clone(),
-        exclude: c.exclude.clone(),
-        embeddings: c.embeddings,
+/// A chat_vector recipe as the `apply` it describes, checked, with the
+/// recipe-wide settings and errors naming the recipe's keys.
+fn chat_vector_spec(recipe: &Recipe, c: &ApplyParams) -> Result<ApplySpec> {
+    let params = ApplyParams {
         out_dtype: recipe.out_dtype,
-        keep_base_template: c.keep_base_template,
-        shard_size: recipe.shard_size,
+        shard_size: Some(recipe.shard_size),
         allow_mismatch: recipe.allow_mismatch,
-        raw_delta: c.raw_delta,
-        ..ApplySpec::new(c.base.clone(), vector)
-    }
+        ..c.clone()
+    };
+    params.validate_as(Spelling::Recipe)
 }
 
 /// A chat_vector recipe's `[sweep]`: its apply at each of the sweep's
@@ -59,7 +50,7 @@ pub fn merge_sweep(recipe: &Recipe, out: &WriteOptions) -> Result<SweepReport> {
     let (RecipeBody::ChatVector(c), Some(scales)) = (&recipe.body, recipe.sweep()) else {
         return Err(Error::Usage(format!("{} has no [sweep] over a chat vector", recipe.path().display())));
     };
-    let spec = chat_vector_spec(recipe, c);
+    let spec = chat_vector_spec(recipe, c)?;
     preflight_with(
         out,
         |o| sweep_recorded(&spec, scales, o, Some(recipe.record())),

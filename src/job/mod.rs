@@ -170,17 +170,16 @@ pub(crate) struct Records {
 /// Executes `plan` into a fresh output directory, with the prepared side
 /// files and manifest records, and commits it.
 pub(crate) fn write_output(plan: Plan, rec: Records, out: &WriteOptions, side: SideFiles) -> Result<Summary> {
-    let mut all = write_outputs(plan, vec![Variant { rec, out: out.clone(), side, scales: None }])?;
+    let mut all = write_outputs(plan, vec![Variant { rec, out: out.clone(), side }])?;
     all.pop().ok_or_else(|| crate::error::Error::Internal("no output was written".into()))
 }
 
-/// One output of a plan: where it goes, its records and side files, and
-/// per tensor the scale it uses instead of the plan's (`None`: the plan's).
+/// One output of a plan (variant `k` of `Plan::scales` for the `k`th):
+/// where it goes, its records and side files.
 pub(crate) struct Variant {
     pub rec: Records,
     pub out: WriteOptions,
     pub side: SideFiles,
-    pub scales: Option<Vec<Option<f32>>>,
 }
 
 /// Executes `plan` once for all `variants` (the inputs read once), each
@@ -245,8 +244,7 @@ pub(crate) fn write_outputs(plan: Plan, variants: Vec<Variant>) -> Result<Vec<Su
         })
         .collect::<Result<_>>()?;
     let paths: Vec<&std::path::Path> = dirs.iter().map(|d| d.path()).collect();
-    let overrides: Vec<Option<&Vec<Option<f32>>>> = variants.iter().map(|v| v.scales.as_ref()).collect();
-    let results = execute_many(&plan, &overrides, &paths, &first.out.exec())?;
+    let results = execute_many(&plan, &paths, &first.out.exec())?;
     // Copies of one model under two names give a zero vector: only the
     // hashes tell, and they are known now.
     let role_hashes = |role: Role| {

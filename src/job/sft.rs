@@ -7,8 +7,9 @@ use serde_json::json;
 
 use crate::error::Result;
 use crate::job::WriteOptions;
-use crate::job::chat_vector::{ApplySpec, VectorSource, apply};
+use crate::job::chat_vector::apply;
 use crate::sft::{SftJob, SftReport, add_to_record, model_dir, train};
+use crate::spec::apply::ApplyParams;
 
 /// Supervised fine-tuning: validates the data and the Python environment,
 /// writes every config file into the run directory, launches TRL as a
@@ -19,7 +20,9 @@ use crate::sft::{SftJob, SftReport, add_to_record, model_dir, train};
 pub fn sft(job: &SftJob) -> Result<SftReport> {
     let report = train(job)?;
     let Some(adapter) = report.adapter.clone() else { return Ok(report) };
-    let spec = ApplySpec::new(job.model.clone(), VectorSource::Lora(adapter.clone()));
+    let params =
+        ApplyParams { base: job.model.clone(), lora: Some(adapter.clone()), ..ApplyParams::default() };
+    let spec = params.validate()?;
     let merged = model_dir(job);
     // RUN/model holds only what an earlier merge of this run wrote (the
     // trainer saves into RUN/adapter), so it may be replaced.

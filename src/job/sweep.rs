@@ -9,11 +9,12 @@ use std::path::PathBuf;
 use serde::Serialize;
 
 use crate::error::{Error, Result};
-use crate::job::chat_vector::{ApplySpec, apply_many};
+use crate::job::chat_vector::apply_many;
 use crate::job::{HEADERS_ONLY, Summary, WriteOptions, preflight_with};
 use crate::json::to_pretty;
 use crate::output::manifest::RecipeRecord;
-use crate::plan::select::Scale;
+use crate::spec::apply::ApplySpec;
+use crate::spec::select::Scale;
 
 /// The record of a sweep, written as `sweep.json` in its directory.
 #[derive(Debug, Serialize)]

@@ -16,6 +16,7 @@ use regex::Regex;
 use serde_json::Value;
 
 use crate::error::{Error, Result};
+use crate::model::layers::interpolate;
 
 /// A scalar parameter value.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -165,35 +166,6 @@ fn gradient(vals: &[Scalar], t: f64) -> Scalar {
     Scalar::Num(interpolate(&nums, t))
 }
 
-/// Piecewise-linear interpolation of `vals` (evenly spread over `[0, 1]`)
-/// at `t`, in f64, as mergekit's gradients.
-pub fn interpolate(vals: &[f64], t: f64) -> f64 {
-    if vals.is_empty() {
-        return 0.0;
-    }
-    let scaled = t.clamp(0.0, 1.0) * (vals.len() - 1) as f64;
-    let i0 = (scaled as usize).min(vals.len() - 1);
-    let i1 = (i0 + 1).min(vals.len() - 1);
-    let frac = scaled - i0 as f64;
-    (1.0 - frac) * vals[i0] + frac * vals[i1]
-}
-
-/// Where a tensor sits among the layers, for gradients: `t = i / (L - 1)`
-/// for `model.layers.i.` (1 when there is one layer), 0 elsewhere.
-pub fn layer_position(name: &str, layers: u64) -> f64 {
-    let Some(i) = layer_index(name) else {
-        return 0.0;
-    };
-    if layers <= 1 { 1.0 } else { i as f64 / (layers - 1) as f64 }
-}
-
-/// `i` in `...layers.i....`.
-pub fn layer_index(name: &str) -> Option<u64> {
-    let rest = &name[name.find("layers.")? + "layers.".len()..];
-    let digits = rest.split('.').next()?;
-    digits.parse().ok()
-}
-
 /// Reads a setting's value for a tensor as a number.
 pub fn number(setting: &Setting, name: &str, t: f64, what: &str) -> Result<Option<f64>> {
     match setting.eval(name, t) {
@@ -225,6 +197,7 @@ mod tests {
 
     #[test]
     fn gradients_interpolate_like_mergekit() {
+        use crate::model::layers::layer_position;
         let s = Setting::parse(&json!([0.0, 0.5, 1.0]), "t").unwrap();
         assert_eq!(num(&s, "a", 0.0), Some(0.0));
         assert_eq!(num(&s, "a", 0.25), Some(0.25));

@@ -11,6 +11,7 @@ pub(crate) mod checkpoint;
 pub(crate) mod config;
 pub(crate) mod dtype;
 pub(crate) mod hash_cache;
+pub(crate) mod layers;
 pub(crate) mod mapped;
 pub(crate) mod safetensors;
 pub(crate) mod tokenizer;

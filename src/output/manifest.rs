@@ -13,8 +13,7 @@ use crate::error::{Error, Result};
 use crate::json::read_value;
 use crate::model::checkpoint::HubOrigin;
 use crate::output::files::WrittenFile;
-use crate::plan::select::Scale;
-use crate::plan::{EmbeddingPolicy, EmbeddingReport, Plan, Role};
+use crate::plan::{EmbeddingReport, Plan, Role};
 
 pub const MANIFEST_FILE: &str = "chatvec-manifest.json";
 const FORMAT: &str = "chatvec-manifest/1";
@@ -47,20 +46,6 @@ pub struct VectorRecord {
     /// Tensors deselected at extract time; `apply` copies them from the base.
     pub omitted: Vec<String>,
     pub tied: bool,
-}
-
-/// Parameters of the run, as given.
-#[derive(Serialize)]
-pub struct Parameters {
-    pub scale: Scale,
-    pub scale_for: Vec<String>,
-    pub include: Vec<String>,
-    pub exclude: Vec<String>,
-    pub embeddings: Option<EmbeddingPolicy>,
-    pub out_dtype: Option<String>,
-    pub shard_size: u64,
-    pub allow_mismatch: bool,
-    pub keep_base_template: bool,
 }
 
 /// The recipe a `merge` ran, verbatim, so `verify --recipe` can compare.

@@ -8,11 +8,13 @@ use crate::arith::rows::RowRun;
 use crate::error::{Error, Result};
 use crate::model::checkpoint::{Checkpoint, Tensor, is_lm_head, is_vocab_matrix};
 use crate::model::dtype::{DType, FloatType};
-use crate::plan::checks::{Problems, check_configs, check_fits, float_of, layers_of, read_vocab};
-use crate::plan::select::Selection;
+use crate::model::layers::layers_of;
+use crate::plan::checks::{Problems, check_configs, check_fits, float_of, read_vocab};
 use crate::plan::shards::assign_shards;
-use crate::plan::vocab::{EmbeddingPolicy, EmbeddingReport, RowMap, Vocabs, match_rows};
-use crate::plan::{Formula, Input, Op, OutTensor, Plan, Role, Source};
+use crate::plan::vocab::{EmbeddingReport, RowMap, Vocabs, match_rows};
+use crate::plan::{Formula, Input, Op, OutTensor, Plan, Role, Source, scales_of};
+use crate::spec::embeddings::EmbeddingPolicy;
+use crate::spec::select::{Scale, Selection};
 
 /// Settings shared by extract and apply.
 pub struct Common {
@@ -26,6 +28,10 @@ pub struct ApplyOptions {
     pub common: Common,
     pub embeddings: EmbeddingPolicy,
     pub out_dtype: Option<FloatType>,
+    /// The scale of each variant the plan writes (a sweep's candidates),
+    /// each standing for the selection's own (`--scale`; `--scale-for`
+    /// rules still win). Empty: one variant, the selection's scale.
+    pub candidates: Vec<Scale>,
 }
 
 /// The vector side of `apply`.
@@ -119,6 +125,7 @@ pub fn plan_extract(
         omitted,
         warnings,
         vocab_union: None,
+        scales: Vec::new(),
     })
 }
 
@@ -262,11 +269,10 @@ pub fn plan_apply(base: Checkpoint, side: VectorSide, opts: &ApplyOptions) -> Re
             problems.push(format!("'{}': base shape {:?} vs vector {:?}", bt.name, bt.shape, vshape));
             continue;
         };
-        let scale = sel.scale(&bt.name);
         // The vector side is a stored vector, or a chat and a pretrained model.
         let formula = match found[..] {
-            [chat, pre] => Formula::AddDiff { base: base_src, chat, pre, scale },
-            [vector, ..] => Formula::AddScaled { base: base_src, vector, scale },
+            [chat, pre] => Formula::AddDiff { base: base_src, chat, pre },
+            [vector, ..] => Formula::AddScaled { base: base_src, vector },
             [] => continue,
         };
         tensors.push(OutTensor {
@@ -294,5 +300,11 @@ pub fn plan_apply(base: Checkpoint, side: VectorSide, opts: &ApplyOptions) -> Re
     let shards = assign_shards(&tensors, common.shard_size);
     let mut inputs = vec![Input::new(Role::Base, base)];
     inputs.extend(vector_cks.into_iter().map(|(role, ckpt)| Input::new(role, ckpt)));
-    Ok(Plan { inputs, tensors, shards, embeddings, omitted: Vec::new(), warnings, vocab_union: None })
+    // Every tensor's scale in every variant, resolved here once.
+    let scales = if opts.candidates.is_empty() {
+        vec![scales_of(&tensors, |t| sel.scale(&t.name))]
+    } else {
+        opts.candidates.iter().map(|c| scales_of(&tensors, |t| sel.scale_with(&t.name, c))).collect()
+    };
+    Ok(Plan { inputs, tensors, shards, embeddings, omitted: Vec::new(), warnings, vocab_union: None, scales })
 }

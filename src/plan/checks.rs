@@ -2,11 +2,11 @@
 //! architectures compared through config.json, and tokenizer vocabularies.
 
 use crate::error::{Error, Result};
-use crate::merge::params::layer_index;
 use crate::model::checkpoint::is_embedding;
 use crate::model::checkpoint::{Checkpoint, Tensor};
 use crate::model::config::{architecture_differences, shape_problems};
 use crate::model::dtype::FloatType;
+use crate::model::layers::layers_of;
 use crate::model::tokenizer::Vocab;
 
 /// How many problems a mismatch error lists before summarizing the rest.
@@ -102,11 +102,6 @@ pub(crate) fn read_vocab(ck: &Checkpoint) -> Result<Option<Vocab>> {
         Some(p) => Vocab::read(&p).map(Some),
         None => Ok(None),
     }
-}
-
-/// Layers numbered by `names` (`model.layers.N.`): the highest N plus one.
-pub(crate) fn layers_of<'a>(names: impl Iterator<Item = &'a str>) -> u64 {
-    names.filter_map(layer_index).max().map_or(0, |i| i + 1)
 }
 
 /// Fails (or, with `allow`, warns) when `problems` is not empty: a

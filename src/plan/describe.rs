@@ -27,8 +27,8 @@ impl Plan {
         }
         for sh in &self.shards {
             let _ = writeln!(out, "shard {} ({} bytes)", sh.file_name, sh.size);
-            for t in &self.tensors[sh.tensors.clone()] {
-                let _ = writeln!(out, "  {} {} {:?}: {}", t.name, t.dtype, t.shape, self.describe_op(&t.op));
+            for (i, t) in self.tensors.iter().enumerate().take(sh.tensors.end).skip(sh.tensors.start) {
+                let _ = writeln!(out, "  {} {} {:?}: {}", t.name, t.dtype, t.shape, self.describe_op(i));
             }
         }
         let computed = self.tensors.iter().filter(|t| !matches!(t.op, Op::Copy(_))).count();
@@ -42,11 +42,16 @@ impl Plan {
         out
     }
 
-    fn describe_op(&self, op: &Op) -> String {
+    fn describe_op(&self, tensor: usize) -> String {
         let name = |s: Source| {
             format!("{:?}:{}", self.inputs[s.input].role, self.input_tensor(s).name).to_lowercase()
         };
-        match op {
+        // The tensor's scale; a sweep's candidates' as `a|b|c`.
+        let scale = (0..self.variants())
+            .map(|k| self.scale(k, tensor).map_or_else(String::new, |s| s.to_string()))
+            .collect::<Vec<_>>()
+            .join("|");
+        match &self.tensors[tensor].op {
             Op::Copy(s) => format!("copy {}", name(*s)),
             Op::Convert(s) => format!("convert {}", name(*s)),
             Op::Merge(m) => {
@@ -74,13 +79,13 @@ impl Plan {
             Op::Arith { formula, runs, row_len } => {
                 let f = match *formula {
                     Formula::Diff { chat, pre } => format!("{} - {}", name(chat), name(pre)),
-                    Formula::AddDiff { base, chat, pre, scale } => {
+                    Formula::AddDiff { base, chat, pre } => {
                         format!("{} + {scale} * ({} - {})", name(base), name(chat), name(pre))
                     }
-                    Formula::AddScaled { base, vector, scale } => {
+                    Formula::AddScaled { base, vector } => {
                         format!("{} + {scale} * {}", name(base), name(vector))
                     }
-                    Formula::AddLowRank { base, a, b, transposed, scale, .. } => {
+                    Formula::AddLowRank { base, a, b, transposed, .. } => {
                         let t = if transposed { "^T" } else { "" };
                         let rank = self.input_tensor(a).shape[0];
                         format!("{} + {scale} * ({} @ {}){t} (rank {rank})", name(base), name(b), name(a))

@@ -15,8 +15,9 @@ use crate::error::{Error, Result};
 use crate::model::adapter::{Adapter, Change, LayerKind, layer_kind};
 use crate::model::checkpoint::{Checkpoint, is_lm_head};
 use crate::model::dtype::{DType, FloatType};
+use crate::model::layers::layers_of;
 use crate::plan::chat_vector::Common;
-use crate::plan::checks::{Problems, float_of, layers_of};
+use crate::plan::checks::{Problems, float_of};
 use crate::plan::shards::assign_shards;
 use crate::plan::{Formula, Input, Op, OutTensor, Plan, Role, Source};
 
@@ -52,6 +53,8 @@ pub fn plan_lora(
         }
     }
     let mut tensors = Vec::with_capacity(base.tensors.len());
+    // Each tensor's scale (the plan's one variant).
+    let mut scales = Vec::with_capacity(base.tensors.len());
     let mut left_out = 0usize;
     for (bi, bt) in base.tensors.iter().enumerate() {
         let base_src = Source { input: 0, tensor: bi };
@@ -66,12 +69,12 @@ pub fn plan_lora(
         if change.is_some() && !sel.selects(&bt.name) {
             left_out += 1;
         }
-        let op = match change.filter(|_| sel.selects(&bt.name)) {
+        let (op, scale) = match change.filter(|_| sel.selects(&bt.name)) {
             None => {
                 if out_ty != bt.dtype {
                     float_of(&base, bt, "--exclude")?;
                 }
-                copy(base_src, bt.dtype)
+                (copy(base_src, bt.dtype), None)
             }
             Some(Change::Replace(ai)) => {
                 let at = &ack.tensors[*ai];
@@ -89,13 +92,14 @@ pub fn plan_lora(
                 let new = Source { input: 1, tensor: *ai };
                 let scale = sel.scale(&bt.name);
                 if scale == 1.0 {
-                    copy(new, at.dtype)
+                    (copy(new, at.dtype), None)
                 } else {
-                    Op::Arith {
-                        formula: Formula::AddDiff { base: base_src, chat: new, pre: base_src, scale },
+                    let op = Op::Arith {
+                        formula: Formula::AddDiff { base: base_src, chat: new, pre: base_src },
                         runs: vec![RowRun { base_row: 0, vector_row: 0, rows: bt.numel() }],
                         row_len: 1,
-                    }
+                    };
+                    (op, Some(scale))
                 }
             }
             Some(Change::LowRank { module, a, b, rank, scaling, embedding, base_layer }) => {
@@ -171,7 +175,7 @@ pub fn plan_lora(
                         bt.name
                     )));
                 }
-                Op::Arith {
+                let op = Op::Arith {
                     formula: Formula::AddLowRank {
                         base: onto,
                         a: Source { input: 1, tensor: *a },
@@ -179,13 +183,14 @@ pub fn plan_lora(
                         transposed,
                         rows: update[0],
                         cols: update[1],
-                        scale,
                     },
                     runs: vec![RowRun { base_row: 0, vector_row: 0, rows: bt.numel() }],
                     row_len: 1,
-                }
+                };
+                (op, Some(scale))
             }
         };
+        scales.push(scale);
         tensors.push(OutTensor { name: bt.name.clone(), dtype: out_ty, shape: bt.shape.clone(), op });
     }
     problems.into_result()?;
@@ -204,5 +209,6 @@ pub fn plan_lora(
         omitted: Vec::new(),
         warnings,
         vocab_union: None,
+        scales: vec![scales],
     })
 }

@@ -8,14 +8,16 @@ use crate::arith::rows::{RowSrc, RowTable};
 use crate::error::{Error, Result};
 use crate::merge::TensorMerge;
 use crate::merge::methods::{self, Method, ParamSources, Scope};
-use crate::merge::params::{Setting, layer_index, layer_position};
+use crate::merge::params::Setting;
 use crate::model::checkpoint::{Checkpoint, is_vocab_matrix};
 use crate::model::dtype::FloatType;
+use crate::model::layers::{layer_index, layer_position};
 use crate::model::tokenizer::Vocab;
 use crate::plan::checks::{Problems, check_configs, check_fits, float_of, read_vocab};
 use crate::plan::shards::assign_shards;
-use crate::plan::vocab::{EmbeddingPolicy, EmbeddingReport, RowMap, Vocabs, match_rows};
+use crate::plan::vocab::{EmbeddingReport, RowMap, Vocabs, match_rows};
 use crate::plan::{Input, MergeOp, Op, OutTensor, Plan, Source, UnionRows, VocabUnion};
+use crate::spec::embeddings::EmbeddingPolicy;
 
 /// A merge, as data.
 pub struct MergeSpec {
@@ -259,7 +261,16 @@ pub(crate) fn plan_merge(inputs: Vec<Input>, spec: &MergeSpec) -> Result<Plan> {
             v.base_rows
         ));
     }
-    Ok(Plan { inputs, tensors, shards, embeddings, omitted: Vec::new(), warnings, vocab_union })
+    Ok(Plan {
+        inputs,
+        tensors,
+        shards,
+        embeddings,
+        omitted: Vec::new(),
+        warnings,
+        vocab_union,
+        scales: Vec::new(),
+    })
 }
 
 /// For a vocabulary matrix of model `i` whose row count differs from the

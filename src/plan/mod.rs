@@ -7,7 +7,6 @@
 //! - `lora`: plans of `apply --lora` (a LoRA adapter merged into its base);
 //! - `merge`: plans of the merge methods, parameters resolved per tensor;
 //! - `vocab`: which embedding rows line up when vocabularies differ;
-//! - `select`: `--include`, `--exclude`, `--scale-for`;
 //! - `shards`: output shard files, as transformers lays them out;
 //! - `describe`: the `--dry-run` listing.
 //!
@@ -20,7 +19,6 @@ pub(crate) mod checks;
 pub(crate) mod describe;
 pub(crate) mod lora;
 pub(crate) mod merge;
-pub(crate) mod select;
 pub(crate) mod shards;
 pub(crate) mod vocab;
 
@@ -33,7 +31,7 @@ use crate::arith::{Operand, View};
 use crate::merge::{Inputs, TensorMerge};
 use crate::model::checkpoint::{Checkpoint, Tensor};
 use crate::model::dtype::DType;
-pub use vocab::{EmbeddingPolicy, EmbeddingReport};
+pub use vocab::EmbeddingReport;
 
 /// What an input checkpoint is to the job.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
@@ -74,19 +72,21 @@ pub(crate) struct Source {
 
 /// The arithmetic for one output tensor. Operation order is part of the
 /// numeric contract: `d = chat - pre; m = scale * d; out = base + m`, each
-/// step an f32 operation rounded on its own (no fused multiply-add).
+/// step an f32 operation rounded on its own (no fused multiply-add). The
+/// scale is not here but in `Plan::scales`, the one place the CPU and the
+/// GPU read it from, once per variant (a sweep's candidates).
 #[derive(Clone, Copy, Debug)]
 pub(crate) enum Formula {
     /// `chat - pre` (extract).
     Diff { chat: Source, pre: Source },
     /// `base + scale * (chat - pre)` (apply, streaming form).
-    AddDiff { base: Source, chat: Source, pre: Source, scale: f32 },
+    AddDiff { base: Source, chat: Source, pre: Source },
     /// `base + scale * vector` (apply, stored vector).
-    AddScaled { base: Source, vector: Source, scale: f32 },
+    AddScaled { base: Source, vector: Source },
     /// `base + scale * (B @ A)` (a LoRA merge; transposed for embeddings and
-    /// `fan_in_fan_out` layers) over a `rows x cols` weight; `scale` is the
-    /// adapter's scaling times the user's.
-    AddLowRank { base: Source, a: Source, b: Source, transposed: bool, rows: u64, cols: u64, scale: f32 },
+    /// `fan_in_fan_out` layers) over a `rows x cols` weight; its scale is
+    /// the adapter's scaling times the user's.
+    AddLowRank { base: Source, a: Source, b: Source, transposed: bool, rows: u64, cols: u64 },
 }
 
 impl Formula {
@@ -100,14 +100,9 @@ impl Formula {
         }
     }
 
-    /// The scale the vector is multiplied by, if the formula has one.
-    pub fn scale(&self) -> Option<f32> {
-        match *self {
-            Formula::Diff { .. } => None,
-            Formula::AddDiff { scale, .. }
-            | Formula::AddScaled { scale, .. }
-            | Formula::AddLowRank { scale, .. } => Some(scale),
-        }
+    /// Whether the vector is multiplied by a scale (all but `Diff`).
+    pub fn is_scaled(&self) -> bool {
+        !matches!(self, Formula::Diff { .. })
     }
 
     /// The inputs read at the vector's (possibly other) row positions.
@@ -248,6 +243,28 @@ pub(crate) struct Plan {
     pub warnings: Vec<String>,
     /// The merged vocabulary of a `tokenizer_source: union` merge.
     pub vocab_union: Option<VocabUnion>,
+    /// The factor each tensor's vector is multiplied by, per variant of the
+    /// output (`scales[variant][tensor]`; `None` where the formula has no
+    /// scale, or the tensor no formula). One variant for every job but a
+    /// sweep, which writes one per candidate from one read of the inputs.
+    /// The CPU and the GPU both take a tensor's scale from here, through
+    /// `segments`, so they cannot compute with different ones.
+    pub scales: Vec<TensorScales>,
+}
+
+/// Per output tensor, its scale in one variant (see `Plan::scales`).
+pub(crate) type TensorScales = Vec<Option<f32>>;
+
+/// One variant's scales for `tensors`: `scale(tensor)` for each scaled
+/// formula, `None` elsewhere.
+pub(crate) fn scales_of(tensors: &[OutTensor], mut scale: impl FnMut(&OutTensor) -> f32) -> TensorScales {
+    tensors
+        .iter()
+        .map(|t| match &t.op {
+            Op::Arith { formula, .. } if formula.is_scaled() => Some(scale(t)),
+            _ => None,
+        })
+        .collect()
 }
 
 impl Plan {
@@ -278,13 +295,30 @@ impl Plan {
         Operand { ty, bytes: self.input_bytes(s) }
     }
 
-    /// Elements `elems` of a Convert or Arith output cut into segments along
-    /// the vector's row runs: rows outside every run are the base
-    /// converted, rows inside one apply the formula to the vector's rows.
-    /// Empty for other ops.
-    pub fn segments(&self, op: &Op, elems: &Range<u64>) -> Vec<(Range<u64>, Segment<'_>)> {
+    /// The variants of the output (a sweep's candidates; else one).
+    pub fn variants(&self) -> usize {
+        self.scales.len().max(1)
+    }
+
+    /// Tensor `tensor`'s scale in `variant` (`None`: it has none).
+    pub fn scale(&self, variant: usize, tensor: usize) -> Option<f32> {
+        self.scales.get(variant).and_then(|s| s.get(tensor).copied().flatten())
+    }
+
+    /// Elements `elems` of output tensor `tensor` (a Convert or Arith op)
+    /// cut into segments along the vector's row runs, with the tensor's
+    /// scale in `variant`: rows outside every run are the base converted,
+    /// rows inside one apply the formula to the vector's rows. Empty for
+    /// other ops.
+    pub fn segments(
+        &self,
+        tensor: usize,
+        elems: &Range<u64>,
+        variant: usize,
+    ) -> Vec<(Range<u64>, Segment<'_>)> {
         let slice = |s: Source, at: u64, n: u64| self.operand(s).slice(at as usize, n as usize);
-        match op {
+        let scale = self.scale(variant, tensor).unwrap_or(1.0);
+        match &self.tensors[tensor].op {
             Op::Convert(src) => {
                 vec![(elems.clone(), Segment::Convert(slice(*src, elems.start, elems.end - elems.start)))]
             }
@@ -297,13 +331,13 @@ impl Plan {
                         (Some(v), Formula::Diff { chat, pre }) => {
                             Segment::Diff(slice(chat, v, n), slice(pre, v, n))
                         }
-                        (Some(v), Formula::AddDiff { chat, pre, scale, .. }) => {
+                        (Some(v), Formula::AddDiff { chat, pre, .. }) => {
                             Segment::AddDiff(base, slice(chat, v, n), slice(pre, v, n), scale)
                         }
-                        (Some(v), Formula::AddScaled { vector, scale, .. }) => {
+                        (Some(v), Formula::AddScaled { vector, .. }) => {
                             Segment::AddScaled(base, slice(vector, v, n), scale)
                         }
-                        (Some(_), Formula::AddLowRank { a, b, transposed, rows, cols, scale, .. }) => {
+                        (Some(_), Formula::AddLowRank { a, b, transposed, rows, cols, .. }) => {
                             let factors = LowRank {
                                 a: self.operand(a),
                                 b: self.operand(b),

@@ -39,46 +39,18 @@ use crate::merge::methods::Method;
 use crate::merge::params::{Filter, Scalar, Setting};
 use crate::model::dtype::FloatType;
 use crate::output::manifest::RecipeRecord;
-use crate::plan::EmbeddingPolicy;
-use crate::plan::select::Scale;
 use crate::sft::SftOptions;
+use crate::spec::apply::{ApplyParams, default_shard_size};
+use crate::spec::select::Scale;
 use crate::units::parse_size;
 
 const MAX_RECIPE_BYTES: u64 = 4 << 20;
-const DEFAULT_SHARD_SIZE: u64 = 5_000_000_000;
 
 /// Which syntax a recipe was written in.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum Syntax {
     Toml,
     Mergekit,
-}
-
-/// The vector side of a chat vector recipe.
-#[derive(Clone, Debug)]
-pub(crate) enum VectorRef {
-    /// A vector directory or a vector alias.
-    Vector(String),
-    Pair {
-        chat: String,
-        pretrained: String,
-    },
-}
-
-/// A chat vector recipe: `apply` as data.
-#[derive(Clone, Debug)]
-pub(crate) struct ChatVectorRecipe {
-    pub base: String,
-    pub vector: VectorRef,
-    pub scale: Scale,
-    /// `REGEX=VALUE` overrides, first match wins (from scale rules).
-    pub scale_for: Vec<String>,
-    pub include: Vec<String>,
-    pub exclude: Vec<String>,
-    pub embeddings: EmbeddingPolicy,
-    pub keep_base_template: bool,
-    /// The vector is a raw delta without a chatvec manifest.
-    pub raw_delta: bool,
 }
 
 /// A merge method recipe.
@@ -93,7 +65,9 @@ pub(crate) struct MergeRecipe {
 
 #[derive(Clone, Debug)]
 pub(crate) enum RecipeBody {
-    ChatVector(ChatVectorRecipe),
+    /// `chat_vector`: `apply` as data (the recipe-wide `out_dtype`,
+    /// `shard_size` and `allow_mismatch` are the `Recipe`'s).
+    ChatVector(ApplyParams),
     Merge(MergeRecipe),
 }
 
@@ -414,7 +388,7 @@ pub(crate) fn parse_recipe(text: &str, path: &Path) -> Result<Recipe> {
         None => dtype("dtype", &raw.dtype)?,
     };
     let shard_size = match &raw.shard_size {
-        None => DEFAULT_SHARD_SIZE,
+        None => default_shard_size(),
         Some(Value::String(s)) => parse_size(s).map_err(|e| err(&format!("shard_size: {e}")))?,
         Some(Value::Number(n)) => n
             .as_u64()
@@ -608,21 +582,18 @@ impl Reader<'_> {
         Ok(MergeRecipe { method, base, models, global })
     }
 
-    fn chat_vector(&self, raw: &RawRecipe) -> Result<ChatVectorRecipe> {
+    fn chat_vector(&self, raw: &RawRecipe) -> Result<ApplyParams> {
         if raw.models.is_some() {
             return Err(self.err("models: chat_vector takes base_model and vector (or chat and pretrained)"));
         }
         let text = |v: &Option<String>, at: &str| nonempty(v.clone(), at).map_err(|m| self.err(&m));
         let base = text(&raw.base_model, "base_model")?.ok_or_else(|| self.err("base_model: required"))?;
-        let vector = match (
-            text(&raw.vector, "vector")?,
-            text(&raw.chat, "chat")?,
-            text(&raw.pretrained, "pretrained")?,
-        ) {
-            (Some(v), None, None) => VectorRef::Vector(v),
-            (None, Some(chat), Some(pretrained)) => VectorRef::Pair { chat, pretrained },
+        let (vector, chat, pretrained) =
+            (text(&raw.vector, "vector")?, text(&raw.chat, "chat")?, text(&raw.pretrained, "pretrained")?);
+        match (&vector, &chat, &pretrained) {
+            (Some(_), None, None) | (None, Some(_), Some(_)) => {}
             _ => return Err(self.err("give either vector, or both chat and pretrained")),
-        };
+        }
         if let Some(p) = &raw.parameters
             && let Some(k) = p.keys().find(|k| !CHAT_VECTOR_PARAMS.contains(&k.as_str()))
         {
@@ -636,23 +607,31 @@ impl Reader<'_> {
             None => RawChatVectorParams::default(),
         };
         let (scale, scale_for) = match &params.scale {
-            Some(v) => scale_rules(v, "parameters.scale").map_err(|e| self.wrap(e, ""))?,
-            None => (Scale::Constant(1.0), Vec::new()),
+            Some(v) => {
+                scale_rules(v, "parameters.scale").map(|(s, r)| (Some(s), r)).map_err(|e| self.wrap(e, ""))?
+            }
+            None => (None, Vec::new()),
         };
         let embeddings = match &params.embeddings {
-            None => EmbeddingPolicy::Auto,
-            Some(s) => s.parse().map_err(|e: String| self.err(&format!("parameters.embeddings: {e}")))?,
+            None => None,
+            Some(s) => Some(s.parse().map_err(|e: String| self.err(&format!("parameters.embeddings: {e}")))?),
         };
-        Ok(ChatVectorRecipe {
+        Ok(ApplyParams {
             base,
             vector,
+            chat,
+            pretrained,
+            lora: None,
             scale,
             scale_for,
             include: params.include.unwrap_or_default(),
             exclude: params.exclude.unwrap_or_default(),
             embeddings,
+            out_dtype: None,
             keep_base_template: params.keep_base_template.unwrap_or(false),
             raw_delta: params.raw_delta.unwrap_or(false),
+            shard_size: None,
+            allow_mismatch: false,
         })
     }
 }
@@ -731,6 +710,7 @@ fn scale_rules(v: &Value, at: &str) -> Result<(Scale, Vec<String>)> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::spec::embeddings::EmbeddingPolicy;
 
     fn parse(text: &str, name: &str) -> Result<Recipe> {
         parse_recipe(text, Path::new(name))
@@ -866,7 +846,7 @@ mod tests {
             match r.body {
                 RecipeBody::ChatVector(c) => {
                     assert!(aliases.models.contains_key(&c.base), "{name}");
-                    let VectorRef::Vector(v) = c.vector else { panic!("{name}") };
+                    let Some(v) = c.vector else { panic!("{name}") };
                     assert!(aliases.vectors.contains_key(&v), "{name}");
                 }
                 RecipeBody::Merge(m) => {
@@ -912,7 +892,7 @@ mod tests {
         )
         .unwrap();
         let RecipeBody::ChatVector(c) = r.body else { panic!("not a chat vector") };
-        assert_eq!(c.scale, Scale::Layers(vec![0.3, 1.0]));
+        assert_eq!(c.scale, Some(Scale::Layers(vec![0.3, 1.0])));
         assert_eq!(c.scale_for, vec!["mlp\\.=[0, 0.5]".to_string()]);
         let e = parse(
             "merge_method = \"chat_vector\"\nbase_model = \"b\"\nchat = \"c\"\npretrained = \"p\"\n[parameters]\nscale = [true, 1.0]\n",
@@ -931,8 +911,8 @@ mod tests {
         )
         .unwrap();
         let RecipeBody::ChatVector(c) = r.body else { panic!() };
-        assert_eq!(c.scale, Scale::Constant(0.8));
+        assert_eq!(c.scale, Some(Scale::Constant(0.8)));
         assert_eq!(c.scale_for, vec!["mlp\\.=0.5".to_string(), "^lm_head=0".to_string()]);
-        assert_eq!(c.embeddings, EmbeddingPolicy::Align);
+        assert_eq!(c.embeddings, Some(EmbeddingPolicy::Align));
     }
 }

@@ -783,8 +783,10 @@ impl SftJob {
         shell_line(&args)
     }
 
-    /// The arguments after `chatvec` that run this job.
-    fn command_args(&self) -> Vec<String> {
+    /// The arguments after `chatvec` that run this job: what job scripts
+    /// run on each node. The binary's tests parse them back through its
+    /// clap definitions, so a renamed flag fails there, not on a cluster.
+    pub fn command_args(&self) -> Vec<String> {
         let o = &self.options;
         let d = SftOptions::default();
         let mut args: Vec<String> = vec!["sft".into(), "--model".into(), self.model.clone()];

@@ -92,7 +92,7 @@ pub const LAUNCHERS: [&str; 2] = ["slurm", "pbs"];
 /// How to train: every option maps to a TRL / transformers / accelerate
 /// setting. Defaults follow PLaMo-13B-Instruct's SFT (lr 1e-5, warmup
 /// ratio 0.03, cosine). A recipe's `[sft]` table holds the same keys.
-#[derive(Clone, Debug, Deserialize, Serialize)]
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
 pub struct SftOptions {
     /// Chat data, JSONL: `{"messages": [...]}`, `{"conversation": [...]}`,

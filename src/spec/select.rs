@@ -7,8 +7,8 @@
 use regex::Regex;
 
 use crate::error::{Error, Result};
-use crate::merge::params::{interpolate, layer_position};
 use crate::model::checkpoint::is_embedding;
+use crate::model::layers::{interpolate, layer_index, layer_position};
 
 /// A scale: one value, or values spread evenly over the decoder layers and
 /// interpolated linearly between them (as mergekit's gradients are).
@@ -68,7 +68,7 @@ impl Scale {
         match self {
             Scale::Constant(v) => *v,
             Scale::Layers(vals) => {
-                let t = if crate::merge::params::layer_index(name).is_some() {
+                let t = if layer_index(name).is_some() {
                     layer_position(name, layers)
                 } else if is_embedding(name) {
                     0.0
@@ -155,7 +155,7 @@ fn compile(flag: &str, pattern: &str) -> Result<Regex> {
 impl Selection {
     /// Builds a selection. `scale_for` entries are `REGEX=VALUE`, split at the
     /// last `=` (a regex may itself contain `=`).
-    pub fn new(
+    pub(crate) fn new(
         include: &[String],
         exclude: &[String],
         scale: &Scale,
@@ -182,6 +182,24 @@ impl Selection {
             scale_for: sf,
             layers: 0,
         })
+    }
+
+    /// The scale of tensors no `--scale-for` rule matches (`--scale`).
+    pub fn default_scale(&self) -> &Scale {
+        &self.scale
+    }
+
+    /// The same selection with `scale` for `--scale` (a sweep's candidate);
+    /// the `--scale-for` rules still win.
+    pub fn with_default_scale(&self, scale: &Scale) -> Selection {
+        Selection { scale: scale.clone(), ..self.clone() }
+    }
+
+    /// Every value a tensor's scale is read from: the anchors of
+    /// `--scale` and of each `--scale-for` rule, in order.
+    pub fn scale_values(&self) -> Vec<f32> {
+        let rules = self.scale_for.iter().flat_map(|(_, s)| s.values());
+        self.scale.values().into_iter().chain(rules).collect()
     }
 
     /// Sets the layer count gradients spread over (the base model's).
@@ -218,7 +236,13 @@ impl Selection {
 
     /// The scale for `name`: the first matching `--scale-for`, else `--scale`.
     pub fn scale(&self, name: &str) -> f32 {
-        let s = self.scale_for.iter().find(|(r, _)| r.is_match(name)).map_or(&self.scale, |(_, s)| s);
+        self.scale_with(name, &self.scale)
+    }
+
+    /// The scale for `name` with `default` standing for `--scale` (a
+    /// sweep's candidate): the first matching `--scale-for`, else `default`.
+    pub fn scale_with(&self, name: &str, default: &Scale) -> f32 {
+        let s = self.scale_for.iter().find(|(r, _)| r.is_match(name)).map_or(default, |(_, s)| s);
         s.at(name, self.layers)
     }
 }
