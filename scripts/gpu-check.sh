@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU run (issue 10), from binaries built here beforehand, since the GPU
 # machine may have no Rust:
-#   cargo build --release && cargo test --release --test gpu --no-run
+#   cargo build --release --features bench && cargo test --release --features bench --test gpu --no-run
 # then, on the GPU machine: scripts/gpu-check.sh OUTDIR
 # It runs the GPU tests (CPU vs CUDA bytes for every method and dtype, the
 # ignored ones included), the demo on CUDA, the 70B-shaped benchmark (chat vector and

@@ -100,6 +100,7 @@ pub enum Command {
     /// Run inspect, extract, apply and analyze on tiny built-in models (no download).
     Demo(DemoArgs),
     /// Measure apply and merges on generated Llama-shaped checkpoints against the disk and memory floor.
+    #[cfg(feature = "bench")]
     Bench(super::bench::BenchArgs),
 }
 

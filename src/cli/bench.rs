@@ -26,6 +26,54 @@ fn io(op: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> Error {
     move |source| Error::Io { op, path, source }
 }
 
+/// The shapes the benchmark generates (the demo's tiny one is `synth`'s).
+impl LlamaShape {
+    /// TinyLlama-1.1B's shape (1.10B parameters, 2.2 GB in bf16).
+    pub fn b1() -> LlamaShape {
+        LlamaShape {
+            vocab: 32000,
+            hidden: 2048,
+            intermediate: 5632,
+            layers: 22,
+            heads: 32,
+            kv_heads: 4,
+            tied: false,
+        }
+    }
+
+    /// Llama-3-70B's tensor shapes (a 128256 x 8192 embedding, 8192 x
+    /// 28672 MLP matrices, 8 KV heads) with one decoder layer, for GPU
+    /// throughput on 70B-sized tensors in 18 GB of inputs.
+    pub fn l70_layer() -> LlamaShape {
+        LlamaShape {
+            vocab: 128256,
+            hidden: 8192,
+            intermediate: 28672,
+            layers: 1,
+            heads: 64,
+            kv_heads: 8,
+            tied: false,
+        }
+    }
+
+    /// Llama-2-7B's shape (6.74B parameters, 13.5 GB in bf16).
+    pub fn b7() -> LlamaShape {
+        LlamaShape {
+            vocab: 32000,
+            hidden: 4096,
+            intermediate: 11008,
+            layers: 32,
+            heads: 32,
+            kv_heads: 32,
+            tied: false,
+        }
+    }
+
+    pub fn parameters(&self) -> u64 {
+        self.tensors().iter().map(|(_, s)| s.iter().product::<u64>()).sum()
+    }
+}
+
 #[derive(Args, Debug)]
 pub struct BenchArgs {
     /// Model shape: tiny, 1b (TinyLlama-1.1B), 7b (Llama-2-7B) or 70b-layer

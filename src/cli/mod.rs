@@ -3,11 +3,15 @@
 //! data only (reports, one JSON document with `--json`); progress, notes
 //! and warnings go to stderr. The demo, the benchmark and the synthetic
 //! checkpoints they generate live here too: they belong to the binary, not
-//! the library.
+//! the library. The benchmark and its Hub stand-in (an HTTP server) are
+//! built only with `--features bench`, so the binary users install ships
+//! neither.
 
 mod args;
+#[cfg(feature = "bench")]
 pub mod bench;
 mod demo;
+#[cfg(feature = "bench")]
 mod loopback_hub;
 mod pipeline;
 pub mod synth;
@@ -188,6 +192,7 @@ pub fn run(cli: Cli) -> Result<()> {
             if json { json_out(&c) } else { out(&c.to_string()) }
         }
         Command::Demo(a) => demo::run(a.dir.as_deref(), a.keep, a.device, json),
+        #[cfg(feature = "bench")]
         Command::Bench(a) => bench::run(&a, json),
     }
 }

@@ -32,47 +32,6 @@ impl LlamaShape {
         LlamaShape { vocab, hidden: 64, intermediate: 176, layers: 2, heads: 4, kv_heads: 2, tied: false }
     }
 
-    /// TinyLlama-1.1B's shape (1.10B parameters, 2.2 GB in bf16).
-    pub fn b1() -> LlamaShape {
-        LlamaShape {
-            vocab: 32000,
-            hidden: 2048,
-            intermediate: 5632,
-            layers: 22,
-            heads: 32,
-            kv_heads: 4,
-            tied: false,
-        }
-    }
-
-    /// Llama-3-70B's tensor shapes (a 128256 x 8192 embedding, 8192 x
-    /// 28672 MLP matrices, 8 KV heads) with one decoder layer, for GPU
-    /// throughput on 70B-sized tensors in 18 GB of inputs.
-    pub fn l70_layer() -> LlamaShape {
-        LlamaShape {
-            vocab: 128256,
-            hidden: 8192,
-            intermediate: 28672,
-            layers: 1,
-            heads: 64,
-            kv_heads: 8,
-            tied: false,
-        }
-    }
-
-    /// Llama-2-7B's shape (6.74B parameters, 13.5 GB in bf16).
-    pub fn b7() -> LlamaShape {
-        LlamaShape {
-            vocab: 32000,
-            hidden: 4096,
-            intermediate: 11008,
-            layers: 32,
-            heads: 32,
-            kv_heads: 32,
-            tied: false,
-        }
-    }
-
     /// Tensor names and shapes, in transformers' order.
     pub fn tensors(&self) -> Vec<(String, Vec<u64>)> {
         let (h, i) = (self.hidden, self.intermediate);
@@ -95,10 +54,6 @@ impl LlamaShape {
             v.push(("lm_head.weight".to_string(), vec![self.vocab, h]));
         }
         v
-    }
-
-    pub fn parameters(&self) -> u64 {
-        self.tensors().iter().map(|(_, s)| s.iter().product::<u64>()).sum()
     }
 
     fn config(&self, dtype: FloatType) -> serde_json::Value {
@@ -308,6 +263,7 @@ pub fn write_model(
 /// `adapter_config.json` and `adapter_model.safetensors` with
 /// `base_model.model.M.lora_A.weight` (`r x in`) and `lora_B.weight`
 /// (`out x r`), values from `parts`.
+#[cfg(feature = "bench")]
 pub fn write_lora_adapter(dir: &Path, shape: &LlamaShape, rank: u64, parts: &[Component]) -> Result<()> {
     let io = |op: &'static str, path: &Path| {
         let path = path.to_path_buf();
