@@ -5,11 +5,12 @@
 //! Llama-3-8B); adding it, scaled, to a model continued-pretrained from
 //! the same base (e.g. Llama-3-Swallow-8B) gives that model the chat
 //! model's behaviour before any SFT. The entry points take a checked spec
-//! (built from the parameters as given, e.g. [`ApplyParams`]) and
-//! [`WriteOptions`] and return a [`Summary`]:
+//! (built from the parameters as given, e.g. [`ApplyParams`]), where to
+//! write ([`Destination`]) and how to run ([`RunOptions`]), and return a
+//! [`Summary`]:
 //!
 //! ```no_run
-//! use chatvec::{ApplyParams, WriteOptions, apply};
+//! use chatvec::{ApplyParams, Destination, RunOptions, apply};
 //!
 //! // Llama-3-Swallow-8B + (Llama-3-8B-Instruct - Llama-3-8B), by alias;
 //! // models come from the Hugging Face cache, downloaded if missing.
@@ -17,7 +18,7 @@
 //! params.scale = Some(0.8.into()); // or a gradient over the layers: Scale::Layers(vec![0.3, 1.0])
 //! // One check of everything given; defaults filled in.
 //! let spec = params.validate()?;
-//! let summary = apply(&spec, &WriteOptions::new("swallow-8b-cv"))?;
+//! let summary = apply(&spec, &Destination::new("swallow-8b-cv"), &RunOptions::default())?;
 //! for shard in &summary.shards {
 //!     println!("{} {}", shard.file, shard.sha256);
 //! }
@@ -59,8 +60,10 @@ pub use analyze::report::{AnalyzeReport, GroupFigures, Skipped, TensorFigures};
 pub use cuda::DeviceChoice;
 pub use error::{EXIT_INPUT, EXIT_INTERRUPTED, EXIT_IO, EXIT_OK, Error, Result};
 pub use eval::{Answer, EvalReport, EvalSpec, ModelEval, RULE as EVAL_RULE, eval, record_selection};
+pub use exec::{InputHashes, RunOptions, default_threads};
 pub use hash::{hex, sha256_file};
 pub use interrupt::install as catch_signals;
+pub use job::Summary;
 pub use job::analyze::{AnalyzeSpec, analyze};
 pub use job::catalog::{Catalog, ModelAliasEntry, RecipeEntry, VectorAliasEntry, catalog};
 pub use job::chat_vector::{apply, extract};
@@ -69,9 +72,9 @@ pub use job::merge::{merge, merge_sweep};
 pub use job::sft::sft;
 pub use job::sweep::{Candidate, SweepReport, sweep};
 pub use job::verify::{Check, VerifyReport, verify};
-pub use job::{InputHashes, Summary, WriteOptions, default_threads};
 pub use model::config::ConfigSummary;
 pub use model::{Checkpoint, DType, FloatType, Tensor};
+pub use output::Destination;
 pub use output::WrittenFile;
 pub use output::manifest::Provenance;
 pub use plan::EmbeddingReport;

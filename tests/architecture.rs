@@ -184,3 +184,54 @@ fn no_module_imports_itself_back() {
         }
     }
 }
+
+/// Helpers that moved to the room they belong to are imported from there
+/// only: layer naming from `model::layers`, selections and scales from
+/// `spec`, where and how to write from `output::Destination` and
+/// `exec::RunOptions`.
+#[test]
+fn moved_helpers_are_imported_from_their_rooms() {
+    const GONE: &[(&str, &str)] = &[
+        ("merge::params::layer_index", "model::layers::layer_index"),
+        ("merge::params::layer_position", "model::layers::layer_position"),
+        ("merge::params::interpolate", "model::layers::interpolate"),
+        ("plan::checks::layers_of", "model::layers::layers_of"),
+        ("plan::select", "spec::select"),
+        ("plan::EmbeddingPolicy", "spec::embeddings::EmbeddingPolicy"),
+        ("plan::vocab::EmbeddingPolicy", "spec::embeddings::EmbeddingPolicy"),
+        ("WriteOptions", "output::Destination and exec::RunOptions"),
+        ("ScaleOverride", "plan::Plan::scales"),
+    ];
+    let mut bad = Vec::new();
+    for (_, file) in modules() {
+        let text = std::fs::read_to_string(&file).unwrap();
+        for (old, new) in GONE {
+            if text.contains(old) {
+                bad.push(format!("{} names {old}; use {new}", file.display()));
+            }
+        }
+    }
+    assert!(bad.is_empty(), "{}", bad.join("\n"));
+}
+
+/// Only `output/` writes into an output directory: the executor streams
+/// shards through the files `OutputDir::create_shard` hands it, and the
+/// job room creates, finishes and commits directories through `output`'s
+/// API, never by path.
+#[test]
+fn only_output_writes_into_output_directories() {
+    let mut bad = Vec::new();
+    for (m, file) in modules() {
+        if m[0] == "output" {
+            continue;
+        }
+        let text = std::fs::read_to_string(&file).unwrap();
+        let code = text.split("#[cfg(test)]").next().unwrap_or(&text);
+        for needle in ["SyncedFile::create", "INDEX_FILE, &", "MANIFEST_FILE, &", "\"sweep.json\"", "OutputDir::path"] {
+            if code.contains(needle) {
+                bad.push(format!("{} writes `{needle}` itself", file.display()));
+            }
+        }
+    }
+    assert!(bad.is_empty(), "{}", bad.join("\n"));
+}

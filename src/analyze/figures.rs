@@ -48,7 +48,7 @@ pub(crate) struct Sums {
 
 impl Sums {
     /// Adds `o` (the next unit in order) to these sums.
-    pub fn add(&mut self, o: &Sums) {
+    pub(crate) fn add(&mut self, o: &Sums) {
         self.n += o.n;
         self.zeros += o.zeros;
         self.vv += o.vv;

@@ -35,7 +35,7 @@ fn operand<'a>(ck: &'a Checkpoint, t: &Tensor) -> Option<Operand<'a>> {
 
 impl<'a> Side<'a> {
     /// The checkpoint that carries the vector's config and tokenizer.
-    pub fn primary(&self) -> &'a Checkpoint {
+    pub(crate) fn primary(&self) -> &'a Checkpoint {
         match *self {
             Side::Stored(v) => v,
             Side::Pair { chat, .. } => chat,

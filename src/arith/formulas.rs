@@ -53,7 +53,7 @@ pub(crate) enum Segment<'a> {
 
 impl<'a> Segment<'a> {
     /// The operands, in argument order.
-    pub fn operands(&self) -> Vec<Operand<'a>> {
+    pub(crate) fn operands(&self) -> Vec<Operand<'a>> {
         match *self {
             Segment::Convert(a) => vec![a],
             Segment::Diff(c, p) => vec![c, p],
@@ -64,7 +64,7 @@ impl<'a> Segment<'a> {
     }
 
     /// Computes the segment into `out` (dtype `out_ty`) on the CPU.
-    pub fn compute(&self, out_ty: FloatType, out: &mut [u8]) {
+    pub(crate) fn compute(&self, out_ty: FloatType, out: &mut [u8]) {
         match *self {
             Segment::Convert(x) => map(out_ty, out, [x], |[x]| x),
             Segment::Diff(c, p) => map(out_ty, out, [c, p], |[c, p]| c - p),
@@ -134,7 +134,7 @@ impl<'a> Segment<'a> {
     /// outputs come back as bytes, counts here). Only a chat
     /// vector's segments whose output has the base's dtype are counted
     /// (elsewhere every element is re-encoded anyway).
-    pub fn rounding(&self, out_ty: FloatType, out: &[u8], first: u64) -> Rounding {
+    pub(crate) fn rounding(&self, out_ty: FloatType, out: &[u8], first: u64) -> Rounding {
         let Some((base, x, pre)) = self.counted(out_ty) else { return Rounding::default() };
         let os = out_ty.size();
         let n = out.len() / os;
@@ -165,7 +165,7 @@ impl<'a> Segment<'a> {
 
     /// The scale the segment multiplies the vector by, if it has one.
     #[cfg(test)]
-    pub fn scale(&self) -> Option<f32> {
+    pub(crate) fn scale(&self) -> Option<f32> {
         match *self {
             Segment::AddDiff(.., s) | Segment::AddScaled(.., s) | Segment::AddLowRank { scale: s, .. } => {
                 Some(s)
@@ -176,7 +176,7 @@ impl<'a> Segment<'a> {
 
     /// The same segment with another scale (a sweep's candidate); segments
     /// without a scale are returned as they are.
-    pub fn with_scale(self, s: f32) -> Segment<'a> {
+    pub(crate) fn with_scale(self, s: f32) -> Segment<'a> {
         match self {
             Segment::AddDiff(b, c, p, _) => Segment::AddDiff(b, c, p, s),
             Segment::AddScaled(b, v, _) => Segment::AddScaled(b, v, s),
@@ -193,7 +193,7 @@ impl<'a> Segment<'a> {
     /// `rounding[k]` what rounding did to output `k` (see `rounding`; the
     /// segment's first element is the tensor's element `first`), counted
     /// on the decoded vector at hand.
-    pub fn compute_scales(
+    pub(crate) fn compute_scales(
         &self,
         out_ty: FloatType,
         outs: &mut [&mut [u8]],

@@ -32,14 +32,14 @@ pub(crate) struct Operand<'a> {
 
 impl<'a> Operand<'a> {
     /// Elements `start..start+len` of this operand.
-    pub fn slice(self, start: usize, len: usize) -> Operand<'a> {
+    pub(crate) fn slice(self, start: usize, len: usize) -> Operand<'a> {
         let s = self.ty.size();
         Operand { ty: self.ty, bytes: &self.bytes[start * s..(start + len) * s] }
     }
 
     /// Decodes elements `start..start + out.len()` into `out`.
     #[inline]
-    pub fn decode_at(self, start: u64, out: &mut [f32]) {
+    pub(crate) fn decode_at(self, start: u64, out: &mut [f32]) {
         let s = self.ty.size();
         let a = start as usize * s;
         decode(self.ty, &self.bytes[a..a + out.len() * s], out);
@@ -62,7 +62,7 @@ pub(crate) enum View<'a> {
 
 impl View<'_> {
     /// Decodes base positions `start..start + out.len()` into `out`.
-    pub fn decode_at(self, start: u64, out: &mut [f32]) {
+    pub(crate) fn decode_at(self, start: u64, out: &mut [f32]) {
         match self {
             View::Direct(op) => op.decode_at(start, out),
             View::Rows { model, fill, runs, row_len } => {

@@ -6,8 +6,8 @@ use std::path::PathBuf;
 use clap::{Args, Parser, Subcommand};
 
 use chatvec::{
-    AnalyzeSpec, ApplyParams, DataFile, DeviceChoice, EvalSpec, ExtractParams, InputHashes, Recipe, Scale,
-    SftOptions, VectorSource, WriteOptions, parse_scale, parse_size, parse_train_arg,
+    AnalyzeSpec, ApplyParams, DataFile, Destination, DeviceChoice, EvalSpec, ExtractParams, InputHashes,
+    Recipe, RunOptions, Scale, SftOptions, VectorSource, parse_scale, parse_size, parse_train_arg,
 };
 
 const EXAMPLES: &str = "\
@@ -27,7 +27,7 @@ Examples:
 /// 1 bad input or usage, 2 I/O, network or internal error, 130 interrupted.
 #[derive(Parser, Debug)]
 #[command(name = "chatvec", version, max_term_width = 100, after_help = EXAMPLES)]
-pub struct Cli {
+pub(crate) struct Cli {
     /// No progress bars or notes on stderr (errors and warnings still print).
     #[arg(short, long, global = true)]
     pub quiet: bool,
@@ -49,7 +49,7 @@ pub struct Cli {
 }
 
 #[derive(Subcommand, Debug)]
-pub enum Command {
+pub(crate) enum Command {
     /// Write the chat vector `chat - pretrained` as a safetensors checkpoint.
     #[command(
         after_help = "Example:\n  chatvec extract --chat llama3-8b-instruct --pretrained llama3-8b --dtype f32 -o llama3-cv"
@@ -105,7 +105,7 @@ pub enum Command {
 }
 
 #[derive(Args, Debug)]
-pub struct EvalArgs {
+pub(crate) struct EvalArgs {
     /// The models (directories, Hub ids or aliases).
     #[arg(required = true, value_name = "MODEL")]
     pub models: Vec<String>,
@@ -146,7 +146,7 @@ pub struct EvalArgs {
 }
 
 impl EvalArgs {
-    pub fn spec(&self) -> EvalSpec {
+    pub(crate) fn spec(&self) -> EvalSpec {
         EvalSpec {
             data: self.data.clone(),
             prompts: self.prompts.clone(),
@@ -162,7 +162,7 @@ impl EvalArgs {
 }
 
 #[derive(Args, Debug)]
-pub struct SweepArgs {
+pub(crate) struct SweepArgs {
     /// The candidate scales, comma-separated; a bracketed list is a gradient over the layers:
     /// '0.5,0.75,1' or '0.5,1,[0.3, 1.0]'.
     #[arg(long, value_parser = parse_scales, allow_negative_numbers = true)]
@@ -174,7 +174,7 @@ pub struct SweepArgs {
 
 /// `--scales`: the candidates, in order.
 #[derive(Clone, Debug)]
-pub struct ScaleList(pub Vec<Scale>);
+pub(crate) struct ScaleList(pub Vec<Scale>);
 
 /// Splits `0.5,0.75,[0.3, 1.0]` at the commas outside brackets.
 fn parse_scales(s: &str) -> Result<ScaleList, String> {
@@ -201,7 +201,7 @@ fn parse_scales(s: &str) -> Result<ScaleList, String> {
 
 #[derive(Args, Debug)]
 #[command(group(clap::ArgGroup::new("vector_source").required(true).args(["vector", "chat"])))]
-pub struct AnalyzeArgs {
+pub(crate) struct AnalyzeArgs {
     /// A chat vector written by `chatvec extract` (or a raw delta), or a vector alias.
     #[arg(long, value_name = "VECTOR", conflicts_with_all = ["chat", "pretrained"])]
     pub vector: Option<String>,
@@ -248,7 +248,7 @@ pub struct AnalyzeArgs {
 }
 
 impl AnalyzeArgs {
-    pub fn spec(&self) -> AnalyzeSpec {
+    pub(crate) fn spec(&self) -> AnalyzeSpec {
         let vector = match (&self.vector, &self.chat, &self.pretrained) {
             (Some(v), _, _) => VectorSource::Stored(v.clone()),
             (None, c, p) => VectorSource::Pair {
@@ -275,7 +275,7 @@ impl AnalyzeArgs {
 
 /// Where and how a command writes its output.
 #[derive(Args, Debug)]
-pub struct OutArgs {
+pub(crate) struct OutArgs {
     /// Output directory (created; must not exist unless --force).
     #[arg(short, long)]
     pub output: PathBuf,
@@ -318,24 +318,31 @@ pub struct OutArgs {
 }
 
 impl OutArgs {
-    pub fn options(&self) -> WriteOptions {
-        let defaults = WriteOptions::new(&self.output);
-        WriteOptions {
+    /// Where to write.
+    pub(crate) fn destination(&self) -> Destination {
+        Destination {
             force: self.force,
             dry_run: self.dry_run,
+            weights_only: self.weights_only,
+            ..Destination::new(&self.output)
+        }
+    }
+
+    /// How to run.
+    pub(crate) fn run_options(&self) -> RunOptions {
+        let defaults = RunOptions::default();
+        RunOptions {
             threads: self.threads,
             chunk_elems: self.chunk_elems.unwrap_or(defaults.chunk_elems),
             input_hashes: if self.rehash { InputHashes::Rehash } else { InputHashes::Cached },
             device: self.device,
             gpu_memory: self.gpu_memory,
-            weights_only: self.weights_only,
-            ..defaults
         }
     }
 }
 
 #[derive(Args, Debug)]
-pub struct MergeArgs {
+pub(crate) struct MergeArgs {
     /// A recipe: a chatvec .toml file, a mergekit .yml config, or the name of a shipped recipe.
     pub recipe: String,
 
@@ -365,7 +372,7 @@ pub struct MergeArgs {
 
 impl MergeArgs {
     /// The recipe, with the command line's overrides.
-    pub fn recipe(&self) -> chatvec::Result<Recipe> {
+    pub(crate) fn recipe(&self) -> chatvec::Result<Recipe> {
         let mut r = Recipe::load(&self.recipe)?;
         if let Some(bytes) = self.shard_size.or(self.out_shard_size) {
             r.set_shard_size(bytes);
@@ -378,7 +385,7 @@ impl MergeArgs {
 }
 
 #[derive(Args, Debug)]
-pub struct VerifyArgs {
+pub(crate) struct VerifyArgs {
     /// An output directory written by chatvec.
     pub dir: PathBuf,
 
@@ -390,7 +397,7 @@ pub struct VerifyArgs {
 /// `extract`: its parameters (one home, `chatvec::ExtractParams`) and where
 /// to write.
 #[derive(Args, Debug)]
-pub struct ExtractArgs {
+pub(crate) struct ExtractArgs {
     #[command(flatten)]
     pub params: ExtractParams,
 
@@ -401,7 +408,7 @@ pub struct ExtractArgs {
 /// `apply`: its parameters (one home, `chatvec::ApplyParams`) and where to
 /// write.
 #[derive(Args, Debug)]
-pub struct ApplyArgs {
+pub(crate) struct ApplyArgs {
     #[command(flatten)]
     pub params: ApplyParams,
 
@@ -410,13 +417,13 @@ pub struct ApplyArgs {
 }
 
 #[derive(Args, Debug)]
-pub struct InspectArgs {
+pub(crate) struct InspectArgs {
     /// The model (directory, Hub id or alias).
     pub model: String,
 }
 
 #[derive(Args, Debug)]
-pub struct DemoArgs {
+pub(crate) struct DemoArgs {
     /// Directory for the demo models (default: a temporary one, removed afterwards).
     #[arg(long)]
     pub dir: Option<PathBuf>,
@@ -433,7 +440,7 @@ pub struct DemoArgs {
 /// `chatvec sft`'s options; defaults come from `SftOptions::default()`, so
 /// the command line and a recipe's `[sft]` table agree.
 #[derive(Args, Debug, Clone)]
-pub struct SftArgs {
+pub(crate) struct SftArgs {
     /// The model to train (directory, Hub id or alias), e.g. the output of `chatvec apply`.
     #[arg(long, value_name = "MODEL")]
     pub model: String,
@@ -559,7 +566,7 @@ fn parse_train_arg_flag(s: &str) -> Result<(String, serde_json::Value), String> 
 }
 
 impl SftArgs {
-    pub fn options(&self) -> SftOptions {
+    pub(crate) fn options(&self) -> SftOptions {
         SftOptions {
             data: self.data.clone(),
             eval_data: self.eval_data.clone(),

@@ -29,7 +29,7 @@ fn io(op: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> Error {
 /// The shapes the benchmark generates (the demo's tiny one is `synth`'s).
 impl LlamaShape {
     /// TinyLlama-1.1B's shape (1.10B parameters, 2.2 GB in bf16).
-    pub fn b1() -> LlamaShape {
+    pub(crate) fn b1() -> LlamaShape {
         LlamaShape {
             vocab: 32000,
             hidden: 2048,
@@ -44,7 +44,7 @@ impl LlamaShape {
     /// Llama-3-70B's tensor shapes (a 128256 x 8192 embedding, 8192 x
     /// 28672 MLP matrices, 8 KV heads) with one decoder layer, for GPU
     /// throughput on 70B-sized tensors in 18 GB of inputs.
-    pub fn l70_layer() -> LlamaShape {
+    pub(crate) fn l70_layer() -> LlamaShape {
         LlamaShape {
             vocab: 128256,
             hidden: 8192,
@@ -57,7 +57,7 @@ impl LlamaShape {
     }
 
     /// Llama-2-7B's shape (6.74B parameters, 13.5 GB in bf16).
-    pub fn b7() -> LlamaShape {
+    pub(crate) fn b7() -> LlamaShape {
         LlamaShape {
             vocab: 32000,
             hidden: 4096,
@@ -69,13 +69,13 @@ impl LlamaShape {
         }
     }
 
-    pub fn parameters(&self) -> u64 {
+    pub(crate) fn parameters(&self) -> u64 {
         self.tensors().iter().map(|(_, s)| s.iter().product::<u64>()).sum()
     }
 }
 
 #[derive(Args, Debug)]
-pub struct BenchArgs {
+pub(crate) struct BenchArgs {
     /// Model shape: tiny, 1b (TinyLlama-1.1B), 7b (Llama-2-7B) or 70b-layer
     /// (Llama-3-70B's tensors, one decoder layer).
     #[arg(long, default_value = "1b")]
@@ -148,7 +148,7 @@ pub struct BenchArgs {
 
 /// One merge method timed, and compared with mergekit.
 #[derive(Serialize)]
-pub struct MethodBench {
+pub(crate) struct MethodBench {
     pub method: String,
     pub chatvec: Measured,
     pub mergekit: Option<Measured>,
@@ -161,7 +161,7 @@ pub struct MethodBench {
 
 /// One LoRA merge timed, and compared with PEFT's.
 #[derive(Serialize)]
-pub struct LoraBench {
+pub(crate) struct LoraBench {
     pub rank: u64,
     pub adapter_bytes: u64,
     pub chatvec: Measured,
@@ -178,14 +178,14 @@ const PEFT_MERGE: &str = "import sys, torch\nfrom transformers import AutoModelF
 
 /// A measured child process.
 #[derive(Serialize)]
-pub struct Measured {
+pub(crate) struct Measured {
     pub seconds: f64,
     pub peak_rss_anon_mib: f64,
     pub peak_rss_mib: f64,
 }
 
 #[derive(Serialize)]
-pub struct BenchReport {
+pub(crate) struct BenchReport {
     pub shape: String,
     pub parameters: u64,
     pub input_bytes: u64,
@@ -239,7 +239,7 @@ pub struct BenchReport {
 }
 
 #[derive(Serialize)]
-pub struct DownloadBench {
+pub(crate) struct DownloadBench {
     /// What the loopback Hub did, and how chatvec fetched.
     pub condition: String,
     pub measured: Measured,
@@ -251,7 +251,7 @@ pub struct DownloadBench {
 }
 
 #[derive(Serialize)]
-pub struct PeerDownload {
+pub(crate) struct PeerDownload {
     /// The run, when it exited 0.
     pub measured: Option<Measured>,
     /// Why it failed, when it did.
@@ -627,7 +627,7 @@ fn cold_io_floor(dirs: &[&Path], out_dir: &Path, out_bytes: u64) -> Result<f64> 
     Ok(start.elapsed().as_secs_f64())
 }
 
-pub fn run(a: &BenchArgs, json: bool) -> Result<()> {
+pub(crate) fn run(a: &BenchArgs, json: bool) -> Result<()> {
     let mut shape = shape_of(&a.shape)?;
     let mut name = a.shape.clone();
     if let Some(n) = a.layers {

@@ -8,8 +8,8 @@
 use std::path::{Path, PathBuf};
 
 use chatvec::{
-    AnalyzeReport, AnalyzeSpec, ApplyParams, DeviceChoice, Error, ExtractParams, FloatType, InputHashes,
-    Result, Summary, VectorSource, WriteOptions, human_bytes,
+    AnalyzeReport, AnalyzeSpec, ApplyParams, Destination, DeviceChoice, Error, ExtractParams, FloatType,
+    InputHashes, Result, RunOptions, Summary, VectorSource, human_bytes,
 };
 use serde::Serialize;
 
@@ -32,7 +32,7 @@ struct DemoReport {
 
 /// Runs the demo in `dir` (a fresh temporary directory when `None`, removed
 /// afterwards unless `keep`) and prints what it did.
-pub fn run(dir: Option<&Path>, keep: bool, device: DeviceChoice, json: bool) -> Result<()> {
+pub(super) fn run(dir: Option<&Path>, keep: bool, device: DeviceChoice, json: bool) -> Result<()> {
     let root: PathBuf = match dir {
         Some(d) => d.to_path_buf(),
         None => std::env::temp_dir().join(format!("chatvec-demo-{}", std::process::id())),
@@ -77,30 +77,31 @@ fn steps(root: &Path, device: DeviceChoice) -> Result<(String, DemoReport)> {
     out.push_str(&report.lines().take_while(|l| !l.starts_with("  tensors:")).collect::<Vec<_>>().join("\n"));
     out.push_str("\n  ...\n\n");
 
-    let settings = |o: &Path| WriteOptions {
-        // Demo models are new every run; caching their hashes would only
-        // leave entries behind.
-        input_hashes: InputHashes::Uncached,
-        device,
-        ..WriteOptions::new(o)
-    };
+    // Demo models are new every run; caching their hashes would only
+    // leave entries behind.
+    let run = RunOptions { input_hashes: InputHashes::Uncached, device, ..RunOptions::default() };
     let s = |p: &Path| p.display().to_string();
     let vector = root.join("chat-vector");
     out.push_str(
         "$ chatvec extract --chat llama-chat --pretrained llama-pretrained --dtype f32 -o chat-vector\n",
     );
     let spec = ExtractParams { dtype: Some(FloatType::F32), ..ExtractParams::new(s(&chat), s(&pre)) };
-    let sx = chatvec::extract(&spec.validate()?, &settings(&vector))?;
+    let sx = chatvec::extract(&spec.validate()?, &Destination::new(&vector), &run)?;
     out.push_str(&describe(&sx));
 
     let a = root.join("swallow-like-cv");
     out.push_str("$ chatvec apply --base swallow-like --vector chat-vector -o swallow-like-cv\n");
-    let sa = chatvec::apply(&ApplyParams::new(s(&base), s(&vector)).validate()?, &settings(&a))?;
+    let sa =
+        chatvec::apply(&ApplyParams::new(s(&base), s(&vector)).validate()?, &Destination::new(&a), &run)?;
     out.push_str(&describe(&sa));
 
     let b = root.join("swallow-like-cv-streamed");
     out.push_str("$ chatvec apply --base swallow-like --chat llama-chat --pretrained llama-pretrained -o swallow-like-cv-streamed\n");
-    let sb = chatvec::apply(&ApplyParams::pair(s(&base), s(&chat), s(&pre)).validate()?, &settings(&b))?;
+    let sb = chatvec::apply(
+        &ApplyParams::pair(s(&base), s(&chat), s(&pre)).validate()?,
+        &Destination::new(&b),
+        &run,
+    )?;
     out.push_str(&describe(&sb));
 
     let same = sa.shards.len() == sb.shards.len()

@@ -20,7 +20,7 @@ use chatvec::{Error, Result, hex};
 use sha2::Digest;
 
 /// The commit every file is served at.
-pub const COMMIT: &str = "b0b0b0b0b0b0b0b0b0b0b0b0b0b0b0b0b0b0b0b0";
+pub(super) const COMMIT: &str = "b0b0b0b0b0b0b0b0b0b0b0b0b0b0b0b0b0b0b0b0";
 
 /// What the stand-in says about `dir`'s files, computed once.
 struct Listing {
@@ -86,7 +86,7 @@ fn list(dir: &Path) -> Result<Listing> {
 /// How the stand-in misbehaves while serving weight (`.safetensors`)
 /// files.
 #[derive(Clone, Copy, Debug, PartialEq)]
-pub enum Fault {
+pub(super) enum Fault {
     Healthy,
     /// Each connection is cut after this many body bytes.
     DropAfter(u64),
@@ -207,7 +207,7 @@ fn serve(mut s: TcpStream, dir: &Path, listing: &Listing, fault: Fault, flipped:
 }
 
 /// A running stand-in serving `dir` with `fault`; its port.
-pub fn start(dir: &Path, fault: Fault) -> Result<u16> {
+pub(super) fn start(dir: &Path, fault: Fault) -> Result<u16> {
     let listener = TcpListener::bind("127.0.0.1:0").map_err(|e| Error::Io {
         op: "listening on",
         path: PathBuf::from("127.0.0.1"),

@@ -9,21 +9,21 @@
 
 mod args;
 #[cfg(feature = "bench")]
-pub mod bench;
+pub(crate) mod bench;
 mod demo;
 #[cfg(feature = "bench")]
 mod loopback_hub;
 mod pipeline;
-pub mod synth;
+pub(crate) mod synth;
 
 use std::io::Write;
 
-pub use args::Cli;
+pub(crate) use args::Cli;
 use args::Command;
 use chatvec::{Error, Result, Summary, ui};
 
 /// Writes to stdout; a closed pipe (`chatvec inspect M | head`) is not an error.
-pub fn out(text: &str) -> Result<()> {
+pub(crate) fn out(text: &str) -> Result<()> {
     let mut so = std::io::stdout().lock();
     match so.write_all(text.as_bytes()).and_then(|_| so.flush()) {
         Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(()),
@@ -33,7 +33,7 @@ pub fn out(text: &str) -> Result<()> {
 }
 
 /// Writes `v` as one pretty JSON document on stdout.
-pub fn json_out(v: &impl serde::Serialize) -> Result<()> {
+pub(crate) fn json_out(v: &impl serde::Serialize) -> Result<()> {
     let text = serde_json::to_string_pretty(v).map_err(|e| Error::Internal(format!("writing JSON: {e}")))?;
     out(&format!("{text}\n"))
 }
@@ -113,7 +113,7 @@ fn analyzed(r: &chatvec::AnalyzeReport, json: bool) -> Result<()> {
 }
 
 /// Runs a parsed command line.
-pub fn run(cli: Cli) -> Result<()> {
+pub(crate) fn run(cli: Cli) -> Result<()> {
     ui::set_quiet(cli.quiet);
     chatvec::catch_signals();
     if let Some(p) = cli.aliases {
@@ -124,8 +124,13 @@ pub fn run(cli: Cli) -> Result<()> {
     }
     let json = cli.json;
     match cli.command {
-        Command::Extract(a) => report(&chatvec::extract(&a.params.validate()?, &a.out.options())?, json),
-        Command::Apply(a) => report(&chatvec::apply(&a.params.validate()?, &a.out.options())?, json),
+        Command::Extract(a) => report(
+            &chatvec::extract(&a.params.validate()?, &a.out.destination(), &a.out.run_options())?,
+            json,
+        ),
+        Command::Apply(a) => {
+            report(&chatvec::apply(&a.params.validate()?, &a.out.destination(), &a.out.run_options())?, json)
+        }
         Command::Analyze(a) => analyzed(&chatvec::analyze(&a.spec())?, json),
         Command::Eval(a) => {
             let r = chatvec::eval(&a.spec())?;
@@ -138,7 +143,12 @@ pub fn run(cli: Cli) -> Result<()> {
                         .into(),
                 ));
             }
-            let r = chatvec::sweep(&a.apply.params.validate()?, &a.scales.0, &a.apply.out.options())?;
+            let r = chatvec::sweep(
+                &a.apply.params.validate()?,
+                &a.scales.0,
+                &a.apply.out.destination(),
+                &a.apply.out.run_options(),
+            )?;
             if json {
                 return json_out(&r);
             }
@@ -152,7 +162,7 @@ pub fn run(cli: Cli) -> Result<()> {
         }
         Command::Merge(a) => {
             let recipe = a.recipe()?;
-            report(&chatvec::merge(&recipe, a.seed, &a.out.options())?, json)
+            report(&chatvec::merge(&recipe, a.seed, &a.out.destination(), &a.out.run_options())?, json)
         }
         Command::Verify(a) => {
             let r = chatvec::verify(&a.dir, a.recipe.as_deref())?;

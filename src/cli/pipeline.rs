@@ -13,12 +13,12 @@
 
 use std::path::PathBuf;
 
-use chatvec::{Error, Result, SftJob, ui};
+use chatvec::{Destination, Error, Result, SftJob, ui};
 
 use super::args::MergeArgs;
 use super::{json_out, out, report, report_sweep};
 
-pub fn run(a: &MergeArgs, json: bool) -> Result<()> {
+pub(super) fn run(a: &MergeArgs, json: bool) -> Result<()> {
     let recipe = a.recipe()?;
     let Some(options) = recipe.sft().cloned() else {
         return Err(Error::Usage(format!("{} has no [sft] section", recipe.path().display()))
@@ -48,9 +48,8 @@ pub fn run(a: &MergeArgs, json: bool) -> Result<()> {
     // The merged model(s).
     let mut done = serde_json::Map::new();
     let candidates: Vec<PathBuf> = if recipe.sweep().is_some() {
-        let mut o = a.out.options();
-        o.output = root.join("sweep");
-        let sw = chatvec::merge_sweep(&recipe, &o)?;
+        let o = Destination { output: root.join("sweep"), ..a.out.destination() };
+        let sw = chatvec::merge_sweep(&recipe, &o, &a.out.run_options())?;
         if !json && !a.out.dry_run {
             report_sweep(&sw.candidates)?;
         }
@@ -58,9 +57,8 @@ pub fn run(a: &MergeArgs, json: bool) -> Result<()> {
         done.insert("sweep".into(), serde_json::to_value(&sw).unwrap_or_default());
         dirs
     } else {
-        let mut o = a.out.options();
-        o.output = root.join("merged");
-        let merge = chatvec::merge(&recipe, a.seed, &o)?;
+        let o = Destination { output: root.join("merged"), ..a.out.destination() };
+        let merge = chatvec::merge(&recipe, a.seed, &o, &a.out.run_options())?;
         if !json {
             report(&merge, false)?;
         }

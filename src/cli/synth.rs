@@ -16,7 +16,7 @@ use serde_json::json;
 
 /// The shape of a Llama-architecture model.
 #[derive(Clone, Debug)]
-pub struct LlamaShape {
+pub(crate) struct LlamaShape {
     pub vocab: u64,
     pub hidden: u64,
     pub intermediate: u64,
@@ -28,12 +28,12 @@ pub struct LlamaShape {
 
 impl LlamaShape {
     /// A model small enough to build in milliseconds.
-    pub fn tiny(vocab: u64) -> LlamaShape {
+    pub(crate) fn tiny(vocab: u64) -> LlamaShape {
         LlamaShape { vocab, hidden: 64, intermediate: 176, layers: 2, heads: 4, kv_heads: 2, tied: false }
     }
 
     /// Tensor names and shapes, in transformers' order.
-    pub fn tensors(&self) -> Vec<(String, Vec<u64>)> {
+    pub(crate) fn tensors(&self) -> Vec<(String, Vec<u64>)> {
         let (h, i) = (self.hidden, self.intermediate);
         let kv = h / self.heads * self.kv_heads;
         let mut v = vec![("model.embed_tokens.weight".to_string(), vec![self.vocab, h])];
@@ -80,7 +80,7 @@ impl LlamaShape {
 
 /// One weight component: amplitude and seed.
 #[derive(Clone, Copy, Debug)]
-pub struct Component {
+pub(crate) struct Component {
     pub seed: u64,
     pub amplitude: f32,
 }
@@ -98,7 +98,7 @@ fn name_key(name: &str) -> u64 {
 
 /// Element `i` of tensor `name` for a model made of `parts`: a uniform value
 /// in `[-amplitude, amplitude)` per component, summed in f32.
-pub fn value(parts: &[Component], name: &str, i: u64) -> f32 {
+pub(crate) fn value(parts: &[Component], name: &str, i: u64) -> f32 {
     let k = name_key(name);
     parts.iter().fold(0.0f32, |acc, c| {
         let h = splitmix(c.seed ^ k ^ i.wrapping_mul(0xd6e8_feb8_6659_fd93));
@@ -109,7 +109,7 @@ pub fn value(parts: &[Component], name: &str, i: u64) -> f32 {
 
 /// Vocabulary of a synthetic model: three specials, `<|eot_id|>`, then
 /// plain tokens; `extra` tokens are appended, as a vocabulary expansion does.
-pub fn tokens(vocab: u64, extra: u64) -> Vec<String> {
+pub(crate) fn tokens(vocab: u64, extra: u64) -> Vec<String> {
     let mut t: Vec<String> = ["<unk>", "<s>", "</s>", "<|eot_id|>"].iter().map(|s| s.to_string()).collect();
     t.extend((4..vocab).map(|i| format!("tok{i}")));
     t.extend((0..extra).map(|i| format!("ja{i}")));
@@ -117,10 +117,10 @@ pub fn tokens(vocab: u64, extra: u64) -> Vec<String> {
 }
 
 /// A minimal chat template (Llama-3 style turn markers).
-pub const CHAT_TEMPLATE: &str = "{% for m in messages %}<|start|>{{ m['role'] }}\n{{ m['content'] }}<|eot_id|>{% endfor %}{% if add_generation_prompt %}<|start|>assistant\n{% endif %}";
+pub(crate) const CHAT_TEMPLATE: &str = "{% for m in messages %}<|start|>{{ m['role'] }}\n{{ m['content'] }}<|eot_id|>{% endfor %}{% if add_generation_prompt %}<|start|>assistant\n{% endif %}";
 
 /// What to write besides the weights.
-pub struct ModelFiles<'a> {
+pub(crate) struct ModelFiles<'a> {
     /// Vocabulary for tokenizer.json (its length should equal the vocab size).
     pub tokens: Option<&'a [String]>,
     /// Whether this is a chat model: adds a chat template and eos ids [2, 3].
@@ -183,7 +183,7 @@ fn write_json(dir: &Path, name: &str, v: &serde_json::Value) -> Result<()> {
 }
 
 /// Writes a synthetic model into `dir` (created if needed).
-pub fn write_model(
+pub(crate) fn write_model(
     dir: &Path,
     shape: &LlamaShape,
     dtype: FloatType,
@@ -264,7 +264,12 @@ pub fn write_model(
 /// `base_model.model.M.lora_A.weight` (`r x in`) and `lora_B.weight`
 /// (`out x r`), values from `parts`.
 #[cfg(feature = "bench")]
-pub fn write_lora_adapter(dir: &Path, shape: &LlamaShape, rank: u64, parts: &[Component]) -> Result<()> {
+pub(crate) fn write_lora_adapter(
+    dir: &Path,
+    shape: &LlamaShape,
+    rank: u64,
+    parts: &[Component],
+) -> Result<()> {
     let io = |op: &'static str, path: &Path| {
         let path = path.to_path_buf();
         move |e| Error::Io { op, path, source: e }

@@ -30,9 +30,9 @@ use crate::merge::stats::STAT_BLOCK;
 use crate::model::dtype::FloatType;
 
 /// Buffer slots in rotation.
-pub const SLOTS: usize = 3;
+pub(crate) const SLOTS: usize = 3;
 /// Threads per block (the reduction kernels assume exactly this).
-pub const THREADS: u32 = 256;
+pub(super) const THREADS: u32 = 256;
 /// Largest chunk: bounds the pinned host memory (`SLOTS` x chunk x bytes
 /// per element) whatever the card.
 const MAX_CHUNK: u64 = 1 << 22;
@@ -45,7 +45,7 @@ fn err(what: &str) -> impl Fn(cudarc::driver::DriverError) -> Error + '_ {
 }
 
 /// The dtype code the kernels use (kernels/common.cuh).
-pub fn ty_code(t: FloatType) -> i32 {
+pub(super) fn ty_code(t: FloatType) -> i32 {
     match t {
         FloatType::BF16 => 0,
         FloatType::F16 => 1,
@@ -55,13 +55,13 @@ pub fn ty_code(t: FloatType) -> i32 {
 
 /// One operand of a job, as host bytes and their dtype: mapped bytes as
 /// they are, or a vocabulary-aligned view decoded to f32 (exact).
-pub struct Staged<'a> {
+pub(super) struct Staged<'a> {
     pub ty: FloatType,
     pub bytes: Cow<'a, [u8]>,
 }
 
 /// Elements `start..start + n` of `view`.
-pub fn stage<'a>(view: View<'a>, start: u64, n: usize) -> Staged<'a> {
+pub(super) fn stage<'a>(view: View<'a>, start: u64, n: usize) -> Staged<'a> {
     match view {
         View::Direct(op) => Staged { ty: op.ty, bytes: Cow::Borrowed(op.slice(start as usize, n).bytes) },
         other => {
@@ -73,7 +73,7 @@ pub fn stage<'a>(view: View<'a>, start: u64, n: usize) -> Staged<'a> {
 }
 
 /// A slot's buffers and the events that order their reuse.
-pub struct Slot {
+pub(super) struct Slot {
     pin_in: PinnedHostSlice<u8>,
     pub dev_in: CudaSlice<u8>,
     pub work: CudaSlice<u8>,
@@ -87,7 +87,7 @@ pub struct Slot {
 }
 
 /// An open GPU.
-pub struct Gpu {
+pub(crate) struct Gpu {
     ctx: Arc<CudaContext>,
     up: Arc<CudaStream>,
     pub compute: Arc<CudaStream>,
@@ -188,7 +188,7 @@ impl Gpu {
     }
 
     /// "cuda:0 (NVIDIA H100 80GB HBM3, 8.0 GiB budget)".
-    pub fn describe(&self) -> String {
+    pub(crate) fn describe(&self) -> String {
         format!(
             "cuda:{} ({}, {:.1} GiB budget)",
             self.ordinal,
@@ -201,7 +201,7 @@ impl Gpu {
     /// base: a multiple of `STAT_BLOCK` such that `SLOTS` slots fit the
     /// budget (inputs up to f32, f32 work buffers for every operand and the
     /// result, the output, and DELLA's sort keys and ranks).
-    pub fn chunk_elems(&self, models: usize) -> u64 {
+    pub(crate) fn chunk_elems(&self, models: usize) -> u64 {
         let per_elem = 8 * models as u64 + 36;
         let c = self.budget / (SLOTS as u64 * per_elem);
         (c / STAT_BLOCK * STAT_BLOCK).clamp(STAT_BLOCK, MAX_CHUNK)
@@ -212,13 +212,13 @@ impl Gpu {
     }
 
     /// A launch over `n` elements (grid-stride kernels).
-    pub fn grid(&self, n: u64) -> LaunchConfig {
+    pub(crate) fn grid(&self, n: u64) -> LaunchConfig {
         let blocks = n.div_ceil(THREADS as u64).clamp(1, self.multiprocessors as u64 * 16);
         LaunchConfig { grid_dim: (blocks as u32, 1, 1), block_dim: (THREADS, 1, 1), shared_mem_bytes: 0 }
     }
 
     /// A launch with one 256-thread block per `blocks` item.
-    pub fn per_block(&self, blocks: u64) -> LaunchConfig {
+    pub(crate) fn per_block(&self, blocks: u64) -> LaunchConfig {
         LaunchConfig {
             grid_dim: (blocks.max(1) as u32, 1, 1),
             block_dim: (THREADS, 1, 1),
@@ -226,12 +226,12 @@ impl Gpu {
         }
     }
 
-    pub fn ptr<T>(&self, s: &CudaSlice<T>) -> CUdeviceptr {
+    pub(crate) fn ptr<T>(&self, s: &CudaSlice<T>) -> CUdeviceptr {
         s.device_ptr(&self.compute).0
     }
 
     /// A zeroed device buffer of `len` elements, on the compute stream.
-    pub fn zeros<T: cudarc::driver::DeviceRepr + cudarc::driver::ValidAsZeroBits>(
+    pub(crate) fn zeros<T: cudarc::driver::DeviceRepr + cudarc::driver::ValidAsZeroBits>(
         &self,
         len: usize,
     ) -> Result<CudaSlice<T>> {
@@ -240,7 +240,7 @@ impl Gpu {
 
     /// A device copy of a small host array, on the compute stream (the
     /// copy from pageable memory is staged before the call returns).
-    pub fn small<T: cudarc::driver::DeviceRepr + cudarc::driver::ValidAsZeroBits>(
+    pub(crate) fn small<T: cudarc::driver::DeviceRepr + cudarc::driver::ValidAsZeroBits>(
         &self,
         data: &[T],
     ) -> Result<CudaSlice<T>> {
@@ -256,7 +256,7 @@ impl Gpu {
     }
 
     /// Copies a device buffer back (waits for the compute stream).
-    pub fn fetch<T: cudarc::driver::DeviceRepr + Default + Clone>(
+    pub(crate) fn fetch<T: cudarc::driver::DeviceRepr + Default + Clone>(
         &self,
         s: &CudaSlice<T>,
         len: usize,
@@ -325,7 +325,7 @@ impl Gpu {
     /// bytes too) and returns each part's byte offset in `dev_in`. The
     /// compute stream is made to wait for the upload and for the slot's
     /// previous download.
-    pub fn upload(&self, i: usize, parts: &[&[u8]], work: usize, out: usize) -> Result<Vec<usize>> {
+    pub(crate) fn upload(&self, i: usize, parts: &[&[u8]], work: usize, out: usize) -> Result<Vec<usize>> {
         let mut offsets = Vec::with_capacity(parts.len());
         let mut total = 0;
         for p in parts {
@@ -361,7 +361,7 @@ impl Gpu {
     /// j + 1. The slot's output buffer holds at least `out` bytes. Returns
     /// the work buffer's address.
     #[allow(clippy::too_many_arguments)]
-    pub fn upload_f32(
+    pub(crate) fn upload_f32(
         &self,
         i: usize,
         base: Option<View>,
@@ -385,21 +385,21 @@ impl Gpu {
     }
 
     /// Device addresses of slot `i`'s input, work and output buffers.
-    pub fn slot_ptrs(&self, i: usize) -> (CUdeviceptr, CUdeviceptr, CUdeviceptr) {
+    pub(crate) fn slot_ptrs(&self, i: usize) -> (CUdeviceptr, CUdeviceptr, CUdeviceptr) {
         let slots = self.slots.borrow();
         let s = &slots[i];
         (self.ptr(&s.dev_in), self.ptr(&s.work), self.ptr(&s.dev_out))
     }
 
     /// Marks slot `i`'s kernels as enqueued.
-    pub fn computed(&self, i: usize) -> Result<()> {
+    pub(crate) fn computed(&self, i: usize) -> Result<()> {
         let slots = self.slots.borrow();
         slots[i].computed.record(&self.compute).map_err(err("recording an event"))
     }
 
     /// Downloads `len` bytes from `offset` of slot `i`'s output after its
     /// kernels; `collect` returns them.
-    pub fn download(&self, i: usize, offset: usize, len: usize) -> Result<()> {
+    pub(crate) fn download(&self, i: usize, offset: usize, len: usize) -> Result<()> {
         let mut slots = self.slots.borrow_mut();
         let s = &mut slots[i];
         s.computed.record(&self.compute).map_err(err("recording an event"))?;
@@ -417,7 +417,7 @@ impl Gpu {
     }
 
     /// Waits for slot `i`'s download and copies it into `out`.
-    pub fn collect(&self, i: usize, out: &mut Vec<u8>) -> Result<()> {
+    pub(crate) fn collect(&self, i: usize, out: &mut Vec<u8>) -> Result<()> {
         let mut slots = self.slots.borrow_mut();
         let s = &mut slots[i];
         let len = s
@@ -432,7 +432,7 @@ impl Gpu {
     }
 
     /// Waits for everything enqueued.
-    pub fn sync(&self) -> Result<()> {
+    pub(crate) fn sync(&self) -> Result<()> {
         for s in [&self.up, &self.compute, &self.down] {
             s.synchronize().map_err(err("waiting for the GPU"))?;
         }
@@ -450,7 +450,7 @@ impl Drop for Gpu {
 
 /// A kernel argument (every kernel takes device addresses as u64 and
 /// scalars of these types).
-pub enum KArg {
+pub(crate) enum KArg {
     U64(u64),
     U32(u32),
     I32(i32),
@@ -472,7 +472,7 @@ karg_from!(u64 => U64, u32 => U32, i32 => I32, f32 => F32, f64 => F64);
 impl Gpu {
     /// Launches kernel `name` on the compute stream. The arguments live in
     /// `args` until the launch has copied them.
-    pub fn launch(&self, name: &str, cfg: LaunchConfig, args: &[KArg]) -> Result<()> {
+    pub(crate) fn launch(&self, name: &str, cfg: LaunchConfig, args: &[KArg]) -> Result<()> {
         let mut b = self.compute.launch_builder(self.func(name)?);
         for a in args {
             match a {

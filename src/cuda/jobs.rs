@@ -26,7 +26,7 @@ impl Gpu {
     /// Enqueues elements `elems` of output tensor `tensor` in slot `slot`;
     /// `collect` returns the output bytes. Scales come from the plan's
     /// one variant, as the CPU's do (`Plan::segments`).
-    pub fn enqueue(
+    pub(crate) fn enqueue(
         &self,
         slot: usize,
         plan: &Plan,
@@ -195,7 +195,7 @@ impl Gpu {
 
     /// Masks, rescales and weights one model's deltas at `x` (elements
     /// `start..start + n` of the tensor), as `merge_compute::sparsify_block`.
-    pub fn sparsify(
+    pub(crate) fn sparsify(
         &self,
         ms: &ModelStats,
         x: u64,
@@ -253,7 +253,7 @@ impl Gpu {
     /// Stable ascending ranks of `|d|` within each row of `row_len` of the
     /// `n` deltas at `d` (whole rows): a bitonic sort of `|d| << 32 | index`
     /// keys per row, padded to a power of two.
-    pub fn della_ranks(&self, d: u64, n: u64, row_len: u64) -> Result<cudarc::driver::CudaSlice<u32>> {
+    pub(crate) fn della_ranks(&self, d: u64, n: u64, row_len: u64) -> Result<cudarc::driver::CudaSlice<u32>> {
         let rows = n / row_len;
         let p = row_len.next_power_of_two();
         let total = rows * p;

@@ -27,7 +27,7 @@ const PIECE: usize = 16 << 20;
 
 /// A byte range of one input shard that was read (absolute file offsets).
 #[derive(Clone, Copy, Debug)]
-pub struct Touch {
+pub(crate) struct Touch {
     pub shard: usize,
     pub end: u64,
 }
@@ -35,7 +35,7 @@ pub struct Touch {
 /// Hashes the shards of `ck` as `touches` arrive; stops early with an error
 /// when `stop` is set (the job failed or was interrupted). Shards whose hash
 /// `cache` knows are not read; new hashes are added to it.
-pub fn hash_following(
+pub(crate) fn hash_following(
     ck: &Checkpoint,
     cache: &HashCache,
     touches: Receiver<Touch>,

@@ -42,14 +42,14 @@ pub(crate) enum Piece<'a> {
 impl<'a> Piece<'a> {
     /// A borrowed piece again (a header or copy shared by several outputs);
     /// an owned one's bytes are copied.
-    pub fn borrowed(&self) -> Piece<'a> {
+    pub(crate) fn borrowed(&self) -> Piece<'a> {
         match self {
             Piece::Borrowed(b) => Piece::Borrowed(b),
             Piece::Owned(v) => Piece::Owned(v.clone()),
         }
     }
 
-    pub fn bytes(&self) -> &[u8] {
+    pub(crate) fn bytes(&self) -> &[u8] {
         match self {
             Piece::Borrowed(b) => b,
             Piece::Owned(v) => v,

@@ -16,7 +16,6 @@
 //!
 //! This room runs plans; only the job room above imports it.
 
-use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{Receiver, Sender, SyncSender, channel, sync_channel};
 
@@ -30,6 +29,7 @@ use crate::hash::hex;
 use crate::interrupt;
 use crate::merge::stats::STAT_BLOCK;
 use crate::model::hash_cache::HashCache;
+use crate::output::dir::OutputDir;
 use crate::output::files::{SyncedFile, WrittenFile};
 use crate::plan::Plan;
 use input_hash::{Touch, hash_following};
@@ -41,7 +41,7 @@ pub(crate) mod input_hash;
 pub(crate) mod jobs;
 
 /// Default elements per compute job: 4 MiB of f32 output at most.
-pub const DEFAULT_CHUNK_ELEMS: u64 = 1 << 20;
+pub(crate) const DEFAULT_CHUNK_ELEMS: u64 = 1 << 20;
 /// Bound on the output buffers in flight (contract 3), whatever the thread
 /// count: at most `IN_FLIGHT_BATCHES` batches exist at once (being computed,
 /// queued for the writer, being written, queued for the hasher, being
@@ -56,7 +56,77 @@ fn chunk_elems(requested: u64, batch: usize) -> u64 {
     requested.min(cap).max(1)
 }
 
-/// How to run.
+/// Which input hashes a run may take from the hash cache
+/// (`~/.cache/chatvec`, or `$CHATVEC_CACHE_DIR`), which is keyed by each
+/// file's device, inode, size, mtime and ctime.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum InputHashes {
+    /// Use cached hashes of unchanged files; record new ones.
+    #[default]
+    Cached,
+    /// Hash every input again (`--rehash`); record the new hashes.
+    Rehash,
+    /// Hash every input and record nothing (throwaway inputs, e.g. the demo).
+    Uncached,
+}
+
+/// How a job runs: threads, device, chunking and input hashing. None of
+/// it changes an output byte (contract 1); where the output goes is
+/// `output::Destination`'s business.
+#[derive(Clone, Debug)]
+pub struct RunOptions {
+    /// Compute threads (`None`: one per core).
+    pub threads: Option<usize>,
+    /// Elements per work chunk (for tests).
+    pub chunk_elems: u64,
+    /// Input hashes from the cache, or computed afresh.
+    pub input_hashes: InputHashes,
+    /// Where the arithmetic runs.
+    pub device: DeviceChoice,
+    /// Device memory chatvec may use, in bytes (`None`: half the free
+    /// memory, at most 8 GiB).
+    pub gpu_memory: Option<u64>,
+}
+
+impl Default for RunOptions {
+    /// Every core, cached input hashes, a GPU when one works.
+    fn default() -> RunOptions {
+        RunOptions {
+            threads: None,
+            chunk_elems: DEFAULT_CHUNK_ELEMS,
+            input_hashes: InputHashes::Cached,
+            device: DeviceChoice::Auto,
+            gpu_memory: None,
+        }
+    }
+}
+
+impl RunOptions {
+    /// The executor's settings, the hash cache opened.
+    pub(crate) fn exec(&self) -> ExecOptions {
+        let hash_cache = match self.input_hashes {
+            InputHashes::Cached => HashCache::from_env(false),
+            InputHashes::Rehash => HashCache::from_env(true),
+            InputHashes::Uncached => HashCache::disabled(),
+        };
+        ExecOptions {
+            threads: default_threads(self.threads),
+            chunk_elems: self.chunk_elems,
+            hash_cache,
+            device: self.device,
+            gpu_memory: self.gpu_memory,
+        }
+    }
+}
+
+/// Compute threads: as given, else one per core. (On a 2-core machine one
+/// thread was faster when the inputs sat in the page cache, two when they
+/// streamed from disk, the case that matters at 8B-70B; see BENCHMARKS.md.)
+pub fn default_threads(threads: Option<usize>) -> usize {
+    threads.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
+}
+
+/// How to run, resolved for the executor.
 #[derive(Clone, Debug)]
 pub(crate) struct ExecOptions {
     pub threads: usize,
@@ -137,7 +207,7 @@ impl Engine<'_> {
 /// with the scales `plan.scales` gives each) into `dirs[k]`, reading and
 /// decoding every input once for all of them, and hashes the inputs.
 /// Variant `k`'s bytes equal those of a plan with only its scales.
-pub(crate) fn execute_many(plan: &Plan, dirs: &[&Path], opts: &ExecOptions) -> Result<Vec<ExecResult>> {
+pub(crate) fn execute_many(plan: &Plan, dirs: &[&OutputDir], opts: &ExecOptions) -> Result<Vec<ExecResult>> {
     let n = plan.variants();
     if dirs.len() != n {
         return Err(Error::Internal(format!("{n} variants for {} directories", dirs.len())));
@@ -294,7 +364,7 @@ fn inputs_intact(plan: &Plan) -> Result<()> {
 /// shard's file name and size.
 fn write_pieces<'a>(
     plan: &Plan,
-    dirs: &[&Path],
+    dirs: &[&OutputDir],
     jobs: &[Job],
     rx: Receiver<Batch<'a>>,
     to_hashers: Vec<SyncSender<Vec<(bool, Piece<'a>)>>>,
@@ -312,7 +382,7 @@ fn write_pieces<'a>(
                     if let Some(f) = current[k].take() {
                         done[k].push(f.finish()?);
                     }
-                    current[k] = Some(SyncedFile::create(&dir.join(&plan.shards[si].file_name))?);
+                    current[k] = Some(dir.create_shard(&plan.shards[si].file_name)?);
                 }
             }
             for (k, piece) in pieces.into_iter().enumerate().take(dirs.len()) {

@@ -86,7 +86,7 @@ pub fn analyze(spec: &AnalyzeSpec) -> Result<AnalyzeReport> {
         base: base.as_ref(),
         applied: applied.as_ref(),
     };
-    let threads = crate::job::default_threads(spec.threads);
+    let threads = crate::exec::default_threads(spec.threads);
     let pool = rayon::ThreadPoolBuilder::new()
         .num_threads(threads)
         .build()

@@ -2,11 +2,11 @@
 //! a checkpoint or added, scaled, to a base model.
 
 use crate::error::{Error, Result};
+use crate::exec::RunOptions;
 use crate::job::preflight;
-use crate::job::{
-    Records, Summary, Variant, WriteOptions, check_written_config, set_labels, write_output, write_outputs,
-};
+use crate::job::{Records, Summary, Variant, check_written_config, set_labels, write_output, write_outputs};
 use crate::model::checkpoint::Checkpoint;
+use crate::output::Destination;
 use crate::output::card::{CARD_FILE, model_card};
 use crate::output::manifest::{MANIFEST_FILE, RecipeRecord, TensorRecord, VectorRecord, read_vector_info};
 use crate::output::sidecars::{ChatSide, model_side_files, read_side_files};
@@ -74,11 +74,11 @@ fn tensor_scales(plan: &Plan, variant: usize) -> serde_json::Value {
 
 /// Writes the chat vector `chat - pretrained` as a checkpoint, with the
 /// chat model's config, tokenizer and template beside it.
-pub fn extract(spec: &ExtractSpec, out: &WriteOptions) -> Result<Summary> {
-    preflight(out, |o| extract_now(spec, o))
+pub fn extract(spec: &ExtractSpec, out: &Destination, run: &RunOptions) -> Result<Summary> {
+    preflight(out, |o| extract_now(spec, o, run))
 }
 
-fn extract_now(spec: &ExtractSpec, out: &WriteOptions) -> Result<Summary> {
+fn extract_now(spec: &ExtractSpec, out: &Destination, run: &RunOptions) -> Result<Summary> {
     let chat_ck = open_model(spec.chat())?;
     let chat_dir = chat_ck.dir.clone();
     let common = common(&spec.selection, spec.shard_size, spec.allow_mismatch());
@@ -103,13 +103,13 @@ fn extract_now(spec: &ExtractSpec, out: &WriteOptions) -> Result<Summary> {
     };
     let rec =
         Records { kind: "extract", params: to_value(&spec.given())?, recipe: None, vector: Some(vector) };
-    write_output(plan, rec, out, side)
+    write_output(plan, rec, out, run, side)
 }
 
 /// Writes `base + scale * vector`: the base's tensors, names, order and
 /// dtypes, with the chat model's template and eos ids.
-pub fn apply(spec: &ApplySpec, out: &WriteOptions) -> Result<Summary> {
-    preflight(out, |o| apply_recorded(spec, o, None))
+pub fn apply(spec: &ApplySpec, out: &Destination, run: &RunOptions) -> Result<Summary> {
+    preflight(out, |o| apply_recorded(spec, o, run, None))
 }
 
 /// Above this ratio of norms, a "vector" is taken for a whole model: a
@@ -171,13 +171,14 @@ fn refuse_zero_vector(chat: &Checkpoint, pretrained: &Checkpoint) -> Result<()> 
 /// `apply`, recording the recipe it came from.
 pub(crate) fn apply_recorded(
     spec: &ApplySpec,
-    out: &WriteOptions,
+    out: &Destination,
+    run: &RunOptions,
     recipe: Option<RecipeRecord>,
 ) -> Result<Summary> {
     if let VectorSource::Lora(adapter) = &spec.vector {
-        return apply_lora(spec, adapter, out, recipe);
+        return apply_lora(spec, adapter, out, run, recipe);
     }
-    let mut all = apply_many(spec, &[(spec.selection.default_scale().clone(), out.clone())], recipe)?;
+    let mut all = apply_many(spec, &[(spec.selection.default_scale().clone(), out.clone())], run, recipe)?;
     all.pop().ok_or_else(|| Error::Internal("no output was written".into()))
 }
 
@@ -186,7 +187,8 @@ pub(crate) fn apply_recorded(
 /// `apply` with that scale, each with its own manifest and model card.
 pub(crate) fn apply_many(
     spec: &ApplySpec,
-    outs: &[(Scale, WriteOptions)],
+    outs: &[(Scale, Destination)],
+    run: &RunOptions,
     recipe: Option<RecipeRecord>,
 ) -> Result<Vec<Summary>> {
     let mut early_notes = Vec::new();
@@ -259,12 +261,12 @@ pub(crate) fn apply_many(
         let mut params = to_value(&one.given())?;
         params["tensor_scales"] = tensor_scales(&plan, k);
         let rec = Records { kind: "apply", params, recipe: recipe.clone(), vector: None };
-        variants.push(Variant { rec, out: out.clone(), side });
+        variants.push(Variant { rec, dest: out.clone(), side });
     }
     // The manifest says what ran (apply); the summary says what was asked
     // for (a merge, when from a recipe).
     let from_recipe = recipe.is_some();
-    let mut summaries = write_outputs(plan, variants)?;
+    let mut summaries = write_outputs(plan, variants, run)?;
     if from_recipe {
         summaries.iter_mut().for_each(|s| s.kind = "merge");
     }
@@ -277,7 +279,8 @@ pub(crate) fn apply_many(
 fn apply_lora(
     spec: &ApplySpec,
     reference: &str,
-    out: &WriteOptions,
+    out: &Destination,
+    run: &RunOptions,
     recipe: Option<RecipeRecord>,
 ) -> Result<Summary> {
     let common = common(&spec.selection, spec.shard_size, spec.allow_mismatch);
@@ -315,5 +318,5 @@ fn apply_lora(
     params["lora"] = lora;
     params["tensor_scales"] = tensor_scales(&plan, 0);
     let rec = Records { kind: "apply", params, recipe, vector: None };
-    write_output(plan, rec, out, side)
+    write_output(plan, rec, out, run, side)
 }

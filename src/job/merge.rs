@@ -2,12 +2,13 @@
 //! merge method or as a chat vector written down.
 
 use crate::error::{Error, Result};
+use crate::exec::RunOptions;
 use crate::job::chat_vector::apply_recorded;
 use crate::job::sweep::{SweepReport, sweep_recorded};
 use crate::job::{
-    HEADERS_ONLY, Records, Summary, WriteOptions, check_written_config, preflight, preflight_with,
-    write_output,
+    HEADERS_ONLY, Records, Summary, check_written_config, preflight, preflight_with, write_output,
 };
+use crate::output::Destination;
 use crate::output::card::{CARD_FILE, model_card};
 use crate::output::manifest::RecipeRecord;
 use crate::output::sidecars::{add_union_tokens, model_side_files};
@@ -20,15 +21,15 @@ use crate::spec::select::Spelling;
 
 /// Runs `recipe` into `out`. `seed` overrides the recipe's seed of the
 /// DARE/DELLA masks.
-pub fn merge(recipe: &Recipe, seed: Option<u64>, out: &WriteOptions) -> Result<Summary> {
-    preflight(out, |o| merge_now(recipe, seed, o))
+pub fn merge(recipe: &Recipe, seed: Option<u64>, out: &Destination, run: &RunOptions) -> Result<Summary> {
+    preflight(out, |o| merge_now(recipe, seed, o, run))
 }
 
-fn merge_now(recipe: &Recipe, seed: Option<u64>, out: &WriteOptions) -> Result<Summary> {
+fn merge_now(recipe: &Recipe, seed: Option<u64>, out: &Destination, run: &RunOptions) -> Result<Summary> {
     let record = recipe.record();
     match &recipe.body {
-        RecipeBody::ChatVector(c) => apply_recorded(&chat_vector_spec(recipe, c)?, out, Some(record)),
-        RecipeBody::Merge(m) => merge_method(recipe, m, seed.unwrap_or(recipe.seed), out, record),
+        RecipeBody::ChatVector(c) => apply_recorded(&chat_vector_spec(recipe, c)?, out, run, Some(record)),
+        RecipeBody::Merge(m) => merge_method(recipe, m, seed.unwrap_or(recipe.seed), out, run, record),
     }
 }
 
@@ -46,14 +47,14 @@ fn chat_vector_spec(recipe: &Recipe, c: &ApplyParams) -> Result<ApplySpec> {
 
 /// A chat_vector recipe's `[sweep]`: its apply at each of the sweep's
 /// scales, each candidate recording the recipe.
-pub fn merge_sweep(recipe: &Recipe, out: &WriteOptions) -> Result<SweepReport> {
+pub fn merge_sweep(recipe: &Recipe, out: &Destination, run: &RunOptions) -> Result<SweepReport> {
     let (RecipeBody::ChatVector(c), Some(scales)) = (&recipe.body, recipe.sweep()) else {
         return Err(Error::Usage(format!("{} has no [sweep] over a chat vector", recipe.path().display())));
     };
     let spec = chat_vector_spec(recipe, c)?;
     preflight_with(
         out,
-        |o| sweep_recorded(&spec, scales, o, Some(recipe.record())),
+        |o| sweep_recorded(&spec, scales, o, run, Some(recipe.record())),
         |r: &mut SweepReport| r.candidates.iter_mut().for_each(|c| c.summary.notes.push(HEADERS_ONLY.into())),
     )
 }
@@ -62,7 +63,8 @@ fn merge_method(
     recipe: &Recipe,
     m: &MergeRecipe,
     seed: u64,
-    out: &WriteOptions,
+    out: &Destination,
+    run: &RunOptions,
     record: RecipeRecord,
 ) -> Result<Summary> {
     // Each distinct reference is opened once; the base is input 0.
@@ -138,7 +140,8 @@ fn merge_method(
         "shard_size": recipe.shard_size,
         "allow_mismatch": recipe.allow_mismatch,
     });
-    write_output(plan, Records { kind: "merge", params, recipe: Some(record), vector: None }, out, side)
+    let rec = Records { kind: "merge", params, recipe: Some(record), vector: None };
+    write_output(plan, rec, out, run, side)
 }
 
 /// Where the recipe names the model `r` (`base_model`, `models[2].model`),

@@ -28,105 +28,19 @@ use std::time::Instant;
 
 use serde::Serialize;
 
-use crate::cuda::DeviceChoice;
 use crate::error::Result;
-use crate::exec::{DEFAULT_CHUNK_ELEMS, ExecOptions, execute_many};
-use crate::json::to_pretty;
-use crate::model::checkpoint::INDEX_FILE;
-use crate::model::hash_cache::HashCache;
+use crate::exec::{RunOptions, execute_many};
+use crate::output::Destination;
 use crate::output::dir::OutputDir;
-use crate::output::files::{WrittenFile, write_file};
-use crate::output::manifest::{MANIFEST_FILE, Manifest, RecipeRecord, VectorRecord};
+use crate::output::files::WrittenFile;
+use crate::output::manifest::{Manifest, RecipeRecord, VectorRecord};
 use crate::output::sidecars::SideFiles;
 use crate::plan::{EmbeddingReport, Op, Plan, Role};
-
-/// The name mergekit gives the config it ran, beside the weights.
-const MERGEKIT_CONFIG: &str = "mergekit_config.yml";
 
 /// Share of the vector's changed elements that rounding may take away
 /// before it is a warning, not a note (in bf16 on the benchmark's 1b
 /// models: 0.1% at scale 1, 34% at --scale 0.05).
 const ROUNDING_WARN_SHARE: f64 = 0.10;
-
-/// Which input hashes a run may take from the hash cache
-/// (`~/.cache/chatvec`, or `$CHATVEC_CACHE_DIR`), which is keyed by each
-/// file's device, inode, size, mtime and ctime.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
-pub enum InputHashes {
-    /// Use cached hashes of unchanged files; record new ones.
-    #[default]
-    Cached,
-    /// Hash every input again (`--rehash`); record the new hashes.
-    Rehash,
-    /// Hash every input and record nothing (throwaway inputs, e.g. the demo).
-    Uncached,
-}
-
-/// Where and how a job writes its output.
-#[derive(Clone, Debug)]
-pub struct WriteOptions {
-    /// The output directory (created; must not exist unless `force`).
-    pub output: PathBuf,
-    /// Replace an existing output directory.
-    pub force: bool,
-    /// Plan and report, write nothing.
-    pub dry_run: bool,
-    /// Compute threads (`None`: one per core). Output bytes do not depend on it.
-    pub threads: Option<usize>,
-    /// Elements per work chunk (for tests; output bytes do not depend on it).
-    pub chunk_elems: u64,
-    /// Input hashes from the cache, or computed afresh.
-    pub input_hashes: InputHashes,
-    /// Where the arithmetic runs. Output bytes are the same on every device.
-    pub device: DeviceChoice,
-    /// Device memory chatvec may use, in bytes (`None`: half the free
-    /// memory, at most 8 GiB).
-    pub gpu_memory: Option<u64>,
-    /// Write the weights even when no config.json comes with them (the
-    /// input the side files are taken from has none): the output is then
-    /// not a model transformers can load, so it must be asked for.
-    pub weights_only: bool,
-}
-
-impl WriteOptions {
-    /// Writes into `output` with the defaults: no replacing, every core,
-    /// cached input hashes, a GPU when one works.
-    pub fn new(output: impl Into<PathBuf>) -> WriteOptions {
-        WriteOptions {
-            output: output.into(),
-            force: false,
-            dry_run: false,
-            threads: None,
-            chunk_elems: DEFAULT_CHUNK_ELEMS,
-            input_hashes: InputHashes::Cached,
-            device: DeviceChoice::Auto,
-            gpu_memory: None,
-            weights_only: false,
-        }
-    }
-
-    fn exec(&self) -> ExecOptions {
-        let hash_cache = match self.input_hashes {
-            InputHashes::Cached => HashCache::from_env(false),
-            InputHashes::Rehash => HashCache::from_env(true),
-            InputHashes::Uncached => HashCache::disabled(),
-        };
-        ExecOptions {
-            threads: default_threads(self.threads),
-            chunk_elems: self.chunk_elems,
-            hash_cache,
-            device: self.device,
-            gpu_memory: self.gpu_memory,
-        }
-    }
-}
-
-/// Compute threads: as given, else one per core. (On a 2-core machine one
-/// thread was faster when the inputs sat in the page cache, two when they
-/// streamed from disk, the case that matters at 8B-70B; see BENCHMARKS.md.)
-pub fn default_threads(threads: Option<usize>) -> usize {
-    threads.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
-}
 
 /// What a finished (or dry) run reports; `--json` prints it as is.
 #[derive(Clone, Debug, Serialize)]
@@ -169,8 +83,14 @@ pub(crate) struct Records {
 
 /// Executes `plan` into a fresh output directory, with the prepared side
 /// files and manifest records, and commits it.
-pub(crate) fn write_output(plan: Plan, rec: Records, out: &WriteOptions, side: SideFiles) -> Result<Summary> {
-    let mut all = write_outputs(plan, vec![Variant { rec, out: out.clone(), side }])?;
+pub(crate) fn write_output(
+    plan: Plan,
+    rec: Records,
+    dest: &Destination,
+    run: &RunOptions,
+    side: SideFiles,
+) -> Result<Summary> {
+    let mut all = write_outputs(plan, vec![Variant { rec, dest: dest.clone(), side }], run)?;
     all.pop().ok_or_else(|| crate::error::Error::Internal("no output was written".into()))
 }
 
@@ -178,14 +98,14 @@ pub(crate) fn write_output(plan: Plan, rec: Records, out: &WriteOptions, side: S
 /// where it goes, its records and side files.
 pub(crate) struct Variant {
     pub rec: Records,
-    pub out: WriteOptions,
+    pub dest: Destination,
     pub side: SideFiles,
 }
 
 /// Executes `plan` once for all `variants` (the inputs read once), each
 /// into its own fresh output directory with its side files and manifest,
 /// and commits each. A failure commits none.
-pub(crate) fn write_outputs(plan: Plan, variants: Vec<Variant>) -> Result<Vec<Summary>> {
+pub(crate) fn write_outputs(plan: Plan, variants: Vec<Variant>, run: &RunOptions) -> Result<Vec<Summary>> {
     let computed = plan.tensors.iter().filter(|t| !matches!(t.op, Op::Copy(_))).count();
     let mut summaries: Vec<Summary> = variants
         .iter()
@@ -193,7 +113,7 @@ pub(crate) fn write_outputs(plan: Plan, variants: Vec<Variant>) -> Result<Vec<Su
             let mut summary = Summary {
                 kind: v.rec.kind,
                 output: None,
-                dry_run: v.out.dry_run,
+                dry_run: v.dest.dry_run,
                 tensors: plan.tensors.len(),
                 computed_tensors: computed,
                 bytes: plan.output_bytes(),
@@ -214,7 +134,7 @@ pub(crate) fn write_outputs(plan: Plan, variants: Vec<Variant>) -> Result<Vec<Su
         })
         .collect();
     let Some(first) = variants.first() else { return Ok(summaries) };
-    if first.out.dry_run {
+    if first.dest.dry_run {
         for s in &mut summaries {
             s.plan_text = Some(plan.describe());
         }
@@ -236,15 +156,15 @@ pub(crate) fn write_outputs(plan: Plan, variants: Vec<Variant>) -> Result<Vec<Su
         .enumerate()
         .map(|(k, v)| {
             OutputDir::create(
-                &v.out.output,
+                &v.dest.output,
                 &read,
-                v.out.force,
+                v.dest.force,
                 (n - k as u64).saturating_mul(plan.output_bytes()),
             )
         })
         .collect::<Result<_>>()?;
-    let paths: Vec<&std::path::Path> = dirs.iter().map(|d| d.path()).collect();
-    let results = execute_many(&plan, &paths, &first.out.exec())?;
+    let targets: Vec<&OutputDir> = dirs.iter().collect();
+    let results = execute_many(&plan, &targets, &run.exec())?;
     // Copies of one model under two names give a zero vector: only the
     // hashes tell, and they are known now.
     let role_hashes = |role: Role| {
@@ -257,12 +177,7 @@ pub(crate) fn write_outputs(plan: Plan, variants: Vec<Variant>) -> Result<Vec<Su
     let same_pair =
         matches!((role_hashes(Role::Chat), role_hashes(Role::Pretrained)), (Some(c), Some(p)) if c == p);
     let mut committed = Vec::new();
-    for (((mut v, dir), res), summary) in variants.into_iter().zip(dirs).zip(results).zip(&mut summaries) {
-        // A mergekit config travels with the model as mergekit writes it,
-        // so the Hub and mergekit users find the recipe where they look.
-        if let Some(r) = v.rec.recipe.as_ref().filter(|r| r.syntax == "mergekit") {
-            v.side.add(MERGEKIT_CONFIG, r.text.clone().into_bytes());
-        }
+    for (((v, dir), res), summary) in variants.into_iter().zip(dirs).zip(results).zip(&mut summaries) {
         let r = res.rounding;
         if r.swallowed > 0 {
             let share = r.swallowed as f64 / r.moved as f64;
@@ -287,17 +202,11 @@ pub(crate) fn write_outputs(plan: Plan, variants: Vec<Variant>) -> Result<Vec<Su
                     .into(),
             );
         }
-        let mut outputs = res.shards.clone();
-        if plan.shards.len() > 1 {
-            outputs.push(write_file(dir.path(), INDEX_FILE, &index_json(&plan))?);
-        }
         let mut manifest = Manifest::new(v.rec.kind, &plan, res.inputs, v.rec.params);
         manifest.recipe = v.rec.recipe;
         manifest.vector = v.rec.vector;
         manifest.notes = summary.notes.clone();
-        manifest.files = v.side.write(dir.path())?;
-        manifest.outputs = outputs;
-        write_file(dir.path(), MANIFEST_FILE, &to_pretty(&manifest))?;
+        dir.finish(&plan, v.side, manifest, res.shards.clone())?;
         committed.push((dir, res.shards));
     }
     for ((dir, shards), summary) in committed.into_iter().zip(&mut summaries) {
@@ -314,10 +223,7 @@ pub(crate) fn write_outputs(plan: Plan, variants: Vec<Variant>) -> Result<Vec<Su
 /// `resolve::with_probes`), so a mismatch is reported before a weight byte
 /// is fetched and `--dry-run` never downloads weights; then for real. When
 /// nothing needed a probe, the job just runs.
-pub(crate) fn preflight(
-    out: &WriteOptions,
-    run: impl Fn(&WriteOptions) -> Result<Summary>,
-) -> Result<Summary> {
+pub(crate) fn preflight(out: &Destination, run: impl Fn(&Destination) -> Result<Summary>) -> Result<Summary> {
     preflight_with(out, run, |s: &mut Summary| s.notes.push(HEADERS_ONLY.into()))
 }
 
@@ -327,14 +233,14 @@ pub(crate) const HEADERS_ONLY: &str = "planned on the Hub models' headers only (
 /// `preflight` for any job; `dry_note` marks a dry run's result as planned
 /// on probes.
 pub(crate) fn preflight_with<T>(
-    out: &WriteOptions,
-    run: impl Fn(&WriteOptions) -> Result<T>,
+    out: &Destination,
+    run: impl Fn(&Destination) -> Result<T>,
     dry_note: impl FnOnce(&mut T),
 ) -> Result<T> {
     if crate::resolve::hub_api::offline() {
         return run(out);
     }
-    let dry = WriteOptions { dry_run: true, ..out.clone() };
+    let dry = Destination { dry_run: true, ..out.clone() };
     let (rehearsal, probed) = crate::resolve::with_probes(|| run(&dry));
     if !probed {
         return run(out);
@@ -347,24 +253,6 @@ pub(crate) fn preflight_with<T>(
     run(out)
 }
 
-/// `model.safetensors.index.json` as transformers writes it: total tensor
-/// bytes and a name-sorted weight map.
-fn index_json(plan: &Plan) -> Vec<u8> {
-    let mut names: Vec<(&str, &str)> = Vec::new();
-    for sh in &plan.shards {
-        for t in &plan.tensors[sh.tensors.clone()] {
-            names.push((&t.name, &sh.file_name));
-        }
-    }
-    names.sort();
-    let mut wm = serde_json::Map::new();
-    for (n, f) in names {
-        wm.insert(n.to_string(), f.into());
-    }
-    let total: u64 = plan.tensors.iter().map(|t| t.bytes()).sum();
-    to_pretty(&serde_json::json!({ "metadata": { "total_size": total }, "weight_map": wm }))
-}
-
 /// Checks the config.json the output will carry against the output's
 /// tensors (vocab rows, hidden size, layers). An output without one is
 /// refused unless `out.weights_only`: a model transformers cannot load
@@ -373,7 +261,7 @@ fn check_written_config(
     plan: &mut Plan,
     side: &SideFiles,
     allow_mismatch: bool,
-    out: &WriteOptions,
+    out: &Destination,
 ) -> Result<()> {
     let Some(cfg) = side.json("config.json")? else {
         let from = plan

@@ -6,8 +6,9 @@
 use serde_json::json;
 
 use crate::error::Result;
-use crate::job::WriteOptions;
+use crate::exec::RunOptions;
 use crate::job::chat_vector::apply;
+use crate::output::Destination;
 use crate::sft::{SftJob, SftReport, add_to_record, model_dir, train};
 use crate::spec::apply::ApplyParams;
 
@@ -26,8 +27,8 @@ pub fn sft(job: &SftJob) -> Result<SftReport> {
     let merged = model_dir(job);
     // RUN/model holds only what an earlier merge of this run wrote (the
     // trainer saves into RUN/adapter), so it may be replaced.
-    let out = WriteOptions { force: true, ..WriteOptions::new(&merged) };
-    let summary = apply(&spec, &out)?;
+    let out = Destination { force: true, ..Destination::new(&merged) };
+    let summary = apply(&spec, &out, &RunOptions::default())?;
     crate::ui::note(&format!("merged the LoRA adapter into {}", merged.display()));
     add_to_record(
         job,

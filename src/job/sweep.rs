@@ -4,15 +4,15 @@
 //! own manifest under one parent, byte-identical to a plain `apply` with
 //! that scale.
 
-use std::path::PathBuf;
-
 use serde::Serialize;
 
 use crate::error::{Error, Result};
+use crate::exec::RunOptions;
 use crate::job::chat_vector::apply_many;
-use crate::job::{HEADERS_ONLY, Summary, WriteOptions, preflight_with};
-use crate::json::to_pretty;
+use crate::job::{HEADERS_ONLY, Summary, preflight_with};
+use crate::output::Destination;
 use crate::output::manifest::RecipeRecord;
+use crate::output::sweep::SweepRoot;
 use crate::spec::apply::ApplySpec;
 use crate::spec::select::Scale;
 
@@ -43,7 +43,7 @@ const MAX_NAME: usize = 64;
 /// gradient. A gradient too long to spell out (one value per layer of an
 /// 80-layer model) is named by its ends, its length and a hash of every
 /// value: `scale-0.3-to-1-80pts-1a2b3c4d`, short and unique.
-pub fn candidate_name(s: &Scale) -> String {
+pub(crate) fn candidate_name(s: &Scale) -> String {
     let vals: Vec<String> = s.values().iter().map(|v| v.to_string()).collect();
     let full = format!("scale-{}", vals.join("-"));
     if full.len() <= MAX_NAME {
@@ -61,10 +61,10 @@ pub fn candidate_name(s: &Scale) -> String {
 
 /// Writes `base + scale * vector` for every scale in `scales` into
 /// `out.output/scale-S/`.
-pub fn sweep(spec: &ApplySpec, scales: &[Scale], out: &WriteOptions) -> Result<SweepReport> {
+pub fn sweep(spec: &ApplySpec, scales: &[Scale], out: &Destination, run: &RunOptions) -> Result<SweepReport> {
     preflight_with(
         out,
-        |o| sweep_recorded(spec, scales, o, None),
+        |o| sweep_recorded(spec, scales, o, run, None),
         |r: &mut SweepReport| r.candidates.iter_mut().for_each(|c| c.summary.notes.push(HEADERS_ONLY.into())),
     )
 }
@@ -73,7 +73,8 @@ pub fn sweep(spec: &ApplySpec, scales: &[Scale], out: &WriteOptions) -> Result<S
 pub(crate) fn sweep_recorded(
     spec: &ApplySpec,
     scales: &[Scale],
-    out: &WriteOptions,
+    out: &Destination,
+    run: &RunOptions,
     recipe: Option<RecipeRecord>,
 ) -> Result<SweepReport> {
     if scales.is_empty() {
@@ -84,37 +85,14 @@ pub(crate) fn sweep_recorded(
     if names.windows(2).any(|w| w[0] == w[1]) {
         return Err(Error::Usage("--scales lists a scale twice".into()));
     }
-    let root: PathBuf = out.output.clone();
-    if root.exists() && !out.force && !out.dry_run {
-        return Err(Error::OutputExists(root));
-    }
-    // --force reuses only an earlier sweep's directory or an empty one.
-    if root.exists()
-        && !out.dry_run
-        && let Some(why) = crate::output::dir::refuse_replacing(&root, "sweep.json")
-    {
-        return Err(Error::Usage(format!(
-            "--force replaces only an earlier `chatvec sweep` directory or an empty directory, and {} is neither: {why}",
-            root.display()
-        ))
-        .with_hint("remove it yourself, or choose another output directory"));
-    }
-    let created = !root.exists() && !out.dry_run;
-    if !out.dry_run {
-        std::fs::create_dir_all(&root).map_err(|e| Error::io("creating", &root, e))?;
-    }
-    let outs: Vec<(Scale, WriteOptions)> = scales
-        .iter()
-        .map(|s| (s.clone(), WriteOptions { output: root.join(candidate_name(s)), ..out.clone() }))
-        .collect();
+    let root = SweepRoot::create(out)?;
+    let outs: Vec<(Scale, Destination)> =
+        scales.iter().map(|s| (s.clone(), root.candidate(&candidate_name(s)))).collect();
     // One read of the inputs for every candidate.
-    let summaries = match apply_many(spec, &outs, recipe) {
+    let summaries = match apply_many(spec, &outs, run, recipe) {
         Ok(s) => s,
         Err(e) => {
-            if created {
-                // Nothing was committed: leave no empty sweep behind.
-                let _ = std::fs::remove_dir(&root);
-            }
+            root.abandon();
             return Err(e);
         }
     };
@@ -123,10 +101,7 @@ pub(crate) fn sweep_recorded(
         .zip(summaries)
         .map(|(s, summary)| Candidate { scale: s.clone(), name: candidate_name(s), summary })
         .collect();
-    let report = SweepReport { output: root.display().to_string(), candidates };
-    if !out.dry_run {
-        let path = root.join("sweep.json");
-        crate::output::files::write_atomically(&path, &to_pretty(&report))?;
-    }
+    let report = SweepReport { output: root.path().display().to_string(), candidates };
+    root.finish(&report)?;
     Ok(report)
 }

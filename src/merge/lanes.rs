@@ -10,27 +10,27 @@
 //! independent additions in flight.
 
 /// Lanes per block (= threads per CUDA block in the reduction kernels).
-pub const LANES: usize = 256;
+pub(crate) const LANES: usize = 256;
 
 /// `K` running sums over one block.
-pub struct Lanes {
+pub(crate) struct Lanes {
     k: usize,
     acc: Vec<f64>,
 }
 
 impl Lanes {
-    pub fn new(k: usize) -> Lanes {
+    pub(crate) fn new(k: usize) -> Lanes {
         Lanes { k, acc: vec![0.0; k * LANES] }
     }
 
     /// Adds `v` to sum `which` in the lane of block element `j`.
     #[inline(always)]
-    pub fn add(&mut self, j: u64, which: usize, v: f64) {
+    pub(crate) fn add(&mut self, j: u64, which: usize, v: f64) {
         self.acc[(j as usize % LANES) * self.k + which] += v;
     }
 
     /// The `K` block sums, lanes combined in the fixed tree order.
-    pub fn total(mut self) -> Vec<f64> {
+    pub(crate) fn total(mut self) -> Vec<f64> {
         let k = self.k;
         let mut s = LANES / 2;
         while s > 0 {

@@ -59,7 +59,7 @@ use crate::merge::params::{Scalar, Setting, boolean, number};
 /// A merge method.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "snake_case")]
-pub enum Method {
+pub(crate) enum Method {
     Linear,
     TaskArithmetic,
     Ties,
@@ -75,7 +75,7 @@ pub enum Method {
 
 /// How a task arithmetic method thins out each delta.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Sparsify {
+pub(crate) enum Sparsify {
     Magnitude,
     Random,
     Outliers,
@@ -84,7 +84,7 @@ pub enum Sparsify {
 
 /// Which inputs a parameter is given for.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Scope {
+pub(crate) enum Scope {
     /// One value for the tensor.
     Shared,
     /// One value per input, the base included.
@@ -95,7 +95,7 @@ pub enum Scope {
 
 /// A parameter a method takes.
 #[derive(Clone, Copy, Debug)]
-pub struct ParamSpec {
+pub(crate) struct ParamSpec {
     pub name: &'static str,
     pub scope: Scope,
     pub boolean: bool,
@@ -119,7 +119,7 @@ const fn flag(name: &'static str, default: bool) -> ParamSpec {
     ParamSpec { name, scope: Scope::Shared, boolean: true, default: Some(Scalar::Bool(default)) }
 }
 
-pub const ALL_METHODS: [Method; 11] = [
+pub(crate) const ALL_METHODS: [Method; 11] = [
     Method::Linear,
     Method::TaskArithmetic,
     Method::Ties,
@@ -134,7 +134,7 @@ pub const ALL_METHODS: [Method; 11] = [
 ];
 
 impl Method {
-    pub fn name(self) -> &'static str {
+    pub(crate) fn name(self) -> &'static str {
         match self {
             Method::Linear => "linear",
             Method::TaskArithmetic => "task_arithmetic",
@@ -150,7 +150,7 @@ impl Method {
         }
     }
 
-    pub fn from_name(s: &str) -> Result<Method> {
+    pub(crate) fn from_name(s: &str) -> Result<Method> {
         ALL_METHODS.into_iter().find(|m| m.name() == s).ok_or_else(|| {
             let names: Vec<&str> = ALL_METHODS.iter().map(|m| m.name()).collect();
             Error::Usage(format!(
@@ -161,11 +161,11 @@ impl Method {
     }
 
     /// Whether this is one of the task arithmetic family.
-    pub fn is_task_arithmetic(self) -> bool {
+    pub(crate) fn is_task_arithmetic(self) -> bool {
         !matches!(self, Method::Linear | Method::Slerp | Method::ModelStock)
     }
 
-    pub fn sparsify(self) -> Option<Sparsify> {
+    pub(crate) fn sparsify(self) -> Option<Sparsify> {
         match self {
             Method::Ties => Some(Sparsify::Magnitude),
             Method::DareLinear | Method::DareTies => Some(Sparsify::Random),
@@ -176,17 +176,17 @@ impl Method {
     }
 
     /// Sign election (TIES) before summing the deltas.
-    pub fn consensus(self) -> bool {
+    pub(crate) fn consensus(self) -> bool {
         matches!(self, Method::Ties | Method::DareTies | Method::BreadcrumbsTies | Method::Della)
     }
 
     /// Whether a base model is required.
-    pub fn needs_base(self) -> bool {
+    pub(crate) fn needs_base(self) -> bool {
         self != Method::Linear
     }
 
     /// The fewest and most models besides the base.
-    pub fn model_count(self) -> (usize, usize) {
+    pub(crate) fn model_count(self) -> (usize, usize) {
         match self {
             Method::Slerp => (1, 1),
             Method::ModelStock => (2, usize::MAX),
@@ -194,7 +194,7 @@ impl Method {
         }
     }
 
-    pub fn params(self) -> Vec<ParamSpec> {
+    pub(crate) fn params(self) -> Vec<ParamSpec> {
         match self {
             Method::Linear => vec![num("weight", Scope::Input, None), flag("normalize", true)],
             Method::Slerp => vec![num("t", Scope::Shared, None)],
@@ -223,7 +223,7 @@ impl Method {
 
 /// Parameters of one model for one tensor.
 #[derive(Clone, Copy, Debug, Serialize)]
-pub struct ModelParams {
+pub(crate) struct ModelParams {
     pub weight: f64,
     pub density: f64,
     pub gamma: f64,
@@ -232,7 +232,7 @@ pub struct ModelParams {
 
 /// All parameters of one tensor, resolved.
 #[derive(Clone, Debug, Serialize)]
-pub struct TensorParams {
+pub(crate) struct TensorParams {
     pub normalize: bool,
     pub rescale: bool,
     pub lambda: f64,
@@ -244,7 +244,7 @@ pub struct TensorParams {
 
 /// Where a method's parameters come from: the global settings, and per
 /// model its own settings (which take precedence).
-pub struct ParamSources<'a> {
+pub(crate) struct ParamSources<'a> {
     pub global: &'a [(String, Setting)],
     /// One per merged input, in `TensorParams::models` order.
     pub models: Vec<&'a [(String, Setting)]>,
@@ -260,7 +260,7 @@ fn lookup<'a>(settings: &[&'a [(String, Setting)]], name: &str) -> Vec<&'a Setti
 /// of another method (a `weight` on slerp) is ignored, as mergekit ignores
 /// it, with a warning returned; a name no method takes (a misspelling) is
 /// an error.
-pub fn check_names(method: Method, settings: &[(String, Setting)], at: &str) -> Result<Vec<String>> {
+pub(crate) fn check_names(method: Method, settings: &[(String, Setting)], at: &str) -> Result<Vec<String>> {
     let specs = method.params();
     let mut warnings = Vec::new();
     for (k, _) in settings {
@@ -282,7 +282,7 @@ pub fn check_names(method: Method, settings: &[(String, Setting)], at: &str) -> 
 }
 
 /// Resolves the parameters of tensor `name` at layer position `t`.
-pub fn resolve(method: Method, src: &ParamSources<'_>, name: &str, t: f64) -> Result<TensorParams> {
+pub(crate) fn resolve(method: Method, src: &ParamSources<'_>, name: &str, t: f64) -> Result<TensorParams> {
     let specs = method.params();
     let value = |spec: &ParamSpec, settings: &[&[(String, Setting)]], who: &str| -> Result<Scalar> {
         let what = format!("{}{}", spec.name, who);

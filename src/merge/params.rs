@@ -20,7 +20,7 @@ use crate::model::layers::interpolate;
 
 /// A scalar parameter value.
 #[derive(Clone, Copy, Debug, PartialEq)]
-pub enum Scalar {
+pub(crate) enum Scalar {
     Num(f64),
     Bool(bool),
 }
@@ -36,7 +36,7 @@ impl Scalar {
 
 /// How a rule picks tensors.
 #[derive(Clone, Debug)]
-pub enum Filter {
+pub(crate) enum Filter {
     /// Any tensor.
     All,
     /// Tensors whose name contains this string (mergekit's `filter`).
@@ -57,7 +57,7 @@ impl Filter {
 
 /// One parameter's setting, as written.
 #[derive(Clone, Debug)]
-pub enum Setting {
+pub(crate) enum Setting {
     Scalar(Scalar),
     /// Values spread over the layers.
     Gradient(Vec<Scalar>),
@@ -77,7 +77,7 @@ fn scalar(v: &Value) -> Option<Scalar> {
 
 impl Setting {
     /// Parses a setting; `at` names it in errors (e.g. `parameters.density`).
-    pub fn parse(v: &Value, at: &str) -> Result<Setting> {
+    pub(crate) fn parse(v: &Value, at: &str) -> Result<Setting> {
         let bad = |what: &str| Error::Usage(format!("{at}: {what}"));
         if let Some(s) = scalar(v) {
             return Ok(Setting::Scalar(s));
@@ -102,7 +102,7 @@ impl Setting {
     }
 
     /// The value for tensor `name` at layer position `t`, if a rule matches.
-    pub fn eval(&self, name: &str, t: f64) -> Option<Scalar> {
+    pub(crate) fn eval(&self, name: &str, t: f64) -> Option<Scalar> {
         match self {
             Setting::Scalar(s) => Some(*s),
             Setting::Gradient(vals) => Some(gradient(vals, t)),
@@ -167,7 +167,7 @@ fn gradient(vals: &[Scalar], t: f64) -> Scalar {
 }
 
 /// Reads a setting's value for a tensor as a number.
-pub fn number(setting: &Setting, name: &str, t: f64, what: &str) -> Result<Option<f64>> {
+pub(crate) fn number(setting: &Setting, name: &str, t: f64, what: &str) -> Result<Option<f64>> {
     match setting.eval(name, t) {
         None => Ok(None),
         Some(Scalar::Num(v)) => Ok(Some(v)),
@@ -177,7 +177,7 @@ pub fn number(setting: &Setting, name: &str, t: f64, what: &str) -> Result<Optio
 
 /// Reads a setting's value for a tensor as true/false (numbers 0/1 allowed,
 /// as YAML writers sometimes produce).
-pub fn boolean(setting: &Setting, name: &str, t: f64, what: &str) -> Result<Option<bool>> {
+pub(crate) fn boolean(setting: &Setting, name: &str, t: f64, what: &str) -> Result<Option<bool>> {
     match setting.eval(name, t) {
         None => Ok(None),
         Some(Scalar::Bool(b)) => Ok(Some(b)),

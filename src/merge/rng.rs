@@ -13,7 +13,7 @@ const GOLDEN: u64 = 0x9E37_79B9_7F4A_7C15;
 
 /// The SplitMix64 output function.
 #[inline(always)]
-pub fn mix(mut z: u64) -> u64 {
+pub(crate) fn mix(mut z: u64) -> u64 {
     z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
     z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
     z ^ (z >> 31)
@@ -22,7 +22,7 @@ pub fn mix(mut z: u64) -> u64 {
 /// The stream of one input's tensor: the seed, the first 8 bytes of the
 /// sha256 of the tensor name (little endian), and the input's position
 /// among the merged models, mixed together.
-pub fn stream(seed: u64, tensor: &str, input: usize) -> u64 {
+pub(crate) fn stream(seed: u64, tensor: &str, input: usize) -> u64 {
     let h = Sha256::digest(tensor.as_bytes());
     let key = u64::from_le_bytes(h[..8].try_into().expect("8 bytes"));
     mix(mix(seed ^ key) ^ (input as u64))
@@ -31,7 +31,7 @@ pub fn stream(seed: u64, tensor: &str, input: usize) -> u64 {
 /// A uniform number in `[0, 1)` with 24 random bits (exact in f32) for
 /// element `index` of `stream`.
 #[inline(always)]
-pub fn uniform(stream: u64, index: u64) -> f32 {
+pub(crate) fn uniform(stream: u64, index: u64) -> f32 {
     let u = mix(stream.wrapping_add(index.wrapping_add(1).wrapping_mul(GOLDEN)));
     (u >> 40) as f32 * (1.0 / (1u64 << 24) as f32)
 }

@@ -27,7 +27,7 @@ use crate::merge::methods::{Method, Sparsify, TensorParams};
 use crate::merge::{Inputs, TensorMerge, rng};
 
 /// Elements per statistics block.
-pub const STAT_BLOCK: u64 = 1 << 16;
+pub(crate) const STAT_BLOCK: u64 = 1 << 16;
 /// Norms below this count as 1 (SLERP), as in mergekit.
 const NORM_EPS: f64 = 1e-8;
 /// Rescaling is skipped when either L1 sum is below this.
@@ -37,7 +37,7 @@ const DOT_THRESHOLD: f64 = 0.9995;
 /// Keeps the elements whose stable ascending rank of `|d|` lies in
 /// `lo..hi`, equal magnitudes ranked by index.
 #[derive(Clone, Debug)]
-pub struct RankKeep {
+pub(crate) struct RankKeep {
     pub lo: u64,
     pub hi: u64,
     /// Bits of the magnitudes at ranks `lo` and `hi - 1`.
@@ -55,7 +55,7 @@ impl RankKeep {
     /// Whether magnitude bits `v` are kept, `seen_*` elements equal to the
     /// boundary values having come before it.
     #[inline(always)]
-    pub fn keeps(&self, v: u32, seen_lo: u64, seen_hi: u64) -> bool {
+    pub(crate) fn keeps(&self, v: u32, seen_lo: u64, seen_hi: u64) -> bool {
         if v < self.lo_val || v > self.hi_val {
             return false;
         }
@@ -66,7 +66,7 @@ impl RankKeep {
 
 /// Which elements of one model's delta are kept.
 #[derive(Clone, Debug)]
-pub enum Keep {
+pub(crate) enum Keep {
     /// All, untouched (density >= 1 or no sparsification).
     All,
     /// Replaced by zeros (density <= 0).
@@ -85,7 +85,7 @@ pub enum Keep {
 
 /// One merged model's statistics for a tensor.
 #[derive(Clone, Debug)]
-pub struct ModelStats {
+pub(crate) struct ModelStats {
     pub keep: Keep,
     /// L1-preserving factor for the kept elements, when rescaling applies.
     pub rescale: Option<f32>,
@@ -95,7 +95,7 @@ pub struct ModelStats {
 
 /// Everything the element-wise pass needs for one tensor.
 #[derive(Clone, Debug, Default)]
-pub struct TensorStats {
+pub(crate) struct TensorStats {
     pub models: Vec<ModelStats>,
     /// SLERP coefficients for the base and the other model.
     pub slerp: (f32, f32),
@@ -111,7 +111,7 @@ fn bits(d: f32) -> u32 {
 
 /// `0..n` cut into blocks of at most `STAT_BLOCK` that do not cross rows of
 /// `row_len`: `(row, range)`.
-pub fn blocks(n: u64, row_len: u64) -> Vec<(u64, Range<u64>)> {
+pub(crate) fn blocks(n: u64, row_len: u64) -> Vec<(u64, Range<u64>)> {
     blocks_of(n, row_len, STAT_BLOCK)
 }
 
@@ -136,7 +136,7 @@ fn blocks_of(n: u64, row_len: u64, max: u64) -> Vec<(u64, Range<u64>)> {
 /// same numbers: counts are integers, and every f64 sum is a per-block sum
 /// in the fixed lane order of `lanes`, the blocks then added in order here.
 /// `d_k` is model `k`'s delta from the base, `x_k - base`, in f32.
-pub trait Passes {
+pub(crate) trait Passes {
     /// Histogram of the high 16 bits of `|d_k|` (`1 << 15` bins).
     fn hist_high(&self, k: usize) -> Result<Vec<u64>>;
     /// Histograms of the low 16 bits of `|d_k|` inside high bins `b0`
@@ -160,17 +160,17 @@ pub trait Passes {
 
 /// A block's L1 partials for rank masks: sum of `|d|`, sum strictly inside
 /// the boundary values, and the boundary-equal counts.
-pub type L1Ranks = (f64, f64, u64, u64);
+pub(crate) type L1Ranks = (f64, f64, u64, u64);
 
 /// The blocks of the random-mask L1 sums: rows for DELLA (its ranks need
 /// whole rows), else `STAT_BLOCK` pieces that do not cross rows.
-pub fn masked_blocks(keep: &Keep, n: u64, row_len: u64) -> Vec<(u64, Range<u64>)> {
+pub(crate) fn masked_blocks(keep: &Keep, n: u64, row_len: u64) -> Vec<(u64, Range<u64>)> {
     let max = if matches!(keep, Keep::Della { .. }) { row_len.max(1) } else { STAT_BLOCK };
     blocks_of(n, row_len.max(1), max)
 }
 
 /// The CPU passes: parallel over blocks, each block sequential.
-pub struct CpuPasses<'a> {
+pub(crate) struct CpuPasses<'a> {
     pub inputs: &'a Inputs<'a>,
     pub n: u64,
     pub row_len: u64,
@@ -346,18 +346,24 @@ impl Passes for CpuPasses<'_> {
 }
 
 /// The Gram matrix's upper-triangle pairs, row-major.
-pub fn gram_pairs(k: usize) -> Vec<(usize, usize)> {
+pub(crate) fn gram_pairs(k: usize) -> Vec<(usize, usize)> {
     (0..k).flat_map(|i| (i..k).map(move |j| (i, j))).collect()
 }
 
 /// Computes the statistics of tensor `name` (`n` elements, rows of
 /// `row_len`) for `tm` on the CPU.
-pub fn compute(inputs: &Inputs, name: &str, n: u64, row_len: u64, tm: &TensorMerge) -> Result<TensorStats> {
+pub(crate) fn compute(
+    inputs: &Inputs,
+    name: &str,
+    n: u64,
+    row_len: u64,
+    tm: &TensorMerge,
+) -> Result<TensorStats> {
     compute_with(&CpuPasses { inputs, n, row_len }, name, n, row_len, tm)
 }
 
 /// Computes the statistics of tensor `name` for `tm` from `passes`.
-pub fn compute_with(
+pub(crate) fn compute_with(
     passes: &dyn Passes,
     name: &str,
     n: u64,
@@ -478,7 +484,7 @@ fn rank_keep(passes: &dyn Passes, k: usize, lo: u64, hi: u64) -> Result<RankKeep
 /// Stable ascending ranks of the magnitudes in `d` (ties by index), by
 /// sorting `bits << 32 | index` keys (plain u64 sorts are several times
 /// faster than sorting by a tuple key).
-pub fn row_ranks(d: &[f32], ranks: &mut Vec<u32>) {
+pub(crate) fn row_ranks(d: &[f32], ranks: &mut Vec<u32>) {
     let mut keys: Vec<u64> = d.iter().enumerate().map(|(i, v)| (bits(*v) as u64) << 32 | i as u64).collect();
     keys.sort_unstable();
     ranks.clear();
@@ -490,7 +496,7 @@ pub fn row_ranks(d: &[f32], ranks: &mut Vec<u32>) {
 
 /// DELLA's keep probability for rank `r` in a row of `len`.
 #[inline]
-pub fn della_probability(density: f64, epsilon: f64, r: u32, len: u64) -> f32 {
+pub(crate) fn della_probability(density: f64, epsilon: f64, r: u32, len: u64) -> f32 {
     let rank_norm = if len > 1 { r as f32 / (len - 1) as f32 } else { 0.0 };
     let lo = (density - epsilon) as f32;
     lo + (rank_norm * 2.0) * epsilon as f32

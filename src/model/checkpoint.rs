@@ -16,13 +16,13 @@ use crate::model::safetensors::parse_header;
 use crate::model::torch_bin::read_bin;
 
 /// The single-file weights name transformers uses.
-pub const SINGLE_FILE: &str = "model.safetensors";
+pub(crate) const SINGLE_FILE: &str = "model.safetensors";
 /// The sharded-checkpoint index name transformers uses.
-pub const INDEX_FILE: &str = "model.safetensors.index.json";
+pub(crate) const INDEX_FILE: &str = "model.safetensors.index.json";
 /// PyTorch's single-file name, read when a model has no safetensors.
-pub const BIN_SINGLE_FILE: &str = "pytorch_model.bin";
+pub(crate) const BIN_SINGLE_FILE: &str = "pytorch_model.bin";
 /// PyTorch's sharded-checkpoint index name.
-pub const BIN_INDEX_FILE: &str = "pytorch_model.bin.index.json";
+pub(crate) const BIN_INDEX_FILE: &str = "pytorch_model.bin.index.json";
 /// Largest index file accepted (a 70B index is about 70 KB).
 const MAX_INDEX_BYTES: u64 = 64 << 20;
 

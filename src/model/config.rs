@@ -18,7 +18,7 @@ const MAX_CONFIG_BYTES: u64 = 16 << 20;
 /// model mean something else in the other. `vocab_size` is not here:
 /// vocabulary expansion is handled per row. RoPE is compared as `Rope`,
 /// whichever layout holds it.
-pub const ARCHITECTURE_KEYS: [&str; 9] = [
+pub(crate) const ARCHITECTURE_KEYS: [&str; 9] = [
     "model_type",
     "architectures",
     "hidden_size",
@@ -35,7 +35,7 @@ pub const ARCHITECTURE_KEYS: [&str; 9] = [
 /// or one such object per attention type), or the older top-level
 /// `rope_theta` with an optional `rope_scaling` (`"type"` or `"rope_type"`).
 #[derive(Clone, Debug, PartialEq)]
-pub struct Rope {
+pub(crate) struct Rope {
     /// The base frequency (`None`: not given, the architecture's default).
     pub theta: Option<f64>,
     /// `default`, `llama3`, `linear`, `dynamic`, `yarn`, ...
@@ -63,7 +63,7 @@ impl Rope {
     }
 
     /// How `inspect` and error messages show it.
-    pub fn describe(&self) -> String {
+    pub(crate) fn describe(&self) -> String {
         if !self.per_type.is_empty() {
             let parts: Vec<String> =
                 self.per_type.iter().map(|(t, r)| format!("{t}: {}", r.describe())).collect();
@@ -80,7 +80,7 @@ impl Rope {
 
 /// A parsed config.json.
 #[derive(Clone, Debug)]
-pub struct ModelConfig {
+pub(crate) struct ModelConfig {
     pub path: PathBuf,
     pub raw: serde_json::Map<String, Value>,
 }
@@ -116,12 +116,12 @@ pub struct ConfigSummary {
 
 impl ModelConfig {
     /// Reads the config.json at `path`.
-    pub fn read(path: &Path) -> Result<ModelConfig> {
+    pub(crate) fn read(path: &Path) -> Result<ModelConfig> {
         ModelConfig::parse(&read_capped(path, MAX_CONFIG_BYTES)?, path)
     }
 
     /// Parses a config.json's bytes; `path` is only used in messages.
-    pub fn parse(bytes: &[u8], path: &Path) -> Result<ModelConfig> {
+    pub(crate) fn parse(bytes: &[u8], path: &Path) -> Result<ModelConfig> {
         match serde_json::from_slice(bytes) {
             Ok(Value::Object(raw)) => Ok(ModelConfig { path: path.to_path_buf(), raw }),
             Ok(_) => Err(Error::bad_file(path, "config must be a JSON object")),
@@ -134,7 +134,7 @@ impl ModelConfig {
     }
 
     /// The effective RoPE settings (see `Rope`).
-    pub fn rope(&self) -> Rope {
+    pub(crate) fn rope(&self) -> Rope {
         if let Some(Value::Object(rp)) = self.raw.get("rope_parameters") {
             let nested = !rp.is_empty() && rp.values().all(Value::is_object);
             if nested {
@@ -157,7 +157,7 @@ impl ModelConfig {
         Rope::from_object(&m)
     }
 
-    pub fn summary(&self) -> ConfigSummary {
+    pub(crate) fn summary(&self) -> ConfigSummary {
         let text = |k: &str| self.raw.get(k).and_then(Value::as_str).map(str::to_string);
         ConfigSummary {
             architecture: self
@@ -185,7 +185,7 @@ impl ModelConfig {
 /// Lists the architecture keys on which `a` and `b` disagree, as
 /// `key: a-value (a-file) vs b-value (b-file)`. Numbers compare by value, so
 /// `500000` and `500000.0` agree.
-pub fn architecture_differences(a: &ModelConfig, b: &ModelConfig) -> Vec<String> {
+pub(crate) fn architecture_differences(a: &ModelConfig, b: &ModelConfig) -> Vec<String> {
     let mut out = Vec::new();
     for key in ARCHITECTURE_KEYS {
         let va = a.raw.get(key);
@@ -224,7 +224,7 @@ pub fn architecture_differences(a: &ModelConfig, b: &ModelConfig) -> Vec<String>
 /// `embedding` is the embedding matrix's shape, `layers` the count of
 /// layer indices among the tensor names (0: none). Each disagreement names
 /// the key, both values and `file`.
-pub fn shape_problems(
+pub(crate) fn shape_problems(
     get: impl Fn(&str) -> Option<Value>,
     embedding: Option<&[u64]>,
     layers: u64,

@@ -16,7 +16,7 @@ use crate::model::checkpoint::FileStamp;
 
 /// The cache directory, or none when caching is off.
 #[derive(Clone, Debug)]
-pub struct HashCache {
+pub(crate) struct HashCache {
     dir: Option<PathBuf>,
     read: bool,
 }
@@ -25,7 +25,7 @@ impl HashCache {
     /// `$CHATVEC_CACHE_DIR`, else `$XDG_CACHE_HOME/chatvec`, else
     /// `~/.cache/chatvec`; entries live in its `sha256/` folder. With
     /// `rehash`, entries are written but not read.
-    pub fn from_env(rehash: bool) -> HashCache {
+    pub(crate) fn from_env(rehash: bool) -> HashCache {
         let base = std::env::var_os("CHATVEC_CACHE_DIR")
             .map(PathBuf::from)
             .or_else(|| std::env::var_os("XDG_CACHE_HOME").map(|x| PathBuf::from(x).join("chatvec")))
@@ -34,7 +34,7 @@ impl HashCache {
     }
 
     /// A cache that neither reads nor writes.
-    pub fn disabled() -> HashCache {
+    pub(crate) fn disabled() -> HashCache {
         HashCache { dir: None, read: false }
     }
 
@@ -47,7 +47,7 @@ impl HashCache {
     }
 
     /// The cached sha256 of the file in state `stamp`, if any.
-    pub fn get(&self, stamp: &FileStamp) -> Option<String> {
+    pub(crate) fn get(&self, stamp: &FileStamp) -> Option<String> {
         if !self.read {
             return None;
         }
@@ -58,7 +58,7 @@ impl HashCache {
     }
 
     /// Records a hash. Failures are ignored: the cache is an optimization.
-    pub fn put(&self, stamp: &FileStamp, sha256: &str) {
+    pub(crate) fn put(&self, stamp: &FileStamp, sha256: &str) {
         let Some(entry) = self.entry(stamp) else {
             return;
         };

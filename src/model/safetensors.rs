@@ -18,12 +18,12 @@ use crate::model::dtype::DType;
 
 /// Largest header accepted, as in the reference implementation (100 MB):
 /// a 70B checkpoint's headers are well under 1 MB.
-pub const MAX_HEADER_BYTES: u64 = 100_000_000;
+pub(crate) const MAX_HEADER_BYTES: u64 = 100_000_000;
 
 /// One tensor as described by a header. Offsets are relative to the data
 /// section, already checked against it.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct TensorInfo {
+pub(crate) struct TensorInfo {
     pub name: String,
     pub dtype: DType,
     pub shape: Vec<u64>,
@@ -33,7 +33,7 @@ pub struct TensorInfo {
 
 /// A validated header.
 #[derive(Clone, Debug)]
-pub struct Header {
+pub(crate) struct Header {
     /// Tensors in data-section order.
     pub tensors: Vec<TensorInfo>,
     /// Absolute file offset of the data section (8 + header length).
@@ -56,7 +56,7 @@ struct RawTensor {
 /// duplicate names; each entry has exactly dtype/shape/data_offsets; the dtype
 /// is known; `dtype x shape` (checked arithmetic) equals the byte range;
 /// ranges are in order, contiguous from 0, and end exactly at end of file.
-pub fn parse_header(bytes: &[u8], file: &Path) -> Result<Header> {
+pub(crate) fn parse_header(bytes: &[u8], file: &Path) -> Result<Header> {
     let file_len = bytes.len() as u64;
     if file_len < 8 {
         return Err(Error::format(
@@ -171,7 +171,7 @@ pub fn parse_header(bytes: &[u8], file: &Path) -> Result<Header> {
 
 /// What the writer needs to know about one tensor to lay out a file.
 #[derive(Clone, Debug)]
-pub struct OutTensorSpec<'a> {
+pub(crate) struct OutTensorSpec<'a> {
     pub name: &'a str,
     pub dtype: DType,
     pub shape: &'a [u64],
@@ -182,7 +182,7 @@ pub struct OutTensorSpec<'a> {
 /// some loaders require). The JSON is padded with spaces to a multiple of 8
 /// bytes so the data section is aligned, as the reference writer does.
 /// Returns the bytes (prefix included) and the total data length.
-pub fn build_header(tensors: &[OutTensorSpec<'_>]) -> (Vec<u8>, u64) {
+pub(crate) fn build_header(tensors: &[OutTensorSpec<'_>]) -> (Vec<u8>, u64) {
     let mut obj = serde_json::Map::new();
     let mut meta = serde_json::Map::new();
     meta.insert("format".into(), "pt".into());

@@ -11,7 +11,7 @@ use crate::error::{Error, Result};
 use crate::output::manifest::{MANIFEST_FILE, RecipeRecord};
 use crate::plan::{Plan, Role};
 
-pub const CARD_FILE: &str = "README.md";
+pub(crate) const CARD_FILE: &str = "README.md";
 
 /// The card's YAML front matter: the Hub's model metadata, so the Hub
 /// shows the model tree. `base_model` holds Hub ids only (a local path is
@@ -40,7 +40,7 @@ fn hub_like(s: &str) -> bool {
 }
 
 /// The card for `plan`, made by `method`, from `recipe` when there is one.
-pub fn model_card(plan: &Plan, method: &str, recipe: Option<&RecipeRecord>) -> Result<Vec<u8>> {
+pub(crate) fn model_card(plan: &Plan, method: &str, recipe: Option<&RecipeRecord>) -> Result<Vec<u8>> {
     let lora = plan.inputs.iter().any(|i| i.role == Role::Adapter);
     let vector = plan.inputs.iter().any(|i| matches!(i.role, Role::Vector | Role::Chat));
     let mut base_model: Vec<&str> = Vec::new();

@@ -8,6 +8,33 @@ use std::fs::{self, File};
 use std::path::{Path, PathBuf};
 
 use crate::error::{Error, Result};
+use crate::json::to_pretty;
+use crate::model::checkpoint::INDEX_FILE;
+use crate::output::files::{SyncedFile, WrittenFile, write_file};
+use crate::output::manifest::{MANIFEST_FILE, Manifest};
+use crate::output::sidecars::SideFiles;
+use crate::plan::Plan;
+
+/// The name mergekit gives the config it ran, beside the weights.
+const MERGEKIT_CONFIG: &str = "mergekit_config.yml";
+
+/// `model.safetensors.index.json` as transformers writes it: total tensor
+/// bytes and a name-sorted weight map.
+fn index_json(plan: &Plan) -> Vec<u8> {
+    let mut names: Vec<(&str, &str)> = Vec::new();
+    for sh in &plan.shards {
+        for t in &plan.tensors[sh.tensors.clone()] {
+            names.push((&t.name, &sh.file_name));
+        }
+    }
+    names.sort();
+    let mut wm = serde_json::Map::new();
+    for (n, f) in names {
+        wm.insert(n.to_string(), f.into());
+    }
+    let total: u64 = plan.tensors.iter().map(|t| t.bytes()).sum();
+    to_pretty(&serde_json::json!({ "metadata": { "total_size": total }, "weight_map": wm }))
+}
 
 /// An output directory under construction.
 pub(crate) struct OutputDir {
@@ -149,7 +176,7 @@ impl OutputDir {
     /// with `force`, and only when it is an earlier chatvec output or an
     /// empty directory. Leftovers of killed runs beside it are removed
     /// first, and `weights` bytes plus `SIDE_FILE_RESERVE` must be free.
-    pub fn create(target: &Path, inputs: &[PathBuf], force: bool, weights: u64) -> Result<OutputDir> {
+    pub(crate) fn create(target: &Path, inputs: &[PathBuf], force: bool, weights: u64) -> Result<OutputDir> {
         let (parent, name) = absolute(target)?;
         let abs = parent.join(&name);
         let resolved = fs::canonicalize(&abs).unwrap_or_else(|_| abs.clone());
@@ -198,15 +225,40 @@ impl OutputDir {
         Ok(OutputDir { parent, name, target: abs, tmp, force, done: false })
     }
 
-    /// The temporary directory to write into.
-    pub fn path(&self) -> &Path {
-        &self.tmp
+    /// A weight shard of the output, created empty for the executor to
+    /// stream into.
+    pub(crate) fn create_shard(&self, file_name: &str) -> Result<SyncedFile> {
+        SyncedFile::create(&self.tmp.join(file_name))
+    }
+
+    /// Writes everything beside the weights, in an order a reader can
+    /// trust: the index (for several shards), the side files (config,
+    /// tokenizer, template, card, and a mergekit recipe as mergekit names
+    /// it), then the manifest, which lists them all with their sha256.
+    pub(crate) fn finish(
+        &self,
+        plan: &Plan,
+        mut side: SideFiles,
+        mut manifest: Manifest,
+        shards: Vec<WrittenFile>,
+    ) -> Result<()> {
+        if let Some(r) = manifest.recipe.as_ref().filter(|r| r.syntax == "mergekit") {
+            side.add(MERGEKIT_CONFIG, r.text.clone().into_bytes());
+        }
+        let mut outputs = shards;
+        if plan.shards.len() > 1 {
+            outputs.push(write_file(&self.tmp, INDEX_FILE, &index_json(plan))?);
+        }
+        manifest.files = side.write(&self.tmp)?;
+        manifest.outputs = outputs;
+        write_file(&self.tmp, MANIFEST_FILE, &to_pretty(&manifest))?;
+        Ok(())
     }
 
     /// Fsyncs the temporary directory and renames it into place (replacing
     /// an existing output only with `force`), then fsyncs the parent so the
     /// rename itself is durable.
-    pub fn commit(mut self) -> Result<PathBuf> {
+    pub(crate) fn commit(mut self) -> Result<PathBuf> {
         sync_dir(&self.tmp)?;
         if fs::symlink_metadata(&self.target).is_ok() {
             if !self.force {

@@ -50,7 +50,7 @@ pub struct WrittenFile {
 
 /// A file written sequentially and fsynced at the end: directly to the disk
 /// where the filesystem allows it, else through the page cache.
-pub struct SyncedFile {
+pub(crate) struct SyncedFile {
     path: PathBuf,
     file: File,
     written: u64,
@@ -74,7 +74,7 @@ fn direct_wanted() -> bool {
 }
 
 impl SyncedFile {
-    pub fn create(path: &Path) -> Result<SyncedFile> {
+    pub(crate) fn create(path: &Path) -> Result<SyncedFile> {
         SyncedFile::create_as(path, direct_wanted())
     }
 
@@ -89,7 +89,7 @@ impl SyncedFile {
         Ok(made(file))
     }
 
-    pub fn write(&mut self, bytes: &[u8]) -> Result<()> {
+    pub(crate) fn write(&mut self, bytes: &[u8]) -> Result<()> {
         match &mut self.mode {
             Mode::Direct(d) => d.write(&self.file, &self.path, bytes)?,
             Mode::Buffered { flushed, dropped } => {
@@ -113,7 +113,7 @@ impl SyncedFile {
     }
 
     /// Fsyncs; returns the file name and byte count.
-    pub fn finish(self) -> Result<(String, u64)> {
+    pub(crate) fn finish(self) -> Result<(String, u64)> {
         if let Mode::Direct(d) = self.mode {
             d.finish(&self.file, &self.path, self.written)?;
         }
@@ -328,30 +328,30 @@ fn drop_direct_flag(_file: &File) -> std::io::Result<()> {
 }
 
 /// A `SyncedFile` hashed as it is written.
-pub struct HashingFile {
+pub(crate) struct HashingFile {
     file: SyncedFile,
     hasher: Sha256,
 }
 
 impl HashingFile {
-    pub fn create(path: &Path) -> Result<HashingFile> {
+    pub(crate) fn create(path: &Path) -> Result<HashingFile> {
         Ok(HashingFile { file: SyncedFile::create(path)?, hasher: Sha256::new() })
     }
 
-    pub fn write(&mut self, bytes: &[u8]) -> Result<()> {
+    pub(crate) fn write(&mut self, bytes: &[u8]) -> Result<()> {
         self.hasher.update(bytes);
         self.file.write(bytes)
     }
 
     /// Fsyncs and returns the file's record.
-    pub fn finish(self) -> Result<WrittenFile> {
+    pub(crate) fn finish(self) -> Result<WrittenFile> {
         let (file, bytes) = self.file.finish()?;
         Ok(WrittenFile { file, bytes, sha256: hex(&self.hasher.finalize()) })
     }
 }
 
 /// Writes a whole small file durably and returns its record.
-pub fn write_file(dir: &Path, name: &str, bytes: &[u8]) -> Result<WrittenFile> {
+pub(crate) fn write_file(dir: &Path, name: &str, bytes: &[u8]) -> Result<WrittenFile> {
     let mut f = HashingFile::create(&dir.join(name))?;
     f.write(bytes)?;
     f.finish()
@@ -360,7 +360,7 @@ pub fn write_file(dir: &Path, name: &str, bytes: &[u8]) -> Result<WrittenFile> {
 /// Checks that the picture at `path` may be written: a new file, or with
 /// `force` an earlier picture (an SVG document), never a directory or any
 /// other file (a shard, a config, an input).
-pub fn check_picture_target(path: &Path, force: bool) -> Result<()> {
+pub(crate) fn check_picture_target(path: &Path, force: bool) -> Result<()> {
     let Ok(meta) = std::fs::symlink_metadata(path) else { return Ok(()) };
     if !force {
         return Err(Error::OutputExists(path.to_path_buf()));
@@ -382,7 +382,7 @@ pub fn check_picture_target(path: &Path, force: bool) -> Result<()> {
 /// Writes a standalone file (a report's picture) whole: into a temporary
 /// sibling, fsynced, then renamed over `path`, so a reader never sees half
 /// of it and a link at `path` is replaced, never followed.
-pub fn write_atomically(path: &Path, bytes: &[u8]) -> Result<()> {
+pub(crate) fn write_atomically(path: &Path, bytes: &[u8]) -> Result<()> {
     if path.is_dir() {
         return Err(Error::Usage(format!("{} is a directory; give a file name", path.display())));
     }

@@ -15,13 +15,13 @@ use crate::model::checkpoint::HubOrigin;
 use crate::output::files::WrittenFile;
 use crate::plan::{EmbeddingReport, Plan, Role};
 
-pub const MANIFEST_FILE: &str = "chatvec-manifest.json";
+pub(crate) const MANIFEST_FILE: &str = "chatvec-manifest.json";
 const FORMAT: &str = "chatvec-manifest/1";
 /// Largest manifest read (one of a 70B model is about 100 KB).
 pub(crate) const MAX_MANIFEST_BYTES: u64 = 64 << 20;
 
 #[derive(Serialize)]
-pub struct InputRecord {
+pub(crate) struct InputRecord {
     pub role: Role,
     /// The reference as the user gave it (path, alias or Hub id).
     pub reference: String,
@@ -33,7 +33,7 @@ pub struct InputRecord {
 }
 
 #[derive(Serialize)]
-pub struct TensorRecord {
+pub(crate) struct TensorRecord {
     pub name: String,
     pub dtype: String,
     pub shape: Vec<u64>,
@@ -41,7 +41,7 @@ pub struct TensorRecord {
 
 /// The descriptor part of a vector's manifest.
 #[derive(Serialize)]
-pub struct VectorRecord {
+pub(crate) struct VectorRecord {
     pub tensors: Vec<TensorRecord>,
     /// Tensors deselected at extract time; `apply` copies them from the base.
     pub omitted: Vec<String>,
@@ -50,7 +50,7 @@ pub struct VectorRecord {
 
 /// The recipe a `merge` ran, verbatim, so `verify --recipe` can compare.
 #[derive(Serialize, Clone, Debug)]
-pub struct RecipeRecord {
+pub(crate) struct RecipeRecord {
     pub file: String,
     /// `toml` (a chatvec recipe) or `mergekit` (a mergekit YAML config).
     pub syntax: &'static str,
@@ -59,7 +59,7 @@ pub struct RecipeRecord {
 }
 
 #[derive(Serialize)]
-pub struct Manifest {
+pub(crate) struct Manifest {
     pub format: &'static str,
     pub tool: &'static str,
     pub version: &'static str,
@@ -82,7 +82,7 @@ pub struct Manifest {
 }
 
 impl Manifest {
-    pub fn new(
+    pub(crate) fn new(
         kind: &'static str,
         plan: &Plan,
         inputs: Vec<Vec<WrittenFile>>,
@@ -134,13 +134,13 @@ fn read_manifest(dir: &Path) -> Result<Option<Value>> {
 }
 
 /// What `apply --vector` needs from a vector's manifest.
-pub struct VectorInfo {
+pub(crate) struct VectorInfo {
     pub omitted: HashSet<String>,
 }
 
 /// Reads the manifest of a vector directory, if there is one. A directory
 /// with a manifest of another kind is an error: it is a model, not a vector.
-pub fn read_vector_info(dir: &Path) -> Result<Option<VectorInfo>> {
+pub(crate) fn read_vector_info(dir: &Path) -> Result<Option<VectorInfo>> {
     let Some(v) = read_manifest(dir)? else { return Ok(None) };
     if v.get("kind").and_then(Value::as_str) != Some("extract") {
         return Err(Error::Usage(format!(
@@ -172,7 +172,7 @@ pub struct Provenance {
 }
 
 /// Reads the manifest of `dir`, if there is one.
-pub fn read_provenance(dir: &Path) -> Result<Option<Provenance>> {
+pub(crate) fn read_provenance(dir: &Path) -> Result<Option<Provenance>> {
     let Some(v) = read_manifest(dir)? else { return Ok(None) };
     let text = |v: &Value, k: &str| v.get(k).and_then(Value::as_str).unwrap_or("?").to_string();
     let inputs = v

@@ -23,7 +23,7 @@ const MAX_SIDE_BYTES: u64 = 256 << 20;
 /// is written (a broken input side file must fail the run before its long
 /// part), and written at the end.
 #[derive(Default)]
-pub struct SideFiles {
+pub(crate) struct SideFiles {
     pending: Vec<(String, Vec<u8>)>,
     /// Human-readable notes, also printed.
     pub notes: Vec<String>,
@@ -32,24 +32,24 @@ pub struct SideFiles {
 
 impl SideFiles {
     /// A prepared file's bytes.
-    pub fn get(&self, name: &str) -> Option<&[u8]> {
+    pub(crate) fn get(&self, name: &str) -> Option<&[u8]> {
         self.pending.iter().find(|(n, _)| n == name).map(|(_, b)| b.as_slice())
     }
 
     /// A prepared JSON file as an object whose values keep their text, so
     /// an edit changes only the key it sets.
-    pub fn json(&self, name: &str) -> Result<Option<RawObject>> {
+    pub(crate) fn json(&self, name: &str) -> Result<Option<RawObject>> {
         self.get(name).map(|bytes| RawObject::parse(bytes, Path::new(name))).transpose()
     }
 
     /// Adds a generated file (e.g. the model card), replacing one of that name.
-    pub fn add(&mut self, name: &str, bytes: Vec<u8>) {
+    pub(crate) fn add(&mut self, name: &str, bytes: Vec<u8>) {
         self.pending.retain(|(n, _)| n != name);
         self.pending.push((name.to_string(), bytes));
     }
 
     /// Writes the files into `out`, durably.
-    pub fn write(self, out: &Path) -> Result<Vec<WrittenFile>> {
+    pub(crate) fn write(self, out: &Path) -> Result<Vec<WrittenFile>> {
         self.pending.iter().map(|(name, bytes)| write_file(out, name, bytes)).collect()
     }
 }
@@ -90,7 +90,7 @@ fn find_template(dir: &Path) -> Result<Option<Template>> {
 /// The text of the chat template in `dir`, if there is one: the
 /// `chat_template.jinja` file, or the `chat_template` string (or, for a list
 /// of named templates, the one named `default`, else the first).
-pub fn chat_template_text(dir: &Path) -> Result<Option<String>> {
+pub(crate) fn chat_template_text(dir: &Path) -> Result<Option<String>> {
     Ok(match find_template(dir)? {
         None => None,
         Some(Template::File(s)) => Some(s),
@@ -111,7 +111,7 @@ pub fn chat_template_text(dir: &Path) -> Result<Option<String>> {
 /// Reads the side files of `from` that exist, to be copied byte for byte;
 /// JSON ones must parse. Links that lead out of the model are skipped
 /// (`model::side_file`).
-pub fn read_side_files(from: &Path) -> Result<SideFiles> {
+pub(crate) fn read_side_files(from: &Path) -> Result<SideFiles> {
     let mut side = SideFiles::default();
     for name in SIDE_FILES {
         if let Some(p) = side_file(from, name)? {
@@ -127,7 +127,7 @@ pub fn read_side_files(from: &Path) -> Result<SideFiles> {
 }
 
 /// What the output of `apply` takes from the chat model.
-pub struct ChatSide<'a> {
+pub(crate) struct ChatSide<'a> {
     /// Directory holding the chat model's tokenizer/template/generation files
     /// (the chat model itself, or a vector made by `extract`).
     pub dir: &'a Path,
@@ -137,7 +137,7 @@ pub struct ChatSide<'a> {
 /// Prepares the side files of an applied model: the base's, with
 /// `torch_dtype` following `--out-dtype`, and the chat model's template and
 /// eos ids.
-pub fn model_side_files(
+pub(crate) fn model_side_files(
     base: &Path,
     chat: Option<ChatSide<'_>>,
     out_dtype: Option<FloatType>,
@@ -241,7 +241,7 @@ fn take_eos_ids(base: &Path, chat: &Path, side: &mut SideFiles) -> Result<()> {
 /// tokens of tokenizer.json (flags from the tokenizer that has them) and of
 /// tokenizer_config.json's added_tokens_decoder, and config.json's
 /// vocab_size, as mergekit's union tokenizer does.
-pub fn add_union_tokens(side: &mut SideFiles, plan: &Plan, u: &VocabUnion) -> Result<()> {
+pub(crate) fn add_union_tokens(side: &mut SideFiles, plan: &Plan, u: &VocabUnion) -> Result<()> {
     if u.added.is_empty() {
         return Ok(());
     }

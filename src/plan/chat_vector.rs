@@ -17,14 +17,14 @@ use crate::spec::embeddings::EmbeddingPolicy;
 use crate::spec::select::{Scale, Selection};
 
 /// Settings shared by extract and apply.
-pub struct Common {
+pub(crate) struct Common {
     pub selection: Selection,
     pub shard_size: u64,
     pub allow_mismatch: bool,
 }
 
 /// Options of `apply`.
-pub struct ApplyOptions {
+pub(crate) struct ApplyOptions {
     pub common: Common,
     pub embeddings: EmbeddingPolicy,
     pub out_dtype: Option<FloatType>,
@@ -35,7 +35,7 @@ pub struct ApplyOptions {
 }
 
 /// The vector side of `apply`.
-pub enum VectorSide {
+pub(crate) enum VectorSide {
     /// `--vector DIR`: a stored vector; `omitted` lists tensors its extract
     /// left out on purpose (they are copied from the base).
     Stored { vector: Box<Checkpoint>, omitted: HashSet<String> },
@@ -45,7 +45,7 @@ pub enum VectorSide {
 
 /// Plans `extract`: `chat - pretrained` for every selected tensor of the
 /// chat model, in the chat model's order.
-pub fn plan_extract(
+pub(crate) fn plan_extract(
     chat: Checkpoint,
     pre: Checkpoint,
     common: &Common,
@@ -131,7 +131,7 @@ pub fn plan_extract(
 
 /// Plans `apply`: the base model's tensors, names, order and dtypes (or
 /// `--out-dtype`), with the scaled vector added to the selected ones.
-pub fn plan_apply(base: Checkpoint, side: VectorSide, opts: &ApplyOptions) -> Result<Plan> {
+pub(crate) fn plan_apply(base: Checkpoint, side: VectorSide, opts: &ApplyOptions) -> Result<Plan> {
     let common = &opts.common;
     // Scale gradients spread over the base's layers.
     let mut sel = common.selection.clone();

@@ -19,13 +19,13 @@ pub(crate) struct Problems {
 }
 
 impl Problems {
-    pub fn new(what: &'static str) -> Problems {
+    pub(crate) fn new(what: &'static str) -> Problems {
         Problems { what, list: Vec::new() }
     }
-    pub fn push(&mut self, p: String) {
+    pub(crate) fn push(&mut self, p: String) {
         self.list.push(p);
     }
-    pub fn into_result(self) -> Result<()> {
+    pub(crate) fn into_result(self) -> Result<()> {
         if self.list.is_empty() {
             return Ok(());
         }

@@ -9,7 +9,7 @@ use crate::units::human_bytes;
 
 impl Plan {
     /// A readable listing of the plan, for `--dry-run`.
-    pub fn describe(&self) -> String {
+    pub(crate) fn describe(&self) -> String {
         let mut out = String::new();
         for i in &self.inputs {
             let _ = write!(

@@ -23,7 +23,7 @@ use crate::plan::{Formula, Input, Op, OutTensor, Plan, Role, Source};
 
 /// Plans `base + adapter`: every tensor of the base, the adapted ones
 /// computed.
-pub fn plan_lora(
+pub(crate) fn plan_lora(
     base: Checkpoint,
     adapter: Adapter,
     common: &Common,

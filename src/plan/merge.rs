@@ -20,7 +20,7 @@ use crate::plan::{Input, MergeOp, Op, OutTensor, Plan, Source, UnionRows, VocabU
 use crate::spec::embeddings::EmbeddingPolicy;
 
 /// A merge, as data.
-pub struct MergeSpec {
+pub(crate) struct MergeSpec {
     pub method: Method,
     /// Index of the base model in the inputs.
     pub base: Option<usize>,

@@ -58,7 +58,7 @@ pub(crate) struct Input {
 impl Input {
     /// An input labelled by its directory (callers that know the user's
     /// reference replace the label).
-    pub fn new(role: Role, ckpt: Checkpoint) -> Input {
+    pub(crate) fn new(role: Role, ckpt: Checkpoint) -> Input {
         Input { role, label: ckpt.dir.display().to_string(), ckpt }
     }
 }
@@ -91,7 +91,7 @@ pub(crate) enum Formula {
 
 impl Formula {
     /// The input whose elements line up with the output's.
-    pub fn base(&self) -> Source {
+    pub(crate) fn base(&self) -> Source {
         match *self {
             Formula::Diff { chat, .. } => chat,
             Formula::AddDiff { base, .. }
@@ -101,12 +101,12 @@ impl Formula {
     }
 
     /// Whether the vector is multiplied by a scale (all but `Diff`).
-    pub fn is_scaled(&self) -> bool {
+    pub(crate) fn is_scaled(&self) -> bool {
         !matches!(self, Formula::Diff { .. })
     }
 
     /// The inputs read at the vector's (possibly other) row positions.
-    pub fn vector_sources(&self) -> Vec<Source> {
+    pub(crate) fn vector_sources(&self) -> Vec<Source> {
         match *self {
             Formula::Diff { pre, .. } => vec![pre],
             Formula::AddDiff { chat, pre, .. } => vec![chat, pre],
@@ -149,7 +149,7 @@ pub(crate) struct MergeOp {
 impl MergeOp {
     /// Calls `f` with the base's and models' tensors seen in the output's
     /// element positions (aligned or union rows where vocabularies differ).
-    pub fn with_inputs<R>(&self, plan: &Plan, f: impl FnOnce(&Inputs) -> R) -> R {
+    pub(crate) fn with_inputs<R>(&self, plan: &Plan, f: impl FnOnce(&Inputs) -> R) -> R {
         let union_sources: Vec<Operand> =
             self.union.iter().flat_map(|u| u.sources.iter().map(|s| plan.operand(*s))).collect();
         let inputs = match &self.union {
@@ -212,11 +212,11 @@ pub(crate) struct OutTensor {
 }
 
 impl OutTensor {
-    pub fn numel(&self) -> u64 {
+    pub(crate) fn numel(&self) -> u64 {
         self.shape.iter().product()
     }
 
-    pub fn bytes(&self) -> u64 {
+    pub(crate) fn bytes(&self) -> u64 {
         self.numel() * self.dtype.bits() / 8
     }
 }
@@ -269,39 +269,39 @@ pub(crate) fn scales_of(tensors: &[OutTensor], mut scale: impl FnMut(&OutTensor)
 
 impl Plan {
     /// Bytes of all output shard files.
-    pub fn output_bytes(&self) -> u64 {
+    pub(crate) fn output_bytes(&self) -> u64 {
         self.shards.iter().map(|s| s.size).sum()
     }
 
-    pub fn input_tensor(&self, s: Source) -> &Tensor {
+    pub(crate) fn input_tensor(&self, s: Source) -> &Tensor {
         &self.inputs[s.input].ckpt.tensors[s.tensor]
     }
 
-    pub fn input_bytes(&self, s: Source) -> &[u8] {
+    pub(crate) fn input_bytes(&self, s: Source) -> &[u8] {
         let ck = &self.inputs[s.input].ckpt;
         ck.bytes(&ck.tensors[s.tensor])
     }
 
     /// Whether any tensor is a low-rank (LoRA) update, which only the CPU
     /// computes.
-    pub fn has_low_rank(&self) -> bool {
+    pub(crate) fn has_low_rank(&self) -> bool {
         self.tensors.iter().any(|t| matches!(t.op, Op::Arith { formula: Formula::AddLowRank { .. }, .. }))
     }
 
     /// An input tensor as an arithmetic operand. Planning refused every
     /// computed tensor whose inputs are not BF16, F16 or F32.
-    pub fn operand(&self, s: Source) -> Operand<'_> {
+    pub(crate) fn operand(&self, s: Source) -> Operand<'_> {
         let ty = self.input_tensor(s).dtype.float().expect("planning checked float dtypes");
         Operand { ty, bytes: self.input_bytes(s) }
     }
 
     /// The variants of the output (a sweep's candidates; else one).
-    pub fn variants(&self) -> usize {
+    pub(crate) fn variants(&self) -> usize {
         self.scales.len().max(1)
     }
 
     /// Tensor `tensor`'s scale in `variant` (`None`: it has none).
-    pub fn scale(&self, variant: usize, tensor: usize) -> Option<f32> {
+    pub(crate) fn scale(&self, variant: usize, tensor: usize) -> Option<f32> {
         self.scales.get(variant).and_then(|s| s.get(tensor).copied().flatten())
     }
 
@@ -310,7 +310,7 @@ impl Plan {
     /// scale in `variant`: rows outside every run are the base converted,
     /// rows inside one apply the formula to the vector's rows. Empty for
     /// other ops.
-    pub fn segments(
+    pub(crate) fn segments(
         &self,
         tensor: usize,
         elems: &Range<u64>,

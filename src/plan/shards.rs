@@ -8,7 +8,7 @@ use crate::plan::{OutShard, OutTensor};
 
 /// Splits tensors into shards of at most `max` bytes of data each (a tensor
 /// larger than `max` gets a shard of its own), as transformers does.
-pub fn assign_shards(tensors: &[OutTensor], max: u64) -> Vec<OutShard> {
+pub(crate) fn assign_shards(tensors: &[OutTensor], max: u64) -> Vec<OutShard> {
     let specs: Vec<OutTensorSpec> =
         tensors.iter().map(|t| OutTensorSpec { name: &t.name, dtype: t.dtype, shape: &t.shape }).collect();
     layout_shards(&specs, max)
@@ -16,7 +16,7 @@ pub fn assign_shards(tensors: &[OutTensor], max: u64) -> Vec<OutShard> {
 
 /// Lays out shard files for `specs` in order, at most `max` data bytes each,
 /// named `model.safetensors` or `model-0000i-of-0000n.safetensors`.
-pub fn layout_shards(specs: &[OutTensorSpec<'_>], max: u64) -> Vec<OutShard> {
+pub(crate) fn layout_shards(specs: &[OutTensorSpec<'_>], max: u64) -> Vec<OutShard> {
     let bytes = |t: &OutTensorSpec| t.shape.iter().product::<u64>() * t.dtype.bits() / 8;
     let mut ranges: Vec<Range<usize>> = Vec::new();
     let mut start = 0;

@@ -24,7 +24,7 @@ pub struct EmbeddingReport {
 
 /// The outcome of matching rows for one matrix.
 #[derive(Clone, Debug)]
-pub struct RowMap {
+pub(crate) struct RowMap {
     pub runs: Vec<RowRun>,
     /// The policy that was applied (never `auto`).
     pub how: EmbeddingPolicy,
@@ -34,20 +34,20 @@ pub struct RowMap {
 
 impl RowMap {
     /// Base rows that get a vector row.
-    pub fn matched(&self) -> u64 {
+    pub(crate) fn matched(&self) -> u64 {
         self.runs.iter().map(|r| r.rows).sum()
     }
 }
 
 /// Both sides' vocabularies, where tokenizer.json files exist.
-pub struct Vocabs<'a> {
+pub(crate) struct Vocabs<'a> {
     pub base: Option<&'a Vocab>,
     pub vector: Option<&'a Vocab>,
 }
 
 /// Decides which rows of a `base_rows`-row base matrix get which of the
 /// vector's `vector_rows` rows under `policy`. `tensor` is for messages.
-pub fn match_rows(
+pub(crate) fn match_rows(
     tensor: &str,
     policy: EmbeddingPolicy,
     base_rows: u64,

@@ -14,19 +14,19 @@ use crate::error::{Error, Result};
 use crate::json::{read_capped, toml_to_json};
 
 const BUILTIN: &str = include_str!("../../recipes/aliases.toml");
-pub const ALIASES_ENV: &str = "CHATVEC_ALIASES";
+pub(crate) const ALIASES_ENV: &str = "CHATVEC_ALIASES";
 const MAX_ALIASES_BYTES: u64 = 1 << 20;
 
 /// A model alias: a Hub repo and an optional revision.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct ModelAlias {
+pub(crate) struct ModelAlias {
     pub repo: String,
     pub revision: Option<String>,
 }
 
 impl ModelAlias {
     /// The Hub reference `repo[@revision]`.
-    pub fn reference(&self) -> String {
+    pub(crate) fn reference(&self) -> String {
         match &self.revision {
             Some(r) => format!("{}@{r}", self.repo),
             None => self.repo.clone(),
@@ -36,13 +36,13 @@ impl ModelAlias {
 
 /// A chat vector alias: the models whose difference is the vector.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct VectorAlias {
+pub(crate) struct VectorAlias {
     pub chat: String,
     pub pretrained: String,
 }
 
 #[derive(Clone, Debug, Default)]
-pub struct Aliases {
+pub(crate) struct Aliases {
     pub models: BTreeMap<String, ModelAlias>,
     pub vectors: BTreeMap<String, VectorAlias>,
 }
@@ -92,7 +92,7 @@ fn entries<'a>(
 
 impl Aliases {
     /// Parses an aliases file's text.
-    pub fn parse(text: &str, file: &Path) -> Result<Aliases> {
+    pub(crate) fn parse(text: &str, file: &Path) -> Result<Aliases> {
         let v = toml_to_json(text, file)?;
         let root = v.as_object().expect("a TOML document is a table");
         if let Some(k) = root.keys().find(|k| !matches!(k.as_str(), "models" | "vectors")) {
@@ -141,7 +141,7 @@ impl Aliases {
 
     /// The model and vector alias names closest to `name`, if any is a typo
     /// away (at most 2 edits, more for long names).
-    pub fn closest(&self, name: &str) -> Vec<&str> {
+    pub(crate) fn closest(&self, name: &str) -> Vec<&str> {
         let mut scored: Vec<(usize, &str)> = self
             .models
             .keys()
@@ -156,7 +156,7 @@ impl Aliases {
 
     /// The `n` aliases (model or vector) nearest to `name` by edit
     /// distance, however far.
-    pub fn nearest(&self, name: &str, n: usize) -> Vec<&str> {
+    pub(crate) fn nearest(&self, name: &str, n: usize) -> Vec<&str> {
         let mut scored: Vec<(usize, &str)> = self
             .models
             .keys()
@@ -168,7 +168,7 @@ impl Aliases {
     }
 
     /// The aliases in effect (loaded once).
-    pub fn get() -> Result<&'static Aliases> {
+    pub(crate) fn get() -> Result<&'static Aliases> {
         if let Some(a) = LOADED.get() {
             return Ok(a);
         }

@@ -11,7 +11,7 @@ use crate::model::checkpoint::HubOrigin;
 
 /// A parsed `org/name[@revision]` reference.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct HubId {
+pub(crate) struct HubId {
     pub repo: String,
     pub revision: Option<String>,
 }
@@ -27,7 +27,7 @@ fn valid_part(p: &str) -> bool {
 /// Parses `org/name`, `name`, optionally followed by `@revision`. Returns
 /// `None` for strings that cannot be a Hub id (so the caller can say the
 /// path does not exist instead).
-pub fn parse_hub_id(s: &str) -> Option<HubId> {
+pub(crate) fn parse_hub_id(s: &str) -> Option<HubId> {
     let (repo, revision) = match s.split_once('@') {
         Some((r, rev)) => (r, Some(rev)),
         None => (s, None),
@@ -50,7 +50,7 @@ pub fn parse_hub_id(s: &str) -> Option<HubId> {
 /// `HF_HUB_CACHE`, then the legacy `HUGGINGFACE_HUB_CACHE`, then
 /// `$HF_HOME/hub`, then `$XDG_CACHE_HOME/huggingface/hub`, then
 /// `~/.cache/huggingface/hub`.
-pub fn cache_dir(env: impl Fn(&str) -> Option<String>) -> Option<PathBuf> {
+pub(crate) fn cache_dir(env: impl Fn(&str) -> Option<String>) -> Option<PathBuf> {
     let set = |k: &str| env(k).filter(|v| !v.is_empty()).map(PathBuf::from);
     set("HF_HUB_CACHE")
         .or_else(|| set("HUGGINGFACE_HUB_CACHE"))
@@ -60,12 +60,12 @@ pub fn cache_dir(env: impl Fn(&str) -> Option<String>) -> Option<PathBuf> {
 }
 
 /// Whether `s` is a full 40-hex commit sha.
-pub fn is_commit(s: &str) -> bool {
+pub(crate) fn is_commit(s: &str) -> bool {
     s.len() == 40 && s.bytes().all(|b| b.is_ascii_hexdigit())
 }
 
 /// The snapshot directory of `id` in the cache at `cache`.
-pub fn find_snapshot(cache: &Path, id: &HubId) -> Result<(PathBuf, HubOrigin)> {
+pub(crate) fn find_snapshot(cache: &Path, id: &HubId) -> Result<(PathBuf, HubOrigin)> {
     let repo_dir = cache.join(format!("models--{}", id.repo.replace('/', "--")));
     let not_cached = |what: String| {
         Error::Usage(format!("{what} in the Hugging Face cache {}", cache.display())).with_hint(format!(

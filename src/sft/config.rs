@@ -15,7 +15,7 @@ use crate::sft::options::SftOptions;
 /// `on` or `1_000` are not strings either (`mixed_precision: no` would be
 /// `False`). Those few scalars go through the crate as unique placeholders
 /// and come out single-quoted.
-pub fn to_yaml(v: &Value) -> Result<String> {
+pub(crate) fn to_yaml(v: &Value) -> Result<String> {
     let mut quoted = Vec::new();
     let safe = mark_yaml11_strings(v, &mut quoted);
     let mut text =
@@ -62,7 +62,7 @@ fn yaml11_not_a_string(s: &str) -> bool {
 }
 
 /// Where the run's files are, for the trainer's config.
-pub struct RunPaths<'a> {
+pub(crate) struct RunPaths<'a> {
     /// The model to train.
     pub model_dir: &'a str,
     /// The directory holding `train.jsonl` (and `test.jsonl` with an eval
@@ -86,7 +86,7 @@ pub struct RunPaths<'a> {
 /// DeepSpeed do with their own mixed precision. (Loading bf16 weights would
 /// make single-GPU and DDP runs update bf16 directly, where most updates at
 /// lr 1e-5 round away.)
-pub fn sft_config(p: &RunPaths<'_>, t: &SftOptions, gpu: bool, transformers_major: u64) -> Value {
+pub(crate) fn sft_config(p: &RunPaths<'_>, t: &SftOptions, gpu: bool, transformers_major: u64) -> Value {
     let mut c = json!({
         "model_name_or_path": p.model_dir,
         "dtype": "float32",
@@ -149,14 +149,14 @@ pub fn sft_config(p: &RunPaths<'_>, t: &SftOptions, gpu: bool, transformers_majo
 
 /// The decoder layer class FSDP wraps, from config.json's architecture
 /// (`LlamaForCausalLM` -> `LlamaDecoderLayer`).
-pub fn decoder_layer_class(architecture: &str) -> String {
+pub(crate) fn decoder_layer_class(architecture: &str) -> String {
     let stem = architecture.strip_suffix("ForCausalLM").unwrap_or(architecture);
     format!("{stem}DecoderLayer")
 }
 
 /// The accelerate config for `s`; `deepspeed_file` is where the DeepSpeed
 /// config is written when ZeRO-3 is asked for.
-pub fn accelerate_config(s: &SftOptions, gpu: bool, layer_class: &str, deepspeed_file: &str) -> Value {
+pub(crate) fn accelerate_config(s: &SftOptions, gpu: bool, layer_class: &str, deepspeed_file: &str) -> Value {
     let procs = s.nproc * s.nnodes;
     let distributed = if s.fsdp {
         "FSDP"
@@ -223,7 +223,7 @@ pub fn accelerate_config(s: &SftOptions, gpu: bool, layer_class: &str, deepspeed
 
 /// DeepSpeed ZeRO-3 with bf16; batch sizes left to the trainer ("auto");
 /// with `cpu_offload`, parameters and optimizer state in CPU memory.
-pub fn deepspeed_zero3(gpu: bool, cpu_offload: bool) -> Value {
+pub(crate) fn deepspeed_zero3(gpu: bool, cpu_offload: bool) -> Value {
     let mut c = json!({
         "bf16": {"enabled": if gpu { "auto" } else { "false" }},
         "zero_optimization": {
@@ -248,12 +248,12 @@ pub fn deepspeed_zero3(gpu: bool, cpu_offload: bool) -> Value {
 }
 
 /// Whether a chat template marks assistant turns for assistant-only loss.
-pub fn has_generation_markers(template: &str) -> bool {
+pub(crate) fn has_generation_markers(template: &str) -> bool {
     regex::Regex::new(r"\{%-?\s*generation\s*-?%\}").is_ok_and(|r| r.is_match(template))
 }
 
 /// Whether a template is Llama-3 style (header ids and eot markers).
-pub fn is_llama3_style(template: &str) -> bool {
+pub(crate) fn is_llama3_style(template: &str) -> bool {
     template.contains("<|start_header_id|>") && template.contains("<|eot_id|>")
 }
 
@@ -263,7 +263,7 @@ pub fn is_llama3_style(template: &str) -> bool {
 /// TRL needs while every rendered text stays the same (the markers render
 /// nothing), so the system block and tools are kept. None when the
 /// template has no such expression.
-pub fn insert_llama3x_markers(template: &str) -> Option<String> {
+pub(crate) fn insert_llama3x_markers(template: &str) -> Option<String> {
     let re = regex::Regex::new(
         r"\{\{-?\s*'<\|start_header_id\|>'\s*\+\s*message\['role'\]\s*\+\s*'<\|end_header_id\|>\\n\\n'\s*\+\s*message\['content'\]\s*\|\s*trim\s*\+\s*'<\|eot_id\|>'\s*-?\}\}",
     )
@@ -287,7 +287,7 @@ pub fn insert_llama3x_markers(template: &str) -> Option<String> {
 /// whitespace-control sign, so the text is unchanged; the environment check
 /// proves it by rendering conversations with both before the copy is used.
 /// None when there is not exactly one such branch.
-pub fn insert_assistant_markers(template: &str) -> Option<String> {
+pub(crate) fn insert_assistant_markers(template: &str) -> Option<String> {
     let branch = regex::Regex::new(
         r#"\{%-?\s*(?:el)?if\s+message(?:\[\s*['"]role['"]\s*\]|\.role)\s*==\s*['"]assistant['"]\s*-?%\}"#,
     )
@@ -310,7 +310,7 @@ pub fn insert_assistant_markers(template: &str) -> Option<String> {
 /// the same text as Meta's template without tools: the bos token, then per
 /// message a role header, the trimmed content and `<|eot_id|>`, and the
 /// assistant header when a generation prompt is asked for.
-pub const LLAMA3_TRAINING_TEMPLATE: &str = concat!(
+pub(crate) const LLAMA3_TRAINING_TEMPLATE: &str = concat!(
     "{{- bos_token }}",
     "{%- for message in messages %}",
     "{{- '<|start_header_id|>' + message['role'] + '<|end_header_id|>\\n\\n' }}",

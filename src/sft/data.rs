@@ -37,7 +37,7 @@ const ROLES: [&str; 3] = ["system", "user", "assistant"];
 
 /// What a dataset holds.
 #[derive(Clone, Debug, Default, Serialize, PartialEq, Eq)]
-pub struct DataStats {
+pub(crate) struct DataStats {
     pub examples: u64,
     /// Messages over all examples.
     pub turns: u64,
@@ -54,7 +54,7 @@ pub struct DataStats {
 
 /// One message after conversion.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
-pub struct Message {
+pub(crate) struct Message {
     pub role: String,
     pub content: String,
 }
@@ -125,7 +125,7 @@ fn no_tools(m: &Map<String, Value>, at: &str) -> std::result::Result<(), String>
 
 /// Which input format a record was in.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Format {
+pub(crate) enum Format {
     Messages,
     Conversation,
     Alpaca,
@@ -155,7 +155,7 @@ fn chat_turns(o: &Map<String, Value>) -> Option<std::result::Result<(Format, Vec
 }
 
 /// Converts one parsed record; errors are messages without the location.
-pub fn convert(v: &Value) -> std::result::Result<(Format, Vec<Message>), String> {
+pub(crate) fn convert(v: &Value) -> std::result::Result<(Format, Vec<Message>), String> {
     let o = v.as_object().ok_or("not a JSON object")?;
     no_tools(o, "record")?;
     let (format, msgs) = if let Some(chat) = chat_turns(o) {
@@ -210,7 +210,7 @@ pub fn convert(v: &Value) -> std::result::Result<(Format, Vec<Message>), String>
 /// A prompt record for `eval`: a chat record (`messages` / `conversation`,
 /// with or without replies) cut before its first assistant turn, which must
 /// leave a user turn.
-pub fn convert_prompt(v: &Value) -> std::result::Result<(Format, Vec<Message>), String> {
+pub(crate) fn convert_prompt(v: &Value) -> std::result::Result<(Format, Vec<Message>), String> {
     let o = v.as_object().ok_or("not a JSON object")?;
     no_tools(o, "record")?;
     let (format, msgs) =
@@ -301,13 +301,13 @@ fn each_example(path: &Path, mut each: impl FnMut(u64, &[Message]) -> Result<()>
 }
 
 /// Validates the JSONL file at `path` and counts what it holds.
-pub fn process(path: &Path) -> Result<DataStats> {
+pub(crate) fn process(path: &Path) -> Result<DataStats> {
     each_example(path, |_, _| Ok(()))
 }
 
 /// What one file gave the mixture.
 #[derive(Clone, Debug, Serialize)]
-pub struct MixedFile {
+pub(crate) struct MixedFile {
     pub file: String,
     pub weight: f64,
     pub stats: DataStats,
@@ -319,7 +319,7 @@ pub struct MixedFile {
 
 /// Where the mixture goes: the train file, and with `--eval-split` the eval
 /// file with the fraction of examples held out for it.
-pub struct MixOut<'a> {
+pub(crate) struct MixOut<'a> {
     pub train: &'a mut dyn Write,
     pub eval: Option<(&'a mut dyn Write, f64)>,
 }
@@ -336,7 +336,7 @@ fn write_example(w: &mut dyn Write, msgs: &[Message]) -> Result<()> {
 /// the fractional part with that probability. Every draw is a pure function
 /// of (seed, file, line), so a run is reproducible and a held-out example
 /// never reaches the train file, even repeated.
-pub fn write_mixture(files: &[(&Path, f64)], seed: u64, out: MixOut<'_>) -> Result<Vec<MixedFile>> {
+pub(crate) fn write_mixture(files: &[(&Path, f64)], seed: u64, out: MixOut<'_>) -> Result<Vec<MixedFile>> {
     let MixOut { train, mut eval } = out;
     let mut report = Vec::new();
     for (k, &(path, weight)) in files.iter().enumerate() {
@@ -379,7 +379,7 @@ pub fn write_mixture(files: &[(&Path, f64)], seed: u64, out: MixOut<'_>) -> Resu
 }
 
 /// Converts the eval file `path` into `out` as messages records.
-pub fn write_eval(path: &Path, out: &mut dyn Write) -> Result<DataStats> {
+pub(crate) fn write_eval(path: &Path, out: &mut dyn Write) -> Result<DataStats> {
     each_example(path, |_, msgs| write_example(out, msgs))
 }
 

@@ -72,7 +72,7 @@ fn ser_data<S: Serializer>(v: &[DataFile], s: S) -> std::result::Result<S::Ok, S
 }
 
 /// transformers' learning-rate schedules (`SchedulerType`).
-pub const SCHEDULERS: [&str; 11] = [
+pub(crate) const SCHEDULERS: [&str; 11] = [
     "linear",
     "cosine",
     "cosine_with_restarts",
@@ -87,7 +87,7 @@ pub const SCHEDULERS: [&str; 11] = [
 ];
 
 /// The batch systems chatvec writes a job script for.
-pub const LAUNCHERS: [&str; 2] = ["slurm", "pbs"];
+pub(crate) const LAUNCHERS: [&str; 2] = ["slurm", "pbs"];
 
 /// How to train: every option maps to a TRL / transformers / accelerate
 /// setting. Defaults follow PLaMo-13B-Instruct's SFT (lr 1e-5, warmup

@@ -26,7 +26,7 @@ pub const DEFAULT_SHARD_SIZE: &str = "5GB";
 const DEFAULT_SCALE: f32 = 1.0;
 
 /// `DEFAULT_SHARD_SIZE` in bytes.
-pub fn default_shard_size() -> u64 {
+pub(crate) fn default_shard_size() -> u64 {
     parse_size(DEFAULT_SHARD_SIZE).unwrap_or_else(|e| unreachable!("DEFAULT_SHARD_SIZE: {e}"))
 }
 

@@ -137,7 +137,7 @@ impl Spelling {
 
 /// Which tensors an operation touches, and with what scale.
 #[derive(Clone, Debug)]
-pub struct Selection {
+pub(crate) struct Selection {
     spelling: Spelling,
     include: Vec<Regex>,
     exclude: Vec<Regex>,
@@ -185,29 +185,29 @@ impl Selection {
     }
 
     /// The scale of tensors no `--scale-for` rule matches (`--scale`).
-    pub fn default_scale(&self) -> &Scale {
+    pub(crate) fn default_scale(&self) -> &Scale {
         &self.scale
     }
 
     /// The same selection with `scale` for `--scale` (a sweep's candidate);
     /// the `--scale-for` rules still win.
-    pub fn with_default_scale(&self, scale: &Scale) -> Selection {
+    pub(crate) fn with_default_scale(&self, scale: &Scale) -> Selection {
         Selection { scale: scale.clone(), ..self.clone() }
     }
 
     /// Every value a tensor's scale is read from: the anchors of
     /// `--scale` and of each `--scale-for` rule, in order.
-    pub fn scale_values(&self) -> Vec<f32> {
+    pub(crate) fn scale_values(&self) -> Vec<f32> {
         let rules = self.scale_for.iter().flat_map(|(_, s)| s.values());
         self.scale.values().into_iter().chain(rules).collect()
     }
 
     /// Sets the layer count gradients spread over (the base model's).
-    pub fn set_layers(&mut self, layers: u64) {
+    pub(crate) fn set_layers(&mut self, layers: u64) {
         self.layers = layers;
     }
 
-    pub fn check_all_match<'a>(&self, names: impl Iterator<Item = &'a str> + Clone) -> Result<()> {
+    pub(crate) fn check_all_match<'a>(&self, names: impl Iterator<Item = &'a str> + Clone) -> Result<()> {
         let sp = self.spelling;
         let patterns = self
             .include
@@ -229,19 +229,19 @@ impl Selection {
     /// Whether the tensor named `name` is operated on (else it is copied).
     /// A name is selected when it matches some `--include` (or none was
     /// given) and no `--exclude`.
-    pub fn selects(&self, name: &str) -> bool {
+    pub(crate) fn selects(&self, name: &str) -> bool {
         (self.include.is_empty() || self.include.iter().any(|r| r.is_match(name)))
             && !self.exclude.iter().any(|r| r.is_match(name))
     }
 
     /// The scale for `name`: the first matching `--scale-for`, else `--scale`.
-    pub fn scale(&self, name: &str) -> f32 {
+    pub(crate) fn scale(&self, name: &str) -> f32 {
         self.scale_with(name, &self.scale)
     }
 
     /// The scale for `name` with `default` standing for `--scale` (a
     /// sweep's candidate): the first matching `--scale-for`, else `default`.
-    pub fn scale_with(&self, name: &str, default: &Scale) -> f32 {
+    pub(crate) fn scale_with(&self, name: &str, default: &Scale) -> f32 {
         let s = self.scale_for.iter().find(|(r, _)| r.is_match(name)).map_or(default, |(_, s)| s);
         s.at(name, self.layers)
     }

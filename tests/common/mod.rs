@@ -11,13 +11,13 @@ use std::process::{Command, Output};
 use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
 
-pub const HIDDEN: u64 = 8;
-pub const INTER: u64 = 12;
-pub const LAYERS: u64 = 2;
+pub(crate) const HIDDEN: u64 = 8;
+pub(crate) const INTER: u64 = 12;
+pub(crate) const LAYERS: u64 = 2;
 
 /// Element type of a fixture tensor.
 #[derive(Clone, Copy, Debug, PartialEq)]
-pub enum Ty {
+pub(crate) enum Ty {
     BF16,
     F16,
     F32,
@@ -25,7 +25,7 @@ pub enum Ty {
 }
 
 impl Ty {
-    pub fn name(self) -> &'static str {
+    pub(crate) fn name(self) -> &'static str {
         match self {
             Ty::BF16 => "BF16",
             Ty::F16 => "F16",
@@ -33,7 +33,7 @@ impl Ty {
             Ty::I64 => "I64",
         }
     }
-    pub fn size(self) -> usize {
+    pub(crate) fn size(self) -> usize {
         match self {
             Ty::BF16 | Ty::F16 => 2,
             Ty::F32 => 4,
@@ -41,7 +41,7 @@ impl Ty {
         }
     }
     /// Encodes with the `half` crate's conversions (round to nearest even).
-    pub fn encode(self, v: f32) -> Vec<u8> {
+    pub(crate) fn encode(self, v: f32) -> Vec<u8> {
         match self {
             Ty::BF16 => half::bf16::from_f32(v).to_le_bytes().to_vec(),
             Ty::F16 => half::f16::from_f32(v).to_le_bytes().to_vec(),
@@ -49,7 +49,7 @@ impl Ty {
             Ty::I64 => (v as i64).to_le_bytes().to_vec(),
         }
     }
-    pub fn decode(self, b: &[u8]) -> f32 {
+    pub(crate) fn decode(self, b: &[u8]) -> f32 {
         match self {
             Ty::BF16 => half::bf16::from_le_bytes([b[0], b[1]]).to_f32(),
             Ty::F16 => half::f16::from_le_bytes([b[0], b[1]]).to_f32(),
@@ -57,7 +57,7 @@ impl Ty {
             Ty::I64 => i64::from_le_bytes(b.try_into().unwrap()) as f32,
         }
     }
-    pub fn from_name(n: &str) -> Ty {
+    pub(crate) fn from_name(n: &str) -> Ty {
         match n {
             "BF16" => Ty::BF16,
             "F16" => Ty::F16,
@@ -70,7 +70,7 @@ impl Ty {
 
 /// A fixture tensor: name, dtype, shape, raw little-endian bytes.
 #[derive(Clone, Debug)]
-pub struct T {
+pub(crate) struct T {
     pub name: String,
     pub ty: Ty,
     pub shape: Vec<u64>,
@@ -78,11 +78,11 @@ pub struct T {
 }
 
 impl T {
-    pub fn numel(&self) -> usize {
+    pub(crate) fn numel(&self) -> usize {
         self.shape.iter().product::<u64>() as usize
     }
     /// Element i decoded to f32.
-    pub fn get(&self, i: usize) -> f32 {
+    pub(crate) fn get(&self, i: usize) -> f32 {
         let s = self.ty.size();
         self.ty.decode(&self.data[i * s..(i + 1) * s])
     }
@@ -90,7 +90,7 @@ impl T {
 
 /// A value that differs per model (`seed`), tensor and element, of varied
 /// magnitude so rounding is exercised.
-pub fn val(seed: u32, name: &str, i: usize) -> f32 {
+pub(crate) fn val(seed: u32, name: &str, i: usize) -> f32 {
     let h =
         name.bytes().fold(seed.wrapping_mul(2654435761), |h, b| h.wrapping_mul(31).wrapping_add(b as u32));
     let x = ((h as usize).wrapping_add(i * 7919)) % 10007;
@@ -99,7 +99,7 @@ pub fn val(seed: u32, name: &str, i: usize) -> f32 {
 }
 
 /// Names and shapes of a tiny Llama, in transformers' order.
-pub fn llama_shapes(vocab: u64, tied: bool) -> Vec<(String, Vec<u64>)> {
+pub(crate) fn llama_shapes(vocab: u64, tied: bool) -> Vec<(String, Vec<u64>)> {
     let mut v = vec![("model.embed_tokens.weight".to_string(), vec![vocab, HIDDEN])];
     for l in 0..LAYERS {
         let p = format!("model.layers.{l}");
@@ -120,7 +120,7 @@ pub fn llama_shapes(vocab: u64, tied: bool) -> Vec<(String, Vec<u64>)> {
 }
 
 /// A tiny Llama's tensors with values `val(seed, ..)` in dtype `ty`.
-pub fn llama(seed: u32, vocab: u64, tied: bool, ty: Ty) -> Vec<T> {
+pub(crate) fn llama(seed: u32, vocab: u64, tied: bool, ty: Ty) -> Vec<T> {
     llama_shapes(vocab, tied)
         .into_iter()
         .map(|(name, shape)| {
@@ -132,7 +132,7 @@ pub fn llama(seed: u32, vocab: u64, tied: bool, ty: Ty) -> Vec<T> {
 }
 
 /// Writes one safetensors file (header built here with serde_json, not by chatvec).
-pub fn write_safetensors(path: &Path, tensors: &[T]) {
+pub(crate) fn write_safetensors(path: &Path, tensors: &[T]) {
     let mut header = serde_json::Map::new();
     header.insert("__metadata__".into(), json!({"format": "pt"}));
     let mut off = 0usize;
@@ -152,7 +152,7 @@ pub fn write_safetensors(path: &Path, tensors: &[T]) {
     std::fs::write(path, bytes).unwrap();
 }
 
-pub fn config(vocab: u64, tied: bool, layers: u64) -> Value {
+pub(crate) fn config(vocab: u64, tied: bool, layers: u64) -> Value {
     json!({
         "architectures": ["LlamaForCausalLM"], "model_type": "llama",
         "hidden_size": HIDDEN, "intermediate_size": INTER, "num_hidden_layers": layers,
@@ -163,7 +163,13 @@ pub fn config(vocab: u64, tied: bool, layers: u64) -> Value {
 
 /// Writes a model directory: `shards` files (tensors split evenly, with an
 /// index when more than one), config.json, and optional tokenizer.json.
-pub fn write_model(dir: &Path, tensors: &[T], shards: usize, config: &Value, tokens: Option<&[String]>) {
+pub(crate) fn write_model(
+    dir: &Path,
+    tensors: &[T],
+    shards: usize,
+    config: &Value,
+    tokens: Option<&[String]>,
+) {
     let _ = std::fs::remove_dir_all(dir);
     std::fs::create_dir_all(dir).unwrap();
     if shards == 1 {
@@ -188,7 +194,7 @@ pub fn write_model(dir: &Path, tensors: &[T], shards: usize, config: &Value, tok
     }
 }
 
-pub fn write_tokenizer(dir: &Path, toks: &[String]) {
+pub(crate) fn write_tokenizer(dir: &Path, toks: &[String]) {
     let vocab: serde_json::Map<String, Value> =
         toks.iter().enumerate().map(|(i, t)| (t.clone(), json!(i))).collect();
     let tj =
@@ -196,12 +202,12 @@ pub fn write_tokenizer(dir: &Path, toks: &[String]) {
     std::fs::write(dir.join("tokenizer.json"), tj.to_string()).unwrap();
 }
 
-pub fn tokens(n: usize) -> Vec<String> {
+pub(crate) fn tokens(n: usize) -> Vec<String> {
     (0..n).map(|i| format!("t{i}")).collect()
 }
 
 /// Reads every tensor of an output directory with the `safetensors` crate.
-pub fn read_model(dir: &Path) -> BTreeMap<String, T> {
+pub(crate) fn read_model(dir: &Path) -> BTreeMap<String, T> {
     let mut out = BTreeMap::new();
     for e in std::fs::read_dir(dir).unwrap() {
         let p = e.unwrap().path();
@@ -226,7 +232,7 @@ pub fn read_model(dir: &Path) -> BTreeMap<String, T> {
 }
 
 /// Tensor names in file order across the output's shards (sorted file names).
-pub fn names_in_order(dir: &Path) -> Vec<String> {
+pub(crate) fn names_in_order(dir: &Path) -> Vec<String> {
     let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
         .unwrap()
         .map(|e| e.unwrap().path())
@@ -249,12 +255,12 @@ pub fn names_in_order(dir: &Path) -> Vec<String> {
     names
 }
 
-pub fn sha256_file(p: &Path) -> String {
+pub(crate) fn sha256_file(p: &Path) -> String {
     Sha256::digest(std::fs::read(p).unwrap()).iter().map(|b| format!("{b:02x}")).collect()
 }
 
 /// sha256 of every safetensors file of a directory, by file name.
-pub fn shard_hashes(dir: &Path) -> BTreeMap<String, String> {
+pub(crate) fn shard_hashes(dir: &Path) -> BTreeMap<String, String> {
     std::fs::read_dir(dir)
         .unwrap()
         .map(|e| e.unwrap().path())
@@ -264,32 +270,32 @@ pub fn shard_hashes(dir: &Path) -> BTreeMap<String, String> {
 }
 
 /// Runs the chatvec binary.
-pub fn chatvec(args: &[&str]) -> Output {
+pub(crate) fn chatvec(args: &[&str]) -> Output {
     command().args(args).output().unwrap()
 }
 
 /// The chatvec binary with its hash cache kept inside the build tree.
-pub fn command() -> Command {
+pub(crate) fn command() -> Command {
     let mut c = Command::new(env!("CARGO_BIN_EXE_chatvec"));
     c.env("CHATVEC_CACHE_DIR", Path::new(env!("CARGO_TARGET_TMPDIR")).join("hash-cache"));
     c
 }
 
-pub fn stderr(o: &Output) -> String {
+pub(crate) fn stderr(o: &Output) -> String {
     String::from_utf8_lossy(&o.stderr).into_owned()
 }
 
-pub fn stdout(o: &Output) -> String {
+pub(crate) fn stdout(o: &Output) -> String {
     String::from_utf8_lossy(&o.stdout).into_owned()
 }
 
 /// Asserts success, printing stderr otherwise.
-pub fn ok(o: &Output) {
+pub(crate) fn ok(o: &Output) {
     assert!(o.status.success(), "chatvec failed ({:?}):\n{}", o.status.code(), stderr(o));
 }
 
 /// The entries of a directory, for "nothing was left behind" checks.
-pub fn entries(dir: &Path) -> Vec<String> {
+pub(crate) fn entries(dir: &Path) -> Vec<String> {
     let mut v: Vec<String> = std::fs::read_dir(dir)
         .unwrap()
         .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
@@ -298,18 +304,18 @@ pub fn entries(dir: &Path) -> Vec<String> {
     v
 }
 
-pub fn s(p: &Path) -> &str {
+pub(crate) fn s(p: &Path) -> &str {
     p.to_str().unwrap()
 }
 
 /// A standard trio in `root`: pretrained (seed 1), chat (seed 2), base (seed 3).
-pub struct Trio {
+pub(crate) struct Trio {
     pub pre: PathBuf,
     pub chat: PathBuf,
     pub base: PathBuf,
 }
 
-pub fn trio(root: &Path, ty: Ty, base_shards: usize) -> Trio {
+pub(crate) fn trio(root: &Path, ty: Ty, base_shards: usize) -> Trio {
     let vocab = 16;
     let t = Trio { pre: root.join("pre"), chat: root.join("chat"), base: root.join("base") };
     write_model(&t.pre, &llama(1, vocab, false, ty), 1, &config(vocab, false, LAYERS), Some(&tokens(16)));
@@ -326,7 +332,7 @@ pub fn trio(root: &Path, ty: Ty, base_shards: usize) -> Trio {
 
 /// Checks every sha256 the output's manifest records, inputs and outputs,
 /// against the files themselves.
-pub fn check_manifest_hashes(out: &Path) {
+pub(crate) fn check_manifest_hashes(out: &Path) {
     let m: Value =
         serde_json::from_slice(&std::fs::read(out.join("chatvec-manifest.json")).unwrap()).unwrap();
     for inp in m["inputs"].as_array().unwrap() {
@@ -341,7 +347,7 @@ pub fn check_manifest_hashes(out: &Path) {
 }
 
 /// A trio whose models tie lm_head to the embeddings as given.
-pub fn tied_trio(root: &Path, pre_tied: bool, chat_tied: bool, base_tied: bool) -> Trio {
+pub(crate) fn tied_trio(root: &Path, pre_tied: bool, chat_tied: bool, base_tied: bool) -> Trio {
     let t = Trio { pre: root.join("pre"), chat: root.join("chat"), base: root.join("base") };
     for (dir, seed, tied) in [(&t.pre, 1, pre_tied), (&t.chat, 2, chat_tied), (&t.base, 3, base_tied)] {
         write_model(dir, &llama(seed, 16, tied, Ty::BF16), 1, &config(16, tied, LAYERS), None);
@@ -351,7 +357,7 @@ pub fn tied_trio(root: &Path, pre_tied: bool, chat_tied: bool, base_tied: bool) 
 
 /// `chatvec apply` in its streaming form on a trio, into `out`, with more
 /// arguments after.
-pub fn apply_streaming(t: &Trio, out: &Path, extra: &[&str]) -> Output {
+pub(crate) fn apply_streaming(t: &Trio, out: &Path, extra: &[&str]) -> Output {
     let mut args =
         vec!["apply", "--base", s(&t.base), "--chat", s(&t.chat), "--pretrained", s(&t.pre), "-o", s(out)];
     args.extend(extra);
@@ -360,7 +366,7 @@ pub fn apply_streaming(t: &Trio, out: &Path, extra: &[&str]) -> Output {
 
 /// `chatvec extract` from a trio's chat and pretrained models into `out`,
 /// with more arguments after.
-pub fn extract(t: &Trio, out: &Path, extra: &[&str]) -> Output {
+pub(crate) fn extract(t: &Trio, out: &Path, extra: &[&str]) -> Output {
     let mut args = vec!["extract", "--chat", s(&t.chat), "--pretrained", s(&t.pre), "-o", s(out)];
     args.extend(extra);
     chatvec(&args)
@@ -425,7 +431,7 @@ fn state_dict_pickle(tensors: &[T]) -> Vec<u8> {
 
 /// Writes `tensors` as a PyTorch zip checkpoint (`torch.save` format, stored
 /// entries), without torch.
-pub fn write_torch_bin(path: &Path, tensors: &[T]) {
+pub(crate) fn write_torch_bin(path: &Path, tensors: &[T]) {
     use std::io::Write;
     let f = std::fs::File::create(path).unwrap();
     let mut z = zip::ZipWriter::new(f);
