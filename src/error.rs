@@ -120,12 +120,12 @@ pub enum Error {
         /// The device asked for (`cuda:0`).
         device: String,
         /// Why it cannot be used.
-        reason: String,
+        reason: GpuError,
     },
 
     /// A CUDA call failed while a job ran on the GPU.
     #[error("CUDA: {0}")]
-    Gpu(String),
+    Gpu(GpuError),
 
     /// The user pressed Ctrl-C or the process got SIGTERM.
     #[error("interrupted; no output was written")]
@@ -148,6 +148,65 @@ pub enum Error {
         /// The suggestion, printed on a `hint:` line.
         hint: String,
     },
+}
+
+/// What went wrong with the GPU, by kind (`Error::Gpu`, `Error::Device`),
+/// so callers and tests match the kind, not the message.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum GpuError {
+    /// No CUDA driver library could be loaded.
+    #[error("no CUDA driver (libcuda.so.1) could be loaded: is an NVIDIA driver installed?")]
+    NoDriver,
+    /// `CHATVEC_NVRTC` names a library that could not be loaded.
+    #[error("CHATVEC_NVRTC={} could not be loaded", .0.display())]
+    NvrtcPath(PathBuf),
+    /// NVRTC was found nowhere chatvec looks.
+    #[error(
+        "NVRTC (libnvrtc.so.13 or .12) could not be loaded from the library path or {}; set CHATVEC_NVRTC to its path (it ships with the CUDA toolkit and the nvidia-cuda-nvrtc wheel)",
+        searched.iter().map(|d| d.display().to_string()).collect::<Vec<_>>().join(", ")
+    )]
+    NoNvrtc {
+        /// The directories searched besides the library path.
+        searched: Vec<PathBuf>,
+    },
+    /// The driver sees no GPU at all.
+    #[error("the CUDA driver sees no GPU")]
+    NoGpu,
+    /// `cuda:N` past the GPUs the driver sees.
+    #[error("there is no GPU {ordinal}: the driver sees {count}")]
+    NoSuchGpu {
+        /// The GPU asked for.
+        ordinal: usize,
+        /// The GPUs there are.
+        count: i32,
+    },
+    /// A driver call failed.
+    #[error("{call}: {detail}")]
+    Driver {
+        /// What was being done ("creating a context").
+        call: String,
+        /// The driver's error.
+        detail: String,
+    },
+    /// NVRTC could not build the kernels.
+    #[error("NVRTC {step}: {detail}")]
+    Compile {
+        /// The step that failed ("could not compile kernels/ for sm_90").
+        step: String,
+        /// NVRTC's error, and the compile log when there is one.
+        detail: String,
+    },
+    /// A kernel could not be loaded or launched.
+    #[error("kernel {kernel}: {detail}")]
+    Kernel {
+        /// The kernel's name.
+        kernel: String,
+        /// The driver's error.
+        detail: String,
+    },
+    /// The CUDA libraries panicked (cudarc on an unexpected driver).
+    #[error("the CUDA libraries failed: {0}")]
+    Panicked(String),
 }
 
 /// `Result` with chatvec's error.
@@ -220,10 +279,13 @@ mod tests {
         assert!(matches!(net.kind(), Error::Network(_)));
         assert_eq!(Error::Hub("gated".into()).exit_code(), EXIT_INPUT);
         assert_eq!(
-            Error::Device { device: "cuda:0".into(), reason: "no driver".into() }.exit_code(),
+            Error::Device { device: "cuda:0".into(), reason: GpuError::NoDriver }.exit_code(),
             EXIT_INPUT
         );
-        assert_eq!(Error::Gpu("launch failed".into()).exit_code(), EXIT_IO);
+        let launch =
+            Error::Gpu(GpuError::Kernel { kernel: "add_diff_bf16".into(), detail: "launch failed".into() });
+        assert_eq!(launch.exit_code(), EXIT_IO);
+        assert_eq!(launch.to_string(), "CUDA: kernel add_diff_bf16: launch failed");
         assert_eq!(Error::Trainer(137).exit_code(), 137);
         assert_eq!(Error::Interrupted.exit_code(), EXIT_INTERRUPTED);
     }

@@ -25,7 +25,7 @@ use cudarc::driver::{
 use cudarc::nvrtc::Ptx;
 
 use crate::arith::View;
-use crate::error::{Error, Result};
+use crate::error::{Error, GpuError, Result};
 use crate::merge::stats::STAT_BLOCK;
 use crate::model::dtype::FloatType;
 
@@ -41,7 +41,12 @@ const ALIGN: usize = 256;
 
 /// A driver call's failure as chatvec's error, naming what was being done.
 fn err(what: &str) -> impl Fn(cudarc::driver::DriverError) -> Error + '_ {
-    move |e| Error::Gpu(format!("{what}: {e:?}"))
+    move |e| Error::Gpu(GpuError::Driver { call: what.into(), detail: format!("{e:?}") })
+}
+
+/// A kernel that could not be loaded or launched.
+fn kernel_error(kernel: &str, e: cudarc::driver::DriverError) -> Error {
+    Error::Gpu(GpuError::Kernel { kernel: kernel.into(), detail: format!("{e:?}") })
 }
 
 /// The dtype code the kernels use (kernels/common.cuh).
@@ -143,10 +148,10 @@ impl Gpu {
     pub(super) fn open(ordinal: usize, budget: Option<u64>) -> Result<Gpu> {
         let count = CudaContext::device_count().map_err(err("counting devices"))?;
         if count <= 0 {
-            return Err(Error::Gpu("the CUDA driver sees no GPU".into()));
+            return Err(Error::Gpu(GpuError::NoGpu));
         }
         if ordinal >= count as usize {
-            return Err(Error::Gpu(format!("there is no GPU {ordinal}: the driver sees {count}")));
+            return Err(Error::Gpu(GpuError::NoSuchGpu { ordinal, count }));
         }
         let ctx = CudaContext::new(ordinal).map_err(err("creating a context"))?;
         // Streams are ordered by this engine's own events.
@@ -165,10 +170,7 @@ impl Gpu {
         let module = ctx.load_module(Ptx::from_binary(cubin)).map_err(err("loading the kernels"))?;
         let mut funcs = HashMap::new();
         for k in KERNELS {
-            funcs.insert(
-                k.to_string(),
-                module.load_function(k).map_err(|e| Error::Gpu(format!("kernel {k}: {e:?}")))?,
-            );
+            funcs.insert(k.to_string(), module.load_function(k).map_err(|e| kernel_error(k, e))?);
         }
         let up = ctx.new_stream().map_err(err("creating a stream"))?;
         let compute = ctx.new_stream().map_err(err("creating a stream"))?;
@@ -486,7 +488,7 @@ impl Gpu {
         // SAFETY: every kernel takes device addresses (u64) and scalars of
         // the types pushed here, in this order (kernels/*.cu), and the
         // addresses point into buffers of this engine sized for `n`.
-        unsafe { b.launch(cfg) }.map(|_| ()).map_err(|e| Error::Gpu(format!("kernel {name}: {e:?}")))
+        unsafe { b.launch(cfg) }.map(|_| ()).map_err(|e| kernel_error(name, e))
     }
 }
 

@@ -4,7 +4,12 @@ use std::ffi::{CString, c_char};
 
 use cudarc::nvrtc::{result as nvrtc, sys};
 
-use crate::error::{Error, Result};
+use crate::error::{Error, GpuError, Result};
+
+/// An NVRTC step that failed.
+fn compile_error(step: &str, e: cudarc::nvrtc::result::NvrtcError) -> Error {
+    Error::Gpu(GpuError::Compile { step: step.into(), detail: format!("{e:?}") })
+}
 
 /// kernels/, in dependency order, as one program.
 pub(crate) fn kernel_source() -> String {
@@ -26,7 +31,7 @@ pub(crate) fn compile_cubin(major: i32, minor: i32) -> Result<Vec<u8>> {
     let src =
         CString::new(kernel_source()).map_err(|_| Error::Internal("kernels/ holds a NUL byte".into()))?;
     let prog = nvrtc::create_program(&src, Some(c"chatvec_kernels.cu"))
-        .map_err(|e| Error::Gpu(format!("NVRTC could not create the program: {e:?}")))?;
+        .map_err(|e| compile_error("could not create the program", e))?;
     let arch = format!("--gpu-architecture=sm_{major}{minor}");
     let opts = [arch.as_str(), "--fmad=false", "-std=c++17"];
     // SAFETY (this and the calls below): `prog` is the live program made
@@ -41,19 +46,20 @@ pub(crate) fn compile_cubin(major: i32, minor: i32) -> Result<Vec<u8>> {
                     String::from_utf8_lossy(&bytes).into_owned()
                 })
                 .unwrap_or_default();
-            Error::Gpu(format!("NVRTC could not compile kernels/ for sm_{major}{minor} ({e:?}):\n{log}"))
+            let step = format!("could not compile kernels/ for sm_{major}{minor}");
+            Error::Gpu(GpuError::Compile { step, detail: format!("{e:?}:\n{log}") })
         })
         .and_then(|()| {
             let mut size = 0usize;
             // SAFETY: as above; `size` is a valid out-pointer.
             unsafe { sys::nvrtcGetCUBINSize(prog, &mut size) }
                 .result()
-                .map_err(|e| Error::Gpu(format!("NVRTC gave no CUBIN size: {e:?}")))?;
+                .map_err(|e| compile_error("gave no CUBIN size", e))?;
             let mut cubin = vec![0u8; size];
             // SAFETY: `cubin` holds the `size` bytes NVRTC reported.
             unsafe { sys::nvrtcGetCUBIN(prog, cubin.as_mut_ptr() as *mut c_char) }
                 .result()
-                .map_err(|e| Error::Gpu(format!("NVRTC gave no CUBIN: {e:?}")))?;
+                .map_err(|e| compile_error("gave no CUBIN", e))?;
             Ok(cubin)
         });
     // SAFETY: as above; `prog` is not used after this.

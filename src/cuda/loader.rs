@@ -12,7 +12,7 @@
 use std::ffi::CString;
 use std::path::{Path, PathBuf};
 
-use crate::error::{Error, Result};
+use crate::error::{Error, GpuError, Result};
 
 /// The names cudarc (built for CUDA 13) tries, in its order.
 const DRIVER_NAMES: &[&str] = &["libcuda.so", "libcuda.so.1"];
@@ -30,13 +30,7 @@ fn try_open(name: &str) -> bool {
 
 /// Opens the CUDA driver library, or says why not.
 pub(crate) fn open_driver() -> Result<()> {
-    if DRIVER_NAMES.iter().any(|n| try_open(n)) {
-        Ok(())
-    } else {
-        Err(Error::Gpu(
-            "no CUDA driver (libcuda.so.1) could be loaded: is an NVIDIA driver installed?".into(),
-        ))
-    }
+    if DRIVER_NAMES.iter().any(|n| try_open(n)) { Ok(()) } else { Err(Error::Gpu(GpuError::NoDriver)) }
 }
 
 /// Directories where NVRTC often lives outside the library path.
@@ -73,11 +67,7 @@ fn nvrtc_dirs() -> Vec<PathBuf> {
 pub(crate) fn open_nvrtc() -> Result<()> {
     if let Some(p) = std::env::var_os("CHATVEC_NVRTC") {
         let p = PathBuf::from(p);
-        return if try_open(&p.to_string_lossy()) {
-            Ok(())
-        } else {
-            Err(Error::Gpu(format!("CHATVEC_NVRTC={} could not be loaded", p.display())))
-        };
+        return if try_open(&p.to_string_lossy()) { Ok(()) } else { Err(Error::Gpu(GpuError::NvrtcPath(p))) };
     }
     if NVRTC_NAMES.iter().any(|n| try_open(n)) {
         return Ok(());
@@ -91,9 +81,5 @@ pub(crate) fn open_nvrtc() -> Result<()> {
             }
         }
     }
-    Err(Error::Gpu(format!(
-        "NVRTC (libnvrtc.so.13 or .12) could not be loaded from the library path or {}; set \
-         CHATVEC_NVRTC to its path (it ships with the CUDA toolkit and the nvidia-cuda-nvrtc wheel)",
-        dirs.iter().map(|d| d.display().to_string()).collect::<Vec<_>>().join(", ")
-    )))
+    Err(Error::Gpu(GpuError::NoNvrtc { searched: dirs }))
 }

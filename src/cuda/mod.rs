@@ -18,7 +18,7 @@ mod passes;
 
 use std::fmt;
 
-use crate::error::{Error, Result};
+use crate::error::{Error, GpuError, Result};
 use crate::ui;
 pub(crate) use engine::{Gpu, KArg, SLOTS};
 pub(crate) use passes::GpuPasses;
@@ -75,13 +75,12 @@ pub(crate) fn open(ordinal: usize, budget: Option<u64>) -> Result<Gpu> {
 /// Runs `f`, turning a panic inside cudarc into an error.
 fn without_panic<T>(f: impl FnOnce() -> Result<T> + std::panic::UnwindSafe) -> Result<T> {
     std::panic::catch_unwind(f).unwrap_or_else(|p| {
-        Err(Error::Gpu(format!(
-            "the CUDA libraries failed: {}",
-            p.downcast_ref::<String>()
-                .map(String::as_str)
-                .or_else(|| p.downcast_ref::<&str>().copied())
-                .unwrap_or("(no message)")
-        )))
+        let message = p
+            .downcast_ref::<String>()
+            .map(String::as_str)
+            .or_else(|| p.downcast_ref::<&str>().copied())
+            .unwrap_or("(no message)");
+        Err(Error::Gpu(GpuError::Panicked(message.to_string())))
     })
 }
 
@@ -140,5 +139,27 @@ mod tests {
         assert!(DeviceChoice::parse("cuda:x").unwrap_err().contains("cuda:N"));
         assert!(DeviceChoice::parse("tpu").is_err());
         assert_eq!(DeviceChoice::Cuda(2).to_string(), "cuda:2");
+    }
+
+    /// A GPU that is not there is a `--device` error of a kind a caller
+    /// can match: no driver here, no such GPU on a machine with one.
+    #[test]
+    fn a_missing_gpu_is_a_device_error_of_a_known_kind() {
+        let Err(e) = select(DeviceChoice::Cuda(99), None) else { panic!("cuda:99 opened") };
+        match e.kind() {
+            Error::Device { device, reason } => {
+                assert_eq!(device, "cuda:99");
+                assert!(
+                    matches!(
+                        reason,
+                        GpuError::NoDriver
+                            | GpuError::NoNvrtc { .. }
+                            | GpuError::NoSuchGpu { ordinal: 99, .. }
+                    ),
+                    "{reason:?}"
+                );
+            }
+            other => panic!("not a device error: {other:?}"),
+        }
     }
 }
