@@ -21,17 +21,29 @@ pub fn quiet() -> bool {
     QUIET.load(Ordering::Relaxed)
 }
 
-static SILENT: AtomicBool = AtomicBool::new(false);
+thread_local! {
+    /// Set while this thread runs `hushed`.
+    static HUSHED: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
 
-/// Holds back notes, warnings and progress bars entirely while set: a
-/// rehearsal whose output the real run repeats (planning on headers
-/// before a download) must not print everything twice.
-pub fn set_silent(silent: bool) {
-    SILENT.store(silent, Ordering::Relaxed);
+/// Runs `f` with notes, warnings and progress bars of this thread held
+/// back: a rehearsal whose output the real run repeats (planning on
+/// headers before a download) must not print everything twice. Scoped to
+/// the call and the calling thread, so nothing else running is silenced,
+/// and restored even if `f` panics.
+pub fn hushed<T>(f: impl FnOnce() -> T) -> T {
+    struct Restore(bool);
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            HUSHED.with(|h| h.set(self.0));
+        }
+    }
+    let _restore = Restore(HUSHED.with(|h| h.replace(true)));
+    f()
 }
 
 fn silent() -> bool {
-    SILENT.load(Ordering::Relaxed)
+    HUSHED.with(|h| h.get())
 }
 
 /// Prints a note on stderr, unless quiet.
@@ -137,6 +149,22 @@ pub(crate) fn bytes_bar(what: &str, total: u64) -> ProgressBar {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A rehearsal's hush holds this thread's notes only, for the call
+    /// only, and is lifted even when the call panics.
+    #[test]
+    fn hushed_is_scoped_to_the_call_and_the_thread() {
+        assert!(!silent());
+        hushed(|| {
+            assert!(silent());
+            assert!(!std::thread::spawn(silent).join().unwrap(), "another thread was hushed");
+            hushed(|| assert!(silent()));
+            assert!(silent(), "a nested hush lifted the outer one");
+        });
+        assert!(!silent());
+        let _ = std::panic::catch_unwind(|| hushed(|| panic!("in a rehearsal")));
+        assert!(!silent());
+    }
 
     #[test]
     fn printable_keeps_layout_and_text_and_escapes_controls() {

@@ -27,7 +27,7 @@ use serde::Serialize;
 use serde_json::{Value, json};
 
 use crate::error::{Error, Result};
-use crate::resolve::resolve_model;
+use crate::resolve::{Fetch, resolve_model};
 use crate::sft::data::write_eval;
 use crate::ui;
 
@@ -324,7 +324,7 @@ pub fn eval(spec: &EvalSpec) -> Result<EvalReport> {
     };
     let mut dirs = Vec::new();
     for m in &spec.models {
-        let dir = resolve_model(m)?.dir;
+        let dir = resolve_model(m, &Fetch::whole())?.dir;
         let has_template = ["tokenizer_config.json", "chat_template.jinja"]
             .iter()
             .map(|f| crate::model::side_file(&dir, f))

@@ -14,7 +14,7 @@ use crate::plan::Plan;
 use crate::plan::chat_vector::{ApplyOptions, Common, VectorSide, plan_apply, plan_extract};
 use crate::plan::checks::delta_ratio;
 use crate::plan::lora::plan_lora;
-use crate::resolve::{open_adapter, open_model, vector_alias};
+use crate::resolve::{Fetch, vector_alias};
 use crate::spec::apply::{ApplySpec, ExtractSpec, VectorSource};
 use crate::spec::select::{Scale, Selection};
 
@@ -75,14 +75,14 @@ fn tensor_scales(plan: &Plan, variant: usize) -> serde_json::Value {
 /// Writes the chat vector `chat - pretrained` as a checkpoint, with the
 /// chat model's config, tokenizer and template beside it.
 pub fn extract(spec: &ExtractSpec, out: &Destination, run: &RunOptions) -> Result<Summary> {
-    preflight(out, |o| extract_now(spec, o, run))
+    preflight(out, |o, fetch| extract_now(spec, o, run, fetch))
 }
 
-fn extract_now(spec: &ExtractSpec, out: &Destination, run: &RunOptions) -> Result<Summary> {
-    let chat_ck = open_model(spec.chat())?;
+fn extract_now(spec: &ExtractSpec, out: &Destination, run: &RunOptions, fetch: &Fetch) -> Result<Summary> {
+    let chat_ck = fetch.open_model(spec.chat())?;
     let chat_dir = chat_ck.dir.clone();
     let common = common(&spec.selection, spec.shard_size, spec.allow_mismatch());
-    let mut plan = plan_extract(chat_ck, open_model(spec.pretrained())?, &common, spec.dtype())?;
+    let mut plan = plan_extract(chat_ck, fetch.open_model(spec.pretrained())?, &common, spec.dtype())?;
     set_labels(&mut plan, &[spec.chat(), spec.pretrained()]);
     // The vector carries the chat model's config, tokenizer and template so
     // `apply --vector` can compare architectures, align vocabularies and
@@ -109,7 +109,7 @@ fn extract_now(spec: &ExtractSpec, out: &Destination, run: &RunOptions) -> Resul
 /// Writes `base + scale * vector`: the base's tensors, names, order and
 /// dtypes, with the chat model's template and eos ids.
 pub fn apply(spec: &ApplySpec, out: &Destination, run: &RunOptions) -> Result<Summary> {
-    preflight(out, |o| apply_recorded(spec, o, run, None))
+    preflight(out, |o, fetch| apply_recorded(spec, o, run, fetch, None))
 }
 
 /// Above this ratio of norms, a "vector" is taken for a whole model: a
@@ -173,12 +173,14 @@ pub(crate) fn apply_recorded(
     spec: &ApplySpec,
     out: &Destination,
     run: &RunOptions,
+    fetch: &Fetch,
     recipe: Option<RecipeRecord>,
 ) -> Result<Summary> {
     if let VectorSource::Lora(adapter) = &spec.vector {
-        return apply_lora(spec, adapter, out, run, recipe);
+        return apply_lora(spec, adapter, out, run, fetch, recipe);
     }
-    let mut all = apply_many(spec, &[(spec.selection.default_scale().clone(), out.clone())], run, recipe)?;
+    let outs = [(spec.selection.default_scale().clone(), out.clone())];
+    let mut all = apply_many(spec, &outs, run, fetch, recipe)?;
     all.pop().ok_or_else(|| Error::Internal("no output was written".into()))
 }
 
@@ -189,6 +191,7 @@ pub(crate) fn apply_many(
     spec: &ApplySpec,
     outs: &[(Scale, Destination)],
     run: &RunOptions,
+    fetch: &Fetch,
     recipe: Option<RecipeRecord>,
 ) -> Result<Vec<Summary>> {
     let mut early_notes = Vec::new();
@@ -205,13 +208,13 @@ pub(crate) fn apply_many(
         }
     };
     let common = common(&spec.selection, spec.shard_size, spec.allow_mismatch);
-    let base_ck = open_model(&spec.base)?;
+    let base_ck = fetch.open_model(&spec.base)?;
     let base_dir = base_ck.dir.clone();
     let mut early_warnings = Vec::new();
     let (side, chat_dir, labels) = match (&spec.vector, chat, pretrained) {
         (_, Some(chat), Some(pretrained)) => {
-            let chat_ck = open_model(&chat)?;
-            let pre_ck = open_model(&pretrained)?;
+            let chat_ck = fetch.open_model(&chat)?;
+            let pre_ck = fetch.open_model(&pretrained)?;
             refuse_zero_vector(&chat_ck, &pre_ck)?;
             let dir = chat_ck.dir.clone();
             let side = VectorSide::Streaming { chat: Box::new(chat_ck), pretrained: Box::new(pre_ck) };
@@ -219,7 +222,7 @@ pub(crate) fn apply_many(
         }
         (VectorSource::Stored(v) | VectorSource::Lora(v), _, _)
         | (VectorSource::Pair { chat: v, .. }, _, _) => {
-            let vector = open_model(v)?;
+            let vector = fetch.open_model(v)?;
             let dir = vector.dir.clone();
             let info = read_vector_info(&dir)?;
             if info.is_none() {
@@ -281,11 +284,12 @@ fn apply_lora(
     reference: &str,
     out: &Destination,
     run: &RunOptions,
+    fetch: &Fetch,
     recipe: Option<RecipeRecord>,
 ) -> Result<Summary> {
     let common = common(&spec.selection, spec.shard_size, spec.allow_mismatch);
-    let adapter = open_adapter(reference)?;
-    let base_ck = open_model(&spec.base)?;
+    let adapter = fetch.open_adapter(reference)?;
+    let base_ck = fetch.open_model(&spec.base)?;
     let base_dir = base_ck.dir.clone();
     let adapter_dir = adapter.dir().to_path_buf();
     let mut notes = vec![format!(

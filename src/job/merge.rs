@@ -15,21 +15,29 @@ use crate::output::sidecars::{add_union_tokens, model_side_files};
 use crate::plan::merge::{MergeSpec, plan_merge};
 use crate::plan::{Input, Role};
 use crate::recipe::{MergeRecipe, Recipe, RecipeBody};
-use crate::resolve::open_model;
+use crate::resolve::Fetch;
 use crate::spec::apply::{ApplyParams, ApplySpec};
 use crate::spec::select::Spelling;
 
 /// Runs `recipe` into `out`. `seed` overrides the recipe's seed of the
 /// DARE/DELLA masks.
 pub fn merge(recipe: &Recipe, seed: Option<u64>, out: &Destination, run: &RunOptions) -> Result<Summary> {
-    preflight(out, |o| merge_now(recipe, seed, o, run))
+    preflight(out, |o, fetch| merge_now(recipe, seed, o, run, fetch))
 }
 
-fn merge_now(recipe: &Recipe, seed: Option<u64>, out: &Destination, run: &RunOptions) -> Result<Summary> {
+fn merge_now(
+    recipe: &Recipe,
+    seed: Option<u64>,
+    out: &Destination,
+    run: &RunOptions,
+    fetch: &Fetch,
+) -> Result<Summary> {
     let record = recipe.record();
     match &recipe.body {
-        RecipeBody::ChatVector(c) => apply_recorded(&chat_vector_spec(recipe, c)?, out, run, Some(record)),
-        RecipeBody::Merge(m) => merge_method(recipe, m, seed.unwrap_or(recipe.seed), out, run, record),
+        RecipeBody::ChatVector(c) => {
+            apply_recorded(&chat_vector_spec(recipe, c)?, out, run, fetch, Some(record))
+        }
+        RecipeBody::Merge(m) => merge_method(recipe, m, seed.unwrap_or(recipe.seed), out, run, fetch, record),
     }
 }
 
@@ -54,7 +62,7 @@ pub fn merge_sweep(recipe: &Recipe, out: &Destination, run: &RunOptions) -> Resu
     let spec = chat_vector_spec(recipe, c)?;
     preflight_with(
         out,
-        |o| sweep_recorded(&spec, scales, o, run, Some(recipe.record())),
+        |o, fetch| sweep_recorded(&spec, scales, o, run, fetch, Some(recipe.record())),
         |r: &mut SweepReport| r.candidates.iter_mut().for_each(|c| c.summary.notes.push(HEADERS_ONLY.into())),
     )
 }
@@ -65,6 +73,7 @@ fn merge_method(
     seed: u64,
     out: &Destination,
     run: &RunOptions,
+    fetch: &Fetch,
     record: RecipeRecord,
 ) -> Result<Summary> {
     // Each distinct reference is opened once; the base is input 0.
@@ -105,7 +114,7 @@ fn merge_method(
         .enumerate()
         .map(|(i, r)| {
             let role = if Some(i) == base { Role::Base } else { Role::Model };
-            let ckpt = open_model(r).map_err(|e| e.with_hint(recipe_place(recipe, m, r)))?;
+            let ckpt = fetch.open_model(r).map_err(|e| e.with_hint(recipe_place(recipe, m, r)))?;
             Ok(Input { role, label: r.to_string(), ckpt })
         })
         .collect::<Result<Vec<_>>>()?;

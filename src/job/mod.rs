@@ -36,6 +36,7 @@ use crate::output::files::WrittenFile;
 use crate::output::manifest::{Manifest, RecipeRecord, VectorRecord};
 use crate::output::sidecars::SideFiles;
 use crate::plan::{EmbeddingReport, Op, Plan, Role};
+use crate::resolve::Fetch;
 
 /// Share of the vector's changed elements that rounding may take away
 /// before it is a warning, not a note (in bf16 on the benchmark's 1b
@@ -218,12 +219,17 @@ pub(crate) fn write_outputs(plan: Plan, variants: Vec<Variant>, run: &RunOptions
     Ok(summaries)
 }
 
-/// Runs a job whose Hub inputs are not all cached twice: first as a dry
-/// run on probes (config, tokenizer, index and each shard's header; see
-/// `resolve::with_probes`), so a mismatch is reported before a weight byte
-/// is fetched and `--dry-run` never downloads weights; then for real. When
-/// nothing needed a probe, the job just runs.
-pub(crate) fn preflight(out: &Destination, run: impl Fn(&Destination) -> Result<Summary>) -> Result<Summary> {
+/// Runs a job whose Hub inputs are not all cached twice: first, hushed, as
+/// a dry run on probes (config, tokenizer, index and each shard's header;
+/// see `resolve::Fetch::probes`), so a mismatch is reported before a
+/// weight byte is fetched and `--dry-run` never downloads weights; then for
+/// real. When nothing needed a probe, the job just runs. The job opens its
+/// models through the `Fetch` it is handed: how models are reached is
+/// passed down, not switched process-wide.
+pub(crate) fn preflight(
+    out: &Destination,
+    run: impl Fn(&Destination, &Fetch) -> Result<Summary>,
+) -> Result<Summary> {
     preflight_with(out, run, |s: &mut Summary| s.notes.push(HEADERS_ONLY.into()))
 }
 
@@ -234,23 +240,27 @@ pub(crate) const HEADERS_ONLY: &str = "planned on the Hub models' headers only (
 /// on probes.
 pub(crate) fn preflight_with<T>(
     out: &Destination,
-    run: impl Fn(&Destination) -> Result<T>,
+    run: impl Fn(&Destination, &Fetch) -> Result<T>,
     dry_note: impl FnOnce(&mut T),
 ) -> Result<T> {
     if crate::resolve::hub_api::offline() {
-        return run(out);
+        return run(out, &Fetch::whole());
     }
     let dry = Destination { dry_run: true, ..out.clone() };
-    let (rehearsal, probed) = crate::resolve::with_probes(|| run(&dry));
+    let probes = Fetch::probes();
+    let rehearsal = crate::ui::hushed(|| run(&dry, &probes));
+    let probed = probes.probed();
+    // The probes go before the real run downloads.
+    drop(probes);
     if !probed {
-        return run(out);
+        return run(out, &Fetch::whole());
     }
     let mut result = rehearsal?;
     if out.dry_run {
         dry_note(&mut result);
         return Ok(result);
     }
-    run(out)
+    run(out, &Fetch::whole())
 }
 
 /// Checks the config.json the output will carry against the output's

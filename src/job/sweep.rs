@@ -13,6 +13,7 @@ use crate::job::{HEADERS_ONLY, Summary, preflight_with};
 use crate::output::Destination;
 use crate::output::manifest::RecipeRecord;
 use crate::output::sweep::SweepRoot;
+use crate::resolve::Fetch;
 use crate::spec::apply::ApplySpec;
 use crate::spec::select::Scale;
 
@@ -64,7 +65,7 @@ pub(crate) fn candidate_name(s: &Scale) -> String {
 pub fn sweep(spec: &ApplySpec, scales: &[Scale], out: &Destination, run: &RunOptions) -> Result<SweepReport> {
     preflight_with(
         out,
-        |o| sweep_recorded(spec, scales, o, run, None),
+        |o, fetch| sweep_recorded(spec, scales, o, run, fetch, None),
         |r: &mut SweepReport| r.candidates.iter_mut().for_each(|c| c.summary.notes.push(HEADERS_ONLY.into())),
     )
 }
@@ -75,6 +76,7 @@ pub(crate) fn sweep_recorded(
     scales: &[Scale],
     out: &Destination,
     run: &RunOptions,
+    fetch: &Fetch,
     recipe: Option<RecipeRecord>,
 ) -> Result<SweepReport> {
     if scales.is_empty() {
@@ -89,7 +91,7 @@ pub(crate) fn sweep_recorded(
     let outs: Vec<(Scale, Destination)> =
         scales.iter().map(|s| (s.clone(), root.candidate(&candidate_name(s)))).collect();
     // One read of the inputs for every candidate.
-    let summaries = match apply_many(spec, &outs, run, recipe) {
+    let summaries = match apply_many(spec, &outs, run, fetch, recipe) {
         Ok(s) => s,
         Err(e) => {
             root.abandon();

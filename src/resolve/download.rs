@@ -21,6 +21,7 @@
 use std::fs::{File, OpenOptions};
 use std::io::Write;
 use std::path::{Path, PathBuf};
+use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use indicatif::ProgressBar;
@@ -317,14 +318,12 @@ impl BlobLock {
 /// 1 MB; chatvec's own reader caps them at 100 MB).
 const MAX_PROBE_HEADER: u64 = 100 << 20;
 
-/// The private directory this process's probes go under, made on first
-/// use (see `scratch`: a killed run's is removed by the next).
-static PROBES: std::sync::Mutex<Option<Scratch>> = std::sync::Mutex::new(None);
-
-/// The directory for the probe of `repo` at `commit`, emptied.
-fn probe_dir(repo: &str, commit: &str) -> Result<PathBuf> {
+/// The directory for the probe of `repo` at `commit`, emptied, under the
+/// private directory `probes` holds (made on first use; see `scratch`: a
+/// killed run's is removed by the next).
+fn probe_dir(probes: &Mutex<Option<Scratch>>, repo: &str, commit: &str) -> Result<PathBuf> {
     let mut held =
-        PROBES.lock().map_err(|_| Error::Internal("the probe directory's lock is poisoned".into()))?;
+        probes.lock().map_err(|_| Error::Internal("the probe directory's lock is poisoned".into()))?;
     if held.is_none() {
         *held = Some(Scratch::create("probe")?);
     }
@@ -335,13 +334,6 @@ fn probe_dir(repo: &str, commit: &str) -> Result<PathBuf> {
     Ok(dir)
 }
 
-/// Removes this process's probes.
-pub(crate) fn remove_probes() {
-    if let Ok(mut held) = PROBES.lock() {
-        held.take();
-    }
-}
-
 /// A model directory to plan with before any weight is fetched: the small
 /// files (config, tokenizer, index) downloaded into the cache as usual and
 /// copied here, and each missing safetensors shard as a sparse file of its
@@ -349,7 +341,7 @@ pub(crate) fn remove_probes() {
 /// `Ok(None)` when the snapshot already has every file (the real one
 /// serves), or the weights are PyTorch `.bin` files (a pickle cannot be
 /// read in part).
-pub(crate) fn probe(cache: &Path, id: &HubId) -> Result<Option<Outcome>> {
+pub(crate) fn probe(cache: &Path, id: &HubId, probes: &Mutex<Option<Scratch>>) -> Result<Option<Outcome>> {
     let client = Client::new();
     let (commit, files) = match client.revision_info(id) {
         Err(e) if matches!(e.kind(), Error::Network(_)) => return Ok(Some(Outcome::Unreachable(e))),
@@ -363,7 +355,7 @@ pub(crate) fn probe(cache: &Path, id: &HubId) -> Result<Option<Outcome>> {
     if missing.is_empty() || missing.iter().any(|f| f.name.ends_with(".bin")) {
         return Ok(None);
     }
-    let dir = probe_dir(&id.repo, &commit)?;
+    let dir = probe_dir(probes, &id.repo, &commit)?;
     for f in &need {
         if f.name.contains('/') {
             continue;

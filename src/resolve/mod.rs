@@ -17,6 +17,7 @@ mod stream;
 mod transfer;
 
 use std::path::{Path, PathBuf};
+use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 pub use aliases::set_user_file as set_aliases_file;
@@ -29,6 +30,7 @@ use crate::resolve::aliases::{Aliases, VectorAlias};
 use crate::resolve::download::Outcome;
 use crate::resolve::hub_api::offline;
 use crate::resolve::hub_cache::{cache_dir, find_snapshot, is_commit, parse_hub_id};
+use crate::scratch::Scratch;
 
 /// A resolved model reference.
 #[derive(Clone, Debug)]
@@ -58,59 +60,72 @@ fn did_you_mean(name: &str, aliases: &Aliases) -> Option<String> {
     })
 }
 
-static PROBING: AtomicBool = AtomicBool::new(false);
-static PROBED: AtomicBool = AtomicBool::new(false);
-
-fn probing() -> bool {
-    PROBING.load(Ordering::Relaxed)
+/// How a job reaches Hub models, passed down to every open rather than
+/// set process-wide: fetched whole (what every job does), or, while a job
+/// is rehearsed before any weight is downloaded, as probes (headers only;
+/// see `download::probe`). A probing `Fetch` owns the probes it made,
+/// removed when it is dropped, and records whether one stood in for a
+/// model.
+pub(crate) struct Fetch {
+    probe: bool,
+    probed: AtomicBool,
+    probes: Mutex<Option<Scratch>>,
 }
 
-/// Runs `f` with Hub models that are not fully cached resolved to probes
-/// (headers only; see `download::probe`), silently, and says whether any
-/// was: a job rehearsed this way is checked whole before a weight byte is
-/// fetched. The probes are removed afterwards.
-pub(crate) fn with_probes<T>(f: impl FnOnce() -> T) -> (T, bool) {
-    PROBING.store(true, Ordering::Relaxed);
-    PROBED.store(false, Ordering::Relaxed);
-    crate::ui::set_silent(true);
-    let out = f();
-    crate::ui::set_silent(false);
-    PROBING.store(false, Ordering::Relaxed);
-    download::remove_probes();
-    (out, PROBED.swap(false, Ordering::Relaxed))
-}
+impl Fetch {
+    /// Hub models downloaded whole where not cached.
+    pub(crate) fn whole() -> Fetch {
+        Fetch { probe: false, probed: AtomicBool::new(false), probes: Mutex::new(None) }
+    }
 
-/// Probes made by `open_probed`, removed when dropped.
-pub(crate) struct Probes;
+    /// Hub models not fully cached opened as probes.
+    pub(crate) fn probes() -> Fetch {
+        Fetch { probe: true, ..Fetch::whole() }
+    }
 
-impl Drop for Probes {
-    fn drop(&mut self) {
-        download::remove_probes();
+    /// Whether a probe stood in for some model.
+    pub(crate) fn probed(&self) -> bool {
+        self.probed.load(Ordering::Relaxed)
+    }
+
+    /// Resolves `reference` and opens the checkpoint, keeping where it
+    /// came from.
+    pub(crate) fn open_model(&self, reference: &str) -> Result<Checkpoint> {
+        let r = resolve_model(reference, self)?;
+        let mut ck = Checkpoint::open(&r.dir)?;
+        ck.origin = r.origin;
+        Ok(ck)
+    }
+
+    /// Resolves `reference` (a directory or Hub id) and opens the LoRA
+    /// adapter there.
+    pub(crate) fn open_adapter(&self, reference: &str) -> Result<Adapter> {
+        let r = resolve_model(reference, self)?;
+        Adapter::open(&r.dir)
     }
 }
 
 /// Opens `reference` for checks before its weights are fetched: a Hub
 /// model not fully cached opens as a probe (headers only). Returns the
-/// checkpoint, and for a probe its guard and the snapshot directory the
-/// model will have once downloaded.
-pub(crate) fn open_probed(reference: &str) -> Result<(Checkpoint, Option<(Probes, PathBuf)>)> {
-    PROBING.store(true, Ordering::Relaxed);
-    PROBED.store(false, Ordering::Relaxed);
-    let r = open_model(reference);
-    PROBING.store(false, Ordering::Relaxed);
-    let ck = r?;
-    if !PROBED.swap(false, Ordering::Relaxed) {
+/// checkpoint, and for a probe the `Fetch` holding it (drop it to remove
+/// the probe) and the snapshot directory the model will have once
+/// downloaded.
+pub(crate) fn open_probed(reference: &str) -> Result<(Checkpoint, Option<(Fetch, PathBuf)>)> {
+    let fetch = Fetch::probes();
+    let ck = fetch.open_model(reference)?;
+    if !fetch.probed() {
         return Ok((ck, None));
     }
     let Some(cache) = cache_dir(|k| std::env::var(k).ok()) else { return Ok((ck, None)) };
     let snap = ck.origin.as_ref().map(|o| {
         cache.join(format!("models--{}", o.repo.replace('/', "--"))).join("snapshots").join(&o.commit)
     });
-    Ok((ck, snap.map(|s| (Probes, s))))
+    Ok((ck, snap.map(|s| (fetch, s))))
 }
 
-/// Resolves `reference` to a model directory.
-pub(crate) fn resolve_model(reference: &str) -> Result<Resolved> {
+/// Resolves `reference` to a model directory, reaching the Hub as `fetch`
+/// says.
+pub(crate) fn resolve_model(reference: &str, fetch: &Fetch) -> Result<Resolved> {
     let p = Path::new(reference);
     if p.is_dir() {
         return Ok(Resolved { dir: p.to_path_buf(), origin: None });
@@ -165,7 +180,7 @@ pub(crate) fn resolve_model(reference: &str) -> Result<Resolved> {
             "model '{reference}' is not a local directory, and no Hugging Face cache is configured (set HF_HOME or HF_HUB_CACHE)"
         )));
     };
-    from_hub(&cache, &id).map_err(|e| match e.kind() {
+    from_hub(&cache, &id, fetch).map_err(|e| match e.kind() {
         // A name the user may have meant as a path or an alias: say how it
         // was read, and what is near.
         Error::NotFound(why) if !is_alias => Error::NotFound(format!(
@@ -182,17 +197,17 @@ pub(crate) fn resolve_model(reference: &str) -> Result<Resolved> {
 /// Resolves Hub id `id` in `cache`: the cached snapshot where nothing can
 /// have changed (offline, or a commit already there), else through the
 /// Hub (a probe while rehearsing, else a download of what is missing).
-fn from_hub(cache: &Path, id: &hub_cache::HubId) -> Result<Resolved> {
+fn from_hub(cache: &Path, id: &hub_cache::HubId, fetch: &Fetch) -> Result<Resolved> {
     // A commit already in the cache cannot change: no need to ask the Hub.
     let pinned = id.revision.as_deref().is_some_and(is_commit);
     if offline() || (pinned && find_snapshot(cache, id).is_ok()) {
         let (dir, origin) = find_snapshot(cache, id)?;
         return Ok(Resolved { dir, origin: Some(origin) });
     }
-    if probing() {
-        match download::probe(cache, id)? {
+    if fetch.probe {
+        match download::probe(cache, id, &fetch.probes)? {
             Some(Outcome::Ready(dir, origin)) => {
-                PROBED.store(true, Ordering::Relaxed);
+                fetch.probed.store(true, Ordering::Relaxed);
                 return Ok(Resolved { dir, origin: Some(origin) });
             }
             Some(Outcome::Unreachable(e)) => {
@@ -217,19 +232,10 @@ fn from_hub(cache: &Path, id: &hub_cache::HubId) -> Result<Resolved> {
     }
 }
 
-/// Resolves `reference` and opens the checkpoint, keeping where it came from.
+/// Resolves `reference` and opens the checkpoint, downloading what is
+/// missing (`Fetch::whole`).
 pub(crate) fn open_model(reference: &str) -> Result<Checkpoint> {
-    let r = resolve_model(reference)?;
-    let mut ck = Checkpoint::open(&r.dir)?;
-    ck.origin = r.origin;
-    Ok(ck)
-}
-
-/// Resolves `reference` (a directory or Hub id) and opens the LoRA
-/// adapter there.
-pub(crate) fn open_adapter(reference: &str) -> Result<Adapter> {
-    let r = resolve_model(reference)?;
-    Adapter::open(&r.dir)
+    Fetch::whole().open_model(reference)
 }
 
 /// What `--vector` names: a chat vector alias (a pair of models to
