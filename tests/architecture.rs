@@ -240,3 +240,66 @@ fn only_output_writes_into_output_directories() {
     }
     assert!(bad.is_empty(), "{}", bad.join("\n"));
 }
+
+/// The code of every source file of the crate, the binary's included,
+/// without tests and line comments: where option defaults could be
+/// written.
+fn code_files() -> Vec<(PathBuf, String)> {
+    fn walk(dir: &Path, out: &mut Vec<(PathBuf, String)>) {
+        for e in std::fs::read_dir(dir).unwrap() {
+            let p = e.unwrap().path();
+            if p.is_dir() {
+                walk(&p, out);
+            } else if p.extension().is_some_and(|x| x == "rs") {
+                let text = std::fs::read_to_string(&p).unwrap();
+                let code = text.split("#[cfg(test)]").next().unwrap_or(&text);
+                let code: Vec<&str> = code.lines().filter(|l| !l.trim_start().starts_with("//")).collect();
+                out.push((p, code.join("\n")));
+            }
+        }
+    }
+    let mut out = Vec::new();
+    walk(&Path::new(env!("CARGO_MANIFEST_DIR")).join("src"), &mut out);
+    out
+}
+
+/// Each option default is written once, where its type defines it: the
+/// command line, recipes and specs read it from there. (The 5 GB shard
+/// size was once written three times.)
+#[test]
+fn no_option_default_is_written_twice() {
+    let once: &[(&str, &str)] = &[
+        (r#""5GB"|5_000_000_000|\b5000000000\b|5e9"#, "src/spec/apply.rs"),
+        (r"lr: \d", "src/sft/options.rs"),
+        (r"warmup_ratio: \d", "src/sft/options.rs"),
+        (r#"scheduler: ""#, "src/sft/options.rs"),
+        (r"master_port: \d", "src/sft/options.rs"),
+        (r"grad_accum: \d", "src/sft/options.rs"),
+        (r"max_new_tokens: \d", "src/eval/mod.rs"),
+        (r"samples: \d", "src/eval/mod.rs"),
+        (r#"engine: "auto""#, "src/eval/mod.rs"),
+        (r"chunk_elems: DEFAULT_CHUNK_ELEMS", "src/exec/mod.rs"),
+    ];
+    let never = [r#"default_value = "auto""#, r"default_value_t = \d", r"unwrap_or\(128\)"];
+    let files = code_files();
+    let mut bad = Vec::new();
+    for (pattern, home) in once {
+        let re = regex::Regex::new(pattern).unwrap();
+        let found: Vec<String> = files
+            .iter()
+            .flat_map(|(p, code)| re.find_iter(code).map(move |_| p.display().to_string()))
+            .collect();
+        if found.len() != 1 || !found[0].ends_with(home) {
+            bad.push(format!("{pattern}: written in {found:?}, expected once in {home}"));
+        }
+    }
+    for pattern in never {
+        let re = regex::Regex::new(pattern).unwrap();
+        for (p, code) in &files {
+            if re.is_match(code) {
+                bad.push(format!("{}: a default written in place ({pattern})", p.display()));
+            }
+        }
+    }
+    assert!(bad.is_empty(), "{}", bad.join("\n"));
+}

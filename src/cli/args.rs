@@ -121,11 +121,11 @@ pub(crate) struct EvalArgs {
     pub prompts: Option<PathBuf>,
 
     /// Longest answer, in tokens.
-    #[arg(long, default_value_t = 128)]
+    #[arg(long, default_value_t = EvalSpec::new(Vec::new()).max_new_tokens)]
     pub max_new_tokens: u64,
 
     /// Answers shown side by side per model.
-    #[arg(long, default_value_t = 3)]
+    #[arg(long, default_value_t = EvalSpec::new(Vec::new()).samples)]
     pub samples: usize,
 
     /// Python interpreter with torch and transformers (default: $CHATVEC_PYTHON, else python3).
@@ -133,7 +133,7 @@ pub(crate) struct EvalArgs {
     pub python: Option<PathBuf>,
 
     /// Engine: auto (vLLM when installed and a GPU is there, else transformers), transformers, vllm.
-    #[arg(long, default_value = "auto")]
+    #[arg(long, default_value_t = EvalSpec::new(Vec::new()).engine)]
     pub engine: String,
 
     /// Write a picture (SVG): loss and stop rate per model, against the scale for a sweep.
@@ -299,7 +299,7 @@ pub(crate) struct OutArgs {
 
     /// Where the arithmetic runs: cpu, cuda, cuda:N, or auto (a GPU when one
     /// works, else the CPU). Output bytes are the same on every device.
-    #[arg(long, default_value = "auto", value_parser = DeviceChoice::parse)]
+    #[arg(long, default_value_t = RunOptions::default().device, value_parser = DeviceChoice::parse)]
     pub device: DeviceChoice,
 
     /// Device memory chatvec may use, e.g. 4GiB (default: half the free memory, at most 8 GiB).

@@ -441,13 +441,15 @@ pub(crate) fn parse_recipe(text: &str, path: &Path) -> Result<Recipe> {
             Some(scales)
         }
     };
+    // What [eval] leaves out takes `EvalSpec`'s defaults.
+    let eval_defaults = EvalSpec::new(Vec::new());
     let eval = raw.eval.as_ref().map(|e| EvalSpec {
         data: e.data.as_ref().map(near),
         prompts: e.prompts.as_ref().map(near),
-        max_new_tokens: e.max_new_tokens.unwrap_or(128),
-        samples: e.samples.unwrap_or(3),
+        max_new_tokens: e.max_new_tokens.unwrap_or(eval_defaults.max_new_tokens),
+        samples: e.samples.unwrap_or(eval_defaults.samples),
         python: e.python.as_ref().map(|p| if p.components().count() > 1 { near(p) } else { p.clone() }),
-        engine: e.engine.clone().unwrap_or_else(|| "auto".into()),
+        engine: e.engine.clone().unwrap_or_else(|| eval_defaults.engine.clone()),
         ..EvalSpec::new(Vec::new())
     });
     Ok(Recipe {
