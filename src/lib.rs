@@ -48,9 +48,11 @@ mod plan;
 mod python;
 mod recipe;
 mod resolve;
+mod rng;
 mod scratch;
 mod sft;
 mod spec;
+mod svg;
 pub mod ui;
 mod units;
 

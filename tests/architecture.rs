@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 const LAYERS: &[&[&str]] = &[
     &["units"],
     &["error", "ui"],
-    &["interrupt", "json", "scratch"],
+    &["interrupt", "json", "scratch", "rng", "svg"],
     &["hash", "python"],
     &["model"],
     &["spec", "resolve", "arith"],
@@ -202,6 +202,8 @@ fn moved_helpers_are_imported_from_their_rooms() {
         ("WriteOptions", "output::Destination and exec::RunOptions"),
         ("ScaleOverride", "plan::Plan::scales"),
         ("with_probes", "resolve::Fetch::probes, passed down"),
+        ("merge::rng", "rng"),
+        ("analyze::plot::xml", "svg::xml"),
         ("set_silent", "ui::hushed, scoped to a call"),
         ("static PROBING", "resolve::Fetch"),
     ];

@@ -10,33 +10,12 @@ use super::TensorResult;
 use super::figures::Figures;
 use super::report::{Group, module_kind};
 use crate::model::layers::layer_index;
+use crate::svg::xml;
 
 /// The kinds drawn per layer.
 const LAYER_KINDS: [&str; 7] = ["q", "k", "v", "o", "gate", "up", "down"];
 /// A color per kind (Tableau 10).
 const COLORS: [&str; 7] = ["#4e79a7", "#f28e2b", "#e15759", "#76b7b2", "#59a14f", "#edc948", "#b07aa1"];
-
-/// `s` escaped for SVG text and attributes. Control characters, which
-/// XML 1.0 allows in no form (not even as `&#7;`), are shown as `\u{7}`,
-/// so a directory name holding one still gives a picture every reader
-/// parses.
-pub(crate) fn xml(s: &str) -> String {
-    let mut out = String::with_capacity(s.len());
-    for c in s.chars() {
-        match c {
-            '&' => out.push_str("&amp;"),
-            '<' => out.push_str("&lt;"),
-            '>' => out.push_str("&gt;"),
-            '"' => out.push_str("&quot;"),
-            '\'' => out.push_str("&apos;"),
-            c if c.is_control() || c == '\u{fffe}' || c == '\u{ffff}' => {
-                out.push_str(&format!("\\u{{{:x}}}", c as u32))
-            }
-            c => out.push(c),
-        }
-    }
-    out
-}
 
 /// Figures per (layer, kind), for the layers the vector has.
 fn grid(results: &[TensorResult]) -> (u64, Vec<Vec<Option<Figures>>>) {
@@ -207,11 +186,4 @@ pub(crate) fn svg(results: &[TensorResult], title: &str, against: Option<&str>) 
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn xml_text_escapes_markup_and_shows_control_characters() {
-        assert_eq!(xml("a<b>&\"c'"), "a&lt;b&gt;&amp;&quot;c&apos;");
-        assert_eq!(xml("dir\u{7}\u{1b}[31m\nx\u{0}"), "dir\\u{7}\\u{1b}[31m\\u{a}x\\u{0}");
-        assert_eq!(xml("日本語"), "日本語");
-    }
 }

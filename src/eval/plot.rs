@@ -6,7 +6,7 @@
 use std::fmt::Write as _;
 
 use super::EvalReport;
-use crate::analyze::plot::xml;
+use crate::svg::xml;
 
 /// The SVG document.
 pub(crate) fn svg(r: &EvalReport) -> String {

@@ -9,12 +9,12 @@ use std::ops::Range;
 
 use crate::arith::{BLOCK, View, for_each_delta};
 use crate::merge::methods::Method;
-use crate::merge::rng;
 use crate::merge::stats::{
     Keep, ModelStats, RankKeep, STAT_BLOCK, TensorStats, della_probability, row_ranks,
 };
 use crate::merge::{Inputs, TensorMerge};
 use crate::model::dtype::{FloatType, encode};
+use crate::rng;
 
 /// Computes elements `elems` of a merged tensor into `out` (dtype `out_ty`).
 pub(crate) fn compute(

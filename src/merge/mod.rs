@@ -11,7 +11,6 @@ pub(crate) mod element;
 pub(crate) mod lanes;
 pub(crate) mod methods;
 pub(crate) mod params;
-pub(crate) mod rng;
 pub(crate) mod stats;
 
 use crate::arith::View;

@@ -24,7 +24,8 @@ use crate::error::Result;
 use crate::interrupt;
 use crate::merge::lanes::Lanes;
 use crate::merge::methods::{Method, Sparsify, TensorParams};
-use crate::merge::{Inputs, TensorMerge, rng};
+use crate::merge::{Inputs, TensorMerge};
+use crate::rng;
 
 /// Elements per statistics block.
 pub(crate) const STAT_BLOCK: u64 = 1 << 16;

@@ -340,17 +340,17 @@ pub(crate) fn write_mixture(files: &[(&Path, f64)], seed: u64, out: MixOut<'_>) 
     let MixOut { train, mut eval } = out;
     let mut report = Vec::new();
     for (k, &(path, weight)) in files.iter().enumerate() {
-        let draw = crate::merge::rng::mix(seed ^ 0x5f7d_c4a1_0e1b_2c3d ^ (k as u64).wrapping_mul(0x9e37));
+        let draw = crate::rng::mix(seed ^ 0x5f7d_c4a1_0e1b_2c3d ^ (k as u64).wrapping_mul(0x9e37));
         let (mut taken, mut held) = (0u64, 0u64);
         let stats = each_example(path, |line, msgs| {
             if let Some((w, split)) = eval.as_mut()
-                && (crate::merge::rng::uniform(draw, 2 * line) as f64) < *split
+                && (crate::rng::uniform(draw, 2 * line) as f64) < *split
             {
                 held += 1;
                 return write_example(&mut **w, msgs);
             }
             let whole = weight.trunc() as u64;
-            let extra = (crate::merge::rng::uniform(draw, 2 * line + 1) as f64) < weight.fract();
+            let extra = (crate::rng::uniform(draw, 2 * line + 1) as f64) < weight.fract();
             for _ in 0..whole + u64::from(extra) {
                 write_example(&mut *train, msgs)?;
                 taken += 1;

@@ -1,4 +1,5 @@
-//! The counter-based generator behind DARE and DELLA masks (contract 2).
+//! The counter-based generator behind DARE and DELLA masks (contract 2)
+//! and the seeded split and weighting of SFT data.
 //!
 //! A mask bit is a pure function of `(seed, tensor name, input, element
 //! index)`: no generator state is carried from one element to the next, so
