@@ -182,8 +182,3 @@ pub(crate) fn svg(results: &[TensorResult], title: &str, against: Option<&str>) 
     s.push_str("</svg>\n");
     s
 }
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-}

@@ -7,10 +7,11 @@ use std::collections::HashSet;
 use crate::arith::rows::RowRun;
 use crate::error::{Error, Result};
 use crate::model::checkpoint::{Checkpoint, Tensor, is_lm_head, is_vocab_matrix};
-use crate::model::dtype::{DType, FloatType};
+use crate::model::dtype::FloatType;
 use crate::model::layers::layers_of;
 use crate::plan::checks::{Problems, check_configs, check_fits, float_of, read_vocab};
 use crate::plan::shards::assign_shards;
+use crate::plan::skeleton::{Step, each_tensor};
 use crate::plan::vocab::{EmbeddingReport, RowMap, Vocabs, match_rows};
 use crate::plan::{Formula, Input, Op, OutTensor, Plan, Role, Source, scales_of};
 use crate::spec::embeddings::EmbeddingPolicy;
@@ -156,7 +157,6 @@ pub(crate) fn plan_apply(base: Checkpoint, side: VectorSide, opts: &ApplyOptions
     let base_vocab = read_vocab(&base)?;
     let vector_vocab = read_vocab(&vector_cks[0].1)?;
     let vocabs = Vocabs { base: base_vocab.as_ref(), vector: vector_vocab.as_ref() };
-    let mut problems = Problems::new("the base model and the chat vector do not line up");
 
     // A tied base has one matrix for input and output; a vector that changes
     // them differently cannot be applied to it faithfully. With the vector's
@@ -187,107 +187,79 @@ pub(crate) fn plan_apply(base: Checkpoint, side: VectorSide, opts: &ApplyOptions
         }
     }
 
-    let mut tensors = Vec::with_capacity(base.tensors.len());
     let mut embeddings = Vec::new();
-    for (bi, bt) in base.tensors.iter().enumerate() {
-        let base_src = Source { input: 0, tensor: bi };
-        let copy_op = |out: DType| -> Result<Op> {
-            if out == bt.dtype {
-                Ok(Op::Copy(base_src))
-            } else {
-                float_of(&base, bt, "--exclude").map(|_| Op::Convert(base_src))
+    let problems = Problems::new("the base model and the chat vector do not line up");
+    let mut out =
+        each_tensor(&base, 0, opts.out_dtype, "--exclude", problems, |base_src, bt, _, problems| {
+            let vocab_matrix = is_vocab_matrix(&bt.name);
+            if !sel.selects(&bt.name) || (vocab_matrix && opts.embeddings == EmbeddingPolicy::Skip) {
+                return Ok(Step::Keep);
             }
-        };
-        let out_dtype = match (opts.out_dtype, bt.dtype.float()) {
-            (Some(o), Some(_)) => o.dtype(),
-            _ => bt.dtype,
-        };
-        let vocab_matrix = is_vocab_matrix(&bt.name);
-        if !sel.selects(&bt.name) || (vocab_matrix && opts.embeddings == EmbeddingPolicy::Skip) {
-            tensors.push(OutTensor {
-                name: bt.name.clone(),
-                dtype: out_dtype,
-                shape: bt.shape.clone(),
-                op: copy_op(out_dtype)?,
-            });
-            continue;
-        }
-        float_of(&base, bt, "--exclude")?;
-        let lookup: Vec<Option<usize>> =
-            vector_cks.iter().map(|(_, ck)| ck.logical_index(&bt.name)).collect();
-        if let Some(k) = lookup.iter().position(Option::is_none) {
-            if omitted_ok.contains(&bt.name) {
-                tensors.push(OutTensor {
-                    name: bt.name.clone(),
-                    dtype: out_dtype,
-                    shape: bt.shape.clone(),
-                    op: copy_op(out_dtype)?,
-                });
-            } else {
+            float_of(&base, bt, "--exclude")?;
+            let lookup: Vec<Option<usize>> =
+                vector_cks.iter().map(|(_, ck)| ck.logical_index(&bt.name)).collect();
+            if let Some(k) = lookup.iter().position(Option::is_none) {
+                if omitted_ok.contains(&bt.name) {
+                    return Ok(Step::Keep);
+                }
                 problems.push(format!(
                     "'{}' is in the base but not in {}",
                     bt.name,
                     vector_cks[k].1.dir.display()
                 ));
+                return Ok(Step::Skip);
             }
-            continue;
-        }
-        // Sources on the vector side, inputs 1.. in order.
-        let found: Vec<Source> =
-            lookup.iter().enumerate().map(|(k, i)| Source { input: k + 1, tensor: i.unwrap() }).collect();
-        for (k, s) in found.iter().enumerate() {
-            let ck = &vector_cks[k].1;
-            float_of(ck, &ck.tensors[s.tensor], "--exclude")?;
-        }
-        let shape_of = |s: &Source| &vector_cks[s.input - 1].1.tensors[s.tensor].shape;
-        let vshape = shape_of(&found[0]);
-        if found.len() == 2 && shape_of(&found[1]) != vshape {
-            problems.push(format!(
-                "'{}': chat shape {:?} vs pretrained {:?}",
-                bt.name,
-                vshape,
-                shape_of(&found[1])
-            ));
-            continue;
-        }
-        let same_row_shape = vshape.len() == bt.shape.len() && vshape.get(1..) == bt.shape.get(1..);
-        let (runs, row_len) = if vocab_matrix && same_row_shape && !bt.shape.is_empty() {
-            let rm: RowMap = match_rows(&bt.name, opts.embeddings, bt.shape[0], vshape[0], &vocabs)?;
-            if let Some(w) = &rm.warning {
-                warnings.push(w.clone());
+            // Sources on the vector side, inputs 1.. in order.
+            let found: Vec<Source> =
+                lookup.iter().enumerate().map(|(k, i)| Source { input: k + 1, tensor: i.unwrap() }).collect();
+            for (k, s) in found.iter().enumerate() {
+                let ck = &vector_cks[k].1;
+                float_of(ck, &ck.tensors[s.tensor], "--exclude")?;
             }
-            embeddings.push(EmbeddingReport {
-                tensor: bt.name.clone(),
-                rows: bt.shape[0],
-                rows_with_vector: rm.matched(),
-                policy: rm.how,
-            });
-            (rm.runs, bt.shape[1..].iter().product())
-        } else if *vshape == bt.shape {
-            (vec![RowRun { base_row: 0, vector_row: 0, rows: bt.numel() }], 1)
-        } else {
-            problems.push(format!("'{}': base shape {:?} vs vector {:?}", bt.name, bt.shape, vshape));
-            continue;
-        };
-        // The vector side is a stored vector, or a chat and a pretrained model.
-        let formula = match found[..] {
-            [chat, pre] => Formula::AddDiff { base: base_src, chat, pre },
-            [vector, ..] => Formula::AddScaled { base: base_src, vector },
-            [] => continue,
-        };
-        tensors.push(OutTensor {
-            name: bt.name.clone(),
-            dtype: out_dtype,
-            shape: bt.shape.clone(),
-            op: Op::Arith { formula, runs, row_len },
-        });
-    }
+            let shape_of = |s: &Source| &vector_cks[s.input - 1].1.tensors[s.tensor].shape;
+            let vshape = shape_of(&found[0]);
+            if found.len() == 2 && shape_of(&found[1]) != vshape {
+                problems.push(format!(
+                    "'{}': chat shape {:?} vs pretrained {:?}",
+                    bt.name,
+                    vshape,
+                    shape_of(&found[1])
+                ));
+                return Ok(Step::Skip);
+            }
+            let same_row_shape = vshape.len() == bt.shape.len() && vshape.get(1..) == bt.shape.get(1..);
+            let (runs, row_len) = if vocab_matrix && same_row_shape && !bt.shape.is_empty() {
+                let rm: RowMap = match_rows(&bt.name, opts.embeddings, bt.shape[0], vshape[0], &vocabs)?;
+                if let Some(w) = &rm.warning {
+                    warnings.push(w.clone());
+                }
+                embeddings.push(EmbeddingReport {
+                    tensor: bt.name.clone(),
+                    rows: bt.shape[0],
+                    rows_with_vector: rm.matched(),
+                    policy: rm.how,
+                });
+                (rm.runs, bt.shape[1..].iter().product())
+            } else if *vshape == bt.shape {
+                (vec![RowRun { base_row: 0, vector_row: 0, rows: bt.numel() }], 1)
+            } else {
+                problems.push(format!("'{}': base shape {:?} vs vector {:?}", bt.name, bt.shape, vshape));
+                return Ok(Step::Skip);
+            };
+            // The vector side is a stored vector, or a chat and a pretrained model.
+            let formula = match found[..] {
+                [chat, pre] => Formula::AddDiff { base: base_src, chat, pre },
+                [vector, ..] => Formula::AddScaled { base: base_src, vector },
+                [] => return Ok(Step::Skip),
+            };
+            Ok(Step::Make(Op::Arith { formula, runs, row_len }))
+        })?;
     // Tensors of the vector side the base does not have mean the
     // architectures differ.
     for (_, ck) in &vector_cks {
         for t in &ck.tensors {
             if base.logical(&t.name).is_none() && sel.selects(&t.name) {
-                problems.push(format!(
+                out.problems.push(format!(
                     "'{}' is in {} but not in the base {}",
                     t.name,
                     ck.dir.display(),
@@ -296,15 +268,16 @@ pub(crate) fn plan_apply(base: Checkpoint, side: VectorSide, opts: &ApplyOptions
             }
         }
     }
-    problems.into_result()?;
-    let shards = assign_shards(&tensors, common.shard_size);
-    let mut inputs = vec![Input::new(Role::Base, base)];
-    inputs.extend(vector_cks.into_iter().map(|(role, ckpt)| Input::new(role, ckpt)));
     // Every tensor's scale in every variant, resolved here once.
     let scales = if opts.candidates.is_empty() {
-        vec![scales_of(&tensors, |t| sel.scale(&t.name))]
+        vec![scales_of(&out.tensors, |t| sel.scale(&t.name))]
     } else {
-        opts.candidates.iter().map(|c| scales_of(&tensors, |t| sel.scale_with(&t.name, c))).collect()
+        opts.candidates.iter().map(|c| scales_of(&out.tensors, |t| sel.scale_with(&t.name, c))).collect()
     };
-    Ok(Plan { inputs, tensors, shards, embeddings, omitted: Vec::new(), warnings, vocab_union: None, scales })
+    let mut inputs = vec![Input::new(Role::Base, base)];
+    inputs.extend(vector_cks.into_iter().map(|(role, ckpt)| Input::new(role, ckpt)));
+    let mut plan = out.into_plan(inputs, common.shard_size, warnings)?;
+    plan.embeddings = embeddings;
+    plan.scales = scales;
+    Ok(plan)
 }

@@ -18,8 +18,8 @@ use crate::model::dtype::{DType, FloatType};
 use crate::model::layers::layers_of;
 use crate::plan::chat_vector::Common;
 use crate::plan::checks::{Problems, float_of};
-use crate::plan::shards::assign_shards;
-use crate::plan::{Formula, Input, Op, OutTensor, Plan, Role, Source};
+use crate::plan::skeleton::{Step, each_tensor};
+use crate::plan::{Formula, Input, Op, Plan, Role, Source};
 
 /// Plans `base + adapter`: every tensor of the base, the adapted ones
 /// computed.
@@ -52,16 +52,8 @@ pub(crate) fn plan_lora(
             });
         }
     }
-    let mut tensors = Vec::with_capacity(base.tensors.len());
-    // Each tensor's scale (the plan's one variant).
-    let mut scales = Vec::with_capacity(base.tensors.len());
     let mut left_out = 0usize;
-    for (bi, bt) in base.tensors.iter().enumerate() {
-        let base_src = Source { input: 0, tensor: bi };
-        let out_ty = match (out_dtype, bt.dtype.float()) {
-            (Some(o), Some(_)) => o.dtype(),
-            _ => bt.dtype,
-        };
+    let out = each_tensor(&base, 0, out_dtype, "--exclude", problems, |base_src, bt, out_ty, problems| {
         let copy = |src: Source, from: DType| -> Op {
             if from == out_ty { Op::Copy(src) } else { Op::Convert(src) }
         };
@@ -69,13 +61,8 @@ pub(crate) fn plan_lora(
         if change.is_some() && !sel.selects(&bt.name) {
             left_out += 1;
         }
-        let (op, scale) = match change.filter(|_| sel.selects(&bt.name)) {
-            None => {
-                if out_ty != bt.dtype {
-                    float_of(&base, bt, "--exclude")?;
-                }
-                (copy(base_src, bt.dtype), None)
-            }
+        Ok(match change.filter(|_| sel.selects(&bt.name)) {
+            None => Step::Keep,
             Some(Change::Replace(ai)) => {
                 let at = &ack.tensors[*ai];
                 float_of(&base, bt, "--exclude")?;
@@ -87,19 +74,19 @@ pub(crate) fn plan_lora(
                         bt.shape,
                         if at.shape.first() != bt.shape.first() { " (a resized vocabulary?)" } else { "" }
                     ));
-                    continue;
+                    return Ok(Step::Skip);
                 }
                 let new = Source { input: 1, tensor: *ai };
                 let scale = sel.scale(&bt.name);
                 if scale == 1.0 {
-                    (copy(new, at.dtype), None)
+                    Step::Make(copy(new, at.dtype))
                 } else {
                     let op = Op::Arith {
                         formula: Formula::AddDiff { base: base_src, chat: new, pre: base_src },
                         runs: vec![RowRun { base_row: 0, vector_row: 0, rows: bt.numel() }],
                         row_len: 1,
                     };
-                    (op, Some(scale))
+                    Step::Scaled(op, scale)
                 }
             }
             Some(Change::LowRank { module, a, b, rank, scaling, embedding, base_layer }) => {
@@ -113,7 +100,7 @@ pub(crate) fn plan_lora(
                             "'{}': the adapter saves its base layer as {:?}, the base's is {:?} (a resized vocabulary?)",
                             bt.name, ack.tensors[*i].shape, bt.shape
                         ));
-                        continue;
+                        return Ok(Step::Skip);
                     }
                     Some(i) => Source { input: 1, tensor: *i },
                     None => base_src,
@@ -133,7 +120,7 @@ pub(crate) fn plan_lora(
                                 _ => "a Linear layer",
                             }
                         ));
-                        continue;
+                        return Ok(Step::Skip);
                     }
                     (Some(kind), false) => {
                         let conv = kind == LayerKind::Conv1D;
@@ -154,7 +141,7 @@ pub(crate) fn plan_lora(
                         problems.push(format!(
                             "'{module}': the base has no model_type (no config.json), so whether it is a Linear or a Conv1D layer, which decides how fan_in_fan_out applies, is not known"
                         ));
-                        continue;
+                        return Ok(Step::Skip);
                     }
                     (None, false) => true,
                 };
@@ -166,7 +153,7 @@ pub(crate) fn plan_lora(
                         "'{}': the base's is {:?}, the adapter's rank-{rank} update is {:?}",
                         bt.name, bt.shape, update
                     ));
-                    continue;
+                    return Ok(Step::Skip);
                 }
                 let scale = (f64::from(sel.scale(&bt.name)) * scaling) as f32;
                 if !scale.is_finite() {
@@ -187,28 +174,15 @@ pub(crate) fn plan_lora(
                     runs: vec![RowRun { base_row: 0, vector_row: 0, rows: bt.numel() }],
                     row_len: 1,
                 };
-                (op, Some(scale))
+                Step::Scaled(op, scale)
             }
-        };
-        scales.push(scale);
-        tensors.push(OutTensor { name: bt.name.clone(), dtype: out_ty, shape: bt.shape.clone(), op });
-    }
-    problems.into_result()?;
+        })
+    })?;
     warnings.extend(flag_ignored);
     if left_out > 0 {
         warnings
             .push(format!("{left_out} tensor(s) the adapter changes are excluded and stay as in the base"));
     }
-    let shards = assign_shards(&tensors, common.shard_size);
     let inputs = vec![Input::new(Role::Base, base), Input::new(Role::Adapter, adapter.ckpt)];
-    Ok(Plan {
-        inputs,
-        tensors,
-        shards,
-        embeddings: Vec::new(),
-        omitted: Vec::new(),
-        warnings,
-        vocab_union: None,
-        scales: vec![scales],
-    })
+    out.into_plan(inputs, common.shard_size, warnings)
 }

@@ -14,9 +14,9 @@ use crate::model::dtype::FloatType;
 use crate::model::layers::{layer_index, layer_position};
 use crate::model::tokenizer::Vocab;
 use crate::plan::checks::{Problems, check_configs, check_fits, float_of, read_vocab};
-use crate::plan::shards::assign_shards;
+use crate::plan::skeleton::{Step, each_tensor};
 use crate::plan::vocab::{EmbeddingReport, RowMap, Vocabs, match_rows};
-use crate::plan::{Input, MergeOp, Op, OutTensor, Plan, Source, UnionRows, VocabUnion};
+use crate::plan::{Input, MergeOp, Op, Plan, Source, UnionRows, VocabUnion};
 use crate::spec::embeddings::EmbeddingPolicy;
 
 /// A merge, as data.
@@ -95,7 +95,7 @@ pub(crate) fn plan_merge(inputs: Vec<Input>, spec: &MergeSpec) -> Result<Plan> {
     // Linear has no base role: a base it merges is one of the models.
     let base_in = if spec.method.needs_base() { spec.base } else { None };
     let involved: Vec<usize> = base_in.into_iter().chain(spec.models.iter().copied()).collect();
-    let mut problems = Problems::new("the models to merge do not line up");
+    let problems = Problems::new("the models to merge do not line up");
     let mut vocabs: Vec<Option<Option<Vocab>>> = (0..inputs.len()).map(|_| None).collect();
     let mut embeddings = Vec::new();
     let union = if spec.union {
@@ -106,145 +106,131 @@ pub(crate) fn plan_merge(inputs: Vec<Input>, spec: &MergeSpec) -> Result<Plan> {
     };
     // The reference's vocabulary, for linear's vocabulary matrices that differ.
     let mut aligned: Option<Union> = None;
-    let mut tensors = Vec::with_capacity(rck.tensors.len());
-    for (ti, t) in rck.tensors.iter().enumerate() {
-        let out_dtype = match (spec.out_dtype, t.dtype.float()) {
-            (Some(o), Some(_)) => o.dtype(),
-            _ => t.dtype,
-        };
-        let reference_src = Source { input: reference, tensor: ti };
-        if t.dtype.float().is_none() {
-            // Integer buffers (e.g. position ids) are not merged.
-            tensors.push(OutTensor {
-                name: t.name.clone(),
-                dtype: t.dtype,
-                shape: t.shape.clone(),
-                op: Op::Copy(reference_src),
-            });
-            continue;
-        }
-        // Linear has no base to take a delta against, so a model whose
-        // vocabulary matrix has other rows is aligned as mergekit does: by
-        // token, onto the reference's vocabulary, a missing row filled from
-        // the base (or the one model, or the mean, that has the token).
-        if union.is_none()
-            && base_in.is_none()
-            && aligned.is_none()
-            && is_vocab_matrix(&t.name)
-            && involved.iter().any(|&i| inputs[i].ckpt.logical(&t.name).is_some_and(|x| x.shape != t.shape))
-        {
-            let why = format!("'{}' has other rows in some models; aligning them by token", t.name);
-            aligned = Some(shared_vocab(&inputs, &involved, reference, spec.base.is_some(), false, &why)?);
-        }
-        if let Some(u) = union.as_ref().or(aligned.as_ref())
-            && is_vocab_matrix(&t.name)
-        {
-            match union_tensor(&inputs, &involved, u, &t.name, &t.shape) {
-                Ok(rows) => {
-                    if union.is_none() {
-                        embeddings.extend(aligned_reports(
-                            &inputs,
-                            &involved,
-                            u,
+    let mut out =
+        each_tensor(rck, reference, spec.out_dtype, "a parameter rule", problems, |_, t, _, problems| {
+            if t.dtype.float().is_none() {
+                // Integer buffers (e.g. position ids) are not merged.
+                return Ok(Step::Keep);
+            }
+            // Linear has no base to take a delta against, so a model whose
+            // vocabulary matrix has other rows is aligned as mergekit does: by
+            // token, onto the reference's vocabulary, a missing row filled from
+            // the base (or the one model, or the mean, that has the token).
+            if union.is_none()
+                && base_in.is_none()
+                && aligned.is_none()
+                && is_vocab_matrix(&t.name)
+                && involved
+                    .iter()
+                    .any(|&i| inputs[i].ckpt.logical(&t.name).is_some_and(|x| x.shape != t.shape))
+            {
+                let why = format!("'{}' has other rows in some models; aligning them by token", t.name);
+                aligned =
+                    Some(shared_vocab(&inputs, &involved, reference, spec.base.is_some(), false, &why)?);
+            }
+            if let Some(u) = union.as_ref().or(aligned.as_ref())
+                && is_vocab_matrix(&t.name)
+            {
+                return match union_tensor(&inputs, &involved, u, &t.name, &t.shape) {
+                    Ok(rows) => {
+                        if union.is_none() {
+                            embeddings.extend(aligned_reports(
+                                &inputs,
+                                &involved,
+                                u,
+                                &t.name,
+                                &rows.table.tables,
+                            ));
+                        }
+                        let mut shape = t.shape.clone();
+                        shape[0] = u.base_rows + u.added.len() as u64;
+                        let (base, models) = match base_in {
+                            Some(_) => (Some(rows.sources[0]), rows.sources[1..].to_vec()),
+                            None => (None, rows.sources.clone()),
+                        };
+                        let params = methods::resolve(
+                            spec.method,
+                            &param_sources,
                             &t.name,
-                            &rows.table.tables,
-                        ));
-                    }
-                    let mut shape = t.shape.clone();
-                    shape[0] = u.base_rows + u.added.len() as u64;
-                    let (base, models) = match base_in {
-                        Some(_) => (Some(rows.sources[0]), rows.sources[1..].to_vec()),
-                        None => (None, rows.sources.clone()),
-                    };
-                    let params = methods::resolve(
-                        spec.method,
-                        &param_sources,
-                        &t.name,
-                        layer_position(&t.name, layers),
-                    )?;
-                    let n_models = models.len();
-                    tensors.push(OutTensor {
-                        name: t.name.clone(),
-                        dtype: out_dtype,
-                        shape,
-                        op: Op::Merge(Box::new(MergeOp {
+                            layer_position(&t.name, layers),
+                        )?;
+                        let n_models = models.len();
+                        let op = Op::Merge(Box::new(MergeOp {
                             merge: TensorMerge { method: spec.method, params, seed: spec.seed },
                             base,
                             models,
                             rows: vec![None; n_models],
                             union: Some(Box::new(rows)),
-                        })),
+                        }));
+                        Ok(Step::Shaped(op, shape))
+                    }
+                    Err(p) => {
+                        problems.push(p);
+                        Ok(Step::Skip)
+                    }
+                };
+            }
+            let mut srcs = Vec::with_capacity(involved.len());
+            let mut rows = Vec::with_capacity(involved.len());
+            for &i in &involved {
+                let ck = &inputs[i].ckpt;
+                let Some(j) = ck.logical_index(&t.name) else {
+                    problems.push(format!("'{}' is missing from {}", t.name, inputs[i].label));
+                    continue;
+                };
+                let shape = &ck.tensors[j].shape;
+                if *shape == t.shape {
+                    rows.push(None);
+                } else if let Some(rm) =
+                    align_rows(&inputs, &mut vocabs, base_in, i, &t.name, &t.shape, shape)?
+                {
+                    if let Some(w) = &rm.warning {
+                        warnings.push(w.clone());
+                    }
+                    embeddings.push(EmbeddingReport {
+                        tensor: format!("{} from {}", t.name, inputs[i].label),
+                        rows: t.shape[0],
+                        rows_with_vector: rm.matched(),
+                        policy: rm.how,
                     });
+                    rows.push(Some((rm.runs, t.shape[1..].iter().product())));
+                } else {
+                    problems.push(format!(
+                        "'{}': {} has shape {:?}, {} has {:?}",
+                        t.name, inputs[reference].label, t.shape, inputs[i].label, shape
+                    ));
+                    continue;
                 }
-                Err(p) => problems.push(p),
+                float_of(ck, &ck.tensors[j], "a parameter rule")?;
+                srcs.push(Source { input: i, tensor: j });
             }
-            continue;
-        }
-        let mut srcs = Vec::with_capacity(involved.len());
-        let mut rows = Vec::with_capacity(involved.len());
-        for &i in &involved {
-            let ck = &inputs[i].ckpt;
-            let Some(j) = ck.logical_index(&t.name) else {
-                problems.push(format!("'{}' is missing from {}", t.name, inputs[i].label));
-                continue;
-            };
-            let shape = &ck.tensors[j].shape;
-            if *shape == t.shape {
-                rows.push(None);
-            } else if let Some(rm) = align_rows(&inputs, &mut vocabs, base_in, i, &t.name, &t.shape, shape)? {
-                if let Some(w) = &rm.warning {
-                    warnings.push(w.clone());
-                }
-                embeddings.push(EmbeddingReport {
-                    tensor: format!("{} from {}", t.name, inputs[i].label),
-                    rows: t.shape[0],
-                    rows_with_vector: rm.matched(),
-                    policy: rm.how,
-                });
-                rows.push(Some((rm.runs, t.shape[1..].iter().product())));
-            } else {
-                problems.push(format!(
-                    "'{}': {} has shape {:?}, {} has {:?}",
-                    t.name, inputs[reference].label, t.shape, inputs[i].label, shape
-                ));
-                continue;
+            if srcs.len() != involved.len() {
+                return Ok(Step::Skip);
             }
-            float_of(ck, &ck.tensors[j], "a parameter rule")?;
-            srcs.push(Source { input: i, tensor: j });
-        }
-        if srcs.len() != involved.len() {
-            continue;
-        }
-        let base = base_in.map(|_| {
-            rows.remove(0);
-            srcs.remove(0)
-        });
-        let params = methods::resolve(spec.method, &param_sources, &t.name, layer_position(&t.name, layers))?;
-        tensors.push(OutTensor {
-            name: t.name.clone(),
-            dtype: out_dtype,
-            shape: t.shape.clone(),
-            op: Op::Merge(Box::new(MergeOp {
+            let base = base_in.map(|_| {
+                rows.remove(0);
+                srcs.remove(0)
+            });
+            let params =
+                methods::resolve(spec.method, &param_sources, &t.name, layer_position(&t.name, layers))?;
+            Ok(Step::Make(Op::Merge(Box::new(MergeOp {
                 merge: TensorMerge { method: spec.method, params, seed: spec.seed },
                 base,
                 models: srcs,
                 rows,
                 union: None,
-            })),
-        });
-    }
+            }))))
+        })?;
     for &i in &involved {
         for t in &inputs[i].ckpt.tensors {
             if rck.logical(&t.name).is_none() {
-                problems.push(format!(
+                out.problems.push(format!(
                     "'{}' is in {} but not in {}",
                     t.name, inputs[i].label, inputs[reference].label
                 ));
             }
         }
     }
-    problems.into_result()?;
-    let shards = assign_shards(&tensors, spec.shard_size);
     let vocab_union = union.map(|u| VocabUnion {
         base_rows: u.base_rows,
         added: u
@@ -261,16 +247,10 @@ pub(crate) fn plan_merge(inputs: Vec<Input>, spec: &MergeSpec) -> Result<Plan> {
             v.base_rows
         ));
     }
-    Ok(Plan {
-        inputs,
-        tensors,
-        shards,
-        embeddings,
-        omitted: Vec::new(),
-        warnings,
-        vocab_union,
-        scales: Vec::new(),
-    })
+    let mut plan = out.into_plan(inputs, spec.shard_size, warnings)?;
+    plan.embeddings = embeddings;
+    plan.vocab_union = vocab_union;
+    Ok(plan)
 }
 
 /// For a vocabulary matrix of model `i` whose row count differs from the

@@ -7,6 +7,7 @@
 //! - `lora`: plans of `apply --lora` (a LoRA adapter merged into its base);
 //! - `merge`: plans of the merge methods, parameters resolved per tensor;
 //! - `vocab`: which embedding rows line up when vocabularies differ;
+//! - `skeleton`: the per-tensor loop apply, LoRA and merge plans plug into;
 //! - `shards`: output shard files, as transformers lays them out;
 //! - `describe`: the `--dry-run` listing.
 //!
@@ -20,6 +21,7 @@ pub(crate) mod describe;
 pub(crate) mod lora;
 pub(crate) mod merge;
 pub(crate) mod shards;
+pub(crate) mod skeleton;
 pub(crate) mod vocab;
 
 use std::ops::Range;
