@@ -356,6 +356,62 @@ fn pytorch_bin_shapes_beyond_their_storage_are_refused() {
     }
 }
 
+/// Pickles that made candle's reader panic (found by the `torch_bin` fuzz
+/// target and by reading it): an integer wider than int64, a tensor
+/// rebuilt from too few arguments, a negative storage offset. Each is one
+/// error naming the file and what was expected, exit 1, no panic.
+#[test]
+fn pickles_that_crashed_the_bin_reader_are_refused_naming_the_file() {
+    let d = tempfile::tempdir().unwrap();
+    // The storage offset, the `J` int right after the storage's persistent id.
+    let offset = |p: &[u8]| p.windows(3).position(|w| w == b"tQJ").unwrap() + 2;
+    type Edit = Box<dyn FnOnce(Vec<u8>) -> Vec<u8>>;
+    let cases: Vec<(&str, Edit, &str)> = vec![
+        (
+            "long",
+            Box::new(move |p: Vec<u8>| {
+                let at = offset(&p);
+                let mut q = p[..at].to_vec();
+                q.extend_from_slice(&[0x8a, 9, 0, 0, 0, 0, 0, 0, 0, 0, 0]);
+                q.extend_from_slice(&p[at + 5..]);
+                q
+            }),
+            "a LONG1 integer of 9 bytes; expected at most 8",
+        ),
+        (
+            "few",
+            Box::new(move |p: Vec<u8>| {
+                let at = offset(&p) + 5;
+                let mut q = p[..at].to_vec();
+                q.extend_from_slice(b"tRu.");
+                q
+            }),
+            "tensor 'w'",
+        ),
+        (
+            "negative",
+            Box::new(move |p: Vec<u8>| {
+                let at = offset(&p);
+                let mut q = p.clone();
+                q[at + 1..at + 5].copy_from_slice(&(-1i32).to_le_bytes());
+                q
+            }),
+            "tensor 'w'",
+        ),
+    ];
+    for (name, edit, needle) in cases {
+        let dir = d.path().join(name);
+        std::fs::create_dir_all(&dir).unwrap();
+        let t = T { name: "w".into(), ty: Ty::F32, shape: vec![2, 2], data: vec![0u8; 16] };
+        write_torch_bin_with(&dir.join("pytorch_model.bin"), &[t], edit);
+        let o = chatvec(&["inspect", s(&dir)]);
+        let e = stderr(&o);
+        assert_eq!(o.status.code(), Some(1), "{name}: {e}");
+        assert!(e.contains("pytorch_model.bin: ") && e.contains(needle), "{name}: {e}");
+        assert!(!e.contains("panicked"), "{name}: {e}");
+    }
+}
+
 #[test]
 fn bad_vector_directory_is_refused() {
     let d = tempfile::tempdir().unwrap();

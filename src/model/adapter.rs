@@ -372,7 +372,7 @@ pub(crate) struct Adapter {
 
 impl Adapter {
     /// Opens the adapter in `dir`.
-    pub fn open(dir: &Path) -> Result<Adapter> {
+    pub(crate) fn open(dir: &Path) -> Result<Adapter> {
         if !dir.is_dir() {
             return Err(Error::Usage(format!("{} is not a directory", dir.display())));
         }
@@ -387,11 +387,7 @@ impl Adapter {
             ));
         }
         let text = read_capped(&config_path, MAX_CONFIG_BYTES)?;
-        // serde_json keeps the file's key order (`preserve_order`), which
-        // decides the pattern maps' first match.
-        let doc: serde_json::Value = serde_json::from_slice(&text)
-            .map_err(|e| Error::bad_file(&config_path, format!("invalid adapter config: {e}")))?;
-        let config = LoraConfig::check(&doc, &config_path)?;
+        let config = LoraConfig::parse(&text, &config_path)?;
         let ckpt = if dir.join(ADAPTER_WEIGHTS).is_file() {
             Checkpoint::open_file(dir, ADAPTER_WEIGHTS, false)?
         } else if dir.join(ADAPTER_BIN).is_file() {
@@ -414,18 +410,18 @@ impl Adapter {
     }
 
     /// The adapter's directory.
-    pub fn dir(&self) -> &Path {
+    pub(crate) fn dir(&self) -> &Path {
         &self.ckpt.dir
     }
 
     /// The weight file.
-    pub fn weights_path(&self) -> PathBuf {
+    pub(crate) fn weights_path(&self) -> PathBuf {
         self.ckpt.shards[0].path.clone()
     }
 }
 
 /// The checked config.
-struct LoraConfig {
+pub(crate) struct LoraConfig {
     r: u64,
     alpha: f64,
     use_rslora: bool,
@@ -437,6 +433,16 @@ struct LoraConfig {
 }
 
 impl LoraConfig {
+    /// The config in an adapter_config.json's bytes, `file` naming it in
+    /// errors: the JSON, its checks, the pattern maps compiled.
+    pub(crate) fn parse(text: &[u8], file: &Path) -> Result<LoraConfig> {
+        // serde_json keeps the file's key order (`preserve_order`), which
+        // decides the pattern maps' first match.
+        let doc: serde_json::Value = serde_json::from_slice(text)
+            .map_err(|e| Error::bad_file(file, format!("invalid adapter config: {e}")))?;
+        LoraConfig::check(&doc, file)
+    }
+
     fn check(doc: &serde_json::Value, file: &Path) -> Result<LoraConfig> {
         let raw: RawConfig = serde_json::from_value(doc.clone())
             .map_err(|e| Error::bad_file(file, format!("invalid adapter config: {e}")))?;
@@ -550,7 +556,7 @@ impl LoraConfig {
 
     /// `(r, alpha)` of module `module` (its name in the base model), each
     /// looked up in its own map, as PEFT does; `work` counts comparisons.
-    fn rank_alpha(&self, module: &str, work: &mut u64) -> (u64, f64) {
+    pub(crate) fn rank_alpha(&self, module: &str, work: &mut u64) -> (u64, f64) {
         (
             self.rank_pattern.find(module, work).map_or(self.r, |p| p.1),
             self.alpha_pattern.find(module, work).map_or(self.alpha, |p| p.1),

@@ -20,7 +20,7 @@ const MAX_TOKEN_ID: u64 = 16 << 20;
 
 /// A vocabulary: token id <-> token string.
 #[derive(Debug)]
-pub struct Vocab {
+pub(crate) struct Vocab {
     pub path: PathBuf,
     pub id_to_token: Vec<Option<String>>,
     pub token_to_id: HashMap<String, u32>,
@@ -28,10 +28,16 @@ pub struct Vocab {
 
 impl Vocab {
     /// Reads the vocabulary of the tokenizer.json at `path`.
-    pub fn read(path: &Path) -> Result<Vocab> {
+    pub(crate) fn read(path: &Path) -> Result<Vocab> {
         let bytes = read_capped(path, MAX_TOKENIZER_BYTES)?;
-        let v: Value = serde_json::from_slice(&bytes)
-            .map_err(|e| Error::bad_file(path, format!("invalid JSON: {e}")))?;
+        Vocab::parse(&bytes, path)
+    }
+
+    /// The vocabulary of a tokenizer.json's bytes, `path` naming it in
+    /// errors (and in the result).
+    pub(crate) fn parse(bytes: &[u8], path: &Path) -> Result<Vocab> {
+        let v: Value =
+            serde_json::from_slice(bytes).map_err(|e| Error::bad_file(path, format!("invalid JSON: {e}")))?;
         let mut vocab =
             Vocab { path: path.to_path_buf(), id_to_token: Vec::new(), token_to_id: HashMap::new() };
         match v.pointer("/model/vocab") {
@@ -102,12 +108,12 @@ impl Vocab {
     }
 
     /// The token with id `id`.
-    pub fn token(&self, id: u64) -> Option<&str> {
+    pub(crate) fn token(&self, id: u64) -> Option<&str> {
         self.id_to_token.get(id as usize).and_then(|t| t.as_deref())
     }
 
     /// The id of `token`.
-    pub fn id(&self, token: &str) -> Option<u32> {
+    pub(crate) fn id(&self, token: &str) -> Option<u32> {
         self.token_to_id.get(token).copied()
     }
 }

@@ -8,7 +8,11 @@
 //! a fixed offset of the file: chatvec maps the file and points at them,
 //! exactly as for safetensors. Outputs are always safetensors.
 
-use std::path::Path;
+use std::io::{BufRead, BufReader, Read, Seek};
+use std::path::{Path, PathBuf};
+
+use candle_core::Context;
+use candle_core::pickle::{Object, Stack, TensorInfo};
 
 use crate::error::{Error, Result};
 use crate::model::dtype::DType;
@@ -30,18 +34,247 @@ pub(crate) struct BinTensor {
 /// Reads the tensor table of the `.bin` file at `path` (of `file_len`
 /// bytes), in file order.
 pub(crate) fn read_bin(path: &Path, file_len: u64) -> Result<Vec<BinTensor>> {
-    let bad = |m: String| Error::format(path, m);
-    let infos = candle_core::pickle::read_pth_tensor_info(path, false, None).map_err(|e| {
-        bad(format!(
+    let file = std::fs::File::open(path).map_err(|e| not_pth(path, e.into()))?;
+    let infos = pth_tensor_info(BufReader::new(file), path)?;
+    let open = || Ok(BufReader::new(crate::json::open_regular(path)?));
+    tensor_table(path, infos, open, file_len)
+}
+
+/// [`read_bin`] over a whole `.bin` file's bytes, `path` naming it in
+/// errors: the same checks and messages, without the file (for the fuzz
+/// target).
+#[cfg(fuzzing)]
+pub(crate) fn parse_bin(bytes: &[u8], path: &Path) -> Result<Vec<BinTensor>> {
+    use std::io::Cursor;
+    let infos = pth_tensor_info(Cursor::new(bytes), path)?;
+    tensor_table(path, infos, || Ok(Cursor::new(bytes)), bytes.len() as u64)
+}
+
+/// The error for a file candle's pickle reader refuses.
+fn not_pth(path: &Path, e: candle_core::Error) -> Error {
+    Error::format(
+        path,
+        format!(
             "is not a PyTorch zip checkpoint ({e}); files saved by torch < 1.6 must be re-saved with a current torch"
-        ))
-    })?;
+        ),
+    )
+}
+
+/// candle-core 0.11's `pickle::read_pth_tensor_info(file, false, None)`
+/// over any reader (that one takes a path): the tensors of every
+/// `*data.pkl` in the zip, each pickle read by candle's `Stack`. What
+/// candle would panic on (or, without overflow checks, misread) is
+/// refused first: a LONG1 integer of more than 8 bytes, and a tensor
+/// entry with too few rebuild arguments or a negative offset (see
+/// [`bad_rebuild`]).
+fn pth_tensor_info<R: Read + Seek>(reader: R, path: &Path) -> Result<Vec<TensorInfo>> {
+    let not_pth = |e: candle_core::Error| not_pth(path, e);
+    let mut zip = zip::ZipArchive::new(reader).map_err(|e| not_pth(e.into()))?;
+    let zip_file_names = zip
+        .file_names()
+        .map(|f| f.map(|f| f.into_owned()))
+        .collect::<std::result::Result<Vec<String>, _>>()
+        .map_err(|e| not_pth(e.into()))?;
+    let mut tensor_infos = vec![];
+    for file_name in zip_file_names.iter() {
+        if !file_name.ends_with("data.pkl") {
+            continue;
+        }
+        let dir_name = PathBuf::from(file_name.strip_suffix(".pkl").context("no .pkl").map_err(not_pth)?);
+        let reader = zip.by_name(file_name).map_err(|e| not_pth(e.into()))?;
+        let mut reader = Lookahead::new(reader);
+        let mut stack = Stack::empty();
+        loop {
+            // candle shifts LONG1's bytes by 8 x their index, which
+            // overflows past the 8 bytes of its i64. Its length byte is
+            // looked at only after a LONG1 opcode, so the stream is read
+            // no further than candle reads it.
+            if reader.peek(1).map_err(|e| not_pth(e.into()))? == [LONG1]
+                && let [_, n, ..] = *reader.peek(2).map_err(|e| not_pth(e.into()))?
+                && n > 8
+            {
+                return Err(Error::format(
+                    path,
+                    format!("{file_name}: a LONG1 integer of {n} bytes; expected at most 8 (an int64)"),
+                ));
+            }
+            if stack.read(&mut reader).map_err(not_pth)? {
+                break;
+            }
+        }
+        let obj = stack.finalize().map_err(not_pth)?;
+        // A TorchScript archive's module: its state is the dict.
+        let obj = match obj {
+            Object::Build { callable, args } => match *callable {
+                Object::Reduce { callable, args: _ } => match *callable {
+                    Object::Class { module_name, class_name }
+                        if module_name == "__torch__" && class_name == "Module" =>
+                    {
+                        *args
+                    }
+                    _ => continue,
+                },
+                _ => continue,
+            },
+            obj => obj,
+        };
+        if let Object::Dict(key_values) = obj {
+            for (name, value) in key_values.into_iter() {
+                if let (Object::Unicode(name), Some(why)) = (&name, bad_rebuild(&value)) {
+                    return Err(Error::format(path, format!("{file_name}: tensor '{name}': {why}")));
+                }
+                match value.into_tensor_info(name, &dir_name) {
+                    Ok(Some(tensor_info)) => tensor_infos.push(tensor_info),
+                    Ok(None) => {}
+                    // As candle does, an entry it cannot read is skipped
+                    // and said (through `ui`, which escapes what a hostile
+                    // name could hide in it).
+                    Err(err) => crate::ui::warn(&format!("{}: skipping: {err}", path.display())),
+                }
+            }
+        }
+    }
+    Ok(tensor_infos)
+}
+
+/// The pickle opcode LONG1: a length byte, then that many bytes of a
+/// little-endian integer.
+const LONG1: u8 = 0x8a;
+
+/// What is wrong with a state-dict value that candle's `into_tensor_info`
+/// would panic on: it takes its arguments out of their tuples by position
+/// (`Vec::remove`) without checking their number, and multiplies the
+/// storage offset by the element size unchecked. `None` for a value it
+/// reads, skips or refuses without panicking.
+fn bad_rebuild(value: &Object) -> Option<String> {
+    let is = |o: &Object, module: &str, class: &str| match o {
+        Object::Class { module_name, class_name } => module_name == module && class_name == class,
+        _ => false,
+    };
+    let Object::Reduce { callable, args } = value else { return None };
+    let (callable, args) = match (&**callable, &**args) {
+        (c, Object::Tuple(a)) if is(c, "torch._tensor", "_rebuild_from_type_v2") => match &a[..] {
+            [func, _, args, ..] => (func, args),
+            _ => {
+                return Some(format!(
+                    "torch._tensor._rebuild_from_type_v2 has {} arguments; expected at least 3 (function, type, arguments)",
+                    a.len()
+                ));
+            }
+        },
+        (c, Object::Tuple(a)) if is(c, "torch._utils", "_rebuild_parameter") => match a.first() {
+            Some(Object::Reduce { callable, args }) => (&**callable, &**args),
+            Some(_) => return None,
+            None => {
+                return Some("torch._utils._rebuild_parameter has no arguments; expected the tensor".into());
+            }
+        },
+        (c, a) => (c, a),
+    };
+    if !is(callable, "torch._utils", "_rebuild_tensor_v2") {
+        return None;
+    }
+    let Object::Tuple(a) = args else { return None };
+    let [storage, offset, _, _, ..] = &a[..] else {
+        return Some(format!(
+            "torch._utils._rebuild_tensor_v2 has {} arguments; expected at least 4 (storage, offset, size, stride)",
+            a.len()
+        ));
+    };
+    // Element offsets up to u64::MAX / 8 times the widest element (8
+    // bytes) fit in 64 bits.
+    let o = match offset {
+        Object::Int(o) => *o as i64,
+        Object::Long(o) => *o,
+        _ => return None,
+    };
+    if !(0..=(u64::MAX / 8) as i64).contains(&o) {
+        return Some(format!("storage offset {o}; expected a non-negative element offset"));
+    }
+    if let Object::PersistentLoad(id) = storage
+        && let Object::Tuple(id) = &**id
+        && id.len() < 5
+    {
+        return Some(format!(
+            "its storage id has {} fields; expected 5 ('storage', storage type, key, location, size)",
+            id.len()
+        ));
+    }
+    None
+}
+
+/// A buffered reader that can show its next bytes without consuming them,
+/// even across refills (a `BufReader` shows only what it holds).
+struct Lookahead<R> {
+    inner: R,
+    buf: Vec<u8>,
+    pos: usize,
+}
+
+impl<R: Read> Lookahead<R> {
+    fn new(inner: R) -> Lookahead<R> {
+        Lookahead { inner, buf: Vec::new(), pos: 0 }
+    }
+
+    /// The next `n` bytes, fewer only at the end of the stream.
+    fn peek(&mut self, n: usize) -> std::io::Result<&[u8]> {
+        while self.buf.len() - self.pos < n {
+            self.buf.drain(..self.pos);
+            self.pos = 0;
+            let have = self.buf.len();
+            self.buf.resize(have + 8192, 0);
+            let got = loop {
+                match self.inner.read(&mut self.buf[have..]) {
+                    Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                    r => break r,
+                }
+            };
+            self.buf.truncate(have + *got.as_ref().unwrap_or(&0));
+            if got? == 0 {
+                break;
+            }
+        }
+        Ok(&self.buf[self.pos..self.buf.len().min(self.pos + n)])
+    }
+}
+
+impl<R: Read> Read for Lookahead<R> {
+    fn read(&mut self, out: &mut [u8]) -> std::io::Result<usize> {
+        let avail = self.fill_buf()?;
+        let n = avail.len().min(out.len());
+        out[..n].copy_from_slice(&avail[..n]);
+        self.consume(n);
+        Ok(n)
+    }
+}
+
+impl<R: Read> BufRead for Lookahead<R> {
+    fn fill_buf(&mut self) -> std::io::Result<&[u8]> {
+        if self.pos == self.buf.len() {
+            self.peek(1)?;
+        }
+        Ok(&self.buf[self.pos..])
+    }
+
+    fn consume(&mut self, n: usize) {
+        self.pos = (self.pos + n).min(self.buf.len());
+    }
+}
+
+/// The tensor table from the pickle's tensor list `infos` and the zip
+/// opened by `open`, for a file of `file_len` bytes named `path`.
+fn tensor_table<R: Read + Seek>(
+    path: &Path,
+    infos: Vec<TensorInfo>,
+    open: impl FnOnce() -> Result<R>,
+    file_len: u64,
+) -> Result<Vec<BinTensor>> {
+    let bad = |m: String| Error::format(path, m);
     if infos.is_empty() {
         return Err(bad("holds no tensors (data.pkl is not a state dict)".into()));
     }
-    let file = crate::json::open_regular(path)?;
-    let mut zip = zip::ZipArchive::new(std::io::BufReader::new(file))
-        .map_err(|e| bad(format!("is not a valid zip archive: {e}")))?;
+    let mut zip =
+        zip::ZipArchive::new(open()?).map_err(|e| bad(format!("is not a valid zip archive: {e}")))?;
     let mut out = Vec::with_capacity(infos.len());
     for info in infos {
         let name = info.name.clone();

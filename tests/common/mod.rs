@@ -432,12 +432,18 @@ fn state_dict_pickle(tensors: &[T]) -> Vec<u8> {
 /// Writes `tensors` as a PyTorch zip checkpoint (`torch.save` format, stored
 /// entries), without torch.
 pub(crate) fn write_torch_bin(path: &Path, tensors: &[T]) {
+    write_torch_bin_with(path, tensors, |p| p);
+}
+
+/// `write_torch_bin` with its `data.pkl` rewritten by `edit` first (a
+/// hostile pickle).
+pub(crate) fn write_torch_bin_with(path: &Path, tensors: &[T], edit: impl FnOnce(Vec<u8>) -> Vec<u8>) {
     use std::io::Write;
     let f = std::fs::File::create(path).unwrap();
     let mut z = zip::ZipWriter::new(f);
     let opts = zip::write::SimpleFileOptions::default().compression_method(zip::CompressionMethod::Stored);
     z.start_file("archive/data.pkl", opts).unwrap();
-    z.write_all(&state_dict_pickle(tensors)).unwrap();
+    z.write_all(&edit(state_dict_pickle(tensors))).unwrap();
     for (i, t) in tensors.iter().enumerate() {
         z.start_file(format!("archive/data/{i}"), opts).unwrap();
         z.write_all(&t.data).unwrap();
