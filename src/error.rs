@@ -18,13 +18,14 @@ pub const EXIT_INTERRUPTED: i32 = 130;
 /// Everything that can go wrong, by topic.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    /// A safetensors or PyTorch shard whose header or layout is invalid.
-    #[error("{}: {msg}", file.display())]
+    /// A safetensors or PyTorch shard (or LoRA adapter) whose header or
+    /// layout is invalid.
+    #[error("{}: {kind}", file.display())]
     Format {
         /// The shard.
         file: PathBuf,
-        /// What is wrong, naming the tensor.
-        msg: String,
+        /// What is wrong, by kind, naming the tensor.
+        kind: FormatError,
     },
 
     /// A JSON, TOML or YAML file (index, config, tokenizer, manifest, recipe,
@@ -150,6 +151,34 @@ pub enum Error {
     },
 }
 
+/// What is wrong with a weight file, by kind (`Error::Format`), so callers
+/// and tests match the kind, not the message.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum FormatError {
+    /// The file ends before its header says it should (or has bytes its
+    /// tensors do not account for).
+    #[error("{0}")]
+    Truncated(String),
+    /// The safetensors header as a whole: its length, UTF-8, JSON,
+    /// `__metadata__`.
+    #[error("{0}")]
+    Header(String),
+    /// One tensor's entry: dtype, shape, data offsets, a second copy.
+    #[error("tensor '{tensor}': {problem}")]
+    Tensor {
+        /// The tensor's name.
+        tensor: String,
+        /// What is wrong with it.
+        problem: String,
+    },
+    /// A PyTorch checkpoint's zip archive or pickle.
+    #[error("{0}")]
+    Pickle(String),
+    /// A LoRA adapter's tensors that are not the factors its config says.
+    #[error("{0}")]
+    Adapter(String),
+}
+
 /// What went wrong with the GPU, by kind (`Error::Gpu`, `Error::Device`),
 /// so callers and tests match the kind, not the message.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -218,8 +247,13 @@ impl Error {
         Error::Io { op, path: path.to_path_buf(), source }
     }
 
-    pub(crate) fn format(file: &Path, msg: impl Into<String>) -> Error {
-        Error::Format { file: file.to_path_buf(), msg: msg.into() }
+    pub(crate) fn format(file: &Path, kind: FormatError) -> Error {
+        Error::Format { file: file.to_path_buf(), kind }
+    }
+
+    /// `Error::Format` of kind `Tensor`.
+    pub(crate) fn bad_tensor(file: &Path, tensor: &str, problem: impl Into<String>) -> Error {
+        Error::format(file, FormatError::Tensor { tensor: tensor.into(), problem: problem.into() })
     }
 
     pub(crate) fn bad_file(file: &Path, msg: impl Into<String>) -> Error {

@@ -60,7 +60,7 @@ pub use analyze::figures::Figures;
 pub use analyze::findings::Finding;
 pub use analyze::report::{AnalyzeReport, GroupFigures, Skipped, TensorFigures};
 pub use cuda::DeviceChoice;
-pub use error::{EXIT_INPUT, EXIT_INTERRUPTED, EXIT_IO, EXIT_OK, Error, GpuError, Result};
+pub use error::{EXIT_INPUT, EXIT_INTERRUPTED, EXIT_IO, EXIT_OK, Error, FormatError, GpuError, Result};
 pub use eval::{Answer, EvalReport, EvalSpec, ModelEval, RULE as EVAL_RULE, eval, record_selection};
 pub use exec::{InputHashes, RunOptions, default_threads};
 pub use hash::{hex, sha256_file};

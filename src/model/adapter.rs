@@ -34,7 +34,7 @@ use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
-use crate::error::{Error, Result};
+use crate::error::{Error, FormatError, Result};
 use crate::json::read_capped;
 use crate::model::checkpoint::Checkpoint;
 
@@ -585,7 +585,7 @@ enum Key<'a> {
 }
 
 fn classify<'a>(name: &'a str, file: &Path) -> Result<Key<'a>> {
-    let bad = |why: &str| Err(Error::format(file, format!("tensor '{name}': {why}")));
+    let bad = |why: &str| Err(Error::bad_tensor(file, name, why));
     let Some(rest) = name.strip_prefix(KEY_PREFIX) else {
         return bad(&format!(
             "expected a name starting with '{KEY_PREFIX}' (PEFT's layout for a transformers model)"
@@ -627,16 +627,20 @@ fn read_changes(ck: &Checkpoint, config: &LoraConfig, file: &Path) -> Result<Vec
     let mut base_layers: HashMap<String, usize> = HashMap::new();
     for (i, t) in ck.tensors.iter().enumerate() {
         if t.dtype.float().is_none() {
-            return Err(Error::format(
+            return Err(Error::bad_tensor(
                 file,
-                format!("tensor '{}' is {}; adapter tensors must be BF16, F16 or F32", t.name, t.dtype),
+                &t.name,
+                format!("is {}; adapter tensors must be BF16, F16 or F32", t.dtype),
             ));
         }
         match classify(&t.name, file)? {
             Key::Whole(target) => changes.push((target, Change::Replace(i))),
             Key::BaseLayer(target) => {
                 if base_layers.insert(target.clone(), i).is_some() {
-                    return Err(Error::format(file, format!("'{target}' is saved twice as a base layer")));
+                    return Err(Error::format(
+                        file,
+                        FormatError::Adapter(format!("'{target}' is saved twice as a base layer")),
+                    ));
                 }
             }
             Key::Factor { module, factor, embedding } => {
@@ -648,7 +652,9 @@ fn read_changes(ck: &Checkpoint, config: &LoraConfig, file: &Path) -> Result<Vec
                 if slot.3 != embedding {
                     return Err(Error::format(
                         file,
-                        format!("module '{module}' has both linear and embedding LoRA factors"),
+                        FormatError::Adapter(format!(
+                            "module '{module}' has both linear and embedding LoRA factors"
+                        )),
                     ));
                 }
                 match factor {
@@ -663,16 +669,19 @@ fn read_changes(ck: &Checkpoint, config: &LoraConfig, file: &Path) -> Result<Vec
     for (module, a, b, embedding) in factors {
         let (Some(a), Some(b)) = (a, b) else {
             let missing = if a.is_none() { "lora_A" } else { "lora_B" };
-            return Err(Error::format(file, format!("module '{module}' has no {missing} factor")));
+            return Err(Error::format(
+                file,
+                FormatError::Adapter(format!("module '{module}' has no {missing} factor")),
+            ));
         };
         let (ta, tb) = (&ck.tensors[a], &ck.tensors[b]);
         if ta.shape.len() != 2 || tb.shape.len() != 2 || ta.shape[0] != tb.shape[1] {
             return Err(Error::format(
                 file,
-                format!(
+                FormatError::Adapter(format!(
                     "module '{module}': lora_A {:?} and lora_B {:?} are not an r x in and an out x r matrix",
                     ta.shape, tb.shape
-                ),
+                )),
             ));
         }
         let rank = ta.shape[0];
@@ -688,9 +697,9 @@ fn read_changes(ck: &Checkpoint, config: &LoraConfig, file: &Path) -> Result<Vec
         if rank != r {
             return Err(Error::format(
                 file,
-                format!(
+                FormatError::Adapter(format!(
                     "module '{module}': the factors have rank {rank}, but {ADAPTER_CONFIG} gives it r = {r}"
-                ),
+                )),
             ));
         }
         let scaling = if config.use_rslora { alpha / (r as f64).sqrt() } else { alpha / r as f64 };
@@ -708,12 +717,14 @@ fn read_changes(ck: &Checkpoint, config: &LoraConfig, file: &Path) -> Result<Vec
         if seen.insert(name, ()).is_some() {
             return Err(Error::format(
                 file,
-                format!("the adapter changes '{name}' twice (a low-rank update and a whole tensor)"),
+                FormatError::Adapter(format!(
+                    "the adapter changes '{name}' twice (a low-rank update and a whole tensor)"
+                )),
             ));
         }
     }
     if changes.is_empty() {
-        return Err(Error::format(file, "holds no tensors"));
+        return Err(Error::format(file, FormatError::Adapter("holds no tensors".into())));
     }
     Ok(changes)
 }

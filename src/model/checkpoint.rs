@@ -306,12 +306,10 @@ fn open_shards(
         for t in stored {
             if let Some(&prev) = by_name.get(&t.name) {
                 let other: &Tensor = &tensors[prev];
-                return Err(Error::format(
+                return Err(Error::bad_tensor(
                     &path,
-                    format!(
-                        "tensor '{}' is also in {}; a name may appear in one shard only",
-                        t.name, files[other.shard]
-                    ),
+                    &t.name,
+                    format!("is also in {}; a name may appear in one shard only", files[other.shard]),
                 ));
             }
             if let Some(map) = weight_map {

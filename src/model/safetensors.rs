@@ -12,7 +12,7 @@ use std::path::Path;
 
 use serde::Deserialize;
 
-use crate::error::{Error, Result};
+use crate::error::{Error, FormatError, Result};
 use crate::json::Entries;
 use crate::model::dtype::DType;
 
@@ -61,71 +61,84 @@ pub(crate) fn parse_header(bytes: &[u8], file: &Path) -> Result<Header> {
     if file_len < 8 {
         return Err(Error::format(
             file,
-            format!("file is {file_len} bytes, too short for the 8-byte header length"),
+            FormatError::Truncated(format!(
+                "file is {file_len} bytes, too short for the 8-byte header length"
+            )),
         ));
     }
     let n = u64::from_le_bytes(bytes[..8].try_into().unwrap());
     if n > MAX_HEADER_BYTES {
         return Err(Error::format(
             file,
-            format!(
+            FormatError::Header(format!(
                 "header length {n} exceeds the {MAX_HEADER_BYTES}-byte limit (corrupt or not a safetensors file)"
-            ),
+            )),
         ));
     }
     let data_start = 8 + n;
     if data_start > file_len {
         return Err(Error::format(
             file,
-            format!("header length {n} runs past the end of the {file_len}-byte file (truncated?)"),
+            FormatError::Truncated(format!(
+                "header length {n} runs past the end of the {file_len}-byte file (truncated?)"
+            )),
         ));
     }
     let raw = &bytes[8..data_start as usize];
-    let text =
-        std::str::from_utf8(raw).map_err(|e| Error::format(file, format!("header is not UTF-8: {e}")))?;
+    let text = std::str::from_utf8(raw)
+        .map_err(|e| Error::format(file, FormatError::Header(format!("header is not UTF-8: {e}"))))?;
     if !text.starts_with('{') {
-        return Err(Error::format(file, "header does not start with '{' (not a safetensors file?)"));
+        return Err(Error::format(
+            file,
+            FormatError::Header("header does not start with '{' (not a safetensors file?)".into()),
+        ));
     }
     let Entries(entries) = serde_json::from_str(text)
-        .map_err(|e| Error::format(file, format!("header is not valid JSON: {e}")))?;
+        .map_err(|e| Error::format(file, FormatError::Header(format!("header is not valid JSON: {e}"))))?;
 
     let mut tensors = Vec::with_capacity(entries.len());
     for (name, value) in entries {
         if name == "__metadata__" {
             let Entries(m) = serde_json::from_value(value)
-                .map_err(|e| Error::format(file, format!("__metadata__: {e}")))?;
+                .map_err(|e| Error::format(file, FormatError::Header(format!("__metadata__: {e}"))))?;
             // Checked (the format says string -> string), not used.
             if let Some((k, _)) = m.iter().find(|(_, v)| !v.is_string()) {
-                return Err(Error::format(file, format!("__metadata__ value for '{k}' must be a string")));
+                return Err(Error::format(
+                    file,
+                    FormatError::Header(format!("__metadata__ value for '{k}' must be a string")),
+                ));
             }
             continue;
         }
         let t: RawTensor = serde_json::from_value(value)
-            .map_err(|e| Error::format(file, format!("tensor '{name}': bad header entry: {e}")))?;
+            .map_err(|e| Error::bad_tensor(file, &name, format!("bad header entry: {e}")))?;
         let dtype = DType::parse(&t.dtype)
-            .ok_or_else(|| Error::format(file, format!("tensor '{name}': unknown dtype '{}'", t.dtype)))?;
+            .ok_or_else(|| Error::bad_tensor(file, &name, format!("unknown dtype '{}'", t.dtype)))?;
         let (begin, end) = t.data_offsets;
         if begin > end {
-            return Err(Error::format(
+            return Err(Error::bad_tensor(
                 file,
-                format!("tensor '{name}': data_offsets [{begin}, {end}] end before they begin"),
+                &name,
+                format!("data_offsets [{begin}, {end}] end before they begin"),
             ));
         }
         let bits = t.shape.iter().try_fold(dtype.bits(), |acc, &d| acc.checked_mul(d)).ok_or_else(|| {
-            Error::format(file, format!("tensor '{name}': shape {:?} x {dtype} overflows 64 bits", t.shape))
+            Error::bad_tensor(file, &name, format!("shape {:?} x {dtype} overflows 64 bits", t.shape))
         })?;
         if bits % 8 != 0 {
-            return Err(Error::format(
+            return Err(Error::bad_tensor(
                 file,
-                format!("tensor '{name}': {dtype} shape {:?} is not a whole number of bytes", t.shape),
+                &name,
+                format!("{dtype} shape {:?} is not a whole number of bytes", t.shape),
             ));
         }
         let expected = bits / 8;
         if end - begin != expected {
-            return Err(Error::format(
+            return Err(Error::bad_tensor(
                 file,
+                &name,
                 format!(
-                    "tensor '{name}': {dtype} shape {:?} needs {expected} bytes but data_offsets [{begin}, {end}] hold {}",
+                    "{dtype} shape {:?} needs {expected} bytes but data_offsets [{begin}, {end}] hold {}",
                     t.shape,
                     end - begin
                 ),
@@ -144,11 +157,12 @@ pub(crate) fn parse_header(bytes: &[u8], file: &Path) -> Result<Header> {
             } else {
                 "overlaps the tensor before it"
             };
-            return Err(Error::format(
+            return Err(Error::bad_tensor(
                 file,
+                &t.name,
                 format!(
-                    "tensor '{}': data_offsets [{}, {}] {what} (expected it to begin at {expected_begin})",
-                    t.name, t.begin, t.end
+                    "data_offsets [{}, {}] {what} (expected it to begin at {expected_begin})",
+                    t.begin, t.end
                 ),
             ));
         }
@@ -164,7 +178,7 @@ pub(crate) fn parse_header(bytes: &[u8], file: &Path) -> Result<Header> {
                 "file has {data_len} bytes of data but its tensors account for {expected_begin} (trailing bytes)"
             )
         };
-        return Err(Error::format(file, msg));
+        return Err(Error::format(file, FormatError::Truncated(msg)));
     }
     Ok(Header { tensors, data_start })
 }
@@ -239,6 +253,28 @@ mod tests {
     fn accepts_scalars_and_empty_tensors() {
         let h = r#"{"s":{"dtype":"F32","shape":[],"data_offsets":[0,4]},"e":{"dtype":"BF16","shape":[0,5],"data_offsets":[4,4]}}"#;
         assert_eq!(parse_header(&file(h, 4), Path::new("x")).unwrap().tensors.len(), 2);
+    }
+
+    fn kind(bytes: &[u8]) -> FormatError {
+        match parse_header(bytes, Path::new("x.safetensors")).unwrap_err() {
+            Error::Format { kind, .. } => kind,
+            e => panic!("not a format error: {e:?}"),
+        }
+    }
+
+    /// Callers match what is wrong by kind: a cut file, a bad header, or
+    /// one tensor's entry, named.
+    #[test]
+    fn format_errors_say_their_kind_and_tensor() {
+        assert!(matches!(kind(&[1, 2, 3]), FormatError::Truncated(_)));
+        let mut past = 100u64.to_le_bytes().to_vec();
+        past.extend_from_slice(b"{}");
+        assert!(matches!(kind(&past), FormatError::Truncated(_)));
+        assert!(matches!(kind(&file("[1,2]", 0)), FormatError::Header(_)));
+        let h = r#"{"w":{"dtype":"Q9","shape":[2],"data_offsets":[0,4]}}"#;
+        assert!(matches!(kind(&file(h, 4)), FormatError::Tensor { tensor, .. } if tensor == "w"));
+        let short = r#"{"w":{"dtype":"F32","shape":[2],"data_offsets":[0,8]}}"#;
+        assert!(matches!(kind(&file(short, 4)), FormatError::Truncated(_)));
     }
 
     #[test]

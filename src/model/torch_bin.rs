@@ -14,7 +14,7 @@ use std::path::{Path, PathBuf};
 use candle_core::Context;
 use candle_core::pickle::{Object, Stack, TensorInfo};
 
-use crate::error::{Error, Result};
+use crate::error::{Error, FormatError, Result};
 use crate::model::dtype::DType;
 
 fn dtype_of(d: candle_core::DType) -> Option<DType> {
@@ -54,9 +54,9 @@ pub(crate) fn parse_bin(bytes: &[u8], path: &Path) -> Result<Vec<BinTensor>> {
 fn not_pth(path: &Path, e: candle_core::Error) -> Error {
     Error::format(
         path,
-        format!(
+        FormatError::Pickle(format!(
             "is not a PyTorch zip checkpoint ({e}); files saved by torch < 1.6 must be re-saved with a current torch"
-        ),
+        )),
     )
 }
 
@@ -95,7 +95,9 @@ fn pth_tensor_info<R: Read + Seek>(reader: R, path: &Path) -> Result<Vec<TensorI
             {
                 return Err(Error::format(
                     path,
-                    format!("{file_name}: a LONG1 integer of {n} bytes; expected at most 8 (an int64)"),
+                    FormatError::Pickle(format!(
+                        "{file_name}: a LONG1 integer of {n} bytes; expected at most 8 (an int64)"
+                    )),
                 ));
             }
             if stack.read(&mut reader).map_err(not_pth)? {
@@ -121,7 +123,10 @@ fn pth_tensor_info<R: Read + Seek>(reader: R, path: &Path) -> Result<Vec<TensorI
         if let Object::Dict(key_values) = obj {
             for (name, value) in key_values.into_iter() {
                 if let (Object::Unicode(name), Some(why)) = (&name, bad_rebuild(&value)) {
-                    return Err(Error::format(path, format!("{file_name}: tensor '{name}': {why}")));
+                    return Err(Error::format(
+                        path,
+                        FormatError::Pickle(format!("{file_name}: tensor '{name}': {why}")),
+                    ));
                 }
                 match value.into_tensor_info(name, &dir_name) {
                     Ok(Some(tensor_info)) => tensor_infos.push(tensor_info),
@@ -269,7 +274,7 @@ fn tensor_table<R: Read + Seek>(
     open: impl FnOnce() -> Result<R>,
     file_len: u64,
 ) -> Result<Vec<BinTensor>> {
-    let bad = |m: String| Error::format(path, m);
+    let bad = |m: String| Error::format(path, FormatError::Pickle(m));
     if infos.is_empty() {
         return Err(bad("holds no tensors (data.pkl is not a state dict)".into()));
     }
