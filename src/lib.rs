@@ -56,39 +56,63 @@ mod svg;
 pub mod ui;
 mod units;
 
+// The entry points.
+pub use eval::eval;
+pub use job::analyze::analyze;
+pub use job::catalog::catalog;
+pub use job::chat_vector::{apply, extract};
+pub use job::inspect::inspect;
+pub use job::merge::{merge, merge_sweep};
+pub use job::sft::sft;
+pub use job::sweep::sweep;
+pub use job::verify::verify;
+
+// What they take: the parameters as given and the checked specs, where to
+// write and how to run.
+pub use cuda::DeviceChoice;
+pub use eval::EvalSpec;
+pub use exec::{InputHashes, RunOptions};
+pub use job::analyze::AnalyzeSpec;
+pub use model::FloatType;
+pub use output::Destination;
+pub use recipe::Recipe;
+pub use sft::{DataFile, SftJob, SftOptions};
+pub use spec::apply::{ApplyParams, ApplySpec, ExtractParams, ExtractSpec, VectorSource};
+pub use spec::embeddings::EmbeddingPolicy;
+pub use spec::select::Scale;
+
+// What they return.
 pub use analyze::figures::Figures;
 pub use analyze::findings::Finding;
 pub use analyze::report::{AnalyzeReport, GroupFigures, Skipped, TensorFigures};
-pub use cuda::DeviceChoice;
 pub use error::{EXIT_INPUT, EXIT_INTERRUPTED, EXIT_IO, EXIT_OK, Error, FormatError, GpuError, Result};
-pub use eval::{Answer, EvalReport, EvalSpec, ModelEval, RULE as EVAL_RULE, eval, record_selection};
-pub use exec::{InputHashes, RunOptions, default_threads};
-pub use hash::{hex, sha256_file};
-pub use interrupt::install as catch_signals;
+pub use eval::{Answer, EvalReport, ModelEval, RULE as EVAL_RULE};
 pub use job::Summary;
-pub use job::analyze::{AnalyzeSpec, analyze};
-pub use job::catalog::{Catalog, ModelAliasEntry, RecipeEntry, VectorAliasEntry, catalog};
-pub use job::chat_vector::{apply, extract};
-pub use job::inspect::{InspectReport, ShardInfo, TensorInfo, inspect};
-pub use job::merge::{merge, merge_sweep};
-pub use job::sft::sft;
-pub use job::sweep::{Candidate, SweepReport, sweep};
-pub use job::verify::{Check, VerifyReport, verify};
+pub use job::catalog::{Catalog, ModelAliasEntry, RecipeEntry, VectorAliasEntry};
+pub use job::inspect::{InspectReport, ShardInfo, TensorInfo};
+pub use job::sweep::{Candidate, SweepReport};
+pub use job::verify::{Check, VerifyReport};
 pub use model::config::ConfigSummary;
-pub use model::{Checkpoint, DType, FloatType, Tensor};
-pub use output::Destination;
 pub use output::WrittenFile;
 pub use output::manifest::Provenance;
 pub use plan::EmbeddingReport;
-pub use recipe::Recipe;
+pub use sft::SftReport;
+
+// For a command line over the library: process set-up, the parsers its
+// flags share with recipes, and printing.
+pub use eval::record_selection;
+pub use interrupt::install as catch_signals;
 pub use resolve::{set_aliases_file, set_offline};
-pub use sft::{DataFile, SftJob, SftOptions, SftReport, parse_train_arg};
-pub use spec::apply::{
-    ApplyParams, ApplySpec, DEFAULT_SHARD_SIZE, ExtractParams, ExtractSpec, VectorSource, parse_scale,
-};
-pub use spec::embeddings::EmbeddingPolicy;
-pub use spec::select::Scale;
-pub use units::{human_bytes, human_count, parse_size};
+pub use sft::parse_train_arg;
+pub use spec::apply::parse_scale;
+pub use units::{human_bytes, parse_size};
+
+// Reading a checkpoint and hashing files as chatvec does (the demo's and
+// the benchmark's checks).
+pub use exec::default_threads;
+pub use hash::{hex, sha256_file};
+pub use model::{Checkpoint, DType, Tensor};
+pub use units::human_count;
 
 /// Entry points for the fuzz targets in `fuzz/` (built with `--cfg
 /// fuzzing`): the parsers of untrusted input, over bytes.

@@ -461,9 +461,6 @@ impl std::fmt::Display for EvalReport {
 /// rule, every model's figures, and which one won. (The manifest's output
 /// hashes are untouched, so `verify` still passes.)
 pub fn record_selection(chosen: &Path, report: &EvalReport) -> Result<()> {
-    let path = chosen.join(crate::output::manifest::MANIFEST_FILE);
-    let bytes = crate::json::read_capped(&path, 64 << 20)?;
-    let mut m = crate::json::RawObject::parse(&bytes, &path)?;
     let figures: Vec<Value> = report
         .models
         .iter()
@@ -481,6 +478,5 @@ pub fn record_selection(chosen: &Path, report: &EvalReport) -> Result<()> {
         "data": report.data,
         "candidates": figures,
     });
-    m.set("selection", &selection)?;
-    crate::output::files::write_atomically(&path, &m.to_bytes())
+    crate::output::manifest::add_record(chosen, "selection", &selection)
 }

@@ -182,3 +182,14 @@ pub(crate) fn read_provenance(dir: &Path) -> Result<Option<Provenance>> {
         .unwrap_or_default();
     Ok(Some(Provenance { kind: text(&v, "kind"), version: text(&v, "version"), inputs }))
 }
+
+/// Adds `key: value` to the manifest of the output in `dir` (how a
+/// candidate was chosen, recorded after the fact), rewritten atomically
+/// with every other key kept as it was.
+pub(crate) fn add_record(dir: &Path, key: &str, value: &Value) -> Result<()> {
+    let path = dir.join(MANIFEST_FILE);
+    let bytes = crate::json::read_capped(&path, MAX_MANIFEST_BYTES)?;
+    let mut m = crate::json::RawObject::parse(&bytes, &path)?;
+    m.set(key, value)?;
+    crate::output::files::write_atomically(&path, &m.to_bytes())
+}

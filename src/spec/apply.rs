@@ -20,7 +20,7 @@ use crate::units::parse_size;
 
 /// The default output shard size, as transformers' `max_shard_size` (the
 /// one place it is written: help text, recipes and specs read it here).
-pub const DEFAULT_SHARD_SIZE: &str = "5GB";
+pub(crate) const DEFAULT_SHARD_SIZE: &str = "5GB";
 
 /// The default scale of a chat vector.
 const DEFAULT_SCALE: f32 = 1.0;
@@ -281,7 +281,7 @@ impl ApplySpec {
 /// `extract`'s parameters as the user wrote them.
 #[derive(Args, Serialize, Clone, Debug, Default, PartialEq)]
 pub struct ExtractParams {
-    /// The chat / instruct model (directory, Hub id org/name[@rev], or alias).
+    /// The chat / instruct model (directory, Hub id org/name or org/name@rev, or alias).
     #[arg(long, value_name = "MODEL")]
     pub chat: String,
 
