@@ -5,17 +5,16 @@
 //! output with a loss/learning-rate progress bar, forwards SIGINT/SIGTERM,
 //! passes the exit code back (128+n for a signal), and records the run.
 //!
-//! `config` writes the trainer's files, `data` validates and converts the
-//! chat data. This room resolves models and reads their side files; it
-//! never touches weights.
+//! `options` holds what the user asks for, `config` writes the trainer's
+//! files, `data` validates and converts the chat data, `supervise` runs the
+//! trainer as a child, `record` writes the run record, `launcher` the
+//! Slurm/PBS scripts. This room resolves models and reads their side files;
+//! it never touches weights.
 
-use std::io::{BufRead, BufReader, Write};
+use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
-use std::sync::mpsc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
-use indicatif::{ProgressBar, ProgressStyle};
 use serde::Serialize;
 use serde_json::{Value, json};
 
@@ -32,11 +31,17 @@ use crate::sft::config::{
 };
 use crate::sft::data::{DataStats, MixOut, MixedFile, process, write_eval, write_mixture};
 use crate::ui;
+use record::{Record, host_name, model_files, rfc3339};
+use supervise::supervise;
 
 pub(crate) mod config;
 pub(crate) mod data;
 pub(crate) mod launcher;
 pub(crate) mod options;
+pub(crate) mod record;
+pub(crate) mod supervise;
+
+pub(crate) use record::add_to_record;
 
 use options::nearest;
 pub use options::{DataFile, SftOptions, parse_train_arg};
@@ -405,83 +410,6 @@ pub(crate) fn shell_line(cmd: &[String]) -> String {
         .join(" ")
 }
 
-/// The loss and learning rate of a transformers log line such as
-/// `{'loss': 1.234, 'grad_norm': ..., 'learning_rate': 1e-05, 'epoch': 0.1}`.
-pub(crate) fn parse_log(line: &str) -> Option<(f64, Option<f64>)> {
-    let num = |key: &str| -> Option<f64> {
-        let re = regex::Regex::new(&format!(r#"['"]{key}['"]\s*:\s*['"]?([-+0-9.eE]+|nan|inf)"#)).ok()?;
-        re.captures(line)?.get(1)?.as_str().parse().ok()
-    };
-    Some((num("loss")?, num("learning_rate")))
-}
-
-#[derive(Serialize)]
-struct Record<'a> {
-    tool: &'static str,
-    version: &'static str,
-    command: &'a [String],
-    env: &'a [(String, String)],
-    run_dir: String,
-    host: String,
-    node_rank: u64,
-    world_size: u64,
-    started: String,
-    ended: String,
-    files: Vec<Value>,
-    python: &'a crate::python::PythonEnv,
-    model: Value,
-    dataset: Value,
-    chat_template: &'a Value,
-    resumed_from: Option<String>,
-    steps_logged: u64,
-    final_loss: Option<f64>,
-    exit_code: i32,
-    interrupted: bool,
-    seconds: f64,
-    trained_model: Value,
-}
-
-/// This machine's host name.
-fn host_name() -> String {
-    let mut buf = [0u8; 256];
-    // SAFETY: gethostname writes at most buf.len() bytes into buf.
-    let r = unsafe { libc::gethostname(buf.as_mut_ptr().cast(), buf.len()) };
-    if r != 0 {
-        return String::new();
-    }
-    let end = buf.iter().position(|&b| b == 0).unwrap_or(buf.len());
-    String::from_utf8_lossy(&buf[..end]).into_owned()
-}
-
-/// `t` as an RFC 3339 UTC timestamp (`2026-11-30T18:21:08Z`).
-fn rfc3339(t: std::time::SystemTime) -> String {
-    let secs = t.duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs()) as i64;
-    let (days, rem) = (secs.div_euclid(86_400), secs.rem_euclid(86_400));
-    // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let day = doy - (153 * mp + 2) / 5 + 1;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 };
-    let year = yoe + era * 400 + i64::from(month <= 2);
-    format!("{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}Z", rem / 3600, rem % 3600 / 60, rem % 60)
-}
-
-/// The weight files of the trained model in `dir` with their sha256; empty
-/// when the trainer saved none.
-fn model_files(dir: &Path) -> Result<Vec<Value>> {
-    let Ok(entries) = std::fs::read_dir(dir) else { return Ok(Vec::new()) };
-    let mut names: Vec<String> = entries
-        .filter_map(|e| e.ok()?.file_name().into_string().ok())
-        .filter(|n| n.ends_with(".safetensors") || n.ends_with(".bin"))
-        .collect();
-    names.sort();
-    names.iter().map(|n| Ok(json!({"file": n, "sha256": sha256_file(&dir.join(n))?}))).collect()
-}
-
 /// What `sft` did, or on a dry run what it would do. `--json` prints it as
 /// is; `Display` shows the command, environment and config files.
 #[derive(Debug, Serialize)]
@@ -626,7 +554,7 @@ pub(crate) fn train(job: &SftJob) -> Result<SftReport> {
     }
     let started = std::time::SystemTime::now();
     let start = Instant::now();
-    let (code, steps, last_loss, signals) = supervise(&p, a.max_steps)?;
+    let (code, steps, last_loss, signals) = supervise(&p.command, &p.env, a.max_steps)?;
     let mut files = Vec::new();
     let data_files = ["data/train.jsonl", "data/test.jsonl"].into_iter().filter(|f| own.join(f).is_file());
     for name in p.files.iter().map(|f| f.name).chain(data_files) {
@@ -862,140 +790,12 @@ impl SftJob {
     }
 }
 
-/// Runs the trainer in its own process group, streams its output, forwards
-/// signals, and returns (exit code, loss lines seen, last loss, signals
-/// forwarded).
-fn supervise(p: &Prepared, max_steps: Option<u64>) -> Result<(i32, u64, Option<f64>, usize)> {
-    use std::os::unix::process::{CommandExt, ExitStatusExt};
-    let mut cmd = Command::new(&p.command[0]);
-    cmd.args(&p.command[1..]).stdout(Stdio::piped()).stderr(Stdio::piped()).process_group(0);
-    for (k, v) in &p.env {
-        cmd.env(k, v);
-    }
-    crate::interrupt::set_supervising(true);
-    let mut child = cmd.spawn().map_err(|e| Error::io("starting", Path::new(&p.command[0]), e))?;
-    let pgid = child.id() as i32;
-    let (tx, rx) = mpsc::channel::<String>();
-    let mut readers = Vec::new();
-    for stream in [
-        child.stdout.take().map(|s| Box::new(s) as Box<dyn std::io::Read + Send>),
-        child.stderr.take().map(|s| Box::new(s) as Box<dyn std::io::Read + Send>),
-    ]
-    .into_iter()
-    .flatten()
-    {
-        let tx = tx.clone();
-        readers.push(std::thread::spawn(move || {
-            for line in BufReader::new(stream).lines().map_while(std::result::Result::ok) {
-                if tx.send(line).is_err() {
-                    break;
-                }
-            }
-        }));
-    }
-    drop(tx);
-    let quiet = ui::quiet();
-    let bar = if ui::show_progress() {
-        let b = max_steps.map_or_else(ProgressBar::new_spinner, ProgressBar::new);
-        b.set_style(
-            ProgressStyle::with_template("{spinner} training [{bar:30}] step {pos}{msg}")
-                .unwrap_or_else(|_| ProgressStyle::default_bar())
-                .progress_chars("=> "),
-        );
-        b
-    } else {
-        ProgressBar::hidden()
-    };
-    let (mut steps, mut last) = (0u64, None);
-    let mut forwarded = 0usize;
-    let status = loop {
-        match rx.recv_timeout(Duration::from_millis(100)) {
-            Ok(line) => {
-                if let Some((loss, lr)) = parse_log(&line) {
-                    steps += 1;
-                    last = Some(loss);
-                    bar.set_position(steps);
-                    bar.set_message(format!(
-                        "  loss {loss:.4}{}",
-                        lr.map(|l| format!("  lr {l:.3e}")).unwrap_or_default()
-                    ));
-                }
-                if !quiet || bar.is_hidden() {
-                    bar.suspend(|| eprintln!("{line}"));
-                }
-            }
-            Err(mpsc::RecvTimeoutError::Timeout) => {}
-            Err(mpsc::RecvTimeoutError::Disconnected) => {}
-        }
-        let (count, sig) = crate::interrupt::signals_seen();
-        if count > forwarded {
-            // Third and later signals: SIGKILL, for a trainer that hangs.
-            let s = if count >= 3 { libc::SIGKILL } else { sig };
-            // SAFETY: kill(2) takes plain integers; -pgid names the process
-            // group our child leads (started with process_group(0)).
-            unsafe { libc::kill(-pgid, s) };
-            forwarded = count;
-        }
-        if let Some(st) =
-            child.try_wait().map_err(|e| Error::io("waiting for", Path::new(&p.command[0]), e))?
-        {
-            break st;
-        }
-    };
-    // The readers end at EOF once the trainer is gone; then every line is
-    // in the channel.
-    for r in readers {
-        let _ = r.join();
-    }
-    for line in rx.try_iter() {
-        if let Some((loss, _)) = parse_log(&line) {
-            steps += 1;
-            last = Some(loss);
-        }
-        if !quiet || bar.is_hidden() {
-            bar.suspend(|| eprintln!("{line}"));
-        }
-    }
-    bar.finish_and_clear();
-    crate::interrupt::set_supervising(false);
-    let code = status.code().unwrap_or_else(|| 128 + status.signal().unwrap_or(0));
-    Ok((code, steps, last, forwarded))
-}
-
-/// Adds `key: value` to this node's run record (the job room records the
-/// merged model there after a LoRA run).
-pub(crate) fn add_to_record(job: &SftJob, key: &str, value: Value) -> Result<()> {
-    let path = Layout::of(job).own.join(RECORD_FILE);
-    let mut rec = crate::json::read_value(&path, 64 << 20)?;
-    let Some(obj) = rec.as_object_mut() else {
-        return Err(Error::bad_file(&path, "is not a JSON object"));
-    };
-    obj.insert(key.to_string(), value);
-    std::fs::write(&path, to_pretty(&rec)).map_err(|e| Error::io("writing", &path, e))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
-    fn timestamps_are_rfc3339_utc() {
-        let t = |s: u64| rfc3339(std::time::UNIX_EPOCH + Duration::from_secs(s));
-        assert_eq!(t(0), "1970-01-01T00:00:00Z");
-        assert_eq!(t(951_782_400), "2000-02-29T00:00:00Z");
-        assert_eq!(t(1_796_063_468), "2026-11-30T18:31:08Z");
-    }
-
-    #[test]
-    fn loss_lines_of_transformers_4_and_5_parse() {
-        assert_eq!(
-            parse_log("{'loss': 2.3456, 'grad_norm': 1.2, 'learning_rate': 1e-05, 'epoch': 0.5}"),
-            Some((2.3456, Some(1e-5)))
-        );
-        assert_eq!(parse_log("{'loss': '1.25', 'learning_rate': '9.5e-06'}"), Some((1.25, Some(9.5e-6))));
-        assert_eq!(parse_log("{\"loss\": 0.5}"), Some((0.5, None)));
-        assert!(parse_log("{'train_runtime': 3.2}").is_none());
-        assert!(parse_log("{'loss': nan}").unwrap().0.is_nan());
+    fn command_lines_are_shell_quoted_for_display() {
         assert_eq!(
             shell_line(&["python".into(), "-c".into(), "import x; y()".into()]),
             "python -c 'import x; y()'"
