@@ -6,8 +6,8 @@ use std::path::PathBuf;
 use clap::{Args, Parser, Subcommand};
 
 use chatvec::{
-    AnalyzeSpec, ApplyParams, DataFile, Destination, DeviceChoice, EvalSpec, ExtractParams, InputHashes,
-    Recipe, RunOptions, Scale, SftOptions, VectorSource, parse_scale, parse_size, parse_train_arg,
+    AnalyzeSpec, ApplyParams, Destination, DeviceChoice, EvalSpec, ExtractParams, InputHashes, Recipe,
+    RunOptions, Scale, SftOptions, VectorSource, parse_scale, parse_size, parse_train_arg,
 };
 
 const EXAMPLES: &str = "\
@@ -437,25 +437,14 @@ pub(crate) struct DemoArgs {
     pub device: DeviceChoice,
 }
 
-/// `chatvec sft`'s options; defaults come from `SftOptions::default()`, so
-/// the command line and a recipe's `[sft]` table agree.
+/// `chatvec sft`: the model, the run directory, and how to train
+/// (`chatvec::SftOptions`, the one home of the options and their defaults,
+/// shared with a recipe's `[sft]` table).
 #[derive(Args, Debug, Clone)]
 pub(crate) struct SftArgs {
     /// The model to train (directory, Hub id or alias), e.g. the output of `chatvec apply`.
     #[arg(long, value_name = "MODEL")]
     pub model: String,
-    /// Chat data, JSONL: messages, conversation, Alpaca, ichikara-instruction or prompt/completion records. Repeat to mix files; FILE:WEIGHT takes a file's examples WEIGHT times (2 = twice, 0.5 = a seeded half).
-    #[arg(long, value_name = "FILE.jsonl[:WEIGHT]", required = true, value_parser = parse_data_file)]
-    pub data: Vec<DataFile>,
-    /// Held-out chat data: an eval loss is logged every --eval-steps.
-    #[arg(long, value_name = "FILE.jsonl", conflicts_with = "eval_split")]
-    pub eval_data: Option<PathBuf>,
-    /// Hold out this fraction of the examples (seeded) for an eval loss.
-    #[arg(long, value_name = "FRACTION")]
-    pub eval_split: Option<f64>,
-    /// Evaluate every N steps (default: every --save-steps).
-    #[arg(long, value_name = "N")]
-    pub eval_steps: Option<u64>,
     /// Run directory: configs, converted data, the trained model, the run record.
     #[arg(short, long)]
     pub output: PathBuf,
@@ -465,100 +454,11 @@ pub(crate) struct SftArgs {
     /// Print the command, environment and config files, and run nothing.
     #[arg(long)]
     pub dry_run: bool,
-    /// Epochs (TRL num_train_epochs).
-    #[arg(long, default_value_t = SftOptions::default().epochs)]
-    pub epochs: f64,
-    /// Stop after this many optimizer steps (TRL max_steps; overrides --epochs).
-    #[arg(long)]
-    pub max_steps: Option<u64>,
-    /// Peak learning rate (PLaMo-13B-Instruct used 1e-5).
-    #[arg(long, default_value_t = SftOptions::default().lr)]
-    pub lr: f64,
-    /// Warmup as a fraction of the steps (PLaMo-13B-Instruct: 0.03).
-    #[arg(long, default_value_t = SftOptions::default().warmup_ratio)]
-    pub warmup_ratio: f64,
-    /// Learning-rate schedule (transformers lr_scheduler_type).
-    #[arg(long, default_value_t = SftOptions::default().scheduler)]
-    pub scheduler: String,
-    /// Longest tokenized example; longer ones are truncated (TRL max_length).
-    #[arg(long, default_value_t = SftOptions::default().max_seq_len)]
-    pub max_seq_len: u64,
-    /// Examples per device per step.
-    #[arg(long, default_value_t = SftOptions::default().batch_size)]
-    pub batch_size: u64,
-    /// Gradient accumulation steps.
-    #[arg(long, default_value_t = SftOptions::default().grad_accum)]
-    pub grad_accum: u64,
-    /// Pack several examples into each sequence.
-    #[arg(long)]
-    pub packing: bool,
-    /// Train on the assistant turns only (as the Swallow instruct card recommends).
-    #[arg(long, default_value_t = SftOptions::default().assistant_only_loss, action = clap::ArgAction::Set, value_name = "BOOL")]
-    pub assistant_only_loss: bool,
-    /// The chat template to train with: a Jinja file, or a model whose template to take (default: the model's own).
-    #[arg(long, value_name = "FILE|MODEL")]
-    pub chat_template: Option<String>,
-    /// Train LoRA adapters (peft) instead of all weights.
-    #[arg(long)]
-    pub lora: bool,
-    /// LoRA rank.
-    #[arg(long, default_value_t = SftOptions::default().lora_r)]
-    pub lora_r: u64,
-    /// LoRA alpha.
-    #[arg(long, default_value_t = SftOptions::default().lora_alpha)]
-    pub lora_alpha: u64,
-    /// Random seed.
-    #[arg(long, default_value_t = SftOptions::default().seed)]
-    pub seed: u64,
-    /// Save a checkpoint every N steps (0: only the final model).
-    #[arg(long, value_name = "N", default_value_t = SftOptions::default().save_steps)]
-    pub save_steps: u64,
-    /// Checkpoints kept; older ones are removed.
-    #[arg(long, value_name = "N", default_value_t = SftOptions::default().save_total_limit)]
-    pub save_total_limit: u64,
-    /// Continue the run in -o from its latest checkpoint, or from the checkpoint directory given.
-    #[arg(long, value_name = "latest|CHECKPOINT", num_args = 0..=1, default_missing_value = "latest")]
-    pub resume: Option<String>,
-    /// Where metrics go (transformers report_to): none, tensorboard, wandb, ...
-    #[arg(long, default_value_t = SftOptions::default().report_to)]
-    pub report_to: String,
-    /// Keep parameters and optimizer state in CPU memory (FSDP or DeepSpeed), for 70B on few GPUs.
-    #[arg(long)]
-    pub cpu_offload: bool,
+    #[command(flatten)]
+    pub options: SftOptions,
     /// Any other TRL SFTConfig / TrainingArguments / ModelConfig setting, KEY=VALUE (the value read as YAML); repeatable, checked against the installed TRL before launch.
     #[arg(long = "train-arg", value_name = "KEY=VALUE", value_parser = parse_train_arg_flag)]
     pub train_args: Vec<(String, serde_json::Value)>,
-    /// Processes (GPUs) per node.
-    #[arg(long, default_value_t = SftOptions::default().nproc)]
-    pub nproc: u64,
-    /// Nodes.
-    #[arg(long, default_value_t = SftOptions::default().nnodes)]
-    pub nnodes: u64,
-    /// This node's rank.
-    #[arg(long, default_value_t = SftOptions::default().node_rank)]
-    pub node_rank: u64,
-    /// Address of the node with rank 0 (required with --nnodes above 1).
-    #[arg(long)]
-    pub master_addr: Option<String>,
-    /// Port of rank 0 (multi-node).
-    #[arg(long, default_value_t = SftOptions::default().master_port)]
-    pub master_port: u16,
-    /// Shard the model with FSDP2 (full shard, auto-wrap of the decoder layer, bf16).
-    #[arg(long, conflicts_with = "deepspeed")]
-    pub fsdp: bool,
-    /// DeepSpeed instead: zero3.
-    #[arg(long, value_parser = ["zero3"])]
-    pub deepspeed: Option<String>,
-    /// Write a batch script (RUN.slurm or RUN.pbs beside -o) that runs this job on every node with its rank and the master address, instead of training here.
-    #[arg(long, value_parser = ["slurm", "pbs"])]
-    pub launcher: Option<String>,
-    /// The Python interpreter with torch, transformers, trl and accelerate (default: $CHATVEC_PYTHON, else python3).
-    #[arg(long)]
-    pub python: Option<PathBuf>,
-}
-
-fn parse_data_file(s: &str) -> Result<DataFile, String> {
-    DataFile::parse(s).map_err(|e| e.to_string())
 }
 
 fn parse_train_arg_flag(s: &str) -> Result<(String, serde_json::Value), String> {
@@ -566,49 +466,16 @@ fn parse_train_arg_flag(s: &str) -> Result<(String, serde_json::Value), String> 
 }
 
 impl SftArgs {
+    /// The options, with the `--train-arg` settings.
     pub(crate) fn options(&self) -> SftOptions {
-        SftOptions {
-            data: self.data.clone(),
-            eval_data: self.eval_data.clone(),
-            eval_split: self.eval_split,
-            eval_steps: self.eval_steps,
-            chat_template: self.chat_template.clone(),
-            save_steps: self.save_steps,
-            save_total_limit: self.save_total_limit,
-            resume: self.resume.clone(),
-            report_to: self.report_to.clone(),
-            cpu_offload: self.cpu_offload,
-            train_args: self.train_args.iter().cloned().collect(),
-            epochs: self.epochs,
-            max_steps: self.max_steps,
-            lr: self.lr,
-            warmup_ratio: self.warmup_ratio,
-            scheduler: self.scheduler.clone(),
-            max_seq_len: self.max_seq_len,
-            batch_size: self.batch_size,
-            grad_accum: self.grad_accum,
-            packing: self.packing,
-            assistant_only_loss: self.assistant_only_loss,
-            lora: self.lora,
-            lora_r: self.lora_r,
-            lora_alpha: self.lora_alpha,
-            seed: self.seed,
-            nproc: self.nproc,
-            nnodes: self.nnodes,
-            node_rank: self.node_rank,
-            master_addr: self.master_addr.clone(),
-            master_port: self.master_port,
-            fsdp: self.fsdp,
-            deepspeed: self.deepspeed.clone(),
-            launcher: self.launcher.clone(),
-            python: self.python.clone(),
-        }
+        SftOptions { train_args: self.train_args.iter().cloned().collect(), ..self.options.clone() }
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use chatvec::DataFile;
     use clap::CommandFactory;
 
     #[test]

@@ -91,94 +91,121 @@ pub(crate) const LAUNCHERS: [&str; 2] = ["slurm", "pbs"];
 
 /// How to train: every option maps to a TRL / transformers / accelerate
 /// setting. Defaults follow PLaMo-13B-Instruct's SFT (lr 1e-5, warmup
-/// ratio 0.03, cosine). A recipe's `[sft]` table holds the same keys.
-#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+/// ratio 0.03, cosine), written once in `Default`. The command line fills
+/// it through clap (the doc comments are `chatvec sft`'s help), a recipe's
+/// `[sft]` table through serde (the same keys), and the run record keeps it.
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq, clap::Args)]
 #[serde(default, deny_unknown_fields)]
 pub struct SftOptions {
-    /// Chat data, JSONL: `{"messages": [...]}`, `{"conversation": [...]}`,
-    /// Alpaca, ichikara-instruction or prompt/completion records; several
-    /// files are mixed by their weights.
+    /// Chat data, JSONL: messages, conversation, Alpaca, ichikara-instruction or prompt/completion records. Repeat to mix files; FILE:WEIGHT takes a file's examples WEIGHT times (2 = twice, 0.5 = a seeded half).
+    #[arg(long, value_name = "FILE.jsonl[:WEIGHT]", required = true, value_parser = parse_data_file)]
     #[serde(deserialize_with = "de_data", serialize_with = "ser_data")]
     pub data: Vec<DataFile>,
-    /// Held-out chat data for an eval loss.
+    /// Held-out chat data: an eval loss is logged every --eval-steps.
+    #[arg(long, value_name = "FILE.jsonl", conflicts_with = "eval_split")]
     pub eval_data: Option<PathBuf>,
-    /// Without `eval_data`: the fraction of the (mixed) examples held out
-    /// for evaluation, chosen by the seed.
+    /// Hold out this fraction of the examples (seeded) for an eval loss.
+    #[arg(long, value_name = "FRACTION")]
     pub eval_split: Option<f64>,
-    /// Evaluate every this many steps (default: as often as checkpoints).
+    /// Evaluate every N steps (default: every --save-steps).
+    #[arg(long, value_name = "N")]
     pub eval_steps: Option<u64>,
-    /// Epochs (TRL `num_train_epochs`).
+    /// Epochs (TRL num_train_epochs).
+    #[arg(long, default_value_t = SftOptions::default().epochs)]
     pub epochs: f64,
-    /// Stop after this many optimizer steps (TRL `max_steps`; overrides epochs).
+    /// Stop after this many optimizer steps (TRL max_steps; overrides --epochs).
+    #[arg(long)]
     pub max_steps: Option<u64>,
-    /// Peak learning rate.
+    /// Peak learning rate (PLaMo-13B-Instruct used 1e-5).
+    #[arg(long, default_value_t = SftOptions::default().lr)]
     pub lr: f64,
-    /// Warmup as a fraction of the steps.
+    /// Warmup as a fraction of the steps (PLaMo-13B-Instruct: 0.03).
+    #[arg(long, default_value_t = SftOptions::default().warmup_ratio)]
     pub warmup_ratio: f64,
-    /// Learning-rate schedule (transformers `lr_scheduler_type`).
+    /// Learning-rate schedule (transformers lr_scheduler_type).
+    #[arg(long, default_value_t = SftOptions::default().scheduler)]
     pub scheduler: String,
-    /// Longest tokenized example; longer ones are truncated (TRL `max_length`).
+    /// Longest tokenized example; longer ones are truncated (TRL max_length).
+    #[arg(long, default_value_t = SftOptions::default().max_seq_len)]
     pub max_seq_len: u64,
     /// Examples per device per step.
+    #[arg(long, default_value_t = SftOptions::default().batch_size)]
     pub batch_size: u64,
     /// Gradient accumulation steps.
+    #[arg(long, default_value_t = SftOptions::default().grad_accum)]
     pub grad_accum: u64,
     /// Pack several examples into each sequence.
+    #[arg(long)]
     pub packing: bool,
-    /// Train on the assistant turns only.
+    /// Train on the assistant turns only (as the Swallow instruct card recommends).
+    #[arg(long, default_value_t = SftOptions::default().assistant_only_loss, action = clap::ArgAction::Set, value_name = "BOOL")]
     pub assistant_only_loss: bool,
-    /// The chat template to train with: a Jinja file, or a model whose
-    /// template to take (default: the model's own).
+    /// The chat template to train with: a Jinja file, or a model whose template to take (default: the model's own).
+    #[arg(long, value_name = "FILE|MODEL")]
     pub chat_template: Option<String>,
-    /// Train LoRA adapters (peft) instead of all weights; the adapter is
-    /// merged into a full model at the end.
+    /// Train LoRA adapters (peft) instead of all weights; the adapter is merged into a full model at the end.
+    #[arg(long)]
     pub lora: bool,
     /// LoRA rank.
+    #[arg(long, default_value_t = SftOptions::default().lora_r)]
     pub lora_r: u64,
     /// LoRA alpha.
+    #[arg(long, default_value_t = SftOptions::default().lora_alpha)]
     pub lora_alpha: u64,
     /// Random seed.
+    #[arg(long, default_value_t = SftOptions::default().seed)]
     pub seed: u64,
-    /// Save a checkpoint every this many steps (0: only the final model).
+    /// Save a checkpoint every N steps (0: only the final model).
+    #[arg(long, value_name = "N", default_value_t = SftOptions::default().save_steps)]
     pub save_steps: u64,
-    /// Checkpoints kept (the oldest are removed).
+    /// Checkpoints kept; older ones are removed.
+    #[arg(long, value_name = "N", default_value_t = SftOptions::default().save_total_limit)]
     pub save_total_limit: u64,
-    /// Resume from the run directory's latest checkpoint (`latest`) or the
-    /// checkpoint directory given.
+    /// Continue the run in -o from its latest checkpoint, or from the checkpoint directory given.
+    #[arg(long, value_name = "latest|CHECKPOINT", num_args = 0..=1, default_missing_value = "latest")]
     pub resume: Option<String>,
-    /// Where metrics go (transformers `report_to`): none, tensorboard,
-    /// wandb, ...
+    /// Where metrics go (transformers report_to): none, tensorboard, wandb, ...
+    #[arg(long, default_value_t = SftOptions::default().report_to)]
     pub report_to: String,
-    /// Keep parameters and optimizer state in CPU memory (FSDP
-    /// `offload_params`, DeepSpeed `offload_param`/`offload_optimizer`),
-    /// for 70B on few GPUs.
+    /// Keep parameters and optimizer state in CPU memory (FSDP or DeepSpeed), for 70B on few GPUs.
+    #[arg(long)]
     pub cpu_offload: bool,
-    /// Any other TRL `SFTConfig` / transformers `TrainingArguments` /
-    /// `ModelConfig` field, as `key = value`; checked against the installed
-    /// TRL before launch.
+    /// Any other TRL SFTConfig / transformers TrainingArguments / ModelConfig field, as `key = value`;
+    /// checked against the installed TRL before launch (on the command line: --train-arg KEY=VALUE).
+    #[arg(skip)]
     pub train_args: BTreeMap<String, Value>,
     /// Processes (GPUs) per node.
+    #[arg(long, default_value_t = SftOptions::default().nproc)]
     pub nproc: u64,
     /// Nodes.
+    #[arg(long, default_value_t = SftOptions::default().nnodes)]
     pub nnodes: u64,
     /// This node's rank.
+    #[arg(long, default_value_t = SftOptions::default().node_rank)]
     pub node_rank: u64,
-    /// Address of rank 0 (required with several nodes).
+    /// Address of the node with rank 0 (required with --nnodes above 1).
+    #[arg(long)]
     pub master_addr: Option<String>,
     /// Port of rank 0 (multi-node).
+    #[arg(long, default_value_t = SftOptions::default().master_port)]
     pub master_port: u16,
-    /// Shard the model with FSDP2 (full shard, auto-wrap of the decoder
-    /// layer, bf16).
+    /// Shard the model with FSDP2 (full shard, auto-wrap of the decoder layer, bf16).
+    #[arg(long, conflicts_with = "deepspeed")]
     pub fsdp: bool,
-    /// DeepSpeed instead of FSDP: `zero3`.
+    /// DeepSpeed instead: zero3.
+    #[arg(long, value_parser = ["zero3"])]
     pub deepspeed: Option<String>,
-    /// Write a batch script for this scheduler (`slurm`, `pbs`) that runs
-    /// the job on every node, with each node's rank and the master
-    /// address, instead of running it here.
+    /// Write a batch script (RUN.slurm or RUN.pbs beside -o) that runs this job on every node with its rank and the master address, instead of training here.
+    #[arg(long, value_parser = LAUNCHERS)]
     pub launcher: Option<String>,
-    /// The Python interpreter with torch, transformers, trl and accelerate
-    /// (default: `$CHATVEC_PYTHON`, else `python3`).
+    /// The Python interpreter with torch, transformers, trl and accelerate (default: $CHATVEC_PYTHON, else python3).
+    #[arg(long)]
     pub python: Option<PathBuf>,
+}
+
+/// `--data`'s parser.
+fn parse_data_file(s: &str) -> std::result::Result<DataFile, String> {
+    DataFile::parse(s).map_err(|e| e.to_string())
 }
 
 impl Default for SftOptions {
