@@ -76,7 +76,7 @@ pub(crate) enum Command {
     #[command(
         after_help = "Examples:\n  chatvec eval swallow-8b-sweep/scale-0.5 swallow-8b-sweep/scale-1\n  chatvec eval swallow-8b-cv --data held-out.jsonl --prompts prompts.jsonl --plot eval.svg"
     )]
-    Eval(EvalArgs),
+    Eval(EvalSpec),
     /// Run a merge recipe (chatvec TOML or mergekit YAML): chat vector, linear, TIES, DARE, SLERP, ...
     #[command(
         after_help = "Examples:\n  chatvec merge llama3-swallow-8b-chat-vector -o swallow-8b-cv\n  chatvec merge mergekit-config.yml -o out --dry-run"
@@ -102,63 +102,6 @@ pub(crate) enum Command {
     /// Measure apply and merges on generated Llama-shaped checkpoints against the disk and memory floor.
     #[cfg(feature = "bench")]
     Bench(super::bench::BenchArgs),
-}
-
-#[derive(Args, Debug)]
-pub(crate) struct EvalArgs {
-    /// The models (directories, Hub ids or aliases).
-    #[arg(required = true, value_name = "MODEL")]
-    pub models: Vec<String>,
-
-    /// Held-out chat data (JSONL in any format `sft` reads) for the assistant-token loss
-    /// (default: the built-in Japanese/English set).
-    #[arg(long, value_name = "FILE")]
-    pub data: Option<PathBuf>,
-
-    /// Prompts to answer: JSONL of {"prompt": "...", "lang": "ja"} or chat records
-    /// (default: the built-in set).
-    #[arg(long, value_name = "FILE")]
-    pub prompts: Option<PathBuf>,
-
-    /// Longest answer, in tokens.
-    #[arg(long, default_value_t = EvalSpec::new(Vec::new()).max_new_tokens)]
-    pub max_new_tokens: u64,
-
-    /// Answers shown side by side per model.
-    #[arg(long, default_value_t = EvalSpec::new(Vec::new()).samples)]
-    pub samples: usize,
-
-    /// Python interpreter with torch and transformers (default: $CHATVEC_PYTHON, else python3).
-    #[arg(long, value_name = "PATH")]
-    pub python: Option<PathBuf>,
-
-    /// Engine: auto (vLLM when installed and a GPU is there, else transformers), transformers, vllm.
-    #[arg(long, default_value_t = EvalSpec::new(Vec::new()).engine)]
-    pub engine: String,
-
-    /// Write a picture (SVG): loss and stop rate per model, against the scale for a sweep.
-    #[arg(long, value_name = "FILE")]
-    pub plot: Option<PathBuf>,
-
-    /// Replace an existing --plot file.
-    #[arg(long)]
-    pub force: bool,
-}
-
-impl EvalArgs {
-    pub(crate) fn spec(&self) -> EvalSpec {
-        EvalSpec {
-            data: self.data.clone(),
-            prompts: self.prompts.clone(),
-            max_new_tokens: self.max_new_tokens,
-            samples: self.samples,
-            python: self.python.clone(),
-            engine: self.engine.clone(),
-            plot: self.plot.clone(),
-            force: self.force,
-            ..EvalSpec::new(self.models.clone())
-        }
-    }
 }
 
 #[derive(Args, Debug)]

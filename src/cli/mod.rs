@@ -133,7 +133,7 @@ pub(crate) fn run(cli: Cli) -> Result<()> {
         }
         Command::Analyze(a) => analyzed(&chatvec::analyze(&a.spec())?, json),
         Command::Eval(a) => {
-            let r = chatvec::eval(&a.spec())?;
+            let r = chatvec::eval(&a)?;
             if json { json_out(&r) } else { out(&r.to_string()) }
         }
         Command::Sweep(a) => {

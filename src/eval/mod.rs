@@ -40,27 +40,39 @@ pub const RULE: &str = "answers that stop with a non-empty reply (more is better
 /// Largest prompts file accepted.
 const MAX_PROMPTS_BYTES: u64 = 64 << 20;
 
-/// What to evaluate, and how.
-#[derive(Clone, Debug)]
+/// What to evaluate, and how: `chatvec eval`'s arguments (clap; the doc
+/// comments are its help) and a recipe's `[eval]` table, with the defaults
+/// written once, in `new`.
+#[derive(Clone, Debug, clap::Args)]
 pub struct EvalSpec {
     /// The models (directories, Hub ids or aliases), e.g. a sweep's candidates.
+    #[arg(required = true, value_name = "MODEL")]
     pub models: Vec<String>,
-    /// Held-out chat data (any format `sft` reads); default: the built-in set.
+    /// Held-out chat data (JSONL in any format `sft` reads) for the assistant-token loss
+    /// (default: the built-in Japanese/English set).
+    #[arg(long, value_name = "FILE")]
     pub data: Option<PathBuf>,
-    /// Prompts to generate from: JSONL of `{"prompt": "...", "lang": "ja"}` or
-    /// chat records (cut before the first assistant turn); default: built in.
+    /// Prompts to answer: JSONL of {"prompt": "...", "lang": "ja"} or chat records
+    /// (default: the built-in set).
+    #[arg(long, value_name = "FILE")]
     pub prompts: Option<PathBuf>,
     /// Longest answer, in tokens.
+    #[arg(long, default_value_t = EvalSpec::new(Vec::new()).max_new_tokens)]
     pub max_new_tokens: u64,
-    /// Answers shown per model.
+    /// Answers shown side by side per model.
+    #[arg(long, default_value_t = EvalSpec::new(Vec::new()).samples)]
     pub samples: usize,
-    /// The Python interpreter (else `CHATVEC_PYTHON`, else `python3`).
+    /// Python interpreter with torch and transformers (default: $CHATVEC_PYTHON, else python3).
+    #[arg(long, value_name = "PATH")]
     pub python: Option<PathBuf>,
-    /// `auto`, `transformers` or `vllm`.
+    /// Engine: auto (vLLM when installed and a GPU is there, else transformers), transformers, vllm.
+    #[arg(long, default_value_t = EvalSpec::new(Vec::new()).engine)]
     pub engine: String,
-    /// Write a picture (SVG) of loss and stop rate per model.
+    /// Write a picture (SVG): loss and stop rate per model, against the scale for a sweep.
+    #[arg(long, value_name = "FILE")]
     pub plot: Option<PathBuf>,
-    /// Replace an existing picture.
+    /// Replace an existing --plot file.
+    #[arg(long)]
     pub force: bool,
 }
 
