@@ -44,6 +44,7 @@ mod json;
 mod merge;
 mod model;
 mod output;
+mod params;
 mod plan;
 mod python;
 mod recipe;
@@ -51,7 +52,6 @@ mod resolve;
 mod rng;
 mod scratch;
 mod sft;
-mod spec;
 mod svg;
 pub mod ui;
 mod units;
@@ -75,11 +75,11 @@ pub use exec::{InputHashes, RunOptions};
 pub use job::analyze::AnalyzeSpec;
 pub use model::FloatType;
 pub use output::Destination;
+pub use params::apply::{ApplyParams, ApplySpec, ExtractParams, ExtractSpec, VectorSource};
+pub use params::embeddings::EmbeddingPolicy;
+pub use params::select::Scale;
 pub use recipe::Recipe;
 pub use sft::{DataFile, SftJob, SftOptions};
-pub use spec::apply::{ApplyParams, ApplySpec, ExtractParams, ExtractSpec, VectorSource};
-pub use spec::embeddings::EmbeddingPolicy;
-pub use spec::select::Scale;
 
 // What they return.
 pub use analyze::figures::Figures;
@@ -102,9 +102,9 @@ pub use sft::SftReport;
 // flags share with recipes, and printing.
 pub use eval::record_selection;
 pub use interrupt::install as catch_signals;
+pub use params::apply::parse_scale;
 pub use resolve::{set_aliases_file, set_offline};
 pub use sft::parse_train_arg;
-pub use spec::apply::parse_scale;
 pub use units::{human_bytes, parse_size};
 
 // Reading a checkpoint and hashing files as chatvec does (the demo's and

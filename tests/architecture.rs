@@ -15,7 +15,7 @@ const LAYERS: &[&[&str]] = &[
     &["interrupt", "json", "scratch", "rng", "svg"],
     &["hash", "python"],
     &["model"],
-    &["spec", "resolve", "arith"],
+    &["params", "resolve", "arith"],
     &["merge"],
     &["plan"],
     &["output"],
@@ -187,7 +187,7 @@ fn no_module_imports_itself_back() {
 
 /// Helpers that moved to the room they belong to are imported from there
 /// only: layer naming from `model::layers`, selections and scales from
-/// `spec`, where and how to write from `output::Destination` and
+/// `params`, where and how to write from `output::Destination` and
 /// `exec::RunOptions`.
 #[test]
 fn moved_helpers_are_imported_from_their_rooms() {
@@ -196,9 +196,9 @@ fn moved_helpers_are_imported_from_their_rooms() {
         ("merge::params::layer_position", "model::layers::layer_position"),
         ("merge::params::interpolate", "model::layers::interpolate"),
         ("plan::checks::layers_of", "model::layers::layers_of"),
-        ("plan::select", "spec::select"),
-        ("plan::EmbeddingPolicy", "spec::embeddings::EmbeddingPolicy"),
-        ("plan::vocab::EmbeddingPolicy", "spec::embeddings::EmbeddingPolicy"),
+        ("plan::select", "params::select"),
+        ("plan::EmbeddingPolicy", "params::embeddings::EmbeddingPolicy"),
+        ("plan::vocab::EmbeddingPolicy", "params::embeddings::EmbeddingPolicy"),
         ("WriteOptions", "output::Destination and exec::RunOptions"),
         ("ScaleOverride", "plan::Plan::scales"),
         ("with_probes", "resolve::Fetch::probes, passed down"),
@@ -271,7 +271,7 @@ fn code_files() -> Vec<(PathBuf, String)> {
 #[test]
 fn no_option_default_is_written_twice() {
     let once: &[(&str, &str)] = &[
-        (r#""5GB"|5_000_000_000|\b5000000000\b|5e9"#, "src/spec/apply.rs"),
+        (r#""5GB"|5_000_000_000|\b5000000000\b|5e9"#, "src/params/apply.rs"),
         (r"lr: \d", "src/sft/options.rs"),
         (r"warmup_ratio: \d", "src/sft/options.rs"),
         (r#"scheduler: ""#, "src/sft/options.rs"),

@@ -532,8 +532,8 @@ mod tests {
     #[test]
     fn cpu_and_gpu_dispatch_read_each_candidates_scale_from_the_plan() {
         use crate::model::checkpoint::Checkpoint;
+        use crate::params::select::{Scale, Selection, Spelling};
         use crate::plan::chat_vector::{ApplyOptions, Common, VectorSide, plan_apply};
-        use crate::spec::select::{Scale, Selection, Spelling};
         let root = tempfile::tempdir().unwrap();
         let names = [
             "model.embed_tokens.weight",
@@ -552,7 +552,7 @@ mod tests {
         let selection = Selection::new(&[], &[], &Scale::Constant(1.0), &[rule], Spelling::Cli).unwrap();
         let opts = ApplyOptions {
             common: Common { selection, shard_size: 1 << 30, allow_mismatch: false },
-            embeddings: crate::spec::embeddings::EmbeddingPolicy::Auto,
+            embeddings: crate::params::embeddings::EmbeddingPolicy::Auto,
             out_dtype: None,
             candidates: candidates.clone(),
         };

@@ -11,9 +11,9 @@ use crate::analyze::{Inputs, Side, plot, run};
 use crate::error::{Error, Result};
 use crate::job::chat_vector::{VectorRefs, resolve_vector};
 use crate::model::checkpoint::Checkpoint;
+use crate::params::apply::VectorSource;
 use crate::plan::checks::read_vocab;
 use crate::resolve::open_model;
-use crate::spec::apply::VectorSource;
 
 /// What to analyze.
 #[derive(Clone, Debug)]

@@ -10,13 +10,13 @@ use crate::output::Destination;
 use crate::output::card::{CARD_FILE, model_card};
 use crate::output::manifest::{MANIFEST_FILE, RecipeRecord, TensorRecord, VectorRecord, read_vector_info};
 use crate::output::sidecars::{ChatSide, model_side_files, read_side_files};
+use crate::params::apply::{ApplySpec, ExtractSpec, VectorSource};
+use crate::params::select::{Scale, Selection};
 use crate::plan::Plan;
 use crate::plan::chat_vector::{ApplyOptions, Common, VectorSide, plan_apply, plan_extract};
 use crate::plan::checks::delta_ratio;
 use crate::plan::lora::plan_lora;
 use crate::resolve::{Fetch, vector_alias};
-use crate::spec::apply::{ApplySpec, ExtractSpec, VectorSource};
-use crate::spec::select::{Scale, Selection};
 
 /// A `VectorSource` with its vector alias looked up: what to open.
 pub(crate) enum VectorRefs {

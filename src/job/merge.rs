@@ -12,12 +12,12 @@ use crate::output::Destination;
 use crate::output::card::{CARD_FILE, model_card};
 use crate::output::manifest::RecipeRecord;
 use crate::output::sidecars::{add_union_tokens, model_side_files};
+use crate::params::apply::{ApplyParams, ApplySpec};
+use crate::params::select::Spelling;
 use crate::plan::merge::{MergeSpec, plan_merge};
 use crate::plan::{Input, Role};
 use crate::recipe::{MergeRecipe, Recipe, RecipeBody};
 use crate::resolve::Fetch;
-use crate::spec::apply::{ApplyParams, ApplySpec};
-use crate::spec::select::Spelling;
 
 /// Runs `recipe` into `out`. `seed` overrides the recipe's seed of the
 /// DARE/DELLA masks.

@@ -9,8 +9,8 @@ use crate::error::Result;
 use crate::exec::RunOptions;
 use crate::job::chat_vector::apply;
 use crate::output::Destination;
+use crate::params::apply::ApplyParams;
 use crate::sft::{SftJob, SftReport, add_to_record, model_dir, train};
-use crate::spec::apply::ApplyParams;
 
 /// Supervised fine-tuning: validates the data and the Python environment,
 /// writes every config file into the run directory, launches TRL as a

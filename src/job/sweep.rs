@@ -13,9 +13,9 @@ use crate::job::{HEADERS_ONLY, Summary, preflight_with};
 use crate::output::Destination;
 use crate::output::manifest::RecipeRecord;
 use crate::output::sweep::SweepRoot;
+use crate::params::apply::ApplySpec;
+use crate::params::select::Scale;
 use crate::resolve::Fetch;
-use crate::spec::apply::ApplySpec;
-use crate::spec::select::Scale;
 
 /// The record of a sweep, written as `sweep.json` in its directory.
 #[derive(Debug, Serialize)]

@@ -9,13 +9,13 @@ use crate::error::{Error, Result};
 use crate::model::checkpoint::{Checkpoint, Tensor, is_lm_head, is_vocab_matrix};
 use crate::model::dtype::FloatType;
 use crate::model::layers::layers_of;
+use crate::params::embeddings::EmbeddingPolicy;
+use crate::params::select::{Scale, Selection};
 use crate::plan::checks::{Problems, check_configs, check_fits, float_of, read_vocab};
 use crate::plan::shards::assign_shards;
 use crate::plan::skeleton::{Step, each_tensor};
 use crate::plan::vocab::{EmbeddingReport, RowMap, Vocabs, match_rows};
 use crate::plan::{Formula, Input, Op, OutTensor, Plan, Role, Source, scales_of};
-use crate::spec::embeddings::EmbeddingPolicy;
-use crate::spec::select::{Scale, Selection};
 
 /// Settings shared by extract and apply.
 pub(crate) struct Common {

@@ -13,11 +13,11 @@ use crate::model::checkpoint::{Checkpoint, is_vocab_matrix};
 use crate::model::dtype::FloatType;
 use crate::model::layers::{layer_index, layer_position};
 use crate::model::tokenizer::Vocab;
+use crate::params::embeddings::EmbeddingPolicy;
 use crate::plan::checks::{Problems, check_configs, check_fits, float_of, read_vocab};
 use crate::plan::skeleton::{Step, each_tensor};
 use crate::plan::vocab::{EmbeddingReport, RowMap, Vocabs, match_rows};
 use crate::plan::{Input, MergeOp, Op, Plan, Source, UnionRows, VocabUnion};
-use crate::spec::embeddings::EmbeddingPolicy;
 
 /// A merge, as data.
 pub(crate) struct MergeSpec {

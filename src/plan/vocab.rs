@@ -6,7 +6,7 @@
 use crate::arith::rows::RowRun;
 use crate::error::{Error, Result};
 use crate::model::tokenizer::Vocab;
-use crate::spec::embeddings::EmbeddingPolicy;
+use crate::params::embeddings::EmbeddingPolicy;
 
 /// How the rows of one vocabulary matrix were matched, as reported on
 /// stderr, in `--json` and in the manifest.

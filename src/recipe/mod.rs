@@ -39,9 +39,9 @@ use crate::merge::methods::Method;
 use crate::merge::params::{Filter, Scalar, Setting};
 use crate::model::dtype::FloatType;
 use crate::output::manifest::RecipeRecord;
+use crate::params::apply::{ApplyParams, default_shard_size};
+use crate::params::select::Scale;
 use crate::sft::SftOptions;
-use crate::spec::apply::{ApplyParams, default_shard_size};
-use crate::spec::select::Scale;
 use crate::units::parse_size;
 
 const MAX_RECIPE_BYTES: u64 = 4 << 20;
@@ -712,7 +712,7 @@ fn scale_rules(v: &Value, at: &str) -> Result<(Scale, Vec<String>)> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::spec::embeddings::EmbeddingPolicy;
+    use crate::params::embeddings::EmbeddingPolicy;
 
     fn parse(text: &str, name: &str) -> Result<Recipe> {
         parse_recipe(text, Path::new(name))

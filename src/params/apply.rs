@@ -14,8 +14,8 @@ use serde::Serialize;
 
 use crate::error::{Error, Result};
 use crate::model::dtype::FloatType;
-use crate::spec::embeddings::EmbeddingPolicy;
-use crate::spec::select::{Scale, Selection, Spelling};
+use crate::params::embeddings::EmbeddingPolicy;
+use crate::params::select::{Scale, Selection, Spelling};
 use crate::units::parse_size;
 
 /// The default output shard size, as transformers' `max_shard_size` (the
