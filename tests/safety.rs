@@ -760,6 +760,40 @@ fn verify_rehashes_every_input_whatever_the_hash_cache_says() {
     );
 }
 
+/// `verify --recipe` compares the parameters the recipe checks into with
+/// the ones the manifest records, key by key: an output merged with
+/// another scale does not pass for this recipe.
+#[test]
+fn verify_recipe_compares_each_recorded_parameter() {
+    let d = tempfile::tempdir().unwrap();
+    let t = trio(d.path(), Ty::BF16, 1);
+    let recipe = d.path().join("r.toml");
+    std::fs::write(
+        &recipe,
+        format!(
+            "merge_method = \"chat_vector\"\nbase_model = \"{}\"\nchat = \"{}\"\npretrained = \"{}\"\n",
+            t.base.display(),
+            t.chat.display(),
+            t.pre.display()
+        ),
+    )
+    .unwrap();
+    let out = d.path().join("out");
+    let run = |args: &[&str]| command().args(args).output().unwrap();
+    ok(&run(&["merge", s(&recipe), "-o", s(&out)]));
+    ok(&run(&["verify", s(&out), "--recipe", s(&recipe)]));
+    let mpath = out.join("chatvec-manifest.json");
+    let original = std::fs::read(&mpath).unwrap();
+    let mut man: serde_json::Value = serde_json::from_slice(&original).unwrap();
+    man["parameters"]["scale"] = serde_json::json!(0.5);
+    std::fs::write(&mpath, serde_json::to_vec_pretty(&man).unwrap()).unwrap();
+    let o = run(&["verify", s(&out), "--recipe", s(&recipe)]);
+    assert_eq!(o.status.code(), Some(1), "{}", stdout(&o));
+    assert!(stdout(&o).contains("DIFFERS  recipe parameter scale: 1.0, recorded 0.5"), "{}", stdout(&o));
+    std::fs::write(&mpath, original).unwrap();
+    ok(&run(&["verify", s(&out), "--recipe", s(&recipe)]));
+}
+
 #[test]
 fn a_nan_or_infinite_number_in_a_recipe_is_refused_not_defaulted() {
     let d = tempfile::tempdir().unwrap();

@@ -43,7 +43,7 @@ fn merge_now(
 
 /// A chat_vector recipe as the `apply` it describes, checked, with the
 /// recipe-wide settings and errors naming the recipe's keys.
-fn chat_vector_spec(recipe: &Recipe, c: &ApplyParams) -> Result<ApplySpec> {
+pub(crate) fn chat_vector_spec(recipe: &Recipe, c: &ApplyParams) -> Result<ApplySpec> {
     let params = ApplyParams {
         out_dtype: recipe.out_dtype,
         shard_size: Some(recipe.shard_size),

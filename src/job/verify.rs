@@ -2,7 +2,8 @@
 //! 5). Every file the manifest lists is re-hashed and compared; files in the
 //! directory it does not list are reported. With a recipe, the recipe's
 //! sha256 and each input's per-shard sha256 (as the inputs are now) are
-//! compared with the recorded ones as well.
+//! compared with the recorded ones as well, and for a chat_vector recipe
+//! its parameters, as checked, with the ones the manifest records.
 
 use std::fmt::{self, Write as _};
 use std::path::Path;
@@ -15,10 +16,11 @@ use serde_json::Value;
 use crate::error::{Error, Result};
 use crate::exec::input_hash::hash_following;
 use crate::hash::sha256_file;
+use crate::job::merge::chat_vector_spec;
 use crate::json::read_value;
 use crate::model::hash_cache::HashCache;
 use crate::output::manifest::MANIFEST_FILE;
-use crate::recipe::Recipe;
+use crate::recipe::{Recipe, RecipeBody};
 use crate::resolve::open_model;
 
 /// One compared file.
@@ -138,7 +140,14 @@ pub fn verify(dir: &Path, recipe: Option<&str>) -> Result<VerifyReport> {
     Ok(VerifyReport { dir: dir.display().to_string(), checks, unlisted, ok })
 }
 
-/// The recipe's sha256 and its inputs' shard hashes against the manifest.
+/// What a check of a recipe parameter is called (its value is compared,
+/// not a hash).
+const PARAMETER: &str = "recipe parameter ";
+
+/// The recipe's sha256, its parameters (for a chat_vector recipe: the
+/// `ApplyParams` it checks into, defaults written out, against the ones
+/// the manifest records, key by key) and its inputs' shard hashes against
+/// the manifest.
 fn check_recipe(manifest: &Value, mpath: &Path, recipe: &str) -> Result<Vec<Check>> {
     let r = Recipe::load(recipe)?;
     let recorded = manifest.pointer("/recipe/sha256").and_then(Value::as_str).ok_or_else(|| {
@@ -147,8 +156,25 @@ fn check_recipe(manifest: &Value, mpath: &Path, recipe: &str) -> Result<Vec<Chec
     let mut checks = vec![Check {
         what: format!("recipe {recipe}"),
         expected: recorded.to_string(),
-        actual: Some(r.sha256),
+        actual: Some(r.sha256.clone()),
     }];
+    if let RecipeBody::ChatVector(c) = &r.body {
+        // Through text, as the manifest wrote it (f32s in their shortest
+        // spelling). Keys an older manifest lacks are not compared.
+        let text = serde_json::to_string(&chat_vector_spec(&r, c)?.given())
+            .map_err(|e| Error::Internal(e.to_string()))?;
+        let given: Value = serde_json::from_str(&text).map_err(|e| Error::Internal(e.to_string()))?;
+        let params = manifest.get("parameters");
+        for (key, want) in given.as_object().into_iter().flatten() {
+            if let Some(had) = params.and_then(|p| p.get(key)) {
+                checks.push(Check {
+                    what: format!("{PARAMETER}{key}"),
+                    expected: had.to_string(),
+                    actual: Some(want.to_string()),
+                });
+            }
+        }
+    }
     let inputs = manifest
         .get("inputs")
         .and_then(Value::as_array)
@@ -202,6 +228,9 @@ fn render(r: &VerifyReport) -> String {
             _ if c.ok() => {}
             None => {
                 let _ = writeln!(s, "MISSING  {} (expected sha256 {})", c.what, c.expected);
+            }
+            Some(a) if c.what.starts_with(PARAMETER) => {
+                let _ = writeln!(s, "DIFFERS  {}: {a}, recorded {}", c.what, c.expected);
             }
             Some(a) => {
                 let _ = writeln!(s, "DIFFERS  {}: sha256 {a}, recorded {}", c.what, c.expected);
