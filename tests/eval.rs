@@ -59,9 +59,13 @@ fn bad_inputs_are_refused_before_the_worker_starts() {
     // A model that cannot be prompted as a chat model.
     let bare = d.path().join("bare");
     write_model(&bare, &llama(1, 16, false, Ty::BF16), 1, &config(16, false, LAYERS), None);
+    fails(&["eval", s(&bare), "--python", s(&py)], &["bare", "has no chat template"]);
+    // A tokenizer without a template (a base model) is refused the same
+    // way, before any model is loaded.
+    std::fs::write(bare.join("tokenizer_config.json"), r#"{"eos_token": "</s>"}"#).unwrap();
     fails(
         &["eval", s(&bare), "--python", s(&py)],
-        &["bare", "no tokenizer_config.json or chat_template.jinja"],
+        &["bare", "has no chat template", "tokenizer_config.json"],
     );
     // The interpreter lacks torch: one error with the install command.
     fails(&base, &["lacks the Python package(s) torch", "pip install torch"]);

@@ -524,3 +524,34 @@ fn eval_ranks_a_sweep_and_broken_candidates_last_with_an_independently_checked_l
     assert_eq!(rec["model"]["reference"], s(&chosen));
     assert!(run.join("eval.json").is_file());
 }
+
+/// The demo's models load in transformers (their tokenizer.json has every
+/// field the `tokenizers` library requires), so `chatvec eval` runs on
+/// them; with stderr not a terminal it says a line per model and stage;
+/// and the base, which has a tokenizer but no chat template, is refused
+/// before any model is loaded.
+#[test]
+#[ignore = "needs torch/transformers: CHATVEC_SFT_PYTHON=$(scripts/sft-venv.sh) cargo test --test sft_e2e -- --ignored"]
+fn the_demos_models_evaluate_with_progress_lines_in_a_log() {
+    let py = std::env::var_os("CHATVEC_SFT_PYTHON")
+        .map(PathBuf::from)
+        .expect("CHATVEC_SFT_PYTHON: the interpreter scripts/sft-venv.sh prints");
+    let d = tempfile::tempdir().unwrap();
+    let demo = d.path().join("demo");
+    ok(&chatvec(&["demo", "--dir", s(&demo), "--keep"]));
+    let cv = demo.join("swallow-like-cv");
+    let o = chatvec(&["eval", s(&cv), "--python", s(&py), "--max-new-tokens", "8", "--json"]);
+    ok(&o);
+    let e = stderr(&o);
+    for stage in ["loss done", "generate done"] {
+        assert!(e.contains(&format!("eval: model 1/1 {}: {stage}", cv.display())), "{stage}: {e}");
+    }
+    let v: serde_json::Value = serde_json::from_str(&stdout(&o)).unwrap();
+    let loss = v["models"][0]["assistant_loss"].as_f64().unwrap();
+    assert!(loss.is_finite() && loss > 0.0, "{loss}");
+    let base = demo.join("swallow-like");
+    let o = chatvec(&["eval", s(&base), "--python", s(&py)]);
+    assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
+    assert!(stderr(&o).contains("has no chat template"), "{}", stderr(&o));
+    assert!(!stderr(&o).contains("Traceback"), "{}", stderr(&o));
+}

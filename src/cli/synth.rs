@@ -243,9 +243,20 @@ pub(crate) fn write_model(
             .iter()
             .take(4)
             .enumerate()
-            .map(|(i, t)| json!({"id": i, "content": t, "special": true}))
+            .map(|(i, t)| {
+                json!({"id": i, "content": t, "single_word": false, "lstrip": false, "rstrip": false,
+                       "normalized": false, "special": true})
+            })
             .collect();
-        let tj = json!({"version": "1.0", "added_tokens": added, "model": {"type": "WordLevel", "vocab": vocab, "unk_token": "<unk>"}});
+        // Every field the `tokenizers` library requires, so transformers
+        // loads the demo's models (`chatvec eval` runs on them): words
+        // split at whitespace, each a token of the word-level vocabulary.
+        let tj = json!({
+            "version": "1.0", "truncation": null, "padding": null, "added_tokens": added,
+            "normalizer": null, "pre_tokenizer": {"type": "WhitespaceSplit"}, "post_processor": null,
+            "decoder": {"type": "WordPiece", "prefix": "##", "cleanup": false},
+            "model": {"type": "WordLevel", "vocab": vocab, "unk_token": "<unk>"}
+        });
         write_json(dir, "tokenizer.json", &tj)?;
         let mut tc =
             json!({"bos_token": "<s>", "eos_token": "</s>", "tokenizer_class": "PreTrainedTokenizerFast"});

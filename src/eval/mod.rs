@@ -238,6 +238,11 @@ fn run_worker(python: &Path, spec: &Value, models: usize, per_model: u64) -> Res
         ProgressBar::hidden()
     };
     let stderr = child.stderr.take();
+    let names: Vec<String> = spec["models"]
+        .as_array()
+        .map(|a| a.iter().map(|m| m["path"].as_str().unwrap_or("?").to_string()).collect())
+        .unwrap_or_default();
+    let started = std::time::Instant::now();
     let reader = std::thread::spawn(move || -> String {
         let mut tail = String::new();
         for line in
@@ -249,6 +254,17 @@ fn run_worker(python: &Path, spec: &Value, models: usize, per_model: u64) -> Res
                     let (done, total) = (v["done"].as_u64().unwrap_or(0), v["total"].as_u64().unwrap_or(0));
                     bar.set_message(format!("model {} {stage} {done}/{total}", m + 1));
                     bar.inc(1);
+                    // Without a bar (stderr not a terminal: a log, CI, a
+                    // batch job), a line per model and finished stage, so
+                    // a long evaluation is never silent.
+                    if bar.is_hidden() && done == total {
+                        let name = names.get(m as usize).map_or("?", String::as_str);
+                        ui::note(&format!(
+                            "eval: model {}/{models} {name}: {stage} done ({total}), {:.0} s in",
+                            m + 1,
+                            started.elapsed().as_secs_f64()
+                        ));
+                    }
                 }
                 continue;
             }
@@ -337,17 +353,14 @@ pub fn eval(spec: &EvalSpec) -> Result<EvalReport> {
     let mut dirs = Vec::new();
     for m in &spec.models {
         let dir = resolve_model(m, &Fetch::whole())?.dir;
-        let has_template = ["tokenizer_config.json", "chat_template.jinja"]
-            .iter()
-            .map(|f| crate::model::side_file(&dir, f))
-            .collect::<Result<Vec<_>>>()?
-            .into_iter()
-            .any(|x| x.is_some());
-        if !has_template {
+        // Checked here, not when the worker has loaded the model: a base
+        // model with a tokenizer but no template is the usual case.
+        if crate::output::sidecars::chat_template_text(&dir)?.is_none() {
             return Err(Error::Usage(format!(
-                "{m}: {} has no tokenizer_config.json or chat_template.jinja, so it cannot be prompted as a chat model",
+                "{m}: {} has no chat template (no chat_template.jinja, and no chat_template in tokenizer_config.json), so it cannot be prompted as a chat model",
                 dir.display()
-            )));
+            ))
+            .with_hint("evaluate chat models (an apply or merge output carries the chat model's template), or add a chat_template.jinja"));
         }
         dirs.push(dir);
     }
