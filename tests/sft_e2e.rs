@@ -549,6 +549,17 @@ fn the_demos_models_evaluate_with_progress_lines_in_a_log() {
     let v: serde_json::Value = serde_json::from_str(&stdout(&o)).unwrap();
     let loss = v["models"][0]["assistant_loss"].as_f64().unwrap();
     assert!(loss.is_finite() && loss > 0.0, "{loss}");
+    let iv = &v["models"][0]["assistant_loss_interval"];
+    let (low, high) = (iv["low"].as_f64().unwrap(), iv["high"].as_f64().unwrap());
+    assert!(low <= loss && loss <= high && low < high, "{loss} outside [{low}, {high}]");
+    // The stored-vector and streamed outputs are the same bytes: the
+    // ranking cannot tell them apart, and says so.
+    let streamed = demo.join("swallow-like-cv-streamed");
+    let o = chatvec(&["eval", s(&cv), s(&streamed), "--python", s(&py), "--max-new-tokens", "8", "--json"]);
+    ok(&o);
+    let v: serde_json::Value = serde_json::from_str(&stdout(&o)).unwrap();
+    assert_eq!(v["models"][1]["tied_with"], 1, "{}", v["models"]);
+    assert_eq!(v["models"][0]["assistant_loss"], v["models"][1]["assistant_loss"]);
     let base = demo.join("swallow-like");
     let o = chatvec(&["eval", s(&base), "--python", s(&py)]);
     assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));

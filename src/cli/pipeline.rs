@@ -110,6 +110,14 @@ pub(super) fn run(a: &MergeArgs, json: bool) -> Result<()> {
                 source: e,
             })?;
             ui::note(&format!("chose {} ({})", best.display(), chatvec::EVAL_RULE));
+            let tied: Vec<&str> =
+                r.models.iter().filter(|m| m.tied_with == Some(1)).map(|m| m.model.as_str()).collect();
+            if !tied.is_empty() {
+                ui::warn(&format!(
+                    "the choice is within a tie: {} could not be told from it on this held-out data (recorded in its manifest's selection)",
+                    tied.join(", ")
+                ));
+            }
             done.insert("eval".into(), serde_json::to_value(&r).unwrap_or_default());
             best
         }

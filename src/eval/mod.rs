@@ -17,6 +17,7 @@
 
 pub(crate) mod plot;
 pub(crate) mod prompts;
+pub(crate) mod ties;
 
 use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
@@ -30,12 +31,18 @@ use crate::error::{Error, Result};
 use crate::resolve::{Fetch, resolve_model};
 use crate::sft::data::write_eval;
 use crate::ui;
+pub use ties::Interval;
 
 /// The worker the interpreter runs.
 const SCRIPT: &str = include_str!("script.py");
 
 /// How models are ranked, as reported.
-pub const RULE: &str = "answers that stop with a non-empty reply (more is better), then answers in the prompt's language (more is better), then assistant-token loss (lower is better)";
+pub const RULE: &str = "answers that stop with a non-empty reply (more is better), then answers in the prompt's language (more is better), then assistant-token loss (lower is better); a model whose three figures' 95% intervals (bootstrap over the prompts and conversations) all overlap the next better one's is reported tied with it";
+
+/// Seeds of the bootstraps: fixed, so a report is the same every run, and
+/// the same for every model, so they are resampled alike.
+const LOSS_SEED: u64 = 0x6c6f_7373;
+const SHARE_SEED: u64 = 0x7368_6172;
 
 /// Largest prompts file accepted.
 const MAX_PROMPTS_BYTES: u64 = 64 << 20;
@@ -134,10 +141,18 @@ pub struct ModelEval {
     /// Share of answers in the prompt's language (among prompts whose
     /// language is known).
     pub language_match: Option<f64>,
+    /// 95% interval of the assistant-token loss (over conversations).
+    pub assistant_loss_interval: Option<Interval>,
+    /// 95% interval of the stop-with-answer rate (over prompts).
+    pub stop_with_answer_interval: Option<Interval>,
+    /// 95% interval of the language match (over prompts of known language).
+    pub language_match_interval: Option<Interval>,
     /// Every answer.
     pub answers: Vec<Answer>,
     /// Its place under `RULE` (1 = best).
     pub rank: usize,
+    /// The rank of the best model it cannot be told from (see `RULE`).
+    pub tied_with: Option<usize>,
 }
 
 /// What `chatvec eval` found; `--json` prints it as is.
@@ -314,6 +329,13 @@ fn rank(models: &mut [ModelEval]) {
     for (i, m) in models.iter_mut().enumerate() {
         m.rank = i + 1;
     }
+    let figures: Vec<Vec<Option<Interval>>> = models
+        .iter()
+        .map(|m| vec![m.stop_with_answer_interval, m.language_match_interval, m.assistant_loss_interval])
+        .collect();
+    for (m, t) in models.iter_mut().zip(ties::ties(&figures)) {
+        m.tied_with = t;
+    }
 }
 
 /// Scores every model of `spec`.
@@ -406,7 +428,19 @@ pub fn eval(spec: &EvalSpec) -> Result<EvalReport> {
         let judged: Vec<&Answer> = answers.iter().filter(|a| a.want.is_some()).collect();
         let language_match = (!judged.is_empty())
             .then(|| judged.iter().filter(|a| a.lang == a.want).count() as f64 / judged.len() as f64);
+        let per_conversation: Vec<(f64, f64)> = r["conversation_losses"]
+            .as_array()
+            .map(|a| {
+                a.iter().map(|x| (x[0].as_f64().unwrap_or(f64::NAN), x[1].as_f64().unwrap_or(0.0))).collect()
+            })
+            .unwrap_or_default();
+        let answered: Vec<bool> = answers.iter().map(|a| a.stopped && !a.answer.is_empty()).collect();
+        let matched: Vec<bool> = judged.iter().map(|a| a.lang == a.want).collect();
         models.push(ModelEval {
+            assistant_loss_interval: ties::ratio_interval(&per_conversation, LOSS_SEED),
+            stop_with_answer_interval: ties::share_interval(&answered, SHARE_SEED),
+            language_match_interval: ties::share_interval(&matched, SHARE_SEED),
+            tied_with: None,
             model: given.clone(),
             path: dir.display().to_string(),
             scale: manifest_scale(dir),
@@ -451,14 +485,14 @@ impl std::fmt::Display for EvalReport {
         writeln!(f, "ranked by: {}\n", self.rule)?;
         writeln!(
             f,
-            "{:>4}  {:<40} {:>8} {:>11} {:>6} {:>8} {:>9} {:>8}",
+            "{:>4}  {:<40} {:>8} {:>11} {:>6} {:>8} {:>9} {:>8}  tie",
             "rank", "model", "scale", "asst.loss", "stops", "stop+ans", "mean tok", "language"
         )?;
         for m in &self.models {
             let name = cut(&m.model, 40);
             writeln!(
                 f,
-                "{:>4}  {:<40} {:>8} {:>11} {:>5.0}% {:>7.0}% {:>9.1} {:>8}",
+                "{:>4}  {:<40} {:>8} {:>11} {:>5.0}% {:>7.0}% {:>9.1} {:>8}  {}",
                 m.rank,
                 name,
                 m.scale.as_ref().map_or("-".into(), |s| s.to_string()),
@@ -466,7 +500,15 @@ impl std::fmt::Display for EvalReport {
                 100.0 * m.stop_rate,
                 100.0 * m.stop_with_answer_rate,
                 m.mean_answer_tokens,
-                m.language_match.map_or("-".into(), |x| format!("{:.0}%", 100.0 * x))
+                m.language_match.map_or("-".into(), |x| format!("{:.0}%", 100.0 * x)),
+                m.tied_with.map_or(String::new(), |r| format!("= #{r}"))
+            )?;
+        }
+        if self.models.iter().any(|m| m.tied_with.is_some()) {
+            writeln!(
+                f,
+                "\n'= #N': not told apart from #N on these {} prompts and {} conversations (every figure's 95% interval overlaps); more held-out data would decide",
+                self.prompts, self.conversations
             )?;
         }
         let shown = self.models.first().map_or(0, |m| m.answers.len().min(self.samples));
@@ -494,12 +536,18 @@ pub fn record_selection(chosen: &Path, report: &EvalReport) -> Result<()> {
                 "model": x.model, "rank": x.rank, "scale": x.scale, "assistant_loss": x.assistant_loss,
                 "stop_rate": x.stop_rate, "stop_with_answer_rate": x.stop_with_answer_rate,
                 "mean_answer_tokens": x.mean_answer_tokens, "language_match": x.language_match,
+                "assistant_loss_interval": x.assistant_loss_interval,
+                "stop_with_answer_interval": x.stop_with_answer_interval,
+                "language_match_interval": x.language_match_interval, "tied_with": x.tied_with,
             })
         })
         .collect();
     let selection = json!({
         "rule": report.rule,
         "chosen": chosen.display().to_string(),
+        // The choice was within a tie: another candidate could not be told
+        // from the chosen one.
+        "within_a_tie": report.models.iter().any(|m| m.tied_with == Some(1)),
         "data": report.data,
         "candidates": figures,
     });

@@ -75,6 +75,7 @@ def main():
         # Assistant-token loss: summed NLL over every assistant token, then
         # one mean (token-weighted).
         nll, count = 0.0, 0
+        per_conversation = []
         convs = spec["conversations"]
         for ci, conv in enumerate(convs):
             full, labels = assistant_labels(tok, conv)
@@ -83,8 +84,10 @@ def main():
             logp = torch.log_softmax(logits[:-1], dim=-1)
             target = torch.tensor(labels[1:], device=logp.device)
             keep = (target != -100).nonzero().squeeze(-1)
-            nll += -logp[keep, target[keep]].double().sum().item()
+            one = -logp[keep, target[keep]].double().sum().item()
+            nll += one
             count += int(keep.numel())
+            per_conversation.append([one, int(keep.numel())])
             progress(model=mi, stage="loss", done=ci + 1, total=len(convs))
         # Generations: greedy, stopping where the model's own generation
         # config says (a missing eos there is the bug this catches).
@@ -127,6 +130,7 @@ def main():
                 "engine": engine,
                 "assistant_loss": nll / count if count else None,
                 "assistant_tokens": count,
+                "conversation_losses": per_conversation,
                 "answers": rows,
             }
         )
