@@ -258,6 +258,9 @@ fn run_worker(python: &Path, spec: &Value, models: usize, per_model: u64) -> Res
         .map(|a| a.iter().map(|m| m["path"].as_str().unwrap_or("?").to_string()).collect())
         .unwrap_or_default();
     let started = std::time::Instant::now();
+    // The worker reports loss, then generation, per model; the bar counts
+    // conversations and prompts done.
+    let conversations = spec["conversations"].as_array().map_or(0, Vec::len) as u64;
     let reader = std::thread::spawn(move || -> String {
         let mut tail = String::new();
         for line in
@@ -268,7 +271,8 @@ fn run_worker(python: &Path, spec: &Value, models: usize, per_model: u64) -> Res
                     let (m, stage) = (v["model"].as_u64().unwrap_or(0), v["stage"].as_str().unwrap_or(""));
                     let (done, total) = (v["done"].as_u64().unwrap_or(0), v["total"].as_u64().unwrap_or(0));
                     bar.set_message(format!("model {} {stage} {done}/{total}", m + 1));
-                    bar.inc(1);
+                    let before = if stage == "generate" { conversations } else { 0 };
+                    bar.set_position(m * per_model + before + done);
                     // Without a bar (stderr not a terminal: a log, CI, a
                     // batch job), a line per model and finished stage, so
                     // a long evaluation is never silent.

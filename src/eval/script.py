@@ -5,6 +5,10 @@ import json
 import sys
 
 
+# Conversations (or prompts) computed together: one forward per batch.
+BATCH = 16
+
+
 def progress(**kw):
     print("chatvec-eval: " + json.dumps(kw), file=sys.stderr, flush=True)
 
@@ -77,18 +81,28 @@ def main():
         nll, count = 0.0, 0
         per_conversation = []
         convs = spec["conversations"]
-        for ci, conv in enumerate(convs):
-            full, labels = assistant_labels(tok, conv)
+        labelled = [assistant_labels(tok, conv) for conv in convs]
+        # Batched: right-padded, one forward per batch; each conversation's
+        # summed NLL over its own assistant tokens, as one at a time gives.
+        for start in range(0, len(labelled), BATCH):
+            part = labelled[start : start + BATCH]
+            width = max(len(full) for full, _ in part)
+            ids = torch.zeros((len(part), width), dtype=torch.long)
+            mask = torch.zeros((len(part), width), dtype=torch.long)
+            for row, (full, _) in enumerate(part):
+                ids[row, : len(full)] = torch.tensor(full)
+                mask[row, : len(full)] = 1
             with torch.no_grad():
-                logits = model(torch.tensor([full], device=dev)).logits[0].float()
-            logp = torch.log_softmax(logits[:-1], dim=-1)
-            target = torch.tensor(labels[1:], device=logp.device)
-            keep = (target != -100).nonzero().squeeze(-1)
-            one = -logp[keep, target[keep]].double().sum().item()
-            nll += one
-            count += int(keep.numel())
-            per_conversation.append([one, int(keep.numel())])
-            progress(model=mi, stage="loss", done=ci + 1, total=len(convs))
+                logits = model(ids.to(dev), attention_mask=mask.to(dev)).logits.float()
+            for row, (full, labels) in enumerate(part):
+                logp = torch.log_softmax(logits[row, : len(full) - 1], dim=-1)
+                target = torch.tensor(labels[1:], device=logp.device)
+                keep = (target != -100).nonzero().squeeze(-1)
+                one = -logp[keep, target[keep]].double().sum().item()
+                nll += one
+                count += int(keep.numel())
+                per_conversation.append([one, int(keep.numel())])
+            progress(model=mi, stage="loss", done=min(start + BATCH, len(convs)), total=len(convs))
         # Generations: greedy, stopping where the model's own generation
         # config says (a missing eos there is the bug this catches).
         eos = model.generation_config.eos_token_id
@@ -107,19 +121,33 @@ def main():
             progress(model=mi, stage="generate", done=len(prompts), total=len(prompts))
         else:
             pad = tok.pad_token_id if tok.pad_token_id is not None else (min(eos) if eos else 0)
-            for pi, p in enumerate(prompts):
-                ids = ids_of(tok, p["messages"], True)
+            # Batched: left-padded (so every row's next token follows its
+            # own prompt), greedy; each row is cut at its first eos.
+            encoded = [ids_of(tok, p["messages"], True) for p in prompts]
+            for start in range(0, len(encoded), BATCH):
+                part = encoded[start : start + BATCH]
+                width = max(len(x) for x in part)
+                ids = torch.full((len(part), width), pad, dtype=torch.long)
+                mask = torch.zeros((len(part), width), dtype=torch.long)
+                for row, x in enumerate(part):
+                    ids[row, width - len(x) :] = torch.tensor(x)
+                    mask[row, width - len(x) :] = 1
                 with torch.no_grad():
                     out = model.generate(
-                        torch.tensor([ids], device=dev), max_new_tokens=k, do_sample=False, pad_token_id=pad
+                        ids.to(dev),
+                        attention_mask=mask.to(dev),
+                        max_new_tokens=k,
+                        do_sample=False,
+                        pad_token_id=pad,
                     )
-                new = out[0][len(ids):].tolist()
-                cut = next((i for i, t in enumerate(new) if t in eos), None)
-                stopped = cut is not None
-                if stopped:
-                    new = new[:cut]
-                answers.append((tok.decode(new, skip_special_tokens=True).strip(), stopped, len(new)))
-                progress(model=mi, stage="generate", done=pi + 1, total=len(prompts))
+                for row in range(len(part)):
+                    new = out[row][width:].tolist()
+                    cut = next((i for i, t in enumerate(new) if t in eos), None)
+                    stopped = cut is not None
+                    if stopped:
+                        new = new[:cut]
+                    answers.append((tok.decode(new, skip_special_tokens=True).strip(), stopped, len(new)))
+                progress(model=mi, stage="generate", done=min(start + BATCH, len(prompts)), total=len(prompts))
         rows = []
         for p, (text, stopped, n) in zip(prompts, answers):
             want = p.get("lang") or lang_of(" ".join(x["content"] for x in p["messages"] if x["role"] == "user"))
