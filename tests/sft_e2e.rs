@@ -566,3 +566,79 @@ fn the_demos_models_evaluate_with_progress_lines_in_a_log() {
     assert!(stderr(&o).contains("has no chat template"), "{}", stderr(&o));
     assert!(!stderr(&o).contains("Traceback"), "{}", stderr(&o));
 }
+
+/// `--lm-data`: each candidate's LM loss on target-language text beside the
+/// base its manifest records, equal to an independent computation; a
+/// candidate over the margin is not acceptable, and with none acceptable
+/// the report says so.
+#[test]
+#[ignore = "needs torch/transformers: CHATVEC_SFT_PYTHON=$(scripts/sft-venv.sh) cargo test --test sft_e2e -- --ignored"]
+fn lm_loss_against_the_base_decides_what_is_acceptable() {
+    let py = std::env::var_os("CHATVEC_SFT_PYTHON")
+        .map(PathBuf::from)
+        .expect("CHATVEC_SFT_PYTHON: the interpreter scripts/sft-venv.sh prints");
+    let d = tempfile::tempdir().unwrap();
+    let demo = d.path().join("demo");
+    ok(&chatvec(&["demo", "--dir", s(&demo), "--keep"]));
+    let (cv, base) = (demo.join("swallow-like-cv"), demo.join("swallow-like"));
+    let text = d.path().join("lm.txt");
+    let docs: Vec<String> = (0..6)
+        .map(|k| (0..20).map(|i| format!("tok{}", 4 + (i * 7 + k * 13) % 300)).collect::<Vec<_>>().join(" "))
+        .collect();
+    std::fs::write(&text, docs.join("\n") + "\n").unwrap();
+    // Independently: mean NLL per predicted token over the documents.
+    let script = r#"
+import sys, json, torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+out = {}
+for path in sys.argv[2:]:
+    tok = AutoTokenizer.from_pretrained(path)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    nll, n = 0.0, 0
+    for line in open(sys.argv[1]):
+        ids = tok(line.strip())["input_ids"]
+        with torch.no_grad():
+            out_ = model(torch.tensor([ids]), labels=torch.tensor([ids]))
+        nll += out_.loss.item() * (len(ids) - 1)
+        n += len(ids) - 1
+    out[path] = nll / n
+print(json.dumps(out))
+"#;
+    let o = Command::new(&py).args(["-c", script, s(&text), s(&cv), s(&base)]).output().unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let want: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    let (want_cv, want_base) = (want[s(&cv)].as_f64().unwrap(), want[s(&base)].as_f64().unwrap());
+    let run = |margin: &str| {
+        let o = chatvec(&[
+            "eval",
+            s(&cv),
+            "--python",
+            s(&py),
+            "--max-new-tokens",
+            "4",
+            "--lm-data",
+            s(&text),
+            "--lm-margin",
+            margin,
+            "--json",
+        ]);
+        ok(&o);
+        serde_json::from_str::<serde_json::Value>(&stdout(&o)).unwrap()
+    };
+    let v = run("1000000");
+    let m = &v["models"][0];
+    let (got_cv, got_base) = (m["lm_loss"].as_f64().unwrap(), v["lm_reference"]["lm_loss"].as_f64().unwrap());
+    assert!((got_cv - want_cv).abs() <= 1e-4 * want_cv, "candidate {got_cv} vs independent {want_cv}");
+    assert!((got_base - want_base).abs() <= 1e-4 * want_base, "base {got_base} vs independent {want_base}");
+    // Without --lm-base, the base is the one the candidate's manifest records.
+    assert_eq!(v["lm_reference"]["model"], s(&base));
+    assert_eq!(m["keeps_language"], true);
+    assert_eq!(v["none_acceptable"], false);
+    let increase = (want_cv - want_base) / want_base;
+    assert!((m["lm_loss_increase"].as_f64().unwrap() - increase).abs() < 1e-4, "{}", m["lm_loss_increase"]);
+    // A margin below the candidate's increase: none acceptable (or, if the
+    // merge happened to lower the loss, the candidate keeps it).
+    let v = run("0");
+    assert_eq!(v["none_acceptable"], increase > 0.0, "{}", v);
+    assert_eq!(v["models"][0]["keeps_language"], increase <= 0.0);
+}

@@ -101,7 +101,6 @@ pub(super) fn run(a: &MergeArgs, json: bool) -> Result<()> {
                 out(&r.to_string())?;
             }
             let best = PathBuf::from(&r.models[0].path);
-            chatvec::record_selection(&best, &r)?;
             let path = root.join("eval.json");
             let text = serde_json::to_string_pretty(&r).map_err(|e| Error::Internal(e.to_string()))?;
             std::fs::write(&path, text).map_err(|e| Error::Io {
@@ -109,7 +108,16 @@ pub(super) fn run(a: &MergeArgs, json: bool) -> Result<()> {
                 path: path.clone(),
                 source: e,
             })?;
-            ui::note(&format!("chose {} ({})", best.display(), chatvec::EVAL_RULE));
+            if r.none_acceptable {
+                return Err(Error::Usage(format!(
+                    "none acceptable: every candidate raises the LM loss on [eval] lm_data by more than {}% over the base's, so none is trained (figures in {})",
+                    r.lm_reference.as_ref().map_or(0.0, |b| b.margin_percent),
+                    path.display()
+                ))
+                .with_hint("sweep smaller scales, or raise lm_margin if the loss is acceptable"));
+            }
+            chatvec::record_selection(&best, &r)?;
+            ui::note(&format!("chose {} ({})", best.display(), r.rule));
             let tied: Vec<&str> =
                 r.models.iter().filter(|m| m.tied_with == Some(1)).map(|m| m.model.as_str()).collect();
             if !tied.is_empty() {

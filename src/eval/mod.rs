@@ -39,6 +39,13 @@ const SCRIPT: &str = include_str!("script.py");
 /// How models are ranked, as reported.
 pub const RULE: &str = "answers that stop with a non-empty reply (more is better), then answers in the prompt's language (more is better), then assistant-token loss (lower is better); a model whose three figures' 95% intervals (bootstrap over the prompts and conversations) all overlap the next better one's is reported tied with it";
 
+/// The ranking rule when an LM loss is measured (`--lm-data`): `RULE`
+/// within the candidates that keep the base's language, then the rest.
+pub(crate) const LM_RULE: &str = "candidates whose LM loss on the target-language text stays within --lm-margin of the base's first (none acceptable when none does), then answers that stop with a non-empty reply (more is better), answers in the prompt's language (more is better), assistant-token loss (lower is better); a model whose figures' 95% intervals all overlap the next better one's is reported tied with it";
+
+/// Tokens of each `--lm-data` document scored (the rest is cut).
+const LM_MAX_TOKENS: u64 = 1024;
+
 /// Seeds of the bootstraps: fixed, so a report is the same every run, and
 /// the same for every model, so they are resampled alike.
 const LOSS_SEED: u64 = 0x6c6f_7373;
@@ -81,6 +88,17 @@ pub struct EvalSpec {
     /// Replace an existing --plot file.
     #[arg(long)]
     pub force: bool,
+    /// Text in the continued-pretraining language (one document per line, or JSONL of
+    /// {"text": ...}): each model's LM loss on it is measured beside --lm-base's, and candidates
+    /// that raise it by more than --lm-margin rank below the rest ("none acceptable" when none keeps it).
+    #[arg(long, value_name = "FILE")]
+    pub lm_data: Option<PathBuf>,
+    /// The model whose LM loss the candidates must keep (default: the base their chatvec manifests record).
+    #[arg(long, value_name = "MODEL", requires = "lm_data")]
+    pub lm_base: Option<String>,
+    /// How far above --lm-base's a candidate's LM loss may go, in percent.
+    #[arg(long, value_name = "PERCENT", default_value_t = EvalSpec::new(Vec::new()).lm_margin)]
+    pub lm_margin: f64,
 }
 
 impl EvalSpec {
@@ -96,6 +114,9 @@ impl EvalSpec {
             engine: "auto".into(),
             plot: None,
             force: false,
+            lm_data: None,
+            lm_base: None,
+            lm_margin: 5.0,
         }
     }
 }
@@ -147,6 +168,15 @@ pub struct ModelEval {
     pub stop_with_answer_interval: Option<Interval>,
     /// 95% interval of the language match (over prompts of known language).
     pub language_match_interval: Option<Interval>,
+    /// Mean NLL per token on `--lm-data` (the continued-pretraining
+    /// language).
+    pub lm_loss: Option<f64>,
+    /// 95% interval of the LM loss (over documents).
+    pub lm_loss_interval: Option<Interval>,
+    /// The LM loss relative to the base's (0.05: 5% higher).
+    pub lm_loss_increase: Option<f64>,
+    /// Whether the LM loss stays within `--lm-margin` of the base's.
+    pub keeps_language: Option<bool>,
     /// Every answer.
     pub answers: Vec<Answer>,
     /// Its place under `RULE` (1 = best).
@@ -155,11 +185,31 @@ pub struct ModelEval {
     pub tied_with: Option<usize>,
 }
 
+/// The model the candidates' LM loss is held against.
+#[derive(Clone, Debug, Serialize)]
+pub struct LmReference {
+    /// The model as given (or as the candidates' manifests record it).
+    pub model: String,
+    /// Its LM loss on `--lm-data`.
+    pub lm_loss: Option<f64>,
+    /// Its 95% interval.
+    pub lm_loss_interval: Option<Interval>,
+    /// Documents and tokens scored.
+    pub documents: usize,
+    /// The margin a candidate may rise above it, in percent.
+    pub margin_percent: f64,
+}
+
 /// What `chatvec eval` found; `--json` prints it as is.
 #[derive(Clone, Debug, Serialize)]
 pub struct EvalReport {
     /// The ranking rule.
     pub rule: &'static str,
+    /// The LM-loss reference, with `--lm-data`.
+    pub lm_reference: Option<LmReference>,
+    /// With `--lm-data`: no candidate keeps the base's LM loss within the
+    /// margin, so none is acceptable.
+    pub none_acceptable: bool,
     /// The models, best first.
     pub models: Vec<ModelEval>,
     /// Held-out conversations and prompts used.
@@ -258,9 +308,10 @@ fn run_worker(python: &Path, spec: &Value, models: usize, per_model: u64) -> Res
         .map(|a| a.iter().map(|m| m["path"].as_str().unwrap_or("?").to_string()).collect())
         .unwrap_or_default();
     let started = std::time::Instant::now();
-    // The worker reports loss, then generation, per model; the bar counts
-    // conversations and prompts done.
+    // The worker reports the LM loss, the assistant loss, then generation,
+    // per model; the bar counts documents, conversations and prompts done.
     let conversations = spec["conversations"].as_array().map_or(0, Vec::len) as u64;
+    let documents = spec["lm_texts"].as_array().map_or(0, Vec::len) as u64;
     let reader = std::thread::spawn(move || -> String {
         let mut tail = String::new();
         for line in
@@ -271,7 +322,11 @@ fn run_worker(python: &Path, spec: &Value, models: usize, per_model: u64) -> Res
                     let (m, stage) = (v["model"].as_u64().unwrap_or(0), v["stage"].as_str().unwrap_or(""));
                     let (done, total) = (v["done"].as_u64().unwrap_or(0), v["total"].as_u64().unwrap_or(0));
                     bar.set_message(format!("model {} {stage} {done}/{total}", m + 1));
-                    let before = if stage == "generate" { conversations } else { 0 };
+                    let before = match stage {
+                        "lm" => 0,
+                        "loss" => documents,
+                        _ => documents + conversations,
+                    };
                     bar.set_position(m * per_model + before + done);
                     // Without a bar (stderr not a terminal: a log, CI, a
                     // batch job), a line per model and finished stage, so
@@ -317,11 +372,88 @@ fn run_worker(python: &Path, spec: &Value, models: usize, per_model: u64) -> Res
         .ok_or_else(|| Error::Usage(format!("{} printed no results", python.display())))
 }
 
+/// The worker's `[[sum, count], ...]` as pairs.
+fn pairs(v: &Value) -> Vec<(f64, f64)> {
+    v.as_array()
+        .map(|a| {
+            a.iter().map(|x| (x[0].as_f64().unwrap_or(f64::NAN), x[1].as_f64().unwrap_or(0.0))).collect()
+        })
+        .unwrap_or_default()
+}
+
+/// `sum / count` over the pairs (a token-weighted mean), if any token.
+fn ratio(p: &[(f64, f64)]) -> Option<f64> {
+    let (s, n) = p.iter().fold((0.0, 0.0), |(s, n), (a, b)| (s + a, n + b));
+    (n > 0.0).then(|| s / n)
+}
+
+/// The base model `model`'s chatvec manifest records (the input of role
+/// `base`), for `--lm-data` without `--lm-base`.
+fn recorded_base(model: &str, dir: &Path) -> Result<(String, PathBuf)> {
+    let path = dir.join(crate::output::manifest::MANIFEST_FILE);
+    let manifest = if path.is_file() { Some(crate::json::read_value(&path, 64 << 20)?) } else { None };
+    let base = manifest.as_ref().and_then(|m| {
+        m["inputs"].as_array()?.iter().find(|i| i["role"] == "base").map(|i| {
+            (
+                i["reference"].as_str().unwrap_or_default().to_string(),
+                PathBuf::from(i["path"].as_str().unwrap_or_default()),
+            )
+        })
+    });
+    match base {
+        Some((reference, p)) if p.is_dir() => Ok((reference, p)),
+        Some((reference, p)) => Err(Error::Usage(format!(
+            "--lm-data: {model} records its base {reference} at {}, which is not there any more",
+            p.display()
+        ))
+        .with_hint("name the model to hold the LM loss against with --lm-base")),
+        None => Err(Error::Usage(format!(
+            "--lm-data: {model} records no base model (it is not an apply or merge output)"
+        ))
+        .with_hint("name the model to hold the LM loss against with --lm-base")),
+    }
+}
+
+/// `--lm-data`: one document per non-empty line, a line starting with `{`
+/// read as JSON with a non-empty `text`.
+fn read_lm_texts(path: &Path) -> Result<Vec<String>> {
+    let bytes = crate::json::read_capped(path, MAX_PROMPTS_BYTES)?;
+    let text = String::from_utf8(bytes).map_err(|_| Error::bad_file(path, "is not UTF-8 text"))?;
+    let mut out = Vec::new();
+    for (i, line) in text.lines().enumerate() {
+        let line = line.trim();
+        if line.is_empty() {
+            continue;
+        }
+        if line.starts_with('{') {
+            let v: Value = serde_json::from_str(line)
+                .map_err(|e| Error::bad_file(path, format!("line {}: bad JSON: {e}", i + 1)))?;
+            match v.get("text").and_then(Value::as_str) {
+                Some(t) if !t.trim().is_empty() => out.push(t.to_string()),
+                _ => {
+                    return Err(Error::bad_file(
+                        path,
+                        format!("line {}: expected a non-empty \"text\"", i + 1),
+                    ));
+                }
+            }
+        } else {
+            out.push(line.to_string());
+        }
+    }
+    if out.is_empty() {
+        return Err(Error::bad_file(path, "holds no text"));
+    }
+    Ok(out)
+}
+
 /// Orders models by `RULE` and sets their ranks.
 fn rank(models: &mut [ModelEval]) {
     let key = |m: &ModelEval| {
         (
-            -(m.stop_with_answer_rate * 1e6).round() as i64,
+            // Candidates that lose the base's language go last.
+            i64::from(m.keeps_language == Some(false)) * i64::MAX / 2
+                - (m.stop_with_answer_rate * 1e6).round() as i64,
             -(m.language_match.unwrap_or(0.0) * 1e6).round() as i64,
             m.assistant_loss.unwrap_or(f64::INFINITY),
         )
@@ -335,7 +467,13 @@ fn rank(models: &mut [ModelEval]) {
     }
     let figures: Vec<Vec<Option<Interval>>> = models
         .iter()
-        .map(|m| vec![m.stop_with_answer_interval, m.language_match_interval, m.assistant_loss_interval])
+        .map(|m| {
+            // Keeping the language or not is a figure no interval bridges.
+            let keeps = m
+                .keeps_language
+                .map(|k| Interval { low: f64::from(u8::from(k)), high: f64::from(u8::from(k)) });
+            vec![keeps, m.stop_with_answer_interval, m.language_match_interval, m.assistant_loss_interval]
+        })
         .collect();
     for (m, t) in models.iter_mut().zip(ties::ties(&figures)) {
         m.tied_with = t;
@@ -356,6 +494,16 @@ pub fn eval(spec: &EvalSpec) -> Result<EvalReport> {
     if let Some(p) = &spec.plot {
         crate::output::files::check_picture_target(p, spec.force)?;
     }
+    if !spec.lm_margin.is_finite() || spec.lm_margin < 0.0 {
+        return Err(Error::Usage(format!(
+            "--lm-margin {}: expected a percentage of 0 or more",
+            spec.lm_margin
+        )));
+    }
+    let lm_texts = match &spec.lm_data {
+        Some(p) => read_lm_texts(p)?,
+        None => Vec::new(),
+    };
     // Everything the worker would trip on, before it starts.
     let (conversations, prompts, source) = match (&spec.data, &spec.prompts) {
         (None, None) => (prompts::conversations(), prompts::prompts(), "built-in prompt set".to_string()),
@@ -390,22 +538,51 @@ pub fn eval(spec: &EvalSpec) -> Result<EvalReport> {
         }
         dirs.push(dir);
     }
+    // The model the LM loss is held against: as given, else the base the
+    // first candidate's manifest records.
+    let lm_base: Option<(String, PathBuf)> = match (&spec.lm_data, &spec.lm_base) {
+        (None, _) => None,
+        (Some(_), Some(b)) => Some((b.clone(), resolve_model(b, &Fetch::whole())?.dir)),
+        (Some(_), None) => Some(recorded_base(&spec.models[0], &dirs[0])?),
+    };
     let python = crate::python::interpreter(spec.python.as_deref())?;
     let extra: &[&str] = if spec.engine == "vllm" { &["vllm"] } else { &[] };
     crate::python::check(&python, &["torch", "transformers"], extra, false, None)?;
+    let mut worker_models: Vec<Value> =
+        dirs.iter().map(|d| json!({"path": d.display().to_string(), "chat": true})).collect();
+    if let Some((_, dir)) = &lm_base {
+        worker_models.push(json!({"path": dir.display().to_string(), "chat": false}));
+    }
     let worker = json!({
-        "models": dirs.iter().map(|d| json!({"path": d.display().to_string()})).collect::<Vec<_>>(),
+        "models": worker_models,
         "conversations": conversations,
         "prompts": prompts,
         "max_new_tokens": spec.max_new_tokens,
         "engine": spec.engine,
+        "lm_texts": lm_texts,
+        "lm_max_tokens": LM_MAX_TOKENS,
     });
-    let per_model = (conversations.len() + prompts.len()) as u64;
-    let res = run_worker(&python, &worker, dirs.len(), per_model)?;
-    let results = res["results"].as_array().cloned().unwrap_or_default();
-    if results.len() != dirs.len() {
-        return Err(Error::Internal(format!("the worker scored {} of {} models", results.len(), dirs.len())));
+    let per_model = (lm_texts.len() + conversations.len() + prompts.len()) as u64;
+    let res = run_worker(&python, &worker, worker_models.len(), per_model)?;
+    let mut results = res["results"].as_array().cloned().unwrap_or_default();
+    if results.len() != worker_models.len() {
+        return Err(Error::Internal(format!(
+            "the worker scored {} of {} models",
+            results.len(),
+            worker_models.len()
+        )));
     }
+    let lm_reference = lm_base.map(|(model, _)| {
+        let base = results.pop().unwrap_or_default();
+        let docs = pairs(&base["lm_losses"]);
+        LmReference {
+            model,
+            lm_loss: ratio(&docs),
+            lm_loss_interval: ties::ratio_interval(&docs, LOSS_SEED),
+            documents: docs.len(),
+            margin_percent: spec.lm_margin,
+        }
+    });
     let mut models = Vec::new();
     for ((given, dir), r) in spec.models.iter().zip(&dirs).zip(&results) {
         let rows = r["answers"].as_array().cloned().unwrap_or_default();
@@ -432,12 +609,12 @@ pub fn eval(spec: &EvalSpec) -> Result<EvalReport> {
         let judged: Vec<&Answer> = answers.iter().filter(|a| a.want.is_some()).collect();
         let language_match = (!judged.is_empty())
             .then(|| judged.iter().filter(|a| a.lang == a.want).count() as f64 / judged.len() as f64);
-        let per_conversation: Vec<(f64, f64)> = r["conversation_losses"]
-            .as_array()
-            .map(|a| {
-                a.iter().map(|x| (x[0].as_f64().unwrap_or(f64::NAN), x[1].as_f64().unwrap_or(0.0))).collect()
-            })
-            .unwrap_or_default();
+        let per_conversation = pairs(&r["conversation_losses"]);
+        let docs = pairs(&r["lm_losses"]);
+        let lm_loss = ratio(&docs);
+        let base_lm = lm_reference.as_ref().and_then(|b| b.lm_loss);
+        let lm_loss_increase = lm_loss.zip(base_lm).map(|(l, b)| (l - b) / b);
+        let keeps_language = lm_loss_increase.map(|x| x <= spec.lm_margin / 100.0);
         let answered: Vec<bool> = answers.iter().map(|a| a.stopped && !a.answer.is_empty()).collect();
         let matched: Vec<bool> = judged.iter().map(|a| a.lang == a.want).collect();
         models.push(ModelEval {
@@ -445,6 +622,10 @@ pub fn eval(spec: &EvalSpec) -> Result<EvalReport> {
             stop_with_answer_interval: ties::share_interval(&answered, SHARE_SEED),
             language_match_interval: ties::share_interval(&matched, SHARE_SEED),
             tied_with: None,
+            lm_loss,
+            lm_loss_interval: ties::ratio_interval(&docs, LOSS_SEED),
+            lm_loss_increase,
+            keeps_language,
             model: given.clone(),
             path: dir.display().to_string(),
             scale: manifest_scale(dir),
@@ -460,8 +641,11 @@ pub fn eval(spec: &EvalSpec) -> Result<EvalReport> {
         });
     }
     rank(&mut models);
+    let none_acceptable = lm_reference.is_some() && !models.iter().any(|m| m.keeps_language == Some(true));
     let report = EvalReport {
-        rule: RULE,
+        rule: if lm_reference.is_some() { LM_RULE } else { RULE },
+        lm_reference,
+        none_acceptable,
         conversations: conversations.len(),
         prompts: prompts.len(),
         data: source,
@@ -508,6 +692,37 @@ impl std::fmt::Display for EvalReport {
                 m.tied_with.map_or(String::new(), |r| format!("= #{r}"))
             )?;
         }
+        if let Some(b) = &self.lm_reference {
+            writeln!(
+                f,
+                "\nLM loss on the target-language text ({} documents), against {}: {}",
+                b.documents,
+                cut(&b.model, 60),
+                b.lm_loss.map_or("-".into(), |l| format!("{l:.4}"))
+            )?;
+            for m in &self.models {
+                writeln!(
+                    f,
+                    "  #{} {}: {} ({}){}",
+                    m.rank,
+                    cut(&m.model, 40),
+                    m.lm_loss.map_or("-".into(), |l| format!("{l:.4}")),
+                    m.lm_loss_increase.map_or("-".into(), |x| format!("{:+.1}%", 100.0 * x)),
+                    if m.keeps_language == Some(false) {
+                        format!(" over the {}% margin", b.margin_percent)
+                    } else {
+                        String::new()
+                    }
+                )?;
+            }
+            if self.none_acceptable {
+                writeln!(
+                    f,
+                    "none acceptable: every candidate raises the LM loss by more than {}% over the base's; the merge costs the continued-pretraining language (try smaller scales)",
+                    b.margin_percent
+                )?;
+            }
+        }
         if self.models.iter().any(|m| m.tied_with.is_some()) {
             writeln!(
                 f,
@@ -543,6 +758,7 @@ pub fn record_selection(chosen: &Path, report: &EvalReport) -> Result<()> {
                 "assistant_loss_interval": x.assistant_loss_interval,
                 "stop_with_answer_interval": x.stop_with_answer_interval,
                 "language_match_interval": x.language_match_interval, "tied_with": x.tied_with,
+                "lm_loss": x.lm_loss, "lm_loss_increase": x.lm_loss_increase, "keeps_language": x.keeps_language,
             })
         })
         .collect();
@@ -552,8 +768,70 @@ pub fn record_selection(chosen: &Path, report: &EvalReport) -> Result<()> {
         // The choice was within a tie: another candidate could not be told
         // from the chosen one.
         "within_a_tie": report.models.iter().any(|m| m.tied_with == Some(1)),
+        "lm_reference": report.lm_reference,
         "data": report.data,
         "candidates": figures,
     });
     crate::output::manifest::add_record(chosen, "selection", &selection)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn model(name: &str, answered: f64, loss: f64, keeps: Option<bool>) -> ModelEval {
+        let iv = |x: f64| Some(Interval { low: x - 0.01, high: x + 0.01 });
+        ModelEval {
+            model: name.into(),
+            path: name.into(),
+            scale: None,
+            engine: "transformers".into(),
+            assistant_loss: Some(loss),
+            assistant_tokens: 10,
+            stop_rate: answered,
+            stop_with_answer_rate: answered,
+            mean_answer_tokens: 5.0,
+            language_match: Some(1.0),
+            assistant_loss_interval: iv(loss),
+            stop_with_answer_interval: iv(answered),
+            language_match_interval: iv(1.0),
+            lm_loss: None,
+            lm_loss_interval: None,
+            lm_loss_increase: None,
+            keeps_language: keeps,
+            answers: Vec::new(),
+            rank: 0,
+            tied_with: None,
+        }
+    }
+
+    /// A candidate that loses the base's language ranks below every one
+    /// that keeps it, however well it chats, and is never tied with one.
+    #[test]
+    fn candidates_that_lose_the_language_rank_last_and_tie_with_none_that_keep_it() {
+        let mut ms = vec![
+            model("chats-best-but-forgets", 1.0, 1.0, Some(false)),
+            model("keeps", 0.5, 2.0, Some(true)),
+            model("keeps-same", 0.5, 2.0, Some(true)),
+            model("forgets-too", 1.0, 1.0, Some(false)),
+        ];
+        rank(&mut ms);
+        let order: Vec<&str> = ms.iter().map(|m| m.model.as_str()).collect();
+        assert_eq!(order, ["keeps", "keeps-same", "chats-best-but-forgets", "forgets-too"]);
+        let tied: Vec<Option<usize>> = ms.iter().map(|m| m.tied_with).collect();
+        assert_eq!(tied, [None, Some(1), None, Some(3)]);
+    }
+
+    #[test]
+    fn lm_texts_are_lines_or_json_text_and_bad_lines_are_named() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("lm.txt");
+        std::fs::write(&p, "一行目の文章\n\n{\"text\": \"二つ目\"}\n").unwrap();
+        assert_eq!(read_lm_texts(&p).unwrap(), ["一行目の文章", "二つ目"]);
+        std::fs::write(&p, "ok\n{\"txt\": 1}\n").unwrap();
+        let e = read_lm_texts(&p).unwrap_err().to_string();
+        assert!(e.contains("lm.txt") && e.contains("line 2") && e.contains("\"text\""), "{e}");
+        std::fs::write(&p, "\n \n").unwrap();
+        assert!(read_lm_texts(&p).unwrap_err().to_string().contains("holds no text"));
+    }
 }

@@ -76,6 +76,33 @@ def main():
             model = model.to("cuda")
         model.eval()
         dev = next(model.parameters()).device
+        # LM loss on text in the continued-pretraining language: what the
+        # merge may have cost the language the base was taught. Each
+        # document's summed NLL over its tokens after the first.
+        lm = []
+        texts = spec.get("lm_texts") or []
+        for start in range(0, len(texts), BATCH):
+            part = [tok(t)["input_ids"][: spec["lm_max_tokens"]] for t in texts[start : start + BATCH]]
+            width = max(len(x) for x in part)
+            ids = torch.zeros((len(part), width), dtype=torch.long)
+            mask = torch.zeros((len(part), width), dtype=torch.long)
+            for row, x in enumerate(part):
+                ids[row, : len(x)] = torch.tensor(x)
+                mask[row, : len(x)] = 1
+            with torch.no_grad():
+                logits = model(ids.to(dev), attention_mask=mask.to(dev)).logits.float()
+            for row, x in enumerate(part):
+                if len(x) < 2:
+                    lm.append([0.0, 0])
+                    continue
+                logp = torch.log_softmax(logits[row, : len(x) - 1], dim=-1)
+                target = torch.tensor(x[1:], device=logp.device)
+                lm.append([-logp[torch.arange(len(x) - 1, device=logp.device), target].double().sum().item(), len(x) - 1])
+            progress(model=mi, stage="lm", done=min(start + BATCH, len(texts)), total=len(texts))
+        if not m.get("chat", True):
+            # The reference for the LM loss only: no chat template to use.
+            results.append({"model": m["path"], "engine": engine, "lm_losses": lm, "answers": []})
+            continue
         # Assistant-token loss: summed NLL over every assistant token, then
         # one mean (token-weighted).
         nll, count = 0.0, 0
@@ -159,6 +186,7 @@ def main():
                 "assistant_loss": nll / count if count else None,
                 "assistant_tokens": count,
                 "conversation_losses": per_conversation,
+                "lm_losses": lm,
                 "answers": rows,
             }
         )

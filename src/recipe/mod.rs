@@ -270,6 +270,12 @@ struct RawEval {
     python: Option<PathBuf>,
     #[serde(default)]
     engine: Option<String>,
+    #[serde(default)]
+    lm_data: Option<PathBuf>,
+    #[serde(default)]
+    lm_base: Option<String>,
+    #[serde(default)]
+    lm_margin: Option<f64>,
 }
 
 /// A `models` entry written as `{model, parameters}`.
@@ -450,6 +456,9 @@ pub(crate) fn parse_recipe(text: &str, path: &Path) -> Result<Recipe> {
         samples: e.samples.unwrap_or(eval_defaults.samples),
         python: e.python.as_ref().map(|p| if p.components().count() > 1 { near(p) } else { p.clone() }),
         engine: e.engine.clone().unwrap_or_else(|| eval_defaults.engine.clone()),
+        lm_data: e.lm_data.as_ref().map(near),
+        lm_base: e.lm_base.clone(),
+        lm_margin: e.lm_margin.unwrap_or(eval_defaults.lm_margin),
         ..EvalSpec::new(Vec::new())
     });
     Ok(Recipe {
