@@ -13,12 +13,17 @@ use std::process::Command;
 
 use common::*;
 
+/// The interpreter of the SFT environment (scripts/sft-venv.sh).
+fn sft_python() -> PathBuf {
+    std::env::var_os("CHATVEC_SFT_PYTHON")
+        .map(PathBuf::from)
+        .expect("CHATVEC_SFT_PYTHON: the interpreter scripts/sft-venv.sh prints")
+}
+
 /// The interpreter of the SFT environment, and a directory with three tiny
 /// Llamas (base, chat, pretrained) built by transformers.
 fn tiny_llamas() -> (PathBuf, tempfile::TempDir) {
-    let py = std::env::var_os("CHATVEC_SFT_PYTHON")
-        .map(PathBuf::from)
-        .expect("CHATVEC_SFT_PYTHON: the interpreter scripts/sft-venv.sh prints");
+    let py = sft_python();
     let d = tempfile::tempdir().unwrap();
     let script = concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/make_tiny_llama.py");
     let o = Command::new(&py).arg(script).arg(d.path()).output().unwrap();
@@ -533,10 +538,7 @@ fn eval_ranks_a_sweep_and_broken_candidates_last_with_an_independently_checked_l
 #[test]
 #[ignore = "needs torch/transformers: CHATVEC_SFT_PYTHON=$(scripts/sft-venv.sh) cargo test --test sft_e2e -- --ignored"]
 fn the_demos_models_evaluate_with_progress_lines_in_a_log() {
-    let py = std::env::var_os("CHATVEC_SFT_PYTHON")
-        .map(PathBuf::from)
-        .expect("CHATVEC_SFT_PYTHON: the interpreter scripts/sft-venv.sh prints");
-    let d = tempfile::tempdir().unwrap();
+    let (py, d) = (sft_python(), tempfile::tempdir().unwrap());
     let demo = d.path().join("demo");
     ok(&chatvec(&["demo", "--dir", s(&demo), "--keep"]));
     let cv = demo.join("swallow-like-cv");
@@ -574,10 +576,7 @@ fn the_demos_models_evaluate_with_progress_lines_in_a_log() {
 #[test]
 #[ignore = "needs torch/transformers: CHATVEC_SFT_PYTHON=$(scripts/sft-venv.sh) cargo test --test sft_e2e -- --ignored"]
 fn lm_loss_against_the_base_decides_what_is_acceptable() {
-    let py = std::env::var_os("CHATVEC_SFT_PYTHON")
-        .map(PathBuf::from)
-        .expect("CHATVEC_SFT_PYTHON: the interpreter scripts/sft-venv.sh prints");
-    let d = tempfile::tempdir().unwrap();
+    let (py, d) = (sft_python(), tempfile::tempdir().unwrap());
     let demo = d.path().join("demo");
     ok(&chatvec(&["demo", "--dir", s(&demo), "--keep"]));
     let (cv, base) = (demo.join("swallow-like-cv"), demo.join("swallow-like"));
