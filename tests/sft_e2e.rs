@@ -567,6 +567,25 @@ fn the_demos_models_evaluate_with_progress_lines_in_a_log() {
     assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
     assert!(stderr(&o).contains("has no chat template"), "{}", stderr(&o));
     assert!(!stderr(&o).contains("Traceback"), "{}", stderr(&o));
+    // With another model's template lent, the unmerged base is ranked
+    // beside the candidate.
+    let o = chatvec(&[
+        "eval",
+        s(&cv),
+        s(&base),
+        "--python",
+        s(&py),
+        "--chat-template",
+        s(&cv),
+        "--max-new-tokens",
+        "4",
+        "--json",
+    ]);
+    ok(&o);
+    assert!(stderr(&o).contains("has no chat template: prompted with the one of model"), "{}", stderr(&o));
+    let v: serde_json::Value = serde_json::from_str(&stdout(&o)).unwrap();
+    assert_eq!(v["models"].as_array().unwrap().len(), 2);
+    assert!(v["models"].as_array().unwrap().iter().all(|m| m["assistant_loss"].as_f64().is_some()));
 }
 
 /// `--lm-data`: each candidate's LM loss on target-language text beside the

@@ -88,6 +88,10 @@ pub struct EvalSpec {
     /// Replace an existing --plot file.
     #[arg(long)]
     pub force: bool,
+    /// A chat template (a Jinja file, or a model whose template to take) for the models that have
+    /// none, so an unmerged base can be ranked beside the candidates.
+    #[arg(long, value_name = "FILE|MODEL")]
+    pub chat_template: Option<String>,
     /// Text in the continued-pretraining language (one document per line, or JSONL of
     /// {"text": ...}): each model's LM loss on it is measured beside --lm-base's, and candidates
     /// that raise it by more than --lm-margin rank below the rest ("none acceptable" when none keeps it).
@@ -114,6 +118,7 @@ impl EvalSpec {
             engine: "auto".into(),
             plot: None,
             force: false,
+            chat_template: None,
             lm_data: None,
             lm_base: None,
             lm_margin: 5.0,
@@ -524,17 +529,30 @@ pub fn eval(spec: &EvalSpec) -> Result<EvalReport> {
             (convs, ps, src)
         }
     };
+    let supplied = spec.chat_template.as_deref().map(crate::sft::template_arg).transpose()?;
     let mut dirs = Vec::new();
+    // Per model, the template it is prompted with when it has none.
+    let mut lent: Vec<Option<String>> = Vec::new();
     for m in &spec.models {
         let dir = resolve_model(m, &Fetch::whole())?.dir;
         // Checked here, not when the worker has loaded the model: a base
         // model with a tokenizer but no template is the usual case.
-        if crate::output::sidecars::chat_template_text(&dir)?.is_none() {
-            return Err(Error::Usage(format!(
-                "{m}: {} has no chat template (no chat_template.jinja, and no chat_template in tokenizer_config.json), so it cannot be prompted as a chat model",
-                dir.display()
-            ))
-            .with_hint("evaluate chat models (an apply or merge output carries the chat model's template), or add a chat_template.jinja"));
+        let own = crate::output::sidecars::chat_template_text(&dir)?.is_some();
+        match (&supplied, own) {
+            (_, true) => lent.push(None),
+            (Some((text, from)), false) => {
+                ui::note(&format!(
+                    "{m} has no chat template: prompted with the one of {from} (--chat-template)"
+                ));
+                lent.push(Some(text.clone()));
+            }
+            (None, false) => {
+                return Err(Error::Usage(format!(
+                    "{m}: {} has no chat template (no chat_template.jinja, and no chat_template in tokenizer_config.json), so it cannot be prompted as a chat model",
+                    dir.display()
+                ))
+                .with_hint("pass --chat-template FILE|MODEL to rank it with another model's template (an apply or merge output carries the chat model's)"));
+            }
         }
         dirs.push(dir);
     }
@@ -548,8 +566,11 @@ pub fn eval(spec: &EvalSpec) -> Result<EvalReport> {
     let python = crate::python::interpreter(spec.python.as_deref())?;
     let extra: &[&str] = if spec.engine == "vllm" { &["vllm"] } else { &[] };
     crate::python::check(&python, &["torch", "transformers"], extra, false, None)?;
-    let mut worker_models: Vec<Value> =
-        dirs.iter().map(|d| json!({"path": d.display().to_string(), "chat": true})).collect();
+    let mut worker_models: Vec<Value> = dirs
+        .iter()
+        .zip(&lent)
+        .map(|(d, t)| json!({"path": d.display().to_string(), "chat": true, "chat_template": t}))
+        .collect();
     if let Some((_, dir)) = &lm_base {
         worker_models.push(json!({"path": dir.display().to_string(), "chat": false}));
     }

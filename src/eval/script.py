@@ -68,6 +68,9 @@ def main():
     results = []
     for mi, m in enumerate(spec["models"]):
         tok = AutoTokenizer.from_pretrained(m["path"])
+        if m.get("chat_template"):
+            # --chat-template, for a model without its own.
+            tok.chat_template = m["chat_template"]
         kwargs = {"dtype": torch.bfloat16 if gpus else torch.float32}
         if gpus > 1:
             kwargs["device_map"] = "auto"
@@ -141,7 +144,11 @@ def main():
 
             del model
             llm = LLM(model=m["path"], tensor_parallel_size=max(gpus, 1), dtype="bfloat16")
-            outs = llm.chat([p["messages"] for p in prompts], SamplingParams(temperature=0.0, max_tokens=k))
+            outs = llm.chat(
+                [p["messages"] for p in prompts],
+                SamplingParams(temperature=0.0, max_tokens=k),
+                chat_template=m.get("chat_template"),
+            )
             for o in outs:
                 c = o.outputs[0]
                 answers.append((c.text.strip(), c.finish_reason == "stop", len(c.token_ids)))

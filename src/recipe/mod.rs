@@ -456,6 +456,7 @@ pub(crate) fn parse_recipe(text: &str, path: &Path) -> Result<Recipe> {
         samples: e.samples.unwrap_or(eval_defaults.samples),
         python: e.python.as_ref().map(|p| if p.components().count() > 1 { near(p) } else { p.clone() }),
         engine: e.engine.clone().unwrap_or_else(|| eval_defaults.engine.clone()),
+        chat_template: None,
         lm_data: e.lm_data.as_ref().map(near),
         lm_base: e.lm_base.clone(),
         lm_margin: e.lm_margin.unwrap_or(eval_defaults.lm_margin),

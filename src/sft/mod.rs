@@ -166,21 +166,25 @@ fn resume_point(resume: &str, layout: &Layout) -> Result<PathBuf> {
 /// (a Jinja file, or a model whose template to take), else the model's own.
 fn chosen_template(a: &SftOptions, model_dir: &Path) -> Result<Option<(String, String)>> {
     match a.chat_template.as_deref() {
-        Some(t) if Path::new(t).is_file() => {
-            let text = crate::json::read_capped(Path::new(t), 1 << 20)?;
-            let text = String::from_utf8(text)
-                .map_err(|_| Error::bad_file(Path::new(t), "a chat template must be UTF-8 text"))?;
-            Ok(Some((text, format!("file {}", abs(Path::new(t))))))
-        }
-        Some(m) => {
-            let ck = open_model(m)?;
-            let text = chat_template_text(&ck.dir)?.ok_or_else(|| {
-                Error::Usage(format!("--chat-template {m}: neither a file nor a model with a chat template"))
-            })?;
-            Ok(Some((text, format!("model {}", ck.dir.display()))))
-        }
+        Some(t) => template_arg(t).map(Some),
         None => Ok(chat_template_text(model_dir)?.map(|t| (t, format!("model {}", model_dir.display())))),
     }
+}
+
+/// `--chat-template FILE|MODEL` (sft's and eval's): a Jinja file, or the
+/// template of a model; the text and where it came from.
+pub(crate) fn template_arg(t: &str) -> Result<(String, String)> {
+    if Path::new(t).is_file() {
+        let text = crate::json::read_capped(Path::new(t), 1 << 20)?;
+        let text = String::from_utf8(text)
+            .map_err(|_| Error::bad_file(Path::new(t), "a chat template must be UTF-8 text"))?;
+        return Ok((text, format!("file {}", abs(Path::new(t)))));
+    }
+    let ck = open_model(t)?;
+    let text = chat_template_text(&ck.dir)?.ok_or_else(|| {
+        Error::Usage(format!("--chat-template {t}: neither a file nor a model with a chat template"))
+    })?;
+    Ok((text, format!("model {}", ck.dir.display())))
 }
 
 fn prepare(job: &SftJob) -> Result<Prepared> {
