@@ -499,6 +499,10 @@ fn eval_ranks_a_sweep_and_broken_candidates_last_with_an_independently_checked_l
     assert!((got - want).abs() <= 1e-4 * want.abs().max(1e-3), "assistant loss {got} vs independent {want}");
     let svg = std::fs::read_to_string(d.path().join("eval.svg")).unwrap();
     assert!(svg.starts_with("<svg") && svg.contains("polyline"));
+    roxmltree::Document::parse(&svg).expect("the plot is well-formed XML");
+    // Each model's loss interval is drawn as an error bar.
+    let bars = svg.matches(r##"stroke="#4e79a7" stroke-width="1.5""##).count();
+    assert_eq!(bars, models.len(), "{svg}");
 
     // The same as one recipe: sweep, eval, choose, then SFT from the choice.
     let recipe = d.path().join("recipe.toml");

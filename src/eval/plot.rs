@@ -1,7 +1,7 @@
 //! The picture of an evaluation (`--plot FILE`): assistant-token loss and
-//! stop rate per model, against the scale when every model is a chatvec
-//! output with a numeric scale (a sweep), else in the order given. One
-//! self-contained SVG file.
+//! stop rate per model, each with its 95% interval as an error bar,
+//! against the scale when every model is a chatvec output with a numeric
+//! scale (a sweep), else in the order given. One self-contained SVG file.
 
 use std::fmt::Write as _;
 
@@ -27,7 +27,9 @@ pub(crate) fn svg(r: &EvalReport) -> String {
     let (x0, x1) = xs.iter().fold((f64::INFINITY, f64::NEG_INFINITY), |(a, b), x| (a.min(*x), b.max(*x)));
     let span = if x1 > x0 { x1 - x0 } else { 1.0 };
     let x = |v: f64| left + if xs.len() > 1 { (v - x0) / span * pw } else { pw / 2.0 };
-    let losses: Vec<f64> = ms.iter().filter_map(|m| m.assistant_loss).collect();
+    // The axis holds the intervals' tops too.
+    let losses: Vec<f64> =
+        ms.iter().filter_map(|m| m.assistant_loss_interval.map(|i| i.high).or(m.assistant_loss)).collect();
     let lmax = losses.iter().cloned().fold(0.0f64, f64::max).max(1e-9) * 1.1;
     let yl = |v: f64| top + ph - v / lmax * ph;
     let ys = |v: f64| top + ph - v * ph;
@@ -88,6 +90,21 @@ pub(crate) fn svg(r: &EvalReport) -> String {
             let _ = writeln!(s, r#"<circle cx="{a:.1}" cy="{b:.1}" r="4" fill="{color}"/>"#);
         }
     };
+    // 95% intervals as vertical bars behind the points.
+    let bar = |x: f64, lo: f64, hi: f64, color: &str, s: &mut String| {
+        let _ = writeln!(
+            s,
+            r#"<line x1="{x:.1}" x2="{x:.1}" y1="{lo:.1}" y2="{hi:.1}" stroke="{color}" stroke-width="1.5" opacity="0.6"/>"#
+        );
+    };
+    for (m, &xv) in ms.iter().zip(&xs) {
+        if let Some(i) = m.assistant_loss_interval {
+            bar(x(xv), yl(i.low), yl(i.high), "#4e79a7", &mut s);
+        }
+        if let Some(i) = m.stop_with_answer_interval {
+            bar(x(xv) + 3.0, ys(i.low), ys(i.high), "#e15759", &mut s);
+        }
+    }
     let loss_pts: Vec<(f64, f64)> =
         ms.iter().zip(&xs).filter_map(|(m, &xv)| m.assistant_loss.map(|l| (x(xv), yl(l)))).collect();
     line(loss_pts, "#4e79a7", &mut s);
@@ -96,9 +113,11 @@ pub(crate) fn svg(r: &EvalReport) -> String {
     line(stop_pts, "#e15759", &mut s);
     let _ = writeln!(
         s,
-        r##"<text x="{left}" y="{}" fill="#4e79a7">- assistant-token loss (left)</text><text x="{}" y="{}" fill="#e15759">- stops with an answer (right)</text>"##,
+        r##"<text x="{left}" y="{}" fill="#4e79a7">- assistant-token loss (left)</text><text x="{}" y="{}" fill="#e15759">- stops with an answer (right)</text><text x="{}" y="{}" fill="#666">bars: 95% intervals</text>"##,
         h - 12.0,
         left + 260.0,
+        h - 12.0,
+        left + 520.0,
         h - 12.0
     );
     s.push_str("</svg>\n");
