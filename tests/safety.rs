@@ -721,16 +721,7 @@ fn verify_rehashes_every_input_whatever_the_hash_cache_says() {
     let t = trio(d.path(), Ty::BF16, 1);
     let cache = d.path().join("hash-cache");
     let recipe = d.path().join("r.toml");
-    std::fs::write(
-        &recipe,
-        format!(
-            "merge_method = \"chat_vector\"\nbase_model = \"{}\"\nchat = \"{}\"\npretrained = \"{}\"\n",
-            t.base.display(),
-            t.chat.display(),
-            t.pre.display()
-        ),
-    )
-    .unwrap();
+    std::fs::write(&recipe, chat_vector_recipe(&t, "")).unwrap();
     let out = d.path().join("out");
     let run = |args: &[&str]| command().env("CHATVEC_CACHE_DIR", &cache).args(args).output().unwrap();
     ok(&run(&["merge", s(&recipe), "-o", s(&out)]));
@@ -768,16 +759,7 @@ fn verify_recipe_compares_each_recorded_parameter() {
     let d = tempfile::tempdir().unwrap();
     let t = trio(d.path(), Ty::BF16, 1);
     let recipe = d.path().join("r.toml");
-    std::fs::write(
-        &recipe,
-        format!(
-            "merge_method = \"chat_vector\"\nbase_model = \"{}\"\nchat = \"{}\"\npretrained = \"{}\"\n",
-            t.base.display(),
-            t.chat.display(),
-            t.pre.display()
-        ),
-    )
-    .unwrap();
+    std::fs::write(&recipe, chat_vector_recipe(&t, "")).unwrap();
     let out = d.path().join("out");
     let run = |args: &[&str]| command().args(args).output().unwrap();
     ok(&run(&["merge", s(&recipe), "-o", s(&out)]));

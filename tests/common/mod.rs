@@ -452,3 +452,14 @@ pub(crate) fn write_torch_bin_with(path: &Path, tensors: &[T], edit: impl FnOnce
     z.write_all(b"3\n").unwrap();
     z.finish().unwrap();
 }
+
+/// A chat_vector recipe (TOML) applying `t`'s chat - pretrained to its
+/// base, with `extra` appended (sections or parameters).
+pub(crate) fn chat_vector_recipe(t: &Trio, extra: &str) -> String {
+    format!(
+        "merge_method = \"chat_vector\"\nbase_model = \"{}\"\nchat = \"{}\"\npretrained = \"{}\"\n{extra}",
+        t.base.display(),
+        t.chat.display(),
+        t.pre.display()
+    )
+}
