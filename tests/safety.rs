@@ -774,6 +774,28 @@ fn verify_recipe_compares_each_recorded_parameter() {
     assert!(stdout(&o).contains("DIFFERS  recipe parameter scale: 1.0, recorded 0.5"), "{}", stdout(&o));
     std::fs::write(&mpath, original).unwrap();
     ok(&run(&["verify", s(&out), "--recipe", s(&recipe)]));
+    // With a [sweep], an output records the recipe's own scale (`merge`)
+    // or one of the sweep's (`run`); anything else differs.
+    let swept = d.path().join("swept.toml");
+    std::fs::write(&swept, chat_vector_recipe(&t, "[sweep]\nscales = [0.5, [0.3, 1.0]]\n[eval]\n")).unwrap();
+    let out2 = d.path().join("out2");
+    ok(&run(&["merge", s(&swept), "-o", s(&out2)]));
+    ok(&run(&["verify", s(&out2), "--recipe", s(&swept)]));
+    let mpath = out2.join("chatvec-manifest.json");
+    let mut man: serde_json::Value = serde_json::from_slice(&std::fs::read(&mpath).unwrap()).unwrap();
+    for (recorded, passes) in [(serde_json::json!([0.3, 1.0]), true), (serde_json::json!(0.25), false)] {
+        man["parameters"]["scale"] = recorded.clone();
+        std::fs::write(&mpath, serde_json::to_vec_pretty(&man).unwrap()).unwrap();
+        let o = run(&["verify", s(&out2), "--recipe", s(&swept)]);
+        assert_eq!(o.status.success(), passes, "{recorded}: {}", stdout(&o));
+        if !passes {
+            assert!(
+                stdout(&o).contains("recipe parameter scale: 1.0 or one of [0.5,[0.3,1.0]]"),
+                "{}",
+                stdout(&o)
+            );
+        }
+    }
 }
 
 #[test]

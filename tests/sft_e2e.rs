@@ -528,6 +528,8 @@ fn eval_ranks_a_sweep_and_broken_candidates_last_with_an_independently_checked_l
     assert_eq!(m["selection"]["chosen"], s(&chosen), "{}", m["selection"]);
     assert_eq!(m["selection"]["candidates"].as_array().unwrap().len(), 2);
     ok(&chatvec(&["verify", s(&chosen)]));
+    // A sweep's candidate passes for its recipe: its scale is one of the sweep's.
+    ok(&chatvec(&["verify", s(&chosen), "--recipe", s(&recipe)]));
     let rec: serde_json::Value =
         serde_json::from_slice(&std::fs::read(run.join("sft/chatvec-sft-run.json")).unwrap()).unwrap();
     assert_eq!(rec["model"]["reference"], s(&chosen));

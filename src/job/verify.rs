@@ -165,12 +165,30 @@ fn check_recipe(manifest: &Value, mpath: &Path, recipe: &str) -> Result<Vec<Chec
             .map_err(|e| Error::Internal(e.to_string()))?;
         let given: Value = serde_json::from_str(&text).map_err(|e| Error::Internal(e.to_string()))?;
         let params = manifest.get("parameters");
+        // A sweep's candidate records its own scale, one of the sweep's.
+        let sweep: Option<Vec<Value>> = r.sweep().map(|scales| {
+            scales
+                .iter()
+                .filter_map(|x| serde_json::to_string(x).ok().and_then(|t| serde_json::from_str(&t).ok()))
+                .collect()
+        });
         for (key, want) in given.as_object().into_iter().flatten() {
             if let Some(had) = params.and_then(|p| p.get(key)) {
+                let actual = match &sweep {
+                    // `merge` writes the recipe's own scale, `run` each of
+                    // the sweep's.
+                    Some(scales) if key == "scale" && had != want => {
+                        match scales.iter().find(|x| *x == had) {
+                            Some(x) => x.to_string(),
+                            None => format!("{want} or one of {}", Value::Array(scales.clone())),
+                        }
+                    }
+                    _ => want.to_string(),
+                };
                 checks.push(Check {
                     what: format!("{PARAMETER}{key}"),
                     expected: had.to_string(),
-                    actual: Some(want.to_string()),
+                    actual: Some(actual),
                 });
             }
         }
