@@ -548,13 +548,22 @@ fn the_demos_models_evaluate_with_progress_lines_in_a_log() {
     let demo = d.path().join("demo");
     ok(&chatvec(&["demo", "--dir", s(&demo), "--keep"]));
     let cv = demo.join("swallow-like-cv");
-    let o = chatvec(&["eval", s(&cv), "--python", s(&py), "--max-new-tokens", "8", "--json"]);
+    // --fresh: not the results an earlier run of this test kept.
+    let o = chatvec(&["eval", s(&cv), "--python", s(&py), "--max-new-tokens", "8", "--json", "--fresh"]);
     ok(&o);
     let e = stderr(&o);
     for stage in ["loss done", "generate done"] {
         assert!(e.contains(&format!("eval: model 1/1 {}: {stage}", cv.display())), "{stage}: {e}");
     }
     let v: serde_json::Value = serde_json::from_str(&stdout(&o)).unwrap();
+    // The same model files and inputs again: the kept results, no worker.
+    let again = chatvec(&["eval", s(&cv), "--python", s(&py), "--max-new-tokens", "8", "--json"]);
+    ok(&again);
+    assert!(stderr(&again).contains("results kept from an earlier run"), "{}", stderr(&again));
+    assert!(!stderr(&again).contains("generate done"), "{}", stderr(&again));
+    let w: serde_json::Value = serde_json::from_str(&stdout(&again)).unwrap();
+    assert_eq!(w["models"][0]["assistant_loss"], v["models"][0]["assistant_loss"]);
+    assert_eq!(w["models"][0]["answers"], v["models"][0]["answers"]);
     let loss = v["models"][0]["assistant_loss"].as_f64().unwrap();
     assert!(loss.is_finite() && loss > 0.0, "{loss}");
     let iv = &v["models"][0]["assistant_loss_interval"];

@@ -15,6 +15,7 @@
 //! Models are ranked by a stated rule (`RULE`). This room reads the data
 //! with `sft`'s converter and finds the interpreter as `sft` does.
 
+pub(crate) mod cache;
 pub(crate) mod plot;
 pub(crate) mod prompts;
 pub(crate) mod ties;
@@ -100,6 +101,10 @@ pub struct EvalSpec {
     /// The model whose LM loss the candidates must keep (default: the base their chatvec manifests record).
     #[arg(long, value_name = "MODEL", requires = "lm_data")]
     pub lm_base: Option<String>,
+    /// Run every model again instead of using results kept from an earlier run with the same
+    /// model files and inputs (kept in ~/.cache/chatvec/eval, or $CHATVEC_CACHE_DIR/eval).
+    #[arg(long)]
+    pub fresh: bool,
     /// How far above --lm-base's a candidate's LM loss may go, in percent.
     #[arg(long, value_name = "PERCENT", default_value_t = EvalSpec::new(Vec::new()).lm_margin)]
     pub lm_margin: f64,
@@ -119,6 +124,7 @@ impl EvalSpec {
             plot: None,
             force: false,
             chat_template: None,
+            fresh: false,
             lm_data: None,
             lm_base: None,
             lm_margin: 5.0,
@@ -283,7 +289,14 @@ fn manifest_scale(dir: &Path) -> Option<Value> {
 }
 
 /// Runs the worker; returns its results, showing its progress.
-fn run_worker(python: &Path, spec: &Value, models: usize, per_model: u64) -> Result<Value> {
+/// Runs the worker; returns the results of every model it finished (in
+/// order), and how it ended.
+fn run_worker(
+    python: &Path,
+    spec: &Value,
+    models: usize,
+    per_model: u64,
+) -> Result<(Vec<Value>, Result<()>)> {
     let helper = crate::python::Helper::write("eval_worker.py", SCRIPT)?;
     let mut child = helper
         .command(python)
@@ -363,18 +376,19 @@ fn run_worker(python: &Path, spec: &Value, models: usize, per_model: u64) -> Res
     let tail = reader.join().unwrap_or_default();
     let (signals, _) = crate::interrupt::signals_seen();
     crate::interrupt::set_supervising(false);
-    if signals > 0 {
-        return Err(Error::Interrupted);
-    }
-    if !out.status.success() {
-        let last = tail.lines().rev().find(|l| !l.trim().is_empty()).unwrap_or("(no output)");
-        return Err(Error::Usage(format!("the evaluation failed ({}): {last}", out.status)));
-    }
+    // Every model the worker finished, in order, whatever happened after.
     let text = String::from_utf8_lossy(&out.stdout);
-    text.lines()
-        .rev()
-        .find_map(|l| serde_json::from_str::<Value>(l).ok())
-        .ok_or_else(|| Error::Usage(format!("{} printed no results", python.display())))
+    let results: Vec<Value> =
+        text.lines().filter_map(|l| serde_json::from_str::<Value>(l).ok()?.get("result").cloned()).collect();
+    let outcome = if signals > 0 {
+        Err(Error::Interrupted)
+    } else if !out.status.success() {
+        let last = tail.lines().rev().find(|l| !l.trim().is_empty()).unwrap_or("(no output)");
+        Err(Error::Usage(format!("the evaluation failed ({}): {last}", out.status)))
+    } else {
+        Ok(())
+    };
+    Ok((results, outcome))
 }
 
 /// The worker's `[[sum, count], ...]` as pairs.
@@ -566,6 +580,7 @@ pub fn eval(spec: &EvalSpec) -> Result<EvalReport> {
     let python = crate::python::interpreter(spec.python.as_deref())?;
     let extra: &[&str] = if spec.engine == "vllm" { &["vllm"] } else { &[] };
     crate::python::check(&python, &["torch", "transformers"], extra, false, None)?;
+    let python = Some(python);
     let mut worker_models: Vec<Value> = dirs
         .iter()
         .zip(&lent)
@@ -574,8 +589,7 @@ pub fn eval(spec: &EvalSpec) -> Result<EvalReport> {
     if let Some((_, dir)) = &lm_base {
         worker_models.push(json!({"path": dir.display().to_string(), "chat": false}));
     }
-    let worker = json!({
-        "models": worker_models,
+    let inputs = json!({
         "conversations": conversations,
         "prompts": prompts,
         "max_new_tokens": spec.max_new_tokens,
@@ -583,16 +597,44 @@ pub fn eval(spec: &EvalSpec) -> Result<EvalReport> {
         "lm_texts": lm_texts,
         "lm_max_tokens": LM_MAX_TOKENS,
     });
-    let per_model = (lm_texts.len() + conversations.len() + prompts.len()) as u64;
-    let res = run_worker(&python, &worker, worker_models.len(), per_model)?;
-    let mut results = res["results"].as_array().cloned().unwrap_or_default();
-    if results.len() != worker_models.len() {
-        return Err(Error::Internal(format!(
-            "the worker scored {} of {} models",
-            results.len(),
-            worker_models.len()
-        )));
+    // Results kept from an earlier run with the same model files and
+    // inputs are used as they are; the worker runs for the rest.
+    let cache = cache::EvalCache::from_env(spec.fresh);
+    let mut keys = Vec::with_capacity(worker_models.len());
+    let mut results: Vec<Option<Value>> = Vec::with_capacity(worker_models.len());
+    for m in &worker_models {
+        let path = PathBuf::from(m["path"].as_str().unwrap_or_default());
+        let own =
+            json!({"inputs": inputs, "model": {"chat": m["chat"], "chat_template": m["chat_template"]}});
+        let key = cache.key(&path, &own, SCRIPT)?;
+        let kept = cache.get(&key);
+        if kept.is_some() {
+            ui::note(&format!(
+                "eval: {}: results kept from an earlier run (same files and inputs)",
+                path.display()
+            ));
+        }
+        results.push(kept);
+        keys.push(key);
     }
+    let todo: Vec<usize> = (0..worker_models.len()).filter(|&i| results[i].is_none()).collect();
+    if !todo.is_empty() {
+        let mut worker = inputs.clone();
+        worker["models"] = Value::Array(todo.iter().map(|&i| worker_models[i].clone()).collect());
+        let per_model = (lm_texts.len() + conversations.len() + prompts.len()) as u64;
+        let python = python.as_ref().ok_or_else(|| Error::Internal("no interpreter was checked".into()))?;
+        let (done, outcome) = run_worker(python, &worker, todo.len(), per_model)?;
+        // What finished is kept before any failure is reported, so a rerun
+        // resumes after it.
+        for (&i, r) in todo.iter().zip(done) {
+            cache.put(&keys[i], &r);
+            results[i] = Some(r);
+        }
+        outcome?;
+    }
+    let mut results: Vec<Value> = results.into_iter().collect::<Option<_>>().ok_or_else(|| {
+        Error::Internal(format!("the worker scored fewer than the {} models it was given", todo.len()))
+    })?;
     let lm_reference = lm_base.map(|(model, _)| {
         let base = results.pop().unwrap_or_default();
         let docs = pairs(&base["lm_losses"]);

@@ -65,7 +65,12 @@ def main():
         except ImportError:
             engine = "transformers"
     k = spec["max_new_tokens"]
-    results = []
+
+    def done(result):
+        # One line per model as soon as it is scored, so chatvec keeps what
+        # an interrupted run finished.
+        print(json.dumps({"result": result}), flush=True)
+
     for mi, m in enumerate(spec["models"]):
         tok = AutoTokenizer.from_pretrained(m["path"])
         if m.get("chat_template"):
@@ -104,7 +109,7 @@ def main():
             progress(model=mi, stage="lm", done=min(start + BATCH, len(texts)), total=len(texts))
         if not m.get("chat", True):
             # The reference for the LM loss only: no chat template to use.
-            results.append({"model": m["path"], "engine": engine, "lm_losses": lm, "answers": []})
+            done({"model": m["path"], "engine": engine, "lm_losses": lm, "answers": []})
             continue
         # Assistant-token loss: summed NLL over every assistant token, then
         # one mean (token-weighted).
@@ -186,7 +191,7 @@ def main():
         for p, (text, stopped, n) in zip(prompts, answers):
             want = p.get("lang") or lang_of(" ".join(x["content"] for x in p["messages"] if x["role"] == "user"))
             rows.append({"answer": text, "stopped": stopped, "tokens": n, "lang": lang_of(text), "want": want})
-        results.append(
+        done(
             {
                 "model": m["path"],
                 "engine": engine,
@@ -197,7 +202,6 @@ def main():
                 "answers": rows,
             }
         )
-    print(json.dumps({"results": results}))
 
 
 if __name__ == "__main__":

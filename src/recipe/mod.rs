@@ -457,6 +457,7 @@ pub(crate) fn parse_recipe(text: &str, path: &Path) -> Result<Recipe> {
         python: e.python.as_ref().map(|p| if p.components().count() > 1 { near(p) } else { p.clone() }),
         engine: e.engine.clone().unwrap_or_else(|| eval_defaults.engine.clone()),
         chat_template: None,
+        fresh: false,
         lm_data: e.lm_data.as_ref().map(near),
         lm_base: e.lm_base.clone(),
         lm_margin: e.lm_margin.unwrap_or(eval_defaults.lm_margin),
