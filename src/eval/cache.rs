@@ -39,11 +39,8 @@ impl EvalCache {
     /// The cache beside the hash cache; `fresh` uses no kept result (every
     /// model runs again) but still keeps the new ones.
     pub(crate) fn from_env(fresh: bool) -> EvalCache {
-        let base = std::env::var_os("CHATVEC_CACHE_DIR")
-            .map(PathBuf::from)
-            .or_else(|| std::env::var_os("XDG_CACHE_HOME").map(|x| PathBuf::from(x).join("chatvec")))
-            .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache").join("chatvec")));
-        EvalCache { dir: base.map(|b| b.join("eval")), read: !fresh, hashes: HashCache::from_env(false) }
+        let dir = crate::model::hash_cache::cache_root().map(|b| b.join("eval"));
+        EvalCache { dir, read: !fresh, hashes: HashCache::from_env(false) }
     }
 
     /// The key of `model` (its directory) evaluated with `inputs` by

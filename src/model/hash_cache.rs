@@ -14,6 +14,16 @@ use std::path::PathBuf;
 use crate::hash::sha256_hex;
 use crate::model::checkpoint::FileStamp;
 
+/// chatvec's cache directory: `$CHATVEC_CACHE_DIR`, else
+/// `$XDG_CACHE_HOME/chatvec`, else `~/.cache/chatvec` (input hashes in
+/// `sha256/`, evaluation results in `eval/`).
+pub(crate) fn cache_root() -> Option<PathBuf> {
+    std::env::var_os("CHATVEC_CACHE_DIR")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("XDG_CACHE_HOME").map(|x| PathBuf::from(x).join("chatvec")))
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache").join("chatvec")))
+}
+
 /// The cache directory, or none when caching is off.
 #[derive(Clone, Debug)]
 pub(crate) struct HashCache {
@@ -26,11 +36,7 @@ impl HashCache {
     /// `~/.cache/chatvec`; entries live in its `sha256/` folder. With
     /// `rehash`, entries are written but not read.
     pub(crate) fn from_env(rehash: bool) -> HashCache {
-        let base = std::env::var_os("CHATVEC_CACHE_DIR")
-            .map(PathBuf::from)
-            .or_else(|| std::env::var_os("XDG_CACHE_HOME").map(|x| PathBuf::from(x).join("chatvec")))
-            .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache").join("chatvec")));
-        HashCache { dir: base.map(|b| b.join("sha256")), read: !rehash }
+        HashCache { dir: cache_root().map(|b| b.join("sha256")), read: !rehash }
     }
 
     /// A cache that neither reads nor writes.
