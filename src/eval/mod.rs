@@ -580,7 +580,6 @@ pub fn eval(spec: &EvalSpec) -> Result<EvalReport> {
     let python = crate::python::interpreter(spec.python.as_deref())?;
     let extra: &[&str] = if spec.engine == "vllm" { &["vllm"] } else { &[] };
     crate::python::check(&python, &["torch", "transformers"], extra, false, None)?;
-    let python = Some(python);
     let mut worker_models: Vec<Value> = dirs
         .iter()
         .zip(&lent)
@@ -622,8 +621,7 @@ pub fn eval(spec: &EvalSpec) -> Result<EvalReport> {
         let mut worker = inputs.clone();
         worker["models"] = Value::Array(todo.iter().map(|&i| worker_models[i].clone()).collect());
         let per_model = (lm_texts.len() + conversations.len() + prompts.len()) as u64;
-        let python = python.as_ref().ok_or_else(|| Error::Internal("no interpreter was checked".into()))?;
-        let (done, outcome) = run_worker(python, &worker, todo.len(), per_model)?;
+        let (done, outcome) = run_worker(&python, &worker, todo.len(), per_model)?;
         // What finished is kept before any failure is reported, so a rerun
         // resumes after it.
         for (&i, r) in todo.iter().zip(done) {

@@ -126,7 +126,7 @@ const WHOLE_MODEL_RATIO: f64 = 0.5;
 /// for a delta that passes.
 fn raw_delta(spec: &ApplySpec, base: &Checkpoint, vector: &Checkpoint) -> Result<String> {
     let dir = vector.dir.display();
-    if !spec.raw_delta {
+    if !spec.raw_delta() {
         return Err(Error::Usage(format!(
             "{dir} has no {MANIFEST_FILE}: it is not a vector written by `chatvec extract`, and adding a whole model would make a broken one"
         ))
@@ -207,8 +207,8 @@ pub(crate) fn apply_many(
             return Err(Error::Usage("a LoRA adapter is merged at one scale at a time".into()));
         }
     };
-    let common = common(&spec.selection, spec.shard_size, spec.allow_mismatch);
-    let base_ck = fetch.open_model(&spec.base)?;
+    let common = common(&spec.selection, spec.shard_size, spec.allow_mismatch());
+    let base_ck = fetch.open_model(spec.base())?;
     let base_dir = base_ck.dir.clone();
     let mut early_warnings = Vec::new();
     let (side, chat_dir, labels) = match (&spec.vector, chat, pretrained) {
@@ -218,7 +218,7 @@ pub(crate) fn apply_many(
             refuse_zero_vector(&chat_ck, &pre_ck)?;
             let dir = chat_ck.dir.clone();
             let side = VectorSide::Streaming { chat: Box::new(chat_ck), pretrained: Box::new(pre_ck) };
-            (side, dir, vec![spec.base.clone(), chat, pretrained])
+            (side, dir, vec![spec.base().to_string(), chat, pretrained])
         }
         (VectorSource::Stored(v) | VectorSource::Lora(v), _, _)
         | (VectorSource::Pair { chat: v, .. }, _, _) => {
@@ -232,7 +232,7 @@ pub(crate) fn apply_many(
             (
                 VectorSide::Stored { vector: Box::new(vector), omitted },
                 dir,
-                vec![spec.base.clone(), v.clone()],
+                vec![spec.base().to_string(), v.clone()],
             )
         }
     };
@@ -241,14 +241,14 @@ pub(crate) fn apply_many(
     }
     early_warnings.dedup();
     let candidates = outs.iter().map(|(s, _)| s.clone()).collect();
-    let opts = ApplyOptions { common, embeddings: spec.embeddings, out_dtype: spec.out_dtype, candidates };
+    let opts = ApplyOptions { common, embeddings: spec.embeddings, out_dtype: spec.out_dtype(), candidates };
     let mut plan = plan_apply(base_ck, side, &opts)?;
     plan.warnings.splice(0..0, early_warnings);
     let labels: Vec<&str> = labels.iter().map(String::as_str).collect();
     set_labels(&mut plan, &labels);
-    let chat_side = || ChatSide { dir: &chat_dir, keep_base_template: spec.keep_base_template };
-    let first_side = model_side_files(&base_dir, Some(chat_side()), spec.out_dtype)?;
-    check_written_config(&mut plan, &first_side, spec.allow_mismatch, &outs[0].1)?;
+    let chat_side = || ChatSide { dir: &chat_dir, keep_base_template: spec.keep_base_template() };
+    let first_side = model_side_files(&base_dir, Some(chat_side()), spec.out_dtype())?;
+    check_written_config(&mut plan, &first_side, spec.allow_mismatch(), &outs[0].1)?;
     // The first candidate takes these; later ones read their own.
     let mut first_side = Some(first_side);
     let mut variants = Vec::with_capacity(outs.len());
@@ -256,7 +256,7 @@ pub(crate) fn apply_many(
         let one = spec.with_scale(scale);
         let mut side = match first_side.take() {
             Some(s) => s,
-            None => model_side_files(&base_dir, Some(chat_side()), spec.out_dtype)?,
+            None => model_side_files(&base_dir, Some(chat_side()), spec.out_dtype())?,
         };
         side.notes.splice(0..0, early_notes.clone());
         let how = format!("chat vector (scale {scale})");
@@ -287,9 +287,9 @@ fn apply_lora(
     fetch: &Fetch,
     recipe: Option<RecipeRecord>,
 ) -> Result<Summary> {
-    let common = common(&spec.selection, spec.shard_size, spec.allow_mismatch);
+    let common = common(&spec.selection, spec.shard_size, spec.allow_mismatch());
     let adapter = fetch.open_adapter(reference)?;
-    let base_ck = fetch.open_model(&spec.base)?;
+    let base_ck = fetch.open_model(spec.base())?;
     let base_dir = base_ck.dir.clone();
     let adapter_dir = adapter.dir().to_path_buf();
     let mut notes = vec![format!(
@@ -306,16 +306,16 @@ fn apply_lora(
         "base_model_name_or_path": adapter.base_model,
         "use_rslora": adapter.use_rslora,
     });
-    let mut plan = plan_lora(base_ck, adapter, &common, spec.out_dtype)?;
+    let mut plan = plan_lora(base_ck, adapter, &common, spec.out_dtype())?;
     plan.warnings.splice(0..0, spec.scale_warnings());
-    set_labels(&mut plan, &[spec.base.as_str(), reference]);
+    set_labels(&mut plan, &[spec.base(), reference]);
     let has_template = crate::model::side_file(&adapter_dir, "tokenizer_config.json")?.is_some()
         || crate::model::side_file(&adapter_dir, "chat_template.jinja")?.is_some();
     let chat_side =
-        has_template.then_some(ChatSide { dir: &adapter_dir, keep_base_template: spec.keep_base_template });
-    let mut side = model_side_files(&base_dir, chat_side, spec.out_dtype)?;
+        has_template.then_some(ChatSide { dir: &adapter_dir, keep_base_template: spec.keep_base_template() });
+    let mut side = model_side_files(&base_dir, chat_side, spec.out_dtype())?;
     side.notes.splice(0..0, notes);
-    check_written_config(&mut plan, &side, spec.allow_mismatch, out)?;
+    check_written_config(&mut plan, &side, spec.allow_mismatch(), out)?;
     let how = format!("LoRA adapter merged (scale {})", spec.selection.default_scale());
     side.add(CARD_FILE, model_card(&plan, &how, recipe.as_ref())?);
     let mut params = to_value(&spec.given())?;

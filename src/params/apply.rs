@@ -124,29 +124,19 @@ pub enum VectorSource {
 }
 
 /// `apply`, checked: what to add to which model, every default filled in.
+/// What needed no check or default is read from the params as given.
 #[derive(Clone, Debug)]
 pub struct ApplySpec {
     /// The params it was built from, as given.
     given: ApplyParams,
-    /// The model to give chat ability to (directory, Hub id or alias).
-    pub(crate) base: String,
     /// The vector.
     pub(crate) vector: VectorSource,
     /// Which tensors get the vector, and each one's scale.
     pub(crate) selection: Selection,
     /// Embedding rows when vocabularies differ.
     pub(crate) embeddings: EmbeddingPolicy,
-    /// Output dtype of float tensors (`None`: the base's, tensor by tensor).
-    pub(crate) out_dtype: Option<FloatType>,
-    /// Keep the base's chat template and eos ids.
-    pub(crate) keep_base_template: bool,
     /// Largest shard, in data bytes.
     pub(crate) shard_size: u64,
-    /// Turn config.json architecture differences into warnings.
-    pub(crate) allow_mismatch: bool,
-    /// A stored vector without a chatvec manifest is a raw delta (from
-    /// another tool), not a mistake (a whole model given as a vector).
-    pub(crate) raw_delta: bool,
 }
 
 impl ApplyParams {
@@ -226,20 +216,41 @@ impl ApplyParams {
         }
         Ok(ApplySpec {
             given: self.clone(),
-            base: self.base.clone(),
             vector,
             selection,
             embeddings: self.embeddings.unwrap_or(EmbeddingPolicy::Auto),
-            out_dtype: self.out_dtype,
-            keep_base_template: self.keep_base_template,
             shard_size,
-            allow_mismatch: self.allow_mismatch,
-            raw_delta: self.raw_delta,
         })
     }
 }
 
 impl ApplySpec {
+    /// The model to give chat ability to (directory, Hub id or alias).
+    pub fn base(&self) -> &str {
+        &self.given.base
+    }
+
+    /// Output dtype of float tensors (`None`: the base's, tensor by tensor).
+    pub fn out_dtype(&self) -> Option<FloatType> {
+        self.given.out_dtype
+    }
+
+    /// Keep the base's chat template and eos ids.
+    pub fn keep_base_template(&self) -> bool {
+        self.given.keep_base_template
+    }
+
+    /// Turn config.json architecture differences into warnings.
+    pub fn allow_mismatch(&self) -> bool {
+        self.given.allow_mismatch
+    }
+
+    /// A stored vector without a chatvec manifest is a raw delta (from
+    /// another tool), not a mistake (a whole model given as a vector).
+    pub fn raw_delta(&self) -> bool {
+        self.given.raw_delta
+    }
+
     /// The params as given, with the defaults written out: what the
     /// manifest records.
     pub fn given(&self) -> ApplyParams {
