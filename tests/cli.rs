@@ -344,16 +344,22 @@ fn pytorch_bin_shapes_beyond_their_storage_are_refused() {
     for (shape, needle) in
         [(vec![1u64 << 30, 1 << 30, 1 << 30], "tensor 'w'"), (vec![1000, 1000], "runs past its storage")]
     {
-        let dir = d.path().join(format!("m{}", shape.len()));
-        std::fs::create_dir_all(&dir).unwrap();
         let t = T { name: "w".into(), ty: Ty::F32, shape, data: vec![0u8; 16] };
-        write_torch_bin(&dir.join("pytorch_model.bin"), &[t]);
-        let o = chatvec(&["inspect", s(&dir)]);
-        let e = stderr(&o);
-        assert_eq!(o.status.code(), Some(1), "{e}");
-        assert!(e.contains("pytorch_model.bin: ") && e.contains(needle), "{e}");
-        assert!(!e.contains("panicked"), "{e}");
+        bin_is_refused(&d.path().join(format!("m{}", t.shape.len())), t, |p| p, needle);
     }
+}
+
+/// Writes `t` as `DIR/pytorch_model.bin`, its pickle rewritten by `edit`,
+/// and checks `inspect` refuses it with one error naming the file and
+/// holding `needle`: exit 1, no panic.
+fn bin_is_refused(dir: &std::path::Path, t: T, edit: impl FnOnce(Vec<u8>) -> Vec<u8>, needle: &str) {
+    std::fs::create_dir_all(dir).unwrap();
+    write_torch_bin_with(&dir.join("pytorch_model.bin"), &[t], edit);
+    let o = chatvec(&["inspect", s(dir)]);
+    let e = stderr(&o);
+    assert_eq!(o.status.code(), Some(1), "{}: {e}", dir.display());
+    assert!(e.contains("pytorch_model.bin: ") && e.contains(needle), "{}: {e}", dir.display());
+    assert!(!e.contains("panicked"), "{}: {e}", dir.display());
 }
 
 /// Pickles that made candle's reader panic (found by the `torch_bin` fuzz
@@ -400,15 +406,8 @@ fn pickles_that_crashed_the_bin_reader_are_refused_naming_the_file() {
         ),
     ];
     for (name, edit, needle) in cases {
-        let dir = d.path().join(name);
-        std::fs::create_dir_all(&dir).unwrap();
         let t = T { name: "w".into(), ty: Ty::F32, shape: vec![2, 2], data: vec![0u8; 16] };
-        write_torch_bin_with(&dir.join("pytorch_model.bin"), &[t], edit);
-        let o = chatvec(&["inspect", s(&dir)]);
-        let e = stderr(&o);
-        assert_eq!(o.status.code(), Some(1), "{name}: {e}");
-        assert!(e.contains("pytorch_model.bin: ") && e.contains(needle), "{name}: {e}");
-        assert!(!e.contains("panicked"), "{name}: {e}");
+        bin_is_refused(&d.path().join(name), t, edit, needle);
     }
 }
 
