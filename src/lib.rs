@@ -86,7 +86,10 @@ pub use analyze::figures::Figures;
 pub use analyze::findings::Finding;
 pub use analyze::report::{AnalyzeReport, GroupFigures, Skipped, TensorFigures};
 pub use error::{EXIT_INPUT, EXIT_INTERRUPTED, EXIT_IO, EXIT_OK, Error, FormatError, GpuError, Result};
-pub use eval::{Answer, EvalReport, Interval, LmReference, ModelEval, RULE as EVAL_RULE};
+pub use eval::{
+    Answer, BenchInfo, BenchScore, EvalReport, Grade, Interval, LmReference, ModelEval, RULE as EVAL_RULE,
+    bench_list,
+};
 pub use job::Summary;
 pub use job::catalog::{Catalog, ModelAliasEntry, RecipeEntry, VectorAliasEntry};
 pub use job::inspect::{InspectReport, ShardInfo, TensorInfo};

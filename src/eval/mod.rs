@@ -15,9 +15,12 @@
 //! Models are ranked by a stated rule (`RULE`). This room reads the data
 //! with `sft`'s converter and finds the interpreter as `sft` does.
 
+pub(crate) mod bench;
 pub(crate) mod cache;
+pub(crate) mod judge;
 pub(crate) mod plot;
 pub(crate) mod prompts;
+pub(crate) mod scoring;
 pub(crate) mod ties;
 
 use std::io::{BufRead, BufReader, Write};
@@ -32,6 +35,8 @@ use crate::error::{Error, Result};
 use crate::resolve::{Fetch, resolve_model};
 use crate::sft::data::write_eval;
 use crate::ui;
+pub use bench::list as bench_list;
+pub use scoring::{BenchInfo, BenchScore, Grade};
 pub use ties::Interval;
 
 /// The worker the interpreter runs.
@@ -39,6 +44,12 @@ const SCRIPT: &str = include_str!("script.py");
 
 /// How models are ranked, as reported.
 pub const RULE: &str = "answers that stop with a non-empty reply (more is better), then answers in the prompt's language (more is better), then assistant-token loss (lower is better); a model whose three figures' 95% intervals (bootstrap over the prompts and conversations) all overlap the next better one's is reported tied with it";
+
+/// How models are ranked on judged benchmarks (`--bench`).
+pub(crate) const BENCH_RULE: &str = "the primary benchmark's mean grade from the judge (higher is better); a model whose 95% interval (bootstrap over the questions) overlaps the next better one's is reported tied with it";
+
+/// The same, when an LM loss is measured.
+pub(crate) const BENCH_LM_RULE: &str = "candidates whose LM loss on the target-language text stays within --lm-margin of the base's first (none acceptable when none does), then the primary benchmark's mean grade from the judge (higher is better); a model whose 95% interval (bootstrap over the questions) overlaps the next better one's is reported tied with it";
 
 /// The ranking rule when an LM loss is measured (`--lm-data`): `RULE`
 /// within the candidates that keep the base's language, then the rest.
@@ -61,8 +72,40 @@ const MAX_PROMPTS_BYTES: u64 = 64 << 20;
 #[derive(Clone, Debug, clap::Args)]
 pub struct EvalSpec {
     /// The models (directories, Hub ids or aliases), e.g. a sweep's candidates.
-    #[arg(required = true, value_name = "MODEL")]
+    #[arg(required_unless_present = "list", value_name = "MODEL")]
     pub models: Vec<String>,
+    /// List the judged benchmarks --bench knows, with where their files come from, and exit.
+    #[arg(long)]
+    pub list: bool,
+    /// A judged benchmark instead of the quick set: ja-mt-bench, elyza-tasks-100, rakuda
+    /// (NAME=DIR reads its files from DIR), or a directory in FastChat's llm_judge layout.
+    /// Repeat for several; the first (or --primary) ranks.
+    #[arg(long, value_name = "NAME[=DIR]|DIR")]
+    pub bench: Vec<String>,
+    /// The benchmark that ranks the models (default: the first --bench).
+    #[arg(long, value_name = "NAME")]
+    pub primary: Option<String>,
+    /// The judge: an OpenAI-compatible API base (http://localhost:8000/v1 for `vllm serve`,
+    /// https://api.openai.com/v1), asked at temperature 0.
+    #[arg(long, value_name = "URL")]
+    pub judge_url: Option<String>,
+    /// The judge model's name at --judge-url (e.g. gpt-4o).
+    #[arg(long, value_name = "NAME")]
+    pub judge_model: Option<String>,
+    /// The environment variable holding the judge's API key (not needed for a judge on this
+    /// machine or a private network).
+    #[arg(long, value_name = "VAR", default_value_t = EvalSpec::new(Vec::new()).judge_key_env)]
+    pub judge_key_env: String,
+    /// Judge requests in flight at once.
+    #[arg(long, value_name = "N", default_value_t = EvalSpec::new(Vec::new()).judge_concurrency)]
+    pub judge_concurrency: usize,
+    /// Answers per question on sampled benchmark questions (Swallow's evaluation takes 5);
+    /// questions answered greedily have one.
+    #[arg(long, value_name = "N", default_value_t = EvalSpec::new(Vec::new()).bench_samples)]
+    pub bench_samples: usize,
+    /// Longest benchmark answer per turn, in tokens (default: the benchmark's own, 1024).
+    #[arg(long, value_name = "N")]
+    pub bench_max_new_tokens: Option<u64>,
     /// Held-out chat data (JSONL in any format `sft` reads) for the assistant-token loss
     /// (default: the built-in Japanese/English set).
     #[arg(long, value_name = "FILE")]
@@ -115,6 +158,15 @@ impl EvalSpec {
     pub fn new(models: Vec<String>) -> EvalSpec {
         EvalSpec {
             models,
+            list: false,
+            bench: Vec::new(),
+            primary: None,
+            judge_url: None,
+            judge_model: None,
+            judge_key_env: "OPENAI_API_KEY".into(),
+            judge_concurrency: 8,
+            bench_samples: 1,
+            bench_max_new_tokens: None,
             data: None,
             prompts: None,
             max_new_tokens: 128,
@@ -188,6 +240,8 @@ pub struct ModelEval {
     pub lm_loss_increase: Option<f64>,
     /// Whether the LM loss stays within `--lm-margin` of the base's.
     pub keeps_language: Option<bool>,
+    /// Its figures on each judged benchmark (`--bench`), in the order given.
+    pub benchmarks: Vec<BenchScore>,
     /// Every answer.
     pub answers: Vec<Answer>,
     /// Its place under `RULE` (1 = best).
@@ -221,6 +275,13 @@ pub struct EvalReport {
     /// With `--lm-data`: no candidate keeps the base's LM loss within the
     /// margin, so none is acceptable.
     pub none_acceptable: bool,
+    /// The judged benchmarks run, with their files and judge.
+    pub benchmarks: Vec<BenchInfo>,
+    /// The benchmark that ranks (its index in `benchmarks`).
+    pub primary: Option<usize>,
+    /// Requests sent to the judge this run (judgments kept from earlier
+    /// runs are not asked again).
+    pub judge_requests: usize,
     /// The models, best first.
     pub models: Vec<ModelEval>,
     /// Held-out conversations and prompts used.
@@ -466,20 +527,28 @@ fn read_lm_texts(path: &Path) -> Result<Vec<String>> {
     Ok(out)
 }
 
-/// Orders models by `RULE` and sets their ranks.
-fn rank(models: &mut [ModelEval]) {
+/// Orders models by `RULE` (by `BENCH_RULE` on benchmark `primary`) and
+/// sets their ranks.
+fn rank(models: &mut [ModelEval], primary: Option<usize>) {
+    let graded = |m: &ModelEval| primary.and_then(|p| m.benchmarks.get(p)).map(|b| b.score);
     let key = |m: &ModelEval| {
         (
             // Candidates that lose the base's language go last.
-            i64::from(m.keeps_language == Some(false)) * i64::MAX / 2
-                - (m.stop_with_answer_rate * 1e6).round() as i64,
+            i64::from(m.keeps_language == Some(false)),
+            // On a benchmark, the mean grade decides.
+            -graded(m).filter(|s| s.is_finite()).unwrap_or(0.0),
+            -(m.stop_with_answer_rate * 1e6).round() as i64,
             -(m.language_match.unwrap_or(0.0) * 1e6).round() as i64,
             m.assistant_loss.unwrap_or(f64::INFINITY),
         )
     };
     models.sort_by(|a, b| {
         let (ka, kb) = (key(a), key(b));
-        ka.0.cmp(&kb.0).then(ka.1.cmp(&kb.1)).then(ka.2.total_cmp(&kb.2))
+        ka.0.cmp(&kb.0)
+            .then(ka.1.total_cmp(&kb.1))
+            .then(ka.2.cmp(&kb.2))
+            .then(ka.3.cmp(&kb.3))
+            .then(ka.4.total_cmp(&kb.4))
     });
     for (i, m) in models.iter_mut().enumerate() {
         m.rank = i + 1;
@@ -491,7 +560,17 @@ fn rank(models: &mut [ModelEval]) {
             let keeps = m
                 .keeps_language
                 .map(|k| Interval { low: f64::from(u8::from(k)), high: f64::from(u8::from(k)) });
-            vec![keeps, m.stop_with_answer_interval, m.language_match_interval, m.assistant_loss_interval]
+            match primary {
+                Some(p) => vec![keeps, m.benchmarks.get(p).and_then(|b| b.interval)],
+                None => {
+                    vec![
+                        keeps,
+                        m.stop_with_answer_interval,
+                        m.language_match_interval,
+                        m.assistant_loss_interval,
+                    ]
+                }
+            }
         })
         .collect();
     for (m, t) in models.iter_mut().zip(ties::ties(&figures)) {
@@ -523,8 +602,48 @@ pub fn eval(spec: &EvalSpec) -> Result<EvalReport> {
         Some(p) => read_lm_texts(p)?,
         None => Vec::new(),
     };
+    // The benchmarks' files, and the judge answering, before any model is
+    // loaded (or downloaded).
+    let benches: Vec<bench::Benchmark> = spec.bench.iter().map(|b| bench::load(b)).collect::<Result<_>>()?;
+    let primary = match &spec.primary {
+        None => (!benches.is_empty()).then_some(0),
+        Some(p) => Some(benches.iter().position(|b| &b.name == p).ok_or_else(|| {
+            Error::Usage(format!(
+                "--primary {p}: not one of the benchmarks given ({})",
+                benches.iter().map(|b| b.name.as_str()).collect::<Vec<_>>().join(", ")
+            ))
+        })?),
+    };
+    if spec.bench_samples == 0 {
+        return Err(Error::Usage("--bench-samples must be at least 1".into()));
+    }
+    let judge = if benches.is_empty() {
+        None
+    } else {
+        let (Some(url), Some(model)) = (&spec.judge_url, &spec.judge_model) else {
+            return Err(Error::Usage("--bench needs a judge: --judge-url URL and --judge-model NAME".into())
+                .with_hint("e.g. --judge-url http://localhost:8000/v1 --judge-model Qwen/Qwen2.5-72B-Instruct for a judge served by `vllm serve`, or --judge-url https://api.openai.com/v1 --judge-model gpt-4o with OPENAI_API_KEY set"));
+        };
+        let cfg = judge::JudgeConfig {
+            url: url.clone(),
+            model: model.clone(),
+            key_env: spec.judge_key_env.clone(),
+            concurrency: spec.judge_concurrency,
+        };
+        Some(judge::Judge::connect(&cfg, crate::model::hash_cache::cache_root().map(|r| r.join("judge")))?)
+    };
+    let items = scoring::items(&benches, spec.bench_samples);
     // Everything the worker would trip on, before it starts.
     let (conversations, prompts, source) = match (&spec.data, &spec.prompts) {
+        // With judged benchmarks the quick set runs only when asked for.
+        (None, None) if !benches.is_empty() => (
+            Vec::new(),
+            Vec::new(),
+            format!(
+                "judged benchmarks: {}",
+                benches.iter().map(|b| b.name.as_str()).collect::<Vec<_>>().join(", ")
+            ),
+        ),
         (None, None) => (prompts::conversations(), prompts::prompts(), "built-in prompt set".to_string()),
         (data, prompts) => {
             let convs = match data {
@@ -595,6 +714,8 @@ pub fn eval(spec: &EvalSpec) -> Result<EvalReport> {
         "engine": spec.engine,
         "lm_texts": lm_texts,
         "lm_max_tokens": LM_MAX_TOKENS,
+        "bench": scoring::worker_items(&benches, &items),
+        "bench_max_new_tokens": spec.bench_max_new_tokens.unwrap_or_else(|| benches.iter().map(|b| b.max_new_tokens).max().unwrap_or(0)),
     });
     // Results kept from an earlier run with the same model files and
     // inputs are used as they are; the worker runs for the rest.
@@ -620,7 +741,9 @@ pub fn eval(spec: &EvalSpec) -> Result<EvalReport> {
     if !todo.is_empty() {
         let mut worker = inputs.clone();
         worker["models"] = Value::Array(todo.iter().map(|&i| worker_models[i].clone()).collect());
-        let per_model = (lm_texts.len() + conversations.len() + prompts.len()) as u64;
+        let bench_turns: usize =
+            items.iter().map(|it| benches[it.bench].questions[it.question].turns.len()).sum();
+        let per_model = (lm_texts.len() + conversations.len() + prompts.len() + bench_turns) as u64;
         let (done, outcome) = run_worker(&python, &worker, todo.len(), per_model)?;
         // What finished is kept before any failure is reported, so a rerun
         // resumes after it.
@@ -644,8 +767,38 @@ pub fn eval(spec: &EvalSpec) -> Result<EvalReport> {
             margin_percent: spec.lm_margin,
         }
     });
+    // Every model's benchmark answers, judged together so the judge's
+    // concurrency spans models.
+    let graded = match &judge {
+        None => vec![Vec::new(); spec.models.len()],
+        Some(j) => {
+            let answers: Vec<Vec<Vec<String>>> = results
+                .iter()
+                .map(|r| {
+                    r["bench_answers"]
+                        .as_array()
+                        .map(|a| {
+                            a.iter()
+                                .map(|turns| {
+                                    turns
+                                        .as_array()
+                                        .map(|t| {
+                                            t.iter()
+                                                .map(|x| x.as_str().unwrap_or_default().to_string())
+                                                .collect()
+                                        })
+                                        .unwrap_or_default()
+                                })
+                                .collect()
+                        })
+                        .unwrap_or_default()
+                })
+                .collect();
+            scoring::grade(j, &benches, &items, spec.bench_samples, &answers, &spec.models)?
+        }
+    };
     let mut models = Vec::new();
-    for ((given, dir), r) in spec.models.iter().zip(&dirs).zip(&results) {
+    for (((given, dir), r), bench_scores) in spec.models.iter().zip(&dirs).zip(&results).zip(graded) {
         let rows = r["answers"].as_array().cloned().unwrap_or_default();
         let n = rows.len().max(1) as f64;
         let answers: Vec<Answer> = rows
@@ -687,6 +840,7 @@ pub fn eval(spec: &EvalSpec) -> Result<EvalReport> {
             lm_loss_interval: ties::ratio_interval(&docs, LOSS_SEED),
             lm_loss_increase,
             keeps_language,
+            benchmarks: bench_scores,
             model: given.clone(),
             path: dir.display().to_string(),
             scale: manifest_scale(dir),
@@ -701,10 +855,30 @@ pub fn eval(spec: &EvalSpec) -> Result<EvalReport> {
             rank: 0,
         });
     }
-    rank(&mut models);
+    rank(&mut models, primary);
     let none_acceptable = lm_reference.is_some() && !models.iter().any(|m| m.keeps_language == Some(true));
+    let infos: Vec<BenchInfo> = benches
+        .iter()
+        .map(|b| BenchInfo {
+            name: b.name.clone(),
+            files: b.files.clone(),
+            questions: b.questions.len(),
+            samples: spec.bench_samples,
+            top: b.top(),
+            judge_model: spec.judge_model.clone().unwrap_or_default(),
+            judge_url: spec.judge_url.clone().unwrap_or_default(),
+        })
+        .collect();
     let report = EvalReport {
-        rule: if lm_reference.is_some() { LM_RULE } else { RULE },
+        rule: match (lm_reference.is_some(), primary.is_some()) {
+            (false, false) => RULE,
+            (true, false) => LM_RULE,
+            (false, true) => BENCH_RULE,
+            (true, true) => BENCH_LM_RULE,
+        },
+        benchmarks: infos,
+        primary,
+        judge_requests: judge.as_ref().map_or(0, |j| j.sent.load(std::sync::atomic::Ordering::Relaxed)),
         lm_reference,
         none_acceptable,
         conversations: conversations.len(),
@@ -732,6 +906,13 @@ impl std::fmt::Display for EvalReport {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         writeln!(f, "data: {} ({} conversations, {} prompts)", self.data, self.conversations, self.prompts)?;
         writeln!(f, "ranked by: {}\n", self.rule)?;
+        if !self.benchmarks.is_empty() {
+            self.fmt_benchmarks(f)?;
+            if self.prompts == 0 && self.conversations == 0 {
+                return self.fmt_lm(f);
+            }
+            writeln!(f)?;
+        }
         writeln!(
             f,
             "{:>4}  {:<40} {:>8} {:>11} {:>6} {:>8} {:>9} {:>8}  tie",
@@ -753,6 +934,30 @@ impl std::fmt::Display for EvalReport {
                 m.tied_with.map_or(String::new(), |r| format!("= #{r}"))
             )?;
         }
+        self.fmt_lm(f)?;
+        if self.models.iter().any(|m| m.tied_with.is_some()) {
+            writeln!(
+                f,
+                "\n'= #N': not told apart from #N on these {} prompts and {} conversations (every figure's 95% interval overlaps); more held-out data would decide",
+                self.prompts, self.conversations
+            )?;
+        }
+        let shown = self.models.first().map_or(0, |m| m.answers.len().min(self.samples));
+        for i in 0..shown {
+            writeln!(f, "\nprompt: {}", cut(&self.models[0].answers[i].prompt, 100))?;
+            for m in &self.models {
+                let a = &m.answers[i];
+                let end = if a.stopped { "" } else { " [no eos]" };
+                writeln!(f, "  #{} {}: {}{end}", m.rank, cut(&m.model, 30), cut(&a.answer, 100))?;
+            }
+        }
+        Ok(())
+    }
+}
+
+impl EvalReport {
+    /// The LM-loss figures, with `--lm-data`.
+    fn fmt_lm(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         if let Some(b) = &self.lm_reference {
             writeln!(
                 f,
@@ -784,21 +989,98 @@ impl std::fmt::Display for EvalReport {
                 )?;
             }
         }
+        Ok(())
+    }
+
+    /// The judged benchmarks' table: each model's mean grade with its
+    /// interval per benchmark, then per category and per turn.
+    fn fmt_benchmarks(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        for b in &self.benchmarks {
+            writeln!(
+                f,
+                "{}: {} questions, {} sample(s) per sampled question, graded 1-{} by {} at {}",
+                b.name, b.questions, b.samples, b.top, b.judge_model, b.judge_url
+            )?;
+            for file in &b.files {
+                writeln!(
+                    f,
+                    "  {} @ {}{} sha256 {}",
+                    file.source,
+                    file.revision,
+                    file.commit
+                        .as_ref()
+                        .filter(|c| *c != &file.revision)
+                        .map_or(String::new(), |c| format!(" ({c})")),
+                    file.sha256
+                )?;
+            }
+        }
+        writeln!(
+            f,
+            "judge requests sent this run: {} (the rest were kept from earlier runs)\n",
+            self.judge_requests
+        )?;
+        write!(f, "{:>4}  {:<40} {:>8}", "rank", "model", "scale")?;
+        for b in &self.benchmarks {
+            write!(f, " {:>24}", cut(&b.name, 24))?;
+        }
+        writeln!(f, "  tie")?;
+        for m in &self.models {
+            write!(
+                f,
+                "{:>4}  {:<40} {:>8}",
+                m.rank,
+                cut(&m.model, 40),
+                m.scale.as_ref().map_or("-".into(), |s| s.to_string())
+            )?;
+            for s in &m.benchmarks {
+                let iv = s.interval.map_or(String::new(), |i| format!(" [{:.2}, {:.2}]", i.low, i.high));
+                write!(f, " {:>24}", format!("{:.2}{iv}", s.score))?;
+            }
+            writeln!(f, "  {}", m.tied_with.map_or(String::new(), |r| format!("= #{r}")))?;
+        }
+        for (bi, b) in self.benchmarks.iter().enumerate() {
+            let Some(first) = self.models.first().and_then(|m| m.benchmarks.get(bi)) else { continue };
+            let cats: Vec<&String> = first.categories.keys().collect();
+            if cats.len() > 1 {
+                writeln!(f, "\n{} per category (mean grade):", b.name)?;
+                write!(f, "{:>4}  {:<30}", "rank", "model")?;
+                for c in &cats {
+                    write!(f, " {:>10}", cut(c, 10))?;
+                }
+                writeln!(f)?;
+                for m in &self.models {
+                    write!(f, "{:>4}  {:<30}", m.rank, cut(&m.model, 30))?;
+                    for c in &cats {
+                        let v = m.benchmarks.get(bi).and_then(|s| s.categories.get(*c));
+                        write!(f, " {:>10}", v.map_or("-".into(), |v| format!("{v:.2}")))?;
+                    }
+                    writeln!(f)?;
+                }
+            }
+            if first.turns.len() > 1 {
+                writeln!(f, "\n{} per turn (mean grade):", b.name)?;
+                for m in &self.models {
+                    let turns: Vec<String> = m
+                        .benchmarks
+                        .get(bi)
+                        .map(|s| {
+                            s.turns
+                                .iter()
+                                .enumerate()
+                                .map(|(t, v)| format!("turn {}: {v:.2}", t + 1))
+                                .collect()
+                        })
+                        .unwrap_or_default();
+                    writeln!(f, "{:>4}  {:<30} {}", m.rank, cut(&m.model, 30), turns.join("  "))?;
+                }
+            }
+        }
         if self.models.iter().any(|m| m.tied_with.is_some()) {
             writeln!(
                 f,
-                "\n'= #N': not told apart from #N on these {} prompts and {} conversations (every figure's 95% interval overlaps); more held-out data would decide",
-                self.prompts, self.conversations
+                "\n'= #N': not told apart from #N on these questions (the 95% intervals overlap); more samples per question (--bench-samples) or more questions would decide"
             )?;
-        }
-        let shown = self.models.first().map_or(0, |m| m.answers.len().min(self.samples));
-        for i in 0..shown {
-            writeln!(f, "\nprompt: {}", cut(&self.models[0].answers[i].prompt, 100))?;
-            for m in &self.models {
-                let a = &m.answers[i];
-                let end = if a.stopped { "" } else { " [no eos]" };
-                writeln!(f, "  #{} {}: {}{end}", m.rank, cut(&m.model, 30), cut(&a.answer, 100))?;
-            }
         }
         Ok(())
     }
@@ -820,11 +1102,21 @@ pub fn record_selection(chosen: &Path, report: &EvalReport) -> Result<()> {
                 "stop_with_answer_interval": x.stop_with_answer_interval,
                 "language_match_interval": x.language_match_interval, "tied_with": x.tied_with,
                 "lm_loss": x.lm_loss, "lm_loss_increase": x.lm_loss_increase, "keeps_language": x.keeps_language,
+                "benchmarks": x.benchmarks.iter().map(|b| json!({
+                    "bench": b.bench, "score": b.score, "interval": b.interval, "categories": b.categories, "turns": b.turns,
+                })).collect::<Vec<_>>(),
             })
         })
         .collect();
     let selection = json!({
         "rule": report.rule,
+        // The figure that ranked: a benchmark's mean grade, or the quick
+        // set's rule.
+        "metric": report.primary.and_then(|p| report.benchmarks.get(p)).map_or_else(
+            || "quick set".to_string(),
+            |b| format!("{} mean grade (judge {})", b.name, b.judge_model),
+        ),
+        "benchmarks": report.benchmarks,
         "chosen": chosen.display().to_string(),
         // The choice was within a tie: another candidate could not be told
         // from the chosen one.
@@ -860,6 +1152,7 @@ mod tests {
             lm_loss_interval: None,
             lm_loss_increase: None,
             keeps_language: keeps,
+            benchmarks: Vec::new(),
             answers: Vec::new(),
             rank: 0,
             tied_with: None,
@@ -876,7 +1169,7 @@ mod tests {
             model("keeps-same", 0.5, 2.0, Some(true)),
             model("forgets-too", 1.0, 1.0, Some(false)),
         ];
-        rank(&mut ms);
+        rank(&mut ms, None);
         let order: Vec<&str> = ms.iter().map(|m| m.model.as_str()).collect();
         assert_eq!(order, ["keeps", "keeps-same", "chats-best-but-forgets", "forgets-too"]);
         let tied: Vec<Option<usize>> = ms.iter().map(|m| m.tied_with).collect();

@@ -49,6 +49,71 @@ def assistant_labels(tok, conv):
     return full, labels
 
 
+class Generator:
+    """Answers conversations with one model: vLLM when it was loaded, else
+    transformers with batched generation (left padding, one forward per
+    step for the whole batch). Rows of one batch share a temperature;
+    sampled rows are seeded, so a rerun gives the same answers."""
+
+    def __init__(self, tok, model, llm, eos, dev, chat_template):
+        self.tok, self.model, self.llm, self.eos, self.dev = tok, model, llm, eos, dev
+        self.chat_template = chat_template
+
+    def run(self, convs, k, temperatures, seeds, report):
+        out = [None] * len(convs)
+        if not convs:
+            return out
+        if self.llm is not None:
+            from vllm import SamplingParams
+
+            params = [SamplingParams(temperature=t, max_tokens=k, seed=s) for t, s in zip(temperatures, seeds)]
+            res = self.llm.chat(convs, params, chat_template=self.chat_template)
+            for i, o in enumerate(res):
+                c = o.outputs[0]
+                out[i] = (c.text.strip(), c.finish_reason == "stop", len(c.token_ids))
+            report(len(convs))
+            return out
+        import torch
+
+        tok, eos = self.tok, self.eos
+        pad = tok.pad_token_id if tok.pad_token_id is not None else (min(eos) if eos else 0)
+        encoded = [ids_of(tok, c, True) for c in convs]
+        # Same-temperature rows batched together, each group in order.
+        groups = {}
+        for i, t in enumerate(temperatures):
+            groups.setdefault(t, []).append(i)
+        done = 0
+        for temp in sorted(groups):
+            rows = groups[temp]
+            for start in range(0, len(rows), BATCH):
+                group = rows[start : start + BATCH]
+                part = [encoded[i] for i in group]
+                width = max(len(x) for x in part)
+                ids = torch.full((len(part), width), pad, dtype=torch.long)
+                mask = torch.zeros((len(part), width), dtype=torch.long)
+                for row, x in enumerate(part):
+                    ids[row, width - len(x) :] = torch.tensor(x)
+                    mask[row, width - len(x) :] = 1
+                kw = {"do_sample": False}
+                if temp > 0:
+                    torch.manual_seed(seeds[group[0]])
+                    kw = {"do_sample": True, "temperature": temp, "top_p": 1.0, "top_k": 0}
+                with torch.no_grad():
+                    gen = self.model.generate(
+                        ids.to(self.dev), attention_mask=mask.to(self.dev), max_new_tokens=k, pad_token_id=pad, **kw
+                    )
+                for row, i in enumerate(group):
+                    new = gen[row][width:].tolist()
+                    cut = next((j for j, t in enumerate(new) if t in eos), None)
+                    stopped = cut is not None
+                    if stopped:
+                        new = new[:cut]
+                    out[i] = (tok.decode(new, skip_special_tokens=True).strip(), stopped, len(new))
+                done += len(group)
+                report(done)
+        return out
+
+
 def main():
     spec = json.loads(sys.stdin.read())
     import torch
@@ -142,51 +207,43 @@ def main():
         # config says (a missing eos there is the bug this catches).
         eos = model.generation_config.eos_token_id
         eos = set(eos if isinstance(eos, list) else ([] if eos is None else [eos]))
-        answers = []
         prompts = spec["prompts"]
+        llm = None
         if engine == "vllm":
-            from vllm import LLM, SamplingParams
+            from vllm import LLM
 
             del model
+            model = None
             llm = LLM(model=m["path"], tensor_parallel_size=max(gpus, 1), dtype="bfloat16")
-            outs = llm.chat(
-                [p["messages"] for p in prompts],
-                SamplingParams(temperature=0.0, max_tokens=k),
-                chat_template=m.get("chat_template"),
-            )
-            for o in outs:
-                c = o.outputs[0]
-                answers.append((c.text.strip(), c.finish_reason == "stop", len(c.token_ids)))
-            progress(model=mi, stage="generate", done=len(prompts), total=len(prompts))
-        else:
-            pad = tok.pad_token_id if tok.pad_token_id is not None else (min(eos) if eos else 0)
-            # Batched: left-padded (so every row's next token follows its
-            # own prompt), greedy; each row is cut at its first eos.
-            encoded = [ids_of(tok, p["messages"], True) for p in prompts]
-            for start in range(0, len(encoded), BATCH):
-                part = encoded[start : start + BATCH]
-                width = max(len(x) for x in part)
-                ids = torch.full((len(part), width), pad, dtype=torch.long)
-                mask = torch.zeros((len(part), width), dtype=torch.long)
-                for row, x in enumerate(part):
-                    ids[row, width - len(x) :] = torch.tensor(x)
-                    mask[row, width - len(x) :] = 1
-                with torch.no_grad():
-                    out = model.generate(
-                        ids.to(dev),
-                        attention_mask=mask.to(dev),
-                        max_new_tokens=k,
-                        do_sample=False,
-                        pad_token_id=pad,
-                    )
-                for row in range(len(part)):
-                    new = out[row][width:].tolist()
-                    cut = next((i for i, t in enumerate(new) if t in eos), None)
-                    stopped = cut is not None
-                    if stopped:
-                        new = new[:cut]
-                    answers.append((tok.decode(new, skip_special_tokens=True).strip(), stopped, len(new)))
-                progress(model=mi, stage="generate", done=min(start + BATCH, len(prompts)), total=len(prompts))
+        gen = Generator(tok, model, llm, eos, dev, m.get("chat_template"))
+        answers = gen.run([p["messages"] for p in prompts], k, [0.0] * len(prompts), [0] * len(prompts),
+                          lambda d: progress(model=mi, stage="generate", done=d, total=len(prompts)))
+        # Benchmark answers, turn by turn: each turn's prompt is the
+        # conversation so far, the model's own earlier answers included.
+        items = spec.get("bench") or []
+        bench_answers = [[] for _ in items]
+        turns = max((len(x["turns"]) for x in items), default=0)
+        total = sum(len(x["turns"]) for x in items)
+        finished = 0
+        for t in range(turns):
+            live = [i for i, x in enumerate(items) if len(x["turns"]) > t]
+            convs = []
+            for i in live:
+                conv = []
+                for u, a in zip(items[i]["turns"][:t], bench_answers[i]):
+                    conv += [{"role": "user", "content": u}, {"role": "assistant", "content": a}]
+                conv.append({"role": "user", "content": items[i]["turns"][t]})
+                convs.append(conv)
+            base = finished
+
+            def turn_progress(d, base=base):
+                progress(model=mi, stage="bench", done=base + d, total=total)
+
+            outs = gen.run(convs, spec["bench_max_new_tokens"], [items[i]["temperature"] for i in live],
+                           [items[i]["seed"] + t for i in live], turn_progress)
+            for i, (text, _stopped, _n) in zip(live, outs):
+                bench_answers[i].append(text)
+            finished += len(live)
         rows = []
         for p, (text, stopped, n) in zip(prompts, answers):
             want = p.get("lang") or lang_of(" ".join(x["content"] for x in p["messages"] if x["role"] == "user"))
@@ -200,6 +257,7 @@ def main():
                 "conversation_losses": per_conversation,
                 "lm_losses": lm,
                 "answers": rows,
+                "bench_answers": bench_answers,
             }
         )
 

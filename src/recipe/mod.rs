@@ -276,6 +276,24 @@ struct RawEval {
     lm_base: Option<String>,
     #[serde(default)]
     lm_margin: Option<f64>,
+    /// Judged benchmarks, as `--bench` takes them.
+    #[serde(default)]
+    bench: Vec<String>,
+    /// The benchmark that ranks (`--primary`).
+    #[serde(default)]
+    primary: Option<String>,
+    #[serde(default)]
+    judge_url: Option<String>,
+    #[serde(default)]
+    judge_model: Option<String>,
+    #[serde(default)]
+    judge_key_env: Option<String>,
+    #[serde(default)]
+    judge_concurrency: Option<usize>,
+    #[serde(default)]
+    bench_samples: Option<usize>,
+    #[serde(default)]
+    bench_max_new_tokens: Option<u64>,
 }
 
 /// A `models` entry written as `{model, parameters}`.
@@ -461,6 +479,25 @@ pub(crate) fn parse_recipe(text: &str, path: &Path) -> Result<Recipe> {
         lm_data: e.lm_data.as_ref().map(near),
         lm_base: e.lm_base.clone(),
         lm_margin: e.lm_margin.unwrap_or(eval_defaults.lm_margin),
+        // A benchmark directory (or NAME=DIR) relative to the recipe.
+        bench: e
+            .bench
+            .iter()
+            .map(|b| match b.split_once('=') {
+                Some((n, d)) => format!("{n}={}", near(&PathBuf::from(d)).display()),
+                None if b.contains('/') || b.starts_with('.') => {
+                    near(&PathBuf::from(b)).display().to_string()
+                }
+                None => b.clone(),
+            })
+            .collect(),
+        primary: e.primary.clone(),
+        judge_url: e.judge_url.clone(),
+        judge_model: e.judge_model.clone(),
+        judge_key_env: e.judge_key_env.clone().unwrap_or_else(|| eval_defaults.judge_key_env.clone()),
+        judge_concurrency: e.judge_concurrency.unwrap_or(eval_defaults.judge_concurrency),
+        bench_samples: e.bench_samples.unwrap_or(eval_defaults.bench_samples),
+        bench_max_new_tokens: e.bench_max_new_tokens,
         ..EvalSpec::new(Vec::new())
     });
     Ok(Recipe {

@@ -125,7 +125,7 @@ pub(crate) fn ensure(cache: &Path, id: &HubId) -> Result<Outcome> {
         Err(e) if matches!(e.kind(), Error::Network(_)) => return Ok(Outcome::Unreachable(e)),
         r => r?,
     };
-    let repo_dir = cache.join(format!("models--{}", id.repo.replace('/', "--")));
+    let repo_dir = cache.join(id.cache_folder());
     let snap = repo_dir.join("snapshots").join(&commit);
     let need = needed(&client, id, &commit, &repo_dir, &files)?;
     let missing: Vec<&RemoteFile> = need.iter().filter(|f| !snap.join(&f.name).exists()).collect();
@@ -153,8 +153,14 @@ pub(crate) fn ensure(cache: &Path, id: &HubId) -> Result<Outcome> {
             let _ = fresh_file(&mark);
         }
     }
-    // Point the branch or tag at this commit, as huggingface_hub does, in one
-    // rename so a reader never sees half a ref.
+    let revision = point_ref(&repo_dir, id, &commit)?;
+    Ok(Outcome::Ready(snap, HubOrigin { repo: id.repo.clone(), revision, commit }))
+}
+
+/// Points the branch or tag `id` names at `commit`, as huggingface_hub
+/// does, in one rename so a reader never sees half a ref; returns the
+/// revision.
+fn point_ref(repo_dir: &Path, id: &HubId, commit: &str) -> Result<String> {
     let revision = id.revision.clone().unwrap_or_else(|| "main".into());
     if revision != commit {
         let r = repo_dir.join("refs").join(&revision);
@@ -169,7 +175,31 @@ pub(crate) fn ensure(cache: &Path, id: &HubId) -> Result<Outcome> {
         fresh_file(&tmp)?.write_all(commit.as_bytes()).map_err(|e| Error::io("writing", &tmp, e))?;
         std::fs::rename(&tmp, &r).map_err(|e| Error::io("renaming", &tmp, e))?;
     }
-    Ok(Outcome::Ready(snap, HubOrigin { repo: id.repo.clone(), revision, commit }))
+    Ok(revision)
+}
+
+/// Makes sure the snapshot of `id` (a model or a dataset) in `cache`
+/// holds the file `name`, downloading and checking it when missing:
+/// what a benchmark's questions need, without the rest of the repository.
+/// `Ok(Outcome::Ready(file, origin))` gives the file's path.
+pub(crate) fn ensure_file(cache: &Path, id: &HubId, name: &str) -> Result<Outcome> {
+    let client = Client::new();
+    let (commit, files) = match client.revision_info(id) {
+        Err(e) if matches!(e.kind(), Error::Network(_)) => return Ok(Outcome::Unreachable(e)),
+        r => r?,
+    };
+    let f = files.iter().find(|f| f.name == name).ok_or_else(|| {
+        Error::Hub(format!(
+            "{} @ {} has no file {name} (it has {})",
+            id.repo,
+            id.revision.as_deref().unwrap_or("main"),
+            files.iter().map(|f| f.name.as_str()).take(12).collect::<Vec<_>>().join(", ")
+        ))
+    })?;
+    let repo_dir = cache.join(id.cache_folder());
+    let path = fetch(&client, id, &commit, &repo_dir, f, None)?;
+    let revision = point_ref(&repo_dir, id, &commit)?;
+    Ok(Outcome::Ready(path, HubOrigin { repo: id.repo.clone(), revision, commit }))
 }
 
 /// Files downloaded at once: enough to fill a link whose single streams are
@@ -347,7 +377,7 @@ pub(crate) fn probe(cache: &Path, id: &HubId, probes: &Mutex<Option<Scratch>>) -
         Err(e) if matches!(e.kind(), Error::Network(_)) => return Ok(Some(Outcome::Unreachable(e))),
         r => r?,
     };
-    let repo_dir = cache.join(format!("models--{}", id.repo.replace('/', "--")));
+    let repo_dir = cache.join(id.cache_folder());
     let snap = repo_dir.join("snapshots").join(&commit);
     let need = needed(&client, id, &commit, &repo_dir, &files)?;
     let missing: Vec<&RemoteFile> = need.iter().filter(|f| !snap.join(&f.name).exists()).collect();

@@ -10,7 +10,7 @@ use std::time::Duration;
 use serde_json::Value;
 
 use crate::error::{Error, Result};
-use crate::resolve::hub_cache::{HubId, is_commit};
+use crate::resolve::hub_cache::{HubId, RepoKind, is_commit};
 use crate::resolve::stream::{BodyStream, Overlong, interruptible};
 
 static OFFLINE: AtomicBool = AtomicBool::new(false);
@@ -152,7 +152,7 @@ impl Client {
 
     /// Where a file of `id` at `commit` downloads from.
     pub(super) fn resolve_url(&self, id: &HubId, commit: &str, name: &str) -> String {
-        format!("{}/{}/resolve/{commit}/{name}", self.endpoint, id.repo)
+        format!("{}/{}/resolve/{commit}/{name}", self.endpoint, id.url_path())
     }
 
     pub(super) fn get(&self, url: &str, range_from: u64) -> Result<Response> {
@@ -267,7 +267,7 @@ impl Client {
         let missing = header("x-error-code")
             .is_some_and(|c| c == "RepoNotFound" || c == "RevisionNotFound" || c == "EntryNotFound");
         let rev = id.revision.as_deref().unwrap_or("main");
-        let page = format!("{}/{}", self.endpoint, id.repo);
+        let page = format!("{}/{}", self.endpoint, id.url_path());
         match status {
             404 => Error::NotFound(format!("the Hub has no {what} {}@{rev}{said}", id.repo)),
             // The Hub answers 401 for a repository it will not show to
@@ -307,12 +307,21 @@ impl Client {
     /// The commit and files of a revision, retried as any request is.
     pub(super) fn revision_info(&self, id: &HubId) -> Result<(String, Vec<RemoteFile>)> {
         let rev = id.revision.as_deref().unwrap_or("main");
-        let url =
-            format!("{}/api/models/{}/revision/{}?blobs=true", self.endpoint, id.repo, encode_path_part(rev));
+        let url = format!(
+            "{}/api/{}s/{}/revision/{}?blobs=true",
+            self.endpoint,
+            if id.kind == RepoKind::Dataset { "dataset" } else { "model" },
+            id.repo,
+            encode_path_part(rev)
+        );
         let bytes = self.with_retries(&|m| crate::ui::warn(m), || {
             let resp = self.get(&url, 0)?;
             if resp.status().as_u16() != 200 {
-                return Err(self.status_error(&resp, id, "model"));
+                return Err(self.status_error(
+                    &resp,
+                    id,
+                    if id.kind == RepoKind::Dataset { "dataset" } else { "model" },
+                ));
             }
             self.body(resp, MAX_INFO_BYTES, Overlong::Refused, format!("reading {url}"))?.read_all()
         })?;

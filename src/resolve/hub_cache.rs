@@ -9,11 +9,43 @@ use std::path::{Path, PathBuf};
 use crate::error::{Error, Result};
 use crate::model::checkpoint::HubOrigin;
 
+/// What kind of Hub repository an id names: models (the default) or
+/// datasets (benchmarks' questions, `--lm-data`), which the Hub serves
+/// and the cache keeps under their own prefixes.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub(crate) enum RepoKind {
+    #[default]
+    Model,
+    Dataset,
+}
+
 /// A parsed `org/name[@revision]` reference.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub(crate) struct HubId {
     pub repo: String,
     pub revision: Option<String>,
+    pub kind: RepoKind,
+}
+
+impl HubId {
+    /// The repository's folder in the cache, as huggingface_hub names it:
+    /// `models--org--name` or `datasets--org--name`.
+    pub(crate) fn cache_folder(&self) -> String {
+        let prefix = match self.kind {
+            RepoKind::Model => "models",
+            RepoKind::Dataset => "datasets",
+        };
+        format!("{prefix}--{}", self.repo.replace('/', "--"))
+    }
+
+    /// The repository's path in Hub URLs: `org/name`, or
+    /// `datasets/org/name` for a dataset.
+    pub(crate) fn url_path(&self) -> String {
+        match self.kind {
+            RepoKind::Model => self.repo.clone(),
+            RepoKind::Dataset => format!("datasets/{}", self.repo),
+        }
+    }
 }
 
 fn valid_part(p: &str) -> bool {
@@ -43,7 +75,7 @@ pub(crate) fn parse_hub_id(s: &str) -> Option<HubId> {
     {
         return None;
     }
-    Some(HubId { repo: repo.to_string(), revision: revision.map(str::to_string) })
+    Some(HubId { repo: repo.to_string(), revision: revision.map(str::to_string), kind: RepoKind::Model })
 }
 
 /// The cache directory, from the environment as huggingface_hub reads it:
@@ -66,7 +98,7 @@ pub(crate) fn is_commit(s: &str) -> bool {
 
 /// The snapshot directory of `id` in the cache at `cache`.
 pub(crate) fn find_snapshot(cache: &Path, id: &HubId) -> Result<(PathBuf, HubOrigin)> {
-    let repo_dir = cache.join(format!("models--{}", id.repo.replace('/', "--")));
+    let repo_dir = cache.join(id.cache_folder());
     let not_cached = |what: String| {
         Error::Usage(format!("{what} in the Hugging Face cache {}", cache.display())).with_hint(format!(
             "without --offline (and HF_HUB_OFFLINE) chatvec downloads it; or run `hf download {}{}`",
@@ -110,7 +142,8 @@ mod tests {
             parse_hub_id("tokyotech-llm/Llama-3-Swallow-8B-v0.1@main"),
             Some(HubId {
                 repo: "tokyotech-llm/Llama-3-Swallow-8B-v0.1".into(),
-                revision: Some("main".into())
+                revision: Some("main".into()),
+                kind: RepoKind::Model,
             })
         );
         assert_eq!(parse_hub_id("gpt2").unwrap().revision, None);

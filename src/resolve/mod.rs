@@ -13,6 +13,7 @@ pub(crate) mod aliases;
 pub(crate) mod download;
 pub(crate) mod hub_api;
 pub(crate) mod hub_cache;
+pub(crate) mod published;
 mod stream;
 mod transfer;
 
