@@ -226,7 +226,7 @@ impl Judge {
         let mut seen = std::collections::HashMap::new();
         let todo: Vec<usize> = (0..requests.len())
             .filter(|&i| out[i].lock().is_ok_and(|o| o.is_none()))
-            .filter(|&i| seen.insert(keys[i].as_str(), i).is_none())
+            .filter(|&i| *seen.entry(keys[i].as_str()).or_insert(i) == i)
             .collect();
         let next = AtomicUsize::new(0);
         let done = AtomicUsize::new(0);
@@ -348,5 +348,150 @@ mod tests {
         };
         let e = Judge::connect(&cfg, None).err().unwrap();
         assert!(e.to_string().contains("does not answer"), "{e}");
+    }
+
+    /// A stand-in judge on 127.0.0.1: answers `GET /v1/models`, and each
+    /// completion after `delay` with `[[N]]`, N from the request's length,
+    /// except the first `fail` completions (503). Counts completions
+    /// asked and the most in flight at once.
+    struct StandIn {
+        port: u16,
+        asked: std::sync::Arc<AtomicUsize>,
+        peak: std::sync::Arc<AtomicUsize>,
+    }
+
+    fn stand_in(delay: Duration, fail: usize, reply: &'static str) -> StandIn {
+        use std::io::{BufRead, BufReader, Read, Write};
+        use std::sync::Arc;
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let (asked, peak, live) =
+            (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+        let (a, p) = (asked.clone(), peak.clone());
+        std::thread::spawn(move || {
+            for stream in listener.incoming() {
+                let Ok(mut stream) = stream else { continue };
+                let (a, p, live) = (a.clone(), p.clone(), live.clone());
+                std::thread::spawn(move || {
+                    let mut r = BufReader::new(stream.try_clone().unwrap());
+                    let mut line = String::new();
+                    r.read_line(&mut line).unwrap();
+                    let mut len = 0usize;
+                    loop {
+                        let mut h = String::new();
+                        r.read_line(&mut h).unwrap();
+                        if h.trim().is_empty() {
+                            break;
+                        }
+                        if let Some(v) = h.to_ascii_lowercase().strip_prefix("content-length:") {
+                            len = v.trim().parse().unwrap();
+                        }
+                    }
+                    let mut body = vec![0u8; len];
+                    r.read_exact(&mut body).unwrap();
+                    let (status, text) = if line.starts_with("GET") {
+                        ("200 OK", "{\"data\": []}".to_string())
+                    } else {
+                        let n = a.fetch_add(1, Ordering::SeqCst);
+                        let now = live.fetch_add(1, Ordering::SeqCst) + 1;
+                        p.fetch_max(now, Ordering::SeqCst);
+                        std::thread::sleep(delay);
+                        live.fetch_sub(1, Ordering::SeqCst);
+                        if n < fail {
+                            ("503 Service Unavailable", String::new())
+                        } else {
+                            let grade = 1 + body.len() % 10;
+                            let content = reply.replace("N", &grade.to_string());
+                            (
+                                "200 OK",
+                                json!({"choices": [{"message": {"role": "assistant", "content": content}}]})
+                                    .to_string(),
+                            )
+                        }
+                    };
+                    let _ = write!(
+                        stream,
+                        "HTTP/1.1 {status}\r\nConnection: close\r\nContent-Length: {}\r\n\r\n{text}",
+                        text.len()
+                    );
+                });
+            }
+        });
+        StandIn { port, asked, peak }
+    }
+
+    fn requests(n: usize) -> Vec<JudgeRequest> {
+        (0..n)
+            .map(|i| JudgeRequest {
+                system: "S".into(),
+                user: format!("question {i} {}", "x".repeat(i)),
+                range: (1.0, 10.0),
+                grammar: super::super::bench::ScoreGrammar::DoubleBrackets,
+            })
+            .collect()
+    }
+
+    /// 80 judgments at concurrency 8 keep exactly 8 in flight; each grade
+    /// is the stand-in's; identical requests are asked once; a second
+    /// pass is answered from the cache without a request; 503s are
+    /// retried.
+    #[test]
+    fn judgments_run_concurrently_are_kept_and_503s_are_retried() {
+        let d = tempfile::tempdir().unwrap();
+        let judge_at = stand_in(Duration::from_millis(50), 3, "Rating: [[N]]");
+        let cfg = JudgeConfig {
+            url: format!("http://127.0.0.1:{}/v1", judge_at.port),
+            model: "judge".into(),
+            key_env: "CHATVEC_TEST_SURELY_UNSET_KEY".into(),
+            concurrency: 8,
+        };
+        let judge = Judge::connect(&cfg, Some(d.path().join("judge"))).unwrap();
+        let mut rs = requests(80);
+        rs.push(rs[0].clone());
+        let texts = judge.judge_all(&rs, &|_, _| {}).unwrap();
+        assert_eq!(
+            judge_at.asked.load(Ordering::SeqCst),
+            80 + 3,
+            "each distinct request once, plus the retried 503s"
+        );
+        assert_eq!(judge_at.peak.load(Ordering::SeqCst), 8);
+        let grades = scores(&rs, &texts, &|i| format!("#{i}")).unwrap();
+        for (r, g) in rs.iter().zip(&grades) {
+            // The stand-in grades by the request body's length, which the
+            // body's JSON fixes: recomputed here from the same body.
+            let body = json!({
+                "model": "judge",
+                "messages": [{"role": "system", "content": r.system}, {"role": "user", "content": r.user}],
+                "temperature": 0,
+                "max_tokens": MAX_TOKENS,
+            })
+            .to_string();
+            assert_eq!(*g, (1 + body.len() % 10) as f64);
+        }
+        let again = Judge::connect(&cfg, Some(d.path().join("judge"))).unwrap();
+        assert_eq!(again.judge_all(&rs, &|_, _| {}).unwrap(), texts);
+        assert_eq!(again.sent.load(Ordering::SeqCst), 0);
+        assert_eq!(judge_at.asked.load(Ordering::SeqCst), 83);
+    }
+
+    /// A judgment that states no grade is an error naming the question.
+    #[test]
+    fn a_judgment_without_a_grade_names_its_question() {
+        let judge_at = stand_in(Duration::ZERO, 0, "I cannot grade this.");
+        let cfg = JudgeConfig {
+            url: format!("http://127.0.0.1:{}/v1", judge_at.port),
+            model: "judge".into(),
+            key_env: "CHATVEC_TEST_SURELY_UNSET_KEY".into(),
+            concurrency: 2,
+        };
+        let judge = Judge::connect(&cfg, None).unwrap();
+        let rs = requests(3);
+        let texts = judge.judge_all(&rs, &|_, _| {}).unwrap();
+        let e = scores(&rs, &texts, &|i| format!("ja-mt-bench question {} turn 1", 81 + i)).unwrap_err();
+        assert!(
+            e.to_string().contains("ja-mt-bench question 81 turn 1")
+                && e.to_string().contains("I cannot grade"),
+            "{e}"
+        );
     }
 }

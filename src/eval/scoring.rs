@@ -92,6 +92,8 @@ pub struct Grade {
     pub sample: usize,
     /// 1-based.
     pub turn: usize,
+    /// The answer graded (this turn's).
+    pub answer: String,
     /// The judge's grade.
     pub score: f64,
 }
@@ -119,6 +121,7 @@ struct Need {
     item: usize,
     sample: usize,
     turn: usize,
+    answer: String,
 }
 
 /// Judges every model's answers (`answers[model][item]`: the answer per
@@ -146,7 +149,7 @@ pub(crate) fn grade(
                 given.resize(q.turns.len(), String::new());
                 let r = b.judge_request(q, &given, t)?;
                 for sample in copies.clone() {
-                    needs.push(Need { model: m, item: i, sample, turn: t });
+                    needs.push(Need { model: m, item: i, sample, turn: t, answer: given[t].clone() });
                     requests.push(r.clone());
                 }
             }
@@ -191,6 +194,7 @@ pub(crate) fn grade(
                     category: q.category.clone(),
                     sample: n.sample,
                     turn: n.turn + 1,
+                    answer: n.answer.clone(),
                     score: *g,
                 });
             }
@@ -236,7 +240,7 @@ mod tests {
     use super::*;
 
     fn g(q: &str, cat: &str, turn: usize, score: f64) -> Grade {
-        Grade { question: q.into(), category: cat.into(), sample: 0, turn, score }
+        Grade { question: q.into(), category: cat.into(), sample: 0, turn, answer: String::new(), score }
     }
 
     /// The mean is over every judged turn; categories and turns are their

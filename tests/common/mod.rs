@@ -4,6 +4,8 @@
 //! reader, and a helper that runs the real binary.
 #![allow(dead_code)]
 
+pub(crate) mod hub;
+
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
