@@ -907,3 +907,100 @@ fn judged_benchmarks_grade_rank_pin_and_cache() {
     assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
     assert!(stderr(&o).contains("--bench needs a judge"), "{}", stderr(&o));
 }
+
+/// `--harness`: the installed lm_eval run on two tiny models with a local
+/// task definition and data file; chatvec's figures equal what lm_eval
+/// reports when run alone (its own command line, same settings), with its
+/// standard errors as 95% intervals, and rank the models.
+#[test]
+#[ignore = "needs torch/transformers/lm_eval: CHATVEC_SFT_PYTHON=$(scripts/sft-venv.sh) cargo test --test sft_e2e -- --ignored"]
+fn lm_eval_tasks_fold_into_the_report_as_lm_eval_reports_them() {
+    let (py, d) = (sft_python(), tempfile::tempdir().unwrap());
+    let demo = d.path().join("demo");
+    ok(&chatvec(&["demo", "--dir", s(&demo), "--keep"]));
+    let (cv, chat) = (demo.join("swallow-like-cv"), demo.join("llama-chat"));
+    let tasks = d.path().join("tasks");
+    std::fs::create_dir_all(&tasks).unwrap();
+    let rows: Vec<String> = (0..16)
+        .map(|i| {
+            serde_json::json!({"question": format!("質問{i}: tok{} tok{}", 4 + i, 9 + 2 * i), "choices": ["はい", "いいえ", "たぶん"], "answer": i % 3})
+                .to_string()
+        })
+        .collect();
+    std::fs::write(tasks.join("data.jsonl"), rows.join("\n")).unwrap();
+    std::fs::write(
+        tasks.join("tiny_ja_mc.yaml"),
+        format!(
+            "task: tiny_ja_mc\ndataset_path: json\ndataset_kwargs:\n  data_files:\n    test: {}\ntest_split: test\noutput_type: multiple_choice\ndoc_to_text: \"{{{{question}}}}\"\ndoc_to_choice: \"{{{{choices}}}}\"\ndoc_to_target: \"{{{{answer}}}}\"\nmetric_list:\n  - metric: acc\n    aggregation: mean\n    higher_is_better: true\n",
+            tasks.join("data.jsonl").display()
+        ),
+    )
+    .unwrap();
+    let o = chatvec(&[
+        "eval",
+        s(&cv),
+        s(&chat),
+        "--harness",
+        "tiny_ja_mc",
+        "--harness-include",
+        s(&tasks),
+        "--python",
+        s(&py),
+        "--json",
+        "--fresh",
+    ]);
+    ok(&o);
+    let v: serde_json::Value = serde_json::from_str(&stdout(&o)).unwrap();
+    assert_eq!(v["benchmarks"][0]["name"], "tiny_ja_mc/acc");
+    assert_eq!(v["benchmarks"][0]["kind"], "lm_eval");
+    for m in v["models"].as_array().unwrap() {
+        // lm_eval alone, through its own command line, on the same model.
+        let out = d.path().join(format!("lm_eval-{}", m["rank"]));
+        let cli = py.parent().unwrap().join("lm_eval");
+        let o = Command::new(&cli)
+            .args(["--model", "hf", "--model_args"])
+            .arg(format!("pretrained={},dtype=float32", m["path"].as_str().unwrap()))
+            .args([
+                "--tasks",
+                "tiny_ja_mc",
+                "--include_path",
+                s(&tasks),
+                "--device",
+                "cpu",
+                "--batch_size",
+                "8",
+            ])
+            .arg("--output_path")
+            .arg(&out)
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        let mut found = Vec::new();
+        let mut stack = vec![out.clone()];
+        while let Some(dir) = stack.pop() {
+            for e in std::fs::read_dir(&dir).unwrap() {
+                let p = e.unwrap().path();
+                if p.is_dir() {
+                    stack.push(p);
+                } else if p.file_name().unwrap().to_string_lossy().starts_with("results") {
+                    found.push(p);
+                }
+            }
+        }
+        assert_eq!(found.len(), 1, "{found:?}");
+        let alone: serde_json::Value = serde_json::from_slice(&std::fs::read(&found[0]).unwrap()).unwrap();
+        let acc = alone["results"]["tiny_ja_mc"]["acc,none"].as_f64().unwrap();
+        let se = alone["results"]["tiny_ja_mc"]["acc_stderr,none"].as_f64().unwrap();
+        let fig = &m["benchmarks"][0];
+        assert_eq!(fig["score"].as_f64().unwrap(), acc, "{fig}");
+        let iv = &fig["interval"];
+        assert!((iv["low"].as_f64().unwrap() - (acc - 1.96 * se)).abs() < 1e-12, "{fig}");
+        assert!((iv["high"].as_f64().unwrap() - (acc + 1.96 * se)).abs() < 1e-12, "{fig}");
+    }
+    // Ranked by the metric (higher is better).
+    let ms = v["models"].as_array().unwrap();
+    assert!(ms[0]["benchmarks"][0]["score"].as_f64() >= ms[1]["benchmarks"][0]["score"].as_f64());
+    // A task name that is not one, and no lm_eval, are refused before any model loads.
+    let o = chatvec(&["eval", s(&cv), "--harness", "x;y", "--python", s(&py)]);
+    assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
+}

@@ -17,17 +17,16 @@
 
 pub(crate) mod bench;
 pub(crate) mod cache;
+pub(crate) mod harness;
 pub(crate) mod judge;
 pub(crate) mod plot;
 pub(crate) mod prompts;
 pub(crate) mod scoring;
 pub(crate) mod ties;
+pub(crate) mod worker;
 
-use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
-use std::process::Stdio;
 
-use indicatif::{ProgressBar, ProgressStyle};
 use serde::Serialize;
 use serde_json::{Value, json};
 
@@ -39,17 +38,14 @@ pub use bench::list as bench_list;
 pub use scoring::{BenchInfo, BenchScore, Grade};
 pub use ties::Interval;
 
-/// The worker the interpreter runs.
-const SCRIPT: &str = include_str!("script.py");
-
 /// How models are ranked, as reported.
 pub const RULE: &str = "answers that stop with a non-empty reply (more is better), then answers in the prompt's language (more is better), then assistant-token loss (lower is better); a model whose three figures' 95% intervals (bootstrap over the prompts and conversations) all overlap the next better one's is reported tied with it";
 
 /// How models are ranked on judged benchmarks (`--bench`).
-pub(crate) const BENCH_RULE: &str = "the primary benchmark's mean grade from the judge (higher is better); a model whose 95% interval (bootstrap over the questions) overlaps the next better one's is reported tied with it";
+pub(crate) const BENCH_RULE: &str = "the primary figure, better first (a judged benchmark's mean grade, or an lm_eval metric); a model whose 95% interval (bootstrap over the questions, or lm_eval's standard error) overlaps the next better one's is reported tied with it";
 
 /// The same, when an LM loss is measured.
-pub(crate) const BENCH_LM_RULE: &str = "candidates whose LM loss on the target-language text stays within --lm-margin of the base's first (none acceptable when none does), then the primary benchmark's mean grade from the judge (higher is better); a model whose 95% interval (bootstrap over the questions) overlaps the next better one's is reported tied with it";
+pub(crate) const BENCH_LM_RULE: &str = "candidates whose LM loss on the target-language text stays within --lm-margin of the base's first (none acceptable when none does), then the primary figure, better first (a judged benchmark's mean grade, or an lm_eval metric); a model whose 95% interval (bootstrap over the questions, or lm_eval's standard error) overlaps the next better one's is reported tied with it";
 
 /// The ranking rule when an LM loss is measured (`--lm-data`): `RULE`
 /// within the candidates that keep the base's language, then the rest.
@@ -106,6 +102,22 @@ pub struct EvalSpec {
     /// Longest benchmark answer per turn, in tokens (default: the benchmark's own, 1024).
     #[arg(long, value_name = "N")]
     pub bench_max_new_tokens: Option<u64>,
+    /// lm-evaluation-harness tasks or groups (comma-separated), run on each model by the
+    /// installed lm_eval; their metrics join the table and the ranking (--primary task/metric).
+    #[arg(long, value_name = "TASKS")]
+    pub harness: Vec<String>,
+    /// A directory of extra lm_eval task definitions (lm_eval's --include_path).
+    #[arg(long, value_name = "DIR", requires = "harness")]
+    pub harness_include: Option<PathBuf>,
+    /// Documents per task (lm_eval's --limit), for a quick look.
+    #[arg(long, value_name = "N", requires = "harness")]
+    pub harness_limit: Option<u64>,
+    /// Few-shot examples per task (default: each task's own).
+    #[arg(long, value_name = "N", requires = "harness")]
+    pub harness_fewshot: Option<u64>,
+    /// Prompt the harness tasks through each model's chat template.
+    #[arg(long, requires = "harness")]
+    pub harness_chat_template: bool,
     /// Held-out chat data (JSONL in any format `sft` reads) for the assistant-token loss
     /// (default: the built-in Japanese/English set).
     #[arg(long, value_name = "FILE")]
@@ -167,6 +179,11 @@ impl EvalSpec {
             judge_concurrency: 8,
             bench_samples: 1,
             bench_max_new_tokens: None,
+            harness: Vec::new(),
+            harness_include: None,
+            harness_limit: None,
+            harness_fewshot: None,
+            harness_chat_template: false,
             data: None,
             prompts: None,
             max_new_tokens: 128,
@@ -349,109 +366,6 @@ fn manifest_scale(dir: &Path) -> Option<Value> {
     v.pointer("/parameters/scale").cloned()
 }
 
-/// Runs the worker; returns its results, showing its progress.
-/// Runs the worker; returns the results of every model it finished (in
-/// order), and how it ended.
-fn run_worker(
-    python: &Path,
-    spec: &Value,
-    models: usize,
-    per_model: u64,
-) -> Result<(Vec<Value>, Result<()>)> {
-    let helper = crate::python::Helper::write("eval_worker.py", SCRIPT)?;
-    let mut child = helper
-        .command(python)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .map_err(|e| Error::io("starting", python, e))?;
-    crate::interrupt::set_supervising(true);
-    if let Some(mut stdin) = child.stdin.take() {
-        let _ = stdin.write_all(spec.to_string().as_bytes());
-    }
-    let bar = if ui::show_progress() {
-        let b = ProgressBar::new(models as u64 * per_model);
-        b.set_style(
-            ProgressStyle::with_template("{spinner} evaluating [{bar:30}] {pos}/{len} {msg}")
-                .unwrap_or_else(|_| ProgressStyle::default_bar())
-                .progress_chars("=> "),
-        );
-        b
-    } else {
-        ProgressBar::hidden()
-    };
-    let stderr = child.stderr.take();
-    let names: Vec<String> = spec["models"]
-        .as_array()
-        .map(|a| a.iter().map(|m| m["path"].as_str().unwrap_or("?").to_string()).collect())
-        .unwrap_or_default();
-    let started = std::time::Instant::now();
-    // The worker reports the LM loss, the assistant loss, then generation,
-    // per model; the bar counts documents, conversations and prompts done.
-    let conversations = spec["conversations"].as_array().map_or(0, Vec::len) as u64;
-    let documents = spec["lm_texts"].as_array().map_or(0, Vec::len) as u64;
-    let reader = std::thread::spawn(move || -> String {
-        let mut tail = String::new();
-        for line in
-            stderr.into_iter().flat_map(|s| BufReader::new(s).lines().map_while(std::result::Result::ok))
-        {
-            if let Some(p) = line.strip_prefix("chatvec-eval: ") {
-                if let Ok(v) = serde_json::from_str::<Value>(p) {
-                    let (m, stage) = (v["model"].as_u64().unwrap_or(0), v["stage"].as_str().unwrap_or(""));
-                    let (done, total) = (v["done"].as_u64().unwrap_or(0), v["total"].as_u64().unwrap_or(0));
-                    bar.set_message(format!("model {} {stage} {done}/{total}", m + 1));
-                    let before = match stage {
-                        "lm" => 0,
-                        "loss" => documents,
-                        _ => documents + conversations,
-                    };
-                    bar.set_position(m * per_model + before + done);
-                    // Without a bar (stderr not a terminal: a log, CI, a
-                    // batch job), a line per model and finished stage, so
-                    // a long evaluation is never silent.
-                    if bar.is_hidden() && done == total {
-                        let name = names.get(m as usize).map_or("?", String::as_str);
-                        ui::note(&format!(
-                            "eval: model {}/{models} {name}: {stage} done ({total}), {:.0} s in",
-                            m + 1,
-                            started.elapsed().as_secs_f64()
-                        ));
-                    }
-                }
-                continue;
-            }
-            if !ui::quiet() {
-                bar.suspend(|| eprintln!("{line}"));
-            }
-            tail.push_str(&line);
-            tail.push('\n');
-            if tail.len() > 8000 {
-                tail.drain(..tail.len() - 4000);
-            }
-        }
-        bar.finish_and_clear();
-        tail
-    });
-    let out = child.wait_with_output().map_err(|e| Error::io("waiting for", python, e))?;
-    let tail = reader.join().unwrap_or_default();
-    let (signals, _) = crate::interrupt::signals_seen();
-    crate::interrupt::set_supervising(false);
-    // Every model the worker finished, in order, whatever happened after.
-    let text = String::from_utf8_lossy(&out.stdout);
-    let results: Vec<Value> =
-        text.lines().filter_map(|l| serde_json::from_str::<Value>(l).ok()?.get("result").cloned()).collect();
-    let outcome = if signals > 0 {
-        Err(Error::Interrupted)
-    } else if !out.status.success() {
-        let last = tail.lines().rev().find(|l| !l.trim().is_empty()).unwrap_or("(no output)");
-        Err(Error::Usage(format!("the evaluation failed ({}): {last}", out.status)))
-    } else {
-        Ok(())
-    };
-    Ok((results, outcome))
-}
-
 /// The worker's `[[sum, count], ...]` as pairs.
 fn pairs(v: &Value) -> Vec<(f64, f64)> {
     v.as_array()
@@ -530,7 +444,10 @@ fn read_lm_texts(path: &Path) -> Result<Vec<String>> {
 /// Orders models by `RULE` (by `BENCH_RULE` on benchmark `primary`) and
 /// sets their ranks.
 fn rank(models: &mut [ModelEval], primary: Option<usize>) {
-    let graded = |m: &ModelEval| primary.and_then(|p| m.benchmarks.get(p)).map(|b| b.score);
+    // Signed so that larger is better (a perplexity counts down).
+    let graded = |m: &ModelEval| {
+        primary.and_then(|p| m.benchmarks.get(p)).map(|b| if b.higher_is_better { b.score } else { -b.score })
+    };
     let key = |m: &ModelEval| {
         (
             // Candidates that lose the base's language go last.
@@ -605,15 +522,21 @@ pub fn eval(spec: &EvalSpec) -> Result<EvalReport> {
     // The benchmarks' files, and the judge answering, before any model is
     // loaded (or downloaded).
     let benches: Vec<bench::Benchmark> = spec.bench.iter().map(|b| bench::load(b)).collect::<Result<_>>()?;
-    let primary = match &spec.primary {
-        None => (!benches.is_empty()).then_some(0),
-        Some(p) => Some(benches.iter().position(|b| &b.name == p).ok_or_else(|| {
-            Error::Usage(format!(
-                "--primary {p}: not one of the benchmarks given ({})",
-                benches.iter().map(|b| b.name.as_str()).collect::<Vec<_>>().join(", ")
-            ))
-        })?),
-    };
+    let tasks = harness::tasks(spec)?;
+    if let Some(p) = &spec.primary
+        && !benches.iter().any(|b| &b.name == p)
+        && !tasks.iter().any(|t| p.split('/').next() == Some(t.as_str()))
+    {
+        return Err(Error::Usage(format!(
+            "--primary {p}: not one of the benchmarks given ({}) nor a metric of the --harness tasks (task/metric)",
+            benches
+                .iter()
+                .map(|b| b.name.as_str())
+                .chain(tasks.iter().map(String::as_str))
+                .collect::<Vec<_>>()
+                .join(", ")
+        )));
+    }
     if spec.bench_samples == 0 {
         return Err(Error::Usage("--bench-samples must be at least 1".into()));
     }
@@ -635,13 +558,18 @@ pub fn eval(spec: &EvalSpec) -> Result<EvalReport> {
     let items = scoring::items(&benches, spec.bench_samples);
     // Everything the worker would trip on, before it starts.
     let (conversations, prompts, source) = match (&spec.data, &spec.prompts) {
-        // With judged benchmarks the quick set runs only when asked for.
-        (None, None) if !benches.is_empty() => (
+        // With benchmarks or tasks the quick set runs only when asked for.
+        (None, None) if !benches.is_empty() || !tasks.is_empty() => (
             Vec::new(),
             Vec::new(),
             format!(
-                "judged benchmarks: {}",
-                benches.iter().map(|b| b.name.as_str()).collect::<Vec<_>>().join(", ")
+                "benchmarks: {}",
+                benches
+                    .iter()
+                    .map(|b| b.name.as_str())
+                    .chain(tasks.iter().map(String::as_str))
+                    .collect::<Vec<_>>()
+                    .join(", ")
             ),
         ),
         (None, None) => (prompts::conversations(), prompts::prompts(), "built-in prompt set".to_string()),
@@ -697,8 +625,14 @@ pub fn eval(spec: &EvalSpec) -> Result<EvalReport> {
         (Some(_), None) => Some(recorded_base(&spec.models[0], &dirs[0])?),
     };
     let python = crate::python::interpreter(spec.python.as_deref())?;
-    let extra: &[&str] = if spec.engine == "vllm" { &["vllm"] } else { &[] };
-    crate::python::check(&python, &["torch", "transformers"], extra, false, None)?;
+    let mut needed = vec!["torch", "transformers"];
+    if !tasks.is_empty() {
+        needed.push("lm_eval");
+    }
+    if spec.engine == "vllm" {
+        needed.push("vllm");
+    }
+    let env = crate::python::check(&python, &needed, &[], false, None)?;
     let mut worker_models: Vec<Value> = dirs
         .iter()
         .zip(&lent)
@@ -717,45 +651,31 @@ pub fn eval(spec: &EvalSpec) -> Result<EvalReport> {
         "bench": scoring::worker_items(&benches, &items),
         "bench_max_new_tokens": spec.bench_max_new_tokens.unwrap_or_else(|| benches.iter().map(|b| b.max_new_tokens).max().unwrap_or(0)),
     });
-    // Results kept from an earlier run with the same model files and
-    // inputs are used as they are; the worker runs for the rest.
-    let cache = cache::EvalCache::from_env(spec.fresh);
-    let mut keys = Vec::with_capacity(worker_models.len());
-    let mut results: Vec<Option<Value>> = Vec::with_capacity(worker_models.len());
-    for m in &worker_models {
-        let path = PathBuf::from(m["path"].as_str().unwrap_or_default());
-        let own =
-            json!({"inputs": inputs, "model": {"chat": m["chat"], "chat_template": m["chat_template"]}});
-        let key = cache.key(&path, &own, SCRIPT)?;
-        let kept = cache.get(&key);
-        if kept.is_some() {
-            ui::note(&format!(
-                "eval: {}: results kept from an earlier run (same files and inputs)",
-                path.display()
-            ));
-        }
-        results.push(kept);
-        keys.push(key);
-    }
-    let todo: Vec<usize> = (0..worker_models.len()).filter(|&i| results[i].is_none()).collect();
-    if !todo.is_empty() {
-        let mut worker = inputs.clone();
-        worker["models"] = Value::Array(todo.iter().map(|&i| worker_models[i].clone()).collect());
-        let bench_turns: usize =
-            items.iter().map(|it| benches[it.bench].questions[it.question].turns.len()).sum();
-        let per_model = (lm_texts.len() + conversations.len() + prompts.len() + bench_turns) as u64;
-        let (done, outcome) = run_worker(&python, &worker, todo.len(), per_model)?;
-        // What finished is kept before any failure is reported, so a rerun
-        // resumes after it.
-        for (&i, r) in todo.iter().zip(done) {
-            cache.put(&keys[i], &r);
-            results[i] = Some(r);
-        }
-        outcome?;
-    }
-    let mut results: Vec<Value> = results.into_iter().collect::<Option<_>>().ok_or_else(|| {
-        Error::Internal(format!("the worker scored fewer than the {} models it was given", todo.len()))
-    })?;
+    let bench_turns: usize =
+        items.iter().map(|it| benches[it.bench].questions[it.question].turns.len()).sum();
+    let per_model = (lm_texts.len() + conversations.len() + prompts.len() + bench_turns) as u64;
+    let mut results = if per_model == 0 {
+        // Nothing for the worker (only --harness): no model is loaded for it.
+        vec![json!({}); worker_models.len()]
+    } else {
+        worker::cached_run(&python, &worker::EVAL, &worker_models, &inputs, per_model, spec.fresh)?
+    };
+    // lm-evaluation-harness on each candidate (not the LM-loss reference).
+    let harnessed: Vec<Value> = if tasks.is_empty() {
+        Vec::new()
+    } else {
+        let version = env.packages.get("lm_eval").and_then(Value::as_str).unwrap_or("?");
+        ui::note(&format!("eval: lm_eval {version}: {} on {} model(s)", tasks.join(", "), spec.models.len()));
+        let inputs = harness::inputs(spec, &tasks)?;
+        worker::cached_run(
+            &python,
+            &worker::HARNESS,
+            &worker_models[..spec.models.len()],
+            &inputs,
+            1,
+            spec.fresh,
+        )?
+    };
     let lm_reference = lm_base.map(|(model, _)| {
         let base = results.pop().unwrap_or_default();
         let docs = pairs(&base["lm_losses"]);
@@ -797,8 +717,52 @@ pub fn eval(spec: &EvalSpec) -> Result<EvalReport> {
             scoring::grade(j, &benches, &items, spec.bench_samples, &answers, &spec.models)?
         }
     };
+    let mut infos: Vec<BenchInfo> = benches
+        .iter()
+        .map(|b| BenchInfo {
+            name: b.name.clone(),
+            files: b.files.clone(),
+            questions: b.questions.len(),
+            samples: spec.bench_samples,
+            top: Some(b.top()),
+            kind: "judged",
+            judge_model: spec.judge_model.clone(),
+            judge_url: spec.judge_url.clone(),
+            engine: None,
+        })
+        .collect();
+    if let Some(first) = harnessed.first() {
+        infos.extend(harness::infos(first));
+    }
+    let primary = match &spec.primary {
+        None => (!infos.is_empty()).then_some(0),
+        Some(p) => Some(infos.iter().position(|b| &b.name == p).ok_or_else(|| {
+            Error::Usage(format!(
+                "--primary {p}: no such figure; there are {}",
+                infos.iter().map(|b| b.name.as_str()).collect::<Vec<_>>().join(", ")
+            ))
+        })?),
+    };
     let mut models = Vec::new();
-    for (((given, dir), r), bench_scores) in spec.models.iter().zip(&dirs).zip(&results).zip(graded) {
+    for (i, (((given, dir), r), mut bench_scores)) in
+        spec.models.iter().zip(&dirs).zip(&results).zip(graded).enumerate()
+    {
+        // The harness's figures in the report's order (a metric a model
+        // lacks is not measured: NaN, ranked last).
+        if let Some(h) = harnessed.get(i) {
+            let own = harness::scores(h);
+            for info in infos.iter().filter(|b| b.kind == "lm_eval") {
+                bench_scores.push(own.iter().find(|s| s.bench == info.name).cloned().unwrap_or(BenchScore {
+                    bench: info.name.clone(),
+                    score: f64::NAN,
+                    interval: None,
+                    higher_is_better: true,
+                    categories: Default::default(),
+                    turns: Vec::new(),
+                    grades: Vec::new(),
+                }));
+            }
+        }
         let rows = r["answers"].as_array().cloned().unwrap_or_default();
         let n = rows.len().max(1) as f64;
         let answers: Vec<Answer> = rows
@@ -857,18 +821,6 @@ pub fn eval(spec: &EvalSpec) -> Result<EvalReport> {
     }
     rank(&mut models, primary);
     let none_acceptable = lm_reference.is_some() && !models.iter().any(|m| m.keeps_language == Some(true));
-    let infos: Vec<BenchInfo> = benches
-        .iter()
-        .map(|b| BenchInfo {
-            name: b.name.clone(),
-            files: b.files.clone(),
-            questions: b.questions.len(),
-            samples: spec.bench_samples,
-            top: b.top(),
-            judge_model: spec.judge_model.clone().unwrap_or_default(),
-            judge_url: spec.judge_url.clone().unwrap_or_default(),
-        })
-        .collect();
     let report = EvalReport {
         rule: match (lm_reference.is_some(), primary.is_some()) {
             (false, false) => RULE,
@@ -996,11 +948,23 @@ impl EvalReport {
     /// interval per benchmark, then per category and per turn.
     fn fmt_benchmarks(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         for b in &self.benchmarks {
-            writeln!(
-                f,
-                "{}: {} questions, {} sample(s) per sampled question, graded 1-{} by {} at {}",
-                b.name, b.questions, b.samples, b.top, b.judge_model, b.judge_url
-            )?;
+            match (&b.judge_model, &b.judge_url) {
+                (Some(model), Some(url)) => writeln!(
+                    f,
+                    "{}: {} questions, {} sample(s) per sampled question, graded 1-{} by {model} at {url}",
+                    b.name,
+                    b.questions,
+                    b.samples,
+                    b.top.unwrap_or(10.0)
+                )?,
+                _ => writeln!(
+                    f,
+                    "{}: {} ({} documents, 95% interval from its standard error)",
+                    b.name,
+                    b.engine.as_deref().unwrap_or("lm_eval"),
+                    b.questions
+                )?,
+            }
             for file in &b.files {
                 writeln!(
                     f,
@@ -1015,11 +979,14 @@ impl EvalReport {
                 )?;
             }
         }
-        writeln!(
-            f,
-            "judge requests sent this run: {} (the rest were kept from earlier runs)\n",
-            self.judge_requests
-        )?;
+        if self.benchmarks.iter().any(|b| b.kind == "judged") {
+            writeln!(
+                f,
+                "judge requests sent this run: {} (the rest were kept from earlier runs)",
+                self.judge_requests
+            )?;
+        }
+        writeln!(f)?;
         write!(f, "{:>4}  {:<40} {:>8}", "rank", "model", "scale")?;
         for b in &self.benchmarks {
             write!(f, " {:>24}", cut(&b.name, 24))?;
@@ -1079,7 +1046,7 @@ impl EvalReport {
         if self.models.iter().any(|m| m.tied_with.is_some()) {
             writeln!(
                 f,
-                "\n'= #N': not told apart from #N on these questions (the 95% intervals overlap); more samples per question (--bench-samples) or more questions would decide"
+                "\n'= #N': not told apart from #N on the primary figure (the 95% intervals overlap); more samples per question (--bench-samples) or more questions would decide"
             )?;
         }
         Ok(())
@@ -1114,7 +1081,10 @@ pub fn record_selection(chosen: &Path, report: &EvalReport) -> Result<()> {
         // set's rule.
         "metric": report.primary.and_then(|p| report.benchmarks.get(p)).map_or_else(
             || "quick set".to_string(),
-            |b| format!("{} mean grade (judge {})", b.name, b.judge_model),
+            |b| match &b.judge_model {
+                Some(j) => format!("{} mean grade (judge {j})", b.name),
+                None => format!("{} ({})", b.name, b.engine.as_deref().unwrap_or("lm_eval")),
+            },
         ),
         "benchmarks": report.benchmarks,
         "chosen": chosen.display().to_string(),

@@ -73,12 +73,17 @@ pub struct BenchInfo {
     pub questions: usize,
     /// Answers per question (sampled questions; greedy ones have one).
     pub samples: usize,
-    /// The highest grade.
-    pub top: f64,
+    /// The highest grade (judged benchmarks).
+    pub top: Option<f64>,
+    /// `judged` (graded by a judge model) or `lm_eval` (a task metric of
+    /// lm-evaluation-harness).
+    pub kind: &'static str,
     /// The judge model.
-    pub judge_model: String,
+    pub judge_model: Option<String>,
     /// Where the judge was asked.
-    pub judge_url: String,
+    pub judge_url: Option<String>,
+    /// The engine that computed it, with its version (lm_eval).
+    pub engine: Option<String>,
 }
 
 /// One grade.
@@ -105,8 +110,11 @@ pub struct BenchScore {
     pub bench: String,
     /// Mean grade over every judged turn.
     pub score: f64,
-    /// Its 95% interval (bootstrap over questions).
+    /// Its 95% interval (bootstrap over questions; lm_eval's standard
+    /// error x 1.96).
     pub interval: Option<Interval>,
+    /// Whether more is better (every judged grade; lm_eval says per metric).
+    pub higher_is_better: bool,
     /// Mean grade per category.
     pub categories: BTreeMap<String, f64>,
     /// Mean grade per turn (MT-Bench reports the first and second apart).
@@ -229,6 +237,7 @@ fn summarize(bench: &str, grades: Vec<Grade>) -> BenchScore {
         bench: bench.to_string(),
         score: mean(&all),
         interval: ties::ratio_interval(&items, QUESTION_SEED),
+        higher_is_better: true,
         categories: per_category.into_iter().map(|(k, v)| (k, mean(&v))).collect(),
         turns: per_turn.iter().map(|v| mean(v)).collect(),
         grades,

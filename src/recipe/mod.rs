@@ -294,6 +294,17 @@ struct RawEval {
     bench_samples: Option<usize>,
     #[serde(default)]
     bench_max_new_tokens: Option<u64>,
+    /// lm_eval tasks, as `--harness` takes them.
+    #[serde(default)]
+    harness: Vec<String>,
+    #[serde(default)]
+    harness_include: Option<PathBuf>,
+    #[serde(default)]
+    harness_limit: Option<u64>,
+    #[serde(default)]
+    harness_fewshot: Option<u64>,
+    #[serde(default)]
+    harness_chat_template: Option<bool>,
 }
 
 /// A `models` entry written as `{model, parameters}`.
@@ -498,6 +509,11 @@ pub(crate) fn parse_recipe(text: &str, path: &Path) -> Result<Recipe> {
         judge_concurrency: e.judge_concurrency.unwrap_or(eval_defaults.judge_concurrency),
         bench_samples: e.bench_samples.unwrap_or(eval_defaults.bench_samples),
         bench_max_new_tokens: e.bench_max_new_tokens,
+        harness: e.harness.clone(),
+        harness_include: e.harness_include.as_ref().map(near),
+        harness_limit: e.harness_limit,
+        harness_fewshot: e.harness_fewshot,
+        harness_chat_template: e.harness_chat_template.unwrap_or(false),
         ..EvalSpec::new(Vec::new())
     });
     Ok(Recipe {
