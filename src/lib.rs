@@ -62,7 +62,7 @@ pub use job::analyze::analyze;
 pub use job::catalog::catalog;
 pub use job::chat_vector::{apply, extract};
 pub use job::inspect::inspect;
-pub use job::merge::{merge, merge_sweep};
+pub use job::merge::{merge, merge_sweep, preview_side_files};
 pub use job::sft::sft;
 pub use job::sweep::sweep;
 pub use job::verify::verify;

@@ -9,7 +9,8 @@
 //!   chosen model's manifest and in DIR/eval.json;
 //! - SFT from the chosen model into DIR/sft.
 //!
-//! The `[sft]` options and data are checked before anything is merged.
+//! The `[sft]` options, data and chat template are checked before
+//! anything is merged.
 
 use std::path::PathBuf;
 
@@ -32,8 +33,25 @@ pub(super) fn run(a: &MergeArgs, json: bool) -> Result<()> {
         dry_run: a.out.dry_run,
         options,
     };
-    // Before the long merge: the options and every line of the data.
+    // Before the long merge: the options, every line of the data, and
+    // what the trainer needs of the merged model (tokenizer, chat
+    // template, markers or masks for assistant-only loss), checked on the
+    // side files the merge will write.
     job.check_data()?;
+    let preview = tempfile::tempdir().map_err(|e| Error::Io {
+        op: "creating",
+        path: std::env::temp_dir(),
+        source: e,
+    })?;
+    chatvec::preview_side_files(&recipe, preview.path())?;
+    job.check_template_at(preview.path()).map_err(|e| {
+        let why = e.to_string();
+        Error::Usage(format!("[sft] would fail on the merged model, so nothing is merged: {why}")).with_hint(
+            e.hint()
+                .unwrap_or("fix [sft] (chat_template, assistant_only_loss) or the recipe's chat model")
+                .to_string(),
+        )
+    })?;
     warn_if_eval_trains(&recipe, &job);
     if root.exists() && !a.out.force && !a.out.dry_run {
         return Err(Error::OutputExists(root.clone()));

@@ -184,6 +184,28 @@ pub(crate) fn apply_recorded(
     all.pop().ok_or_else(|| Error::Internal("no output was written".into()))
 }
 
+/// The side files (config, tokenizer, chat template, eos) an apply of
+/// `spec` writes, read from its inputs' side files only: what `chatvec
+/// run` checks the SFT stage against before the merge.
+pub(crate) fn output_side_files(
+    spec: &ApplySpec,
+    fetch: &Fetch,
+) -> Result<crate::output::sidecars::SideFiles> {
+    let base_dir = fetch.open_model(spec.base())?.dir;
+    let (chat_dir, adapter) = match resolve_vector(&spec.vector)? {
+        VectorRefs::Pair { chat, .. } => (fetch.open_model(&chat)?.dir, false),
+        VectorRefs::Stored(v) => (fetch.open_model(&v)?.dir, false),
+        VectorRefs::Lora(v) => (fetch.open_adapter(&v)?.ckpt.dir, true),
+    };
+    // A LoRA adapter carries a template only when it was trained with one.
+    let carries = !adapter
+        || crate::model::side_file(&chat_dir, "tokenizer_config.json")?.is_some()
+        || crate::model::side_file(&chat_dir, "chat_template.jinja")?.is_some();
+    let chat_side =
+        carries.then_some(ChatSide { dir: &chat_dir, keep_base_template: spec.keep_base_template() });
+    model_side_files(&base_dir, chat_side, spec.out_dtype())
+}
+
 /// `apply` at several scales from one read of the inputs (a sweep): one
 /// complete output per `(scale, where)`, each byte-identical to a plain
 /// `apply` with that scale, each with its own manifest and model card.

@@ -1,6 +1,8 @@
 //! `merge`: a recipe (chatvec TOML or mergekit YAML) run end to end, by a
 //! merge method or as a chat vector written down.
 
+use std::path::Path;
+
 use crate::error::{Error, Result};
 use crate::exec::RunOptions;
 use crate::job::chat_vector::apply_recorded;
@@ -65,6 +67,29 @@ pub fn merge_sweep(recipe: &Recipe, out: &Destination, run: &RunOptions) -> Resu
         |o, fetch| sweep_recorded(&spec, scales, o, run, fetch, Some(recipe.record())),
         |r: &mut SweepReport| r.candidates.iter_mut().for_each(|c| c.summary.notes.push(HEADERS_ONLY.into())),
     )
+}
+
+/// Writes into `dir` the side files the recipe's output will carry
+/// (config, tokenizer, chat template, eos), reading no weights (a Hub
+/// model is probed for its side files, not downloaded): what `chatvec run`
+/// checks the SFT stage against before it merges.
+pub fn preview_side_files(recipe: &Recipe, dir: &Path) -> Result<()> {
+    let fetch = Fetch::probes();
+    let side = match &recipe.body {
+        RecipeBody::ChatVector(c) => {
+            super::chat_vector::output_side_files(&chat_vector_spec(recipe, c)?, &fetch)?
+        }
+        RecipeBody::Merge(m) => {
+            // The output carries the base's side files, else the first model's.
+            let reference = m
+                .base
+                .as_deref()
+                .or_else(|| m.models.first().map(|(r, _)| r.as_str()))
+                .ok_or_else(|| Error::bad_file(&recipe.path, "models: the list is empty"))?;
+            model_side_files(&fetch.open_model(reference)?.dir, None, recipe.out_dtype)?
+        }
+    };
+    side.write(dir).map(|_| ())
 }
 
 fn merge_method(

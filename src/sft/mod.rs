@@ -187,6 +187,113 @@ pub(crate) fn template_arg(t: &str) -> Result<(String, String)> {
     Ok((text, format!("model {}", ck.dir.display())))
 }
 
+/// A model directory has a tokenizer the data can be tokenized with.
+fn check_tokenizer(dir: &Path) -> Result<()> {
+    let has_tokenizer = ["tokenizer.json", "tokenizer.model"]
+        .iter()
+        .map(|f| crate::model::side_file(dir, f))
+        .collect::<Result<Vec<_>>>()?
+        .iter()
+        .any(Option::is_some);
+    if !has_tokenizer {
+        return Err(Error::Usage(format!(
+            "{} has no tokenizer (tokenizer.json or tokenizer.model), so the data cannot be tokenized",
+            dir.display()
+        )));
+    }
+    Ok(())
+}
+
+/// The chat template a run would render the data with, and chatvec's
+/// marked copy of it where one is asked about.
+struct TemplateCheck {
+    template: String,
+    source: String,
+    marked: Option<String>,
+}
+
+/// Finds the template for `dir` and checks the interpreter's packages;
+/// for a template without markers that chatvec does not mark itself, asks
+/// TRL, before launch, whether it patches it.
+fn check_template(
+    a: &SftOptions,
+    dir: &Path,
+    needed: &[&str],
+    launch_only: &[&str],
+    dry_run: bool,
+) -> Result<(TemplateCheck, crate::python::PythonEnv)> {
+    let Some((template, source)) = chosen_template(a, dir)? else {
+        return Err(Error::Usage(format!("{} has no chat template, so chat data cannot be rendered", dir.display()))
+            .with_hint("pass --chat-template FILE|MODEL, or apply a chat vector with chatvec (it installs the chat model's template)"));
+    };
+    let ask = a.assistant_only_loss && !has_generation_markers(&template) && !is_llama3_style(&template);
+    let marked = if ask { insert_assistant_markers(&template) } else { None };
+    let python = crate::python::check(
+        &crate::python::interpreter(a.python.as_deref())?,
+        needed,
+        launch_only,
+        dry_run,
+        ask.then_some((dir, template.as_str(), marked.as_deref())),
+    )?;
+    Ok((TemplateCheck { template, source, marked }, python))
+}
+
+/// The template the trainer is given (`used`) and how it came from the
+/// model's, or why assistant-only loss cannot train with it.
+fn training_template(
+    a: &SftOptions,
+    template: &str,
+    source: &str,
+    python: &crate::python::PythonEnv,
+    marked: Option<&String>,
+) -> Result<(String, &'static str)> {
+    let mut used = template.to_string();
+    let mut how = "as it is";
+    if a.assistant_only_loss && !has_generation_markers(template) {
+        if !is_llama3_style(template) {
+            match (&python.trl_patches_template, &python.marked_ok, marked) {
+                // TRL swaps in its training copy while encoding; the model
+                // is saved with the template as it is.
+                (Some((true, _)), _, _) => {
+                    how = "as it is; TRL adds generation markers for its family while training"
+                }
+                // chatvec's copy, proven to render the same text.
+                (_, Some((true, _)), Some(m)) => {
+                    used = m.clone();
+                    how = "with {% generation %} markers inserted around the assistant reply (checked: same rendering, reply masked)";
+                }
+                (other, checked, _) => {
+                    let mut why = other.as_ref().map(|(_, e)| format!(" (TRL: {e}")).unwrap_or_default();
+                    if let Some((_, e)) = checked {
+                        why.push_str(&format!("; chatvec's marked copy: {e}"));
+                    }
+                    if !why.is_empty() {
+                        why.push(')');
+                    }
+                    return Err(Error::Usage(format!(
+                        "the chat template ({source}) has no {{% generation %}} markers, which assistant-only loss needs, and neither chatvec nor TRL can add them{why}"
+                    ))
+                    .with_hint("pass --chat-template with a template that has them, or --assistant-only-loss false to train on whole conversations"));
+                }
+            }
+        } else if template.contains("tools") || template.contains("Cutting Knowledge") {
+            // Llama 3.1 / 3.3: the plain Llama 3 training template would
+            // drop their system block and tools, so markers go in place.
+            used = insert_llama3x_markers(template).ok_or_else(|| {
+                Error::Usage(format!(
+                    "the chat template ({source}) is Llama 3.1/3.3 style (system block, tools) without {{% generation %}} markers, and chatvec does not recognise its message expression to add them"
+                ))
+                .with_hint("pass --chat-template with a copy that wraps the assistant content in {% generation %}...{% endgeneration %}, or --assistant-only-loss false")
+            })?;
+            how = "with {% generation %} markers inserted around the assistant content (same rendering)";
+        } else {
+            used = LLAMA3_TRAINING_TEMPLATE.to_string();
+            how = "replaced by chatvec's Llama 3 training template (same rendering, with generation markers)";
+        }
+    }
+    Ok((used, how))
+}
+
 fn prepare(job: &SftJob) -> Result<Prepared> {
     let a = &job.options;
     a.check()?;
@@ -196,18 +303,7 @@ fn prepare(job: &SftJob) -> Result<Prepared> {
     let (ck, probe) = open_probed(&job.model)?;
     let check_dir = ck.dir.clone();
     // What the trainer would fail on a minute after launch, said now.
-    let has_tokenizer = ["tokenizer.json", "tokenizer.model"]
-        .iter()
-        .map(|f| crate::model::side_file(&check_dir, f))
-        .collect::<Result<Vec<_>>>()?
-        .iter()
-        .any(Option::is_some);
-    if !has_tokenizer {
-        return Err(Error::Usage(format!(
-            "{} has no tokenizer (tokenizer.json or tokenizer.model), so the data cannot be tokenized",
-            check_dir.display()
-        )));
-    }
+    check_tokenizer(&check_dir)?;
     let model_manifest_sha256 = match crate::model::side_file(&check_dir, MANIFEST_FILE)? {
         Some(manifest) => Some(sha256_file(&manifest)?),
         None => None,
@@ -222,21 +318,8 @@ fn prepare(job: &SftJob) -> Result<Prepared> {
     if a.deepspeed.is_some() {
         launch_only.push("deepspeed");
     }
-    let Some((template, source)) = chosen_template(a, &check_dir)? else {
-        return Err(Error::Usage(format!("{} has no chat template, so chat data cannot be rendered", check_dir.display()))
-            .with_hint("pass --chat-template FILE|MODEL, or apply a chat vector with chatvec (it installs the chat model's template)"));
-    };
-    // A template without markers that chatvec does not mark itself: ask
-    // TRL, before launch, whether it patches it.
-    let ask = a.assistant_only_loss && !has_generation_markers(&template) && !is_llama3_style(&template);
-    let marked = if ask { insert_assistant_markers(&template) } else { None };
-    let python = crate::python::check(
-        &crate::python::interpreter(a.python.as_deref())?,
-        &needed,
-        &launch_only,
-        job.dry_run,
-        ask.then_some((check_dir.as_path(), template.as_str(), marked.as_deref())),
-    )?;
+    let (TemplateCheck { template, source, marked }, python) =
+        check_template(a, &check_dir, &needed, &launch_only, job.dry_run)?;
     if let Some(known) = &python.settings {
         for key in a.train_args.keys() {
             if !known.contains(key) {
@@ -289,50 +372,7 @@ fn prepare(job: &SftJob) -> Result<Prepared> {
     let own = abs(&layout.own);
     let mut files = Vec::new();
     let mut template_path = None;
-    let mut used = template.clone();
-    let mut how = "as it is";
-    if a.assistant_only_loss && !has_generation_markers(&template) {
-        if !is_llama3_style(&template) {
-            match (&python.trl_patches_template, &python.marked_ok, &marked) {
-                // TRL swaps in its training copy while encoding; the model
-                // is saved with the template as it is.
-                (Some((true, _)), _, _) => {
-                    how = "as it is; TRL adds generation markers for its family while training"
-                }
-                // chatvec's copy, proven to render the same text.
-                (_, Some((true, _)), Some(m)) => {
-                    used = m.clone();
-                    how = "with {% generation %} markers inserted around the assistant reply (checked: same rendering, reply masked)";
-                }
-                (other, checked, _) => {
-                    let mut why = other.as_ref().map(|(_, e)| format!(" (TRL: {e}")).unwrap_or_default();
-                    if let Some((_, e)) = checked {
-                        why.push_str(&format!("; chatvec's marked copy: {e}"));
-                    }
-                    if !why.is_empty() {
-                        why.push(')');
-                    }
-                    return Err(Error::Usage(format!(
-                        "the chat template ({source}) has no {{% generation %}} markers, which assistant-only loss needs, and neither chatvec nor TRL can add them{why}"
-                    ))
-                    .with_hint("pass --chat-template with a template that has them, or --assistant-only-loss false to train on whole conversations"));
-                }
-            }
-        } else if template.contains("tools") || template.contains("Cutting Knowledge") {
-            // Llama 3.1 / 3.3: the plain Llama 3 training template would
-            // drop their system block and tools, so markers go in place.
-            used = insert_llama3x_markers(&template).ok_or_else(|| {
-                Error::Usage(format!(
-                    "the chat template ({source}) is Llama 3.1/3.3 style (system block, tools) without {{% generation %}} markers, and chatvec does not recognise its message expression to add them"
-                ))
-                .with_hint("pass --chat-template with a copy that wraps the assistant content in {% generation %}...{% endgeneration %}, or --assistant-only-loss false")
-            })?;
-            how = "with {% generation %} markers inserted around the assistant content (same rendering)";
-        } else {
-            used = LLAMA3_TRAINING_TEMPLATE.to_string();
-            how = "replaced by chatvec's Llama 3 training template (same rendering, with generation markers)";
-        }
-    }
+    let (used, how) = training_template(a, &template, &source, &python, marked.as_ref())?;
     if used != template || a.chat_template.is_some() {
         files.push(RunFile { name: "chat_template.jinja", text: used.clone() });
         template_path = Some(format!("{own}/chat_template.jinja"));
@@ -706,6 +746,17 @@ impl SftJob {
     pub fn check_data(&self) -> Result<()> {
         self.options.check()?;
         data_stats(&self.options).map(|_| ())
+    }
+
+    /// Checks what the run would train with in the model directory `dir`
+    /// (its side files suffice: tokenizer, template), as `sft` does before
+    /// launch: a tokenizer, a chat template, and markers or masks for
+    /// assistant-only loss. `chatvec run` calls it on the merged model's
+    /// side files before its merge.
+    pub fn check_template_at(&self, dir: &Path) -> Result<()> {
+        check_tokenizer(dir)?;
+        let (t, python) = check_template(&self.options, dir, &["torch", "transformers", "trl"], &[], true)?;
+        training_template(&self.options, &t.template, &t.source, &python, t.marked.as_ref()).map(|_| ())
     }
 
     /// The `chatvec sft` command line that runs this job.
