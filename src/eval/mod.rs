@@ -138,7 +138,8 @@ pub struct EvalSpec {
     /// Engine: auto (vLLM when installed and a GPU is there, else transformers), transformers, vllm.
     #[arg(long, default_value_t = EvalSpec::new(Vec::new()).engine)]
     pub engine: String,
-    /// Write a picture (SVG): loss and stop rate per model, against the scale for a sweep.
+    /// Write a picture (SVG): loss and stop rate per model, against the scale for a sweep; with
+    /// --bench or --harness, each figure with its intervals and the per-category grades.
     #[arg(long, value_name = "FILE")]
     pub plot: Option<PathBuf>,
     /// Replace an existing --plot file.
