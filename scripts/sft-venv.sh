@@ -41,16 +41,17 @@ if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$req" ]; then
     "$dir/bin/python" -c "import torch, transformers, trl, accelerate, datasets, peft" >&2
     echo "$req" > "$stamp"
 fi
-# lm-evaluation-harness for `chatvec eval --harness`: added to the same
+# lm-evaluation-harness for `chatvec eval --harness` and py3langid for its
+# answer language (Latin-script languages told apart): added to the same
 # environment (it keeps torch and transformers as they are), with its own
 # stamp so a change here does not rebuild the whole environment.
-extras="lm_eval==0.4.13"
+extras="lm_eval==0.4.13 py3langid==0.4.0"
 extras_stamp="$dir/.chatvec-extras"
 if [ ! -f "$extras_stamp" ] || [ "$(cat "$extras_stamp")" != "$extras" ]; then
     echo "adding $extras to $dir ..." >&2
     # shellcheck disable=SC2086
     "$dir/bin/pip" install --quiet $extras >&2
-    "$dir/bin/python" -c "import lm_eval, torch, transformers" >&2
+    "$dir/bin/python" -c "import lm_eval, py3langid, torch, transformers" >&2
     echo "$extras" > "$extras_stamp"
 fi
 echo "$dir/bin/python"

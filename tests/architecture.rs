@@ -278,7 +278,11 @@ fn no_option_default_is_written_twice() {
         (r"master_port: \d", "src/sft/options.rs"),
         (r"grad_accum: \d", "src/sft/options.rs"),
         (r"max_new_tokens: \d", "src/eval/mod.rs"),
-        (r"samples: \d", "src/eval/mod.rs"),
+        (r"\bsamples: \d", "src/eval/mod.rs"),
+        (r"bench_samples: \d", "src/eval/mod.rs"),
+        (r"judge_concurrency: \d", "src/eval/mod.rs"),
+        (r#"judge_key_env: ""#, "src/eval/mod.rs"),
+        (r"ANSWER_TOKENS: u64 = \d", "src/eval/bench.rs"),
         (r#"engine: "auto""#, "src/eval/mod.rs"),
         (r"chunk_elems: DEFAULT_CHUNK_ELEMS", "src/exec/mod.rs"),
     ];

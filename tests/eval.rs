@@ -43,7 +43,7 @@ fn bad_inputs_are_refused_before_the_worker_starts() {
     let prompts = d.path().join("prompts.jsonl");
     for (text, needle) in [
         ("{\"prompt\": \"hi\"}\nnot json\n", "line 2: bad JSON"),
-        ("{\"prompt\": \"hi\", \"lang\": \"fr\"}\n", "line 1: lang 'fr': expected ja or en"),
+        ("{\"prompt\": \"hi\", \"lang\": \"French\"}\n", "line 1: lang 'French': expected an ISO 639-1 code"),
         ("{\"prompt\": \"\"}\n", "line 1: 'prompt' must be a non-empty string"),
         ("{\"messages\": [{\"role\": \"assistant\", \"content\": \"a\"}]}\n", "no user turn before"),
         ("\n\n", "holds no prompts"),

@@ -1004,3 +1004,23 @@ fn lm_eval_tasks_fold_into_the_report_as_lm_eval_reports_them() {
     let o = chatvec(&["eval", s(&cv), "--harness", "x;y", "--python", s(&py)]);
     assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
 }
+
+/// The worker's answer language tells apart languages that share a
+/// script (German, French, English), through the language-ID model in
+/// the environment, and Japanese by script.
+#[test]
+#[ignore = "needs py3langid: CHATVEC_SFT_PYTHON=$(scripts/sft-venv.sh) cargo test --test sft_e2e -- --ignored"]
+fn answer_language_tells_latin_script_languages_apart() {
+    let py = sft_python();
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/src/eval/script.py");
+    let code = format!(
+        "import runpy; m = runpy.run_path({script:?}); print(' '.join(m['lang_of'](t) for t in [\
+         'Das ist ein schöner Tag, und ich gehe heute mit meinem Hund in den Park.', \
+         'Ceci est une belle journée, et je vais au parc avec mon chien aujourd hui.', \
+         'This is a beautiful day, and I am going to the park with my dog today.', \
+         '今日はいい天気なので、犬と一緒に公園へ行きます。']))"
+    );
+    let o = Command::new(&py).args(["-c", &code]).output().unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert_eq!(String::from_utf8_lossy(&o.stdout).trim(), "de fr en ja");
+}

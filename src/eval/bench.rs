@@ -100,6 +100,10 @@ struct Entry {
     max_new_tokens: u64,
 }
 
+/// The longest answer per turn, in tokens, as FastChat's answer generation
+/// allows it.
+const ANSWER_TOKENS: u64 = 1024;
+
 /// Stability AI's Japanese MT-Bench files, in their FastChat fork.
 const JA_MT_BENCH: &str =
     "https://raw.githubusercontent.com/Stability-AI/FastChat/jp-stable/fastchat/llm_judge/data";
@@ -129,7 +133,7 @@ fn catalog() -> [Entry; 3] {
             }),
             layout: Layout::FastChat,
             judging: Judging::MtBench,
-            max_new_tokens: 1024,
+            max_new_tokens: ANSWER_TOKENS,
         },
         Entry {
             name: "elyza-tasks-100",
@@ -143,7 +147,7 @@ fn catalog() -> [Entry; 3] {
             judge_prompts: None,
             layout: Layout::ElyzaCsv,
             judging: Judging::Elyza,
-            max_new_tokens: 1024,
+            max_new_tokens: ANSWER_TOKENS,
         },
         Entry {
             name: "rakuda",
@@ -161,7 +165,7 @@ fn catalog() -> [Entry; 3] {
             }),
             layout: Layout::FastChat,
             judging: Judging::MtBench,
-            max_new_tokens: 1024,
+            max_new_tokens: ANSWER_TOKENS,
         },
     ]
 }
@@ -491,7 +495,14 @@ fn load_dir(dir: &Path) -> Result<Benchmark> {
         }
     }
     let name = dir.file_name().map_or("benchmark".into(), |n| n.to_string_lossy().into_owned());
-    let b = Benchmark { name, questions, files, judging: Judging::MtBench, prompts, max_new_tokens: 1024 };
+    let b = Benchmark {
+        name,
+        questions,
+        files,
+        judging: Judging::MtBench,
+        prompts,
+        max_new_tokens: ANSWER_TOKENS,
+    };
     b.check()?;
     Ok(b)
 }

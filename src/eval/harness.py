@@ -52,7 +52,7 @@ def main():
             tasks=spec["tasks"],
             task_manager=manager,
             limit=spec.get("limit"),
-            batch_size=spec.get("batch_size", 8),
+            batch_size=spec.get("batch") or 16,
             device="cuda" if gpus else "cpu",
             num_fewshot=spec.get("num_fewshot"),
             log_samples=False,

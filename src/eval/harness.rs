@@ -86,6 +86,7 @@ pub(crate) fn inputs(spec: &EvalSpec, tasks: &[String]) -> Result<Value> {
         "num_fewshot": spec.harness_fewshot,
         "apply_chat_template": spec.harness_chat_template,
         "engine": spec.engine,
+        "batch": spec.batch_size,
     }))
 }
 
@@ -141,7 +142,7 @@ pub(crate) fn infos(result: &Value) -> Vec<BenchInfo> {
                     name: name(m),
                     files: Vec::new(),
                     questions: m["samples"].as_u64().unwrap_or(0) as usize,
-                    samples: 1,
+                    samples: None,
                     top: None,
                     kind: "lm_eval",
                     judge_model: None,

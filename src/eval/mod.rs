@@ -157,6 +157,10 @@ pub struct EvalSpec {
     /// The model whose LM loss the candidates must keep (default: the base their chatvec manifests record).
     #[arg(long, value_name = "MODEL", requires = "lm_data")]
     pub lm_base: Option<String>,
+    /// Conversations, prompts and answers computed together (one forward per batch); fewer
+    /// use less memory, more are faster where the device has room.
+    #[arg(long, value_name = "N", default_value_t = EvalSpec::new(Vec::new()).batch_size)]
+    pub batch_size: usize,
     /// Run every model again instead of using results kept from an earlier run with the same
     /// model files and inputs (kept in ~/.cache/chatvec/eval, or $CHATVEC_CACHE_DIR/eval).
     #[arg(long)]
@@ -185,6 +189,7 @@ impl EvalSpec {
             harness_limit: None,
             harness_fewshot: None,
             harness_chat_template: false,
+            batch_size: 16,
             data: None,
             prompts: None,
             max_new_tokens: 128,
@@ -260,6 +265,9 @@ pub struct ModelEval {
     pub keeps_language: Option<bool>,
     /// Its figures on each judged benchmark (`--bench`), in the order given.
     pub benchmarks: Vec<BenchScore>,
+    /// Tokens generated per second of generation (loading and scoring not
+    /// counted), over the quick set's and the benchmarks' answers.
+    pub tokens_per_second: Option<f64>,
     /// Every answer.
     pub answers: Vec<Answer>,
     /// Its place under `RULE` (1 = best).
@@ -326,10 +334,9 @@ fn read_prompts(path: &Path) -> Result<Vec<Value>> {
         let v = crate::sft::data::parse_line(at as u64, line).map_err(bad)?;
         let lang = v.get("lang").and_then(Value::as_str).map(str::to_string);
         if let Some(l) = &lang
-            && l != "ja"
-            && l != "en"
+            && (!(2..=3).contains(&l.len()) || !l.bytes().all(|b| b.is_ascii_lowercase()))
         {
-            return Err(bad(format!("lang '{l}': expected ja or en")));
+            return Err(bad(format!("lang '{l}': expected an ISO 639-1 code such as ja, en or de")));
         }
         let messages: Vec<Value> = match v.get("prompt") {
             Some(Value::String(p)) if !p.trim().is_empty() => vec![json!({"role": "user", "content": p})],
@@ -504,6 +511,9 @@ pub fn eval(spec: &EvalSpec) -> Result<EvalReport> {
     if !matches!(spec.engine.as_str(), "auto" | "transformers" | "vllm") {
         return Err(Error::Usage(format!("--engine {}: use auto, transformers or vllm", spec.engine)));
     }
+    if spec.batch_size == 0 {
+        return Err(Error::Usage("--batch-size must be at least 1".into()));
+    }
     if spec.max_new_tokens == 0 {
         return Err(Error::Usage("--max-new-tokens must be at least 1".into()));
     }
@@ -649,6 +659,7 @@ pub fn eval(spec: &EvalSpec) -> Result<EvalReport> {
         "engine": spec.engine,
         "lm_texts": lm_texts,
         "lm_max_tokens": LM_MAX_TOKENS,
+        "batch": spec.batch_size,
         "bench": scoring::worker_items(&benches, &items),
         "bench_max_new_tokens": spec.bench_max_new_tokens.unwrap_or_else(|| benches.iter().map(|b| b.max_new_tokens).max().unwrap_or(0)),
     });
@@ -724,7 +735,7 @@ pub fn eval(spec: &EvalSpec) -> Result<EvalReport> {
             name: b.name.clone(),
             files: b.files.clone(),
             questions: b.questions.len(),
-            samples: spec.bench_samples,
+            samples: Some(spec.bench_samples),
             top: Some(b.top()),
             kind: "judged",
             judge_model: spec.judge_model.clone(),
@@ -806,6 +817,11 @@ pub fn eval(spec: &EvalSpec) -> Result<EvalReport> {
             lm_loss_increase,
             keeps_language,
             benchmarks: bench_scores,
+            tokens_per_second: r["generation"]["seconds"]
+                .as_f64()
+                .filter(|s| *s > 0.0)
+                .zip(r["generation"]["tokens"].as_f64())
+                .map(|(s, t)| t / s),
             model: given.clone(),
             path: dir.display().to_string(),
             scale: manifest_scale(dir),
@@ -955,7 +971,7 @@ impl EvalReport {
                     "{}: {} questions, {} sample(s) per sampled question, graded 1-{} by {model} at {url}",
                     b.name,
                     b.questions,
-                    b.samples,
+                    b.samples.unwrap_or(1),
                     b.top.unwrap_or(10.0)
                 )?,
                 _ => writeln!(
@@ -1124,6 +1140,7 @@ mod tests {
             lm_loss_increase: None,
             keeps_language: keeps,
             benchmarks: Vec::new(),
+            tokens_per_second: None,
             answers: Vec::new(),
             rank: 0,
             tied_with: None,

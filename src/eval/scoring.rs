@@ -71,8 +71,9 @@ pub struct BenchInfo {
     pub files: Vec<PublishedFile>,
     /// Questions asked.
     pub questions: usize,
-    /// Answers per question (sampled questions; greedy ones have one).
-    pub samples: usize,
+    /// Answers per question (sampled questions; greedy ones have one);
+    /// none for lm_eval.
+    pub samples: Option<usize>,
     /// The highest grade (judged benchmarks).
     pub top: Option<f64>,
     /// `judged` (graded by a judge model) or `lm_eval` (a task metric of
@@ -168,7 +169,7 @@ pub(crate) fn grade(
     // silent, in a terminal or a log.
     let progress = |done: usize, all: usize| {
         if done == all || done * 10 / all.max(1) != (done - 1) * 10 / all.max(1) {
-            crate::ui::note(&format!("eval: judged {done}/{all} ({:.0} s)", started.elapsed().as_secs_f64()));
+            crate::ui::note(&format!("eval: judged {done}/{all} ({:.1} s)", started.elapsed().as_secs_f64()));
         }
     };
     let judgments = judge.judge_all(&requests, &progress)?;

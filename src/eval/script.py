@@ -3,9 +3,11 @@
 # "chatvec-eval: " lines on stderr, the results as one JSON line on stdout.
 import json
 import sys
+import time
 
 
-# Conversations (or prompts) computed together: one forward per batch.
+# Conversations (or prompts) computed together: one forward per batch
+# (the spec's "batch", --batch-size).
 BATCH = 16
 
 
@@ -13,7 +15,15 @@ def progress(**kw):
     print("chatvec-eval: " + json.dumps(kw), file=sys.stderr, flush=True)
 
 
-def lang_of(text):
+try:
+    # A language-ID model, where installed, tells apart languages that
+    # share a script (German from English); else script decides ja/en.
+    import py3langid as _langid
+except ImportError:
+    _langid = None
+
+
+def script_lang(text):
     """'ja' when kana/kanji outnumber Latin letters, 'en' the other way."""
     ja = sum(
         1
@@ -24,6 +34,21 @@ def lang_of(text):
     if ja == 0 and latin == 0:
         return None
     return "ja" if ja >= latin else "en"
+
+
+def lang_of(text):
+    """The language of `text` (an ISO 639-1 code), or None for no letters."""
+    if script_lang(text) is None:
+        return None
+    if _langid is not None:
+        return _langid.classify(text)[0]
+    return script_lang(text)
+
+
+def judgeable(want):
+    """Whether answers can be judged for language `want` here: any with a
+    language-ID model, else only ja and en (told apart by script)."""
+    return want is not None and (_langid is not None or want in ("ja", "en"))
 
 
 def ids_of(tok, msgs, prompt):
@@ -58,6 +83,7 @@ class Generator:
     def __init__(self, tok, model, llm, eos, dev, chat_template):
         self.tok, self.model, self.llm, self.eos, self.dev = tok, model, llm, eos, dev
         self.chat_template = chat_template
+        self.bench_tokens = 0
 
     def run(self, convs, k, temperatures, seeds, report):
         out = [None] * len(convs)
@@ -115,7 +141,9 @@ class Generator:
 
 
 def main():
+    global BATCH
     spec = json.loads(sys.stdin.read())
+    BATCH = int(spec.get("batch") or BATCH)
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -216,6 +244,7 @@ def main():
             model = None
             llm = LLM(model=m["path"], tensor_parallel_size=max(gpus, 1), dtype="bfloat16")
         gen = Generator(tok, model, llm, eos, dev, m.get("chat_template"))
+        started = time.perf_counter()
         answers = gen.run([p["messages"] for p in prompts], k, [0.0] * len(prompts), [0] * len(prompts),
                           lambda d: progress(model=mi, stage="generate", done=d, total=len(prompts)))
         # Benchmark answers, turn by turn: each turn's prompt is the
@@ -241,13 +270,27 @@ def main():
 
             outs = gen.run(convs, spec["bench_max_new_tokens"], [items[i]["temperature"] for i in live],
                            [items[i]["seed"] + t for i in live], turn_progress)
-            for i, (text, _stopped, _n) in zip(live, outs):
+            for i, (text, _stopped, n) in zip(live, outs):
                 bench_answers[i].append(text)
+                gen.bench_tokens += n
             finished += len(live)
+        # Generation's own time and tokens (loading and scoring excluded),
+        # for tokens per second.
+        generated = {
+            "seconds": time.perf_counter() - started,
+            "tokens": sum(n for _, _, n in answers) + gen.bench_tokens,
+            "batch": BATCH,
+        }
         rows = []
+        unjudged = set()
         for p, (text, stopped, n) in zip(prompts, answers):
             want = p.get("lang") or lang_of(" ".join(x["content"] for x in p["messages"] if x["role"] == "user"))
+            if want is not None and not judgeable(want):
+                unjudged.add(want)
+                want = None
             rows.append({"answer": text, "stopped": stopped, "tokens": n, "lang": lang_of(text), "want": want})
+        for w in sorted(unjudged):
+            print(f"no language-ID model here (pip install py3langid): answers to '{w}' prompts are not judged for language", file=sys.stderr)
         done(
             {
                 "model": m["path"],
@@ -258,6 +301,8 @@ def main():
                 "lm_losses": lm,
                 "answers": rows,
                 "bench_answers": bench_answers,
+                "language_id": "py3langid" if _langid is not None else "script",
+                "generation": generated,
             }
         )
 

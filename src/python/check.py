@@ -55,7 +55,10 @@ if spec:
         except Exception as e:
             out["marked_ok"] = False
             out["marked_error"] = str(e)[:400]
+# TRL's settings, for the jobs that run TRL (importing it costs seconds).
 try:
+    if "trl" not in sys.argv[1:]:
+        raise ImportError
     import dataclasses
     from trl import ModelConfig, ScriptArguments, SFTConfig
     out["settings"] = sorted({f.name for c in (SFTConfig, ModelConfig, ScriptArguments) for f in dataclasses.fields(c)})

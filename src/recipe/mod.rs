@@ -305,6 +305,8 @@ struct RawEval {
     harness_fewshot: Option<u64>,
     #[serde(default)]
     harness_chat_template: Option<bool>,
+    #[serde(default)]
+    batch_size: Option<usize>,
 }
 
 /// A `models` entry written as `{model, parameters}`.
@@ -514,6 +516,7 @@ pub(crate) fn parse_recipe(text: &str, path: &Path) -> Result<Recipe> {
         harness_limit: e.harness_limit,
         harness_fewshot: e.harness_fewshot,
         harness_chat_template: e.harness_chat_template.unwrap_or(false),
+        batch_size: e.batch_size.unwrap_or(eval_defaults.batch_size),
         ..EvalSpec::new(Vec::new())
     });
     Ok(Recipe {
