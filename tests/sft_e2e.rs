@@ -800,6 +800,12 @@ fn judged_benchmarks_grade_rank_pin_and_cache() {
     let judge = stand_in_judge();
     let cache = d.path().join("hf");
     let bench_mt = format!("ja-mt-bench={}", mt.display());
+    // Judgments are kept per judge model across runs of this test (the
+    // cache directory is shared): a judge name of its own asks afresh.
+    let judge_name = format!(
+        "stand-in-{}",
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos()
+    );
     let run = |extra: &[&str]| {
         let mut args = vec![
             "eval",
@@ -812,7 +818,7 @@ fn judged_benchmarks_grade_rank_pin_and_cache() {
             "--judge-url",
             &judge.url,
             "--judge-model",
-            "stand-in",
+            &judge_name,
             "--bench-samples",
             "2",
             "--bench-max-new-tokens",
@@ -891,7 +897,7 @@ fn judged_benchmarks_grade_rank_pin_and_cache() {
     assert_eq!(w["models"][0]["benchmarks"], v["models"][0]["benchmarks"]);
     // The table says what was run, and by which judge.
     let mut args: Vec<String> = vec!["eval".into(), s(&cv).into(), "--bench".into(), bench_mt.clone()];
-    args.extend(["--judge-url".into(), judge.url.clone(), "--judge-model".into(), "stand-in".into()]);
+    args.extend(["--judge-url".into(), judge.url.clone(), "--judge-model".into(), judge_name.clone()]);
     args.extend(["--bench-samples".into(), "2".into(), "--bench-max-new-tokens".into(), "12".into()]);
     args.extend(["--python".into(), s(&py).into()]);
     let o = hub.command(&cache).args(&args).output().unwrap();
