@@ -937,6 +937,27 @@ mod tests {
         );
         let e = r.eval().unwrap();
         assert_eq!((e.data.as_deref(), e.max_new_tokens), (Some(Path::new("/x/held.jsonl")), 32));
+        // Benchmarks, the judge and the primary figure, with benchmark
+        // and task directories relative to the recipe.
+        let r = parse(
+            &format!(
+                "{cv}[sweep]\nscales = [0.5, 1.0]\n[eval]\nbench = [\"ja-mt-bench\", \"elyza-tasks-100=mirror/elyza\", \"./mine\"]\njudge_url = \"http://localhost:8000/v1\"\njudge_model = \"judge\"\nprimary = \"elyza-tasks-100\"\nbench_samples = 5\nharness = [\"jcommonsenseqa\"]\nharness_include = \"tasks\"\n"
+            ),
+            "/x/r.toml",
+        )
+        .unwrap();
+        let e = r.eval().unwrap();
+        assert_eq!(e.bench, ["ja-mt-bench", "elyza-tasks-100=/x/mirror/elyza", "/x/./mine"]);
+        assert_eq!(
+            (e.judge_url.as_deref(), e.judge_model.as_deref()),
+            (Some("http://localhost:8000/v1"), Some("judge"))
+        );
+        assert_eq!((e.primary.as_deref(), e.bench_samples), (Some("elyza-tasks-100"), 5));
+        assert_eq!(
+            (e.harness.as_slice(), e.harness_include.as_deref()),
+            (&["jcommonsenseqa".to_string()][..], Some(Path::new("/x/tasks")))
+        );
+        assert_eq!(e.judge_concurrency, EvalSpec::new(Vec::new()).judge_concurrency);
         for (text, needle) in [
             (format!("{cv}[sweep]\nscales = [1.0]\n"), "sweep: needs an [eval] section"),
             (format!("{cv}[sweep]\nscales = []\n[eval]\n"), "sweep.scales: give at least one"),
