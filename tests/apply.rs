@@ -631,3 +631,62 @@ fn apply_says_how_many_changed_elements_rounding_kept_at_the_base() {
         assert!(stderr(&o).contains(&said), "{scale}: {said}\n{}", stderr(&o));
     }
 }
+
+/// The card is fit to publish: the base's licence from its own card (with
+/// its custom-licence name and link), the attribution the licences ask
+/// for, a warning naming inputs under another licence, and usage snippets
+/// for a model with a chat template.
+#[test]
+fn cards_carry_the_licence_its_attribution_and_usage() {
+    let d = tempfile::tempdir().unwrap();
+    let t = trio(d.path(), Ty::BF16, 1);
+    std::fs::write(t.base.join("README.md"), "---\nlicense: llama3\nlanguage: [ja]\n---\n# Swallow-like\n")
+        .unwrap();
+    std::fs::write(
+        t.chat.join("README.md"),
+        "---\nlicense: other\nlicense_name: qwen\nlicense_link: https://example.org/qwen/LICENSE\n---\n# chat\n",
+    )
+    .unwrap();
+    std::fs::write(t.chat.join("chat_template.jinja"), "{% for m in messages %}{{ m.content }}{% endfor %}")
+        .unwrap();
+    let out = d.path().join("out");
+    let o = apply_streaming(&t, &out, &[]);
+    ok(&o);
+    let e = stderr(&o);
+    assert!(e.contains("the inputs' licences differ") && e.contains("qwen") && e.contains("llama3"), "{e}");
+    let card = std::fs::read_to_string(out.join("README.md")).unwrap();
+    let front = card.strip_prefix("---\n").and_then(|c| c.split_once("---\n")).expect("front matter").0;
+    let meta: serde_json::Value = serde_yaml_ng::from_str(front).unwrap();
+    assert_eq!(meta["license"], "llama3", "{card}");
+    assert_eq!(meta["license_name"], serde_json::Value::Null, "{card}");
+    for needle in [
+        "Built with Meta Llama 3.",
+        "Built with Qwen.",
+        "beginning with \"Llama 3\"",
+        "## Usage",
+        "apply_chat_template",
+        "from vllm import LLM",
+    ] {
+        assert!(card.contains(needle), "{needle}: {card}");
+    }
+    // The base's own card is read, never copied over the output's.
+    assert!(!card.contains("# Swallow-like"));
+    ok(&chatvec(&["verify", s(&out)]));
+    // A custom licence on the base is stated with its name and link.
+    std::fs::write(
+        t.base.join("README.md"),
+        "---\nlicense: other\nlicense_name: qwen\nlicense_link: https://example.org/qwen/LICENSE\n---\n",
+    )
+    .unwrap();
+    let out2 = d.path().join("out2");
+    let o = apply_streaming(&t, &out2, &[]);
+    ok(&o);
+    assert!(!stderr(&o).contains("licences differ"), "{}", stderr(&o));
+    let card = std::fs::read_to_string(out2.join("README.md")).unwrap();
+    assert!(
+        card.contains("license: other")
+            && card.contains("license_name: qwen")
+            && card.contains("license_link: https://example.org/qwen/LICENSE"),
+        "{card}"
+    );
+}

@@ -483,8 +483,10 @@ fn mergekit_yaml_configs_run_and_dry_run_prints_the_plan() {
     let card = std::fs::read_to_string(out.join("README.md")).unwrap();
     let front = card.strip_prefix("---\n").and_then(|c| c.split_once("---\n")).expect("front matter").0;
     let meta: serde_json::Value = serde_yaml_ng::from_str(front).unwrap();
-    assert_eq!(meta["base_model_relation"], "merge", "{card}");
+    // Local inputs: no base_model for the Hub, so no relation to one.
+    assert_eq!(meta["base_model_relation"], serde_json::Value::Null, "{card}");
     assert_eq!(meta["base_model"], serde_json::Value::Null, "{card}");
+    assert_eq!(meta["pipeline_tag"], "text-generation", "{card}");
     let toml = "merge_method = \"ties\"\nbase_model = \"{base}\"\nout_dtype = \"float32\"\n[[models]]\nmodel = \"{m1}\"\nparameters = { weight = 0.5, density = 0.5 }\n[[models]]\nmodel = \"{m2}\"\nparameters = { weight = 0.5, density = 0.5 }\n";
     let same = merge(&m, toml, &d.path().join("t"), &[]);
     for (k, v) in &got {

@@ -1030,3 +1030,31 @@ fn answer_language_tells_latin_script_languages_apart() {
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     assert_eq!(String::from_utf8_lossy(&o.stdout).trim(), "de fr en ja");
 }
+
+/// Every card chatvec writes parses with huggingface_hub's `ModelCard`
+/// without a warning, and its transformers usage snippet runs as written
+/// from the output's directory.
+#[test]
+#[ignore = "needs torch/transformers/huggingface_hub: CHATVEC_SFT_PYTHON=$(scripts/sft-venv.sh) cargo test --test sft_e2e -- --ignored"]
+fn cards_parse_on_the_hub_and_their_usage_runs_as_written() {
+    let (py, d) = tiny_llamas();
+    std::fs::write(d.path().join("base/README.md"), "---\nlicense: llama3\n---\n# base\n").unwrap();
+    let cv = chat_vector_applied(d.path());
+    let check = r#"
+import sys, warnings
+warnings.simplefilter("error")
+from huggingface_hub import ModelCard
+card = ModelCard.load(sys.argv[1] + "/README.md")
+assert card.data.license == "llama3", card.data
+assert card.data.pipeline_tag == "text-generation", card.data
+text = open(sys.argv[1] + "/README.md").read()
+snippet = text.split("```python\n")[1].split("```")[0]
+print(snippet)
+"#;
+    let o = Command::new(&py).args(["-c", check, s(&cv)]).output().unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let snippet = String::from_utf8_lossy(&o.stdout).to_string();
+    assert!(snippet.contains("from_pretrained(\".\""), "{snippet}");
+    let o = Command::new(&py).args(["-c", &snippet]).current_dir(&cv).output().unwrap();
+    assert!(o.status.success(), "the card's usage snippet failed: {}", String::from_utf8_lossy(&o.stderr));
+}

@@ -7,7 +7,7 @@ use crate::job::preflight;
 use crate::job::{Records, Summary, Variant, check_written_config, set_labels, write_output, write_outputs};
 use crate::model::checkpoint::Checkpoint;
 use crate::output::Destination;
-use crate::output::card::{CARD_FILE, model_card};
+use crate::output::card::model_card;
 use crate::output::manifest::{MANIFEST_FILE, RecipeRecord, TensorRecord, VectorRecord, read_vector_info};
 use crate::output::sidecars::{ChatSide, model_side_files, read_side_files};
 use crate::params::apply::{ApplySpec, ExtractSpec, VectorSource};
@@ -282,7 +282,7 @@ pub(crate) fn apply_many(
         };
         side.notes.splice(0..0, early_notes.clone());
         let how = format!("chat vector (scale {scale})");
-        side.add(CARD_FILE, model_card(&plan, &how, recipe.as_ref())?);
+        model_card(&plan, &how, recipe.as_ref(), &mut side)?;
         let mut params = to_value(&one.given())?;
         params["tensor_scales"] = tensor_scales(&plan, k);
         let rec = Records { kind: "apply", params, recipe: recipe.clone(), vector: None };
@@ -339,7 +339,7 @@ fn apply_lora(
     side.notes.splice(0..0, notes);
     check_written_config(&mut plan, &side, spec.allow_mismatch(), out)?;
     let how = format!("LoRA adapter merged (scale {})", spec.selection.default_scale());
-    side.add(CARD_FILE, model_card(&plan, &how, recipe.as_ref())?);
+    model_card(&plan, &how, recipe.as_ref(), &mut side)?;
     let mut params = to_value(&spec.given())?;
     params["lora"] = lora;
     params["tensor_scales"] = tensor_scales(&plan, 0);

@@ -11,7 +11,7 @@ use crate::job::{
     HEADERS_ONLY, Records, Summary, check_written_config, preflight, preflight_with, write_output,
 };
 use crate::output::Destination;
-use crate::output::card::{CARD_FILE, model_card};
+use crate::output::card::model_card;
 use crate::output::manifest::RecipeRecord;
 use crate::output::sidecars::{add_union_tokens, model_side_files};
 use crate::params::apply::{ApplyParams, ApplySpec};
@@ -166,7 +166,7 @@ fn merge_method(
         add_union_tokens(&mut side, &plan, u)?;
     }
     check_written_config(&mut plan, &side, recipe.allow_mismatch, out)?;
-    side.add(CARD_FILE, model_card(&plan, m.method.name(), Some(&record))?);
+    model_card(&plan, m.method.name(), Some(&record), &mut side)?;
     let params = serde_json::json!({
         "method": m.method,
         "seed": seed,

@@ -20,6 +20,9 @@ pub(crate) mod torch_bin;
 pub use checkpoint::{Checkpoint, Tensor};
 pub use dtype::{DType, FloatType};
 
+/// A model's card (its README.md): read for the licence, never copied.
+pub(crate) const CARD_FILE: &str = "README.md";
+
 /// The files of a model directory besides its weights that a merged model
 /// carries, as transformers saves them.
 pub(crate) const SIDE_FILES: [&str; 11] = [

@@ -1,7 +1,9 @@
-//! The README.md model card written beside merged weights, as mergekit
-//! writes one: Hub metadata naming the source models, the method, the
-//! inputs and the recipe. It holds nothing time- or machine-dependent, so
-//! re-running a recipe gives the same card.
+//! The README.md model card written beside merged weights, fit to
+//! publish: Hub metadata naming the source models and how the output
+//! relates to them, the licence carried from the inputs' own cards with
+//! the attribution that licence asks for, the method, the inputs, the
+//! recipe and a usage snippet. It holds nothing time- or
+//! machine-dependent, so re-running a recipe gives the same card.
 
 use std::fmt::Write as _;
 
@@ -9,9 +11,10 @@ use serde::Serialize;
 
 use crate::error::{Error, Result};
 use crate::output::manifest::{MANIFEST_FILE, RecipeRecord};
+use crate::output::sidecars::SideFiles;
 use crate::plan::{Plan, Role};
 
-pub(crate) const CARD_FILE: &str = "README.md";
+pub(crate) use crate::model::CARD_FILE;
 
 /// The card's YAML front matter: the Hub's model metadata, so the Hub
 /// shows the model tree. `base_model` holds Hub ids only (a local path is
@@ -19,12 +22,77 @@ pub(crate) const CARD_FILE: &str = "README.md";
 /// adapter is not a base model).
 #[derive(Serialize)]
 struct FrontMatter<'a> {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    license: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    license_name: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    license_link: Option<String>,
     #[serde(skip_serializing_if = "Vec::is_empty")]
     base_model: Vec<&'a str>,
-    /// `merge` for merges and chat vectors, `finetune` for a merged LoRA.
-    base_model_relation: &'static str,
+    /// `merge` for merges and chat vectors, `finetune` for a merged LoRA;
+    /// only beside a `base_model` (the Hub reads it as a relation to one).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    base_model_relation: Option<&'static str>,
     library_name: &'static str,
+    pipeline_tag: &'static str,
     tags: Vec<&'static str>,
+}
+
+/// A model's licence as its card's metadata states it.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub(crate) struct Licence {
+    /// The Hub's licence id (`llama3`, `apache-2.0`, `other`).
+    pub id: String,
+    /// For `other`: its name and where it is.
+    pub name: Option<String>,
+    pub link: Option<String>,
+}
+
+impl Licence {
+    /// What it is called in a sentence: the name of an `other` licence.
+    fn label(&self) -> String {
+        match (&self.name, self.id.as_str()) {
+            (Some(n), "other") => n.clone(),
+            _ => self.id.clone(),
+        }
+    }
+}
+
+/// The licence in a model directory's README.md front matter, if any.
+pub(crate) fn read_licence(dir: &std::path::Path) -> Option<Licence> {
+    let path = dir.join(CARD_FILE);
+    let bytes = crate::json::read_capped(&path, 4 << 20).ok()?;
+    let text = String::from_utf8(bytes).ok()?;
+    let rest = text.strip_prefix("---")?;
+    let end = rest.find("\n---")?;
+    let meta: serde_yaml_ng::Value = serde_yaml_ng::from_str(&rest[..end]).ok()?;
+    let field = |k: &str| meta.get(k).and_then(|v| v.as_str()).map(str::to_string).filter(|v| !v.is_empty());
+    Some(Licence { id: field("license")?, name: field("license_name"), link: field("license_link") })
+}
+
+/// What a licence asks a derived model's card to say (and, where it asks
+/// something of the model's name, that too).
+fn attribution(l: &Licence) -> Vec<&'static str> {
+    let name = l.name.as_deref().unwrap_or_default().to_ascii_lowercase();
+    match l.id.as_str() {
+        "llama3" => vec![
+            "Built with Meta Llama 3.",
+            "The Meta Llama 3 Community License asks that a model built from it be named beginning with \"Llama 3\".",
+        ],
+        "llama3.1" | "llama3.2" | "llama3.3" => vec![
+            "Built with Llama.",
+            "The Llama 3.x Community License asks that a model built from it be named beginning with \"Llama\".",
+        ],
+        "llama2" => vec![
+            "Llama 2 is licensed under the LLAMA 2 Community License, Copyright (c) Meta Platforms, Inc. All Rights Reserved.",
+        ],
+        "gemma" => vec![
+            "Gemma is provided under and subject to the Gemma Terms of Use found at ai.google.dev/gemma/terms.",
+        ],
+        _ if name.contains("qwen") || name.contains("tongyi") => vec!["Built with Qwen."],
+        _ => Vec::new(),
+    }
 }
 
 /// Whether `s` reads as a Hub id (`org/name`), not a local path.
@@ -39,8 +107,15 @@ fn hub_like(s: &str) -> bool {
         && !std::path::Path::new(s).exists()
 }
 
-/// The card for `plan`, made by `method`, from `recipe` when there is one.
-pub(crate) fn model_card(plan: &Plan, method: &str, recipe: Option<&RecipeRecord>) -> Result<Vec<u8>> {
+/// The card for `plan`, made by `method`, from `recipe` when there is
+/// one, added to `side` (whose chat template decides the usage snippet);
+/// inputs whose licences differ are warned about there.
+pub(crate) fn model_card(
+    plan: &Plan,
+    method: &str,
+    recipe: Option<&RecipeRecord>,
+    side: &mut SideFiles,
+) -> Result<()> {
     let lora = plan.inputs.iter().any(|i| i.role == Role::Adapter);
     let vector = plan.inputs.iter().any(|i| matches!(i.role, Role::Vector | Role::Chat));
     let mut base_model: Vec<&str> = Vec::new();
@@ -54,6 +129,36 @@ pub(crate) fn model_card(plan: &Plan, method: &str, recipe: Option<&RecipeRecord
             base_model.push(id);
         }
     }
+    // The licence: the base's (else the first input's that states one);
+    // inputs under other licences are named, since each still applies.
+    let licences: Vec<(&str, Licence)> =
+        plan.inputs.iter().filter_map(|i| read_licence(&i.ckpt.dir).map(|l| (i.label.as_str(), l))).collect();
+    let base_licence = plan
+        .inputs
+        .iter()
+        .filter(|i| i.role == Role::Base)
+        .find_map(|i| read_licence(&i.ckpt.dir))
+        .or_else(|| licences.first().map(|(_, l)| l.clone()));
+    if let Some(chosen) = &base_licence
+        && licences.iter().any(|(_, l)| l != chosen)
+    {
+        let all: Vec<String> = licences.iter().map(|(who, l)| format!("{who}: {}", l.label())).collect();
+        side.warnings.push(format!(
+            "the inputs' licences differ ({}); the card states the base's ({}), and each input's licence still applies to what it contributed",
+            all.join(", "),
+            chosen.label()
+        ));
+    }
+    let mut attributions: Vec<&str> = Vec::new();
+    for (_, l) in &licences {
+        for a in attribution(l) {
+            if !attributions.contains(&a) {
+                attributions.push(a);
+            }
+        }
+    }
+    let has_template = side.get("chat_template.jinja").is_some()
+        || side.json("tokenizer_config.json")?.is_some_and(|c| c.contains("chat_template"));
     let mut tags = vec!["chatvec", "merge"];
     if vector {
         tags.push("chat-vector");
@@ -61,10 +166,15 @@ pub(crate) fn model_card(plan: &Plan, method: &str, recipe: Option<&RecipeRecord
     if lora {
         tags = vec!["chatvec", "lora"];
     }
+    let relation = if lora { "finetune" } else { "merge" };
     let front = FrontMatter {
+        license: base_licence.as_ref().map(|l| l.id.clone()),
+        license_name: base_licence.as_ref().and_then(|l| l.name.clone()),
+        license_link: base_licence.as_ref().and_then(|l| l.link.clone()),
+        base_model_relation: (!base_model.is_empty()).then_some(relation),
         base_model,
-        base_model_relation: if lora { "finetune" } else { "merge" },
         library_name: "transformers",
+        pipeline_tag: "text-generation",
         tags,
     };
     let yaml = serde_yaml_ng::to_string(&front)
@@ -95,9 +205,53 @@ pub(crate) fn model_card(plan: &Plan, method: &str, recipe: Option<&RecipeRecord
         }
         s.push_str("```\n");
     }
+    usage(&mut s, has_template);
+    if let Some(l) = &base_licence {
+        let _ = write!(s, "\n## License\n\n{}", l.label());
+        if let Some(link) = &l.link {
+            let _ = write!(s, " ({link})");
+        }
+        s.push_str(", the base model's licence.");
+        if licences.iter().any(|(_, x)| x != l) {
+            s.push_str(" The inputs' licences:\n\n");
+            for (who, x) in &licences {
+                let _ = writeln!(s, "- `{who}`: {}", x.label());
+            }
+        } else {
+            s.push('\n');
+        }
+    }
+    for a in &attributions {
+        let _ = write!(s, "\n{a}\n");
+    }
     let _ = write!(
         s,
         "\n## Provenance\n\n`{MANIFEST_FILE}` lists the sha256 of every input and output file; `chatvec verify` checks them.\n"
     );
-    Ok(s.into_bytes())
+    side.add(CARD_FILE, s.into_bytes());
+    Ok(())
+}
+
+/// How to run the model, with transformers and with vLLM, from its own
+/// directory (or, once pushed, its Hub id in place of `"."`).
+fn usage(s: &mut String, chat: bool) {
+    s.push_str("\n## Usage\n\nFrom this directory (or with its Hub id in place of `\".\"` once pushed), with transformers:\n\n```python\n");
+    s.push_str("from transformers import AutoModelForCausalLM, AutoTokenizer\n\n");
+    s.push_str("tokenizer = AutoTokenizer.from_pretrained(\".\")\n");
+    s.push_str("model = AutoModelForCausalLM.from_pretrained(\".\", dtype=\"auto\")\n");
+    if chat {
+        s.push_str("messages = [{\"role\": \"user\", \"content\": \"日本の首都はどこですか?\"}]\n");
+        s.push_str("inputs = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors=\"pt\", return_dict=True)\n");
+    } else {
+        s.push_str("inputs = tokenizer(\"日本の首都は\", return_tensors=\"pt\")\n");
+    }
+    s.push_str("output = model.generate(**inputs, max_new_tokens=64)\n");
+    s.push_str("print(tokenizer.decode(output[0][inputs[\"input_ids\"].shape[1]:], skip_special_tokens=True))\n```\n\n");
+    s.push_str("With vLLM:\n\n```python\nfrom vllm import LLM, SamplingParams\n\nllm = LLM(model=\".\")\n");
+    if chat {
+        s.push_str("out = llm.chat([{\"role\": \"user\", \"content\": \"日本の首都はどこですか?\"}], SamplingParams(max_tokens=64))\n");
+    } else {
+        s.push_str("out = llm.generate([\"日本の首都は\"], SamplingParams(max_tokens=64))\n");
+    }
+    s.push_str("print(out[0].outputs[0].text)\n```\n\nor as a server: `vllm serve .`\n");
 }

@@ -82,6 +82,9 @@ fn wanted(
         ));
     }
     out.extend(SIDE_FILES.iter().filter_map(|n| find(n).cloned()));
+    // The model card: its licence is carried into the cards of what is
+    // made from the model.
+    out.extend(find(crate::model::CARD_FILE).cloned());
     Ok(out)
 }
 
@@ -488,7 +491,7 @@ mod tests {
     }
 
     #[test]
-    fn picks_the_index_shards_and_side_files_only() {
+    fn picks_the_index_shards_side_files_and_the_card_only() {
         let files: Vec<RemoteFile> = [
             "model.safetensors.index.json",
             "model-00001-of-00002.safetensors",
@@ -516,7 +519,8 @@ mod tests {
                 "model-00002-of-00002.safetensors",
                 "model.safetensors.index.json",
                 "config.json",
-                "tokenizer.json"
+                "tokenizer.json",
+                "README.md"
             ]
         );
         let bin = vec![rf("pytorch_model.bin"), rf("config.json")];
