@@ -529,7 +529,10 @@ fn job_scripts_run_nothing_but_chatvec_whatever_the_names() {
     );
     let record = d.path().join("record");
     let recorder = d.path().join("recorder");
-    script(&recorder, "#!/bin/sh\npwd > \"$RECORD\"\nprintf '%s\\n' \"$@\" >> \"$RECORD\"\n");
+    script(
+        &recorder,
+        "#!/bin/sh\npwd > \"$RECORD\"\necho \"setup=$SETUP_RAN python=$CHATVEC_PYTHON\" >> \"$RECORD\"\nprintf '%s\\n' \"$@\" >> \"$RECORD\"\n",
+    );
     let nodefile = d.path().join("nodefile");
     std::fs::write(&nodefile, "node1\nnode1\nnode2\n").unwrap();
     let path = format!("{}:{}", bin.display(), std::env::var("PATH").unwrap());
@@ -539,9 +542,17 @@ fn job_scripts_run_nothing_but_chatvec_whatever_the_names() {
             .current_dir(&wd)
             .args(["sft", "--model", s(&model), "--data", data_name, "-o", run_name, "--python", s(&py)])
             .args(["--launcher", launcher, "--nnodes", "2", "--nproc", "1", "--force"])
+            .args(["--partition", "gpu", "--account", "lab-1", "--time", "1:00:00"])
+            .args(["--sched-arg=--comment=chatvec", "--job-setup", "export SETUP_RAN=yes"])
             .output()
             .unwrap();
         ok(&o);
+        assert!(
+            stderr(&o)
+                .contains("global batch: 1 per device x 16 accumulation x 2 process(es) = 32 sequences"),
+            "{}",
+            stderr(&o)
+        );
         let job = wd.join(format!("{run_name}.{launcher}"));
         let text = std::fs::read_to_string(&job).unwrap();
         // Directive lines hold the log path quoted; Slurm's `%` doubled.
@@ -549,6 +560,18 @@ fn job_scripts_run_nothing_but_chatvec_whatever_the_names() {
         let log_line = text.lines().find(|l| l.starts_with(directive)).unwrap_or_else(|| panic!("{text}"));
         if launcher == "slurm" {
             assert!(log_line.ends_with(" %%j.slurm-%j.out\""), "{log_line}");
+            for d in [
+                "#SBATCH --partition=gpu",
+                "#SBATCH --account=lab-1",
+                "#SBATCH --time=1:00:00",
+                "#SBATCH --comment=chatvec",
+            ] {
+                assert!(text.lines().any(|l| l == d), "{d}: {text}");
+            }
+        } else {
+            for d in ["#PBS -q gpu", "#PBS -A lab-1", "#PBS -l walltime=1:00:00"] {
+                assert!(text.lines().any(|l| l == d), "{d}: {text}");
+            }
         }
         for _ in 0..3 {
             let _ = std::fs::remove_file(&record);
@@ -566,7 +589,10 @@ fn job_scripts_run_nothing_but_chatvec_whatever_the_names() {
             let rec = std::fs::read_to_string(&record).unwrap();
             let lines: Vec<&str> = rec.lines().collect();
             assert_eq!(Path::new(lines[0]), wd.as_path(), "{rec}");
-            let args = &lines[1..];
+            // The set-up line ran first, and the interpreter was exported.
+            assert_eq!(lines[1], format!("setup=yes python={}", py.display()), "{rec}");
+            let args = &lines[2..];
+            assert!(!args.contains(&"--partition") && !args.contains(&"--job-setup"), "{rec}");
             let at = |flag: &str| args[args.iter().position(|a| *a == flag).unwrap() + 1];
             assert_eq!(at("--data"), data_name, "{rec}");
             assert_eq!(at("-o"), run_name, "{rec}");

@@ -49,10 +49,67 @@ fn directive_path(path: &str, suffix: &str, slurm: bool) -> Result<String> {
     Ok(format!("\"{p}\""))
 }
 
+/// What the cluster asks of a job besides its size: where it runs, who
+/// pays, how long it may take, any other directive, what each node runs
+/// first (modules, a container's or venv's activation), and the Python
+/// interpreter to use.
+#[derive(Default)]
+pub(crate) struct Scheduling<'a> {
+    pub partition: Option<&'a str>,
+    pub account: Option<&'a str>,
+    pub time: Option<&'a str>,
+    pub directives: &'a [String],
+    pub setup: &'a [String],
+    pub python: Option<&'a Path>,
+}
+
+/// A scheduler directive's value: plain characters only (the scheduler
+/// reads it, not a shell), no control character.
+fn directive_value(what: &str, v: &str) -> Result<String> {
+    carryable(what, v)?;
+    if v.is_empty() || !v.chars().all(|c| c.is_ascii_alphanumeric() || "-_.:+,@=/%".contains(c)) {
+        return Err(Error::Usage(format!(
+            "{what} '{}': expected letters, digits and - _ . : + , @ = / % only",
+            v.escape_debug()
+        )));
+    }
+    Ok(v.to_string())
+}
+
+/// The directive lines `sched` adds, for `launcher`.
+fn directives(launcher: &str, sched: &Scheduling<'_>) -> Result<String> {
+    let mut out = String::new();
+    let pbs = launcher == "pbs";
+    let tag = if pbs { "#PBS" } else { "#SBATCH" };
+    if let Some(p) = sched.partition {
+        let p = directive_value("--partition", p)?;
+        out.push_str(&if pbs { format!("{tag} -q {p}\n") } else { format!("{tag} --partition={p}\n") });
+    }
+    if let Some(a) = sched.account {
+        let a = directive_value("--account", a)?;
+        out.push_str(&if pbs { format!("{tag} -A {a}\n") } else { format!("{tag} --account={a}\n") });
+    }
+    if let Some(t) = sched.time {
+        let t = directive_value("--time", t)?;
+        out.push_str(&if pbs { format!("{tag} -l walltime={t}\n") } else { format!("{tag} --time={t}\n") });
+    }
+    for d in sched.directives {
+        // Written as given after the tag: the scheduler parses it, and a
+        // line break is the only way out of the directive.
+        carryable("--sched-arg", d)?;
+        if d.trim().is_empty() {
+            return Err(Error::Usage("--sched-arg: empty directive".into()));
+        }
+        out.push_str(&format!("{tag} {}\n", d.trim()));
+    }
+    Ok(out)
+}
+
 /// The job script for `launcher` (`slurm` or `pbs`). `args` run the job on
 /// one node without `--node-rank`/`--master-addr`; `script` is where the
 /// script is written and `cwd` the directory relative paths are from.
 /// Every value is checked (`carryable`) and shell-quoted.
+#[allow(clippy::too_many_arguments)]
 pub(crate) fn job_script(
     launcher: &str,
     chatvec: &Path,
@@ -61,6 +118,7 @@ pub(crate) fn job_script(
     nproc: u64,
     script: &Path,
     cwd: &Path,
+    sched: &Scheduling<'_>,
 ) -> Result<String> {
     for (i, a) in args.iter().enumerate() {
         let flag = args[..i].iter().rev().find(|p| p.starts_with('-')).map_or("an argument", String::as_str);
@@ -99,8 +157,21 @@ pub(crate) fn job_script(
             "RANK=${SLURM_NODEID:-}",
         ),
     };
+    let extra = directives(launcher, sched)?;
+    // Each node's own set-up (modules, an environment's activation), as
+    // given: the user's shell lines, checked to be one line each.
+    let mut setup = String::new();
+    for line in sched.setup {
+        carryable("--job-setup", line)?;
+        setup.push_str(line.trim());
+        setup.push('\n');
+    }
+    if let Some(p) = sched.python {
+        carryable("the Python interpreter's path", &p.to_string_lossy())?;
+        setup.push_str(&format!("CHATVEC_PYTHON=${{CHATVEC_PYTHON:-{}}}\nexport CHATVEC_PYTHON\n", q(p)));
+    }
     Ok(format!(
-        "#!/bin/bash\n{head}# Written by chatvec {version}. Runs `chatvec sft` on each of the {nnodes} node(s),\n# {nproc} process(es) per node; submit it with {submit} {script}\nset -euo pipefail\nCHATVEC=${{CHATVEC:-{exe}}}\nexport CHATVEC\ncd {cwd}\nif [ \"${{1:-}}\" != --node ]; then\n{fan_out}fi\n{rank}\nif [ -z \"$RANK\" ]; then echo 'chatvec: no node rank from the launcher' >&2; exit 2; fi\nexec {cmd}\n",
+        "#!/bin/bash\n{head}{extra}# Written by chatvec {version}. Runs `chatvec sft` on each of the {nnodes} node(s),\n# {nproc} process(es) per node; submit it with {submit} {script}\nset -euo pipefail\nCHATVEC=${{CHATVEC:-{exe}}}\nexport CHATVEC\ncd {cwd}\nif [ \"${{1:-}}\" != --node ]; then\n{fan_out}fi\n{setup}{rank}\nif [ -z \"$RANK\" ]; then echo 'chatvec: no node rank from the launcher' >&2; exit 2; fi\nexec {cmd}\n",
         version = env!("CARGO_PKG_VERSION"),
         submit = if launcher == "pbs" { "qsub" } else { "sbatch" },
         script = q(script),
@@ -128,6 +199,7 @@ mod tests {
             8,
             Path::new("/r.slurm"),
             Path::new("/w"),
+            &Scheduling::default(),
         )
         .unwrap();
         assert!(
@@ -143,13 +215,68 @@ mod tests {
             slurm.ends_with("exec \"$CHATVEC\" sft --model /m --data d.jsonl -o /r --nnodes 4 --nproc 8 --node-rank \"$RANK\" --master-addr \"$MASTER_ADDR\"\n"),
             "{slurm}"
         );
-        let pbs =
-            job_script("pbs", Path::new("/bin/chatvec"), &args, 4, 8, Path::new("/r.pbs"), Path::new("/w"))
-                .unwrap();
+        let pbs = job_script(
+            "pbs",
+            Path::new("/bin/chatvec"),
+            &args,
+            4,
+            8,
+            Path::new("/r.pbs"),
+            Path::new("/w"),
+            &Scheduling::default(),
+        )
+        .unwrap();
         assert!(
             pbs.contains("#PBS -l select=4:ngpus=8\n") && pbs.contains("mpirun -np 4 -npernode 1"),
             "{pbs}"
         );
         assert!(pbs.contains("OMPI_COMM_WORLD_RANK"), "{pbs}");
+    }
+
+    /// Partition, account, time and other directives land as the
+    /// scheduler reads them, the set-up lines and the interpreter before
+    /// chatvec; a value that would break out of its line is refused.
+    #[test]
+    fn scheduling_directives_setup_and_interpreter_are_written_and_checked() {
+        let args: Vec<String> = ["sft", "-o", "/r"].iter().map(|s| s.to_string()).collect();
+        let directives = vec!["--qos=high".to_string(), "--constraint=h100".to_string()];
+        let setup = vec!["module load cuda/12.4".to_string()];
+        let sched = Scheduling {
+            partition: Some("gpu"),
+            account: Some("lab-42"),
+            time: Some("24:00:00"),
+            directives: &directives,
+            setup: &setup,
+            python: Some(Path::new("/shared/venv/bin/python")),
+        };
+        let run = |l: &str, sched: &Scheduling<'_>| {
+            job_script(l, Path::new("/bin/chatvec"), &args, 2, 8, Path::new("/r.job"), Path::new("/w"), sched)
+        };
+        let slurm = run("slurm", &sched).unwrap();
+        for line in [
+            "#SBATCH --partition=gpu\n",
+            "#SBATCH --account=lab-42\n",
+            "#SBATCH --time=24:00:00\n",
+            "#SBATCH --qos=high\n",
+            "#SBATCH --constraint=h100\n",
+            "module load cuda/12.4\n",
+            "CHATVEC_PYTHON=${CHATVEC_PYTHON:-/shared/venv/bin/python}\nexport CHATVEC_PYTHON\n",
+        ] {
+            assert!(slurm.contains(line), "{line}: {slurm}");
+        }
+        // Directives come before the first command (sbatch stops reading them there).
+        assert!(slurm.find("#SBATCH --qos").unwrap() < slurm.find("set -euo").unwrap());
+        let pbs = run("pbs", &sched).unwrap();
+        for line in ["#PBS -q gpu\n", "#PBS -A lab-42\n", "#PBS -l walltime=24:00:00\n", "#PBS --qos=high\n"]
+        {
+            assert!(pbs.contains(line), "{line}: {pbs}");
+        }
+        for bad in ["gpu\n#SBATCH --x", "gpu; rm -rf /", "a b"] {
+            let s = Scheduling { partition: Some(bad), ..Scheduling::default() };
+            assert!(run("slurm", &s).is_err(), "{bad}");
+        }
+        let injected = vec!["--qos=x\nrm -rf /".to_string()];
+        assert!(run("slurm", &Scheduling { directives: &injected, ..Scheduling::default() }).is_err());
+        assert!(run("slurm", &Scheduling { setup: &injected, ..Scheduling::default() }).is_err());
     }
 }

@@ -544,6 +544,7 @@ pub(crate) fn train(job: &SftJob) -> Result<SftReport> {
     if let Some(r) = &p.resume_from {
         ui::note(&format!("resuming from {}", r.display()));
     }
+    ui::note(&global_batch(a));
     let mut report = SftReport {
         output: abs(&job.output),
         dry_run: job.dry_run,
@@ -655,6 +656,21 @@ pub(crate) fn train(job: &SftJob) -> Result<SftReport> {
 /// `--launcher`: checks the options and the data, then writes the batch
 /// script beside the run directory (`RUN.slurm`, `RUN.pbs`); each node's
 /// run then checks its own Python environment and GPUs.
+/// The global batch and the most tokens one optimizer step can see, said
+/// before training (accumulation and process count multiply the batch a
+/// user sets per device, which is easy to misjudge by 8x or 64x).
+fn global_batch(a: &SftOptions) -> String {
+    let global = a.batch_size * a.grad_accum * a.world_size();
+    format!(
+        "global batch: {} per device x {} accumulation x {} process(es) = {global} sequences per optimizer step, at most {} tokens (max_seq_len {})",
+        a.batch_size,
+        a.grad_accum,
+        a.world_size(),
+        global * a.max_seq_len,
+        a.max_seq_len
+    )
+}
+
 fn write_job_script(job: &SftJob, launcher: &str) -> Result<SftReport> {
     job.check_data()?;
     let a = &job.options;
@@ -664,8 +680,24 @@ fn write_job_script(job: &SftJob, launcher: &str) -> Result<SftReport> {
     let exe = std::env::current_exe().map_err(|e| Error::io("locating", Path::new("chatvec"), e))?;
     let mut node = job.clone();
     node.options.launcher = None;
+    (node.options.partition, node.options.account, node.options.time) = (None, None, None);
+    node.options.sched_args.clear();
+    node.options.job_setup.clear();
     node.dry_run = false;
-    let text = launcher::job_script(launcher, &exe, &node.command_args(), a.nnodes, a.nproc, &script, &cwd)?;
+    // The interpreter chatvec was told to use goes into the script, so the
+    // nodes use it whatever their login environment says.
+    let python = a.python.clone().or_else(|| std::env::var_os(crate::python::PYTHON_ENV).map(PathBuf::from));
+    let sched = launcher::Scheduling {
+        partition: a.partition.as_deref(),
+        account: a.account.as_deref(),
+        time: a.time.as_deref(),
+        directives: &a.sched_args,
+        setup: &a.job_setup,
+        python: python.as_deref(),
+    };
+    ui::note(&global_batch(a));
+    let text =
+        launcher::job_script(launcher, &exe, &node.command_args(), a.nnodes, a.nproc, &script, &cwd, &sched)?;
     let submit = if launcher == "pbs" { "qsub" } else { "sbatch" };
     let report = SftReport {
         // The script sits beside the run directory.
@@ -830,6 +862,16 @@ impl SftJob {
         if let Some(p) = &o.python {
             opt("python", p.display().to_string(), String::new());
         }
+        for (flag, v) in [("partition", &o.partition), ("account", &o.account), ("time", &o.time)] {
+            if let Some(v) = v {
+                opt(flag, v.clone(), String::new());
+            }
+        }
+        for v in &o.job_setup {
+            opt("job-setup", v.clone(), String::new());
+        }
+        // `=`-joined: a directive starts with a dash.
+        args.extend(o.sched_args.iter().map(|v| format!("--sched-arg={v}")));
         for (flag, on) in [
             ("packing", o.packing),
             ("lora", o.lora),

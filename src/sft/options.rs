@@ -201,6 +201,23 @@ pub struct SftOptions {
     /// The Python interpreter with torch, transformers, trl and accelerate (default: $CHATVEC_PYTHON, else python3).
     #[arg(long)]
     pub python: Option<PathBuf>,
+    /// With --launcher: the scheduler partition (Slurm --partition, PBS queue -q).
+    #[arg(long, requires = "launcher")]
+    pub partition: Option<String>,
+    /// With --launcher: the account (or group) the job is charged to.
+    #[arg(long, requires = "launcher")]
+    pub account: Option<String>,
+    /// With --launcher: the time limit, as the scheduler writes it (e.g. 24:00:00).
+    #[arg(long, requires = "launcher")]
+    pub time: Option<String>,
+    /// With --launcher: another scheduler directive, written as it is after `#SBATCH` or `#PBS`
+    /// (repeatable), e.g. --sched-arg=--qos=high or --sched-arg="-l gpu_type=h100".
+    #[arg(long = "sched-arg", value_name = "DIRECTIVE", allow_hyphen_values = true, requires = "launcher")]
+    pub sched_args: Vec<String>,
+    /// With --launcher: a shell line each node runs before chatvec (repeatable), e.g.
+    /// "module load cuda/12.4" or "source /shared/venv/bin/activate".
+    #[arg(long = "job-setup", value_name = "LINE", requires = "launcher")]
+    pub job_setup: Vec<String>,
 }
 
 /// `--data`'s parser.
@@ -245,6 +262,11 @@ impl Default for SftOptions {
             deepspeed: None,
             launcher: None,
             python: None,
+            partition: None,
+            account: None,
+            time: None,
+            sched_args: Vec::new(),
+            job_setup: Vec::new(),
         }
     }
 }
@@ -326,6 +348,16 @@ impl SftOptions {
                 self.nnodes,
                 self.nnodes - 1
             ));
+        }
+        let scheduling = self.partition.is_some()
+            || self.account.is_some()
+            || self.time.is_some()
+            || !self.sched_args.is_empty()
+            || !self.job_setup.is_empty();
+        if scheduling && self.launcher.is_none() {
+            return usage(
+                "partition, account, time, sched_args and job_setup go into a job script: set launcher = \"slurm\" or \"pbs\"".into(),
+            );
         }
         if let Some(l) = &self.launcher {
             if !LAUNCHERS.contains(&l.as_str()) {
