@@ -61,6 +61,7 @@ pub use eval::eval;
 pub use job::analyze::analyze;
 pub use job::catalog::catalog;
 pub use job::chat_vector::{apply, extract};
+pub use job::download::{DownloadReport, download};
 pub use job::inspect::inspect;
 pub use job::merge::{merge, merge_sweep, preview_side_files};
 pub use job::sft::sft;

@@ -859,3 +859,68 @@ fn a_stopped_ranged_download_is_cleared_when_another_tool_finished_the_blob() {
     let link = cache.join("models--org--model").join("snapshots").join(COMMIT).join(&big);
     assert_eq!(std::fs::read(link).unwrap(), std::fs::read(t.base.join(&big)).unwrap());
 }
+
+/// `chatvec download` fills the cache as a job would fetch the model, so
+/// a later job runs offline; `--dry-run` lists files and sizes and
+/// fetches no weight; `--include` takes only the matching files.
+#[test]
+fn download_prefetches_what_a_job_needs_and_dry_run_fetches_no_weights() {
+    let d = tempfile::tempdir().unwrap();
+    let t = trio(d.path(), Ty::BF16, 2);
+    let hub = Hub::start(vec![
+        ("org/base", &t.base, Fault::Healthy),
+        ("org/chat", &t.chat, Fault::Healthy),
+        ("org/pre", &t.pre, Fault::Healthy),
+    ]);
+    let cache = d.path().join("hub");
+    let o = hub.run(&cache, &["download", "org/base", "--dry-run", "--json"]);
+    ok(&o);
+    let v: serde_json::Value = serde_json::from_str(&stdout(&o)).unwrap();
+    let files = v["models"][0]["files"].as_array().unwrap();
+    assert!(files.iter().any(|f| f["name"] == "model.safetensors.index.json"), "{v}");
+    let shard = files.iter().find(|f| f["name"].as_str().unwrap().ends_with(".safetensors")).unwrap();
+    let name = shard["name"].as_str().unwrap();
+    assert_eq!(shard["size"].as_u64().unwrap(), std::fs::metadata(t.base.join(name)).unwrap().len());
+    assert_eq!(v["models"][0]["commit"], COMMIT);
+    assert_eq!(hub.weight_bytes(), 0, "a dry run fetches no weight");
+    for m in ["org/base", "org/chat", "org/pre"] {
+        ok(&hub.run(&cache, &["-q", "download", m]));
+    }
+    // Offline, the job finds everything it needs in the cache.
+    let out = d.path().join("out");
+    let o = hub
+        .command(&cache)
+        .env("HF_HUB_OFFLINE", "1")
+        .args([
+            "-q",
+            "apply",
+            "--base",
+            "org/base",
+            "--chat",
+            "org/chat",
+            "--pretrained",
+            "org/pre",
+            "-o",
+            s(&out),
+        ])
+        .output()
+        .unwrap();
+    ok(&o);
+    let again = hub.run(&cache, &["download", "org/base"]);
+    ok(&again);
+    assert!(stdout(&again).contains("0.00 GB downloaded"), "{}", stdout(&again));
+    // Only the files a pattern names.
+    let cache2 = d.path().join("hub2");
+    ok(&hub.run(&cache2, &["-q", "download", "org/chat", "--include", "*.json"]));
+    let snap = cache2.join("models--org--chat/snapshots").join(COMMIT);
+    let got: Vec<String> = std::fs::read_dir(&snap)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    assert!(!got.is_empty() && got.iter().all(|n| n.ends_with(".json")), "{got:?}");
+    let o = hub.run(&cache2, &["download", "org/chat", "--include", "*.gguf"]);
+    assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
+    assert!(stderr(&o).contains("no file matches --include *.gguf"), "{}", stderr(&o));
+    let o = hub.run(&cache2, &["download", "./local-dir"]);
+    assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
+}

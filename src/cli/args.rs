@@ -92,6 +92,12 @@ pub(crate) enum Command {
     Sft(SftArgs),
     /// Run a TOML recipe with an [sft] section: merge (or [sweep] and [eval] to choose a scale), verify, then SFT.
     Run(MergeArgs),
+    /// Fill the Hugging Face cache with models as a job would fetch them (for login nodes), or the
+    /// files matching --include; --dry-run lists what would come.
+    #[command(
+        after_help = "Examples:\n  chatvec download swallow-8b llama3-instruct\n  chatvec download meta-llama/Meta-Llama-3-8B --include 'original/*' --dry-run"
+    )]
+    Download(DownloadArgs),
     /// Show a checkpoint's shards, tensors, parameter count and config.
     #[command(after_help = "Example:\n  chatvec inspect swallow-8b")]
     Inspect(InspectArgs),
@@ -102,6 +108,19 @@ pub(crate) enum Command {
     /// Measure apply and merges on generated Llama-shaped checkpoints against the disk and memory floor.
     #[cfg(feature = "bench")]
     Bench(super::bench::BenchArgs),
+}
+
+#[derive(Args, Debug)]
+pub(crate) struct DownloadArgs {
+    /// Hub ids (org/name[@revision]) or aliases; a vector alias names both of its models.
+    #[arg(required = true, value_name = "MODEL")]
+    pub models: Vec<String>,
+    /// Only the files matching this pattern (fnmatch, as huggingface_hub's allow_patterns; repeatable).
+    #[arg(long, value_name = "PATTERN")]
+    pub include: Vec<String>,
+    /// List the files and sizes that would be downloaded; download nothing.
+    #[arg(long)]
+    pub dry_run: bool,
 }
 
 #[derive(Args, Debug)]

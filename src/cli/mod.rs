@@ -132,6 +132,10 @@ pub(crate) fn run(cli: Cli) -> Result<()> {
             report(&chatvec::apply(&a.params.validate()?, &a.out.destination(), &a.out.run_options())?, json)
         }
         Command::Analyze(a) => analyzed(&chatvec::analyze(&a.spec())?, json),
+        Command::Download(a) => {
+            let r = chatvec::download(&a.models, &a.include, a.dry_run)?;
+            if json { json_out(&r) } else { out(&r.to_string()) }
+        }
         Command::Eval(a) if a.list => out(&chatvec::bench_list()),
         Command::Eval(a) => {
             let r = chatvec::eval(&a)?;

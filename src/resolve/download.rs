@@ -205,6 +205,93 @@ pub(crate) fn ensure_file(cache: &Path, id: &HubId, name: &str) -> Result<Outcom
     Ok(Outcome::Ready(path, HubOrigin { repo: id.repo.clone(), revision, commit }))
 }
 
+/// One file a prefetch would bring.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct Prefetched {
+    /// Its name in the repository.
+    pub name: String,
+    /// Its size in bytes, as the Hub lists it.
+    pub size: u64,
+    /// Whether the cache already had it.
+    pub cached: bool,
+}
+
+/// `fnmatch`-style patterns as huggingface_hub's `allow_patterns` reads
+/// them: `*` matches any run of characters (`/` too), `?` one, `[...]` a
+/// class.
+fn pattern(p: &str) -> Result<regex::Regex> {
+    let mut re = String::from("^");
+    let mut chars = p.chars().peekable();
+    while let Some(c) = chars.next() {
+        match c {
+            '*' => re.push_str(".*"),
+            '?' => re.push('.'),
+            '[' => {
+                re.push('[');
+                for d in chars.by_ref() {
+                    if d == ']' {
+                        break;
+                    }
+                    if d == '\\' {
+                        re.push_str("\\\\");
+                    } else {
+                        re.push(d);
+                    }
+                }
+                re.push(']');
+            }
+            other => re.push_str(&regex::escape(&other.to_string())),
+        }
+    }
+    re.push('$');
+    regex::Regex::new(&re).map_err(|e| Error::Usage(format!("--include {p}: {e}")))
+}
+
+/// Fills the cache with `id`'s files: what chatvec needs of it (as
+/// `apply` would fetch), or the files matching `include`; with `dry_run`,
+/// only lists them. Returns the commit and the files.
+pub(crate) fn prefetch(
+    cache: &Path,
+    id: &HubId,
+    include: &[String],
+    dry_run: bool,
+) -> Result<(String, Vec<Prefetched>)> {
+    let client = Client::new();
+    let (commit, files) = client.revision_info(id)?;
+    let repo_dir = cache.join(id.cache_folder());
+    let snap = repo_dir.join("snapshots").join(&commit);
+    let chosen: Vec<RemoteFile> = if include.is_empty() {
+        // The index must be read to know the shards; a dry run reads it
+        // too (one small file), as huggingface_hub's listing would.
+        needed(&client, id, &commit, &repo_dir, &files)?
+    } else {
+        let pats = include.iter().map(|p| pattern(p)).collect::<Result<Vec<_>>>()?;
+        files.iter().filter(|f| pats.iter().any(|p| p.is_match(&f.name))).cloned().collect()
+    };
+    if chosen.is_empty() {
+        return Err(Error::Usage(format!(
+            "{}@{}: no file matches --include {}",
+            id.repo,
+            id.revision.as_deref().unwrap_or("main"),
+            include.join(" ")
+        )));
+    }
+    let listed: Vec<Prefetched> = chosen
+        .iter()
+        .map(|f| Prefetched { name: f.name.clone(), size: f.size, cached: snap.join(&f.name).exists() })
+        .collect();
+    if !dry_run {
+        let missing: Vec<&RemoteFile> = chosen.iter().filter(|f| !snap.join(&f.name).exists()).collect();
+        if !missing.is_empty() {
+            let bar = crate::ui::bytes_bar("downloading", missing.iter().map(|f| f.size).sum());
+            fetch_all(&client, id, &commit, &repo_dir, &missing, &bar)?;
+            bar.finish_and_clear();
+        }
+        point_ref(&repo_dir, id, &commit)?;
+    }
+    Ok((commit, listed))
+}
+
 /// Files downloaded at once: enough to fill a link whose single streams are
 /// slow, few enough to stay polite to the Hub. Each holds a 1 MiB buffer.
 const PARALLEL_FILES: usize = 4;
@@ -488,6 +575,17 @@ mod tests {
 
     fn rf(name: &str) -> RemoteFile {
         RemoteFile { name: name.into(), size: 1, listed: true, sha256: None, blob_id: Some("ab".into()) }
+    }
+
+    #[test]
+    fn include_patterns_read_as_fnmatch() {
+        let p = pattern("*.safetensors").unwrap();
+        assert!(p.is_match("model-00001-of-00002.safetensors") && p.is_match("sub/x.safetensors"));
+        assert!(!p.is_match("model.safetensors.index.json"));
+        let q = pattern("original/params.[jy]son").unwrap();
+        assert!(q.is_match("original/params.json") && !q.is_match("original/params.xson"));
+        assert!(pattern("config.json").unwrap().is_match("config.json"));
+        assert!(!pattern("config.json").unwrap().is_match("configxjson"));
     }
 
     #[test]

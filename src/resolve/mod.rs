@@ -263,6 +263,65 @@ pub(crate) fn vector_alias(reference: &str) -> Result<Option<VectorAlias>> {
     Ok(None)
 }
 
+/// What `chatvec download` brought (or, dry, would bring) for one model.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct Prefetch {
+    /// The model as named.
+    pub reference: String,
+    /// The Hub repository and commit.
+    pub repo: String,
+    pub commit: String,
+    /// Its files, with sizes and whether they were cached.
+    pub files: Vec<download::Prefetched>,
+}
+
+/// Fills the Hugging Face cache with `reference` (a Hub id or a model
+/// alias; a vector alias names both of its models), as a job would fetch
+/// it, or with the files matching `include`; `dry_run` lists them only.
+pub(crate) fn prefetch(reference: &str, include: &[String], dry_run: bool) -> Result<Vec<Prefetch>> {
+    if offline() {
+        return Err(Error::Usage("download: the network is off (--offline or HF_HUB_OFFLINE)".into()));
+    }
+    if Path::new(reference).exists() || looks_like_path(reference) {
+        return Err(Error::Usage(format!("download {reference}: a local path, not a Hub model")));
+    }
+    let aliases = Aliases::get()?;
+    let (name, rev) = match reference.split_once('@') {
+        Some((n, r)) => (n, Some(r)),
+        None => (reference, None),
+    };
+    let refs: Vec<String> = if let Some(a) = aliases.models.get(name) {
+        vec![rev.map_or_else(|| a.reference(), |r| format!("{}@{r}", a.repo))]
+    } else if let Some(v) = aliases.vectors.get(name) {
+        vec![v.chat.clone(), v.pretrained.clone()]
+    } else {
+        vec![reference.to_string()]
+    };
+    let cache = cache_dir(|k| std::env::var(k).ok()).ok_or_else(|| {
+        Error::Usage("no Hugging Face cache is configured (set HF_HOME or HF_HUB_CACHE)".into())
+    })?;
+    let mut out = Vec::new();
+    for r in refs {
+        // A vector alias's models may themselves be aliases.
+        let spelled = match r.split_once('@').map_or((r.as_str(), None), |(n, v)| (n, Some(v))) {
+            (n, v) if aliases.models.contains_key(n) => {
+                let a = &aliases.models[n];
+                v.map_or_else(|| a.reference(), |v| format!("{}@{v}", a.repo))
+            }
+            _ => r.clone(),
+        };
+        let id = parse_hub_id(&spelled).ok_or_else(|| {
+            Error::Usage(format!("download {spelled}: not a Hub id (org/name[@revision]) nor an alias"))
+                .with_hint(
+                    did_you_mean(name, aliases).unwrap_or_else(|| "`chatvec list` shows the aliases".into()),
+                )
+        })?;
+        let (commit, files) = download::prefetch(&cache, &id, include, dry_run)?;
+        out.push(Prefetch { reference: r, repo: id.repo.clone(), commit, files });
+    }
+    Ok(out)
+}
+
 /// The aliases in effect: `(name, Hub reference)` for models and
 /// `(name, chat, pretrained)` for vectors, sorted by name.
 pub(crate) type AliasList = (Vec<(String, String)>, Vec<(String, String, String)>);
