@@ -118,6 +118,22 @@ fn sft_validates_writes_configs_launches_trl_and_records_the_run() {
     assert_eq!(rec["interrupted"], false);
     assert!(rec["started"].as_str().unwrap().ends_with('Z') && rec["host"].is_string(), "{rec}");
     assert_eq!(rec["trained_model"]["files"][0]["file"], "model.safetensors");
+    // RUN/model holds the model to serve: the weights the trainer saved in
+    // RUN/checkpoints, the model's own template (no training markers) and
+    // chatvec's card; the record names it.
+    let served = run.join("model");
+    assert_eq!(std::fs::read_to_string(served.join("model.safetensors")).unwrap(), "weights\n");
+    assert!(!run.join("checkpoints/model.safetensors").exists());
+    let tpl = std::fs::read_to_string(served.join("chat_template.jinja")).unwrap();
+    assert!(!tpl.contains("generation %}"), "{tpl}");
+    let card = std::fs::read_to_string(served.join("README.md")).unwrap();
+    assert!(
+        card.contains("chatvec sft")
+            && card.contains("- learning rate: 0.00001")
+            && card.contains("## Usage"),
+        "{card}"
+    );
+    assert_eq!(rec["served_model"]["files"][0]["file"], "model.safetensors");
     assert_eq!(rec["run_dir"], s(&run));
     assert_eq!(rec["python"]["packages"]["trl"], "1.16.0");
     assert!(rec["model"]["manifest_sha256"].is_null());
@@ -348,7 +364,7 @@ fn scale_out_options_are_checked_and_cluster_configs_prepare_without_gpus() {
     assert!(!text.contains("mixed_precision"), "accelerate refuses it beside a DeepSpeed file: {text}");
     assert!(text.contains("bf16: true") && text.contains("dtype: float32"), "{text}");
     assert!(text.contains("weight_decay: 0.1") && text.contains("num_processes: 16"), "{text}");
-    assert!(text.contains(&format!("output_dir: {}/model", run.display())), "{text}");
+    assert!(text.contains(&format!("output_dir: {}/checkpoints", run.display())), "{text}");
     assert!(!run.exists());
 }
 
@@ -430,6 +446,18 @@ fn data_files_mix_by_weight_hold_out_an_eval_split_and_runs_resume() {
     let rec: serde_json::Value =
         serde_json::from_slice(&std::fs::read(run.join("chatvec-sft-run.json")).unwrap()).unwrap();
     assert!(rec["resumed_from"].as_str().unwrap().ends_with("model/checkpoint-10"), "{rec}");
+    // Those were an older run's (in RUN/model): finishing again kept them.
+    assert!(run.join("model/checkpoint-10/trainer_state.json").is_file());
+    // Checkpoints where runs now keep them come first.
+    let c = run.join("checkpoints/checkpoint-12");
+    std::fs::create_dir_all(&c).unwrap();
+    std::fs::write(c.join("trainer_state.json"), "{}").unwrap();
+    ok(&resume());
+    let cfg = std::fs::read_to_string(run.join("sft_config.yaml")).unwrap();
+    assert!(
+        cfg.contains(&format!("resume_from_checkpoint: {}/checkpoints/checkpoint-12", run.display())),
+        "{cfg}"
+    );
 
     // A trainer that exits 0 without saving a model is not a success.
     let o = sft(&model, &data, &d.path().join("run2"), &py)

@@ -85,6 +85,30 @@ fn apply_then_a_few_real_sft_steps_on_the_cpu() {
     assert_eq!(rec["steps_logged"], 3);
     assert_eq!(rec["model"]["manifest_sha256"], sha256_file(&cv.join("chatvec-manifest.json")));
     assert!(run.join("model/model.safetensors").is_file(), "{:?}", entries(&run.join("model")));
+    // RUN/model holds only the model to serve: no checkpoints, no
+    // training state, TRL's card replaced by chatvec's.
+    let served = entries(&run.join("model"));
+    assert!(!served.iter().any(|n| n.starts_with("checkpoint-") || n == "training_args.bin"), "{served:?}");
+    let card = std::fs::read_to_string(run.join("model/README.md")).unwrap();
+    assert!(card.contains("chatvec sft") && !card.contains("fine-tuned version of [None]"), "{card}");
+    // Its template renders every conversation as the input model's does
+    // (transformers on both), with no training markers.
+    let same = r#"
+import sys
+from transformers import AutoTokenizer
+a, b = AutoTokenizer.from_pretrained(sys.argv[1]), AutoTokenizer.from_pretrained(sys.argv[2])
+assert "generation %}" not in (b.chat_template or ""), b.chat_template
+convs = [[{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello."}],
+         [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "A?"}, {"role": "assistant", "content": "B."}, {"role": "user", "content": "C?"}]]
+for c in convs:
+    for p in (False, True):
+        x = a.apply_chat_template(c, tokenize=False, add_generation_prompt=p)
+        y = b.apply_chat_template(c, tokenize=False, add_generation_prompt=p)
+        assert x == y, (x, y)
+print("same")
+"#;
+    let o = Command::new(&py).args(["-c", same, s(&cv), s(&run.join("model"))]).output().unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
 
     // The trained checkpoint loads and scores a chat prompt.
     let check = "import math, sys\nfrom transformers import AutoModelForCausalLM, AutoTokenizer\nm = AutoModelForCausalLM.from_pretrained(sys.argv[1])\nt = AutoTokenizer.from_pretrained(sys.argv[1])\nids = t.apply_chat_template([{'role': 'user', 'content': 'Hello'}], add_generation_prompt=True, return_tensors='pt')\nids = ids['input_ids'] if hasattr(ids, 'keys') else ids\nloss = m(ids, labels=ids).loss.item()\nassert math.isfinite(loss), loss\nprint('ok', loss)\n";
@@ -93,8 +117,8 @@ fn apply_then_a_few_real_sft_steps_on_the_cpu() {
     assert!(String::from_utf8_lossy(&o.stdout).starts_with("ok "));
 
     // Resume from the last checkpoint: the step count goes on from 3.
-    let last = run.join("model/checkpoint-3");
-    assert!(last.join("trainer_state.json").is_file(), "{:?}", entries(&run.join("model")));
+    let last = run.join("checkpoints/checkpoint-3");
+    assert!(last.join("trainer_state.json").is_file(), "{:?}", entries(&run.join("checkpoints")));
     // (The resumed run's own checkpoints then push it out: 2 are kept.)
     let last = std::fs::canonicalize(&last).unwrap();
     let o = command()
@@ -108,9 +132,10 @@ fn apply_then_a_few_real_sft_steps_on_the_cpu() {
         serde_json::from_slice(&std::fs::read(run.join("chatvec-sft-run.json")).unwrap()).unwrap();
     assert_eq!(rec["steps_logged"], 2, "steps 4 and 5 only");
     assert_eq!(rec["resumed_from"], s(&last));
-    let state: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(run.join("model/checkpoint-5/trainer_state.json")).unwrap())
-            .unwrap();
+    let state: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(run.join("checkpoints/checkpoint-5/trainer_state.json")).unwrap(),
+    )
+    .unwrap();
     assert_eq!(state["global_step"], 5);
 }
 

@@ -255,3 +255,59 @@ fn usage(s: &mut String, chat: bool) {
     }
     s.push_str("print(out[0].outputs[0].text)\n```\n\nor as a server: `vllm serve .`\n");
 }
+
+/// The card of a model trained by `chatvec sft` from `input` (named
+/// `reference`): a fine-tune of it, under its licence (read from its
+/// card), with the lineage its chatvec manifest records, the training
+/// settings, and the usage snippets.
+pub(crate) fn sft_card(reference: &str, input: &std::path::Path, settings: &[(&str, String)]) -> Vec<u8> {
+    // A Hub model trained on is the base_model; a local one (a merge) is
+    // described by its lineage below.
+    let hub_id = hub_like(reference.split('@').next().unwrap_or(reference))
+        .then(|| reference.split('@').next().unwrap_or(reference).to_string());
+    let licence = read_licence(input);
+    let front = FrontMatter {
+        license: licence.as_ref().map(|l| l.id.clone()),
+        license_name: licence.as_ref().and_then(|l| l.name.clone()),
+        license_link: licence.as_ref().and_then(|l| l.link.clone()),
+        base_model: hub_id.iter().map(String::as_str).collect(),
+        base_model_relation: hub_id.is_some().then_some("finetune"),
+        library_name: "transformers",
+        pipeline_tag: "text-generation",
+        tags: vec!["chatvec", "sft", "trl"],
+    };
+    let yaml = serde_yaml_ng::to_string(&front).unwrap_or_default();
+    let mut s = format!("---\n{yaml}---\n\n# Fine-tuned model\n\n");
+    let _ = writeln!(
+        s,
+        "Trained with chatvec {} (`chatvec sft`, TRL's SFT trainer) from `{reference}`.\n",
+        env!("CARGO_PKG_VERSION")
+    );
+    // The lineage: what the input model was made from, as its manifest says.
+    if let Ok(m) = crate::json::read_value(&input.join(MANIFEST_FILE), 64 << 20)
+        && let Some(inputs) = m["inputs"].as_array()
+    {
+        s.push_str("It was made by chatvec from:\n\n");
+        for i in inputs {
+            let _ = writeln!(
+                s,
+                "- {}: `{}`",
+                i["role"].as_str().unwrap_or("input"),
+                i["reference"].as_str().unwrap_or("?")
+            );
+        }
+        s.push('\n');
+    }
+    s.push_str("## Training\n\n");
+    for (k, v) in settings {
+        let _ = writeln!(s, "- {k}: {v}");
+    }
+    usage(&mut s, true);
+    if let Some(l) = &licence {
+        let _ = writeln!(s, "\n## License\n\n{}, the licence of `{reference}`.", l.label());
+        for a in attribution(l) {
+            let _ = write!(s, "\n{a}\n");
+        }
+    }
+    s.into_bytes()
+}

@@ -87,10 +87,14 @@ struct RunFile {
 struct Layout {
     /// This node's files.
     own: PathBuf,
-    /// The trainer's output, shared by all nodes: checkpoints and the final
-    /// model (RUN/model), or with LoRA the final adapter (RUN/adapter),
-    /// which chatvec then merges into RUN/model.
+    /// The trainer's output, shared by all nodes: checkpoints and its final
+    /// save (RUN/checkpoints, from which chatvec moves the model into
+    /// RUN/model), or with LoRA the final adapter (RUN/adapter), which
+    /// chatvec then merges into RUN/model.
     trainer: PathBuf,
+    /// Where runs before RUN/checkpoints kept their checkpoints (RUN/model),
+    /// so `--resume latest` still finds them.
+    legacy: PathBuf,
 }
 
 impl Layout {
@@ -98,8 +102,8 @@ impl Layout {
         let a = &job.options;
         let own =
             if a.nnodes > 1 { job.output.join(format!("node-{}", a.node_rank)) } else { job.output.clone() };
-        let trainer = if a.lora { job.output.join("adapter") } else { model_dir(job) };
-        Layout { own, trainer }
+        let trainer = if a.lora { job.output.join("adapter") } else { job.output.join("checkpoints") };
+        Layout { own, trainer, legacy: model_dir(job) }
     }
 }
 
@@ -120,6 +124,9 @@ struct Prepared {
     model_dir: PathBuf,
     model_manifest_sha256: Option<String>,
     template: Value,
+    /// The model's chat template as it came (or `--chat-template`'s),
+    /// before any training markers: what the saved model carries.
+    original_template: String,
     resume_from: Option<PathBuf>,
     layout: Layout,
 }
@@ -145,13 +152,15 @@ fn latest_checkpoint(dir: &Path) -> Option<PathBuf> {
 /// or a checkpoint directory.
 fn resume_point(resume: &str, layout: &Layout) -> Result<PathBuf> {
     if resume == "latest" {
-        return latest_checkpoint(&layout.trainer).ok_or_else(|| {
-            Error::Usage(format!(
-                "--resume latest: {} holds no checkpoint-N to resume from",
-                layout.trainer.display()
-            ))
-            .with_hint("checkpoints are saved every --save-steps steps; without one, start the run again")
-        });
+        return latest_checkpoint(&layout.trainer).or_else(|| latest_checkpoint(&layout.legacy)).ok_or_else(
+            || {
+                Error::Usage(format!(
+                    "--resume latest: {} holds no checkpoint-N to resume from",
+                    layout.trainer.display()
+                ))
+                .with_hint("checkpoints are saved every --save-steps steps; without one, start the run again")
+            },
+        );
     }
     let p = PathBuf::from(resume);
     if !p.join("trainer_state.json").is_file() {
@@ -435,6 +444,7 @@ fn prepare(job: &SftJob) -> Result<Prepared> {
         model_dir,
         model_manifest_sha256,
         template: template_record,
+        original_template: template,
         resume_from,
         layout,
     })
@@ -645,12 +655,87 @@ pub(crate) fn train(job: &SftJob) -> Result<SftReport> {
             ));
         }
         let what = if a.lora { "LoRA adapter" } else { "trained model" };
-        ui::note(&format!("{what} in {}, run record {}", p.layout.trainer.display(), rec.display()));
+        let at = if a.lora || a.node_rank != 0 {
+            p.layout.trainer.clone()
+        } else {
+            let data: Vec<String> = a.data.iter().map(|f| f.spelled()).collect();
+            let settings = [
+                ("data", data.join(", ")),
+                ("learning rate", a.lr.to_string()),
+                ("epochs", a.max_steps.map_or(a.epochs.to_string(), |m| format!("{m} steps"))),
+                ("warmup ratio", a.warmup_ratio.to_string()),
+                ("global batch", (a.batch_size * a.grad_accum * a.world_size()).to_string()),
+                ("max sequence length", a.max_seq_len.to_string()),
+                ("assistant-only loss", a.assistant_only_loss.to_string()),
+                ("final logged loss", last_loss.map_or("-".into(), |l| l.to_string())),
+            ];
+            let card = crate::output::card::sft_card(&job.model, &p.model_dir, &settings);
+            finalize(&p.layout.trainer, &model_dir(job), &p.original_template, &card)?;
+            add_to_record(
+                job,
+                "served_model",
+                json!({"dir": abs(&model_dir(job)), "files": model_files(&model_dir(job))?}),
+            )?;
+            model_dir(job)
+        };
+        ui::note(&format!("{what} in {}, run record {}", at.display(), rec.display()));
         if a.lora && a.node_rank == 0 {
             report.adapter = Some(abs(&p.layout.trainer));
         }
     }
     Ok(report)
+}
+
+/// Whether a file of the trainer's final save belongs to the model that is
+/// served: weights, their index, config, generation config, tokenizer;
+/// not training state (`training_args.bin`, `checkpoint-N/`), TRL's card or
+/// the training copy of the chat template.
+fn served(name: &str) -> bool {
+    let weights = name.ends_with(".safetensors")
+        || name == "model.safetensors.index.json"
+        || (name.starts_with("pytorch_model") && (name.ends_with(".bin") || name.ends_with(".index.json")));
+    weights || (crate::model::SIDE_FILES.contains(&name) && !name.starts_with("chat_template"))
+}
+
+/// Moves the trainer's final save from `from` (RUN/checkpoints) into `to`
+/// (RUN/model), which then holds only the model: its files (`served`), the
+/// chat template it came with (no `{% generation %}` markers, which serving
+/// engines do not expect) and chatvec's card. Checkpoints stay in `from`,
+/// where `--resume` finds them.
+fn finalize(from: &Path, to: &Path, template: &str, card: &[u8]) -> Result<()> {
+    // The files of an earlier finish of this run (a resumed run finishing
+    // again) are replaced; directories are kept: runs from before
+    // RUN/checkpoints kept their checkpoints here.
+    if to.is_dir() {
+        for e in std::fs::read_dir(to).map_err(|e| Error::io("listing", to, e))? {
+            let e = e.map_err(|e| Error::io("listing", to, e))?;
+            if e.file_type().is_ok_and(|t| t.is_file()) {
+                std::fs::remove_file(e.path()).map_err(|err| Error::io("removing", &e.path(), err))?;
+            }
+        }
+    }
+    std::fs::create_dir_all(to).map_err(|e| Error::io("creating", to, e))?;
+    for e in std::fs::read_dir(from).map_err(|e| Error::io("listing", from, e))? {
+        let e = e.map_err(|e| Error::io("listing", from, e))?;
+        let name = e.file_name().to_string_lossy().into_owned();
+        if e.file_type().is_ok_and(|t| t.is_file()) && served(&name) {
+            std::fs::rename(e.path(), to.join(&name)).map_err(|err| Error::io("moving", &e.path(), err))?;
+        }
+    }
+    let cfg = to.join("tokenizer_config.json");
+    if cfg.is_file() {
+        let mut v = crate::json::read_value(&cfg, 64 << 20)?;
+        if let Some(o) = v.as_object_mut()
+            && o.remove("chat_template").is_some()
+        {
+            let text = serde_json::to_string_pretty(&v).map_err(|e| Error::Internal(e.to_string()))?;
+            std::fs::write(&cfg, text).map_err(|e| Error::io("writing", &cfg, e))?;
+        }
+    }
+    let tpl = to.join("chat_template.jinja");
+    std::fs::write(&tpl, template).map_err(|e| Error::io("writing", &tpl, e))?;
+    let readme = to.join(crate::model::CARD_FILE);
+    std::fs::write(&readme, card).map_err(|e| Error::io("writing", &readme, e))
 }
 
 /// `--launcher`: checks the options and the data, then writes the batch
