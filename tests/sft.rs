@@ -291,21 +291,15 @@ fn run_merges_verifies_then_trains_from_one_recipe() {
     let e = stderr(&o);
     assert!(e.contains("recipe.toml: sft.learning_rate: unknown field") && e.contains("`lr`"), "{e}");
     assert!(!out2.exists());
-    // Assistant-only loss on a template nobody can mark: refused on the
-    // merged model's side files, before anything is merged.
-    std::fs::write(
-        d.path().join("chatml.jinja"),
-        "{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}",
-    )
-    .unwrap();
-    let unmarkable = body
-        .replace("assistant_only_loss = false", "assistant_only_loss = true")
-        .replace("tmpl.jinja", "chatml.jinja");
-    std::fs::write(&recipe, unmarkable).unwrap();
+    // The merged model would have no chat template to render the data
+    // with (neither input has one, and [sft] names none): refused on the
+    // side files the merge would write, before anything is merged.
+    let templateless = body.replace("chat_template = \"tmpl.jinja\"\n", "");
+    std::fs::write(&recipe, templateless).unwrap();
     let o = chatvec(&["run", s(&recipe), "-o", s(&out2)]);
     assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
     let e = stderr(&o);
-    assert!(e.contains("nothing is merged") && e.contains("{% generation %} markers"), "{e}");
+    assert!(e.contains("nothing is merged") && e.contains("has no chat template"), "{e}");
     assert!(!out2.exists());
     std::fs::write(&recipe, body.split("[sft]").next().unwrap()).unwrap();
     let o = chatvec(&["run", s(&recipe), "-o", s(&out2)]);

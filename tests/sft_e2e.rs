@@ -1083,3 +1083,76 @@ print(snippet)
     let o = Command::new(&py).args(["-c", &snippet]).current_dir(&cv).output().unwrap();
     assert!(o.status.success(), "the card's usage snippet failed: {}", String::from_utf8_lossy(&o.stderr));
 }
+
+/// ChatML written as one loop over messages (as Qwen and many fine-tunes
+/// ship it), whose assistant turns neither chatvec nor TRL can mark:
+/// chatvec computes the assistant masks from each reply's prefixes, and
+/// they equal the masks transformers gives (as TRL asks for them) with a
+/// marked copy of the same template; real TRL then trains 2 steps on them.
+#[test]
+#[ignore = "needs torch/transformers/trl/accelerate: CHATVEC_SFT_PYTHON=$(scripts/sft-venv.sh) cargo test --test sft_e2e -- --ignored"]
+fn an_unmarkable_chatml_template_trains_on_masks_from_reply_prefixes() {
+    let (py, d) = tiny_llamas();
+    let cv = chat_vector_applied(d.path());
+    let chatml = "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}";
+    let marked = "{% for m in messages %}{% if m['role'] == 'assistant' %}<|im_start|>assistant\n{% generation %}{{ m['content'] }}<|im_end|>\n{% endgeneration %}{% else %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endif %}{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}";
+    let tpl = d.path().join("chatml.jinja");
+    std::fs::write(&tpl, chatml).unwrap();
+    let data = d.path().join("data.jsonl");
+    let convs = [
+        r#"{"messages": [{"role": "user", "content": "Hello"}, {"role": "assistant", "content": "Hello, how are you?"}]}"#,
+        r#"{"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "こんにちは"}, {"role": "assistant", "content": "今日はいい天気ですね。"}, {"role": "user", "content": "はい"}, {"role": "assistant", "content": "よかった。"}]}"#,
+    ];
+    std::fs::write(&data, convs.join("\n")).unwrap();
+    let run = d.path().join("run");
+    let o = command()
+        .args(["sft", "--model", s(&cv), "--data", s(&data), "-o", s(&run), "--python", s(&py)])
+        .args(["--chat-template", s(&tpl), "--max-steps", "2", "--grad-accum", "1", "--max-seq-len", "128"])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "chatvec sft failed:\n{}", stderr(&o));
+    assert!(stderr(&o).contains("chatvec computes the assistant masks"), "{}", stderr(&o));
+    let compare = r#"
+import json, sys
+from transformers import AutoTokenizer
+tok = AutoTokenizer.from_pretrained(sys.argv[1])
+rows = [json.loads(l) for l in open(sys.argv[2]) if l.strip()]
+got = sorted((tuple(r["input_ids"]), tuple(r["assistant_masks"])) for r in rows)
+want = []
+for line in open(sys.argv[3]):
+    conv = json.loads(line)["messages"]
+    out = tok.apply_chat_template(conv, chat_template=sys.argv[4], tokenize=True, return_dict=True, return_assistant_tokens_mask=True)
+    want.append((tuple(out["input_ids"]), tuple(out["assistant_masks"])))
+want.sort()
+assert got == want, (got, want)
+assert all(1 in m for _, m in got)
+print("same", len(got))
+"#;
+    let o = Command::new(&py)
+        .args(["-c", compare, s(&cv), s(&run.join("data/train.jsonl")), s(&data), marked])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert_eq!(String::from_utf8_lossy(&o.stdout).trim(), "same 2");
+    let rec: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(run.join("chatvec-sft-run.json")).unwrap()).unwrap();
+    assert_eq!(rec["steps_logged"], 2);
+    // The served model carries the template as given, not a training copy.
+    assert_eq!(std::fs::read_to_string(run.join("model/chat_template.jinja")).unwrap(), chatml);
+    // A template that renders a conversation differently once it goes on
+    // cannot have its replies told apart: refused before launch, naming the
+    // conversation, and the run directory is not left behind.
+    let closing = d.path().join("closing.jinja");
+    std::fs::write(&closing, format!("{chatml}{{% if not add_generation_prompt %}}<END>{{% endif %}}"))
+        .unwrap();
+    let run2 = d.path().join("run2");
+    let o = command()
+        .args(["sft", "--model", s(&cv), "--data", s(&data), "-o", s(&run2), "--python", s(&py)])
+        .args(["--chat-template", s(&closing), "--max-steps", "1"])
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
+    let e = stderr(&o);
+    assert!(e.contains("こんにちは") && e.contains("as a prefix of its continuation"), "{e}");
+    assert!(!run2.exists());
+}

@@ -76,6 +76,10 @@ pub(crate) struct RunPaths<'a> {
     pub chat_template: Option<&'a str>,
     /// The checkpoint to resume from.
     pub resume_from: Option<&'a str>,
+    /// Whether the data comes tokenized with its assistant masks (chatvec
+    /// computed them): TRL then trains on the masks as they are, and must
+    /// not look for a template to mark.
+    pub premasked: bool,
 }
 
 /// TRL's `trl sft --config` file. transformers 5 dropped `warmup_ratio`:
@@ -102,7 +106,7 @@ pub(crate) fn sft_config(p: &RunPaths<'_>, t: &SftOptions, gpu: bool, transforme
         "per_device_train_batch_size": t.batch_size,
         "gradient_accumulation_steps": t.grad_accum,
         "packing": t.packing,
-        "assistant_only_loss": t.assistant_only_loss,
+        "assistant_only_loss": t.assistant_only_loss && !p.premasked,
         "seed": t.seed,
         "bf16": gpu,
         "use_cpu": !gpu,
@@ -345,6 +349,7 @@ mod tests {
             output_dir: "/r/out",
             chat_template: None,
             resume_from: None,
+            premasked: false,
         }
     }
 

@@ -127,6 +127,9 @@ struct Prepared {
     /// The model's chat template as it came (or `--chat-template`'s),
     /// before any training markers: what the saved model carries.
     original_template: String,
+    /// Whether chatvec tokenizes the data with its assistant masks before
+    /// launch (a template nobody can mark; see `premask.py`).
+    premask: bool,
     resume_from: Option<PathBuf>,
     layout: Layout,
 }
@@ -255,7 +258,8 @@ fn training_template(
     source: &str,
     python: &crate::python::PythonEnv,
     marked: Option<&String>,
-) -> Result<(String, &'static str)> {
+) -> Result<(String, &'static str, bool)> {
+    let mut premask = false;
     let mut used = template.to_string();
     let mut how = "as it is";
     if a.assistant_only_loss && !has_generation_markers(template) {
@@ -271,18 +275,14 @@ fn training_template(
                     used = m.clone();
                     how = "with {% generation %} markers inserted around the assistant reply (checked: same rendering, reply masked)";
                 }
-                (other, checked, _) => {
-                    let mut why = other.as_ref().map(|(_, e)| format!(" (TRL: {e}")).unwrap_or_default();
-                    if let Some((_, e)) = checked {
-                        why.push_str(&format!("; chatvec's marked copy: {e}"));
-                    }
-                    if !why.is_empty() {
-                        why.push(')');
-                    }
-                    return Err(Error::Usage(format!(
-                        "the chat template ({source}) has no {{% generation %}} markers, which assistant-only loss needs, and neither chatvec nor TRL can add them{why}"
-                    ))
-                    .with_hint("pass --chat-template with a template that has them, or --assistant-only-loss false to train on whole conversations"));
+                // Neither can mark it: chatvec computes the masks itself by
+                // rendering each reply's prefixes (premask.py), which holds
+                // for any template that renders a conversation as a prefix
+                // of its continuation; the data is checked line by line
+                // before launch.
+                _ => {
+                    premask = true;
+                    how = "as it is; chatvec computes the assistant masks by rendering each reply's prefixes (the template has no {% generation %} markers and none can be added)";
                 }
             }
         } else if template.contains("tools") || template.contains("Cutting Knowledge") {
@@ -300,7 +300,7 @@ fn training_template(
             how = "replaced by chatvec's Llama 3 training template (same rendering, with generation markers)";
         }
     }
-    Ok((used, how))
+    Ok((used, how, premask))
 }
 
 fn prepare(job: &SftJob) -> Result<Prepared> {
@@ -381,8 +381,8 @@ fn prepare(job: &SftJob) -> Result<Prepared> {
     let own = abs(&layout.own);
     let mut files = Vec::new();
     let mut template_path = None;
-    let (used, how) = training_template(a, &template, &source, &python, marked.as_ref())?;
-    if used != template || a.chat_template.is_some() {
+    let (used, how, premask) = training_template(a, &template, &source, &python, marked.as_ref())?;
+    if used != template || a.chat_template.is_some() || premask {
         files.push(RunFile { name: "chat_template.jinja", text: used.clone() });
         template_path = Some(format!("{own}/chat_template.jinja"));
     }
@@ -407,6 +407,7 @@ fn prepare(job: &SftJob) -> Result<Prepared> {
         output_dir: &model_out,
         chat_template: template_path.as_deref(),
         resume_from: resume_str.as_deref(),
+        premasked: premask,
     };
     let sft = sft_config(&paths, a, gpu, tf_major);
     files.push(RunFile { name: "sft_config.yaml", text: to_yaml(&sft)? });
@@ -445,6 +446,7 @@ fn prepare(job: &SftJob) -> Result<Prepared> {
         model_manifest_sha256,
         template: template_record,
         original_template: template,
+        premask,
         resume_from,
         layout,
     })
@@ -607,6 +609,16 @@ pub(crate) fn train(job: &SftJob) -> Result<SftReport> {
         let path = own.join(f.name);
         std::fs::write(&path, &f.text).map_err(|e| Error::io("writing", &path, e))?;
     }
+    if p.premask {
+        // A conversation the template cannot split is refused before
+        // launch; the run directory this call made goes with it.
+        if let Err(e) = premask_data(&p, &own) {
+            if a.resume.is_none() {
+                let _ = std::fs::remove_dir_all(&own);
+            }
+            return Err(e);
+        }
+    }
     let started = std::time::SystemTime::now();
     let start = Instant::now();
     let (code, steps, last_loss, signals) = supervise(&p.command, &p.env, a.max_steps)?;
@@ -684,6 +696,42 @@ pub(crate) fn train(job: &SftJob) -> Result<SftReport> {
         }
     }
     Ok(report)
+}
+
+/// The helper that tokenizes the data with its assistant masks.
+const PREMASK_SCRIPT: &str = include_str!("premask.py");
+
+/// Rewrites the run's data files as tokenized examples with assistant
+/// masks computed from each reply's prefixes (`premask.py`), which TRL
+/// trains on as they are.
+fn premask_data(p: &Prepared, own: &Path) -> Result<()> {
+    let helper = crate::python::Helper::write("premask.py", PREMASK_SCRIPT)?;
+    let data: Vec<PathBuf> =
+        ["data/train.jsonl", "data/test.jsonl"].iter().map(|f| own.join(f)).filter(|f| f.is_file()).collect();
+    let python = Path::new(&p.python.python);
+    let out = helper
+        .command(python)
+        .arg(&p.model_dir)
+        .arg(own.join("chat_template.jinja"))
+        .args(&data)
+        .output()
+        .map_err(|e| Error::io("running", python, e))?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    let v: Value = text.lines().rev().find_map(|l| serde_json::from_str(l).ok()).unwrap_or(Value::Null);
+    if let Some(e) = v["error"].as_str() {
+        return Err(Error::Usage(format!("assistant-only loss: {e}"))
+            .with_hint("pass --chat-template with a template that renders each conversation as a prefix of its continuation, or --assistant-only-loss false"));
+    }
+    if !out.status.success() || v.get("ok").is_none() {
+        let tail = String::from_utf8_lossy(&out.stderr);
+        let last = tail.lines().rev().find(|l| !l.trim().is_empty()).unwrap_or("(no output)");
+        return Err(Error::Usage(format!(
+            "tokenizing the data with its assistant masks failed ({}): {last}",
+            out.status
+        )));
+    }
+    ui::note(&format!("tokenized the data with assistant masks from each reply's prefixes: {}", v["ok"]));
+    Ok(())
 }
 
 /// Whether a file of the trainer's final save belongs to the model that is
