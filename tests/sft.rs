@@ -717,3 +717,104 @@ fn run_warns_when_the_eval_data_is_the_training_data() {
     ok(&o);
     assert!(!stderr(&o).contains("is also [sft] data"), "{}", stderr(&o));
 }
+
+/// A Parquet file of (instruction, input, output) rows, written with the
+/// parquet crate's own writer, one row group.
+fn write_alpaca_parquet(path: &Path, rows: &[(&str, &str, &str)]) {
+    use parquet::data_type::{ByteArray, ByteArrayType};
+    use parquet::file::properties::WriterProperties;
+    use parquet::file::writer::SerializedFileWriter;
+    let schema = parquet::schema::parser::parse_message_type(
+        "message alpaca { REQUIRED BYTE_ARRAY instruction (UTF8); REQUIRED BYTE_ARRAY input (UTF8); REQUIRED BYTE_ARRAY output (UTF8); }",
+    )
+    .unwrap();
+    let props = std::sync::Arc::new(
+        WriterProperties::builder().set_compression(parquet::basic::Compression::SNAPPY).build(),
+    );
+    let mut w =
+        SerializedFileWriter::new(std::fs::File::create(path).unwrap(), schema.into(), props).unwrap();
+    let mut g = w.next_row_group().unwrap();
+    for col in 0..3 {
+        let values: Vec<ByteArray> = rows.iter().map(|r| ByteArray::from([r.0, r.1, r.2][col])).collect();
+        let mut c = g.next_column().unwrap().unwrap();
+        c.typed::<ByteArrayType>().write_batch(&values, None, None).unwrap();
+        c.close().unwrap();
+    }
+    g.close().unwrap();
+    w.close().unwrap();
+}
+
+/// `--data org/name[:split]`: a Hub dataset repository (JSONL or Parquet)
+/// served by the test Hub is fetched into the cache, validated row by
+/// row before launch like a local file, and recorded with its commit and
+/// file hashes; a missing split and a bad row are named before launch.
+#[test]
+fn hub_datasets_are_chat_data_validated_and_recorded_before_launch() {
+    let d = tempfile::tempdir().unwrap();
+    let (model, _) = setup(d.path());
+    let py = fake_python(d.path(), "");
+    let (pq, jl) = (d.path().join("pq"), d.path().join("jl"));
+    std::fs::create_dir_all(&pq).unwrap();
+    std::fs::create_dir_all(&jl).unwrap();
+    write_alpaca_parquet(
+        &pq.join("train-00000-of-00001.parquet"),
+        &[("Add", "1+1", "2"), ("日本の首都は?", "", "東京です。"), ("Greet", "", "Hello!")],
+    );
+    std::fs::write(
+        jl.join("test.jsonl"),
+        "{\"messages\": [{\"role\": \"user\", \"content\": \"Hi\"}, {\"role\": \"assistant\", \"content\": \"Hello.\"}]}\n",
+    )
+    .unwrap();
+    let hub = common::hub::Hub::start(vec![
+        ("org/alpaca", &pq, common::hub::Fault::Healthy),
+        ("org/chat", &jl, common::hub::Fault::Healthy),
+    ]);
+    let cache = d.path().join("hf");
+    let run = d.path().join("run");
+    let log = d.path().join("log");
+    let o = hub
+        .command(&cache)
+        .env("FAKE_LOG", &log)
+        .args(["sft", "--model", s(&model), "--data", "org/alpaca:2", "--eval-data", "org/chat:test"])
+        .args(["-o", s(&run), "--python", s(&py), "--max-steps", "1"])
+        .output()
+        .unwrap();
+    ok(&o);
+    assert!(stderr(&o).contains("3 examples"), "{}", stderr(&o));
+    let train = std::fs::read_to_string(run.join("data/train.jsonl")).unwrap();
+    assert_eq!(train.lines().count(), 6, "weight 2: each row twice");
+    assert!(train.contains("東京です。"), "{train}");
+    let rec: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(run.join("chatvec-sft-run.json")).unwrap()).unwrap();
+    let hub_rec = &rec["dataset"]["hub"];
+    assert_eq!(hub_rec[0]["repo"], "org/alpaca");
+    assert_eq!(hub_rec[0]["commit"], common::hub::COMMIT);
+    assert_eq!(hub_rec[0]["split"], "train");
+    assert_eq!(
+        hub_rec[0]["files"][0]["sha256"],
+        sha256_file(&pq.join("train-00000-of-00001.parquet")),
+        "{hub_rec}"
+    );
+    assert_eq!(hub_rec[1]["split"], "test");
+    // A split the dataset does not have, and a bad row, before launch.
+    let fails = |data: &str, needles: &[&str]| {
+        let run = d.path().join("run-bad");
+        let o = hub
+            .command(&cache)
+            .args(["sft", "--model", s(&model), "--data", data, "-o", s(&run), "--python", s(&py)])
+            .output()
+            .unwrap();
+        assert_eq!(o.status.code(), Some(1), "{data}: {}", stderr(&o));
+        for n in needles {
+            assert!(stderr(&o).contains(n), "{n}: {}", stderr(&o));
+        }
+        assert!(!run.exists());
+    };
+    fails(
+        "org/alpaca:validation",
+        &["no JSONL or Parquet file for split 'validation'", "train-00000-of-00001.parquet"],
+    );
+    std::fs::write(jl.join("train.jsonl"), "{\"messages\": [{\"role\": \"user\", \"content\": \"Hi\"}]}\n")
+        .unwrap();
+    fails("org/chat", &["org--chat--train", "line 1", "no assistant turn"]);
+}

@@ -1156,3 +1156,30 @@ print("same", len(got))
     assert!(e.contains("こんにちは") && e.contains("as a prefix of its continuation"), "{e}");
     assert!(!run2.exists());
 }
+
+/// A Hub dataset served by the test Hub trains 2 steps with real TRL.
+#[test]
+#[ignore = "needs torch/transformers/trl/accelerate: CHATVEC_SFT_PYTHON=$(scripts/sft-venv.sh) cargo test --test sft_e2e -- --ignored"]
+fn a_hub_dataset_trains_two_real_steps() {
+    let (py, d) = tiny_llamas();
+    let cv = chat_vector_applied(d.path());
+    let repo = d.path().join("ds");
+    std::fs::create_dir_all(&repo).unwrap();
+    let lines: String = (0..4)
+        .map(|i| format!("{{\"messages\": [{{\"role\": \"user\", \"content\": \"Hello {i}\"}}, {{\"role\": \"assistant\", \"content\": \"Hi {i}.\"}}]}}\n"))
+        .collect();
+    std::fs::write(repo.join("train.jsonl"), lines).unwrap();
+    let hub = common::hub::Hub::start(vec![("org/tiny-chat", &repo, common::hub::Fault::Healthy)]);
+    let run = d.path().join("run");
+    let o = hub
+        .command(&d.path().join("hf"))
+        .args(["sft", "--model", s(&cv), "--data", "org/tiny-chat", "-o", s(&run), "--python", s(&py)])
+        .args(["--max-steps", "2", "--grad-accum", "1", "--max-seq-len", "64"])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "chatvec sft failed:\n{}", stderr(&o));
+    let rec: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(run.join("chatvec-sft-run.json")).unwrap()).unwrap();
+    assert_eq!(rec["steps_logged"], 2);
+    assert_eq!(rec["dataset"]["hub"][0]["repo"], "org/tiny-chat");
+}

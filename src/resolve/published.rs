@@ -80,6 +80,42 @@ pub(crate) fn hub_file(repo: &str, revision: &str, name: &str, dataset: bool) ->
     })
 }
 
+/// The commit `revision` of Hub repository `repo` (a dataset when
+/// `dataset`) names, and its files: from the Hub, else (offline, or the
+/// Hub out of reach) from the cached snapshot.
+pub(crate) fn hub_listing(repo: &str, revision: &str, dataset: bool) -> Result<(String, Vec<String>)> {
+    let kind = if dataset { RepoKind::Dataset } else { RepoKind::Model };
+    let id = HubId { repo: repo.to_string(), revision: Some(revision.to_string()), kind };
+    let cache = cache_dir(|k| std::env::var(k).ok()).ok_or_else(|| {
+        Error::Usage(format!("{repo}: no Hugging Face cache is configured (set HF_HOME or HF_HUB_CACHE)"))
+    })?;
+    let cached = || -> Result<(String, Vec<String>)> {
+        let (snap, origin) = find_snapshot(&cache, &id)?;
+        let mut names = Vec::new();
+        let mut stack = vec![snap.clone()];
+        while let Some(d) = stack.pop() {
+            for e in std::fs::read_dir(&d).map_err(|e| Error::io("listing", &d, e))? {
+                let p = e.map_err(|e| Error::io("listing", &d, e))?.path();
+                if p.is_dir() {
+                    stack.push(p);
+                } else if let Ok(rel) = p.strip_prefix(&snap) {
+                    names.push(rel.to_string_lossy().into_owned());
+                }
+            }
+        }
+        names.sort();
+        Ok((origin.commit, names))
+    };
+    if offline() {
+        return cached();
+    }
+    match crate::resolve::hub_api::Client::new().revision_info(&id) {
+        Ok((commit, files)) => Ok((commit, files.into_iter().map(|f| f.name).collect())),
+        Err(e) if matches!(e.kind(), Error::Network(_)) => cached().map_err(|_| e),
+        Err(e) => Err(e),
+    }
+}
+
 /// Where a URL's file is kept: `<chatvec cache>/published/<sha256 of the
 /// URL>/<its last path part>`.
 fn url_cache_path(url: &str) -> Result<PathBuf> {

@@ -253,6 +253,9 @@ pub(crate) fn parse_line(n: u64, text: &str) -> std::result::Result<Value, Strin
 /// every example. Fails at the first bad line, naming it; reads at most one
 /// line (64 MB) into memory at a time.
 fn each_example(path: &Path, mut each: impl FnMut(u64, &[Message]) -> Result<()>) -> Result<DataStats> {
+    // A Hub dataset (`org/name[:split]`) is read from its JSONL copy.
+    let local = super::hub_data::local(path)?;
+    let path = local.as_path();
     let mut r = BufReader::new(crate::json::open_regular(path)?);
     let mut stats = DataStats::default();
     let mut hash = Sha256::new();

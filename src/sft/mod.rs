@@ -36,6 +36,7 @@ use supervise::supervise;
 
 pub(crate) mod config;
 pub(crate) mod data;
+pub(crate) mod hub_data;
 pub(crate) mod launcher;
 pub(crate) mod options;
 pub(crate) mod record;
@@ -642,7 +643,17 @@ pub(crate) fn train(job: &SftJob) -> Result<SftReport> {
         files,
         python: &p.python,
         model: json!({"reference": job.model, "path": abs(&p.model_dir), "manifest_sha256": p.model_manifest_sha256}),
-        dataset: json!({"files": mixed, "eval": a.eval_data.as_deref().map(abs), "eval_stats": p.eval_stats, "eval_split": a.eval_split}),
+        dataset: json!({
+            "files": mixed,
+            "eval": a.eval_data.as_deref().map(abs),
+            "eval_stats": p.eval_stats,
+            "eval_split": a.eval_split,
+            // Hub datasets: repository, revision, commit and each file's sha256.
+            "hub": a.data.iter().map(|f| f.path.as_path()).chain(a.eval_data.as_deref())
+                .map(hub_data::resolve)
+                .filter_map(|r| r.transpose())
+                .collect::<Result<Vec<_>>>()?,
+        }),
         chat_template: &p.template,
         resumed_from: p.resume_from.as_deref().map(abs),
         steps_logged: steps,
