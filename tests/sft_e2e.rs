@@ -552,6 +552,17 @@ fn eval_ranks_a_sweep_and_broken_candidates_last_with_an_independently_checked_l
         serde_json::from_slice(&std::fs::read(chosen.join("chatvec-manifest.json")).unwrap()).unwrap();
     assert_eq!(m["selection"]["chosen"], s(&chosen), "{}", m["selection"]);
     assert_eq!(m["selection"]["candidates"].as_array().unwrap().len(), 2);
+    // The chosen model's card states what the evaluation measured, as a
+    // table and as the Hub's model-index, which huggingface_hub reads
+    // without a warning; the manifest still matches the card.
+    let card = std::fs::read_to_string(chosen.join("README.md")).unwrap();
+    assert!(
+        card.contains("## Evaluation") && card.contains("(this model)") && card.contains("model-index"),
+        "{card}"
+    );
+    let parse = "import sys, warnings\nwarnings.simplefilter('error')\nfrom huggingface_hub import ModelCard\nc = ModelCard.load(sys.argv[1])\nassert c.data.eval_results, c.data\nprint(len(c.data.eval_results))\n";
+    let o = Command::new(&py).args(["-c", parse, s(&chosen.join("README.md"))]).output().unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     ok(&chatvec(&["verify", s(&chosen)]));
     // A sweep's candidate passes for its recipe: its scale is one of the sweep's.
     ok(&chatvec(&["verify", s(&chosen), "--recipe", s(&recipe)]));

@@ -1112,7 +1112,76 @@ pub fn record_selection(chosen: &Path, report: &EvalReport) -> Result<()> {
         "data": report.data,
         "candidates": figures,
     });
-    crate::output::manifest::add_record(chosen, "selection", &selection)
+    crate::output::manifest::add_record(chosen, "selection", &selection)?;
+    add_to_card(chosen, report)
+}
+
+/// States in the chosen model's card what the evaluation measured: its
+/// figures (as the Hub's `model-index` too) and every candidate's ranking.
+fn add_to_card(chosen: &Path, report: &EvalReport) -> Result<()> {
+    use crate::output::card::{Figure, add_evaluation};
+    let Some(me) = report.models.iter().find(|m| Path::new(&m.path) == chosen) else { return Ok(()) };
+    let iv = |i: &Option<Interval>| i.map(|i| (i.low, i.high));
+    let mut figures: Vec<Figure> = me
+        .benchmarks
+        .iter()
+        .zip(&report.benchmarks)
+        .map(|(b, info)| Figure {
+            bench: b.bench.split('/').next().unwrap_or(&b.bench).to_string(),
+            metric: match (&info.judge_model, b.bench.split_once('/')) {
+                (Some(j), _) => format!("mean grade 1-{} (judge {j})", info.top.unwrap_or(10.0)),
+                (None, Some((_, metric))) => metric.to_string(),
+                (None, None) => "score".into(),
+            },
+            value: b.score,
+            interval: iv(&b.interval),
+        })
+        .collect();
+    if figures.is_empty() {
+        let quick = "chatvec quick set";
+        figures.push(Figure {
+            bench: quick.into(),
+            metric: "stop with an answer".into(),
+            value: me.stop_with_answer_rate,
+            interval: iv(&me.stop_with_answer_interval),
+        });
+        if let Some(l) = me.assistant_loss {
+            figures.push(Figure {
+                bench: quick.into(),
+                metric: "assistant-token loss".into(),
+                value: l,
+                interval: iv(&me.assistant_loss_interval),
+            });
+        }
+    }
+    let primary = report.primary.and_then(|p| report.benchmarks.get(p)).map(|b| b.name.clone());
+    let mut table = format!(
+        "The candidates, ranked by {}:\n\n| rank | model | scale | {} | tied with |\n| --- | --- | --- | --- | --- |\n",
+        report.rule,
+        primary.as_deref().unwrap_or("stop with an answer / assistant-token loss")
+    );
+    for m in &report.models {
+        let figure = match report.primary {
+            Some(p) => m.benchmarks.get(p).map_or("-".into(), |b| format!("{:.3}", b.score)),
+            None => format!(
+                "{:.0}% / {}",
+                100.0 * m.stop_with_answer_rate,
+                m.assistant_loss.map_or("-".into(), |l| format!("{l:.4}"))
+            ),
+        };
+        let name =
+            Path::new(&m.path).file_name().map_or(m.model.clone(), |n| n.to_string_lossy().into_owned());
+        table.push_str(&format!(
+            "| {} | {}{} | {} | {figure} | {} |\n",
+            m.rank,
+            name.replace('|', "/"),
+            if m.rank == me.rank { " (this model)" } else { "" },
+            m.scale.as_ref().map_or("-".into(), |s| s.to_string()),
+            m.tied_with.map_or(String::new(), |r| format!("#{r}"))
+        ));
+    }
+    let name = chosen.file_name().map_or("model".into(), |n| n.to_string_lossy().into_owned());
+    add_evaluation(chosen, &name, &figures, &table)
 }
 
 #[cfg(test)]

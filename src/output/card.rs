@@ -311,3 +311,90 @@ pub(crate) fn sft_card(reference: &str, input: &std::path::Path, settings: &[(&s
     }
     s.into_bytes()
 }
+
+/// One evaluation figure of a model, as its card states it.
+pub(crate) struct Figure {
+    /// The benchmark or task (`ja-mt-bench`, `jcommonsenseqa/acc`).
+    pub bench: String,
+    /// What the number is (`mean grade (judge gpt-4o)`, `acc`).
+    pub metric: String,
+    pub value: f64,
+    /// Its 95% interval.
+    pub interval: Option<(f64, f64)>,
+}
+
+/// Adds what an evaluation measured to the card in `dir`: the Hub's
+/// `model-index` metadata for `figures` (this model's) and an Evaluation
+/// section holding `table` (every candidate's figures, as the selection
+/// ranked them), replacing an earlier one. The manifest's record of the
+/// card is updated with it, so `chatvec verify` still passes.
+pub(crate) fn add_evaluation(
+    dir: &std::path::Path,
+    name: &str,
+    figures: &[Figure],
+    table: &str,
+) -> Result<()> {
+    let path = dir.join(CARD_FILE);
+    let text = String::from_utf8(crate::json::read_capped(&path, 16 << 20)?)
+        .map_err(|_| Error::bad_file(&path, "is not UTF-8"))?;
+    let (front, body) = text
+        .strip_prefix("---\n")
+        .and_then(|t| t.split_once("\n---\n"))
+        .ok_or_else(|| Error::bad_file(&path, "has no YAML front matter"))?;
+    let mut meta: serde_yaml_ng::Value =
+        serde_yaml_ng::from_str(front).map_err(|e| Error::bad_file(&path, format!("front matter: {e}")))?;
+    let results: Vec<serde_yaml_ng::Value> = figures
+        .iter()
+        .filter(|f| f.value.is_finite())
+        .map(|f| {
+            let v = serde_json::json!({
+                "task": {"type": "text-generation", "name": "Text Generation"},
+                "dataset": {"name": f.bench, "type": f.bench},
+                "metrics": [{"type": f.metric, "value": f.value, "name": f.metric}],
+            });
+            serde_yaml_ng::to_value(v).unwrap_or_default()
+        })
+        .collect();
+    if let Some(m) = meta.as_mapping_mut() {
+        if results.is_empty() {
+            m.remove("model-index");
+        } else {
+            let index = serde_json::json!([{"name": name, "results": []}]);
+            let mut index = serde_yaml_ng::to_value(index).unwrap_or_default();
+            if let Some(first) = index.get_mut(0).and_then(|x| x.as_mapping_mut()) {
+                first.insert("results".into(), serde_yaml_ng::Value::Sequence(results));
+            }
+            m.insert("model-index".into(), index);
+        }
+    }
+    let yaml = serde_yaml_ng::to_string(&meta).map_err(|e| Error::Internal(e.to_string()))?;
+    // The body without an earlier Evaluation section, the new one before
+    // the provenance.
+    let mut body = body.to_string();
+    if let Some(start) = body.find("\n## Evaluation\n") {
+        let end = body[start + 1..].find("\n## ").map_or(body.len(), |e| start + 1 + e);
+        body.replace_range(start..end, "");
+    }
+    let mut section = String::from("\n## Evaluation\n\n");
+    for f in figures {
+        let iv = f.interval.map_or(String::new(), |(lo, hi)| format!(" (95% interval {lo:.3} to {hi:.3})"));
+        let _ = writeln!(section, "- {} {}: {:.3}{iv}", f.bench, f.metric, f.value);
+    }
+    section.push('\n');
+    section.push_str(table);
+    let at = body.find("\n## Provenance\n").unwrap_or(body.len());
+    body.insert_str(at, &section);
+    let card = format!("---\n{yaml}---\n{body}");
+    crate::output::files::write_atomically(&path, card.as_bytes())?;
+    // The manifest records the card's bytes and hash.
+    let mpath = dir.join(MANIFEST_FILE);
+    let mut m = crate::json::read_value(&mpath, 64 << 20)?;
+    if let Some(files) = m.get_mut("files").and_then(|f| f.as_array_mut()) {
+        for f in files.iter_mut().filter(|f| f["file"] == CARD_FILE) {
+            f["bytes"] = serde_json::json!(card.len());
+            f["sha256"] = serde_json::json!(crate::hash::sha256_hex(card.as_bytes()));
+        }
+    }
+    let text = serde_json::to_vec_pretty(&m).map_err(|e| Error::Internal(e.to_string()))?;
+    crate::output::files::write_atomically(&mpath, &text)
+}
