@@ -60,11 +60,6 @@ fn local_host(url: &str) -> bool {
         || host.ends_with(".local")
 }
 
-fn first_wait() -> Duration {
-    let ms = std::env::var("CHATVEC_RETRY_WAIT_MS").ok().and_then(|v| v.parse().ok()).unwrap_or(500);
-    Duration::from_millis(ms)
-}
-
 impl Judge {
     /// Checks the configuration and the endpoint (one request, before any
     /// model is loaded): the URL, the key where one is needed, and that the
@@ -155,7 +150,7 @@ impl Judge {
             "max_tokens": MAX_TOKENS,
         })
         .to_string();
-        let mut wait = first_wait();
+        let mut wait = crate::resolve::hub_api::first_wait();
         let mut last = String::new();
         for attempt in 0..ATTEMPTS {
             if attempt > 0 {

@@ -386,15 +386,59 @@ pub(crate) fn add_evaluation(
     body.insert_str(at, &section);
     let card = format!("---\n{yaml}---\n{body}");
     crate::output::files::write_atomically(&path, card.as_bytes())?;
-    // The manifest records the card's bytes and hash.
+    // The manifest records the card's bytes and hash: that entry changes,
+    // every other key keeps its text (as `manifest::add_record` edits it).
     let mpath = dir.join(MANIFEST_FILE);
-    let mut m = crate::json::read_value(&mpath, 64 << 20)?;
-    if let Some(files) = m.get_mut("files").and_then(|f| f.as_array_mut()) {
-        for f in files.iter_mut().filter(|f| f["file"] == CARD_FILE) {
+    let bytes = crate::json::read_capped(&mpath, 64 << 20)?;
+    let mut files = crate::json::read_value(&mpath, 64 << 20)?["files"].clone();
+    if let Some(list) = files.as_array_mut() {
+        for f in list.iter_mut().filter(|f| f["file"] == CARD_FILE) {
             f["bytes"] = serde_json::json!(card.len());
             f["sha256"] = serde_json::json!(crate::hash::sha256_hex(card.as_bytes()));
         }
     }
-    let text = serde_json::to_vec_pretty(&m).map_err(|e| Error::Internal(e.to_string()))?;
-    crate::output::files::write_atomically(&mpath, &text)
+    let mut m = crate::json::RawObject::parse(&bytes, &mpath)?;
+    m.set("files", &files)?;
+    crate::output::files::write_atomically(&mpath, &m.to_bytes())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The evaluation goes into the card once (a second one replaces the
+    /// first), as model-index metadata and a section before the
+    /// provenance, and the manifest's record of the card follows it.
+    #[test]
+    fn evaluation_results_replace_the_cards_section_and_keep_the_manifest_true() {
+        let d = tempfile::tempdir().unwrap();
+        let card = "---\nlicense: llama3\n---\n\n# Merged model\n\n## Provenance\n\nfiles.\n";
+        std::fs::write(d.path().join(CARD_FILE), card).unwrap();
+        let manifest = serde_json::json!({"format": 1, "files": [
+            {"file": "config.json", "bytes": 2, "sha256": "aa"},
+            {"file": CARD_FILE, "bytes": card.len(), "sha256": crate::hash::sha256_hex(card.as_bytes())},
+        ]});
+        std::fs::write(d.path().join(MANIFEST_FILE), manifest.to_string()).unwrap();
+        let fig = |v: f64| Figure {
+            bench: "ja-mt-bench".into(),
+            metric: "mean grade".into(),
+            value: v,
+            interval: Some((v - 1.0, v + 1.0)),
+        };
+        add_evaluation(d.path(), "m", &[fig(6.0)], "| rank |\n").unwrap();
+        add_evaluation(d.path(), "m", &[fig(7.5)], "| rank |\n").unwrap();
+        let text = std::fs::read_to_string(d.path().join(CARD_FILE)).unwrap();
+        assert_eq!(text.matches("## Evaluation").count(), 1, "{text}");
+        assert!(text.contains("ja-mt-bench mean grade: 7.500 (95% interval 6.500 to 8.500)"), "{text}");
+        assert!(text.find("## Evaluation").unwrap() < text.find("## Provenance").unwrap(), "{text}");
+        let front = text.strip_prefix("---\n").and_then(|t| t.split_once("\n---\n")).unwrap().0;
+        let meta: serde_yaml_ng::Value = serde_yaml_ng::from_str(front).unwrap();
+        assert_eq!(meta["license"].as_str(), Some("llama3"));
+        assert_eq!(meta["model-index"][0]["results"][0]["metrics"][0]["value"].as_f64(), Some(7.5));
+        let m = crate::json::read_value(&d.path().join(MANIFEST_FILE), 1 << 20).unwrap();
+        assert_eq!(m["files"][1]["sha256"], crate::hash::sha256_hex(text.as_bytes()));
+        assert_eq!(m["files"][1]["bytes"], text.len());
+        assert_eq!(m["files"][0]["sha256"], "aa");
+        assert_eq!(m["format"], 1);
+    }
 }

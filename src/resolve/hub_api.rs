@@ -120,8 +120,9 @@ pub(super) fn encode_path_part(s: &str) -> String {
 const ATTEMPTS: u32 = 6;
 
 /// The wait before the first retry, doubled for each next one up to
-/// `MAX_WAIT` (`CHATVEC_RETRY_WAIT_MS` overrides it, for tests).
-fn first_wait() -> Duration {
+/// `MAX_WAIT` (`CHATVEC_RETRY_WAIT_MS` overrides it, for tests). The judge
+/// and published files retry with it too.
+pub(crate) fn first_wait() -> Duration {
     let ms = std::env::var("CHATVEC_RETRY_WAIT_MS").ok().and_then(|v| v.parse().ok()).unwrap_or(500);
     Duration::from_millis(ms)
 }

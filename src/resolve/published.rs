@@ -166,7 +166,7 @@ fn download(url: &str) -> Result<Vec<u8>> {
         .user_agent(concat!("chatvec/", env!("CARGO_PKG_VERSION")))
         .build()
         .into();
-    let mut wait = Duration::from_millis(500);
+    let mut wait = crate::resolve::hub_api::first_wait();
     let mut last = String::new();
     for attempt in 0..6 {
         if attempt > 0 {
