@@ -710,6 +710,8 @@ print(json.dumps(out))
     assert_eq!(v["lm_reference"]["model"], s(&base));
     assert_eq!(m["keeps_language"], true);
     assert_eq!(v["none_acceptable"], false);
+    // One candidate: alone on the Pareto front of chat against LM loss.
+    assert_eq!(m["pareto"], true, "{m}");
     let increase = (want_cv - want_base) / want_base;
     assert!((m["lm_loss_increase"].as_f64().unwrap() - increase).abs() < 1e-4, "{}", m["lm_loss_increase"]);
     // A margin below the candidate's increase: none acceptable (or, if the

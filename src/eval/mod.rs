@@ -268,6 +268,10 @@ pub struct ModelEval {
     /// Tokens generated per second of generation (loading and scoring not
     /// counted), over the quick set's and the benchmarks' answers.
     pub tokens_per_second: Option<f64>,
+    /// With `--lm-data`: whether no other model both chats better (the
+    /// primary figure, else the assistant-token loss) and keeps the LM loss
+    /// lower: the trade-off's Pareto front.
+    pub pareto: Option<bool>,
     /// Every answer.
     pub answers: Vec<Answer>,
     /// Its place under `RULE` (1 = best).
@@ -447,6 +451,29 @@ fn read_lm_texts(path: &Path) -> Result<Vec<String>> {
         return Err(Error::bad_file(path, "holds no text"));
     }
     Ok(out)
+}
+
+/// Marks the models on the Pareto front of chat quality (the primary
+/// figure, better first; else the assistant-token loss, lower first)
+/// against the LM loss on the target-language text (lower first): those
+/// no other model beats on one and matches or beats on the other.
+fn mark_pareto(models: &mut [ModelEval], primary: Option<usize>) {
+    let point = |m: &ModelEval| -> Option<(f64, f64)> {
+        let chat = match primary {
+            Some(p) => m.benchmarks.get(p).map(|b| if b.higher_is_better { b.score } else { -b.score }),
+            None => m.assistant_loss.map(|l| -l),
+        }?;
+        Some((chat, -m.lm_loss?)).filter(|(c, l)| c.is_finite() && l.is_finite())
+    };
+    let points: Vec<Option<(f64, f64)>> = models.iter().map(point).collect();
+    for (i, m) in models.iter_mut().enumerate() {
+        m.pareto = points[i].map(|(c, l)| {
+            !points
+                .iter()
+                .enumerate()
+                .any(|(j, q)| j != i && q.is_some_and(|(c2, l2)| c2 >= c && l2 >= l && (c2 > c || l2 > l)))
+        });
+    }
 }
 
 /// Orders models by `RULE` (by `BENCH_RULE` on benchmark `primary`) and
@@ -817,6 +844,7 @@ pub fn eval(spec: &EvalSpec) -> Result<EvalReport> {
             lm_loss_increase,
             keeps_language,
             benchmarks: bench_scores,
+            pareto: None,
             tokens_per_second: r["generation"]["seconds"]
                 .as_f64()
                 .filter(|s| *s > 0.0)
@@ -837,6 +865,9 @@ pub fn eval(spec: &EvalSpec) -> Result<EvalReport> {
         });
     }
     rank(&mut models, primary);
+    if lm_reference.is_some() {
+        mark_pareto(&mut models, primary);
+    }
     let none_acceptable = lm_reference.is_some() && !models.iter().any(|m| m.keeps_language == Some(true));
     let report = EvalReport {
         rule: match (lm_reference.is_some(), primary.is_some()) {
@@ -948,6 +979,21 @@ impl EvalReport {
                     } else {
                         String::new()
                     }
+                )?;
+            }
+            let front: Vec<String> = self
+                .models
+                .iter()
+                .filter(|m| m.pareto == Some(true))
+                .map(|m| format!("#{} {}", m.rank, cut(&m.model, 30)))
+                .collect();
+            if !front.is_empty() {
+                let chat =
+                    if self.primary.is_some() { "the primary figure" } else { "the assistant-token loss" };
+                writeln!(
+                    f,
+                    "Pareto front ({chat} against the LM loss; no other model is better on one and as good on the other): {}",
+                    front.join(", ")
                 )?;
             }
             if self.none_acceptable {
@@ -1086,6 +1132,7 @@ pub fn record_selection(chosen: &Path, report: &EvalReport) -> Result<()> {
                 "stop_with_answer_interval": x.stop_with_answer_interval,
                 "language_match_interval": x.language_match_interval, "tied_with": x.tied_with,
                 "lm_loss": x.lm_loss, "lm_loss_increase": x.lm_loss_increase, "keeps_language": x.keeps_language,
+                "pareto": x.pareto,
                 "benchmarks": x.benchmarks.iter().map(|b| json!({
                     "bench": b.bench, "score": b.score, "interval": b.interval, "categories": b.categories, "turns": b.turns,
                 })).collect::<Vec<_>>(),
@@ -1210,6 +1257,7 @@ mod tests {
             keeps_language: keeps,
             benchmarks: Vec::new(),
             tokens_per_second: None,
+            pareto: None,
             answers: Vec::new(),
             rank: 0,
             tied_with: None,
@@ -1231,6 +1279,26 @@ mod tests {
         assert_eq!(order, ["keeps", "keeps-same", "chats-best-but-forgets", "forgets-too"]);
         let tied: Vec<Option<usize>> = ms.iter().map(|m| m.tied_with).collect();
         assert_eq!(tied, [None, Some(1), None, Some(3)]);
+    }
+
+    /// The front holds the models no other beats on chat and LM loss
+    /// together: the best chatter, the best keeper, and any between that
+    /// trades one for the other; a model worse on both is off it.
+    #[test]
+    fn the_pareto_front_holds_the_models_no_other_dominates() {
+        let with =
+            |name: &str, asst: f64, lm: f64| ModelEval { lm_loss: Some(lm), ..model(name, 1.0, asst, None) };
+        let mut ms = vec![
+            with("chats-best", 1.0, 3.0),
+            with("keeps-best", 2.0, 1.0),
+            with("between", 1.5, 2.0),
+            with("worse-on-both", 1.6, 2.5),
+            with("ties-between", 1.5, 2.0),
+        ];
+        mark_pareto(&mut ms, None);
+        let front: Vec<&str> =
+            ms.iter().filter(|m| m.pareto == Some(true)).map(|m| m.model.as_str()).collect();
+        assert_eq!(front, ["chats-best", "keeps-best", "between", "ties-between"]);
     }
 
     #[test]

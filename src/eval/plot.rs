@@ -336,6 +336,7 @@ mod tests {
             keeps_language: None,
             benchmarks: vec![score(s)],
             tokens_per_second: None,
+            pareto: None,
             answers: Vec::new(),
             rank: 1,
             tied_with: None,
