@@ -530,8 +530,8 @@ fn rank(models: &mut [ModelEval], primary: Option<usize>) {
     }
 }
 
-/// Scores every model of `spec`.
-pub fn eval(spec: &EvalSpec) -> Result<EvalReport> {
+/// The settings that need no file or model to check.
+fn check_spec(spec: &EvalSpec) -> Result<()> {
     if spec.models.is_empty() {
         return Err(Error::Usage("give at least one model to evaluate".into()));
     }
@@ -553,49 +553,40 @@ pub fn eval(spec: &EvalSpec) -> Result<EvalReport> {
             spec.lm_margin
         )));
     }
-    let lm_texts = match &spec.lm_data {
-        Some(p) => read_lm_texts(p)?,
-        None => Vec::new(),
-    };
-    // The benchmarks' files, and the judge answering, before any model is
-    // loaded (or downloaded).
-    let benches: Vec<bench::Benchmark> = spec.bench.iter().map(|b| bench::load(b)).collect::<Result<_>>()?;
-    let tasks = harness::tasks(spec)?;
-    if let Some(p) = &spec.primary
-        && !benches.iter().any(|b| &b.name == p)
-        && !tasks.iter().any(|t| p.split('/').next() == Some(t.as_str()))
-    {
-        return Err(Error::Usage(format!(
-            "--primary {p}: not one of the benchmarks given ({}) nor a metric of the --harness tasks (task/metric)",
-            benches
-                .iter()
-                .map(|b| b.name.as_str())
-                .chain(tasks.iter().map(String::as_str))
-                .collect::<Vec<_>>()
-                .join(", ")
-        )));
-    }
     if spec.bench_samples == 0 {
         return Err(Error::Usage("--bench-samples must be at least 1".into()));
     }
-    let judge = if benches.is_empty() {
-        None
-    } else {
-        let (Some(url), Some(model)) = (&spec.judge_url, &spec.judge_model) else {
-            return Err(Error::Usage("--bench needs a judge: --judge-url URL and --judge-model NAME".into())
-                .with_hint("e.g. --judge-url http://localhost:8000/v1 --judge-model Qwen/Qwen2.5-72B-Instruct for a judge served by `vllm serve`, or --judge-url https://api.openai.com/v1 --judge-model gpt-4o with OPENAI_API_KEY set"));
-        };
-        let cfg = judge::JudgeConfig {
-            url: url.clone(),
-            model: model.clone(),
-            key_env: spec.judge_key_env.clone(),
-            concurrency: spec.judge_concurrency,
-        };
-        Some(judge::Judge::connect(&cfg, crate::model::hash_cache::cache_root().map(|r| r.join("judge")))?)
+    Ok(())
+}
+
+/// The judge `--bench` needs, checked with one request (none without
+/// benchmarks).
+fn connect_judge(spec: &EvalSpec, benches: &[bench::Benchmark]) -> Result<Option<judge::Judge>> {
+    if benches.is_empty() {
+        return Ok(None);
+    }
+    let (Some(url), Some(model)) = (&spec.judge_url, &spec.judge_model) else {
+        return Err(Error::Usage("--bench needs a judge: --judge-url URL and --judge-model NAME".into())
+            .with_hint("e.g. --judge-url http://localhost:8000/v1 --judge-model Qwen/Qwen2.5-72B-Instruct for a judge served by `vllm serve`, or --judge-url https://api.openai.com/v1 --judge-model gpt-4o with OPENAI_API_KEY set"));
     };
-    let items = scoring::items(&benches, spec.bench_samples);
-    // Everything the worker would trip on, before it starts.
-    let (conversations, prompts, source) = match (&spec.data, &spec.prompts) {
+    let cfg = judge::JudgeConfig {
+        url: url.clone(),
+        model: model.clone(),
+        key_env: spec.judge_key_env.clone(),
+        concurrency: spec.judge_concurrency,
+    };
+    let cache = crate::model::hash_cache::cache_root().map(|r| r.join("judge"));
+    Ok(Some(judge::Judge::connect(&cfg, cache)?))
+}
+
+/// The quick set's held-out conversations and prompts, and where they came
+/// from: the built-in set, the files given, or none beside benchmarks.
+fn quick_set(
+    spec: &EvalSpec,
+    benches: &[bench::Benchmark],
+    tasks: &[String],
+) -> Result<(Vec<Value>, Vec<Value>, String)> {
+    Ok(match (&spec.data, &spec.prompts) {
         // With benchmarks or tasks the quick set runs only when asked for.
         (None, None) if !benches.is_empty() || !tasks.is_empty() => (
             Vec::new(),
@@ -627,7 +618,112 @@ pub fn eval(spec: &EvalSpec) -> Result<EvalReport> {
             );
             (convs, ps, src)
         }
+    })
+}
+
+/// One model's figures from the worker's result `r` (the quick set's
+/// answers to `prompts`, its losses, its generation speed), with its
+/// benchmark figures and its LM loss held against the base's.
+fn model_eval(
+    given: &str,
+    dir: &Path,
+    r: &Value,
+    prompts: &[Value],
+    base_lm: Option<f64>,
+    margin_percent: f64,
+    benchmarks: Vec<BenchScore>,
+) -> ModelEval {
+    let rows = r["answers"].as_array().cloned().unwrap_or_default();
+    let n = rows.len().max(1) as f64;
+    let answers: Vec<Answer> = rows
+        .iter()
+        .zip(prompts)
+        .map(|(a, p)| Answer {
+            prompt: p["messages"]
+                .as_array()
+                .and_then(|m| m.iter().rev().find(|x| x["role"] == "user"))
+                .and_then(|x| x["content"].as_str())
+                .unwrap_or_default()
+                .to_string(),
+            answer: a["answer"].as_str().unwrap_or_default().to_string(),
+            stopped: a["stopped"].as_bool().unwrap_or(false),
+            tokens: a["tokens"].as_u64().unwrap_or(0),
+            lang: a["lang"].as_str().map(str::to_string),
+            want: a["want"].as_str().map(str::to_string),
+        })
+        .collect();
+    let stops = answers.iter().filter(|a| a.stopped).count() as f64;
+    let good = answers.iter().filter(|a| a.stopped && !a.answer.is_empty()).count() as f64;
+    let judged: Vec<&Answer> = answers.iter().filter(|a| a.want.is_some()).collect();
+    let language_match = (!judged.is_empty())
+        .then(|| judged.iter().filter(|a| a.lang == a.want).count() as f64 / judged.len() as f64);
+    let per_conversation = pairs(&r["conversation_losses"]);
+    let docs = pairs(&r["lm_losses"]);
+    let lm_loss = ratio(&docs);
+    let lm_loss_increase = lm_loss.zip(base_lm).map(|(l, b)| (l - b) / b);
+    let keeps_language = lm_loss_increase.map(|x| x <= margin_percent / 100.0);
+    let answered: Vec<bool> = answers.iter().map(|a| a.stopped && !a.answer.is_empty()).collect();
+    let matched: Vec<bool> = judged.iter().map(|a| a.lang == a.want).collect();
+    ModelEval {
+        assistant_loss_interval: ties::ratio_interval(&per_conversation, LOSS_SEED),
+        stop_with_answer_interval: ties::share_interval(&answered, SHARE_SEED),
+        language_match_interval: ties::share_interval(&matched, SHARE_SEED),
+        tied_with: None,
+        lm_loss,
+        lm_loss_interval: ties::ratio_interval(&docs, LOSS_SEED),
+        lm_loss_increase,
+        keeps_language,
+        benchmarks,
+        pareto: None,
+        tokens_per_second: r["generation"]["seconds"]
+            .as_f64()
+            .filter(|s| *s > 0.0)
+            .zip(r["generation"]["tokens"].as_f64())
+            .map(|(s, t)| t / s),
+        model: given.to_string(),
+        path: dir.display().to_string(),
+        scale: manifest_scale(dir),
+        engine: r["engine"].as_str().unwrap_or("?").to_string(),
+        assistant_loss: r["assistant_loss"].as_f64(),
+        assistant_tokens: r["assistant_tokens"].as_u64().unwrap_or(0),
+        stop_rate: stops / n,
+        stop_with_answer_rate: good / n,
+        mean_answer_tokens: answers.iter().map(|a| a.tokens as f64).sum::<f64>() / n,
+        language_match,
+        answers,
+        rank: 0,
+    }
+}
+
+/// Scores every model of `spec`.
+pub fn eval(spec: &EvalSpec) -> Result<EvalReport> {
+    check_spec(spec)?;
+    let lm_texts = match &spec.lm_data {
+        Some(p) => read_lm_texts(p)?,
+        None => Vec::new(),
     };
+    // The benchmarks' files, and the judge answering, before any model is
+    // loaded (or downloaded).
+    let benches: Vec<bench::Benchmark> = spec.bench.iter().map(|b| bench::load(b)).collect::<Result<_>>()?;
+    let tasks = harness::tasks(spec)?;
+    if let Some(p) = &spec.primary
+        && !benches.iter().any(|b| &b.name == p)
+        && !tasks.iter().any(|t| p.split('/').next() == Some(t.as_str()))
+    {
+        return Err(Error::Usage(format!(
+            "--primary {p}: not one of the benchmarks given ({}) nor a metric of the --harness tasks (task/metric)",
+            benches
+                .iter()
+                .map(|b| b.name.as_str())
+                .chain(tasks.iter().map(String::as_str))
+                .collect::<Vec<_>>()
+                .join(", ")
+        )));
+    }
+    let judge = connect_judge(spec, &benches)?;
+    let items = scoring::items(&benches, spec.bench_samples);
+    // Everything the worker would trip on, before it starts.
+    let (conversations, prompts, source) = quick_set(spec, &benches, &tasks)?;
     let supplied = spec.chat_template.as_deref().map(crate::sft::template_arg).transpose()?;
     let mut dirs = Vec::new();
     // Per model, the template it is prompted with when it has none.
@@ -802,67 +898,8 @@ pub fn eval(spec: &EvalSpec) -> Result<EvalReport> {
                 }));
             }
         }
-        let rows = r["answers"].as_array().cloned().unwrap_or_default();
-        let n = rows.len().max(1) as f64;
-        let answers: Vec<Answer> = rows
-            .iter()
-            .zip(&prompts)
-            .map(|(a, p)| Answer {
-                prompt: p["messages"]
-                    .as_array()
-                    .and_then(|m| m.iter().rev().find(|x| x["role"] == "user"))
-                    .and_then(|x| x["content"].as_str())
-                    .unwrap_or_default()
-                    .to_string(),
-                answer: a["answer"].as_str().unwrap_or_default().to_string(),
-                stopped: a["stopped"].as_bool().unwrap_or(false),
-                tokens: a["tokens"].as_u64().unwrap_or(0),
-                lang: a["lang"].as_str().map(str::to_string),
-                want: a["want"].as_str().map(str::to_string),
-            })
-            .collect();
-        let stops = answers.iter().filter(|a| a.stopped).count() as f64;
-        let good = answers.iter().filter(|a| a.stopped && !a.answer.is_empty()).count() as f64;
-        let judged: Vec<&Answer> = answers.iter().filter(|a| a.want.is_some()).collect();
-        let language_match = (!judged.is_empty())
-            .then(|| judged.iter().filter(|a| a.lang == a.want).count() as f64 / judged.len() as f64);
-        let per_conversation = pairs(&r["conversation_losses"]);
-        let docs = pairs(&r["lm_losses"]);
-        let lm_loss = ratio(&docs);
         let base_lm = lm_reference.as_ref().and_then(|b| b.lm_loss);
-        let lm_loss_increase = lm_loss.zip(base_lm).map(|(l, b)| (l - b) / b);
-        let keeps_language = lm_loss_increase.map(|x| x <= spec.lm_margin / 100.0);
-        let answered: Vec<bool> = answers.iter().map(|a| a.stopped && !a.answer.is_empty()).collect();
-        let matched: Vec<bool> = judged.iter().map(|a| a.lang == a.want).collect();
-        models.push(ModelEval {
-            assistant_loss_interval: ties::ratio_interval(&per_conversation, LOSS_SEED),
-            stop_with_answer_interval: ties::share_interval(&answered, SHARE_SEED),
-            language_match_interval: ties::share_interval(&matched, SHARE_SEED),
-            tied_with: None,
-            lm_loss,
-            lm_loss_interval: ties::ratio_interval(&docs, LOSS_SEED),
-            lm_loss_increase,
-            keeps_language,
-            benchmarks: bench_scores,
-            pareto: None,
-            tokens_per_second: r["generation"]["seconds"]
-                .as_f64()
-                .filter(|s| *s > 0.0)
-                .zip(r["generation"]["tokens"].as_f64())
-                .map(|(s, t)| t / s),
-            model: given.clone(),
-            path: dir.display().to_string(),
-            scale: manifest_scale(dir),
-            engine: r["engine"].as_str().unwrap_or("?").to_string(),
-            assistant_loss: r["assistant_loss"].as_f64(),
-            assistant_tokens: r["assistant_tokens"].as_u64().unwrap_or(0),
-            stop_rate: stops / n,
-            stop_with_answer_rate: good / n,
-            mean_answer_tokens: answers.iter().map(|a| a.tokens as f64).sum::<f64>() / n,
-            language_match,
-            answers,
-            rank: 0,
-        });
+        models.push(model_eval(given, dir, r, &prompts, base_lm, spec.lm_margin, bench_scores));
     }
     rank(&mut models, primary);
     if lm_reference.is_some() {
