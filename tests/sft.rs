@@ -134,6 +134,11 @@ fn sft_validates_writes_configs_launches_trl_and_records_the_run() {
         "{card}"
     );
     assert_eq!(rec["served_model"]["files"][0]["file"], "model.safetensors");
+    // Its manifest lists every file, so verify checks it as a merge.
+    ok(&chatvec(&["verify", s(&served)]));
+    std::fs::write(served.join("stray.txt"), "x").unwrap();
+    assert_eq!(chatvec(&["verify", s(&served)]).status.code(), Some(1));
+    std::fs::remove_file(served.join("stray.txt")).unwrap();
     assert_eq!(rec["run_dir"], s(&run));
     assert_eq!(rec["python"]["packages"]["trl"], "1.16.0");
     assert!(rec["model"]["manifest_sha256"].is_null());

@@ -91,6 +91,7 @@ fn apply_then_a_few_real_sft_steps_on_the_cpu() {
     assert!(!served.iter().any(|n| n.starts_with("checkpoint-") || n == "training_args.bin"), "{served:?}");
     let card = std::fs::read_to_string(run.join("model/README.md")).unwrap();
     assert!(card.contains("chatvec sft") && !card.contains("fine-tuned version of [None]"), "{card}");
+    ok(&chatvec(&["verify", s(&run.join("model"))]));
     // Its template renders every conversation as the input model's does
     // (transformers on both), with no training markers.
     let same = r#"

@@ -309,6 +309,10 @@ pub(crate) fn sft_card(reference: &str, input: &std::path::Path, settings: &[(&s
             let _ = write!(s, "\n{a}\n");
         }
     }
+    let _ = write!(
+        s,
+        "\n## Provenance\n\n`{MANIFEST_FILE}` lists the sha256 of every file of this model; `chatvec verify` checks them.\n"
+    );
     s.into_bytes()
 }
 

@@ -120,6 +120,45 @@ impl Manifest {
     }
 }
 
+/// Writes the manifest of a model `chatvec sft` trained into `dir` (which
+/// then holds only that model): every file's sha256 (weights as outputs,
+/// the rest as files), the model trained from, and the run's settings, so
+/// `chatvec verify` checks it as it checks a merge.
+pub(crate) fn write_trained(dir: &Path, input: Value, parameters: Value) -> Result<()> {
+    let mut outputs = Vec::new();
+    let mut files = Vec::new();
+    let mut names: Vec<String> = std::fs::read_dir(dir)
+        .map_err(|e| Error::io("listing", dir, e))?
+        .filter_map(|e| e.ok())
+        .filter(|e| e.file_type().is_ok_and(|t| t.is_file()))
+        .filter_map(|e| e.file_name().into_string().ok())
+        .filter(|n| n != MANIFEST_FILE)
+        .collect();
+    names.sort();
+    for name in names {
+        let path = dir.join(&name);
+        let bytes = std::fs::metadata(&path).map_err(|e| Error::io("reading metadata of", &path, e))?.len();
+        let entry =
+            serde_json::json!({"file": name, "bytes": bytes, "sha256": crate::hash::sha256_file(&path)?});
+        let weights =
+            name.ends_with(".safetensors") || name.ends_with(".bin") || name.ends_with(".index.json");
+        if weights { outputs.push(entry) } else { files.push(entry) }
+    }
+    let m = serde_json::json!({
+        "format": FORMAT,
+        "tool": "chatvec",
+        "version": env!("CARGO_PKG_VERSION"),
+        "kind": "sft",
+        "command": std::env::args().collect::<Vec<_>>(),
+        "inputs": [input],
+        "parameters": parameters,
+        "outputs": outputs,
+        "files": files,
+    });
+    let text = serde_json::to_vec_pretty(&m).map_err(|e| Error::Internal(e.to_string()))?;
+    crate::output::files::write_atomically(&dir.join(MANIFEST_FILE), &text)
+}
+
 /// The manifest of `dir` as JSON, if there is one; it must be ours.
 fn read_manifest(dir: &Path) -> Result<Option<Value>> {
     let p = dir.join(MANIFEST_FILE);

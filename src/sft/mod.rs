@@ -694,6 +694,15 @@ pub(crate) fn train(job: &SftJob) -> Result<SftReport> {
             ];
             let card = crate::output::card::sft_card(&job.model, &p.model_dir, &settings);
             finalize(&p.layout.trainer, &model_dir(job), &p.original_template, &card)?;
+            let input = json!({
+                "role": "base",
+                "reference": job.model,
+                "path": abs(&p.model_dir),
+                "manifest_sha256": p.model_manifest_sha256,
+            });
+            let params: serde_json::Map<String, Value> =
+                settings.iter().map(|(k, v)| (k.to_string(), Value::String(v.clone()))).collect();
+            crate::output::manifest::write_trained(&model_dir(job), input, Value::Object(params))?;
             add_to_record(
                 job,
                 "served_model",
