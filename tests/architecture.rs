@@ -21,7 +21,7 @@ const LAYERS: &[&[&str]] = &[
     &["output"],
     &["cuda"],
     &["exec"],
-    &["sft", "analyze"],
+    &["sft", "analyze", "publish"],
     &["eval"],
     &["recipe"],
     &["job", "fuzzing"],

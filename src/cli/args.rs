@@ -98,6 +98,12 @@ pub(crate) enum Command {
         after_help = "Examples:\n  chatvec download swallow-8b llama3-instruct\n  chatvec download meta-llama/Meta-Llama-3-8B --include 'original/*' --dry-run"
     )]
     Download(DownloadArgs),
+    /// Publish a model chatvec wrote to the Hugging Face Hub: verified first, large files through
+    /// the Hub's large-file storage, resumable, one commit.
+    #[command(
+        after_help = "Examples:\n  chatvec push swallow-8b-cv your-name/Llama-3-Swallow-8B-cv --create --private --dry-run\n  chatvec push run-sft/model your-name/Llama-3-Swallow-8B-sft --revision v1 --message 'SFT, 1 epoch'"
+    )]
+    Push(PushArgs),
     /// Show a checkpoint's shards, tensors, parameter count and config.
     #[command(after_help = "Example:\n  chatvec inspect swallow-8b")]
     Inspect(InspectArgs),
@@ -344,6 +350,33 @@ impl MergeArgs {
         }
         Ok(r)
     }
+}
+
+#[derive(Args, Debug)]
+pub(crate) struct PushArgs {
+    /// The model's directory (an output of apply, merge, sweep or sft's RUN/model).
+    pub dir: PathBuf,
+    /// The Hub repository: org/name, optionally @branch.
+    pub repo: String,
+    /// The branch to commit to (created from the default branch when missing) [default: main].
+    #[arg(long)]
+    pub revision: Option<String>,
+    /// Create the repository when it does not exist.
+    #[arg(long)]
+    pub create: bool,
+    /// Make a new repository private.
+    #[arg(long)]
+    pub private: bool,
+    /// The commit message [default: Upload DIR with chatvec VERSION].
+    #[arg(long, short = 'm')]
+    pub message: Option<String>,
+    /// Leave remote files matching this pattern in place (fnmatch; repeatable). Others the model
+    /// does not have are deleted, so the branch holds exactly the verified model.
+    #[arg(long, value_name = "PATTERN")]
+    pub keep: Vec<String>,
+    /// Check everything and list what would be sent and deleted; send nothing.
+    #[arg(long)]
+    pub dry_run: bool,
 }
 
 #[derive(Args, Debug)]

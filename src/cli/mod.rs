@@ -169,6 +169,19 @@ pub(crate) fn run(cli: Cli) -> Result<()> {
             let recipe = a.recipe()?;
             report(&chatvec::merge(&recipe, a.seed, &a.out.destination(), &a.out.run_options())?, json)
         }
+        Command::Push(a) => {
+            let r = chatvec::push(&chatvec::PushSpec {
+                dir: a.dir,
+                repo: a.repo,
+                revision: a.revision,
+                create: a.create,
+                private: a.private,
+                message: a.message,
+                keep: a.keep,
+                dry_run: a.dry_run,
+            })?;
+            if json { json_out(&r) } else { out(&r.to_string()) }
+        }
         Command::Verify(a) => {
             let r = chatvec::verify(&a.dir, a.recipe.as_deref())?;
             if json {

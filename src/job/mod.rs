@@ -20,6 +20,7 @@ pub(crate) mod chat_vector;
 pub(crate) mod download;
 pub(crate) mod inspect;
 pub(crate) mod merge;
+pub(crate) mod push;
 pub(crate) mod sft;
 pub(crate) mod sweep;
 pub(crate) mod verify;

@@ -35,7 +35,7 @@ pub struct Check {
 }
 
 impl Check {
-    fn ok(&self) -> bool {
+    pub(crate) fn ok(&self) -> bool {
         self.actual.as_deref() == Some(self.expected.as_str())
     }
 }
@@ -52,6 +52,9 @@ pub struct VerifyReport {
     pub unlisted: Vec<String>,
     /// Whether everything matched and nothing is unlisted.
     pub ok: bool,
+    /// The files the manifest lists, with their recorded sha256.
+    #[serde(skip)]
+    pub(crate) listed: Vec<(String, String)>,
 }
 
 impl VerifyReport {
@@ -128,7 +131,9 @@ pub fn verify(dir: &Path, recipe: Option<&str>) -> Result<VerifyReport> {
     for e in entries {
         let e = e.map_err(|e| Error::io("listing", dir, e))?;
         let name = e.file_name().to_string_lossy().to_string();
-        if name != MANIFEST_FILE && !files.iter().any(|(n, _)| *n == name) {
+        // The Hub adds `.gitattributes` to every repository, so a pushed
+        // model downloaded back has it.
+        if name != MANIFEST_FILE && name != ".gitattributes" && !files.iter().any(|(n, _)| *n == name) {
             unlisted.push(name);
         }
     }
@@ -137,7 +142,7 @@ pub fn verify(dir: &Path, recipe: Option<&str>) -> Result<VerifyReport> {
         checks.extend(check_recipe(&manifest, &mpath, r)?);
     }
     let ok = checks.iter().all(Check::ok) && unlisted.is_empty();
-    Ok(VerifyReport { dir: dir.display().to_string(), checks, unlisted, ok })
+    Ok(VerifyReport { dir: dir.display().to_string(), checks, unlisted, ok, listed: files })
 }
 
 /// What a check of a recipe parameter is called (its value is compared,

@@ -218,8 +218,8 @@ pub struct Prefetched {
 
 /// `fnmatch`-style patterns as huggingface_hub's `allow_patterns` reads
 /// them: `*` matches any run of characters (`/` too), `?` one, `[...]` a
-/// class.
-fn pattern(p: &str) -> Result<regex::Regex> {
+/// class. `flag` names the option it came from, for the error.
+pub(crate) fn pattern(flag: &str, p: &str) -> Result<regex::Regex> {
     let mut re = String::from("^");
     let mut chars = p.chars().peekable();
     while let Some(c) = chars.next() {
@@ -244,7 +244,7 @@ fn pattern(p: &str) -> Result<regex::Regex> {
         }
     }
     re.push('$');
-    regex::Regex::new(&re).map_err(|e| Error::Usage(format!("--include {p}: {e}")))
+    regex::Regex::new(&re).map_err(|e| Error::Usage(format!("{flag} {p}: {e}")))
 }
 
 /// Fills the cache with `id`'s files: what chatvec needs of it (as
@@ -265,7 +265,7 @@ pub(crate) fn prefetch(
         // too (one small file), as huggingface_hub's listing would.
         needed(&client, id, &commit, &repo_dir, &files)?
     } else {
-        let pats = include.iter().map(|p| pattern(p)).collect::<Result<Vec<_>>>()?;
+        let pats = include.iter().map(|p| pattern("--include", p)).collect::<Result<Vec<_>>>()?;
         files.iter().filter(|f| pats.iter().any(|p| p.is_match(&f.name))).cloned().collect()
     };
     if chosen.is_empty() {
@@ -579,13 +579,13 @@ mod tests {
 
     #[test]
     fn include_patterns_read_as_fnmatch() {
-        let p = pattern("*.safetensors").unwrap();
+        let p = pattern("--include", "*.safetensors").unwrap();
         assert!(p.is_match("model-00001-of-00002.safetensors") && p.is_match("sub/x.safetensors"));
         assert!(!p.is_match("model.safetensors.index.json"));
-        let q = pattern("original/params.[jy]son").unwrap();
+        let q = pattern("--include", "original/params.[jy]son").unwrap();
         assert!(q.is_match("original/params.json") && !q.is_match("original/params.xson"));
-        assert!(pattern("config.json").unwrap().is_match("config.json"));
-        assert!(!pattern("config.json").unwrap().is_match("configxjson"));
+        assert!(pattern("--include", "config.json").unwrap().is_match("config.json"));
+        assert!(!pattern("--include", "config.json").unwrap().is_match("configxjson"));
     }
 
     #[test]

@@ -15,7 +15,7 @@ use crate::resolve::stream::{BodyStream, Overlong, interruptible};
 
 static OFFLINE: AtomicBool = AtomicBool::new(false);
 const DEFAULT_ENDPOINT: &str = "https://huggingface.co";
-pub(super) const MAX_INFO_BYTES: u64 = 64 << 20;
+pub(crate) const MAX_INFO_BYTES: u64 = 64 << 20;
 
 /// The most bytes a file whose size the Hub does not list may bring: the
 /// largest side file chatvec reads (`output::sidecars` caps them alike).
@@ -45,7 +45,7 @@ fn endpoint() -> String {
 
 /// The user's token: `HF_TOKEN`, else the file `HF_TOKEN_PATH` or
 /// `$HF_HOME/token` (default `~/.cache/huggingface/token`).
-fn token() -> Option<String> {
+pub(crate) fn token() -> Option<String> {
     if let Ok(t) = std::env::var("HF_TOKEN")
         && !t.trim().is_empty()
     {
@@ -63,16 +63,16 @@ fn token() -> Option<String> {
 
 /// One file of a revision, as the Hub lists it.
 #[derive(Clone, Debug)]
-pub(super) struct RemoteFile {
-    pub(super) name: String,
+pub(crate) struct RemoteFile {
+    pub(crate) name: String,
     /// Its size in bytes, as listed (0 when not listed).
-    pub(super) size: u64,
+    pub(crate) size: u64,
     /// Whether the Hub listed its size.
-    pub(super) listed: bool,
+    pub(crate) listed: bool,
     /// sha256 of an LFS file.
-    pub(super) sha256: Option<String>,
+    pub(crate) sha256: Option<String>,
     /// The git blob id (sha1 of `blob <len>\0<bytes>`).
-    pub(super) blob_id: Option<String>,
+    pub(crate) blob_id: Option<String>,
 }
 
 impl RemoteFile {
@@ -101,13 +101,39 @@ fn read_timeout() -> Duration {
         .map_or(Duration::from_secs(10), Duration::from_secs_f64)
 }
 
-pub(super) struct Client {
+pub(crate) struct Client {
     agent: ureq::Agent,
     endpoint: String,
     token: Option<String>,
 }
 
-pub(super) fn encode_path_part(s: &str) -> String {
+/// What a write request sends (see `Client::send`).
+pub(crate) enum Payload {
+    /// Bytes in memory, with their content type.
+    Bytes(Vec<u8>, &'static str),
+    /// `len` bytes of a file from `offset` on, read as they are sent;
+    /// `sent` hears of every run of bytes read (a progress bar).
+    Part { path: PathBuf, offset: u64, len: u64, sent: Progress },
+}
+
+/// Told of the bytes a request body has read.
+pub(crate) type Progress = std::sync::Arc<dyn Fn(u64) + Send + Sync>;
+
+/// A request body that tells its progress as it is read.
+struct Counted<R> {
+    inner: R,
+    sent: Progress,
+}
+
+impl<R: std::io::Read> std::io::Read for Counted<R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        (self.sent)(n as u64);
+        Ok(n)
+    }
+}
+
+pub(crate) fn encode_path_part(s: &str) -> String {
     s.bytes()
         .map(|b| match b {
             b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => (b as char).to_string(),
@@ -136,10 +162,10 @@ fn stall_window() -> Duration {
 }
 
 /// A response from the Hub.
-pub(super) type Response = ureq::http::Response<ureq::Body>;
+pub(crate) type Response = ureq::http::Response<ureq::Body>;
 
 impl Client {
-    pub(super) fn new() -> Client {
+    pub(crate) fn new() -> Client {
         let agent: ureq::Agent = ureq::Agent::config_builder()
             .http_status_as_error(false)
             .timeout_connect(Some(Duration::from_secs(20)))
@@ -151,12 +177,71 @@ impl Client {
         Client { agent, endpoint: endpoint(), token: token() }
     }
 
+    /// The Hub's base URL (`HF_ENDPOINT`, without a trailing slash).
+    pub(crate) fn endpoint(&self) -> &str {
+        &self.endpoint
+    }
+
+    /// Whether a token was found (`HF_TOKEN` or `hf auth login`'s file).
+    pub(crate) fn has_token(&self) -> bool {
+        self.token.is_some()
+    }
+
+    /// Whether the token may travel to `url`: only to the Hub's own
+    /// endpoint, never to the storage URLs it hands out for large files
+    /// (a presigned URL carries its own grant, and a token sent there
+    /// would leak it to a third party).
+    fn trusted(&self, url: &str) -> bool {
+        url.strip_prefix(self.endpoint.as_str()).is_some_and(|rest| rest.is_empty() || rest.starts_with('/'))
+    }
+
+    /// Sends a `POST` or `PUT` (`method`) of `payload` to `url` with
+    /// `headers`; the token goes along only to the Hub's own endpoint, and
+    /// never with file bytes (storage URLs carry their own grant).
+    /// Ctrl-C is answered while it waits; a connection that fails is a
+    /// `Network` error, so `with_retries` tries again.
+    pub(crate) fn send(
+        &self,
+        method: &'static str,
+        url: &str,
+        headers: &[(String, String)],
+        payload: Payload,
+    ) -> Result<Response> {
+        // File bytes go to storage and never carry the token, wherever it is.
+        let token = self.token.clone().filter(|_| self.trusted(url) && matches!(payload, Payload::Bytes(..)));
+        let (agent, target, headers) = (self.agent.clone(), url.to_string(), headers.to_vec());
+        let answer = interruptible(move || -> std::result::Result<Response, ureq::Error> {
+            let mut req = match method {
+                "PUT" => agent.put(&target),
+                _ => agent.post(&target),
+            };
+            if let Some(t) = &token {
+                req = req.header("Authorization", &format!("Bearer {t}"));
+            }
+            for (k, v) in &headers {
+                req = req.header(k.as_str(), v.as_str());
+            }
+            match payload {
+                Payload::Bytes(bytes, kind) => req.header("Content-Type", kind).send(&bytes[..]),
+                Payload::Part { path, offset, len, sent } => {
+                    use std::io::{Read, Seek};
+                    let mut f = std::fs::File::open(&path)?;
+                    f.seek(std::io::SeekFrom::Start(offset))?;
+                    let body = Counted { inner: f.take(len), sent };
+                    req.header("Content-Length", &len.to_string())
+                        .send(ureq::SendBody::from_owned_reader(body))
+                }
+            }
+        })?;
+        answer.map_err(|e| Error::Network(format!("{method} {url}: {e}")))
+    }
+
     /// Where a file of `id` at `commit` downloads from.
     pub(super) fn resolve_url(&self, id: &HubId, commit: &str, name: &str) -> String {
         format!("{}/{}/resolve/{commit}/{name}", self.endpoint, id.url_path())
     }
 
-    pub(super) fn get(&self, url: &str, range_from: u64) -> Result<Response> {
+    pub(crate) fn get(&self, url: &str, range_from: u64) -> Result<Response> {
         self.get_range(url, (range_from > 0).then(|| format!("bytes={range_from}-")))
     }
 
@@ -195,11 +280,25 @@ impl Client {
         BodyStream::start(reader, cap, overlong, stall_window(), what)
     }
 
+    /// `resp`'s body as JSON (at most `MAX_INFO_BYTES`); `what` names the
+    /// request in errors.
+    pub(crate) fn read_json(&self, resp: Response, what: &str) -> Result<Value> {
+        let bytes = self.read_info(resp, what)?;
+        serde_json::from_slice(&bytes)
+            .map_err(|e| Error::Hub(format!("{what}: the Hub's answer is not JSON: {e}")))
+    }
+
+    /// `resp`'s body, at most `MAX_INFO_BYTES`.
+    pub(crate) fn read_info(&self, resp: Response, what: &str) -> Result<Vec<u8>> {
+        self.body(resp, MAX_INFO_BYTES, Overlong::Refused, format!("reading the answer to {what}"))?
+            .read_all()
+    }
+
     /// Runs `attempt` until it succeeds or fails for good: network errors
     /// (a dropped connection, a stall, a 5xx or 429) are retried after a
     /// wait, up to `ATTEMPTS` tries, said through `say`. Every request to
     /// the Hub goes through here, so one policy holds for all.
-    pub(super) fn with_retries<T>(
+    pub(crate) fn with_retries<T>(
         &self,
         say: &dyn Fn(&str),
         mut attempt: impl FnMut() -> Result<T>,
@@ -259,7 +358,7 @@ impl Client {
 
     /// Maps an HTTP error answer to a clear error about `id`, with what the
     /// Hub said about it (its `X-Error-Message`).
-    pub(super) fn status_error(&self, resp: &Response, id: &HubId, what: &str) -> Error {
+    pub(crate) fn status_error(&self, resp: &Response, id: &HubId, what: &str) -> Error {
         let status = resp.status().as_u16();
         let header = |k: &str| {
             resp.headers().get(k).and_then(|v| v.to_str().ok()).map(|v| crate::ui::escaped(v.trim(), 300))
@@ -306,7 +405,7 @@ impl Client {
     }
 
     /// The commit and files of a revision, retried as any request is.
-    pub(super) fn revision_info(&self, id: &HubId) -> Result<(String, Vec<RemoteFile>)> {
+    pub(crate) fn revision_info(&self, id: &HubId) -> Result<(String, Vec<RemoteFile>)> {
         let rev = id.revision.as_deref().unwrap_or("main");
         let url = format!(
             "{}/api/{}s/{}/revision/{}?blobs=true",
@@ -326,28 +425,30 @@ impl Client {
             }
             self.body(resp, MAX_INFO_BYTES, Overlong::Refused, format!("reading {url}"))?.read_all()
         })?;
-        let bad = |m: &str| Error::Hub(format!("{url}: unexpected answer: {m}"));
-        let v: Value = serde_json::from_slice(&bytes).map_err(|e| bad(&e.to_string()))?;
-        let commit = v
-            .get("sha")
-            .and_then(Value::as_str)
-            .filter(|s| is_commit(s))
-            .ok_or_else(|| bad("no commit sha"))?;
-        let files = v
-            .get("siblings")
-            .and_then(Value::as_array)
-            .ok_or_else(|| bad("no file list"))?
-            .iter()
-            .filter_map(|s| {
-                let name = s.get("rfilename")?.as_str()?.to_string();
-                let sha256 = s.pointer("/lfs/sha256").and_then(Value::as_str).map(str::to_string);
-                let size = s.pointer("/lfs/size").or_else(|| s.get("size")).and_then(Value::as_u64);
-                let blob_id = s.get("blobId").and_then(Value::as_str).map(str::to_string);
-                Some(RemoteFile { name, size: size.unwrap_or(0), listed: size.is_some(), sha256, blob_id })
-            })
-            .collect();
-        Ok((commit.to_string(), files))
+        parse_revision_info(&url, &bytes)
     }
+}
+
+/// The commit and files in the Hub's answer about a revision (from `url`).
+pub(crate) fn parse_revision_info(url: &str, bytes: &[u8]) -> Result<(String, Vec<RemoteFile>)> {
+    let bad = |m: &str| Error::Hub(format!("{url}: unexpected answer: {m}"));
+    let v: Value = serde_json::from_slice(bytes).map_err(|e| bad(&e.to_string()))?;
+    let commit =
+        v.get("sha").and_then(Value::as_str).filter(|s| is_commit(s)).ok_or_else(|| bad("no commit sha"))?;
+    let files = v
+        .get("siblings")
+        .and_then(Value::as_array)
+        .ok_or_else(|| bad("no file list"))?
+        .iter()
+        .filter_map(|s| {
+            let name = s.get("rfilename")?.as_str()?.to_string();
+            let sha256 = s.pointer("/lfs/sha256").and_then(Value::as_str).map(str::to_string);
+            let size = s.pointer("/lfs/size").or_else(|| s.get("size")).and_then(Value::as_u64);
+            let blob_id = s.get("blobId").and_then(Value::as_str).map(str::to_string);
+            Some(RemoteFile { name, size: size.unwrap_or(0), listed: size.is_some(), sha256, blob_id })
+        })
+        .collect();
+    Ok((commit.to_string(), files))
 }
 
 #[cfg(test)]

@@ -12,6 +12,7 @@ use std::sync::{Arc, Mutex};
 use serde_json::json;
 use sha2::Digest;
 
+use super::hub_write::Store;
 use super::*;
 
 pub(crate) const COMMIT: &str = "c0ffee0123456789abcdef0123456789abcdef01";
@@ -53,6 +54,8 @@ pub(crate) struct Hub {
     pub(crate) port: u16,
     pub(crate) log: Arc<Mutex<Vec<String>>>,
     pub(crate) repos: Arc<Mutex<HashMap<String, Repo>>>,
+    /// What uploads wrote (see `hub_write`).
+    pub(crate) store: Arc<Mutex<Store>>,
 }
 
 pub(crate) struct Repo {
@@ -62,6 +65,41 @@ pub(crate) struct Repo {
     pub(crate) spoiled: usize,
     /// Body bytes served of weight (`.safetensors`) files.
     pub(crate) weight_bytes: u64,
+    /// The head commit of its default branch.
+    pub(crate) commit: String,
+    /// Made by `/api/repos/create`: revisions are checked, branches kept.
+    pub(crate) created: bool,
+    /// Reads need a token.
+    pub(crate) private: bool,
+    /// Branches other than main: their folder and head commit.
+    pub(crate) branches: HashMap<String, (PathBuf, String)>,
+}
+
+impl Repo {
+    pub(crate) fn new(dir: &Path, fault: Fault) -> Repo {
+        Repo {
+            dir: dir.to_path_buf(),
+            fault,
+            spoiled: 0,
+            weight_bytes: 0,
+            commit: COMMIT.into(),
+            created: false,
+            private: false,
+            branches: HashMap::new(),
+        }
+    }
+
+    /// The folder and commit of revision `rev` (a branch or a head commit);
+    /// a repository the tests gave serves any revision from its folder.
+    pub(crate) fn at(&self, rev: &str) -> Option<(PathBuf, String)> {
+        if !self.created || rev == "main" || rev == self.commit {
+            return Some((self.dir.clone(), self.commit.clone()));
+        }
+        self.branches
+            .iter()
+            .find(|(b, (_, c))| b.as_str() == rev || c == rev)
+            .map(|(_, (d, c))| (d.clone(), c.clone()))
+    }
 }
 
 pub(crate) fn git_blob_id(bytes: &[u8]) -> String {
@@ -83,19 +121,29 @@ pub(crate) fn largest(dir: &Path) -> String {
     v.pop().unwrap().1
 }
 
+/// Whether the Hub keeps a file in large-file storage: weights, anything
+/// of 10 MiB or more, anything binary (a NUL in its first 512 bytes).
+pub(crate) fn is_lfs(name: &str, size: usize, sample: &[u8]) -> bool {
+    name.ends_with(".safetensors") || size >= 10 << 20 || sample.iter().take(512).any(|b| *b == 0)
+}
+
 pub(crate) fn info(dir: &Path) -> String {
+    info_at(dir, COMMIT)
+}
+
+pub(crate) fn info_at(dir: &Path, commit: &str) -> String {
     let mut siblings = Vec::new();
     for e in std::fs::read_dir(dir).unwrap() {
         let p = e.unwrap().path();
         let bytes = std::fs::read(&p).unwrap();
         let name = p.file_name().unwrap().to_string_lossy().into_owned();
         let mut s = json!({"rfilename": name, "size": bytes.len(), "blobId": git_blob_id(&bytes)});
-        if name.ends_with(".safetensors") {
+        if is_lfs(&name, bytes.len(), &bytes) {
             s["lfs"] = json!({"sha256": sha256_file(&p), "size": bytes.len(), "pointerSize": 134});
         }
         siblings.push(s);
     }
-    json!({"id": "x", "sha": COMMIT, "siblings": siblings}).to_string()
+    json!({"id": "x", "sha": commit, "siblings": siblings}).to_string()
 }
 
 pub(crate) fn respond(s: &mut TcpStream, status: &str, headers: &[String], body: &[u8]) {
@@ -109,11 +157,34 @@ pub(crate) fn respond(s: &mut TcpStream, status: &str, headers: &[String], body:
     let _ = s.write_all(body);
 }
 
-pub(crate) fn serve(stream: &mut TcpStream, repos: &Mutex<HashMap<String, Repo>>, log: &Mutex<Vec<String>>) {
+/// Everything a connection may touch.
+pub(crate) struct Shared {
+    pub(crate) repos: Arc<Mutex<HashMap<String, Repo>>>,
+    pub(crate) log: Arc<Mutex<Vec<String>>>,
+    pub(crate) store: Arc<Mutex<Store>>,
+    pub(crate) port: u16,
+}
+
+/// The revision a read names: `/api/models/o/n/revision/REV`,
+/// `/api/models/o/n/tree/REV`, `/o/n/resolve/REV/FILE`.
+fn revision_in(path: &str) -> String {
+    let path = path.split('?').next().unwrap_or(path);
+    let parts: Vec<&str> = path.split('/').collect();
+    for (i, p) in parts.iter().enumerate() {
+        if matches!(*p, "revision" | "tree" | "resolve") && i + 1 < parts.len() {
+            return parts[i + 1].replace("%2F", "/");
+        }
+    }
+    "main".into()
+}
+
+pub(crate) fn serve(stream: &mut TcpStream, shared: &Shared) {
+    let (repos, log) = (&*shared.repos, &*shared.log);
     let mut r = BufReader::new(stream.try_clone().unwrap());
     let mut line = String::new();
     r.read_line(&mut line).unwrap();
-    let head_only = line.starts_with("HEAD ");
+    let method = line.split_whitespace().next().unwrap_or("GET").to_string();
+    let head_only = method == "HEAD";
     let path = line.split_whitespace().nth(1).unwrap_or("/").to_string();
     let mut hdrs = HashMap::new();
     loop {
@@ -127,7 +198,10 @@ pub(crate) fn serve(stream: &mut TcpStream, repos: &Mutex<HashMap<String, Repo>>
         }
     }
     let range = hdrs.get("range").cloned();
-    log.lock().unwrap().push(format!("{path} {}", range.clone().unwrap_or_default()));
+    log.lock().unwrap().push(format!("{method} {path} {}", range.clone().unwrap_or_default()));
+    if method == "POST" || method == "PUT" {
+        return super::hub_write::write(stream, &mut r, &method, &path, &hdrs, shared);
+    }
     let mut repos = repos.lock().unwrap();
     // Dataset repositories are served from the same table as models.
     let key = path
@@ -144,24 +218,31 @@ pub(crate) fn serve(stream: &mut TcpStream, repos: &Mutex<HashMap<String, Repo>>
         .take(2)
         .collect::<Vec<_>>()
         .join("/");
-    let Some(repo) = repos.get_mut(&key).or(None) else {
-        if let Some(repo) = repos.get_mut(&key2) {
-            if head_only {
-                return file_head(stream, repo, &path);
-            }
-            return file(stream, repo, &path, range, &hdrs);
-        }
-        // As the real Hub: a repository it will not show is a 401.
-        return respond(
+    let not_found = |stream: &mut TcpStream, code: &str| {
+        respond(
             stream,
-            "401 Unauthorized",
-            &[
-                "X-Error-Code: RepoNotFound".into(),
-                "X-Error-Message: Repository Not Found for url: x.".into(),
-            ],
+            if code == "RepoNotFound" { "401 Unauthorized" } else { "404 Not Found" },
+            &[format!("X-Error-Code: {code}"), format!("X-Error-Message: {code} for url: x.")],
             b"{}",
-        );
+        )
     };
+    let api = repos.contains_key(&key) && path.starts_with("/api/");
+    let Some(repo) = repos.get_mut(if api { &key } else { &key2 }) else {
+        // As the real Hub: a repository it will not show is a 401.
+        return not_found(stream, "RepoNotFound");
+    };
+    if repo.private && !hdrs.contains_key("authorization") {
+        return not_found(stream, "RepoNotFound");
+    }
+    let Some((dir, commit)) = repo.at(&revision_in(&path)) else {
+        return not_found(stream, "RevisionNotFound");
+    };
+    if !api {
+        if head_only {
+            return file_head(stream, &dir, &commit, &path);
+        }
+        return file(stream, repo, &dir, &path, range, &hdrs);
+    }
     if repo.fault == Fault::Gated && hdrs.get("authorization").map(String::as_str) != Some("Bearer secret") {
         return respond(stream, "401 Unauthorized", &[], b"{}");
     }
@@ -183,14 +264,9 @@ pub(crate) fn serve(stream: &mut TcpStream, repos: &Mutex<HashMap<String, Repo>>
         return respond(stream, "503 Service Unavailable", &[], b"");
     }
     if path.contains("/tree/") {
-        return respond(
-            stream,
-            "200 OK",
-            &["Content-Type: application/json".into()],
-            tree(&repo.dir).as_bytes(),
-        );
+        return respond(stream, "200 OK", &["Content-Type: application/json".into()], tree(&dir).as_bytes());
     }
-    respond(stream, "200 OK", &["Content-Type: application/json".into()], info(&repo.dir).as_bytes());
+    respond(stream, "200 OK", &["Content-Type: application/json".into()], info_at(&dir, &commit).as_bytes());
 }
 
 /// The file list `/api/models/REPO/tree/REV` gives (huggingface_hub's
@@ -202,7 +278,7 @@ pub(crate) fn tree(dir: &Path) -> String {
         let bytes = std::fs::read(&p).unwrap();
         let name = p.file_name().unwrap().to_string_lossy().into_owned();
         let mut f = json!({"type": "file", "path": name, "size": bytes.len(), "oid": git_blob_id(&bytes)});
-        if name.ends_with(".safetensors") {
+        if is_lfs(&name, bytes.len(), &bytes) {
             f["lfs"] = json!({"oid": sha256_file(&p), "size": bytes.len(), "pointerSize": 134});
         }
         out.push(f);
@@ -212,18 +288,18 @@ pub(crate) fn tree(dir: &Path) -> String {
 
 /// What huggingface_hub's client asks before a download: the commit, the
 /// file's etag (its sha256 for LFS files, else its git blob id) and size.
-pub(crate) fn file_head(s: &mut TcpStream, repo: &mut Repo, path: &str) {
+pub(crate) fn file_head(s: &mut TcpStream, dir: &Path, commit: &str, path: &str) {
     let name = path.split('?').next().unwrap_or(path).rsplit('/').next().unwrap();
-    let Ok(bytes) = std::fs::read(repo.dir.join(name)) else {
+    let Ok(bytes) = std::fs::read(dir.join(name)) else {
         return respond(s, "404 Not Found", &[], b"");
     };
-    let etag = if name.ends_with(".safetensors") {
+    let etag = if is_lfs(name, bytes.len(), &bytes) {
         sha2::Sha256::digest(&bytes).iter().map(|b| format!("{b:02x}")).collect()
     } else {
         git_blob_id(&bytes)
     };
     let h = format!(
-        "HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Length: {}\r\nX-Repo-Commit: {COMMIT}\r\nETag: \"{etag}\"\r\nX-Linked-Etag: \"{etag}\"\r\nX-Linked-Size: {}\r\n\r\n",
+        "HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Length: {}\r\nX-Repo-Commit: {commit}\r\nETag: \"{etag}\"\r\nX-Linked-Etag: \"{etag}\"\r\nX-Linked-Size: {}\r\n\r\n",
         bytes.len(),
         bytes.len()
     );
@@ -233,6 +309,7 @@ pub(crate) fn file_head(s: &mut TcpStream, repo: &mut Repo, path: &str) {
 pub(crate) fn file(
     s: &mut TcpStream,
     repo: &mut Repo,
+    dir: &Path,
     path: &str,
     range: Option<String>,
     hdrs: &HashMap<String, String>,
@@ -240,11 +317,11 @@ pub(crate) fn file(
     if repo.fault == Fault::Gated && hdrs.get("authorization").map(String::as_str) != Some("Bearer secret") {
         return respond(s, "401 Unauthorized", &[], b"");
     }
-    let name = path.rsplit('/').next().unwrap();
-    let Ok(mut bytes) = std::fs::read(repo.dir.join(name)) else {
+    let name = path.split('?').next().unwrap_or(path).rsplit('/').next().unwrap();
+    let Ok(mut bytes) = std::fs::read(dir.join(name)) else {
         return respond(s, "404 Not Found", &[], b"");
     };
-    let big = name == largest(&repo.dir);
+    let big = name == largest(dir);
     // `bytes=FROM-` or `bytes=FROM-TO` (TO inclusive).
     let (from, to): (usize, Option<usize>) = range
         .as_deref()
@@ -325,26 +402,22 @@ impl Hub {
     pub(crate) fn start(repos: Vec<(&str, &Path, Fault)>) -> Hub {
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         let port = listener.local_addr().unwrap().port();
-        let map: HashMap<String, Repo> = repos
-            .into_iter()
-            .map(|(n, d, f)| {
-                (n.to_string(), Repo { dir: d.to_path_buf(), fault: f, spoiled: 0, weight_bytes: 0 })
-            })
-            .collect();
+        let map: HashMap<String, Repo> =
+            repos.into_iter().map(|(n, d, f)| (n.to_string(), Repo::new(d, f))).collect();
         let repos = Arc::new(Mutex::new(map));
         let log = Arc::new(Mutex::new(Vec::new()));
-        let l2 = log.clone();
-        let r2 = repos.clone();
+        let store = Arc::new(Mutex::new(Store::new()));
+        let shared = Shared { repos: repos.clone(), log: log.clone(), store: store.clone(), port };
         std::thread::spawn(move || {
             for s in listener.incoming() {
                 let mut s = s.unwrap();
-                serve(&mut s, &r2, &l2);
+                serve(&mut s, &shared);
                 let mut sink = Vec::new();
                 let _ = s.set_read_timeout(Some(std::time::Duration::from_millis(1)));
                 let _ = s.read_to_end(&mut sink);
             }
         });
-        Hub { port, log, repos }
+        Hub { port, log, repos, store }
     }
 
     /// From now on `repo` misbehaves as `fault` says, counted afresh.

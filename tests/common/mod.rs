@@ -5,6 +5,7 @@
 #![allow(dead_code)]
 
 pub(crate) mod hub;
+pub(crate) mod hub_write;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
