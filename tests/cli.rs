@@ -679,7 +679,10 @@ fn command_lines(text: &str) -> Vec<Vec<String>> {
 fn every_model_the_readme_and_help_examples_name_is_an_alias_a_hub_id_or_an_earlier_output() {
     let readme = std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("README.md")).unwrap();
     let mut texts = vec![readme];
-    for sub in ["apply", "extract", "analyze", "sweep", "eval", "merge", "run", "sft", "verify", "inspect"] {
+    for sub in [
+        "apply", "extract", "analyze", "sweep", "eval", "merge", "run", "sft", "verify", "inspect", "push",
+        "download",
+    ] {
         texts.push(stdout(&chatvec(&[sub, "--help"])));
     }
     let list = chatvec(&["--json", "list"]);

@@ -360,3 +360,43 @@ print(info.oid)
     assert!(stdout(&o).contains("already holds exactly these files"), "{}", stdout(&o));
     assert_eq!(writes(&hub).len(), before);
 }
+
+/// The README's publishing block, run as written by bash with chatvec on
+/// the PATH and this Hub as the endpoint.
+#[test]
+fn the_readme_publish_section_runs_as_written_against_the_loopback_hub() {
+    let readme = std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("README.md")).unwrap();
+    let section = readme
+        .split("\n## Publishing to the Hub\n")
+        .nth(1)
+        .expect("the section")
+        .split("\n## ")
+        .next()
+        .unwrap();
+    let block = section.split("```sh\n").nth(1).unwrap().split("```").next().unwrap();
+    assert!(block.contains("chatvec push "), "{block}");
+    let d = tempfile::tempdir().unwrap();
+    let hub = Hub::start(vec![]);
+    let bin = Path::new(env!("CARGO_BIN_EXE_chatvec")).parent().unwrap();
+    let path = format!("{}:{}", bin.display(), std::env::var("PATH").unwrap_or_default());
+    let o = std::process::Command::new("bash")
+        .args(["-euo", "pipefail", "-c", block])
+        .current_dir(d.path())
+        .env("PATH", path)
+        .env("HF_ENDPOINT", format!("http://127.0.0.1:{}", hub.port))
+        .env("HF_HUB_CACHE", d.path().join("hub"))
+        .env("HF_HOME", d.path().join("hf-home"))
+        .env("CHATVEC_CACHE_DIR", d.path().join("chatvec-cache"))
+        .env("CHATVEC_RETRY_WAIT_MS", "1")
+        .env_remove("HF_TOKEN")
+        .env_remove("HF_HUB_OFFLINE")
+        .output()
+        .unwrap();
+    ok(&o);
+    let model = d.path().join("demo/swallow-like-cv");
+    assert!(stdout(&o).contains("commit: "), "{}", stdout(&o));
+    assert!(hub.repos.lock().unwrap()["your-name/swallow-like-cv"].private);
+    assert_same_files(&model, &remote_dir(&hub, "your-name/swallow-like-cv"));
+    let head = hub.repos.lock().unwrap()["your-name/swallow-like-cv"].commit.clone();
+    assert_same_files(&model, &d.path().join("hub/models--your-name--swallow-like-cv/snapshots").join(head));
+}

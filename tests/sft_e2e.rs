@@ -8,7 +8,7 @@
 
 mod common;
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use common::*;
@@ -92,6 +92,27 @@ fn apply_then_a_few_real_sft_steps_on_the_cpu() {
     let card = std::fs::read_to_string(run.join("model/README.md")).unwrap();
     assert!(card.contains("chatvec sft") && !card.contains("fine-tuned version of [None]"), "{card}");
     ok(&chatvec(&["verify", s(&run.join("model"))]));
+    // Publishable as it stands: pushing RUN is told where the model is,
+    // and RUN/model lands on the Hub whole.
+    let hub = common::hub::Hub::start(vec![]);
+    let push = |dir: &Path| {
+        hub.command(&d.path().join("hub"))
+            .env("HF_TOKEN", common::hub_write::WRITE_TOKEN)
+            .args(["push", s(dir), "org/sft", "--create"])
+            .output()
+            .unwrap()
+    };
+    let o = push(&run);
+    assert!(!o.status.success() && stderr(&o).contains("is a training run"), "{}", stderr(&o));
+    ok(&push(&run.join("model")));
+    let remote = hub.repos.lock().unwrap()["org/sft"].dir.clone();
+    for f in entries(&run.join("model")) {
+        assert_eq!(
+            std::fs::read(remote.join(&f)).unwrap(),
+            std::fs::read(run.join("model").join(&f)).unwrap(),
+            "{f}"
+        );
+    }
     // Its template renders every conversation as the input model's does
     // (transformers on both), with no training markers.
     let same = r#"

@@ -55,7 +55,7 @@ impl Store {
     }
 }
 
-/// The token this Hub takes for writes.
+/// A token this Hub takes for writes.
 pub(crate) const WRITE_TOKEN: &str = "hf_writer";
 /// A token it knows that may only read.
 pub(crate) const READ_TOKEN: &str = "hf_reader";
@@ -214,7 +214,9 @@ pub(crate) fn write(
             _ => refuse(s, "404 Not Found", "", "object not found"),
         };
     }
-    let writer = auth.as_deref() == Some(WRITE_TOKEN);
+    // Any user token writes (the README's `hf_...` too), but the one that
+    // may only read.
+    let writer = auth.as_deref().is_some_and(|a| a.starts_with("hf_") && a != READ_TOKEN);
     if !writer {
         return match auth.as_deref() {
             None => refuse(s, "401 Unauthorized", "", "Invalid credentials in Authorization header"),
