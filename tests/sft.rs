@@ -571,9 +571,24 @@ fn job_scripts_run_nothing_but_chatvec_whatever_the_names() {
             .args(["--launcher", launcher, "--nnodes", "2", "--nproc", "1", "--force"])
             .args(["--partition", "gpu", "--account", "lab-1", "--time", "1:00:00"])
             .args(["--sched-arg=--comment=chatvec", "--job-setup", "export SETUP_RAN=yes"])
+            .arg(if launcher == "slurm" {
+                "--sbatch-arg=--qos=high"
+            } else {
+                "--pbs-arg=-l select=2:ngpus=8"
+            })
             .output()
             .unwrap();
         ok(&o);
+        // The other scheduler's directive is refused, naming both.
+        let other = if launcher == "slurm" { "--pbs-arg=-V" } else { "--sbatch-arg=--qos=high" };
+        let refused = command()
+            .current_dir(&wd)
+            .args(["sft", "--model", s(&model), "--data", data_name, "-o", run_name, "--python", s(&py)])
+            .args(["--launcher", launcher, "--nnodes", "2", "--force", other, "--dry-run"])
+            .output()
+            .unwrap();
+        assert_eq!(refused.status.code(), Some(1), "{}", stderr(&refused));
+        assert!(stderr(&refused).contains(&format!("but --launcher is {launcher}")), "{}", stderr(&refused));
         assert!(
             stderr(&o)
                 .contains("global batch: 1 per device x 16 accumulation x 2 process(es) = 32 sequences"),
@@ -592,11 +607,13 @@ fn job_scripts_run_nothing_but_chatvec_whatever_the_names() {
                 "#SBATCH --account=lab-1",
                 "#SBATCH --time=1:00:00",
                 "#SBATCH --comment=chatvec",
+                "#SBATCH --qos=high",
             ] {
                 assert!(text.lines().any(|l| l == d), "{d}: {text}");
             }
         } else {
-            for d in ["#PBS -q gpu", "#PBS -A lab-1", "#PBS -l walltime=1:00:00"] {
+            for d in ["#PBS -q gpu", "#PBS -A lab-1", "#PBS -l walltime=1:00:00", "#PBS -l select=2:ngpus=8"]
+            {
                 assert!(text.lines().any(|l| l == d), "{d}: {text}");
             }
         }

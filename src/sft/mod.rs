@@ -835,16 +835,21 @@ fn write_job_script(job: &SftJob, launcher: &str) -> Result<SftReport> {
     node.options.launcher = None;
     (node.options.partition, node.options.account, node.options.time) = (None, None, None);
     node.options.sched_args.clear();
+    node.options.sbatch_args.clear();
+    node.options.pbs_args.clear();
     node.options.job_setup.clear();
     node.dry_run = false;
     // The interpreter chatvec was told to use goes into the script, so the
     // nodes use it whatever their login environment says.
     let python = a.python.clone().or_else(|| std::env::var_os(crate::python::PYTHON_ENV).map(PathBuf::from));
+    // Directives for this scheduler: the generic ones, then its own.
+    let own = if launcher == "pbs" { &a.pbs_args } else { &a.sbatch_args };
+    let directives: Vec<String> = a.sched_args.iter().chain(own).cloned().collect();
     let sched = launcher::Scheduling {
         partition: a.partition.as_deref(),
         account: a.account.as_deref(),
         time: a.time.as_deref(),
-        directives: &a.sched_args,
+        directives: &directives,
         setup: &a.job_setup,
         python: python.as_deref(),
     };
@@ -1025,6 +1030,8 @@ impl SftJob {
         }
         // `=`-joined: a directive starts with a dash.
         args.extend(o.sched_args.iter().map(|v| format!("--sched-arg={v}")));
+        args.extend(o.sbatch_args.iter().map(|v| format!("--sbatch-arg={v}")));
+        args.extend(o.pbs_args.iter().map(|v| format!("--pbs-arg={v}")));
         for (flag, on) in [
             ("packing", o.packing),
             ("lora", o.lora),

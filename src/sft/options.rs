@@ -214,6 +214,14 @@ pub struct SftOptions {
     /// (repeatable), e.g. --sched-arg=--qos=high or --sched-arg="-l gpu_type=h100".
     #[arg(long = "sched-arg", value_name = "DIRECTIVE", allow_hyphen_values = true, requires = "launcher")]
     pub sched_args: Vec<String>,
+    /// With --launcher slurm: an `#SBATCH` directive as sbatch takes it (repeatable), e.g.
+    /// --sbatch-arg=--qos=high or --sbatch-arg=--gres=gpu:h100:8.
+    #[arg(long = "sbatch-arg", value_name = "DIRECTIVE", allow_hyphen_values = true, requires = "launcher")]
+    pub sbatch_args: Vec<String>,
+    /// With --launcher pbs: a `#PBS` directive as qsub takes it (repeatable), e.g.
+    /// --pbs-arg="-l select=2:ngpus=8" or --pbs-arg="-W group_list=gpu".
+    #[arg(long = "pbs-arg", value_name = "DIRECTIVE", allow_hyphen_values = true, requires = "launcher")]
+    pub pbs_args: Vec<String>,
     /// With --launcher: a shell line each node runs before chatvec (repeatable), e.g.
     /// "module load cuda/12.4" or "source /shared/venv/bin/activate".
     #[arg(long = "job-setup", value_name = "LINE", requires = "launcher")]
@@ -266,6 +274,8 @@ impl Default for SftOptions {
             account: None,
             time: None,
             sched_args: Vec::new(),
+            sbatch_args: Vec::new(),
+            pbs_args: Vec::new(),
             job_setup: Vec::new(),
         }
     }
@@ -353,15 +363,26 @@ impl SftOptions {
             || self.account.is_some()
             || self.time.is_some()
             || !self.sched_args.is_empty()
+            || !self.sbatch_args.is_empty()
+            || !self.pbs_args.is_empty()
             || !self.job_setup.is_empty();
         if scheduling && self.launcher.is_none() {
             return usage(
-                "partition, account, time, sched_args and job_setup go into a job script: set launcher = \"slurm\" or \"pbs\"".into(),
+                "partition, account, time, sched_args, sbatch_args, pbs_args and job_setup go into a job script: set launcher = \"slurm\" or \"pbs\"".into(),
             );
         }
         if let Some(l) = &self.launcher {
             if !LAUNCHERS.contains(&l.as_str()) {
                 return usage(format!("--launcher '{l}': one of {}", LAUNCHERS.join(", ")));
+            }
+            for (flag, given, for_launcher) in
+                [("--sbatch-arg", &self.sbatch_args, "slurm"), ("--pbs-arg", &self.pbs_args, "pbs")]
+            {
+                if !given.is_empty() && l != for_launcher {
+                    return usage(format!(
+                        "{flag} is a {for_launcher} directive, but --launcher is {l}: use --sched-arg, or the {l} form"
+                    ));
+                }
             }
             if self.node_rank != 0 || self.master_addr.is_some() {
                 return usage(format!(
