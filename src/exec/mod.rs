@@ -239,6 +239,15 @@ pub(crate) fn execute_many(plan: &Plan, dirs: &[&OutputDir], opts: &ExecOptions)
         }
         crate::ui::note("device: cpu (LoRA merges run on the CPU)");
         None
+    } else if let Some(method) = plan.cpu_only_method() {
+        if let DeviceChoice::Cuda(_) = opts.device {
+            return Err(Error::Usage(format!(
+                "merge method {method} runs on the CPU (the CUDA path has no kernels for it yet); --device cuda cannot be used"
+            ))
+            .with_hint("leave out --device, or pass --device cpu"));
+        }
+        crate::ui::note(&format!("device: cpu ({method} runs on the CPU)"));
+        None
     } else {
         cuda::select(opts.device, opts.gpu_memory)?
     };

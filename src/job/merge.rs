@@ -10,6 +10,7 @@ use crate::job::sweep::{SweepReport, sweep_recorded};
 use crate::job::{
     HEADERS_ONLY, Records, Summary, check_written_config, preflight, preflight_with, write_output,
 };
+use crate::merge::methods::BaseRole;
 use crate::output::Destination;
 use crate::output::card::model_card;
 use crate::output::manifest::RecipeRecord;
@@ -115,8 +116,9 @@ fn merge_method(
     for (r, own) in &m.models {
         let i = index(r, &mut refs);
         // mergekit: a base listed among the models is the base, except for
-        // linear, where it is merged like the others.
-        if Some(i) == base && m.method.needs_base() {
+        // methods that merge it like the others (linear, karcher,
+        // passthrough).
+        if Some(i) == base && m.method.base_role() != BaseRole::Input {
             continue;
         }
         if models.contains(&i) {
@@ -125,7 +127,7 @@ fn merge_method(
         models.push(i);
         per_model.push(own.clone());
     }
-    if let (Some(b), false) = (base, m.method.needs_base())
+    if let (Some(b), BaseRole::Input) = (base, m.method.base_role())
         && !models.contains(&b)
     {
         models.push(b);

@@ -99,6 +99,15 @@ impl<'a> Pass<'a> {
             Method::Linear => self.linear(n),
             Method::Slerp => self.slerp(n),
             Method::ModelStock => self.model_stock(pos, n),
+            Method::Passthrough => {
+                let scale = self.tm.params.models[0].scale as f32;
+                for (o, x) in self.result[..n].iter_mut().zip(&self.models[0][..n]) {
+                    *o = *x * scale;
+                }
+            }
+            Method::NearSwap => self.nearswap(n),
+            Method::Ram | Method::RamPlusTl => self.ram(n),
+            m if m.spherical() => self.combo(pos, n),
             _ => {
                 self.masked_deltas(pos, n);
                 if self.tm.method.consensus() {
@@ -147,6 +156,66 @@ impl<'a> Pass<'a> {
             let t = self.st.stock_t[((pos + j as u64) / self.st.row_len) as usize];
             let avg = acc[j] / kf;
             *o = t * avg + (1.0 - t) * self.base[j];
+        }
+    }
+
+    /// `w = clamp(t / max(|b - x|, 1e-6), 0, 1)`, `w * x + (1 - w) * b`,
+    /// NaN carried through the clamps as torch's `clamp` does.
+    fn nearswap(&mut self, n: usize) {
+        let t = self.tm.params.t as f32;
+        for ((o, a), b) in self.result[..n].iter_mut().zip(&self.base[..n]).zip(&self.models[0][..n]) {
+            let d = (*a - *b).abs();
+            let d = if d < 1e-6 { 1e-6 } else { d };
+            let w = t / d;
+            // f32::clamp keeps NaN, as torch's clamp does.
+            let w = w.clamp(0.0, 1.0);
+            *o = w * *b + (1.0 - w) * *a;
+        }
+    }
+
+    /// ram and ramplus_tl: per element, the deltas above `epsilon` are
+    /// counted; a delta only one model has is added whole (times that
+    /// model's `lambda`), deltas several have are averaged.
+    fn ram(&mut self, n: usize) {
+        let eps = self.tm.params.shared.epsilon as f32;
+        let lambdas = &self.st.lambdas;
+        for j in 0..n {
+            let b = self.base[j];
+            let mut count = 0u32;
+            for x in &self.models {
+                count += ((x[j] - b).abs() > eps) as u32;
+            }
+            let unique = (count == 1) as u8 as f32;
+            let overlap = (count > 1) as u8 as f32;
+            let div = count.max(1) as f32;
+            let mut acc = 0f32;
+            for (i, x) in self.models.iter().enumerate() {
+                let d = x[j] - b;
+                let z = d * ((d.abs() > eps) as u8 as f32);
+                let mut own = z * unique;
+                if let Some(l) = lambdas.get(i) {
+                    own *= *l;
+                }
+                acc += own + z * overlap / div;
+            }
+            self.result[j] = b + acc;
+        }
+    }
+
+    /// `sum_i c_i v_i` with the coefficients of the element's group, `v_i`
+    /// the delta from the base (added back) when the method has one.
+    fn combo(&mut self, pos: u64, n: usize) {
+        let Some(c) = &self.st.combo else { return };
+        let k = self.models.len();
+        let rl = self.st.row_len.max(1);
+        for j in 0..n {
+            let coef = c.at(pos + j as u64, rl, k);
+            let mut acc = 0f32;
+            for (x, ci) in self.models.iter().zip(coef) {
+                let v = if c.delta { x[j] - self.base[j] } else { x[j] };
+                acc += *ci * v;
+            }
+            self.result[j] = if c.delta { acc + self.base[j] } else { acc };
         }
     }
 

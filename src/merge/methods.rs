@@ -45,6 +45,46 @@
 //!   model pairs of the cosine between their deltas (per row when
 //!   `filter_wise`), `t = n cos / (1 + (n - 1) cos)` (0 where the
 //!   denominator is below 1e-6), `out = t * mean_i x_i + (1 - t) * b`.
+//! - **passthrough**: exactly one input (the base or one model), `out = x *
+//!   scale` (`scale` per input, default: unscaled). With slices, each
+//!   slice's one source.
+//! - **nearswap**: base and one model, `w = clamp(t / max(|b - x|, 1e-6), 0,
+//!   1)`, `out = w * x + (1 - w) * b` (NaN propagates as in torch).
+//! - **ram** (Reinforced Agent Merging): base and models; an element of
+//!   `d_i` counts when `|d_i| > epsilon` (default 1e-5), `c` models count
+//!   there; `out = b + sum_i (z_i [c = 1] + z_i [c > 1] / max(c, 1))` with
+//!   `z_i = d_i [counts]`.
+//! - **ramplus_tl**: as ram, the unique term of model i scaled by `lambda_i
+//!   = 1 + r * clamp(rho_i, 0, alpha)`, `rho_i` = model i's counted
+//!   elements shared with another model over its unique ones (the latter at
+//!   least `epsilon`), over the tensor; `r` 0.1, `alpha` 0.2.
+//! - **nuslerp**: two models (`weight` each, `t = w_1 / (w_0 + w_1)`, 0.5
+//!   when the sum is below 1e-6) interpolated on the sphere, their deltas
+//!   from the base when there is one: over the whole tensor
+//!   (`nuslerp_flatten`, default true), else per row, or per column with
+//!   `nuslerp_row_wise` (mergekit's naming: its vectors run along dim 0).
+//!   Unit vectors divide by `max(|v|, 1e-7)`; colinear vectors (`1 - cos^2
+//!   <= 1e-16`) interpolate linearly.
+//! - **multislerp**: barycentric interpolation on the sphere of any number
+//!   of models (`weight` each, divided by their sum when
+//!   `normalize_weights`, default true), their deltas when there is a
+//!   base; one model is returned as it is. The result is the weighted mean
+//!   of the unit vectors (`v_i / (|v_i| + eps)`, `eps` 1e-8), normalized and
+//!   scaled by `sum_i w_i |v_i|`: mergekit's tangent-space step is zero in
+//!   exact arithmetic (the weighted mean of tangents at the weighted mean),
+//!   so chatvec leaves out what is only its rounding. A weighted mean of
+//!   norm below `eps` interpolates two models linearly and is an error for
+//!   more, as in mergekit.
+//! - **karcher**: the Riemannian (Karcher) mean on the unit sphere of every
+//!   input, the base included, with equal weights, by at most `max_iter`
+//!   (10) steps from the normalized Euclidean mean until the tangent's norm
+//!   is below `tol` (1e-5; inputs of norm at most `tol` are left out),
+//!   scaled by the mean of the inputs' norms.
+//!
+//! nuslerp, multislerp and karcher stay in the span of their inputs, so
+//! chatvec computes them from the inputs' Gram matrix (one streaming pass,
+//! f64) as per-tensor (or per-row, per-column) coefficients, then `out =
+//! sum_i c_i v_i` (plus the base for deltas) in f32.
 //!
 //! Norms, dot products and sums are accumulated in f64 by streaming passes
 //! over the inputs (see `stats`), so statistics never hold a tensor.
@@ -71,6 +111,25 @@ pub(crate) enum Method {
     DellaLinear,
     Slerp,
     ModelStock,
+    Passthrough,
+    NearSwap,
+    Ram,
+    RamPlusTl,
+    NuSlerp,
+    MultiSlerp,
+    Karcher,
+}
+
+/// What the base model is to a method.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum BaseRole {
+    /// The origin: the other models are taken as deltas from it (required).
+    Origin,
+    /// The origin when there is one (nuslerp, multislerp).
+    OptionalOrigin,
+    /// One of the inputs, merged like the others (linear, karcher,
+    /// passthrough).
+    Input,
 }
 
 /// How a task arithmetic method thins out each delta.
@@ -119,7 +178,7 @@ const fn flag(name: &'static str, default: bool) -> ParamSpec {
     ParamSpec { name, scope: Scope::Shared, boolean: true, default: Some(Scalar::Bool(default)) }
 }
 
-pub(crate) const ALL_METHODS: [Method; 11] = [
+pub(crate) const ALL_METHODS: [Method; 18] = [
     Method::Linear,
     Method::TaskArithmetic,
     Method::Ties,
@@ -131,6 +190,13 @@ pub(crate) const ALL_METHODS: [Method; 11] = [
     Method::DellaLinear,
     Method::Slerp,
     Method::ModelStock,
+    Method::Passthrough,
+    Method::NearSwap,
+    Method::Ram,
+    Method::RamPlusTl,
+    Method::NuSlerp,
+    Method::MultiSlerp,
+    Method::Karcher,
 ];
 
 impl Method {
@@ -147,10 +213,20 @@ impl Method {
             Method::DellaLinear => "della_linear",
             Method::Slerp => "slerp",
             Method::ModelStock => "model_stock",
+            Method::Passthrough => "passthrough",
+            Method::NearSwap => "nearswap",
+            Method::Ram => "ram",
+            Method::RamPlusTl => "ramplus_tl",
+            Method::NuSlerp => "nuslerp",
+            Method::MultiSlerp => "multislerp",
+            Method::Karcher => "karcher",
         }
     }
 
     pub(crate) fn from_name(s: &str) -> Result<Method> {
+        if let Some(why) = NOT_YET.iter().find(|(n, _)| *n == s).map(|(_, why)| why) {
+            return Err(Error::Usage(format!("merge method '{s}' is not supported by chatvec yet: {why}")));
+        }
         ALL_METHODS.into_iter().find(|m| m.name() == s).ok_or_else(|| {
             let names: Vec<&str> = ALL_METHODS.iter().map(|m| m.name()).collect();
             Error::Usage(format!(
@@ -162,7 +238,27 @@ impl Method {
 
     /// Whether this is one of the task arithmetic family.
     pub(crate) fn is_task_arithmetic(self) -> bool {
-        !matches!(self, Method::Linear | Method::Slerp | Method::ModelStock)
+        self.sparsify().is_some() || self == Method::TaskArithmetic
+    }
+
+    /// What the base model is to the method.
+    pub(crate) fn base_role(self) -> BaseRole {
+        match self {
+            Method::Linear | Method::Karcher | Method::Passthrough => BaseRole::Input,
+            Method::NuSlerp | Method::MultiSlerp => BaseRole::OptionalOrigin,
+            _ => BaseRole::Origin,
+        }
+    }
+
+    /// Whether the CUDA path has kernels for it (the others run on the CPU).
+    pub(crate) fn on_gpu(self) -> bool {
+        self.is_task_arithmetic() || matches!(self, Method::Linear | Method::Slerp | Method::ModelStock)
+    }
+
+    /// Whether the method is a weighted combination of its inputs (or their
+    /// deltas) with coefficients from their Gram matrix.
+    pub(crate) fn spherical(self) -> bool {
+        matches!(self, Method::NuSlerp | Method::MultiSlerp | Method::Karcher)
     }
 
     pub(crate) fn sparsify(self) -> Option<Sparsify> {
@@ -182,14 +278,17 @@ impl Method {
 
     /// Whether a base model is required.
     pub(crate) fn needs_base(self) -> bool {
-        self != Method::Linear
+        self.base_role() == BaseRole::Origin
     }
 
-    /// The fewest and most models besides the base.
+    /// The fewest and most inputs it merges: besides the base where the base
+    /// is the origin, all of them where it is an input.
     pub(crate) fn model_count(self) -> (usize, usize) {
         match self {
-            Method::Slerp => (1, 1),
+            Method::Slerp | Method::NearSwap => (1, 1),
             Method::ModelStock => (2, usize::MAX),
+            Method::NuSlerp => (2, 2),
+            Method::Passthrough => (1, 1),
             _ => (1, usize::MAX),
         }
     }
@@ -197,8 +296,28 @@ impl Method {
     pub(crate) fn params(self) -> Vec<ParamSpec> {
         match self {
             Method::Linear => vec![num("weight", Scope::Input, None), flag("normalize", true)],
-            Method::Slerp => vec![num("t", Scope::Shared, None)],
+            Method::Slerp | Method::NearSwap => vec![num("t", Scope::Shared, None)],
             Method::ModelStock => vec![flag("filter_wise", false)],
+            Method::Passthrough => vec![num("scale", Scope::Input, Some(1.0))],
+            Method::Ram => vec![num("epsilon", Scope::Shared, Some(1e-5))],
+            Method::RamPlusTl => vec![
+                num("r", Scope::Shared, Some(0.1)),
+                num("alpha", Scope::Shared, Some(0.2)),
+                num("epsilon", Scope::Shared, Some(1e-5)),
+            ],
+            Method::NuSlerp => vec![
+                num("weight", Scope::NonBase, None),
+                flag("nuslerp_row_wise", false),
+                flag("nuslerp_flatten", true),
+            ],
+            Method::MultiSlerp => vec![
+                num("weight", Scope::NonBase, None),
+                flag("normalize_weights", true),
+                num("eps", Scope::Shared, Some(1e-8)),
+            ],
+            Method::Karcher => {
+                vec![num("max_iter", Scope::Shared, Some(10.0)), num("tol", Scope::Shared, Some(1e-5))]
+            }
             m => {
                 let normalize = matches!(m, Method::Ties | Method::Della);
                 let rescale = matches!(m.sparsify(), Some(Sparsify::Random | Sparsify::Della));
@@ -221,6 +340,18 @@ impl Method {
     }
 }
 
+/// mergekit 0.1.5's methods chatvec does not run yet, and why.
+const NOT_YET: &[(&str, &str)] = &[
+    (
+        "sce",
+        "its variance top-k selection is not in the streaming engine yet; ties or della_linear are the nearest",
+    ),
+    (
+        "arcee_fusion",
+        "its threshold is a quantile of per-row KL importance scores (mergekit samples them at random for large tensors); not in the streaming engine yet",
+    ),
+];
+
 /// Parameters of one model for one tensor.
 #[derive(Clone, Copy, Debug, Serialize)]
 pub(crate) struct ModelParams {
@@ -228,6 +359,25 @@ pub(crate) struct ModelParams {
     pub density: f64,
     pub gamma: f64,
     pub epsilon: f64,
+    /// passthrough's `scale`.
+    pub scale: f64,
+}
+
+/// The shared settings of the newer methods (ram, nuslerp, multislerp,
+/// karcher), with their defaults where a method does not take them.
+#[derive(Clone, Copy, Debug, Serialize)]
+pub(crate) struct Shared {
+    /// ram's and ramplus_tl's threshold.
+    pub epsilon: f64,
+    pub r: f64,
+    pub alpha: f64,
+    pub row_wise: bool,
+    pub flatten: bool,
+    /// multislerp's `normalize_weights` and `eps`.
+    pub normalize_weights: bool,
+    pub eps: f64,
+    pub max_iter: f64,
+    pub tol: f64,
 }
 
 /// All parameters of one tensor, resolved.
@@ -238,6 +388,7 @@ pub(crate) struct TensorParams {
     pub lambda: f64,
     pub t: f64,
     pub filter_wise: bool,
+    pub shared: Shared,
     /// One per merged input (for linear, the base too when it is an input).
     pub models: Vec<ModelParams>,
 }
@@ -326,16 +477,31 @@ pub(crate) fn resolve(method: Method, src: &ParamSources<'_>, name: &str, t: f64
         models.push(ModelParams {
             weight: per("weight", 1.0)?,
             density: per("density", 1.0)?,
-            gamma: per("gamma", 0.0)?,
-            epsilon: per("epsilon", 0.0)?,
+            gamma: if specs.iter().any(|p| p.name == "gamma") { per("gamma", 0.0)? } else { 0.0 },
+            epsilon: if method.sparsify() == Some(Sparsify::Della) { per("epsilon", 0.0)? } else { 0.0 },
+            scale: per("scale", 1.0)?,
         });
     }
+    let num = |n: &str, d: f64| shared(n, Scalar::Num(d)).map(as_num);
+    let yes = |n: &str, d: bool| shared(n, Scalar::Bool(d)).map(truth);
+    let shared_params = Shared {
+        epsilon: if method.sparsify() == Some(Sparsify::Della) { 0.0 } else { num("epsilon", 1e-5)? },
+        r: num("r", 0.1)?,
+        alpha: num("alpha", 0.2)?,
+        row_wise: yes("nuslerp_row_wise", false)?,
+        flatten: yes("nuslerp_flatten", true)?,
+        normalize_weights: yes("normalize_weights", true)?,
+        eps: num("eps", 1e-8)?,
+        max_iter: num("max_iter", 10.0)?,
+        tol: num("tol", 1e-5)?,
+    };
     let p = TensorParams {
         normalize: truth(shared("normalize", Scalar::Bool(false))?),
         rescale: truth(shared("rescale", Scalar::Bool(false))?),
         lambda: as_num(shared("lambda", Scalar::Num(1.0))?),
         t: as_num(shared("t", Scalar::Num(0.0))?),
         filter_wise: truth(shared("filter_wise", Scalar::Bool(false))?),
+        shared: shared_params,
         models,
     };
     validate(method, &p, name, &src.labels)?;
@@ -392,8 +558,35 @@ fn validate(method: Method, p: &TensorParams, name: &str, labels: &[String]) -> 
             );
         }
     }
-    if method == Method::Slerp && !in_unit(p.t) {
-        return bad(format!("t = {} must be in [0, 1] (0: the base, 1: the other model)", p.t));
+    // slerp outside [0, 1] extrapolates along the arc, as mergekit does.
+    if matches!(method, Method::Slerp | Method::NearSwap) && !f32_finite(p.t) {
+        return bad(format!("t = {} is not a finite f32 number", shown(p.t)));
+    }
+    let s = &p.shared;
+    for (name, v, ok) in [
+        ("epsilon", s.epsilon, s.epsilon >= 0.0),
+        ("r", s.r, true),
+        ("alpha", s.alpha, s.alpha >= 0.0),
+        ("eps", s.eps, s.eps >= 0.0),
+        ("tol", s.tol, s.tol >= 0.0),
+    ] {
+        if !f32_finite(v) || !ok {
+            return bad(format!(
+                "{name} = {} must be a finite number{}",
+                shown(v),
+                if ok { "" } else { " >= 0" }
+            ));
+        }
+    }
+    if !(s.max_iter >= 0.0 && s.max_iter <= 1e6 && s.max_iter.fract() == 0.0) {
+        return bad(format!("max_iter = {} must be a whole number from 0 to 1000000", shown(s.max_iter)));
+    }
+    if method == Method::Passthrough {
+        for (m, label) in p.models.iter().zip(labels) {
+            if !f32_finite(m.scale) {
+                return bad(format!("{label}: scale {} is not a finite f32 number", shown(m.scale)));
+            }
+        }
     }
     Ok(())
 }

@@ -24,6 +24,7 @@ use crate::error::Result;
 use crate::interrupt;
 use crate::merge::lanes::Lanes;
 use crate::merge::methods::{Method, Sparsify, TensorParams};
+use crate::merge::spherical::{Combo, combo};
 use crate::merge::{Inputs, TensorMerge};
 use crate::rng;
 
@@ -104,6 +105,10 @@ pub(crate) struct TensorStats {
     pub stock_t: Vec<f32>,
     /// Row length for per-row statistics (DELLA ranks, filter-wise stock).
     pub row_len: u64,
+    /// nuslerp, multislerp, karcher: the coefficients of the element pass.
+    pub combo: Option<Combo>,
+    /// ramplus_tl: each model's factor for its unique elements.
+    pub lambdas: Vec<f32>,
 }
 
 fn bits(d: f32) -> u32 {
@@ -157,6 +162,19 @@ pub(crate) trait Passes {
     /// Per block of `blocks(n, row_len)`: its row and the Gram matrix of the
     /// deltas (upper triangle, row-major pairs; model_stock).
     fn gram(&self, row_len: u64) -> Result<Vec<(u64, Vec<f64>)>>;
+    /// The element pass's coefficients of a spherical method (nuslerp,
+    /// multislerp, karcher); CPU only.
+    fn combo(&self, tm: &TensorMerge, name: &str) -> Result<Combo> {
+        let _ = name;
+        Err(crate::error::Error::Internal(format!("no GPU statistics pass for {}", tm.method.name())))
+    }
+    /// ramplus_tl: per model, how many of its counted elements (`|d| >
+    /// epsilon`) another model counts too, and how many only it counts;
+    /// CPU only.
+    fn ram_counts(&self, epsilon: f32) -> Result<Vec<(u64, u64)>> {
+        let _ = epsilon;
+        Err(crate::error::Error::Internal("no GPU statistics pass for ramplus_tl".into()))
+    }
 }
 
 /// A block's L1 partials for rank masks: sum of `|d|`, sum strictly inside
@@ -344,6 +362,50 @@ impl Passes for CpuPasses<'_> {
             })
             .collect())
     }
+
+    fn combo(&self, tm: &TensorMerge, name: &str) -> Result<Combo> {
+        combo(self.inputs, tm.method, &tm.params, self.n, self.row_len, name)
+    }
+
+    fn ram_counts(&self, epsilon: f32) -> Result<Vec<(u64, u64)>> {
+        let (base, k) = (self.base()?, self.inputs.models.len());
+        let parts: Vec<Vec<(u64, u64)>> = blocks(self.n, self.n.max(1))
+            .into_par_iter()
+            .map(|(_, r)| {
+                let mut counts = vec![(0u64, 0u64); k];
+                let m = (r.end - r.start) as usize;
+                let mut b = vec![0f32; m];
+                let mut x = vec![0f32; m];
+                let mut hits = vec![0u8; m];
+                let mut counted = vec![vec![false; m]; k];
+                base.decode_at(r.start, &mut b);
+                for (i, xi) in self.inputs.models.iter().enumerate() {
+                    xi.decode_at(r.start, &mut x);
+                    for j in 0..m {
+                        let c = (x[j] - b[j]).abs() > epsilon;
+                        counted[i][j] = c;
+                        hits[j] = hits[j].saturating_add(c as u8);
+                    }
+                }
+                for (i, ci) in counted.iter().enumerate() {
+                    for j in 0..m {
+                        if ci[j] {
+                            if hits[j] > 1 { counts[i].0 += 1 } else { counts[i].1 += 1 }
+                        }
+                    }
+                }
+                counts
+            })
+            .collect();
+        let mut out = vec![(0u64, 0u64); k];
+        for part in parts {
+            for (o, p) in out.iter_mut().zip(part) {
+                o.0 += p.0;
+                o.1 += p.1;
+            }
+        }
+        Ok(out)
+    }
 }
 
 /// The Gram matrix's upper-triangle pairs, row-major.
@@ -383,6 +445,23 @@ pub(crate) fn compute_with(
             let rl = if p.filter_wise { row_len } else { n.max(1) };
             st.stock_t = stock_t(passes.gram(rl)?, models, n, rl);
             st.row_len = rl;
+        }
+        Method::Passthrough | Method::NearSwap | Method::Ram => {}
+        Method::RamPlusTl => {
+            let eps = p.shared.epsilon as f32;
+            let (r, alpha) = (p.shared.r as f32, p.shared.alpha as f32);
+            // As torch: counts over a clamped f32 count, in f32.
+            st.lambdas = passes
+                .ram_counts(eps)?
+                .into_iter()
+                .map(|(shared, unique)| {
+                    let rho = shared as f32 / (unique as f32).max(eps);
+                    1.0 + r * rho.clamp(0.0, alpha)
+                })
+                .collect();
+        }
+        m if m.spherical() => {
+            st.combo = Some(passes.combo(tm, name)?);
         }
         _ => {
             for k in 0..models {

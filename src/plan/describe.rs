@@ -60,7 +60,13 @@ impl Plan {
                     parts.push(format!("base={}", self.inputs[b.input].label));
                 }
                 for (s, mp) in m.models.iter().zip(&m.merge.params.models) {
-                    let mut p = format!("{}(weight={}", self.inputs[s.input].label, mp.weight);
+                    let mut p = match m.merge.method {
+                        Method::Passthrough => format!("{}(scale={}", self.inputs[s.input].label, mp.scale),
+                        Method::NearSwap | Method::Ram | Method::RamPlusTl | Method::Karcher => {
+                            format!("{}(", self.inputs[s.input].label)
+                        }
+                        _ => format!("{}(weight={}", self.inputs[s.input].label, mp.weight),
+                    };
                     if m.merge.method.sparsify().is_some() {
                         let _ = write!(p, ", density={}", mp.density);
                     }
@@ -72,6 +78,20 @@ impl Plan {
                     Method::Slerp => format!(" t={}", q.t),
                     Method::ModelStock => format!(" filter_wise={}", q.filter_wise),
                     Method::Linear => format!(" normalize={}", q.normalize),
+                    Method::NearSwap => format!(" t={}", q.t),
+                    Method::Passthrough => String::new(),
+                    Method::Ram => format!(" epsilon={}", q.shared.epsilon),
+                    Method::RamPlusTl => {
+                        format!(" r={} alpha={} epsilon={}", q.shared.r, q.shared.alpha, q.shared.epsilon)
+                    }
+                    Method::NuSlerp => format!(
+                        " nuslerp_flatten={} nuslerp_row_wise={}",
+                        q.shared.flatten, q.shared.row_wise
+                    ),
+                    Method::MultiSlerp => {
+                        format!(" normalize_weights={} eps={}", q.shared.normalize_weights, q.shared.eps)
+                    }
+                    Method::Karcher => format!(" max_iter={} tol={}", q.shared.max_iter, q.shared.tol),
                     _ => format!(" normalize={} rescale={} lambda={}", q.normalize, q.rescale, q.lambda),
                 };
                 format!("{} {}{extra}", m.merge.method.name(), parts.join(" "))

@@ -7,7 +7,7 @@
 use crate::arith::rows::{RowSrc, RowTable};
 use crate::error::{Error, Result};
 use crate::merge::TensorMerge;
-use crate::merge::methods::{self, Method, ParamSources, Scope};
+use crate::merge::methods::{self, BaseRole, Method, ParamSources, Scope};
 use crate::merge::params::Setting;
 use crate::model::checkpoint::{Checkpoint, is_vocab_matrix};
 use crate::model::dtype::FloatType;
@@ -58,10 +58,14 @@ fn check_settings(spec: &MergeSpec, inputs: &[Input]) -> Result<Vec<String>> {
         }
     }
     let (lo, hi) = m.model_count();
-    let n = spec.models.len() - usize::from(m == Method::Linear && spec.base.is_some());
+    let n = spec.models.len();
     if n < lo || n > hi {
         let want = if lo == hi { format!("exactly {lo}") } else { format!("at least {lo}") };
-        return Err(Error::Usage(format!("{} needs {want} model(s) besides the base, got {n}", m.name())));
+        let what = match m.base_role() {
+            BaseRole::Input => "input model(s), the base included",
+            _ => "model(s) besides the base",
+        };
+        return Err(Error::Usage(format!("{} needs {want} {what}, got {n}", m.name())));
     }
     if m.needs_base() && spec.base.is_none() {
         return Err(Error::Usage(format!("{} needs a base model (base_model)", m.name())));
@@ -92,8 +96,9 @@ pub(crate) fn plan_merge(inputs: Vec<Input>, spec: &MergeSpec) -> Result<Plan> {
         models: spec.per_model.iter().map(Vec::as_slice).collect(),
         labels,
     };
-    // Linear has no base role: a base it merges is one of the models.
-    let base_in = if spec.method.needs_base() { spec.base } else { None };
+    // Linear, karcher and passthrough have no base role: a base they
+    // merge is one of the models.
+    let base_in = if spec.method.base_role() == BaseRole::Input { None } else { spec.base };
     let involved: Vec<usize> = base_in.into_iter().chain(spec.models.iter().copied()).collect();
     let problems = Problems::new("the models to merge do not line up");
     let mut vocabs: Vec<Option<Option<Vocab>>> = (0..inputs.len()).map(|_| None).collect();

@@ -286,6 +286,14 @@ impl Plan {
 
     /// Whether any tensor is a low-rank (LoRA) update, which only the CPU
     /// computes.
+    /// A merge method the plan uses that has no CUDA kernels.
+    pub(crate) fn cpu_only_method(&self) -> Option<&'static str> {
+        self.tensors.iter().find_map(|t| match &t.op {
+            Op::Merge(m) if !m.merge.method.on_gpu() => Some(m.merge.method.name()),
+            _ => None,
+        })
+    }
+
     pub(crate) fn has_low_rank(&self) -> bool {
         self.tensors.iter().any(|t| matches!(t.op, Op::Arith { formula: Formula::AddLowRank { .. }, .. }))
     }
