@@ -54,4 +54,17 @@ if [ ! -f "$extras_stamp" ] || [ "$(cat "$extras_stamp")" != "$extras" ]; then
     "$dir/bin/python" -c "import lm_eval, py3langid, torch, transformers" >&2
     echo "$extras" > "$extras_stamp"
 fi
+# mergekit 0.1.5, the peer chatvec's merge methods are checked against
+# (`cargo test --test merge -- --ignored`). Its requirements are already
+# here but for two small packages; --no-deps keeps torch and transformers
+# as they are.
+mergekit="mergekit==0.1.5 immutables==0.21 sentencepiece==0.2.3"
+mergekit_stamp="$dir/.chatvec-mergekit"
+if [ ! -f "$mergekit_stamp" ] || [ "$(cat "$mergekit_stamp")" != "$mergekit" ]; then
+    echo "adding $mergekit to $dir ..." >&2
+    # shellcheck disable=SC2086
+    "$dir/bin/pip" install --quiet --no-deps $mergekit >&2
+    "$dir/bin/python" -c "import mergekit.merge, torch, transformers" >&2
+    echo "$mergekit" > "$mergekit_stamp"
+fi
 echo "$dir/bin/python"
