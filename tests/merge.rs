@@ -1124,3 +1124,99 @@ fn newer_methods_match_mergekit_within_one_ulp() {
         }
     }
 }
+
+/// mergekit-yaml's command line runs unchanged: the output positionally,
+/// its flags with their meaning (or accepted with a note), --cuda as
+/// --device cuda.
+#[test]
+fn mergekit_yaml_command_lines_run_unchanged() {
+    let d = tempfile::tempdir().unwrap();
+    let m = Models::new(d.path(), 16);
+    let cfg = d.path().join("config.yml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "merge_method: dare_ties\nbase_model: {}\nmodels:\n  - model: {}\n    parameters:\n      density: 0.5\n      weight: 1\n",
+            m.dir("base"),
+            m.dir("m1")
+        ),
+    )
+    .unwrap();
+    let (a, b) = (d.path().join("a"), d.path().join("b"));
+    let o = chatvec(&[
+        "merge",
+        s(&cfg),
+        s(&a),
+        "--no-cuda",
+        "--copy-tokenizer",
+        "--lazy-unpickle",
+        "--allow-crimes",
+        "--out-shard-size",
+        "1B",
+        "--trust-remote-code",
+        "--lora-merge-cache",
+        s(&d.path().join("cache")),
+        "-j",
+        "1",
+        "--random-seed",
+        "3",
+    ]);
+    ok(&o);
+    for note in ["--lazy-unpickle: chatvec always reads", "--trust-remote-code: chatvec runs no model code"] {
+        assert!(stderr(&o).contains(note), "{}", stderr(&o));
+    }
+    assert!(!d.path().join("cache").exists());
+    // The same as chatvec's own spelling.
+    ok(&chatvec(&["merge", s(&cfg), "-o", s(&b), "--seed", "3", "--device", "cpu"]));
+    assert_eq!(shard_hashes(&a), shard_hashes(&b));
+    // --cuda is --device cuda: here, the GPU error, not an unknown flag.
+    let o = chatvec(&["merge", s(&cfg), s(&d.path().join("c")), "--cuda"]);
+    assert!(!o.status.success());
+    assert!(!stderr(&o).contains("unexpected argument") && stderr(&o).contains("cuda"), "{}", stderr(&o));
+    let o = chatvec(&["merge", s(&cfg)]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(stderr(&o).contains("name the output directory"), "{}", stderr(&o));
+}
+
+/// What chatvec does not run yet of mergekit's configs is refused with
+/// the reason and what to do instead, never as a missing file or a parse
+/// error.
+#[test]
+fn mergekit_features_not_yet_supported_say_why() {
+    let d = tempfile::tempdir().unwrap();
+    let m = Models::new(d.path(), 16);
+    let cases = [
+        (
+            format!(
+                "merge_method: linear\nmodels:\n  - model: {}+{}/lora\n    parameters:\n      weight: 1\n",
+                m.dir("m1"),
+                m.dir("m1")
+            ),
+            "a model+LoRA reference",
+        ),
+        (
+            format!(
+                "merge_method: task_arithmetic\nbase_model: {}+x\nmodels:\n  - model: {}\n",
+                m.dir("base"),
+                m.dir("m1")
+            ),
+            "chatvec apply --base",
+        ),
+        (
+            format!(
+                "merge_method: linear\nmodels:\n  - model: {}\n---\nmerge_method: linear\nmodels:\n  - model: {}\n",
+                m.dir("m1"),
+                m.dir("m2")
+            ),
+            "several YAML documents",
+        ),
+    ];
+    for (i, (yaml, said)) in cases.iter().enumerate() {
+        let cfg = d.path().join(format!("{i}.yml"));
+        std::fs::write(&cfg, yaml).unwrap();
+        let o = chatvec(&["merge", s(&cfg), s(&d.path().join(format!("out{i}")))]);
+        assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
+        assert!(stderr(&o).contains(said), "#{i}: {}", stderr(&o));
+        assert!(!d.path().join(format!("out{i}")).exists());
+    }
+}

@@ -1,7 +1,7 @@
 //! The command line's arguments (clap derive: the doc comments are the
 //! help text) and their conversion into the library's specs.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use clap::{Args, Parser, Subcommand};
 
@@ -79,7 +79,7 @@ pub(crate) enum Command {
     Eval(EvalSpec),
     /// Run a merge recipe (chatvec TOML or mergekit YAML): chat vector, linear, TIES, DARE, SLERP, ...
     #[command(
-        after_help = "Examples:\n  chatvec merge llama3-swallow-8b-chat-vector -o swallow-8b-cv\n  chatvec merge mergekit-config.yml -o out --dry-run"
+        after_help = "Examples:\n  chatvec merge llama3-swallow-8b-chat-vector -o swallow-8b-cv\n  chatvec merge mergekit-config.yml -o out --dry-run\n  chatvec merge mergekit-config.yml out --cuda --copy-tokenizer   # mergekit-yaml's command line"
     )]
     Merge(MergeArgs),
     /// Re-hash an output against its manifest; with --recipe, check the recipe and inputs too.
@@ -241,13 +241,32 @@ impl AnalyzeArgs {
     }
 }
 
-/// Where and how a command writes its output.
+/// Where a command writes its output, and how it runs.
 #[derive(Args, Debug)]
 pub(crate) struct OutArgs {
     /// Output directory (created; must not exist unless --force).
     #[arg(short, long)]
     pub output: PathBuf,
 
+    #[command(flatten)]
+    pub how: How,
+}
+
+impl OutArgs {
+    /// Where to write.
+    pub(crate) fn destination(&self) -> Destination {
+        self.how.destination(&self.output)
+    }
+
+    /// How to run.
+    pub(crate) fn run_options(&self) -> RunOptions {
+        self.how.run_options()
+    }
+}
+
+/// How a writing command runs (every one takes these).
+#[derive(Args, Debug)]
+pub(crate) struct How {
     /// Replace an earlier chatvec output (one with a manifest) or an empty directory.
     #[arg(long)]
     pub force: bool,
@@ -257,7 +276,8 @@ pub(crate) struct OutArgs {
     pub dry_run: bool,
 
     /// Compute threads (default: one per core). Output bytes do not depend on it.
-    #[arg(long)]
+    /// mergekit's -j/--num-threads work too.
+    #[arg(long, short = 'j', alias = "num-threads")]
     pub threads: Option<usize>,
 
     /// Hash every input shard again instead of trusting the hash cache
@@ -285,14 +305,14 @@ pub(crate) struct OutArgs {
     pub chunk_elems: Option<u64>,
 }
 
-impl OutArgs {
-    /// Where to write.
-    pub(crate) fn destination(&self) -> Destination {
+impl How {
+    /// Where to write, into `output`.
+    pub(crate) fn destination(&self, output: &Path) -> Destination {
         Destination {
             force: self.force,
             dry_run: self.dry_run,
             weights_only: self.weights_only,
-            ..Destination::new(&self.output)
+            ..Destination::new(output)
         }
     }
 
@@ -309,13 +329,81 @@ impl OutArgs {
     }
 }
 
+/// mergekit-yaml's options that chatvec takes so its command lines run
+/// unchanged: the same meaning, or accepted with a note where chatvec
+/// always does what they ask for.
+#[derive(Args, Debug)]
+pub(crate) struct MergekitFlags {
+    /// mergekit's --cuda: the same as --device cuda.
+    #[arg(long, conflicts_with = "device")]
+    pub cuda: bool,
+    /// mergekit's --no-cuda: the same as --device cpu.
+    #[arg(long, conflicts_with_all = ["device", "cuda"])]
+    pub no_cuda: bool,
+    /// Accepted from mergekit: chatvec always writes the base's tokenizer files.
+    #[arg(long)]
+    pub copy_tokenizer: bool,
+    /// Accepted from mergekit: chatvec still writes the tokenizer files (a model without them cannot be served).
+    #[arg(long, conflicts_with = "copy_tokenizer")]
+    pub no_copy_tokenizer: bool,
+    /// Accepted from mergekit: chatvec always reads PyTorch .bin checkpoints lazily.
+    #[arg(long)]
+    pub lazy_unpickle: bool,
+    /// Accepted from mergekit: chatvec never runs a model's code, so it needs no remote code.
+    #[arg(long)]
+    pub trust_remote_code: bool,
+    /// Accepted from mergekit: chatvec writes no merged LoRA model to a cache (adapters merge in the streaming pass).
+    #[arg(long, value_name = "DIR")]
+    pub lora_merge_cache: Option<PathBuf>,
+}
+
+impl MergekitFlags {
+    /// Applies `--cuda`/`--no-cuda` to `how`, and says what the accepted
+    /// flags mean here.
+    pub(crate) fn apply(&self, how: &mut How) {
+        if self.cuda {
+            how.device = DeviceChoice::Cuda(0);
+        }
+        if self.no_cuda {
+            how.device = DeviceChoice::Cpu;
+        }
+        let said = [
+            (self.copy_tokenizer, "--copy-tokenizer: chatvec always writes the base's tokenizer files"),
+            (
+                self.no_copy_tokenizer,
+                "--no-copy-tokenizer: chatvec writes the tokenizer files anyway (a model without them cannot be served)",
+            ),
+            (self.lazy_unpickle, "--lazy-unpickle: chatvec always reads .bin checkpoints lazily"),
+            (self.trust_remote_code, "--trust-remote-code: chatvec runs no model code, so none is needed"),
+            (
+                self.lora_merge_cache.is_some(),
+                "--lora-merge-cache: chatvec merges adapters in the streaming pass and caches no merged model",
+            ),
+        ];
+        for (given, note) in said {
+            if given {
+                chatvec::ui::note(note);
+            }
+        }
+    }
+}
+
 #[derive(Args, Debug)]
 pub(crate) struct MergeArgs {
     /// A recipe: a chatvec .toml file, a mergekit .yml config, or the name of a shipped recipe.
     pub recipe: String,
 
-    /// Seed for DARE/DELLA masks (default: the recipe's `seed`, else 0).
-    #[arg(long)]
+    /// The output directory, as mergekit-yaml takes it (the same as -o).
+    #[arg(value_name = "OUT")]
+    pub out_dir: Option<PathBuf>,
+
+    /// Output directory (created; must not exist unless --force).
+    #[arg(short, long, conflicts_with = "out_dir")]
+    pub output: Option<PathBuf>,
+
+    /// Seed for DARE/DELLA masks (default: the recipe's `seed`, else 0); mergekit's
+    /// --random-seed works too.
+    #[arg(long, alias = "random-seed")]
     pub seed: Option<u64>,
 
     /// Maximum data bytes per output shard: 5GB (or 5G, 5B: billions of
@@ -335,10 +423,28 @@ pub(crate) struct MergeArgs {
     pub allow_mismatch: bool,
 
     #[command(flatten)]
-    pub out: OutArgs,
+    pub how: How,
+
+    #[command(flatten)]
+    pub mergekit: MergekitFlags,
 }
 
 impl MergeArgs {
+    /// The output directory: OUT or -o.
+    pub(crate) fn output(&self) -> chatvec::Result<PathBuf> {
+        self.out_dir.clone().or_else(|| self.output.clone()).ok_or_else(|| {
+            chatvec::Error::Usage(format!(
+                "{}: name the output directory: -o DIR (or DIR after the recipe)",
+                self.recipe
+            ))
+        })
+    }
+
+    /// Where to write.
+    pub(crate) fn destination(&self) -> chatvec::Result<Destination> {
+        Ok(self.how.destination(&self.output()?))
+    }
+
     /// The recipe, with the command line's overrides.
     pub(crate) fn recipe(&self) -> chatvec::Result<Recipe> {
         let mut r = Recipe::load(&self.recipe)?;

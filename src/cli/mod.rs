@@ -165,9 +165,10 @@ pub(crate) fn run(cli: Cli) -> Result<()> {
                 r.candidates.iter().map(|c| c.name.as_str()).collect::<Vec<_>>().join(", ")
             ))
         }
-        Command::Merge(a) => {
+        Command::Merge(mut a) => {
+            a.mergekit.apply(&mut a.how);
             let recipe = a.recipe()?;
-            report(&chatvec::merge(&recipe, a.seed, &a.out.destination(), &a.out.run_options())?, json)
+            report(&chatvec::merge(&recipe, a.seed, &a.destination()?, &a.how.run_options())?, json)
         }
         Command::Push(a) => {
             let r = chatvec::push(&chatvec::PushSpec {
@@ -210,7 +211,10 @@ pub(crate) fn run(cli: Cli) -> Result<()> {
                 code => Err(Error::Trainer(code)),
             }
         }
-        Command::Run(a) => pipeline::run(&a, json),
+        Command::Run(mut a) => {
+            a.mergekit.apply(&mut a.how);
+            pipeline::run(&a, json)
+        }
         Command::Inspect(a) => {
             let r = chatvec::inspect(&a.model)?;
             if json { json_out(&r) } else { out(&r.to_string()) }

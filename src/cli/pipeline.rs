@@ -25,12 +25,12 @@ pub(super) fn run(a: &MergeArgs, json: bool) -> Result<()> {
         return Err(Error::Usage(format!("{} has no [sft] section", recipe.path().display()))
             .with_hint("add one (data = \"chat.jsonl\", ...), or run just the merge with `chatvec merge`"));
     };
-    let root = &a.out.output;
+    let root = &a.output()?;
     let mut job = SftJob {
         model: root.join("merged").display().to_string(),
         output: root.join("sft"),
-        force: a.out.force,
-        dry_run: a.out.dry_run,
+        force: a.how.force,
+        dry_run: a.how.dry_run,
         options,
     };
     // Before the long merge: the options, every line of the data, and
@@ -53,10 +53,10 @@ pub(super) fn run(a: &MergeArgs, json: bool) -> Result<()> {
         )
     })?;
     warn_if_eval_trains(&recipe, &job);
-    if root.exists() && !a.out.force && !a.out.dry_run {
+    if root.exists() && !a.how.force && !a.how.dry_run {
         return Err(Error::OutputExists(root.clone()));
     }
-    if !a.out.dry_run {
+    if !a.how.dry_run {
         std::fs::create_dir_all(root).map_err(|e| Error::Io {
             op: "creating",
             path: root.clone(),
@@ -66,24 +66,24 @@ pub(super) fn run(a: &MergeArgs, json: bool) -> Result<()> {
     // The merged model(s).
     let mut done = serde_json::Map::new();
     let candidates: Vec<PathBuf> = if recipe.sweep().is_some() {
-        let o = Destination { output: root.join("sweep"), ..a.out.destination() };
-        let sw = chatvec::merge_sweep(&recipe, &o, &a.out.run_options())?;
-        if !json && !a.out.dry_run {
+        let o = Destination { output: root.join("sweep"), ..a.destination()? };
+        let sw = chatvec::merge_sweep(&recipe, &o, &a.how.run_options())?;
+        if !json && !a.how.dry_run {
             report_sweep(&sw.candidates)?;
         }
         let dirs = sw.candidates.iter().map(|c| o.output.join(&c.name)).collect();
         done.insert("sweep".into(), serde_json::to_value(&sw).unwrap_or_default());
         dirs
     } else {
-        let o = Destination { output: root.join("merged"), ..a.out.destination() };
-        let merge = chatvec::merge(&recipe, a.seed, &o, &a.out.run_options())?;
+        let o = Destination { output: root.join("merged"), ..a.destination()? };
+        let merge = chatvec::merge(&recipe, a.seed, &o, &a.how.run_options())?;
         if !json {
             report(&merge, false)?;
         }
         done.insert("merge".into(), serde_json::to_value(&merge).unwrap_or_default());
         vec![o.output]
     };
-    if a.out.dry_run {
+    if a.how.dry_run {
         // The models do not exist yet, so the later steps' commands are
         // what a dry run can show.
         let then = format!(

@@ -345,8 +345,17 @@ pub(crate) fn parse_recipe(text: &str, path: &Path) -> Result<Recipe> {
             // Through serde_yaml_ng's own Value, which refuses a key given
             // twice (a serde_json::Value would keep the last silently, where
             // TOML and JSON recipes refuse it).
-            let yaml: serde_yaml_ng::Value =
-                serde_yaml_ng::from_str(text).map_err(|e| Error::bad_file(path, e.to_string()))?;
+            let yaml: serde_yaml_ng::Value = serde_yaml_ng::from_str(text).map_err(|e| {
+                let msg = e.to_string();
+                if msg.contains("more than one document") {
+                    Error::bad_file(
+                        path,
+                        "several YAML documents (mergekit-multimerge's form) are not supported yet; run each merge as its own config, naming the earlier output's directory",
+                    )
+                } else {
+                    Error::bad_file(path, msg)
+                }
+            })?;
             crate::json::refuse_non_finite(&yaml, path, &mut |v| match v {
                 serde_yaml_ng::Value::Number(n) => Walk::Number(n.as_f64().unwrap_or(0.0)),
                 serde_yaml_ng::Value::Mapping(m) => Walk::Map(
@@ -381,6 +390,9 @@ pub(crate) fn parse_recipe(text: &str, path: &Path) -> Result<Recipe> {
     }
     if let Some(Value::Array(list)) = root.get("models") {
         check_models(list).map_err(|m| err(&m))?;
+    }
+    if let Some(Value::String(b)) = root.get("base_model") {
+        lora_reference("base_model", b).map_err(|m| err(&m))?;
     }
     if let Some(Value::Object(section)) = root.get("sft") {
         for k in ["model", "output"] {
@@ -588,7 +600,29 @@ fn check_models(list: &[Value]) -> std::result::Result<(), String> {
             return Err(format!("{at}.model: required"));
         }
     }
+    for (i, item) in list.iter().enumerate() {
+        let name = match item {
+            Value::String(s) => Some(s.as_str()),
+            Value::Object(m) => m.get("model").and_then(Value::as_str),
+            _ => None,
+        };
+        if let Some(n) = name {
+            lora_reference(&format!("models[{i}].model"), n)?;
+        }
+    }
     Ok(())
+}
+
+/// Refuses mergekit's `model+lora` reference (a model with an adapter
+/// merged on the fly), with the command that does it first; a directory
+/// whose name has a `+` is fine.
+fn lora_reference(at: &str, name: &str) -> std::result::Result<(), String> {
+    match name.split_once('+') {
+        Some((model, lora)) if !Path::new(name).exists() => Err(format!(
+            "{at} '{name}': a model+LoRA reference, which chatvec does not take in recipes yet; merge the adapter first (`chatvec apply --base {model} --lora {lora} -o MERGED`) and name MERGED"
+        )),
+        _ => Ok(()),
+    }
 }
 
 /// A string setting that must not be blank when given.
