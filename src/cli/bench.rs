@@ -370,6 +370,23 @@ fn method_config(method: &str, compute: &str, pre: &Path, chat: &Path, base: &Pa
             };
             json!({"base_model": pre.display().to_string(), "models": [model(chat, p.clone()), model(base, p)]})
         }
+        "passthrough" => json!({"models": [model(chat, json!({"scale": 0.5}))]}),
+        "nearswap" => json!({
+            "base_model": pre.display().to_string(),
+            "models": [model(chat, json!({}))],
+            "parameters": {"t": 0.001},
+        }),
+        "ram" | "ramplus_tl" => json!({
+            "base_model": pre.display().to_string(),
+            "models": [model(chat, json!({})), model(base, json!({}))],
+        }),
+        "nuslerp" | "multislerp" => json!({
+            "base_model": pre.display().to_string(),
+            "models": [model(chat, json!({"weight": 0.5})), model(base, json!({"weight": 0.5}))],
+        }),
+        "karcher" => {
+            json!({"models": [model(pre, json!({})), model(chat, json!({})), model(base, json!({}))]})
+        }
         _ => return Err(Error::Usage(format!("--method '{method}' is not a merge method"))),
     };
     // mergekit computes in `dtype`; float32 with bf16 output is the

@@ -9,6 +9,7 @@ use std::ops::Range;
 
 use crate::arith::{BLOCK, View, for_each_delta};
 use crate::merge::methods::Method;
+use crate::merge::sce::Cursor;
 use crate::merge::stats::{
     Keep, ModelStats, RankKeep, STAT_BLOCK, TensorStats, della_probability, row_ranks,
 };
@@ -48,6 +49,8 @@ struct Pass<'a> {
     /// `sum w_i` in f32, from 0 in model order.
     weight_sum: f32,
     masks: Vec<Mask<'a>>,
+    /// sce's selection as this chunk meets it.
+    sce: Option<Cursor<'a>>,
     base: [f32; BLOCK],
     /// One block per model: its values, then (task arithmetic) its
     /// weighted, masked delta.
@@ -67,6 +70,7 @@ impl<'a> Pass<'a> {
             }
             _ => Vec::new(),
         };
+        let sce = st.sce.as_ref().map(|s| Cursor::at(&s.select, inputs, start));
         Pass {
             inputs,
             tm,
@@ -74,6 +78,7 @@ impl<'a> Pass<'a> {
             weights,
             weight_sum,
             masks,
+            sce,
             base: [0f32; BLOCK],
             models: vec![[0f32; BLOCK]; inputs.models.len()],
             acc: [0f32; BLOCK],
@@ -108,6 +113,7 @@ impl<'a> Pass<'a> {
             Method::NearSwap => self.nearswap(n),
             Method::Ram | Method::RamPlusTl => self.ram(n),
             m if m.spherical() => self.combo(pos, n),
+            Method::Sce => self.sce(n),
             _ => {
                 self.masked_deltas(pos, n);
                 if self.tm.method.consensus() {
@@ -199,6 +205,39 @@ impl<'a> Pass<'a> {
                 acc += own + z * overlap / div;
             }
             self.result[j] = b + acc;
+        }
+    }
+
+    /// SCE: the selected deltas, erased where their sign is not the sign
+    /// of their sum, weighted (see `merge::sce`).
+    fn sce(&mut self, n: usize) {
+        let (Some(cursor), Some(st)) = (self.sce.as_mut(), self.st.sce.as_ref()) else { return };
+        let k = self.models.len();
+        let mut d = vec![0f32; k];
+        for j in 0..n {
+            let b = self.base[j];
+            for (di, x) in d.iter_mut().zip(&self.models) {
+                *di = x[j] - b;
+            }
+            if !cursor.keeps(&d) {
+                d.iter_mut().for_each(|v| *v *= 0.0);
+            }
+            let sum = d.iter().fold(0f32, |a, v| a + v);
+            let majority = if sum >= 0.0 { 1.0 } else { -1.0 };
+            let (mut merged, mut div) = (0f32, 0f32);
+            for (v, w) in d.iter().zip(&st.weights) {
+                let sign = if *v > 0.0 {
+                    1.0
+                } else if *v < 0.0 {
+                    -1.0
+                } else {
+                    0.0
+                };
+                let ew = *w * ((sign == majority) as u8 as f32);
+                merged += *v * ew;
+                div += ew;
+            }
+            self.result[j] = b + merged / div.max(1e-6);
         }
     }
 

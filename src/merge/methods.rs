@@ -81,6 +81,15 @@
 //!   is below `tol` (1e-5; inputs of norm at most `tol` are left out),
 //!   scaled by the mean of the inputs' norms.
 //!
+//! - **sce**: base and models; with `select_topk` below 1 (default 1) only
+//!   the elements whose variance across the deltas is among the
+//!   `floor(nonzero * select_topk)` largest keep them (ties by index); each
+//!   model's weight is the mean of its kept deltas squared over their sum;
+//!   a delta counts where its sign is the sign of the deltas' sum;
+//!   `out = b + sum_i w_i d_i [counts] / max(sum_i w_i [counts], 1e-6)`.
+//!   `int8_mask` is accepted and changes nothing (a mask's type, in
+//!   mergekit).
+//!
 //! nuslerp, multislerp and karcher stay in the span of their inputs, so
 //! chatvec computes them from the inputs' Gram matrix (one streaming pass,
 //! f64) as per-tensor (or per-row, per-column) coefficients, then `out =
@@ -118,6 +127,7 @@ pub(crate) enum Method {
     NuSlerp,
     MultiSlerp,
     Karcher,
+    Sce,
 }
 
 /// What the base model is to a method.
@@ -178,7 +188,7 @@ const fn flag(name: &'static str, default: bool) -> ParamSpec {
     ParamSpec { name, scope: Scope::Shared, boolean: true, default: Some(Scalar::Bool(default)) }
 }
 
-pub(crate) const ALL_METHODS: [Method; 18] = [
+pub(crate) const ALL_METHODS: [Method; 19] = [
     Method::Linear,
     Method::TaskArithmetic,
     Method::Ties,
@@ -197,6 +207,7 @@ pub(crate) const ALL_METHODS: [Method; 18] = [
     Method::NuSlerp,
     Method::MultiSlerp,
     Method::Karcher,
+    Method::Sce,
 ];
 
 impl Method {
@@ -220,6 +231,7 @@ impl Method {
             Method::NuSlerp => "nuslerp",
             Method::MultiSlerp => "multislerp",
             Method::Karcher => "karcher",
+            Method::Sce => "sce",
         }
     }
 
@@ -318,6 +330,7 @@ impl Method {
             Method::Karcher => {
                 vec![num("max_iter", Scope::Shared, Some(10.0)), num("tol", Scope::Shared, Some(1e-5))]
             }
+            Method::Sce => vec![num("select_topk", Scope::Shared, Some(1.0)), flag("int8_mask", false)],
             m => {
                 let normalize = matches!(m, Method::Ties | Method::Della);
                 let rescale = matches!(m.sparsify(), Some(Sparsify::Random | Sparsify::Della));
@@ -341,16 +354,10 @@ impl Method {
 }
 
 /// mergekit 0.1.5's methods chatvec does not run yet, and why.
-const NOT_YET: &[(&str, &str)] = &[
-    (
-        "sce",
-        "its variance top-k selection is not in the streaming engine yet; ties or della_linear are the nearest",
-    ),
-    (
-        "arcee_fusion",
-        "its threshold is a quantile of per-row KL importance scores (mergekit samples them at random for large tensors); not in the streaming engine yet",
-    ),
-];
+const NOT_YET: &[(&str, &str)] = &[(
+    "arcee_fusion",
+    "its threshold is a quantile of per-row KL importance scores (mergekit samples them at random for large tensors); not in the streaming engine yet",
+)];
 
 /// Parameters of one model for one tensor.
 #[derive(Clone, Copy, Debug, Serialize)]
@@ -378,6 +385,8 @@ pub(crate) struct Shared {
     pub eps: f64,
     pub max_iter: f64,
     pub tol: f64,
+    /// sce's share of elements selected by variance.
+    pub select_topk: f64,
 }
 
 /// All parameters of one tensor, resolved.
@@ -494,6 +503,7 @@ pub(crate) fn resolve(method: Method, src: &ParamSources<'_>, name: &str, t: f64
         eps: num("eps", 1e-8)?,
         max_iter: num("max_iter", 10.0)?,
         tol: num("tol", 1e-5)?,
+        select_topk: num("select_topk", 1.0)?,
     };
     let p = TensorParams {
         normalize: truth(shared("normalize", Scalar::Bool(false))?),
@@ -569,6 +579,7 @@ fn validate(method: Method, p: &TensorParams, name: &str, labels: &[String]) -> 
         ("alpha", s.alpha, s.alpha >= 0.0),
         ("eps", s.eps, s.eps >= 0.0),
         ("tol", s.tol, s.tol >= 0.0),
+        ("select_topk", s.select_topk, true),
     ] {
         if !f32_finite(v) || !ok {
             return bad(format!(

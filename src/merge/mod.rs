@@ -11,6 +11,7 @@ pub(crate) mod element;
 pub(crate) mod lanes;
 pub(crate) mod methods;
 pub(crate) mod params;
+pub(crate) mod sce;
 pub(crate) mod spherical;
 pub(crate) mod stats;
 

@@ -24,6 +24,7 @@ use crate::error::Result;
 use crate::interrupt;
 use crate::merge::lanes::Lanes;
 use crate::merge::methods::{Method, Sparsify, TensorParams};
+use crate::merge::sce::SceStats;
 use crate::merge::spherical::{Combo, combo};
 use crate::merge::{Inputs, TensorMerge};
 use crate::rng;
@@ -109,6 +110,8 @@ pub(crate) struct TensorStats {
     pub combo: Option<Combo>,
     /// ramplus_tl: each model's factor for its unique elements.
     pub lambdas: Vec<f32>,
+    /// sce: the selection and the models' weights.
+    pub sce: Option<SceStats>,
 }
 
 fn bits(d: f32) -> u32 {
@@ -174,6 +177,11 @@ pub(crate) trait Passes {
     fn ram_counts(&self, epsilon: f32) -> Result<Vec<(u64, u64)>> {
         let _ = epsilon;
         Err(crate::error::Error::Internal("no GPU statistics pass for ramplus_tl".into()))
+    }
+    /// sce's selection and weights; CPU only.
+    fn sce(&self, select_topk: f64) -> Result<SceStats> {
+        let _ = select_topk;
+        Err(crate::error::Error::Internal("no GPU statistics pass for sce".into()))
     }
 }
 
@@ -367,6 +375,10 @@ impl Passes for CpuPasses<'_> {
         combo(self.inputs, tm.method, &tm.params, self.n, self.row_len, name)
     }
 
+    fn sce(&self, select_topk: f64) -> Result<SceStats> {
+        crate::merge::sce::stats(self.inputs, self.n, select_topk)
+    }
+
     fn ram_counts(&self, epsilon: f32) -> Result<Vec<(u64, u64)>> {
         let (base, k) = (self.base()?, self.inputs.models.len());
         let parts: Vec<Vec<(u64, u64)>> = blocks(self.n, self.n.max(1))
@@ -463,6 +475,9 @@ pub(crate) fn compute_with(
         m if m.spherical() => {
             st.combo = Some(passes.combo(tm, name)?);
         }
+        Method::Sce => {
+            st.sce = Some(passes.sce(p.shared.select_topk)?);
+        }
         _ => {
             for k in 0..models {
                 interrupt::check()?;
@@ -509,7 +524,7 @@ fn model_keep(
     };
     let keep = match interval {
         Some((lo, hi)) if lo >= hi => Keep::None,
-        Some((lo, hi)) => Keep::Ranks(rank_keep(passes, k, lo, hi)?),
+        Some((lo, hi)) => Keep::Ranks(rank_keep(&Delta { passes, k }, lo, hi)?),
         None if sp == Sparsify::Random => Keep::Random(mp.density.max(0.0) as f32),
         None => Keep::Della { density: mp.density, epsilon: mp.epsilon },
     };
@@ -520,6 +535,36 @@ fn model_keep(
 /// The bin holding rank `r` of a histogram, and the count before it. A
 /// rank beyond the total means the passes disagree with each other (a
 /// device fault): an internal error, never a wrong mask.
+/// A per-element value ranked by its f32 bits (non-negative, so bit order
+/// is value order): a model's `|d_k|` (TIES, breadcrumbs), or SCE's
+/// variance across the models.
+pub(crate) trait Ranked {
+    /// Histogram of the high 16 bits (`1 << 15` bins).
+    fn hist_high(&self) -> Result<Vec<u64>>;
+    /// Histograms of the low 16 bits inside high bins `b0` and `b1`.
+    fn hist_low(&self, b0: u32, b1: u32) -> Result<Vec<u64>>;
+    /// Per block of `blocks(n, n)`: how many values' bits equal `lo`, `hi`.
+    fn eq_counts(&self, lo: u32, hi: u32) -> Result<Vec<(u64, u64)>>;
+}
+
+/// Model `k`'s `|d_k|`, through the passes.
+struct Delta<'p> {
+    passes: &'p dyn Passes,
+    k: usize,
+}
+
+impl Ranked for Delta<'_> {
+    fn hist_high(&self) -> Result<Vec<u64>> {
+        self.passes.hist_high(self.k)
+    }
+    fn hist_low(&self, b0: u32, b1: u32) -> Result<Vec<u64>> {
+        self.passes.hist_low(self.k, b0, b1)
+    }
+    fn eq_counts(&self, lo: u32, hi: u32) -> Result<Vec<(u64, u64)>> {
+        self.passes.eq_counts(self.k, lo, hi)
+    }
+}
+
 fn find_rank(hist: &[u64], r: u64) -> Result<(usize, u64)> {
     let mut before = 0;
     for (i, &c) in hist.iter().enumerate() {
@@ -534,11 +579,11 @@ fn find_rank(hist: &[u64], r: u64) -> Result<(usize, u64)> {
 /// The magnitude bits at ascending ranks `lo` and `hi`, and how many
 /// magnitudes are smaller than each: one pass for the high 16 bits, one
 /// for the low 16 bits inside the one or two bins that hold the ranks.
-fn select2(passes: &dyn Passes, k: usize, lo: u64, hi: u64) -> Result<[(u32, u64); 2]> {
-    let high = passes.hist_high(k)?;
+fn select2(values: &dyn Ranked, lo: u64, hi: u64) -> Result<[(u32, u64); 2]> {
+    let high = values.hist_high()?;
     let (b0, before0) = find_rank(&high, lo)?;
     let (b1, before1) = find_rank(&high, hi)?;
-    let low = passes.hist_low(k, b0 as u32, b1 as u32)?;
+    let low = values.hist_low(b0 as u32, b1 as u32)?;
     // Ranks in the same bin share the first low histogram.
     let second = if b0 == b1 { &low[..1 << 16] } else { &low[1 << 16..] };
     let (l0, below0) = find_rank(&low[..1 << 16], lo - before0)?;
@@ -546,10 +591,11 @@ fn select2(passes: &dyn Passes, k: usize, lo: u64, hi: u64) -> Result<[(u32, u64
     Ok([((b0 as u32) << 16 | l0 as u32, before0 + below0), ((b1 as u32) << 16 | l1 as u32, before1 + below1)])
 }
 
-fn rank_keep(passes: &dyn Passes, k: usize, lo: u64, hi: u64) -> Result<RankKeep> {
-    let [(lo_val, less_lo), (hi_val, less_hi)] = select2(passes, k, lo, hi - 1)?;
+/// Keeps the values at ascending ranks `lo..hi` (ties by index).
+pub(crate) fn rank_keep(values: &dyn Ranked, lo: u64, hi: u64) -> Result<RankKeep> {
+    let [(lo_val, less_lo), (hi_val, less_hi)] = select2(values, lo, hi - 1)?;
     // Boundary-equal counts per block, then exclusive prefix sums.
-    let counts = passes.eq_counts(k, lo_val, hi_val)?;
+    let counts = values.eq_counts(lo_val, hi_val)?;
     let (mut eq_lo, mut eq_hi) = (Vec::with_capacity(counts.len()), Vec::with_capacity(counts.len()));
     let (mut sa, mut sb) = (0, 0);
     for (a, b) in counts {

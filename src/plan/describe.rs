@@ -62,7 +62,11 @@ impl Plan {
                 for (s, mp) in m.models.iter().zip(&m.merge.params.models) {
                     let mut p = match m.merge.method {
                         Method::Passthrough => format!("{}(scale={}", self.inputs[s.input].label, mp.scale),
-                        Method::NearSwap | Method::Ram | Method::RamPlusTl | Method::Karcher => {
+                        Method::NearSwap
+                        | Method::Ram
+                        | Method::RamPlusTl
+                        | Method::Karcher
+                        | Method::Sce => {
                             format!("{}(", self.inputs[s.input].label)
                         }
                         _ => format!("{}(weight={}", self.inputs[s.input].label, mp.weight),
@@ -92,6 +96,7 @@ impl Plan {
                         format!(" normalize_weights={} eps={}", q.shared.normalize_weights, q.shared.eps)
                     }
                     Method::Karcher => format!(" max_iter={} tol={}", q.shared.max_iter, q.shared.tol),
+                    Method::Sce => format!(" select_topk={}", q.shared.select_topk),
                     _ => format!(" normalize={} rescale={} lambda={}", q.normalize, q.rescale, q.lambda),
                 };
                 format!("{} {}{extra}", m.merge.method.name(), parts.join(" "))
