@@ -173,6 +173,11 @@ impl RawObject {
     }
 
     /// Whether `key` is present.
+    /// The keys, in the file's order.
+    pub(crate) fn keys(&self) -> Vec<String> {
+        self.0.iter().map(|(k, _)| k.clone()).collect()
+    }
+
     pub(crate) fn contains(&self, key: &str) -> bool {
         self.0.iter().any(|(k, _)| k == key)
     }

@@ -1150,6 +1150,18 @@ fn newer_methods_match_mergekit_within_one_ulp() {
         ("passthrough", format!("models:\n  - model: {m2}\n    parameters:\n      scale: 0.5\n")),
         ("slerp", format!("base_model: {base}\nmodels:\n  - model: {m1}\nparameters:\n  t: 1.5\n")),
         ("sce", format!("base_model: {base}\n{three}")),
+        (
+            "passthrough",
+            format!(
+                "slices:\n  - sources:\n      - model: {m1}\n        layer_range: [0, 2]\n  - sources:\n      - model: {m2}\n        layer_range: [1, 2]\n"
+            ),
+        ),
+        (
+            "slerp",
+            format!(
+                "base_model: {base}\nslices:\n  - sources:\n      - model: {base}\n        layer_range: [0, 2]\n      - model: {m1}\n        layer_range: [0, 2]\nparameters:\n  t: [0.2, 0.7]\n"
+            ),
+        ),
         ("sce", format!("base_model: {base}\n{three}parameters:\n  select_topk: 0.3\n")),
     ];
     for (i, (method, body)) in configs.iter().enumerate() {
@@ -1267,5 +1279,130 @@ fn mergekit_features_not_yet_supported_say_why() {
         assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
         assert!(stderr(&o).contains(said), "#{i}: {}", stderr(&o));
         assert!(!d.path().join(format!("out{i}")).exists());
+    }
+}
+
+/// Reads one tensor's values of a model directory.
+fn tensor_vals(dir: &Path, name: &str) -> Vec<f32> {
+    vals(&read_model(dir)[name])
+}
+
+/// mergekit's slices: depth up-scaling by passthrough (the output layers
+/// are the named source layers, renumbered, bytes unchanged), a per-slice
+/// slerp with a gradient over each slice's layers, the config's layer
+/// count and per-layer lists rebuilt, and the errors a bad slice gets.
+#[test]
+fn slices_build_frankenmerges_and_per_slice_merges() {
+    let d = tempfile::tempdir().unwrap();
+    let m = Models::new(d.path(), 16);
+    // Per-layer config lists follow their layers.
+    for (name, tag) in [("base", "b"), ("m1", "m")] {
+        let p = d.path().join(name).join("config.json");
+        let mut cfg: serde_json::Value = serde_json::from_slice(&std::fs::read(&p).unwrap()).unwrap();
+        cfg["layer_types"] = serde_json::json!([format!("{tag}0"), format!("{tag}1")]);
+        std::fs::write(&p, cfg.to_string()).unwrap();
+    }
+    let (base, m1) = (m.dir("base"), m.dir("m1"));
+    let cfg = d.path().join("dus.yml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "slices:\n  - sources:\n      - model: {base}\n        layer_range: [0, 2]\n  - sources:\n      - model: {m1}\n        layer_range: [1, 2]\n  - sources:\n      - model: {base}\n        layer_range: [0, 1]\nmerge_method: passthrough\n"
+        ),
+    )
+    .unwrap();
+    let out = d.path().join("dus");
+    let o = chatvec(&["merge", s(&cfg), "--dry-run", "-o", s(&out)]);
+    ok(&o);
+    assert!(
+        stdout(&o).contains(
+            "model.layers.2.mlp.up_proj.weight BF16 [12, 8]: copy model:model.layers.1.mlp.up_proj.weight"
+        ),
+        "{}",
+        stdout(&o)
+    );
+    ok(&chatvec(&["-q", "merge", s(&cfg), s(&out)]));
+    let got = read_model(&out);
+    let (b, x) = (m.read("base"), m.read("m1"));
+    for (o, (src, l)) in [(0, (&b, 0)), (1, (&b, 1)), (2, (&x, 1)), (3, (&b, 0))] {
+        for t in ["mlp.down_proj.weight", "self_attn.q_proj.weight", "input_layernorm.weight"] {
+            let (gn, sn) = (format!("model.layers.{o}.{t}"), format!("model.layers.{l}.{t}"));
+            assert_eq!(got[&gn].data, src[&sn].data, "{gn}");
+        }
+    }
+    assert_eq!(got["model.embed_tokens.weight"].data, b["model.embed_tokens.weight"].data);
+    assert_eq!(got["lm_head.weight"].data, b["lm_head.weight"].data);
+    assert_eq!(got.len(), 3 + 4 * 8);
+    let c: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out.join("config.json")).unwrap()).unwrap();
+    assert_eq!(c["num_hidden_layers"], 4);
+    assert_eq!(c["layer_types"], serde_json::json!(["b0", "b1", "m1", "b0"]));
+    ok(&chatvec(&["verify", s(&out)]));
+
+    // slerp per slice: t runs over each slice's layers (0 at its first: the
+    // base; 1 at its last: the other model).
+    let cfg = d.path().join("slerp.yml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "slices:\n  - sources:\n      - model: {base}\n        layer_range: [0, 2]\n      - model: {m1}\n        layer_range: [0, 2]\nmerge_method: slerp\nbase_model: {base}\nparameters:\n  t: [0, 1]\nout_dtype: float32\n"
+        ),
+    )
+    .unwrap();
+    let out = d.path().join("slerp-slices");
+    ok(&chatvec(&["-q", "merge", s(&cfg), s(&out)]));
+    for (l, want) in [(0, &b), (1, &x)] {
+        let n = format!("model.layers.{l}.mlp.up_proj.weight");
+        let got = tensor_vals(&out, &n);
+        for (g, w) in got.iter().zip(vals(&want[&n])) {
+            assert!((g - w).abs() <= 1e-6 * (1.0 + w.abs()), "{n}: {g} vs {w}");
+        }
+    }
+
+    // What a bad slice is told.
+    for (yaml, said) in [
+        (
+            format!(
+                "slices:\n  - sources:\n      - model: {base}\n        layer_range: [0, 3]\nmerge_method: passthrough\n"
+            ),
+            "runs past its 2 layers",
+        ),
+        (
+            format!(
+                "slices:\n  - sources:\n      - model: {base}\n        layer_range: [0, 2]\n      - model: {m1}\n        layer_range: [0, 1]\nmerge_method: linear\n"
+            ),
+            "the same number of layers",
+        ),
+        (
+            format!(
+                "slices:\n  - sources:\n      - model: {base}\n        layer_range: [0, 2]\n      - model: {m1}\n        layer_range: [0, 2]\nmerge_method: passthrough\n"
+            ),
+            "passthrough takes exactly 1 source",
+        ),
+        (
+            format!(
+                "slices:\n  - sources:\n      - model: {m1}\n        layer_range: [0, 2]\nmerge_method: task_arithmetic\nbase_model: {base}\n"
+            ),
+            "is not one of them",
+        ),
+        (
+            format!(
+                "slices:\n  - sources:\n      - model: {base}\n        layer_range: [1, 1]\nmerge_method: passthrough\n"
+            ),
+            "holds no layer",
+        ),
+        (
+            format!(
+                "models:\n  - model: {m1}\nslices:\n  - sources:\n      - model: {base}\n        layer_range: [0, 1]\nmerge_method: passthrough\n"
+            ),
+            "models or slices, not both",
+        ),
+    ] {
+        let cfg = d.path().join("bad.yml");
+        std::fs::write(&cfg, &yaml).unwrap();
+        let o = chatvec(&["merge", s(&cfg), s(&d.path().join("bad-out"))]);
+        assert_eq!(o.status.code(), Some(1), "{yaml}\n{}", stderr(&o));
+        assert!(stderr(&o).contains(said), "{yaml}\n{}", stderr(&o));
+        assert!(!d.path().join("bad-out").exists());
     }
 }

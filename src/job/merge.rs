@@ -14,10 +14,11 @@ use crate::merge::methods::BaseRole;
 use crate::output::Destination;
 use crate::output::card::model_card;
 use crate::output::manifest::RecipeRecord;
-use crate::output::sidecars::{add_union_tokens, model_side_files};
+use crate::output::sidecars::{add_union_tokens, model_side_files, relayer_config};
 use crate::params::apply::{ApplyParams, ApplySpec};
 use crate::params::select::Spelling;
 use crate::plan::merge::{MergeSpec, plan_merge};
+use crate::plan::slices::{SliceInput, SlicePlan, SliceSpec, plan_slices};
 use crate::plan::{Input, Role};
 use crate::recipe::{MergeRecipe, Recipe, RecipeBody};
 use crate::resolve::Fetch;
@@ -102,6 +103,9 @@ fn merge_method(
     fetch: &Fetch,
     record: RecipeRecord,
 ) -> Result<Summary> {
+    if !m.slices.is_empty() {
+        return merge_slices(recipe, m, seed, out, run, fetch, record);
+    }
     // Each distinct reference is opened once; the base is input 0.
     let mut refs: Vec<&str> = Vec::new();
     fn index<'a>(r: &'a str, refs: &mut Vec<&'a str>) -> usize {
@@ -175,6 +179,90 @@ fn merge_method(
         "out_dtype": recipe.out_dtype.map(|t| t.dtype().name()),
         "shard_size": recipe.shard_size,
         "allow_mismatch": recipe.allow_mismatch,
+    });
+    let rec = Records { kind: "merge", params, recipe: Some(record), vector: None };
+    write_output(plan, rec, out, run, side)
+}
+
+/// A `slices` merge: each slice's sources opened once, the base of a slice
+/// (its own `base_model`, else the recipe's) found among its sources, then
+/// planned slice by slice and written with a config.json whose layer count
+/// and per-layer fields are the output's.
+fn merge_slices(
+    recipe: &Recipe,
+    m: &MergeRecipe,
+    seed: u64,
+    out: &Destination,
+    run: &RunOptions,
+    fetch: &Fetch,
+    record: RecipeRecord,
+) -> Result<Summary> {
+    let mut refs: Vec<String> = Vec::new();
+    let mut index = |r: &str| -> usize {
+        refs.iter().position(|x| x == r).unwrap_or_else(|| {
+            refs.push(r.to_string());
+            refs.len() - 1
+        })
+    };
+    let bad = |msg: String| Error::bad_file(&recipe.path, msg);
+    let role = m.method.base_role();
+    let mut slices = Vec::new();
+    for (i, s) in m.slices.iter().enumerate() {
+        let base_name = s.base.as_deref().or(m.base.as_deref()).filter(|_| role != BaseRole::Input);
+        let among = base_name.is_some_and(|b| s.sources.iter().any(|x| x.model == b));
+        if let Some(b) = base_name
+            && !among
+            && role == BaseRole::Origin
+        {
+            return Err(bad(format!(
+                "slices[{i}]: {} takes its base from the slice's sources, and '{b}' is not one of them",
+                m.method.name()
+            )));
+        }
+        let sources: Vec<SliceInput> =
+            s.sources.iter().map(|x| (index(&x.model), x.layers.0, x.parameters.clone())).collect();
+        let base = base_name.filter(|_| among).map(&mut index);
+        let len = s.sources[0].layers.1 - s.sources[0].layers.0;
+        slices.push(SlicePlan { sources, len, params: s.parameters.clone(), base });
+    }
+    let base_input = m.base.as_deref().and_then(|b| refs.iter().position(|x| *x == b));
+    let inputs = refs
+        .iter()
+        .enumerate()
+        .map(|(i, r)| {
+            let role = if Some(i) == base_input { Role::Base } else { Role::Model };
+            let ckpt = fetch
+                .open_model(r)
+                .map_err(|e| e.with_hint(format!("'{r}' is a slice source in {}", recipe.path.display())))?;
+            Ok(Input { role, label: r.to_string(), ckpt })
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let reference_dir = inputs[slices[0].sources[0].0].ckpt.dir.clone();
+    let spec = SliceSpec {
+        method: m.method,
+        slices,
+        global: m.global.clone(),
+        seed,
+        out_dtype: recipe.out_dtype,
+        shard_size: recipe.shard_size,
+        allow_mismatch: recipe.allow_mismatch,
+    };
+    let (mut plan, map) = plan_slices(inputs, &spec).map_err(|e| match e {
+        Error::Usage(msg) => bad(msg),
+        other => other,
+    })?;
+    plan.warnings.push(format!("slices: {} output layers", map.len()));
+    let mut side = model_side_files(&reference_dir, None, recipe.out_dtype)?;
+    relayer_config(&mut side, &plan, &map)?;
+    check_written_config(&mut plan, &side, recipe.allow_mismatch, out)?;
+    model_card(&plan, m.method.name(), Some(&record), &mut side)?;
+    let params = serde_json::json!({
+        "method": m.method,
+        "seed": seed,
+        "out_dtype": recipe.out_dtype.map(|t| t.dtype().name()),
+        "shard_size": recipe.shard_size,
+        "allow_mismatch": recipe.allow_mismatch,
+        "layers": map.iter().map(|(i, l)| format!("{}:{l}", plan.inputs[*i].label)).collect::<Vec<_>>(),
     });
     let rec = Records { kind: "merge", params, recipe: Some(record), vector: None };
     write_output(plan, rec, out, run, side)

@@ -296,3 +296,40 @@ pub(crate) fn add_union_tokens(side: &mut SideFiles, plan: &Plan, u: &VocabUnion
     }
     Ok(())
 }
+
+/// A slices merge's config.json: `num_hidden_layers` is the output's, and
+/// every per-layer list (one entry per layer of the reference, such as
+/// `layer_types`) is rebuilt from the layer each output layer comes from
+/// (`map`: input, layer), read from that input's own config where it has
+/// the list.
+pub(crate) fn relayer_config(side: &mut SideFiles, plan: &Plan, map: &[(usize, u64)]) -> Result<()> {
+    let Some(mut cfg) = side.json("config.json")? else { return Ok(()) };
+    let Some(layers) = cfg.get("num_hidden_layers").and_then(|v| v.as_u64()) else { return Ok(()) };
+    let mut configs: std::collections::HashMap<usize, Option<serde_json::Map<String, Value>>> =
+        std::collections::HashMap::new();
+    for key in cfg.keys() {
+        let Some(Value::Array(list)) = cfg.get(&key) else { continue };
+        if list.len() as u64 != layers || layers == 0 {
+            continue;
+        }
+        let mut out = Vec::with_capacity(map.len());
+        for (input, layer) in map {
+            let own = configs
+                .entry(*input)
+                .or_insert_with(|| read_json_object(&plan.inputs[*input].ckpt.dir.join("config.json")).ok());
+            let value = own
+                .as_ref()
+                .and_then(|c| c.get(&key))
+                .and_then(Value::as_array)
+                .and_then(|a| a.get(*layer as usize))
+                .or_else(|| list.get(*layer as usize))
+                .cloned()
+                .unwrap_or(Value::Null);
+            out.push(value);
+        }
+        cfg.set(&key, &out)?;
+    }
+    cfg.set("num_hidden_layers", &(map.len() as u64))?;
+    side.add("config.json", cfg.to_bytes());
+    Ok(())
+}

@@ -22,6 +22,7 @@ pub(crate) mod lora;
 pub(crate) mod merge;
 pub(crate) mod shards;
 pub(crate) mod skeleton;
+pub(crate) mod slices;
 pub(crate) mod vocab;
 
 use std::ops::Range;

@@ -82,6 +82,18 @@ pub(crate) fn each_tensor(
 }
 
 impl Outputs {
+    /// No tensors yet, for a planner that does not follow one reference
+    /// model's tensors (`slices`).
+    pub(crate) fn new(problems: Problems) -> Outputs {
+        Outputs { tensors: Vec::new(), scales: Vec::new(), problems }
+    }
+
+    /// Adds an output tensor.
+    pub(crate) fn push(&mut self, t: OutTensor) {
+        self.tensors.push(t);
+        self.scales.push(None);
+    }
+
     /// The plan: every problem reported at once, else the tensors laid out
     /// in shards of at most `shard_size` bytes, with the scales the
     /// planner gave (one variant, when it gave any).

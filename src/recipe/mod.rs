@@ -58,9 +58,30 @@ pub(crate) enum Syntax {
 pub(crate) struct MergeRecipe {
     pub method: Method,
     pub base: Option<String>,
-    /// Each model and its own parameter settings.
+    /// Each model and its own parameter settings (empty with `slices`).
     pub models: Vec<(String, Vec<(String, Setting)>)>,
     pub global: Vec<(String, Setting)>,
+    /// mergekit's `slices`: the output's layers, slice by slice.
+    pub slices: Vec<SliceRecipe>,
+}
+
+/// One `slices` entry: the same number of layers from each source, merged
+/// into that many consecutive output layers.
+#[derive(Clone, Debug)]
+pub(crate) struct SliceRecipe {
+    pub sources: Vec<SliceSource>,
+    /// The slice's own parameters (over the global ones).
+    pub parameters: Vec<(String, Setting)>,
+    /// The slice's base model (over the global `base_model`).
+    pub base: Option<String>,
+}
+
+/// A source of a slice: a model's layers `layers.0..layers.1`.
+#[derive(Clone, Debug)]
+pub(crate) struct SliceSource {
+    pub model: String,
+    pub layers: (u64, u64),
+    pub parameters: Vec<(String, Setting)>,
 }
 
 #[derive(Clone, Debug)]
@@ -178,8 +199,16 @@ impl Recipe {
     }
 }
 
-const MERGEKIT_KEYS: &[&str] =
-    &["merge_method", "base_model", "models", "parameters", "dtype", "out_dtype", "tokenizer_source"];
+const MERGEKIT_KEYS: &[&str] = &[
+    "merge_method",
+    "base_model",
+    "models",
+    "slices",
+    "parameters",
+    "dtype",
+    "out_dtype",
+    "tokenizer_source",
+];
 const TOML_ONLY_KEYS: &[&str] = &[
     "name",
     "description",
@@ -195,7 +224,6 @@ const TOML_ONLY_KEYS: &[&str] = &[
 ];
 /// mergekit features chatvec does not implement.
 const UNSUPPORTED: &[(&str, &str)] = &[
-    ("slices", "layer slices (passthrough/frankenmerges)"),
     ("modules", "per-module merges"),
     ("tokenizer", "tokenizer building"),
     ("chat_template", "chat template selection"),
@@ -213,6 +241,8 @@ struct RawRecipe {
     /// Each a reference or `{model, parameters}` (`RawModelEntry`).
     #[serde(default)]
     models: Option<Vec<Value>>,
+    #[serde(default)]
+    slices: Option<Vec<Value>>,
     #[serde(default)]
     parameters: Option<Map<String, Value>>,
     #[serde(default)]
@@ -314,6 +344,26 @@ struct RawEval {
 #[serde(deny_unknown_fields)]
 struct RawModelEntry {
     model: String,
+    #[serde(default)]
+    parameters: Option<Map<String, Value>>,
+}
+
+/// A `slices` entry as written.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawSlice {
+    sources: Vec<RawSliceSource>,
+    #[serde(default)]
+    parameters: Option<Map<String, Value>>,
+    #[serde(default)]
+    base_model: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawSliceSource {
+    model: String,
+    layer_range: [u64; 2],
     #[serde(default)]
     parameters: Option<Map<String, Value>>,
 }
@@ -661,6 +711,14 @@ impl Reader<'_> {
 
     fn merge(&self, method: Method, raw: &RawRecipe) -> Result<MergeRecipe> {
         let global = self.settings(raw.parameters.as_ref(), "parameters")?;
+        let base = nonempty(raw.base_model.clone(), "base_model").map_err(|m| self.err(&m))?;
+        if let Some(list) = &raw.slices {
+            if raw.models.is_some() {
+                return Err(self.err("give models or slices, not both"));
+            }
+            let slices = self.slices(list)?;
+            return Ok(MergeRecipe { method, base, models: Vec::new(), global, slices });
+        }
         let Some(list) = &raw.models else {
             return Err(self.err("models: required, a list of {model, parameters}"));
         };
@@ -681,8 +739,58 @@ impl Reader<'_> {
         if models.is_empty() {
             return Err(self.err("models: the list is empty"));
         }
-        let base = nonempty(raw.base_model.clone(), "base_model").map_err(|m| self.err(&m))?;
-        Ok(MergeRecipe { method, base, models, global })
+        Ok(MergeRecipe { method, base, models, global, slices: Vec::new() })
+    }
+
+    fn slices(&self, list: &[Value]) -> Result<Vec<SliceRecipe>> {
+        if list.is_empty() {
+            return Err(self.err("slices: the list is empty"));
+        }
+        list.iter()
+            .enumerate()
+            .map(|(i, item)| {
+                let at = format!("slices[{i}]");
+                let raw: RawSlice = typed(item.clone(), &at).map_err(|m| self.err(&m))?;
+                if raw.sources.is_empty() {
+                    return Err(self.err(&format!("{at}.sources: the list is empty")));
+                }
+                let mut sources = Vec::new();
+                for (j, src) in raw.sources.iter().enumerate() {
+                    let here = format!("{at}.sources[{j}]");
+                    let model = nonempty(Some(src.model.clone()), &format!("{here}.model"))
+                        .map_err(|m| self.err(&m))?
+                        .unwrap_or_default();
+                    lora_reference(&format!("{here}.model"), &model).map_err(|m| self.err(&m))?;
+                    let [a, b] = src.layer_range;
+                    if a >= b {
+                        return Err(self.err(&format!(
+                            "{here}.layer_range: [{a}, {b}] holds no layer (the end is exclusive)"
+                        )));
+                    }
+                    sources.push(SliceSource {
+                        model,
+                        layers: (a, b),
+                        parameters: self.settings(src.parameters.as_ref(), &format!("{here}.parameters"))?,
+                    });
+                }
+                let len = sources[0].layers.1 - sources[0].layers.0;
+                if let Some(s) = sources.iter().find(|s| s.layers.1 - s.layers.0 != len) {
+                    return Err(self.err(&format!(
+                        "{at}: every source must give the same number of layers ({} has {}, {} has {len})",
+                        s.model,
+                        s.layers.1 - s.layers.0,
+                        sources[0].model
+                    )));
+                }
+                let base = nonempty(raw.base_model.clone(), &format!("{at}.base_model"))
+                    .map_err(|m| self.err(&m))?;
+                Ok(SliceRecipe {
+                    sources,
+                    parameters: self.settings(raw.parameters.as_ref(), &format!("{at}.parameters"))?,
+                    base,
+                })
+            })
+            .collect()
     }
 
     fn chat_vector(&self, raw: &RawRecipe) -> Result<ApplyParams> {
@@ -845,7 +953,11 @@ mod tests {
     #[test]
     fn bad_recipes_name_the_key() {
         let cases = [
-            ("merge_method: ties\nmodels: [a/b]\nslices: []\n", "c.yml", "slices: mergekit's layer slices"),
+            (
+                "merge_method: ties\nmodels: [a/b]\nmodules: {}\n",
+                "c.yml",
+                "modules: mergekit's per-module merges",
+            ),
             (
                 "merge_method: ties\nmodels: [a/b]\nseed: 1\n",
                 "c.yml",
