@@ -1406,3 +1406,101 @@ fn slices_build_frankenmerges_and_per_slice_merges() {
         assert!(!d.path().join("bad-out").exists());
     }
 }
+
+/// Writes `template` into `dir`'s tokenizer_config.json.
+fn set_template(dir: &Path, template: &str) {
+    std::fs::write(
+        dir.join("tokenizer_config.json"),
+        serde_json::json!({"chat_template": template}).to_string(),
+    )
+    .unwrap();
+}
+
+/// mergekit's `chat_template`: a built-in format, the recipe's own Jinja,
+/// or `auto` (the template most inputs share) replaces the reference's.
+#[test]
+fn chat_template_key_sets_the_outputs_template() {
+    let d = tempfile::tempdir().unwrap();
+    let m = Models::new(d.path(), 16);
+    let own = "{% for m in messages %}{{ m['content'] }}{% endfor %}";
+    set_template(&d.path().join("base"), "{{ 'base' }}{% for m in messages %}{% endfor %}");
+    set_template(&d.path().join("m1"), own);
+    set_template(&d.path().join("m2"), own);
+    let template_of = |out: &Path| -> String {
+        let c: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(out.join("tokenizer_config.json")).unwrap()).unwrap();
+        c["chat_template"].as_str().unwrap().to_string()
+    };
+    let head = format!(
+        "merge_method: task_arithmetic\nbase_model: {}\nmodels:\n  - model: {}\n  - model: {}\nparameters:\n  weight: 0.5\n",
+        m.dir("base"),
+        m.dir("m1"),
+        m.dir("m2")
+    );
+    for (i, (spec, want)) in [
+        ("chatml", "<|im_start|>"),
+        ("llama3", "<|start_header_id|>"),
+        ("auto", own),
+        ("\"{% for message in messages %}{{ message['content'] }}{% endfor %}\"", "{{ message['content'] }}"),
+    ]
+    .iter()
+    .enumerate()
+    {
+        let cfg = d.path().join(format!("t{i}.yml"));
+        std::fs::write(&cfg, format!("{head}chat_template: {spec}\n")).unwrap();
+        let out = d.path().join(format!("t{i}"));
+        let o = chatvec(&["merge", s(&cfg), s(&out)]);
+        ok(&o);
+        assert!(template_of(&out).contains(want), "{spec}: {}", template_of(&out));
+        assert!(stderr(&o).contains("chat template:"), "{}", stderr(&o));
+        ok(&chatvec(&["verify", s(&out)]));
+    }
+    let cfg = d.path().join("bad.yml");
+    std::fs::write(&cfg, format!("{head}chat_template: vicuna\n")).unwrap();
+    let o = chatvec(&["merge", s(&cfg), s(&d.path().join("bad"))]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(
+        stderr(&o).contains("bad.yml") && stderr(&o).contains("neither auto, a built-in"),
+        "{}",
+        stderr(&o)
+    );
+    assert!(!d.path().join("bad").exists());
+}
+
+/// Every built-in chat template renders a conversation with transformers'
+/// own Jinja environment, with the turns in order and the generation prompt.
+#[test]
+#[ignore = "needs transformers: CHATVEC_SFT_PYTHON=$(scripts/sft-venv.sh) cargo test --test merge -- --ignored"]
+fn built_in_chat_templates_render_with_transformers() {
+    let py = std::env::var_os("CHATVEC_SFT_PYTHON").map(PathBuf::from).expect("CHATVEC_SFT_PYTHON");
+    let d = tempfile::tempdir().unwrap();
+    let m = Models::new(d.path(), 16);
+    for name in ["alpaca", "chatml", "exaone", "llama3", "mistral"] {
+        let cfg = d.path().join(format!("{name}.yml"));
+        std::fs::write(
+            &cfg,
+            format!("merge_method: linear\nmodels:\n  - model: {}\n    parameters:\n      weight: 1\nchat_template: {name}\n", m.dir("m1")),
+        )
+        .unwrap();
+        let out = d.path().join(name);
+        ok(&chatvec(&["-q", "merge", s(&cfg), s(&out)]));
+        let script = r#"
+import sys
+from transformers.utils.chat_template_utils import _compile_jinja_template
+t = open(sys.argv[1]).read()
+msgs = [{"role": "system", "content": "SYS"}, {"role": "user", "content": "Q1"},
+        {"role": "assistant", "content": "A1"}, {"role": "user", "content": "Q2"}]
+out = _compile_jinja_template(t).render(messages=msgs, add_generation_prompt=True, bos_token="<s>", eos_token="</s>")
+assert out.index("Q1") < out.index("A1") < out.index("Q2"), out
+assert "SYS" in out, out
+print(out)
+"#;
+        let o = std::process::Command::new(&py)
+            .arg("-c")
+            .arg(script)
+            .arg(out.join("chat_template.jinja"))
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{name}: {}", String::from_utf8_lossy(&o.stderr));
+    }
+}

@@ -387,6 +387,11 @@ fn method_config(method: &str, compute: &str, pre: &Path, chat: &Path, base: &Pa
         "karcher" => {
             json!({"models": [model(pre, json!({})), model(chat, json!({})), model(base, json!({}))]})
         }
+        "sce" => json!({
+            "base_model": pre.display().to_string(),
+            "models": [model(chat, json!({})), model(base, json!({}))],
+            "parameters": {"select_topk": 0.5},
+        }),
         _ => return Err(Error::Usage(format!("--method '{method}' is not a merge method"))),
     };
     // mergekit computes in `dtype`; float32 with bf16 output is the
@@ -751,10 +756,14 @@ pub(crate) fn run(a: &BenchArgs, json: bool) -> Result<()> {
         None
     };
 
-    let mut methods = Vec::new();
+    // Every config first, so a bad --method fails before the long runs.
+    let mut configs = Vec::new();
     for method in &a.methods {
+        configs.push(method_config(method, &a.mergekit_dtype, &pre, &chat, &base)?);
+    }
+    let mut methods = Vec::new();
+    for (method, yaml) in a.methods.iter().zip(configs) {
         let cfg = root.join(format!("method-{method}.yml"));
-        let yaml = method_config(method, &a.mergekit_dtype, &pre, &chat, &base)?;
         std::fs::write(&cfg, yaml).map_err(io("writing", &cfg))?;
         let cout = root.join(format!("out-{method}-chatvec"));
         let mut cmd = Command::new(&exe);

@@ -1,7 +1,7 @@
 //! `merge`: a recipe (chatvec TOML or mergekit YAML) run end to end, by a
 //! merge method or as a chat vector written down.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use crate::error::{Error, Result};
 use crate::exec::RunOptions;
@@ -13,6 +13,7 @@ use crate::job::{
 use crate::merge::methods::BaseRole;
 use crate::output::Destination;
 use crate::output::card::model_card;
+use crate::output::chat_templates;
 use crate::output::manifest::RecipeRecord;
 use crate::output::sidecars::{add_union_tokens, model_side_files, relayer_config};
 use crate::params::apply::{ApplyParams, ApplySpec};
@@ -82,13 +83,22 @@ pub fn preview_side_files(recipe: &Recipe, dir: &Path) -> Result<()> {
             super::chat_vector::output_side_files(&chat_vector_spec(recipe, c)?, &fetch)?
         }
         RecipeBody::Merge(m) => {
-            // The output carries the base's side files, else the first model's.
-            let reference = m
-                .base
-                .as_deref()
+            // The output carries the base's side files, else the first
+            // model's (a slices merge: the first slice's first source's).
+            let first_source = m.slices.first().map(|s| s.sources[0].model.as_str());
+            let reference = first_source
+                .or(m.base.as_deref())
                 .or_else(|| m.models.first().map(|(r, _)| r.as_str()))
                 .ok_or_else(|| Error::bad_file(&recipe.path, "models: the list is empty"))?;
-            model_side_files(&fetch.open_model(reference)?.dir, None, recipe.out_dtype)?
+            let mut side = model_side_files(&fetch.open_model(reference)?.dir, None, recipe.out_dtype)?;
+            if let Some(t) = &recipe.chat_template {
+                let names = recipe_models(m);
+                let dirs =
+                    names.iter().map(|r| Ok(fetch.open_model(r)?.dir.clone())).collect::<Result<Vec<_>>>()?;
+                let dirs: Vec<&Path> = dirs.iter().map(PathBuf::as_path).collect();
+                chat_templates::apply(&mut side, t, &dirs).map_err(|e| recipe_error(recipe, e))?;
+            }
+            side
         }
     };
     side.write(dir).map(|_| ())
@@ -170,6 +180,10 @@ fn merge_method(
     let mut side = model_side_files(&reference_dir, None, recipe.out_dtype)?;
     if let Some(u) = &plan.vocab_union {
         add_union_tokens(&mut side, &plan, u)?;
+    }
+    if let Some(t) = &recipe.chat_template {
+        let dirs: Vec<&Path> = plan.inputs.iter().map(|i| i.ckpt.dir.as_path()).collect();
+        chat_templates::apply(&mut side, t, &dirs).map_err(|e| recipe_error(recipe, e))?;
     }
     check_written_config(&mut plan, &side, recipe.allow_mismatch, out)?;
     model_card(&plan, m.method.name(), Some(&record), &mut side)?;
@@ -254,6 +268,10 @@ fn merge_slices(
     plan.warnings.push(format!("slices: {} output layers", map.len()));
     let mut side = model_side_files(&reference_dir, None, recipe.out_dtype)?;
     relayer_config(&mut side, &plan, &map)?;
+    if let Some(t) = &recipe.chat_template {
+        let dirs: Vec<&Path> = plan.inputs.iter().map(|i| i.ckpt.dir.as_path()).collect();
+        chat_templates::apply(&mut side, t, &dirs).map_err(|e| recipe_error(recipe, e))?;
+    }
     check_written_config(&mut plan, &side, recipe.allow_mismatch, out)?;
     model_card(&plan, m.method.name(), Some(&record), &mut side)?;
     let params = serde_json::json!({
@@ -266,6 +284,28 @@ fn merge_slices(
     });
     let rec = Records { kind: "merge", params, recipe: Some(record), vector: None };
     write_output(plan, rec, out, run, side)
+}
+
+/// Every model a merge recipe names, once each, in order (the base first).
+fn recipe_models(m: &MergeRecipe) -> Vec<&str> {
+    let mut out: Vec<&str> = Vec::new();
+    let named = m.base.iter().map(String::as_str).chain(m.models.iter().map(|(r, _)| r.as_str())).chain(
+        m.slices.iter().flat_map(|s| s.sources.iter().map(|x| x.model.as_str()).chain(s.base.as_deref())),
+    );
+    for r in named {
+        if !out.contains(&r) {
+            out.push(r);
+        }
+    }
+    out
+}
+
+/// A usage error about the recipe, naming its file.
+fn recipe_error(recipe: &Recipe, e: Error) -> Error {
+    match e {
+        Error::Usage(msg) => Error::bad_file(&recipe.path, msg),
+        other => other,
+    }
 }
 
 /// Where the recipe names the model `r` (`base_model`, `models[2].model`),

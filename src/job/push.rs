@@ -241,17 +241,10 @@ fn sample(path: &Path) -> Result<Vec<u8>> {
     Ok(out)
 }
 
-/// Publishes `spec.dir` to the Hub (see the module's doc).
-pub fn push(spec: &PushSpec) -> Result<PushReport> {
-    let (repo, branch) = target(spec)?;
-    let keep = spec.keep.iter().map(|p| pattern("--keep", p)).collect::<Result<Vec<_>>>()?;
-    let remote = Remote::new(&repo, &branch);
-    let locals = checked_files(&spec.dir, !spec.dry_run, &remote)?;
-    crate::ui::note(&format!(
-        "push: {} verified ({} files); asking the Hub about {repo}@{branch}",
-        spec.dir.display(),
-        locals.len()
-    ));
+/// Makes the repository and branch exist (as asked; a dry run only says
+/// it would): whether either was created, and the branch's state.
+fn ready_remote(remote: &Remote, spec: &PushSpec) -> Result<(bool, State)> {
+    let (repo, branch) = (&remote.id.repo, &remote.branch);
     let mut created = false;
     let mut state = remote.state()?;
     if matches!(state, State::NoRepo) {
@@ -261,10 +254,8 @@ pub fn push(spec: &PushSpec) -> Result<PushReport> {
         }
         created = true;
         if !spec.dry_run {
-            crate::ui::note(&format!(
-                "push: creating {} repository {repo}",
-                if spec.private { "private" } else { "public" }
-            ));
+            let kind = if spec.private { "private" } else { "public" };
+            crate::ui::note(&format!("push: creating {kind} repository {repo}"));
             remote.create_repo(spec.private)?;
             state = remote.state()?;
         }
@@ -281,15 +272,19 @@ pub fn push(spec: &PushSpec) -> Result<PushReport> {
             state = remote.state()?;
         }
     }
-    let (head, remote_files) = match state {
-        State::At(c, f) => (Some(c), f),
-        _ if spec.dry_run => (None, Vec::new()),
-        State::NoRepo | State::NoBranch => {
-            return Err(Error::Hub(format!("{repo}@{branch} was created but the Hub does not show it")));
-        }
-    };
+    Ok((created, state))
+}
+
+/// What the push does with each local file (upload or unchanged) and which
+/// remote files it deletes (all the model lacks but the Hub's own and
+/// those `keep` matches).
+fn compare(
+    locals: &[Local],
+    remote_files: &[RemoteFile],
+    keep: &[regex::Regex],
+) -> Result<(Vec<PushedFile>, Vec<String>)> {
     let mut files = Vec::new();
-    for l in &locals {
+    for l in locals {
         let unchanged = match remote_files.iter().find(|r| r.name == l.name) {
             Some(r) => same(l, r)?,
             None => false,
@@ -302,30 +297,33 @@ pub fn push(spec: &PushSpec) -> Result<PushReport> {
             mode: None,
         });
     }
-    let deleted: Vec<String> = remote_files
+    let deleted = remote_files
         .iter()
         .map(|r| r.name.clone())
         .filter(|n| !locals.iter().any(|l| l.name == *n))
         .filter(|n| !HUB_OWN.contains(&n.as_str()) && !keep.iter().any(|k| k.is_match(n)))
         .collect();
-    let mut report = PushReport {
-        repo: repo.clone(),
-        revision: branch.clone(),
-        url: remote.page(),
-        created,
-        dry_run: spec.dry_run,
-        files,
-        deleted,
-        already_stored: Vec::new(),
-        bytes_sent: 0,
-        commit: head.clone(),
-        commit_url: None,
-    };
-    let changed: Vec<usize> = (0..locals.len()).filter(|&i| report.files[i].action == "upload").collect();
-    if spec.dry_run || (changed.is_empty() && report.deleted.is_empty()) {
-        return Ok(report);
+    Ok((files, deleted))
+}
+
+/// The error for a model directory that changed after `verify`.
+fn changed_meanwhile(dir: &Path, file: &str, how: &str) -> Error {
+    Error::Mismatch {
+        what: format!("{} changed while it was being pushed; nothing was committed", dir.display()),
+        problems: vec![format!("{file}: {how}")],
     }
-    let head = head.expect("a branch that exists has a head");
+}
+
+/// Sends the `changed` files: asks the Hub how it stores each, uploads the
+/// large ones, then checks nothing changed since `verify`. Returns each
+/// changed file's commit line.
+fn send(
+    remote: &Remote,
+    dir: &Path,
+    locals: &[Local],
+    changed: &[usize],
+    report: &mut PushReport,
+) -> Result<Vec<Op>> {
     let asked = changed
         .iter()
         .map(|&i| Ok((locals[i].name.clone(), locals[i].size, sample(&locals[i].path)?)))
@@ -349,41 +347,83 @@ pub fn push(spec: &PushSpec) -> Result<PushReport> {
         report.already_stored = sent.stored;
         report.bytes_sent = sent.bytes;
     }
-    for l in &locals {
+    for l in locals {
         let now = std::fs::metadata(&l.path).map(|m| m.len()).ok();
         if now != Some(l.size) || modified(&l.path) != l.modified {
-            return Err(Error::Mismatch {
-                what: format!(
-                    "{} changed while it was being pushed; nothing was committed",
-                    spec.dir.display()
-                ),
-                problems: vec![format!("{}: its size or modification time changed after verify", l.name)],
-            });
+            return Err(changed_meanwhile(
+                dir,
+                &l.name,
+                "its size or modification time changed after verify",
+            ));
         }
     }
-    let mut ops = Vec::new();
-    for (&i, mode) in changed.iter().zip(&modes) {
-        let l = &locals[i];
-        ops.push(match mode {
-            Mode::Lfs => Op::Lfs { path: l.name.clone(), sha256: l.sha256.clone(), size: l.size },
-            Mode::Regular => {
-                if l.size > MAX_INLINE {
-                    return Err(Error::Hub(format!(
-                        "the Hub asked for {} ({} bytes) inline in the commit; chatvec sends at most {MAX_INLINE}",
-                        l.name, l.size
-                    )));
+    changed
+        .iter()
+        .zip(&modes)
+        .map(|(&i, mode)| {
+            let l = &locals[i];
+            Ok(match mode {
+                Mode::Lfs => Op::Lfs { path: l.name.clone(), sha256: l.sha256.clone(), size: l.size },
+                Mode::Regular => {
+                    if l.size > MAX_INLINE {
+                        return Err(Error::Hub(format!(
+                            "the Hub asked for {} ({} bytes) inline in the commit; chatvec sends at most {MAX_INLINE}",
+                            l.name, l.size
+                        )));
+                    }
+                    let bytes = std::fs::read(&l.path).map_err(|e| Error::io("reading", &l.path, e))?;
+                    if crate::hash::sha256_hex(&bytes) != l.sha256 {
+                        return Err(changed_meanwhile(dir, &l.name, "its content no longer matches the manifest"));
+                    }
+                    Op::File { path: l.name.clone(), bytes }
                 }
-                let bytes = std::fs::read(&l.path).map_err(|e| Error::io("reading", &l.path, e))?;
-                if crate::hash::sha256_hex(&bytes) != l.sha256 {
-                    return Err(Error::Mismatch {
-                        what: format!("{} changed while it was being pushed; nothing was committed", spec.dir.display()),
-                        problems: vec![format!("{}: its content no longer matches the manifest", l.name)],
-                    });
-                }
-                Op::File { path: l.name.clone(), bytes }
-            }
-        });
-    }
+            })
+        })
+        .collect()
+}
+
+/// Publishes `spec.dir` to the Hub (see the module's doc).
+pub fn push(spec: &PushSpec) -> Result<PushReport> {
+    let (repo, branch) = target(spec)?;
+    let keep = spec.keep.iter().map(|p| pattern("--keep", p)).collect::<Result<Vec<_>>>()?;
+    let remote = Remote::new(&repo, &branch);
+    let locals = checked_files(&spec.dir, !spec.dry_run, &remote)?;
+    crate::ui::note(&format!(
+        "push: {} verified ({} files); asking the Hub about {repo}@{branch}",
+        spec.dir.display(),
+        locals.len()
+    ));
+    let (created, state) = ready_remote(&remote, spec)?;
+    let (head, remote_files) = match state {
+        State::At(c, f) => (Some(c), f),
+        _ if spec.dry_run => (None, Vec::new()),
+        State::NoRepo | State::NoBranch => {
+            return Err(Error::Hub(format!("{repo}@{branch} was created but the Hub does not show it")));
+        }
+    };
+    let (files, deleted) = compare(&locals, &remote_files, &keep)?;
+    let mut report = PushReport {
+        repo: repo.clone(),
+        revision: branch.clone(),
+        url: remote.page(),
+        created,
+        dry_run: spec.dry_run,
+        files,
+        deleted,
+        already_stored: Vec::new(),
+        bytes_sent: 0,
+        commit: head.clone(),
+        commit_url: None,
+    };
+    let changed: Vec<usize> = (0..locals.len()).filter(|&i| report.files[i].action == "upload").collect();
+    let Some(head) = head.filter(|_| {
+        // Nothing to send: a dry run, or the branch holds the model already.
+        let nothing = changed.is_empty() && report.deleted.is_empty();
+        !spec.dry_run && !nothing
+    }) else {
+        return Ok(report);
+    };
+    let mut ops = send(&remote, &spec.dir, &locals, &changed, &mut report)?;
     ops.extend(report.deleted.iter().map(|n| Op::Delete { path: n.clone() }));
     let version = env!("CARGO_PKG_VERSION");
     let dirname = spec

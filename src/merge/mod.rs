@@ -12,6 +12,7 @@ pub(crate) mod lanes;
 pub(crate) mod methods;
 pub(crate) mod params;
 pub(crate) mod sce;
+pub(crate) mod select;
 pub(crate) mod spherical;
 pub(crate) mod stats;
 

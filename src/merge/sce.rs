@@ -16,7 +16,7 @@ use rayon::prelude::*;
 use crate::arith::BLOCK;
 use crate::error::Result;
 use crate::merge::Inputs;
-use crate::merge::stats::{RankKeep, Ranked, STAT_BLOCK, blocks, rank_keep};
+use crate::merge::select::{RankKeep, Ranked, STAT_BLOCK, blocks, rank_keep};
 
 /// Which elements keep their deltas.
 #[derive(Clone, Debug)]

@@ -13,7 +13,7 @@ use crate::error::{Error, Result};
 use crate::merge::Inputs;
 use crate::merge::lanes::Lanes;
 use crate::merge::methods::{Method, TensorParams};
-use crate::merge::stats::{blocks, gram_pairs};
+use crate::merge::select::{blocks, gram_pairs};
 
 /// Which elements make one vector.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

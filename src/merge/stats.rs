@@ -25,47 +25,17 @@ use crate::interrupt;
 use crate::merge::lanes::Lanes;
 use crate::merge::methods::{Method, Sparsify, TensorParams};
 use crate::merge::sce::SceStats;
+pub(crate) use crate::merge::select::{RankKeep, STAT_BLOCK, blocks, gram_pairs};
+use crate::merge::select::{Ranked, blocks_of, rank_keep};
 use crate::merge::spherical::{Combo, combo};
 use crate::merge::{Inputs, TensorMerge};
 use crate::rng;
 
-/// Elements per statistics block.
-pub(crate) const STAT_BLOCK: u64 = 1 << 16;
 /// Norms below this count as 1 (SLERP), as in mergekit.
 const NORM_EPS: f64 = 1e-8;
 /// Rescaling is skipped when either L1 sum is below this.
 const RESCALE_EPS: f64 = 1e-7;
 const DOT_THRESHOLD: f64 = 0.9995;
-
-/// Keeps the elements whose stable ascending rank of `|d|` lies in
-/// `lo..hi`, equal magnitudes ranked by index.
-#[derive(Clone, Debug)]
-pub(crate) struct RankKeep {
-    pub lo: u64,
-    pub hi: u64,
-    /// Bits of the magnitudes at ranks `lo` and `hi - 1`.
-    pub lo_val: u32,
-    pub hi_val: u32,
-    /// How many magnitudes are smaller than each.
-    pub less_lo: u64,
-    pub less_hi: u64,
-    /// Per block: how many elements before the block equal each value.
-    pub eq_lo: Vec<u64>,
-    pub eq_hi: Vec<u64>,
-}
-
-impl RankKeep {
-    /// Whether magnitude bits `v` are kept, `seen_*` elements equal to the
-    /// boundary values having come before it.
-    #[inline(always)]
-    pub(crate) fn keeps(&self, v: u32, seen_lo: u64, seen_hi: u64) -> bool {
-        if v < self.lo_val || v > self.hi_val {
-            return false;
-        }
-        (v != self.lo_val || self.less_lo + seen_lo >= self.lo)
-            && (v != self.hi_val || self.less_hi + seen_hi < self.hi)
-    }
-}
 
 /// Which elements of one model's delta are kept.
 #[derive(Clone, Debug)]
@@ -116,28 +86,6 @@ pub(crate) struct TensorStats {
 
 fn bits(d: f32) -> u32 {
     d.to_bits() & 0x7fff_ffff
-}
-
-/// `0..n` cut into blocks of at most `STAT_BLOCK` that do not cross rows of
-/// `row_len`: `(row, range)`.
-pub(crate) fn blocks(n: u64, row_len: u64) -> Vec<(u64, Range<u64>)> {
-    blocks_of(n, row_len, STAT_BLOCK)
-}
-
-fn blocks_of(n: u64, row_len: u64, max: u64) -> Vec<(u64, Range<u64>)> {
-    let mut out = Vec::new();
-    let mut row_start = 0;
-    while row_start < n {
-        let row_end = (row_start + row_len).min(n);
-        let mut a = row_start;
-        while a < row_end {
-            let b = (a + max).min(row_end);
-            out.push((row_start / row_len, a..b));
-            a = b;
-        }
-        row_start = row_end;
-    }
-    out
 }
 
 /// The streaming passes behind the statistics of one merged tensor, run
@@ -420,11 +368,6 @@ impl Passes for CpuPasses<'_> {
     }
 }
 
-/// The Gram matrix's upper-triangle pairs, row-major.
-pub(crate) fn gram_pairs(k: usize) -> Vec<(usize, usize)> {
-    (0..k).flat_map(|i| (i..k).map(move |j| (i, j))).collect()
-}
-
 /// Computes the statistics of tensor `name` (`n` elements, rows of
 /// `row_len`) for `tm` on the CPU.
 pub(crate) fn compute(
@@ -535,18 +478,6 @@ fn model_keep(
 /// The bin holding rank `r` of a histogram, and the count before it. A
 /// rank beyond the total means the passes disagree with each other (a
 /// device fault): an internal error, never a wrong mask.
-/// A per-element value ranked by its f32 bits (non-negative, so bit order
-/// is value order): a model's `|d_k|` (TIES, breadcrumbs), or SCE's
-/// variance across the models.
-pub(crate) trait Ranked {
-    /// Histogram of the high 16 bits (`1 << 15` bins).
-    fn hist_high(&self) -> Result<Vec<u64>>;
-    /// Histograms of the low 16 bits inside high bins `b0` and `b1`.
-    fn hist_low(&self, b0: u32, b1: u32) -> Result<Vec<u64>>;
-    /// Per block of `blocks(n, n)`: how many values' bits equal `lo`, `hi`.
-    fn eq_counts(&self, lo: u32, hi: u32) -> Result<Vec<(u64, u64)>>;
-}
-
 /// Model `k`'s `|d_k|`, through the passes.
 struct Delta<'p> {
     passes: &'p dyn Passes,
@@ -563,48 +494,6 @@ impl Ranked for Delta<'_> {
     fn eq_counts(&self, lo: u32, hi: u32) -> Result<Vec<(u64, u64)>> {
         self.passes.eq_counts(self.k, lo, hi)
     }
-}
-
-fn find_rank(hist: &[u64], r: u64) -> Result<(usize, u64)> {
-    let mut before = 0;
-    for (i, &c) in hist.iter().enumerate() {
-        if before + c > r {
-            return Ok((i, before));
-        }
-        before += c;
-    }
-    Err(crate::error::Error::Internal(format!("rank {r} beyond the histogram total {before}")))
-}
-
-/// The magnitude bits at ascending ranks `lo` and `hi`, and how many
-/// magnitudes are smaller than each: one pass for the high 16 bits, one
-/// for the low 16 bits inside the one or two bins that hold the ranks.
-fn select2(values: &dyn Ranked, lo: u64, hi: u64) -> Result<[(u32, u64); 2]> {
-    let high = values.hist_high()?;
-    let (b0, before0) = find_rank(&high, lo)?;
-    let (b1, before1) = find_rank(&high, hi)?;
-    let low = values.hist_low(b0 as u32, b1 as u32)?;
-    // Ranks in the same bin share the first low histogram.
-    let second = if b0 == b1 { &low[..1 << 16] } else { &low[1 << 16..] };
-    let (l0, below0) = find_rank(&low[..1 << 16], lo - before0)?;
-    let (l1, below1) = find_rank(second, hi - before1)?;
-    Ok([((b0 as u32) << 16 | l0 as u32, before0 + below0), ((b1 as u32) << 16 | l1 as u32, before1 + below1)])
-}
-
-/// Keeps the values at ascending ranks `lo..hi` (ties by index).
-pub(crate) fn rank_keep(values: &dyn Ranked, lo: u64, hi: u64) -> Result<RankKeep> {
-    let [(lo_val, less_lo), (hi_val, less_hi)] = select2(values, lo, hi - 1)?;
-    // Boundary-equal counts per block, then exclusive prefix sums.
-    let counts = values.eq_counts(lo_val, hi_val)?;
-    let (mut eq_lo, mut eq_hi) = (Vec::with_capacity(counts.len()), Vec::with_capacity(counts.len()));
-    let (mut sa, mut sb) = (0, 0);
-    for (a, b) in counts {
-        eq_lo.push(sa);
-        eq_hi.push(sb);
-        sa += a;
-        sb += b;
-    }
-    Ok(RankKeep { lo, hi, lo_val, hi_val, less_lo, less_hi, eq_lo, eq_hi })
 }
 
 /// Stable ascending ranks of the magnitudes in `d` (ties by index), by

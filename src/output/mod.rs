@@ -11,6 +11,7 @@
 //! it (plan, merge, arith, resolve, model) imports it.
 
 pub(crate) mod card;
+pub(crate) mod chat_templates;
 pub(crate) mod dir;
 pub(crate) mod files;
 pub(crate) mod manifest;

@@ -169,27 +169,41 @@ fn take_chat_template(base: &Path, chat: &Path, side: &mut SideFiles) -> Result<
         return Ok(());
     };
     let had = if find_template(base)?.is_some() { "replacing the base's" } else { "the base had none" };
-    let as_value = match &tpl {
-        Template::File(s) => Value::String(s.clone()),
-        Template::Value(v) => v.clone(),
+    let (as_value, file) = match &tpl {
+        Template::File(s) => (Value::String(s.clone()), true),
+        Template::Value(v) => (v.clone(), false),
     };
+    set_template(side, &as_value, file)?;
+    side.notes.push(format!("chat template: taken from {} ({had})", chat.display()));
+    Ok(())
+}
+
+/// Makes `template` the output's chat template: tokenizer_config.json's
+/// `chat_template`, and `chat_template.jinja` when the template came as a
+/// file, the output already has one, or there is no tokenizer_config.json
+/// (transformers prefers the .jinja, so a stale one must not survive).
+fn set_template(side: &mut SideFiles, template: &Value, file: bool) -> Result<()> {
     let base_config = side.json("tokenizer_config.json")?;
     let has_config = base_config.is_some();
     let had_jinja = side.get("chat_template.jinja").is_some();
     let pending = &mut side.pending;
     if let Some(mut cfg) = base_config {
-        cfg.set("chat_template", &as_value)?;
+        cfg.set("chat_template", template)?;
         set_pending(pending, "tokenizer_config.json", cfg.to_bytes());
     }
-    // transformers prefers chat_template.jinja over tokenizer_config.json, so
-    // a base's own .jinja must not survive beside the chat model's template.
-    if let Value::String(s) = &as_value
-        && (matches!(tpl, Template::File(_)) || had_jinja || !has_config)
+    if let Value::String(s) = template
+        && (file || had_jinja || !has_config)
     {
         set_pending(pending, "chat_template.jinja", s.clone().into_bytes());
     }
     pending.retain(|(n, _)| n != "chat_template.json");
-    side.notes.push(format!("chat template: taken from {} ({had})", chat.display()));
+    Ok(())
+}
+
+/// Installs the Jinja `text` as the output's chat template, with `note`.
+pub(crate) fn install_template(side: &mut SideFiles, text: &str, note: &str) -> Result<()> {
+    set_template(side, &Value::String(text.to_string()), false)?;
+    side.notes.push(note.to_string());
     Ok(())
 }
 

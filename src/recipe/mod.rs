@@ -111,6 +111,8 @@ pub struct Recipe {
     pub(crate) allow_mismatch: bool,
     /// `tokenizer_source: union`.
     pub(crate) union: bool,
+    /// mergekit's `chat_template`: `auto`, a built-in name, or Jinja text.
+    pub(crate) chat_template: Option<String>,
     /// The `[sft]` section (`chatvec run`), paths made relative to the
     /// recipe's directory.
     pub(crate) sft: Option<SftOptions>,
@@ -208,6 +210,7 @@ const MERGEKIT_KEYS: &[&str] = &[
     "dtype",
     "out_dtype",
     "tokenizer_source",
+    "chat_template",
 ];
 const TOML_ONLY_KEYS: &[&str] = &[
     "name",
@@ -223,11 +226,7 @@ const TOML_ONLY_KEYS: &[&str] = &[
     "eval",
 ];
 /// mergekit features chatvec does not implement.
-const UNSUPPORTED: &[(&str, &str)] = &[
-    ("modules", "per-module merges"),
-    ("tokenizer", "tokenizer building"),
-    ("chat_template", "chat template selection"),
-];
+const UNSUPPORTED: &[(&str, &str)] = &[("modules", "per-module merges"), ("tokenizer", "tokenizer building")];
 const CHAT_VECTOR_PARAMS: &[&str] =
     &["scale", "include", "exclude", "embeddings", "keep_base_template", "raw_delta"];
 
@@ -251,6 +250,8 @@ struct RawRecipe {
     out_dtype: Option<String>,
     #[serde(default)]
     tokenizer_source: Option<Value>,
+    #[serde(default)]
+    chat_template: Option<String>,
     #[serde(default)]
     name: Option<String>,
     #[serde(default)]
@@ -505,6 +506,11 @@ pub(crate) fn parse_recipe(text: &str, path: &Path) -> Result<Recipe> {
             )));
         }
     };
+    if raw.chat_template.is_some() && matches!(body, RecipeBody::ChatVector(_)) {
+        return Err(err(
+            "chat_template: for merge methods; chat_vector takes the chat model's template (keep_base_template keeps the base's)",
+        ));
+    }
     if union && matches!(body, RecipeBody::ChatVector(_)) {
         return Err(err(
             "tokenizer_source: union is for merge methods; chat_vector keeps the base's vocabulary",
@@ -594,6 +600,7 @@ pub(crate) fn parse_recipe(text: &str, path: &Path) -> Result<Recipe> {
         seed: raw.seed.unwrap_or(0),
         allow_mismatch: raw.allow_mismatch.unwrap_or(false),
         union,
+        chat_template: nonempty(raw.chat_template.clone(), "chat_template").map_err(|m| err(&m))?,
         sft,
         sweep,
         eval,

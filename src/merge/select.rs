@@ -1,0 +1,125 @@
+//! What the statistics passes share: the blocks they walk (whole rows at
+//! most `STAT_BLOCK` long, summed in block order so results do not depend
+//! on the thread count), the Gram matrix's pair order, and selection by
+//! rank over a per-element value (TIES's and breadcrumbs' `|d|`, SCE's
+//! variance) by radix selection over its f32 bits: a histogram of the high
+//! 16 bits finds the bin holding a rank, one of the low 16 bits within that
+//! bin finds the value, and boundary-equal elements are ranked by index.
+
+use std::ops::Range;
+
+use crate::error::Result;
+
+/// Elements per statistics block.
+pub(crate) const STAT_BLOCK: u64 = 1 << 16;
+
+/// Keeps the elements whose stable ascending rank of `|d|` lies in
+/// `lo..hi`, equal magnitudes ranked by index.
+#[derive(Clone, Debug)]
+pub(crate) struct RankKeep {
+    pub lo: u64,
+    pub hi: u64,
+    /// Bits of the magnitudes at ranks `lo` and `hi - 1`.
+    pub lo_val: u32,
+    pub hi_val: u32,
+    /// How many magnitudes are smaller than each.
+    pub less_lo: u64,
+    pub less_hi: u64,
+    /// Per block: how many elements before the block equal each value.
+    pub eq_lo: Vec<u64>,
+    pub eq_hi: Vec<u64>,
+}
+
+impl RankKeep {
+    /// Whether magnitude bits `v` are kept, `seen_*` elements equal to the
+    /// boundary values having come before it.
+    #[inline(always)]
+    pub(crate) fn keeps(&self, v: u32, seen_lo: u64, seen_hi: u64) -> bool {
+        if v < self.lo_val || v > self.hi_val {
+            return false;
+        }
+        (v != self.lo_val || self.less_lo + seen_lo >= self.lo)
+            && (v != self.hi_val || self.less_hi + seen_hi < self.hi)
+    }
+}
+
+/// `0..n` cut into blocks of at most `STAT_BLOCK` that do not cross rows of
+/// `row_len`: `(row, range)`.
+pub(crate) fn blocks(n: u64, row_len: u64) -> Vec<(u64, Range<u64>)> {
+    blocks_of(n, row_len, STAT_BLOCK)
+}
+
+pub(crate) fn blocks_of(n: u64, row_len: u64, max: u64) -> Vec<(u64, Range<u64>)> {
+    let mut out = Vec::new();
+    let mut row_start = 0;
+    while row_start < n {
+        let row_end = (row_start + row_len).min(n);
+        let mut a = row_start;
+        while a < row_end {
+            let b = (a + max).min(row_end);
+            out.push((row_start / row_len, a..b));
+            a = b;
+        }
+        row_start = row_end;
+    }
+    out
+}
+
+/// The Gram matrix's upper-triangle pairs, row-major.
+pub(crate) fn gram_pairs(k: usize) -> Vec<(usize, usize)> {
+    (0..k).flat_map(|i| (i..k).map(move |j| (i, j))).collect()
+}
+
+/// A per-element value ranked by its f32 bits (non-negative, so bit order
+/// is value order): a model's `|d_k|` (TIES, breadcrumbs), or SCE's
+/// variance across the models.
+pub(crate) trait Ranked {
+    /// Histogram of the high 16 bits (`1 << 15` bins).
+    fn hist_high(&self) -> Result<Vec<u64>>;
+    /// Histograms of the low 16 bits inside high bins `b0` and `b1`.
+    fn hist_low(&self, b0: u32, b1: u32) -> Result<Vec<u64>>;
+    /// Per block of `blocks(n, n)`: how many values' bits equal `lo`, `hi`.
+    fn eq_counts(&self, lo: u32, hi: u32) -> Result<Vec<(u64, u64)>>;
+}
+
+fn find_rank(hist: &[u64], r: u64) -> Result<(usize, u64)> {
+    let mut before = 0;
+    for (i, &c) in hist.iter().enumerate() {
+        if before + c > r {
+            return Ok((i, before));
+        }
+        before += c;
+    }
+    Err(crate::error::Error::Internal(format!("rank {r} beyond the histogram total {before}")))
+}
+
+/// The magnitude bits at ascending ranks `lo` and `hi`, and how many
+/// magnitudes are smaller than each: one pass for the high 16 bits, one
+/// for the low 16 bits inside the one or two bins that hold the ranks.
+fn select2(values: &dyn Ranked, lo: u64, hi: u64) -> Result<[(u32, u64); 2]> {
+    let high = values.hist_high()?;
+    let (b0, before0) = find_rank(&high, lo)?;
+    let (b1, before1) = find_rank(&high, hi)?;
+    let low = values.hist_low(b0 as u32, b1 as u32)?;
+    // Ranks in the same bin share the first low histogram.
+    let second = if b0 == b1 { &low[..1 << 16] } else { &low[1 << 16..] };
+    let (l0, below0) = find_rank(&low[..1 << 16], lo - before0)?;
+    let (l1, below1) = find_rank(second, hi - before1)?;
+    Ok([((b0 as u32) << 16 | l0 as u32, before0 + below0), ((b1 as u32) << 16 | l1 as u32, before1 + below1)])
+}
+
+/// Keeps the values at ascending ranks `lo..hi` (ties by index).
+pub(crate) fn rank_keep(values: &dyn Ranked, lo: u64, hi: u64) -> Result<RankKeep> {
+    let [(lo_val, less_lo), (hi_val, less_hi)] = select2(values, lo, hi - 1)?;
+    // Boundary-equal counts per block, then exclusive prefix sums.
+    let counts = values.eq_counts(lo_val, hi_val)?;
+    let (mut eq_lo, mut eq_hi) = (Vec::with_capacity(counts.len()), Vec::with_capacity(counts.len()));
+    let (mut sa, mut sb) = (0, 0);
+    for (a, b) in counts {
+        eq_lo.push(sa);
+        eq_hi.push(sb);
+        sa += a;
+        sb += b;
+    }
+    Ok(RankKeep { lo, hi, lo_val, hi_val, less_lo, less_hi, eq_lo, eq_hi })
+}
