@@ -15,12 +15,12 @@ use crate::output::Destination;
 use crate::output::card::model_card;
 use crate::output::chat_templates;
 use crate::output::manifest::RecipeRecord;
-use crate::output::sidecars::{add_union_tokens, model_side_files, relayer_config};
+use crate::output::sidecars::{SideFiles, add_union_tokens, model_side_files, relayer_config};
 use crate::params::apply::{ApplyParams, ApplySpec};
 use crate::params::select::Spelling;
 use crate::plan::merge::{MergeSpec, plan_merge};
 use crate::plan::slices::{SliceInput, SlicePlan, SliceSpec, plan_slices};
-use crate::plan::{Input, Role};
+use crate::plan::{Input, Plan, Role};
 use crate::recipe::{MergeRecipe, Recipe, RecipeBody};
 use crate::resolve::Fetch;
 
@@ -173,27 +173,43 @@ fn merge_method(
         union: recipe.union,
     };
     // Parameter problems are the recipe's: name its file.
-    let mut plan = plan_merge(inputs, &spec).map_err(|e| match e {
-        Error::Usage(msg) => Error::bad_file(&recipe.path, msg),
-        other => other,
-    })?;
+    let plan = plan_merge(inputs, &spec).map_err(|e| recipe_error(recipe, e))?;
     let mut side = model_side_files(&reference_dir, None, recipe.out_dtype)?;
     if let Some(u) = &plan.vocab_union {
         add_union_tokens(&mut side, &plan, u)?;
     }
+    let params = merge_params(recipe, m, seed);
+    write_merge(recipe, m, plan, side, params, (out, run, record))
+}
+
+/// What a merge's manifest records of its settings.
+fn merge_params(recipe: &Recipe, m: &MergeRecipe, seed: u64) -> serde_json::Value {
+    serde_json::json!({
+        "method": m.method,
+        "seed": seed,
+        "out_dtype": recipe.out_dtype.map(|t| t.dtype().name()),
+        "shard_size": recipe.shard_size,
+        "allow_mismatch": recipe.allow_mismatch,
+    })
+}
+
+/// The end every merge shares: the recipe's chat template, the config
+/// checked against the weights, the card, the manifest's record, then the
+/// output written.
+fn write_merge(
+    recipe: &Recipe,
+    m: &MergeRecipe,
+    mut plan: Plan,
+    mut side: SideFiles,
+    params: serde_json::Value,
+    (out, run, record): (&Destination, &RunOptions, RecipeRecord),
+) -> Result<Summary> {
     if let Some(t) = &recipe.chat_template {
         let dirs: Vec<&Path> = plan.inputs.iter().map(|i| i.ckpt.dir.as_path()).collect();
         chat_templates::apply(&mut side, t, &dirs).map_err(|e| recipe_error(recipe, e))?;
     }
     check_written_config(&mut plan, &side, recipe.allow_mismatch, out)?;
     model_card(&plan, m.method.name(), Some(&record), &mut side)?;
-    let params = serde_json::json!({
-        "method": m.method,
-        "seed": seed,
-        "out_dtype": recipe.out_dtype.map(|t| t.dtype().name()),
-        "shard_size": recipe.shard_size,
-        "allow_mismatch": recipe.allow_mismatch,
-    });
     let rec = Records { kind: "merge", params, recipe: Some(record), vector: None };
     write_output(plan, rec, out, run, side)
 }
@@ -261,29 +277,14 @@ fn merge_slices(
         shard_size: recipe.shard_size,
         allow_mismatch: recipe.allow_mismatch,
     };
-    let (mut plan, map) = plan_slices(inputs, &spec).map_err(|e| match e {
-        Error::Usage(msg) => bad(msg),
-        other => other,
-    })?;
+    let (mut plan, map) = plan_slices(inputs, &spec).map_err(|e| recipe_error(recipe, e))?;
     plan.warnings.push(format!("slices: {} output layers", map.len()));
     let mut side = model_side_files(&reference_dir, None, recipe.out_dtype)?;
     relayer_config(&mut side, &plan, &map)?;
-    if let Some(t) = &recipe.chat_template {
-        let dirs: Vec<&Path> = plan.inputs.iter().map(|i| i.ckpt.dir.as_path()).collect();
-        chat_templates::apply(&mut side, t, &dirs).map_err(|e| recipe_error(recipe, e))?;
-    }
-    check_written_config(&mut plan, &side, recipe.allow_mismatch, out)?;
-    model_card(&plan, m.method.name(), Some(&record), &mut side)?;
-    let params = serde_json::json!({
-        "method": m.method,
-        "seed": seed,
-        "out_dtype": recipe.out_dtype.map(|t| t.dtype().name()),
-        "shard_size": recipe.shard_size,
-        "allow_mismatch": recipe.allow_mismatch,
-        "layers": map.iter().map(|(i, l)| format!("{}:{l}", plan.inputs[*i].label)).collect::<Vec<_>>(),
-    });
-    let rec = Records { kind: "merge", params, recipe: Some(record), vector: None };
-    write_output(plan, rec, out, run, side)
+    let mut params = merge_params(recipe, m, seed);
+    params["layers"] =
+        map.iter().map(|(i, l)| format!("{}:{l}", plan.inputs[*i].label)).collect::<Vec<_>>().into();
+    write_merge(recipe, m, plan, side, params, (out, run, record))
 }
 
 /// Every model a merge recipe names, once each, in order (the base first).

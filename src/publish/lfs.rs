@@ -20,7 +20,7 @@ use serde_json::{Value, json};
 
 use crate::error::{Error, Result};
 use crate::publish::remote::{Remote, header, retry_on_busy, write_error};
-use crate::resolve::hub_api::{Payload, Progress};
+use crate::resolve::hub_api::{Payload, Progress, Response};
 
 /// Parts in flight at once (huggingface_hub sends 5 files at a time; a
 /// part is at most one file, so this is as wide).
@@ -88,18 +88,7 @@ impl Remote {
         let body = json!({"operation": "upload", "transfers": ["basic", "multipart"], "objects": objects,
             "hash_algo": "sha256", "ref": {"name": self.branch}});
         let headers = [("Accept".to_string(), LFS_JSON.to_string())];
-        let resp = self.client.with_retries(&|m| crate::ui::warn(m), || {
-            let resp = self.client.send(
-                "POST",
-                &url,
-                &headers,
-                Payload::Bytes(body.to_string().into_bytes(), LFS_JSON),
-            )?;
-            retry_on_busy(resp, &url)
-        })?;
-        if resp.status().as_u16() != 200 {
-            return Err(write_error(&resp, &self.client, &self.id, "start the large-file upload"));
-        }
+        let resp = self.lfs_post(&url, &headers, &body, "start the large-file upload")?;
         let answer = self.client.read_json(resp, &url)?;
         let said = answer
             .get("objects")
@@ -210,10 +199,29 @@ impl Remote {
         Ok(())
     }
 
+    /// A POST of JSON in the LFS media type, retried as every Hub request
+    /// is; an answer other than 2xx is the error for `what`.
+    fn lfs_post(
+        &self,
+        url: &str,
+        headers: &[(String, String)],
+        body: &Value,
+        what: &str,
+    ) -> Result<Response> {
+        let bytes = body.to_string().into_bytes();
+        let resp = self.client.with_retries(&|m| crate::ui::warn(m), || {
+            let r = self.client.send("POST", url, headers, Payload::Bytes(bytes.clone(), LFS_JSON))?;
+            retry_on_busy(r, url)
+        })?;
+        if !(200..300).contains(&resp.status().as_u16()) {
+            return Err(write_error(&resp, &self.client, &self.id, what));
+        }
+        Ok(resp)
+    }
+
     /// After `p`'s last part: the completion request (multipart) and the
     /// verify request, as the batch answer asked.
     fn finish(&self, f: &LargeFile, p: &Pending) -> Result<()> {
-        let lfs = [("Accept".to_string(), LFS_JSON.to_string())];
         if let Some(url) = &p.completion {
             let etags =
                 p.etags.lock().map_err(|_| Error::Internal("a part's ETag list was poisoned".into()))?;
@@ -222,34 +230,13 @@ impl Remote {
                 .enumerate()
                 .map(|(i, e)| json!({"partNumber": i + 1, "etag": e.clone().unwrap_or_default()}))
                 .collect();
-            let body = json!({"oid": f.sha256, "parts": parts}).to_string().into_bytes();
-            let resp = self.client.with_retries(&|m| crate::ui::warn(m), || {
-                let r = self.client.send("POST", url, &lfs, Payload::Bytes(body.clone(), LFS_JSON))?;
-                retry_on_busy(r, url)
-            })?;
-            if !(200..300).contains(&resp.status().as_u16()) {
-                return Err(write_error(
-                    &resp,
-                    &self.client,
-                    &self.id,
-                    &format!("complete the upload of {}", f.name),
-                ));
-            }
+            let lfs = [("Accept".to_string(), LFS_JSON.to_string())];
+            let body = json!({"oid": f.sha256, "parts": parts});
+            self.lfs_post(url, &lfs, &body, &format!("complete the upload of {}", f.name))?;
         }
         if let Some((url, headers)) = &p.verify {
-            let body = json!({"oid": f.sha256, "size": f.size}).to_string().into_bytes();
-            let resp = self.client.with_retries(&|m| crate::ui::warn(m), || {
-                let r = self.client.send("POST", url, headers, Payload::Bytes(body.clone(), LFS_JSON))?;
-                retry_on_busy(r, url)
-            })?;
-            if !(200..300).contains(&resp.status().as_u16()) {
-                return Err(write_error(
-                    &resp,
-                    &self.client,
-                    &self.id,
-                    &format!("verify the upload of {}", f.name),
-                ));
-            }
+            let body = json!({"oid": f.sha256, "size": f.size});
+            self.lfs_post(url, headers, &body, &format!("verify the upload of {}", f.name))?;
         }
         Ok(())
     }
