@@ -38,6 +38,17 @@ pub(crate) struct SceStats {
 /// f64 accumulation, as torch's `var` accumulates f32 inputs, then f32.
 #[inline]
 pub(crate) fn variance(d: &[f32]) -> f32 {
+    // Two finite models (the usual merge): every step below is exact in
+    // f64 (f32 sums and differences fit in 53 bits, and so do their
+    // halves' squares), so the variance is exactly ((a - b) / 2)^2, the
+    // same bits the general form gives, at less cost.
+    if let [a, b] = d
+        && a.is_finite()
+        && b.is_finite()
+    {
+        let h = (*a as f64 - *b as f64) * 0.5;
+        return (h * h) as f32;
+    }
     let k = d.len() as f64;
     let mean = d.iter().map(|v| *v as f64).sum::<f64>() / k;
     (d.iter().map(|v| (*v as f64 - mean).powi(2)).sum::<f64>() / k) as f32
@@ -68,13 +79,40 @@ fn for_each_element(inputs: &Inputs, r: Range<u64>, mut f: impl FnMut(u64, &[f32
     }
 }
 
-/// The variance of every element, as a ranked value.
+/// The variance of every element, as a ranked value. The high-bits
+/// histogram is made once, with the count of zero variances, in one pass.
 struct Variances<'a> {
     inputs: &'a Inputs<'a>,
     n: u64,
+    high: std::sync::OnceLock<(Vec<u64>, u64)>,
 }
 
 impl Variances<'_> {
+    /// The high-bits histogram and how many variances are exactly 0.
+    fn high_and_zeros(&self) -> &(Vec<u64>, u64) {
+        self.high.get_or_init(|| {
+            let bins = 1usize << 15;
+            blocks(self.n, self.n.max(1))
+                .into_par_iter()
+                .map(|(_, r)| {
+                    let (mut h, mut zeros) = (vec![0u64; bins], 0u64);
+                    for_each_element(self.inputs, r, |_, d| {
+                        let v = variance(d).to_bits() & 0x7fff_ffff;
+                        h[(v >> 16) as usize] += 1;
+                        zeros += (v == 0) as u64;
+                    });
+                    (h, zeros)
+                })
+                .reduce(
+                    || (vec![0u64; bins], 0),
+                    |(mut a, za), (b, zb)| {
+                        a.iter_mut().zip(b).for_each(|(x, y)| *x += y);
+                        (a, za + zb)
+                    },
+                )
+        })
+    }
+
     fn histogram(&self, bins: usize, bin: impl Fn(u32) -> Option<usize> + Sync) -> Vec<u64> {
         blocks(self.n, self.n.max(1))
             .into_par_iter()
@@ -99,7 +137,7 @@ impl Variances<'_> {
 
 impl Ranked for Variances<'_> {
     fn hist_high(&self) -> Result<Vec<u64>> {
-        Ok(self.histogram(1 << 15, |v| Some((v >> 16) as usize)))
+        Ok(self.high_and_zeros().0.clone())
     }
     fn hist_low(&self, b0: u32, b1: u32) -> Result<Vec<u64>> {
         Ok(self.histogram(2 << 16, |v| {
@@ -137,8 +175,8 @@ pub(crate) fn stats(inputs: &Inputs, n: u64, select_topk: f64) -> Result<SceStat
     } else if select_topk <= 0.0 {
         Select::Zero
     } else {
-        let values = Variances { inputs, n };
-        let zeros: u64 = values.eq_counts(0, 0)?.iter().map(|c| c.0).sum();
+        let values = Variances { inputs, n, high: std::sync::OnceLock::new() };
+        let zeros = values.high_and_zeros().1;
         let nonzero = n - zeros;
         // As mergekit: int(count * density), the product in f32.
         let keep = (nonzero as f32 * select_topk as f32) as u64;
