@@ -104,6 +104,15 @@ pub fn preview_side_files(recipe: &Recipe, dir: &Path) -> Result<()> {
     side.write(dir).map(|_| ())
 }
 
+/// The input index of reference `r`: its place in `refs`, added when new,
+/// so each distinct model is opened once.
+fn input_index<'a>(r: &'a str, refs: &mut Vec<&'a str>) -> usize {
+    refs.iter().position(|x| *x == r).unwrap_or_else(|| {
+        refs.push(r);
+        refs.len() - 1
+    })
+}
+
 fn merge_method(
     recipe: &Recipe,
     m: &MergeRecipe,
@@ -118,17 +127,11 @@ fn merge_method(
     }
     // Each distinct reference is opened once; the base is input 0.
     let mut refs: Vec<&str> = Vec::new();
-    fn index<'a>(r: &'a str, refs: &mut Vec<&'a str>) -> usize {
-        refs.iter().position(|x| *x == r).unwrap_or_else(|| {
-            refs.push(r);
-            refs.len() - 1
-        })
-    }
-    let base = m.base.as_deref().map(|b| index(b, &mut refs));
+    let base = m.base.as_deref().map(|b| input_index(b, &mut refs));
     let mut models = Vec::new();
     let mut per_model = Vec::new();
     for (r, own) in &m.models {
-        let i = index(r, &mut refs);
+        let i = input_index(r, &mut refs);
         // mergekit: a base listed among the models is the base, except for
         // methods that merge it like the others (linear, karcher,
         // passthrough).
@@ -227,13 +230,7 @@ fn merge_slices(
     fetch: &Fetch,
     record: RecipeRecord,
 ) -> Result<Summary> {
-    let mut refs: Vec<String> = Vec::new();
-    let mut index = |r: &str| -> usize {
-        refs.iter().position(|x| x == r).unwrap_or_else(|| {
-            refs.push(r.to_string());
-            refs.len() - 1
-        })
-    };
+    let mut refs: Vec<&str> = Vec::new();
     let bad = |msg: String| Error::bad_file(&recipe.path, msg);
     let role = m.method.base_role();
     let mut slices = Vec::new();
@@ -249,9 +246,12 @@ fn merge_slices(
                 m.method.name()
             )));
         }
-        let sources: Vec<SliceInput> =
-            s.sources.iter().map(|x| (index(&x.model), x.layers.0, x.parameters.clone())).collect();
-        let base = base_name.filter(|_| among).map(&mut index);
+        let sources: Vec<SliceInput> = s
+            .sources
+            .iter()
+            .map(|x| (input_index(&x.model, &mut refs), x.layers.0, x.parameters.clone()))
+            .collect();
+        let base = base_name.filter(|_| among).map(|b| input_index(b, &mut refs));
         let len = s.sources[0].layers.1 - s.sources[0].layers.0;
         slices.push(SlicePlan { sources, len, params: s.parameters.clone(), base });
     }
