@@ -15,7 +15,7 @@ const LAYERS: &[&[&str]] = &[
     &["interrupt", "json", "scratch", "rng", "svg"],
     &["hash", "python"],
     &["model"],
-    &["params", "resolve", "arith"],
+    &["params", "resolve", "arith", "factor"],
     &["merge"],
     &["plan"],
     &["output"],

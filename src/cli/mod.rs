@@ -124,10 +124,15 @@ pub(crate) fn run(cli: Cli) -> Result<()> {
     }
     let json = cli.json;
     match cli.command {
-        Command::Extract(a) => report(
-            &chatvec::extract(&a.params.validate()?, &a.out.destination(), &a.out.run_options())?,
-            json,
-        ),
+        Command::Extract(a) => {
+            let spec = a.params.validate()?;
+            if a.params.lora.wanted() {
+                let r = chatvec::extract_lora(&spec, &a.out.destination(), &a.out.run_options())?;
+                say(&r.warnings, &r.notes);
+                return if json { json_out(&r) } else { out(&r.to_string()) };
+            }
+            report(&chatvec::extract(&spec, &a.out.destination(), &a.out.run_options())?, json)
+        }
         Command::Apply(a) => {
             report(&chatvec::apply(&a.params.validate()?, &a.out.destination(), &a.out.run_options())?, json)
         }

@@ -51,7 +51,7 @@ fn common(selection: &Selection, shard_size: u64, allow_mismatch: bool) -> Commo
 
 /// Parameters as JSON. Through text, so f32 values keep their shortest
 /// spelling (0.9, not 0.8999999761581421).
-fn to_value(p: &impl serde::Serialize) -> Result<serde_json::Value> {
+pub(crate) fn to_value(p: &impl serde::Serialize) -> Result<serde_json::Value> {
     let text = serde_json::to_string(p).map_err(|e| Error::Internal(e.to_string()))?;
     serde_json::from_str(&text).map_err(|e| Error::Internal(e.to_string()))
 }
@@ -75,6 +75,9 @@ fn tensor_scales(plan: &Plan, variant: usize) -> serde_json::Value {
 /// Writes the chat vector `chat - pretrained` as a checkpoint, with the
 /// chat model's config, tokenizer and template beside it.
 pub fn extract(spec: &ExtractSpec, out: &Destination, run: &RunOptions) -> Result<Summary> {
+    if spec.lora.is_some() {
+        return Err(Error::Usage("--rank asks for a LoRA adapter: run it through `extract_lora`".into()));
+    }
     preflight(out, |o, fetch| extract_now(spec, o, run, fetch))
 }
 

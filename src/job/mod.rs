@@ -18,6 +18,7 @@ pub(crate) mod analyze;
 pub(crate) mod catalog;
 pub(crate) mod chat_vector;
 pub(crate) mod download;
+pub(crate) mod extract_lora;
 pub(crate) mod inspect;
 pub(crate) mod merge;
 pub(crate) mod push;

@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use crate::error::{Error, Result};
 use crate::json::to_pretty;
 use crate::model::checkpoint::INDEX_FILE;
-use crate::output::files::{SyncedFile, WrittenFile, write_file};
+use crate::output::files::{HashingFile, SyncedFile, WrittenFile, write_file};
 use crate::output::manifest::{MANIFEST_FILE, Manifest};
 use crate::output::sidecars::SideFiles;
 use crate::plan::Plan;
@@ -229,6 +229,28 @@ impl OutputDir {
     /// stream into.
     pub(crate) fn create_shard(&self, file_name: &str) -> Result<SyncedFile> {
         SyncedFile::create(&self.tmp.join(file_name))
+    }
+
+    /// A file of the output hashed as it streams in, for weights no plan
+    /// lays out (a LoRA adapter).
+    pub(crate) fn create_hashed(&self, file_name: &str) -> Result<HashingFile> {
+        HashingFile::create(&self.tmp.join(file_name))
+    }
+
+    /// Writes a small file (a config, a card) into the output.
+    pub(crate) fn write_small(&self, file_name: &str, bytes: &[u8]) -> Result<WrittenFile> {
+        write_file(&self.tmp, file_name, bytes)
+    }
+
+    /// Writes the manifest, last, for an output written without a plan.
+    pub(crate) fn write_manifest(&self, manifest: &Manifest) -> Result<()> {
+        write_file(&self.tmp, MANIFEST_FILE, &to_pretty(manifest)).map(|_| ())
+    }
+
+    /// An unnamed scratch file on the output's file system: it never shows
+    /// in a directory listing and is gone when dropped, even after kill -9.
+    pub(crate) fn scratch_file(&self) -> Result<File> {
+        tempfile::tempfile_in(&self.tmp).map_err(|e| Error::io("creating a scratch file in", &self.tmp, e))
     }
 
     /// Writes everything beside the weights, in an order a reader can

@@ -11,7 +11,7 @@ use serde_json::Value;
 
 use crate::error::{Error, Result};
 use crate::json::read_value;
-use crate::model::checkpoint::HubOrigin;
+use crate::model::checkpoint::{Checkpoint, HubOrigin};
 use crate::output::files::WrittenFile;
 use crate::plan::{EmbeddingReport, Plan, Role};
 
@@ -30,6 +30,19 @@ pub(crate) struct InputRecord {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub hub: Option<HubOrigin>,
     pub shards: Vec<WrittenFile>,
+}
+
+impl InputRecord {
+    /// The record of checkpoint `ck`, read in role `role`.
+    pub(crate) fn new(role: Role, reference: &str, ck: &Checkpoint, shards: Vec<WrittenFile>) -> InputRecord {
+        InputRecord {
+            role,
+            reference: reference.to_string(),
+            path: std::fs::canonicalize(&ck.dir).unwrap_or(ck.dir.clone()).display().to_string(),
+            hub: ck.origin.clone(),
+            shards,
+        }
+    }
 }
 
 #[derive(Serialize)]
@@ -75,6 +88,9 @@ pub(crate) struct Manifest {
     pub notes: Vec<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub vector: Option<VectorRecord>,
+    /// For a LoRA adapter: each module's kind, rank and kept energy.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub lora: Option<Value>,
     /// Weight shards and index.
     pub outputs: Vec<WrittenFile>,
     /// Config, tokenizer and template files.
@@ -88,6 +104,17 @@ impl Manifest {
         inputs: Vec<Vec<WrittenFile>>,
         parameters: Value,
     ) -> Manifest {
+        let records = plan
+            .inputs
+            .iter()
+            .zip(inputs)
+            .map(|(i, shards)| InputRecord::new(i.role, &i.label, &i.ckpt, shards))
+            .collect();
+        Manifest { embeddings: plan.embeddings.clone(), ..Manifest::bare(kind, records, parameters) }
+    }
+
+    /// A manifest for a job without a plan (LoRA extraction).
+    pub(crate) fn bare(kind: &'static str, inputs: Vec<InputRecord>, parameters: Value) -> Manifest {
         Manifest {
             format: FORMAT,
             tool: "chatvec",
@@ -95,25 +122,12 @@ impl Manifest {
             kind,
             command: std::env::args().collect(),
             recipe: None,
-            inputs: plan
-                .inputs
-                .iter()
-                .zip(inputs)
-                .map(|(i, shards)| InputRecord {
-                    role: i.role,
-                    reference: i.label.clone(),
-                    path: std::fs::canonicalize(&i.ckpt.dir)
-                        .unwrap_or(i.ckpt.dir.clone())
-                        .display()
-                        .to_string(),
-                    hub: i.ckpt.origin.clone(),
-                    shards,
-                })
-                .collect(),
+            inputs,
             parameters,
-            embeddings: plan.embeddings.clone(),
+            embeddings: Vec::new(),
             notes: Vec::new(),
             vector: None,
+            lora: None,
             outputs: Vec::new(),
             files: Vec::new(),
         }

@@ -15,6 +15,7 @@ use serde::Serialize;
 use crate::error::{Error, Result};
 use crate::model::dtype::FloatType;
 use crate::params::embeddings::EmbeddingPolicy;
+use crate::params::lora::{LoraParams, LoraSpec};
 use crate::params::select::{Scale, Selection, Spelling};
 use crate::units::parse_size;
 
@@ -293,12 +294,18 @@ impl ApplySpec {
 #[derive(Args, Serialize, Clone, Debug, Default, PartialEq)]
 pub struct ExtractParams {
     /// The chat / instruct model (directory, Hub id org/name or org/name@rev, or alias).
-    #[arg(long, value_name = "MODEL")]
-    pub chat: String,
+    #[arg(long, value_name = "MODEL", required_unless_present = "vector", requires = "pretrained")]
+    pub chat: Option<String>,
 
     /// The pretrained model the chat model was tuned from (directory, Hub id or alias).
-    #[arg(long, value_name = "MODEL")]
-    pub pretrained: String,
+    #[arg(long, value_name = "MODEL", required_unless_present = "vector", requires = "chat")]
+    pub pretrained: Option<String>,
+
+    /// With --rank: decompose this chat vector (written by `chatvec extract`, or a vector alias)
+    /// instead of a --chat/--pretrained pair.
+    #[arg(long, value_name = "VECTOR", conflicts_with_all = ["chat", "pretrained"])]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub vector: Option<String>,
 
     /// Vector dtype: bf16, f16 or f32 (default: the chat model's). f32 is exact.
     #[arg(long, value_parser = parse_dtype)]
@@ -321,6 +328,11 @@ pub struct ExtractParams {
     /// Downgrade config.json architecture differences to warnings (shapes must still match).
     #[arg(long)]
     pub allow_mismatch: bool,
+
+    /// The LoRA adapter options (--rank and the rest).
+    #[command(flatten)]
+    #[serde(flatten)]
+    pub lora: LoraParams,
 }
 
 /// `extract`, checked.
@@ -331,18 +343,41 @@ pub struct ExtractSpec {
     pub(crate) selection: Selection,
     /// Largest shard, in data bytes.
     pub(crate) shard_size: u64,
+    /// What to decompose (a pair or a stored vector) when an adapter is asked for.
+    pub(crate) source: VectorSource,
+    /// Set when a LoRA adapter is written instead of the vector.
+    pub(crate) lora: Option<LoraSpec>,
 }
 
 impl ExtractParams {
     /// `chat - pretrained` of every tensor, in the chat model's dtype.
     pub fn new(chat: impl Into<String>, pretrained: impl Into<String>) -> ExtractParams {
-        ExtractParams { chat: chat.into(), pretrained: pretrained.into(), ..ExtractParams::default() }
+        ExtractParams {
+            chat: Some(chat.into()),
+            pretrained: Some(pretrained.into()),
+            ..ExtractParams::default()
+        }
     }
 
     /// Checks the params (errors name the command line's flags).
     pub fn validate(&self) -> Result<ExtractSpec> {
-        for (what, v) in [("--chat", &self.chat), ("--pretrained", &self.pretrained)] {
-            if v.trim().is_empty() {
+        let lora = self.lora.validate()?;
+        let source = match (&self.vector, &self.chat, &self.pretrained) {
+            (Some(v), None, None) => {
+                if lora.is_none() {
+                    return Err(Error::Usage(format!(
+                        "--vector {v}: a stored vector is extracted already; give --rank R to write it as a LoRA adapter"
+                    )));
+                }
+                VectorSource::Stored(v.clone())
+            }
+            (None, Some(c), Some(p)) => VectorSource::Pair { chat: c.clone(), pretrained: p.clone() },
+            _ => return Err(Error::Usage("give --chat and --pretrained (or, with --rank, --vector)".into())),
+        };
+        for (what, v) in
+            [("--chat", &self.chat), ("--pretrained", &self.pretrained), ("--vector", &self.vector)]
+        {
+            if v.as_deref().is_some_and(|v| v.trim().is_empty()) {
                 return Err(Error::Usage(format!("{what} is empty")));
             }
         }
@@ -352,7 +387,7 @@ impl ExtractParams {
         if shard_size == 0 {
             return Err(Error::Usage("--shard-size must be above 0 bytes".into()));
         }
-        Ok(ExtractSpec { given: self.clone(), selection, shard_size })
+        Ok(ExtractSpec { given: self.clone(), selection, shard_size, source, lora })
     }
 }
 
@@ -364,12 +399,12 @@ impl ExtractSpec {
 
     /// The chat model.
     pub fn chat(&self) -> &str {
-        &self.given.chat
+        self.given.chat.as_deref().unwrap_or_default()
     }
 
     /// The pretrained model.
     pub fn pretrained(&self) -> &str {
-        &self.given.pretrained
+        self.given.pretrained.as_deref().unwrap_or_default()
     }
 
     /// The vector's dtype (`None`: the chat model's).

@@ -12,4 +12,5 @@
 
 pub(crate) mod apply;
 pub(crate) mod embeddings;
+pub(crate) mod lora;
 pub(crate) mod select;
