@@ -129,6 +129,13 @@ pub(crate) struct BenchArgs {
     #[arg(long, value_name = "PYTHON")]
     pub peft: Option<PathBuf>,
 
+    /// Also time `chatvec extract --rank R` (a LoRA adapter of the chat vector;
+    /// repeatable); with --mergekit, also mergekit-extract-lora --max-rank R
+    /// on the same models, and compare each module's reconstruction error
+    /// with the Python beside mergekit-extract-lora (torch).
+    #[arg(long = "extract-rank", value_name = "R")]
+    pub extract_ranks: Vec<u64>,
+
     /// Also time downloading the base model from a Hub stand-in on 127.0.0.1
     /// into a fresh cache (four files at once, large files as parallel ranges).
     #[arg(long)]
@@ -171,6 +178,63 @@ pub(crate) struct LoraBench {
     /// Elements that differ by more than one ulp.
     pub over_one_ulp: Option<u64>,
 }
+
+/// One LoRA extraction timed, and compared with mergekit-extract-lora's.
+#[derive(Serialize)]
+pub(crate) struct ExtractBench {
+    pub rank: u64,
+    pub chatvec: Measured,
+    pub mergekit: Option<Measured>,
+    /// Per module, chatvec's relative reconstruction error over mergekit's:
+    /// the largest and the median.
+    pub error_ratio_max: Option<f64>,
+    pub error_ratio_median: Option<f64>,
+    /// Mean relative error of each, over the modules.
+    pub error_mean: Option<[f64; 2]>,
+}
+
+/// Each LoRA module's relative reconstruction error
+/// `||(chat - pre) - scaling B A|| / ||chat - pre||` for two adapters, in
+/// f64 with torch: prints `[[ours, theirs], ...]`.
+const EXTRACT_ERRORS: &str = r#"
+import json, sys, torch
+from safetensors import safe_open
+from safetensors.torch import load_file
+def tensors(d):
+    import glob, os
+    out = {}
+    for f in sorted(glob.glob(os.path.join(d, "*.safetensors"))):
+        with safe_open(f, "pt") as h:
+            for k in h.keys():
+                out[k] = (f, k)
+    return out
+chat, pre, ours, theirs = sys.argv[1:5]
+c, p = tensors(chat), tensors(pre)
+def get(m, k):
+    f, k = m[k]
+    with safe_open(f, "pt") as h:
+        return h.get_tensor(k).double()
+def load(d):
+    a = load_file(d + "/adapter_model.safetensors")
+    cfg = json.load(open(d + "/adapter_config.json"))
+    return a, cfg
+(a1, c1), (a2, c2) = load(ours), load(theirs)
+rows = []
+for k in a1:
+    if not k.endswith("lora_A.weight"):
+        continue
+    m = k[len("base_model.model."):-len(".lora_A.weight")]
+    delta = get(c, m + ".weight") - get(p, m + ".weight")
+    n = delta.norm().item()
+    errs = []
+    for a, cfg in ((a1, c1), (a2, c2)):
+        r = a[k].shape[0]
+        s = cfg["alpha_pattern"].get(m, cfg["lora_alpha"]) / r
+        ba = a[k.replace("lora_A", "lora_B")].double() @ a[k].double() * s
+        errs.append((delta - ba).norm().item() / n)
+    rows.append(errs)
+print(json.dumps(rows))
+"#;
 
 /// PEFT's merge as its users write it: the base in bf16, the adapter on
 /// top, merge_and_unload, save_pretrained.
@@ -233,6 +297,7 @@ pub(crate) struct BenchReport {
     pub mergekit: Option<Measured>,
     pub methods: Vec<MethodBench>,
     pub lora: Vec<LoraBench>,
+    pub extract: Vec<ExtractBench>,
     /// `inspect` of the base from the loopback Hub into a fresh cache, per
     /// condition (healthy, slow, dropping, corrupt once).
     pub download: Vec<DownloadBench>,
@@ -822,6 +887,11 @@ pub(crate) fn run(a: &BenchArgs, json: bool) -> Result<()> {
         lora.push(LoraBench { rank, adapter_bytes, chatvec, peft, max_ulp, over_one_ulp });
     }
 
+    let mut extract = Vec::new();
+    for &rank in &a.extract_ranks {
+        extract.push(extract_run(&exe, &root, [&pre, &chat], rank, threads, a.mergekit, &cool)?);
+    }
+
     let download = if a.download { download_runs(&exe, &root, &base, a.hf.as_deref())? } else { Vec::new() };
 
     let gb = |b: u64, s: f64| b as f64 / 1e9 / s;
@@ -852,6 +922,7 @@ pub(crate) fn run(a: &BenchArgs, json: bool) -> Result<()> {
         mergekit,
         methods,
         lora,
+        extract,
         download,
     };
     if json {
@@ -987,5 +1058,96 @@ pub(crate) fn run(a: &BenchArgs, json: bool) -> Result<()> {
         }
         t.push('\n');
     }
+    for e in &rep.extract {
+        t += &format!(
+            "extract --rank {} (LoRA adapter): chatvec {:.2} s, peak RssAnon {:.0} MiB",
+            e.rank, e.chatvec.seconds, e.chatvec.peak_rss_anon_mib
+        );
+        if let Some(m) = &e.mergekit {
+            t += &format!(
+                "; mergekit-extract-lora {:.2} s, peak RssAnon {:.0} MiB ({:.1}x)",
+                m.seconds,
+                m.peak_rss_anon_mib,
+                m.seconds / e.chatvec.seconds
+            );
+        }
+        if let (Some(mx), Some(md), Some([o, th])) = (e.error_ratio_max, e.error_ratio_median, e.error_mean) {
+            t += &format!(
+                "; relative error chatvec/mergekit per module: max {mx:.6}, median {md:.6} (mean error {o:.6} vs {th:.6})"
+            );
+        }
+        t.push('\n');
+    }
     super::out(&t)
+}
+
+/// `extract --rank` on the bench's chat and pretrained models, and with
+/// `mergekit` mergekit-extract-lora on the same, errors compared.
+fn extract_run(
+    exe: &Path,
+    root: &Path,
+    [pre, chat]: [&Path; 2],
+    rank: u64,
+    threads: usize,
+    mergekit: bool,
+    cool: &dyn Fn(),
+) -> Result<ExtractBench> {
+    let ours = root.join(format!("out-extract-r{rank}-chatvec"));
+    let mut cmd = Command::new(exe);
+    cmd.arg("-q").arg("extract").arg("--chat").arg(chat).arg("--pretrained").arg(pre);
+    cmd.arg("--rank").arg(rank.to_string()).arg("-o").arg(&ours).arg("--force");
+    cmd.arg("--threads").arg(threads.to_string()).env("CHATVEC_CACHE_DIR", root.join("hash-cache"));
+    cmd.stdout(std::process::Stdio::null());
+    cool();
+    let chatvec = measure(&mut cmd)?;
+    let mut bench = ExtractBench {
+        rank,
+        chatvec,
+        mergekit: None,
+        error_ratio_max: None,
+        error_ratio_median: None,
+        error_mean: None,
+    };
+    if mergekit {
+        let theirs = root.join(format!("out-extract-r{rank}-mergekit"));
+        let _ = std::fs::remove_dir_all(&theirs);
+        let mut m = Command::new("mergekit-extract-lora");
+        m.arg("--model").arg(chat).arg("--base-model").arg(pre).arg("--out-path").arg(&theirs);
+        m.arg("--max-rank").arg(rank.to_string());
+        cool();
+        bench.mergekit = Some(measure(&mut m)?);
+        // The torch beside mergekit-extract-lora computes both errors.
+        let python = which("mergekit-extract-lora")
+            .and_then(|p| p.parent().map(|d| d.join("python")))
+            .ok_or_else(|| Error::Usage("mergekit-extract-lora is not on PATH".into()))?;
+        let o = Command::new(&python)
+            .arg("-c")
+            .arg(EXTRACT_ERRORS)
+            .args([chat, pre, &ours, &theirs])
+            .output()
+            .map_err(io("starting", &python))?;
+        if !o.status.success() {
+            return Err(Error::Internal(format!(
+                "comparing the adapters: {}",
+                String::from_utf8_lossy(&o.stderr)
+            )));
+        }
+        let rows: Vec<[f64; 2]> = serde_json::from_slice(&o.stdout)
+            .map_err(|e| Error::Internal(format!("reading the error comparison: {e}")))?;
+        let mut ratios: Vec<f64> = rows.iter().map(|[a, b]| a / b).collect();
+        ratios.sort_by(f64::total_cmp);
+        let n = rows.len().max(1) as f64;
+        bench.error_ratio_max = ratios.last().copied();
+        bench.error_ratio_median = ratios.get(ratios.len() / 2).copied();
+        bench.error_mean =
+            Some([rows.iter().map(|r| r[0]).sum::<f64>() / n, rows.iter().map(|r| r[1]).sum::<f64>() / n]);
+        let _ = std::fs::remove_dir_all(&theirs);
+    }
+    let _ = std::fs::remove_dir_all(&ours);
+    Ok(bench)
+}
+
+/// The first `name` on PATH.
+fn which(name: &str) -> Option<PathBuf> {
+    std::env::split_paths(&std::env::var_os("PATH")?).map(|d| d.join(name)).find(|p| p.is_file())
 }
