@@ -66,11 +66,12 @@ pub use job::chat_vector::{apply, extract};
 pub use job::download::{DownloadReport, download};
 pub use job::extract_lora::{LoraReport, ModuleKind, ModuleReport, extract_lora};
 pub use job::inspect::inspect;
-pub use job::merge::{merge, merge_sweep, preview_side_files};
+pub use job::merge::{merge, merge_stages, merge_sweep, preview_side_files};
 pub use job::push::{PushReport, PushSpec, push};
 pub use job::sft::sft;
 pub use job::sweep::sweep;
 pub use job::verify::verify;
+pub use recipe::stages::{Stage, load_stages};
 
 // What they take: the parameters as given and the checked specs, where to
 // write and how to run.

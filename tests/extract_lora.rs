@@ -454,3 +454,27 @@ fn errors_are_at_most_mergekit_extract_loras_and_peft_merges_the_adapter() {
     assert_eq!(r["max_ulps"], 0, "{r}");
     assert_eq!(r["identical"], 1.0, "{r}");
 }
+
+#[test]
+fn mergekit_extract_loras_command_line_runs_unchanged() {
+    let d = tempfile::tempdir().unwrap();
+    let t = trio(d.path(), Ty::BF16, 1);
+    let (ours, theirs_spelling) = (d.path().join("a"), d.path().join("b"));
+    ok(&extract(&t, &ours, &["--rank", "2", "--exclude", "mlp"]));
+    ok(&chatvec(&[
+        "extract",
+        "--model",
+        s(&t.chat),
+        "--base-model",
+        s(&t.pre),
+        "--out-path",
+        s(&theirs_spelling),
+        "--max-rank",
+        "2",
+        "--exclude-regex",
+        "mlp",
+    ]));
+    let f = "adapter_model.safetensors";
+    assert_eq!(sha256_file(&ours.join(f)), sha256_file(&theirs_spelling.join(f)));
+    assert!(!adapter(&ours).keys().any(|k| k.contains("mlp")));
+}

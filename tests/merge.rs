@@ -1061,12 +1061,61 @@ fn slerp_extrapolates_and_cpu_only_methods_refuse_cuda() {
     let o = chatvec(&["merge", s(&cfg), "-o", s(&d.path().join("k")), "--device", "cuda"]);
     assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
     assert!(stderr(&o).contains("merge method karcher runs on the CPU"), "{}", stderr(&o));
-    std::fs::write(&cfg, format!("merge_method = \"arcee_fusion\"\nmodels = [\"{}\"]\n", m.dir("m1")))
-        .unwrap();
-    let o = chatvec(&["merge", s(&cfg), "-o", s(&d.path().join("fusion"))]);
+    std::fs::write(
+        &cfg,
+        format!(
+            "merge_method = \"arcee_fusion\"\nbase_model = \"{}\"\nmodels = [\"{}\"]\n",
+            m.dir("base"),
+            m.dir("m1")
+        ),
+    )
+    .unwrap();
+    let o = chatvec(&["merge", s(&cfg), "-o", s(&d.path().join("fusion")), "--device", "cuda"]);
     assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
-    let said = stderr(&o);
-    assert!(said.contains("not supported by chatvec yet") && said.contains("KL importance"), "{said}");
+    assert!(stderr(&o).contains("merge method arcee_fusion runs on the CPU"), "{}", stderr(&o));
+}
+
+/// arcee_fusion against an f64 reference of mergekit's formula: per-row KL
+/// of the softmaxes, importance |x - b| * kl, the threshold median + 1.5
+/// IQR at mergekit's truncated quantile indices, the change kept where the
+/// importance reaches it.
+#[test]
+fn arcee_fusion_matches_an_f64_reference() {
+    let d = tempfile::tempdir().unwrap();
+    let m = Models::new(d.path(), 16);
+    let base = m.read("base");
+    let recipe = "merge_method = \"arcee_fusion\"\nbase_model = \"{base}\"\nout_dtype = \"float32\"\nmodels = [\"{m1}\"]\n";
+    let got = merge(&m, recipe, &d.path().join("fusion"), &[]);
+    let shapes: BTreeMap<String, Vec<u64>> = llama_shapes(16, false).into_iter().collect();
+    let kept = std::cell::Cell::new((0usize, 0usize));
+    check(&got, &base, &[m.read("m1")], |name, b, xs| {
+        let x = &xs[0];
+        let row = *shapes[name].last().unwrap() as usize;
+        let softmax = |v: &[f32]| {
+            let mx = v.iter().map(|x| *x as f64).fold(f64::NEG_INFINITY, f64::max);
+            let e: Vec<f64> = v.iter().map(|x| (*x as f64 - mx).exp()).collect();
+            let s: f64 = e.iter().sum();
+            e.into_iter().map(|x| x / s + 1e-8).collect::<Vec<f64>>()
+        };
+        let kl: Vec<f64> = x
+            .chunks(row)
+            .zip(b.chunks(row))
+            .map(|(xr, br)| {
+                let (p, q) = (softmax(xr), softmax(br));
+                p.iter().zip(&q).map(|(p, q)| p * (p / q).ln()).sum()
+            })
+            .collect();
+        let imp: Vec<f64> = (0..b.len()).map(|i| ((x[i] - b[i]) as f64).abs() * kl[i / row]).collect();
+        let mut sorted = imp.clone();
+        sorted.sort_by(f64::total_cmp);
+        let at = |q: f64| sorted[(q * (sorted.len() - 1) as f64) as usize];
+        let threshold = at(0.5) + 1.5 * (at(0.75) - at(0.25));
+        let (k, n) = kept.get();
+        kept.set((k + imp.iter().filter(|v| **v >= threshold).count(), n + imp.len()));
+        (0..b.len()).map(|i| if imp[i] >= threshold { x[i] as f64 } else { b[i] as f64 }).collect()
+    });
+    let (k, n) = kept.get();
+    assert!(k > 0 && k < n, "the threshold keeps some changes and not others: {k} of {n}");
 }
 
 /// Differences in bf16 units in the last place between two tensors
@@ -1163,6 +1212,7 @@ fn newer_methods_match_mergekit_within_one_ulp() {
             ),
         ),
         ("sce", format!("base_model: {base}\n{three}parameters:\n  select_topk: 0.3\n")),
+        ("arcee_fusion", format!("base_model: {base}\nmodels:\n  - model: {m1}\n")),
     ];
     for (i, (method, body)) in configs.iter().enumerate() {
         let cfg = d.path().join(format!("{i}.yml"));
@@ -1269,7 +1319,7 @@ fn mergekit_features_not_yet_supported_say_why() {
                 m.dir("m1"),
                 m.dir("m2")
             ),
-            "several YAML documents",
+            "only the final merge may be unnamed",
         ),
     ];
     for (i, (yaml, said)) in cases.iter().enumerate() {
@@ -1502,5 +1552,90 @@ print(out)
             .output()
             .unwrap();
         assert!(o.status.success(), "{name}: {}", String::from_utf8_lossy(&o.stderr));
+    }
+}
+
+/// mergekit-multimerge's form: several documents in one config, named
+/// merges used as models by later ones, run in dependency order (here the
+/// file lists them backwards), each giving the bytes its own config gives.
+#[test]
+fn multi_document_configs_run_each_merge_in_order() {
+    let d = tempfile::tempdir().unwrap();
+    let m = Models::new(d.path(), 16);
+    let (base, m1, m2, m3) = (m.dir("base"), m.dir("m1"), m.dir("m2"), m.dir("m3"));
+    let first = format!(
+        "merge_method: linear\nmodels:\n  - model: {m1}\n    parameters:\n      weight: 0.4\n  - model: {m2}\n    parameters:\n      weight: 0.6\n"
+    );
+    let second = |f: &str| {
+        format!("merge_method: slerp\nbase_model: {f}\nmodels:\n  - model: {m3}\nparameters:\n  t: 0.3\n")
+    };
+    let last = |s: &str| {
+        format!(
+            "merge_method: task_arithmetic\nbase_model: {base}\nmodels:\n  - model: {s}\n    parameters:\n      weight: 0.5\n"
+        )
+    };
+    let cfg = d.path().join("multi.yml");
+    std::fs::write(
+        &cfg,
+        format!("{}---\nname: second\n{}---\nname: first\n{first}", last("second"), second("first")),
+    )
+    .unwrap();
+    let out = d.path().join("final");
+    let o = chatvec(&["merge", s(&cfg), s(&out)]);
+    ok(&o);
+    let inter = d.path().join("final-intermediates");
+    // The same three merges, one config each.
+    let one = |name: &str, text: &str| {
+        let p = d.path().join(format!("{name}.yml"));
+        std::fs::write(&p, text).unwrap();
+        let o = d.path().join(format!("sep-{name}"));
+        ok(&chatvec(&["-q", "merge", s(&p), s(&o)]));
+        o
+    };
+    let f = one("first", &first);
+    let sc = one("second", &second(s(&f)));
+    let l = one("last", &last(s(&sc)));
+    for (a, b) in [(inter.join("first"), f), (inter.join("second"), sc), (out.clone(), l)] {
+        assert_eq!(read_model(&a).len(), read_model(&b).len());
+        for (name, t) in read_model(&a) {
+            assert_eq!(t.data, read_model(&b)[&name].data, "{}: {name}", a.display());
+        }
+    }
+    // Again: the intermediates are reused; --no-lazy makes them anew.
+    let o = chatvec(&["merge", s(&cfg), s(&out), "--force"]);
+    ok(&o);
+    assert!(stderr(&o).contains("already holds this merge (reused"), "{}", stderr(&o));
+    let o = chatvec(&["merge", s(&cfg), s(&out), "--force", "--no-lazy"]);
+    ok(&o);
+    assert!(!stderr(&o).contains("reused"), "{}", stderr(&o));
+}
+
+#[test]
+fn bad_multi_document_configs_are_refused_naming_the_problem() {
+    let d = tempfile::tempdir().unwrap();
+    let m = Models::new(d.path(), 16);
+    let (m1, m2) = (m.dir("m1"), m.dir("m2"));
+    let doc = |name: &str, model: &str| {
+        format!(
+            "{name}merge_method: linear\nmodels:\n  - model: {model}\n    parameters:\n      weight: 1.0\n  - model: {m2}\n    parameters:\n      weight: 1.0\n"
+        )
+    };
+    let out = d.path().join("out");
+    for (text, needle) in [
+        (format!("{}---\n{}", doc("name: a\n", &m1), doc("name: a\n", &m1)), "two documents are named 'a'"),
+        (format!("{}---\n{}", doc("", &m1), doc("", &m1)), "only the final merge may be unnamed"),
+        (
+            format!("{}---\n{}", doc("name: a\n", "b"), doc("name: b\n", "a")),
+            "depend on each other in a circle",
+        ),
+        (format!("{}---\n{}", doc("name: ../x\n", &m1), doc("", &m1)), "plain directory name"),
+        (format!("{}---\n{}", doc("name: a\n", "a"), doc("", &m1)), "uses its own output"),
+    ] {
+        let cfg = d.path().join("bad.yml");
+        std::fs::write(&cfg, &text).unwrap();
+        let o = chatvec(&["merge", s(&cfg), s(&out)]);
+        assert_eq!(o.status.code(), Some(1), "{text}");
+        assert!(stderr(&o).contains(needle) && stderr(&o).contains("bad.yml"), "{needle}: {}", stderr(&o));
+        assert!(!out.exists() && !d.path().join("out-intermediates").exists(), "{text}");
     }
 }

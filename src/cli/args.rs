@@ -245,7 +245,7 @@ impl AnalyzeArgs {
 #[derive(Args, Debug)]
 pub(crate) struct OutArgs {
     /// Output directory (created; must not exist unless --force).
-    #[arg(short, long)]
+    #[arg(short, long, alias = "out-path")]
     pub output: PathBuf,
 
     #[command(flatten)]
@@ -422,6 +422,19 @@ pub(crate) struct MergeArgs {
     #[arg(long, visible_alias = "allow-crimes")]
     pub allow_mismatch: bool,
 
+    /// For a config of several YAML documents (mergekit-multimerge): where the named merges go
+    /// (default: OUT-intermediates beside OUT, or OUT itself when every merge is named).
+    #[arg(long, value_name = "DIR")]
+    pub intermediate_dir: Option<PathBuf>,
+
+    /// Run every named merge again, even where its directory holds this config's output.
+    #[arg(long)]
+    pub no_lazy: bool,
+
+    /// mergekit-multimerge's default: reuse named merges already made by the same config.
+    #[arg(long, conflicts_with = "no_lazy")]
+    pub lazy: bool,
+
     #[command(flatten)]
     pub how: How,
 
@@ -448,13 +461,38 @@ impl MergeArgs {
     /// The recipe, with the command line's overrides.
     pub(crate) fn recipe(&self) -> chatvec::Result<Recipe> {
         let mut r = Recipe::load(&self.recipe)?;
+        self.override_recipe(&mut r);
+        Ok(r)
+    }
+
+    fn override_recipe(&self, r: &mut Recipe) {
         if let Some(bytes) = self.shard_size.or(self.out_shard_size) {
             r.set_shard_size(bytes);
         }
         if self.allow_mismatch {
             r.allow_mismatch();
         }
-        Ok(r)
+    }
+
+    /// The merges of a multi-document config and their intermediate
+    /// directory, overrides applied; None for a single merge.
+    pub(crate) fn stages(&self) -> chatvec::Result<Option<(Vec<chatvec::Stage>, PathBuf)>> {
+        let out = self.output()?;
+        let Some((mut stages, dir)) =
+            chatvec::load_stages(std::path::Path::new(&self.recipe), &out, self.intermediate_dir.as_deref())?
+        else {
+            if self.intermediate_dir.is_some() || self.no_lazy {
+                return Err(chatvec::Error::Usage(format!(
+                    "{}: --intermediate-dir and --no-lazy are for configs of several YAML documents (mergekit-multimerge)",
+                    self.recipe
+                )));
+            }
+            return Ok(None);
+        };
+        for s in &mut stages {
+            self.override_recipe(&mut s.recipe);
+        }
+        Ok(Some((stages, dir)))
     }
 }
 

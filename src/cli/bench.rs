@@ -457,6 +457,10 @@ fn method_config(method: &str, compute: &str, pre: &Path, chat: &Path, base: &Pa
             "models": [model(chat, json!({})), model(base, json!({}))],
             "parameters": {"select_topk": 0.5},
         }),
+        "arcee_fusion" => json!({
+            "base_model": pre.display().to_string(),
+            "models": [model(chat, json!({}))],
+        }),
         _ => return Err(Error::Usage(format!("--method '{method}' is not a merge method"))),
     };
     // mergekit computes in `dtype`; float32 with bf16 output is the

@@ -172,6 +172,23 @@ pub(crate) fn run(cli: Cli) -> Result<()> {
         }
         Command::Merge(mut a) => {
             a.mergekit.apply(&mut a.how);
+            if let Some((stages, dir)) = a.stages()? {
+                let all = chatvec::merge_stages(
+                    &stages,
+                    a.seed,
+                    &a.destination()?,
+                    &dir,
+                    !a.no_lazy,
+                    &a.how.run_options(),
+                )?;
+                if json {
+                    return json_out(&all);
+                }
+                for s in &all {
+                    report(s, false)?;
+                }
+                return Ok(());
+            }
             let recipe = a.recipe()?;
             report(&chatvec::merge(&recipe, a.seed, &a.destination()?, &a.how.run_options())?, json)
         }

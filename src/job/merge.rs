@@ -21,6 +21,7 @@ use crate::params::select::Spelling;
 use crate::plan::merge::{MergeSpec, plan_merge};
 use crate::plan::slices::{SliceInput, SlicePlan, SliceSpec, plan_slices};
 use crate::plan::{Input, Plan, Role};
+use crate::recipe::stages::Stage;
 use crate::recipe::{MergeRecipe, Recipe, RecipeBody};
 use crate::resolve::Fetch;
 
@@ -322,4 +323,89 @@ fn recipe_place(recipe: &Recipe, m: &MergeRecipe, r: &str) -> String {
         }
     }
     format!("'{r}' is {} in {}", keys.join(" and "), recipe.path.display())
+}
+
+/// Runs the merges of a multi-document config (mergekit-multimerge) in
+/// order: each named merge into `dir/NAME`, the unnamed one into `out`.
+/// With `lazy`, a named merge whose directory already holds chatvec's
+/// output of the same config text is reused (mergekit reruns nothing that
+/// exists; chatvec also checks that it is what the config asks for); an
+/// intermediate of another config is replaced. On a dry run, merges whose
+/// inputs are still to be made are listed, not planned.
+pub fn merge_stages(
+    stages: &[Stage],
+    seed: Option<u64>,
+    out: &Destination,
+    dir: &Path,
+    lazy: bool,
+    run: &RunOptions,
+) -> Result<Vec<Summary>> {
+    let mut done = Vec::new();
+    for stage in stages {
+        let (output, force) = match &stage.name {
+            Some(n) => (dir.join(n), true),
+            None => (out.output.clone(), out.force),
+        };
+        let label = stage.name.clone().unwrap_or_else(|| "the final merge".into());
+        let dest = Destination { output: output.clone(), force, ..out.clone() };
+        if stage.name.is_some() && lazy && same_recipe(&output, &stage.recipe.record().sha256) {
+            done.push(reused(
+                &dest,
+                format!(
+                    "{label}: {} already holds this merge (reused; --no-lazy runs it again)",
+                    output.display()
+                ),
+            ));
+            continue;
+        }
+        if out.dry_run {
+            let missing: Vec<&String> =
+                stage.needs.iter().filter(|n| !same_dir_exists(&dir.join(n))).collect();
+            if !missing.is_empty() {
+                let names: Vec<&str> = missing.iter().map(|s| s.as_str()).collect();
+                done.push(reused(&dest, format!("{label}: planned once {} exist(s)", names.join(", "))));
+                continue;
+            }
+        }
+        if stage.name.is_some() && !out.dry_run {
+            std::fs::create_dir_all(dir).map_err(|e| Error::io("creating", dir, e))?;
+        }
+        let mut s = merge(&stage.recipe, seed, &dest, run)
+            .map_err(|e| e.with_hint(format!("while running {label}")))?;
+        s.notes.insert(0, format!("{label} -> {}", output.display()));
+        done.push(s);
+    }
+    Ok(done)
+}
+
+fn same_dir_exists(p: &Path) -> bool {
+    p.join(crate::output::manifest::MANIFEST_FILE).is_file()
+}
+
+/// Whether `dir` holds chatvec's output of the recipe whose text hashes to
+/// `sha256`.
+fn same_recipe(dir: &Path, sha256: &str) -> bool {
+    let path = dir.join(crate::output::manifest::MANIFEST_FILE);
+    crate::json::read_value(&path, crate::output::manifest::MAX_MANIFEST_BYTES)
+        .ok()
+        .and_then(|m| m.pointer("/recipe/sha256").and_then(|v| v.as_str()).map(|h| h == sha256))
+        .unwrap_or(false)
+}
+
+/// The summary of a merge not run now.
+fn reused(dest: &Destination, note: String) -> Summary {
+    Summary {
+        kind: "merge",
+        output: (!dest.dry_run).then(|| dest.output.display().to_string()),
+        dry_run: dest.dry_run,
+        tensors: 0,
+        computed_tensors: 0,
+        bytes: 0,
+        seconds: 0.0,
+        shards: Vec::new(),
+        embeddings: Vec::new(),
+        notes: vec![note],
+        warnings: Vec::new(),
+        plan_text: None,
+    }
 }

@@ -114,6 +114,18 @@ impl<'a> Pass<'a> {
             Method::Ram | Method::RamPlusTl => self.ram(n),
             m if m.spherical() => self.combo(pos, n),
             Method::Sce => self.sce(n),
+            Method::ArceeFusion => {
+                if let Some(f) = &self.st.fusion {
+                    crate::merge::fusion::combine(
+                        f,
+                        self.st.row_len,
+                        pos,
+                        &self.base[..n],
+                        &self.models[0][..n],
+                        &mut self.result[..n],
+                    );
+                }
+            }
             _ => {
                 self.masked_deltas(pos, n);
                 if self.tm.method.consensus() {

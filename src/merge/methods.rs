@@ -89,6 +89,10 @@
 //!   `out = b + sum_i w_i d_i [counts] / max(sum_i w_i [counts], 1e-6)`.
 //!   `int8_mask` is accepted and changes nothing (a mask's type, in
 //!   mergekit).
+//! - **arcee_fusion**: base and one model, no parameters; an element takes
+//!   the model's change where `|x - b| * kl[row]` (the row's KL divergence
+//!   of the model's softmax from the base's) reaches `median + 1.5 * IQR`
+//!   of those scores, exact order statistics (see `fusion`).
 //!
 //! nuslerp, multislerp and karcher stay in the span of their inputs, so
 //! chatvec computes them from the inputs' Gram matrix (one streaming pass,
@@ -128,6 +132,7 @@ pub(crate) enum Method {
     MultiSlerp,
     Karcher,
     Sce,
+    ArceeFusion,
 }
 
 /// What the base model is to a method.
@@ -188,7 +193,7 @@ const fn flag(name: &'static str, default: bool) -> ParamSpec {
     ParamSpec { name, scope: Scope::Shared, boolean: true, default: Some(Scalar::Bool(default)) }
 }
 
-pub(crate) const ALL_METHODS: [Method; 19] = [
+pub(crate) const ALL_METHODS: [Method; 20] = [
     Method::Linear,
     Method::TaskArithmetic,
     Method::Ties,
@@ -208,6 +213,7 @@ pub(crate) const ALL_METHODS: [Method; 19] = [
     Method::MultiSlerp,
     Method::Karcher,
     Method::Sce,
+    Method::ArceeFusion,
 ];
 
 impl Method {
@@ -232,6 +238,7 @@ impl Method {
             Method::MultiSlerp => "multislerp",
             Method::Karcher => "karcher",
             Method::Sce => "sce",
+            Method::ArceeFusion => "arcee_fusion",
         }
     }
 
@@ -297,7 +304,7 @@ impl Method {
     /// is the origin, all of them where it is an input.
     pub(crate) fn model_count(self) -> (usize, usize) {
         match self {
-            Method::Slerp | Method::NearSwap => (1, 1),
+            Method::Slerp | Method::NearSwap | Method::ArceeFusion => (1, 1),
             Method::ModelStock => (2, usize::MAX),
             Method::NuSlerp => (2, 2),
             Method::Passthrough => (1, 1),
@@ -331,6 +338,7 @@ impl Method {
                 vec![num("max_iter", Scope::Shared, Some(10.0)), num("tol", Scope::Shared, Some(1e-5))]
             }
             Method::Sce => vec![num("select_topk", Scope::Shared, Some(1.0)), flag("int8_mask", false)],
+            Method::ArceeFusion => Vec::new(),
             m => {
                 let normalize = matches!(m, Method::Ties | Method::Della);
                 let rescale = matches!(m.sparsify(), Some(Sparsify::Random | Sparsify::Della));
@@ -354,10 +362,7 @@ impl Method {
 }
 
 /// mergekit 0.1.5's methods chatvec does not run yet, and why.
-const NOT_YET: &[(&str, &str)] = &[(
-    "arcee_fusion",
-    "its threshold is a quantile of per-row KL importance scores (mergekit samples them at random for large tensors); not in the streaming engine yet",
-)];
+const NOT_YET: &[(&str, &str)] = &[];
 
 /// Parameters of one model for one tensor.
 #[derive(Clone, Copy, Debug, Serialize)]

@@ -8,6 +8,7 @@
 //! nothing of checkpoints or plans.
 
 pub(crate) mod element;
+pub(crate) mod fusion;
 pub(crate) mod lanes;
 pub(crate) mod methods;
 pub(crate) mod params;

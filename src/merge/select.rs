@@ -96,7 +96,7 @@ fn find_rank(hist: &[u64], r: u64) -> Result<(usize, u64)> {
 /// The magnitude bits at ascending ranks `lo` and `hi`, and how many
 /// magnitudes are smaller than each: one pass for the high 16 bits, one
 /// for the low 16 bits inside the one or two bins that hold the ranks.
-fn select2(values: &dyn Ranked, lo: u64, hi: u64) -> Result<[(u32, u64); 2]> {
+pub(crate) fn value_at_ranks(values: &dyn Ranked, lo: u64, hi: u64) -> Result<[(u32, u64); 2]> {
     let high = values.hist_high()?;
     let (b0, before0) = find_rank(&high, lo)?;
     let (b1, before1) = find_rank(&high, hi)?;
@@ -110,7 +110,7 @@ fn select2(values: &dyn Ranked, lo: u64, hi: u64) -> Result<[(u32, u64); 2]> {
 
 /// Keeps the values at ascending ranks `lo..hi` (ties by index).
 pub(crate) fn rank_keep(values: &dyn Ranked, lo: u64, hi: u64) -> Result<RankKeep> {
-    let [(lo_val, less_lo), (hi_val, less_hi)] = select2(values, lo, hi - 1)?;
+    let [(lo_val, less_lo), (hi_val, less_hi)] = value_at_ranks(values, lo, hi - 1)?;
     // Boundary-equal counts per block, then exclusive prefix sums.
     let counts = values.eq_counts(lo_val, hi_val)?;
     let (mut eq_lo, mut eq_hi) = (Vec::with_capacity(counts.len()), Vec::with_capacity(counts.len()));

@@ -22,6 +22,7 @@ use rayon::prelude::*;
 use crate::arith::{BLOCK, View, for_each_delta};
 use crate::error::Result;
 use crate::interrupt;
+use crate::merge::fusion::FusionStats;
 use crate::merge::lanes::Lanes;
 use crate::merge::methods::{Method, Sparsify, TensorParams};
 use crate::merge::sce::SceStats;
@@ -82,6 +83,8 @@ pub(crate) struct TensorStats {
     pub lambdas: Vec<f32>,
     /// sce: the selection and the models' weights.
     pub sce: Option<SceStats>,
+    /// arcee_fusion: the rows' divergences and the threshold.
+    pub fusion: Option<FusionStats>,
 }
 
 fn bits(d: f32) -> u32 {
@@ -130,6 +133,10 @@ pub(crate) trait Passes {
     fn sce(&self, select_topk: f64) -> Result<SceStats> {
         let _ = select_topk;
         Err(crate::error::Error::Internal("no GPU statistics pass for sce".into()))
+    }
+    /// arcee_fusion's divergences and threshold; CPU only.
+    fn fusion(&self) -> Result<FusionStats> {
+        Err(crate::error::Error::Internal("no GPU statistics pass for arcee_fusion".into()))
     }
 }
 
@@ -326,6 +333,9 @@ impl Passes for CpuPasses<'_> {
     fn sce(&self, select_topk: f64) -> Result<SceStats> {
         crate::merge::sce::stats(self.inputs, self.n, select_topk)
     }
+    fn fusion(&self) -> Result<FusionStats> {
+        crate::merge::fusion::stats(self.inputs, self.n, self.row_len)
+    }
 
     fn ram_counts(&self, epsilon: f32) -> Result<Vec<(u64, u64)>> {
         let (base, k) = (self.base()?, self.inputs.models.len());
@@ -420,6 +430,9 @@ pub(crate) fn compute_with(
         }
         Method::Sce => {
             st.sce = Some(passes.sce(p.shared.select_topk)?);
+        }
+        Method::ArceeFusion => {
+            st.fusion = Some(passes.fusion()?);
         }
         _ => {
             for k in 0..models {

@@ -294,11 +294,23 @@ impl ApplySpec {
 #[derive(Args, Serialize, Clone, Debug, Default, PartialEq)]
 pub struct ExtractParams {
     /// The chat / instruct model (directory, Hub id org/name or org/name@rev, or alias).
-    #[arg(long, value_name = "MODEL", required_unless_present = "vector", requires = "pretrained")]
+    #[arg(
+        long,
+        value_name = "MODEL",
+        required_unless_present = "vector",
+        requires = "pretrained",
+        alias = "model"
+    )]
     pub chat: Option<String>,
 
     /// The pretrained model the chat model was tuned from (directory, Hub id or alias).
-    #[arg(long, value_name = "MODEL", required_unless_present = "vector", requires = "chat")]
+    #[arg(
+        long,
+        value_name = "MODEL",
+        required_unless_present = "vector",
+        requires = "chat",
+        alias = "base-model"
+    )]
     pub pretrained: Option<String>,
 
     /// With --rank: decompose this chat vector (written by `chatvec extract`, or a vector alias)
@@ -313,11 +325,11 @@ pub struct ExtractParams {
     pub dtype: Option<FloatType>,
 
     /// Only operate on tensors matching this regex (repeatable; default: all).
-    #[arg(long, value_name = "REGEX")]
+    #[arg(long, value_name = "REGEX", alias = "include-regex")]
     pub include: Vec<String>,
 
     /// Leave tensors matching this regex untouched (repeatable).
-    #[arg(long, value_name = "REGEX")]
+    #[arg(long, value_name = "REGEX", alias = "exclude-regex")]
     pub exclude: Vec<String>,
 
     /// Maximum data bytes per output shard: 5GB (or 5G, 5B: billions of

@@ -66,7 +66,8 @@ impl Plan {
                         | Method::Ram
                         | Method::RamPlusTl
                         | Method::Karcher
-                        | Method::Sce => {
+                        | Method::Sce
+                        | Method::ArceeFusion => {
                             format!("{}(", self.inputs[s.input].label)
                         }
                         _ => format!("{}(weight={}", self.inputs[s.input].label, mp.weight),
@@ -97,6 +98,7 @@ impl Plan {
                     }
                     Method::Karcher => format!(" max_iter={} tol={}", q.shared.max_iter, q.shared.tol),
                     Method::Sce => format!(" select_topk={}", q.shared.select_topk),
+                    Method::ArceeFusion => String::new(),
                     _ => format!(" normalize={} rescale={} lambda={}", q.normalize, q.rescale, q.lambda),
                 };
                 format!("{} {}{extra}", m.merge.method.name(), parts.join(" "))

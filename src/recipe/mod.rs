@@ -25,6 +25,8 @@
 //! This room turns text into checked specs for the job room; it imports the
 //! vocabulary of merges, plans and SFT options, and runs nothing.
 
+pub(crate) mod stages;
+
 use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
@@ -401,7 +403,7 @@ pub(crate) fn parse_recipe(text: &str, path: &Path) -> Result<Recipe> {
                 if msg.contains("more than one document") {
                     Error::bad_file(
                         path,
-                        "several YAML documents (mergekit-multimerge's form) are not supported yet; run each merge as its own config, naming the earlier output's directory",
+                        "holds several YAML documents (mergekit-multimerge's form): run it as a file with `chatvec merge`, which runs each merge in order",
                     )
                 } else {
                     Error::bad_file(path, msg)
