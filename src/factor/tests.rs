@@ -74,7 +74,7 @@ fn optimal(sv: &[f64], rank: usize) -> f64 {
 #[test]
 fn small_matrices_are_decomposed_exactly_to_the_eckart_young_error() {
     let (d, sv) = known(40, 70, |i| 1.0 / (1.0 + i as f64), 7);
-    let t = truncated_svd(&d, 8, 1).unwrap();
+    let t = truncated_svd(&d, 8, 1, false).unwrap();
     assert_eq!(t.method, Method::Exact);
     for (got, want) in t.s.iter().zip(&sv) {
         assert!((f64::from(*got) - want).abs() < 1e-5 * sv[0], "{got} vs {want}");
@@ -93,7 +93,7 @@ fn large_matrices_go_randomized_and_keep_within_a_tenth_of_a_percent_of_the_opti
     // spectrum is about this flat), and a fast one.
     for (decay, seed) in [(0.15, 3u64), (1.0, 4)] {
         let (d, sv) = known(600, 640, |i| (1.0 + i as f64).powf(-decay), seed);
-        let t = truncated_svd(&d, 16, 9).unwrap();
+        let t = truncated_svd(&d, 16, 9, false).unwrap();
         assert!(matches!(t.method, Method::Randomized { .. }), "{:?}", t.method);
         let total: f64 = sv.iter().map(|x| x * x).sum();
         let best: f64 = sv[..16].iter().map(|x| x * x).sum::<f64>() / total;
@@ -106,11 +106,20 @@ fn large_matrices_go_randomized_and_keep_within_a_tenth_of_a_percent_of_the_opti
 #[test]
 fn the_same_seed_gives_the_same_factors_and_a_zero_matrix_keeps_everything() {
     let (d, _) = known(600, 520, |i| (1.0 + i as f64).powf(-0.5), 5);
-    let (a, b) = (truncated_svd(&d, 4, 2).unwrap(), truncated_svd(&d, 4, 2).unwrap());
+    let (a, b) = (truncated_svd(&d, 4, 2, false).unwrap(), truncated_svd(&d, 4, 2, false).unwrap());
     assert_eq!(a.s, b.s);
     assert_eq!(a.u, b.u);
     let zero = Dense { rows: 600, cols: 520, data: vec![0.0; 600 * 520] };
-    let t = truncated_svd(&zero, 4, 2).unwrap();
+    let t = truncated_svd(&zero, 4, 2, false).unwrap();
     assert_eq!(t.energy, 0.0);
     assert_eq!(t.kept(0), 1.0);
+}
+
+#[test]
+fn exact_on_request_reaches_the_optimum_on_a_large_flat_spectrum() {
+    let (d, sv) = known(600, 640, |i| (1.0 + i as f64).powf(-0.1), 6);
+    let t = truncated_svd(&d, 16, 9, true).unwrap();
+    assert_eq!(t.method, Method::Exact);
+    let (r, o) = (residual(&d, &t, 16), optimal(&sv, 16));
+    assert!((r - o).abs() < 1e-5 * sv[0], "residual {r}, optimal {o}");
 }

@@ -573,7 +573,7 @@ fn decompose(
     };
     let d = diff(m.weight)?;
     let seed = crate::rng::stream(0, &t.name, 0);
-    let svd = truncated_svd(&d, cap, seed)?;
+    let svd = truncated_svd(&d, cap, seed, lora.exact)?;
     let rank = lora.choose(&svd.s, svd.energy, cap);
     if rank == 0 {
         return Ok(None);

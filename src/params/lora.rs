@@ -53,6 +53,13 @@ pub struct LoraParams {
     #[arg(long)]
     #[serde(skip_serializing_if = "std::ops::Not::not")]
     pub skip_undecomposable: bool,
+
+    /// Decompose every matrix exactly (a full SVD, as mergekit-extract-lora does): the optimal
+    /// error, at its cost and rows x cols floats of memory per thread. Default: exact for small
+    /// matrices, randomized (within about 0.01% of the optimal error) for large ones.
+    #[arg(long)]
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub exact: bool,
 }
 
 /// The LoRA options, checked.
@@ -67,6 +74,8 @@ pub(crate) struct LoraSpec {
     pub save_modules: Vec<String>,
     pub sv_epsilon: f64,
     pub skip_undecomposable: bool,
+    /// Every SVD exact.
+    pub exact: bool,
 }
 
 impl LoraParams {
@@ -84,6 +93,7 @@ impl LoraParams {
                 (!self.save_module.is_empty(), "--save-module"),
                 (self.sv_epsilon.is_some(), "--sv-epsilon"),
                 (self.skip_undecomposable, "--skip-undecomposable"),
+                (self.exact, "--exact"),
             ];
             if let Some((_, flag)) = stray.iter().find(|(set, _)| *set) {
                 return Err(Error::Usage(format!(
@@ -123,6 +133,7 @@ impl LoraParams {
             save_modules: self.save_module.clone(),
             sv_epsilon,
             skip_undecomposable: self.skip_undecomposable,
+            exact: self.exact,
         }))
     }
 }
