@@ -1639,3 +1639,87 @@ fn bad_multi_document_configs_are_refused_naming_the_problem() {
         assert!(!out.exists() && !d.path().join("out-intermediates").exists(), "{text}");
     }
 }
+
+/// `tokenizer_source: MODEL` (and the `tokenizer:` block's `source`): the
+/// output vocabulary is that model's, each input's rows placed by token,
+/// a token an input lacks filled as mergekit does (the one model that has
+/// it, else the base's row, else the mean), checked in f64; the output's
+/// tokenizer files are that model's and config.json's vocab_size its rows.
+#[test]
+fn tokenizer_source_model_takes_that_models_vocabulary() {
+    let d = tempfile::tempdir().unwrap();
+    let base_tokens = tokens(16);
+    vocab_model(&d.path().join("base"), 1, &base_tokens);
+    let mut m1_tokens = base_tokens.clone();
+    m1_tokens.push("new0".into());
+    vocab_model(&d.path().join("m1"), 2, &m1_tokens);
+    let wide_tokens = wide_vocab(&base_tokens);
+    vocab_model(&d.path().join("m2"), 3, &wide_tokens);
+    let m = Models { root: d.path().to_path_buf() };
+    let (b, m1, m2) = (m.read("base"), m.read("m1"), m.read("m2"));
+    for (i, source) in
+        ["tokenizer_source = \"{m2}\"\n", "tokenizer = { source = \"{m2}\" }\n"].iter().enumerate()
+    {
+        let recipe = format!(
+            "merge_method = \"task_arithmetic\"\nbase_model = \"{{base}}\"\nout_dtype = \"float32\"\n{source}models = [\"{{m1}}\", \"{{m2}}\"]\n[parameters]\nweight = 0.5\n"
+        );
+        let out = d.path().join(format!("out{i}"));
+        let got = merge(&m, &recipe, &out, &[]);
+        let row = HIDDEN as usize;
+        for (name, bt) in &b {
+            let (bv, x1, x2) = (vals(bt), vals(&m1[name]), vals(&m2[name]));
+            if !(name.contains("embed_tokens") || name.contains("lm_head")) {
+                continue;
+            }
+            assert_eq!(got[name].shape, vec![wide_tokens.len() as u64, HIDDEN], "{name}");
+            for (r, tok) in wide_tokens.iter().enumerate() {
+                let own = |toks: &[String], x: &[f32], c: usize| {
+                    toks.iter().position(|t| t == tok).map(|i| x[i * row + c] as f64)
+                };
+                for c in 0..row {
+                    let (h0, h1, h2) =
+                        (own(&base_tokens, &bv, c), own(&m1_tokens, &x1, c), own(&wide_tokens, &x2, c));
+                    let present: Vec<f64> = [h0, h1, h2].into_iter().flatten().collect();
+                    let fill = if present.len() == 1 {
+                        present[0]
+                    } else {
+                        h0.unwrap_or(present.iter().sum::<f64>() / present.len() as f64)
+                    };
+                    let (vb, v1, v2) = (h0.unwrap_or(fill), h1.unwrap_or(fill), h2.unwrap_or(fill));
+                    let want = vb + 0.5 * (v1 - vb) + 0.5 * (v2 - vb);
+                    let v = got[name].get(r * row + c) as f64;
+                    assert!(
+                        (v - want).abs() <= 2e-6 * (want.abs() + 1.0),
+                        "{name}[{r},{c}] ({tok}): {v} vs {want}"
+                    );
+                }
+            }
+        }
+        let cfg: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(out.join("config.json")).unwrap()).unwrap();
+        assert_eq!(cfg["vocab_size"], wide_tokens.len());
+        assert_eq!(
+            std::fs::read(out.join("tokenizer.json")).unwrap(),
+            std::fs::read(d.path().join("m2/tokenizer.json")).unwrap()
+        );
+        check_manifest_hashes(&out);
+    }
+    // A model the merge does not use, and the per-token block, are refused by name.
+    for (source, said) in [
+        ("tokenizer_source = \"elsewhere\"\n", "'elsewhere' is not one of the merge's models"),
+        ("tokenizer = { source = \"union\", tokens = { a = { source = \"{m1}\" } } }\n", "tokenizer.tokens"),
+        ("tokenizer = { source = \"union\", pad_to_multiple_of = 8 }\n", "pad_to_multiple_of"),
+    ] {
+        let text = format!(
+            "merge_method = \"task_arithmetic\"\nbase_model = \"{}\"\n{}models = [\"{}\"]\n",
+            m.dir("base"),
+            source.replace("{m1}", &m.dir("m1")),
+            m.dir("m1")
+        );
+        let cfg = d.path().join("bad.toml");
+        std::fs::write(&cfg, text).unwrap();
+        let o = chatvec(&["merge", s(&cfg), "-o", s(&d.path().join("bad"))]);
+        assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
+        assert!(stderr(&o).contains(said), "{said}: {}", stderr(&o));
+    }
+}

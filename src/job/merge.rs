@@ -15,14 +15,16 @@ use crate::output::Destination;
 use crate::output::card::model_card;
 use crate::output::chat_templates;
 use crate::output::manifest::RecipeRecord;
-use crate::output::sidecars::{SideFiles, add_union_tokens, model_side_files, relayer_config};
+use crate::output::sidecars::{
+    SideFiles, add_union_tokens, model_side_files, relayer_config, take_tokenizer,
+};
 use crate::params::apply::{ApplyParams, ApplySpec};
 use crate::params::select::Spelling;
-use crate::plan::merge::{MergeSpec, plan_merge};
+use crate::plan::merge::{MergeSpec, VocabSpec, plan_merge};
 use crate::plan::slices::{SliceInput, SlicePlan, SliceSpec, plan_slices};
 use crate::plan::{Input, Plan, Role};
 use crate::recipe::stages::Stage;
-use crate::recipe::{MergeRecipe, Recipe, RecipeBody};
+use crate::recipe::{MergeRecipe, Recipe, RecipeBody, VocabChoice};
 use crate::resolve::Fetch;
 
 /// Runs `recipe` into `out`. `seed` overrides the recipe's seed of the
@@ -164,6 +166,22 @@ fn merge_method(
         })
         .collect::<Result<Vec<_>>>()?;
     let reference_dir = inputs[reference].ckpt.dir.clone();
+    let vocab = match &recipe.vocab {
+        VocabChoice::Base => VocabSpec::Base,
+        VocabChoice::Union => VocabSpec::Union,
+        VocabChoice::Model(r) => {
+            VocabSpec::Model(refs.iter().position(|x| *x == r.as_str()).ok_or_else(|| {
+                Error::bad_file(
+                    &recipe.path,
+                    format!("tokenizer_source: '{r}' is not one of the merge's models"),
+                )
+            })?)
+        }
+    };
+    let vocab_dir = match vocab {
+        VocabSpec::Model(i) => Some(inputs[i].ckpt.dir.clone()),
+        _ => None,
+    };
     let spec = MergeSpec {
         method: m.method,
         base,
@@ -174,13 +192,16 @@ fn merge_method(
         out_dtype: recipe.out_dtype,
         shard_size: recipe.shard_size,
         allow_mismatch: recipe.allow_mismatch,
-        union: recipe.union,
+        vocab,
     };
     // Parameter problems are the recipe's: name its file.
     let plan = plan_merge(inputs, &spec).map_err(|e| recipe_error(recipe, e))?;
     let mut side = model_side_files(&reference_dir, None, recipe.out_dtype)?;
     if let Some(u) = &plan.vocab_union {
         add_union_tokens(&mut side, &plan, u)?;
+    }
+    if let Some(dir) = vocab_dir {
+        take_tokenizer(&mut side, &dir, &plan)?;
     }
     let params = merge_params(recipe, m, seed);
     write_merge(recipe, m, plan, side, params, (out, run, record))

@@ -4,8 +4,10 @@
 //!
 //! - Per row (the last dimension, as torch's `dim=-1`; a 1-D tensor is one
 //!   row): `p = softmax(x) + 1e-8`, `q = softmax(b) + 1e-8`,
-//!   `kl = sum p log(p / q)`, accumulated in f64 and rounded to f32 (torch
-//!   sums in f32, in its own order).
+//!   `kl = sum p log(p / q)`, each element's terms in f32 as torch computes
+//!   them (`exp`, the division, `+ 1e-8`, `log`), the two sums accumulated
+//!   in f64 (torch's f32 reductions add in their own order) and rounded to
+//!   f32.
 //! - Per element: `importance = |x - b| * kl[row]` in f32.
 //! - `threshold = median + 1.5 * (q3 - q1)` in f32, where quantile `q` is
 //!   the importance at ascending index `floor(f32(q) * f32(n - 1))` of the
@@ -32,7 +34,7 @@ use crate::merge::Inputs;
 use crate::merge::select::{Ranked, blocks, value_at_ranks};
 
 /// The softmax floor mergekit adds before the KL divergence.
-const EPS: f64 = 1e-8;
+const EPS: f32 = 1e-8;
 
 /// Arcee Fusion's statistics for one tensor.
 #[derive(Clone, Debug)]
@@ -42,30 +44,24 @@ pub(crate) struct FusionStats {
     pub threshold: f32,
 }
 
-/// `softmax(v)` in f64, into `out`.
-fn softmax(v: &[f32], out: &mut [f64]) {
-    let max = v.iter().fold(f64::NEG_INFINITY, |m, x| m.max(f64::from(*x)));
+/// `softmax(v) + EPS` into `out`: `exp(x - max)` in f32, the sum in f64.
+fn softmax(v: &[f32], out: &mut [f32]) {
+    let max = v.iter().fold(f32::NEG_INFINITY, |m, x| m.max(*x));
     let mut sum = 0f64;
     for (o, x) in out.iter_mut().zip(v) {
-        *o = (f64::from(*x) - max).exp();
-        sum += *o;
+        *o = (*x - max).exp();
+        sum += f64::from(*o);
     }
-    out.iter_mut().for_each(|o| *o /= sum);
+    let sum = sum as f32;
+    out.iter_mut().for_each(|o| *o = *o / sum + EPS);
 }
 
 /// The KL divergence of row `x`'s softmax from row `b`'s, both floored.
 pub(crate) fn row_kl(x: &[f32], b: &[f32]) -> f32 {
-    let (mut p, mut q) = (vec![0f64; x.len()], vec![0f64; b.len()]);
+    let (mut p, mut q) = (vec![0f32; x.len()], vec![0f32; b.len()]);
     softmax(x, &mut p);
     softmax(b, &mut q);
-    let kl: f64 = p
-        .iter()
-        .zip(&q)
-        .map(|(p, q)| {
-            let (p, q) = (p + EPS, q + EPS);
-            p * (p / q).ln()
-        })
-        .sum();
+    let kl: f64 = p.iter().zip(&q).map(|(p, q)| f64::from(*p * (*p / *q).ln())).sum();
     kl as f32
 }
 
@@ -207,6 +203,6 @@ mod tests {
         let e = std::f64::consts::E;
         let p = [1.0 / (1.0 + e), e / (1.0 + e)];
         let want: f64 = p.iter().map(|p| (p + 1e-8) * ((p + 1e-8) / (0.5 + 1e-8)).ln()).sum();
-        assert!((f64::from(row_kl(&[0.0, 1.0], &[5.0, 5.0])) - want).abs() < 1e-7);
+        assert!((f64::from(row_kl(&[0.0, 1.0], &[5.0, 5.0])) - want).abs() < 1e-6);
     }
 }

@@ -48,6 +48,11 @@ impl SideFiles {
         self.pending.push((name.to_string(), bytes));
     }
 
+    /// Drops a prepared file.
+    pub(crate) fn remove(&mut self, name: &str) {
+        self.pending.retain(|(n, _)| n != name);
+    }
+
     /// Writes the files into `out`, durably.
     pub(crate) fn write(self, out: &Path) -> Result<Vec<WrittenFile>> {
         self.pending.iter().map(|(name, bytes)| write_file(out, name, bytes)).collect()
@@ -308,6 +313,43 @@ pub(crate) fn add_union_tokens(side: &mut SideFiles, plan: &Plan, u: &VocabUnion
         v.set("vocab_size", &(u.base_rows + u.added.len() as u64))?;
         side.add("config.json", v.to_bytes());
     }
+    Ok(())
+}
+
+/// The files that make a tokenizer (and the template it carries).
+const TOKENIZER_FILES: [&str; 9] = [
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "tokenizer.model",
+    "added_tokens.json",
+    "vocab.json",
+    "merges.txt",
+    "chat_template.jinja",
+    "chat_template.json",
+];
+
+/// `tokenizer_source: MODEL`: the output's tokenizer files are that
+/// model's (the base's are dropped, so none is left over), and
+/// config.json's `vocab_size` is the output's embedding rows.
+pub(crate) fn take_tokenizer(side: &mut SideFiles, from: &Path, plan: &Plan) -> Result<()> {
+    let source = read_side_files(from)?;
+    for name in TOKENIZER_FILES {
+        side.remove(name);
+        if let Some(bytes) = source.get(name) {
+            side.add(name, bytes.to_vec());
+        }
+    }
+    let rows = plan
+        .tensors
+        .iter()
+        .find(|t| crate::model::checkpoint::is_embedding(&t.name))
+        .and_then(|t| t.shape.first().copied());
+    if let (Some(rows), Some(mut cfg)) = (rows, side.json("config.json")?) {
+        cfg.set("vocab_size", &rows)?;
+        side.add("config.json", cfg.to_bytes());
+    }
+    side.notes.push(format!("tokenizer files from {}", from.display()));
     Ok(())
 }
 

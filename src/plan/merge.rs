@@ -19,6 +19,15 @@ use crate::plan::skeleton::{Step, each_tensor};
 use crate::plan::vocab::{EmbeddingReport, RowMap, Vocabs, match_rows};
 use crate::plan::{Input, MergeOp, Op, Plan, Source, UnionRows, VocabUnion};
 
+/// Where a merge's output vocabulary comes from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum VocabSpec {
+    Base,
+    Union,
+    /// Input `i`'s tokenizer (one of the merged inputs).
+    Model(usize),
+}
+
 /// A merge, as data.
 pub(crate) struct MergeSpec {
     pub method: Method,
@@ -35,9 +44,9 @@ pub(crate) struct MergeSpec {
     pub out_dtype: Option<FloatType>,
     pub shard_size: u64,
     pub allow_mismatch: bool,
-    /// `tokenizer_source: union`: the output vocabulary is the base's plus
-    /// every other model's tokens.
-    pub union: bool,
+    /// The output vocabulary: the base's (other models' rows matched to it
+    /// by token), the union, or input `i`'s.
+    pub vocab: VocabSpec,
 }
 
 /// Checks parameter names and scopes once, before any tensor.
@@ -103,11 +112,22 @@ pub(crate) fn plan_merge(inputs: Vec<Input>, spec: &MergeSpec) -> Result<Plan> {
     let problems = Problems::new("the models to merge do not line up");
     let mut vocabs: Vec<Option<Option<Vocab>>> = (0..inputs.len()).map(|_| None).collect();
     let mut embeddings = Vec::new();
-    let union = if spec.union {
-        let why = "tokenizer_source: union";
-        Some(shared_vocab(&inputs, &involved, reference, spec.base.is_some(), true, why)?)
-    } else {
-        None
+    let base_pos = base_in.map(|_| 0);
+    let union = match spec.vocab {
+        VocabSpec::Base => None,
+        VocabSpec::Union => {
+            let why = "tokenizer_source: union";
+            let r = involved.iter().position(|&i| i == reference).unwrap_or(0);
+            let base = spec.base.is_some().then_some(r);
+            Some(shared_vocab(&inputs, &involved, r, base, true, why)?)
+        }
+        VocabSpec::Model(i) => {
+            let why = format!("tokenizer_source: {}", inputs[i].label);
+            let r = involved.iter().position(|&k| k == i).ok_or_else(|| {
+                Error::Usage(format!("{why}: the vocabulary must come from a model the method merges"))
+            })?;
+            Some(shared_vocab(&inputs, &involved, r, base_pos, false, &why)?)
+        }
     };
     // The reference's vocabulary, for linear's vocabulary matrices that differ.
     let mut aligned: Option<Union> = None;
@@ -130,15 +150,16 @@ pub(crate) fn plan_merge(inputs: Vec<Input>, spec: &MergeSpec) -> Result<Plan> {
                     .any(|&i| inputs[i].ckpt.logical(&t.name).is_some_and(|x| x.shape != t.shape))
             {
                 let why = format!("'{}' has other rows in some models; aligning them by token", t.name);
-                aligned =
-                    Some(shared_vocab(&inputs, &involved, reference, spec.base.is_some(), false, &why)?);
+                let r = involved.iter().position(|&i| i == reference).unwrap_or(0);
+                let base = spec.base.is_some().then_some(r);
+                aligned = Some(shared_vocab(&inputs, &involved, r, base, false, &why)?);
             }
             if let Some(u) = union.as_ref().or(aligned.as_ref())
                 && is_vocab_matrix(&t.name)
             {
                 return match union_tensor(&inputs, &involved, u, &t.name, &t.shape) {
                     Ok(rows) => {
-                        if union.is_none() {
+                        if spec.vocab != VocabSpec::Union {
                             embeddings.extend(aligned_reports(
                                 &inputs,
                                 &involved,
@@ -236,7 +257,7 @@ pub(crate) fn plan_merge(inputs: Vec<Input>, spec: &MergeSpec) -> Result<Plan> {
             }
         }
     }
-    let vocab_union = union.map(|u| VocabUnion {
+    let vocab_union = union.filter(|_| spec.vocab == VocabSpec::Union).map(|u| VocabUnion {
         base_rows: u.base_rows,
         added: u
             .added
@@ -298,8 +319,9 @@ fn align_rows(
 struct Union {
     /// Position of the reference among the involved inputs.
     reference: usize,
-    /// Whether the reference is mergekit's base model (fills missing tokens).
-    has_base: bool,
+    /// Position of mergekit's base model among the involved inputs, which
+    /// fills tokens several models have but some lack.
+    base: Option<usize>,
     base_rows: u64,
     vocabs: Vec<Vocab>,
     /// Each involved input's vocabulary-matrix rows.
@@ -309,14 +331,16 @@ struct Union {
 }
 
 /// Builds the output vocabulary in terms of the involved inputs: the
-/// reference's tokens, then, if `add` (`tokenizer_source: union`), input by
-/// input and id by id, every token it lacks (tokens beyond an input's matrix
-/// rows do not count, as in mergekit). `why` starts the errors.
+/// tokens of involved input `r` (the vocabulary source), then, if `add`
+/// (`tokenizer_source: union`), input by input and id by id, every token
+/// it lacks (tokens beyond an input's matrix rows do not count, as in
+/// mergekit). `base` is the base's position, if merged. `why` starts the
+/// errors.
 fn shared_vocab(
     inputs: &[Input],
     involved: &[usize],
-    reference: usize,
-    has_base: bool,
+    r: usize,
+    base: Option<usize>,
     add: bool,
     why: &str,
 ) -> Result<Union> {
@@ -332,8 +356,6 @@ fn shared_vocab(
         vocabs.push(v);
         rows.push(e.shape[0]);
     }
-    // The reference (the base, or the first model) is always merged.
-    let r = involved.iter().position(|&i| i == reference).unwrap_or(0);
     let mut added: Vec<(String, usize)> = Vec::new();
     let mut seen = std::collections::HashSet::new();
     for (k, v) in vocabs.iter().enumerate() {
@@ -349,7 +371,7 @@ fn shared_vocab(
             }
         }
     }
-    Ok(Union { reference: r, has_base, base_rows: rows[r], vocabs, rows, added })
+    Ok(Union { reference: r, base, base_rows: rows[r], vocabs, rows, added })
 }
 
 /// The row tables of vocabulary matrix `name` under the union vocabulary:
@@ -402,8 +424,8 @@ fn union_tensor(
             has.iter().enumerate().filter_map(|(k, h)| h.map(|row| (k, row))).collect();
         let fill = if donors.len() == 1 {
             RowSrc::Row { source: donors[0].0, row: donors[0].1 }
-        } else if let (true, Some(br)) = (u.has_base, has[r]) {
-            RowSrc::Row { source: r, row: br }
+        } else if let Some((b, br)) = u.base.and_then(|b| has[b].map(|row| (b, row))) {
+            RowSrc::Row { source: b, row: br }
         } else {
             means.push(donors.clone());
             RowSrc::Mean(means.len() - 1)

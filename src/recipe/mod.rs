@@ -3,7 +3,7 @@
 //!
 //! Both use mergekit's keys - `merge_method`, `base_model`, `models` (each
 //! `{model, parameters}`), `parameters`, `dtype`, `out_dtype`,
-//! `tokenizer_source` (`base` or `union`) - so a config moves between the
+//! `tokenizer_source` (`base`, `union` or a model) - so a config moves between the
 //! tools unchanged. A
 //! TOML recipe may also say `name`, `description`, `seed` (for DARE/DELLA
 //! masks), `shard_size`, `allow_mismatch`, and use the `chat_vector` method:
@@ -111,8 +111,8 @@ pub struct Recipe {
     pub(crate) shard_size: u64,
     pub(crate) seed: u64,
     pub(crate) allow_mismatch: bool,
-    /// `tokenizer_source: union`.
-    pub(crate) union: bool,
+    /// `tokenizer_source` (or the `tokenizer:` block's `source`).
+    pub(crate) vocab: VocabChoice,
     /// mergekit's `chat_template`: `auto`, a built-in name, or Jinja text.
     pub(crate) chat_template: Option<String>,
     /// The `[sft]` section (`chatvec run`), paths made relative to the
@@ -212,6 +212,7 @@ const MERGEKIT_KEYS: &[&str] = &[
     "dtype",
     "out_dtype",
     "tokenizer_source",
+    "tokenizer",
     "chat_template",
 ];
 const TOML_ONLY_KEYS: &[&str] = &[
@@ -228,7 +229,7 @@ const TOML_ONLY_KEYS: &[&str] = &[
     "eval",
 ];
 /// mergekit features chatvec does not implement.
-const UNSUPPORTED: &[(&str, &str)] = &[("modules", "per-module merges"), ("tokenizer", "tokenizer building")];
+const UNSUPPORTED: &[(&str, &str)] = &[("modules", "per-module merges")];
 const CHAT_VECTOR_PARAMS: &[&str] =
     &["scale", "include", "exclude", "embeddings", "keep_base_template", "raw_delta"];
 
@@ -252,6 +253,8 @@ struct RawRecipe {
     out_dtype: Option<String>,
     #[serde(default)]
     tokenizer_source: Option<Value>,
+    #[serde(default)]
+    tokenizer: Option<Value>,
     #[serde(default)]
     chat_template: Option<String>,
     #[serde(default)]
@@ -498,16 +501,8 @@ pub(crate) fn parse_recipe(text: &str, path: &Path) -> Result<Recipe> {
             .ok_or_else(|| err(&format!("shard_size: expected bytes, not {n}")))?,
         Some(v) => return Err(err(&format!("shard_size: expected a size like \"5GB\", not {v}"))),
     };
-    let union = match &raw.tokenizer_source {
-        None => false,
-        Some(Value::String(s)) if s == "base" => false,
-        Some(Value::String(s)) if s == "union" => true,
-        Some(v) => {
-            return Err(err(&format!(
-                "tokenizer_source: {v} is not supported; use base (the base model's tokenizer, other models' rows matched to it by token) or union"
-            )));
-        }
-    };
+    let vocab = vocab_choice(&raw).map_err(|m| err(&m))?;
+    let union = vocab != VocabChoice::Base;
     if raw.chat_template.is_some() && matches!(body, RecipeBody::ChatVector(_)) {
         return Err(err(
             "chat_template: for merge methods; chat_vector takes the chat model's template (keep_base_template keeps the base's)",
@@ -515,8 +510,23 @@ pub(crate) fn parse_recipe(text: &str, path: &Path) -> Result<Recipe> {
     }
     if union && matches!(body, RecipeBody::ChatVector(_)) {
         return Err(err(
-            "tokenizer_source: union is for merge methods; chat_vector keeps the base's vocabulary",
+            "tokenizer_source: union or a model is for merge methods; chat_vector keeps the base's vocabulary",
         ));
+    }
+    if let RecipeBody::Merge(m) = &body {
+        if union && !m.slices.is_empty() {
+            return Err(err(
+                "tokenizer_source (union or a model) with slices is not supported by chatvec yet: slices keep the first slice's vocabulary",
+            ));
+        }
+        if let VocabChoice::Model(s) = &vocab
+            && m.base.as_deref() != Some(s.as_str())
+            && !m.models.iter().any(|(r, _)| r == s)
+        {
+            return Err(err(&format!(
+                "tokenizer_source: '{s}' is not one of the merge's models (base_model or models); chatvec takes the vocabulary from a model it merges"
+            )));
+        }
     }
     let sft = match (&raw.sft, root.get("sft")) {
         (Some(opts), Some(Value::Object(section))) => {
@@ -601,11 +611,64 @@ pub(crate) fn parse_recipe(text: &str, path: &Path) -> Result<Recipe> {
         shard_size,
         seed: raw.seed.unwrap_or(0),
         allow_mismatch: raw.allow_mismatch.unwrap_or(false),
-        union,
+        vocab,
         chat_template: nonempty(raw.chat_template.clone(), "chat_template").map_err(|m| err(&m))?,
         sft,
         sweep,
         eval,
+    })
+}
+
+/// The output vocabulary a merge asks for.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) enum VocabChoice {
+    /// The base's (or the first model's) tokenizer; other models' rows
+    /// matched to it by token.
+    Base,
+    /// The base's tokens, then every other model's.
+    Union,
+    /// This model's tokenizer (one of the merge's models).
+    Model(String),
+}
+
+/// `tokenizer_source: base | union | MODEL`, or the `tokenizer:` block's
+/// `source` (mergekit's newer spelling; not both).
+fn vocab_choice(raw: &RawRecipe) -> std::result::Result<VocabChoice, String> {
+    let (value, key) = match (&raw.tokenizer_source, &raw.tokenizer) {
+        (Some(_), Some(_)) => {
+            return Err("give tokenizer_source or the tokenizer: block, not both".into());
+        }
+        (Some(v), None) => (Some(v.clone()), "tokenizer_source"),
+        (None, Some(Value::Object(block))) => {
+            for k in block.keys() {
+                match k.as_str() {
+                    "source" => {}
+                    "tokens" => {
+                        return Err("tokenizer.tokens (per-token embedding sources) is not supported by chatvec yet: each output token takes its row as mergekit's defaults give it (its own, else the one model that has it, else the base's, else the mean)".into());
+                    }
+                    "pad_to_multiple_of" => {
+                        return Err("tokenizer.pad_to_multiple_of is not supported by chatvec yet: the output keeps the source model's matrix rows".into());
+                    }
+                    other => {
+                        return Err(format!(
+                            "tokenizer.{other}: unknown key (mergekit's are source, tokens, pad_to_multiple_of)"
+                        ));
+                    }
+                }
+            }
+            (block.get("source").cloned(), "tokenizer.source")
+        }
+        (None, Some(v)) => {
+            return Err(format!("tokenizer: expected a block such as {{source: union}}, not {v}"));
+        }
+        (None, None) => (None, "tokenizer_source"),
+    };
+    Ok(match value {
+        None => VocabChoice::Base,
+        Some(Value::String(s)) if s == "base" => VocabChoice::Base,
+        Some(Value::String(s)) if s == "union" => VocabChoice::Union,
+        Some(Value::String(s)) if !s.trim().is_empty() => VocabChoice::Model(s),
+        Some(v) => return Err(format!("{key}: expected base, union or one of the merge's models, not {v}")),
     })
 }
 
@@ -981,7 +1044,7 @@ mod tests {
             (
                 "merge_method = \"chat_vector\"\nbase_model = \"b\"\nvector = \"v\"\ntokenizer_source = \"union\"\n",
                 "c.toml",
-                "tokenizer_source: union is for merge methods",
+                "tokenizer_source: union or a model is for merge methods",
             ),
             (
                 "merge_method = \"ties\"\nmodels = [\"a/b\"]\n[sft]\nepochs = 1\n",
@@ -1016,7 +1079,7 @@ mod tests {
             (
                 "merge_method: ties\nmodels: [a/b]\ntokenizer_source: a/c\n",
                 "c.yml",
-                "tokenizer_source: \"a/c\" is not supported",
+                "tokenizer_source: 'a/c' is not one of the merge's models",
             ),
             (
                 "merge_method: ties\nmodels: [a/b]\nparameters:\n  weight: [{filter: x, valu: 1}]\n",
