@@ -39,9 +39,9 @@ use rayon::prelude::*;
 use serde::Serialize;
 use serde_json::{Value, json};
 
-use crate::RunOptions;
 use crate::arith::Operand;
 use crate::error::{Error, Result};
+use crate::exec::RunOptions;
 use crate::exec::input_hash::hash_following;
 use crate::factor::{Method, RowSource, truncated_svd};
 use crate::job::chat_vector::{VectorRefs, resolve_vector, to_value};

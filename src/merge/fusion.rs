@@ -31,7 +31,7 @@ use rayon::prelude::*;
 use crate::arith::{View, for_each_delta};
 use crate::error::Result;
 use crate::merge::Inputs;
-use crate::merge::select::{Ranked, blocks, value_at_ranks};
+use crate::merge::select::{Ranked, blocks, chunked_histogram, value_at_ranks};
 
 /// The softmax floor mergekit adds before the KL divergence.
 const EPS: f32 = 1e-8;
@@ -65,15 +65,20 @@ pub(crate) fn row_kl(x: &[f32], b: &[f32]) -> f32 {
     kl as f32
 }
 
-/// Calls `f(row, importance bits)` for every element of `r` (inside one
-/// row).
+/// Calls `f(importance bits)` for every element of `r`, in order.
 fn for_each_score(base: View, x: View, kl: &[f32], row_len: u64, r: Range<u64>, mut f: impl FnMut(u32)) {
-    let row = (r.start / row_len) as usize;
-    for_each_delta(base, x, r, |_, d| {
-        for v in d {
-            f((v.abs() * kl[row]).to_bits() & 0x7fff_ffff);
-        }
-    });
+    let mut start = r.start;
+    while start < r.end {
+        let row = start / row_len;
+        let end = ((row + 1) * row_len).min(r.end);
+        let k = kl[row as usize];
+        for_each_delta(base, x, start..end, |_, d| {
+            for v in d {
+                f((v.abs() * k).to_bits() & 0x7fff_ffff);
+            }
+        });
+        start = end;
+    }
 }
 
 /// The scores of a tensor, ranked.
@@ -87,25 +92,15 @@ struct Scores<'a> {
 }
 
 impl Scores<'_> {
-    fn histogram(&self, bins: usize, bin: impl Fn(u32) -> Option<usize> + Sync) -> Vec<u64> {
-        blocks(self.n, self.row_len)
-            .into_par_iter()
-            .map(|(_, r)| {
-                let mut h = vec![0u64; bins];
-                for_each_score(self.base, self.x, self.kl, self.row_len, r, |v| {
-                    if let Some(i) = bin(v) {
-                        h[i] += 1;
-                    }
-                });
-                h
-            })
-            .reduce(
-                || vec![0u64; bins],
-                |mut a, b| {
-                    a.iter_mut().zip(b).for_each(|(x, y)| *x += y);
-                    a
-                },
-            )
+    fn histogram(&self, bins: usize, bin: impl Fn(u32) -> Option<usize> + Sync + Send) -> Vec<u64> {
+        let fill = |r, h: &mut [u64], _: &mut ()| {
+            for_each_score(self.base, self.x, self.kl, self.row_len, r, |v| {
+                if let Some(i) = bin(v) {
+                    h[i] += 1;
+                }
+            });
+        };
+        chunked_histogram(self.n, bins, || (), |_, _| (), fill).0
     }
 }
 
@@ -121,7 +116,7 @@ impl Ranked for Scores<'_> {
         }))
     }
     fn eq_counts(&self, lo: u32, hi: u32) -> Result<Vec<(u64, u64)>> {
-        Ok(blocks(self.n, self.row_len)
+        Ok(blocks(self.n, self.n.max(1))
             .into_par_iter()
             .map(|(_, r)| {
                 let (mut a, mut b) = (0, 0);

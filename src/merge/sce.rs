@@ -16,7 +16,7 @@ use rayon::prelude::*;
 use crate::arith::BLOCK;
 use crate::error::Result;
 use crate::merge::Inputs;
-use crate::merge::select::{RankKeep, Ranked, STAT_BLOCK, blocks, rank_keep};
+use crate::merge::select::{RankKeep, Ranked, STAT_BLOCK, blocks, chunked_histogram, rank_keep};
 
 /// Which elements keep their deltas.
 #[derive(Clone, Debug)]
@@ -91,47 +91,31 @@ impl Variances<'_> {
     /// The high-bits histogram and how many variances are exactly 0.
     fn high_and_zeros(&self) -> &(Vec<u64>, u64) {
         self.high.get_or_init(|| {
-            let bins = 1usize << 15;
-            blocks(self.n, self.n.max(1))
-                .into_par_iter()
-                .map(|(_, r)| {
-                    let (mut h, mut zeros) = (vec![0u64; bins], 0u64);
+            chunked_histogram(
+                self.n,
+                1 << 15,
+                || 0u64,
+                |a, b| a + b,
+                |r, h, zeros| {
                     for_each_element(self.inputs, r, |_, d| {
                         let v = variance(d).to_bits() & 0x7fff_ffff;
                         h[(v >> 16) as usize] += 1;
-                        zeros += (v == 0) as u64;
+                        *zeros += (v == 0) as u64;
                     });
-                    (h, zeros)
-                })
-                .reduce(
-                    || (vec![0u64; bins], 0),
-                    |(mut a, za), (b, zb)| {
-                        a.iter_mut().zip(b).for_each(|(x, y)| *x += y);
-                        (a, za + zb)
-                    },
-                )
+                },
+            )
         })
     }
 
-    fn histogram(&self, bins: usize, bin: impl Fn(u32) -> Option<usize> + Sync) -> Vec<u64> {
-        blocks(self.n, self.n.max(1))
-            .into_par_iter()
-            .map(|(_, r)| {
-                let mut h = vec![0u64; bins];
-                for_each_element(self.inputs, r, |_, d| {
-                    if let Some(i) = bin(variance(d).to_bits() & 0x7fff_ffff) {
-                        h[i] += 1;
-                    }
-                });
-                h
-            })
-            .reduce(
-                || vec![0u64; bins],
-                |mut a, b| {
-                    a.iter_mut().zip(b).for_each(|(x, y)| *x += y);
-                    a
-                },
-            )
+    fn histogram(&self, bins: usize, bin: impl Fn(u32) -> Option<usize> + Sync + Send) -> Vec<u64> {
+        let fill = |r, h: &mut [u64], _: &mut ()| {
+            for_each_element(self.inputs, r, |_, d| {
+                if let Some(i) = bin(variance(d).to_bits() & 0x7fff_ffff) {
+                    h[i] += 1;
+                }
+            });
+        };
+        chunked_histogram(self.n, bins, || (), |_, _| (), fill).0
     }
 }
 

@@ -8,6 +8,8 @@
 
 use std::ops::Range;
 
+use rayon::prelude::*;
+
 use crate::error::Result;
 
 /// Elements per statistics block.
@@ -63,6 +65,40 @@ pub(crate) fn blocks_of(n: u64, row_len: u64, max: u64) -> Vec<(u64, Range<u64>)
         row_start = row_end;
     }
     out
+}
+
+/// Elements per histogram chunk: each chunk fills its own histogram (up to
+/// 1 MiB of counts for the low bits), so a chunk must be far larger than
+/// that for the zeroing and summing of histograms not to cost more than
+/// the counting (with one histogram per 64K-element block they cost 16
+/// bytes of memory traffic per element).
+const HIST_CHUNK: u64 = 1 << 22;
+
+/// A histogram of `bins` counts over elements `0..n`: `fill(range, h)`
+/// counts one chunk's elements into `h`; chunks run in parallel and their
+/// counts are added (integers, so the order does not matter).
+pub(crate) fn chunked_histogram<T: Send>(
+    n: u64,
+    bins: usize,
+    extra: impl Fn() -> T + Sync + Send,
+    add: impl Fn(T, T) -> T + Sync + Send,
+    fill: impl Fn(Range<u64>, &mut [u64], &mut T) + Sync + Send,
+) -> (Vec<u64>, T) {
+    (0..n.div_ceil(HIST_CHUNK))
+        .into_par_iter()
+        .map(|c| {
+            let mut h = vec![0u64; bins];
+            let mut e = extra();
+            fill(c * HIST_CHUNK..((c + 1) * HIST_CHUNK).min(n), &mut h, &mut e);
+            (h, e)
+        })
+        .reduce(
+            || (vec![0u64; bins], extra()),
+            |(mut a, ea), (b, eb)| {
+                a.iter_mut().zip(b).for_each(|(x, y)| *x += y);
+                (a, add(ea, eb))
+            },
+        )
 }
 
 /// The Gram matrix's upper-triangle pairs, row-major.
