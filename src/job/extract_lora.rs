@@ -187,9 +187,15 @@ impl RowSource for Diff<'_> {
         let start = (first * self.cols) as u64;
         self.chat.decode_at(start, out);
         if let Some(pre) = self.pre {
-            let mut p = vec![0f32; out.len()];
-            pre.decode_at(start, &mut p);
-            out.iter_mut().zip(&p).for_each(|(o, b)| *o -= *b);
+            // Through a block on the stack: a heap buffer per call (4 MiB,
+            // thousands of calls per thread) grew glibc's per-thread arenas
+            // to hundreds of MiB.
+            let mut p = [0f32; crate::arith::BLOCK];
+            for (k, piece) in out.chunks_mut(crate::arith::BLOCK).enumerate() {
+                let at = start + (k * crate::arith::BLOCK) as u64;
+                pre.decode_at(at, &mut p[..piece.len()]);
+                piece.iter_mut().zip(&p).for_each(|(o, b)| *o -= *b);
+            }
         }
     }
 }
@@ -615,6 +621,9 @@ fn decompose(
     let a_bytes = encoded(&a, ty);
     let b_bytes = encoded(&b, ty);
     let bias_bytes = bias_delta.as_ref().map(|(v, bty)| encoded(v, *bty));
+    let (kept, energy, method) = (svd.kept(rank), svd.energy, svd.method);
+    drop(svd);
+    release_freed_memory();
     let mut guard =
         spill.lock().map_err(|_| Error::Internal("the scratch file's lock was poisoned".into()))?;
     let (file, at) = &mut *guard;
@@ -634,14 +643,13 @@ fn decompose(
         _ => None,
     };
     drop(guard);
-    let kept = svd.kept(rank);
     Ok(Some(Done {
         rank,
         a: a_at,
         b: b_at,
         bias: bias_at,
         dtype: ty,
-        energy: svd.energy,
+        energy,
         report: ModuleReport {
             name: m.name.clone(),
             kind: if transposed { ModuleKind::Embedding } else { ModuleKind::Lora },
@@ -649,12 +657,27 @@ fn decompose(
             rank,
             energy_kept: Some(kept),
             relative_error: Some((1.0 - kept).max(0.0).sqrt()),
-            method: Some(match svd.method {
+            method: Some(match method {
                 Method::Exact => "exact".into(),
                 Method::Randomized { iterations } => format!("randomized, {iterations} power iterations"),
             }),
         },
     }))
+}
+
+/// Hands memory freed by a decomposition back to the system. Its matrices
+/// (a few MiB each, new at every iteration) are above glibc's mmap
+/// threshold only until the first is freed, which raises the threshold;
+/// from then on they come from the threads' arenas, which kept growing
+/// with fragments (460 MiB RssAnon over the 1b shape's 154 matrices on two
+/// threads). `malloc_trim` returns the free pages of every arena.
+fn release_freed_memory() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: malloc_trim only returns free memory of the allocator's own
+    // arenas to the system; it touches no live allocation.
+    unsafe {
+        libc::malloc_trim(0);
+    }
 }
 
 /// One tensor of the adapter file and where its bytes come from.
