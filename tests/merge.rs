@@ -1707,7 +1707,6 @@ fn tokenizer_source_model_takes_that_models_vocabulary() {
     // A model the merge does not use, and the per-token block, are refused by name.
     for (source, said) in [
         ("tokenizer_source = \"elsewhere\"\n", "'elsewhere' is not one of the merge's models"),
-        ("tokenizer = { source = \"union\", tokens = { a = { source = \"{m1}\" } } }\n", "tokenizer.tokens"),
         ("tokenizer = { source = \"union\", pad_to_multiple_of = 8 }\n", "pad_to_multiple_of"),
     ] {
         let text = format!(
@@ -1721,5 +1720,85 @@ fn tokenizer_source_model_takes_that_models_vocabulary() {
         let o = chatvec(&["merge", s(&cfg), "-o", s(&d.path().join("bad"))]);
         assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
         assert!(stderr(&o).contains(said), "{said}: {}", stderr(&o));
+    }
+}
+
+/// The `tokenizer:` block's `tokens`: a forced model row for every input, a
+/// zero row for inputs that lack a token, and a row by id from another
+/// model, as mergekit's `TokenEmbeddingConfig`s place them, checked in f64.
+#[test]
+fn tokenizer_tokens_place_the_rows_they_name() {
+    let d = tempfile::tempdir().unwrap();
+    let base_tokens = tokens(16);
+    vocab_model(&d.path().join("base"), 1, &base_tokens);
+    let mut m1_tokens = base_tokens.clone();
+    m1_tokens.push("new0".into());
+    vocab_model(&d.path().join("m1"), 2, &m1_tokens);
+    let wide_tokens = wide_vocab(&base_tokens);
+    vocab_model(&d.path().join("m2"), 3, &wide_tokens);
+    let m = Models { root: d.path().to_path_buf() };
+    let recipe = "merge_method = \"task_arithmetic\"\nbase_model = \"{base}\"\nout_dtype = \"float32\"\nmodels = [\"{m1}\", \"{m2}\"]\n[parameters]\nweight = 0.5\n[tokenizer]\nsource = \"union\"\n[tokenizer.tokens.new0]\nsource = \"{m2}\"\nforce = true\n[tokenizer.tokens.t5]\nsource = { kind = \"zero\" }\n[tokenizer.tokens.new1]\nsource = { kind = \"model_token\", model = \"{base}\", token_id = 2 }\n";
+    let got = merge(&m, recipe, &d.path().join("out"), &[]);
+    let (b, m1, m2) = (m.read("base"), m.read("m1"), m.read("m2"));
+    let union: Vec<String> = base_tokens.iter().cloned().chain((0..5).map(|i| format!("new{i}"))).collect();
+    let row = HIDDEN as usize;
+    for name in ["model.embed_tokens.weight", "lm_head.weight"] {
+        let xs =
+            [(vals(&b[name]), &base_tokens), (vals(&m1[name]), &m1_tokens), (vals(&m2[name]), &wide_tokens)];
+        assert_eq!(got[name].shape, vec![21, HIDDEN]);
+        for (r, tok) in union.iter().enumerate() {
+            for c in 0..row {
+                let own =
+                    |k: usize| xs[k].1.iter().position(|t| t == tok).map(|i| xs[k].0[i * row + c] as f64);
+                let value = |k: usize| -> f64 {
+                    match tok.as_str() {
+                        "new0" => own(2).unwrap(),
+                        "t5" => own(k).unwrap_or(0.0),
+                        "new1" => own(k).unwrap_or(xs[0].0[2 * row + c] as f64),
+                        _ => {
+                            let present: Vec<f64> = (0..3).filter_map(own).collect();
+                            own(k).unwrap_or(if present.len() == 1 {
+                                present[0]
+                            } else {
+                                own(0).unwrap_or(present.iter().sum::<f64>() / present.len() as f64)
+                            })
+                        }
+                    }
+                };
+                let (vb, v1, v2) = (value(0), value(1), value(2));
+                let want = vb + 0.5 * (v1 - vb) + 0.5 * (v2 - vb);
+                let v = got[name].get(r * row + c) as f64;
+                assert!(
+                    (v - want).abs() <= 2e-6 * (want.abs() + 1.0),
+                    "{name}[{r},{c}] ({tok}): {v} vs {want}"
+                );
+            }
+        }
+    }
+    // A rule naming a token the model lacks, or a row past its matrix, is an error.
+    for (rule, said) in [
+        ("[tokenizer.tokens.t5]\nsource = \"{m2}\"\n", "has no such token"),
+        (
+            "[tokenizer.tokens.t1]\nsource = { kind = \"model_token\", model = \"{m1}\", token_id = 99 }\n",
+            "row 99 is beyond",
+        ),
+        (
+            "[tokenizer.tokens.t1]\nsource = { kind = \"model_token\", model = \"{m1}\" }\n",
+            "give token or token_id",
+        ),
+    ] {
+        let text = format!(
+            "merge_method = \"task_arithmetic\"\nbase_model = \"{}\"\nmodels = [\"{}\", \"{}\"]\n[parameters]\nweight = 0.5\n[tokenizer]\nsource = \"union\"\n{}",
+            m.dir("base"),
+            m.dir("m1"),
+            m.dir("m2"),
+            rule.replace("{m1}", &m.dir("m1")).replace("{m2}", &m.dir("m2"))
+        );
+        let cfg = d.path().join("bad.toml");
+        std::fs::write(&cfg, text).unwrap();
+        let o = chatvec(&["merge", s(&cfg), "-o", s(&d.path().join("bad"))]);
+        assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
+        assert!(stderr(&o).contains(said), "{said}: {}", stderr(&o));
+        assert!(!d.path().join("bad").exists());
     }
 }

@@ -93,6 +93,7 @@ fn decode_table(sources: &[Operand], u: &RowTable, which: usize, start: u64, out
         let off = p - row * l;
         match table[row as usize] {
             RowSrc::Row { source, row: r } => sources[source].decode_at(r * l + off, seg),
+            RowSrc::Zero => seg.fill(0.0),
             RowSrc::Mean(i) => {
                 let donors = &u.means[i];
                 seg.fill(0.0);

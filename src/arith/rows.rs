@@ -77,6 +77,8 @@ pub(crate) enum RowSrc {
     /// The mean of the rows `RowTable::means[i]` lists (a token the input
     /// lacks that several other inputs have), as mergekit fills it.
     Mean(usize),
+    /// Zeros (a `tokenizer.tokens` entry with `kind: zero`).
+    Zero,
 }
 
 /// A union-vocabulary matrix: for each involved input (the base, then the

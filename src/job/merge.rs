@@ -20,11 +20,11 @@ use crate::output::sidecars::{
 };
 use crate::params::apply::{ApplyParams, ApplySpec};
 use crate::params::select::Spelling;
-use crate::plan::merge::{MergeSpec, VocabSpec, plan_merge};
+use crate::plan::merge::{MergeSpec, TokenFrom, TokenSpec, VocabSpec, plan_merge};
 use crate::plan::slices::{SliceInput, SlicePlan, SliceSpec, plan_slices};
 use crate::plan::{Input, Plan, Role};
 use crate::recipe::stages::Stage;
-use crate::recipe::{MergeRecipe, Recipe, RecipeBody, VocabChoice};
+use crate::recipe::{MergeRecipe, Recipe, RecipeBody, TokenSource, VocabChoice};
 use crate::resolve::Fetch;
 
 /// Runs `recipe` into `out`. `seed` overrides the recipe's seed of the
@@ -178,6 +178,26 @@ fn merge_method(
             })?)
         }
     };
+    let find = |r: &str, what: &str| {
+        refs.iter().position(|x| *x == r).ok_or_else(|| {
+            Error::bad_file(&recipe.path, format!("{what}: '{r}' is not one of the merge's models"))
+        })
+    };
+    let tokens = recipe
+        .tokens
+        .iter()
+        .map(|t| {
+            let what = format!("tokenizer.tokens.{:?}", t.token);
+            let from = match &t.source {
+                TokenSource::Model(r) => TokenFrom::Model(find(r, &what)?),
+                TokenSource::ModelToken { model, token, id } => {
+                    TokenFrom::ModelRow { input: find(model, &what)?, token: token.clone(), id: *id }
+                }
+                TokenSource::Zero => TokenFrom::Zero,
+            };
+            Ok(TokenSpec { token: t.token.clone(), from, force: t.force })
+        })
+        .collect::<Result<Vec<_>>>()?;
     let vocab_dir = match vocab {
         VocabSpec::Model(i) => Some(inputs[i].ckpt.dir.clone()),
         _ => None,
@@ -193,6 +213,7 @@ fn merge_method(
         shard_size: recipe.shard_size,
         allow_mismatch: recipe.allow_mismatch,
         vocab,
+        tokens,
     };
     // Parameter problems are the recipe's: name its file.
     let plan = plan_merge(inputs, &spec).map_err(|e| recipe_error(recipe, e))?;

@@ -28,6 +28,28 @@ pub(crate) enum VocabSpec {
     Model(usize),
 }
 
+/// A `tokenizer.tokens` entry with its models as input indices.
+#[derive(Clone, Debug)]
+pub(crate) struct TokenSpec {
+    pub token: String,
+    pub from: TokenFrom,
+    /// Every input takes this row, even one that has the token.
+    pub force: bool,
+}
+
+#[derive(Clone, Debug)]
+pub(crate) enum TokenFrom {
+    /// The same token's row of input `i`.
+    Model(usize),
+    /// Row `id`, or the row of `token`, of input `input`.
+    ModelRow {
+        input: usize,
+        token: Option<String>,
+        id: Option<u64>,
+    },
+    Zero,
+}
+
 /// A merge, as data.
 pub(crate) struct MergeSpec {
     pub method: Method,
@@ -47,6 +69,8 @@ pub(crate) struct MergeSpec {
     /// The output vocabulary: the base's (other models' rows matched to it
     /// by token), the union, or input `i`'s.
     pub vocab: VocabSpec,
+    /// Per-token embedding sources (the `tokenizer:` block's `tokens`).
+    pub tokens: Vec<TokenSpec>,
 }
 
 /// Checks parameter names and scopes once, before any tensor.
@@ -114,7 +138,12 @@ pub(crate) fn plan_merge(inputs: Vec<Input>, spec: &MergeSpec) -> Result<Plan> {
     let mut embeddings = Vec::new();
     let base_pos = base_in.map(|_| 0);
     let union = match spec.vocab {
-        VocabSpec::Base => None,
+        VocabSpec::Base if spec.tokens.is_empty() => None,
+        VocabSpec::Base => {
+            let r = involved.iter().position(|&i| i == reference).unwrap_or(0);
+            let base = spec.base.is_some().then_some(r);
+            Some(shared_vocab(&inputs, &involved, r, base, false, "tokenizer.tokens")?)
+        }
         VocabSpec::Union => {
             let why = "tokenizer_source: union";
             let r = involved.iter().position(|&i| i == reference).unwrap_or(0);
@@ -157,7 +186,7 @@ pub(crate) fn plan_merge(inputs: Vec<Input>, spec: &MergeSpec) -> Result<Plan> {
             if let Some(u) = union.as_ref().or(aligned.as_ref())
                 && is_vocab_matrix(&t.name)
             {
-                return match union_tensor(&inputs, &involved, u, &t.name, &t.shape) {
+                return match union_tensor(&inputs, &involved, u, &spec.tokens, &t.name, &t.shape) {
                     Ok(rows) => {
                         if spec.vocab != VocabSpec::Union {
                             embeddings.extend(aligned_reports(
@@ -382,6 +411,7 @@ fn union_tensor(
     inputs: &[Input],
     involved: &[usize],
     u: &Union,
+    rules: &[TokenSpec],
     name: &str,
     shape: &[u64],
 ) -> std::result::Result<UnionRows, String> {
@@ -422,7 +452,19 @@ fn union_tensor(
             .collect();
         let donors: Vec<(usize, u64)> =
             has.iter().enumerate().filter_map(|(k, h)| h.map(|row| (k, row))).collect();
-        let fill = if donors.len() == 1 {
+        if let Some(rule) = token.and_then(|t| rules.iter().find(|r| r.token == t)) {
+            let fill = token_row(inputs, involved, u, rule, &has)?;
+            for (k, h) in has.iter().enumerate() {
+                tables[k].push(match h {
+                    Some(own) if !rule.force => RowSrc::Row { source: k, row: *own },
+                    _ => fill,
+                });
+            }
+            continue;
+        }
+        let fill = if donors.is_empty() {
+            RowSrc::Zero
+        } else if donors.len() == 1 {
             RowSrc::Row { source: donors[0].0, row: donors[0].1 }
         } else if let Some((b, br)) = u.base.and_then(|b| has[b].map(|row| (b, row))) {
             RowSrc::Row { source: b, row: br }
@@ -439,6 +481,50 @@ fn union_tensor(
     }
     let row_len = shape[1..].iter().product();
     Ok(UnionRows { sources, table: RowTable { row_len, tables, means } })
+}
+
+/// The row a `tokenizer.tokens` rule gives its token.
+fn token_row(
+    inputs: &[Input],
+    involved: &[usize],
+    u: &Union,
+    rule: &TokenSpec,
+    has: &[Option<u64>],
+) -> std::result::Result<RowSrc, String> {
+    let at = |i: usize| {
+        involved.iter().position(|&k| k == i).ok_or_else(|| {
+            format!("tokenizer.tokens {:?}: {} is not one of the merged models", rule.token, inputs[i].label)
+        })
+    };
+    Ok(match &rule.from {
+        TokenFrom::Zero => RowSrc::Zero,
+        TokenFrom::Model(i) => {
+            let k = at(*i)?;
+            let row = has[k].ok_or_else(|| {
+                format!("tokenizer.tokens {:?}: {} has no such token", rule.token, inputs[*i].label)
+            })?;
+            RowSrc::Row { source: k, row }
+        }
+        TokenFrom::ModelRow { input, token, id } => {
+            let k = at(*input)?;
+            let row = match (id, token) {
+                (Some(id), _) => *id,
+                (None, Some(t)) => u.vocabs[k].id(t).map(u64::from).ok_or_else(|| {
+                    format!("tokenizer.tokens {:?}: {} has no token {t:?}", rule.token, inputs[*input].label)
+                })?,
+                (None, None) => {
+                    return Err(format!("tokenizer.tokens {:?}: no token or token_id", rule.token));
+                }
+            };
+            if row >= u.rows[k] {
+                return Err(format!(
+                    "tokenizer.tokens {:?}: row {row} is beyond {}'s {} rows",
+                    rule.token, inputs[*input].label, u.rows[k]
+                ));
+            }
+            RowSrc::Row { source: k, row }
+        }
+    })
 }
 
 /// What a vocabulary matrix aligned by token took from each model: the rows

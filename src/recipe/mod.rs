@@ -113,6 +113,8 @@ pub struct Recipe {
     pub(crate) allow_mismatch: bool,
     /// `tokenizer_source` (or the `tokenizer:` block's `source`).
     pub(crate) vocab: VocabChoice,
+    /// The `tokenizer:` block's per-token embedding sources.
+    pub(crate) tokens: Vec<TokenRule>,
     /// mergekit's `chat_template`: `auto`, a built-in name, or Jinja text.
     pub(crate) chat_template: Option<String>,
     /// The `[sft]` section (`chatvec run`), paths made relative to the
@@ -501,8 +503,8 @@ pub(crate) fn parse_recipe(text: &str, path: &Path) -> Result<Recipe> {
             .ok_or_else(|| err(&format!("shard_size: expected bytes, not {n}")))?,
         Some(v) => return Err(err(&format!("shard_size: expected a size like \"5GB\", not {v}"))),
     };
-    let vocab = vocab_choice(&raw).map_err(|m| err(&m))?;
-    let union = vocab != VocabChoice::Base;
+    let (vocab, tokens) = vocab_choice(&raw).map_err(|m| err(&m))?;
+    let union = vocab != VocabChoice::Base || !tokens.is_empty();
     if raw.chat_template.is_some() && matches!(body, RecipeBody::ChatVector(_)) {
         return Err(err(
             "chat_template: for merge methods; chat_vector takes the chat model's template (keep_base_template keeps the base's)",
@@ -519,13 +521,23 @@ pub(crate) fn parse_recipe(text: &str, path: &Path) -> Result<Recipe> {
                 "tokenizer_source (union or a model) with slices is not supported by chatvec yet: slices keep the first slice's vocabulary",
             ));
         }
+        let merged = |s: &str| m.base.as_deref() == Some(s) || m.models.iter().any(|(r, _)| r == s);
         if let VocabChoice::Model(s) = &vocab
-            && m.base.as_deref() != Some(s.as_str())
-            && !m.models.iter().any(|(r, _)| r == s)
+            && !merged(s)
         {
             return Err(err(&format!(
                 "tokenizer_source: '{s}' is not one of the merge's models (base_model or models); chatvec takes the vocabulary from a model it merges"
             )));
+        }
+        for t in &tokens {
+            if let TokenSource::Model(s) | TokenSource::ModelToken { model: s, .. } = &t.source
+                && !merged(s)
+            {
+                return Err(err(&format!(
+                    "tokenizer.tokens.{:?}: '{s}' is not one of the merge's models (base_model or models)",
+                    t.token
+                )));
+            }
         }
     }
     let sft = match (&raw.sft, root.get("sft")) {
@@ -612,6 +624,7 @@ pub(crate) fn parse_recipe(text: &str, path: &Path) -> Result<Recipe> {
         seed: raw.seed.unwrap_or(0),
         allow_mismatch: raw.allow_mismatch.unwrap_or(false),
         vocab,
+        tokens,
         chat_template: nonempty(raw.chat_template.clone(), "chat_template").map_err(|m| err(&m))?,
         sft,
         sweep,
@@ -631,9 +644,91 @@ pub(crate) enum VocabChoice {
     Model(String),
 }
 
+/// Where one output token's embedding comes from (the `tokenizer:` block's
+/// `tokens:`), as mergekit's `TokenEmbeddingConfig`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) struct TokenRule {
+    pub token: String,
+    pub source: TokenSource,
+    /// Every model takes this embedding, even one that has the token.
+    pub force: bool,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) enum TokenSource {
+    /// The same token's row in this model.
+    Model(String),
+    /// Row `id` (or the row of `token`) of this model.
+    ModelToken { model: String, token: Option<String>, id: Option<u64> },
+    /// A zero row.
+    Zero,
+}
+
+/// The `tokens:` map: `TOKEN: {source: MODEL | {kind: model_token, model,
+/// token | token_id} | {kind: zero}, force: bool}`.
+fn token_rules(v: &Value) -> std::result::Result<Vec<TokenRule>, String> {
+    let Value::Object(map) = v else {
+        return Err(format!("tokenizer.tokens: expected a map of token -> {{source, force}}, not {v}"));
+    };
+    let mut out = Vec::new();
+    for (token, cfg) in map {
+        let at = format!("tokenizer.tokens.{token:?}");
+        let Value::Object(c) = cfg else { return Err(format!("{at}: expected {{source: ..., force: ...}}")) };
+        for k in c.keys() {
+            if k != "source" && k != "force" {
+                return Err(format!("{at}.{k}: unknown key (source, force)"));
+            }
+        }
+        let force = match c.get("force") {
+            None => false,
+            Some(Value::Bool(b)) => *b,
+            Some(x) => return Err(format!("{at}.force: expected true or false, not {x}")),
+        };
+        let source = match c.get("source") {
+            Some(Value::String(s)) if !s.trim().is_empty() => TokenSource::Model(s.clone()),
+            Some(Value::Object(o)) => match o.get("kind").and_then(Value::as_str) {
+                Some("zero") if o.len() == 1 => TokenSource::Zero,
+                Some("model_token") => {
+                    for k in o.keys() {
+                        if !["kind", "model", "token", "token_id"].contains(&k.as_str()) {
+                            return Err(format!(
+                                "{at}.source.{k}: unknown key (kind, model, token, token_id)"
+                            ));
+                        }
+                    }
+                    let model = o
+                        .get("model")
+                        .and_then(Value::as_str)
+                        .ok_or_else(|| format!("{at}.source.model: a model_token source names its model"))?
+                        .to_string();
+                    let token = o.get("token").and_then(Value::as_str).map(str::to_string);
+                    let id = o.get("token_id").and_then(Value::as_u64);
+                    if token.is_some() == id.is_some() {
+                        return Err(format!("{at}.source: give token or token_id (one of them)"));
+                    }
+                    TokenSource::ModelToken { model, token, id }
+                }
+                _ => {
+                    return Err(format!(
+                        "{at}.source: expected a model, {{kind: model_token, model, token | token_id}} or {{kind: zero}}"
+                    ));
+                }
+            },
+            _ => {
+                return Err(format!(
+                    "{at}.source: expected a model, {{kind: model_token, ...}} or {{kind: zero}}"
+                ));
+            }
+        };
+        out.push(TokenRule { token: token.clone(), source, force });
+    }
+    Ok(out)
+}
+
 /// `tokenizer_source: base | union | MODEL`, or the `tokenizer:` block's
-/// `source` (mergekit's newer spelling; not both).
-fn vocab_choice(raw: &RawRecipe) -> std::result::Result<VocabChoice, String> {
+/// `source` and `tokens` (mergekit's newer spelling; not both).
+fn vocab_choice(raw: &RawRecipe) -> std::result::Result<(VocabChoice, Vec<TokenRule>), String> {
+    let mut tokens = Vec::new();
     let (value, key) = match (&raw.tokenizer_source, &raw.tokenizer) {
         (Some(_), Some(_)) => {
             return Err("give tokenizer_source or the tokenizer: block, not both".into());
@@ -643,9 +738,7 @@ fn vocab_choice(raw: &RawRecipe) -> std::result::Result<VocabChoice, String> {
             for k in block.keys() {
                 match k.as_str() {
                     "source" => {}
-                    "tokens" => {
-                        return Err("tokenizer.tokens (per-token embedding sources) is not supported by chatvec yet: each output token takes its row as mergekit's defaults give it (its own, else the one model that has it, else the base's, else the mean)".into());
-                    }
+                    "tokens" => tokens = token_rules(&block["tokens"])?,
                     "pad_to_multiple_of" => {
                         return Err("tokenizer.pad_to_multiple_of is not supported by chatvec yet: the output keeps the source model's matrix rows".into());
                     }
@@ -663,13 +756,14 @@ fn vocab_choice(raw: &RawRecipe) -> std::result::Result<VocabChoice, String> {
         }
         (None, None) => (None, "tokenizer_source"),
     };
-    Ok(match value {
+    let choice = match value {
         None => VocabChoice::Base,
         Some(Value::String(s)) if s == "base" => VocabChoice::Base,
         Some(Value::String(s)) if s == "union" => VocabChoice::Union,
         Some(Value::String(s)) if !s.trim().is_empty() => VocabChoice::Model(s),
         Some(v) => return Err(format!("{key}: expected base, union or one of the merge's models, not {v}")),
-    })
+    };
+    Ok((choice, tokens))
 }
 
 /// Deserializes `v` into `T`, an error naming where (`models[1].model:
