@@ -655,6 +655,20 @@ fn models_with_other_vocabularies_are_aligned_to_the_base_by_token() {
     }
 }
 
+/// The row mergekit gives an input that lacks a token, from the inputs'
+/// rows (the base first; None where an input lacks it too): the one input
+/// that has it, else the base's, else the mean of those that have it
+/// (zeros where none has it).
+fn mergekit_fill(rows: &[Option<f64>]) -> f64 {
+    let present: Vec<f64> = rows.iter().flatten().copied().collect();
+    match (present.len(), rows[0]) {
+        (0, _) => 0.0,
+        (1, _) => present[0],
+        (_, Some(b)) => b,
+        (n, None) => present.iter().sum::<f64>() / n as f64,
+    }
+}
+
 #[test]
 fn tokenizer_source_union_adds_every_models_tokens() {
     let d = tempfile::tempdir().unwrap();
@@ -687,12 +701,7 @@ fn tokenizer_source_union_adds_every_models_tokens() {
             for c in 0..row {
                 let b0 = if r < 16 { Some(bv[r * row + c] as f64) } else { None };
                 let (h1, h2) = (own(&m1_tokens, &x1, c), own(&wide_tokens, &x2, c));
-                let present: Vec<f64> = [b0, h1, h2].into_iter().flatten().collect();
-                let fill = if present.len() == 1 {
-                    present[0]
-                } else {
-                    b0.unwrap_or(present.iter().sum::<f64>() / present.len() as f64)
-                };
+                let fill = mergekit_fill(&[b0, h1, h2]);
                 let (vb, v1, v2) = (b0.unwrap_or(fill), h1.unwrap_or(fill), h2.unwrap_or(fill));
                 let want = vb + 0.5 * (v1 - vb) + 0.5 * (v2 - vb);
                 let v = got[name].get(r * row + c) as f64;
@@ -1679,12 +1688,7 @@ fn tokenizer_source_model_takes_that_models_vocabulary() {
                 for c in 0..row {
                     let (h0, h1, h2) =
                         (own(&base_tokens, &bv, c), own(&m1_tokens, &x1, c), own(&wide_tokens, &x2, c));
-                    let present: Vec<f64> = [h0, h1, h2].into_iter().flatten().collect();
-                    let fill = if present.len() == 1 {
-                        present[0]
-                    } else {
-                        h0.unwrap_or(present.iter().sum::<f64>() / present.len() as f64)
-                    };
+                    let fill = mergekit_fill(&[h0, h1, h2]);
                     let (vb, v1, v2) = (h0.unwrap_or(fill), h1.unwrap_or(fill), h2.unwrap_or(fill));
                     let want = vb + 0.5 * (v1 - vb) + 0.5 * (v2 - vb);
                     let v = got[name].get(r * row + c) as f64;
@@ -1755,14 +1759,7 @@ fn tokenizer_tokens_place_the_rows_they_name() {
                         "new0" => own(2).unwrap(),
                         "t5" => own(k).unwrap_or(0.0),
                         "new1" => own(k).unwrap_or(xs[0].0[2 * row + c] as f64),
-                        _ => {
-                            let present: Vec<f64> = (0..3).filter_map(own).collect();
-                            own(k).unwrap_or(if present.len() == 1 {
-                                present[0]
-                            } else {
-                                own(0).unwrap_or(present.iter().sum::<f64>() / present.len() as f64)
-                            })
-                        }
+                        _ => own(k).unwrap_or(mergekit_fill(&[own(0), own(1), own(2)])),
                     }
                 };
                 let (vb, v1, v2) = (value(0), value(1), value(2));

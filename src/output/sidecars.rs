@@ -316,25 +316,16 @@ pub(crate) fn add_union_tokens(side: &mut SideFiles, plan: &Plan, u: &VocabUnion
     Ok(())
 }
 
-/// The files that make a tokenizer (and the template it carries).
-const TOKENIZER_FILES: [&str; 9] = [
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "tokenizer.model",
-    "added_tokens.json",
-    "vocab.json",
-    "merges.txt",
-    "chat_template.jinja",
-    "chat_template.json",
-];
-
 /// `tokenizer_source: MODEL`: the output's tokenizer files are that
 /// model's (the base's are dropped, so none is left over), and
 /// config.json's `vocab_size` is the output's embedding rows.
 pub(crate) fn take_tokenizer(side: &mut SideFiles, from: &Path, plan: &Plan) -> Result<()> {
     let source = read_side_files(from)?;
-    for name in TOKENIZER_FILES {
+    // Every side file but the model's own configs makes the tokenizer
+    // (and the template it carries).
+    let tokenizer_files =
+        crate::model::SIDE_FILES.iter().filter(|n| !matches!(**n, "config.json" | "generation_config.json"));
+    for &name in tokenizer_files {
         side.remove(name);
         if let Some(bytes) = source.get(name) {
             side.add(name, bytes.to_vec());
