@@ -88,9 +88,11 @@ pub(crate) fn add_low_rank(
     }
     let (r, cols, end) = (lr.rank, lr.cols, first + n);
     // Bounded work buffers whatever the rank: at most 64K floats of P and
-    // 256K of Q.
-    let row_block = (65_536 / r.max(1)).clamp(1, 64) as u64;
-    let col_block = (262_144 / r.max(1)).clamp(1, BLOCK) as u64;
+    // 256K of Q, and no more than the range needs (a merge's view asks for
+    // one block at a time).
+    let spanned = (end - 1) / cols - first / cols + 1;
+    let row_block = ((65_536 / r.max(1)).clamp(1, 64) as u64).min(spanned);
+    let col_block = ((262_144 / r.max(1)).clamp(1, BLOCK) as u64).min(n.min(cols));
     let mut p = vec![0f32; row_block as usize * r];
     let mut q = vec![0f32; col_block as usize * r];
     let mut tmp = Vec::new();
@@ -136,6 +138,35 @@ pub(crate) fn add_low_rank(
             cs = ce;
         }
         rs = re;
+    }
+}
+
+/// A model tensor with a LoRA update merged into it, as mergekit's
+/// `model+lora` reference reads it: each element is
+/// `base + scale * (P @ Q)` computed as `add_low_rank` does, rounded to
+/// `round` (the dtype the merged model would be stored in), then decoded.
+/// Elements depend only on their position, so any range gives the same
+/// values.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Patched<'a> {
+    pub base: Operand<'a>,
+    pub factors: LowRank<'a>,
+    pub scale: f32,
+    pub round: FloatType,
+}
+
+impl Patched<'_> {
+    /// Decodes elements `start..start + out.len()` of the merged tensor.
+    pub(crate) fn decode_at(&self, start: u64, out: &mut [f32]) {
+        let size = self.round.size();
+        let mut bytes = [0u8; BLOCK * 4];
+        for (k, piece) in out.chunks_mut(BLOCK).enumerate() {
+            let at = start + (k * BLOCK) as u64;
+            let m = piece.len();
+            let base = self.base.slice(at as usize, m);
+            add_low_rank(self.round, &mut bytes[..m * size], base, &self.factors, at, self.scale);
+            crate::model::dtype::decode(self.round, &bytes[..m * size], piece);
+        }
     }
 }
 
@@ -219,6 +250,36 @@ mod tests {
                     let same = got.iter().zip(&want).all(|(g, w)| g.to_bits() == w.to_bits());
                     assert!(same, "rows {rows} cols {cols} r {r} transposed {tr} chunk {cut}");
                 }
+            }
+        }
+    }
+
+    #[test]
+    fn a_patched_tensor_reads_the_same_rounded_values_over_any_range() {
+        let (rows, cols, r) = (9usize, 1300usize, 4usize);
+        let base: Vec<f32> = (0..rows * cols).map(|i| (i as f32 * 0.37).sin()).collect();
+        let a: Vec<f32> = (0..r * cols).map(|i| (i as f32 * 0.11).cos()).collect();
+        let b: Vec<f32> = (0..r * rows).map(|i| (i as f32 * 0.05).sin()).collect();
+        let want = reference(&base, &a, &b, r, rows, cols, false, 1.5);
+        let (bb, ab, bbb) = (f32_bytes(&base), f32_bytes(&a), f32_bytes(&b));
+        let factors = LowRank {
+            a: op(&ab),
+            b: op(&bbb),
+            rank: r,
+            transposed: false,
+            rows: rows as u64,
+            cols: cols as u64,
+        };
+        let p = Patched { base: op(&bb), factors, scale: 1.5, round: FloatType::BF16 };
+        let n = rows * cols;
+        for cut in [1, 700, 1024, 3001, n] {
+            let mut got = vec![0f32; n];
+            for (k, piece) in got.chunks_mut(cut).enumerate() {
+                p.decode_at((k * cut) as u64, piece);
+            }
+            for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+                // The definition's value, rounded once to bf16.
+                assert_eq!(*g, half::bf16::from_f32(*w).to_f32(), "element {i}, chunk {cut}");
             }
         }
     }

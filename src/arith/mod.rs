@@ -46,25 +46,45 @@ impl<'a> Operand<'a> {
     }
 }
 
+/// One input tensor as a merge reads it: its stored elements, or, for a
+/// model named with a LoRA adapter (`model+lora`), its elements with the
+/// adapter's update merged on the fly.
+#[derive(Clone, Copy, Debug)]
+pub(crate) enum Src<'a> {
+    Plain(Operand<'a>),
+    Patched(lowrank::Patched<'a>),
+}
+
+impl Src<'_> {
+    /// Decodes elements `start..start + out.len()` into `out`.
+    #[inline]
+    pub(crate) fn decode_at(self, start: u64, out: &mut [f32]) {
+        match self {
+            Src::Plain(op) => op.decode_at(start, out),
+            Src::Patched(p) => p.decode_at(start, out),
+        }
+    }
+}
+
 /// A merged model's tensor seen in the base's element positions.
 #[derive(Clone, Copy)]
 pub(crate) enum View<'a> {
     /// The shapes match: element for element.
-    Direct(Operand<'a>),
+    Direct(Src<'a>),
     /// A vocabulary matrix with other rows: the model's rows placed at the
     /// base rows `runs` names, the base's own rows (`fill`) elsewhere, so
     /// rows for tokens the model lacks have a zero delta.
-    Rows { model: Operand<'a>, fill: Operand<'a>, runs: &'a [RowRun], row_len: u64 },
+    Rows { model: Src<'a>, fill: Src<'a>, runs: &'a [RowRun], row_len: u64 },
     /// Input `which` of a union-vocabulary matrix, row by row from
     /// `sources`.
-    Table { sources: &'a [Operand<'a>], table: &'a RowTable, which: usize },
+    Table { sources: &'a [Src<'a>], table: &'a RowTable, which: usize },
 }
 
 impl View<'_> {
     /// Decodes base positions `start..start + out.len()` into `out`.
     pub(crate) fn decode_at(self, start: u64, out: &mut [f32]) {
         match self {
-            View::Direct(op) => op.decode_at(start, out),
+            View::Direct(src) => src.decode_at(start, out),
             View::Rows { model, fill, runs, row_len } => {
                 for s in stretches(runs, row_len, start..start + out.len() as u64) {
                     let seg = &mut out[(s.range.start - start) as usize..(s.range.end - start) as usize];
@@ -81,7 +101,7 @@ impl View<'_> {
 
 /// `View::Table::decode_at`: each output row from its source row, or the
 /// mean of several (summed from 0 in input order, then divided, in f32).
-fn decode_table(sources: &[Operand], u: &RowTable, which: usize, start: u64, out: &mut [f32]) {
+fn decode_table(sources: &[Src], u: &RowTable, which: usize, start: u64, out: &mut [f32]) {
     let l = u.row_len;
     let table = &u.tables[which];
     let end = start + out.len() as u64;
@@ -94,6 +114,10 @@ fn decode_table(sources: &[Operand], u: &RowTable, which: usize, start: u64, out
         match table[row as usize] {
             RowSrc::Row { source, row: r } => sources[source].decode_at(r * l + off, seg),
             RowSrc::Zero => seg.fill(0.0),
+            RowSrc::Padding { rows } => {
+                let mean = u.padding[which].get_or_init(|| table_mean(sources, u, which, rows));
+                seg.copy_from_slice(&mean[off as usize..off as usize + seg.len()]);
+            }
             RowSrc::Mean(i) => {
                 let donors = &u.means[i];
                 seg.fill(0.0);
@@ -113,6 +137,21 @@ fn decode_table(sources: &[Operand], u: &RowTable, which: usize, start: u64, out
         }
         p = stop;
     }
+}
+
+/// The mean of rows `0..rows` of table `which` (none of them padding),
+/// summed in f64 in row order and rounded once to f32.
+fn table_mean(sources: &[Src], u: &RowTable, which: usize, rows: u64) -> Vec<f32> {
+    let l = u.row_len as usize;
+    let mut sum = vec![0f64; l];
+    let mut row = vec![0f32; l];
+    for r in 0..rows {
+        decode_table(sources, u, which, r * l as u64, &mut row);
+        for (s, v) in sum.iter_mut().zip(&row) {
+            *s += f64::from(*v);
+        }
+    }
+    sum.iter().map(|s| (s / rows.max(1) as f64) as f32).collect()
 }
 
 /// Calls `f(first_index, deltas)` for consecutive blocks of `x - base`

@@ -79,6 +79,9 @@ pub(crate) enum RowSrc {
     Mean(usize),
     /// Zeros (a `tokenizer.tokens` entry with `kind: zero`).
     Zero,
+    /// A row `tokenizer.pad_to_multiple_of` adds: the mean of the table's
+    /// first `rows` rows (the whole vocabulary), as mergekit fills it.
+    Padding { rows: u64 },
 }
 
 /// A union-vocabulary matrix: for each involved input (the base, then the
@@ -90,6 +93,9 @@ pub(crate) struct RowTable {
     pub tables: Vec<Vec<RowSrc>>,
     /// `(source, row)` lists for `RowSrc::Mean`.
     pub means: Vec<Vec<(usize, u64)>>,
+    /// Per table, the mean of its rows before the first `RowSrc::Padding`
+    /// row (`tokenizer.pad_to_multiple_of`), computed once when first read.
+    pub padding: Vec<std::sync::OnceLock<Vec<f32>>>,
 }
 
 #[cfg(test)]

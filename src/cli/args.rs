@@ -6,8 +6,8 @@ use std::path::{Path, PathBuf};
 use clap::{Args, Parser, Subcommand};
 
 use chatvec::{
-    AnalyzeSpec, ApplyParams, Destination, DeviceChoice, EvalSpec, ExtractParams, InputHashes, Recipe,
-    RunOptions, Scale, SftOptions, VectorSource, parse_scale, parse_size, parse_train_arg,
+    AnalyzeSpec, ApplyParams, Destination, DeviceChoice, EvalSpec, ExtractParams, FloatType, InputHashes,
+    Recipe, RunOptions, Scale, SftOptions, VectorSource, parse_scale, parse_size, parse_train_arg,
 };
 
 const EXAMPLES: &str = "\
@@ -145,6 +145,10 @@ pub(crate) struct SweepArgs {
 pub(crate) struct ScaleList(pub Vec<Scale>);
 
 /// Splits `0.5,0.75,[0.3, 1.0]` at the commas outside brackets.
+fn lora_merge_dtype(s: &str) -> Result<FloatType, String> {
+    FloatType::parse_cli(s).ok_or_else(|| format!("'{s}' is not bfloat16, float16 or float32"))
+}
+
 fn parse_scales(s: &str) -> Result<ScaleList, String> {
     let (mut parts, mut depth, mut cur) = (Vec::new(), 0i32, String::new());
     for c in s.chars() {
@@ -422,6 +426,11 @@ pub(crate) struct MergeArgs {
     #[arg(long, visible_alias = "allow-crimes")]
     pub allow_mismatch: bool,
 
+    /// The dtype a MODEL+LORA input's merged weights are rounded to, as mergekit's
+    /// --lora-merge-dtype (bfloat16, float16, float32; default: each weight's own dtype).
+    #[arg(long, value_name = "DTYPE", value_parser = lora_merge_dtype)]
+    pub lora_merge_dtype: Option<FloatType>,
+
     /// For a config of several YAML documents (mergekit-multimerge): where the named merges go
     /// (default: OUT-intermediates beside OUT, or OUT itself when every merge is named).
     #[arg(long, value_name = "DIR")]
@@ -466,6 +475,9 @@ impl MergeArgs {
     }
 
     fn override_recipe(&self, r: &mut Recipe) {
+        if let Some(ty) = self.lora_merge_dtype {
+            r.set_lora_merge_dtype(ty);
+        }
         if let Some(bytes) = self.shard_size.or(self.out_shard_size) {
             r.set_shard_size(bytes);
         }

@@ -24,7 +24,7 @@ use cudarc::driver::{
 };
 use cudarc::nvrtc::Ptx;
 
-use crate::arith::View;
+use crate::arith::{Src, View};
 use crate::error::{Error, GpuError, Result};
 use crate::merge::stats::STAT_BLOCK;
 use crate::model::dtype::FloatType;
@@ -68,7 +68,9 @@ pub(super) struct Staged<'a> {
 /// Elements `start..start + n` of `view`.
 pub(super) fn stage<'a>(view: View<'a>, start: u64, n: usize) -> Staged<'a> {
     match view {
-        View::Direct(op) => Staged { ty: op.ty, bytes: Cow::Borrowed(op.slice(start as usize, n).bytes) },
+        View::Direct(Src::Plain(op)) => {
+            Staged { ty: op.ty, bytes: Cow::Borrowed(op.slice(start as usize, n).bytes) }
+        }
         other => {
             let mut v = vec![0f32; n];
             other.decode_at(start, &mut v);

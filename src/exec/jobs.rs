@@ -268,7 +268,10 @@ pub(crate) fn check_finite(plan: &Plan, t: &OutTensor, out: &[u8]) -> Result<()>
         Some(ity) => any_nonfinite(ity, plan.input_bytes(s)),
         None => false,
     };
-    let srcs = sources(&t.op);
+    let mut srcs = sources(&t.op);
+    // A `model+lora` input is read with its adapter's tensors.
+    let patches: Vec<Source> = srcs.iter().flat_map(|s| plan.patch_sources(*s)).collect();
+    srcs.extend(patches);
     // A base with NaN stays the user's model; an adapter's NaN never
     // passes into it.
     if let Some(&s) = srcs.iter().find(|&&s| plan.inputs[s.input].role == Role::Adapter && dirty(s)) {

@@ -11,20 +11,22 @@ use crate::job::{
     HEADERS_ONLY, Records, Summary, check_written_config, preflight, preflight_with, write_output,
 };
 use crate::merge::methods::BaseRole;
+use crate::model::adapter::Adapter;
 use crate::output::Destination;
 use crate::output::card::model_card;
 use crate::output::chat_templates;
 use crate::output::manifest::RecipeRecord;
 use crate::output::sidecars::{
-    SideFiles, add_union_tokens, model_side_files, relayer_config, take_tokenizer,
+    SideFiles, add_union_tokens, model_side_files, relayer_config, set_vocab_size, take_tokenizer,
 };
 use crate::params::apply::{ApplyParams, ApplySpec};
 use crate::params::select::Spelling;
+use crate::plan::lora::attach_adapter;
 use crate::plan::merge::{MergeSpec, TokenFrom, TokenSpec, VocabSpec, plan_merge};
 use crate::plan::slices::{SliceInput, SlicePlan, SliceSpec, plan_slices};
 use crate::plan::{Input, Plan, Role};
 use crate::recipe::stages::Stage;
-use crate::recipe::{MergeRecipe, Recipe, RecipeBody, TokenSource, VocabChoice};
+use crate::recipe::{MergeRecipe, Recipe, RecipeBody, TokenSource, VocabChoice, split_lora};
 use crate::resolve::Fetch;
 
 /// Runs `recipe` into `out`. `seed` overrides the recipe's seed of the
@@ -93,11 +95,11 @@ pub fn preview_side_files(recipe: &Recipe, dir: &Path) -> Result<()> {
                 .or(m.base.as_deref())
                 .or_else(|| m.models.first().map(|(r, _)| r.as_str()))
                 .ok_or_else(|| Error::bad_file(&recipe.path, "models: the list is empty"))?;
-            let mut side = model_side_files(&fetch.open_model(reference)?.dir, None, recipe.out_dtype)?;
+            let open = |r: &str| fetch.open_model(split_lora(r).0);
+            let mut side = model_side_files(&open(reference)?.dir, None, recipe.out_dtype)?;
             if let Some(t) = &recipe.chat_template {
                 let names = recipe_models(m);
-                let dirs =
-                    names.iter().map(|r| Ok(fetch.open_model(r)?.dir.clone())).collect::<Result<Vec<_>>>()?;
+                let dirs = names.iter().map(|r| Ok(open(r)?.dir.clone())).collect::<Result<Vec<_>>>()?;
                 let dirs: Vec<&Path> = dirs.iter().map(PathBuf::as_path).collect();
                 chat_templates::apply(&mut side, t, &dirs).map_err(|e| recipe_error(recipe, e))?;
             }
@@ -156,15 +158,8 @@ fn merge_method(
     let Some(&reference) = base.as_ref().or(models.first()) else {
         return Err(Error::bad_file(&recipe.path, "models: the list is empty"));
     };
-    let inputs = refs
-        .iter()
-        .enumerate()
-        .map(|(i, r)| {
-            let role = if Some(i) == base { Role::Base } else { Role::Model };
-            let ckpt = fetch.open_model(r).map_err(|e| e.with_hint(recipe_place(recipe, m, r)))?;
-            Ok(Input { role, label: r.to_string(), ckpt })
-        })
-        .collect::<Result<Vec<_>>>()?;
+    let inputs = open_inputs(&refs, base, fetch, |r| recipe_place(recipe, m, r))?;
+    let adapters = open_adapters(&refs, recipe, fetch)?;
     let reference_dir = inputs[reference].ckpt.dir.clone();
     let vocab = match &recipe.vocab {
         VocabChoice::Base => VocabSpec::Base,
@@ -214,15 +209,20 @@ fn merge_method(
         allow_mismatch: recipe.allow_mismatch,
         vocab,
         tokens,
+        pad_to: recipe.pad_to_multiple_of,
     };
     // Parameter problems are the recipe's: name its file.
-    let plan = plan_merge(inputs, &spec).map_err(|e| recipe_error(recipe, e))?;
+    let mut plan = plan_merge(inputs, &spec).map_err(|e| recipe_error(recipe, e))?;
+    attach_adapters(&mut plan, adapters, recipe)?;
     let mut side = model_side_files(&reference_dir, None, recipe.out_dtype)?;
     if let Some(u) = &plan.vocab_union {
         add_union_tokens(&mut side, &plan, u)?;
     }
     if let Some(dir) = vocab_dir {
         take_tokenizer(&mut side, &dir, &plan)?;
+    }
+    if recipe.pad_to_multiple_of.is_some() {
+        set_vocab_size(&mut side, &plan)?;
     }
     let params = merge_params(recipe, m, seed);
     write_merge(recipe, m, plan, side, params, (out, run, record))
@@ -251,7 +251,8 @@ fn write_merge(
     (out, run, record): (&Destination, &RunOptions, RecipeRecord),
 ) -> Result<Summary> {
     if let Some(t) = &recipe.chat_template {
-        let dirs: Vec<&Path> = plan.inputs.iter().map(|i| i.ckpt.dir.as_path()).collect();
+        let dirs: Vec<&Path> =
+            plan.inputs.iter().filter(|i| i.role != Role::Adapter).map(|i| i.ckpt.dir.as_path()).collect();
         chat_templates::apply(&mut side, t, &dirs).map_err(|e| recipe_error(recipe, e))?;
     }
     check_written_config(&mut plan, &side, recipe.allow_mismatch, out)?;
@@ -299,17 +300,10 @@ fn merge_slices(
         slices.push(SlicePlan { sources, len, params: s.parameters.clone(), base });
     }
     let base_input = m.base.as_deref().and_then(|b| refs.iter().position(|x| *x == b));
-    let inputs = refs
-        .iter()
-        .enumerate()
-        .map(|(i, r)| {
-            let role = if Some(i) == base_input { Role::Base } else { Role::Model };
-            let ckpt = fetch
-                .open_model(r)
-                .map_err(|e| e.with_hint(format!("'{r}' is a slice source in {}", recipe.path.display())))?;
-            Ok(Input { role, label: r.to_string(), ckpt })
-        })
-        .collect::<Result<Vec<_>>>()?;
+    let inputs = open_inputs(&refs, base_input, fetch, |r| {
+        format!("'{r}' is a slice source in {}", recipe.path.display())
+    })?;
+    let adapters = open_adapters(&refs, recipe, fetch)?;
     let reference_dir = inputs[slices[0].sources[0].0].ckpt.dir.clone();
     let spec = SliceSpec {
         method: m.method,
@@ -321,6 +315,7 @@ fn merge_slices(
         allow_mismatch: recipe.allow_mismatch,
     };
     let (mut plan, map) = plan_slices(inputs, &spec).map_err(|e| recipe_error(recipe, e))?;
+    attach_adapters(&mut plan, adapters, recipe)?;
     plan.warnings.push(format!("slices: {} output layers", map.len()));
     let mut side = model_side_files(&reference_dir, None, recipe.out_dtype)?;
     relayer_config(&mut side, &plan, &map)?;
@@ -328,6 +323,53 @@ fn merge_slices(
     params["layers"] =
         map.iter().map(|(i, l)| format!("{}:{l}", plan.inputs[*i].label)).collect::<Vec<_>>().into();
     write_merge(recipe, m, plan, side, params, (out, run, record))
+}
+
+/// Opens the model of each reference (input `i` is `refs[i]`; `base` is
+/// the base's index), labelled as the recipe names it; a `MODEL+LORA`
+/// reference opens MODEL here, its adapter once the merge is planned.
+fn open_inputs(
+    refs: &[&str],
+    base: Option<usize>,
+    fetch: &Fetch,
+    place: impl Fn(&str) -> String,
+) -> Result<Vec<Input>> {
+    refs.iter()
+        .enumerate()
+        .map(|(i, r)| {
+            let role = if Some(i) == base { Role::Base } else { Role::Model };
+            let ckpt = fetch.open_model(split_lora(r).0).map_err(|e| e.with_hint(place(r)))?;
+            Ok(Input::named(role, r, ckpt))
+        })
+        .collect()
+}
+
+/// The adapter of each `MODEL+LORA` reference, opened before the merge is
+/// planned (a missing or malformed adapter is reported first): input
+/// index, adapter, its name.
+fn open_adapters<'a>(
+    refs: &[&'a str],
+    recipe: &Recipe,
+    fetch: &Fetch,
+) -> Result<Vec<(usize, Adapter, &'a str)>> {
+    let mut out = Vec::new();
+    for (i, r) in refs.iter().enumerate() {
+        if let (_, Some(lora)) = split_lora(r) {
+            let hint = format!("'{r}' names a LoRA adapter in {}", recipe.path.display());
+            out.push((i, fetch.open_adapter(lora).map_err(|e| e.with_hint(hint))?, lora));
+        }
+    }
+    Ok(out)
+}
+
+/// Merges each opened adapter into its input as the plan reads it (never
+/// written to disk first).
+fn attach_adapters(plan: &mut Plan, adapters: Vec<(usize, Adapter, &str)>, recipe: &Recipe) -> Result<()> {
+    for (i, adapter, lora) in adapters {
+        attach_adapter(plan, i, adapter, lora, recipe.lora_merge_dtype)
+            .map_err(|e| recipe_error(recipe, e))?;
+    }
+    Ok(())
 }
 
 /// Every model a merge recipe names, once each, in order (the base first).

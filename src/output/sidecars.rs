@@ -331,6 +331,14 @@ pub(crate) fn take_tokenizer(side: &mut SideFiles, from: &Path, plan: &Plan) -> 
             side.add(name, bytes.to_vec());
         }
     }
+    set_vocab_size(side, plan)?;
+    side.notes.push(format!("tokenizer files from {}", from.display()));
+    Ok(())
+}
+
+/// config.json's `vocab_size` set to the output's embedding rows (a
+/// vocabulary taken from another model, or padded).
+pub(crate) fn set_vocab_size(side: &mut SideFiles, plan: &Plan) -> Result<()> {
     let rows = plan
         .tensors
         .iter()
@@ -340,7 +348,6 @@ pub(crate) fn take_tokenizer(side: &mut SideFiles, from: &Path, plan: &Plan) -> 
         cfg.set("vocab_size", &rows)?;
         side.add("config.json", cfg.to_bytes());
     }
-    side.notes.push(format!("tokenizer files from {}", from.display()));
     Ok(())
 }
 

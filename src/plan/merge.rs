@@ -71,6 +71,9 @@ pub(crate) struct MergeSpec {
     pub vocab: VocabSpec,
     /// Per-token embedding sources (the `tokenizer:` block's `tokens`).
     pub tokens: Vec<TokenSpec>,
+    /// `tokenizer.pad_to_multiple_of`: vocabulary matrices padded to a
+    /// multiple of this many rows, each new row the mean of the others.
+    pub pad_to: Option<u64>,
 }
 
 /// Checks parameter names and scopes once, before any tensor.
@@ -137,8 +140,8 @@ pub(crate) fn plan_merge(inputs: Vec<Input>, spec: &MergeSpec) -> Result<Plan> {
     let mut vocabs: Vec<Option<Option<Vocab>>> = (0..inputs.len()).map(|_| None).collect();
     let mut embeddings = Vec::new();
     let base_pos = base_in.map(|_| 0);
-    let union = match spec.vocab {
-        VocabSpec::Base if spec.tokens.is_empty() => None,
+    let mut union = match spec.vocab {
+        VocabSpec::Base if spec.tokens.is_empty() && spec.pad_to.is_none() => None,
         VocabSpec::Base => {
             let r = involved.iter().position(|&i| i == reference).unwrap_or(0);
             let base = spec.base.is_some().then_some(r);
@@ -158,6 +161,16 @@ pub(crate) fn plan_merge(inputs: Vec<Input>, spec: &MergeSpec) -> Result<Plan> {
             Some(shared_vocab(&inputs, &involved, r, base_pos, false, &why)?)
         }
     };
+    if let (Some(u), Some(m)) = (union.as_mut(), spec.pad_to) {
+        let rows = u.base_rows + u.added.len() as u64;
+        u.padding = rows.div_ceil(m) * m - rows;
+        if u.padding > 0 {
+            warnings.push(format!(
+                "tokenizer.pad_to_multiple_of {m}: {} padding row(s) after the vocabulary's {rows}, each the mean of its rows",
+                u.padding
+            ));
+        }
+    }
     // The reference's vocabulary, for linear's vocabulary matrices that differ.
     let mut aligned: Option<Union> = None;
     let mut out =
@@ -198,7 +211,7 @@ pub(crate) fn plan_merge(inputs: Vec<Input>, spec: &MergeSpec) -> Result<Plan> {
                             ));
                         }
                         let mut shape = t.shape.clone();
-                        shape[0] = u.base_rows + u.added.len() as u64;
+                        shape[0] = u.base_rows + u.added.len() as u64 + u.padding;
                         let (base, models) = match base_in {
                             Some(_) => (Some(rows.sources[0]), rows.sources[1..].to_vec()),
                             None => (None, rows.sources.clone()),
@@ -357,6 +370,8 @@ struct Union {
     rows: Vec<u64>,
     /// New tokens and the involved input that first has each.
     added: Vec<(String, usize)>,
+    /// Rows after the vocabulary (`tokenizer.pad_to_multiple_of`).
+    padding: u64,
 }
 
 /// Builds the output vocabulary in terms of the involved inputs: the
@@ -400,7 +415,7 @@ fn shared_vocab(
             }
         }
     }
-    Ok(Union { reference: r, base, base_rows: rows[r], vocabs, rows, added })
+    Ok(Union { reference: r, base, base_rows: rows[r], vocabs, rows, added, padding: 0 })
 }
 
 /// The row tables of vocabulary matrix `name` under the union vocabulary:
@@ -479,8 +494,12 @@ fn union_tensor(
             });
         }
     }
+    for table in &mut tables {
+        table.extend((0..u.padding).map(|_| RowSrc::Padding { rows: out_rows }));
+    }
     let row_len = shape[1..].iter().product();
-    Ok(UnionRows { sources, table: RowTable { row_len, tables, means } })
+    let padding = tables.iter().map(|_| std::sync::OnceLock::new()).collect();
+    Ok(UnionRows { sources, table: RowTable { row_len, tables, means, padding } })
 }
 
 /// The row a `tokenizer.tokens` rule gives its token.

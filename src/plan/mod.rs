@@ -30,7 +30,7 @@ use std::ops::Range;
 use crate::arith::formulas::Segment;
 use crate::arith::lowrank::LowRank;
 use crate::arith::rows::{RowRun, RowTable, stretches};
-use crate::arith::{Operand, View};
+use crate::arith::{Operand, Src, View};
 use crate::merge::{Inputs, TensorMerge};
 use crate::model::checkpoint::{Checkpoint, Tensor};
 use crate::model::dtype::DType;
@@ -56,13 +56,21 @@ pub(crate) struct Input {
     /// How the user named it (path, Hub id or alias).
     pub label: String,
     pub ckpt: Checkpoint,
+    /// A LoRA adapter merged into this model as it is read (a `model+lora`
+    /// reference): which of its tensors change, and how.
+    pub lora: Option<lora::Overlay>,
 }
 
 impl Input {
     /// An input labelled by its directory (callers that know the user's
     /// reference replace the label).
     pub(crate) fn new(role: Role, ckpt: Checkpoint) -> Input {
-        Input { role, label: ckpt.dir.display().to_string(), ckpt }
+        Input { role, label: ckpt.dir.display().to_string(), ckpt, lora: None }
+    }
+
+    /// An input labelled as the user named it.
+    pub(crate) fn named(role: Role, label: &str, ckpt: Checkpoint) -> Input {
+        Input { role, label: label.to_string(), ckpt, lora: None }
     }
 }
 
@@ -153,8 +161,8 @@ impl MergeOp {
     /// Calls `f` with the base's and models' tensors seen in the output's
     /// element positions (aligned or union rows where vocabularies differ).
     pub(crate) fn with_inputs<R>(&self, plan: &Plan, f: impl FnOnce(&Inputs) -> R) -> R {
-        let union_sources: Vec<Operand> =
-            self.union.iter().flat_map(|u| u.sources.iter().map(|s| plan.operand(*s))).collect();
+        let union_sources: Vec<Src> =
+            self.union.iter().flat_map(|u| u.sources.iter().map(|s| plan.src(*s))).collect();
         let inputs = match &self.union {
             Some(u) => {
                 let table = |which| View::Table { sources: &union_sources, table: &u.table, which };
@@ -165,16 +173,16 @@ impl MergeOp {
                 }
             }
             None => Inputs {
-                base: self.base.map(|b| View::Direct(plan.operand(b))),
+                base: self.base.map(|b| View::Direct(plan.src(b))),
                 models: self
                     .models
                     .iter()
                     .zip(&self.rows)
                     .map(|(m, rows)| {
-                        let model = plan.operand(*m);
+                        let model = plan.src(*m);
                         match (rows, self.base) {
                             (Some((runs, row_len)), Some(b)) => {
-                                View::Rows { model, fill: plan.operand(b), runs, row_len: *row_len }
+                                View::Rows { model, fill: plan.src(b), runs, row_len: *row_len }
                             }
                             _ => View::Direct(model),
                         }
@@ -296,7 +304,47 @@ impl Plan {
     }
 
     pub(crate) fn has_low_rank(&self) -> bool {
-        self.tensors.iter().any(|t| matches!(t.op, Op::Arith { formula: Formula::AddLowRank { .. }, .. }))
+        self.inputs.iter().any(|i| i.lora.is_some())
+            || self
+                .tensors
+                .iter()
+                .any(|t| matches!(t.op, Op::Arith { formula: Formula::AddLowRank { .. }, .. }))
+    }
+
+    /// An input tensor as a merge reads it: with its input's LoRA update
+    /// merged where the input has one for it.
+    pub(crate) fn src(&self, s: Source) -> Src<'_> {
+        let Some(patch) = self.inputs[s.input].lora.as_ref().and_then(|o| o.patches.get(&s.tensor)) else {
+            return Src::Plain(self.operand(s));
+        };
+        match *patch {
+            lora::Patch::Replace(with) => Src::Plain(self.operand(with)),
+            lora::Patch::LowRank { onto, a, b, transposed, rows, cols, scale, round } => {
+                Src::Patched(crate::arith::lowrank::Patched {
+                    base: self.operand(onto.unwrap_or(s)),
+                    factors: LowRank {
+                        a: self.operand(a),
+                        b: self.operand(b),
+                        rank: self.input_tensor(a).shape[0] as usize,
+                        transposed,
+                        rows,
+                        cols,
+                    },
+                    scale,
+                    round,
+                })
+            }
+        }
+    }
+
+    /// The adapter tensors input tensor `s` is read with (none for a
+    /// plain input).
+    pub(crate) fn patch_sources(&self, s: Source) -> Vec<Source> {
+        match self.inputs[s.input].lora.as_ref().and_then(|o| o.patches.get(&s.tensor)) {
+            None => Vec::new(),
+            Some(lora::Patch::Replace(with)) => vec![*with],
+            Some(lora::Patch::LowRank { onto, a, b, .. }) => onto.iter().copied().chain([*a, *b]).collect(),
+        }
     }
 
     /// An input tensor as an arithmetic operand. Planning refused every

@@ -115,8 +115,14 @@ pub struct Recipe {
     pub(crate) vocab: VocabChoice,
     /// The `tokenizer:` block's per-token embedding sources.
     pub(crate) tokens: Vec<TokenRule>,
+    /// The `tokenizer:` block's `pad_to_multiple_of`: the vocabulary
+    /// matrices' rows rounded up to a multiple of it.
+    pub(crate) pad_to_multiple_of: Option<u64>,
     /// mergekit's `chat_template`: `auto`, a built-in name, or Jinja text.
     pub(crate) chat_template: Option<String>,
+    /// The dtype a `model+lora` input's merged weights are rounded to
+    /// (mergekit's --lora-merge-dtype); else each weight's own.
+    pub(crate) lora_merge_dtype: Option<FloatType>,
     /// The `[sft]` section (`chatvec run`), paths made relative to the
     /// recipe's directory.
     pub(crate) sft: Option<SftOptions>,
@@ -185,6 +191,12 @@ impl Recipe {
         self.shard_size = bytes;
     }
 
+    /// Rounds `model+lora` inputs' merged weights to `ty`
+    /// (`merge --lora-merge-dtype`).
+    pub fn set_lora_merge_dtype(&mut self, ty: FloatType) {
+        self.lora_merge_dtype = Some(ty);
+    }
+
     /// Turns config.json architecture differences into warnings
     /// (`merge --allow-mismatch`).
     pub fn allow_mismatch(&mut self) {
@@ -231,7 +243,10 @@ const TOML_ONLY_KEYS: &[&str] = &[
     "eval",
 ];
 /// mergekit features chatvec does not implement.
-const UNSUPPORTED: &[(&str, &str)] = &[("modules", "per-module merges")];
+const UNSUPPORTED: &[(&str, &str)] = &[(
+    "modules",
+    "per-module merges (each module of a multimodal model, such as a vision tower and a text decoder, merged by its own slices or models); for a model of one module, write its slices or models at the top level",
+)];
 const CHAT_VECTOR_PARAMS: &[&str] =
     &["scale", "include", "exclude", "embeddings", "keep_base_template", "raw_delta"];
 
@@ -503,8 +518,8 @@ pub(crate) fn parse_recipe(text: &str, path: &Path) -> Result<Recipe> {
             .ok_or_else(|| err(&format!("shard_size: expected bytes, not {n}")))?,
         Some(v) => return Err(err(&format!("shard_size: expected a size like \"5GB\", not {v}"))),
     };
-    let (vocab, tokens) = vocab_choice(&raw).map_err(|m| err(&m))?;
-    let union = vocab != VocabChoice::Base || !tokens.is_empty();
+    let (vocab, tokens, pad_to_multiple_of) = vocab_choice(&raw).map_err(|m| err(&m))?;
+    let union = vocab != VocabChoice::Base || !tokens.is_empty() || pad_to_multiple_of.is_some();
     if raw.chat_template.is_some() && matches!(body, RecipeBody::ChatVector(_)) {
         return Err(err(
             "chat_template: for merge methods; chat_vector takes the chat model's template (keep_base_template keeps the base's)",
@@ -512,13 +527,13 @@ pub(crate) fn parse_recipe(text: &str, path: &Path) -> Result<Recipe> {
     }
     if union && matches!(body, RecipeBody::ChatVector(_)) {
         return Err(err(
-            "tokenizer_source: union or a model is for merge methods; chat_vector keeps the base's vocabulary",
+            "tokenizer_source (union or a model) and the tokenizer: block are for merge methods; chat_vector keeps the base's vocabulary",
         ));
     }
     if let RecipeBody::Merge(m) = &body {
         if union && !m.slices.is_empty() {
             return Err(err(
-                "tokenizer_source (union or a model) with slices is not supported by chatvec yet: slices keep the first slice's vocabulary",
+                "tokenizer_source (union or a model) and the tokenizer: block with slices are not supported by chatvec yet: slices keep the first slice's vocabulary",
             ));
         }
         let merged = |s: &str| m.base.as_deref() == Some(s) || m.models.iter().any(|(r, _)| r == s);
@@ -626,6 +641,8 @@ pub(crate) fn parse_recipe(text: &str, path: &Path) -> Result<Recipe> {
         vocab,
         tokens,
         chat_template: nonempty(raw.chat_template.clone(), "chat_template").map_err(|m| err(&m))?,
+        lora_merge_dtype: None,
+        pad_to_multiple_of,
         sft,
         sweep,
         eval,
@@ -727,8 +744,9 @@ fn token_rules(v: &Value) -> std::result::Result<Vec<TokenRule>, String> {
 
 /// `tokenizer_source: base | union | MODEL`, or the `tokenizer:` block's
 /// `source` and `tokens` (mergekit's newer spelling; not both).
-fn vocab_choice(raw: &RawRecipe) -> std::result::Result<(VocabChoice, Vec<TokenRule>), String> {
+fn vocab_choice(raw: &RawRecipe) -> std::result::Result<(VocabChoice, Vec<TokenRule>, Option<u64>), String> {
     let mut tokens = Vec::new();
+    let mut pad = None;
     let (value, key) = match (&raw.tokenizer_source, &raw.tokenizer) {
         (Some(_), Some(_)) => {
             return Err("give tokenizer_source or the tokenizer: block, not both".into());
@@ -739,9 +757,17 @@ fn vocab_choice(raw: &RawRecipe) -> std::result::Result<(VocabChoice, Vec<TokenR
                 match k.as_str() {
                     "source" => {}
                     "tokens" => tokens = token_rules(&block["tokens"])?,
-                    "pad_to_multiple_of" => {
-                        return Err("tokenizer.pad_to_multiple_of is not supported by chatvec yet: the output keeps the source model's matrix rows".into());
-                    }
+                    "pad_to_multiple_of" => match &block[k] {
+                        Value::Null => {}
+                        Value::Number(n) if n.as_u64().is_some_and(|m| (1..=1 << 20).contains(&m)) => {
+                            pad = n.as_u64();
+                        }
+                        v => {
+                            return Err(format!(
+                                "tokenizer.pad_to_multiple_of: expected a whole number from 1 to 1048576, not {v}"
+                            ));
+                        }
+                    },
                     other => {
                         return Err(format!(
                             "tokenizer.{other}: unknown key (mergekit's are source, tokens, pad_to_multiple_of)"
@@ -749,7 +775,12 @@ fn vocab_choice(raw: &RawRecipe) -> std::result::Result<(VocabChoice, Vec<TokenR
                     }
                 }
             }
-            (block.get("source").cloned(), "tokenizer.source")
+            // mergekit's TokenizerConfig: the block's source is union
+            // unless it says otherwise.
+            (
+                Some(block.get("source").cloned().unwrap_or_else(|| Value::String("union".into()))),
+                "tokenizer.source",
+            )
         }
         (None, Some(v)) => {
             return Err(format!("tokenizer: expected a block such as {{source: union}}, not {v}"));
@@ -763,7 +794,7 @@ fn vocab_choice(raw: &RawRecipe) -> std::result::Result<(VocabChoice, Vec<TokenR
         Some(Value::String(s)) if !s.trim().is_empty() => VocabChoice::Model(s),
         Some(v) => return Err(format!("{key}: expected base, union or one of the merge's models, not {v}")),
     };
-    Ok((choice, tokens))
+    Ok((choice, tokens, pad))
 }
 
 /// Deserializes `v` into `T`, an error naming where (`models[1].model:
@@ -829,15 +860,33 @@ fn check_models(list: &[Value]) -> std::result::Result<(), String> {
     Ok(())
 }
 
-/// Refuses mergekit's `model+lora` reference (a model with an adapter
-/// merged on the fly), with the command that does it first; a directory
-/// whose name has a `+` is fine.
+/// Checks a mergekit `MODEL+LORA` reference (a model with a LoRA adapter
+/// merged into it as it is read): both parts named, one `+`. A path that
+/// exists with a `+` in its name is a model.
 fn lora_reference(at: &str, name: &str) -> std::result::Result<(), String> {
-    match name.split_once('+') {
-        Some((model, lora)) if !Path::new(name).exists() => Err(format!(
-            "{at} '{name}': a model+LoRA reference, which chatvec does not take in recipes yet; merge the adapter first (`chatvec apply --base {model} --lora {lora} -o MERGED`) and name MERGED"
+    if Path::new(name).exists() || !name.contains('+') {
+        return Ok(());
+    }
+    match split_lora(name) {
+        (_, Some(_)) => Ok(()),
+        _ => Err(format!(
+            "{at} '{name}': expected MODEL+LORA (a model, then one '+' and the LoRA adapter merged into it), or an existing path"
         )),
-        _ => Ok(()),
+    }
+}
+
+/// A model reference as mergekit writes it: `MODEL`, or `MODEL+LORA` for a
+/// LoRA adapter merged into MODEL as it is read. A path that exists is a
+/// model whatever its name holds.
+pub(crate) fn split_lora(name: &str) -> (&str, Option<&str>) {
+    if Path::new(name).exists() {
+        return (name, None);
+    }
+    match name.split_once('+') {
+        Some((model, lora)) if !model.trim().is_empty() && !lora.trim().is_empty() && !lora.contains('+') => {
+            (model, Some(lora))
+        }
+        _ => (name, None),
     }
 }
 
@@ -1138,7 +1187,7 @@ mod tests {
             (
                 "merge_method = \"chat_vector\"\nbase_model = \"b\"\nvector = \"v\"\ntokenizer_source = \"union\"\n",
                 "c.toml",
-                "tokenizer_source: union or a model is for merge methods",
+                "are for merge methods; chat_vector keeps the base's vocabulary",
             ),
             (
                 "merge_method = \"ties\"\nmodels = [\"a/b\"]\n[sft]\nepochs = 1\n",

@@ -466,3 +466,17 @@ pub(crate) fn chat_vector_recipe(t: &Trio, extra: &str) -> String {
         t.pre.display()
     )
 }
+
+/// The largest distance between `a` and `b` in bf16 ulps (`u32::MAX` for
+/// a sign change).
+pub(crate) fn bf16_ulps(a: &T, b: &T) -> u32 {
+    (0..a.numel())
+        .map(|i| {
+            let (x, y) = (a.get(i), b.get(i));
+            let (xb, yb) =
+                (half::bf16::from_f32(x).to_bits() as i32, half::bf16::from_f32(y).to_bits() as i32);
+            if (x < 0.0) != (y < 0.0) && x != y { u32::MAX } else { (xb - yb).unsigned_abs() }
+        })
+        .max()
+        .unwrap_or(0)
+}
