@@ -525,6 +525,17 @@ pub(crate) fn parse_recipe(text: &str, path: &Path) -> Result<Recipe> {
             "chat_template: for merge methods; chat_vector takes the chat model's template (keep_base_template keeps the base's)",
         ));
     }
+    if let RecipeBody::ChatVector(c) = &body {
+        let named = [("base_model", Some(&c.base)), ("vector", c.vector.as_ref()), ("chat", c.chat.as_ref())];
+        let named = named.into_iter().chain([("pretrained", c.pretrained.as_ref())]);
+        if let Some((key, name)) = named.filter_map(|(k, n)| Some((k, n?))).find(|(_, n)| split_lora(n).1.is_some()) {
+            let (model, lora) = split_lora(name);
+            return Err(err(&format!(
+                "{key} '{name}': MODEL+LORA references are for merge methods; a chat_vector recipe names whole models (merge the adapter first: `chatvec apply --base {model} --lora {} -o MERGED`, then name MERGED)",
+                lora.unwrap_or_default()
+            )));
+        }
+    }
     if union && matches!(body, RecipeBody::ChatVector(_)) {
         return Err(err(
             "tokenizer_source (union or a model) and the tokenizer: block are for merge methods; chat_vector keeps the base's vocabulary",
@@ -1188,6 +1199,16 @@ mod tests {
                 "merge_method = \"chat_vector\"\nbase_model = \"b\"\nvector = \"v\"\ntokenizer_source = \"union\"\n",
                 "c.toml",
                 "are for merge methods; chat_vector keeps the base's vocabulary",
+            ),
+            (
+                "merge_method = \"chat_vector\"\nbase_model = \"b\"\nchat = \"c+lora\"\npretrained = \"p\"\n",
+                "c.toml",
+                "chat 'c+lora': MODEL+LORA references are for merge methods",
+            ),
+            (
+                "merge_method: ties\nmodels: [a/b+x+y]\n",
+                "c.yml",
+                "models[0].model 'a/b+x+y': expected MODEL+LORA",
             ),
             (
                 "merge_method = \"ties\"\nmodels = [\"a/b\"]\n[sft]\nepochs = 1\n",
