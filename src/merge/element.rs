@@ -9,7 +9,7 @@ use std::ops::Range;
 
 use crate::arith::{BLOCK, View, for_each_delta};
 use crate::merge::methods::Method;
-use crate::merge::sce::Cursor;
+use crate::merge::sce::{Cursor, variance_bits};
 use crate::merge::stats::{
     Keep, ModelStats, RankKeep, STAT_BLOCK, TensorStats, della_probability, row_ranks,
 };
@@ -225,13 +225,21 @@ impl<'a> Pass<'a> {
     fn sce(&mut self, n: usize) {
         let (Some(cursor), Some(st)) = (self.sce.as_mut(), self.st.sce.as_ref()) else { return };
         let k = self.models.len();
+        // The deltas in place of the values, and each element's variance.
+        for x in self.models.iter_mut() {
+            for (xj, bj) in x[..n].iter_mut().zip(&self.base[..n]) {
+                *xj -= *bj;
+            }
+        }
+        let mut bits = [0u32; BLOCK];
+        variance_bits(&self.models, n, &mut bits[..n]);
         let mut d = vec![0f32; k];
         for j in 0..n {
             let b = self.base[j];
             for (di, x) in d.iter_mut().zip(&self.models) {
-                *di = x[j] - b;
+                *di = x[j];
             }
-            if !cursor.keeps(&d) {
+            if !cursor.keeps_bits(bits[j]) {
                 d.iter_mut().for_each(|v| *v *= 0.0);
             }
             let sum = d.iter().fold(0f32, |a, v| a + v);

@@ -528,7 +528,9 @@ pub(crate) fn parse_recipe(text: &str, path: &Path) -> Result<Recipe> {
     if let RecipeBody::ChatVector(c) = &body {
         let named = [("base_model", Some(&c.base)), ("vector", c.vector.as_ref()), ("chat", c.chat.as_ref())];
         let named = named.into_iter().chain([("pretrained", c.pretrained.as_ref())]);
-        if let Some((key, name)) = named.filter_map(|(k, n)| Some((k, n?))).find(|(_, n)| split_lora(n).1.is_some()) {
+        if let Some((key, name)) =
+            named.filter_map(|(k, n)| Some((k, n?))).find(|(_, n)| split_lora(n).1.is_some())
+        {
             let (model, lora) = split_lora(name);
             return Err(err(&format!(
                 "{key} '{name}': MODEL+LORA references are for merge methods; a chat_vector recipe names whole models (merge the adapter first: `chatvec apply --base {model} --lora {} -o MERGED`, then name MERGED)",
