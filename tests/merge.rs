@@ -1826,3 +1826,74 @@ fn tokenizer_pad_to_multiple_of_pads_with_each_models_mean_row() {
     assert_eq!(o.status.code(), Some(1));
     assert!(stderr(&o).contains("tokenizer.pad_to_multiple_of"), "{}", stderr(&o));
 }
+
+/// mergekit's `modules:` for a model of one module (`default`) is the
+/// same merge as its slices or models at the top level, the module's
+/// parameters before the top level's; several modules are refused.
+#[test]
+fn modules_default_is_the_top_level_merge_and_several_modules_are_refused() {
+    let d = tempfile::tempdir().unwrap();
+    let m = Models::new(d.path(), 16);
+    let (base, m1, m2) = (m.dir("base"), m.dir("m1"), m.dir("m2"));
+    let run = |name: &str, yaml: String| {
+        let cfg = d.path().join(format!("{name}.yml"));
+        std::fs::write(&cfg, yaml).unwrap();
+        let out = d.path().join(name);
+        (chatvec(&["-q", "merge", s(&cfg), s(&out)]), out)
+    };
+    let (o, a) = run(
+        "modules",
+        format!(
+            "merge_method: ties\nbase_model: {base}\nmodules:\n  default:\n    models:\n      - model: {m1}\n      - model: {m2}\n    parameters:\n      weight: 0.4\nparameters:\n  weight: 1.0\n  density: 0.5\n"
+        ),
+    );
+    ok(&o);
+    let (o, b) = run(
+        "top",
+        format!(
+            "merge_method: ties\nbase_model: {base}\nmodels:\n  - model: {m1}\n  - model: {m2}\nparameters:\n  weight: 0.4\n  density: 0.5\n"
+        ),
+    );
+    ok(&o);
+    assert_eq!(shard_hashes(&a), shard_hashes(&b));
+    let (o, a) = run(
+        "modules-slices",
+        format!(
+            "merge_method: passthrough\nmodules:\n  default:\n    slices:\n      - sources:\n          - model: {m1}\n            layer_range: [0, 2]\n      - sources:\n          - model: {m2}\n            layer_range: [1, 2]\n"
+        ),
+    );
+    ok(&o);
+    let (o, b) = run(
+        "top-slices",
+        format!(
+            "merge_method: passthrough\nslices:\n  - sources:\n      - model: {m1}\n        layer_range: [0, 2]\n  - sources:\n      - model: {m2}\n        layer_range: [1, 2]\n"
+        ),
+    );
+    ok(&o);
+    assert_eq!(shard_hashes(&a), shard_hashes(&b));
+    for (i, (yaml, said)) in [
+        (
+            format!("merge_method: linear\nmodules:\n  text_decoder:\n    models: [{m1}]\n  vision_tower:\n    models: [{m1}]\n"),
+            "per-module merges of a multimodal model",
+        ),
+        (format!("merge_method: linear\nmodules:\n  decoder:\n    models: [{m1}]\n"), "modules.decoder"),
+        (
+            format!("merge_method: linear\nmodels: [{m1}]\nmodules:\n  default:\n    models: [{m1}]\n"),
+            "not both",
+        ),
+        (
+            format!(
+                "merge_method: linear\nmodules:\n  default:\n    models: [{m1}, {m2}]\n    parameters:\n      weight: [{{filter: mlp, value: 0.2}}]\nparameters:\n  weight: 0.5\n"
+            ),
+            "a filter list without a default entry",
+        ),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let (o, out) = run(&format!("bad{i}"), yaml);
+        assert_eq!(o.status.code(), Some(1), "#{i}: {}", stderr(&o));
+        assert!(stderr(&o).contains(said), "#{i}: {}", stderr(&o));
+        assert!(!out.exists());
+    }
+}

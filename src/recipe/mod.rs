@@ -242,11 +242,7 @@ const TOML_ONLY_KEYS: &[&str] = &[
     "sweep",
     "eval",
 ];
-/// mergekit features chatvec does not implement.
-const UNSUPPORTED: &[(&str, &str)] = &[(
-    "modules",
-    "per-module merges (each module of a multimodal model, such as a vision tower and a text decoder, merged by its own slices or models); for a model of one module, write its slices or models at the top level",
-)];
+
 const CHAT_VECTOR_PARAMS: &[&str] =
     &["scale", "include", "exclude", "embeddings", "keep_base_template", "raw_delta"];
 
@@ -413,7 +409,7 @@ struct RawChatVectorParams {
 /// mergekit) and names the file in errors.
 pub(crate) fn parse_recipe(text: &str, path: &Path) -> Result<Recipe> {
     let ext = path.extension().and_then(|e| e.to_str()).unwrap_or("").to_ascii_lowercase();
-    let (syntax, doc) = match ext.as_str() {
+    let (syntax, mut doc) = match ext.as_str() {
         "yml" | "yaml" => {
             // Through serde_yaml_ng's own Value, which refuses a key given
             // twice (a serde_json::Value would keep the last silently, where
@@ -452,6 +448,10 @@ pub(crate) fn parse_recipe(text: &str, path: &Path) -> Result<Recipe> {
         }
     };
     let err = |msg: &str| Error::bad_file(path, msg.to_string());
+    let Value::Object(top) = &mut doc else {
+        return Err(err("expected a mapping of keys at the top level"));
+    };
+    lift_modules(top).map_err(|m| err(&m))?;
     let Value::Object(root) = &doc else {
         return Err(err("expected a mapping of keys at the top level"));
     };
@@ -827,9 +827,6 @@ fn typed<T: serde::de::DeserializeOwned>(v: Value, at: &str) -> std::result::Res
 
 fn check_keys(root: &Map<String, Value>, syntax: Syntax) -> std::result::Result<(), String> {
     for k in root.keys() {
-        if let Some((_, what)) = UNSUPPORTED.iter().find(|(u, _)| u == k) {
-            return Err(format!("{k}: mergekit's {what} is not supported by chatvec"));
-        }
         let known = MERGEKIT_KEYS.contains(&k.as_str())
             || (syntax == Syntax::Toml && TOML_ONLY_KEYS.contains(&k.as_str()));
         if !known {
@@ -869,6 +866,73 @@ fn check_models(list: &[Value]) -> std::result::Result<(), String> {
         if let Some(n) = name {
             lora_reference(&format!("models[{i}].model"), n)?;
         }
+    }
+    Ok(())
+}
+
+/// mergekit's `modules:` for a model of one module (mergekit names it
+/// `default`): its `slices` or `models` are the merge's, and its
+/// `parameters` come before the top level's, as mergekit reads them.
+/// Several modules (a multimodal model's vision tower and text decoder,
+/// each merged on its own) are refused with the reason.
+fn lift_modules(root: &mut Map<String, Value>) -> std::result::Result<(), String> {
+    let Some(modules) = root.remove("modules") else { return Ok(()) };
+    let Value::Object(modules) = modules else {
+        return Err(format!(
+            "modules: expected a mapping of module names to {{slices or models, parameters}}, not {modules}"
+        ));
+    };
+    if root.contains_key("models") || root.contains_key("slices") {
+        return Err("modules: give modules, or models or slices at the top level, not both".into());
+    }
+    if modules.len() != 1 {
+        let names: Vec<&str> = modules.keys().map(String::as_str).collect();
+        return Err(format!(
+            "modules: {} module(s) ({}): per-module merges of a multimodal model (a vision tower and a text decoder, each merged on its own) are not supported by chatvec; a model of one module has one, `default`",
+            names.len(),
+            names.join(", ")
+        ));
+    }
+    let Some((name, def)) = modules.into_iter().next() else { return Ok(()) };
+    if name != "default" {
+        return Err(format!(
+            "modules.{name}: chatvec merges models of one module, which mergekit names `default`; per-module merges of a multimodal model are not supported"
+        ));
+    }
+    let Value::Object(mut def) = def else {
+        return Err(format!("modules.default: expected {{slices or models, parameters}}, not {def}"));
+    };
+    if let Some(k) = def.keys().find(|k| !matches!(k.as_str(), "slices" | "models" | "parameters")) {
+        return Err(format!("modules.default: unknown key '{k}' (expected slices, models, parameters)"));
+    }
+    match (def.remove("slices"), def.remove("models")) {
+        (Some(s), None) => root.insert("slices".into(), s),
+        (None, Some(m)) => root.insert("models".into(), m),
+        _ => return Err("modules.default: give slices or models (one of them)".into()),
+    };
+    match def.remove("parameters") {
+        None | Some(Value::Null) => {}
+        Some(Value::Object(own)) => {
+            let global = root.entry("parameters").or_insert_with(|| Value::Object(Map::new()));
+            let Value::Object(global) = global else {
+                return Err(format!("parameters: expected a mapping, not {global}"));
+            };
+            for (k, v) in own {
+                // A filter list with no default entry leaves some tensors
+                // to the top level's value in mergekit: one value per key
+                // cannot say that.
+                let partial = v.as_array().is_some_and(|l| {
+                    !l.is_empty() && l.iter().all(|e| e.as_object().is_some_and(|o| o.contains_key("filter")))
+                });
+                if partial && global.contains_key(&k) {
+                    return Err(format!(
+                        "modules.default.parameters.{k}: a filter list without a default entry, with {k} also at the top level (mergekit falls back to the top level's where no filter matches): add the default to the list, or write {k} in one place"
+                    ));
+                }
+                global.insert(k, v);
+            }
+        }
+        Some(v) => return Err(format!("modules.default.parameters: expected a mapping, not {v}")),
     }
     Ok(())
 }
@@ -1182,9 +1246,9 @@ mod tests {
     fn bad_recipes_name_the_key() {
         let cases = [
             (
-                "merge_method: ties\nmodels: [a/b]\nmodules: {}\n",
+                "merge_method: ties\nmodules:\n  text_decoder: {models: [a/b]}\n  vision_tower: {models: [a/b]}\n",
                 "c.yml",
-                "modules: mergekit's per-module merges",
+                "modules: 2 module(s) (text_decoder, vision_tower): per-module merges of a multimodal model",
             ),
             (
                 "merge_method: ties\nmodels: [a/b]\nseed: 1\n",
