@@ -281,14 +281,12 @@ pub(crate) fn stats(inputs: &Inputs, n: u64, select_topk: f64) -> Result<SceStat
                 sb += b.eq_hi;
             }
             let rk = RankKeep { lo: n - keep, hi: n, lo_val, hi_val, less_lo, less_hi, eq_lo, eq_hi };
-            let select = Select::Ranks(rk);
-            let Select::Ranks(rk) = &select else { unreachable!() };
             let per_block = sums
                 .par_iter()
                 .enumerate()
                 .map(|(i, b)| {
-                    let lower = (b.eq_lo > 0).then(|| lower_kept(rk, rk.eq_lo[i], b.eq_lo));
-                    let upper = (b.eq_hi > 0).then(|| upper_kept(rk, rk.eq_hi[i], b.eq_hi));
+                    let lower = (b.eq_lo > 0).then(|| lower_kept(&rk, rk.eq_lo[i], b.eq_lo));
+                    let upper = (b.eq_hi > 0).then(|| upper_kept(&rk, rk.eq_hi[i], b.eq_hi));
                     // One value at both boundaries: its elements meet both
                     // rules, and `at_lo` holds them.
                     let (lower, upper) = if lo_val == hi_val {
@@ -302,7 +300,9 @@ pub(crate) fn stats(inputs: &Inputs, n: u64, select_topk: f64) -> Result<SceStat
                         (lower, upper)
                     };
                     if lower == Some(None) || upper == Some(None) {
-                        return kept_sums(&select, inputs, b.range.clone());
+                        // Rare (the blocks the boundary ranks fall in):
+                        // the selection is cloned for the element walk.
+                        return kept_sums(&Select::Ranks(rk.clone()), inputs, b.range.clone());
                     }
                     let mut s = b.inside.clone();
                     if lower == Some(Some(true)) {
@@ -314,7 +314,7 @@ pub(crate) fn stats(inputs: &Inputs, n: u64, select_topk: f64) -> Result<SceStat
                     s
                 })
                 .collect();
-            (select, per_block)
+            (Select::Ranks(rk), per_block)
         }
     } else if select_topk >= 1.0 {
         let per_block =
