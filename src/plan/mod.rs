@@ -293,8 +293,6 @@ impl Plan {
         ck.bytes(&ck.tensors[s.tensor])
     }
 
-    /// Whether any tensor is a low-rank (LoRA) update, which only the CPU
-    /// computes.
     /// A merge method the plan uses that has no CUDA kernels.
     pub(crate) fn cpu_only_method(&self) -> Option<&'static str> {
         self.tensors.iter().find_map(|t| match &t.op {
@@ -303,6 +301,8 @@ impl Plan {
         })
     }
 
+    /// Whether any tensor is a low-rank (LoRA) update, or reads an input
+    /// through its adapter (`model+lora`): only the CPU computes those.
     pub(crate) fn has_low_rank(&self) -> bool {
         self.inputs.iter().any(|i| i.lora.is_some())
             || self
@@ -322,18 +322,24 @@ impl Plan {
             lora::Patch::LowRank { onto, a, b, transposed, rows, cols, scale, round } => {
                 Src::Patched(crate::arith::lowrank::Patched {
                     base: self.operand(onto.unwrap_or(s)),
-                    factors: LowRank {
-                        a: self.operand(a),
-                        b: self.operand(b),
-                        rank: self.input_tensor(a).shape[0] as usize,
-                        transposed,
-                        rows,
-                        cols,
-                    },
+                    factors: self.low_rank(a, b, transposed, rows, cols),
                     scale,
                     round,
                 })
             }
+        }
+    }
+
+    /// The factors `lora_A` (`a`) and `lora_B` (`b`) of a `rows x cols`
+    /// low-rank update, as operands (the rank is A's row count).
+    fn low_rank(&self, a: Source, b: Source, transposed: bool, rows: u64, cols: u64) -> LowRank<'_> {
+        LowRank {
+            a: self.operand(a),
+            b: self.operand(b),
+            rank: self.input_tensor(a).shape[0] as usize,
+            transposed,
+            rows,
+            cols,
         }
     }
 
@@ -397,14 +403,7 @@ impl Plan {
                             Segment::AddScaled(base, slice(vector, v, n), scale)
                         }
                         (Some(_), Formula::AddLowRank { a, b, transposed, rows, cols, .. }) => {
-                            let factors = LowRank {
-                                a: self.operand(a),
-                                b: self.operand(b),
-                                rank: self.input_tensor(a).shape[0] as usize,
-                                transposed,
-                                rows,
-                                cols,
-                            };
+                            let factors = self.low_rank(a, b, transposed, rows, cols);
                             Segment::AddLowRank { base, factors, first: p, scale }
                         }
                     };
