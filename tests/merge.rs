@@ -1841,36 +1841,34 @@ fn modules_default_is_the_top_level_merge_and_several_modules_are_refused() {
         let out = d.path().join(name);
         (chatvec(&["-q", "merge", s(&cfg), s(&out)]), out)
     };
-    let (o, a) = run(
-        "modules",
-        format!(
-            "merge_method: ties\nbase_model: {base}\nmodules:\n  default:\n    models:\n      - model: {m1}\n      - model: {m2}\n    parameters:\n      weight: 0.4\nparameters:\n  weight: 1.0\n  density: 0.5\n"
+    // Each pair: the modules form, then the top-level form of one merge.
+    let pairs = [
+        (
+            "modules",
+            format!(
+                "merge_method: ties\nbase_model: {base}\nmodules:\n  default:\n    models:\n      - model: {m1}\n      - model: {m2}\n    parameters:\n      weight: 0.4\nparameters:\n  weight: 1.0\n  density: 0.5\n"
+            ),
+            format!(
+                "merge_method: ties\nbase_model: {base}\nmodels:\n  - model: {m1}\n  - model: {m2}\nparameters:\n  weight: 0.4\n  density: 0.5\n"
+            ),
         ),
-    );
-    ok(&o);
-    let (o, b) = run(
-        "top",
-        format!(
-            "merge_method: ties\nbase_model: {base}\nmodels:\n  - model: {m1}\n  - model: {m2}\nparameters:\n  weight: 0.4\n  density: 0.5\n"
+        (
+            "modules-slices",
+            format!(
+                "merge_method: passthrough\nmodules:\n  default:\n    slices:\n      - sources:\n          - model: {m1}\n            layer_range: [0, 2]\n      - sources:\n          - model: {m2}\n            layer_range: [1, 2]\n"
+            ),
+            format!(
+                "merge_method: passthrough\nslices:\n  - sources:\n      - model: {m1}\n        layer_range: [0, 2]\n  - sources:\n      - model: {m2}\n        layer_range: [1, 2]\n"
+            ),
         ),
-    );
-    ok(&o);
-    assert_eq!(shard_hashes(&a), shard_hashes(&b));
-    let (o, a) = run(
-        "modules-slices",
-        format!(
-            "merge_method: passthrough\nmodules:\n  default:\n    slices:\n      - sources:\n          - model: {m1}\n            layer_range: [0, 2]\n      - sources:\n          - model: {m2}\n            layer_range: [1, 2]\n"
-        ),
-    );
-    ok(&o);
-    let (o, b) = run(
-        "top-slices",
-        format!(
-            "merge_method: passthrough\nslices:\n  - sources:\n      - model: {m1}\n        layer_range: [0, 2]\n  - sources:\n      - model: {m2}\n        layer_range: [1, 2]\n"
-        ),
-    );
-    ok(&o);
-    assert_eq!(shard_hashes(&a), shard_hashes(&b));
+    ];
+    for (name, modules, top) in pairs {
+        let (o, a) = run(name, modules);
+        ok(&o);
+        let (o, b) = run(&format!("{name}-top"), top);
+        ok(&o);
+        assert_eq!(shard_hashes(&a), shard_hashes(&b), "{name}");
+    }
     for (i, (yaml, said)) in [
         (
             format!("merge_method: linear\nmodules:\n  text_decoder:\n    models: [{m1}]\n  vision_tower:\n    models: [{m1}]\n"),
