@@ -80,6 +80,7 @@ pub use eval::EvalSpec;
 pub use exec::{InputHashes, RunOptions};
 pub use job::analyze::AnalyzeSpec;
 pub use model::FloatType;
+pub use model::{ExpertLayout, ExpertSummary};
 pub use output::Destination;
 pub use params::apply::{ApplyParams, ApplySpec, ExtractParams, ExtractSpec, VectorSource};
 pub use params::embeddings::EmbeddingPolicy;

@@ -149,6 +149,11 @@ fn lora_merge_dtype(s: &str) -> Result<FloatType, String> {
     FloatType::parse_cli(s).ok_or_else(|| format!("'{s}' is not bfloat16, float16 or float32"))
 }
 
+fn expert_layout(s: &str) -> Result<chatvec::ExpertLayout, String> {
+    chatvec::ExpertLayout::parse(s)
+        .ok_or_else(|| format!("'{s}' is not an expert layout (fused, per-expert)"))
+}
+
 fn parse_scales(s: &str) -> Result<ScaleList, String> {
     let (mut parts, mut depth, mut cur) = (Vec::new(), 0i32, String::new());
     for c in s.chars() {
@@ -431,6 +436,12 @@ pub(crate) struct MergeArgs {
     #[arg(long, value_name = "DTYPE", value_parser = lora_merge_dtype)]
     pub lora_merge_dtype: Option<FloatType>,
 
+    /// Mixture-of-experts output layout: fused (transformers 5's experts.gate_up_proj and
+    /// down_proj) or per-expert (default: the base's, else the first model's). Inputs in
+    /// either layout are lined up expert by expert.
+    #[arg(long, value_name = "LAYOUT", value_parser = expert_layout)]
+    pub expert_layout: Option<chatvec::ExpertLayout>,
+
     /// For a config of several YAML documents (mergekit-multimerge): where the named merges go
     /// (default: OUT-intermediates beside OUT, or OUT itself when every merge is named).
     #[arg(long, value_name = "DIR")]
@@ -477,6 +488,9 @@ impl MergeArgs {
     fn override_recipe(&self, r: &mut Recipe) {
         if let Some(ty) = self.lora_merge_dtype {
             r.set_lora_merge_dtype(ty);
+        }
+        if let Some(l) = self.expert_layout {
+            r.set_expert_layout(l);
         }
         if let Some(bytes) = self.shard_size.or(self.out_shard_size) {
             r.set_shard_size(bytes);

@@ -554,7 +554,7 @@ mod tests {
         let rule = "self_attn=0.25".to_string();
         let selection = Selection::new(&[], &[], &Scale::Constant(1.0), &[rule], Spelling::Cli).unwrap();
         let opts = ApplyOptions {
-            common: Common { selection, shard_size: 1 << 30, allow_mismatch: false },
+            common: Common { selection, shard_size: 1 << 30, allow_mismatch: false, expert_layout: None },
             embeddings: crate::params::embeddings::EmbeddingPolicy::Auto,
             out_dtype: None,
             candidates: candidates.clone(),

@@ -13,6 +13,7 @@ use crate::job::chat_vector::{VectorRefs, resolve_vector};
 use crate::model::checkpoint::Checkpoint;
 use crate::params::apply::VectorSource;
 use crate::plan::checks::read_vocab;
+use crate::plan::experts::line_up;
 use crate::resolve::open_model;
 
 /// What to analyze.
@@ -57,6 +58,14 @@ impl Opened {
         }
     }
 
+    /// Its checkpoints, to line their experts up.
+    fn checkpoints(&mut self) -> Vec<&mut Checkpoint> {
+        match self {
+            Opened::Stored(v) => vec![&mut **v],
+            Opened::Pair(c, p) => vec![&mut **c, &mut **p],
+        }
+    }
+
     fn side(&self) -> Side<'_> {
         match self {
             Opened::Stored(v) => Side::Stored(v),
@@ -76,10 +85,19 @@ pub fn analyze(spec: &AnalyzeSpec) -> Result<AnalyzeReport> {
     if let Some(p) = &spec.plot {
         crate::output::files::check_picture_target(p, spec.force)?;
     }
-    let (vector, vector_label) = Opened::open(&spec.vector)?;
-    let against = spec.against.as_ref().map(Opened::open).transpose()?;
-    let base = spec.base.as_deref().map(open_model).transpose()?;
-    let applied = spec.applied.as_deref().map(open_model).transpose()?;
+    let (mut vector, vector_label) = Opened::open(&spec.vector)?;
+    let mut against = spec.against.as_ref().map(Opened::open).transpose()?;
+    let mut base = spec.base.as_deref().map(open_model).transpose()?;
+    let mut applied = spec.applied.as_deref().map(open_model).transpose()?;
+    // Experts stored in different layouts are compared expert by expert.
+    {
+        let mut cks = vector.checkpoints();
+        if let Some((a, _)) = against.as_mut() {
+            cks.extend(a.checkpoints());
+        }
+        cks.extend(base.iter_mut().chain(applied.iter_mut()));
+        line_up(&mut cks, 0, None)?;
+    }
     let inputs = Inputs {
         vector: vector.side(),
         against: against.as_ref().map(|(o, _)| o.side()),

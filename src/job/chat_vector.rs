@@ -6,6 +6,7 @@ use crate::exec::RunOptions;
 use crate::job::preflight;
 use crate::job::{Records, Summary, Variant, check_written_config, set_labels, write_output, write_outputs};
 use crate::model::checkpoint::Checkpoint;
+use crate::model::experts::ExpertLayout;
 use crate::output::Destination;
 use crate::output::card::model_card;
 use crate::output::manifest::{MANIFEST_FILE, RecipeRecord, TensorRecord, VectorRecord, read_vector_info};
@@ -45,8 +46,13 @@ pub(crate) fn resolve_vector(source: &VectorSource) -> Result<VectorRefs> {
 }
 
 /// The settings plan_extract and plan_apply share, from a checked spec.
-fn common(selection: &Selection, shard_size: u64, allow_mismatch: bool) -> Common {
-    Common { selection: selection.clone(), shard_size, allow_mismatch }
+fn common(
+    selection: &Selection,
+    shard_size: u64,
+    allow_mismatch: bool,
+    expert_layout: Option<ExpertLayout>,
+) -> Common {
+    Common { selection: selection.clone(), shard_size, allow_mismatch, expert_layout }
 }
 
 /// Parameters as JSON. Through text, so f32 values keep their shortest
@@ -84,7 +90,7 @@ pub fn extract(spec: &ExtractSpec, out: &Destination, run: &RunOptions) -> Resul
 fn extract_now(spec: &ExtractSpec, out: &Destination, run: &RunOptions, fetch: &Fetch) -> Result<Summary> {
     let chat_ck = fetch.open_model(spec.chat())?;
     let chat_dir = chat_ck.dir.clone();
-    let common = common(&spec.selection, spec.shard_size, spec.allow_mismatch());
+    let common = common(&spec.selection, spec.shard_size, spec.allow_mismatch(), spec.expert_layout());
     let mut plan = plan_extract(chat_ck, fetch.open_model(spec.pretrained())?, &common, spec.dtype())?;
     set_labels(&mut plan, &[spec.chat(), spec.pretrained()]);
     // The vector carries the chat model's config, tokenizer and template so
@@ -93,12 +99,12 @@ fn extract_now(spec: &ExtractSpec, out: &Destination, run: &RunOptions, fetch: &
     let side = read_side_files(&chat_dir)?;
     let vector = VectorRecord {
         tensors: plan
-            .tensors
+            .stored(0..plan.tensors.len())
             .iter()
             .map(|t| TensorRecord {
-                name: t.name.clone(),
-                dtype: t.dtype.name().into(),
-                shape: t.shape.clone(),
+                name: t.spec.name.to_string(),
+                dtype: t.spec.dtype.name().into(),
+                shape: t.spec.shape.to_vec(),
             })
             .collect(),
         omitted: plan.omitted.clone(),
@@ -232,7 +238,7 @@ pub(crate) fn apply_many(
             return Err(Error::Usage("a LoRA adapter is merged at one scale at a time".into()));
         }
     };
-    let common = common(&spec.selection, spec.shard_size, spec.allow_mismatch());
+    let common = common(&spec.selection, spec.shard_size, spec.allow_mismatch(), spec.expert_layout());
     let base_ck = fetch.open_model(spec.base())?;
     let base_dir = base_ck.dir.clone();
     let mut early_warnings = Vec::new();
@@ -312,7 +318,7 @@ fn apply_lora(
     fetch: &Fetch,
     recipe: Option<RecipeRecord>,
 ) -> Result<Summary> {
-    let common = common(&spec.selection, spec.shard_size, spec.allow_mismatch());
+    let common = common(&spec.selection, spec.shard_size, spec.allow_mismatch(), spec.expert_layout());
     let adapter = fetch.open_adapter(reference)?;
     let base_ck = fetch.open_model(spec.base())?;
     let base_dir = base_ck.dir.clone();

@@ -7,6 +7,7 @@ use serde::Serialize;
 use crate::error::Result;
 use crate::model::checkpoint::Checkpoint;
 use crate::model::config::ConfigSummary;
+use crate::model::experts::ExpertSummary;
 use crate::output::manifest::{Provenance, read_provenance};
 use crate::resolve::open_model;
 use crate::units::{human_bytes, human_count};
@@ -54,6 +55,9 @@ pub struct InspectReport {
     pub tied_embeddings: bool,
     /// The main config.json settings.
     pub config: Option<ConfigSummary>,
+    /// Its mixture-of-experts layers: family, layout, expert count
+    /// (`None`: a dense model).
+    pub experts: Option<ExpertSummary>,
     /// From chatvec-manifest.json, when chatvec wrote this directory.
     pub made_by: Option<Provenance>,
     /// Every tensor.
@@ -91,6 +95,7 @@ fn report(ck: &Checkpoint) -> Result<InspectReport> {
         dtypes,
         tied_embeddings: ck.is_tied(),
         config: ck.config.as_ref().map(|c| c.summary()),
+        experts: crate::model::experts::summary(ck)?,
         tensors: ck
             .tensors
             .iter()
@@ -154,6 +159,16 @@ fn render(r: &InspectReport) -> String {
         None => {
             let _ = writeln!(s, "  config: none (no config.json)");
         }
+    }
+    if let Some(e) = &r.experts {
+        let _ = writeln!(
+            s,
+            "  experts: {} per layer in {} layer(s), stored {} ({} layout family)",
+            e.experts,
+            e.moe_layers,
+            e.layout.name(),
+            e.family
+        );
     }
     let _ = writeln!(s, "  shards:");
     for sh in &r.shards {

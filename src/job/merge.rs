@@ -58,6 +58,7 @@ pub(crate) fn chat_vector_spec(recipe: &Recipe, c: &ApplyParams) -> Result<Apply
         out_dtype: recipe.out_dtype,
         shard_size: Some(recipe.shard_size),
         allow_mismatch: recipe.allow_mismatch,
+        expert_layout: recipe.expert_layout,
         ..c.clone()
     };
     params.validate_as(Spelling::Recipe)
@@ -210,6 +211,7 @@ fn merge_method(
         vocab,
         tokens,
         pad_to: recipe.pad_to_multiple_of,
+        expert_layout: recipe.expert_layout,
     };
     // Parameter problems are the recipe's: name its file.
     let mut plan = plan_merge(inputs, &spec).map_err(|e| recipe_error(recipe, e))?;
@@ -313,6 +315,7 @@ fn merge_slices(
         out_dtype: recipe.out_dtype,
         shard_size: recipe.shard_size,
         allow_mismatch: recipe.allow_mismatch,
+        expert_layout: recipe.expert_layout,
     };
     let (mut plan, map) = plan_slices(inputs, &spec).map_err(|e| recipe_error(recipe, e))?;
     attach_adapters(&mut plan, adapters, recipe)?;

@@ -293,7 +293,12 @@ fn check_written_config(
         ))
         .with_hint("add the model's config.json, or pass --weights-only if only the weights are wanted"));
     };
-    let tensors = plan.tensors.iter().map(|t| (t.name.as_str(), t.shape.as_slice()));
+    let stored: Vec<(String, Vec<u64>)> = plan
+        .stored(0..plan.tensors.len())
+        .iter()
+        .map(|t| (t.spec.name.to_string(), t.spec.shape.to_vec()))
+        .collect();
+    let tensors = stored.iter().map(|(n, s)| (n.as_str(), s.as_slice()));
     crate::plan::checks::check_output_fits(|k| cfg.get(k), tensors, allow_mismatch, &mut plan.warnings)
 }
 

@@ -88,6 +88,10 @@ pub struct Tensor {
     pub(crate) start: u64,
     /// Byte length of its data.
     pub(crate) len: u64,
+    /// Where a tensor read through another layout is stored (an expert's
+    /// matrix of a fused tensor: `...experts.gate_up_proj[3][0:768]`);
+    /// `None` for a tensor stored under its own name.
+    pub(crate) stored_as: Option<String>,
 }
 
 impl Tensor {
@@ -192,6 +196,31 @@ impl Checkpoint {
         let files = [file.to_string()];
         let (shards, tensors, by_name) = open_shards(dir, &dir.join(file), &files, None, bin)?;
         Ok(Checkpoint { dir: dir.to_path_buf(), shards, tensors, by_name, config: None, origin: None })
+    }
+
+    /// Replaces the tensor table with `tensors` (the same bytes read under
+    /// other names and bounds: `experts::split_fused`). Every range must
+    /// lie inside the stored tensors'; a name given twice is refused.
+    pub(crate) fn retable(&mut self, tensors: Vec<Tensor>) -> Result<()> {
+        let mut by_name = HashMap::with_capacity(tensors.len());
+        for (i, t) in tensors.iter().enumerate() {
+            if let Some(&j) = by_name.get(&t.name) {
+                let first: &Tensor = &tensors[j];
+                return Err(Error::bad_tensor(
+                    self.file_of(t),
+                    &t.name,
+                    format!(
+                        "is read from {} and also from {}; the model stores it twice, in two layouts",
+                        t.stored_as.as_deref().unwrap_or(&t.name),
+                        first.stored_as.as_deref().unwrap_or(&first.name)
+                    ),
+                ));
+            }
+            by_name.insert(t.name.clone(), i);
+        }
+        self.tensors = tensors;
+        self.by_name = by_name;
+        Ok(())
     }
 
     /// The tensor called `name`, if stored.
@@ -302,6 +331,7 @@ fn open_shards(
             shard: si,
             start,
             len,
+            stored_as: None,
         });
         for t in stored {
             if let Some(&prev) = by_name.get(&t.name) {

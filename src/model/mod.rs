@@ -10,6 +10,7 @@ pub(crate) mod adapter;
 pub(crate) mod checkpoint;
 pub(crate) mod config;
 pub(crate) mod dtype;
+pub(crate) mod experts;
 pub(crate) mod hash_cache;
 pub(crate) mod layers;
 pub(crate) mod mapped;
@@ -19,6 +20,7 @@ pub(crate) mod torch_bin;
 
 pub use checkpoint::{Checkpoint, Tensor};
 pub use dtype::{DType, FloatType};
+pub use experts::{ExpertLayout, ExpertSummary};
 
 /// A model's card (its README.md): read for the licence, never copied.
 pub(crate) const CARD_FILE: &str = "README.md";

@@ -184,7 +184,7 @@ pub(crate) fn parse_header(bytes: &[u8], file: &Path) -> Result<Header> {
 }
 
 /// What the writer needs to know about one tensor to lay out a file.
-#[derive(Clone, Debug)]
+#[derive(Clone, Copy, Debug)]
 pub(crate) struct OutTensorSpec<'a> {
     pub name: &'a str,
     pub dtype: DType,

@@ -23,8 +23,8 @@ const MERGEKIT_CONFIG: &str = "mergekit_config.yml";
 fn index_json(plan: &Plan) -> Vec<u8> {
     let mut names: Vec<(&str, &str)> = Vec::new();
     for sh in &plan.shards {
-        for t in &plan.tensors[sh.tensors.clone()] {
-            names.push((&t.name, &sh.file_name));
+        for t in plan.stored(sh.tensors.clone()) {
+            names.push((t.spec.name, &sh.file_name));
         }
     }
     names.sort();

@@ -14,6 +14,7 @@ use serde::Serialize;
 
 use crate::error::{Error, Result};
 use crate::model::dtype::FloatType;
+use crate::model::experts::ExpertLayout;
 use crate::params::embeddings::EmbeddingPolicy;
 use crate::params::lora::{LoraParams, LoraSpec};
 use crate::params::select::{Scale, Selection, Spelling};
@@ -104,6 +105,13 @@ pub struct ApplyParams {
     /// Downgrade config.json architecture differences to warnings (shapes must still match).
     #[arg(long)]
     pub allow_mismatch: bool,
+
+    /// Mixture-of-experts output layout: fused (transformers 5's experts.gate_up_proj and
+    /// down_proj) or per-expert (one tensor per expert); default: the base's. Inputs
+    /// in either layout are lined up expert by expert.
+    #[arg(long, value_name = "LAYOUT", value_parser = parse_expert_layout)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub expert_layout: Option<ExpertLayout>,
 }
 
 /// The vector `apply` adds.
@@ -246,6 +254,11 @@ impl ApplySpec {
         self.given.allow_mismatch
     }
 
+    /// The output's expert layout (`None`: the reference model's).
+    pub fn expert_layout(&self) -> Option<ExpertLayout> {
+        self.given.expert_layout
+    }
+
     /// A stored vector without a chatvec manifest is a raw delta (from
     /// another tool), not a mistake (a whole model given as a vector).
     pub fn raw_delta(&self) -> bool {
@@ -341,6 +354,13 @@ pub struct ExtractParams {
     #[arg(long)]
     pub allow_mismatch: bool,
 
+    /// Mixture-of-experts output layout: fused (transformers 5's experts.gate_up_proj and
+    /// down_proj) or per-expert (one tensor per expert); default: the chat model's. Inputs
+    /// in either layout are lined up expert by expert.
+    #[arg(long, value_name = "LAYOUT", value_parser = parse_expert_layout)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub expert_layout: Option<ExpertLayout>,
+
     /// The LoRA adapter options (--rank and the rest).
     #[command(flatten)]
     #[serde(flatten)]
@@ -428,6 +448,11 @@ impl ExtractSpec {
     pub fn allow_mismatch(&self) -> bool {
         self.given.allow_mismatch
     }
+
+    /// The output's expert layout (`None`: the reference model's).
+    pub fn expert_layout(&self) -> Option<ExpertLayout> {
+        self.given.expert_layout
+    }
 }
 
 /// A dtype as the manifest has always named it (`BF16`).
@@ -436,6 +461,10 @@ fn dtype_name<S: serde::Serializer>(t: &Option<FloatType>, s: S) -> std::result:
         Some(t) => s.serialize_str(t.dtype().name()),
         None => s.serialize_none(),
     }
+}
+
+fn parse_expert_layout(s: &str) -> std::result::Result<ExpertLayout, String> {
+    ExpertLayout::parse(s).ok_or_else(|| format!("'{s}' is not an expert layout (fused, per-expert)"))
 }
 
 fn parse_dtype(s: &str) -> std::result::Result<FloatType, String> {

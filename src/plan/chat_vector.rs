@@ -8,10 +8,12 @@ use crate::arith::rows::RowRun;
 use crate::error::{Error, Result};
 use crate::model::checkpoint::{Checkpoint, Tensor, is_lm_head, is_vocab_matrix};
 use crate::model::dtype::FloatType;
+use crate::model::experts::ExpertLayout;
 use crate::model::layers::layers_of;
 use crate::params::embeddings::EmbeddingPolicy;
 use crate::params::select::{Scale, Selection};
 use crate::plan::checks::{Problems, check_configs, check_fits, float_of, read_vocab};
+use crate::plan::experts::{finish, line_up};
 use crate::plan::shards::assign_shards;
 use crate::plan::skeleton::{Step, each_tensor};
 use crate::plan::vocab::{EmbeddingReport, RowMap, Vocabs, match_rows};
@@ -22,6 +24,8 @@ pub(crate) struct Common {
     pub selection: Selection,
     pub shard_size: u64,
     pub allow_mismatch: bool,
+    /// `--expert-layout`: the output's (`None`: the reference model's).
+    pub expert_layout: Option<ExpertLayout>,
 }
 
 /// Options of `apply`.
@@ -47,11 +51,12 @@ pub(crate) enum VectorSide {
 /// Plans `extract`: `chat - pretrained` for every selected tensor of the
 /// chat model, in the chat model's order.
 pub(crate) fn plan_extract(
-    chat: Checkpoint,
-    pre: Checkpoint,
+    mut chat: Checkpoint,
+    mut pre: Checkpoint,
     common: &Common,
     dtype: Option<FloatType>,
 ) -> Result<Plan> {
+    let experts = line_up(&mut [&mut chat, &mut pre], 0, common.expert_layout)?;
     let mut warnings = Vec::new();
     check_configs(&chat, &pre, common.allow_mismatch, &mut warnings)?;
     for ck in [&chat, &pre] {
@@ -117,8 +122,8 @@ pub(crate) fn plan_extract(
     if tensors.is_empty() {
         return Err(Error::Usage("no tensor is selected; check --include / --exclude".into()));
     }
-    let shards = assign_shards(&tensors, common.shard_size);
-    Ok(Plan {
+    let shards = assign_shards(&tensors, &[], common.shard_size);
+    let mut plan = Plan {
         inputs: vec![Input::new(Role::Chat, chat), Input::new(Role::Pretrained, pre)],
         tensors,
         shards,
@@ -127,13 +132,23 @@ pub(crate) fn plan_extract(
         warnings,
         vocab_union: None,
         scales: Vec::new(),
-    })
+        groups: Vec::new(),
+        experts: None,
+    };
+    finish(&mut plan, experts, common.shard_size)?;
+    Ok(plan)
 }
 
 /// Plans `apply`: the base model's tensors, names, order and dtypes (or
 /// `--out-dtype`), with the scaled vector added to the selected ones.
-pub(crate) fn plan_apply(base: Checkpoint, side: VectorSide, opts: &ApplyOptions) -> Result<Plan> {
+pub(crate) fn plan_apply(mut base: Checkpoint, mut side: VectorSide, opts: &ApplyOptions) -> Result<Plan> {
     let common = &opts.common;
+    let experts = match &mut side {
+        VectorSide::Stored { vector, .. } => line_up(&mut [&mut base, vector], 0, common.expert_layout)?,
+        VectorSide::Streaming { chat, pretrained } => {
+            line_up(&mut [&mut base, chat, pretrained], 0, common.expert_layout)?
+        }
+    };
     // Scale gradients spread over the base's layers.
     let mut sel = common.selection.clone();
     sel.set_layers(layers_of(base.tensors.iter().map(|t| t.name.as_str())));
@@ -279,5 +294,6 @@ pub(crate) fn plan_apply(base: Checkpoint, side: VectorSide, opts: &ApplyOptions
     let mut plan = out.into_plan(inputs, common.shard_size, warnings)?;
     plan.embeddings = embeddings;
     plan.scales = scales;
+    finish(&mut plan, experts, common.shard_size)?;
     Ok(plan)
 }

@@ -25,10 +25,24 @@ impl Plan {
             }
             out.push('\n');
         }
+        if let Some(e) = &self.experts {
+            let labels: Vec<&str> = self.inputs.iter().map(|i| i.label.as_str()).collect();
+            out.push_str(&e.describe(&labels));
+        }
         for sh in &self.shards {
             let _ = writeln!(out, "shard {} ({} bytes)", sh.file_name, sh.size);
             for (i, t) in self.tensors.iter().enumerate().take(sh.tensors.end).skip(sh.tensors.start) {
-                let _ = writeln!(out, "  {} {} {:?}: {}", t.name, t.dtype, t.shape, self.describe_op(i));
+                if let Some(g) = self.groups.iter().find(|g| g.tensors.start == i) {
+                    let n = g.tensors.len();
+                    let _ = writeln!(
+                        out,
+                        "  {} {} {:?}: the {n} tensors below, in order",
+                        g.name, t.dtype, g.shape
+                    );
+                }
+                let indent = if self.groups.iter().any(|g| g.tensors.contains(&i)) { "    " } else { "  " };
+                let _ =
+                    writeln!(out, "{indent}{} {} {:?}: {}", t.name, t.dtype, t.shape, self.describe_op(i));
             }
         }
         let computed = self.tensors.iter().filter(|t| !matches!(t.op, Op::Copy(_))).count();
@@ -44,7 +58,12 @@ impl Plan {
 
     fn describe_op(&self, tensor: usize) -> String {
         let name = |s: Source| {
-            format!("{:?}:{}", self.inputs[s.input].role, self.input_tensor(s).name).to_lowercase()
+            let t = self.input_tensor(s);
+            let role = format!("{:?}", self.inputs[s.input].role).to_lowercase();
+            match &t.stored_as {
+                Some(at) => format!("{role}:{} (stored as {at})", t.name),
+                None => format!("{role}:{}", t.name),
+            }
         };
         // The tensor's scale; a sweep's candidates' as `a|b|c`.
         let scale = (0..self.variants())

@@ -11,10 +11,12 @@ use crate::merge::methods::{self, BaseRole, Method, ParamSources, Scope};
 use crate::merge::params::Setting;
 use crate::model::checkpoint::{Checkpoint, is_vocab_matrix};
 use crate::model::dtype::FloatType;
+use crate::model::experts::ExpertLayout;
 use crate::model::layers::{layer_index, layer_position};
 use crate::model::tokenizer::Vocab;
 use crate::params::embeddings::EmbeddingPolicy;
 use crate::plan::checks::{Problems, check_configs, check_fits, float_of, read_vocab};
+use crate::plan::experts::{finish, line_up_inputs};
 use crate::plan::skeleton::{Step, each_tensor};
 use crate::plan::vocab::{EmbeddingReport, RowMap, Vocabs, match_rows};
 use crate::plan::{Input, MergeOp, Op, Plan, Source, UnionRows, VocabUnion};
@@ -74,6 +76,8 @@ pub(crate) struct MergeSpec {
     /// `tokenizer.pad_to_multiple_of`: vocabulary matrices padded to a
     /// multiple of this many rows, each new row the mean of the others.
     pub pad_to: Option<u64>,
+    /// `--expert-layout`: the output's (`None`: the reference model's).
+    pub expert_layout: Option<ExpertLayout>,
 }
 
 /// Checks parameter names and scopes once, before any tensor.
@@ -115,9 +119,10 @@ fn layer_count(ck: &Checkpoint) -> u64 {
 }
 
 /// Plans a merge of `inputs` as `spec` says.
-pub(crate) fn plan_merge(inputs: Vec<Input>, spec: &MergeSpec) -> Result<Plan> {
+pub(crate) fn plan_merge(mut inputs: Vec<Input>, spec: &MergeSpec) -> Result<Plan> {
     let mut warnings = check_settings(spec, &inputs)?;
     let reference = spec.base.unwrap_or(spec.models[0]);
+    let experts = line_up_inputs(&mut inputs, reference, spec.expert_layout)?;
     let rck = &inputs[reference].ckpt;
     for (i, inp) in inputs.iter().enumerate() {
         if i != reference {
@@ -318,6 +323,7 @@ pub(crate) fn plan_merge(inputs: Vec<Input>, spec: &MergeSpec) -> Result<Plan> {
     let mut plan = out.into_plan(inputs, spec.shard_size, warnings)?;
     plan.embeddings = embeddings;
     plan.vocab_union = vocab_union;
+    finish(&mut plan, experts, spec.shard_size)?;
     Ok(plan)
 }
 

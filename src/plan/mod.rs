@@ -18,6 +18,7 @@
 pub(crate) mod chat_vector;
 pub(crate) mod checks;
 pub(crate) mod describe;
+pub(crate) mod experts;
 pub(crate) mod lora;
 pub(crate) mod merge;
 pub(crate) mod shards;
@@ -261,6 +262,21 @@ pub(crate) struct Plan {
     /// The CPU and the GPU both take a tensor's scale from here, through
     /// `segments`, so they cannot compute with different ones.
     pub scales: Vec<TensorScales>,
+    /// Consecutive output tensors stored as one (experts written fused);
+    /// every other tensor is stored as itself.
+    pub groups: Vec<Group>,
+    /// How inputs whose experts are stored differently were lined up.
+    pub experts: Option<experts::ExpertPlan>,
+}
+
+/// Consecutive output tensors `tensors`, computed one by one, stored as
+/// one tensor `name` of `shape` (their bytes in order): a layer's experts
+/// written in the fused layout.
+#[derive(Clone, Debug)]
+pub(crate) struct Group {
+    pub name: String,
+    pub shape: Vec<u64>,
+    pub tensors: Range<usize>,
 }
 
 /// Per output tensor, its scale in one variant (see `Plan::scales`).
@@ -279,6 +295,15 @@ pub(crate) fn scales_of(tensors: &[OutTensor], mut scale: impl FnMut(&OutTensor)
 }
 
 impl Plan {
+    /// The tensors the output files store, over output tensors `range`
+    /// (a shard's): one per tensor, or one per group.
+    pub(crate) fn stored(&self, range: Range<usize>) -> Vec<shards::Stored<'_>> {
+        shards::stored(&self.tensors, &self.groups)
+            .into_iter()
+            .filter(|s| range.contains(&s.tensors.start))
+            .collect()
+    }
+
     /// Bytes of all output shard files.
     pub(crate) fn output_bytes(&self) -> u64 {
         self.shards.iter().map(|s| s.size).sum()

@@ -104,7 +104,7 @@ impl Outputs {
         warnings: Vec<String>,
     ) -> Result<Plan> {
         self.problems.into_result()?;
-        let shards = assign_shards(&self.tensors, shard_size);
+        let shards = assign_shards(&self.tensors, &[], shard_size);
         let scaled = self.scales.iter().any(Option::is_some);
         Ok(Plan {
             inputs,
@@ -115,6 +115,8 @@ impl Outputs {
             warnings,
             vocab_union: None,
             scales: if scaled { vec![self.scales] } else { Vec::new() },
+            groups: Vec::new(),
+            experts: None,
         })
     }
 }

@@ -16,8 +16,10 @@ use crate::merge::methods::{self, BaseRole, Method, ParamSources};
 use crate::merge::params::Setting;
 use crate::model::checkpoint::{Checkpoint, is_embedding};
 use crate::model::dtype::FloatType;
+use crate::model::experts::ExpertLayout;
 use crate::model::layers::{layer_index, layers_of};
 use crate::plan::checks::{Problems, check_configs, check_fits, float_of};
+use crate::plan::experts::{finish, line_up_inputs};
 use crate::plan::skeleton::{Outputs, out_dtype};
 use crate::plan::{Input, MergeOp, Op, OutTensor, Plan, Source};
 
@@ -42,6 +44,8 @@ pub(crate) struct SliceSpec {
     pub out_dtype: Option<FloatType>,
     pub shard_size: u64,
     pub allow_mismatch: bool,
+    /// `--expert-layout`: the output's (`None`: the reference model's).
+    pub expert_layout: Option<ExpertLayout>,
 }
 
 /// Where each output layer comes from: the input and layer of its slice's
@@ -122,6 +126,8 @@ pub(crate) fn plan_slices(inputs: Vec<Input>, spec: &SliceSpec) -> Result<(Plan,
     }
     warnings.extend(methods::check_names(spec.method, &spec.global, "parameters")?);
     let reference = spec.slices[0].sources[0].0;
+    let mut inputs = inputs;
+    let experts = line_up_inputs(&mut inputs, reference, spec.expert_layout)?;
     let rck = &inputs[reference].ckpt;
     let used: Vec<usize> = {
         let mut v: Vec<usize> = spec.slices.iter().flat_map(|s| s.sources.iter().map(|x| x.0)).collect();
@@ -243,7 +249,8 @@ pub(crate) fn plan_slices(inputs: Vec<Input>, spec: &SliceSpec) -> Result<(Plan,
         let names = vec![name.to_string(); last.sources.len()];
         emit(last, &names, name.to_string(), 0.0, &mut out)?;
     }
-    let plan = out.into_plan(inputs, spec.shard_size, warnings)?;
+    let mut plan = out.into_plan(inputs, spec.shard_size, warnings)?;
+    finish(&mut plan, experts, spec.shard_size)?;
     Ok((plan, map))
 }
 

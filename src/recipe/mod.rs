@@ -40,6 +40,7 @@ use crate::json::{read_capped, toml_to_json};
 use crate::merge::methods::Method;
 use crate::merge::params::{Filter, Scalar, Setting};
 use crate::model::dtype::FloatType;
+use crate::model::experts::ExpertLayout;
 use crate::output::manifest::RecipeRecord;
 use crate::params::apply::{ApplyParams, default_shard_size};
 use crate::params::select::Scale;
@@ -123,6 +124,9 @@ pub struct Recipe {
     /// The dtype a `model+lora` input's merged weights are rounded to
     /// (mergekit's --lora-merge-dtype); else each weight's own.
     pub(crate) lora_merge_dtype: Option<FloatType>,
+    /// The output's mixture-of-experts layout (`merge --expert-layout`;
+    /// `None`: the reference model's).
+    pub(crate) expert_layout: Option<ExpertLayout>,
     /// The `[sft]` section (`chatvec run`), paths made relative to the
     /// recipe's directory.
     pub(crate) sft: Option<SftOptions>,
@@ -195,6 +199,12 @@ impl Recipe {
     /// (`merge --lora-merge-dtype`).
     pub fn set_lora_merge_dtype(&mut self, ty: FloatType) {
         self.lora_merge_dtype = Some(ty);
+    }
+
+    /// Writes a mixture-of-experts output in `layout` (`merge
+    /// --expert-layout`) instead of the reference model's.
+    pub fn set_expert_layout(&mut self, layout: ExpertLayout) {
+        self.expert_layout = Some(layout);
     }
 
     /// Turns config.json architecture differences into warnings
@@ -655,6 +665,7 @@ pub(crate) fn parse_recipe(text: &str, path: &Path) -> Result<Recipe> {
         tokens,
         chat_template: nonempty(raw.chat_template.clone(), "chat_template").map_err(|m| err(&m))?,
         lora_merge_dtype: None,
+        expert_layout: None,
         pad_to_multiple_of,
         sft,
         sweep,
@@ -1135,6 +1146,7 @@ impl Reader<'_> {
             raw_delta: params.raw_delta.unwrap_or(false),
             shard_size: None,
             allow_mismatch: false,
+            expert_layout: None,
         })
     }
 }
