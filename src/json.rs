@@ -172,12 +172,19 @@ impl RawObject {
         Ok(())
     }
 
-    /// Whether `key` is present.
+    /// Removes `key`; whether it was there.
+    pub(crate) fn remove(&mut self, key: &str) -> bool {
+        let before = self.0.len();
+        self.0.retain(|(k, _)| k != key);
+        self.0.len() != before
+    }
+
     /// The keys, in the file's order.
     pub(crate) fn keys(&self) -> Vec<String> {
         self.0.iter().map(|(k, _)| k.clone()).collect()
     }
 
+    /// Whether `key` is present.
     pub(crate) fn contains(&self, key: &str) -> bool {
         self.0.iter().any(|(k, _)| k == key)
     }

@@ -14,6 +14,7 @@
 
 pub(crate) mod formulas;
 pub(crate) mod lowrank;
+pub(crate) mod quant;
 pub(crate) mod rows;
 
 use crate::model::dtype::{FloatType, decode};
@@ -53,6 +54,8 @@ impl<'a> Operand<'a> {
 pub(crate) enum Src<'a> {
     Plain(Operand<'a>),
     Patched(lowrank::Patched<'a>),
+    /// A quantized weight (FP8, MXFP4), decoded as it is read.
+    Quantized(quant::Quantized<'a>),
 }
 
 impl Src<'_> {
@@ -62,6 +65,7 @@ impl Src<'_> {
         match self {
             Src::Plain(op) => op.decode_at(start, out),
             Src::Patched(p) => p.decode_at(start, out),
+            Src::Quantized(q) => q.decode_at(start, out),
         }
     }
 }

@@ -69,7 +69,10 @@ impl Gpu {
                 plan.variants()
             )));
         }
-        let segs = plan.segments(tensor, &elems, 0);
+        // Quantized inputs never reach the GPU (`Plan::has_quantized`), so
+        // nothing is decoded into this arena.
+        let arena = bumpalo::Bump::new();
+        let segs = plan.segments(tensor, &elems, 0, &arena);
         let ops: Vec<Vec<Operand>> = segs.iter().map(|(_, seg)| seg.operands()).collect();
         let parts: Vec<&[u8]> = ops.iter().flatten().map(|o| o.bytes).collect();
         let os = out_ty.size();

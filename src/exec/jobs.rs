@@ -8,6 +8,8 @@ use std::collections::HashMap;
 use std::ops::Range;
 use std::sync::Arc;
 
+use bumpalo::Bump;
+
 use crate::arith::formulas::Rounding;
 use crate::arith::rows::stretches;
 use crate::cuda::{self, Gpu, GpuPasses};
@@ -104,7 +106,8 @@ pub(crate) fn run<'a>(plan: &'a Plan, stats: &StatsMap, job: &Job, mut buf: Vec<
                     });
                 }
                 _ => {
-                    for (r, seg) in plan.segments(*tensor, elems, 0) {
+                    let arena = Bump::new();
+                    for (r, seg) in plan.segments(*tensor, elems, 0, &arena) {
                         seg.compute(out_ty, &mut buf[at(r.start)..at(r.end)]);
                     }
                 }
@@ -162,7 +165,8 @@ pub(crate) fn run_many<'a>(
     }
     let at = |p: u64| ((p - elems.start) as usize) * out_ty.size();
     let mut rounding = none;
-    for (r, seg) in plan.segments(*tensor, elems, 0) {
+    let arena = Bump::new();
+    for (r, seg) in plan.segments(*tensor, elems, 0, &arena) {
         let mut outs: Vec<&mut [u8]> = bufs.iter_mut().map(|b| &mut b[at(r.start)..at(r.end)]).collect();
         seg.compute_scales(out_ty, &mut outs, &scales, &mut rounding, r.start);
     }
@@ -181,7 +185,8 @@ pub(crate) fn gpu_rounding(plan: &Plan, job: &Job, piece: &Piece<'_>) -> Roundin
     let (Op::Arith { .. }, Some(out_ty)) = (&t.op, t.dtype.float()) else { return Rounding::default() };
     let at = |p: u64| ((p - elems.start) as usize) * out_ty.size();
     let mut total = Rounding::default();
-    for (r, seg) in plan.segments(*tensor, elems, 0) {
+    let arena = Bump::new();
+    for (r, seg) in plan.segments(*tensor, elems, 0, &arena) {
         total += seg.rounding(out_ty, &piece.bytes()[at(r.start)..at(r.end)], r.start);
     }
     total
@@ -328,7 +333,13 @@ fn missing_stats(t: &OutTensor) -> Error {
 pub(crate) fn touches(plan: &Plan, job: &Job, mut f: impl FnMut(usize, Touch)) {
     let mut report = |src: Source, end_elem: u64, size: u64| {
         let t = plan.input_tensor(src);
-        f(src.input, Touch { shard: t.shard, end: t.start + end_elem * size });
+        // A quantized tensor holds fewer bytes than elements (its scales
+        // are elsewhere): the share of its bytes read so far.
+        let end = match &t.quant {
+            Some(_) => t.len * end_elem.min(t.numel()) / t.numel().max(1),
+            None => (end_elem * size).min(t.len),
+        };
+        f(src.input, Touch { shard: t.shard, end: t.start + end });
     };
     let size = |s: Source| plan.input_tensor(s).dtype.float().map_or(1, |t| t.size() as u64);
     match job {
@@ -591,7 +602,8 @@ mod tests {
                     "{} candidate {k}",
                     t.name
                 );
-                let segs = plan.segments(i, &elems, k);
+                let arena = Bump::new();
+                let segs = plan.segments(i, &elems, k, &arena);
                 let mut alone = vec![0u8; t.numel() as usize * 4];
                 for (r, seg) in &segs {
                     assert_eq!(

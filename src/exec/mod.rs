@@ -239,6 +239,16 @@ pub(crate) fn execute_many(plan: &Plan, dirs: &[&OutputDir], opts: &ExecOptions)
         }
         crate::ui::note("device: cpu (LoRA merges run on the CPU)");
         None
+    } else if plan.has_quantized() {
+        if let DeviceChoice::Cuda(_) = opts.device {
+            return Err(Error::Usage(
+                "FP8 and MXFP4 inputs are decoded on the CPU (no CUDA kernel decodes them yet); --device cuda cannot be used"
+                    .into(),
+            )
+            .with_hint("leave out --device, or pass --device cpu"));
+        }
+        crate::ui::note("device: cpu (quantized inputs are decoded on the CPU)");
+        None
     } else if let Some(method) = plan.cpu_only_method() {
         if let DeviceChoice::Cuda(_) = opts.device {
             return Err(Error::Usage(format!(

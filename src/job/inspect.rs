@@ -58,6 +58,9 @@ pub struct InspectReport {
     /// Its mixture-of-experts layers: family, layout, expert count
     /// (`None`: a dense model).
     pub experts: Option<ExpertSummary>,
+    /// How its weights are quantized (FP8 block-scaled, MXFP4), tensor
+    /// counts per scheme (`None`: not quantized).
+    pub quantization: Option<String>,
     /// From chatvec-manifest.json, when chatvec wrote this directory.
     pub made_by: Option<Provenance>,
     /// Every tensor.
@@ -96,6 +99,7 @@ fn report(ck: &Checkpoint) -> Result<InspectReport> {
         tied_embeddings: ck.is_tied(),
         config: ck.config.as_ref().map(|c| c.summary()),
         experts: crate::model::experts::summary(ck)?,
+        quantization: crate::model::quant::summary(ck),
         tensors: ck
             .tensors
             .iter()
@@ -169,6 +173,9 @@ fn render(r: &InspectReport) -> String {
             e.layout.name(),
             e.family
         );
+    }
+    if let Some(q) = &r.quantization {
+        let _ = writeln!(s, "  quantization: {q}");
     }
     let _ = writeln!(s, "  shards:");
     for sh in &r.shards {

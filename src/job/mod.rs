@@ -109,7 +109,16 @@ pub(crate) struct Variant {
 /// Executes `plan` once for all `variants` (the inputs read once), each
 /// into its own fresh output directory with its side files and manifest,
 /// and commits each. A failure commits none.
-pub(crate) fn write_outputs(plan: Plan, variants: Vec<Variant>, run: &RunOptions) -> Result<Vec<Summary>> {
+pub(crate) fn write_outputs(
+    plan: Plan,
+    mut variants: Vec<Variant>,
+    run: &RunOptions,
+) -> Result<Vec<Summary>> {
+    if let Some(scheme) = dequantized(&plan) {
+        for v in &mut variants {
+            drop_quantization_config(&mut v.side, &scheme)?;
+        }
+    }
     let computed = plan.tensors.iter().filter(|t| !matches!(t.op, Op::Copy(_))).count();
     let mut summaries: Vec<Summary> = variants
         .iter()
@@ -300,6 +309,29 @@ fn check_written_config(
         .collect();
     let tensors = stored.iter().map(|(n, s)| (n.as_str(), s.as_slice()));
     crate::plan::checks::check_output_fits(|k| cfg.get(k), tensors, allow_mismatch, &mut plan.warnings)
+}
+
+/// How the plan's quantized inputs are quantized, when it reads any (its
+/// output holds their float values).
+fn dequantized(plan: &Plan) -> Option<String> {
+    plan.inputs
+        .iter()
+        .flat_map(|i| &i.ckpt.tensors)
+        .find_map(|t| t.quant.as_ref().map(|q| q.scheme.describe(t.dtype)))
+}
+
+/// The output holds float weights where a quantized input had codes and
+/// scales: a `quantization_config` carried over from that input's
+/// config.json would make transformers look for scales that are not there.
+fn drop_quantization_config(side: &mut SideFiles, scheme: &str) -> Result<()> {
+    let Some(mut cfg) = side.json("config.json")? else { return Ok(()) };
+    if cfg.remove("quantization_config") {
+        side.add("config.json", cfg.to_bytes());
+        side.notes.push(format!(
+            "quantized input ({scheme}) decoded; the output is unquantized, its config.json without quantization_config"
+        ));
+    }
+    Ok(())
 }
 
 /// Names the plan's inputs as the user did.

@@ -15,6 +15,8 @@ use crate::model::mapped::GuardedMap;
 use crate::model::safetensors::parse_header;
 use crate::model::torch_bin::read_bin;
 
+pub use crate::model::tensor::Tensor;
+
 /// The single-file weights name transformers uses.
 pub(crate) const SINGLE_FILE: &str = "model.safetensors";
 /// The sharded-checkpoint index name transformers uses.
@@ -71,34 +73,6 @@ pub(crate) struct Shard {
     pub map: GuardedMap,
     /// The mapped file's identity and state, for the hash cache.
     pub stamp: FileStamp,
-}
-
-/// One tensor of a checkpoint.
-#[derive(Clone, Debug)]
-pub struct Tensor {
-    /// Its name, e.g. `model.layers.0.mlp.up_proj.weight`.
-    pub name: String,
-    /// Its element type.
-    pub dtype: DType,
-    /// Its shape (checked against its byte length when the shard was opened).
-    pub shape: Vec<u64>,
-    /// Index of its shard in the checkpoint.
-    pub(crate) shard: usize,
-    /// Absolute byte offset of its data in the shard.
-    pub(crate) start: u64,
-    /// Byte length of its data.
-    pub(crate) len: u64,
-    /// Where a tensor read through another layout is stored (an expert's
-    /// matrix of a fused tensor: `...experts.gate_up_proj[3][0:768]`);
-    /// `None` for a tensor stored under its own name.
-    pub(crate) stored_as: Option<String>,
-}
-
-impl Tensor {
-    /// Element count.
-    pub fn numel(&self) -> u64 {
-        self.shape.iter().product()
-    }
 }
 
 /// A model directory opened for reading: its shards memory-mapped and
@@ -332,6 +306,7 @@ fn open_shards(
             start,
             len,
             stored_as: None,
+            quant: None,
         });
         for t in stored {
             if let Some(&prev) = by_name.get(&t.name) {

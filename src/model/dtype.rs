@@ -193,6 +193,46 @@ pub(crate) fn f32_to_f16(x: f32) -> u16 {
     half::f16::from_f32(x).to_bits()
 }
 
+/// FP8 E4M3 (OCP `e4m3fn`: no infinities, `S.1111.111` is NaN) bits to
+/// f32: exact.
+pub(crate) fn f8e4m3_to_f32(b: u8) -> f32 {
+    let sign = if b & 0x80 != 0 { -1.0f32 } else { 1.0 };
+    let (e, m) = (i32::from((b >> 3) & 0xf), f32::from(b & 7));
+    match e {
+        0xf if m == 7.0 => f32::NAN,
+        0 => sign * m * 2f32.powi(-9),
+        _ => sign * (1.0 + m / 8.0) * 2f32.powi(e - 7),
+    }
+}
+
+/// FP8 E5M2 bits to f32: exact (E5M2 is the top byte of an IEEE half).
+pub(crate) fn f8e5m2_to_f32(b: u8) -> f32 {
+    f16_to_f32(u16::from(b) << 8)
+}
+
+/// An E8M0 scale byte (OCP MX: a biased power of two) as its exponent,
+/// `b - 127`. `0xff`, NaN in the specification, gives 128 as it does in
+/// transformers' dequantizers (`scales - 127`), which chatvec matches.
+pub(crate) fn e8m0_exponent(b: u8) -> i32 {
+    i32::from(b) - 127
+}
+
+/// `x * 2^e` rounded once, for `e` in `-127..=128` (an E8M0 scale): as
+/// `torch.ldexp`, exact unless the result leaves f32's range.
+#[inline(always)]
+pub(crate) fn ldexp(x: f32, e: i32) -> f32 {
+    match e {
+        128 => x * f32::from_bits(254 << 23) * 2.0,
+        -127 => x * f32::from_bits(1 << 22),
+        _ => x * f32::from_bits(((e + 127) as u32) << 23),
+    }
+}
+
+/// The FP4 E2M1 values of the 16 codes (sign in the top bit), as the OCP
+/// MX specification and gpt-oss's checkpoints define them.
+pub(crate) const FP4_E2M1: [f32; 16] =
+    [0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0];
+
 /// Whether this CPU has AVX2, for the hot loops that have a copy compiled
 /// for it (`#[target_feature]` wrappers around the same `#[inline(always)]`
 /// code): 8 lanes instead of the baseline's 4 made a CPU-bound apply 12%
@@ -330,6 +370,51 @@ mod tests {
                 assert_eq!(f32_to_f16(y), bits);
             }
         }
+    }
+
+    /// FP8 codes against their definition in f64: E4M3 bias 7 (subnormals
+    /// m * 2^-9, max 448), E5M2 bias 15 (max 57344, infinities).
+    #[test]
+    fn fp8_codes_decode_to_their_values() {
+        for b in 0..=255u8 {
+            let (s, e, m) = (if b & 0x80 != 0 { -1.0 } else { 1.0 }, (b >> 3) & 0xf, f64::from(b & 7));
+            let want = if e == 0 {
+                s * m / 8.0 * 2f64.powi(-6)
+            } else {
+                s * (1.0 + m / 8.0) * 2f64.powi(i32::from(e) - 7)
+            };
+            let got = f8e4m3_to_f32(b);
+            if b & 0x7f == 0x7f {
+                assert!(got.is_nan());
+            } else {
+                assert_eq!(f64::from(got), want, "e4m3 {b:#x}");
+            }
+            let (e, m) = ((b >> 2) & 0x1f, f64::from(b & 3));
+            let want = match e {
+                0 => s * m / 4.0 * 2f64.powi(-14),
+                31 if m == 0.0 => s * f64::INFINITY,
+                31 => f64::NAN,
+                _ => s * (1.0 + m / 4.0) * 2f64.powi(i32::from(e) - 15),
+            };
+            let got = f64::from(f8e5m2_to_f32(b));
+            assert!(got == want || (got.is_nan() && want.is_nan()), "e5m2 {b:#x}: {got} vs {want}");
+        }
+        assert_eq!(f8e4m3_to_f32(0x7e), 448.0);
+        assert_eq!(f8e5m2_to_f32(0x7b), 57344.0);
+    }
+
+    #[test]
+    fn ldexp_is_exact_over_the_e8m0_range() {
+        for b in 0..=255u8 {
+            let e = e8m0_exponent(b);
+            for x in FP4_E2M1 {
+                let want = f64::from(x) * 2f64.powi(e);
+                let got = f64::from(ldexp(x, e));
+                let fits = want.abs() <= f64::from(f32::MAX);
+                assert!(if fits { got == want } else { got.is_infinite() }, "{x} * 2^{e}: {got} vs {want}");
+            }
+        }
+        assert_eq!(ldexp(0.5, 128), 2f32.powi(127));
     }
 
     #[test]

@@ -362,6 +362,7 @@ pub(crate) fn split_fused(ck: &mut Checkpoint, family: &Family) -> Result<usize>
                     start: t.start + (expert * parts.len() as u64 + k as u64) * bytes,
                     len: bytes,
                     stored_as: Some(format!("{}[{expert}]{}", t.name, part_rows(kind, k, r))),
+                    quant: None,
                 });
             }
         }

@@ -14,7 +14,9 @@ pub(crate) mod experts;
 pub(crate) mod hash_cache;
 pub(crate) mod layers;
 pub(crate) mod mapped;
+pub(crate) mod quant;
 pub(crate) mod safetensors;
+pub(crate) mod tensor;
 pub(crate) mod tokenizer;
 pub(crate) mod torch_bin;
 

@@ -39,7 +39,7 @@ impl Problems {
 }
 
 pub(crate) fn float_of(ck: &Checkpoint, t: &Tensor, hint_flag: &str) -> Result<FloatType> {
-    t.dtype.float().ok_or_else(|| {
+    t.float().ok_or_else(|| {
         Error::UnsupportedDtype {
             file: ck.file_of(t).to_path_buf(),
             tensor: t.name.clone(),

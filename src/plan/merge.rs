@@ -180,7 +180,7 @@ pub(crate) fn plan_merge(mut inputs: Vec<Input>, spec: &MergeSpec) -> Result<Pla
     let mut aligned: Option<Union> = None;
     let mut out =
         each_tensor(rck, reference, spec.out_dtype, "a parameter rule", problems, |_, t, _, problems| {
-            if t.dtype.float().is_none() {
+            if t.float().is_none() {
                 // Integer buffers (e.g. position ids) are not merged.
                 return Ok(Step::Keep);
             }

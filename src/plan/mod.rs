@@ -28,13 +28,17 @@ pub(crate) mod vocab;
 
 use std::ops::Range;
 
+use bumpalo::Bump;
+
 use crate::arith::formulas::Segment;
 use crate::arith::lowrank::LowRank;
+use crate::arith::quant::{Quantized, ScaleType};
 use crate::arith::rows::{RowRun, RowTable, stretches};
 use crate::arith::{Operand, Src, View};
 use crate::merge::{Inputs, TensorMerge};
 use crate::model::checkpoint::{Checkpoint, Tensor};
-use crate::model::dtype::DType;
+use crate::model::dtype::{DType, FloatType, encode};
+use crate::model::tensor::Scheme;
 pub use vocab::EmbeddingReport;
 
 /// What an input checkpoint is to the job.
@@ -339,6 +343,9 @@ impl Plan {
     /// An input tensor as a merge reads it: with its input's LoRA update
     /// merged where the input has one for it.
     pub(crate) fn src(&self, s: Source) -> Src<'_> {
+        if let Some(q) = self.quantized(s) {
+            return Src::Quantized(q);
+        }
         let Some(patch) = self.inputs[s.input].lora.as_ref().and_then(|o| o.patches.get(&s.tensor)) else {
             return Src::Plain(self.operand(s));
         };
@@ -379,10 +386,72 @@ impl Plan {
     }
 
     /// An input tensor as an arithmetic operand. Planning refused every
-    /// computed tensor whose inputs are not BF16, F16 or F32.
+    /// computed tensor whose inputs are not BF16, F16 or F32, or quantized
+    /// (read through `quantized` or `operand_in` instead).
     pub(crate) fn operand(&self, s: Source) -> Operand<'_> {
         let ty = self.input_tensor(s).dtype.float().expect("planning checked float dtypes");
         Operand { ty, bytes: self.input_bytes(s) }
+    }
+
+    /// Elements `at..at + n` of input tensor `s` as an operand: its own
+    /// bytes, or for a quantized tensor, decoded to f32 in `arena` (the
+    /// job's scratch, freed with it).
+    pub(crate) fn operand_in<'a>(&'a self, s: Source, at: u64, n: u64, arena: &'a Bump) -> Operand<'a> {
+        let Some(q) = self.quantized(s) else { return self.operand(s).slice(at as usize, n as usize) };
+        let bytes = arena.alloc_slice_fill_copy(n as usize * 4, 0u8);
+        let mut buf = [0f32; crate::arith::BLOCK];
+        for (k, piece) in bytes.chunks_mut(4 * crate::arith::BLOCK).enumerate() {
+            let m = piece.len() / 4;
+            q.decode_at(at + (k * crate::arith::BLOCK) as u64, &mut buf[..m]);
+            encode(FloatType::F32, &buf[..m], piece);
+        }
+        Operand { ty: FloatType::F32, bytes }
+    }
+
+    /// Input tensor `s` as a quantized operand, when it is one.
+    pub(crate) fn quantized(&self, s: Source) -> Option<Quantized<'_>> {
+        let ck = &self.inputs[s.input].ckpt;
+        let t = self.input_tensor(s);
+        let q = t.quant.as_ref()?;
+        let scales = ck.bytes(&q.scales);
+        Some(match q.scheme {
+            Scheme::Fp8Block { block } => {
+                let [.., rows, cols] = t.shape[..] else { unreachable!("folding checked FP8 matrices") };
+                let scale_type = match q.scales.dtype.float() {
+                    Some(f) => ScaleType::Float(f),
+                    None => ScaleType::E8m0,
+                };
+                Quantized::Fp8 {
+                    e5m2: t.dtype == DType::F8E5M2,
+                    codes: ck.bytes(t),
+                    rows,
+                    cols,
+                    block,
+                    scales,
+                    scale_type,
+                }
+            }
+            Scheme::Mxfp4 => {
+                Quantized::Mxfp4 { blocks: ck.bytes(t), scales, rows: t.shape[2], groups: t.shape[1] / 32 }
+            }
+        })
+    }
+
+    /// Whether any input tensor the plan reads is quantized: only the CPU
+    /// decodes those.
+    pub(crate) fn has_quantized(&self) -> bool {
+        let quantized = |s: Source| self.input_tensor(s).quant.is_some();
+        self.tensors.iter().any(|t| match &t.op {
+            Op::Copy(_) => false,
+            Op::Convert(s) => quantized(*s),
+            Op::Arith { formula, .. } => {
+                quantized(formula.base()) || formula.vector_sources().into_iter().any(quantized)
+            }
+            Op::Merge(m) => {
+                m.base.iter().chain(&m.models).any(|s| quantized(*s))
+                    || m.union.as_ref().is_some_and(|u| u.sources.iter().any(|s| quantized(*s)))
+            }
+        })
     }
 
     /// The variants of the output (a sweep's candidates; else one).
@@ -400,13 +469,15 @@ impl Plan {
     /// scale in `variant`: rows outside every run are the base converted,
     /// rows inside one apply the formula to the vector's rows. Empty for
     /// other ops.
-    pub(crate) fn segments(
-        &self,
+    /// Quantized inputs are decoded into `arena`.
+    pub(crate) fn segments<'a>(
+        &'a self,
         tensor: usize,
         elems: &Range<u64>,
         variant: usize,
-    ) -> Vec<(Range<u64>, Segment<'_>)> {
-        let slice = |s: Source, at: u64, n: u64| self.operand(s).slice(at as usize, n as usize);
+        arena: &'a Bump,
+    ) -> Vec<(Range<u64>, Segment<'a>)> {
+        let slice = |s: Source, at: u64, n: u64| self.operand_in(s, at, n, arena);
         let scale = self.scale(variant, tensor).unwrap_or(1.0);
         match &self.tensors[tensor].op {
             Op::Convert(src) => {

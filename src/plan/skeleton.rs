@@ -36,10 +36,12 @@ pub(crate) struct Outputs {
 }
 
 /// The dtype tensor `t` is written in: `out` for float tensors when
-/// given, else its own.
+/// given, else its own (BF16 for a quantized weight).
 pub(crate) fn out_dtype(t: &Tensor, out: Option<FloatType>) -> DType {
-    match (out, t.dtype.float()) {
+    match (out, t.float()) {
         (Some(o), Some(_)) => o.dtype(),
+        // A quantized weight is written as the float model's (BF16).
+        (None, Some(f)) if t.quant.is_some() => f.dtype(),
         _ => t.dtype,
     }
 }

@@ -190,7 +190,7 @@ pub(crate) fn plan_slices(inputs: Vec<Input>, spec: &SliceSpec) -> Result<(Plan,
                 labels: model_pos.iter().map(|&k| inputs[slice.sources[k].0].label.clone()).collect(),
             };
             let params = methods::resolve(spec.method, &param_sources, &out_name, t)?;
-            let copy = first.dtype.float().is_none()
+            let copy = first.float().is_none()
                 || (srcs.len() == 1 && (spec.method != Method::Passthrough || params.models[0].scale == 1.0));
             let op = if copy {
                 if dtype == first.dtype {

@@ -90,10 +90,12 @@ impl Fetch {
     }
 
     /// Resolves `reference` and opens the checkpoint, keeping where it
-    /// came from.
+    /// came from; quantized weights are folded with their scales, so a job
+    /// reads them as the float tensors they stand for.
     pub(crate) fn open_model(&self, reference: &str) -> Result<Checkpoint> {
         let r = resolve_model(reference, self)?;
         let mut ck = Checkpoint::open(&r.dir)?;
+        crate::model::quant::fold(&mut ck)?;
         ck.origin = r.origin;
         Ok(ck)
     }

@@ -25,6 +25,9 @@ pub(crate) enum Ty {
     F16,
     F32,
     I64,
+    /// Bytes of a type the fixtures only store (FP8 codes, U8 blocks):
+    /// its safetensors name and element size.
+    Raw(&'static str, usize),
 }
 
 impl Ty {
@@ -34,6 +37,7 @@ impl Ty {
             Ty::F16 => "F16",
             Ty::F32 => "F32",
             Ty::I64 => "I64",
+            Ty::Raw(name, _) => name,
         }
     }
     pub(crate) fn size(self) -> usize {
@@ -41,6 +45,7 @@ impl Ty {
             Ty::BF16 | Ty::F16 => 2,
             Ty::F32 => 4,
             Ty::I64 => 8,
+            Ty::Raw(_, size) => size,
         }
     }
     /// Encodes with the `half` crate's conversions (round to nearest even).
@@ -50,6 +55,7 @@ impl Ty {
             Ty::F16 => half::f16::from_f32(v).to_le_bytes().to_vec(),
             Ty::F32 => v.to_le_bytes().to_vec(),
             Ty::I64 => (v as i64).to_le_bytes().to_vec(),
+            Ty::Raw(name, _) => panic!("{name} values are written as raw bytes"),
         }
     }
     pub(crate) fn decode(self, b: &[u8]) -> f32 {
@@ -58,6 +64,7 @@ impl Ty {
             Ty::F16 => half::f16::from_le_bytes([b[0], b[1]]).to_f32(),
             Ty::F32 => f32::from_le_bytes(b.try_into().unwrap()),
             Ty::I64 => i64::from_le_bytes(b.try_into().unwrap()) as f32,
+            Ty::Raw(name, _) => panic!("{name} bytes are decoded by the test that wrote them"),
         }
     }
     pub(crate) fn from_name(n: &str) -> Ty {
@@ -404,6 +411,7 @@ fn state_dict_pickle(tensors: &[T]) -> Vec<u8> {
             Ty::F16 => "HalfStorage",
             Ty::F32 => "FloatStorage",
             Ty::I64 => "LongStorage",
+            Ty::Raw(name, _) => panic!("no torch storage class for {name} here"),
         };
         global(&mut p, "torch", class);
         text(&mut p, &i.to_string());

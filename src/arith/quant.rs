@@ -1,0 +1,184 @@
+//! Quantized operands decoded to f32 block by block, as transformers'
+//! dequantizers compute them, so that results match a model loaded with
+//! `dequantize=True` bit for bit:
+//!
+//! - FP8 block-scaled: `f32(code) * f32(scale)`, one f32 multiplication
+//!   (`Fp8Dequantize`); an E8M0 scale is `2^(b - 127)` in f32 first.
+//! - MXFP4 (gpt-oss): `ldexp(fp4(code), b - 127)` (`convert_moe_packed_tensors`),
+//!   exact in f32 wherever the result is finite, with the last two axes
+//!   swapped (blocks `[E, R, G, 16]` read as the tensor `[E, G * 32, R]`).
+//!
+//! Decoding is a pure function of the element index, so it survives any
+//! chunking (contract 1).
+
+use crate::model::dtype::{FP4_E2M1, FloatType, decode, e8m0_exponent, f8e4m3_to_f32, f8e5m2_to_f32, ldexp};
+
+/// The element type of a quantized operand's scales.
+#[derive(Clone, Copy, Debug)]
+pub(crate) enum ScaleType {
+    Float(FloatType),
+    /// A power-of-two exponent byte (OCP MX E8M0).
+    E8m0,
+}
+
+/// A quantized tensor's bytes and how to decode them.
+#[derive(Clone, Copy, Debug)]
+pub(crate) enum Quantized<'a> {
+    /// FP8 codes of `[.., rows, cols]` matrices (row-major), each
+    /// `block` multiplied by its scale, scales `[.., ceil(rows / block[0]),
+    /// ceil(cols / block[1])]` (one scale when `per_tensor`).
+    Fp8 {
+        e5m2: bool,
+        codes: &'a [u8],
+        rows: u64,
+        cols: u64,
+        block: [u64; 2],
+        scales: &'a [u8],
+        scale_type: ScaleType,
+    },
+    /// gpt-oss MXFP4: `blocks [E, rows, groups, 16]`, `scales [E, rows,
+    /// groups]`, read as `[E, groups * 32, rows]`.
+    Mxfp4 { blocks: &'a [u8], scales: &'a [u8], rows: u64, groups: u64 },
+}
+
+impl Quantized<'_> {
+    /// Decodes elements `start..start + out.len()` into `out`.
+    pub(crate) fn decode_at(&self, start: u64, out: &mut [f32]) {
+        match *self {
+            Quantized::Fp8 { e5m2, codes, rows, cols, block, scales, scale_type } => {
+                let lut = fp8_table(e5m2);
+                let scale_cols = cols.div_ceil(block[1]);
+                let per_matrix = rows.div_ceil(block[0]) * scale_cols;
+                let single = scales.len() == scale_width(scale_type);
+                let mut p = start;
+                let mut o = 0;
+                while o < out.len() {
+                    let (m, rc) = (p / (rows * cols), p % (rows * cols));
+                    let (r, c) = (rc / cols, rc % cols);
+                    // A run inside one row and one block shares its scale.
+                    let end = ((c / block[1] + 1) * block[1]).min(cols);
+                    let n = ((end - c) as usize).min(out.len() - o);
+                    let at =
+                        if single { 0 } else { m * per_matrix + (r / block[0]) * scale_cols + c / block[1] };
+                    let s = scale(scales, scale_type, at as usize);
+                    for (d, code) in out[o..o + n].iter_mut().zip(&codes[p as usize..p as usize + n]) {
+                        *d = lut[*code as usize] * s;
+                    }
+                    o += n;
+                    p += n as u64;
+                }
+            }
+            Quantized::Mxfp4 { blocks, scales, rows, groups } => {
+                let cols = groups * 32;
+                for (k, d) in out.iter_mut().enumerate() {
+                    let p = start + k as u64;
+                    let (e, rc) = (p / (cols * rows), p % (cols * rows));
+                    // Element (c, r) of the tensor is (r, c) of the blocks.
+                    let (c, r) = (rc / rows, rc % rows);
+                    let g = (e * rows + r) * groups + c / 32;
+                    let byte = blocks[(g * 16 + (c % 32) / 2) as usize];
+                    let code = if c % 2 == 0 { byte & 0x0f } else { byte >> 4 };
+                    *d = ldexp(FP4_E2M1[code as usize], e8m0_exponent(scales[g as usize]));
+                }
+            }
+        }
+    }
+}
+
+/// Bytes of one scale.
+fn scale_width(t: ScaleType) -> usize {
+    match t {
+        ScaleType::Float(f) => f.size(),
+        ScaleType::E8m0 => 1,
+    }
+}
+
+/// Scale `i` as f32: an E8M0 byte as `exp2(b - 127)` in f32, as
+/// transformers' FP8 dequantizer computes it (`0xff` gives infinity).
+#[inline]
+fn scale(scales: &[u8], t: ScaleType, i: usize) -> f32 {
+    match t {
+        ScaleType::Float(f) => {
+            let w = f.size();
+            let mut v = [0f32];
+            decode(f, &scales[i * w..(i + 1) * w], &mut v);
+            v[0]
+        }
+        ScaleType::E8m0 => {
+            let e = e8m0_exponent(scales[i]);
+            if e > 127 { f32::INFINITY } else { ldexp(1.0, e) }
+        }
+    }
+}
+
+/// The 256 FP8 codes' values.
+fn fp8_table(e5m2: bool) -> &'static [f32; 256] {
+    static E4M3: std::sync::OnceLock<[f32; 256]> = std::sync::OnceLock::new();
+    static E5M2: std::sync::OnceLock<[f32; 256]> = std::sync::OnceLock::new();
+    let (cell, f): (_, fn(u8) -> f32) = if e5m2 { (&E5M2, f8e5m2_to_f32) } else { (&E4M3, f8e4m3_to_f32) };
+    cell.get_or_init(|| std::array::from_fn(|b| f(b as u8)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// FP8 with a ceil grid (rows and columns not multiples of the block),
+    /// decoded over arbitrary ranges, against an f64 reference of
+    /// code * scale (exact: both fit f32's significand).
+    #[test]
+    fn fp8_blocks_decode_over_any_range() {
+        let (rows, cols, block) = (5u64, 7u64, [2u64, 3u64]);
+        let codes: Vec<u8> = (0..rows * cols).map(|i| ((i * 37 + 11) % 256) as u8 & 0xf7).collect();
+        let grid = rows.div_ceil(2) * cols.div_ceil(3);
+        let sv: Vec<f32> = (0..grid).map(|i| 0.5 + i as f32 * 0.25).collect();
+        let scales: Vec<u8> = sv.iter().flat_map(|s| s.to_le_bytes()).collect();
+        let q = Quantized::Fp8 {
+            e5m2: false,
+            codes: &codes,
+            rows,
+            cols,
+            block,
+            scales: &scales,
+            scale_type: ScaleType::Float(FloatType::F32),
+        };
+        for start in 0..rows * cols {
+            for len in [1, 2, 5, 13] {
+                let len = len.min((rows * cols - start) as usize);
+                let mut out = vec![0f32; len];
+                q.decode_at(start, &mut out);
+                for (k, v) in out.iter().enumerate() {
+                    let p = start + k as u64;
+                    let (r, c) = (p / cols, p % cols);
+                    let s = f64::from(sv[((r / 2) * cols.div_ceil(3) + c / 3) as usize]);
+                    let want = f64::from(f8e4m3_to_f32(codes[p as usize])) * s;
+                    assert_eq!(f64::from(*v), want, "element {p}");
+                }
+            }
+        }
+    }
+
+    /// MXFP4 read transposed: element (e, c, r) is nibble c of row r.
+    #[test]
+    fn mxfp4_reads_the_swapped_axes() {
+        let (experts, rows, groups) = (2u64, 3u64, 2u64);
+        let blocks: Vec<u8> = (0..experts * rows * groups * 16).map(|i| (i * 29 + 3) as u8).collect();
+        let scales: Vec<u8> = (0..experts * rows * groups).map(|i| 120 + i as u8).collect();
+        let q = Quantized::Mxfp4 { blocks: &blocks, scales: &scales, rows, groups };
+        let cols = groups * 32;
+        let mut out = vec![0f32; (experts * cols * rows) as usize];
+        q.decode_at(0, &mut out);
+        for e in 0..experts {
+            for c in 0..cols {
+                for r in 0..rows {
+                    let g = (e * rows + r) * groups + c / 32;
+                    let byte = blocks[(g * 16 + (c % 32) / 2) as usize];
+                    let code = if c % 2 == 0 { byte & 15 } else { byte >> 4 };
+                    let want =
+                        f64::from(FP4_E2M1[code as usize]) * 2f64.powi(i32::from(scales[g as usize]) - 127);
+                    assert_eq!(f64::from(out[((e * cols + c) * rows + r) as usize]), want);
+                }
+            }
+        }
+    }
+}

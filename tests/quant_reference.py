@@ -1,0 +1,87 @@
+# The reference side of tests/quant.rs. "write ROOT": writes FP8 block-scaled
+# (E4M3, E5M2) and MXFP4 checkpoints covering every code point, loads each in
+# transformers with dequantize=True in float32, and saves what transformers
+# holds as ROOT/<name>-ref.safetensors. "compare OUT...": for each chatvec
+# output ROOT/out-<name>, says whether its f32 weights equal the reference
+# bit for bit.
+import json, os, sys
+import torch
+from safetensors.torch import save_file, load_file
+from transformers import AutoConfig, AutoModelForCausalLM, FineGrainedFP8Config, Mxfp4Config
+
+def fp8(out, e5m2):
+    cfg = AutoConfig.for_model("qwen3", hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+        num_attention_heads=2, num_key_value_heads=1, vocab_size=64, head_dim=16)
+    torch.manual_seed(0)
+    m = AutoModelForCausalLM.from_config(cfg).to(torch.bfloat16)
+    g = torch.Generator().manual_seed(1)
+    dt = torch.float8_e5m2 if e5m2 else torch.float8_e4m3fn
+    q = {}
+    B = 16
+    for k, w in m.state_dict().items():
+        if w.ndim == 2 and "proj" in k:
+            R, C = w.shape
+            codes = torch.randint(0, 256, (R * C,), generator=g, dtype=torch.uint8)
+            codes[:256] = torch.arange(256, dtype=torch.uint8)
+            v = codes.view(dt).float()
+            codes[~torch.isfinite(v)] = 0
+            q[k] = codes.view(dt).reshape(R, C)
+            # scales of varied magnitude, not powers of two
+            s = torch.rand(((R + B - 1) // B, (C + B - 1) // B), generator=g) * 4.0 ** torch.randint(-8, 3, (1,), generator=g).float()
+            q[k + "_scale_inv"] = s
+        else:
+            q[k] = w.contiguous()
+    d = os.path.join(out, "fp8-e5m2" if e5m2 else "fp8-e4m3")
+    os.makedirs(d, exist_ok=True)
+    save_file(q, d + "/model.safetensors", metadata={"format": "pt"})
+    m.config.save_pretrained(d)
+    c = json.load(open(d + "/config.json"))
+    c["quantization_config"] = {"quant_method": "fp8", "fmt": "e5m2" if e5m2 else "e4m3",
+        "activation_scheme": "dynamic", "weight_block_size": [B, B]}
+    json.dump(c, open(d + "/config.json", "w"), indent=2)
+    ref = AutoModelForCausalLM.from_pretrained(d, quantization_config=FineGrainedFP8Config(dequantize=True), dtype=torch.float32)
+    return d, ref
+
+def mxfp4(out):
+    cfg = AutoConfig.for_model("gpt_oss", hidden_size=64, intermediate_size=32, num_hidden_layers=2,
+        num_attention_heads=2, num_key_value_heads=1, vocab_size=64, head_dim=32, num_local_experts=3,
+        num_experts_per_tok=2)
+    torch.manual_seed(0)
+    m = AutoModelForCausalLM.from_config(cfg).to(torch.bfloat16)
+    g = torch.Generator().manual_seed(5)
+    q = {}
+    for k, v in m.state_dict().items():
+        if k.endswith("experts.gate_up_proj") or k.endswith("experts.down_proj"):
+            E, A, Bd = v.shape  # the parameter is [experts, in, out]; blocks are [experts, out, in / 32, 16]
+            q[k + "_blocks"] = torch.randint(0, 256, (E, Bd, A // 32, 16), generator=g, dtype=torch.uint8)
+            s = torch.randint(100, 150, (E, Bd, A // 32), generator=g, dtype=torch.uint8)
+            # the extreme exponents: subnormal results in f32, and large ones
+            s.view(-1)[:8] = torch.tensor([0, 1, 2, 127, 128, 160, 170, 126], dtype=torch.uint8)
+            q[k + "_scales"] = s
+        else:
+            q[k] = v.contiguous()
+    d = os.path.join(out, "mxfp4")
+    os.makedirs(d, exist_ok=True)
+    save_file(q, d + "/model.safetensors", metadata={"format": "pt"})
+    m.config.save_pretrained(d)
+    c = json.load(open(d + "/config.json"))
+    c["quantization_config"] = {"quant_method": "mxfp4", "modules_to_not_convert":
+        ["model.layers.*.self_attn", "model.layers.*.mlp.router", "model.embed_tokens", "lm_head"]}
+    json.dump(c, open(d + "/config.json", "w"), indent=2)
+    ref = AutoModelForCausalLM.from_pretrained(d, quantization_config=Mxfp4Config(dequantize=True), dtype=torch.float32)
+    return d, ref
+
+if sys.argv[1] == "write":
+    out = sys.argv[2]
+    for d, ref in [fp8(out, False), fp8(out, True), mxfp4(out)]:
+        sd = {k: v.detach().float().contiguous() for k, v in ref.state_dict().items()}
+        save_file(sd, d + "-ref.safetensors")
+else:
+    for d in sys.argv[2:]:
+        d = d.rstrip("/")
+        name = os.path.basename(d).removeprefix("out-")
+        ref = load_file(os.path.join(os.path.dirname(d), name + "-ref.safetensors"))
+        got = load_file(d + "/model.safetensors")
+        assert set(ref) == set(got), (name, set(ref) ^ set(got))
+        bad = [k for k in ref if got[k].dtype != torch.float32 or not torch.equal(ref[k].view(torch.int32), got[k].view(torch.int32))]
+        print(name, "identical" if not bad else "differs: " + ", ".join(bad))
