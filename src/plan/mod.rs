@@ -398,13 +398,15 @@ impl Plan {
     /// job's scratch, freed with it).
     pub(crate) fn operand_in<'a>(&'a self, s: Source, at: u64, n: u64, arena: &'a Bump) -> Operand<'a> {
         let Some(q) = self.quantized(s) else { return self.operand(s).slice(at as usize, n as usize) };
-        let bytes = arena.alloc_slice_fill_copy(n as usize * 4, 0u8);
-        let mut buf = [0f32; crate::arith::BLOCK];
-        for (k, piece) in bytes.chunks_mut(4 * crate::arith::BLOCK).enumerate() {
-            let m = piece.len() / 4;
-            q.decode_at(at + (k * crate::arith::BLOCK) as u64, &mut buf[..m]);
-            encode(FloatType::F32, &buf[..m], piece);
+        let values = arena.alloc_slice_fill_copy(n as usize, 0f32);
+        q.decode_at(at, values);
+        // F32 operands are little-endian bytes: the decoded slice is one
+        // as it stands on a little-endian machine, and is encoded elsewhere.
+        if cfg!(target_endian = "little") {
+            return Operand { ty: FloatType::F32, bytes: bytemuck::cast_slice(values) };
         }
+        let bytes = arena.alloc_slice_fill_copy(n as usize * 4, 0u8);
+        encode(FloatType::F32, values, bytes);
         Operand { ty: FloatType::F32, bytes }
     }
 
