@@ -464,6 +464,24 @@ fn mxfp4_decodes_every_code_exactly_to_f32() {
 }
 
 #[test]
+fn inspect_names_mxfp4_experts_and_counts_their_scales() {
+    let d = tempfile::tempdir().unwrap();
+    let m = d.path().join("m");
+    gpt_oss(&m, 3, true);
+    let o = chatvec(&["inspect", "--json", s(&m)]);
+    ok(&o);
+    let v: Value = serde_json::from_str(&stdout(&o)).unwrap();
+    let experts = 2 * EXPERTS * H * I + EXPERTS * I * H;
+    assert!(v["dtypes"].as_array().unwrap().contains(&json!(["MXFP4", experts])), "{v}");
+    assert!(v["quantization"].as_str().unwrap().starts_with("mxfp4"), "{v}");
+    // Every byte of the file but its header: blocks, scales, bf16 tensors.
+    let file = std::fs::metadata(m.join("model.safetensors")).unwrap().len();
+    let bytes = std::fs::read(m.join("model.safetensors")).unwrap();
+    let header = 8 + u64::from_le_bytes(bytes[..8].try_into().unwrap());
+    assert_eq!(v["tensor_bytes"], file - header, "{v}");
+}
+
+#[test]
 fn mxfp4_scales_that_do_not_match_the_blocks_are_refused() {
     let d = tempfile::tempdir().unwrap();
     let m = d.path().join("m");

@@ -75,9 +75,9 @@ pub fn inspect(model: &str) -> Result<InspectReport> {
 fn report(ck: &Checkpoint) -> Result<InspectReport> {
     let mut dtypes: Vec<(String, u64)> = Vec::new();
     for t in &ck.tensors {
-        match dtypes.iter_mut().find(|(d, _)| d == t.dtype.name()) {
+        match dtypes.iter_mut().find(|(d, _)| d == t.stored_type()) {
             Some(e) => e.1 += t.numel(),
-            None => dtypes.push((t.dtype.name().to_string(), t.numel())),
+            None => dtypes.push((t.stored_type().to_string(), t.numel())),
         }
     }
     Ok(InspectReport {
@@ -105,7 +105,7 @@ fn report(ck: &Checkpoint) -> Result<InspectReport> {
             .iter()
             .map(|t| TensorInfo {
                 name: t.name.clone(),
-                dtype: t.dtype.name().to_string(),
+                dtype: t.stored_type().to_string(),
                 shape: t.shape.clone(),
                 shard: ck.shards[t.shard].file_name.clone(),
             })

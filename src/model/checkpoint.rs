@@ -255,7 +255,7 @@ impl Checkpoint {
 
     /// Total bytes of tensor data.
     pub(crate) fn total_bytes(&self) -> u64 {
-        self.tensors.iter().map(|t| t.len).sum()
+        self.tensors.iter().map(Tensor::stored_bytes).sum()
     }
 
     /// Total parameter count.

@@ -31,6 +31,20 @@ pub struct Tensor {
 }
 
 impl Tensor {
+    /// How its values are stored, as `inspect` names it: the dtype, or
+    /// `MXFP4` for packed FP4 blocks (whose bytes are U8).
+    pub(crate) fn stored_type(&self) -> &str {
+        match self.quant.as_deref() {
+            Some(Quant { scheme: Scheme::Mxfp4, .. }) => "MXFP4",
+            _ => self.dtype.name(),
+        }
+    }
+
+    /// Bytes it takes in its shard, its scales included.
+    pub(crate) fn stored_bytes(&self) -> u64 {
+        self.len + self.quant.as_ref().map_or(0, |q| q.scales.len)
+    }
+
     /// Element count.
     pub fn numel(&self) -> u64 {
         self.shape.iter().product()
