@@ -15,7 +15,9 @@
 //! // Llama-3-Swallow-8B + (Llama-3-8B-Instruct - Llama-3-8B), by alias;
 //! // models come from the Hugging Face cache, downloaded if missing.
 //! let mut params = ApplyParams::new("swallow-8b", "llama3-instruct");
-//! params.scale = Some(0.8.into()); // or a gradient over the layers: Scale::Layers(vec![0.3, 1.0])
+//! params.scale = vec![0.8.into()]; // or a gradient over the layers: Scale::Layers(vec![0.3, 1.0])
+//! // More vectors are added in the same pass, the k-th scale with the k-th
+//! // vector: params.vector.push("reasoning-vector".into()); params.scale.push(0.5.into());
 //! // One check of everything given; defaults filled in.
 //! let spec = params.validate()?;
 //! let summary = apply(&spec, &Destination::new("swallow-8b-cv"), &RunOptions::default())?;
@@ -82,7 +84,7 @@ pub use job::analyze::AnalyzeSpec;
 pub use model::FloatType;
 pub use model::{ExpertLayout, ExpertSummary};
 pub use output::Destination;
-pub use params::apply::{ApplyParams, ApplySpec, ExtractParams, ExtractSpec, VectorSource};
+pub use params::apply::{ApplyParams, ApplySpec, ExtractParams, ExtractSpec, FlagPositions, VectorSource};
 pub use params::embeddings::EmbeddingPolicy;
 pub use params::lora::LoraParams;
 pub use params::select::Scale;

@@ -2,7 +2,10 @@
 //! `chat - pre`, `base + scale * (chat - pre)`, `base + scale * vector`,
 //! and the LoRA merge `base + scale * (B @ A)` (see `lowrank`).
 //! Operation order is part of the numeric contract: `d = chat - pre;
-//! m = scale * d; out = base + m`, each step one f32 operation.
+//! m = scale * d; out = base + m`, each step one f32 operation. Several
+//! vectors in one pass (`AddTerms`) continue the same steps vector after
+//! vector, in the order given: `acc = base; acc = acc + s_k * d_k`, one
+//! rounding to the output dtype at the end.
 
 use super::lowrank::{LowRank, add_low_rank};
 use super::{BLOCK, Operand};
@@ -49,6 +52,20 @@ pub(crate) enum Segment<'a> {
     /// `out = base + scale * (P @ Q)` (a LoRA merge): `base` sliced to the
     /// run, the factors whole, `first` the run's first element.
     AddLowRank { base: Operand<'a>, factors: LowRank<'a>, first: u64, scale: f32 },
+    /// `out = base + s_1 * v_1 + s_2 * v_2 + ...` (apply with several
+    /// vectors), added left to right in f32; `terms` are the vectors that
+    /// have rows here (a vector whose vocabulary lacks a row adds nothing
+    /// to it).
+    AddTerms { base: Operand<'a>, terms: &'a [Term<'a>] },
+}
+
+/// One vector of `Segment::AddTerms`: a stored vector `x`, or `x - pre`
+/// (a chat model minus its pretrained model), times `scale`.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Term<'a> {
+    pub x: Operand<'a>,
+    pub pre: Option<Operand<'a>>,
+    pub scale: f32,
 }
 
 impl<'a> Segment<'a> {
@@ -60,6 +77,9 @@ impl<'a> Segment<'a> {
             Segment::AddDiff(b, c, p, _) => vec![b, c, p],
             Segment::AddScaled(b, v, _) => vec![b, v],
             Segment::AddLowRank { base, factors, .. } => vec![base, factors.a, factors.b],
+            Segment::AddTerms { base, terms } => std::iter::once(base)
+                .chain(terms.iter().flat_map(|t| std::iter::once(t.x).chain(t.pre)))
+                .collect(),
         }
     }
 
@@ -80,7 +100,50 @@ impl<'a> Segment<'a> {
             Segment::AddLowRank { base, factors, first, scale } => {
                 add_low_rank(out_ty, out, base, &factors, first, scale)
             }
+            Segment::AddTerms { base, terms } => add_terms(out_ty, out, base, terms),
         }
+    }
+}
+
+/// `Segment::AddTerms` into `out`: compiled for AVX2 where the CPU has
+/// it (the same f32 steps, so the same bytes).
+fn add_terms(out_ty: FloatType, out: &mut [u8], base: Operand<'_>, terms: &[Term<'_>]) {
+    #[cfg(target_arch = "x86_64")]
+    if crate::model::dtype::avx2() {
+        // SAFETY: the CPU has AVX2 (checked just above).
+        return unsafe { add_terms_avx2(out_ty, out, base, terms) };
+    }
+    add_terms_portable(out_ty, out, base, terms)
+}
+
+/// `add_terms` compiled for AVX2.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn add_terms_avx2(out_ty: FloatType, out: &mut [u8], base: Operand<'_>, terms: &[Term<'_>]) {
+    add_terms_portable(out_ty, out, base, terms)
+}
+
+/// `add_terms` in plain Rust, inlined into each compiled copy: per block,
+/// the base decoded into the sum, then each vector's `s * d` added to it
+/// in order, then one encode.
+#[inline(always)]
+fn add_terms_portable(out_ty: FloatType, out: &mut [u8], base: Operand<'_>, terms: &[Term<'_>]) {
+    let os = out_ty.size();
+    let n = out.len() / os;
+    let (mut acc, mut d, mut q) = ([0f32; BLOCK], [0f32; BLOCK], [0f32; BLOCK]);
+    let mut i = 0;
+    while i < n {
+        let m = BLOCK.min(n - i);
+        decode_at(base, i, &mut acc[..m]);
+        for t in terms {
+            vector_at(t.x, t.pre, i, &mut d[..m], &mut q[..m]);
+            for j in 0..m {
+                let mj = t.scale * d[j];
+                acc[j] += mj;
+            }
+        }
+        encode(out_ty, &acc[..m], &mut out[i * os..(i + m) * os]);
+        i += m;
     }
 }
 
@@ -135,6 +198,9 @@ impl<'a> Segment<'a> {
     /// vector's segments whose output has the base's dtype are counted
     /// (elsewhere every element is re-encoded anyway).
     pub(crate) fn rounding(&self, out_ty: FloatType, out: &[u8], first: u64) -> Rounding {
+        if let Segment::AddTerms { base, terms } = *self {
+            return terms_rounding(base, terms, out_ty, out, first);
+        }
         let Some((base, x, pre)) = self.counted(out_ty) else { return Rounding::default() };
         let os = out_ty.size();
         let n = out.len() / os;
@@ -150,7 +216,44 @@ impl<'a> Segment<'a> {
         }
         r
     }
+}
 
+/// `Segment::rounding` of several vectors, read from the output: a sampled
+/// element is moved when some vector with a nonzero scale changes it (its
+/// `d` is not zero), swallowed when moved and the output's bytes are the
+/// base's. Only the sampled elements are decoded.
+fn terms_rounding(
+    base: Operand<'_>,
+    terms: &[Term<'_>],
+    out_ty: FloatType,
+    out: &[u8],
+    first: u64,
+) -> Rounding {
+    let mut r = Rounding::default();
+    if base.ty != out_ty {
+        return r;
+    }
+    let os = out_ty.size();
+    let n = (out.len() / os) as u64;
+    let (mut x, mut p) = ([0f32; 1], [0f32; 1]);
+    let start = (ROUNDING_STRIDE - first % ROUNDING_STRIDE) % ROUNDING_STRIDE;
+    for j in (start..n).step_by(ROUNDING_STRIDE as usize) {
+        let moved = terms.iter().filter(|t| t.scale != 0.0).any(|t| {
+            t.x.decode_at(j, &mut x);
+            if let Some(pre) = t.pre {
+                pre.decode_at(j, &mut p);
+                x[0] -= p[0];
+            }
+            x[0] != 0.0
+        });
+        let at = j as usize * os..(j as usize + 1) * os;
+        r.moved += u64::from(moved);
+        r.swallowed += u64::from(moved && base.bytes[at.clone()] == out[at]);
+    }
+    r
+}
+
+impl<'a> Segment<'a> {
     /// The base, vector (or chat) and pretrained operands of a segment
     /// whose rounding is counted: a chat vector's, with a nonzero scale,
     /// whose output has the base's dtype.
@@ -170,7 +273,7 @@ impl<'a> Segment<'a> {
             Segment::AddDiff(.., s) | Segment::AddScaled(.., s) | Segment::AddLowRank { scale: s, .. } => {
                 Some(s)
             }
-            Segment::Convert(_) | Segment::Diff(..) => None,
+            Segment::Convert(_) | Segment::Diff(..) | Segment::AddTerms { .. } => None,
         }
     }
 

@@ -571,14 +571,54 @@ pub(crate) struct ExtractArgs {
 }
 
 /// `apply`: its parameters (one home, `chatvec::ApplyParams`) and where to
-/// write.
-#[derive(Args, Debug)]
+/// write. Parsed by hand around the derived parsers so the params learn
+/// where each vector flag stood: with several vectors, a `--scale` goes
+/// with the vector written before it.
+#[derive(Debug)]
 pub(crate) struct ApplyArgs {
-    #[command(flatten)]
     pub params: ApplyParams,
-
-    #[command(flatten)]
     pub out: OutArgs,
+}
+
+impl clap::FromArgMatches for ApplyArgs {
+    fn from_arg_matches(m: &clap::ArgMatches) -> Result<Self, clap::Error> {
+        let mut params = ApplyParams::from_arg_matches(m)?;
+        params.positions = Some(flag_positions(m));
+        Ok(ApplyArgs { params, out: OutArgs::from_arg_matches(m)? })
+    }
+
+    fn update_from_arg_matches(&mut self, m: &clap::ArgMatches) -> Result<(), clap::Error> {
+        self.params.update_from_arg_matches(m)?;
+        self.params.positions = Some(flag_positions(m));
+        self.out.update_from_arg_matches(m)
+    }
+}
+
+impl Args for ApplyArgs {
+    fn augment_args(cmd: clap::Command) -> clap::Command {
+        OutArgs::augment_args(ApplyParams::augment_args(cmd))
+    }
+
+    fn augment_args_for_update(cmd: clap::Command) -> clap::Command {
+        OutArgs::augment_args_for_update(ApplyParams::augment_args_for_update(cmd))
+    }
+}
+
+/// Where `--vector`, `--chat`, `--pretrained` and `--scale` stood among
+/// the parsed arguments.
+fn flag_positions(m: &clap::ArgMatches) -> chatvec::FlagPositions {
+    let at = |id: &str| -> Vec<usize> {
+        match m.try_get_raw(id) {
+            Ok(Some(_)) => m.indices_of(id).map(Iterator::collect).unwrap_or_default(),
+            _ => Vec::new(),
+        }
+    };
+    chatvec::FlagPositions {
+        vector: at("vector"),
+        chat: at("chat"),
+        pretrained: at("pretrained"),
+        scale: at("scale"),
+    }
 }
 
 #[derive(Args, Debug)]

@@ -147,7 +147,7 @@ pub(crate) fn run(cli: Cli) -> Result<()> {
             if json { json_out(&r) } else { out(&r.to_string()) }
         }
         Command::Sweep(a) => {
-            if a.apply.params.scale.is_some() || a.apply.params.lora.is_some() {
+            if !a.apply.params.scale.is_empty() || a.apply.params.lora.is_some() {
                 return Err(Error::Usage(
                     "sweep takes its scales from --scales, and chat vectors only (no --scale, no --lora)"
                         .into(),

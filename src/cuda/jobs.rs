@@ -110,6 +110,11 @@ impl Gpu {
                         "a low-rank update reached the GPU; the executor runs them on the CPU".into(),
                     ));
                 }
+                Segment::AddTerms { .. } => {
+                    return Err(Error::Internal(
+                        "a sum of several vectors reached the GPU; the executor runs them on the CPU".into(),
+                    ));
+                }
             }
         }
         self.download(slot, 0, len)

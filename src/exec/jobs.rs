@@ -11,7 +11,7 @@ use std::sync::Arc;
 use bumpalo::Bump;
 
 use crate::arith::formulas::Rounding;
-use crate::arith::rows::stretches;
+use crate::arith::rows::{RowRun, stretches};
 use crate::cuda::{self, Gpu, GpuPasses};
 use crate::error::{Error, Result};
 use crate::exec::input_hash::Touch;
@@ -73,7 +73,7 @@ pub(crate) fn cut(plan: &Plan, chunk_elems: u64) -> Vec<Job> {
             match &t.op {
                 Op::Copy(src) => jobs
                     .extend(pieces(t.bytes(), COPY_CHUNK_BYTES).map(|bytes| Job::Copy { src: *src, bytes })),
-                Op::Convert(_) | Op::Arith { .. } | Op::Merge(_) => jobs
+                Op::Convert(_) | Op::Arith { .. } | Op::Merge(_) | Op::AddVectors(_) => jobs
                     .extend(pieces(t.numel(), chunk_elems).map(|elems| Job::Compute { tensor: ti, elems })),
             }
         }
@@ -147,6 +147,11 @@ pub(crate) fn run_many<'a>(
     let Op::Arith { .. } = &t.op else {
         // No scale: computed once, the same bytes for every variant.
         let one = run(plan, stats, job, bufs.pop().unwrap_or_default())?;
+        // Several vectors (one variant): what rounding did, read back.
+        let none = match &t.op {
+            Op::AddVectors(_) => vec![computed_rounding(plan, job, &one)],
+            _ => none,
+        };
         let mut copies: Vec<Piece> = Vec::with_capacity(n);
         for mut b in bufs.into_iter().take(n - 1) {
             b.clear();
@@ -176,13 +181,16 @@ pub(crate) fn run_many<'a>(
     Ok((bufs.into_iter().map(Piece::Owned).collect(), rounding))
 }
 
-/// What rounding did to the vector's change in `job`'s output `piece`
-/// computed on the GPU, counted from its bytes on the CPU as `run_many`
-/// counts while it computes (see `Segment::rounding`).
-pub(crate) fn gpu_rounding(plan: &Plan, job: &Job, piece: &Piece<'_>) -> Rounding {
+/// What rounding did to the vector's change in `job`'s output `piece`,
+/// counted from its bytes on the CPU: for pieces computed on the GPU (as
+/// `run_many` counts while it computes) and for several vectors added in
+/// one pass (see `Segment::rounding`).
+pub(crate) fn computed_rounding(plan: &Plan, job: &Job, piece: &Piece<'_>) -> Rounding {
     let Job::Compute { tensor, elems } = job else { return Rounding::default() };
     let t = &plan.tensors[*tensor];
-    let (Op::Arith { .. }, Some(out_ty)) = (&t.op, t.dtype.float()) else { return Rounding::default() };
+    let (Op::Arith { .. } | Op::AddVectors(_), Some(out_ty)) = (&t.op, t.dtype.float()) else {
+        return Rounding::default();
+    };
     let at = |p: u64| ((p - elems.start) as usize) * out_ty.size();
     let mut total = Rounding::default();
     let arena = Bump::new();
@@ -256,6 +264,7 @@ fn sources(op: &Op) -> Vec<Source> {
         Op::Merge(m) => {
             m.base.iter().chain(&m.models).chain(m.union.iter().flat_map(|u| &u.sources)).copied().collect()
         }
+        Op::AddVectors(v) => std::iter::once(v.base).chain(v.vector_sources()).collect(),
     }
 }
 
@@ -365,18 +374,31 @@ pub(crate) fn touches(plan: &Plan, job: &Job, mut f: impl FnMut(usize, Touch)) {
             Op::Arith { formula, runs, row_len } => {
                 let base = formula.base();
                 report(base, elems.end, size(base));
-                // The furthest vector element this chunk reads.
-                let v_end = stretches(runs, *row_len, elems.clone())
-                    .filter_map(|s| s.vector.map(|v| v + (s.range.end - s.range.start)))
-                    .max();
-                if let Some(v_end) = v_end {
+                if let Some(v_end) = vector_end(runs, *row_len, elems) {
                     for vs in formula.vector_sources() {
                         report(vs, v_end, size(vs));
                     }
                 }
             }
+            Op::AddVectors(v) => {
+                report(v.base, elems.end, size(v.base));
+                for t in &v.terms {
+                    if let Some(v_end) = vector_end(&t.runs, t.row_len, elems) {
+                        for vs in std::iter::once(t.x).chain(t.pre) {
+                            report(vs, v_end, size(vs));
+                        }
+                    }
+                }
+            }
         },
     }
+}
+
+/// The furthest vector element a chunk over `elems` reads through `runs`.
+fn vector_end(runs: &[RowRun], row_len: u64, elems: &Range<u64>) -> Option<u64> {
+    stretches(runs, row_len, elems.clone())
+        .filter_map(|s| s.vector.map(|v| v + (s.range.end - s.range.start)))
+        .max()
 }
 
 /// Computes the statistics of the merged tensors `group` computes (before
@@ -569,9 +591,10 @@ mod tests {
             embeddings: crate::params::embeddings::EmbeddingPolicy::Auto,
             out_dtype: None,
             candidates: candidates.clone(),
+            vector_scales: Vec::new(),
         };
         let side = VectorSide::Streaming { chat: Box::new(open("chat")), pretrained: Box::new(open("pre")) };
-        let plan = plan_apply(open("base"), side, &opts).unwrap();
+        let plan = plan_apply(open("base"), vec![side], &opts).unwrap();
         assert_eq!(plan.variants(), 3);
         // The scale an independent reading gives: the rule for attention,
         // else the candidate, a gradient read at the layer's position

@@ -176,7 +176,7 @@ impl Engine<'_> {
                     .into_iter()
                     .zip(group)
                     .map(|(p, job)| {
-                        let r = jobs::gpu_rounding(plan, job, &p);
+                        let r = jobs::computed_rounding(plan, job, &p);
                         (vec![p], vec![r])
                     })
                     .collect()
@@ -238,6 +238,16 @@ pub(crate) fn execute_many(plan: &Plan, dirs: &[&OutputDir], opts: &ExecOptions)
             .with_hint("leave out --device, or pass --device cpu"));
         }
         crate::ui::note("device: cpu (LoRA merges run on the CPU)");
+        None
+    } else if plan.has_vector_sum() {
+        if let DeviceChoice::Cuda(_) = opts.device {
+            return Err(Error::Usage(
+                "several vectors are added in one pass on the CPU (no CUDA kernel sums them yet); --device cuda cannot be used"
+                    .into(),
+            )
+            .with_hint("leave out --device, or pass --device cpu"));
+        }
+        crate::ui::note("device: cpu (several vectors are added in one pass on the CPU)");
         None
     } else if plan.has_quantized() {
         if let DeviceChoice::Cuda(_) = opts.device {

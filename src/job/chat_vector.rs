@@ -13,10 +13,10 @@ use crate::output::manifest::{MANIFEST_FILE, RecipeRecord, TensorRecord, VectorR
 use crate::output::sidecars::{ChatSide, model_side_files, read_side_files};
 use crate::params::apply::{ApplySpec, ExtractSpec, VectorSource};
 use crate::params::select::{Scale, Selection};
-use crate::plan::Plan;
 use crate::plan::chat_vector::{ApplyOptions, Common, VectorSide, plan_apply, plan_extract};
 use crate::plan::checks::delta_ratio;
 use crate::plan::lora::plan_lora;
+use crate::plan::{Op, Plan};
 use crate::resolve::{Fetch, vector_alias};
 
 /// A `VectorSource` with its vector alias looked up: what to open.
@@ -215,9 +215,76 @@ pub(crate) fn output_side_files(
     model_side_files(&base_dir, chat_side, spec.out_dtype())
 }
 
+/// One vector of `apply`, opened: what the planner reads, the model whose
+/// template the output takes, how the user named its inputs, and the notes
+/// and warnings opening it gave.
+struct OpenedVector {
+    side: VectorSide,
+    chat_dir: std::path::PathBuf,
+    labels: Vec<String>,
+    notes: Vec<String>,
+    warnings: Vec<String>,
+}
+
+/// Opens one vector of `apply`: a (chat, pretrained) pair or vector alias
+/// streamed, or a stored vector (a raw delta only when `--raw-delta` says
+/// so and its norms agree).
+fn open_vector(
+    spec: &ApplySpec,
+    source: &VectorSource,
+    fetch: &Fetch,
+    base: &Checkpoint,
+) -> Result<OpenedVector> {
+    let (mut notes, mut warnings) = (Vec::new(), Vec::new());
+    match resolve_vector(source)? {
+        VectorRefs::Pair { chat, pretrained, alias } => {
+            if let Some(v) = alias {
+                notes.push(format!("vector {v} = {chat} - {pretrained}, computed on the fly"));
+            }
+            let chat_ck = fetch.open_model(&chat)?;
+            let pre_ck = fetch.open_model(&pretrained)?;
+            refuse_zero_vector(&chat_ck, &pre_ck)?;
+            let chat_dir = chat_ck.dir.clone();
+            let side = VectorSide::Streaming { chat: Box::new(chat_ck), pretrained: Box::new(pre_ck) };
+            Ok(OpenedVector { side, chat_dir, labels: vec![chat, pretrained], notes, warnings })
+        }
+        VectorRefs::Stored(v) => {
+            let vector = fetch.open_model(&v)?;
+            let chat_dir = vector.dir.clone();
+            let info = read_vector_info(&chat_dir)?;
+            if info.is_none() {
+                warnings.push(raw_delta(spec, base, &vector)?);
+            }
+            let omitted = info.map(|i| i.omitted).unwrap_or_default();
+            let side = VectorSide::Stored { vector: Box::new(vector), omitted };
+            Ok(OpenedVector { side, chat_dir, labels: vec![v], notes, warnings })
+        }
+        VectorRefs::Lora(_) => Err(Error::Usage("a LoRA adapter is merged at one scale at a time".into())),
+    }
+}
+
+/// The factor each computed tensor got from each of several vectors
+/// added in one pass: one map of tensor name to scale per vector, in the
+/// order given (a tensor a vector left out is not in its map).
+fn vector_scales(plan: &Plan, vectors: usize) -> serde_json::Value {
+    let mut maps = vec![serde_json::Map::new(); vectors];
+    for t in &plan.tensors {
+        if let Op::AddVectors(v) = &t.op {
+            for term in &v.terms {
+                let s = serde_json::from_str(&serde_json::to_string(&term.scale).unwrap_or_default())
+                    .unwrap_or_default();
+                maps[term.vector].insert(t.name.clone(), s);
+            }
+        }
+    }
+    serde_json::Value::Array(maps.into_iter().map(serde_json::Value::Object).collect())
+}
+
 /// `apply` at several scales from one read of the inputs (a sweep): one
 /// complete output per `(scale, where)`, each byte-identical to a plain
 /// `apply` with that scale, each with its own manifest and model card.
+/// With several vectors (`spec.more`), one output, the vectors added in
+/// one pass in the order given.
 pub(crate) fn apply_many(
     spec: &ApplySpec,
     outs: &[(Scale, Destination)],
@@ -225,55 +292,58 @@ pub(crate) fn apply_many(
     fetch: &Fetch,
     recipe: Option<RecipeRecord>,
 ) -> Result<Vec<Summary>> {
-    let mut early_notes = Vec::new();
-    let (chat, pretrained) = match resolve_vector(&spec.vector)? {
-        VectorRefs::Pair { chat, pretrained, alias } => {
-            if let Some(v) = alias {
-                early_notes.push(format!("vector {v} = {chat} - {pretrained}, computed on the fly"));
-            }
-            (Some(chat), Some(pretrained))
-        }
-        VectorRefs::Stored(_) => (None, None),
-        VectorRefs::Lora(_) => {
-            return Err(Error::Usage("a LoRA adapter is merged at one scale at a time".into()));
-        }
-    };
+    let several = !spec.more.is_empty();
+    if several && outs.len() != 1 {
+        return Err(Error::Usage(format!(
+            "a sweep scales one vector; {} were given",
+            spec.more.len() + 1
+        ))
+        .with_hint("sweep one vector with the others applied first, or give each vector a layer gradient with --scale"));
+    }
     let common = common(&spec.selection, spec.shard_size, spec.allow_mismatch(), spec.expert_layout());
     let base_ck = fetch.open_model(spec.base())?;
     let base_dir = base_ck.dir.clone();
-    let mut early_warnings = Vec::new();
-    let (side, chat_dir, labels) = match (&spec.vector, chat, pretrained) {
-        (_, Some(chat), Some(pretrained)) => {
-            let chat_ck = fetch.open_model(&chat)?;
-            let pre_ck = fetch.open_model(&pretrained)?;
-            refuse_zero_vector(&chat_ck, &pre_ck)?;
-            let dir = chat_ck.dir.clone();
-            let side = VectorSide::Streaming { chat: Box::new(chat_ck), pretrained: Box::new(pre_ck) };
-            (side, dir, vec![spec.base().to_string(), chat, pretrained])
+    let (mut early_notes, mut early_warnings) = (Vec::new(), Vec::new());
+    let mut labels = vec![spec.base().to_string()];
+    let (mut sides, mut chat_dir) = (Vec::new(), None);
+    for source in std::iter::once(&spec.vector).chain(spec.more.iter().map(|(v, _)| v)) {
+        let opened = open_vector(spec, source, fetch, &base_ck)?;
+        early_notes.extend(opened.notes);
+        early_warnings.extend(opened.warnings);
+        labels.extend(opened.labels);
+        chat_dir.get_or_insert(opened.chat_dir);
+        sides.push(opened.side);
+    }
+    // The output takes the first vector's chat template and eos ids.
+    let chat_dir = chat_dir.ok_or_else(|| Error::Internal("apply without a vector".into()))?;
+    if several {
+        early_warnings.extend(spec.scale_warnings());
+        early_notes.push(format!(
+            "{} vectors added in one pass, in the order given; the template and eos ids are the first one's",
+            sides.len()
+        ));
+    } else {
+        for (s, _) in outs {
+            early_warnings.extend(spec.with_scale(s).scale_warnings());
         }
-        (VectorSource::Stored(v) | VectorSource::Lora(v), _, _)
-        | (VectorSource::Pair { chat: v, .. }, _, _) => {
-            let vector = fetch.open_model(v)?;
-            let dir = vector.dir.clone();
-            let info = read_vector_info(&dir)?;
-            if info.is_none() {
-                early_warnings.push(raw_delta(spec, &base_ck, &vector)?);
-            }
-            let omitted = info.map(|i| i.omitted).unwrap_or_default();
-            (
-                VectorSide::Stored { vector: Box::new(vector), omitted },
-                dir,
-                vec![spec.base().to_string(), v.clone()],
-            )
-        }
-    };
-    for (s, _) in outs {
-        early_warnings.extend(spec.with_scale(s).scale_warnings());
     }
     early_warnings.dedup();
-    let candidates = outs.iter().map(|(s, _)| s.clone()).collect();
-    let opts = ApplyOptions { common, embeddings: spec.embeddings, out_dtype: spec.out_dtype(), candidates };
-    let mut plan = plan_apply(base_ck, side, &opts)?;
+    let candidates = if several { Vec::new() } else { outs.iter().map(|(s, _)| s.clone()).collect() };
+    let vector_scales_given: Vec<Scale> = if several {
+        std::iter::once(spec.selection.default_scale().clone())
+            .chain(spec.more.iter().map(|(_, s)| s.clone()))
+            .collect()
+    } else {
+        Vec::new()
+    };
+    let opts = ApplyOptions {
+        common,
+        embeddings: spec.embeddings,
+        out_dtype: spec.out_dtype(),
+        candidates,
+        vector_scales: vector_scales_given.clone(),
+    };
+    let mut plan = plan_apply(base_ck, sides, &opts)?;
     plan.warnings.splice(0..0, early_warnings);
     let labels: Vec<&str> = labels.iter().map(String::as_str).collect();
     set_labels(&mut plan, &labels);
@@ -284,16 +354,22 @@ pub(crate) fn apply_many(
     let mut first_side = Some(first_side);
     let mut variants = Vec::with_capacity(outs.len());
     for (k, (scale, out)) in outs.iter().enumerate() {
-        let one = spec.with_scale(scale);
+        let one = if several { spec.clone() } else { spec.with_scale(scale) };
         let mut side = match first_side.take() {
             Some(s) => s,
             None => model_side_files(&base_dir, Some(chat_side()), spec.out_dtype())?,
         };
         side.notes.splice(0..0, early_notes.clone());
-        let how = format!("chat vector (scale {scale})");
+        let how = if several {
+            let list: Vec<String> = vector_scales_given.iter().map(Scale::to_string).collect();
+            format!("{} chat vectors (scales {})", list.len(), list.join(", "))
+        } else {
+            format!("chat vector (scale {scale})")
+        };
         model_card(&plan, &how, recipe.as_ref(), &mut side)?;
         let mut params = to_value(&one.given())?;
-        params["tensor_scales"] = tensor_scales(&plan, k);
+        params["tensor_scales"] =
+            if several { vector_scales(&plan, vector_scales_given.len()) } else { tensor_scales(&plan, k) };
         let rec = Records { kind: "apply", params, recipe: recipe.clone(), vector: None };
         variants.push(Variant { rec, dest: out.clone(), side });
     }

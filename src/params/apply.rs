@@ -34,26 +34,28 @@ pub(crate) fn default_shard_size() -> u64 {
 
 /// `apply`'s parameters as the user wrote them (`None`: not given).
 #[derive(Args, Serialize, Clone, Debug, Default, PartialEq)]
-#[command(group(ArgGroup::new("vector_source").required(true).args(["vector", "chat", "lora"])))]
+#[command(group(ArgGroup::new("vector_source").required(true).multiple(true).args(["vector", "chat", "lora"])))]
 pub struct ApplyParams {
     /// The model to give chat ability to, e.g. a continued-pretrained model (directory, Hub id or alias).
     #[arg(long, value_name = "MODEL")]
     pub base: String,
 
     /// A chat vector written by `chatvec extract`, or a vector alias such as llama3-instruct.
-    #[arg(long, value_name = "VECTOR", conflicts_with_all = ["chat", "pretrained"])]
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub vector: Option<String>,
+    /// Repeatable, with --chat/--pretrained pairs too: the vectors are added in one pass,
+    /// in the order given, each with the --scale that follows it.
+    #[arg(long, value_name = "VECTOR")]
+    #[serde(skip_serializing_if = "Vec::is_empty", serialize_with = "one_or_list")]
+    pub vector: Vec<String>,
 
-    /// The chat model (with --pretrained: stream the vector without writing it).
+    /// The chat model (with --pretrained: stream the vector without writing it; repeatable).
     #[arg(long, value_name = "MODEL", requires = "pretrained")]
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub chat: Option<String>,
+    #[serde(skip_serializing_if = "Vec::is_empty", serialize_with = "one_or_list")]
+    pub chat: Vec<String>,
 
-    /// The pretrained model the chat model was tuned from.
+    /// The pretrained model the chat model was tuned from (one per --chat, in order).
     #[arg(long, value_name = "MODEL", requires = "chat")]
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub pretrained: Option<String>,
+    #[serde(skip_serializing_if = "Vec::is_empty", serialize_with = "one_or_list")]
+    pub pretrained: Vec<String>,
 
     /// A PEFT LoRA adapter (adapter_config.json + adapter_model.safetensors; directory or Hub id)
     /// to merge into --base, the model it was trained on; --scale multiplies its alpha / r.
@@ -63,11 +65,13 @@ pub struct ApplyParams {
 
     /// Scale of the vector (default 1): a number, or a gradient over the layers, e.g. '[0.3, 1.0]'
     /// (interpolated from the first layer to the last; embeddings take the first value, lm_head the last).
+    /// With several vectors, each --scale follows the vector it scales.
     #[arg(long, value_parser = parse_scale, allow_negative_numbers = true)]
-    pub scale: Option<Scale>,
+    #[serde(skip_serializing_if = "Vec::is_empty", serialize_with = "one_or_list")]
+    pub scale: Vec<Scale>,
 
     /// Scale for tensors matching REGEX, a number or a gradient, e.g. 'mlp\.=0.5' or
-    /// 'self_attn=[0.3, 1.0]' (repeatable; first match wins).
+    /// 'self_attn=[0.3, 1.0]' (repeatable; first match wins; with several vectors, for each of them).
     #[arg(long, value_name = "REGEX=S")]
     pub scale_for: Vec<String>,
 
@@ -112,6 +116,27 @@ pub struct ApplyParams {
     #[arg(long, value_name = "LAYOUT", value_parser = parse_expert_layout)]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub expert_layout: Option<ExpertLayout>,
+
+    /// Where the vector flags stood on the command line (set by the
+    /// command line's parser; `None` from a recipe or the library, where
+    /// the k-th scale goes with the k-th vector).
+    #[arg(skip)]
+    #[serde(skip)]
+    pub positions: Option<FlagPositions>,
+}
+
+/// The command-line positions (clap's indices) of `apply`'s vector flags,
+/// so that each `--scale` is paired with the vector written before it.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct FlagPositions {
+    /// Of each `--vector`, in order.
+    pub vector: Vec<usize>,
+    /// Of each `--chat`.
+    pub chat: Vec<usize>,
+    /// Of each `--pretrained`.
+    pub pretrained: Vec<usize>,
+    /// Of each `--scale`.
+    pub scale: Vec<usize>,
 }
 
 /// The vector `apply` adds.
@@ -138,8 +163,11 @@ pub enum VectorSource {
 pub struct ApplySpec {
     /// The params it was built from, as given.
     given: ApplyParams,
-    /// The vector.
+    /// The vector (the first, with several).
     pub(crate) vector: VectorSource,
+    /// With several vectors: those after the first, each with its scale,
+    /// in the order given.
+    pub(crate) more: Vec<(VectorSource, Scale)>,
     /// Which tensors get the vector, and each one's scale.
     pub(crate) selection: Selection,
     /// Embedding rows when vocabularies differ.
@@ -152,7 +180,7 @@ impl ApplyParams {
     /// `base + scale * vector` from a stored vector or vector alias, with
     /// every other parameter left at its default.
     pub fn new(base: impl Into<String>, vector: impl Into<String>) -> ApplyParams {
-        ApplyParams { base: base.into(), vector: Some(vector.into()), ..ApplyParams::default() }
+        ApplyParams { base: base.into(), vector: vec![vector.into()], ..ApplyParams::default() }
     }
 
     /// `base + scale * (chat - pretrained)`, the vector computed on the fly.
@@ -161,7 +189,7 @@ impl ApplyParams {
         chat: impl Into<String>,
         pretrained: impl Into<String>,
     ) -> ApplyParams {
-        let (chat, pretrained) = (Some(chat.into()), Some(pretrained.into()));
+        let (chat, pretrained) = (vec![chat.into()], vec![pretrained.into()]);
         ApplyParams { base: base.into(), chat, pretrained, ..ApplyParams::default() }
     }
 
@@ -195,30 +223,72 @@ impl ApplyParams {
                 named("base")
             )));
         }
-        let vector = match (
-            text(&self.vector, "vector")?,
-            text(&self.chat, "chat")?,
-            text(&self.pretrained, "pretrained")?,
-            text(&self.lora, "lora")?,
-        ) {
-            (Some(v), None, None, None) => VectorSource::Stored(v),
-            (None, Some(chat), Some(pretrained), None) => VectorSource::Pair { chat, pretrained },
-            (None, None, None, Some(a)) => VectorSource::Lora(a),
-            _ => {
-                return Err(Error::Usage(format!(
-                    "give one vector: {}, both {} and {}, or {}",
-                    named("vector"),
-                    named("chat"),
-                    named("pretrained"),
-                    named("lora")
-                )));
-            }
+        let texts = |v: &[String], what: &str| -> Result<Vec<String>> {
+            v.iter().map(|x| text(&Some(x.clone()), what).map(Option::unwrap_or_default)).collect()
         };
-        if self.raw_delta && !matches!(vector, VectorSource::Stored(_)) {
+        let (vectors, chats, pres) = (
+            texts(&self.vector, "vector")?,
+            texts(&self.chat, "chat")?,
+            texts(&self.pretrained, "pretrained")?,
+        );
+        let lora = text(&self.lora, "lora")?;
+        let one_vector = || {
+            Error::Usage(format!(
+                "give one vector: {}, both {} and {}, or {}",
+                named("vector"),
+                named("chat"),
+                named("pretrained"),
+                named("lora")
+            ))
+        };
+        if chats.len() != pres.len() {
+            return Err(Error::Usage(format!(
+                "each {} needs its {} ({} {}, {} {})",
+                named("chat"),
+                named("pretrained"),
+                chats.len(),
+                named("chat"),
+                pres.len(),
+                named("pretrained")
+            )));
+        }
+        // Each vector with where it was written (its position on the
+        // command line, or its order: vectors, then pairs).
+        let pos = self.positions.as_ref();
+        let at = |list: Option<&Vec<usize>>, k: usize, fallback: usize| {
+            list.and_then(|l| l.get(k)).copied().unwrap_or(fallback)
+        };
+        let mut sources: Vec<(usize, VectorSource)> = vectors
+            .into_iter()
+            .enumerate()
+            .map(|(k, v)| (at(pos.map(|p| &p.vector), k, k), VectorSource::Stored(v)))
+            .collect();
+        let first_pair = sources.len();
+        for (k, (chat, pretrained)) in chats.into_iter().zip(pres).enumerate() {
+            let written = at(pos.map(|p| &p.chat), k, first_pair + k).min(at(
+                pos.map(|p| &p.pretrained),
+                k,
+                first_pair + k,
+            ));
+            sources.push((written, VectorSource::Pair { chat, pretrained }));
+        }
+        sources.sort_by_key(|(p, _)| *p);
+        match (lora, sources.is_empty()) {
+            (Some(a), true) => sources.push((0, VectorSource::Lora(a))),
+            (None, false) => {}
+            _ => return Err(one_vector()),
+        }
+        if self.raw_delta && !sources.iter().any(|(_, v)| matches!(v, VectorSource::Stored(_))) {
             return Err(Error::Usage(format!("{} applies to {} only", named("raw-delta"), named("vector"))));
         }
-        let scale = self.scale.clone().unwrap_or(Scale::Constant(DEFAULT_SCALE));
+        let scales = pair_scales(&sources, &self.scale, pos.map(|p| p.scale.as_slice()), &named)?;
+        let mut terms = sources.into_iter().map(|(_, v)| v).zip(scales);
+        let Some((vector, scale)) = terms.next() else { return Err(one_vector()) };
+        let more: Vec<(VectorSource, Scale)> = terms.collect();
         let selection = Selection::new(&self.include, &self.exclude, &scale, &self.scale_for, spelling)?;
+        for (_, s) in &more {
+            Scale::from_values(s.values(), spelling.scale())?;
+        }
         let shard_size = self.shard_size.unwrap_or_else(default_shard_size);
         if shard_size == 0 {
             return Err(Error::Usage(format!("{} must be above 0 bytes", named("shard-size"))));
@@ -226,6 +296,7 @@ impl ApplyParams {
         Ok(ApplySpec {
             given: self.clone(),
             vector,
+            more,
             selection,
             embeddings: self.embeddings.unwrap_or(EmbeddingPolicy::Auto),
             shard_size,
@@ -268,8 +339,9 @@ impl ApplySpec {
     /// The params as given, with the defaults written out: what the
     /// manifest records.
     pub fn given(&self) -> ApplyParams {
+        let more = self.more.iter().map(|(_, s)| s.clone());
         ApplyParams {
-            scale: Some(self.selection.default_scale().clone()),
+            scale: std::iter::once(self.selection.default_scale().clone()).chain(more).collect(),
             embeddings: Some(self.embeddings),
             shard_size: Some(self.shard_size),
             ..self.given.clone()
@@ -279,7 +351,7 @@ impl ApplySpec {
     /// The same spec with `scale` for `--scale` (a sweep's candidate).
     pub fn with_scale(&self, scale: &Scale) -> ApplySpec {
         ApplySpec {
-            given: ApplyParams { scale: Some(scale.clone()), ..self.given.clone() },
+            given: ApplyParams { scale: vec![scale.clone()], ..self.given.clone() },
             selection: self.selection.with_default_scale(scale),
             ..self.clone()
         }
@@ -289,7 +361,8 @@ impl ApplySpec {
     /// the checked scale and `--scale-for` values.
     pub fn scale_warnings(&self) -> Vec<String> {
         let mut out = Vec::new();
-        for s in self.selection.scale_values() {
+        let more = self.more.iter().flat_map(|(_, s)| s.values());
+        for s in self.selection.scale_values().into_iter().chain(more) {
             if s == 0.0 {
                 out.push("a scale of 0 adds nothing: those tensors stay as in the base".to_string());
             } else if s.abs() > 3.0 {
@@ -455,6 +528,69 @@ impl ExtractSpec {
     }
 }
 
+/// Pairs each vector (sorted by where it was written) with its scale: the
+/// default for a vector without one. With `positions` (the command line),
+/// a `--scale` belongs to the last vector written before it (or to the one
+/// vector, wherever it stands); without, the k-th scale to the k-th vector.
+fn pair_scales(
+    sources: &[(usize, VectorSource)],
+    given: &[Scale],
+    positions: Option<&[usize]>,
+    named: &dyn Fn(&str) -> String,
+) -> Result<Vec<Scale>> {
+    let default = Scale::Constant(DEFAULT_SCALE);
+    let flag = named("scale");
+    let name = |v: &VectorSource| match v {
+        VectorSource::Stored(v) | VectorSource::Lora(v) => v.clone(),
+        VectorSource::Pair { chat, pretrained } => format!("{chat} - {pretrained}"),
+    };
+    if sources.len() == 1 {
+        return match given {
+            [] => Ok(vec![default]),
+            [s] => Ok(vec![s.clone()]),
+            _ => Err(Error::Usage(format!(
+                "{} values of {flag} for one vector; give one (per-tensor scales: {})",
+                given.len(),
+                named("scale-for")
+            ))),
+        };
+    }
+    let Some(positions) = positions.filter(|p| p.len() == given.len()) else {
+        return match given.len() {
+            0 => Ok(vec![default; sources.len()]),
+            n if n == sources.len() => Ok(given.to_vec()),
+            n => Err(Error::Usage(format!(
+                "{} vectors and {n} values of {flag}: give one per vector, in the same order",
+                sources.len()
+            ))),
+        };
+    };
+    let mut out: Vec<Option<Scale>> = vec![None; sources.len()];
+    for (s, &p) in given.iter().zip(positions) {
+        let Some(k) = sources.iter().rposition(|(at, _)| *at < p) else {
+            return Err(Error::Usage(format!(
+                "{flag} {s} comes before any vector: with several vectors, write each {flag} after the vector it scales"
+            )));
+        };
+        if out[k].replace(s.clone()).is_some() {
+            return Err(Error::Usage(format!(
+                "vector {} has two values of {flag}; write one after each vector",
+                name(&sources[k].1)
+            )));
+        }
+    }
+    Ok(out.into_iter().map(|s| s.unwrap_or_else(|| default.clone())).collect())
+}
+
+/// A list of one as its element (what the manifest has always written for
+/// one vector and one scale), of several as a list.
+fn one_or_list<T: Serialize, S: serde::Serializer>(v: &[T], s: S) -> std::result::Result<S::Ok, S::Error> {
+    match v {
+        [one] => one.serialize(s),
+        many => many.serialize(s),
+    }
+}
+
 /// A dtype as the manifest has always named it (`BF16`).
 fn dtype_name<S: serde::Serializer>(t: &Option<FloatType>, s: S) -> std::result::Result<S::Ok, S::Error> {
     match t {
@@ -496,7 +632,7 @@ mod tests {
     fn defaults_are_filled_once_and_recorded() {
         let spec = ApplyParams::new("b", "v").validate().unwrap();
         let given = spec.given();
-        assert_eq!(given.scale, Some(Scale::Constant(1.0)));
+        assert_eq!(given.scale, vec![Scale::Constant(1.0)]);
         assert_eq!(given.embeddings, Some(EmbeddingPolicy::Auto));
         assert_eq!(given.shard_size, Some(5_000_000_000));
         let json = serde_json::to_value(&given).unwrap();
@@ -507,18 +643,55 @@ mod tests {
 
     #[test]
     fn one_vector_source_is_required() {
-        let both = ApplyParams { chat: Some("c".into()), ..ApplyParams::new("b", "v") };
+        let both = ApplyParams { lora: Some("a".into()), ..ApplyParams::new("b", "v") };
         let e = both.validate().unwrap_err().to_string();
         assert!(e.contains("give one vector: --vector, both --chat and --pretrained, or --lora"), "{e}");
+        let half = ApplyParams { chat: vec!["c".into()], ..ApplyParams::new("b", "v") };
+        let e = half.validate().unwrap_err().to_string();
+        assert!(e.contains("each --chat needs its --pretrained (1 --chat, 0 --pretrained)"), "{e}");
         let none = ApplyParams { base: "b".into(), ..ApplyParams::default() };
         assert!(none.validate().is_err());
         let raw = ApplyParams {
             raw_delta: true,
             lora: Some("a".into()),
-            vector: None,
+            vector: Vec::new(),
             ..ApplyParams::new("b", "v")
         };
         assert!(raw.validate().unwrap_err().to_string().contains("--raw-delta applies to --vector only"));
+    }
+
+    #[test]
+    fn without_positions_the_kth_scale_goes_with_the_kth_vector() {
+        let p = ApplyParams {
+            vector: vec!["v1".into(), "v2".into()],
+            chat: vec!["c".into()],
+            pretrained: vec!["p".into()],
+            scale: vec![Scale::Constant(0.5), Scale::Constant(2.0), Scale::Constant(-1.0)],
+            ..ApplyParams::new("b", "unused")
+        };
+        let spec = p.validate().unwrap();
+        assert_eq!(spec.vector, VectorSource::Stored("v1".into()));
+        assert_eq!(spec.selection.default_scale(), &Scale::Constant(0.5));
+        let more: Vec<_> = spec.more.iter().map(|(v, s)| (v.clone(), s.clone())).collect();
+        assert_eq!(
+            more,
+            vec![
+                (VectorSource::Stored("v2".into()), Scale::Constant(2.0)),
+                (VectorSource::Pair { chat: "c".into(), pretrained: "p".into() }, Scale::Constant(-1.0))
+            ]
+        );
+        let json = serde_json::to_value(spec.given()).unwrap();
+        assert_eq!(json["scale"], serde_json::json!([0.5, 2.0, -1.0]));
+        assert_eq!(json["chat"], "c", "one of a kind stays a string, as older manifests have it");
+        let short = ApplyParams { scale: vec![Scale::Constant(0.5), Scale::Constant(2.0)], ..p.clone() };
+        let e = short.validate().unwrap_err().to_string();
+        assert!(
+            e.contains("3 vectors and 2 values of --scale: give one per vector, in the same order"),
+            "{e}"
+        );
+        let none = ApplyParams { scale: Vec::new(), ..p };
+        let spec = none.validate().unwrap();
+        assert!(spec.more.iter().all(|(_, s)| *s == Scale::Constant(1.0)));
     }
 
     #[test]
@@ -527,7 +700,7 @@ mod tests {
         let spec = p.validate().unwrap().with_scale(&Scale::Constant(4.0));
         assert_eq!(spec.selection.scale("model.layers.0.mlp.up_proj.weight"), 0.25);
         assert_eq!(spec.selection.scale("model.layers.0.self_attn.q_proj.weight"), 4.0);
-        assert_eq!(spec.given().scale, Some(Scale::Constant(4.0)));
+        assert_eq!(spec.given().scale, vec![Scale::Constant(4.0)]);
         assert_eq!(spec.scale_warnings().len(), 1, "{:?}", spec.scale_warnings());
     }
 }

@@ -127,7 +127,7 @@ impl Spelling {
     fn exclude(self) -> &'static str {
         if self == Spelling::Cli { "--exclude" } else { "parameters.exclude" }
     }
-    fn scale(self) -> &'static str {
+    pub(crate) fn scale(self) -> &'static str {
         if self == Spelling::Cli { "--scale" } else { "parameters.scale" }
     }
     fn scale_for(self) -> &'static str {

@@ -17,7 +17,7 @@ use crate::plan::experts::{finish, line_up};
 use crate::plan::shards::assign_shards;
 use crate::plan::skeleton::{Step, each_tensor};
 use crate::plan::vocab::{EmbeddingReport, RowMap, Vocabs, match_rows};
-use crate::plan::{Formula, Input, Op, OutTensor, Plan, Role, Source, scales_of};
+use crate::plan::{Formula, Input, Op, OutTensor, Plan, Role, Source, VectorSum, VectorTerm, scales_of};
 
 /// Settings shared by extract and apply.
 pub(crate) struct Common {
@@ -37,6 +37,9 @@ pub(crate) struct ApplyOptions {
     /// each standing for the selection's own (`--scale`; `--scale-for`
     /// rules still win). Empty: one variant, the selection's scale.
     pub candidates: Vec<Scale>,
+    /// With several vectors: each one's scale, in the order of the sides
+    /// (`--scale-for` rules still win); empty with one vector.
+    pub vector_scales: Vec<Scale>,
 }
 
 /// The vector side of `apply`.
@@ -139,47 +142,84 @@ pub(crate) fn plan_extract(
     Ok(plan)
 }
 
+/// One vector of `apply`, opened: its checkpoints (a stored vector, or a
+/// chat and a pretrained model), the tensors its extract left out on
+/// purpose, its vocabulary, and the plan input of its first checkpoint.
+struct SideInputs {
+    cks: Vec<(Role, Checkpoint)>,
+    omitted: HashSet<String>,
+    vocab: Option<crate::model::tokenizer::Vocab>,
+    first_input: usize,
+}
+
 /// Plans `apply`: the base model's tensors, names, order and dtypes (or
-/// `--out-dtype`), with the scaled vector added to the selected ones.
-pub(crate) fn plan_apply(mut base: Checkpoint, mut side: VectorSide, opts: &ApplyOptions) -> Result<Plan> {
+/// `--out-dtype`), with the scaled vector added to the selected ones. With
+/// several vectors (`sides`, scales in `opts.vector_scales`), each tensor
+/// adds them all in one pass, in the order given.
+pub(crate) fn plan_apply(
+    mut base: Checkpoint,
+    mut sides: Vec<VectorSide>,
+    opts: &ApplyOptions,
+) -> Result<Plan> {
     let common = &opts.common;
-    let experts = match &mut side {
-        VectorSide::Stored { vector, .. } => line_up(&mut [&mut base, vector], 0, common.expert_layout)?,
-        VectorSide::Streaming { chat, pretrained } => {
-            line_up(&mut [&mut base, chat, pretrained], 0, common.expert_layout)?
+    let several = sides.len() > 1;
+    if several && opts.vector_scales.len() != sides.len() {
+        return Err(Error::Internal(format!(
+            "{} vectors with {} scales reached the planner",
+            sides.len(),
+            opts.vector_scales.len()
+        )));
+    }
+    let experts = {
+        let mut all: Vec<&mut Checkpoint> = vec![&mut base];
+        for side in &mut sides {
+            match side {
+                VectorSide::Stored { vector, .. } => all.push(vector),
+                VectorSide::Streaming { chat, pretrained } => {
+                    all.push(chat);
+                    all.push(pretrained);
+                }
+            }
         }
+        line_up(&mut all, 0, common.expert_layout)?
     };
     // Scale gradients spread over the base's layers.
     let mut sel = common.selection.clone();
     sel.set_layers(layers_of(base.tensors.iter().map(|t| t.name.as_str())));
     let sel = &sel;
     let mut warnings = Vec::new();
-    // Index 0 is the base; the vector side follows.
-    let (vector_cks, omitted_ok): (Vec<(Role, Checkpoint)>, HashSet<String>) = match side {
-        VectorSide::Stored { vector, omitted } => {
-            check_configs(&base, &vector, common.allow_mismatch, &mut warnings)?;
-            (vec![(Role::Vector, *vector)], omitted)
-        }
-        VectorSide::Streaming { chat, pretrained } => {
-            check_configs(&chat, &pretrained, common.allow_mismatch, &mut warnings)?;
-            check_configs(&base, &chat, common.allow_mismatch, &mut warnings)?;
-            (vec![(Role::Chat, *chat), (Role::Pretrained, *pretrained)], HashSet::new())
-        }
-    };
+    // Input 0 is the base; each vector's checkpoints follow in order.
+    let mut opened = Vec::with_capacity(sides.len());
+    let mut next_input = 1;
+    for side in sides {
+        let (cks, omitted) = match side {
+            VectorSide::Stored { vector, omitted } => {
+                check_configs(&base, &vector, common.allow_mismatch, &mut warnings)?;
+                (vec![(Role::Vector, *vector)], omitted)
+            }
+            VectorSide::Streaming { chat, pretrained } => {
+                check_configs(&chat, &pretrained, common.allow_mismatch, &mut warnings)?;
+                check_configs(&base, &chat, common.allow_mismatch, &mut warnings)?;
+                (vec![(Role::Chat, *chat), (Role::Pretrained, *pretrained)], HashSet::new())
+            }
+        };
+        let vocab = read_vocab(&cks[0].1)?;
+        let first_input = next_input;
+        next_input += cks.len();
+        opened.push(SideInputs { cks, omitted, vocab, first_input });
+    }
+    let vector_cks = || opened.iter().flat_map(|o| &o.cks);
     let all =
-        base.tensors.iter().chain(vector_cks.iter().flat_map(|(_, ck)| &ck.tensors)).map(|t| t.name.as_str());
+        base.tensors.iter().chain(vector_cks().flat_map(|(_, ck)| &ck.tensors)).map(|t| t.name.as_str());
     sel.check_all_match(all)?;
     let base_vocab = read_vocab(&base)?;
-    let vector_vocab = read_vocab(&vector_cks[0].1)?;
-    let vocabs = Vocabs { base: base_vocab.as_ref(), vector: vector_vocab.as_ref() };
 
     // A tied base has one matrix for input and output; a vector that changes
     // them differently cannot be applied to it faithfully. With the vector's
     // lm_head excluded the conflict is gone: the embedding delta alone goes
     // to the tied matrix, which then also moves the output side; say so.
     let vector_head = |selected: bool| {
-        vector_cks
-            .iter()
+        vector_cks()
             .any(|(_, ck)| ck.tensors.iter().any(|t| is_lm_head(&t.name) && sel.selects(&t.name) == selected))
     };
     if base.is_tied()
@@ -211,67 +251,47 @@ pub(crate) fn plan_apply(mut base: Checkpoint, mut side: VectorSide, opts: &Appl
                 return Ok(Step::Keep);
             }
             float_of(&base, bt, "--exclude")?;
-            let lookup: Vec<Option<usize>> =
-                vector_cks.iter().map(|(_, ck)| ck.logical_index(&bt.name)).collect();
-            if let Some(k) = lookup.iter().position(Option::is_none) {
-                if omitted_ok.contains(&bt.name) {
-                    return Ok(Step::Keep);
+            let mut terms = Vec::with_capacity(opened.len());
+            for (k, side) in opened.iter().enumerate() {
+                let vocabs = Vocabs { base: base_vocab.as_ref(), vector: side.vocab.as_ref() };
+                match side_term(side, bt, opts.embeddings, &vocabs, problems, &mut warnings)? {
+                    SideTerm::Term(found, runs, row_len, report) => {
+                        embeddings.extend(report);
+                        terms.push((k, found, runs, row_len));
+                    }
+                    SideTerm::Omitted => {}
+                    SideTerm::Problem => return Ok(Step::Skip),
                 }
-                problems.push(format!(
-                    "'{}' is in the base but not in {}",
-                    bt.name,
-                    vector_cks[k].1.dir.display()
-                ));
-                return Ok(Step::Skip);
             }
-            // Sources on the vector side, inputs 1.. in order.
-            let found: Vec<Source> =
-                lookup.iter().enumerate().map(|(k, i)| Source { input: k + 1, tensor: i.unwrap() }).collect();
-            for (k, s) in found.iter().enumerate() {
-                let ck = &vector_cks[k].1;
-                float_of(ck, &ck.tensors[s.tensor], "--exclude")?;
+            if terms.is_empty() {
+                return Ok(Step::Keep);
             }
-            let shape_of = |s: &Source| &vector_cks[s.input - 1].1.tensors[s.tensor].shape;
-            let vshape = shape_of(&found[0]);
-            if found.len() == 2 && shape_of(&found[1]) != vshape {
-                problems.push(format!(
-                    "'{}': chat shape {:?} vs pretrained {:?}",
-                    bt.name,
-                    vshape,
-                    shape_of(&found[1])
-                ));
-                return Ok(Step::Skip);
+            if !several {
+                let (_, found, runs, row_len) = terms.swap_remove(0);
+                // The vector side is a stored vector, or a chat and a pretrained model.
+                let formula = match found[..] {
+                    [chat, pre] => Formula::AddDiff { base: base_src, chat, pre },
+                    [vector, ..] => Formula::AddScaled { base: base_src, vector },
+                    [] => return Ok(Step::Skip),
+                };
+                return Ok(Step::Make(Op::Arith { formula, runs, row_len }));
             }
-            let same_row_shape = vshape.len() == bt.shape.len() && vshape.get(1..) == bt.shape.get(1..);
-            let (runs, row_len) = if vocab_matrix && same_row_shape && !bt.shape.is_empty() {
-                let rm: RowMap = match_rows(&bt.name, opts.embeddings, bt.shape[0], vshape[0], &vocabs)?;
-                if let Some(w) = &rm.warning {
-                    warnings.push(w.clone());
-                }
-                embeddings.push(EmbeddingReport {
-                    tensor: bt.name.clone(),
-                    rows: bt.shape[0],
-                    rows_with_vector: rm.matched(),
-                    policy: rm.how,
-                });
-                (rm.runs, bt.shape[1..].iter().product())
-            } else if *vshape == bt.shape {
-                (vec![RowRun { base_row: 0, vector_row: 0, rows: bt.numel() }], 1)
-            } else {
-                problems.push(format!("'{}': base shape {:?} vs vector {:?}", bt.name, bt.shape, vshape));
-                return Ok(Step::Skip);
-            };
-            // The vector side is a stored vector, or a chat and a pretrained model.
-            let formula = match found[..] {
-                [chat, pre] => Formula::AddDiff { base: base_src, chat, pre },
-                [vector, ..] => Formula::AddScaled { base: base_src, vector },
-                [] => return Ok(Step::Skip),
-            };
-            Ok(Step::Make(Op::Arith { formula, runs, row_len }))
+            let terms = terms
+                .into_iter()
+                .map(|(k, found, runs, row_len)| VectorTerm {
+                    x: found[0],
+                    pre: found.get(1).copied(),
+                    runs,
+                    row_len,
+                    scale: sel.scale_with(&bt.name, &opts.vector_scales[k]),
+                    vector: k,
+                })
+                .collect();
+            Ok(Step::Make(Op::AddVectors(Box::new(VectorSum { base: base_src, terms }))))
         })?;
     // Tensors of the vector side the base does not have mean the
     // architectures differ.
-    for (_, ck) in &vector_cks {
+    for (_, ck) in vector_cks() {
         for t in &ck.tensors {
             if base.logical(&t.name).is_none() && sel.selects(&t.name) {
                 out.problems.push(format!(
@@ -283,17 +303,90 @@ pub(crate) fn plan_apply(mut base: Checkpoint, mut side: VectorSide, opts: &Appl
             }
         }
     }
-    // Every tensor's scale in every variant, resolved here once.
+    // Every tensor's scale in every variant, resolved here once (several
+    // vectors carry theirs in their terms).
     let scales = if opts.candidates.is_empty() {
         vec![scales_of(&out.tensors, |t| sel.scale(&t.name))]
     } else {
         opts.candidates.iter().map(|c| scales_of(&out.tensors, |t| sel.scale_with(&t.name, c))).collect()
     };
     let mut inputs = vec![Input::new(Role::Base, base)];
-    inputs.extend(vector_cks.into_iter().map(|(role, ckpt)| Input::new(role, ckpt)));
+    inputs.extend(opened.into_iter().flat_map(|o| o.cks).map(|(role, ckpt)| Input::new(role, ckpt)));
     let mut plan = out.into_plan(inputs, common.shard_size, warnings)?;
     plan.embeddings = embeddings;
     plan.scales = scales;
     finish(&mut plan, experts, common.shard_size)?;
     Ok(plan)
+}
+
+/// What one vector gives a base tensor.
+enum SideTerm {
+    /// Its sources (the vector, or chat then pretrained), the base rows
+    /// its rows go to (rows of `row_len` elements), and the embedding
+    /// report of a vocabulary matrix.
+    Term(Vec<Source>, Vec<RowRun>, u64, Option<EmbeddingReport>),
+    /// Left out of the vector on purpose: it adds nothing here.
+    Omitted,
+    /// A problem was recorded.
+    Problem,
+}
+
+/// Lines base tensor `bt` up with one vector: finds its tensors, checks
+/// their dtypes and shapes, and matches vocabulary rows.
+fn side_term(
+    side: &SideInputs,
+    bt: &Tensor,
+    policy: EmbeddingPolicy,
+    vocabs: &Vocabs<'_>,
+    problems: &mut Problems,
+    warnings: &mut Vec<String>,
+) -> Result<SideTerm> {
+    let lookup: Vec<Option<usize>> = side.cks.iter().map(|(_, ck)| ck.logical_index(&bt.name)).collect();
+    if let Some(k) = lookup.iter().position(Option::is_none) {
+        if side.omitted.contains(&bt.name) {
+            return Ok(SideTerm::Omitted);
+        }
+        problems.push(format!("'{}' is in the base but not in {}", bt.name, side.cks[k].1.dir.display()));
+        return Ok(SideTerm::Problem);
+    }
+    // Sources on the vector side, in the plan's input order.
+    let found: Vec<Source> = lookup
+        .iter()
+        .enumerate()
+        .map(|(k, i)| Source { input: side.first_input + k, tensor: i.unwrap_or_default() })
+        .collect();
+    for (k, s) in found.iter().enumerate() {
+        let ck = &side.cks[k].1;
+        float_of(ck, &ck.tensors[s.tensor], "--exclude")?;
+    }
+    let shape_of = |k: usize| &side.cks[k].1.tensors[found[k].tensor].shape;
+    let vshape = shape_of(0);
+    if found.len() == 2 && shape_of(1) != vshape {
+        problems.push(format!("'{}': chat shape {:?} vs pretrained {:?}", bt.name, vshape, shape_of(1)));
+        return Ok(SideTerm::Problem);
+    }
+    let same_row_shape = vshape.len() == bt.shape.len() && vshape.get(1..) == bt.shape.get(1..);
+    if is_vocab_matrix(&bt.name) && same_row_shape && !bt.shape.is_empty() {
+        let rm: RowMap = match_rows(&bt.name, policy, bt.shape[0], vshape[0], vocabs)?;
+        if let Some(w) = &rm.warning {
+            warnings.push(w.clone());
+        }
+        let report = EmbeddingReport {
+            tensor: bt.name.clone(),
+            rows: bt.shape[0],
+            rows_with_vector: rm.matched(),
+            policy: rm.how,
+        };
+        return Ok(SideTerm::Term(found, rm.runs, bt.shape[1..].iter().product(), Some(report)));
+    }
+    if *vshape == bt.shape {
+        return Ok(SideTerm::Term(
+            found,
+            vec![RowRun { base_row: 0, vector_row: 0, rows: bt.numel() }],
+            1,
+            None,
+        ));
+    }
+    problems.push(format!("'{}': base shape {:?} vs vector {:?}", bt.name, bt.shape, vshape));
+    Ok(SideTerm::Problem)
 }

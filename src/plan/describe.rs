@@ -73,6 +73,21 @@ impl Plan {
         match &self.tensors[tensor].op {
             Op::Copy(s) => format!("copy {}", name(*s)),
             Op::Convert(s) => format!("convert {}", name(*s)),
+            Op::AddVectors(v) => {
+                let mut f = name(v.base);
+                for t in &v.terms {
+                    let vector = match t.pre {
+                        Some(pre) => format!("({} - {})", name(t.x), name(pre)),
+                        None => name(t.x),
+                    };
+                    let _ = write!(f, " + {} * {vector}", t.scale);
+                    if t.row_len > 1 {
+                        let rows: u64 = t.runs.iter().map(|r| r.rows).sum();
+                        let _ = write!(f, " on {rows} rows");
+                    }
+                }
+                f
+            }
             Op::Merge(m) => {
                 let mut parts = Vec::new();
                 if let Some(b) = m.base {

@@ -30,7 +30,7 @@ use std::ops::Range;
 
 use bumpalo::Bump;
 
-use crate::arith::formulas::Segment;
+use crate::arith::formulas::{Segment, Term};
 use crate::arith::lowrank::LowRank;
 use crate::arith::quant::{Quantized, ScaleType};
 use crate::arith::rows::{RowRun, RowTable, stretches};
@@ -145,6 +145,47 @@ pub(crate) enum Op {
     Arith { formula: Formula, runs: Vec<RowRun>, row_len: u64 },
     /// A merge method over aligned inputs.
     Merge(Box<MergeOp>),
+    /// Several chat vectors added to the base in one pass.
+    AddVectors(Box<VectorSum>),
+}
+
+/// `base + s_1 * v_1 + s_2 * v_2 + ...`: `apply` with several vectors, each
+/// with its own rows and scale, added in the order given in one pass over
+/// the inputs (see `Segment::AddTerms` for the f32 steps). The scales are
+/// resolved per tensor here (a sweep, the only user of `Plan::scales`'
+/// variants, takes one vector).
+#[derive(Clone, Debug)]
+pub(crate) struct VectorSum {
+    /// The base model's tensor.
+    pub base: Source,
+    /// The vectors that have this tensor, in the order given.
+    pub terms: Vec<VectorTerm>,
+}
+
+/// One vector of a `VectorSum`.
+#[derive(Clone, Debug)]
+pub(crate) struct VectorTerm {
+    /// A stored vector's tensor, or the chat model's.
+    pub x: Source,
+    /// The pretrained model's tensor, for a vector computed on the fly
+    /// (`x - pre`).
+    pub pre: Option<Source>,
+    /// The base rows this vector's rows go to, in rows of `row_len`
+    /// elements (one run over the whole tensor, `row_len` 1, when the
+    /// shapes match).
+    pub runs: Vec<RowRun>,
+    pub row_len: u64,
+    /// What this vector is multiplied by in this tensor.
+    pub scale: f32,
+    /// Which vector this is, in the order given (from 0).
+    pub vector: usize,
+}
+
+impl VectorSum {
+    /// The inputs read at the vectors' (possibly other) row positions.
+    pub(crate) fn vector_sources(&self) -> impl Iterator<Item = Source> + '_ {
+        self.terms.iter().flat_map(|t| std::iter::once(t.x).chain(t.pre))
+    }
 }
 
 /// One tensor of a merge: the method and parameters, and its inputs.
@@ -453,7 +494,14 @@ impl Plan {
                 m.base.iter().chain(&m.models).any(|s| quantized(*s))
                     || m.union.as_ref().is_some_and(|u| u.sources.iter().any(|s| quantized(*s)))
             }
+            Op::AddVectors(v) => quantized(v.base) || v.vector_sources().any(quantized),
         })
+    }
+
+    /// Whether the plan adds several vectors in one pass: only the CPU
+    /// computes those.
+    pub(crate) fn has_vector_sum(&self) -> bool {
+        self.tensors.iter().any(|t| matches!(t.op, Op::AddVectors(_)))
     }
 
     /// The variants of the output (a sweep's candidates; else one).
@@ -508,7 +556,49 @@ impl Plan {
                     (st.range, seg)
                 })
                 .collect(),
+            Op::AddVectors(v) => self.vector_sum_segments(v, elems, arena),
             Op::Copy(_) | Op::Merge(_) => Vec::new(),
         }
+    }
+
+    /// `segments` of several vectors: `elems` cut wherever any vector's
+    /// rows start or stop, each piece with the vectors that have rows
+    /// there (the base converted where none has).
+    fn vector_sum_segments<'a>(
+        &'a self,
+        v: &'a VectorSum,
+        elems: &Range<u64>,
+        arena: &'a Bump,
+    ) -> Vec<(Range<u64>, Segment<'a>)> {
+        let mut cuts: Vec<u64> = v
+            .terms
+            .iter()
+            .flat_map(|t| stretches(&t.runs, t.row_len, elems.clone()).map(|s| s.range.end))
+            .collect();
+        cuts.push(elems.start);
+        cuts.sort_unstable();
+        cuts.dedup();
+        cuts.windows(2)
+            .map(|w| {
+                let (p, n) = (w[0], w[1] - w[0]);
+                let base = self.operand_in(v.base, p, n, arena);
+                // Each piece lies inside one stretch of every vector.
+                let terms = v.terms.iter().filter_map(|t| {
+                    let at = stretches(&t.runs, t.row_len, p..w[1]).next()?.vector?;
+                    Some(Term {
+                        x: self.operand_in(t.x, at, n, arena),
+                        pre: t.pre.map(|pre| self.operand_in(pre, at, n, arena)),
+                        scale: t.scale,
+                    })
+                });
+                let terms: Vec<Term> = terms.collect();
+                let seg = if terms.is_empty() {
+                    Segment::Convert(base)
+                } else {
+                    Segment::AddTerms { base, terms: arena.alloc_slice_copy(&terms) }
+                };
+                (p..w[1], seg)
+            })
+            .collect()
     }
 }

@@ -91,7 +91,7 @@ pub(crate) struct SliceSource {
 pub(crate) enum RecipeBody {
     /// `chat_vector`: `apply` as data (the recipe-wide `out_dtype`,
     /// `shard_size` and `allow_mismatch` are the `Recipe`'s).
-    ChatVector(ApplyParams),
+    ChatVector(Box<ApplyParams>),
     Merge(MergeRecipe),
 }
 
@@ -494,7 +494,7 @@ pub(crate) fn parse_recipe(text: &str, path: &Path) -> Result<Recipe> {
             if syntax == Syntax::Mergekit {
                 return Err(err("merge_method: chat_vector is a chatvec method; write it as a .toml recipe"));
             }
-            RecipeBody::ChatVector(r.chat_vector(&raw)?)
+            RecipeBody::ChatVector(Box::new(r.chat_vector(&raw)?))
         }
         Some(name) => {
             let method = Method::from_name(name).map_err(|e| r.wrap(e, "merge_method: "))?;
@@ -536,11 +536,11 @@ pub(crate) fn parse_recipe(text: &str, path: &Path) -> Result<Recipe> {
         ));
     }
     if let RecipeBody::ChatVector(c) = &body {
-        let named = [("base_model", Some(&c.base)), ("vector", c.vector.as_ref()), ("chat", c.chat.as_ref())];
-        let named = named.into_iter().chain([("pretrained", c.pretrained.as_ref())]);
-        if let Some((key, name)) =
-            named.filter_map(|(k, n)| Some((k, n?))).find(|(_, n)| split_lora(n).1.is_some())
-        {
+        let named = std::iter::once(("base_model", &c.base))
+            .chain(c.vector.iter().map(|v| ("vector", v)))
+            .chain(c.chat.iter().map(|v| ("chat", v)))
+            .chain(c.pretrained.iter().map(|v| ("pretrained", v)));
+        if let Some((key, name)) = named.into_iter().find(|(_, n)| split_lora(n).1.is_some()) {
             let (model, lora) = split_lora(name);
             return Err(err(&format!(
                 "{key} '{name}': MODEL+LORA references are for merge methods; a chat_vector recipe names whole models (merge the adapter first: `chatvec apply --base {model} --lora {} -o MERGED`, then name MERGED)",
@@ -1132,11 +1132,11 @@ impl Reader<'_> {
         };
         Ok(ApplyParams {
             base,
-            vector,
-            chat,
-            pretrained,
+            vector: vector.into_iter().collect(),
+            chat: chat.into_iter().collect(),
+            pretrained: pretrained.into_iter().collect(),
             lora: None,
-            scale,
+            scale: scale.into_iter().collect(),
             scale_for,
             include: params.include.unwrap_or_default(),
             exclude: params.exclude.unwrap_or_default(),
@@ -1147,6 +1147,7 @@ impl Reader<'_> {
             shard_size: None,
             allow_mismatch: false,
             expert_layout: None,
+            positions: None,
         })
     }
 }
@@ -1375,8 +1376,8 @@ mod tests {
             match r.body {
                 RecipeBody::ChatVector(c) => {
                     assert!(aliases.models.contains_key(&c.base), "{name}");
-                    let Some(v) = c.vector else { panic!("{name}") };
-                    assert!(aliases.vectors.contains_key(&v), "{name}");
+                    let [v] = &c.vector[..] else { panic!("{name}") };
+                    assert!(aliases.vectors.contains_key(v), "{name}");
                 }
                 RecipeBody::Merge(m) => {
                     for (model, _) in &m.models {
@@ -1442,7 +1443,7 @@ mod tests {
         )
         .unwrap();
         let RecipeBody::ChatVector(c) = r.body else { panic!("not a chat vector") };
-        assert_eq!(c.scale, Some(Scale::Layers(vec![0.3, 1.0])));
+        assert_eq!(c.scale, vec![Scale::Layers(vec![0.3, 1.0])]);
         assert_eq!(c.scale_for, vec!["mlp\\.=[0, 0.5]".to_string()]);
         let e = parse(
             "merge_method = \"chat_vector\"\nbase_model = \"b\"\nchat = \"c\"\npretrained = \"p\"\n[parameters]\nscale = [true, 1.0]\n",
@@ -1461,7 +1462,7 @@ mod tests {
         )
         .unwrap();
         let RecipeBody::ChatVector(c) = r.body else { panic!() };
-        assert_eq!(c.scale, Some(Scale::Constant(0.8)));
+        assert_eq!(c.scale, vec![Scale::Constant(0.8)]);
         assert_eq!(c.scale_for, vec!["mlp\\.=0.5".to_string(), "^lm_head=0".to_string()]);
         assert_eq!(c.embeddings, Some(EmbeddingPolicy::Align));
     }
