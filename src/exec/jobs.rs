@@ -144,14 +144,10 @@ pub(crate) fn run_many<'a>(
         return Ok(((0..n).map(|_| one.borrowed()).collect(), none));
     };
     let t = &plan.tensors[*tensor];
-    let Op::Arith { .. } = &t.op else {
+    let (Op::Arith { .. } | Op::AddVectors(_)) = &t.op else {
         // No scale: computed once, the same bytes for every variant.
         let one = run(plan, stats, job, bufs.pop().unwrap_or_default())?;
-        // Several vectors (one variant): what rounding did, read back.
-        let none = match &t.op {
-            Op::AddVectors(_) => vec![computed_rounding(plan, job, &one)],
-            _ => none,
-        };
+
         let mut copies: Vec<Piece> = Vec::with_capacity(n);
         for mut b in bufs.into_iter().take(n - 1) {
             b.clear();
@@ -181,16 +177,13 @@ pub(crate) fn run_many<'a>(
     Ok((bufs.into_iter().map(Piece::Owned).collect(), rounding))
 }
 
-/// What rounding did to the vector's change in `job`'s output `piece`,
-/// counted from its bytes on the CPU: for pieces computed on the GPU (as
-/// `run_many` counts while it computes) and for several vectors added in
-/// one pass (see `Segment::rounding`).
-pub(crate) fn computed_rounding(plan: &Plan, job: &Job, piece: &Piece<'_>) -> Rounding {
+/// What rounding did to the vector's change in `job`'s output `piece`
+/// computed on the GPU, counted from its bytes on the CPU as `run_many`
+/// counts while it computes (see `Segment::rounding`).
+pub(crate) fn gpu_rounding(plan: &Plan, job: &Job, piece: &Piece<'_>) -> Rounding {
     let Job::Compute { tensor, elems } = job else { return Rounding::default() };
     let t = &plan.tensors[*tensor];
-    let (Op::Arith { .. } | Op::AddVectors(_), Some(out_ty)) = (&t.op, t.dtype.float()) else {
-        return Rounding::default();
-    };
+    let (Op::Arith { .. }, Some(out_ty)) = (&t.op, t.dtype.float()) else { return Rounding::default() };
     let at = |p: u64| ((p - elems.start) as usize) * out_ty.size();
     let mut total = Rounding::default();
     let arena = Bump::new();

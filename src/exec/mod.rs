@@ -176,7 +176,7 @@ impl Engine<'_> {
                     .into_iter()
                     .zip(group)
                     .map(|(p, job)| {
-                        let r = jobs::computed_rounding(plan, job, &p);
+                        let r = jobs::gpu_rounding(plan, job, &p);
                         (vec![p], vec![r])
                     })
                     .collect()
