@@ -551,3 +551,91 @@ fn a_relative_norm_well_above_fine_tuning_is_flagged_as_unusual() {
         assert_eq!(text.contains("findings: none"), !flagged, "{scale}: {text}");
     }
 }
+
+/// With `--against`, the modules of each layer where the two vectors pull
+/// apart are listed: here the second vector is the first one negated in
+/// layer 1's MLP and the same elsewhere, so exactly layer 1's gate, up and
+/// down conflict, with the cosine an f64 sum gives.
+#[test]
+fn the_layers_and_modules_where_two_vectors_conflict_are_listed() {
+    let d = tempfile::tempdir().unwrap();
+    let m = models(d.path(), Ty::BF16, 16, false);
+    let (pre, chat) = (read_model(&m.pre), read_model(&m.chat));
+    let flipped = |name: &str| name.contains("layers.1.mlp");
+    let other: Vec<T> = chat
+        .values()
+        .map(|t| {
+            let mut t = t.clone();
+            if flipped(&t.name) {
+                let p = &pre[&t.name];
+                for i in 0..t.numel() {
+                    let v = 2.0 * p.get(i) - t.get(i);
+                    t.data[i * 2..i * 2 + 2].copy_from_slice(&Ty::BF16.encode(v));
+                }
+            }
+            t
+        })
+        .collect();
+    let other_dir = d.path().join("other");
+    write_model(&other_dir, &other, 1, &config(16, false, LAYERS), Some(&tokens(16)));
+    let (rep, o) = analyze(&[
+        "--chat",
+        s(&m.chat),
+        "--pretrained",
+        s(&m.pre),
+        "--against-chat",
+        s(&other_dir),
+        "--against-pretrained",
+        s(&m.pre),
+    ]);
+    ok(&o);
+    let cells: Vec<(String, String)> = rep["conflicts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| (c["layer"].as_str().unwrap().to_string(), c["kind"].as_str().unwrap().to_string()))
+        .collect();
+    let want: Vec<(String, String)> =
+        ["gate", "up", "down"].iter().map(|k| ("1".to_string(), k.to_string())).collect();
+    assert_eq!(cells, want);
+    let other = read_model(&other_dir);
+    for (c, kind) in rep["conflicts"].as_array().unwrap().iter().zip(["gate", "up", "down"]) {
+        let name = format!("model.layers.1.mlp.{kind}_proj.weight");
+        let (mut vu, mut vv, mut uu) = (0f64, 0f64, 0f64);
+        for i in 0..pre[&name].numel() {
+            let v = chat[&name].get(i) as f64 - pre[&name].get(i) as f64;
+            let u = other[&name].get(i) as f64 - pre[&name].get(i) as f64;
+            (vu, vv, uu) = (vu + v * u, vv + v * v, uu + u * u);
+        }
+        let cos = vu / (vv.sqrt() * uu.sqrt());
+        assert!(cos < -0.9, "{kind}: {cos}");
+        close(&c["cosine"], cos, kind);
+        close(&c["norms"][0], vv.sqrt(), kind);
+        close(&c["norms"][1], uu.sqrt(), kind);
+    }
+    let text = stdout(&chatvec(&[
+        "analyze",
+        "--chat",
+        s(&m.chat),
+        "--pretrained",
+        s(&m.pre),
+        "--against-chat",
+        s(&other_dir),
+        "--against-pretrained",
+        s(&m.pre),
+    ]));
+    assert!(text.contains("conflicts (cosine < 0 or signs agree on under half"), "{text}");
+    // The same vector against itself conflicts nowhere.
+    let (rep, o) = analyze(&[
+        "--chat",
+        s(&m.chat),
+        "--pretrained",
+        s(&m.pre),
+        "--against-chat",
+        s(&m.chat),
+        "--against-pretrained",
+        s(&m.pre),
+    ]);
+    ok(&o);
+    assert_eq!(rep["conflicts"], json!([]));
+}

@@ -105,6 +105,9 @@ pub struct AnalyzeReport {
     pub tensors: Vec<TensorFigures>,
     /// Tensors left out, with why.
     pub skipped: Vec<Skipped>,
+    /// With `--against`: the modules of each layer where the two vectors
+    /// pull apart (see `conflicts`), in model order.
+    pub conflicts: Vec<Conflict>,
     /// Pair checks, worst first.
     pub findings: Vec<Finding>,
     /// Wall time of the pass, in seconds.
@@ -118,6 +121,16 @@ fn layer_group(name: &str) -> String {
         None if is_embedding(name) => "embed".into(),
         None if is_lm_head(name) || name.contains("norm") => "head".into(),
         None => "other".into(),
+    }
+}
+
+/// Where a layer group is shown: embed, the layers by number, head, other.
+fn layer_rank(g: &str) -> (u8, u64) {
+    match g {
+        "embed" => (0, 0),
+        "head" => (2, 0),
+        "other" => (3, 0),
+        n => (1, n.parse::<u64>().unwrap_or(0)),
     }
 }
 
@@ -176,19 +189,74 @@ pub(crate) fn aggregate(results: &[TensorResult]) -> (Vec<GroupFigures>, Vec<Gro
         }
         all.add(r);
     }
-    // embed, the layers by number, head, other.
-    let rank = |g: &str| match g {
-        "embed" => (0, 0),
-        "head" => (2, 0),
-        "other" => (3, 0),
-        n => (1, n.parse::<u64>().unwrap_or(0)),
-    };
-    layers.sort_by_key(|(g, _)| rank(g));
+    layers.sort_by_key(|(g, _)| layer_rank(g));
     (
         layers.iter().map(|(g, grp)| grp.figures(g.clone())).collect(),
         kinds.iter().filter(|(_, g)| g.tensors > 0).map(|(k, g)| g.figures(k.to_string())).collect(),
         all.figures("all".into()),
     )
+}
+
+/// Below this cosine two vectors pull a module apart: added together,
+/// each undoes part of the other there.
+pub(crate) const CONFLICT_COSINE: f64 = 0.0;
+/// Below this share of agreeing signs (among elements both change), the
+/// vectors disagree on more elements than they agree on.
+pub(crate) const CONFLICT_SIGNS: f64 = 0.5;
+
+/// One module kind of one layer where the vector and `--against` conflict.
+#[derive(Clone, Debug, Serialize)]
+pub struct Conflict {
+    /// The layer group (a layer number, embed, head or other).
+    pub layer: String,
+    /// The module kind (q, k, v, o, gate, up, down, norm, ...).
+    pub kind: &'static str,
+    /// Tensors in the cell.
+    pub tensors: usize,
+    /// Cosine of the two vectors over the cell.
+    pub cosine: f64,
+    /// Share of agreeing signs over the cell.
+    pub sign_agreement: f64,
+    /// Each vector's norm over the cell's shared rows, this one's then
+    /// `--against`'s: which would win if both were added at scale 1.
+    pub norms: [f64; 2],
+}
+
+/// The (layer, module kind) cells where the two vectors conflict: a
+/// cosine below `CONFLICT_COSINE` or signs agreeing on under
+/// `CONFLICT_SIGNS` of the elements both change. A user applying both in
+/// one pass lowers one vector's scale there (`--scale-for`, or a layer
+/// gradient).
+pub(crate) fn conflicts(results: &[TensorResult]) -> Vec<Conflict> {
+    let mut cells: Vec<((String, &'static str), Group)> = Vec::new();
+    for r in results.iter().filter(|r| r.present.against) {
+        let key = (layer_group(&r.name), module_kind(&r.name));
+        match cells.iter_mut().find(|(k, _)| *k == key) {
+            Some((_, g)) => g.add(r),
+            None => {
+                let mut g = Group::default();
+                g.add(r);
+                cells.push((key, g));
+            }
+        }
+    }
+    let kind_rank = |k: &str| KIND_ORDER.iter().position(|x| *x == k).unwrap_or(KIND_ORDER.len());
+    cells.sort_by_key(|((layer, kind), _)| (layer_rank(layer), kind_rank(kind)));
+    cells
+        .into_iter()
+        .filter_map(|((layer, kind), g)| {
+            let f = g.sum_figures()?;
+            let (cosine, signs) = (f.cosine?, f.sign_agreement?);
+            (cosine < CONFLICT_COSINE || signs < CONFLICT_SIGNS).then_some(Conflict {
+                layer,
+                kind,
+                tensors: g.tensors,
+                cosine,
+                sign_agreement: signs,
+                norms: [g.sums.vv_u.sqrt(), g.sums.uu.sqrt()],
+            })
+        })
+        .collect()
 }
 
 /// Each tensor's figures.
@@ -271,6 +339,31 @@ impl fmt::Display for AnalyzeReport {
         table(&mut out, "layer", &rows);
         out.push('\n');
         table(&mut out, "kind", &self.kinds.iter().collect::<Vec<_>>());
+        if self.against.is_some() {
+            if self.conflicts.is_empty() {
+                out.push_str("\nconflicts: none (every layer's modules: cosine >= 0 and signs agree on at least half)\n");
+            } else {
+                out.push_str("\nconflicts (cosine < 0 or signs agree on under half; lower one vector's scale there):\n");
+                let _ = writeln!(
+                    out,
+                    "{:<8} {:<8} {:>5} {:>7} {:>6} {:>11} {:>11}",
+                    "layer", "kind", "tens", "cosine", "signs", "||v||", "||against||"
+                );
+                for c in &self.conflicts {
+                    let _ = writeln!(
+                        out,
+                        "{:<8} {:<8} {:>5} {:>7.3} {:>5.1}% {:>11.4e} {:>11.4e}",
+                        c.layer,
+                        c.kind,
+                        c.tensors,
+                        c.cosine,
+                        100.0 * c.sign_agreement,
+                        c.norms[0],
+                        c.norms[1]
+                    );
+                }
+            }
+        }
         for s in &self.skipped {
             let _ = writeln!(out, "\nskipped {}: {}", s.name, s.why);
         }

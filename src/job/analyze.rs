@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 use crate::analyze::findings::findings;
-use crate::analyze::report::{AnalyzeReport, Skipped, aggregate, tensor_figures};
+use crate::analyze::report::{AnalyzeReport, Skipped, aggregate, conflicts, tensor_figures};
 use crate::analyze::{Inputs, Side, plot, run};
 use crate::error::{Error, Result};
 use crate::job::chat_vector::{VectorRefs, resolve_vector};
@@ -129,6 +129,7 @@ pub fn analyze(spec: &AnalyzeSpec) -> Result<AnalyzeReport> {
         kinds,
         overall,
         tensors: tensor_figures(&results),
+        conflicts: conflicts(&results),
         skipped: skipped.into_iter().map(|(name, why)| Skipped { name, why }).collect(),
         findings: found,
         seconds: start.elapsed().as_secs_f64(),
