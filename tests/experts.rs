@@ -552,3 +552,66 @@ fn transformers_written_layouts_line_up_bit_for_bit() {
         assert!(said.contains("identical 3"), "{family}: {said}");
     }
 }
+
+/// A LoRA adapter trained on the per-expert layout (PEFT wraps each
+/// expert's linear layer: `experts.N.gate_proj`) merges into a base saved
+/// fused: the same weights as merging it into the per-expert base, written
+/// fused (or per expert with `--expert-layout`).
+#[test]
+fn a_per_expert_lora_adapter_merges_into_a_fused_base() {
+    let d = tempfile::tempdir().unwrap();
+    for f in [&QWEN, &MIXTRAL] {
+        let (per, fused) = (d.path().join("base-per"), d.path().join("base-fused"));
+        write_model(&per, &moe(3, f, false), 1, &config(f), None);
+        write_model(&fused, &moe(3, f, true), 1, &config(f), None);
+        let r = 2u64;
+        let mut factors = Vec::new();
+        for (e, k) in [(1u64, 0usize), (2, 2), (0, 1)] {
+            let module =
+                format!("model.layers.1.{}.{e}.{}", f.per_expert, f.parts[k].trim_end_matches(".weight"));
+            let (rows, cols) = if k == 2 { (H, I) } else { (I, H) };
+            factors.push(tensor(7, &format!("base_model.model.{module}.lora_A.weight"), "a", vec![r, cols]));
+            factors.push(tensor(8, &format!("base_model.model.{module}.lora_B.weight"), "b", vec![rows, r]));
+        }
+        let targets: Vec<&str> = f.parts.iter().map(|p| p.trim_end_matches(".weight")).collect();
+        let adapter = d.path().join("adapter");
+        let _ = std::fs::remove_dir_all(&adapter);
+        std::fs::create_dir_all(&adapter).unwrap();
+        let cfg = json!({
+            "peft_type": "LORA", "r": r, "lora_alpha": 4, "target_modules": targets, "bias": "none",
+            "task_type": "CAUSAL_LM", "fan_in_fan_out": false, "use_rslora": false, "use_dora": false,
+        });
+        std::fs::write(adapter.join("adapter_config.json"), cfg.to_string()).unwrap();
+        common::write_safetensors(&adapter.join("adapter_model.safetensors"), &factors);
+        let merged = |base: &Path, name: &str, extra: &[&str]| {
+            let out = d.path().join(name);
+            let mut args =
+                vec!["apply", "--base", s(base), "--lora", s(&adapter), "-o", s(&out), "-q", "--force"];
+            args.extend(extra);
+            let o = chatvec(&args);
+            ok(&o);
+            out
+        };
+        let want = per_expert_view(&merged(&per, "out-per", &[]), f);
+        let from_fused = merged(&fused, "out-fused", &[]);
+        assert!(
+            stored(&from_fused).contains_key("model.layers.1.mlp.experts.gate_up_proj"),
+            "{:?}",
+            stored(&from_fused)
+        );
+        let got = per_expert_view(&from_fused, f);
+        assert_eq!(got.keys().collect::<Vec<_>>(), want.keys().collect::<Vec<_>>(), "{}", f.model_type);
+        for (name, t) in &want {
+            assert!(got[name].data == t.data, "{} {name}", f.model_type);
+        }
+        // The adapter did change the experts it names.
+        let base_view = per_expert_view(&per, f);
+        let changed = format!("model.layers.1.{}.1.{}", f.per_expert, f.parts[0]);
+        assert!(want[&changed].data != base_view[&changed].data, "{changed}");
+        let as_per = merged(&fused, "out-as-per", &["--expert-layout", "per-expert"]);
+        assert!(!stored(&as_per).keys().any(|k| k.contains("gate_up_proj")));
+        for (name, t) in per_expert_view(&as_per, f) {
+            assert!(want[&name].data == t.data, "{} {name}", f.model_type);
+        }
+    }
+}

@@ -18,20 +18,23 @@ use crate::model::adapter::{Adapter, Change, LayerKind, layer_kind};
 use crate::model::checkpoint::Tensor;
 use crate::model::checkpoint::{Checkpoint, is_lm_head};
 use crate::model::dtype::{DType, FloatType};
+use crate::model::experts::{ExpertLayout, Family, split_fused};
 use crate::model::layers::layers_of;
 use crate::plan::chat_vector::Common;
 use crate::plan::checks::{Problems, float_of};
+use crate::plan::experts::{ExpertPlan, finish, line_up};
 use crate::plan::skeleton::{Step, each_tensor};
 use crate::plan::{Formula, Input, MergeOp, Op, Plan, Role, Source};
 
 /// Plans `base + adapter`: every tensor of the base, the adapted ones
 /// computed.
 pub(crate) fn plan_lora(
-    base: Checkpoint,
+    mut base: Checkpoint,
     adapter: Adapter,
     common: &Common,
     out_dtype: Option<FloatType>,
 ) -> Result<Plan> {
+    let experts = line_up_adapter(&mut base, &adapter, common.expert_layout)?;
     let mut sel = common.selection.clone();
     sel.set_layers(layers_of(base.tensors.iter().map(|t| t.name.as_str())));
     let sel = &sel;
@@ -114,7 +117,38 @@ pub(crate) fn plan_lora(
             .push(format!("{left_out} tensor(s) the adapter changes are excluded and stay as in the base"));
     }
     let inputs = vec![Input::new(Role::Base, base), Input::new(Role::Adapter, adapter.ckpt)];
-    out.into_plan(inputs, common.shard_size, warnings)
+    let mut plan = out.into_plan(inputs, common.shard_size, warnings)?;
+    finish(&mut plan, experts, common.shard_size)?;
+    Ok(plan)
+}
+
+/// Lines the base's experts up with the adapter's targets: PEFT wraps each
+/// expert's linear layer, so an adapter trained on a per-expert model names
+/// `experts.N.gate_proj`; a base saved fused by transformers 5 is then read
+/// expert by expert (nothing copied) and written fused again, or in the
+/// layout `--expert-layout` asks for.
+fn line_up_adapter(
+    base: &mut Checkpoint,
+    adapter: &Adapter,
+    requested: Option<ExpertLayout>,
+) -> Result<Option<ExpertPlan>> {
+    let fused_base = match Family::of(base) {
+        Some(f) if f.layout_of(base)? == Some(ExpertLayout::Fused) => Some(f),
+        _ => None,
+    };
+    let per_expert_targets = |f: &Family| adapter.changes.iter().any(|(name, _)| f.piece(name).is_some());
+    match fused_base {
+        Some(family) if per_expert_targets(family) => {
+            let split = split_fused(base, family)?;
+            Ok(Some(ExpertPlan {
+                family,
+                inputs: vec![(Some(ExpertLayout::Fused), split), (None, 0)],
+                output: requested.unwrap_or(ExpertLayout::Fused),
+                requested: requested.is_some(),
+            }))
+        }
+        _ => line_up(&mut [base], 0, requested),
+    }
 }
 
 /// What an adapter does to one base tensor, in the base's terms (tensor
