@@ -336,3 +336,80 @@ fn scales_that_cannot_be_paired_and_unsupported_uses_are_refused() {
         assert!(!out.exists(), "{args:?} left {}", out.display());
     }
 }
+
+/// A chat_vector recipe's `[[vectors]]` is the command line's several
+/// vectors: the same bytes, and `verify --recipe` finds the manifest's
+/// parameters as the recipe gives them. Mixed or unpaired forms are
+/// refused naming the key.
+#[test]
+fn a_recipe_lists_several_vectors_with_their_scales() {
+    let d = tempfile::tempdir().unwrap();
+    let f = five(d.path(), Ty::BF16, [16, 16], &tokens(16));
+    let [(pre_a, chat_a), (pre_b, chat_b)] = &f.pairs;
+    let va = d.path().join("va");
+    ok(&chatvec(&["extract", "--chat", s(chat_a), "--pretrained", s(pre_a), "-o", s(&va), "-q"]));
+    let cli = d.path().join("cli");
+    ok(&chatvec(&[
+        "apply",
+        "--base",
+        s(&f.base),
+        "--vector",
+        s(&va),
+        "--chat",
+        s(chat_b),
+        "--pretrained",
+        s(pre_b),
+        "--scale",
+        "[0.25, 0.75]",
+        "--scale-for",
+        "mlp=0.5",
+        "-o",
+        s(&cli),
+        "-q",
+    ]));
+    let recipe = d.path().join("two.toml");
+    let text = format!(
+        "merge_method = \"chat_vector\"\nbase_model = \"{}\"\n[parameters]\nscale = [{{ filter = \"mlp\", value = 0.5 }}]\n\
+         [[vectors]]\nvector = \"{}\"\n[[vectors]]\nchat = \"{}\"\npretrained = \"{}\"\nscale = [0.25, 0.75]\n",
+        f.base.display(),
+        va.display(),
+        chat_b.display(),
+        pre_b.display()
+    );
+    std::fs::write(&recipe, &text).unwrap();
+    let out = d.path().join("out");
+    ok(&chatvec(&["merge", s(&recipe), "-o", s(&out), "-q"]));
+    let (a, b) = (read_model(&cli), read_model(&out));
+    assert!(a.iter().all(|(n, t)| b[n].data == t.data), "the recipe gives the command line's bytes");
+    let v = chatvec(&["--json", "verify", s(&out), "--recipe", s(&recipe)]);
+    ok(&v);
+    let rep: Value = serde_json::from_slice(&v.stdout).unwrap();
+    assert_eq!(rep["ok"], true, "{rep}");
+    assert!(rep.to_string().contains("recipe parameter scale"), "{rep}");
+    let base_line = format!("merge_method = \"chat_vector\"\nbase_model = \"{}\"\n", f.base.display());
+    let entry = format!("[[vectors]]\nvector = \"{}\"\n", va.display());
+    for (body, want) in [
+        (format!("vector = \"{}\"\n{entry}", va.display()), "vectors: give the vectors either there"),
+        (
+            format!("[parameters]\nscale = 0.5\n{entry}"),
+            "parameters.scale: with [[vectors]] each vector takes its own scale",
+        ),
+        (
+            format!("{entry}scale = [{{ filter = \"mlp\", value = 0.5 }}]\n"),
+            "vectors[0].scale: a number or a layer gradient",
+        ),
+        (
+            format!("[[vectors]]\nchat = \"{}\"\n", chat_b.display()),
+            "vectors[0]: give either vector, or both chat and pretrained",
+        ),
+        (format!("{entry}weight = 2\n"), "vectors[0]"),
+        ("vectors = []\n".to_string(), "vectors: an empty list adds nothing"),
+    ] {
+        std::fs::write(&recipe, format!("{base_line}{body}")).unwrap();
+        let bad = d.path().join("bad");
+        let o = chatvec(&["merge", s(&recipe), "-o", s(&bad)]);
+        assert!(!o.status.success(), "{body}");
+        assert!(stderr(&o).contains(want), "{body}: want '{want}':\n{}", stderr(&o));
+        assert!(!bad.exists());
+    }
+}

@@ -42,7 +42,7 @@ use crate::merge::params::{Filter, Scalar, Setting};
 use crate::model::dtype::FloatType;
 use crate::model::experts::ExpertLayout;
 use crate::output::manifest::RecipeRecord;
-use crate::params::apply::{ApplyParams, default_shard_size};
+use crate::params::apply::{ApplyParams, FlagPositions, default_shard_size};
 use crate::params::select::Scale;
 use crate::sft::SftOptions;
 use crate::units::parse_size;
@@ -248,6 +248,7 @@ const TOML_ONLY_KEYS: &[&str] = &[
     "vector",
     "chat",
     "pretrained",
+    "vectors",
     "sft",
     "sweep",
     "eval",
@@ -297,6 +298,10 @@ struct RawRecipe {
     chat: Option<String>,
     #[serde(default)]
     pretrained: Option<String>,
+    /// chat_vector: several vectors added in one pass, each
+    /// `{vector, scale}` or `{chat, pretrained, scale}`.
+    #[serde(default)]
+    vectors: Option<Vec<Value>>,
     #[serde(default)]
     sft: Option<SftOptions>,
     #[serde(default)]
@@ -502,6 +507,9 @@ pub(crate) fn parse_recipe(text: &str, path: &Path) -> Result<Recipe> {
                 if v.is_some() {
                     return Err(err(&format!("{k}: only for merge_method = \"chat_vector\"")));
                 }
+            }
+            if raw.vectors.is_some() {
+                return Err(err("vectors: only for merge_method = \"chat_vector\""));
             }
             RecipeBody::Merge(r.merge(method, &raw)?)
         }
@@ -1096,6 +1104,65 @@ impl Reader<'_> {
             .collect()
     }
 
+    /// A chat_vector recipe's `[[vectors]]`: each `{vector, scale}` or
+    /// `{chat, pretrained, scale}` (the scale a number or a layer
+    /// gradient, 1 when left out), in order; the positions pair each scale
+    /// with its own vector, as the command line's do.
+    fn vectors(&self, list: &[Value]) -> Result<ApplyParams> {
+        #[derive(Deserialize)]
+        #[serde(deny_unknown_fields)]
+        struct Entry {
+            #[serde(default)]
+            vector: Option<String>,
+            #[serde(default)]
+            chat: Option<String>,
+            #[serde(default)]
+            pretrained: Option<String>,
+            #[serde(default)]
+            scale: Option<Value>,
+        }
+        if list.is_empty() {
+            return Err(self.err("vectors: an empty list adds nothing"));
+        }
+        let mut p = ApplyParams::default();
+        let mut at = FlagPositions::default();
+        for (k, v) in list.iter().enumerate() {
+            let here = format!("vectors[{k}]");
+            let e: Entry = typed(v.clone(), &here).map_err(|m| self.err(&m))?;
+            let text = |v: &Option<String>, key: &str| {
+                nonempty(v.clone(), &format!("{here}.{key}")).map_err(|m| self.err(&m))
+            };
+            match (text(&e.vector, "vector")?, text(&e.chat, "chat")?, text(&e.pretrained, "pretrained")?) {
+                (Some(v), None, None) => {
+                    p.vector.push(v);
+                    at.vector.push(2 * k);
+                }
+                (None, Some(c), Some(pre)) => {
+                    p.chat.push(c);
+                    p.pretrained.push(pre);
+                    at.chat.push(2 * k);
+                    at.pretrained.push(2 * k);
+                }
+                _ => {
+                    return Err(self.err(&format!("{here}: give either vector, or both chat and pretrained")));
+                }
+            }
+            if let Some(s) = &e.scale {
+                let (scale, rules) =
+                    scale_rules(s, &format!("{here}.scale")).map_err(|e| self.wrap(e, ""))?;
+                if !rules.is_empty() {
+                    return Err(self.err(&format!(
+                        "{here}.scale: a number or a layer gradient (rules for some tensors go in parameters.scale)"
+                    )));
+                }
+                p.scale.push(scale);
+                at.scale.push(2 * k + 1);
+            }
+        }
+        p.positions = Some(at);
+        Ok(p)
+    }
+
     fn chat_vector(&self, raw: &RawRecipe) -> Result<ApplyParams> {
         if raw.models.is_some() {
             return Err(self.err("models: chat_vector takes base_model and vector (or chat and pretrained)"));
@@ -1104,10 +1171,16 @@ impl Reader<'_> {
         let base = text(&raw.base_model, "base_model")?.ok_or_else(|| self.err("base_model: required"))?;
         let (vector, chat, pretrained) =
             (text(&raw.vector, "vector")?, text(&raw.chat, "chat")?, text(&raw.pretrained, "pretrained")?);
-        match (&vector, &chat, &pretrained) {
-            (Some(_), None, None) | (None, Some(_), Some(_)) => {}
-            _ => return Err(self.err("give either vector, or both chat and pretrained")),
-        }
+        let several = match (&vector, &chat, &pretrained, &raw.vectors) {
+            (Some(_), None, None, None) | (None, Some(_), Some(_), None) => None,
+            (None, None, None, Some(list)) => Some(self.vectors(list)?),
+            (_, _, _, Some(_)) => {
+                return Err(self.err(
+                    "vectors: give the vectors either there or as vector / chat and pretrained, not both",
+                ));
+            }
+            _ => return Err(self.err("give either vector, or both chat and pretrained (or [[vectors]])")),
+        };
         if let Some(p) = &raw.parameters
             && let Some(k) = p.keys().find(|k| !CHAT_VECTOR_PARAMS.contains(&k.as_str()))
         {
@@ -1126,17 +1199,38 @@ impl Reader<'_> {
             }
             None => (None, Vec::new()),
         };
+        // With [[vectors]], parameters.scale may only hold rules for some
+        // tensors (their default, 1, is not a vector's scale).
+        let filtered = |e: &Value| e.get("filter").or_else(|| e.get("pattern")).is_some();
+        let rules_only =
+            params.scale.as_ref().and_then(Value::as_array).is_some_and(|rules| rules.iter().all(filtered));
+        if several.is_some() && scale.is_some() && !rules_only {
+            return Err(self.err(
+                "parameters.scale: with [[vectors]] each vector takes its own scale (rules for some tensors stay here: [{ filter = \"mlp\", value = 0.5 }])",
+            ));
+        }
         let embeddings = match &params.embeddings {
             None => None,
             Some(s) => Some(s.parse().map_err(|e: String| self.err(&format!("parameters.embeddings: {e}")))?),
         };
+        let (vector, chat, pretrained, scale, positions) = match several {
+            Some(v) => (v.vector, v.chat, v.pretrained, v.scale, v.positions),
+            // The rules stay in scale_for; the vectors carry their scales.
+            None => (
+                vector.into_iter().collect(),
+                chat.into_iter().collect(),
+                pretrained.into_iter().collect(),
+                scale.into_iter().collect(),
+                None,
+            ),
+        };
         Ok(ApplyParams {
             base,
-            vector: vector.into_iter().collect(),
-            chat: chat.into_iter().collect(),
-            pretrained: pretrained.into_iter().collect(),
+            vector,
+            chat,
+            pretrained,
             lora: None,
-            scale: scale.into_iter().collect(),
+            scale,
             scale_for,
             include: params.include.unwrap_or_default(),
             exclude: params.exclude.unwrap_or_default(),
@@ -1147,7 +1241,7 @@ impl Reader<'_> {
             shard_size: None,
             allow_mismatch: false,
             expert_layout: None,
-            positions: None,
+            positions,
         })
     }
 }
