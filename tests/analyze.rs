@@ -578,17 +578,15 @@ fn the_layers_and_modules_where_two_vectors_conflict_are_listed() {
         .collect();
     let other_dir = d.path().join("other");
     write_model(&other_dir, &other, 1, &config(16, false, LAYERS), Some(&tokens(16)));
-    let (rep, o) = analyze(&[
-        "--chat",
-        s(&m.chat),
-        "--pretrained",
-        s(&m.pre),
-        "--against-chat",
-        s(&other_dir),
-        "--against-pretrained",
-        s(&m.pre),
-    ]);
-    ok(&o);
+    // The pair against `against`: its JSON report, and its text.
+    let against = |against: &Path| {
+        let args = ["--chat", s(&m.chat), "--pretrained", s(&m.pre)];
+        let args = [&args[..], &["--against-chat", s(against), "--against-pretrained", s(&m.pre)]].concat();
+        let (rep, o) = analyze(&args);
+        ok(&o);
+        (rep, stdout(&chatvec(&[&["analyze"][..], &args].concat())))
+    };
+    let (rep, text) = against(&other_dir);
     let cells: Vec<(String, String)> = rep["conflicts"]
         .as_array()
         .unwrap()
@@ -613,29 +611,9 @@ fn the_layers_and_modules_where_two_vectors_conflict_are_listed() {
         close(&c["norms"][0], vv.sqrt(), kind);
         close(&c["norms"][1], uu.sqrt(), kind);
     }
-    let text = stdout(&chatvec(&[
-        "analyze",
-        "--chat",
-        s(&m.chat),
-        "--pretrained",
-        s(&m.pre),
-        "--against-chat",
-        s(&other_dir),
-        "--against-pretrained",
-        s(&m.pre),
-    ]));
     assert!(text.contains("conflicts (cosine < 0 or signs agree on under half"), "{text}");
     // The same vector against itself conflicts nowhere.
-    let (rep, o) = analyze(&[
-        "--chat",
-        s(&m.chat),
-        "--pretrained",
-        s(&m.pre),
-        "--against-chat",
-        s(&m.chat),
-        "--against-pretrained",
-        s(&m.pre),
-    ]);
-    ok(&o);
+    let (rep, text) = against(&m.chat);
+    assert!(text.contains("conflicts: none"), "{text}");
     assert_eq!(rep["conflicts"], json!([]));
 }

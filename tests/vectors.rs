@@ -34,6 +34,16 @@ fn five(root: &Path, ty: Ty, vocabs: [usize; 2], base_tokens: &[String]) -> Five
     Five { base, pairs }
 }
 
+/// `apply` of the stored vector `va` then the second pair of `f` onto its
+/// base, into `out`, with `extra` after (a `--scale` there is the pair's).
+fn apply_stored_and_pair(f: &Five, va: &Path, out: &Path, extra: &[&str]) -> std::process::Output {
+    let (pre_b, chat_b) = &f.pairs[1];
+    let mut args = vec!["apply", "--base", s(&f.base), "--vector", s(va), "--chat", s(chat_b)];
+    args.extend(["--pretrained", s(pre_b), "-o", s(out), "-q"]);
+    args.extend(extra);
+    chatvec(&args)
+}
+
 /// The documented order: `acc = base`, then per vector in the order
 /// given `m = s * d; acc = acc + m` (d the stored vector, or chat - pre,
 /// one f32 subtraction), one rounding at the end.
@@ -259,20 +269,7 @@ fn a_tensor_one_vector_left_out_takes_only_the_others() {
         "-q",
     ]));
     let out = d.path().join("out");
-    ok(&chatvec(&[
-        "apply",
-        "--base",
-        s(&f.base),
-        "--vector",
-        s(&va),
-        "--chat",
-        s(chat_b),
-        "--pretrained",
-        s(pre_b),
-        "-o",
-        s(&out),
-        "-q",
-    ]));
+    ok(&apply_stored_and_pair(&f, &va, &out, &[]));
     let (got, b, v) = (read_model(&out), read_model(&f.base), read_model(&va));
     let (cb, pb) = (read_model(chat_b), read_model(pre_b));
     for (name, bt) in &b {
@@ -349,24 +346,7 @@ fn a_recipe_lists_several_vectors_with_their_scales() {
     let va = d.path().join("va");
     ok(&chatvec(&["extract", "--chat", s(chat_a), "--pretrained", s(pre_a), "-o", s(&va), "-q"]));
     let cli = d.path().join("cli");
-    ok(&chatvec(&[
-        "apply",
-        "--base",
-        s(&f.base),
-        "--vector",
-        s(&va),
-        "--chat",
-        s(chat_b),
-        "--pretrained",
-        s(pre_b),
-        "--scale",
-        "[0.25, 0.75]",
-        "--scale-for",
-        "mlp=0.5",
-        "-o",
-        s(&cli),
-        "-q",
-    ]));
+    ok(&apply_stored_and_pair(&f, &va, &cli, &["--scale", "[0.25, 0.75]", "--scale-for", "mlp=0.5"]));
     let recipe = d.path().join("two.toml");
     let text = format!(
         "merge_method = \"chat_vector\"\nbase_model = \"{}\"\n[parameters]\nscale = [{{ filter = \"mlp\", value = 0.5 }}]\n\

@@ -203,6 +203,42 @@ impl Engine<'_> {
     }
 }
 
+/// Why a plan of `variants` outputs runs on the CPU whatever `--device`
+/// says, if it must: what `--device cuda` is refused with, and the note
+/// `auto` gives. LoRA merges (a rank-r product per element) have no kernel
+/// yet, and keep up with the disk on the CPU at the ranks users train.
+fn cpu_only(plan: &Plan, variants: usize) -> Option<(String, String)> {
+    let (what, note) = if variants > 1 {
+        // The GPU engine computes one output per job.
+        (
+            "a sweep writes its candidates from one pass on the CPU",
+            "a sweep computes its candidates in one pass on the CPU",
+        )
+    } else if plan.has_low_rank() {
+        (
+            "a LoRA merge runs on the CPU (no CUDA kernel for low-rank updates yet)",
+            "LoRA merges run on the CPU",
+        )
+    } else if plan.has_vector_sum() {
+        (
+            "several vectors are added in one pass on the CPU (no CUDA kernel sums them yet)",
+            "several vectors are added in one pass on the CPU",
+        )
+    } else if plan.has_quantized() {
+        (
+            "FP8 and MXFP4 inputs are decoded on the CPU (no CUDA kernel decodes them yet)",
+            "quantized inputs are decoded on the CPU",
+        )
+    } else {
+        let method = plan.cpu_only_method()?;
+        return Some((
+            format!("merge method {method} runs on the CPU (the CUDA path has no kernels for it yet)"),
+            format!("{method} runs on the CPU"),
+        ));
+    };
+    Some((what.to_string(), note.to_string()))
+}
+
 /// Writes the shards of `plan` once per variant (a sweep's candidates,
 /// with the scales `plan.scales` gives each) into `dirs[k]`, reading and
 /// decoding every input once for all of them, and hashes the inputs.
@@ -217,59 +253,16 @@ pub(crate) fn execute_many(plan: &Plan, dirs: &[&OutputDir], opts: &ExecOptions)
         .num_threads(threads)
         .build()
         .map_err(|e| Error::Internal(format!("starting {threads} threads: {e}")))?;
-    // LoRA merges (a rank-r product per element) have no kernel yet: they
-    // run on the CPU, which keeps up with the disk at ranks users train.
-    let gpu = if n > 1 {
-        // The GPU engine computes one output per job.
-        if let DeviceChoice::Cuda(_) = opts.device {
-            return Err(Error::Usage(
-                "a sweep writes its candidates from one pass on the CPU; --device cuda cannot be used".into(),
-            )
-            .with_hint("leave out --device, or pass --device cpu"));
+    let gpu = match cpu_only(plan, n) {
+        Some((what, note)) => {
+            if let DeviceChoice::Cuda(_) = opts.device {
+                return Err(Error::Usage(format!("{what}; --device cuda cannot be used"))
+                    .with_hint("leave out --device, or pass --device cpu"));
+            }
+            crate::ui::note(&format!("device: cpu ({note})"));
+            None
         }
-        crate::ui::note("device: cpu (a sweep computes its candidates in one pass on the CPU)");
-        None
-    } else if plan.has_low_rank() {
-        if let DeviceChoice::Cuda(_) = opts.device {
-            return Err(Error::Usage(
-                "a LoRA merge runs on the CPU (no CUDA kernel for low-rank updates yet); --device cuda cannot be used"
-                    .into(),
-            )
-            .with_hint("leave out --device, or pass --device cpu"));
-        }
-        crate::ui::note("device: cpu (LoRA merges run on the CPU)");
-        None
-    } else if plan.has_vector_sum() {
-        if let DeviceChoice::Cuda(_) = opts.device {
-            return Err(Error::Usage(
-                "several vectors are added in one pass on the CPU (no CUDA kernel sums them yet); --device cuda cannot be used"
-                    .into(),
-            )
-            .with_hint("leave out --device, or pass --device cpu"));
-        }
-        crate::ui::note("device: cpu (several vectors are added in one pass on the CPU)");
-        None
-    } else if plan.has_quantized() {
-        if let DeviceChoice::Cuda(_) = opts.device {
-            return Err(Error::Usage(
-                "FP8 and MXFP4 inputs are decoded on the CPU (no CUDA kernel decodes them yet); --device cuda cannot be used"
-                    .into(),
-            )
-            .with_hint("leave out --device, or pass --device cpu"));
-        }
-        crate::ui::note("device: cpu (quantized inputs are decoded on the CPU)");
-        None
-    } else if let Some(method) = plan.cpu_only_method() {
-        if let DeviceChoice::Cuda(_) = opts.device {
-            return Err(Error::Usage(format!(
-                "merge method {method} runs on the CPU (the CUDA path has no kernels for it yet); --device cuda cannot be used"
-            ))
-            .with_hint("leave out --device, or pass --device cpu"));
-        }
-        crate::ui::note(&format!("device: cpu ({method} runs on the CPU)"));
-        None
-    } else {
-        cuda::select(opts.device, opts.gpu_memory)?
+        None => cuda::select(opts.device, opts.gpu_memory)?,
     };
     let (engine, batch, chunk) = match &gpu {
         // Whole statistics blocks per job (rank masks scan from a block
