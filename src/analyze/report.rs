@@ -168,21 +168,26 @@ impl Group {
     }
 }
 
+/// Adds `r` to the group `key` of `groups`, opening it at the end (the
+/// order results come in) when it is new.
+fn add_to<K: PartialEq>(groups: &mut Vec<(K, Group)>, key: K, r: &TensorResult) {
+    match groups.iter_mut().find(|(k, _)| *k == key) {
+        Some((_, g)) => g.add(r),
+        None => {
+            let mut g = Group::default();
+            g.add(r);
+            groups.push((key, g));
+        }
+    }
+}
+
 /// Groups `results` per layer and per kind.
 pub(crate) fn aggregate(results: &[TensorResult]) -> (Vec<GroupFigures>, Vec<GroupFigures>, GroupFigures) {
     let mut layers: Vec<(String, Group)> = Vec::new();
     let mut kinds: Vec<(&str, Group)> = KIND_ORDER.iter().map(|k| (*k, Group::default())).collect();
     let mut all = Group::default();
     for r in results {
-        let g = layer_group(&r.name);
-        match layers.iter_mut().find(|(k, _)| *k == g) {
-            Some((_, grp)) => grp.add(r),
-            None => {
-                let mut grp = Group::default();
-                grp.add(r);
-                layers.push((g, grp));
-            }
-        }
+        add_to(&mut layers, layer_group(&r.name), r);
         let kind = module_kind(&r.name);
         if let Some((_, grp)) = kinds.iter_mut().find(|(k, _)| *k == kind) {
             grp.add(r);
@@ -230,15 +235,7 @@ pub struct Conflict {
 pub(crate) fn conflicts(results: &[TensorResult]) -> Vec<Conflict> {
     let mut cells: Vec<((String, &'static str), Group)> = Vec::new();
     for r in results.iter().filter(|r| r.present.against) {
-        let key = (layer_group(&r.name), module_kind(&r.name));
-        match cells.iter_mut().find(|(k, _)| *k == key) {
-            Some((_, g)) => g.add(r),
-            None => {
-                let mut g = Group::default();
-                g.add(r);
-                cells.push((key, g));
-            }
-        }
+        add_to(&mut cells, (layer_group(&r.name), module_kind(&r.name)), r);
     }
     let kind_rank = |k: &str| KIND_ORDER.iter().position(|x| *x == k).unwrap_or(KIND_ORDER.len());
     cells.sort_by_key(|((layer, kind), _)| (layer_rank(layer), kind_rank(kind)));
