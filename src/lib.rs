@@ -84,7 +84,9 @@ pub use job::analyze::AnalyzeSpec;
 pub use model::FloatType;
 pub use model::{ExpertLayout, ExpertSummary};
 pub use output::Destination;
-pub use params::apply::{ApplyParams, ApplySpec, ExtractParams, ExtractSpec, FlagPositions, VectorSource};
+pub use params::apply::{
+    ApplyParams, ApplySpec, ExtractParams, ExtractSpec, FlagPositions, OutDtype, VectorSource,
+};
 pub use params::embeddings::EmbeddingPolicy;
 pub use params::lora::LoraParams;
 pub use params::select::Scale;

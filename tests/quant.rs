@@ -510,6 +510,49 @@ fn mxfp4_scales_that_do_not_match_the_blocks_are_refused() {
 
 const TRANSFORMERS_SCRIPT: &str = include_str!("quant_reference.py");
 
+/// `--out-dtype fp8` gives the codes and `weight_scale_inv` transformers'
+/// own `Fp8Quantize` (what `save_pretrained` runs on a block-FP8 model)
+/// makes from the same apply's f32 output, bit for bit, on an FP8 base
+/// whose codes cover every finite E4M3 value.
+#[test]
+#[ignore = "needs transformers 5: CHATVEC_SFT_PYTHON=$(scripts/sft-venv.sh) cargo test --test quant -- --ignored"]
+fn transformers_fp8_quantizer_matches_out_dtype_fp8_bit_for_bit() {
+    let py =
+        std::env::var_os("CHATVEC_SFT_PYTHON").map(std::path::PathBuf::from).expect("CHATVEC_SFT_PYTHON");
+    let root = tempfile::tempdir().unwrap();
+    let r = root.path();
+    let script = r.join("quant.py");
+    std::fs::write(&script, TRANSFORMERS_SCRIPT).unwrap();
+    let py_run = |args: &[&str]| {
+        let o = std::process::Command::new(&py).arg(&script).args(args).output().unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        String::from_utf8_lossy(&o.stdout).into_owned()
+    };
+    py_run(&["write", s(r)]);
+    let (exact, quantized) = (r.join("out-f32"), r.join("out-fp8"));
+    for (out, dtype) in [(&exact, "f32"), (&quantized, "fp8")] {
+        let (base, chat, pre) = (r.join("fp8-e4m3"), r.join("chat"), r.join("pre"));
+        ok(&chatvec(&[
+            "apply",
+            "--base",
+            s(&base),
+            "--chat",
+            s(&chat),
+            "--pretrained",
+            s(&pre),
+            "-o",
+            s(out),
+            "--out-dtype",
+            dtype,
+            "-q",
+            // The FP8 base's config (written from a config object) has no `architectures`.
+            "--allow-mismatch",
+        ]));
+    }
+    let said = py_run(&["requant", s(&exact), s(&quantized)]);
+    assert!(said.starts_with("requant identical 14"), "{said}");
+}
+
 /// FP8 (E4M3 and E5M2, every finite code point, random f32 scales) and
 /// MXFP4 (every nibble, exponents from 2^-127 to 2^+22) checkpoints loaded
 /// by transformers with `dequantize=True` in float32 give the same f32 as
@@ -547,4 +590,151 @@ fn transformers_dequantizers_match_chatvec_decode_bit_for_bit() {
     let args: Vec<&str> = ["compare"].into_iter().chain(outs.iter().map(|o| s(o))).collect();
     let said = py_run(&args);
     assert_eq!(said.matches("identical").count(), 3, "{said}");
+}
+
+/// `--out-dtype fp8` writes an FP8 base's weights as FP8 again: codes and
+/// `weight_scale_inv` per 4x4 block equal a quantizer written here (amax,
+/// the scale `(1 / amax) * 448` as torch's `448.0 / tensor` computes it,
+/// its inverse, all in f32, the nearest E4M3 code searched in f64, ties to
+/// the even code) applied to the documented f32 apply; the
+/// config keeps `quantization_config`; the error is reported. Bases it
+/// cannot write back are refused.
+#[test]
+fn out_dtype_fp8_requantizes_the_base_weights_in_its_blocks() {
+    let d = tempfile::tempdir().unwrap();
+    chat_pair(d.path());
+    let base = d.path().join("base");
+    let q =
+        Fp8 { ty: E4M3, block: [4, 4], config_block: Some([4, 4]), scale_ty: Ty::F32, suffix: "_scale_inv" };
+    let decoded = fp8_llama(&base, 3, &q);
+    let out = d.path().join("out");
+    let (chat, pre) = (d.path().join("chat"), d.path().join("pre"));
+    let o = chatvec(&[
+        "apply",
+        "--base",
+        s(&base),
+        "--chat",
+        s(&chat),
+        "--pretrained",
+        s(&pre),
+        "-o",
+        s(&out),
+        "--out-dtype",
+        "fp8",
+        "--chunk-elems",
+        "40",
+    ]);
+    ok(&o);
+    assert!(
+        stderr(&o).contains("written as FP8 E4M3 again in the base's blocks: relative RMS error"),
+        "{}",
+        stderr(&o)
+    );
+    let cfg: Value = serde_json::from_slice(&std::fs::read(out.join("config.json")).unwrap()).unwrap();
+    assert_eq!(cfg["quantization_config"]["weight_block_size"], json!([4, 4]), "{cfg}");
+    let bytes = std::fs::read(out.join("model.safetensors")).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let (c, p) = (read_model(&chat), read_model(&pre));
+    let bf = read_model_loose(&base);
+    // Non-negative E4M3 codes' values, for the nearest-code search.
+    let table: Vec<f64> = (0..=0x7eu8).map(e4m3).collect();
+    let mut requantized = 0;
+    for (name, ct) in &c {
+        let y: Vec<f32> = (0..ct.numel())
+            .map(|i| {
+                let b = decoded.get(name).map_or_else(|| bf[name].get(i), |v| v[i]);
+                let dd = ct.get(i) - p[name].get(i);
+                let m = 1.0f32 * dd;
+                b + m
+            })
+            .collect();
+        let view = st.tensor(name).unwrap();
+        if !decoded.contains_key(name) {
+            assert_eq!(view.dtype(), safetensors::Dtype::BF16, "{name}");
+            continue;
+        }
+        requantized += 1;
+        assert_eq!(format!("{:?}", view.dtype()), "F8_E4M3", "{name}");
+        let inv_view = st.tensor(&format!("{name}_scale_inv")).unwrap();
+        assert_eq!(inv_view.dtype(), safetensors::Dtype::F32);
+        let (rows, cols) = (ct.shape[0] as usize, ct.shape[1] as usize);
+        assert_eq!(inv_view.shape(), &[rows / 4, cols / 4]);
+        let inv: Vec<f32> =
+            inv_view.data().chunks(4).map(|b| f32::from_le_bytes(b.try_into().unwrap())).collect();
+        for tr in 0..rows / 4 {
+            for tc in 0..cols / 4 {
+                let cells: Vec<usize> =
+                    (0..4).flat_map(|r| (0..4).map(move |k| (tr * 4 + r) * cols + tc * 4 + k)).collect();
+                let amax = cells.iter().map(|&i| y[i].abs()).fold(0f32, f32::max);
+                // torch's `448.0 / tensor`: the reciprocal, times 448.
+                let scale = if amax > 0.0 { (1f32 / amax) * 448f32 } else { 1.0 };
+                let want_inv = 1f32 / scale;
+                assert_eq!(inv[tr * (cols / 4) + tc].to_bits(), want_inv.to_bits(), "{name} tile {tr},{tc}");
+                for &i in &cells {
+                    let v = f64::from((y[i] * scale).clamp(-448.0, 448.0));
+                    let best = (0..table.len())
+                        .min_by(|&a, &b| {
+                            let (da, db) = ((table[a] - v.abs()).abs(), (table[b] - v.abs()).abs());
+                            da.partial_cmp(&db).unwrap().then((a & 1).cmp(&(b & 1)))
+                        })
+                        .unwrap() as u8;
+                    let want = if v.is_sign_negative() { best | 0x80 } else { best };
+                    assert_eq!(view.data()[i], want, "{name}[{i}]: {v}");
+                }
+            }
+        }
+    }
+    assert_eq!(requantized, decoded.len());
+    // The dry run says which weights are quantized again, and their scales.
+    let o = chatvec(&[
+        "apply",
+        "--base",
+        s(&base),
+        "--chat",
+        s(&chat),
+        "--pretrained",
+        s(&pre),
+        "-o",
+        s(&d.path().join("dry")),
+        "--out-dtype",
+        "fp8",
+        "--dry-run",
+    ]);
+    ok(&o);
+    let plan = stdout(&o);
+    assert!(plan.contains("model.layers.0.mlp.up_proj.weight F8_E4M3 [12, 8]: base:"), "{plan}");
+    assert!(plan.contains(", quantized in 4x4 blocks"), "{plan}");
+    assert!(plan.contains("model.layers.0.mlp.up_proj.weight_scale_inv F32 [3, 2]: FP8 block scales of model.layers.0.mlp.up_proj.weight"), "{plan}");
+    // What cannot be written back is refused, nothing written.
+    let bf16_base = d.path().join("bf16");
+    write_model(&bf16_base, &llama(3, 16, false, Ty::BF16), 1, &config(16, false, LAYERS), Some(&tokens(16)));
+    let e5 = d.path().join("e5");
+    fp8_llama(
+        &e5,
+        3,
+        &Fp8 { ty: E5M2, block: [4, 4], config_block: Some([4, 4]), scale_ty: Ty::F32, suffix: "_scale_inv" },
+    );
+    for (b, dtype, want) in [
+        (&bf16_base, "fp8", "has no block-scaled FP8 E4M3 weights"),
+        (&e5, "fp8", "is F8_E5M2 with F32 scales; only F8_E4M3"),
+        (&base, "mxfp4", "writing MXFP4 is not supported yet"),
+    ] {
+        let bad = d.path().join("bad");
+        let o = chatvec(&[
+            "apply",
+            "--base",
+            s(b),
+            "--chat",
+            s(&chat),
+            "--pretrained",
+            s(&pre),
+            "-o",
+            s(&bad),
+            "--out-dtype",
+            dtype,
+        ]);
+        assert!(!o.status.success(), "{want}");
+        assert!(stderr(&o).contains(want), "{want}:\n{}", stderr(&o));
+        assert!(!bad.exists());
+    }
 }

@@ -1,9 +1,13 @@
 # The reference side of tests/quant.rs. "write ROOT": writes FP8 block-scaled
 # (E4M3, E5M2) and MXFP4 checkpoints covering every code point, loads each in
 # transformers with dequantize=True in float32, and saves what transformers
-# holds as ROOT/<name>-ref.safetensors. "compare OUT...": for each chatvec
-# output ROOT/out-<name>, says whether its f32 weights equal the reference
-# bit for bit.
+# holds as ROOT/<name>-ref.safetensors, and a bf16 chat pair ROOT/pre,
+# ROOT/chat of the FP8 models' architecture. "compare OUT...": for each
+# chatvec output ROOT/out-<name>, says whether its f32 weights equal the
+# reference bit for bit. "requant F32 FP8": quantizes each weight of the f32
+# output F32 that the output FP8 stores as FP8 with transformers' own
+# Fp8Quantize (what save_pretrained runs), and says whether FP8's codes and
+# weight_scale_inv equal it bit for bit.
 import json, os, sys
 import torch
 from safetensors.torch import save_file, load_file
@@ -71,11 +75,39 @@ def mxfp4(out):
     ref = AutoModelForCausalLM.from_pretrained(d, quantization_config=Mxfp4Config(dequantize=True), dtype=torch.float32)
     return d, ref
 
+def chat_pair(out):
+    cfg = AutoConfig.for_model("qwen3", hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+        num_attention_heads=2, num_key_value_heads=1, vocab_size=64, head_dim=16)
+    torch.manual_seed(7)
+    pre = AutoModelForCausalLM.from_config(cfg).to(torch.bfloat16)
+    pre.save_pretrained(os.path.join(out, "pre"))
+    with torch.no_grad():
+        for p in pre.parameters():
+            p.add_(0.02 * torch.randn_like(p))
+    pre.save_pretrained(os.path.join(out, "chat"))
+
 if sys.argv[1] == "write":
     out = sys.argv[2]
     for d, ref in [fp8(out, False), fp8(out, True), mxfp4(out)]:
         sd = {k: v.detach().float().contiguous() for k, v in ref.state_dict().items()}
         save_file(sd, d + "-ref.safetensors")
+    chat_pair(out)
+elif sys.argv[1] == "requant":
+    import types
+    from transformers.integrations.finegrained_fp8 import Fp8Quantize
+    exact, q = load_file(sys.argv[2] + "/model.safetensors"), load_file(sys.argv[3] + "/model.safetensors")
+    block = json.load(open(sys.argv[3] + "/config.json"))["quantization_config"]["weight_block_size"]
+    op = Fp8Quantize(types.SimpleNamespace(quantization_config=FineGrainedFP8Config(weight_block_size=block)))
+    names = [k for k, v in q.items() if v.dtype == torch.float8_e4m3fn]
+    bad = []
+    for k in names:
+        ref = op._quantize_one(k, exact[k])
+        scale = k.rsplit(".", 1)[0] + ".weight_scale_inv"
+        if not torch.equal(ref[k].view(torch.uint8), q[k].view(torch.uint8)):
+            bad.append(k)
+        if not torch.equal(ref[scale].view(torch.int32), q[scale].view(torch.int32)):
+            bad.append(scale)
+    print("requant", "identical" if names and not bad else "differs: " + ", ".join(bad), len(names))
 else:
     for d in sys.argv[2:]:
         d = d.rstrip("/")

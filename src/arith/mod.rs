@@ -15,6 +15,7 @@
 pub(crate) mod formulas;
 pub(crate) mod lowrank;
 pub(crate) mod quant;
+pub(crate) mod requant;
 pub(crate) mod rows;
 
 use crate::model::dtype::{FloatType, decode};

@@ -11,6 +11,7 @@ use std::sync::Arc;
 use bumpalo::Bump;
 
 use crate::arith::formulas::Rounding;
+use crate::arith::requant::{Fp8Error, quantize_band};
 use crate::arith::rows::{RowRun, stretches};
 use crate::cuda::{self, Gpu, GpuPasses};
 use crate::error::{Error, Result};
@@ -73,8 +74,20 @@ pub(crate) fn cut(plan: &Plan, chunk_elems: u64) -> Vec<Job> {
             match &t.op {
                 Op::Copy(src) => jobs
                     .extend(pieces(t.bytes(), COPY_CHUNK_BYTES).map(|bytes| Job::Copy { src: *src, bytes })),
-                Op::Convert(_) | Op::Arith { .. } | Op::Merge(_) | Op::AddVectors(_) => jobs
-                    .extend(pieces(t.numel(), chunk_elems).map(|elems| Job::Compute { tensor: ti, elems })),
+                Op::Convert(_) | Op::Arith { .. } | Op::Merge(_) | Op::AddVectors(_) => {
+                    // An FP8 weight in whole bands of block rows, so each
+                    // block's amax is inside one job.
+                    let step = match plan.requant.blocks.get(&ti) {
+                        Some(b) => {
+                            let band = b[0] * t.shape[1];
+                            (chunk_elems / band).max(1) * band
+                        }
+                        None => chunk_elems,
+                    };
+                    jobs.extend(pieces(t.numel(), step).map(|elems| Job::Compute { tensor: ti, elems }))
+                }
+                // Small; computed band by band inside the job.
+                Op::Fp8Scales(_) => jobs.push(Job::Compute { tensor: ti, elems: 0..t.numel() }),
             }
         }
     }
@@ -95,6 +108,12 @@ pub(crate) fn run<'a>(plan: &'a Plan, stats: &StatsMap, job: &Job, mut buf: Vec<
         }
         Job::Compute { tensor, elems } => {
             let t = &plan.tensors[*tensor];
+            if let Some(block) = plan.requant.blocks.get(tensor) {
+                return fp8_codes(plan, *tensor, *block, elems, buf);
+            }
+            if let Op::Fp8Scales(weight) = t.op {
+                return fp8_scales(plan, weight, buf);
+            }
             let out_ty = float_out(t)?;
             sized(&mut buf, (elems.end - elems.start) as usize * out_ty.size());
             let at = |p: u64| ((p - elems.start) as usize) * out_ty.size();
@@ -116,6 +135,71 @@ pub(crate) fn run<'a>(plan: &'a Plan, stats: &StatsMap, job: &Job, mut buf: Vec<
             Ok(Piece::Owned(buf))
         }
     }
+}
+
+/// Elements `elems` of output tensor `tensor` (a Convert, Arith or
+/// AddVectors op) as f32 values, checked finite: what an FP8 weight is
+/// quantized from.
+fn f32_values(plan: &Plan, tensor: usize, elems: &Range<u64>) -> Result<Vec<f32>> {
+    let n = (elems.end - elems.start) as usize;
+    let mut bytes = vec![0u8; n * 4];
+    let arena = Bump::new();
+    for (r, seg) in plan.segments(tensor, elems, 0, &arena) {
+        let at = |p: u64| ((p - elems.start) as usize) * 4;
+        seg.compute(FloatType::F32, &mut bytes[at(r.start)..at(r.end)]);
+    }
+    check_finite_as(plan, &plan.tensors[tensor], FloatType::F32, &bytes)?;
+    let mut values = vec![0f32; n];
+    crate::model::dtype::decode(FloatType::F32, &bytes, &mut values);
+    Ok(values)
+}
+
+/// The FP8 codes of elements `elems` (whole bands of block rows) of
+/// weight `tensor`, quantized again in `block`s (`arith::requant`).
+fn fp8_codes<'a>(
+    plan: &'a Plan,
+    tensor: usize,
+    block: [u64; 2],
+    elems: &Range<u64>,
+    mut buf: Vec<u8>,
+) -> Result<Piece<'a>> {
+    let cols = plan.tensors[tensor].shape[1] as usize;
+    let values = f32_values(plan, tensor, elems)?;
+    sized(&mut buf, values.len());
+    let tiles = (values.len() / cols / block[0] as usize) * (cols / block[1] as usize);
+    let mut inv = vec![0f32; tiles];
+    quantize_band(&values, cols, [block[0] as usize, block[1] as usize], &mut buf, &mut inv, None);
+    Ok(Piece::Owned(buf))
+}
+
+/// The f32 inverse scales of FP8 weight `weight`, band by band from the
+/// same f32 values and function as its codes, adding the quantization
+/// error to `plan.requant.error`.
+fn fp8_scales<'a>(plan: &'a Plan, weight: usize, mut buf: Vec<u8>) -> Result<Piece<'a>> {
+    let w = &plan.tensors[weight];
+    let block = plan
+        .requant
+        .blocks
+        .get(&weight)
+        .copied()
+        .ok_or_else(|| Error::Internal(format!("scales of '{}', which is not written as FP8", w.name)))?;
+    let (rows, cols) = (w.shape[0], w.shape[1]);
+    let (bm, bn) = (block[0] as usize, block[1] as usize);
+    let band = block[0] * cols;
+    let per_band = cols as usize / bn;
+    let mut inv = vec![0f32; (rows / block[0]) as usize * per_band];
+    let mut codes = vec![0u8; band as usize];
+    let mut err = Fp8Error::default();
+    for (k, start) in (0..rows * cols).step_by(band as usize).enumerate() {
+        let values = f32_values(plan, weight, &(start..start + band))?;
+        let tiles = &mut inv[k * per_band..(k + 1) * per_band];
+        quantize_band(&values, cols as usize, [bm, bn], &mut codes, tiles, Some(&mut err));
+    }
+    err.worst_tensor = w.name.clone();
+    plan.requant.error.lock().map_err(|_| Error::Internal("FP8 error sums poisoned".into()))?.add(&err);
+    sized(&mut buf, inv.len() * 4);
+    crate::model::dtype::encode(FloatType::F32, &inv, &mut buf);
+    Ok(Piece::Owned(buf))
 }
 
 /// Makes a recycled buffer `len` bytes long without zeroing what it
@@ -144,7 +228,8 @@ pub(crate) fn run_many<'a>(
         return Ok(((0..n).map(|_| one.borrowed()).collect(), none));
     };
     let t = &plan.tensors[*tensor];
-    let (Op::Arith { .. } | Op::AddVectors(_)) = &t.op else {
+    let fp8 = plan.requant.blocks.contains_key(tensor);
+    let (Op::Arith { .. } | Op::AddVectors(_), false) = (&t.op, fp8) else {
         // No scale: computed once, the same bytes for every variant.
         let one = run(plan, stats, job, bufs.pop().unwrap_or_default())?;
 
@@ -258,6 +343,8 @@ fn sources(op: &Op) -> Vec<Source> {
             m.base.iter().chain(&m.models).chain(m.union.iter().flat_map(|u| &u.sources)).copied().collect()
         }
         Op::AddVectors(v) => std::iter::once(v.base).chain(v.vector_sources()).collect(),
+        // Its weight's (read through it).
+        Op::Fp8Scales(_) => Vec::new(),
     }
 }
 
@@ -266,7 +353,11 @@ fn sources(op: &Op) -> Vec<Source> {
 /// scale or lambda too large for f32) would otherwise write a broken model
 /// with exit 0. Inputs are only scanned when the output has such values.
 pub(crate) fn check_finite(plan: &Plan, t: &OutTensor, out: &[u8]) -> Result<()> {
-    let ty = float_out(t)?;
+    check_finite_as(plan, t, float_out(t)?, out)
+}
+
+/// `check_finite` of `out` read as `ty` (an FP8 weight's f32 values).
+fn check_finite_as(plan: &Plan, t: &OutTensor, ty: FloatType, out: &[u8]) -> Result<()> {
     if !any_nonfinite(ty, out) {
         return Ok(());
     }
@@ -275,7 +366,11 @@ pub(crate) fn check_finite(plan: &Plan, t: &OutTensor, out: &[u8]) -> Result<()>
         Some(ity) => any_nonfinite(ity, plan.input_bytes(s)),
         None => false,
     };
-    let mut srcs = sources(&t.op);
+    let op = match &t.op {
+        Op::Fp8Scales(w) => &plan.tensors[*w].op,
+        op => op,
+    };
+    let mut srcs = sources(op);
     // A `model+lora` input is read with its adapter's tensors.
     let patches: Vec<Source> = srcs.iter().flat_map(|s| plan.patch_sources(*s)).collect();
     srcs.extend(patches);
@@ -348,7 +443,8 @@ pub(crate) fn touches(plan: &Plan, job: &Job, mut f: impl FnMut(usize, Touch)) {
         Job::Header(_) => {}
         Job::Copy { src, bytes } => report(*src, bytes.end, 1),
         Job::Compute { tensor, elems } => match &plan.tensors[*tensor].op {
-            Op::Copy(_) => {}
+            // Its weight's jobs report what both read.
+            Op::Copy(_) | Op::Fp8Scales(_) => {}
             Op::Convert(src) => report(*src, elems.end, size(*src)),
             Op::Merge(m) => {
                 // Inputs with other vocabularies have other sizes; the

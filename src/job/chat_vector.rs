@@ -16,6 +16,7 @@ use crate::params::select::{Scale, Selection};
 use crate::plan::chat_vector::{ApplyOptions, Common, VectorSide, plan_apply, plan_extract};
 use crate::plan::checks::delta_ratio;
 use crate::plan::lora::plan_lora;
+use crate::plan::requant::requantize_fp8;
 use crate::plan::{Op, Plan};
 use crate::resolve::{Fetch, vector_alias};
 
@@ -344,6 +345,12 @@ pub(crate) fn apply_many(
         vector_scales: vector_scales_given.clone(),
     };
     let mut plan = plan_apply(base_ck, sides, &opts)?;
+    if spec.requantize() {
+        if outs.len() > 1 {
+            return Err(Error::Usage("a sweep writes bf16 candidates; --out-dtype fp8 is for apply".into()));
+        }
+        requantize_fp8(&mut plan, spec.shard_size)?;
+    }
     plan.warnings.splice(0..0, early_warnings);
     let labels: Vec<&str> = labels.iter().map(String::as_str).collect();
     set_labels(&mut plan, &labels);
@@ -394,6 +401,11 @@ fn apply_lora(
     fetch: &Fetch,
     recipe: Option<RecipeRecord>,
 ) -> Result<Summary> {
+    if spec.requantize() {
+        return Err(Error::Usage(
+            "--out-dtype fp8 writes a chat vector's output; a LoRA merge writes bf16".into(),
+        ));
+    }
     let common = common(&spec.selection, spec.shard_size, spec.allow_mismatch(), spec.expert_layout());
     let adapter = fetch.open_adapter(reference)?;
     let base_ck = fetch.open_model(spec.base())?;

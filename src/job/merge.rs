@@ -19,7 +19,7 @@ use crate::output::manifest::RecipeRecord;
 use crate::output::sidecars::{
     SideFiles, add_union_tokens, model_side_files, relayer_config, set_vocab_size, take_tokenizer,
 };
-use crate::params::apply::{ApplyParams, ApplySpec};
+use crate::params::apply::{ApplyParams, ApplySpec, OutDtype};
 use crate::params::select::Spelling;
 use crate::plan::lora::attach_adapter;
 use crate::plan::merge::{MergeSpec, TokenFrom, TokenSpec, VocabSpec, plan_merge};
@@ -55,7 +55,7 @@ fn merge_now(
 /// recipe-wide settings and errors naming the recipe's keys.
 pub(crate) fn chat_vector_spec(recipe: &Recipe, c: &ApplyParams) -> Result<ApplySpec> {
     let params = ApplyParams {
-        out_dtype: recipe.out_dtype,
+        out_dtype: recipe.out_dtype.map(OutDtype::Float),
         shard_size: Some(recipe.shard_size),
         allow_mismatch: recipe.allow_mismatch,
         expert_layout: recipe.expert_layout,

@@ -114,7 +114,8 @@ pub(crate) fn write_outputs(
     mut variants: Vec<Variant>,
     run: &RunOptions,
 ) -> Result<Vec<Summary>> {
-    if let Some(scheme) = dequantized(&plan) {
+    // Weights written as FP8 again keep the base's quantization_config.
+    if let Some(scheme) = dequantized(&plan).filter(|_| plan.requant.blocks.is_empty()) {
         for v in &mut variants {
             drop_quantization_config(&mut v.side, &scheme)?;
         }
@@ -190,7 +191,9 @@ pub(crate) fn write_outputs(
     let same_pair =
         matches!((role_hashes(Role::Chat), role_hashes(Role::Pretrained)), (Some(c), Some(p)) if c == p);
     let mut committed = Vec::new();
+    let fp8 = fp8_note(&plan)?;
     for (((v, dir), res), summary) in variants.into_iter().zip(dirs).zip(results).zip(&mut summaries) {
+        summary.notes.extend(fp8.clone());
         let r = res.rounding;
         if r.swallowed > 0 {
             let share = r.swallowed as f64 / r.moved as f64;
@@ -318,6 +321,28 @@ fn dequantized(plan: &Plan) -> Option<String> {
         .iter()
         .flat_map(|i| &i.ckpt.tensors)
         .find_map(|t| t.quant.as_ref().map(|q| q.scheme.describe(t.dtype)))
+}
+
+/// What writing weights as FP8 again cost, against their f32 values, once
+/// every scale was written: relative RMS error, and the largest error
+/// relative to its block's largest magnitude.
+fn fp8_note(plan: &Plan) -> Result<Option<String>> {
+    if plan.requant.blocks.is_empty() {
+        return Ok(None);
+    }
+    let e = plan
+        .requant
+        .error
+        .lock()
+        .map_err(|_| crate::error::Error::Internal("FP8 error sums poisoned".into()))?;
+    let rms = if e.sq > 0.0 { (e.sq_err / e.sq).sqrt() } else { 0.0 };
+    Ok(Some(format!(
+        "{} weight(s) written as FP8 E4M3 again in the base's blocks: relative RMS error {:.3}% against the f32 values; largest error {:.3}% of its block's largest magnitude ('{}')",
+        plan.requant.blocks.len(),
+        100.0 * rms,
+        100.0 * e.worst,
+        e.worst_tensor
+    )))
 }
 
 /// The output holds float weights where a quantized input had codes and

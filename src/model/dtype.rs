@@ -205,6 +205,45 @@ pub(crate) fn f8e4m3_to_f32(b: u8) -> f32 {
     }
 }
 
+/// The largest finite FP8 E4M3 value (`S.1111.110`).
+pub(crate) const F8E4M3_MAX: f32 = 448.0;
+
+/// f32 to FP8 E4M3 bits, round to nearest, ties to even (the code with a
+/// zero last mantissa bit), as torch's `.to(torch.float8_e4m3fn)`: the
+/// nearest of the 127 non-negative codes, found by bisection over their
+/// values (monotonic in the code). Magnitudes past the largest finite
+/// value saturate to it (callers clamp first, as the reference does); NaN
+/// is `0x7f`.
+pub(crate) fn f32_to_f8e4m3(x: f32) -> u8 {
+    if x.is_nan() {
+        return 0x7f;
+    }
+    let sign = if x.is_sign_negative() { 0x80 } else { 0 };
+    let a = x.abs().min(F8E4M3_MAX);
+    // The first code whose value is at least `a` (0..=0x7e).
+    let (mut lo, mut hi) = (0u8, 0x7eu8);
+    while lo < hi {
+        let mid = lo + (hi - lo) / 2;
+        if f8e4m3_to_f32(mid) < a {
+            lo = mid + 1;
+        } else {
+            hi = mid;
+        }
+    }
+    let code = if lo == 0 {
+        0
+    } else {
+        let (below, above) = (f8e4m3_to_f32(lo - 1), f8e4m3_to_f32(lo));
+        match (a - below).partial_cmp(&(above - a)) {
+            Some(std::cmp::Ordering::Less) => lo - 1,
+            Some(std::cmp::Ordering::Greater) => lo,
+            _ if (lo - 1) & 1 == 0 => lo - 1,
+            _ => lo,
+        }
+    };
+    sign | code
+}
+
 /// FP8 E5M2 bits to f32: exact (E5M2 is the top byte of an IEEE half).
 pub(crate) fn f8e5m2_to_f32(b: u8) -> f32 {
     f16_to_f32(u16::from(b) << 8)
@@ -300,6 +339,33 @@ pub(crate) fn encode(ty: FloatType, src: &[f32], dst: &mut [u8]) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Every finite code comes back as itself; values between two codes go
+    /// to the nearer, midpoints to the even code, checked in f64; past 448
+    /// saturates; NaN is 0x7f; the sign is kept (also of zero).
+    #[test]
+    fn f32_to_f8e4m3_rounds_to_nearest_even_over_every_code() {
+        let codes: Vec<u8> = (0..=0x7eu8).collect();
+        for &c in &codes {
+            for sign in [0u8, 0x80] {
+                assert_eq!(f32_to_f8e4m3(f8e4m3_to_f32(sign | c)), sign | c, "{:#x}", sign | c);
+            }
+        }
+        for w in codes.windows(2) {
+            let (a, b) = (f64::from(f8e4m3_to_f32(w[0])), f64::from(f8e4m3_to_f32(w[1])));
+            let mid = (a + b) / 2.0;
+            let even = if w[0] & 1 == 0 { w[0] } else { w[1] };
+            assert_eq!(f32_to_f8e4m3(mid as f32), even, "midpoint of {:#x} {:#x}", w[0], w[1]);
+            assert_eq!(f32_to_f8e4m3((a + (b - a) * 0.25) as f32), w[0]);
+            assert_eq!(f32_to_f8e4m3((a + (b - a) * 0.75) as f32), w[1]);
+            assert_eq!(f32_to_f8e4m3(-(a + (b - a) * 0.75) as f32), 0x80 | w[1]);
+        }
+        assert_eq!(f32_to_f8e4m3(1e9), 0x7e);
+        assert_eq!(f32_to_f8e4m3(-465.0), 0xfe);
+        assert_eq!(f32_to_f8e4m3(f32::NAN), 0x7f);
+        assert_eq!(f32_to_f8e4m3(-0.0), 0x80);
+        assert_eq!(f32_to_f8e4m3(2f32.powi(-11)), 0, "under half the least subnormal");
+    }
 
     #[test]
     fn names_round_trip() {

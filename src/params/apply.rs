@@ -87,10 +87,12 @@ pub struct ApplyParams {
     #[arg(long, value_parser = embedding_policy())]
     pub embeddings: Option<EmbeddingPolicy>,
 
-    /// Output dtype for float tensors (default: the base's, tensor by tensor).
-    #[arg(long, value_parser = parse_dtype)]
-    #[serde(serialize_with = "dtype_name")]
-    pub out_dtype: Option<FloatType>,
+    /// Output dtype for float tensors (default: the base's, tensor by tensor; a quantized base's
+    /// weights as bf16): bf16, f16, f32, or fp8 to write an FP8 base's block-scaled weights as
+    /// FP8 again, in its blocks.
+    #[arg(long, value_parser = parse_out_dtype)]
+    #[serde(serialize_with = "out_dtype_name")]
+    pub out_dtype: Option<OutDtype>,
 
     /// Keep the base's chat template and eos ids instead of the chat model's.
     #[arg(long)]
@@ -137,6 +139,16 @@ pub struct FlagPositions {
     pub pretrained: Vec<usize>,
     /// Of each `--scale`.
     pub scale: Vec<usize>,
+}
+
+/// `apply --out-dtype`: a float dtype for every float tensor, or FP8 for
+/// the weights an FP8 base stores quantized (`plan::requant`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum OutDtype {
+    /// bf16, f16 or f32.
+    Float(FloatType),
+    /// The base's block-scaled FP8 E4M3 weights written as FP8 again.
+    Fp8,
 }
 
 /// The vector `apply` adds.
@@ -312,7 +324,15 @@ impl ApplySpec {
 
     /// Output dtype of float tensors (`None`: the base's, tensor by tensor).
     pub fn out_dtype(&self) -> Option<FloatType> {
-        self.given.out_dtype
+        match self.given.out_dtype {
+            Some(OutDtype::Float(t)) => Some(t),
+            _ => None,
+        }
+    }
+
+    /// Whether an FP8 base's weights are written as FP8 again.
+    pub fn requantize(&self) -> bool {
+        self.given.out_dtype == Some(OutDtype::Fp8)
     }
 
     /// Keep the base's chat template and eos ids.
@@ -601,6 +621,25 @@ fn dtype_name<S: serde::Serializer>(t: &Option<FloatType>, s: S) -> std::result:
 
 fn parse_expert_layout(s: &str) -> std::result::Result<ExpertLayout, String> {
     ExpertLayout::parse(s).ok_or_else(|| format!("'{s}' is not an expert layout (fused, per-expert)"))
+}
+
+fn parse_out_dtype(s: &str) -> std::result::Result<OutDtype, String> {
+    match s.to_ascii_lowercase().as_str() {
+        "fp8" | "f8_e4m3" | "float8_e4m3fn" => Ok(OutDtype::Fp8),
+        "mxfp4" => Err("writing MXFP4 is not supported yet (an MXFP4 base is written as bf16)".into()),
+        _ => FloatType::parse_cli(s)
+            .map(OutDtype::Float)
+            .ok_or_else(|| format!("'{s}' is not a dtype chatvec writes (bf16, f16, f32, fp8)")),
+    }
+}
+
+/// `--out-dtype` as the manifest names it (`BF16`, `F8_E4M3`).
+fn out_dtype_name<S: serde::Serializer>(t: &Option<OutDtype>, s: S) -> std::result::Result<S::Ok, S::Error> {
+    match t {
+        Some(OutDtype::Float(f)) => s.serialize_str(f.dtype().name()),
+        Some(OutDtype::Fp8) => s.serialize_str("F8_E4M3"),
+        None => s.serialize_none(),
+    }
 }
 
 fn parse_dtype(s: &str) -> std::result::Result<FloatType, String> {

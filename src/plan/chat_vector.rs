@@ -137,6 +137,7 @@ pub(crate) fn plan_extract(
         scales: Vec::new(),
         groups: Vec::new(),
         experts: None,
+        requant: Default::default(),
     };
     finish(&mut plan, experts, common.shard_size)?;
     Ok(plan)

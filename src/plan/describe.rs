@@ -41,8 +41,18 @@ impl Plan {
                     );
                 }
                 let indent = if self.groups.iter().any(|g| g.tensors.contains(&i)) { "    " } else { "  " };
-                let _ =
-                    writeln!(out, "{indent}{} {} {:?}: {}", t.name, t.dtype, t.shape, self.describe_op(i));
+                let fp8 = match self.requant.blocks.get(&i) {
+                    Some([m, n]) => format!(", quantized in {m}x{n} blocks"),
+                    None => String::new(),
+                };
+                let _ = writeln!(
+                    out,
+                    "{indent}{} {} {:?}: {}{fp8}",
+                    t.name,
+                    t.dtype,
+                    t.shape,
+                    self.describe_op(i)
+                );
             }
         }
         let computed = self.tensors.iter().filter(|t| !matches!(t.op, Op::Copy(_))).count();
@@ -73,6 +83,7 @@ impl Plan {
         match &self.tensors[tensor].op {
             Op::Copy(s) => format!("copy {}", name(*s)),
             Op::Convert(s) => format!("convert {}", name(*s)),
+            Op::Fp8Scales(w) => format!("FP8 block scales of {}", self.tensors[*w].name),
             Op::AddVectors(v) => {
                 let mut f = name(v.base);
                 for t in &v.terms {

@@ -21,6 +21,7 @@ pub(crate) mod describe;
 pub(crate) mod experts;
 pub(crate) mod lora;
 pub(crate) mod merge;
+pub(crate) mod requant;
 pub(crate) mod shards;
 pub(crate) mod skeleton;
 pub(crate) mod slices;
@@ -147,6 +148,19 @@ pub(crate) enum Op {
     Merge(Box<MergeOp>),
     /// Several chat vectors added to the base in one pass.
     AddVectors(Box<VectorSum>),
+    /// The FP8 block scales (`weight_scale_inv`, f32) of output tensor
+    /// `.0`, quantized again (`Plan::requant`): computed from the same f32
+    /// values as its codes.
+    Fp8Scales(usize),
+}
+
+/// FP8 output (`--out-dtype fp8`): the weights quantized again, by output
+/// tensor index, with their `[block_m, block_n]`, and the error against
+/// the f32 values, summed as their scales are written.
+#[derive(Default)]
+pub(crate) struct Requant {
+    pub blocks: std::collections::HashMap<usize, [u64; 2]>,
+    pub error: std::sync::Mutex<crate::arith::requant::Fp8Error>,
 }
 
 /// `base + s_1 * v_1 + s_2 * v_2 + ...`: `apply` with several vectors, each
@@ -312,6 +326,8 @@ pub(crate) struct Plan {
     pub groups: Vec<Group>,
     /// How inputs whose experts are stored differently were lined up.
     pub experts: Option<experts::ExpertPlan>,
+    /// The tensors written as FP8 again, if any.
+    pub requant: Requant,
 }
 
 /// Consecutive output tensors `tensors`, computed one by one, stored as
@@ -495,6 +511,7 @@ impl Plan {
                     || m.union.as_ref().is_some_and(|u| u.sources.iter().any(|s| quantized(*s)))
             }
             Op::AddVectors(v) => quantized(v.base) || v.vector_sources().any(quantized),
+            Op::Fp8Scales(_) => false,
         })
     }
 
@@ -557,7 +574,7 @@ impl Plan {
                 })
                 .collect(),
             Op::AddVectors(v) => self.vector_sum_segments(v, elems, arena),
-            Op::Copy(_) | Op::Merge(_) => Vec::new(),
+            Op::Copy(_) | Op::Merge(_) | Op::Fp8Scales(_) => Vec::new(),
         }
     }
 

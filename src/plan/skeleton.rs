@@ -119,6 +119,7 @@ impl Outputs {
             scales: if scaled { vec![self.scales] } else { Vec::new() },
             groups: Vec::new(),
             experts: None,
+            requant: Default::default(),
         })
     }
 }
