@@ -184,7 +184,7 @@ fn mxfp4_table() -> &'static [[f32; 16]; 256] {
 }
 
 /// The 256 FP8 codes' values.
-fn fp8_table(e5m2: bool) -> &'static [f32; 256] {
+pub(crate) fn fp8_table(e5m2: bool) -> &'static [f32; 256] {
     static E4M3: std::sync::OnceLock<[f32; 256]> = std::sync::OnceLock::new();
     static E5M2: std::sync::OnceLock<[f32; 256]> = std::sync::OnceLock::new();
     let (cell, f): (_, fn(u8) -> f32) = if e5m2 { (&E5M2, f8e5m2_to_f32) } else { (&E4M3, f8e4m3_to_f32) };

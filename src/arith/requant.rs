@@ -12,7 +12,8 @@
 //! whole rows (`quantize_band`), and the codes and the scales, written
 //! by separate jobs, come from the same function.
 
-use crate::model::dtype::{F8E4M3_MAX, f8e4m3_to_f32, f32_to_f8e4m3};
+use super::quant::fp8_table;
+use crate::model::dtype::{F8E4M3_MAX, f32_to_f8e4m3};
 
 /// The quantization error over some tiles, against the f32 values.
 #[derive(Clone, Debug, Default, PartialEq)]
@@ -55,8 +56,42 @@ fn tile_scales(amax: f32) -> (f32, f32) {
 /// count a multiple of `block[0]`) into `codes` (one byte per element) and
 /// the band's tiles' inverse scales into `inv` (row-major over the tiles,
 /// `cols / block[1]` per tile row). With `err`, adds the error of each
-/// element's dequantized code.
+/// element's dequantized code. Rows are walked in order (tile by tile
+/// they would be strided).
 pub(crate) fn quantize_band(
+    x: &[f32],
+    cols: usize,
+    block: [usize; 2],
+    codes: &mut [u8],
+    inv: &mut [f32],
+    err: Option<&mut Fp8Error>,
+) {
+    #[cfg(target_arch = "x86_64")]
+    if crate::model::dtype::avx2() {
+        // SAFETY: the CPU has AVX2 (checked just above).
+        return unsafe { quantize_band_avx2(x, cols, block, codes, inv, err) };
+    }
+    quantize_band_portable(x, cols, block, codes, inv, err)
+}
+
+/// `quantize_band` compiled for AVX2 (the same IEEE operations lane for
+/// lane, so the same bytes).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn quantize_band_avx2(
+    x: &[f32],
+    cols: usize,
+    block: [usize; 2],
+    codes: &mut [u8],
+    inv: &mut [f32],
+    err: Option<&mut Fp8Error>,
+) {
+    quantize_band_portable(x, cols, block, codes, inv, err)
+}
+
+/// `quantize_band` in plain Rust, inlined into each compiled copy.
+#[inline(always)]
+fn quantize_band_portable(
     x: &[f32],
     cols: usize,
     block: [usize; 2],
@@ -65,35 +100,50 @@ pub(crate) fn quantize_band(
     mut err: Option<&mut Fp8Error>,
 ) {
     let [bm, bn] = block;
-    let tiles_per_row = cols / bn;
+    let per_row = cols / bn;
+    let table = fp8_table(false);
+    let mut amax = vec![0f32; per_row];
+    let mut scale = vec![0f32; per_row];
+    let mut worst = vec![0f64; per_row];
     for (tr, band) in x.chunks(bm * cols).enumerate() {
-        for tc in 0..tiles_per_row {
-            let cells =
-                || (0..band.len() / cols).map(move |r| r * cols + tc * bn).flat_map(move |a| a..a + bn);
-            // torch's amax propagates NaN, which f32::max would drop.
-            let amax = cells().fold(0f32, |m, i| {
-                if band[i].is_nan() || m.is_nan() { f32::NAN } else { m.max(band[i].abs()) }
-            });
-            let (scale, inv_s) = tile_scales(amax);
-            inv[tr * tiles_per_row + tc] = inv_s;
-            let base = tr * bm * cols;
-            let mut tile_worst = 0f64;
-            for i in cells() {
-                let q = f32_to_f8e4m3((band[i] * scale).clamp(-F8E4M3_MAX, F8E4M3_MAX));
-                codes[base + i] = q;
+        // Each tile's amax; torch's amax propagates NaN, which f32::max
+        // would drop.
+        amax.fill(0.0);
+        for row in band.chunks(cols) {
+            for (m, piece) in amax.iter_mut().zip(row.chunks(bn)) {
+                let mx = piece.iter().fold(*m, |a, v| a.max(v.abs()));
+                *m = if m.is_nan() || piece.iter().any(|v| v.is_nan()) { f32::NAN } else { mx };
+            }
+        }
+        for ((s, i), a) in scale.iter_mut().zip(&mut inv[tr * per_row..(tr + 1) * per_row]).zip(&amax) {
+            (*s, *i) = tile_scales(*a);
+        }
+        worst.fill(0.0);
+        let at = tr * bm * cols;
+        for (r, row) in band.chunks(cols).enumerate() {
+            let out = &mut codes[at + r * cols..at + (r + 1) * cols];
+            for (tc, (piece, dst)) in row.chunks(bn).zip(out.chunks_mut(bn)).enumerate() {
+                let s = scale[tc];
+                for (v, c) in piece.iter().zip(dst.iter_mut()) {
+                    *c = f32_to_f8e4m3((v * s).clamp(-F8E4M3_MAX, F8E4M3_MAX));
+                }
                 if let Some(e) = err.as_deref_mut() {
-                    let back = f64::from(f8e4m3_to_f32(q)) * f64::from(inv_s);
-                    let d = f64::from(band[i]) - back;
-                    e.sq_err += d * d;
-                    e.sq += f64::from(band[i]) * f64::from(band[i]);
-                    e.elements += 1;
-                    tile_worst = tile_worst.max(d.abs());
+                    let i = f64::from(inv[tr * per_row + tc]);
+                    for (v, c) in piece.iter().zip(dst.iter()) {
+                        let d = f64::from(*v) - f64::from(table[*c as usize]) * i;
+                        e.sq_err += d * d;
+                        e.sq += f64::from(*v) * f64::from(*v);
+                        worst[tc] = worst[tc].max(d.abs());
+                    }
+                    e.elements += piece.len() as u64;
                 }
             }
-            if let Some(e) = err.as_deref_mut()
-                && amax > 0.0
-            {
-                e.worst = e.worst.max(tile_worst / f64::from(amax));
+        }
+        if let Some(e) = err.as_deref_mut() {
+            for (w, a) in worst.iter().zip(&amax) {
+                if *a > 0.0 {
+                    e.worst = e.worst.max(w / f64::from(*a));
+                }
             }
         }
     }
@@ -102,6 +152,7 @@ pub(crate) fn quantize_band(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::model::dtype::f8e4m3_to_f32;
 
     /// Two 2x2 tiles of a 2x4 band, computed by hand: the scale maps each
     /// tile's amax to 448, codes round to nearest even, and an all-zero

@@ -208,38 +208,33 @@ pub(crate) fn f8e4m3_to_f32(b: u8) -> f32 {
 /// The largest finite FP8 E4M3 value (`S.1111.110`).
 pub(crate) const F8E4M3_MAX: f32 = 448.0;
 
-/// f32 to FP8 E4M3 bits, round to nearest, ties to even (the code with a
-/// zero last mantissa bit), as torch's `.to(torch.float8_e4m3fn)`: the
-/// nearest of the 127 non-negative codes, found by bisection over their
-/// values (monotonic in the code). Magnitudes past the largest finite
-/// value saturate to it (callers clamp first, as the reference does); NaN
-/// is `0x7f`.
+/// f32 to FP8 E4M3 bits, round to nearest, ties to even, as torch's
+/// `.to(torch.float8_e4m3fn)`. Normal results (from 2^-6) round the f32
+/// mantissa to 3 bits on the bit pattern; below, the value is a multiple
+/// of 2^-9 and `|x| * 512` (exact) is rounded to an integer, ties to even
+/// (8 is the first normal code, so both ranges meet). Branch-light: it runs
+/// once per element of every weight written as FP8. Magnitudes past the
+/// largest finite value saturate to it (callers clamp first, as the
+/// reference does); NaN is `0x7f`.
+#[inline(always)]
 pub(crate) fn f32_to_f8e4m3(x: f32) -> u8 {
     if x.is_nan() {
         return 0x7f;
     }
-    let sign = if x.is_sign_negative() { 0x80 } else { 0 };
+    let sign = if x.is_sign_negative() { 0x80u8 } else { 0 };
     let a = x.abs().min(F8E4M3_MAX);
-    // The first code whose value is at least `a` (0..=0x7e).
-    let (mut lo, mut hi) = (0u8, 0x7eu8);
-    while lo < hi {
-        let mid = lo + (hi - lo) / 2;
-        if f8e4m3_to_f32(mid) < a {
-            lo = mid + 1;
-        } else {
-            hi = mid;
-        }
-    }
-    let code = if lo == 0 {
-        0
+    // 2^-6, the least normal value.
+    let code = if a < 1.0 / 64.0 {
+        // |x| * 512 < 8: adding 2^23 rounds it to an integer, ties to
+        // even, in f32's own rounding (no libm call).
+        const SHIFT: f32 = 8_388_608.0;
+        ((a * 512.0 + SHIFT) - SHIFT) as u8
     } else {
-        let (below, above) = (f8e4m3_to_f32(lo - 1), f8e4m3_to_f32(lo));
-        match (a - below).partial_cmp(&(above - a)) {
-            Some(std::cmp::Ordering::Less) => lo - 1,
-            Some(std::cmp::Ordering::Greater) => lo,
-            _ if (lo - 1) & 1 == 0 => lo - 1,
-            _ => lo,
-        }
+        let bits = a.to_bits();
+        // Round to nearest even at mantissa bit 20, then drop 20 bits.
+        let rounded = (bits + 0x7_ffff + ((bits >> 20) & 1)) >> 20;
+        // f32's exponent bias is 127, E4M3's 7.
+        (rounded - ((127 - 7) << 3)).min(0x7e) as u8
     };
     sign | code
 }
