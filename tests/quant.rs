@@ -510,6 +510,20 @@ fn mxfp4_scales_that_do_not_match_the_blocks_are_refused() {
 
 const TRANSFORMERS_SCRIPT: &str = include_str!("quant_reference.py");
 
+/// `quant_reference.py` written into `dir`, as a function that runs it
+/// with the test venv's Python (`CHATVEC_SFT_PYTHON`) and returns stdout.
+fn reference_script(dir: &Path) -> impl Fn(&[&str]) -> String {
+    let py =
+        std::env::var_os("CHATVEC_SFT_PYTHON").map(std::path::PathBuf::from).expect("CHATVEC_SFT_PYTHON");
+    let script = dir.join("quant.py");
+    std::fs::write(&script, TRANSFORMERS_SCRIPT).unwrap();
+    move |args: &[&str]| {
+        let o = std::process::Command::new(&py).arg(&script).args(args).output().unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        String::from_utf8_lossy(&o.stdout).into_owned()
+    }
+}
+
 /// `--out-dtype fp8` gives the codes and `weight_scale_inv` transformers'
 /// own `Fp8Quantize` (what `save_pretrained` runs on a block-FP8 model)
 /// makes from the same apply's f32 output, bit for bit, on an FP8 base
@@ -517,17 +531,9 @@ const TRANSFORMERS_SCRIPT: &str = include_str!("quant_reference.py");
 #[test]
 #[ignore = "needs transformers 5: CHATVEC_SFT_PYTHON=$(scripts/sft-venv.sh) cargo test --test quant -- --ignored"]
 fn transformers_fp8_quantizer_matches_out_dtype_fp8_bit_for_bit() {
-    let py =
-        std::env::var_os("CHATVEC_SFT_PYTHON").map(std::path::PathBuf::from).expect("CHATVEC_SFT_PYTHON");
     let root = tempfile::tempdir().unwrap();
     let r = root.path();
-    let script = r.join("quant.py");
-    std::fs::write(&script, TRANSFORMERS_SCRIPT).unwrap();
-    let py_run = |args: &[&str]| {
-        let o = std::process::Command::new(&py).arg(&script).args(args).output().unwrap();
-        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-        String::from_utf8_lossy(&o.stdout).into_owned()
-    };
+    let py_run = reference_script(r);
     py_run(&["write", s(r)]);
     let (exact, quantized) = (r.join("out-f32"), r.join("out-fp8"));
     for (out, dtype) in [(&exact, "f32"), (&quantized, "fp8")] {
@@ -560,17 +566,9 @@ fn transformers_fp8_quantizer_matches_out_dtype_fp8_bit_for_bit() {
 #[test]
 #[ignore = "needs transformers 5: CHATVEC_SFT_PYTHON=$(scripts/sft-venv.sh) cargo test --test quant -- --ignored"]
 fn transformers_dequantizers_match_chatvec_decode_bit_for_bit() {
-    let py =
-        std::env::var_os("CHATVEC_SFT_PYTHON").map(std::path::PathBuf::from).expect("CHATVEC_SFT_PYTHON");
     let root = tempfile::tempdir().unwrap();
     let r = root.path();
-    let script = r.join("quant.py");
-    std::fs::write(&script, TRANSFORMERS_SCRIPT).unwrap();
-    let py_run = |args: &[&str]| {
-        let o = std::process::Command::new(&py).arg(&script).args(args).output().unwrap();
-        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-        String::from_utf8_lossy(&o.stdout).into_owned()
-    };
+    let py_run = reference_script(r);
     py_run(&["write", s(r)]);
     let mut outs = Vec::new();
     for m in ["fp8-e4m3", "fp8-e5m2", "mxfp4"] {
