@@ -220,6 +220,11 @@ fn each_vector_lines_up_its_own_vocabulary_rows() {
         "13",
     ]);
     ok(&o);
+    // Each vector's rows are reported as its own.
+    for (k, rows) in [(1, 16), (2, 20)] {
+        let said = format!("lm_head.weight (vector {k}): {rows} of 24 rows got the vector (align)");
+        assert!(stderr(&o).contains(&said), "{said}\n{}", stderr(&o));
+    }
     let (got, b) = (read_model(&out), read_model(&f.base));
     let (ca, pa, cb, pb) = (read_model(chat_a), read_model(pre_a), read_model(chat_b), read_model(pre_b));
     let w = HIDDEN as usize;

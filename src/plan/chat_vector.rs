@@ -257,7 +257,13 @@ pub(crate) fn plan_apply(
                 let vocabs = Vocabs { base: base_vocab.as_ref(), vector: side.vocab.as_ref() };
                 match side_term(side, bt, opts.embeddings, &vocabs, problems, &mut warnings)? {
                     SideTerm::Term(found, runs, row_len, report) => {
-                        embeddings.extend(report);
+                        // With several vectors, which one (as merges name the model).
+                        embeddings.extend(report.map(|mut r| {
+                            if several {
+                                r.tensor = format!("{} (vector {})", r.tensor, k + 1);
+                            }
+                            r
+                        }));
                         terms.push((k, found, runs, row_len));
                     }
                     SideTerm::Omitted => {}
