@@ -712,7 +712,13 @@ fn out_dtype_fp8_requantizes_the_base_weights_in_its_blocks() {
         3,
         &Fp8 { ty: E5M2, block: [4, 4], config_block: Some([4, 4]), scale_ty: Ty::F32, suffix: "_scale_inv" },
     );
+    let ue8m0 = d.path().join("ue8m0");
+    fp8_llama(&ue8m0, 3, &q);
+    let mut cfg: Value = serde_json::from_slice(&std::fs::read(ue8m0.join("config.json")).unwrap()).unwrap();
+    cfg["quantization_config"]["scale_fmt"] = json!("ue8m0");
+    std::fs::write(ue8m0.join("config.json"), cfg.to_string()).unwrap();
     for (b, dtype, want) in [
+        (&ue8m0, "fp8", "has scale_fmt 'ue8m0'; only f32 block scales"),
         (&bf16_base, "fp8", "has no block-scaled FP8 E4M3 weights"),
         (&e5, "fp8", "is F8_E5M2 with F32 scales; only F8_E4M3"),
         (&base, "mxfp4", "writing MXFP4 is not supported yet"),

@@ -20,6 +20,18 @@ pub(crate) fn requantize_fp8(plan: &mut Plan, shard_size: u64) -> Result<()> {
         )
         .with_hint("pass --expert-layout per-expert, or leave out --out-dtype fp8 for a bf16 output"));
     }
+    // DeepSeek-V3.1's `scale_fmt: ue8m0` rounds each inverse scale up to a
+    // power of two before quantizing; chatvec writes the f32 form only.
+    let fmt = plan.inputs[0]
+        .ckpt
+        .config
+        .as_ref()
+        .and_then(|c| c.raw.get("quantization_config")?.get("scale_fmt")?.as_str().map(str::to_string));
+    if let Some(f) = fmt.filter(|f| f != "float") {
+        return Err(Error::Usage(format!(
+            "--out-dtype fp8: the base's quantization_config has scale_fmt '{f}'; only f32 block scales are written back yet"
+        )));
+    }
     let old = std::mem::take(&mut plan.tensors);
     let mut tensors: Vec<OutTensor> = Vec::with_capacity(old.len());
     // Old tensor index -> new one, for the per-variant scales.
