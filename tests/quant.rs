@@ -607,21 +607,14 @@ fn out_dtype_fp8_requantizes_the_base_weights_in_its_blocks() {
     let decoded = fp8_llama(&base, 3, &q);
     let out = d.path().join("out");
     let (chat, pre) = (d.path().join("chat"), d.path().join("pre"));
-    let o = chatvec(&[
-        "apply",
-        "--base",
-        s(&base),
-        "--chat",
-        s(&chat),
-        "--pretrained",
-        s(&pre),
-        "-o",
-        s(&out),
-        "--out-dtype",
-        "fp8",
-        "--chunk-elems",
-        "40",
-    ]);
+    // The chat pair applied to `base` into `out`, with `extra` after.
+    let apply = |base: &Path, out: &Path, extra: &[&str]| {
+        let mut args = vec!["apply", "--base", s(base), "--chat", s(&chat), "--pretrained", s(&pre)];
+        args.extend(["-o", s(out)]);
+        args.extend(extra);
+        chatvec(&args)
+    };
+    let o = apply(&base, &out, &["--out-dtype", "fp8", "--chunk-elems", "40"]);
     ok(&o);
     assert!(
         stderr(&o).contains("written as FP8 E4M3 again in the base's blocks: relative RMS error"),
@@ -684,20 +677,7 @@ fn out_dtype_fp8_requantizes_the_base_weights_in_its_blocks() {
     }
     assert_eq!(requantized, decoded.len());
     // The dry run says which weights are quantized again, and their scales.
-    let o = chatvec(&[
-        "apply",
-        "--base",
-        s(&base),
-        "--chat",
-        s(&chat),
-        "--pretrained",
-        s(&pre),
-        "-o",
-        s(&d.path().join("dry")),
-        "--out-dtype",
-        "fp8",
-        "--dry-run",
-    ]);
+    let o = apply(&base, &d.path().join("dry"), &["--out-dtype", "fp8", "--dry-run"]);
     ok(&o);
     let plan = stdout(&o);
     assert!(plan.contains("model.layers.0.mlp.up_proj.weight F8_E4M3 [12, 8]: base:"), "{plan}");
@@ -724,19 +704,7 @@ fn out_dtype_fp8_requantizes_the_base_weights_in_its_blocks() {
         (&base, "mxfp4", "writing MXFP4 is not supported yet"),
     ] {
         let bad = d.path().join("bad");
-        let o = chatvec(&[
-            "apply",
-            "--base",
-            s(b),
-            "--chat",
-            s(&chat),
-            "--pretrained",
-            s(&pre),
-            "-o",
-            s(&bad),
-            "--out-dtype",
-            dtype,
-        ]);
+        let o = apply(b, &bad, &["--out-dtype", dtype]);
         assert!(!o.status.success(), "{want}");
         assert!(stderr(&o).contains(want), "{want}:\n{}", stderr(&o));
         assert!(!bad.exists());
