@@ -559,6 +559,24 @@ fn transformers_fp8_quantizer_matches_out_dtype_fp8_bit_for_bit() {
     assert!(said.starts_with("requant identical 14"), "{said}");
 }
 
+/// `--out-dtype mxfp4` output loads in transformers 5 (`Mxfp4Config(
+/// dequantize=True)`) with every key in place, each expert equal to its
+/// blocks and scales decoded in f64 by the script, and finite logits.
+#[test]
+#[ignore = "needs transformers 5: CHATVEC_SFT_PYTHON=$(scripts/sft-venv.sh) cargo test --test quant -- --ignored"]
+fn out_dtype_mxfp4_loads_in_transformers() {
+    let root = tempfile::tempdir().unwrap();
+    let r = root.path();
+    let py_run = reference_script(r);
+    py_run(&["write", s(r)]);
+    let out = r.join("out-mxfp4");
+    let (base, chat, pre) = (r.join("mxfp4"), r.join("chat-oss"), r.join("pre-oss"));
+    let args = ["apply", "--base", s(&base), "--chat", s(&chat), "--pretrained", s(&pre), "-o", s(&out)];
+    ok(&chatvec(&[&args[..], &["--out-dtype", "mxfp4", "-q"]].concat()));
+    let said = py_run(&["mxfp4-load", s(&out)]);
+    assert!(said.starts_with("mxfp4-load identical 4 finite"), "{said}");
+}
+
 /// FP8 (E4M3 and E5M2, every finite code point, random f32 scales) and
 /// MXFP4 (every nibble, exponents from 2^-127 to 2^+22) checkpoints loaded
 /// by transformers with `dequantize=True` in float32 give the same f32 as
@@ -701,7 +719,7 @@ fn out_dtype_fp8_requantizes_the_base_weights_in_its_blocks() {
         (&ue8m0, "fp8", "has scale_fmt 'ue8m0'; only f32 block scales"),
         (&bf16_base, "fp8", "has no block-scaled FP8 E4M3 weights"),
         (&e5, "fp8", "is F8_E5M2 with F32 scales; only F8_E4M3"),
-        (&base, "mxfp4", "writing MXFP4 is not supported yet"),
+        (&base, "mxfp4", "in the base; each quantized weight is written in its own scheme only"),
     ] {
         let bad = d.path().join("bad");
         let o = apply(b, &bad, &["--out-dtype", dtype]);
@@ -709,4 +727,133 @@ fn out_dtype_fp8_requantizes_the_base_weights_in_its_blocks() {
         assert!(stderr(&o).contains(want), "{want}:\n{}", stderr(&o));
         assert!(!bad.exists());
     }
+}
+
+/// `--out-dtype mxfp4` writes a gpt-oss base's experts as MXFP4 again:
+/// blocks and scales equal a quantizer written here from the rule of
+/// transformers' `quantize_to_mxfp4` (values rounded to bf16; per 32 along
+/// the contraction axis, the scale the smallest power of two at or above
+/// `amax / 6` in f32, searched over the exponents; codes the nearest FP4
+/// value to `x / scale` in f64, ties away from zero), applied to the
+/// documented f32 apply, at a chunk size that cuts bands of 3 rows (the
+/// last one shorter). Every other tensor is the bf16 apply; the config
+/// keeps `quantization_config`; the error is reported; the dry run lists
+/// the mapping. Bases it cannot write back are refused, nothing written.
+#[test]
+fn out_dtype_mxfp4_requantizes_the_base_experts_in_groups_of_32() {
+    let d = tempfile::tempdir().unwrap();
+    gpt_oss(&d.path().join("pre"), 1, false);
+    gpt_oss(&d.path().join("chat"), 2, false);
+    let base = d.path().join("base");
+    let decoded = gpt_oss(&base, 3, true);
+    let (chat, pre) = (d.path().join("chat"), d.path().join("pre"));
+    let apply = |base: &Path, out: &Path, extra: &[&str]| {
+        let mut args = vec!["apply", "--base", s(base), "--chat", s(&chat), "--pretrained", s(&pre)];
+        args.extend(["-o", s(out)]);
+        args.extend(extra);
+        chatvec(&args)
+    };
+    let out = d.path().join("out");
+    let o = apply(&base, &out, &["--out-dtype", "mxfp4", "--chunk-elems", "200"]);
+    ok(&o);
+    assert!(
+        stderr(&o).contains("2 weight(s) written as MXFP4 again (rounded to bf16, one E8M0 scale per 32 values): relative RMS error"),
+        "{}",
+        stderr(&o)
+    );
+    let cfg: Value = serde_json::from_slice(&std::fs::read(out.join("config.json")).unwrap()).unwrap();
+    assert_eq!(cfg["quantization_config"]["quant_method"], "mxfp4", "{cfg}");
+    let bytes = std::fs::read(out.join("model.safetensors")).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let (c, p) = (read_model(&chat), read_model(&pre));
+    let bf = read_model_loose(&base);
+    for (name, ct) in &c {
+        let y: Vec<f32> = (0..ct.numel())
+            .map(|i| {
+                let b = decoded.get(name).map_or_else(|| bf[name].get(i), |v| v[i]);
+                b + 1.0f32 * (ct.get(i) - p[name].get(i))
+            })
+            .collect();
+        let Some(_) = decoded.get(name) else {
+            let view = st.tensor(name).unwrap();
+            assert_eq!(view.dtype(), safetensors::Dtype::BF16, "{name}");
+            for (i, v) in y.iter().enumerate() {
+                let got = u16::from_le_bytes([view.data()[2 * i], view.data()[2 * i + 1]]);
+                assert_eq!(got, half::bf16::from_f32(*v).to_bits(), "{name}[{i}]");
+            }
+            continue;
+        };
+        assert!(st.tensor(name).is_err(), "{name} is written as blocks and scales only");
+        let [experts, cols, rows] = ct.shape[..] else { panic!("{name} {:?}", ct.shape) };
+        let (experts, cols, rows) = (experts as usize, cols as usize, rows as usize);
+        let groups = cols / 32;
+        let blocks = st.tensor(&format!("{name}_blocks")).unwrap();
+        let scales = st.tensor(&format!("{name}_scales")).unwrap();
+        assert_eq!(blocks.dtype(), safetensors::Dtype::U8);
+        assert_eq!(blocks.shape(), &[experts, rows, groups, 16]);
+        assert_eq!(scales.shape(), &[experts, rows, groups]);
+        for e in 0..experts {
+            for r in 0..rows {
+                for g in 0..groups {
+                    let v: Vec<f32> = (0..32)
+                        .map(|k| half::bf16::from_f32(y[(e * cols + g * 32 + k) * rows + r]).to_f32())
+                        .collect();
+                    let amax = v.iter().fold(0f32, |a, x| a.max(x.abs()));
+                    let ds = f64::from(amax / 6.0f32);
+                    let want_scale = if ds == 0.0 {
+                        0
+                    } else {
+                        (1..=254u8).find(|b| 2f64.powi(i32::from(*b) - 127) >= ds).unwrap()
+                    };
+                    let at = (e * rows + r) * groups + g;
+                    assert_eq!(scales.data()[at], want_scale, "{name} scale ({e}, {r}, {g}): amax {amax}");
+                    let scale = 2f64.powi(i32::from(want_scale) - 127);
+                    for (k, x) in v.iter().enumerate() {
+                        let q = if want_scale == 0 { 0.0 } else { f64::from(*x) / scale };
+                        // The nearest magnitude, the larger on a tie.
+                        let best = (0..8u8)
+                            .min_by(|&a, &b| {
+                                let (da, db) = ((fp4(a) - q.abs()).abs(), (fp4(b) - q.abs()).abs());
+                                da.partial_cmp(&db).unwrap().then(b.cmp(&a))
+                            })
+                            .unwrap();
+                        let want = if x.is_sign_negative() { best | 8 } else { best };
+                        let byte = blocks.data()[at * 16 + k / 2];
+                        let got = if k % 2 == 0 { byte & 15 } else { byte >> 4 };
+                        assert_eq!(got, want, "{name} ({e}, {r}, {}): {x} / {scale}", g * 32 + k);
+                    }
+                }
+            }
+        }
+    }
+    // The dry run names the float shape each weight is quantized from.
+    let o = apply(&base, &d.path().join("dry"), &["--out-dtype", "mxfp4", "--dry-run"]);
+    ok(&o);
+    let plan = stdout(&o);
+    assert!(
+        plan.contains("model.layers.0.mlp.experts.gate_up_proj_blocks U8 [2, 64, 2, 16]: base:"),
+        "{plan}"
+    );
+    assert!(plan.contains(", quantized to MXFP4 from [2, 64, 64], one E8M0 scale per 32"), "{plan}");
+    assert!(
+        plan.contains("model.layers.0.mlp.experts.down_proj_scales U8 [2, 64, 1]: MXFP4 scales of model.layers.0.mlp.experts.down_proj_blocks"),
+        "{plan}"
+    );
+    // What cannot be written back is refused, nothing written.
+    let bf16_base = d.path().join("pre");
+    let bad = d.path().join("bad");
+    let o = apply(&bf16_base, &bad, &["--out-dtype", "mxfp4"]);
+    assert!(!o.status.success());
+    assert!(stderr(&o).contains("has no MXFP4 weights to write as MXFP4 again"), "{}", stderr(&o));
+    assert!(!bad.exists());
+    let sweep =
+        ["sweep", "--base", s(&base), "--chat", s(&chat), "--pretrained", s(&pre), "--scales", "0.5,1"];
+    let o = chatvec(&[&sweep[..], &["--out-dtype", "mxfp4", "-o", s(&bad)]].concat());
+    assert!(!o.status.success());
+    assert!(
+        stderr(&o).contains("a sweep writes bf16 candidates; --out-dtype mxfp4 is for apply"),
+        "{}",
+        stderr(&o)
+    );
+    assert!(!bad.exists());
 }

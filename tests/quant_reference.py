@@ -7,7 +7,9 @@
 # reference bit for bit. "requant F32 FP8": quantizes each weight of the f32
 # output F32 that the output FP8 stores as FP8 with transformers' own
 # Fp8Quantize (what save_pretrained runs), and says whether FP8's codes and
-# weight_scale_inv equal it bit for bit.
+# weight_scale_inv equal it bit for bit. "mxfp4-load OUT": loads chatvec's
+# MXFP4 output OUT in transformers and says whether each expert equals its
+# blocks and scales decoded here.
 import json, os, sys
 import torch
 from safetensors.torch import save_file, load_file
@@ -69,11 +71,25 @@ def mxfp4(out):
     save_file(q, d + "/model.safetensors", metadata={"format": "pt"})
     m.config.save_pretrained(d)
     c = json.load(open(d + "/config.json"))
+    c["architectures"] = ["GptOssForCausalLM"]
     c["quantization_config"] = {"quant_method": "mxfp4", "modules_to_not_convert":
         ["model.layers.*.self_attn", "model.layers.*.mlp.router", "model.embed_tokens", "lm_head"]}
     json.dump(c, open(d + "/config.json", "w"), indent=2)
     ref = AutoModelForCausalLM.from_pretrained(d, quantization_config=Mxfp4Config(dequantize=True), dtype=torch.float32)
     return d, ref
+
+def oss_pair(out):
+    # a bf16 gpt-oss chat pair of the MXFP4 model's architecture
+    cfg = AutoConfig.for_model("gpt_oss", hidden_size=64, intermediate_size=32, num_hidden_layers=2,
+        num_attention_heads=2, num_key_value_heads=1, vocab_size=64, head_dim=32, num_local_experts=3,
+        num_experts_per_tok=2)
+    torch.manual_seed(8)
+    pre = AutoModelForCausalLM.from_config(cfg).to(torch.bfloat16)
+    pre.save_pretrained(os.path.join(out, "pre-oss"))
+    with torch.no_grad():
+        for p in pre.parameters():
+            p.add_(0.02 * torch.randn_like(p))
+    pre.save_pretrained(os.path.join(out, "chat-oss"))
 
 def chat_pair(out):
     cfg = AutoConfig.for_model("qwen3", hidden_size=32, intermediate_size=48, num_hidden_layers=2,
@@ -92,6 +108,34 @@ if sys.argv[1] == "write":
         sd = {k: v.detach().float().contiguous() for k, v in ref.state_dict().items()}
         save_file(sd, d + "-ref.safetensors")
     chat_pair(out)
+    oss_pair(out)
+elif sys.argv[1] == "mxfp4-load":
+    # loads chatvec's MXFP4 output in transformers (dequantize=True, float32):
+    # every key present, each expert equal to its blocks and scales decoded
+    # here in f64, finite logits
+    d = sys.argv[2]
+    m, info = AutoModelForCausalLM.from_pretrained(d, quantization_config=Mxfp4Config(dequantize=True),
+        dtype=torch.float32, output_loading_info=True)
+    problems = {k: v for k, v in info.items() if v}
+    raw = load_file(d + "/model.safetensors")
+    lut = torch.tensor([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0], dtype=torch.float64)
+    lut = torch.cat([lut, -lut])
+    sd = m.state_dict()
+    bad, n = [], 0
+    for k in raw:
+        if not k.endswith("_blocks"):
+            continue
+        stem = k.removesuffix("_blocks")
+        b, sc = raw[k].long(), raw[stem + "_scales"].double()
+        vals = torch.stack([lut[b & 15], lut[b >> 4]], dim=-1).reshape(*sc.shape, 32)
+        vals = vals * torch.pow(2.0, sc - 127).unsqueeze(-1)
+        want = vals.reshape(sc.shape[0], sc.shape[1], -1).transpose(1, 2).float()
+        n += 1
+        if not torch.equal(want, sd[stem]):
+            bad.append(stem)
+    logits = m(torch.arange(8).unsqueeze(0)).logits
+    print("mxfp4-load", "identical" if n and not bad and not problems else f"differs: {bad} {problems}", n,
+        "finite" if torch.isfinite(logits).all() else "nonfinite")
 elif sys.argv[1] == "requant":
     import types
     from transformers.integrations.finegrained_fp8 import Fp8Quantize

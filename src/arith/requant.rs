@@ -11,13 +11,26 @@
 //! A tile spans `block_m` whole rows, so the engine hands over bands of
 //! whole rows (`quantize_band`), and the codes and the scales, written
 //! by separate jobs, come from the same function.
+//!
+//! MXFP4 (`mxfp4_band`) as transformers' `quantize_to_mxfp4` computes it
+//! (the gpt-oss quantizer, triton_kernels' `downcast_to_mxfp_torch` with
+//! its default `ROUND_UP` scales), per group of 32 along the contraction
+//! axis: the values rounded to bf16 first (`w.to(torch.bfloat16)`);
+//! `amax = max |x|`; the scale is `amax / 6` rounded up to a power of two
+//! on its bits (`(bits + 0x7fffff) & 0x7f800000`, so 0 for an all-zero or
+//! NaN group), its exponent byte the stored E8M0 scale; each `x / scale`
+//! (a multiplication by the exact reciprocal) goes to the nearest FP4
+//! E2M1 value with ties away from zero, saturating at 6 (NaN too), the
+//! sign kept; two codes per byte, the even element in the low nibble.
 
 use super::quant::fp8_table;
-use crate::model::dtype::{F8E4M3_MAX, f32_to_f8e4m3};
+use crate::model::dtype::{
+    F8E4M3_MAX, FP4_E2M1, bf16_to_f32, e8m0_exponent, f32_to_bf16, f32_to_f8e4m3, ldexp,
+};
 
 /// The quantization error over some tiles, against the f32 values.
 #[derive(Clone, Debug, Default, PartialEq)]
-pub(crate) struct Fp8Error {
+pub(crate) struct QuantError {
     /// Elements counted.
     pub elements: u64,
     /// `sum (x - code * inv)^2` and `sum x^2`, in f64.
@@ -28,9 +41,9 @@ pub(crate) struct Fp8Error {
     pub worst_tensor: String,
 }
 
-impl Fp8Error {
+impl QuantError {
     /// Adds another tensor's (or band's) figures.
-    pub(crate) fn add(&mut self, o: &Fp8Error) {
+    pub(crate) fn add(&mut self, o: &QuantError) {
         self.elements += o.elements;
         self.sq_err += o.sq_err;
         self.sq += o.sq;
@@ -64,7 +77,7 @@ pub(crate) fn quantize_band(
     block: [usize; 2],
     codes: &mut [u8],
     inv: &mut [f32],
-    err: Option<&mut Fp8Error>,
+    err: Option<&mut QuantError>,
 ) {
     #[cfg(target_arch = "x86_64")]
     if crate::model::dtype::avx2() {
@@ -84,7 +97,7 @@ unsafe fn quantize_band_avx2(
     block: [usize; 2],
     codes: &mut [u8],
     inv: &mut [f32],
-    err: Option<&mut Fp8Error>,
+    err: Option<&mut QuantError>,
 ) {
     quantize_band_portable(x, cols, block, codes, inv, err)
 }
@@ -97,7 +110,7 @@ fn quantize_band_portable(
     block: [usize; 2],
     codes: &mut [u8],
     inv: &mut [f32],
-    mut err: Option<&mut Fp8Error>,
+    mut err: Option<&mut QuantError>,
 ) {
     let [bm, bn] = block;
     let per_row = cols / bn;
@@ -149,6 +162,110 @@ fn quantize_band_portable(
     }
 }
 
+/// Values per MXFP4 scale.
+pub(crate) const MXFP4_GROUP: usize = 32;
+
+/// Quantizes a band of `rows` rows of an MXFP4 weight to its packed codes
+/// and E8M0 scales (see the module's doc). `x` holds the band's f32 values
+/// column by column (`x[c * rows + r]`, as the float tensor `[.., cols,
+/// rows]` stores them); `blocks` gets `rows x cols / 2` bytes and `scales`
+/// `rows x cols / 32`, row by row as the checkpoint stores them. With
+/// `err`, adds each element's error against its f32 value.
+pub(crate) fn mxfp4_band(
+    x: &[f32],
+    rows: usize,
+    blocks: &mut [u8],
+    scales: &mut [u8],
+    err: Option<&mut QuantError>,
+) {
+    #[cfg(target_arch = "x86_64")]
+    if crate::model::dtype::avx2() {
+        // SAFETY: the CPU has AVX2 (checked just above).
+        return unsafe { mxfp4_band_avx2(x, rows, blocks, scales, err) };
+    }
+    mxfp4_band_portable(x, rows, blocks, scales, err)
+}
+
+/// `mxfp4_band` compiled for AVX2 (the same IEEE operations, so the same
+/// bytes).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn mxfp4_band_avx2(
+    x: &[f32],
+    rows: usize,
+    blocks: &mut [u8],
+    scales: &mut [u8],
+    err: Option<&mut QuantError>,
+) {
+    mxfp4_band_portable(x, rows, blocks, scales, err)
+}
+
+/// `mxfp4_band` in plain Rust. Groups outside, rows inside: one group's
+/// 32 columns of the band stay in cache while its rows are walked.
+#[inline(always)]
+fn mxfp4_band_portable(
+    x: &[f32],
+    rows: usize,
+    blocks: &mut [u8],
+    scales: &mut [u8],
+    mut err: Option<&mut QuantError>,
+) {
+    let cols = x.len() / rows.max(1);
+    let groups = cols / MXFP4_GROUP;
+    let mut v = [0f32; MXFP4_GROUP];
+    let mut q = [0u8; MXFP4_GROUP];
+    for g in 0..groups {
+        let column = |k: usize| &x[(g * MXFP4_GROUP + k) * rows..(g * MXFP4_GROUP + k + 1) * rows];
+        for r in 0..rows {
+            for (k, v) in v.iter_mut().enumerate() {
+                *v = bf16_to_f32(f32_to_bf16(column(k)[r]));
+            }
+            // torch's max propagates NaN, which f32::max would drop.
+            let amax =
+                v.iter().fold(0f32, |a, x| if a.is_nan() || x.is_nan() { f32::NAN } else { a.max(x.abs()) });
+            let bits = (amax / 6.0).to_bits().wrapping_add(0x007f_ffff) & 0x7f80_0000;
+            let inv = if bits == 0 { 0.0 } else { 1.0 / f32::from_bits(bits) };
+            for (c, v) in q.iter_mut().zip(&v) {
+                *c = f32_to_e2m1(v * inv);
+            }
+            let at = r * groups + g;
+            scales[at] = (bits >> 23) as u8;
+            for (b, pair) in blocks[at * 16..at * 16 + 16].iter_mut().zip(q.chunks_exact(2)) {
+                *b = pair[0] | (pair[1] << 4);
+            }
+            if let Some(e) = err.as_deref_mut() {
+                let e8 = e8m0_exponent(scales[at]);
+                let mut worst = 0f64;
+                let mut amax = 0f64;
+                for (k, c) in q.iter().enumerate() {
+                    let xv = f64::from(column(k)[r]);
+                    let d = xv - f64::from(ldexp(FP4_E2M1[*c as usize], e8));
+                    e.sq_err += d * d;
+                    e.sq += xv * xv;
+                    worst = worst.max(d.abs());
+                    amax = amax.max(xv.abs());
+                }
+                e.elements += MXFP4_GROUP as u64;
+                if amax > 0.0 {
+                    e.worst = e.worst.max(worst / amax);
+                }
+            }
+        }
+    }
+}
+
+/// An f32 as its FP4 E2M1 code: the nearest of 0, 0.5, 1, 1.5, 2, 3, 4, 6
+/// with ties away from zero (the number of midpoints at or below `|q|`),
+/// 6 for anything larger and for NaN, the sign bit kept (so -0.0 and tiny
+/// negatives give the code of -0).
+#[inline(always)]
+pub(crate) fn f32_to_e2m1(q: f32) -> u8 {
+    const MIDPOINTS: [f32; 7] = [0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0];
+    let a = q.abs();
+    let m: u8 = if a.is_nan() { 7 } else { MIDPOINTS.iter().map(|t| u8::from(a >= *t)).sum() };
+    ((q.to_bits() >> 28) as u8 & 8) | m
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -161,7 +278,7 @@ mod tests {
     fn a_band_is_quantized_tile_by_tile_as_the_reference() {
         let x = [1.0f32, -2.0, 0.0, 0.0, 0.5, 0.25, 0.0, 0.0];
         let (mut codes, mut inv) = ([0u8; 8], [0f32; 2]);
-        let mut err = Fp8Error::default();
+        let mut err = QuantError::default();
         quantize_band(&x, 4, [2, 2], &mut codes, &mut inv, Some(&mut err));
         // Tile 0: amax 2, scale 224, inv 1/224.
         assert_eq!(inv, [1.0 / 224.0, 1.0]);
@@ -179,5 +296,67 @@ mod tests {
         quantize_band(&y, 2, [1, 2], &mut c, &mut i, None);
         assert_eq!(f8e4m3_to_f32(c[0]), 448.0);
         assert_eq!(f8e4m3_to_f32(c[1]), 416.0);
+    }
+
+    /// Every FP4 value and every midpoint between two, with the values just
+    /// below and above it: ties go away from zero, the rest to the nearest;
+    /// beyond 6 and NaN saturate; the sign is kept.
+    #[test]
+    fn e2m1_rounds_to_nearest_with_ties_away_from_zero() {
+        for (code, v) in FP4_E2M1.iter().enumerate().take(8) {
+            assert_eq!(f32_to_e2m1(*v), code as u8, "{v}");
+            assert_eq!(f32_to_e2m1(-*v), code as u8 | 8, "-{v}");
+        }
+        for (lo, hi) in [(0u8, 1u8), (1, 2), (2, 3), (3, 4), (4, 5), (5, 6), (6, 7)] {
+            let mid = (FP4_E2M1[lo as usize] + FP4_E2M1[hi as usize]) / 2.0;
+            assert_eq!(f32_to_e2m1(mid), hi, "tie {mid}");
+            assert_eq!(f32_to_e2m1(f32::from_bits(mid.to_bits() - 1)), lo, "below {mid}");
+            assert_eq!(f32_to_e2m1(-f32::from_bits(mid.to_bits() + 1)), hi | 8, "above -{mid}");
+        }
+        for v in [6.5f32, 1e30, f32::INFINITY, f32::NAN] {
+            assert_eq!(f32_to_e2m1(v), 7, "{v}");
+        }
+        assert_eq!(f32_to_e2m1(f32::NEG_INFINITY), 15);
+        assert_eq!(f32_to_e2m1(-1e-30), 8);
+        assert_eq!(f32_to_e2m1(0.2499), 0);
+    }
+
+    /// One row of two groups computed by hand: amax 3 gives 3 / 6 = 0.5, a
+    /// power of two (scale byte 126, values doubled); amax 7 gives 7 / 6,
+    /// rounded up to 2 (byte 128, values halved); an all-zero group has
+    /// byte 0.
+    #[test]
+    fn an_mxfp4_band_is_scaled_and_packed_as_the_reference() {
+        let mut x = vec![0f32; 96];
+        x[0] = 3.0;
+        x[1] = -0.5;
+        x[2] = 0.3;
+        x[32] = 7.0;
+        x[33] = 2.5;
+        x[34] = -1.0;
+        let (mut blocks, mut scales) = ([0u8; 48], [0u8; 3]);
+        let mut err = QuantError::default();
+        mxfp4_band(&x, 1, &mut blocks, &mut scales, Some(&mut err));
+        assert_eq!(scales, [126, 128, 0]);
+        // 3 -> 6 (7), -0.5 -> -1 (10), 0.3 -> 0.6 -> 0.5 (1).
+        assert_eq!(blocks[0], 7 | (10 << 4));
+        assert_eq!(blocks[1], 1);
+        // 7 -> 3.5, a tie, away: 4 (6); 2.5 -> 1.25, a tie: 1.5 (3); -1 -> -0.5 (9).
+        assert_eq!(blocks[16], 6 | (3 << 4));
+        assert_eq!(blocks[17], 9);
+        assert!(blocks[32..].iter().all(|b| *b == 0));
+        // Errors: 0.3 -> 0.25 (0.05), 7 -> 8 (1), 2.5 -> 3 (0.5).
+        let sq_err = 0.05f64.powi(2) + 1.0 + 0.25;
+        assert!((err.sq_err - sq_err).abs() < 1e-6, "{err:?}");
+        assert!((err.worst - 1.0 / 7.0).abs() < 1e-9, "{err:?}");
+        // A column-major band of two rows: element (c, r) at c * 2 + r.
+        let y: Vec<f32> = (0..64).map(|i| if i % 2 == 0 { 1.0 } else { -4.0 }).collect();
+        let (mut b2, mut s2) = ([0u8; 32], [0u8; 2]);
+        mxfp4_band(&y, 2, &mut b2, &mut s2, None);
+        // Row 0 all 1.0: 1 / 6 rounds up to 0.25 (byte 125), codes 4.0 (6);
+        // row 1 all -4.0: 4 / 6 rounds up to 1 (byte 127), codes -4 (14).
+        assert_eq!(s2, [125, 127]);
+        assert!(b2[..16].iter().all(|b| *b == 0x66), "{b2:?}");
+        assert!(b2[16..].iter().all(|b| *b == 0xee), "{b2:?}");
     }
 }

@@ -11,7 +11,7 @@ use std::sync::Arc;
 use bumpalo::Bump;
 
 use crate::arith::formulas::Rounding;
-use crate::arith::requant::{Fp8Error, quantize_band};
+use crate::arith::requant::{QuantError, mxfp4_band, quantize_band};
 use crate::arith::rows::{RowRun, stretches};
 use crate::cuda::{self, Gpu, GpuPasses};
 use crate::error::{Error, Result};
@@ -21,7 +21,7 @@ use crate::merge::{
     stats::{self, TensorStats},
 };
 use crate::model::dtype::FloatType;
-use crate::plan::{Formula, Op, OutTensor, Plan, Role, Source};
+use crate::plan::{Formula, Op, OutTensor, Plan, Requantized, Role, Source};
 
 /// Bytes per plain copy job.
 const COPY_CHUNK_BYTES: u64 = 16 << 20;
@@ -77,18 +77,44 @@ pub(crate) fn cut(plan: &Plan, chunk_elems: u64) -> Vec<Job> {
                 Op::Convert(_) | Op::Arith { .. } | Op::Merge(_) | Op::AddVectors(_) => {
                     // An FP8 weight in whole bands of block rows, so each
                     // block's amax is inside one job.
-                    let step = match plan.requant.blocks.get(&ti) {
-                        Some(b) => {
-                            let band = b[0] * t.shape[1];
+                    let step = match plan.requant.weights.get(&ti) {
+                        Some(Requantized::Fp8 { block }) => {
+                            let band = block[0] * t.shape[1];
                             (chunk_elems / band).max(1) * band
+                        }
+                        Some(&Requantized::Mxfp4 { experts, cols, rows }) => {
+                            jobs.extend(mxfp4_bands(ti, [experts, cols, rows], false, chunk_elems));
+                            continue;
                         }
                         None => chunk_elems,
                     };
                     jobs.extend(pieces(t.numel(), step).map(|elems| Job::Compute { tensor: ti, elems }))
                 }
-                // Small; computed band by band inside the job.
-                Op::Fp8Scales(_) => jobs.push(Job::Compute { tensor: ti, elems: 0..t.numel() }),
+                Op::QuantScales(w) => match plan.requant.weights.get(w) {
+                    Some(&Requantized::Mxfp4 { experts, cols, rows }) => {
+                        jobs.extend(mxfp4_bands(ti, [experts, cols, rows], true, chunk_elems))
+                    }
+                    // Small; computed band by band inside the job.
+                    _ => jobs.push(Job::Compute { tensor: ti, elems: 0..t.numel() }),
+                },
             }
+        }
+    }
+    jobs
+}
+
+/// The jobs of an MXFP4 weight `[experts, cols, rows]` written as output
+/// tensor `tensor`: bands of whole block rows (every group of a row in one
+/// job) inside one expert, about `chunk_elems` values each, as byte ranges
+/// of its blocks (or, with `scales`, of its scales).
+fn mxfp4_bands(tensor: usize, [experts, cols, rows]: [u64; 3], scales: bool, chunk_elems: u64) -> Vec<Job> {
+    let per_row = Requantized::mxfp4_row_bytes(cols, scales);
+    let band = (chunk_elems / cols.max(1)).max(1);
+    let mut jobs = Vec::new();
+    for e in 0..experts {
+        for r0 in (0..rows).step_by(band as usize) {
+            let r1 = (r0 + band).min(rows);
+            jobs.push(Job::Compute { tensor, elems: (e * rows + r0) * per_row..(e * rows + r1) * per_row });
         }
     }
     jobs
@@ -108,11 +134,20 @@ pub(crate) fn run<'a>(plan: &'a Plan, stats: &StatsMap, job: &Job, mut buf: Vec<
         }
         Job::Compute { tensor, elems } => {
             let t = &plan.tensors[*tensor];
-            if let Some(block) = plan.requant.blocks.get(tensor) {
-                return fp8_codes(plan, *tensor, *block, elems, buf);
+            match plan.requant.weights.get(tensor) {
+                Some(Requantized::Fp8 { block }) => return fp8_codes(plan, *tensor, *block, elems, buf),
+                Some(&Requantized::Mxfp4 { cols, rows, .. }) => {
+                    return mxfp4_piece(plan, *tensor, [cols, rows], elems, false, buf);
+                }
+                None => {}
             }
-            if let Op::Fp8Scales(weight) = t.op {
-                return fp8_scales(plan, weight, buf);
+            if let Op::QuantScales(weight) = t.op {
+                return match plan.requant.weights.get(&weight) {
+                    Some(&Requantized::Mxfp4 { cols, rows, .. }) => {
+                        mxfp4_piece(plan, weight, [cols, rows], elems, true, buf)
+                    }
+                    _ => fp8_scales(plan, weight, buf),
+                };
             }
             let out_ty = float_out(t)?;
             sized(&mut buf, (elems.end - elems.start) as usize * out_ty.size());
@@ -177,28 +212,81 @@ fn fp8_codes<'a>(
 /// error to `plan.requant.error`.
 fn fp8_scales<'a>(plan: &'a Plan, weight: usize, mut buf: Vec<u8>) -> Result<Piece<'a>> {
     let w = &plan.tensors[weight];
-    let block = plan
-        .requant
-        .blocks
-        .get(&weight)
-        .copied()
-        .ok_or_else(|| Error::Internal(format!("scales of '{}', which is not written as FP8", w.name)))?;
+    let Some(&Requantized::Fp8 { block }) = plan.requant.weights.get(&weight) else {
+        return Err(Error::Internal(format!("scales of '{}', which is not written as FP8", w.name)));
+    };
     let (rows, cols) = (w.shape[0], w.shape[1]);
     let (bm, bn) = (block[0] as usize, block[1] as usize);
     let band = block[0] * cols;
     let per_band = cols as usize / bn;
     let mut inv = vec![0f32; (rows / block[0]) as usize * per_band];
     let mut codes = vec![0u8; band as usize];
-    let mut err = Fp8Error::default();
+    let mut err = QuantError::default();
     for (k, start) in (0..rows * cols).step_by(band as usize).enumerate() {
         let values = f32_values(plan, weight, &(start..start + band))?;
         let tiles = &mut inv[k * per_band..(k + 1) * per_band];
         quantize_band(&values, cols as usize, [bm, bn], &mut codes, tiles, Some(&mut err));
     }
     err.worst_tensor = w.name.clone();
-    plan.requant.error.lock().map_err(|_| Error::Internal("FP8 error sums poisoned".into()))?.add(&err);
+    add_error(plan, &err)?;
     sized(&mut buf, inv.len() * 4);
     crate::model::dtype::encode(FloatType::F32, &inv, &mut buf);
+    Ok(Piece::Owned(buf))
+}
+
+/// Adds a job's quantization error to the plan's sums.
+fn add_error(plan: &Plan, err: &QuantError) -> Result<()> {
+    plan.requant
+        .error
+        .lock()
+        .map_err(|_| Error::Internal("quantization error sums poisoned".into()))?
+        .add(err);
+    Ok(())
+}
+
+/// One band of MXFP4 weight `weight` (the float tensor `[experts, cols,
+/// rows]`): `elems`, a byte range of its blocks (or with `scales`, of its
+/// scales, adding the band's error to the plan's sums), covers whole rows
+/// of one expert. Its f32 values are computed column by column (a row of
+/// the blocks is a column of the float tensor) and quantized by
+/// `arith::requant::mxfp4_band`, the same for both tensors.
+fn mxfp4_piece<'a>(
+    plan: &'a Plan,
+    weight: usize,
+    [cols, rows]: [u64; 2],
+    elems: &Range<u64>,
+    scales: bool,
+    mut buf: Vec<u8>,
+) -> Result<Piece<'a>> {
+    let per_row = Requantized::mxfp4_row_bytes(cols, scales);
+    let (first, band) = (elems.start / per_row, (elems.end - elems.start) / per_row);
+    let (e, r0) = (first / rows, first % rows);
+    let n = band as usize;
+    let mut bytes = vec![0u8; cols as usize * n * 4];
+    let mut arena = Bump::new();
+    for (c, out) in bytes.chunks_exact_mut(n * 4).enumerate() {
+        let at = (e * cols + c as u64) * rows + r0;
+        for (r, seg) in plan.segments(weight, &(at..at + band), 0, &arena) {
+            seg.compute(FloatType::F32, &mut out[(r.start - at) as usize * 4..(r.end - at) as usize * 4]);
+        }
+        arena.reset();
+    }
+    check_finite_as(plan, &plan.tensors[weight], FloatType::F32, &bytes)?;
+    let mut values = vec![0f32; cols as usize * n];
+    crate::model::dtype::decode(FloatType::F32, &bytes, &mut values);
+    drop(bytes);
+    let (mut blocks, mut sc) = (vec![0u8; n * cols as usize / 2], vec![0u8; n * cols as usize / 32]);
+    if !scales {
+        mxfp4_band(&values, n, &mut blocks, &mut sc, None);
+        buf.clear();
+        buf.extend_from_slice(&blocks);
+        return Ok(Piece::Owned(buf));
+    }
+    let mut err = QuantError { worst_tensor: plan.tensors[weight].name.clone(), ..QuantError::default() };
+    mxfp4_band(&values, n, &mut blocks, &mut sc, Some(&mut err));
+    add_error(plan, &err)?;
+    buf.clear();
+    buf.extend_from_slice(&sc);
     Ok(Piece::Owned(buf))
 }
 
@@ -228,8 +316,8 @@ pub(crate) fn run_many<'a>(
         return Ok(((0..n).map(|_| one.borrowed()).collect(), none));
     };
     let t = &plan.tensors[*tensor];
-    let fp8 = plan.requant.blocks.contains_key(tensor);
-    let (Op::Arith { .. } | Op::AddVectors(_), false) = (&t.op, fp8) else {
+    let requantized = plan.requant.weights.contains_key(tensor);
+    let (Op::Arith { .. } | Op::AddVectors(_), false) = (&t.op, requantized) else {
         // No scale: computed once, the same bytes for every variant.
         let one = run(plan, stats, job, bufs.pop().unwrap_or_default())?;
 
@@ -344,7 +432,7 @@ fn sources(op: &Op) -> Vec<Source> {
         }
         Op::AddVectors(v) => std::iter::once(v.base).chain(v.vector_sources()).collect(),
         // Its weight's (read through it).
-        Op::Fp8Scales(_) => Vec::new(),
+        Op::QuantScales(_) => Vec::new(),
     }
 }
 
@@ -367,7 +455,7 @@ fn check_finite_as(plan: &Plan, t: &OutTensor, ty: FloatType, out: &[u8]) -> Res
         None => false,
     };
     let op = match &t.op {
-        Op::Fp8Scales(w) => &plan.tensors[*w].op,
+        Op::QuantScales(w) => &plan.tensors[*w].op,
         op => op,
     };
     let mut srcs = sources(op);
@@ -426,6 +514,21 @@ fn missing_stats(t: &OutTensor) -> Error {
     Error::Internal(format!("merged tensor '{}' reached the element pass without its statistics", t.name))
 }
 
+/// The float elements a compute job reads: its own range, or for an MXFP4
+/// band (a byte range of the blocks), what it has read of its weight once
+/// done: a band reads a run of every column of its expert, so what lies
+/// before the expert is read, and the expert too once its last band is.
+fn logical_elems(plan: &Plan, tensor: usize, elems: &Range<u64>) -> Range<u64> {
+    let Some(&Requantized::Mxfp4 { cols, rows, .. }) = plan.requant.weights.get(&tensor) else {
+        return elems.clone();
+    };
+    let per_row = Requantized::mxfp4_row_bytes(cols, false);
+    let (first, last) = (elems.start / per_row, elems.end / per_row);
+    let e = first / rows;
+    let end = if last == (e + 1) * rows { e + 1 } else { e } * cols * rows;
+    e * cols * rows..end
+}
+
 /// The end of the input bytes `job` reads, per source: `(input, touch)`.
 pub(crate) fn touches(plan: &Plan, job: &Job, mut f: impl FnMut(usize, Touch)) {
     let mut report = |src: Source, end_elem: u64, size: u64| {
@@ -442,44 +545,47 @@ pub(crate) fn touches(plan: &Plan, job: &Job, mut f: impl FnMut(usize, Touch)) {
     match job {
         Job::Header(_) => {}
         Job::Copy { src, bytes } => report(*src, bytes.end, 1),
-        Job::Compute { tensor, elems } => match &plan.tensors[*tensor].op {
-            // Its weight's jobs report what both read.
-            Op::Copy(_) | Op::Fp8Scales(_) => {}
-            Op::Convert(src) => report(*src, elems.end, size(*src)),
-            Op::Merge(m) => {
-                // Inputs with other vocabularies have other sizes; the
-                // hasher reads whatever was not reported at the end.
-                for &s in m.base.iter().chain(&m.models) {
-                    report(s, elems.end.min(plan.input_tensor(s).numel()), size(s));
-                }
-            }
-            Op::Arith { formula: Formula::AddLowRank { base, a, b, .. }, .. } => {
-                report(*base, elems.end, size(*base));
-                // Every chunk reads the factors whole.
-                for f in [*a, *b] {
-                    report(f, plan.input_tensor(f).numel(), size(f));
-                }
-            }
-            Op::Arith { formula, runs, row_len } => {
-                let base = formula.base();
-                report(base, elems.end, size(base));
-                if let Some(v_end) = vector_end(runs, *row_len, elems) {
-                    for vs in formula.vector_sources() {
-                        report(vs, v_end, size(vs));
+        Job::Compute { tensor, elems } => {
+            let elems = &logical_elems(plan, *tensor, elems);
+            match &plan.tensors[*tensor].op {
+                // Its weight's jobs report what both read.
+                Op::Copy(_) | Op::QuantScales(_) => {}
+                Op::Convert(src) => report(*src, elems.end, size(*src)),
+                Op::Merge(m) => {
+                    // Inputs with other vocabularies have other sizes; the
+                    // hasher reads whatever was not reported at the end.
+                    for &s in m.base.iter().chain(&m.models) {
+                        report(s, elems.end.min(plan.input_tensor(s).numel()), size(s));
                     }
                 }
-            }
-            Op::AddVectors(v) => {
-                report(v.base, elems.end, size(v.base));
-                for t in &v.terms {
-                    if let Some(v_end) = vector_end(&t.runs, t.row_len, elems) {
-                        for vs in std::iter::once(t.x).chain(t.pre) {
+                Op::Arith { formula: Formula::AddLowRank { base, a, b, .. }, .. } => {
+                    report(*base, elems.end, size(*base));
+                    // Every chunk reads the factors whole.
+                    for f in [*a, *b] {
+                        report(f, plan.input_tensor(f).numel(), size(f));
+                    }
+                }
+                Op::Arith { formula, runs, row_len } => {
+                    let base = formula.base();
+                    report(base, elems.end, size(base));
+                    if let Some(v_end) = vector_end(runs, *row_len, elems) {
+                        for vs in formula.vector_sources() {
                             report(vs, v_end, size(vs));
                         }
                     }
                 }
+                Op::AddVectors(v) => {
+                    report(v.base, elems.end, size(v.base));
+                    for t in &v.terms {
+                        if let Some(v_end) = vector_end(&t.runs, t.row_len, elems) {
+                            for vs in std::iter::once(t.x).chain(t.pre) {
+                                report(vs, v_end, size(vs));
+                            }
+                        }
+                    }
+                }
             }
-        },
+        }
     }
 }
 

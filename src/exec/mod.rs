@@ -224,10 +224,10 @@ fn cpu_only(plan: &Plan, variants: usize) -> Option<(String, String)> {
             "several vectors are added in one pass on the CPU (no CUDA kernel sums them yet)",
             "several vectors are added in one pass on the CPU",
         )
-    } else if !plan.requant.blocks.is_empty() {
+    } else if !plan.requant.weights.is_empty() {
         (
-            "FP8 output is quantized on the CPU (no CUDA kernel quantizes it yet)",
-            "FP8 output is quantized on the CPU",
+            "FP8 and MXFP4 output is quantized on the CPU (no CUDA kernel quantizes it yet)",
+            "quantized output is computed on the CPU",
         )
     } else if plan.has_quantized() {
         (

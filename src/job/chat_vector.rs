@@ -11,12 +11,12 @@ use crate::output::Destination;
 use crate::output::card::model_card;
 use crate::output::manifest::{MANIFEST_FILE, RecipeRecord, TensorRecord, VectorRecord, read_vector_info};
 use crate::output::sidecars::{ChatSide, model_side_files, read_side_files};
-use crate::params::apply::{ApplySpec, ExtractSpec, VectorSource};
+use crate::params::apply::{ApplySpec, ExtractSpec, OutDtype, VectorSource};
 use crate::params::select::{Scale, Selection};
 use crate::plan::chat_vector::{ApplyOptions, Common, VectorSide, plan_apply, plan_extract};
 use crate::plan::checks::delta_ratio;
 use crate::plan::lora::plan_lora;
-use crate::plan::requant::requantize_fp8;
+use crate::plan::requant::{requantize_fp8, requantize_mxfp4};
 use crate::plan::{Op, Plan};
 use crate::resolve::{Fetch, vector_alias};
 
@@ -345,11 +345,17 @@ pub(crate) fn apply_many(
         vector_scales: vector_scales_given.clone(),
     };
     let mut plan = plan_apply(base_ck, sides, &opts)?;
-    if spec.requantize() {
+    if let Some(scheme) = spec.requantize() {
+        let flag = if scheme == OutDtype::Fp8 { "fp8" } else { "mxfp4" };
         if outs.len() > 1 {
-            return Err(Error::Usage("a sweep writes bf16 candidates; --out-dtype fp8 is for apply".into()));
+            return Err(Error::Usage(format!(
+                "a sweep writes bf16 candidates; --out-dtype {flag} is for apply"
+            )));
         }
-        requantize_fp8(&mut plan, spec.shard_size)?;
+        match scheme {
+            OutDtype::Fp8 => requantize_fp8(&mut plan, spec.shard_size)?,
+            _ => requantize_mxfp4(&mut plan, spec.shard_size)?,
+        }
     }
     plan.warnings.splice(0..0, early_warnings);
     let labels: Vec<&str> = labels.iter().map(String::as_str).collect();
@@ -401,9 +407,9 @@ fn apply_lora(
     fetch: &Fetch,
     recipe: Option<RecipeRecord>,
 ) -> Result<Summary> {
-    if spec.requantize() {
+    if spec.requantize().is_some() {
         return Err(Error::Usage(
-            "--out-dtype fp8 writes a chat vector's output; a LoRA merge writes bf16".into(),
+            "--out-dtype fp8 and mxfp4 write a chat vector's output; a LoRA merge writes bf16".into(),
         ));
     }
     let common = common(&spec.selection, spec.shard_size, spec.allow_mismatch(), spec.expert_layout());

@@ -38,7 +38,7 @@ use crate::output::dir::OutputDir;
 use crate::output::files::WrittenFile;
 use crate::output::manifest::{Manifest, RecipeRecord, VectorRecord};
 use crate::output::sidecars::SideFiles;
-use crate::plan::{EmbeddingReport, Op, Plan, Role};
+use crate::plan::{EmbeddingReport, Op, Plan, Requantized, Role};
 use crate::resolve::Fetch;
 
 /// Share of the vector's changed elements that rounding may take away
@@ -114,8 +114,8 @@ pub(crate) fn write_outputs(
     mut variants: Vec<Variant>,
     run: &RunOptions,
 ) -> Result<Vec<Summary>> {
-    // Weights written as FP8 again keep the base's quantization_config.
-    if let Some(scheme) = dequantized(&plan).filter(|_| plan.requant.blocks.is_empty()) {
+    // Weights written quantized again keep the base's quantization_config.
+    if let Some(scheme) = dequantized(&plan).filter(|_| plan.requant.weights.is_empty()) {
         for v in &mut variants {
             drop_quantization_config(&mut v.side, &scheme)?;
         }
@@ -191,9 +191,9 @@ pub(crate) fn write_outputs(
     let same_pair =
         matches!((role_hashes(Role::Chat), role_hashes(Role::Pretrained)), (Some(c), Some(p)) if c == p);
     let mut committed = Vec::new();
-    let fp8 = fp8_note(&plan)?;
+    let requant = requant_note(&plan)?;
     for (((v, dir), res), summary) in variants.into_iter().zip(dirs).zip(results).zip(&mut summaries) {
-        summary.notes.extend(fp8.clone());
+        summary.notes.extend(requant.clone());
         let r = res.rounding;
         if r.swallowed > 0 {
             let share = r.swallowed as f64 / r.moved as f64;
@@ -323,22 +323,26 @@ fn dequantized(plan: &Plan) -> Option<String> {
         .find_map(|t| t.quant.as_ref().map(|q| q.scheme.describe(t.dtype)))
 }
 
-/// What writing weights as FP8 again cost, against their f32 values, once
-/// every scale was written: relative RMS error, and the largest error
-/// relative to its block's largest magnitude.
-fn fp8_note(plan: &Plan) -> Result<Option<String>> {
-    if plan.requant.blocks.is_empty() {
-        return Ok(None);
-    }
+/// What writing weights quantized again cost, against their f32 values,
+/// once every scale was written: relative RMS error, and the largest error
+/// relative to its block's (or group's) largest magnitude.
+fn requant_note(plan: &Plan) -> Result<Option<String>> {
+    let Some(first) = plan.requant.weights.values().next() else { return Ok(None) };
     let e = plan
         .requant
         .error
         .lock()
-        .map_err(|_| crate::error::Error::Internal("FP8 error sums poisoned".into()))?;
+        .map_err(|_| crate::error::Error::Internal("quantization error sums poisoned".into()))?;
     let rms = if e.sq > 0.0 { (e.sq_err / e.sq).sqrt() } else { 0.0 };
+    let (how, unit) = match first {
+        Requantized::Fp8 { .. } => ("as FP8 E4M3 again in the base's blocks", "block"),
+        Requantized::Mxfp4 { .. } => {
+            ("as MXFP4 again (rounded to bf16, one E8M0 scale per 32 values)", "group")
+        }
+    };
     Ok(Some(format!(
-        "{} weight(s) written as FP8 E4M3 again in the base's blocks: relative RMS error {:.3}% against the f32 values; largest error {:.3}% of its block's largest magnitude ('{}')",
-        plan.requant.blocks.len(),
+        "{} weight(s) written {how}: relative RMS error {:.3}% against the f32 values; largest error {:.3}% of its {unit}'s largest magnitude ('{}')",
+        plan.requant.weights.len(),
         100.0 * rms,
         100.0 * e.worst,
         e.worst_tensor

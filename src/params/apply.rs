@@ -88,8 +88,8 @@ pub struct ApplyParams {
     pub embeddings: Option<EmbeddingPolicy>,
 
     /// Output dtype for float tensors (default: the base's, tensor by tensor; a quantized base's
-    /// weights as bf16): bf16, f16, f32, or fp8 to write an FP8 base's block-scaled weights as
-    /// FP8 again, in its blocks.
+    /// weights as bf16): bf16, f16, f32; fp8 writes an FP8 base's block-scaled weights as FP8
+    /// again, in its blocks; mxfp4 writes an MXFP4 base's experts (gpt-oss) as MXFP4 again.
     #[arg(long, value_parser = parse_out_dtype)]
     #[serde(serialize_with = "out_dtype_name")]
     pub out_dtype: Option<OutDtype>,
@@ -141,14 +141,17 @@ pub struct FlagPositions {
     pub scale: Vec<usize>,
 }
 
-/// `apply --out-dtype`: a float dtype for every float tensor, or FP8 for
-/// the weights an FP8 base stores quantized (`plan::requant`).
+/// `apply --out-dtype`: a float dtype for every float tensor, or the
+/// quantized scheme of the weights a quantized base stores so
+/// (`plan::requant`): FP8 or MXFP4.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum OutDtype {
     /// bf16, f16 or f32.
     Float(FloatType),
     /// The base's block-scaled FP8 E4M3 weights written as FP8 again.
     Fp8,
+    /// The base's MXFP4 experts (gpt-oss) written as MXFP4 again.
+    Mxfp4,
 }
 
 /// The vector `apply` adds.
@@ -330,9 +333,10 @@ impl ApplySpec {
         }
     }
 
-    /// Whether an FP8 base's weights are written as FP8 again.
-    pub fn requantize(&self) -> bool {
-        self.given.out_dtype == Some(OutDtype::Fp8)
+    /// The scheme a quantized base's weights are written in again
+    /// (`OutDtype::Fp8` or `OutDtype::Mxfp4`), if asked.
+    pub fn requantize(&self) -> Option<OutDtype> {
+        self.given.out_dtype.filter(|d| matches!(d, OutDtype::Fp8 | OutDtype::Mxfp4))
     }
 
     /// Keep the base's chat template and eos ids.
@@ -626,10 +630,10 @@ fn parse_expert_layout(s: &str) -> std::result::Result<ExpertLayout, String> {
 fn parse_out_dtype(s: &str) -> std::result::Result<OutDtype, String> {
     match s.to_ascii_lowercase().as_str() {
         "fp8" | "f8_e4m3" | "float8_e4m3fn" => Ok(OutDtype::Fp8),
-        "mxfp4" => Err("writing MXFP4 is not supported yet (an MXFP4 base is written as bf16)".into()),
+        "mxfp4" => Ok(OutDtype::Mxfp4),
         _ => FloatType::parse_cli(s)
             .map(OutDtype::Float)
-            .ok_or_else(|| format!("'{s}' is not a dtype chatvec writes (bf16, f16, f32, fp8)")),
+            .ok_or_else(|| format!("'{s}' is not a dtype chatvec writes (bf16, f16, f32, fp8, mxfp4)")),
     }
 }
 
@@ -638,6 +642,7 @@ fn out_dtype_name<S: serde::Serializer>(t: &Option<OutDtype>, s: S) -> std::resu
     match t {
         Some(OutDtype::Float(f)) => s.serialize_str(f.dtype().name()),
         Some(OutDtype::Fp8) => s.serialize_str("F8_E4M3"),
+        Some(OutDtype::Mxfp4) => s.serialize_str("MXFP4"),
         None => s.serialize_none(),
     }
 }

@@ -4,7 +4,7 @@
 use std::fmt::Write as _;
 
 use crate::merge::methods::Method;
-use crate::plan::{Formula, Op, Plan, Source};
+use crate::plan::{Formula, Op, Plan, Requantized, Source};
 use crate::units::human_bytes;
 
 impl Plan {
@@ -41,8 +41,13 @@ impl Plan {
                     );
                 }
                 let indent = if self.groups.iter().any(|g| g.tensors.contains(&i)) { "    " } else { "  " };
-                let fp8 = match self.requant.blocks.get(&i) {
-                    Some([m, n]) => format!(", quantized in {m}x{n} blocks"),
+                let fp8 = match self.requant.weights.get(&i) {
+                    Some(Requantized::Fp8 { block: [m, n] }) => format!(", quantized in {m}x{n} blocks"),
+                    Some(Requantized::Mxfp4 { experts, cols, rows }) => {
+                        format!(
+                            ", quantized to MXFP4 from [{experts}, {cols}, {rows}], one E8M0 scale per 32"
+                        )
+                    }
                     None => String::new(),
                 };
                 let _ = writeln!(
@@ -83,7 +88,10 @@ impl Plan {
         match &self.tensors[tensor].op {
             Op::Copy(s) => format!("copy {}", name(*s)),
             Op::Convert(s) => format!("convert {}", name(*s)),
-            Op::Fp8Scales(w) => format!("FP8 block scales of {}", self.tensors[*w].name),
+            Op::QuantScales(w) => match self.requant.weights.get(w) {
+                Some(Requantized::Mxfp4 { .. }) => format!("MXFP4 scales of {}", self.tensors[*w].name),
+                _ => format!("FP8 block scales of {}", self.tensors[*w].name),
+            },
             Op::AddVectors(v) => {
                 let mut f = name(v.base);
                 for t in &v.terms {

@@ -148,19 +148,39 @@ pub(crate) enum Op {
     Merge(Box<MergeOp>),
     /// Several chat vectors added to the base in one pass.
     AddVectors(Box<VectorSum>),
-    /// The FP8 block scales (`weight_scale_inv`, f32) of output tensor
-    /// `.0`, quantized again (`Plan::requant`): computed from the same f32
-    /// values as its codes.
-    Fp8Scales(usize),
+    /// The scales of output tensor `.0`, quantized again
+    /// (`Plan::requant`): FP8 block scales (`weight_scale_inv`, f32) or
+    /// MXFP4's E8M0 bytes (`*_scales`), computed from the same f32 values
+    /// as its codes.
+    QuantScales(usize),
 }
 
-/// FP8 output (`--out-dtype fp8`): the weights quantized again, by output
-/// tensor index, with their `[block_m, block_n]`, and the error against
-/// the f32 values, summed as their scales are written.
+/// Quantized output (`--out-dtype fp8|mxfp4`): the weights quantized
+/// again, by output tensor index, and the error against the f32 values,
+/// summed as their scales are written.
 #[derive(Default)]
 pub(crate) struct Requant {
-    pub blocks: std::collections::HashMap<usize, [u64; 2]>,
-    pub error: std::sync::Mutex<crate::arith::requant::Fp8Error>,
+    pub weights: std::collections::HashMap<usize, Requantized>,
+    pub error: std::sync::Mutex<crate::arith::requant::QuantError>,
+}
+
+/// How one output weight is quantized again.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Requantized {
+    /// FP8 E4M3 codes in `[block_m, block_n]` blocks, f32 inverse scales.
+    Fp8 { block: [u64; 2] },
+    /// MXFP4 of the float tensor `[experts, cols, rows]`: blocks
+    /// `[experts, rows, cols / 32, 16]` (the output tensor) and E8M0
+    /// scales `[experts, rows, cols / 32]`, as gpt-oss stores them.
+    Mxfp4 { experts: u64, cols: u64, rows: u64 },
+}
+
+impl Requantized {
+    /// For MXFP4: output bytes per row of its blocks (`scales`: of its
+    /// scales) tensor.
+    pub(crate) fn mxfp4_row_bytes(cols: u64, scales: bool) -> u64 {
+        if scales { cols / 32 } else { cols / 2 }
+    }
 }
 
 /// `base + s_1 * v_1 + s_2 * v_2 + ...`: `apply` with several vectors, each
@@ -326,7 +346,7 @@ pub(crate) struct Plan {
     pub groups: Vec<Group>,
     /// How inputs whose experts are stored differently were lined up.
     pub experts: Option<experts::ExpertPlan>,
-    /// The tensors written as FP8 again, if any.
+    /// The weights written quantized again (`--out-dtype fp8|mxfp4`), if any.
     pub requant: Requant,
 }
 
@@ -511,7 +531,7 @@ impl Plan {
                     || m.union.as_ref().is_some_and(|u| u.sources.iter().any(|s| quantized(*s)))
             }
             Op::AddVectors(v) => quantized(v.base) || v.vector_sources().any(quantized),
-            Op::Fp8Scales(_) => false,
+            Op::QuantScales(_) => false,
         })
     }
 
@@ -574,7 +594,7 @@ impl Plan {
                 })
                 .collect(),
             Op::AddVectors(v) => self.vector_sum_segments(v, elems, arena),
-            Op::Copy(_) | Op::Merge(_) | Op::Fp8Scales(_) => Vec::new(),
+            Op::Copy(_) | Op::Merge(_) | Op::QuantScales(_) => Vec::new(),
         }
     }
 
