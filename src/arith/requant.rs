@@ -200,8 +200,10 @@ unsafe fn mxfp4_band_avx2(
     mxfp4_band_portable(x, rows, blocks, scales, err)
 }
 
-/// `mxfp4_band` in plain Rust. Groups outside, rows inside: one group's
-/// 32 columns of the band stay in cache while its rows are walked.
+/// `mxfp4_band` in plain Rust, eight rows at a time: a group's 32 values
+/// of 8 neighbouring rows are 32 loads of 8 contiguous floats (a row of
+/// the blocks is a column of `x`), so each step works on 8 lanes, one per
+/// row, with no transpose through memory.
 #[inline(always)]
 fn mxfp4_band_portable(
     x: &[f32],
@@ -210,44 +212,62 @@ fn mxfp4_band_portable(
     scales: &mut [u8],
     mut err: Option<&mut QuantError>,
 ) {
+    const LANES: usize = 8;
     let cols = x.len() / rows.max(1);
     let groups = cols / MXFP4_GROUP;
-    let mut v = [0f32; MXFP4_GROUP];
-    let mut q = [0u8; MXFP4_GROUP];
     for g in 0..groups {
         let column = |k: usize| &x[(g * MXFP4_GROUP + k) * rows..(g * MXFP4_GROUP + k + 1) * rows];
-        for r in 0..rows {
-            for (k, v) in v.iter_mut().enumerate() {
-                *v = bf16_to_f32(f32_to_bf16(column(k)[r]));
-            }
-            // torch's max propagates NaN, which f32::max would drop.
-            let amax =
-                v.iter().fold(0f32, |a, x| if a.is_nan() || x.is_nan() { f32::NAN } else { a.max(x.abs()) });
-            let bits = (amax / 6.0).to_bits().wrapping_add(0x007f_ffff) & 0x7f80_0000;
-            let inv = if bits == 0 { 0.0 } else { 1.0 / f32::from_bits(bits) };
-            for (c, v) in q.iter_mut().zip(&v) {
-                *c = f32_to_e2m1(v * inv);
-            }
-            let at = r * groups + g;
-            scales[at] = (bits >> 23) as u8;
-            for (b, pair) in blocks[at * 16..at * 16 + 16].iter_mut().zip(q.chunks_exact(2)) {
-                *b = pair[0] | (pair[1] << 4);
-            }
-            if let Some(e) = err.as_deref_mut() {
-                let e8 = e8m0_exponent(scales[at]);
-                let mut worst = 0f64;
-                let mut amax = 0f64;
-                for (k, c) in q.iter().enumerate() {
-                    let xv = f64::from(column(k)[r]);
-                    let d = xv - f64::from(ldexp(FP4_E2M1[*c as usize], e8));
-                    e.sq_err += d * d;
-                    e.sq += xv * xv;
-                    worst = worst.max(d.abs());
-                    amax = amax.max(xv.abs());
+        for r in (0..rows).step_by(LANES) {
+            let n = (rows - r).min(LANES);
+            // v[k][l]: value k of the group in row r + l, rounded to bf16.
+            let mut v = [[0f32; LANES]; MXFP4_GROUP];
+            for (k, lanes) in v.iter_mut().enumerate() {
+                for (d, s) in lanes.iter_mut().zip(&column(k)[r..r + n]) {
+                    *d = bf16_to_f32(f32_to_bf16(*s));
                 }
-                e.elements += MXFP4_GROUP as u64;
-                if amax > 0.0 {
-                    e.worst = e.worst.max(worst / amax);
+            }
+            // torch's max propagates NaN, which f32::max drops: tracked apart.
+            let (mut amax, mut nan) = ([0f32; LANES], [false; LANES]);
+            for lanes in &v {
+                for l in 0..LANES {
+                    amax[l] = amax[l].max(lanes[l].abs());
+                    nan[l] |= lanes[l].is_nan();
+                }
+            }
+            let mut inv = [0f32; LANES];
+            let mut bits = [0u32; LANES];
+            for l in 0..LANES {
+                let a = if nan[l] { f32::NAN } else { amax[l] };
+                bits[l] = (a / 6.0).to_bits().wrapping_add(0x007f_ffff) & 0x7f80_0000;
+                inv[l] = if bits[l] == 0 { 0.0 } else { 1.0 / f32::from_bits(bits[l]) };
+            }
+            let mut q = [[0u8; MXFP4_GROUP]; LANES];
+            for (k, lanes) in v.iter().enumerate() {
+                for l in 0..LANES {
+                    q[l][k] = f32_to_e2m1(lanes[l] * inv[l]);
+                }
+            }
+            for l in 0..n {
+                let at = (r + l) * groups + g;
+                scales[at] = (bits[l] >> 23) as u8;
+                for (b, pair) in blocks[at * 16..at * 16 + 16].iter_mut().zip(q[l].chunks_exact(2)) {
+                    *b = pair[0] | (pair[1] << 4);
+                }
+                if let Some(e) = err.as_deref_mut() {
+                    let e8 = e8m0_exponent(scales[at]);
+                    let (mut worst, mut amax) = (0f64, 0f64);
+                    for (k, c) in q[l].iter().enumerate() {
+                        let xv = f64::from(column(k)[r + l]);
+                        let d = xv - f64::from(ldexp(FP4_E2M1[*c as usize], e8));
+                        e.sq_err += d * d;
+                        e.sq += xv * xv;
+                        worst = worst.max(d.abs());
+                        amax = amax.max(xv.abs());
+                    }
+                    e.elements += MXFP4_GROUP as u64;
+                    if amax > 0.0 {
+                        e.worst = e.worst.max(worst / amax);
+                    }
                 }
             }
         }

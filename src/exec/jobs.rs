@@ -26,6 +26,11 @@ use crate::plan::{Formula, Op, OutTensor, Plan, Requantized, Role, Source};
 /// Bytes per plain copy job.
 const COPY_CHUNK_BYTES: u64 = 16 << 20;
 
+/// The most scale bytes codes jobs keep for their scales jobs
+/// (`Plan::requant`'s stash): MXFP4's scales are a sixteenth of its
+/// blocks, so a gpt-oss-120b expert tensor's would be 63 MiB.
+const STASH_BYTES: usize = 16 << 20;
+
 pub(crate) enum Job {
     /// Start shard `n`: its header bytes.
     Header(usize),
@@ -201,15 +206,46 @@ fn fp8_codes<'a>(
     let cols = plan.tensors[tensor].shape[1] as usize;
     let values = f32_values(plan, tensor, elems)?;
     sized(&mut buf, values.len());
-    let tiles = (values.len() / cols / block[0] as usize) * (cols / block[1] as usize);
-    let mut inv = vec![0f32; tiles];
-    quantize_band(&values, cols, [block[0] as usize, block[1] as usize], &mut buf, &mut inv, None);
+    let [bm, bn] = [block[0] as usize, block[1] as usize];
+    // Band by band of block rows, each band's scales and error kept for
+    // the scales job.
+    let band = bm * cols;
+    let mut inv = vec![0f32; cols / bn];
+    for (k, (x, codes)) in values.chunks(band).zip(buf.chunks_mut(band)).enumerate() {
+        let mut err = QuantError::default();
+        quantize_band(x, cols, [bm, bn], codes, &mut inv, Some(&mut err));
+        let mut bytes = vec![0u8; inv.len() * 4];
+        crate::model::dtype::encode(FloatType::F32, &inv, &mut bytes);
+        stash_put(plan, tensor, elems.start + (k * band) as u64, bytes, err)?;
+    }
     Ok(Piece::Owned(buf))
 }
 
-/// The f32 inverse scales of FP8 weight `weight`, band by band from the
-/// same f32 values and function as its codes, adding the quantization
-/// error to `plan.requant.error`.
+/// Keeps a band's scales and error for its scales job, unless the stash
+/// is full.
+fn stash_put(plan: &Plan, weight: usize, band: u64, scales: Vec<u8>, err: QuantError) -> Result<()> {
+    let mut stash = plan.requant.stash.lock().map_err(|_| Error::Internal("scale stash poisoned".into()))?;
+    if stash.bytes + scales.len() <= STASH_BYTES {
+        stash.bytes += scales.len();
+        stash.bands.insert((weight, band), (scales, err));
+    }
+    Ok(())
+}
+
+/// A band's scales and error a codes job kept, taken out of the stash.
+fn stash_take(plan: &Plan, weight: usize, band: u64) -> Result<Option<(Vec<u8>, QuantError)>> {
+    let mut stash = plan.requant.stash.lock().map_err(|_| Error::Internal("scale stash poisoned".into()))?;
+    let found = stash.bands.remove(&(weight, band));
+    if let Some((s, _)) = &found {
+        stash.bytes -= s.len();
+    }
+    Ok(found)
+}
+
+/// The f32 inverse scales of FP8 weight `weight`, band of block rows by
+/// band: kept by its codes jobs, or computed again from the same f32
+/// values and function. Adds the quantization error to
+/// `plan.requant.error`.
 fn fp8_scales<'a>(plan: &'a Plan, weight: usize, mut buf: Vec<u8>) -> Result<Piece<'a>> {
     let w = &plan.tensors[weight];
     let Some(&Requantized::Fp8 { block }) = plan.requant.weights.get(&weight) else {
@@ -218,29 +254,35 @@ fn fp8_scales<'a>(plan: &'a Plan, weight: usize, mut buf: Vec<u8>) -> Result<Pie
     let (rows, cols) = (w.shape[0], w.shape[1]);
     let (bm, bn) = (block[0] as usize, block[1] as usize);
     let band = block[0] * cols;
-    let per_band = cols as usize / bn;
-    let mut inv = vec![0f32; (rows / block[0]) as usize * per_band];
-    let mut codes = vec![0u8; band as usize];
-    let mut err = QuantError::default();
-    for (k, start) in (0..rows * cols).step_by(band as usize).enumerate() {
+    let mut inv = vec![0f32; cols as usize / bn];
+    let mut codes = Vec::new();
+    buf.clear();
+    for start in (0..rows * cols).step_by(band as usize) {
+        if let Some((bytes, e)) = stash_take(plan, weight, start)? {
+            buf.extend_from_slice(&bytes);
+            add_error(plan, weight, start, e)?;
+            continue;
+        }
         let values = f32_values(plan, weight, &(start..start + band))?;
-        let tiles = &mut inv[k * per_band..(k + 1) * per_band];
-        quantize_band(&values, cols as usize, [bm, bn], &mut codes, tiles, Some(&mut err));
+        codes.resize(values.len(), 0);
+        let mut err = QuantError::default();
+        quantize_band(&values, cols as usize, [bm, bn], &mut codes, &mut inv, Some(&mut err));
+        add_error(plan, weight, start, err)?;
+        let at = buf.len();
+        buf.resize(at + inv.len() * 4, 0);
+        crate::model::dtype::encode(FloatType::F32, &inv, &mut buf[at..]);
     }
-    err.worst_tensor = w.name.clone();
-    add_error(plan, &err)?;
-    sized(&mut buf, inv.len() * 4);
-    crate::model::dtype::encode(FloatType::F32, &inv, &mut buf);
     Ok(Piece::Owned(buf))
 }
 
-/// Adds a job's quantization error to the plan's sums.
-fn add_error(plan: &Plan, err: &QuantError) -> Result<()> {
+/// Records band `band`'s quantization error of weight `weight`.
+fn add_error(plan: &Plan, weight: usize, band: u64, mut err: QuantError) -> Result<()> {
+    err.worst_tensor.clone_from(&plan.tensors[weight].name);
     plan.requant
         .error
         .lock()
         .map_err(|_| Error::Internal("quantization error sums poisoned".into()))?
-        .add(err);
+        .insert((weight, band), err);
     Ok(())
 }
 
@@ -262,6 +304,12 @@ fn mxfp4_piece<'a>(
     let (first, band) = (elems.start / per_row, (elems.end - elems.start) / per_row);
     let (e, r0) = (first / rows, first % rows);
     let n = band as usize;
+    if scales && let Some((bytes, err)) = stash_take(plan, weight, first)? {
+        add_error(plan, weight, first, err)?;
+        buf.clear();
+        buf.extend_from_slice(&bytes);
+        return Ok(Piece::Owned(buf));
+    }
     let mut bytes = vec![0u8; cols as usize * n * 4];
     let mut arena = Bump::new();
     for (c, out) in bytes.chunks_exact_mut(n * 4).enumerate() {
@@ -275,16 +323,16 @@ fn mxfp4_piece<'a>(
     let mut values = vec![0f32; cols as usize * n];
     crate::model::dtype::decode(FloatType::F32, &bytes, &mut values);
     drop(bytes);
-    let (mut blocks, mut sc) = (vec![0u8; n * cols as usize / 2], vec![0u8; n * cols as usize / 32]);
-    if !scales {
-        mxfp4_band(&values, n, &mut blocks, &mut sc, None);
-        buf.clear();
-        buf.extend_from_slice(&blocks);
-        return Ok(Piece::Owned(buf));
-    }
-    let mut err = QuantError { worst_tensor: plan.tensors[weight].name.clone(), ..QuantError::default() };
+    let mut sc = vec![0u8; n * cols as usize / 32];
+    let mut blocks = if scales { vec![0u8; n * cols as usize / 2] } else { std::mem::take(&mut buf) };
+    sized(&mut blocks, n * cols as usize / 2);
+    let mut err = QuantError::default();
     mxfp4_band(&values, n, &mut blocks, &mut sc, Some(&mut err));
-    add_error(plan, &err)?;
+    if !scales {
+        stash_put(plan, weight, first, sc, err)?;
+        return Ok(Piece::Owned(blocks));
+    }
+    add_error(plan, weight, first, err)?;
     buf.clear();
     buf.extend_from_slice(&sc);
     Ok(Piece::Owned(buf))

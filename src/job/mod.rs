@@ -328,11 +328,15 @@ fn dequantized(plan: &Plan) -> Option<String> {
 /// relative to its block's (or group's) largest magnitude.
 fn requant_note(plan: &Plan) -> Result<Option<String>> {
     let Some(first) = plan.requant.weights.values().next() else { return Ok(None) };
-    let e = plan
+    let bands = plan
         .requant
         .error
         .lock()
         .map_err(|_| crate::error::Error::Internal("quantization error sums poisoned".into()))?;
+    let mut e = crate::arith::requant::QuantError::default();
+    for b in bands.values() {
+        e.add(b);
+    }
     let rms = if e.sq > 0.0 { (e.sq_err / e.sq).sqrt() } else { 0.0 };
     let (how, unit) = match first {
         Requantized::Fp8 { .. } => ("as FP8 E4M3 again in the base's blocks", "block"),

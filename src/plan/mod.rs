@@ -157,11 +157,24 @@ pub(crate) enum Op {
 
 /// Quantized output (`--out-dtype fp8|mxfp4`): the weights quantized
 /// again, by output tensor index, and the error against the f32 values,
-/// summed as their scales are written.
+/// by (weight, band) as their scales are written, summed in that order
+/// (so the figures do not depend on which job finished first).
 #[derive(Default)]
 pub(crate) struct Requant {
     pub weights: std::collections::HashMap<usize, Requantized>,
-    pub error: std::sync::Mutex<crate::arith::requant::QuantError>,
+    pub error: std::sync::Mutex<std::collections::BTreeMap<(usize, u64), crate::arith::requant::QuantError>>,
+    /// Scales (and their error) a codes job computed, by (weight, band),
+    /// for its scales job to take instead of computing the band again.
+    pub stash: std::sync::Mutex<Stash>,
+}
+
+/// Bands' scales waiting for their scales job (see `exec::jobs`), at most
+/// `STASH_BYTES` of them: a band not kept is computed again by its scales
+/// job, through the same function, so the bytes never depend on which.
+#[derive(Default)]
+pub(crate) struct Stash {
+    pub bands: std::collections::HashMap<(usize, u64), (Vec<u8>, crate::arith::requant::QuantError)>,
+    pub bytes: usize,
 }
 
 /// How one output weight is quantized again.
