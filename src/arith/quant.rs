@@ -11,7 +11,9 @@
 //! Decoding is a pure function of the element index, so it survives any
 //! chunking (contract 1).
 
-use crate::model::dtype::{FP4_E2M1, FloatType, decode, e8m0_exponent, f8e4m3_to_f32, f8e5m2_to_f32, ldexp};
+use crate::model::dtype::{
+    FP4_E2M1, FloatType, decode, e8m0_exponent, f8e4m3_to_f32, f8e5m2_to_f32, f32_to_bf16, ldexp,
+};
 
 /// The element type of a quantized operand's scales.
 #[derive(Clone, Copy, Debug)]
@@ -69,83 +71,141 @@ impl Quantized<'_> {
                 }
             }
             Quantized::Mxfp4 { blocks, scales, rows, groups } => {
-                let table = mxfp4_table();
-                let cols = groups * 32;
-                let (stride, bstride) = (groups as usize, groups as usize * 16);
-                let mut p = start;
-                let mut o = 0;
-                while o < out.len() {
-                    let (e, rc) = (p / (cols * rows), p % (cols * rows));
-                    // Element (c, r) of the tensor is (r, c) of the blocks: a
-                    // run along r steps one block row at a time.
-                    let (c, r) = (rc / rows, rc % rows);
-                    let whole = ((out.len() - o) as u64 / rows).min(cols - c);
-                    if r == 0 && whole > 0 {
-                        // Whole columns: read each block row once, left to
-                        // right, and scatter it down the columns (the lines
-                        // being written stay in cache).
-                        let n = (whole * rows) as usize;
-                        let dst = &mut out[o..o + n];
-                        let (rows, whole) = (rows as usize, whole as usize);
-                        // In tiles of 32 columns (a group when aligned) by 64
-                        // rows: each block row's bytes decoded in order into a
-                        // local tile, then written out a column run at a time.
-                        // Strided stores straight to `dst` (a page apart)
-                        // thrash the cache and the TLB.
-                        let mut tile = [[0f32; 32]; 64];
-                        for k0 in (0..whole).step_by(32) {
-                            let k1 = (k0 + 32).min(whole);
-                            let c0 = c as usize + k0;
-                            let aligned = c0.is_multiple_of(32) && k1 - k0 == 32;
-                            for r0 in (0..rows).step_by(64) {
-                                let r1 = (r0 + 64).min(rows);
-                                for (r, t) in (r0..r1).zip(tile.iter_mut()) {
-                                    let row = e as usize * rows + r;
-                                    if aligned {
-                                        let g = row * stride + c0 / 32;
-                                        let values = &table[scales[g] as usize];
-                                        let bytes = &blocks[g * 16..g * 16 + 16];
-                                        for (pair, &b) in t.chunks_exact_mut(2).zip(bytes) {
-                                            pair[0] = values[(b & 0x0f) as usize];
-                                            pair[1] = values[(b >> 4) as usize];
-                                        }
-                                        continue;
-                                    }
-                                    for (k, v) in t[..k1 - k0].iter_mut().enumerate() {
-                                        let cc = c0 + k;
-                                        let g = row * stride + cc / 32;
-                                        let code = (blocks[g * 16 + (cc % 32) / 2] >> ((cc % 2) * 4)) & 0x0f;
-                                        *v = table[scales[g] as usize][code as usize];
-                                    }
-                                }
-                                for k in k0..k1 {
-                                    let column = &mut dst[k * rows + r0..k * rows + r1];
-                                    for (d, t) in column.iter_mut().zip(&tile) {
-                                        *d = t[k - k0];
-                                    }
-                                }
-                            }
-                        }
-                        o += n;
-                        p += n as u64;
-                        continue;
-                    }
-                    let n = ((rows - r) as usize).min(out.len() - o);
-                    let mut g = ((e * rows + r) * groups + c / 32) as usize;
-                    let mut b = g * 16 + (c % 32) as usize / 2;
-                    let shift = if c % 2 == 0 { 0 } else { 4 };
-                    for d in &mut out[o..o + n] {
-                        let code = (blocks[b] >> shift) & 0x0f;
-                        *d = table[scales[g] as usize][code as usize];
-                        g += stride;
-                        b += bstride;
-                    }
-                    o += n;
-                    p += n as u64;
-                }
+                mxfp4_into(blocks, scales, rows, groups, mxfp4_table(), start, out)
             }
         }
     }
+
+    /// `decode_at` as bf16 bits, for MXFP4: every MXFP4 value (`fp4 *
+    /// 2^e`, two significant bits, `e` in f32's range) is exact in bf16,
+    /// so this is the same values at half the bytes, and the arithmetic
+    /// takes its bf16 path. `false` (nothing written) for FP8, whose f32
+    /// scales make values bf16 cannot hold.
+    pub(crate) fn decode_bf16_at(&self, start: u64, out: &mut [u16]) -> bool {
+        let Quantized::Mxfp4 { blocks, scales, rows, groups } = *self else { return false };
+        mxfp4_into(blocks, scales, rows, groups, mxfp4_table_bf16(), start, out);
+        true
+    }
+}
+
+/// Rows of a decode tile: each column run written out is this many values.
+const TILE_ROWS: usize = 64;
+
+/// Elements `start..start + out.len()` of MXFP4 `blocks [E, rows, groups,
+/// 16]` with `scales [E, rows, groups]`, read as `[E, groups * 32, rows]`,
+/// each looked up in `table` (by scale byte, then code).
+fn mxfp4_into<T: Decoded>(
+    blocks: &[u8],
+    scales: &[u8],
+    rows: u64,
+    groups: u64,
+    table: &[[T; 16]; 256],
+    start: u64,
+    out: &mut [T],
+) {
+    let cols = groups * 32;
+    let (stride, bstride) = (groups as usize, groups as usize * 16);
+    let mut p = start;
+    let mut o = 0;
+    while o < out.len() {
+        let (e, rc) = (p / (cols * rows), p % (cols * rows));
+        // Element (c, r) of the tensor is (r, c) of the blocks: a
+        // run along r steps one block row at a time.
+        let (c, r) = (rc / rows, rc % rows);
+        let whole = ((out.len() - o) as u64 / rows).min(cols - c);
+        if r == 0 && whole > 0 {
+            // Whole columns: read each block row once, left to
+            // right, and scatter it down the columns (the lines
+            // being written stay in cache).
+            let n = (whole * rows) as usize;
+            let dst = &mut out[o..o + n];
+            let (rows, whole) = (rows as usize, whole as usize);
+            // In tiles of 32 columns (a group when aligned) by 64
+            // rows: each block row's bytes decoded in order into a
+            // local tile, then written out a column run at a time.
+            // Strided stores straight to `dst` (a page apart)
+            // thrash the cache and the TLB.
+            let mut tile = [[T::default(); 32]; TILE_ROWS];
+            // The bytes of one block row this range covers.
+            let span = (c as usize / 32 * 16)..((c as usize + whole).div_ceil(32) * 16);
+            for r0 in (0..rows).step_by(TILE_ROWS) {
+                let r1 = (r0 + TILE_ROWS).min(rows);
+                // The next tile's rows are a block row apart (a page or
+                // so): ask for them now, or each one stalls on its load.
+                for r in r1..(r1 + TILE_ROWS).min(rows) {
+                    let row = e as usize * rows + r;
+                    for line in (span.start..span.end).step_by(64) {
+                        prefetch(&blocks[row * bstride + line]);
+                    }
+                    prefetch(&scales[row * stride + span.start / 16]);
+                }
+                for k0 in (0..whole).step_by(32) {
+                    let k1 = (k0 + 32).min(whole);
+                    let c0 = c as usize + k0;
+                    let aligned = c0.is_multiple_of(32) && k1 - k0 == 32;
+                    for (r, t) in (r0..r1).zip(tile.iter_mut()) {
+                        let row = e as usize * rows + r;
+                        if aligned {
+                            let g = row * stride + c0 / 32;
+                            let values = &table[scales[g] as usize];
+                            let bytes = &blocks[g * 16..g * 16 + 16];
+                            for (pair, &b) in t.chunks_exact_mut(2).zip(bytes) {
+                                pair[0] = values[(b & 0x0f) as usize];
+                                pair[1] = values[(b >> 4) as usize];
+                            }
+                            continue;
+                        }
+                        for (k, v) in t[..k1 - k0].iter_mut().enumerate() {
+                            let cc = c0 + k;
+                            let g = row * stride + cc / 32;
+                            let code = (blocks[g * 16 + (cc % 32) / 2] >> ((cc % 2) * 4)) & 0x0f;
+                            *v = table[scales[g] as usize][code as usize];
+                        }
+                    }
+                    for k in k0..k1 {
+                        let column = &mut dst[k * rows + r0..k * rows + r1];
+                        for (d, t) in column.iter_mut().zip(&tile) {
+                            *d = t[k - k0];
+                        }
+                    }
+                }
+            }
+            o += n;
+            p += n as u64;
+            continue;
+        }
+        let n = ((rows - r) as usize).min(out.len() - o);
+        let mut g = ((e * rows + r) * groups + c / 32) as usize;
+        let mut b = g * 16 + (c % 32) as usize / 2;
+        let shift = if c % 2 == 0 { 0 } else { 4 };
+        for d in &mut out[o..o + n] {
+            let code = (blocks[b] >> shift) & 0x0f;
+            *d = table[scales[g] as usize][code as usize];
+            g += stride;
+            b += bstride;
+        }
+        o += n;
+        p += n as u64;
+    }
+}
+
+/// A type MXFP4 decodes to: f32, or bf16 bits.
+trait Decoded: Copy + Default {}
+
+impl Decoded for f32 {}
+impl Decoded for u16 {}
+
+/// Asks the CPU to bring the cache line holding `x` in (a hint only).
+#[inline(always)]
+fn prefetch(x: &u8) {
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: a prefetch never faults and reads nothing; `x` is a valid
+    // reference anyway.
+    unsafe {
+        std::arch::x86_64::_mm_prefetch(std::ptr::from_ref(x).cast::<i8>(), std::arch::x86_64::_MM_HINT_T0);
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = x;
 }
 
 /// Bytes of one scale.
@@ -181,6 +241,12 @@ fn mxfp4_table() -> &'static [[f32; 16]; 256] {
     TABLE.get_or_init(|| {
         Box::new(std::array::from_fn(|b| std::array::from_fn(|c| ldexp(FP4_E2M1[c], e8m0_exponent(b as u8)))))
     })
+}
+
+/// `mxfp4_table` as bf16 bits (exact: see `Quantized::decode_bf16_at`).
+fn mxfp4_table_bf16() -> &'static [[u16; 16]; 256] {
+    static TABLE: std::sync::OnceLock<Box<[[u16; 16]; 256]>> = std::sync::OnceLock::new();
+    TABLE.get_or_init(|| Box::new(mxfp4_table().map(|row| row.map(f32_to_bf16))))
 }
 
 /// The 256 FP8 codes' values.
@@ -248,6 +314,30 @@ mod tests {
             let mut part = vec![0f32; len];
             q.decode_at(start as u64, &mut part);
             assert_eq!(part, whole[start..start + len], "{start}+{len}");
+        }
+    }
+
+    /// Every MXFP4 value (each scale byte, each code) is exact in bf16, so
+    /// the bf16 decode is the f32 one, bit for bit, over any range.
+    #[test]
+    fn mxfp4_values_are_exact_in_bf16() {
+        for (row, bf) in mxfp4_table().iter().zip(mxfp4_table_bf16()) {
+            for (v, b) in row.iter().zip(bf) {
+                assert_eq!(crate::model::dtype::bf16_to_f32(*b).to_bits(), v.to_bits(), "{v}");
+            }
+        }
+        let (experts, rows, groups) = (2u64, 70u64, 3u64);
+        let blocks: Vec<u8> = (0..experts * rows * groups * 16).map(|i| (i * 131 + 7) as u8).collect();
+        let scales: Vec<u8> = (0..experts * rows * groups).map(|i| (i * 37 % 256) as u8).collect();
+        let q = Quantized::Mxfp4 { blocks: &blocks, scales: &scales, rows, groups };
+        let total = (experts * groups * 32 * rows) as usize;
+        for (start, len) in [(0, total), (69, 5000), (70 * 31, 70 * 3)] {
+            let (mut f, mut b) = (vec![0f32; len], vec![0u16; len]);
+            q.decode_at(start as u64, &mut f);
+            assert!(q.decode_bf16_at(start as u64, &mut b));
+            for (x, y) in f.iter().zip(&b) {
+                assert_eq!(crate::model::dtype::bf16_to_f32(*y).to_bits(), x.to_bits());
+            }
         }
     }
 

@@ -488,6 +488,19 @@ impl Plan {
     /// job's scratch, freed with it).
     pub(crate) fn operand_in<'a>(&'a self, s: Source, at: u64, n: u64, arena: &'a Bump) -> Operand<'a> {
         let Some(q) = self.quantized(s) else { return self.operand(s).slice(at as usize, n as usize) };
+        // MXFP4 as bf16: the same values, half the bytes, the bf16 path.
+        let bf16 = matches!(q, Quantized::Mxfp4 { .. });
+        let bits = arena.alloc_slice_fill_copy(if bf16 { n as usize } else { 0 }, 0u16);
+        if q.decode_bf16_at(at, bits) {
+            if cfg!(target_endian = "little") {
+                return Operand { ty: FloatType::BF16, bytes: bytemuck::cast_slice(bits) };
+            }
+            let bytes = arena.alloc_slice_fill_copy(n as usize * 2, 0u8);
+            for (d, b) in bytes.chunks_exact_mut(2).zip(bits.iter()) {
+                d.copy_from_slice(&b.to_le_bytes());
+            }
+            return Operand { ty: FloatType::BF16, bytes };
+        }
         let values = arena.alloc_slice_fill_copy(n as usize, 0f32);
         q.decode_at(at, values);
         // F32 operands are little-endian bytes: the decoded slice is one
