@@ -84,9 +84,11 @@ fn fp8_llama(dir: &Path, seed: u32, q: &Fp8) -> std::collections::BTreeMap<Strin
         let e5 = q.ty == E5M2;
         let c = codes(t.numel(), k, e5);
         let (sr, sc) = (rows.div_ceil(q.block[0]), cols.div_ceil(q.block[1]));
-        // Scales of varied magnitude, not only powers of two, exact in bf16.
-        let sv: Vec<f32> =
-            (0..sr * sc).map(|i| (1.0 + (i % 7) as f32 / 8.0) * 2f32.powi((i % 5) as i32 - 8)).collect();
+        // Scales of varied magnitude, not only powers of two, exact in bf16
+        // (powers of two as E8M0 bytes).
+        let e8m0 = q.scale_ty == Ty::Raw("F8_E8M0", 1);
+        let mantissa = |i: u64| if e8m0 { 1.0 } else { 1.0 + (i % 7) as f32 / 8.0 };
+        let sv: Vec<f32> = (0..sr * sc).map(|i| mantissa(i) * 2f32.powi((i % 5) as i32 - 8)).collect();
         let v: Vec<f32> = (0..t.numel())
             .map(|i| {
                 let (r, cc) = (i as u64 / cols, i as u64 % cols);
@@ -96,7 +98,11 @@ fn fp8_llama(dir: &Path, seed: u32, q: &Fp8) -> std::collections::BTreeMap<Strin
             })
             .collect();
         values.insert(t.name.clone(), v);
-        let scale_data = sv.iter().flat_map(|&x| q.scale_ty.encode(x)).collect();
+        let scale_data = if e8m0 {
+            sv.iter().map(|x| (x.to_bits() >> 23) as u8).collect()
+        } else {
+            sv.iter().flat_map(|&x| q.scale_ty.encode(x)).collect()
+        };
         tensors.push(T { name: t.name.clone(), ty: q.ty, shape: t.shape.clone(), data: c });
         tensors.push(T {
             name: format!("{}{}", t.name, q.suffix),
@@ -527,7 +533,8 @@ fn reference_script(dir: &Path) -> impl Fn(&[&str]) -> String {
 /// `--out-dtype fp8` gives the codes and `weight_scale_inv` transformers'
 /// own `Fp8Quantize` (what `save_pretrained` runs on a block-FP8 model)
 /// makes from the same apply's f32 output, bit for bit, on an FP8 base
-/// whose codes cover every finite E4M3 value.
+/// whose codes cover every finite E4M3 value, with f32 scales and under
+/// `scale_fmt: ue8m0` (power-of-two scales).
 #[test]
 #[ignore = "needs transformers 5: CHATVEC_SFT_PYTHON=$(scripts/sft-venv.sh) cargo test --test quant -- --ignored"]
 fn transformers_fp8_quantizer_matches_out_dtype_fp8_bit_for_bit() {
@@ -535,28 +542,27 @@ fn transformers_fp8_quantizer_matches_out_dtype_fp8_bit_for_bit() {
     let r = root.path();
     let py_run = reference_script(r);
     py_run(&["write", s(r)]);
-    let (exact, quantized) = (r.join("out-f32"), r.join("out-fp8"));
-    for (out, dtype) in [(&exact, "f32"), (&quantized, "fp8")] {
-        let (base, chat, pre) = (r.join("fp8-e4m3"), r.join("chat"), r.join("pre"));
-        ok(&chatvec(&[
-            "apply",
-            "--base",
-            s(&base),
-            "--chat",
-            s(&chat),
-            "--pretrained",
-            s(&pre),
-            "-o",
-            s(out),
-            "--out-dtype",
-            dtype,
-            "-q",
-            // The FP8 base's config (written from a config object) has no `architectures`.
-            "--allow-mismatch",
-        ]));
+    // The same base under scale_fmt ue8m0 (power-of-two inverse scales).
+    let ue8m0 = r.join("fp8-ue8m0");
+    std::fs::create_dir_all(&ue8m0).unwrap();
+    for f in ["model.safetensors", "config.json"] {
+        std::fs::copy(r.join("fp8-e4m3").join(f), ue8m0.join(f)).unwrap();
     }
-    let said = py_run(&["requant", s(&exact), s(&quantized)]);
-    assert!(said.starts_with("requant identical 14"), "{said}");
+    let mut cfg: Value = serde_json::from_slice(&std::fs::read(ue8m0.join("config.json")).unwrap()).unwrap();
+    cfg["quantization_config"]["scale_fmt"] = json!("ue8m0");
+    std::fs::write(ue8m0.join("config.json"), cfg.to_string()).unwrap();
+    for base in ["fp8-e4m3", "fp8-ue8m0"] {
+        let (exact, quantized) = (r.join(format!("{base}-f32")), r.join(format!("{base}-fp8")));
+        for (out, dtype) in [(&exact, "f32"), (&quantized, "fp8")] {
+            let (base, chat, pre) = (r.join(base), r.join("chat"), r.join("pre"));
+            let args =
+                ["apply", "--base", s(&base), "--chat", s(&chat), "--pretrained", s(&pre), "-o", s(out)];
+            // The FP8 base's config (written from a config object) has no `architectures`.
+            ok(&chatvec(&[&args[..], &["--out-dtype", dtype, "-q", "--allow-mismatch"]].concat()));
+        }
+        let said = py_run(&["requant", s(&exact), s(&quantized)]);
+        assert!(said.starts_with("requant identical 14"), "{base}: {said}");
+    }
 }
 
 /// `--out-dtype mxfp4` output loads in transformers 5 (`Mxfp4Config(
@@ -623,7 +629,13 @@ fn out_dtype_fp8_requantizes_the_base_weights_in_its_blocks() {
     let q =
         Fp8 { ty: E4M3, block: [4, 4], config_block: Some([4, 4]), scale_ty: Ty::F32, suffix: "_scale_inv" };
     let decoded = fp8_llama(&base, 3, &q);
-    let out = d.path().join("out");
+    // The same base under DeepSeek-V3.1's scale_fmt ue8m0, its scales
+    // stored as E8M0 bytes as transformers saves them.
+    let ue8m0 = d.path().join("ue8m0");
+    let decoded_ue8m0 = fp8_llama(&ue8m0, 3, &Fp8 { scale_ty: Ty::Raw("F8_E8M0", 1), ..q });
+    let mut cfg: Value = serde_json::from_slice(&std::fs::read(ue8m0.join("config.json")).unwrap()).unwrap();
+    cfg["quantization_config"]["scale_fmt"] = json!("ue8m0");
+    std::fs::write(ue8m0.join("config.json"), cfg.to_string()).unwrap();
     let (chat, pre) = (d.path().join("chat"), d.path().join("pre"));
     // The chat pair applied to `base` into `out`, with `extra` after.
     let apply = |base: &Path, out: &Path, extra: &[&str]| {
@@ -632,68 +644,85 @@ fn out_dtype_fp8_requantizes_the_base_weights_in_its_blocks() {
         args.extend(extra);
         chatvec(&args)
     };
-    let o = apply(&base, &out, &["--out-dtype", "fp8", "--chunk-elems", "40"]);
-    ok(&o);
-    assert!(
-        stderr(&o).contains("written as FP8 E4M3 again in the base's blocks: relative RMS error"),
-        "{}",
-        stderr(&o)
-    );
-    let cfg: Value = serde_json::from_slice(&std::fs::read(out.join("config.json")).unwrap()).unwrap();
-    assert_eq!(cfg["quantization_config"]["weight_block_size"], json!([4, 4]), "{cfg}");
-    let bytes = std::fs::read(out.join("model.safetensors")).unwrap();
-    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
     let (c, p) = (read_model(&chat), read_model(&pre));
     let bf = read_model_loose(&base);
     // Non-negative E4M3 codes' values, for the nearest-code search.
     let table: Vec<f64> = (0..=0x7eu8).map(e4m3).collect();
-    let mut requantized = 0;
-    for (name, ct) in &c {
-        let y: Vec<f32> = (0..ct.numel())
-            .map(|i| {
-                let b = decoded.get(name).map_or_else(|| bf[name].get(i), |v| v[i]);
-                let dd = ct.get(i) - p[name].get(i);
-                let m = 1.0f32 * dd;
-                b + m
-            })
-            .collect();
-        let view = st.tensor(name).unwrap();
-        if !decoded.contains_key(name) {
-            assert_eq!(view.dtype(), safetensors::Dtype::BF16, "{name}");
-            continue;
-        }
-        requantized += 1;
-        assert_eq!(format!("{:?}", view.dtype()), "F8_E4M3", "{name}");
-        let inv_view = st.tensor(&format!("{name}_scale_inv")).unwrap();
-        assert_eq!(inv_view.dtype(), safetensors::Dtype::F32);
-        let (rows, cols) = (ct.shape[0] as usize, ct.shape[1] as usize);
-        assert_eq!(inv_view.shape(), &[rows / 4, cols / 4]);
-        let inv: Vec<f32> =
-            inv_view.data().chunks(4).map(|b| f32::from_le_bytes(b.try_into().unwrap())).collect();
-        for tr in 0..rows / 4 {
-            for tc in 0..cols / 4 {
-                let cells: Vec<usize> =
-                    (0..4).flat_map(|r| (0..4).map(move |k| (tr * 4 + r) * cols + tc * 4 + k)).collect();
-                let amax = cells.iter().map(|&i| y[i].abs()).fold(0f32, f32::max);
-                // torch's `448.0 / tensor`: the reciprocal, times 448.
-                let scale = if amax > 0.0 { (1f32 / amax) * 448f32 } else { 1.0 };
-                let want_inv = 1f32 / scale;
-                assert_eq!(inv[tr * (cols / 4) + tc].to_bits(), want_inv.to_bits(), "{name} tile {tr},{tc}");
-                for &i in &cells {
-                    let v = f64::from((y[i] * scale).clamp(-448.0, 448.0));
-                    let best = (0..table.len())
-                        .min_by(|&a, &b| {
-                            let (da, db) = ((table[a] - v.abs()).abs(), (table[b] - v.abs()).abs());
-                            da.partial_cmp(&db).unwrap().then((a & 1).cmp(&(b & 1)))
-                        })
-                        .unwrap() as u8;
-                    let want = if v.is_sign_negative() { best | 0x80 } else { best };
-                    assert_eq!(view.data()[i], want, "{name}[{i}]: {v}");
+    for (b, decoded, pow2) in [(&base, &decoded, false), (&ue8m0, &decoded_ue8m0, true)] {
+        let out = d.path().join(if pow2 { "out-ue8m0" } else { "out" });
+        let o = apply(b, &out, &["--out-dtype", "fp8", "--chunk-elems", "40"]);
+        ok(&o);
+        assert!(
+            stderr(&o).contains("written as FP8 E4M3 again in the base's blocks: relative RMS error"),
+            "{}",
+            stderr(&o)
+        );
+        let cfg: Value = serde_json::from_slice(&std::fs::read(out.join("config.json")).unwrap()).unwrap();
+        assert_eq!(cfg["quantization_config"]["weight_block_size"], json!([4, 4]), "{cfg}");
+        let bytes = std::fs::read(out.join("model.safetensors")).unwrap();
+        let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+        let mut requantized = 0;
+        for (name, ct) in &c {
+            let y: Vec<f32> = (0..ct.numel())
+                .map(|i| {
+                    let b = decoded.get(name).map_or_else(|| bf[name].get(i), |v| v[i]);
+                    let dd = ct.get(i) - p[name].get(i);
+                    let m = 1.0f32 * dd;
+                    b + m
+                })
+                .collect();
+            let view = st.tensor(name).unwrap();
+            if !decoded.contains_key(name) {
+                assert_eq!(view.dtype(), safetensors::Dtype::BF16, "{name}");
+                continue;
+            }
+            requantized += 1;
+            assert_eq!(format!("{:?}", view.dtype()), "F8_E4M3", "{name}");
+            let inv_view = st.tensor(&format!("{name}_scale_inv")).unwrap();
+            let (rows, cols) = (ct.shape[0] as usize, ct.shape[1] as usize);
+            assert_eq!(inv_view.shape(), &[rows / 4, cols / 4]);
+            let inv: Vec<f32> = if pow2 {
+                assert_eq!(format!("{:?}", inv_view.dtype()), "F8_E8M0");
+                inv_view.data().iter().map(|b| 2f32.powi(i32::from(*b) - 127)).collect()
+            } else {
+                assert_eq!(inv_view.dtype(), safetensors::Dtype::F32);
+                inv_view.data().chunks(4).map(|b| f32::from_le_bytes(b.try_into().unwrap())).collect()
+            };
+            for tr in 0..rows / 4 {
+                for tc in 0..cols / 4 {
+                    let cells: Vec<usize> =
+                        (0..4).flat_map(|r| (0..4).map(move |k| (tr * 4 + r) * cols + tc * 4 + k)).collect();
+                    let amax = cells.iter().map(|&i| y[i].abs()).fold(0f32, f32::max);
+                    // torch's `448.0 / tensor`: the reciprocal, times 448.
+                    let mut scale = if amax > 0.0 { (1f32 / amax) * 448f32 } else { 1.0 };
+                    let mut want_inv = 1f32 / scale;
+                    if pow2 {
+                        // The smallest power of two at or above it.
+                        let k = (-126..128).find(|k| 2f64.powi(*k) >= f64::from(want_inv)).unwrap();
+                        want_inv = 2f32.powi(k);
+                        scale = 1.0 / want_inv;
+                    }
+                    assert_eq!(
+                        inv[tr * (cols / 4) + tc].to_bits(),
+                        want_inv.to_bits(),
+                        "{name} tile {tr},{tc}"
+                    );
+                    for &i in &cells {
+                        let v = f64::from((y[i] * scale).clamp(-448.0, 448.0));
+                        let best = (0..table.len())
+                            .min_by(|&a, &b| {
+                                let (da, db) = ((table[a] - v.abs()).abs(), (table[b] - v.abs()).abs());
+                                da.partial_cmp(&db).unwrap().then((a & 1).cmp(&(b & 1)))
+                            })
+                            .unwrap() as u8;
+                        let want = if v.is_sign_negative() { best | 0x80 } else { best };
+                        assert_eq!(view.data()[i], want, "{name}[{i}]: {v}");
+                    }
                 }
             }
         }
+        assert_eq!(requantized, decoded.len());
     }
-    assert_eq!(requantized, decoded.len());
     // The dry run says which weights are quantized again, and their scales.
     let o = apply(&base, &d.path().join("dry"), &["--out-dtype", "fp8", "--dry-run"]);
     ok(&o);
@@ -710,15 +739,16 @@ fn out_dtype_fp8_requantizes_the_base_weights_in_its_blocks() {
         3,
         &Fp8 { ty: E5M2, block: [4, 4], config_block: Some([4, 4]), scale_ty: Ty::F32, suffix: "_scale_inv" },
     );
-    let ue8m0 = d.path().join("ue8m0");
-    fp8_llama(&ue8m0, 3, &q);
-    let mut cfg: Value = serde_json::from_slice(&std::fs::read(ue8m0.join("config.json")).unwrap()).unwrap();
-    cfg["quantization_config"]["scale_fmt"] = json!("ue8m0");
-    std::fs::write(ue8m0.join("config.json"), cfg.to_string()).unwrap();
+    let odd_fmt = d.path().join("odd-fmt");
+    fp8_llama(&odd_fmt, 3, &q);
+    let mut cfg: Value =
+        serde_json::from_slice(&std::fs::read(odd_fmt.join("config.json")).unwrap()).unwrap();
+    cfg["quantization_config"]["scale_fmt"] = json!("e4m3");
+    std::fs::write(odd_fmt.join("config.json"), cfg.to_string()).unwrap();
     for (b, dtype, want) in [
-        (&ue8m0, "fp8", "has scale_fmt 'ue8m0'; only f32 block scales"),
+        (&odd_fmt, "fp8", "has scale_fmt 'e4m3'; chatvec writes 'float' and 'ue8m0' scales"),
         (&bf16_base, "fp8", "has no block-scaled FP8 E4M3 weights"),
-        (&e5, "fp8", "is F8_E5M2 with F32 scales; only F8_E4M3"),
+        (&e5, "fp8", "is F8_E5M2 with F32 scales; F8_E4M3 with F32 scales"),
         (&base, "mxfp4", "in the base; each quantized weight is written in its own scheme only"),
     ] {
         let bad = d.path().join("bad");

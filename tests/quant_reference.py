@@ -140,8 +140,9 @@ elif sys.argv[1] == "requant":
     import types
     from transformers.integrations.finegrained_fp8 import Fp8Quantize
     exact, q = load_file(sys.argv[2] + "/model.safetensors"), load_file(sys.argv[3] + "/model.safetensors")
-    block = json.load(open(sys.argv[3] + "/config.json"))["quantization_config"]["weight_block_size"]
-    op = Fp8Quantize(types.SimpleNamespace(quantization_config=FineGrainedFP8Config(weight_block_size=block)))
+    qc = json.load(open(sys.argv[3] + "/config.json"))["quantization_config"]
+    config = FineGrainedFP8Config(weight_block_size=qc["weight_block_size"], scale_fmt=qc.get("scale_fmt", "float"))
+    op = Fp8Quantize(types.SimpleNamespace(quantization_config=config))
     names = [k for k, v in q.items() if v.dtype == torch.float8_e4m3fn]
     bad = []
     for k in names:
@@ -149,7 +150,8 @@ elif sys.argv[1] == "requant":
         scale = k.rsplit(".", 1)[0] + ".weight_scale_inv"
         if not torch.equal(ref[k].view(torch.uint8), q[k].view(torch.uint8)):
             bad.append(k)
-        if not torch.equal(ref[scale].view(torch.int32), q[scale].view(torch.int32)):
+        # f32 scales, or E8M0 ones (scale_fmt ue8m0) if the base stores them so
+        if not torch.equal(ref[scale].float().view(torch.int32), q[scale].float().view(torch.int32)):
             bad.append(scale)
     print("requant", "identical" if names and not bad else "differs: " + ", ".join(bad), len(names))
 else:

@@ -12,6 +12,9 @@
 //! whole rows (`quantize_band`), and the codes and the scales, written
 //! by separate jobs, come from the same function.
 //!
+//! With `scale_fmt: ue8m0` (DeepSeek-V3.1), each `inv` is rounded up to a
+//! power of two first and `scale` is its reciprocal (`Fp8Tiles::pow2`).
+//!
 //! MXFP4 (`mxfp4_band`) as transformers' `quantize_to_mxfp4` computes it
 //! (the gpt-oss quantizer, triton_kernels' `downcast_to_mxfp_torch` with
 //! its default `ROUND_UP` scales), per group of 32 along the contraction
@@ -54,15 +57,35 @@ impl QuantError {
     }
 }
 
+/// How an FP8 weight's tiles are scaled.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct Fp8Tiles {
+    /// `[block_m, block_n]`.
+    pub block: [usize; 2],
+    /// `scale_fmt: ue8m0` (DeepSeek-V3.1): each inverse scale rounded up
+    /// to a power of two before quantizing, as transformers computes it,
+    /// `2^ceil(log2(max(inv, f32::MIN_POSITIVE)))` in f32, the forward
+    /// scale its exact reciprocal.
+    pub pow2: bool,
+}
+
 /// A tile's `(scale, inv)` from its `amax` (NaN when the tile holds one).
-fn tile_scales(amax: f32) -> (f32, f32) {
-    if amax > 0.0 {
+fn tile_scales(amax: f32, pow2: bool) -> (f32, f32) {
+    let (scale, inv) = if amax > 0.0 {
         let r = 1.0 / amax;
         let scale = r * F8E4M3_MAX;
         (scale, 1.0 / scale)
     } else {
         (1.0, 1.0)
+    };
+    if !pow2 {
+        return (scale, inv);
     }
+    // torch's float32 log2 rounded to nearest (the f64 logarithm rounded
+    // once to f32), then its ceiling: a power of two from 2^-126 up.
+    let k = ((f64::from(inv.max(f32::MIN_POSITIVE))).log2() as f32).ceil() as i32;
+    let inv = ldexp(1.0, k);
+    (1.0 / inv, inv)
 }
 
 /// Quantizes a band of whole rows (`x`, row-major, `cols` per row, its row
@@ -74,7 +97,7 @@ fn tile_scales(amax: f32) -> (f32, f32) {
 pub(crate) fn quantize_band(
     x: &[f32],
     cols: usize,
-    block: [usize; 2],
+    tiles: Fp8Tiles,
     codes: &mut [u8],
     inv: &mut [f32],
     err: Option<&mut QuantError>,
@@ -82,9 +105,9 @@ pub(crate) fn quantize_band(
     #[cfg(target_arch = "x86_64")]
     if crate::model::dtype::avx2() {
         // SAFETY: the CPU has AVX2 (checked just above).
-        return unsafe { quantize_band_avx2(x, cols, block, codes, inv, err) };
+        return unsafe { quantize_band_avx2(x, cols, tiles, codes, inv, err) };
     }
-    quantize_band_portable(x, cols, block, codes, inv, err)
+    quantize_band_portable(x, cols, tiles, codes, inv, err)
 }
 
 /// `quantize_band` compiled for AVX2 (the same IEEE operations lane for
@@ -94,12 +117,12 @@ pub(crate) fn quantize_band(
 unsafe fn quantize_band_avx2(
     x: &[f32],
     cols: usize,
-    block: [usize; 2],
+    tiles: Fp8Tiles,
     codes: &mut [u8],
     inv: &mut [f32],
     err: Option<&mut QuantError>,
 ) {
-    quantize_band_portable(x, cols, block, codes, inv, err)
+    quantize_band_portable(x, cols, tiles, codes, inv, err)
 }
 
 /// `quantize_band` in plain Rust, inlined into each compiled copy.
@@ -107,12 +130,12 @@ unsafe fn quantize_band_avx2(
 fn quantize_band_portable(
     x: &[f32],
     cols: usize,
-    block: [usize; 2],
+    tiles: Fp8Tiles,
     codes: &mut [u8],
     inv: &mut [f32],
     mut err: Option<&mut QuantError>,
 ) {
-    let [bm, bn] = block;
+    let [bm, bn] = tiles.block;
     let per_row = cols / bn;
     let table = fp8_table(false);
     let mut amax = vec![0f32; per_row];
@@ -129,7 +152,7 @@ fn quantize_band_portable(
             }
         }
         for ((s, i), a) in scale.iter_mut().zip(&mut inv[tr * per_row..(tr + 1) * per_row]).zip(&amax) {
-            (*s, *i) = tile_scales(*a);
+            (*s, *i) = tile_scales(*a, tiles.pow2);
         }
         worst.fill(0.0);
         let at = tr * bm * cols;
@@ -299,7 +322,7 @@ mod tests {
         let x = [1.0f32, -2.0, 0.0, 0.0, 0.5, 0.25, 0.0, 0.0];
         let (mut codes, mut inv) = ([0u8; 8], [0f32; 2]);
         let mut err = QuantError::default();
-        quantize_band(&x, 4, [2, 2], &mut codes, &mut inv, Some(&mut err));
+        quantize_band(&x, 4, Fp8Tiles { block: [2, 2], pow2: false }, &mut codes, &mut inv, Some(&mut err));
         // Tile 0: amax 2, scale 224, inv 1/224.
         assert_eq!(inv, [1.0 / 224.0, 1.0]);
         let want: Vec<u8> = [224.0f32, -448.0, 112.0, 56.0].iter().map(|v| f32_to_f8e4m3(*v)).collect();
@@ -313,9 +336,23 @@ mod tests {
         // A value between codes: 1.1 * 448 / 1.1 = 448, 1.0 * 448 / 1.1 = 407.27 -> 416 (codes 384, 416 around it).
         let y = [1.1f32, 1.0];
         let (mut c, mut i) = ([0u8; 2], [0f32; 1]);
-        quantize_band(&y, 2, [1, 2], &mut c, &mut i, None);
+        quantize_band(&y, 2, Fp8Tiles { block: [1, 2], pow2: false }, &mut c, &mut i, None);
         assert_eq!(f8e4m3_to_f32(c[0]), 448.0);
         assert_eq!(f8e4m3_to_f32(c[1]), 416.0);
+    }
+
+    /// ue8m0: amax 2 gives inv 2 / 448 = 1/224, rounded up to 2^-7 (1/128),
+    /// values scaled by 128; an inverse exactly a power of two stays; an
+    /// all-zero tile keeps 1.
+    #[test]
+    fn ue8m0_rounds_each_inverse_scale_up_to_a_power_of_two() {
+        let x = [2.0f32, -1.0, 0.0, 0.0, 448.0 / 64.0, 1.0, 0.0, 0.0];
+        let (mut codes, mut inv) = ([0u8; 8], [0f32; 4]);
+        quantize_band(&x, 2, Fp8Tiles { block: [1, 2], pow2: true }, &mut codes, &mut inv, None);
+        assert_eq!(inv, [1.0 / 128.0, 1.0, 1.0 / 64.0, 1.0]);
+        assert_eq!([f8e4m3_to_f32(codes[0]), f8e4m3_to_f32(codes[1])], [256.0, -128.0]);
+        assert_eq!([f8e4m3_to_f32(codes[4]), f8e4m3_to_f32(codes[5])], [448.0, 64.0]);
+        assert_eq!(tile_scales(f32::MIN_POSITIVE * 1e-3, true).1, f32::MIN_POSITIVE);
     }
 
     /// Every FP4 value and every midpoint between two, with the values just

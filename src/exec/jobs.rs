@@ -11,7 +11,7 @@ use std::sync::Arc;
 use bumpalo::Bump;
 
 use crate::arith::formulas::Rounding;
-use crate::arith::requant::{QuantError, mxfp4_band, quantize_band};
+use crate::arith::requant::{Fp8Tiles, QuantError, mxfp4_band, quantize_band};
 use crate::arith::rows::{RowRun, stretches};
 use crate::cuda::{self, Gpu, GpuPasses};
 use crate::error::{Error, Result};
@@ -83,7 +83,7 @@ pub(crate) fn cut(plan: &Plan, chunk_elems: u64) -> Vec<Job> {
                     // An FP8 weight in whole bands of block rows, so each
                     // block's amax is inside one job.
                     let step = match plan.requant.weights.get(&ti) {
-                        Some(Requantized::Fp8 { block }) => {
+                        Some(Requantized::Fp8 { block, .. }) => {
                             let band = block[0] * t.shape[1];
                             (chunk_elems / band).max(1) * band
                         }
@@ -140,7 +140,9 @@ pub(crate) fn run<'a>(plan: &'a Plan, stats: &StatsMap, job: &Job, mut buf: Vec<
         Job::Compute { tensor, elems } => {
             let t = &plan.tensors[*tensor];
             match plan.requant.weights.get(tensor) {
-                Some(Requantized::Fp8 { block }) => return fp8_codes(plan, *tensor, *block, elems, buf),
+                Some(&Requantized::Fp8 { block, pow2 }) => {
+                    return fp8_codes(plan, *tensor, block, pow2, elems, buf);
+                }
                 Some(&Requantized::Mxfp4 { cols, rows, .. }) => {
                     return mxfp4_piece(plan, *tensor, [cols, rows], elems, false, buf);
                 }
@@ -200,25 +202,40 @@ fn fp8_codes<'a>(
     plan: &'a Plan,
     tensor: usize,
     block: [u64; 2],
+    pow2: bool,
     elems: &Range<u64>,
     mut buf: Vec<u8>,
 ) -> Result<Piece<'a>> {
     let cols = plan.tensors[tensor].shape[1] as usize;
     let values = f32_values(plan, tensor, elems)?;
     sized(&mut buf, values.len());
-    let [bm, bn] = [block[0] as usize, block[1] as usize];
+    let tiles = Fp8Tiles { block: [block[0] as usize, block[1] as usize], pow2 };
     // Band by band of block rows, each band's scales and error kept for
     // the scales job.
-    let band = bm * cols;
-    let mut inv = vec![0f32; cols / bn];
+    let band = tiles.block[0] * cols;
+    let mut inv = vec![0f32; cols / tiles.block[1]];
+    // `plan::requant` puts each weight's scales right after it.
+    let scales_dtype = plan.tensors[tensor + 1].dtype;
     for (k, (x, codes)) in values.chunks(band).zip(buf.chunks_mut(band)).enumerate() {
         let mut err = QuantError::default();
-        quantize_band(x, cols, [bm, bn], codes, &mut inv, Some(&mut err));
-        let mut bytes = vec![0u8; inv.len() * 4];
-        crate::model::dtype::encode(FloatType::F32, &inv, &mut bytes);
+        quantize_band(x, cols, tiles, codes, &mut inv, Some(&mut err));
+        let mut bytes = Vec::new();
+        push_inv(&inv, scales_dtype, &mut bytes);
         stash_put(plan, tensor, elems.start + (k * band) as u64, bytes, err)?;
     }
     Ok(Piece::Owned(buf))
+}
+
+/// Appends inverse scales as `dtype` stores them: f32, or for E8M0 the
+/// exponent byte of each (a power of two under ue8m0, so exact).
+fn push_inv(inv: &[f32], dtype: crate::model::dtype::DType, out: &mut Vec<u8>) {
+    if dtype == crate::model::dtype::DType::F32 {
+        let at = out.len();
+        out.resize(at + inv.len() * 4, 0);
+        crate::model::dtype::encode(FloatType::F32, inv, &mut out[at..]);
+    } else {
+        out.extend(inv.iter().map(|v| (v.to_bits() >> 23) as u8));
+    }
 }
 
 /// Keeps a band's scales and error for its scales job, unless the stash
@@ -242,19 +259,20 @@ fn stash_take(plan: &Plan, weight: usize, band: u64) -> Result<Option<(Vec<u8>, 
     Ok(found)
 }
 
-/// The f32 inverse scales of FP8 weight `weight`, band of block rows by
+/// The inverse scales of FP8 weight `weight`, band of block rows by
 /// band: kept by its codes jobs, or computed again from the same f32
 /// values and function. Adds the quantization error to
 /// `plan.requant.error`.
 fn fp8_scales<'a>(plan: &'a Plan, weight: usize, mut buf: Vec<u8>) -> Result<Piece<'a>> {
     let w = &plan.tensors[weight];
-    let Some(&Requantized::Fp8 { block }) = plan.requant.weights.get(&weight) else {
+    let Some(&Requantized::Fp8 { block, pow2 }) = plan.requant.weights.get(&weight) else {
         return Err(Error::Internal(format!("scales of '{}', which is not written as FP8", w.name)));
     };
     let (rows, cols) = (w.shape[0], w.shape[1]);
-    let (bm, bn) = (block[0] as usize, block[1] as usize);
+    let tiles = Fp8Tiles { block: [block[0] as usize, block[1] as usize], pow2 };
     let band = block[0] * cols;
-    let mut inv = vec![0f32; cols as usize / bn];
+    let mut inv = vec![0f32; cols as usize / tiles.block[1]];
+    let scales_dtype = plan.tensors[weight + 1].dtype;
     let mut codes = Vec::new();
     buf.clear();
     for start in (0..rows * cols).step_by(band as usize) {
@@ -266,11 +284,9 @@ fn fp8_scales<'a>(plan: &'a Plan, weight: usize, mut buf: Vec<u8>) -> Result<Pie
         let values = f32_values(plan, weight, &(start..start + band))?;
         codes.resize(values.len(), 0);
         let mut err = QuantError::default();
-        quantize_band(&values, cols as usize, [bm, bn], &mut codes, &mut inv, Some(&mut err));
+        quantize_band(&values, cols as usize, tiles, &mut codes, &mut inv, Some(&mut err));
         add_error(plan, weight, start, err)?;
-        let at = buf.len();
-        buf.resize(at + inv.len() * 4, 0);
-        crate::model::dtype::encode(FloatType::F32, &inv, &mut buf[at..]);
+        push_inv(&inv, scales_dtype, &mut buf);
     }
     Ok(Piece::Owned(buf))
 }

@@ -42,7 +42,10 @@ impl Plan {
                 }
                 let indent = if self.groups.iter().any(|g| g.tensors.contains(&i)) { "    " } else { "  " };
                 let fp8 = match self.requant.weights.get(&i) {
-                    Some(Requantized::Fp8 { block: [m, n] }) => format!(", quantized in {m}x{n} blocks"),
+                    Some(Requantized::Fp8 { block: [m, n], pow2 }) => {
+                        let pow2 = if *pow2 { ", power-of-two scales (ue8m0)" } else { "" };
+                        format!(", quantized in {m}x{n} blocks{pow2}")
+                    }
                     Some(Requantized::Mxfp4 { experts, cols, rows }) => {
                         format!(
                             ", quantized to MXFP4 from [{experts}, {cols}, {rows}], one E8M0 scale per 32"

@@ -180,8 +180,10 @@ pub(crate) struct Stash {
 /// How one output weight is quantized again.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum Requantized {
-    /// FP8 E4M3 codes in `[block_m, block_n]` blocks, f32 inverse scales.
-    Fp8 { block: [u64; 2] },
+    /// FP8 E4M3 codes in `[block_m, block_n]` blocks with their inverse
+    /// scales (f32, or E8M0 bytes when the base stores them so); `pow2`:
+    /// each rounded up to a power of two (`scale_fmt: ue8m0`).
+    Fp8 { block: [u64; 2], pow2: bool },
     /// MXFP4 of the float tensor `[experts, cols, rows]`: blocks
     /// `[experts, rows, cols / 32, 16]` (the output tensor) and E8M0
     /// scales `[experts, rows, cols / 32]`, as gpt-oss stores them.

@@ -30,17 +30,21 @@ struct Quantized {
 /// shards laid out anew (`shard_size` data bytes at most).
 pub(crate) fn requantize_fp8(plan: &mut Plan, shard_size: u64) -> Result<()> {
     // DeepSeek-V3.1's `scale_fmt: ue8m0` rounds each inverse scale up to a
-    // power of two before quantizing; chatvec writes the f32 form only.
+    // power of two before quantizing.
     let fmt = plan.inputs[0]
         .ckpt
         .config
         .as_ref()
         .and_then(|c| c.raw.get("quantization_config")?.get("scale_fmt")?.as_str().map(str::to_string));
-    if let Some(f) = fmt.filter(|f| f != "float") {
-        return Err(Error::Usage(format!(
-            "--out-dtype fp8: the base's quantization_config has scale_fmt '{f}'; only f32 block scales are written back yet"
-        )));
-    }
+    let pow2 = match fmt.as_deref() {
+        None | Some("float") => false,
+        Some("ue8m0") => true,
+        Some(f) => {
+            return Err(Error::Usage(format!(
+                "--out-dtype fp8: the base's quantization_config has scale_fmt '{f}'; chatvec writes 'float' and 'ue8m0' scales"
+            )));
+        }
+    };
     let mut skipped = Vec::new();
     rewrite(plan, "fp8", shard_size, |plan, t| {
         let Some(bt) = quantized_base(plan, t, "fp8")? else { return Ok(None) };
@@ -48,9 +52,11 @@ pub(crate) fn requantize_fp8(plan: &mut Plan, shard_size: u64) -> Result<()> {
             return Ok(None);
         };
         let block = *block;
-        if bt.dtype != DType::F8E4M3 || scales.dtype != DType::F32 {
+        // E8M0 bytes hold the power-of-two scales of ue8m0 only.
+        let e8m0 = matches!(scales.dtype, DType::F8E8M0 | DType::U8);
+        if bt.dtype != DType::F8E4M3 || !(scales.dtype == DType::F32 || pow2 && e8m0) {
             return Err(Error::Usage(format!(
-                "--out-dtype fp8: '{}' is {} with {} scales; only F8_E4M3 with F32 scales is written back yet",
+                "--out-dtype fp8: '{}' is {} with {} scales; F8_E4M3 with F32 scales (or E8M0 ones under scale_fmt ue8m0) is what is written back",
                 bt.name, bt.dtype, scales.dtype
             )));
         }
@@ -63,8 +69,8 @@ pub(crate) fn requantize_fp8(plan: &mut Plan, shard_size: u64) -> Result<()> {
             name: t.name.clone(),
             dtype: DType::F8E4M3,
             shape: t.shape.clone(),
-            how: Requantized::Fp8 { block },
-            scales: (scales.name.clone(), DType::F32, vec![rows / block[0], cols / block[1]]),
+            how: Requantized::Fp8 { block, pow2 },
+            scales: (scales.name.clone(), scales.dtype, vec![rows / block[0], cols / block[1]]),
         }))
     })?;
     if !skipped.is_empty() {
