@@ -236,7 +236,7 @@ fn scale(scales: &[u8], t: ScaleType, i: usize) -> f32 {
 
 /// Every MXFP4 value: `ldexp(fp4(code), b - 127)` for each scale byte `b`
 /// and code (16 KiB, so one load per element in the hot loop).
-fn mxfp4_table() -> &'static [[f32; 16]; 256] {
+pub(crate) fn mxfp4_table() -> &'static [[f32; 16]; 256] {
     static TABLE: std::sync::OnceLock<Box<[[f32; 16]; 256]>> = std::sync::OnceLock::new();
     TABLE.get_or_init(|| {
         Box::new(std::array::from_fn(|b| std::array::from_fn(|c| ldexp(FP4_E2M1[c], e8m0_exponent(b as u8)))))

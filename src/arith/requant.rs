@@ -26,10 +26,8 @@
 //! E2M1 value with ties away from zero, saturating at 6 (NaN too), the
 //! sign kept; two codes per byte, the even element in the low nibble.
 
-use super::quant::fp8_table;
-use crate::model::dtype::{
-    F8E4M3_MAX, FP4_E2M1, bf16_to_f32, e8m0_exponent, f32_to_bf16, f32_to_f8e4m3, ldexp,
-};
+use super::quant::{fp8_table, mxfp4_table};
+use crate::model::dtype::{F8E4M3_MAX, bf16_to_f32, f32_to_bf16, f32_to_f8e4m3, ldexp};
 
 /// The quantization error over some tiles, against the f32 values.
 #[derive(Clone, Debug, Default, PartialEq)]
@@ -236,17 +234,20 @@ fn mxfp4_band_portable(
     mut err: Option<&mut QuantError>,
 ) {
     const LANES: usize = 8;
+    let table = mxfp4_table();
     let cols = x.len() / rows.max(1);
     let groups = cols / MXFP4_GROUP;
     for g in 0..groups {
         let column = |k: usize| &x[(g * MXFP4_GROUP + k) * rows..(g * MXFP4_GROUP + k + 1) * rows];
         for r in (0..rows).step_by(LANES) {
             let n = (rows - r).min(LANES);
-            // v[k][l]: value k of the group in row r + l, rounded to bf16.
+            // x[k][l]: value k of the group in row r + l; v: rounded to bf16.
+            let mut xs = [[0f32; LANES]; MXFP4_GROUP];
             let mut v = [[0f32; LANES]; MXFP4_GROUP];
-            for (k, lanes) in v.iter_mut().enumerate() {
-                for (d, s) in lanes.iter_mut().zip(&column(k)[r..r + n]) {
-                    *d = bf16_to_f32(f32_to_bf16(*s));
+            for (k, (lanes, rounded)) in xs.iter_mut().zip(&mut v).enumerate() {
+                for ((d, b), s) in lanes.iter_mut().zip(rounded.iter_mut()).zip(&column(k)[r..r + n]) {
+                    *d = *s;
+                    *b = bf16_to_f32(f32_to_bf16(*s));
                 }
             }
             // torch's max propagates NaN, which f32::max drops: tracked apart.
@@ -276,22 +277,29 @@ fn mxfp4_band_portable(
                 for (b, pair) in blocks[at * 16..at * 16 + 16].iter_mut().zip(q[l].chunks_exact(2)) {
                     *b = pair[0] | (pair[1] << 4);
                 }
-                if let Some(e) = err.as_deref_mut() {
-                    let e8 = e8m0_exponent(scales[at]);
-                    let (mut worst, mut amax) = (0f64, 0f64);
-                    for (k, c) in q[l].iter().enumerate() {
-                        let xv = f64::from(column(k)[r + l]);
-                        let d = xv - f64::from(ldexp(FP4_E2M1[*c as usize], e8));
-                        e.sq_err += d * d;
-                        e.sq += xv * xv;
-                        worst = worst.max(d.abs());
-                        amax = amax.max(xv.abs());
-                    }
-                    e.elements += MXFP4_GROUP as u64;
-                    if amax > 0.0 {
-                        e.worst = e.worst.max(worst / amax);
+            }
+            if let Some(e) = err.as_deref_mut() {
+                // Per lane over the group, then the lanes in order.
+                let (mut sq_err, mut sq, mut worst, mut amax) =
+                    ([0f64; LANES], [0f64; LANES], [0f64; LANES], [0f64; LANES]);
+                for (k, lanes) in xs.iter().enumerate() {
+                    for l in 0..LANES {
+                        let xv = f64::from(lanes[l]);
+                        let d = xv - f64::from(table[(bits[l] >> 23) as usize][q[l][k] as usize]);
+                        sq_err[l] += d * d;
+                        sq[l] += xv * xv;
+                        worst[l] = worst[l].max(d.abs());
+                        amax[l] = amax[l].max(xv.abs());
                     }
                 }
+                for l in 0..n {
+                    e.sq_err += sq_err[l];
+                    e.sq += sq[l];
+                    if amax[l] > 0.0 {
+                        e.worst = e.worst.max(worst[l] / amax[l]);
+                    }
+                }
+                e.elements += (MXFP4_GROUP * n) as u64;
             }
         }
     }
@@ -312,7 +320,7 @@ pub(crate) fn f32_to_e2m1(q: f32) -> u8 {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::dtype::f8e4m3_to_f32;
+    use crate::model::dtype::{FP4_E2M1, f8e4m3_to_f32};
 
     /// Two 2x2 tiles of a 2x4 band, computed by hand: the scale maps each
     /// tile's amax to 448, codes round to nearest even, and an all-zero
