@@ -516,18 +516,22 @@ fn mxfp4_scales_that_do_not_match_the_blocks_are_refused() {
 
 const TRANSFORMERS_SCRIPT: &str = include_str!("quant_reference.py");
 
-/// `quant_reference.py` written into `dir`, as a function that runs it
-/// with the test venv's Python (`CHATVEC_SFT_PYTHON`) and returns stdout.
-fn reference_script(dir: &Path) -> impl Fn(&[&str]) -> String {
+/// A temporary directory holding `quant_reference.py`'s models (its
+/// `write`), and a function that runs the script with the test venv's
+/// Python (`CHATVEC_SFT_PYTHON`) and returns stdout.
+fn reference_models() -> (tempfile::TempDir, impl Fn(&[&str]) -> String) {
+    let root = tempfile::tempdir().unwrap();
     let py =
         std::env::var_os("CHATVEC_SFT_PYTHON").map(std::path::PathBuf::from).expect("CHATVEC_SFT_PYTHON");
-    let script = dir.join("quant.py");
+    let script = root.path().join("quant.py");
     std::fs::write(&script, TRANSFORMERS_SCRIPT).unwrap();
-    move |args: &[&str]| {
+    let run = move |args: &[&str]| {
         let o = std::process::Command::new(&py).arg(&script).args(args).output().unwrap();
         assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
         String::from_utf8_lossy(&o.stdout).into_owned()
-    }
+    };
+    run(&["write", s(root.path())]);
+    (root, run)
 }
 
 /// `--out-dtype fp8` gives the codes and `weight_scale_inv` transformers'
@@ -538,10 +542,8 @@ fn reference_script(dir: &Path) -> impl Fn(&[&str]) -> String {
 #[test]
 #[ignore = "needs transformers 5: CHATVEC_SFT_PYTHON=$(scripts/sft-venv.sh) cargo test --test quant -- --ignored"]
 fn transformers_fp8_quantizer_matches_out_dtype_fp8_bit_for_bit() {
-    let root = tempfile::tempdir().unwrap();
+    let (root, py_run) = reference_models();
     let r = root.path();
-    let py_run = reference_script(r);
-    py_run(&["write", s(r)]);
     // The same base under scale_fmt ue8m0 (power-of-two inverse scales).
     let ue8m0 = r.join("fp8-ue8m0");
     std::fs::create_dir_all(&ue8m0).unwrap();
@@ -571,10 +573,8 @@ fn transformers_fp8_quantizer_matches_out_dtype_fp8_bit_for_bit() {
 #[test]
 #[ignore = "needs transformers 5: CHATVEC_SFT_PYTHON=$(scripts/sft-venv.sh) cargo test --test quant -- --ignored"]
 fn out_dtype_mxfp4_loads_in_transformers() {
-    let root = tempfile::tempdir().unwrap();
+    let (root, py_run) = reference_models();
     let r = root.path();
-    let py_run = reference_script(r);
-    py_run(&["write", s(r)]);
     let out = r.join("out-mxfp4");
     let (base, chat, pre) = (r.join("mxfp4"), r.join("chat-oss"), r.join("pre-oss"));
     let args = ["apply", "--base", s(&base), "--chat", s(&chat), "--pretrained", s(&pre), "-o", s(&out)];
@@ -590,10 +590,8 @@ fn out_dtype_mxfp4_loads_in_transformers() {
 #[test]
 #[ignore = "needs transformers 5: CHATVEC_SFT_PYTHON=$(scripts/sft-venv.sh) cargo test --test quant -- --ignored"]
 fn transformers_dequantizers_match_chatvec_decode_bit_for_bit() {
-    let root = tempfile::tempdir().unwrap();
+    let (root, py_run) = reference_models();
     let r = root.path();
-    let py_run = reference_script(r);
-    py_run(&["write", s(r)]);
     let mut outs = Vec::new();
     for m in ["fp8-e4m3", "fp8-e5m2", "mxfp4"] {
         let recipe = r.join(format!("{m}.yml"));

@@ -15,9 +15,17 @@ import torch
 from safetensors.torch import save_file, load_file
 from transformers import AutoConfig, AutoModelForCausalLM, FineGrainedFP8Config, Mxfp4Config
 
-def fp8(out, e5m2):
-    cfg = AutoConfig.for_model("qwen3", hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+def qwen3_config():
+    return AutoConfig.for_model("qwen3", hidden_size=32, intermediate_size=48, num_hidden_layers=2,
         num_attention_heads=2, num_key_value_heads=1, vocab_size=64, head_dim=16)
+
+def gpt_oss_config():
+    return AutoConfig.for_model("gpt_oss", hidden_size=64, intermediate_size=32, num_hidden_layers=2,
+        num_attention_heads=2, num_key_value_heads=1, vocab_size=64, head_dim=32, num_local_experts=3,
+        num_experts_per_tok=2)
+
+def fp8(out, e5m2):
+    cfg = qwen3_config()
     torch.manual_seed(0)
     m = AutoModelForCausalLM.from_config(cfg).to(torch.bfloat16)
     g = torch.Generator().manual_seed(1)
@@ -49,9 +57,7 @@ def fp8(out, e5m2):
     return d, ref
 
 def mxfp4(out):
-    cfg = AutoConfig.for_model("gpt_oss", hidden_size=64, intermediate_size=32, num_hidden_layers=2,
-        num_attention_heads=2, num_key_value_heads=1, vocab_size=64, head_dim=32, num_local_experts=3,
-        num_experts_per_tok=2)
+    cfg = gpt_oss_config()
     torch.manual_seed(0)
     m = AutoModelForCausalLM.from_config(cfg).to(torch.bfloat16)
     g = torch.Generator().manual_seed(5)
@@ -78,37 +84,23 @@ def mxfp4(out):
     ref = AutoModelForCausalLM.from_pretrained(d, quantization_config=Mxfp4Config(dequantize=True), dtype=torch.float32)
     return d, ref
 
-def oss_pair(out):
-    # a bf16 gpt-oss chat pair of the MXFP4 model's architecture
-    cfg = AutoConfig.for_model("gpt_oss", hidden_size=64, intermediate_size=32, num_hidden_layers=2,
-        num_attention_heads=2, num_key_value_heads=1, vocab_size=64, head_dim=32, num_local_experts=3,
-        num_experts_per_tok=2)
-    torch.manual_seed(8)
+def chat_pair(out, cfg, seed, pre_name, chat_name):
+    # a bf16 pretrained model and its "chat" model (the pretrained one nudged)
+    torch.manual_seed(seed)
     pre = AutoModelForCausalLM.from_config(cfg).to(torch.bfloat16)
-    pre.save_pretrained(os.path.join(out, "pre-oss"))
+    pre.save_pretrained(os.path.join(out, pre_name))
     with torch.no_grad():
         for p in pre.parameters():
             p.add_(0.02 * torch.randn_like(p))
-    pre.save_pretrained(os.path.join(out, "chat-oss"))
-
-def chat_pair(out):
-    cfg = AutoConfig.for_model("qwen3", hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-        num_attention_heads=2, num_key_value_heads=1, vocab_size=64, head_dim=16)
-    torch.manual_seed(7)
-    pre = AutoModelForCausalLM.from_config(cfg).to(torch.bfloat16)
-    pre.save_pretrained(os.path.join(out, "pre"))
-    with torch.no_grad():
-        for p in pre.parameters():
-            p.add_(0.02 * torch.randn_like(p))
-    pre.save_pretrained(os.path.join(out, "chat"))
+    pre.save_pretrained(os.path.join(out, chat_name))
 
 if sys.argv[1] == "write":
     out = sys.argv[2]
     for d, ref in [fp8(out, False), fp8(out, True), mxfp4(out)]:
         sd = {k: v.detach().float().contiguous() for k, v in ref.state_dict().items()}
         save_file(sd, d + "-ref.safetensors")
-    chat_pair(out)
-    oss_pair(out)
+    chat_pair(out, qwen3_config(), 7, "pre", "chat")
+    chat_pair(out, gpt_oss_config(), 8, "pre-oss", "chat-oss")
 elif sys.argv[1] == "mxfp4-load":
     # loads chatvec's MXFP4 output in transformers (dequantize=True, float32):
     # every key present, each expert equal to its blocks and scales decoded
