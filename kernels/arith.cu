@@ -1,4 +1,4 @@
-// The chat-vector family (src/arith.rs), fused: each kernel decodes its
+// The chat-vector family (src/arith/formulas.rs), fused: each kernel decodes its
 // operands, applies the formula in the documented order and rounds once.
 // Input dtypes are kernel arguments (a stored f32 vector is often applied
 // to a bf16 base); the output dtype is a template parameter, instantiated

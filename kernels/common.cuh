@@ -1,8 +1,8 @@
 // Shared definitions for chatvec's kernels: dtype codes, exact decoding,
 // round-to-nearest-even encoding written out on the bits (the same
-// algorithms as src/dtype.rs and the `half` crate), the SplitMix64 counter
+// algorithms as src/model/dtype.rs and the `half` crate), the SplitMix64 counter
 // generator of src/rng.rs, and the fixed-order f64 block reduction of
-// src/lanes.rs.
+// src/merge/lanes.rs.
 //
 // Every f32 operation in these kernels is an explicit `__fadd_rn` /
 // `__fmul_rn` / `__fsub_rn` / `__fdiv_rn`, and the program is compiled
@@ -20,9 +20,9 @@ typedef unsigned char u8;
 #define TY_F16 1
 #define TY_F32 2
 
-// Threads per block, and lanes of the f64 reductions (src/lanes.rs LANES).
+// Threads per block, and lanes of the f64 reductions (src/merge/lanes.rs LANES).
 #define LANES 256
-// Elements per statistics block (src/merge_stats.rs STAT_BLOCK).
+// Elements per statistics block (src/merge/select.rs STAT_BLOCK).
 #define STAT_BLOCK 65536ull
 
 __device__ __forceinline__ float bf16_to_f32(u16 b) { return __uint_as_float(((u32)b) << 16); }
@@ -113,7 +113,7 @@ __device__ __forceinline__ float uniform(u64 stream, u64 index) {
 __device__ __forceinline__ u32 mag_bits(float d) { return __float_as_uint(d) & 0x7fffffffu; }
 
 // Sums `K` f64 lanes over the block's 256 threads in the fixed tree order
-// of src/lanes.rs: for s = 128, 64, ..., 1, lane j += lane j + s. Every
+// of src/merge/lanes.rs: for s = 128, 64, ..., 1, lane j += lane j + s. Every
 // thread must call it; thread 0 gets the totals in `acc`.
 template <int K>
 __device__ __forceinline__ void lane_tree(double (&acc)[K]) {

@@ -1,4 +1,4 @@
-// The element-wise pass of the merge methods (src/merge_compute.rs) as a
+// The element-wise pass of the merge methods (src/merge/element.rs) as a
 // chain of small kernels over f32 device buffers: decode, delta, mask,
 // rescale/weight, combine, encode. Each step is the CPU's step on the same
 // values in the same order; the f32 intermediates cost device bandwidth,
@@ -30,7 +30,7 @@ extern "C" __global__ void mask_random(float* x, u64 n, u64 start, u64 stream, f
     FOR_EACH(i, n) { x[i] = __fmul_rn(x[i], uniform(stream, start + i) < prob ? 1.0f : 0.0f); }
 }
 
-// DELLA's keep probability (src/merge_stats.rs della_probability).
+// DELLA's keep probability (src/merge/stats.rs della_probability).
 __device__ __forceinline__ float della_probability(double density, double epsilon, u32 r, u64 len) {
     float rank_norm = len > 1 ? __fdiv_rn(__uint2float_rn(r), __ull2float_rn(len - 1)) : 0.0f;
     float lo = __double2float_rn(__dsub_rn(density, epsilon));

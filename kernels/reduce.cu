@@ -1,7 +1,7 @@
 // The f64 reductions of SLERP, model_stock and the random masks' L1
-// rescaling (src/merge_stats.rs). One CUDA block of 256 threads per stats
+// rescaling (src/merge/stats.rs). One CUDA block of 256 threads per stats
 // block; thread t sums the block's elements t, t + 256, ... (lane t), then
-// the lanes are added in the fixed tree order of src/lanes.rs, so each
+// the lanes are added in the fixed tree order of src/merge/lanes.rs, so each
 // block's partial equals the CPU's bit for bit. `bounds` holds the chunk's
 // block boundaries (nblocks + 1 offsets into the chunk) where blocks follow
 // rows.

@@ -1,4 +1,4 @@
-// Statistics for rank selection (TIES, breadcrumbs; src/merge_stats.rs):
+// Statistics for rank selection (TIES, breadcrumbs; src/merge/select.rs):
 // the radix-select histograms over the f32 bits of |d|, the per-block
 // counts of boundary-equal magnitudes, and the L1 sums for rescaling. All
 // read the deltas `d` of one model over one chunk. Counts are integers, so

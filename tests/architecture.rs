@@ -309,3 +309,54 @@ fn no_option_default_is_written_twice() {
     }
     assert!(bad.is_empty(), "{}", bad.join("\n"));
 }
+
+/// The CUDA kernels' comments name the CPU code each must match bit for
+/// bit (`src/merge/lanes.rs LANES`); after files move into rooms those
+/// names must follow, or whoever checks a kernel reads the wrong code.
+/// Every `src/...rs` or `kernels/...` path named in a kernel or in
+/// `src/cuda/`, and every item named right after one, exists.
+#[test]
+fn every_file_a_kernel_comment_names_exists() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let mut files: Vec<PathBuf> = std::fs::read_dir(root.join("kernels"))
+        .unwrap()
+        .chain(std::fs::read_dir(root.join("src/cuda")).unwrap())
+        .map(|e| e.unwrap().path())
+        .collect();
+    files.sort();
+    let mut named = 0;
+    for f in &files {
+        let text = std::fs::read_to_string(f).unwrap();
+        for line in text.lines().filter(|l| l.trim_start().starts_with("//")) {
+            let words: Vec<&str> = line
+                .split(|c: char| c.is_whitespace() || "(),;:`".contains(c))
+                .filter(|w| !w.is_empty())
+                .collect();
+            for (i, w) in words.iter().enumerate() {
+                let w = w.trim_end_matches('.');
+                let path = if w.starts_with("src/") && w.ends_with(".rs") {
+                    root.join(w)
+                } else if w.starts_with("kernels/") && !w.contains('*') {
+                    root.join(w)
+                } else {
+                    continue;
+                };
+                named += 1;
+                assert!(path.exists(), "{}: names {w}, which does not exist", f.display());
+                // An item named right after the file (`src/merge/lanes.rs LANES`).
+                if let Some(item) =
+                    words.get(i + 1).filter(|n| n.chars().all(|c| c.is_alphanumeric() || c == '_'))
+                    && item.contains('_') | item.chars().all(|c| c.is_ascii_uppercase() || c == '_')
+                {
+                    let src = std::fs::read_to_string(&path).unwrap();
+                    assert!(
+                        src.contains(*item),
+                        "{}: names {w} {item}, which {w} does not hold",
+                        f.display()
+                    );
+                }
+            }
+        }
+    }
+    assert!(named >= 10, "only {named} paths named: the scan is not reading the comments");
+}
