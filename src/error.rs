@@ -198,6 +198,20 @@ pub enum GpuError {
         /// The directories searched besides the library path.
         searched: Vec<PathBuf>,
     },
+    /// The NVRTC found is of a newer major version than the driver: its
+    /// CUBINs would not load.
+    #[error(
+        "NVRTC {}.{} ({found}) is newer than the CUDA driver ({}.{}): kernels it compiles need a {}.x driver; set CHATVEC_NVRTC to a libnvrtc.so.{} (the CUDA {}.x toolkit or the nvidia-cuda-nvrtc-cu{} wheel), or update the driver",
+        nvrtc.0, nvrtc.1, driver.0, driver.1, nvrtc.0, driver.0, driver.0, driver.0
+    )]
+    NvrtcTooNew {
+        /// NVRTC's (major, minor).
+        nvrtc: (i32, i32),
+        /// Which library that is (a path, or the name the library path gave).
+        found: String,
+        /// The driver's CUDA (major, minor).
+        driver: (i32, i32),
+    },
     /// The driver sees no GPU at all.
     #[error("the CUDA driver sees no GPU")]
     NoGpu,

@@ -68,7 +68,8 @@ impl fmt::Display for DeviceChoice {
 /// `catch_unwind`.
 pub(crate) fn open(ordinal: usize, budget: Option<u64>) -> Result<Gpu> {
     loader::open_driver()?;
-    loader::open_nvrtc()?;
+    let nvrtc = loader::open_nvrtc()?;
+    without_panic(|| loader::check_nvrtc_against_driver(&nvrtc))?;
     without_panic(|| Gpu::open(ordinal, budget))
 }
 
