@@ -285,9 +285,16 @@ pub(crate) fn chatvec(args: &[&str]) -> Output {
 }
 
 /// The chatvec binary with its hash cache kept inside the build tree.
+/// A test binary carried to another machine (the GPU check,
+/// scripts/gpu-check.sh) is told where chatvec is by `CHATVEC_BIN`, and
+/// keeps the cache in the temporary directory when the build tree is not
+/// there.
 pub(crate) fn command() -> Command {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_chatvec"));
-    c.env("CHATVEC_CACHE_DIR", Path::new(env!("CARGO_TARGET_TMPDIR")).join("hash-cache"));
+    let bin = std::env::var_os("CHATVEC_BIN").unwrap_or_else(|| env!("CARGO_BIN_EXE_chatvec").into());
+    let mut c = Command::new(bin);
+    let tmp = Path::new(env!("CARGO_TARGET_TMPDIR"));
+    let tmp = if tmp.is_dir() { tmp.to_path_buf() } else { std::env::temp_dir().join("chatvec-tests") };
+    c.env("CHATVEC_CACHE_DIR", tmp.join("hash-cache"));
     c
 }
 
