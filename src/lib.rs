@@ -124,6 +124,7 @@ pub use units::{human_bytes, parse_size};
 
 // Reading a checkpoint and hashing files as chatvec does (the demo's and
 // the benchmark's checks).
+pub use cuda::stage_into;
 pub use exec::default_threads;
 pub use hash::{hex, sha256_file};
 pub use model::{Checkpoint, DType, Tensor};

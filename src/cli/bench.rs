@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 
 use chatvec::{
     Checkpoint, DType, DeviceChoice, Error, FloatType, Result, default_threads, human_count, sha256_file,
+    stage_into,
 };
 use clap::Args;
 use memmap2::Mmap;
@@ -273,6 +274,10 @@ pub(crate) struct BenchReport {
     /// `cold_io_floor`).
     pub floor_read_seconds: f64,
     pub floor_seconds: f64,
+    /// The GPU engine's host staging (`stage_into`) over the warm inputs,
+    /// in GB/s: on `threads` threads, and on one (`None` when the inputs
+    /// exceed memory: then the disk is the limit).
+    pub stage_gb_per_s: Option<[f64; 2]>,
     /// Apply hashing every input shard (`--rehash`).
     pub apply: Measured,
     /// Apply with input hashes from the cache.
@@ -546,6 +551,41 @@ fn ensure_inputs(root: &Path, shape: &LlamaShape) -> Result<(PathBuf, PathBuf, P
     Ok((dirs.remove(0), dirs.remove(0), dirs.remove(0)))
 }
 
+/// Bytes per operand of a staged job: the GPU engine's largest chunk
+/// (4M elements) of bf16.
+const STAGE_PART: usize = 8 << 20;
+
+/// The GPU engine's host staging as it runs it (`chatvec::stage_into`):
+/// the inputs' bytes, three operands of `STAGE_PART` per job, copied from
+/// the warm page cache into one job-sized buffer (pinned memory on a GPU
+/// machine, plain pre-faulted memory here), on `threads` threads and on
+/// one. GB/s moved, the faster of two passes each.
+fn stage_rate(dirs: &[&Path], threads: usize) -> Result<[f64; 2]> {
+    let mut maps: Vec<Mmap> = Vec::new();
+    for path in shard_paths(dirs)? {
+        let f = File::open(&path).map_err(io("opening", &path))?;
+        // SAFETY: as in `read_floor`.
+        maps.push(unsafe { Mmap::map(&f) }.map_err(io("mapping", &path))?);
+    }
+    let pieces: Vec<&[u8]> = maps.iter().flat_map(|m| m.chunks(STAGE_PART)).collect();
+    let offsets: Vec<usize> = (0..3).map(|k| k * STAGE_PART).collect();
+    let mut host = vec![1u8; 3 * STAGE_PART];
+    let bytes: usize = pieces.iter().map(|p| p.len()).sum();
+    let mut rate = |threads: usize| {
+        let mut best = f64::MAX;
+        for _ in 0..2 {
+            let start = Instant::now();
+            for job in pieces.chunks(3) {
+                stage_into(&mut host, job, &offsets[..job.len()], threads);
+            }
+            best = best.min(start.elapsed().as_secs_f64());
+        }
+        std::hint::black_box(&host);
+        bytes as f64 / 1e9 / best
+    };
+    Ok([rate(threads), rate(1)])
+}
+
 /// Seconds to read every input shard from memory (after one warming pass).
 fn read_floor(dirs: &[&Path]) -> Result<f64> {
     let mut maps: Vec<Mmap> = Vec::new();
@@ -748,6 +788,7 @@ pub(crate) fn run(a: &BenchArgs, json: bool) -> Result<()> {
         true => cold_io_floor(&[&pre, &chat, &base], &root, output_bytes)?,
         false => read_floor(&[&pre, &chat, &base])?,
     };
+    let stage = if cold { None } else { Some(stage_rate(&[&pre, &chat, &base], threads)?) };
     let floor_write_before = write_floor(&root, output_bytes, false)?;
     let floor_direct_before = write_floor(&root, output_bytes, true)?;
 
@@ -910,6 +951,7 @@ pub(crate) fn run(a: &BenchArgs, json: bool) -> Result<()> {
         floor_write_runs: [floor_write_before, floor_write_after],
         floor_write_direct_runs: [floor_direct_before, floor_direct_after],
         floor_read_seconds: floor_read,
+        stage_gb_per_s: stage,
         floor_seconds: floor,
         apply_output_gb_per_s: gb(output_bytes, apply.seconds),
         apply_input_gb_per_s: gb(input_bytes, apply.seconds),
@@ -956,6 +998,11 @@ pub(crate) fn run(a: &BenchArgs, json: bool) -> Result<()> {
         },
         floor
     );
+    if let Some([many, one]) = rep.stage_gb_per_s {
+        t += &format!(
+            "GPU host staging (operands into a job's buffer, from the page cache): {many:.1} GB/s on {threads} threads, {one:.1} GB/s on one\n"
+        );
+    }
     t += &format!(
         "chatvec apply, hashing all inputs: {:.2} s ({:.2}x floor), {:.2} GB/s out, {:.2} GB/s in, peak RssAnon {:.0} MiB, peak RSS {:.0} MiB\n",
         rep.apply.seconds,

@@ -38,6 +38,10 @@ pub(super) const THREADS: u32 = 256;
 const MAX_CHUNK: u64 = 1 << 22;
 /// Operands start on this alignment inside a slot's input buffer.
 const ALIGN: usize = 256;
+/// Pinned buffers small copies go through, in rotation (see `Gpu::small`).
+const SMALL_RING: usize = 8;
+/// Threads that fill a slot's pinned input at most (`staging`).
+const STAGE_THREADS: usize = 16;
 
 /// A driver call's failure as chatvec's error, naming what was being done.
 fn err(what: &str) -> impl Fn(cudarc::driver::DriverError) -> Error + '_ {
@@ -93,6 +97,9 @@ pub(super) struct Slot {
     pending: Option<usize>,
 }
 
+/// A pinned buffer for small copies, and the event after its last one.
+type SmallBuffer = (PinnedHostSlice<u8>, CudaEvent);
+
 /// An open GPU.
 pub(crate) struct Gpu {
     ctx: Arc<CudaContext>,
@@ -105,6 +112,11 @@ pub(crate) struct Gpu {
     budget: u64,
     pub multiprocessors: u32,
     slots: RefCell<Vec<Slot>>,
+    /// Threads that copy a job's operands into its pinned slot.
+    stage_threads: usize,
+    /// Pinned buffers for small copies and the event after each one's
+    /// last upload, used in turn (`small`).
+    small_ring: RefCell<(usize, Vec<Option<SmallBuffer>>)>,
 }
 
 /// Every kernel the engine launches (kernels/*.cu).
@@ -188,6 +200,8 @@ impl Gpu {
             budget,
             multiprocessors,
             slots: RefCell::new(Vec::new()),
+            stage_threads: std::thread::available_parallelism().map_or(1, |n| n.get()).min(STAGE_THREADS),
+            small_ring: RefCell::new((0, (0..SMALL_RING).map(|_| None).collect())),
         })
     }
 
@@ -242,21 +256,59 @@ impl Gpu {
         self.compute.alloc_zeros::<T>(len.max(1)).map_err(err("allocating device memory"))
     }
 
-    /// A device copy of a small host array, on the compute stream (the
-    /// copy from pageable memory is staged before the call returns).
+    /// A device copy of a small host array, on the compute stream,
+    /// through one of `SMALL_RING` pinned buffers in turn: a copy from
+    /// pageable memory may make the driver wait for the stream, which
+    /// would drain the slots' overlap at every merge job. A buffer is
+    /// rewritten only after its previous copy is done (its event).
     pub(crate) fn small<T: cudarc::driver::DeviceRepr + cudarc::driver::ValidAsZeroBits>(
         &self,
         data: &[T],
     ) -> Result<CudaSlice<T>> {
         let d = self.zeros::<T>(data.len())?;
-        if !data.is_empty() {
-            // SAFETY: `d` holds `data.len()` elements; the copy from
-            // pageable memory is staged by the driver before the call
-            // returns, so `data` may go away at once.
-            unsafe { drv::memcpy_htod_async(self.ptr(&d), data, self.compute.cu_stream()) }
-                .map_err(err("uploading parameters"))?;
+        if data.is_empty() {
+            return Ok(d);
         }
+        let len = std::mem::size_of_val(data);
+        // SAFETY: `DeviceRepr` types are plain data the driver copies
+        // byte for byte; the slice covers exactly `data`'s bytes.
+        let bytes = unsafe { std::slice::from_raw_parts(data.as_ptr().cast::<u8>(), len) };
+        let mut ring = self.small_ring.borrow_mut();
+        let (next, buffers) = &mut *ring;
+        let entry = &mut buffers[*next];
+        *next = (*next + 1) % SMALL_RING;
+        if let Some((_, done)) = entry.as_ref() {
+            done.synchronize().map_err(err("waiting for a parameter upload"))?;
+        }
+        if entry.as_ref().is_none_or(|(pin, _)| pin.len() < len) {
+            let pin = self.pinned((len.max(64 << 10)).next_power_of_two(), true)?;
+            let done = self.ctx.new_event(None).map_err(err("creating an event"))?;
+            *entry = Some((pin, done));
+        }
+        let Some((pin, done)) = entry.as_mut() else { unreachable!("filled just above") };
+        let host = pin.as_mut_slice().map_err(err("mapping pinned memory"))?;
+        host[..len].copy_from_slice(bytes);
+        // SAFETY: `d` holds `len` bytes; the pinned `host` is not written
+        // again before `done` (recorded after this copy) completes, nor
+        // freed before (`Drop` waits for every stream).
+        unsafe { drv::memcpy_htod_async(self.ptr(&d), &host[..len], self.compute.cu_stream()) }
+            .map_err(err("uploading parameters"))?;
+        done.record(&self.compute).map_err(err("recording an event"))?;
         Ok(d)
+    }
+
+    /// A pinned host buffer of `len` bytes, zeroed (so every byte a copy
+    /// sends was written, alignment padding included); write-combined
+    /// when the host only writes it.
+    fn pinned(&self, len: usize, write_combined: bool) -> Result<PinnedHostSlice<u8>> {
+        let flags = if write_combined { cudarc::driver::sys::CU_MEMHOSTALLOC_WRITECOMBINED } else { 0 };
+        // SAFETY: the bytes are written (zeroed) below before anything
+        // reads them; the buffer is freed only after the copies using it
+        // completed (its users' events, and `Drop`).
+        let mut pin = unsafe { self.ctx.alloc_pinned_with_flags::<u8>(len.max(1), flags) }
+            .map_err(err("allocating pinned memory"))?;
+        pin.as_mut_slice().map_err(err("mapping pinned memory"))?.fill(0);
+        Ok(pin)
     }
 
     /// Copies a device buffer back (waits for the compute stream).
@@ -298,16 +350,13 @@ impl Gpu {
         let ev = || self.ctx.new_event(None).map_err(err("creating an event"));
         let slot = Slot {
             // Write-combined for the host's writes; plain for its reads.
-            // SAFETY: pinned buffers hold plain bytes, written before they
-            // are read, and freed only after their slot's events completed.
-            pin_in: unsafe { self.ctx.alloc_pinned::<u8>(input.max(1)) }
-                .map_err(err("allocating pinned memory"))?,
+            // Both zeroed at allocation, and freed only after their slot's
+            // events completed.
+            pin_in: self.pinned(input, true)?,
             dev_in: self.zeros::<u8>(input)?,
             work: self.zeros::<u8>(work)?,
             dev_out: self.zeros::<u8>(out)?,
-            // SAFETY: as for `pin_in`.
-            pin_out: unsafe { self.ctx.alloc_pinned_with_flags::<u8>(out.max(1), 0) }
-                .map_err(err("allocating pinned memory"))?,
+            pin_out: self.pinned(out, false)?,
             uploaded: ev()?,
             computed: ev()?,
             downloaded: ev()?,
@@ -343,9 +392,9 @@ impl Gpu {
         // device input once the slot's last compute is.
         s.uploaded.synchronize().map_err(err("waiting for an upload"))?;
         let host = s.pin_in.as_mut_slice().map_err(err("mapping pinned memory"))?;
-        for (p, &o) in parts.iter().zip(&offsets) {
-            host[o..o + p.len()].copy_from_slice(p);
-        }
+        // The padding between parts stays as it was: zeroed at allocation
+        // or a previous job's bytes, never uninitialized memory.
+        super::staging::stage_into(host, parts, &offsets, self.stage_threads);
         self.up.wait(&s.computed).map_err(err("ordering streams"))?;
         let dst = s.dev_in.device_ptr(&self.up).0;
         // SAFETY: `dev_in` and the pinned `host` hold at least `total`

@@ -15,6 +15,7 @@ mod jobs;
 mod kernels;
 mod loader;
 mod passes;
+mod staging;
 
 use std::fmt;
 
@@ -22,6 +23,7 @@ use crate::error::{Error, GpuError, Result};
 use crate::ui;
 pub(crate) use engine::{Gpu, KArg, SLOTS};
 pub(crate) use passes::GpuPasses;
+pub use staging::stage_into;
 
 /// `--device`: where the heavy arithmetic runs. The output bytes are the
 /// same on every device.
