@@ -26,7 +26,8 @@
 # summary.txt, check.log (every step's output under its name), and the
 # bench reports bench-cuda.json and bench-cpu.json. Models and runs go to a
 # temporary directory. KIT (default gpu-kit) names the kit; PYTHON the
-# interpreter with torch (default: $CHATVEC_SFT_PYTHON, else python3).
+# interpreter with torch (default: $CHATVEC_SFT_PYTHON, else python3);
+# BENCH_SHAPE the GPU run's bench shape (default 70b-layer).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
@@ -186,11 +187,11 @@ else
     step gpu-tests 180 "$tests" --include-ignored --test-threads 1
     step demo 60 "$bin" demo --device cuda
     step pcie 60 pcie
-    step bench-cuda 120 bench cuda 70b-layer
+    step bench-cuda 120 bench cuda "${BENCH_SHAPE:-70b-layer}"
     step tiny-model 60 tiny
     step sft-fsdp 120 sft
     step eval 90 eval_tiny
-    step bench-cpu 120 bench cpu 70b-layer
+    step bench-cpu 120 bench cpu "${BENCH_SHAPE:-70b-layer}"
 fi
 cat "$summary"
 echo "$failed step(s) failed; logs in $log"
