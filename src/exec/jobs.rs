@@ -242,6 +242,9 @@ fn push_inv(inv: &[f32], dtype: crate::model::dtype::DType, out: &mut Vec<u8>) {
 /// is full.
 fn stash_put(plan: &Plan, weight: usize, band: u64, scales: Vec<u8>, err: QuantError) -> Result<()> {
     let mut stash = plan.requant.stash.lock().map_err(|_| Error::Internal("scale stash poisoned".into()))?;
+    if stash.missed.remove(&(weight, band)) {
+        return Ok(());
+    }
     if stash.bytes + scales.len() <= STASH_BYTES {
         stash.bytes += scales.len();
         stash.bands.insert((weight, band), (scales, err));
@@ -253,8 +256,11 @@ fn stash_put(plan: &Plan, weight: usize, band: u64, scales: Vec<u8>, err: QuantE
 fn stash_take(plan: &Plan, weight: usize, band: u64) -> Result<Option<(Vec<u8>, QuantError)>> {
     let mut stash = plan.requant.stash.lock().map_err(|_| Error::Internal("scale stash poisoned".into()))?;
     let found = stash.bands.remove(&(weight, band));
-    if let Some((s, _)) = &found {
-        stash.bytes -= s.len();
+    match &found {
+        Some((s, _)) => stash.bytes -= s.len(),
+        None => {
+            stash.missed.insert((weight, band));
+        }
     }
     Ok(found)
 }

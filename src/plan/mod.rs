@@ -175,6 +175,11 @@ pub(crate) struct Requant {
 pub(crate) struct Stash {
     pub bands: std::collections::HashMap<(usize, u64), (Vec<u8>, crate::arith::requant::QuantError)>,
     pub bytes: usize,
+    /// Bands whose scales job found nothing and computed them itself:
+    /// when it ran before their codes job finished (the two ran at once),
+    /// that codes job keeps nothing, or it would sit in the stash for
+    /// good. 16 bytes per band not found, at most one per band.
+    pub missed: std::collections::HashSet<(usize, u64)>,
 }
 
 /// How one output weight is quantized again.
