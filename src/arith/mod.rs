@@ -159,6 +159,34 @@ fn table_mean(sources: &[Src], u: &RowTable, which: usize, rows: u64) -> Vec<f32
     sum.iter().map(|s| (s / rows.max(1) as f64) as f32).collect()
 }
 
+/// `for_each_delta` for several models over one base: each block of the
+/// base is decoded once, then `f(first_index, model, deltas)` is called
+/// for each model of `xs` in turn, with the same f32 values
+/// `for_each_delta` gives for that model.
+#[inline]
+pub(crate) fn for_each_deltas(
+    base: View<'_>,
+    xs: &[View<'_>],
+    range: std::ops::Range<u64>,
+    mut f: impl FnMut(u64, usize, &[f32]),
+) {
+    let mut b = [0f32; BLOCK];
+    let mut d = [0f32; BLOCK];
+    let mut p = range.start;
+    while p < range.end {
+        let m = (BLOCK as u64).min(range.end - p) as usize;
+        base.decode_at(p, &mut b[..m]);
+        for (k, x) in xs.iter().enumerate() {
+            x.decode_at(p, &mut d[..m]);
+            for (dj, bj) in d[..m].iter_mut().zip(&b[..m]) {
+                *dj -= *bj;
+            }
+            f(p, k, &d[..m]);
+        }
+        p += m as u64;
+    }
+}
+
 /// Calls `f(first_index, deltas)` for consecutive blocks of `x - base`
 /// (f32) over `range`.
 #[inline]

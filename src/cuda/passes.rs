@@ -87,61 +87,79 @@ impl GpuPasses<'_> {
         stats::blocks(self.n, self.n.max(1))
     }
 
-    fn histogram(&self, k: usize, bins: usize, low: Option<(u32, u32)>) -> Result<Vec<u64>> {
+    /// Histograms of `|d_k|` for each model of `ks`, all in one stream of
+    /// the tensor: the high 16 bits, or with `low` the low 16 bits inside
+    /// each model's two high bins.
+    fn histograms(&self, ks: &[usize], bins: usize, low: Option<&[(u32, u32)]>) -> Result<Vec<Vec<u64>>> {
         let g = self.gpu;
-        let hist = g.zeros::<u64>(bins)?;
-        let h = g.ptr(&hist);
-        self.stream(&self.whole_blocks(), &[k], true, |_, work, n| {
-            let d = work + 4 * n;
-            match low {
-                None => launch!(g, "hist_high", g.grid(n), [d, n, h]),
-                Some((b0, b1)) => launch!(g, "hist_low", g.grid(n), [d, n, b0, b1, h]),
+        let hists = ks.iter().map(|_| g.zeros::<u64>(bins)).collect::<Result<Vec<_>>>()?;
+        self.stream(&self.whole_blocks(), ks, true, |_, work, n| {
+            for (j, hist) in hists.iter().enumerate() {
+                let (d, h) = (work + 4 * n * (j as u64 + 1), g.ptr(hist));
+                match low {
+                    None => launch!(g, "hist_high", g.grid(n), [d, n, h])?,
+                    Some(b) => launch!(g, "hist_low", g.grid(n), [d, n, b[j].0, b[j].1, h])?,
+                }
             }
+            Ok(())
         })?;
-        g.fetch(&hist, bins)
+        hists.iter().map(|h| g.fetch(h, bins)).collect()
     }
 }
 
 impl Passes for GpuPasses<'_> {
-    fn hist_high(&self, k: usize) -> Result<Vec<u64>> {
-        self.histogram(k, 1 << 15, None)
+    fn hist_high(&self, ks: &[usize]) -> Result<Vec<Vec<u64>>> {
+        self.histograms(ks, 1 << 15, None)
     }
 
-    fn hist_low(&self, k: usize, b0: u32, b1: u32) -> Result<Vec<u64>> {
-        self.histogram(k, 2 << 16, Some((b0, b1)))
+    fn hist_low(&self, ks: &[usize], bins: &[(u32, u32)]) -> Result<Vec<Vec<u64>>> {
+        self.histograms(ks, 2 << 16, Some(bins))
     }
 
-    fn eq_counts(&self, k: usize, lo: u32, hi: u32) -> Result<Vec<(u64, u64)>> {
+    fn eq_counts(&self, ks: &[usize], vals: &[(u32, u32)]) -> Result<Vec<Vec<(u64, u64)>>> {
         let g = self.gpu;
         let blocks = self.whole_blocks();
-        let out = g.zeros::<u64>(2 * blocks.len())?;
-        let o = g.ptr(&out);
-        self.stream(&blocks, &[k], true, |c, work, n| {
-            let at = o + 16 * c.blocks.start as u64;
-            launch!(g, "eq_counts", g.per_block(n.div_ceil(STAT_BLOCK)), [work + 4 * n, n, lo, hi, at])
+        let outs = ks.iter().map(|_| g.zeros::<u64>(2 * blocks.len())).collect::<Result<Vec<_>>>()?;
+        self.stream(&blocks, ks, true, |c, work, n| {
+            for (j, out) in outs.iter().enumerate() {
+                let (d, at) = (work + 4 * n * (j as u64 + 1), g.ptr(out) + 16 * c.blocks.start as u64);
+                let (lo, hi) = vals[j];
+                launch!(g, "eq_counts", g.per_block(n.div_ceil(STAT_BLOCK)), [d, n, lo, hi, at])?;
+            }
+            Ok(())
         })?;
-        let v = g.fetch(&out, 2 * blocks.len())?;
-        Ok(v.chunks_exact(2).map(|p| (p[0], p[1])).collect())
+        outs.iter()
+            .map(|out| Ok(g.fetch(out, 2 * blocks.len())?.chunks_exact(2).map(|p| (p[0], p[1])).collect()))
+            .collect()
     }
 
-    fn l1_ranks(&self, k: usize, lo: u32, hi: u32) -> Result<Vec<L1Ranks>> {
+    fn l1_ranks(&self, ks: &[usize], vals: &[(u32, u32)]) -> Result<Vec<Vec<L1Ranks>>> {
         let g = self.gpu;
         let blocks = self.whole_blocks();
-        let sums = g.zeros::<f64>(2 * blocks.len())?;
-        let counts = g.zeros::<u64>(2 * blocks.len())?;
-        let (s, cn) = (g.ptr(&sums), g.ptr(&counts));
-        self.stream(&blocks, &[k], true, |c, work, n| {
+        let sums = ks.iter().map(|_| g.zeros::<f64>(2 * blocks.len())).collect::<Result<Vec<_>>>()?;
+        let counts = ks.iter().map(|_| g.zeros::<u64>(2 * blocks.len())).collect::<Result<Vec<_>>>()?;
+        self.stream(&blocks, ks, true, |c, work, n| {
             let at = 16 * c.blocks.start as u64;
-            launch!(
-                g,
-                "l1_ranks",
-                g.per_block(n.div_ceil(STAT_BLOCK)),
-                [work + 4 * n, n, lo, hi, s + at, cn + at]
-            )
+            for (j, (s, cn)) in sums.iter().zip(&counts).enumerate() {
+                let d = work + 4 * n * (j as u64 + 1);
+                let (lo, hi) = vals[j];
+                launch!(
+                    g,
+                    "l1_ranks",
+                    g.per_block(n.div_ceil(STAT_BLOCK)),
+                    [d, n, lo, hi, g.ptr(s) + at, g.ptr(cn) + at]
+                )?;
+            }
+            Ok(())
         })?;
-        let s = g.fetch(&sums, 2 * blocks.len())?;
-        let c = g.fetch(&counts, 2 * blocks.len())?;
-        Ok((0..blocks.len()).map(|b| (s[2 * b], s[2 * b + 1], c[2 * b], c[2 * b + 1])).collect())
+        sums.iter()
+            .zip(&counts)
+            .map(|(s, c)| {
+                let s = g.fetch(s, 2 * blocks.len())?;
+                let c = g.fetch(c, 2 * blocks.len())?;
+                Ok((0..blocks.len()).map(|b| (s[2 * b], s[2 * b + 1], c[2 * b], c[2 * b + 1])).collect())
+            })
+            .collect()
     }
 
     fn l1_masked(&self, k: usize, keep: &Keep, stream: u64) -> Result<Vec<[f64; 2]>> {

@@ -31,7 +31,7 @@ use rayon::prelude::*;
 use crate::arith::{View, for_each_delta};
 use crate::error::Result;
 use crate::merge::Inputs;
-use crate::merge::select::{Ranked, blocks, chunked_histogram, value_at_ranks};
+use crate::merge::select::{Ranked, chunked_histogram, value_at_ranks};
 
 /// The softmax floor mergekit adds before the KL divergence.
 const EPS: f32 = 1e-8;
@@ -114,19 +114,6 @@ impl Ranked for Scores<'_> {
             hi if hi == b1 => Some((1 << 16) + (v & 0xffff) as usize),
             _ => None,
         }))
-    }
-    fn eq_counts(&self, lo: u32, hi: u32) -> Result<Vec<(u64, u64)>> {
-        Ok(blocks(self.n, self.n.max(1))
-            .into_par_iter()
-            .map(|(_, r)| {
-                let (mut a, mut b) = (0, 0);
-                for_each_score(self.base, self.x, self.kl, self.row_len, r, |v| {
-                    a += (v == lo) as u64;
-                    b += (v == hi) as u64;
-                });
-                (a, b)
-            })
-            .collect())
     }
 }
 

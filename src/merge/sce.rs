@@ -170,9 +170,6 @@ impl Ranked for Variances<'_> {
             }
         }))
     }
-    fn eq_counts(&self, lo: u32, hi: u32) -> Result<Vec<(u64, u64)>> {
-        Ok(self.block_sums(lo, hi).iter().map(|b| (b.eq_lo, b.eq_hi)).collect())
-    }
 }
 
 /// One statistics block's share of SCE's weights, from the pass that also
@@ -270,17 +267,9 @@ pub(crate) fn stats(inputs: &Inputs, n: u64, select_topk: f64) -> Result<SceStat
             // The boundary values, then one pass for their per-block counts
             // and the weights' sums; a block where the boundary rank falls
             // among its equal elements is summed again element by element.
-            let [(lo_val, less_lo), (hi_val, less_hi)] = value_at_ranks(&values, n - keep, n - 1)?;
-            let sums = values.block_sums(lo_val, hi_val);
-            let (mut eq_lo, mut eq_hi) = (Vec::with_capacity(sums.len()), Vec::with_capacity(sums.len()));
-            let (mut sa, mut sb) = (0, 0);
-            for b in &sums {
-                eq_lo.push(sa);
-                eq_hi.push(sb);
-                sa += b.eq_lo;
-                sb += b.eq_hi;
-            }
-            let rk = RankKeep { lo: n - keep, hi: n, lo_val, hi_val, less_lo, less_hi, eq_lo, eq_hi };
+            let at = value_at_ranks(&values, n - keep, n - 1)?;
+            let sums = values.block_sums(at[0].0, at[1].0);
+            let rk = RankKeep::new(n - keep, n, at, sums.iter().map(|b| (b.eq_lo, b.eq_hi)).collect());
             let per_block = sums
                 .par_iter()
                 .enumerate()
@@ -289,7 +278,7 @@ pub(crate) fn stats(inputs: &Inputs, n: u64, select_topk: f64) -> Result<SceStat
                     let upper = (b.eq_hi > 0).then(|| upper_kept(&rk, rk.eq_hi[i], b.eq_hi));
                     // One value at both boundaries: its elements meet both
                     // rules, and `at_lo` holds them.
-                    let (lower, upper) = if lo_val == hi_val {
+                    let (lower, upper) = if rk.lo_val == rk.hi_val {
                         let both = match (lower.flatten(), upper.flatten()) {
                             (Some(false), _) | (_, Some(false)) => Some(false),
                             (Some(true), Some(true)) => Some(true),

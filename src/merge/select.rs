@@ -107,15 +107,14 @@ pub(crate) fn gram_pairs(k: usize) -> Vec<(usize, usize)> {
 }
 
 /// A per-element value ranked by its f32 bits (non-negative, so bit order
-/// is value order): a model's `|d_k|` (TIES, breadcrumbs), or SCE's
-/// variance across the models.
+/// is value order): SCE's variance across the models, arcee_fusion's
+/// scores. (The models' `|d_k|` of TIES and breadcrumbs go through
+/// `merge::stats`' passes, several models at once, with the steps below.)
 pub(crate) trait Ranked {
     /// Histogram of the high 16 bits (`1 << 15` bins).
     fn hist_high(&self) -> Result<Vec<u64>>;
     /// Histograms of the low 16 bits inside high bins `b0` and `b1`.
     fn hist_low(&self, b0: u32, b1: u32) -> Result<Vec<u64>>;
-    /// Per block of `blocks(n, n)`: how many values' bits equal `lo`, `hi`.
-    fn eq_counts(&self, lo: u32, hi: u32) -> Result<Vec<(u64, u64)>>;
 }
 
 fn find_rank(hist: &[u64], r: u64) -> Result<(usize, u64)> {
@@ -133,29 +132,45 @@ fn find_rank(hist: &[u64], r: u64) -> Result<(usize, u64)> {
 /// magnitudes are smaller than each: one pass for the high 16 bits, one
 /// for the low 16 bits inside the one or two bins that hold the ranks.
 pub(crate) fn value_at_ranks(values: &dyn Ranked, lo: u64, hi: u64) -> Result<[(u32, u64); 2]> {
-    let high = values.hist_high()?;
-    let (b0, before0) = find_rank(&high, lo)?;
-    let (b1, before1) = find_rank(&high, hi)?;
-    let low = values.hist_low(b0 as u32, b1 as u32)?;
+    let bins = high_bins(&values.hist_high()?, lo, hi)?;
+    let low = values.hist_low(bins[0].0, bins[1].0)?;
+    low_values(bins, &low, lo, hi)
+}
+
+/// `value_at_ranks`' first step, from the high histogram: the bins that
+/// hold ranks `lo` and `hi`, and how many values lie before each.
+pub(crate) fn high_bins(high: &[u64], lo: u64, hi: u64) -> Result<[(u32, u64); 2]> {
+    let (b0, before0) = find_rank(high, lo)?;
+    let (b1, before1) = find_rank(high, hi)?;
+    Ok([(b0 as u32, before0), (b1 as u32, before1)])
+}
+
+/// `value_at_ranks`' second step, from the low histograms inside the bins
+/// `high_bins` found.
+pub(crate) fn low_values(bins: [(u32, u64); 2], low: &[u64], lo: u64, hi: u64) -> Result<[(u32, u64); 2]> {
+    let [(b0, before0), (b1, before1)] = bins;
     // Ranks in the same bin share the first low histogram.
     let second = if b0 == b1 { &low[..1 << 16] } else { &low[1 << 16..] };
     let (l0, below0) = find_rank(&low[..1 << 16], lo - before0)?;
     let (l1, below1) = find_rank(second, hi - before1)?;
-    Ok([((b0 as u32) << 16 | l0 as u32, before0 + below0), ((b1 as u32) << 16 | l1 as u32, before1 + below1)])
+    Ok([(b0 << 16 | l0 as u32, before0 + below0), (b1 << 16 | l1 as u32, before1 + below1)])
 }
 
-/// Keeps the values at ascending ranks `lo..hi` (ties by index).
-pub(crate) fn rank_keep(values: &dyn Ranked, lo: u64, hi: u64) -> Result<RankKeep> {
-    let [(lo_val, less_lo), (hi_val, less_hi)] = value_at_ranks(values, lo, hi - 1)?;
-    // Boundary-equal counts per block, then exclusive prefix sums.
-    let counts = values.eq_counts(lo_val, hi_val)?;
-    let (mut eq_lo, mut eq_hi) = (Vec::with_capacity(counts.len()), Vec::with_capacity(counts.len()));
-    let (mut sa, mut sb) = (0, 0);
-    for (a, b) in counts {
-        eq_lo.push(sa);
-        eq_hi.push(sb);
-        sa += a;
-        sb += b;
+impl RankKeep {
+    /// Keeps ascending ranks `lo..hi` (ties by index), from the values at
+    /// ranks `lo` and `hi - 1` (`value_at_ranks`) and the per-block counts
+    /// of values equal to each.
+    pub(crate) fn new(lo: u64, hi: u64, at: [(u32, u64); 2], counts: Vec<(u64, u64)>) -> RankKeep {
+        let [(lo_val, less_lo), (hi_val, less_hi)] = at;
+        // Exclusive prefix sums of the boundary-equal counts.
+        let (mut eq_lo, mut eq_hi) = (Vec::with_capacity(counts.len()), Vec::with_capacity(counts.len()));
+        let (mut sa, mut sb) = (0, 0);
+        for (a, b) in counts {
+            eq_lo.push(sa);
+            eq_hi.push(sb);
+            sa += a;
+            sb += b;
+        }
+        RankKeep { lo, hi, lo_val, hi_val, less_lo, less_hi, eq_lo, eq_hi }
     }
-    Ok(RankKeep { lo, hi, lo_val, hi_val, less_lo, less_hi, eq_lo, eq_hi })
 }

@@ -19,7 +19,7 @@ use std::ops::Range;
 
 use rayon::prelude::*;
 
-use crate::arith::{BLOCK, View, for_each_delta};
+use crate::arith::{BLOCK, View, for_each_delta, for_each_deltas};
 use crate::error::Result;
 use crate::interrupt;
 use crate::merge::fusion::FusionStats;
@@ -27,7 +27,7 @@ use crate::merge::lanes::Lanes;
 use crate::merge::methods::{Method, Sparsify, TensorParams};
 use crate::merge::sce::SceStats;
 pub(crate) use crate::merge::select::{RankKeep, STAT_BLOCK, blocks, gram_pairs};
-use crate::merge::select::{Ranked, blocks_of, rank_keep};
+use crate::merge::select::{blocks_of, high_bins, low_values};
 use crate::merge::spherical::{Combo, combo};
 use crate::merge::{Inputs, TensorMerge};
 use crate::rng;
@@ -97,16 +97,24 @@ fn bits(d: f32) -> u32 {
 /// in the fixed lane order of `lanes`, the blocks then added in order here.
 /// `d_k` is model `k`'s delta from the base, `x_k - base`, in f32.
 pub(crate) trait Passes {
-    /// Histogram of the high 16 bits of `|d_k|` (`1 << 15` bins).
-    fn hist_high(&self, k: usize) -> Result<Vec<u64>>;
-    /// Histograms of the low 16 bits of `|d_k|` inside high bins `b0`
-    /// (bins `0..1 << 16`) and `b1` (the next `1 << 16`).
-    fn hist_low(&self, k: usize, b0: u32, b1: u32) -> Result<Vec<u64>>;
-    /// Per block of `blocks(n, n)`: how many `|d_k|` bits equal `lo`, `hi`.
-    fn eq_counts(&self, k: usize, lo: u32, hi: u32) -> Result<Vec<(u64, u64)>>;
-    /// Per block of `blocks(n, n)`: sum of `|d_k|`, sum of those with bits
-    /// strictly between `lo` and `hi`, and the counts equal to each.
-    fn l1_ranks(&self, k: usize, lo: u32, hi: u32) -> Result<Vec<L1Ranks>>;
+    // The rank-selection passes take every model that needs one at once,
+    // so each pass reads the base once for all of them (and on the GPU
+    // uploads each model once per pass); the j-th result is model ks[j]'s.
+
+    /// Per model of `ks`: histogram of the high 16 bits of `|d_k|` (`1 <<
+    /// 15` bins).
+    fn hist_high(&self, ks: &[usize]) -> Result<Vec<Vec<u64>>>;
+    /// Per model: histograms of the low 16 bits of `|d_k|` inside its high
+    /// bins `(b0, b1)` (bins `0..1 << 16` for `b0`, the next `1 << 16` for
+    /// `b1`).
+    fn hist_low(&self, ks: &[usize], bins: &[(u32, u32)]) -> Result<Vec<Vec<u64>>>;
+    /// Per model, per block of `blocks(n, n)`: how many `|d_k|` bits equal
+    /// its `(lo, hi)`.
+    fn eq_counts(&self, ks: &[usize], vals: &[(u32, u32)]) -> Result<Vec<Vec<(u64, u64)>>>;
+    /// Per model, per block of `blocks(n, n)`: sum of `|d_k|`, sum of those
+    /// with bits strictly between its `lo` and `hi`, and the counts equal
+    /// to each.
+    fn l1_ranks(&self, ks: &[usize], vals: &[(u32, u32)]) -> Result<Vec<Vec<L1Ranks>>>;
     /// Per block of `masked_blocks`: sum of `|d_k|` and of the kept ones
     /// under a random or DELLA mask.
     fn l1_masked(&self, k: usize, keep: &Keep, stream: u64) -> Result<Vec<[f64; 2]>>;
@@ -167,46 +175,69 @@ impl CpuPasses<'_> {
         })
     }
 
-    fn histogram(
+    /// The models `ks` as views.
+    fn views(&self, ks: &[usize]) -> Vec<View<'_>> {
+        ks.iter().map(|&k| self.inputs.models[k]).collect()
+    }
+
+    /// Per model of `ks`, a histogram of `bins` bins over the bits of
+    /// `|d_k|` (`bin(j, bits)`: the bin for the j-th model, if any).
+    fn histograms(
         &self,
-        k: usize,
+        ks: &[usize],
         bins: usize,
-        bin: impl Fn(u32) -> Option<usize> + Sync,
-    ) -> Result<Vec<u64>> {
-        let (base, x) = (self.base()?, self.inputs.models[k]);
+        bin: impl Fn(usize, u32) -> Option<usize> + Sync,
+    ) -> Result<Vec<Vec<u64>>> {
+        let (base, xs) = (self.base()?, self.views(ks));
+        let zeros = || vec![vec![0u64; bins]; ks.len()];
         Ok(blocks(self.n, self.n.max(1))
             .into_par_iter()
-            .fold(
-                || vec![0u64; bins],
-                |mut h, (_, r)| {
-                    for_each_delta(base, x, r, |_, d| {
-                        for &v in d {
-                            if let Some(b) = bin(bits(v)) {
-                                h[b] += 1;
-                            }
+            .fold(zeros, |mut h, (_, r)| {
+                for_each_deltas(base, &xs, r, |_, j, d| {
+                    for &v in d {
+                        if let Some(b) = bin(j, bits(v)) {
+                            h[j][b] += 1;
                         }
-                    });
-                    h
-                },
-            )
-            .reduce(
-                || vec![0u64; bins],
-                |mut a, b| {
-                    a.iter_mut().zip(b).for_each(|(x, y)| *x += y);
-                    a
-                },
-            ))
+                    }
+                });
+                h
+            })
+            .reduce(zeros, |mut a, b| {
+                for (x, y) in a.iter_mut().zip(b) {
+                    x.iter_mut().zip(y).for_each(|(x, y)| *x += y);
+                }
+                a
+            }))
+    }
+
+    /// Per block of `blocks(n, n)`, `per_block(base, xs, range)`'s result
+    /// (one entry per model), regrouped per model.
+    fn per_model_blocks<T: Send>(
+        &self,
+        ks: &[usize],
+        per_block: impl Fn(View<'_>, &[View<'_>], Range<u64>) -> Vec<T> + Sync,
+    ) -> Result<Vec<Vec<T>>> {
+        let (base, xs) = (self.base()?, self.views(ks));
+        let by_block: Vec<Vec<T>> =
+            blocks(self.n, self.n.max(1)).into_par_iter().map(|(_, r)| per_block(base, &xs, r)).collect();
+        let mut per_model: Vec<Vec<T>> = ks.iter().map(|_| Vec::with_capacity(by_block.len())).collect();
+        for block in by_block {
+            for (m, v) in per_model.iter_mut().zip(block) {
+                m.push(v);
+            }
+        }
+        Ok(per_model)
     }
 }
 
 impl Passes for CpuPasses<'_> {
-    fn hist_high(&self, k: usize) -> Result<Vec<u64>> {
-        self.histogram(k, 1 << 15, |v| Some((v >> 16) as usize))
+    fn hist_high(&self, ks: &[usize]) -> Result<Vec<Vec<u64>>> {
+        self.histograms(ks, 1 << 15, |_, v| Some((v >> 16) as usize))
     }
 
-    fn hist_low(&self, k: usize, b0: u32, b1: u32) -> Result<Vec<u64>> {
-        self.histogram(k, 2 << 16, |v| {
-            let (h, l) = (v >> 16, (v & 0xffff) as usize);
+    fn hist_low(&self, ks: &[usize], bins: &[(u32, u32)]) -> Result<Vec<Vec<u64>>> {
+        self.histograms(ks, 2 << 16, |j, v| {
+            let ((b0, b1), h, l) = (bins[j], v >> 16, (v & 0xffff) as usize);
             if h == b0 {
                 Some(l)
             } else if h == b1 {
@@ -217,46 +248,45 @@ impl Passes for CpuPasses<'_> {
         })
     }
 
-    fn eq_counts(&self, k: usize, lo: u32, hi: u32) -> Result<Vec<(u64, u64)>> {
-        let (base, x) = (self.base()?, self.inputs.models[k]);
-        Ok(blocks(self.n, self.n.max(1))
-            .into_par_iter()
-            .map(|(_, r)| {
-                let (mut a, mut b) = (0, 0);
-                for_each_delta(base, x, r, |_, d| {
-                    for &v in d {
-                        a += (bits(v) == lo) as u64;
-                        b += (bits(v) == hi) as u64;
-                    }
-                });
-                (a, b)
-            })
-            .collect())
+    fn eq_counts(&self, ks: &[usize], vals: &[(u32, u32)]) -> Result<Vec<Vec<(u64, u64)>>> {
+        self.per_model_blocks(ks, |base, xs, r| {
+            let mut c = vec![(0u64, 0u64); xs.len()];
+            for_each_deltas(base, xs, r, |_, j, d| {
+                let (lo, hi) = vals[j];
+                for &v in d {
+                    c[j].0 += (bits(v) == lo) as u64;
+                    c[j].1 += (bits(v) == hi) as u64;
+                }
+            });
+            c
+        })
     }
 
-    fn l1_ranks(&self, k: usize, lo: u32, hi: u32) -> Result<Vec<L1Ranks>> {
-        let (base, x) = (self.base()?, self.inputs.models[k]);
-        Ok(blocks(self.n, self.n.max(1))
-            .into_par_iter()
-            .map(|(_, r)| {
-                let (mut eq_lo, mut eq_hi) = (0u64, 0u64);
-                let mut sums = Lanes::new(2);
-                let start = r.start;
-                for_each_delta(base, x, r, |i0, d| {
-                    for (j, &v) in d.iter().enumerate() {
-                        let (b, m, at) = (bits(v), v.abs() as f64, i0 + j as u64 - start);
-                        sums.add(at, 0, m);
-                        if b > lo && b < hi {
-                            sums.add(at, 1, m);
-                        }
-                        eq_lo += (b == lo) as u64;
-                        eq_hi += (b == hi) as u64;
+    fn l1_ranks(&self, ks: &[usize], vals: &[(u32, u32)]) -> Result<Vec<Vec<L1Ranks>>> {
+        self.per_model_blocks(ks, |base, xs, r| {
+            let mut eq = vec![(0u64, 0u64); xs.len()];
+            let mut sums: Vec<Lanes> = xs.iter().map(|_| Lanes::new(2)).collect();
+            let start = r.start;
+            for_each_deltas(base, xs, r, |i0, j, d| {
+                let (lo, hi) = vals[j];
+                for (i, &v) in d.iter().enumerate() {
+                    let (b, m, at) = (bits(v), v.abs() as f64, i0 + i as u64 - start);
+                    sums[j].add(at, 0, m);
+                    if b > lo && b < hi {
+                        sums[j].add(at, 1, m);
                     }
-                });
-                let t = sums.total();
-                (t[0], t[1], eq_lo, eq_hi)
-            })
-            .collect())
+                    eq[j].0 += (b == lo) as u64;
+                    eq[j].1 += (b == hi) as u64;
+                }
+            });
+            sums.into_iter()
+                .zip(eq)
+                .map(|(s, (eq_lo, eq_hi))| {
+                    let t = s.total();
+                    (t[0], t[1], eq_lo, eq_hi)
+                })
+                .collect()
+        })
     }
 
     fn l1_masked(&self, k: usize, keep: &Keep, stream: u64) -> Result<Vec<[f64; 2]>> {
@@ -435,36 +465,59 @@ pub(crate) fn compute_with(
             st.fusion = Some(passes.fusion()?);
         }
         _ => {
-            for k in 0..models {
-                interrupt::check()?;
-                let stream = rng::stream(tm.seed, name, k);
-                let (keep, rescale) = model_keep(passes, tm.method, p, k, n, stream)?;
-                st.models.push(ModelStats { keep, rescale, stream });
-            }
+            // Each model's mask: at once where it needs no statistics, else
+            // by rank selection, every model's in the same passes.
+            let plans: Vec<Mask> = (0..models).map(|k| mask(tm.method, p, k, n)).collect();
+            let ranked: Vec<(usize, u64, u64)> = plans
+                .iter()
+                .enumerate()
+                .filter_map(|(k, m)| match m {
+                    Mask::Ranks(lo, hi) => Some((k, *lo, *hi)),
+                    Mask::Keep(_) => None,
+                })
+                .collect();
+            let mut ranks = rank_keeps(passes, &ranked)?.into_iter();
+            let keeps: Vec<Keep> = plans
+                .into_iter()
+                .map(|m| match m {
+                    Mask::Keep(keep) => Ok(keep),
+                    Mask::Ranks(..) => ranks.next().map(Keep::Ranks).ok_or_else(|| {
+                        crate::error::Error::Internal("a rank selection came back short".into())
+                    }),
+                })
+                .collect::<Result<_>>()?;
+            let streams: Vec<u64> = (0..models).map(|k| rng::stream(tm.seed, name, k)).collect();
+            let rescales = if p.rescale { l1_factors(passes, &keeps, &streams)? } else { vec![None; models] };
+            st.models = keeps
+                .into_iter()
+                .zip(rescales)
+                .zip(streams)
+                .map(|((keep, rescale), stream)| ModelStats { keep, rescale, stream })
+                .collect();
         }
     }
     Ok(st)
 }
 
-/// The mask of model `k` and, with `rescale`, its L1 factor.
-fn model_keep(
-    passes: &dyn Passes,
-    method: Method,
-    p: &TensorParams,
-    k: usize,
-    n: u64,
-    stream: u64,
-) -> Result<(Keep, Option<f32>)> {
+/// A model's mask as planned: final, or the ascending ranks `lo..hi` of
+/// `|d_k|` to keep, which take the statistics passes.
+enum Mask {
+    Keep(Keep),
+    Ranks(u64, u64),
+}
+
+/// The mask of model `k` under `method`.
+fn mask(method: Method, p: &TensorParams, k: usize, n: u64) -> Mask {
     let mp = p.models[k];
     let Some(sp) = method.sparsify() else {
-        return Ok((Keep::All, None));
+        return Mask::Keep(Keep::All);
     };
     if mp.density >= 1.0 {
-        return Ok((Keep::All, None));
+        return Mask::Keep(Keep::All);
     }
     let nf = n as f64;
     let interval = match sp {
-        Sparsify::Magnitude if mp.density <= 0.0 || n == 0 => return Ok((Keep::Zero, None)),
+        Sparsify::Magnitude if mp.density <= 0.0 || n == 0 => return Mask::Keep(Keep::Zero),
         Sparsify::Magnitude => {
             let k = ((mp.density * nf) as u64).max(1);
             Some((n - k, n))
@@ -475,38 +528,51 @@ fn model_keep(
             let bot = n.saturating_sub(target + top);
             Some((bot, bot + target))
         }
-        Sparsify::Della if mp.density <= 0.0 => return Ok((Keep::Zero, None)),
+        Sparsify::Della if mp.density <= 0.0 => return Mask::Keep(Keep::Zero),
         Sparsify::Random | Sparsify::Della => None,
     };
-    let keep = match interval {
-        Some((lo, hi)) if lo >= hi => Keep::None,
-        Some((lo, hi)) => Keep::Ranks(rank_keep(&Delta { passes, k }, lo, hi)?),
-        None if sp == Sparsify::Random => Keep::Random(mp.density.max(0.0) as f32),
-        None => Keep::Della { density: mp.density, epsilon: mp.epsilon },
-    };
-    let rescale = if p.rescale { l1_factor(passes, k, &keep, stream)? } else { None };
-    Ok((keep, rescale))
+    match interval {
+        Some((lo, hi)) if lo >= hi => Mask::Keep(Keep::None),
+        Some((lo, hi)) => Mask::Ranks(lo, hi),
+        None if sp == Sparsify::Random => Mask::Keep(Keep::Random(mp.density.max(0.0) as f32)),
+        None => Mask::Keep(Keep::Della { density: mp.density, epsilon: mp.epsilon }),
+    }
 }
 
-/// The bin holding rank `r` of a histogram, and the count before it. A
-/// rank beyond the total means the passes disagree with each other (a
-/// device fault): an internal error, never a wrong mask.
-/// Model `k`'s `|d_k|`, through the passes.
-struct Delta<'p> {
-    passes: &'p dyn Passes,
-    k: usize,
-}
-
-impl Ranked for Delta<'_> {
-    fn hist_high(&self) -> Result<Vec<u64>> {
-        self.passes.hist_high(self.k)
+/// The rank masks of the models `ranked` (model, lo, hi): the radix
+/// selection of `select::value_at_ranks` for all of them at once, each
+/// pass over every model (one read of the base per pass).
+fn rank_keeps(passes: &dyn Passes, ranked: &[(usize, u64, u64)]) -> Result<Vec<RankKeep>> {
+    if ranked.is_empty() {
+        return Ok(Vec::new());
     }
-    fn hist_low(&self, b0: u32, b1: u32) -> Result<Vec<u64>> {
-        self.passes.hist_low(self.k, b0, b1)
-    }
-    fn eq_counts(&self, lo: u32, hi: u32) -> Result<Vec<(u64, u64)>> {
-        self.passes.eq_counts(self.k, lo, hi)
-    }
+    interrupt::check()?;
+    let ks: Vec<usize> = ranked.iter().map(|r| r.0).collect();
+    // The values at ranks lo and hi - 1 of each model.
+    let bins = passes
+        .hist_high(&ks)?
+        .iter()
+        .zip(ranked)
+        .map(|(high, &(_, lo, hi))| high_bins(high, lo, hi - 1))
+        .collect::<Result<Vec<_>>>()?;
+    interrupt::check()?;
+    let pairs: Vec<(u32, u32)> = bins.iter().map(|b| (b[0].0, b[1].0)).collect();
+    let at = passes
+        .hist_low(&ks, &pairs)?
+        .iter()
+        .zip(&bins)
+        .zip(ranked)
+        .map(|((low, b), &(_, lo, hi))| low_values(*b, low, lo, hi - 1))
+        .collect::<Result<Vec<_>>>()?;
+    interrupt::check()?;
+    let vals: Vec<(u32, u32)> = at.iter().map(|a| (a[0].0, a[1].0)).collect();
+    Ok(passes
+        .eq_counts(&ks, &vals)?
+        .into_iter()
+        .zip(at)
+        .zip(ranked)
+        .map(|((counts, a), &(_, lo, hi))| RankKeep::new(lo, hi, a, counts))
+        .collect())
 }
 
 /// Stable ascending ranks of the magnitudes in `d` (ties by index), by
@@ -570,35 +636,65 @@ fn for_each_random_kept(
     }
 }
 
-/// `sum |d| / sum |kept d|` when both are at least `RESCALE_EPS`.
-fn l1_factor(passes: &dyn Passes, k: usize, keep: &Keep, stream: u64) -> Result<Option<f32>> {
-    let (before, after) = match keep {
-        Keep::All | Keep::Zero | Keep::None => return Ok(None),
-        Keep::Ranks(rk) => {
-            // Kept elements equal to a boundary value all have that value.
-            let (mut all, mut inner, mut n_lo, mut n_hi) = (0f64, 0f64, 0u64, 0u64);
-            for (a, i, l, h) in passes.l1_ranks(k, rk.lo_val, rk.hi_val)? {
-                all += a;
-                inner += i;
-                n_lo += l;
-                n_hi += h;
-            }
-            let lo_mag = f32::from_bits(rk.lo_val) as f64;
-            let hi_mag = f32::from_bits(rk.hi_val) as f64;
-            // Equal elements kept: ranks less..less+count intersected with lo..hi.
-            let kept = |less: u64, count: u64| (less + count).min(rk.hi).saturating_sub(less.max(rk.lo));
-            let after = if rk.lo_val == rk.hi_val {
-                kept(rk.less_lo, n_lo) as f64 * lo_mag
-            } else {
-                inner + kept(rk.less_lo, n_lo) as f64 * lo_mag + kept(rk.less_hi, n_hi) as f64 * hi_mag
+/// With `rescale`: each model's L1 factor, `sum |d| / sum |kept d|` when
+/// both are at least `RESCALE_EPS`. The rank masks' sums come from one pass
+/// over every such model, the random masks' one model at a time.
+fn l1_factors(passes: &dyn Passes, keeps: &[Keep], streams: &[u64]) -> Result<Vec<Option<f32>>> {
+    let ranked: Vec<(usize, (u32, u32))> = keeps
+        .iter()
+        .enumerate()
+        .filter_map(|(k, keep)| match keep {
+            Keep::Ranks(rk) => Some((k, (rk.lo_val, rk.hi_val))),
+            _ => None,
+        })
+        .collect();
+    let (ks, vals): (Vec<usize>, Vec<(u32, u32)>) = ranked.into_iter().unzip();
+    let mut sums = if ks.is_empty() { Vec::new() } else { passes.l1_ranks(&ks, &vals)? }.into_iter();
+    keeps
+        .iter()
+        .zip(streams)
+        .enumerate()
+        .map(|(k, (keep, &stream))| {
+            let (before, after) = match keep {
+                Keep::All | Keep::Zero | Keep::None => return Ok(None),
+                Keep::Ranks(rk) => ranks_l1(
+                    rk,
+                    sums.next()
+                        .ok_or_else(|| crate::error::Error::Internal("the L1 pass came back short".into()))?,
+                ),
+                Keep::Random(_) | Keep::Della { .. } => {
+                    interrupt::check()?;
+                    passes
+                        .l1_masked(k, keep, stream)?
+                        .into_iter()
+                        .fold((0.0, 0.0), |(a, k), [x, y]| (a + x, k + y))
+                }
             };
-            (all, after)
-        }
-        Keep::Random(_) | Keep::Della { .. } => {
-            passes.l1_masked(k, keep, stream)?.into_iter().fold((0.0, 0.0), |(a, k), [x, y]| (a + x, k + y))
-        }
+            Ok((before >= RESCALE_EPS && after >= RESCALE_EPS).then(|| (before / after) as f32))
+        })
+        .collect()
+}
+
+/// `sum |d|` and `sum |kept d|` of a rank mask from its blocks' L1 sums.
+fn ranks_l1(rk: &RankKeep, blocks: Vec<L1Ranks>) -> (f64, f64) {
+    // Kept elements equal to a boundary value all have that value.
+    let (mut all, mut inner, mut n_lo, mut n_hi) = (0f64, 0f64, 0u64, 0u64);
+    for (a, i, l, h) in blocks {
+        all += a;
+        inner += i;
+        n_lo += l;
+        n_hi += h;
+    }
+    let lo_mag = f32::from_bits(rk.lo_val) as f64;
+    let hi_mag = f32::from_bits(rk.hi_val) as f64;
+    // Equal elements kept: ranks less..less+count intersected with lo..hi.
+    let kept = |less: u64, count: u64| (less + count).min(rk.hi).saturating_sub(less.max(rk.lo));
+    let after = if rk.lo_val == rk.hi_val {
+        kept(rk.less_lo, n_lo) as f64 * lo_mag
+    } else {
+        inner + kept(rk.less_lo, n_lo) as f64 * lo_mag + kept(rk.less_hi, n_hi) as f64 * hi_mag
     };
-    Ok((before >= RESCALE_EPS && after >= RESCALE_EPS).then(|| (before / after) as f32))
+    (all, after)
 }
 
 fn slerp_coefficients(blocks: &[[f64; 3]], t: f64) -> (f32, f32) {
