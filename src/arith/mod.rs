@@ -196,17 +196,5 @@ pub(crate) fn for_each_delta(
     range: std::ops::Range<u64>,
     mut f: impl FnMut(u64, &[f32]),
 ) {
-    let mut b = [0f32; BLOCK];
-    let mut d = [0f32; BLOCK];
-    let mut p = range.start;
-    while p < range.end {
-        let m = (BLOCK as u64).min(range.end - p) as usize;
-        base.decode_at(p, &mut b[..m]);
-        x.decode_at(p, &mut d[..m]);
-        for (dj, bj) in d[..m].iter_mut().zip(&b[..m]) {
-            *dj -= *bj;
-        }
-        f(p, &d[..m]);
-        p += m as u64;
-    }
+    for_each_deltas(base, &[x], range, |p, _, d| f(p, d));
 }
