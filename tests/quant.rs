@@ -127,6 +127,11 @@ fn applied(b: f32, c: f32, p: f32, s: f32) -> f32 {
     half::bf16::from_f32(b + s * d).to_f32()
 }
 
+/// The chat pair `root/pre`, `root/chat` with `base` as the base.
+fn pair_on(root: &Path, base: &Path) -> Trio {
+    Trio { pre: root.join("pre"), chat: root.join("chat"), base: base.to_path_buf() }
+}
+
 /// Applies a bf16 chat pair to the quantized base at `base` and checks
 /// every tensor against `applied` over the base's decoded values.
 fn check_apply_on(
@@ -135,12 +140,9 @@ fn check_apply_on(
     decoded: &std::collections::BTreeMap<String, Vec<f32>>,
     extra: &[&str],
 ) {
-    let t = Trio { pre: root.join("pre"), chat: root.join("chat"), base: base.to_path_buf() };
+    let t = pair_on(root, base);
     let out = root.join("out");
-    let mut args =
-        vec!["apply", "--base", s(base), "--chat", s(&t.chat), "--pretrained", s(&t.pre), "-o", s(&out)];
-    args.extend(extra);
-    let o = chatvec(&args);
+    let o = apply_streaming(&t, &out, extra);
     ok(&o);
     assert!(stderr(&o).contains("without quantization_config"), "{}", stderr(&o));
     let got = read_model(&out);
@@ -556,11 +558,9 @@ fn transformers_fp8_quantizer_matches_out_dtype_fp8_bit_for_bit() {
     for base in ["fp8-e4m3", "fp8-ue8m0"] {
         let (exact, quantized) = (r.join(format!("{base}-f32")), r.join(format!("{base}-fp8")));
         for (out, dtype) in [(&exact, "f32"), (&quantized, "fp8")] {
-            let (base, chat, pre) = (r.join(base), r.join("chat"), r.join("pre"));
-            let args =
-                ["apply", "--base", s(&base), "--chat", s(&chat), "--pretrained", s(&pre), "-o", s(out)];
             // The FP8 base's config (written from a config object) has no `architectures`.
-            ok(&chatvec(&[&args[..], &["--out-dtype", dtype, "-q", "--allow-mismatch"]].concat()));
+            let extra = ["--out-dtype", dtype, "-q", "--allow-mismatch"];
+            ok(&apply_streaming(&pair_on(r, &r.join(base)), out, &extra));
         }
         let said = py_run(&["requant", s(&exact), s(&quantized)]);
         assert!(said.starts_with("requant identical 14"), "{base}: {said}");
@@ -576,9 +576,8 @@ fn out_dtype_mxfp4_loads_in_transformers() {
     let (root, py_run) = reference_models();
     let r = root.path();
     let out = r.join("out-mxfp4");
-    let (base, chat, pre) = (r.join("mxfp4"), r.join("chat-oss"), r.join("pre-oss"));
-    let args = ["apply", "--base", s(&base), "--chat", s(&chat), "--pretrained", s(&pre), "-o", s(&out)];
-    ok(&chatvec(&[&args[..], &["--out-dtype", "mxfp4", "-q"]].concat()));
+    let t = Trio { pre: r.join("pre-oss"), chat: r.join("chat-oss"), base: r.join("mxfp4") };
+    ok(&apply_streaming(&t, &out, &["--out-dtype", "mxfp4", "-q"]));
     let said = py_run(&["mxfp4-load", s(&out)]);
     assert!(said.starts_with("mxfp4-load identical 4 finite"), "{said}");
 }
@@ -636,12 +635,8 @@ fn out_dtype_fp8_requantizes_the_base_weights_in_its_blocks() {
     std::fs::write(ue8m0.join("config.json"), cfg.to_string()).unwrap();
     let (chat, pre) = (d.path().join("chat"), d.path().join("pre"));
     // The chat pair applied to `base` into `out`, with `extra` after.
-    let apply = |base: &Path, out: &Path, extra: &[&str]| {
-        let mut args = vec!["apply", "--base", s(base), "--chat", s(&chat), "--pretrained", s(&pre)];
-        args.extend(["-o", s(out)]);
-        args.extend(extra);
-        chatvec(&args)
-    };
+    let apply =
+        |base: &Path, out: &Path, extra: &[&str]| apply_streaming(&pair_on(d.path(), base), out, extra);
     let (c, p) = (read_model(&chat), read_model(&pre));
     let bf = read_model_loose(&base);
     // Non-negative E4M3 codes' values, for the nearest-code search.
@@ -775,12 +770,8 @@ fn out_dtype_mxfp4_requantizes_the_base_experts_in_groups_of_32() {
     let base = d.path().join("base");
     let decoded = gpt_oss(&base, 3, true);
     let (chat, pre) = (d.path().join("chat"), d.path().join("pre"));
-    let apply = |base: &Path, out: &Path, extra: &[&str]| {
-        let mut args = vec!["apply", "--base", s(base), "--chat", s(&chat), "--pretrained", s(&pre)];
-        args.extend(["-o", s(out)]);
-        args.extend(extra);
-        chatvec(&args)
-    };
+    let apply =
+        |base: &Path, out: &Path, extra: &[&str]| apply_streaming(&pair_on(d.path(), base), out, extra);
     let out = d.path().join("out");
     let o = apply(&base, &out, &["--out-dtype", "mxfp4", "--chunk-elems", "200"]);
     ok(&o);
