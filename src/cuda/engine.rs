@@ -5,8 +5,9 @@
 //! shards into the slot's pinned input buffer, uploaded on the upload
 //! stream, computed on the compute stream, downloaded on the download
 //! stream into the slot's pinned output buffer, and only then copied out.
-//! With `SLOTS` slots, the host gathers job i + 2 while job i + 1 uploads
-//! and job i computes or downloads. Events order the streams; cudarc's own
+//! With `SLOTS` slots, the host gathers job i + 3 while job i + 2 uploads,
+//! job i + 1 computes and job i downloads; the executor keeps the slots
+//! full across its batches (`exec::pipeline`). Events order the streams; cudarc's own
 //! event tracking is switched off, so the only waits are the ones here.
 //! Device memory is bounded by `--gpu-memory`: the chunk size is chosen so
 //! that all slots fit.
@@ -29,8 +30,9 @@ use crate::error::{Error, GpuError, Result};
 use crate::merge::stats::STAT_BLOCK;
 use crate::model::dtype::FloatType;
 
-/// Buffer slots in rotation.
-pub(crate) const SLOTS: usize = 3;
+/// Buffer slots in rotation: one job per stream while the host gathers
+/// the next.
+pub(crate) const SLOTS: usize = 4;
 /// Threads per block (the reduction kernels assume exactly this).
 pub(super) const THREADS: u32 = 256;
 /// Largest chunk: bounds the pinned host memory (`SLOTS` x chunk x bytes
@@ -40,8 +42,6 @@ const MAX_CHUNK: u64 = 1 << 22;
 const ALIGN: usize = 256;
 /// Pinned buffers small copies go through, in rotation (see `Gpu::small`).
 const SMALL_RING: usize = 8;
-/// Threads that fill a slot's pinned input at most (`staging`).
-const STAGE_THREADS: usize = 16;
 
 /// A driver call's failure as chatvec's error, naming what was being done.
 fn err(what: &str) -> impl Fn(cudarc::driver::DriverError) -> Error + '_ {
@@ -112,11 +112,12 @@ pub(crate) struct Gpu {
     budget: u64,
     pub multiprocessors: u32,
     slots: RefCell<Vec<Slot>>,
-    /// Threads that copy a job's operands into its pinned slot.
-    stage_threads: usize,
     /// Pinned buffers for small copies and the event after each one's
     /// last upload, used in turn (`small`).
     small_ring: RefCell<(usize, Vec<Option<SmallBuffer>>)>,
+    /// The threads that copy a job's operands into its pinned slot: the
+    /// executor's workers (`stage_on`), else a pool made at first use.
+    stage_pool: RefCell<Option<Arc<rayon::ThreadPool>>>,
 }
 
 /// Every kernel the engine launches (kernels/*.cu).
@@ -200,8 +201,8 @@ impl Gpu {
             budget,
             multiprocessors,
             slots: RefCell::new(Vec::new()),
-            stage_threads: std::thread::available_parallelism().map_or(1, |n| n.get()).min(STAGE_THREADS),
             small_ring: RefCell::new((0, (0..SMALL_RING).map(|_| None).collect())),
+            stage_pool: RefCell::new(None),
         })
     }
 
@@ -311,6 +312,28 @@ impl Gpu {
         Ok(pin)
     }
 
+    /// Has `pool`'s threads (the executor's workers, idle while the GPU
+    /// computes) copy each job's operands into its pinned slot.
+    pub(crate) fn stage_on(&self, pool: Arc<rayon::ThreadPool>) {
+        *self.stage_pool.borrow_mut() = Some(pool);
+    }
+
+    /// The pool that stages jobs: the one `stage_on` gave, else one thread
+    /// per core, made once.
+    fn stage_pool(&self) -> Result<Arc<rayon::ThreadPool>> {
+        let mut p = self.stage_pool.borrow_mut();
+        if let Some(pool) = &*p {
+            return Ok(pool.clone());
+        }
+        let pool = Arc::new(
+            rayon::ThreadPoolBuilder::new()
+                .build()
+                .map_err(|e| Error::Internal(format!("starting the staging threads: {e}")))?,
+        );
+        *p = Some(pool.clone());
+        Ok(pool)
+    }
+
     /// Copies a device buffer back (waits for the compute stream).
     pub(crate) fn fetch<T: cudarc::driver::DeviceRepr + Default + Clone>(
         &self,
@@ -394,7 +417,8 @@ impl Gpu {
         let host = s.pin_in.as_mut_slice().map_err(err("mapping pinned memory"))?;
         // The padding between parts stays as it was: zeroed at allocation
         // or a previous job's bytes, never uninitialized memory.
-        super::staging::stage_into(host, parts, &offsets, self.stage_threads);
+        let pool = self.stage_pool()?;
+        super::staging::stage_into(host, parts, &offsets, &pool);
         self.up.wait(&s.computed).map_err(err("ordering streams"))?;
         let dst = s.dev_in.device_ptr(&self.up).0;
         // SAFETY: `dev_in` and the pinned `host` hold at least `total`

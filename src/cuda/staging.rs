@@ -1,7 +1,8 @@
 //! Host staging: a GPU job's operands copied from the mapped shards into
-//! its slot's pinned input buffer, over several threads. One thread moves
-//! about 5-10 GB/s from the page cache, a PCIe 5 link about 50 GB/s, so a
-//! single copying thread would hold the GPU at a fraction of the bus.
+//! its slot's pinned input buffer by the executor's worker threads,
+//! straight from the map, with no copy in between. One thread moves about 5-10 GB/s from the page cache, a PCIe 5
+//! link about 50 GB/s, so a single copying thread would hold the GPU at a
+//! fraction of the bus.
 
 /// A copy: where to, from where.
 type Piece<'a> = (&'a mut [u8], &'a [u8]);
@@ -10,19 +11,23 @@ type Piece<'a> = (&'a mut [u8], &'a [u8]);
 /// more than it saves.
 const MIN_PIECE: usize = 1 << 20;
 
-/// Copies each of `parts` into `host` at its offset in `offsets`, over up
-/// to `threads` threads. The copies are cut into pieces of about equal
-/// size, dealt out so that every thread moves about as many bytes, so one
-/// large operand does not leave the other threads idle. The bytes are the
-/// same whatever `threads` is.
+/// Threads that copy one job's operands at most: past this many, the
+/// memory bus, not the threads, is the limit.
+const MAX_THREADS: usize = 16;
+
+/// Copies each of `parts` into `host` at its offset in `offsets`, on the
+/// threads of `pool` (at most `MAX_THREADS`). The copies are cut
+/// into pieces of about equal size, dealt out so that every thread moves
+/// about as many bytes, so one large operand does not leave the other
+/// threads idle. The bytes are the same whatever the thread count.
 ///
 /// # Panics
 ///
 /// When a part does not fit `host` at its offset, or parts overlap there.
-pub fn stage_into(host: &mut [u8], parts: &[&[u8]], offsets: &[usize], threads: usize) {
+pub fn stage_into(host: &mut [u8], parts: &[&[u8]], offsets: &[usize], pool: &rayon::ThreadPool) {
     assert_eq!(parts.len(), offsets.len(), "one offset per part");
     let total: usize = parts.iter().map(|p| p.len()).sum();
-    let threads = threads.clamp(1, total.div_ceil(MIN_PIECE).max(1));
+    let threads = pool.current_num_threads().clamp(1, MAX_THREADS).min(total.div_ceil(MIN_PIECE).max(1));
     let piece = total.div_ceil(threads).max(1);
     // (destination, source) pieces, each at most `piece` bytes.
     let mut pieces: Vec<Piece> = Vec::new();
@@ -54,11 +59,11 @@ pub fn stage_into(host: &mut [u8], parts: &[&[u8]], offsets: &[usize], threads: 
             d.copy_from_slice(s);
         }
     };
-    std::thread::scope(|scope| {
+    pool.scope(|scope| {
         let mut groups = groups.into_iter().map(|(_, g)| g);
         let mine = groups.next().unwrap_or_default();
         for g in groups {
-            scope.spawn(move || copy(g));
+            scope.spawn(move |_| copy(g));
         }
         copy(mine);
     });
@@ -91,8 +96,9 @@ mod tests {
             want[o..o + p.len()].copy_from_slice(p);
         }
         for threads in [1, 2, 3, 8, 16] {
+            let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
             let mut host = vec![0xaa; at];
-            stage_into(&mut host, &refs, &offsets, threads);
+            stage_into(&mut host, &refs, &offsets, &pool);
             assert!(host == want, "{threads} threads");
         }
     }

@@ -13,7 +13,7 @@ use bumpalo::Bump;
 use crate::arith::formulas::Rounding;
 use crate::arith::requant::{Fp8Tiles, QuantError, mxfp4_band, quantize_band};
 use crate::arith::rows::{RowRun, stretches};
-use crate::cuda::{self, Gpu, GpuPasses};
+use crate::cuda::{Gpu, GpuPasses};
 use crate::error::{Error, Result};
 use crate::exec::input_hash::Touch;
 use crate::merge::{
@@ -31,6 +31,7 @@ const COPY_CHUNK_BYTES: u64 = 16 << 20;
 /// blocks, so a gpt-oss-120b expert tensor's would be 63 MiB.
 const STASH_BYTES: usize = 16 << 20;
 
+#[derive(Clone)]
 pub(crate) enum Job {
     /// Start shard `n`: its header bytes.
     Header(usize),
@@ -666,6 +667,14 @@ fn vector_end(runs: &[RowRun], row_len: u64, elems: &Range<u64>) -> Option<u64> 
         .max()
 }
 
+/// Whether `prepare_stats` has statistics to compute for `group`.
+pub(crate) fn needs_stats(plan: &Plan, group: &[Job], stats: &StatsMap) -> bool {
+    group.iter().any(|job| {
+        matches!(job, Job::Compute { tensor, .. }
+            if matches!(plan.tensors[*tensor].op, Op::Merge(_)) && !stats.contains_key(tensor))
+    })
+}
+
 /// Computes the statistics of the merged tensors `group` computes (before
 /// their first chunk) and drops those of tensors already finished.
 pub(crate) fn prepare_stats(
@@ -703,7 +712,7 @@ pub(crate) fn prepare_stats(
 }
 
 /// `check_finite` for a compute job's output.
-fn check_computed(plan: &Plan, job: &Job, out: &[u8]) -> Result<()> {
+pub(crate) fn check_computed(plan: &Plan, job: &Job, out: &[u8]) -> Result<()> {
     match job {
         Job::Compute { tensor, .. } => check_finite(plan, &plan.tensors[*tensor], out),
         _ => Ok(()),
@@ -720,50 +729,6 @@ pub(crate) fn max_models(plan: &Plan) -> usize {
         })
         .max()
         .unwrap_or(2)
-}
-
-/// Runs a batch of jobs on the GPU: compute jobs go through the engine's
-/// slots in rotation (a slot's output is collected just before the slot is
-/// reused, so gathering, transfers and kernels of neighbouring jobs
-/// overlap); headers and copies are borrowed as on the CPU.
-pub(crate) fn run_on_gpu<'a>(
-    gpu: &Gpu,
-    plan: &'a Plan,
-    stats: &StatsMap,
-    group: &[Job],
-    bufs: Vec<Vec<u8>>,
-) -> Result<Vec<Piece<'a>>> {
-    let mut pieces: Vec<Option<Piece>> = (0..group.len()).map(|_| None).collect();
-    let mut owner: [Option<usize>; cuda::SLOTS] = [None; cuda::SLOTS];
-    let mut bufs = bufs.into_iter();
-    let mut slot = 0;
-    for (i, job) in group.iter().enumerate() {
-        let Job::Compute { tensor, elems } = job else {
-            pieces[i] = Some(run(plan, stats, job, Vec::new())?);
-            continue;
-        };
-        if let Some(j) = owner[slot].take() {
-            let mut b = bufs.next().unwrap_or_default();
-            gpu.collect(slot, &mut b)?;
-            check_computed(plan, &group[j], &b)?;
-            pieces[j] = Some(Piece::Owned(b));
-        }
-        gpu.enqueue(slot, plan, *tensor, stats.get(tensor).map(|s| &**s), elems.clone())?;
-        owner[slot] = Some(i);
-        slot = (slot + 1) % cuda::SLOTS;
-    }
-    for (s, o) in owner.iter_mut().enumerate() {
-        if let Some(j) = o.take() {
-            let mut b = bufs.next().unwrap_or_default();
-            gpu.collect(s, &mut b)?;
-            check_computed(plan, &group[j], &b)?;
-            pieces[j] = Some(Piece::Owned(b));
-        }
-    }
-    pieces
-        .into_iter()
-        .map(|p| p.ok_or_else(|| Error::Internal("a GPU job produced no output".into())))
-        .collect()
 }
 
 #[cfg(test)]

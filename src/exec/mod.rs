@@ -34,11 +34,13 @@ use crate::output::files::{SyncedFile, WrittenFile};
 use crate::plan::Plan;
 use input_hash::{Touch, hash_following};
 use jobs::{Job, Piece, StatsMap};
+use pipeline::{InFlight, SlotDevice};
 
 pub(crate) use crate::arith::formulas::{ROUNDING_STRIDE, Rounding};
 
 pub(crate) mod input_hash;
 pub(crate) mod jobs;
+pub(crate) mod pipeline;
 
 /// Default elements per compute job: 4 MiB of f32 output at most.
 pub(crate) const DEFAULT_CHUNK_ELEMS: u64 = 1 << 20;
@@ -150,57 +152,115 @@ pub(crate) struct ExecResult {
 }
 
 /// Where the batches run.
-enum Engine<'a> {
+enum Engine<'a, 'p> {
     Cpu(&'a rayon::ThreadPool),
-    Gpu(&'a Gpu),
+    /// The GPU, the pool whose workers stage its jobs' inputs, and the jobs
+    /// in its slots (kept across batches).
+    Gpu(&'a Gpu, InFlight<'p, Job>),
 }
 
-impl Engine<'_> {
+/// The GPU's slots as the pipeline sees them: a compute job enqueued in a
+/// slot, its output collected and checked.
+struct GpuSlots<'a> {
+    gpu: &'a Gpu,
+    plan: &'a Plan,
+    stats: &'a StatsMap,
+}
+
+impl SlotDevice<Job> for GpuSlots<'_> {
+    fn start(&self, slot: usize, job: &Job) -> Result<()> {
+        let Job::Compute { tensor, elems } = job else {
+            return Err(Error::Internal("a header or copy was sent to the GPU".into()));
+        };
+        self.gpu.enqueue(slot, self.plan, *tensor, self.stats.get(tensor).map(|s| &**s), elems.clone())
+    }
+
+    fn finish(&self, slot: usize, job: &Job, out: &mut Vec<u8>) -> Result<()> {
+        self.gpu.collect(slot, out)?;
+        jobs::check_computed(self.plan, job, out)
+    }
+}
+
+impl<'p> Engine<'_, 'p> {
     /// Computes the statistics `group` needs, then runs its jobs; returns
-    /// each job's pieces (one per variant) with its index in the whole job
-    /// list, and per variant what rounding did in the batch.
-    fn run_batch<'p>(
-        &self,
+    /// the pieces (one per variant) of each job finished, in order, with
+    /// its index in the whole job list, and per variant what rounding did
+    /// in them. On the CPU every job of `group` is finished; on the GPU
+    /// the last few may stay in its slots until the next batch or `finish`.
+    fn run_batch(
+        &mut self,
         plan: &'p Plan,
         stats: &mut StatsMap,
         group: &[Job],
         first: usize,
         bufs: Vec<Vec<Vec<u8>>>,
     ) -> Result<(Batch<'p>, Vec<Rounding>)> {
-        let done: Vec<(Vec<Piece>, Vec<Rounding>)> = match self {
-            Engine::Gpu(g) => {
-                jobs::prepare_stats(plan, group, stats, Some(g))?;
-                let flat = bufs.into_iter().map(|mut b| b.pop().unwrap_or_default()).collect();
-                let pieces = jobs::run_on_gpu(g, plan, stats, group, flat)?;
-                pieces
-                    .into_iter()
-                    .zip(group)
-                    .map(|(p, job)| {
-                        let r = jobs::gpu_rounding(plan, job, &p);
-                        (vec![p], vec![r])
-                    })
-                    .collect()
+        match self {
+            Engine::Gpu(gpu, flight) => {
+                // The statistics passes stream through the same slots.
+                if jobs::needs_stats(plan, group, stats) {
+                    flight.drain(&GpuSlots { gpu, plan, stats })?;
+                }
+                jobs::prepare_stats(plan, group, stats, Some(gpu))?;
+                flight.give_buffers(bufs.into_iter().filter_map(|mut b| b.pop()));
+                let dev = GpuSlots { gpu, plan, stats };
+                for (i, job) in group.iter().enumerate() {
+                    let piece = match job {
+                        Job::Compute { .. } => None,
+                        _ => Some(jobs::run(plan, stats, job, Vec::new())?),
+                    };
+                    flight.push(&dev, first + i, job.clone(), piece)?;
+                }
+                Ok(gpu_batch(plan, flight.ready()))
             }
-            Engine::Cpu(pool) => pool.install(|| {
-                jobs::prepare_stats(plan, group, stats, None)?;
-                let stats = &*stats;
-                group
-                    .par_iter()
-                    .zip(bufs)
-                    .map(|(job, buf)| jobs::run_many(plan, stats, job, buf))
-                    .collect::<Result<Vec<_>>>()
-            })?,
-        };
-        let mut rounding = vec![Rounding::default(); plan.variants()];
-        let mut batch = Vec::with_capacity(done.len());
-        for (i, (pieces, r)) in done.into_iter().enumerate() {
-            for (total, one) in rounding.iter_mut().zip(r) {
-                *total += one;
+            Engine::Cpu(pool) => {
+                let done = pool.install(|| {
+                    jobs::prepare_stats(plan, group, stats, None)?;
+                    let stats = &*stats;
+                    group
+                        .par_iter()
+                        .zip(bufs)
+                        .map(|(job, buf)| jobs::run_many(plan, stats, job, buf))
+                        .collect::<Result<Vec<_>>>()
+                })?;
+                let mut rounding = vec![Rounding::default(); plan.variants()];
+                let mut batch = Vec::with_capacity(done.len());
+                for (i, (pieces, r)) in done.into_iter().enumerate() {
+                    for (total, one) in rounding.iter_mut().zip(r) {
+                        *total += one;
+                    }
+                    batch.push((first + i, pieces));
+                }
+                Ok((batch, rounding))
             }
-            batch.push((first + i, pieces));
         }
-        Ok((batch, rounding))
     }
+
+    /// The jobs still in the GPU's slots after the last batch (none on the
+    /// CPU).
+    fn finish(&mut self, plan: &'p Plan, stats: &StatsMap) -> Result<(Batch<'p>, Vec<Rounding>)> {
+        match self {
+            Engine::Gpu(gpu, flight) => {
+                flight.drain(&GpuSlots { gpu, plan, stats })?;
+                Ok(gpu_batch(plan, flight.ready()))
+            }
+            Engine::Cpu(_) => Ok((Vec::new(), vec![Rounding::default(); plan.variants()])),
+        }
+    }
+}
+
+/// The GPU's finished jobs as a batch (one variant), and what rounding did
+/// in them.
+fn gpu_batch<'p>(plan: &Plan, done: Vec<(usize, Job, Piece<'p>)>) -> (Batch<'p>, Vec<Rounding>) {
+    let mut rounding = Rounding::default();
+    let batch = done
+        .into_iter()
+        .map(|(index, job, piece)| {
+            rounding += jobs::gpu_rounding(plan, &job, &piece);
+            (index, vec![piece])
+        })
+        .collect();
+    (batch, vec![rounding])
 }
 
 /// Why a plan of `variants` outputs runs on the CPU whatever `--device`
@@ -254,10 +314,12 @@ pub(crate) fn execute_many(plan: &Plan, dirs: &[&OutputDir], opts: &ExecOptions)
         return Err(Error::Internal(format!("{n} variants for {} directories", dirs.len())));
     }
     let threads = opts.threads.max(1);
-    let pool = rayon::ThreadPoolBuilder::new()
-        .num_threads(threads)
-        .build()
-        .map_err(|e| Error::Internal(format!("starting {threads} threads: {e}")))?;
+    let pool = std::sync::Arc::new(
+        rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .build()
+            .map_err(|e| Error::Internal(format!("starting {threads} threads: {e}")))?,
+    );
     let gpu = match cpu_only(plan, n) {
         Some((what, note)) => {
             if let DeviceChoice::Cuda(_) = opts.device {
@@ -269,12 +331,15 @@ pub(crate) fn execute_many(plan: &Plan, dirs: &[&OutputDir], opts: &ExecOptions)
         }
         None => cuda::select(opts.device, opts.gpu_memory)?,
     };
-    let (engine, batch, chunk) = match &gpu {
+    let (mut engine, batch, chunk) = match &gpu {
         // Whole statistics blocks per job (rank masks scan from a block
         // start), sized so the engine's slots fit the device budget.
         Some(g) => {
             let requested = (opts.chunk_elems / STAT_BLOCK).max(1) * STAT_BLOCK;
-            (Engine::Gpu(g), 2 * cuda::SLOTS, g.chunk_elems(jobs::max_models(plan)).min(requested))
+            // The workers copy each job's inputs into its pinned slot.
+            g.stage_on(pool.clone());
+            let flight = InFlight::new(cuda::SLOTS);
+            (Engine::Gpu(g, flight), 2 * cuda::SLOTS, g.chunk_elems(jobs::max_models(plan)).min(requested))
         }
         // Each job holds one buffer per variant.
         None => (Engine::Cpu(&pool), threads * 2, chunk_elems(opts.chunk_elems, threads * 2 * n)),
@@ -337,6 +402,17 @@ pub(crate) fn execute_many(plan: &Plan, dirs: &[&OutputDir], opts: &ExecOptions)
                 jobs::touches(plan, job, |input, t| {
                     let _ = touch_tx[input].send(t);
                 });
+            }
+        }
+        if outcome.is_ok() {
+            match engine.finish(plan, &stats) {
+                Ok((p, r)) => {
+                    for (total, one) in rounding.iter_mut().zip(r) {
+                        *total += one;
+                    }
+                    let _ = tx.send(p); // a writer failure is reported below
+                }
+                Err(e) => outcome = Err(e),
             }
         }
         drop(tx);
