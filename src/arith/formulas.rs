@@ -267,15 +267,22 @@ impl<'a> Segment<'a> {
         let Some((base, x, pre)) = self.counted(out_ty) else { return Rounding::default() };
         let os = out_ty.size();
         let n = out.len() / os;
-        let (mut d, mut q) = ([0f32; BLOCK], [0f32; BLOCK]);
+        // Only the sampled elements are decoded: this runs on the host for
+        // every GPU job, where decoding all of them cost as much as the
+        // CPU's own decode.
+        let one = |op: Operand<'_>, j: usize| {
+            let mut v = [0f32];
+            decode_at(op, j, &mut v);
+            v[0]
+        };
+        let start = ((ROUNDING_STRIDE - first % ROUNDING_STRIDE) % ROUNDING_STRIDE) as usize;
         let mut r = Rounding::default();
-        let mut i = 0;
-        while i < n {
-            let m = BLOCK.min(n - i);
-            vector_at(x, pre, i, &mut d[..m], &mut q[..m]);
-            let bytes = i * os..(i + m) * os;
-            r += count_sample(&d[..m], &base.bytes[bytes.clone()], &out[bytes], os, first + i as u64);
-            i += m;
+        for j in (start..n).step_by(ROUNDING_STRIDE as usize) {
+            let d = one(x, j) - pre.map_or(0.0, |p| one(p, j));
+            let moved = d != 0.0;
+            r.moved += u64::from(moved);
+            let bytes = j * os..(j + 1) * os;
+            r.swallowed += u64::from(moved && base.bytes[bytes.clone()] == out[bytes]);
         }
         r
     }

@@ -1,6 +1,7 @@
 //! Host staging: a GPU job's operands copied from the mapped shards into
 //! its slot's pinned input buffer by the executor's worker threads,
-//! straight from the map, with no copy in between. One thread moves about 5-10 GB/s from the page cache, a PCIe 5
+//! straight from the map, with no copy in between (and its output copied
+//! out of the pinned buffer the same way). One thread moves about 5-10 GB/s from the page cache, a PCIe 5
 //! link about 50 GB/s, so a single copying thread would hold the GPU at a
 //! fraction of the bus.
 

@@ -206,7 +206,9 @@ mod tests {
         for (slots, batch, copy_every) in [(1, 1, 3), (3, 6, 4), (4, 6, 5), (4, 2, 2), (8, 5, 100)] {
             let (out, _) = run(slots, 41, batch, copy_every);
             let want: Vec<(usize, Vec<u8>)> = (0..41)
-                .map(|i| (i, if (i + 1) % copy_every == 0 { b"copy".to_vec() } else { i.to_le_bytes().to_vec() }))
+                .map(|i| {
+                    (i, if (i + 1) % copy_every == 0 { b"copy".to_vec() } else { i.to_le_bytes().to_vec() })
+                })
                 .collect();
             assert_eq!(out, want, "{slots} slots, batches of {batch}");
         }
