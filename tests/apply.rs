@@ -4,6 +4,8 @@
 
 mod common;
 
+use std::collections::BTreeMap;
+
 use common::*;
 use serde_json::Value;
 
@@ -90,23 +92,38 @@ fn mixed_input_dtypes_keep_the_base_dtype_and_out_dtype_changes_it() {
     check_apply(&out32, &t, |_| 1.0);
 }
 
+/// Also with several shards written side by side (4 and 8 threads fill 2
+/// and 4 at once): the same files, and the manifest's sha256 of each is
+/// that file's own.
 #[test]
 fn output_bytes_do_not_depend_on_threads_or_chunk_size() {
     let d = tempfile::tempdir().unwrap();
     let t = trio(d.path(), Ty::BF16, 2);
     let mut hashes = Vec::new();
-    for (threads, chunk) in [("1", "7"), ("4", "100000"), ("3", "64")] {
+    for (threads, chunk) in [("1", "7"), ("4", "100000"), ("3", "64"), ("8", "50")] {
         let out = d.path().join(format!("out-{threads}-{chunk}"));
         ok(&apply_streaming(
             &t,
             &out,
             &["-q", "--scale", "0.5", "--threads", threads, "--chunk-elems", chunk, "--shard-size", "1000"],
         ));
-        hashes.push(shard_hashes(&out));
+        let files = shard_hashes(&out);
+        let m: Value =
+            serde_json::from_slice(&std::fs::read(out.join("chatvec-manifest.json")).unwrap()).unwrap();
+        let recorded: BTreeMap<String, String> = m["outputs"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|f| (f["file"].as_str().unwrap().to_string(), f["sha256"].as_str().unwrap().to_string()))
+            .filter(|(file, _)| file.ends_with(".safetensors"))
+            .collect();
+        assert_eq!(recorded, files, "{threads} threads: the manifest's hashes");
+        hashes.push(files);
     }
     assert!(hashes[0].len() > 1, "small --shard-size should give several shards");
     assert_eq!(hashes[0], hashes[1]);
     assert_eq!(hashes[0], hashes[2]);
+    assert_eq!(hashes[0], hashes[3]);
 }
 
 #[test]

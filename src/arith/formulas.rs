@@ -204,8 +204,7 @@ fn add_terms_portable(
             let base_bytes = &base.bytes[i * os..(i + m) * os];
             for (k, j) in sampled.enumerate() {
                 r.moved += u64::from(moved[k]);
-                r.swallowed +=
-                    u64::from(moved[k] && base_bytes[j * os..(j + 1) * os] == block[j * os..(j + 1) * os]);
+                r.swallowed += u64::from(moved[k] && same_element(base_bytes, block, j, os));
             }
         }
         i += m;
@@ -231,9 +230,22 @@ fn count_sample(d: &[f32], base: &[u8], out: &[u8], size: usize, at: u64) -> Rou
     for j in (first..d.len()).step_by(ROUNDING_STRIDE as usize) {
         let moved = d[j] != 0.0;
         r.moved += u64::from(moved);
-        r.swallowed += u64::from(moved && base[j * size..(j + 1) * size] == out[j * size..(j + 1) * size]);
+        r.swallowed += u64::from(moved && same_element(base, out, j, size));
     }
     r
+}
+
+/// Whether element `j` (of `size` bytes) of `a` and `b` has the same bytes:
+/// a comparison of one 2- or 4-byte word, where a slice comparison called
+/// `memcmp` for each sampled element (3% of a cached apply's CPU).
+#[inline(always)]
+fn same_element(a: &[u8], b: &[u8], j: usize, size: usize) -> bool {
+    let at = j * size;
+    match size {
+        2 => [a[at], a[at + 1]] == [b[at], b[at + 1]],
+        4 => [a[at], a[at + 1], a[at + 2], a[at + 3]] == [b[at], b[at + 1], b[at + 2], b[at + 3]],
+        _ => a[at..at + size] == b[at..at + size],
+    }
 }
 
 /// What the rounding to the output dtype did to a chat vector's change.
@@ -281,8 +293,7 @@ impl<'a> Segment<'a> {
             let d = one(x, j) - pre.map_or(0.0, |p| one(p, j));
             let moved = d != 0.0;
             r.moved += u64::from(moved);
-            let bytes = j * os..(j + 1) * os;
-            r.swallowed += u64::from(moved && base.bytes[bytes.clone()] == out[bytes]);
+            r.swallowed += u64::from(moved && same_element(base.bytes, out, j, os));
         }
         r
     }

@@ -66,44 +66,122 @@ impl<'a> Piece<'a> {
     }
 }
 
-/// The plan's jobs in output order: per shard its header, then per tensor
-/// copies of `COPY_CHUNK_BYTES` or computations of `chunk_elems`.
-pub(crate) fn cut(plan: &Plan, chunk_elems: u64) -> Vec<Job> {
+/// The plan's jobs in the order they run, and the output shard of each.
+pub(crate) struct Schedule {
+    pub jobs: Vec<Job>,
+    /// The output shard each job writes into.
+    pub shard: Vec<usize>,
+    /// Per output shard, the index of its last job.
+    pub last_of_shard: Vec<usize>,
+    /// Per output tensor, the index of its last job (0 for none).
+    last_of_tensor: Vec<usize>,
+}
+
+impl Schedule {
+    /// Whether tensor `t` has jobs at or after job `index`.
+    pub(crate) fn tensor_ahead(&self, t: usize, index: usize) -> bool {
+        self.last_of_tensor.get(t).is_some_and(|&last| last >= index)
+    }
+}
+
+/// The plan's jobs, with `lanes` output shards filled side by side (so as
+/// many output files are written and hashed at once: one sha256 stream per
+/// file would otherwise gate the run). Each shard's own jobs keep their
+/// order (its header, then per tensor copies of `COPY_CHUNK_BYTES` or
+/// computations of `chunk_elems`), so its bytes do not depend on `lanes`.
+/// The next job always comes from the open shard with the fewest bytes
+/// handed out, so the files grow at the same pace; when one is done the
+/// next shard opens in its place.
+pub(crate) fn schedule(plan: &Plan, chunk_elems: u64, lanes: usize) -> Schedule {
+    let per_shard: Vec<Vec<Job>> = (0..plan.shards.len()).map(|si| cut(plan, si, chunk_elems)).collect();
+    let total: usize = per_shard.iter().map(Vec::len).sum();
+    let mut sched = Schedule {
+        jobs: Vec::with_capacity(total),
+        shard: Vec::with_capacity(total),
+        last_of_shard: vec![0; plan.shards.len()],
+        last_of_tensor: vec![0; plan.tensors.len()],
+    };
+    let mut queued = per_shard.into_iter().map(|jobs| jobs.into_iter()).enumerate();
+    // Open shards: (bytes handed out, shard, its remaining jobs).
+    let mut open: Vec<(u64, usize, std::vec::IntoIter<Job>)> = Vec::new();
+    loop {
+        while open.len() < lanes.max(1)
+            && let Some((si, jobs)) = queued.next()
+        {
+            // Level with the slowest open shard, so it does not take every
+            // turn until it has caught up.
+            let level = open.iter().map(|o| o.0).min().unwrap_or(0);
+            open.push((level, si, jobs));
+        }
+        let Some(at) = (0..open.len()).min_by_key(|&i| (open[i].0, open[i].1)) else { break };
+        let (bytes, si, jobs) = &mut open[at];
+        match jobs.next() {
+            Some(job) => {
+                *bytes += job_bytes(plan, &job);
+                let index = sched.jobs.len();
+                if let Job::Compute { tensor, .. } = job {
+                    sched.last_of_tensor[tensor] = index;
+                }
+                sched.last_of_shard[*si] = index;
+                sched.shard.push(*si);
+                sched.jobs.push(job);
+            }
+            None => {
+                open.swap_remove(at);
+            }
+        }
+    }
+    sched
+}
+
+/// About the output bytes `job` writes (for pacing the shards only).
+fn job_bytes(plan: &Plan, job: &Job) -> u64 {
+    match job {
+        Job::Header(si) => plan.shards[*si].header.len() as u64,
+        Job::Copy { bytes, .. } => bytes.end - bytes.start,
+        Job::Compute { tensor, elems } => {
+            let t = &plan.tensors[*tensor];
+            t.bytes() * (elems.end - elems.start) / t.numel().max(1)
+        }
+    }
+}
+
+/// Output shard `si`'s jobs in order: its header, then per tensor copies
+/// of `COPY_CHUNK_BYTES` or computations of `chunk_elems`.
+fn cut(plan: &Plan, si: usize, chunk_elems: u64) -> Vec<Job> {
     let pieces = |len: u64, step: u64| {
         (0..len.div_ceil(step.max(1))).map(move |i| i * step..((i + 1) * step).min(len))
     };
-    let mut jobs = Vec::new();
-    for (si, sh) in plan.shards.iter().enumerate() {
-        jobs.push(Job::Header(si));
-        for ti in sh.tensors.clone() {
-            let t = &plan.tensors[ti];
-            match &t.op {
-                Op::Copy(src) => jobs
-                    .extend(pieces(t.bytes(), COPY_CHUNK_BYTES).map(|bytes| Job::Copy { src: *src, bytes })),
-                Op::Convert(_) | Op::Arith { .. } | Op::Merge(_) | Op::AddVectors(_) => {
-                    // An FP8 weight in whole bands of block rows, so each
-                    // block's amax is inside one job.
-                    let step = match plan.requant.weights.get(&ti) {
-                        Some(Requantized::Fp8 { block, .. }) => {
-                            let band = block[0] * t.shape[1];
-                            (chunk_elems / band).max(1) * band
-                        }
-                        Some(&Requantized::Mxfp4 { experts, cols, rows }) => {
-                            jobs.extend(mxfp4_bands(ti, [experts, cols, rows], false, chunk_elems));
-                            continue;
-                        }
-                        None => chunk_elems,
-                    };
-                    jobs.extend(pieces(t.numel(), step).map(|elems| Job::Compute { tensor: ti, elems }))
-                }
-                Op::QuantScales(w) => match plan.requant.weights.get(w) {
-                    Some(&Requantized::Mxfp4 { experts, cols, rows }) => {
-                        jobs.extend(mxfp4_bands(ti, [experts, cols, rows], true, chunk_elems))
-                    }
-                    // Small; computed band by band inside the job.
-                    _ => jobs.push(Job::Compute { tensor: ti, elems: 0..t.numel() }),
-                },
+    let mut jobs = vec![Job::Header(si)];
+    for ti in plan.shards[si].tensors.clone() {
+        let t = &plan.tensors[ti];
+        match &t.op {
+            Op::Copy(src) => {
+                jobs.extend(pieces(t.bytes(), COPY_CHUNK_BYTES).map(|bytes| Job::Copy { src: *src, bytes }))
             }
+            Op::Convert(_) | Op::Arith { .. } | Op::Merge(_) | Op::AddVectors(_) => {
+                // An FP8 weight in whole bands of block rows, so each
+                // block's amax is inside one job.
+                let step = match plan.requant.weights.get(&ti) {
+                    Some(Requantized::Fp8 { block, .. }) => {
+                        let band = block[0] * t.shape[1];
+                        (chunk_elems / band).max(1) * band
+                    }
+                    Some(&Requantized::Mxfp4 { experts, cols, rows }) => {
+                        jobs.extend(mxfp4_bands(ti, [experts, cols, rows], false, chunk_elems));
+                        continue;
+                    }
+                    None => chunk_elems,
+                };
+                jobs.extend(pieces(t.numel(), step).map(|elems| Job::Compute { tensor: ti, elems }))
+            }
+            Op::QuantScales(w) => match plan.requant.weights.get(w) {
+                Some(&Requantized::Mxfp4 { experts, cols, rows }) => {
+                    jobs.extend(mxfp4_bands(ti, [experts, cols, rows], true, chunk_elems))
+                }
+                // Small; computed band by band inside the job.
+                _ => jobs.push(Job::Compute { tensor: ti, elems: 0..t.numel() }),
+            },
         }
     }
     jobs
@@ -675,21 +753,18 @@ pub(crate) fn needs_stats(plan: &Plan, group: &[Job], stats: &StatsMap) -> bool 
     })
 }
 
-/// Computes the statistics of the merged tensors `group` computes (before
-/// their first chunk) and drops those of tensors already finished.
+/// Computes the statistics of the merged tensors `group` (the jobs from
+/// index `first` of `sched`) computes, before their first chunk, and drops
+/// those of tensors with no job left.
 pub(crate) fn prepare_stats(
     plan: &Plan,
+    sched: &Schedule,
+    first: usize,
     group: &[Job],
     stats: &mut StatsMap,
     gpu: Option<&Gpu>,
 ) -> Result<()> {
-    let Some(first) = group.iter().find_map(|j| match j {
-        Job::Compute { tensor, .. } => Some(*tensor),
-        _ => None,
-    }) else {
-        return Ok(());
-    };
-    stats.retain(|&t, _| t >= first);
+    stats.retain(|&t, _| sched.tensor_ahead(t, first));
     for job in group {
         let Job::Compute { tensor, .. } = job else { continue };
         let t = &plan.tensors[*tensor];
@@ -887,5 +962,93 @@ mod tests {
             }
         }
         assert_eq!(checked, names.len() * 3);
+    }
+
+    /// A job as comparable text.
+    fn show(job: &Job) -> String {
+        match job {
+            Job::Header(si) => format!("header {si}"),
+            Job::Copy { src, bytes } => format!("copy {src:?} {bytes:?}"),
+            Job::Compute { tensor, elems } => format!("compute {tensor} {elems:?}"),
+        }
+    }
+
+    /// The schedule with 1 to 4 shards side by side: every shard's jobs,
+    /// each once and in its own order (so its bytes are the same), at most
+    /// `lanes` shards open at any point and, from 2 lanes on, the second
+    /// shard begun before the first is done; the indices it gives (each
+    /// job's shard, each shard's last job, the tensors still ahead) agree
+    /// with the order.
+    #[test]
+    fn a_schedule_fills_shards_side_by_side_each_in_its_own_order() {
+        use crate::model::checkpoint::Checkpoint;
+        use crate::params::select::{Scale, Selection, Spelling};
+        use crate::plan::chat_vector::{ApplyOptions, Common, VectorSide, plan_apply};
+        let root = tempfile::tempdir().unwrap();
+        let names = [
+            "model.embed_tokens.weight",
+            "model.layers.0.mlp.up_proj.weight",
+            "model.layers.0.self_attn.q_proj.weight",
+            "model.layers.1.mlp.up_proj.weight",
+            "model.layers.1.self_attn.q_proj.weight",
+            "lm_head.weight",
+        ];
+        for (dir, seed) in [("base", 1.0), ("chat", 1.5), ("pre", 0.75)] {
+            write_model(&root.path().join(dir), &names, seed, 2);
+        }
+        let open = |d: &str| Checkpoint::open(&root.path().join(d)).unwrap();
+        let selection = Selection::new(&[], &[], &Scale::Constant(1.0), &[], Spelling::Cli).unwrap();
+        let opts = ApplyOptions {
+            // Two 32-byte tensors per shard.
+            common: Common { selection, shard_size: 64, allow_mismatch: false, expert_layout: None },
+            embeddings: crate::params::embeddings::EmbeddingPolicy::Auto,
+            out_dtype: None,
+            candidates: vec![Scale::Constant(1.0)],
+            vector_scales: Vec::new(),
+        };
+        let side = VectorSide::Streaming { chat: Box::new(open("chat")), pretrained: Box::new(open("pre")) };
+        let plan = plan_apply(open("base"), vec![side], &opts).unwrap();
+        let shards = plan.shards.len();
+        assert_eq!(shards, 3);
+        // Three jobs per tensor: headers, and computes of 3 elements.
+        let chunk = 3;
+        let own: Vec<Vec<String>> =
+            (0..shards).map(|si| cut(&plan, si, chunk).iter().map(show).collect()).collect();
+        for lanes in 1..=4 {
+            let sched = schedule(&plan, chunk, lanes);
+            assert_eq!(sched.jobs.len(), own.iter().map(Vec::len).sum::<usize>(), "{lanes} lanes");
+            let mut seen: Vec<Vec<String>> = vec![Vec::new(); shards];
+            let mut max_open = 0;
+            for (i, job) in sched.jobs.iter().enumerate() {
+                let si = sched.shard[i];
+                seen[si].push(show(job));
+                let open_now =
+                    (0..shards).filter(|&s| !seen[s].is_empty() && seen[s].len() < own[s].len()).count();
+                max_open = max_open.max(open_now);
+                if let Job::Compute { tensor, .. } = job {
+                    assert!(sched.tensor_ahead(*tensor, i), "{lanes} lanes: tensor {tensor} at job {i}");
+                    let later = sched.jobs[i + 1..]
+                        .iter()
+                        .any(|j| matches!(j, Job::Compute { tensor: t, .. } if t == tensor));
+                    assert_eq!(sched.tensor_ahead(*tensor, i + 1), later, "{lanes} lanes: tensor {tensor}");
+                }
+            }
+            assert_eq!(seen, own, "{lanes} lanes: each shard's jobs in order");
+            for (si, &last) in sched.last_of_shard.iter().enumerate() {
+                assert_eq!(sched.shard[last], si);
+                assert!(
+                    sched.shard[last + 1..].iter().all(|&s| s != si),
+                    "{lanes} lanes: shard {si} after its last"
+                );
+            }
+            assert!(max_open <= lanes.min(shards), "{lanes} lanes: {max_open} open at once");
+            let first_end = sched.last_of_shard[0];
+            let second_start = sched.shard.iter().position(|&s| s == 1).unwrap();
+            assert_eq!(
+                second_start < first_end,
+                lanes > 1,
+                "{lanes} lanes: shard 1 begun before shard 0 ended"
+            );
+        }
     }
 }

@@ -17,30 +17,29 @@
 //! This room runs plans; only the job room above imports it.
 
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::mpsc::{Receiver, Sender, SyncSender, channel, sync_channel};
+use std::sync::mpsc::{channel, sync_channel};
 
-use indicatif::ProgressBar;
 use rayon::prelude::*;
-use sha2::{Digest, Sha256};
 
 use crate::cuda::{self, DeviceChoice, Gpu};
 use crate::error::{Error, Result};
-use crate::hash::hex;
 use crate::interrupt;
 use crate::merge::stats::STAT_BLOCK;
 use crate::model::hash_cache::HashCache;
 use crate::output::dir::OutputDir;
-use crate::output::files::{SyncedFile, WrittenFile};
+use crate::output::files::WrittenFile;
 use crate::plan::Plan;
 use input_hash::{Touch, hash_following};
-use jobs::{Job, Piece, StatsMap};
+use jobs::{Job, Piece, Schedule, StatsMap};
 use pipeline::{InFlight, SlotDevice};
+use writer::Batch;
 
 pub(crate) use crate::arith::formulas::{ROUNDING_STRIDE, Rounding};
 
 pub(crate) mod input_hash;
 pub(crate) mod jobs;
 pub(crate) mod pipeline;
+pub(crate) mod writer;
 
 /// Default elements per compute job: 4 MiB of f32 output at most.
 pub(crate) const DEFAULT_CHUNK_ELEMS: u64 = 1 << 20;
@@ -149,6 +148,9 @@ pub(crate) struct ExecResult {
     pub inputs: Vec<Vec<WrittenFile>>,
     /// What rounding to the output dtype did to the vector's change.
     pub rounding: Rounding,
+    /// How long the output files took to finish (hashed, synced) after
+    /// the last piece was handed to them: the run's tail behind the compute.
+    pub tail: std::time::Duration,
 }
 
 /// Where the batches run.
@@ -190,9 +192,10 @@ impl<'p> Engine<'_, 'p> {
     fn run_batch(
         &mut self,
         plan: &'p Plan,
+        sched: &Schedule,
         stats: &mut StatsMap,
-        group: &[Job],
         first: usize,
+        group: &[Job],
         bufs: Vec<Vec<Vec<u8>>>,
     ) -> Result<(Batch<'p>, Vec<Rounding>)> {
         match self {
@@ -201,7 +204,7 @@ impl<'p> Engine<'_, 'p> {
                 if jobs::needs_stats(plan, group, stats) {
                     flight.drain(&GpuSlots { gpu, plan, stats })?;
                 }
-                jobs::prepare_stats(plan, group, stats, Some(gpu))?;
+                jobs::prepare_stats(plan, sched, first, group, stats, Some(gpu))?;
                 flight.give_buffers(bufs.into_iter().filter_map(|mut b| b.pop()));
                 let dev = GpuSlots { gpu, plan, stats };
                 for (i, job) in group.iter().enumerate() {
@@ -215,7 +218,7 @@ impl<'p> Engine<'_, 'p> {
             }
             Engine::Cpu(pool) => {
                 let done = pool.install(|| {
-                    jobs::prepare_stats(plan, group, stats, None)?;
+                    jobs::prepare_stats(plan, sched, first, group, stats, None)?;
                     let stats = &*stats;
                     group
                         .par_iter()
@@ -344,7 +347,7 @@ pub(crate) fn execute_many(plan: &Plan, dirs: &[&OutputDir], opts: &ExecOptions)
         // Each job holds one buffer per variant.
         None => (Engine::Cpu(&pool), threads * 2, chunk_elems(opts.chunk_elems, threads * 2 * n)),
     };
-    let jobs = jobs::cut(plan, chunk);
+    let sched = jobs::schedule(plan, chunk, open_shards(threads, n));
     let bar = crate::ui::bytes_bar("writing", plan.output_bytes() * n as u64);
 
     let stop = AtomicBool::new(false);
@@ -361,29 +364,19 @@ pub(crate) fn execute_many(plan: &Plan, dirs: &[&OutputDir], opts: &ExecOptions)
         }
         let (tx, rx) = sync_channel::<Batch>(1);
         let (free_tx, free_rx) = channel::<Vec<u8>>();
-        // One output hasher per candidate, so a sweep's hashing spreads
-        // over the cores.
-        let mut htx = Vec::new();
-        let mut out_hashers = Vec::new();
-        for _ in 0..n {
-            let (t, r) = sync_channel::<Vec<(bool, Piece)>>(1);
-            htx.push(t);
-            let free = free_tx.clone();
-            out_hashers.push(s.spawn(move || hash_pieces(r, free)));
-        }
-        drop(free_tx);
-        let writer = s.spawn(|| write_pieces(plan, dirs, &jobs, rx, htx, &bar));
+        let (sched, bar) = (&sched, &bar);
+        let writer = s.spawn(move || writer::write_batches(s, plan, dirs, sched, rx, &free_tx, bar));
         let mut outcome = Ok(());
         let mut stats = StatsMap::new();
         let mut rounding = vec![Rounding::default(); n];
-        for (bi, group) in jobs.chunks(batch).enumerate() {
+        for (bi, group) in sched.jobs.chunks(batch).enumerate() {
             let bufs: Vec<Vec<Vec<u8>>> = group
                 .iter()
                 .map(|_| (0..n).map(|_| free_rx.try_recv().unwrap_or_default()).collect())
                 .collect();
             let pieces = interrupt::check()
                 .and_then(|()| inputs_intact(plan))
-                .and_then(|()| engine.run_batch(plan, &mut stats, group, bi * batch, bufs));
+                .and_then(|()| engine.run_batch(plan, sched, &mut stats, bi * batch, group, bufs));
             match pieces {
                 Ok((p, r)) => {
                     for (total, one) in rounding.iter_mut().zip(r) {
@@ -417,10 +410,6 @@ pub(crate) fn execute_many(plan: &Plan, dirs: &[&OutputDir], opts: &ExecOptions)
         }
         drop(tx);
         let written = writer.join().map_err(|_| Error::Internal("writer thread panicked".into()));
-        let out_hashes: Vec<Vec<String>> = out_hashers
-            .into_iter()
-            .map(|h| h.join().map_err(|_| Error::Internal("hash thread panicked".into())))
-            .collect::<Result<_>>()?;
         if outcome.is_err() || !matches!(written, Ok(Ok(_))) {
             stop.store(true, Ordering::Relaxed);
         }
@@ -436,101 +425,25 @@ pub(crate) fn execute_many(plan: &Plan, dirs: &[&OutputDir], opts: &ExecOptions)
         inputs_intact(plan)?;
         bar.finish_and_clear();
         let inputs: Vec<Vec<WrittenFile>> = hashes.into_iter().collect::<Result<_>>()?;
+        let tail = written.tail;
         Ok(written
+            .files
             .into_iter()
-            .zip(out_hashes)
             .zip(rounding)
-            .map(|((files, sums), rounding)| ExecResult {
-                shards: files
-                    .into_iter()
-                    .zip(sums)
-                    .map(|((file, bytes), sha256)| WrittenFile { file, bytes, sha256 })
-                    .collect(),
-                inputs: inputs.clone(),
-                rounding,
-            })
+            .map(|(shards, rounding)| ExecResult { shards, inputs: inputs.clone(), rounding, tail })
             .collect())
     })
 }
 
-/// A batch of jobs' pieces, one per variant, by job index.
-type Batch<'a> = Vec<(usize, Vec<Piece<'a>>)>;
+/// Output shards filled side by side (see `jobs::schedule`): enough that
+/// the outputs' sha256 streams, one per open file at about 1.5 GB/s each,
+/// take about half the cores, and at most 4 per output (each open file
+/// holds 12 MiB of staging buffers).
+fn open_shards(threads: usize, variants: usize) -> usize {
+    (threads / (2 * variants.max(1))).clamp(1, 4)
+}
 
 /// Fails if an input shard was truncated while mapped (see `model::mapped`).
 fn inputs_intact(plan: &Plan) -> Result<()> {
     plan.inputs.iter().try_for_each(|i| i.ckpt.check_intact())
-}
-
-/// The writer thread: appends each variant's pieces in job order to its
-/// own directory, switching shard files at each header, then passes each
-/// variant's pieces on to its output hasher. Returns, per variant, each
-/// shard's file name and size.
-fn write_pieces<'a>(
-    plan: &Plan,
-    dirs: &[&OutputDir],
-    jobs: &[Job],
-    rx: Receiver<Batch<'a>>,
-    to_hashers: Vec<SyncSender<Vec<(bool, Piece<'a>)>>>,
-    bar: &ProgressBar,
-) -> Result<Vec<Vec<(String, u64)>>> {
-    let mut done: Vec<Vec<(String, u64)>> =
-        dirs.iter().map(|_| Vec::with_capacity(plan.shards.len())).collect();
-    let mut current: Vec<Option<SyncedFile>> = dirs.iter().map(|_| None).collect();
-    for batch in rx {
-        let mut per: Vec<Vec<(bool, Piece)>> = dirs.iter().map(|_| Vec::with_capacity(batch.len())).collect();
-        for (ji, pieces) in batch {
-            let header = matches!(jobs[ji], Job::Header(_));
-            if let Job::Header(si) = jobs[ji] {
-                for (k, dir) in dirs.iter().enumerate() {
-                    if let Some(f) = current[k].take() {
-                        done[k].push(f.finish()?);
-                    }
-                    current[k] = Some(dir.create_shard(&plan.shards[si].file_name)?);
-                }
-            }
-            for (k, piece) in pieces.into_iter().enumerate().take(dirs.len()) {
-                let Some(f) = current[k].as_mut() else {
-                    return Err(Error::Internal("a shard's bytes came before its header".into()));
-                };
-                f.write(piece.bytes())?;
-                bar.inc(piece.bytes().len() as u64);
-                per[k].push((header, piece));
-            }
-        }
-        for (t, p) in to_hashers.iter().zip(per) {
-            if t.send(p).is_err() {
-                return Err(Error::Internal("an output hasher stopped".into()));
-            }
-        }
-    }
-    for (k, f) in current.into_iter().enumerate() {
-        if let Some(f) = f {
-            done[k].push(f.finish()?);
-        }
-    }
-    // Fewer shards than planned means the producer stopped early; the caller
-    // reports why.
-    Ok(done)
-}
-
-/// An output hasher: the sha256 of each shard of one output, from the
-/// pieces the writer has written (in a thread of its own, so hashing
-/// overlaps writing), marked where a shard starts; then the buffers go back
-/// for reuse.
-fn hash_pieces(rx: Receiver<Vec<(bool, Piece)>>, free: Sender<Vec<u8>>) -> Vec<String> {
-    let mut done = Vec::new();
-    let mut current: Option<Sha256> = None;
-    for pieces in rx {
-        for (header, piece) in pieces {
-            if header && let Some(h) = current.replace(Sha256::new()) {
-                done.push(hex(&h.finalize()));
-            }
-            current.get_or_insert_with(Sha256::new).update(piece.bytes());
-            if let Piece::Owned(v) = piece {
-                let _ = free.send(v);
-            }
-        }
-    }
-    done.extend(current.map(|h| hex(&h.finalize())));
-    done
 }

@@ -489,6 +489,7 @@ fn reused(dest: &Destination, note: String) -> Summary {
         computed_tensors: 0,
         bytes: 0,
         seconds: 0.0,
+        tail_seconds: 0.0,
         shards: Vec::new(),
         embeddings: Vec::new(),
         notes: vec![note],

@@ -63,6 +63,9 @@ pub struct Summary {
     pub bytes: u64,
     /// Wall time of the write, in seconds.
     pub seconds: f64,
+    /// Of that, the seconds the output files took to finish (the last
+    /// bytes hashed and synced) after the last piece was computed.
+    pub tail_seconds: f64,
     /// The weight shards written, with their sha256.
     pub shards: Vec<WrittenFile>,
     /// How embedding rows were matched where vocabularies differ.
@@ -132,6 +135,7 @@ pub(crate) fn write_outputs(
                 computed_tensors: computed,
                 bytes: plan.output_bytes(),
                 seconds: 0.0,
+                tail_seconds: 0.0,
                 shards: Vec::new(),
                 embeddings: plan.embeddings.clone(),
                 notes: v.side.notes.clone(),
@@ -194,6 +198,7 @@ pub(crate) fn write_outputs(
     let requant = requant_note(&plan)?;
     for (((v, dir), res), summary) in variants.into_iter().zip(dirs).zip(results).zip(&mut summaries) {
         summary.notes.extend(requant.clone());
+        summary.tail_seconds = res.tail.as_secs_f64();
         let r = res.rounding;
         if r.swallowed > 0 {
             let share = r.swallowed as f64 / r.moved as f64;
