@@ -242,8 +242,11 @@ fn count_sample(d: &[f32], base: &[u8], out: &[u8], size: usize, at: u64) -> Rou
 fn same_element(a: &[u8], b: &[u8], j: usize, size: usize) -> bool {
     let at = j * size;
     match size {
-        2 => [a[at], a[at + 1]] == [b[at], b[at + 1]],
-        4 => [a[at], a[at + 1], a[at + 2], a[at + 3]] == [b[at], b[at + 1], b[at + 2], b[at + 3]],
+        2 => u16::from_ne_bytes([a[at], a[at + 1]]) == u16::from_ne_bytes([b[at], b[at + 1]]),
+        4 => {
+            u32::from_ne_bytes([a[at], a[at + 1], a[at + 2], a[at + 3]])
+                == u32::from_ne_bytes([b[at], b[at + 1], b[at + 2], b[at + 3]])
+        }
         _ => a[at..at + size] == b[at..at + size],
     }
 }
