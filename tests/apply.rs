@@ -509,6 +509,28 @@ fn each_sweep_candidate_is_byte_identical_to_a_separate_apply() {
         assert_eq!(shard_hashes(&sweep.join(name)), shard_hashes(&one), "{name}");
         ok(&chatvec(&["verify", s(&sweep.join(name))]));
     }
+    // Excluded tensors converted to f32 are the same for every candidate:
+    // computed once, written by each from one buffer, and still equal to a
+    // separate apply's.
+    let conv = d.path().join("sweep-f32");
+    let extra = ["--out-dtype", "f32", "--exclude", "mlp"];
+    let o = chatvec(&[&args[..], &["-q", "--scales", "0.5,2", "-o", s(&conv)], &extra[..]].concat());
+    ok(&o);
+    for (name, scale) in [("scale-0.5", "0.5"), ("scale-2", "2")] {
+        let one = d.path().join(format!("one-f32-{name}"));
+        ok(&apply_streaming(&t, &one, &[&["-q", "--scale", scale][..], &extra[..]].concat()));
+        assert_eq!(shard_hashes(&conv.join(name)), shard_hashes(&one), "f32 {name}");
+        let out = read_model(&conv.join(name));
+        let base = read_model(&t.base);
+        let mlp: Vec<&String> = out.keys().filter(|k| k.contains("mlp")).collect();
+        assert!(!mlp.is_empty());
+        for k in mlp {
+            assert_eq!(out[k].ty, Ty::F32, "{k}");
+            for i in 0..out[k].numel() {
+                assert_eq!(out[k].get(i), base[k].get(i), "{name} {k}[{i}]: the base's value, widened");
+            }
+        }
+    }
     let rec: Value = serde_json::from_slice(&std::fs::read(sweep.join("sweep.json")).unwrap()).unwrap();
     assert_eq!(rec["candidates"].as_array().unwrap().len(), 3);
     // An existing sweep is not replaced without --force; --scale is refused.

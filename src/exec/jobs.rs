@@ -42,19 +42,22 @@ pub(crate) enum Job {
 }
 
 /// A job's output bytes: borrowed from the plan or an input map, or
-/// computed into a buffer that is recycled after writing.
+/// computed into a buffer that is recycled after writing, or one buffer
+/// that several outputs (a sweep's candidates) write alike.
 pub(crate) enum Piece<'a> {
     Borrowed(&'a [u8]),
     Owned(Vec<u8>),
+    Shared(Arc<Vec<u8>>),
 }
 
 impl<'a> Piece<'a> {
-    /// A borrowed piece again (a header or copy shared by several outputs);
-    /// an owned one's bytes are copied.
+    /// The same piece for another output: a borrowed or shared one is
+    /// shared, an owned one's bytes are copied.
     pub(crate) fn borrowed(&self) -> Piece<'a> {
         match self {
             Piece::Borrowed(b) => Piece::Borrowed(b),
             Piece::Owned(v) => Piece::Owned(v.clone()),
+            Piece::Shared(a) => Piece::Shared(a.clone()),
         }
     }
 
@@ -62,6 +65,17 @@ impl<'a> Piece<'a> {
         match self {
             Piece::Borrowed(b) => b,
             Piece::Owned(v) => v,
+            Piece::Shared(a) => a,
+        }
+    }
+
+    /// The buffer to recycle once the piece is written: an owned one, or
+    /// a shared one's by whichever output writes it last.
+    pub(crate) fn into_buffer(self) -> Option<Vec<u8>> {
+        match self {
+            Piece::Borrowed(_) => None,
+            Piece::Owned(v) => Some(v),
+            Piece::Shared(a) => Arc::try_unwrap(a).ok(),
         }
     }
 }
@@ -467,17 +481,13 @@ pub(crate) fn run_many<'a>(
     let t = &plan.tensors[*tensor];
     let requantized = plan.requant.weights.contains_key(tensor);
     let (Op::Arith { .. } | Op::AddVectors(_), false) = (&t.op, requantized) else {
-        // No scale: computed once, the same bytes for every variant.
-        let one = run(plan, stats, job, bufs.pop().unwrap_or_default())?;
-
-        let mut copies: Vec<Piece> = Vec::with_capacity(n);
-        for mut b in bufs.into_iter().take(n - 1) {
-            b.clear();
-            b.extend_from_slice(one.bytes());
-            copies.push(Piece::Owned(b));
-        }
-        copies.insert(0, one);
-        return Ok((copies, none));
+        // No scale: computed once, the same bytes for every variant,
+        // written by each from one shared buffer.
+        let one = match run(plan, stats, job, bufs.pop().unwrap_or_default())? {
+            Piece::Owned(v) if n > 1 => Piece::Shared(Arc::new(v)),
+            other => other,
+        };
+        return Ok(((0..n).map(|_| one.borrowed()).collect(), none));
     };
     let scales: Vec<f32> = (0..n).map(|k| plan.scale(k, *tensor).unwrap_or(1.0)).collect();
     let out_ty = float_out(t)?;

@@ -163,7 +163,7 @@ fn write_file(mut file: SyncedFile, rx: Receiver<Vec<Piece>>, free: Sender<Vec<u
                 file.write(block)?;
                 h.update(block);
             }
-            if let Piece::Owned(v) = piece {
+            if let Some(v) = piece.into_buffer() {
                 let _ = free.send(v);
             }
         }
