@@ -430,6 +430,30 @@ fn merge_parameters_must_be_finite_f32_numbers_in_range() {
     assert!(!d.path().join("out").exists());
 }
 
+/// A scale whose products overflow f32 (the inputs all finite) is one
+/// clear error naming a tensor, and nothing is written: for apply, and for
+/// a sweep whose other candidate is fine (the sweep writes none of them).
+/// The arithmetic checks each block as it encodes it.
+#[test]
+fn an_overflowing_scale_is_an_error_and_writes_nothing() {
+    let d = tempfile::tempdir().unwrap();
+    let t = trio(d.path(), Ty::BF16, 1);
+    let out = d.path().join("out");
+    let o = apply_streaming(&t, &out, &["--scale", "3e38"]);
+    assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
+    let said = stderr(&o);
+    assert!(said.contains("NaN or infinite value(s)") && said.contains("its inputs have none"), "{said}");
+    assert!(said.contains("tensor 'model."), "{said}");
+    assert!(!out.exists());
+    let sweep = d.path().join("sweep");
+    let args = ["sweep", "--base", s(&t.base), "--chat", s(&t.chat), "--pretrained", s(&t.pre)];
+    let o = chatvec(&[&args[..], &["--scales", "1,3e38", "-o", s(&sweep)]].concat());
+    assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
+    assert!(stderr(&o).contains("NaN or infinite value(s)"), "{}", stderr(&o));
+    assert!(!sweep.exists());
+    assert_eq!(entries(d.path()).len(), 3, "only the inputs: {:?}", entries(d.path()));
+}
+
 #[test]
 fn a_zero_vector_or_an_odd_scale_is_said() {
     let d = tempfile::tempdir().unwrap();

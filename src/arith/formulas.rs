@@ -9,7 +9,7 @@
 
 use super::lowrank::{LowRank, add_low_rank};
 use super::{BLOCK, Operand};
-use crate::model::dtype::{FloatType, bf16_to_f32, decode, encode};
+use crate::model::dtype::{FloatType, any_nonfinite_portable, bf16_to_f32, decode, encode};
 
 /// Runs `f` element-wise over `N` operands into `out` (dtype `out_ty`).
 #[inline(always)]
@@ -342,21 +342,25 @@ impl<'a> Segment<'a> {
     /// that scale (the same f32 steps in the same order). Adds to
     /// `rounding[k]` what rounding did to output `k` (see `rounding`; the
     /// segment's first element is the tensor's element `first`), counted
-    /// on the decoded vector at hand.
+    /// on the decoded vector at hand, and sets `nonfinite[k]` when output
+    /// `k` holds a NaN or infinity (each block checked as it is encoded,
+    /// while in cache: a separate pass over the outputs cost 6% of a
+    /// sweep's CPU).
     pub(crate) fn compute_scales(
         &self,
         out_ty: FloatType,
         outs: &mut [&mut [u8]],
         scales: &[f32],
         rounding: &mut [Rounding],
+        nonfinite: &mut [bool],
         first: u64,
     ) {
         #[cfg(target_arch = "x86_64")]
         if crate::model::dtype::avx2() {
             // SAFETY: the CPU has AVX2 (checked just above).
-            return unsafe { self.compute_scales_avx2(out_ty, outs, scales, rounding, first) };
+            return unsafe { self.compute_scales_avx2(out_ty, outs, scales, rounding, nonfinite, first) };
         }
-        self.compute_scales_portable(out_ty, outs, scales, rounding, first)
+        self.compute_scales_portable(out_ty, outs, scales, rounding, nonfinite, first)
     }
 
     /// `compute_scales` compiled for AVX2.
@@ -368,9 +372,10 @@ impl<'a> Segment<'a> {
         outs: &mut [&mut [u8]],
         scales: &[f32],
         rounding: &mut [Rounding],
+        nonfinite: &mut [bool],
         first: u64,
     ) {
-        self.compute_scales_portable(out_ty, outs, scales, rounding, first)
+        self.compute_scales_portable(out_ty, outs, scales, rounding, nonfinite, first)
     }
 
     /// `compute_scales` in plain Rust, inlined into each compiled copy.
@@ -381,14 +386,18 @@ impl<'a> Segment<'a> {
         outs: &mut [&mut [u8]],
         scales: &[f32],
         rounding: &mut [Rounding],
+        nonfinite: &mut [bool],
         first: u64,
     ) {
         let os = out_ty.size();
         let n = outs.first().map_or(0, |o| o.len() / os);
         if let Segment::AddTerms { base, terms } = *self {
             // Several vectors carry their own scales: one output.
-            if let (Some(o), Some(r)) = (outs.first_mut(), rounding.first_mut()) {
+            if let (Some(o), Some(r), Some(bad)) =
+                (outs.first_mut(), rounding.first_mut(), nonfinite.first_mut())
+            {
                 *r += add_terms(out_ty, o, base, terms, first);
+                *bad |= any_nonfinite_portable(out_ty, o);
             }
             return;
         }
@@ -398,8 +407,9 @@ impl<'a> Segment<'a> {
             _ => (self.operands()[0], None),
         };
         let Some((x, pre)) = vector else {
-            for (o, s) in outs.iter_mut().zip(scales) {
+            for ((o, s), bad) in outs.iter_mut().zip(scales).zip(nonfinite.iter_mut()) {
                 self.with_scale(*s).compute(out_ty, o);
+                *bad |= any_nonfinite_portable(out_ty, o);
             }
             return;
         };
@@ -412,13 +422,16 @@ impl<'a> Segment<'a> {
             // with the caller's AVX2.
             decode_at(base, i, &mut b[..m]);
             vector_at(x, pre, i, &mut d[..m], &mut q[..m]);
-            for ((o, &s), r) in outs.iter_mut().zip(scales).zip(rounding.iter_mut()) {
+            for (((o, &s), r), bad) in
+                outs.iter_mut().zip(scales).zip(rounding.iter_mut()).zip(nonfinite.iter_mut())
+            {
                 for j in 0..m {
                     let mj = s * d[j];
                     res[j] = b[j] + mj;
                 }
                 let block = &mut o[i * os..(i + m) * os];
                 encode(out_ty, &res[..m], block);
+                *bad |= any_nonfinite_portable(out_ty, block);
                 if count && s != 0.0 {
                     *r +=
                         count_sample(&d[..m], &base.bytes[i * os..(i + m) * os], block, os, first + i as u64);
@@ -495,7 +508,7 @@ mod tests {
         ] {
             let mut bufs = vec![vec![0u8; n * 2]; 3];
             let mut outs: Vec<&mut [u8]> = bufs.iter_mut().map(|v| v.as_mut_slice()).collect();
-            seg.compute_scales(bf, &mut outs, &scales, &mut [Rounding::default(); 3], 0);
+            seg.compute_scales(bf, &mut outs, &scales, &mut [Rounding::default(); 3], &mut [false; 3], 0);
             for (k, s) in scales.iter().enumerate() {
                 let mut one = vec![0u8; n * 2];
                 seg.with_scale(*s).compute(bf, &mut one);
@@ -534,7 +547,14 @@ mod tests {
             ] {
                 let mut bufs = vec![vec![0u8; n * size]; scales.len()];
                 let mut outs: Vec<&mut [u8]> = bufs.iter_mut().map(|v| v.as_mut_slice()).collect();
-                seg.compute_scales(ty, &mut outs, &scales, &mut vec![Rounding::default(); scales.len()], 0);
+                seg.compute_scales(
+                    ty,
+                    &mut outs,
+                    &scales,
+                    &mut vec![Rounding::default(); scales.len()],
+                    &mut vec![false; scales.len()],
+                    0,
+                );
                 for (k, s) in scales.iter().enumerate() {
                     let mut one = vec![0u8; n * size];
                     seg.with_scale(*s).compute(ty, &mut one);
@@ -677,7 +697,7 @@ mod tests {
                 // The segment starts at the tensor's element 5: the sample
                 // follows the tensor's indices, not the slice's.
                 let first = 5u64;
-                seg.compute_scales(ty, &mut outs, &scales, &mut fused, first);
+                seg.compute_scales(ty, &mut outs, &scales, &mut fused, &mut [false; 3], first);
                 for (k, s) in scales.iter().enumerate() {
                     let from_bytes = seg.with_scale(*s).rounding(ty, &bufs[k], first);
                     assert_eq!(fused[k], from_bytes, "{ty:?} scale {s}");

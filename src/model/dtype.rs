@@ -331,9 +331,94 @@ pub(crate) fn encode(ty: FloatType, src: &[f32], dst: &mut [u8]) {
     }
 }
 
+/// Whether any value of the little-endian `bytes` of `ty` is NaN or
+/// infinite, eight bytes at a time: with `t = (x & E) ^ E` (`E` the
+/// exponent bits of each lane), a lane is non-finite exactly when it is 0,
+/// and `(t - 1s) & !t & high bits` is non-zero exactly when some lane is.
+/// A pass over every output chunk, so it must cost next to nothing.
+pub(crate) fn any_nonfinite(ty: FloatType, bytes: &[u8]) -> bool {
+    #[cfg(target_arch = "x86_64")]
+    if avx2() {
+        // SAFETY: the CPU has AVX2 (checked just above).
+        return unsafe { any_nonfinite_avx2(ty, bytes) };
+    }
+    any_nonfinite_portable(ty, bytes)
+}
+
+/// `any_nonfinite` compiled for AVX2.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn any_nonfinite_avx2(ty: FloatType, bytes: &[u8]) -> bool {
+    any_nonfinite_portable(ty, bytes)
+}
+
+/// `any_nonfinite` in plain Rust, inlined into each compiled copy (and
+/// into the arithmetic's own AVX2 loop, which checks each block it
+/// encodes while the block is in cache).
+#[inline(always)]
+pub(crate) fn any_nonfinite_portable(ty: FloatType, bytes: &[u8]) -> bool {
+    let (e, ones, high): (u64, u64, u64) = match ty {
+        FloatType::BF16 => (0x7f80_7f80_7f80_7f80, 0x0001_0001_0001_0001, 0x8000_8000_8000_8000),
+        FloatType::F16 => (0x7c00_7c00_7c00_7c00, 0x0001_0001_0001_0001, 0x8000_8000_8000_8000),
+        FloatType::F32 => (0x7f80_0000_7f80_0000, 0x0000_0001_0000_0001, 0x8000_0000_8000_0000),
+    };
+    let words = bytes.chunks_exact(8);
+    let tail = words.remainder();
+    // A plain loop, not a closure, so the AVX2 copy vectorizes it.
+    let mut found = 0u64;
+    for w in words {
+        let x = u64::from_le_bytes([w[0], w[1], w[2], w[3], w[4], w[5], w[6], w[7]]);
+        let t = (x & e) ^ e;
+        found |= t.wrapping_sub(ones) & !t & high;
+    }
+    found != 0 || nonfinite(ty, tail) > 0
+}
+
+/// How many values of the little-endian `bytes` of `ty` are NaN or
+/// infinite (every exponent bit set).
+pub(crate) fn nonfinite(ty: FloatType, bytes: &[u8]) -> usize {
+    match ty {
+        FloatType::BF16 => {
+            bytes.chunks_exact(2).filter(|c| c[1] & 0x7f == 0x7f && c[0] & 0x80 == 0x80).count()
+        }
+        FloatType::F16 => bytes.chunks_exact(2).filter(|c| c[1] & 0x7c == 0x7c).count(),
+        FloatType::F32 => {
+            bytes.chunks_exact(4).filter(|c| c[3] & 0x7f == 0x7f && c[2] & 0x80 == 0x80).count()
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The word-at-a-time test against a value-by-value reference, for
+    /// every bf16 and f16 bit pattern in every lane, and f32 specials.
+    #[test]
+    fn nonfinite_values_are_found_in_any_lane() {
+        for ty in [FloatType::BF16, FloatType::F16] {
+            for bits in 0..=u16::MAX {
+                let v = match ty {
+                    FloatType::BF16 => f32::from_bits((bits as u32) << 16),
+                    _ => half::f16::from_bits(bits).to_f32(),
+                };
+                for lane in 0..5 {
+                    let mut bytes = vec![0u8; 10];
+                    bytes[lane * 2..lane * 2 + 2].copy_from_slice(&bits.to_le_bytes());
+                    assert_eq!(any_nonfinite(ty, &bytes), !v.is_finite(), "{ty:?} {bits:#x} lane {lane}");
+                    assert_eq!(any_nonfinite_portable(ty, &bytes), !v.is_finite(), "baseline copy");
+                }
+            }
+        }
+        for v in [f32::NAN, f32::INFINITY, f32::NEG_INFINITY, f32::MAX, f32::MIN_POSITIVE, -0.0, 1.0] {
+            for lane in 0..3 {
+                let mut bytes = vec![0u8; 12];
+                bytes[lane * 4..lane * 4 + 4].copy_from_slice(&v.to_le_bytes());
+                assert_eq!(any_nonfinite(FloatType::F32, &bytes), !v.is_finite(), "{v} lane {lane}");
+                assert_eq!(any_nonfinite_portable(FloatType::F32, &bytes), !v.is_finite(), "baseline copy");
+            }
+        }
+    }
 
     /// Every finite code comes back as itself; values between two codes go
     /// to the nearer, midpoints to the even code, checked in f64; past 448
