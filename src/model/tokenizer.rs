@@ -34,13 +34,36 @@ impl Vocab {
     }
 
     /// The vocabulary of a tokenizer.json's bytes, `path` naming it in
-    /// errors (and in the result).
+    /// errors (and in the result). Only `model.vocab` and `added_tokens`
+    /// are built; the rest (BPE merges: most of a Llama 3 tokenizer's 9 MB)
+    /// is skipped unparsed into values, which made reading the base's and
+    /// the chat model's tokenizers a visible part of a small apply. A file
+    /// of another shape is read whole, for the error to name what is wrong.
     pub(crate) fn parse(bytes: &[u8], path: &Path) -> Result<Vocab> {
+        /// The two parts read; serde skips every other field.
+        #[derive(serde::Deserialize)]
+        struct Lean {
+            model: Option<LeanModel>,
+            added_tokens: Option<Value>,
+        }
+        #[derive(serde::Deserialize)]
+        struct LeanModel {
+            vocab: Option<Value>,
+        }
+        if let Ok(lean) = serde_json::from_slice::<Lean>(bytes) {
+            let vocab = lean.model.and_then(|m| m.vocab);
+            return Vocab::from_parts(path, vocab.as_ref(), lean.added_tokens.as_ref());
+        }
         let v: Value =
             serde_json::from_slice(bytes).map_err(|e| Error::bad_file(path, format!("invalid JSON: {e}")))?;
+        Vocab::from_parts(path, v.pointer("/model/vocab"), v.get("added_tokens"))
+    }
+
+    /// The vocabulary of a tokenizer.json's `model.vocab` and `added_tokens`.
+    fn from_parts(path: &Path, vocab_part: Option<&Value>, added: Option<&Value>) -> Result<Vocab> {
         let mut vocab =
             Vocab { path: path.to_path_buf(), id_to_token: Vec::new(), token_to_id: HashMap::new() };
-        match v.pointer("/model/vocab") {
+        match vocab_part {
             Some(Value::Object(m)) => {
                 for (tok, id) in m {
                     let id = id.as_u64().ok_or_else(|| {
@@ -63,7 +86,7 @@ impl Vocab {
             }
             _ => return Err(Error::bad_file(path, "has no model.vocab object or list")),
         }
-        if let Some(added) = v.get("added_tokens") {
+        if let Some(added) = added {
             let list = added.as_array().ok_or_else(|| Error::bad_file(path, "added_tokens is not a list"))?;
             for (i, t) in list.iter().enumerate() {
                 let id = t.get("id").and_then(Value::as_u64);
@@ -163,11 +186,34 @@ mod tests {
         assert!(e.contains("token id 0") && e.contains("tokenizer.json"), "{e}");
     }
 
+    /// The parts around the vocabulary (merges, normalizer, decoder) are
+    /// skipped, not lost: the ids are those of the file.
+    #[test]
+    fn reads_the_vocab_of_a_full_bpe_tokenizer() {
+        let d = tempfile::tempdir().unwrap();
+        let p = write(
+            d.path(),
+            serde_json::json!({"version": "1.0", "truncation": null, "normalizer": {"type": "NFC"},
+                "added_tokens": [{"id": 3, "content": "<s>", "special": true}],
+                "decoder": {"type": "ByteLevel"},
+                "model": {"type": "BPE", "dropout": null, "vocab": {"a": 0, "b": 1, "ab": 2},
+                    "merges": [["a", "b"]], "ignore_merges": false}}),
+        );
+        let v = Vocab::read(&p).unwrap();
+        assert_eq!((v.id("a"), v.id("b"), v.id("ab"), v.id("<s>")), (Some(0), Some(1), Some(2), Some(3)));
+        assert_eq!(v.id_to_token.len(), 4);
+    }
+
     #[test]
     fn rejects_missing_vocab_and_huge_ids() {
         let d = tempfile::tempdir().unwrap();
         let p = write(d.path(), serde_json::json!({"model": {}}));
         assert!(Vocab::read(&p).unwrap_err().to_string().contains("no model.vocab"));
+        // A model that is not an object at all: the same message.
+        let p = write(d.path(), serde_json::json!({"model": "BPE"}));
+        assert!(Vocab::read(&p).unwrap_err().to_string().contains("no model.vocab"));
+        let p = write(d.path(), serde_json::json!({"model": {"vocab": {"a": 0}}, "added_tokens": {"id": 1}}));
+        assert!(Vocab::read(&p).unwrap_err().to_string().contains("added_tokens is not a list"));
         let p = write(d.path(), serde_json::json!({"model": {"vocab": {"a": 99999999999u64}}}));
         assert!(Vocab::read(&p).unwrap_err().to_string().contains("limit"));
     }
