@@ -768,6 +768,7 @@ pub(crate) fn max_models(plan: &Plan) -> usize {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::params::select::{Scale, Selection, Spelling};
 
     /// Writes an f32 safetensors model of `names` (each 2 x 4) whose
     /// values come from `seed`, with a config of `layers` layers.
@@ -793,6 +794,43 @@ mod tests {
         std::fs::write(dir.join("config.json"), config.to_string()).unwrap();
     }
 
+    /// The tensors of the small models `small_apply` writes.
+    const SMALL_MODEL: [&str; 6] = [
+        "model.embed_tokens.weight",
+        "model.layers.0.mlp.up_proj.weight",
+        "model.layers.0.self_attn.q_proj.weight",
+        "model.layers.1.mlp.up_proj.weight",
+        "model.layers.1.self_attn.q_proj.weight",
+        "lm_head.weight",
+    ];
+
+    /// The plan of a streaming apply over three small f32 models written
+    /// into `root` (base, chat and pre, of seeds 1, 1.5 and 0.75), with
+    /// these candidates, `--scale-for` rules and shard size.
+    fn small_apply(
+        root: &std::path::Path,
+        candidates: Vec<Scale>,
+        rules: Vec<String>,
+        shard_size: u64,
+    ) -> Plan {
+        use crate::model::checkpoint::Checkpoint;
+        use crate::plan::chat_vector::{ApplyOptions, Common, VectorSide, plan_apply};
+        for (dir, seed) in [("base", 1.0), ("chat", 1.5), ("pre", 0.75)] {
+            write_model(&root.join(dir), &SMALL_MODEL, seed, 2);
+        }
+        let open = |d: &str| Checkpoint::open(&root.join(d)).unwrap();
+        let selection = Selection::new(&[], &[], &Scale::Constant(1.0), &rules, Spelling::Cli).unwrap();
+        let opts = ApplyOptions {
+            common: Common { selection, shard_size, allow_mismatch: false, expert_layout: None },
+            embeddings: crate::params::embeddings::EmbeddingPolicy::Auto,
+            out_dtype: None,
+            candidates,
+            vector_scales: Vec::new(),
+        };
+        let side = VectorSide::Streaming { chat: Box::new(open("chat")), pretrained: Box::new(open("pre")) };
+        plan_apply(open("base"), vec![side], &opts).unwrap()
+    }
+
     /// The GPU is handed `plan.segments(tensor, elems, 0)` of a
     /// one-variant plan; the CPU computes every variant of a sweep from
     /// the same plan. Both must take each tensor's scale from the plan's
@@ -803,34 +841,10 @@ mod tests {
     /// reference of `base + scale * (chat - pre)`.
     #[test]
     fn cpu_and_gpu_dispatch_read_each_candidates_scale_from_the_plan() {
-        use crate::model::checkpoint::Checkpoint;
-        use crate::params::select::{Scale, Selection, Spelling};
-        use crate::plan::chat_vector::{ApplyOptions, Common, VectorSide, plan_apply};
         let root = tempfile::tempdir().unwrap();
-        let names = [
-            "model.embed_tokens.weight",
-            "model.layers.0.mlp.up_proj.weight",
-            "model.layers.0.self_attn.q_proj.weight",
-            "model.layers.1.mlp.up_proj.weight",
-            "model.layers.1.self_attn.q_proj.weight",
-            "lm_head.weight",
-        ];
-        for (dir, seed) in [("base", 1.0), ("chat", 1.5), ("pre", 0.75)] {
-            write_model(&root.path().join(dir), &names, seed, 2);
-        }
-        let open = |d: &str| Checkpoint::open(&root.path().join(d)).unwrap();
+        let names = SMALL_MODEL;
         let candidates = vec![Scale::Constant(0.5), Scale::Layers(vec![0.2, 1.0]), Scale::Constant(-1.5)];
-        let rule = "self_attn=0.25".to_string();
-        let selection = Selection::new(&[], &[], &Scale::Constant(1.0), &[rule], Spelling::Cli).unwrap();
-        let opts = ApplyOptions {
-            common: Common { selection, shard_size: 1 << 30, allow_mismatch: false, expert_layout: None },
-            embeddings: crate::params::embeddings::EmbeddingPolicy::Auto,
-            out_dtype: None,
-            candidates: candidates.clone(),
-            vector_scales: Vec::new(),
-        };
-        let side = VectorSide::Streaming { chat: Box::new(open("chat")), pretrained: Box::new(open("pre")) };
-        let plan = plan_apply(open("base"), vec![side], &opts).unwrap();
+        let plan = small_apply(root.path(), candidates.clone(), vec!["self_attn=0.25".to_string()], 1 << 30);
         assert_eq!(plan.variants(), 3);
         // The scale an independent reading gives: the rule for attention,
         // else the candidate, a gradient read at the layer's position
@@ -912,33 +926,9 @@ mod tests {
     /// with the order.
     #[test]
     fn a_schedule_fills_shards_side_by_side_each_in_its_own_order() {
-        use crate::model::checkpoint::Checkpoint;
-        use crate::params::select::{Scale, Selection, Spelling};
-        use crate::plan::chat_vector::{ApplyOptions, Common, VectorSide, plan_apply};
         let root = tempfile::tempdir().unwrap();
-        let names = [
-            "model.embed_tokens.weight",
-            "model.layers.0.mlp.up_proj.weight",
-            "model.layers.0.self_attn.q_proj.weight",
-            "model.layers.1.mlp.up_proj.weight",
-            "model.layers.1.self_attn.q_proj.weight",
-            "lm_head.weight",
-        ];
-        for (dir, seed) in [("base", 1.0), ("chat", 1.5), ("pre", 0.75)] {
-            write_model(&root.path().join(dir), &names, seed, 2);
-        }
-        let open = |d: &str| Checkpoint::open(&root.path().join(d)).unwrap();
-        let selection = Selection::new(&[], &[], &Scale::Constant(1.0), &[], Spelling::Cli).unwrap();
-        let opts = ApplyOptions {
-            // Two 32-byte tensors per shard.
-            common: Common { selection, shard_size: 64, allow_mismatch: false, expert_layout: None },
-            embeddings: crate::params::embeddings::EmbeddingPolicy::Auto,
-            out_dtype: None,
-            candidates: vec![Scale::Constant(1.0)],
-            vector_scales: Vec::new(),
-        };
-        let side = VectorSide::Streaming { chat: Box::new(open("chat")), pretrained: Box::new(open("pre")) };
-        let plan = plan_apply(open("base"), vec![side], &opts).unwrap();
+        // Two 32-byte tensors per shard.
+        let plan = small_apply(root.path(), vec![Scale::Constant(1.0)], Vec::new(), 64);
         let shards = plan.shards.len();
         assert_eq!(shards, 3);
         // Three jobs per tensor: headers, and computes of 3 elements.
